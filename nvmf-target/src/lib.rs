@@ -6,4 +6,5 @@
 //! - [`initiator`]: the NVMe/TCP client, exposing a remote namespace as a `BlockDevice`.
 //! - [`api`]: the engine gRPC API over the target.
 
+pub mod block;
 pub mod protocol;

@@ -1,0 +1,166 @@
+//! A fault-injecting wrapper for tests: fails I/O after N operations, fails I/O touching given byte ranges, and adds
+//! latency. The plan can be changed while I/O runs.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{BlockDevice, BlockError};
+
+/// What to break. The default breaks nothing.
+#[derive(Clone, Debug, Default)]
+pub struct FaultPlan {
+    /// Fail every I/O once this many I/Os have completed since the plan was set.
+    pub fail_after: Option<u64>,
+    /// Fail any I/O that overlaps one of these byte ranges.
+    pub fail_ranges: Vec<Range<u64>>,
+    /// Delay every I/O by this much.
+    pub latency: Option<Duration>,
+    /// Apply failures to reads (writes, zeroes and deallocates are always subject to them).
+    pub reads_too: bool,
+}
+
+pub struct FaultDevice {
+    inner: Arc<dyn BlockDevice>,
+    plan: Mutex<FaultPlan>,
+    ios: AtomicU64,
+    injected: AtomicU64,
+}
+
+impl FaultDevice {
+    pub fn new(inner: Arc<dyn BlockDevice>) -> FaultDevice {
+        FaultDevice {
+            inner,
+            plan: Mutex::new(FaultPlan::default()),
+            ios: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_plan(&self, plan: FaultPlan) {
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = plan;
+        self.ios.store(0, Ordering::SeqCst);
+    }
+
+    /// How many I/Os were failed on purpose.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    async fn gate(&self, offset: u64, len: u64, is_read: bool) -> Result<(), BlockError> {
+        let plan = self.plan.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(l) = plan.latency {
+            tokio::time::sleep(l).await;
+        }
+        let n = self.ios.fetch_add(1, Ordering::SeqCst);
+        if is_read && !plan.reads_too {
+            return Ok(());
+        }
+        let after = plan.fail_after.is_some_and(|limit| n >= limit);
+        let in_range = plan
+            .fail_ranges
+            .iter()
+            .any(|r| offset < r.end && r.start < offset + len.max(1));
+        if after || in_range {
+            self.injected.fetch_add(1, Ordering::SeqCst);
+            return Err(BlockError::Injected { offset });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDevice for FaultDevice {
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.gate(offset, len, true).await?;
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.gate(offset, data.len() as u64, false).await?;
+        self.inner.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.gate(offset, len, false).await?;
+        self.inner.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.gate(offset, len, false).await?;
+        self.inner.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.gate(0, 0, false).await?;
+        self.inner.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::conformance;
+    use crate::block::memory::MemoryDevice;
+
+    fn dev() -> FaultDevice {
+        FaultDevice::new(Arc::new(MemoryDevice::new(4 << 20, 512)))
+    }
+
+    #[tokio::test]
+    async fn without_a_plan_it_is_transparent() {
+        conformance::run(&dev()).await;
+    }
+
+    #[tokio::test]
+    async fn fails_after_n_ios() {
+        let d = dev();
+        d.set_plan(FaultPlan {
+            fail_after: Some(2),
+            ..Default::default()
+        });
+        d.write(0, Bytes::from(vec![1; 512])).await.unwrap();
+        d.write(0, Bytes::from(vec![1; 512])).await.unwrap();
+        assert!(matches!(
+            d.write(0, Bytes::from(vec![1; 512])).await,
+            Err(BlockError::Injected { .. })
+        ));
+        assert!(
+            d.read(0, 512).await.is_ok(),
+            "reads are spared unless reads_too"
+        );
+        assert_eq!(d.injected(), 1);
+    }
+
+    #[tokio::test]
+    async fn fails_a_range_only() {
+        let d = dev();
+        d.set_plan(FaultPlan {
+            fail_ranges: vec![4096..8192],
+            reads_too: true,
+            ..Default::default()
+        });
+        assert!(d.read(0, 4096).await.is_ok());
+        assert!(d.read(3584, 1024).await.is_err());
+        assert!(d.write(8192, Bytes::from(vec![0; 512])).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adds_latency() {
+        let d = dev();
+        d.set_plan(FaultPlan {
+            latency: Some(Duration::from_millis(50)),
+            ..Default::default()
+        });
+        let t = tokio::time::Instant::now();
+        d.read(0, 512).await.unwrap();
+        assert!(t.elapsed() >= Duration::from_millis(50));
+    }
+}
