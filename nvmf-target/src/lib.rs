@@ -3,8 +3,13 @@
 //! - [`protocol`]: NVMe and NVMe/TCP wire formats (pure).
 //! - [`block`]: the [`block::BlockDevice`] seam and its backends (memory, file, fault-injecting).
 //! - [`target`]: the NVMe/TCP server: listeners, connections, controllers, subsystems, discovery, ANA.
-//! - [`initiator`]: the NVMe/TCP client, exposing a remote namespace as a `BlockDevice`.
-//! - [`api`]: the engine gRPC API over the target.
+//! - [`config`]: export specs and sizes for io-engine's flags and config file.
+//! - [`engine`]: owns the target and what backs each namespace; the one place that wires them.
+//! - [`api`]: the engine gRPC API over [`engine::Engine`].
 
+pub mod api;
 pub mod block;
+pub mod config;
+pub mod engine;
 pub mod protocol;
+pub mod target;

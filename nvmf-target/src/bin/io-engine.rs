@@ -1,1 +1,139 @@
-fn main() {}
+//! io-engine: one per storage node. Serves NVMe/TCP (subsystems, discovery, ANA) on its listeners and the engine
+//! management API over gRPC. Thin: parse flags, set up logging, start the engine, wait for SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nvmf_target::config::ExportSpec;
+use nvmf_target::engine::{Engine, EngineConfig};
+use nvmf_target::target::TargetConfig;
+use serde::Deserialize;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "io-engine",
+    version,
+    about = "Keelson storage node: NVMe/TCP target and engine API"
+)]
+struct Args {
+    /// Name of this node (defaults to the host name).
+    #[arg(long, env = "KEELSON_NODE_NAME")]
+    node_name: Option<String>,
+    /// NVMe/TCP listener address; repeat for several ports. Discovery is served on every listener.
+    #[arg(
+        long = "listen",
+        env = "KEELSON_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:4420"
+    )]
+    listen: Vec<SocketAddr>,
+    /// Engine gRPC API address.
+    #[arg(long, env = "KEELSON_GRPC", default_value = "127.0.0.1:10124")]
+    grpc: SocketAddr,
+    /// Export a namespace at start-up, e.g. `nqn=nqn.2026-11.io.keelson:vol-demo,memory=256MiB`
+    /// or `nqn=...,file=/dev/loop0,direct=true`. Keys: nqn, memory, file, size, direct, bs, nsid, uuid, ana-group,
+    /// hosts (`;`-separated; none = any host). Repeatable.
+    #[arg(long = "export", env = "KEELSON_EXPORT", value_delimiter = ' ')]
+    exports: Vec<ExportSpec>,
+    /// JSON file with `{"listen": [...], "exports": [{...}]}` added to the flags.
+    #[arg(long, env = "KEELSON_CONFIG")]
+    config: Option<PathBuf>,
+    /// Controller IDs this node hands out, `MIN-MAX` (make them disjoint across nodes serving one subsystem).
+    #[arg(long, env = "KEELSON_CNTLID_RANGE", default_value = "1-65519")]
+    cntlid_range: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listen: Vec<SocketAddr>,
+    #[serde(default)]
+    exports: Vec<ExportSpec>,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16)> {
+    let (a, b) = s.split_once('-').context("cntlid range must be MIN-MAX")?;
+    let (a, b): (u16, u16) = (a.trim().parse()?, b.trim().parse()?);
+    anyhow::ensure!(
+        a >= 1 && a <= b && b <= 0xFFEF,
+        "cntlid range must lie within 1-65519"
+    );
+    Ok((a, b))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let mut args = Args::parse();
+    if let Some(path) = &args.config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let fc: FileConfig =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        for e in &fc.exports {
+            e.validate()
+                .map_err(|r| anyhow::anyhow!("export {}: {r}", e.nqn))?;
+        }
+        args.listen.extend(fc.listen);
+        args.exports.extend(fc.exports);
+    }
+    let (cntlid_min, cntlid_max) = parse_range(&args.cntlid_range)?;
+    let node_name = args.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "node".into())
+    });
+    let config = EngineConfig {
+        node_name,
+        target: TargetConfig {
+            cntlid_min,
+            cntlid_max,
+            ..TargetConfig::default()
+        },
+    };
+    let engine = Engine::new(config);
+    for addr in &args.listen {
+        engine.target().add_listener(*addr, 0).await?;
+    }
+    for e in &args.exports {
+        let nsid = engine
+            .export(e)
+            .with_context(|| format!("exporting {}", e.nqn))?;
+        let l = engine.target().listeners();
+        let addr = l.first().map(|l| l.address);
+        tracing::info!(nqn = %e.nqn, nsid, "exported");
+        if let Some(a) = addr {
+            println!(
+                "nvme connect -t tcp -a {} -s {} -n {}",
+                a.ip(),
+                a.port(),
+                e.nqn
+            );
+        }
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let api = tokio::spawn(nvmf_target::api::serve(
+        engine.clone(),
+        args.grpc,
+        shutdown.clone(),
+    ));
+    tracing::info!(grpc = %args.grpc, "io-engine running");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        r = api => { r??; anyhow::bail!("gRPC server stopped"); }
+    }
+    shutdown.cancel();
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}

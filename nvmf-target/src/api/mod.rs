@@ -1,0 +1,39 @@
+//! The engine gRPC API (`keelson.engine.v1.Engine`) over [`Engine`]. The only module that knows tonic and the
+//! generated types; `status` maps engine errors to precise gRPC codes.
+
+mod convert;
+mod service;
+mod status;
+
+use std::net::SocketAddr;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Engine;
+
+/// Serves the engine API on `addr` until `shutdown` is cancelled.
+pub async fn serve(
+    engine: Engine,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let svc = proto::engine::engine_server::EngineServer::new(service::EngineService::new(engine));
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_shutdown(addr, async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Serves on an already-bound listener (tests bind port 0 first).
+pub async fn serve_on(
+    engine: Engine,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let svc = proto::engine::engine_server::EngineServer::new(service::EngineService::new(engine));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
+        .await
+}

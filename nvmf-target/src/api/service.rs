@@ -1,0 +1,205 @@
+//! The `Engine` gRPC service: validates requests, calls the engine, converts the answers.
+
+use proto::engine as pb;
+use proto::engine::engine_server::Engine as EngineApi;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Engine;
+use crate::protocol::nqn::Nqn;
+use crate::target::SubsystemSpec;
+
+use super::convert;
+use super::status::invalid;
+
+pub struct EngineService {
+    engine: Engine,
+}
+
+impl EngineService {
+    pub fn new(engine: Engine) -> EngineService {
+        EngineService { engine }
+    }
+
+    fn subsystem_reply(&self, nqn: &str) -> Result<Response<pb::Subsystem>, Status> {
+        let s = self
+            .engine
+            .target()
+            .subsystem(nqn)
+            .ok_or_else(|| Status::not_found(format!("subsystem {nqn}")))?;
+        Ok(Response::new(convert::subsystem(&self.engine, &s)))
+    }
+}
+
+fn nqn(s: &str, what: &str) -> Result<Nqn, Status> {
+    Nqn::parse(s).map_err(|e| invalid(format!("{what}: {e}")))
+}
+
+fn port_id(v: u32) -> Result<u16, Status> {
+    u16::try_from(v).map_err(|_| invalid(format!("port id {v} does not fit in 16 bits")))
+}
+
+#[tonic::async_trait]
+impl EngineApi for EngineService {
+    #[tracing::instrument(skip_all)]
+    async fn get_node(
+        &self,
+        _: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::NodeInfo>, Status> {
+        let cfg = &self.engine.config().target;
+        Ok(Response::new(pb::NodeInfo {
+            node_name: self.engine.node_name().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            listeners: self
+                .engine
+                .target()
+                .listeners()
+                .iter()
+                .map(convert::listener)
+                .collect(),
+            min_cntlid: u32::from(cfg.cntlid_min),
+            max_cntlid: u32::from(cfg.cntlid_max),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn))]
+    async fn create_subsystem(
+        &self,
+        r: Request<pb::CreateSubsystemRequest>,
+    ) -> Result<Response<pb::Subsystem>, Status> {
+        let r = r.into_inner();
+        let spec = SubsystemSpec {
+            nqn: nqn(&r.nqn, "nqn")?,
+            serial: r.serial,
+            model: r.model,
+            allow_any_host: r.allow_any_host,
+            allowed_hosts: r.allowed_hosts,
+        };
+        let s = self.engine.target().create_subsystem(spec)?;
+        Ok(Response::new(convert::subsystem(&self.engine, &s)))
+    }
+
+    #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn))]
+    async fn delete_subsystem(
+        &self,
+        r: Request<pb::DeleteSubsystemRequest>,
+    ) -> Result<Response<pb::DeleteSubsystemResponse>, Status> {
+        let r = r.into_inner();
+        nqn(&r.nqn, "nqn")?;
+        self.engine.delete_subsystem(&r.nqn)?;
+        Ok(Response::new(pb::DeleteSubsystemResponse {}))
+    }
+
+    async fn list_subsystems(
+        &self,
+        _: Request<pb::ListSubsystemsRequest>,
+    ) -> Result<Response<pb::ListSubsystemsResponse>, Status> {
+        let subsystems = self
+            .engine
+            .target()
+            .subsystems()
+            .iter()
+            .map(|s| convert::subsystem(&self.engine, s))
+            .collect();
+        Ok(Response::new(pb::ListSubsystemsResponse { subsystems }))
+    }
+
+    #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn))]
+    async fn add_namespace(
+        &self,
+        r: Request<pb::AddNamespaceRequest>,
+    ) -> Result<Response<pb::Subsystem>, Status> {
+        let r = r.into_inner();
+        nqn(&r.nqn, "nqn")?;
+        let spec = convert::export_spec(&r)?;
+        self.engine.add_namespace(&spec)?;
+        self.subsystem_reply(&r.nqn)
+    }
+
+    #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn, nsid = r.get_ref().nsid))]
+    async fn remove_namespace(
+        &self,
+        r: Request<pb::RemoveNamespaceRequest>,
+    ) -> Result<Response<pb::Subsystem>, Status> {
+        let r = r.into_inner();
+        nqn(&r.nqn, "nqn")?;
+        self.engine.remove_namespace(&r.nqn, r.nsid)?;
+        self.subsystem_reply(&r.nqn)
+    }
+
+    #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn, host = %r.get_ref().host_nqn))]
+    async fn allow_host(
+        &self,
+        r: Request<pb::HostRequest>,
+    ) -> Result<Response<pb::Subsystem>, Status> {
+        let r = r.into_inner();
+        nqn(&r.host_nqn, "host_nqn")?;
+        self.engine.target().allow_host(&r.nqn, &r.host_nqn)?;
+        self.subsystem_reply(&r.nqn)
+    }
+
+    #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn, host = %r.get_ref().host_nqn))]
+    async fn disallow_host(
+        &self,
+        r: Request<pb::HostRequest>,
+    ) -> Result<Response<pb::Subsystem>, Status> {
+        let r = r.into_inner();
+        self.engine.target().disallow_host(&r.nqn, &r.host_nqn)?;
+        self.subsystem_reply(&r.nqn)
+    }
+
+    #[tracing::instrument(skip_all, fields(address = %r.get_ref().address))]
+    async fn add_listener(
+        &self,
+        r: Request<pb::AddListenerRequest>,
+    ) -> Result<Response<pb::Listener>, Status> {
+        let r = r.into_inner();
+        let addr = r
+            .address
+            .parse()
+            .map_err(|_| invalid(format!("address {:?} is not IP:PORT", r.address)))?;
+        let l = self
+            .engine
+            .target()
+            .add_listener(addr, port_id(r.port_id)?)
+            .await?;
+        Ok(Response::new(convert::listener(&l)))
+    }
+
+    #[tracing::instrument(skip_all, fields(port_id = r.get_ref().port_id))]
+    async fn remove_listener(
+        &self,
+        r: Request<pb::RemoveListenerRequest>,
+    ) -> Result<Response<pb::RemoveListenerResponse>, Status> {
+        self.engine
+            .target()
+            .remove_listener(port_id(r.into_inner().port_id)?)?;
+        Ok(Response::new(pb::RemoveListenerResponse {}))
+    }
+
+    async fn list_listeners(
+        &self,
+        _: Request<pb::ListListenersRequest>,
+    ) -> Result<Response<pb::ListListenersResponse>, Status> {
+        let listeners = self
+            .engine
+            .target()
+            .listeners()
+            .iter()
+            .map(convert::listener)
+            .collect();
+        Ok(Response::new(pb::ListListenersResponse { listeners }))
+    }
+
+    #[tracing::instrument(skip_all, fields(port_id = r.get_ref().port_id, group = r.get_ref().ana_group))]
+    async fn set_ana_state(
+        &self,
+        r: Request<pb::SetAnaStateRequest>,
+    ) -> Result<Response<pb::SetAnaStateResponse>, Status> {
+        let r = r.into_inner();
+        let state = convert::ana_state(r.state)?;
+        self.engine
+            .target()
+            .set_ana_state(port_id(r.port_id)?, r.ana_group, state)?;
+        Ok(Response::new(pb::SetAnaStateResponse {}))
+    }
+}

@@ -1,0 +1,33 @@
+//! Engine errors as gRPC statuses: one place, one mapping.
+
+use tonic::Status;
+
+use crate::engine::EngineError;
+use crate::target::TargetError;
+
+impl From<TargetError> for Status {
+    fn from(e: TargetError) -> Status {
+        let msg = e.to_string();
+        match e {
+            TargetError::NotFound(_) => Status::not_found(msg),
+            TargetError::AlreadyExists(_) => Status::already_exists(msg),
+            TargetError::InvalidArgument(_) => Status::invalid_argument(msg),
+            TargetError::Exhausted(_) => Status::resource_exhausted(msg),
+            TargetError::Listen { .. } => Status::unavailable(msg),
+        }
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Status {
+        match e {
+            EngineError::Target(t) => t.into(),
+            EngineError::Backend(b) => Status::failed_precondition(format!("backend: {b}")),
+            EngineError::InvalidArgument(m) => Status::invalid_argument(m),
+        }
+    }
+}
+
+pub fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}

@@ -1,0 +1,147 @@
+//! The engine: owns this node's target and remembers what backs each exported namespace. It is the one place that
+//! wires block devices to the target; the gRPC API and the binary go through it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::block::BlockError;
+use crate::config::ExportSpec;
+use crate::protocol::nqn::Nqn;
+use crate::target::{SubsystemSpec, Target, TargetConfig, TargetError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("opening the backend: {0}")]
+    Backend(#[from] BlockError),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub node_name: String,
+    pub target: TargetConfig,
+}
+
+struct Inner {
+    config: EngineConfig,
+    target: Target,
+    backends: Mutex<BTreeMap<(String, u32), ExportSpec>>,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> Engine {
+        let target = Target::new(config.target.clone());
+        Engine {
+            inner: Arc::new(Inner {
+                config,
+                target,
+                backends: Mutex::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.inner.target
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.inner.config.node_name
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    fn backends(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u32), ExportSpec>> {
+        self.inner
+            .backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Exports a namespace as `spec` says, creating its subsystem if needed. Returns the NSID.
+    pub fn export(&self, spec: &ExportSpec) -> Result<u32, EngineError> {
+        spec.validate().map_err(EngineError::InvalidArgument)?;
+        let nqn = Nqn::parse(&spec.nqn).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        if self.target().subsystem(nqn.as_str()).is_none() {
+            self.target().create_subsystem(SubsystemSpec {
+                nqn: nqn.clone(),
+                serial: String::new(),
+                model: String::new(),
+                allow_any_host: spec.hosts.is_empty(),
+                allowed_hosts: spec.hosts.clone(),
+            })?;
+        }
+        self.add_namespace(spec)
+    }
+
+    /// Adds a namespace to an existing subsystem. Repeating the same request returns the same NSID.
+    pub fn add_namespace(&self, spec: &ExportSpec) -> Result<u32, EngineError> {
+        let sub = self
+            .target()
+            .subsystem(&spec.nqn)
+            .ok_or_else(|| TargetError::NotFound(format!("subsystem {}", spec.nqn)))?;
+        if let Some(nsid) = spec.nsid.filter(|n| *n != 0) {
+            if let Some(ns) = sub.namespace(nsid) {
+                let same = self
+                    .backends()
+                    .get(&(spec.nqn.clone(), nsid))
+                    .is_some_and(|b| {
+                        let mut b = b.clone();
+                        b.uuid = spec.uuid.or(b.uuid);
+                        b == *spec && spec.uuid.is_none_or(|u| u == ns.uuid)
+                    });
+                if same {
+                    return Ok(nsid);
+                }
+                return Err(TargetError::AlreadyExists(format!(
+                    "namespace {nsid} of {} with other parameters",
+                    spec.nqn
+                ))
+                .into());
+            }
+        }
+        let device = spec.open_device()?;
+        let uuid = spec.uuid.unwrap_or_else(uuid::Uuid::new_v4);
+        let nsid = sub.add_namespace(
+            spec.nsid.unwrap_or(0),
+            uuid,
+            spec.ana_group.unwrap_or(1),
+            device,
+        )?;
+        let mut stored = spec.clone();
+        stored.nsid = Some(nsid);
+        stored.uuid = Some(uuid);
+        self.backends().insert((spec.nqn.clone(), nsid), stored);
+        Ok(nsid)
+    }
+
+    pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<(), EngineError> {
+        self.target().remove_namespace(nqn, nsid)?;
+        self.backends().remove(&(nqn.to_string(), nsid));
+        Ok(())
+    }
+
+    pub fn delete_subsystem(&self, nqn: &str) -> Result<(), EngineError> {
+        self.target().delete_subsystem(nqn)?;
+        self.backends().retain(|(n, _), _| n != nqn);
+        Ok(())
+    }
+
+    /// What backs a namespace, as it was exported.
+    pub fn backend(&self, nqn: &str, nsid: u32) -> Option<ExportSpec> {
+        self.backends().get(&(nqn.to_string(), nsid)).cloned()
+    }
+
+    pub async fn shutdown(&self) {
+        self.target().shutdown().await;
+    }
+}

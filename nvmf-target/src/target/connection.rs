@@ -1,0 +1,424 @@
+//! One NVMe/TCP connection = one queue. The task does the ICReq/ICResp handshake, then reads PDUs: Connect binds the
+//! queue to a controller, admin commands run inline, I/O commands run concurrently on the connection task, writes
+//! without in-capsule data are fetched with one R2T and reassembled from H2CData. A separate writer task drains
+//! responses in batches and sends them with vectored writes. Malformed input ends in a C2HTermReq and a close; the
+//! target's other connections are untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::codec::{CodecError, PduCodec};
+use crate::protocol::command::{Direction, Sqe, admin, fctype, io, sgl_kind};
+use crate::protocol::pdu::{CapsuleCmd, DataPdu, IcResp, Pdu, R2t, TermReq, fes};
+use crate::protocol::status::Status;
+
+use super::Shared;
+use super::admin::AdminCtx;
+use super::controller::Controller;
+use super::response::{Outgoing, Response};
+use super::subsystem::Namespace;
+use super::writer::{WriterQueue, write_loop};
+use super::{admin as admin_cmds, fabrics, io as io_cmds};
+
+/// How long a new connection may take to send its ICReq.
+const IC_TIMEOUT: Duration = Duration::from_secs(10);
+/// In-capsule data allowed on the admin queue and for Fabrics commands, whatever IOCCSZ says.
+const ADMIN_IN_CAPSULE: usize = 8192;
+
+/// A write waiting for its H2CData.
+struct PendingWrite {
+    sqe: Sqe,
+    ns: Arc<Namespace>,
+    expected: usize,
+    received: usize,
+    parts: Vec<Bytes>,
+}
+
+enum Fatal {
+    /// Send a C2HTermReq, then close.
+    Term(TermReq),
+    /// Close quietly (host terminated, or disconnected the queue).
+    Close,
+}
+
+fn term(fes: u16, fei: u32) -> Fatal {
+    Fatal::Term(TermReq {
+        fes,
+        fei,
+        header: Bytes::new(),
+    })
+}
+
+struct Queue {
+    shared: Arc<Shared>,
+    port_id: u16,
+    local: SocketAddr,
+    tx: UnboundedSender<Outgoing>,
+    sq: Arc<WriterQueue>,
+    qid: Option<u16>,
+    ctrl: Option<Arc<Controller>>,
+    pending: HashMap<u16, PendingWrite>,
+    next_ttag: u16,
+    inflight: FuturesUnordered<BoxFuture<'static, Response>>,
+}
+
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    port_id: u16,
+    port_cancel: CancellationToken,
+) {
+    let peer = stream.peer_addr().ok();
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (rd, mut wr) = stream.into_split();
+    let max_data = (shared.config.maxh2cdata as usize).max(ADMIN_IN_CAPSULE);
+    let mut framed = FramedRead::with_capacity(rd, PduCodec::new(max_data), 256 * 1024);
+
+    let digests = match tokio::time::timeout(IC_TIMEOUT, framed.next()).await {
+        Ok(Some(Ok(Pdu::IcReq(req)))) => {
+            if req.pfv != 0 || req.hpda > 31 {
+                let fei = if req.pfv != 0 { 8 } else { 10 };
+                let t = TermReq {
+                    fes: fes::UNSUPPORTED_PARAMETER,
+                    fei,
+                    header: Bytes::new(),
+                };
+                let _ =
+                    super::writer::send_now(&mut wr, framed.decoder(), Pdu::C2HTermReq(t)).await;
+                return;
+            }
+            req.digests
+        }
+        Ok(Some(Ok(_))) => {
+            let t = TermReq {
+                fes: fes::PDU_SEQUENCE_ERROR,
+                fei: 0,
+                header: Bytes::new(),
+            };
+            let _ = super::writer::send_now(&mut wr, framed.decoder(), Pdu::C2HTermReq(t)).await;
+            return;
+        }
+        Ok(Some(Err(CodecError::Protocol {
+            fes,
+            fei,
+            header,
+            reason,
+        }))) => {
+            tracing::warn!(?peer, reason, "bad PDU before ICReq");
+            let _ = super::writer::send_now(
+                &mut wr,
+                framed.decoder(),
+                Pdu::C2HTermReq(TermReq { fes, fei, header }),
+            )
+            .await;
+            return;
+        }
+        _ => return,
+    };
+    let resp = IcResp {
+        pfv: 0,
+        cpda: 0,
+        digests,
+        maxh2cdata: shared.config.maxh2cdata,
+    };
+    if super::writer::send_now(&mut wr, framed.decoder(), Pdu::IcResp(resp))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    framed.decoder_mut().set_digests(digests);
+
+    let (tx, rx) = unbounded_channel();
+    let sq = Arc::new(WriterQueue::default());
+    let writer = tokio::spawn(write_loop(wr, framed.decoder().clone(), rx, sq.clone()));
+    let mut q = Queue {
+        shared,
+        port_id,
+        local,
+        tx,
+        sq,
+        qid: None,
+        ctrl: None,
+        pending: HashMap::new(),
+        next_ttag: 0,
+        inflight: FuturesUnordered::new(),
+    };
+    q.run(&mut framed, &port_cancel, peer).await;
+    q.close();
+    drop(q);
+    let _ = writer.await;
+}
+
+async fn cancelled(t: &Option<CancellationToken>) {
+    match t {
+        Some(t) => t.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Queue {
+    async fn run(
+        &mut self,
+        framed: &mut FramedRead<OwnedReadHalf, PduCodec>,
+        port_cancel: &CancellationToken,
+        peer: Option<SocketAddr>,
+    ) {
+        let limit = usize::from(self.shared.config.queue_entries) * 2;
+        loop {
+            let ctrl_cancel = self.ctrl.as_ref().map(|c| c.cancel.clone());
+            let fatal = tokio::select! {
+                biased;
+                _ = port_cancel.cancelled() => return,
+                _ = cancelled(&ctrl_cancel) => return,
+                Some(r) = self.inflight.next(), if !self.inflight.is_empty() => { self.send(r); continue }
+                frame = framed.next(), if self.inflight.len() < limit => match frame {
+                    None => return,
+                    Some(Ok(pdu)) => match self.on_pdu(pdu) { Ok(()) => continue, Err(f) => f },
+                    Some(Err(CodecError::Protocol { fes, fei, header, reason })) => {
+                        tracing::warn!(?peer, qid = ?self.qid, reason, fes, fei, "malformed PDU; terminating connection");
+                        Fatal::Term(TermReq { fes, fei, header })
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(?peer, error = %e, "connection closed");
+                        return;
+                    }
+                },
+            };
+            if let Fatal::Term(t) = fatal {
+                tracing::warn!(?peer, fes = t.fes, fei = t.fei, "sending C2HTermReq");
+                let _ = self.tx.send(Outgoing::Terminate(t));
+            }
+            return;
+        }
+    }
+
+    /// Releases what the queue held on its controller.
+    fn close(&mut self) {
+        if let (Some(qid), Some(ctrl)) = (self.qid, &self.ctrl) {
+            if qid == 0 {
+                ctrl.shutdown("admin queue closed");
+            } else {
+                ctrl.detach_io_queue(qid);
+            }
+        }
+    }
+
+    fn send(&self, r: Response) {
+        let _ = self.tx.send(Outgoing::Response(r));
+    }
+
+    fn on_pdu(&mut self, pdu: Pdu) -> Result<(), Fatal> {
+        match pdu {
+            Pdu::CapsuleCmd(c) => self.on_command(c),
+            Pdu::H2CData(d) => self.on_h2c_data(d),
+            Pdu::H2CTermReq(t) => {
+                tracing::info!(fes = t.fes, fei = t.fei, "host terminated the connection");
+                Err(Fatal::Close)
+            }
+            Pdu::IcReq(_) => Err(term(fes::PDU_SEQUENCE_ERROR, 0)),
+            _ => Err(term(fes::INVALID_HEADER_FIELD, 0)),
+        }
+    }
+
+    fn on_command(&mut self, c: CapsuleCmd) -> Result<(), Fatal> {
+        self.sq.command_fetched();
+        let sqe = c.sqe;
+        let cid = sqe.cid();
+        if let Some(ctrl) = &self.ctrl {
+            ctrl.touch();
+        }
+        let fabrics = sqe.opcode() == admin::FABRICS;
+        if !c.data.is_empty() {
+            let sgl = sqe.sgl();
+            let limit = if fabrics || self.qid == Some(0) {
+                ADMIN_IN_CAPSULE
+            } else {
+                self.shared.config.in_capsule_data as usize
+            };
+            let st = if sgl.kind != sgl_kind::IN_CAPSULE {
+                Some(Status::SGL_DESCRIPTOR_TYPE_INVALID)
+            } else if sgl.address != 0 {
+                Some(Status::SGL_OFFSET_INVALID)
+            } else if sgl.length as usize != c.data.len() || c.data.len() > limit {
+                Some(Status::SGL_DATA_LENGTH_INVALID)
+            } else {
+                None
+            };
+            if let Some(st) = st {
+                self.send(Response::status(cid, st));
+                return Ok(());
+            }
+        }
+        if fabrics {
+            return self.on_fabrics(&sqe, c.data);
+        }
+        let (Some(qid), Some(ctrl)) = (self.qid, self.ctrl.clone()) else {
+            self.send(Response::status(cid, Status::COMMAND_SEQUENCE_ERROR));
+            return Ok(());
+        };
+        if qid == 0 {
+            let ctx = AdminCtx {
+                shared: &self.shared,
+                ctrl: &ctrl,
+                local_addr: self.local,
+            };
+            if let Some(r) = admin_cmds::execute(&ctx, &sqe) {
+                self.send(r);
+            }
+            return Ok(());
+        }
+        self.on_io(ctrl, sqe, c.data);
+        Ok(())
+    }
+
+    fn on_fabrics(&mut self, sqe: &Sqe, data: Bytes) -> Result<(), Fatal> {
+        let cid = sqe.cid();
+        match sqe.fctype() {
+            fctype::CONNECT => {
+                if self.qid.is_some() {
+                    self.send(Response::status(cid, Status::COMMAND_SEQUENCE_ERROR));
+                    return Ok(());
+                }
+                match fabrics::connect(&self.shared, self.port_id, sqe, &data) {
+                    Ok((ctrl, cmd)) => {
+                        self.qid = Some(cmd.qid);
+                        self.sq
+                            .configure(cmd.qid, cmd.sqsize, cmd.sq_flow_control_disabled());
+                        if cmd.qid == 0 {
+                            ctrl.set_admin_tx(self.tx.clone());
+                            self.shared
+                                .tracker
+                                .spawn(ctrl.clone().keep_alive_watchdog());
+                        }
+                        self.send(Response::result(cid, u64::from(ctrl.cntlid)));
+                        self.ctrl = Some(ctrl);
+                    }
+                    Err(r) => self.send(r),
+                }
+            }
+            fctype::PROPERTY_GET | fctype::PROPERTY_SET => {
+                let ctrl = match (&self.ctrl, self.qid) {
+                    (Some(c), Some(0)) => c.clone(),
+                    (Some(_), _) => return self.reply(cid, Err(Status::INVALID_OPCODE)),
+                    (None, _) => return self.reply(cid, Err(Status::COMMAND_SEQUENCE_ERROR)),
+                };
+                let p = crate::protocol::fabrics::Property::from_sqe(sqe);
+                let r = if sqe.fctype() == fctype::PROPERTY_GET {
+                    ctrl.property_get(p.offset, p.wide)
+                        .map(|v| Response::result(cid, v))
+                } else {
+                    ctrl.property_set(p.offset, p.value)
+                        .map(|()| Response::ok(cid))
+                };
+                return self.reply(cid, r);
+            }
+            fctype::DISCONNECT if self.qid.is_some_and(|q| q > 0) => {
+                self.send(Response::ok(cid));
+                return Err(Fatal::Close);
+            }
+            _ => self.send(Response::status(cid, Status::INVALID_OPCODE)),
+        }
+        Ok(())
+    }
+
+    fn reply(&self, cid: u16, r: Result<Response, Status>) -> Result<(), Fatal> {
+        self.send(Response::from((cid, r)));
+        Ok(())
+    }
+
+    fn on_io(&mut self, ctrl: Arc<Controller>, sqe: Sqe, data: Bytes) {
+        let cid = sqe.cid();
+        if sqe.opcode() == io::FLUSH && sqe.nsid() == io_cmds::BROADCAST_NSID {
+            self.inflight.push(Box::pin(io_cmds::flush_all(ctrl, cid)));
+            return;
+        }
+        let ns = match io_cmds::validate(&self.shared, &ctrl, &sqe) {
+            Ok(ns) => ns,
+            Err(st) => return self.send(Response::status(cid, st)),
+        };
+        let sgl = sqe.sgl();
+        let needs_r2t =
+            sqe.direction() == Direction::HostToController && data.is_empty() && sgl.length > 0;
+        if needs_r2t {
+            if sgl.kind != sgl_kind::TRANSPORT {
+                return self.send(Response::status(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
+            }
+            let ttag = self.next_ttag;
+            self.next_ttag = self.next_ttag.wrapping_add(1);
+            let expected = sgl.length as usize;
+            self.pending.insert(
+                ttag,
+                PendingWrite {
+                    sqe,
+                    ns,
+                    expected,
+                    received: 0,
+                    parts: Vec::new(),
+                },
+            );
+            let _ = self.tx.send(Outgoing::R2t(R2t {
+                cccid: cid,
+                ttag,
+                offset: 0,
+                length: sgl.length,
+            }));
+            return;
+        }
+        self.inflight
+            .push(Box::pin(io_cmds::execute(ctrl, ns, sqe, data)));
+    }
+
+    fn on_h2c_data(&mut self, d: DataPdu) -> Result<(), Fatal> {
+        let Some(p) = self.pending.get_mut(&d.ttag) else {
+            return Err(term(fes::INVALID_HEADER_FIELD, 10));
+        };
+        if p.sqe.cid() != d.cccid {
+            return Err(term(fes::INVALID_HEADER_FIELD, 8));
+        }
+        if d.offset as usize != p.received {
+            return Err(term(fes::DATA_OUT_OF_RANGE, 12));
+        }
+        if p.received + d.data.len() > p.expected {
+            return Err(term(fes::DATA_OUT_OF_RANGE, 16));
+        }
+        p.received += d.data.len();
+        p.parts.push(d.data);
+        if p.received < p.expected {
+            return Ok(());
+        }
+        let Some(p) = self.pending.remove(&d.ttag) else {
+            return Ok(());
+        };
+        let data = if p.parts.len() == 1 {
+            p.parts.into_iter().next().unwrap_or_default()
+        } else {
+            let mut b = BytesMut::with_capacity(p.expected);
+            for part in p.parts {
+                b.extend_from_slice(&part);
+            }
+            b.freeze()
+        };
+        let Some(ctrl) = self.ctrl.clone() else {
+            return Ok(());
+        };
+        self.inflight
+            .push(Box::pin(io_cmds::execute(ctrl, p.ns, p.sqe, data)));
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! NVM I/O commands: Read, Write, Flush, Write Zeroes and Dataset Management (deallocate). [`validate`] runs before
+//! any data moves (namespace, ANA state of this path, LBA range, transfer length); [`execute`] does the I/O on the
+//! namespace's block device and maps block errors to NVMe statuses.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Buf, Bytes};
+
+use crate::block::BlockError;
+use crate::protocol::command::{Sqe, io};
+use crate::protocol::log::AnaState;
+use crate::protocol::status::Status;
+
+use super::Shared;
+use super::controller::Controller;
+use super::response::Response;
+use super::subsystem::Namespace;
+
+pub const BROADCAST_NSID: u32 = 0xFFFF_FFFF;
+
+/// Checks a command against its namespace and this path before data moves.
+pub(super) fn validate(
+    shared: &Shared,
+    ctrl: &Controller,
+    sqe: &Sqe,
+) -> Result<Arc<Namespace>, Status> {
+    let ns = ctrl
+        .subsystem
+        .namespace(sqe.nsid())
+        .ok_or(Status::INVALID_NAMESPACE)?;
+    match shared.ana.state(ctrl.port_id, ns.ana_group) {
+        AnaState::Optimized | AnaState::NonOptimized => {}
+        AnaState::Inaccessible => return Err(Status::ANA_INACCESSIBLE),
+        AnaState::PersistentLoss => return Err(Status::ANA_PERSISTENT_LOSS),
+        AnaState::Change => return Err(Status::ANA_TRANSITION),
+    }
+    match sqe.opcode() {
+        io::READ | io::WRITE | io::WRITE_ZEROES => {
+            let end = sqe.slba().checked_add(u64::from(sqe.nlb()));
+            if end.is_none_or(|e| e > ns.device.num_blocks()) {
+                return Err(Status::LBA_OUT_OF_RANGE);
+            }
+            if sqe.opcode() != io::WRITE_ZEROES {
+                let len = u64::from(sqe.nlb()) * u64::from(ns.device.block_size());
+                if u64::from(sqe.sgl().length) != len {
+                    return Err(Status::SGL_DATA_LENGTH_INVALID);
+                }
+                if len > shared.config.max_transfer() {
+                    return Err(Status::INVALID_FIELD);
+                }
+            }
+        }
+        io::DATASET_MANAGEMENT => {
+            let ranges = (sqe.cdw(10) & 0xFF) + 1;
+            if sqe.sgl().length < ranges * 16 {
+                return Err(Status::SGL_DATA_LENGTH_INVALID);
+            }
+        }
+        io::FLUSH => {}
+        _ => return Err(Status::INVALID_OPCODE),
+    }
+    Ok(ns)
+}
+
+fn map_error(e: &BlockError, is_read: bool) -> Status {
+    match e {
+        BlockError::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE,
+        BlockError::Unaligned { .. } => Status::INVALID_FIELD,
+        BlockError::NoSpace => Status::CAPACITY_EXCEEDED,
+        BlockError::Closed => Status::NAMESPACE_NOT_READY,
+        _ if is_read => Status::UNRECOVERED_READ_ERROR,
+        _ => Status::WRITE_FAULT,
+    }
+}
+
+/// Runs a validated command. `data` is the host's data for writes and DSM.
+pub(super) async fn execute(
+    ctrl: Arc<Controller>,
+    ns: Arc<Namespace>,
+    sqe: Sqe,
+    data: Bytes,
+) -> Response {
+    let cid = sqe.cid();
+    let bs = u64::from(ns.device.block_size());
+    let offset = sqe.slba() * bs;
+    let len = u64::from(sqe.nlb()) * bs;
+    let c = &ctrl.counters;
+    let result = match sqe.opcode() {
+        io::READ => match ns.device.read(offset, len).await {
+            Ok(d) => {
+                c.read_commands.fetch_add(1, Ordering::Relaxed);
+                c.bytes_read.fetch_add(len, Ordering::Relaxed);
+                return Response::data(cid, d);
+            }
+            Err(e) => Err((e, true)),
+        },
+        io::WRITE => {
+            let r = ns.device.write(offset, data).await;
+            if r.is_ok() {
+                c.write_commands.fetch_add(1, Ordering::Relaxed);
+                c.bytes_written.fetch_add(len, Ordering::Relaxed);
+                if sqe.fua() {
+                    ns.device.flush().await.map_err(|e| (e, false))
+                } else {
+                    Ok(())
+                }
+            } else {
+                r.map_err(|e| (e, false))
+            }
+        }
+        io::WRITE_ZEROES => ns
+            .device
+            .write_zeroes(offset, len)
+            .await
+            .map_err(|e| (e, false)),
+        io::FLUSH => ns.device.flush().await.map_err(|e| (e, false)),
+        io::DATASET_MANAGEMENT => dataset_management(&ns, &sqe, data).await,
+        _ => return Response::status(cid, Status::INVALID_OPCODE),
+    };
+    match result {
+        Ok(()) => Response::ok(cid),
+        Err((e, is_read)) => {
+            let st = map_error(&e, is_read);
+            if matches!(st, Status::UNRECOVERED_READ_ERROR | Status::WRITE_FAULT) {
+                c.media_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            tracing::debug!(cid, nsid = ns.nsid, error = %e, "I/O failed");
+            Response::status(cid, st)
+        }
+    }
+}
+
+/// Flush of the broadcast NSID: every namespace of the subsystem.
+pub(super) async fn flush_all(ctrl: Arc<Controller>, cid: u16) -> Response {
+    for ns in ctrl.subsystem.namespaces() {
+        if let Err(e) = ns.device.flush().await {
+            tracing::debug!(error = %e, "flush failed");
+            return Response::status(cid, Status::WRITE_FAULT);
+        }
+    }
+    Response::ok(cid)
+}
+
+async fn dataset_management(
+    ns: &Namespace,
+    sqe: &Sqe,
+    mut data: Bytes,
+) -> Result<(), (BlockError, bool)> {
+    if sqe.cdw(11) & (1 << 2) == 0 {
+        return Ok(()); // only attribute hints: nothing to do
+    }
+    let bs = u64::from(ns.device.block_size());
+    let ranges = (sqe.cdw(10) & 0xFF) + 1;
+    let mut todo = Vec::new();
+    for _ in 0..ranges {
+        if data.remaining() < 16 {
+            break;
+        }
+        let _attrs = data.get_u32_le();
+        let nlb = u64::from(data.get_u32_le());
+        let slba = data.get_u64_le();
+        if slba
+            .checked_add(nlb)
+            .is_none_or(|e| e > ns.device.num_blocks())
+        {
+            let size = ns.device.size_bytes();
+            return Err((
+                BlockError::OutOfRange {
+                    offset: slba.saturating_mul(bs),
+                    len: nlb * bs,
+                    size,
+                },
+                false,
+            ));
+        }
+        if nlb > 0 {
+            todo.push((slba * bs, nlb * bs));
+        }
+    }
+    for (off, len) in todo {
+        ns.device
+            .deallocate(off, len)
+            .await
+            .map_err(|e| (e, false))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! What a queue sends back: command responses (a CQE, optionally preceded by C2H data) and the other PDUs a
+//! controller originates, as messages to the connection's writer task.
+
+use bytes::Bytes;
+
+use crate::protocol::completion::Cqe;
+use crate::protocol::pdu::{R2t, TermReq};
+use crate::protocol::status::Status;
+
+/// The completion of one command.
+#[derive(Debug)]
+pub struct Response {
+    pub cqe: Cqe,
+    /// Data for the host (C2HData), sent before the CQE.
+    pub data: Option<Bytes>,
+}
+
+impl Response {
+    pub fn status(cid: u16, status: Status) -> Response {
+        Response {
+            cqe: Cqe::new(cid, status),
+            data: None,
+        }
+    }
+    pub fn ok(cid: u16) -> Response {
+        Self::status(cid, Status::SUCCESS)
+    }
+    pub fn result(cid: u16, result: u64) -> Response {
+        let mut r = Self::ok(cid);
+        r.cqe.result = result;
+        r
+    }
+    pub fn data(cid: u16, data: Bytes) -> Response {
+        Response {
+            cqe: Cqe::new(cid, Status::SUCCESS),
+            data: Some(data),
+        }
+    }
+    /// A failed command with a command-specific result (e.g. Connect's invalid-parameter offset).
+    pub fn failed_with(cid: u16, status: Status, result: u64) -> Response {
+        let mut r = Self::status(cid, status);
+        r.cqe.result = result;
+        r
+    }
+}
+
+impl From<(u16, Result<Response, Status>)> for Response {
+    fn from((cid, r): (u16, Result<Response, Status>)) -> Response {
+        r.unwrap_or_else(|st| Response::status(cid, st))
+    }
+}
+
+/// A message to a connection's writer.
+#[derive(Debug)]
+pub enum Outgoing {
+    Response(Response),
+    R2t(R2t),
+    /// Send a C2HTermReq and close the connection.
+    Terminate(TermReq),
+}

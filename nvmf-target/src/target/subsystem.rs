@@ -1,0 +1,229 @@
+//! NVM subsystems: identity (NQN, serial, model), namespaces and the block devices behind them, the host allow-list,
+//! and the registry of live controllers with controller-ID allocation from this node's range.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::block::BlockDevice;
+use crate::protocol::nqn::Nqn;
+
+use super::TargetError;
+use super::ana::MAX_GROUPS;
+use super::controller::Controller;
+
+/// Highest NSID a subsystem may hold (NN and MNAN in Identify Controller).
+pub const MAX_NSID: u32 = 256;
+
+/// A namespace: an NSID bound to a block device, with the identity hosts use to group paths.
+pub struct Namespace {
+    pub nsid: u32,
+    pub uuid: uuid::Uuid,
+    pub ana_group: u32,
+    pub device: Arc<dyn BlockDevice>,
+}
+
+impl Namespace {
+    /// NGUID: the UUID's bytes, so every node serving the volume reports the same identity.
+    pub fn nguid(&self) -> [u8; 16] {
+        *self.uuid.as_bytes()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubsystemKind {
+    Discovery,
+    Nvm,
+}
+
+struct Config {
+    namespaces: BTreeMap<u32, Arc<Namespace>>,
+    allowed_hosts: BTreeSet<String>,
+    allow_any_host: bool,
+}
+
+pub struct Subsystem {
+    pub nqn: Nqn,
+    pub serial: String,
+    pub model: String,
+    pub kind: SubsystemKind,
+    config: RwLock<Config>,
+    controllers: Mutex<BTreeMap<u16, Arc<Controller>>>,
+}
+
+impl Subsystem {
+    pub fn new(
+        nqn: Nqn,
+        serial: String,
+        model: String,
+        kind: SubsystemKind,
+        allow_any_host: bool,
+    ) -> Subsystem {
+        Subsystem {
+            nqn,
+            serial,
+            model,
+            kind,
+            config: RwLock::new(Config {
+                namespaces: BTreeMap::new(),
+                allowed_hosts: BTreeSet::new(),
+                allow_any_host,
+            }),
+            controllers: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn cfg(&self) -> std::sync::RwLockReadGuard<'_, Config> {
+        self.config.read().unwrap_or_else(|e| e.into_inner())
+    }
+    fn cfg_mut(&self) -> std::sync::RwLockWriteGuard<'_, Config> {
+        self.config.write().unwrap_or_else(|e| e.into_inner())
+    }
+    fn ctrls(&self) -> std::sync::MutexGuard<'_, BTreeMap<u16, Arc<Controller>>> {
+        self.controllers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
+        self.cfg().namespaces.get(&nsid).cloned()
+    }
+
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        self.cfg().namespaces.values().cloned().collect()
+    }
+
+    /// Adds a namespace; `nsid` 0 takes the lowest free one. Returns the NSID.
+    pub fn add_namespace(
+        &self,
+        nsid: u32,
+        uuid: uuid::Uuid,
+        ana_group: u32,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<u32, TargetError> {
+        if self.kind == SubsystemKind::Discovery {
+            return Err(TargetError::InvalidArgument(
+                "a discovery subsystem has no namespaces".into(),
+            ));
+        }
+        if ana_group == 0 || ana_group > MAX_GROUPS {
+            return Err(TargetError::InvalidArgument(format!(
+                "ANA group {ana_group} is not in 1..={MAX_GROUPS}"
+            )));
+        }
+        let mut c = self.cfg_mut();
+        let nsid = if nsid == 0 {
+            (1..=MAX_NSID)
+                .find(|n| !c.namespaces.contains_key(n))
+                .ok_or_else(|| {
+                    TargetError::Exhausted(format!(
+                        "{} already has {MAX_NSID} namespaces",
+                        self.nqn
+                    ))
+                })?
+        } else {
+            nsid
+        };
+        if nsid > MAX_NSID {
+            return Err(TargetError::InvalidArgument(format!(
+                "NSID {nsid} is not in 1..={MAX_NSID}"
+            )));
+        }
+        if c.namespaces.contains_key(&nsid) {
+            return Err(TargetError::AlreadyExists(format!(
+                "namespace {nsid} of {}",
+                self.nqn
+            )));
+        }
+        if c.namespaces.values().any(|n| n.uuid == uuid) {
+            return Err(TargetError::AlreadyExists(format!(
+                "a namespace with UUID {uuid} in {}",
+                self.nqn
+            )));
+        }
+        c.namespaces.insert(
+            nsid,
+            Arc::new(Namespace {
+                nsid,
+                uuid,
+                ana_group,
+                device,
+            }),
+        );
+        drop(c);
+        self.notify_namespace_changed(nsid);
+        Ok(nsid)
+    }
+
+    pub fn remove_namespace(&self, nsid: u32) -> Result<(), TargetError> {
+        if self.cfg_mut().namespaces.remove(&nsid).is_none() {
+            return Err(TargetError::NotFound(format!(
+                "namespace {nsid} of {}",
+                self.nqn
+            )));
+        }
+        self.notify_namespace_changed(nsid);
+        Ok(())
+    }
+
+    fn notify_namespace_changed(&self, nsid: u32) {
+        for c in self.controllers() {
+            c.namespace_changed(nsid);
+        }
+    }
+
+    pub fn host_allowed(&self, hostnqn: &str) -> bool {
+        let c = self.cfg();
+        self.kind == SubsystemKind::Discovery
+            || c.allow_any_host
+            || c.allowed_hosts.contains(hostnqn)
+    }
+
+    pub fn allow_host(&self, hostnqn: &str) {
+        self.cfg_mut().allowed_hosts.insert(hostnqn.to_string());
+    }
+
+    /// Removes a host from the allow-list and disconnects its controllers.
+    pub fn disallow_host(&self, hostnqn: &str) {
+        self.cfg_mut().allowed_hosts.remove(hostnqn);
+        if !self.host_allowed(hostnqn) {
+            for c in self
+                .controllers()
+                .into_iter()
+                .filter(|c| c.hostnqn == hostnqn)
+            {
+                c.shutdown("host removed from the allow-list");
+            }
+        }
+    }
+
+    pub fn allowed_hosts(&self) -> Vec<String> {
+        self.cfg().allowed_hosts.iter().cloned().collect()
+    }
+
+    pub fn allow_any_host(&self) -> bool {
+        self.cfg().allow_any_host
+    }
+
+    pub fn controllers(&self) -> Vec<Arc<Controller>> {
+        self.ctrls().values().cloned().collect()
+    }
+
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        self.ctrls().get(&cntlid).cloned()
+    }
+
+    /// Registers a controller built by `make` under the lowest free ID in `range`.
+    pub fn add_controller(
+        &self,
+        range: std::ops::RangeInclusive<u16>,
+        make: impl FnOnce(u16) -> Arc<Controller>,
+    ) -> Option<Arc<Controller>> {
+        let mut m = self.ctrls();
+        let id = range.into_iter().find(|id| !m.contains_key(id))?;
+        let c = make(id);
+        m.insert(id, c.clone());
+        Some(c)
+    }
+
+    pub fn remove_controller(&self, cntlid: u16) {
+        self.ctrls().remove(&cntlid);
+    }
+}
