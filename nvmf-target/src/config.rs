@@ -132,10 +132,8 @@ impl ExportSpec {
             (None, None) => return Err("give memory=SIZE or file=PATH".into()),
             _ => {}
         }
-        if let Some(bs) = self.block_size {
-            if bs != 512 && bs != 4096 {
-                return Err(format!("block size {bs} is not 512 or 4096"));
-            }
+        if let Some(bs) = self.block_size.filter(|bs| *bs != 512 && *bs != 4096) {
+            return Err(format!("block size {bs} is not 512 or 4096"));
         }
         Ok(())
     }

@@ -89,25 +89,18 @@ impl Engine {
             .target()
             .subsystem(&spec.nqn)
             .ok_or_else(|| TargetError::NotFound(format!("subsystem {}", spec.nqn)))?;
-        if let Some(nsid) = spec.nsid.filter(|n| *n != 0) {
-            if let Some(ns) = sub.namespace(nsid) {
-                let same = self
-                    .backends()
-                    .get(&(spec.nqn.clone(), nsid))
-                    .is_some_and(|b| {
-                        let mut b = b.clone();
-                        b.uuid = spec.uuid.or(b.uuid);
-                        b == *spec && spec.uuid.is_none_or(|u| u == ns.uuid)
-                    });
-                if same {
-                    return Ok(nsid);
-                }
-                return Err(TargetError::AlreadyExists(format!(
-                    "namespace {nsid} of {} with other parameters",
-                    spec.nqn
-                ))
-                .into());
+        if let Some((nsid, ns)) = spec
+            .nsid
+            .filter(|n| *n != 0)
+            .and_then(|n| Some((n, sub.namespace(n)?)))
+        {
+            let mut want = spec.clone();
+            want.uuid = Some(spec.uuid.unwrap_or(ns.uuid));
+            if self.backends().get(&(spec.nqn.clone(), nsid)) == Some(&want) {
+                return Ok(nsid);
             }
+            let msg = format!("namespace {nsid} of {} with other parameters", spec.nqn);
+            return Err(TargetError::AlreadyExists(msg).into());
         }
         let device = spec.open_device()?;
         let uuid = spec.uuid.unwrap_or_else(uuid::Uuid::new_v4);

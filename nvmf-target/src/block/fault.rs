@@ -143,7 +143,7 @@ mod tests {
     async fn fails_a_range_only() {
         let d = dev();
         d.set_plan(FaultPlan {
-            fail_ranges: vec![4096..8192],
+            fail_ranges: [4096..8192, 1 << 30..(1 << 30) + 1].to_vec(),
             reads_too: true,
             ..Default::default()
         });

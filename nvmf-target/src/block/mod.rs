@@ -58,7 +58,7 @@ pub trait BlockDevice: Send + Sync + 'static {
 /// Checks that `offset..offset+len` is block aligned and inside a device of `size` bytes.
 pub fn check_range(offset: u64, len: u64, block_size: u32, size: u64) -> Result<(), BlockError> {
     let bs = u64::from(block_size);
-    if offset % bs != 0 || len % bs != 0 {
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
         return Err(BlockError::Unaligned {
             offset,
             len,

@@ -148,7 +148,7 @@ fn identify(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Result<Response, Status> {
         _ if ctx.discovery() => return Err(Status::INVALID_FIELD),
         cns::NAMESPACE => match sub.namespace(nsid) {
             Some(ns) => namespace_data(ctx, &ns).encode(),
-            None if nsid >= 1 && nsid <= MAX_NSID => vec![0; identify::IDENTIFY_LEN],
+            None if (1..=MAX_NSID).contains(&nsid) => vec![0; identify::IDENTIFY_LEN],
             None => return Err(Status::INVALID_NAMESPACE),
         },
         cns::ACTIVE_NAMESPACES => {

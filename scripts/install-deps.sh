@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing Keelson needs on a Debian machine, by package name.
+# Idempotent: packages already present are skipped. Needs root for apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for p in iproute2 qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs cpio zstd socat fio; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "[install-deps] apt-get install ${need[*]}"
+    apt-get update -qq
+    # apt here may delete downloaded .debs between dpkg runs; a second try finishes the job.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
+fi
+
+command -v cargo >/dev/null || { echo "[install-deps] cargo (Rust >= 1.85) is required" >&2; exit 1; }
+
+# The guest image for the kernel-initiator tests (Debian kernel + initramfs), built once per machine.
+IMG=${KEELSON_VM_IMG:-/var/tmp/keelson-vm/img}
+if [ ! -f "$IMG/vmlinuz" ] || [ ! -f "$IMG/initramfs.cpio" ]; then
+    IMG=$IMG SKIP_APT=1 ./e2e/vm/build-image.sh
+fi

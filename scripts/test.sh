@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every check and test of Keelson: formatting, clippy, unit, integration and end-to-end tests (the e2e tests
+# boot a QEMU VM and create network namespaces, so this needs root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace --bins
+cargo test --workspace
