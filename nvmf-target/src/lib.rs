@@ -3,6 +3,7 @@
 //! - [`protocol`]: NVMe and NVMe/TCP wire formats (pure).
 //! - [`block`]: the [`block::BlockDevice`] seam and its backends (memory, file, fault-injecting).
 //! - [`target`]: the NVMe/TCP server: listeners, connections, controllers, subsystems, discovery, ANA.
+//! - [`transport`]: socket helpers shared by target and initiator.
 //! - [`config`]: export specs and sizes for io-engine's flags and config file.
 //! - [`engine`]: owns the target and what backs each namespace; the one place that wires them.
 //! - [`api`]: the engine gRPC API over [`engine::Engine`].
@@ -11,5 +12,7 @@ pub mod api;
 pub mod block;
 pub mod config;
 pub mod engine;
+pub mod initiator;
 pub mod protocol;
 pub mod target;
+pub mod transport;

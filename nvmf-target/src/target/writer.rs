@@ -2,23 +2,21 @@
 //! (payloads are not copied) and sends them with vectored writes, so completions that are ready together share a
 //! system call.
 
-use std::io::IoSlice;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::protocol::codec::PduCodec;
 use crate::protocol::pdu::{DataPdu, Pdu};
+use crate::transport::write_parts;
 
 use super::response::Outgoing;
 
 /// Most messages encoded into one batch.
 const BATCH: usize = 256;
-/// Most segments handed to one writev.
-const MAX_IOV: usize = 64;
 
 /// Queue facts the writer needs for CQEs: queue id, size, and how many commands were fetched (SQHD).
 #[derive(Default)]
@@ -60,37 +58,6 @@ pub(super) async fn send_now(
     let mut parts = Vec::new();
     codec.encode_parts(&pdu, &mut BytesMut::new(), &mut parts);
     write_parts(wr, &mut parts).await
-}
-
-pub(super) async fn write_parts(
-    wr: &mut OwnedWriteHalf,
-    parts: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
-    parts.retain(|p| !p.is_empty());
-    let mut idx = 0;
-    while idx < parts.len() {
-        let slices: Vec<IoSlice<'_>> = parts[idx..]
-            .iter()
-            .take(MAX_IOV)
-            .map(|b| IoSlice::new(b))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 {
-            let len = parts[idx].len();
-            if n >= len {
-                n -= len;
-                idx += 1;
-            } else {
-                parts[idx].advance(n);
-                n = 0;
-            }
-        }
-    }
-    parts.clear();
-    Ok(())
 }
 
 pub(super) async fn write_loop(

@@ -1,0 +1,293 @@
+//! An initiator-side controller: connects the admin queue (Connect, CC.EN, wait for CSTS.RDY, Identify), asks for
+//! I/O queues and connects them, and sends Keep Alive every half KATO. Any queue dying or a failed keep-alive marks
+//! the whole controller failed (`failed()`), which is what reconnect logic waits on.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::command::{Sgl, Sqe, admin};
+use crate::protocol::fabrics::{
+    CNTLID_DYNAMIC, Connect, ConnectData, Property, cap_mqes, csts, property,
+};
+use crate::protocol::identify::{self, ControllerData, NamespaceData, cns};
+use crate::protocol::pdu::Digests;
+
+use super::queue::{Completion, Queue};
+use super::{ConnectOptions, InitiatorError};
+
+const ADMIN_DEPTH: u16 = 32;
+/// In-capsule data Fabrics and admin commands may carry, whatever IOCCSZ says.
+const ADMIN_IN_CAPSULE: usize = 8192;
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Controller {
+    pub cntlid: u16,
+    pub data: ControllerData,
+    admin: Queue,
+    io: Vec<Queue>,
+    failed: CancellationToken,
+}
+
+impl Controller {
+    /// Connects admin and I/O queues. With `opts.io_queues == 0` only the admin queue (discovery).
+    pub async fn connect(opts: &ConnectOptions) -> Result<Controller, InitiatorError> {
+        let digests = Digests {
+            header: opts.header_digest,
+            data: opts.data_digest,
+        };
+        let (admin, _) = Queue::connect(
+            opts.addr,
+            0,
+            usize::from(ADMIN_DEPTH),
+            ADMIN_IN_CAPSULE,
+            digests,
+            opts.command_timeout,
+        )
+        .await?;
+        let kato = opts.kato.as_millis() as u32;
+        let cntlid =
+            fabrics_connect(&admin, opts, 0, ADMIN_DEPTH - 1, kato, CNTLID_DYNAMIC).await?;
+        let failed = CancellationToken::new();
+        let bring_up = async {
+            let cap = admin
+                .submit(Property::get_sqe(property::CAP, true), None)
+                .await?
+                .cqe
+                .result;
+            admin
+                .submit(Property::set_sqe(property::CC, 0x0046_0001, false), None)
+                .await?;
+            let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+            loop {
+                let st = admin
+                    .submit(Property::get_sqe(property::CSTS, false), None)
+                    .await?
+                    .cqe
+                    .result as u32;
+                if st & csts::CFS != 0 {
+                    return Err(InitiatorError::Protocol("controller fatal status".into()));
+                }
+                if st & csts::RDY != 0 {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(InitiatorError::Timeout);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let id = identify(&admin, cns::CONTROLLER, 0).await?;
+            let data = ControllerData::decode(&id)
+                .ok_or_else(|| InitiatorError::Protocol("short Identify".into()))?;
+            if data.cntlid != cntlid {
+                return Err(InitiatorError::Protocol(format!(
+                    "Identify CNTLID {} != Connect's {cntlid}",
+                    data.cntlid
+                )));
+            }
+            Ok((cap, data))
+        };
+        let (cap, data) = match bring_up.await {
+            Ok(v) => v,
+            Err(e) => {
+                admin.close();
+                return Err(e);
+            }
+        };
+        let mut c = Controller {
+            cntlid,
+            data,
+            admin,
+            io: Vec::new(),
+            failed,
+        };
+        if opts.io_queues > 0
+            && let Err(e) = c.connect_io_queues(opts, cap, digests).await
+        {
+            c.close();
+            return Err(e);
+        }
+        c.watch(opts.kato);
+        Ok(c)
+    }
+
+    async fn connect_io_queues(
+        &mut self,
+        opts: &ConnectOptions,
+        cap: u64,
+        digests: Digests,
+    ) -> Result<(), InitiatorError> {
+        let want = u32::from(opts.io_queues - 1);
+        let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
+        sqe.set_cdw(10, 0x07);
+        sqe.set_cdw(11, want | (want << 16));
+        let dw0 = self.admin.submit(sqe, None).await?.cqe.dw0();
+        let granted = ((dw0 & 0xFFFF).min(dw0 >> 16) + 1).min(u32::from(opts.io_queues)) as u16;
+        let mut depth = opts.queue_depth.min(cap_mqes(cap).saturating_add(1));
+        if self.data.maxcmd > 0 {
+            depth = depth.min(self.data.maxcmd);
+        }
+        let in_capsule = (self.data.ioccsz as usize * 16).saturating_sub(64);
+        for qid in 1..=granted {
+            let (q, _) = Queue::connect(
+                opts.addr,
+                qid,
+                usize::from(depth),
+                in_capsule,
+                digests,
+                opts.command_timeout,
+            )
+            .await?;
+            fabrics_connect(&q, opts, qid, depth - 1, 0, self.cntlid).await?;
+            self.io.push(q);
+        }
+        Ok(())
+    }
+
+    /// Marks the controller failed when a queue dies; sends keep-alives.
+    fn watch(&self, kato: Duration) {
+        let queues: Vec<Queue> = std::iter::once(self.admin.clone())
+            .chain(self.io.iter().cloned())
+            .collect();
+        for q in queues {
+            let failed = self.failed.clone();
+            tokio::spawn(async move {
+                let closed = q.closed();
+                tokio::select! {
+                    _ = closed.cancelled() => failed.cancel(),
+                    _ = failed.cancelled() => q.close(),
+                }
+            });
+        }
+        if kato.is_zero() {
+            return;
+        }
+        let admin = self.admin.clone();
+        let failed = self.failed.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(kato / 2);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = failed.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = admin.submit(Sqe::new(admin::KEEP_ALIVE, 0), None).await {
+                    tracing::warn!(error = %e, "keep-alive failed");
+                    failed.cancel();
+                    return;
+                }
+            }
+        });
+    }
+
+    pub fn failed(&self) -> CancellationToken {
+        self.failed.clone()
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed.is_cancelled()
+    }
+
+    pub fn io_queues(&self) -> &[Queue] {
+        &self.io
+    }
+
+    pub fn admin(&self) -> &Queue {
+        &self.admin
+    }
+
+    pub async fn identify_namespace(&self, nsid: u32) -> Result<NamespaceData, InitiatorError> {
+        let b = identify(&self.admin, cns::NAMESPACE, nsid).await?;
+        NamespaceData::decode(&b)
+            .ok_or_else(|| InitiatorError::Protocol("short Identify namespace".into()))
+    }
+
+    pub async fn active_namespaces(&self) -> Result<Vec<u32>, InitiatorError> {
+        let b = identify(&self.admin, cns::ACTIVE_NAMESPACES, 0).await?;
+        Ok(b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .take_while(|&n| n != 0)
+            .collect())
+    }
+
+    /// Get Log Page of `len` bytes at `offset`.
+    pub async fn get_log_page(
+        &self,
+        lid: u8,
+        offset: u64,
+        len: u32,
+        lsp: u8,
+    ) -> Result<Bytes, InitiatorError> {
+        let numd = len / 4 - 1;
+        let mut sqe = Sqe::new(admin::GET_LOG_PAGE, 0xFFFF_FFFF);
+        sqe.set_cdw(
+            10,
+            u32::from(lid) | (u32::from(lsp & 0x7F) << 8) | ((numd & 0xFFFF) << 16),
+        );
+        sqe.set_cdw(11, numd >> 16);
+        sqe.set_cdw(12, offset as u32);
+        sqe.set_cdw(13, (offset >> 32) as u32);
+        sqe.set_sgl(Sgl::transport(len));
+        Ok(self.admin.submit(sqe, None).await?.data)
+    }
+
+    /// Closes every queue (the target tears the controller down when the admin queue goes).
+    pub fn close(&self) {
+        self.failed.cancel();
+        self.admin.close();
+        for q in &self.io {
+            q.close();
+        }
+    }
+
+    /// Orderly shutdown: CC.SHN = normal, then close.
+    pub async fn shutdown(&self) {
+        let _ = self
+            .admin
+            .submit(Property::set_sqe(property::CC, 0x0046_4001, false), None)
+            .await;
+        self.close();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn identify(q: &Queue, cns: u8, nsid: u32) -> Result<Bytes, InitiatorError> {
+    let mut sqe = Sqe::new(admin::IDENTIFY, nsid);
+    sqe.set_cdw(10, u32::from(cns));
+    sqe.set_sgl(Sgl::transport(identify::IDENTIFY_LEN as u32));
+    let Completion { data, .. } = q.submit(sqe, None).await?;
+    Ok(data)
+}
+
+async fn fabrics_connect(
+    q: &Queue,
+    opts: &ConnectOptions,
+    qid: u16,
+    sqsize: u16,
+    kato: u32,
+    cntlid: u16,
+) -> Result<u16, InitiatorError> {
+    let sqe = Connect {
+        recfmt: 0,
+        qid,
+        sqsize,
+        cattr: 0,
+        kato,
+    }
+    .to_sqe();
+    let data = ConnectData {
+        hostid: opts.hostid,
+        cntlid,
+        subnqn: opts.subnqn.clone(),
+        hostnqn: opts.hostnqn.clone(),
+    };
+    let c = q.submit(sqe, Some(data.encode())).await?;
+    Ok(c.cqe.dw0() as u16)
+}

@@ -1,0 +1,319 @@
+//! A remote namespace as a [`BlockDevice`]. I/O is spread round-robin over the controller's I/O queues and split at
+//! the controller's maximum transfer size. A supervisor task watches the controller; when it fails, I/O waits (up
+//! to `reconnect_wait`) while the supervisor reconnects with exponential backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::block::{BlockDevice, BlockError, check_range};
+use crate::protocol::command::{Sgl, Sqe, io};
+use crate::protocol::status::Status;
+
+use super::controller::Controller;
+use super::{ConnectOptions, InitiatorError};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Blocks per Write Zeroes / Dataset Management range.
+const MAX_ZERO_BLOCKS: u64 = 1 << 16;
+
+struct Shared {
+    opts: ConnectOptions,
+    nsid: u32,
+    current: watch::Sender<Option<Arc<Controller>>>,
+    next_queue: AtomicUsize,
+    stop: CancellationToken,
+}
+
+pub struct RemoteNamespace {
+    shared: Arc<Shared>,
+    block_size: u32,
+    num_blocks: u64,
+    max_transfer: u64,
+    /// How long I/O waits for a reconnect before failing.
+    pub reconnect_wait: Duration,
+}
+
+fn to_block(e: InitiatorError) -> BlockError {
+    match e {
+        InitiatorError::Status(s) if s == Status::LBA_OUT_OF_RANGE => BlockError::OutOfRange {
+            offset: 0,
+            len: 0,
+            size: 0,
+        },
+        other => BlockError::Remote(other.to_string()),
+    }
+}
+
+impl RemoteNamespace {
+    /// Connects and identifies namespace `nsid` (0 = the first active one).
+    pub async fn connect(
+        opts: ConnectOptions,
+        nsid: u32,
+    ) -> Result<RemoteNamespace, InitiatorError> {
+        let ctrl = Controller::connect(&opts).await?;
+        if ctrl.io_queues().is_empty() {
+            return Err(InitiatorError::Protocol(
+                "controller granted no I/O queues".into(),
+            ));
+        }
+        let nsid = if nsid == 0 {
+            *ctrl
+                .active_namespaces()
+                .await?
+                .first()
+                .ok_or_else(|| InitiatorError::Protocol("no namespaces".into()))?
+        } else {
+            nsid
+        };
+        let ns = ctrl.identify_namespace(nsid).await?;
+        if ns.nsze == 0 || !(9..=16).contains(&ns.lbads) {
+            return Err(InitiatorError::Protocol(format!(
+                "namespace {nsid} is not usable ({ns:?})"
+            )));
+        }
+        let mdts = ctrl.data.mdts;
+        let max_transfer = if mdts == 0 {
+            1 << 20
+        } else {
+            (4096u64 << mdts).min(8 << 20)
+        };
+        let (current, _) = watch::channel(Some(Arc::new(ctrl)));
+        let shared = Arc::new(Shared {
+            opts,
+            nsid,
+            current,
+            next_queue: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(supervise(shared.clone()));
+        Ok(RemoteNamespace {
+            shared,
+            block_size: 1 << ns.lbads,
+            num_blocks: ns.nsze,
+            max_transfer,
+            reconnect_wait: Duration::from_secs(10),
+        })
+    }
+
+    pub fn nsid(&self) -> u32 {
+        self.shared.nsid
+    }
+
+    /// Largest I/O sent as one command.
+    pub fn max_transfer(&self) -> u64 {
+        self.max_transfer
+    }
+
+    /// Whether a live controller is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| !c.is_failed())
+    }
+
+    /// Disconnects and stops reconnecting.
+    pub async fn close(&self) {
+        self.shared.stop.cancel();
+        let c = self.shared.current.send_replace(None);
+        if let Some(c) = c {
+            c.shutdown().await;
+        }
+    }
+
+    async fn controller(&self) -> Result<Arc<Controller>, BlockError> {
+        let mut rx = self.shared.current.subscribe();
+        let ready = |c: &Option<Arc<Controller>>| c.as_ref().is_some_and(|c| !c.is_failed());
+        if let Some(c) = rx.borrow().as_ref().filter(|c| !c.is_failed()) {
+            return Ok(c.clone());
+        }
+        if self.shared.stop.is_cancelled() {
+            return Err(BlockError::Closed);
+        }
+        match tokio::time::timeout(self.reconnect_wait, rx.wait_for(ready)).await {
+            Ok(Ok(c)) => c.clone().ok_or(BlockError::Closed),
+            _ => Err(BlockError::Remote("not connected".into())),
+        }
+    }
+
+    /// Sends a command on the next I/O queue. A command lost with its connection is sent again on the reconnected
+    /// controller (as the Linux host retries path errors), until `reconnect_wait` runs out.
+    async fn submit(&self, sqe: Sqe, data: Option<Bytes>) -> Result<Bytes, BlockError> {
+        let deadline = tokio::time::Instant::now() + self.reconnect_wait;
+        loop {
+            let c = self.controller().await?;
+            let qs = c.io_queues();
+            let q = &qs[self.shared.next_queue.fetch_add(1, Ordering::Relaxed) % qs.len()];
+            match q.submit(sqe, data.clone()).await {
+                Ok(done) => return Ok(done.data),
+                Err(InitiatorError::Disconnected | InitiatorError::Timeout)
+                    if tokio::time::Instant::now() < deadline
+                        && !self.shared.stop.is_cancelled() =>
+                {
+                    c.failed().cancel();
+                }
+                Err(e) => return Err(to_block(e)),
+            }
+        }
+    }
+
+    fn lba(&self, offset: u64) -> u64 {
+        offset / u64::from(self.block_size)
+    }
+}
+
+async fn supervise(shared: Arc<Shared>) {
+    loop {
+        let failed = match shared.current.borrow().as_ref() {
+            Some(c) => c.failed(),
+            None => return,
+        };
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = failed.cancelled() => {}
+        }
+        tracing::warn!(addr = %shared.opts.addr, subnqn = %shared.opts.subnqn, "controller lost; reconnecting");
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match Controller::connect(&shared.opts).await {
+                Ok(c) if !c.io_queues().is_empty() => {
+                    tracing::info!(addr = %shared.opts.addr, "reconnected");
+                    shared.current.send_replace(Some(Arc::new(c)));
+                    break;
+                }
+                Ok(_) => tracing::warn!("reconnected without I/O queues"),
+                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for RemoteNamespace {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        let mut out = BytesMut::with_capacity(len as usize);
+        let mut done = 0;
+        while done < len {
+            let n = self.max_transfer.min(len - done);
+            let nlb = (n / u64::from(self.block_size)) as u32;
+            let mut sqe = Sqe::rw(
+                io::READ,
+                self.shared.nsid,
+                self.lba(offset + done),
+                nlb,
+                n as u32,
+                false,
+            );
+            sqe.set_sgl(Sgl::transport(n as u32));
+            let d = self.submit(sqe, None).await?;
+            if d.len() as u64 != n {
+                return Err(BlockError::Remote(format!(
+                    "short read: {} of {n} bytes",
+                    d.len()
+                )));
+            }
+            if done == 0 && n == len {
+                return Ok(d);
+            }
+            out.put(d);
+            done += n;
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        check_range(
+            offset,
+            data.len() as u64,
+            self.block_size,
+            self.size_bytes(),
+        )?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let n = (self.max_transfer as usize).min(data.len() - done);
+            let nlb = (n / self.block_size as usize) as u32;
+            let sqe = Sqe::rw(
+                io::WRITE,
+                self.shared.nsid,
+                self.lba(offset + done as u64),
+                nlb,
+                n as u32,
+                false,
+            );
+            self.submit(sqe, Some(data.slice(done..done + n))).await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        let mut lba = self.lba(offset);
+        let mut left = len / u64::from(self.block_size);
+        while left > 0 {
+            let n = left.min(MAX_ZERO_BLOCKS);
+            let mut sqe = Sqe::rw(io::WRITE_ZEROES, self.shared.nsid, lba, n as u32, 0, false);
+            sqe.set_sgl(Sgl::transport(0));
+            self.submit(sqe, None).await?;
+            lba += n;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        let mut lba = self.lba(offset);
+        let mut left = len / u64::from(self.block_size);
+        while left > 0 {
+            let n = left.min(u64::from(u32::MAX));
+            let mut range = BytesMut::with_capacity(16);
+            range.put_u32_le(0);
+            range.put_u32_le(n as u32);
+            range.put_u64_le(lba);
+            let mut sqe = Sqe::new(io::DATASET_MANAGEMENT, self.shared.nsid);
+            sqe.set_cdw(10, 0);
+            sqe.set_cdw(11, 1 << 2);
+            self.submit(sqe, Some(range.freeze())).await?;
+            lba += n;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        let mut sqe = Sqe::new(io::FLUSH, self.shared.nsid);
+        sqe.set_sgl(Sgl::transport(0));
+        self.submit(sqe, None).await.map(|_| ())
+    }
+}
+
+impl Drop for RemoteNamespace {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+        if let Some(c) = self.shared.current.send_replace(None) {
+            c.close();
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! One initiator queue = one TCP connection. Submitters get a command ID from the queue's table and wait on a
+//! oneshot; a reader task completes commands from CapsuleResp (or C2HData with SUCCESS), gathers read data, and
+//! answers R2Ts with H2CData cut from the write's buffer; a writer task batches outgoing PDUs into vectored writes.
+//! When the connection dies every outstanding command fails with `Disconnected`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::codec::PduCodec;
+use crate::protocol::command::{Sgl, Sqe};
+use crate::protocol::completion::Cqe;
+use crate::protocol::pdu::{CapsuleCmd, DataPdu, Digests, IcReq, Pdu, R2t};
+use crate::transport::write_parts;
+
+use super::InitiatorError;
+
+/// Largest data payload accepted in one C2HData PDU.
+const MAX_RECV_DATA: usize = 16 << 20;
+const IC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A completed command: its CQE and the data the controller sent (reads, Identify, logs).
+#[derive(Debug)]
+pub struct Completion {
+    pub cqe: Cqe,
+    pub data: Bytes,
+}
+
+struct Pending {
+    done: oneshot::Sender<Result<Completion, InitiatorError>>,
+    write: Option<Bytes>,
+    read: Vec<Bytes>,
+}
+
+#[derive(Default)]
+struct CidTable {
+    entries: Vec<Option<Pending>>,
+    free: Vec<u16>,
+}
+
+impl CidTable {
+    fn insert(&mut self, p: Pending) -> Option<u16> {
+        if let Some(cid) = self.free.pop() {
+            self.entries[usize::from(cid)] = Some(p);
+            return Some(cid);
+        }
+        let cid = u16::try_from(self.entries.len()).ok()?;
+        self.entries.push(Some(p));
+        Some(cid)
+    }
+    fn get_mut(&mut self, cid: u16) -> Option<&mut Pending> {
+        self.entries.get_mut(usize::from(cid))?.as_mut()
+    }
+    fn remove(&mut self, cid: u16) -> Option<Pending> {
+        let p = self.entries.get_mut(usize::from(cid))?.take()?;
+        self.free.push(cid);
+        Some(p)
+    }
+    fn drain(&mut self) -> Vec<Pending> {
+        self.free.clear();
+        let n = self.entries.len();
+        let out = self.entries.drain(..).flatten().collect();
+        self.entries.resize_with(n, || None);
+        self.free.extend((0..n as u16).rev());
+        out
+    }
+}
+
+struct Inner {
+    qid: u16,
+    tx: mpsc::UnboundedSender<Pdu>,
+    slots: Semaphore,
+    table: Mutex<CidTable>,
+    in_capsule: usize,
+    maxh2cdata: usize,
+    timeout: Duration,
+    closed: CancellationToken,
+}
+
+impl Inner {
+    fn table(&self) -> std::sync::MutexGuard<'_, CidTable> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail_all(&self, e: InitiatorError) {
+        for p in self.table().drain() {
+            let _ = p.done.send(Err(e.clone()));
+        }
+    }
+
+    fn complete(&self, cqe: Cqe) {
+        if let Some(p) = self.table().remove(cqe.cid) {
+            let data = join(p.read);
+            let r = if cqe.status.is_success() {
+                Ok(Completion { cqe, data })
+            } else {
+                Err(InitiatorError::Status(cqe.status))
+            };
+            let _ = p.done.send(r);
+        }
+    }
+
+    fn c2h(&self, d: DataPdu) -> Result<(), InitiatorError> {
+        let mut t = self.table();
+        let p = t.get_mut(d.cccid).ok_or_else(|| {
+            InitiatorError::Protocol(format!("C2HData for unknown CID {}", d.cccid))
+        })?;
+        p.read.push(d.data);
+        if d.success {
+            if !d.last {
+                return Err(InitiatorError::Protocol(
+                    "C2HData SUCCESS without LAST_PDU".into(),
+                ));
+            }
+            drop(t);
+            self.complete(Cqe::new(d.cccid, crate::protocol::status::Status::SUCCESS));
+        }
+        Ok(())
+    }
+
+    fn r2t(&self, r: R2t) -> Result<(), InitiatorError> {
+        let data = {
+            let mut t = self.table();
+            let p = t.get_mut(r.cccid).ok_or_else(|| {
+                InitiatorError::Protocol(format!("R2T for unknown CID {}", r.cccid))
+            })?;
+            let w = p
+                .write
+                .as_ref()
+                .ok_or_else(|| InitiatorError::Protocol("R2T for a command without data".into()))?;
+            let (start, len) = (r.offset as usize, r.length as usize);
+            if len == 0 || start + len > w.len() {
+                return Err(InitiatorError::Protocol(format!(
+                    "R2T {start}+{len} outside {} bytes",
+                    w.len()
+                )));
+            }
+            w.slice(start..start + len)
+        };
+        let mut off = 0;
+        while off < data.len() {
+            let n = self.maxh2cdata.min(data.len() - off);
+            let pdu = DataPdu {
+                cccid: r.cccid,
+                ttag: r.ttag,
+                offset: r.offset + off as u32,
+                data: data.slice(off..off + n),
+                last: off + n == data.len(),
+                success: false,
+            };
+            let _ = self.tx.send(Pdu::H2CData(pdu));
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+fn join(parts: Vec<Bytes>) -> Bytes {
+    match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut b = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+            for p in parts {
+                b.extend_from_slice(&p);
+            }
+            b.freeze()
+        }
+    }
+}
+
+/// A connected queue.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+/// What the controller told us in ICResp.
+#[derive(Clone, Copy, Debug)]
+pub struct Negotiated {
+    pub maxh2cdata: u32,
+    pub digests: Digests,
+}
+
+impl Queue {
+    /// Opens the TCP connection and does the ICReq/ICResp exchange. `depth` bounds outstanding commands;
+    /// `in_capsule` is the most write data sent inside a command capsule.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        qid: u16,
+        depth: usize,
+        in_capsule: usize,
+        digests: Digests,
+        timeout: Duration,
+    ) -> Result<(Queue, Negotiated), InitiatorError> {
+        let err = |reason: String| InitiatorError::Connect { addr, reason };
+        let stream = tokio::time::timeout(IC_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| err("TCP connect timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (rd, mut wr) = stream.into_split();
+        let codec = PduCodec::new(MAX_RECV_DATA);
+        let mut parts = Vec::new();
+        let ic = Pdu::IcReq(IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests,
+            maxr2t: 0,
+        });
+        codec.encode_parts(&ic, &mut BytesMut::new(), &mut parts);
+        write_parts(&mut wr, &mut parts)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let mut framed = FramedRead::with_capacity(rd, codec, 256 * 1024);
+        let resp = match tokio::time::timeout(IC_TIMEOUT, framed.next()).await {
+            Ok(Some(Ok(Pdu::IcResp(r)))) => r,
+            Ok(Some(Ok(Pdu::C2HTermReq(t)))) => {
+                return Err(err(format!("target terminated: FES {:#x}", t.fes)));
+            }
+            Ok(Some(Ok(p))) => return Err(err(format!("expected ICResp, got {:?}", p.pdu_type()))),
+            Ok(Some(Err(e))) => return Err(err(e.to_string())),
+            Ok(None) => return Err(err("connection closed during ICReq".into())),
+            Err(_) => return Err(err("no ICResp".into())),
+        };
+        if resp.pfv != 0 || resp.digests != digests || resp.maxh2cdata < 4096 || resp.cpda > 31 {
+            return Err(err(format!("unacceptable ICResp {resp:?}")));
+        }
+        framed.decoder_mut().set_digests(digests);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            qid,
+            tx,
+            slots: Semaphore::new(depth),
+            table: Mutex::new(CidTable::default()),
+            in_capsule,
+            maxh2cdata: resp.maxh2cdata as usize,
+            timeout,
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(read_loop(framed, inner.clone()));
+        tokio::spawn(write_loop(
+            wr,
+            framed_codec(digests),
+            rx,
+            inner.closed.clone(),
+        ));
+        Ok((
+            Queue { inner },
+            Negotiated {
+                maxh2cdata: resp.maxh2cdata,
+                digests,
+            },
+        ))
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.inner.qid
+    }
+
+    /// Cancelled when the connection is gone.
+    pub fn closed(&self) -> CancellationToken {
+        self.inner.closed.clone()
+    }
+
+    pub fn close(&self) {
+        self.inner.closed.cancel();
+    }
+
+    /// Sends a command and waits for its completion. `write` is host-to-controller data: in the capsule when small
+    /// enough, else fetched by the controller with R2T. For reads, set the SGL length in `sqe` first.
+    pub async fn submit(
+        &self,
+        mut sqe: Sqe,
+        write: Option<Bytes>,
+    ) -> Result<Completion, InitiatorError> {
+        let inner = &self.inner;
+        let _permit = tokio::select! {
+            p = inner.slots.acquire() => p.map_err(|_| InitiatorError::Disconnected)?,
+            _ = inner.closed.cancelled() => return Err(InitiatorError::Disconnected),
+        };
+        if inner.closed.is_cancelled() {
+            return Err(InitiatorError::Disconnected);
+        }
+        let (done, rx) = oneshot::channel();
+        let mut capsule_data = Bytes::new();
+        let mut stash = None;
+        if let Some(d) = write {
+            if d.len() <= inner.in_capsule {
+                sqe.set_sgl(Sgl::in_capsule(d.len() as u32));
+                capsule_data = d;
+            } else {
+                sqe.set_sgl(Sgl::transport(d.len() as u32));
+                stash = Some(d);
+            }
+        }
+        let cid = inner
+            .table()
+            .insert(Pending {
+                done,
+                write: stash,
+                read: Vec::new(),
+            })
+            .ok_or_else(|| InitiatorError::Protocol("command ID space exhausted".into()))?;
+        sqe.set_cid(cid);
+        if inner
+            .tx
+            .send(Pdu::CapsuleCmd(CapsuleCmd {
+                sqe,
+                data: capsule_data,
+            }))
+            .is_err()
+        {
+            inner.table().remove(cid);
+            return Err(InitiatorError::Disconnected);
+        }
+        match tokio::time::timeout(inner.timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(InitiatorError::Disconnected),
+            Err(_) => {
+                tracing::warn!(qid = inner.qid, cid, "command timed out; closing the queue");
+                inner.closed.cancel();
+                Err(InitiatorError::Timeout)
+            }
+        }
+    }
+}
+
+fn framed_codec(digests: Digests) -> PduCodec {
+    let mut c = PduCodec::new(MAX_RECV_DATA);
+    c.set_digests(digests);
+    c
+}
+
+async fn read_loop(mut framed: FramedRead<OwnedReadHalf, PduCodec>, inner: Arc<Inner>) {
+    let why = loop {
+        let frame = tokio::select! {
+            _ = inner.closed.cancelled() => break InitiatorError::Disconnected,
+            f = framed.next() => f,
+        };
+        let r = match frame {
+            Some(Ok(Pdu::CapsuleResp(cqe))) => {
+                inner.complete(cqe);
+                Ok(())
+            }
+            Some(Ok(Pdu::C2HData(d))) => inner.c2h(d),
+            Some(Ok(Pdu::R2t(r))) => inner.r2t(r),
+            Some(Ok(Pdu::C2HTermReq(t))) => Err(InitiatorError::Protocol(format!(
+                "target sent C2HTermReq FES {:#x}",
+                t.fes
+            ))),
+            Some(Ok(p)) => Err(InitiatorError::Protocol(format!(
+                "unexpected {:?}",
+                p.pdu_type()
+            ))),
+            Some(Err(e)) => Err(InitiatorError::Protocol(e.to_string())),
+            None => Err(InitiatorError::Disconnected),
+        };
+        if let Err(e) = r {
+            break e;
+        }
+    };
+    if !matches!(why, InitiatorError::Disconnected) {
+        tracing::warn!(qid = inner.qid, error = %why, "queue failed");
+    }
+    inner.closed.cancel();
+    inner.fail_all(InitiatorError::Disconnected);
+}
+
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    codec: PduCodec,
+    mut rx: mpsc::UnboundedReceiver<Pdu>,
+    closed: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(256);
+    let mut parts = Vec::with_capacity(512);
+    let mut scratch = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => n,
+            _ = closed.cancelled() => 0,
+        };
+        if n == 0 {
+            break;
+        }
+        for pdu in batch.drain(..) {
+            codec.encode_parts(&pdu, &mut scratch, &mut parts);
+        }
+        if write_parts(&mut wr, &mut parts).await.is_err() {
+            closed.cancel();
+            break;
+        }
+    }
+    use tokio::io::AsyncWriteExt;
+    let _ = wr.shutdown().await;
+}

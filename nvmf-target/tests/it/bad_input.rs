@@ -1,0 +1,336 @@
+//! Malformed and hostile input: each case gets the NVMe status or C2HTermReq the spec asks for, never a panic or a
+//! hang, and the target keeps serving its other connections.
+
+use bytes::Bytes;
+use nvmf_target::protocol::command::{Sgl, Sqe, admin, io};
+use nvmf_target::protocol::fabrics::{CNTLID_DYNAMIC, Property, property};
+use nvmf_target::protocol::pdu::{CapsuleCmd, DataPdu, Pdu, fes};
+use nvmf_target::protocol::status::Status;
+use nvmf_target::target::TargetConfig;
+
+use super::harness::*;
+
+/// After each abuse the target must still serve a well-behaved host.
+async fn still_serves(addr: std::net::SocketAddr) {
+    let (mut a, id) = Raw::admin(addr, 0).await;
+    let mut q = Raw::io(addr, &mut a, id).await;
+    let c = q
+        .cmd(
+            Sqe::rw(io::WRITE, 1, 0, 1, 512, true),
+            Bytes::from(vec![7u8; 512]),
+        )
+        .await;
+    assert!(c.status.is_success());
+}
+
+#[tokio::test]
+async fn garbage_bytes_get_a_term_req_and_close() {
+    let t = target().await;
+    let mut r = Raw::open(t.addr).await;
+    r.send_bytes(&[0xde, 0xad, 0xbe, 0xef, 0x00, 0x11, 0x22, 0x33, 0x44])
+        .await;
+    r.expect_term(fes::INVALID_HEADER_FIELD).await;
+    still_serves(t.addr).await;
+}
+
+#[tokio::test]
+async fn first_pdu_not_icreq_is_a_sequence_error() {
+    let t = target().await;
+    let mut r = Raw::open(t.addr).await;
+    r.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: Sqe::new(admin::IDENTIFY, 0),
+        data: Bytes::new(),
+    }))
+    .await;
+    r.expect_term(fes::PDU_SEQUENCE_ERROR).await;
+}
+
+#[tokio::test]
+async fn truncated_pdu_then_close_does_not_hang_the_target() {
+    let t = target().await;
+    let mut r = Raw::ready(t.addr).await;
+    // A CapsuleCmd header announcing 72 bytes, only 30 sent, then the host goes away.
+    let mut b = vec![0x04, 0, 72, 0, 72, 0, 0, 0];
+    b.extend_from_slice(&[0u8; 22]);
+    r.send_bytes(&b).await;
+    drop(r);
+    still_serves(t.addr).await;
+}
+
+#[tokio::test]
+async fn wrong_hlen_plen_and_pdo_are_invalid_header_fields() {
+    let t = target().await;
+    // HLEN 80 for a CapsuleCmd.
+    let mut r = Raw::ready(t.addr).await;
+    r.send_bytes(&[0x04, 0, 80, 0, 88, 0, 0, 0]).await;
+    r.expect_term(fes::INVALID_HEADER_FIELD).await;
+    // PLEN shorter than the header.
+    let mut r = Raw::ready(t.addr).await;
+    r.send_bytes(&[0x04, 0, 72, 0, 10, 0, 0, 0]).await;
+    r.expect_term(fes::INVALID_HEADER_FIELD).await;
+    // PLEN beyond anything the target accepts.
+    let mut r = Raw::ready(t.addr).await;
+    r.send_bytes(&[0x06, 0, 24, 24, 0, 0, 0, 0x40]).await;
+    r.expect_term(fes::DATA_LIMIT_EXCEEDED).await;
+    // PDO pointing into the header.
+    let mut r = Raw::ready(t.addr).await;
+    let mut b = vec![0x04, 0, 72, 8, 80, 0, 0, 0];
+    b.extend_from_slice(&[0u8; 72]);
+    r.send_bytes(&b).await;
+    r.expect_term(fes::INVALID_HEADER_FIELD).await;
+    still_serves(t.addr).await;
+}
+
+#[tokio::test]
+async fn h2c_data_beyond_the_command_is_out_of_range() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    // A 16 KiB write: the target answers with an R2T for 16 KiB.
+    let mut sqe = Sqe::rw(io::WRITE, 1, 0, 32, 16384, false);
+    sqe.set_cid(9);
+    q.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Bytes::new(),
+    }))
+    .await;
+    let r2t = match q.recv().await {
+        Recv::Pdu(Pdu::R2t(r)) => r,
+        _ => panic!("expected R2T"),
+    };
+    assert_eq!((r2t.cccid, r2t.offset, r2t.length), (9, 0, 16384));
+    // ...and gets 20 KiB.
+    let d = DataPdu {
+        cccid: 9,
+        ttag: r2t.ttag,
+        offset: 0,
+        data: Bytes::from(vec![1u8; 20480]),
+        last: true,
+        success: false,
+    };
+    q.send(Pdu::H2CData(d)).await;
+    q.expect_term(fes::DATA_OUT_OF_RANGE).await;
+    still_serves(t.addr).await;
+}
+
+#[tokio::test]
+async fn h2c_data_with_unknown_tag_is_rejected() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let d = DataPdu {
+        cccid: 1,
+        ttag: 77,
+        offset: 0,
+        data: Bytes::from(vec![1u8; 512]),
+        last: true,
+        success: false,
+    };
+    q.send(Pdu::H2CData(d)).await;
+    q.expect_term(fes::INVALID_HEADER_FIELD).await;
+}
+
+#[tokio::test]
+async fn unknown_opcodes_get_invalid_opcode() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    assert_eq!(
+        a.cmd(Sqe::new(0xC5, 0), Bytes::new()).await.status,
+        Status::INVALID_OPCODE
+    );
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    assert_eq!(
+        q.cmd(Sqe::new(0x7E, 1), Bytes::new()).await.status,
+        Status::INVALID_OPCODE
+    );
+    let mut sqe = Sqe::new(admin::FABRICS, 0);
+    sqe.0[4] = 0x42;
+    assert_eq!(
+        a.cmd(sqe, Bytes::new()).await.status,
+        Status::INVALID_OPCODE
+    );
+}
+
+#[tokio::test]
+async fn bad_nsid_and_lba_out_of_range() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let blocks = NS_SIZE / 512;
+    let mut sqe = Sqe::rw(io::READ, 9, 0, 1, 512, false);
+    sqe.set_sgl(Sgl::transport(512));
+    assert_eq!(
+        q.cmd(sqe, Bytes::new()).await.status,
+        Status::INVALID_NAMESPACE
+    );
+    let mut sqe = Sqe::rw(io::READ, 1, blocks - 1, 2, 1024, false);
+    sqe.set_sgl(Sgl::transport(1024));
+    assert_eq!(
+        q.cmd(sqe, Bytes::new()).await.status,
+        Status::LBA_OUT_OF_RANGE
+    );
+    let sqe = Sqe::rw(io::WRITE, 1, u64::MAX - 1, 4, 2048, true);
+    assert_eq!(
+        q.cmd(sqe, Bytes::from(vec![0u8; 2048])).await.status,
+        Status::LBA_OUT_OF_RANGE
+    );
+    // An SGL length that disagrees with NLB.
+    let sqe = Sqe::rw(io::WRITE, 1, 0, 2, 512, true);
+    assert_eq!(
+        q.cmd(sqe, Bytes::from(vec![0u8; 512])).await.status,
+        Status::SGL_DATA_LENGTH_INVALID
+    );
+    // Identify of a namespace beyond NN.
+    let mut sqe = Sqe::new(admin::IDENTIFY, 0xFFFF_0000);
+    sqe.set_sgl(Sgl::transport(4096));
+    assert_eq!(
+        a.cmd(sqe, Bytes::new()).await.status,
+        Status::INVALID_NAMESPACE
+    );
+}
+
+#[tokio::test]
+async fn connect_to_unknown_subsystem_names_the_field() {
+    let t = target().await;
+    let mut r = Raw::ready(t.addr).await;
+    let c = r
+        .connect_cmd(
+            0,
+            0,
+            CNTLID_DYNAMIC,
+            "nqn.2026-11.io.keelson:vol-nope",
+            HOST,
+        )
+        .await;
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(
+        c.dw0(),
+        256 | (1 << 16),
+        "IPO = SUBNQN offset in the Connect data, IATTR = 1"
+    );
+}
+
+#[tokio::test]
+async fn host_not_on_the_allow_list_is_refused() {
+    let t = target_with(
+        &["nqn.2014-08.org.nvmexpress:uuid:other"],
+        TargetConfig::default(),
+    )
+    .await;
+    let mut r = Raw::ready(t.addr).await;
+    let c = r.connect_cmd(0, 0, CNTLID_DYNAMIC, NQN, HOST).await;
+    assert_eq!(c.status, Status::CONNECT_INVALID_HOST);
+    assert!(c.status.dnr, "Linux must not retry a refused host");
+    // Allowing the host at run time lets it in.
+    t.target.allow_host(NQN, HOST).unwrap();
+    let c = r.connect_cmd(0, 0, CNTLID_DYNAMIC, NQN, HOST).await;
+    assert!(c.status.is_success());
+}
+
+#[tokio::test]
+async fn second_connect_on_a_queue_is_a_sequence_error() {
+    let t = target().await;
+    let (mut a, _) = Raw::admin(t.addr, 0).await;
+    let c = a.connect_cmd(0, 0, CNTLID_DYNAMIC, NQN, HOST).await;
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR);
+}
+
+#[tokio::test]
+async fn commands_before_connect_are_sequence_errors() {
+    let t = target().await;
+    let mut r = Raw::ready(t.addr).await;
+    let c = r
+        .cmd(Property::get_sqe(property::CAP, true), Bytes::new())
+        .await;
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR);
+    let c = r.cmd(Sqe::new(admin::IDENTIFY, 0), Bytes::new()).await;
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR);
+}
+
+#[tokio::test]
+async fn io_queue_connect_with_wrong_controller_or_qid_is_refused() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut r = Raw::ready(t.addr).await;
+    let c = r.connect_cmd(1, 0, id.wrapping_add(100), NQN, HOST).await;
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(c.dw0(), 16 | (1 << 16));
+    // No queues granted yet: qid 1 is out of range.
+    let c = r.connect_cmd(1, 0, id, NQN, HOST).await;
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS);
+    drop(Raw::io(t.addr, &mut a, id).await);
+}
+
+#[tokio::test]
+async fn keep_alive_timeout_tears_the_controller_down() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 1000).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    // Stay silent: both queues must be closed within a few seconds.
+    let start = std::time::Instant::now();
+    assert!(matches!(a.recv().await, Recv::Closed));
+    assert!(matches!(q.recv().await, Recv::Closed));
+    assert!(start.elapsed() >= std::time::Duration::from_millis(900));
+    assert!(t.target.subsystem(NQN).unwrap().controllers().is_empty());
+    still_serves(t.addr).await;
+}
+
+#[tokio::test]
+async fn keep_alives_keep_the_controller() {
+    let t = target().await;
+    let (mut a, _) = Raw::admin(t.addr, 1000).await;
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert!(
+            a.cmd(Sqe::new(admin::KEEP_ALIVE, 0), Bytes::new())
+                .await
+                .status
+                .is_success()
+        );
+    }
+    assert_eq!(t.target.subsystem(NQN).unwrap().controllers().len(), 1);
+}
+
+#[tokio::test]
+async fn in_capsule_data_larger_than_allowed_is_refused() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let sqe = Sqe::rw(io::WRITE, 1, 0, 32, 16384, true);
+    assert_eq!(
+        q.cmd(sqe, Bytes::from(vec![0u8; 16384])).await.status,
+        Status::SGL_DATA_LENGTH_INVALID
+    );
+    still_serves(t.addr).await;
+}
+
+#[tokio::test]
+async fn ana_inaccessible_fails_io_with_a_path_error_and_raises_an_event() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
+    sqe.set_cdw(10, 0x0B);
+    sqe.set_cdw(11, 1 << 11);
+    assert!(a.cmd(sqe, Bytes::new()).await.status.is_success());
+    let mut aer = Sqe::new(admin::ASYNC_EVENT_REQUEST, 0);
+    aer.set_cid(31);
+    a.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: aer,
+        data: Bytes::new(),
+    }))
+    .await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    t.target
+        .set_ana_state(1, 1, nvmf_target::protocol::log::AnaState::Inaccessible)
+        .unwrap();
+    let ev = a.cqe().await;
+    assert_eq!((ev.cid, ev.dw0()), (31, 0x000C_0302));
+    let c = q
+        .cmd(
+            Sqe::rw(io::WRITE, 1, 0, 1, 512, true),
+            Bytes::from(vec![0u8; 512]),
+        )
+        .await;
+    assert_eq!(c.status, Status::ANA_INACCESSIBLE);
+    assert!(!c.status.dnr, "path errors must be retried elsewhere");
+}

@@ -1,0 +1,216 @@
+//! Shared set-up: an in-process target with a memory namespace on an ephemeral loopback port, and a raw PDU client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use nvmf_target::block::memory::MemoryDevice;
+use nvmf_target::protocol::codec::{CodecError, PduCodec};
+use nvmf_target::protocol::command::Sqe;
+use nvmf_target::protocol::completion::Cqe;
+use nvmf_target::protocol::fabrics::{CNTLID_DYNAMIC, Connect, ConnectData, Property, property};
+use nvmf_target::protocol::nqn::Nqn;
+use nvmf_target::protocol::pdu::{CapsuleCmd, Digests, IcReq, Pdu};
+use nvmf_target::target::{SubsystemSpec, Target, TargetConfig};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::FramedRead;
+
+pub const NQN: &str = "nqn.2026-11.io.keelson:vol-00000000-0000-4000-8000-0000000000aa";
+pub const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
+pub const HOSTID: [u8; 16] = [0x11; 16];
+/// Namespace size in the tests.
+pub const NS_SIZE: u64 = 64 << 20;
+
+pub struct TestTarget {
+    pub target: Target,
+    pub addr: SocketAddr,
+}
+
+/// A target on 127.0.0.1:<ephemeral> with one 64 MiB memory namespace (NSID 1). `hosts` empty = any host.
+pub async fn target_with(hosts: &[&str], config: TargetConfig) -> TestTarget {
+    let target = Target::new(config);
+    let l = target
+        .add_listener("127.0.0.1:0".parse().unwrap(), 0)
+        .await
+        .unwrap();
+    target
+        .create_subsystem(SubsystemSpec {
+            nqn: Nqn::parse(NQN).unwrap(),
+            serial: String::new(),
+            model: String::new(),
+            allow_any_host: hosts.is_empty(),
+            allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        })
+        .unwrap();
+    let dev = Arc::new(MemoryDevice::new(NS_SIZE, 512));
+    target
+        .add_namespace(NQN, 1, uuid::Uuid::new_v4(), 1, dev)
+        .unwrap();
+    TestTarget {
+        target,
+        addr: l.address,
+    }
+}
+
+pub async fn target() -> TestTarget {
+    target_with(&[], TargetConfig::default()).await
+}
+
+/// A hand-driven NVMe/TCP host connection for malformed-input tests.
+pub struct Raw {
+    pub rd: FramedRead<OwnedReadHalf, PduCodec>,
+    pub wr: OwnedWriteHalf,
+    codec: PduCodec,
+    next_cid: u16,
+}
+
+pub enum Recv {
+    Pdu(Pdu),
+    Closed,
+    Error(CodecError),
+}
+
+impl Raw {
+    pub async fn open(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (rd, wr) = s.into_split();
+        Raw {
+            rd: FramedRead::new(rd, PduCodec::new(1 << 20)),
+            wr,
+            codec: PduCodec::new(1 << 20),
+            next_cid: 0,
+        }
+    }
+
+    /// Opens a connection and completes ICReq/ICResp.
+    pub async fn ready(addr: SocketAddr) -> Raw {
+        let mut r = Raw::open(addr).await;
+        r.send(Pdu::IcReq(IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests: Digests::default(),
+            maxr2t: 0,
+        }))
+        .await;
+        match r.recv().await {
+            Recv::Pdu(Pdu::IcResp(_)) => r,
+            _ => panic!("no ICResp"),
+        }
+    }
+
+    pub async fn send(&mut self, pdu: Pdu) {
+        let mut parts = Vec::new();
+        self.codec
+            .encode_parts(&pdu, &mut BytesMut::new(), &mut parts);
+        for p in parts {
+            self.wr.write_all(&p).await.unwrap();
+        }
+    }
+
+    pub async fn send_bytes(&mut self, b: &[u8]) {
+        let _ = self.wr.write_all(b).await;
+    }
+
+    pub async fn recv(&mut self) -> Recv {
+        match tokio::time::timeout(Duration::from_secs(5), self.rd.next()).await {
+            Err(_) => panic!("target sent nothing within 5 s (hang)"),
+            Ok(None) => Recv::Closed,
+            Ok(Some(Ok(p))) => Recv::Pdu(p),
+            Ok(Some(Err(e))) => Recv::Error(e),
+        }
+    }
+
+    /// Expects a CapsuleResp and returns it.
+    pub async fn cqe(&mut self) -> Cqe {
+        loop {
+            match self.recv().await {
+                Recv::Pdu(Pdu::CapsuleResp(c)) => return c,
+                Recv::Pdu(Pdu::C2HData(_)) => continue,
+                Recv::Pdu(p) => panic!("expected CapsuleResp, got {p:?}"),
+                Recv::Closed => panic!("connection closed, expected CapsuleResp"),
+                Recv::Error(e) => panic!("decode error {e}"),
+            }
+        }
+    }
+
+    /// Expects a C2HTermReq with `fes` followed by the connection closing.
+    pub async fn expect_term(&mut self, fes: u16) {
+        match self.recv().await {
+            Recv::Pdu(Pdu::C2HTermReq(t)) => assert_eq!(t.fes, fes, "FES (FEI {})", t.fei),
+            Recv::Pdu(p) => panic!("expected C2HTermReq, got {p:?}"),
+            Recv::Closed => panic!("closed without C2HTermReq"),
+            Recv::Error(e) => panic!("decode error {e}"),
+        }
+        assert!(
+            matches!(self.recv().await, Recv::Closed),
+            "connection must close after C2HTermReq"
+        );
+    }
+
+    pub async fn cmd(&mut self, mut sqe: Sqe, data: Bytes) -> Cqe {
+        self.next_cid += 1;
+        sqe.set_cid(self.next_cid);
+        self.send(Pdu::CapsuleCmd(CapsuleCmd { sqe, data })).await;
+        let c = self.cqe().await;
+        assert_eq!(c.cid, self.next_cid);
+        c
+    }
+
+    pub async fn connect_cmd(
+        &mut self,
+        qid: u16,
+        kato: u32,
+        cntlid: u16,
+        subnqn: &str,
+        host: &str,
+    ) -> Cqe {
+        let sqe = Connect {
+            recfmt: 0,
+            qid,
+            sqsize: 31,
+            cattr: 0,
+            kato,
+        }
+        .to_sqe();
+        let data = ConnectData {
+            hostid: HOSTID,
+            cntlid,
+            subnqn: subnqn.into(),
+            hostnqn: host.into(),
+        };
+        self.cmd(sqe, data.encode()).await
+    }
+
+    /// Admin Connect + CC.EN; returns the controller ID.
+    pub async fn admin(addr: SocketAddr, kato: u32) -> (Raw, u16) {
+        let mut r = Raw::ready(addr).await;
+        let c = r.connect_cmd(0, kato, CNTLID_DYNAMIC, NQN, HOST).await;
+        assert!(c.status.is_success(), "admin connect: {}", c.status);
+        let id = c.dw0() as u16;
+        let c = r
+            .cmd(
+                Property::set_sqe(property::CC, 0x0046_0001, false),
+                Bytes::new(),
+            )
+            .await;
+        assert!(c.status.is_success());
+        (r, id)
+    }
+
+    /// An I/O queue (qid 1) of a controller set up by [`Raw::admin`] after Set Features Number of Queues.
+    pub async fn io(addr: SocketAddr, admin: &mut Raw, cntlid: u16) -> Raw {
+        let mut sqe = Sqe::new(nvmf_target::protocol::command::admin::SET_FEATURES, 0);
+        sqe.set_cdw(10, 0x07);
+        sqe.set_cdw(11, 0);
+        assert!(admin.cmd(sqe, Bytes::new()).await.status.is_success());
+        let mut r = Raw::ready(addr).await;
+        let c = r.connect_cmd(1, 0, cntlid, NQN, HOST).await;
+        assert!(c.status.is_success(), "io connect: {}", c.status);
+        r
+    }
+}

@@ -1,0 +1,175 @@
+//! Keelson's initiator against Keelson's target over loopback.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use nvmf_target::initiator::{ConnectOptions, discovery};
+use nvmf_target::protocol::log::subtype;
+
+use super::harness::*;
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    Bytes::from(
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn round_trips(header_digest: bool, data_digest: bool) {
+    let t = target().await;
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.io_queues = 2;
+    o.header_digest = header_digest;
+    o.data_digest = data_digest;
+    let ns = RemoteNamespace::connect(o, 0).await.unwrap();
+    assert_eq!(ns.size_bytes(), NS_SIZE);
+    // In-capsule (4 KiB), R2T (128 KiB), and split beyond MDTS (3 MiB).
+    for (i, (off, len)) in [
+        (0u64, 4096usize),
+        (1 << 20, 128 << 10),
+        (8 << 20, 3 << 20),
+        (NS_SIZE - 512, 512),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data = pattern(i as u64, len);
+        ns.write(off, data.clone()).await.unwrap();
+        assert_eq!(ns.read(off, len as u64).await.unwrap(), data, "at {off}");
+    }
+    ns.write_zeroes(1 << 20, 4096).await.unwrap();
+    assert!(
+        ns.read(1 << 20, 4096)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0)
+    );
+    ns.deallocate(8 << 20, 1 << 20).await.unwrap();
+    assert!(
+        ns.read(8 << 20, 1 << 20)
+            .await
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0)
+    );
+    ns.flush().await.unwrap();
+    assert!(ns.read(NS_SIZE, 512).await.is_err());
+    ns.close().await;
+}
+
+#[tokio::test]
+async fn reads_and_writes_of_every_size_round_trip() {
+    round_trips(false, false).await;
+}
+
+#[tokio::test]
+async fn round_trips_with_digests() {
+    round_trips(true, true).await;
+}
+
+#[tokio::test]
+async fn many_concurrent_ios_on_several_queues() {
+    let t = target().await;
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.io_queues = 4;
+    o.queue_depth = 32;
+    let ns = Arc::new(RemoteNamespace::connect(o, 1).await.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..256u64 {
+        let ns = ns.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(i, 8192);
+            ns.write(i * 8192, data.clone()).await.unwrap();
+            assert_eq!(ns.read(i * 8192, 8192).await.unwrap(), data);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let s = t.target.subsystem(NQN).unwrap();
+    assert_eq!(s.controllers().len(), 1);
+    assert_eq!(s.controllers()[0].io_queue_count(), 4);
+}
+
+#[tokio::test]
+async fn discovery_lists_the_subsystem_per_port() {
+    let t = target().await;
+    let second = t
+        .target
+        .add_listener("127.0.0.1:0".parse().unwrap(), 0)
+        .await
+        .unwrap();
+    let entries = discovery::discover(&ConnectOptions::new(t.addr, NQN))
+        .await
+        .unwrap();
+    let nvm: Vec<_> = entries
+        .iter()
+        .filter(|e| e.subtype == subtype::NVM)
+        .collect();
+    assert_eq!(nvm.len(), 2);
+    assert!(
+        nvm.iter()
+            .all(|e| e.subnqn == NQN && e.traddr == "127.0.0.1")
+    );
+    assert!(
+        nvm.iter()
+            .any(|e| e.trsvcid == second.address.port().to_string())
+    );
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.subtype == subtype::CURRENT_DISCOVERY)
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn discovery_hides_subsystems_the_host_may_not_use() {
+    let t = target_with(
+        &["nqn.2014-08.org.nvmexpress:uuid:someone-else"],
+        Default::default(),
+    )
+    .await;
+    let entries = discovery::discover(&ConnectOptions::new(t.addr, NQN))
+        .await
+        .unwrap();
+    assert!(entries.iter().all(|e| e.subtype != subtype::NVM));
+}
+
+#[tokio::test]
+async fn reconnects_after_the_controller_is_torn_down() {
+    let t = target().await;
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.kato = std::time::Duration::from_secs(2);
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    ns.write(0, pattern(1, 4096)).await.unwrap();
+    // Drop the controller on the target side, as a restart of the path would.
+    for c in t.target.subsystem(NQN).unwrap().controllers() {
+        c.shutdown("test");
+    }
+    // I/O waits for the reconnect and then succeeds.
+    assert_eq!(ns.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    assert!(ns.is_connected());
+}
+
+#[tokio::test]
+async fn connect_to_a_missing_subsystem_fails_clearly() {
+    let t = target().await;
+    let o = ConnectOptions::new(t.addr, "nqn.2026-11.io.keelson:vol-missing");
+    let e = RemoteNamespace::connect(o, 0)
+        .await
+        .err()
+        .expect("must fail");
+    assert!(e.to_string().contains("invalid parameters"), "{e}");
+}
