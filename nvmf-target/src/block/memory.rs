@@ -4,7 +4,7 @@
 use std::sync::RwLock;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{BlockDevice, BlockError, check_range};
 
@@ -76,11 +76,12 @@ impl BlockDevice for MemoryDevice {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
-        let mut out = BytesMut::zeroed(len as usize);
+        let mut out = BytesMut::with_capacity(len as usize);
         Self::for_each_piece(offset, len, |idx, within, r| {
             let g = self.chunks[idx].read().unwrap_or_else(|e| e.into_inner());
-            if let Some(chunk) = g.as_ref() {
-                out[r.clone()].copy_from_slice(&chunk[within..within + r.len()]);
+            match g.as_ref() {
+                Some(chunk) => out.extend_from_slice(&chunk[within..within + r.len()]),
+                None => out.put_bytes(0, r.len()),
             }
         });
         Ok(out.freeze())

@@ -139,7 +139,9 @@ impl Controller {
                 opts.command_timeout,
             )
             .await?;
-            fabrics_connect(&q, opts, qid, depth - 1, 0, self.cntlid).await?;
+            // A queue holds at least two entries (SQSIZE is 0's based and 0 is invalid); `depth` bounds what is
+            // outstanding.
+            fabrics_connect(&q, opts, qid, depth.max(2) - 1, 0, self.cntlid).await?;
             self.io.push(q);
         }
         Ok(())

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use tokio_util::codec::FramedRead;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::protocol::codec::{CodecError, PduCodec};
 use crate::protocol::command::{Direction, Sqe, admin, fctype, io, sgl_kind};
@@ -165,9 +166,9 @@ pub(super) async fn serve(
     let _ = writer.await;
 }
 
-async fn cancelled(t: &Option<CancellationToken>) {
-    match t {
-        Some(t) => t.cancelled().await,
+async fn cancelled(f: &mut Option<Pin<Box<WaitForCancellationFutureOwned>>>) {
+    match f {
+        Some(f) => f.as_mut().await,
         None => std::future::pending().await,
     }
 }
@@ -180,12 +181,21 @@ impl Queue {
         peer: Option<SocketAddr>,
     ) {
         let limit = usize::from(self.shared.config.queue_entries) * 2;
+        // Cancellation futures are built once, not on every turn of the loop.
+        let port_cancelled = port_cancel.clone().cancelled_owned();
+        tokio::pin!(port_cancelled);
+        let mut ctrl_cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>> = None;
         loop {
-            let ctrl_cancel = self.ctrl.as_ref().map(|c| c.cancel.clone());
+            if ctrl_cancelled.is_none() {
+                ctrl_cancelled = self
+                    .ctrl
+                    .as_ref()
+                    .map(|c| Box::pin(c.cancel.clone().cancelled_owned()));
+            }
             let fatal = tokio::select! {
                 biased;
-                _ = port_cancel.cancelled() => return,
-                _ = cancelled(&ctrl_cancel) => return,
+                _ = &mut port_cancelled => return,
+                _ = cancelled(&mut ctrl_cancelled) => return,
                 Some(r) = self.inflight.next(), if !self.inflight.is_empty() => { self.send(r); continue }
                 frame = framed.next(), if self.inflight.len() < limit => match frame {
                     None => return,
