@@ -238,6 +238,42 @@ mod tests {
         }
     }
 
+    /// Needs root: attaches a loop device (as storage nodes in tests do) and runs the conformance suite on it
+    /// with O_DIRECT.
+    #[tokio::test]
+    async fn conforms_on_a_loop_block_device_with_o_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("loop.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let path = PathBuf::from(&dev);
+        let result = async move {
+            let d = FileDevice::open(&path, 0, 4096, true).unwrap();
+            assert!(d.is_direct(), "a block device takes O_DIRECT");
+            assert_eq!(d.size_bytes(), 8 << 20);
+            conformance::run(&d).await;
+        };
+        let r = tokio::spawn(result).await;
+        std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status()
+            .unwrap();
+        r.unwrap();
+    }
+
     #[test]
     fn refuses_bad_block_size_and_tiny_files() {
         let dir = tempfile::tempdir().unwrap();
