@@ -16,7 +16,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::unbounded_channel;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -28,7 +28,7 @@ use crate::protocol::status::Status;
 use super::Shared;
 use super::admin::AdminCtx;
 use super::controller::Controller;
-use super::response::{Outgoing, Response};
+use super::response::{Backlog, Outgoing, OutgoingTx, Response};
 use super::subsystem::Namespace;
 use super::writer::{WriterQueue, write_loop};
 use super::{admin as admin_cmds, fabrics, io as io_cmds};
@@ -66,7 +66,8 @@ struct Queue {
     shared: Arc<Shared>,
     port_id: u16,
     local: SocketAddr,
-    tx: UnboundedSender<Outgoing>,
+    tx: OutgoingTx,
+    backlog: Arc<Backlog>,
     sq: Arc<WriterQueue>,
     qid: Option<u16>,
     ctrl: Option<Arc<Controller>>,
@@ -147,12 +148,20 @@ pub(super) async fn serve(
 
     let (tx, rx) = unbounded_channel();
     let sq = Arc::new(WriterQueue::default());
-    let writer = tokio::spawn(write_loop(wr, framed.decoder().clone(), rx, sq.clone()));
+    let backlog = Arc::new(Backlog::default());
+    let writer = tokio::spawn(write_loop(
+        wr,
+        framed.decoder().clone(),
+        rx,
+        sq.clone(),
+        backlog.clone(),
+    ));
     let mut q = Queue {
         shared,
         port_id,
         local,
-        tx,
+        tx: OutgoingTx::new(tx, backlog.clone()),
+        backlog,
         sq,
         qid: None,
         ctrl: None,
@@ -197,7 +206,12 @@ impl Queue {
                 _ = &mut port_cancelled => return,
                 _ = cancelled(&mut ctrl_cancelled) => return,
                 Some(r) = self.inflight.next(), if !self.inflight.is_empty() => { self.send(r); continue }
-                frame = framed.next(), if self.inflight.len() < limit => match frame {
+                // A host that stops reading completions stops being read.
+                _ = self.backlog.drained(), if self.inflight.len() + self.backlog.queued() >= limit => {
+                    if self.backlog.is_closed() { return }
+                    continue
+                }
+                frame = framed.next(), if self.inflight.len() + self.backlog.queued() < limit => match frame {
                     None => return,
                     Some(Ok(pdu)) => match self.on_pdu(pdu) { Ok(()) => continue, Err(f) => f },
                     Some(Err(CodecError::Protocol { fes, fei, header, reason })) => {
@@ -212,7 +226,7 @@ impl Queue {
             };
             if let Fatal::Term(t) = fatal {
                 tracing::warn!(?peer, fes = t.fes, fei = t.fei, "sending C2HTermReq");
-                let _ = self.tx.send(Outgoing::Terminate(t));
+                self.tx.send(Outgoing::Terminate(t));
             }
             return;
         }
@@ -230,7 +244,7 @@ impl Queue {
     }
 
     fn send(&self, r: Response) {
-        let _ = self.tx.send(Outgoing::Response(r));
+        self.tx.send(Outgoing::Response(r));
     }
 
     fn on_pdu(&mut self, pdu: Pdu) -> Result<(), Fatal> {
@@ -382,7 +396,7 @@ impl Queue {
                     parts: Vec::new(),
                 },
             );
-            let _ = self.tx.send(Outgoing::R2t(R2t {
+            self.tx.send(Outgoing::R2t(R2t {
                 cccid: cid,
                 ttag,
                 offset: 0,

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +15,7 @@ use crate::protocol::fabrics::{cap_register, cc, csts, property};
 use crate::protocol::log::{SmartCounters, aen, lid};
 use crate::protocol::status::Status;
 
-use super::response::{Outgoing, Response};
+use super::response::{Outgoing, OutgoingTx, Response};
 use super::subsystem::Subsystem;
 
 /// NVMe version reported: 1.3.
@@ -45,7 +44,7 @@ struct State {
     aen_masked: u32,
     aer_waiting: VecDeque<u16>,
     aer_events: VecDeque<u32>,
-    admin_tx: Option<UnboundedSender<Outgoing>>,
+    admin_tx: Option<OutgoingTx>,
     changed_nsids: BTreeSet<u32>,
     write_cache: bool,
 }
@@ -113,7 +112,7 @@ impl Controller {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set_admin_tx(&self, tx: UnboundedSender<Outgoing>) {
+    pub fn set_admin_tx(&self, tx: OutgoingTx) {
         self.st().admin_tx = Some(tx);
     }
 
@@ -267,7 +266,7 @@ impl Controller {
         match s.aer_waiting.pop_front() {
             Some(cid) => {
                 if let Some(tx) = &s.admin_tx {
-                    let _ = tx.send(Outgoing::Response(Response::result(cid, u64::from(dw0))));
+                    tx.send(Outgoing::Response(Response::result(cid, u64::from(dw0))));
                 }
             }
             None => {

@@ -13,7 +13,7 @@ use crate::protocol::codec::PduCodec;
 use crate::protocol::pdu::{DataPdu, Pdu};
 use crate::transport::write_parts;
 
-use super::response::Outgoing;
+use super::response::{Backlog, Outgoing};
 
 /// Most messages encoded into one batch.
 const BATCH: usize = 256;
@@ -65,12 +65,14 @@ pub(super) async fn write_loop(
     codec: PduCodec,
     mut rx: UnboundedReceiver<Outgoing>,
     queue: std::sync::Arc<WriterQueue>,
+    backlog: std::sync::Arc<Backlog>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut parts = Vec::with_capacity(BATCH * 2);
     let mut scratch = BytesMut::with_capacity(64 * 1024);
     loop {
-        if rx.recv_many(&mut batch, BATCH).await == 0 {
+        let n = rx.recv_many(&mut batch, BATCH).await;
+        if n == 0 {
             break;
         }
         let mut terminate = false;
@@ -107,9 +109,11 @@ pub(super) async fn write_loop(
         if write_parts(&mut wr, &mut parts).await.is_err() {
             break;
         }
+        backlog.written(n);
         if terminate {
             break;
         }
     }
+    backlog.close();
     let _ = wr.shutdown().await;
 }

@@ -334,3 +334,48 @@ async fn ana_inaccessible_fails_io_with_a_path_error_and_raises_an_event() {
     assert_eq!(c.status, Status::ANA_INACCESSIBLE);
     assert!(!c.status.dnr, "path errors must be retried elsewhere");
 }
+
+#[tokio::test]
+async fn a_host_that_never_reads_completions_is_throttled() {
+    use nvmf_target::protocol::codec::PduCodec;
+    use tokio::io::AsyncWriteExt;
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    // 100 read commands per write, never reading a completion. Without backpressure the target would read them
+    // all and queue the data; with it, the kernel buffers fill and our writes stall.
+    let codec = PduCodec::new(1 << 20);
+    let mut batch = bytes::BytesMut::new();
+    for i in 0..100u16 {
+        let mut sqe = Sqe::rw(io::READ, 1, u64::from(i), 1, 512, false);
+        sqe.set_sgl(Sgl::transport(512));
+        sqe.set_cid(i);
+        let mut parts = Vec::new();
+        codec.encode_parts(
+            &Pdu::CapsuleCmd(CapsuleCmd {
+                sqe,
+                data: Bytes::new(),
+            }),
+            &mut bytes::BytesMut::new(),
+            &mut parts,
+        );
+        for p in parts {
+            batch.extend_from_slice(&p);
+        }
+    }
+    let mut sent = 0u64;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), q.wr.write_all(&batch)).await
+        {
+            Ok(Ok(())) => sent += 100,
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break,
+        }
+        assert!(
+            sent < 400_000,
+            "the target kept reading commands whose completions nobody reads"
+        );
+    }
+    // The target still serves everyone else.
+    still_serves(t.addr).await;
+}
