@@ -6,5 +6,6 @@
 mod api;
 mod bad_input;
 mod binary;
+mod events;
 mod harness;
 mod initiator;

@@ -1,0 +1,95 @@
+//! Asynchronous events and the log pages behind them.
+
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use nvmf_target::block::memory::MemoryDevice;
+use nvmf_target::protocol::command::{Sgl, Sqe, admin, io};
+use nvmf_target::protocol::pdu::{CapsuleCmd, Pdu};
+
+use super::harness::*;
+
+async fn enable_events(a: &mut Raw, mask: u32) {
+    let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
+    sqe.set_cdw(10, 0x0B);
+    sqe.set_cdw(11, mask);
+    assert!(a.cmd(sqe, Bytes::new()).await.status.is_success());
+    let mut aer = Sqe::new(admin::ASYNC_EVENT_REQUEST, 0);
+    aer.set_cid(31);
+    a.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: aer,
+        data: Bytes::new(),
+    }))
+    .await;
+}
+
+/// Get Log Page through the raw client; returns the data.
+async fn log_page(a: &mut Raw, lid: u8, len: u32) -> Bytes {
+    let mut sqe = Sqe::new(admin::GET_LOG_PAGE, 0xFFFF_FFFF);
+    sqe.set_cdw(10, u32::from(lid) | ((len / 4 - 1) << 16));
+    sqe.set_sgl(Sgl::transport(len));
+    sqe.set_cid(7);
+    a.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Bytes::new(),
+    }))
+    .await;
+    let data = match a.recv().await {
+        Recv::Pdu(Pdu::C2HData(d)) => d.data,
+        _ => panic!("expected log data"),
+    };
+    assert!(a.cqe().await.status.is_success());
+    data
+}
+
+#[tokio::test]
+async fn adding_a_namespace_raises_ns_changed_and_lists_it() {
+    let t = target().await;
+    let (mut a, _) = Raw::admin(t.addr, 0).await;
+    enable_events(&mut a, 1 << 8).await;
+    t.target
+        .add_namespace(
+            NQN,
+            0,
+            uuid::Uuid::new_v4(),
+            1,
+            Arc::new(MemoryDevice::new(1 << 20, 512)),
+        )
+        .unwrap();
+    let ev = a.cqe().await;
+    assert_eq!(
+        (ev.cid, ev.dw0()),
+        (31, 0x0004_0002),
+        "notice, namespace attribute changed, log 04h"
+    );
+    let mut log = log_page(&mut a, 0x04, 4096).await;
+    assert_eq!(log.get_u32_le(), 2);
+    assert_eq!(log.get_u32_le(), 0);
+    // Read without RAE: the list is cleared.
+    let mut log = log_page(&mut a, 0x04, 4096).await;
+    assert_eq!(log.get_u32_le(), 0);
+}
+
+#[tokio::test]
+async fn smart_log_counts_io() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    for i in 0..10 {
+        let c = q
+            .cmd(
+                Sqe::rw(io::WRITE, 1, i * 8, 8, 4096, true),
+                Bytes::from(vec![1u8; 4096]),
+            )
+            .await;
+        assert!(c.status.is_success());
+    }
+    let log = log_page(&mut a, 0x02, 512).await;
+    let u64_at = |o: usize| (&log[o..o + 8]).get_u64_le();
+    assert_eq!(u64_at(80), 10, "host write commands");
+    assert_eq!(
+        u64_at(48),
+        1,
+        "data units written (thousands of 512-byte units, rounded up)"
+    );
+}
