@@ -43,4 +43,6 @@ run --rw randread --bs 4k --qd 32
 run --rw randwrite --bs 4k --qd 32
 run --rw read --bs 128k --qd 8
 run --rw write --bs 128k --qd 8
+echo "with header and data digests:"
 run --rw randread --bs 4k --qd 32 --digests
+run --rw read --bs 128k --qd 8 --digests
