@@ -2,6 +2,7 @@
 //!
 //! - [`protocol`]: NVMe and NVMe/TCP wire formats (pure).
 //! - [`block`]: the [`block::BlockDevice`] seam and its backends (memory, file, fault-injecting).
+//! - [`rebuild`]: copies a device onto another while I/O goes on (full or only marked segments).
 //! - [`target`]: the NVMe/TCP server: listeners, connections, controllers, subsystems, discovery, ANA.
 //! - [`transport`]: socket helpers shared by target and initiator.
 //! - [`config`]: export specs and sizes for io-engine's flags and config file.
@@ -14,5 +15,6 @@ pub mod config;
 pub mod engine;
 pub mod initiator;
 pub mod protocol;
+pub mod rebuild;
 pub mod target;
 pub mod transport;

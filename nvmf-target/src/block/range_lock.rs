@@ -1,0 +1,178 @@
+//! Byte-range locks with shared and exclusive holders, granted first-come first-served: a request waits for every
+//! overlapping holder it conflicts with and for every earlier waiter it conflicts with, so a stream of shared
+//! holders cannot starve an exclusive one. The nexus takes shared locks for application writes and the rebuild an
+//! exclusive lock on the segment it copies, which makes "read from a healthy child, write to the new one" atomic
+//! with respect to application writes.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+struct Entry {
+    id: u64,
+    range: Range<u64>,
+    exclusive: bool,
+}
+
+impl Entry {
+    fn conflicts(&self, range: &Range<u64>, exclusive: bool) -> bool {
+        (self.exclusive || exclusive)
+            && self.range.start < range.end
+            && range.start < self.range.end
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    held: Vec<Entry>,
+    waiting: Vec<(Entry, oneshot::Sender<()>)>,
+}
+
+impl State {
+    fn grantable(&self, upto: usize, range: &Range<u64>, exclusive: bool) -> bool {
+        !self.held.iter().any(|h| h.conflicts(range, exclusive))
+            && !self.waiting[..upto]
+                .iter()
+                .any(|(w, _)| w.conflicts(range, exclusive))
+    }
+
+    /// Grants every waiter that no longer conflicts, in order.
+    fn wake(&mut self) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let (range, exclusive) = (self.waiting[i].0.range.clone(), self.waiting[i].0.exclusive);
+            if self.grantable(i, &range, exclusive) {
+                let (e, tx) = self.waiting.remove(i);
+                if tx.send(()).is_ok() {
+                    self.held.push(e);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct RangeLock {
+    state: Arc<Mutex<State>>,
+}
+
+/// Releases its range when dropped.
+pub struct RangeGuard {
+    state: Arc<Mutex<State>>,
+    id: u64,
+}
+
+impl Drop for RangeGuard {
+    fn drop(&mut self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.held.retain(|e| e.id != self.id);
+        s.waiting.retain(|(e, _)| e.id != self.id);
+        s.wake();
+    }
+}
+
+impl RangeLock {
+    pub fn new() -> RangeLock {
+        RangeLock::default()
+    }
+
+    pub async fn shared(&self, range: Range<u64>) -> RangeGuard {
+        self.lock(range, false).await
+    }
+
+    pub async fn exclusive(&self, range: Range<u64>) -> RangeGuard {
+        self.lock(range, true).await
+    }
+
+    async fn lock(&self, range: Range<u64>, exclusive: bool) -> RangeGuard {
+        let rx = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.next_id += 1;
+            let id = s.next_id;
+            let entry = Entry {
+                id,
+                range: range.clone(),
+                exclusive,
+            };
+            let n = s.waiting.len();
+            if s.grantable(n, &range, exclusive) {
+                s.held.push(entry);
+                return RangeGuard {
+                    state: self.state.clone(),
+                    id,
+                };
+            }
+            let (tx, rx) = oneshot::channel();
+            s.waiting.push((entry, tx));
+            (id, rx)
+        };
+        // The guard exists before the wait so a cancelled waiter removes itself.
+        let guard = RangeGuard {
+            state: self.state.clone(),
+            id: rx.0,
+        };
+        let _ = rx.1.await;
+        guard
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn granted_soon<F: std::future::Future>(f: F) -> Option<F::Output> {
+        tokio::time::timeout(Duration::from_millis(50), f)
+            .await
+            .ok()
+    }
+
+    #[tokio::test]
+    async fn shared_holders_coexist_and_exclusive_waits() {
+        let l = RangeLock::new();
+        let a = l.shared(0..100).await;
+        let _b = granted_soon(l.shared(50..150))
+            .await
+            .expect("shared + shared");
+        assert!(granted_soon(l.exclusive(90..95)).await.is_none());
+        assert!(
+            granted_soon(l.exclusive(200..300)).await.is_some(),
+            "no overlap, no wait"
+        );
+        drop(a);
+        drop(_b);
+        assert!(granted_soon(l.exclusive(90..95)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_exclusive_waiter_is_not_starved_by_later_shared_requests() {
+        let l = RangeLock::new();
+        let first = l.shared(0..10).await;
+        let l2 = l.clone();
+        let ex = tokio::spawn(async move { l2.exclusive(0..10).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            granted_soon(l.shared(5..6)).await.is_none(),
+            "queued behind the exclusive waiter"
+        );
+        drop(first);
+        let g = ex.await.unwrap();
+        drop(g);
+        assert!(granted_soon(l.shared(5..6)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_does_not_block_others() {
+        let l = RangeLock::new();
+        let held = l.shared(0..10).await;
+        assert!(granted_soon(l.exclusive(0..10)).await.is_none()); // times out, i.e. cancelled
+        drop(held);
+        assert!(granted_soon(l.shared(0..10)).await.is_some());
+        assert!(granted_soon(l.exclusive(0..10)).await.is_some());
+    }
+}

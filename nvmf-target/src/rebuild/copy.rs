@@ -1,0 +1,294 @@
+//! The rebuild copy loop. For each marked segment: take the exclusive range lock (application writes to that
+//! segment wait), read it from a source, write it to the destination, release. Writes that arrive meanwhile for
+//! other segments go to the destination too (the caller fans them out), so when the loop ends the destination is
+//! identical to the sources. A failing source is swapped for another; a failing destination ends the rebuild.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::block::BlockDevice;
+use crate::block::range_lock::RangeLock;
+
+use super::map::SegmentMap;
+
+/// How many times one segment may fail on a source before the rebuild gives up.
+const SOURCE_ATTEMPTS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("no healthy source left to copy from")]
+    NoSource,
+    #[error("reading the source at {offset}: {reason}")]
+    Source { offset: u64, reason: String },
+    #[error("writing the destination at {offset}: {reason}")]
+    Destination { offset: u64, reason: String },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Picks a source for the next segment (a healthy child, round robin); `None` when none is left.
+pub trait Source: Send + Sync {
+    fn pick(&self) -> Option<Arc<dyn BlockDevice>>;
+    /// The picked source failed; the caller decides whether it stays a source.
+    fn failed(&self, source: &Arc<dyn BlockDevice>, reason: &str);
+}
+
+#[derive(Clone, Debug)]
+pub struct RebuildConfig {
+    /// Copy unit; also the granularity of the write log.
+    pub segment_size: u64,
+    /// Bytes per second the rebuild may copy; `None` = as fast as it can.
+    pub rate_limit: Option<u64>,
+}
+
+impl Default for RebuildConfig {
+    fn default() -> RebuildConfig {
+        RebuildConfig {
+            segment_size: 1 << 20,
+            rate_limit: None,
+        }
+    }
+}
+
+/// Live counters of one rebuild.
+#[derive(Debug)]
+pub struct Progress {
+    pub total_bytes: u64,
+    done: AtomicU64,
+    started: Instant,
+}
+
+impl Progress {
+    pub fn new(total_bytes: u64) -> Progress {
+        Progress {
+            total_bytes,
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+    pub fn done_bytes(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+    /// Bytes per second so far.
+    pub fn rate(&self) -> f64 {
+        self.done_bytes() as f64 / self.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
+/// What a finished rebuild did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RebuildStats {
+    pub bytes_copied: u64,
+    pub segments: u64,
+    pub duration: Duration,
+}
+
+/// Copies every segment marked in `map` from `source` to `dst`.
+pub async fn run(
+    source: &dyn Source,
+    dst: &Arc<dyn BlockDevice>,
+    map: &SegmentMap,
+    lock: &RangeLock,
+    config: &RebuildConfig,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> Result<RebuildStats, RebuildError> {
+    let start = Instant::now();
+    let mut segments = 0;
+    for range in map.ranges() {
+        if cancel.is_cancelled() {
+            return Err(RebuildError::Cancelled);
+        }
+        let len = range.end - range.start;
+        let mut attempts = 0;
+        loop {
+            let src = source.pick().ok_or(RebuildError::NoSource)?;
+            let guard = lock.exclusive(range.clone()).await;
+            let data = match src.read(range.start, len).await {
+                Ok(d) => d,
+                Err(e) => {
+                    drop(guard);
+                    source.failed(&src, &e.to_string());
+                    attempts += 1;
+                    if attempts >= SOURCE_ATTEMPTS {
+                        return Err(RebuildError::Source {
+                            offset: range.start,
+                            reason: e.to_string(),
+                        });
+                    }
+                    continue;
+                }
+            };
+            dst.write(range.start, data)
+                .await
+                .map_err(|e| RebuildError::Destination {
+                    offset: range.start,
+                    reason: e.to_string(),
+                })?;
+            drop(guard);
+            break;
+        }
+        segments += 1;
+        let done = progress.done.fetch_add(len, Ordering::Relaxed) + len;
+        if let Some(rate) = config.rate_limit.filter(|r| *r > 0) {
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            let elapsed = start.elapsed();
+            if due > elapsed {
+                tokio::select! {
+                    _ = tokio::time::sleep(due - elapsed) => {}
+                    _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
+                }
+            }
+        }
+    }
+    Ok(RebuildStats {
+        bytes_copied: progress.done_bytes(),
+        segments,
+        duration: start.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    use crate::block::memory::MemoryDevice;
+
+    struct Fixed(Vec<Arc<dyn BlockDevice>>, std::sync::Mutex<usize>);
+    impl Source for Fixed {
+        fn pick(&self) -> Option<Arc<dyn BlockDevice>> {
+            let mut i = self.1.lock().unwrap();
+            *i += 1;
+            self.0.get(*i % self.0.len()).cloned()
+        }
+        fn failed(&self, _: &Arc<dyn BlockDevice>, _: &str) {}
+    }
+
+    fn mem(size: u64) -> Arc<dyn BlockDevice> {
+        Arc::new(MemoryDevice::new(size, 512))
+    }
+
+    #[tokio::test]
+    async fn copies_only_marked_segments() {
+        let src = mem(8 << 20);
+        src.write(0, Bytes::from(vec![1u8; 8 << 20])).await.unwrap();
+        let dst = mem(8 << 20);
+        let mut map = SegmentMap::empty(8 << 20, 1 << 20);
+        map.mark(3 << 20, 10);
+        let p = Progress::new(map.marked_bytes());
+        let s = Fixed(vec![src], Default::default());
+        let stats = run(
+            &s,
+            &dst,
+            &map,
+            &RangeLock::new(),
+            &RebuildConfig::default(),
+            &p,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((stats.bytes_copied, stats.segments), (1 << 20, 1));
+        assert!(
+            dst.read(3 << 20, 1 << 20)
+                .await
+                .unwrap()
+                .iter()
+                .all(|&b| b == 1)
+        );
+        assert!(dst.read(0, 1 << 20).await.unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test]
+    async fn a_failing_source_is_replaced() {
+        let good = mem(4 << 20);
+        good.write(0, Bytes::from(vec![7u8; 4 << 20]))
+            .await
+            .unwrap();
+        let bad = Arc::new(FaultDevice::new(mem(4 << 20)));
+        bad.set_plan(FaultPlan {
+            fail_after: Some(0),
+            reads_too: true,
+            ..Default::default()
+        });
+        let dst = mem(4 << 20);
+        let map = SegmentMap::full(4 << 20, 1 << 20);
+        let s = Fixed(vec![good, bad], Default::default());
+        let p = Progress::new(map.marked_bytes());
+        run(
+            &s,
+            &dst,
+            &map,
+            &RangeLock::new(),
+            &RebuildConfig::default(),
+            &p,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert!(dst.read(0, 4 << 20).await.unwrap().iter().all(|&b| b == 7));
+    }
+
+    #[tokio::test]
+    async fn a_failing_destination_ends_the_rebuild() {
+        let src = mem(4 << 20);
+        let dst = Arc::new(FaultDevice::new(mem(4 << 20)));
+        dst.set_plan(FaultPlan {
+            fail_after: Some(1),
+            ..Default::default()
+        });
+        let dst: Arc<dyn BlockDevice> = dst;
+        let map = SegmentMap::full(4 << 20, 1 << 20);
+        let p = Progress::new(map.marked_bytes());
+        let s = Fixed(vec![src], Default::default());
+        let r = run(
+            &s,
+            &dst,
+            &map,
+            &RangeLock::new(),
+            &RebuildConfig::default(),
+            &p,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(r, Err(RebuildError::Destination { offset, .. }) if offset == 1 << 20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_paces_the_copy() {
+        let src = mem(4 << 20);
+        let dst = mem(4 << 20);
+        let map = SegmentMap::full(4 << 20, 1 << 20);
+        let p = Progress::new(map.marked_bytes());
+        let cfg = RebuildConfig {
+            segment_size: 1 << 20,
+            rate_limit: Some(2 << 20),
+        };
+        let s = Fixed(vec![src], Default::default());
+        let stats = run(
+            &s,
+            &dst,
+            &map,
+            &RangeLock::new(),
+            &cfg,
+            &p,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            stats.duration >= Duration::from_millis(1990),
+            "{:?}",
+            stats.duration
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! A bitmap of fixed-size segments of a device: the unit a rebuild copies and a write log records.
+
+/// Segment bitmap over a device of `size` bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentMap {
+    segment: u64,
+    size: u64,
+    bits: Vec<u64>,
+}
+
+impl SegmentMap {
+    /// No segment marked. `segment` must be a power of two.
+    pub fn empty(size: u64, segment: u64) -> SegmentMap {
+        let n = size.div_ceil(segment);
+        SegmentMap {
+            segment,
+            size,
+            bits: vec![0; n.div_ceil(64) as usize],
+        }
+    }
+
+    /// Every segment marked.
+    pub fn full(size: u64, segment: u64) -> SegmentMap {
+        let mut m = Self::empty(size, segment);
+        m.mark(0, size);
+        m
+    }
+
+    pub fn segment_size(&self) -> u64 {
+        self.segment
+    }
+
+    pub fn device_size(&self) -> u64 {
+        self.size
+    }
+
+    fn segments(&self) -> u64 {
+        self.size.div_ceil(self.segment)
+    }
+
+    /// Marks every segment that `offset..offset+len` touches.
+    pub fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 || offset >= self.size {
+            return;
+        }
+        let end = (offset + len).min(self.size);
+        for s in offset / self.segment..end.div_ceil(self.segment) {
+            self.bits[(s / 64) as usize] |= 1 << (s % 64);
+        }
+    }
+
+    pub fn is_marked(&self, segment: u64) -> bool {
+        segment < self.segments() && self.bits[(segment / 64) as usize] & (1 << (segment % 64)) != 0
+    }
+
+    /// Number of marked segments.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Bytes covered by marked segments (the last segment may be short).
+    pub fn marked_bytes(&self) -> u64 {
+        self.ranges().map(|r| r.end - r.start).sum()
+    }
+
+    /// Marked byte ranges, one per segment, ascending.
+    pub fn ranges(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        (0..self.segments())
+            .filter(|&s| self.is_marked(s))
+            .map(|s| s * self.segment..((s + 1) * self.segment).min(self.size))
+    }
+
+    /// Marks everything `other` marks (same geometry).
+    pub fn union(&mut self, other: &SegmentMap) {
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a |= b;
+        }
+    }
+
+    /// The raw words, for persisting.
+    pub fn words(&self) -> &[u64] {
+        &self.bits
+    }
+
+    /// Rebuilds a map from persisted words; `None` if they do not fit the geometry.
+    pub fn from_words(size: u64, segment: u64, words: Vec<u64>) -> Option<SegmentMap> {
+        let m = Self::empty(size, segment);
+        (words.len() == m.bits.len()).then_some(SegmentMap { bits: words, ..m })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn marks_touched_segments() {
+        let mut m = SegmentMap::empty(10 << 20, 1 << 20);
+        m.mark(1024, 512);
+        m.mark((3 << 20) - 512, 1024);
+        assert_eq!(m.count(), 3);
+        assert!(m.is_marked(0) && m.is_marked(2) && m.is_marked(3));
+        assert_eq!(m.marked_bytes(), 3 << 20);
+        let full = SegmentMap::full((5 << 20) + 4096, 1 << 20);
+        assert_eq!(full.count(), 6);
+        assert_eq!(full.marked_bytes(), (5 << 20) + 4096);
+    }
+
+    proptest! {
+        #[test]
+        fn every_written_byte_is_in_a_marked_range(writes in prop::collection::vec((0u64..1 << 24, 1u64..1 << 18), 0..20)) {
+            let size = 1 << 24;
+            let mut m = SegmentMap::empty(size, 1 << 16);
+            for &(o, l) in &writes { m.mark(o, l); }
+            let ranges: Vec<_> = m.ranges().collect();
+            for &(o, l) in &writes {
+                let end = (o + l).min(size);
+                for probe in [o, end - 1, (o + end) / 2] {
+                    prop_assert!(ranges.iter().any(|r| r.contains(&probe)));
+                }
+            }
+            let again = SegmentMap::from_words(size, 1 << 16, m.words().to_vec()).unwrap();
+            prop_assert_eq!(again, m);
+        }
+    }
+}
