@@ -2,6 +2,7 @@
 //!
 //! - [`protocol`]: NVMe and NVMe/TCP wire formats (pure).
 //! - [`block`]: the [`block::BlockDevice`] seam and its backends (memory, file, fault-injecting).
+//! - [`nexus`]: a replicated device over N children: fan-out writes, round-robin reads, faults, rebuilds.
 //! - [`rebuild`]: copies a device onto another while I/O goes on (full or only marked segments).
 //! - [`target`]: the NVMe/TCP server: listeners, connections, controllers, subsystems, discovery, ANA.
 //! - [`transport`]: socket helpers shared by target and initiator.
@@ -14,6 +15,7 @@ pub mod block;
 pub mod config;
 pub mod engine;
 pub mod initiator;
+pub mod nexus;
 pub mod protocol;
 pub mod rebuild;
 pub mod target;

@@ -1,8 +1,8 @@
 //! Byte-range locks with shared and exclusive holders, granted first-come first-served: a request waits for every
 //! overlapping holder it conflicts with and for every earlier waiter it conflicts with, so a stream of shared
-//! holders cannot starve an exclusive one. The nexus takes shared locks for application writes and the rebuild an
-//! exclusive lock on the segment it copies, which makes "read from a healthy child, write to the new one" atomic
-//! with respect to application writes.
+//! holders cannot starve an exclusive one. The nexus locks each application write's range exclusively (overlapping writes
+//! must reach every child in the same order) and the rebuild locks the segment it copies, which makes "read from a
+//! healthy child, write to the new one" atomic with respect to application writes.
 
 use std::ops::Range;
 use std::sync::{Arc, Mutex};

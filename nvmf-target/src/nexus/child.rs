@@ -1,0 +1,145 @@
+//! A nexus child: a block device (local replica or remote namespace) and its state. Healthy children take reads
+//! and writes; a Rebuilding child takes writes only, until its rebuild completes; a Faulted child takes nothing.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::block::BlockDevice;
+use crate::rebuild::Progress;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChildState {
+    Healthy,
+    Rebuilding,
+    Faulted,
+}
+
+impl ChildState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildState::Healthy => "healthy",
+            ChildState::Rebuilding => "rebuilding",
+            ChildState::Faulted => "faulted",
+        }
+    }
+}
+
+/// Per-child I/O counters.
+#[derive(Default, Debug)]
+pub struct ChildCounters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_errors: AtomicU32,
+    pub write_errors: AtomicU32,
+}
+
+struct Status {
+    state: ChildState,
+    reason: Option<String>,
+    rebuild: Option<Arc<Progress>>,
+}
+
+pub struct Child {
+    /// The URI or name the child was added with.
+    pub name: String,
+    pub device: Arc<dyn BlockDevice>,
+    pub counters: ChildCounters,
+    status: Mutex<Status>,
+}
+
+/// A snapshot of a child for callers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildInfo {
+    pub name: String,
+    pub state: ChildState,
+    pub reason: Option<String>,
+    pub rebuild_done_bytes: Option<u64>,
+    pub rebuild_total_bytes: Option<u64>,
+}
+
+impl Child {
+    pub fn new(name: String, device: Arc<dyn BlockDevice>, state: ChildState) -> Child {
+        Child {
+            name,
+            device,
+            counters: ChildCounters::default(),
+            status: Mutex::new(Status {
+                state,
+                reason: None,
+                rebuild: None,
+            }),
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> ChildState {
+        self.st().state
+    }
+
+    /// Takes writes (Healthy or Rebuilding).
+    pub fn takes_writes(&self) -> bool {
+        matches!(self.state(), ChildState::Healthy | ChildState::Rebuilding)
+    }
+
+    /// Faults the child; returns true if it was not faulted before.
+    pub fn fault(&self, reason: &str) -> bool {
+        let mut s = self.st();
+        if s.state == ChildState::Faulted {
+            return false;
+        }
+        tracing::warn!(child = %self.name, reason, "child faulted");
+        s.state = ChildState::Faulted;
+        s.reason = Some(reason.to_string());
+        true
+    }
+
+    pub fn start_rebuild(&self, progress: Arc<Progress>) {
+        let mut s = self.st();
+        s.state = ChildState::Rebuilding;
+        s.reason = None;
+        s.rebuild = Some(progress);
+    }
+
+    /// A finished rebuild makes the child healthy, unless it was faulted meanwhile.
+    pub fn rebuild_done(&self) -> bool {
+        let mut s = self.st();
+        s.rebuild = None;
+        if s.state == ChildState::Rebuilding {
+            s.state = ChildState::Healthy;
+            return true;
+        }
+        false
+    }
+
+    pub fn rebuild_progress(&self) -> Option<Arc<Progress>> {
+        self.st().rebuild.clone()
+    }
+
+    pub fn info(&self) -> ChildInfo {
+        let s = self.st();
+        ChildInfo {
+            name: self.name.clone(),
+            state: s.state,
+            reason: s.reason.clone(),
+            rebuild_done_bytes: s.rebuild.as_ref().map(|p| p.done_bytes()),
+            rebuild_total_bytes: s.rebuild.as_ref().map(|p| p.total_bytes),
+        }
+    }
+
+    pub fn note_read(&self) {
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn note_write(&self) {
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Counts a read error; returns the total so far.
+    pub fn note_read_error(&self) -> u32 {
+        self.counters.read_errors.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    pub fn note_write_error(&self) {
+        self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+    }
+}

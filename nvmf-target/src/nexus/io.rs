@@ -1,0 +1,164 @@
+//! The nexus I/O paths. Writes (and write zeroes, deallocate) lock their byte range exclusively, go to every child
+//! that takes writes in parallel, and succeed when at least one healthy child succeeded; a child that fails or
+//! times out is faulted. The lock is exclusive because two overlapping writes in flight at once could otherwise
+//! reach the children in different orders and leave replicas that disagree; it also keeps a rebuild's copy of a
+//! segment from interleaving with application writes to it. Writes to disjoint ranges still run in parallel. Reads go round-robin over healthy children and move on to the next one on error; a child
+//! is faulted after too many read errors or one timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, join_all};
+
+use crate::block::{BlockDevice, BlockError, check_range};
+
+use super::Nexus;
+use super::child::{Child, ChildState};
+
+type Op = dyn Fn(Arc<dyn BlockDevice>) -> BoxFuture<'static, Result<(), BlockError>> + Send + Sync;
+
+impl Nexus {
+    fn healthy(&self) -> Vec<Arc<Child>> {
+        self.list()
+            .into_iter()
+            .filter(|c| c.state() == ChildState::Healthy)
+            .collect()
+    }
+
+    async fn fan_out(&self, offset: u64, len: u64, what: &str, op: &Op) -> Result<(), BlockError> {
+        let _guard = if len > 0 {
+            Some(self.lock.exclusive(offset..offset + len).await)
+        } else {
+            None
+        };
+        let targets: Vec<Arc<Child>> = self
+            .list()
+            .into_iter()
+            .filter(|c| c.takes_writes())
+            .collect();
+        if !targets.iter().any(|c| c.state() == ChildState::Healthy) {
+            return Err(BlockError::Remote(format!(
+                "nexus {} has no healthy child",
+                self.name
+            )));
+        }
+        let timeout = self.config.io_timeout;
+        let results = join_all(
+            targets
+                .iter()
+                .map(|c| tokio::time::timeout(timeout, op(c.device.clone()))),
+        )
+        .await;
+        let mut healthy_ok = 0;
+        let mut last_err = None;
+        for (c, r) in targets.iter().zip(results) {
+            match r {
+                Ok(Ok(())) => {
+                    c.note_write();
+                    if c.state() == ChildState::Healthy {
+                        healthy_ok += 1;
+                    }
+                }
+                Ok(Err(e)) => {
+                    c.note_write_error();
+                    c.fault(&format!("{what} failed: {e}"));
+                    last_err = Some(e);
+                }
+                Err(_) => {
+                    c.note_write_error();
+                    c.fault(&format!("{what} timed out after {timeout:?}"));
+                    last_err = Some(BlockError::Remote(format!("{what} timed out")));
+                }
+            }
+        }
+        if healthy_ok > 0 {
+            Ok(())
+        } else {
+            Err(last_err.unwrap_or_else(|| {
+                BlockError::Remote(format!("nexus {} has no healthy child", self.name))
+            }))
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Nexus {
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        let mut last_err = None;
+        // Each healthy child gets a chance; faulted ones drop out of the list.
+        for _ in 0..self.list().len().max(1) * 2 {
+            let healthy = self.healthy();
+            if healthy.is_empty() {
+                break;
+            }
+            let c = &healthy[self.next_read.fetch_add(1, Ordering::Relaxed) % healthy.len()];
+            match tokio::time::timeout(self.config.io_timeout, c.device.read(offset, len)).await {
+                Ok(Ok(d)) => {
+                    c.note_read();
+                    return Ok(d);
+                }
+                Ok(Err(e)) => {
+                    let n = c.note_read_error();
+                    if n >= self.config.read_error_limit {
+                        c.fault(&format!("{n} read errors, last: {e}"));
+                    }
+                    last_err = Some(e);
+                }
+                Err(_) => {
+                    c.note_read_error();
+                    c.fault(&format!(
+                        "read timed out after {:?}",
+                        self.config.io_timeout
+                    ));
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| {
+            BlockError::Remote(format!("nexus {} has no healthy child", self.name))
+        }))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        let len = data.len() as u64;
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        let op = move |d: Arc<dyn BlockDevice>| -> BoxFuture<'static, _> {
+            let data = data.clone();
+            Box::pin(async move { d.write(offset, data).await })
+        };
+        self.fan_out(offset, len, "write", &op).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        let op = move |d: Arc<dyn BlockDevice>| -> BoxFuture<'static, _> {
+            Box::pin(async move { d.write_zeroes(offset, len).await })
+        };
+        self.fan_out(offset, len, "write zeroes", &op).await
+    }
+
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        let op = move |d: Arc<dyn BlockDevice>| -> BoxFuture<'static, _> {
+            Box::pin(async move { d.deallocate(offset, len).await })
+        };
+        self.fan_out(offset, len, "deallocate", &op).await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        let op = |d: Arc<dyn BlockDevice>| -> BoxFuture<'static, _> {
+            Box::pin(async move { d.flush().await })
+        };
+        self.fan_out(0, 0, "flush", &op).await
+    }
+}

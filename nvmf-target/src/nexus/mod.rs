@@ -1,0 +1,245 @@
+//! The nexus: a volume's device over N children (local replicas or remote namespaces). Writes go to every child
+//! that takes writes and complete when all have; reads go round-robin over healthy children. A child whose I/O
+//! fails or times out is faulted and gets no more I/O; children can be added (and are rebuilt while I/O goes on)
+//! and removed online. The nexus is a [`BlockDevice`], so the target exports it like any namespace.
+//!
+//! - [`child`]: a child and its state.
+//! - `io`: the I/O paths (fan-out, round robin, fault policy).
+//! - `resync`: rebuild orchestration and history (the copy itself is in [`crate::rebuild`]).
+
+pub mod child;
+mod io;
+mod resync;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::block::BlockDevice;
+use crate::block::range_lock::RangeLock;
+use crate::rebuild::{RebuildConfig, SegmentMap};
+
+use child::{Child, ChildInfo, ChildState};
+pub use resync::{RebuildKind, RebuildRecord};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NexusError {
+    #[error("a nexus needs at least one child")]
+    NoChildren,
+    #[error("child {name}: block size {got} differs from the nexus's {want}")]
+    BlockSize { name: String, got: u32, want: u32 },
+    #[error("child {name} is {got} bytes, smaller than the nexus ({want} bytes)")]
+    TooSmall { name: String, got: u64, want: u64 },
+    #[error("child {0} already exists")]
+    DuplicateChild(String),
+    #[error("no child {0}")]
+    NoSuchChild(String),
+    #[error("removing {0} would leave no healthy child")]
+    LastHealthyChild(String),
+}
+
+/// Volume-level state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NexusState {
+    /// Every child healthy.
+    Online,
+    /// Some children healthy, others faulted or rebuilding.
+    Degraded,
+    /// No healthy child: I/O fails.
+    Faulted,
+}
+
+#[derive(Clone, Debug)]
+pub struct NexusConfig {
+    /// A child I/O that takes longer faults the child.
+    pub io_timeout: Duration,
+    /// Read errors after which a child is faulted (each failed read is retried on another child).
+    pub read_error_limit: u32,
+    pub rebuild: RebuildConfig,
+}
+
+impl Default for NexusConfig {
+    fn default() -> NexusConfig {
+        NexusConfig {
+            io_timeout: Duration::from_secs(30),
+            read_error_limit: 3,
+            rebuild: RebuildConfig::default(),
+        }
+    }
+}
+
+pub struct Nexus {
+    pub name: String,
+    block_size: u32,
+    num_blocks: u64,
+    config: NexusConfig,
+    children: RwLock<Vec<Arc<Child>>>,
+    next_read: AtomicUsize,
+    lock: RangeLock,
+    history: Mutex<Vec<RebuildRecord>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Nexus {
+    /// A nexus over children that already hold the same data (a new volume, or a restart with known-good
+    /// children). Its size is the smallest child's.
+    pub fn new(
+        name: &str,
+        children: Vec<(String, Arc<dyn BlockDevice>)>,
+        config: NexusConfig,
+    ) -> Result<Arc<Nexus>, NexusError> {
+        let (first_name, first) = children.first().ok_or(NexusError::NoChildren)?;
+        let block_size = first.block_size();
+        let _ = first_name;
+        let num_blocks = children
+            .iter()
+            .map(|(_, d)| d.num_blocks())
+            .min()
+            .unwrap_or(0);
+        let mut list: Vec<Arc<Child>> = Vec::new();
+        for (n, d) in children {
+            if d.block_size() != block_size {
+                return Err(NexusError::BlockSize {
+                    name: n,
+                    got: d.block_size(),
+                    want: block_size,
+                });
+            }
+            if list.iter().any(|c| c.name == n) {
+                return Err(NexusError::DuplicateChild(n));
+            }
+            list.push(Arc::new(Child::new(n, d, ChildState::Healthy)));
+        }
+        Ok(Arc::new(Nexus {
+            name: name.to_string(),
+            block_size,
+            num_blocks,
+            config,
+            children: RwLock::new(list),
+            next_read: AtomicUsize::new(0),
+            lock: RangeLock::new(),
+            history: Mutex::new(Vec::new()),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }))
+    }
+
+    fn list(&self) -> Vec<Arc<Child>> {
+        self.children
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn child(&self, name: &str) -> Option<Arc<Child>> {
+        self.list().into_iter().find(|c| c.name == name)
+    }
+
+    pub fn state(&self) -> NexusState {
+        let list = self.list();
+        let healthy = list
+            .iter()
+            .filter(|c| c.state() == ChildState::Healthy)
+            .count();
+        match healthy {
+            0 => NexusState::Faulted,
+            n if n == list.len() => NexusState::Online,
+            _ => NexusState::Degraded,
+        }
+    }
+
+    pub fn children(&self) -> Vec<ChildInfo> {
+        self.list().iter().map(|c| c.info()).collect()
+    }
+
+    pub fn config(&self) -> &NexusConfig {
+        &self.config
+    }
+
+    /// Adds a child and rebuilds it in full from the healthy ones while I/O goes on.
+    pub fn add_child(
+        self: &Arc<Self>,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<(), NexusError> {
+        let map = SegmentMap::full(self.size_bytes(), self.config.rebuild.segment_size);
+        self.attach(name, device, map, RebuildKind::Full)
+    }
+
+    fn attach(
+        self: &Arc<Self>,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+        map: SegmentMap,
+        kind: RebuildKind,
+    ) -> Result<(), NexusError> {
+        if device.block_size() != self.block_size {
+            return Err(NexusError::BlockSize {
+                name: name.into(),
+                got: device.block_size(),
+                want: self.block_size,
+            });
+        }
+        if device.size_bytes() < self.size_bytes() {
+            return Err(NexusError::TooSmall {
+                name: name.into(),
+                got: device.size_bytes(),
+                want: self.size_bytes(),
+            });
+        }
+        let child = {
+            let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
+            if list.iter().any(|c| c.name == name) {
+                return Err(NexusError::DuplicateChild(name.into()));
+            }
+            let c = Arc::new(Child::new(name.to_string(), device, ChildState::Rebuilding));
+            list.push(c.clone());
+            c
+        };
+        self.start_rebuild(child, map, kind);
+        Ok(())
+    }
+
+    /// Removes a child. The last healthy child cannot be removed while others still need it.
+    pub fn remove_child(&self, name: &str) -> Result<(), NexusError> {
+        let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
+        let idx = list
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| NexusError::NoSuchChild(name.into()))?;
+        let healthy_others = list
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| *i != idx && c.state() == ChildState::Healthy)
+            .count();
+        if list[idx].state() == ChildState::Healthy && healthy_others == 0 && list.len() > 1 {
+            return Err(NexusError::LastHealthyChild(name.into()));
+        }
+        let c = list.remove(idx);
+        c.fault("removed");
+        Ok(())
+    }
+
+    /// Faults a child on request (operator or control plane).
+    pub fn fault_child(&self, name: &str, reason: &str) -> Result<(), NexusError> {
+        let c = self
+            .child(name)
+            .ok_or_else(|| NexusError::NoSuchChild(name.into()))?;
+        c.fault(reason);
+        Ok(())
+    }
+
+    /// Stops rebuilds and waits for them.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

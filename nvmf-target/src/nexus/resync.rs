@@ -1,0 +1,119 @@
+//! Rebuild orchestration: starts a rebuild task for a child, feeds it healthy siblings as sources, marks the child
+//! healthy when the copy completes (or faulted when it fails), and keeps a history of past rebuilds.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use crate::block::BlockDevice;
+use crate::rebuild::{self, Progress, SegmentMap, Source};
+
+use super::Nexus;
+use super::child::{Child, ChildState};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RebuildKind {
+    /// Every segment.
+    Full,
+    /// Only the segments written while the child was away.
+    Partial,
+}
+
+/// One finished rebuild.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RebuildRecord {
+    pub child: String,
+    pub kind: RebuildKind,
+    pub bytes_copied: u64,
+    pub bytes_total: u64,
+    pub duration: std::time::Duration,
+    pub finished_at: SystemTime,
+    /// `None` on success, else why it failed.
+    pub error: Option<String>,
+}
+
+/// Healthy siblings of the child being rebuilt, round robin.
+struct Siblings {
+    nexus: Arc<Nexus>,
+    exclude: String,
+}
+
+impl Source for Siblings {
+    fn pick(&self) -> Option<Arc<dyn BlockDevice>> {
+        let healthy: Vec<_> = self
+            .nexus
+            .list()
+            .into_iter()
+            .filter(|c| c.name != self.exclude && c.state() == ChildState::Healthy)
+            .collect();
+        if healthy.is_empty() {
+            return None;
+        }
+        let i = self.nexus.next_read.fetch_add(1, Ordering::Relaxed) % healthy.len();
+        Some(healthy[i].device.clone())
+    }
+
+    fn failed(&self, source: &Arc<dyn BlockDevice>, reason: &str) {
+        let list = self.nexus.list();
+        if let Some(c) = list.iter().find(|c| Arc::ptr_eq(&c.device, source)) {
+            let n = c.note_read_error();
+            if n >= self.nexus.config.read_error_limit {
+                c.fault(&format!("{n} read errors during rebuild, last: {reason}"));
+            }
+        }
+    }
+}
+
+impl Nexus {
+    pub(super) fn start_rebuild(
+        self: &Arc<Self>,
+        child: Arc<Child>,
+        map: SegmentMap,
+        kind: RebuildKind,
+    ) {
+        let progress = Arc::new(Progress::new(map.marked_bytes()));
+        child.start_rebuild(progress.clone());
+        let nexus = self.clone();
+        tracing::info!(nexus = %self.name, child = %child.name, ?kind, bytes = progress.total_bytes, "rebuild started");
+        self.tasks.spawn(async move {
+            let source = Siblings { nexus: nexus.clone(), exclude: child.name.clone() };
+            let r = rebuild::run(
+                &source,
+                &child.device,
+                &map,
+                &nexus.lock,
+                &nexus.config.rebuild,
+                &progress,
+                &nexus.cancel,
+            )
+            .await;
+            let error = match r {
+                Ok(_) if child.rebuild_done() => None,
+                Ok(_) => Some("child was faulted during the rebuild".to_string()),
+                Err(e) => {
+                    child.fault(&format!("rebuild failed: {e}"));
+                    child.rebuild_done();
+                    Some(e.to_string())
+                }
+            };
+            tracing::info!(nexus = %nexus.name, child = %child.name, copied = progress.done_bytes(), ?error, "rebuild finished");
+            nexus.history.lock().unwrap_or_else(|e| e.into_inner()).push(RebuildRecord {
+                child: child.name.clone(),
+                kind,
+                bytes_copied: progress.done_bytes(),
+                bytes_total: progress.total_bytes,
+                duration: progress.elapsed(),
+                finished_at: SystemTime::now(),
+                error,
+            });
+        });
+    }
+
+    /// Past rebuilds, oldest first.
+    pub fn rebuild_history(&self) -> Vec<RebuildRecord> {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}

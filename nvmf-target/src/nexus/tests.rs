@@ -1,0 +1,326 @@
+//! Nexus behaviour over memory and fault-injecting children.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::block::BlockDevice;
+use crate::block::fault::{FaultDevice, FaultPlan};
+use crate::block::memory::MemoryDevice;
+
+const SIZE: u64 = 16 << 20;
+
+fn mem() -> Arc<dyn BlockDevice> {
+    Arc::new(MemoryDevice::new(SIZE, 512))
+}
+
+fn faulty() -> Arc<FaultDevice> {
+    Arc::new(FaultDevice::new(mem()))
+}
+
+fn config() -> NexusConfig {
+    NexusConfig {
+        io_timeout: Duration::from_secs(2),
+        read_error_limit: 2,
+        rebuild: RebuildConfig {
+            segment_size: 64 << 10,
+            rate_limit: None,
+        },
+    }
+}
+
+fn nexus(children: Vec<Arc<dyn BlockDevice>>) -> Arc<Nexus> {
+    let named = children
+        .into_iter()
+        .enumerate()
+        .map(|(i, d)| (format!("c{i}"), d))
+        .collect();
+    Nexus::new("vol", named, config()).unwrap()
+}
+
+fn pattern(seed: u8, len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| seed.wrapping_mul(31).wrapping_add((i / 512) as u8))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn wait_online(n: &Nexus) {
+    for _ in 0..2000 {
+        if n.state() == NexusState::Online {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("nexus not online: {:?}", n.children());
+}
+
+#[tokio::test]
+async fn writes_reach_every_child_and_reads_rotate() {
+    let kids = vec![mem(), mem(), mem()];
+    let n = nexus(kids.clone());
+    assert_eq!(n.state(), NexusState::Online);
+    n.write(4096, pattern(1, 8192)).await.unwrap();
+    for k in &kids {
+        assert_eq!(k.read(4096, 8192).await.unwrap(), pattern(1, 8192));
+    }
+    for _ in 0..30 {
+        assert_eq!(n.read(4096, 8192).await.unwrap(), pattern(1, 8192));
+    }
+    let reads: Vec<u64> = n
+        .list()
+        .iter()
+        .map(|c| c.counters.reads.load(Ordering::Relaxed))
+        .collect();
+    assert_eq!(reads, vec![10, 10, 10], "round robin");
+}
+
+#[tokio::test]
+async fn a_child_whose_writes_fail_is_faulted_and_io_goes_on() {
+    let bad = faulty();
+    let good = mem();
+    let n = nexus(vec![good.clone(), bad.clone()]);
+    bad.set_plan(FaultPlan {
+        fail_after: Some(0),
+        reads_too: true,
+        ..Default::default()
+    });
+    n.write(0, pattern(2, 4096)).await.unwrap();
+    assert_eq!(n.state(), NexusState::Degraded);
+    let info = n.children();
+    assert_eq!(info[1].state, ChildState::Faulted);
+    assert!(
+        info[1]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("write failed")
+    );
+    for _ in 0..4 {
+        assert_eq!(n.read(0, 4096).await.unwrap(), pattern(2, 4096));
+    }
+    assert_eq!(good.read(0, 4096).await.unwrap(), pattern(2, 4096));
+}
+
+#[tokio::test]
+async fn with_no_healthy_child_io_fails_and_the_nexus_is_faulted() {
+    let a = faulty();
+    let b = faulty();
+    let n = nexus(vec![a.clone(), b.clone()]);
+    for d in [&a, &b] {
+        d.set_plan(FaultPlan {
+            fail_after: Some(0),
+            reads_too: true,
+            ..Default::default()
+        });
+    }
+    assert!(n.write(0, pattern(3, 512)).await.is_err());
+    assert_eq!(n.state(), NexusState::Faulted);
+    assert!(n.read(0, 512).await.is_err());
+}
+
+#[tokio::test]
+async fn read_errors_go_to_another_child_and_fault_after_the_limit() {
+    let bad = faulty();
+    let n = nexus(vec![bad.clone(), mem()]);
+    n.write(0, pattern(4, 4096)).await.unwrap();
+    bad.set_plan(FaultPlan {
+        fail_ranges: std::iter::once(0..4096).collect(),
+        reads_too: true,
+        ..Default::default()
+    });
+    for _ in 0..6 {
+        assert_eq!(
+            n.read(0, 4096).await.unwrap(),
+            pattern(4, 4096),
+            "served by the good child"
+        );
+    }
+    assert_eq!(n.children()[0].state, ChildState::Faulted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_child_that_hangs_is_faulted_by_the_timeout() {
+    let slow = faulty();
+    let n = nexus(vec![mem(), slow.clone()]);
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_secs(60)),
+        ..Default::default()
+    });
+    n.write(0, pattern(5, 512)).await.unwrap();
+    assert_eq!(n.children()[1].state, ChildState::Faulted);
+    assert!(
+        n.children()[1]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out")
+    );
+}
+
+#[tokio::test]
+async fn bad_children_are_refused() {
+    let small: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(SIZE / 2, 512));
+    let other_bs: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(SIZE, 4096));
+    assert_eq!(
+        Nexus::new("v", vec![], config()).err(),
+        Some(NexusError::NoChildren)
+    );
+    assert!(matches!(
+        Nexus::new(
+            "v",
+            vec![("a".into(), mem()), ("b".into(), other_bs.clone())],
+            config()
+        ),
+        Err(NexusError::BlockSize { .. })
+    ));
+    let n = nexus(vec![mem()]);
+    assert!(matches!(
+        n.add_child("s", small),
+        Err(NexusError::TooSmall { .. })
+    ));
+    assert!(matches!(
+        n.add_child("c0", mem()),
+        Err(NexusError::DuplicateChild(_))
+    ));
+    assert_eq!(
+        n.remove_child("zz"),
+        Err(NexusError::NoSuchChild("zz".into()))
+    );
+}
+
+#[tokio::test]
+async fn the_last_healthy_child_cannot_be_removed_while_another_rebuilds_from_it() {
+    let n = nexus(vec![mem()]);
+    let slow = faulty();
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(20)),
+        ..Default::default()
+    });
+    n.add_child("new", slow).unwrap();
+    assert_eq!(
+        n.remove_child("c0"),
+        Err(NexusError::LastHealthyChild("c0".into()))
+    );
+    n.shutdown().await;
+}
+
+/// Random overlapping writes run during the whole rebuild; afterwards every child must be byte-identical. The new
+/// child answers slowly (as a remote one does), so a write that lands between the rebuild's read of a segment and
+/// its write of that segment would leave stale data behind if the segment were not locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_under_concurrent_writes_leaves_identical_children() {
+    const HOT: u64 = 2 << 20; // writers hammer the first 32 segments
+    let a = mem();
+    let b = mem();
+    let n = nexus(vec![a.clone(), b.clone()]);
+    n.write(0, pattern(9, SIZE as usize)).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (n, stop) = (n.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut x = w + 1;
+            while !stop.load(Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let blocks = 1 + (x >> 60);
+                let off = ((x >> 20) % (HOT / 512 - blocks)) * 512;
+                n.write(off, pattern((x >> 8) as u8, (blocks * 512) as usize))
+                    .await
+                    .unwrap();
+                // Memory children complete at once; a real host's writes arrive through a socket and yield.
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let slow = faulty();
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_micros(300)),
+        ..Default::default()
+    });
+    n.add_child("c2", slow.clone()).unwrap();
+    assert_eq!(n.state(), NexusState::Degraded);
+    wait_online(&n).await;
+    let during = n.list()[2].counters.writes.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(
+        during > 50,
+        "application writes reached the rebuilding child ({during})"
+    );
+    let want = a.read(0, SIZE).await.unwrap();
+    assert_eq!(b.read(0, SIZE).await.unwrap(), want);
+    slow.set_plan(FaultPlan::default());
+    assert!(
+        slow.read(0, SIZE).await.unwrap() == want,
+        "rebuilt child differs"
+    );
+    let h = n.rebuild_history();
+    assert_eq!(h.len(), 1);
+    assert_eq!(
+        (h[0].kind, h[0].bytes_copied, h[0].error.clone()),
+        (RebuildKind::Full, SIZE, None)
+    );
+}
+
+#[tokio::test]
+async fn a_rebuild_whose_destination_fails_faults_the_child_and_records_why() {
+    let n = nexus(vec![mem()]);
+    let bad = faulty();
+    bad.set_plan(FaultPlan {
+        fail_after: Some(3),
+        ..Default::default()
+    });
+    n.add_child("bad", bad).unwrap();
+    for _ in 0..400 {
+        if !n.rebuild_history().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let h = n.rebuild_history();
+    assert_eq!(h.len(), 1);
+    assert!(
+        h[0].error.as_deref().unwrap_or("").contains("destination"),
+        "{h:?}"
+    );
+    assert_eq!(n.children()[1].state, ChildState::Faulted);
+    assert_eq!(n.state(), NexusState::Degraded);
+}
+
+/// Two overlapping writes in flight at once: the slow child would finish them in the opposite order from the fast
+/// one if they were not serialized, leaving replicas that disagree.
+#[tokio::test]
+async fn overlapping_writes_reach_every_child_in_the_same_order() {
+    let fast = mem();
+    let slow = faulty();
+    let n = nexus(vec![fast.clone(), slow.clone()]);
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(50)),
+        ..Default::default()
+    });
+    let n1 = n.clone();
+    let first = tokio::spawn(async move { n1.write(0, pattern(1, 4096)).await });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(1)),
+        ..Default::default()
+    });
+    n.write(0, pattern(2, 4096)).await.unwrap();
+    first.await.unwrap().unwrap();
+    slow.set_plan(FaultPlan::default());
+    assert_eq!(fast.read(0, 4096).await.unwrap(), pattern(2, 4096));
+    assert_eq!(
+        slow.read(0, 4096).await.unwrap(),
+        pattern(2, 4096),
+        "replicas disagree"
+    );
+}
