@@ -74,6 +74,9 @@ pub struct ExportSpec {
     /// Hosts allowed to connect; empty allows any host.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Wrap the device in the fault injector (chaos testing through the InjectFault call).
+    #[serde(default)]
+    pub fault: bool,
 }
 
 impl FromStr for ExportSpec {
@@ -115,6 +118,11 @@ impl FromStr for ExportSpec {
                         .filter(|h| !h.is_empty())
                         .map(String::from)
                         .collect()
+                }
+                "fault" => {
+                    e.fault = v
+                        .parse()
+                        .map_err(|_| bad(format!("fault={v} is not true/false")))?
                 }
                 other => return Err(bad(format!("unknown key {other:?}"))),
             }

@@ -125,3 +125,66 @@ pub fn subsystem(engine: &Engine, s: &Subsystem) -> pb::Subsystem {
         controllers,
     }
 }
+
+pub fn nexus(
+    uuid: &uuid::Uuid,
+    n: &crate::nexus::Nexus,
+    nqn: Option<&crate::protocol::nqn::Nqn>,
+) -> pb::Nexus {
+    use crate::block::BlockDevice;
+    use crate::nexus::NexusState;
+    use crate::nexus::child::ChildState;
+    let state = match n.state() {
+        NexusState::Online => pb::NexusState::Online,
+        NexusState::Degraded => pb::NexusState::Degraded,
+        NexusState::Faulted => pb::NexusState::Faulted,
+    };
+    let children = n
+        .children()
+        .into_iter()
+        .map(|c| pb::NexusChild {
+            uri: c.name,
+            state: match c.state {
+                ChildState::Healthy => pb::ChildState::Healthy,
+                ChildState::Rebuilding => pb::ChildState::Rebuilding,
+                ChildState::Faulted => pb::ChildState::Faulted,
+            } as i32,
+            reason: c.reason.unwrap_or_default(),
+            rebuild_done_bytes: c.rebuild_done_bytes.unwrap_or(0),
+            rebuild_total_bytes: c.rebuild_total_bytes.unwrap_or(0),
+        })
+        .collect();
+    let rebuilds = n
+        .rebuild_history()
+        .into_iter()
+        .map(|r| pb::RebuildRecord {
+            child: r.child,
+            kind: match r.kind {
+                crate::nexus::RebuildKind::Full => "full".into(),
+                crate::nexus::RebuildKind::Partial => "partial".into(),
+            },
+            bytes_copied: r.bytes_copied,
+            bytes_total: r.bytes_total,
+            duration_ms: r.duration.as_millis() as u64,
+            finished_unix_ms: r
+                .finished_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            error: r.error.unwrap_or_default(),
+        })
+        .collect();
+    pb::Nexus {
+        uuid: uuid.to_string(),
+        size_bytes: n.size_bytes(),
+        state: state as i32,
+        children,
+        nqn: nqn.map(|q| q.to_string()).unwrap_or_default(),
+        rebuilds,
+    }
+}
+
+pub fn uuid(s: &str) -> Result<uuid::Uuid, tonic::Status> {
+    s.parse()
+        .map_err(|_| invalid(format!("uuid {s:?} is not a UUID")))
+}

@@ -4,7 +4,7 @@ use proto::engine as pb;
 use proto::engine::engine_server::Engine as EngineApi;
 use tonic::{Request, Response, Status};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, NexusOptions};
 use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
 
@@ -18,6 +18,14 @@ pub struct EngineService {
 impl EngineService {
     pub fn new(engine: Engine) -> EngineService {
         EngineService { engine }
+    }
+
+    fn nexus_reply(&self, uuid: &uuid::Uuid) -> Result<Response<pb::Nexus>, Status> {
+        let (n, nqn) = self
+            .engine
+            .nexus(uuid)
+            .ok_or_else(|| Status::not_found(format!("nexus {uuid}")))?;
+        Ok(Response::new(convert::nexus(uuid, &n, nqn.as_ref())))
     }
 
     fn subsystem_reply(&self, nqn: &str) -> Result<Response<pb::Subsystem>, Status> {
@@ -201,5 +209,120 @@ impl EngineApi for EngineService {
             .target()
             .set_ana_state(port_id(r.port_id)?, r.ana_group, state)?;
         Ok(Response::new(pb::SetAnaStateResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn create_nexus(
+        &self,
+        r: Request<pb::CreateNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let uuid = convert::uuid(&r.uuid)?;
+        let options = NexusOptions {
+            io_timeout: (r.io_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(r.io_timeout_ms)),
+            rebuild_rate_limit: (r.rebuild_rate_limit > 0).then_some(r.rebuild_rate_limit),
+        };
+        self.engine.create_nexus(uuid, &r.children, options).await?;
+        self.nexus_reply(&uuid)
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn destroy_nexus(
+        &self,
+        r: Request<pb::DestroyNexusRequest>,
+    ) -> Result<Response<pb::DestroyNexusResponse>, Status> {
+        let uuid = convert::uuid(&r.into_inner().uuid)?;
+        self.engine.destroy_nexus(&uuid).await?;
+        Ok(Response::new(pb::DestroyNexusResponse {}))
+    }
+
+    async fn list_nexuses(
+        &self,
+        _: Request<pb::ListNexusesRequest>,
+    ) -> Result<Response<pb::ListNexusesResponse>, Status> {
+        let nexuses = self
+            .engine
+            .nexuses()
+            .iter()
+            .map(|(u, n, q)| convert::nexus(u, n, q.as_ref()))
+            .collect();
+        Ok(Response::new(pb::ListNexusesResponse { nexuses }))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn publish_nexus(
+        &self,
+        r: Request<pb::PublishNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let uuid = convert::uuid(&r.uuid)?;
+        for h in &r.allowed_hosts {
+            nqn(h, "allowed_hosts")?;
+        }
+        self.engine
+            .publish_nexus(&uuid, r.ana_group, r.allow_any_host, &r.allowed_hosts)?;
+        self.nexus_reply(&uuid)
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn unpublish_nexus(
+        &self,
+        r: Request<pb::UnpublishNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let uuid = convert::uuid(&r.into_inner().uuid)?;
+        self.engine.unpublish_nexus(&uuid)?;
+        self.nexus_reply(&uuid)
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, uri = %r.get_ref().uri))]
+    async fn add_child(&self, r: Request<pb::ChildRequest>) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let uuid = convert::uuid(&r.uuid)?;
+        self.engine.add_child(&uuid, &r.uri).await?;
+        self.nexus_reply(&uuid)
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, uri = %r.get_ref().uri))]
+    async fn remove_child(
+        &self,
+        r: Request<pb::ChildRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let uuid = convert::uuid(&r.uuid)?;
+        self.engine.remove_child(&uuid, &r.uri)?;
+        self.nexus_reply(&uuid)
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, uri = %r.get_ref().uri))]
+    async fn fault_child(
+        &self,
+        r: Request<pb::ChildRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let uuid = convert::uuid(&r.uuid)?;
+        let reason = if r.reason.is_empty() {
+            "faulted by request"
+        } else {
+            r.reason.as_str()
+        };
+        self.engine.fault_child(&uuid, &r.uri, reason)?;
+        self.nexus_reply(&uuid)
+    }
+
+    #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn, nsid = r.get_ref().nsid))]
+    async fn inject_fault(
+        &self,
+        r: Request<pb::InjectFaultRequest>,
+    ) -> Result<Response<pb::InjectFaultResponse>, Status> {
+        let r = r.into_inner();
+        let plan = (!r.clear).then(|| crate::block::fault::FaultPlan {
+            fail_after: (r.latency_ms == 0 || r.fail_after_ios > 0).then_some(r.fail_after_ios),
+            fail_ranges: Vec::new(),
+            latency: (r.latency_ms > 0).then(|| std::time::Duration::from_millis(r.latency_ms)),
+            reads_too: r.reads_too,
+        });
+        let injected = self.engine.inject_fault(&r.nqn, r.nsid, plan)?;
+        Ok(Response::new(pb::InjectFaultResponse { injected }))
     }
 }

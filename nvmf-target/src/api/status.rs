@@ -24,6 +24,8 @@ impl From<EngineError> for Status {
             EngineError::Target(t) => t.into(),
             EngineError::Backend(b) => Status::failed_precondition(format!("backend: {b}")),
             EngineError::InvalidArgument(m) => Status::invalid_argument(m),
+            EngineError::Unavailable(m) => Status::unavailable(m),
+            EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
         }
     }
 }

@@ -9,3 +9,4 @@ mod binary;
 mod events;
 mod harness;
 mod initiator;
+mod replication;

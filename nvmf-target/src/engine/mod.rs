@@ -1,10 +1,20 @@
-//! The engine: owns this node's target and remembers what backs each exported namespace. It is the one place that
-//! wires block devices to the target; the gRPC API and the binary go through it.
+//! The engine: owns this node's target, remembers what backs each exported namespace, and owns the nexuses. It is
+//! the one place that wires block devices, nexuses and the target together; the gRPC API and the binary go
+//! through it.
+//!
+//! - `nexus`: nexus creation, children, publishing.
+//! - `uri`: child URIs (`nvmf://`, `local:///`).
+
+mod nexus;
+pub mod uri;
+
+pub use nexus::NexusOptions;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::block::BlockError;
+use crate::block::fault::{FaultDevice, FaultPlan};
 use crate::config::ExportSpec;
 use crate::protocol::nqn::Nqn;
 use crate::target::{SubsystemSpec, Target, TargetConfig, TargetError};
@@ -17,6 +27,10 @@ pub enum EngineError {
     Backend(#[from] BlockError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
 }
 
 #[derive(Clone, Debug)]
@@ -29,6 +43,8 @@ struct Inner {
     config: EngineConfig,
     target: Target,
     backends: Mutex<BTreeMap<(String, u32), ExportSpec>>,
+    nexuses: Mutex<Vec<nexus::NexusEntry>>,
+    faults: Mutex<BTreeMap<(String, u32), Arc<FaultDevice>>>,
 }
 
 #[derive(Clone)]
@@ -44,6 +60,8 @@ impl Engine {
                 config,
                 target,
                 backends: Mutex::new(BTreeMap::new()),
+                nexuses: Mutex::new(Vec::new()),
+                faults: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -102,7 +120,13 @@ impl Engine {
             let msg = format!("namespace {nsid} of {} with other parameters", spec.nqn);
             return Err(TargetError::AlreadyExists(msg).into());
         }
-        let device = spec.open_device()?;
+        let mut device = spec.open_device()?;
+        if spec.fault {
+            let f = Arc::new(FaultDevice::new(device));
+            self.faults()
+                .insert((spec.nqn.clone(), spec.nsid.unwrap_or(0)), f.clone());
+            device = f;
+        }
         let uuid = spec.uuid.unwrap_or_else(uuid::Uuid::new_v4);
         let nsid = sub.add_namespace(
             spec.nsid.unwrap_or(0),
@@ -110,6 +134,12 @@ impl Engine {
             spec.ana_group.unwrap_or(1),
             device,
         )?;
+        if spec.fault {
+            let mut f = self.faults();
+            if let Some(d) = f.remove(&(spec.nqn.clone(), spec.nsid.unwrap_or(0))) {
+                f.insert((spec.nqn.clone(), nsid), d);
+            }
+        }
         let mut stored = spec.clone();
         stored.nsid = Some(nsid);
         stored.uuid = Some(uuid);
@@ -120,6 +150,7 @@ impl Engine {
     pub fn remove_namespace(&self, nqn: &str, nsid: u32) -> Result<(), EngineError> {
         self.target().remove_namespace(nqn, nsid)?;
         self.backends().remove(&(nqn.to_string(), nsid));
+        self.faults().remove(&(nqn.to_string(), nsid));
         Ok(())
     }
 
@@ -129,6 +160,30 @@ impl Engine {
         Ok(())
     }
 
+    fn faults(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u32), Arc<FaultDevice>>> {
+        self.inner.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the fault plan of a namespace exported with fault injection; returns how many I/Os it failed so far.
+    pub fn inject_fault(
+        &self,
+        nqn: &str,
+        nsid: u32,
+        plan: Option<FaultPlan>,
+    ) -> Result<u64, EngineError> {
+        let f = self
+            .faults()
+            .get(&(nqn.to_string(), nsid))
+            .cloned()
+            .ok_or_else(|| {
+                EngineError::FailedPrecondition(format!(
+                    "namespace {nsid} of {nqn} was not exported with fault=true"
+                ))
+            })?;
+        f.set_plan(plan.unwrap_or_default());
+        Ok(f.injected())
+    }
+
     /// What backs a namespace, as it was exported.
     pub fn backend(&self, nqn: &str, nsid: u32) -> Option<ExportSpec> {
         self.backends().get(&(nqn.to_string(), nsid)).cloned()
@@ -136,5 +191,9 @@ impl Engine {
 
     pub async fn shutdown(&self) {
         self.target().shutdown().await;
+        let nexuses: Vec<_> = self.nexuses().into_iter().map(|n| n.1).collect();
+        for n in nexuses {
+            n.shutdown().await;
+        }
     }
 }

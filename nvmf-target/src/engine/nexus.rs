@@ -1,0 +1,247 @@
+//! The engine's nexuses: resolving child URIs to block devices, creating and destroying nexuses, and publishing a
+//! nexus as the volume's subsystem.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::block::BlockDevice;
+use crate::initiator::ConnectOptions;
+use crate::initiator::namespace::RemoteNamespace;
+use crate::nexus::{Nexus, NexusConfig};
+use crate::protocol::nqn::Nqn;
+use crate::target::{SubsystemSpec, TargetError};
+
+use super::uri::ChildUri;
+use super::{Engine, EngineError};
+
+/// A nexus as the engine keeps it.
+pub struct NexusEntry {
+    pub uuid: uuid::Uuid,
+    pub nexus: Arc<Nexus>,
+    /// Published under this NQN, if at all.
+    pub nqn: Option<Nqn>,
+}
+
+/// Options of a new nexus.
+#[derive(Clone, Debug, Default)]
+pub struct NexusOptions {
+    pub io_timeout: Option<Duration>,
+    pub rebuild_rate_limit: Option<u64>,
+}
+
+impl Engine {
+    /// This node's host NQN, used when its nexuses connect to replicas.
+    pub fn host_nqn(&self) -> String {
+        format!(
+            "{}node-{}",
+            crate::protocol::nqn::KEELSON_PREFIX,
+            self.node_name()
+        )
+    }
+
+    /// Opens the device a child URI names.
+    pub async fn open_child(
+        &self,
+        uri: &str,
+        io_timeout: Duration,
+    ) -> Result<Arc<dyn BlockDevice>, EngineError> {
+        match ChildUri::parse(uri).map_err(|e| EngineError::InvalidArgument(e.to_string()))? {
+            ChildUri::Local { nqn, nsid } => {
+                let sub = self.target().subsystem(nqn.as_str()).ok_or_else(|| {
+                    EngineError::Unavailable(format!("{uri}: no subsystem {nqn} on this node"))
+                })?;
+                let ns = sub.namespace(nsid).ok_or_else(|| {
+                    EngineError::Unavailable(format!("{uri}: no namespace {nsid} in {nqn}"))
+                })?;
+                Ok(ns.device.clone())
+            }
+            ChildUri::Nvmf { addr, nqn, nsid } => {
+                let mut o = ConnectOptions::new(addr, nqn.as_str());
+                o.hostnqn = self.host_nqn();
+                o.io_queues = 2;
+                o.command_timeout = io_timeout;
+                let mut ns = RemoteNamespace::connect(o, nsid)
+                    .await
+                    .map_err(|e| EngineError::Unavailable(format!("{uri}: {e}")))?;
+                // A nexus wants a failing child to fail fast, not to wait for it to come back.
+                ns.reconnect_wait = Duration::ZERO;
+                Ok(Arc::new(ns))
+            }
+        }
+    }
+
+    fn nexuses_mut(&self) -> std::sync::MutexGuard<'_, Vec<NexusEntry>> {
+        self.inner.nexuses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn nexus(&self, uuid: &uuid::Uuid) -> Option<(Arc<Nexus>, Option<Nqn>)> {
+        self.nexuses_mut()
+            .iter()
+            .find(|n| n.uuid == *uuid)
+            .map(|n| (n.nexus.clone(), n.nqn.clone()))
+    }
+
+    pub fn nexuses(&self) -> Vec<(uuid::Uuid, Arc<Nexus>, Option<Nqn>)> {
+        self.nexuses_mut()
+            .iter()
+            .map(|n| (n.uuid, n.nexus.clone(), n.nqn.clone()))
+            .collect()
+    }
+
+    fn nexus_or_not_found(&self, uuid: &uuid::Uuid) -> Result<Arc<Nexus>, EngineError> {
+        self.nexus(uuid)
+            .map(|n| n.0)
+            .ok_or_else(|| TargetError::NotFound(format!("nexus {uuid}")).into())
+    }
+
+    /// Creates a nexus over `children` (assumed to hold the same data). Repeating the same request is a no-op.
+    pub async fn create_nexus(
+        &self,
+        uuid: uuid::Uuid,
+        children: &[String],
+        options: NexusOptions,
+    ) -> Result<Arc<Nexus>, EngineError> {
+        if children.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "a nexus needs at least one child".into(),
+            ));
+        }
+        if let Some((n, _)) = self.nexus(&uuid) {
+            let mut have: Vec<String> = n.children().into_iter().map(|c| c.name).collect();
+            let mut want = children.to_vec();
+            have.sort();
+            want.sort();
+            if have == want {
+                return Ok(n);
+            }
+            return Err(
+                TargetError::AlreadyExists(format!("nexus {uuid} with other children")).into(),
+            );
+        }
+        let mut config = NexusConfig::default();
+        if let Some(t) = options.io_timeout {
+            config.io_timeout = t;
+        }
+        config.rebuild.rate_limit = options.rebuild_rate_limit;
+        let mut devices = Vec::new();
+        for c in children {
+            devices.push((c.clone(), self.open_child(c, config.io_timeout).await?));
+        }
+        let nexus = Nexus::new(&uuid.to_string(), devices, config)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        let mut list = self.nexuses_mut();
+        if list.iter().any(|n| n.uuid == uuid) {
+            return Err(TargetError::AlreadyExists(format!("nexus {uuid}")).into());
+        }
+        list.push(NexusEntry {
+            uuid,
+            nexus: nexus.clone(),
+            nqn: None,
+        });
+        tracing::info!(%uuid, children = ?children, "nexus created");
+        Ok(nexus)
+    }
+
+    /// Unpublishes and destroys a nexus (its children keep their data).
+    pub async fn destroy_nexus(&self, uuid: &uuid::Uuid) -> Result<(), EngineError> {
+        self.unpublish_nexus(uuid)?;
+        let entry = {
+            let mut list = self.nexuses_mut();
+            let i = list
+                .iter()
+                .position(|n| n.uuid == *uuid)
+                .ok_or_else(|| TargetError::NotFound(format!("nexus {uuid}")))?;
+            list.remove(i)
+        };
+        entry.nexus.shutdown().await;
+        tracing::info!(%uuid, "nexus destroyed");
+        Ok(())
+    }
+
+    /// Exports the nexus as `nqn.2026-11.io.keelson:vol-<uuid>` with namespace 1 carrying the volume's UUID, so a
+    /// replacement nexus on another node shows up as another path to the same namespace.
+    pub fn publish_nexus(
+        &self,
+        uuid: &uuid::Uuid,
+        ana_group: u32,
+        allow_any_host: bool,
+        hosts: &[String],
+    ) -> Result<Nqn, EngineError> {
+        let nexus = self.nexus_or_not_found(uuid)?;
+        let nqn = Nqn::volume(uuid);
+        if let Some((_, Some(existing))) = self.nexus(uuid) {
+            return Ok(existing);
+        }
+        self.target().create_subsystem(SubsystemSpec {
+            nqn: nqn.clone(),
+            serial: String::new(),
+            model: String::new(),
+            allow_any_host,
+            allowed_hosts: hosts.to_vec(),
+        })?;
+        if let Err(e) = self
+            .target()
+            .add_namespace(nqn.as_str(), 1, *uuid, ana_group.max(1), nexus)
+        {
+            let _ = self.target().delete_subsystem(nqn.as_str());
+            return Err(e.into());
+        }
+        if let Some(e) = self.nexuses_mut().iter_mut().find(|n| n.uuid == *uuid) {
+            e.nqn = Some(nqn.clone());
+        }
+        tracing::info!(%uuid, %nqn, "nexus published");
+        Ok(nqn)
+    }
+
+    pub fn unpublish_nexus(&self, uuid: &uuid::Uuid) -> Result<(), EngineError> {
+        let nqn = {
+            let mut list = self.nexuses_mut();
+            let e = list
+                .iter_mut()
+                .find(|n| n.uuid == *uuid)
+                .ok_or_else(|| TargetError::NotFound(format!("nexus {uuid}")))?;
+            e.nqn.take()
+        };
+        if let Some(nqn) = nqn {
+            self.target().delete_subsystem(nqn.as_str())?;
+        }
+        Ok(())
+    }
+
+    pub async fn add_child(&self, uuid: &uuid::Uuid, uri: &str) -> Result<(), EngineError> {
+        let nexus = self.nexus_or_not_found(uuid)?;
+        if nexus.children().iter().any(|c| c.name == uri) {
+            return Err(TargetError::AlreadyExists(format!("child {uri} of nexus {uuid}")).into());
+        }
+        let dev = self.open_child(uri, nexus.config().io_timeout).await?;
+        nexus
+            .add_child(uri, dev)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()))
+    }
+
+    pub fn remove_child(&self, uuid: &uuid::Uuid, uri: &str) -> Result<(), EngineError> {
+        self.nexus_or_not_found(uuid)?
+            .remove_child(uri)
+            .map_err(nexus_error)
+    }
+
+    pub fn fault_child(
+        &self,
+        uuid: &uuid::Uuid,
+        uri: &str,
+        reason: &str,
+    ) -> Result<(), EngineError> {
+        self.nexus_or_not_found(uuid)?
+            .fault_child(uri, reason)
+            .map_err(nexus_error)
+    }
+}
+
+fn nexus_error(e: crate::nexus::NexusError) -> EngineError {
+    use crate::nexus::NexusError::*;
+    match e {
+        NoSuchChild(c) => TargetError::NotFound(format!("child {c}")).into(),
+        LastHealthyChild(_) => EngineError::FailedPrecondition(e.to_string()),
+        other => EngineError::InvalidArgument(other.to_string()),
+    }
+}

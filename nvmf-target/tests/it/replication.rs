@@ -1,0 +1,311 @@
+//! Replicated volumes across real io-engine processes on 127.0.0.1, .2, .3 (and .4 for the replacement), driven
+//! through the engine gRPC API, with real faults (SIGKILL).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::engine as pb;
+use proto::engine::engine_client::EngineClient;
+use tonic::transport::Channel;
+
+const SIZE: u64 = 32 << 20;
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An io-engine process serving one memory replica; killed when dropped.
+struct EngineProc {
+    child: Child,
+    ip: String,
+    port: u16,
+    grpc: u16,
+    replica: String,
+}
+
+impl EngineProc {
+    fn start(ip: &str, name: &str) -> EngineProc {
+        Self::start_with(ip, name, "")
+    }
+
+    /// `extra`: more export keys, e.g. ",fault=true".
+    fn start_with(ip: &str, name: &str, extra: &str) -> EngineProc {
+        let (port, grpc) = (free_port(ip), free_port(ip));
+        let replica = format!("nqn.2026-11.io.keelson:replica-{}", uuid::Uuid::new_v4());
+        let child = Command::new(env!("CARGO_BIN_EXE_io-engine"))
+            .args([
+                "--node-name",
+                name,
+                "--listen",
+                &format!("{ip}:{port}"),
+                "--grpc",
+                &format!("{ip}:{grpc}"),
+            ])
+            .arg("--export")
+            .arg(format!("nqn={replica},memory={SIZE}{extra}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        EngineProc {
+            child,
+            ip: ip.into(),
+            port,
+            grpc,
+            replica,
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nvmf://{}:{}/{}", self.ip, self.port, self.replica)
+    }
+
+    async fn api(&self) -> EngineClient<Channel> {
+        let url = format!("http://{}:{}", self.ip, self.grpc);
+        for _ in 0..200 {
+            if let Ok(c) = EngineClient::connect(url.clone()).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("io-engine at {url} never came up");
+    }
+
+    /// Reads this engine's replica in full, straight from its own subsystem.
+    async fn replica_contents(&self) -> Bytes {
+        let addr = format!("{}:{}", self.ip, self.port).parse().unwrap();
+        let ns = RemoteNamespace::connect(ConnectOptions::new(addr, &self.replica), 1)
+            .await
+            .unwrap();
+        let data = ns.read(0, SIZE).await.unwrap();
+        ns.close().await;
+        data
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for EngineProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn nexus_info(api: &mut EngineClient<Channel>, uuid: &str) -> pb::Nexus {
+    let all = api
+        .list_nexuses(pb::ListNexusesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nexuses;
+    all.into_iter()
+        .find(|n| n.uuid == uuid)
+        .expect("nexus listed")
+}
+
+fn block(seed: u64, len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (seed as u8).wrapping_add((i / 4096) as u8).wrapping_mul(7))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// SIGKILL of the third replica's io-engine.
+    Kill,
+    /// The third replica's disk starts failing every write.
+    DiskError,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_survive_a_killed_node_and_a_new_replica_rebuilds_identical() {
+    replica_lost_then_replaced(Failure::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_survive_a_failing_disk_and_a_new_replica_rebuilds_identical() {
+    replica_lost_then_replaced(Failure::DiskError).await;
+}
+
+async fn replica_lost_then_replaced(failure: Failure) {
+    let e1 = EngineProc::start("127.0.0.1", "n1");
+    let e2 = EngineProc::start("127.0.0.2", "n2");
+    let mut e3 = EngineProc::start_with("127.0.0.3", "n3", ",fault=true");
+    let mut api = e1.api().await;
+    e2.api().await;
+    e3.api().await;
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let local = format!("local:///{}", e1.replica);
+    let children = vec![local.clone(), e2.uri(), e3.uri()];
+    let n = api
+        .create_nexus(pb::CreateNexusRequest {
+            uuid: uuid.clone(),
+            children,
+            io_timeout_ms: 5000,
+            rebuild_rate_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.state, pb::NexusState::Online as i32);
+    let n = api
+        .publish_nexus(pb::PublishNexusRequest {
+            uuid: uuid.clone(),
+            allow_any_host: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The application: a host on the published volume, writing a known pattern everywhere, then rewriting.
+    let addr = format!("127.0.0.1:{}", e1.port).parse().unwrap();
+    let vol = Arc::new(
+        RemoteNamespace::connect(ConnectOptions::new(addr, &n.nqn), 1)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(vol.size_bytes(), SIZE);
+    for i in 0..SIZE / (1 << 20) {
+        vol.write(i << 20, block(i, 1 << 20)).await.unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writes, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (vol, stop, writes, errors) =
+            (vol.clone(), stop.clone(), writes.clone(), errors.clone());
+        tokio::spawn(async move {
+            let mut x = 7u64;
+            while !stop.load(Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = ((x >> 16) % (SIZE / 65536)) * 65536;
+                match vol.write(off, block(x >> 40, 65536)).await {
+                    Ok(()) => writes.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A node dies hard, or its disk starts failing, while writes run.
+    match failure {
+        Failure::Kill => e3.kill9(),
+        Failure::DiskError => {
+            let r = pb::InjectFaultRequest {
+                nqn: e3.replica.clone(),
+                nsid: 1,
+                ..Default::default()
+            };
+            e3.api().await.inject_fault(r).await.unwrap();
+        }
+    }
+    let t = Instant::now();
+    let info = loop {
+        let info = nexus_info(&mut api, &uuid).await;
+        if info.state == pb::NexusState::Degraded as i32 || t.elapsed() > Duration::from_secs(15) {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info.state, pb::NexusState::Degraded as i32, "{info:?}");
+    let dead = info.children.iter().find(|c| c.uri == e3.uri()).unwrap();
+    assert_eq!(dead.state, pb::ChildState::Faulted as i32);
+    if failure == Failure::DiskError {
+        assert!(
+            dead.reason.contains("write"),
+            "faulted for its write errors: {}",
+            dead.reason
+        );
+        let r = pb::InjectFaultRequest {
+            nqn: e3.replica.clone(),
+            nsid: 1,
+            ..Default::default()
+        };
+        assert!(
+            e3.api()
+                .await
+                .inject_fault(r)
+                .await
+                .unwrap()
+                .into_inner()
+                .injected
+                > 0
+        );
+    }
+    let before = writes.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        writes.load(Ordering::Relaxed) > before,
+        "writes go on while degraded"
+    );
+
+    // Retire the dead replica, add a replacement on a new node, rebuild while writes go on.
+    api.remove_child(pb::ChildRequest {
+        uuid: uuid.clone(),
+        uri: e3.uri(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let e4 = EngineProc::start("127.0.0.4", "n4");
+    e4.api().await;
+    api.add_child(pb::ChildRequest {
+        uuid: uuid.clone(),
+        uri: e4.uri(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let info = loop {
+        let info = nexus_info(&mut api, &uuid).await;
+        if info.state == pb::NexusState::Online as i32 || t.elapsed() > Duration::from_secs(60) {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(info.state, pb::NexusState::Online as i32, "{info:?}");
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "the application saw I/O errors"
+    );
+    let rebuild = info.rebuilds.last().expect("a rebuild record");
+    assert_eq!(
+        (
+            rebuild.child.as_str(),
+            rebuild.bytes_copied,
+            rebuild.error.as_str()
+        ),
+        (e4.uri().as_str(), SIZE, "")
+    );
+
+    // Every replica holds exactly what the application sees.
+    let seen = vol.read(0, SIZE).await.unwrap();
+    for (name, e) in [("n1", &e1), ("n2", &e2), ("n4", &e4)] {
+        let r = e.replica_contents().await;
+        assert!(r == seen, "replica on {name} differs from the volume");
+    }
+    vol.close().await;
+}
