@@ -48,7 +48,9 @@ enum EngineCmd {
         hosts: Vec<String>,
     },
     /// Delete a subsystem.
-    DeleteSubsystem { nqn: String },
+    DeleteSubsystem {
+        nqn: String,
+    },
     /// Add a memory or file namespace to a subsystem.
     AddNamespace {
         nqn: String,
@@ -72,15 +74,74 @@ enum EngineCmd {
         ana_group: u32,
     },
     /// Remove a namespace.
-    RemoveNamespace { nqn: String, nsid: u32 },
+    RemoveNamespace {
+        nqn: String,
+        nsid: u32,
+    },
     /// Allow a host NQN to connect to a subsystem.
-    AllowHost { nqn: String, host: String },
+    AllowHost {
+        nqn: String,
+        host: String,
+    },
     /// Remove a host NQN from a subsystem's allow-list (its controllers are disconnected).
-    DisallowHost { nqn: String, host: String },
+    DisallowHost {
+        nqn: String,
+        host: String,
+    },
     /// Add a TCP listener.
-    AddListener { address: String },
+    AddListener {
+        address: String,
+    },
     /// Remove a TCP listener by port id.
-    RemoveListener { port_id: u32 },
+    RemoveListener {
+        port_id: u32,
+    },
+    /// List nexuses with children, states and rebuilds.
+    Nexuses,
+    /// Create a nexus over child URIs (nvmf://IP:PORT/NQN or local:///NQN).
+    CreateNexus {
+        uuid: String,
+        #[arg(required = true)]
+        children: Vec<String>,
+        /// Child I/O timeout in milliseconds (0 = default).
+        #[arg(long, default_value_t = 0)]
+        io_timeout_ms: u64,
+        /// Rebuild bandwidth limit in bytes per second (0 = none).
+        #[arg(long, default_value_t = 0)]
+        rebuild_rate_limit: u64,
+    },
+    /// Destroy a nexus (children keep their data).
+    DestroyNexus {
+        uuid: String,
+    },
+    /// Publish a nexus as nqn.2026-11.io.keelson:vol-<uuid>.
+    PublishNexus {
+        uuid: String,
+        #[arg(long, default_value_t = 1)]
+        ana_group: u32,
+        #[arg(long)]
+        allow_any_host: bool,
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+    UnpublishNexus {
+        uuid: String,
+    },
+    /// Add a child (it is rebuilt while I/O goes on).
+    AddChild {
+        uuid: String,
+        uri: String,
+    },
+    RemoveChild {
+        uuid: String,
+        uri: String,
+    },
+    FaultChild {
+        uuid: String,
+        uri: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Set the ANA state of a group as seen through a port.
     SetAna {
         #[arg(long)]
@@ -90,6 +151,53 @@ enum EngineCmd {
         #[arg(value_enum)]
         state: Ana,
     },
+}
+
+/// One line per nexus, then one per child and per past rebuild:
+/// `nexus UUID STATE NQN size=BYTES` / `  child URI STATE [done/total] [reason]` / `  rebuild CHILD KIND ...`.
+fn print_nexus(n: &pb::Nexus) {
+    let state = pb::NexusState::try_from(n.state).map_or("unknown", |s| match s {
+        pb::NexusState::Online => "online",
+        pb::NexusState::Degraded => "degraded",
+        pb::NexusState::Faulted => "faulted",
+        pb::NexusState::Unspecified => "unknown",
+    });
+    let nqn = if n.nqn.is_empty() {
+        "-"
+    } else {
+        n.nqn.as_str()
+    };
+    println!("nexus {} {state} {nqn} size={}", n.uuid, n.size_bytes);
+    for c in &n.children {
+        let st = pb::ChildState::try_from(c.state).map_or("unknown", |s| match s {
+            pb::ChildState::Healthy => "healthy",
+            pb::ChildState::Rebuilding => "rebuilding",
+            pb::ChildState::Faulted => "faulted",
+            pb::ChildState::Unspecified => "unknown",
+        });
+        let progress = if c.rebuild_total_bytes > 0 {
+            format!(" {}/{}", c.rebuild_done_bytes, c.rebuild_total_bytes)
+        } else {
+            String::new()
+        };
+        let reason = if c.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.reason)
+        };
+        println!("  child {} {st}{progress}{reason}", c.uri);
+    }
+    for r in &n.rebuilds {
+        let result = if r.error.is_empty() {
+            "ok".to_string()
+        } else {
+            format!("failed: {}", r.error)
+        };
+        println!(
+            "  rebuild {} {} copied={}/{} ms={} {result}",
+            r.child, r.kind, r.bytes_copied, r.bytes_total, r.duration_ms
+        );
+    }
 }
 
 fn print<T: std::fmt::Debug>(v: &T) {
@@ -195,6 +303,77 @@ async fn main() -> Result<()> {
             c.remove_listener(pb::RemoveListenerRequest { port_id })
                 .await?;
         }
+        EngineCmd::Nexuses => {
+            for n in c
+                .list_nexuses(pb::ListNexusesRequest {})
+                .await?
+                .into_inner()
+                .nexuses
+            {
+                print_nexus(&n);
+            }
+        }
+        EngineCmd::CreateNexus {
+            uuid,
+            children,
+            io_timeout_ms,
+            rebuild_rate_limit,
+        } => print_nexus(
+            &c.create_nexus(pb::CreateNexusRequest {
+                uuid,
+                children,
+                io_timeout_ms,
+                rebuild_rate_limit,
+            })
+            .await?
+            .into_inner(),
+        ),
+        EngineCmd::DestroyNexus { uuid } => {
+            c.destroy_nexus(pb::DestroyNexusRequest { uuid }).await?;
+        }
+        EngineCmd::PublishNexus {
+            uuid,
+            ana_group,
+            allow_any_host,
+            hosts,
+        } => print_nexus(
+            &c.publish_nexus(pb::PublishNexusRequest {
+                uuid,
+                ana_group,
+                allow_any_host,
+                allowed_hosts: hosts,
+            })
+            .await?
+            .into_inner(),
+        ),
+        EngineCmd::UnpublishNexus { uuid } => print_nexus(
+            &c.unpublish_nexus(pb::UnpublishNexusRequest { uuid })
+                .await?
+                .into_inner(),
+        ),
+        EngineCmd::AddChild { uuid, uri } => print_nexus(
+            &c.add_child(pb::ChildRequest {
+                uuid,
+                uri,
+                reason: String::new(),
+            })
+            .await?
+            .into_inner(),
+        ),
+        EngineCmd::RemoveChild { uuid, uri } => print_nexus(
+            &c.remove_child(pb::ChildRequest {
+                uuid,
+                uri,
+                reason: String::new(),
+            })
+            .await?
+            .into_inner(),
+        ),
+        EngineCmd::FaultChild { uuid, uri, reason } => print_nexus(
+            &c.fault_child(pb::ChildRequest { uuid, uri, reason })
+                .await?
+                .into_inner(),
+        ),
         EngineCmd::SetAna { port, group, state } => {
             let state = match state {
                 Ana::Optimized => pb::AnaState::Optimized,
