@@ -208,12 +208,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Adds a child, fully rebuilt. A child already in the nexus and faulted rejoins instead: within the partial
+    /// rebuild window it gets only the segments written while it was away.
     pub async fn add_child(&self, uuid: &uuid::Uuid, uri: &str) -> Result<(), EngineError> {
+        use crate::nexus::child::ChildState;
         let nexus = self.nexus_or_not_found(uuid)?;
-        if nexus.children().iter().any(|c| c.name == uri) {
+        let existing = nexus.children().into_iter().find(|c| c.name == uri);
+        if existing
+            .as_ref()
+            .is_some_and(|c| c.state != ChildState::Faulted)
+        {
             return Err(TargetError::AlreadyExists(format!("child {uri} of nexus {uuid}")).into());
         }
         let dev = self.open_child(uri, nexus.config().io_timeout).await?;
+        if existing.is_some() {
+            let kind = nexus.rejoin_child(uri, dev).await.map_err(nexus_error)?;
+            tracing::info!(%uuid, uri, ?kind, "child rejoined");
+            return Ok(());
+        }
         nexus
             .add_child(uri, dev)
             .map_err(|e| EngineError::InvalidArgument(e.to_string()))

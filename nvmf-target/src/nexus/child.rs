@@ -4,8 +4,17 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::time::Instant;
+
 use crate::block::BlockDevice;
-use crate::rebuild::Progress;
+use crate::rebuild::{Progress, SegmentMap};
+
+/// Segments written while a child was faulted, so that it can catch up with a partial rebuild.
+#[derive(Clone, Debug)]
+pub struct WriteLog {
+    pub map: SegmentMap,
+    pub since: Instant,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChildState {
@@ -37,6 +46,8 @@ struct Status {
     state: ChildState,
     reason: Option<String>,
     rebuild: Option<Arc<Progress>>,
+    /// Kept while faulted, if the child was complete (healthy) when it went away.
+    log: Option<WriteLog>,
 }
 
 pub struct Child {
@@ -45,6 +56,8 @@ pub struct Child {
     pub device: Arc<dyn BlockDevice>,
     pub counters: ChildCounters,
     status: Mutex<Status>,
+    /// Device size and segment size of the write log.
+    log_geometry: (u64, u64),
 }
 
 /// A snapshot of a child for callers.
@@ -58,7 +71,13 @@ pub struct ChildInfo {
 }
 
 impl Child {
-    pub fn new(name: String, device: Arc<dyn BlockDevice>, state: ChildState) -> Child {
+    /// `log_geometry`: (device size, segment size) of the write log kept while faulted.
+    pub fn new(
+        name: String,
+        device: Arc<dyn BlockDevice>,
+        state: ChildState,
+        log_geometry: (u64, u64),
+    ) -> Child {
         Child {
             name,
             device,
@@ -67,7 +86,9 @@ impl Child {
                 state,
                 reason: None,
                 rebuild: None,
+                log: None,
             }),
+            log_geometry,
         }
     }
 
@@ -91,9 +112,32 @@ impl Child {
             return false;
         }
         tracing::warn!(child = %self.name, reason, "child faulted");
+        // Only a child that was complete can catch up from a log; one faulted mid-rebuild needs a full copy.
+        if s.state == ChildState::Healthy {
+            let (size, segment) = self.log_geometry;
+            s.log = Some(WriteLog {
+                map: SegmentMap::empty(size, segment),
+                since: Instant::now(),
+            });
+        }
         s.state = ChildState::Faulted;
         s.reason = Some(reason.to_string());
         true
+    }
+
+    /// Records a write the child missed (no-op unless it is faulted with a log).
+    pub fn log_write(&self, offset: u64, len: u64) {
+        let mut s = self.st();
+        if s.state == ChildState::Faulted
+            && let Some(log) = s.log.as_mut()
+        {
+            log.map.mark(offset, len);
+        }
+    }
+
+    /// Takes the write log (the child is about to be replaced by its returning self).
+    pub fn take_log(&self) -> Option<WriteLog> {
+        self.st().log.take()
     }
 
     pub fn start_rebuild(&self, progress: Arc<Progress>) {

@@ -73,6 +73,12 @@ impl Nexus {
                 }
             }
         }
+        // Children that are away (including any this write just faulted) remember the range for a partial rebuild.
+        if len > 0 {
+            for c in self.list() {
+                c.log_write(offset, len);
+            }
+        }
         if healthy_ok > 0 {
             Ok(())
         } else {

@@ -59,6 +59,8 @@ pub struct NexusConfig {
     /// Read errors after which a child is faulted (each failed read is retried on another child).
     pub read_error_limit: u32,
     pub rebuild: RebuildConfig,
+    /// A faulted child that comes back within this window gets only the segments written meanwhile.
+    pub partial_rebuild_window: Duration,
 }
 
 impl Default for NexusConfig {
@@ -67,6 +69,7 @@ impl Default for NexusConfig {
             io_timeout: Duration::from_secs(30),
             read_error_limit: 3,
             rebuild: RebuildConfig::default(),
+            partial_rebuild_window: Duration::from_secs(600),
         }
     }
 }
@@ -112,7 +115,11 @@ impl Nexus {
             if list.iter().any(|c| c.name == n) {
                 return Err(NexusError::DuplicateChild(n));
             }
-            list.push(Arc::new(Child::new(n, d, ChildState::Healthy)));
+            let geometry = (
+                num_blocks * u64::from(block_size),
+                config.rebuild.segment_size,
+            );
+            list.push(Arc::new(Child::new(n, d, ChildState::Healthy, geometry)));
         }
         Ok(Arc::new(Nexus {
             name: name.to_string(),
@@ -196,12 +203,68 @@ impl Nexus {
             if list.iter().any(|c| c.name == name) {
                 return Err(NexusError::DuplicateChild(name.into()));
             }
-            let c = Arc::new(Child::new(name.to_string(), device, ChildState::Rebuilding));
+            let c = Arc::new(Child::new(
+                name.to_string(),
+                device,
+                ChildState::Rebuilding,
+                self.log_geometry(),
+            ));
             list.push(c.clone());
             c
         };
         self.start_rebuild(child, map, kind);
         Ok(())
+    }
+
+    fn log_geometry(&self) -> (u64, u64) {
+        (self.size_bytes(), self.config.rebuild.segment_size)
+    }
+
+    /// A faulted child comes back (reconnected, disk replaced by the same data, ...). Within the partial-rebuild
+    /// window it gets only the segments written while it was away; otherwise a full rebuild.
+    pub async fn rejoin_child(
+        self: &Arc<Self>,
+        name: &str,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<RebuildKind, NexusError> {
+        if device.block_size() != self.block_size || device.size_bytes() < self.size_bytes() {
+            return Err(NexusError::TooSmall {
+                name: name.into(),
+                got: device.size_bytes(),
+                want: self.size_bytes(),
+            });
+        }
+        // No write may be in flight while the log is handed over, or one could miss both the log and the child.
+        let _all = self.lock.exclusive(0..self.size_bytes()).await;
+        let (child, map, kind) = {
+            let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
+            let idx = list
+                .iter()
+                .position(|c| c.name == name)
+                .ok_or_else(|| NexusError::NoSuchChild(name.into()))?;
+            if list[idx].state() != ChildState::Faulted {
+                return Err(NexusError::DuplicateChild(name.into()));
+            }
+            let (map, kind) = match list[idx].take_log() {
+                Some(log) if log.since.elapsed() <= self.config.partial_rebuild_window => {
+                    (log.map, RebuildKind::Partial)
+                }
+                _ => (
+                    SegmentMap::full(self.size_bytes(), self.config.rebuild.segment_size),
+                    RebuildKind::Full,
+                ),
+            };
+            let c = Arc::new(Child::new(
+                name.to_string(),
+                device,
+                ChildState::Rebuilding,
+                self.log_geometry(),
+            ));
+            list[idx] = c.clone();
+            (c, map, kind)
+        };
+        self.start_rebuild(child, map, kind);
+        Ok(kind)
     }
 
     /// Removes a child. The last healthy child cannot be removed while others still need it.

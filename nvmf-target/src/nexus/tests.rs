@@ -29,6 +29,7 @@ fn config() -> NexusConfig {
             segment_size: 64 << 10,
             rate_limit: None,
         },
+        partial_rebuild_window: Duration::from_secs(60),
     }
 }
 
@@ -322,5 +323,118 @@ async fn overlapping_writes_reach_every_child_in_the_same_order() {
         slow.read(0, 4096).await.unwrap(),
         pattern(2, 4096),
         "replicas disagree"
+    );
+}
+
+async fn wait_rebuilds(n: &Nexus, count: usize) {
+    for _ in 0..2000 {
+        if n.rebuild_history().len() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("rebuild did not finish: {:?}", n.children());
+}
+
+/// The child is away while about 1 % of the volume is rewritten; coming back, only that is copied.
+#[tokio::test]
+async fn a_child_back_within_the_window_copies_only_what_it_missed() {
+    let (a, b, c) = (mem(), mem(), faulty());
+    let n = nexus(vec![a.clone(), b.clone(), c.clone()]);
+    n.write(0, pattern(1, SIZE as usize)).await.unwrap();
+    c.set_plan(FaultPlan {
+        fail_after: Some(0),
+        reads_too: true,
+        ..Default::default()
+    });
+    // About 1 % of 16 MiB (164 KiB) in three places; the last spans three 64 KiB segments.
+    for (off, len) in [
+        (0u64, 4096usize),
+        (5 << 20, 64 << 10),
+        ((9 << 20) + (60 << 10), 96 << 10),
+    ] {
+        n.write(off, pattern(2, len)).await.unwrap();
+    }
+    assert_eq!(n.state(), NexusState::Degraded);
+    c.set_plan(FaultPlan::default());
+    assert_eq!(
+        n.rejoin_child("c2", c.clone()).await.unwrap(),
+        RebuildKind::Partial
+    );
+    wait_online(&n).await;
+    let h = n.rebuild_history();
+    assert_eq!(h[0].kind, RebuildKind::Partial);
+    assert_eq!(
+        h[0].bytes_copied,
+        5 * (64 << 10),
+        "segments 0, 80 and 144..=146 only"
+    );
+    let want = a.read(0, SIZE).await.unwrap();
+    assert_eq!(b.read(0, SIZE).await.unwrap(), want);
+    assert_eq!(c.read(0, SIZE).await.unwrap(), want);
+}
+
+#[tokio::test]
+async fn a_child_back_after_the_window_is_rebuilt_in_full() {
+    let (a, c) = (mem(), faulty());
+    let mut cfg = config();
+    cfg.partial_rebuild_window = Duration::ZERO;
+    let n = Nexus::new(
+        "vol",
+        vec![
+            ("c0".into(), a.clone()),
+            ("c1".into(), c.clone() as Arc<dyn BlockDevice>),
+        ],
+        cfg,
+    )
+    .unwrap();
+    c.set_plan(FaultPlan {
+        fail_after: Some(0),
+        ..Default::default()
+    });
+    n.write(0, pattern(3, 4096)).await.unwrap();
+    c.set_plan(FaultPlan::default());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        n.rejoin_child("c1", c.clone()).await.unwrap(),
+        RebuildKind::Full
+    );
+    wait_rebuilds(&n, 1).await;
+    assert_eq!(n.rebuild_history()[0].bytes_copied, SIZE);
+    assert_eq!(
+        c.read(0, SIZE).await.unwrap(),
+        a.read(0, SIZE).await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_child_faulted_during_its_rebuild_needs_a_full_one() {
+    let n = nexus(vec![mem()]);
+    let c = faulty();
+    c.set_plan(FaultPlan {
+        fail_after: Some(2),
+        ..Default::default()
+    });
+    n.add_child("new", c.clone()).unwrap();
+    wait_rebuilds(&n, 1).await;
+    assert_eq!(n.children()[1].state, ChildState::Faulted);
+    c.set_plan(FaultPlan::default());
+    assert_eq!(
+        n.rejoin_child("new", c.clone()).await.unwrap(),
+        RebuildKind::Full
+    );
+    wait_online(&n).await;
+}
+
+#[tokio::test]
+async fn only_faulted_children_rejoin() {
+    let n = nexus(vec![mem(), mem()]);
+    assert_eq!(
+        n.rejoin_child("c1", mem()).await,
+        Err(NexusError::DuplicateChild("c1".into()))
+    );
+    assert_eq!(
+        n.rejoin_child("zz", mem()).await,
+        Err(NexusError::NoSuchChild("zz".into()))
     );
 }

@@ -40,6 +40,10 @@ impl EngineProc {
 
     /// `extra`: more export keys, e.g. ",fault=true".
     fn start_with(ip: &str, name: &str, extra: &str) -> EngineProc {
+        Self::start_sized(ip, name, SIZE, extra)
+    }
+
+    fn start_sized(ip: &str, name: &str, size: u64, extra: &str) -> EngineProc {
         let (port, grpc) = (free_port(ip), free_port(ip));
         let replica = format!("nqn.2026-11.io.keelson:replica-{}", uuid::Uuid::new_v4());
         let child = Command::new(env!("CARGO_BIN_EXE_io-engine"))
@@ -52,7 +56,7 @@ impl EngineProc {
                 &format!("{ip}:{grpc}"),
             ])
             .arg("--export")
-            .arg(format!("nqn={replica},memory={SIZE}{extra}"))
+            .arg(format!("nqn={replica},memory={size}{extra}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -90,6 +94,16 @@ impl EngineProc {
         let data = ns.read(0, SIZE).await.unwrap();
         ns.close().await;
         data
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(
+            Command::new("kill")
+                .args([sig, &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     fn kill9(&mut self) {
@@ -306,6 +320,97 @@ async fn replica_lost_then_replaced(failure: Failure) {
     for (name, e) in [("n1", &e1), ("n2", &e2), ("n4", &e4)] {
         let r = e.replica_contents().await;
         assert!(r == seen, "replica on {name} differs from the volume");
+    }
+    vol.close().await;
+}
+
+/// A replica frozen (SIGSTOP) for a few seconds while about 1 % of the volume is rewritten comes back and gets
+/// only what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_away_for_seconds_catches_up_with_a_partial_rebuild() {
+    const BIG: u64 = 256 << 20;
+    let e1 = EngineProc::start_sized("127.0.0.1", "n1", BIG, "");
+    let e2 = EngineProc::start_sized("127.0.0.2", "n2", BIG, "");
+    let e3 = EngineProc::start_sized("127.0.0.3", "n3", BIG, "");
+    let mut api = e1.api().await;
+    e2.api().await;
+    e3.api().await;
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let children = vec![format!("local:///{}", e1.replica), e2.uri(), e3.uri()];
+    api.create_nexus(pb::CreateNexusRequest {
+        uuid: uuid.clone(),
+        children,
+        io_timeout_ms: 1000,
+        rebuild_rate_limit: 0,
+    })
+    .await
+    .unwrap();
+    let n = api
+        .publish_nexus(pb::PublishNexusRequest {
+            uuid: uuid.clone(),
+            allow_any_host: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let addr = format!("127.0.0.1:{}", e1.port).parse().unwrap();
+    let vol = RemoteNamespace::connect(ConnectOptions::new(addr, &n.nqn), 1)
+        .await
+        .unwrap();
+    for i in 0..BIG / (8 << 20) {
+        vol.write(i * (8 << 20), block(i, 8 << 20)).await.unwrap();
+    }
+
+    e3.signal("-STOP");
+    // 2.5 MiB (about 1 % of 256 MiB) while the replica is away: segments 100, 101 and 102.
+    let written = 5 * (512 << 10);
+    for i in 0..5u64 {
+        vol.write((100 << 20) + i * (512 << 10), block(100 + i, 512 << 10))
+            .await
+            .unwrap();
+    }
+    let info = nexus_info(&mut api, &uuid).await;
+    assert_eq!(info.state, pb::NexusState::Degraded as i32, "{info:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    e3.signal("-CONT");
+
+    api.add_child(pb::ChildRequest {
+        uuid: uuid.clone(),
+        uri: e3.uri(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let info = loop {
+        let info = nexus_info(&mut api, &uuid).await;
+        if info.state == pb::NexusState::Online as i32 || t.elapsed() > Duration::from_secs(30) {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info.state, pb::NexusState::Online as i32, "{info:?}");
+    let r = info.rebuilds.last().unwrap();
+    assert_eq!((r.kind.as_str(), r.error.as_str()), ("partial", ""));
+    assert!(
+        r.bytes_copied >= written && r.bytes_copied <= BIG / 50,
+        "copied {} of {BIG}",
+        r.bytes_copied
+    );
+    assert_eq!(r.bytes_copied, 3 << 20);
+
+    let seen = vol.read(0, BIG).await.unwrap();
+    for (name, e) in [("n1", &e1), ("n2", &e2), ("n3", &e3)] {
+        let addr = format!("{}:{}", e.ip, e.port).parse().unwrap();
+        let ns = RemoteNamespace::connect(ConnectOptions::new(addr, &e.replica), 1)
+            .await
+            .unwrap();
+        assert!(
+            ns.read(0, BIG).await.unwrap() == seen,
+            "replica on {name} differs from the volume"
+        );
+        ns.close().await;
     }
     vol.close().await;
 }
