@@ -6,6 +6,7 @@
 mod api;
 mod bad_input;
 mod binary;
+mod edges;
 mod events;
 mod harness;
 mod initiator;
