@@ -28,6 +28,7 @@ fn config() -> NexusConfig {
         rebuild: RebuildConfig {
             segment_size: 64 << 10,
             rate_limit: None,
+            parallel: 4,
         },
         partial_rebuild_window: Duration::from_secs(60),
     }

@@ -1,5 +1,6 @@
 //! The rebuild copy loop. For each marked segment: take the exclusive range lock (application writes to that
-//! segment wait), read it from a source, write it to the destination, release. Writes that arrive meanwhile for
+//! segment wait), read it from a source, write it to the destination, release. Up to `parallel` segments are in
+//! flight at once, so the copy is not bound by one round trip per segment. Writes that arrive meanwhile for
 //! other segments go to the destination too (the caller fans them out), so when the loop ends the destination is
 //! identical to the sources. A failing source is swapped for another; a failing destination ends the rebuild.
 
@@ -43,6 +44,8 @@ pub struct RebuildConfig {
     pub segment_size: u64,
     /// Bytes per second the rebuild may copy; `None` = as fast as it can.
     pub rate_limit: Option<u64>,
+    /// Segments copied at once.
+    pub parallel: usize,
 }
 
 impl Default for RebuildConfig {
@@ -50,6 +53,7 @@ impl Default for RebuildConfig {
         RebuildConfig {
             segment_size: 1 << 20,
             rate_limit: None,
+            parallel: 4,
         }
     }
 }
@@ -90,6 +94,43 @@ pub struct RebuildStats {
     pub duration: Duration,
 }
 
+/// Copies one segment, swapping a failing source for another.
+async fn copy_segment(
+    source: &dyn Source,
+    dst: &Arc<dyn BlockDevice>,
+    range: std::ops::Range<u64>,
+    lock: &RangeLock,
+) -> Result<u64, RebuildError> {
+    let len = range.end - range.start;
+    let mut attempts = 0;
+    loop {
+        let src = source.pick().ok_or(RebuildError::NoSource)?;
+        let guard = lock.exclusive(range.clone()).await;
+        let data = match src.read(range.start, len).await {
+            Ok(d) => d,
+            Err(e) => {
+                drop(guard);
+                source.failed(&src, &e.to_string());
+                attempts += 1;
+                if attempts >= SOURCE_ATTEMPTS {
+                    return Err(RebuildError::Source {
+                        offset: range.start,
+                        reason: e.to_string(),
+                    });
+                }
+                continue;
+            }
+        };
+        dst.write(range.start, data)
+            .await
+            .map_err(|e| RebuildError::Destination {
+                offset: range.start,
+                reason: e.to_string(),
+            })?;
+        return Ok(len);
+    }
+}
+
 /// Copies every segment marked in `map` from `source` to `dst`.
 pub async fn run(
     source: &dyn Source,
@@ -100,41 +141,19 @@ pub async fn run(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<RebuildStats, RebuildError> {
+    use futures_util::StreamExt;
     let start = Instant::now();
     let mut segments = 0;
-    for range in map.ranges() {
-        if cancel.is_cancelled() {
-            return Err(RebuildError::Cancelled);
-        }
-        let len = range.end - range.start;
-        let mut attempts = 0;
-        loop {
-            let src = source.pick().ok_or(RebuildError::NoSource)?;
-            let guard = lock.exclusive(range.clone()).await;
-            let data = match src.read(range.start, len).await {
-                Ok(d) => d,
-                Err(e) => {
-                    drop(guard);
-                    source.failed(&src, &e.to_string());
-                    attempts += 1;
-                    if attempts >= SOURCE_ATTEMPTS {
-                        return Err(RebuildError::Source {
-                            offset: range.start,
-                            reason: e.to_string(),
-                        });
-                    }
-                    continue;
-                }
-            };
-            dst.write(range.start, data)
-                .await
-                .map_err(|e| RebuildError::Destination {
-                    offset: range.start,
-                    reason: e.to_string(),
-                })?;
-            drop(guard);
-            break;
-        }
+    let mut copies = futures_util::stream::iter(map.ranges())
+        .map(|range| copy_segment(source, dst, range, lock))
+        .buffer_unordered(config.parallel.max(1));
+    loop {
+        let next = tokio::select! {
+            n = copies.next() => n,
+            _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
+        };
+        let Some(r) = next else { break };
+        let len = r?;
         segments += 1;
         let done = progress.done.fetch_add(len, Ordering::Relaxed) + len;
         if let Some(rate) = config.rate_limit.filter(|r| *r > 0) {
@@ -272,6 +291,7 @@ mod tests {
         let cfg = RebuildConfig {
             segment_size: 1 << 20,
             rate_limit: Some(2 << 20),
+            parallel: 1,
         };
         let s = Fixed(vec![src], Default::default());
         let stats = run(

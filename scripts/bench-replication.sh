@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Replication figures: io-engines on 127.0.0.1..3 serving 256 MiB memory replicas, nexuses on 127.0.0.1 with 1, 2
+# and 3 children, nvmf-perf against each; then rebuild throughput with and without application I/O, and partial
+# versus full rebuild for the same outage. Everything shares this machine's cores, so the figures include that
+# contention. Usage: scripts/bench-replication.sh [seconds per workload, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${1:-10}
+cargo build --release --bins -q
+B=./target/release
+R=nqn.2026-11.io.keelson:replica-00000000-0000-4000-8000-0000000000
+V=nqn.2026-11.io.keelson:vol-
+LOG=$(mktemp -d)
+PIDS=()
+trap 'kill ${PIDS[@]} 2>/dev/null || true' EXIT
+engine() { # i, replica suffixes...
+    local i=$1; shift
+    local ex=()
+    for s in "$@"; do ex+=(--export "nqn=${R}$i$s,memory=256MiB"); done
+    $B/io-engine --node-name n$i --listen 127.0.0.$i:4420 --grpc 127.0.0.$i:10124 "${ex[@]}" > $LOG/e$i.log 2>&1 &
+    PIDS+=($!)
+}
+engine 1 1 2 3 4 5
+engine 2 2 3 4 5 6
+engine 3 3
+sleep 1
+k() { $B/keelctl engine --endpoint http://127.0.0.1:10124 "$@"; }
+nx() { echo "00000000-0000-4000-8000-00000000b00$1"; }
+loc() { echo "local:///${R}1$1"; }
+rem() { echo "nvmf://127.0.0.$1:4420/${R}$1$2"; }
+perf() { $B/nvmf-perf --addr 127.0.0.1:4420 --nqn "$V$1" --time "$T" "${@:2}" --target-pid ${PIDS[0]}; }
+
+echo "## write cost by replica count (4 KiB random writes)"
+k create-nexus "$(nx 1)" "$(loc 1)" >/dev/null
+k create-nexus "$(nx 2)" "$(loc 2)" "$(rem 2 2)" >/dev/null
+k create-nexus "$(nx 3)" "$(loc 3)" "$(rem 2 3)" "$(rem 3 3)" >/dev/null
+k create-nexus "$(nx 6)" "$(rem 2 6)" >/dev/null
+for n in 1 2 3 6; do k publish-nexus "$(nx $n)" --allow-any-host >/dev/null; done
+# Memory replicas are thin: the first write to each 1 MiB chunk allocates and zeroes it. Fill every volume first
+# so the figures measure replication, not first touch.
+prefill() { $B/nvmf-perf --addr 127.0.0.1:4420 --nqn "$V$1" --rw write --bs 128k --qd 8 --time 3 >/dev/null; }
+for n in 1 2 3 6; do prefill "$(nx $n)"; done
+for n in 6 1 2 3; do
+    label="replicas=$n (1 local)"
+    [ $n -gt 1 ] && label="replicas=$n (1 local + $((n - 1)) remote)"
+    if [ $n = 6 ]; then label="replicas=1 (remote)"; fi
+    for qd in 1 32; do echo -n "$label "; perf "$(nx $n)" --rw randwrite --bs 4k --qd $qd | awk "NR==1"; done
+done
+
+echo "## rebuild of a 256 MiB replica"
+k create-nexus "$(nx 4)" "$(loc 4)" >/dev/null
+k publish-nexus "$(nx 4)" --allow-any-host >/dev/null
+prefill "$(nx 4)"
+wait_rebuilds() { # uuid, count
+    for _ in $(seq 1 600); do
+        [ "$(k nexuses | awk -v u="$1" '$1=="nexus"{cur=$2} cur==u && $1=="rebuild"' | wc -l)" -ge "$2" ] && return 0
+        sleep 0.2
+    done
+    echo "rebuild did not finish" >&2; return 1
+}
+k add-child "$(nx 4)" "$(rem 2 4)" >/dev/null
+wait_rebuilds "$(nx 4)" 1
+echo "idle:      $(k nexuses | awk -v u="$(nx 4)" '$1=="nexus"{cur=$2} cur==u && $1=="rebuild"' | tail -1)"
+echo -n "app, 2 replicas, no rebuild:     "
+perf "$(nx 4)" --rw randwrite --bs 4k --qd 32 | awk "NR==1"
+k remove-child "$(nx 4)" "$(rem 2 4)" >/dev/null
+k add-child "$(nx 4)" "$(rem 2 5)" >/dev/null
+echo -n "app, 2 replicas, one rebuilding: "
+perf "$(nx 4)" --rw randwrite --bs 4k --qd 32 | awk "NR==1"
+wait_rebuilds "$(nx 4)" 2
+echo "under I/O: $(k nexuses | awk -v u="$(nx 4)" '$1=="nexus"{cur=$2} cur==u && $1=="rebuild"' | tail -1)"
+
+echo "## partial versus full rebuild after the same outage (about 1 % rewritten)"
+k fault-child "$(nx 4)" "$(rem 2 5)" --reason bench >/dev/null
+$B/nvmf-perf --addr 127.0.0.1:4420 --nqn "$V$(nx 4)" --rw randwrite --bs 4k --qd 16 --size 2560KiB --time 2 >/dev/null
+k add-child "$(nx 4)" "$(rem 2 5)" >/dev/null
+wait_rebuilds "$(nx 4)" 3
+echo "partial:   $(k nexuses | awk -v u="$(nx 4)" '$1=="nexus"{cur=$2} cur==u && $1=="rebuild"' | tail -1)"
+echo "full (same volume, idle, from above): see 'idle' line"
