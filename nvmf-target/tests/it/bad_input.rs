@@ -308,17 +308,7 @@ async fn in_capsule_data_larger_than_allowed_is_refused() {
 async fn ana_inaccessible_fails_io_with_a_path_error_and_raises_an_event() {
     let t = target().await;
     let (mut a, id) = Raw::admin(t.addr, 0).await;
-    let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
-    sqe.set_cdw(10, 0x0B);
-    sqe.set_cdw(11, 1 << 11);
-    assert!(a.cmd(sqe, Bytes::new()).await.status.is_success());
-    let mut aer = Sqe::new(admin::ASYNC_EVENT_REQUEST, 0);
-    aer.set_cid(31);
-    a.send(Pdu::CapsuleCmd(CapsuleCmd {
-        sqe: aer,
-        data: Bytes::new(),
-    }))
-    .await;
+    a.arm_events(1 << 11).await;
     let mut q = Raw::io(t.addr, &mut a, id).await;
     t.target
         .set_ana_state(1, 1, nvmf_target::protocol::log::AnaState::Inaccessible)

@@ -9,20 +9,6 @@ use nvmf_target::protocol::pdu::{CapsuleCmd, Pdu};
 
 use super::harness::*;
 
-async fn enable_events(a: &mut Raw, mask: u32) {
-    let mut sqe = Sqe::new(admin::SET_FEATURES, 0);
-    sqe.set_cdw(10, 0x0B);
-    sqe.set_cdw(11, mask);
-    assert!(a.cmd(sqe, Bytes::new()).await.status.is_success());
-    let mut aer = Sqe::new(admin::ASYNC_EVENT_REQUEST, 0);
-    aer.set_cid(31);
-    a.send(Pdu::CapsuleCmd(CapsuleCmd {
-        sqe: aer,
-        data: Bytes::new(),
-    }))
-    .await;
-}
-
 /// Get Log Page through the raw client; returns the data.
 async fn log_page(a: &mut Raw, lid: u8, len: u32) -> Bytes {
     let mut sqe = Sqe::new(admin::GET_LOG_PAGE, 0xFFFF_FFFF);
@@ -46,7 +32,7 @@ async fn log_page(a: &mut Raw, lid: u8, len: u32) -> Bytes {
 async fn adding_a_namespace_raises_ns_changed_and_lists_it() {
     let t = target().await;
     let (mut a, _) = Raw::admin(t.addr, 0).await;
-    enable_events(&mut a, 1 << 8).await;
+    a.arm_events(1 << 8).await;
     t.target
         .add_namespace(
             NQN,

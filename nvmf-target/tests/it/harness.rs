@@ -202,6 +202,24 @@ impl Raw {
         (r, id)
     }
 
+    /// Enables the asynchronous events in `mask` (Set Features 0Bh) and leaves one AER (CID 31) outstanding.
+    pub async fn arm_events(&mut self, mask: u32) {
+        let mut sqe = Sqe::new(nvmf_target::protocol::command::admin::SET_FEATURES, 0);
+        sqe.set_cdw(10, 0x0B);
+        sqe.set_cdw(11, mask);
+        assert!(self.cmd(sqe, Bytes::new()).await.status.is_success());
+        let mut aer = Sqe::new(
+            nvmf_target::protocol::command::admin::ASYNC_EVENT_REQUEST,
+            0,
+        );
+        aer.set_cid(31);
+        self.send(Pdu::CapsuleCmd(CapsuleCmd {
+            sqe: aer,
+            data: Bytes::new(),
+        }))
+        .await;
+    }
+
     /// An I/O queue (qid 1) of a controller set up by [`Raw::admin`] after Set Features Number of Queues.
     pub async fn io(addr: SocketAddr, admin: &mut Raw, cntlid: u16) -> Raw {
         let mut sqe = Sqe::new(nvmf_target::protocol::command::admin::SET_FEATURES, 0);

@@ -131,6 +131,23 @@ async fn nexus_info(api: &mut EngineClient<Channel>, uuid: &str) -> pb::Nexus {
         .expect("nexus listed")
 }
 
+/// Polls the nexus until it reaches `state` or `timeout` passes; returns what it last saw.
+async fn wait_state(
+    api: &mut EngineClient<Channel>,
+    uuid: &str,
+    state: pb::NexusState,
+    timeout: Duration,
+) -> pb::Nexus {
+    let t = Instant::now();
+    loop {
+        let info = nexus_info(api, uuid).await;
+        if info.state == state as i32 || t.elapsed() > timeout {
+            return info;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn block(seed: u64, len: usize) -> Bytes {
     Bytes::from(
         (0..len)
@@ -232,14 +249,13 @@ async fn replica_lost_then_replaced(failure: Failure) {
             e3.api().await.inject_fault(r).await.unwrap();
         }
     }
-    let t = Instant::now();
-    let info = loop {
-        let info = nexus_info(&mut api, &uuid).await;
-        if info.state == pb::NexusState::Degraded as i32 || t.elapsed() > Duration::from_secs(15) {
-            break info;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let info = wait_state(
+        &mut api,
+        &uuid,
+        pb::NexusState::Degraded,
+        Duration::from_secs(15),
+    )
+    .await;
     assert_eq!(info.state, pb::NexusState::Degraded as i32, "{info:?}");
     let dead = info.children.iter().find(|c| c.uri == e3.uri()).unwrap();
     assert_eq!(dead.state, pb::ChildState::Faulted as i32);
@@ -289,14 +305,13 @@ async fn replica_lost_then_replaced(failure: Failure) {
     })
     .await
     .unwrap();
-    let t = Instant::now();
-    let info = loop {
-        let info = nexus_info(&mut api, &uuid).await;
-        if info.state == pb::NexusState::Online as i32 || t.elapsed() > Duration::from_secs(60) {
-            break info;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let info = wait_state(
+        &mut api,
+        &uuid,
+        pb::NexusState::Online,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(info.state, pb::NexusState::Online as i32, "{info:?}");
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
@@ -382,14 +397,13 @@ async fn a_replica_away_for_seconds_catches_up_with_a_partial_rebuild() {
     })
     .await
     .unwrap();
-    let t = Instant::now();
-    let info = loop {
-        let info = nexus_info(&mut api, &uuid).await;
-        if info.state == pb::NexusState::Online as i32 || t.elapsed() > Duration::from_secs(30) {
-            break info;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let info = wait_state(
+        &mut api,
+        &uuid,
+        pb::NexusState::Online,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(info.state, pb::NexusState::Online as i32, "{info:?}");
     let r = info.rebuilds.last().unwrap();
     assert_eq!((r.kind.as_str(), r.error.as_str()), ("partial", ""));
