@@ -148,6 +148,47 @@ async fn wait_state(
     }
 }
 
+/// Adds (or rejoins) a child and waits until the nexus is Online again.
+async fn add_child_until_online(
+    api: &mut EngineClient<Channel>,
+    uuid: &str,
+    uri: String,
+    timeout: Duration,
+) -> pb::Nexus {
+    let r = pb::ChildRequest {
+        uuid: uuid.to_string(),
+        uri,
+        reason: String::new(),
+    };
+    api.add_child(r).await.unwrap();
+    let info = wait_state(api, uuid, pb::NexusState::Online, timeout).await;
+    assert_eq!(info.state, pb::NexusState::Online as i32, "{info:?}");
+    info
+}
+
+/// Creates a nexus over `children` and publishes it to any host.
+async fn create_published(
+    api: &mut EngineClient<Channel>,
+    uuid: &str,
+    children: Vec<String>,
+    io_timeout_ms: u64,
+) -> pb::Nexus {
+    let r = pb::CreateNexusRequest {
+        uuid: uuid.to_string(),
+        children,
+        io_timeout_ms,
+        rebuild_rate_limit: 0,
+    };
+    let n = api.create_nexus(r).await.unwrap().into_inner();
+    assert_eq!(n.state, pb::NexusState::Online as i32);
+    let r = pb::PublishNexusRequest {
+        uuid: uuid.to_string(),
+        allow_any_host: true,
+        ..Default::default()
+    };
+    api.publish_nexus(r).await.unwrap().into_inner()
+}
+
 fn block(seed: u64, len: usize) -> Bytes {
     Bytes::from(
         (0..len)
@@ -184,26 +225,7 @@ async fn replica_lost_then_replaced(failure: Failure) {
     let uuid = uuid::Uuid::new_v4().to_string();
     let local = format!("local:///{}", e1.replica);
     let children = vec![local.clone(), e2.uri(), e3.uri()];
-    let n = api
-        .create_nexus(pb::CreateNexusRequest {
-            uuid: uuid.clone(),
-            children,
-            io_timeout_ms: 5000,
-            rebuild_rate_limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(n.state, pb::NexusState::Online as i32);
-    let n = api
-        .publish_nexus(pb::PublishNexusRequest {
-            uuid: uuid.clone(),
-            allow_any_host: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let n = create_published(&mut api, &uuid, children, 5000).await;
 
     // The application: a host on the published volume, writing a known pattern everywhere, then rewriting.
     let addr = format!("127.0.0.1:{}", e1.port).parse().unwrap();
@@ -298,21 +320,7 @@ async fn replica_lost_then_replaced(failure: Failure) {
     .unwrap();
     let e4 = EngineProc::start("127.0.0.4", "n4");
     e4.api().await;
-    api.add_child(pb::ChildRequest {
-        uuid: uuid.clone(),
-        uri: e4.uri(),
-        reason: String::new(),
-    })
-    .await
-    .unwrap();
-    let info = wait_state(
-        &mut api,
-        &uuid,
-        pb::NexusState::Online,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_eq!(info.state, pb::NexusState::Online as i32, "{info:?}");
+    let info = add_child_until_online(&mut api, &uuid, e4.uri(), Duration::from_secs(60)).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     assert_eq!(
@@ -352,23 +360,7 @@ async fn a_replica_away_for_seconds_catches_up_with_a_partial_rebuild() {
     e3.api().await;
     let uuid = uuid::Uuid::new_v4().to_string();
     let children = vec![format!("local:///{}", e1.replica), e2.uri(), e3.uri()];
-    api.create_nexus(pb::CreateNexusRequest {
-        uuid: uuid.clone(),
-        children,
-        io_timeout_ms: 1000,
-        rebuild_rate_limit: 0,
-    })
-    .await
-    .unwrap();
-    let n = api
-        .publish_nexus(pb::PublishNexusRequest {
-            uuid: uuid.clone(),
-            allow_any_host: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let n = create_published(&mut api, &uuid, children, 1000).await;
     let addr = format!("127.0.0.1:{}", e1.port).parse().unwrap();
     let vol = RemoteNamespace::connect(ConnectOptions::new(addr, &n.nqn), 1)
         .await
@@ -390,21 +382,7 @@ async fn a_replica_away_for_seconds_catches_up_with_a_partial_rebuild() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     e3.signal("-CONT");
 
-    api.add_child(pb::ChildRequest {
-        uuid: uuid.clone(),
-        uri: e3.uri(),
-        reason: String::new(),
-    })
-    .await
-    .unwrap();
-    let info = wait_state(
-        &mut api,
-        &uuid,
-        pb::NexusState::Online,
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(info.state, pb::NexusState::Online as i32, "{info:?}");
+    let info = add_child_until_online(&mut api, &uuid, e3.uri(), Duration::from_secs(30)).await;
     let r = info.rebuilds.last().unwrap();
     assert_eq!((r.kind.as_str(), r.error.as_str()), ("partial", ""));
     assert!(
