@@ -267,7 +267,8 @@ impl Nexus {
         Ok(kind)
     }
 
-    /// Removes a child. The last healthy child cannot be removed while others still need it.
+    /// Removes a child. The last healthy child is never removed: it holds the only good copy (destroy the nexus
+    /// instead).
     pub fn remove_child(&self, name: &str) -> Result<(), NexusError> {
         let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
         let idx = list
@@ -279,7 +280,7 @@ impl Nexus {
             .enumerate()
             .filter(|(i, c)| *i != idx && c.state() == ChildState::Healthy)
             .count();
-        if list[idx].state() == ChildState::Healthy && healthy_others == 0 && list.len() > 1 {
+        if list[idx].state() == ChildState::Healthy && healthy_others == 0 {
             return Err(NexusError::LastHealthyChild(name.into()));
         }
         let c = list.remove(idx);

@@ -439,3 +439,26 @@ async fn only_faulted_children_rejoin() {
         Err(NexusError::NoSuchChild("zz".into()))
     );
 }
+
+#[tokio::test]
+async fn the_last_healthy_child_is_never_removed() {
+    let bad = faulty();
+    let n = nexus(vec![mem(), bad.clone()]);
+    bad.set_plan(FaultPlan {
+        fail_after: Some(0),
+        ..Default::default()
+    });
+    n.write(0, pattern(7, 512)).await.unwrap();
+    assert_eq!(
+        n.remove_child("c0"),
+        Err(NexusError::LastHealthyChild("c0".into())),
+        "only faulted ones would be left"
+    );
+    n.remove_child("c1").unwrap();
+    assert_eq!(
+        n.remove_child("c0"),
+        Err(NexusError::LastHealthyChild("c0".into())),
+        "nor as the only child"
+    );
+    assert_eq!(n.state(), NexusState::Online);
+}
