@@ -43,6 +43,17 @@ fn start(ns_name: &str) -> Result<Setup> {
     })
 }
 
+/// The guest job must have finished with ALL-OK; shows its output and the engine's log otherwise.
+fn assert_job_ok(out: &vm::JobOutcome, engine: &Process) {
+    println!("{}", out.output);
+    assert!(
+        out.success && out.output.contains("ALL-OK"),
+        "guest job failed:\n{}\nio-engine:\n{}",
+        out.output,
+        engine.log()
+    );
+}
+
 fn keelctl(ns: &Netns, args: &[&str]) -> Result<()> {
     let st = ns
         .command(bins::path("keelctl"))
@@ -68,13 +79,7 @@ fn basic(ns_name: &str, digests: bool) {
         anyhow::bail!("unexpected {r}")
     })
     .unwrap();
-    println!("{}", out.output);
-    assert!(
-        out.success && out.output.contains("ALL-OK"),
-        "guest job failed:\n{}\nio-engine:\n{}",
-        out.output,
-        s.engine.log()
-    );
+    assert_job_ok(&out, &s.engine);
     let st = s.engine.terminate(Duration::from_secs(10)).unwrap();
     assert!(
         st.success(),
@@ -122,11 +127,5 @@ fn kernel_multipath_moves_io_to_the_other_port_when_ana_turns_inaccessible() {
         },
     )
     .unwrap();
-    println!("{}", out.output);
-    assert!(
-        out.success && out.output.contains("ALL-OK"),
-        "guest job failed:\n{}\nio-engine:\n{}",
-        out.output,
-        s.engine.log()
-    );
+    assert_job_ok(&out, &s.engine);
 }

@@ -192,6 +192,26 @@ mod tests {
         fn failed(&self, _: &Arc<dyn BlockDevice>, _: &str) {}
     }
 
+    /// Runs a rebuild with the default config, a fresh lock and no cancellation.
+    async fn copy(
+        sources: Vec<Arc<dyn BlockDevice>>,
+        dst: &Arc<dyn BlockDevice>,
+        map: &SegmentMap,
+    ) -> Result<RebuildStats, RebuildError> {
+        let p = Progress::new(map.marked_bytes());
+        let s = Fixed(sources, Default::default());
+        run(
+            &s,
+            dst,
+            map,
+            &RangeLock::new(),
+            &RebuildConfig::default(),
+            &p,
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
     fn mem(size: u64) -> Arc<dyn BlockDevice> {
         Arc::new(MemoryDevice::new(size, 512))
     }
@@ -203,19 +223,7 @@ mod tests {
         let dst = mem(8 << 20);
         let mut map = SegmentMap::empty(8 << 20, 1 << 20);
         map.mark(3 << 20, 10);
-        let p = Progress::new(map.marked_bytes());
-        let s = Fixed(vec![src], Default::default());
-        let stats = run(
-            &s,
-            &dst,
-            &map,
-            &RangeLock::new(),
-            &RebuildConfig::default(),
-            &p,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let stats = copy(vec![src], &dst, &map).await.unwrap();
         assert_eq!((stats.bytes_copied, stats.segments), (1 << 20, 1));
         assert!(
             dst.read(3 << 20, 1 << 20)
@@ -267,18 +275,7 @@ mod tests {
         });
         let dst: Arc<dyn BlockDevice> = dst;
         let map = SegmentMap::full(4 << 20, 1 << 20);
-        let p = Progress::new(map.marked_bytes());
-        let s = Fixed(vec![src], Default::default());
-        let r = run(
-            &s,
-            &dst,
-            &map,
-            &RangeLock::new(),
-            &RebuildConfig::default(),
-            &p,
-            &CancellationToken::new(),
-        )
-        .await;
+        let r = copy(vec![src], &dst, &map).await;
         assert!(matches!(r, Err(RebuildError::Destination { offset, .. }) if offset == 1 << 20));
     }
 
