@@ -34,6 +34,8 @@ pub enum BlockError {
     Injected { offset: u64 },
     #[error("device is closed")]
     Closed,
+    #[error("device is read-only")]
+    ReadOnly,
     #[error("remote device: {0}")]
     Remote(String),
 }

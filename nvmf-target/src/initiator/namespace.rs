@@ -47,6 +47,8 @@ fn to_block(e: InitiatorError) -> BlockError {
             len: 0,
             size: 0,
         },
+        InitiatorError::Status(s) if s == Status::CAPACITY_EXCEEDED => BlockError::NoSpace,
+        InitiatorError::Status(s) if s == Status::NAMESPACE_WRITE_PROTECTED => BlockError::ReadOnly,
         other => BlockError::Remote(other.to_string()),
     }
 }

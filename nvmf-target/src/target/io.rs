@@ -68,6 +68,7 @@ fn map_error(e: &BlockError, is_read: bool) -> Status {
         BlockError::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE,
         BlockError::Unaligned { .. } => Status::INVALID_FIELD,
         BlockError::NoSpace => Status::CAPACITY_EXCEEDED,
+        BlockError::ReadOnly => Status::NAMESPACE_WRITE_PROTECTED,
         BlockError::Closed => Status::NAMESPACE_NOT_READY,
         _ if is_read => Status::UNRECOVERED_READ_ERROR,
         _ => Status::WRITE_FAULT,

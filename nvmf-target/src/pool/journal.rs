@@ -1,0 +1,288 @@
+//! Where a pool's metadata lives on its device: two checkpoint areas (double-buffered) and a journal.
+//!
+//! A checkpoint is the whole [`PoolMeta`] with a generation number. A journal transaction is a list of
+//! [`Record`]s stamped with the generation (epoch) of the checkpoint it follows and its block number. A change is
+//! made durable by writing one transaction into fresh journal blocks and flushing; nothing already written is ever
+//! overwritten until a newer checkpoint is durable. When the journal is full (and on every import) the state is
+//! written as a new checkpoint into the *other* area and the journal restarts under the new epoch.
+//!
+//! Loading takes the valid checkpoint with the highest generation, then replays transactions of that epoch in
+//! order, stopping at the first block that is missing, stale or fails its checksum: that transaction never
+//! completed, so it was never acknowledged. A torn checkpoint write falls back to the other area, whose journal
+//! is still intact.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use super::PoolError;
+use super::label::Label;
+use super::meta::{PoolMeta, Record};
+use crate::block::BlockDevice;
+
+const BLOCK: u64 = 4096;
+const CKPT_MAGIC: &[u8; 8] = b"KPCKPT01";
+const TXN_MAGIC: &[u8; 8] = b"KPJRNL01";
+const TXN_HEADER: usize = 32;
+
+pub struct Journal {
+    dev: Arc<dyn BlockDevice>,
+    label: Label,
+    epoch: u64,
+    /// Area holding the checkpoint of `epoch`.
+    area: usize,
+    /// Next free journal block.
+    next: u64,
+}
+
+fn io(what: &str, e: impl std::fmt::Display) -> PoolError {
+    PoolError::Io(format!("{what}: {e}"))
+}
+
+impl Journal {
+    /// Writes the metadata of a new, empty pool. The label is the caller's to write afterwards.
+    pub async fn format(dev: Arc<dyn BlockDevice>, label: &Label) -> Result<Journal, PoolError> {
+        let meta = PoolMeta::new(label.cluster_size, label.data_clusters);
+        // Both areas are cleared so that nothing left on the device can be mistaken for a checkpoint.
+        for off in label.ckpt_offset {
+            dev.write_zeroes(off, BLOCK)
+                .await
+                .map_err(|e| io("clearing a checkpoint", e))?;
+        }
+        dev.write_zeroes(label.journal_offset, BLOCK)
+            .await
+            .map_err(|e| io("clearing the journal", e))?;
+        let mut j = Journal {
+            dev,
+            label: label.clone(),
+            epoch: 0,
+            area: 1,
+            next: 0,
+        };
+        j.checkpoint(&meta).await?;
+        Ok(j)
+    }
+
+    /// Loads the newest sound state, replays the journal and compacts it into a fresh checkpoint.
+    pub async fn open(
+        dev: Arc<dyn BlockDevice>,
+        label: &Label,
+    ) -> Result<(Journal, PoolMeta), PoolError> {
+        let mut best: Option<(u64, usize, PoolMeta)> = None;
+        let mut errors = Vec::new();
+        for area in 0..2 {
+            match read_checkpoint(dev.as_ref(), label, area).await {
+                Ok((generation, meta)) => {
+                    if best.as_ref().is_none_or(|(g, _, _)| generation > *g) {
+                        best = Some((generation, area, meta));
+                    }
+                }
+                Err(e) => errors.push(format!("checkpoint {}: {e}", ["A", "B"][area])),
+            }
+        }
+        let Some((epoch, area, mut meta)) = best else {
+            return Err(PoolError::CorruptMetadata(errors.join("; ")));
+        };
+        let journal = dev
+            .read(label.journal_offset, label.journal_len)
+            .await
+            .map_err(|e| io("reading the journal", e))?;
+        let mut next = 0u64;
+        while let Some((records, blocks)) = parse_txn(&journal, epoch, next)? {
+            for r in &records {
+                meta.apply(r)?;
+            }
+            next += blocks;
+        }
+        tracing::debug!(pool = %label.name, epoch, transactions_blocks = next, "replayed the pool journal");
+        let mut j = Journal {
+            dev,
+            label: label.clone(),
+            epoch,
+            area,
+            next,
+        };
+        j.checkpoint(&meta).await?;
+        Ok((j, meta))
+    }
+
+    /// Makes `records` durable. `state` encodes the state they follow; it is called (and written out as a
+    /// checkpoint) only when the journal is full. The caller applies the records to its state after this returns.
+    pub async fn commit(
+        &mut self,
+        state: impl FnOnce() -> Result<Vec<u8>, PoolError>,
+        records: &[Record],
+    ) -> Result<(), PoolError> {
+        let payload = serde_json::to_vec(records).map_err(|e| io("encoding records", e))?;
+        let blocks = (TXN_HEADER + payload.len()).div_ceil(BLOCK as usize) as u64;
+        let capacity = self.label.journal_len / BLOCK;
+        if blocks > capacity {
+            return Err(PoolError::MetadataFull(format!(
+                "a transaction of {} bytes does not fit the journal",
+                payload.len()
+            )));
+        }
+        if self.next + blocks > capacity {
+            self.write_checkpoint(state()?).await?;
+        }
+        let mut b = BytesMut::with_capacity((blocks * BLOCK) as usize);
+        b.put_slice(TXN_MAGIC);
+        b.put_u64_le(self.epoch);
+        b.put_u64_le(self.next);
+        b.put_u32_le(payload.len() as u32);
+        let mut crc = crc32c::crc32c(&b);
+        crc = crc32c::crc32c_append(crc, &payload);
+        b.put_u32_le(crc);
+        b.put_slice(&payload);
+        b.resize((blocks * BLOCK) as usize, 0);
+        let off = self.label.journal_offset + self.next * BLOCK;
+        self.dev
+            .write(off, b.freeze())
+            .await
+            .map_err(|e| io("writing the journal", e))?;
+        self.dev
+            .flush()
+            .await
+            .map_err(|e| io("flushing the journal", e))?;
+        self.next += blocks;
+        Ok(())
+    }
+
+    /// Writes `meta` as the checkpoint of the next epoch into the other area; the journal then starts over.
+    pub async fn checkpoint(&mut self, meta: &PoolMeta) -> Result<(), PoolError> {
+        self.write_checkpoint(encode_state(meta)?).await
+    }
+
+    async fn write_checkpoint(&mut self, payload: Vec<u8>) -> Result<(), PoolError> {
+        if payload.len() as u64 + BLOCK > self.label.ckpt_len {
+            return Err(PoolError::MetadataFull(format!(
+                "the metadata ({} bytes) outgrew its {}-byte area",
+                payload.len(),
+                self.label.ckpt_len
+            )));
+        }
+        let area = 1 - self.area;
+        let epoch = self.epoch + 1;
+        let mut b = BytesMut::with_capacity(BLOCK as usize + payload.len());
+        b.put_slice(CKPT_MAGIC);
+        b.put_u64_le(epoch);
+        b.put_u64_le(payload.len() as u64);
+        b.put_u32_le(crc32c::crc32c(&payload));
+        let hcrc = crc32c::crc32c(&b);
+        b.put_u32_le(hcrc);
+        b.resize(BLOCK as usize, 0);
+        b.put_slice(&payload);
+        let padded = (b.len() as u64).div_ceil(BLOCK) * BLOCK;
+        b.resize(padded as usize, 0);
+        let off = self.label.ckpt_offset[area];
+        self.dev
+            .write(off, b.freeze())
+            .await
+            .map_err(|e| io("writing a checkpoint", e))?;
+        self.dev
+            .flush()
+            .await
+            .map_err(|e| io("flushing a checkpoint", e))?;
+        self.epoch = epoch;
+        self.area = area;
+        self.next = 0;
+        Ok(())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+pub fn encode_state(meta: &PoolMeta) -> Result<Vec<u8>, PoolError> {
+    serde_json::to_vec(meta).map_err(|e| io("encoding a checkpoint", e))
+}
+
+async fn read_checkpoint(
+    dev: &dyn BlockDevice,
+    label: &Label,
+    area: usize,
+) -> Result<(u64, PoolMeta), PoolError> {
+    let off = label.ckpt_offset[area];
+    let head = dev
+        .read(off, BLOCK)
+        .await
+        .map_err(|e| io("reading a checkpoint", e))?;
+    let mut h = &head[..];
+    if &h[..8] != CKPT_MAGIC {
+        return Err(PoolError::CorruptMetadata("no checkpoint".into()));
+    }
+    h.advance(8);
+    let generation = h.get_u64_le();
+    let len = h.get_u64_le();
+    let pcrc = h.get_u32_le();
+    let hcrc = h.get_u32_le();
+    if crc32c::crc32c(&head[..28]) != hcrc {
+        return Err(PoolError::CorruptMetadata(
+            "header checksum mismatch".into(),
+        ));
+    }
+    if len + BLOCK > label.ckpt_len {
+        return Err(PoolError::CorruptMetadata(format!(
+            "length {len} beyond its area"
+        )));
+    }
+    let padded = len.div_ceil(label.block_size.into()) * u64::from(label.block_size);
+    let body = dev
+        .read(off + BLOCK, padded.max(u64::from(label.block_size)))
+        .await
+        .map_err(|e| io("reading a checkpoint", e))?;
+    let payload = &body[..len as usize];
+    if crc32c::crc32c(payload) != pcrc {
+        return Err(PoolError::CorruptMetadata(format!(
+            "generation {generation}: payload checksum mismatch"
+        )));
+    }
+    let meta: PoolMeta = serde_json::from_slice(payload)
+        .map_err(|e| PoolError::CorruptMetadata(format!("generation {generation}: {e}")))?;
+    Ok((
+        generation,
+        meta.load(label.cluster_size, label.data_clusters)?,
+    ))
+}
+
+/// Parses the transaction starting at journal block `block` if it is whole and belongs to `epoch`. A whole
+/// transaction (checksum good) that does not decode is corrupt metadata, not the end of the journal.
+fn parse_txn(
+    journal: &Bytes,
+    epoch: u64,
+    block: u64,
+) -> Result<Option<(Vec<Record>, u64)>, PoolError> {
+    let start = (block * BLOCK) as usize;
+    let Some(mut h) = journal.get(start..start + TXN_HEADER) else {
+        return Ok(None);
+    };
+    if &h[..8] != TXN_MAGIC {
+        return Ok(None);
+    }
+    h.advance(8);
+    let (e, seq, len, crc) = (
+        h.get_u64_le(),
+        h.get_u64_le(),
+        h.get_u32_le(),
+        h.get_u32_le(),
+    );
+    if e != epoch || seq != block {
+        return Ok(None);
+    }
+    let Some(payload) = journal.get(start + TXN_HEADER..start + TXN_HEADER + len as usize) else {
+        return Ok(None);
+    };
+    let computed = crc32c::crc32c_append(
+        crc32c::crc32c(&journal[start..start + TXN_HEADER - 4]),
+        payload,
+    );
+    if computed != crc {
+        return Ok(None);
+    }
+    let records: Vec<Record> = serde_json::from_slice(payload).map_err(|e| {
+        PoolError::CorruptMetadata(format!("journal block {block} of epoch {epoch}: {e}"))
+    })?;
+    let blocks = (TXN_HEADER + len as usize).div_ceil(BLOCK as usize) as u64;
+    Ok(Some((records, blocks)))
+}

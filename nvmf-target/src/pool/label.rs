@@ -1,0 +1,273 @@
+//! The pool label: the first 4 KiB of a pool's device. It names the pool and fixes the layout (where the journal,
+//! the two checkpoint areas and the data clusters are). It is written once when the pool is created and checked
+//! (magic, version, CRC32C, layout against the device size) every time the pool is imported.
+//!
+//! ```text
+//! 0        label (4 KiB)
+//! 4 KiB    journal (JOURNAL_LEN)
+//!          checkpoint A (ckpt_len)
+//!          checkpoint B (ckpt_len)
+//! data     clusters (cluster-aligned), cluster i at data_offset + i * cluster_size
+//! ```
+
+use bytes::{Buf, BufMut, BytesMut};
+use uuid::Uuid;
+
+use super::PoolError;
+
+pub const LABEL_LEN: u64 = 4096;
+/// The label's contents and checksum fit the first 512-byte sector, which a device writes atomically: a torn
+/// label write leaves either the old sector or the new one.
+const SECTOR: usize = 512;
+const MAGIC: &[u8; 8] = b"KEELPOOL";
+pub const VERSION: u32 = 1;
+const NAME_LEN: usize = 64;
+/// Journal size: room for 1024 one-block transactions between checkpoints.
+pub const JOURNAL_LEN: u64 = 4 << 20;
+/// Metadata budget per data cluster in each checkpoint area (volume maps are stored as runs; see `meta`).
+pub const CKPT_BYTES_PER_CLUSTER: u64 = 256;
+const CKPT_MIN: u64 = 1 << 20;
+
+/// Smallest and largest cluster sizes a pool accepts.
+pub const MIN_CLUSTER: u32 = 64 << 10;
+pub const MAX_CLUSTER: u32 = 64 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Label {
+    pub uuid: Uuid,
+    pub name: String,
+    pub block_size: u32,
+    pub cluster_size: u32,
+    pub device_size: u64,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub ckpt_offset: [u64; 2],
+    pub ckpt_len: u64,
+    pub data_offset: u64,
+    pub data_clusters: u64,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+impl Label {
+    /// Lays out a new pool on a device of `device_size` bytes.
+    pub fn layout(
+        uuid: Uuid,
+        name: &str,
+        block_size: u32,
+        cluster_size: u32,
+        device_size: u64,
+    ) -> Result<Label, PoolError> {
+        if name.is_empty() || name.len() >= NAME_LEN || name.contains('\0') {
+            return Err(PoolError::InvalidArgument(format!(
+                "pool name {name:?} must be 1 to {} bytes",
+                NAME_LEN - 1
+            )));
+        }
+        if !cluster_size.is_power_of_two()
+            || !(MIN_CLUSTER..=MAX_CLUSTER).contains(&cluster_size)
+            || cluster_size < block_size
+        {
+            return Err(PoolError::InvalidArgument(format!(
+                "cluster size {cluster_size} must be a power of two from {MIN_CLUSTER} to {MAX_CLUSTER}"
+            )));
+        }
+        let cs = u64::from(cluster_size);
+        // The checkpoint areas are sized for the largest data area this device could have.
+        let max_clusters = device_size / cs;
+        let ckpt_len = align_up(
+            CKPT_MIN.max(max_clusters * CKPT_BYTES_PER_CLUSTER),
+            LABEL_LEN,
+        );
+        let journal_offset = LABEL_LEN;
+        let ckpt_a = journal_offset + JOURNAL_LEN;
+        let ckpt_b = ckpt_a + ckpt_len;
+        let data_offset = align_up(ckpt_b + ckpt_len, cs);
+        let data_clusters = device_size.saturating_sub(data_offset) / cs;
+        if data_clusters == 0 {
+            return Err(PoolError::InvalidArgument(format!(
+                "a device of {device_size} bytes is too small for a pool with {cluster_size}-byte clusters \
+                 (metadata needs {data_offset} bytes)"
+            )));
+        }
+        Ok(Label {
+            uuid,
+            name: name.to_string(),
+            block_size,
+            cluster_size,
+            device_size,
+            journal_offset,
+            journal_len: JOURNAL_LEN,
+            ckpt_offset: [ckpt_a, ckpt_b],
+            ckpt_len,
+            data_offset,
+            data_clusters,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.data_clusters * u64::from(self.cluster_size)
+    }
+
+    pub fn cluster_offset(&self, cluster: u32) -> u64 {
+        self.data_offset + u64::from(cluster) * u64::from(self.cluster_size)
+    }
+
+    pub fn encode(&self) -> BytesMut {
+        let mut b = BytesMut::with_capacity(LABEL_LEN as usize);
+        b.put_slice(MAGIC);
+        b.put_u32_le(VERSION);
+        b.put_u32_le(0);
+        b.put_slice(self.uuid.as_bytes());
+        let mut name = [0u8; NAME_LEN];
+        name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        b.put_slice(&name);
+        b.put_u32_le(self.block_size);
+        b.put_u32_le(self.cluster_size);
+        for v in [
+            self.device_size,
+            self.journal_offset,
+            self.journal_len,
+            self.ckpt_offset[0],
+            self.ckpt_offset[1],
+            self.ckpt_len,
+            self.data_offset,
+            self.data_clusters,
+        ] {
+            b.put_u64_le(v);
+        }
+        b.resize(SECTOR - 4, 0);
+        let crc = crc32c::crc32c(&b);
+        b.put_u32_le(crc);
+        b.resize(LABEL_LEN as usize, 0);
+        b
+    }
+
+    /// Whether the block looks like a pool label at all (the magic), corrupt or not.
+    pub fn has_magic(block: &[u8]) -> bool {
+        block.len() >= MAGIC.len() && &block[..MAGIC.len()] == MAGIC
+    }
+
+    /// Decodes and checks a label read from a device of `device_size` bytes.
+    pub fn decode(block: &[u8], device_size: u64) -> Result<Label, PoolError> {
+        let corrupt = |why: String| PoolError::CorruptLabel(why);
+        if block.len() < LABEL_LEN as usize {
+            return Err(PoolError::NoLabel);
+        }
+        let block = &block[..LABEL_LEN as usize];
+        if !Self::has_magic(block) {
+            return Err(PoolError::NoLabel);
+        }
+        let stored = u32::from_le_bytes(block[SECTOR - 4..SECTOR].try_into().unwrap_or([0; 4]));
+        let crc = crc32c::crc32c(&block[..SECTOR - 4]);
+        if stored != crc {
+            return Err(corrupt(format!(
+                "checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"
+            )));
+        }
+        let mut b = &block[MAGIC.len()..];
+        let version = b.get_u32_le();
+        if version != VERSION {
+            return Err(corrupt(format!(
+                "on-disk version {version}, this io-engine reads version {VERSION}"
+            )));
+        }
+        b.advance(4);
+        let uuid = Uuid::from_slice(&b[..16]).map_err(|e| corrupt(e.to_string()))?;
+        b.advance(16);
+        let name_raw = &b[..NAME_LEN];
+        let end = name_raw.iter().position(|c| *c == 0).unwrap_or(NAME_LEN);
+        let name = String::from_utf8(name_raw[..end].to_vec())
+            .map_err(|_| corrupt("name is not UTF-8".into()))?;
+        b.advance(NAME_LEN);
+        let block_size = b.get_u32_le();
+        let cluster_size = b.get_u32_le();
+        let mut v = [0u64; 8];
+        for x in v.iter_mut() {
+            *x = b.get_u64_le();
+        }
+        let label = Label {
+            uuid,
+            name,
+            block_size,
+            cluster_size,
+            device_size: v[0],
+            journal_offset: v[1],
+            journal_len: v[2],
+            ckpt_offset: [v[3], v[4]],
+            ckpt_len: v[5],
+            data_offset: v[6],
+            data_clusters: v[7],
+        };
+        // The layout must be the one this version would have made for the recorded device size.
+        let expect = Label::layout(
+            uuid,
+            &label.name,
+            block_size,
+            cluster_size,
+            label.device_size,
+        )
+        .map_err(|e| corrupt(format!("impossible layout: {e}")))?;
+        if expect != label {
+            return Err(corrupt("layout does not match its own parameters".into()));
+        }
+        if label.device_size > device_size {
+            return Err(corrupt(format!(
+                "the pool was {} bytes but the device is now {device_size} bytes",
+                label.device_size
+            )));
+        }
+        Ok(label)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label() -> Label {
+        Label::layout(Uuid::new_v4(), "pool-a", 512, 4 << 20, 1 << 30).unwrap()
+    }
+
+    #[test]
+    fn round_trips_and_lays_out_cluster_aligned_data() {
+        let l = label();
+        assert_eq!(l.data_offset % (4 << 20), 0);
+        assert!(l.ckpt_offset[1] + l.ckpt_len <= l.data_offset);
+        assert_eq!(Label::decode(&l.encode(), 1 << 30).unwrap(), l);
+        assert!(l.capacity() > (1 << 30) * 97 / 100);
+    }
+
+    #[test]
+    fn any_flipped_bit_is_detected() {
+        let l = label();
+        let good = l.encode();
+        for byte in [0usize, 9, 20, 40, 100, 120, 200, 300, 508, 511] {
+            let mut bad = good.clone();
+            bad[byte] ^= 0x10;
+            let r = Label::decode(&bad, 1 << 30);
+            assert!(
+                matches!(r, Err(PoolError::CorruptLabel(_)) | Err(PoolError::NoLabel)),
+                "byte {byte}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_bad_parameters_and_a_shrunk_device() {
+        assert!(Label::layout(Uuid::nil(), "", 512, 4 << 20, 1 << 30).is_err());
+        assert!(Label::layout(Uuid::nil(), "p", 512, 3 << 20, 1 << 30).is_err());
+        assert!(Label::layout(Uuid::nil(), "p", 512, 4 << 20, 8 << 20).is_err());
+        let l = label();
+        assert!(matches!(
+            Label::decode(&l.encode(), 1 << 29),
+            Err(PoolError::CorruptLabel(_))
+        ));
+        assert!(matches!(
+            Label::decode(&[0u8; 4096], 1 << 30),
+            Err(PoolError::NoLabel)
+        ));
+    }
+}

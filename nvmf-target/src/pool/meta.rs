@@ -1,0 +1,505 @@
+//! A pool's metadata as a value: its volumes (replicas and snapshots) with their cluster maps, the records that
+//! change it, and the checks that make sure a loaded copy is sound before it is used.
+//!
+//! Every change is a [`Record`]; [`PoolMeta::apply`] is the one function that changes state, used both when a
+//! change is made and when the journal is replayed, so the two can never disagree. Reference counts per physical
+//! cluster are derived (never stored): a cluster shared by a replica and its snapshot has a count of 2 and is copied
+//! before it is written.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::PoolError;
+
+/// A logical cluster with no physical cluster behind it reads as zeroes.
+pub const UNMAPPED: u32 = u32::MAX;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// Host NQNs allowed to connect; empty means any host.
+    pub hosts: Vec<String>,
+}
+
+/// A replica (writable) or a snapshot (read-only) in a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    pub uuid: Uuid,
+    pub size: u64,
+    /// For a snapshot: the replica it was taken of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_of: Option<Uuid>,
+    /// For a clone: the snapshot it was created from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<Uuid>,
+    /// Seconds since the epoch when it was created.
+    pub created: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<Share>,
+    /// Logical cluster -> physical cluster, [`UNMAPPED`] for never written. Stored as runs.
+    #[serde(with = "runs")]
+    pub map: Vec<u32>,
+}
+
+impl VolumeMeta {
+    pub fn is_snapshot(&self) -> bool {
+        self.snapshot_of.is_some()
+    }
+    pub fn mapped(&self) -> u64 {
+        self.map.iter().filter(|p| **p != UNMAPPED).count() as u64
+    }
+}
+
+/// One metadata change. Journal transactions are lists of records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Record {
+    CreateReplica {
+        uuid: Uuid,
+        size: u64,
+        created: u64,
+        share: Option<Share>,
+    },
+    /// Points a replica's logical cluster at a physical one (first write, or a copy-on-write).
+    Map {
+        volume: Uuid,
+        logical: u32,
+        physical: u32,
+    },
+    /// Drops a logical cluster (deallocated by the host).
+    Unmap {
+        volume: Uuid,
+        logical: u32,
+    },
+    Snapshot {
+        replica: Uuid,
+        snapshot: Uuid,
+        created: u64,
+    },
+    Clone {
+        snapshot: Uuid,
+        replica: Uuid,
+        created: u64,
+        share: Option<Share>,
+    },
+    SetShare {
+        volume: Uuid,
+        share: Option<Share>,
+    },
+    Destroy {
+        volume: Uuid,
+    },
+}
+
+/// A pool's whole metadata state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMeta {
+    pub volumes: BTreeMap<Uuid, VolumeMeta>,
+    #[serde(skip)]
+    refs: Vec<u32>,
+    #[serde(skip)]
+    cluster_size: u64,
+}
+
+impl PoolMeta {
+    pub fn new(cluster_size: u32, data_clusters: u64) -> PoolMeta {
+        PoolMeta {
+            volumes: BTreeMap::new(),
+            refs: vec![0; data_clusters as usize],
+            cluster_size: u64::from(cluster_size),
+        }
+    }
+
+    /// Rebuilds the derived state of a deserialized copy and checks that it is sound.
+    pub fn load(mut self, cluster_size: u32, data_clusters: u64) -> Result<PoolMeta, PoolError> {
+        self.cluster_size = u64::from(cluster_size);
+        self.refs = vec![0; data_clusters as usize];
+        let volumes = std::mem::take(&mut self.volumes);
+        for (id, v) in volumes {
+            if id != v.uuid {
+                return Err(PoolError::CorruptMetadata(format!(
+                    "volume {} is filed under {id}",
+                    v.uuid
+                )));
+            }
+            self.check_map(&v)?;
+            self.add_refs(&v.map);
+            self.volumes.insert(id, v);
+        }
+        Ok(self)
+    }
+
+    fn check_map(&self, v: &VolumeMeta) -> Result<(), PoolError> {
+        if v.map.len() as u64 != v.size.div_ceil(self.cluster_size) {
+            return Err(PoolError::CorruptMetadata(format!(
+                "volume {} of {} bytes has a map of {} clusters",
+                v.uuid,
+                v.size,
+                v.map.len()
+            )));
+        }
+        if let Some(p) = v
+            .map
+            .iter()
+            .find(|p| **p != UNMAPPED && **p as usize >= self.refs.len())
+        {
+            return Err(PoolError::CorruptMetadata(format!(
+                "volume {} maps cluster {p}, beyond the pool's {} clusters",
+                v.uuid,
+                self.refs.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn add_refs(&mut self, map: &[u32]) {
+        for p in map.iter().filter(|p| **p != UNMAPPED) {
+            self.refs[*p as usize] += 1;
+        }
+    }
+
+    fn drop_refs(&mut self, map: &[u32]) {
+        for p in map.iter().filter(|p| **p != UNMAPPED) {
+            self.refs[*p as usize] = self.refs[*p as usize].saturating_sub(1);
+        }
+    }
+
+    pub fn refs(&self, physical: u32) -> u32 {
+        self.refs.get(physical as usize).copied().unwrap_or(0)
+    }
+
+    pub fn data_clusters(&self) -> u64 {
+        self.refs.len() as u64
+    }
+
+    pub fn used_clusters(&self) -> u64 {
+        self.refs.iter().filter(|r| **r > 0).count() as u64
+    }
+
+    /// The first cluster at or after `from` (wrapping) that is unreferenced and not in `busy`.
+    pub fn find_free(&self, from: u64, busy: &std::collections::BTreeSet<u32>) -> Option<u32> {
+        let n = self.refs.len();
+        (0..n)
+            .map(|i| ((from as usize + i) % n) as u32)
+            .find(|c| self.refs[*c as usize] == 0 && !busy.contains(c))
+    }
+
+    fn volume_mut(&mut self, id: &Uuid) -> Result<&mut VolumeMeta, PoolError> {
+        self.volumes
+            .get_mut(id)
+            .ok_or_else(|| PoolError::CorruptMetadata(format!("record names unknown volume {id}")))
+    }
+
+    /// Applies one record. An error means the record cannot follow this state: metadata is corrupt.
+    pub fn apply(&mut self, r: &Record) -> Result<(), PoolError> {
+        let bad = |why: String| Err(PoolError::CorruptMetadata(why));
+        match r {
+            Record::CreateReplica {
+                uuid,
+                size,
+                created,
+                share,
+            } => {
+                if self.volumes.contains_key(uuid) {
+                    return bad(format!("volume {uuid} created twice"));
+                }
+                let map = vec![UNMAPPED; size.div_ceil(self.cluster_size) as usize];
+                let v = VolumeMeta {
+                    uuid: *uuid,
+                    size: *size,
+                    snapshot_of: None,
+                    clone_of: None,
+                    created: *created,
+                    share: share.clone(),
+                    map,
+                };
+                self.volumes.insert(*uuid, v);
+            }
+            Record::Map {
+                volume,
+                logical,
+                physical,
+            } => {
+                if *physical as usize >= self.refs.len() {
+                    return bad(format!("cluster {physical} is beyond the pool"));
+                }
+                let v = self.volume_mut(volume)?;
+                let Some(slot) = v.map.get_mut(*logical as usize) else {
+                    return bad(format!("volume {volume} has no logical cluster {logical}"));
+                };
+                let old = std::mem::replace(slot, *physical);
+                self.drop_refs(&[old]);
+                self.add_refs(&[*physical]);
+            }
+            Record::Unmap { volume, logical } => {
+                let v = self.volume_mut(volume)?;
+                let Some(slot) = v.map.get_mut(*logical as usize) else {
+                    return bad(format!("volume {volume} has no logical cluster {logical}"));
+                };
+                let old = std::mem::replace(slot, UNMAPPED);
+                self.drop_refs(&[old]);
+            }
+            Record::Snapshot {
+                replica,
+                snapshot,
+                created,
+            } => {
+                if self.volumes.contains_key(snapshot) {
+                    return bad(format!("volume {snapshot} created twice"));
+                }
+                let src = self.volume_mut(replica)?.clone();
+                let v = VolumeMeta {
+                    uuid: *snapshot,
+                    snapshot_of: Some(*replica),
+                    clone_of: None,
+                    created: *created,
+                    share: None,
+                    ..src
+                };
+                self.add_refs(&v.map);
+                self.volumes.insert(*snapshot, v);
+            }
+            Record::Clone {
+                snapshot,
+                replica,
+                created,
+                share,
+            } => {
+                if self.volumes.contains_key(replica) {
+                    return bad(format!("volume {replica} created twice"));
+                }
+                let src = self.volume_mut(snapshot)?.clone();
+                let v = VolumeMeta {
+                    uuid: *replica,
+                    snapshot_of: None,
+                    clone_of: Some(*snapshot),
+                    created: *created,
+                    share: share.clone(),
+                    ..src
+                };
+                self.add_refs(&v.map);
+                self.volumes.insert(*replica, v);
+            }
+            Record::SetShare { volume, share } => {
+                self.volume_mut(volume)?.share = share.clone();
+            }
+            Record::Destroy { volume } => {
+                let v = self.volumes.remove(volume);
+                match v {
+                    Some(v) => self.drop_refs(&v.map),
+                    None => return bad(format!("destroy of unknown volume {volume}")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
+    pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
+        let per_volume = 512u64;
+        let per_cluster = 28u64;
+        let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
+        self.volumes.len() as u64 * per_volume + (clusters + extra_clusters) * per_cluster
+    }
+}
+
+/// Serializes a cluster map as `[logical, physical, count]` runs of consecutive mapped clusters, plus its length.
+mod runs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::UNMAPPED;
+
+    #[derive(Serialize, Deserialize)]
+    struct Runs {
+        len: u32,
+        runs: Vec<[u32; 3]>,
+    }
+
+    pub fn serialize<S: Serializer>(map: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        let mut runs: Vec<[u32; 3]> = Vec::new();
+        for (l, p) in map.iter().enumerate() {
+            if *p == UNMAPPED {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r[0] + r[2] == l as u32 && r[1].checked_add(r[2]) == Some(*p) => {
+                    r[2] += 1
+                }
+                _ => runs.push([l as u32, *p, 1]),
+            }
+        }
+        Runs {
+            len: map.len() as u32,
+            runs,
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        let r = Runs::deserialize(d)?;
+        let mut map = vec![UNMAPPED; r.len as usize];
+        for [l, p, n] in r.runs {
+            for i in 0..n {
+                let slot = l
+                    .checked_add(i)
+                    .and_then(|x| map.get_mut(x as usize))
+                    .ok_or_else(|| serde::de::Error::custom("run beyond the map"))?;
+                *slot = p
+                    .checked_add(i)
+                    .ok_or_else(|| serde::de::Error::custom("run beyond u32"))?;
+            }
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u32 = 1 << 20;
+
+    fn create(m: &mut PoolMeta, size: u64) -> Uuid {
+        let uuid = Uuid::new_v4();
+        m.apply(&Record::CreateReplica {
+            uuid,
+            size,
+            created: 1,
+            share: None,
+        })
+        .unwrap();
+        uuid
+    }
+
+    #[test]
+    fn snapshots_and_clones_share_clusters_until_remapped() {
+        let mut m = PoolMeta::new(CS, 16);
+        let r = create(&mut m, 4 << 20);
+        for (l, p) in [(0, 3), (1, 4), (3, 9)] {
+            m.apply(&Record::Map {
+                volume: r,
+                logical: l,
+                physical: p,
+            })
+            .unwrap();
+        }
+        assert_eq!(m.used_clusters(), 3);
+        let s = Uuid::new_v4();
+        m.apply(&Record::Snapshot {
+            replica: r,
+            snapshot: s,
+            created: 2,
+        })
+        .unwrap();
+        assert_eq!(m.refs(3), 2);
+        let c = Uuid::new_v4();
+        m.apply(&Record::Clone {
+            snapshot: s,
+            replica: c,
+            created: 3,
+            share: None,
+        })
+        .unwrap();
+        assert_eq!(m.refs(3), 3);
+        // Copy-on-write of the replica's cluster 0 into 5.
+        m.apply(&Record::Map {
+            volume: r,
+            logical: 0,
+            physical: 5,
+        })
+        .unwrap();
+        assert_eq!((m.refs(3), m.refs(5)), (2, 1));
+        m.apply(&Record::Destroy { volume: s }).unwrap();
+        m.apply(&Record::Destroy { volume: c }).unwrap();
+        assert_eq!((m.refs(3), m.refs(4)), (0, 1));
+        assert_eq!(m.used_clusters(), 3);
+        let mut busy = std::collections::BTreeSet::new();
+        busy.insert(0);
+        assert_eq!(m.find_free(0, &busy), Some(1));
+        assert_eq!(m.find_free(4, &busy), Some(6));
+    }
+
+    #[test]
+    fn serializes_as_runs_and_reloads_with_the_same_counts() {
+        let mut m = PoolMeta::new(CS, 64);
+        let r = create(&mut m, 40 << 20);
+        for l in 0..30 {
+            m.apply(&Record::Map {
+                volume: r,
+                logical: l,
+                physical: l + 2,
+            })
+            .unwrap();
+        }
+        m.apply(&Record::Map {
+            volume: r,
+            logical: 35,
+            physical: 50,
+        })
+        .unwrap();
+        let s = Uuid::new_v4();
+        m.apply(&Record::Snapshot {
+            replica: r,
+            snapshot: s,
+            created: 2,
+        })
+        .unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.len() < 600, "{json}");
+        let back: PoolMeta = serde_json::from_str(&json).unwrap();
+        let back = back.load(CS, 64).unwrap();
+        assert_eq!(back.volumes, m.volumes);
+        assert_eq!(back.refs, m.refs);
+    }
+
+    #[test]
+    fn unsound_records_and_copies_are_refused() {
+        let mut m = PoolMeta::new(CS, 8);
+        let r = create(&mut m, 2 << 20);
+        let bad = [
+            Record::Map {
+                volume: r,
+                logical: 2,
+                physical: 0,
+            },
+            Record::Map {
+                volume: r,
+                logical: 0,
+                physical: 8,
+            },
+            Record::Map {
+                volume: Uuid::new_v4(),
+                logical: 0,
+                physical: 0,
+            },
+            Record::Destroy {
+                volume: Uuid::new_v4(),
+            },
+            Record::CreateReplica {
+                uuid: r,
+                size: 1 << 20,
+                created: 0,
+                share: None,
+            },
+        ];
+        for rec in bad {
+            assert!(
+                matches!(m.apply(&rec), Err(PoolError::CorruptMetadata(_))),
+                "{rec:?}"
+            );
+        }
+        m.apply(&Record::Map {
+            volume: r,
+            logical: 1,
+            physical: 7,
+        })
+        .unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        let parsed: PoolMeta = serde_json::from_str(&json).unwrap();
+        assert!(matches!(
+            parsed.load(CS, 4),
+            Err(PoolError::CorruptMetadata(_))
+        ));
+    }
+}

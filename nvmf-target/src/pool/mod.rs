@@ -1,0 +1,512 @@
+//! Pools: the storage a node offers, carved into thin replicas, their snapshots and clones.
+//!
+//! - `label`: the first 4 KiB of the device (identity and layout, checksummed).
+//! - `meta`: the metadata as a value (volumes, cluster maps, records, soundness checks).
+//! - `journal`: how that metadata is kept on the device (double-buffered checkpoints and a journal).
+//! - `volume`: a replica or snapshot as a [`BlockDevice`] (thin allocation, copy-on-write).
+//!
+//! A pool sits on any [`BlockDevice`]: a file or block device in production, memory in tests. Every metadata change
+//! is one journal transaction, durable before the call that made it returns. Cluster-freeing changes (destroy,
+//! unmap) and snapshots wait for in-flight I/O of the pool to drain (the `gate`), so a freed cluster is never
+//! still being read, and a snapshot sees every acknowledged write.
+
+mod journal;
+pub mod label;
+pub mod meta;
+mod volume;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use uuid::Uuid;
+
+use crate::block::BlockDevice;
+use journal::Journal;
+use label::{LABEL_LEN, Label};
+use meta::{PoolMeta, Record, Share, VolumeMeta};
+pub use volume::PoolVolume;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("the device has no pool label")]
+    NoLabel,
+    #[error("the pool label is corrupt: {0}")]
+    CorruptLabel(String),
+    #[error("the pool metadata is corrupt: {0}")]
+    CorruptMetadata(String),
+    #[error("the device holds data that is not a Keelson pool; refusing to overwrite it")]
+    ForeignData,
+    #[error("no space: {0}")]
+    NoSpace(String),
+    #[error("pool metadata is full: {0}")]
+    MetadataFull(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("pool device i/o: {0}")]
+    Io(String),
+}
+
+/// Capacity of a pool, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes available for data (the device less metadata).
+    pub capacity: u64,
+    /// Bytes in clusters some volume uses.
+    pub allocated: u64,
+    /// Sum of the sizes of the pool's replicas (what they could grow to).
+    pub committed: u64,
+    /// Writes failed because no cluster was free, since the pool was opened.
+    pub no_space_errors: u64,
+}
+
+pub(crate) struct PoolInner {
+    dev: Arc<dyn BlockDevice>,
+    label: Label,
+    meta: RwLock<PoolMeta>,
+    journal: tokio::sync::Mutex<Journal>,
+    /// Clusters picked for an allocation whose mapping is not committed yet.
+    reserved: Mutex<BTreeSet<u32>>,
+    cursor: AtomicU64,
+    /// I/O holds it shared; snapshot, destroy and unmap hold it exclusively.
+    gate: tokio::sync::RwLock<()>,
+    volumes: Mutex<BTreeMap<Uuid, Arc<PoolVolume>>>,
+    no_space: AtomicU64,
+    last_no_space_log: Mutex<Option<Instant>>,
+}
+
+impl PoolInner {
+    fn meta(&self) -> RwLockReadGuard<'_, PoolMeta> {
+        self.meta.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes records durable, then applies them.
+    async fn commit(&self, records: Vec<Record>) -> Result<(), PoolError> {
+        let mut j = self.journal.lock().await;
+        j.commit(|| journal::encode_state(&self.meta()), &records)
+            .await?;
+        let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+        for r in &records {
+            m.apply(r)?;
+        }
+        Ok(())
+    }
+
+    fn reserve_cluster(&self) -> Result<u32, PoolError> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let from = self.cursor.load(Ordering::Relaxed);
+        match self.meta().find_free(from, &reserved) {
+            Some(c) => {
+                reserved.insert(c);
+                self.cursor.store(u64::from(c) + 1, Ordering::Relaxed);
+                Ok(c)
+            }
+            None => {
+                self.no_space.fetch_add(1, Ordering::Relaxed);
+                let mut last = self
+                    .last_no_space_log
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    *last = Some(Instant::now());
+                    tracing::warn!(
+                        pool = %self.label.name,
+                        failed_writes = self.no_space.load(Ordering::Relaxed),
+                        "pool is full: writes that need a new cluster fail with Capacity Exceeded"
+                    );
+                }
+                Err(PoolError::NoSpace(format!(
+                    "pool {} has no free cluster",
+                    self.label.name
+                )))
+            }
+        }
+    }
+
+    fn release_cluster(&self, c: u32) {
+        self.reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&c);
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the first block of a device says.
+#[derive(Debug)]
+pub enum Probe {
+    /// All zeroes: free to format.
+    Blank,
+    Pool(Label),
+}
+
+/// A pool's identity and parameters, as asked for at creation.
+#[derive(Clone, Debug)]
+pub struct PoolSpec {
+    pub name: String,
+    pub uuid: Uuid,
+    pub cluster_size: u32,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl Pool {
+    /// Reads the device's label block: blank, a sound label, or an error (corrupt label, foreign data).
+    pub async fn probe(dev: &dyn BlockDevice) -> Result<Probe, PoolError> {
+        let block = dev
+            .read(0, LABEL_LEN)
+            .await
+            .map_err(|e| PoolError::Io(format!("reading the label: {e}")))?;
+        match Label::decode(&block, dev.size_bytes()) {
+            Ok(l) => Ok(Probe::Pool(l)),
+            Err(PoolError::NoLabel) if block.iter().all(|b| *b == 0) => Ok(Probe::Blank),
+            Err(PoolError::NoLabel) => Err(PoolError::ForeignData),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Formats a blank device as a new, empty pool. The label is written last: a crash before it leaves a device
+    /// that still probes blank.
+    pub async fn create(dev: Arc<dyn BlockDevice>, spec: &PoolSpec) -> Result<Pool, PoolError> {
+        match Self::probe(dev.as_ref()).await? {
+            Probe::Blank => {}
+            Probe::Pool(l) => {
+                return Err(PoolError::AlreadyExists(format!(
+                    "the device already holds pool {} ({})",
+                    l.name, l.uuid
+                )));
+            }
+        }
+        let label = Label::layout(
+            spec.uuid,
+            &spec.name,
+            dev.block_size(),
+            spec.cluster_size,
+            dev.size_bytes(),
+        )?;
+        let journal = Journal::format(dev.clone(), &label).await?;
+        let io = |e: crate::block::BlockError| PoolError::Io(format!("writing the label: {e}"));
+        dev.write(0, label.encode().freeze()).await.map_err(io)?;
+        dev.flush().await.map_err(io)?;
+        let meta = PoolMeta::new(label.cluster_size, label.data_clusters);
+        tracing::info!(pool = %label.name, uuid = %label.uuid, capacity = label.capacity(), "created pool");
+        Ok(Self::assemble(dev, label, journal, meta))
+    }
+
+    /// Opens the pool on a device: checks the label, loads and replays the metadata, and compacts it.
+    pub async fn import(dev: Arc<dyn BlockDevice>) -> Result<Pool, PoolError> {
+        let label = match Self::probe(dev.as_ref()).await? {
+            Probe::Pool(l) => l,
+            Probe::Blank => return Err(PoolError::NoLabel),
+        };
+        if label.block_size != dev.block_size() {
+            return Err(PoolError::CorruptLabel(format!(
+                "the pool has {}-byte blocks but the device was opened with {}",
+                label.block_size,
+                dev.block_size()
+            )));
+        }
+        let (journal, meta) = Journal::open(dev.clone(), &label).await?;
+        tracing::info!(
+            pool = %label.name,
+            uuid = %label.uuid,
+            volumes = meta.volumes.len(),
+            epoch = journal.epoch(),
+            "imported pool"
+        );
+        Ok(Self::assemble(dev, label, journal, meta))
+    }
+
+    fn assemble(dev: Arc<dyn BlockDevice>, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
+        let inner = Arc::new(PoolInner {
+            dev,
+            label,
+            meta: RwLock::new(meta),
+            journal: tokio::sync::Mutex::new(journal),
+            reserved: Mutex::new(BTreeSet::new()),
+            cursor: AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
+            volumes: Mutex::new(BTreeMap::new()),
+            no_space: AtomicU64::new(0),
+            last_no_space_log: Mutex::new(None),
+        });
+        Pool { inner }
+    }
+
+    pub fn label(&self) -> &Label {
+        &self.inner.label
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.label.name
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        self.inner.label.uuid
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let m = self.inner.meta();
+        let cs = u64::from(self.inner.label.cluster_size);
+        PoolStats {
+            capacity: self.inner.label.capacity(),
+            allocated: m.used_clusters() * cs,
+            committed: m
+                .volumes
+                .values()
+                .filter(|v| !v.is_snapshot())
+                .map(|v| v.size)
+                .sum(),
+            no_space_errors: self.inner.no_space.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every volume's metadata (replicas and snapshots).
+    pub fn volumes(&self) -> Vec<VolumeMeta> {
+        self.inner.meta().volumes.values().cloned().collect()
+    }
+
+    pub fn volume_meta(&self, uuid: &Uuid) -> Option<VolumeMeta> {
+        self.inner.meta().volumes.get(uuid).cloned()
+    }
+
+    /// Bytes of clusters mapped by one volume.
+    pub fn volume_allocated(&self, uuid: &Uuid) -> u64 {
+        let m = self.inner.meta();
+        m.volumes.get(uuid).map(|v| v.mapped()).unwrap_or(0)
+            * u64::from(self.inner.label.cluster_size)
+    }
+
+    /// The block device of a volume (one per volume, shared).
+    pub fn open_volume(&self, uuid: &Uuid) -> Result<Arc<PoolVolume>, PoolError> {
+        let meta = self
+            .volume_meta(uuid)
+            .ok_or_else(|| PoolError::NotFound(format!("volume {uuid} in pool {}", self.name())))?;
+        let mut vols = self.inner.volumes.lock().unwrap_or_else(|e| e.into_inner());
+        let v = vols.entry(*uuid).or_insert_with(|| {
+            Arc::new(PoolVolume {
+                pool: self.inner.clone(),
+                uuid: *uuid,
+                size: meta.size,
+                read_only: meta.is_snapshot(),
+                closed: AtomicBool::new(false),
+                alloc: tokio::sync::Mutex::new(()),
+            })
+        });
+        Ok(v.clone())
+    }
+
+    fn check_fits(&self, extra_clusters: u64) -> Result<(), PoolError> {
+        let need = self.inner.meta().worst_case_bytes(extra_clusters) + 2 * LABEL_LEN;
+        if need > self.inner.label.ckpt_len {
+            return Err(PoolError::MetadataFull(format!(
+                "pool {} cannot describe another {extra_clusters} clusters",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates a thin replica. Repeating the same request returns the existing replica.
+    pub async fn create_replica(
+        &self,
+        uuid: Uuid,
+        size: u64,
+        share: Option<Share>,
+    ) -> Result<Arc<PoolVolume>, PoolError> {
+        let bs = u64::from(self.inner.label.block_size);
+        if size == 0 || !size.is_multiple_of(bs) {
+            return Err(PoolError::InvalidArgument(format!(
+                "replica size {size} must be a non-zero multiple of the {bs}-byte block size"
+            )));
+        }
+        if let Some(v) = self.volume_meta(&uuid) {
+            if v.is_snapshot() || v.size != size {
+                return Err(PoolError::AlreadyExists(format!(
+                    "volume {uuid} exists with other parameters ({} bytes{})",
+                    v.size,
+                    if v.is_snapshot() { ", a snapshot" } else { "" }
+                )));
+            }
+            return self.open_volume(&uuid);
+        }
+        let capacity = self.inner.label.capacity();
+        if size > capacity {
+            return Err(PoolError::NoSpace(format!(
+                "replica of {size} bytes does not fit pool {} of {capacity} bytes",
+                self.name()
+            )));
+        }
+        let cs = u64::from(self.inner.label.cluster_size);
+        self.check_fits(size.div_ceil(cs))?;
+        self.inner
+            .commit(vec![Record::CreateReplica {
+                uuid,
+                size,
+                created: now_secs(),
+                share,
+            }])
+            .await?;
+        tracing::info!(pool = %self.name(), replica = %uuid, size, "created replica");
+        self.open_volume(&uuid)
+    }
+
+    /// Takes a crash-consistent snapshot of a replica: in-flight writes finish first, new ones wait.
+    pub async fn snapshot(&self, replica: Uuid, snapshot: Uuid) -> Result<VolumeMeta, PoolError> {
+        let src = self
+            .volume_meta(&replica)
+            .ok_or_else(|| PoolError::NotFound(format!("replica {replica}")))?;
+        if src.is_snapshot() {
+            return Err(PoolError::InvalidArgument(format!(
+                "{replica} is a snapshot; snapshots are taken of replicas"
+            )));
+        }
+        if let Some(v) = self.volume_meta(&snapshot) {
+            if v.snapshot_of == Some(replica) {
+                return Ok(v);
+            }
+            return Err(PoolError::AlreadyExists(format!(
+                "volume {snapshot} exists and is not a snapshot of {replica}"
+            )));
+        }
+        self.check_fits(src.map.len() as u64)?;
+        let _excl = self.inner.gate.write().await;
+        self.inner
+            .commit(vec![Record::Snapshot {
+                replica,
+                snapshot,
+                created: now_secs(),
+            }])
+            .await?;
+        tracing::info!(pool = %self.name(), %replica, %snapshot, "took snapshot");
+        self.volume_meta(&snapshot)
+            .ok_or_else(|| PoolError::NotFound(format!("snapshot {snapshot}")))
+    }
+
+    /// Creates a writable replica from a snapshot; it shares the snapshot's clusters until it writes them.
+    pub async fn clone_snapshot(
+        &self,
+        snapshot: Uuid,
+        replica: Uuid,
+        share: Option<Share>,
+    ) -> Result<Arc<PoolVolume>, PoolError> {
+        let src = self
+            .volume_meta(&snapshot)
+            .ok_or_else(|| PoolError::NotFound(format!("snapshot {snapshot}")))?;
+        if !src.is_snapshot() {
+            return Err(PoolError::InvalidArgument(format!(
+                "{snapshot} is not a snapshot"
+            )));
+        }
+        if let Some(v) = self.volume_meta(&replica) {
+            if v.clone_of == Some(snapshot) {
+                return self.open_volume(&replica);
+            }
+            return Err(PoolError::AlreadyExists(format!(
+                "volume {replica} exists and is not a clone of {snapshot}"
+            )));
+        }
+        self.check_fits(src.map.len() as u64)?;
+        self.inner
+            .commit(vec![Record::Clone {
+                snapshot,
+                replica,
+                created: now_secs(),
+                share,
+            }])
+            .await?;
+        tracing::info!(pool = %self.name(), %snapshot, clone = %replica, "created clone");
+        self.open_volume(&replica)
+    }
+
+    pub async fn set_share(&self, uuid: Uuid, share: Option<Share>) -> Result<(), PoolError> {
+        let v = self
+            .volume_meta(&uuid)
+            .ok_or_else(|| PoolError::NotFound(format!("volume {uuid}")))?;
+        if v.share == share {
+            return Ok(());
+        }
+        self.inner
+            .commit(vec![Record::SetShare {
+                volume: uuid,
+                share,
+            }])
+            .await
+    }
+
+    /// Destroys a replica or snapshot and frees the clusters no other volume uses. Its device handle fails all
+    /// further I/O with `Closed`.
+    pub async fn destroy_volume(&self, uuid: Uuid) -> Result<(), PoolError> {
+        if self.volume_meta(&uuid).is_none() {
+            return Err(PoolError::NotFound(format!(
+                "volume {uuid} in pool {}",
+                self.name()
+            )));
+        }
+        let _excl = self.inner.gate.write().await;
+        self.inner
+            .commit(vec![Record::Destroy { volume: uuid }])
+            .await?;
+        if let Some(v) = self
+            .inner
+            .volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&uuid)
+        {
+            v.closed.store(true, Ordering::Release);
+        }
+        tracing::info!(pool = %self.name(), volume = %uuid, "destroyed volume");
+        Ok(())
+    }
+
+    /// Closes every volume handle (the pool is being exported or destroyed).
+    pub fn close(&self) {
+        for v in self
+            .inner
+            .volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            v.closed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Destroys the pool: refuses while it has volumes, then wipes the label so the device probes blank.
+    pub async fn destroy(&self) -> Result<(), PoolError> {
+        let n = self.inner.meta().volumes.len();
+        if n > 0 {
+            return Err(PoolError::FailedPrecondition(format!(
+                "pool {} still has {n} replicas or snapshots",
+                self.name()
+            )));
+        }
+        self.close();
+        let dev = &self.inner.dev;
+        let io = |e: crate::block::BlockError| PoolError::Io(format!("wiping the label: {e}"));
+        dev.write_zeroes(0, LABEL_LEN).await.map_err(io)?;
+        dev.flush().await.map_err(io)?;
+        tracing::info!(pool = %self.name(), "destroyed pool");
+        Ok(())
+    }
+}

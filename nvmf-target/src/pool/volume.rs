@@ -1,0 +1,304 @@
+//! A pool volume as a [`BlockDevice`]: a thin replica (or a read-only snapshot) whose logical clusters map to the
+//! pool's physical clusters.
+//!
+//! - A read of a never-written cluster returns zeroes without touching the device.
+//! - A write to a cluster the volume owns alone goes straight to the device.
+//! - A write to an unmapped cluster, or to one shared with a snapshot or clone, takes a free cluster, fills it
+//!   (zeroes around the new data, or a copy of the shared cluster with the new data over it), flushes it, and
+//!   only then commits the new mapping to the journal. A crash before the commit leaves the old mapping and a free
+//!   cluster; the write was never acknowledged. The old contents of a reused cluster can never show through.
+//! - With no free cluster the write fails with [`BlockError::NoSpace`] (NVMe "Capacity Exceeded").
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use uuid::Uuid;
+
+use super::meta::{Record, UNMAPPED};
+use super::{PoolError, PoolInner};
+use crate::block::{BlockDevice, BlockError, check_range};
+
+pub struct PoolVolume {
+    pub(super) pool: Arc<PoolInner>,
+    pub(super) uuid: Uuid,
+    pub(super) size: u64,
+    pub(super) read_only: bool,
+    pub(super) closed: AtomicBool,
+    /// Serializes this volume's allocations and copy-on-writes.
+    pub(super) alloc: tokio::sync::Mutex<()>,
+}
+
+/// One cluster's part of a request: logical cluster, offset within it, and the byte range of the request.
+struct Piece {
+    logical: u32,
+    within: u64,
+    range: std::ops::Range<usize>,
+}
+
+fn pieces(offset: u64, len: u64, cs: u64) -> impl Iterator<Item = Piece> {
+    let mut done = 0u64;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done;
+        let n = (cs - pos % cs).min(len - done);
+        let p = Piece {
+            logical: (pos / cs) as u32,
+            within: pos % cs,
+            range: done as usize..(done + n) as usize,
+        };
+        done += n;
+        Some(p)
+    })
+}
+
+fn pool_err(e: PoolError) -> BlockError {
+    match e {
+        PoolError::NoSpace(_) => BlockError::NoSpace,
+        other => BlockError::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
+impl PoolVolume {
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn cs(&self) -> u64 {
+        u64::from(self.pool.label.cluster_size)
+    }
+
+    fn check_open(&self) -> Result<(), BlockError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(BlockError::Closed);
+        }
+        Ok(())
+    }
+
+    /// The physical cluster behind `logical` and whether this volume is its only user.
+    fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
+        let meta = self.pool.meta();
+        let v = meta.volumes.get(&self.uuid).ok_or(BlockError::Closed)?;
+        let p = v.map.get(logical as usize).copied().unwrap_or(UNMAPPED);
+        if p == UNMAPPED {
+            return Ok(None);
+        }
+        Ok(Some((p, meta.refs(p) == 1)))
+    }
+
+    /// Byte ranges of the volume that have a cluster behind them (the rest reads as zeroes), merged.
+    pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
+        let meta = self.pool.meta();
+        let Some(v) = meta.volumes.get(&self.uuid) else {
+            return Vec::new();
+        };
+        let cs = self.cs();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (l, p) in v.map.iter().enumerate() {
+            if *p == UNMAPPED {
+                continue;
+            }
+            let start = l as u64 * cs;
+            let len = cs.min(self.size - start);
+            match out.last_mut() {
+                Some((s, n)) if *s + *n == start => *n += len,
+                _ => out.push((start, len)),
+            }
+        }
+        out
+    }
+
+    /// Writes `data` at `within` of logical cluster `logical` into a newly allocated cluster.
+    async fn allocate_write(
+        &self,
+        logical: u32,
+        within: u64,
+        data: Bytes,
+    ) -> Result<(), BlockError> {
+        let _serial = self.alloc.lock().await;
+        let old = self.lookup(logical)?;
+        let dev = &self.pool.dev;
+        if let Some((p, true)) = old {
+            // Another writer allocated it while we waited.
+            return dev
+                .write(self.pool.label.cluster_offset(p) + within, data)
+                .await;
+        }
+        let new = self.pool.reserve_cluster().map_err(pool_err)?;
+        let result = async {
+            let base = self.pool.label.cluster_offset(new);
+            let cs = self.cs();
+            let end = within + data.len() as u64;
+            match old {
+                Some((shared, _)) => {
+                    let src = self.pool.label.cluster_offset(shared);
+                    let mut buf = BytesMut::from(&dev.read(src, cs).await?[..]);
+                    buf[within as usize..end as usize].copy_from_slice(&data);
+                    dev.write(base, buf.freeze()).await?;
+                }
+                None => {
+                    if within > 0 {
+                        dev.write_zeroes(base, within).await?;
+                    }
+                    if end < cs {
+                        dev.write_zeroes(base + end, cs - end).await?;
+                    }
+                    dev.write(base + within, data).await?;
+                }
+            }
+            dev.flush().await?;
+            let rec = Record::Map {
+                volume: self.uuid,
+                logical,
+                physical: new,
+            };
+            self.pool.commit(vec![rec]).await.map_err(pool_err)
+        }
+        .await;
+        self.pool.release_cluster(new);
+        result
+    }
+
+    async fn write_piece(&self, p: &Piece, data: Bytes) -> Result<(), BlockError> {
+        match self.lookup(p.logical)? {
+            Some((phys, true)) => {
+                let off = self.pool.label.cluster_offset(phys) + p.within;
+                self.pool.dev.write(off, data).await
+            }
+            _ => self.allocate_write(p.logical, p.within, data).await,
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for PoolVolume {
+    fn block_size(&self) -> u32 {
+        self.pool.label.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        self.size / u64::from(self.pool.label.block_size)
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        check_range(offset, len, self.block_size(), self.size)?;
+        let _io = self.pool.gate.read().await;
+        self.check_open()?;
+        let mut out = BytesMut::new();
+        for p in pieces(offset, len, self.cs()) {
+            let n = p.range.len() as u64;
+            let data = match self.lookup(p.logical)? {
+                None => Bytes::from(vec![0u8; n as usize]),
+                Some((phys, _)) => {
+                    let off = self.pool.label.cluster_offset(phys) + p.within;
+                    self.pool.dev.read(off, n).await?
+                }
+            };
+            if n == len {
+                return Ok(data);
+            }
+            out.extend_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        check_range(offset, data.len() as u64, self.block_size(), self.size)?;
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let _io = self.pool.gate.read().await;
+        self.check_open()?;
+        for p in pieces(offset, data.len() as u64, self.cs()) {
+            let part = data.slice(p.range.clone());
+            self.write_piece(&p, part).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.block_size(), self.size)?;
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let _io = self.pool.gate.read().await;
+        self.check_open()?;
+        for p in pieces(offset, len, self.cs()) {
+            let n = p.range.len() as u64;
+            match self.lookup(p.logical)? {
+                None => {}
+                Some((phys, true)) => {
+                    let off = self.pool.label.cluster_offset(phys) + p.within;
+                    self.pool.dev.write_zeroes(off, n).await?;
+                }
+                Some((_, false)) => {
+                    let zeroes = Bytes::from(vec![0u8; n as usize]);
+                    self.allocate_write(p.logical, p.within, zeroes).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whole clusters are unmapped (given back to the pool); partial ones are zeroed.
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.block_size(), self.size)?;
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let cs = self.cs();
+        let mut whole = Vec::new();
+        for p in pieces(offset, len, cs) {
+            let n = p.range.len() as u64;
+            let is_tail = u64::from(p.logical) * cs + n == self.size;
+            if p.within == 0 && (n == cs || is_tail) {
+                whole.push(p.logical);
+            } else {
+                let at = u64::from(p.logical) * cs + p.within;
+                self.write_zeroes(at, n).await?;
+            }
+        }
+        if whole.is_empty() {
+            return Ok(());
+        }
+        // Unmapping frees clusters another volume may reuse: no read of ours may still be in flight on them.
+        let _excl = self.pool.gate.write().await;
+        self.check_open()?;
+        let records: Vec<Record> = whole
+            .into_iter()
+            .filter(|l| matches!(self.lookup(*l), Ok(Some(_))))
+            .map(|logical| Record::Unmap {
+                volume: self.uuid,
+                logical,
+            })
+            .collect();
+        for chunk in records.chunks(64) {
+            self.pool.commit(chunk.to_vec()).await.map_err(pool_err)?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.check_open()?;
+        self.pool.dev.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pieces;
+
+    #[test]
+    fn pieces_split_on_cluster_boundaries() {
+        let p: Vec<_> = pieces(3 * 1024, 10 * 1024, 4096 * 2)
+            .map(|p| (p.logical, p.within, p.range))
+            .collect();
+        assert_eq!(p, vec![(0, 3072, 0..5120), (1, 0, 5120..10240)]);
+    }
+}
