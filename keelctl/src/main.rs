@@ -1,5 +1,7 @@
 //! keelctl: Keelson's command-line client. `keelctl engine ...` talks to one io-engine's engine API.
 
+mod storage;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use proto::engine as pb;
@@ -35,8 +37,23 @@ enum Ana {
 
 #[derive(Subcommand)]
 enum EngineCmd {
-    /// Node name, version, listeners.
+    /// Node name, version, listeners, pool capacity.
     Node,
+    /// Pools on this node.
+    Pool {
+        #[command(subcommand)]
+        cmd: storage::PoolCmd,
+    },
+    /// Replicas in this node's pools.
+    Replica {
+        #[command(subcommand)]
+        cmd: storage::ReplicaCmd,
+    },
+    /// Snapshots and clones of replicas.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: storage::SnapshotCmd,
+    },
     /// List subsystems with namespaces, hosts and controllers (JSON).
     Subsystems,
     /// Create a subsystem.
@@ -214,6 +231,9 @@ async fn main() -> Result<()> {
         .with_context(|| format!("connecting to {endpoint}"))?;
     match cmd {
         EngineCmd::Node => print(&c.get_node(pb::GetNodeRequest {}).await?.into_inner()),
+        EngineCmd::Pool { cmd } => storage::pool(&mut c, cmd).await?,
+        EngineCmd::Replica { cmd } => storage::replica(&mut c, cmd).await?,
+        EngineCmd::Snapshot { cmd } => storage::snapshot(&mut c, cmd).await?,
         EngineCmd::Subsystems => print(
             &c.list_subsystems(pb::ListSubsystemsRequest {})
                 .await?

@@ -1,5 +1,5 @@
-//! io-engine configuration: the `--export` spec that puts a block device behind a subsystem namespace, and sizes
-//! with units. Shared by the command line and the JSON config file.
+//! io-engine configuration: the `--export` spec that puts a block device behind a subsystem namespace, the
+//! `--pool` spec, and sizes with units. Shared by the command line and the JSON config file.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -18,6 +18,8 @@ pub enum ConfigError {
     Size(String),
     #[error("bad export {spec:?}: {reason}")]
     Export { spec: String, reason: String },
+    #[error("bad pool {0:?}: use NAME=/absolute/path/of/disk")]
+    Pool(String),
 }
 
 /// Parses "4096", "64MiB", "1GiB", "512K", "2G".
@@ -212,5 +214,27 @@ mod tests {
         );
         let j: ExportSpec = serde_json::from_str(r#"{"nqn":"nqn.x","memory":"1MiB"}"#).unwrap();
         assert_eq!(j.memory, Some(1 << 20));
+    }
+}
+
+/// A pool to create or import at start-up: `NAME=DISK` on the command line, `{"name", "disk"}` in the config file.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolArg {
+    pub name: String,
+    pub disk: String,
+}
+
+impl FromStr for PoolArg {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<PoolArg, ConfigError> {
+        match s.split_once('=') {
+            Some((name, disk)) if !name.is_empty() && disk.starts_with('/') => Ok(PoolArg {
+                name: name.to_string(),
+                disk: disk.to_string(),
+            }),
+            _ => Err(ConfigError::Pool(s.to_string())),
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! generated types; `status` maps engine errors to precise gRPC codes.
 
 mod convert;
+mod pools;
 mod service;
 mod status;
 

@@ -9,6 +9,7 @@ use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
 
 use super::convert;
+use super::pools;
 use super::status::invalid;
 
 pub struct EngineService {
@@ -54,6 +55,7 @@ impl EngineApi for EngineService {
         _: Request<pb::GetNodeRequest>,
     ) -> Result<Response<pb::NodeInfo>, Status> {
         let cfg = &self.engine.config().target;
+        let pools = self.engine.pools();
         Ok(Response::new(pb::NodeInfo {
             node_name: self.engine.node_name().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -66,6 +68,8 @@ impl EngineApi for EngineService {
                 .collect(),
             min_cntlid: u32::from(cfg.cntlid_min),
             max_cntlid: u32::from(cfg.cntlid_max),
+            pool_capacity: pools.iter().map(|p| p.pool.stats().capacity).sum(),
+            pool_allocated: pools.iter().map(|p| p.pool.stats().allocated).sum(),
         }))
     }
 
@@ -324,5 +328,123 @@ impl EngineApi for EngineService {
         });
         let injected = self.engine.inject_fault(&r.nqn, r.nsid, plan)?;
         Ok(Response::new(pb::InjectFaultResponse { injected }))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %r.get_ref().name, disk = %r.get_ref().disk))]
+    async fn create_pool(
+        &self,
+        r: Request<pb::CreatePoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        Ok(Response::new(
+            pools::create_pool(&self.engine, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(disk = %r.get_ref().disk))]
+    async fn import_pool(
+        &self,
+        r: Request<pb::ImportPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        Ok(Response::new(
+            pools::import_pool(&self.engine, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %r.get_ref().name))]
+    async fn destroy_pool(
+        &self,
+        r: Request<pb::DestroyPoolRequest>,
+    ) -> Result<Response<pb::DestroyPoolResponse>, Status> {
+        pools::destroy_pool(&self.engine, r.into_inner()).await?;
+        Ok(Response::new(pb::DestroyPoolResponse {}))
+    }
+
+    async fn list_pools(
+        &self,
+        _: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        Ok(Response::new(pools::list_pools(&self.engine)))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, pool = %r.get_ref().pool))]
+    async fn create_replica(
+        &self,
+        r: Request<pb::CreateReplicaRequest>,
+    ) -> Result<Response<pb::Replica>, Status> {
+        Ok(Response::new(
+            pools::create_replica(&self.engine, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn destroy_replica(
+        &self,
+        r: Request<pb::DestroyReplicaRequest>,
+    ) -> Result<Response<pb::DestroyReplicaResponse>, Status> {
+        pools::destroy_replica(&self.engine, r.into_inner()).await?;
+        Ok(Response::new(pb::DestroyReplicaResponse {}))
+    }
+
+    async fn list_replicas(
+        &self,
+        _: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        Ok(Response::new(pools::list_replicas(&self.engine)))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn share_replica(
+        &self,
+        r: Request<pb::ShareReplicaRequest>,
+    ) -> Result<Response<pb::Replica>, Status> {
+        Ok(Response::new(
+            pools::share_replica(&self.engine, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn unshare_replica(
+        &self,
+        r: Request<pb::UnshareReplicaRequest>,
+    ) -> Result<Response<pb::Replica>, Status> {
+        Ok(Response::new(
+            pools::unshare_replica(&self.engine, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, replica = %r.get_ref().replica))]
+    async fn create_snapshot(
+        &self,
+        r: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        Ok(Response::new(
+            pools::create_snapshot(&self.engine, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn destroy_snapshot(
+        &self,
+        r: Request<pb::DestroySnapshotRequest>,
+    ) -> Result<Response<pb::DestroySnapshotResponse>, Status> {
+        pools::destroy_snapshot(&self.engine, r.into_inner()).await?;
+        Ok(Response::new(pb::DestroySnapshotResponse {}))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        Ok(Response::new(pools::list_snapshots(&self.engine)))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, snapshot = %r.get_ref().snapshot))]
+    async fn create_clone(
+        &self,
+        r: Request<pb::CreateCloneRequest>,
+    ) -> Result<Response<pb::Replica>, Status> {
+        Ok(Response::new(
+            pools::create_clone(&self.engine, r.into_inner()).await?,
+        ))
     }
 }

@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use crate::engine::EngineError;
+use crate::pool::PoolError;
 use crate::target::TargetError;
 
 impl From<TargetError> for Status {
@@ -26,6 +27,24 @@ impl From<EngineError> for Status {
             EngineError::InvalidArgument(m) => Status::invalid_argument(m),
             EngineError::Unavailable(m) => Status::unavailable(m),
             EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
+            EngineError::Pool(p) => p.into(),
+        }
+    }
+}
+
+impl From<PoolError> for Status {
+    fn from(e: PoolError) -> Status {
+        let msg = e.to_string();
+        match e {
+            PoolError::InvalidArgument(_) => Status::invalid_argument(msg),
+            PoolError::NotFound(_) => Status::not_found(msg),
+            PoolError::AlreadyExists(_) => Status::already_exists(msg),
+            PoolError::NoSpace(_) | PoolError::MetadataFull(_) => Status::resource_exhausted(msg),
+            PoolError::NoLabel | PoolError::ForeignData | PoolError::FailedPrecondition(_) => {
+                Status::failed_precondition(msg)
+            }
+            PoolError::CorruptLabel(_) | PoolError::CorruptMetadata(_) => Status::data_loss(msg),
+            PoolError::Io(_) => Status::unavailable(msg),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use nvmf_target::config::ExportSpec;
+use nvmf_target::config::{ExportSpec, PoolArg};
 use nvmf_target::engine::{Engine, EngineConfig};
 use nvmf_target::target::TargetConfig;
 use serde::Deserialize;
@@ -42,7 +42,10 @@ struct Args {
     /// hosts (`;`-separated; none = any host). Repeatable.
     #[arg(long = "export", env = "KEELSON_EXPORT", value_delimiter = ' ')]
     exports: Vec<ExportSpec>,
-    /// JSON file with `{"listen": [...], "exports": [{...}]}` added to the flags.
+    /// Pool to create on a blank disk or import at start-up, `NAME=/path/to/disk-or-file`. Repeatable.
+    #[arg(long = "pool", env = "KEELSON_POOLS", value_delimiter = ' ')]
+    pools: Vec<PoolArg>,
+    /// JSON file with `{"listen": [...], "exports": [{...}], "pools": [{"name", "disk"}]}` added to the flags.
     #[arg(long, env = "KEELSON_CONFIG")]
     config: Option<PathBuf>,
     /// Controller IDs this node hands out, `MIN-MAX` (make them disjoint across nodes serving one subsystem).
@@ -57,6 +60,8 @@ struct FileConfig {
     listen: Vec<SocketAddr>,
     #[serde(default)]
     exports: Vec<ExportSpec>,
+    #[serde(default)]
+    pools: Vec<PoolArg>,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16)> {
@@ -88,6 +93,7 @@ async fn main() -> Result<()> {
         }
         args.listen.extend(fc.listen);
         args.exports.extend(fc.exports);
+        args.pools.extend(fc.pools);
     }
     let (cntlid_min, cntlid_max) = parse_range(&args.cntlid_range)?;
     let node_name = args.node_name.clone().unwrap_or_else(|| {
@@ -122,6 +128,21 @@ async fn main() -> Result<()> {
                 e.nqn
             );
         }
+    }
+    for p in &args.pools {
+        let e = engine
+            .create_pool(&p.name, &p.disk, None, 0, 0)
+            .await
+            .with_context(|| format!("pool {} on {}", p.name, p.disk))?;
+        let s = e.pool.stats();
+        tracing::info!(
+            pool = %p.name,
+            disk = %p.disk,
+            capacity = s.capacity,
+            allocated = s.allocated,
+            replicas = e.pool.volumes().len(),
+            "pool ready"
+        );
     }
     let shutdown = tokio_util::sync::CancellationToken::new();
     let api = tokio::spawn(nvmf_target::api::serve(

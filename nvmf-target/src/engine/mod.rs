@@ -3,12 +3,15 @@
 //! through it.
 //!
 //! - `nexus`: nexus creation, children, publishing.
+//! - `pools`: pools, replicas (exported with allow-lists), snapshots and clones.
 //! - `uri`: child URIs (`nvmf://`, `local:///`).
 
 mod nexus;
+mod pools;
 pub mod uri;
 
 pub use nexus::NexusOptions;
+pub use pools::{DEFAULT_CLUSTER, PoolEntry, ReplicaInfo, SnapshotInfo};
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use crate::block::BlockError;
 use crate::block::fault::{FaultDevice, FaultPlan};
 use crate::config::ExportSpec;
+use crate::pool::PoolError;
 use crate::protocol::nqn::Nqn;
 use crate::target::{SubsystemSpec, Target, TargetConfig, TargetError};
 
@@ -25,6 +29,8 @@ pub enum EngineError {
     Target(#[from] TargetError),
     #[error("opening the backend: {0}")]
     Backend(#[from] BlockError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("unavailable: {0}")]
@@ -45,6 +51,9 @@ struct Inner {
     backends: Mutex<BTreeMap<(String, u32), ExportSpec>>,
     nexuses: Mutex<Vec<nexus::NexusEntry>>,
     faults: Mutex<BTreeMap<(String, u32), Arc<FaultDevice>>>,
+    pools: Mutex<BTreeMap<String, PoolEntry>>,
+    /// Serializes pool create, import and destroy.
+    pool_admin: tokio::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -62,6 +71,8 @@ impl Engine {
                 backends: Mutex::new(BTreeMap::new()),
                 nexuses: Mutex::new(Vec::new()),
                 faults: Mutex::new(BTreeMap::new()),
+                pools: Mutex::new(BTreeMap::new()),
+                pool_admin: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -195,5 +206,6 @@ impl Engine {
         for n in nexuses {
             n.shutdown().await;
         }
+        self.close_pools();
     }
 }

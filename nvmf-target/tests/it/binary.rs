@@ -8,17 +8,11 @@ use nvmf_target::block::BlockDevice;
 use nvmf_target::initiator::ConnectOptions;
 use nvmf_target::initiator::namespace::RemoteNamespace;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::harness::free_port;
 
 #[tokio::test]
 async fn io_engine_serves_an_export_and_exits_cleanly_on_sigterm() {
-    let (port, grpc) = (free_port(), free_port());
+    let (port, grpc) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
     let nqn = "nqn.2026-11.io.keelson:vol-00000000-0000-4000-8000-0000000000cc";
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ns.img");

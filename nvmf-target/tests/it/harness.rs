@@ -232,3 +232,12 @@ impl Raw {
         r
     }
 }
+
+/// A port free on `ip` right now (for processes that must be told their port).
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

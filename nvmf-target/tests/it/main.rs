@@ -10,4 +10,5 @@ mod edges;
 mod events;
 mod harness;
 mod initiator;
+mod pools;
 mod replication;

@@ -14,15 +14,9 @@ use proto::engine as pb;
 use proto::engine::engine_client::EngineClient;
 use tonic::transport::Channel;
 
-const SIZE: u64 = 32 << 20;
+use crate::harness::free_port;
 
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const SIZE: u64 = 32 << 20;
 
 /// An io-engine process serving one memory replica; killed when dropped.
 struct EngineProc {

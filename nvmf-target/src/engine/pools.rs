@@ -1,0 +1,431 @@
+//! The engine's pools, replicas and snapshots: opening disks, creating or importing pools on them, and exporting
+//! shared replicas as `nqn...:replica-<uuid>` subsystems with their host allow-lists. What is shared, and to whom,
+//! is kept in the pool's metadata, so importing a pool after a restart exports its replicas again.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::block::BlockDevice;
+use crate::block::file::FileDevice;
+use crate::pool::meta::{Share, VolumeMeta};
+use crate::pool::{Pool, PoolError, PoolSpec, Probe};
+use crate::protocol::nqn::Nqn;
+use crate::target::SubsystemSpec;
+
+use super::{Engine, EngineError};
+
+/// Default cluster size of a new pool.
+pub const DEFAULT_CLUSTER: u32 = 4 << 20;
+
+/// A pool as the engine keeps it.
+#[derive(Clone)]
+pub struct PoolEntry {
+    pub pool: Pool,
+    pub disk: String,
+}
+
+/// A replica as the API shows it.
+#[derive(Clone, Debug)]
+pub struct ReplicaInfo {
+    pub meta: VolumeMeta,
+    pub pool: String,
+    pub allocated: u64,
+    /// Set when the replica is exported.
+    pub nqn: Option<Nqn>,
+}
+
+/// A snapshot as the API shows it.
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    pub meta: VolumeMeta,
+    pub pool: String,
+    pub referenced: u64,
+}
+
+async fn open_disk(disk: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, EngineError> {
+    let path = Path::new(disk).to_path_buf();
+    if disk.is_empty() || !path.is_absolute() {
+        return Err(EngineError::InvalidArgument(format!(
+            "disk {disk:?} must be an absolute path to a file or block device"
+        )));
+    }
+    if !path.exists() {
+        return Err(EngineError::InvalidArgument(format!(
+            "disk {disk} does not exist"
+        )));
+    }
+    let dev = tokio::task::spawn_blocking(move || FileDevice::open(&path, 0, block_size, true))
+        .await
+        .map_err(|e| EngineError::Unavailable(e.to_string()))??;
+    Ok(Arc::new(dev))
+}
+
+impl Engine {
+    fn pools_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, PoolEntry>> {
+        self.inner.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn pools(&self) -> Vec<PoolEntry> {
+        self.pools_map().values().cloned().collect()
+    }
+
+    pub fn pool(&self, name: &str) -> Result<PoolEntry, EngineError> {
+        self.pools_map()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PoolError::NotFound(format!("pool {name}")).into())
+    }
+
+    /// Formats a blank disk as pool `name`, or imports the pool `name` already on it. Repeating it is a no-op.
+    pub async fn create_pool(
+        &self,
+        name: &str,
+        disk: &str,
+        uuid: Option<Uuid>,
+        cluster_size: u32,
+        block_size: u32,
+    ) -> Result<PoolEntry, EngineError> {
+        let _admin = self.inner.pool_admin.lock().await;
+        let cluster_size = if cluster_size == 0 {
+            DEFAULT_CLUSTER
+        } else {
+            cluster_size
+        };
+        let block_size = if block_size == 0 { 512 } else { block_size };
+        if let Some(e) = self.pools_map().get(name).cloned() {
+            let l = e.pool.label();
+            if e.disk != disk
+                || l.cluster_size != cluster_size
+                || l.block_size != block_size
+                || uuid.is_some_and(|u| u != l.uuid)
+            {
+                return Err(PoolError::AlreadyExists(format!(
+                    "pool {name} exists on {} ({} clusters of {} bytes, uuid {})",
+                    e.disk, l.data_clusters, l.cluster_size, l.uuid
+                ))
+                .into());
+            }
+            return Ok(e);
+        }
+        self.check_disk_free(disk)?;
+        let dev = open_disk(disk, block_size).await?;
+        let pool = match Pool::probe(dev.as_ref()).await? {
+            Probe::Blank => {
+                let spec = PoolSpec {
+                    name: name.to_string(),
+                    uuid: uuid.unwrap_or_else(Uuid::new_v4),
+                    cluster_size,
+                };
+                Pool::create(dev, &spec).await?
+            }
+            Probe::Pool(l) if l.name == name && uuid.is_none_or(|u| u == l.uuid) => {
+                Pool::import(dev).await?
+            }
+            Probe::Pool(l) => {
+                return Err(PoolError::AlreadyExists(format!(
+                    "disk {disk} holds pool {} ({})",
+                    l.name, l.uuid
+                ))
+                .into());
+            }
+        };
+        self.adopt_pool(pool, disk)
+    }
+
+    /// Imports the pool on `disk` (never formats).
+    pub async fn import_pool(&self, disk: &str) -> Result<PoolEntry, EngineError> {
+        let _admin = self.inner.pool_admin.lock().await;
+        if let Some(e) = self.pools_map().values().find(|e| e.disk == disk).cloned() {
+            return Ok(e);
+        }
+        let mut dev = open_disk(disk, 512).await?;
+        if let Probe::Pool(l) = Pool::probe(dev.as_ref()).await?
+            && l.block_size != 512
+        {
+            dev = open_disk(disk, l.block_size).await?;
+        }
+        let pool = Pool::import(dev).await?;
+        if self.pools_map().contains_key(pool.name()) {
+            return Err(PoolError::AlreadyExists(format!(
+                "a pool named {} is already imported from another disk",
+                pool.name()
+            ))
+            .into());
+        }
+        self.adopt_pool(pool, disk)
+    }
+
+    fn check_disk_free(&self, disk: &str) -> Result<(), EngineError> {
+        if let Some(e) = self.pools_map().values().find(|e| e.disk == disk) {
+            return Err(PoolError::AlreadyExists(format!(
+                "disk {disk} is in use by pool {}",
+                e.pool.name()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Registers an opened pool and exports its shared replicas.
+    fn adopt_pool(&self, pool: Pool, disk: &str) -> Result<PoolEntry, EngineError> {
+        let entry = PoolEntry {
+            pool: pool.clone(),
+            disk: disk.to_string(),
+        };
+        self.pools_map()
+            .insert(pool.name().to_string(), entry.clone());
+        for v in pool.volumes() {
+            if let Some(share) = &v.share
+                && let Err(e) = self.export_replica(&pool, v.uuid, share)
+            {
+                tracing::error!(pool = %pool.name(), replica = %v.uuid, error = %e, "cannot export replica");
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Destroys an empty pool and wipes its label.
+    pub async fn destroy_pool(&self, name: &str) -> Result<(), EngineError> {
+        let _admin = self.inner.pool_admin.lock().await;
+        let e = self.pool(name)?;
+        e.pool.destroy().await?;
+        self.pools_map().remove(name);
+        Ok(())
+    }
+
+    /// Closes every pool (shutdown).
+    pub fn close_pools(&self) {
+        for e in self.pools_map().values() {
+            e.pool.close();
+        }
+    }
+
+    /// The pool holding volume `uuid` (replica or snapshot) and its metadata.
+    fn find_volume(&self, uuid: &Uuid) -> Option<(Pool, VolumeMeta)> {
+        self.pools_map()
+            .values()
+            .find_map(|e| Some((e.pool.clone(), e.pool.volume_meta(uuid)?)))
+    }
+
+    fn find_replica(&self, uuid: &Uuid) -> Result<(Pool, VolumeMeta), EngineError> {
+        match self.find_volume(uuid) {
+            Some((p, v)) if !v.is_snapshot() => Ok((p, v)),
+            Some(_) => Err(EngineError::InvalidArgument(format!(
+                "{uuid} is a snapshot, not a replica"
+            ))),
+            None => Err(PoolError::NotFound(format!("replica {uuid}")).into()),
+        }
+    }
+
+    fn replica_info(&self, pool: &Pool, meta: VolumeMeta) -> ReplicaInfo {
+        let nqn = Nqn::replica(&meta.uuid);
+        let exported = self.target().subsystem(nqn.as_str()).is_some();
+        ReplicaInfo {
+            allocated: pool.volume_allocated(&meta.uuid),
+            pool: pool.name().to_string(),
+            nqn: exported.then_some(nqn),
+            meta,
+        }
+    }
+
+    pub fn replica(&self, uuid: &Uuid) -> Result<ReplicaInfo, EngineError> {
+        let (pool, meta) = self.find_replica(uuid)?;
+        Ok(self.replica_info(&pool, meta))
+    }
+
+    pub fn replicas(&self) -> Vec<ReplicaInfo> {
+        let mut out = Vec::new();
+        for e in self.pools() {
+            for v in e.pool.volumes().into_iter().filter(|v| !v.is_snapshot()) {
+                out.push(self.replica_info(&e.pool, v));
+            }
+        }
+        out
+    }
+
+    /// Creates a thin replica, shared with `share` if given. Repeating the same request is a no-op.
+    pub async fn create_replica(
+        &self,
+        pool: &str,
+        uuid: Uuid,
+        size: u64,
+        share: Option<Share>,
+    ) -> Result<ReplicaInfo, EngineError> {
+        if let Some((p, _)) = self.find_volume(&uuid)
+            && p.name() != pool
+        {
+            return Err(PoolError::AlreadyExists(format!(
+                "replica {uuid} exists in pool {}",
+                p.name()
+            ))
+            .into());
+        }
+        let e = self.pool(pool)?;
+        if let Some(v) = e.pool.volume_meta(&uuid)
+            && v.share != share
+            && !v.is_snapshot()
+            && v.size == size
+        {
+            return Err(PoolError::AlreadyExists(format!(
+                "replica {uuid} exists with other sharing ({:?})",
+                v.share.map(|s| s.hosts)
+            ))
+            .into());
+        }
+        e.pool.create_replica(uuid, size, share.clone()).await?;
+        if let Some(s) = &share {
+            self.export_replica(&e.pool, uuid, s)?;
+        }
+        self.replica(&uuid)
+    }
+
+    /// Unexports and destroys a replica; its snapshots stay.
+    pub async fn destroy_replica(&self, uuid: &Uuid) -> Result<(), EngineError> {
+        let (pool, _) = self.find_replica(uuid)?;
+        self.unexport_replica(uuid);
+        pool.destroy_volume(*uuid).await?;
+        Ok(())
+    }
+
+    /// Exports a replica to `hosts` (empty: any host), or changes the allow-list of an exported one.
+    pub async fn share_replica(
+        &self,
+        uuid: &Uuid,
+        hosts: Vec<String>,
+    ) -> Result<ReplicaInfo, EngineError> {
+        let (pool, _) = self.find_replica(uuid)?;
+        for h in &hosts {
+            Nqn::parse(h).map_err(|e| EngineError::InvalidArgument(format!("host {h}: {e}")))?;
+        }
+        let share = Share { hosts };
+        pool.set_share(*uuid, Some(share.clone())).await?;
+        self.export_replica(&pool, *uuid, &share)?;
+        self.replica(uuid)
+    }
+
+    pub async fn unshare_replica(&self, uuid: &Uuid) -> Result<ReplicaInfo, EngineError> {
+        let (pool, _) = self.find_replica(uuid)?;
+        pool.set_share(*uuid, None).await?;
+        self.unexport_replica(uuid);
+        self.replica(uuid)
+    }
+
+    fn export_replica(&self, pool: &Pool, uuid: Uuid, share: &Share) -> Result<(), EngineError> {
+        let nqn = Nqn::replica(&uuid);
+        if let Some(sub) = self.target().subsystem(nqn.as_str()) {
+            let want: std::collections::BTreeSet<&String> = share.hosts.iter().collect();
+            for h in sub.allowed_hosts() {
+                if !want.contains(&h) {
+                    sub.disallow_host(&h);
+                }
+            }
+            for h in &share.hosts {
+                sub.allow_host(h);
+            }
+            return Ok(());
+        }
+        let device = pool.open_volume(&uuid)?;
+        let sub = self.target().create_subsystem(SubsystemSpec {
+            nqn: nqn.clone(),
+            serial: String::new(),
+            model: String::new(),
+            allow_any_host: share.hosts.is_empty(),
+            allowed_hosts: share.hosts.clone(),
+        })?;
+        if let Err(e) = sub.add_namespace(1, uuid, 1, device) {
+            let _ = self.target().delete_subsystem(nqn.as_str());
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    fn unexport_replica(&self, uuid: &Uuid) {
+        let nqn = Nqn::replica(uuid);
+        if self.target().subsystem(nqn.as_str()).is_some() {
+            let _ = self.target().delete_subsystem(nqn.as_str());
+        }
+    }
+
+    /// Takes a crash-consistent snapshot of a replica. Repeating the same request is a no-op.
+    pub async fn create_snapshot(
+        &self,
+        replica: &Uuid,
+        uuid: Uuid,
+    ) -> Result<SnapshotInfo, EngineError> {
+        if let Some((p, v)) = self.find_volume(&uuid)
+            && v.snapshot_of == Some(*replica)
+        {
+            return Ok(self.snapshot_info(&p, v));
+        }
+        if self.find_volume(&uuid).is_some() {
+            return Err(PoolError::AlreadyExists(format!(
+                "{uuid} exists and is not a snapshot of {replica}"
+            ))
+            .into());
+        }
+        let (pool, _) = self.find_replica(replica)?;
+        let meta = pool.snapshot(*replica, uuid).await?;
+        Ok(self.snapshot_info(&pool, meta))
+    }
+
+    fn snapshot_info(&self, pool: &Pool, meta: VolumeMeta) -> SnapshotInfo {
+        SnapshotInfo {
+            referenced: pool.volume_allocated(&meta.uuid),
+            pool: pool.name().to_string(),
+            meta,
+        }
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let mut out = Vec::new();
+        for e in self.pools() {
+            for v in e.pool.volumes().into_iter().filter(|v| v.is_snapshot()) {
+                out.push(self.snapshot_info(&e.pool, v));
+            }
+        }
+        out
+    }
+
+    pub async fn destroy_snapshot(&self, uuid: &Uuid) -> Result<(), EngineError> {
+        match self.find_volume(uuid) {
+            Some((pool, v)) if v.is_snapshot() => Ok(pool.destroy_volume(*uuid).await?),
+            Some(_) => Err(EngineError::InvalidArgument(format!(
+                "{uuid} is a replica, not a snapshot"
+            ))),
+            None => Err(PoolError::NotFound(format!("snapshot {uuid}")).into()),
+        }
+    }
+
+    /// Creates a writable replica from a snapshot, in the snapshot's pool.
+    pub async fn create_clone(
+        &self,
+        snapshot: &Uuid,
+        uuid: Uuid,
+        share: Option<Share>,
+    ) -> Result<ReplicaInfo, EngineError> {
+        let (pool, v) = self
+            .find_volume(snapshot)
+            .ok_or_else(|| PoolError::NotFound(format!("snapshot {snapshot}")))?;
+        if !v.is_snapshot() {
+            return Err(EngineError::InvalidArgument(format!(
+                "{snapshot} is not a snapshot"
+            )));
+        }
+        if let Some((p, _)) = self.find_volume(&uuid)
+            && p.name() != pool.name()
+        {
+            return Err(
+                PoolError::AlreadyExists(format!("{uuid} exists in pool {}", p.name())).into(),
+            );
+        }
+        pool.clone_snapshot(*snapshot, uuid, share.clone()).await?;
+        if let Some(s) = &share {
+            self.export_replica(&pool, uuid, s)?;
+        }
+        self.replica(&uuid)
+    }
+}

@@ -1,0 +1,623 @@
+//! Pools and replicas in a real io-engine process, driven through the engine gRPC API: restart and import,
+//! allow-lists, precise errors for bad requests (with the disk unchanged), running out of space, and `kill -9` in
+//! the middle of replica creation, cluster allocation and snapshots.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use nvmf_target::block::{BlockDevice, BlockError};
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::engine as pb;
+use proto::engine::engine_client::EngineClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::harness::free_port;
+
+const MIB: u64 = 1 << 20;
+const HOST: &str = "nqn.2026-11.io.keelson:node-test-nexus";
+
+/// An io-engine process with one pool on a file; restartable on the same ports.
+struct PoolNode {
+    child: Option<Child>,
+    ip: String,
+    port: u16,
+    grpc: u16,
+    disk: PathBuf,
+}
+
+impl PoolNode {
+    fn start(ip: &str, disk: &Path) -> PoolNode {
+        let mut n = PoolNode {
+            child: None,
+            ip: ip.into(),
+            port: free_port(ip),
+            grpc: free_port(ip),
+            disk: disk.to_path_buf(),
+        };
+        n.restart();
+        n
+    }
+
+    fn restart(&mut self) {
+        self.kill9();
+        let child = Command::new(env!("CARGO_BIN_EXE_io-engine"))
+            .args(["--node-name", "pools-test"])
+            .args(["--listen", &format!("{}:{}", self.ip, self.port)])
+            .args(["--grpc", &format!("{}:{}", self.ip, self.grpc)])
+            .arg("--pool")
+            .arg(format!("pool0={}", self.disk.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    async fn api(&self) -> EngineClient<Channel> {
+        let url = format!("http://{}:{}", self.ip, self.grpc);
+        for _ in 0..200 {
+            if let Ok(c) = EngineClient::connect(url.clone()).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("io-engine at {url} never came up");
+    }
+
+    async fn connect(&self, replica: &str, host: &str) -> Result<RemoteNamespace, String> {
+        let addr = format!("{}:{}", self.ip, self.port).parse().unwrap();
+        let mut o = ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:replica-{replica}"));
+        o.hostnqn = host.to_string();
+        RemoteNamespace::connect(o, 1)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for PoolNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (seed as u8).wrapping_mul(31).wrapping_add((i / 4096) as u8) | 1)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn replica_req(uuid: &str, size: u64) -> pb::CreateReplicaRequest {
+    pb::CreateReplicaRequest {
+        pool: "pool0".into(),
+        uuid: uuid.into(),
+        size,
+        share: true,
+        allowed_hosts: vec![HOST.into()],
+    }
+}
+
+async fn pool0(api: &mut EngineClient<Channel>) -> pb::Pool {
+    let pools = api
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pools;
+    pools
+        .into_iter()
+        .find(|p| p.name == "pool0")
+        .expect("pool0 listed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_come_back_exported_after_a_restart_and_only_to_allowed_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = PoolNode::start("127.0.0.1", &disk(dir.path(), "p.img", 256 * MIB));
+    let mut api = node.api().await;
+    let p = pool0(&mut api).await;
+    assert_eq!((p.allocated, p.committed, p.cluster_size), (0, 0, 4 << 20));
+    let id = uuid::Uuid::new_v4().to_string();
+    let r = api
+        .create_replica(replica_req(&id, 64 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.uri.ends_with(&format!(":replica-{id}")), "{}", r.uri);
+    assert_eq!(r.allocated, 0);
+    // Idempotent.
+    api.create_replica(replica_req(&id, 64 * MIB))
+        .await
+        .unwrap();
+
+    let e = node
+        .connect(&id, "nqn.2026-11.io.keelson:node-stranger")
+        .await
+        .err();
+    assert!(e.is_some(), "a host not on the allow-list connected");
+    let ns = node.connect(&id, HOST).await.unwrap();
+    ns.write(10 * MIB, pattern(1, 1 << 20)).await.unwrap();
+    ns.write(40 * MIB + 4096, pattern(2, 8192)).await.unwrap();
+    ns.flush().await.unwrap();
+    let r = api
+        .list_replicas(pb::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas;
+    assert_eq!(r[0].allocated, 8 * MIB, "two 4 MiB clusters");
+    let snap = uuid::Uuid::new_v4().to_string();
+    api.create_snapshot(pb::CreateSnapshotRequest {
+        replica: id.clone(),
+        uuid: snap.clone(),
+    })
+    .await
+    .unwrap();
+    ns.write(10 * MIB, pattern(3, 4096)).await.unwrap();
+    ns.close().await;
+
+    node.restart();
+    let mut api = node.api().await;
+    let p = pool0(&mut api).await;
+    assert_eq!((p.replicas, p.snapshots, p.committed), (1, 1, 64 * MIB));
+    assert_eq!(
+        p.allocated,
+        12 * MIB,
+        "the copy-on-write took a third cluster"
+    );
+    let ns = node.connect(&id, HOST).await.unwrap();
+    assert_eq!(ns.read(10 * MIB, 4096).await.unwrap(), pattern(3, 4096));
+    assert_eq!(
+        ns.read(10 * MIB + 4096, MIB - 4096).await.unwrap(),
+        pattern(1, 1 << 20).slice(4096..)
+    );
+    assert_eq!(
+        ns.read(40 * MIB + 4096, 8192).await.unwrap(),
+        pattern(2, 8192)
+    );
+    assert!(ns.read(0, MIB).await.unwrap().iter().all(|b| *b == 0));
+    ns.close().await;
+
+    // A clone of the snapshot holds the data as it was before the last write.
+    let clone = uuid::Uuid::new_v4().to_string();
+    api.create_clone(pb::CreateCloneRequest {
+        snapshot: snap.clone(),
+        uuid: clone.clone(),
+        share: true,
+        allowed_hosts: vec![HOST.into()],
+    })
+    .await
+    .unwrap();
+    let c = node.connect(&clone, HOST).await.unwrap();
+    assert_eq!(c.read(10 * MIB, MIB).await.unwrap(), pattern(1, 1 << 20));
+    c.close().await;
+
+    // Unshared: no host may connect, and that too survives a restart.
+    api.unshare_replica(pb::UnshareReplicaRequest { uuid: id.clone() })
+        .await
+        .unwrap();
+    node.restart();
+    let mut api = node.api().await;
+    assert!(node.connect(&id, HOST).await.is_err());
+    api.share_replica(pb::ShareReplicaRequest {
+        uuid: id.clone(),
+        allowed_hosts: vec![HOST.into()],
+    })
+    .await
+    .unwrap();
+    node.connect(&id, HOST).await.unwrap().close().await;
+    for v in [&clone, &id] {
+        api.destroy_replica(pb::DestroyReplicaRequest {
+            uuid: v.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    api.destroy_snapshot(pb::DestroySnapshotRequest { uuid: snap })
+        .await
+        .unwrap();
+    let p = pool0(&mut api).await;
+    assert_eq!((p.allocated, p.replicas, p.snapshots), (0, 0, 0));
+}
+
+fn file_hash(p: &Path) -> u32 {
+    crc32c::crc32c(&std::fs::read(p).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_precise_codes_and_leave_the_disk_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk0 = disk(dir.path(), "p.img", 64 * MIB);
+    let node = PoolNode::start("127.0.0.1", &disk0);
+    let mut api = node.api().await;
+    let id = uuid::Uuid::new_v4().to_string();
+    api.create_replica(replica_req(&id, 8 * MIB)).await.unwrap();
+    let before = file_hash(&disk0);
+    let unknown = uuid::Uuid::new_v4().to_string();
+
+    let mut cases: Vec<(&str, Code, Result<(), tonic::Status>)> = Vec::new();
+    let req = |uuid: &str, size: u64| replica_req(uuid, size);
+    let fresh = uuid::Uuid::new_v4().to_string();
+    cases.push((
+        "zero size",
+        Code::InvalidArgument,
+        api.create_replica(req(&fresh, 0)).await.map(drop),
+    ));
+    cases.push((
+        "unaligned size",
+        Code::InvalidArgument,
+        api.create_replica(req(&fresh, 1000)).await.map(drop),
+    ));
+    cases.push((
+        "larger than the pool",
+        Code::ResourceExhausted,
+        api.create_replica(req(&fresh, 1 << 40)).await.map(drop),
+    ));
+    cases.push((
+        "same uuid, other size",
+        Code::AlreadyExists,
+        api.create_replica(req(&id, 16 * MIB)).await.map(drop),
+    ));
+    cases.push((
+        "not a uuid",
+        Code::InvalidArgument,
+        api.create_replica(req("nope", MIB)).await.map(drop),
+    ));
+    let mut other_pool = req(&fresh, MIB);
+    other_pool.pool = "pool9".into();
+    cases.push((
+        "unknown pool",
+        Code::NotFound,
+        api.create_replica(other_pool).await.map(drop),
+    ));
+    let mut bad_host = req(&fresh, MIB);
+    bad_host.allowed_hosts = vec!["not an nqn".into()];
+    cases.push((
+        "bad host NQN",
+        Code::InvalidArgument,
+        api.create_replica(bad_host).await.map(drop),
+    ));
+    cases.push((
+        "destroy unknown replica",
+        Code::NotFound,
+        api.destroy_replica(pb::DestroyReplicaRequest {
+            uuid: unknown.clone(),
+        })
+        .await
+        .map(drop),
+    ));
+    cases.push((
+        "snapshot of unknown replica",
+        Code::NotFound,
+        api.create_snapshot(pb::CreateSnapshotRequest {
+            replica: unknown.clone(),
+            uuid: fresh.clone(),
+        })
+        .await
+        .map(drop),
+    ));
+    cases.push((
+        "clone of a replica",
+        Code::InvalidArgument,
+        api.create_clone(pb::CreateCloneRequest {
+            snapshot: id.clone(),
+            uuid: fresh.clone(),
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+    ));
+    cases.push((
+        "destroy a pool with replicas",
+        Code::FailedPrecondition,
+        api.destroy_pool(pb::DestroyPoolRequest {
+            name: "pool0".into(),
+        })
+        .await
+        .map(drop),
+    ));
+    let create_pool = |name: &str, disk: &str, cluster: u32| pb::CreatePoolRequest {
+        name: name.into(),
+        disk: disk.into(),
+        cluster_size: cluster,
+        ..Default::default()
+    };
+    let d0 = disk0.display().to_string();
+    cases.push((
+        "same pool, other cluster size",
+        Code::AlreadyExists,
+        api.create_pool(create_pool("pool0", &d0, 1 << 20))
+            .await
+            .map(drop),
+    ));
+    cases.push((
+        "disk in use",
+        Code::AlreadyExists,
+        api.create_pool(create_pool("pool1", &d0, 0))
+            .await
+            .map(drop),
+    ));
+    cases.push((
+        "relative disk",
+        Code::InvalidArgument,
+        api.create_pool(create_pool("pool1", "p.img", 0))
+            .await
+            .map(drop),
+    ));
+    cases.push((
+        "missing disk",
+        Code::InvalidArgument,
+        api.create_pool(create_pool("pool1", "/nonexistent/x", 0))
+            .await
+            .map(drop),
+    ));
+    cases.push(("bad cluster size", Code::InvalidArgument, {
+        let d = disk(dir.path(), "q.img", 64 * MIB);
+        api.create_pool(create_pool("pool1", &d.display().to_string(), 3 << 20))
+            .await
+            .map(drop)
+    }));
+    cases.push((
+        "nexus child that does not resolve",
+        Code::Unavailable,
+        api.create_nexus(pb::CreateNexusRequest {
+            uuid: fresh.clone(),
+            children: vec![format!(
+                "nvmf://127.0.0.1:1/nqn.2026-11.io.keelson:replica-{unknown}"
+            )],
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+    ));
+    for (what, code, got) in cases {
+        let e = got.expect_err(what);
+        assert_eq!(e.code(), code, "{what}: {}", e.message());
+        assert!(!e.message().is_empty(), "{what}");
+    }
+    let listed = api
+        .list_replicas(pb::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas;
+    assert_eq!(listed.len(), 1);
+    drop(node);
+    assert_eq!(
+        file_hash(&disk0),
+        before,
+        "a refused request changed the disk"
+    );
+
+    // A corrupted label: import is refused with DATA_LOSS and the disk is left as it was.
+    let mut bytes = std::fs::read(&disk0).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&disk0, &bytes).unwrap();
+    let corrupt = file_hash(&disk0);
+    let d1 = disk(dir.path(), "empty.img", 64 * MIB);
+    let mut node = PoolNode::start("127.0.0.1", &d1);
+    let mut api = node.api().await;
+    let e = api
+        .import_pool(pb::ImportPoolRequest { disk: d0.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{}", e.message());
+    assert!(e.message().contains("label"), "{}", e.message());
+    let e = api
+        .create_pool(create_pool("pool2", &d0, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{}", e.message());
+    node.kill9();
+    assert_eq!(file_hash(&disk0), corrupt);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_fails_new_allocations_with_capacity_exceeded() {
+    let dir = tempfile::tempdir().unwrap();
+    // Metadata takes about 7 MiB: this leaves two or three 4 MiB clusters.
+    let node = PoolNode::start("127.0.0.1", &disk(dir.path(), "p.img", 20 * MIB));
+    let mut api = node.api().await;
+    let cap = pool0(&mut api).await.capacity;
+    let (a, b) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    api.create_replica(replica_req(&a, cap)).await.unwrap();
+    api.create_replica(replica_req(&b, cap)).await.unwrap();
+    let na = node.connect(&a, HOST).await.unwrap();
+    let nb = node.connect(&b, HOST).await.unwrap();
+    let mut off = 0;
+    while off < cap {
+        na.write(off, pattern(off, 4096)).await.unwrap();
+        off += 4 * MIB;
+    }
+    let e = nb.write(0, pattern(9, 4096)).await.unwrap_err();
+    assert!(matches!(e, BlockError::NoSpace), "{e:?}");
+    // Writes into clusters a replica already has still work, and reads are unaffected.
+    na.write(8192, pattern(7, 4096)).await.unwrap();
+    assert_eq!(na.read(8192, 4096).await.unwrap(), pattern(7, 4096));
+    let p = pool0(&mut api).await;
+    assert_eq!((p.allocated, p.no_space_errors), (cap, 1));
+    na.close().await;
+    nb.close().await;
+}
+
+/// What the client saw acknowledged before the kill.
+#[derive(Default)]
+struct Acked {
+    replicas: Vec<String>,
+    snapshots: Vec<(String, String)>,
+    /// (replica, offset, seed) of flushed writes.
+    writes: Vec<(String, u64, u64)>,
+}
+
+/// Creates replicas, writes into fresh clusters and takes snapshots as fast as it can, recording what was acked.
+async fn churn(node_ip: String, grpc: u16, port: u16, acked: Arc<Mutex<Acked>>) {
+    let url = format!("http://{node_ip}:{grpc}");
+    let Ok(mut api) = EngineClient::connect(url).await else {
+        return;
+    };
+    let addr = format!("{node_ip}:{port}").parse().unwrap();
+    for i in 0u64.. {
+        let id = uuid::Uuid::new_v4().to_string();
+        if api
+            .create_replica(replica_req(&id, 16 * MIB))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        acked.lock().unwrap().replicas.push(id.clone());
+        let mut o = ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:replica-{id}"));
+        o.hostnqn = HOST.into();
+        let Ok(ns) = RemoteNamespace::connect(o, 1).await else {
+            return;
+        };
+        for c in 0..3u64 {
+            let off = c * 4 * MIB + 4096 * (i % 7);
+            let seed = i * 10 + c;
+            if ns.write(off, pattern(seed, 4096)).await.is_err() || ns.flush().await.is_err() {
+                return;
+            }
+            acked.lock().unwrap().writes.push((id.clone(), off, seed));
+        }
+        ns.close().await;
+        let snap = uuid::Uuid::new_v4().to_string();
+        let req = pb::CreateSnapshotRequest {
+            replica: id.clone(),
+            uuid: snap.clone(),
+        };
+        if api.create_snapshot(req).await.is_err() {
+            return;
+        }
+        acked.lock().unwrap().snapshots.push((snap, id.clone()));
+        // Keep the pool from filling: drop older replicas now and then. Once asked for, the replica may be
+        // there or not after a kill, so it is no longer checked.
+        if i % 3 == 2 {
+            let old = {
+                let mut a = acked.lock().unwrap();
+                let old = a.replicas.remove(0);
+                a.writes.retain(|w| w.0 != old);
+                old
+            };
+            let req = pb::DestroyReplicaRequest { uuid: old };
+            if api.destroy_replica(req).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_creates_allocations_and_snapshots_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = PoolNode::start("127.0.0.1", &disk(dir.path(), "p.img", 1 << 30));
+    let _ = node.api().await;
+    let mut rng = 0x2545f4914f6cdd1du64;
+    let mut total_acked = 0;
+    for round in 0..8 {
+        let acked = Arc::new(Mutex::new(Acked::default()));
+        let task = tokio::spawn(churn(node.ip.clone(), node.grpc, node.port, acked.clone()));
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // Let the churn get going, then kill at a random point of whatever it is doing.
+        for _ in 0..400 {
+            if !acked.lock().unwrap().replicas.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(rng % 300)).await;
+        node.kill9();
+        // The churn may be waiting for its initiator to reconnect: what it saw acknowledged is recorded.
+        task.abort();
+        let _ = task.await;
+        node.restart();
+        let mut api = node.api().await;
+        let listed = api
+            .list_replicas(pb::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .replicas;
+        let snaps = api
+            .list_snapshots(pb::ListSnapshotsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+        let a = std::mem::take(&mut *acked.lock().unwrap());
+        for r in &a.replicas {
+            assert!(
+                listed.iter().any(|l| l.uuid == *r && !l.uri.is_empty()),
+                "round {round}: replica {r} lost"
+            );
+        }
+        for (s, r) in &a.snapshots {
+            assert!(
+                snaps.iter().any(|x| x.uuid == *s && x.replica == *r),
+                "round {round}: snapshot {s} lost"
+            );
+        }
+        let writes = a.writes;
+        total_acked += a.replicas.len() + a.snapshots.len() + writes.len();
+        let mut by_replica: std::collections::BTreeMap<String, Vec<(u64, u64)>> =
+            Default::default();
+        for (r, off, seed) in writes {
+            by_replica.entry(r).or_default().push((off, seed));
+        }
+        for (r, writes) in by_replica {
+            let ns = node.connect(&r, HOST).await.unwrap();
+            for (off, seed) in writes {
+                assert_eq!(
+                    ns.read(off, 4096).await.unwrap(),
+                    pattern(seed, 4096),
+                    "round {round}: replica {r} lost a flushed write at {off}"
+                );
+            }
+            ns.close().await;
+        }
+        // Clean up so the pool does not fill over the rounds.
+        for r in listed {
+            api.destroy_replica(pb::DestroyReplicaRequest { uuid: r.uuid })
+                .await
+                .unwrap();
+        }
+        for s in snaps {
+            api.destroy_snapshot(pb::DestroySnapshotRequest { uuid: s.uuid })
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            pool0(&mut api).await.allocated,
+            0,
+            "round {round}: leaked clusters"
+        );
+    }
+    eprintln!("{total_acked} acknowledged operations checked over 8 kills");
+    assert!(
+        total_acked >= 16,
+        "only {total_acked} acknowledged operations were checked"
+    );
+}
