@@ -1,9 +1,14 @@
-//! The nexus I/O paths. Writes (and write zeroes, deallocate) lock their byte range exclusively, go to every child
-//! that takes writes in parallel, and succeed when at least one healthy child succeeded; a child that fails or
-//! times out is faulted. The lock is exclusive because two overlapping writes in flight at once could otherwise
-//! reach the children in different orders and leave replicas that disagree; it also keeps a rebuild's copy of a
-//! segment from interleaving with application writes to it. Writes to disjoint ranges still run in parallel. Reads go round-robin over healthy children and move on to the next one on error; a child
-//! is faulted after too many read errors or one timeout.
+//! The nexus I/O paths.
+//!
+//! Writes (and write zeroes, deallocate) lock their byte range exclusively, go to every child that takes writes in
+//! parallel, and succeed when at least one healthy child succeeded; a child that fails or times out is faulted,
+//! unless every child failed for lack of space (the volume is full: Capacity Exceeded, nobody's fault). The lock is
+//! exclusive because two overlapping writes in flight at once could otherwise reach the children in different
+//! orders and leave replicas that disagree; it also keeps a rebuild's copy of a segment from interleaving with
+//! application writes to it. Writes to disjoint ranges still run in parallel.
+//!
+//! Reads go round-robin over healthy children and move on to the next one on error; a child is faulted after too
+//! many read errors or one timeout.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,7 +57,7 @@ impl Nexus {
         )
         .await;
         let mut healthy_ok = 0;
-        let mut last_err = None;
+        let mut failed: Vec<(&Arc<Child>, String, BlockError)> = Vec::new();
         for (c, r) in targets.iter().zip(results) {
             match r {
                 Ok(Ok(())) => {
@@ -61,17 +66,26 @@ impl Nexus {
                         healthy_ok += 1;
                     }
                 }
-                Ok(Err(e)) => {
-                    c.note_write_error();
-                    c.fault(&format!("{what} failed: {e}"));
-                    last_err = Some(e);
-                }
-                Err(_) => {
-                    c.note_write_error();
-                    c.fault(&format!("{what} timed out after {timeout:?}"));
-                    last_err = Some(BlockError::Remote(format!("{what} timed out")));
-                }
+                Ok(Err(e)) => failed.push((c, format!("{what} failed: {e}"), e)),
+                Err(_) => failed.push((
+                    c,
+                    format!("{what} timed out after {timeout:?}"),
+                    BlockError::Remote(format!("{what} timed out")),
+                )),
             }
+        }
+        // Every child out of space: the volume is full, no replica is at fault. The host gets Capacity Exceeded.
+        if healthy_ok == 0
+            && !failed.is_empty()
+            && failed.iter().all(|f| matches!(f.2, BlockError::NoSpace))
+        {
+            return Err(BlockError::NoSpace);
+        }
+        let mut last_err = None;
+        for (c, reason, e) in failed {
+            c.note_write_error();
+            c.fault(&reason);
+            last_err = Some(e);
         }
         // Children that are away (including any this write just faulted) remember the range for a partial rebuild.
         if len > 0 {

@@ -7,9 +7,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::*;
-use crate::block::BlockDevice;
 use crate::block::fault::{FaultDevice, FaultPlan};
 use crate::block::memory::MemoryDevice;
+use crate::block::{BlockDevice, BlockError};
 
 const SIZE: u64 = 16 << 20;
 
@@ -461,4 +461,50 @@ async fn the_last_healthy_child_is_never_removed() {
         "nor as the only child"
     );
     assert_eq!(n.state(), NexusState::Online);
+}
+
+/// A child whose store is full: writes fail with `NoSpace` past the first megabyte.
+struct Full(Arc<dyn BlockDevice>);
+
+#[async_trait::async_trait]
+impl BlockDevice for Full {
+    fn block_size(&self) -> u32 {
+        self.0.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.0.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        if offset >= 1 << 20 {
+            return Err(BlockError::NoSpace);
+        }
+        self.0.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.0.flush().await
+    }
+}
+
+#[tokio::test]
+async fn a_volume_whose_replicas_are_all_full_fails_writes_without_faulting_them() {
+    let n = nexus(vec![Arc::new(Full(mem())), Arc::new(Full(mem()))]);
+    let e = n.write(2 << 20, pattern(1, 4096)).await.unwrap_err();
+    assert!(matches!(e, BlockError::NoSpace), "{e:?}");
+    assert_eq!(n.state(), NexusState::Online);
+    n.write(0, pattern(2, 4096)).await.unwrap();
+    assert_eq!(n.read(0, 4096).await.unwrap(), pattern(2, 4096));
+
+    // Only one replica full: it misses the data, so it is faulted and the write succeeds on the other.
+    let n = nexus(vec![mem(), Arc::new(Full(mem()))]);
+    n.write(2 << 20, pattern(3, 4096)).await.unwrap();
+    assert_eq!(n.state(), NexusState::Degraded);
 }
