@@ -126,6 +126,12 @@ enum EngineCmd {
         /// Rebuild bandwidth limit in bytes per second (0 = none).
         #[arg(long, default_value_t = 0)]
         rebuild_rate_limit: u64,
+        /// Reserve the remote children (Write Exclusive) under this key (0 = no reservation).
+        #[arg(long, default_value_t = 0)]
+        reservation_key: u64,
+        /// Preempt the reservation held under this key (the nexus being replaced).
+        #[arg(long, default_value_t = 0)]
+        preempt_key: u64,
     },
     /// Destroy a nexus (children keep their data).
     DestroyNexus {
@@ -338,12 +344,16 @@ async fn main() -> Result<()> {
             children,
             io_timeout_ms,
             rebuild_rate_limit,
+            reservation_key,
+            preempt_key,
         } => print_nexus(
             &c.create_nexus(pb::CreateNexusRequest {
                 uuid,
                 children,
                 io_timeout_ms,
                 rebuild_rate_limit,
+                reservation_key,
+                preempt_key,
             })
             .await?
             .into_inner(),

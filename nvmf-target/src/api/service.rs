@@ -4,7 +4,7 @@ use proto::engine as pb;
 use proto::engine::engine_server::Engine as EngineApi;
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Engine, NexusOptions};
+use crate::engine::{Engine, NexusOptions, ReservationKeys};
 use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
 
@@ -226,6 +226,10 @@ impl EngineApi for EngineService {
             io_timeout: (r.io_timeout_ms > 0)
                 .then(|| std::time::Duration::from_millis(r.io_timeout_ms)),
             rebuild_rate_limit: (r.rebuild_rate_limit > 0).then_some(r.rebuild_rate_limit),
+            reservation: (r.reservation_key != 0).then_some(ReservationKeys {
+                key: r.reservation_key,
+                preempt: r.preempt_key,
+            }),
         };
         self.engine.create_nexus(uuid, &r.children, options).await?;
         self.nexus_reply(&uuid)

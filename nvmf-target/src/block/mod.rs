@@ -36,6 +36,8 @@ pub enum BlockError {
     Closed,
     #[error("device is read-only")]
     ReadOnly,
+    #[error("reservation conflict: another host holds the reservation")]
+    ReservationConflict,
     #[error("remote device: {0}")]
     Remote(String),
 }

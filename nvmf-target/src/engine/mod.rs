@@ -10,7 +10,7 @@ mod nexus;
 mod pools;
 pub mod uri;
 
-pub use nexus::NexusOptions;
+pub use nexus::{NexusOptions, ReservationKeys};
 pub use pools::{DEFAULT_CLUSTER, PoolEntry, ReplicaInfo, SnapshotInfo};
 
 use std::collections::BTreeMap;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::block::BlockDevice;
+use crate::block::{BlockDevice, BlockError};
 use crate::initiator::ConnectOptions;
 use crate::initiator::namespace::RemoteNamespace;
 use crate::nexus::{Nexus, NexusConfig};
@@ -20,6 +20,7 @@ pub struct NexusEntry {
     pub nexus: Arc<Nexus>,
     /// Published under this NQN, if at all.
     pub nqn: Option<Nqn>,
+    pub reservation: Option<ReservationKeys>,
 }
 
 /// Options of a new nexus.
@@ -27,6 +28,16 @@ pub struct NexusEntry {
 pub struct NexusOptions {
     pub io_timeout: Option<Duration>,
     pub rebuild_rate_limit: Option<u64>,
+    pub reservation: Option<ReservationKeys>,
+}
+
+/// The reservation a nexus takes on its remote children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReservationKeys {
+    /// Registered on every child; the nexus holds Write Exclusive under it.
+    pub key: u64,
+    /// The key of the nexus this one replaces (0: none): its reservation is preempted.
+    pub preempt: u64,
 }
 
 impl Engine {
@@ -39,11 +50,19 @@ impl Engine {
         )
     }
 
-    /// Opens the device a child URI names.
+    /// This node's 128-bit host identifier: derived from its host NQN, so it is the same after a restart and a
+    /// nexus keeps its reservations across reconnects.
+    pub fn host_id(&self) -> uuid::Uuid {
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, self.host_nqn().as_bytes())
+    }
+
+    /// Opens the device a child URI names. With `reservation`, a remote child is registered and reserved (Write
+    /// Exclusive) for this node, preempting the replaced nexus's key if one is given.
     pub async fn open_child(
         &self,
         uri: &str,
         io_timeout: Duration,
+        reservation: Option<ReservationKeys>,
     ) -> Result<Arc<dyn BlockDevice>, EngineError> {
         match ChildUri::parse(uri).map_err(|e| EngineError::InvalidArgument(e.to_string()))? {
             ChildUri::Local { nqn, nsid } => {
@@ -58,6 +77,7 @@ impl Engine {
             ChildUri::Nvmf { addr, nqn, nsid } => {
                 let mut o = ConnectOptions::new(addr, nqn.as_str());
                 o.hostnqn = self.host_nqn();
+                o.hostid = *self.host_id().as_bytes();
                 o.io_queues = 2;
                 o.command_timeout = io_timeout;
                 let mut ns = RemoteNamespace::connect(o, nsid)
@@ -65,6 +85,12 @@ impl Engine {
                     .map_err(|e| EngineError::Unavailable(format!("{uri}: {e}")))?;
                 // A nexus wants a failing child to fail fast, not to wait for it to come back.
                 ns.reconnect_wait = Duration::ZERO;
+                if let Some(keys) = reservation
+                    && let Err(e) = reserve(&ns, keys).await
+                {
+                    ns.close().await;
+                    return Err(EngineError::FailedPrecondition(format!("{uri}: {e}")));
+                }
                 Ok(Arc::new(ns))
             }
         }
@@ -125,7 +151,10 @@ impl Engine {
         config.rebuild.rate_limit = options.rebuild_rate_limit;
         let mut devices = Vec::new();
         for c in children {
-            devices.push((c.clone(), self.open_child(c, config.io_timeout).await?));
+            let dev = self
+                .open_child(c, config.io_timeout, options.reservation)
+                .await?;
+            devices.push((c.clone(), dev));
         }
         let nexus = Nexus::new(&uuid.to_string(), devices, config)
             .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
@@ -137,6 +166,7 @@ impl Engine {
             uuid,
             nexus: nexus.clone(),
             nqn: None,
+            reservation: options.reservation,
         });
         tracing::info!(%uuid, children = ?children, "nexus created");
         Ok(nexus)
@@ -220,7 +250,14 @@ impl Engine {
         {
             return Err(TargetError::AlreadyExists(format!("child {uri} of nexus {uuid}")).into());
         }
-        let dev = self.open_child(uri, nexus.config().io_timeout).await?;
+        let keys = self
+            .nexuses_mut()
+            .iter()
+            .find(|n| n.uuid == *uuid)
+            .and_then(|n| n.reservation);
+        let dev = self
+            .open_child(uri, nexus.config().io_timeout, keys)
+            .await?;
         if existing.is_some() {
             let kind = nexus.rejoin_child(uri, dev).await.map_err(nexus_error)?;
             tracing::info!(%uuid, uri, ?kind, "child rejoined");
@@ -255,5 +292,21 @@ fn nexus_error(e: crate::nexus::NexusError) -> EngineError {
         NoSuchChild(c) => TargetError::NotFound(format!("child {c}")).into(),
         LastHealthyChild(_) => EngineError::FailedPrecondition(e.to_string()),
         other => EngineError::InvalidArgument(other.to_string()),
+    }
+}
+
+/// Registers the nexus's key on a child and takes Write Exclusive, preempting the replaced nexus if asked to.
+async fn reserve(ns: &RemoteNamespace, keys: ReservationKeys) -> Result<(), BlockError> {
+    use crate::protocol::command::resv;
+    ns.register_key(keys.key).await?;
+    match ns
+        .acquire(resv::ACQUIRE, keys.key, 0, resv::WRITE_EXCLUSIVE)
+        .await
+    {
+        Err(BlockError::ReservationConflict) if keys.preempt != 0 => {
+            ns.acquire(resv::PREEMPT, keys.key, keys.preempt, resv::WRITE_EXCLUSIVE)
+                .await
+        }
+        r => r,
     }
 }

@@ -13,6 +13,7 @@ use crate::pool::meta::{Share, VolumeMeta};
 use crate::pool::{Pool, PoolError, PoolSpec, Probe};
 use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
+use crate::target::reservation::{ReservationState, ReservationStore, Reservations};
 
 use super::{Engine, EngineError};
 
@@ -60,6 +61,23 @@ async fn open_disk(disk: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, 
         .await
         .map_err(|e| EngineError::Unavailable(e.to_string()))??;
     Ok(Arc::new(dev))
+}
+
+/// Keeps a replica namespace's reservations in its pool, so they survive a restart.
+struct PoolReservations {
+    pool: Pool,
+    uuid: Uuid,
+}
+
+#[async_trait::async_trait]
+impl ReservationStore for PoolReservations {
+    async fn save(&self, state: &ReservationState) -> Result<(), String> {
+        let v = serde_json::to_value(state).map_err(|e| e.to_string())?;
+        self.pool
+            .set_reservation(self.uuid, Some(v))
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 impl Engine {
@@ -329,6 +347,17 @@ impl Engine {
             return Ok(());
         }
         let device = pool.open_volume(&uuid)?;
+        let saved = pool
+            .volume_meta(&uuid)
+            .and_then(|v| v.reservation)
+            .map(serde_json::from_value::<ReservationState>)
+            .transpose()
+            .map_err(|e| PoolError::CorruptMetadata(format!("reservation of {uuid}: {e}")))?
+            .unwrap_or_default();
+        let store = Arc::new(PoolReservations {
+            pool: pool.clone(),
+            uuid,
+        });
         let sub = self.target().create_subsystem(SubsystemSpec {
             nqn: nqn.clone(),
             serial: String::new(),
@@ -336,7 +365,8 @@ impl Engine {
             allow_any_host: share.hosts.is_empty(),
             allowed_hosts: share.hosts.clone(),
         })?;
-        if let Err(e) = sub.add_namespace(1, uuid, 1, device) {
+        let reservations = Reservations::new(saved, store);
+        if let Err(e) = sub.add_namespace_with(1, uuid, 1, device, reservations) {
             let _ = self.target().delete_subsystem(nqn.as_str());
             return Err(e.into());
         }

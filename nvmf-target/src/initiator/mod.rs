@@ -13,6 +13,7 @@ pub mod controller;
 pub mod discovery;
 pub mod namespace;
 pub mod queue;
+pub mod reservation;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -49,6 +49,9 @@ fn to_block(e: InitiatorError) -> BlockError {
         },
         InitiatorError::Status(s) if s == Status::CAPACITY_EXCEEDED => BlockError::NoSpace,
         InitiatorError::Status(s) if s == Status::NAMESPACE_WRITE_PROTECTED => BlockError::ReadOnly,
+        InitiatorError::Status(s) if s == Status::RESERVATION_CONFLICT => {
+            BlockError::ReservationConflict
+        }
         other => BlockError::Remote(other.to_string()),
     }
 }
@@ -148,7 +151,7 @@ impl RemoteNamespace {
 
     /// Sends a command on the next I/O queue. A command lost with its connection is sent again on the reconnected
     /// controller (as the Linux host retries path errors), until `reconnect_wait` runs out.
-    async fn submit(&self, sqe: Sqe, data: Option<Bytes>) -> Result<Bytes, BlockError> {
+    pub(super) async fn submit(&self, sqe: Sqe, data: Option<Bytes>) -> Result<Bytes, BlockError> {
         let deadline = tokio::time::Instant::now() + self.reconnect_wait;
         loop {
             let c = self.controller().await?;

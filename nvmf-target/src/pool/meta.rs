@@ -37,6 +37,9 @@ pub struct VolumeMeta {
     pub created: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<Share>,
+    /// NVMe reservation state of the exported namespace, opaque to the pool (the target defines it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<serde_json::Value>,
     /// Logical cluster -> physical cluster, [`UNMAPPED`] for never written. Stored as runs.
     #[serde(with = "runs")]
     pub map: Vec<u32>,
@@ -86,6 +89,10 @@ pub enum Record {
     SetShare {
         volume: Uuid,
         share: Option<Share>,
+    },
+    SetReservation {
+        volume: Uuid,
+        state: Option<serde_json::Value>,
     },
     Destroy {
         volume: Uuid,
@@ -212,6 +219,7 @@ impl PoolMeta {
                     clone_of: None,
                     created: *created,
                     share: share.clone(),
+                    reservation: None,
                     map,
                 };
                 self.volumes.insert(*uuid, v);
@@ -255,6 +263,7 @@ impl PoolMeta {
                     clone_of: None,
                     created: *created,
                     share: None,
+                    reservation: None,
                     ..src
                 };
                 self.add_refs(&v.map);
@@ -276,6 +285,7 @@ impl PoolMeta {
                     clone_of: Some(*snapshot),
                     created: *created,
                     share: share.clone(),
+                    reservation: None,
                     ..src
                 };
                 self.add_refs(&v.map);
@@ -283,6 +293,9 @@ impl PoolMeta {
             }
             Record::SetShare { volume, share } => {
                 self.volume_mut(volume)?.share = share.clone();
+            }
+            Record::SetReservation { volume, state } => {
+                self.volume_mut(volume)?.reservation = state.clone();
             }
             Record::Destroy { volume } => {
                 let v = self.volumes.remove(volume);

@@ -453,6 +453,26 @@ impl Pool {
             .await
     }
 
+    /// Saves the reservation state of a replica's namespace (opaque to the pool).
+    pub async fn set_reservation(
+        &self,
+        uuid: Uuid,
+        state: Option<serde_json::Value>,
+    ) -> Result<(), PoolError> {
+        let v = self
+            .volume_meta(&uuid)
+            .ok_or_else(|| PoolError::NotFound(format!("volume {uuid}")))?;
+        if v.reservation == state {
+            return Ok(());
+        }
+        self.inner
+            .commit(vec![Record::SetReservation {
+                volume: uuid,
+                state,
+            }])
+            .await
+    }
+
     /// Destroys a replica or snapshot and frees the clusters no other volume uses. Its device handle fails all
     /// further I/O with `Closed`.
     pub async fn destroy_volume(&self, uuid: Uuid) -> Result<(), PoolError> {

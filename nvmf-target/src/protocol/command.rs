@@ -31,6 +31,26 @@ pub mod io {
     pub const RESERVATION_RELEASE: u8 = 0x15;
 }
 
+/// Reservation command fields: actions (CDW10 bits 2:0) and reservation types (CDW10 bits 15:8).
+pub mod resv {
+    pub const REGISTER: u8 = 0;
+    pub const UNREGISTER: u8 = 1;
+    pub const REPLACE: u8 = 2;
+    pub const ACQUIRE: u8 = 0;
+    pub const PREEMPT: u8 = 1;
+    pub const PREEMPT_AND_ABORT: u8 = 2;
+    pub const RELEASE: u8 = 0;
+    pub const CLEAR: u8 = 1;
+    pub const WRITE_EXCLUSIVE: u8 = 1;
+    pub const EXCLUSIVE_ACCESS: u8 = 2;
+    pub const WRITE_EXCLUSIVE_REG_ONLY: u8 = 3;
+    pub const EXCLUSIVE_ACCESS_REG_ONLY: u8 = 4;
+    pub const WRITE_EXCLUSIVE_ALL_REGS: u8 = 5;
+    pub const EXCLUSIVE_ACCESS_ALL_REGS: u8 = 6;
+    /// CDW10 bit 3: ignore the existing key.
+    pub const IEKEY: u32 = 1 << 3;
+}
+
 /// Fabrics command types (SQE byte 4 when the opcode is [`admin::FABRICS`]).
 pub mod fctype {
     pub const PROPERTY_SET: u8 = 0x00;

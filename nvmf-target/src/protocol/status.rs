@@ -45,6 +45,7 @@ impl Status {
     pub const SGL_OFFSET_INVALID: Status = st(sct::GENERIC, 0x16, true);
     pub const KEEP_ALIVE_EXPIRED: Status = st(sct::GENERIC, 0x19, false);
     pub const KEEP_ALIVE_INVALID: Status = st(sct::GENERIC, 0x1A, true);
+    pub const HOST_ID_INCONSISTENT_FORMAT: Status = st(sct::GENERIC, 0x18, true);
     pub const NAMESPACE_WRITE_PROTECTED: Status = st(sct::GENERIC, 0x20, true);
     pub const LBA_OUT_OF_RANGE: Status = st(sct::GENERIC, 0x80, true);
     pub const CAPACITY_EXCEEDED: Status = st(sct::GENERIC, 0x81, true);
@@ -123,6 +124,7 @@ impl fmt::Display for Status {
             (0, 0x0C) => "command sequence error",
             (0, 0x19) => "keep alive expired",
             (0, 0x80) => "LBA out of range",
+            (0, 0x18) => "host identifier inconsistent format",
             (0, 0x20) => "namespace is write protected",
             (0, 0x81) => "capacity exceeded",
             (0, 0x83) => "reservation conflict",

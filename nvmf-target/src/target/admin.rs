@@ -107,7 +107,11 @@ fn controller_data(ctx: &AdminCtx<'_>) -> ControllerData {
         cqes: 0x44,
         maxcmd: cfg.queue_entries,
         nn: if disc { 0 } else { MAX_NSID },
-        oncs: if disc { 0 } else { (1 << 2) | (1 << 3) },
+        oncs: if disc {
+            0
+        } else {
+            (1 << 2) | (1 << 3) | (1 << 5)
+        },
         vwc: u8::from(!disc),
         sgls: 1 | (1 << 20),
         mnan: if disc { 0 } else { MAX_NSID },
@@ -131,6 +135,7 @@ fn namespace_data(ctx: &AdminCtx<'_>, ns: &Namespace) -> NamespaceData {
         ncap: blocks,
         nuse: if accessible { blocks } else { 0 },
         nmic: 1,
+        rescap: super::reservation::RESCAP,
         dlfeat: 0b1001,
         anagrpid: ns.ana_group,
         nguid: ns.nguid(),
@@ -226,6 +231,10 @@ fn get_log_page(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Result<Response, Status> {
                 (io::READ, false),
                 (io::WRITE_ZEROES, true),
                 (io::DATASET_MANAGEMENT, true),
+                (io::RESERVATION_REGISTER, false),
+                (io::RESERVATION_REPORT, false),
+                (io::RESERVATION_ACQUIRE, false),
+                (io::RESERVATION_RELEASE, false),
             ],
         ),
         lid::ANA => log::ana_log(

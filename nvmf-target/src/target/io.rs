@@ -58,7 +58,35 @@ pub(super) fn validate(
             }
         }
         io::FLUSH => {}
+        io::RESERVATION_REGISTER | io::RESERVATION_ACQUIRE => {
+            if sqe.sgl().length != 16 {
+                return Err(Status::SGL_DATA_LENGTH_INVALID);
+            }
+        }
+        io::RESERVATION_RELEASE => {
+            if sqe.sgl().length != 8 {
+                return Err(Status::SGL_DATA_LENGTH_INVALID);
+            }
+        }
+        io::RESERVATION_REPORT => {
+            let len = (u64::from(sqe.cdw(10)) + 1) * 4;
+            if u64::from(sqe.sgl().length) != len || len > shared.config.max_transfer() {
+                return Err(Status::SGL_DATA_LENGTH_INVALID);
+            }
+            if sqe.cdw(11) & 1 == 0 {
+                // Fabrics hosts have 128-bit host identifiers: only the extended data structure fits them.
+                return Err(Status::HOST_ID_INCONSISTENT_FORMAT);
+            }
+        }
         _ => return Err(Status::INVALID_OPCODE),
+    }
+    let host = uuid::Uuid::from_bytes(ctrl.hostid);
+    match sqe.opcode() {
+        io::READ => ns.reservations.check(host, false)?,
+        io::WRITE | io::WRITE_ZEROES | io::DATASET_MANAGEMENT | io::FLUSH => {
+            ns.reservations.check(host, true)?
+        }
+        _ => {}
     }
     Ok(ns)
 }
@@ -69,6 +97,7 @@ fn map_error(e: &BlockError, is_read: bool) -> Status {
         BlockError::Unaligned { .. } => Status::INVALID_FIELD,
         BlockError::NoSpace => Status::CAPACITY_EXCEEDED,
         BlockError::ReadOnly => Status::NAMESPACE_WRITE_PROTECTED,
+        BlockError::ReservationConflict => Status::RESERVATION_CONFLICT,
         BlockError::Closed => Status::NAMESPACE_NOT_READY,
         _ if is_read => Status::UNRECOVERED_READ_ERROR,
         _ => Status::WRITE_FAULT,
@@ -117,6 +146,17 @@ pub(super) async fn execute(
             .map_err(|e| (e, false)),
         io::FLUSH => ns.device.flush().await.map_err(|e| (e, false)),
         io::DATASET_MANAGEMENT => dataset_management(&ns, &sqe, data).await,
+        io::RESERVATION_REPORT => {
+            let len = sqe.sgl().length as usize;
+            return Response::data(cid, ns.reservations.state().report(len));
+        }
+        io::RESERVATION_REGISTER | io::RESERVATION_ACQUIRE | io::RESERVATION_RELEASE => {
+            let host = uuid::Uuid::from_bytes(ctrl.hostid);
+            return match reservation(&ns, host, &sqe, data).await {
+                Ok(()) => Response::ok(cid),
+                Err(st) => Response::status(cid, st),
+            };
+        }
         _ => return Response::status(cid, Status::INVALID_OPCODE),
     };
     match result {
@@ -130,6 +170,45 @@ pub(super) async fn execute(
             Response::status(cid, st)
         }
     }
+}
+
+/// Reservation Register, Acquire and Release: keys from the data, action, IEKEY and type from CDW10.
+async fn reservation(
+    ns: &Namespace,
+    host: uuid::Uuid,
+    sqe: &Sqe,
+    mut data: Bytes,
+) -> Result<(), Status> {
+    let cdw10 = sqe.cdw(10);
+    let action = (cdw10 & 0x7) as u8;
+    let iekey = cdw10 & (1 << 3) != 0;
+    let rtype = ((cdw10 >> 8) & 0xFF) as u8;
+    if data.remaining() < 8 {
+        return Err(Status::SGL_DATA_LENGTH_INVALID);
+    }
+    let crkey = data.get_u64_le();
+    let second = if data.remaining() >= 8 {
+        data.get_u64_le()
+    } else {
+        0
+    };
+    let r = &ns.reservations;
+    let result = match sqe.opcode() {
+        io::RESERVATION_REGISTER => {
+            r.change(|s| s.register(host, action, iekey, crkey, second))
+                .await
+        }
+        io::RESERVATION_ACQUIRE => {
+            r.change(|s| s.acquire(host, action, iekey, crkey, second, rtype))
+                .await
+        }
+        _ => {
+            r.change(|s| s.release(host, action, iekey, crkey, rtype))
+                .await
+        }
+    };
+    tracing::debug!(nsid = ns.nsid, %host, opcode = sqe.opcode(), action, ?result, "reservation command");
+    result
 }
 
 /// Flush of the broadcast NSID: every namespace of the subsystem.

@@ -12,6 +12,7 @@ mod discovery;
 mod fabrics;
 mod io;
 mod listener;
+pub mod reservation;
 mod response;
 pub mod subsystem;
 mod writer;

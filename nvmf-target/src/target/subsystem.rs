@@ -10,6 +10,7 @@ use crate::protocol::nqn::Nqn;
 use super::TargetError;
 use super::ana::MAX_GROUPS;
 use super::controller::Controller;
+use super::reservation::Reservations;
 
 /// Highest NSID a subsystem may hold (NN and MNAN in Identify Controller).
 pub const MAX_NSID: u32 = 256;
@@ -20,6 +21,7 @@ pub struct Namespace {
     pub uuid: uuid::Uuid,
     pub ana_group: u32,
     pub device: Arc<dyn BlockDevice>,
+    pub reservations: Reservations,
 }
 
 impl Namespace {
@@ -90,13 +92,25 @@ impl Subsystem {
         self.cfg().namespaces.values().cloned().collect()
     }
 
-    /// Adds a namespace; `nsid` 0 takes the lowest free one. Returns the NSID.
+    /// Adds a namespace; `nsid` 0 takes the lowest free one. Returns the NSID. Its reservations live in memory.
     pub fn add_namespace(
         &self,
         nsid: u32,
         uuid: uuid::Uuid,
         ana_group: u32,
         device: Arc<dyn BlockDevice>,
+    ) -> Result<u32, TargetError> {
+        self.add_namespace_with(nsid, uuid, ana_group, device, Reservations::default())
+    }
+
+    /// Adds a namespace whose reservations start from (and are saved to) `reservations`.
+    pub fn add_namespace_with(
+        &self,
+        nsid: u32,
+        uuid: uuid::Uuid,
+        ana_group: u32,
+        device: Arc<dyn BlockDevice>,
+        reservations: Reservations,
     ) -> Result<u32, TargetError> {
         if self.kind == SubsystemKind::Discovery {
             return Err(TargetError::InvalidArgument(
@@ -145,6 +159,7 @@ impl Subsystem {
                 uuid,
                 ana_group,
                 device,
+                reservations,
             }),
         );
         drop(c);

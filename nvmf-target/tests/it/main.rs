@@ -8,6 +8,7 @@ mod bad_input;
 mod binary;
 mod edges;
 mod events;
+mod fencing;
 mod harness;
 mod initiator;
 mod pools;

@@ -22,18 +22,25 @@ const MIB: u64 = 1 << 20;
 const HOST: &str = "nqn.2026-11.io.keelson:node-test-nexus";
 
 /// An io-engine process with one pool on a file; restartable on the same ports.
-struct PoolNode {
+pub struct PoolNode {
     child: Option<Child>,
-    ip: String,
-    port: u16,
+    name: String,
+    pub ip: String,
+    pub port: u16,
     grpc: u16,
     disk: PathBuf,
 }
 
 impl PoolNode {
-    fn start(ip: &str, disk: &Path) -> PoolNode {
+    pub fn start(ip: &str, disk: &Path) -> PoolNode {
+        Self::start_named(ip, "pools-test", disk)
+    }
+
+    /// `name` is the node name: nexuses on nodes with different names are different hosts.
+    pub fn start_named(ip: &str, name: &str, disk: &Path) -> PoolNode {
         let mut n = PoolNode {
             child: None,
+            name: name.into(),
             ip: ip.into(),
             port: free_port(ip),
             grpc: free_port(ip),
@@ -43,10 +50,10 @@ impl PoolNode {
         n
     }
 
-    fn restart(&mut self) {
+    pub fn restart(&mut self) {
         self.kill9();
         let child = Command::new(env!("CARGO_BIN_EXE_io-engine"))
-            .args(["--node-name", "pools-test"])
+            .args(["--node-name", &self.name])
             .args(["--listen", &format!("{}:{}", self.ip, self.port)])
             .args(["--grpc", &format!("{}:{}", self.ip, self.grpc)])
             .arg("--pool")
@@ -58,14 +65,14 @@ impl PoolNode {
         self.child = Some(child);
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
         }
     }
 
-    async fn api(&self) -> EngineClient<Channel> {
+    pub async fn api(&self) -> EngineClient<Channel> {
         let url = format!("http://{}:{}", self.ip, self.grpc);
         for _ in 0..200 {
             if let Ok(c) = EngineClient::connect(url.clone()).await {
@@ -76,7 +83,7 @@ impl PoolNode {
         panic!("io-engine at {url} never came up");
     }
 
-    async fn connect(&self, replica: &str, host: &str) -> Result<RemoteNamespace, String> {
+    pub async fn connect(&self, replica: &str, host: &str) -> Result<RemoteNamespace, String> {
         let addr = format!("{}:{}", self.ip, self.port).parse().unwrap();
         let mut o = ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:replica-{replica}"));
         o.hostnqn = host.to_string();
@@ -92,13 +99,13 @@ impl Drop for PoolNode {
     }
 }
 
-fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
+pub fn disk(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
     std::fs::File::create(&p).unwrap().set_len(size).unwrap();
     p
 }
 
-fn pattern(seed: u64, len: usize) -> Bytes {
+pub fn pattern(seed: u64, len: usize) -> Bytes {
     Bytes::from(
         (0..len)
             .map(|i| (seed as u8).wrapping_mul(31).wrapping_add((i / 4096) as u8) | 1)

@@ -171,7 +171,7 @@ async fn create_published(
         uuid: uuid.to_string(),
         children,
         io_timeout_ms,
-        rebuild_rate_limit: 0,
+        ..Default::default()
     };
     let n = api.create_nexus(r).await.unwrap().into_inner();
     assert_eq!(n.state, pb::NexusState::Online as i32);

@@ -1,0 +1,95 @@
+//! Reservation commands from the initiator: how a nexus registers its key on a replica, takes the Write Exclusive
+//! reservation, and preempts the key of the nexus it replaces (fencing it).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::namespace::RemoteNamespace;
+use crate::block::BlockError;
+use crate::protocol::command::{Sqe, io, resv};
+
+/// Registrants and holder as a Reservation Report shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub generation: u32,
+    pub rtype: u8,
+    /// (host identifier, key, holds the reservation)
+    pub registrants: Vec<([u8; 16], u64, bool)>,
+}
+
+fn keys(a: u64, b: Option<u64>) -> Bytes {
+    let mut d = BytesMut::with_capacity(16);
+    d.put_u64_le(a);
+    if let Some(b) = b {
+        d.put_u64_le(b);
+    }
+    d.freeze()
+}
+
+impl RemoteNamespace {
+    fn resv_sqe(&self, opcode: u8, cdw10: u32) -> Sqe {
+        let mut sqe = Sqe::new(opcode, self.nsid());
+        sqe.set_cdw(10, cdw10);
+        sqe
+    }
+
+    /// Registers `key` for this host, replacing any key it had (Register with Replace and IEKEY).
+    pub async fn register_key(&self, key: u64) -> Result<(), BlockError> {
+        let sqe = self.resv_sqe(
+            io::RESERVATION_REGISTER,
+            u32::from(resv::REPLACE) | resv::IEKEY,
+        );
+        self.submit(sqe, Some(keys(0, Some(key)))).await.map(drop)
+    }
+
+    /// Reservation Acquire: `action` is [`resv::ACQUIRE`] or [`resv::PREEMPT`] (of `preempt_key`).
+    pub async fn acquire(
+        &self,
+        action: u8,
+        key: u64,
+        preempt_key: u64,
+        rtype: u8,
+    ) -> Result<(), BlockError> {
+        let sqe = self.resv_sqe(
+            io::RESERVATION_ACQUIRE,
+            u32::from(action) | (u32::from(rtype) << 8),
+        );
+        self.submit(sqe, Some(keys(key, Some(preempt_key))))
+            .await
+            .map(drop)
+    }
+
+    pub async fn release(&self, key: u64, rtype: u8) -> Result<(), BlockError> {
+        let sqe = self.resv_sqe(
+            io::RESERVATION_RELEASE,
+            u32::from(resv::RELEASE) | (u32::from(rtype) << 8),
+        );
+        self.submit(sqe, Some(keys(key, None))).await.map(drop)
+    }
+
+    /// Reservation Report (extended data structure).
+    pub async fn report(&self) -> Result<Report, BlockError> {
+        const LEN: u32 = 4096;
+        let mut sqe = self.resv_sqe(io::RESERVATION_REPORT, LEN / 4 - 1);
+        sqe.set_cdw(11, 1);
+        sqe.set_sgl(crate::protocol::command::Sgl::transport(LEN));
+        let d = self.submit(sqe, None).await?;
+        let short = || BlockError::Remote("short reservation report".into());
+        let head = d.get(..64).ok_or_else(short)?;
+        let n = u16::from_le_bytes([head[5], head[6]]) as usize;
+        let mut r = Report {
+            generation: u32::from_le_bytes([head[0], head[1], head[2], head[3]]),
+            rtype: head[4],
+            registrants: Vec::new(),
+        };
+        for i in 0..n {
+            let e = d.get(64 + i * 64..128 + i * 64).ok_or_else(short)?;
+            let mut host = [0u8; 16];
+            host.copy_from_slice(&e[16..32]);
+            let mut key = [0u8; 8];
+            key.copy_from_slice(&e[8..16]);
+            r.registrants
+                .push((host, u64::from_le_bytes(key), e[2] & 1 != 0));
+        }
+        Ok(r)
+    }
+}

@@ -1,0 +1,441 @@
+//! NVMe reservations of one namespace, as a pure state machine: Register, Acquire (acquire, preempt), Release
+//! (release, clear), Report, and the check every I/O command passes. Hosts are identified by their 128-bit Host
+//! Identifier (from Connect), so every controller of a host shares its registration.
+//!
+//! This is how a new nexus fences an old one: it registers its key and preempts the old nexus's key with a Write
+//! Exclusive reservation; from then on the old nexus's writes fail with Reservation Conflict. The state is small
+//! and serializable so that the owner of the namespace (a pool replica) can keep it across restarts.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::protocol::status::Status;
+
+pub use crate::protocol::command::resv as rtype;
+use crate::protocol::command::resv::{
+    ACQUIRE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER, RELEASE, REPLACE, UNREGISTER,
+};
+
+/// Reservation Capabilities (Identify Namespace RESCAP): persist through power loss, all six types, IEKEY.
+pub const RESCAP: u8 = 0xFF;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registrant {
+    pub host: Uuid,
+    pub key: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationState {
+    /// Incremented by every successful Register and by every preempt that removes registrants.
+    pub generation: u32,
+    pub registrants: Vec<Registrant>,
+    /// 0: no reservation.
+    pub rtype: u8,
+    /// The holder, for types other than all-registrants (where every registrant holds it).
+    pub holder: Option<Uuid>,
+}
+
+fn all_regs(t: u8) -> bool {
+    matches!(
+        t,
+        rtype::WRITE_EXCLUSIVE_ALL_REGS | rtype::EXCLUSIVE_ACCESS_ALL_REGS
+    )
+}
+
+fn conflict<T>() -> Result<T, Status> {
+    Err(Status::RESERVATION_CONFLICT)
+}
+
+impl ReservationState {
+    fn key_of(&self, host: Uuid) -> Option<u64> {
+        self.registrants
+            .iter()
+            .find(|r| r.host == host)
+            .map(|r| r.key)
+    }
+
+    fn is_holder(&self, host: Uuid) -> bool {
+        self.rtype != 0
+            && if all_regs(self.rtype) {
+                self.key_of(host).is_some()
+            } else {
+                self.holder == Some(host)
+            }
+    }
+
+    /// The host must be registered with `crkey` (unless `iekey`).
+    fn check_key(&self, host: Uuid, iekey: bool, crkey: u64) -> Result<(), Status> {
+        match self.key_of(host) {
+            Some(k) if iekey || k == crkey => Ok(()),
+            _ => conflict(),
+        }
+    }
+
+    fn remove(&mut self, keep: impl Fn(&Registrant) -> bool) -> usize {
+        let before = self.registrants.len();
+        self.registrants.retain(keep);
+        let removed = before - self.registrants.len();
+        if self.holder.is_some_and(|h| self.key_of(h).is_none()) {
+            self.holder = None;
+            if !all_regs(self.rtype) {
+                self.rtype = 0;
+            }
+        }
+        if self.registrants.is_empty() {
+            self.rtype = 0;
+            self.holder = None;
+        }
+        removed
+    }
+
+    /// Reservation Register.
+    pub fn register(
+        &mut self,
+        host: Uuid,
+        action: u8,
+        iekey: bool,
+        crkey: u64,
+        nrkey: u64,
+    ) -> Result<(), Status> {
+        match action {
+            REGISTER => match self.key_of(host) {
+                Some(k) if k == nrkey => return Ok(()),
+                Some(_) => return conflict(),
+                None if nrkey == 0 => return Err(Status::INVALID_FIELD),
+                None => self.registrants.push(Registrant { host, key: nrkey }),
+            },
+            UNREGISTER => {
+                self.check_key(host, iekey, crkey)?;
+                self.remove(|r| r.host != host);
+            }
+            REPLACE => {
+                if nrkey == 0 {
+                    return Err(Status::INVALID_FIELD);
+                }
+                match self.key_of(host) {
+                    Some(_) => {
+                        self.check_key(host, iekey, crkey)?;
+                        for r in self.registrants.iter_mut().filter(|r| r.host == host) {
+                            r.key = nrkey;
+                        }
+                    }
+                    None if iekey || crkey == 0 => {
+                        self.registrants.push(Registrant { host, key: nrkey })
+                    }
+                    None => return conflict(),
+                }
+            }
+            _ => return Err(Status::INVALID_FIELD),
+        }
+        self.generation = self.generation.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Reservation Acquire (acquire, preempt, preempt and abort; commands in flight are not aborted).
+    pub fn acquire(
+        &mut self,
+        host: Uuid,
+        action: u8,
+        iekey: bool,
+        crkey: u64,
+        prkey: u64,
+        rtype: u8,
+    ) -> Result<(), Status> {
+        if !(rtype::WRITE_EXCLUSIVE..=rtype::EXCLUSIVE_ACCESS_ALL_REGS).contains(&rtype) {
+            return Err(Status::INVALID_FIELD);
+        }
+        self.check_key(host, iekey, crkey)?;
+        match action {
+            ACQUIRE => {
+                if self.rtype == 0 {
+                    self.rtype = rtype;
+                    self.holder = (!all_regs(rtype)).then_some(host);
+                    Ok(())
+                } else if self.is_holder(host) && self.rtype == rtype {
+                    Ok(())
+                } else {
+                    conflict()
+                }
+            }
+            PREEMPT | PREEMPT_AND_ABORT => {
+                let holder_key = self.holder.and_then(|h| self.key_of(h));
+                if self.rtype != 0 && all_regs(self.rtype) && prkey == 0 {
+                    // Everyone else loses their registration; the reservation becomes ours.
+                    self.remove(|r| r.host == host);
+                    self.rtype = rtype;
+                    self.holder = (!all_regs(rtype)).then_some(host);
+                } else if self.rtype != 0 && !all_regs(self.rtype) && holder_key == Some(prkey) {
+                    self.registrants
+                        .retain(|r| r.key != prkey || r.host == host);
+                    self.rtype = rtype;
+                    self.holder = (!all_regs(rtype)).then_some(host);
+                } else {
+                    if prkey == 0 {
+                        return Err(Status::INVALID_FIELD);
+                    }
+                    if self.remove(|r| r.key != prkey || r.host == host) == 0 {
+                        return conflict();
+                    }
+                }
+                self.generation = self.generation.wrapping_add(1);
+                Ok(())
+            }
+            _ => Err(Status::INVALID_FIELD),
+        }
+    }
+
+    /// Reservation Release (release, clear).
+    pub fn release(
+        &mut self,
+        host: Uuid,
+        action: u8,
+        iekey: bool,
+        crkey: u64,
+        rtype: u8,
+    ) -> Result<(), Status> {
+        self.check_key(host, iekey, crkey)?;
+        match action {
+            RELEASE => {
+                if self.rtype == 0 || !self.is_holder(host) {
+                    return Ok(());
+                }
+                if self.rtype != rtype {
+                    return Err(Status::INVALID_FIELD);
+                }
+                self.rtype = 0;
+                self.holder = None;
+                Ok(())
+            }
+            CLEAR => {
+                self.registrants.clear();
+                self.rtype = 0;
+                self.holder = None;
+                self.generation = self.generation.wrapping_add(1);
+                Ok(())
+            }
+            _ => Err(Status::INVALID_FIELD),
+        }
+    }
+
+    /// Whether `host` may run a command that reads (`write` false) or modifies (`write` true) the namespace.
+    pub fn check(&self, host: Uuid, write: bool) -> Result<(), Status> {
+        if self.rtype == 0 || self.is_holder(host) {
+            return Ok(());
+        }
+        let registered = self.key_of(host).is_some();
+        let allowed = match self.rtype {
+            rtype::WRITE_EXCLUSIVE => !write,
+            rtype::EXCLUSIVE_ACCESS => false,
+            rtype::WRITE_EXCLUSIVE_REG_ONLY | rtype::WRITE_EXCLUSIVE_ALL_REGS => {
+                !write || registered
+            }
+            _ => registered,
+        };
+        if allowed { Ok(()) } else { conflict() }
+    }
+
+    /// The Reservation Report data structure with 128-bit host identifiers (EDS), cut to `len` bytes.
+    pub fn report(&self, len: usize) -> Bytes {
+        let mut b = BytesMut::with_capacity(64 + 64 * self.registrants.len());
+        b.put_u32_le(self.generation);
+        b.put_u8(self.rtype);
+        b.put_u16_le(self.registrants.len() as u16);
+        b.put_u16_le(0);
+        b.put_u8(1); // PTPLS: the state persists through power loss.
+        b.put_bytes(0, 64 - 10);
+        for r in &self.registrants {
+            // CNTLID 0xFFFF: the registration belongs to the host, not one controller.
+            b.put_u16_le(0xFFFF);
+            b.put_u8(u8::from(self.is_holder(r.host)));
+            b.put_bytes(0, 5);
+            b.put_u64_le(r.key);
+            b.put_slice(r.host.as_bytes());
+            b.put_bytes(0, 32);
+        }
+        b.resize(len, 0);
+        b.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts() -> (Uuid, Uuid, Uuid) {
+        (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4())
+    }
+
+    #[test]
+    fn a_new_holder_fences_the_old_one_by_preempting_its_key() {
+        let (a, b, reader) = hosts();
+        let mut s = ReservationState::default();
+        s.register(a, REGISTER, false, 0, 0xA).unwrap();
+        s.acquire(a, ACQUIRE, false, 0xA, 0, rtype::WRITE_EXCLUSIVE)
+            .unwrap();
+        assert!(s.check(a, true).is_ok());
+        assert_eq!(s.check(reader, true), conflict());
+        assert!(
+            s.check(reader, false).is_ok(),
+            "Write Exclusive lets others read"
+        );
+
+        s.register(b, REGISTER, false, 0, 0xB).unwrap();
+        assert_eq!(
+            s.acquire(b, ACQUIRE, false, 0xB, 0, rtype::WRITE_EXCLUSIVE),
+            conflict()
+        );
+        s.acquire(b, PREEMPT, false, 0xB, 0xA, rtype::WRITE_EXCLUSIVE)
+            .unwrap();
+        assert_eq!(s.holder, Some(b));
+        assert_eq!(s.check(a, true), conflict(), "the old holder's writes fail");
+        assert_eq!(s.key_of(a), None, "and it is no longer registered");
+        // It cannot take the reservation back with its old key.
+        assert_eq!(
+            s.acquire(a, PREEMPT, false, 0xA, 0xB, rtype::WRITE_EXCLUSIVE),
+            conflict()
+        );
+        assert_eq!(s.generation, 3);
+    }
+
+    #[test]
+    fn registration_rules() {
+        let (a, b, _) = hosts();
+        let mut s = ReservationState::default();
+        assert_eq!(
+            s.register(a, REGISTER, false, 0, 0),
+            Err(Status::INVALID_FIELD)
+        );
+        s.register(a, REGISTER, false, 0, 5).unwrap();
+        s.register(a, REGISTER, false, 0, 5).unwrap();
+        assert_eq!(s.register(a, REGISTER, false, 0, 6), conflict());
+        assert_eq!(s.register(a, REPLACE, false, 4, 6), conflict());
+        s.register(a, REPLACE, false, 5, 6).unwrap();
+        s.register(b, REPLACE, true, 0, 9).unwrap();
+        assert_eq!(s.registrants.len(), 2);
+        s.acquire(a, ACQUIRE, false, 6, 0, rtype::EXCLUSIVE_ACCESS)
+            .unwrap();
+        assert_eq!(
+            s.check(b, false),
+            conflict(),
+            "Exclusive Access blocks reads too"
+        );
+        s.register(a, UNREGISTER, false, 6, 0).unwrap();
+        assert_eq!(
+            s.rtype, 0,
+            "unregistering the holder releases the reservation"
+        );
+        assert!(s.check(b, true).is_ok());
+    }
+
+    #[test]
+    fn all_registrants_types_and_release_and_clear() {
+        let (a, b, c) = hosts();
+        let mut s = ReservationState::default();
+        s.register(a, REGISTER, false, 0, 1).unwrap();
+        s.register(b, REGISTER, false, 0, 2).unwrap();
+        s.acquire(a, ACQUIRE, false, 1, 0, rtype::WRITE_EXCLUSIVE_ALL_REGS)
+            .unwrap();
+        assert!(s.check(b, true).is_ok());
+        assert_eq!(s.check(c, true), conflict());
+        s.acquire(b, ACQUIRE, false, 2, 0, rtype::WRITE_EXCLUSIVE_ALL_REGS)
+            .unwrap();
+        assert_eq!(
+            s.release(b, RELEASE, false, 2, rtype::WRITE_EXCLUSIVE),
+            Err(Status::INVALID_FIELD)
+        );
+        s.release(b, RELEASE, false, 2, rtype::WRITE_EXCLUSIVE_ALL_REGS)
+            .unwrap();
+        assert_eq!(s.rtype, 0);
+        assert_eq!(
+            s.release(c, CLEAR, false, 0, 0),
+            conflict(),
+            "only registrants clear"
+        );
+        s.release(a, CLEAR, false, 1, 0).unwrap();
+        assert!(s.registrants.is_empty());
+    }
+
+    #[test]
+    fn the_report_lists_registrants_with_their_host_ids() {
+        let (a, b, _) = hosts();
+        let mut s = ReservationState::default();
+        s.register(a, REGISTER, false, 0, 0x11).unwrap();
+        s.register(b, REGISTER, false, 0, 0x22).unwrap();
+        s.acquire(b, ACQUIRE, false, 0x22, 0, rtype::WRITE_EXCLUSIVE)
+            .unwrap();
+        let r = s.report(4096);
+        assert_eq!(r.len(), 4096);
+        assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 2);
+        assert_eq!((r[4], u16::from_le_bytes([r[5], r[6]])), (1, 2));
+        assert_eq!(r[64 + 2], 0, "a does not hold it");
+        assert_eq!(&r[64 + 16..64 + 32], a.as_bytes());
+        assert_eq!(r[128 + 2], 1, "b holds it");
+        assert_eq!(
+            u64::from_le_bytes(r[128 + 8..128 + 16].try_into().unwrap()),
+            0x22
+        );
+        assert_eq!(s.report(10).len(), 10);
+    }
+}
+
+/// Keeps a namespace's reservation state across restarts (the engine backs it with the replica's pool metadata).
+#[async_trait::async_trait]
+pub trait ReservationStore: Send + Sync + 'static {
+    async fn save(&self, state: &ReservationState) -> Result<(), String>;
+}
+
+/// A namespace's reservations: the state, and where changes are made durable before they take effect.
+#[derive(Default)]
+pub struct Reservations {
+    state: std::sync::RwLock<ReservationState>,
+    /// Serializes changes (each is saved before it applies).
+    change: tokio::sync::Mutex<()>,
+    store: Option<std::sync::Arc<dyn ReservationStore>>,
+}
+
+impl Reservations {
+    pub fn new(
+        state: ReservationState,
+        store: std::sync::Arc<dyn ReservationStore>,
+    ) -> Reservations {
+        Reservations {
+            state: std::sync::RwLock::new(state),
+            change: tokio::sync::Mutex::new(()),
+            store: Some(store),
+        }
+    }
+
+    pub fn state(&self) -> ReservationState {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn check(&self, host: Uuid, write: bool) -> Result<(), Status> {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(host, write)
+    }
+
+    /// Applies `f` to a copy of the state, saves the result, then makes it current.
+    pub async fn change(
+        &self,
+        f: impl FnOnce(&mut ReservationState) -> Result<(), Status>,
+    ) -> Result<(), Status> {
+        let _serial = self.change.lock().await;
+        let mut next = self.state();
+        f(&mut next)?;
+        if next == self.state() {
+            return Ok(());
+        }
+        if let Some(store) = &self.store
+            && let Err(e) = store.save(&next).await
+        {
+            tracing::warn!(error = %e, "cannot save the reservation state");
+            return Err(Status::INTERNAL_ERROR);
+        }
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+}

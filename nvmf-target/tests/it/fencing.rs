@@ -1,0 +1,177 @@
+//! Fencing with NVMe reservations across real io-engine processes: replicas in pools on 127.0.0.1-.3, nexus A on
+//! .4 and its replacement B on .5. Once B has preempted A's key, none of A's writes lands on any replica, and the
+//! reservation survives a restart of a replica's io-engine.
+
+use std::time::Duration;
+
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::engine as pb;
+use proto::engine::engine_client::EngineClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::pools::{PoolNode, disk, pattern};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 16 * MIB;
+
+async fn nexus_on(
+    api: &mut EngineClient<Channel>,
+    uuid: &str,
+    children: &[String],
+    key: u64,
+    preempt: u64,
+) -> Result<pb::Nexus, tonic::Status> {
+    let n = api
+        .create_nexus(pb::CreateNexusRequest {
+            uuid: uuid.into(),
+            children: children.to_vec(),
+            io_timeout_ms: 2000,
+            reservation_key: key,
+            preempt_key: preempt,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    api.publish_nexus(pb::PublishNexusRequest {
+        uuid: uuid.into(),
+        ana_group: 1,
+        allow_any_host: true,
+        allowed_hosts: vec![],
+    })
+    .await?;
+    Ok(n)
+}
+
+async fn volume(node: &PoolNode, uuid: &str) -> RemoteNamespace {
+    let addr = format!("{}:{}", node.ip, node.port).parse().unwrap();
+    let mut ns = RemoteNamespace::connect(
+        ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:vol-{uuid}")),
+        1,
+    )
+    .await
+    .unwrap();
+    ns.reconnect_wait = Duration::ZERO;
+    ns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    let mut uris = Vec::new();
+    for i in 1..=3 {
+        let node = PoolNode::start_named(
+            &format!("127.0.0.{i}"),
+            &format!("replica-{i}"),
+            &disk(dir.path(), &format!("r{i}.img"), 64 * MIB),
+        );
+        let id = uuid::Uuid::new_v4().to_string();
+        let r = node
+            .api()
+            .await
+            .create_replica(pb::CreateReplicaRequest {
+                pool: "pool0".into(),
+                uuid: id.clone(),
+                size: SIZE,
+                share: true,
+                allowed_hosts: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        uris.push(r.uri);
+        replicas.push((node, id));
+    }
+    let a = PoolNode::start_named("127.0.0.4", "nexus-a", &disk(dir.path(), "a.img", 16 * MIB));
+    let b = PoolNode::start_named("127.0.0.5", "nexus-b", &disk(dir.path(), "b.img", 16 * MIB));
+    let vol = uuid::Uuid::new_v4().to_string();
+    let mut api_a = a.api().await;
+    let mut api_b = b.api().await;
+
+    nexus_on(&mut api_a, &vol, &uris, 1, 0).await.unwrap();
+    let va = volume(&a, &vol).await;
+    va.write(0, pattern(1, 65536)).await.unwrap();
+
+    // Without the old key, B cannot take over.
+    let e = nexus_on(&mut api_b, &vol, &uris, 2, 0).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    // With it, B preempts A on every replica.
+    nexus_on(&mut api_b, &vol, &uris, 2, 1).await.unwrap();
+    let vb = volume(&b, &vol).await;
+    assert_eq!(vb.read(0, 65536).await.unwrap(), pattern(1, 65536));
+
+    // A keeps trying to write: every attempt fails and nothing reaches a replica.
+    for i in 0..4 {
+        let off = MIB * (1 + i);
+        assert!(
+            va.write(off, pattern(50 + i, 4096)).await.is_err(),
+            "A's write {i} succeeded"
+        );
+    }
+    let list = api_a
+        .list_nexuses(pb::ListNexusesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.nexuses[0].state, pb::NexusState::Faulted as i32);
+    for c in &list.nexuses[0].children {
+        assert!(c.reason.contains("reservation"), "{}", c.reason);
+    }
+    vb.write(8 * MIB, pattern(7, 4096)).await.unwrap();
+    for (node, id) in &replicas {
+        let r = node
+            .connect(id, "nqn.2026-11.io.keelson:node-checker")
+            .await
+            .unwrap();
+        for i in 0..4 {
+            let got = r.read(MIB * (1 + i), 4096).await.unwrap();
+            assert!(
+                got.iter().all(|b| *b == 0),
+                "A's fenced write {i} landed on {id}"
+            );
+        }
+        assert_eq!(r.read(8 * MIB, 4096).await.unwrap(), pattern(7, 4096));
+        let rep = r.report().await.unwrap();
+        assert_eq!(rep.rtype, 1, "Write Exclusive");
+        let holders: Vec<u64> = rep
+            .registrants
+            .iter()
+            .filter(|x| x.2)
+            .map(|x| x.1)
+            .collect();
+        assert_eq!(holders, vec![2], "B holds the reservation on {id}");
+        r.close().await;
+    }
+
+    // The reservation is kept across a restart of a replica's io-engine.
+    let (node, id) = &mut replicas[0];
+    node.restart();
+    let _ = node.api().await;
+    let r = node
+        .connect(id, "nqn.2026-11.io.keelson:node-checker")
+        .await
+        .unwrap();
+    let rep = r.report().await.unwrap();
+    assert_eq!(rep.rtype, 1);
+    assert_eq!(
+        rep.registrants
+            .iter()
+            .filter(|x| x.2)
+            .map(|x| x.1)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+    assert!(
+        matches!(
+            r.write(0, pattern(9, 4096)).await,
+            Err(nvmf_target::block::BlockError::ReservationConflict)
+        ),
+        "a host without the reservation wrote"
+    );
+    r.close().await;
+    va.close().await;
+    vb.close().await;
+}
