@@ -2,10 +2,12 @@
 //! the one place that wires block devices, nexuses and the target together; the gRPC API and the binary go
 //! through it.
 //!
-//! - `nexus`: nexus creation, children, publishing.
+//! - `local`: a nexus child on this node, used directly but subject to its namespace's reservations.
+//! - `nexus`: nexus creation, children, publishing, reservations on children.
 //! - `pools`: pools, replicas (exported with allow-lists), snapshots and clones.
 //! - `uri`: child URIs (`nvmf://`, `local:///`).
 
+mod local;
 mod nexus;
 mod pools;
 pub mod uri;

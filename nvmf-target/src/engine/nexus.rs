@@ -11,6 +11,7 @@ use crate::nexus::{Nexus, NexusConfig};
 use crate::protocol::nqn::Nqn;
 use crate::target::{SubsystemSpec, TargetError};
 
+use super::local::LocalChild;
 use super::uri::ChildUri;
 use super::{Engine, EngineError};
 
@@ -56,8 +57,9 @@ impl Engine {
         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, self.host_nqn().as_bytes())
     }
 
-    /// Opens the device a child URI names. With `reservation`, a remote child is registered and reserved (Write
-    /// Exclusive) for this node, preempting the replaced nexus's key if one is given.
+    /// Opens the device a child URI names. With `reservation`, the child (remote, or local through its namespace's
+    /// reservations) is registered and reserved (Write Exclusive) for this node, preempting the replaced nexus's
+    /// key if one is given.
     pub async fn open_child(
         &self,
         uri: &str,
@@ -72,7 +74,14 @@ impl Engine {
                 let ns = sub.namespace(nsid).ok_or_else(|| {
                     EngineError::Unavailable(format!("{uri}: no namespace {nsid} in {nqn}"))
                 })?;
-                Ok(ns.device.clone())
+                let child = LocalChild::new(ns, self.host_id());
+                if let Some(keys) = reservation {
+                    child
+                        .reserve(keys)
+                        .await
+                        .map_err(|e| EngineError::FailedPrecondition(format!("{uri}: {e}")))?;
+                }
+                Ok(Arc::new(child))
             }
             ChildUri::Nvmf { addr, nqn, nsid } => {
                 let mut o = ConnectOptions::new(addr, nqn.as_str());

@@ -1,0 +1,142 @@
+//! A nexus child on this node (`local:///NQN`): the namespace's block device used directly, but subject to the
+//! namespace's NVMe reservations as this node's host. Without that, a nexus fenced by a newer one could keep writing
+//! to the replica that happens to live on its own node.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::block::{BlockDevice, BlockError};
+use crate::protocol::command::resv;
+use crate::protocol::status::Status;
+use crate::target::subsystem::Namespace;
+
+use super::nexus::ReservationKeys;
+
+pub struct LocalChild {
+    ns: Arc<Namespace>,
+    host: Uuid,
+}
+
+fn to_block(s: Status) -> BlockError {
+    if s == Status::RESERVATION_CONFLICT {
+        BlockError::ReservationConflict
+    } else {
+        BlockError::Remote(s.to_string())
+    }
+}
+
+impl LocalChild {
+    pub fn new(ns: Arc<Namespace>, host: Uuid) -> LocalChild {
+        LocalChild { ns, host }
+    }
+
+    /// Registers `keys.key` and takes Write Exclusive, preempting `keys.preempt` if the reservation is held.
+    pub async fn reserve(&self, keys: ReservationKeys) -> Result<(), BlockError> {
+        let (r, host) = (&self.ns.reservations, self.host);
+        r.change(|s| s.register(host, resv::REPLACE, true, 0, keys.key))
+            .await
+            .map_err(to_block)?;
+        let acquire = r
+            .change(|s| {
+                s.acquire(
+                    host,
+                    resv::ACQUIRE,
+                    false,
+                    keys.key,
+                    0,
+                    resv::WRITE_EXCLUSIVE,
+                )
+            })
+            .await;
+        match acquire {
+            Err(s) if s == Status::RESERVATION_CONFLICT && keys.preempt != 0 => r
+                .change(|s| {
+                    s.acquire(
+                        host,
+                        resv::PREEMPT,
+                        false,
+                        keys.key,
+                        keys.preempt,
+                        resv::WRITE_EXCLUSIVE,
+                    )
+                })
+                .await
+                .map_err(to_block),
+            other => other.map_err(to_block),
+        }
+    }
+
+    fn check(&self, write: bool) -> Result<(), BlockError> {
+        self.ns
+            .reservations
+            .check(self.host, write)
+            .map_err(to_block)
+    }
+}
+
+#[async_trait]
+impl BlockDevice for LocalChild {
+    fn block_size(&self) -> u32 {
+        self.ns.device.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.ns.device.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.check(false)?;
+        self.ns.device.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.check(true)?;
+        self.ns.device.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check(true)?;
+        self.ns.device.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check(true)?;
+        self.ns.device.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.check(true)?;
+        self.ns.device.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::memory::MemoryDevice;
+    use crate::target::reservation::Reservations;
+
+    #[tokio::test]
+    async fn a_local_child_is_fenced_like_a_remote_host() {
+        let ns = Arc::new(Namespace {
+            nsid: 1,
+            uuid: Uuid::new_v4(),
+            ana_group: 1,
+            device: Arc::new(MemoryDevice::new(1 << 20, 512)),
+            reservations: Reservations::default(),
+        });
+        let old = LocalChild::new(ns.clone(), Uuid::new_v4());
+        old.reserve(ReservationKeys { key: 1, preempt: 0 })
+            .await
+            .unwrap();
+        old.write(0, Bytes::from(vec![1u8; 512])).await.unwrap();
+        let new = LocalChild::new(ns.clone(), Uuid::new_v4());
+        let taken = new.reserve(ReservationKeys { key: 2, preempt: 0 }).await;
+        assert!(matches!(taken, Err(BlockError::ReservationConflict)));
+        new.reserve(ReservationKeys { key: 2, preempt: 1 })
+            .await
+            .unwrap();
+        assert!(matches!(
+            old.write(0, Bytes::from(vec![2u8; 512])).await,
+            Err(BlockError::ReservationConflict)
+        ));
+        assert_eq!(&new.read(0, 512).await.unwrap()[..], &[1u8; 512][..]);
+    }
+}
