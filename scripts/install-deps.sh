@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for p in iproute2 qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs cpio zstd socat fio; do
+for p in iproute2 qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs cpio zstd socat fio prometheus; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

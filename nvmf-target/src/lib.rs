@@ -2,6 +2,7 @@
 //!
 //! - [`protocol`]: NVMe and NVMe/TCP wire formats (pure).
 //! - [`block`]: the [`block::BlockDevice`] seam and its backends (memory, file, fault-injecting).
+//! - [`metrics`]: the Prometheus `/metrics` endpoint, read from the engine at scrape time.
 //! - [`nexus`]: a replicated device over N children: fan-out writes, round-robin reads, faults, rebuilds.
 //! - [`pool`]: pools on a file or block device: thin replicas, snapshots, clones, crash-safe metadata.
 //! - [`rebuild`]: copies a device onto another while I/O goes on (full or only marked segments).
@@ -16,6 +17,7 @@ pub mod block;
 pub mod config;
 pub mod engine;
 pub mod initiator;
+pub mod metrics;
 pub mod nexus;
 pub mod pool;
 pub mod protocol;

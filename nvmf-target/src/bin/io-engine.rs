@@ -37,6 +37,9 @@ struct Args {
     /// Engine gRPC API address.
     #[arg(long, env = "KEELSON_GRPC", default_value = "127.0.0.1:10124")]
     grpc: SocketAddr,
+    /// Prometheus metrics address (`GET /metrics`); not served when unset.
+    #[arg(long, env = "KEELSON_METRICS")]
+    metrics: Option<SocketAddr>,
     /// Export a namespace at start-up, e.g. `nqn=nqn.2026-11.io.keelson:vol-demo,memory=256MiB`
     /// or `nqn=...,file=/dev/loop0,direct=true`. Keys: nqn, memory, file, size, direct, bs, nsid, uuid, ana-group,
     /// hosts (`;`-separated; none = any host). Repeatable.
@@ -150,6 +153,17 @@ async fn main() -> Result<()> {
         args.grpc,
         shutdown.clone(),
     ));
+    if let Some(addr) = args.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics address {addr}"))?;
+        tokio::spawn(nvmf_target::metrics::serve(
+            engine.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+        tracing::info!(%addr, "serving metrics");
+    }
     tracing::info!(grpc = %args.grpc, "io-engine running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

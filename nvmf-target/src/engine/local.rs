@@ -121,6 +121,7 @@ mod tests {
             ana_group: 1,
             device: Arc::new(MemoryDevice::new(1 << 20, 512)),
             reservations: Reservations::default(),
+            stats: Default::default(),
         });
         let old = LocalChild::new(ns.clone(), Uuid::new_v4());
         old.reserve(ReservationKeys { key: 1, preempt: 0 })

@@ -111,6 +111,25 @@ pub(super) async fn execute(
     sqe: Sqe,
     data: Bytes,
 ) -> Response {
+    let start = std::time::Instant::now();
+    let opcode = sqe.opcode();
+    let bytes = u64::from(sqe.nlb()) * u64::from(ns.device.block_size());
+    let r = run(ctrl, ns.clone(), sqe, data).await;
+    let kind = match opcode {
+        io::READ => &ns.stats.read,
+        io::WRITE => &ns.stats.write,
+        _ => &ns.stats.other,
+    };
+    let bytes = if matches!(opcode, io::READ | io::WRITE) {
+        bytes
+    } else {
+        0
+    };
+    kind.record(bytes, start.elapsed(), r.cqe.status.is_success());
+    r
+}
+
+async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -> Response {
     let cid = sqe.cid();
     let bs = u64::from(ns.device.block_size());
     let offset = sqe.slba() * bs;

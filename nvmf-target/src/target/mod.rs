@@ -14,6 +14,7 @@ mod io;
 mod listener;
 pub mod reservation;
 mod response;
+pub mod stats;
 pub mod subsystem;
 mod writer;
 

@@ -11,6 +11,7 @@ use super::TargetError;
 use super::ana::MAX_GROUPS;
 use super::controller::Controller;
 use super::reservation::Reservations;
+use super::stats::IoStats;
 
 /// Highest NSID a subsystem may hold (NN and MNAN in Identify Controller).
 pub const MAX_NSID: u32 = 256;
@@ -22,6 +23,7 @@ pub struct Namespace {
     pub ana_group: u32,
     pub device: Arc<dyn BlockDevice>,
     pub reservations: Reservations,
+    pub stats: IoStats,
 }
 
 impl Namespace {
@@ -160,6 +162,7 @@ impl Subsystem {
                 ana_group,
                 device,
                 reservations,
+                stats: IoStats::default(),
             }),
         );
         drop(c);

@@ -11,5 +11,6 @@ mod events;
 mod fencing;
 mod harness;
 mod initiator;
+mod metrics;
 mod pools;
 mod replication;

@@ -1,0 +1,319 @@
+//! io-engine's Prometheus metrics, gathered from the engine at scrape time: per-namespace I/O (replicas and
+//! published volumes alike), pools, replicas, nexus and child states, rebuild progress and past rebuilds.
+//!
+//! - `http`: the `/metrics` endpoint.
+//!
+//! Values are read when scraped, so nothing here runs between scrapes. Text is Prometheus exposition format 0.0.4
+//! (the `prometheus` crate's encoder), which `promtool check metrics` accepts.
+
+mod http;
+
+pub use http::serve;
+
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, TextEncoder};
+
+use crate::block::BlockDevice;
+use crate::engine::Engine;
+use crate::nexus::NexusState;
+use crate::nexus::child::ChildState;
+use crate::target::stats::LATENCY_BUCKETS;
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name((*k).to_string());
+            l.set_value((*v).to_string());
+            l
+        })
+        .collect()
+}
+
+/// Metric families under construction, by name.
+struct Families(Vec<MetricFamily>);
+
+impl Families {
+    fn push(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        l: &[(&str, &str)],
+        fill: impl FnOnce(&mut Metric),
+    ) {
+        let mut m = Metric::default();
+        m.set_label(labels(l));
+        fill(&mut m);
+        if let Some(f) = self.0.iter_mut().find(|f| f.name() == name) {
+            f.mut_metric().push(m);
+            return;
+        }
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_string());
+        f.set_help(help.to_string());
+        f.set_field_type(kind);
+        f.set_metric(vec![m]);
+        self.0.push(f);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, l: &[(&str, &str)], v: f64) {
+        self.push(name, help, MetricType::GAUGE, l, |m| {
+            let mut g = Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+        });
+    }
+
+    fn counter(&mut self, name: &str, help: &str, l: &[(&str, &str)], v: f64) {
+        self.push(name, help, MetricType::COUNTER, l, |m| {
+            let mut c = Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+        });
+    }
+
+    /// `values` are observations; buckets are [`LATENCY_BUCKETS`] scaled by `scale`.
+    fn histogram_of(
+        &mut self,
+        name: &str,
+        help: &str,
+        l: &[(&str, &str)],
+        values: &[f64],
+        scale: f64,
+    ) {
+        self.push(name, help, MetricType::HISTOGRAM, l, |m| {
+            let mut h = Histogram::default();
+            h.set_sample_count(values.len() as u64);
+            h.set_sample_sum(values.iter().sum());
+            let buckets = LATENCY_BUCKETS
+                .iter()
+                .map(|b| {
+                    let mut k = Bucket::default();
+                    k.set_upper_bound(b * scale);
+                    k.set_cumulative_count(
+                        values.iter().filter(|v| **v <= b * scale).count() as u64
+                    );
+                    k
+                })
+                .collect();
+            h.set_bucket(buckets);
+            m.set_histogram(h);
+        });
+    }
+
+    /// A histogram kept by a `prometheus::Histogram`, with labels added.
+    fn histogram(&mut self, name: &str, help: &str, l: &[(&str, &str)], h: &prometheus::Histogram) {
+        use prometheus::core::Collector;
+        let Some(mut src) = h.collect().into_iter().next() else {
+            return;
+        };
+        let Some(metric) = src.mut_metric().pop() else {
+            return;
+        };
+        self.push(name, help, MetricType::HISTOGRAM, l, |m| {
+            m.set_histogram(metric.get_histogram().clone())
+        });
+    }
+}
+
+fn io(f: &mut Families, engine: &Engine) {
+    for sub in engine.target().subsystems() {
+        for ns in sub.namespaces() {
+            let nsid = ns.nsid.to_string();
+            for (op, s) in ns.stats.kinds() {
+                let l = [
+                    ("nqn", sub.nqn.as_str()),
+                    ("nsid", nsid.as_str()),
+                    ("op", op),
+                ];
+                f.counter(
+                    "keelson_io_operations_total",
+                    "I/O commands completed per namespace.",
+                    &l,
+                    s.ops.get() as f64,
+                );
+                f.counter(
+                    "keelson_io_bytes_total",
+                    "Bytes read or written per namespace.",
+                    &l,
+                    s.bytes.get() as f64,
+                );
+                f.counter(
+                    "keelson_io_errors_total",
+                    "I/O commands that failed per namespace.",
+                    &l,
+                    s.errors.get() as f64,
+                );
+                f.histogram(
+                    "keelson_io_latency_seconds",
+                    "I/O command latency per namespace, in seconds.",
+                    &l,
+                    &s.latency,
+                );
+            }
+        }
+    }
+}
+
+fn pools(f: &mut Families, engine: &Engine) {
+    for e in engine.pools() {
+        let s = e.pool.stats();
+        let l = [("pool", e.pool.name())];
+        f.gauge(
+            "keelson_pool_capacity_bytes",
+            "Bytes a pool offers for data.",
+            &l,
+            s.capacity as f64,
+        );
+        f.gauge(
+            "keelson_pool_allocated_bytes",
+            "Bytes of a pool's clusters in use.",
+            &l,
+            s.allocated as f64,
+        );
+        f.gauge(
+            "keelson_pool_committed_bytes",
+            "Sum of the sizes of a pool's replicas.",
+            &l,
+            s.committed as f64,
+        );
+        f.counter(
+            "keelson_pool_no_space_errors_total",
+            "Writes failed because the pool had no free cluster.",
+            &l,
+            s.no_space_errors as f64,
+        );
+    }
+    for r in engine.replicas() {
+        let id = r.meta.uuid.to_string();
+        let l = [("replica", id.as_str()), ("pool", r.pool.as_str())];
+        f.gauge(
+            "keelson_replica_size_bytes",
+            "Size of a replica.",
+            &l,
+            r.meta.size as f64,
+        );
+        f.gauge(
+            "keelson_replica_allocated_bytes",
+            "Bytes of clusters behind a replica.",
+            &l,
+            r.allocated as f64,
+        );
+    }
+}
+
+fn nexuses(f: &mut Families, engine: &Engine) {
+    for (uuid, n, _) in engine.nexuses() {
+        let id = uuid.to_string();
+        let now = n.state();
+        for (s, name) in [
+            (NexusState::Online, "online"),
+            (NexusState::Degraded, "degraded"),
+            (NexusState::Faulted, "faulted"),
+        ] {
+            let l = [("nexus", id.as_str()), ("state", name)];
+            f.gauge(
+                "keelson_nexus_state",
+                "1 for the state a nexus is in.",
+                &l,
+                f64::from(u8::from(now == s)),
+            );
+        }
+        f.gauge(
+            "keelson_nexus_size_bytes",
+            "Size of a nexus.",
+            &[("nexus", id.as_str())],
+            n.size_bytes() as f64,
+        );
+        for c in n.children() {
+            for (s, name) in [
+                (ChildState::Healthy, "healthy"),
+                (ChildState::Rebuilding, "rebuilding"),
+                (ChildState::Faulted, "faulted"),
+            ] {
+                let l = [
+                    ("nexus", id.as_str()),
+                    ("child", c.name.as_str()),
+                    ("state", name),
+                ];
+                f.gauge(
+                    "keelson_nexus_child_state",
+                    "1 for the state a nexus child is in.",
+                    &l,
+                    f64::from(u8::from(c.state == s)),
+                );
+            }
+            let l = [("nexus", id.as_str()), ("child", c.name.as_str())];
+            let done = c.rebuild_done_bytes.unwrap_or(0) as f64;
+            let total = c.rebuild_total_bytes.unwrap_or(0) as f64;
+            f.gauge(
+                "keelson_nexus_rebuild_done_bytes",
+                "Bytes copied so far by a running rebuild (0 if none).",
+                &l,
+                done,
+            );
+            f.gauge(
+                "keelson_nexus_rebuild_total_bytes",
+                "Bytes a running rebuild will copy (0 if none).",
+                &l,
+                total,
+            );
+        }
+        let history = n.rebuild_history();
+        for kind in ["full", "partial"] {
+            for result in ["ok", "failed"] {
+                let count = history
+                    .iter()
+                    .filter(|r| rebuild_kind(r) == kind && r.error.is_none() == (result == "ok"))
+                    .count();
+                let l = [("nexus", id.as_str()), ("kind", kind), ("result", result)];
+                f.counter(
+                    "keelson_nexus_rebuilds_total",
+                    "Rebuilds finished, by kind and result.",
+                    &l,
+                    count as f64,
+                );
+            }
+        }
+        let durations: Vec<f64> = history.iter().map(|r| r.duration.as_secs_f64()).collect();
+        let copied: f64 = history.iter().map(|r| r.bytes_copied as f64).sum();
+        let l = [("nexus", id.as_str())];
+        f.histogram_of(
+            "keelson_nexus_rebuild_duration_seconds",
+            "Duration of the rebuilds in a nexus's history, in seconds.",
+            &l,
+            &durations,
+            100.0,
+        );
+        f.counter(
+            "keelson_nexus_rebuild_bytes_total",
+            "Bytes copied by the rebuilds in a nexus's history.",
+            &l,
+            copied,
+        );
+    }
+}
+
+fn rebuild_kind(r: &crate::nexus::RebuildRecord) -> &'static str {
+    match r.kind {
+        crate::nexus::RebuildKind::Full => "full",
+        crate::nexus::RebuildKind::Partial => "partial",
+    }
+}
+
+/// The engine's metrics as exposition text.
+pub fn render(engine: &Engine) -> String {
+    let mut f = Families(Vec::new());
+    io(&mut f, engine);
+    pools(&mut f, engine);
+    nexuses(&mut f, engine);
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&f.0, &mut out) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
