@@ -217,8 +217,8 @@ fn print_nexus(n: &pb::Nexus) {
             format!("failed: {}", r.error)
         };
         println!(
-            "  rebuild {} {} copied={}/{} ms={} {result}",
-            r.child, r.kind, r.bytes_copied, r.bytes_total, r.duration_ms
+            "  rebuild {} {} copied={}/{} skipped={} ms={} {result}",
+            r.child, r.kind, r.bytes_copied, r.bytes_total, r.bytes_skipped, r.duration_ms
         );
     }
 }

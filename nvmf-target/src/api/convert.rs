@@ -164,6 +164,7 @@ pub fn nexus(
                 crate::nexus::RebuildKind::Partial => "partial".into(),
             },
             bytes_copied: r.bytes_copied,
+            bytes_skipped: r.bytes_skipped,
             bytes_total: r.bytes_total,
             duration_ms: r.duration.as_millis() as u64,
             finished_unix_ms: r

@@ -102,6 +102,14 @@ impl BlockDevice for FaultDevice {
         self.gate(0, 0, false).await?;
         self.inner.flush().await
     }
+    async fn allocated_ranges(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
+        self.gate(offset, len, true).await?;
+        self.inner.allocated_ranges(offset, len).await
+    }
 }
 
 #[cfg(test)]

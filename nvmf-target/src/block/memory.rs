@@ -115,6 +115,26 @@ impl BlockDevice for MemoryDevice {
     async fn flush(&self) -> Result<(), BlockError> {
         Ok(())
     }
+
+    async fn allocated_ranges(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
+        let size = self.size_bytes();
+        let mut all: Vec<(u64, u64)> = Vec::new();
+        for (i, c) in self.chunks.iter().enumerate() {
+            if c.read().map(|g| g.is_some()).unwrap_or(true) {
+                let start = i as u64 * CHUNK;
+                let n = CHUNK.min(size - start);
+                match all.last_mut() {
+                    Some((s, l)) if *s + *l == start => *l += n,
+                    _ => all.push((start, n)),
+                }
+            }
+        }
+        Ok(Some(super::clip_ranges(&all, offset, len)))
+    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub enum BlockError {
     ReadOnly,
     #[error("reservation conflict: another host holds the reservation")]
     ReservationConflict,
+    #[error("the device does not support this operation")]
+    Unsupported,
     #[error("remote device: {0}")]
     Remote(String),
 }
@@ -59,6 +61,28 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// Makes every completed write durable.
     async fn flush(&self) -> Result<(), BlockError>;
+
+    /// The byte ranges within `offset..offset+len` that may hold data (the rest reads as zeroes), merged and in
+    /// order; `None` when the device cannot tell (treat it all as data). A rebuild skips what is not listed.
+    async fn allocated_ranges(
+        &self,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
+        Ok(None)
+    }
+}
+
+/// Clips merged, ordered ranges to `offset..offset+len`.
+pub fn clip_ranges(ranges: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let end = offset.saturating_add(len);
+    ranges
+        .iter()
+        .filter_map(|(s, n)| {
+            let (a, b) = ((*s).max(offset), (s + n).min(end));
+            (a < b).then(|| (a, b - a))
+        })
+        .collect()
 }
 
 /// Checks that `offset..offset+len` is block aligned and inside a device of `size` bytes.

@@ -105,6 +105,14 @@ impl BlockDevice for LocalChild {
         self.check(true)?;
         self.ns.device.flush().await
     }
+    async fn allocated_ranges(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
+        self.check(false)?;
+        self.ns.device.allocated_ranges(offset, len).await
+    }
 }
 
 #[cfg(test)]

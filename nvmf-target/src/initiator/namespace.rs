@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +49,7 @@ fn to_block(e: InitiatorError) -> BlockError {
         },
         InitiatorError::Status(s) if s == Status::CAPACITY_EXCEEDED => BlockError::NoSpace,
         InitiatorError::Status(s) if s == Status::NAMESPACE_WRITE_PROTECTED => BlockError::ReadOnly,
+        InitiatorError::Status(s) if s == Status::INVALID_OPCODE => BlockError::Unsupported,
         InitiatorError::Status(s) if s == Status::RESERVATION_CONFLICT => {
             BlockError::ReservationConflict
         }
@@ -311,6 +312,55 @@ impl BlockDevice for RemoteNamespace {
         let mut sqe = Sqe::new(io::FLUSH, self.shared.nsid);
         sqe.set_sgl(Sgl::transport(0));
         self.submit(sqe, None).await.map(|_| ())
+    }
+
+    /// Asks the target with Keelson's vendor command; a target that does not know it (or a device that cannot
+    /// tell) answers Invalid Opcode, which means "unknown".
+    async fn allocated_ranges(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        const BUF: u32 = 4096;
+        let bs = u64::from(self.block_size);
+        let end = self.lba(offset + len);
+        let mut lba = self.lba(offset);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        while lba < end {
+            let mut sqe = Sqe::new(io::KEELSON_ALLOCATED, self.shared.nsid);
+            sqe.set_cdw(10, lba as u32);
+            sqe.set_cdw(11, (lba >> 32) as u32);
+            sqe.set_cdw(12, (end - lba) as u32);
+            sqe.set_cdw(13, ((end - lba) >> 32) as u32);
+            sqe.set_sgl(Sgl::transport(BUF));
+            let mut d = match self.submit(sqe, None).await {
+                Ok(d) => d,
+                Err(BlockError::Unsupported) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if d.len() < 16 {
+                return Err(BlockError::Remote("short allocation answer".into()));
+            }
+            let count = d.get_u32_le() as usize;
+            d.advance(4);
+            let next = d.get_u64_le();
+            if d.len() < count * 16 {
+                return Err(BlockError::Remote("short allocation answer".into()));
+            }
+            for _ in 0..count {
+                let (s, n) = (d.get_u64_le() * bs, d.get_u64_le() * bs);
+                match out.last_mut() {
+                    Some((ps, pn)) if *ps + *pn == s => *pn += n,
+                    _ => out.push((s, n)),
+                }
+            }
+            if next == u64::MAX || next <= lba {
+                break;
+            }
+            lba = next;
+        }
+        Ok(Some(out))
     }
 }
 

@@ -25,6 +25,8 @@ pub struct RebuildRecord {
     pub child: String,
     pub kind: RebuildKind,
     pub bytes_copied: u64,
+    /// Bytes of segments with no data on the source, deallocated on the child instead of copied.
+    pub bytes_skipped: u64,
     pub bytes_total: u64,
     pub duration: std::time::Duration,
     pub finished_at: SystemTime,
@@ -87,6 +89,7 @@ impl Nexus {
                 &nexus.cancel,
             )
             .await;
+            let skipped = r.as_ref().map_or(0, |s| s.bytes_skipped);
             let error = match r {
                 Ok(_) if child.rebuild_done() => None,
                 Ok(_) => Some("child was faulted during the rebuild".to_string()),
@@ -96,11 +99,13 @@ impl Nexus {
                     Some(e.to_string())
                 }
             };
-            tracing::info!(nexus = %nexus.name, child = %child.name, copied = progress.done_bytes(), ?error, "rebuild finished");
+            let copied = progress.done_bytes() - skipped;
+            tracing::info!(nexus = %nexus.name, child = %child.name, copied, skipped, ?error, "rebuild finished");
             nexus.history.lock().unwrap_or_else(|e| e.into_inner()).push(RebuildRecord {
                 child: child.name.clone(),
                 kind,
-                bytes_copied: progress.done_bytes(),
+                bytes_copied: copied,
+                bytes_skipped: skipped,
                 bytes_total: progress.total_bytes,
                 duration: progress.elapsed(),
                 finished_at: SystemTime::now(),

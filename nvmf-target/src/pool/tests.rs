@@ -44,7 +44,7 @@ async fn replicas_are_thin_and_survive_import() {
     assert_eq!(pool.stats().committed, 4 * MIB);
     vol.write(MIB + 4096, pattern(7, 8192)).await.unwrap();
     assert_eq!(pool.stats().allocated, u64::from(CS));
-    assert_eq!(vol.allocated_ranges(), vec![(MIB, u64::from(CS))]);
+    assert_eq!(vol.mapped_ranges(), vec![(MIB, u64::from(CS))]);
     let back = vol.read(MIB, 16384).await.unwrap();
     assert!(back[..4096].iter().all(|b| *b == 0));
     assert_eq!(&back[4096..12288], &pattern(7, 8192)[..]);

@@ -94,7 +94,7 @@ impl PoolVolume {
     }
 
     /// Byte ranges of the volume that have a cluster behind them (the rest reads as zeroes), merged.
-    pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
+    pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
         let meta = self.pool.meta();
         let Some(v) = meta.volumes.get(&self.uuid) else {
             return Vec::new();
@@ -287,6 +287,19 @@ impl BlockDevice for PoolVolume {
     async fn flush(&self) -> Result<(), BlockError> {
         self.check_open()?;
         self.pool.dev.flush().await
+    }
+
+    async fn allocated_ranges(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
+        self.check_open()?;
+        Ok(Some(crate::block::clip_ranges(
+            &self.mapped_ranges(),
+            offset,
+            len,
+        )))
     }
 }
 

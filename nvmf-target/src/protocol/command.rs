@@ -29,6 +29,10 @@ pub mod io {
     pub const RESERVATION_REPORT: u8 = 0x0E;
     pub const RESERVATION_ACQUIRE: u8 = 0x11;
     pub const RESERVATION_RELEASE: u8 = 0x15;
+    /// Keelson vendor command (controller-to-host data): which LBAs of a range hold data. CDW10-11: first LBA,
+    /// CDW12-13: number of LBAs. Data: a 16-byte header (u32 extent count, u32 reserved, u64 LBA to continue
+    /// from, `u64::MAX` when done) and then (u64 LBA, u64 block count) extents.
+    pub const KEELSON_ALLOCATED: u8 = 0x82;
 }
 
 /// Reservation command fields: actions (CDW10 bits 2:0) and reservation types (CDW10 bits 15:8).

@@ -3,6 +3,11 @@
 //! flight at once, so the copy is not bound by one round trip per segment. Writes that arrive meanwhile for
 //! other segments go to the destination too (the caller fans them out), so when the loop ends the destination is
 //! identical to the sources. A failing source is swapped for another; a failing destination ends the rebuild.
+//!
+//! Segments where the source holds no data (thin replicas that were never written there) are not copied: the
+//! source's allocation map, read once at the start, says which might be empty; each of those is checked again
+//! under its lock (an application write may have landed since) and, if still empty, deallocated on the
+//! destination instead of copied.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,22 +95,45 @@ impl Progress {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RebuildStats {
     pub bytes_copied: u64,
+    /// Bytes of segments that held no data on the source and were deallocated instead of copied.
+    pub bytes_skipped: u64,
     pub segments: u64,
     pub duration: Duration,
 }
 
-/// Copies one segment, swapping a failing source for another.
+/// Whether a segment overlaps none of the (merged, ordered) allocated ranges.
+fn unallocated(allocated: &[(u64, u64)], range: &std::ops::Range<u64>) -> bool {
+    !allocated
+        .iter()
+        .any(|(s, n)| *s < range.end && s + n > range.start)
+}
+
+/// Copies one segment, swapping a failing source for another. Returns its length and whether it was copied
+/// (rather than found empty on the source, when `maybe_empty`, and deallocated on the destination).
 async fn copy_segment(
     source: &dyn Source,
     dst: &Arc<dyn BlockDevice>,
     range: std::ops::Range<u64>,
     lock: &RangeLock,
-) -> Result<u64, RebuildError> {
+    maybe_empty: bool,
+) -> Result<(u64, bool), RebuildError> {
     let len = range.end - range.start;
     let mut attempts = 0;
     loop {
         let src = source.pick().ok_or(RebuildError::NoSource)?;
         let guard = lock.exclusive(range.clone()).await;
+        if maybe_empty
+            && let Ok(Some(r)) = src.allocated_ranges(range.start, len).await
+            && r.is_empty()
+        {
+            dst.deallocate(range.start, len)
+                .await
+                .map_err(|e| RebuildError::Destination {
+                    offset: range.start,
+                    reason: e.to_string(),
+                })?;
+            return Ok((len, false));
+        }
         let data = match src.read(range.start, len).await {
             Ok(d) => d,
             Err(e) => {
@@ -127,7 +155,7 @@ async fn copy_segment(
                 offset: range.start,
                 reason: e.to_string(),
             })?;
-        return Ok(len);
+        return Ok((len, true));
     }
 }
 
@@ -144,8 +172,20 @@ pub async fn run(
     use futures_util::StreamExt;
     let start = Instant::now();
     let mut segments = 0;
+    let mut skipped = 0;
+    let allocated = match source.pick() {
+        Some(src) => src
+            .allocated_ranges(0, src.size_bytes())
+            .await
+            .ok()
+            .flatten(),
+        None => return Err(RebuildError::NoSource),
+    };
     let mut copies = futures_util::stream::iter(map.ranges())
-        .map(|range| copy_segment(source, dst, range, lock))
+        .map(|range| {
+            let maybe_empty = allocated.as_ref().is_some_and(|a| unallocated(a, &range));
+            copy_segment(source, dst, range, lock, maybe_empty)
+        })
         .buffer_unordered(config.parallel.max(1));
     loop {
         let next = tokio::select! {
@@ -153,8 +193,11 @@ pub async fn run(
             _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
         };
         let Some(r) = next else { break };
-        let len = r?;
+        let (len, copied) = r?;
         segments += 1;
+        if !copied {
+            skipped += len;
+        }
         let done = progress.done.fetch_add(len, Ordering::Relaxed) + len;
         if let Some(rate) = config.rate_limit.filter(|r| *r > 0) {
             let due = Duration::from_secs_f64(done as f64 / rate as f64);
@@ -168,7 +211,8 @@ pub async fn run(
         }
     }
     Ok(RebuildStats {
-        bytes_copied: progress.done_bytes(),
+        bytes_copied: progress.done_bytes() - skipped,
+        bytes_skipped: skipped,
         segments,
         duration: start.elapsed(),
     })
@@ -214,6 +258,28 @@ mod tests {
 
     fn mem(size: u64) -> Arc<dyn BlockDevice> {
         Arc::new(MemoryDevice::new(size, 512))
+    }
+
+    #[tokio::test]
+    async fn segments_never_written_on_the_source_are_deallocated_not_copied() {
+        let src = mem(8 << 20);
+        src.write(5 << 20, Bytes::from(vec![7u8; 4096]))
+            .await
+            .unwrap();
+        // A stale destination: its old data must not survive where the source has none.
+        let dst = mem(8 << 20);
+        dst.write(0, Bytes::from(vec![9u8; 8 << 20])).await.unwrap();
+        let stats = copy(vec![src.clone()], &dst, &SegmentMap::full(8 << 20, 1 << 20))
+            .await
+            .unwrap();
+        assert_eq!(
+            (stats.bytes_copied, stats.bytes_skipped),
+            (1 << 20, 7 << 20)
+        );
+        assert_eq!(
+            dst.read(0, 8 << 20).await.unwrap(),
+            src.read(0, 8 << 20).await.unwrap()
+        );
     }
 
     #[tokio::test]

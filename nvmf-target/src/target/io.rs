@@ -68,6 +68,19 @@ pub(super) fn validate(
                 return Err(Status::SGL_DATA_LENGTH_INVALID);
             }
         }
+        io::KEELSON_ALLOCATED => {
+            let len = u64::from(sqe.sgl().length);
+            if len < 32 || len % 16 != 0 || len > shared.config.max_transfer() {
+                return Err(Status::SGL_DATA_LENGTH_INVALID);
+            }
+            let (slba, nlb) = allocated_query(sqe);
+            if slba
+                .checked_add(nlb)
+                .is_none_or(|e| e > ns.device.num_blocks())
+            {
+                return Err(Status::LBA_OUT_OF_RANGE);
+            }
+        }
         io::RESERVATION_REPORT => {
             let len = (u64::from(sqe.cdw(10)) + 1) * 4;
             if u64::from(sqe.sgl().length) != len || len > shared.config.max_transfer() {
@@ -82,7 +95,7 @@ pub(super) fn validate(
     }
     let host = uuid::Uuid::from_bytes(ctrl.hostid);
     match sqe.opcode() {
-        io::READ => ns.reservations.check(host, false)?,
+        io::READ | io::KEELSON_ALLOCATED => ns.reservations.check(host, false)?,
         io::WRITE | io::WRITE_ZEROES | io::DATASET_MANAGEMENT | io::FLUSH => {
             ns.reservations.check(host, true)?
         }
@@ -98,6 +111,7 @@ fn map_error(e: &BlockError, is_read: bool) -> Status {
         BlockError::NoSpace => Status::CAPACITY_EXCEEDED,
         BlockError::ReadOnly => Status::NAMESPACE_WRITE_PROTECTED,
         BlockError::ReservationConflict => Status::RESERVATION_CONFLICT,
+        BlockError::Unsupported => Status::INVALID_OPCODE,
         BlockError::Closed => Status::NAMESPACE_NOT_READY,
         _ if is_read => Status::UNRECOVERED_READ_ERROR,
         _ => Status::WRITE_FAULT,
@@ -169,6 +183,12 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             let len = sqe.sgl().length as usize;
             return Response::data(cid, ns.reservations.state().report(len));
         }
+        io::KEELSON_ALLOCATED => {
+            return match allocated(&ns, &sqe).await {
+                Ok(d) => Response::data(cid, d),
+                Err(st) => Response::status(cid, st),
+            };
+        }
         io::RESERVATION_REGISTER | io::RESERVATION_ACQUIRE | io::RESERVATION_RELEASE => {
             let host = uuid::Uuid::from_bytes(ctrl.hostid);
             return match reservation(&ns, host, &sqe, data).await {
@@ -189,6 +209,44 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             Response::status(cid, st)
         }
     }
+}
+
+/// The (first LBA, number of LBAs) of a [`io::KEELSON_ALLOCATED`] query.
+fn allocated_query(sqe: &Sqe) -> (u64, u64) {
+    let slba = u64::from(sqe.cdw(10)) | (u64::from(sqe.cdw(11)) << 32);
+    let nlb = u64::from(sqe.cdw(12)) | (u64::from(sqe.cdw(13)) << 32);
+    (slba, nlb)
+}
+
+/// Answers [`io::KEELSON_ALLOCATED`] from the device; a device that cannot tell makes it an invalid opcode.
+async fn allocated(ns: &Namespace, sqe: &Sqe) -> Result<Bytes, Status> {
+    use bytes::BufMut;
+    let bs = u64::from(ns.device.block_size());
+    let (slba, nlb) = allocated_query(sqe);
+    let ranges = ns
+        .device
+        .allocated_ranges(slba * bs, nlb * bs)
+        .await
+        .map_err(|e| map_error(&e, true))?
+        .ok_or(Status::INVALID_OPCODE)?;
+    let len = sqe.sgl().length as usize;
+    let room = len / 16 - 1;
+    let shown = &ranges[..ranges.len().min(room)];
+    let next = if shown.len() < ranges.len() {
+        shown.last().map_or(u64::MAX, |(s, n)| (s + n) / bs)
+    } else {
+        u64::MAX
+    };
+    let mut b = bytes::BytesMut::with_capacity(len);
+    b.put_u32_le(shown.len() as u32);
+    b.put_u32_le(0);
+    b.put_u64_le(next);
+    for (s, n) in shown {
+        b.put_u64_le(s / bs);
+        b.put_u64_le(n.div_ceil(bs));
+    }
+    b.resize(len, 0);
+    Ok(b.freeze())
 }
 
 /// Reservation Register, Acquire and Release: keys from the data, action, IEKEY and type from CDW10.

@@ -628,3 +628,105 @@ async fn kill_9_during_creates_allocations_and_snapshots_loses_nothing_acknowled
         "only {total_acked} acknowledged operations were checked"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_between_thin_replicas_copies_only_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let mut nodes = Vec::new();
+    let mut uris = Vec::new();
+    for i in 1..=3 {
+        let node = PoolNode::start_named(
+            &format!("127.0.0.{i}"),
+            &format!("thin-{i}"),
+            &disk(dir.path(), &format!("t{i}.img"), 128 * MIB),
+        );
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut req = replica_req(&id, size);
+        req.allowed_hosts = vec![];
+        let r = node.api().await.create_replica(req).await.unwrap();
+        uris.push(r.into_inner().uri);
+        nodes.push((node, id));
+    }
+    let mut api = nodes[0].0.api().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    api.create_nexus(pb::CreateNexusRequest {
+        uuid: vol.clone(),
+        children: uris[..2].to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    api.publish_nexus(pb::PublishNexusRequest {
+        uuid: vol.clone(),
+        ana_group: 1,
+        allow_any_host: true,
+        allowed_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", nodes[0].0.port).parse().unwrap();
+    let ns = RemoteNamespace::connect(
+        ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:vol-{vol}")),
+        1,
+    )
+    .await
+    .unwrap();
+    // 1.5 MiB written into two of the volume's sixteen 4 MiB clusters.
+    ns.write(MIB, pattern(1, 1 << 20)).await.unwrap();
+    ns.write(40 * MIB, pattern(2, 512 << 10)).await.unwrap();
+    api.add_child(pb::ChildRequest {
+        uuid: vol.clone(),
+        uri: uris[2].clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let mut record = None;
+    for _ in 0..400 {
+        let n = api
+            .list_nexuses(pb::ListNexusesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(r) = n.nexuses[0].rebuilds.first() {
+            record = Some(r.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = record.expect("the rebuild finished");
+    assert_eq!(r.error, "");
+    // Allocation is known per 4 MiB cluster: the two clusters written are copied, the other 56 MiB skipped.
+    assert_eq!(
+        (r.bytes_copied, r.bytes_skipped),
+        (8 * MIB, 56 * MIB),
+        "{r:?}"
+    );
+    ns.close().await;
+    let want = {
+        let (node, id) = &nodes[0];
+        let c = node.connect(id, HOST).await.unwrap();
+        let d = c.read(0, size).await.unwrap();
+        c.close().await;
+        d
+    };
+    let (node, id) = &nodes[2];
+    let c = node.connect(id, HOST).await.unwrap();
+    assert!(
+        c.read(0, size).await.unwrap() == want,
+        "the rebuilt replica differs"
+    );
+    c.close().await;
+    let listed = node
+        .api()
+        .await
+        .list_replicas(pb::ListReplicasRequest {})
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.into_inner().replicas[0].allocated,
+        8 * MIB,
+        "thin after the rebuild too"
+    );
+}
