@@ -133,6 +133,11 @@ enum EngineCmd {
         #[arg(long, default_value_t = 0)]
         preempt_key: u64,
     },
+    /// Crash-consistent snapshot of a volume on every healthy child.
+    SnapshotNexus {
+        uuid: String,
+        snapshot_uuid: String,
+    },
     /// Destroy a nexus (children keep their data).
     DestroyNexus {
         uuid: String,
@@ -358,6 +363,21 @@ async fn main() -> Result<()> {
             .await?
             .into_inner(),
         ),
+        EngineCmd::SnapshotNexus {
+            uuid,
+            snapshot_uuid,
+        } => {
+            let r = c
+                .snapshot_nexus(pb::SnapshotNexusRequest {
+                    uuid,
+                    snapshot_uuid,
+                })
+                .await?
+                .into_inner();
+            for child in r.children {
+                println!("snapshot on {child}");
+            }
+        }
         EngineCmd::DestroyNexus { uuid } => {
             c.destroy_nexus(pb::DestroyNexusRequest { uuid }).await?;
         }

@@ -451,4 +451,15 @@ impl EngineApi for EngineService {
             pools::create_clone(&self.engine, r.into_inner()).await?,
         ))
     }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, snapshot = %r.get_ref().snapshot_uuid))]
+    async fn snapshot_nexus(
+        &self,
+        r: Request<pb::SnapshotNexusRequest>,
+    ) -> Result<Response<pb::SnapshotNexusResponse>, Status> {
+        let r = r.into_inner();
+        let (uuid, snap) = (convert::uuid(&r.uuid)?, convert::uuid(&r.snapshot_uuid)?);
+        let children = self.engine.snapshot_nexus(&uuid, snap).await?;
+        Ok(Response::new(pb::SnapshotNexusResponse { children }))
+    }
 }

@@ -110,6 +110,10 @@ impl BlockDevice for FaultDevice {
         self.gate(offset, len, true).await?;
         self.inner.allocated_ranges(offset, len).await
     }
+    async fn snapshot(&self, id: uuid::Uuid) -> Result<(), BlockError> {
+        self.gate(0, 0, false).await?;
+        self.inner.snapshot(id).await
+    }
 }
 
 #[cfg(test)]

@@ -71,6 +71,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
         Ok(None)
     }
+
+    /// Takes a crash-consistent snapshot named `id` of the device's current contents (pool replicas do; the
+    /// caller quiesces writes first).
+    async fn snapshot(&self, _id: uuid::Uuid) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported)
+    }
 }
 
 /// Clips merged, ordered ranges to `offset..offset+len`.

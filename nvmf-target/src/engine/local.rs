@@ -113,6 +113,10 @@ impl BlockDevice for LocalChild {
         self.check(false)?;
         self.ns.device.allocated_ranges(offset, len).await
     }
+    async fn snapshot(&self, id: Uuid) -> Result<(), BlockError> {
+        self.check(true)?;
+        self.ns.device.snapshot(id).await
+    }
 }
 
 #[cfg(test)]

@@ -277,6 +277,18 @@ impl Engine {
             .map_err(|e| EngineError::InvalidArgument(e.to_string()))
     }
 
+    /// Takes a crash-consistent snapshot `snapshot` of the volume on every healthy child; returns their URIs.
+    pub async fn snapshot_nexus(
+        &self,
+        uuid: &uuid::Uuid,
+        snapshot: uuid::Uuid,
+    ) -> Result<Vec<String>, EngineError> {
+        self.nexus_or_not_found(uuid)?
+            .snapshot(snapshot)
+            .await
+            .map_err(nexus_error)
+    }
+
     pub fn remove_child(&self, uuid: &uuid::Uuid, uri: &str) -> Result<(), EngineError> {
         self.nexus_or_not_found(uuid)?
             .remove_child(uri)
@@ -299,7 +311,8 @@ fn nexus_error(e: crate::nexus::NexusError) -> EngineError {
     use crate::nexus::NexusError::*;
     match e {
         NoSuchChild(c) => TargetError::NotFound(format!("child {c}")).into(),
-        LastHealthyChild(_) => EngineError::FailedPrecondition(e.to_string()),
+        LastHealthyChild(_) | NoHealthyChild => EngineError::FailedPrecondition(e.to_string()),
+        Snapshot { .. } => EngineError::Unavailable(e.to_string()),
         other => EngineError::InvalidArgument(other.to_string()),
     }
 }

@@ -314,6 +314,12 @@ impl BlockDevice for RemoteNamespace {
         self.submit(sqe, None).await.map(|_| ())
     }
 
+    async fn snapshot(&self, id: uuid::Uuid) -> Result<(), BlockError> {
+        let sqe = Sqe::new(io::KEELSON_SNAPSHOT, self.shared.nsid);
+        let data = Bytes::copy_from_slice(id.as_bytes());
+        self.submit(sqe, Some(data)).await.map(drop)
+    }
+
     /// Asks the target with Keelson's vendor command; a target that does not know it (or a device that cannot
     /// tell) answers Invalid Opcode, which means "unknown".
     async fn allocated_ranges(

@@ -25,7 +25,7 @@ use super::child::{Child, ChildState};
 type Op = dyn Fn(Arc<dyn BlockDevice>) -> BoxFuture<'static, Result<(), BlockError>> + Send + Sync;
 
 impl Nexus {
-    fn healthy(&self) -> Vec<Arc<Child>> {
+    pub(super) fn healthy(&self) -> Vec<Arc<Child>> {
         self.list()
             .into_iter()
             .filter(|c| c.state() == ChildState::Healthy)

@@ -6,10 +6,12 @@
 //! - [`child`]: a child and its state.
 //! - `io`: the I/O paths (fan-out, round robin, fault policy).
 //! - `resync`: rebuild orchestration and history (the copy itself is in [`crate::rebuild`]).
+//! - `snapshot`: crash-consistent volume snapshots (quiesce, flush, snapshot every healthy child).
 
 pub mod child;
 mod io;
 mod resync;
+mod snapshot;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,6 +41,10 @@ pub enum NexusError {
     NoSuchChild(String),
     #[error("removing {0} would leave no healthy child")]
     LastHealthyChild(String),
+    #[error("no healthy child")]
+    NoHealthyChild,
+    #[error("snapshot of child {child} failed: {reason}")]
+    Snapshot { child: String, reason: String },
 }
 
 /// Volume-level state.

@@ -301,6 +301,22 @@ impl BlockDevice for PoolVolume {
             len,
         )))
     }
+
+    async fn snapshot(&self, id: Uuid) -> Result<(), BlockError> {
+        self.check_open()?;
+        let pool = super::Pool {
+            inner: self.pool.clone(),
+        };
+        pool.snapshot(self.uuid, id)
+            .await
+            .map(drop)
+            .map_err(|e| match e {
+                PoolError::AlreadyExists(m) | PoolError::InvalidArgument(m) => {
+                    BlockError::Io(std::io::Error::new(std::io::ErrorKind::AlreadyExists, m))
+                }
+                other => pool_err(other),
+            })
+    }
 }
 
 #[cfg(test)]

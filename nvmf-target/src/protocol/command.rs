@@ -33,6 +33,9 @@ pub mod io {
     /// CDW12-13: number of LBAs. Data: a 16-byte header (u32 extent count, u32 reserved, u64 LBA to continue
     /// from, `u64::MAX` when done) and then (u64 LBA, u64 block count) extents.
     pub const KEELSON_ALLOCATED: u8 = 0x82;
+    /// Keelson vendor command (host-to-controller data): snapshot the namespace. Data: the snapshot's 16-byte UUID.
+    /// The host quiesces its own writes first; the snapshot holds every write completed before it.
+    pub const KEELSON_SNAPSHOT: u8 = 0x81;
 }
 
 /// Reservation command fields: actions (CDW10 bits 2:0) and reservation types (CDW10 bits 15:8).

@@ -68,6 +68,11 @@ pub(super) fn validate(
                 return Err(Status::SGL_DATA_LENGTH_INVALID);
             }
         }
+        io::KEELSON_SNAPSHOT => {
+            if sqe.sgl().length != 16 {
+                return Err(Status::SGL_DATA_LENGTH_INVALID);
+            }
+        }
         io::KEELSON_ALLOCATED => {
             let len = u64::from(sqe.sgl().length);
             if len < 32 || len % 16 != 0 || len > shared.config.max_transfer() {
@@ -96,9 +101,11 @@ pub(super) fn validate(
     let host = uuid::Uuid::from_bytes(ctrl.hostid);
     match sqe.opcode() {
         io::READ | io::KEELSON_ALLOCATED => ns.reservations.check(host, false)?,
-        io::WRITE | io::WRITE_ZEROES | io::DATASET_MANAGEMENT | io::FLUSH => {
-            ns.reservations.check(host, true)?
-        }
+        io::WRITE
+        | io::WRITE_ZEROES
+        | io::DATASET_MANAGEMENT
+        | io::FLUSH
+        | io::KEELSON_SNAPSHOT => ns.reservations.check(host, true)?,
         _ => {}
     }
     Ok(ns)
@@ -183,6 +190,10 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             let len = sqe.sgl().length as usize;
             return Response::data(cid, ns.reservations.state().report(len));
         }
+        io::KEELSON_SNAPSHOT => match uuid::Uuid::from_slice(&data) {
+            Ok(id) => ns.device.snapshot(id).await.map_err(|e| (e, false)),
+            Err(_) => return Response::status(cid, Status::INVALID_FIELD),
+        },
         io::KEELSON_ALLOCATED => {
             return match allocated(&ns, &sqe).await {
                 Ok(d) => Response::data(cid, d),

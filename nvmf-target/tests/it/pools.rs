@@ -730,3 +730,131 @@ async fn a_rebuild_between_thin_replicas_copies_only_what_was_written() {
         "thin after the rebuild too"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_into_a_new_volume()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB;
+    let mut nodes = Vec::new();
+    let mut uris = Vec::new();
+    for i in 1..=3 {
+        let node = PoolNode::start_named(
+            &format!("127.0.0.{i}"),
+            &format!("snap-{i}"),
+            &disk(dir.path(), &format!("s{i}.img"), 64 * MIB),
+        );
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut req = replica_req(&id, size);
+        req.allowed_hosts = vec![];
+        let r = node.api().await.create_replica(req).await.unwrap();
+        uris.push(r.into_inner().uri);
+        nodes.push((node, id));
+    }
+    let mut api = nodes[0].0.api().await;
+    let publish = |vol: &str| pb::PublishNexusRequest {
+        uuid: vol.to_string(),
+        ana_group: 1,
+        allow_any_host: true,
+        allowed_hosts: vec![],
+    };
+    let vol = uuid::Uuid::new_v4().to_string();
+    let create = |vol: &str, children: Vec<String>| pb::CreateNexusRequest {
+        uuid: vol.to_string(),
+        children,
+        ..Default::default()
+    };
+    api.create_nexus(create(&vol, uris.clone())).await.unwrap();
+    api.publish_nexus(publish(&vol)).await.unwrap();
+    let addr = format!("127.0.0.1:{}", nodes[0].0.port).parse().unwrap();
+    let open = |v: &str| {
+        let nqn = format!("nqn.2026-11.io.keelson:vol-{v}");
+        async move {
+            RemoteNamespace::connect(ConnectOptions::new(addr, &nqn), 1)
+                .await
+                .unwrap()
+        }
+    };
+    let ns = std::sync::Arc::new(open(&vol).await);
+    ns.write(0, pattern(1, size as usize)).await.unwrap();
+
+    // Writes keep coming while the snapshot is taken.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (ns, stop) = (ns.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let off = (i * 7 % 4096) * 4096;
+                ns.write(off, pattern(100 + i, 4096)).await.unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let snap = uuid::Uuid::new_v4().to_string();
+    let r = api
+        .snapshot_nexus(pb::SnapshotNexusRequest {
+            uuid: vol.clone(),
+            snapshot_uuid: snap.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.children.len(), 3);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 20, "only {writes} writes ran around the snapshot");
+
+    // Clone the snapshot on every node; a new volume over the clones shows one point in time, the same on all.
+    let mut clone_uris = Vec::new();
+    for (node, _) in &nodes {
+        let mut a = node.api().await;
+        let snaps = a
+            .list_snapshots(pb::ListSnapshotsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            snaps.snapshots.iter().any(|s| s.uuid == snap),
+            "snapshot listed on every node"
+        );
+        let c = a
+            .create_clone(pb::CreateCloneRequest {
+                snapshot: snap.clone(),
+                uuid: uuid::Uuid::new_v4().to_string(),
+                share: true,
+                allowed_hosts: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        clone_uris.push(c.uri);
+    }
+    let mut contents = Vec::new();
+    for (i, u) in clone_uris.iter().enumerate() {
+        let v = uuid::Uuid::new_v4().to_string();
+        api.create_nexus(create(&v, vec![u.clone()])).await.unwrap();
+        api.publish_nexus(publish(&v)).await.unwrap();
+        let c = open(&v).await;
+        contents.push(c.read(0, size).await.unwrap());
+        c.close().await;
+        assert!(contents[i] == contents[0], "clone {i} differs from clone 0");
+    }
+    let now = ns.read(0, size).await.unwrap();
+    assert!(
+        contents[0] != now,
+        "the snapshot should predate the last writes"
+    );
+    ns.close().await;
+    // Snapshots are deleted per node.
+    for (node, _) in &nodes {
+        node.api()
+            .await
+            .destroy_snapshot(pb::DestroySnapshotRequest { uuid: snap.clone() })
+            .await
+            .unwrap();
+    }
+}
