@@ -110,6 +110,18 @@ impl BlockDevice for FaultDevice {
         self.gate(offset, len, true).await?;
         self.inner.allocated_ranges(offset, len).await
     }
+    async fn note_missed(&self, m: &crate::block::MissedWrites) -> Result<(), BlockError> {
+        self.gate(0, 0, false).await?;
+        self.inner.note_missed(m).await
+    }
+    async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
+        self.gate(0, 0, false).await?;
+        self.inner.forget_missed(child).await
+    }
+    async fn missed(&self) -> Result<Vec<crate::block::MissedWrites>, BlockError> {
+        self.gate(0, 0, true).await?;
+        self.inner.missed().await
+    }
     async fn snapshot(&self, id: uuid::Uuid) -> Result<(), BlockError> {
         self.gate(0, 0, false).await?;
         self.inner.snapshot(id).await

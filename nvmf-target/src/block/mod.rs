@@ -72,10 +72,55 @@ pub trait BlockDevice: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Records on this device that `missed.child` missed writes to `missed.ranges` (merged with what is already
+    /// recorded for it). A nexus keeps its write log for an absent child on the children that stay, so that a
+    /// restarted or replacement nexus finds it.
+    async fn note_missed(&self, _missed: &MissedWrites) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported)
+    }
+
+    /// Drops what is recorded for `child` (it caught up, or left the volume).
+    async fn forget_missed(&self, _child: &str) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported)
+    }
+
+    /// Every missed-writes record kept on this device.
+    async fn missed(&self) -> Result<Vec<MissedWrites>, BlockError> {
+        Err(BlockError::Unsupported)
+    }
+
     /// Takes a crash-consistent snapshot named `id` of the device's current contents (pool replicas do; the
     /// caller quiesces writes first).
     async fn snapshot(&self, _id: uuid::Uuid) -> Result<(), BlockError> {
         Err(BlockError::Unsupported)
+    }
+}
+
+/// Writes a child of a volume missed while it was away: the persisted form of a nexus's write log.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MissedWrites {
+    /// The child's stable identity (its NQN and NSID, the same from any node).
+    pub child: String,
+    /// When the child went away, in milliseconds since the epoch.
+    pub since_ms: u64,
+    /// Byte ranges written meanwhile, merged and in order.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl MissedWrites {
+    /// Adds `other`'s ranges (same child) to these; the earlier `since` wins.
+    pub fn merge(&mut self, other: &MissedWrites) {
+        self.since_ms = self.since_ms.min(other.since_ms);
+        let mut all: Vec<(u64, u64)> = self.ranges.iter().chain(&other.ranges).copied().collect();
+        all.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+        for (s, n) in all {
+            match out.last_mut() {
+                Some((ps, pn)) if *ps + *pn >= s => *pn = (*pn).max(s + n - *ps),
+                _ => out.push((s, n)),
+            }
+        }
+        self.ranges = out;
     }
 }
 

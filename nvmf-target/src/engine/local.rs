@@ -113,6 +113,18 @@ impl BlockDevice for LocalChild {
         self.check(false)?;
         self.ns.device.allocated_ranges(offset, len).await
     }
+    async fn note_missed(&self, m: &crate::block::MissedWrites) -> Result<(), BlockError> {
+        self.check(true)?;
+        self.ns.device.note_missed(m).await
+    }
+    async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
+        self.check(true)?;
+        self.ns.device.forget_missed(child).await
+    }
+    async fn missed(&self) -> Result<Vec<crate::block::MissedWrites>, BlockError> {
+        self.check(false)?;
+        self.ns.device.missed().await
+    }
     async fn snapshot(&self, id: Uuid) -> Result<(), BlockError> {
         self.check(true)?;
         self.ns.device.snapshot(id).await

@@ -167,6 +167,19 @@ impl Engine {
         }
         let nexus = Nexus::new(&uuid.to_string(), devices, config)
             .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        // Children an earlier nexus of this volume recorded as behind are rebuilt before anyone reads them.
+        match nexus.recover_missed().await {
+            Ok(r) if !r.is_empty() => {
+                tracing::info!(%uuid, rebuilding = ?r, "children behind under an earlier nexus")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                nexus.shutdown().await;
+                return Err(EngineError::FailedPrecondition(format!(
+                    "nexus {uuid}: every child is recorded as missing writes ({e}); no copy is known complete"
+                )));
+            }
+        }
         let mut list = self.nexuses_mut();
         if list.iter().any(|n| n.uuid == uuid) {
             return Err(TargetError::AlreadyExists(format!("nexus {uuid}")).into());

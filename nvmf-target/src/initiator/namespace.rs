@@ -11,7 +11,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::block::{BlockDevice, BlockError, check_range};
+use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 use crate::protocol::command::{Sgl, Sqe, io};
 use crate::protocol::status::Status;
 
@@ -312,6 +312,32 @@ impl BlockDevice for RemoteNamespace {
         let mut sqe = Sqe::new(io::FLUSH, self.shared.nsid);
         sqe.set_sgl(Sgl::transport(0));
         self.submit(sqe, None).await.map(|_| ())
+    }
+
+    async fn note_missed(&self, missed: &MissedWrites) -> Result<(), BlockError> {
+        let data = serde_json::to_vec(missed).map_err(|e| BlockError::Remote(e.to_string()))?;
+        let sqe = Sqe::new(io::KEELSON_MISSED_NOTE, self.shared.nsid);
+        self.submit(sqe, Some(Bytes::from(data))).await.map(drop)
+    }
+
+    async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
+        let sqe = Sqe::new(io::KEELSON_MISSED_FORGET, self.shared.nsid);
+        let data = Bytes::copy_from_slice(child.as_bytes());
+        self.submit(sqe, Some(data)).await.map(drop)
+    }
+
+    async fn missed(&self) -> Result<Vec<MissedWrites>, BlockError> {
+        let len = self.max_transfer.min(1 << 20) as u32;
+        let mut sqe = Sqe::new(io::KEELSON_MISSED_READ, self.shared.nsid);
+        sqe.set_sgl(Sgl::transport(len));
+        let mut d = self.submit(sqe, None).await?;
+        let bad = |why: &str| BlockError::Remote(format!("missed-writes answer: {why}"));
+        if d.len() < 4 {
+            return Err(bad("short"));
+        }
+        let n = d.get_u32_le() as usize;
+        let json = d.get(..n).ok_or_else(|| bad("short"))?;
+        serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))
     }
 
     async fn snapshot(&self, id: uuid::Uuid) -> Result<(), BlockError> {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 
-use crate::block::BlockDevice;
+use crate::block::{BlockDevice, MissedWrites};
 use crate::rebuild::{Progress, SegmentMap};
 
 /// Segments written while a child was faulted, so that it can catch up with a partial rebuild.
@@ -14,6 +14,25 @@ use crate::rebuild::{Progress, SegmentMap};
 pub struct WriteLog {
     pub map: SegmentMap,
     pub since: Instant,
+    /// `since` as wall-clock milliseconds, for the copy kept on the other children.
+    pub since_ms: u64,
+}
+
+/// A child's identity across nexuses and nodes: its URI without scheme and host (`NQN`, plus `?nsid=N` unless
+/// 1), or the name itself when it is not a URI.
+pub fn stable_key(name: &str) -> String {
+    let path = match name.split_once("://") {
+        Some((_, rest)) => rest.split_once('/').map_or(rest, |(_, p)| p),
+        None => name,
+    };
+    path.strip_suffix("?nsid=1").unwrap_or(path).to_string()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +137,7 @@ impl Child {
             s.log = Some(WriteLog {
                 map: SegmentMap::empty(size, segment),
                 since: Instant::now(),
+                since_ms: now_ms(),
             });
         }
         s.state = ChildState::Faulted;
@@ -125,14 +145,20 @@ impl Child {
         true
     }
 
-    /// Records a write the child missed (no-op unless it is faulted with a log).
-    pub fn log_write(&self, offset: u64, len: u64) {
+    /// Records a write the child missed (no-op unless it is faulted with a log). Returns what is new in the log,
+    /// as the record to keep on the other children.
+    pub fn log_write(&self, offset: u64, len: u64) -> Option<MissedWrites> {
         let mut s = self.st();
-        if s.state == ChildState::Faulted
-            && let Some(log) = s.log.as_mut()
-        {
-            log.map.mark(offset, len);
+        if s.state != ChildState::Faulted {
+            return None;
         }
+        let log = s.log.as_mut()?;
+        let new = log.map.mark_new(offset, len)?;
+        Some(MissedWrites {
+            child: stable_key(&self.name),
+            since_ms: log.since_ms,
+            ranges: vec![(new.start, new.end - new.start)],
+        })
     }
 
     /// Takes the write log (the child is about to be replaced by its returning self).

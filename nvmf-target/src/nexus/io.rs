@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, join_all};
 
-use crate::block::{BlockDevice, BlockError, check_range};
+use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
 use super::Nexus;
 use super::child::{Child, ChildState};
@@ -57,6 +57,7 @@ impl Nexus {
         )
         .await;
         let mut healthy_ok = 0;
+        let mut holders: Vec<Arc<Child>> = Vec::new();
         let mut failed: Vec<(&Arc<Child>, String, BlockError)> = Vec::new();
         for (c, r) in targets.iter().zip(results) {
             match r {
@@ -64,6 +65,7 @@ impl Nexus {
                     c.note_write();
                     if c.state() == ChildState::Healthy {
                         healthy_ok += 1;
+                        holders.push(c.clone());
                     }
                 }
                 Ok(Err(e)) => failed.push((c, format!("{what} failed: {e}"), e)),
@@ -89,8 +91,13 @@ impl Nexus {
         }
         // Children that are away (including any this write just faulted) remember the range for a partial rebuild.
         if len > 0 {
-            for c in self.list() {
-                c.log_write(offset, len);
+            let new: Vec<MissedWrites> = self
+                .list()
+                .iter()
+                .filter_map(|c| c.log_write(offset, len))
+                .collect();
+            if !new.is_empty() && healthy_ok > 0 {
+                persist_missed(&holders, &new).await?;
             }
         }
         if healthy_ok > 0 {
@@ -101,6 +108,28 @@ impl Nexus {
             }))
         }
     }
+}
+
+/// Keeps what absent children missed on the children that hold the data, before the write is acknowledged, so a
+/// restarted or replacement nexus can still give them a partial rebuild. Children that cannot keep it (memory
+/// devices) are skipped; if every one that could failed, the write fails rather than leave the log incomplete.
+async fn persist_missed(holders: &[Arc<Child>], new: &[MissedWrites]) -> Result<(), BlockError> {
+    for m in new {
+        let results = join_all(holders.iter().map(|h| h.device.note_missed(m))).await;
+        let kept = results.iter().filter(|r| r.is_ok()).count();
+        let failures: Vec<&BlockError> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .filter(|e| !matches!(e, BlockError::Unsupported))
+            .collect();
+        if kept == 0 && !failures.is_empty() {
+            return Err(BlockError::Remote(format!(
+                "cannot record the writes {} missed: {}",
+                m.child, failures[0]
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -6,10 +6,13 @@
 //! - [`child`]: a child and its state.
 //! - `io`: the I/O paths (fan-out, round robin, fault policy).
 //! - `resync`: rebuild orchestration and history (the copy itself is in [`crate::rebuild`]).
+//! - `recover`: a new nexus finds, on its children, what a previous nexus recorded about absent children, and
+//!   rebuilds those (partially when it can).
 //! - `snapshot`: crash-consistent volume snapshots (quiesce, flush, snapshot every healthy child).
 
 pub mod child;
 mod io;
+mod recover;
 mod resync;
 mod snapshot;
 
@@ -291,6 +294,16 @@ impl Nexus {
         }
         let c = list.remove(idx);
         c.fault("removed");
+        drop(list);
+        // Whatever the other children recorded for it is of no use any more.
+        let nexus_name = name.to_string();
+        let others: Vec<Arc<Child>> = self.list();
+        self.tasks.spawn(async move {
+            let key = child::stable_key(&nexus_name);
+            for o in others {
+                let _ = o.device.forget_missed(&key).await;
+            }
+        });
         Ok(())
     }
 

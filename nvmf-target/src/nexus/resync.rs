@@ -90,6 +90,16 @@ impl Nexus {
             )
             .await;
             let skipped = r.as_ref().map_or(0, |s| s.bytes_skipped);
+            if r.is_ok() && child.state() == ChildState::Rebuilding {
+                // The child is complete: what others recorded for it, and what it recorded before it went away,
+                // is of no use any more. Dropped before it turns healthy, so no new record can be lost.
+                nexus.forget_missed(&child.name).await;
+                if let Ok(old) = child.device.missed().await {
+                    for m in old {
+                        let _ = child.device.forget_missed(&m.child).await;
+                    }
+                }
+            }
             let error = match r {
                 Ok(_) if child.rebuild_done() => None,
                 Ok(_) => Some("child was faulted during the rebuild".to_string()),
@@ -112,6 +122,20 @@ impl Nexus {
                 error,
             });
         });
+    }
+
+    /// Drops the persisted record of what `name` missed from every child (it caught up or left). Best effort: a
+    /// record left behind only makes a later nexus rebuild that child again.
+    pub(super) async fn forget_missed(&self, name: &str) {
+        let key = super::child::stable_key(name);
+        for c in self.list() {
+            match c.device.forget_missed(&key).await {
+                Ok(()) | Err(crate::block::BlockError::Unsupported) => {}
+                Err(e) => {
+                    tracing::warn!(nexus = %self.name, child = %c.name, error = %e, "cannot drop a missed-writes record")
+                }
+            }
+        }
     }
 
     /// Past rebuilds, oldest first.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::PoolError;
+use crate::block::MissedWrites;
 
 /// A logical cluster with no physical cluster behind it reads as zeroes.
 pub const UNMAPPED: u32 = u32::MAX;
@@ -40,6 +41,9 @@ pub struct VolumeMeta {
     /// NVMe reservation state of the exported namespace, opaque to the pool (the target defines it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation: Option<serde_json::Value>,
+    /// Writes other children of the volume missed, as recorded here by the nexus (by child).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub missed: BTreeMap<String, MissedWrites>,
     /// Logical cluster -> physical cluster, [`UNMAPPED`] for never written. Stored as runs.
     #[serde(with = "runs")]
     pub map: Vec<u32>,
@@ -93,6 +97,14 @@ pub enum Record {
     SetReservation {
         volume: Uuid,
         state: Option<serde_json::Value>,
+    },
+    NoteMissed {
+        volume: Uuid,
+        missed: MissedWrites,
+    },
+    ForgetMissed {
+        volume: Uuid,
+        child: String,
     },
     Destroy {
         volume: Uuid,
@@ -220,6 +232,7 @@ impl PoolMeta {
                     created: *created,
                     share: share.clone(),
                     reservation: None,
+                    missed: BTreeMap::new(),
                     map,
                 };
                 self.volumes.insert(*uuid, v);
@@ -264,6 +277,7 @@ impl PoolMeta {
                     created: *created,
                     share: None,
                     reservation: None,
+                    missed: BTreeMap::new(),
                     ..src
                 };
                 self.add_refs(&v.map);
@@ -286,6 +300,7 @@ impl PoolMeta {
                     created: *created,
                     share: share.clone(),
                     reservation: None,
+                    missed: BTreeMap::new(),
                     ..src
                 };
                 self.add_refs(&v.map);
@@ -296,6 +311,18 @@ impl PoolMeta {
             }
             Record::SetReservation { volume, state } => {
                 self.volume_mut(volume)?.reservation = state.clone();
+            }
+            Record::NoteMissed { volume, missed } => {
+                let v = self.volume_mut(volume)?;
+                match v.missed.get_mut(&missed.child) {
+                    Some(m) => m.merge(missed),
+                    None => {
+                        v.missed.insert(missed.child.clone(), missed.clone());
+                    }
+                }
+            }
+            Record::ForgetMissed { volume, child } => {
+                self.volume_mut(volume)?.missed.remove(child);
             }
             Record::Destroy { volume } => {
                 let v = self.volumes.remove(volume);

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::meta::{Record, UNMAPPED};
 use super::{PoolError, PoolInner};
-use crate::block::{BlockDevice, BlockError, check_range};
+use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
 pub struct PoolVolume {
     pub(super) pool: Arc<PoolInner>,
@@ -300,6 +300,40 @@ impl BlockDevice for PoolVolume {
             offset,
             len,
         )))
+    }
+
+    async fn note_missed(&self, missed: &MissedWrites) -> Result<(), BlockError> {
+        self.check_open()?;
+        let rec = Record::NoteMissed {
+            volume: self.uuid,
+            missed: missed.clone(),
+        };
+        self.pool.commit(vec![rec]).await.map_err(pool_err)
+    }
+
+    async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
+        self.check_open()?;
+        let known = self
+            .pool
+            .meta()
+            .volumes
+            .get(&self.uuid)
+            .is_some_and(|v| v.missed.contains_key(child));
+        if !known {
+            return Ok(());
+        }
+        let rec = Record::ForgetMissed {
+            volume: self.uuid,
+            child: child.to_string(),
+        };
+        self.pool.commit(vec![rec]).await.map_err(pool_err)
+    }
+
+    async fn missed(&self) -> Result<Vec<MissedWrites>, BlockError> {
+        self.check_open()?;
+        let meta = self.pool.meta();
+        let v = meta.volumes.get(&self.uuid).ok_or(BlockError::Closed)?;
+        Ok(v.missed.values().cloned().collect())
     }
 
     async fn snapshot(&self, id: Uuid) -> Result<(), BlockError> {

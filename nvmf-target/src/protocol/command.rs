@@ -36,6 +36,12 @@ pub mod io {
     /// Keelson vendor command (host-to-controller data): snapshot the namespace. Data: the snapshot's 16-byte UUID.
     /// The host quiesces its own writes first; the snapshot holds every write completed before it.
     pub const KEELSON_SNAPSHOT: u8 = 0x81;
+    /// Keelson vendor commands for a nexus's persisted write log (JSON `MissedWrites` in the data):
+    /// note (host-to-controller: one record, merged), forget (host-to-controller: the child's name), read
+    /// (controller-to-host: u32 length, then a JSON array of records).
+    pub const KEELSON_MISSED_NOTE: u8 = 0x85;
+    pub const KEELSON_MISSED_FORGET: u8 = 0x89;
+    pub const KEELSON_MISSED_READ: u8 = 0x8A;
 }
 
 /// Reservation command fields: actions (CDW10 bits 2:0) and reservation types (CDW10 bits 15:8).

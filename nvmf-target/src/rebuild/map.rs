@@ -40,13 +40,29 @@ impl SegmentMap {
 
     /// Marks every segment that `offset..offset+len` touches.
     pub fn mark(&mut self, offset: u64, len: u64) {
+        self.mark_new(offset, len);
+    }
+
+    /// Marks like [`SegmentMap::mark`]; returns the byte range of the segments that were not marked before,
+    /// if any (the first to the last newly marked one).
+    pub fn mark_new(&mut self, offset: u64, len: u64) -> Option<std::ops::Range<u64>> {
         if len == 0 || offset >= self.size {
-            return;
+            return None;
         }
         let end = (offset + len).min(self.size);
+        let mut new: Option<std::ops::Range<u64>> = None;
         for s in offset / self.segment..end.div_ceil(self.segment) {
-            self.bits[(s / 64) as usize] |= 1 << (s % 64);
+            let (w, b) = ((s / 64) as usize, 1u64 << (s % 64));
+            if self.bits[w] & b == 0 {
+                self.bits[w] |= b;
+                let r = s * self.segment..((s + 1) * self.segment).min(self.size);
+                new = Some(match new {
+                    Some(n) => n.start..r.end,
+                    None => r,
+                });
+            }
         }
+        new
     }
 
     pub fn is_marked(&self, segment: u64) -> bool {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes};
 
-use crate::block::BlockError;
+use crate::block::{BlockError, MissedWrites};
 use crate::protocol::command::{Sqe, io};
 use crate::protocol::log::AnaState;
 use crate::protocol::status::Status;
@@ -70,6 +70,12 @@ pub(super) fn validate(
         }
         io::KEELSON_SNAPSHOT => {
             if sqe.sgl().length != 16 {
+                return Err(Status::SGL_DATA_LENGTH_INVALID);
+            }
+        }
+        io::KEELSON_MISSED_NOTE | io::KEELSON_MISSED_FORGET | io::KEELSON_MISSED_READ => {
+            let len = u64::from(sqe.sgl().length);
+            if len == 0 || len > shared.config.max_transfer() {
                 return Err(Status::SGL_DATA_LENGTH_INVALID);
             }
         }
@@ -194,6 +200,20 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             Ok(id) => ns.device.snapshot(id).await.map_err(|e| (e, false)),
             Err(_) => return Response::status(cid, Status::INVALID_FIELD),
         },
+        io::KEELSON_MISSED_NOTE => match serde_json::from_slice::<MissedWrites>(&data) {
+            Ok(m) => ns.device.note_missed(&m).await.map_err(|e| (e, false)),
+            Err(_) => return Response::status(cid, Status::INVALID_FIELD),
+        },
+        io::KEELSON_MISSED_FORGET => match std::str::from_utf8(&data) {
+            Ok(child) => ns.device.forget_missed(child).await.map_err(|e| (e, false)),
+            Err(_) => return Response::status(cid, Status::INVALID_FIELD),
+        },
+        io::KEELSON_MISSED_READ => {
+            return match missed(&ns, sqe.sgl().length as usize).await {
+                Ok(d) => Response::data(cid, d),
+                Err(st) => Response::status(cid, st),
+            };
+        }
         io::KEELSON_ALLOCATED => {
             return match allocated(&ns, &sqe).await {
                 Ok(d) => Response::data(cid, d),
@@ -220,6 +240,21 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             Response::status(cid, st)
         }
     }
+}
+
+/// Answers [`io::KEELSON_MISSED_READ`]: u32 length, then the JSON records, padded to `len`.
+async fn missed(ns: &Namespace, len: usize) -> Result<Bytes, Status> {
+    use bytes::BufMut;
+    let records = ns.device.missed().await.map_err(|e| map_error(&e, true))?;
+    let json = serde_json::to_vec(&records).map_err(|_| Status::INTERNAL_ERROR)?;
+    if json.len() + 4 > len {
+        return Err(Status::DATA_TRANSFER_ERROR);
+    }
+    let mut b = bytes::BytesMut::with_capacity(len);
+    b.put_u32_le(json.len() as u32);
+    b.put_slice(&json);
+    b.resize(len, 0);
+    Ok(b.freeze())
 }
 
 /// The (first LBA, number of LBAs) of a [`io::KEELSON_ALLOCATED`] query.

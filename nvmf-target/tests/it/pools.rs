@@ -65,6 +65,18 @@ impl PoolNode {
         self.child = Some(child);
     }
 
+    /// Sends a signal (`-STOP`, `-CONT`, ...) to the io-engine.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
@@ -857,4 +869,120 @@ async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_nexus_gives_a_returning_replica_a_partial_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let mut replicas = Vec::new();
+    let mut uris = Vec::new();
+    for i in 1..=3 {
+        let node = PoolNode::start_named(
+            &format!("127.0.0.{i}"),
+            &format!("away-{i}"),
+            &disk(dir.path(), &format!("w{i}.img"), 128 * MIB),
+        );
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut req = replica_req(&id, size);
+        req.allowed_hosts = vec![];
+        let r = node.api().await.create_replica(req).await.unwrap();
+        uris.push(r.into_inner().uri);
+        replicas.push((node, id));
+    }
+    let mut nexus_node =
+        PoolNode::start_named("127.0.0.4", "nexus-r", &disk(dir.path(), "n.img", 16 * MIB));
+    let vol = uuid::Uuid::new_v4().to_string();
+    let create = pb::CreateNexusRequest {
+        uuid: vol.clone(),
+        children: uris.clone(),
+        io_timeout_ms: 1000,
+        ..Default::default()
+    };
+    let publish = pb::PublishNexusRequest {
+        uuid: vol.clone(),
+        ana_group: 1,
+        allow_any_host: true,
+        allowed_hosts: vec![],
+    };
+    let mut api = nexus_node.api().await;
+    api.create_nexus(create.clone()).await.unwrap();
+    api.publish_nexus(publish.clone()).await.unwrap();
+    let addr = format!("127.0.0.4:{}", nexus_node.port).parse().unwrap();
+    let nqn = format!("nqn.2026-11.io.keelson:vol-{vol}");
+    let ns = RemoteNamespace::connect(ConnectOptions::new(addr, &nqn), 1)
+        .await
+        .unwrap();
+    ns.write(0, pattern(1, 32 << 20)).await.unwrap();
+
+    // Replica 3 freezes; the next write faults it after the I/O timeout, and three segments change meanwhile.
+    replicas[2].0.signal("-STOP");
+    for (i, off) in [3 * MIB + 4096, 20 * MIB, 50 * MIB].into_iter().enumerate() {
+        ns.write(off, pattern(10 + i as u64, 200 << 10))
+            .await
+            .unwrap();
+    }
+    ns.close().await;
+    // The nexus dies while the replica is away; the replica comes back; a new nexus is created over the same three.
+    nexus_node.kill9();
+    replicas[2].0.signal("-CONT");
+    nexus_node.restart();
+    let mut api = nexus_node.api().await;
+    api.create_nexus(create).await.unwrap();
+    let mut rec = None;
+    for _ in 0..400 {
+        let n = api
+            .list_nexuses(pb::ListNexusesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if n.nexuses[0].state == pb::NexusState::Online as i32 && !n.nexuses[0].rebuilds.is_empty()
+        {
+            rec = Some(n.nexuses[0].rebuilds[0].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let r = rec.expect("the returning replica was rebuilt and the volume is online");
+    assert_eq!(
+        (r.kind.as_str(), r.error.as_str()),
+        ("partial", ""),
+        "{r:?}"
+    );
+    assert_eq!(
+        r.bytes_copied,
+        3 * MIB,
+        "only the three segments written while it was away: {r:?}"
+    );
+    let mut contents = Vec::new();
+    for (node, id) in &replicas {
+        let c = node.connect(id, HOST).await.unwrap();
+        contents.push(c.read(0, size).await.unwrap());
+        c.close().await;
+    }
+    assert!(
+        contents[0] == contents[1] && contents[1] == contents[2],
+        "replicas differ after the rebuild"
+    );
+    assert_eq!(
+        contents[0].slice(50 * MIB as usize..(50 * MIB + 4096) as usize),
+        pattern(12, 4096)
+    );
+    // The records are gone once it caught up: another restart rebuilds nothing.
+    nexus_node.restart();
+    let mut api = nexus_node.api().await;
+    api.create_nexus(pb::CreateNexusRequest {
+        uuid: vol.clone(),
+        children: uris.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let n = api
+        .list_nexuses(pb::ListNexusesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.nexuses[0].state, pb::NexusState::Online as i32);
+    assert!(n.nexuses[0].rebuilds.is_empty());
 }

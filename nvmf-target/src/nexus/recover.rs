@@ -1,0 +1,101 @@
+//! Recovery of a volume's write log when a nexus is created: an earlier nexus of the volume (this one before a
+//! restart, or one on another node) kept, on the children that took each write, what absent children missed. The
+//! new nexus reads those records and rebuilds the children they name: only the recorded segments when the absence
+//! is within the partial-rebuild window, everything otherwise.
+//!
+//! Only records held by children nobody names are trusted: a child that was itself away may hold outdated records
+//! about others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::child::{Child, ChildState, stable_key};
+use super::{Nexus, NexusError, RebuildKind};
+use crate::block::{BlockDevice, BlockError, MissedWrites};
+use crate::rebuild::SegmentMap;
+
+impl Nexus {
+    /// Rebuilds the children that earlier records name; returns them with the kind of rebuild each gets. Fails
+    /// when every child is named (no copy is known to be complete).
+    pub async fn recover_missed(
+        self: &Arc<Self>,
+    ) -> Result<Vec<(String, RebuildKind)>, NexusError> {
+        let list = self.list();
+        let mut held: Vec<(String, Vec<MissedWrites>)> = Vec::new();
+        for c in &list {
+            match c.device.missed().await {
+                Ok(r) if !r.is_empty() => held.push((stable_key(&c.name), r)),
+                Ok(_) | Err(BlockError::Unsupported) => {}
+                Err(e) => {
+                    tracing::warn!(nexus = %self.name, child = %c.name, error = %e, "cannot read missed-writes records")
+                }
+            }
+        }
+        let named: BTreeSet<String> = held
+            .iter()
+            .flat_map(|(_, r)| r.iter().map(|m| m.child.clone()))
+            .collect();
+        let mut records: BTreeMap<String, MissedWrites> = BTreeMap::new();
+        for (holder, rs) in &held {
+            if named.contains(holder) {
+                continue;
+            }
+            for m in rs {
+                records
+                    .entry(m.child.clone())
+                    .and_modify(|r| r.merge(m))
+                    .or_insert_with(|| m.clone());
+            }
+        }
+        let stale: Vec<Arc<Child>> = list
+            .iter()
+            .filter(|c| records.contains_key(&stable_key(&c.name)))
+            .cloned()
+            .collect();
+        if stale.is_empty() {
+            return Ok(Vec::new());
+        }
+        if stale.len() == list.len() || held.iter().all(|(h, _)| named.contains(h)) {
+            return Err(NexusError::NoHealthyChild);
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let window = self.config.partial_rebuild_window.as_millis() as u64;
+        let mut out = Vec::new();
+        for c in stale {
+            let rec = &records[&stable_key(&c.name)];
+            let (map, kind) = if now_ms.saturating_sub(rec.since_ms) <= window {
+                let mut map =
+                    SegmentMap::empty(self.size_bytes(), self.config.rebuild.segment_size);
+                for (s, n) in &rec.ranges {
+                    map.mark(*s, *n);
+                }
+                (map, RebuildKind::Partial)
+            } else {
+                let map = SegmentMap::full(self.size_bytes(), self.config.rebuild.segment_size);
+                (map, RebuildKind::Full)
+            };
+            let child = {
+                let _all = self.lock.exclusive(0..self.size_bytes()).await;
+                let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
+                let Some(idx) = list.iter().position(|x| x.name == c.name) else {
+                    continue;
+                };
+                let fresh = Arc::new(Child::new(
+                    c.name.clone(),
+                    c.device.clone(),
+                    ChildState::Rebuilding,
+                    self.log_geometry(),
+                ));
+                list[idx] = fresh.clone();
+                fresh
+            };
+            tracing::info!(nexus = %self.name, child = %c.name, ?kind, since_ms = rec.since_ms, "child missed writes under an earlier nexus");
+            self.start_rebuild(child, map, kind);
+            out.push((c.name.clone(), kind));
+        }
+        Ok(out)
+    }
+}
