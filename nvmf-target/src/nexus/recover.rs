@@ -3,8 +3,8 @@
 //! new nexus reads those records and rebuilds the children they name: only the recorded segments when the absence
 //! is within the partial-rebuild window, everything otherwise.
 //!
-//! Only records held by children nobody names are trusted: a child that was itself away may hold outdated records
-//! about others.
+//! Records held by a child that is itself behind are ignored: it may hold outdated records about others. Trust
+//! starts from the children nobody names and extends to named children that no trusted record names.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -31,32 +31,50 @@ impl Nexus {
                 }
             }
         }
+        // Trust grows from the children nobody names: their records name the stale ones; a named child that turns
+        // out not to be stale (only untrusted children named it) is trusted in turn.
         let named: BTreeSet<String> = held
             .iter()
             .flat_map(|(_, r)| r.iter().map(|m| m.child.clone()))
             .collect();
+        let mut trusted: BTreeSet<String> = held
+            .iter()
+            .map(|(h, _)| h.clone())
+            .filter(|h| !named.contains(h))
+            .collect();
         let mut records: BTreeMap<String, MissedWrites> = BTreeMap::new();
-        for (holder, rs) in &held {
-            if named.contains(holder) {
-                continue;
+        loop {
+            records.clear();
+            for (_, rs) in held.iter().filter(|(h, _)| trusted.contains(h)) {
+                for m in rs {
+                    records
+                        .entry(m.child.clone())
+                        .and_modify(|r| r.merge(m))
+                        .or_insert_with(|| m.clone());
+                }
             }
-            for m in rs {
-                records
-                    .entry(m.child.clone())
-                    .and_modify(|r| r.merge(m))
-                    .or_insert_with(|| m.clone());
+            let more: Vec<String> = held
+                .iter()
+                .map(|(h, _)| h.clone())
+                .filter(|h| !trusted.contains(h) && !records.contains_key(h))
+                .collect();
+            if more.is_empty() || trusted.is_empty() {
+                break;
             }
+            trusted.extend(more);
         }
         let stale: Vec<Arc<Child>> = list
             .iter()
             .filter(|c| records.contains_key(&stable_key(&c.name)))
             .cloned()
             .collect();
+        if (trusted.is_empty() && !held.is_empty())
+            || (!stale.is_empty() && stale.len() == list.len())
+        {
+            return Err(NexusError::NoHealthyChild);
+        }
         if stale.is_empty() {
             return Ok(Vec::new());
-        }
-        if stale.len() == list.len() || held.iter().all(|(h, _)| named.contains(h)) {
-            return Err(NexusError::NoHealthyChild);
         }
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

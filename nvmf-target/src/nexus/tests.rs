@@ -513,3 +513,89 @@ async fn a_volume_whose_replicas_are_all_full_fails_writes_without_faulting_them
     n.write(2 << 20, pattern(3, 4096)).await.unwrap();
     assert_eq!(n.state(), NexusState::Degraded);
 }
+
+/// A memory child that keeps missed-writes records like a pool replica.
+struct Recording(
+    Arc<dyn BlockDevice>,
+    std::sync::Mutex<Vec<crate::block::MissedWrites>>,
+);
+
+#[async_trait::async_trait]
+impl BlockDevice for Recording {
+    fn block_size(&self) -> u32 {
+        self.0.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.0.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.0.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    async fn note_missed(&self, m: &crate::block::MissedWrites) -> Result<(), BlockError> {
+        self.1.lock().unwrap().push(m.clone());
+        Ok(())
+    }
+    async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
+        self.1.lock().unwrap().retain(|m| m.child != child);
+        Ok(())
+    }
+    async fn missed(&self) -> Result<Vec<crate::block::MissedWrites>, BlockError> {
+        Ok(self.1.lock().unwrap().clone())
+    }
+}
+
+fn recording(records: &[(&str, u64)]) -> Arc<Recording> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let r = records
+        .iter()
+        .map(|(child, at)| crate::block::MissedWrites {
+            child: child.to_string(),
+            since_ms: now,
+            ranges: vec![(*at, 4096)],
+        })
+        .collect();
+    Arc::new(Recording(mem(), std::sync::Mutex::new(r)))
+}
+
+#[tokio::test]
+async fn a_new_nexus_rebuilds_what_trusted_records_name_and_only_that() {
+    // c0 and c1 say c2 missed two segments; c2, itself behind, holds an outdated record about c1.
+    let (a, b) = (recording(&[("c2", 0)]), recording(&[("c2", 5 << 20)]));
+    let c = recording(&[("c1", 1 << 20)]);
+    a.write(5 << 20, pattern(4, 4096)).await.unwrap();
+    b.write(5 << 20, pattern(4, 4096)).await.unwrap();
+    let n = nexus(vec![a.clone(), b.clone(), c.clone()]);
+    let r = n.recover_missed().await.unwrap();
+    assert_eq!(r, vec![("c2".to_string(), RebuildKind::Partial)]);
+    wait_rebuilds(&n, 1).await;
+    let h = n.rebuild_history();
+    assert_eq!(
+        (h[0].bytes_copied + h[0].bytes_skipped, h[0].error.clone()),
+        (2 * (64 << 10), None)
+    );
+    assert_eq!(c.read(5 << 20, 4096).await.unwrap(), pattern(4, 4096));
+    for d in [&a, &b, &c] {
+        assert!(
+            d.1.lock().unwrap().is_empty(),
+            "records dropped once c2 caught up"
+        );
+    }
+    // Every child named by a trusted one is impossible to start from: refused.
+    let n = nexus(vec![recording(&[("c1", 0)]), recording(&[("c0", 0)])]);
+    assert_eq!(n.recover_missed().await, Err(NexusError::NoHealthyChild));
+}
