@@ -174,6 +174,18 @@ impl RemoteNamespace {
     fn lba(&self, offset: u64) -> u64 {
         offset / u64::from(self.block_size)
     }
+
+    /// Splits a request into pieces of at most the target's transfer size: (offset, length).
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::with_capacity(len.div_ceil(self.max_transfer.max(1)) as usize);
+        let mut done = 0;
+        while done < len {
+            let n = self.max_transfer.min(len - done);
+            out.push((offset + done, n));
+            done += n;
+        }
+        out
+    }
 }
 
 async fn supervise(shared: Arc<Shared>) {
@@ -216,21 +228,13 @@ impl BlockDevice for RemoteNamespace {
         self.num_blocks
     }
 
+    /// Requests above the target's transfer size go out as concurrent commands, one per piece.
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
-        let mut out = BytesMut::with_capacity(len as usize);
-        let mut done = 0;
-        while done < len {
-            let n = self.max_transfer.min(len - done);
+        let pieces = self.pieces(offset, len);
+        let reads = pieces.iter().map(|&(off, n)| async move {
             let nlb = (n / u64::from(self.block_size)) as u32;
-            let mut sqe = Sqe::rw(
-                io::READ,
-                self.shared.nsid,
-                self.lba(offset + done),
-                nlb,
-                n as u32,
-                false,
-            );
+            let mut sqe = Sqe::rw(io::READ, self.shared.nsid, self.lba(off), nlb, n as u32, false);
             sqe.set_sgl(Sgl::transport(n as u32));
             let d = self.submit(sqe, None).await?;
             if d.len() as u64 != n {
@@ -239,11 +243,15 @@ impl BlockDevice for RemoteNamespace {
                     d.len()
                 )));
             }
-            if done == 0 && n == len {
-                return Ok(d);
-            }
-            out.put(d);
-            done += n;
+            Ok(d)
+        });
+        let mut parts = futures_util::future::try_join_all(reads).await?;
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for p in parts {
+            out.put(p);
         }
         Ok(out.freeze())
     }
@@ -255,22 +263,17 @@ impl BlockDevice for RemoteNamespace {
             self.block_size,
             self.size_bytes(),
         )?;
-        let mut done = 0usize;
-        while done < data.len() {
-            let n = (self.max_transfer as usize).min(data.len() - done);
-            let nlb = (n / self.block_size as usize) as u32;
-            let sqe = Sqe::rw(
-                io::WRITE,
-                self.shared.nsid,
-                self.lba(offset + done as u64),
-                nlb,
-                n as u32,
-                false,
-            );
-            self.submit(sqe, Some(data.slice(done..done + n))).await?;
-            done += n;
-        }
-        Ok(())
+        let pieces = self.pieces(offset, data.len() as u64);
+        let writes = pieces.iter().map(|&(off, n)| {
+            let at = (off - offset) as usize;
+            let part = data.slice(at..at + n as usize);
+            async move {
+                let nlb = (n / u64::from(self.block_size)) as u32;
+                let sqe = Sqe::rw(io::WRITE, self.shared.nsid, self.lba(off), nlb, n as u32, false);
+                self.submit(sqe, Some(part)).await.map(drop)
+            }
+        });
+        futures_util::future::try_join_all(writes).await.map(drop)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
