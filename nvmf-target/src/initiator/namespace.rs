@@ -234,7 +234,14 @@ impl BlockDevice for RemoteNamespace {
         let pieces = self.pieces(offset, len);
         let reads = pieces.iter().map(|&(off, n)| async move {
             let nlb = (n / u64::from(self.block_size)) as u32;
-            let mut sqe = Sqe::rw(io::READ, self.shared.nsid, self.lba(off), nlb, n as u32, false);
+            let mut sqe = Sqe::rw(
+                io::READ,
+                self.shared.nsid,
+                self.lba(off),
+                nlb,
+                n as u32,
+                false,
+            );
             sqe.set_sgl(Sgl::transport(n as u32));
             let d = self.submit(sqe, None).await?;
             if d.len() as u64 != n {
@@ -269,7 +276,14 @@ impl BlockDevice for RemoteNamespace {
             let part = data.slice(at..at + n as usize);
             async move {
                 let nlb = (n / u64::from(self.block_size)) as u32;
-                let sqe = Sqe::rw(io::WRITE, self.shared.nsid, self.lba(off), nlb, n as u32, false);
+                let sqe = Sqe::rw(
+                    io::WRITE,
+                    self.shared.nsid,
+                    self.lba(off),
+                    nlb,
+                    n as u32,
+                    false,
+                );
                 self.submit(sqe, Some(part)).await.map(drop)
             }
         });

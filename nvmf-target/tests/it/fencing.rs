@@ -5,14 +5,13 @@
 use std::time::Duration;
 
 use nvmf_target::block::BlockDevice;
-use nvmf_target::initiator::ConnectOptions;
 use nvmf_target::initiator::namespace::RemoteNamespace;
 use proto::engine as pb;
 use proto::engine::engine_client::EngineClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::pools::{PoolNode, disk, pattern};
+use crate::pools::{PoolNode, disk, open_volume, pattern, publish, replica_nodes};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
@@ -35,24 +34,12 @@ async fn nexus_on(
         })
         .await?
         .into_inner();
-    api.publish_nexus(pb::PublishNexusRequest {
-        uuid: uuid.into(),
-        ana_group: 1,
-        allow_any_host: true,
-        allowed_hosts: vec![],
-    })
-    .await?;
+    publish(api, uuid).await?;
     Ok(n)
 }
 
 async fn volume(node: &PoolNode, uuid: &str) -> RemoteNamespace {
-    let addr = format!("{}:{}", node.ip, node.port).parse().unwrap();
-    let mut ns = RemoteNamespace::connect(
-        ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:vol-{uuid}")),
-        1,
-    )
-    .await
-    .unwrap();
+    let mut ns = open_volume(node, uuid).await;
     ns.reconnect_wait = Duration::ZERO;
     ns
 }
@@ -60,31 +47,7 @@ async fn volume(node: &PoolNode, uuid: &str) -> RemoteNamespace {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
     let dir = tempfile::tempdir().unwrap();
-    let mut replicas = Vec::new();
-    let mut uris = Vec::new();
-    for i in 1..=3 {
-        let node = PoolNode::start_named(
-            &format!("127.0.0.{i}"),
-            &format!("replica-{i}"),
-            &disk(dir.path(), &format!("r{i}.img"), 64 * MIB),
-        );
-        let id = uuid::Uuid::new_v4().to_string();
-        let r = node
-            .api()
-            .await
-            .create_replica(pb::CreateReplicaRequest {
-                pool: "pool0".into(),
-                uuid: id.clone(),
-                size: SIZE,
-                share: true,
-                allowed_hosts: vec![],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        uris.push(r.uri);
-        replicas.push((node, id));
-    }
+    let (mut replicas, uris) = replica_nodes(dir.path(), "replica", SIZE, 64 * MIB).await;
     let a = PoolNode::start_named("127.0.0.4", "nexus-a", &disk(dir.path(), "a.img", 16 * MIB));
     let b = PoolNode::start_named("127.0.0.5", "nexus-b", &disk(dir.path(), "b.img", 16 * MIB));
     let vol = uuid::Uuid::new_v4().to_string();

@@ -13,7 +13,7 @@ use proto::engine as pb;
 use proto::engine::engine_client::EngineClient;
 
 use crate::harness::free_port;
-use crate::pools::{disk, pattern};
+use crate::pools::{disk, pattern, publish};
 
 struct Proc(Child);
 
@@ -82,14 +82,7 @@ async fn the_metrics_endpoint_shows_io_pools_and_nexuses_and_passes_promtool() {
     })
     .await
     .unwrap();
-    api.publish_nexus(pb::PublishNexusRequest {
-        uuid: vol.clone(),
-        ana_group: 1,
-        allow_any_host: true,
-        allowed_hosts: vec![],
-    })
-    .await
-    .unwrap();
+    publish(&mut api, &vol).await.unwrap();
     let addr = format!("{ip}:{port}").parse().unwrap();
     let ns = RemoteNamespace::connect(
         ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:vol-{vol}")),

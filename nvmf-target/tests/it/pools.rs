@@ -258,6 +258,53 @@ async fn replicas_come_back_exported_after_a_restart_and_only_to_allowed_hosts()
     assert_eq!((p.allocated, p.replicas, p.snapshots), (0, 0, 0));
 }
 
+/// Three io-engines on 127.0.0.1-.3 (named `{prefix}-N`), each with a pool on a `disk_size` file and one shared
+/// replica of `size` bytes open to any host. Returns the nodes with their replica UUIDs, and the replicas' URIs.
+pub async fn replica_nodes(
+    dir: &Path,
+    prefix: &str,
+    size: u64,
+    disk_size: u64,
+) -> (Vec<(PoolNode, String)>, Vec<String>) {
+    let mut nodes = Vec::new();
+    let mut uris = Vec::new();
+    for i in 1..=3 {
+        let node = PoolNode::start_named(
+            &format!("127.0.0.{i}"),
+            &format!("{prefix}-{i}"),
+            &disk(dir, &format!("{prefix}{i}.img"), disk_size),
+        );
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut req = replica_req(&id, size);
+        req.allowed_hosts = vec![];
+        let r = node.api().await.create_replica(req).await.unwrap();
+        uris.push(r.into_inner().uri);
+        nodes.push((node, id));
+    }
+    (nodes, uris)
+}
+
+/// Publishes a nexus to any host.
+pub async fn publish(api: &mut EngineClient<Channel>, vol: &str) -> Result<(), tonic::Status> {
+    api.publish_nexus(pb::PublishNexusRequest {
+        uuid: vol.to_string(),
+        ana_group: 1,
+        allow_any_host: true,
+        allowed_hosts: vec![],
+    })
+    .await
+    .map(drop)
+}
+
+/// Connects to a published volume on `node` as a fresh host.
+pub async fn open_volume(node: &PoolNode, vol: &str) -> RemoteNamespace {
+    let addr = format!("{}:{}", node.ip, node.port).parse().unwrap();
+    let nqn = format!("nqn.2026-11.io.keelson:vol-{vol}");
+    RemoteNamespace::connect(ConnectOptions::new(addr, &nqn), 1)
+        .await
+        .unwrap()
+}
+
 fn file_hash(p: &Path) -> u32 {
     crc32c::crc32c(&std::fs::read(p).unwrap())
 }
@@ -645,21 +692,7 @@ async fn kill_9_during_creates_allocations_and_snapshots_loses_nothing_acknowled
 async fn a_rebuild_between_thin_replicas_copies_only_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let size = 64 * MIB;
-    let mut nodes = Vec::new();
-    let mut uris = Vec::new();
-    for i in 1..=3 {
-        let node = PoolNode::start_named(
-            &format!("127.0.0.{i}"),
-            &format!("thin-{i}"),
-            &disk(dir.path(), &format!("t{i}.img"), 128 * MIB),
-        );
-        let id = uuid::Uuid::new_v4().to_string();
-        let mut req = replica_req(&id, size);
-        req.allowed_hosts = vec![];
-        let r = node.api().await.create_replica(req).await.unwrap();
-        uris.push(r.into_inner().uri);
-        nodes.push((node, id));
-    }
+    let (nodes, uris) = replica_nodes(dir.path(), "thin", size, 128 * MIB).await;
     let mut api = nodes[0].0.api().await;
     let vol = uuid::Uuid::new_v4().to_string();
     api.create_nexus(pb::CreateNexusRequest {
@@ -669,21 +702,8 @@ async fn a_rebuild_between_thin_replicas_copies_only_what_was_written() {
     })
     .await
     .unwrap();
-    api.publish_nexus(pb::PublishNexusRequest {
-        uuid: vol.clone(),
-        ana_group: 1,
-        allow_any_host: true,
-        allowed_hosts: vec![],
-    })
-    .await
-    .unwrap();
-    let addr = format!("127.0.0.1:{}", nodes[0].0.port).parse().unwrap();
-    let ns = RemoteNamespace::connect(
-        ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:vol-{vol}")),
-        1,
-    )
-    .await
-    .unwrap();
+    publish(&mut api, &vol).await.unwrap();
+    let ns = open_volume(&nodes[0].0, &vol).await;
     // 1.5 MiB written into two of the volume's sixteen 4 MiB clusters.
     ns.write(MIB, pattern(1, 1 << 20)).await.unwrap();
     ns.write(40 * MIB, pattern(2, 512 << 10)).await.unwrap();
@@ -748,28 +768,8 @@ async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_
 {
     let dir = tempfile::tempdir().unwrap();
     let size = 16 * MIB;
-    let mut nodes = Vec::new();
-    let mut uris = Vec::new();
-    for i in 1..=3 {
-        let node = PoolNode::start_named(
-            &format!("127.0.0.{i}"),
-            &format!("snap-{i}"),
-            &disk(dir.path(), &format!("s{i}.img"), 64 * MIB),
-        );
-        let id = uuid::Uuid::new_v4().to_string();
-        let mut req = replica_req(&id, size);
-        req.allowed_hosts = vec![];
-        let r = node.api().await.create_replica(req).await.unwrap();
-        uris.push(r.into_inner().uri);
-        nodes.push((node, id));
-    }
+    let (nodes, uris) = replica_nodes(dir.path(), "snap", size, 64 * MIB).await;
     let mut api = nodes[0].0.api().await;
-    let publish = |vol: &str| pb::PublishNexusRequest {
-        uuid: vol.to_string(),
-        ana_group: 1,
-        allow_any_host: true,
-        allowed_hosts: vec![],
-    };
     let vol = uuid::Uuid::new_v4().to_string();
     let create = |vol: &str, children: Vec<String>| pb::CreateNexusRequest {
         uuid: vol.to_string(),
@@ -777,17 +777,8 @@ async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_
         ..Default::default()
     };
     api.create_nexus(create(&vol, uris.clone())).await.unwrap();
-    api.publish_nexus(publish(&vol)).await.unwrap();
-    let addr = format!("127.0.0.1:{}", nodes[0].0.port).parse().unwrap();
-    let open = |v: &str| {
-        let nqn = format!("nqn.2026-11.io.keelson:vol-{v}");
-        async move {
-            RemoteNamespace::connect(ConnectOptions::new(addr, &nqn), 1)
-                .await
-                .unwrap()
-        }
-    };
-    let ns = std::sync::Arc::new(open(&vol).await);
+    publish(&mut api, &vol).await.unwrap();
+    let ns = std::sync::Arc::new(open_volume(&nodes[0].0, &vol).await);
     ns.write(0, pattern(1, size as usize)).await.unwrap();
 
     // Writes keep coming while the snapshot is taken.
@@ -849,8 +840,8 @@ async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_
     for (i, u) in clone_uris.iter().enumerate() {
         let v = uuid::Uuid::new_v4().to_string();
         api.create_nexus(create(&v, vec![u.clone()])).await.unwrap();
-        api.publish_nexus(publish(&v)).await.unwrap();
-        let c = open(&v).await;
+        publish(&mut api, &v).await.unwrap();
+        let c = open_volume(&nodes[0].0, &v).await;
         contents.push(c.read(0, size).await.unwrap());
         c.close().await;
         assert!(contents[i] == contents[0], "clone {i} differs from clone 0");
@@ -875,21 +866,7 @@ async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_
 async fn a_restarted_nexus_gives_a_returning_replica_a_partial_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let size = 64 * MIB;
-    let mut replicas = Vec::new();
-    let mut uris = Vec::new();
-    for i in 1..=3 {
-        let node = PoolNode::start_named(
-            &format!("127.0.0.{i}"),
-            &format!("away-{i}"),
-            &disk(dir.path(), &format!("w{i}.img"), 128 * MIB),
-        );
-        let id = uuid::Uuid::new_v4().to_string();
-        let mut req = replica_req(&id, size);
-        req.allowed_hosts = vec![];
-        let r = node.api().await.create_replica(req).await.unwrap();
-        uris.push(r.into_inner().uri);
-        replicas.push((node, id));
-    }
+    let (replicas, uris) = replica_nodes(dir.path(), "away", size, 128 * MIB).await;
     let mut nexus_node =
         PoolNode::start_named("127.0.0.4", "nexus-r", &disk(dir.path(), "n.img", 16 * MIB));
     let vol = uuid::Uuid::new_v4().to_string();
@@ -899,20 +876,10 @@ async fn a_restarted_nexus_gives_a_returning_replica_a_partial_rebuild() {
         io_timeout_ms: 1000,
         ..Default::default()
     };
-    let publish = pb::PublishNexusRequest {
-        uuid: vol.clone(),
-        ana_group: 1,
-        allow_any_host: true,
-        allowed_hosts: vec![],
-    };
     let mut api = nexus_node.api().await;
     api.create_nexus(create.clone()).await.unwrap();
-    api.publish_nexus(publish.clone()).await.unwrap();
-    let addr = format!("127.0.0.4:{}", nexus_node.port).parse().unwrap();
-    let nqn = format!("nqn.2026-11.io.keelson:vol-{vol}");
-    let ns = RemoteNamespace::connect(ConnectOptions::new(addr, &nqn), 1)
-        .await
-        .unwrap();
+    publish(&mut api, &vol).await.unwrap();
+    let ns = open_volume(&nexus_node, &vol).await;
     ns.write(0, pattern(1, 32 << 20)).await.unwrap();
 
     // Replica 3 freezes; the next write faults it after the I/O timeout, and three segments change meanwhile.
