@@ -138,6 +138,10 @@ enum EngineCmd {
         uuid: String,
         snapshot_uuid: String,
     },
+    /// Stop a nexus's I/O for good (unpublished, I/O fails); destroy it later.
+    ShutdownNexus {
+        uuid: String,
+    },
     /// Destroy a nexus (children keep their data).
     DestroyNexus {
         uuid: String,
@@ -188,6 +192,7 @@ fn print_nexus(n: &pb::Nexus) {
         pb::NexusState::Online => "online",
         pb::NexusState::Degraded => "degraded",
         pb::NexusState::Faulted => "faulted",
+        pb::NexusState::Shutdown => "shutdown",
         pb::NexusState::Unspecified => "unknown",
     });
     let nqn = if n.nqn.is_empty() {
@@ -378,6 +383,11 @@ async fn main() -> Result<()> {
                 println!("snapshot on {child}");
             }
         }
+        EngineCmd::ShutdownNexus { uuid } => print_nexus(
+            &c.shutdown_nexus(pb::ShutdownNexusRequest { uuid })
+                .await?
+                .into_inner(),
+        ),
         EngineCmd::DestroyNexus { uuid } => {
             c.destroy_nexus(pb::DestroyNexusRequest { uuid }).await?;
         }

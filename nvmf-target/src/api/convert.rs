@@ -138,6 +138,7 @@ pub fn nexus(
         NexusState::Online => pb::NexusState::Online,
         NexusState::Degraded => pb::NexusState::Degraded,
         NexusState::Faulted => pb::NexusState::Faulted,
+        NexusState::Shutdown => pb::NexusState::Shutdown,
     };
     let children = n
         .children()

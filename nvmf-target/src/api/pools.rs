@@ -181,6 +181,27 @@ pub fn list_snapshots(engine: &Engine) -> pb::ListSnapshotsResponse {
     }
 }
 
+pub fn reservation(
+    engine: &Engine,
+    r: pb::GetReservationRequest,
+) -> Result<pb::Reservation, Status> {
+    let s = engine.reservation(&uuid(&r.replica)?)?;
+    let holder = |h: &uuid::Uuid| s.holder.as_ref() == Some(h) || (s.rtype >= 5 && s.rtype != 0);
+    Ok(pb::Reservation {
+        generation: s.generation,
+        r#type: u32::from(s.rtype),
+        registrants: s
+            .registrants
+            .iter()
+            .map(|r| pb::Registrant {
+                host_id: r.host.to_string(),
+                key: r.key,
+                holds: s.rtype != 0 && holder(&r.host),
+            })
+            .collect(),
+    })
+}
+
 pub async fn create_clone(
     engine: &Engine,
     r: pb::CreateCloneRequest,

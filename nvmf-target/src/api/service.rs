@@ -462,4 +462,25 @@ impl EngineApi for EngineService {
         let children = self.engine.snapshot_nexus(&uuid, snap).await?;
         Ok(Response::new(pb::SnapshotNexusResponse { children }))
     }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid))]
+    async fn shutdown_nexus(
+        &self,
+        r: Request<pb::ShutdownNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let uuid = convert::uuid(&r.into_inner().uuid)?;
+        self.engine.shutdown_nexus(&uuid).await?;
+        self.nexus_reply(&uuid)
+    }
+
+    #[tracing::instrument(skip_all, fields(replica = %r.get_ref().replica))]
+    async fn get_reservation(
+        &self,
+        r: Request<pb::GetReservationRequest>,
+    ) -> Result<Response<pb::Reservation>, Status> {
+        Ok(Response::new(pools::reservation(
+            &self.engine,
+            r.into_inner(),
+        )?))
+    }
 }

@@ -1,6 +1,6 @@
 //! A nexus child on this node (`local:///NQN`): the namespace's block device used directly, but subject to the
-//! namespace's NVMe reservations as this node's host. Without that, a nexus fenced by a newer one could keep writing
-//! to the replica that happens to live on its own node.
+//! namespace's NVMe reservations as this node's host, and counted in the namespace's I/O statistics. Without the
+//! reservation check, a nexus fenced by a newer one could keep writing to the replica on its own node.
 
 use std::sync::Arc;
 
@@ -87,11 +87,17 @@ impl BlockDevice for LocalChild {
     }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         self.check(false)?;
-        self.ns.device.read(offset, len).await
+        let start = std::time::Instant::now();
+        let r = self.ns.device.read(offset, len).await;
+        self.ns.stats.read.record(len, start.elapsed(), r.is_ok());
+        r
     }
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
         self.check(true)?;
-        self.ns.device.write(offset, data).await
+        let (start, len) = (std::time::Instant::now(), data.len() as u64);
+        let r = self.ns.device.write(offset, data).await;
+        self.ns.stats.write.record(len, start.elapsed(), r.is_ok());
+        r
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check(true)?;

@@ -210,6 +210,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Unpublishes the nexus and stops its I/O and rebuilds; it stays listed (Shutdown) until destroyed.
+    pub async fn shutdown_nexus(&self, uuid: &uuid::Uuid) -> Result<(), EngineError> {
+        let nexus = self.nexus_or_not_found(uuid)?;
+        self.unpublish_nexus(uuid)?;
+        nexus.shutdown().await;
+        tracing::info!(%uuid, "nexus shut down");
+        Ok(())
+    }
+
     /// Exports the nexus as `nqn.2026-11.io.keelson:vol-<uuid>` with namespace 1 carrying the volume's UUID, so a
     /// replacement nexus on another node shows up as another path to the same namespace.
     pub fn publish_nexus(

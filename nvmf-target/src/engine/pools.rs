@@ -380,6 +380,16 @@ impl Engine {
         }
     }
 
+    /// The reservation state of a replica's namespace, as kept in its pool.
+    pub fn reservation(&self, uuid: &Uuid) -> Result<ReservationState, EngineError> {
+        let (_, meta) = self.find_replica(uuid)?;
+        meta.reservation
+            .map(serde_json::from_value::<ReservationState>)
+            .transpose()
+            .map_err(|e| PoolError::CorruptMetadata(format!("reservation of {uuid}: {e}")).into())
+            .map(Option::unwrap_or_default)
+    }
+
     /// Takes a crash-consistent snapshot of a replica. Repeating the same request is a no-op.
     pub async fn create_snapshot(
         &self,

@@ -214,6 +214,7 @@ fn nexuses(f: &mut Families, engine: &Engine) {
             (NexusState::Online, "online"),
             (NexusState::Degraded, "degraded"),
             (NexusState::Faulted, "faulted"),
+            (NexusState::Shutdown, "shutdown"),
         ] {
             let l = [("nexus", id.as_str()), ("state", name)];
             f.gauge(

@@ -19,8 +19,8 @@ use futures_util::future::{BoxFuture, join_all};
 
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
-use super::Nexus;
 use super::child::{Child, ChildState};
+use super::{Nexus, NexusState};
 
 type Op = dyn Fn(Arc<dyn BlockDevice>) -> BoxFuture<'static, Result<(), BlockError>> + Send + Sync;
 
@@ -33,6 +33,9 @@ impl Nexus {
     }
 
     async fn fan_out(&self, offset: u64, len: u64, what: &str, op: &Op) -> Result<(), BlockError> {
+        if self.state() == NexusState::Shutdown {
+            return Err(BlockError::Closed);
+        }
         let _guard = if len > 0 {
             Some(self.lock.exclusive(offset..offset + len).await)
         } else {
@@ -144,6 +147,9 @@ impl BlockDevice for Nexus {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
+        if self.state() == NexusState::Shutdown {
+            return Err(BlockError::Closed);
+        }
         let mut last_err = None;
         // Each healthy child gets a chance; faulted ones drop out of the list.
         for _ in 0..self.list().len().max(1) * 2 {

@@ -59,6 +59,8 @@ pub enum NexusState {
     Degraded,
     /// No healthy child: I/O fails.
     Faulted,
+    /// Shut down: I/O fails whatever the children's state.
+    Shutdown,
 }
 
 #[derive(Clone, Debug)]
@@ -94,6 +96,8 @@ pub struct Nexus {
     history: Mutex<Vec<RebuildRecord>>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    /// Set by [`Nexus::shutdown`]: every I/O fails from then on.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Nexus {
@@ -141,6 +145,7 @@ impl Nexus {
             history: Mutex::new(Vec::new()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -156,6 +161,9 @@ impl Nexus {
     }
 
     pub fn state(&self) -> NexusState {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return NexusState::Shutdown;
+        }
         let list = self.list();
         let healthy = list
             .iter()
@@ -316,8 +324,10 @@ impl Nexus {
         Ok(())
     }
 
-    /// Stops rebuilds and waits for them.
+    /// Stops the nexus: every further I/O fails, rebuilds stop (and are waited for).
     pub async fn shutdown(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;

@@ -135,6 +135,33 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
         "a host without the reservation wrote"
     );
     r.close().await;
+    // The engine API shows the same, from the pool's metadata.
+    let res = node
+        .api()
+        .await
+        .get_reservation(pb::GetReservationRequest {
+            replica: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(res.r#type, 1);
+    let holders: Vec<u64> = res
+        .registrants
+        .iter()
+        .filter(|r| r.holds)
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(holders, vec![2]);
+
+    // The old nexus is shut down for good: unpublished, listed as shut down.
+    let n = api_a
+        .shutdown_nexus(pb::ShutdownNexusRequest { uuid: vol.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.state, pb::NexusState::Shutdown as i32);
+    assert!(n.nqn.is_empty(), "unpublished");
     va.close().await;
     vb.close().await;
 }
