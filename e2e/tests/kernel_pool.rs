@@ -1,0 +1,89 @@
+//! The Linux kernel initiator (in a QEMU VM) on two thin replicas that together overcommit a small pool: data reads back, a write that
+//! needs a new cluster fails with ENOSPC (the kernel's reading of NVMe Capacity Exceeded), nothing else breaks, and
+//! the pool counts the failure. Needs root (network namespace) and QEMU.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use e2e::bins;
+use e2e::netns::Netns;
+use e2e::process::Process;
+use e2e::vm::{self, VM_LOCK};
+
+const X: &str = "00000000-0000-4000-8000-0000000000c1";
+const Y: &str = "00000000-0000-4000-8000-0000000000c2";
+
+fn keelctl(ns: &Netns, args: &[&str]) -> String {
+    let out = ns
+        .command(bins::path("keelctl"))
+        .args(["engine", "--endpoint", "http://127.0.0.1:10124"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "keelctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
+    let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = Netns::create("keelson-e2e-pool", "kvtap0").unwrap();
+    let logs = vm::tempdir().unwrap();
+    // Metadata takes 8 MiB of this 20 MiB file: three 4 MiB clusters are left.
+    let disk = logs.join("pool.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    let mut cmd = ns.command(bins::path("io-engine"));
+    cmd.env("RUST_LOG", "info")
+        .args(["--node-name", "p1", "--listen", "10.200.0.1:4420"])
+        .args(["--grpc", "127.0.0.1:10124"])
+        .arg("--pool")
+        .arg(format!("pool0={}", disk.display()));
+    let mut engine = Process::spawn("io-engine", cmd, &logs).unwrap();
+    engine
+        .wait_for_log("io-engine running", Duration::from_secs(20))
+        .unwrap();
+    let pool = keelctl(&ns, &["pool", "list"]);
+    assert!(pool.contains("capacity=12582912"), "{pool}");
+    for r in [X, Y] {
+        keelctl(&ns, &["replica", "create", "pool0", r, "12MiB", "--share"]);
+    }
+
+    let job = bins::workspace().join("e2e/vm/jobs/kernel-pool");
+    let params = [
+        ("TARGET", "10.200.0.1".to_string()),
+        ("PORT", "4420".into()),
+        ("NQN_X", format!("nqn.2026-11.io.keelson:replica-{X}")),
+        ("NQN_Y", format!("nqn.2026-11.io.keelson:replica-{Y}")),
+    ];
+    let out = vm::run_job(&ns, &job, &params, Duration::from_secs(200), |r| {
+        anyhow::bail!("unexpected request {r}")
+    })
+    .unwrap();
+    println!("{}", out.output);
+    let pool = keelctl(&ns, &["pool", "list"]);
+    assert!(
+        out.success && out.output.contains("ALL-OK"),
+        "guest job failed:\n{}\npool: {pool}\nio-engine:\n{}",
+        out.output,
+        engine.log()
+    );
+    assert!(pool.contains("allocated=12582912"), "{pool}");
+    assert!(
+        !pool.contains("no_space_errors=0"),
+        "the failure is counted: {pool}"
+    );
+    assert!(
+        engine.log().contains("pool is full"),
+        "the failure is logged:\n{}",
+        engine.log()
+    );
+    engine.terminate(Duration::from_secs(10)).unwrap();
+}
