@@ -210,6 +210,52 @@ impl PoolMeta {
             .ok_or_else(|| PoolError::CorruptMetadata(format!("record names unknown volume {id}")))
     }
 
+    /// Points a volume's logical cluster at `physical` (or [`UNMAPPED`]), moving the references.
+    fn remap(&mut self, volume: &Uuid, logical: u32, physical: u32) -> Result<(), PoolError> {
+        let v = self.volume_mut(volume)?;
+        let Some(slot) = v.map.get_mut(logical as usize) else {
+            return Err(PoolError::CorruptMetadata(format!(
+                "volume {volume} has no logical cluster {logical}"
+            )));
+        };
+        let old = std::mem::replace(slot, physical);
+        self.drop_refs(&[old]);
+        self.add_refs(&[physical]);
+        Ok(())
+    }
+
+    /// A new volume `uuid` sharing every cluster of `src` (a snapshot of a replica, or a clone of a snapshot). It
+    /// starts with its own share, and no reservation or missed-writes records.
+    fn derive(
+        &mut self,
+        src: &Uuid,
+        uuid: Uuid,
+        snapshot_of: Option<Uuid>,
+        clone_of: Option<Uuid>,
+        created: u64,
+        share: Option<Share>,
+    ) -> Result<(), PoolError> {
+        if self.volumes.contains_key(&uuid) {
+            return Err(PoolError::CorruptMetadata(format!(
+                "volume {uuid} created twice"
+            )));
+        }
+        let src = self.volume_mut(src)?.clone();
+        let v = VolumeMeta {
+            uuid,
+            snapshot_of,
+            clone_of,
+            created,
+            share,
+            reservation: None,
+            missed: BTreeMap::new(),
+            ..src
+        };
+        self.add_refs(&v.map);
+        self.volumes.insert(uuid, v);
+        Ok(())
+    }
+
     /// Applies one record. An error means the record cannot follow this state: metadata is corrupt.
     pub fn apply(&mut self, r: &Record) -> Result<(), PoolError> {
         let bad = |why: String| Err(PoolError::CorruptMetadata(why));
@@ -245,67 +291,27 @@ impl PoolMeta {
                 if *physical as usize >= self.refs.len() {
                     return bad(format!("cluster {physical} is beyond the pool"));
                 }
-                let v = self.volume_mut(volume)?;
-                let Some(slot) = v.map.get_mut(*logical as usize) else {
-                    return bad(format!("volume {volume} has no logical cluster {logical}"));
-                };
-                let old = std::mem::replace(slot, *physical);
-                self.drop_refs(&[old]);
-                self.add_refs(&[*physical]);
+                self.remap(volume, *logical, *physical)?;
             }
-            Record::Unmap { volume, logical } => {
-                let v = self.volume_mut(volume)?;
-                let Some(slot) = v.map.get_mut(*logical as usize) else {
-                    return bad(format!("volume {volume} has no logical cluster {logical}"));
-                };
-                let old = std::mem::replace(slot, UNMAPPED);
-                self.drop_refs(&[old]);
-            }
+            Record::Unmap { volume, logical } => self.remap(volume, *logical, UNMAPPED)?,
             Record::Snapshot {
                 replica,
                 snapshot,
                 created,
-            } => {
-                if self.volumes.contains_key(snapshot) {
-                    return bad(format!("volume {snapshot} created twice"));
-                }
-                let src = self.volume_mut(replica)?.clone();
-                let v = VolumeMeta {
-                    uuid: *snapshot,
-                    snapshot_of: Some(*replica),
-                    clone_of: None,
-                    created: *created,
-                    share: None,
-                    reservation: None,
-                    missed: BTreeMap::new(),
-                    ..src
-                };
-                self.add_refs(&v.map);
-                self.volumes.insert(*snapshot, v);
-            }
+            } => self.derive(replica, *snapshot, Some(*replica), None, *created, None)?,
             Record::Clone {
                 snapshot,
                 replica,
                 created,
                 share,
-            } => {
-                if self.volumes.contains_key(replica) {
-                    return bad(format!("volume {replica} created twice"));
-                }
-                let src = self.volume_mut(snapshot)?.clone();
-                let v = VolumeMeta {
-                    uuid: *replica,
-                    snapshot_of: None,
-                    clone_of: Some(*snapshot),
-                    created: *created,
-                    share: share.clone(),
-                    reservation: None,
-                    missed: BTreeMap::new(),
-                    ..src
-                };
-                self.add_refs(&v.map);
-                self.volumes.insert(*replica, v);
-            }
+            } => self.derive(
+                snapshot,
+                *replica,
+                None,
+                Some(*snapshot),
+                *created,
+                share.clone(),
+            )?,
             Record::SetShare { volume, share } => {
                 self.volume_mut(volume)?.share = share.clone();
             }
