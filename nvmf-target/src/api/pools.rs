@@ -186,7 +186,6 @@ pub fn reservation(
     r: pb::GetReservationRequest,
 ) -> Result<pb::Reservation, Status> {
     let s = engine.reservation(&uuid(&r.replica)?)?;
-    let holder = |h: &uuid::Uuid| s.holder.as_ref() == Some(h) || (s.rtype >= 5 && s.rtype != 0);
     Ok(pb::Reservation {
         generation: s.generation,
         r#type: u32::from(s.rtype),
@@ -196,7 +195,7 @@ pub fn reservation(
             .map(|r| pb::Registrant {
                 host_id: r.host.to_string(),
                 key: r.key,
-                holds: s.rtype != 0 && holder(&r.host),
+                holds: s.is_holder(r.host),
             })
             .collect(),
     })

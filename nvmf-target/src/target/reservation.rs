@@ -56,7 +56,8 @@ impl ReservationState {
             .map(|r| r.key)
     }
 
-    fn is_holder(&self, host: Uuid) -> bool {
+    /// Whether `host` holds the reservation (for all-registrants types: is registered while one exists).
+    pub fn is_holder(&self, host: Uuid) -> bool {
         self.rtype != 0
             && if all_regs(self.rtype) {
                 self.key_of(host).is_some()
