@@ -13,7 +13,7 @@ use crate::protocol::command::resv;
 use crate::protocol::status::Status;
 use crate::target::subsystem::Namespace;
 
-use super::nexus::ReservationKeys;
+use super::nexus::Reservable;
 
 pub struct LocalChild {
     ns: Arc<Namespace>,
@@ -33,46 +33,37 @@ impl LocalChild {
         LocalChild { ns, host }
     }
 
-    /// Registers `keys.key` and takes Write Exclusive, preempting `keys.preempt` if the reservation is held.
-    pub async fn reserve(&self, keys: ReservationKeys) -> Result<(), BlockError> {
-        let (r, host) = (&self.ns.reservations, self.host);
-        r.change(|s| s.register(host, resv::REPLACE, true, 0, keys.key))
-            .await
-            .map_err(to_block)?;
-        let acquire = r
-            .change(|s| {
-                s.acquire(
-                    host,
-                    resv::ACQUIRE,
-                    false,
-                    keys.key,
-                    0,
-                    resv::WRITE_EXCLUSIVE,
-                )
-            })
-            .await;
-        match acquire {
-            Err(s) if s == Status::RESERVATION_CONFLICT && keys.preempt != 0 => r
-                .change(|s| {
-                    s.acquire(
-                        host,
-                        resv::PREEMPT,
-                        false,
-                        keys.key,
-                        keys.preempt,
-                        resv::WRITE_EXCLUSIVE,
-                    )
-                })
-                .await
-                .map_err(to_block),
-            other => other.map_err(to_block),
-        }
-    }
-
     fn check(&self, write: bool) -> Result<(), BlockError> {
         self.ns
             .reservations
             .check(self.host, write)
+            .map_err(to_block)
+    }
+}
+
+#[async_trait]
+impl Reservable for LocalChild {
+    async fn register_key(&self, key: u64) -> Result<(), BlockError> {
+        let host = self.host;
+        self.ns
+            .reservations
+            .change(|s| s.register(host, resv::REPLACE, true, 0, key))
+            .await
+            .map_err(to_block)
+    }
+
+    async fn acquire(
+        &self,
+        action: u8,
+        key: u64,
+        preempt_key: u64,
+        rtype: u8,
+    ) -> Result<(), BlockError> {
+        let host = self.host;
+        self.ns
+            .reservations
+            .change(|s| s.acquire(host, action, false, key, preempt_key, rtype))
+            .await
             .map_err(to_block)
     }
 }
@@ -141,6 +132,7 @@ impl BlockDevice for LocalChild {
 mod tests {
     use super::*;
     use crate::block::memory::MemoryDevice;
+    use crate::engine::nexus::{ReservationKeys, reserve};
     use crate::target::reservation::Reservations;
 
     #[tokio::test]
@@ -154,14 +146,14 @@ mod tests {
             stats: Default::default(),
         });
         let old = LocalChild::new(ns.clone(), Uuid::new_v4());
-        old.reserve(ReservationKeys { key: 1, preempt: 0 })
+        reserve(&old, ReservationKeys { key: 1, preempt: 0 })
             .await
             .unwrap();
         old.write(0, Bytes::from(vec![1u8; 512])).await.unwrap();
         let new = LocalChild::new(ns.clone(), Uuid::new_v4());
-        let taken = new.reserve(ReservationKeys { key: 2, preempt: 0 }).await;
+        let taken = reserve(&new, ReservationKeys { key: 2, preempt: 0 }).await;
         assert!(matches!(taken, Err(BlockError::ReservationConflict)));
-        new.reserve(ReservationKeys { key: 2, preempt: 1 })
+        reserve(&new, ReservationKeys { key: 2, preempt: 1 })
             .await
             .unwrap();
         assert!(matches!(

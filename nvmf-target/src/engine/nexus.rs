@@ -76,8 +76,7 @@ impl Engine {
                 })?;
                 let child = LocalChild::new(ns, self.host_id());
                 if let Some(keys) = reservation {
-                    child
-                        .reserve(keys)
+                    reserve(&child, keys)
                         .await
                         .map_err(|e| EngineError::FailedPrecondition(format!("{uri}: {e}")))?;
                 }
@@ -339,16 +338,52 @@ fn nexus_error(e: crate::nexus::NexusError) -> EngineError {
     }
 }
 
-/// Registers the nexus's key on a child and takes Write Exclusive, preempting the replaced nexus if asked to.
-async fn reserve(ns: &RemoteNamespace, keys: ReservationKeys) -> Result<(), BlockError> {
+/// What taking a nexus's reservation needs from a child, local or remote.
+#[async_trait::async_trait]
+pub(super) trait Reservable: Send + Sync {
+    /// Registers `key` for this node, replacing any key it had.
+    async fn register_key(&self, key: u64) -> Result<(), BlockError>;
+    /// Reservation Acquire with `action` (acquire or preempt of `preempt_key`).
+    async fn acquire(
+        &self,
+        action: u8,
+        key: u64,
+        preempt_key: u64,
+        rtype: u8,
+    ) -> Result<(), BlockError>;
+}
+
+#[async_trait::async_trait]
+impl Reservable for RemoteNamespace {
+    async fn register_key(&self, key: u64) -> Result<(), BlockError> {
+        RemoteNamespace::register_key(self, key).await
+    }
+    async fn acquire(
+        &self,
+        action: u8,
+        key: u64,
+        preempt_key: u64,
+        rtype: u8,
+    ) -> Result<(), BlockError> {
+        RemoteNamespace::acquire(self, action, key, preempt_key, rtype).await
+    }
+}
+
+/// Registers the nexus's key on a child and takes Write Exclusive, preempting the replaced nexus if asked to. The
+/// one fencing sequence, for local and remote children alike.
+pub(super) async fn reserve(
+    child: &dyn Reservable,
+    keys: ReservationKeys,
+) -> Result<(), BlockError> {
     use crate::protocol::command::resv;
-    ns.register_key(keys.key).await?;
-    match ns
+    child.register_key(keys.key).await?;
+    match child
         .acquire(resv::ACQUIRE, keys.key, 0, resv::WRITE_EXCLUSIVE)
         .await
     {
         Err(BlockError::ReservationConflict) if keys.preempt != 0 => {
-            ns.acquire(resv::PREEMPT, keys.key, keys.preempt, resv::WRITE_EXCLUSIVE)
+            child
+                .acquire(resv::PREEMPT, keys.key, keys.preempt, resv::WRITE_EXCLUSIVE)
                 .await
         }
         r => r,
