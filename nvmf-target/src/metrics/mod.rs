@@ -19,7 +19,11 @@ use crate::block::BlockDevice;
 use crate::engine::Engine;
 use crate::nexus::NexusState;
 use crate::nexus::child::ChildState;
-use crate::target::stats::LATENCY_BUCKETS;
+
+/// Rebuild duration buckets, in seconds: 10 ms to 1 hour.
+const REBUILD_BUCKETS: &[f64] = &[
+    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+];
 
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
     pairs
@@ -76,27 +80,25 @@ impl Families {
         });
     }
 
-    /// `values` are observations; buckets are [`LATENCY_BUCKETS`] scaled by `scale`.
+    /// A histogram of `values` over `bounds` (upper bounds, ascending).
     fn histogram_of(
         &mut self,
         name: &str,
         help: &str,
         l: &[(&str, &str)],
         values: &[f64],
-        scale: f64,
+        bounds: &[f64],
     ) {
         self.push(name, help, MetricType::HISTOGRAM, l, |m| {
             let mut h = Histogram::default();
             h.set_sample_count(values.len() as u64);
             h.set_sample_sum(values.iter().sum());
-            let buckets = LATENCY_BUCKETS
+            let buckets = bounds
                 .iter()
                 .map(|b| {
                     let mut k = Bucket::default();
-                    k.set_upper_bound(b * scale);
-                    k.set_cumulative_count(
-                        values.iter().filter(|v| **v <= b * scale).count() as u64
-                    );
+                    k.set_upper_bound(*b);
+                    k.set_cumulative_count(values.iter().filter(|v| **v <= *b).count() as u64);
                     k
                 })
                 .collect();
@@ -288,7 +290,7 @@ fn nexuses(f: &mut Families, engine: &Engine) {
             "Duration of the rebuilds in a nexus's history, in seconds.",
             &l,
             &durations,
-            100.0,
+            REBUILD_BUCKETS,
         );
         f.counter(
             "keelson_nexus_rebuild_bytes_total",
