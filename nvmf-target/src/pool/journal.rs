@@ -192,6 +192,12 @@ impl Journal {
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
+
+    /// Journal blocks used since the last checkpoint.
+    #[cfg(test)]
+    pub fn used_blocks(&self) -> u64 {
+        self.next
+    }
 }
 
 pub fn encode_state(meta: &PoolMeta) -> Result<Vec<u8>, PoolError> {

@@ -3,13 +3,15 @@
 //! - `label`: the first 4 KiB of the device (identity and layout, checksummed).
 //! - `meta`: the metadata as a value (volumes, cluster maps, records, soundness checks).
 //! - `journal`: how that metadata is kept on the device (double-buffered checkpoints and a journal).
+//! - `commit`: group commit (changes made at the same time share one journal write and flush).
 //! - `volume`: a replica or snapshot as a [`BlockDevice`] (thin allocation, copy-on-write).
 //!
 //! A pool sits on any [`BlockDevice`]: a file or block device in production, memory in tests. Every metadata change
-//! is one journal transaction, durable before the call that made it returns. Cluster-freeing changes (destroy,
+//! is journaled, durable before the call that made it returns (changes made at once share a transaction). Cluster-freeing changes (destroy,
 //! unmap) and snapshots wait for in-flight I/O of the pool to drain (the `gate`), so a freed cluster is never
 //! still being read, and a snapshot sees every acknowledged write.
 
+mod commit;
 mod journal;
 pub mod label;
 pub mod meta;
@@ -26,12 +28,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
 
 use crate::block::BlockDevice;
+use commit::GroupCommit;
 use journal::Journal;
 use label::{LABEL_LEN, Label};
 use meta::{PoolMeta, Record, Share, VolumeMeta};
 pub use volume::PoolVolume;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -74,7 +77,7 @@ pub(crate) struct PoolInner {
     dev: Arc<dyn BlockDevice>,
     label: Label,
     meta: RwLock<PoolMeta>,
-    journal: tokio::sync::Mutex<Journal>,
+    journal: GroupCommit,
     /// Clusters picked for an allocation whose mapping is not committed yet.
     reserved: Mutex<BTreeSet<u32>>,
     cursor: AtomicU64,
@@ -92,14 +95,16 @@ impl PoolInner {
 
     /// Makes records durable, then applies them.
     async fn commit(&self, records: Vec<Record>) -> Result<(), PoolError> {
-        let mut j = self.journal.lock().await;
-        j.commit(|| journal::encode_state(&self.meta()), &records)
-            .await?;
-        let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
-        for r in &records {
-            m.apply(r)?;
-        }
-        Ok(())
+        self.journal
+            .commit(
+                records,
+                || journal::encode_state(&self.meta()),
+                |records| {
+                    let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+                    records.iter().try_for_each(|r| m.apply(r))
+                },
+            )
+            .await
     }
 
     fn reserve_cluster(&self) -> Result<u32, PoolError> {
@@ -241,7 +246,7 @@ impl Pool {
             dev,
             label,
             meta: RwLock::new(meta),
-            journal: tokio::sync::Mutex::new(journal),
+            journal: GroupCommit::new(journal),
             reserved: Mutex::new(BTreeSet::new()),
             cursor: AtomicU64::new(0),
             gate: tokio::sync::RwLock::new(()),
@@ -309,7 +314,7 @@ impl Pool {
                 size: meta.size,
                 read_only: meta.is_snapshot(),
                 closed: AtomicBool::new(false),
-                alloc: tokio::sync::Mutex::new(()),
+                alloc: crate::block::range_lock::RangeLock::new(),
             })
         });
         Ok(v.clone())

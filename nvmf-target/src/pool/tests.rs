@@ -62,6 +62,45 @@ async fn replicas_are_thin_and_survive_import() {
 }
 
 #[tokio::test]
+async fn allocations_at_once_share_journal_transactions_and_all_survive_import() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let slow = Arc::new(FaultDevice::new(mem.clone()));
+    let pool = Pool::create(slow.clone(), &spec("p1")).await.unwrap();
+    let r = Uuid::new_v4();
+    let vol = pool
+        .create_replica(r, 16 * u64::from(CS), None)
+        .await
+        .unwrap();
+    slow.set_plan(FaultPlan {
+        latency: Some(std::time::Duration::from_millis(2)),
+        ..Default::default()
+    });
+    let before = pool.inner.journal.used_blocks().await;
+    let writes = (0..16u8).map(|i| vol.write(u64::from(i) * u64::from(CS) + 512, pattern(i, 4096)));
+    for r in futures_util::future::join_all(writes).await {
+        r.unwrap();
+    }
+    let used = pool.inner.journal.used_blocks().await - before;
+    assert!(
+        used < 8,
+        "16 allocations at once took {used} journal blocks"
+    );
+    drop((vol, pool));
+
+    let pool = Pool::import(mem).await.unwrap();
+    let vol = pool.open_volume(&r).unwrap();
+    for i in 0..16u8 {
+        let at = u64::from(i) * u64::from(CS) + 512;
+        assert_eq!(
+            &vol.read(at, 4096).await.unwrap()[..],
+            &pattern(i, 4096)[..]
+        );
+    }
+    assert_eq!(pool.stats().allocated, 16 * u64::from(CS));
+}
+
+#[tokio::test]
 async fn a_replica_conforms_to_the_block_device_contract() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let pool = Pool::create(dev, &spec("p1")).await.unwrap();
@@ -217,7 +256,7 @@ async fn corrupt_labels_and_metadata_are_detected_not_used() {
         }
     };
     let newest = Pool::import(dev.clone()).await.unwrap();
-    let epoch_area = if newest.inner.journal.lock().await.epoch() % 2 == 1 {
+    let epoch_area = if newest.inner.journal.epoch().await % 2 == 1 {
         a
     } else {
         b
@@ -256,7 +295,7 @@ async fn the_journal_wraps_into_checkpoints() {
         pool.create_replica(u, MIB, None).await.unwrap();
         pool.destroy_volume(u).await.unwrap();
     }
-    assert!(pool.inner.journal.lock().await.epoch() >= 2);
+    assert!(pool.inner.journal.epoch().await >= 2);
     drop(pool);
     let pool = Pool::import(dev).await.unwrap();
     assert_eq!(pool.volumes().len(), 1);

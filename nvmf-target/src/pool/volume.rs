@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::meta::{Record, UNMAPPED};
 use super::{PoolError, PoolInner};
+use crate::block::range_lock::RangeLock;
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
 pub struct PoolVolume {
@@ -26,8 +27,9 @@ pub struct PoolVolume {
     pub(super) size: u64,
     pub(super) read_only: bool,
     pub(super) closed: AtomicBool,
-    /// Serializes this volume's allocations and copy-on-writes.
-    pub(super) alloc: tokio::sync::Mutex<()>,
+    /// Serializes allocations and copy-on-writes of one logical cluster (a range of cluster indexes); those
+    /// of different clusters run at once.
+    pub(super) alloc: RangeLock,
 }
 
 /// One cluster's part of a request: logical cluster, offset within it, and the byte range of the request.
@@ -122,7 +124,10 @@ impl PoolVolume {
         within: u64,
         data: Bytes,
     ) -> Result<(), BlockError> {
-        let _serial = self.alloc.lock().await;
+        let _serial = self
+            .alloc
+            .exclusive(u64::from(logical)..u64::from(logical) + 1)
+            .await;
         let old = self.lookup(logical)?;
         let dev = &self.pool.dev;
         if let Some((p, true)) = old {

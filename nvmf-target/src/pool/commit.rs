@@ -1,0 +1,98 @@
+//! Group commit: metadata changes that arrive while the journal is busy share its next write and flush.
+//!
+//! Every caller queues its records and then waits for the journal. Whoever gets it takes everything queued so
+//! far (its own records and those of callers still waiting), writes them as one transaction, applies each
+//! caller's records in queue order and tells each caller its result. A caller that finds its records already
+//! committed by an earlier holder returns at once. N allocations in flight thus cost one journal flush, not N,
+//! and each caller still returns only once its records are durable.
+
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
+
+use super::PoolError;
+use super::journal::Journal;
+use super::meta::Record;
+
+/// Most callers' records written in one transaction (keeps a transaction far below the journal's size).
+const MAX_BATCH: usize = 64;
+
+struct Waiting {
+    records: Vec<Record>,
+    done: oneshot::Sender<Result<(), PoolError>>,
+}
+
+pub(super) struct GroupCommit {
+    journal: tokio::sync::Mutex<Journal>,
+    queue: Mutex<Vec<Waiting>>,
+}
+
+impl GroupCommit {
+    pub fn new(journal: Journal) -> GroupCommit {
+        GroupCommit {
+            journal: tokio::sync::Mutex::new(journal),
+            queue: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Makes `records` durable, then applies them with `apply` (called under the journal lock, in journal order).
+    /// `state` encodes the current metadata, for when the journal is full and a checkpoint is written first.
+    pub async fn commit(
+        &self,
+        records: Vec<Record>,
+        state: impl Fn() -> Result<Vec<u8>, PoolError>,
+        apply: impl Fn(&[Record]) -> Result<(), PoolError>,
+    ) -> Result<(), PoolError> {
+        let (tx, mut rx) = oneshot::channel();
+        self.queue().push(Waiting { records, done: tx });
+        // The queue is first in, first out: ours is in the first batch taken after we queued, unless more than
+        // MAX_BATCH callers were ahead of us.
+        loop {
+            let mut journal = self.journal.lock().await;
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+            let batch: Vec<Waiting> = {
+                let mut q = self.queue();
+                let n = q.len().min(MAX_BATCH);
+                q.drain(..n).collect()
+            };
+            let all: Vec<Record> = batch
+                .iter()
+                .flat_map(|w| w.records.iter().cloned())
+                .collect();
+            match journal.commit(&state, &all).await {
+                Ok(()) => {
+                    for w in batch {
+                        let _ = w.done.send(apply(&w.records));
+                    }
+                }
+                Err(e) => {
+                    for w in batch {
+                        let _ = w.done.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(journal);
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+        }
+    }
+
+    /// The journal's epoch (how many checkpoints it has written).
+    #[cfg(test)]
+    pub async fn epoch(&self) -> u64 {
+        self.journal.lock().await.epoch()
+    }
+
+    /// Journal blocks used since the last checkpoint.
+    #[cfg(test)]
+    pub async fn used_blocks(&self) -> u64 {
+        self.journal.lock().await.used_blocks()
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Waiting>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
