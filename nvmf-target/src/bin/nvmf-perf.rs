@@ -262,6 +262,8 @@ async fn main() -> Result<()> {
     let mbps = iops * bs as f64 / 1e6;
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let per_m = |cpu: Option<f64>| cpu.map(|c| c / (ios as f64 / 1e6));
+    // Written at once, ignoring a closed pipe (`nvmf-perf ... | head -1` must not panic).
+    let mut out = String::new();
     if args.json {
         let v = serde_json::json!({
             "rw": format!("{:?}", args.rw).to_lowercase(), "bs": bs, "qd": args.qd, "queues": args.queues,
@@ -270,9 +272,9 @@ async fn main() -> Result<()> {
             "client_cpu_s": client_cpu, "target_cpu_s": target_cpu,
             "target_cpu_s_per_million_ios": per_m(target_cpu), "client_cpu_s_per_million_ios": per_m(client_cpu),
         });
-        println!("{v}");
+        out = format!("{v}\n");
     } else {
-        println!(
+        out += &format!(
             "{:?} bs={} qd={} queues={}: {:.0} IOPS, {:.1} MB/s, lat us mean {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1}, errors {}",
             args.rw,
             bs,
@@ -286,19 +288,21 @@ async fn main() -> Result<()> {
             us(0.999),
             errors
         );
+        out.push('\n');
         if let Some(c) = client_cpu {
-            println!(
-                "  client CPU {c:.2} s ({:.2} s per million I/Os)",
+            out += &format!(
+                "  client CPU {c:.2} s ({:.2} s per million I/Os)\n",
                 per_m(Some(c)).unwrap_or(0.0)
             );
         }
         if let Some(c) = target_cpu {
-            println!(
-                "  target CPU {c:.2} s ({:.2} s per million I/Os)",
+            out += &format!(
+                "  target CPU {c:.2} s ({:.2} s per million I/Os)\n",
                 per_m(Some(c)).unwrap_or(0.0)
             );
         }
     }
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     anyhow::ensure!(errors == 0, "{errors} I/O errors");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! A block device backed by a regular file or a block device node. I/O runs on tokio's blocking pool with
 //! positional reads and writes. With `direct`, the file is opened O_DIRECT (falling back to buffered I/O where the
-//! file system refuses it, e.g. tmpfs) and data moves through 4 KiB-aligned buffers.
+//! file system refuses it, e.g. tmpfs) and data moves through 4 KiB-aligned buffers ([`super::aligned`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use nix::fcntl::{FallocateFlags, fallocate};
 
+use super::aligned::{self, AlignedBuf};
 use super::{BlockDevice, BlockError, check_range};
 
-const ALIGN: usize = 4096;
 /// Largest piece written at once when zeroing by writes.
 const ZERO_CHUNK: u64 = 1 << 20;
 
@@ -24,27 +24,6 @@ pub struct FileDevice {
     block_size: u32,
     num_blocks: u64,
     direct: bool,
-}
-
-/// A buffer whose usable part starts at a 4 KiB-aligned address (what O_DIRECT needs), without unsafe code.
-struct AlignedBuf {
-    buf: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let buf = vec![0u8; len + ALIGN];
-        let start = buf.as_ptr().align_offset(ALIGN);
-        AlignedBuf { buf, start, len }
-    }
-    fn as_slice(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
-    }
 }
 
 impl FileDevice {
@@ -163,9 +142,9 @@ impl BlockDevice for FileDevice {
         let direct = self.direct;
         self.blocking(move |f| {
             if direct {
-                let mut b = AlignedBuf::new(len as usize);
-                f.read_exact_at(b.as_mut(), offset)?;
-                Ok(Bytes::copy_from_slice(b.as_slice()))
+                let mut b = AlignedBuf::zeroed(len as usize);
+                f.read_exact_at(b.bytes_mut(), offset)?;
+                Ok(b.freeze())
             } else {
                 let mut v = vec![0u8; len as usize];
                 f.read_exact_at(&mut v, offset)?;
@@ -184,10 +163,8 @@ impl BlockDevice for FileDevice {
         )?;
         let direct = self.direct;
         self.blocking(move |f| {
-            if direct && data.as_ptr().align_offset(ALIGN) != 0 {
-                let mut b = AlignedBuf::new(data.len());
-                b.as_mut().copy_from_slice(&data);
-                f.write_all_at(b.as_slice(), offset)
+            if direct && !aligned::is_aligned(&data) {
+                f.write_all_at(&aligned::concat([&data[..]], data.len()), offset)
             } else {
                 f.write_all_at(&data, offset)
             }

@@ -3,10 +3,12 @@
 //! - [`memory::MemoryDevice`]: thin, RAM-backed (tests, benchmarks, `--memory` namespaces).
 //! - [`file::FileDevice`]: a regular file or a block device (loop devices in tests), O_DIRECT where allowed.
 //! - [`fault::FaultDevice`]: wraps another device and fails or delays I/O on command (tests).
+//! - [`aligned`]: page-aligned buffers (what O_DIRECT needs), filled without a second copy.
 //! - [`range_lock::RangeLock`]: shared/exclusive byte-range locks (nexus writes versus rebuild copies).
 //!
 //! Offsets and lengths are in bytes and must be multiples of the block size; [`check_range`] validates them.
 
+pub mod aligned;
 pub mod fault;
 pub mod file;
 pub mod memory;

@@ -20,6 +20,8 @@ use super::{ConnectOptions, InitiatorError};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Commands moving at least this many bytes go to the bulk queue (see [`pick_queue`]).
+const BULK_BYTES: u32 = 256 << 10;
 /// Blocks per Write Zeroes / Dataset Management range.
 const MAX_ZERO_BLOCKS: u64 = 1 << 16;
 
@@ -157,7 +159,7 @@ impl RemoteNamespace {
         loop {
             let c = self.controller().await?;
             let qs = c.io_queues();
-            let q = &qs[self.shared.next_queue.fetch_add(1, Ordering::Relaxed) % qs.len()];
+            let q = &qs[self.pick_queue(qs.len(), sqe.sgl().length)];
             match q.submit(sqe, data.clone()).await {
                 Ok(done) => return Ok(done.data),
                 Err(InitiatorError::Disconnected | InitiatorError::Timeout)
@@ -169,6 +171,10 @@ impl RemoteNamespace {
                 Err(e) => return Err(to_block(e)),
             }
         }
+    }
+
+    fn pick_queue(&self, queues: usize, bytes: u32) -> usize {
+        pick_queue(&self.shared.next_queue, queues, bytes)
     }
 
     fn lba(&self, offset: u64) -> u64 {
@@ -256,11 +262,10 @@ impl BlockDevice for RemoteNamespace {
         if parts.len() == 1 {
             return Ok(parts.remove(0));
         }
-        let mut out = BytesMut::with_capacity(len as usize);
-        for p in parts {
-            out.put(p);
-        }
-        Ok(out.freeze())
+        Ok(crate::block::aligned::concat(
+            parts.iter().map(|p| &p[..]),
+            len as usize,
+        ))
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
@@ -419,5 +424,40 @@ impl Drop for RemoteNamespace {
         if let Some(c) = self.shared.current.send_replace(None) {
             c.close();
         }
+    }
+}
+
+/// The queue for a command moving `bytes`: with two queues or more, bulk transfers (rebuild copies, large
+/// application I/O) get the last one to themselves, so small I/O never waits behind megabytes of someone else's
+/// data on the same connection; the rest go round-robin over the others.
+fn pick_queue(next: &AtomicUsize, queues: usize, bytes: u32) -> usize {
+    if queues >= 2 && bytes >= BULK_BYTES {
+        return queues - 1;
+    }
+    let n = if queues >= 2 {
+        queues - 1
+    } else {
+        queues.max(1)
+    };
+    next.fetch_add(1, Ordering::Relaxed) % n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_transfers_get_the_last_queue_and_small_ones_the_others() {
+        let next = AtomicUsize::new(0);
+        let small: Vec<usize> = (0..6).map(|_| pick_queue(&next, 4, 4096)).collect();
+        assert_eq!(small, vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(pick_queue(&next, 4, 4 << 20), 3);
+        assert_eq!(pick_queue(&next, 2, BULK_BYTES), 1);
+        assert_eq!(pick_queue(&next, 2, 512), 0);
+        // One queue carries everything.
+        assert_eq!(
+            (pick_queue(&next, 1, 4 << 20), pick_queue(&next, 1, 512)),
+            (0, 0)
+        );
     }
 }

@@ -166,13 +166,10 @@ fn join(parts: Vec<Bytes>) -> Bytes {
     match parts.len() {
         0 => Bytes::new(),
         1 => parts.into_iter().next().unwrap_or_default(),
-        _ => {
-            let mut b = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
-            for p in parts {
-                b.extend_from_slice(&p);
-            }
-            b.freeze()
-        }
+        _ => crate::block::aligned::concat(
+            parts.iter().map(|p| &p[..]),
+            parts.iter().map(Bytes::len).sum(),
+        ),
     }
 }
 

@@ -119,9 +119,16 @@ impl Child {
         self.st().state
     }
 
-    /// Takes writes (Healthy or Rebuilding).
-    pub fn takes_writes(&self) -> bool {
-        matches!(self.state(), ChildState::Healthy | ChildState::Rebuilding)
+    /// Whether a write to `offset..offset+len` must go to this child. A healthy one takes every write; a
+    /// rebuilding one only those reaching segments its rebuild has copied or will not copy: a segment still to
+    /// be copied gets the data from the copy, after this write (the caller holds the range lock the copy takes).
+    pub fn takes_write(&self, offset: u64, len: u64) -> bool {
+        let s = self.st();
+        match s.state {
+            ChildState::Healthy => true,
+            ChildState::Rebuilding => !s.rebuild.as_ref().is_some_and(|p| p.pending(offset, len)),
+            ChildState::Faulted => false,
+        }
     }
 
     /// Faults the child; returns true if it was not faulted before.

@@ -5,7 +5,8 @@
 //! unless every child failed for lack of space (the volume is full: Capacity Exceeded, nobody's fault). The lock is
 //! exclusive because two overlapping writes in flight at once could otherwise reach the children in different
 //! orders and leave replicas that disagree; it also keeps a rebuild's copy of a segment from interleaving with
-//! application writes to it. Writes to disjoint ranges still run in parallel.
+//! application writes to it. Writes to disjoint ranges still run in parallel. A rebuilding child gets only the
+//! writes its rebuild has already copied past (or will not copy): the rest reach it through the copy.
 //!
 //! Reads go round-robin over healthy children and move on to the next one on error; a child is faulted after too
 //! many read errors or one timeout.
@@ -36,6 +37,7 @@ impl Nexus {
         if self.state() == NexusState::Shutdown {
             return Err(BlockError::Closed);
         }
+        self.app_ios.fetch_add(1, Ordering::Relaxed);
         let _guard = if len > 0 {
             Some(self.lock.exclusive(offset..offset + len).await)
         } else {
@@ -44,7 +46,7 @@ impl Nexus {
         let targets: Vec<Arc<Child>> = self
             .list()
             .into_iter()
-            .filter(|c| c.takes_writes())
+            .filter(|c| c.takes_write(offset, len))
             .collect();
         if !targets.iter().any(|c| c.state() == ChildState::Healthy) {
             return Err(BlockError::Remote(format!(
@@ -150,6 +152,7 @@ impl BlockDevice for Nexus {
         if self.state() == NexusState::Shutdown {
             return Err(BlockError::Closed);
         }
+        self.app_ios.fetch_add(1, Ordering::Relaxed);
         let mut last_err = None;
         // Each healthy child gets a chance; faulted ones drop out of the list.
         for _ in 0..self.list().len().max(1) * 2 {

@@ -92,6 +92,8 @@ pub struct Nexus {
     config: NexusConfig,
     children: RwLock<Vec<Arc<Child>>>,
     next_read: AtomicUsize,
+    /// Application I/Os started (reads and writes), so a rebuild can tell whether the volume is in use.
+    app_ios: std::sync::atomic::AtomicU64,
     lock: RangeLock,
     history: Mutex<Vec<RebuildRecord>>,
     tasks: TaskTracker,
@@ -141,6 +143,7 @@ impl Nexus {
             config,
             children: RwLock::new(list),
             next_read: AtomicUsize::new(0),
+            app_ios: std::sync::atomic::AtomicU64::new(0),
             lock: RangeLock::new(),
             history: Mutex::new(Vec::new()),
             tasks: TaskTracker::new(),

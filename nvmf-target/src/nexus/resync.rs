@@ -38,6 +38,8 @@ pub struct RebuildRecord {
 struct Siblings {
     nexus: Arc<Nexus>,
     exclude: String,
+    /// The nexus's application I/O count when `busy` last looked.
+    seen_ios: std::sync::atomic::AtomicU64,
 }
 
 impl Source for Siblings {
@@ -64,6 +66,11 @@ impl Source for Siblings {
             }
         }
     }
+
+    fn busy(&self) -> bool {
+        let now = self.nexus.app_ios.load(Ordering::Relaxed);
+        self.seen_ios.swap(now, Ordering::Relaxed) != now
+    }
 }
 
 impl Nexus {
@@ -73,12 +80,16 @@ impl Nexus {
         map: SegmentMap,
         kind: RebuildKind,
     ) {
-        let progress = Arc::new(Progress::new(map.marked_bytes()));
+        let progress = Arc::new(Progress::new(&map));
         child.start_rebuild(progress.clone());
         let nexus = self.clone();
         tracing::info!(nexus = %self.name, child = %child.name, ?kind, bytes = progress.total_bytes, "rebuild started");
         self.tasks.spawn(async move {
-            let source = Siblings { nexus: nexus.clone(), exclude: child.name.clone() };
+            let source = Siblings {
+                nexus: nexus.clone(),
+                exclude: child.name.clone(),
+                seen_ios: Default::default(),
+            };
             let r = rebuild::run(
                 &source,
                 &child.device,

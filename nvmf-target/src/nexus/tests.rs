@@ -27,8 +27,10 @@ fn config() -> NexusConfig {
         read_error_limit: 2,
         rebuild: RebuildConfig {
             segment_size: 64 << 10,
+            copy_size: 256 << 10,
             rate_limit: None,
             parallel: 4,
+            parallel_busy: 2,
         },
         partial_rebuild_window: Duration::from_secs(60),
     }
@@ -274,6 +276,40 @@ async fn a_rebuild_under_concurrent_writes_leaves_identical_children() {
             h[0].error.clone()
         ),
         (RebuildKind::Full, SIZE, None)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_skip_a_rebuilding_child_where_the_copy_has_not_been_yet() {
+    let a = mem();
+    let mut cfg = config();
+    cfg.rebuild.rate_limit = Some(SIZE); // a second (of paused time) for the whole copy
+    let n = Nexus::new("vol", vec![("c0".to_string(), a.clone())], cfg).unwrap();
+    n.write(0, pattern(1, SIZE as usize)).await.unwrap();
+    let b = mem();
+    n.add_child("c1", b.clone()).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let writes = || n.list()[1].counters.writes.load(Ordering::Relaxed);
+    assert_eq!(n.list()[1].state(), ChildState::Rebuilding);
+    let before = writes();
+    // The last segment is still to be copied: the copy will bring this write over.
+    n.write(SIZE - 4096, pattern(2, 4096)).await.unwrap();
+    assert_eq!(
+        writes(),
+        before,
+        "a write ahead of the copy went to the child"
+    );
+    // The first segment is copied: the child must get the write now.
+    n.write(0, pattern(3, 4096)).await.unwrap();
+    assert_eq!(writes(), before + 1);
+    wait_online(&n).await;
+    assert_eq!(
+        b.read(0, SIZE).await.unwrap(),
+        a.read(0, SIZE).await.unwrap()
+    );
+    assert_eq!(
+        &b.read(SIZE - 4096, 4096).await.unwrap()[..],
+        &pattern(2, 4096)[..]
     );
 }
 

@@ -1,18 +1,22 @@
-//! The rebuild copy loop. For each marked segment: take the exclusive range lock (application writes to that
-//! segment wait), read it from a source, write it to the destination, release. Up to `parallel` segments are in
-//! flight at once, so the copy is not bound by one round trip per segment. Writes that arrive meanwhile for
-//! other segments go to the destination too (the caller fans them out), so when the loop ends the destination is
-//! identical to the sources. A failing source is swapped for another; a failing destination ends the rebuild.
+//! The rebuild copy loop. Marked segments are copied in runs of neighbours up to `copy_size` bytes, aligned to it
+//! (a thin destination then allocates each cluster with one write that fills it). For each run: take the
+//! exclusive range lock (application writes to it wait), read it from a source, write it to the destination,
+//! mark it copied, release. Up to `parallel` runs are in flight at once. Application writes to segments already
+//! copied go to the destination too (the caller fans them out); writes to segments still to be copied need not
+//! ([`Progress::pending`]), as the copy brings them over later. When the loop ends the destination is identical to
+//! the sources. A failing source is swapped for another; a failing destination ends the rebuild.
 //!
 //! Segments where the source holds no data (thin replicas that were never written there) are not copied: the
 //! source's allocation map, read once at the start, says which might be empty; each of those is checked again
 //! under its lock (an application write may have landed since) and, if still empty, deallocated on the
 //! destination instead of copied.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +25,8 @@ use crate::block::range_lock::RangeLock;
 
 use super::map::SegmentMap;
 
+/// How often the copy loop looks again at whether the application is busy while copies are in flight.
+const IDLE_POLL: Duration = Duration::from_millis(50);
 /// How many times one segment may fail on a source before the rebuild gives up.
 const SOURCE_ATTEMPTS: usize = 3;
 
@@ -41,6 +47,10 @@ pub trait Source: Send + Sync {
     fn pick(&self) -> Option<Arc<dyn BlockDevice>>;
     /// The picked source failed; the caller decides whether it stays a source.
     fn failed(&self, source: &Arc<dyn BlockDevice>, reason: &str);
+    /// Whether the application has done I/O since the last call (the copy then runs `parallel_busy` wide).
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -49,35 +59,64 @@ pub struct RebuildConfig {
     pub segment_size: u64,
     /// Bytes per second the rebuild may copy; `None` = as fast as it can.
     pub rate_limit: Option<u64>,
-    /// Segments copied at once.
+    /// Largest copy: neighbouring segments are copied together up to this many bytes, aligned to it. A thin
+    /// destination allocates whole clusters; a copy that fills one needs no zeroing around it.
+    pub copy_size: u64,
+    /// Copies in flight at once while the application is idle.
     pub parallel: usize,
+    /// Copies in flight at once while the application does I/O.
+    pub parallel_busy: usize,
 }
 
 impl Default for RebuildConfig {
     fn default() -> RebuildConfig {
         RebuildConfig {
             segment_size: 1 << 20,
+            copy_size: 4 << 20,
             rate_limit: None,
             parallel: 4,
+            // With the application busy, two 4 MiB copies still keep a disk busy; more only queue ahead of the
+            // application's I/O on the same disks.
+            parallel_busy: 2,
         }
     }
 }
 
-/// Live counters of one rebuild.
+/// Live state of one rebuild: counters, and which segments are still to be copied.
 #[derive(Debug)]
 pub struct Progress {
     pub total_bytes: u64,
     done: AtomicU64,
     started: Instant,
+    /// Segments not copied yet. A segment leaves it while the copy still holds its range lock.
+    pending: Mutex<SegmentMap>,
 }
 
 impl Progress {
-    pub fn new(total_bytes: u64) -> Progress {
+    /// A rebuild that will copy the segments `map` marks.
+    pub fn new(map: &SegmentMap) -> Progress {
         Progress {
-            total_bytes,
+            total_bytes: map.marked_bytes(),
             done: AtomicU64::new(0),
             started: Instant::now(),
+            pending: Mutex::new(map.clone()),
         }
+    }
+
+    /// Whether every segment `offset..offset+len` touches is still to be copied. A caller holding that range's
+    /// lock may then leave the destination alone: the copy will bring the range over from a source after it.
+    pub fn pending(&self, offset: u64, len: u64) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .covers(offset, len)
+    }
+
+    fn copied(&self, range: std::ops::Range<u64>) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear(range);
     }
     pub fn done_bytes(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
@@ -116,6 +155,7 @@ async fn copy_segment(
     range: std::ops::Range<u64>,
     lock: &RangeLock,
     maybe_empty: bool,
+    progress: &Progress,
 ) -> Result<(u64, bool), RebuildError> {
     let len = range.end - range.start;
     let mut attempts = 0;
@@ -132,6 +172,8 @@ async fn copy_segment(
                     offset: range.start,
                     reason: e.to_string(),
                 })?;
+            progress.copied(range);
+            drop(guard);
             return Ok((len, false));
         }
         let data = match src.read(range.start, len).await {
@@ -155,6 +197,8 @@ async fn copy_segment(
                 offset: range.start,
                 reason: e.to_string(),
             })?;
+        progress.copied(range);
+        drop(guard);
         return Ok((len, true));
     }
 }
@@ -169,7 +213,6 @@ pub async fn run(
     progress: &Progress,
     cancel: &CancellationToken,
 ) -> Result<RebuildStats, RebuildError> {
-    use futures_util::StreamExt;
     let start = Instant::now();
     let mut segments = 0;
     let mut skipped = 0;
@@ -181,34 +224,69 @@ pub async fn run(
             .flatten(),
         None => return Err(RebuildError::NoSource),
     };
-    let mut copies = futures_util::stream::iter(map.ranges())
-        .map(|range| {
-            let maybe_empty = allocated.as_ref().is_some_and(|a| unallocated(a, &range));
-            copy_segment(source, dst, range, lock, maybe_empty)
-        })
-        .buffer_unordered(config.parallel.max(1));
+    let segment = map.segment_size();
+    let mut runs = map.runs(config.copy_size).flat_map(|run| {
+        // A run splits where the source's allocation changes, so empty segments are never copied.
+        let empty =
+            |r: &std::ops::Range<u64>| allocated.as_ref().is_some_and(|a| unallocated(a, r));
+        let mut parts: Vec<(std::ops::Range<u64>, bool)> = Vec::new();
+        let mut at = run.start;
+        while at < run.end {
+            let seg = at..(at + segment).min(run.end);
+            let e = empty(&seg);
+            match parts.last_mut() {
+                Some((r, last)) if *last == e => r.end = seg.end,
+                _ => parts.push((seg.clone(), e)),
+            }
+            at = seg.end;
+        }
+        parts
+    });
+    let mut inflight = FuturesUnordered::new();
+    let mut exhausted = false;
     loop {
+        // The rate limit holds back new copies, never the ones in flight (they hold range locks).
+        let due = config.rate_limit.filter(|r| *r > 0).map(|rate| {
+            start + Duration::from_secs_f64(progress.done_bytes() as f64 / rate as f64)
+        });
+        let held_back = due.is_some_and(|d| d > Instant::now());
+        // Application I/O goes first: while there is some, fewer copies queue ahead of it on the disks.
+        let limit = if source.busy() {
+            config.parallel_busy
+        } else {
+            config.parallel
+        };
+        while !held_back && !exhausted && inflight.len() < limit.max(1) {
+            match runs.next() {
+                Some((range, maybe_empty)) => inflight.push(copy_segment(
+                    source,
+                    dst,
+                    range,
+                    lock,
+                    maybe_empty,
+                    progress,
+                )),
+                None => exhausted = true,
+            }
+        }
+        if inflight.is_empty() && exhausted {
+            break;
+        }
+        let wake = due
+            .filter(|_| held_back)
+            .unwrap_or_else(|| Instant::now() + IDLE_POLL);
         let next = tokio::select! {
-            n = copies.next() => n,
+            Some(r) = inflight.next() => Some(r),
+            _ = tokio::time::sleep_until(wake) => None,
             _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
         };
-        let Some(r) = next else { break };
+        let Some(r) = next else { continue };
         let (len, copied) = r?;
         segments += 1;
         if !copied {
             skipped += len;
         }
-        let done = progress.done.fetch_add(len, Ordering::Relaxed) + len;
-        if let Some(rate) = config.rate_limit.filter(|r| *r > 0) {
-            let due = Duration::from_secs_f64(done as f64 / rate as f64);
-            let elapsed = start.elapsed();
-            if due > elapsed {
-                tokio::select! {
-                    _ = tokio::time::sleep(due - elapsed) => {}
-                    _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
-                }
-            }
-        }
+        progress.done.fetch_add(len, Ordering::Relaxed);
     }
     Ok(RebuildStats {
         bytes_copied: progress.done_bytes() - skipped,
@@ -242,7 +320,7 @@ mod tests {
         dst: &Arc<dyn BlockDevice>,
         map: &SegmentMap,
     ) -> Result<RebuildStats, RebuildError> {
-        let p = Progress::new(map.marked_bytes());
+        let p = Progress::new(map);
         let s = Fixed(sources, Default::default());
         run(
             &s,
@@ -258,6 +336,93 @@ mod tests {
 
     fn mem(size: u64) -> Arc<dyn BlockDevice> {
         Arc::new(MemoryDevice::new(size, 512))
+    }
+
+    /// A destination that takes a millisecond per write and records how many were in flight at most.
+    struct Gauge {
+        inner: Arc<dyn BlockDevice>,
+        now: std::sync::atomic::AtomicUsize,
+        max: std::sync::atomic::AtomicUsize,
+    }
+    #[async_trait::async_trait]
+    impl BlockDevice for Gauge {
+        fn block_size(&self) -> u32 {
+            self.inner.block_size()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.inner.num_blocks()
+        }
+        async fn read(&self, offset: u64, len: u64) -> Result<Bytes, crate::block::BlockError> {
+            self.inner.read(offset, len).await
+        }
+        async fn write(&self, offset: u64, data: Bytes) -> Result<(), crate::block::BlockError> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.inner.write(offset, data).await
+        }
+        async fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> Result<(), crate::block::BlockError> {
+            self.inner.write_zeroes(offset, len).await
+        }
+        async fn deallocate(&self, offset: u64, len: u64) -> Result<(), crate::block::BlockError> {
+            self.inner.deallocate(offset, len).await
+        }
+        async fn flush(&self) -> Result<(), crate::block::BlockError> {
+            Ok(())
+        }
+    }
+
+    /// A source whose application is always busy (or never).
+    struct Busy(Arc<dyn BlockDevice>, bool);
+    impl Source for Busy {
+        fn pick(&self) -> Option<Arc<dyn BlockDevice>> {
+            Some(self.0.clone())
+        }
+        fn failed(&self, _: &Arc<dyn BlockDevice>, _: &str) {}
+        fn busy(&self) -> bool {
+            self.1
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fewer_copies_run_at_once_while_the_application_is_busy() {
+        let src = mem(64 << 20);
+        src.write(0, Bytes::from(vec![5u8; 64 << 20]))
+            .await
+            .unwrap();
+        for (busy, want) in [(false, 4), (true, 2)] {
+            let g = Arc::new(Gauge {
+                inner: mem(64 << 20),
+                now: Default::default(),
+                max: Default::default(),
+            });
+            let dst: Arc<dyn BlockDevice> = g.clone();
+            let map = SegmentMap::full(64 << 20, 1 << 20);
+            let p = Progress::new(&map);
+            let cfg = RebuildConfig::default();
+            assert_eq!((cfg.parallel, cfg.parallel_busy), (4, 2));
+            run(
+                &Busy(src.clone(), busy),
+                &dst,
+                &map,
+                &RangeLock::new(),
+                &cfg,
+                &p,
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(g.max.load(Ordering::SeqCst), want, "busy={busy}");
+            assert_eq!(
+                dst.read(0, 64 << 20).await.unwrap(),
+                src.read(0, 64 << 20).await.unwrap()
+            );
+        }
     }
 
     #[tokio::test]
@@ -316,7 +481,7 @@ mod tests {
         let dst = mem(4 << 20);
         let map = SegmentMap::full(4 << 20, 1 << 20);
         let s = Fixed(vec![good, bad], Default::default());
-        let p = Progress::new(map.marked_bytes());
+        let p = Progress::new(&map);
         run(
             &s,
             &dst,
@@ -333,16 +498,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_destination_ends_the_rebuild() {
-        let src = mem(4 << 20);
-        let dst = Arc::new(FaultDevice::new(mem(4 << 20)));
+        let src = mem(8 << 20);
+        let dst = Arc::new(FaultDevice::new(mem(8 << 20)));
         dst.set_plan(FaultPlan {
             fail_after: Some(1),
             ..Default::default()
         });
         let dst: Arc<dyn BlockDevice> = dst;
-        let map = SegmentMap::full(4 << 20, 1 << 20);
+        // Copies are 4 MiB: the first succeeds, the second fails.
+        let map = SegmentMap::full(8 << 20, 1 << 20);
         let r = copy(vec![src], &dst, &map).await;
-        assert!(matches!(r, Err(RebuildError::Destination { offset, .. }) if offset == 1 << 20));
+        assert!(matches!(r, Err(RebuildError::Destination { offset, .. }) if offset == 4 << 20));
     }
 
     #[tokio::test(start_paused = true)]
@@ -350,11 +516,13 @@ mod tests {
         let src = mem(4 << 20);
         let dst = mem(4 << 20);
         let map = SegmentMap::full(4 << 20, 1 << 20);
-        let p = Progress::new(map.marked_bytes());
+        let p = Progress::new(&map);
         let cfg = RebuildConfig {
             segment_size: 1 << 20,
+            copy_size: 1 << 20,
             rate_limit: Some(2 << 20),
             parallel: 1,
+            parallel_busy: 1,
         };
         let s = Fixed(vec![src], Default::default());
         let stats = run(

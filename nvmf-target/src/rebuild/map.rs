@@ -86,6 +86,46 @@ impl SegmentMap {
             .map(|s| s * self.segment..((s + 1) * self.segment).min(self.size))
     }
 
+    /// Marked byte ranges with neighbouring segments merged, ascending, each at most `max` bytes and never
+    /// crossing a multiple of `max` (so runs line up with a destination's clusters when `max` is their size).
+    pub fn runs(&self, max: u64) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        let max = max.max(self.segment);
+        let mut segs = self.ranges().peekable();
+        std::iter::from_fn(move || {
+            let mut run = segs.next()?;
+            while let Some(next) = segs.peek() {
+                if next.start != run.end || run.end % max == 0 {
+                    break;
+                }
+                run.end = next.end;
+                segs.next();
+            }
+            Some(run)
+        })
+    }
+
+    /// Unmarks every segment that lies wholly inside `range`.
+    pub fn clear(&mut self, range: std::ops::Range<u64>) {
+        for s in range.start.div_ceil(self.segment)..(range.end / self.segment).min(self.segments())
+        {
+            self.bits[(s / 64) as usize] &= !(1 << (s % 64));
+        }
+        if range.end >= self.size && !self.size.is_multiple_of(self.segment) {
+            let last = self.segments() - 1;
+            if range.start <= last * self.segment {
+                self.bits[(last / 64) as usize] &= !(1 << (last % 64));
+            }
+        }
+    }
+
+    /// Whether every segment that `offset..offset+len` touches is marked.
+    pub fn covers(&self, offset: u64, len: u64) -> bool {
+        let end = (offset + len).min(self.size);
+        len > 0
+            && offset < end
+            && (offset / self.segment..end.div_ceil(self.segment)).all(|s| self.is_marked(s))
+    }
+
     /// Marks everything `other` marks (same geometry).
     pub fn union(&mut self, other: &SegmentMap) {
         for (a, b) in self.bits.iter_mut().zip(&other.bits) {
@@ -122,6 +162,41 @@ mod tests {
         let full = SegmentMap::full((5 << 20) + 4096, 1 << 20);
         assert_eq!(full.count(), 6);
         assert_eq!(full.marked_bytes(), (5 << 20) + 4096);
+    }
+
+    #[test]
+    fn runs_merge_neighbours_up_to_aligned_max() {
+        let mut m = SegmentMap::empty((10 << 20) + 4096, 1 << 20);
+        m.mark(0, 6 << 20); // segments 0-5
+        m.mark(7 << 20, 1); // 7
+        m.mark(9 << 20, 2 << 20); // 9 and the short last one
+        let runs: Vec<_> = m.runs(4 << 20).collect();
+        assert_eq!(
+            runs,
+            vec![
+                0..4 << 20,
+                4 << 20..6 << 20,
+                7 << 20..8 << 20,
+                9 << 20..(10 << 20) + 4096
+            ]
+        );
+        let total: u64 = runs.iter().map(|r| r.end - r.start).sum();
+        assert_eq!(total, m.marked_bytes());
+        assert_eq!(m.runs(1).count() as u64, m.count());
+    }
+
+    #[test]
+    fn clear_and_covers() {
+        let mut m = SegmentMap::full((4 << 20) + 4096, 1 << 20);
+        assert!(m.covers(4096, 3 << 20));
+        m.clear(1 << 20..3 << 20);
+        assert!(!m.covers(0, (1 << 20) + 1) && m.covers(0, 1 << 20) && m.covers(3 << 20, 1 << 20));
+        m.clear((1 << 20) + 5..(3 << 20) + 7); // touches 1-3 but covers none wholly
+        assert!(m.is_marked(3));
+        m.clear(4 << 20..(4 << 20) + 4096);
+        assert!(!m.is_marked(4));
+        assert_eq!(m.count(), 2);
+        assert!(!m.covers(0, 0));
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -432,11 +432,8 @@ impl Queue {
         let data = if p.parts.len() == 1 {
             p.parts.into_iter().next().unwrap_or_default()
         } else {
-            let mut b = BytesMut::with_capacity(p.expected);
-            for part in p.parts {
-                b.extend_from_slice(&part);
-            }
-            b.freeze()
+            // Assembled page-aligned: a file-backed namespace writes it with O_DIRECT as it is.
+            crate::block::aligned::concat(p.parts.iter().map(|b| &b[..]), p.expected)
         };
         let Some(ctrl) = self.ctrl.clone() else {
             return Ok(());

@@ -78,8 +78,10 @@ impl Default for TargetConfig {
             queue_entries: 128,
             max_io_queues: 64,
             in_capsule_data: 8192,
-            maxh2cdata: 128 * 1024,
-            mdts: 8,
+            maxh2cdata: 512 * 1024,
+            // 4 MiB: a rebuild copies a whole pool cluster in one command, so the destination allocates it
+            // with one write (no zeroing around partial writes, no waiting behind the first of four).
+            mdts: 10,
         }
     }
 }
