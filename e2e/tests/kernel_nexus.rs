@@ -1,5 +1,6 @@
-//! The Linux kernel initiator (in a QEMU VM) on a 3-replica nexus: verified fio while one replica's io-engine is
-//! killed and later replaced by a new replica rebuilt online. Needs root (network namespace) and QEMU.
+//! The Linux kernel initiator (in a QEMU VM) on a 3-replica nexus of pool-backed thin replicas (each io-engine has
+//! a pool on a sparse file): verified fio while one replica's io-engine is killed and later replaced by a new
+//! replica rebuilt online. Needs root (network namespace) and QEMU.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,33 +15,50 @@ use e2e::vm::{self, VM_LOCK};
 const SIZE: &str = "128MiB";
 const VOLUME: &str = "00000000-0000-4000-8000-00000000ab5e";
 
-fn replica(i: u32) -> String {
-    format!("nqn.2026-11.io.keelson:replica-00000000-0000-4000-8000-00000000000{i}")
+fn replica_uuid(i: u32) -> String {
+    format!("00000000-0000-4000-8000-00000000000{i}")
 }
 
-/// An io-engine inside the namespace serving one memory replica.
+fn replica(i: u32) -> String {
+    format!("nqn.2026-11.io.keelson:replica-{}", replica_uuid(i))
+}
+
+/// An io-engine inside the namespace with a pool on a 512 MiB sparse file, serving one thin replica of it.
 fn engine(
     ns: &Netns,
     logs: &std::path::Path,
     name: &str,
     listen: &str,
     grpc: &str,
-    replica_nqn: &str,
+    replica: u32,
 ) -> Result<Process> {
+    let disk = logs.join(format!("{name}-pool.img"));
+    std::fs::File::create(&disk)?.set_len(512 << 20)?;
     let mut cmd = ns.command(bins::path("io-engine"));
     cmd.env("RUST_LOG", "info")
         .args(["--node-name", name, "--listen", listen, "--grpc", grpc])
-        .arg("--export")
-        .arg(format!("nqn={replica_nqn},memory={SIZE}"));
+        .arg("--pool")
+        .arg(format!("pool-{name}={}", disk.display()));
     let mut p = Process::spawn(name, cmd, logs)?;
     p.wait_for_log("io-engine running", Duration::from_secs(20))?;
+    let pool = format!("pool-{name}");
+    let uuid = replica_uuid(replica);
+    keelctl_at(
+        ns,
+        grpc,
+        &["replica", "create", &pool, &uuid, SIZE, "--share"],
+    )?;
     Ok(p)
 }
 
 fn keelctl(ns: &Netns, args: &[&str]) -> Result<String> {
+    keelctl_at(ns, "127.0.0.1:10124", args)
+}
+
+fn keelctl_at(ns: &Netns, grpc: &str, args: &[&str]) -> Result<String> {
     let out: std::process::Output = ns
         .command(bins::path("keelctl"))
-        .args(["engine", "--endpoint", "http://127.0.0.1:10124"])
+        .args(["engine", "--endpoint", &format!("http://{grpc}")])
         .args(args)
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -58,35 +76,9 @@ fn kernel_fio_survives_a_killed_replica_and_reads_back_from_the_rebuilt_one() {
     let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::create("keelson-e2e-nexus", "kvtap0").unwrap();
     let logs = vm::tempdir().unwrap();
-    let nexus_engine = engine(
-        &ns,
-        &logs,
-        "n1",
-        "10.200.0.1:4420",
-        "127.0.0.1:10124",
-        &replica(1),
-    )
-    .unwrap();
-    let _r2 = engine(
-        &ns,
-        &logs,
-        "n2",
-        "127.0.0.2:4420",
-        "127.0.0.2:10124",
-        &replica(2),
-    )
-    .unwrap();
-    let mut r3 = Some(
-        engine(
-            &ns,
-            &logs,
-            "n3",
-            "127.0.0.3:4420",
-            "127.0.0.3:10124",
-            &replica(3),
-        )
-        .unwrap(),
-    );
+    let nexus_engine = engine(&ns, &logs, "n1", "10.200.0.1:4420", "127.0.0.1:10124", 1).unwrap();
+    let _r2 = engine(&ns, &logs, "n2", "127.0.0.2:4420", "127.0.0.2:10124", 2).unwrap();
+    let mut r3 = Some(engine(&ns, &logs, "n3", "127.0.0.3:4420", "127.0.0.3:10124", 3).unwrap());
     let mut r4 = None;
     let c1 = format!("local:///{}", replica(1));
     let c2 = format!("nvmf://127.0.0.2:4420/{}", replica(2));
@@ -133,7 +125,7 @@ fn kernel_fio_survives_a_killed_replica_and_reads_back_from_the_rebuilt_one() {
                     "n4",
                     "127.0.0.4:4420",
                     "127.0.0.4:10124",
-                    &replica(4),
+                    4,
                 )?);
                 keelctl(&ns, &["add-child", VOLUME, &c4])?;
             }
@@ -185,7 +177,7 @@ fn kernel_fio_survives_a_killed_replica_and_reads_back_from_the_rebuilt_one() {
         out.output,
         nexus_engine.log()
     );
-    // Thin memory replicas: what the guest never wrote is skipped, the rest copied.
+    // Thin pool replicas: clusters the guest never wrote are skipped, the rest copied.
     let line = state
         .lines()
         .find(|l| l.contains(&format!("rebuild {c4} full copied=")))
