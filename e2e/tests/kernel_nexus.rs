@@ -194,4 +194,8 @@ fn kernel_fio_survives_a_killed_replica_and_reads_back_from_the_rebuilt_one() {
     };
     assert_eq!(field("copied=") + field("skipped="), 134217728, "{line}");
     assert!(field("copied=") > 0 && line.ends_with(" ok"), "{line}");
+    // Passed: the pools' disks go (the logs stay, as for every e2e test).
+    for n in ["n1", "n2", "n3", "n4"] {
+        let _ = std::fs::remove_file(logs.join(format!("{n}-pool.img")));
+    }
 }
