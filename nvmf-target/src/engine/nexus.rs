@@ -86,7 +86,8 @@ impl Engine {
                 let mut o = ConnectOptions::new(addr, nqn.as_str());
                 o.hostnqn = self.host_nqn();
                 o.hostid = *self.host_id().as_bytes();
-                o.io_queues = 2;
+                // Two for small I/O, round robin; one for bulk transfers such as rebuild copies.
+                o.io_queues = 3;
                 o.command_timeout = io_timeout;
                 let mut ns = RemoteNamespace::connect(o, nsid)
                     .await
