@@ -320,14 +320,24 @@ mod tests {
         dst: &Arc<dyn BlockDevice>,
         map: &SegmentMap,
     ) -> Result<RebuildStats, RebuildError> {
-        let p = Progress::new(map);
         let s = Fixed(sources, Default::default());
+        run_with(&s, dst, map, &RebuildConfig::default()).await
+    }
+
+    /// Runs a rebuild with a fresh lock, its own progress and no cancellation.
+    async fn run_with(
+        source: &dyn Source,
+        dst: &Arc<dyn BlockDevice>,
+        map: &SegmentMap,
+        cfg: &RebuildConfig,
+    ) -> Result<RebuildStats, RebuildError> {
+        let p = Progress::new(map);
         run(
-            &s,
+            source,
             dst,
             map,
             &RangeLock::new(),
-            &RebuildConfig::default(),
+            cfg,
             &p,
             &CancellationToken::new(),
         )
@@ -403,20 +413,11 @@ mod tests {
             });
             let dst: Arc<dyn BlockDevice> = g.clone();
             let map = SegmentMap::full(64 << 20, 1 << 20);
-            let p = Progress::new(&map);
             let cfg = RebuildConfig::default();
             assert_eq!((cfg.parallel, cfg.parallel_busy), (4, 2));
-            run(
-                &Busy(src.clone(), busy),
-                &dst,
-                &map,
-                &RangeLock::new(),
-                &cfg,
-                &p,
-                &CancellationToken::new(),
-            )
-            .await
-            .unwrap();
+            run_with(&Busy(src.clone(), busy), &dst, &map, &cfg)
+                .await
+                .unwrap();
             assert_eq!(g.max.load(Ordering::SeqCst), want, "busy={busy}");
             assert_eq!(
                 dst.read(0, 64 << 20).await.unwrap(),
@@ -481,18 +482,9 @@ mod tests {
         let dst = mem(4 << 20);
         let map = SegmentMap::full(4 << 20, 1 << 20);
         let s = Fixed(vec![good, bad], Default::default());
-        let p = Progress::new(&map);
-        run(
-            &s,
-            &dst,
-            &map,
-            &RangeLock::new(),
-            &RebuildConfig::default(),
-            &p,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        run_with(&s, &dst, &map, &RebuildConfig::default())
+            .await
+            .unwrap();
         assert!(dst.read(0, 4 << 20).await.unwrap().iter().all(|&b| b == 7));
     }
 
@@ -516,7 +508,6 @@ mod tests {
         let src = mem(4 << 20);
         let dst = mem(4 << 20);
         let map = SegmentMap::full(4 << 20, 1 << 20);
-        let p = Progress::new(&map);
         let cfg = RebuildConfig {
             segment_size: 1 << 20,
             copy_size: 1 << 20,
@@ -525,17 +516,7 @@ mod tests {
             parallel_busy: 1,
         };
         let s = Fixed(vec![src], Default::default());
-        let stats = run(
-            &s,
-            &dst,
-            &map,
-            &RangeLock::new(),
-            &cfg,
-            &p,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let stats = run_with(&s, &dst, &map, &cfg).await.unwrap();
         assert!(
             stats.duration >= Duration::from_millis(1990),
             "{:?}",
