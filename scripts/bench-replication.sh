@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Replication figures: io-engines on 127.0.0.1..3 serving 256 MiB memory replicas, nexuses on 127.0.0.1 with 1, 2
-# and 3 children, nvmf-perf against each; then rebuild throughput with and without application I/O, and partial
-# versus full rebuild for the same outage. Everything shares this machine's cores, so the figures include that
-# contention. Usage: scripts/bench-replication.sh [seconds per workload, default 10]
+# Replication figures: io-engines on 127.0.0.1..4 serving 256 MiB memory replicas, nexuses on 127.0.0.1 with 1, 2
+# and 3 children (3 remote ones, or a local one and remote ones), nvmf-perf against each; then rebuild throughput
+# with and without application I/O, and partial versus full rebuild for the same outage. Everything shares this
+# machine's cores, so the figures include that contention. Usage: scripts/bench-replication.sh [seconds, default 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-10}
@@ -21,8 +21,9 @@ engine() { # i, replica suffixes...
     PIDS+=($!)
 }
 engine 1 1 2 3 4 5
-engine 2 2 3 4 5 6
-engine 3 3
+engine 2 2 3 4 5 6 7
+engine 3 3 7
+engine 4 7
 sleep 1
 k() { $B/keelctl engine --endpoint http://127.0.0.1:10124 "$@"; }
 nx() { echo "00000000-0000-4000-8000-00000000b00$1"; }
@@ -35,15 +36,17 @@ k create-nexus "$(nx 1)" "$(loc 1)" >/dev/null
 k create-nexus "$(nx 2)" "$(loc 2)" "$(rem 2 2)" >/dev/null
 k create-nexus "$(nx 3)" "$(loc 3)" "$(rem 2 3)" "$(rem 3 3)" >/dev/null
 k create-nexus "$(nx 6)" "$(rem 2 6)" >/dev/null
-for n in 1 2 3 6; do k publish-nexus "$(nx $n)" --allow-any-host >/dev/null; done
+k create-nexus "$(nx 7)" "$(rem 2 7)" "$(rem 3 7)" "$(rem 4 7)" >/dev/null
+for n in 1 2 3 6 7; do k publish-nexus "$(nx $n)" --allow-any-host >/dev/null; done
 # Memory replicas are thin: the first write to each 1 MiB chunk allocates and zeroes it. Fill every volume first
 # so the figures measure replication, not first touch.
 prefill() { $B/nvmf-perf --addr 127.0.0.1:4420 --nqn "$V$1" --rw write --bs 128k --qd 8 --time 3 >/dev/null; }
-for n in 1 2 3 6; do prefill "$(nx $n)"; done
-for n in 6 1 2 3; do
+for n in 1 2 3 6 7; do prefill "$(nx $n)"; done
+for n in 6 7 1 2 3; do
     label="replicas=$n (1 local)"
     [ $n -gt 1 ] && label="replicas=$n (1 local + $((n - 1)) remote)"
     if [ $n = 6 ]; then label="replicas=1 (remote)"; fi
+    if [ $n = 7 ]; then label="replicas=3 (3 remote)"; fi
     for qd in 1 32; do echo -n "$label "; perf "$(nx $n)" --rw randwrite --bs 4k --qd $qd | awk "NR==1"; done
 done
 
