@@ -2,7 +2,7 @@
 # Rebuild figures on pool-backed replicas: two io-engines on 127.0.0.1 and 127.0.0.2, each with a pool on a sparse
 # file under $BENCH_DIR (default /var/tmp), a nexus on 127.0.0.1 over a local replica filled with data, and full
 # rebuilds into fresh remote replicas. The baseline is what the backing store itself can copy: fio reading the
-# source pool file and writing a fresh file at the same time, 1 MiB direct I/O, 4 deep (the rebuild's shape).
+# source pool file and writing a fresh file at the same time, 1 MiB direct I/O, 4 deep (4 MiB in flight each way).
 # Then the same rebuild while the application writes, and the application's throughput with and without it.
 # Usage: scripts/bench-rebuild.sh [volume size, default 1GiB]
 set -euo pipefail
