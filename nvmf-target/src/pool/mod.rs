@@ -108,34 +108,50 @@ impl PoolInner {
     }
 
     fn reserve_cluster(&self) -> Result<u32, PoolError> {
+        Ok(self.reserve_clusters(1)?[0])
+    }
+
+    /// Picks `n` free clusters for allocations, all or none: a write that needs several new clusters either gets
+    /// them all before it writes anything, or fails with nothing changed.
+    fn reserve_clusters(&self, n: usize) -> Result<Vec<u32>, PoolError> {
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        let from = self.cursor.load(Ordering::Relaxed);
-        match self.meta().find_free(from, &reserved) {
-            Some(c) => {
-                reserved.insert(c);
-                self.cursor.store(u64::from(c) + 1, Ordering::Relaxed);
-                Ok(c)
-            }
-            None => {
-                self.no_space.fetch_add(1, Ordering::Relaxed);
-                let mut last = self
-                    .last_no_space_log
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                    *last = Some(Instant::now());
-                    tracing::warn!(
-                        pool = %self.label.name,
-                        failed_writes = self.no_space.load(Ordering::Relaxed),
-                        "pool is full: writes that need a new cluster fail with Capacity Exceeded"
-                    );
-                }
-                Err(PoolError::NoSpace(format!(
-                    "pool {} has no free cluster",
-                    self.label.name
-                )))
-            }
+        let mut from = self.cursor.load(Ordering::Relaxed);
+        let mut picked = Vec::with_capacity(n);
+        let meta = self.meta();
+        while picked.len() < n {
+            let Some(c) = meta.find_free(from, &reserved) else {
+                break;
+            };
+            reserved.insert(c);
+            picked.push(c);
+            from = u64::from(c) + 1;
         }
+        drop(meta);
+        if picked.len() == n {
+            self.cursor.store(from, Ordering::Relaxed);
+            return Ok(picked);
+        }
+        for c in &picked {
+            reserved.remove(c);
+        }
+        self.no_space.fetch_add(1, Ordering::Relaxed);
+        let mut last = self
+            .last_no_space_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                pool = %self.label.name,
+                failed_writes = self.no_space.load(Ordering::Relaxed),
+                "pool is full: writes that need a new cluster fail with Capacity Exceeded"
+            );
+        }
+        Err(PoolError::NoSpace(format!(
+            "pool {} has {} free clusters, the write needs {n}",
+            self.label.name,
+            picked.len()
+        )))
     }
 
     fn release_cluster(&self, c: u32) {

@@ -208,6 +208,42 @@ async fn a_full_pool_fails_only_writes_that_need_a_new_cluster() {
 }
 
 #[tokio::test]
+async fn a_write_that_needs_more_clusters_than_are_free_changes_nothing() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(12 * MIB, 512));
+    let pool = Pool::create(dev, &spec("small")).await.unwrap();
+    let cs = u64::from(CS);
+    let clusters = pool.stats().capacity / cs;
+    let a = pool
+        .create_replica(Uuid::new_v4(), pool.stats().capacity, None)
+        .await
+        .unwrap();
+    let b = pool
+        .create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .unwrap();
+    // `a` maps all but its last two clusters and `b` takes one more: one cluster stays free.
+    for i in 0..clusters - 2 {
+        a.write(i * cs, pattern(i as u8, 4096)).await.unwrap();
+    }
+    b.write(0, pattern(1, 4096)).await.unwrap();
+    let before = pool.stats().allocated;
+    // A write across `a`'s last two (unmapped) clusters needs two.
+    let across = (clusters - 1) * cs - 4096;
+    let e = a.write(across, pattern(7, 8192)).await;
+    assert!(matches!(e, Err(BlockError::NoSpace)), "{e:?}");
+    assert_eq!(pool.stats().allocated, before);
+    assert_eq!(pool.stats().no_space_errors, 1);
+    // Neither half landed, not even in the cluster that had room.
+    assert!(a.read(across, 8192).await.unwrap().iter().all(|x| *x == 0));
+    // The free cluster is still there for a write that fits.
+    a.write(across, pattern(3, 4096)).await.unwrap();
+    assert_eq!(
+        &a.read(across, 4096).await.unwrap()[..],
+        &pattern(3, 4096)[..]
+    );
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_and_change_nothing() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let pool = Pool::create(dev.clone(), &spec("p1")).await.unwrap();

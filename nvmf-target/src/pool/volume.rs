@@ -7,7 +7,9 @@
 //!   (zeroes around the new data, or a copy of the shared cluster with the new data over it), flushes it, and
 //!   only then commits the new mapping to the journal. A crash before the commit leaves the old mapping and a free
 //!   cluster; the write was never acknowledged. The old contents of a reused cluster can never show through.
-//! - With no free cluster the write fails with [`BlockError::NoSpace`] (NVMe "Capacity Exceeded").
+//! - A write reserves every new cluster it needs before it writes any: with too few free clusters it fails with
+//!   [`BlockError::NoSpace`] (NVMe "Capacity Exceeded") and changes nothing, so replicas that all ran out of
+//!   space still agree.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +57,20 @@ fn pieces(offset: u64, len: u64, cs: u64) -> impl Iterator<Item = Piece> {
         done += n;
         Some(p)
     })
+}
+
+/// Clusters reserved for one request's allocations; those it did not use go back when it ends.
+struct Reserved<'a> {
+    pool: &'a PoolInner,
+    clusters: Vec<u32>,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        for c in self.clusters.drain(..) {
+            self.pool.release_cluster(c);
+        }
+    }
 }
 
 fn pool_err(e: PoolError) -> BlockError {
@@ -117,12 +133,36 @@ impl PoolVolume {
         out
     }
 
-    /// Writes `data` at `within` of logical cluster `logical` into a newly allocated cluster.
+    /// Clusters to reserve before writing `pieces`: those that are unmapped (when `unmapped` counts) or shared
+    /// with a snapshot. Reserving them all first makes a write that spans clusters all or nothing on a full pool.
+    fn reserve_for(&self, pieces: &[Piece], unmapped: bool) -> Result<Reserved<'_>, BlockError> {
+        let mut n = 0;
+        for p in pieces {
+            match self.lookup(p.logical)? {
+                Some((_, true)) => {}
+                Some((_, false)) => n += 1,
+                None if unmapped => n += 1,
+                None => {}
+            }
+        }
+        let clusters = match n {
+            0 => Vec::new(),
+            n => self.pool.reserve_clusters(n).map_err(pool_err)?,
+        };
+        Ok(Reserved {
+            pool: &self.pool,
+            clusters,
+        })
+    }
+
+    /// Writes `data` at `within` of logical cluster `logical` into a newly allocated cluster: one from `spare`
+    /// if the caller reserved it, else one reserved here.
     async fn allocate_write(
         &self,
         logical: u32,
         within: u64,
         data: Bytes,
+        spare: &mut Reserved<'_>,
     ) -> Result<(), BlockError> {
         let _serial = self
             .alloc
@@ -136,7 +176,10 @@ impl PoolVolume {
                 .write(self.pool.label.cluster_offset(p) + within, data)
                 .await;
         }
-        let new = self.pool.reserve_cluster().map_err(pool_err)?;
+        let new = match spare.clusters.pop() {
+            Some(c) => c,
+            None => self.pool.reserve_cluster().map_err(pool_err)?,
+        };
         let result = async {
             let base = self.pool.label.cluster_offset(new);
             let cs = self.cs();
@@ -171,13 +214,18 @@ impl PoolVolume {
         result
     }
 
-    async fn write_piece(&self, p: &Piece, data: Bytes) -> Result<(), BlockError> {
+    async fn write_piece(
+        &self,
+        p: &Piece,
+        data: Bytes,
+        spare: &mut Reserved<'_>,
+    ) -> Result<(), BlockError> {
         match self.lookup(p.logical)? {
             Some((phys, true)) => {
                 let off = self.pool.label.cluster_offset(phys) + p.within;
                 self.pool.dev.write(off, data).await
             }
-            _ => self.allocate_write(p.logical, p.within, data).await,
+            _ => self.allocate_write(p.logical, p.within, data, spare).await,
         }
     }
 }
@@ -220,9 +268,11 @@ impl BlockDevice for PoolVolume {
         }
         let _io = self.pool.gate.read().await;
         self.check_open()?;
-        for p in pieces(offset, data.len() as u64, self.cs()) {
+        let pieces: Vec<Piece> = pieces(offset, data.len() as u64, self.cs()).collect();
+        let mut spare = self.reserve_for(&pieces, true)?;
+        for p in &pieces {
             let part = data.slice(p.range.clone());
-            self.write_piece(&p, part).await?;
+            self.write_piece(p, part, &mut spare).await?;
         }
         Ok(())
     }
@@ -234,7 +284,9 @@ impl BlockDevice for PoolVolume {
         }
         let _io = self.pool.gate.read().await;
         self.check_open()?;
-        for p in pieces(offset, len, self.cs()) {
+        let pieces: Vec<Piece> = pieces(offset, len, self.cs()).collect();
+        let mut spare = self.reserve_for(&pieces, false)?;
+        for p in &pieces {
             let n = p.range.len() as u64;
             match self.lookup(p.logical)? {
                 None => {}
@@ -244,7 +296,8 @@ impl BlockDevice for PoolVolume {
                 }
                 Some((_, false)) => {
                     let zeroes = Bytes::from(vec![0u8; n as usize]);
-                    self.allocate_write(p.logical, p.within, zeroes).await?;
+                    self.allocate_write(p.logical, p.within, zeroes, &mut spare)
+                        .await?;
                 }
             }
         }
