@@ -124,6 +124,42 @@ impl MissedWrites {
         }
         self.ranges = out;
     }
+
+    /// Joins neighbouring ranges across the smallest gaps until at most `max` (at least one) remain. The result
+    /// covers everything it covered before and more: a partial rebuild from it copies a little extra, never less.
+    pub fn coarsen(&mut self, max: usize) {
+        let max = max.max(1);
+        if self.ranges.len() <= max {
+            return;
+        }
+        // Gaps to close, smallest first; the `len - max` smallest go.
+        let mut gaps: Vec<(u64, usize)> = self
+            .ranges
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| (w[1].0 - (w[0].0 + w[0].1), i))
+            .collect();
+        gaps.sort_unstable();
+        let mut close = vec![false; self.ranges.len()];
+        for (_, i) in &gaps[..self.ranges.len() - max] {
+            close[*i] = true;
+        }
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(max);
+        let mut join = false;
+        for (i, (s, n)) in self.ranges.iter().copied().enumerate() {
+            match out.last_mut() {
+                Some((ps, pn)) if join => *pn = s + n - *ps,
+                _ => out.push((s, n)),
+            }
+            join = close[i];
+        }
+        self.ranges = out;
+    }
+
+    /// An upper bound of this record's size in the pool's metadata (JSON).
+    pub fn encoded_bound(&self) -> usize {
+        self.child.len() + 64 + self.ranges.len() * 44
+    }
 }
 
 /// Clips merged, ordered ranges to `offset..offset+len`.

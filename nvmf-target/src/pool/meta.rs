@@ -16,6 +16,8 @@ use crate::block::MissedWrites;
 
 /// A logical cluster with no physical cluster behind it reads as zeroes.
 pub const UNMAPPED: u32 = u32::MAX;
+/// Metadata bytes a volume's missed-writes records may take (a few hundred ranges); beyond it they are coarsened.
+pub const MISSED_BUDGET: usize = 8 << 10;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Share {
@@ -50,6 +52,25 @@ pub struct VolumeMeta {
 }
 
 impl VolumeMeta {
+    /// Keeps the missed-writes records within [`MISSED_BUDGET`] by coarsening the longest one, so a long outage
+    /// with scattered writes cannot outgrow the metadata area: at worst its partial rebuild copies more.
+    fn fit_missed(&mut self) {
+        loop {
+            let total: usize = self.missed.values().map(|m| m.encoded_bound()).sum();
+            if total <= MISSED_BUDGET {
+                return;
+            }
+            let Some(longest) = self.missed.values_mut().max_by_key(|m| m.ranges.len()) else {
+                return;
+            };
+            if longest.ranges.len() <= 1 {
+                return;
+            }
+            let half = longest.ranges.len() / 2;
+            longest.coarsen(half);
+        }
+    }
+
     pub fn is_snapshot(&self) -> bool {
         self.snapshot_of.is_some()
     }
@@ -326,6 +347,7 @@ impl PoolMeta {
                         v.missed.insert(missed.child.clone(), missed.clone());
                     }
                 }
+                v.fit_missed();
             }
             Record::ForgetMissed { volume, child } => {
                 self.volume_mut(volume)?.missed.remove(child);
@@ -343,7 +365,7 @@ impl PoolMeta {
 
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
     pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
-        let per_volume = 512u64;
+        let per_volume = 512 + MISSED_BUDGET as u64;
         let per_cluster = 28u64;
         let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
         self.volumes.len() as u64 * per_volume + (clusters + extra_clusters) * per_cluster
@@ -464,6 +486,61 @@ mod tests {
         busy.insert(0);
         assert_eq!(m.find_free(0, &busy), Some(1));
         assert_eq!(m.find_free(4, &busy), Some(6));
+    }
+
+    #[test]
+    fn missed_writes_of_a_long_outage_stay_within_budget_and_cover_every_write() {
+        const MIB: u64 = 1 << 20;
+        let mut m = PoolMeta::new(CS, 16);
+        let r = create(&mut m, 1 << 40);
+        let child =
+            "nqn.2026-11.io.keelson:replica-00000000-0000-4000-8000-000000000001/1".to_string();
+        // One megabyte written in every third: 10 000 separate ranges if nothing were merged.
+        let written: Vec<u64> = (0..10_000u64).map(|i| i * 3 * MIB).collect();
+        for at in &written {
+            m.apply(&Record::NoteMissed {
+                volume: r,
+                missed: MissedWrites {
+                    child: child.clone(),
+                    since_ms: 5,
+                    ranges: vec![(*at, MIB)],
+                },
+            })
+            .unwrap();
+        }
+        let v = &m.volumes[&r];
+        let kept = &v.missed[&child];
+        assert!(
+            kept.encoded_bound() <= MISSED_BUDGET,
+            "{}",
+            kept.encoded_bound()
+        );
+        assert!(serde_json::to_vec(&v.missed).unwrap().len() <= MISSED_BUDGET);
+        assert!(kept.ranges.len() > 50, "{}", kept.ranges.len());
+        assert_eq!(kept.since_ms, 5);
+        for at in &written {
+            assert!(
+                kept.ranges
+                    .iter()
+                    .any(|(s, n)| s <= at && at + MIB <= s + n),
+                "{at} lost"
+            );
+        }
+        // Ordered and disjoint.
+        assert!(kept.ranges.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
+    }
+
+    #[test]
+    fn coarsening_closes_the_smallest_gaps_first() {
+        let mut m = MissedWrites {
+            child: "c".into(),
+            since_ms: 0,
+            ranges: vec![(0, 10), (12, 10), (100, 10), (111, 5), (500, 1)],
+        };
+        m.coarsen(3);
+        assert_eq!(m.ranges, vec![(0, 22), (100, 16), (500, 1)]);
+        m.coarsen(0);
+        assert_eq!(m.ranges, vec![(0, 501)]);
     }
 
     #[test]
