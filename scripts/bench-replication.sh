@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Replication figures: io-engines on 127.0.0.1..4 serving 256 MiB memory replicas, nexuses on 127.0.0.1 with 1, 2
-# and 3 children (3 remote ones, or a local one and remote ones), nvmf-perf against each; then rebuild throughput
+# and 3 children (3 remote ones, or a local one and remote ones), nvmf-perf against each; QD1 latency of 3 replicas
+# against 1 as the median of alternating rounds; then rebuild throughput
 # with and without application I/O, and partial versus full rebuild for the same outage. Everything shares this
 # machine's cores, so the figures include that contention. Usage: scripts/bench-replication.sh [seconds, default 10]
 set -euo pipefail
@@ -21,7 +22,7 @@ engine() { # i, replica suffixes...
     PIDS+=($!)
 }
 engine 1 1 2 3 4 5
-engine 2 2 3 4 5 6 7
+engine 2 2 3 4 5 6 7 8 9 a
 engine 3 3 7
 engine 4 7
 sleep 1
@@ -49,6 +50,24 @@ for n in 6 7 1 2 3; do
     if [ $n = 7 ]; then label="replicas=3 (3 remote)"; fi
     for qd in 1 32; do echo -n "$label "; perf "$(nx $n)" --rw randwrite --bs 4k --qd $qd | awk "NR==1"; done
 done
+
+echo "## QD1 write latency of 3 replicas against 1, alternating rounds of 2 s (ROUNDS, default 9)"
+# Single runs swing widely here: five processes share two cores. Rounds alternate the volumes so drift hits them
+# alike, and the median of the per-round ratios is the figure. Volume "3 remote, one engine" has its three
+# replicas on engine 2 (three connections and subsystems, one process): the nexus's fan-out without a third
+# engine process competing for the cores.
+k create-nexus "$(nx 8)" "$(rem 2 8)" "$(rem 2 9)" "$(rem 2 a)" >/dev/null
+k publish-nexus "$(nx 8)" --allow-any-host >/dev/null
+prefill "$(nx 8)"
+p50() { $B/nvmf-perf --addr 127.0.0.1:4420 --nqn "$V$1" --time 2 --rw randwrite --bs 4k --qd 1 | sed -n '1s/.* p50 \([0-9.]*\) .*/\1/p'; }
+r7=(); r8=()
+for r in $(seq 1 "${ROUNDS:-9}"); do
+    a=$(p50 "$(nx 6)"); b=$(p50 "$(nx 7)"); c=$(p50 "$(nx 8)")
+    echo "round $r p50 us: 1 remote $a, 3 remote (3 engines) $b, 3 remote (one engine) $c"
+    r7+=("$(awk -v a="$a" -v b="$b" 'BEGIN{print b / a}')"); r8+=("$(awk -v a="$a" -v c="$c" 'BEGIN{print c / a}')")
+done
+median() { sort -g | awk '{a[NR]=$1} END {printf "%.2f", a[int((NR + 1) / 2)]}'; }
+echo "median p50 ratio against 1 remote: 3 engines $(printf '%s\n' "${r7[@]}" | median)x, one engine $(printf '%s\n' "${r8[@]}" | median)x"
 
 echo "## rebuild of a 256 MiB replica"
 k create-nexus "$(nx 4)" "$(loc 4)" >/dev/null
