@@ -3,7 +3,8 @@
 # file under $BENCH_DIR (default /var/tmp), a nexus on 127.0.0.1 over a local replica filled with data, and full
 # rebuilds into fresh remote replicas. The baseline is what the backing store itself can copy: fio reading the
 # source pool file and writing a fresh file at the same time, 1 MiB direct I/O, 4 deep (4 MiB in flight each way).
-# Then the same rebuild while the application writes, and the application's throughput with and without it.
+# Then the same rebuild while the application writes, and the application's throughput with and without it; and,
+# for reference, the store copy while the application writes, with no rebuild.
 # Usage: scripts/bench-rebuild.sh [volume size, default 1GiB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,3 +115,18 @@ echo "app, 2 replicas, one rebuilding: $with IOPS ($(awk -v a="$with" -v b="$alo
 echo "rebuild under I/O: $busy_ms ms = $(mbs "$size_b" "$busy_ms") MB/s," \
     "$(awk -v a="$store_ms" -v b="$busy_ms" 'BEGIN {printf "%.0f", 100 * a / b}') % of the store copy"
 [ "$busy_ms" -ge 2800 ] || echo "note: the rebuild ended before the application's 3 s window did; use a larger size"
+
+echo "## the store itself under the same application load (fio copy as above, no rebuild)"
+# Every pool here shares one disk. This is the trade-off the disk itself makes between a copy and the application,
+# the bound for any rebuild on this machine.
+rm -f "$D/copy.img"
+fio "$D/copy.fio" --output-format=terse > "$D/fio" &
+fio_pid=$!
+sleep 0.2
+shared=$(app)
+wait $fio_pid
+copy_ms=$(awk -F';' '{r = $9 > $50 ? $9 : $50; if (r > m) m = r} END {print m}' "$D/fio")
+rm -f "$D/copy.img"
+echo "app, 2 replicas, store copying: $shared IOPS ($(awk -v a="$shared" -v b="$alone" 'BEGIN {printf "%.0f", 100 * a / b}') %)"
+echo "store copy under I/O: $copy_ms ms = $(mbs "$size_b" "$copy_ms") MB/s," \
+    "$(awk -v a="$store_ms" -v b="$copy_ms" 'BEGIN {printf "%.0f", 100 * a / b}') % of the idle store copy"
