@@ -7,9 +7,10 @@
 //! - `volume`: a replica or snapshot as a [`BlockDevice`] (thin allocation, copy-on-write).
 //!
 //! A pool sits on any [`BlockDevice`]: a file or block device in production, memory in tests. Every metadata change
-//! is journaled, durable before the call that made it returns (changes made at once share a transaction). Cluster-freeing changes (destroy,
-//! unmap) and snapshots wait for in-flight I/O of the pool to drain (the `gate`), so a freed cluster is never
-//! still being read, and a snapshot sees every acknowledged write.
+//! is journaled, durable before the call that made it returns (changes made at once share a transaction).
+//! Cluster-freeing changes (destroy, unmap) wait for in-flight I/O of the pool to drain (the `gate`), so a freed
+//! cluster is never still being read; a snapshot waits only for its own volume's I/O (`PoolVolume::quiesce`), so it
+//! sees every acknowledged write while other volumes' I/O goes on.
 
 mod commit;
 mod journal;
@@ -331,6 +332,7 @@ impl Pool {
                 read_only: meta.is_snapshot(),
                 closed: AtomicBool::new(false),
                 alloc: crate::block::range_lock::RangeLock::new(),
+                quiesce: tokio::sync::RwLock::new(()),
             })
         });
         Ok(v.clone())
@@ -410,7 +412,8 @@ impl Pool {
             )));
         }
         self.check_fits(src.map.len() as u64)?;
-        let _excl = self.inner.gate.write().await;
+        let vol = self.open_volume(&replica)?;
+        let _excl = vol.quiesce.write().await;
         self.inner
             .commit(vec![Record::Snapshot {
                 replica,

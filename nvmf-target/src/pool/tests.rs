@@ -174,6 +174,38 @@ async fn snapshots_and_clones_are_copy_on_write() {
 }
 
 #[tokio::test]
+async fn a_snapshot_waits_for_its_own_volumes_io_and_no_other() {
+    use std::time::Duration;
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let pool = Pool::create(dev, &spec("p")).await.unwrap();
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let va = pool.create_replica(a, MIB, None).await.unwrap();
+    let vb = pool.create_replica(b, MIB, None).await.unwrap();
+    // An I/O of `a` is in flight.
+    let in_flight = va.quiesce.read().await;
+    let wait = Duration::from_secs(5);
+    tokio::time::timeout(wait, pool.snapshot(b, Uuid::new_v4()))
+        .await
+        .expect("a snapshot of b waits for no I/O of a")
+        .unwrap();
+    let snap_a = pool.snapshot(a, Uuid::new_v4());
+    tokio::pin!(snap_a);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut snap_a)
+            .await
+            .is_err(),
+        "a snapshot of a waits for a's I/O"
+    );
+    // While it waits, other volumes' I/O goes on.
+    tokio::time::timeout(wait, vb.write(0, pattern(2, 4096)))
+        .await
+        .expect("b's I/O does not wait for a's snapshot")
+        .unwrap();
+    drop(in_flight);
+    tokio::time::timeout(wait, snap_a).await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn a_full_pool_fails_only_writes_that_need_a_new_cluster() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(12 * MIB, 512));
     let pool = Pool::create(dev, &spec("small")).await.unwrap();

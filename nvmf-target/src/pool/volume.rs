@@ -32,6 +32,9 @@ pub struct PoolVolume {
     /// Serializes allocations and copy-on-writes of one logical cluster (a range of cluster indexes); those
     /// of different clusters run at once.
     pub(super) alloc: RangeLock,
+    /// This volume's I/O holds it shared; a snapshot of the volume holds it exclusively, so the snapshot sees
+    /// every acknowledged write and no write lands in a cluster after it became shared. Other volumes' I/O goes on.
+    pub(super) quiesce: tokio::sync::RwLock<()>,
 }
 
 /// One cluster's part of a request: logical cluster, offset within it, and the byte range of the request.
@@ -242,6 +245,7 @@ impl BlockDevice for PoolVolume {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size(), self.size)?;
         let _io = self.pool.gate.read().await;
+        let _vol = self.quiesce.read().await;
         self.check_open()?;
         let mut out = BytesMut::new();
         for p in pieces(offset, len, self.cs()) {
@@ -267,6 +271,7 @@ impl BlockDevice for PoolVolume {
             return Err(BlockError::ReadOnly);
         }
         let _io = self.pool.gate.read().await;
+        let _vol = self.quiesce.read().await;
         self.check_open()?;
         let pieces: Vec<Piece> = pieces(offset, data.len() as u64, self.cs()).collect();
         let mut spare = self.reserve_for(&pieces, true)?;
@@ -283,6 +288,7 @@ impl BlockDevice for PoolVolume {
             return Err(BlockError::ReadOnly);
         }
         let _io = self.pool.gate.read().await;
+        let _vol = self.quiesce.read().await;
         self.check_open()?;
         let pieces: Vec<Piece> = pieces(offset, len, self.cs()).collect();
         let mut spare = self.reserve_for(&pieces, false)?;
