@@ -33,6 +33,10 @@ use super::subsystem::Namespace;
 use super::writer::{WriterQueue, write_loop};
 use super::{admin as admin_cmds, fabrics, io as io_cmds};
 
+// Write data the codec receives page-aligned goes to an O_DIRECT file as it is only if that is aligned enough.
+const _: () =
+    assert!(crate::protocol::codec::DATA_ALIGN.is_multiple_of(crate::block::aligned::ALIGN));
+
 /// How long a new connection may take to send its ICReq.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-capsule data allowed on the admin queue and for Fabrics commands, whatever IOCCSZ says.

@@ -78,7 +78,9 @@ impl Default for TargetConfig {
             queue_entries: 128,
             max_io_queues: 64,
             in_capsule_data: 8192,
-            maxh2cdata: 512 * 1024,
+            // As large as the largest transfer: a write's data comes in one H2CData PDU, received page-aligned
+            // straight into the buffer the backing file is written from (as Linux's own target does).
+            maxh2cdata: 4 << 20,
             // 4 MiB: a rebuild copies a whole pool cluster in one command, so the destination allocates it
             // with one write (no zeroing around partial writes, no waiting behind the first of four).
             mdts: 10,

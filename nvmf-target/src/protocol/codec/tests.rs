@@ -306,6 +306,45 @@ fn partial_pdu_waits_and_reserves() {
 }
 
 #[test]
+fn large_data_arriving_in_pieces_decodes_page_aligned() {
+    for (hd, dd) in [(false, false), (true, true)] {
+        let mut c = PduCodec::new(1 << 20);
+        c.set_digests(Digests {
+            header: hd,
+            data: dd,
+        });
+        let data: Bytes = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+        let big = Pdu::H2CData(DataPdu {
+            cccid: 3,
+            ttag: 1,
+            offset: 0,
+            data: data.clone(),
+            last: true,
+            success: false,
+        });
+        let small = Pdu::CapsuleResp(Cqe::new(9, Status::SUCCESS));
+        let mut wire = BytesMut::new();
+        for p in [small.clone(), big.clone(), big.clone(), small.clone()] {
+            c.encode(p, &mut wire).unwrap();
+        }
+        // Pieces the size a socket read might return, landing wherever the previous PDU left the buffer.
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in wire.chunks(60_001) {
+            buf.extend_from_slice(piece);
+            while let Some(p) = c.decode(&mut buf).unwrap() {
+                out.push(p);
+            }
+        }
+        assert_eq!(out, vec![small.clone(), big.clone(), big, small], "hd={hd}");
+        for p in &out[1..3] {
+            let Pdu::H2CData(d) = p else { unreachable!() };
+            assert_eq!(d.data.as_ptr() as usize % DATA_ALIGN, 0, "hd={hd}");
+        }
+    }
+}
+
+#[test]
 fn icresp_layout_matches_linux_expectations() {
     let mut c = codec(false, false);
     let b = encode(
