@@ -92,8 +92,8 @@ pub(super) async fn serve(
     };
     let _ = stream.set_nodelay(true);
     let (rd, mut wr) = stream.into_split();
-    let max_data = (shared.config.maxh2cdata as usize).max(ADMIN_IN_CAPSULE);
-    let mut framed = FramedRead::with_capacity(rd, PduCodec::new(max_data), 256 * 1024);
+    // Until the connection is an I/O queue a PDU carries no more than admin data (see `Queue::admit_data`).
+    let mut framed = FramedRead::with_capacity(rd, PduCodec::new(ADMIN_IN_CAPSULE), 256 * 1024);
 
     let digests = match tokio::time::timeout(IC_TIMEOUT, framed.next()).await {
         Ok(Some(Ok(Pdu::IcReq(req)))) => {
@@ -217,7 +217,7 @@ impl Queue {
                 }
                 frame = framed.next(), if self.inflight.len() + self.backlog.queued() < limit => match frame {
                     None => return,
-                    Some(Ok(pdu)) => match self.on_pdu(pdu) { Ok(()) => continue, Err(f) => f },
+                    Some(Ok(pdu)) => match self.on_pdu(pdu) { Ok(()) => { self.admit_data(framed); continue } Err(f) => f },
                     Some(Err(CodecError::Protocol { fes, fei, header, reason })) => {
                         tracing::warn!(?peer, qid = ?self.qid, reason, fes, fei, "malformed PDU; terminating connection");
                         Fatal::Term(TermReq { fes, fei, header })
@@ -233,6 +233,15 @@ impl Queue {
                 self.tx.send(Outgoing::Terminate(t));
             }
             return;
+        }
+    }
+
+    /// Once the host has connected this connection as an I/O queue, PDUs may carry up to MAXH2CDATA; before that,
+    /// only what the admin queue takes, so a peer that was not let in cannot make the target reserve megabytes.
+    fn admit_data(&self, framed: &mut FramedRead<OwnedReadHalf, PduCodec>) {
+        if self.qid.is_some_and(|q| q > 0) {
+            let max = (self.shared.config.maxh2cdata as usize).max(ADMIN_IN_CAPSULE);
+            framed.decoder_mut().set_max_data(max);
         }
     }
 

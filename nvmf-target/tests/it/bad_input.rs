@@ -82,6 +82,47 @@ async fn wrong_hlen_plen_and_pdo_are_invalid_header_fields() {
 }
 
 #[tokio::test]
+async fn large_pdus_before_an_io_queue_connect_are_refused() {
+    let t = target().await;
+    // Right after ICReq: an H2CData header announcing 1 MiB of data.
+    let mut r = Raw::ready(t.addr).await;
+    r.send_bytes(&[0x06, 0, 24, 24, 0x18, 0, 0x10, 0]).await;
+    r.expect_term(fes::DATA_LIMIT_EXCEEDED).await;
+    // On a connected admin queue too.
+    let (mut a, _) = Raw::admin(t.addr, 0).await;
+    a.send_bytes(&[0x06, 0, 24, 24, 0x18, 0, 0x10, 0]).await;
+    a.expect_term(fes::DATA_LIMIT_EXCEEDED).await;
+    // An I/O queue takes a 1 MiB write in one H2CData PDU.
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let mut sqe = Sqe::rw(io::WRITE, 1, 0, 2048, 1 << 20, false);
+    sqe.set_cid(4);
+    q.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Bytes::new(),
+    }))
+    .await;
+    let Recv::Pdu(Pdu::R2t(r2t)) = q.recv().await else {
+        panic!("expected R2T")
+    };
+    assert_eq!(r2t.length, 1 << 20);
+    q.send(Pdu::H2CData(DataPdu {
+        cccid: 4,
+        ttag: r2t.ttag,
+        offset: 0,
+        data: Bytes::from(vec![3u8; 1 << 20]),
+        last: true,
+        success: false,
+    }))
+    .await;
+    let Recv::Pdu(Pdu::CapsuleResp(c)) = q.recv().await else {
+        panic!("expected the write's completion")
+    };
+    assert!(c.status.is_success());
+    still_serves(t.addr).await;
+}
+
+#[tokio::test]
 async fn h2c_data_beyond_the_command_is_out_of_range() {
     let t = target().await;
     let (mut a, id) = Raw::admin(t.addr, 0).await;
