@@ -205,8 +205,8 @@ async fn a_snapshot_waits_for_its_own_volumes_io_and_no_other() {
     tokio::time::timeout(wait, snap_a).await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn a_full_pool_fails_only_writes_that_need_a_new_cluster() {
+/// A 12 MiB pool holding a replica as large as the pool and a 1 MiB one, and the pool's capacity in clusters.
+async fn small_pool_with_two_replicas() -> (Pool, u64, Arc<PoolVolume>, Arc<PoolVolume>) {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(12 * MIB, 512));
     let pool = Pool::create(dev, &spec("small")).await.unwrap();
     let clusters = pool.stats().capacity / u64::from(CS);
@@ -218,6 +218,12 @@ async fn a_full_pool_fails_only_writes_that_need_a_new_cluster() {
         .create_replica(Uuid::new_v4(), MIB, None)
         .await
         .unwrap();
+    (pool, clusters, a, b)
+}
+
+#[tokio::test]
+async fn a_full_pool_fails_only_writes_that_need_a_new_cluster() {
+    let (pool, clusters, a, b) = small_pool_with_two_replicas().await;
     for i in 0..clusters {
         a.write(i * u64::from(CS), pattern(i as u8, 4096))
             .await
@@ -241,18 +247,8 @@ async fn a_full_pool_fails_only_writes_that_need_a_new_cluster() {
 
 #[tokio::test]
 async fn a_write_that_needs_more_clusters_than_are_free_changes_nothing() {
-    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(12 * MIB, 512));
-    let pool = Pool::create(dev, &spec("small")).await.unwrap();
+    let (pool, clusters, a, b) = small_pool_with_two_replicas().await;
     let cs = u64::from(CS);
-    let clusters = pool.stats().capacity / cs;
-    let a = pool
-        .create_replica(Uuid::new_v4(), pool.stats().capacity, None)
-        .await
-        .unwrap();
-    let b = pool
-        .create_replica(Uuid::new_v4(), MIB, None)
-        .await
-        .unwrap();
     // `a` maps all but its last two clusters and `b` takes one more: one cluster stays free.
     for i in 0..clusters - 2 {
         a.write(i * cs, pattern(i as u8, 4096)).await.unwrap();
