@@ -91,6 +91,8 @@ echo -n "app, 2 replicas, one rebuilding: "
 perf "$(nx 4)" --rw randwrite --bs 4k --qd 32 | awk "NR==1"
 wait_rebuilds "$(nx 4)" 2
 echo "under I/O: $(k nexuses | awk -v u="$(nx 4)" '$1=="nexus"{cur=$2} cur==u && $1=="rebuild"' | tail -1)"
+echo "(this rebuild overlaps about a second of the application's $T s, so the IOPS above barely show its cost;"
+echo " scripts/bench-rebuild.sh measures the trade-off, on pools, while both run the whole time)"
 
 echo "## partial versus full rebuild after the same outage (about 1 % rewritten)"
 k fault-child "$(nx 4)" "$(rem 2 5)" --reason bench >/dev/null
