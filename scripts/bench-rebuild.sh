@@ -4,7 +4,8 @@
 # rebuilds into fresh remote replicas. The baseline is what the backing store itself can copy: fio reading the
 # source pool file and writing a fresh file at the same time, 1 MiB direct I/O, 4 deep (4 MiB in flight each way).
 # Then the same rebuild while the application writes, and the application's throughput with and without it; and,
-# for reference, the store copy while the application writes, with no rebuild.
+# for reference, the store copy while the application writes, with no rebuild, unthrottled and held to 80 % of its
+# idle rate (the aim's operating point on the store itself). The loaded measurements alternate over 3 rounds.
 # Usage: scripts/bench-rebuild.sh [volume size, default 1GiB]
 set -euo pipefail
 cd "$(dirname "$0")/.."

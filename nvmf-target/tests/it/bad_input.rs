@@ -83,14 +83,16 @@ async fn wrong_hlen_plen_and_pdo_are_invalid_header_fields() {
 
 #[tokio::test]
 async fn large_pdus_before_an_io_queue_connect_are_refused() {
+    // An H2CData common header announcing 1 MiB of data (PLEN 0x100018).
+    const H2C_1MIB: [u8; 8] = [0x06, 0, 24, 24, 0x18, 0, 0x10, 0];
     let t = target().await;
-    // Right after ICReq: an H2CData header announcing 1 MiB of data.
+    // Right after ICReq.
     let mut r = Raw::ready(t.addr).await;
-    r.send_bytes(&[0x06, 0, 24, 24, 0x18, 0, 0x10, 0]).await;
+    r.send_bytes(&H2C_1MIB).await;
     r.expect_term(fes::DATA_LIMIT_EXCEEDED).await;
     // On a connected admin queue too.
     let (mut a, _) = Raw::admin(t.addr, 0).await;
-    a.send_bytes(&[0x06, 0, 24, 24, 0x18, 0, 0x10, 0]).await;
+    a.send_bytes(&H2C_1MIB).await;
     a.expect_term(fes::DATA_LIMIT_EXCEEDED).await;
     // An I/O queue takes a 1 MiB write in one H2CData PDU.
     let (mut a, id) = Raw::admin(t.addr, 0).await;
