@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc::unbounded_channel;
@@ -28,6 +26,7 @@ use crate::protocol::status::Status;
 use super::Shared;
 use super::admin::AdminCtx;
 use super::controller::Controller;
+use super::inflight::Inflight;
 use super::response::{Backlog, Outgoing, OutgoingTx, Response};
 use super::subsystem::Namespace;
 use super::writer::{WriterQueue, write_loop};
@@ -77,7 +76,7 @@ struct Queue {
     ctrl: Option<Arc<Controller>>,
     pending: HashMap<u16, PendingWrite>,
     next_ttag: u16,
-    inflight: FuturesUnordered<BoxFuture<'static, Response>>,
+    inflight: Inflight<Response>,
 }
 
 pub(super) async fn serve(
@@ -171,7 +170,7 @@ pub(super) async fn serve(
         ctrl: None,
         pending: HashMap::new(),
         next_ttag: 0,
-        inflight: FuturesUnordered::new(),
+        inflight: Inflight::new(),
     };
     q.run(&mut framed, &port_cancel, peer).await;
     q.close();
@@ -209,7 +208,7 @@ impl Queue {
                 biased;
                 _ = &mut port_cancelled => return,
                 _ = cancelled(&mut ctrl_cancelled) => return,
-                Some(r) = self.inflight.next(), if !self.inflight.is_empty() => { self.send(r); continue }
+                r = self.inflight.next() => { self.send(r); continue }
                 // A host that stops reading completions stops being read.
                 _ = self.backlog.drained(), if self.inflight.len() + self.backlog.queued() >= limit => {
                     if self.backlog.is_closed() { return }
@@ -382,7 +381,7 @@ impl Queue {
     fn on_io(&mut self, ctrl: Arc<Controller>, sqe: Sqe, data: Bytes) {
         let cid = sqe.cid();
         if sqe.opcode() == io::FLUSH && sqe.nsid() == io_cmds::BROADCAST_NSID {
-            self.inflight.push(Box::pin(io_cmds::flush_all(ctrl, cid)));
+            self.inflight.push(io_cmds::flush_all(ctrl, cid));
             return;
         }
         let ns = match io_cmds::validate(&self.shared, &ctrl, &sqe) {
@@ -417,8 +416,7 @@ impl Queue {
             }));
             return;
         }
-        self.inflight
-            .push(Box::pin(io_cmds::execute(ctrl, ns, sqe, data)));
+        self.inflight.push(io_cmds::execute(ctrl, ns, sqe, data));
     }
 
     fn on_h2c_data(&mut self, d: DataPdu) -> Result<(), Fatal> {
@@ -452,7 +450,7 @@ impl Queue {
             return Ok(());
         };
         self.inflight
-            .push(Box::pin(io_cmds::execute(ctrl, p.ns, p.sqe, data)));
+            .push(io_cmds::execute(ctrl, p.ns, p.sqe, data));
         Ok(())
     }
 }

@@ -10,6 +10,7 @@ mod connection;
 pub mod controller;
 mod discovery;
 mod fabrics;
+mod inflight;
 mod io;
 mod listener;
 pub mod reservation;
