@@ -92,6 +92,7 @@ struct Worker {
     hist: Histogram<u64>,
     ios: u64,
     errors: u64,
+    disconnected: bool,
 }
 
 async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
@@ -99,6 +100,7 @@ async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
         hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
         ios: 0,
         errors: 0,
+        disconnected: false,
     };
     let mut x = seed | 1;
     let mut next = || {
@@ -151,6 +153,11 @@ async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
             }
         } else if res.is_err() {
             w.errors += 1;
+        }
+        // A queue whose connection is gone fails every command at once: stop rather than spin on errors.
+        if res.is_err() && q.closed().is_cancelled() {
+            w.disconnected = true;
+            break;
         }
     }
     w
@@ -242,12 +249,13 @@ async fn main() -> Result<()> {
         Instant::now(),
     );
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
-    let (mut ios, mut errors) = (0u64, 0u64);
+    let (mut ios, mut errors, mut lost) = (0u64, 0u64, 0usize);
     while let Some(w) = tasks.join_next().await {
         let w = w?;
         hist.add(&w.hist)?;
         ios += w.ios;
         errors += w.errors;
+        lost += usize::from(w.disconnected);
     }
     let secs = w0.elapsed().as_secs_f64();
     let client_cpu = cpu_seconds(&me).zip(c0).map(|(a, b)| a - b);
@@ -303,6 +311,10 @@ async fn main() -> Result<()> {
         }
     }
     let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
+    anyhow::ensure!(
+        lost == 0,
+        "{lost} of {total_workers} workers lost their connection"
+    );
     anyhow::ensure!(errors == 0, "{errors} I/O errors");
     Ok(())
 }
