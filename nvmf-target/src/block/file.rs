@@ -142,7 +142,7 @@ impl BlockDevice for FileDevice {
         let direct = self.direct;
         self.blocking(move |f| {
             if direct {
-                let mut b = AlignedBuf::zeroed(len as usize);
+                let mut b = AlignedBuf::for_filling(len as usize);
                 f.read_exact_at(b.bytes_mut(), offset)?;
                 Ok(b.freeze())
             } else {
