@@ -60,14 +60,28 @@ k create-nexus "$(nx 8)" "$(rem 2 8)" "$(rem 2 9)" "$(rem 2 a)" >/dev/null
 k publish-nexus "$(nx 8)" --allow-any-host >/dev/null
 prefill "$(nx 8)"
 p50() { $B/nvmf-perf --addr 127.0.0.1:4420 --nqn "$V$1" --time 2 --rw randwrite --bs 4k --qd 1 | sed -n '1s/.* p50 \([0-9.]*\) .*/\1/p'; }
-r7=(); r8=()
+# KEEP_CPUS_AWAKE=1: one lowest-priority (SCHED_IDLE) spinner per CPU during the rounds, so no CPU ever idles.
+# A diagnostic, not a mode of Keelson: in a VM whose guest does not halt-poll, a write that finds the CPUs idle
+# pays for waking a halted vCPU at every hop, and the spinners show how much of the latency that is.
+if [ -n "${KEEP_CPUS_AWAKE:-}" ]; then
+    for _ in $(seq 1 "$(nproc)"); do chrt -i 0 sh -c 'while :; do :; done' & PIDS+=($!); done
+    echo "(CPUs kept awake by $(nproc) SCHED_IDLE spinners)"
+fi
+r7=(); r8=(); pa=(); pb=(); pc=()
 for r in $(seq 1 "${ROUNDS:-9}"); do
     a=$(p50 "$(nx 6)"); b=$(p50 "$(nx 7)"); c=$(p50 "$(nx 8)")
     echo "round $r p50 us: 1 remote $a, 3 remote (3 engines) $b, 3 remote (one engine) $c"
+    pa+=("$a"); pb+=("$b"); pc+=("$c")
     r7+=("$(awk -v a="$a" -v b="$b" 'BEGIN{print b / a}')"); r8+=("$(awk -v a="$a" -v c="$c" 'BEGIN{print c / a}')")
 done
 median() { sort -g | awk '{a[NR]=$1} END {printf "%.2f", a[int((NR + 1) / 2)]}'; }
+m() { printf '%s\n' "$@" | median; }
+echo "median p50 us: 1 remote $(m "${pa[@]}"), 3 remote (3 engines) $(m "${pb[@]}"), 3 remote (one engine) $(m "${pc[@]}")"
 echo "median p50 ratio against 1 remote: 3 engines $(printf '%s\n' "${r7[@]}" | median)x, one engine $(printf '%s\n' "${r8[@]}" | median)x"
+if [ -n "${KEEP_CPUS_AWAKE:-}" ]; then
+    for p in "${PIDS[@]:4}"; do kill "$p"; done
+    PIDS=("${PIDS[@]:0:4}")
+fi
 
 echo "## rebuild of a 256 MiB replica"
 k create-nexus "$(nx 4)" "$(loc 4)" >/dev/null
