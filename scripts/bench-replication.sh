@@ -13,7 +13,8 @@ R=nqn.2026-11.io.keelson:replica-00000000-0000-4000-8000-0000000000
 V=nqn.2026-11.io.keelson:vol-
 LOG=$(mktemp -d)
 PIDS=()
-trap 'kill ${PIDS[@]} 2>/dev/null || true' EXIT
+SPIN=()
+trap 'kill ${PIDS[@]} ${SPIN[@]} 2>/dev/null || true' EXIT
 engine() { # i, replica suffixes...
     local i=$1; shift
     local ex=()
@@ -64,7 +65,7 @@ p50() { $B/nvmf-perf --addr 127.0.0.1:4420 --nqn "$V$1" --time 2 --rw randwrite 
 # A diagnostic, not a mode of Keelson: in a VM whose guest does not halt-poll, a write that finds the CPUs idle
 # pays for waking a halted vCPU at every hop, and the spinners show how much of the latency that is.
 if [ -n "${KEEP_CPUS_AWAKE:-}" ]; then
-    for _ in $(seq 1 "$(nproc)"); do chrt -i 0 sh -c 'while :; do :; done' & PIDS+=($!); done
+    for _ in $(seq 1 "$(nproc)"); do chrt -i 0 sh -c 'while :; do :; done' & SPIN+=($!); done
     echo "(CPUs kept awake by $(nproc) SCHED_IDLE spinners)"
 fi
 r7=(); r8=(); pa=(); pb=(); pc=()
@@ -79,8 +80,8 @@ m() { printf '%s\n' "$@" | median; }
 echo "median p50 us: 1 remote $(m "${pa[@]}"), 3 remote (3 engines) $(m "${pb[@]}"), 3 remote (one engine) $(m "${pc[@]}")"
 echo "median p50 ratio against 1 remote: 3 engines $(printf '%s\n' "${r7[@]}" | median)x, one engine $(printf '%s\n' "${r8[@]}" | median)x"
 if [ -n "${KEEP_CPUS_AWAKE:-}" ]; then
-    for p in "${PIDS[@]:4}"; do kill "$p"; done
-    PIDS=("${PIDS[@]:0:4}")
+    kill "${SPIN[@]}"
+    SPIN=()
 fi
 
 echo "## rebuild of a 256 MiB replica"
