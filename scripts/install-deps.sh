@@ -16,7 +16,7 @@ if [ ${#need[@]} -gt 0 ]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
 fi
 
-command -v cargo >/dev/null || { echo "[install-deps] cargo (Rust >= 1.85) is required" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "[install-deps] cargo (Rust >= 1.89) is required" >&2; exit 1; }
 
 # The guest image for the kernel-initiator tests (Debian kernel + initramfs), built once per machine.
 IMG=${KEELSON_VM_IMG:-/var/tmp/keelson-vm/img}

@@ -6,7 +6,7 @@
 # Environment: KEELSON_DATA, KEELSON_LISTEN, KEELSON_GRPC, KEELSON_METRICS override the defaults (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo >/dev/null || { echo "cargo (Rust >= 1.85) is required" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "cargo (Rust >= 1.89) is required" >&2; exit 1; }
 cargo build --release --bins
 
 data=${KEELSON_DATA:-/var/lib/keelson}

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
-cargo test --workspace
+KEELSON_REQUIRE_PRIVILEGED=1 cargo test --workspace

@@ -3,12 +3,16 @@
 //!
 //! - [`bins`]: where the built binaries are.
 //! - [`netns`]: a private network namespace with a tap device for the VM.
+//! - [`privileged`]: whether a test that needs root or a tool runs here (plain `cargo test` as a user skips it and
+//!   says so; `scripts/test.sh` makes it fail instead). The data plane's own tests use it too.
 //! - [`process`]: a child process that is killed when the test drops it.
 //! - [`vm`]: builds the guest image once and runs a job in the guest, answering its `@@HOST` requests.
 //!
-//! Tests that use the VM or network namespaces need root; they fail (never skip) without it, since CI runs as root.
+//! Tests that use the VM or network namespaces need root and QEMU: without them they skip under plain `cargo test`
+//! and fail under `scripts/test.sh` (`KEELSON_REQUIRE_PRIVILEGED=1`), which CI runs as root.
 
 pub mod bins;
 pub mod netns;
+pub mod privileged;
 pub mod process;
 pub mod vm;

@@ -27,6 +27,11 @@ pub fn image_dir() -> PathBuf {
         .unwrap_or_else(|| "/var/tmp/keelson-vm/img".into())
 }
 
+/// Whether a VM test runs here: it needs root (network namespace, tap device) and QEMU (see [`crate::privileged`]).
+pub fn allowed(test: &str) -> bool {
+    crate::privileged::allowed_with(test, &["root", "qemu-system-x86_64"])
+}
+
 /// Builds the guest image if it is not there yet (installs qemu, nvme-cli, fio, ... with apt on first use).
 pub fn ensure_image() -> Result<()> {
     let img = image_dir();

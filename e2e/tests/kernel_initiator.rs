@@ -90,16 +90,25 @@ fn basic(ns_name: &str, digests: bool) {
 
 #[test]
 fn kernel_discovers_connects_formats_and_verifies_fio_without_digests() {
+    if !vm::allowed("kernel_discovers_connects_formats_and_verifies_fio_without_digests") {
+        return;
+    }
     basic("keelson-e2e-plain", false);
 }
 
 #[test]
 fn kernel_verifies_fio_with_header_and_data_digests() {
+    if !vm::allowed("kernel_verifies_fio_with_header_and_data_digests") {
+        return;
+    }
     basic("keelson-e2e-dgst", true);
 }
 
 #[test]
 fn kernel_multipath_moves_io_to_the_other_port_when_ana_turns_inaccessible() {
+    if !vm::allowed("kernel_multipath_moves_io_to_the_other_port_when_ana_turns_inaccessible") {
+        return;
+    }
     let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let s = start("keelson-e2e-mpath").unwrap();
     let job = bins::workspace().join("e2e/vm/jobs/kernel-multipath");

@@ -73,6 +73,9 @@ fn keelctl_at(ns: &Netns, grpc: &str, args: &[&str]) -> Result<String> {
 
 #[test]
 fn kernel_fio_survives_a_killed_replica_and_reads_back_from_the_rebuilt_one() {
+    if !vm::allowed("kernel_fio_survives_a_killed_replica_and_reads_back_from_the_rebuilt_one") {
+        return;
+    }
     let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::create("keelson-e2e-nexus", "kvtap0").unwrap();
     let logs = vm::tempdir().unwrap();

@@ -31,6 +31,9 @@ fn keelctl(ns: &Netns, args: &[&str]) -> String {
 
 #[test]
 fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
+    if !vm::allowed("the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data") {
+        return;
+    }
     let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::create("keelson-e2e-pool", "kvtap0").unwrap();
     let logs = vm::tempdir().unwrap();

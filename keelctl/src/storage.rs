@@ -39,7 +39,12 @@ pub enum PoolCmd {
         cluster_size: u64,
     },
     /// Import the pool on a disk (never formats).
-    Import { disk: String },
+    Import {
+        disk: String,
+        /// Take the pool even if its label names another node as owner (that node is gone or the disk moved).
+        #[arg(long)]
+        force: bool,
+    },
     /// Destroy an empty pool (wipes its label).
     Destroy { name: String },
 }
@@ -98,7 +103,8 @@ pub enum SnapshotCmd {
 
 fn print_pool(p: &pb::Pool) {
     println!(
-        "pool {} {} {} capacity={} allocated={} committed={} cluster={} replicas={} snapshots={} no_space_errors={}",
+        "pool {} {} {} capacity={} allocated={} committed={} cluster={} replicas={} snapshots={} no_space_errors={} \
+         owner={} incarnation={}",
         p.name,
         p.uuid,
         p.disk,
@@ -108,7 +114,9 @@ fn print_pool(p: &pb::Pool) {
         p.cluster_size,
         p.replicas,
         p.snapshots,
-        p.no_space_errors
+        p.no_space_errors,
+        p.owner,
+        p.incarnation
     );
 }
 
@@ -156,8 +164,8 @@ pub async fn pool(c: &mut EngineClient<Channel>, cmd: PoolCmd) -> Result<()> {
             };
             print_pool(&c.create_pool(req).await?.into_inner());
         }
-        PoolCmd::Import { disk } => print_pool(
-            &c.import_pool(pb::ImportPoolRequest { disk })
+        PoolCmd::Import { disk, force } => print_pool(
+            &c.import_pool(pb::ImportPoolRequest { disk, force })
                 .await?
                 .into_inner(),
         ),

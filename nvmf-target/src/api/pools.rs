@@ -28,6 +28,8 @@ pub fn pool(e: &PoolEntry) -> pb::Pool {
         replicas: vols.len() as u32 - snapshots,
         snapshots,
         no_space_errors: s.no_space_errors,
+        owner: l.owner.clone(),
+        incarnation: l.incarnation,
     }
 }
 
@@ -101,7 +103,7 @@ pub async fn create_pool(engine: &Engine, r: pb::CreatePoolRequest) -> Result<pb
 }
 
 pub async fn import_pool(engine: &Engine, r: pb::ImportPoolRequest) -> Result<pb::Pool, Status> {
-    Ok(pool(&engine.import_pool(&r.disk).await?))
+    Ok(pool(&engine.import_pool(&r.disk, r.force).await?))
 }
 
 pub async fn destroy_pool(engine: &Engine, r: pb::DestroyPoolRequest) -> Result<(), Status> {

@@ -27,6 +27,7 @@ impl From<EngineError> for Status {
             EngineError::InvalidArgument(m) => Status::invalid_argument(m),
             EngineError::Unavailable(m) => Status::unavailable(m),
             EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
+            e @ EngineError::DiskInUse { .. } => Status::failed_precondition(e.to_string()),
             EngineError::Pool(p) => p.into(),
         }
     }
@@ -44,6 +45,9 @@ impl From<PoolError> for Status {
                 Status::failed_precondition(msg)
             }
             PoolError::CorruptLabel(_) | PoolError::CorruptMetadata(_) => Status::data_loss(msg),
+            PoolError::OwnedByAnotherNode { .. } | PoolError::OwnershipLost { .. } => {
+                Status::failed_precondition(msg)
+            }
             PoolError::Io(_) => Status::unavailable(msg),
         }
     }

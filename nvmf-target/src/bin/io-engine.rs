@@ -1,6 +1,7 @@
 //! io-engine: one per storage node. Serves NVMe/TCP (subsystems, discovery, ANA) on its listeners and the engine
 //! management API over gRPC. Thin: parse flags, set up logging, start the engine, wait for SIGTERM/SIGINT.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -79,10 +80,13 @@ fn parse_range(s: &str) -> Result<(u16, u16)> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Logs go to stderr, coloured only when that is a terminal (a log file or journald gets plain text).
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let mut args = Args::parse();
     if let Some(path) = &args.config {

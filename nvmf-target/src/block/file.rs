@@ -13,6 +13,7 @@ use bytes::Bytes;
 use nix::fcntl::{FallocateFlags, fallocate};
 
 use super::aligned::{self, AlignedBuf};
+use super::exclusive::{self, DiskLock};
 use super::{BlockDevice, BlockError, check_range};
 
 /// Largest piece written at once when zeroing by writes.
@@ -24,6 +25,18 @@ pub struct FileDevice {
     block_size: u32,
     num_blocks: u64,
     direct: bool,
+    /// Held while the device is open, when it was opened exclusively.
+    _lock: Option<DiskLock>,
+}
+
+fn check_block_size(block_size: u32) -> Result<(), BlockError> {
+    if !matches!(block_size, 512 | 4096) {
+        return Err(BlockError::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("block size {block_size} is not 512 or 4096"),
+        )));
+    }
+    Ok(())
 }
 
 impl FileDevice {
@@ -34,28 +47,60 @@ impl FileDevice {
         block_size: u32,
         direct: bool,
     ) -> Result<FileDevice, BlockError> {
-        if !matches!(block_size, 512 | 4096) {
-            return Err(BlockError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("block size {block_size} is not 512 or 4096"),
-            )));
-        }
+        check_block_size(block_size)?;
         if !path.exists() && create_size > 0 {
             let f = File::create(path)?;
             f.set_len(create_size)?;
         }
+        Self::open_with(path, block_size, direct, false)
+    }
+
+    /// Opens an existing file or block device for this process alone ([`exclusive`]): a disk another opener holds
+    /// (through this path or any other: a symlink, a loop device over the same file) fails with
+    /// [`BlockError::InUse`] saying who holds it. The claim lasts as long as the device.
+    pub fn open_exclusive(
+        path: &Path,
+        block_size: u32,
+        direct: bool,
+    ) -> Result<FileDevice, BlockError> {
+        Self::open_with(path, block_size, direct, true)
+    }
+
+    fn open_with(
+        path: &Path,
+        block_size: u32,
+        direct: bool,
+        exclusive: bool,
+    ) -> Result<FileDevice, BlockError> {
+        check_block_size(block_size)?;
+        // O_EXCL without O_CREAT means "exclusive" only for block devices; a regular file ignores it.
+        let is_block = std::fs::metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_block_device()
+        });
+        let excl = if is_block && exclusive {
+            libc::O_EXCL
+        } else {
+            0
+        };
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
             o.read(true).write(true);
-            if direct {
-                o.custom_flags(libc::O_DIRECT);
-            }
+            o.custom_flags(if direct { libc::O_DIRECT | excl } else { excl });
             o.open(path)
         };
         let (mut file, direct) = match open(direct) {
             Ok(f) => (f, direct),
             Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => (open(false)?, false),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && excl != 0 => {
+                return Err(exclusive::busy_block_device(path));
+            }
             Err(e) => return Err(e.into()),
+        };
+        let lock = if exclusive {
+            Some(exclusive::lock(&file, path)?)
+        } else {
+            None
         };
         let size = file.seek(SeekFrom::End(0))?;
         let num_blocks = size / u64::from(block_size);
@@ -71,6 +116,7 @@ impl FileDevice {
             block_size,
             num_blocks,
             direct,
+            _lock: lock,
         })
     }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`memory::MemoryDevice`]: thin, RAM-backed (tests, benchmarks, `--memory` namespaces).
 //! - [`file::FileDevice`]: a regular file or a block device (loop devices in tests), O_DIRECT where allowed.
+//! - [`exclusive`]: one opener per disk on a machine (`flock`, `O_EXCL`, loop devices as their backing files).
 //! - [`fault::FaultDevice`]: wraps another device and fails or delays I/O on command (tests).
 //! - [`aligned`]: page-aligned buffers (what O_DIRECT needs), filled without a second copy.
 //! - [`range_lock::RangeLock`]: shared/exclusive byte-range locks (nexus writes versus rebuild copies).
@@ -9,6 +10,7 @@
 //! Offsets and lengths are in bytes and must be multiples of the block size; [`check_range`] validates them.
 
 pub mod aligned;
+pub mod exclusive;
 pub mod fault;
 pub mod file;
 pub mod memory;
@@ -36,6 +38,8 @@ pub enum BlockError {
     Injected { offset: u64 },
     #[error("device is closed")]
     Closed,
+    #[error("disk in use: {0}")]
+    InUse(String),
     #[error("device is read-only")]
     ReadOnly,
     #[error("reservation conflict: another host holds the reservation")]

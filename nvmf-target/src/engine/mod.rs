@@ -39,6 +39,13 @@ pub enum EngineError {
     Unavailable(String),
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    #[error("disk {disk} is in use: {why}{owner}")]
+    DiskInUse {
+        disk: String,
+        why: String,
+        /// What the disk's pool label says of its owner, when it has one.
+        owner: String,
+    },
 }
 
 #[derive(Clone, Debug)]

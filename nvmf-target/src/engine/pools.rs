@@ -1,16 +1,20 @@
 //! The engine's pools, replicas and snapshots: opening disks, creating or importing pools on them, and exporting
 //! shared replicas as `nqn...:replica-<uuid>` subsystems with their host allow-lists. What is shared, and to whom,
 //! is kept in the pool's metadata, so importing a pool after a restart exports its replicas again.
+//!
+//! A pool's disk is opened exclusively ([`FileDevice::open_exclusive`]: one io-engine per disk on a machine,
+//! whatever path names it) and the pool is claimed for this engine's node name; a pool another node owns is
+//! refused unless the import is forced.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::block::BlockDevice;
 use crate::block::file::FileDevice;
+use crate::block::{BlockDevice, BlockError};
 use crate::pool::meta::{Share, VolumeMeta};
-use crate::pool::{Pool, PoolError, PoolSpec, Probe};
+use crate::pool::{Claim, Pool, PoolError, PoolSpec, Probe};
 use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
 use crate::target::reservation::{ReservationState, ReservationStore, Reservations};
@@ -57,10 +61,37 @@ async fn open_disk(disk: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, 
             "disk {disk} does not exist"
         )));
     }
-    let dev = tokio::task::spawn_blocking(move || FileDevice::open(&path, 0, block_size, true))
-        .await
-        .map_err(|e| EngineError::Unavailable(e.to_string()))??;
-    Ok(Arc::new(dev))
+    let p = path.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || FileDevice::open_exclusive(&p, block_size, true))
+            .await
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+    match opened {
+        Ok(dev) => Ok(Arc::new(dev)),
+        Err(BlockError::InUse(why)) => Err(EngineError::DiskInUse {
+            disk: disk.to_string(),
+            why,
+            owner: label_owner(path).await,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the label of a disk another process holds says of its owner ("" when it cannot be read).
+async fn label_owner(path: std::path::PathBuf) -> String {
+    let Ok(Ok(dev)) =
+        tokio::task::spawn_blocking(move || FileDevice::open(&path, 0, 512, false)).await
+    else {
+        return String::new();
+    };
+    match Pool::probe(&dev).await {
+        Ok(Probe::Pool(l)) if !l.owner.is_empty() => format!(
+            "; it holds pool {} owned by node {:?} (incarnation {})",
+            l.name, l.owner, l.incarnation
+        ),
+        Ok(Probe::Pool(l)) => format!("; it holds pool {}", l.name),
+        _ => String::new(),
+    }
 }
 
 /// Keeps a replica namespace's reservations in its pool, so they survive a restart.
@@ -138,10 +169,10 @@ impl Engine {
                     uuid: uuid.unwrap_or_else(Uuid::new_v4),
                     cluster_size,
                 };
-                Pool::create(dev, &spec).await?
+                Pool::create(dev, &spec, &self.claim(false)).await?
             }
             Probe::Pool(l) if l.name == name && uuid.is_none_or(|u| u == l.uuid) => {
-                Pool::import(dev).await?
+                Pool::import(dev, &self.claim(false)).await?
             }
             Probe::Pool(l) => {
                 return Err(PoolError::AlreadyExists(format!(
@@ -154,8 +185,16 @@ impl Engine {
         self.adopt_pool(pool, disk)
     }
 
-    /// Imports the pool on `disk` (never formats).
-    pub async fn import_pool(&self, disk: &str) -> Result<PoolEntry, EngineError> {
+    /// This node's claim on the pools it imports.
+    fn claim(&self, force: bool) -> Claim {
+        Claim {
+            node: self.node_name().to_string(),
+            force,
+        }
+    }
+
+    /// Imports the pool on `disk` (never formats); `force` takes it even from another node (see [`Claim`]).
+    pub async fn import_pool(&self, disk: &str, force: bool) -> Result<PoolEntry, EngineError> {
         let _admin = self.inner.pool_admin.lock().await;
         if let Some(e) = self.pools_map().values().find(|e| e.disk == disk).cloned() {
             return Ok(e);
@@ -164,9 +203,10 @@ impl Engine {
         if let Probe::Pool(l) = Pool::probe(dev.as_ref()).await?
             && l.block_size != 512
         {
+            drop(dev); // the exclusive claim on the disk goes before it is taken again
             dev = open_disk(disk, l.block_size).await?;
         }
-        let pool = Pool::import(dev).await?;
+        let pool = Pool::import(dev, &self.claim(force)).await?;
         if self.pools_map().contains_key(pool.name()) {
             return Err(PoolError::AlreadyExists(format!(
                 "a pool named {} is already imported from another disk",

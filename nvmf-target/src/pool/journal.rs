@@ -10,13 +10,18 @@
 //! order, stopping at the first block that is missing, stale or fails its checksum: that transaction never
 //! completed, so it was never acknowledged. A torn checkpoint write falls back to the other area, whose journal
 //! is still intact.
+//!
+//! Before every transaction (and the checkpoint a full journal writes), the journal reads the label back from the
+//! device: if another import has claimed the pool since this one (another owner or incarnation), it writes nothing
+//! and fails with [`PoolError::OwnershipLost`], so an owner displaced by a forced import stops at its next commit
+//! instead of interleaving its metadata with the new owner's.
 
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::PoolError;
-use super::label::Label;
+use super::label::{LABEL_LEN, Label};
 use super::meta::{PoolMeta, Record};
 use crate::block::BlockDevice;
 
@@ -106,6 +111,29 @@ impl Journal {
         Ok((j, meta))
     }
 
+    /// Fails unless the label on the device is still the one this import wrote.
+    async fn check_owner(&self) -> Result<(), PoolError> {
+        let block = self
+            .dev
+            .read(0, LABEL_LEN)
+            .await
+            .map_err(|e| io("reading the label back", e))?;
+        let lost = |now: String| PoolError::OwnershipLost {
+            pool: self.label.name.clone(),
+            now,
+        };
+        match Label::decode(&block, self.dev.size_bytes()) {
+            Ok(l) if l.owner == self.label.owner && l.incarnation == self.label.incarnation => {
+                Ok(())
+            }
+            Ok(l) => Err(lost(format!(
+                "node {:?} imported it (incarnation {}; this import was {})",
+                l.owner, l.incarnation, self.label.incarnation
+            ))),
+            Err(e) => Err(lost(format!("its label now reads: {e}"))),
+        }
+    }
+
     /// Makes `records` durable. `state` encodes the state they follow; it is called (and written out as a
     /// checkpoint) only when the journal is full. The caller applies the records to its state after this returns.
     pub async fn commit(
@@ -122,6 +150,7 @@ impl Journal {
                 payload.len()
             )));
         }
+        self.check_owner().await?;
         if self.next + blocks > capacity {
             self.write_checkpoint(state()?).await?;
         }

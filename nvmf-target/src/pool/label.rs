@@ -1,6 +1,11 @@
 //! The pool label: the first 4 KiB of a pool's device. It names the pool and fixes the layout (where the journal,
-//! the two checkpoint areas and the data clusters are). It is written once when the pool is created and checked
-//! (magic, version, CRC32C, layout against the device size) every time the pool is imported.
+//! the two checkpoint areas and the data clusters are), and says who owns it: the node that imported it last and
+//! that import's incarnation number, bumped at every import. It is written when the pool is created and rewritten
+//! (one atomic sector) at every import; it is checked (magic, version, CRC32C, layout against the device size) every
+//! time the pool is imported, and its owner before every metadata commit (see `journal`).
+//!
+//! Version 2 added the owner and incarnation; a version 1 label (no owner) still imports, and is rewritten as
+//! version 2 by that import, which older io-engines then refuse to import.
 //!
 //! ```text
 //! 0        label (4 KiB)
@@ -20,8 +25,12 @@ pub const LABEL_LEN: u64 = 4096;
 /// label write leaves either the old sector or the new one.
 const SECTOR: usize = 512;
 const MAGIC: &[u8; 8] = b"KEELPOOL";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest label version this io-engine imports.
+const OLDEST_VERSION: u32 = 1;
 const NAME_LEN: usize = 64;
+/// Room for the owner's node name (a Kubernetes node name is at most 253 bytes).
+const OWNER_LEN: usize = 256;
 /// Journal size: room for 1024 one-block transactions between checkpoints.
 pub const JOURNAL_LEN: u64 = 4 << 20;
 /// Metadata budget per data cluster in each checkpoint area (volume maps are stored as runs; see `meta`).
@@ -45,6 +54,10 @@ pub struct Label {
     pub ckpt_len: u64,
     pub data_offset: u64,
     pub data_clusters: u64,
+    /// The node that imported (or created) the pool last; empty in a version 1 label.
+    pub owner: String,
+    /// Bumped at every import: which import of the pool this is.
+    pub incarnation: u64,
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -60,12 +73,7 @@ impl Label {
         cluster_size: u32,
         device_size: u64,
     ) -> Result<Label, PoolError> {
-        if name.is_empty() || name.len() >= NAME_LEN || name.contains('\0') {
-            return Err(PoolError::InvalidArgument(format!(
-                "pool name {name:?} must be 1 to {} bytes",
-                NAME_LEN - 1
-            )));
-        }
+        check_name("pool name", name, NAME_LEN)?;
         if !cluster_size.is_power_of_two()
             || !(MIN_CLUSTER..=MAX_CLUSTER).contains(&cluster_size)
             || cluster_size < block_size
@@ -104,6 +112,18 @@ impl Label {
             ckpt_len,
             data_offset,
             data_clusters,
+            owner: String::new(),
+            incarnation: 0,
+        })
+    }
+
+    /// The label as `node` imports it: owned by `node`, one incarnation later.
+    pub fn claimed_by(&self, node: &str) -> Result<Label, PoolError> {
+        check_name("node name", node, OWNER_LEN)?;
+        Ok(Label {
+            owner: node.to_string(),
+            incarnation: self.incarnation + 1,
+            ..self.clone()
         })
     }
 
@@ -121,9 +141,7 @@ impl Label {
         b.put_u32_le(VERSION);
         b.put_u32_le(0);
         b.put_slice(self.uuid.as_bytes());
-        let mut name = [0u8; NAME_LEN];
-        name[..self.name.len()].copy_from_slice(self.name.as_bytes());
-        b.put_slice(&name);
+        put_name(&mut b, &self.name, NAME_LEN);
         b.put_u32_le(self.block_size);
         b.put_u32_le(self.cluster_size);
         for v in [
@@ -138,6 +156,8 @@ impl Label {
         ] {
             b.put_u64_le(v);
         }
+        put_name(&mut b, &self.owner, OWNER_LEN);
+        b.put_u64_le(self.incarnation);
         b.resize(SECTOR - 4, 0);
         let crc = crc32c::crc32c(&b);
         b.put_u32_le(crc);
@@ -169,25 +189,28 @@ impl Label {
         }
         let mut b = &block[MAGIC.len()..];
         let version = b.get_u32_le();
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(corrupt(format!(
-                "on-disk version {version}, this io-engine reads version {VERSION}"
+                "on-disk version {version}, this io-engine reads versions {OLDEST_VERSION} to {VERSION}"
             )));
         }
         b.advance(4);
         let uuid = Uuid::from_slice(&b[..16]).map_err(|e| corrupt(e.to_string()))?;
         b.advance(16);
-        let name_raw = &b[..NAME_LEN];
-        let end = name_raw.iter().position(|c| *c == 0).unwrap_or(NAME_LEN);
-        let name = String::from_utf8(name_raw[..end].to_vec())
-            .map_err(|_| corrupt("name is not UTF-8".into()))?;
-        b.advance(NAME_LEN);
+        let name = get_name(&mut b, NAME_LEN).map_err(|_| corrupt("name is not UTF-8".into()))?;
         let block_size = b.get_u32_le();
         let cluster_size = b.get_u32_le();
         let mut v = [0u64; 8];
         for x in v.iter_mut() {
             *x = b.get_u64_le();
         }
+        let (owner, incarnation) = if version >= 2 {
+            let owner =
+                get_name(&mut b, OWNER_LEN).map_err(|_| corrupt("owner is not UTF-8".into()))?;
+            (owner, b.get_u64_le())
+        } else {
+            (String::new(), 0)
+        };
         let label = Label {
             uuid,
             name,
@@ -200,6 +223,8 @@ impl Label {
             ckpt_len: v[5],
             data_offset: v[6],
             data_clusters: v[7],
+            owner,
+            incarnation,
         };
         // The layout must be the one this version would have made for the recorded device size.
         let expect = Label::layout(
@@ -210,6 +235,11 @@ impl Label {
             label.device_size,
         )
         .map_err(|e| corrupt(format!("impossible layout: {e}")))?;
+        let expect = Label {
+            owner: label.owner.clone(),
+            incarnation: label.incarnation,
+            ..expect
+        };
         if expect != label {
             return Err(corrupt("layout does not match its own parameters".into()));
         }
@@ -221,6 +251,30 @@ impl Label {
         }
         Ok(label)
     }
+}
+
+fn check_name(what: &str, name: &str, room: usize) -> Result<(), PoolError> {
+    if name.is_empty() || name.len() >= room || name.contains('\0') {
+        return Err(PoolError::InvalidArgument(format!(
+            "{what} {name:?} must be 1 to {} bytes",
+            room - 1
+        )));
+    }
+    Ok(())
+}
+
+fn put_name(b: &mut BytesMut, name: &str, room: usize) {
+    let mut raw = vec![0u8; room];
+    raw[..name.len()].copy_from_slice(name.as_bytes());
+    b.put_slice(&raw);
+}
+
+fn get_name(b: &mut &[u8], room: usize) -> Result<String, std::string::FromUtf8Error> {
+    let raw = &b[..room];
+    let end = raw.iter().position(|c| *c == 0).unwrap_or(room);
+    let name = String::from_utf8(raw[..end].to_vec());
+    b.advance(room);
+    name
 }
 
 #[cfg(test)]
@@ -238,6 +292,31 @@ mod tests {
         assert!(l.ckpt_offset[1] + l.ckpt_len <= l.data_offset);
         assert_eq!(Label::decode(&l.encode(), 1 << 30).unwrap(), l);
         assert!(l.capacity() > (1 << 30) * 97 / 100);
+    }
+
+    #[test]
+    fn owner_and_incarnation_round_trip_and_each_claim_bumps_the_incarnation() {
+        let l = label().claimed_by("node-a").unwrap();
+        assert_eq!((l.owner.as_str(), l.incarnation), ("node-a", 1));
+        let l = l.claimed_by("node-b").unwrap();
+        assert_eq!(Label::decode(&l.encode(), 1 << 30).unwrap(), l);
+        assert_eq!((l.owner.as_str(), l.incarnation), ("node-b", 2));
+        assert!(l.claimed_by("").is_err());
+        assert!(l.claimed_by(&"n".repeat(253)).is_ok());
+        assert!(l.claimed_by(&"n".repeat(OWNER_LEN)).is_err());
+    }
+
+    #[test]
+    fn a_version_1_label_reads_as_unowned() {
+        let l = label();
+        let mut old = l.encode();
+        old[8..12].copy_from_slice(&1u32.to_le_bytes());
+        // Version 1 had zeroes where the owner and incarnation now are.
+        let crc = crc32c::crc32c(&old[..SECTOR - 4]);
+        old[SECTOR - 4..SECTOR].copy_from_slice(&crc.to_le_bytes());
+        let back = Label::decode(&old, 1 << 30).unwrap();
+        assert_eq!((back.owner.as_str(), back.incarnation), ("", 0));
+        assert_eq!(back, l);
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! - `commit`: group commit (changes made at the same time share one journal write and flush).
 //! - `volume`: a replica or snapshot as a [`BlockDevice`] (thin allocation, copy-on-write).
 //!
+//! A pool has one owner at a time: every import (and the creation) claims it for a node by rewriting the label
+//! with that node's name and a new incarnation number. An import by another node than the label's owner is
+//! refused unless forced (a disk moved between machines); the displaced owner, if still running, stops at its
+//! next metadata commit (`journal`) and closes its volumes. Keeping a second process on the same machine from
+//! opening the disk at all is the opener's part ([`crate::block::file::FileDevice::open_exclusive`]).
+//!
 //! A pool sits on any [`BlockDevice`]: a file or block device in production, memory in tests. Every metadata change
 //! is journaled, durable before the call that made it returns (changes made at once share a transaction).
 //! Cluster-freeing changes (destroy, unmap) wait for in-flight I/O of the pool to drain (the `gate`), so a freed
@@ -57,8 +63,43 @@ pub enum PoolError {
     AlreadyExists(String),
     #[error("failed precondition: {0}")]
     FailedPrecondition(String),
+    #[error(
+        "pool {pool} belongs to node {owner:?} (incarnation {incarnation}); import it on that node, or force the \
+         import if that node is gone or the disk has moved"
+    )]
+    OwnedByAnotherNode {
+        pool: String,
+        owner: String,
+        incarnation: u64,
+    },
+    #[error("pool {pool} was imported elsewhere: {now}; this io-engine no longer writes to it")]
+    OwnershipLost { pool: String, now: String },
     #[error("pool device i/o: {0}")]
     Io(String),
+}
+
+/// Who imports a pool: the importing node, and whether it may take the pool from another node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub node: String,
+    /// Import even when the label names another node as owner (that node is gone, or the disk has moved).
+    pub force: bool,
+}
+
+impl Claim {
+    pub fn new(node: &str) -> Claim {
+        Claim {
+            node: node.to_string(),
+            force: false,
+        }
+    }
+
+    pub fn forced(node: &str) -> Claim {
+        Claim {
+            node: node.to_string(),
+            force: true,
+        }
+    }
 }
 
 /// Capacity of a pool, in bytes.
@@ -85,6 +126,8 @@ pub(crate) struct PoolInner {
     /// I/O holds it shared; snapshot, destroy and unmap hold it exclusively.
     gate: tokio::sync::RwLock<()>,
     volumes: Mutex<BTreeMap<Uuid, Arc<PoolVolume>>>,
+    /// Set once a commit found the pool claimed by another import; every volume is closed then.
+    lost: AtomicBool,
     no_space: AtomicU64,
     last_no_space_log: Mutex<Option<Instant>>,
 }
@@ -94,9 +137,10 @@ impl PoolInner {
         self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes records durable, then applies them.
+    /// Makes records durable, then applies them. When another import has taken the pool, closes every volume.
     async fn commit(&self, records: Vec<Record>) -> Result<(), PoolError> {
-        self.journal
+        let r = self
+            .journal
             .commit(
                 records,
                 || journal::encode_state(&self.meta()),
@@ -105,7 +149,25 @@ impl PoolInner {
                     records.iter().try_for_each(|r| m.apply(r))
                 },
             )
-            .await
+            .await;
+        if let Err(e @ PoolError::OwnershipLost { .. }) = &r
+            && !self.lost.swap(true, Ordering::AcqRel)
+        {
+            tracing::error!(pool = %self.label.name, error = %e, "pool taken over by another import: closing its volumes");
+            self.close_volumes();
+        }
+        r
+    }
+
+    fn close_volumes(&self) {
+        for v in self
+            .volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            v.closed.store(true, Ordering::Release);
+        }
     }
 
     fn reserve_cluster(&self) -> Result<u32, PoolError> {
@@ -206,9 +268,13 @@ impl Pool {
         }
     }
 
-    /// Formats a blank device as a new, empty pool. The label is written last: a crash before it leaves a device
-    /// that still probes blank.
-    pub async fn create(dev: Arc<dyn BlockDevice>, spec: &PoolSpec) -> Result<Pool, PoolError> {
+    /// Formats a blank device as a new, empty pool owned by `claim.node`. The label is written last: a crash before
+    /// it leaves a device that still probes blank.
+    pub async fn create(
+        dev: Arc<dyn BlockDevice>,
+        spec: &PoolSpec,
+        claim: &Claim,
+    ) -> Result<Pool, PoolError> {
         match Self::probe(dev.as_ref()).await? {
             Probe::Blank => {}
             Probe::Pool(l) => {
@@ -224,38 +290,70 @@ impl Pool {
             dev.block_size(),
             spec.cluster_size,
             dev.size_bytes(),
-        )?;
+        )?
+        .claimed_by(&claim.node)?;
         let journal = Journal::format(dev.clone(), &label).await?;
         let io = |e: crate::block::BlockError| PoolError::Io(format!("writing the label: {e}"));
         dev.write(0, label.encode().freeze()).await.map_err(io)?;
         dev.flush().await.map_err(io)?;
         let meta = PoolMeta::new(label.cluster_size, label.data_clusters);
-        tracing::info!(pool = %label.name, uuid = %label.uuid, capacity = label.capacity(), "created pool");
+        tracing::info!(pool = %label.name, uuid = %label.uuid, capacity = label.capacity(), owner = %label.owner, "created pool");
         Ok(Self::assemble(dev, label, journal, meta))
     }
 
-    /// Opens the pool on a device: checks the label, loads and replays the metadata, and compacts it.
-    pub async fn import(dev: Arc<dyn BlockDevice>) -> Result<Pool, PoolError> {
-        let label = match Self::probe(dev.as_ref()).await? {
+    /// Opens the pool on a device for `claim.node`: checks the label and its owner, claims the pool (a new
+    /// incarnation, durable before anything else is written), then loads and replays the metadata and compacts it.
+    pub async fn import(dev: Arc<dyn BlockDevice>, claim: &Claim) -> Result<Pool, PoolError> {
+        let found = match Self::probe(dev.as_ref()).await? {
             Probe::Pool(l) => l,
             Probe::Blank => return Err(PoolError::NoLabel),
         };
-        if label.block_size != dev.block_size() {
+        if found.block_size != dev.block_size() {
             return Err(PoolError::CorruptLabel(format!(
                 "the pool has {}-byte blocks but the device was opened with {}",
-                label.block_size,
+                found.block_size,
                 dev.block_size()
             )));
         }
+        let label = Self::claim(dev.as_ref(), &found, claim).await?;
         let (journal, meta) = Journal::open(dev.clone(), &label).await?;
         tracing::info!(
             pool = %label.name,
             uuid = %label.uuid,
             volumes = meta.volumes.len(),
             epoch = journal.epoch(),
+            incarnation = label.incarnation,
             "imported pool"
         );
         Ok(Self::assemble(dev, label, journal, meta))
+    }
+
+    /// Writes the label that makes `claim.node` the owner, one incarnation after `found`.
+    async fn claim(
+        dev: &dyn BlockDevice,
+        found: &Label,
+        claim: &Claim,
+    ) -> Result<Label, PoolError> {
+        if !found.owner.is_empty() && found.owner != claim.node {
+            if !claim.force {
+                return Err(PoolError::OwnedByAnotherNode {
+                    pool: found.name.clone(),
+                    owner: found.owner.clone(),
+                    incarnation: found.incarnation,
+                });
+            }
+            tracing::warn!(
+                pool = %found.name,
+                previous_owner = %found.owner,
+                incarnation = found.incarnation,
+                "forced import: taking the pool from another node"
+            );
+        }
+        let label = found.claimed_by(&claim.node)?;
+        let io = |e: crate::block::BlockError| PoolError::Io(format!("claiming the pool: {e}"));
+        dev.write(0, label.encode().freeze()).await.map_err(io)?;
+        dev.flush().await.map_err(io)?;
+        Ok(label)
     }
 
     fn assemble(dev: Arc<dyn BlockDevice>, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
@@ -268,6 +366,7 @@ impl Pool {
             cursor: AtomicU64::new(0),
             gate: tokio::sync::RwLock::new(()),
             volumes: Mutex::new(BTreeMap::new()),
+            lost: AtomicBool::new(false),
             no_space: AtomicU64::new(0),
             last_no_space_log: Mutex::new(None),
         });
@@ -330,7 +429,7 @@ impl Pool {
                 uuid: *uuid,
                 size: meta.size,
                 read_only: meta.is_snapshot(),
-                closed: AtomicBool::new(false),
+                closed: AtomicBool::new(self.is_lost()),
                 alloc: crate::block::range_lock::RangeLock::new(),
                 quiesce: tokio::sync::RwLock::new(()),
             })
@@ -525,15 +624,12 @@ impl Pool {
 
     /// Closes every volume handle (the pool is being exported or destroyed).
     pub fn close(&self) {
-        for v in self
-            .inner
-            .volumes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            v.closed.store(true, Ordering::Release);
-        }
+        self.inner.close_volumes();
+    }
+
+    /// Whether another import has taken this pool (found at a metadata commit); its volumes are closed.
+    pub fn is_lost(&self) -> bool {
+        self.inner.lost.load(Ordering::Acquire)
     }
 
     /// Destroys the pool: refuses while it has volumes, then wipes the label so the device probes blank.

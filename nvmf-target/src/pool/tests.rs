@@ -24,6 +24,11 @@ fn spec(name: &str) -> PoolSpec {
     }
 }
 
+/// The node these tests import pools as.
+fn me() -> Claim {
+    Claim::new("node-a")
+}
+
 fn pattern(seed: u8, len: usize) -> Bytes {
     Bytes::from(
         (0..len)
@@ -35,7 +40,7 @@ fn pattern(seed: u8, len: usize) -> Bytes {
 #[tokio::test]
 async fn replicas_are_thin_and_survive_import() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let pool = Pool::create(dev.clone(), &spec("p1")).await.unwrap();
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
     let cap = pool.stats().capacity;
     assert!(cap >= 24 * MIB && cap % u64::from(CS) == 0, "{cap}");
     let r = Uuid::new_v4();
@@ -51,7 +56,7 @@ async fn replicas_are_thin_and_survive_import() {
     assert!(back[12288..].iter().all(|b| *b == 0));
     drop((vol, pool));
 
-    let pool = Pool::import(dev.clone()).await.unwrap();
+    let pool = Pool::import(dev.clone(), &me()).await.unwrap();
     assert_eq!(pool.volumes().len(), 1);
     let vol = pool.open_volume(&r).unwrap();
     assert_eq!(
@@ -66,7 +71,9 @@ async fn allocations_at_once_share_journal_transactions_and_all_survive_import()
     use crate::block::fault::{FaultDevice, FaultPlan};
     let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let slow = Arc::new(FaultDevice::new(mem.clone()));
-    let pool = Pool::create(slow.clone(), &spec("p1")).await.unwrap();
+    let pool = Pool::create(slow.clone(), &spec("p1"), &me())
+        .await
+        .unwrap();
     let r = Uuid::new_v4();
     let vol = pool
         .create_replica(r, 16 * u64::from(CS), None)
@@ -88,7 +95,7 @@ async fn allocations_at_once_share_journal_transactions_and_all_survive_import()
     );
     drop((vol, pool));
 
-    let pool = Pool::import(mem).await.unwrap();
+    let pool = Pool::import(mem, &me()).await.unwrap();
     let vol = pool.open_volume(&r).unwrap();
     for i in 0..16u8 {
         let at = u64::from(i) * u64::from(CS) + 512;
@@ -103,7 +110,7 @@ async fn allocations_at_once_share_journal_transactions_and_all_survive_import()
 #[tokio::test]
 async fn a_replica_conforms_to_the_block_device_contract() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let pool = Pool::create(dev, &spec("p1")).await.unwrap();
+    let pool = Pool::create(dev, &spec("p1"), &me()).await.unwrap();
     let vol = pool
         .create_replica(Uuid::new_v4(), 4 * MIB, None)
         .await
@@ -114,7 +121,7 @@ async fn a_replica_conforms_to_the_block_device_contract() {
 #[tokio::test]
 async fn snapshots_and_clones_are_copy_on_write() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let pool = Pool::create(dev.clone(), &spec("p1")).await.unwrap();
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
     let r = Uuid::new_v4();
     let vol = pool.create_replica(r, 2 * MIB, None).await.unwrap();
     vol.write(0, pattern(1, 65536)).await.unwrap();
@@ -167,7 +174,7 @@ async fn snapshots_and_clones_are_copy_on_write() {
     );
     assert_eq!(pool.stats().allocated, 2 * u64::from(CS));
     drop((vol, clone, sv, pool));
-    let pool = Pool::import(dev).await.unwrap();
+    let pool = Pool::import(dev, &me()).await.unwrap();
     let clone = pool.open_volume(&c).unwrap();
     assert_eq!(&clone.read(0, 512).await.unwrap()[..], &pattern(9, 512)[..]);
     assert_eq!(pool.volume_meta(&c).unwrap().clone_of, Some(s));
@@ -177,7 +184,7 @@ async fn snapshots_and_clones_are_copy_on_write() {
 async fn a_snapshot_waits_for_its_own_volumes_io_and_no_other() {
     use std::time::Duration;
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let pool = Pool::create(dev, &spec("p")).await.unwrap();
+    let pool = Pool::create(dev, &spec("p"), &me()).await.unwrap();
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let va = pool.create_replica(a, MIB, None).await.unwrap();
     let vb = pool.create_replica(b, MIB, None).await.unwrap();
@@ -208,7 +215,7 @@ async fn a_snapshot_waits_for_its_own_volumes_io_and_no_other() {
 /// A 12 MiB pool holding a replica as large as the pool and a 1 MiB one, and the pool's capacity in clusters.
 async fn small_pool_with_two_replicas() -> (Pool, u64, Arc<PoolVolume>, Arc<PoolVolume>) {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(12 * MIB, 512));
-    let pool = Pool::create(dev, &spec("small")).await.unwrap();
+    let pool = Pool::create(dev, &spec("small"), &me()).await.unwrap();
     let clusters = pool.stats().capacity / u64::from(CS);
     let a = pool
         .create_replica(Uuid::new_v4(), pool.stats().capacity, None)
@@ -274,7 +281,7 @@ async fn a_write_that_needs_more_clusters_than_are_free_changes_nothing() {
 #[tokio::test]
 async fn bad_requests_are_refused_and_change_nothing() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let pool = Pool::create(dev.clone(), &spec("p1")).await.unwrap();
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
     let r = Uuid::new_v4();
     for size in [0, 1000] {
         let e = pool.create_replica(r, size, None).await.err();
@@ -292,7 +299,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert!(matches!(e, Some(PoolError::InvalidArgument(_))), "{e:?}");
     let e = pool.destroy().await.err();
     assert!(matches!(e, Some(PoolError::FailedPrecondition(_))), "{e:?}");
-    let e = Pool::create(dev.clone(), &spec("p2")).await.err();
+    let e = Pool::create(dev.clone(), &spec("p2"), &me()).await.err();
     assert!(matches!(e, Some(PoolError::AlreadyExists(_))), "{e:?}");
     assert_eq!(pool.volumes().len(), 1);
     pool.destroy_volume(r).await.unwrap();
@@ -303,7 +310,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
 #[tokio::test]
 async fn corrupt_labels_and_metadata_are_detected_not_used() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let pool = Pool::create(dev.clone(), &spec("p1")).await.unwrap();
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
     let r = Uuid::new_v4();
     pool.create_replica(r, MIB, None).await.unwrap();
     let label = pool.label().clone();
@@ -319,7 +326,7 @@ async fn corrupt_labels_and_metadata_are_detected_not_used() {
             dev.write(off, Bytes::from(blk)).await.unwrap();
         }
     };
-    let newest = Pool::import(dev.clone()).await.unwrap();
+    let newest = Pool::import(dev.clone(), &me()).await.unwrap();
     let epoch_area = if newest.inner.journal.epoch().await % 2 == 1 {
         a
     } else {
@@ -327,30 +334,30 @@ async fn corrupt_labels_and_metadata_are_detected_not_used() {
     };
     drop(newest);
     flip(epoch_area).await;
-    let p = Pool::import(dev.clone()).await.unwrap();
+    let p = Pool::import(dev.clone(), &me()).await.unwrap();
     assert!(p.volume_meta(&r).is_some());
     drop(p);
     flip(a).await;
     flip(b).await;
-    let e = Pool::import(dev.clone()).await.err();
+    let e = Pool::import(dev.clone(), &me()).await.err();
     assert!(matches!(e, Some(PoolError::CorruptMetadata(_))), "{e:?}");
 
     flip(0).await;
-    let e = Pool::import(dev.clone()).await.err();
+    let e = Pool::import(dev.clone(), &me()).await.err();
     assert!(matches!(e, Some(PoolError::CorruptLabel(_))), "{e:?}");
-    let e = Pool::create(dev.clone(), &spec("p1")).await.err();
+    let e = Pool::create(dev.clone(), &spec("p1"), &me()).await.err();
     assert!(matches!(e, Some(PoolError::CorruptLabel(_))), "{e:?}");
 
     let other: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     other.write(512, pattern(1, 512)).await.unwrap();
-    let e = Pool::create(other, &spec("p1")).await.err();
+    let e = Pool::create(other, &spec("p1"), &me()).await.err();
     assert!(matches!(e, Some(PoolError::ForeignData)), "{e:?}");
 }
 
 #[tokio::test]
 async fn the_journal_wraps_into_checkpoints() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let pool = Pool::create(dev.clone(), &spec("p1")).await.unwrap();
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
     let keep = Uuid::new_v4();
     pool.create_replica(keep, MIB, None).await.unwrap();
     // 1,100 transactions overflow the 1,024-block journal at least once.
@@ -361,7 +368,7 @@ async fn the_journal_wraps_into_checkpoints() {
     }
     assert!(pool.inner.journal.epoch().await >= 2);
     drop(pool);
-    let pool = Pool::import(dev).await.unwrap();
+    let pool = Pool::import(dev, &me()).await.unwrap();
     assert_eq!(pool.volumes().len(), 1);
     assert!(pool.volume_meta(&keep).is_some());
 }
@@ -489,7 +496,7 @@ async fn workload(dev: Arc<dyn BlockDevice>, ids: &[Uuid; 4]) -> (Model, Model, 
             }
         }};
     }
-    let Ok(pool) = Pool::create(dev, &spec("crash")).await else {
+    let Ok(pool) = Pool::create(dev, &spec("crash"), &me()).await else {
         return (Model::new(), Model::new(), false);
     };
     let [r1, s1, c1, r2] = *ids;
@@ -583,7 +590,7 @@ async fn a_power_cut_after_any_write_leaves_a_sound_pool_with_every_acknowledged
                 }
             });
             let back: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(image, None));
-            let pool = match Pool::import(back.clone()).await {
+            let pool = match Pool::import(back.clone(), &me()).await {
                 Ok(p) => p,
                 Err(PoolError::NoLabel) => {
                     assert!(!created, "budget {budget}: the pool vanished");
@@ -621,4 +628,90 @@ async fn a_power_cut_after_any_write_leaves_a_sound_pool_with_every_acknowledged
     }
     assert!(checked > 60, "{checked} crash images checked");
     assert_eq!(done.len(), 2);
+}
+
+#[tokio::test]
+async fn another_nodes_import_is_refused_naming_the_owner_unless_forced() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
+    assert_eq!(
+        (pool.label().owner.as_str(), pool.label().incarnation),
+        ("node-a", 1)
+    );
+    drop(pool);
+
+    let e = Pool::import(dev.clone(), &Claim::new("node-b")).await.err();
+    let Some(PoolError::OwnedByAnotherNode {
+        owner, incarnation, ..
+    }) = &e
+    else {
+        panic!("{e:?}");
+    };
+    assert_eq!((owner.as_str(), *incarnation), ("node-a", 1));
+    assert!(e.unwrap().to_string().contains("node-a"));
+    // The refused import wrote nothing: the owner imports as before.
+    let pool = Pool::import(dev.clone(), &me()).await.unwrap();
+    assert_eq!(pool.label().incarnation, 2);
+    drop(pool);
+
+    let pool = Pool::import(dev.clone(), &Claim::forced("node-b"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (pool.label().owner.as_str(), pool.label().incarnation),
+        ("node-b", 3)
+    );
+}
+
+#[tokio::test]
+async fn a_displaced_owner_stops_at_its_next_metadata_commit() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let old = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
+    let r = Uuid::new_v4();
+    let vol = old.create_replica(r, 4 * MIB, None).await.unwrap();
+    vol.write(0, pattern(1, 4096)).await.unwrap();
+
+    // Another node takes the disk over (a LUN moved while the old owner still runs).
+    let new = Pool::import(dev.clone(), &Claim::forced("node-b"))
+        .await
+        .unwrap();
+    assert_eq!(new.volumes().len(), 1);
+
+    // The old owner's next change is refused before it writes anything, and it closes its volumes.
+    let e = old.create_replica(Uuid::new_v4(), MIB, None).await.err();
+    assert!(
+        matches!(&e, Some(PoolError::OwnershipLost { now, .. }) if now.contains("node-b")),
+        "{e:?}"
+    );
+    assert!(old.is_lost());
+    assert!(matches!(
+        vol.write(0, pattern(2, 4096)).await,
+        Err(BlockError::Closed)
+    ));
+    assert!(matches!(vol.read(0, 4096).await, Err(BlockError::Closed)));
+    assert!(old.open_volume(&r).unwrap().read(0, 512).await.is_err());
+
+    // The new owner sees what the old one committed and nothing of what it tried afterwards.
+    let nv = new.open_volume(&r).unwrap();
+    assert_eq!(&nv.read(0, 4096).await.unwrap()[..], &pattern(1, 4096)[..]);
+    new.create_replica(Uuid::new_v4(), MIB, None).await.unwrap();
+    drop((new, nv));
+    let again = Pool::import(dev, &Claim::new("node-b")).await.unwrap();
+    assert_eq!(again.volumes().len(), 2);
+}
+
+#[tokio::test]
+async fn a_second_import_by_the_same_node_displaces_the_first() {
+    // Two processes of one node on one disk (what the exclusive open prevents on one machine): the newer import
+    // wins, the older stops at its next commit.
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let first = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
+    let second = Pool::import(dev.clone(), &me()).await.unwrap();
+    assert_eq!(second.label().incarnation, first.label().incarnation + 1);
+    let e = first.create_replica(Uuid::new_v4(), MIB, None).await.err();
+    assert!(matches!(e, Some(PoolError::OwnershipLost { .. })), "{e:?}");
+    second
+        .create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .unwrap();
 }

@@ -28,8 +28,8 @@ async fn io_engine_serves_an_export_and_exits_cleanly_on_sigterm() {
             "nqn={nqn},file={},size=16MiB,direct=true",
             file.display()
         ))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -68,6 +68,13 @@ async fn io_engine_serves_an_export_and_exits_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "exit status {status}");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(log.contains("INFO"), "io-engine logs to stderr: {log:?}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in a log that is not a terminal: {log:?}"
+    );
 }
 
 #[test]

@@ -12,5 +12,6 @@ mod fencing;
 mod harness;
 mod initiator;
 mod metrics;
+mod ownership;
 mod pools;
 mod replication;

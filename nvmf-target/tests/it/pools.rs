@@ -19,9 +19,9 @@ use tonic::transport::Channel;
 use crate::harness::free_port;
 
 const MIB: u64 = 1 << 20;
-const HOST: &str = "nqn.2026-11.io.keelson:node-test-nexus";
+pub const HOST: &str = "nqn.2026-11.io.keelson:node-test-nexus";
 
-/// An io-engine process with one pool on a file; restartable on the same ports.
+/// An io-engine process with one pool on a file (or none: [`PoolNode::bare`]); restartable on the same ports.
 pub struct PoolNode {
     child: Option<Child>,
     name: String,
@@ -37,6 +37,11 @@ impl PoolNode {
     }
 
     /// `name` is the node name: nexuses on nodes with different names are different hosts.
+    /// An io-engine with no pool at start.
+    pub fn bare(ip: &str, name: &str) -> PoolNode {
+        Self::start_named(ip, name, Path::new(""))
+    }
+
     pub fn start_named(ip: &str, name: &str, disk: &Path) -> PoolNode {
         let mut n = PoolNode {
             child: None,
@@ -52,12 +57,15 @@ impl PoolNode {
 
     pub fn restart(&mut self) {
         self.kill9();
-        let child = Command::new(env!("CARGO_BIN_EXE_io-engine"))
-            .args(["--node-name", &self.name])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_io-engine"));
+        cmd.args(["--node-name", &self.name])
             .args(["--listen", &format!("{}:{}", self.ip, self.port)])
-            .args(["--grpc", &format!("{}:{}", self.ip, self.grpc)])
-            .arg("--pool")
-            .arg(format!("pool0={}", self.disk.display()))
+            .args(["--grpc", &format!("{}:{}", self.ip, self.grpc)]);
+        if !self.disk.as_os_str().is_empty() {
+            cmd.arg("--pool")
+                .arg(format!("pool0={}", self.disk.display()));
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -125,7 +133,7 @@ pub fn pattern(seed: u64, len: usize) -> Bytes {
     )
 }
 
-fn replica_req(uuid: &str, size: u64) -> pb::CreateReplicaRequest {
+pub fn replica_req(uuid: &str, size: u64) -> pb::CreateReplicaRequest {
     pb::CreateReplicaRequest {
         pool: "pool0".into(),
         uuid: uuid.into(),
@@ -483,7 +491,10 @@ async fn bad_requests_get_precise_codes_and_leave_the_disk_unchanged() {
     let mut node = PoolNode::start("127.0.0.1", &d1);
     let mut api = node.api().await;
     let e = api
-        .import_pool(pb::ImportPoolRequest { disk: d0.clone() })
+        .import_pool(pb::ImportPoolRequest {
+            disk: d0.clone(),
+            force: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{}", e.message());
