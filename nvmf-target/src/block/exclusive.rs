@@ -248,6 +248,9 @@ mod tests {
         if !e2e::privileged::allowed("a_file_and_loop_devices_over_it_are_one_disk") {
             return;
         }
+        let _loops = crate::block::LOOP_DEVICES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.img");
         std::fs::File::create(&img)
@@ -260,7 +263,16 @@ mod tests {
             let held = open_locked(&img).unwrap();
             for l in [&l0, &l1] {
                 let e = open_locked(l).unwrap_err().to_string();
-                assert!(e.contains("loop device") && e.contains("disk.img"), "{e}");
+                let attached = std::process::Command::new("losetup")
+                    .arg("-a")
+                    .output()
+                    .unwrap();
+                assert!(
+                    e.contains("loop device") && e.contains("disk.img"),
+                    "{e}\n{}\n{}",
+                    String::from_utf8_lossy(&attached.stdout),
+                    std::fs::read_to_string("/proc/locks").unwrap_or_default()
+                );
                 assert!(
                     e.contains(&format!("process {}", std::process::id())),
                     "{e}"

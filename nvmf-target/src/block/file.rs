@@ -264,7 +264,14 @@ mod tests {
     /// Needs root: attaches a loop device (as storage nodes in tests do) and runs the conformance suite on it
     /// with O_DIRECT.
     #[tokio::test]
+    #[allow(clippy::await_holding_lock)] // the lock only keeps other test threads' losetup away
     async fn conforms_on_a_loop_block_device_with_o_direct() {
+        if !e2e::privileged::allowed("conforms_on_a_loop_block_device_with_o_direct") {
+            return;
+        }
+        let _loops = crate::block::LOOP_DEVICES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("loop.img");
         std::fs::File::create(&img)

@@ -16,6 +16,10 @@ pub mod file;
 pub mod memory;
 pub mod range_lock;
 
+/// Held by tests that attach loop devices, so that two of them never race for the same free device.
+#[cfg(test)]
+pub(crate) static LOOP_DEVICES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 use async_trait::async_trait;
 use bytes::Bytes;
 

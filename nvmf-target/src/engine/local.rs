@@ -9,8 +9,9 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::block::{BlockDevice, BlockError};
-use crate::protocol::command::resv;
+use crate::protocol::command::{Access, resv};
 use crate::protocol::status::Status;
+use crate::target::access::{self, Path};
 use crate::target::subsystem::Namespace;
 
 use super::nexus::Reservable;
@@ -20,11 +21,11 @@ pub struct LocalChild {
     host: Uuid,
 }
 
+/// Reservation changes of this node's host fail with the status the reservation rules give.
 fn to_block(s: Status) -> BlockError {
-    if s == Status::RESERVATION_CONFLICT {
-        BlockError::ReservationConflict
-    } else {
-        BlockError::Remote(s.to_string())
+    match s {
+        Status::RESERVATION_CONFLICT => BlockError::ReservationConflict,
+        s => BlockError::Remote(s.to_string()),
     }
 }
 
@@ -33,11 +34,9 @@ impl LocalChild {
         LocalChild { ns, host }
     }
 
-    fn check(&self, write: bool) -> Result<(), BlockError> {
-        self.ns
-            .reservations
-            .check(self.host, write)
-            .map_err(to_block)
+    /// The same decision as for an NVMe/TCP command of class `access` ([`access::admit`]).
+    fn check(&self, access: Access) -> Result<(), BlockError> {
+        Ok(access::admit(&self.ns, self.host, access, Path::Local)?)
     }
 }
 
@@ -77,29 +76,29 @@ impl BlockDevice for LocalChild {
         self.ns.device.num_blocks()
     }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
-        self.check(false)?;
+        self.check(Access::ReadsData)?;
         let start = std::time::Instant::now();
         let r = self.ns.device.read(offset, len).await;
         self.ns.stats.read.record(len, start.elapsed(), r.is_ok());
         r
     }
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-        self.check(true)?;
+        self.check(Access::WritesData)?;
         let (start, len) = (std::time::Instant::now(), data.len() as u64);
         let r = self.ns.device.write(offset, data).await;
         self.ns.stats.write.record(len, start.elapsed(), r.is_ok());
         r
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.check(true)?;
+        self.check(Access::WritesData)?;
         self.ns.device.write_zeroes(offset, len).await
     }
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.check(true)?;
+        self.check(Access::WritesData)?;
         self.ns.device.deallocate(offset, len).await
     }
     async fn flush(&self) -> Result<(), BlockError> {
-        self.check(true)?;
+        self.check(Access::WritesData)?;
         self.ns.device.flush().await
     }
     async fn allocated_ranges(
@@ -107,23 +106,23 @@ impl BlockDevice for LocalChild {
         offset: u64,
         len: u64,
     ) -> Result<Option<Vec<(u64, u64)>>, BlockError> {
-        self.check(false)?;
+        self.check(Access::ReadsData)?;
         self.ns.device.allocated_ranges(offset, len).await
     }
     async fn note_missed(&self, m: &crate::block::MissedWrites) -> Result<(), BlockError> {
-        self.check(true)?;
+        self.check(Access::WritesMetadata)?;
         self.ns.device.note_missed(m).await
     }
     async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
-        self.check(true)?;
+        self.check(Access::WritesMetadata)?;
         self.ns.device.forget_missed(child).await
     }
     async fn missed(&self) -> Result<Vec<crate::block::MissedWrites>, BlockError> {
-        self.check(false)?;
+        self.check(Access::ReadsMetadata)?;
         self.ns.device.missed().await
     }
     async fn snapshot(&self, id: Uuid) -> Result<(), BlockError> {
-        self.check(true)?;
+        self.check(Access::WritesMetadata)?;
         self.ns.device.snapshot(id).await
     }
 }
@@ -161,5 +160,65 @@ mod tests {
             Err(BlockError::ReservationConflict)
         ));
         assert_eq!(&new.read(0, 512).await.unwrap()[..], &[1u8; 512][..]);
+    }
+
+    #[tokio::test]
+    async fn a_fenced_local_child_changes_nothing_by_any_command_class() {
+        use crate::block::MissedWrites;
+        use crate::pool::{Claim, Pool, PoolSpec};
+        let disk = Arc::new(MemoryDevice::new(32 << 20, 512));
+        let spec = PoolSpec {
+            name: "p".into(),
+            uuid: Uuid::new_v4(),
+            cluster_size: 1 << 20,
+        };
+        let pool = Pool::create(disk, &spec, &Claim::new("n")).await.unwrap();
+        let replica = pool
+            .create_replica(Uuid::new_v4(), 4 << 20, None)
+            .await
+            .unwrap();
+        let ns = Arc::new(Namespace {
+            nsid: 1,
+            uuid: Uuid::new_v4(),
+            ana_group: 1,
+            device: replica,
+            reservations: Reservations::default(),
+            stats: Default::default(),
+        });
+        let record = |child: &str| MissedWrites {
+            child: child.into(),
+            since_ms: 1,
+            ranges: vec![(0, 4096)],
+        };
+        let old = LocalChild::new(ns.clone(), Uuid::new_v4());
+        reserve(&old, ReservationKeys { key: 1, preempt: 0 })
+            .await
+            .unwrap();
+        old.note_missed(&record("x")).await.unwrap();
+        let new = LocalChild::new(ns.clone(), Uuid::new_v4());
+        reserve(&new, ReservationKeys { key: 2, preempt: 1 })
+            .await
+            .unwrap();
+
+        let conflict = |what: &str, r: Result<(), BlockError>| {
+            assert!(
+                matches!(r, Err(BlockError::ReservationConflict)),
+                "{what}: {r:?}"
+            );
+        };
+        conflict("write", old.write(0, Bytes::from(vec![2u8; 512])).await);
+        conflict("write zeroes", old.write_zeroes(0, 512).await);
+        conflict("deallocate", old.deallocate(0, 512).await);
+        conflict("flush", old.flush().await);
+        conflict("note", old.note_missed(&record("y")).await);
+        conflict("forget", old.forget_missed("x").await);
+        conflict("snapshot", old.snapshot(Uuid::new_v4()).await);
+        assert_eq!(old.missed().await.unwrap(), vec![record("x")]);
+        assert!(old.read(0, 512).await.is_ok());
+        assert_eq!(pool.volumes().len(), 1, "no snapshot was taken");
+
+        new.forget_missed("x").await.unwrap();
+        new.snapshot(Uuid::new_v4()).await.unwrap();
+        assert!(new.missed().await.unwrap().is_empty());
     }
 }

@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 use crate::protocol::command::{Sgl, Sqe, io};
 use crate::protocol::status::Status;
+use crate::protocol::vendor::{self, AllocatedAnswer, AllocatedQuery};
 
 use super::controller::Controller;
 use super::{ConnectOptions, InitiatorError};
@@ -42,6 +43,12 @@ pub struct RemoteNamespace {
     pub reconnect_wait: Duration,
 }
 
+fn vendor_error(e: vendor::VendorError) -> BlockError {
+    BlockError::Remote(e.to_string())
+}
+
+/// The block error for a failed command: the one mapping from NVMe statuses back to [`BlockError`] (the target's
+/// `map_error` is its inverse).
 fn to_block(e: InitiatorError) -> BlockError {
     match e {
         InitiatorError::Status(s) if s == Status::LBA_OUT_OF_RANGE => BlockError::OutOfRange {
@@ -337,35 +344,31 @@ impl BlockDevice for RemoteNamespace {
     }
 
     async fn note_missed(&self, missed: &MissedWrites) -> Result<(), BlockError> {
-        let data = serde_json::to_vec(missed).map_err(|e| BlockError::Remote(e.to_string()))?;
+        let data = vendor::note_data(missed).map_err(vendor_error)?;
         let sqe = Sqe::new(io::KEELSON_MISSED_NOTE, self.shared.nsid);
-        self.submit(sqe, Some(Bytes::from(data))).await.map(drop)
+        self.submit(sqe, Some(data)).await.map(drop)
     }
 
     async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
         let sqe = Sqe::new(io::KEELSON_MISSED_FORGET, self.shared.nsid);
-        let data = Bytes::copy_from_slice(child.as_bytes());
-        self.submit(sqe, Some(data)).await.map(drop)
+        self.submit(sqe, Some(vendor::forget_data(child)))
+            .await
+            .map(drop)
     }
 
     async fn missed(&self) -> Result<Vec<MissedWrites>, BlockError> {
         let len = self.max_transfer.min(1 << 20) as u32;
         let mut sqe = Sqe::new(io::KEELSON_MISSED_READ, self.shared.nsid);
         sqe.set_sgl(Sgl::transport(len));
-        let mut d = self.submit(sqe, None).await?;
-        let bad = |why: &str| BlockError::Remote(format!("missed-writes answer: {why}"));
-        if d.len() < 4 {
-            return Err(bad("short"));
-        }
-        let n = d.get_u32_le() as usize;
-        let json = d.get(..n).ok_or_else(|| bad("short"))?;
-        serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))
+        let d = self.submit(sqe, None).await?;
+        vendor::parse_missed_answer(d).map_err(vendor_error)
     }
 
     async fn snapshot(&self, id: uuid::Uuid) -> Result<(), BlockError> {
         let sqe = Sqe::new(io::KEELSON_SNAPSHOT, self.shared.nsid);
-        let data = Bytes::copy_from_slice(id.as_bytes());
-        self.submit(sqe, Some(data)).await.map(drop)
+        self.submit(sqe, Some(vendor::snapshot_data(id)))
+            .await
+            .map(drop)
     }
 
     /// Asks the target with Keelson's vendor command; a target that does not know it (or a device that cannot
@@ -383,36 +386,29 @@ impl BlockDevice for RemoteNamespace {
         let mut out: Vec<(u64, u64)> = Vec::new();
         while lba < end {
             let mut sqe = Sqe::new(io::KEELSON_ALLOCATED, self.shared.nsid);
-            sqe.set_cdw(10, lba as u32);
-            sqe.set_cdw(11, (lba >> 32) as u32);
-            sqe.set_cdw(12, (end - lba) as u32);
-            sqe.set_cdw(13, ((end - lba) >> 32) as u32);
+            AllocatedQuery {
+                slba: lba,
+                nlb: end - lba,
+            }
+            .write_to(&mut sqe);
             sqe.set_sgl(Sgl::transport(BUF));
-            let mut d = match self.submit(sqe, None).await {
+            let d = match self.submit(sqe, None).await {
                 Ok(d) => d,
                 Err(BlockError::Unsupported) => return Ok(None),
                 Err(e) => return Err(e),
             };
-            if d.len() < 16 {
-                return Err(BlockError::Remote("short allocation answer".into()));
-            }
-            let count = d.get_u32_le() as usize;
-            d.advance(4);
-            let next = d.get_u64_le();
-            if d.len() < count * 16 {
-                return Err(BlockError::Remote("short allocation answer".into()));
-            }
-            for _ in 0..count {
-                let (s, n) = (d.get_u64_le() * bs, d.get_u64_le() * bs);
+            let answer = AllocatedAnswer::decode(d).map_err(vendor_error)?;
+            for (s, n) in answer.extents {
+                let (s, n) = (s * bs, n * bs);
                 match out.last_mut() {
                     Some((ps, pn)) if *ps + *pn == s => *pn += n,
                     _ => out.push((s, n)),
                 }
             }
-            if next == u64::MAX || next <= lba {
-                break;
+            match answer.next {
+                Some(next) if next > lba => lba = next,
+                _ => break,
             }
-            lba = next;
         }
         Ok(Some(out))
     }

@@ -29,19 +29,58 @@ pub mod io {
     pub const RESERVATION_REPORT: u8 = 0x0E;
     pub const RESERVATION_ACQUIRE: u8 = 0x11;
     pub const RESERVATION_RELEASE: u8 = 0x15;
-    /// Keelson vendor command (controller-to-host data): which LBAs of a range hold data. CDW10-11: first LBA,
-    /// CDW12-13: number of LBAs. Data: a 16-byte header (u32 extent count, u32 reserved, u64 LBA to continue
-    /// from, `u64::MAX` when done) and then (u64 LBA, u64 block count) extents.
+    /// Keelson vendor command (controller-to-host data): which LBAs of a range hold data (format in
+    /// [`crate::protocol::vendor`]).
     pub const KEELSON_ALLOCATED: u8 = 0x82;
-    /// Keelson vendor command (host-to-controller data): snapshot the namespace. Data: the snapshot's 16-byte UUID.
-    /// The host quiesces its own writes first; the snapshot holds every write completed before it.
+    /// Keelson vendor command (host-to-controller data): snapshot the namespace. The host quiesces its own writes
+    /// first; the snapshot holds every write completed before it.
     pub const KEELSON_SNAPSHOT: u8 = 0x81;
-    /// Keelson vendor commands for a nexus's persisted write log (JSON `MissedWrites` in the data):
-    /// note (host-to-controller: one record, merged), forget (host-to-controller: the child's name), read
-    /// (controller-to-host: u32 length, then a JSON array of records).
+    /// Keelson vendor commands for a nexus's persisted write log: note (host-to-controller: one record, merged),
+    /// forget (host-to-controller: the child's name), read (controller-to-host: every record).
     pub const KEELSON_MISSED_NOTE: u8 = 0x85;
     pub const KEELSON_MISSED_FORGET: u8 = 0x89;
     pub const KEELSON_MISSED_READ: u8 = 0x8A;
+}
+
+/// What an I/O command does to its namespace: the class that access checks (reservations, ANA) decide on. Every
+/// path to a namespace (NVMe/TCP and a local nexus child) classifies its commands with this and asks one check
+/// (`target::access`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Reads user data, or which of it is allocated.
+    ReadsData,
+    /// Reads replica metadata (missed-writes records).
+    ReadsMetadata,
+    /// Changes user data, or makes it durable: write, write zeroes, deallocate, flush.
+    WritesData,
+    /// Changes replica metadata: missed-writes records, snapshots.
+    WritesMetadata,
+    /// A reservation command: governed by the reservation rules themselves.
+    Reservation,
+}
+
+impl Access {
+    /// The class of I/O opcode `opcode`; `None` for an opcode Keelson does not serve.
+    pub fn of(opcode: u8) -> Option<Access> {
+        Some(match opcode {
+            io::READ | io::KEELSON_ALLOCATED => Access::ReadsData,
+            io::KEELSON_MISSED_READ => Access::ReadsMetadata,
+            io::WRITE | io::WRITE_ZEROES | io::DATASET_MANAGEMENT | io::FLUSH => Access::WritesData,
+            io::KEELSON_SNAPSHOT | io::KEELSON_MISSED_NOTE | io::KEELSON_MISSED_FORGET => {
+                Access::WritesMetadata
+            }
+            io::RESERVATION_REGISTER
+            | io::RESERVATION_REPORT
+            | io::RESERVATION_ACQUIRE
+            | io::RESERVATION_RELEASE => Access::Reservation,
+            _ => return None,
+        })
+    }
+
+    /// Whether the command changes the namespace (data or metadata).
+    pub fn modifies(self) -> bool {
+        matches!(self, Access::WritesData | Access::WritesMetadata)
+    }
 }
 
 /// Reservation command fields: actions (CDW10 bits 2:0) and reservation types (CDW10 bits 15:8).

@@ -1,5 +1,5 @@
 //! NVMe and NVMe/TCP wire formats: PDUs and their codec, submission and completion entries, status codes, Fabrics
-//! commands, Identify structures and log pages. Pure code: nothing here does I/O or knows about targets, pools or
+//! commands, Identify structures and log pages, and the formats of Keelson's vendor commands (`vendor`). Pure code: nothing here does I/O or knows about targets, pools or
 //! nexuses.
 
 pub mod codec;
@@ -11,3 +11,4 @@ pub mod log;
 pub mod nqn;
 pub mod pdu;
 pub mod status;
+pub mod vendor;

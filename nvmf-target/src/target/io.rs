@@ -1,6 +1,7 @@
-//! NVM I/O commands: Read, Write, Flush, Write Zeroes and Dataset Management (deallocate). [`validate`] runs before
-//! any data moves (namespace, ANA state of this path, LBA range, transfer length); [`execute`] does the I/O on the
-//! namespace's block device and maps block errors to NVMe statuses.
+//! NVM I/O commands: Read, Write, Flush, Write Zeroes, Dataset Management (deallocate), reservations and Keelson's
+//! vendor commands. [`validate`] runs before any data moves (namespace, access through this path as
+//! [`super::access`] decides, LBA range, transfer length); [`execute`] does the I/O on the namespace's block device
+//! and maps block errors to NVMe statuses ([`map_error`], the one such mapping).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,11 +9,12 @@ use std::sync::atomic::Ordering;
 use bytes::{Buf, Bytes};
 
 use crate::block::{BlockError, MissedWrites};
-use crate::protocol::command::{Sqe, io};
-use crate::protocol::log::AnaState;
+use crate::protocol::command::{Access, Sqe, io};
 use crate::protocol::status::Status;
+use crate::protocol::vendor::{self, AllocatedAnswer, AllocatedQuery};
 
 use super::Shared;
+use super::access::{self, Path};
 use super::controller::Controller;
 use super::response::Response;
 use super::subsystem::Namespace;
@@ -29,12 +31,10 @@ pub(super) fn validate(
         .subsystem
         .namespace(sqe.nsid())
         .ok_or(Status::INVALID_NAMESPACE)?;
-    match shared.ana.state(ctrl.port_id, ns.ana_group) {
-        AnaState::Optimized | AnaState::NonOptimized => {}
-        AnaState::Inaccessible => return Err(Status::ANA_INACCESSIBLE),
-        AnaState::PersistentLoss => return Err(Status::ANA_PERSISTENT_LOSS),
-        AnaState::Change => return Err(Status::ANA_TRANSITION),
-    }
+    let access = Access::of(sqe.opcode()).ok_or(Status::INVALID_OPCODE)?;
+    let host = uuid::Uuid::from_bytes(ctrl.hostid);
+    let path = Path::Port(shared.ana.state(ctrl.port_id, ns.ana_group));
+    access::admit(&ns, host, access, path)?;
     match sqe.opcode() {
         io::READ | io::WRITE | io::WRITE_ZEROES => {
             let end = sqe.slba().checked_add(u64::from(sqe.nlb()));
@@ -84,7 +84,7 @@ pub(super) fn validate(
             if len < 32 || len % 16 != 0 || len > shared.config.max_transfer() {
                 return Err(Status::SGL_DATA_LENGTH_INVALID);
             }
-            let (slba, nlb) = allocated_query(sqe);
+            let AllocatedQuery { slba, nlb } = AllocatedQuery::read_from(sqe);
             if slba
                 .checked_add(nlb)
                 .is_none_or(|e| e > ns.device.num_blocks())
@@ -104,20 +104,11 @@ pub(super) fn validate(
         }
         _ => return Err(Status::INVALID_OPCODE),
     }
-    let host = uuid::Uuid::from_bytes(ctrl.hostid);
-    match sqe.opcode() {
-        io::READ | io::KEELSON_ALLOCATED => ns.reservations.check(host, false)?,
-        io::WRITE
-        | io::WRITE_ZEROES
-        | io::DATASET_MANAGEMENT
-        | io::FLUSH
-        | io::KEELSON_SNAPSHOT => ns.reservations.check(host, true)?,
-        _ => {}
-    }
     Ok(ns)
 }
 
-fn map_error(e: &BlockError, is_read: bool) -> Status {
+/// The NVMe status for a block device error.
+pub fn map_error(e: &BlockError, is_read: bool) -> Status {
     match e {
         BlockError::OutOfRange { .. } => Status::LBA_OUT_OF_RANGE,
         BlockError::Unaligned { .. } => Status::INVALID_FIELD,
@@ -196,15 +187,15 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             let len = sqe.sgl().length as usize;
             return Response::data(cid, ns.reservations.state().report(len));
         }
-        io::KEELSON_SNAPSHOT => match uuid::Uuid::from_slice(&data) {
+        io::KEELSON_SNAPSHOT => match vendor::parse_snapshot(&data) {
             Ok(id) => ns.device.snapshot(id).await.map_err(|e| (e, false)),
             Err(_) => return Response::status(cid, Status::INVALID_FIELD),
         },
-        io::KEELSON_MISSED_NOTE => match serde_json::from_slice::<MissedWrites>(&data) {
+        io::KEELSON_MISSED_NOTE => match vendor::parse_note::<MissedWrites>(&data) {
             Ok(m) => ns.device.note_missed(&m).await.map_err(|e| (e, false)),
             Err(_) => return Response::status(cid, Status::INVALID_FIELD),
         },
-        io::KEELSON_MISSED_FORGET => match std::str::from_utf8(&data) {
+        io::KEELSON_MISSED_FORGET => match vendor::parse_forget(&data) {
             Ok(child) => ns.device.forget_missed(child).await.map_err(|e| (e, false)),
             Err(_) => return Response::status(cid, Status::INVALID_FIELD),
         },
@@ -242,57 +233,30 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
     }
 }
 
-/// Answers [`io::KEELSON_MISSED_READ`]: u32 length, then the JSON records, padded to `len`.
+/// Answers [`io::KEELSON_MISSED_READ`] with every record, in `len` bytes.
 async fn missed(ns: &Namespace, len: usize) -> Result<Bytes, Status> {
-    use bytes::BufMut;
     let records = ns.device.missed().await.map_err(|e| map_error(&e, true))?;
-    let json = serde_json::to_vec(&records).map_err(|_| Status::INTERNAL_ERROR)?;
-    if json.len() + 4 > len {
-        return Err(Status::DATA_TRANSFER_ERROR);
-    }
-    let mut b = bytes::BytesMut::with_capacity(len);
-    b.put_u32_le(json.len() as u32);
-    b.put_slice(&json);
-    b.resize(len, 0);
-    Ok(b.freeze())
-}
-
-/// The (first LBA, number of LBAs) of a [`io::KEELSON_ALLOCATED`] query.
-fn allocated_query(sqe: &Sqe) -> (u64, u64) {
-    let slba = u64::from(sqe.cdw(10)) | (u64::from(sqe.cdw(11)) << 32);
-    let nlb = u64::from(sqe.cdw(12)) | (u64::from(sqe.cdw(13)) << 32);
-    (slba, nlb)
+    vendor::missed_answer(&records, len).map_err(|e| match e {
+        vendor::VendorError::NoRoom { .. } => Status::DATA_TRANSFER_ERROR,
+        _ => Status::INTERNAL_ERROR,
+    })
 }
 
 /// Answers [`io::KEELSON_ALLOCATED`] from the device; a device that cannot tell makes it an invalid opcode.
 async fn allocated(ns: &Namespace, sqe: &Sqe) -> Result<Bytes, Status> {
-    use bytes::BufMut;
     let bs = u64::from(ns.device.block_size());
-    let (slba, nlb) = allocated_query(sqe);
+    let q = AllocatedQuery::read_from(sqe);
     let ranges = ns
         .device
-        .allocated_ranges(slba * bs, nlb * bs)
+        .allocated_ranges(q.slba * bs, q.nlb * bs)
         .await
         .map_err(|e| map_error(&e, true))?
         .ok_or(Status::INVALID_OPCODE)?;
-    let len = sqe.sgl().length as usize;
-    let room = len / 16 - 1;
-    let shown = &ranges[..ranges.len().min(room)];
-    let next = if shown.len() < ranges.len() {
-        shown.last().map_or(u64::MAX, |(s, n)| (s + n) / bs)
-    } else {
-        u64::MAX
-    };
-    let mut b = bytes::BytesMut::with_capacity(len);
-    b.put_u32_le(shown.len() as u32);
-    b.put_u32_le(0);
-    b.put_u64_le(next);
-    for (s, n) in shown {
-        b.put_u64_le(s / bs);
-        b.put_u64_le(n.div_ceil(bs));
-    }
-    b.resize(len, 0);
-    Ok(b.freeze())
+    let extents: Vec<(u64, u64)> = ranges
+        .iter()
+        .map(|(s, n)| (s / bs, n.div_ceil(bs)))
+        .collect();
+    Ok(AllocatedAnswer::encode(&extents, sqe.sgl().length as usize))
 }
 
 /// Reservation Register, Acquire and Release: keys from the data, action, IEKEY and type from CDW10.

@@ -4,6 +4,7 @@
 //!
 //! The target knows block devices, never pools or nexuses.
 
+pub mod access;
 mod admin;
 pub mod ana;
 mod connection;

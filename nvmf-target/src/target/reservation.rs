@@ -412,11 +412,14 @@ impl Reservations {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn check(&self, host: Uuid, write: bool) -> Result<(), Status> {
+    /// Whether `host` may read (`write` false) or change (`write` true) the namespace now. Callers ask
+    /// [`super::access::admit`], which classifies the command first.
+    pub fn may(&self, host: Uuid, write: bool) -> bool {
         self.state
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .check(host, write)
+            .is_ok()
     }
 
     /// Applies `f` to a copy of the state, saves the result, then makes it current.

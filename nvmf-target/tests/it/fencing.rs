@@ -1,17 +1,21 @@
 //! Fencing with NVMe reservations across real io-engine processes: replicas in pools on 127.0.0.1-.3, nexus A on
 //! .4 and its replacement B on .5. Once B has preempted A's key, none of A's writes lands on any replica, and the
-//! reservation survives a restart of a replica's io-engine.
+//! reservation survives a restart of a replica's io-engine. And per access class over NVMe/TCP: a fenced host
+//! changes nothing on a replica, not its data, nor its missed-writes records, nor its snapshots (the local path's
+//! twin is `engine::local`'s unit test).
 
 use std::time::Duration;
 
-use nvmf_target::block::BlockDevice;
+use nvmf_target::block::{BlockDevice, BlockError, MissedWrites};
+use nvmf_target::initiator::ConnectOptions;
 use nvmf_target::initiator::namespace::RemoteNamespace;
+use nvmf_target::protocol::command::resv;
 use proto::engine as pb;
 use proto::engine::engine_client::EngineClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::pools::{PoolNode, disk, open_volume, pattern, publish, replica_nodes};
+use crate::pools::{PoolNode, disk, open_volume, pattern, publish, replica_nodes, replica_req};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
@@ -164,4 +168,85 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
     assert!(n.nqn.is_empty(), "unpublished");
     va.close().await;
     vb.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_host_changes_nothing_on_a_replica_by_any_command_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = PoolNode::start_named(
+        "127.0.0.1",
+        "fence-classes",
+        &disk(dir.path(), "r.img", 64 * MIB),
+    );
+    let mut api = node.api().await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let (old_host, new_host) = (
+        "nqn.2026-11.io.keelson:node-old",
+        "nqn.2026-11.io.keelson:node-new",
+    );
+    let mut req = replica_req(&id, SIZE);
+    req.allowed_hosts = vec![old_host.into(), new_host.into()];
+    api.create_replica(req).await.unwrap();
+    let connect = |host: &str| {
+        let addr = format!("{}:{}", node.ip, node.port).parse().unwrap();
+        let mut o = ConnectOptions::new(addr, &format!("nqn.2026-11.io.keelson:replica-{id}"));
+        o.hostnqn = host.to_string();
+        RemoteNamespace::connect(o, 1)
+    };
+    let old = connect(old_host).await.unwrap();
+    let new = connect(new_host).await.unwrap();
+    let record = |child: &str| MissedWrites {
+        child: child.into(),
+        since_ms: 1,
+        ranges: vec![(0, 4096)],
+    };
+
+    // The old holder works, then is preempted by the new one.
+    old.register_key(1).await.unwrap();
+    old.acquire(resv::ACQUIRE, 1, 0, resv::WRITE_EXCLUSIVE)
+        .await
+        .unwrap();
+    old.write(0, pattern(1, 4096)).await.unwrap();
+    old.note_missed(&record("child-x")).await.unwrap();
+    new.register_key(2).await.unwrap();
+    new.acquire(resv::PREEMPT, 2, 1, resv::WRITE_EXCLUSIVE)
+        .await
+        .unwrap();
+
+    let conflict = |what: &str, r: Result<(), BlockError>| {
+        assert!(
+            matches!(r, Err(BlockError::ReservationConflict)),
+            "a fenced host's {what}: {r:?}"
+        );
+    };
+    // Data.
+    conflict("write", old.write(0, pattern(2, 4096)).await);
+    conflict("write zeroes", old.write_zeroes(0, 4096).await);
+    conflict("deallocate", old.deallocate(0, 4096).await);
+    conflict("flush", old.flush().await);
+    // Missed-writes records.
+    conflict("note", old.note_missed(&record("child-y")).await);
+    conflict("forget", old.forget_missed("child-x").await);
+    // Snapshots.
+    conflict("snapshot", old.snapshot(uuid::Uuid::new_v4()).await);
+    // Reads stay open to every registrant under Write Exclusive.
+    assert_eq!(old.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    assert_eq!(old.missed().await.unwrap(), vec![record("child-x")]);
+
+    // Nothing changed, and the holder can do all of it.
+    assert_eq!(new.read(0, 4096).await.unwrap(), pattern(1, 4096));
+    assert_eq!(new.missed().await.unwrap(), vec![record("child-x")]);
+    let snaps = api
+        .list_snapshots(pb::ListSnapshotsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(snaps.snapshots.is_empty(), "{snaps:?}");
+    new.note_missed(&record("child-y")).await.unwrap();
+    new.forget_missed("child-x").await.unwrap();
+    new.snapshot(uuid::Uuid::new_v4()).await.unwrap();
+    new.write(0, pattern(3, 4096)).await.unwrap();
+    assert_eq!(new.missed().await.unwrap(), vec![record("child-y")]);
+    old.close().await;
+    new.close().await;
 }
