@@ -21,13 +21,32 @@ impl From<TargetError> for Status {
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Status {
+        use crate::nexus::NexusError;
+        let msg = e.to_string();
         match e {
+            EngineError::NotFound(_) => Status::not_found(msg),
+            EngineError::AlreadyExists { .. } => Status::already_exists(msg),
+            EngineError::Nexus { source, .. } => match source {
+                NexusError::NoSuchChild(_) => Status::not_found(msg),
+                NexusError::DuplicateChild(_) => Status::already_exists(msg),
+                NexusError::LastHealthyChild(_) | NexusError::NoHealthyChild => {
+                    Status::failed_precondition(msg)
+                }
+                NexusError::Snapshot { .. } => Status::unavailable(msg),
+                NexusError::NoChildren
+                | NexusError::BlockSize { .. }
+                | NexusError::TooSmall { .. } => Status::invalid_argument(msg),
+            },
+            EngineError::ChildMissing { .. } | EngineError::ChildUnreachable { .. } => {
+                Status::unavailable(msg)
+            }
+            EngineError::ChildReservation { .. } => Status::failed_precondition(msg),
             EngineError::Target(t) => t.into(),
             EngineError::Backend(b) => Status::failed_precondition(format!("backend: {b}")),
             EngineError::InvalidArgument(m) => Status::invalid_argument(m),
             EngineError::Unavailable(m) => Status::unavailable(m),
             EngineError::FailedPrecondition(m) => Status::failed_precondition(m),
-            e @ EngineError::DiskInUse { .. } => Status::failed_precondition(e.to_string()),
+            EngineError::DiskInUse { .. } => Status::failed_precondition(msg),
             EngineError::Pool(p) => p.into(),
         }
     }
@@ -55,4 +74,85 @@ impl From<PoolError> for Status {
 
 pub fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use tonic::Code;
+
+    use super::*;
+    use crate::block::BlockError;
+    use crate::engine::Resource;
+    use crate::nexus::NexusError;
+
+    #[test]
+    fn engine_errors_map_to_the_codes_a_caller_branches_on_and_keep_their_cause() {
+        let nexus = uuid::Uuid::new_v4();
+        let cases: Vec<(EngineError, Code)> = vec![
+            (
+                EngineError::NotFound(Resource::Nexus(nexus)),
+                Code::NotFound,
+            ),
+            (
+                EngineError::AlreadyExists {
+                    resource: Resource::Child {
+                        nexus,
+                        uri: "nvmf://a/b".into(),
+                    },
+                    conflict: "and is not faulted".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                EngineError::Nexus {
+                    uuid: nexus,
+                    source: NexusError::NoSuchChild("c".into()),
+                },
+                Code::NotFound,
+            ),
+            (
+                EngineError::Nexus {
+                    uuid: nexus,
+                    source: NexusError::LastHealthyChild("c".into()),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                EngineError::ChildReservation {
+                    uri: "local:///x".into(),
+                    source: BlockError::ReservationConflict,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                EngineError::ChildMissing {
+                    uri: "local:///x".into(),
+                    what: Resource::Subsystem("x".into()),
+                },
+                Code::Unavailable,
+            ),
+            (
+                PoolError::OwnedByAnotherNode {
+                    pool: "p".into(),
+                    owner: "n".into(),
+                    incarnation: 3,
+                }
+                .into(),
+                Code::FailedPrecondition,
+            ),
+        ];
+        for (e, code) in cases {
+            let has_source = matches!(
+                e,
+                EngineError::Nexus { .. } | EngineError::ChildReservation { .. }
+            );
+            assert_eq!(e.source().is_some(), has_source, "{e}");
+            let msg = e.to_string();
+            let st = Status::from(e);
+            assert_eq!(st.code(), code, "{msg}");
+            assert_eq!(st.message(), msg);
+        }
+    }
 }

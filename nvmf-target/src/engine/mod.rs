@@ -33,6 +33,34 @@ pub enum EngineError {
     Backend(#[from] BlockError),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    #[error("{0} not found")]
+    NotFound(Resource),
+    #[error("{resource} already exists {conflict}")]
+    AlreadyExists {
+        resource: Resource,
+        /// How the existing one differs from what was asked.
+        conflict: String,
+    },
+    #[error("nexus {uuid}: {source}")]
+    Nexus {
+        uuid: uuid::Uuid,
+        #[source]
+        source: crate::nexus::NexusError,
+    },
+    #[error("child {uri}: {what} is not on this node")]
+    ChildMissing { uri: String, what: Resource },
+    #[error("child {uri}: cannot connect: {source}")]
+    ChildUnreachable {
+        uri: String,
+        #[source]
+        source: crate::initiator::InitiatorError,
+    },
+    #[error("child {uri}: cannot take its reservation: {source}")]
+    ChildReservation {
+        uri: String,
+        #[source]
+        source: BlockError,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("unavailable: {0}")]
@@ -46,6 +74,26 @@ pub enum EngineError {
         /// What the disk's pool label says of its owner, when it has one.
         owner: String,
     },
+}
+
+/// An object an engine call names, in not-found and already-exists errors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Subsystem(String),
+    Namespace { nqn: String, nsid: u32 },
+    Nexus(uuid::Uuid),
+    Child { nexus: uuid::Uuid, uri: String },
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resource::Subsystem(nqn) => write!(f, "subsystem {nqn}"),
+            Resource::Namespace { nqn, nsid } => write!(f, "namespace {nsid} of {nqn}"),
+            Resource::Nexus(uuid) => write!(f, "nexus {uuid}"),
+            Resource::Child { nexus, uri } => write!(f, "child {uri} of nexus {nexus}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -126,7 +174,7 @@ impl Engine {
         let sub = self
             .target()
             .subsystem(&spec.nqn)
-            .ok_or_else(|| TargetError::NotFound(format!("subsystem {}", spec.nqn)))?;
+            .ok_or_else(|| EngineError::NotFound(Resource::Subsystem(spec.nqn.clone())))?;
         if let Some((nsid, ns)) = spec
             .nsid
             .filter(|n| *n != 0)
@@ -137,8 +185,13 @@ impl Engine {
             if self.backends().get(&(spec.nqn.clone(), nsid)) == Some(&want) {
                 return Ok(nsid);
             }
-            let msg = format!("namespace {nsid} of {} with other parameters", spec.nqn);
-            return Err(TargetError::AlreadyExists(msg).into());
+            return Err(EngineError::AlreadyExists {
+                resource: Resource::Namespace {
+                    nqn: spec.nqn.clone(),
+                    nsid,
+                },
+                conflict: "with other parameters".into(),
+            });
         }
         let mut device = spec.open_device()?;
         if spec.fault {

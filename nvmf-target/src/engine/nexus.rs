@@ -9,11 +9,11 @@ use crate::initiator::ConnectOptions;
 use crate::initiator::namespace::RemoteNamespace;
 use crate::nexus::{Nexus, NexusConfig};
 use crate::protocol::nqn::Nqn;
-use crate::target::{SubsystemSpec, TargetError};
+use crate::target::SubsystemSpec;
 
 use super::local::LocalChild;
 use super::uri::ChildUri;
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, Resource};
 
 /// A nexus as the engine keeps it.
 pub struct NexusEntry {
@@ -68,17 +68,28 @@ impl Engine {
     ) -> Result<Arc<dyn BlockDevice>, EngineError> {
         match ChildUri::parse(uri).map_err(|e| EngineError::InvalidArgument(e.to_string()))? {
             ChildUri::Local { nqn, nsid } => {
-                let sub = self.target().subsystem(nqn.as_str()).ok_or_else(|| {
-                    EngineError::Unavailable(format!("{uri}: no subsystem {nqn} on this node"))
-                })?;
+                let missing = |what| EngineError::ChildMissing {
+                    uri: uri.to_string(),
+                    what,
+                };
+                let sub = self
+                    .target()
+                    .subsystem(nqn.as_str())
+                    .ok_or_else(|| missing(Resource::Subsystem(nqn.to_string())))?;
                 let ns = sub.namespace(nsid).ok_or_else(|| {
-                    EngineError::Unavailable(format!("{uri}: no namespace {nsid} in {nqn}"))
+                    missing(Resource::Namespace {
+                        nqn: nqn.to_string(),
+                        nsid,
+                    })
                 })?;
                 let child = LocalChild::new(ns, self.host_id());
                 if let Some(keys) = reservation {
-                    reserve(&child, keys)
-                        .await
-                        .map_err(|e| EngineError::FailedPrecondition(format!("{uri}: {e}")))?;
+                    reserve(&child, keys).await.map_err(|source| {
+                        EngineError::ChildReservation {
+                            uri: uri.to_string(),
+                            source,
+                        }
+                    })?;
                 }
                 Ok(Arc::new(child))
             }
@@ -89,16 +100,22 @@ impl Engine {
                 // Two for small I/O, round robin; one for bulk transfers such as rebuild copies.
                 o.io_queues = 3;
                 o.command_timeout = io_timeout;
-                let mut ns = RemoteNamespace::connect(o, nsid)
-                    .await
-                    .map_err(|e| EngineError::Unavailable(format!("{uri}: {e}")))?;
+                let mut ns = RemoteNamespace::connect(o, nsid).await.map_err(|source| {
+                    EngineError::ChildUnreachable {
+                        uri: uri.to_string(),
+                        source,
+                    }
+                })?;
                 // A nexus wants a failing child to fail fast, not to wait for it to come back.
                 ns.reconnect_wait = Duration::ZERO;
                 if let Some(keys) = reservation
-                    && let Err(e) = reserve(&ns, keys).await
+                    && let Err(source) = reserve(&ns, keys).await
                 {
                     ns.close().await;
-                    return Err(EngineError::FailedPrecondition(format!("{uri}: {e}")));
+                    return Err(EngineError::ChildReservation {
+                        uri: uri.to_string(),
+                        source,
+                    });
                 }
                 Ok(Arc::new(ns))
             }
@@ -126,7 +143,7 @@ impl Engine {
     fn nexus_or_not_found(&self, uuid: &uuid::Uuid) -> Result<Arc<Nexus>, EngineError> {
         self.nexus(uuid)
             .map(|n| n.0)
-            .ok_or_else(|| TargetError::NotFound(format!("nexus {uuid}")).into())
+            .ok_or(EngineError::NotFound(Resource::Nexus(*uuid)))
     }
 
     /// Creates a nexus over `children` (assumed to hold the same data). Repeating the same request is a no-op.
@@ -149,9 +166,10 @@ impl Engine {
             if have == want {
                 return Ok(n);
             }
-            return Err(
-                TargetError::AlreadyExists(format!("nexus {uuid} with other children")).into(),
-            );
+            return Err(EngineError::AlreadyExists {
+                resource: Resource::Nexus(uuid),
+                conflict: format!("with other children ({})", have.join(", ")),
+            });
         }
         let mut config = NexusConfig::default();
         if let Some(t) = options.io_timeout {
@@ -166,7 +184,7 @@ impl Engine {
             devices.push((c.clone(), dev));
         }
         let nexus = Nexus::new(&uuid.to_string(), devices, config)
-            .map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+            .map_err(|source| EngineError::Nexus { uuid, source })?;
         // Children an earlier nexus of this volume recorded as behind are rebuilt before anyone reads them.
         match nexus.recover_missed().await {
             Ok(r) if !r.is_empty() => {
@@ -182,7 +200,10 @@ impl Engine {
         }
         let mut list = self.nexuses_mut();
         if list.iter().any(|n| n.uuid == uuid) {
-            return Err(TargetError::AlreadyExists(format!("nexus {uuid}")).into());
+            return Err(EngineError::AlreadyExists {
+                resource: Resource::Nexus(uuid),
+                conflict: "(created meanwhile)".into(),
+            });
         }
         list.push(NexusEntry {
             uuid,
@@ -202,7 +223,7 @@ impl Engine {
             let i = list
                 .iter()
                 .position(|n| n.uuid == *uuid)
-                .ok_or_else(|| TargetError::NotFound(format!("nexus {uuid}")))?;
+                .ok_or(EngineError::NotFound(Resource::Nexus(*uuid)))?;
             list.remove(i)
         };
         entry.nexus.shutdown().await;
@@ -260,7 +281,7 @@ impl Engine {
             let e = list
                 .iter_mut()
                 .find(|n| n.uuid == *uuid)
-                .ok_or_else(|| TargetError::NotFound(format!("nexus {uuid}")))?;
+                .ok_or(EngineError::NotFound(Resource::Nexus(*uuid)))?;
             e.nqn.take()
         };
         if let Some(nqn) = nqn {
@@ -279,7 +300,13 @@ impl Engine {
             .as_ref()
             .is_some_and(|c| c.state != ChildState::Faulted)
         {
-            return Err(TargetError::AlreadyExists(format!("child {uri} of nexus {uuid}")).into());
+            return Err(EngineError::AlreadyExists {
+                resource: Resource::Child {
+                    nexus: *uuid,
+                    uri: uri.to_string(),
+                },
+                conflict: "and is not faulted".into(),
+            });
         }
         let keys = self
             .nexuses_mut()
@@ -290,13 +317,22 @@ impl Engine {
             .open_child(uri, nexus.config().io_timeout, keys)
             .await?;
         if existing.is_some() {
-            let kind = nexus.rejoin_child(uri, dev).await.map_err(nexus_error)?;
+            let kind = nexus
+                .rejoin_child(uri, dev)
+                .await
+                .map_err(|source| EngineError::Nexus {
+                    uuid: *uuid,
+                    source,
+                })?;
             tracing::info!(%uuid, uri, ?kind, "child rejoined");
             return Ok(());
         }
         nexus
             .add_child(uri, dev)
-            .map_err(|e| EngineError::InvalidArgument(e.to_string()))
+            .map_err(|source| EngineError::Nexus {
+                uuid: *uuid,
+                source,
+            })
     }
 
     /// Takes a crash-consistent snapshot `snapshot` of the volume on every healthy child; returns their URIs.
@@ -308,13 +344,19 @@ impl Engine {
         self.nexus_or_not_found(uuid)?
             .snapshot(snapshot)
             .await
-            .map_err(nexus_error)
+            .map_err(|source| EngineError::Nexus {
+                uuid: *uuid,
+                source,
+            })
     }
 
     pub fn remove_child(&self, uuid: &uuid::Uuid, uri: &str) -> Result<(), EngineError> {
         self.nexus_or_not_found(uuid)?
             .remove_child(uri)
-            .map_err(nexus_error)
+            .map_err(|source| EngineError::Nexus {
+                uuid: *uuid,
+                source,
+            })
     }
 
     pub fn fault_child(
@@ -325,17 +367,10 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.nexus_or_not_found(uuid)?
             .fault_child(uri, reason)
-            .map_err(nexus_error)
-    }
-}
-
-fn nexus_error(e: crate::nexus::NexusError) -> EngineError {
-    use crate::nexus::NexusError::*;
-    match e {
-        NoSuchChild(c) => TargetError::NotFound(format!("child {c}")).into(),
-        LastHealthyChild(_) | NoHealthyChild => EngineError::FailedPrecondition(e.to_string()),
-        Snapshot { .. } => EngineError::Unavailable(e.to_string()),
-        other => EngineError::InvalidArgument(other.to_string()),
+            .map_err(|source| EngineError::Nexus {
+                uuid: *uuid,
+                source,
+            })
     }
 }
 
