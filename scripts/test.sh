@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path nvmf-target/fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 KEELSON_REQUIRE_PRIVILEGED=1 cargo test --workspace
+# A short fuzz run of each target from the seeds (scripts/fuzz.sh runs them for longer).
+./scripts/fuzz.sh 15
