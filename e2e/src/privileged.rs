@@ -3,6 +3,8 @@
 //! stderr; `scripts/test.sh` sets `KEELSON_REQUIRE_PRIVILEGED=1`, under which a missing privilege or tool fails the
 //! test instead, so CI (root, every tool installed) can never skip one silently.
 
+use std::io::Write;
+
 /// The variable that turns a skip into a failure.
 pub const REQUIRE_VAR: &str = "KEELSON_REQUIRE_PRIVILEGED";
 
@@ -44,7 +46,11 @@ pub fn allowed_with(test: &str, needs: &[&str]) -> bool {
         std::env::var_os(REQUIRE_VAR).is_none(),
         "{why}, and {REQUIRE_VAR} is set"
     );
-    eprintln!("skipped: {why} (scripts/test.sh runs it)");
+    // Written to the stderr handle itself, not through eprintln!, which the test harness captures and hides.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped: {why} (scripts/test.sh runs it)"
+    );
     false
 }
 
