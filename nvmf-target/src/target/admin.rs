@@ -43,6 +43,10 @@ impl AdminCtx<'_> {
 
 pub(super) fn execute(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Option<Response> {
     let cid = sqe.cid();
+    // No admin command moves more than MDTS: a host's claimed length never sizes a buffer beyond it.
+    if u64::from(sqe.sgl().length) > ctx.shared.config.max_transfer() {
+        return Some(Response::from((cid, Err(Status::INVALID_FIELD))));
+    }
     let r = match sqe.opcode() {
         admin::IDENTIFY => identify(ctx, sqe),
         admin::GET_LOG_PAGE => get_log_page(ctx, sqe),

@@ -52,8 +52,9 @@ pub(super) fn validate(
             }
         }
         io::DATASET_MANAGEMENT => {
+            // At most 256 ranges of 16 bytes: the host's length never sizes more than that.
             let ranges = (sqe.cdw(10) & 0xFF) + 1;
-            if sqe.sgl().length < ranges * 16 {
+            if sqe.sgl().length < ranges * 16 || sqe.sgl().length > 256 * 16 {
                 return Err(Status::SGL_DATA_LENGTH_INVALID);
             }
         }
@@ -103,6 +104,11 @@ pub(super) fn validate(
             }
         }
         _ => return Err(Status::INVALID_OPCODE),
+    }
+    // Whatever the command, no transfer beyond MDTS (a host-to-controller one would be a single R2T past
+    // MAXH2CDATA, its data buffered until complete).
+    if u64::from(sqe.sgl().length) > shared.config.max_transfer() {
+        return Err(Status::INVALID_FIELD);
     }
     Ok(ns)
 }

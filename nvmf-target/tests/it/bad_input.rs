@@ -412,3 +412,36 @@ async fn a_host_that_never_reads_completions_is_throttled() {
     // The target still serves everyone else.
     still_serves(t.addr).await;
 }
+
+/// Found by fuzzing: a Get Log Page claiming a 1.7 GB transfer made the target allocate and send that much.
+#[tokio::test]
+async fn a_claimed_length_beyond_mdts_is_refused_before_anything_is_allocated() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut sqe = Sqe::new(admin::GET_LOG_PAGE, 0xFFFF_FFFF);
+    sqe.set_cdw(10, 0xFFFF_0002); // SMART, NUMDL all ones
+    sqe.set_cdw(11, 0x0000_FFFF); // NUMDU all ones: 16 GiB asked
+    sqe.set_sgl(Sgl::transport(0x7000_0000));
+    assert_eq!(a.cmd(sqe, Bytes::new()).await.status, Status::INVALID_FIELD);
+    // Within MDTS a short page is still padded with zeroes to what was asked.
+    let mut sqe = Sqe::new(admin::GET_LOG_PAGE, 0xFFFF_FFFF);
+    sqe.set_cdw(10, ((8192 / 4 - 1) << 16) | 0x02);
+    sqe.set_sgl(Sgl::transport(8192));
+    assert!(a.cmd(sqe, Bytes::new()).await.status.is_success());
+
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    // Dataset Management: 256 ranges at most, so at most 4 KiB of range data, whatever the SGL claims.
+    let mut sqe = Sqe::new(io::DATASET_MANAGEMENT, 1);
+    sqe.set_cdw(10, 0);
+    sqe.set_cdw(11, 1 << 2);
+    sqe.set_sgl(Sgl::transport(1 << 30));
+    assert_eq!(
+        q.cmd(sqe, Bytes::new()).await.status,
+        Status::SGL_DATA_LENGTH_INVALID
+    );
+    // Any command: a transfer beyond MDTS.
+    let mut sqe = Sqe::new(io::FLUSH, 1);
+    sqe.set_sgl(Sgl::transport(u32::MAX));
+    assert_eq!(q.cmd(sqe, Bytes::new()).await.status, Status::INVALID_FIELD);
+    still_serves(t.addr).await;
+}
