@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for p in iproute2 qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs cpio zstd socat fio prometheus; do
+for p in iproute2 qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs cpio zstd socat fio prometheus etcd-server; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -17,6 +17,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "[install-deps] cargo (Rust >= 1.89) is required" >&2; exit 1; }
+
+# protox stands in for protoc in dependencies' build scripts (etcd-client; see scripts/protoc), and cargo-fuzz runs
+# the fuzz targets (scripts/fuzz.sh). Both from crates.io, built once per machine.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+command -v protox >/dev/null || cargo install protox --locked --features bin
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
 # The guest image for the kernel-initiator tests (Debian kernel + initramfs), built once per machine.
 IMG=${KEELSON_VM_IMG:-/var/tmp/keelson-vm/img}

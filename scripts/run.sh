@@ -7,6 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo (Rust >= 1.89) is required" >&2; exit 1; }
+# protox compiles etcd-client's .proto files in place of a system protoc (scripts/protoc).
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+command -v protox >/dev/null || cargo install protox --locked --features bin
 cargo build --release --bins
 
 data=${KEELSON_DATA:-/var/lib/keelson}

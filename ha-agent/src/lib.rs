@@ -1,6 +1,10 @@
-//! Keelson's control plane (not built yet; see issue 4 onwards).
+//! Keelson's control plane.
 //!
-//! It will hold the *cluster agent* (the registry of nodes, pools, replicas, nexuses and volumes in etcd or an
-//! embedded store, and the reconcilers that place replicas, rebuild them and switch a volume's nexus over on failure)
-//! and the *node agent* (watches NVMe paths on an application node and reports broken ones). It talks to `io-engine`
-//! only through the engine API in the `proto` crate.
+//! - [`cluster`]: the cluster agent: its store (embedded or etcd, one [`cluster::store::Store`] trait), leader
+//!   election among agents sharing a store, and, as they land, the registry of nodes, the volume model and the
+//!   reconcilers that place, heal and scale volumes.
+//!
+//! The node agent (NVMe path watching on application nodes) comes with the HA switch-over. The control plane talks
+//! to `io-engine` only through the engine API in the `proto` crate.
+
+pub mod cluster;

@@ -1,0 +1,109 @@
+//! One acting cluster agent among several that share a store: the leader is whoever holds `key`, put with its
+//! lease. A candidate that finds the key taken waits for it to be deleted (the leader resigned, or its lease
+//! expired because it died or was cut off) and tries again. The leader renews its lease every third of the TTL;
+//! the moment a renewal fails, [`Leader::lost`] fires and the agent must stop acting, since another may already
+//! lead.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::store::{Compare, Event, LeaseId, Store, StoreError, Txn};
+
+/// Leadership, held until dropped, resigned, or lost.
+pub struct Leader {
+    pub lease: LeaseId,
+    lost: CancellationToken,
+    store: Arc<dyn Store>,
+    _renewal: DropGuard,
+}
+
+impl Leader {
+    /// Fires when leadership is lost (a renewal failed): stop acting at once.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+
+    /// Gives leadership up now (the key goes with the lease), so another agent takes over without waiting a TTL.
+    pub async fn resign(self) -> Result<(), StoreError> {
+        self.lost.cancel();
+        self.store.revoke_lease(self.lease).await
+    }
+}
+
+/// Waits until this agent (`me`) leads, or `stop` fires (then `Ok(None)`).
+pub async fn campaign(
+    store: Arc<dyn Store>,
+    key: &str,
+    me: &str,
+    ttl: Duration,
+    stop: &CancellationToken,
+) -> Result<Option<Leader>, StoreError> {
+    loop {
+        let lease = store.grant_lease(ttl).await?;
+        let t = Txn::new()
+            .when(Compare::ModRevision {
+                key: key.into(),
+                revision: 0,
+            })
+            .put_leased(key, me.as_bytes().to_vec(), lease);
+        if store.txn(t).await?.succeeded {
+            tracing::info!(key, me, "leading");
+            let lost = CancellationToken::new();
+            let renewal = CancellationToken::new();
+            tokio::spawn(renew(
+                store.clone(),
+                lease,
+                ttl,
+                lost.clone(),
+                renewal.clone(),
+            ));
+            return Ok(Some(Leader {
+                lease,
+                lost,
+                store,
+                _renewal: renewal.drop_guard(),
+            }));
+        }
+        let _ = store.revoke_lease(lease).await;
+        let mut w = store.watch(key).await?;
+        if !w.initial.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(None),
+                e = w.events.next() => match e {
+                    Some(Ok(Event::Delete { key: k, .. })) if k == key => break,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(StoreError::Unavailable("the watch of the leader key ended".into())),
+                },
+            }
+        }
+    }
+}
+
+async fn renew(
+    store: Arc<dyn Store>,
+    lease: LeaseId,
+    ttl: Duration,
+    lost: CancellationToken,
+    stop: CancellationToken,
+) {
+    let every = ttl / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = lost.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = store.keep_alive(lease).await {
+            tracing::warn!(lease, error = %e, "leadership lost: the lease could not be renewed");
+            lost.cancel();
+            return;
+        }
+    }
+}

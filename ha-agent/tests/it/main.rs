@@ -1,0 +1,8 @@
+//! Integration tests of the control plane: the store conformance suite on the embedded store and on a real etcd,
+//! the schema check, and leader election.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod etcd;
+mod leader;
+mod store;
