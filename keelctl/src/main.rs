@@ -1,5 +1,7 @@
-//! keelctl: Keelson's command-line client. `keelctl engine ...` talks to one io-engine's engine API.
+//! keelctl: Keelson's command-line client. `keelctl engine ...` talks to one io-engine's engine API; `keelctl get
+//! ...` to the cluster agent.
 
+mod cluster;
 mod storage;
 
 use anyhow::{Context, Result};
@@ -23,6 +25,17 @@ enum Top {
         endpoint: String,
         #[command(subcommand)]
         cmd: EngineCmd,
+    },
+    /// Read the cluster agent's state.
+    Get {
+        /// Cluster agent endpoint.
+        #[arg(long, env = "KEELSON_AGENT", default_value = "http://127.0.0.1:10200")]
+        agent: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cluster::Output,
+        #[command(subcommand)]
+        cmd: cluster::GetCmd,
     },
 }
 
@@ -239,9 +252,10 @@ fn print<T: std::fmt::Debug>(v: &T) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
-    let Cli {
-        cmd: Top::Engine { endpoint, cmd },
-    } = Cli::parse();
+    let (endpoint, cmd) = match Cli::parse().cmd {
+        Top::Engine { endpoint, cmd } => (endpoint, cmd),
+        Top::Get { agent, output, cmd } => return cluster::get(&agent, cmd, output).await,
+    };
     let mut c = EngineClient::connect(endpoint.clone())
         .await
         .with_context(|| format!("connecting to {endpoint}"))?;

@@ -3,6 +3,16 @@
 //! - [`store`]: desired and observed state, persisted: the [`store::Store`] trait and its embedded (redb) and etcd
 //!   implementations and the schema version.
 //! - [`leader`]: one acting agent among several on one store, by a lease-held key.
+//! - [`node`]: a storage node's record (what its io-engine registered, what the agent observed).
+//! - [`registry`]: registration, heartbeats, and the sweep that probes silent nodes and marks them Offline.
+//! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
+//! - [`api`]: the gRPC services (Registration for io-engines, Cluster for operators), served by the leader.
+//! - [`agent`]: one agent's life: store, schema, API, leadership, registry sweep.
 
+pub mod agent;
+pub mod api;
+pub mod dataplane;
 pub mod leader;
+pub mod node;
+pub mod registry;
 pub mod store;

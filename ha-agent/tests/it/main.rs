@@ -5,4 +5,5 @@
 
 mod etcd;
 mod leader;
+mod registry;
 mod store;

@@ -1,8 +1,10 @@
-//! The engine gRPC API (`keelson.engine.v1.Engine`) over [`Engine`]. The only module that knows tonic and the
-//! generated types; `status` maps engine errors to precise gRPC codes.
+//! The engine gRPC API (`keelson.engine.v1.Engine`) over [`Engine`], and the engine's registration with the cluster
+//! agent ([`registration`]). The only module that knows tonic and the generated types; `status` maps engine errors
+//! to precise gRPC codes.
 
 mod convert;
 mod pools;
+pub mod registration;
 mod service;
 mod status;
 

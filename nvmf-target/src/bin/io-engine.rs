@@ -55,6 +55,12 @@ struct Args {
     /// Controller IDs this node hands out, `MIN-MAX` (make them disjoint across nodes serving one subsystem).
     #[arg(long, env = "KEELSON_CNTLID_RANGE", default_value = "1-65519")]
     cntlid_range: String,
+    /// Cluster agent URLs (`http://host:port`, comma-separated): register this node and send heartbeats.
+    #[arg(long, env = "KEELSON_CLUSTER_AGENT", value_delimiter = ',')]
+    cluster_agent: Vec<String>,
+    /// The engine API address the cluster agent should dial (default: `--grpc`).
+    #[arg(long, env = "KEELSON_GRPC_ADVERTISE")]
+    grpc_advertise: Option<SocketAddr>,
 }
 
 #[derive(Deserialize, Default)]
@@ -168,6 +174,19 @@ async fn main() -> Result<()> {
         ));
         tracing::info!(%addr, "serving metrics");
     }
+    let registration = (!args.cluster_agent.is_empty()).then(|| {
+        let cfg = nvmf_target::api::registration::RegistrationConfig {
+            agents: args.cluster_agent.clone(),
+            engine_endpoint: format!("http://{}", args.grpc_advertise.unwrap_or(args.grpc)),
+        };
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(nvmf_target::api::registration::run(
+            engine.clone(),
+            cfg,
+            stop.clone(),
+        ));
+        (stop, task)
+    });
     tracing::info!(grpc = %args.grpc, "io-engine running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -175,6 +194,10 @@ async fn main() -> Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         r = api => { r??; anyhow::bail!("gRPC server stopped"); }
+    }
+    if let Some((stop, task)) = registration {
+        stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
     }
     shutdown.cancel();
     engine.shutdown().await;

@@ -1,0 +1,108 @@
+//! One cluster agent: opens the store, checks its schema, serves the API, and while it leads runs the registry
+//! and its sweep. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::api::{self, Leadership};
+use super::dataplane::EngineProber;
+use super::leader;
+use super::registry::{Registry, RegistryConfig};
+use super::store::{Store, schema};
+
+/// Where leadership is held.
+pub const LEADER_KEY: &str = "/keelson/leader";
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This agent's name (who leads, as the leader key says).
+    pub name: String,
+    pub registry: RegistryConfig,
+    /// TTL of the leadership lease: how long a dead leader blocks the next one.
+    pub lease_ttl: Duration,
+    /// Engine API call timeout (probes).
+    pub engine_timeout: Duration,
+}
+
+/// Why an agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] super::store::StoreError),
+    #[error(transparent)]
+    Registry(#[from] super::registry::RegistryError),
+    #[error("leadership lost")]
+    LeadershipLost,
+    #[error("the cluster API stopped: {0}")]
+    Api(#[from] tonic::transport::Error),
+}
+
+/// Runs the agent until `stop` fires (then it resigns and returns `Ok`) or it fails.
+pub async fn run(
+    store: Arc<dyn Store>,
+    listener: tokio::net::TcpListener,
+    config: AgentConfig,
+    stop: CancellationToken,
+) -> Result<(), AgentError> {
+    let version = schema::check(store.as_ref()).await?;
+    tracing::info!(schema = version, "store opened");
+    let leadership = Leadership::default();
+    let api_stop = stop.child_token();
+    let mut api = tokio::spawn(api::serve(leadership.clone(), listener, api_stop.clone()));
+    let result = lead(store, &leadership, &config, &stop, &mut api).await;
+    leadership.step_down();
+    api_stop.cancel();
+    let _ = api.await;
+    result
+}
+
+async fn lead(
+    store: Arc<dyn Store>,
+    leadership: &Leadership,
+    config: &AgentConfig,
+    stop: &CancellationToken,
+    api: &mut tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) -> Result<(), AgentError> {
+    let Some(leader) = leader::campaign(
+        store.clone(),
+        LEADER_KEY,
+        &config.name,
+        config.lease_ttl,
+        stop,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let prober = Arc::new(EngineProber {
+        timeout: config.engine_timeout,
+    });
+    let registry = Arc::new(Registry::load(store, prober, config.registry).await?);
+    leadership.lead(registry.clone());
+    let lost = leader.lost();
+    let mut tick = tokio::time::interval(config.registry.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                leadership.step_down();
+                let _ = leader.resign().await;
+                return Ok(());
+            }
+            _ = lost.cancelled() => return Err(AgentError::LeadershipLost),
+            r = &mut *api => {
+                return match r {
+                    Ok(Err(e)) => Err(AgentError::Api(e)),
+                    _ => Err(AgentError::LeadershipLost),
+                };
+            }
+            _ = tick.tick() => {
+                if let Err(e) = registry.sweep().await {
+                    tracing::warn!(error = %e, "node sweep failed; retrying at the next tick");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! A storage node as the cluster agent keeps it: what its io-engine registered (spec) and what the agent observed
+//! (state), stored as one JSON record under `/keelson/nodes/<name>`. Liveness itself (when a heartbeat last
+//! arrived) stays in the leader's memory: only changes of state reach the store, not every heartbeat.
+
+use serde::{Deserialize, Serialize};
+
+/// Key prefix of node records.
+pub const PREFIX: &str = "/keelson/nodes/";
+
+pub fn key(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub name: String,
+    pub uuid: String,
+    pub disk: String,
+    pub capacity: u64,
+    pub allocated: u64,
+    pub committed: u64,
+}
+
+/// What an io-engine says of itself when it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub engine_endpoint: String,
+    pub nvmf_listeners: Vec<String>,
+    pub cntlid_min: u32,
+    pub cntlid_max: u32,
+    /// Which start of the io-engine process registered last.
+    pub instance: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Online,
+    Offline,
+}
+
+/// What the agent observed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub state: NodeState,
+    pub reason: String,
+    /// When `state` last changed, milliseconds since the epoch.
+    pub since_ms: u64,
+    pub pools: Vec<PoolSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub spec: NodeSpec,
+    pub status: NodeStatus,
+}
+
+impl NodeRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<NodeRecord, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Whether `name` can be a node name: what Kubernetes allows (a DNS subdomain: 1-253 characters of lower-case
+/// letters, digits, '-' and '.'), so it also works as a store key.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && !name.starts_with(['-', '.'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_are_dns_subdomains() {
+        assert!(valid_name("node-1.example"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("Node"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name("-a"));
+        assert!(!valid_name(&"a".repeat(254)));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = NodeRecord {
+            spec: NodeSpec {
+                name: "n1".into(),
+                engine_endpoint: "http://127.0.0.1:1".into(),
+                nvmf_listeners: vec!["127.0.0.1:4420".into()],
+                cntlid_min: 1,
+                cntlid_max: 100,
+                instance: "i".into(),
+            },
+            status: NodeStatus {
+                state: NodeState::Online,
+                reason: String::new(),
+                since_ms: 5,
+                pools: vec![],
+            },
+        };
+        assert_eq!(NodeRecord::decode(&r.encode()).unwrap(), r);
+    }
+}

@@ -1,0 +1,335 @@
+//! The registry of storage nodes. io-engines register and send heartbeats; [`Registry::sweep`] probes a node whose
+//! heartbeats stopped through its engine API and marks it Offline when the probe fails too. A node's record goes
+//! to the store when it registers and when its state or pools change; heartbeat times stay in memory, and an agent
+//! that takes over leadership gives every known node a full timeout before judging it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::node::{self, NodeRecord, NodeSpec, NodeState, NodeStatus, PoolSpec};
+use super::store::{Store, StoreError};
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("node {0} is not registered")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a node record is corrupt ({record}...): {source}")]
+    Corrupt {
+        /// The record's first bytes.
+        record: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Asks a node's engine API whether it answers.
+#[async_trait]
+pub trait Prober: Send + Sync + 'static {
+    async fn probe(&self, engine_endpoint: &str) -> Result<(), String>;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct RegistryConfig {
+    /// How often io-engines send heartbeats.
+    pub heartbeat: Duration,
+    /// Silence after which a node is probed (and marked Offline if the probe fails).
+    pub timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            heartbeat: Duration::from_secs(1),
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+struct Live {
+    instance: String,
+    last_seen: Instant,
+}
+
+pub struct Registry {
+    store: Arc<dyn Store>,
+    prober: Arc<dyn Prober>,
+    pub config: RegistryConfig,
+    live: Mutex<HashMap<String, Live>>,
+}
+
+/// A node as listed: its record and how long ago the agent last heard from it.
+pub struct NodeView {
+    pub record: NodeRecord,
+    pub last_seen_ago: Option<Duration>,
+}
+
+impl Registry {
+    /// The registry of the nodes in `store`; every one gets a full timeout from now to be heard from.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        prober: Arc<dyn Prober>,
+        config: RegistryConfig,
+    ) -> Result<Registry, RegistryError> {
+        let now = Instant::now();
+        let mut live = HashMap::new();
+        for (_, v) in store.list(node::PREFIX).await? {
+            let r = decode(&v.value)?;
+            if r.status.state == NodeState::Online {
+                live.insert(
+                    r.spec.name.clone(),
+                    Live {
+                        instance: r.spec.instance.clone(),
+                        last_seen: now,
+                    },
+                );
+            }
+        }
+        Ok(Registry {
+            store,
+            prober,
+            config,
+            live: Mutex::new(live),
+        })
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes a node's record with `f` (given the current one, if any), retrying on a concurrent change.
+    async fn update(
+        &self,
+        name: &str,
+        f: impl Fn(Option<NodeRecord>) -> Option<NodeRecord>,
+    ) -> Result<Option<NodeRecord>, RegistryError> {
+        let key = node::key(name);
+        loop {
+            let cur = self.store.get(&key).await?;
+            let (rev, old) = match &cur {
+                Some(v) => (v.mod_revision, Some(decode(&v.value)?)),
+                None => (0, None),
+            };
+            let Some(new) = f(old.clone()) else {
+                return Ok(old);
+            };
+            if old.as_ref() == Some(&new) {
+                return Ok(Some(new));
+            }
+            if self.store.compare_and_put(&key, rev, new.encode()).await? {
+                if old.as_ref().map(|o| o.status.state) != Some(new.status.state) {
+                    tracing::info!(node = name, state = ?new.status.state, reason = %new.status.reason, "node state");
+                }
+                return Ok(Some(new));
+            }
+        }
+    }
+
+    pub async fn register(
+        &self,
+        spec: NodeSpec,
+        pools: Vec<PoolSpec>,
+    ) -> Result<NodeRecord, RegistryError> {
+        if !node::valid_name(&spec.name) {
+            return Err(RegistryError::InvalidArgument(format!(
+                "node name {:?} is not a DNS subdomain (lower-case letters, digits, '-', '.')",
+                spec.name
+            )));
+        }
+        if spec.engine_endpoint.is_empty() || spec.instance.is_empty() {
+            return Err(RegistryError::InvalidArgument(
+                "engine_endpoint and instance are required".into(),
+            ));
+        }
+        if spec.cntlid_min == 0 || spec.cntlid_min > spec.cntlid_max || spec.cntlid_max > 0xFFEF {
+            return Err(RegistryError::InvalidArgument(format!(
+                "controller ID range {}-{} is not within 1-65519",
+                spec.cntlid_min, spec.cntlid_max
+            )));
+        }
+        let name = spec.name.clone();
+        let r = self
+            .update(&name, |old| {
+                let since = match &old {
+                    Some(o) if o.status.state == NodeState::Online => o.status.since_ms,
+                    _ => node::now_ms(),
+                };
+                Some(NodeRecord {
+                    spec: spec.clone(),
+                    status: NodeStatus {
+                        state: NodeState::Online,
+                        reason: "registered".into(),
+                        since_ms: since,
+                        pools: pools.clone(),
+                    },
+                })
+            })
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
+        self.live().insert(
+            name,
+            Live {
+                instance: r.spec.instance.clone(),
+                last_seen: Instant::now(),
+            },
+        );
+        Ok(r)
+    }
+
+    /// A heartbeat; `Ok(false)` when this agent does not know the instance (it must register again).
+    pub async fn heartbeat(
+        &self,
+        name: &str,
+        instance: &str,
+        pools: Vec<PoolSpec>,
+    ) -> Result<bool, RegistryError> {
+        {
+            let mut live = self.live();
+            match live.get_mut(name) {
+                Some(l) if l.instance == instance => l.last_seen = Instant::now(),
+                _ => return Ok(false),
+            }
+        }
+        self.update(name, |old| {
+            let mut r = old?;
+            if r.spec.instance != instance {
+                return None;
+            }
+            if r.status.state != NodeState::Online {
+                r.status.state = NodeState::Online;
+                r.status.reason = "heartbeats resumed".into();
+                r.status.since_ms = node::now_ms();
+            }
+            r.status.pools = pools.clone();
+            Some(r)
+        })
+        .await?;
+        Ok(true)
+    }
+
+    /// A clean shutdown of the io-engine `instance`: Offline now.
+    pub async fn deregister(&self, name: &str, instance: &str) -> Result<(), RegistryError> {
+        let removed = {
+            let mut live = self.live();
+            match live.get(name) {
+                Some(l) if l.instance == instance => live.remove(name).is_some(),
+                _ => false,
+            }
+        };
+        if removed {
+            self.set_offline(name, instance, "deregistered: the io-engine shut down")
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn set_offline(
+        &self,
+        name: &str,
+        instance: &str,
+        reason: &str,
+    ) -> Result<(), RegistryError> {
+        self.update(name, |old| {
+            let mut r = old?;
+            if r.spec.instance != instance || r.status.state == NodeState::Offline {
+                return None;
+            }
+            r.status.state = NodeState::Offline;
+            r.status.reason = reason.to_string();
+            r.status.since_ms = node::now_ms();
+            Some(r)
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Result<Vec<NodeView>, RegistryError> {
+        let recs = self.store.list(node::PREFIX).await?;
+        let live = self.live();
+        recs.into_iter()
+            .map(|(_, v)| {
+                let record = decode(&v.value)?;
+                let last_seen_ago = live.get(&record.spec.name).map(|l| l.last_seen.elapsed());
+                Ok(NodeView {
+                    record,
+                    last_seen_ago,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn get(&self, name: &str) -> Result<NodeView, RegistryError> {
+        let v = self
+            .store
+            .get(&node::key(name))
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+        let record = decode(&v.value)?;
+        let last_seen_ago = self.live().get(name).map(|l| l.last_seen.elapsed());
+        Ok(NodeView {
+            record,
+            last_seen_ago,
+        })
+    }
+
+    /// Probes the nodes silent for longer than the timeout, at once, and marks those that do not answer Offline.
+    pub async fn sweep(&self) -> Result<(), RegistryError> {
+        let silent: Vec<(String, String)> = self
+            .live()
+            .iter()
+            .filter(|(_, l)| l.last_seen.elapsed() > self.config.timeout)
+            .map(|(n, l)| (n.clone(), l.instance.clone()))
+            .collect();
+        let probes = silent.into_iter().map(|(name, instance)| async move {
+            let endpoint = match self.get(&name).await {
+                Ok(v) => v.record.spec.engine_endpoint,
+                Err(e) => return Err(e),
+            };
+            let r = self.prober.probe(&endpoint).await;
+            Ok((name, instance, r))
+        });
+        for r in futures_util::future::join_all(probes).await {
+            let (name, instance, probe) = r?;
+            match probe {
+                Ok(()) => {
+                    tracing::debug!(node = %name, "heartbeats missing but the engine API answers")
+                }
+                Err(why) => {
+                    let still_silent = {
+                        let mut live = self.live();
+                        let silent = live.get(&name).is_some_and(|l| {
+                            l.instance == instance && l.last_seen.elapsed() > self.config.timeout
+                        });
+                        if silent {
+                            live.remove(&name);
+                        }
+                        silent
+                    };
+                    if still_silent {
+                        let reason = format!(
+                            "no heartbeat for {:?} and the engine API probe failed: {why}",
+                            self.config.timeout
+                        );
+                        self.set_offline(&name, &instance, &reason).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn decode(bytes: &[u8]) -> Result<NodeRecord, RegistryError> {
+    NodeRecord::decode(bytes).map_err(|source| RegistryError::Corrupt {
+        record: String::from_utf8_lossy(bytes).chars().take(64).collect(),
+        source,
+    })
+}

@@ -1,0 +1,341 @@
+//! The node registry with real processes: a cluster agent on the embedded store and io-engines on 127.0.0.1-.3
+//! that register with it; kill -9, SIGSTOP and SIGTERM of engines, a restart of the agent, and bad requests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use proto::cluster::registration_client::RegistrationClient;
+use tonic::Code;
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process, restartable with the same command line, killed when dropped.
+struct Proc {
+    cmd: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(cmd: Vec<String>, log: PathBuf) -> Proc {
+        let mut p = Proc {
+            cmd,
+            log,
+            child: None,
+        };
+        p.restart();
+        p
+    }
+
+    fn restart(&mut self) {
+        self.kill9();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(&self.cmd[0])
+            .args(&self.cmd[1..])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(&mut self) {
+        self.signal("-TERM");
+        let st = self.child.take().unwrap().wait().unwrap();
+        assert!(
+            st.success(),
+            "exit {st}: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn agent(dir: &Path, port: u16) -> Proc {
+    let cmd = [
+        env!("CARGO_BIN_EXE_cluster-agent"),
+        "--data-dir",
+        &dir.join("agent").display().to_string(),
+        "--grpc",
+        &format!("127.0.0.1:{port}"),
+        "--heartbeat-ms",
+        "200",
+        "--node-timeout-ms",
+        "800",
+        "--engine-timeout-ms",
+        "300",
+        "--lease-ttl-ms",
+        "1000",
+    ]
+    .map(String::from)
+    .to_vec();
+    Proc::start(cmd, dir.join("agent.log"))
+}
+
+fn engine(dir: &Path, i: u32, agent_port: u16) -> Proc {
+    let ip = format!("127.0.0.{i}");
+    let disk = dir.join(format!("pool{i}.img"));
+    if !disk.exists() {
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+    }
+    let cmd = vec![
+        e2e::bins::path("io-engine").display().to_string(),
+        "--node-name".into(),
+        format!("reg-{i}"),
+        "--listen".into(),
+        format!("{ip}:{}", free_port(&ip)),
+        "--grpc".into(),
+        format!("{ip}:{}", free_port(&ip)),
+        "--pool".into(),
+        format!("pool{i}={}", disk.display()),
+        "--cluster-agent".into(),
+        format!("http://127.0.0.1:{agent_port}"),
+    ];
+    Proc::start(cmd, dir.join(format!("engine{i}.log")))
+}
+
+async fn nodes(port: u16) -> Option<Vec<pb::Node>> {
+    let mut c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .ok()?;
+    Some(
+        c.list_nodes(pb::ListNodesRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .nodes,
+    )
+}
+
+fn state_of(nodes: &[pb::Node], name: &str) -> Option<pb::NodeState> {
+    nodes
+        .iter()
+        .find(|n| n.name == name)
+        .and_then(|n| pb::NodeState::try_from(n.state).ok())
+}
+
+/// Waits until the agent lists `want` (node, state) pairs; returns the listing and how long it took.
+async fn wait_for(
+    port: u16,
+    want: &[(&str, pb::NodeState)],
+    what: &str,
+) -> (Vec<pb::Node>, Duration) {
+    let t = Instant::now();
+    let mut last = None;
+    while t.elapsed() < Duration::from_secs(30) {
+        if let Some(n) = nodes(port).await {
+            if want.iter().all(|(name, s)| state_of(&n, name) == Some(*s)) {
+                return (n, t.elapsed());
+            }
+            last = Some(n);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: never reached {want:?}; last listing {last:#?}");
+}
+
+use pb::NodeState::{Offline, Online};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_register_and_the_agent_tracks_kills_freezes_shutdowns_and_its_own_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let mut agent = agent(dir.path(), port);
+    let mut engines: Vec<Proc> = (1..=3).map(|i| engine(dir.path(), i, port)).collect();
+
+    let (n, _) = wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    for node in &n {
+        assert_eq!(node.pools.len(), 1, "{node:?}");
+        assert!(
+            node.pools[0].capacity > 0 && node.engine_endpoint.starts_with("http://127.0.0."),
+            "{node:?}"
+        );
+        assert_eq!(node.nvmf_listeners.len(), 1);
+    }
+
+    // kill -9: heartbeats stop, the probe fails, Offline.
+    engines[1].kill9();
+    let (n, took) = wait_for(
+        port,
+        &[("reg-2", Offline), ("reg-1", Online), ("reg-3", Online)],
+        "kill -9",
+    )
+    .await;
+    println!("kill -9 of an engine seen as Offline after {took:?}");
+    let reg2 = n.iter().find(|x| x.name == "reg-2").unwrap();
+    assert!(reg2.reason.contains("probe failed"), "{}", reg2.reason);
+
+    // SIGSTOP: the engine API does not answer either; SIGCONT: it comes back by itself.
+    engines[2].signal("-STOP");
+    let (_, took) = wait_for(port, &[("reg-3", Offline), ("reg-1", Online)], "SIGSTOP").await;
+    println!("a frozen engine seen as Offline after {took:?}");
+    engines[2].signal("-CONT");
+    wait_for(port, &[("reg-3", Online)], "SIGCONT").await;
+
+    // A restarted engine registers as a new instance.
+    let old = reg2.instance.clone();
+    engines[1].restart();
+    let (n, _) = wait_for(port, &[("reg-2", Online)], "restart").await;
+    assert_ne!(n.iter().find(|x| x.name == "reg-2").unwrap().instance, old);
+
+    // A clean shutdown deregisters: Offline at once, saying so.
+    engines[0].stop();
+    let (n, took) = wait_for(port, &[("reg-1", Offline)], "SIGTERM").await;
+    assert!(
+        took < Duration::from_millis(800),
+        "deregistration is immediate, not a timeout: {took:?}"
+    );
+    let reg1 = n.iter().find(|x| x.name == "reg-1").unwrap();
+    assert!(reg1.reason.contains("deregistered"), "{}", reg1.reason);
+
+    // The agent restarts (kill -9): the registry is in its store, and the engines find it again.
+    agent.kill9();
+    agent.restart();
+    let (n, _) = wait_for(
+        port,
+        &[("reg-2", Online), ("reg-3", Online), ("reg-1", Offline)],
+        "agent restart",
+    )
+    .await;
+    assert_eq!(n.len(), 3);
+    engines[0].restart();
+    wait_for(
+        port,
+        &[("reg-1", Online)],
+        "engine back after the agent restart",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_registrations_and_unknown_nodes_get_precise_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let t = Instant::now();
+    let mut reg = loop {
+        if let Ok(c) = RegistrationClient::connect(url.clone()).await {
+            break c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the agent never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let good = pb::RegisterRequest {
+        node: "ok-node".into(),
+        engine_endpoint: "http://127.0.0.9:1".into(),
+        nvmf_listeners: vec![],
+        cntlid_min: 1,
+        cntlid_max: 10,
+        pools: vec![],
+        instance: "i1".into(),
+    };
+    let code =
+        |r: Result<tonic::Response<pb::RegisterResponse>, tonic::Status>| r.err().map(|e| e.code());
+    // The agent may need a moment to lead.
+    let t = Instant::now();
+    while let Err(e) = reg.register(good.clone()).await {
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for bad in [
+        pb::RegisterRequest {
+            node: "Bad/Name".into(),
+            ..good.clone()
+        },
+        pb::RegisterRequest {
+            node: String::new(),
+            ..good.clone()
+        },
+        pb::RegisterRequest {
+            instance: String::new(),
+            ..good.clone()
+        },
+        pb::RegisterRequest {
+            cntlid_min: 9,
+            cntlid_max: 2,
+            ..good.clone()
+        },
+        pb::RegisterRequest {
+            cntlid_max: 0xFFFF,
+            ..good.clone()
+        },
+    ] {
+        assert_eq!(
+            code(reg.register(bad.clone()).await),
+            Some(Code::InvalidArgument),
+            "{bad:?}"
+        );
+    }
+    // A heartbeat of an instance the agent does not know: register again (never an error the engine cannot act on).
+    let hb = reg
+        .heartbeat(pb::HeartbeatRequest {
+            node: "ok-node".into(),
+            instance: "stale".into(),
+            pools: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(hb.register_again);
+    let mut c = ClusterClient::connect(url).await.unwrap();
+    let e = c
+        .get_node(pb::GetNodeRequest {
+            name: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // The unreachable engine endpoint of "ok-node" makes it Offline, and nothing else is disturbed.
+    let (n, _) = wait_for(port, &[("ok-node", Offline)], "unreachable engine").await;
+    assert_eq!(n.len(), 1);
+}

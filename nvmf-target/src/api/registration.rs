@@ -1,0 +1,159 @@
+//! io-engine's side of the cluster registry (`proto::cluster::Registration`): register with the cluster agent,
+//! send heartbeats at the interval it asks for, register again when it asks (or when it, or its leadership,
+//! changes), and deregister on a clean shutdown. Several agent URLs may be given; the first that accepts wins.
+//! Nothing here blocks the engine: an unreachable agent is retried with backoff while the engine keeps serving.
+
+use std::time::Duration;
+
+use proto::cluster as pb;
+use proto::cluster::registration_client::RegistrationClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::engine::Engine;
+
+/// Per call to the agent.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct RegistrationConfig {
+    /// Cluster agent URLs (`http://host:port`), tried in order.
+    pub agents: Vec<String>,
+    /// Where this engine's API answers, as the agent should dial it.
+    pub engine_endpoint: String,
+}
+
+fn pools(engine: &Engine) -> Vec<pb::Pool> {
+    engine
+        .pools()
+        .into_iter()
+        .map(|e| {
+            let l = e.pool.label();
+            let s = e.pool.stats();
+            pb::Pool {
+                name: l.name.clone(),
+                uuid: l.uuid.to_string(),
+                disk: e.disk.clone(),
+                capacity: s.capacity,
+                allocated: s.allocated,
+                committed: s.committed,
+            }
+        })
+        .collect()
+}
+
+fn request(engine: &Engine, cfg: &RegistrationConfig, instance: &str) -> pb::RegisterRequest {
+    let tc = engine.target().config();
+    pb::RegisterRequest {
+        node: engine.node_name().to_string(),
+        engine_endpoint: cfg.engine_endpoint.clone(),
+        nvmf_listeners: engine
+            .target()
+            .listeners()
+            .iter()
+            .map(|l| l.address.to_string())
+            .collect(),
+        cntlid_min: u32::from(tc.cntlid_min),
+        cntlid_max: u32::from(tc.cntlid_max),
+        pools: pools(engine),
+        instance: instance.to_string(),
+    }
+}
+
+async fn client(url: &str) -> Result<RegistrationClient<Channel>, String> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("{url}: {e}"))?
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT);
+    Ok(RegistrationClient::new(
+        ep.connect().await.map_err(|e| format!("{url}: {e}"))?,
+    ))
+}
+
+/// Registers with the first agent that accepts; returns its client and the heartbeat interval.
+async fn register(
+    engine: &Engine,
+    cfg: &RegistrationConfig,
+    instance: &str,
+) -> Result<(RegistrationClient<Channel>, Duration), String> {
+    let mut why = Vec::new();
+    for url in &cfg.agents {
+        let mut c = match client(url).await {
+            Ok(c) => c,
+            Err(e) => {
+                why.push(e);
+                continue;
+            }
+        };
+        match c.register(request(engine, cfg, instance)).await {
+            Ok(r) => {
+                let every =
+                    Duration::from_millis(u64::from(r.into_inner().heartbeat_interval_ms).max(10));
+                tracing::info!(agent = %url, heartbeat_ms = every.as_millis() as u64, "registered with the cluster agent");
+                return Ok((c, every));
+            }
+            Err(s) => why.push(format!("{url}: {}", s.message())),
+        }
+    }
+    Err(why.join("; "))
+}
+
+/// Runs until `stop` fires, then deregisters.
+pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToken) {
+    let instance = uuid::Uuid::new_v4().to_string();
+    let mut backoff = Duration::from_millis(100);
+    let mut last: Option<RegistrationClient<Channel>> = None;
+    'register: while !stop.is_cancelled() {
+        let (mut c, every) = match register(&engine, &cfg, &instance).await {
+            Ok(x) => x,
+            Err(why) => {
+                tracing::warn!(%why, retry_in_ms = backoff.as_millis() as u64, "cannot register with a cluster agent");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    last = Some(c);
+                    break 'register;
+                }
+                _ = tokio::time::sleep(every) => {}
+            }
+            let hb = pb::HeartbeatRequest {
+                node: engine.node_name().to_string(),
+                instance: instance.clone(),
+                pools: pools(&engine),
+            };
+            match c.heartbeat(hb).await {
+                Ok(r) if !r.get_ref().register_again => {}
+                Ok(_) => {
+                    tracing::info!("the cluster agent asks this engine to register again");
+                    continue 'register;
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "heartbeat failed; registering again");
+                    continue 'register;
+                }
+            }
+        }
+    }
+    if let Some(mut c) = last {
+        let d = pb::DeregisterRequest {
+            node: engine.node_name().to_string(),
+            instance,
+        };
+        match c.deregister(d).await {
+            Ok(_) => tracing::info!("deregistered from the cluster agent"),
+            Err(s) => {
+                tracing::warn!(error = %s.message(), "could not deregister from the cluster agent")
+            }
+        }
+    }
+}
