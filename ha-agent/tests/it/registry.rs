@@ -89,27 +89,44 @@ impl Drop for Proc {
 }
 
 fn agent(dir: &Path, port: u16) -> Proc {
-    let cmd = [
-        env!("CARGO_BIN_EXE_cluster-agent"),
-        "--data-dir",
-        &dir.join("agent").display().to_string(),
-        "--grpc",
-        &format!("127.0.0.1:{port}"),
-        "--heartbeat-ms",
-        "200",
-        "--node-timeout-ms",
-        "800",
-        "--engine-timeout-ms",
-        "300",
-        "--lease-ttl-ms",
-        "1000",
-    ]
-    .map(String::from)
-    .to_vec();
-    Proc::start(cmd, dir.join("agent.log"))
+    agent_with(
+        dir,
+        port,
+        &["--data-dir", &dir.join("agent").display().to_string()],
+        "agent",
+    )
+}
+
+fn agent_with(dir: &Path, port: u16, store: &[&str], name: &str) -> Proc {
+    let mut cmd: Vec<String> = vec![
+        env!("CARGO_BIN_EXE_cluster-agent").into(),
+        "--name".into(),
+        name.into(),
+    ];
+    cmd.extend(store.iter().map(|s| s.to_string()));
+    cmd.extend(
+        [
+            "--grpc",
+            &format!("127.0.0.1:{port}"),
+            "--heartbeat-ms",
+            "200",
+            "--node-timeout-ms",
+            "800",
+            "--engine-timeout-ms",
+            "300",
+            "--lease-ttl-ms",
+            "1000",
+        ]
+        .map(String::from),
+    );
+    Proc::start(cmd, dir.join(format!("{name}.log")))
 }
 
 fn engine(dir: &Path, i: u32, agent_port: u16) -> Proc {
+    engine_with(dir, i, &format!("http://127.0.0.1:{agent_port}"))
+}
+
+fn engine_with(dir: &Path, i: u32, agents: &str) -> Proc {
     let ip = format!("127.0.0.{i}");
     let disk = dir.join(format!("pool{i}.img"));
     if !disk.exists() {
@@ -129,22 +146,23 @@ fn engine(dir: &Path, i: u32, agent_port: u16) -> Proc {
         "--pool".into(),
         format!("pool{i}={}", disk.display()),
         "--cluster-agent".into(),
-        format!("http://127.0.0.1:{agent_port}"),
+        agents.to_string(),
     ];
     Proc::start(cmd, dir.join(format!("engine{i}.log")))
 }
 
 async fn nodes(port: u16) -> Option<Vec<pb::Node>> {
+    nodes_at(port).await.ok()
+}
+
+async fn nodes_at(port: u16) -> Result<Vec<pb::Node>, tonic::Status> {
     let mut c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
         .await
-        .ok()?;
-    Some(
-        c.list_nodes(pb::ListNodesRequest {})
-            .await
-            .ok()?
-            .into_inner()
-            .nodes,
-    )
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    Ok(c.list_nodes(pb::ListNodesRequest {})
+        .await?
+        .into_inner()
+        .nodes)
 }
 
 fn state_of(nodes: &[pb::Node], name: &str) -> Option<pb::NodeState> {
@@ -338,4 +356,68 @@ async fn bad_registrations_and_unknown_nodes_get_precise_codes() {
     // The unreachable engine endpoint of "ok-node" makes it Offline, and nothing else is disturbed.
     let (n, _) = wait_for(port, &[("ok-node", Offline)], "unreachable engine").await;
     assert_eq!(n.len(), 1);
+}
+
+/// Needs etcd (Debian package etcd-server). Two agents on one etcd: one leads, the other answers UNAVAILABLE; kill -9
+/// of the leader hands over within the lease TTL, and the engines (given both agents) follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_on_etcd_one_leads_and_the_other_takes_over_when_it_is_killed() {
+    let Some(etcd) = crate::etcd::Etcd::start(
+        "two_agents_on_etcd_one_leads_and_the_other_takes_over_when_it_is_killed",
+    )
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb_) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let store = ["--store", "etcd", "--etcd", etcd.endpoint.as_str()];
+    let mut a = agent_with(dir.path(), pa, &store, "agent-a");
+    wait_for(pa, &[], "agent-a leads").await;
+    let _b = agent_with(dir.path(), pb_, &store, "agent-b");
+    let agents = format!("http://127.0.0.1:{pa},http://127.0.0.1:{pb_}");
+    let _engines: Vec<Proc> = (1..=2)
+        .map(|i| engine_with(dir.path(), i, &agents))
+        .collect();
+    wait_for(
+        pa,
+        &[("reg-1", Online), ("reg-2", Online)],
+        "registration with the leader",
+    )
+    .await;
+    let e = nodes_at(pb_).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unavailable,
+        "the follower does not serve: {e:?}"
+    );
+
+    a.kill9();
+    let t = Instant::now();
+    let (_, took) = wait_for(
+        pb_,
+        &[("reg-1", Online), ("reg-2", Online)],
+        "the follower takes over",
+    )
+    .await;
+    println!(
+        "agent-b leads {:?} after agent-a's kill -9 (lease TTL 1 s, etcd rounds to 2 s)",
+        t.elapsed().max(took)
+    );
+    // The engines send their heartbeats to agent-b now (not only the records it read from etcd).
+    let t = Instant::now();
+    loop {
+        let n = nodes_at(pb_).await.unwrap();
+        let fresh = n
+            .iter()
+            .all(|x| x.last_seen_ms_ago > 0 && x.last_seen_ms_ago < 500);
+        if fresh && t.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the engines never heartbeat agent-b: {n:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
