@@ -20,6 +20,80 @@ pub enum GetCmd {
     Nodes,
     /// One storage node.
     Node { name: String },
+    /// Pools managed by the agent: phase, whether the node reports them, capacity.
+    Pools,
+}
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// Create (or import) pool NAME on DISK of NODE, managed by the agent from then on.
+    Create {
+        node: String,
+        name: String,
+        disk: String,
+    },
+    /// Destroy a managed pool (it must hold no replicas).
+    Delete { node: String, name: String },
+}
+
+fn phase(p: i32) -> &'static str {
+    match pb::PoolPhase::try_from(p) {
+        Ok(pb::PoolPhase::Creating) => "Creating",
+        Ok(pb::PoolPhase::Created) => "Created",
+        Ok(pb::PoolPhase::Deleting) => "Deleting",
+        _ => "Unknown",
+    }
+}
+
+fn print_pools(pools: &[pb::ManagedPool], out: Output) {
+    match out {
+        Output::Json => pools.iter().for_each(|p| {
+            let v = serde_json::json!({
+                "node": p.node, "name": p.name, "disk": p.disk, "phase": phase(p.phase), "uuid": p.uuid,
+                "reported": p.reported, "capacity": p.capacity, "allocated": p.allocated, "reason": p.reason,
+            });
+            println!("{v}");
+        }),
+        Output::Table => {
+            println!("{:<16} {:<12} {:<9} {:<8} {:>14} {:>14}  DISK", "NODE", "NAME", "PHASE", "REPORTED", "CAPACITY", "ALLOCATED");
+            for p in pools {
+                println!(
+                    "{:<16} {:<12} {:<9} {:<8} {:>14} {:>14}  {}{}",
+                    p.node,
+                    p.name,
+                    phase(p.phase),
+                    p.reported,
+                    p.capacity,
+                    p.allocated,
+                    p.disk,
+                    if p.reason.is_empty() { String::new() } else { format!("  ({})", p.reason) }
+                );
+            }
+        }
+    }
+}
+
+async fn connect(agent: &str) -> Result<ClusterClient<tonic::transport::Channel>> {
+    ClusterClient::connect(agent.to_string())
+        .await
+        .with_context(|| format!("connecting to the cluster agent at {agent}"))
+}
+
+pub async fn pool(agent: &str, cmd: PoolCmd, out: Output) -> Result<()> {
+    let mut c = connect(agent).await?;
+    match cmd {
+        PoolCmd::Create { node, name, disk } => {
+            let p = c
+                .create_pool(pb::CreatePoolRequest { node, name, disk })
+                .await?
+                .into_inner();
+            print_pools(&[p], out);
+        }
+        PoolCmd::Delete { node, name } => {
+            c.delete_pool(pb::DeletePoolRequest { node, name }).await?;
+        }
+    }
+    Ok(())
 }
 
 fn state(s: i32) -> &'static str {
@@ -72,10 +146,12 @@ fn print(nodes: &[pb::Node], out: Output) {
 }
 
 pub async fn get(agent: &str, cmd: GetCmd, out: Output) -> Result<()> {
-    let mut c = ClusterClient::connect(agent.to_string())
-        .await
-        .with_context(|| format!("connecting to the cluster agent at {agent}"))?;
+    let mut c = connect(agent).await?;
     match cmd {
+        GetCmd::Pools => {
+            let r = c.list_pools(pb::ListPoolsRequest {}).await?.into_inner();
+            print_pools(&r.pools, out);
+        }
         GetCmd::Nodes => {
             let r = c.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
             print(&r.nodes, out);

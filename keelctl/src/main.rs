@@ -37,6 +37,17 @@ enum Top {
         #[command(subcommand)]
         cmd: cluster::GetCmd,
     },
+    /// Pools managed by the cluster agent.
+    Pool {
+        /// Cluster agent endpoint.
+        #[arg(long, env = "KEELSON_AGENT", default_value = "http://127.0.0.1:10200")]
+        agent: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cluster::Output,
+        #[command(subcommand)]
+        cmd: cluster::PoolCmd,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -255,6 +266,7 @@ async fn main() -> Result<()> {
     let (endpoint, cmd) = match Cli::parse().cmd {
         Top::Engine { endpoint, cmd } => (endpoint, cmd),
         Top::Get { agent, output, cmd } => return cluster::get(&agent, cmd, output).await,
+        Top::Pool { agent, output, cmd } => return cluster::pool(&agent, cmd, output).await,
     };
     let mut c = EngineClient::connect(endpoint.clone())
         .await

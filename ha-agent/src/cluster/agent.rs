@@ -1,14 +1,15 @@
 //! One cluster agent: opens the store, checks its schema, serves the API, and while it leads runs the registry
-//! and its sweep. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
+//! and its sweep and the pool reconciler, once per heartbeat interval. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::api::{self, Leadership};
+use super::api::{self, Leadership, Leading};
 use super::dataplane::EngineProber;
 use super::leader;
+use super::pool::Pools;
 use super::registry::{Registry, RegistryConfig};
 use super::store::{Store, schema};
 
@@ -79,8 +80,12 @@ async fn lead(
     let prober = Arc::new(EngineProber {
         timeout: config.engine_timeout,
     });
-    let registry = Arc::new(Registry::load(store, prober, config.registry).await?);
-    leadership.lead(registry.clone());
+    let registry = Arc::new(Registry::load(store.clone(), prober, config.registry).await?);
+    let pools = Arc::new(Pools::new(store, registry.clone(), config.engine_timeout));
+    leadership.lead(Arc::new(Leading {
+        registry: registry.clone(),
+        pools: pools.clone(),
+    }));
     let lost = leader.lost();
     let mut tick = tokio::time::interval(config.registry.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -101,6 +106,9 @@ async fn lead(
             _ = tick.tick() => {
                 if let Err(e) = registry.sweep().await {
                     tracing::warn!(error = %e, "node sweep failed; retrying at the next tick");
+                }
+                if let Err(e) = pools.reconcile().await {
+                    tracing::warn!(error = %e, "pool reconcile failed; retrying at the next tick");
                 }
             }
         }

@@ -12,25 +12,32 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::node::{NodeSpec, NodeState, PoolSpec};
+use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
 use super::registry::{NodeView, Registry, RegistryError};
 use super::store::StoreError;
 
-/// What the services act on: the registry while this agent leads, else who leads.
+/// What a leading agent acts on.
+pub struct Leading {
+    pub registry: Arc<Registry>,
+    pub pools: Arc<Pools>,
+}
+
+/// What the services act on: [`Leading`] while this agent leads, nothing otherwise.
 #[derive(Clone, Default)]
 pub struct Leadership {
-    inner: Arc<RwLock<Option<Arc<Registry>>>>,
+    inner: Arc<RwLock<Option<Arc<Leading>>>>,
 }
 
 impl Leadership {
-    pub fn lead(&self, r: Arc<Registry>) {
-        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    pub fn lead(&self, l: Arc<Leading>) {
+        *self.inner.write().unwrap_or_else(|e| e.into_inner()) = Some(l);
     }
 
     pub fn step_down(&self) {
         *self.inner.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    fn registry(&self) -> Result<Arc<Registry>, Status> {
+    fn leading(&self) -> Result<Arc<Leading>, Status> {
         self.inner
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -38,6 +45,10 @@ impl Leadership {
             .ok_or_else(|| {
                 Status::unavailable("this cluster agent does not lead (yet); try another")
             })
+    }
+
+    fn registry(&self) -> Result<Arc<Registry>, Status> {
+        Ok(self.leading()?.registry.clone())
     }
 }
 
@@ -51,6 +62,42 @@ impl From<RegistryError> for Status {
             RegistryError::Store(_) => Status::unavailable(msg),
             RegistryError::Corrupt { .. } => Status::data_loss(msg),
         }
+    }
+}
+
+impl From<PoolOpError> for Status {
+    fn from(e: PoolOpError) -> Status {
+        let msg = e.to_string();
+        match e {
+            PoolOpError::InvalidArgument(_) => Status::invalid_argument(msg),
+            PoolOpError::NotFound(_) => Status::not_found(msg),
+            PoolOpError::AlreadyExists { .. } => Status::already_exists(msg),
+            PoolOpError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            PoolOpError::Deleting(_) => Status::aborted(msg),
+            PoolOpError::Engine { code, .. } => Status::new(code, msg),
+            PoolOpError::Unreachable { .. } | PoolOpError::Store(_) => Status::unavailable(msg),
+            PoolOpError::Registry(r) => r.into(),
+            PoolOpError::Corrupt { .. } => Status::data_loss(msg),
+        }
+    }
+}
+
+fn managed(v: PoolView) -> pb::ManagedPool {
+    let r = v.record;
+    pb::ManagedPool {
+        node: r.node,
+        name: r.name,
+        disk: r.disk,
+        phase: match r.phase {
+            PoolPhase::Creating => pb::PoolPhase::Creating,
+            PoolPhase::Created => pb::PoolPhase::Created,
+            PoolPhase::Deleting => pb::PoolPhase::Deleting,
+        } as i32,
+        uuid: r.uuid,
+        reported: v.reported.is_some(),
+        capacity: v.reported.as_ref().map_or(0, |p| p.capacity),
+        allocated: v.reported.as_ref().map_or(0, |p| p.allocated),
+        reason: r.reason,
     }
 }
 
@@ -162,6 +209,41 @@ impl Cluster for Service {
     async fn get_node(&self, r: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
         let reg = self.leadership.registry()?;
         Ok(Response::new(node(reg.get(&r.into_inner().name).await?)))
+    }
+
+    async fn create_pool(
+        &self,
+        r: Request<pb::CreatePoolRequest>,
+    ) -> Result<Response<pb::ManagedPool>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let record = l.pools.create(&r.node, &r.name, &r.disk).await?;
+        let reported = l
+            .registry
+            .get(&r.node)
+            .await
+            .ok()
+            .and_then(|n| n.record.status.pools.into_iter().find(|p| p.name == r.name));
+        Ok(Response::new(managed(PoolView { record, reported })))
+    }
+
+    async fn delete_pool(
+        &self,
+        r: Request<pb::DeletePoolRequest>,
+    ) -> Result<Response<pb::DeletePoolResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        l.pools.delete(&r.node, &r.name).await?;
+        Ok(Response::new(pb::DeletePoolResponse {}))
+    }
+
+    async fn list_pools(
+        &self,
+        _: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let pools = l.pools.list().await?.into_iter().map(managed).collect();
+        Ok(Response::new(pb::ListPoolsResponse { pools }))
     }
 }
 

@@ -4,6 +4,8 @@
 //!   implementations and the schema version.
 //! - [`leader`]: one acting agent among several on one store, by a lease-held key.
 //! - [`node`]: a storage node's record (what its io-engine registered, what the agent observed).
+//! - [`pool`]: pools created through the agent, recorded before the engine is asked, imported again when their
+//!   node's io-engine restarts without them.
 //! - [`registry`]: registration, heartbeats, and the sweep that probes silent nodes and marks them Offline.
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
 //! - [`api`]: the gRPC services (Registration for io-engines, Cluster for operators), served by the leader.
@@ -14,5 +16,6 @@ pub mod api;
 pub mod dataplane;
 pub mod leader;
 pub mod node;
+pub mod pool;
 pub mod registry;
 pub mod store;

@@ -5,5 +5,6 @@
 
 mod etcd;
 mod leader;
+mod pools;
 mod registry;
 mod store;

@@ -10,7 +10,7 @@ use proto::cluster::cluster_client::ClusterClient;
 use proto::cluster::registration_client::RegistrationClient;
 use tonic::Code;
 
-fn free_port(ip: &str) -> u16 {
+pub fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0))
         .unwrap()
         .local_addr()
@@ -19,7 +19,7 @@ fn free_port(ip: &str) -> u16 {
 }
 
 /// A child process, restartable with the same command line, killed when dropped.
-struct Proc {
+pub struct Proc {
     cmd: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
@@ -36,7 +36,7 @@ impl Proc {
         p
     }
 
-    fn restart(&mut self) {
+    pub fn restart(&mut self) {
         self.kill9();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -63,7 +63,7 @@ impl Proc {
         );
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -88,7 +88,7 @@ impl Drop for Proc {
     }
 }
 
-fn agent(dir: &Path, port: u16) -> Proc {
+pub fn agent(dir: &Path, port: u16) -> Proc {
     agent_with(
         dir,
         port,
@@ -127,7 +127,6 @@ fn engine(dir: &Path, i: u32, agent_port: u16) -> Proc {
 }
 
 fn engine_with(dir: &Path, i: u32, agents: &str) -> Proc {
-    let ip = format!("127.0.0.{i}");
     let disk = dir.join(format!("pool{i}.img"));
     if !disk.exists() {
         std::fs::File::create(&disk)
@@ -135,19 +134,31 @@ fn engine_with(dir: &Path, i: u32, agents: &str) -> Proc {
             .set_len(64 << 20)
             .unwrap();
     }
-    let cmd = vec![
+    let grpc = free_port(&format!("127.0.0.{i}"));
+    engine_cmd(
+        dir,
+        i,
+        agents,
+        grpc,
+        &["--pool".into(), format!("pool{i}={}", disk.display())],
+    )
+}
+
+/// An io-engine `reg-<i>` on 127.0.0.<i> with its engine API on `grpc`, registering with `agents`, plus `extra`.
+pub fn engine_cmd(dir: &Path, i: u32, agents: &str, grpc: u16, extra: &[String]) -> Proc {
+    let ip = format!("127.0.0.{i}");
+    let mut cmd = vec![
         e2e::bins::path("io-engine").display().to_string(),
         "--node-name".into(),
         format!("reg-{i}"),
         "--listen".into(),
         format!("{ip}:{}", free_port(&ip)),
         "--grpc".into(),
-        format!("{ip}:{}", free_port(&ip)),
-        "--pool".into(),
-        format!("pool{i}={}", disk.display()),
+        format!("{ip}:{grpc}"),
         "--cluster-agent".into(),
         agents.to_string(),
     ];
+    cmd.extend(extra.iter().cloned());
     Proc::start(cmd, dir.join(format!("engine{i}.log")))
 }
 
@@ -173,7 +184,7 @@ fn state_of(nodes: &[pb::Node], name: &str) -> Option<pb::NodeState> {
 }
 
 /// Waits until the agent lists `want` (node, state) pairs; returns the listing and how long it took.
-async fn wait_for(
+pub async fn wait_for(
     port: u16,
     want: &[(&str, pb::NodeState)],
     what: &str,
@@ -192,7 +203,7 @@ async fn wait_for(
     panic!("{what}: never reached {want:?}; last listing {last:#?}");
 }
 
-use pb::NodeState::{Offline, Online};
+pub use pb::NodeState::{Offline, Online};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engines_register_and_the_agent_tracks_kills_freezes_shutdowns_and_its_own_restart() {

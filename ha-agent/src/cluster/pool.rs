@@ -1,0 +1,383 @@
+//! Pools the agent manages: created through the cluster API on a named node and disk, recorded under
+//! `/keelson/pools/<node>/<name>` before the engine is asked (persist, then act), and driven to their phase by
+//! [`Pools::reconcile`]: a pool Creating or Created that its node does not report is created (or imported: the
+//! engine's CreatePool imports a pool of that name already on the disk) again, which is how a node whose io-engine
+//! restarted empty gets its pools back; a pool Deleting is destroyed until the engine confirms.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::engine as epb;
+use serde::{Deserialize, Serialize};
+use tonic::Code;
+
+use super::dataplane;
+use super::node::NodeState;
+use super::registry::{Registry, RegistryError};
+use super::store::{Store, StoreError};
+
+pub const PREFIX: &str = "/keelson/pools/";
+
+fn key(node: &str, name: &str) -> String {
+    format!("{PREFIX}{node}/{name}")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PoolPhase {
+    Creating,
+    Created,
+    Deleting,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub node: String,
+    pub name: String,
+    pub disk: String,
+    pub phase: PoolPhase,
+    pub uuid: String,
+    /// The engine's last refusal or failure, if any.
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolOpError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("pool {node}/{name} exists on disk {disk}")]
+    AlreadyExists {
+        node: String,
+        name: String,
+        disk: String,
+    },
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    #[error("pool {0} is being deleted")]
+    Deleting(String),
+    /// The engine refused or failed; its gRPC code is kept for the caller.
+    #[error("node {node}: {message}")]
+    Engine {
+        node: String,
+        code: Code,
+        message: String,
+    },
+    #[error("node {node} cannot be reached: {why}")]
+    Unreachable { node: String, why: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("pool record {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+pub struct Pools {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    engine_timeout: Duration,
+}
+
+/// A managed pool with what its node reports of it now.
+pub struct PoolView {
+    pub record: PoolRecord,
+    pub reported: Option<super::node::PoolSpec>,
+}
+
+impl Pools {
+    pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>, engine_timeout: Duration) -> Pools {
+        Pools {
+            store,
+            registry,
+            engine_timeout,
+        }
+    }
+
+    async fn read(&self, node: &str, name: &str) -> Result<Option<(i64, PoolRecord)>, PoolOpError> {
+        let k = key(node, name);
+        match self.store.get(&k).await? {
+            None => Ok(None),
+            Some(v) => {
+                let r = serde_json::from_slice(&v.value)
+                    .map_err(|source| PoolOpError::Corrupt { key: k, source })?;
+                Ok(Some((v.mod_revision, r)))
+            }
+        }
+    }
+
+    /// Writes `r` if its key is still at `rev` (0: absent); whether it did.
+    async fn write(&self, rev: i64, r: &PoolRecord) -> Result<bool, PoolOpError> {
+        let bytes = serde_json::to_vec(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(self
+            .store
+            .compare_and_put(&key(&r.node, &r.name), rev, bytes)
+            .await?)
+    }
+
+    /// The engine API of an Online node.
+    async fn engine(
+        &self,
+        node: &str,
+    ) -> Result<epb::engine_client::EngineClient<tonic::transport::Channel>, PoolOpError> {
+        let v = self.registry.get(node).await.map_err(|e| match e {
+            RegistryError::NotFound(n) => PoolOpError::NotFound(format!("node {n}")),
+            e => e.into(),
+        })?;
+        if v.record.status.state != NodeState::Online {
+            return Err(PoolOpError::FailedPrecondition(format!(
+                "node {node} is {:?}: {}",
+                v.record.status.state, v.record.status.reason
+            )));
+        }
+        dataplane::connect(&v.record.spec.engine_endpoint, self.engine_timeout)
+            .await
+            .map_err(|why| PoolOpError::Unreachable {
+                node: node.to_string(),
+                why,
+            })
+    }
+
+    /// Asks the engine for the pool (creating or importing it); returns its UUID.
+    async fn engine_create(&self, r: &PoolRecord) -> Result<String, PoolOpError> {
+        let mut c = self.engine(&r.node).await?;
+        let req = epb::CreatePoolRequest {
+            name: r.name.clone(),
+            disk: r.disk.clone(),
+            ..Default::default()
+        };
+        match c.create_pool(req).await {
+            Ok(p) => Ok(p.into_inner().uuid),
+            Err(s) => Err(engine_error(&r.node, s)),
+        }
+    }
+
+    pub async fn create(
+        &self,
+        node: &str,
+        name: &str,
+        disk: &str,
+    ) -> Result<PoolRecord, PoolOpError> {
+        if name.is_empty() || name.len() > 63 || name.contains('/') {
+            return Err(PoolOpError::InvalidArgument(format!(
+                "pool name {name:?} must be 1-63 bytes without '/'"
+            )));
+        }
+        if !disk.starts_with('/') {
+            return Err(PoolOpError::InvalidArgument(format!(
+                "disk {disk:?} must be an absolute path"
+            )));
+        }
+        self.engine(node).await?;
+        let mut record = match self.read(node, name).await? {
+            Some((_, r)) if r.disk != disk => {
+                return Err(PoolOpError::AlreadyExists {
+                    node: node.into(),
+                    name: name.into(),
+                    disk: r.disk,
+                });
+            }
+            Some((_, r)) if r.phase == PoolPhase::Deleting => {
+                return Err(PoolOpError::Deleting(format!("{node}/{name}")));
+            }
+            Some((_, r)) if r.phase == PoolPhase::Created => return Ok(r),
+            Some((_, r)) => r,
+            None => {
+                let r = PoolRecord {
+                    node: node.into(),
+                    name: name.into(),
+                    disk: disk.into(),
+                    phase: PoolPhase::Creating,
+                    uuid: String::new(),
+                    reason: String::new(),
+                };
+                if !self.write(0, &r).await? {
+                    return Err(PoolOpError::FailedPrecondition(format!(
+                        "pool {node}/{name} was created meanwhile; ask again"
+                    )));
+                }
+                r
+            }
+        };
+        match self.engine_create(&record).await {
+            Ok(uuid) => {
+                record.phase = PoolPhase::Created;
+                record.uuid = uuid;
+                record.reason.clear();
+                self.settle(&record).await?;
+                tracing::info!(node, pool = name, disk, uuid = %record.uuid, "pool created");
+                Ok(record)
+            }
+            // A refusal the engine will repeat: nothing was made, so nothing is recorded.
+            Err(e) if refused(&e) => {
+                self.store.delete(&key(node, name)).await?;
+                Err(e)
+            }
+            // Anything else may succeed later: the record stays Creating and the reconciler retries.
+            Err(e) => {
+                record.reason = e.to_string();
+                self.settle(&record).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes `r` over whatever version of its record is there.
+    async fn settle(&self, r: &PoolRecord) -> Result<(), PoolOpError> {
+        loop {
+            let rev = self.read(&r.node, &r.name).await?.map_or(0, |(rev, _)| rev);
+            if self.write(rev, r).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    pub async fn delete(&self, node: &str, name: &str) -> Result<(), PoolOpError> {
+        let Some((rev, mut r)) = self.read(node, name).await? else {
+            return Err(PoolOpError::NotFound(format!("pool {node}/{name}")));
+        };
+        let before = r.phase;
+        r.phase = PoolPhase::Deleting;
+        if !self.write(rev, &r).await? {
+            return Err(PoolOpError::FailedPrecondition(format!(
+                "pool {node}/{name} changed meanwhile; ask again"
+            )));
+        }
+        match self.engine_destroy(&r).await {
+            Ok(()) => {
+                self.store.delete(&key(node, name)).await?;
+                tracing::info!(node, pool = name, "pool deleted");
+                Ok(())
+            }
+            Err(
+                e @ PoolOpError::Engine {
+                    code: Code::FailedPrecondition,
+                    ..
+                },
+            ) => {
+                // Still holds replicas: it stays as it was.
+                r.phase = before;
+                self.settle(&r).await?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn engine_destroy(&self, r: &PoolRecord) -> Result<(), PoolOpError> {
+        let mut c = self.engine(&r.node).await?;
+        match c
+            .destroy_pool(epb::DestroyPoolRequest {
+                name: r.name.clone(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(engine_error(&r.node, s)),
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<PoolView>, PoolOpError> {
+        let nodes = self.registry.list().await?;
+        let mut out = Vec::new();
+        for (k, v) in self.store.list(PREFIX).await? {
+            let record: PoolRecord = serde_json::from_slice(&v.value)
+                .map_err(|source| PoolOpError::Corrupt { key: k, source })?;
+            let reported = nodes
+                .iter()
+                .find(|n| {
+                    n.record.spec.name == record.node && n.record.status.state == NodeState::Online
+                })
+                .and_then(|n| {
+                    n.record
+                        .status
+                        .pools
+                        .iter()
+                        .find(|p| p.name == record.name)
+                        .cloned()
+                });
+            out.push(PoolView { record, reported });
+        }
+        Ok(out)
+    }
+
+    /// Drives every managed pool of an Online node towards its phase (see the module docs).
+    pub async fn reconcile(&self) -> Result<(), PoolOpError> {
+        for v in self.list().await? {
+            let node_online = self
+                .registry
+                .get(&v.record.node)
+                .await
+                .is_ok_and(|n| n.record.status.state == NodeState::Online);
+            if !node_online {
+                continue;
+            }
+            let mut r = v.record;
+            match r.phase {
+                PoolPhase::Creating | PoolPhase::Created if v.reported.is_none() => {
+                    match self.engine_create(&r).await {
+                        Ok(uuid) => {
+                            tracing::info!(node = %r.node, pool = %r.name, "pool imported again");
+                            r.phase = PoolPhase::Created;
+                            r.uuid = uuid;
+                            r.reason.clear();
+                            self.settle(&r).await?;
+                        }
+                        Err(e) => {
+                            if r.reason != e.to_string() {
+                                tracing::warn!(node = %r.node, pool = %r.name, error = %e, "cannot create or import the pool");
+                                r.reason = e.to_string();
+                                self.settle(&r).await?;
+                            }
+                        }
+                    }
+                }
+                PoolPhase::Creating => {
+                    if let Some(p) = v.reported {
+                        r.phase = PoolPhase::Created;
+                        r.uuid = p.uuid;
+                        r.reason.clear();
+                        self.settle(&r).await?;
+                    }
+                }
+                PoolPhase::Deleting => match self.engine_destroy(&r).await {
+                    Ok(()) => {
+                        self.store.delete(&key(&r.node, &r.name)).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %r.node, pool = %r.name, error = %e, "cannot destroy the pool yet")
+                    }
+                },
+                PoolPhase::Created => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the engine refused for a reason that asking again will not change.
+fn refused(e: &PoolOpError) -> bool {
+    matches!(
+        e,
+        PoolOpError::Engine {
+            code: Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::AlreadyExists
+                | Code::DataLoss,
+            ..
+        }
+    )
+}
+
+fn engine_error(node: &str, s: tonic::Status) -> PoolOpError {
+    PoolOpError::Engine {
+        node: node.to_string(),
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}

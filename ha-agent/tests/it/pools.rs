@@ -1,0 +1,177 @@
+//! Pools created through the cluster agent: recorded, created by the node's engine, imported again by the agent
+//! when that engine restarts empty, refused precisely when they cannot be made, and deleted only when empty.
+
+use std::time::{Duration, Instant};
+
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
+use tonic::Code;
+
+use crate::registry::{Online, agent, engine_cmd, free_port, wait_for};
+
+async fn managed(c: &mut ClusterClient<tonic::transport::Channel>) -> Vec<pb::ManagedPool> {
+    c.list_pools(pb::ListPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pools
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let grpc = free_port("127.0.0.1");
+    let mut engine = engine_cmd(
+        dir.path(),
+        1,
+        &format!("http://127.0.0.1:{port}"),
+        grpc,
+        &[],
+    );
+    wait_for(port, &[("reg-1", Online)], "registration").await;
+    let mut c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let disk = dir.path().join("managed.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let req = |name: &str, disk: &str| pb::CreatePoolRequest {
+        node: "reg-1".into(),
+        name: name.into(),
+        disk: disk.into(),
+    };
+    let d = disk.display().to_string();
+
+    let p = c.create_pool(req("p1", &d)).await.unwrap().into_inner();
+    assert_eq!(p.phase, pb::PoolPhase::Created as i32, "{p:?}");
+    assert!(!p.uuid.is_empty());
+    let again = c.create_pool(req("p1", &d)).await.unwrap().into_inner();
+    assert_eq!(again.uuid, p.uuid, "the same request gives the same pool");
+
+    // Precise refusals, and nothing recorded for them.
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, vec![0xAB; 1 << 20]).unwrap();
+    let code = |r: Result<tonic::Response<pb::ManagedPool>, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(
+        code(c.create_pool(req("p1", &other.display().to_string())).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.create_pool(req("p2", "relative.img")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.create_pool(req("p2", &other.display().to_string())).await),
+        Code::FailedPrecondition,
+        "the engine refuses a disk holding foreign data"
+    );
+    let mut unknown = req("p3", &d);
+    unknown.node = "nobody".into();
+    assert_eq!(code(c.create_pool(unknown).await), Code::NotFound);
+    assert_eq!(
+        managed(&mut c).await.len(),
+        1,
+        "refused pools leave no record"
+    );
+
+    // A replica in it, made through the engine.
+    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    let replica = uuid::Uuid::new_v4().to_string();
+    e.create_replica(epb::CreateReplicaRequest {
+        pool: "p1".into(),
+        uuid: replica.clone(),
+        size: 16 << 20,
+        share: false,
+        allowed_hosts: vec![],
+    })
+    .await
+    .unwrap();
+
+    // The engine restarts without any --pool: the agent imports p1 again, replica and all.
+    let node = |c: &mut ClusterClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.get_node(pb::GetNodeRequest {
+                name: "reg-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let before = node(&mut c).await.instance;
+    engine.kill9();
+    engine.restart();
+    let t = Instant::now();
+    while node(&mut c).await.instance == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the engine never registered again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    loop {
+        let pools = managed(&mut c).await;
+        if pools.len() == 1 && pools[0].reported {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "p1 never came back: {pools:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "pool imported again {:?} after the engine restarted",
+        t.elapsed()
+    );
+    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    let replicas = e
+        .list_replicas(epb::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas;
+    assert!(replicas.iter().any(|r| r.uuid == replica), "{replicas:?}");
+
+    // Deleting waits for the pool to be empty.
+    let del = || pb::DeletePoolRequest {
+        node: "reg-1".into(),
+        name: "p1".into(),
+    };
+    assert_eq!(
+        c.delete_pool(del()).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        managed(&mut c).await[0].phase,
+        pb::PoolPhase::Created as i32
+    );
+    e.destroy_replica(epb::DestroyReplicaRequest { uuid: replica })
+        .await
+        .unwrap();
+    c.delete_pool(del()).await.unwrap();
+    assert!(managed(&mut c).await.is_empty());
+    assert!(
+        e.list_pools(epb::ListPoolsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .pools
+            .is_empty()
+    );
+    assert_eq!(
+        c.delete_pool(del()).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
