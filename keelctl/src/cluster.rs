@@ -22,6 +22,144 @@ pub enum GetCmd {
     Node { name: String },
     /// Pools managed by the agent: phase, whether the node reports them, capacity.
     Pools,
+    /// Volumes: state, replicas and their nodes, where the nexus runs.
+    Volumes,
+    /// One volume.
+    Volume { uuid: String },
+}
+
+#[derive(Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume of SIZE bytes (suffixes KiB, MiB, GiB) with `--replicas` copies on distinct nodes.
+    Create {
+        uuid: String,
+        size: String,
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+    },
+    /// Destroy a volume's nexus and replicas.
+    Delete { uuid: String },
+    /// Create the volume's nexus and export it to HOST_NQN; prints where to connect.
+    Publish {
+        uuid: String,
+        host_nqn: String,
+        /// Run the nexus on this node (the application's, if it has an io-engine).
+        #[arg(long, default_value = "")]
+        node: String,
+    },
+    /// Remove the volume's nexus.
+    Unpublish { uuid: String },
+}
+
+/// Bytes in "64MiB", "1GiB", "4096".
+fn size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    let n: u64 = num.trim().parse().with_context(|| format!("size {s:?}"))?;
+    n.checked_mul(mult)
+        .with_context(|| format!("size {s:?} is too large"))
+}
+
+fn print_volumes(vols: &[pb::Volume], out: Output) {
+    match out {
+        Output::Json => vols.iter().for_each(|v| {
+            let j = serde_json::json!({
+                "uuid": v.uuid, "size": v.size_bytes, "replicas": v.replicas, "state": v.state,
+                "replica_list": v.replica_list.iter().map(|r| serde_json::json!({
+                    "uuid": r.uuid, "node": r.node, "pool": r.pool, "created": r.created,
+                })).collect::<Vec<_>>(),
+                "nexus_node": v.nexus_node, "nqn": v.nqn, "target_addresses": v.target_addresses,
+                "host_nqn": v.host_nqn, "reason": v.reason,
+            });
+            println!("{j}");
+        }),
+        Output::Table => {
+            println!(
+                "{:<36} {:>12} {:<9} {:<30} {:<10}  TARGET",
+                "UUID", "SIZE", "STATE", "REPLICAS (node/pool)", "NEXUS"
+            );
+            for v in vols {
+                let reps: Vec<String> = v
+                    .replica_list
+                    .iter()
+                    .map(|r| format!("{}/{}", r.node, r.pool))
+                    .collect();
+                println!(
+                    "{:<36} {:>12} {:<9} {:<30} {:<10}  {}",
+                    v.uuid,
+                    v.size_bytes,
+                    v.state,
+                    reps.join(","),
+                    if v.nexus_node.is_empty() {
+                        "-"
+                    } else {
+                        &v.nexus_node
+                    },
+                    v.target_addresses.join(",")
+                );
+            }
+        }
+    }
+}
+
+pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
+    let mut c = connect(agent).await?;
+    match cmd {
+        VolumeCmd::Create {
+            uuid,
+            size: s,
+            replicas,
+        } => {
+            let req = pb::CreateVolumeRequest {
+                uuid,
+                size_bytes: size(&s)?,
+                replicas,
+            };
+            print_volumes(&[c.create_volume(req).await?.into_inner()], out);
+        }
+        VolumeCmd::Delete { uuid } => {
+            c.delete_volume(pb::DeleteVolumeRequest { uuid }).await?;
+        }
+        VolumeCmd::Publish {
+            uuid,
+            host_nqn,
+            node,
+        } => {
+            let v = c
+                .publish_volume(pb::PublishVolumeRequest {
+                    uuid,
+                    host_nqn: host_nqn.clone(),
+                    node,
+                })
+                .await?
+                .into_inner();
+            print_volumes(std::slice::from_ref(&v), out);
+            if let (Output::Table, Some(addr)) = (out, v.target_addresses.first()) {
+                let (ip, port) = addr.rsplit_once(':').unwrap_or((addr, "4420"));
+                println!(
+                    "nvme connect -t tcp -a {ip} -s {port} -n {} --hostnqn {host_nqn}",
+                    v.nqn
+                );
+            }
+        }
+        VolumeCmd::Unpublish { uuid } => {
+            print_volumes(
+                &[c.unpublish_volume(pb::UnpublishVolumeRequest { uuid })
+                    .await?
+                    .into_inner()],
+                out,
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -148,6 +286,20 @@ fn print(nodes: &[pb::Node], out: Output) {
 pub async fn get(agent: &str, cmd: GetCmd, out: Output) -> Result<()> {
     let mut c = connect(agent).await?;
     match cmd {
+        GetCmd::Volumes => {
+            let r = c
+                .list_volumes(pb::ListVolumesRequest {})
+                .await?
+                .into_inner();
+            print_volumes(&r.volumes, out);
+        }
+        GetCmd::Volume { uuid } => {
+            let v = c
+                .get_volume(pb::GetVolumeRequest { uuid })
+                .await?
+                .into_inner();
+            print_volumes(&[v], out);
+        }
         GetCmd::Pools => {
             let r = c.list_pools(pb::ListPoolsRequest {}).await?.into_inner();
             print_pools(&r.pools, out);

@@ -48,6 +48,17 @@ enum Top {
         #[command(subcommand)]
         cmd: cluster::PoolCmd,
     },
+    /// Volumes managed by the cluster agent.
+    Volume {
+        /// Cluster agent endpoint.
+        #[arg(long, env = "KEELSON_AGENT", default_value = "http://127.0.0.1:10200")]
+        agent: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cluster::Output,
+        #[command(subcommand)]
+        cmd: cluster::VolumeCmd,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -267,6 +278,7 @@ async fn main() -> Result<()> {
         Top::Engine { endpoint, cmd } => (endpoint, cmd),
         Top::Get { agent, output, cmd } => return cluster::get(&agent, cmd, output).await,
         Top::Pool { agent, output, cmd } => return cluster::pool(&agent, cmd, output).await,
+        Top::Volume { agent, output, cmd } => return cluster::volume(&agent, cmd, output).await,
     };
     let mut c = EngineClient::connect(endpoint.clone())
         .await

@@ -1,9 +1,12 @@
 //! Generated gRPC contracts. Processes in Keelson talk to each other only through these types.
 //!
 //! - [`engine`]: the management API of `io-engine` (subsystems, namespaces, listeners, hosts, ANA).
-//! - [`cluster`]: the cluster agent's API (the node registry, for io-engines and operators).
+//! - [`cluster`]: the cluster agent's API (the node registry, pools and volumes).
+//! - [`names`]: NQNs and child URIs every process builds the same way.
 
 #![allow(clippy::all, missing_docs)]
+
+pub mod names;
 
 /// `keelson.engine.v1`: the management API served by every `io-engine`.
 pub mod engine {

@@ -1,5 +1,5 @@
 //! One cluster agent: opens the store, checks its schema, serves the API, and while it leads runs the registry
-//! and its sweep and the pool reconciler, once per heartbeat interval. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
+//! and its sweep and the pool and volume reconcilers, once per heartbeat interval. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use super::leader;
 use super::pool::Pools;
 use super::registry::{Registry, RegistryConfig};
 use super::store::{Store, schema};
+use super::volumes::Volumes;
 
 /// Where leadership is held.
 pub const LEADER_KEY: &str = "/keelson/leader";
@@ -81,10 +82,16 @@ async fn lead(
         timeout: config.engine_timeout,
     });
     let registry = Arc::new(Registry::load(store.clone(), prober, config.registry).await?);
-    let pools = Arc::new(Pools::new(store, registry.clone(), config.engine_timeout));
+    let pools = Arc::new(Pools::new(
+        store.clone(),
+        registry.clone(),
+        config.engine_timeout,
+    ));
+    let volumes = Arc::new(Volumes::new(store, registry.clone(), config.engine_timeout));
     leadership.lead(Arc::new(Leading {
         registry: registry.clone(),
         pools: pools.clone(),
+        volumes: volumes.clone(),
     }));
     let lost = leader.lost();
     let mut tick = tokio::time::interval(config.registry.heartbeat);
@@ -109,6 +116,9 @@ async fn lead(
                 }
                 if let Err(e) = pools.reconcile().await {
                     tracing::warn!(error = %e, "pool reconcile failed; retrying at the next tick");
+                }
+                if let Err(e) = volumes.reconcile().await {
+                    tracing::warn!(error = %e, "volume reconcile failed; retrying at the next tick");
                 }
             }
         }

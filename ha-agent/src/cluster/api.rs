@@ -15,11 +15,14 @@ use super::node::{NodeSpec, NodeState, PoolSpec};
 use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
 use super::registry::{NodeView, Registry, RegistryError};
 use super::store::StoreError;
+use super::volume::{VolumePhase, VolumeRecord, VolumeSpec};
+use super::volumes::{VolumeError, Volumes};
 
 /// What a leading agent acts on.
 pub struct Leading {
     pub registry: Arc<Registry>,
     pub pools: Arc<Pools>,
+    pub volumes: Arc<Volumes>,
 }
 
 /// What the services act on: [`Leading`] while this agent leads, nothing otherwise.
@@ -79,6 +82,71 @@ impl From<PoolOpError> for Status {
             PoolOpError::Registry(r) => r.into(),
             PoolOpError::Corrupt { .. } => Status::data_loss(msg),
         }
+    }
+}
+
+impl From<VolumeError> for Status {
+    fn from(e: VolumeError) -> Status {
+        let msg = e.to_string();
+        match e {
+            VolumeError::InvalidArgument(_) => Status::invalid_argument(msg),
+            VolumeError::NotFound(_) => Status::not_found(msg),
+            VolumeError::AlreadyExists { .. } => Status::already_exists(msg),
+            VolumeError::NoRoom(_) => Status::resource_exhausted(msg),
+            VolumeError::FailedPrecondition { .. } => Status::failed_precondition(msg),
+            VolumeError::Conflict { .. } => Status::aborted(msg),
+            VolumeError::Engine { code, .. } => Status::new(code, msg),
+            VolumeError::Node(super::dataplane::NodeEngineError::NotFound(_)) => {
+                Status::not_found(msg)
+            }
+            VolumeError::Node(_) | VolumeError::Store(_) => Status::unavailable(msg),
+            VolumeError::Registry(r) => r.into(),
+            VolumeError::Corrupt { .. } => Status::data_loss(msg),
+        }
+    }
+}
+
+fn parse_uuid(s: &str) -> Result<uuid::Uuid, Status> {
+    uuid::Uuid::parse_str(s)
+        .ok()
+        .filter(|u| !u.is_nil())
+        .ok_or_else(|| Status::invalid_argument(format!("volume UUID {s:?} is not a UUID")))
+}
+
+async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
+    let state = volumes.state(&r).await;
+    let nexus = r.nexus.clone().filter(|n| n.published);
+    pb::Volume {
+        uuid: r.uuid.to_string(),
+        size_bytes: r.spec.size,
+        replicas: r.spec.replicas,
+        phase: match r.phase {
+            VolumePhase::Creating => pb::VolumePhase::Creating,
+            VolumePhase::Created => pb::VolumePhase::Created,
+            VolumePhase::Deleting => pb::VolumePhase::Deleting,
+        } as i32,
+        state,
+        replica_list: r
+            .replicas
+            .iter()
+            .map(|x| pb::VolumeReplica {
+                uuid: x.uuid.to_string(),
+                node: x.node.clone(),
+                pool: x.pool.clone(),
+                created: x.created,
+            })
+            .collect(),
+        nexus_node: nexus.as_ref().map(|n| n.node.clone()).unwrap_or_default(),
+        nqn: nexus.as_ref().map(|n| n.nqn.clone()).unwrap_or_default(),
+        target_addresses: nexus
+            .as_ref()
+            .map(|n| n.addresses.clone())
+            .unwrap_or_default(),
+        host_nqn: nexus
+            .as_ref()
+            .map(|n| n.host_nqn.clone())
+            .unwrap_or_default(),
+        reason: r.reason,
     }
 }
 
@@ -235,6 +303,75 @@ impl Cluster for Service {
         let r = r.into_inner();
         l.pools.delete(&r.node, &r.name).await?;
         Ok(Response::new(pb::DeletePoolResponse {}))
+    }
+
+    async fn create_volume(
+        &self,
+        r: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let spec = VolumeSpec {
+            size: r.size_bytes,
+            replicas: r.replicas,
+        };
+        let v = l.volumes.create(parse_uuid(&r.uuid)?, spec).await?;
+        Ok(Response::new(volume(&l.volumes, v).await))
+    }
+
+    async fn delete_volume(
+        &self,
+        r: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let l = self.leadership.leading()?;
+        l.volumes.delete(parse_uuid(&r.into_inner().uuid)?).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn get_volume(
+        &self,
+        r: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let l = self.leadership.leading()?;
+        let v = l.volumes.get(parse_uuid(&r.into_inner().uuid)?).await?;
+        Ok(Response::new(volume(&l.volumes, v).await))
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let mut volumes = Vec::new();
+        for v in l.volumes.list().await? {
+            volumes.push(volume(&l.volumes, v).await);
+        }
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn publish_volume(
+        &self,
+        r: Request<pb::PublishVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let v = l
+            .volumes
+            .publish(parse_uuid(&r.uuid)?, &r.host_nqn, &r.node)
+            .await?;
+        Ok(Response::new(volume(&l.volumes, v).await))
+    }
+
+    async fn unpublish_volume(
+        &self,
+        r: Request<pb::UnpublishVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let l = self.leadership.leading()?;
+        let v = l
+            .volumes
+            .unpublish(parse_uuid(&r.into_inner().uuid)?)
+            .await?;
+        Ok(Response::new(volume(&l.volumes, v).await))
     }
 
     async fn list_pools(

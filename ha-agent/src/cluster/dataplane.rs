@@ -8,7 +8,8 @@ use proto::engine as pb;
 use proto::engine::engine_client::EngineClient;
 use tonic::transport::{Channel, Endpoint};
 
-use super::registry::Prober;
+use super::node::NodeState;
+use super::registry::{Prober, Registry, RegistryError};
 
 /// Connects to an engine API with `timeout` on the connection and on every call.
 pub async fn connect(endpoint: &str, timeout: Duration) -> Result<EngineClient<Channel>, String> {
@@ -39,4 +40,46 @@ impl Prober for EngineProber {
             )),
         }
     }
+}
+
+/// Why a node's engine cannot be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeEngineError {
+    #[error("node {0} not found")]
+    NotFound(String),
+    #[error("node {node} is {state:?}: {reason}")]
+    NotOnline {
+        node: String,
+        state: NodeState,
+        reason: String,
+    },
+    #[error("node {node} cannot be reached: {why}")]
+    Unreachable { node: String, why: String },
+    #[error(transparent)]
+    Registry(RegistryError),
+}
+
+/// The engine API of `node`, which must be registered and Online.
+pub async fn node_engine(
+    registry: &Registry,
+    node: &str,
+    timeout: Duration,
+) -> Result<EngineClient<Channel>, NodeEngineError> {
+    let v = registry.get(node).await.map_err(|e| match e {
+        RegistryError::NotFound(n) => NodeEngineError::NotFound(n),
+        e => NodeEngineError::Registry(e),
+    })?;
+    if v.record.status.state != NodeState::Online {
+        return Err(NodeEngineError::NotOnline {
+            node: node.to_string(),
+            state: v.record.status.state,
+            reason: v.record.status.reason,
+        });
+    }
+    connect(&v.record.spec.engine_endpoint, timeout)
+        .await
+        .map_err(|why| NodeEngineError::Unreachable {
+            node: node.to_string(),
+            why,
+        })
 }

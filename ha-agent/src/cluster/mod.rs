@@ -7,6 +7,9 @@
 //! - [`pool`]: pools created through the agent, recorded before the engine is asked, imported again when their
 //!   node's io-engine restarts without them.
 //! - [`registry`]: registration, heartbeats, and the sweep that probes silent nodes and marks them Offline.
+//! - [`scheduler`]: placement, pure (all replicas or none, one per node, least-full pool).
+//! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create, publish, unpublish, delete,
+//!   each stage recorded before the next engine call, and the reconciler that resumes them.
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
 //! - [`api`]: the gRPC services (Registration for io-engines, Cluster for operators), served by the leader.
 //! - [`agent`]: one agent's life: store, schema, API, leadership, registry sweep.
@@ -18,4 +21,7 @@ pub mod leader;
 pub mod node;
 pub mod pool;
 pub mod registry;
+pub mod scheduler;
 pub mod store;
+pub mod volume;
+pub mod volumes;

@@ -11,7 +11,10 @@ use proto::engine as epb;
 use serde::{Deserialize, Serialize};
 use tonic::Code;
 
-use super::dataplane;
+use proto::engine::engine_client::EngineClient;
+use tonic::transport::Channel;
+
+use super::dataplane::{self, NodeEngineError};
 use super::node::NodeState;
 use super::registry::{Registry, RegistryError};
 use super::store::{Store, StoreError};
@@ -120,25 +123,18 @@ impl Pools {
     }
 
     /// The engine API of an Online node.
-    async fn engine(
-        &self,
-        node: &str,
-    ) -> Result<epb::engine_client::EngineClient<tonic::transport::Channel>, PoolOpError> {
-        let v = self.registry.get(node).await.map_err(|e| match e {
-            RegistryError::NotFound(n) => PoolOpError::NotFound(format!("node {n}")),
-            e => e.into(),
-        })?;
-        if v.record.status.state != NodeState::Online {
-            return Err(PoolOpError::FailedPrecondition(format!(
-                "node {node} is {:?}: {}",
-                v.record.status.state, v.record.status.reason
-            )));
-        }
-        dataplane::connect(&v.record.spec.engine_endpoint, self.engine_timeout)
+    async fn engine(&self, node: &str) -> Result<EngineClient<Channel>, PoolOpError> {
+        dataplane::node_engine(&self.registry, node, self.engine_timeout)
             .await
-            .map_err(|why| PoolOpError::Unreachable {
-                node: node.to_string(),
-                why,
+            .map_err(|e| match e {
+                NodeEngineError::NotFound(n) => PoolOpError::NotFound(format!("node {n}")),
+                e @ NodeEngineError::NotOnline { .. } => {
+                    PoolOpError::FailedPrecondition(e.to_string())
+                }
+                NodeEngineError::Unreachable { node, why } => {
+                    PoolOpError::Unreachable { node, why }
+                }
+                NodeEngineError::Registry(e) => e.into(),
             })
     }
 

@@ -8,3 +8,4 @@ mod leader;
 mod pools;
 mod registry;
 mod store;
+mod volumes;

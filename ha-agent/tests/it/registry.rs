@@ -126,7 +126,7 @@ fn engine(dir: &Path, i: u32, agent_port: u16) -> Proc {
     engine_with(dir, i, &format!("http://127.0.0.1:{agent_port}"))
 }
 
-fn engine_with(dir: &Path, i: u32, agents: &str) -> Proc {
+pub fn engine_with(dir: &Path, i: u32, agents: &str) -> Proc {
     let disk = dir.join(format!("pool{i}.img"));
     if !disk.exists() {
         std::fs::File::create(&disk)

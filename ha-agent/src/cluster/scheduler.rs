@@ -1,0 +1,175 @@
+//! Placement, pure: which pools get a volume's replicas. The rules (Mayastor's, kept): every replica is placed now
+//! or none is (Rule 1: the caller records nothing when this fails); every replica on a different node (Rule 2: the
+//! nodes already holding one are excluded); only Online nodes; a pool needs room for the whole replica on top of
+//! what its replicas could already grow to (no overcommit, so a thin replica never meets a full pool); the pool that
+//! would be least full afterwards wins, and nodes are taken in that order too (ties by name, so placement is
+//! deterministic).
+
+use std::collections::BTreeSet;
+
+use super::node::{NodeRecord, NodeState};
+
+/// Where one replica goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub node: String,
+    pub pool: String,
+}
+
+/// Why not every replica could be placed: one line per node that could not take one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{wanted} replicas of {size} bytes need {wanted} eligible nodes, {found} found: {}", reasons.join("; "))]
+pub struct NoRoom {
+    pub wanted: usize,
+    pub found: usize,
+    pub size: u64,
+    pub reasons: Vec<String>,
+}
+
+/// Places `count` replicas of `size` bytes on `nodes`, none on a node in `exclude`.
+pub fn place(
+    nodes: &[NodeRecord],
+    size: u64,
+    count: usize,
+    exclude: &BTreeSet<String>,
+) -> Result<Vec<Choice>, NoRoom> {
+    let mut reasons = Vec::new();
+    // (fullness after placement in parts per million, node, pool)
+    let mut best: Vec<(u64, String, String)> = Vec::new();
+    for n in nodes {
+        let name = &n.spec.name;
+        if exclude.contains(name) {
+            reasons.push(format!("{name} already holds a replica"));
+            continue;
+        }
+        if n.status.state != NodeState::Online {
+            reasons.push(format!("{name} is {:?}", n.status.state));
+            continue;
+        }
+        let pick = n
+            .status
+            .pools
+            .iter()
+            .filter(|p| p.committed.saturating_add(size) <= p.capacity)
+            .map(|p| {
+                let after =
+                    (p.committed + size) as u128 * 1_000_000 / u128::from(p.capacity.max(1));
+                (after as u64, p.name.clone())
+            })
+            .min();
+        match pick {
+            Some((fullness, pool)) => best.push((fullness, name.clone(), pool)),
+            None if n.status.pools.is_empty() => reasons.push(format!("{name} has no pool")),
+            None => reasons.push(format!("no pool on {name} has {size} bytes free")),
+        }
+    }
+    best.sort();
+    if best.len() < count {
+        return Err(NoRoom {
+            wanted: count,
+            found: best.len(),
+            size,
+            reasons,
+        });
+    }
+    Ok(best
+        .into_iter()
+        .take(count)
+        .map(|(_, node, pool)| Choice { node, pool })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::node::{NodeSpec, NodeStatus, PoolSpec};
+
+    fn node(name: &str, state: NodeState, pools: &[(&str, u64, u64)]) -> NodeRecord {
+        NodeRecord {
+            spec: NodeSpec {
+                name: name.into(),
+                engine_endpoint: String::new(),
+                nvmf_listeners: vec![],
+                cntlid_min: 1,
+                cntlid_max: 10,
+                instance: String::new(),
+            },
+            status: NodeStatus {
+                state,
+                reason: String::new(),
+                since_ms: 0,
+                pools: pools
+                    .iter()
+                    .map(|(p, capacity, committed)| PoolSpec {
+                        name: (*p).into(),
+                        uuid: String::new(),
+                        disk: String::new(),
+                        capacity: *capacity,
+                        allocated: 0,
+                        committed: *committed,
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    const G: u64 = 1 << 30;
+
+    #[test]
+    fn each_replica_goes_to_its_own_node_in_the_least_full_pool() {
+        let nodes = [
+            node(
+                "n1",
+                NodeState::Online,
+                &[("a", 10 * G, 8 * G), ("b", 10 * G, G)],
+            ),
+            node("n2", NodeState::Online, &[("a", 10 * G, 5 * G)]),
+            node("n3", NodeState::Online, &[("a", 10 * G, 0)]),
+        ];
+        let got = place(&nodes, G, 2, &BTreeSet::new()).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Choice {
+                    node: "n3".into(),
+                    pool: "a".into()
+                },
+                Choice {
+                    node: "n1".into(),
+                    pool: "b".into()
+                },
+            ]
+        );
+        let all = place(&nodes, G, 3, &BTreeSet::new()).unwrap();
+        let distinct: BTreeSet<_> = all.iter().map(|c| c.node.clone()).collect();
+        assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn all_or_nothing_with_the_reason_for_every_node_left_out() {
+        let nodes = [
+            node("n1", NodeState::Online, &[("a", 10 * G, 0)]),
+            node("n2", NodeState::Offline, &[("a", 10 * G, 0)]),
+            node("n3", NodeState::Online, &[("a", 10 * G, 9 * G + 1)]),
+            node("n4", NodeState::Online, &[]),
+            node("n5", NodeState::Online, &[("a", 10 * G, 0)]),
+        ];
+        let exclude: BTreeSet<String> = ["n5".to_string()].into();
+        let e = place(&nodes, G, 2, &exclude).unwrap_err();
+        assert_eq!((e.wanted, e.found), (2, 1));
+        let msg = e.to_string();
+        for why in [
+            "n2 is Offline",
+            "no pool on n3",
+            "n4 has no pool",
+            "n5 already holds",
+        ] {
+            assert!(msg.contains(why), "{msg}");
+        }
+        assert_eq!(place(&nodes, G, 1, &exclude).unwrap()[0].node, "n1");
+        assert!(
+            place(&nodes, 11 * G, 1, &BTreeSet::new()).is_err(),
+            "larger than any pool"
+        );
+    }
+}

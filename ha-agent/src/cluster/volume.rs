@@ -1,0 +1,72 @@
+//! A volume as the cluster agent keeps it, one JSON record under `/keelson/volumes/<uuid>`: the spec (size,
+//! replica count) and everything decided or done for it: the replicas placed (and whether the engine confirmed
+//! each), the nexus (where, with which reservation key, published to whom). Every multi-step operation writes the
+//! record before each engine call, so a crashed agent finds in it what to resume.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const PREFIX: &str = "/keelson/volumes/";
+
+pub fn key(uuid: &Uuid) -> String {
+    format!("{PREFIX}{uuid}")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub size: u64,
+    pub replicas: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumePhase {
+    /// Placed and recorded; replicas being created.
+    Creating,
+    Created,
+    /// Nexus and replicas being destroyed.
+    Deleting,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub uuid: Uuid,
+    pub node: String,
+    pub pool: String,
+    /// The engine confirmed the replica exists.
+    pub created: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NexusRecord {
+    pub node: String,
+    /// This nexus's reservation key; a later nexus preempts it.
+    pub key: u64,
+    pub host_nqn: String,
+    /// The engine confirmed the nexus is created and published.
+    pub published: bool,
+    pub nqn: String,
+    pub addresses: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub uuid: Uuid,
+    pub spec: VolumeSpec,
+    pub phase: VolumePhase,
+    pub replicas: Vec<ReplicaRecord>,
+    pub nexus: Option<NexusRecord>,
+    /// The highest reservation key any nexus of this volume was given.
+    pub last_key: u64,
+    /// Why the last operation did not finish, if it did not.
+    pub reason: String,
+}
+
+impl VolumeRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<VolumeRecord, serde_json::Error> {
+        serde_json::from_slice(b)
+    }
+}

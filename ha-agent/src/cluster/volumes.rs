@@ -1,0 +1,562 @@
+//! Volume operations, persist-then-act: create (place all replicas or none, record the plan, create each replica
+//! and record it), publish (record a nexus with a new reservation key, share the replicas to its node, create and
+//! export it), unpublish, delete (nexus, then each replica, recorded as they go). Operations on one volume are
+//! serialised by a per-volume lock; different volumes proceed in parallel. [`Volumes::reconcile`] resumes what a
+//! crashed or failed operation left Creating or Deleting.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
+use proto::names;
+use tonic::Code;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use super::dataplane::{self, NodeEngineError};
+use super::node::NodeState;
+use super::registry::{Registry, RegistryError};
+use super::scheduler::{self, NoRoom};
+use super::store::{Store, StoreError};
+use super::volume::{self, NexusRecord, ReplicaRecord, VolumePhase, VolumeRecord, VolumeSpec};
+
+/// Volume sizes are multiples of this (the engine's block size).
+pub const BLOCK: u64 = 512;
+/// Most replicas a volume may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("volume {0} not found")]
+    NotFound(Uuid),
+    #[error("volume {uuid} exists with {} bytes and {} replicas", existing.size, existing.replicas)]
+    AlreadyExists { uuid: Uuid, existing: VolumeSpec },
+    #[error("cannot place volume: {0}")]
+    NoRoom(#[from] NoRoom),
+    #[error("volume {uuid}: {why}")]
+    FailedPrecondition { uuid: Uuid, why: String },
+    /// Another operation on the volume is in flight, or it is being deleted.
+    #[error("volume {uuid}: {why}")]
+    Conflict { uuid: Uuid, why: String },
+    #[error("node {node}: {message}")]
+    Engine {
+        node: String,
+        code: Code,
+        message: String,
+    },
+    #[error(transparent)]
+    Node(#[from] NodeEngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("volume record {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn engine_error(node: &str, s: tonic::Status) -> VolumeError {
+    VolumeError::Engine {
+        node: node.to_string(),
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}
+
+/// Whether the engine refused for a reason that asking again will not change.
+fn refused(e: &VolumeError) -> bool {
+    matches!(
+        e,
+        VolumeError::Engine {
+            code: Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::AlreadyExists
+                | Code::ResourceExhausted
+                | Code::NotFound,
+            ..
+        }
+    )
+}
+
+pub struct Volumes {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    engine_timeout: Duration,
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Volumes {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        engine_timeout: Duration,
+    ) -> Volumes {
+        Volumes {
+            store,
+            registry,
+            engine_timeout,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_of(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(uuid)
+            .or_default()
+            .clone()
+    }
+
+    pub async fn get(&self, uuid: Uuid) -> Result<VolumeRecord, VolumeError> {
+        self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))
+    }
+
+    async fn read(&self, uuid: Uuid) -> Result<Option<VolumeRecord>, VolumeError> {
+        let k = volume::key(&uuid);
+        match self.store.get(&k).await? {
+            None => Ok(None),
+            Some(v) => {
+                Ok(Some(VolumeRecord::decode(&v.value).map_err(|source| {
+                    VolumeError::Corrupt { key: k, source }
+                })?))
+            }
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<VolumeRecord>, VolumeError> {
+        self.store
+            .list(volume::PREFIX)
+            .await?
+            .into_iter()
+            .map(|(k, v)| {
+                VolumeRecord::decode(&v.value)
+                    .map_err(|source| VolumeError::Corrupt { key: k, source })
+            })
+            .collect()
+    }
+
+    /// Records `r` (the caller holds the volume's lock, so it overwrites its own last write).
+    async fn save(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+        self.store.put(&volume::key(&r.uuid), r.encode()).await?;
+        Ok(())
+    }
+
+    async fn engine(&self, node: &str) -> Result<EngineClient<Channel>, VolumeError> {
+        Ok(dataplane::node_engine(&self.registry, node, self.engine_timeout).await?)
+    }
+
+    pub async fn create(&self, uuid: Uuid, spec: VolumeSpec) -> Result<VolumeRecord, VolumeError> {
+        if spec.size == 0 || !spec.size.is_multiple_of(BLOCK) {
+            return Err(VolumeError::InvalidArgument(format!(
+                "size {} must be a non-zero multiple of {BLOCK} bytes",
+                spec.size
+            )));
+        }
+        if spec.replicas == 0 || spec.replicas > MAX_REPLICAS {
+            return Err(VolumeError::InvalidArgument(format!(
+                "replica count {} must be 1 to {MAX_REPLICAS}",
+                spec.replicas
+            )));
+        }
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let record = match self.read(uuid).await? {
+            Some(r) if r.spec != spec => {
+                return Err(VolumeError::AlreadyExists {
+                    uuid,
+                    existing: r.spec,
+                });
+            }
+            Some(r) if r.phase == VolumePhase::Deleting => {
+                return Err(VolumeError::Conflict {
+                    uuid,
+                    why: "it is being deleted".into(),
+                });
+            }
+            Some(r) if r.phase == VolumePhase::Created => return Ok(r),
+            Some(r) => r,
+            None => {
+                let nodes: Vec<_> = self
+                    .registry
+                    .list()
+                    .await?
+                    .into_iter()
+                    .map(|v| v.record)
+                    .collect();
+                let choices =
+                    scheduler::place(&nodes, spec.size, spec.replicas as usize, &BTreeSet::new())?;
+                let r = VolumeRecord {
+                    uuid,
+                    spec,
+                    phase: VolumePhase::Creating,
+                    replicas: choices
+                        .into_iter()
+                        .map(|c| ReplicaRecord {
+                            uuid: Uuid::new_v4(),
+                            node: c.node,
+                            pool: c.pool,
+                            created: false,
+                        })
+                        .collect(),
+                    nexus: None,
+                    last_key: 0,
+                    reason: String::new(),
+                };
+                if !self
+                    .store
+                    .compare_and_put(&volume::key(&uuid), 0, r.encode())
+                    .await?
+                {
+                    return Err(VolumeError::Conflict {
+                        uuid,
+                        why: "created by another request meanwhile".into(),
+                    });
+                }
+                tracing::info!(%uuid, replicas = ?r.replicas.iter().map(|x| (&x.node, &x.pool)).collect::<Vec<_>>(), "volume placed");
+                r
+            }
+        };
+        self.drive_create(record).await
+    }
+
+    /// Creates the replicas still to create, recording each; rolls back on a refusal, keeps the plan otherwise.
+    async fn drive_create(&self, mut r: VolumeRecord) -> Result<VolumeRecord, VolumeError> {
+        for i in 0..r.replicas.len() {
+            if r.replicas[i].created {
+                continue;
+            }
+            let rep = r.replicas[i].clone();
+            let res = match self.engine(&rep.node).await {
+                Ok(mut c) => c
+                    .create_replica(epb::CreateReplicaRequest {
+                        pool: rep.pool.clone(),
+                        uuid: rep.uuid.to_string(),
+                        size: r.spec.size,
+                        share: false,
+                        allowed_hosts: vec![],
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|s| engine_error(&rep.node, s)),
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(()) => {
+                    r.replicas[i].created = true;
+                    self.save(&r).await?;
+                }
+                Err(e) if refused(&e) => {
+                    tracing::warn!(uuid = %r.uuid, error = %e, "replica refused: rolling the volume back");
+                    r.phase = VolumePhase::Deleting;
+                    r.reason = format!("creation refused: {e}");
+                    self.save(&r).await?;
+                    let _ = self.drive_delete(r).await;
+                    return Err(e);
+                }
+                Err(e) => {
+                    r.reason = format!("creation waits: {e}");
+                    self.save(&r).await?;
+                    return Err(e);
+                }
+            }
+        }
+        r.phase = VolumePhase::Created;
+        r.reason.clear();
+        self.save(&r).await?;
+        tracing::info!(uuid = %r.uuid, "volume created");
+        Ok(r)
+    }
+
+    pub async fn delete(&self, uuid: Uuid) -> Result<(), VolumeError> {
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let mut r = self.get(uuid).await?;
+        if r.phase != VolumePhase::Deleting {
+            r.phase = VolumePhase::Deleting;
+            self.save(&r).await?;
+        }
+        self.drive_delete(r).await
+    }
+
+    /// Destroys the nexus, then each replica, recording each; the record goes last.
+    async fn drive_delete(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
+        if let Some(n) = r.nexus.clone() {
+            let mut c = self.engine(&n.node).await?;
+            match c
+                .destroy_nexus(epb::DestroyNexusRequest {
+                    uuid: r.uuid.to_string(),
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(engine_error(&n.node, s)),
+            }
+            r.nexus = None;
+            self.save(&r).await?;
+        }
+        while let Some(rep) = r.replicas.last().cloned() {
+            let mut c = self.engine(&rep.node).await?;
+            match c
+                .destroy_replica(epb::DestroyReplicaRequest {
+                    uuid: rep.uuid.to_string(),
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(engine_error(&rep.node, s)),
+            }
+            r.replicas.pop();
+            self.save(&r).await?;
+        }
+        self.store.delete(&volume::key(&r.uuid)).await?;
+        tracing::info!(uuid = %r.uuid, "volume deleted");
+        Ok(())
+    }
+
+    pub async fn publish(
+        &self,
+        uuid: Uuid,
+        host_nqn: &str,
+        node_hint: &str,
+    ) -> Result<VolumeRecord, VolumeError> {
+        if !host_nqn.starts_with("nqn.") || host_nqn.len() > 223 {
+            return Err(VolumeError::InvalidArgument(format!(
+                "host NQN {host_nqn:?} is not an NQN"
+            )));
+        }
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let mut r = self.get(uuid).await?;
+        match r.phase {
+            VolumePhase::Created => {}
+            VolumePhase::Creating => {
+                return Err(VolumeError::FailedPrecondition {
+                    uuid,
+                    why: format!("still being created ({})", r.reason),
+                });
+            }
+            VolumePhase::Deleting => {
+                return Err(VolumeError::Conflict {
+                    uuid,
+                    why: "it is being deleted".into(),
+                });
+            }
+        }
+        if let Some(n) = &r.nexus {
+            if n.host_nqn != host_nqn {
+                return Err(VolumeError::FailedPrecondition {
+                    uuid,
+                    why: format!("published to {}; unpublish it first", n.host_nqn),
+                });
+            }
+            if n.published && self.nexus_alive(uuid, &n.node).await {
+                return Ok(r);
+            }
+        }
+        let nodes = self.registry.list().await?;
+        let online = |name: &str| {
+            nodes
+                .iter()
+                .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
+        };
+        // A nexus recorded but gone (its engine restarted) is made again, on its node if that is up, with a new
+        // key that preempts the old one.
+        let node = match &r.nexus {
+            Some(n) if online(&n.node) => n.node.clone(),
+            _ if !node_hint.is_empty() && online(node_hint) => node_hint.to_string(),
+            _ => r
+                .replicas
+                .iter()
+                .map(|x| x.node.clone())
+                .find(|n| online(n))
+                .ok_or_else(|| VolumeError::FailedPrecondition {
+                    uuid,
+                    why: "no replica's node is Online to run the nexus".into(),
+                })?,
+        };
+        let recorded = r
+            .nexus
+            .as_ref()
+            .is_some_and(|n| n.node == node && !n.published);
+        if !recorded {
+            r.last_key += 1;
+            r.nexus = Some(NexusRecord {
+                node: node.clone(),
+                key: r.last_key,
+                host_nqn: host_nqn.to_string(),
+                published: false,
+                nqn: String::new(),
+                addresses: vec![],
+            });
+            self.save(&r).await?;
+        }
+        let key = r.nexus.as_ref().map_or(0, |n| n.key);
+        let mut children = Vec::new();
+        for rep in &r.replicas {
+            let mut c = self.engine(&rep.node).await?;
+            let shared = c
+                .share_replica(epb::ShareReplicaRequest {
+                    uuid: rep.uuid.to_string(),
+                    allowed_hosts: vec![names::node_host_nqn(&node)],
+                })
+                .await
+                .map_err(|s| engine_error(&rep.node, s))?
+                .into_inner();
+            children.push(if rep.node == node {
+                names::local_child_uri(&rep.uuid.to_string())
+            } else {
+                shared.uri
+            });
+        }
+        let mut c = self.engine(&node).await?;
+        c.create_nexus(epb::CreateNexusRequest {
+            uuid: uuid.to_string(),
+            children,
+            reservation_key: key,
+            preempt_key: key.saturating_sub(1),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| engine_error(&node, s))?;
+        let n = c
+            .publish_nexus(epb::PublishNexusRequest {
+                uuid: uuid.to_string(),
+                ana_group: 1,
+                allow_any_host: false,
+                allowed_hosts: vec![host_nqn.to_string()],
+            })
+            .await
+            .map_err(|s| engine_error(&node, s))?
+            .into_inner();
+        let addresses = nodes
+            .iter()
+            .find(|x| x.record.spec.name == node)
+            .map(|x| x.record.spec.nvmf_listeners.clone())
+            .unwrap_or_default();
+        if let Some(nx) = r.nexus.as_mut() {
+            nx.published = true;
+            nx.nqn = n.nqn;
+            nx.addresses = addresses;
+        }
+        r.reason.clear();
+        self.save(&r).await?;
+        tracing::info!(%uuid, %node, host = host_nqn, "volume published");
+        Ok(r)
+    }
+
+    /// Whether `node`'s engine has the volume's nexus, published.
+    async fn nexus_alive(&self, uuid: Uuid, node: &str) -> bool {
+        let Ok(mut c) = self.engine(node).await else {
+            return false;
+        };
+        c.list_nexuses(epb::ListNexusesRequest {})
+            .await
+            .is_ok_and(|l| {
+                l.into_inner()
+                    .nexuses
+                    .iter()
+                    .any(|n| n.uuid == uuid.to_string() && !n.nqn.is_empty())
+            })
+    }
+
+    pub async fn unpublish(&self, uuid: Uuid) -> Result<VolumeRecord, VolumeError> {
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let mut r = self.get(uuid).await?;
+        if let Some(n) = r.nexus.clone() {
+            let mut c = self.engine(&n.node).await?;
+            match c
+                .destroy_nexus(epb::DestroyNexusRequest {
+                    uuid: uuid.to_string(),
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(engine_error(&n.node, s)),
+            }
+            r.nexus = None;
+            self.save(&r).await?;
+            tracing::info!(%uuid, "volume unpublished");
+        }
+        Ok(r)
+    }
+
+    /// The volume's state: its nexus's when published (Online, Degraded, Faulted), else from its replicas' nodes.
+    pub async fn state(&self, r: &VolumeRecord) -> String {
+        if let Some(n) = r.nexus.as_ref().filter(|n| n.published) {
+            let Ok(mut c) = self.engine(&n.node).await else {
+                return "Faulted".into();
+            };
+            let Ok(list) = c.list_nexuses(epb::ListNexusesRequest {}).await else {
+                return "Faulted".into();
+            };
+            let found = list
+                .into_inner()
+                .nexuses
+                .into_iter()
+                .find(|x| x.uuid == r.uuid.to_string());
+            return match found.and_then(|x| epb::NexusState::try_from(x.state).ok()) {
+                Some(epb::NexusState::Online) => "Online",
+                Some(epb::NexusState::Degraded) => "Degraded",
+                _ => "Faulted",
+            }
+            .into();
+        }
+        let mut up = 0;
+        for rep in &r.replicas {
+            if rep.created
+                && self
+                    .registry
+                    .get(&rep.node)
+                    .await
+                    .is_ok_and(|v| v.record.status.state == NodeState::Online)
+            {
+                up += 1;
+            }
+        }
+        match up {
+            0 => "Faulted",
+            n if n == r.replicas.len() && n == r.spec.replicas as usize => "Online",
+            _ => "Degraded",
+        }
+        .into()
+    }
+
+    /// Resumes volumes left Creating or Deleting (by a crash or a failure worth retrying). Skips volumes whose
+    /// operation is in flight.
+    pub async fn reconcile(&self) -> Result<(), VolumeError> {
+        for r in self.list().await? {
+            if r.phase == VolumePhase::Created {
+                continue;
+            }
+            let lock = self.lock_of(r.uuid);
+            let Ok(_held) = lock.try_lock() else {
+                continue;
+            };
+            let Some(r) = self.read(r.uuid).await? else {
+                continue;
+            };
+            let uuid = r.uuid;
+            let res = match r.phase {
+                VolumePhase::Creating => self.drive_create(r).await.map(drop),
+                VolumePhase::Deleting => self.drive_delete(r).await,
+                VolumePhase::Created => Ok(()),
+            };
+            if let Err(e) = res {
+                tracing::debug!(%uuid, error = %e, "volume operation still waiting");
+            }
+        }
+        Ok(())
+    }
+}

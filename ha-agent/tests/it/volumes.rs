@@ -1,0 +1,227 @@
+//! Volumes through the cluster agent with real io-engines: placed all or nothing on distinct nodes, created,
+//! published as a nexus the test's NVMe/TCP initiator writes through, unpublished and deleted with nothing left
+//! behind; bad requests get precise codes.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+
+const MIB: u64 = 1 << 20;
+const HOST: &str = "nqn.2026-11.io.keelson:test-app-host";
+
+/// Every replica on every engine of the cluster, by UUID.
+async fn replicas_everywhere(nodes: &[pb::Node]) -> BTreeSet<String> {
+    let mut all = BTreeSet::new();
+    for n in nodes {
+        let mut e = EngineClient::connect(n.engine_endpoint.clone())
+            .await
+            .unwrap();
+        let r = e
+            .list_replicas(epb::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(r.replicas.into_iter().map(|r| r.uuid));
+    }
+    all
+}
+
+fn create(uuid: &str, size: u64, replicas: u32) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        uuid: uuid.into(),
+        size_bytes: size,
+        replicas,
+    }
+}
+
+async fn code_of<T>(
+    r: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Code {
+    match r.await {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_without_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    let (nodes, _) = wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+
+    // Bad requests first: precise codes, nothing created.
+    let vol = uuid::Uuid::new_v4().to_string();
+    assert_eq!(
+        code_of(c.create_volume(create(&vol, 0, 3))).await,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.create_volume(create(&vol, 1000, 3))).await,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.create_volume(create(&vol, 32 * MIB, 0))).await,
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code_of(c.create_volume(create("not-a-uuid", 32 * MIB, 1))).await,
+        Code::InvalidArgument
+    );
+    let e = c
+        .create_volume(create(&vol, 32 * MIB, 4))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("4 replicas") && e.message().contains("3 found"),
+        "{}",
+        e.message()
+    );
+    let e = c.create_volume(create(&vol, 1 << 40, 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        replicas_everywhere(&nodes).await.is_empty(),
+        "a refused volume left replicas behind"
+    );
+    assert!(
+        c.list_volumes(pb::ListVolumesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes
+            .is_empty()
+    );
+
+    // Three replicas, each on its own node, confirmed by every engine; the same request again changes nothing.
+    let v = c
+        .create_volume(create(&vol, 32 * MIB, 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.phase, pb::VolumePhase::Created as i32);
+    let on: BTreeSet<_> = v.replica_list.iter().map(|r| r.node.clone()).collect();
+    assert_eq!(on.len(), 3, "{v:?}");
+    let ids: BTreeSet<_> = v.replica_list.iter().map(|r| r.uuid.clone()).collect();
+    assert_eq!(replicas_everywhere(&nodes).await, ids);
+    let again = c
+        .create_volume(create(&vol, 32 * MIB, 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.replica_list, v.replica_list);
+    assert_eq!(
+        code_of(c.create_volume(create(&vol, 16 * MIB, 3))).await,
+        Code::AlreadyExists
+    );
+    assert_eq!(v.state, "Online");
+
+    // Published with its nexus on the node asked for; the host writes and reads through it.
+    let publish = |host: &str| pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: host.into(),
+        node: "reg-2".into(),
+    };
+    let p = c.publish_volume(publish(HOST)).await.unwrap().into_inner();
+    assert_eq!(p.nexus_node, "reg-2");
+    assert_eq!(p.nqn, format!("nqn.2026-11.io.keelson:vol-{vol}"));
+    assert_eq!(p.target_addresses.len(), 1);
+    assert_eq!(p.state, "Online");
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    assert_eq!(ns.size_bytes(), 32 * MIB);
+    let data = Bytes::from((0..MIB).map(|i| (i / 4096) as u8 | 1).collect::<Vec<u8>>());
+    ns.write(8 * MIB, data.clone()).await.unwrap();
+    assert_eq!(ns.read(8 * MIB, MIB).await.unwrap(), data);
+    ns.close().await;
+    // The data is on every replica: read each one directly, as the nexus's node (the host they are shared with).
+    for r in &v.replica_list {
+        let node = nodes.iter().find(|n| n.name == r.node).unwrap();
+        let addr = node.nvmf_listeners[0].parse().unwrap();
+        let mut o = ConnectOptions::new(addr, &proto::names::replica_nqn(&r.uuid));
+        o.hostnqn = proto::names::node_host_nqn("reg-2");
+        let rep = RemoteNamespace::connect(o, 1).await.unwrap();
+        assert_eq!(
+            rep.read(8 * MIB, MIB).await.unwrap(),
+            data,
+            "replica on {}",
+            r.node
+        );
+        rep.close().await;
+    }
+    assert_eq!(
+        c.publish_volume(publish(HOST))
+            .await
+            .unwrap()
+            .into_inner()
+            .nexus_node,
+        "reg-2"
+    );
+    assert_eq!(
+        code_of(c.publish_volume(publish("nqn.2026-11.io.keelson:other"))).await,
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        code_of(c.publish_volume(publish("not an nqn"))).await,
+        Code::InvalidArgument
+    );
+
+    // Unpublished, then deleted: nothing left on any engine; then it is gone for every call.
+    let u = c
+        .unpublish_volume(pb::UnpublishVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(u.nqn.is_empty());
+    c.delete_volume(pb::DeleteVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap();
+    assert!(replicas_everywhere(&nodes).await.is_empty());
+    for n in &nodes {
+        let mut e = EngineClient::connect(n.engine_endpoint.clone())
+            .await
+            .unwrap();
+        assert!(
+            e.list_nexuses(epb::ListNexusesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nexuses
+                .is_empty()
+        );
+    }
+    assert_eq!(
+        code_of(c.get_volume(pb::GetVolumeRequest { uuid: vol.clone() })).await,
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(c.delete_volume(pb::DeleteVolumeRequest { uuid: vol.clone() })).await,
+        Code::NotFound
+    );
+    assert_eq!(
+        code_of(c.publish_volume(publish(HOST))).await,
+        Code::NotFound
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
