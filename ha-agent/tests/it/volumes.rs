@@ -225,3 +225,84 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
     );
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// Everything killed (-9) and restarted on the same disks and store: the volume is still there, publishing it
+/// again makes a new nexus (fencing the dead one's key), and every acknowledged write reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_every_process_is_killed_the_volume_comes_back_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let mut agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    let all_online = [("reg-1", Online), ("reg-2", Online), ("reg-3", Online)];
+    wait_for(port, &all_online, "registration").await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url.clone()).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(create(&vol, 16 * MIB, 3)).await.unwrap();
+    let publish = pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: HOST.into(),
+        node: String::new(),
+    };
+    let p = c
+        .publish_volume(publish.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let connect = |p: &pb::Volume| {
+        let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+        o.hostnqn = HOST.into();
+        RemoteNamespace::connect(o, 1)
+    };
+    let ns = connect(&p).await.unwrap();
+    let data = Bytes::from(vec![0x3c; 256 << 10]);
+    for i in 0..8u64 {
+        ns.write(i * MIB, data.clone()).await.unwrap();
+    }
+    ns.flush().await.unwrap();
+    drop(ns);
+
+    agent.kill9();
+    for e in &mut engines {
+        e.kill9();
+    }
+    agent.restart();
+    for e in &mut engines {
+        e.restart();
+    }
+    let mut c: ClusterClient<Channel> = loop {
+        if let Ok(c) = ClusterClient::connect(url.clone()).await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The restarted engines register again (new instances) before the nexus can be made.
+    let t = std::time::Instant::now();
+    loop {
+        if let Ok(r) = c.publish_volume(publish.clone()).await {
+            let p = r.into_inner();
+            let ns = connect(&p).await.unwrap();
+            for i in 0..8u64 {
+                assert_eq!(
+                    ns.read(i * MIB, 256 << 10).await.unwrap(),
+                    data,
+                    "write {i} lost"
+                );
+            }
+            ns.close().await;
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the volume never published again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = c
+        .get_volume(pb::GetVolumeRequest { uuid: vol })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.state, "Online");
+}
