@@ -62,6 +62,15 @@ pub enum VolumeError {
     },
 }
 
+/// An engine's answer to a destroy: done, or already gone.
+fn destroyed<T>(node: &str, r: Result<T, tonic::Status>) -> Result<(), VolumeError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::NotFound => Ok(()),
+        Err(s) => Err(engine_error(node, s)),
+    }
+}
+
 fn engine_error(node: &str, s: tonic::Status) -> VolumeError {
     VolumeError::Engine {
         node: node.to_string(),
@@ -290,31 +299,23 @@ impl Volumes {
     async fn drive_delete(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
         if let Some(n) = r.nexus.clone() {
             let mut c = self.engine(&n.node).await?;
-            match c
+            let res = c
                 .destroy_nexus(epb::DestroyNexusRequest {
                     uuid: r.uuid.to_string(),
                 })
-                .await
-            {
-                Ok(_) => {}
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(engine_error(&n.node, s)),
-            }
+                .await;
+            destroyed(&n.node, res)?;
             r.nexus = None;
             self.save(&r).await?;
         }
         while let Some(rep) = r.replicas.last().cloned() {
             let mut c = self.engine(&rep.node).await?;
-            match c
+            let res = c
                 .destroy_replica(epb::DestroyReplicaRequest {
                     uuid: rep.uuid.to_string(),
                 })
-                .await
-            {
-                Ok(_) => {}
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(engine_error(&rep.node, s)),
-            }
+                .await;
+            destroyed(&rep.node, res)?;
             r.replicas.pop();
             self.save(&r).await?;
         }
@@ -475,16 +476,12 @@ impl Volumes {
         let mut r = self.get(uuid).await?;
         if let Some(n) = r.nexus.clone() {
             let mut c = self.engine(&n.node).await?;
-            match c
+            let res = c
                 .destroy_nexus(epb::DestroyNexusRequest {
                     uuid: uuid.to_string(),
                 })
-                .await
-            {
-                Ok(_) => {}
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(engine_error(&n.node, s)),
-            }
+                .await;
+            destroyed(&n.node, res)?;
             r.nexus = None;
             self.save(&r).await?;
             tracing::info!(%uuid, "volume unpublished");
