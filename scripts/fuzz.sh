@@ -19,5 +19,5 @@ for t in pdu_decoder target_connection; do
     echo "[fuzz] $t ${limit[*]}"
     cargo fuzz run -s none -O "$t" "$corpus/$t" "fuzz/seeds/$t" -- "${limit[@]}" -max_len=65536 \
         -rss_limit_mb=2048 -timeout=20 -print_final_stats=1 2>&1 |
-        grep -E '^#[0-9]+ +(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|panicked|ERROR|SUMMARY|Test unit written'
+        grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)|panicked|ERROR|SUMMARY|Test unit written'
 done
