@@ -58,9 +58,9 @@ impl From<PoolError> for Status {
         match e {
             PoolError::InvalidArgument(_) => Status::invalid_argument(msg),
             PoolError::NotFound(_) => Status::not_found(msg),
-            PoolError::AlreadyExists(_) => Status::already_exists(msg),
+            PoolError::AlreadyExists { .. } => Status::already_exists(msg),
             PoolError::NoSpace(_) | PoolError::MetadataFull(_) => Status::resource_exhausted(msg),
-            PoolError::NoLabel | PoolError::ForeignData | PoolError::FailedPrecondition(_) => {
+            PoolError::NoLabel | PoolError::ForeignData | PoolError::NotEmpty { .. } => {
                 Status::failed_precondition(msg)
             }
             PoolError::CorruptLabel(_) | PoolError::CorruptMetadata(_) => Status::data_loss(msg),

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::block::file::FileDevice;
 use crate::block::{BlockDevice, BlockError};
 use crate::pool::meta::{Share, VolumeMeta};
-use crate::pool::{Claim, Pool, PoolError, PoolSpec, Probe};
+use crate::pool::{Claim, Pool, PoolError, PoolObject, PoolSpec, Probe};
 use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
 use crate::target::reservation::{ReservationState, ReservationStore, Reservations};
@@ -126,7 +126,7 @@ impl Engine {
         self.pools_map()
             .get(name)
             .cloned()
-            .ok_or_else(|| PoolError::NotFound(format!("pool {name}")).into())
+            .ok_or_else(|| PoolError::NotFound(PoolObject::Pool(name.to_string())).into())
     }
 
     /// Formats a blank disk as pool `name`, or imports the pool `name` already on it. Repeating it is a no-op.
@@ -152,10 +152,13 @@ impl Engine {
                 || l.block_size != block_size
                 || uuid.is_some_and(|u| u != l.uuid)
             {
-                return Err(PoolError::AlreadyExists(format!(
-                    "pool {name} exists on {} ({} clusters of {} bytes, uuid {})",
-                    e.disk, l.data_clusters, l.cluster_size, l.uuid
-                ))
+                return Err(PoolError::AlreadyExists {
+                    what: PoolObject::Pool(name.to_string()),
+                    detail: format!(
+                        "on {} ({} clusters of {} bytes, uuid {})",
+                        e.disk, l.data_clusters, l.cluster_size, l.uuid
+                    ),
+                }
                 .into());
             }
             return Ok(e);
@@ -175,10 +178,10 @@ impl Engine {
                 Pool::import(dev, &self.claim(false)).await?
             }
             Probe::Pool(l) => {
-                return Err(PoolError::AlreadyExists(format!(
-                    "disk {disk} holds pool {} ({})",
-                    l.name, l.uuid
-                ))
+                return Err(PoolError::AlreadyExists {
+                    what: PoolObject::Pool(l.name.clone()),
+                    detail: format!("disk {disk} holds it ({})", l.uuid),
+                }
                 .into());
             }
         };
@@ -208,10 +211,10 @@ impl Engine {
         }
         let pool = Pool::import(dev, &self.claim(force)).await?;
         if self.pools_map().contains_key(pool.name()) {
-            return Err(PoolError::AlreadyExists(format!(
-                "a pool named {} is already imported from another disk",
-                pool.name()
-            ))
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Pool(pool.name().to_string()),
+                detail: "imported from another disk".into(),
+            }
             .into());
         }
         self.adopt_pool(pool, disk)
@@ -219,10 +222,10 @@ impl Engine {
 
     fn check_disk_free(&self, disk: &str) -> Result<(), EngineError> {
         if let Some(e) = self.pools_map().values().find(|e| e.disk == disk) {
-            return Err(PoolError::AlreadyExists(format!(
-                "disk {disk} is in use by pool {}",
-                e.pool.name()
-            ))
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Disk(disk.to_string()),
+                detail: format!("in use by pool {}", e.pool.name()),
+            }
             .into());
         }
         Ok(())
@@ -275,7 +278,7 @@ impl Engine {
             Some(_) => Err(EngineError::InvalidArgument(format!(
                 "{uuid} is a snapshot, not a replica"
             ))),
-            None => Err(PoolError::NotFound(format!("replica {uuid}")).into()),
+            None => Err(PoolError::NotFound(PoolObject::Replica(*uuid)).into()),
         }
     }
 
@@ -316,10 +319,10 @@ impl Engine {
         if let Some((p, _)) = self.find_volume(&uuid)
             && p.name() != pool
         {
-            return Err(PoolError::AlreadyExists(format!(
-                "replica {uuid} exists in pool {}",
-                p.name()
-            ))
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Replica(uuid),
+                detail: format!("in pool {}", p.name()),
+            }
             .into());
         }
         let e = self.pool(pool)?;
@@ -328,10 +331,10 @@ impl Engine {
             && !v.is_snapshot()
             && v.size == size
         {
-            return Err(PoolError::AlreadyExists(format!(
-                "replica {uuid} exists with other sharing ({:?})",
-                v.share.map(|s| s.hosts)
-            ))
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Replica(uuid),
+                detail: format!("with other sharing ({:?})", v.share.map(|s| s.hosts)),
+            }
             .into());
         }
         e.pool.create_replica(uuid, size, share.clone()).await?;
@@ -442,9 +445,10 @@ impl Engine {
             return Ok(self.snapshot_info(&p, v));
         }
         if self.find_volume(&uuid).is_some() {
-            return Err(PoolError::AlreadyExists(format!(
-                "{uuid} exists and is not a snapshot of {replica}"
-            ))
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Volume(uuid),
+                detail: format!("and is not a snapshot of {replica}"),
+            }
             .into());
         }
         let (pool, _) = self.find_replica(replica)?;
@@ -476,7 +480,7 @@ impl Engine {
             Some(_) => Err(EngineError::InvalidArgument(format!(
                 "{uuid} is a replica, not a snapshot"
             ))),
-            None => Err(PoolError::NotFound(format!("snapshot {uuid}")).into()),
+            None => Err(PoolError::NotFound(PoolObject::Snapshot(*uuid)).into()),
         }
     }
 
@@ -489,7 +493,7 @@ impl Engine {
     ) -> Result<ReplicaInfo, EngineError> {
         let (pool, v) = self
             .find_volume(snapshot)
-            .ok_or_else(|| PoolError::NotFound(format!("snapshot {snapshot}")))?;
+            .ok_or(PoolError::NotFound(PoolObject::Snapshot(*snapshot)))?;
         if !v.is_snapshot() {
             return Err(EngineError::InvalidArgument(format!(
                 "{snapshot} is not a snapshot"
@@ -498,9 +502,11 @@ impl Engine {
         if let Some((p, _)) = self.find_volume(&uuid)
             && p.name() != pool.name()
         {
-            return Err(
-                PoolError::AlreadyExists(format!("{uuid} exists in pool {}", p.name())).into(),
-            );
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Volume(uuid),
+                detail: format!("in pool {}", p.name()),
+            }
+            .into());
         }
         pool.clone_snapshot(*snapshot, uuid, share.clone()).await?;
         if let Some(s) = &share {

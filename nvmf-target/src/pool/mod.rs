@@ -57,12 +57,12 @@ pub enum PoolError {
     NoSpace(String),
     #[error("pool metadata is full: {0}")]
     MetadataFull(String),
-    #[error("not found: {0}")]
-    NotFound(String),
-    #[error("already exists: {0}")]
-    AlreadyExists(String),
-    #[error("failed precondition: {0}")]
-    FailedPrecondition(String),
+    #[error("{0} not found")]
+    NotFound(PoolObject),
+    #[error("{what} already exists: {detail}")]
+    AlreadyExists { what: PoolObject, detail: String },
+    #[error("pool {pool} still has {volumes} replicas or snapshots")]
+    NotEmpty { pool: String, volumes: usize },
     #[error(
         "pool {pool} belongs to node {owner:?} (incarnation {incarnation}); import it on that node, or force the \
          import if that node is gone or the disk has moved"
@@ -76,6 +76,29 @@ pub enum PoolError {
     OwnershipLost { pool: String, now: String },
     #[error("pool device i/o: {0}")]
     Io(String),
+}
+
+/// What a not-found or already-exists error is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PoolObject {
+    Pool(String),
+    Disk(String),
+    /// A replica or a snapshot, when the call does not say which.
+    Volume(Uuid),
+    Replica(Uuid),
+    Snapshot(Uuid),
+}
+
+impl std::fmt::Display for PoolObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolObject::Pool(n) => write!(f, "pool {n}"),
+            PoolObject::Disk(d) => write!(f, "disk {d}"),
+            PoolObject::Volume(u) => write!(f, "volume {u}"),
+            PoolObject::Replica(u) => write!(f, "replica {u}"),
+            PoolObject::Snapshot(u) => write!(f, "snapshot {u}"),
+        }
+    }
 }
 
 /// Who imports a pool: the importing node, and whether it may take the pool from another node.
@@ -278,10 +301,10 @@ impl Pool {
         match Self::probe(dev.as_ref()).await? {
             Probe::Blank => {}
             Probe::Pool(l) => {
-                return Err(PoolError::AlreadyExists(format!(
-                    "the device already holds pool {} ({})",
-                    l.name, l.uuid
-                )));
+                return Err(PoolError::AlreadyExists {
+                    what: PoolObject::Pool(l.name.clone()),
+                    detail: format!("the device holds it ({})", l.uuid),
+                });
             }
         }
         let label = Label::layout(
@@ -421,7 +444,7 @@ impl Pool {
     pub fn open_volume(&self, uuid: &Uuid) -> Result<Arc<PoolVolume>, PoolError> {
         let meta = self
             .volume_meta(uuid)
-            .ok_or_else(|| PoolError::NotFound(format!("volume {uuid} in pool {}", self.name())))?;
+            .ok_or(PoolError::NotFound(PoolObject::Volume(*uuid)))?;
         let mut vols = self.inner.volumes.lock().unwrap_or_else(|e| e.into_inner());
         let v = vols.entry(*uuid).or_insert_with(|| {
             Arc::new(PoolVolume {
@@ -463,11 +486,14 @@ impl Pool {
         }
         if let Some(v) = self.volume_meta(&uuid) {
             if v.is_snapshot() || v.size != size {
-                return Err(PoolError::AlreadyExists(format!(
-                    "volume {uuid} exists with other parameters ({} bytes{})",
-                    v.size,
-                    if v.is_snapshot() { ", a snapshot" } else { "" }
-                )));
+                return Err(PoolError::AlreadyExists {
+                    what: PoolObject::Volume(uuid),
+                    detail: format!(
+                        "with other parameters ({} bytes{})",
+                        v.size,
+                        if v.is_snapshot() { ", a snapshot" } else { "" }
+                    ),
+                });
             }
             return self.open_volume(&uuid);
         }
@@ -496,7 +522,7 @@ impl Pool {
     pub async fn snapshot(&self, replica: Uuid, snapshot: Uuid) -> Result<VolumeMeta, PoolError> {
         let src = self
             .volume_meta(&replica)
-            .ok_or_else(|| PoolError::NotFound(format!("replica {replica}")))?;
+            .ok_or(PoolError::NotFound(PoolObject::Replica(replica)))?;
         if src.is_snapshot() {
             return Err(PoolError::InvalidArgument(format!(
                 "{replica} is a snapshot; snapshots are taken of replicas"
@@ -506,9 +532,10 @@ impl Pool {
             if v.snapshot_of == Some(replica) {
                 return Ok(v);
             }
-            return Err(PoolError::AlreadyExists(format!(
-                "volume {snapshot} exists and is not a snapshot of {replica}"
-            )));
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Volume(snapshot),
+                detail: format!("and is not a snapshot of {replica}"),
+            });
         }
         self.check_fits(src.map.len() as u64)?;
         let vol = self.open_volume(&replica)?;
@@ -522,7 +549,7 @@ impl Pool {
             .await?;
         tracing::info!(pool = %self.name(), %replica, %snapshot, "took snapshot");
         self.volume_meta(&snapshot)
-            .ok_or_else(|| PoolError::NotFound(format!("snapshot {snapshot}")))
+            .ok_or(PoolError::NotFound(PoolObject::Snapshot(snapshot)))
     }
 
     /// Creates a writable replica from a snapshot; it shares the snapshot's clusters until it writes them.
@@ -534,7 +561,7 @@ impl Pool {
     ) -> Result<Arc<PoolVolume>, PoolError> {
         let src = self
             .volume_meta(&snapshot)
-            .ok_or_else(|| PoolError::NotFound(format!("snapshot {snapshot}")))?;
+            .ok_or(PoolError::NotFound(PoolObject::Snapshot(snapshot)))?;
         if !src.is_snapshot() {
             return Err(PoolError::InvalidArgument(format!(
                 "{snapshot} is not a snapshot"
@@ -544,9 +571,10 @@ impl Pool {
             if v.clone_of == Some(snapshot) {
                 return self.open_volume(&replica);
             }
-            return Err(PoolError::AlreadyExists(format!(
-                "volume {replica} exists and is not a clone of {snapshot}"
-            )));
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Volume(replica),
+                detail: format!("and is not a clone of {snapshot}"),
+            });
         }
         self.check_fits(src.map.len() as u64)?;
         self.inner
@@ -564,7 +592,7 @@ impl Pool {
     pub async fn set_share(&self, uuid: Uuid, share: Option<Share>) -> Result<(), PoolError> {
         let v = self
             .volume_meta(&uuid)
-            .ok_or_else(|| PoolError::NotFound(format!("volume {uuid}")))?;
+            .ok_or(PoolError::NotFound(PoolObject::Volume(uuid)))?;
         if v.share == share {
             return Ok(());
         }
@@ -584,7 +612,7 @@ impl Pool {
     ) -> Result<(), PoolError> {
         let v = self
             .volume_meta(&uuid)
-            .ok_or_else(|| PoolError::NotFound(format!("volume {uuid}")))?;
+            .ok_or(PoolError::NotFound(PoolObject::Volume(uuid)))?;
         if v.reservation == state {
             return Ok(());
         }
@@ -600,10 +628,7 @@ impl Pool {
     /// further I/O with `Closed`.
     pub async fn destroy_volume(&self, uuid: Uuid) -> Result<(), PoolError> {
         if self.volume_meta(&uuid).is_none() {
-            return Err(PoolError::NotFound(format!(
-                "volume {uuid} in pool {}",
-                self.name()
-            )));
+            return Err(PoolError::NotFound(PoolObject::Volume(uuid)));
         }
         let _excl = self.inner.gate.write().await;
         self.inner
@@ -636,10 +661,10 @@ impl Pool {
     pub async fn destroy(&self) -> Result<(), PoolError> {
         let n = self.inner.meta().volumes.len();
         if n > 0 {
-            return Err(PoolError::FailedPrecondition(format!(
-                "pool {} still has {n} replicas or snapshots",
-                self.name()
-            )));
+            return Err(PoolError::NotEmpty {
+                pool: self.name().to_string(),
+                volumes: n,
+            });
         }
         self.close();
         let dev = &self.inner.dev;

@@ -292,15 +292,15 @@ async fn bad_requests_are_refused_and_change_nothing() {
     pool.create_replica(r, MIB, None).await.unwrap();
     pool.create_replica(r, MIB, None).await.unwrap();
     let e = pool.create_replica(r, 2 * MIB, None).await.err();
-    assert!(matches!(e, Some(PoolError::AlreadyExists(_))), "{e:?}");
+    assert!(matches!(e, Some(PoolError::AlreadyExists { .. })), "{e:?}");
     let e = pool.snapshot(Uuid::new_v4(), Uuid::new_v4()).await.err();
     assert!(matches!(e, Some(PoolError::NotFound(_))), "{e:?}");
     let e = pool.clone_snapshot(r, Uuid::new_v4(), None).await.err();
     assert!(matches!(e, Some(PoolError::InvalidArgument(_))), "{e:?}");
     let e = pool.destroy().await.err();
-    assert!(matches!(e, Some(PoolError::FailedPrecondition(_))), "{e:?}");
+    assert!(matches!(e, Some(PoolError::NotEmpty { .. })), "{e:?}");
     let e = Pool::create(dev.clone(), &spec("p2"), &me()).await.err();
-    assert!(matches!(e, Some(PoolError::AlreadyExists(_))), "{e:?}");
+    assert!(matches!(e, Some(PoolError::AlreadyExists { .. })), "{e:?}");
     assert_eq!(pool.volumes().len(), 1);
     pool.destroy_volume(r).await.unwrap();
     pool.destroy().await.unwrap();

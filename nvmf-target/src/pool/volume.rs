@@ -409,8 +409,11 @@ impl BlockDevice for PoolVolume {
             .await
             .map(drop)
             .map_err(|e| match e {
-                PoolError::AlreadyExists(m) | PoolError::InvalidArgument(m) => {
-                    BlockError::Io(std::io::Error::new(std::io::ErrorKind::AlreadyExists, m))
+                e @ (PoolError::AlreadyExists { .. } | PoolError::InvalidArgument(_)) => {
+                    BlockError::Io(std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        e.to_string(),
+                    ))
                 }
                 other => pool_err(other),
             })
