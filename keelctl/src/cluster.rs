@@ -163,6 +163,24 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
 }
 
 #[derive(Subcommand)]
+pub enum NodeCmd {
+    /// The node gets no new replica or nexus (what it holds stays).
+    Cordon { name: String },
+    /// Undo `cordon`.
+    Uncordon { name: String },
+}
+
+pub async fn node(agent: &str, cmd: NodeCmd, out: Output) -> Result<()> {
+    let mut c = connect(agent).await?;
+    let n = match cmd {
+        NodeCmd::Cordon { name } => c.cordon_node(pb::CordonNodeRequest { name }).await?,
+        NodeCmd::Uncordon { name } => c.uncordon_node(pb::CordonNodeRequest { name }).await?,
+    };
+    print(&[n.into_inner()], out);
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum PoolCmd {
     /// Create (or import) pool NAME on DISK of NODE, managed by the agent from then on.
     Create {
@@ -257,6 +275,7 @@ fn json(n: &pb::Node) -> serde_json::Value {
         "instance": n.instance,
         "last_seen_ms_ago": n.last_seen_ms_ago,
         "state_since_ms": n.state_since_ms,
+        "cordoned": n.cordoned,
     })
 }
 
@@ -265,14 +284,18 @@ fn print(nodes: &[pb::Node], out: Output) {
         Output::Json => nodes.iter().for_each(|n| println!("{}", json(n))),
         Output::Table => {
             println!(
-                "{:<20} {:<8} {:<26} {:>6} {:>10}  REASON",
+                "{:<20} {:<16} {:<26} {:>6} {:>10}  REASON",
                 "NAME", "STATE", "ENGINE", "POOLS", "SEEN (ms)"
             );
             for n in nodes {
                 println!(
-                    "{:<20} {:<8} {:<26} {:>6} {:>10}  {}",
+                    "{:<20} {:<16} {:<26} {:>6} {:>10}  {}",
                     n.name,
-                    state(n.state),
+                    if n.cordoned {
+                        format!("{},Cordoned", state(n.state))
+                    } else {
+                        state(n.state).to_string()
+                    },
                     n.engine_endpoint,
                     n.pools.len(),
                     n.last_seen_ms_ago,

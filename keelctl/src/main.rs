@@ -48,6 +48,17 @@ enum Top {
         #[command(subcommand)]
         cmd: cluster::PoolCmd,
     },
+    /// Storage nodes, through the cluster agent.
+    Node {
+        /// Cluster agent endpoint.
+        #[arg(long, env = "KEELSON_AGENT", default_value = "http://127.0.0.1:10200")]
+        agent: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: cluster::Output,
+        #[command(subcommand)]
+        cmd: cluster::NodeCmd,
+    },
     /// Volumes managed by the cluster agent.
     Volume {
         /// Cluster agent endpoint.
@@ -279,6 +290,7 @@ async fn main() -> Result<()> {
         Top::Get { agent, output, cmd } => return cluster::get(&agent, cmd, output).await,
         Top::Pool { agent, output, cmd } => return cluster::pool(&agent, cmd, output).await,
         Top::Volume { agent, output, cmd } => return cluster::volume(&agent, cmd, output).await,
+        Top::Node { agent, output, cmd } => return cluster::node(&agent, cmd, output).await,
     };
     let mut c = EngineClient::connect(endpoint.clone())
         .await

@@ -183,6 +183,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
 }
 
 fn node(v: NodeView) -> pb::Node {
+    let cordoned = v.record.cordoned;
     let (spec, status) = (v.record.spec, v.record.status);
     pb::Node {
         name: spec.name,
@@ -210,6 +211,7 @@ fn node(v: NodeView) -> pb::Node {
         instance: spec.instance,
         last_seen_ms_ago: v.last_seen_ago.map_or(0, |d| d.as_millis() as u64),
         state_since_ms: status.since_ms,
+        cordoned,
     }
 }
 
@@ -303,6 +305,26 @@ impl Cluster for Service {
         let r = r.into_inner();
         l.pools.delete(&r.node, &r.name).await?;
         Ok(Response::new(pb::DeletePoolResponse {}))
+    }
+
+    async fn cordon_node(
+        &self,
+        r: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let reg = self.leadership.registry()?;
+        Ok(Response::new(node(
+            reg.set_cordoned(&r.into_inner().name, true).await?,
+        )))
+    }
+
+    async fn uncordon_node(
+        &self,
+        r: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let reg = self.leadership.registry()?;
+        Ok(Response::new(node(
+            reg.set_cordoned(&r.into_inner().name, false).await?,
+        )))
     }
 
     async fn create_volume(

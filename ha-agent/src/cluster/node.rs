@@ -53,6 +53,9 @@ pub struct NodeStatus {
 pub struct NodeRecord {
     pub spec: NodeSpec,
     pub status: NodeStatus,
+    /// An operator's: the node gets no new replica or nexus.
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 impl NodeRecord {
@@ -115,6 +118,7 @@ mod tests {
                 since_ms: 5,
                 pools: vec![],
             },
+            cordoned: true,
         };
         assert_eq!(NodeRecord::decode(&r.encode()).unwrap(), r);
     }

@@ -170,6 +170,7 @@ impl Registry {
                         since_ms: since,
                         pools: pools.clone(),
                     },
+                    cordoned: old.as_ref().is_some_and(|o| o.cordoned),
                 })
             })
             .await?
@@ -249,6 +250,26 @@ impl Registry {
         })
         .await?;
         Ok(())
+    }
+
+    /// Cordons (`true`) or uncordons a node.
+    pub async fn set_cordoned(
+        &self,
+        name: &str,
+        cordoned: bool,
+    ) -> Result<NodeView, RegistryError> {
+        let r = self
+            .update(name, |old| {
+                let mut r = old?;
+                r.cordoned = cordoned;
+                Some(r)
+            })
+            .await?;
+        if r.is_none() {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
+        tracing::info!(node = name, cordoned, "node cordon changed");
+        self.get(name).await
     }
 
     pub async fn list(&self) -> Result<Vec<NodeView>, RegistryError> {

@@ -1,6 +1,6 @@
 //! Placement, pure: which pools get a volume's replicas. The rules (Mayastor's, kept): every replica is placed now
 //! or none is (Rule 1: the caller records nothing when this fails); every replica on a different node (Rule 2: the
-//! nodes already holding one are excluded); only Online nodes; a pool needs room for the whole replica on top of
+//! nodes already holding one are excluded); only Online, uncordoned nodes; a pool needs room for the whole replica on top of
 //! what its replicas could already grow to (no overcommit, so a thin replica never meets a full pool); the pool that
 //! would be least full afterwards wins, and nodes are taken in that order too (ties by name, so placement is
 //! deterministic).
@@ -44,6 +44,10 @@ pub fn place(
         }
         if n.status.state != NodeState::Online {
             reasons.push(format!("{name} is {:?}", n.status.state));
+            continue;
+        }
+        if n.cordoned {
+            reasons.push(format!("{name} is cordoned"));
             continue;
         }
         let pick = n
@@ -110,6 +114,7 @@ mod tests {
                     })
                     .collect(),
             },
+            cordoned: false,
         }
     }
 
@@ -154,6 +159,11 @@ mod tests {
             node("n4", NodeState::Online, &[]),
             node("n5", NodeState::Online, &[("a", 10 * G, 0)]),
         ];
+        let mut nodes = nodes.to_vec();
+        nodes.push(NodeRecord {
+            cordoned: true,
+            ..node("n6", NodeState::Online, &[("a", 10 * G, 0)])
+        });
         let exclude: BTreeSet<String> = ["n5".to_string()].into();
         let e = place(&nodes, G, 2, &exclude).unwrap_err();
         assert_eq!((e.wanted, e.found), (2, 1));

@@ -365,10 +365,13 @@ impl Volumes {
             }
         }
         let nodes = self.registry.list().await?;
+        // A new nexus goes to an Online node that is not cordoned.
         let online = |name: &str| {
-            nodes
-                .iter()
-                .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
+            nodes.iter().any(|n| {
+                n.record.spec.name == name
+                    && n.record.status.state == NodeState::Online
+                    && !n.record.cordoned
+            })
         };
         // A nexus recorded but gone (its engine restarted) is made again, on its node if that is up, with a new
         // key that preempts the old one.

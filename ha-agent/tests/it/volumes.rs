@@ -100,6 +100,36 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
     );
     let e = c.create_volume(create(&vol, 1 << 40, 1)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // A cordoned node takes no new replica: three replicas no longer fit three nodes until it is uncordoned.
+    let n = c
+        .cordon_node(pb::CordonNodeRequest {
+            name: "reg-3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(n.cordoned);
+    let e = c
+        .create_volume(create(&vol, 32 * MIB, 3))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("reg-3 is cordoned"), "{}", e.message());
+    let n = c
+        .uncordon_node(pb::CordonNodeRequest {
+            name: "reg-3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!n.cordoned);
+    assert_eq!(
+        code_of(c.cordon_node(pb::CordonNodeRequest {
+            name: "nobody".into()
+        }))
+        .await,
+        Code::NotFound
+    );
     assert!(
         replicas_everywhere(&nodes).await.is_empty(),
         "a refused volume left replicas behind"
