@@ -1,5 +1,5 @@
 //! One cluster agent: opens the store, checks its schema, serves the API, and while it leads runs the registry
-//! and its sweep and the pool and volume reconcilers, once per heartbeat interval. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
+//! and its sweep, the pool and volume reconcilers and volume healing, once per heartbeat interval. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,6 +119,9 @@ async fn lead(
                 }
                 if let Err(e) = volumes.reconcile().await {
                     tracing::warn!(error = %e, "volume reconcile failed; retrying at the next tick");
+                }
+                if let Err(e) = volumes.heal_all().await {
+                    tracing::warn!(error = %e, "volume healing failed; retrying at the next tick");
                 }
             }
         }

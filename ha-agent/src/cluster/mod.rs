@@ -10,6 +10,8 @@
 //! - [`scheduler`]: placement, pure (all replicas or none, one per node, least-full pool).
 //! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create, publish, unpublish, delete,
 //!   each stage recorded before the next engine call, and the reconciler that resumes them.
+//! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
+//!   created and added to the nexus (which rebuilds them).
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
 //! - [`api`]: the gRPC services (Registration for io-engines, Cluster for operators), served by the leader.
 //! - [`agent`]: one agent's life: store, schema, API, leadership, registry sweep.
@@ -17,6 +19,7 @@
 pub mod agent;
 pub mod api;
 pub mod dataplane;
+pub mod heal;
 pub mod leader;
 pub mod node;
 pub mod pool;

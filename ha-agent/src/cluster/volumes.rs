@@ -63,7 +63,7 @@ pub enum VolumeError {
 }
 
 /// An engine's answer to a destroy: done, or already gone.
-fn destroyed<T>(node: &str, r: Result<T, tonic::Status>) -> Result<(), VolumeError> {
+pub(super) fn destroyed<T>(node: &str, r: Result<T, tonic::Status>) -> Result<(), VolumeError> {
     match r {
         Ok(_) => Ok(()),
         Err(s) if s.code() == Code::NotFound => Ok(()),
@@ -71,7 +71,7 @@ fn destroyed<T>(node: &str, r: Result<T, tonic::Status>) -> Result<(), VolumeErr
     }
 }
 
-fn engine_error(node: &str, s: tonic::Status) -> VolumeError {
+pub(super) fn engine_error(node: &str, s: tonic::Status) -> VolumeError {
     VolumeError::Engine {
         node: node.to_string(),
         code: s.code(),
@@ -96,7 +96,7 @@ fn refused(e: &VolumeError) -> bool {
 
 pub struct Volumes {
     store: Arc<dyn Store>,
-    registry: Arc<Registry>,
+    pub(super) registry: Arc<Registry>,
     engine_timeout: Duration,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -115,7 +115,7 @@ impl Volumes {
         }
     }
 
-    fn lock_of(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn lock_of(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -128,7 +128,7 @@ impl Volumes {
         self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))
     }
 
-    async fn read(&self, uuid: Uuid) -> Result<Option<VolumeRecord>, VolumeError> {
+    pub(super) async fn read(&self, uuid: Uuid) -> Result<Option<VolumeRecord>, VolumeError> {
         let k = volume::key(&uuid);
         match self.store.get(&k).await? {
             None => Ok(None),
@@ -153,12 +153,12 @@ impl Volumes {
     }
 
     /// Records `r` (the caller holds the volume's lock, so it overwrites its own last write).
-    async fn save(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+    pub(super) async fn save(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
         self.store.put(&volume::key(&r.uuid), r.encode()).await?;
         Ok(())
     }
 
-    async fn engine(&self, node: &str) -> Result<EngineClient<Channel>, VolumeError> {
+    pub(super) async fn engine(&self, node: &str) -> Result<EngineClient<Channel>, VolumeError> {
         Ok(dataplane::node_engine(&self.registry, node, self.engine_timeout).await?)
     }
 
@@ -506,7 +506,16 @@ impl Volumes {
                 .nexuses
                 .into_iter()
                 .find(|x| x.uuid == r.uuid.to_string());
+            // Every child healthy, but fewer than the spec asks for (one retired, its replacement not in yet).
+            let healthy = found.as_ref().map_or(0, |x| {
+                x.children
+                    .iter()
+                    .filter(|c| c.state == epb::ChildState::Healthy as i32)
+                    .count()
+            });
+            let complete = healthy >= r.spec.replicas as usize;
             return match found.and_then(|x| epb::NexusState::try_from(x.state).ok()) {
+                Some(epb::NexusState::Online) if !complete => "Degraded",
                 Some(epb::NexusState::Online) => "Online",
                 Some(epb::NexusState::Degraded) => "Degraded",
                 _ => "Faulted",

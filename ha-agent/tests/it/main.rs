@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod etcd;
+mod heal;
 mod leader;
 mod pools;
 mod registry;

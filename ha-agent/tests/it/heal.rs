@@ -1,0 +1,225 @@
+//! Healing, as Mayastor documents it (its scenario 2): nodes 1-3 with one pool each, a 2-replica volume on nodes 1
+//! and 2; node 2's io-engine is killed (-9) under I/O: its child faults, the agent retires it, places a replacement
+//! on node 3 (Rule 2 forbids node 1), the nexus rebuilds it, the volume is Online again, and every write made
+//! before and during the failure reads back, from the volume and from the new replica.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use tonic::transport::Channel;
+
+use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+
+const MIB: u64 = 1 << 20;
+const HOST: &str = "nqn.2026-11.io.keelson:test-heal-host";
+
+fn block(i: u64) -> Bytes {
+    Bytes::from(vec![(i as u8).wrapping_mul(37) | 1; 64 << 10])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    let v = c
+        .create_volume(pb::CreateVolumeRequest {
+            uuid: vol.clone(),
+            size_bytes: 16 * MIB,
+            replicas: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let nodes: Vec<_> = v.replica_list.iter().map(|r| r.node.as_str()).collect();
+    assert_eq!(nodes, ["reg-1", "reg-2"], "ties go by node name");
+    let p = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: HOST.into(),
+            node: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    for i in 0..64 {
+        ns.write((i * 128) << 10, block(i)).await.unwrap();
+    }
+
+    // Node 2 dies; the application keeps writing (no error: the nexus goes on with node 1's replica).
+    engines[1].kill9();
+    for i in 64..128 {
+        ns.write((i * 128) << 10, block(i)).await.unwrap();
+    }
+
+    let t = Instant::now();
+    let healed = loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let on: Vec<_> = v.replica_list.iter().map(|r| r.node.clone()).collect();
+        if v.state == "Online"
+            && on.contains(&"reg-3".to_string())
+            && !on.contains(&"reg-2".to_string())
+        {
+            break v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never healed: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "replaced and rebuilt {:?} after the node was killed",
+        t.elapsed()
+    );
+    assert_eq!(healed.replica_list.len(), 2);
+    for i in 0..128 {
+        assert_eq!(
+            ns.read((i * 128) << 10, 64 << 10).await.unwrap(),
+            block(i),
+            "write {i}"
+        );
+    }
+    ns.close().await;
+    // The new replica holds every write too.
+    let new = healed
+        .replica_list
+        .iter()
+        .find(|r| r.node == "reg-3")
+        .unwrap();
+    let n3 = c
+        .get_node(pb::GetNodeRequest {
+            name: "reg-3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = ConnectOptions::new(
+        n3.nvmf_listeners[0].parse().unwrap(),
+        &proto::names::replica_nqn(&new.uuid),
+    );
+    o.hostnqn = proto::names::node_host_nqn("reg-1");
+    let rep = RemoteNamespace::connect(o, 1).await.unwrap();
+    for i in 0..128 {
+        assert_eq!(
+            rep.read((i * 128) << 10, 64 << 10).await.unwrap(),
+            block(i),
+            "write {i} on the new replica"
+        );
+    }
+    rep.close().await;
+    drop(engines);
+}
+
+/// Mayastor's scenario 4, on two nodes: the only other node is down, so no replacement can be placed (Rule 2): the
+/// volume stays Degraded and says why; when the node is back, a replacement lands there and the volume is Online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_when_one_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut engines: Vec<_> = (1..=2).map(|i| engine_with(dir.path(), i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 2,
+    })
+    .await
+    .unwrap();
+    let p = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: HOST.into(),
+            node: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    engines[1].kill9();
+    for i in 0..16 {
+        ns.write((i * 128) << 10, block(i)).await.unwrap();
+    }
+    let get = |c: &mut ClusterClient<Channel>| {
+        let mut c = c.clone();
+        let vol = vol.clone();
+        async move {
+            c.get_volume(pb::GetVolumeRequest { uuid: vol })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let t = Instant::now();
+    loop {
+        let v = get(&mut c).await;
+        if v.state == "Degraded" && v.reason.contains("no replacement can be placed") {
+            assert!(
+                v.reason.contains("reg-1 already holds a replica"),
+                "{}",
+                v.reason
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not degraded with a reason: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    engines[1].restart();
+    let t = Instant::now();
+    loop {
+        let v = get(&mut c).await;
+        if v.state == "Online" && v.replica_list.len() == 2 {
+            assert!(v.reason.is_empty(), "{}", v.reason);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never healed after the node returned: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..16 {
+        assert_eq!(
+            ns.read((i * 128) << 10, 64 << 10).await.unwrap(),
+            block(i),
+            "write {i}"
+        );
+    }
+    ns.close().await;
+}
