@@ -49,6 +49,8 @@ pub enum VolumeCmd {
     },
     /// Remove the volume's nexus.
     Unpublish { uuid: String },
+    /// Keep N replicas: more are placed on nodes without one and rebuilt; fewer retire faulted ones first.
+    Scale { uuid: String, replicas: u32 },
 }
 
 /// Bytes in "64MiB", "1GiB", "4096".
@@ -149,6 +151,13 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                     v.nqn
                 );
             }
+        }
+        VolumeCmd::Scale { uuid, replicas } => {
+            let v = c
+                .set_volume_replicas(pb::SetVolumeReplicasRequest { uuid, replicas })
+                .await?
+                .into_inner();
+            print_volumes(&[v], out);
         }
         VolumeCmd::Unpublish { uuid } => {
             print_volumes(

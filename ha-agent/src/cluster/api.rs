@@ -307,6 +307,19 @@ impl Cluster for Service {
         Ok(Response::new(pb::DeletePoolResponse {}))
     }
 
+    async fn set_volume_replicas(
+        &self,
+        r: Request<pb::SetVolumeReplicasRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let v = l
+            .volumes
+            .set_replicas(parse_uuid(&r.uuid)?, r.replicas)
+            .await?;
+        Ok(Response::new(volume(&l.volumes, v).await))
+    }
+
     async fn cordon_node(
         &self,
         r: Request<pb::CordonNodeRequest>,

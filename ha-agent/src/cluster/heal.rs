@@ -10,8 +10,10 @@
 //!    rebuilds it.
 //!
 //! No eligible node for a replacement: the volume stays Degraded with the reason in its record, and heals by itself
-//! when a node or pool appears. Not yet: rejoining a replica that comes back within the partial-rebuild window
-//! instead of replacing it, and retiring the healthy replicas a lower replica count makes surplus.
+//! when a node or pool appears. An unpublished volume only gets its missing replicas placed and created.
+//! [`Volumes::set_replicas`] changes the count: more are placed by the same steps, fewer are retired faulted
+//! first (Rule 3). Not yet: rejoining a replica that comes back within the partial-rebuild window instead of
+//! replacing it.
 
 use std::collections::BTreeSet;
 
@@ -21,7 +23,7 @@ use uuid::Uuid;
 
 use super::scheduler;
 use super::volume::{ReplicaRecord, VolumePhase, VolumeRecord};
-use super::volumes::{VolumeError, Volumes, destroyed, engine_error};
+use super::volumes::{MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error};
 
 /// The replica a child URI names (`...:replica-<uuid>`).
 fn replica_of(uri: &str) -> Option<Uuid> {
@@ -33,7 +35,7 @@ impl Volumes {
     /// Heals every published volume whose operation is not in flight.
     pub async fn heal_all(&self) -> Result<(), VolumeError> {
         for r in self.list().await? {
-            if r.phase != VolumePhase::Created || !r.nexus.as_ref().is_some_and(|n| n.published) {
+            if r.phase != VolumePhase::Created {
                 continue;
             }
             let lock = self.lock_of(r.uuid);
@@ -51,11 +53,13 @@ impl Volumes {
         Ok(())
     }
 
-    async fn heal(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
-        let Some(nexus) = r.nexus.clone() else {
-            return Ok(());
-        };
+    pub(super) async fn heal(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
         let uuid = r.uuid.to_string();
+        let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
+            // Unpublished: only the replica count to keep.
+            self.place_missing(&mut r).await?;
+            return self.create_missing(&mut r).await;
+        };
         let mut nc = self.engine(&nexus.node).await?;
         let list = nc
             .list_nexuses(epb::ListNexusesRequest {})
@@ -105,73 +109,8 @@ impl Volumes {
         }
 
         // 2. Place and create what the spec asks for and the record lacks.
-        while r.replicas.len() < r.spec.replicas as usize {
-            let nodes: Vec<_> = self
-                .registry
-                .list()
-                .await?
-                .into_iter()
-                .map(|v| v.record)
-                .collect();
-            let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
-            let choice = match scheduler::place(&nodes, r.spec.size, 1, &holding) {
-                Ok(c) => c.into_iter().next(),
-                Err(e) => {
-                    let why = format!("Degraded: no replacement can be placed: {e}");
-                    if r.reason != why {
-                        tracing::warn!(%uuid, %why, "volume stays degraded");
-                        r.reason = why;
-                        self.save(&r).await?;
-                    }
-                    break;
-                }
-            };
-            let Some(choice) = choice else { break };
-            r.replicas.push(ReplicaRecord {
-                uuid: Uuid::new_v4(),
-                node: choice.node,
-                pool: choice.pool,
-                created: false,
-            });
-            self.save(&r).await?;
-        }
-        let mut i = 0;
-        while i < r.replicas.len() {
-            if r.replicas[i].created {
-                i += 1;
-                continue;
-            }
-            let rep = r.replicas[i].clone();
-            let res = match self.engine(&rep.node).await {
-                Ok(mut c) => c
-                    .create_replica(epb::CreateReplicaRequest {
-                        pool: rep.pool.clone(),
-                        uuid: rep.uuid.to_string(),
-                        size: r.spec.size,
-                        share: false,
-                        allowed_hosts: vec![],
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|s| engine_error(&rep.node, s)),
-                Err(e) => Err(e),
-            };
-            match res {
-                Ok(()) => {
-                    r.replicas[i].created = true;
-                    self.save(&r).await?;
-                    tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "replacement replica created");
-                    i += 1;
-                }
-                Err(e) => {
-                    // Never created: forget the plan, so the next run places it again (elsewhere if need be).
-                    r.replicas.remove(i);
-                    r.reason = format!("Degraded: the replacement on {} failed: {e}", rep.node);
-                    self.save(&r).await?;
-                    return Err(e);
-                }
-            }
-        }
+        self.place_missing(&mut r).await?;
+        self.create_missing(&mut r).await?;
 
         // 3. Add created replicas the nexus does not have; it rebuilds them.
         let children: BTreeSet<Uuid> = nx
@@ -213,6 +152,210 @@ impl Volumes {
         {
             r.reason.clear();
             self.save(&r).await?;
+        }
+        Ok(())
+    }
+
+    /// Places (and records) replicas while the record has fewer than the spec asks for; stops, saying why, when
+    /// no node is eligible.
+    async fn place_missing(&self, r: &mut VolumeRecord) -> Result<(), VolumeError> {
+        let uuid = r.uuid;
+        while r.replicas.len() < r.spec.replicas as usize {
+            let nodes: Vec<_> = self
+                .registry
+                .list()
+                .await?
+                .into_iter()
+                .map(|v| v.record)
+                .collect();
+            let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
+            let choice = match scheduler::place(&nodes, r.spec.size, 1, &holding) {
+                Ok(c) => c.into_iter().next(),
+                Err(e) => {
+                    let why = format!("Degraded: no replacement can be placed: {e}");
+                    if r.reason != why {
+                        tracing::warn!(%uuid, %why, "volume stays degraded");
+                        r.reason = why;
+                        self.save(r).await?;
+                    }
+                    break;
+                }
+            };
+            let Some(choice) = choice else { break };
+            r.replicas.push(ReplicaRecord {
+                uuid: Uuid::new_v4(),
+                node: choice.node,
+                pool: choice.pool,
+                created: false,
+            });
+            self.save(r).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the recorded replicas the engine has not confirmed; a failed one is forgotten, to be placed again.
+    async fn create_missing(&self, r: &mut VolumeRecord) -> Result<(), VolumeError> {
+        let uuid = r.uuid;
+        let mut i = 0;
+        while i < r.replicas.len() {
+            if r.replicas[i].created {
+                i += 1;
+                continue;
+            }
+            let rep = r.replicas[i].clone();
+            let res = match self.engine(&rep.node).await {
+                Ok(mut c) => c
+                    .create_replica(epb::CreateReplicaRequest {
+                        pool: rep.pool.clone(),
+                        uuid: rep.uuid.to_string(),
+                        size: r.spec.size,
+                        share: false,
+                        allowed_hosts: vec![],
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|s| engine_error(&rep.node, s)),
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(()) => {
+                    r.replicas[i].created = true;
+                    self.save(r).await?;
+                    tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "replacement replica created");
+                    i += 1;
+                }
+                Err(e) => {
+                    // Never created: forget the plan, so the next run places it again (elsewhere if need be).
+                    r.replicas.remove(i);
+                    r.reason = format!("Degraded: the replacement on {} failed: {e}", rep.node);
+                    self.save(r).await?;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the replica count (see the cluster API's SetVolumeReplicas).
+    pub async fn set_replicas(&self, uuid: Uuid, n: u32) -> Result<VolumeRecord, VolumeError> {
+        if n == 0 || n > MAX_REPLICAS {
+            return Err(VolumeError::InvalidArgument(format!(
+                "replica count {n} must be 1 to {MAX_REPLICAS}"
+            )));
+        }
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let mut r = self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))?;
+        match r.phase {
+            VolumePhase::Created => {}
+            VolumePhase::Creating => {
+                return Err(VolumeError::FailedPrecondition {
+                    uuid,
+                    why: "still being created".into(),
+                });
+            }
+            VolumePhase::Deleting => {
+                return Err(VolumeError::Conflict {
+                    uuid,
+                    why: "it is being deleted".into(),
+                });
+            }
+        }
+        if n as usize > r.replicas.len() {
+            // All the new replicas must fit now, or nothing changes.
+            let nodes: Vec<_> = self
+                .registry
+                .list()
+                .await?
+                .into_iter()
+                .map(|v| v.record)
+                .collect();
+            let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
+            scheduler::place(&nodes, r.spec.size, n as usize - r.replicas.len(), &holding)?;
+        }
+        r.spec.replicas = n;
+        self.save(&r).await?;
+        tracing::info!(%uuid, replicas = n, "replica count changed");
+        self.retire_surplus(&mut r).await?;
+        if let Err(e) = self.heal(r).await {
+            tracing::warn!(%uuid, error = %e, "new replicas not in yet; the reconciler goes on");
+        }
+        self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))
+    }
+
+    /// Removes replicas beyond the spec: never created first, then children the nexus does not report healthy,
+    /// then those away from the nexus's node. The nexus keeps at least one healthy child (it refuses otherwise).
+    async fn retire_surplus(&self, r: &mut VolumeRecord) -> Result<(), VolumeError> {
+        if r.replicas.len() <= r.spec.replicas as usize {
+            return Ok(());
+        }
+        let uuid = r.uuid.to_string();
+        let nexus = r.nexus.clone().filter(|n| n.published);
+        let mut healthy = BTreeSet::new();
+        let mut children = BTreeSet::new();
+        if let Some(n) = &nexus {
+            let mut c = self.engine(&n.node).await?;
+            let list = c
+                .list_nexuses(epb::ListNexusesRequest {})
+                .await
+                .map_err(|s| engine_error(&n.node, s))?
+                .into_inner();
+            for ch in list
+                .nexuses
+                .iter()
+                .filter(|x| x.uuid == uuid)
+                .flat_map(|x| &x.children)
+            {
+                if let Some(id) = replica_of(&ch.uri) {
+                    children.insert((id, ch.uri.clone()));
+                    if ch.state == epb::ChildState::Healthy as i32 {
+                        healthy.insert(id);
+                    }
+                }
+            }
+        }
+        let nexus_node = nexus.as_ref().map(|n| n.node.clone()).unwrap_or_default();
+        let rank = |x: &ReplicaRecord| {
+            (
+                x.created,
+                nexus.is_none() || healthy.contains(&x.uuid),
+                x.node == nexus_node,
+                x.node.clone(),
+            )
+        };
+        while r.replicas.len() > r.spec.replicas as usize {
+            let Some(i) = (0..r.replicas.len()).min_by_key(|i| rank(&r.replicas[*i])) else {
+                break;
+            };
+            let rep = r.replicas[i].clone();
+            if let (Some(n), Some((_, uri))) =
+                (&nexus, children.iter().find(|(id, _)| *id == rep.uuid))
+            {
+                let mut c = self.engine(&n.node).await?;
+                let res = c
+                    .remove_child(epb::ChildRequest {
+                        uuid: uuid.clone(),
+                        uri: uri.clone(),
+                        reason: String::new(),
+                    })
+                    .await;
+                destroyed(&n.node, res)?;
+            }
+            if rep.created
+                && let Ok(mut c) = self.engine(&rep.node).await
+            {
+                let res = c
+                    .destroy_replica(epb::DestroyReplicaRequest {
+                        uuid: rep.uuid.to_string(),
+                    })
+                    .await;
+                if let Err(e) = destroyed(&rep.node, res) {
+                    tracing::warn!(%uuid, replica = %rep.uuid, error = %e, "surplus replica not destroyed");
+                }
+            }
+            r.replicas.remove(i);
+            self.save(r).await?;
+            tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "surplus replica retired");
         }
         Ok(())
     }

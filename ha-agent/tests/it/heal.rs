@@ -223,3 +223,102 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
     }
     ns.close().await;
 }
+
+/// Scaling (Mayastor's scenarios 3, 5 and 6, on healthy nodes): 2 → 3 puts the new replica on the node without one
+/// and the nexus rebuilds it; 3 → 1 keeps the nexus's own; more replicas than nodes is refused with nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_adds_replicas_on_free_nodes_and_removes_those_away_from_the_nexus() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 2,
+    })
+    .await
+    .unwrap();
+    let p = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: HOST.into(),
+            node: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    for i in 0..16 {
+        ns.write((i * 128) << 10, block(i)).await.unwrap();
+    }
+    let scale = |n: u32| pb::SetVolumeReplicasRequest {
+        uuid: vol.clone(),
+        replicas: n,
+    };
+    let settled = |c: &mut ClusterClient<Channel>, n: usize| {
+        let mut c = c.clone();
+        let vol = vol.clone();
+        async move {
+            let t = Instant::now();
+            loop {
+                let v = c
+                    .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if v.state == "Online"
+                    && v.replica_list.len() == n
+                    && v.replica_list.iter().all(|r| r.created)
+                {
+                    return v;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "never settled at {n}: {v:#?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    c.set_volume_replicas(scale(3)).await.unwrap();
+    let v = settled(&mut c, 3).await;
+    let mut on: Vec<_> = v.replica_list.iter().map(|r| r.node.clone()).collect();
+    on.sort();
+    assert_eq!(on, ["reg-1", "reg-2", "reg-3"]);
+
+    let e = c.set_volume_replicas(scale(4)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert_eq!(
+        c.set_volume_replicas(scale(0)).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+
+    c.set_volume_replicas(scale(1)).await.unwrap();
+    let v = settled(&mut c, 1).await;
+    assert_eq!(v.replicas, 1);
+    assert_eq!(
+        v.replica_list[0].node, "reg-1",
+        "the nexus's own replica stays"
+    );
+    for i in 0..16 {
+        assert_eq!(
+            ns.read((i * 128) << 10, 64 << 10).await.unwrap(),
+            block(i),
+            "write {i}"
+        );
+    }
+    ns.close().await;
+}
