@@ -123,6 +123,9 @@ async fn lead(
                 if let Err(e) = volumes.heal_all().await {
                     tracing::warn!(error = %e, "volume healing failed; retrying at the next tick");
                 }
+                if let Err(e) = volumes.collect_garbage().await {
+                    tracing::warn!(error = %e, "garbage collection failed; retrying at the next tick");
+                }
             }
         }
     }

@@ -22,8 +22,22 @@ use proto::names;
 use uuid::Uuid;
 
 use super::scheduler;
+use super::store::StoreError;
 use super::volume::{ReplicaRecord, VolumePhase, VolumeRecord};
 use super::volumes::{MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error};
+
+/// Replicas retired while their node could not be asked, destroyed when it answers again.
+const GARBAGE: &str = "/keelson/garbage/replicas/";
+
+fn garbage_key(replica: &Uuid) -> String {
+    format!("{GARBAGE}{replica}")
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Garbage {
+    node: String,
+    volume: Uuid,
+}
 
 /// The replica a child URI names (`...:replica-<uuid>`).
 fn replica_of(uri: &str) -> Option<Uuid> {
@@ -95,16 +109,7 @@ impl Volumes {
                     rep.uuid, rep.node, child.reason
                 );
                 self.save(&r).await?;
-                if let Ok(mut c) = self.engine(&rep.node).await {
-                    let res = c
-                        .destroy_replica(epb::DestroyReplicaRequest {
-                            uuid: rep.uuid.to_string(),
-                        })
-                        .await;
-                    if let Err(e) = destroyed(&rep.node, res) {
-                        tracing::warn!(%uuid, replica = %rep.uuid, error = %e, "retired replica not destroyed");
-                    }
-                }
+                self.destroy_or_collect_later(r.uuid, &rep).await?;
             }
         }
 
@@ -341,21 +346,69 @@ impl Volumes {
                     .await;
                 destroyed(&n.node, res)?;
             }
-            if rep.created
-                && let Ok(mut c) = self.engine(&rep.node).await
-            {
-                let res = c
-                    .destroy_replica(epb::DestroyReplicaRequest {
-                        uuid: rep.uuid.to_string(),
-                    })
-                    .await;
-                if let Err(e) = destroyed(&rep.node, res) {
-                    tracing::warn!(%uuid, replica = %rep.uuid, error = %e, "surplus replica not destroyed");
-                }
+            if rep.created {
+                self.destroy_or_collect_later(r.uuid, &rep).await?;
             }
             r.replicas.remove(i);
             self.save(r).await?;
             tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "surplus replica retired");
+        }
+        Ok(())
+    }
+
+    /// Destroys a replica the volume no longer has; when its node cannot be asked now, records it as garbage for
+    /// [`Volumes::collect_garbage`] to destroy once the node is back (so a node that was down does not keep it).
+    async fn destroy_or_collect_later(
+        &self,
+        volume: Uuid,
+        rep: &ReplicaRecord,
+    ) -> Result<(), VolumeError> {
+        let res = match self.engine(&rep.node).await {
+            Ok(mut c) => destroyed(
+                &rep.node,
+                c.destroy_replica(epb::DestroyReplicaRequest {
+                    uuid: rep.uuid.to_string(),
+                })
+                .await,
+            ),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            tracing::info!(%volume, replica = %rep.uuid, node = %rep.node, error = %e, "replica kept as garbage until its node answers");
+            let g = Garbage {
+                node: rep.node.clone(),
+                volume,
+            };
+            let bytes = serde_json::to_vec(&g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            self.store().put(&garbage_key(&rep.uuid), bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// Destroys the replicas recorded as garbage whose nodes answer now.
+    pub async fn collect_garbage(&self) -> Result<(), VolumeError> {
+        for (k, v) in self.store().list(GARBAGE).await? {
+            let Ok(g) = serde_json::from_slice::<Garbage>(&v.value) else {
+                continue;
+            };
+            let Some(id) = k.strip_prefix(GARBAGE) else {
+                continue;
+            };
+            let Ok(mut c) = self.engine(&g.node).await else {
+                continue;
+            };
+            if destroyed(
+                &g.node,
+                c.destroy_replica(epb::DestroyReplicaRequest {
+                    uuid: id.to_string(),
+                })
+                .await,
+            )
+            .is_ok()
+            {
+                self.store().delete(&k).await?;
+                tracing::info!(replica = id, node = %g.node, volume = %g.volume, "garbage replica destroyed");
+            }
         }
         Ok(())
     }

@@ -115,6 +115,10 @@ impl Volumes {
         }
     }
 
+    pub(super) fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
     pub(super) fn lock_of(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()

@@ -222,6 +222,44 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
         );
     }
     ns.close().await;
+    // The replica left on node 2 while it was down is garbage-collected: node 2 keeps only the new one.
+    let v = get(&mut c).await;
+    let want: Vec<String> = v
+        .replica_list
+        .iter()
+        .filter(|r| r.node == "reg-2")
+        .map(|r| r.uuid.clone())
+        .collect();
+    let n2 = c
+        .get_node(pb::GetNodeRequest {
+            name: "reg-2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = Instant::now();
+    loop {
+        let mut e = proto::engine::engine_client::EngineClient::connect(n2.engine_endpoint.clone())
+            .await
+            .unwrap();
+        let have: Vec<String> = e
+            .list_replicas(proto::engine::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .replicas
+            .into_iter()
+            .map(|r| r.uuid)
+            .collect();
+        if have == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "node 2 keeps {have:?}, the volume has {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Scaling (Mayastor's scenarios 3, 5 and 6, on healthy nodes): 2 → 3 puts the new replica on the node without one
