@@ -21,10 +21,11 @@ use proto::engine as epb;
 use proto::names;
 use uuid::Uuid;
 
+use super::dataplane::NodeEngineError;
 use super::scheduler;
 use super::store::StoreError;
 use super::volume::{ReplicaRecord, VolumePhase, VolumeRecord};
-use super::volumes::{MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error};
+use super::volumes::{MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error, refused};
 
 /// Replicas retired while their node could not be asked, destroyed when it answers again.
 const GARBAGE: &str = "/keelson/garbage/replicas/";
@@ -48,7 +49,7 @@ fn replica_of(uri: &str) -> Option<Uuid> {
 impl Volumes {
     /// Heals every published volume whose operation is not in flight.
     pub async fn heal_all(&self) -> Result<(), VolumeError> {
-        for r in self.list().await? {
+        for r in self.list_sound().await? {
             if r.phase != VolumePhase::Created {
                 continue;
             }
@@ -71,6 +72,7 @@ impl Volumes {
         let uuid = r.uuid.to_string();
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             // Unpublished: only the replica count to keep.
+            self.retire_surplus(&mut r).await?;
             self.place_missing(&mut r).await?;
             return self.create_missing(&mut r).await;
         };
@@ -83,8 +85,14 @@ impl Volumes {
         let Some(nx) = list.nexuses.into_iter().find(|n| n.uuid == uuid) else {
             return Ok(());
         };
+        let children: BTreeSet<Uuid> = nx
+            .children
+            .iter()
+            .filter_map(|c| replica_of(&c.uri))
+            .collect();
 
-        // 1. Retire faulted children.
+        // 1. Retire faulted children, and replicas that are no child and whose node is down (a nexus made while
+        //    their node was away).
         for child in nx
             .children
             .iter()
@@ -99,30 +107,34 @@ impl Volumes {
                 .await;
             destroyed(&nexus.node, res)?;
             tracing::info!(%uuid, child = %child.uri, reason = %child.reason, "faulted child retired");
-            let Some(rid) = replica_of(&child.uri) else {
-                continue;
-            };
-            if let Some(i) = r.replicas.iter().position(|x| x.uuid == rid) {
-                let rep = r.replicas.remove(i);
-                r.reason = format!(
-                    "replica {} on {} faulted: {}",
-                    rep.uuid, rep.node, child.reason
-                );
-                self.save(&r).await?;
-                self.destroy_or_collect_later(r.uuid, &rep).await?;
+            if let Some(i) =
+                replica_of(&child.uri).and_then(|rid| r.replicas.iter().position(|x| x.uuid == rid))
+            {
+                let (node, id) = (r.replicas[i].node.clone(), r.replicas[i].uuid);
+                r.reason = format!("replica {id} on {node} faulted: {}", child.reason);
+                self.retire(&mut r, i).await?;
             }
         }
+        let mut i = 0;
+        while i < r.replicas.len() {
+            let rep = &r.replicas[i];
+            if rep.created && !children.contains(&rep.uuid) && !self.node_online(&rep.node).await {
+                r.reason = format!(
+                    "replica {} on {} is away: its node is not Online",
+                    rep.uuid, rep.node
+                );
+                self.retire(&mut r, i).await?;
+            } else {
+                i += 1;
+            }
+        }
+        self.retire_surplus(&mut r).await?;
 
         // 2. Place and create what the spec asks for and the record lacks.
         self.place_missing(&mut r).await?;
         self.create_missing(&mut r).await?;
 
         // 3. Add created replicas the nexus does not have; it rebuilds them.
-        let children: BTreeSet<Uuid> = nx
-            .children
-            .iter()
-            .filter_map(|c| replica_of(&c.uri))
-            .collect();
         for rep in r
             .replicas
             .iter()
@@ -158,6 +170,30 @@ impl Volumes {
             r.reason.clear();
             self.save(&r).await?;
         }
+        Ok(())
+    }
+
+    async fn node_online(&self, node: &str) -> bool {
+        self.registry
+            .get(node)
+            .await
+            .is_ok_and(|v| v.record.status.state == super::node::NodeState::Online)
+    }
+
+    /// Retires replica `i`: recorded as garbage first, then dropped from the volume's record, then destroyed
+    /// (the garbage entry goes when the destroy succeeds, now or in [`Volumes::collect_garbage`]). A crash at any
+    /// point leaves the replica either still in the record or recorded as garbage, never nowhere.
+    pub(super) async fn retire(&self, r: &mut VolumeRecord, i: usize) -> Result<(), VolumeError> {
+        let rep = r.replicas[i].clone();
+        let g = Garbage {
+            node: rep.node.clone(),
+            volume: r.uuid,
+        };
+        let bytes = serde_json::to_vec(&g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.store().put(&garbage_key(&rep.uuid), bytes).await?;
+        r.replicas.remove(i);
+        self.save(r).await?;
+        self.collect_one(&rep.uuid.to_string(), &g).await?;
         Ok(())
     }
 
@@ -230,10 +266,19 @@ impl Volumes {
                     i += 1;
                 }
                 Err(e) => {
-                    // Never created: forget the plan, so the next run places it again (elsewhere if need be).
-                    r.replicas.remove(i);
-                    r.reason = format!("Degraded: the replacement on {} failed: {e}", rep.node);
-                    self.save(r).await?;
+                    // Refused, or its node is gone: never created, so forget the plan and place it again (elsewhere
+                    // if need be). Anything else (a timeout) may have created it: keep the plan and ask again.
+                    let gone = matches!(
+                        e,
+                        VolumeError::Node(
+                            NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_)
+                        )
+                    );
+                    if refused(&e) || gone {
+                        r.replicas.remove(i);
+                        r.reason = format!("Degraded: the replacement on {} failed: {e}", rep.node);
+                        self.save(r).await?;
+                    }
                     return Err(e);
                 }
             }
@@ -346,41 +391,8 @@ impl Volumes {
                     .await;
                 destroyed(&n.node, res)?;
             }
-            if rep.created {
-                self.destroy_or_collect_later(r.uuid, &rep).await?;
-            }
-            r.replicas.remove(i);
-            self.save(r).await?;
+            self.retire(r, i).await?;
             tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "surplus replica retired");
-        }
-        Ok(())
-    }
-
-    /// Destroys a replica the volume no longer has; when its node cannot be asked now, records it as garbage for
-    /// [`Volumes::collect_garbage`] to destroy once the node is back (so a node that was down does not keep it).
-    async fn destroy_or_collect_later(
-        &self,
-        volume: Uuid,
-        rep: &ReplicaRecord,
-    ) -> Result<(), VolumeError> {
-        let res = match self.engine(&rep.node).await {
-            Ok(mut c) => destroyed(
-                &rep.node,
-                c.destroy_replica(epb::DestroyReplicaRequest {
-                    uuid: rep.uuid.to_string(),
-                })
-                .await,
-            ),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = res {
-            tracing::info!(%volume, replica = %rep.uuid, node = %rep.node, error = %e, "replica kept as garbage until its node answers");
-            let g = Garbage {
-                node: rep.node.clone(),
-                volume,
-            };
-            let bytes = serde_json::to_vec(&g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.store().put(&garbage_key(&rep.uuid), bytes).await?;
         }
         Ok(())
     }
@@ -388,26 +400,43 @@ impl Volumes {
     /// Destroys the replicas recorded as garbage whose nodes answer now.
     pub async fn collect_garbage(&self) -> Result<(), VolumeError> {
         for (k, v) in self.store().list(GARBAGE).await? {
-            let Ok(g) = serde_json::from_slice::<Garbage>(&v.value) else {
+            let (Ok(g), Some(id)) = (
+                serde_json::from_slice::<Garbage>(&v.value),
+                k.strip_prefix(GARBAGE),
+            ) else {
                 continue;
             };
-            let Some(id) = k.strip_prefix(GARBAGE) else {
-                continue;
-            };
-            let Ok(mut c) = self.engine(&g.node).await else {
-                continue;
-            };
-            if destroyed(
-                &g.node,
-                c.destroy_replica(epb::DestroyReplicaRequest {
-                    uuid: id.to_string(),
-                })
-                .await,
-            )
-            .is_ok()
-            {
-                self.store().delete(&k).await?;
-                tracing::info!(replica = id, node = %g.node, volume = %g.volume, "garbage replica destroyed");
+            // Still in its volume (a crash between recording the garbage and dropping it): not garbage yet.
+            let listed = self
+                .read(g.volume)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.replicas.iter().any(|x| x.uuid.to_string() == id));
+            if !listed {
+                self.collect_one(id, &g).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys one garbage replica if its node answers, then forgets it.
+    async fn collect_one(&self, id: &str, g: &Garbage) -> Result<(), VolumeError> {
+        let Ok(mut c) = self.engine(&g.node).await else {
+            return Ok(());
+        };
+        let res = c
+            .destroy_replica(epb::DestroyReplicaRequest {
+                uuid: id.to_string(),
+            })
+            .await;
+        match destroyed(&g.node, res) {
+            Ok(()) => {
+                self.store().delete(&format!("{GARBAGE}{id}")).await?;
+                tracing::info!(replica = id, node = %g.node, volume = %g.volume, "retired replica destroyed");
+            }
+            Err(e) => {
+                tracing::info!(replica = id, node = %g.node, error = %e, "retired replica kept as garbage for now")
             }
         }
         Ok(())

@@ -1,8 +1,8 @@
 //! One acting cluster agent among several that share a store: the leader is whoever holds `key`, put with its
 //! lease. A candidate that finds the key taken waits for it to be deleted (the leader resigned, or its lease
 //! expired because it died or was cut off) and tries again. The leader renews its lease every third of the TTL;
-//! the moment a renewal fails, [`Leader::lost`] fires and the agent must stop acting, since another may already
-//! lead.
+//! the moment a renewal fails, or no renewal has succeeded for the TTL less one renewal period (a hung store call
+//! counts as a failure), [`Leader::lost`] fires and the agent must stop acting, since another may soon lead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,14 +94,31 @@ async fn renew(
     stop: CancellationToken,
 ) {
     let every = ttl / 3;
+    // The lease may run out on the store's side at `last_renewed + ttl`; stop acting a renewal period before that,
+    // whatever a slow or hung renewal call is doing meanwhile.
+    let mut last_renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = lost.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = store.keep_alive(lease).await {
-            tracing::warn!(lease, error = %e, "leadership lost: the lease could not be renewed");
+        let asked = tokio::time::Instant::now();
+        match tokio::time::timeout(every, store.keep_alive(lease)).await {
+            Ok(Ok(())) => last_renewed = asked,
+            Ok(Err(e)) => {
+                tracing::warn!(lease, error = %e, "leadership lost: the lease could not be renewed");
+                lost.cancel();
+                return;
+            }
+            Err(_) => tracing::warn!(lease, "a lease renewal took longer than {every:?}"),
+        }
+        if last_renewed.elapsed() + every >= ttl {
+            tracing::warn!(
+                lease,
+                "leadership lost: no renewal for {:?}",
+                last_renewed.elapsed()
+            );
             lost.cancel();
             return;
         }

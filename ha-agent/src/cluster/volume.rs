@@ -57,6 +57,10 @@ pub struct VolumeRecord {
     pub nexus: Option<NexusRecord>,
     /// The highest reservation key any nexus of this volume was given.
     pub last_key: u64,
+    /// The key of the last nexus the engine confirmed: the one holding the replicas' reservations, which the next
+    /// nexus preempts (0: none yet).
+    #[serde(default)]
+    pub fence_key: u64,
     /// Why the last operation did not finish, if it did not.
     pub reason: String,
 }

@@ -80,7 +80,7 @@ pub(super) fn engine_error(node: &str, s: tonic::Status) -> VolumeError {
 }
 
 /// Whether the engine refused for a reason that asking again will not change.
-fn refused(e: &VolumeError) -> bool {
+pub(super) fn refused(e: &VolumeError) -> bool {
     matches!(
         e,
         VolumeError::Engine {
@@ -156,6 +156,23 @@ impl Volumes {
             .collect()
     }
 
+    /// Every volume record that decodes; a corrupt one is logged and skipped, so it stops no one else's healing.
+    pub(super) async fn list_sound(&self) -> Result<Vec<VolumeRecord>, VolumeError> {
+        Ok(self
+            .store
+            .list(volume::PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|(k, v)| match VolumeRecord::decode(&v.value) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(key = %k, error = %e, "corrupt volume record skipped");
+                    None
+                }
+            })
+            .collect())
+    }
+
     /// Records `r` (the caller holds the volume's lock, so it overwrites its own last write).
     pub(super) async fn save(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
         self.store.put(&volume::key(&r.uuid), r.encode()).await?;
@@ -221,6 +238,7 @@ impl Volumes {
                         .collect(),
                     nexus: None,
                     last_key: 0,
+                    fence_key: 0,
                     reason: String::new(),
                 };
                 if !self
@@ -299,33 +317,42 @@ impl Volumes {
         self.drive_delete(r).await
     }
 
-    /// Destroys the nexus, then each replica, recording each; the record goes last.
+    /// Destroys the nexus (when its node answers; a nexus on a node that is down stays fenced by the reservation
+    /// keys), then retires each replica (recorded as garbage first, so one on a node that is down is destroyed when
+    /// it returns); the record goes last.
     async fn drive_delete(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
         if let Some(n) = r.nexus.clone() {
-            let mut c = self.engine(&n.node).await?;
-            let res = c
-                .destroy_nexus(epb::DestroyNexusRequest {
-                    uuid: r.uuid.to_string(),
-                })
-                .await;
-            destroyed(&n.node, res)?;
+            self.destroy_nexus(r.uuid, &n.node).await?;
             r.nexus = None;
             self.save(&r).await?;
         }
-        while let Some(rep) = r.replicas.last().cloned() {
-            let mut c = self.engine(&rep.node).await?;
-            let res = c
-                .destroy_replica(epb::DestroyReplicaRequest {
-                    uuid: rep.uuid.to_string(),
-                })
-                .await;
-            destroyed(&rep.node, res)?;
-            r.replicas.pop();
-            self.save(&r).await?;
+        while !r.replicas.is_empty() {
+            let last = r.replicas.len() - 1;
+            self.retire(&mut r, last).await?;
         }
         self.store.delete(&volume::key(&r.uuid)).await?;
         tracing::info!(uuid = %r.uuid, "volume deleted");
         Ok(())
+    }
+
+    /// Destroys the volume's nexus on `node`; a node that is not Online is skipped.
+    async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<(), VolumeError> {
+        match self.engine(node).await {
+            Ok(mut c) => destroyed(
+                node,
+                c.destroy_nexus(epb::DestroyNexusRequest {
+                    uuid: uuid.to_string(),
+                })
+                .await,
+            ),
+            Err(VolumeError::Node(
+                NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_),
+            )) => {
+                tracing::warn!(%uuid, node, "the nexus's node is down: its nexus stays fenced, not destroyed");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn publish(
@@ -409,8 +436,14 @@ impl Volumes {
             self.save(&r).await?;
         }
         let key = r.nexus.as_ref().map_or(0, |n| n.key);
+        // The nexus is made of the replicas whose nodes are up; those away are retired and replaced by healing.
+        let up = |name: &str| {
+            nodes
+                .iter()
+                .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
+        };
         let mut children = Vec::new();
-        for rep in &r.replicas {
+        for rep in r.replicas.iter().filter(|x| x.created && up(&x.node)) {
             let mut c = self.engine(&rep.node).await?;
             let shared = c
                 .share_replica(epb::ShareReplicaRequest {
@@ -426,16 +459,24 @@ impl Volumes {
                 shared.uri
             });
         }
+        if children.is_empty() {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: "no replica's node is Online".into(),
+            });
+        }
         let mut c = self.engine(&node).await?;
         c.create_nexus(epb::CreateNexusRequest {
             uuid: uuid.to_string(),
             children,
             reservation_key: key,
-            preempt_key: key.saturating_sub(1),
+            preempt_key: if r.fence_key == key { 0 } else { r.fence_key },
             ..Default::default()
         })
         .await
         .map_err(|s| engine_error(&node, s))?;
+        r.fence_key = key;
+        self.save(&r).await?;
         let n = c
             .publish_nexus(epb::PublishNexusRequest {
                 uuid: uuid.to_string(),
@@ -482,13 +523,7 @@ impl Volumes {
         let _held = lock.lock().await;
         let mut r = self.get(uuid).await?;
         if let Some(n) = r.nexus.clone() {
-            let mut c = self.engine(&n.node).await?;
-            let res = c
-                .destroy_nexus(epb::DestroyNexusRequest {
-                    uuid: uuid.to_string(),
-                })
-                .await;
-            destroyed(&n.node, res)?;
+            self.destroy_nexus(uuid, &n.node).await?;
             r.nexus = None;
             self.save(&r).await?;
             tracing::info!(%uuid, "volume unpublished");
@@ -549,7 +584,7 @@ impl Volumes {
     /// Resumes volumes left Creating or Deleting (by a crash or a failure worth retrying). Skips volumes whose
     /// operation is in flight.
     pub async fn reconcile(&self) -> Result<(), VolumeError> {
-        for r in self.list().await? {
+        for r in self.list_sound().await? {
             if r.phase == VolumePhase::Created {
                 continue;
             }

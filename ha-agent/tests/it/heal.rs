@@ -360,3 +360,98 @@ async fn scaling_adds_replicas_on_free_nodes_and_removes_those_away_from_the_nex
     }
     ns.close().await;
 }
+
+/// The nexus's own node dies: publishing again (as the node agent will) makes a new nexus on a live node from the
+/// replicas whose nodes are up, fencing the dead one's key; healing retires the replica on the dead node and puts
+/// a new one on the free node; every acknowledged write reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 2,
+    })
+    .await
+    .unwrap();
+    let publish = |node: &str| pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: HOST.into(),
+        node: node.into(),
+    };
+    let p = c
+        .publish_volume(publish("reg-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let connect = |p: &pb::Volume| {
+        let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+        o.hostnqn = HOST.into();
+        RemoteNamespace::connect(o, 1)
+    };
+    let ns = connect(&p).await.unwrap();
+    for i in 0..16 {
+        ns.write((i * 128) << 10, block(i)).await.unwrap();
+    }
+    drop(ns);
+    engines[0].kill9();
+
+    let t = Instant::now();
+    let p = loop {
+        match c.publish_volume(publish("reg-2")).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) => assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "never published again: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "published on {} {:?} after the nexus node died",
+        p.nexus_node,
+        t.elapsed()
+    );
+    assert_eq!(p.nexus_node, "reg-2");
+    let ns = connect(&p).await.unwrap();
+    for i in 0..16 {
+        assert_eq!(
+            ns.read((i * 128) << 10, 64 << 10).await.unwrap(),
+            block(i),
+            "write {i}"
+        );
+    }
+    let t = Instant::now();
+    loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut on: Vec<_> = v.replica_list.iter().map(|r| r.node.clone()).collect();
+        on.sort();
+        if v.state == "Online" && on == ["reg-2", "reg-3"] {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never healed: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ns.write(0, block(99)).await.unwrap();
+    assert_eq!(ns.read(0, 64 << 10).await.unwrap(), block(99));
+    ns.close().await;
+}
