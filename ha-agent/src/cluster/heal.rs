@@ -244,20 +244,7 @@ impl Volumes {
                 continue;
             }
             let rep = r.replicas[i].clone();
-            let res = match self.engine(&rep.node).await {
-                Ok(mut c) => c
-                    .create_replica(epb::CreateReplicaRequest {
-                        pool: rep.pool.clone(),
-                        uuid: rep.uuid.to_string(),
-                        size: r.spec.size,
-                        share: false,
-                        allowed_hosts: vec![],
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|s| engine_error(&rep.node, s)),
-                Err(e) => Err(e),
-            };
+            let res = self.create_replica(&rep, r.spec.size).await;
             match res {
                 Ok(()) => {
                     r.replicas[i].created = true;

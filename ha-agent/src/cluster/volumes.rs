@@ -258,6 +258,25 @@ impl Volumes {
         self.drive_create(record).await
     }
 
+    /// Asks `rep`'s engine for the replica (idempotent: the same request again is a no-op).
+    pub(super) async fn create_replica(
+        &self,
+        rep: &ReplicaRecord,
+        size: u64,
+    ) -> Result<(), VolumeError> {
+        let mut c = self.engine(&rep.node).await?;
+        c.create_replica(epb::CreateReplicaRequest {
+            pool: rep.pool.clone(),
+            uuid: rep.uuid.to_string(),
+            size,
+            share: false,
+            allowed_hosts: vec![],
+        })
+        .await
+        .map(drop)
+        .map_err(|s| engine_error(&rep.node, s))
+    }
+
     /// Creates the replicas still to create, recording each; rolls back on a refusal, keeps the plan otherwise.
     async fn drive_create(&self, mut r: VolumeRecord) -> Result<VolumeRecord, VolumeError> {
         for i in 0..r.replicas.len() {
@@ -265,20 +284,7 @@ impl Volumes {
                 continue;
             }
             let rep = r.replicas[i].clone();
-            let res = match self.engine(&rep.node).await {
-                Ok(mut c) => c
-                    .create_replica(epb::CreateReplicaRequest {
-                        pool: rep.pool.clone(),
-                        uuid: rep.uuid.to_string(),
-                        size: r.spec.size,
-                        share: false,
-                        allowed_hosts: vec![],
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|s| engine_error(&rep.node, s)),
-                Err(e) => Err(e),
-            };
+            let res = self.create_replica(&rep, r.spec.size).await;
             match res {
                 Ok(()) => {
                     r.replicas[i].created = true;
