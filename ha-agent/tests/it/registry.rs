@@ -113,7 +113,7 @@ fn agent_with(dir: &Path, port: u16, store: &[&str], name: &str) -> Proc {
             "--node-timeout-ms",
             "800",
             "--engine-timeout-ms",
-            "300",
+            "2000",
             "--lease-ttl-ms",
             "1000",
         ]
