@@ -222,10 +222,20 @@ impl Pools {
         }
     }
 
-    /// Writes `r` over whatever version of its record is there.
     async fn settle(&self, r: &PoolRecord) -> Result<(), PoolOpError> {
+        self.settle_with(r, false).await
+    }
+
+    /// Writes `r` over whatever version of its record is there, unless the record is gone or a delete has begun
+    /// meanwhile (a create or reconcile that ran concurrently with a delete must not write the pool back); the
+    /// delete itself, undoing its own phase, passes `undo_delete`.
+    async fn settle_with(&self, r: &PoolRecord, undo_delete: bool) -> Result<(), PoolOpError> {
         loop {
-            let rev = self.read(&r.node, &r.name).await?.map_or(0, |(rev, _)| rev);
+            let rev = match self.read(&r.node, &r.name).await? {
+                Some((_, cur)) if cur.phase == PoolPhase::Deleting && !undo_delete => return Ok(()),
+                Some((rev, _)) => rev,
+                None => return Ok(()),
+            };
             if self.write(rev, r).await? {
                 return Ok(());
             }
@@ -257,7 +267,7 @@ impl Pools {
             ) => {
                 // Still holds replicas: it stays as it was.
                 r.phase = before;
-                self.settle(&r).await?;
+                self.settle_with(&r, true).await?;
                 Err(e)
             }
             Err(e) => Err(e),
