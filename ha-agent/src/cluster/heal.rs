@@ -53,11 +53,7 @@ impl Volumes {
             if r.phase != VolumePhase::Created {
                 continue;
             }
-            let lock = self.lock_of(r.uuid);
-            let Ok(_held) = lock.try_lock() else {
-                continue;
-            };
-            let Some(r) = self.read(r.uuid).await? else {
+            let Some((_held, r)) = self.claim_idle(r.uuid).await? else {
                 continue;
             };
             let uuid = r.uuid;

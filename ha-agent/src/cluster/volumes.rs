@@ -119,6 +119,18 @@ impl Volumes {
         self.store.as_ref()
     }
 
+    /// The volume's lock and its record as it is now, when no operation holds the lock (reconcilers skip a
+    /// volume whose operation is in flight).
+    pub(super) async fn claim_idle(
+        &self,
+        uuid: Uuid,
+    ) -> Result<Option<(tokio::sync::OwnedMutexGuard<()>, VolumeRecord)>, VolumeError> {
+        let Ok(held) = self.lock_of(uuid).try_lock_owned() else {
+            return Ok(None);
+        };
+        Ok(self.read(uuid).await?.map(|r| (held, r)))
+    }
+
     pub(super) fn lock_of(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
@@ -594,11 +606,7 @@ impl Volumes {
             if r.phase == VolumePhase::Created {
                 continue;
             }
-            let lock = self.lock_of(r.uuid);
-            let Ok(_held) = lock.try_lock() else {
-                continue;
-            };
-            let Some(r) = self.read(r.uuid).await? else {
+            let Some((_held, r)) = self.claim_idle(r.uuid).await? else {
                 continue;
             };
             let uuid = r.uuid;
