@@ -73,6 +73,8 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
+    // Tests arm failpoints with FAILPOINTS (see ha_agent::cluster::failpoint); unset, this does nothing.
+    let _failpoints = fail::FailScenario::setup();
     let store: Arc<dyn Store> = match args.store {
         StoreKind::Embedded => {
             std::fs::create_dir_all(&args.data_dir)

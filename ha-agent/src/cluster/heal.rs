@@ -22,6 +22,7 @@ use proto::names;
 use uuid::Uuid;
 
 use super::dataplane::NodeEngineError;
+use super::failpoint;
 use super::scheduler;
 use super::store::StoreError;
 use super::volume::{ReplicaRecord, VolumePhase, VolumeRecord};
@@ -157,6 +158,7 @@ impl Volumes {
             })
             .await
             .map_err(|s| engine_error(&nexus.node, s))?;
+            failpoint::at(failpoint::HEAL_CHILD_ADDED);
             tracing::info!(%uuid, child = %uri, "child added; the nexus rebuilds it");
         }
         if r.replicas.len() == r.spec.replicas as usize
@@ -187,8 +189,10 @@ impl Volumes {
         };
         let bytes = serde_json::to_vec(&g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store().put(&garbage_key(&rep.uuid), bytes).await?;
+        failpoint::at(failpoint::RETIRE_GARBAGE_RECORDED);
         r.replicas.remove(i);
         self.save(r).await?;
+        failpoint::at(failpoint::RETIRE_DROPPED);
         self.collect_one(&rep.uuid.to_string(), &g).await?;
         Ok(())
     }
@@ -226,6 +230,7 @@ impl Volumes {
                 created: false,
             });
             self.save(r).await?;
+            failpoint::at(failpoint::HEAL_REPLICA_PLACED);
         }
         Ok(())
     }
@@ -243,6 +248,7 @@ impl Volumes {
             let res = self.create_replica(&rep, r.spec.size).await;
             match res {
                 Ok(()) => {
+                    failpoint::at(failpoint::HEAL_REPLICA_CREATED);
                     r.replicas[i].created = true;
                     self.save(r).await?;
                     tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "replacement replica created");

@@ -13,12 +13,14 @@
 //! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
 //!   created and added to the nexus (which rebuilds them).
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
+//! - [`failpoint`]: where a test can make the agent die between two steps of an operation.
 //! - [`api`]: the gRPC services (Registration for io-engines, Cluster for operators), served by the leader.
 //! - [`agent`]: one agent's life: store, schema, API, leadership, registry sweep.
 
 pub mod agent;
 pub mod api;
 pub mod dataplane;
+pub mod failpoint;
 pub mod heal;
 pub mod leader;
 pub mod node;

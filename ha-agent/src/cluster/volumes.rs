@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use super::dataplane::{self, NodeEngineError};
+use super::failpoint;
 use super::node::NodeState;
 use super::registry::{Registry, RegistryError};
 use super::scheduler::{self, NoRoom};
@@ -263,6 +264,7 @@ impl Volumes {
                         why: "created by another request meanwhile".into(),
                     });
                 }
+                failpoint::at(failpoint::CREATE_PLACED);
                 tracing::info!(%uuid, replicas = ?r.replicas.iter().map(|x| (&x.node, &x.pool)).collect::<Vec<_>>(), "volume placed");
                 r
             }
@@ -299,6 +301,7 @@ impl Volumes {
             let res = self.create_replica(&rep, r.spec.size).await;
             match res {
                 Ok(()) => {
+                    failpoint::at(failpoint::CREATE_REPLICA_CREATED);
                     r.replicas[i].created = true;
                     self.save(&r).await?;
                 }
@@ -331,6 +334,7 @@ impl Volumes {
         if r.phase != VolumePhase::Deleting {
             r.phase = VolumePhase::Deleting;
             self.save(&r).await?;
+            failpoint::at(failpoint::DELETE_MARKED);
         }
         self.drive_delete(r).await
     }
@@ -341,6 +345,7 @@ impl Volumes {
     async fn drive_delete(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
         if let Some(n) = r.nexus.clone() {
             self.destroy_nexus(r.uuid, &n.node).await?;
+            failpoint::at(failpoint::DELETE_NEXUS_DESTROYED);
             r.nexus = None;
             self.save(&r).await?;
         }
@@ -452,6 +457,7 @@ impl Volumes {
                 addresses: vec![],
             });
             self.save(&r).await?;
+            failpoint::at(failpoint::PUBLISH_NEXUS_RECORDED);
         }
         let key = r.nexus.as_ref().map_or(0, |n| n.key);
         // The nexus is made of the replicas whose nodes are up; those away are retired and replaced by healing.
@@ -493,6 +499,7 @@ impl Volumes {
         })
         .await
         .map_err(|s| engine_error(&node, s))?;
+        failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
         r.fence_key = key;
         self.save(&r).await?;
         let n = c
@@ -505,6 +512,7 @@ impl Volumes {
             .await
             .map_err(|s| engine_error(&node, s))?
             .into_inner();
+        failpoint::at(failpoint::PUBLISH_PUBLISHED);
         let addresses = nodes
             .iter()
             .find(|x| x.record.spec.name == node)

@@ -21,16 +21,20 @@ pub fn free_port(ip: &str) -> u16 {
 /// A child process, restartable with the same command line, killed when dropped.
 pub struct Proc {
     cmd: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
+    exit: Option<std::process::ExitStatus>,
 }
 
 impl Proc {
     fn start(cmd: Vec<String>, log: PathBuf) -> Proc {
         let mut p = Proc {
             cmd,
+            env: Vec::new(),
             log,
             child: None,
+            exit: None,
         };
         p.restart();
         p
@@ -45,6 +49,7 @@ impl Proc {
             .unwrap();
         let child = Command::new(&self.cmd[0])
             .args(&self.cmd[1..])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -68,6 +73,40 @@ impl Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sets `key=value` in the environment of the next (re)start; an empty value unsets it.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            self.env.push((key.into(), value.into()));
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit on its own; its status, or `None` if it still runs.
+    pub async fn exited(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        loop {
+            let c = self.child.as_mut()?;
+            if let Some(st) = c.try_wait().unwrap() {
+                self.child = None;
+                self.exit = Some(st);
+                return Some(st);
+            }
+            if t.elapsed() > limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How the process last exited, as [`Proc::exited`] saw it.
+    pub fn last_exit(&self) -> Option<std::process::ExitStatus> {
+        self.exit
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, then waits for a clean exit.
@@ -97,7 +136,7 @@ pub fn agent(dir: &Path, port: u16) -> Proc {
     )
 }
 
-fn agent_with(dir: &Path, port: u16, store: &[&str], name: &str) -> Proc {
+pub fn agent_with(dir: &Path, port: u16, store: &[&str], name: &str) -> Proc {
     let mut cmd: Vec<String> = vec![
         env!("CARGO_BIN_EXE_cluster-agent").into(),
         "--name".into(),

@@ -1,0 +1,57 @@
+//! Failpoints: named places between the steps of a multi-step operation (after a stage is recorded, after an engine
+//! call and before its result is recorded) where a test makes the agent die as `kill -9` would, to show that the
+//! next agent resumes or rolls the operation back with nothing leaked. Armed only by the `FAILPOINTS` environment
+//! variable in the `fail` crate's syntax, `FAILPOINTS='create.replica-created=return'` (`1*off->return`: the second
+//! hit); the names are the constants below. Unarmed, a failpoint is one map lookup.
+
+/// Each failpoint: the stage just done, and the side effect not yet recorded or started.
+pub const ALL: &[&str] = &[
+    CREATE_PLACED,
+    CREATE_REPLICA_CREATED,
+    PUBLISH_NEXUS_RECORDED,
+    PUBLISH_NEXUS_CREATED,
+    PUBLISH_PUBLISHED,
+    HEAL_REPLICA_PLACED,
+    HEAL_REPLICA_CREATED,
+    HEAL_CHILD_ADDED,
+    RETIRE_GARBAGE_RECORDED,
+    RETIRE_DROPPED,
+    DELETE_MARKED,
+    DELETE_NEXUS_DESTROYED,
+];
+
+/// The placement is recorded (phase Creating); no replica asked for.
+pub const CREATE_PLACED: &str = "create.placed";
+/// An engine created a replica; the record does not say so yet.
+pub const CREATE_REPLICA_CREATED: &str = "create.replica-created";
+/// A nexus with a new reservation key is recorded; the engine not asked.
+pub const PUBLISH_NEXUS_RECORDED: &str = "publish.nexus-recorded";
+/// The engine created the nexus (holding the replicas' reservations); the fence key is not recorded.
+pub const PUBLISH_NEXUS_CREATED: &str = "publish.nexus-created";
+/// The engine exported the nexus; the record does not say it is published.
+pub const PUBLISH_PUBLISHED: &str = "publish.published";
+/// A new replica (scale up or replacement) is placed and recorded; not created.
+pub const HEAL_REPLICA_PLACED: &str = "heal.replica-placed";
+/// An engine created the new replica; the record does not say so yet.
+pub const HEAL_REPLICA_CREATED: &str = "heal.replica-created";
+/// The nexus took the new replica as a child (and rebuilds it).
+pub const HEAL_CHILD_ADDED: &str = "heal.child-added";
+/// A replica being retired is recorded as garbage; it is still in its volume's record.
+pub const RETIRE_GARBAGE_RECORDED: &str = "retire.garbage-recorded";
+/// A retired replica is dropped from its volume's record; not destroyed yet.
+pub const RETIRE_DROPPED: &str = "retire.dropped";
+/// The volume is recorded as Deleting; nothing destroyed.
+pub const DELETE_MARKED: &str = "delete.marked";
+/// The engine destroyed the volume's nexus; the record still names it.
+pub const DELETE_NEXUS_DESTROYED: &str = "delete.nexus-destroyed";
+
+/// Dies here, as `kill -9` would (no destructor, no flush, no goodbye to the store), if `name` is armed.
+pub fn at(name: &str) {
+    fail::fail_point!(name, |_| crash(name));
+}
+
+fn crash(name: &str) -> ! {
+    eprintln!("failpoint {name}: killing the agent (SIGKILL)");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::process::abort()
+}

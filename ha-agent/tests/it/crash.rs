@@ -1,0 +1,555 @@
+//! Crash safety of the control plane: the cluster agent is killed (SIGKILL, by an armed failpoint) between every two
+//! steps of create, publish, scale up, scale down, replace and delete; a new agent on the same store resumes or
+//! rolls back the operation, and then every replica any engine holds is one some volume records, on its recorded
+//! node, each volume with its replica count on distinct nodes: nothing leaked, nothing doubled. Once on the embedded
+//! store and once on a real etcd (Debian `etcd-server`, started by the test).
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ha_agent::cluster::failpoint as fp;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::etcd::Etcd;
+use crate::registry::{Online, Proc, agent_with, engine_with, free_port, wait_for};
+
+const MIB: u64 = 1 << 20;
+const HOST: &str = "nqn.2026-11.io.keelson:test-crash-host";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_at_any_stage_on_the_embedded_store_resumes_with_nothing_leaked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("agent").display().to_string();
+    every_stage(dir.path(), &["--data-dir", &data]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_at_any_stage_on_etcd_resumes_with_nothing_leaked() {
+    let Some(etcd) =
+        Etcd::start("an_agent_killed_at_any_stage_on_etcd_resumes_with_nothing_leaked").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    every_stage(dir.path(), &["--store", "etcd", "--etcd", &etcd.endpoint]).await;
+}
+
+struct Cluster {
+    agent: Proc,
+    c: ClusterClient<Channel>,
+    engines: Vec<Proc>,
+}
+
+impl Cluster {
+    /// Restarts the agent with `failpoint` armed, runs `op` (which must reach it), and checks the agent died there
+    /// by SIGKILL; then starts it again unarmed.
+    async fn crash_in<F, Fut>(&mut self, failpoint: &str, op: F)
+    where
+        F: Fn(ClusterClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+    {
+        self.agent
+            .set_env("FAILPOINTS", &format!("{failpoint}=return"));
+        self.agent.restart();
+        // Asked again while the agent lives but does not serve yet (starting, campaigning, or the client's
+        // connection was to the agent before).
+        let t = Instant::now();
+        let r = loop {
+            let r = op(self.c.clone()).await;
+            match &r {
+                Err(s) if unserved(s) && t.elapsed() < Duration::from_secs(30) => {
+                    if self
+                        .agent
+                        .exited(Duration::from_millis(100))
+                        .await
+                        .is_some()
+                    {
+                        break r;
+                    }
+                }
+                _ => break r,
+            }
+        };
+        let st = match self.agent.exited(Duration::from_secs(20)).await {
+            Some(st) => Some(st),
+            None => self.agent.last_exit(),
+        };
+        assert!(
+            st.and_then(|s| s.signal()) == Some(9),
+            "{failpoint}: the agent should have died there (call: {r:?}, exit: {st:?}); log:\n{}",
+            tail(&self.agent.log())
+        );
+        println!("{failpoint}: agent killed there");
+        self.agent.set_env("FAILPOINTS", "");
+        self.agent.restart();
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<_> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Whether a call failed because no agent served it (none listening, not leading yet, or the connection was to an
+/// agent that died).
+fn unserved(s: &tonic::Status) -> bool {
+    s.code() == Code::Unavailable
+        || (s.code() == Code::Unknown && s.message().contains("transport error"))
+}
+
+/// `op`, retried while no agent answers (starting, campaigning); its first answer from a leader.
+async fn until_served<T, F, Fut>(mut op: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let t = Instant::now();
+    loop {
+        match op().await {
+            Err(s) if unserved(&s) && t.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn create(
+    mut c: ClusterClient<Channel>,
+    uuid: &str,
+    replicas: u32,
+) -> Result<(), tonic::Status> {
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: uuid.into(),
+        size_bytes: 4 * MIB,
+        replicas,
+    })
+    .await
+    .map(drop)
+}
+
+async fn publish(mut c: ClusterClient<Channel>, uuid: &str) -> Result<pb::Volume, tonic::Status> {
+    c.publish_volume(pb::PublishVolumeRequest {
+        uuid: uuid.into(),
+        host_nqn: HOST.into(),
+        node: String::new(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn scale(mut c: ClusterClient<Channel>, uuid: &str, n: u32) -> Result<(), tonic::Status> {
+    c.set_volume_replicas(pb::SetVolumeReplicasRequest {
+        uuid: uuid.into(),
+        replicas: n,
+    })
+    .await
+    .map(drop)
+}
+
+async fn delete(mut c: ClusterClient<Channel>, uuid: &str) -> Result<(), tonic::Status> {
+    c.delete_volume(pb::DeleteVolumeRequest { uuid: uuid.into() })
+        .await
+        .map(drop)
+}
+
+fn block(seed: u8) -> Bytes {
+    Bytes::from(vec![seed | 1; 64 << 10])
+}
+
+/// Writes and reads back a block through the published volume (one nexus holds the replicas' reservations).
+async fn write_through(v: &pb::Volume, seed: u8) {
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    ns.write(u64::from(seed) * (64 << 10), block(seed))
+        .await
+        .unwrap();
+    assert_eq!(
+        ns.read(u64::from(seed) * (64 << 10), 64 << 10)
+            .await
+            .unwrap(),
+        block(seed)
+    );
+    ns.close().await;
+}
+
+/// Waits until the cluster is consistent: every volume Created with its replica count, on distinct nodes, all
+/// confirmed; the replicas the engines hold are exactly those the volumes record, each on its node; `settled`
+/// (what the step being checked asks of its volume) holds.
+async fn consistent(
+    c: &ClusterClient<Channel>,
+    what: &str,
+    settled: impl Fn(&[pb::Volume]) -> bool,
+) {
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < Duration::from_secs(60) {
+        match check(c.clone(), &settled).await {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{what}: never consistent: {last}");
+}
+
+async fn check(
+    mut c: ClusterClient<Channel>,
+    settled: &impl Fn(&[pb::Volume]) -> bool,
+) -> Result<(), String> {
+    let vols = c
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .volumes;
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .nodes;
+    let mut recorded = BTreeSet::new();
+    for v in &vols {
+        let on: BTreeSet<_> = v.replica_list.iter().map(|r| &r.node).collect();
+        if v.phase != pb::VolumePhase::Created as i32
+            || v.replica_list.len() != v.replicas as usize
+            || on.len() != v.replica_list.len()
+            || v.replica_list.iter().any(|r| !r.created)
+        {
+            return Err(format!("volume not settled: {v:?}"));
+        }
+        recorded.extend(
+            v.replica_list
+                .iter()
+                .map(|r| (r.uuid.clone(), r.node.clone())),
+        );
+    }
+    let mut held = BTreeSet::new();
+    let mut count = 0;
+    for n in &nodes {
+        let mut e = EngineClient::connect(n.engine_endpoint.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        for r in e
+            .list_replicas(epb::ListReplicasRequest {})
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .replicas
+        {
+            count += 1;
+            held.insert((r.uuid, n.name.clone()));
+        }
+    }
+    if held != recorded || count != held.len() {
+        return Err(format!(
+            "engines hold {held:?} ({count}), volumes record {recorded:?}"
+        ));
+    }
+    if !settled(&vols) {
+        return Err(format!("step not done: {vols:#?}"));
+    }
+    Ok(())
+}
+
+fn volume<'a>(vols: &'a [pb::Volume], uuid: &str) -> Option<&'a pb::Volume> {
+    vols.iter().find(|v| v.uuid == uuid)
+}
+
+async fn every_stage(dir: &Path, store: &[&str]) {
+    let port = free_port("127.0.0.1");
+    let agent = agent_with(dir, port, store, "agent");
+    let url = format!("http://127.0.0.1:{port}");
+    let engines: Vec<_> = (1..=3).map(|i| engine_with(dir, i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let c = ClusterClient::connect(url).await.unwrap();
+    let mut k = Cluster { agent, c, engines };
+
+    // Create: killed after the placement is recorded, and after an engine made a replica the record lacks. The
+    // new agent finishes the creation; the caller's retry gets the same volume.
+    for f in [fp::CREATE_PLACED, fp::CREATE_REPLICA_CREATED] {
+        let vol = uuid::Uuid::new_v4().to_string();
+        k.crash_in(f, |c| {
+            let vol = vol.clone();
+            async move { create(c, &vol, 3).await }
+        })
+        .await;
+        until_served(|| create(k.c.clone(), &vol, 3)).await.unwrap();
+        consistent(&k.c, f, |v| volume(v, &vol).is_some()).await;
+        until_served(|| delete(k.c.clone(), &vol)).await.unwrap();
+    }
+
+    // Publish: killed after the nexus and its key are recorded, after the engine made the nexus, after it exported
+    // it. Publishing again gives a nexus that takes writes (it holds the replicas' reservations).
+    let vol = uuid::Uuid::new_v4().to_string();
+    until_served(|| create(k.c.clone(), &vol, 2)).await.unwrap();
+    for (i, f) in [
+        fp::PUBLISH_NEXUS_RECORDED,
+        fp::PUBLISH_NEXUS_CREATED,
+        fp::PUBLISH_PUBLISHED,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        k.crash_in(f, |c| {
+            let vol = vol.clone();
+            async move { publish(c, &vol).await.map(drop) }
+        })
+        .await;
+        let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
+        write_through(&v, i as u8).await;
+        consistent(&k.c, f, |v| volume(v, &vol).is_some()).await;
+        // Unpublished for the next stage, but the last (scaling works on it published).
+        if i < 2 {
+            until_served(|| {
+                let mut c = k.c.clone();
+                let vol = vol.clone();
+                async move {
+                    c.unpublish_volume(pb::UnpublishVolumeRequest { uuid: vol })
+                        .await
+                }
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    // Scale up 2 → 3 on the published volume: killed after the new replica is placed, created, added.
+    for f in [
+        fp::HEAL_REPLICA_PLACED,
+        fp::HEAL_REPLICA_CREATED,
+        fp::HEAL_CHILD_ADDED,
+    ] {
+        k.crash_in(f, |c| {
+            let vol = vol.clone();
+            async move { scale(c, &vol, 3).await }
+        })
+        .await;
+        consistent(&k.c, f, |v| {
+            volume(v, &vol).is_some_and(|v| v.replicas == 3 && v.state == "Online")
+        })
+        .await;
+        // Back to 2 (unarmed) for the next stage.
+        until_served(|| scale(k.c.clone(), &vol, 2)).await.unwrap();
+        consistent(&k.c, "scaled back", |v| {
+            volume(v, &vol).is_some_and(|v| v.replicas == 2)
+        })
+        .await;
+    }
+    let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
+    write_through(&v, 7).await;
+
+    // Scale down 3 → 2: killed after the retired replica is recorded as garbage, and after it left the record.
+    for f in [fp::RETIRE_GARBAGE_RECORDED, fp::RETIRE_DROPPED] {
+        until_served(|| scale(k.c.clone(), &vol, 3)).await.unwrap();
+        consistent(&k.c, "scaled up", |v| {
+            volume(v, &vol).is_some_and(|v| v.replicas == 3 && v.state == "Online")
+        })
+        .await;
+        k.crash_in(f, |c| {
+            let vol = vol.clone();
+            async move { scale(c, &vol, 2).await }
+        })
+        .await;
+        consistent(&k.c, f, |v| {
+            volume(v, &vol).is_some_and(|v| v.replicas == 2)
+        })
+        .await;
+    }
+
+    // Replace: the node of a replica that is not the nexus's is killed; its child faults and the agent dies while
+    // retiring it. The next agent finishes the retirement and places the replacement on the free node; when the
+    // dead node's engine returns, its retired replica is destroyed.
+    let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
+    let victim = v
+        .replica_list
+        .iter()
+        .find(|r| r.node != v.nexus_node)
+        .unwrap()
+        .node
+        .clone();
+    let i: usize = victim.strip_prefix("reg-").unwrap().parse().unwrap();
+    k.agent
+        .set_env("FAILPOINTS", &format!("{}=return", fp::RETIRE_DROPPED));
+    k.agent.restart();
+    k.engines[i - 1].kill9();
+    // Writes go on (no error) and make the nexus see the child fail.
+    for s in 10..14 {
+        write_through(&v, s).await;
+    }
+    let st = k.agent.exited(Duration::from_secs(30)).await;
+    assert!(
+        st.and_then(|s| s.signal()) == Some(9),
+        "the agent should have died retiring the faulted replica: {st:?}\n{}",
+        tail(&k.agent.log())
+    );
+    k.agent.set_env("FAILPOINTS", "");
+    k.agent.restart();
+    let dead = victim.clone();
+    let t = Instant::now();
+    loop {
+        let v = until_served(|| {
+            let mut c = k.c.clone();
+            let vol = vol.clone();
+            async move { c.get_volume(pb::GetVolumeRequest { uuid: vol }).await }
+        })
+        .await
+        .unwrap()
+        .into_inner();
+        if v.state == "Online" && v.replica_list.iter().all(|r| r.node != dead && r.created) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never replaced: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    k.engines[i - 1].restart();
+    consistent(&k.c, "replaced, and the dead node back", |v| {
+        volume(v, &vol).is_some_and(|v| v.replica_list.iter().all(|r| r.node != dead))
+    })
+    .await;
+    // Every write made through the crashes reads back.
+    let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    for s in [0u8, 1, 2, 7, 10, 11, 12, 13] {
+        assert_eq!(
+            ns.read(u64::from(s) * (64 << 10), 64 << 10).await.unwrap(),
+            block(s),
+            "write {s}"
+        );
+    }
+    ns.close().await;
+
+    // Delete of the published volume: killed after it is marked, after its nexus is destroyed, while retiring its
+    // replicas. Deleting again (or the reconciler) finishes it.
+    for f in [
+        fp::DELETE_MARKED,
+        fp::DELETE_NEXUS_DESTROYED,
+        fp::RETIRE_GARBAGE_RECORDED,
+    ] {
+        let vol = if f == fp::DELETE_MARKED {
+            vol.clone()
+        } else {
+            let v2 = uuid::Uuid::new_v4().to_string();
+            until_served(|| create(k.c.clone(), &v2, 2)).await.unwrap();
+            until_served(|| publish(k.c.clone(), &v2)).await.unwrap();
+            v2
+        };
+        k.crash_in(f, |c| {
+            let vol = vol.clone();
+            async move { delete(c, &vol).await }
+        })
+        .await;
+        match until_served(|| delete(k.c.clone(), &vol)).await {
+            Ok(()) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => panic!("{f}: delete again: {s:?}"),
+        }
+        consistent(&k.c, f, |v| volume(v, &vol).is_none()).await;
+    }
+    drop(k.engines);
+}
+
+/// Two agents on one etcd: the leader is killed in the middle of a scale operation (after the new replica is
+/// created, before the record says so); the other agent takes the lead within the lease TTL and finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_agent_finishes_a_scale_the_killed_leader_began() {
+    let Some(etcd) =
+        Etcd::start("the_standby_agent_finishes_a_scale_the_killed_leader_began").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = ["--store", "etcd", "--etcd", etcd.endpoint.as_str()];
+    let (pa, pb_) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let mut a = agent_with(dir.path(), pa, &store, "agent-a");
+    let (ua, ub) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb_}"),
+    );
+    let engines: Vec<_> = (1..=3)
+        .map(|i| engine_with(dir.path(), i, &format!("{ua},{ub}")))
+        .collect();
+    wait_for(
+        pa,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let ca = ClusterClient::connect(ua).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    until_served(|| create(ca.clone(), &vol, 2)).await.unwrap();
+    until_served(|| publish(ca.clone(), &vol)).await.unwrap();
+
+    // A leads; B waits. A is restarted armed (B cannot take the lead meanwhile: A's lease holds until it expires,
+    // and A campaigns again at once); B starts after A leads again.
+    a.set_env(
+        "FAILPOINTS",
+        &format!("{}=return", fp::HEAL_REPLICA_CREATED),
+    );
+    a.restart();
+    until_served(|| {
+        let mut c = ca.clone();
+        async move { c.list_volumes(pb::ListVolumesRequest::default()).await }
+    })
+    .await
+    .unwrap();
+    let _b = agent_with(dir.path(), pb_, &store, "agent-b");
+    let cb = ClusterClient::new(
+        tonic::transport::Endpoint::from_shared(ub)
+            .unwrap()
+            .connect_lazy(),
+    );
+    let t = Instant::now();
+    loop {
+        let standby = cb
+            .clone()
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap_err();
+        if standby.message().contains("does not lead") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{standby:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let r = scale(ca.clone(), &vol, 3).await;
+    let st = a.exited(Duration::from_secs(20)).await;
+    assert!(
+        st.and_then(|s| s.signal()) == Some(9),
+        "the leader should have died in the scale: {r:?} {st:?}"
+    );
+    let t = Instant::now();
+    consistent(&cb, "the standby finished the scale", |v| {
+        volume(v, &vol).is_some_and(|v| v.replicas == 3 && v.state == "Online")
+    })
+    .await;
+    println!(
+        "the standby finished the scale {:?} after the leader died",
+        t.elapsed()
+    );
+    drop(engines);
+}
