@@ -58,6 +58,9 @@ struct Args {
     /// Leadership lease TTL in milliseconds (etcd rounds up to whole seconds).
     #[arg(long, env = "KEELSON_LEASE_TTL_MS", default_value_t = 5000)]
     lease_ttl_ms: u64,
+    /// Prometheus metrics address (`GET /metrics`); not served when unset.
+    #[arg(long, env = "KEELSON_AGENT_METRICS")]
+    metrics: Option<SocketAddr>,
     /// Timeout of each engine API call, in milliseconds.
     #[arg(long, env = "KEELSON_ENGINE_TIMEOUT_MS", default_value_t = 1000)]
     engine_timeout_ms: u64,
@@ -89,6 +92,14 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.grpc)
         .await
         .with_context(|| format!("cluster API address {}", args.grpc))?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics address {addr}"))?,
+        ),
+        None => None,
+    };
     let name = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "agent".into());
         format!("{}-{}", host.trim(), std::process::id())
@@ -104,7 +115,7 @@ async fn main() -> Result<()> {
     };
     tracing::info!(grpc = %args.grpc, store = ?args.store, name = %config.name, "cluster agent starting");
     let stop = CancellationToken::new();
-    let run = tokio::spawn(agent::run(store, listener, config, stop.clone()));
+    let run = tokio::spawn(agent::run(store, listener, metrics, config, stop.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::pin!(run);
     tokio::select! {

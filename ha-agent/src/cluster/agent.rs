@@ -9,8 +9,10 @@ use tokio_util::sync::CancellationToken;
 use super::api::{self, Leadership, Leading};
 use super::dataplane::EngineProber;
 use super::leader;
+use super::metrics::{self, AgentMetrics};
 use super::pool::Pools;
 use super::registry::{Registry, RegistryConfig};
+use super::store::metered::MeteredStore;
 use super::store::{Store, schema};
 use super::volumes::Volumes;
 
@@ -42,27 +44,47 @@ pub enum AgentError {
 }
 
 /// Runs the agent until `stop` fires (then it resigns and returns `Ok`) or it fails.
+/// `metrics_listener`: where to serve `/metrics`, if anywhere.
 pub async fn run(
     store: Arc<dyn Store>,
     listener: tokio::net::TcpListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
     config: AgentConfig,
     stop: CancellationToken,
 ) -> Result<(), AgentError> {
+    let metrics = AgentMetrics::new();
+    let m = metrics.clone();
+    let store: Arc<dyn Store> = Arc::new(MeteredStore::new(
+        store,
+        Arc::new(move |request, took| m.store_request(request, took)),
+    ));
     let version = schema::check(store.as_ref()).await?;
     tracing::info!(schema = version, "store opened");
     let leadership = Leadership::default();
     let api_stop = stop.child_token();
-    let mut api = tokio::spawn(api::serve(leadership.clone(), listener, api_stop.clone()));
-    let result = lead(store, &leadership, &config, &stop, &mut api).await;
+    let mut api = tokio::spawn(api::serve(
+        leadership.clone(),
+        metrics.clone(),
+        listener,
+        api_stop.clone(),
+    ));
+    let scrape = metrics_listener
+        .map(|l| tokio::spawn(metrics::serve(metrics.clone(), l, api_stop.clone())));
+    let result = lead(store, &leadership, &metrics, &config, &stop, &mut api).await;
     leadership.step_down();
+    metrics.step_down();
     api_stop.cancel();
     let _ = api.await;
+    if let Some(s) = scrape {
+        let _ = s.await;
+    }
     result
 }
 
 async fn lead(
     store: Arc<dyn Store>,
     leadership: &Leadership,
+    metrics: &Arc<AgentMetrics>,
     config: &AgentConfig,
     stop: &CancellationToken,
     api: &mut tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -87,12 +109,18 @@ async fn lead(
         registry.clone(),
         config.engine_timeout,
     ));
-    let volumes = Arc::new(Volumes::new(store, registry.clone(), config.engine_timeout));
+    let volumes = Arc::new(Volumes::new(
+        store,
+        registry.clone(),
+        config.engine_timeout,
+        metrics.clone(),
+    ));
     leadership.lead(Arc::new(Leading {
         registry: registry.clone(),
         pools: pools.clone(),
         volumes: volumes.clone(),
     }));
+    metrics.lead();
     let lost = leader.lost();
     let mut tick = tokio::time::interval(config.registry.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,22 +139,34 @@ async fn lead(
                 };
             }
             _ = tick.tick() => {
-                if let Err(e) = registry.sweep().await {
-                    tracing::warn!(error = %e, "node sweep failed; retrying at the next tick");
-                }
-                if let Err(e) = pools.reconcile().await {
-                    tracing::warn!(error = %e, "pool reconcile failed; retrying at the next tick");
-                }
-                if let Err(e) = volumes.reconcile().await {
-                    tracing::warn!(error = %e, "volume reconcile failed; retrying at the next tick");
-                }
-                if let Err(e) = volumes.heal_all().await {
-                    tracing::warn!(error = %e, "volume healing failed; retrying at the next tick");
-                }
-                if let Err(e) = volumes.collect_garbage().await {
-                    tracing::warn!(error = %e, "garbage collection failed; retrying at the next tick");
+                let m = metrics.as_ref();
+                timed(m, "node_sweep", registry.sweep()).await;
+                timed(m, "pools", pools.reconcile()).await;
+                timed(m, "volume_operations", volumes.reconcile()).await;
+                timed(m, "healing", volumes.heal_all()).await;
+                timed(m, "garbage", volumes.collect_garbage()).await;
+                if let Ok(nodes) = registry.list().await {
+                    let online = nodes
+                        .iter()
+                        .filter(|n| n.record.status.state == super::node::NodeState::Online)
+                        .count() as i64;
+                    metrics.set_nodes(online, nodes.len() as i64 - online);
                 }
             }
         }
+    }
+}
+
+/// Runs one reconciler pass, records how long it took, and logs a failure (the next tick retries).
+async fn timed<E: std::fmt::Display>(
+    metrics: &AgentMetrics,
+    reconciler: &'static str,
+    pass: impl Future<Output = Result<(), E>>,
+) {
+    let t = std::time::Instant::now();
+    let r = pass.await;
+    metrics.reconciled(reconciler, t.elapsed());
+    if let Err(e) = r {
+        tracing::warn!(reconciler, error = %e, "reconcile pass failed; retrying at the next tick");
     }
 }

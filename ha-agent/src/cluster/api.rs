@@ -11,6 +11,7 @@ use proto::cluster::registration_server::{Registration, RegistrationServer};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::metrics::{self, AgentMetrics};
 use super::node::{NodeSpec, NodeState, PoolSpec};
 use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
 use super::registry::{NodeView, Registry, RegistryError};
@@ -218,6 +219,15 @@ fn node(v: NodeView) -> pb::Node {
 #[derive(Clone)]
 struct Service {
     leadership: Leadership,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Service {
+    /// Counts a state-changing call by its result (`keelson_agent_operations_total`).
+    fn counted<T>(&self, operation: &str, r: Result<T, Status>) -> Result<T, Status> {
+        self.metrics.operation(operation, &metrics::result_of(&r));
+        r
+    }
 }
 
 #[tonic::async_trait]
@@ -285,82 +295,110 @@ impl Cluster for Service {
         &self,
         r: Request<pb::CreatePoolRequest>,
     ) -> Result<Response<pb::ManagedPool>, Status> {
-        let l = self.leadership.leading()?;
-        let r = r.into_inner();
-        let record = l.pools.create(&r.node, &r.name, &r.disk).await?;
-        let reported = l
-            .registry
-            .get(&r.node)
-            .await
-            .ok()
-            .and_then(|n| n.record.status.pools.into_iter().find(|p| p.name == r.name));
-        Ok(Response::new(managed(PoolView { record, reported })))
+        let r: Result<Response<pb::ManagedPool>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            let record = l.pools.create(&r.node, &r.name, &r.disk).await?;
+            let reported = l
+                .registry
+                .get(&r.node)
+                .await
+                .ok()
+                .and_then(|n| n.record.status.pools.into_iter().find(|p| p.name == r.name));
+            Ok(Response::new(managed(PoolView { record, reported })))
+        }
+        .await;
+        self.counted("create_pool", r)
     }
 
     async fn delete_pool(
         &self,
         r: Request<pb::DeletePoolRequest>,
     ) -> Result<Response<pb::DeletePoolResponse>, Status> {
-        let l = self.leadership.leading()?;
-        let r = r.into_inner();
-        l.pools.delete(&r.node, &r.name).await?;
-        Ok(Response::new(pb::DeletePoolResponse {}))
+        let r: Result<Response<pb::DeletePoolResponse>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            l.pools.delete(&r.node, &r.name).await?;
+            Ok(Response::new(pb::DeletePoolResponse {}))
+        }
+        .await;
+        self.counted("delete_pool", r)
     }
 
     async fn set_volume_replicas(
         &self,
         r: Request<pb::SetVolumeReplicasRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let l = self.leadership.leading()?;
-        let r = r.into_inner();
-        let v = l
-            .volumes
-            .set_replicas(parse_uuid(&r.uuid)?, r.replicas)
-            .await?;
-        Ok(Response::new(volume(&l.volumes, v).await))
+        let r: Result<Response<pb::Volume>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            let v = l
+                .volumes
+                .set_replicas(parse_uuid(&r.uuid)?, r.replicas)
+                .await?;
+            Ok(Response::new(volume(&l.volumes, v).await))
+        }
+        .await;
+        self.counted("set_volume_replicas", r)
     }
 
     async fn cordon_node(
         &self,
         r: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let reg = self.leadership.registry()?;
-        Ok(Response::new(node(
-            reg.set_cordoned(&r.into_inner().name, true).await?,
-        )))
+        let r: Result<Response<pb::Node>, Status> = async {
+            let reg = self.leadership.registry()?;
+            Ok(Response::new(node(
+                reg.set_cordoned(&r.into_inner().name, true).await?,
+            )))
+        }
+        .await;
+        self.counted("cordon_node", r)
     }
 
     async fn uncordon_node(
         &self,
         r: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
-        let reg = self.leadership.registry()?;
-        Ok(Response::new(node(
-            reg.set_cordoned(&r.into_inner().name, false).await?,
-        )))
+        let r: Result<Response<pb::Node>, Status> = async {
+            let reg = self.leadership.registry()?;
+            Ok(Response::new(node(
+                reg.set_cordoned(&r.into_inner().name, false).await?,
+            )))
+        }
+        .await;
+        self.counted("uncordon_node", r)
     }
 
     async fn create_volume(
         &self,
         r: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let l = self.leadership.leading()?;
-        let r = r.into_inner();
-        let spec = VolumeSpec {
-            size: r.size_bytes,
-            replicas: r.replicas,
-        };
-        let v = l.volumes.create(parse_uuid(&r.uuid)?, spec).await?;
-        Ok(Response::new(volume(&l.volumes, v).await))
+        let r: Result<Response<pb::Volume>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            let spec = VolumeSpec {
+                size: r.size_bytes,
+                replicas: r.replicas,
+            };
+            let v = l.volumes.create(parse_uuid(&r.uuid)?, spec).await?;
+            Ok(Response::new(volume(&l.volumes, v).await))
+        }
+        .await;
+        self.counted("create_volume", r)
     }
 
     async fn delete_volume(
         &self,
         r: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        let l = self.leadership.leading()?;
-        l.volumes.delete(parse_uuid(&r.into_inner().uuid)?).await?;
-        Ok(Response::new(pb::DeleteVolumeResponse {}))
+        let r: Result<Response<pb::DeleteVolumeResponse>, Status> = async {
+            let l = self.leadership.leading()?;
+            l.volumes.delete(parse_uuid(&r.into_inner().uuid)?).await?;
+            Ok(Response::new(pb::DeleteVolumeResponse {}))
+        }
+        .await;
+        self.counted("delete_volume", r)
     }
 
     async fn get_volume(
@@ -388,25 +426,33 @@ impl Cluster for Service {
         &self,
         r: Request<pb::PublishVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let l = self.leadership.leading()?;
-        let r = r.into_inner();
-        let v = l
-            .volumes
-            .publish(parse_uuid(&r.uuid)?, &r.host_nqn, &r.node)
-            .await?;
-        Ok(Response::new(volume(&l.volumes, v).await))
+        let r: Result<Response<pb::Volume>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            let v = l
+                .volumes
+                .publish(parse_uuid(&r.uuid)?, &r.host_nqn, &r.node)
+                .await?;
+            Ok(Response::new(volume(&l.volumes, v).await))
+        }
+        .await;
+        self.counted("publish_volume", r)
     }
 
     async fn unpublish_volume(
         &self,
         r: Request<pb::UnpublishVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let l = self.leadership.leading()?;
-        let v = l
-            .volumes
-            .unpublish(parse_uuid(&r.into_inner().uuid)?)
-            .await?;
-        Ok(Response::new(volume(&l.volumes, v).await))
+        let r: Result<Response<pb::Volume>, Status> = async {
+            let l = self.leadership.leading()?;
+            let v = l
+                .volumes
+                .unpublish(parse_uuid(&r.into_inner().uuid)?)
+                .await?;
+            Ok(Response::new(volume(&l.volumes, v).await))
+        }
+        .await;
+        self.counted("unpublish_volume", r)
     }
 
     async fn list_pools(
@@ -422,10 +468,14 @@ impl Cluster for Service {
 /// Serves both services on `listener` until `stop` fires.
 pub async fn serve(
     leadership: Leadership,
+    metrics: Arc<AgentMetrics>,
     listener: tokio::net::TcpListener,
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let svc = Service { leadership };
+    let svc = Service {
+        leadership,
+        metrics,
+    };
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "cluster API listening");
     tonic::transport::Server::builder()

@@ -23,10 +23,13 @@ use uuid::Uuid;
 
 use super::dataplane::NodeEngineError;
 use super::failpoint;
+use super::metrics::VolumeObservation;
 use super::scheduler;
 use super::store::StoreError;
 use super::volume::{ReplicaRecord, VolumePhase, VolumeRecord};
-use super::volumes::{MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error, refused};
+use super::volumes::{
+    MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error, nexus_state, refused,
+};
 
 /// Replicas retired while their node could not be asked, destroyed when it answers again.
 const GARBAGE: &str = "/keelson/garbage/replicas/";
@@ -49,9 +52,14 @@ fn replica_of(uri: &str) -> Option<Uuid> {
 
 impl Volumes {
     /// Heals every published volume whose operation is not in flight.
+    /// Heals every published volume whose operation is not in flight, and sets the volume metrics from what it
+    /// saw (a volume busy with an operation keeps its last observation).
     pub async fn heal_all(&self) -> Result<(), VolumeError> {
-        for r in self.list_sound().await? {
+        let all = self.list_sound().await?;
+        for r in &all {
             if r.phase != VolumePhase::Created {
+                let state = self.unpublished_state(r).await;
+                self.observe(r, state, None);
                 continue;
             }
             let Some((_held, r)) = self.claim_idle(r.uuid).await? else {
@@ -62,26 +70,74 @@ impl Volumes {
                 tracing::debug!(%uuid, error = %e, "volume not healed yet");
             }
         }
+        let live: BTreeSet<Uuid> = all.iter().map(|r| r.uuid).collect();
+        let mut seen = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|u, _| live.contains(u));
+        self.metrics.set_volumes(seen.values());
         Ok(())
+    }
+
+    /// Records what a pass saw of `r`: its state, and its replicas' states from the nexus's children (`nexus`) or,
+    /// without one, from the record.
+    fn observe(&self, r: &VolumeRecord, state: &'static str, nexus: Option<&epb::Nexus>) {
+        let mut o = VolumeObservation {
+            state,
+            replicas: Default::default(),
+        };
+        let children: Vec<(Uuid, i32)> = nexus
+            .map(|n| {
+                n.children
+                    .iter()
+                    .filter_map(|c| Some((replica_of(&c.uri)?, c.state)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for rep in &r.replicas {
+            let s = match children.iter().find(|(id, _)| *id == rep.uuid) {
+                Some((_, s)) if *s == epb::ChildState::Healthy as i32 => "healthy",
+                Some((_, s)) if *s == epb::ChildState::Rebuilding as i32 => "rebuilding",
+                Some(_) => "faulted",
+                None if rep.created => "unattached",
+                None => "pending",
+            };
+            *o.replicas.entry(s).or_default() += 1;
+        }
+        self.observed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(r.uuid, o);
     }
 
     pub(super) async fn heal(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
         let uuid = r.uuid.to_string();
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             // Unpublished: only the replica count to keep.
+            let state = self.unpublished_state(&r).await;
+            self.observe(&r, state, None);
             self.retire_surplus(&mut r).await?;
             self.place_missing(&mut r).await?;
             return self.create_missing(&mut r).await;
         };
-        let mut nc = self.engine(&nexus.node).await?;
-        let list = nc
-            .list_nexuses(epb::ListNexusesRequest {})
-            .await
-            .map_err(|s| engine_error(&nexus.node, s))?
-            .into_inner();
+        let listed = match self.engine(&nexus.node).await {
+            Ok(mut nc) => nc
+                .list_nexuses(epb::ListNexusesRequest {})
+                .await
+                .map(|l| (nc, l.into_inner()))
+                .map_err(|s| engine_error(&nexus.node, s)),
+            Err(e) => Err(e),
+        };
+        let (mut nc, list) = match listed {
+            Ok(x) => x,
+            Err(e) => {
+                self.observe(&r, "Faulted", None);
+                return Err(e);
+            }
+        };
         let Some(nx) = list.nexuses.into_iter().find(|n| n.uuid == uuid) else {
+            self.observe(&r, "Faulted", None);
             return Ok(());
         };
+        self.observe(&r, nexus_state(&r, Some(&nx)), Some(&nx));
         let children: BTreeSet<Uuid> = nx
             .children
             .iter()
@@ -102,7 +158,12 @@ impl Volumes {
                     reason: String::new(),
                 })
                 .await;
-            destroyed(&nexus.node, res)?;
+            let res = destroyed(&nexus.node, res);
+            self.metrics.operation(
+                "retire_faulted_child",
+                if res.is_ok() { "ok" } else { "failed" },
+            );
+            res?;
             tracing::info!(%uuid, child = %child.uri, reason = %child.reason, "faulted child retired");
             if let Some(i) =
                 replica_of(&child.uri).and_then(|rid| r.replicas.iter().position(|x| x.uuid == rid))
@@ -151,13 +212,16 @@ impl Volumes {
             } else {
                 shared.uri
             };
-            nc.add_child(epb::ChildRequest {
-                uuid: uuid.clone(),
-                uri: uri.clone(),
-                reason: String::new(),
-            })
-            .await
-            .map_err(|s| engine_error(&nexus.node, s))?;
+            let added = nc
+                .add_child(epb::ChildRequest {
+                    uuid: uuid.clone(),
+                    uri: uri.clone(),
+                    reason: String::new(),
+                })
+                .await;
+            self.metrics
+                .operation("add_child", if added.is_ok() { "ok" } else { "failed" });
+            added.map_err(|s| engine_error(&nexus.node, s))?;
             failpoint::at(failpoint::HEAL_CHILD_ADDED);
             tracing::info!(%uuid, child = %uri, "child added; the nexus rebuilds it");
         }
@@ -246,6 +310,8 @@ impl Volumes {
             }
             let rep = r.replicas[i].clone();
             let res = self.create_replica(&rep, r.spec.size).await;
+            self.metrics
+                .operation("create_replica", if res.is_ok() { "ok" } else { "failed" });
             match res {
                 Ok(()) => {
                     failpoint::at(failpoint::HEAL_REPLICA_CREATED);
@@ -419,7 +485,10 @@ impl Volumes {
                 uuid: id.to_string(),
             })
             .await;
-        match destroyed(&g.node, res) {
+        let res = destroyed(&g.node, res);
+        self.metrics
+            .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
+        match res {
             Ok(()) => {
                 self.store().delete(&format!("{GARBAGE}{id}")).await?;
                 tracing::info!(replica = id, node = %g.node, volume = %g.volume, "retired replica destroyed");

@@ -14,6 +14,7 @@
 //!   created and added to the nexus (which rebuilds them).
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
 //! - [`failpoint`]: where a test can make the agent die between two steps of an operation.
+//! - [`metrics`]: the agent's Prometheus metrics and `/metrics`.
 //! - [`api`]: the gRPC services (Registration for io-engines, Cluster for operators), served by the leader.
 //! - [`agent`]: one agent's life: store, schema, API, leadership, registry sweep.
 
@@ -23,6 +24,7 @@ pub mod dataplane;
 pub mod failpoint;
 pub mod heal;
 pub mod leader;
+pub mod metrics;
 pub mod node;
 pub mod pool;
 pub mod registry;

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::dataplane::{self, NodeEngineError};
 use super::failpoint;
+use super::metrics::{AgentMetrics, VolumeObservation};
 use super::node::NodeState;
 use super::registry::{Registry, RegistryError};
 use super::scheduler::{self, NoRoom};
@@ -100,6 +101,9 @@ pub struct Volumes {
     pub(super) registry: Arc<Registry>,
     engine_timeout: Duration,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    pub(super) metrics: Arc<AgentMetrics>,
+    /// Each volume as the last healing pass saw it (for the metrics).
+    pub(super) observed: Mutex<HashMap<Uuid, VolumeObservation>>,
 }
 
 impl Volumes {
@@ -107,12 +111,15 @@ impl Volumes {
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
         engine_timeout: Duration,
+        metrics: Arc<AgentMetrics>,
     ) -> Volumes {
         Volumes {
             store,
             registry,
             engine_timeout,
             locks: Mutex::new(HashMap::new()),
+            metrics,
+            observed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -571,22 +578,13 @@ impl Volumes {
                 .nexuses
                 .into_iter()
                 .find(|x| x.uuid == r.uuid.to_string());
-            // Every child healthy, but fewer than the spec asks for (one retired, its replacement not in yet).
-            let healthy = found.as_ref().map_or(0, |x| {
-                x.children
-                    .iter()
-                    .filter(|c| c.state == epb::ChildState::Healthy as i32)
-                    .count()
-            });
-            let complete = healthy >= r.spec.replicas as usize;
-            return match found.and_then(|x| epb::NexusState::try_from(x.state).ok()) {
-                Some(epb::NexusState::Online) if !complete => "Degraded",
-                Some(epb::NexusState::Online) => "Online",
-                Some(epb::NexusState::Degraded) => "Degraded",
-                _ => "Faulted",
-            }
-            .into();
+            return nexus_state(r, found.as_ref()).into();
         }
+        self.unpublished_state(r).await.into()
+    }
+
+    /// An unpublished volume's state: Online with every replica on an Online node, Faulted with none.
+    pub(super) async fn unpublished_state(&self, r: &VolumeRecord) -> &'static str {
         let mut up = 0;
         for rep in &r.replicas {
             if rep.created
@@ -604,7 +602,6 @@ impl Volumes {
             n if n == r.replicas.len() && n == r.spec.replicas as usize => "Online",
             _ => "Degraded",
         }
-        .into()
     }
 
     /// Resumes volumes left Creating or Deleting (by a crash or a failure worth retrying). Skips volumes whose
@@ -628,5 +625,23 @@ impl Volumes {
             }
         }
         Ok(())
+    }
+}
+
+/// A published volume's state from its nexus as the engine lists it (`None`: the engine has no such nexus).
+pub(super) fn nexus_state(r: &VolumeRecord, nexus: Option<&epb::Nexus>) -> &'static str {
+    // Every child healthy, but fewer than the spec asks for (one retired, its replacement not in yet).
+    let healthy = nexus.map_or(0, |x| {
+        x.children
+            .iter()
+            .filter(|c| c.state == epb::ChildState::Healthy as i32)
+            .count()
+    });
+    let complete = healthy >= r.spec.replicas as usize;
+    match nexus.and_then(|x| epb::NexusState::try_from(x.state).ok()) {
+        Some(epb::NexusState::Online) if !complete => "Degraded",
+        Some(epb::NexusState::Online) => "Online",
+        Some(epb::NexusState::Degraded) => "Degraded",
+        _ => "Faulted",
     }
 }

@@ -7,6 +7,7 @@ mod crash;
 mod etcd;
 mod heal;
 mod leader;
+mod metrics;
 mod pools;
 mod registry;
 mod store;

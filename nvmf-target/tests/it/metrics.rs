@@ -2,7 +2,6 @@
 //! replica, I/O, nexus and child metrics, and `promtool check metrics` accepts it (promtool is installed by
 //! scripts/install-deps.sh).
 
-use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -22,18 +21,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn scrape(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +84,7 @@ async fn the_metrics_endpoint_shows_io_pools_and_nexuses_and_passes_promtool() {
     ns.close().await;
 
     let maddr = format!("{ip}:{mport}");
-    let resp = tokio::task::spawn_blocking(move || scrape(&maddr, "/metrics"))
+    let resp = tokio::task::spawn_blocking(move || e2e::metrics::scrape(&maddr, "/metrics"))
         .await
         .unwrap();
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
@@ -133,35 +120,12 @@ async fn the_metrics_endpoint_shows_io_pools_and_nexuses_and_passes_promtool() {
 
     // Needs promtool (Debian package prometheus; scripts/install-deps.sh installs it).
     if e2e::privileged::allowed_with("promtool check of /metrics", &["promtool"]) {
-        promtool_check(body);
+        e2e::metrics::promtool_check(body);
     }
 
     let maddr = format!("{ip}:{mport}");
-    let other = tokio::task::spawn_blocking(move || scrape(&maddr, "/"))
+    let other = tokio::task::spawn_blocking(move || e2e::metrics::scrape(&maddr, "/"))
         .await
         .unwrap();
     assert!(other.starts_with("HTTP/1.1 404"), "{other}");
-}
-
-fn promtool_check(body: &str) {
-    let mut check = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus; scripts/install-deps.sh installs it)");
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`embedded`]: redb in one file under the agent's data directory (one agent, no etcd): the default.
 //! - [`etcd`]: a real etcd cluster (several agents, one leader).
+//! - [`metered`]: a store wrapped to time every request (the agent's store-latency metric).
 //! - [`schema`]: the schema version kept in the store; an agent refuses a store written by a newer schema.
 //! - The conformance suite both implementations pass is in `tests/it/store` (etcd there is a real one).
 //!
@@ -12,6 +13,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod metered;
 pub mod schema;
 
 use std::time::Duration;
