@@ -70,29 +70,72 @@ fn size(s: &str) -> Result<u64> {
         .with_context(|| format!("size {s:?} is too large"))
 }
 
+/// A replica's state, with its rebuild's progress while it rebuilds (`rebuilding 45%`).
+fn replica_state(r: &pb::VolumeReplica) -> String {
+    if r.state == "rebuilding" && r.rebuild_total_bytes > 0 {
+        format!(
+            "rebuilding {}%",
+            r.rebuild_done_bytes * 100 / r.rebuild_total_bytes
+        )
+    } else {
+        r.state.clone()
+    }
+}
+
+/// Under `get volume`'s table: why it is not Online, and the rebuilds its nexus finished.
+fn print_volume_detail(v: &pb::Volume) {
+    if !v.reason.is_empty() {
+        println!("\nreason: {}", v.reason);
+    }
+    if !v.rebuilds.is_empty() {
+        println!(
+            "\n{:<36} {:<8} {:>12} {:>12} {:>12} {:>8}  RESULT",
+            "REBUILT REPLICA", "KIND", "COPIED", "SKIPPED", "TOTAL", "MS"
+        );
+        for b in &v.rebuilds {
+            println!(
+                "{:<36} {:<8} {:>12} {:>12} {:>12} {:>8}  {}",
+                b.replica,
+                b.kind,
+                b.bytes_copied,
+                b.bytes_skipped,
+                b.bytes_total,
+                b.duration_ms,
+                if b.error.is_empty() { "ok" } else { &b.error }
+            );
+        }
+    }
+}
+
 fn print_volumes(vols: &[pb::Volume], out: Output) {
     match out {
         Output::Json => vols.iter().for_each(|v| {
             let j = serde_json::json!({
                 "uuid": v.uuid, "size": v.size_bytes, "replicas": v.replicas, "state": v.state,
                 "replica_list": v.replica_list.iter().map(|r| serde_json::json!({
-                    "uuid": r.uuid, "node": r.node, "pool": r.pool, "created": r.created,
+                    "uuid": r.uuid, "node": r.node, "pool": r.pool, "created": r.created, "state": r.state,
+                    "rebuild_done_bytes": r.rebuild_done_bytes, "rebuild_total_bytes": r.rebuild_total_bytes,
                 })).collect::<Vec<_>>(),
                 "nexus_node": v.nexus_node, "nqn": v.nqn, "target_addresses": v.target_addresses,
                 "host_nqn": v.host_nqn, "reason": v.reason,
+                "rebuilds": v.rebuilds.iter().map(|b| serde_json::json!({
+                    "replica": b.replica, "kind": b.kind, "bytes_copied": b.bytes_copied,
+                    "bytes_skipped": b.bytes_skipped, "bytes_total": b.bytes_total,
+                    "duration_ms": b.duration_ms, "finished_unix_ms": b.finished_unix_ms, "error": b.error,
+                })).collect::<Vec<_>>(),
             });
             println!("{j}");
         }),
         Output::Table => {
             println!(
                 "{:<36} {:>12} {:<9} {:<30} {:<10}  TARGET",
-                "UUID", "SIZE", "STATE", "REPLICAS (node/pool)", "NEXUS"
+                "UUID", "SIZE", "STATE", "REPLICAS (node/pool:state)", "NEXUS"
             );
             for v in vols {
                 let reps: Vec<String> = v
                     .replica_list
                     .iter()
-                    .map(|r| format!("{}/{}", r.node, r.pool))
+                    .map(|r| format!("{}/{}:{}", r.node, r.pool, replica_state(r)))
                     .collect();
                 println!(
                     "{:<36} {:>12} {:<9} {:<30} {:<10}  {}",
@@ -319,18 +362,33 @@ pub async fn get(agent: &str, cmd: GetCmd, out: Output) -> Result<()> {
     let mut c = connect(agent).await?;
     match cmd {
         GetCmd::Volumes => {
-            let r = c
-                .list_volumes(pb::ListVolumesRequest {})
-                .await?
-                .into_inner();
-            print_volumes(&r.volumes, out);
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = c
+                    .list_volumes(pb::ListVolumesRequest {
+                        max_entries: 500,
+                        starting_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.volumes);
+                if r.next_token.is_empty() {
+                    break;
+                }
+                token = r.next_token;
+            }
+            print_volumes(&all, out);
         }
         GetCmd::Volume { uuid } => {
             let v = c
                 .get_volume(pb::GetVolumeRequest { uuid })
                 .await?
                 .into_inner();
-            print_volumes(&[v], out);
+            print_volumes(std::slice::from_ref(&v), out);
+            if let Output::Table = out {
+                print_volume_detail(&v);
+            }
         }
         GetCmd::Pools => {
             let r = c.list_pools(pb::ListPoolsRequest {}).await?.into_inner();

@@ -178,6 +178,9 @@ enum EngineCmd {
         /// Preempt the reservation held under this key (the nexus being replaced).
         #[arg(long, default_value_t = 0)]
         preempt_key: u64,
+        /// The volume's earlier nexus was killed: rebuild every child but the first in-sync one from it, in full.
+        #[arg(long)]
+        unclean_restart: bool,
     },
     /// Crash-consistent snapshot of a volume on every healthy child.
     SnapshotNexus {
@@ -406,6 +409,7 @@ async fn main() -> Result<()> {
             rebuild_rate_limit,
             reservation_key,
             preempt_key,
+            unclean_restart,
         } => print_nexus(
             &c.create_nexus(pb::CreateNexusRequest {
                 uuid,
@@ -414,6 +418,7 @@ async fn main() -> Result<()> {
                 rebuild_rate_limit,
                 reservation_key,
                 preempt_key,
+                unclean_restart,
             })
             .await?
             .into_inner(),

@@ -11,6 +11,7 @@ use proto::cluster::registration_server::{Registration, RegistrationServer};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::heal;
 use super::metrics::{self, AgentMetrics};
 use super::node::{NodeSpec, NodeState, PoolSpec};
 use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
@@ -115,8 +116,18 @@ fn parse_uuid(s: &str) -> Result<uuid::Uuid, Status> {
 }
 
 async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
-    let state = volumes.state(&r).await;
+    let (state, listed) = volumes.state(&r).await;
     let nexus = r.nexus.clone().filter(|n| n.published);
+    let child = |id: &uuid::Uuid| {
+        listed
+            .as_ref()
+            .and_then(|n| {
+                n.children
+                    .iter()
+                    .find(|c| heal::replica_of(&c.uri).as_ref() == Some(id))
+            })
+            .cloned()
+    };
     pb::Volume {
         uuid: r.uuid.to_string(),
         size_bytes: r.spec.size,
@@ -126,15 +137,42 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
             VolumePhase::Created => pb::VolumePhase::Created,
             VolumePhase::Deleting => pb::VolumePhase::Deleting,
         } as i32,
-        state,
+        state: state.into(),
+        rebuilds: listed
+            .iter()
+            .flat_map(|n| &n.rebuilds)
+            .map(|b| pb::VolumeRebuild {
+                replica: heal::replica_of(&b.child)
+                    .map(|u| u.to_string())
+                    .unwrap_or_else(|| b.child.clone()),
+                kind: b.kind.clone(),
+                bytes_copied: b.bytes_copied,
+                bytes_skipped: b.bytes_skipped,
+                bytes_total: b.bytes_total,
+                duration_ms: b.duration_ms,
+                finished_unix_ms: b.finished_unix_ms,
+                error: b.error.clone(),
+            })
+            .collect(),
         replica_list: r
             .replicas
             .iter()
-            .map(|x| pb::VolumeReplica {
-                uuid: x.uuid.to_string(),
-                node: x.node.clone(),
-                pool: x.pool.clone(),
-                created: x.created,
+            .map(|x| {
+                let c = child(&x.uuid);
+                pb::VolumeReplica {
+                    uuid: x.uuid.to_string(),
+                    node: x.node.clone(),
+                    pool: x.pool.clone(),
+                    created: x.created,
+                    state: match (&c, x.created) {
+                        (Some(c), _) => heal::child_state_name(c.state),
+                        (None, true) => "unattached",
+                        (None, false) => "pending",
+                    }
+                    .into(),
+                    rebuild_done_bytes: c.as_ref().map_or(0, |c| c.rebuild_done_bytes),
+                    rebuild_total_bytes: c.as_ref().map_or(0, |c| c.rebuild_total_bytes),
+                }
             })
             .collect(),
         nexus_node: nexus.as_ref().map(|n| n.node.clone()).unwrap_or_default(),
@@ -412,14 +450,45 @@ impl Cluster for Service {
 
     async fn list_volumes(
         &self,
-        _: Request<pb::ListVolumesRequest>,
+        r: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let after = match r.starting_token.as_str() {
+            "" => None,
+            t => Some(uuid::Uuid::parse_str(t).map_err(|_| {
+                Status::aborted(format!("starting_token {t:?} is not one this agent gave"))
+            })?),
+        };
+        let mut all = l.volumes.list().await?;
+        all.sort_by_key(|v| v.uuid);
+        let page: Vec<VolumeRecord> = all
+            .into_iter()
+            .filter(|v| after.is_none_or(|a| v.uuid > a))
+            .take(if r.max_entries == 0 {
+                usize::MAX
+            } else {
+                r.max_entries as usize + 1
+            })
+            .collect();
+        let more = r.max_entries != 0 && page.len() > r.max_entries as usize;
         let mut volumes = Vec::new();
-        for v in l.volumes.list().await? {
+        for v in page.into_iter().take(if more {
+            r.max_entries as usize
+        } else {
+            usize::MAX
+        }) {
             volumes.push(volume(&l.volumes, v).await);
         }
-        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+        let next_token = if more {
+            volumes.last().map(|v| v.uuid.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes,
+            next_token,
+        }))
     }
 
     async fn publish_volume(

@@ -45,9 +45,18 @@ struct Garbage {
 }
 
 /// The replica a child URI names (`...:replica-<uuid>`).
-fn replica_of(uri: &str) -> Option<Uuid> {
+pub(super) fn replica_of(uri: &str) -> Option<Uuid> {
     let at = uri.find(":replica-")? + ":replica-".len();
     Uuid::parse_str(uri.get(at..at + 36)?).ok()
+}
+
+/// A child's state as the API and the metrics name it.
+pub(super) fn child_state_name(state: i32) -> &'static str {
+    match epb::ChildState::try_from(state) {
+        Ok(epb::ChildState::Healthy) => "healthy",
+        Ok(epb::ChildState::Rebuilding) => "rebuilding",
+        _ => "faulted",
+    }
 }
 
 impl Volumes {
@@ -94,9 +103,7 @@ impl Volumes {
             .unwrap_or_default();
         for rep in &r.replicas {
             let s = match children.iter().find(|(id, _)| *id == rep.uuid) {
-                Some((_, s)) if *s == epb::ChildState::Healthy as i32 => "healthy",
-                Some((_, s)) if *s == epb::ChildState::Rebuilding as i32 => "rebuilding",
-                Some(_) => "faulted",
+                Some((_, s)) => child_state_name(*s),
                 None if rep.created => "unattached",
                 None => "pending",
             };
@@ -134,8 +141,14 @@ impl Volumes {
             }
         };
         let Some(nx) = list.nexuses.into_iter().find(|n| n.uuid == uuid) else {
+            // Its engine answers without it: the engine restarted (or the nexus was destroyed behind the agent's
+            // back). Made again on its node, from the replicas; resynced if the old one did not end cleanly.
             self.observe(&r, "Faulted", None);
-            return Ok(());
+            tracing::warn!(%uuid, node = %nexus.node, "the nexus is gone from its engine: making it again");
+            let r = self.publish_locked(r, &nexus.host_nqn, "").await;
+            self.metrics
+                .operation("restart_nexus", if r.is_ok() { "ok" } else { "failed" });
+            return r.map(drop);
         };
         self.observe(&r, nexus_state(&r, Some(&nx)), Some(&nx));
         let children: BTreeSet<Uuid> = nx

@@ -47,6 +47,10 @@ pub struct NodeStatus {
     /// When `state` last changed, milliseconds since the epoch.
     pub since_ms: u64,
     pub pools: Vec<PoolSpec>,
+    /// The io-engine instance that last ended cleanly (deregistered after shutting its nexuses down, no write in
+    /// flight); an instance that went silent instead ended uncleanly.
+    #[serde(default)]
+    pub clean_exit: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +121,7 @@ mod tests {
                 reason: String::new(),
                 since_ms: 5,
                 pools: vec![],
+                clean_exit: Some("h".into()),
             },
             cordoned: true,
         };

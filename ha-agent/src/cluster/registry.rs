@@ -169,6 +169,7 @@ impl Registry {
                         reason: "registered".into(),
                         since_ms: since,
                         pools: pools.clone(),
+                        clean_exit: old.as_ref().and_then(|o| o.status.clean_exit.clone()),
                     },
                     cordoned: old.as_ref().is_some_and(|o| o.cordoned),
                 })
@@ -226,17 +227,24 @@ impl Registry {
             }
         };
         if removed {
-            self.set_offline(name, instance, "deregistered: the io-engine shut down")
-                .await?;
+            self.set_offline(
+                name,
+                instance,
+                "deregistered: the io-engine shut down",
+                true,
+            )
+            .await?;
         }
         Ok(())
     }
 
+    /// Marks `instance` of node `name` Offline; `clean`: it ended cleanly (deregistered).
     async fn set_offline(
         &self,
         name: &str,
         instance: &str,
         reason: &str,
+        clean: bool,
     ) -> Result<(), RegistryError> {
         self.update(name, |old| {
             let mut r = old?;
@@ -246,6 +254,9 @@ impl Registry {
             r.status.state = NodeState::Offline;
             r.status.reason = reason.to_string();
             r.status.since_ms = node::now_ms();
+            if clean {
+                r.status.clean_exit = Some(instance.to_string());
+            }
             Some(r)
         })
         .await?;
@@ -339,7 +350,7 @@ impl Registry {
                             "no heartbeat for {:?} and the engine API probe failed: {why}",
                             self.config.timeout
                         );
-                        self.set_offline(&name, &instance, &reason).await?;
+                        self.set_offline(&name, &instance, &reason, false).await?;
                     }
                 }
             }

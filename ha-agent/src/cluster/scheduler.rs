@@ -113,6 +113,7 @@ mod tests {
                         committed: *committed,
                     })
                     .collect(),
+                clean_exit: None,
             },
             cordoned: false,
         }

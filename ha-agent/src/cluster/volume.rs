@@ -46,6 +46,10 @@ pub struct NexusRecord {
     pub published: bool,
     pub nqn: String,
     pub addresses: Vec<String>,
+    /// The io-engine instance (one start of the process) the nexus was made in: if that instance ended cleanly,
+    /// so did the nexus.
+    #[serde(default)]
+    pub instance: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +67,10 @@ pub struct VolumeRecord {
     pub fence_key: u64,
     /// Why the last operation did not finish, if it did not.
     pub reason: String,
+    /// The last nexus did not end cleanly (its engine was killed, or it was left fenced on a node that was down):
+    /// writes in flight may have reached some replicas and not others, so the next nexus resyncs them from one.
+    #[serde(default)]
+    pub resync: bool,
 }
 
 impl VolumeRecord {

@@ -260,6 +260,7 @@ impl Volumes {
                     last_key: 0,
                     fence_key: 0,
                     reason: String::new(),
+                    resync: false,
                 };
                 if !self
                     .store
@@ -365,8 +366,9 @@ impl Volumes {
         Ok(())
     }
 
-    /// Destroys the volume's nexus on `node`; a node that is not Online is skipped.
-    async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<(), VolumeError> {
+    /// Destroys the volume's nexus on `node` (`true`: destroyed, or gone already); a node that is not Online is
+    /// skipped (`false`): the nexus there stays fenced by the next one's reservation key.
+    async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<bool, VolumeError> {
         match self.engine(node).await {
             Ok(mut c) => destroyed(
                 node,
@@ -374,12 +376,13 @@ impl Volumes {
                     uuid: uuid.to_string(),
                 })
                 .await,
-            ),
+            )
+            .map(|()| true),
             Err(VolumeError::Node(
                 NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_),
             )) => {
                 tracing::warn!(%uuid, node, "the nexus's node is down: its nexus stays fenced, not destroyed");
-                Ok(())
+                Ok(false)
             }
             Err(e) => Err(e),
         }
@@ -398,7 +401,7 @@ impl Volumes {
         }
         let lock = self.lock_of(uuid);
         let _held = lock.lock().await;
-        let mut r = self.get(uuid).await?;
+        let r = self.get(uuid).await?;
         match r.phase {
             VolumePhase::Created => {}
             VolumePhase::Creating => {
@@ -425,6 +428,20 @@ impl Volumes {
                 return Ok(r);
             }
         }
+        self.publish_locked(r, host_nqn, node_hint).await
+    }
+
+    /// Makes (or makes again) the volume's nexus and exports it to `host_nqn`; the caller holds the volume's lock
+    /// and has checked the volume may be published. A nexus recorded but gone is replaced on its node if that is
+    /// up, else on `node_hint` or a replica's node, with a new key that fences the old one; if the old one did not
+    /// end cleanly, the new one resyncs the replicas.
+    pub(super) async fn publish_locked(
+        &self,
+        mut r: VolumeRecord,
+        host_nqn: &str,
+        node_hint: &str,
+    ) -> Result<VolumeRecord, VolumeError> {
+        let uuid = r.uuid;
         let nodes = self.registry.list().await?;
         // A new nexus goes to an Online node that is not cordoned.
         let online = |name: &str| {
@@ -454,6 +471,18 @@ impl Volumes {
             .as_ref()
             .is_some_and(|n| n.node == node && !n.published);
         if !recorded {
+            // The nexus this one replaces was made by its engine: did it end cleanly?
+            if let Some(old) = r.nexus.as_ref().filter(|o| o.key == r.fence_key) {
+                let clean = nodes.iter().any(|x| {
+                    x.record.spec.name == old.node
+                        && x.record.spec.instance != old.instance
+                        && x.record.status.clean_exit.as_deref() == Some(old.instance.as_str())
+                });
+                if !clean {
+                    tracing::warn!(%uuid, node = %old.node, "the volume's nexus did not end cleanly: the next one resyncs the replicas");
+                    r.resync = true;
+                }
+            }
             r.last_key += 1;
             r.nexus = Some(NexusRecord {
                 node: node.clone(),
@@ -462,6 +491,11 @@ impl Volumes {
                 published: false,
                 nqn: String::new(),
                 addresses: vec![],
+                instance: nodes
+                    .iter()
+                    .find(|x| x.record.spec.name == node)
+                    .map(|x| x.record.spec.instance.clone())
+                    .unwrap_or_default(),
             });
             self.save(&r).await?;
             failpoint::at(failpoint::PUBLISH_NEXUS_RECORDED);
@@ -473,8 +507,15 @@ impl Volumes {
                 .iter()
                 .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
         };
+        // The replica on the nexus's own node first: after an unclean end it is the one the others resync from.
+        let mut order: Vec<&ReplicaRecord> = r
+            .replicas
+            .iter()
+            .filter(|x| x.created && up(&x.node))
+            .collect();
+        order.sort_by_key(|x| x.node != node);
         let mut children = Vec::new();
-        for rep in r.replicas.iter().filter(|x| x.created && up(&x.node)) {
+        for rep in order {
             let mut c = self.engine(&rep.node).await?;
             let shared = c
                 .share_replica(epb::ShareReplicaRequest {
@@ -502,12 +543,14 @@ impl Volumes {
             children,
             reservation_key: key,
             preempt_key: if r.fence_key == key { 0 } else { r.fence_key },
+            unclean_restart: r.resync,
             ..Default::default()
         })
         .await
         .map_err(|s| engine_error(&node, s))?;
         failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
         r.fence_key = key;
+        r.resync = false;
         self.save(&r).await?;
         let n = c
             .publish_nexus(epb::PublishNexusRequest {
@@ -556,7 +599,10 @@ impl Volumes {
         let _held = lock.lock().await;
         let mut r = self.get(uuid).await?;
         if let Some(n) = r.nexus.clone() {
-            self.destroy_nexus(uuid, &n.node).await?;
+            let clean = self.destroy_nexus(uuid, &n.node).await?;
+            if !clean && n.key == r.fence_key {
+                r.resync = true;
+            }
             r.nexus = None;
             self.save(&r).await?;
             tracing::info!(%uuid, "volume unpublished");
@@ -564,23 +610,24 @@ impl Volumes {
         Ok(r)
     }
 
-    /// The volume's state: its nexus's when published (Online, Degraded, Faulted), else from its replicas' nodes.
-    pub async fn state(&self, r: &VolumeRecord) -> String {
+    /// The volume's state (its nexus's when published: Online, Degraded, Faulted; else from its replicas' nodes),
+    /// and its nexus as the engine lists it, when published and reachable.
+    pub async fn state(&self, r: &VolumeRecord) -> (&'static str, Option<epb::Nexus>) {
         if let Some(n) = r.nexus.as_ref().filter(|n| n.published) {
             let Ok(mut c) = self.engine(&n.node).await else {
-                return "Faulted".into();
+                return ("Faulted", None);
             };
             let Ok(list) = c.list_nexuses(epb::ListNexusesRequest {}).await else {
-                return "Faulted".into();
+                return ("Faulted", None);
             };
             let found = list
                 .into_inner()
                 .nexuses
                 .into_iter()
                 .find(|x| x.uuid == r.uuid.to_string());
-            return nexus_state(r, found.as_ref()).into();
+            return (nexus_state(r, found.as_ref()), found);
         }
-        self.unpublished_state(r).await.into()
+        (self.unpublished_state(r).await, None)
     }
 
     /// An unpublished volume's state: Online with every replica on an Online node, Faulted with none.

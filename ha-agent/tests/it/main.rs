@@ -10,5 +10,6 @@ mod leader;
 mod metrics;
 mod pools;
 mod registry;
+mod restart;
 mod store;
 mod volumes;

@@ -110,7 +110,7 @@ impl Proc {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         self.signal("-TERM");
         let st = self.child.take().unwrap().wait().unwrap();
         assert!(

@@ -135,7 +135,7 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
         "a refused volume left replicas behind"
     );
     assert!(
-        c.list_volumes(pb::ListVolumesRequest {})
+        c.list_volumes(pb::ListVolumesRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -216,6 +216,46 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
         code_of(c.publish_volume(publish("not an nqn"))).await,
         Code::InvalidArgument
     );
+
+    // Listing a page at a time: five volumes in pages of two, each once, in UUID order; a bad token is ABORTED.
+    let more: Vec<String> = (0..4).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    for m in &more {
+        c.create_volume(create(m, 4 * MIB, 1)).await.unwrap();
+    }
+    let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let r = c
+            .list_volumes(pb::ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.volumes.len() <= 2);
+        seen.extend(r.volumes.into_iter().map(|v| v.uuid));
+        pages += 1;
+        if r.next_token.is_empty() {
+            break;
+        }
+        token = r.next_token;
+    }
+    let mut want: Vec<String> = more.iter().cloned().chain([vol.clone()]).collect();
+    want.sort();
+    assert_eq!((seen, pages), (want, 3));
+    assert_eq!(
+        code_of(c.list_volumes(pb::ListVolumesRequest {
+            max_entries: 2,
+            starting_token: "garbage".into(),
+        }))
+        .await,
+        Code::Aborted
+    );
+    for m in &more {
+        c.delete_volume(pb::DeleteVolumeRequest { uuid: m.clone() })
+            .await
+            .unwrap();
+    }
 
     // Unpublished, then deleted: nothing left on any engine; then it is gone for every call.
     let u = c

@@ -230,6 +230,7 @@ impl EngineApi for EngineService {
                 key: r.reservation_key,
                 preempt: r.preempt_key,
             }),
+            unclean_restart: r.unclean_restart,
         };
         self.engine.create_nexus(uuid, &r.children, options).await?;
         self.nexus_reply(&uuid)

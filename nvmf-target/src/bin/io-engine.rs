@@ -179,7 +179,9 @@ async fn main() -> Result<()> {
             agents: args.cluster_agent.clone(),
             engine_endpoint: format!("http://{}", args.grpc_advertise.unwrap_or(args.grpc)),
         };
-        let stop = shutdown.child_token();
+        // Deregistration comes last, after every nexus is shut down: it tells the cluster agent the engine ended
+        // cleanly (no write left in flight), so it can recompose nexuses without a full resync.
+        let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(nvmf_target::api::registration::run(
             engine.clone(),
             cfg,
@@ -195,12 +197,12 @@ async fn main() -> Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         r = api => { r??; anyhow::bail!("gRPC server stopped"); }
     }
+    shutdown.cancel();
+    engine.shutdown().await;
     if let Some((stop, task)) = registration {
         stop.cancel();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
     }
-    shutdown.cancel();
-    engine.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

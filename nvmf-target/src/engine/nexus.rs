@@ -30,6 +30,9 @@ pub struct NexusOptions {
     pub io_timeout: Option<Duration>,
     pub rebuild_rate_limit: Option<u64>,
     pub reservation: Option<ReservationKeys>,
+    /// The volume's earlier nexus ended uncleanly (its engine was killed): children that agree by the records may
+    /// still differ where its writes were in flight, so all but the first are rebuilt in full from it.
+    pub unclean_restart: bool,
 }
 
 /// The reservation a nexus takes on its remote children.
@@ -186,7 +189,7 @@ impl Engine {
         let nexus = Nexus::new(&uuid.to_string(), devices, config)
             .map_err(|source| EngineError::Nexus { uuid, source })?;
         // Children an earlier nexus of this volume recorded as behind are rebuilt before anyone reads them.
-        match nexus.recover_missed().await {
+        match nexus.recover_missed(options.unclean_restart).await {
             Ok(r) if !r.is_empty() => {
                 tracing::info!(%uuid, rebuilding = ?r, "children behind under an earlier nexus")
             }

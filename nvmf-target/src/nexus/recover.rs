@@ -5,6 +5,12 @@
 //!
 //! Records held by a child that is itself behind are ignored: it may hold outdated records about others. Trust
 //! starts from the children nobody names and extends to named children that no trusted record names.
+//!
+//! After an *unclean* end of the earlier nexus (its engine killed), writes it had in flight may have reached some
+//! children and not others, and no record says where (a child being rebuilt then took writes too, so even one the
+//! records name may differ outside the recorded ranges). Then the first child (in the order given) that no trusted
+//! record names is the source, and every other child is rebuilt from it in full: the copies agree again before
+//! anyone reads them, and no acknowledged write is lost (each was on every child that took writes).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,10 +21,12 @@ use crate::block::{BlockDevice, BlockError, MissedWrites};
 use crate::rebuild::SegmentMap;
 
 impl Nexus {
-    /// Rebuilds the children that earlier records name; returns them with the kind of rebuild each gets. Fails
-    /// when every child is named (no copy is known to be complete).
+    /// Rebuilds the children that earlier records name (and, after an `unclean` end of the earlier nexus, every
+    /// child but the first in-sync one, in full); returns them with the kind of rebuild each gets. Fails when every
+    /// child is named (no copy is known to be complete).
     pub async fn recover_missed(
         self: &Arc<Self>,
+        unclean: bool,
     ) -> Result<Vec<(String, RebuildKind)>, NexusError> {
         let list = self.list();
         let mut held: Vec<(String, Vec<MissedWrites>)> = Vec::new();
@@ -63,17 +71,26 @@ impl Nexus {
             }
             trusted.extend(more);
         }
-        let stale: Vec<Arc<Child>> = list
+        let (stale, in_sync): (Vec<Arc<Child>>, Vec<Arc<Child>>) = list
             .iter()
-            .filter(|c| records.contains_key(&stable_key(&c.name)))
             .cloned()
-            .collect();
+            .partition(|c| records.contains_key(&stable_key(&c.name)));
         if (trusted.is_empty() && !held.is_empty())
             || (!stale.is_empty() && stale.len() == list.len())
         {
             return Err(NexusError::NoHealthyChild);
         }
-        if stale.is_empty() {
+        // After an unclean end, every child may differ where writes were in flight: all but the first in-sync one
+        // are rebuilt in full.
+        let (diverged, stale): (Vec<Arc<Child>>, Vec<Arc<Child>>) = if unclean {
+            (
+                in_sync.into_iter().skip(1).chain(stale).collect(),
+                Vec::new(),
+            )
+        } else {
+            (Vec::new(), stale)
+        };
+        if stale.is_empty() && diverged.is_empty() {
             return Ok(Vec::new());
         }
         let now_ms = std::time::SystemTime::now()
@@ -82,6 +99,12 @@ impl Nexus {
             .unwrap_or(0);
         let window = self.config.partial_rebuild_window.as_millis() as u64;
         let mut out = Vec::new();
+        let full = SegmentMap::full(self.size_bytes(), self.config.rebuild.segment_size);
+        let mut plan = Vec::new();
+        for c in diverged {
+            tracing::info!(nexus = %self.name, child = %c.name, "the earlier nexus ended uncleanly: child rebuilt in full");
+            plan.push((c, full.clone(), RebuildKind::Full, 0));
+        }
         for c in stale {
             let rec = &records[&stable_key(&c.name)];
             let (map, kind) = if now_ms.saturating_sub(rec.since_ms) <= window {
@@ -92,9 +115,11 @@ impl Nexus {
                 }
                 (map, RebuildKind::Partial)
             } else {
-                let map = SegmentMap::full(self.size_bytes(), self.config.rebuild.segment_size);
-                (map, RebuildKind::Full)
+                (full.clone(), RebuildKind::Full)
             };
+            plan.push((c, map, kind, rec.since_ms));
+        }
+        for (c, map, kind, since_ms) in plan {
             let child = {
                 let _all = self.lock.exclusive(0..self.size_bytes()).await;
                 let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
@@ -110,7 +135,7 @@ impl Nexus {
                 list[idx] = fresh.clone();
                 fresh
             };
-            tracing::info!(nexus = %self.name, child = %c.name, ?kind, since_ms = rec.since_ms, "child missed writes under an earlier nexus");
+            tracing::info!(nexus = %self.name, child = %c.name, ?kind, since_ms, "child rebuilt before it is read");
             self.start_rebuild(child, map, kind);
             out.push((c.name.clone(), kind));
         }

@@ -616,7 +616,7 @@ async fn a_new_nexus_rebuilds_what_trusted_records_name_and_only_that() {
     a.write(5 << 20, pattern(4, 4096)).await.unwrap();
     b.write(5 << 20, pattern(4, 4096)).await.unwrap();
     let n = nexus(vec![a.clone(), b.clone(), c.clone()]);
-    let r = n.recover_missed().await.unwrap();
+    let r = n.recover_missed(false).await.unwrap();
     assert_eq!(r, vec![("c2".to_string(), RebuildKind::Partial)]);
     wait_rebuilds(&n, 1).await;
     let h = n.rebuild_history();
@@ -633,5 +633,46 @@ async fn a_new_nexus_rebuilds_what_trusted_records_name_and_only_that() {
     }
     // Every child named by a trusted one is impossible to start from: refused.
     let n = nexus(vec![recording(&[("c1", 0)]), recording(&[("c0", 0)])]);
-    assert_eq!(n.recover_missed().await, Err(NexusError::NoHealthyChild));
+    assert_eq!(
+        n.recover_missed(false).await,
+        Err(NexusError::NoHealthyChild)
+    );
+}
+
+#[tokio::test]
+async fn after_an_unclean_end_every_child_but_the_first_in_sync_one_is_rebuilt_from_it_in_full() {
+    // A write was in flight when the earlier nexus died: it reached c1 and c2 but not c0. c1 records that c2 missed
+    // a later segment. Unclean: c0 (first, in sync) is the source; c1 and c2 (named, but it took writes while it
+    // was rebuilt) are rebuilt from it in full.
+    let (a, b, c) = (
+        recording(&[]),
+        recording(&[("c2", 1 << 20)]),
+        recording(&[]),
+    );
+    a.write(0, pattern(1, 4096)).await.unwrap();
+    for d in [&b, &c] {
+        d.write(0, pattern(2, 4096)).await.unwrap();
+    }
+    let n = nexus(vec![a.clone(), b.clone(), c.clone()]);
+    let mut r = n.recover_missed(true).await.unwrap();
+    r.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        r,
+        vec![
+            ("c1".to_string(), RebuildKind::Full),
+            ("c2".to_string(), RebuildKind::Full)
+        ]
+    );
+    wait_rebuilds(&n, 2).await;
+    assert!(n.rebuild_history().iter().all(|h| h.error.is_none()));
+    for d in [&b, &c] {
+        assert_eq!(
+            d.read(0, 4096).await.unwrap(),
+            pattern(1, 4096),
+            "the copies agree with the source"
+        );
+    }
+    // A clean end leaves the in-sync children as they are.
+    let n = nexus(vec![recording(&[]), recording(&[])]);
+    assert_eq!(n.recover_missed(false).await.unwrap(), vec![]);
 }

@@ -1,0 +1,203 @@
+//! Nexus restart, as Mayastor documents it and better: the io-engine hosting a published volume's nexus goes away
+//! and comes back, and the agent makes the nexus again on it by itself. After a *clean* end (SIGTERM: the engine
+//! shuts its nexuses down, then deregisters) every replica comes back as it was, nothing rebuilt; after an
+//! *unclean* one (kill -9: writes may have been in flight) the replica on the nexus's node stays and the others are
+//! rebuilt from it in full, and the volume reports those rebuilds. Every acknowledged write reads back, from the
+//! volume and from each replica.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use tonic::transport::Channel;
+
+use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+
+const MIB: u64 = 1 << 20;
+const HOST: &str = "nqn.2026-11.io.keelson:test-restart-host";
+const BLOCKS: u64 = 32;
+
+fn block(round: u8, i: u64) -> Bytes {
+    Bytes::from(vec![
+        round.wrapping_mul(101) ^ (i as u8).wrapping_mul(37) | 1;
+        64 << 10
+    ])
+}
+
+async fn connect(v: &pb::Volume) -> RemoteNamespace {
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    RemoteNamespace::connect(o, 1).await.unwrap()
+}
+
+async fn get(c: &mut ClusterClient<Channel>, vol: &str) -> pb::Volume {
+    c.get_volume(pb::GetVolumeRequest { uuid: vol.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits until the volume is published again, Online, every replica a healthy child.
+async fn until_recomposed(c: &mut ClusterClient<Channel>, vol: &str) -> pb::Volume {
+    let t = Instant::now();
+    loop {
+        let v = get(c, vol).await;
+        if v.state == "Online"
+            && !v.nqn.is_empty()
+            && v.replica_list.iter().all(|r| r.state == "healthy")
+        {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never recomposed: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every write of `round` reads back from the volume and from each replica on another node.
+async fn verify(c: &mut ClusterClient<Channel>, v: &pb::Volume, round: u8) {
+    let ns = connect(v).await;
+    for i in 0..BLOCKS {
+        assert_eq!(
+            ns.read(i * MIB, 64 << 10).await.unwrap(),
+            block(round, i),
+            "block {i}"
+        );
+    }
+    ns.close().await;
+    for r in v.replica_list.iter().filter(|r| r.node != v.nexus_node) {
+        let n = c
+            .get_node(pb::GetNodeRequest {
+                name: r.node.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut o = ConnectOptions::new(
+            n.nvmf_listeners[0].parse().unwrap(),
+            &proto::names::replica_nqn(&r.uuid),
+        );
+        o.hostnqn = proto::names::node_host_nqn(&v.nexus_node);
+        let rep = RemoteNamespace::connect(o, 1).await.unwrap();
+        for i in 0..BLOCKS {
+            assert_eq!(
+                rep.read(i * MIB, 64 << 10).await.unwrap(),
+                block(round, i),
+                "block {i} on replica {} ({})",
+                r.uuid,
+                r.node
+            );
+        }
+        rep.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced_only_after_a_kill()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 40 * MIB,
+        replicas: 3,
+    })
+    .await
+    .unwrap();
+    let v = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: HOST.into(),
+            node: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.nexus_node, "reg-1");
+
+    // Clean: SIGTERM, restart. The same three replicas come back as children; nothing is rebuilt.
+    let ns = connect(&v).await;
+    for i in 0..BLOCKS {
+        ns.write(i * MIB, block(1, i)).await.unwrap();
+    }
+    ns.close().await;
+    engines[0].stop();
+    engines[0].restart();
+    let t = Instant::now();
+    let v = until_recomposed(&mut c, &vol).await;
+    println!(
+        "clean restart: nexus back {:?} after the engine restarted",
+        t.elapsed()
+    );
+    assert_eq!(v.nexus_node, "reg-1");
+    assert!(
+        v.rebuilds.is_empty(),
+        "a clean end needs no rebuild: {:?}",
+        v.rebuilds
+    );
+    verify(&mut c, &v, 1).await;
+
+    // Unclean: kill -9 under writes, restart. The replica on reg-1 stays; the other two are rebuilt from it in
+    // full, and the volume says so.
+    let ns = connect(&v).await;
+    for i in 0..BLOCKS {
+        ns.write(i * MIB, block(2, i)).await.unwrap();
+    }
+    engines[0].kill9();
+    drop(ns);
+    engines[0].restart();
+    let t = Instant::now();
+    let v = until_recomposed(&mut c, &vol).await;
+    println!(
+        "unclean restart: nexus back and resynced {:?} after the engine restarted; rebuilds {:?}",
+        t.elapsed(),
+        v.rebuilds
+    );
+    let local = v
+        .replica_list
+        .iter()
+        .find(|r| r.node == "reg-1")
+        .unwrap()
+        .uuid
+        .clone();
+    let mut rebuilt: Vec<_> = v
+        .rebuilds
+        .iter()
+        .map(|b| (b.replica.clone(), b.kind.as_str(), b.error.as_str()))
+        .collect();
+    rebuilt.sort();
+    let mut others: Vec<_> = v
+        .replica_list
+        .iter()
+        .filter(|r| r.uuid != local)
+        .map(|r| (r.uuid.clone(), "full", ""))
+        .collect();
+    others.sort();
+    assert_eq!(rebuilt, others, "every replica but reg-1's rebuilt in full");
+    assert!(
+        v.rebuilds
+            .iter()
+            .all(|b| b.bytes_copied + b.bytes_skipped == b.bytes_total && b.bytes_total == 40 * MIB),
+        "{:?}",
+        v.rebuilds
+    );
+    verify(&mut c, &v, 2).await;
+    drop(engines);
+}
