@@ -217,6 +217,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
             capacity: p.capacity,
             allocated: p.allocated,
             committed: p.committed,
+            disk_errors: p.disk_errors,
         })
         .collect()
 }
@@ -245,6 +246,7 @@ fn node(v: NodeView) -> pb::Node {
                 capacity: p.capacity,
                 allocated: p.allocated,
                 committed: p.committed,
+                disk_errors: p.disk_errors,
             })
             .collect(),
         instance: spec.instance,

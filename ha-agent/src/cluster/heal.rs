@@ -12,8 +12,11 @@
 //! No eligible node for a replacement: the volume stays Degraded with the reason in its record, and heals by itself
 //! when a node or pool appears. An unpublished volume only gets its missing replicas placed and created.
 //! [`Volumes::set_replicas`] changes the count: more are placed by the same steps, fewer are retired faulted
-//! first (Rule 3). Not yet: rejoining a replica that comes back within the partial-rebuild window instead of
-//! replacing it.
+//! first (Rule 3).
+//!
+//! A faulted child whose replica is back (its engine restarted, its link returned) and sound is rejoined instead
+//! of retired: the nexus copies only what it missed within the partial-rebuild window. One that faults again soon
+//! after is replaced.
 
 use std::collections::BTreeSet;
 
@@ -30,6 +33,19 @@ use super::volume::{ReplicaRecord, VolumePhase, VolumeRecord};
 use super::volumes::{
     MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error, nexus_state, refused,
 };
+
+/// What becomes of a faulted child.
+enum Rejoin {
+    /// Its replica is back and rejoined the nexus.
+    Rejoined,
+    /// Its node is Online by the registry but its engine does not answer yet: asked again next pass.
+    Wait,
+    /// Gone, unsound, or rejoined too recently: retired and replaced.
+    Retire,
+}
+
+/// How long after a rejoin a replica that faults again is replaced instead of rejoined.
+const REJOIN_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Replicas retired while their node could not be asked, destroyed when it answers again.
 const GARBAGE: &str = "/keelson/garbage/replicas/";
@@ -157,13 +173,17 @@ impl Volumes {
             .filter_map(|c| replica_of(&c.uri))
             .collect();
 
-        // 1. Retire faulted children, and replicas that are no child and whose node is down (a nexus made while
-        //    their node was away).
+        // 1. Rejoin faulted children whose replica is back and sound, retire the others; retire replicas that are no
+        //    child and whose node is down (a nexus made while their node was away).
         for child in nx
             .children
             .iter()
             .filter(|c| c.state == epb::ChildState::Faulted as i32)
         {
+            match self.rejoin(&mut r, &nexus.node, &mut nc, child).await? {
+                Rejoin::Rejoined | Rejoin::Wait => continue,
+                Rejoin::Retire => {}
+            }
             let res = nc
                 .remove_child(epb::ChildRequest {
                     uuid: uuid.clone(),
@@ -248,6 +268,83 @@ impl Volumes {
         Ok(())
     }
 
+    /// Rejoins a faulted child if its replica is back: its node Online, its engine listing the replica, its pool's
+    /// disk without errors, and no rejoin of it in the last [`REJOIN_AGAIN_AFTER`]. The nexus rebuilds only what it
+    /// missed when it is back within the partial-rebuild window. While the node is still Online by the registry
+    /// but its engine does not answer (a process restarting), the child waits: the registry's node timeout is the
+    /// grace period before the replica is given up.
+    async fn rejoin(
+        &self,
+        r: &mut VolumeRecord,
+        nexus_node: &str,
+        nc: &mut proto::engine::engine_client::EngineClient<tonic::transport::Channel>,
+        child: &epb::NexusChild,
+    ) -> Result<Rejoin, VolumeError> {
+        let Some(i) =
+            replica_of(&child.uri).and_then(|id| r.replicas.iter().position(|x| x.uuid == id))
+        else {
+            return Ok(Rejoin::Retire);
+        };
+        let rep = r.replicas[i].clone();
+        let now = super::node::now_ms();
+        if now.saturating_sub(rep.rejoined_ms) < REJOIN_AGAIN_AFTER.as_millis() as u64
+            || !self.node_online(&rep.node).await
+        {
+            return Ok(Rejoin::Retire);
+        }
+        let Ok(mut c) = self.engine(&rep.node).await else {
+            return Ok(Rejoin::Wait);
+        };
+        let (Ok(replicas), Ok(pools)) = (
+            c.list_replicas(epb::ListReplicasRequest {}).await,
+            c.list_pools(epb::ListPoolsRequest {}).await,
+        ) else {
+            return Ok(Rejoin::Wait);
+        };
+        let id = rep.uuid.to_string();
+        let sound = replicas.into_inner().replicas.iter().any(|x| x.uuid == id)
+            && pools
+                .into_inner()
+                .pools
+                .iter()
+                .any(|p| p.name == rep.pool && p.disk_errors == 0);
+        if !sound {
+            return Ok(Rejoin::Retire);
+        }
+        // Recorded first: if it faults again soon, it is replaced.
+        r.replicas[i].rejoined_ms = now;
+        self.save(r).await?;
+        let shared = c
+            .share_replica(epb::ShareReplicaRequest {
+                uuid: id.clone(),
+                allowed_hosts: vec![names::node_host_nqn(nexus_node)],
+            })
+            .await;
+        let added = match shared {
+            Ok(_) => nc
+                .add_child(epb::ChildRequest {
+                    uuid: r.uuid.to_string(),
+                    uri: child.uri.clone(),
+                    reason: String::new(),
+                })
+                .await
+                .map(drop),
+            Err(e) => Err(e),
+        };
+        self.metrics
+            .operation("rejoin_child", if added.is_ok() { "ok" } else { "failed" });
+        match added {
+            Ok(()) => {
+                tracing::info!(uuid = %r.uuid, replica = %id, node = %rep.node, "faulted replica is back: rejoined (rebuilt from what it missed)");
+                Ok(Rejoin::Rejoined)
+            }
+            Err(e) => {
+                tracing::warn!(uuid = %r.uuid, replica = %id, error = %e.message(), "rejoin failed: the replica is replaced");
+                Ok(Rejoin::Retire)
+            }
+        }
+    }
+
     async fn node_online(&self, node: &str) -> bool {
         self.registry
             .get(node)
@@ -305,6 +402,7 @@ impl Volumes {
                 node: choice.node,
                 pool: choice.pool,
                 created: false,
+                rejoined_ms: 0,
             });
             self.save(r).await?;
             failpoint::at(failpoint::HEAL_REPLICA_PLACED);

@@ -19,6 +19,9 @@ pub struct PoolSpec {
     pub capacity: u64,
     pub allocated: u64,
     pub committed: u64,
+    /// I/O errors its disk returned since the engine imported it (non-zero: failing, nothing new goes there).
+    #[serde(default)]
+    pub disk_errors: u64,
 }
 
 /// What an io-engine says of itself when it registers.

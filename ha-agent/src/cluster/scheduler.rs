@@ -3,7 +3,7 @@
 //! nodes already holding one are excluded); only Online, uncordoned nodes; a pool needs room for the whole replica on top of
 //! what its replicas could already grow to (no overcommit, so a thin replica never meets a full pool); the pool that
 //! would be least full afterwards wins, and nodes are taken in that order too (ties by name, so placement is
-//! deterministic).
+//! deterministic). A pool whose disk has returned I/O errors gets nothing new.
 
 use std::collections::BTreeSet;
 
@@ -54,7 +54,7 @@ pub fn place(
             .status
             .pools
             .iter()
-            .filter(|p| p.committed.saturating_add(size) <= p.capacity)
+            .filter(|p| p.disk_errors == 0 && p.committed.saturating_add(size) <= p.capacity)
             .map(|p| {
                 let after =
                     (p.committed + size) as u128 * 1_000_000 / u128::from(p.capacity.max(1));
@@ -64,6 +64,9 @@ pub fn place(
         match pick {
             Some((fullness, pool)) => best.push((fullness, name.clone(), pool)),
             None if n.status.pools.is_empty() => reasons.push(format!("{name} has no pool")),
+            None if n.status.pools.iter().all(|p| p.disk_errors > 0) => {
+                reasons.push(format!("every pool on {name} has a failing disk"))
+            }
             None => reasons.push(format!("no pool on {name} has {size} bytes free")),
         }
     }
@@ -111,6 +114,7 @@ mod tests {
                         capacity: *capacity,
                         allocated: 0,
                         committed: *committed,
+                        disk_errors: 0,
                     })
                     .collect(),
                 clean_exit: None,
@@ -149,6 +153,31 @@ mod tests {
         let all = place(&nodes, G, 3, &BTreeSet::new()).unwrap();
         let distinct: BTreeSet<_> = all.iter().map(|c| c.node.clone()).collect();
         assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn a_pool_whose_disk_failed_gets_nothing_new() {
+        let mut nodes = [
+            node(
+                "n1",
+                NodeState::Online,
+                &[("a", 10 * G, 0), ("b", 10 * G, 5 * G)],
+            ),
+            node("n2", NodeState::Online, &[("a", 10 * G, 0)]),
+        ];
+        nodes[0].status.pools[0].disk_errors = 3;
+        let got = place(&nodes, G, 2, &BTreeSet::new()).unwrap();
+        assert!(got.contains(&Choice {
+            node: "n1".into(),
+            pool: "b".into()
+        }));
+        nodes[0].status.pools[1].disk_errors = 1;
+        let e = place(&nodes, G, 2, &BTreeSet::new()).unwrap_err();
+        assert!(
+            e.reasons
+                .contains(&"every pool on n1 has a failing disk".to_string()),
+            "{e}"
+        );
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct ReplicaRecord {
     pub pool: String,
     /// The engine confirmed the replica exists.
     pub created: bool,
+    /// When the replica last rejoined the nexus after a fault (milliseconds since the epoch; 0: never). A replica
+    /// that faults again soon after is replaced, not rejoined once more.
+    #[serde(default)]
+    pub rejoined_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -90,7 +90,9 @@ pub(super) fn refused(e: &VolumeError) -> bool {
                 | Code::FailedPrecondition
                 | Code::AlreadyExists
                 | Code::ResourceExhausted
-                | Code::NotFound,
+                | Code::NotFound
+                | Code::Internal
+                | Code::DataLoss,
             ..
         }
     )
@@ -254,6 +256,7 @@ impl Volumes {
                             node: c.node,
                             pool: c.pool,
                             created: false,
+                            rejoined_ms: 0,
                         })
                         .collect(),
                     nexus: None,

@@ -1,7 +1,8 @@
 //! Healing, as Mayastor documents it (its scenario 2): nodes 1-3 with one pool each, a 2-replica volume on nodes 1
 //! and 2; node 2's io-engine is killed (-9) under I/O: its child faults, the agent retires it, places a replacement
 //! on node 3 (Rule 2 forbids node 1), the nexus rebuilds it, the volume is Online again, and every write made
-//! before and during the failure reads back, from the volume and from the new replica.
+//! before and during the failure reads back, from the volume and from the new replica. Then its scenario 3: node 2
+//! back, scaled to 3, the new replica lands on node 2 and is rebuilt.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,60 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
         );
     }
     rep.close().await;
+
+    // Scenario 3: node 2's pool is back (its engine restarts); scaled 2 → 3, the new replica goes to node 2 (the
+    // only node without one), is rebuilt, and the volume is Online; the replica it held before was destroyed.
+    engines[1].restart();
+    wait_for(port, &[("reg-2", Online)], "node 2 back").await;
+    c.set_volume_replicas(pb::SetVolumeReplicasRequest {
+        uuid: vol.clone(),
+        replicas: 3,
+    })
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let v = loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let on_2 = v.replica_list.iter().find(|r| r.node == "reg-2");
+        if v.state == "Online"
+            && v.replica_list.len() == 3
+            && on_2.is_some_and(|r| v.rebuilds.iter().any(|b| b.replica == r.uuid))
+        {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "scenario 3: {v:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let n2 = c
+        .get_node(pb::GetNodeRequest {
+            name: "reg-2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let held = proto::engine::engine_client::EngineClient::connect(n2.engine_endpoint)
+        .await
+        .unwrap()
+        .list_replicas(proto::engine::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas;
+    let new2 = &v
+        .replica_list
+        .iter()
+        .find(|r| r.node == "reg-2")
+        .unwrap()
+        .uuid;
+    assert_eq!(
+        held.iter().map(|r| &r.uuid).collect::<Vec<_>>(),
+        [new2],
+        "node 2 holds only its new replica"
+    );
     drop(engines);
 }
 

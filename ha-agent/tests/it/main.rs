@@ -11,5 +11,6 @@ mod metrics;
 mod pools;
 mod registry;
 mod restart;
+mod scenarios;
 mod store;
 mod volumes;

@@ -28,6 +28,7 @@ pub fn pool(e: &PoolEntry) -> pb::Pool {
         replicas: vols.len() as u32 - snapshots,
         snapshots,
         no_space_errors: s.no_space_errors,
+        disk_errors: s.disk_errors,
         owner: l.owner.clone(),
         incarnation: l.incarnation,
     }

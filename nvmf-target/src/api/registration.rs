@@ -38,6 +38,7 @@ fn pools(engine: &Engine) -> Vec<pb::Pool> {
                 capacity: s.capacity,
                 allocated: s.allocated,
                 committed: s.committed,
+                disk_errors: s.disk_errors,
             }
         })
         .collect()

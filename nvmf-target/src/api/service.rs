@@ -331,7 +331,11 @@ impl EngineApi for EngineService {
             latency: (r.latency_ms > 0).then(|| std::time::Duration::from_millis(r.latency_ms)),
             reads_too: r.reads_too,
         });
-        let injected = self.engine.inject_fault(&r.nqn, r.nsid, plan)?;
+        let injected = if r.pool.is_empty() {
+            self.engine.inject_fault(&r.nqn, r.nsid, plan)?
+        } else {
+            self.engine.pool(&r.pool)?.pool.inject_disk_fault(plan)
+        };
         Ok(Response::new(pb::InjectFaultResponse { injected }))
     }
 

@@ -3,6 +3,7 @@
 //! - [`memory::MemoryDevice`]: thin, RAM-backed (tests, benchmarks, `--memory` namespaces).
 //! - [`file::FileDevice`]: a regular file or a block device (loop devices in tests), O_DIRECT where allowed.
 //! - [`exclusive`]: one opener per disk on a machine (`flock`, `O_EXCL`, loop devices as their backing files).
+//! - [`error_count::ErrorCount`]: counts the I/O errors a disk returns (how a pool knows its disk is failing).
 //! - [`fault::FaultDevice`]: wraps another device and fails or delays I/O on command (tests).
 //! - [`aligned`]: page-aligned buffers (what O_DIRECT needs), filled without a second copy.
 //! - [`range_lock::RangeLock`]: shared/exclusive byte-range locks (nexus writes versus rebuild copies).
@@ -10,6 +11,7 @@
 //! Offsets and lengths are in bytes and must be multiples of the block size; [`check_range`] validates them.
 
 pub mod aligned;
+pub mod error_count;
 pub mod exclusive;
 pub mod fault;
 pub mod file;

@@ -136,10 +136,16 @@ pub struct PoolStats {
     pub committed: u64,
     /// Writes failed because no cluster was free, since the pool was opened.
     pub no_space_errors: u64,
+    /// I/O errors the disk returned since the pool was opened: the disk is failing, put nothing new here.
+    pub disk_errors: u64,
 }
 
 pub(crate) struct PoolInner {
     dev: Arc<dyn BlockDevice>,
+    /// The same device, counting its disk errors.
+    disk: Arc<crate::block::error_count::ErrorCount>,
+    /// Under both: where a disk fault is injected (`InjectFault` on the pool).
+    fault: Arc<crate::block::fault::FaultDevice>,
     label: Label,
     meta: RwLock<PoolMeta>,
     journal: GroupCommit,
@@ -380,8 +386,12 @@ impl Pool {
     }
 
     fn assemble(dev: Arc<dyn BlockDevice>, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
+        let fault = Arc::new(crate::block::fault::FaultDevice::new(dev));
+        let disk = Arc::new(crate::block::error_count::ErrorCount::new(fault.clone()));
         let inner = Arc::new(PoolInner {
-            dev,
+            dev: disk.clone(),
+            disk,
+            fault,
             label,
             meta: RwLock::new(meta),
             journal: GroupCommit::new(journal),
@@ -394,6 +404,13 @@ impl Pool {
             last_no_space_log: Mutex::new(None),
         });
         Pool { inner }
+    }
+
+    /// Makes the pool's disk fail (or delay) I/O as `plan` says, as a failing disk would; `None` heals it. How many
+    /// I/Os were failed so far.
+    pub fn inject_disk_fault(&self, plan: Option<crate::block::fault::FaultPlan>) -> u64 {
+        self.inner.fault.set_plan(plan.unwrap_or_default());
+        self.inner.fault.injected()
     }
 
     pub fn label(&self) -> &Label {
@@ -421,6 +438,7 @@ impl Pool {
                 .map(|v| v.size)
                 .sum(),
             no_space_errors: self.inner.no_space.load(Ordering::Relaxed),
+            disk_errors: self.inner.disk.errors(),
         }
     }
 
