@@ -100,6 +100,8 @@ async fn lead(
     else {
         return Ok(());
     };
+    // Everything the leader decides is written through the fence: refused once another agent leads.
+    let store = leader.fenced(LEADER_KEY);
     let prober = Arc::new(EngineProber {
         timeout: config.engine_timeout,
     });

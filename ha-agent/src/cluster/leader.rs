@@ -15,6 +15,8 @@ use super::store::{Compare, Event, LeaseId, Store, StoreError, Txn};
 /// Leadership, held until dropped, resigned, or lost.
 pub struct Leader {
     pub lease: LeaseId,
+    /// The leader key's revision from the write that won.
+    pub revision: super::store::Revision,
     lost: CancellationToken,
     store: Arc<dyn Store>,
     _renewal: DropGuard,
@@ -24,6 +26,16 @@ impl Leader {
     /// Fires when leadership is lost (a renewal failed): stop acting at once.
     pub fn lost(&self) -> CancellationToken {
         self.lost.clone()
+    }
+
+    /// The store as this leader must write it: every write refused ([`StoreError::NotLeader`]) once another
+    /// agent holds the leader key, even before this one notices it lost.
+    pub fn fenced(&self, key: &str) -> Arc<dyn Store> {
+        Arc::new(super::store::fenced::FencedStore::new(
+            self.store.clone(),
+            key,
+            self.revision,
+        ))
     }
 
     /// Gives leadership up now (the key goes with the lease), so another agent takes over without waiting a TTL.
@@ -49,7 +61,8 @@ pub async fn campaign(
                 revision: 0,
             })
             .put_leased(key, me.as_bytes().to_vec(), lease);
-        if store.txn(t).await?.succeeded {
+        let won = store.txn(t).await?;
+        if won.succeeded {
             tracing::info!(key, me, "leading");
             let lost = CancellationToken::new();
             let renewal = CancellationToken::new();
@@ -62,6 +75,7 @@ pub async fn campaign(
             ));
             return Ok(Some(Leader {
                 lease,
+                revision: won.revision,
                 lost,
                 store,
                 _renewal: renewal.drop_guard(),

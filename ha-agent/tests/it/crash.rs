@@ -52,6 +52,18 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// [`consistent`], with the agent's log in the failure.
+    async fn consistent(&self, what: &str, settled: impl Fn(&[pb::Volume]) -> bool) {
+        if let Err(e) = try_consistent(&self.c, &settled).await {
+            let engines: Vec<String> = self.engines.iter().map(|p| tail(&p.log())).collect();
+            panic!(
+                "{what}: never consistent: {e}\nagent log:\n{}\nengine logs:\n{}",
+                tail(&self.agent.log()),
+                engines.join("\n----\n")
+            );
+        }
+    }
+
     /// Restarts the agent with `failpoint` armed, runs `op` (which must reach it), and checks the agent died there
     /// by SIGKILL; then starts it again unarmed.
     async fn crash_in<F, Fut>(&mut self, failpoint: &str, op: F)
@@ -98,14 +110,14 @@ impl Cluster {
 
 fn tail(log: &str) -> String {
     let lines: Vec<_> = log.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    lines[lines.len().saturating_sub(80)..].join("\n")
 }
 
 /// Whether a call failed because no agent served it (none listening, not leading yet, or the connection was to an
 /// agent that died).
 fn unserved(s: &tonic::Status) -> bool {
     s.code() == Code::Unavailable
-        || (s.code() == Code::Unknown && s.message().contains("transport error"))
+        || std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
 
 /// `op`, retried while no agent answers (starting, campaigning); its first answer from a leader.
@@ -193,16 +205,25 @@ async fn consistent(
     what: &str,
     settled: impl Fn(&[pb::Volume]) -> bool,
 ) {
+    if let Err(e) = try_consistent(c, &settled).await {
+        panic!("{what}: never consistent: {e}");
+    }
+}
+
+async fn try_consistent(
+    c: &ClusterClient<Channel>,
+    settled: &impl Fn(&[pb::Volume]) -> bool,
+) -> Result<(), String> {
     let t = Instant::now();
     let mut last = String::new();
     while t.elapsed() < Duration::from_secs(60) {
-        match check(c.clone(), &settled).await {
-            Ok(()) => return,
+        match check(c.clone(), settled).await {
+            Ok(()) => return Ok(()),
             Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("{what}: never consistent: {last}");
+    Err(last)
 }
 
 async fn check(
@@ -293,7 +314,7 @@ async fn every_stage(dir: &Path, store: &[&str]) {
         })
         .await;
         until_served(|| create(k.c.clone(), &vol, 3)).await.unwrap();
-        consistent(&k.c, f, |v| volume(v, &vol).is_some()).await;
+        k.consistent(f, |v| volume(v, &vol).is_some()).await;
         until_served(|| delete(k.c.clone(), &vol)).await.unwrap();
     }
 
@@ -316,7 +337,7 @@ async fn every_stage(dir: &Path, store: &[&str]) {
         .await;
         let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
         write_through(&v, i as u8).await;
-        consistent(&k.c, f, |v| volume(v, &vol).is_some()).await;
+        k.consistent(f, |v| volume(v, &vol).is_some()).await;
         // Unpublished for the next stage, but the last (scaling works on it published).
         if i < 2 {
             until_served(|| {
@@ -343,13 +364,13 @@ async fn every_stage(dir: &Path, store: &[&str]) {
             async move { scale(c, &vol, 3).await }
         })
         .await;
-        consistent(&k.c, f, |v| {
+        k.consistent(f, |v| {
             volume(v, &vol).is_some_and(|v| v.replicas == 3 && v.state == "Online")
         })
         .await;
         // Back to 2 (unarmed) for the next stage.
         until_served(|| scale(k.c.clone(), &vol, 2)).await.unwrap();
-        consistent(&k.c, "scaled back", |v| {
+        k.consistent("scaled back", |v| {
             volume(v, &vol).is_some_and(|v| v.replicas == 2)
         })
         .await;
@@ -360,7 +381,7 @@ async fn every_stage(dir: &Path, store: &[&str]) {
     // Scale down 3 → 2: killed after the retired replica is recorded as garbage, and after it left the record.
     for f in [fp::RETIRE_GARBAGE_RECORDED, fp::RETIRE_DROPPED] {
         until_served(|| scale(k.c.clone(), &vol, 3)).await.unwrap();
-        consistent(&k.c, "scaled up", |v| {
+        k.consistent("scaled up", |v| {
             volume(v, &vol).is_some_and(|v| v.replicas == 3 && v.state == "Online")
         })
         .await;
@@ -369,10 +390,8 @@ async fn every_stage(dir: &Path, store: &[&str]) {
             async move { scale(c, &vol, 2).await }
         })
         .await;
-        consistent(&k.c, f, |v| {
-            volume(v, &vol).is_some_and(|v| v.replicas == 2)
-        })
-        .await;
+        k.consistent(f, |v| volume(v, &vol).is_some_and(|v| v.replicas == 2))
+            .await;
     }
 
     // Replace: the node of a replica that is not the nexus's is killed; its child faults and the agent dies while
@@ -424,7 +443,7 @@ async fn every_stage(dir: &Path, store: &[&str]) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     k.engines[i - 1].restart();
-    consistent(&k.c, "replaced, and the dead node back", |v| {
+    k.consistent("replaced, and the dead node back", |v| {
         volume(v, &vol).is_some_and(|v| v.replica_list.iter().all(|r| r.node != dead))
     })
     .await;
@@ -467,7 +486,7 @@ async fn every_stage(dir: &Path, store: &[&str]) {
             Err(s) if s.code() == Code::NotFound => {}
             Err(s) => panic!("{f}: delete again: {s:?}"),
         }
-        consistent(&k.c, f, |v| volume(v, &vol).is_none()).await;
+        k.consistent(f, |v| volume(v, &vol).is_none()).await;
     }
     drop(k.engines);
 }

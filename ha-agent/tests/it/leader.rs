@@ -1,12 +1,13 @@
 //! Leader election over a store: one candidate leads, another takes over when the leader resigns, dies (its lease
-//! runs out) or loses its lease; on the embedded store and on a real etcd.
+//! runs out) or loses its lease, and the writes of a leader that was replaced are refused; on the embedded store and
+//! on a real etcd.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ha_agent::cluster::leader::{Leader, campaign};
-use ha_agent::cluster::store::Store;
 use ha_agent::cluster::store::embedded::EmbeddedStore;
+use ha_agent::cluster::store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::etcd::Etcd;
@@ -40,6 +41,10 @@ async fn one_leads_and_the_other_takes_over(s: Arc<dyn Store>, ttl: Duration) {
     assert!(!b.is_finished(), "two leaders");
     assert!(!a.lost().is_cancelled(), "a renewed leader stays leader");
 
+    // The leader writes through its fence.
+    let fa = a.fenced(KEY);
+    fa.put("/keelson/test-fenced", b"a".to_vec()).await.unwrap();
+
     // Resigning hands over at once.
     let t = Instant::now();
     a.resign().await.unwrap();
@@ -50,6 +55,28 @@ async fn one_leads_and_the_other_takes_over(s: Arc<dyn Store>, ttl: Duration) {
         .unwrap();
     println!("handover after resign: {:?}", t.elapsed());
     assert_eq!(holder(s.as_ref()).await, "agent-b");
+    // The old leader's writes are refused from then on, conditional ones too; the new leader's go through.
+    assert_eq!(
+        fa.put("/keelson/test-fenced", b"stale".to_vec()).await,
+        Err(StoreError::NotLeader)
+    );
+    assert_eq!(
+        fa.compare_and_put("/keelson/test-other", 0, b"stale".to_vec())
+            .await,
+        Err(StoreError::NotLeader)
+    );
+    let fb = b.fenced(KEY);
+    fb.put("/keelson/test-fenced", b"b".to_vec()).await.unwrap();
+    assert!(
+        !fb.compare_and_put("/keelson/test-fenced", 0, b"x".to_vec())
+            .await
+            .unwrap(),
+        "a failed compare of the caller's own is still just a failed compare"
+    );
+    assert_eq!(
+        s.get("/keelson/test-fenced").await.unwrap().unwrap().value,
+        b"b"
+    );
 
     // A leader that dies without resigning (its renewals stop) is replaced once its lease runs out.
     let c = candidate(s.clone(), "agent-c", ttl);

@@ -183,19 +183,26 @@ async fn scenario_1_a_failing_pool_disk_is_replaced_by_the_other_pool_of_its_nod
                 .any(|r| r.pool == "p2b" && r.uuid == b.replica)),
         "the replacement was rebuilt: {v:#?}"
     );
-    let n2 = c
-        .get_node(pb::GetNodeRequest {
-            name: "reg-2".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        n2.pools
+    // The engine reports the failing disk (with its next heartbeat).
+    let t = Instant::now();
+    loop {
+        let n2 = c
+            .get_node(pb::GetNodeRequest {
+                name: "reg-2".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if n2
+            .pools
             .iter()
-            .any(|p| p.name == "p2a" && p.disk_errors > 0),
-        "{n2:?}"
-    );
+            .any(|p| p.name == "p2a" && p.disk_errors > 0)
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{n2:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     verify(&ns, 0..32).await;
     ns.close().await;
 }

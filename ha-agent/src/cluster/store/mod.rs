@@ -4,6 +4,7 @@
 //!
 //! - [`embedded`]: redb in one file under the agent's data directory (one agent, no etcd): the default.
 //! - [`etcd`]: a real etcd cluster (several agents, one leader).
+//! - [`fenced`]: a store whose writes hold only while this agent leads (what a leader acts through).
 //! - [`metered`]: a store wrapped to time every request (the agent's store-latency metric).
 //! - [`schema`]: the schema version kept in the store; an agent refuses a store written by a newer schema.
 //! - The conformance suite both implementations pass is in `tests/it/store` (etcd there is a real one).
@@ -13,6 +14,7 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod fenced;
 pub mod metered;
 pub mod schema;
 
@@ -42,6 +44,9 @@ pub enum StoreError {
         "the store was written by schema version {found}; this agent knows versions up to {supported}"
     )]
     NewerSchema { found: u32, supported: u32 },
+    /// A write of an agent that no longer leads (another agent holds the leader key now).
+    #[error("this cluster agent no longer leads: its write was refused")]
+    NotLeader,
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
     #[error("invalid store request: {0}")]
