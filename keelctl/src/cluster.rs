@@ -218,8 +218,10 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
 pub enum NodeCmd {
     /// The node gets no new replica or nexus (what it holds stays).
     Cordon { name: String },
-    /// Undo `cordon`.
+    /// Undo `cordon` (and end a drain).
     Uncordon { name: String },
+    /// Cordon the node and move every volume target (nexus) off it; `get node` says Draining, then Drained.
+    Drain { name: String },
 }
 
 pub async fn node(agent: &str, cmd: NodeCmd, out: Output) -> Result<()> {
@@ -227,6 +229,7 @@ pub async fn node(agent: &str, cmd: NodeCmd, out: Output) -> Result<()> {
     let n = match cmd {
         NodeCmd::Cordon { name } => c.cordon_node(pb::CordonNodeRequest { name }).await?,
         NodeCmd::Uncordon { name } => c.uncordon_node(pb::CordonNodeRequest { name }).await?,
+        NodeCmd::Drain { name } => c.drain_node(pb::CordonNodeRequest { name }).await?,
     };
     print(&[n.into_inner()], out);
     Ok(())
@@ -323,11 +326,13 @@ fn json(n: &pb::Node) -> serde_json::Value {
         "pools": n.pools.iter().map(|p| serde_json::json!({
             "name": p.name, "uuid": p.uuid, "disk": p.disk,
             "capacity": p.capacity, "allocated": p.allocated, "committed": p.committed,
+            "disk_errors": p.disk_errors,
         })).collect::<Vec<_>>(),
         "instance": n.instance,
         "last_seen_ms_ago": n.last_seen_ms_ago,
         "state_since_ms": n.state_since_ms,
         "cordoned": n.cordoned,
+        "drain_state": n.drain_state,
     })
 }
 
@@ -343,10 +348,10 @@ fn print(nodes: &[pb::Node], out: Output) {
                 println!(
                     "{:<20} {:<16} {:<26} {:>6} {:>10}  {}",
                     n.name,
-                    if n.cordoned {
-                        format!("{},Cordoned", state(n.state))
-                    } else {
-                        state(n.state).to_string()
+                    match (n.cordoned, n.drain_state.as_str()) {
+                        (_, d) if !d.is_empty() => format!("{},{d}", state(n.state)),
+                        (true, _) => format!("{},Cordoned", state(n.state)),
+                        _ => state(n.state).to_string(),
                     },
                     n.engine_endpoint,
                     n.pools.len(),

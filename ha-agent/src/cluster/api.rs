@@ -222,8 +222,28 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
         .collect()
 }
 
-fn node(v: NodeView) -> pb::Node {
+/// How many published nexuses each node runs (what a drain waits for).
+async fn nexuses_per_node(
+    volumes: &Volumes,
+) -> Result<std::collections::BTreeMap<String, usize>, Status> {
+    let mut n = std::collections::BTreeMap::new();
+    for v in volumes.list().await? {
+        if let Some(x) = v.nexus.filter(|x| x.published) {
+            *n.entry(x.node).or_default() += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The API's node, with its drain state from `nexuses` (per node, as [`nexuses_per_node`] counts them).
+fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb::Node {
     let cordoned = v.record.cordoned;
+    let drain_state = match (v.record.draining, nexuses.get(&v.record.spec.name)) {
+        (false, _) => "",
+        (true, Some(n)) if *n > 0 => "Draining",
+        (true, _) => "Drained",
+    }
+    .to_string();
     let (spec, status) = (v.record.spec, v.record.status);
     pb::Node {
         name: spec.name,
@@ -253,6 +273,7 @@ fn node(v: NodeView) -> pb::Node {
         last_seen_ms_ago: v.last_seen_ago.map_or(0, |d| d.as_millis() as u64),
         state_since_ms: status.since_ms,
         cordoned,
+        drain_state,
     }
 }
 
@@ -321,14 +342,25 @@ impl Cluster for Service {
         &self,
         _: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let reg = self.leadership.registry()?;
-        let nodes = reg.list().await?.into_iter().map(node).collect();
+        let l = self.leadership.leading()?;
+        let n = nexuses_per_node(&l.volumes).await?;
+        let nodes = l
+            .registry
+            .list()
+            .await?
+            .into_iter()
+            .map(|v| node(v, &n))
+            .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
     async fn get_node(&self, r: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
-        let reg = self.leadership.registry()?;
-        Ok(Response::new(node(reg.get(&r.into_inner().name).await?)))
+        let l = self.leadership.leading()?;
+        let n = nexuses_per_node(&l.volumes).await?;
+        Ok(Response::new(node(
+            l.registry.get(&r.into_inner().name).await?,
+            &n,
+        )))
     }
 
     async fn create_pool(
@@ -387,10 +419,9 @@ impl Cluster for Service {
         r: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let r: Result<Response<pb::Node>, Status> = async {
-            let reg = self.leadership.registry()?;
-            Ok(Response::new(node(
-                reg.set_cordoned(&r.into_inner().name, true).await?,
-            )))
+            let l = self.leadership.leading()?;
+            let v = l.registry.set_cordoned(&r.into_inner().name, true).await?;
+            Ok(Response::new(node(v, &nexuses_per_node(&l.volumes).await?)))
         }
         .await;
         self.counted("cordon_node", r)
@@ -401,13 +432,25 @@ impl Cluster for Service {
         r: Request<pb::CordonNodeRequest>,
     ) -> Result<Response<pb::Node>, Status> {
         let r: Result<Response<pb::Node>, Status> = async {
-            let reg = self.leadership.registry()?;
-            Ok(Response::new(node(
-                reg.set_cordoned(&r.into_inner().name, false).await?,
-            )))
+            let l = self.leadership.leading()?;
+            let v = l.registry.set_cordoned(&r.into_inner().name, false).await?;
+            Ok(Response::new(node(v, &nexuses_per_node(&l.volumes).await?)))
         }
         .await;
         self.counted("uncordon_node", r)
+    }
+
+    async fn drain_node(
+        &self,
+        r: Request<pb::CordonNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let r: Result<Response<pb::Node>, Status> = async {
+            let l = self.leadership.leading()?;
+            let v = l.registry.set_draining(&r.into_inner().name).await?;
+            Ok(Response::new(node(v, &nexuses_per_node(&l.volumes).await?)))
+        }
+        .await;
+        self.counted("drain_node", r)
     }
 
     async fn create_volume(

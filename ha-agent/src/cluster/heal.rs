@@ -161,12 +161,20 @@ impl Volumes {
             // back). Made again on its node, from the replicas; resynced if the old one did not end cleanly.
             self.observe(&r, "Faulted", None);
             tracing::warn!(%uuid, node = %nexus.node, "the nexus is gone from its engine: making it again");
-            let r = self.publish_locked(r, &nexus.host_nqn, "").await;
+            let r = self.publish_locked(r, &nexus.host_nqn, "", false).await;
             self.metrics
                 .operation("restart_nexus", if r.is_ok() { "ok" } else { "failed" });
             return r.map(drop);
         };
         self.observe(&r, nexus_state(&r, Some(&nx)), Some(&nx));
+        if self
+            .registry
+            .get(&nexus.node)
+            .await
+            .is_ok_and(|n| n.record.draining)
+        {
+            return self.move_nexus(r, &nexus).await;
+        }
         let children: BTreeSet<Uuid> = nx
             .children
             .iter()
@@ -343,6 +351,56 @@ impl Volumes {
                 Ok(Rejoin::Retire)
             }
         }
+    }
+
+    /// Moves the nexus off its draining node: to a node holding one of the volume's replicas if one is Online and
+    /// uncordoned, else to any such node. The old nexus is destroyed first (which drains its I/O), so the new one
+    /// needs no resync. With nowhere to go, the nexus stays and the record says why.
+    async fn move_nexus(
+        &self,
+        mut r: VolumeRecord,
+        nexus: &super::volume::NexusRecord,
+    ) -> Result<(), VolumeError> {
+        let nodes = self.registry.list().await?;
+        let usable = |name: &str| {
+            nodes.iter().any(|n| {
+                n.record.spec.name == name
+                    && n.record.status.state == super::node::NodeState::Online
+                    && !n.record.cordoned
+            })
+        };
+        let target = r
+            .replicas
+            .iter()
+            .filter(|x| x.created)
+            .map(|x| x.node.clone())
+            .find(|n| usable(n))
+            .or_else(|| {
+                nodes
+                    .iter()
+                    .map(|n| n.record.spec.name.clone())
+                    .find(|n| usable(n))
+            });
+        let Some(target) = target else {
+            let why = format!(
+                "the nexus cannot leave draining node {}: no other node is Online and uncordoned",
+                nexus.node
+            );
+            if r.reason != why {
+                tracing::warn!(uuid = %r.uuid, %why, "drain waits");
+                r.reason = why;
+                self.save(&r).await?;
+            }
+            return Ok(());
+        };
+        let destroyed = self.destroy_nexus(r.uuid, &nexus.node).await?;
+        tracing::info!(uuid = %r.uuid, from = %nexus.node, to = %target, "moving the nexus off a draining node");
+        let moved = self
+            .publish_locked(r, &nexus.host_nqn, &target, destroyed)
+            .await;
+        self.metrics
+            .operation("move_nexus", if moved.is_ok() { "ok" } else { "failed" });
+        moved.map(drop)
     }
 
     async fn node_online(&self, node: &str) -> bool {

@@ -63,6 +63,9 @@ pub struct NodeRecord {
     /// An operator's: the node gets no new replica or nexus.
     #[serde(default)]
     pub cordoned: bool,
+    /// An operator's drain: cordoned, and its nexuses are being moved to other nodes.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl NodeRecord {
@@ -127,6 +130,7 @@ mod tests {
                 clean_exit: Some("h".into()),
             },
             cordoned: true,
+            draining: true,
         };
         assert_eq!(NodeRecord::decode(&r.encode()).unwrap(), r);
     }

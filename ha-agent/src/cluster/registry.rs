@@ -172,6 +172,7 @@ impl Registry {
                         clean_exit: old.as_ref().and_then(|o| o.status.clean_exit.clone()),
                     },
                     cordoned: old.as_ref().is_some_and(|o| o.cordoned),
+                    draining: old.as_ref().is_some_and(|o| o.draining),
                 })
             })
             .await?
@@ -273,6 +274,7 @@ impl Registry {
             .update(name, |old| {
                 let mut r = old?;
                 r.cordoned = cordoned;
+                r.draining &= cordoned;
                 Some(r)
             })
             .await?;
@@ -280,6 +282,23 @@ impl Registry {
             return Err(RegistryError::NotFound(name.to_string()));
         }
         tracing::info!(node = name, cordoned, "node cordon changed");
+        self.get(name).await
+    }
+
+    /// Cordons the node and marks it draining: healing moves its nexuses away.
+    pub async fn set_draining(&self, name: &str) -> Result<NodeView, RegistryError> {
+        let r = self
+            .update(name, |old| {
+                let mut r = old?;
+                r.cordoned = true;
+                r.draining = true;
+                Some(r)
+            })
+            .await?;
+        if r.is_none() {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
+        tracing::info!(node = name, "node draining");
         self.get(name).await
     }
 

@@ -120,6 +120,7 @@ mod tests {
                 clean_exit: None,
             },
             cordoned: false,
+            draining: false,
         }
     }
 

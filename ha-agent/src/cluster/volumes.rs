@@ -371,7 +371,7 @@ impl Volumes {
 
     /// Destroys the volume's nexus on `node` (`true`: destroyed, or gone already); a node that is not Online is
     /// skipped (`false`): the nexus there stays fenced by the next one's reservation key.
-    async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<bool, VolumeError> {
+    pub(super) async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<bool, VolumeError> {
         match self.engine(node).await {
             Ok(mut c) => destroyed(
                 node,
@@ -431,18 +431,20 @@ impl Volumes {
                 return Ok(r);
             }
         }
-        self.publish_locked(r, host_nqn, node_hint).await
+        self.publish_locked(r, host_nqn, node_hint, false).await
     }
 
     /// Makes (or makes again) the volume's nexus and exports it to `host_nqn`; the caller holds the volume's lock
     /// and has checked the volume may be published. A nexus recorded but gone is replaced on its node if that is
     /// up, else on `node_hint` or a replica's node, with a new key that fences the old one; if the old one did not
-    /// end cleanly, the new one resyncs the replicas.
+    /// end cleanly (`old_destroyed`: the caller just destroyed it, which drained it), the new one resyncs the
+    /// replicas.
     pub(super) async fn publish_locked(
         &self,
         mut r: VolumeRecord,
         host_nqn: &str,
         node_hint: &str,
+        old_destroyed: bool,
     ) -> Result<VolumeRecord, VolumeError> {
         let uuid = r.uuid;
         let nodes = self.registry.list().await?;
@@ -476,11 +478,12 @@ impl Volumes {
         if !recorded {
             // The nexus this one replaces was made by its engine: did it end cleanly?
             if let Some(old) = r.nexus.as_ref().filter(|o| o.key == r.fence_key) {
-                let clean = nodes.iter().any(|x| {
-                    x.record.spec.name == old.node
-                        && x.record.spec.instance != old.instance
-                        && x.record.status.clean_exit.as_deref() == Some(old.instance.as_str())
-                });
+                let clean = old_destroyed
+                    || nodes.iter().any(|x| {
+                        x.record.spec.name == old.node
+                            && x.record.spec.instance != old.instance
+                            && x.record.status.clean_exit.as_deref() == Some(old.instance.as_str())
+                    });
                 if !clean {
                     tracing::warn!(%uuid, node = %old.node, "the volume's nexus did not end cleanly: the next one resyncs the replicas");
                     r.resync = true;

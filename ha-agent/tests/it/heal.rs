@@ -510,3 +510,98 @@ async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_foll
     assert_eq!(ns.read(0, 64 << 10).await.unwrap(), block(99));
     ns.close().await;
 }
+
+/// Draining a node moves the nexuses off it, each shut down cleanly first (so nothing is resynced), to a node of
+/// one of the volume's replicas; the node says Draining, then Drained; uncordoning ends the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 2,
+    })
+    .await
+    .unwrap();
+    let p = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: HOST.into(),
+            node: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.nexus_node, "reg-1");
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    for i in 0..16 {
+        ns.write((i * 128) << 10, block(i)).await.unwrap();
+    }
+    ns.close().await;
+
+    let n = c
+        .drain_node(pb::CordonNodeRequest {
+            name: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(n.cordoned);
+    assert_eq!(n.drain_state, "Draining");
+    let t = Instant::now();
+    let v = loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if v.nexus_node != "reg-1" && !v.nqn.is_empty() && v.state == "Online" {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never moved: {v:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v.nexus_node, "reg-2", "to the other replica's node");
+    assert!(v.rebuilds.is_empty(), "no resync: {:?}", v.rebuilds);
+    let n = c
+        .get_node(pb::GetNodeRequest {
+            name: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.drain_state, "Drained");
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    for i in 0..16 {
+        assert_eq!(
+            ns.read((i * 128) << 10, 64 << 10).await.unwrap(),
+            block(i),
+            "write {i}"
+        );
+    }
+    ns.close().await;
+    let n = c
+        .uncordon_node(pb::CordonNodeRequest {
+            name: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((n.cordoned, n.drain_state.as_str()), (false, ""));
+}
