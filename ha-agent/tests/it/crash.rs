@@ -572,3 +572,54 @@ async fn the_standby_agent_finishes_a_scale_the_killed_leader_began() {
     );
     drop(engines);
 }
+
+/// The store goes away (etcd frozen) under a working cluster: a create answers UNAVAILABLE in bounded time (no
+/// hang) and leaves no replica behind; once etcd is back (and the agent, which exits when it loses its store, is
+/// restarted by its supervisor), the same create succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_down_calls_are_unavailable_leave_nothing_and_work_again_after() {
+    let Some(etcd) =
+        Etcd::start("with_the_store_down_calls_are_unavailable_leave_nothing_and_work_again_after")
+            .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let store = ["--store", "etcd", "--etcd", etcd.endpoint.as_str()];
+    let mut agent = agent_with(dir.path(), port, &store, "agent");
+    let url = format!("http://127.0.0.1:{port}");
+    let engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let c = ClusterClient::new(
+        tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect_lazy(),
+    );
+    consistent(&c, "before", |v| v.is_empty()).await;
+
+    etcd.signal("-STOP");
+    let vol = uuid::Uuid::new_v4().to_string();
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(30), create(c.clone(), &vol, 3))
+        .await
+        .expect("the call ends by itself");
+    let took = t.elapsed();
+    let e = r.unwrap_err();
+    assert!(unserved(&e), "UNAVAILABLE (or no agent to answer): {e:?}");
+    println!("create with etcd frozen: {:?} after {took:?}", e.code());
+    etcd.signal("-CONT");
+
+    // The supervisor's part: an agent that lost its store exits; start it again.
+    if agent.exited(Duration::from_secs(15)).await.is_some() {
+        agent.restart();
+    }
+    until_served(|| create(c.clone(), &vol, 3)).await.unwrap();
+    consistent(&c, "after", |v| volume(v, &vol).is_some()).await;
+    drop(engines);
+}
