@@ -36,6 +36,12 @@ pub enum VolumeCmd {
         size: String,
         #[arg(long, default_value_t = 3)]
         replicas: u32,
+        /// Replicas only on nodes with this label, `key=value` (repeat for more; all must match).
+        #[arg(long = "node-selector", value_parser = label)]
+        node_selector: Vec<(String, String)>,
+        /// A topology segment, `key=value[,key=value...]` (repeat for more): replicas only on nodes matching one.
+        #[arg(long)]
+        topology: Vec<String>,
     },
     /// Destroy a volume's nexus and replicas.
     Delete { uuid: String },
@@ -51,6 +57,14 @@ pub enum VolumeCmd {
     Unpublish { uuid: String },
     /// Keep N replicas: more are placed on nodes without one and rebuilt; fewer retire faulted ones first.
     Scale { uuid: String, replicas: u32 },
+}
+
+/// `key=value`, both non-empty.
+fn label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
 }
 
 /// Bytes in "64MiB", "1GiB", "4096".
@@ -162,11 +176,26 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
             uuid,
             size: s,
             replicas,
+            node_selector,
+            topology,
         } => {
+            let topology = topology
+                .iter()
+                .map(|seg| {
+                    let labels = seg
+                        .split(',')
+                        .map(|kv| label(kv).map_err(anyhow::Error::msg))
+                        .collect::<Result<_>>()?;
+                    Ok(pb::TopologySegment { labels })
+                })
+                .collect::<Result<_>>()?;
             let req = pb::CreateVolumeRequest {
                 uuid,
                 size_bytes: size(&s)?,
                 replicas,
+                node_selector: node_selector.into_iter().collect(),
+                topology,
+                ..Default::default()
             };
             print_volumes(&[c.create_volume(req).await?.into_inner()], out);
         }

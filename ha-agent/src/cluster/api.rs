@@ -17,7 +17,7 @@ use super::node::{NodeSpec, NodeState, PoolSpec};
 use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
 use super::registry::{NodeView, Registry, RegistryError};
 use super::store::StoreError;
-use super::volume::{VolumePhase, VolumeRecord, VolumeSpec};
+use super::volume::{Placement, VolumePhase, VolumeRecord, VolumeSpec};
 use super::volumes::{VolumeError, Volumes};
 
 /// What a leading agent acts on.
@@ -138,6 +138,22 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
             VolumePhase::Deleting => pb::VolumePhase::Deleting,
         } as i32,
         state: state.into(),
+        node_selector: r
+            .spec
+            .placement
+            .node_selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        topology: r
+            .spec
+            .placement
+            .topology
+            .iter()
+            .map(|s| pb::TopologySegment {
+                labels: s.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            })
+            .collect(),
         rebuilds: listed
             .iter()
             .flat_map(|n| &n.rebuilds)
@@ -274,6 +290,7 @@ fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb:
         state_since_ms: status.since_ms,
         cordoned,
         drain_state,
+        labels: spec.labels.into_iter().collect(),
     }
 }
 
@@ -306,6 +323,7 @@ impl Registration for Service {
             cntlid_min: r.cntlid_min,
             cntlid_max: r.cntlid_max,
             instance: r.instance,
+            labels: r.labels.into_iter().collect(),
         };
         reg.register(spec, pools(r.pools)).await?;
         Ok(Response::new(pb::RegisterResponse {
@@ -463,6 +481,14 @@ impl Cluster for Service {
             let spec = VolumeSpec {
                 size: r.size_bytes,
                 replicas: r.replicas,
+                placement: Placement {
+                    node_selector: r.node_selector.into_iter().collect(),
+                    topology: r
+                        .topology
+                        .into_iter()
+                        .map(|s| s.labels.into_iter().collect())
+                        .collect(),
+                },
             };
             let v = l.volumes.create(parse_uuid(&r.uuid)?, spec).await?;
             Ok(Response::new(volume(&l.volumes, v).await))

@@ -442,7 +442,8 @@ impl Volumes {
                 .map(|v| v.record)
                 .collect();
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
-            let choice = match scheduler::place(&nodes, r.spec.size, 1, &holding) {
+            let choice = match scheduler::place(&nodes, r.spec.size, 1, &holding, &r.spec.placement)
+            {
                 Ok(c) => c.into_iter().next(),
                 Err(e) => {
                     let why = format!("Degraded: no replacement can be placed: {e}");
@@ -545,7 +546,13 @@ impl Volumes {
                 .map(|v| v.record)
                 .collect();
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
-            scheduler::place(&nodes, r.spec.size, n as usize - r.replicas.len(), &holding)?;
+            scheduler::place(
+                &nodes,
+                r.spec.size,
+                n as usize - r.replicas.len(),
+                &holding,
+                &r.spec.placement,
+            )?;
         }
         r.spec.replicas = n;
         self.save(&r).await?;

@@ -34,6 +34,9 @@ pub struct NodeSpec {
     pub cntlid_max: u32,
     /// Which start of the io-engine process registered last.
     pub instance: String,
+    /// The node's labels, as its io-engine declares them.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +124,7 @@ mod tests {
                 cntlid_min: 1,
                 cntlid_max: 100,
                 instance: "i".into(),
+                labels: [("zone".to_string(), "a".to_string())].into(),
             },
             status: NodeStatus {
                 state: NodeState::Online,

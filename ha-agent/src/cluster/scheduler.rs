@@ -3,11 +3,13 @@
 //! nodes already holding one are excluded); only Online, uncordoned nodes; a pool needs room for the whole replica on top of
 //! what its replicas could already grow to (no overcommit, so a thin replica never meets a full pool); the pool that
 //! would be least full afterwards wins, and nodes are taken in that order too (ties by name, so placement is
-//! deterministic). A pool whose disk has returned I/O errors gets nothing new.
+//! deterministic). A pool whose disk has returned I/O errors gets nothing new. A volume's node selector and topology
+//! (node labels) narrow the nodes it may use.
 
 use std::collections::BTreeSet;
 
 use super::node::{NodeRecord, NodeState};
+use super::volume::Placement;
 
 /// Where one replica goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,12 +28,13 @@ pub struct NoRoom {
     pub reasons: Vec<String>,
 }
 
-/// Places `count` replicas of `size` bytes on `nodes`, none on a node in `exclude`.
+/// Places `count` replicas of `size` bytes on `nodes` that `placement` admits, none on a node in `exclude`.
 pub fn place(
     nodes: &[NodeRecord],
     size: u64,
     count: usize,
     exclude: &BTreeSet<String>,
+    placement: &Placement,
 ) -> Result<Vec<Choice>, NoRoom> {
     let mut reasons = Vec::new();
     // (fullness after placement in parts per million, node, pool)
@@ -48,6 +51,10 @@ pub fn place(
         }
         if n.cordoned {
             reasons.push(format!("{name} is cordoned"));
+            continue;
+        }
+        if let Err(why) = placement.admits(&n.spec.labels) {
+            reasons.push(format!("{name} {why}"));
             continue;
         }
         let pick = n
@@ -100,6 +107,7 @@ mod tests {
                 cntlid_min: 1,
                 cntlid_max: 10,
                 instance: String::new(),
+                labels: Default::default(),
             },
             status: NodeStatus {
                 state,
@@ -137,7 +145,7 @@ mod tests {
             node("n2", NodeState::Online, &[("a", 10 * G, 5 * G)]),
             node("n3", NodeState::Online, &[("a", 10 * G, 0)]),
         ];
-        let got = place(&nodes, G, 2, &BTreeSet::new()).unwrap();
+        let got = place(&nodes, G, 2, &BTreeSet::new(), &Placement::default()).unwrap();
         assert_eq!(
             got,
             vec![
@@ -151,7 +159,7 @@ mod tests {
                 },
             ]
         );
-        let all = place(&nodes, G, 3, &BTreeSet::new()).unwrap();
+        let all = place(&nodes, G, 3, &BTreeSet::new(), &Placement::default()).unwrap();
         let distinct: BTreeSet<_> = all.iter().map(|c| c.node.clone()).collect();
         assert_eq!(distinct.len(), 3);
     }
@@ -167,13 +175,13 @@ mod tests {
             node("n2", NodeState::Online, &[("a", 10 * G, 0)]),
         ];
         nodes[0].status.pools[0].disk_errors = 3;
-        let got = place(&nodes, G, 2, &BTreeSet::new()).unwrap();
+        let got = place(&nodes, G, 2, &BTreeSet::new(), &Placement::default()).unwrap();
         assert!(got.contains(&Choice {
             node: "n1".into(),
             pool: "b".into()
         }));
         nodes[0].status.pools[1].disk_errors = 1;
-        let e = place(&nodes, G, 2, &BTreeSet::new()).unwrap_err();
+        let e = place(&nodes, G, 2, &BTreeSet::new(), &Placement::default()).unwrap_err();
         assert!(
             e.reasons
                 .contains(&"every pool on n1 has a failing disk".to_string()),
@@ -196,7 +204,7 @@ mod tests {
             ..node("n6", NodeState::Online, &[("a", 10 * G, 0)])
         });
         let exclude: BTreeSet<String> = ["n5".to_string()].into();
-        let e = place(&nodes, G, 2, &exclude).unwrap_err();
+        let e = place(&nodes, G, 2, &exclude, &Placement::default()).unwrap_err();
         assert_eq!((e.wanted, e.found), (2, 1));
         let msg = e.to_string();
         for why in [
@@ -207,9 +215,12 @@ mod tests {
         ] {
             assert!(msg.contains(why), "{msg}");
         }
-        assert_eq!(place(&nodes, G, 1, &exclude).unwrap()[0].node, "n1");
+        assert_eq!(
+            place(&nodes, G, 1, &exclude, &Placement::default()).unwrap()[0].node,
+            "n1"
+        );
         assert!(
-            place(&nodes, 11 * G, 1, &BTreeSet::new()).is_err(),
+            place(&nodes, 11 * G, 1, &BTreeSet::new(), &Placement::default()).is_err(),
             "larger than any pool"
         );
     }

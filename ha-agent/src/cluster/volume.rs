@@ -3,6 +3,8 @@
 //! each), the nexus (where, with which reservation key, published to whom). Every multi-step operation writes the
 //! record before each engine call, so a crashed agent finds in it what to resume.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -12,10 +14,38 @@ pub fn key(uuid: &Uuid) -> String {
     format!("{PREFIX}{uuid}")
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
     pub size: u64,
     pub replicas: u32,
+    /// Where its replicas may go.
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Constraints on where a volume's replicas go, by node labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// A replica's node carries every one of these labels.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// A replica's node matches one of these segments (every label of it); empty: any node.
+    #[serde(default)]
+    pub topology: Vec<BTreeMap<String, String>>,
+}
+
+impl Placement {
+    /// Whether a node with `labels` may hold a replica; `Err` says why not.
+    pub fn admits(&self, labels: &BTreeMap<String, String>) -> Result<(), String> {
+        let has = |(k, v): (&String, &String)| labels.get(k) == Some(v);
+        if let Some((k, v)) = self.node_selector.iter().find(|kv| !has(*kv)) {
+            return Err(format!("lacks the node selector's label {k}={v}"));
+        }
+        if !self.topology.is_empty() && !self.topology.iter().any(|seg| seg.iter().all(has)) {
+            return Err("is in none of the volume's topology segments".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,5 +114,49 @@ impl VolumeRecord {
 
     pub fn decode(b: &[u8]) -> Result<VolumeRecord, serde_json::Error> {
         serde_json::from_slice(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn placement_admits_nodes_by_selector_and_topology() {
+        let any = Placement::default();
+        assert!(any.admits(&labels(&[])).is_ok());
+        let p = Placement {
+            node_selector: labels(&[("disk", "ssd")]),
+            topology: vec![
+                labels(&[("zone", "a")]),
+                labels(&[("zone", "b"), ("rack", "1")]),
+            ],
+        };
+        assert!(p.admits(&labels(&[("disk", "ssd"), ("zone", "a")])).is_ok());
+        assert!(
+            p.admits(&labels(&[("disk", "ssd"), ("zone", "b"), ("rack", "1")]))
+                .is_ok()
+        );
+        assert_eq!(
+            p.admits(&labels(&[("zone", "a")])),
+            Err("lacks the node selector's label disk=ssd".into())
+        );
+        assert_eq!(
+            p.admits(&labels(&[("disk", "ssd"), ("zone", "b")])),
+            Err("is in none of the volume's topology segments".into())
+        );
+    }
+
+    #[test]
+    fn records_without_placement_still_decode() {
+        let old = br#"{"size":512,"replicas":1}"#;
+        let s: VolumeSpec = serde_json::from_slice(old).unwrap();
+        assert_eq!(s.placement, Placement::default());
     }
 }

@@ -224,7 +224,7 @@ impl Volumes {
             Some(r) if r.spec != spec => {
                 return Err(VolumeError::AlreadyExists {
                     uuid,
-                    existing: r.spec,
+                    existing: r.spec.clone(),
                 });
             }
             Some(r) if r.phase == VolumePhase::Deleting => {
@@ -243,8 +243,13 @@ impl Volumes {
                     .into_iter()
                     .map(|v| v.record)
                     .collect();
-                let choices =
-                    scheduler::place(&nodes, spec.size, spec.replicas as usize, &BTreeSet::new())?;
+                let choices = scheduler::place(
+                    &nodes,
+                    spec.size,
+                    spec.replicas as usize,
+                    &BTreeSet::new(),
+                    &spec.placement,
+                )?;
                 let r = VolumeRecord {
                     uuid,
                     spec,

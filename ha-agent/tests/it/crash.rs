@@ -146,6 +146,7 @@ async fn create(
         uuid: uuid.into(),
         size_bytes: 4 * MIB,
         replicas,
+        ..Default::default()
     })
     .await
     .map(drop)

@@ -43,6 +43,7 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
             uuid: vol.clone(),
             size_bytes: 16 * MIB,
             replicas: 2,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -209,6 +210,7 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
         uuid: vol.clone(),
         size_bytes: 8 * MIB,
         replicas: 2,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -338,6 +340,7 @@ async fn scaling_adds_replicas_on_free_nodes_and_removes_those_away_from_the_nex
         uuid: vol.clone(),
         size_bytes: 8 * MIB,
         replicas: 2,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -438,6 +441,7 @@ async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_foll
         uuid: vol.clone(),
         size_bytes: 8 * MIB,
         replicas: 2,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -532,6 +536,7 @@ async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
         uuid: vol.clone(),
         size_bytes: 8 * MIB,
         replicas: 2,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -73,6 +73,7 @@ async fn the_agent_reports_volumes_replicas_operations_and_timings_and_passes_pr
         uuid: vol.clone(),
         size_bytes: 4 << 20,
         replicas: 2,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -81,6 +82,7 @@ async fn the_agent_reports_volumes_replicas_operations_and_timings_and_passes_pr
             uuid: uuid::Uuid::new_v4().to_string(),
             size_bytes: 4 << 20,
             replicas: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

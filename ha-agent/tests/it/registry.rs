@@ -342,6 +342,7 @@ async fn bad_registrations_and_unknown_nodes_get_precise_codes() {
         cntlid_max: 10,
         pools: vec![],
         instance: "i1".into(),
+        ..Default::default()
     };
     let code =
         |r: Result<tonic::Response<pb::RegisterResponse>, tonic::Status>| r.err().map(|e| e.code());

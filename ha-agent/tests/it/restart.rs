@@ -118,6 +118,7 @@ async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced
         uuid: vol.clone(),
         size_bytes: 40 * MIB,
         replicas: 3,
+        ..Default::default()
     })
     .await
     .unwrap();

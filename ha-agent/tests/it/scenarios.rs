@@ -103,6 +103,7 @@ async fn create_and_publish(
         uuid: vol.clone(),
         size_bytes: 16 * MIB,
         replicas,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -43,6 +43,7 @@ fn create(uuid: &str, size: u64, replicas: u32) -> pb::CreateVolumeRequest {
         uuid: uuid.into(),
         size_bytes: size,
         replicas,
+        ..Default::default()
     }
 }
 
@@ -375,4 +376,95 @@ async fn after_every_process_is_killed_the_volume_comes_back_with_its_data() {
         .unwrap()
         .into_inner();
     assert_eq!(v.state, "Online");
+}
+
+/// Node labels decide placement: a node selector keeps replicas on the nodes carrying its labels, topology
+/// segments on nodes matching one of them; too few such nodes is RESOURCE_EXHAUSTED saying which nodes were left
+/// out and why, and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_selectors_and_topology_decide_where_replicas_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let zones = ["a", "a", "b"];
+    let _engines: Vec<_> = (1..=3u32)
+        .map(|i| {
+            let disk = dir.path().join(format!("pool{i}.img"));
+            std::fs::File::create(&disk)
+                .unwrap()
+                .set_len(64 << 20)
+                .unwrap();
+            let grpc = free_port(&format!("127.0.0.{i}"));
+            let extra = [
+                "--pool".to_string(),
+                format!("pool{i}={}", disk.display()),
+                "--node-label".to_string(),
+                format!("zone={}", zones[i as usize - 1]),
+            ];
+            crate::registry::engine_cmd(dir.path(), i, &url, grpc, &extra)
+        })
+        .collect();
+    let (nodes, _) = wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    assert_eq!(
+        nodes.iter().find(|n| n.name == "reg-3").unwrap().labels["zone"],
+        "b"
+    );
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let zone = |z: &str| [("zone".to_string(), z.to_string())].into_iter().collect();
+    let vol = uuid::Uuid::new_v4().to_string();
+    let v = c
+        .create_volume(pb::CreateVolumeRequest {
+            node_selector: zone("a"),
+            ..create(&vol, 4 * MIB, 2)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut on: Vec<_> = v.replica_list.iter().map(|r| r.node.clone()).collect();
+    on.sort();
+    assert_eq!(on, ["reg-1", "reg-2"]);
+    assert_eq!(v.node_selector, zone("a"));
+    // Same id, other placement: ALREADY_EXISTS.
+    assert_eq!(
+        code_of(c.create_volume(pb::CreateVolumeRequest {
+            node_selector: zone("b"),
+            ..create(&vol, 4 * MIB, 2)
+        }))
+        .await,
+        Code::AlreadyExists
+    );
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            node_selector: zone("b"),
+            ..create(&uuid::Uuid::new_v4().to_string(), 4 * MIB, 2)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message()
+            .contains("reg-1 lacks the node selector's label zone=b"),
+        "{}",
+        e.message()
+    );
+    let topo = c
+        .create_volume(pb::CreateVolumeRequest {
+            topology: vec![pb::TopologySegment { labels: zone("b") }],
+            ..create(&uuid::Uuid::new_v4().to_string(), 4 * MIB, 1)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(topo.replica_list[0].node, "reg-3");
+    assert_eq!(
+        replicas_everywhere(&nodes).await.len(),
+        3,
+        "the refused volume created nothing"
+    );
 }

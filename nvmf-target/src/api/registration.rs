@@ -22,6 +22,8 @@ pub struct RegistrationConfig {
     pub agents: Vec<String>,
     /// Where this engine's API answers, as the agent should dial it.
     pub engine_endpoint: String,
+    /// The node's labels (`--node-label`), for placement by selectors and topology.
+    pub labels: std::collections::HashMap<String, String>,
 }
 
 fn pools(engine: &Engine) -> Vec<pb::Pool> {
@@ -59,6 +61,7 @@ fn request(engine: &Engine, cfg: &RegistrationConfig, instance: &str) -> pb::Reg
         cntlid_max: u32::from(tc.cntlid_max),
         pools: pools(engine),
         instance: instance.to_string(),
+        labels: cfg.labels.clone(),
     }
 }
 

@@ -61,6 +61,18 @@ struct Args {
     /// The engine API address the cluster agent should dial (default: `--grpc`).
     #[arg(long, env = "KEELSON_GRPC_ADVERTISE")]
     grpc_advertise: Option<SocketAddr>,
+    /// A label of this node, `key=value` (repeat it, or comma-separate in the environment): volumes' node
+    /// selectors and topology place replicas by them (e.g. `topology.kubernetes.io/zone=a`).
+    #[arg(long = "node-label", env = "KEELSON_NODE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    node_labels: Vec<(String, String)>,
+}
+
+/// `key=value`, both non-empty.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} is not key=value")),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -178,6 +190,7 @@ async fn main() -> Result<()> {
         let cfg = nvmf_target::api::registration::RegistrationConfig {
             agents: args.cluster_agent.clone(),
             engine_endpoint: format!("http://{}", args.grpc_advertise.unwrap_or(args.grpc)),
+            labels: args.node_labels.iter().cloned().collect(),
         };
         // Deregistration comes last, after every nexus is shut down: it tells the cluster agent the engine ended
         // cleanly (no write left in flight), so it can recompose nexuses without a full resync.
