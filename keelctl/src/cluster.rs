@@ -195,7 +195,6 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                 replicas,
                 node_selector: node_selector.into_iter().collect(),
                 topology,
-                ..Default::default()
             };
             print_volumes(&[c.create_volume(req).await?.into_inner()], out);
         }
