@@ -17,6 +17,10 @@
 //! A faulted child whose replica is back (its engine restarted, its link returned) and sound is rejoined instead
 //! of retired: the nexus copies only what it missed within the partial-rebuild window. One that faults again soon
 //! after is replaced.
+//!
+//! Each pass records which replicas are in sync (the nexus calls them Healthy), and a replica is recorded out of
+//! sync before it is added to a nexus to be rebuilt: a nexus made again (its engine restarted, a publish resumed)
+//! starts from in-sync replicas only, never from a half-rebuilt one. A publish that did not finish is finished.
 
 use std::collections::BTreeSet;
 
@@ -44,6 +48,9 @@ enum Rejoin {
     Retire,
 }
 
+/// How long after its node came back a faulted replica whose pool is not imported yet is waited for.
+const POOL_IMPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long after a rejoin a replica that faults again is replaced instead of rejoined.
 const REJOIN_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -58,6 +65,9 @@ fn garbage_key(replica: &Uuid) -> String {
 struct Garbage {
     node: String,
     volume: Uuid,
+    /// Its pool: while the engine does not list the pool (not imported yet), "not found" does not mean destroyed.
+    #[serde(default)]
+    pool: String,
 }
 
 /// The replica a child URI names (`...:replica-<uuid>`).
@@ -90,6 +100,10 @@ impl Volumes {
             let Some((_held, r)) = self.claim_idle(r.uuid).await? else {
                 continue;
             };
+            // An operation may have changed it since the listing (a delete that failed half-way).
+            if r.phase != VolumePhase::Created {
+                continue;
+            }
             let uuid = r.uuid;
             if let Err(e) = self.heal(r).await {
                 tracing::debug!(%uuid, error = %e, "volume not healed yet");
@@ -134,6 +148,14 @@ impl Volumes {
     pub(super) async fn heal(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
         let uuid = r.uuid.to_string();
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
+            if let Some(n) = r.nexus.clone() {
+                // A publish recorded but not finished (it failed, or an agent died in it): finished now.
+                tracing::info!(uuid = %r.uuid, node = %n.node, "finishing a publish that did not complete");
+                let done = self.publish_locked(r, &n.host_nqn, &n.node, false).await;
+                self.metrics
+                    .operation("finish_publish", if done.is_ok() { "ok" } else { "failed" });
+                return done.map(drop);
+            }
             // Unpublished: only the replica count to keep.
             let state = self.unpublished_state(&r).await;
             self.observe(&r, state, None);
@@ -180,6 +202,21 @@ impl Volumes {
             .iter()
             .filter_map(|c| replica_of(&c.uri))
             .collect();
+        // In sync is what the nexus calls Healthy; recorded when it changes.
+        let mut changed = false;
+        for c in &nx.children {
+            let healthy = c.state == epb::ChildState::Healthy as i32;
+            if let Some(x) = replica_of(&c.uri)
+                .and_then(|id| r.replicas.iter_mut().find(|x| x.uuid == id))
+                .filter(|x| x.synced != healthy)
+            {
+                x.synced = healthy;
+                changed = true;
+            }
+        }
+        if changed {
+            self.save(&r).await?;
+        }
 
         // 1. Rejoin faulted children whose replica is back and sound, retire the others; retire replicas that are no
         //    child and whose node is down (a nexus made while their node was away).
@@ -233,12 +270,22 @@ impl Volumes {
         self.place_missing(&mut r).await?;
         self.create_missing(&mut r).await?;
 
-        // 3. Add created replicas the nexus does not have; it rebuilds them.
-        for rep in r
+        // 3. Add created replicas the nexus does not have; it rebuilds them. Each is recorded out of sync first.
+        let missing: Vec<ReplicaRecord> = r
             .replicas
             .iter()
             .filter(|x| x.created && !children.contains(&x.uuid))
-        {
+            .cloned()
+            .collect();
+        for rep in &missing {
+            if let Some(x) = r
+                .replicas
+                .iter_mut()
+                .find(|x| x.uuid == rep.uuid && x.synced)
+            {
+                x.synced = false;
+                self.save(&r).await?;
+            }
             let mut c = self.engine(&rep.node).await?;
             let shared = c
                 .share_replica(epb::ShareReplicaRequest {
@@ -310,17 +357,28 @@ impl Volumes {
             return Ok(Rejoin::Wait);
         };
         let id = rep.uuid.to_string();
-        let sound = replicas.into_inner().replicas.iter().any(|x| x.uuid == id)
-            && pools
-                .into_inner()
-                .pools
-                .iter()
-                .any(|p| p.name == rep.pool && p.disk_errors == 0);
+        let pools = pools.into_inner().pools;
+        let Some(pool) = pools.iter().find(|p| p.name == rep.pool) else {
+            // The engine is back but has not imported the pool yet (a pool the agent manages is imported by its
+            // reconciler): waited for a while after the node came back, then given up.
+            let back_ms = self
+                .registry
+                .get(&rep.node)
+                .await
+                .map_or(0, |v| v.record.status.since_ms);
+            if now.saturating_sub(back_ms) < POOL_IMPORT_GRACE.as_millis() as u64 {
+                return Ok(Rejoin::Wait);
+            }
+            return Ok(Rejoin::Retire);
+        };
+        let sound =
+            pool.disk_errors == 0 && replicas.into_inner().replicas.iter().any(|x| x.uuid == id);
         if !sound {
             return Ok(Rejoin::Retire);
         }
-        // Recorded first: if it faults again soon, it is replaced.
+        // Recorded first: if it faults again soon, it is replaced; out of sync until the nexus calls it Healthy.
         r.replicas[i].rejoined_ms = now;
+        r.replicas[i].synced = false;
         self.save(r).await?;
         let shared = c
             .share_replica(epb::ShareReplicaRequest {
@@ -393,7 +451,7 @@ impl Volumes {
             }
             return Ok(());
         };
-        let destroyed = self.destroy_nexus(r.uuid, &nexus.node).await?;
+        let destroyed = self.end_nexus(r.uuid, nexus).await?;
         tracing::info!(uuid = %r.uuid, from = %nexus.node, to = %target, "moving the nexus off a draining node");
         let moved = self
             .publish_locked(r, &nexus.host_nqn, &target, destroyed)
@@ -418,6 +476,7 @@ impl Volumes {
         let g = Garbage {
             node: rep.node.clone(),
             volume: r.uuid,
+            pool: rep.pool.clone(),
         };
         let bytes = serde_json::to_vec(&g).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.store().put(&garbage_key(&rep.uuid), bytes).await?;
@@ -462,6 +521,7 @@ impl Volumes {
                 pool: choice.pool,
                 created: false,
                 rejoined_ms: 0,
+                synced: false,
             });
             self.save(r).await?;
             failpoint::at(failpoint::HEAL_REPLICA_PLACED);
@@ -500,9 +560,9 @@ impl Volumes {
                         )
                     );
                     if refused(&e) || gone {
-                        r.replicas.remove(i);
+                        // Retired as garbage, not just forgotten: an engine that answered badly may have made it.
                         r.reason = format!("Degraded: the replacement on {} failed: {e}", rep.node);
-                        self.save(r).await?;
+                        self.retire(r, i).await?;
                     }
                     return Err(e);
                 }
@@ -661,7 +721,24 @@ impl Volumes {
                 uuid: id.to_string(),
             })
             .await;
-        let res = destroyed(&g.node, res);
+        let res = match res {
+            // Not found in a pool the engine has not imported (yet): not known to be gone.
+            Err(s) if s.code() == tonic::Code::NotFound && !g.pool.is_empty() => {
+                let imported = c
+                    .list_pools(epb::ListPoolsRequest {})
+                    .await
+                    .is_ok_and(|l| l.into_inner().pools.iter().any(|p| p.name == g.pool));
+                if imported {
+                    Ok(())
+                } else {
+                    Err(VolumeError::FailedPrecondition {
+                        uuid: g.volume,
+                        why: format!("pool {} is not imported on {} yet", g.pool, g.node),
+                    })
+                }
+            }
+            r => destroyed(&g.node, r),
+        };
         self.metrics
             .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
         match res {

@@ -68,6 +68,17 @@ pub struct ReplicaRecord {
     /// that faults again soon after is replaced, not rejoined once more.
     #[serde(default)]
     pub rejoined_ms: u64,
+    /// Holds every acknowledged write, as far as the agent knows: created with the volume, or seen Healthy in the
+    /// nexus since. Cleared (and recorded) before it is added to a nexus to be rebuilt, when a nexus is made
+    /// without it, and when it is seen faulted or rebuilding. Only such replicas make up a new nexus; the others
+    /// join it afterwards and are rebuilt.
+    #[serde(default = "in_sync_by_default")]
+    pub synced: bool,
+}
+
+/// Records from before `synced` existed: their replicas were made with the volume or seen healthy.
+fn in_sync_by_default() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -64,6 +64,16 @@ pub enum VolumeError {
     },
 }
 
+/// How a destroy of a nexus went.
+pub(super) enum NexusEnd {
+    /// The engine destroyed it (its I/O drained).
+    Destroyed,
+    /// The engine did not have it (it restarted, or it was destroyed before).
+    Gone,
+    /// Its node is not Online: not asked.
+    NodeDown,
+}
+
 /// An engine's answer to a destroy: done, or already gone.
 pub(super) fn destroyed<T>(node: &str, r: Result<T, tonic::Status>) -> Result<(), VolumeError> {
     match r {
@@ -262,6 +272,7 @@ impl Volumes {
                             pool: c.pool,
                             created: false,
                             rejoined_ms: 0,
+                            synced: true,
                         })
                         .collect(),
                     nexus: None,
@@ -374,23 +385,44 @@ impl Volumes {
         Ok(())
     }
 
-    /// Destroys the volume's nexus on `node` (`true`: destroyed, or gone already); a node that is not Online is
-    /// skipped (`false`): the nexus there stays fenced by the next one's reservation key.
-    pub(super) async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<bool, VolumeError> {
+    /// Whether the nexus `n` ended cleanly without the agent destroying it: its engine instance shut down cleanly
+    /// (deregistered after shutting its nexuses down) and another instance runs on the node now.
+    pub(super) async fn ended_cleanly(&self, n: &NexusRecord) -> bool {
+        self.registry.get(&n.node).await.is_ok_and(|v| {
+            v.record.spec.instance != n.instance
+                && v.record.status.clean_exit.as_deref() == Some(n.instance.as_str())
+        })
+    }
+
+    /// Destroys the volume's nexus `n` and says whether it ended cleanly: destroyed now (its I/O drained), or gone
+    /// already after a clean shutdown of its engine. A node that is not Online is skipped (not clean): the nexus
+    /// there stays fenced by the next one's reservation key.
+    pub(super) async fn end_nexus(&self, uuid: Uuid, n: &NexusRecord) -> Result<bool, VolumeError> {
+        match self.destroy_nexus(uuid, &n.node).await? {
+            NexusEnd::Destroyed => Ok(true),
+            NexusEnd::Gone => Ok(self.ended_cleanly(n).await),
+            NexusEnd::NodeDown => Ok(false),
+        }
+    }
+
+    /// Destroys the volume's nexus on `node`; a node that is not Online is skipped.
+    async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<NexusEnd, VolumeError> {
         match self.engine(node).await {
-            Ok(mut c) => destroyed(
-                node,
-                c.destroy_nexus(epb::DestroyNexusRequest {
+            Ok(mut c) => match c
+                .destroy_nexus(epb::DestroyNexusRequest {
                     uuid: uuid.to_string(),
                 })
-                .await,
-            )
-            .map(|()| true),
+                .await
+            {
+                Ok(_) => Ok(NexusEnd::Destroyed),
+                Err(s) if s.code() == Code::NotFound => Ok(NexusEnd::Gone),
+                Err(s) => Err(engine_error(node, s)),
+            },
             Err(VolumeError::Node(
                 NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_),
             )) => {
                 tracing::warn!(%uuid, node, "the nexus's node is down: its nexus stays fenced, not destroyed");
-                Ok(false)
+                Ok(NexusEnd::NodeDown)
             }
             Err(e) => Err(e),
         }
@@ -482,13 +514,8 @@ impl Volumes {
             .is_some_and(|n| n.node == node && !n.published);
         if !recorded {
             // The nexus this one replaces was made by its engine: did it end cleanly?
-            if let Some(old) = r.nexus.as_ref().filter(|o| o.key == r.fence_key) {
-                let clean = old_destroyed
-                    || nodes.iter().any(|x| {
-                        x.record.spec.name == old.node
-                            && x.record.spec.instance != old.instance
-                            && x.record.status.clean_exit.as_deref() == Some(old.instance.as_str())
-                    });
+            if let Some(old) = r.nexus.clone().filter(|o| o.key == r.fence_key) {
+                let clean = old_destroyed || self.ended_cleanly(&old).await;
                 if !clean {
                     tracing::warn!(%uuid, node = %old.node, "the volume's nexus did not end cleanly: the next one resyncs the replicas");
                     r.resync = true;
@@ -512,17 +539,26 @@ impl Volumes {
             failpoint::at(failpoint::PUBLISH_NEXUS_RECORDED);
         }
         let key = r.nexus.as_ref().map_or(0, |n| n.key);
-        // The nexus is made of the replicas whose nodes are up; those away are retired and replaced by healing.
+        // The nexus is made of the in-sync replicas whose nodes are up. The others are recorded as out of sync first
+        // (they miss what it writes): healing adds them to it afterwards, to be rebuilt, or replaces those away.
         let up = |name: &str| {
             nodes
                 .iter()
                 .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
         };
+        let mut left_out = false;
+        for x in r.replicas.iter_mut().filter(|x| x.synced && !up(&x.node)) {
+            x.synced = false;
+            left_out = true;
+        }
+        if left_out {
+            self.save(&r).await?;
+        }
         // The replica on the nexus's own node first: after an unclean end it is the one the others resync from.
         let mut order: Vec<&ReplicaRecord> = r
             .replicas
             .iter()
-            .filter(|x| x.created && up(&x.node))
+            .filter(|x| x.created && x.synced && up(&x.node))
             .collect();
         order.sort_by_key(|x| x.node != node);
         let mut children = Vec::new();
@@ -545,20 +581,29 @@ impl Volumes {
         if children.is_empty() {
             return Err(VolumeError::FailedPrecondition {
                 uuid,
-                why: "no replica's node is Online".into(),
+                why: "no in-sync replica's node is Online".into(),
             });
         }
         let mut c = self.engine(&node).await?;
-        c.create_nexus(epb::CreateNexusRequest {
+        let request = epb::CreateNexusRequest {
             uuid: uuid.to_string(),
             children,
             reservation_key: key,
             preempt_key: if r.fence_key == key { 0 } else { r.fence_key },
             unclean_restart: r.resync,
             ..Default::default()
-        })
-        .await
-        .map_err(|s| engine_error(&node, s))?;
+        };
+        match c.create_nexus(request.clone()).await {
+            Ok(_) => {}
+            // Made by an earlier attempt with other children: destroyed (which drains it) and made again.
+            Err(s) if s.code() == Code::AlreadyExists => {
+                self.destroy_nexus(uuid, &node).await?;
+                c.create_nexus(request)
+                    .await
+                    .map_err(|s| engine_error(&node, s))?;
+            }
+            Err(s) => return Err(engine_error(&node, s)),
+        }
         failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
         r.fence_key = key;
         r.resync = false;
@@ -610,7 +655,7 @@ impl Volumes {
         let _held = lock.lock().await;
         let mut r = self.get(uuid).await?;
         if let Some(n) = r.nexus.clone() {
-            let clean = self.destroy_nexus(uuid, &n.node).await?;
+            let clean = self.end_nexus(uuid, &n).await?;
             if !clean && n.key == r.fence_key {
                 r.resync = true;
             }

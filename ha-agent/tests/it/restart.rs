@@ -202,3 +202,110 @@ async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced
     verify(&mut c, &v, 2).await;
     drop(engines);
 }
+
+/// A replica still being rebuilt when the nexus's engine restarts is not taken for a complete copy: the new nexus
+/// is made of the in-sync replicas, and the half-rebuilt one joins it afterwards and is rebuilt again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_rebuilt_replica_is_rebuilt_again_not_trusted_after_a_nexus_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    let (nodes, _) = wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 40 * MIB,
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let v = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: HOST.into(),
+            node: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ns = connect(&v).await;
+    for i in 0..BLOCKS {
+        ns.write(i * MIB, block(3, i)).await.unwrap();
+    }
+    ns.close().await;
+
+    // Node 3's disk is slow: the new replica's rebuild takes long.
+    let mut e3 = proto::engine::engine_client::EngineClient::connect(
+        nodes
+            .iter()
+            .find(|n| n.name == "reg-3")
+            .unwrap()
+            .engine_endpoint
+            .clone(),
+    )
+    .await
+    .unwrap();
+    e3.inject_fault(proto::engine::InjectFaultRequest {
+        pool: "pool3".into(),
+        latency_ms: 20,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.set_volume_replicas(pb::SetVolumeReplicasRequest {
+        uuid: vol.clone(),
+        replicas: 3,
+    })
+    .await
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        let v = get(&mut c, &vol).await;
+        if v.replica_list
+            .iter()
+            .any(|r| r.node == "reg-3" && r.state == "rebuilding" && r.rebuild_done_bytes > 0)
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{v:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The nexus's engine restarts (cleanly) in the middle of that rebuild.
+    engines[0].stop();
+    engines[0].restart();
+    let t = Instant::now();
+    loop {
+        let v = get(&mut c, &vol).await;
+        if !v.nqn.is_empty() && v.nexus_node == "reg-1" && v.state != "Faulted" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{v:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    e3.inject_fault(proto::engine::InjectFaultRequest {
+        pool: "pool3".into(),
+        clear: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let v = until_recomposed(&mut c, &vol).await;
+    let r3 = v.replica_list.iter().find(|r| r.node == "reg-3").unwrap();
+    let b = v
+        .rebuilds
+        .iter()
+        .find(|b| b.replica == r3.uuid)
+        .expect("reg-3's replica was rebuilt by the new nexus");
+    assert_eq!((b.kind.as_str(), b.error.as_str()), ("full", ""), "{b:?}");
+    verify(&mut c, &v, 3).await;
+}
