@@ -210,11 +210,17 @@ async fn main() -> Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         r = api => { r??; anyhow::bail!("gRPC server stopped"); }
     }
+    let drained = engine.shutdown().await;
     shutdown.cancel();
-    engine.shutdown().await;
     if let Some((stop, task)) = registration {
-        stop.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+        if drained {
+            stop.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+        } else {
+            // Not deregistered: the cluster agent sees this end as unclean and resyncs the nexuses' replicas.
+            tracing::warn!("a nexus did not drain: leaving without deregistering");
+            task.abort();
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -262,12 +262,16 @@ impl Engine {
         self.backends().get(&(nqn.to_string(), nsid)).cloned()
     }
 
-    pub async fn shutdown(&self) {
-        self.target().shutdown().await;
+    /// Shuts the engine down: nexuses first, each drained while the target still carries its answers, then the
+    /// target, then the pools. `true`: every nexus drained (a clean end: its children agree).
+    pub async fn shutdown(&self) -> bool {
         let nexuses: Vec<_> = self.nexuses().into_iter().map(|n| n.1).collect();
+        let mut drained = true;
         for n in nexuses {
-            n.shutdown().await;
+            drained &= n.shutdown().await;
         }
+        self.target().shutdown().await;
         self.close_pools();
+        drained
     }
 }

@@ -219,7 +219,10 @@ impl Engine {
     }
 
     /// Unpublishes and destroys a nexus (its children keep their data).
+    /// The nexus is drained first (its writes in flight finish), then unexported: a host never loses the answer to
+    /// a write that reached some children and not others.
     pub async fn destroy_nexus(&self, uuid: &uuid::Uuid) -> Result<(), EngineError> {
+        self.nexus_or_not_found(uuid)?.shutdown().await;
         self.unpublish_nexus(uuid)?;
         let entry = {
             let mut list = self.nexuses_mut();
@@ -229,7 +232,7 @@ impl Engine {
                 .ok_or(EngineError::NotFound(Resource::Nexus(*uuid)))?;
             list.remove(i)
         };
-        entry.nexus.shutdown().await;
+        drop(entry);
         tracing::info!(%uuid, "nexus destroyed");
         Ok(())
     }
@@ -237,8 +240,8 @@ impl Engine {
     /// Unpublishes the nexus and stops its I/O and rebuilds; it stays listed (Shutdown) until destroyed.
     pub async fn shutdown_nexus(&self, uuid: &uuid::Uuid) -> Result<(), EngineError> {
         let nexus = self.nexus_or_not_found(uuid)?;
-        self.unpublish_nexus(uuid)?;
         nexus.shutdown().await;
+        self.unpublish_nexus(uuid)?;
         tracing::info!(%uuid, "nexus shut down");
         Ok(())
     }

@@ -43,6 +43,10 @@ impl Nexus {
         } else {
             None
         };
+        // Shut down while it waited: a shutdown that drained must not see a write start after it.
+        if self.state() == NexusState::Shutdown {
+            return Err(BlockError::Closed);
+        }
         let targets: Vec<Arc<Child>> = self
             .list()
             .into_iter()

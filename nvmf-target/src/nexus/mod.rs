@@ -328,12 +328,25 @@ impl Nexus {
     }
 
     /// Stops the nexus: every further I/O fails, rebuilds stop (and are waited for).
-    pub async fn shutdown(&self) {
+    /// Stops the nexus: new I/O fails, the writes in flight are waited for (up to the I/O timeout and a second),
+    /// rebuilds stop. `true`: drained, every write it took either completed on its children or never started, so
+    /// the children agree; `false`: some write was still in flight when it gave up.
+    pub async fn shutdown(&self) -> bool {
         self.stopped
             .store(true, std::sync::atomic::Ordering::Release);
+        let drained = tokio::time::timeout(
+            self.config.io_timeout + std::time::Duration::from_secs(1),
+            self.lock.exclusive(0..self.size_bytes()),
+        )
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!(nexus = %self.name, "shut down with writes still in flight");
+        }
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        drained
     }
 }
 

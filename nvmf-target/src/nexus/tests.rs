@@ -676,3 +676,29 @@ async fn after_an_unclean_end_every_child_but_the_first_in_sync_one_is_rebuilt_f
     let n = nexus(vec![recording(&[]), recording(&[])]);
     assert_eq!(n.recover_missed(false).await.unwrap(), vec![]);
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_the_writes_in_flight_and_refuses_new_ones() {
+    let slow = faulty();
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(200)),
+        ..Default::default()
+    });
+    let fast = mem();
+    let n = nexus(vec![fast.clone(), slow.clone()]);
+    let w = tokio::spawn({
+        let n = n.clone();
+        async move { n.write(0, pattern(7, 4096)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(n.shutdown().await, "drained");
+    // The write that was in flight reached both children before shutdown returned: they agree.
+    slow.set_plan(FaultPlan::default());
+    assert_eq!(slow.read(0, 4096).await.unwrap(), pattern(7, 4096));
+    assert_eq!(fast.read(0, 4096).await.unwrap(), pattern(7, 4096));
+    assert!(w.await.unwrap().is_ok());
+    assert!(matches!(
+        n.write(0, pattern(8, 4096)).await,
+        Err(BlockError::Closed)
+    ));
+}
