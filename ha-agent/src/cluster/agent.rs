@@ -147,6 +147,7 @@ async fn lead(
                 timed(m, "volume_operations", volumes.reconcile()).await;
                 timed(m, "healing", volumes.heal_all()).await;
                 timed(m, "garbage", volumes.collect_garbage()).await;
+                timed(m, "stale_nexuses", volumes.collect_stale_nexuses()).await;
                 if let Ok(nodes) = registry.list().await {
                     let online = nodes
                         .iter()

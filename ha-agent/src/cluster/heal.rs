@@ -30,6 +30,7 @@ use uuid::Uuid;
 
 use super::dataplane::NodeEngineError;
 use super::failpoint;
+use super::garbage::{Garbage, garbage_key};
 use super::metrics::VolumeObservation;
 use super::scheduler;
 use super::store::StoreError;
@@ -53,22 +54,6 @@ const POOL_IMPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(30
 
 /// How long after a rejoin a replica that faults again is replaced instead of rejoined.
 const REJOIN_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
-
-/// Replicas retired while their node could not be asked, destroyed when it answers again.
-const GARBAGE: &str = "/keelson/garbage/replicas/";
-
-fn garbage_key(replica: &Uuid) -> String {
-    format!("{GARBAGE}{replica}")
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Garbage {
-    node: String,
-    volume: Uuid,
-    /// Its pool: while the engine does not list the pool (not imported yet), "not found" does not mean destroyed.
-    #[serde(default)]
-    pool: String,
-}
 
 /// The replica a child URI names (`...:replica-<uuid>`).
 pub(super) fn replica_of(uri: &str) -> Option<Uuid> {
@@ -684,71 +669,6 @@ impl Volumes {
             }
             self.retire(r, i).await?;
             tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "surplus replica retired");
-        }
-        Ok(())
-    }
-
-    /// Destroys the replicas recorded as garbage whose nodes answer now.
-    pub async fn collect_garbage(&self) -> Result<(), VolumeError> {
-        for (k, v) in self.store().list(GARBAGE).await? {
-            let (Ok(g), Some(id)) = (
-                serde_json::from_slice::<Garbage>(&v.value),
-                k.strip_prefix(GARBAGE),
-            ) else {
-                continue;
-            };
-            // Still in its volume (a crash between recording the garbage and dropping it): not garbage yet.
-            let listed = self
-                .read(g.volume)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.replicas.iter().any(|x| x.uuid.to_string() == id));
-            if !listed {
-                self.collect_one(id, &g).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Destroys one garbage replica if its node answers, then forgets it.
-    async fn collect_one(&self, id: &str, g: &Garbage) -> Result<(), VolumeError> {
-        let Ok(mut c) = self.engine(&g.node).await else {
-            return Ok(());
-        };
-        let res = c
-            .destroy_replica(epb::DestroyReplicaRequest {
-                uuid: id.to_string(),
-            })
-            .await;
-        let res = match res {
-            // Not found in a pool the engine has not imported (yet): not known to be gone.
-            Err(s) if s.code() == tonic::Code::NotFound && !g.pool.is_empty() => {
-                let imported = c
-                    .list_pools(epb::ListPoolsRequest {})
-                    .await
-                    .is_ok_and(|l| l.into_inner().pools.iter().any(|p| p.name == g.pool));
-                if imported {
-                    Ok(())
-                } else {
-                    Err(VolumeError::FailedPrecondition {
-                        uuid: g.volume,
-                        why: format!("pool {} is not imported on {} yet", g.pool, g.node),
-                    })
-                }
-            }
-            r => destroyed(&g.node, r),
-        };
-        self.metrics
-            .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
-        match res {
-            Ok(()) => {
-                self.store().delete(&format!("{GARBAGE}{id}")).await?;
-                tracing::info!(replica = id, node = %g.node, volume = %g.volume, "retired replica destroyed");
-            }
-            Err(e) => {
-                tracing::info!(replica = id, node = %g.node, error = %e, "retired replica kept as garbage for now")
-            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 //!   each stage recorded before the next engine call, and the reconciler that resumes them.
 //! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
 //!   created and added to the nexus (which rebuilds them).
+//! - [`garbage`]: replicas retired and nexuses left behind, destroyed when their engine answers.
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
 //! - [`failpoint`]: where a test can make the agent die between two steps of an operation.
 //! - [`metrics`]: the agent's Prometheus metrics and `/metrics`.
@@ -22,6 +23,7 @@ pub mod agent;
 pub mod api;
 pub mod dataplane;
 pub mod failpoint;
+pub mod garbage;
 pub mod heal;
 pub mod leader;
 pub mod metrics;

@@ -14,7 +14,7 @@ use proto::cluster as pb;
 use proto::cluster::cluster_client::ClusterClient;
 use tonic::transport::Channel;
 
-use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+use crate::registry::{Offline, Online, agent, engine_with, free_port, wait_for};
 
 const MIB: u64 = 1 << 20;
 const HOST: &str = "nqn.2026-11.io.keelson:test-heal-host";
@@ -609,4 +609,83 @@ async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
         .unwrap()
         .into_inner();
     assert_eq!((n.cordoned, n.drain_state.as_str()), (false, ""));
+}
+
+/// The nexus's node is frozen (SIGSTOP: a partition, not a death); publishing again moves the nexus to a live node
+/// with a key that fences the old one. When the node thaws, the old nexus is found there, no record names it, and
+/// it is destroyed; the volume goes on on the new nexus with every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexus_left_behind_on_a_frozen_node_is_destroyed_when_it_thaws() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    let (nodes, _) = wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let publish = |node: &str| pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: HOST.into(),
+        node: node.into(),
+    };
+    let p = c
+        .publish_volume(publish("reg-3"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.nexus_node, "reg-3");
+    engines[2].signal("-STOP");
+    wait_for(port, &[("reg-3", Offline)], "reg-3 frozen").await;
+    let p = c
+        .publish_volume(publish("reg-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.nexus_node, "reg-1");
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    ns.write(0, block(1)).await.unwrap();
+
+    engines[2].signal("-CONT");
+    wait_for(port, &[("reg-3", Online)], "reg-3 thawed").await;
+    let e3 = nodes.iter().find(|n| n.name == "reg-3").unwrap();
+    let t = Instant::now();
+    loop {
+        let left = proto::engine::engine_client::EngineClient::connect(e3.engine_endpoint.clone())
+            .await
+            .unwrap()
+            .list_nexuses(proto::engine::ListNexusesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nexuses;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the old nexus was never destroyed: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ns.write(64 << 10, block(2)).await.unwrap();
+    assert_eq!(ns.read(0, 64 << 10).await.unwrap(), block(1));
+    assert_eq!(ns.read(64 << 10, 64 << 10).await.unwrap(), block(2));
+    ns.close().await;
+    drop(engines);
 }

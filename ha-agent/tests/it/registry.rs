@@ -57,7 +57,7 @@ impl Proc {
         self.child = Some(child);
     }
 
-    fn signal(&self, sig: &str) {
+    pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id().to_string();
         assert!(
             Command::new("kill")

@@ -85,6 +85,17 @@ impl Nexus {
                 )),
             }
         }
+        // A child refused for a reservation conflict: a newer nexus of the volume preempted this one. It stops at
+        // once (every later I/O fails), so that at most one nexus writes; no child is at fault.
+        if failed
+            .iter()
+            .any(|f| matches!(f.2, BlockError::ReservationConflict))
+        {
+            self.stopped
+                .store(true, std::sync::atomic::Ordering::Release);
+            tracing::error!(nexus = %self.name, "fenced by a newer nexus of the volume: this one stops");
+            return Err(BlockError::ReservationConflict);
+        }
         // Every child out of space: the volume is full, no replica is at fault. The host gets Capacity Exceeded.
         if healthy_ok == 0
             && !failed.is_empty()

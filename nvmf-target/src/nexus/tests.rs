@@ -702,3 +702,58 @@ async fn shutdown_waits_for_the_writes_in_flight_and_refuses_new_ones() {
         Err(BlockError::Closed)
     ));
 }
+
+/// A child that answers writes with a reservation conflict: another nexus preempted this one.
+struct Preempted(Arc<dyn BlockDevice>);
+
+#[async_trait::async_trait]
+impl BlockDevice for Preempted {
+    fn block_size(&self) -> u32 {
+        self.0.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.0.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, _: u64, _: Bytes) -> Result<(), BlockError> {
+        Err(BlockError::ReservationConflict)
+    }
+    async fn write_zeroes(&self, _: u64, _: u64) -> Result<(), BlockError> {
+        Err(BlockError::ReservationConflict)
+    }
+    async fn deallocate(&self, _: u64, _: u64) -> Result<(), BlockError> {
+        Err(BlockError::ReservationConflict)
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_nexus_preempted_by_a_newer_one_stops_writing_at_once() {
+    let local = mem();
+    let n = nexus(vec![local.clone(), Arc::new(Preempted(mem()))]);
+    assert!(matches!(
+        n.write(0, pattern(1, 4096)).await,
+        Err(BlockError::ReservationConflict)
+    ));
+    assert_eq!(n.state(), NexusState::Shutdown);
+    assert!(
+        n.list().iter().all(|c| c.state() == ChildState::Healthy),
+        "no child is at fault"
+    );
+    assert!(matches!(
+        n.write(4096, pattern(2, 4096)).await,
+        Err(BlockError::Closed)
+    ));
+    assert!(
+        local
+            .read(4096, 4096)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0)
+    );
+}

@@ -1,0 +1,142 @@
+//! Garbage: what no volume owns any more, destroyed when its engine answers. Replicas retired from a volume are
+//! recorded under `/keelson/garbage/replicas/` before they leave the volume's record (so a crash never loses one)
+//! and destroyed when their node answers; nexuses that no volume's record names on their node (a volume deleted,
+//! a nexus moved or replaced while its node was away, fenced since) are destroyed when their engine lists them.
+
+use proto::engine as epb;
+use uuid::Uuid;
+
+use super::volumes::{VolumeError, Volumes, destroyed};
+
+/// Replicas retired while their node could not be asked, destroyed when it answers again.
+pub(super) const GARBAGE: &str = "/keelson/garbage/replicas/";
+
+pub(super) fn garbage_key(replica: &Uuid) -> String {
+    format!("{GARBAGE}{replica}")
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct Garbage {
+    pub(super) node: String,
+    pub(super) volume: Uuid,
+    /// Its pool: while the engine does not list the pool (not imported yet), "not found" does not mean destroyed.
+    #[serde(default)]
+    pub(super) pool: String,
+}
+
+impl Volumes {
+    /// Destroys the replicas recorded as garbage whose nodes answer now.
+    pub async fn collect_garbage(&self) -> Result<(), VolumeError> {
+        for (k, v) in self.store().list(GARBAGE).await? {
+            let (Ok(g), Some(id)) = (
+                serde_json::from_slice::<Garbage>(&v.value),
+                k.strip_prefix(GARBAGE),
+            ) else {
+                continue;
+            };
+            // Still in its volume (a crash between recording the garbage and dropping it): not garbage yet.
+            let listed = self
+                .read(g.volume)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.replicas.iter().any(|x| x.uuid.to_string() == id));
+            if !listed {
+                self.collect_one(id, &g).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys one garbage replica if its node answers, then forgets it.
+    pub(super) async fn collect_one(&self, id: &str, g: &Garbage) -> Result<(), VolumeError> {
+        let Ok(mut c) = self.engine(&g.node).await else {
+            return Ok(());
+        };
+        let res = c
+            .destroy_replica(epb::DestroyReplicaRequest {
+                uuid: id.to_string(),
+            })
+            .await;
+        let res = match res {
+            // Not found in a pool the engine has not imported (yet): not known to be gone.
+            Err(s) if s.code() == tonic::Code::NotFound && !g.pool.is_empty() => {
+                let imported = c
+                    .list_pools(epb::ListPoolsRequest {})
+                    .await
+                    .is_ok_and(|l| l.into_inner().pools.iter().any(|p| p.name == g.pool));
+                if imported {
+                    Ok(())
+                } else {
+                    Err(VolumeError::FailedPrecondition {
+                        uuid: g.volume,
+                        why: format!("pool {} is not imported on {} yet", g.pool, g.node),
+                    })
+                }
+            }
+            r => destroyed(&g.node, r),
+        };
+        self.metrics
+            .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
+        match res {
+            Ok(()) => {
+                self.store().delete(&format!("{GARBAGE}{id}")).await?;
+                tracing::info!(replica = id, node = %g.node, volume = %g.volume, "retired replica destroyed");
+            }
+            Err(e) => {
+                tracing::info!(replica = id, node = %g.node, error = %e, "retired replica kept as garbage for now")
+            }
+        }
+        Ok(())
+    }
+
+    /// Destroys the nexuses engines list that no volume's record names on that node: of a deleted volume, or left
+    /// behind (fenced) by a move or replacement while their node was away. A volume with an operation in flight is
+    /// left alone.
+    pub async fn collect_stale_nexuses(&self) -> Result<(), VolumeError> {
+        for n in self.registry.list().await? {
+            if n.record.status.state != super::node::NodeState::Online {
+                continue;
+            }
+            let node = n.record.spec.name.clone();
+            let Ok(mut c) = self.engine(&node).await else {
+                continue;
+            };
+            let Ok(list) = c.list_nexuses(epb::ListNexusesRequest {}).await else {
+                continue;
+            };
+            for nx in list.into_inner().nexuses {
+                let Ok(uuid) = Uuid::parse_str(&nx.uuid) else {
+                    continue;
+                };
+                let Ok(_held) = self.lock_of(uuid).try_lock_owned() else {
+                    continue;
+                };
+                let owned = self
+                    .read(uuid)
+                    .await?
+                    .is_some_and(|r| r.nexus.is_some_and(|x| x.node == node));
+                if owned {
+                    continue;
+                }
+                let r = c
+                    .destroy_nexus(epb::DestroyNexusRequest {
+                        uuid: nx.uuid.clone(),
+                    })
+                    .await;
+                let r = destroyed(&node, r);
+                self.metrics.operation(
+                    "destroy_stale_nexus",
+                    if r.is_ok() { "ok" } else { "failed" },
+                );
+                match r {
+                    Ok(()) => tracing::info!(volume = %nx.uuid, %node, "stale nexus destroyed"),
+                    Err(e) => {
+                        tracing::warn!(volume = %nx.uuid, %node, error = %e, "stale nexus not destroyed yet")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
