@@ -6,7 +6,7 @@
 # Everything is kept under $KEELSON_DATA, so a restart finds the same volume with its data. Ctrl-C stops it all.
 #
 # Cluster API: 127.0.0.1:10200 (keelctl's default). Engine APIs: 127.0.0.N:10124. NVMe/TCP: 127.0.0.N:4420.
-# Metrics: http://127.0.0.N:9502/metrics.
+# Metrics: http://127.0.0.N:9502/metrics (engines), http://127.0.0.1:9500/metrics (the agent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo (Rust >= 1.89) is required" >&2; exit 1; }
@@ -30,7 +30,7 @@ stop() {
 trap stop EXIT
 trap 'exit 0' INT TERM
 
-$bin/cluster-agent --data-dir "$data/agent" --grpc 127.0.0.1:10200 2>>"$data/agent.log" &
+$bin/cluster-agent --data-dir "$data/agent" --grpc 127.0.0.1:10200 --metrics 127.0.0.1:9500 2>>"$data/agent.log" &
 pids+=($!)
 for i in 1 2 3; do
     [ -e "$data/pool$i.img" ] || truncate -s 4G "$data/pool$i.img"
@@ -55,5 +55,5 @@ echo
 $keelctl get volumes
 echo
 echo "connect: $(cat "$data/connect.txt")"
-echo "metrics: curl http://127.0.0.1:9502/metrics"
+echo "metrics: curl http://127.0.0.1:9502/metrics (engine), http://127.0.0.1:9500/metrics (agent)"
 wait "${pids[@]}"
