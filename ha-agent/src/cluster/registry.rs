@@ -227,14 +227,26 @@ impl Registry {
                 _ => false,
             }
         };
-        if removed {
-            self.set_offline(
-                name,
-                instance,
-                "deregistered: the io-engine shut down",
-                true,
-            )
-            .await?;
+        if removed
+            && let Err(e) = self
+                .set_offline(
+                    name,
+                    instance,
+                    "deregistered: the io-engine shut down",
+                    true,
+                )
+                .await
+        {
+            // Not recorded: the node stays known as live (silent from now on), so the sweep still probes it and
+            // marks it Offline, rather than it staying Online in the store for ever.
+            self.live().insert(
+                name.to_string(),
+                Live {
+                    instance: instance.to_string(),
+                    last_seen: Instant::now(),
+                },
+            );
+            return Err(e);
         }
         Ok(())
     }
