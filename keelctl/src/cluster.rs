@@ -26,6 +26,11 @@ pub enum GetCmd {
     Volumes,
     /// One volume.
     Volume { uuid: String },
+    /// Snapshots (of one volume with `--volume`).
+    Snapshots {
+        #[arg(long, default_value = "")]
+        volume: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -42,7 +47,14 @@ pub enum VolumeCmd {
         /// A topology segment, `key=value[,key=value...]` (repeat for more): replicas only on nodes matching one.
         #[arg(long)]
         topology: Vec<String>,
+        /// Make it from this snapshot (its size must be the snapshot's; replicas are clones of its copies).
+        #[arg(long = "from-snapshot", default_value = "")]
+        from_snapshot: String,
     },
+    /// Take a crash-consistent snapshot SNAPSHOT_UUID of the volume.
+    Snapshot { uuid: String, snapshot_uuid: String },
+    /// Delete a snapshot (every copy).
+    DeleteSnapshot { snapshot_uuid: String },
     /// Destroy a volume's nexus and replicas.
     Delete { uuid: String },
     /// Create the volume's nexus and export it to HOST_NQN; prints where to connect.
@@ -82,6 +94,34 @@ fn size(s: &str) -> Result<u64> {
     let n: u64 = num.trim().parse().with_context(|| format!("size {s:?}"))?;
     n.checked_mul(mult)
         .with_context(|| format!("size {s:?} is too large"))
+}
+
+fn print_snapshots(snaps: &[pb::VolumeSnapshot], out: Output) {
+    match out {
+        Output::Json => snaps.iter().for_each(|s| {
+            let j = serde_json::json!({
+                "uuid": s.uuid, "volume": s.volume, "size": s.size_bytes, "ready": s.ready,
+                "created_unix_ms": s.created_unix_ms, "nodes": s.nodes,
+            });
+            println!("{j}");
+        }),
+        Output::Table => {
+            println!(
+                "{:<36} {:<36} {:>12} {:<6}  NODES",
+                "UUID", "VOLUME", "SIZE", "READY"
+            );
+            for s in snaps {
+                println!(
+                    "{:<36} {:<36} {:>12} {:<6}  {}",
+                    s.uuid,
+                    s.volume,
+                    s.size_bytes,
+                    s.ready,
+                    s.nodes.join(",")
+                );
+            }
+        }
+    }
 }
 
 /// A replica's state, with its rebuild's progress while it rebuilds (`rebuilding 45%`).
@@ -178,6 +218,7 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
             replicas,
             node_selector,
             topology,
+            from_snapshot,
         } => {
             let topology = topology
                 .iter()
@@ -195,8 +236,28 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                 replicas,
                 node_selector: node_selector.into_iter().collect(),
                 topology,
+                source_snapshot: from_snapshot,
             };
             print_volumes(&[c.create_volume(req).await?.into_inner()], out);
+        }
+        VolumeCmd::Snapshot {
+            uuid,
+            snapshot_uuid,
+        } => {
+            let s = c
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    volume: uuid,
+                    uuid: snapshot_uuid,
+                })
+                .await?
+                .into_inner();
+            print_snapshots(&[s], out);
+        }
+        VolumeCmd::DeleteSnapshot { snapshot_uuid } => {
+            c.delete_snapshot(pb::DeleteSnapshotRequest {
+                uuid: snapshot_uuid,
+            })
+            .await?;
         }
         VolumeCmd::Delete { uuid } => {
             c.delete_volume(pb::DeleteVolumeRequest { uuid }).await?;
@@ -422,6 +483,13 @@ pub async fn get(agent: &str, cmd: GetCmd, out: Output) -> Result<()> {
             if let Output::Table = out {
                 print_volume_detail(&v);
             }
+        }
+        GetCmd::Snapshots { volume } => {
+            let r = c
+                .list_snapshots(pb::ListSnapshotsRequest { volume })
+                .await?
+                .into_inner();
+            print_snapshots(&r.snapshots, out);
         }
         GetCmd::Pools => {
             let r = c.list_pools(pb::ListPoolsRequest {}).await?.into_inner();

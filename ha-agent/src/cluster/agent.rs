@@ -145,6 +145,7 @@ async fn lead(
                 timed(m, "node_sweep", registry.sweep()).await;
                 timed(m, "pools", pools.reconcile()).await;
                 timed(m, "volume_operations", volumes.reconcile()).await;
+                timed(m, "snapshots", volumes.reconcile_snapshots()).await;
                 timed(m, "healing", volumes.heal_all()).await;
                 timed(m, "garbage", volumes.collect_garbage()).await;
                 timed(m, "stale_nexuses", volumes.collect_stale_nexuses()).await;

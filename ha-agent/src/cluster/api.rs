@@ -16,6 +16,7 @@ use super::metrics::{self, AgentMetrics};
 use super::node::{NodeSpec, NodeState, PoolSpec};
 use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
 use super::registry::{NodeView, Registry, RegistryError};
+use super::snapshots::{SnapshotPhase, SnapshotRecord};
 use super::store::StoreError;
 use super::volume::{Placement, VolumePhase, VolumeRecord, VolumeSpec};
 use super::volumes::{VolumeError, Volumes};
@@ -94,7 +95,9 @@ impl From<VolumeError> for Status {
             VolumeError::InvalidArgument(_) => Status::invalid_argument(msg),
             VolumeError::NotFound(_) => Status::not_found(msg),
             VolumeError::AlreadyExists { .. } => Status::already_exists(msg),
-            VolumeError::NoRoom(_) => Status::resource_exhausted(msg),
+            VolumeError::NoRoom(_) | VolumeError::NoCopies(_) => Status::resource_exhausted(msg),
+            VolumeError::SnapshotNotFound(_) => Status::not_found(msg),
+            VolumeError::SnapshotExists { .. } => Status::already_exists(msg),
             VolumeError::FailedPrecondition { .. } => Status::failed_precondition(msg),
             VolumeError::Conflict { .. } => Status::aborted(msg),
             VolumeError::Engine { code, .. } => Status::new(code, msg),
@@ -138,6 +141,11 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
             VolumePhase::Deleting => pb::VolumePhase::Deleting,
         } as i32,
         state: state.into(),
+        source_snapshot: r
+            .spec
+            .source_snapshot
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
         node_selector: r
             .spec
             .placement
@@ -202,6 +210,17 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
             .map(|n| n.host_nqn.clone())
             .unwrap_or_default(),
         reason: r.reason,
+    }
+}
+
+fn snapshot(s: SnapshotRecord) -> pb::VolumeSnapshot {
+    pb::VolumeSnapshot {
+        uuid: s.uuid.to_string(),
+        volume: s.volume.to_string(),
+        size_bytes: s.size,
+        ready: s.phase == SnapshotPhase::Created,
+        created_unix_ms: s.created_ms as i64,
+        nodes: s.copies.into_iter().map(|c| c.node).collect(),
     }
 }
 
@@ -489,6 +508,10 @@ impl Cluster for Service {
                         .map(|s| s.labels.into_iter().collect())
                         .collect(),
                 },
+                source_snapshot: match r.source_snapshot.as_str() {
+                    "" => None,
+                    s => Some(parse_uuid(s)?),
+                },
             };
             let v = l.volumes.create(parse_uuid(&r.uuid)?, spec).await?;
             Ok(Response::new(volume(&l.volumes, v).await))
@@ -593,6 +616,58 @@ impl Cluster for Service {
         }
         .await;
         self.counted("unpublish_volume", r)
+    }
+
+    async fn create_snapshot(
+        &self,
+        r: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::VolumeSnapshot>, Status> {
+        let r: Result<Response<pb::VolumeSnapshot>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            let s = l
+                .volumes
+                .create_snapshot(parse_uuid(&r.volume)?, parse_uuid(&r.uuid)?)
+                .await?;
+            Ok(Response::new(snapshot(s)))
+        }
+        .await;
+        self.counted("create_snapshot", r)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        r: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r: Result<Response<pb::DeleteSnapshotResponse>, Status> = async {
+            let l = self.leadership.leading()?;
+            l.volumes
+                .delete_snapshot(parse_uuid(&r.into_inner().uuid)?)
+                .await?;
+            Ok(Response::new(pb::DeleteSnapshotResponse {}))
+        }
+        .await;
+        self.counted("delete_snapshot", r)
+    }
+
+    async fn list_snapshots(
+        &self,
+        r: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let volume = match r.volume.as_str() {
+            "" => None,
+            v => Some(parse_uuid(v)?),
+        };
+        let snapshots = l
+            .volumes
+            .list_snapshots(volume)
+            .await?
+            .into_iter()
+            .map(snapshot)
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
 
     async fn list_pools(

@@ -18,6 +18,8 @@ pub const ALL: &[&str] = &[
     RETIRE_DROPPED,
     DELETE_MARKED,
     DELETE_NEXUS_DESTROYED,
+    SNAPSHOT_RECORDED,
+    SNAPSHOT_TAKEN,
 ];
 
 /// The placement is recorded (phase Creating); no replica asked for.
@@ -44,6 +46,11 @@ pub const RETIRE_DROPPED: &str = "retire.dropped";
 pub const DELETE_MARKED: &str = "delete.marked";
 /// The engine destroyed the volume's nexus; the record still names it.
 pub const DELETE_NEXUS_DESTROYED: &str = "delete.nexus-destroyed";
+
+/// A snapshot is recorded (Creating); no engine asked.
+pub const SNAPSHOT_RECORDED: &str = "snapshot.recorded";
+/// The engines took the snapshot; the record does not list its copies yet.
+pub const SNAPSHOT_TAKEN: &str = "snapshot.taken";
 
 /// Dies here, as `kill -9` would (no destructor, no flush, no goodbye to the store), if `name` is armed.
 pub fn at(name: &str) {

@@ -10,6 +10,8 @@
 //! - [`scheduler`]: placement, pure (all replicas or none, one per node, least-full pool).
 //! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create, publish, unpublish, delete,
 //!   each stage recorded before the next engine call, and the reconciler that resumes them.
+//! - [`snapshots`]: crash-consistent volume snapshots, recorded before they are taken; volumes are made from them
+//!   as clones.
 //! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
 //!   created and added to the nexus (which rebuilds them).
 //! - [`garbage`]: replicas retired and nexuses left behind, destroyed when their engine answers.
@@ -31,6 +33,7 @@ pub mod node;
 pub mod pool;
 pub mod registry;
 pub mod scheduler;
+pub mod snapshots;
 pub mod store;
 pub mod volume;
 pub mod volumes;

@@ -21,6 +21,9 @@ pub struct VolumeSpec {
     /// Where its replicas may go.
     #[serde(default)]
     pub placement: Placement,
+    /// Made from this snapshot (its replicas are clones of the snapshot's copies).
+    #[serde(default)]
+    pub source_snapshot: Option<Uuid>,
 }
 
 /// Constraints on where a volume's replicas go, by node labels.

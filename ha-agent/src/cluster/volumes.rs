@@ -39,6 +39,13 @@ pub enum VolumeError {
     AlreadyExists { uuid: Uuid, existing: VolumeSpec },
     #[error("cannot place volume: {0}")]
     NoRoom(#[from] NoRoom),
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(Uuid),
+    #[error("snapshot {uuid} exists, of volume {volume}")]
+    SnapshotExists { uuid: Uuid, volume: Uuid },
+    /// A volume made from a snapshot can have replicas only where the snapshot has copies.
+    #[error("{0}")]
+    NoCopies(String),
     #[error("volume {uuid}: {why}")]
     FailedPrecondition { uuid: Uuid, why: String },
     /// Another operation on the volume is in flight, or it is being deleted.
@@ -253,13 +260,16 @@ impl Volumes {
                     .into_iter()
                     .map(|v| v.record)
                     .collect();
-                let choices = scheduler::place(
-                    &nodes,
-                    spec.size,
-                    spec.replicas as usize,
-                    &BTreeSet::new(),
-                    &spec.placement,
-                )?;
+                let choices = match spec.source_snapshot {
+                    Some(snap) => self.place_clones(&nodes, &spec, snap).await?,
+                    None => scheduler::place(
+                        &nodes,
+                        spec.size,
+                        spec.replicas as usize,
+                        &BTreeSet::new(),
+                        &spec.placement,
+                    )?,
+                };
                 let r = VolumeRecord {
                     uuid,
                     spec,
@@ -318,6 +328,70 @@ impl Volumes {
         .map_err(|s| engine_error(&rep.node, s))
     }
 
+    /// Where a volume made from snapshot `snap` can have its replicas: the pools holding the snapshot's copies, on
+    /// Online, uncordoned nodes its placement admits; as many as the spec asks, or none.
+    async fn place_clones(
+        &self,
+        nodes: &[super::node::NodeRecord],
+        spec: &VolumeSpec,
+        snap: Uuid,
+    ) -> Result<Vec<scheduler::Choice>, VolumeError> {
+        let s = self
+            .snapshot(snap)
+            .await?
+            .filter(|s| s.phase == super::snapshots::SnapshotPhase::Created)
+            .ok_or(VolumeError::SnapshotNotFound(snap))?;
+        if spec.size != s.size {
+            return Err(VolumeError::InvalidArgument(format!(
+                "a volume made from snapshot {snap} has its size, {} bytes, not {}",
+                s.size, spec.size
+            )));
+        }
+        let mut why = Vec::new();
+        let mut out = Vec::new();
+        for c in &s.copies {
+            match nodes.iter().find(|n| n.spec.name == c.node) {
+                Some(n) if n.status.state != NodeState::Online => {
+                    why.push(format!("{} is {:?}", c.node, n.status.state))
+                }
+                Some(n) if n.cordoned => why.push(format!("{} is cordoned", c.node)),
+                Some(n) => match spec.placement.admits(&n.spec.labels) {
+                    Ok(()) => out.push(scheduler::Choice {
+                        node: c.node.clone(),
+                        pool: c.pool.clone(),
+                    }),
+                    Err(e) => why.push(format!("{} {e}", c.node)),
+                },
+                None => why.push(format!("{} is unknown", c.node)),
+            }
+        }
+        if out.len() < spec.replicas as usize {
+            return Err(VolumeError::NoCopies(format!(
+                "{} replicas of a volume made from snapshot {snap} need {} usable copies of it, {} found: {}",
+                spec.replicas,
+                spec.replicas,
+                out.len(),
+                why.join("; ")
+            )));
+        }
+        out.truncate(spec.replicas as usize);
+        Ok(out)
+    }
+
+    /// Asks `rep`'s engine for a clone of snapshot `snap` as the replica (idempotent).
+    async fn create_clone(&self, rep: &ReplicaRecord, snap: Uuid) -> Result<(), VolumeError> {
+        let mut c = self.engine(&rep.node).await?;
+        c.create_clone(epb::CreateCloneRequest {
+            snapshot: snap.to_string(),
+            uuid: rep.uuid.to_string(),
+            share: false,
+            allowed_hosts: vec![],
+        })
+        .await
+        .map(drop)
+        .map_err(|s| engine_error(&rep.node, s))
+    }
+
     /// Creates the replicas still to create, recording each; rolls back on a refusal, keeps the plan otherwise.
     async fn drive_create(&self, mut r: VolumeRecord) -> Result<VolumeRecord, VolumeError> {
         for i in 0..r.replicas.len() {
@@ -325,7 +399,10 @@ impl Volumes {
                 continue;
             }
             let rep = r.replicas[i].clone();
-            let res = self.create_replica(&rep, r.spec.size).await;
+            let res = match r.spec.source_snapshot {
+                Some(snap) => self.create_clone(&rep, snap).await,
+                None => self.create_replica(&rep, r.spec.size).await,
+            };
             match res {
                 Ok(()) => {
                     failpoint::at(failpoint::CREATE_REPLICA_CREATED);

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use ha_agent::cluster::failpoint as fp;
 use nvmf_target::block::BlockDevice;
 use nvmf_target::initiator::ConnectOptions;
@@ -352,6 +353,58 @@ async fn every_stage(dir: &Path, store: &[&str]) {
             .await
             .unwrap();
         }
+    }
+
+    // Snapshot of the published volume: killed after it is recorded, and after the engines took it. Asked again,
+    // it is taken (or found) and every copy the engines hold is one the record lists.
+    for f in [fp::SNAPSHOT_RECORDED, fp::SNAPSHOT_TAKEN] {
+        let snap = uuid::Uuid::new_v4().to_string();
+        let take = |c: ClusterClient<Channel>, vol: String, snap: String| async move {
+            let mut c = c;
+            c.create_snapshot(pb::CreateSnapshotRequest {
+                volume: vol,
+                uuid: snap,
+            })
+            .await
+        };
+        k.crash_in(f, |c| {
+            take(c, vol.clone(), snap.clone()).map(|r| r.map(drop))
+        })
+        .await;
+        let s = until_served(|| take(k.c.clone(), vol.clone(), snap.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.ready && s.nodes.len() == 2, "{f}: {s:?}");
+        let mut held = Vec::new();
+        for n in
+            k.c.clone()
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes
+        {
+            let mut e = EngineClient::connect(n.engine_endpoint).await.unwrap();
+            if e.list_snapshots(epb::ListSnapshotsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshots
+                .iter()
+                .any(|x| x.uuid == snap)
+            {
+                held.push(n.name);
+            }
+        }
+        let mut recorded = s.nodes.clone();
+        recorded.sort();
+        held.sort();
+        assert_eq!(held, recorded, "{f}: copies held versus recorded");
+        k.c.clone()
+            .delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap })
+            .await
+            .unwrap();
     }
 
     // Scale up 2 → 3 on the published volume: killed after the new replica is placed, created, added.

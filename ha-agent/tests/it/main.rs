@@ -12,5 +12,6 @@ mod pools;
 mod registry;
 mod restart;
 mod scenarios;
+mod snapshots;
 mod store;
 mod volumes;

@@ -1,0 +1,266 @@
+//! Volume snapshots, persist-then-act like every volume operation: the snapshot is recorded (Creating) before any
+//! engine is asked; then taken, through the volume's nexus when it is published (the nexus holds writes, flushes
+//! and snapshots every healthy replica at one point, so the copies are crash-consistent) or on every replica when
+//! it is not (no writer); then the copies are found by asking each replica's engine, and recorded (Created). A
+//! crash in between is resumed by taking it again (each engine's snapshot is idempotent by uuid). Deleting marks
+//! it Deleting, destroys every copy, then drops the record. Each copy lives in its replica's pool, so a volume made
+//! from a snapshot gets its replicas as clones in those pools (see [`Volumes::create`]).
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use proto::engine as epb;
+
+use super::failpoint;
+use super::node::now_ms;
+use super::volume::{VolumePhase, VolumeRecord};
+use super::volumes::{VolumeError, Volumes, engine_error};
+
+pub const PREFIX: &str = "/keelson/snapshots/";
+
+pub fn key(uuid: &Uuid) -> String {
+    format!("{PREFIX}{uuid}")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotPhase {
+    Creating,
+    Created,
+    Deleting,
+}
+
+/// One copy of a snapshot: in the pool of one of the volume's replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCopy {
+    pub replica: Uuid,
+    pub node: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub uuid: Uuid,
+    pub volume: Uuid,
+    pub size: u64,
+    pub phase: SnapshotPhase,
+    pub copies: Vec<SnapshotCopy>,
+    pub created_ms: u64,
+}
+
+impl Volumes {
+    pub async fn snapshot(&self, uuid: Uuid) -> Result<Option<SnapshotRecord>, VolumeError> {
+        let k = key(&uuid);
+        match self.store().get(&k).await? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v.value)
+                .map(Some)
+                .map_err(|source| VolumeError::Corrupt { key: k, source }),
+        }
+    }
+
+    async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), VolumeError> {
+        let bytes = serde_json::to_vec(s).unwrap_or_default();
+        self.store().put(&key(&s.uuid), bytes).await?;
+        Ok(())
+    }
+
+    pub async fn list_snapshots(
+        &self,
+        volume: Option<Uuid>,
+    ) -> Result<Vec<SnapshotRecord>, VolumeError> {
+        let mut out = Vec::new();
+        for (k, v) in self.store().list(PREFIX).await? {
+            let s: SnapshotRecord = serde_json::from_slice(&v.value)
+                .map_err(|source| VolumeError::Corrupt { key: k, source })?;
+            if volume.is_none_or(|u| u == s.volume) {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes snapshot `uuid` of `volume` (the same request again returns it).
+    pub async fn create_snapshot(
+        &self,
+        volume: Uuid,
+        uuid: Uuid,
+    ) -> Result<SnapshotRecord, VolumeError> {
+        let lock = self.lock_of(volume);
+        let _held = lock.lock().await;
+        let r = self.get(volume).await?;
+        let s = match self.snapshot(uuid).await? {
+            Some(s) if s.volume != volume => {
+                return Err(VolumeError::SnapshotExists {
+                    uuid,
+                    volume: s.volume,
+                });
+            }
+            Some(s) if s.phase == SnapshotPhase::Created => return Ok(s),
+            Some(s) if s.phase == SnapshotPhase::Deleting => {
+                return Err(VolumeError::Conflict {
+                    uuid: volume,
+                    why: format!("snapshot {uuid} is being deleted"),
+                });
+            }
+            Some(s) => s,
+            None => {
+                if r.phase != VolumePhase::Created {
+                    return Err(VolumeError::FailedPrecondition {
+                        uuid: volume,
+                        why: format!("it is {:?}", r.phase),
+                    });
+                }
+                let s = SnapshotRecord {
+                    uuid,
+                    volume,
+                    size: r.spec.size,
+                    phase: SnapshotPhase::Creating,
+                    copies: Vec::new(),
+                    created_ms: now_ms(),
+                };
+                if !self
+                    .store()
+                    .compare_and_put(&key(&uuid), 0, serde_json::to_vec(&s).unwrap_or_default())
+                    .await?
+                {
+                    return Err(VolumeError::Conflict {
+                        uuid: volume,
+                        why: format!("snapshot {uuid} was created meanwhile"),
+                    });
+                }
+                failpoint::at(failpoint::SNAPSHOT_RECORDED);
+                s
+            }
+        };
+        self.take_snapshot(&r, s).await
+    }
+
+    /// Takes the snapshot (again: idempotent per copy), then records the copies the engines hold.
+    async fn take_snapshot(
+        &self,
+        r: &VolumeRecord,
+        mut s: SnapshotRecord,
+    ) -> Result<SnapshotRecord, VolumeError> {
+        let id = s.uuid.to_string();
+        match r.nexus.as_ref().filter(|n| n.published) {
+            Some(n) => {
+                self.engine(&n.node)
+                    .await?
+                    .snapshot_nexus(epb::SnapshotNexusRequest {
+                        uuid: r.uuid.to_string(),
+                        snapshot_uuid: id.clone(),
+                    })
+                    .await
+                    .map_err(|e| engine_error(&n.node, e))?;
+            }
+            None => {
+                for rep in r.replicas.iter().filter(|x| x.created) {
+                    self.engine(&rep.node)
+                        .await?
+                        .create_snapshot(epb::CreateSnapshotRequest {
+                            replica: rep.uuid.to_string(),
+                            uuid: id.clone(),
+                        })
+                        .await
+                        .map_err(|e| engine_error(&rep.node, e))?;
+                }
+            }
+        }
+        failpoint::at(failpoint::SNAPSHOT_TAKEN);
+        s.copies.clear();
+        for rep in &r.replicas {
+            let Ok(mut c) = self.engine(&rep.node).await else {
+                continue;
+            };
+            let Ok(list) = c.list_snapshots(epb::ListSnapshotsRequest {}).await else {
+                continue;
+            };
+            if let Some(found) = list
+                .into_inner()
+                .snapshots
+                .into_iter()
+                .find(|x| x.uuid == id)
+            {
+                s.copies.push(SnapshotCopy {
+                    replica: rep.uuid,
+                    node: rep.node.clone(),
+                    pool: found.pool,
+                });
+            }
+        }
+        if s.copies.is_empty() {
+            return Err(VolumeError::FailedPrecondition {
+                uuid: r.uuid,
+                why: format!("no replica holds snapshot {id}"),
+            });
+        }
+        s.phase = SnapshotPhase::Created;
+        self.save_snapshot(&s).await?;
+        tracing::info!(volume = %r.uuid, snapshot = %id, copies = s.copies.len(), "snapshot taken");
+        Ok(s)
+    }
+
+    pub async fn delete_snapshot(&self, uuid: Uuid) -> Result<(), VolumeError> {
+        let s = self
+            .snapshot(uuid)
+            .await?
+            .ok_or(VolumeError::SnapshotNotFound(uuid))?;
+        let lock = self.lock_of(s.volume);
+        let _held = lock.lock().await;
+        let Some(mut s) = self.snapshot(uuid).await? else {
+            return Ok(());
+        };
+        if s.phase != SnapshotPhase::Deleting {
+            s.phase = SnapshotPhase::Deleting;
+            self.save_snapshot(&s).await?;
+        }
+        self.drive_delete_snapshot(s).await
+    }
+
+    /// Destroys every copy: those recorded, and (for a snapshot whose taking did not finish) any on the volume's
+    /// replicas' nodes; then drops the record.
+    async fn drive_delete_snapshot(&self, s: SnapshotRecord) -> Result<(), VolumeError> {
+        let mut nodes: Vec<String> = s.copies.iter().map(|c| c.node.clone()).collect();
+        if let Some(r) = self.read(s.volume).await? {
+            nodes.extend(r.replicas.into_iter().map(|x| x.node));
+        }
+        nodes.sort();
+        nodes.dedup();
+        for node in nodes {
+            let r = self
+                .engine(&node)
+                .await?
+                .destroy_snapshot(epb::DestroySnapshotRequest {
+                    uuid: s.uuid.to_string(),
+                })
+                .await;
+            super::volumes::destroyed(&node, r)?;
+        }
+        self.store().delete(&key(&s.uuid)).await?;
+        tracing::info!(snapshot = %s.uuid, volume = %s.volume, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Resumes snapshots left Creating (taken again, or deleted if their volume is gone) or Deleting.
+    pub async fn reconcile_snapshots(&self) -> Result<(), VolumeError> {
+        for s in self.list_snapshots(None).await? {
+            if s.phase == SnapshotPhase::Created {
+                continue;
+            }
+            let Ok(_held) = self.lock_of(s.volume).try_lock_owned() else {
+                continue;
+            };
+            let uuid = s.uuid;
+            let res = match (s.phase, self.read(s.volume).await?) {
+                (SnapshotPhase::Creating, Some(r)) if r.phase == VolumePhase::Created => {
+                    self.take_snapshot(&r, s).await.map(drop)
+                }
+                _ => self.drive_delete_snapshot(s).await,
+            };
+            if let Err(e) = res {
+                tracing::debug!(snapshot = %uuid, error = %e, "snapshot operation still waiting");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! Volume snapshots through the cluster API with real engines: taken through the nexus while the volume is
+//! published (crash-consistent across replicas) and on the replicas when it is not; a volume made from one holds
+//! the data of that moment on clones in the snapshot's pools; idempotency, bad requests, deletes without leftovers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+
+const MIB: u64 = 1 << 20;
+const HOST: &str = "nqn.2026-11.io.keelson:test-snapshot-host";
+
+fn data(seed: u8) -> Bytes {
+    Bytes::from(vec![seed; 64 << 10])
+}
+
+async fn publish(c: &mut ClusterClient<Channel>, vol: &str) -> RemoteNamespace {
+    let p = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.into(),
+            host_nqn: HOST.into(),
+            node: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    RemoteNamespace::connect(o, 1).await.unwrap()
+}
+
+fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    r.map(drop).unwrap_err().code()
+}
+
+/// Every snapshot copy the engines hold, by uuid.
+async fn copies_everywhere(nodes: &[pb::Node]) -> Vec<String> {
+    let mut all = Vec::new();
+    for n in nodes {
+        let mut e = EngineClient::connect(n.engine_endpoint.clone())
+            .await
+            .unwrap();
+        all.extend(
+            e.list_snapshots(epb::ListSnapshotsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshots
+                .into_iter()
+                .map(|s| s.uuid),
+        );
+    }
+    all.sort();
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    let (nodes, _) = wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = publish(&mut c, &vol).await;
+    ns.write(0, data(1)).await.unwrap();
+
+    // Taken through the nexus while published; the same request again is the same snapshot.
+    let s1 = uuid::Uuid::new_v4().to_string();
+    let req = |volume: &str, uuid: &str| pb::CreateSnapshotRequest {
+        volume: volume.into(),
+        uuid: uuid.into(),
+    };
+    let s = c
+        .create_snapshot(req(&vol, &s1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.ready);
+    assert_eq!((s.nodes.len(), s.size_bytes), (2, 8 * MIB));
+    assert_eq!(
+        c.create_snapshot(req(&vol, &s1))
+            .await
+            .unwrap()
+            .into_inner(),
+        s
+    );
+    ns.write(0, data(2)).await.unwrap();
+
+    // Bad requests.
+    let other = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: other.clone(),
+        size_bytes: 4 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        code(c.create_snapshot(req(&other, &s1)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(
+            c.create_snapshot(req(&uuid::Uuid::new_v4().to_string(), "x"))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.create_snapshot(req(
+                &uuid::Uuid::new_v4().to_string(),
+                &uuid::Uuid::new_v4().to_string()
+            ))
+            .await
+        ),
+        Code::NotFound
+    );
+    let from = |uuid: &str, size: u64, replicas: u32, snap: &str| pb::CreateVolumeRequest {
+        uuid: uuid.into(),
+        size_bytes: size,
+        replicas,
+        source_snapshot: snap.into(),
+        ..Default::default()
+    };
+    let clone = uuid::Uuid::new_v4().to_string();
+    assert_eq!(
+        code(c.create_volume(from(&clone, 8 * MIB, 3, &s1)).await),
+        Code::ResourceExhausted,
+        "three replicas of a snapshot with two copies"
+    );
+    assert_eq!(
+        code(c.create_volume(from(&clone, 16 * MIB, 2, &s1)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.create_volume(from(&clone, 8 * MIB, 2, &uuid::Uuid::new_v4().to_string()))
+                .await
+        ),
+        Code::NotFound
+    );
+
+    // A volume made from it holds the data of its moment, on clones in the snapshot's pools.
+    let v = c
+        .create_volume(from(&clone, 8 * MIB, 2, &s1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.source_snapshot, s1);
+    let mut on: Vec<_> = v.replica_list.iter().map(|r| r.node.clone()).collect();
+    on.sort();
+    let mut snap_nodes = s.nodes.clone();
+    snap_nodes.sort();
+    assert_eq!(on, snap_nodes);
+    let cns = publish(&mut c, &clone).await;
+    assert_eq!(cns.read(0, 64 << 10).await.unwrap(), data(1));
+    cns.write(64 << 10, data(9)).await.unwrap();
+    assert_eq!(ns.read(0, 64 << 10).await.unwrap(), data(2));
+    assert_eq!(
+        ns.read(64 << 10, 64 << 10).await.unwrap(),
+        Bytes::from(vec![0; 64 << 10])
+    );
+    cns.close().await;
+    ns.close().await;
+
+    // Unpublished, the snapshot is taken on the replicas.
+    c.unpublish_volume(pb::UnpublishVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap();
+    let s2 = uuid::Uuid::new_v4().to_string();
+    let s = c
+        .create_snapshot(req(&vol, &s2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.ready && s.nodes.len() == 2);
+    let listed: Vec<String> = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            volume: vol.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .map(|s| s.uuid)
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&s1) && listed.contains(&s2));
+
+    // Deletes leave nothing behind: the clone volume, the snapshots (two copies each), then the volumes.
+    for v in [&clone, &other] {
+        c.delete_volume(pb::DeleteVolumeRequest { uuid: v.clone() })
+            .await
+            .unwrap();
+    }
+    assert_eq!(copies_everywhere(&nodes).await.len(), 4);
+    for s in [&s1, &s2] {
+        c.delete_snapshot(pb::DeleteSnapshotRequest { uuid: s.clone() })
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        code(
+            c.delete_snapshot(pb::DeleteSnapshotRequest { uuid: s1.clone() })
+                .await
+        ),
+        Code::NotFound
+    );
+    assert!(copies_everywhere(&nodes).await.is_empty());
+    c.delete_volume(pb::DeleteVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
