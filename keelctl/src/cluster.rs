@@ -50,6 +50,9 @@ pub enum VolumeCmd {
         /// Make it from this snapshot (its size must be the snapshot's; replicas are clones of its copies).
         #[arg(long = "from-snapshot", default_value = "")]
         from_snapshot: String,
+        /// Make it from this volume as it is now (its size must be the source's).
+        #[arg(long = "from-volume", default_value = "")]
+        from_volume: String,
     },
     /// Take a crash-consistent snapshot SNAPSHOT_UUID of the volume.
     Snapshot { uuid: String, snapshot_uuid: String },
@@ -219,6 +222,7 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
             node_selector,
             topology,
             from_snapshot,
+            from_volume,
         } => {
             let topology = topology
                 .iter()
@@ -237,6 +241,7 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                 node_selector: node_selector.into_iter().collect(),
                 topology,
                 source_snapshot: from_snapshot,
+                source_volume: from_volume,
             };
             print_volumes(&[c.create_volume(req).await?.into_inner()], out);
         }

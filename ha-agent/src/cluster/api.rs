@@ -144,6 +144,12 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
         source_snapshot: r
             .spec
             .source_snapshot
+            .filter(|_| r.spec.source_volume.is_none())
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        source_volume: r
+            .spec
+            .source_volume
             .map(|u| u.to_string())
             .unwrap_or_default(),
         node_selector: r
@@ -512,8 +518,17 @@ impl Cluster for Service {
                     "" => None,
                     s => Some(parse_uuid(s)?),
                 },
+                source_volume: None,
             };
-            let v = l.volumes.create(parse_uuid(&r.uuid)?, spec).await?;
+            let uuid = parse_uuid(&r.uuid)?;
+            let v = match r.source_volume.as_str() {
+                "" => l.volumes.create(uuid, spec).await?,
+                s => {
+                    l.volumes
+                        .create_from_volume(uuid, spec, parse_uuid(s)?)
+                        .await?
+                }
+            };
             Ok(Response::new(volume(&l.volumes, v).await))
         }
         .await;
@@ -627,7 +642,7 @@ impl Cluster for Service {
             let r = r.into_inner();
             let s = l
                 .volumes
-                .create_snapshot(parse_uuid(&r.volume)?, parse_uuid(&r.uuid)?)
+                .create_snapshot(parse_uuid(&r.volume)?, parse_uuid(&r.uuid)?, None)
                 .await?;
             Ok(Response::new(snapshot(s)))
         }

@@ -45,7 +45,18 @@ pub struct SnapshotRecord {
     pub phase: SnapshotPhase,
     pub copies: Vec<SnapshotCopy>,
     pub created_ms: u64,
+    /// Taken to make this volume from its source volume: not listed, deleted with that volume.
+    #[serde(default)]
+    pub for_volume: Option<Uuid>,
 }
+
+/// The snapshot a volume made from another volume is cloned from (the same for every retry of its creation).
+pub fn clone_source_snapshot(volume: &Uuid) -> Uuid {
+    Uuid::new_v5(volume, b"keelson:volume-clone-source")
+}
+
+/// How long a snapshot taken for a volume's creation may wait for that volume before it counts as left behind.
+const ORPHAN_AFTER_MS: u64 = 10 * 60 * 1000;
 
 impl Volumes {
     pub async fn snapshot(&self, uuid: Uuid) -> Result<Option<SnapshotRecord>, VolumeError> {
@@ -72,18 +83,20 @@ impl Volumes {
         for (k, v) in self.store().list(PREFIX).await? {
             let s: SnapshotRecord = serde_json::from_slice(&v.value)
                 .map_err(|source| VolumeError::Corrupt { key: k, source })?;
-            if volume.is_none_or(|u| u == s.volume) {
+            if volume.is_none_or(|u| u == s.volume) && s.for_volume.is_none() {
                 out.push(s);
             }
         }
         Ok(out)
     }
 
-    /// Takes snapshot `uuid` of `volume` (the same request again returns it).
+    /// Takes snapshot `uuid` of `volume` (the same request again returns it); `for_volume`: taken to make that
+    /// volume (hidden).
     pub async fn create_snapshot(
         &self,
         volume: Uuid,
         uuid: Uuid,
+        for_volume: Option<Uuid>,
     ) -> Result<SnapshotRecord, VolumeError> {
         let lock = self.lock_of(volume);
         let _held = lock.lock().await;
@@ -117,6 +130,7 @@ impl Volumes {
                     phase: SnapshotPhase::Creating,
                     copies: Vec::new(),
                     created_ms: now_ms(),
+                    for_volume,
                 };
                 if !self
                     .store()
@@ -241,11 +255,27 @@ impl Volumes {
         Ok(())
     }
 
-    /// Resumes snapshots left Creating (taken again, or deleted if their volume is gone) or Deleting.
+    /// Resumes snapshots left Creating (taken again, or deleted if their volume is gone) or Deleting, and deletes
+    /// snapshots taken for a volume's creation once that volume is gone (or never came).
     pub async fn reconcile_snapshots(&self) -> Result<(), VolumeError> {
-        for s in self.list_snapshots(None).await? {
+        let mut all = Vec::new();
+        for (k, v) in self.store().list(PREFIX).await? {
+            all.push(
+                serde_json::from_slice::<SnapshotRecord>(&v.value)
+                    .map_err(|source| VolumeError::Corrupt { key: k, source })?,
+            );
+        }
+        for s in all {
             if s.phase == SnapshotPhase::Created {
-                continue;
+                let Some(owner) = s.for_volume else {
+                    continue;
+                };
+                if now_ms().saturating_sub(s.created_ms) < ORPHAN_AFTER_MS
+                    || self.read(owner).await?.is_some()
+                {
+                    continue;
+                }
+                tracing::info!(snapshot = %s.uuid, volume = %owner, "snapshot taken for a volume that is gone: deleted");
             }
             let Ok(_held) = self.lock_of(s.volume).try_lock_owned() else {
                 continue;

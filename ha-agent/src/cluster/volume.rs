@@ -24,6 +24,9 @@ pub struct VolumeSpec {
     /// Made from this snapshot (its replicas are clones of the snapshot's copies).
     #[serde(default)]
     pub source_snapshot: Option<Uuid>,
+    /// Made from this volume (through a snapshot of it taken for the purpose, `source_snapshot`).
+    #[serde(default)]
+    pub source_volume: Option<Uuid>,
 }
 
 /// Constraints on where a volume's replicas go, by node labels.

@@ -309,6 +309,35 @@ impl Volumes {
         self.drive_create(record).await
     }
 
+    /// Creates volume `uuid` from volume `source` as it is now: a snapshot of the source taken for the purpose (the
+    /// same one for every retry, so a retry after a crash finds it), then the volume made from it.
+    pub async fn create_from_volume(
+        &self,
+        uuid: Uuid,
+        mut spec: VolumeSpec,
+        source: Uuid,
+    ) -> Result<VolumeRecord, VolumeError> {
+        if source == uuid || spec.source_snapshot.is_some() {
+            return Err(VolumeError::InvalidArgument(
+                "a volume is made from one other volume, or from a snapshot".into(),
+            ));
+        }
+        let snap = super::snapshots::clone_source_snapshot(&uuid);
+        spec.source_snapshot = Some(snap);
+        spec.source_volume = Some(source);
+        if self.read(uuid).await?.is_none() {
+            let src = self.get(source).await?;
+            if src.spec.size != spec.size {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "a volume made from volume {source} has its size, {} bytes, not {}",
+                    src.spec.size, spec.size
+                )));
+            }
+            self.create_snapshot(source, snap, Some(uuid)).await?;
+        }
+        self.create(uuid, spec).await
+    }
+
     /// Asks `rep`'s engine for the replica (idempotent: the same request again is a no-op).
     pub(super) async fn create_replica(
         &self,
@@ -459,6 +488,13 @@ impl Volumes {
         }
         self.store.delete(&volume::key(&r.uuid)).await?;
         tracing::info!(uuid = %r.uuid, "volume deleted");
+        // The snapshot taken to make it from another volume goes with it (or later, by the snapshot reconciler).
+        if let (Some(snap), Some(_)) = (r.spec.source_snapshot, r.spec.source_volume)
+            && let Err(e) = self.delete_snapshot(snap).await
+            && !matches!(e, VolumeError::SnapshotNotFound(_))
+        {
+            tracing::warn!(uuid = %r.uuid, snapshot = %snap, error = %e, "its source snapshot is left for later");
+        }
         Ok(())
     }
 

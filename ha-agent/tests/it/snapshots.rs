@@ -191,6 +191,46 @@ async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment()
     cns.close().await;
     ns.close().await;
 
+    // A volume made from the volume itself holds what it holds now; its hidden snapshot goes with it.
+    let copy = uuid::Uuid::new_v4().to_string();
+    let v = c
+        .create_volume(pb::CreateVolumeRequest {
+            uuid: copy.clone(),
+            size_bytes: 8 * MIB,
+            replicas: 2,
+            source_volume: vol.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.source_volume.as_str(), v.source_snapshot.as_str()),
+        (vol.as_str(), "")
+    );
+    let vns = publish(&mut c, &copy).await;
+    assert_eq!(vns.read(0, 64 << 10).await.unwrap(), data(2));
+    vns.close().await;
+    assert_eq!(
+        c.list_snapshots(pb::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots
+            .len(),
+        1,
+        "the hidden snapshot is not listed"
+    );
+    assert_eq!(copies_everywhere(&nodes).await.len(), 4);
+    c.delete_volume(pb::DeleteVolumeRequest { uuid: copy.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        copies_everywhere(&nodes).await.len(),
+        2,
+        "the hidden snapshot went with its volume"
+    );
+
     // Unpublished, the snapshot is taken on the replicas.
     c.unpublish_volume(pb::UnpublishVolumeRequest { uuid: vol.clone() })
         .await
