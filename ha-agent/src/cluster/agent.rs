@@ -1,5 +1,6 @@
-//! One cluster agent: opens the store, checks its schema, serves the API, and while it leads runs the registry
-//! and its sweep, the pool and volume reconcilers and volume healing, once per heartbeat interval. Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
+//! One cluster agent: opens the store, checks its schema, serves the API and the metrics, and while it leads runs
+//! every reconciler ([`super::reconcile::all`]) once per heartbeat interval, writing through the leader's fence.
+//! Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use super::dataplane::EngineProber;
 use super::leader;
 use super::metrics::{self, AgentMetrics};
 use super::pool::Pools;
+use super::reconcile;
 use super::registry::{Registry, RegistryConfig};
 use super::store::metered::MeteredStore;
 use super::store::{Store, schema};
@@ -123,6 +125,7 @@ async fn lead(
         volumes: volumes.clone(),
     }));
     metrics.lead();
+    let reconcilers = reconcile::all(&registry, &pools, &volumes);
     let lost = leader.lost();
     let mut tick = tokio::time::interval(config.registry.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -141,14 +144,14 @@ async fn lead(
                 };
             }
             _ = tick.tick() => {
-                let m = metrics.as_ref();
-                timed(m, "node_sweep", registry.sweep()).await;
-                timed(m, "pools", pools.reconcile()).await;
-                timed(m, "volume_operations", volumes.reconcile()).await;
-                timed(m, "snapshots", volumes.reconcile_snapshots()).await;
-                timed(m, "healing", volumes.heal_all()).await;
-                timed(m, "garbage", volumes.collect_garbage()).await;
-                timed(m, "stale_nexuses", volumes.collect_stale_nexuses()).await;
+                for r in &reconcilers {
+                    let t = std::time::Instant::now();
+                    let res = r.pass().await;
+                    metrics.reconciled(r.name(), t.elapsed());
+                    if let Err(e) = res {
+                        tracing::warn!(reconciler = r.name(), error = %e, "reconcile pass failed; retrying at the next tick");
+                    }
+                }
                 if let Ok(nodes) = registry.list().await {
                     let online = nodes
                         .iter()
@@ -158,19 +161,5 @@ async fn lead(
                 }
             }
         }
-    }
-}
-
-/// Runs one reconciler pass, records how long it took, and logs a failure (the next tick retries).
-async fn timed<E: std::fmt::Display>(
-    metrics: &AgentMetrics,
-    reconciler: &'static str,
-    pass: impl Future<Output = Result<(), E>>,
-) {
-    let t = std::time::Instant::now();
-    let r = pass.await;
-    metrics.reconciled(reconciler, t.elapsed());
-    if let Err(e) = r {
-        tracing::warn!(reconciler, error = %e, "reconcile pass failed; retrying at the next tick");
     }
 }

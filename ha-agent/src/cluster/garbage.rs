@@ -140,3 +140,34 @@ impl Volumes {
         Ok(())
     }
 }
+
+/// Retired replicas destroyed, as a reconciler (see [`super::reconcile`]).
+pub struct GarbageCollector(pub std::sync::Arc<Volumes>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for GarbageCollector {
+    fn name(&self) -> &'static str {
+        "garbage"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0.collect_garbage().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Nexuses no record names destroyed, as a reconciler (see [`super::reconcile`]).
+pub struct StaleNexuses(pub std::sync::Arc<Volumes>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for StaleNexuses {
+    fn name(&self) -> &'static str {
+        "stale_nexuses"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0
+            .collect_stale_nexuses()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

@@ -674,6 +674,20 @@ impl Volumes {
     }
 }
 
+/// Healing as a reconciler (see [`super::reconcile`]).
+pub struct Healing(pub std::sync::Arc<Volumes>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for Healing {
+    fn name(&self) -> &'static str {
+        "healing"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0.heal_all().await.map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

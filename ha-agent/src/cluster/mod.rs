@@ -6,6 +6,7 @@
 //! - [`node`]: a storage node's record (what its io-engine registered, what the agent observed).
 //! - [`pool`]: pools created through the agent, recorded before the engine is asked, imported again when their
 //!   node's io-engine restarts without them.
+//! - [`reconcile`]: the one trait of every reconciler, and the list a tick runs.
 //! - [`registry`]: registration, heartbeats, and the sweep that probes silent nodes and marks them Offline.
 //! - [`scheduler`]: placement, pure (all replicas or none, one per node, least-full pool).
 //! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create, publish, unpublish, delete,
@@ -31,6 +32,7 @@ pub mod leader;
 pub mod metrics;
 pub mod node;
 pub mod pool;
+pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
 pub mod snapshots;

@@ -387,3 +387,17 @@ fn engine_error(node: &str, s: tonic::Status) -> PoolOpError {
         message: s.message().to_string(),
     }
 }
+
+/// Managed pools as a reconciler (see [`super::reconcile`]).
+pub struct PoolReconciler(pub Arc<Pools>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for PoolReconciler {
+    fn name(&self) -> &'static str {
+        "pools"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0.reconcile().await.map_err(|e| e.to_string())
+    }
+}

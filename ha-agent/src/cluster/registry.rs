@@ -396,3 +396,17 @@ fn decode(bytes: &[u8]) -> Result<NodeRecord, RegistryError> {
         source,
     })
 }
+
+/// The node sweep as a reconciler (see [`super::reconcile`]).
+pub struct NodeSweep(pub Arc<Registry>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for NodeSweep {
+    fn name(&self) -> &'static str {
+        "node_sweep"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0.sweep().await.map_err(|e| e.to_string())
+    }
+}

@@ -294,3 +294,20 @@ impl Volumes {
         Ok(())
     }
 }
+
+/// Snapshots resumed, as a reconciler (see [`super::reconcile`]).
+pub struct SnapshotReconciler(pub std::sync::Arc<Volumes>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for SnapshotReconciler {
+    fn name(&self) -> &'static str {
+        "snapshots"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0
+            .reconcile_snapshots()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

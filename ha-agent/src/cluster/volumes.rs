@@ -861,3 +861,17 @@ pub(super) fn nexus_state(r: &VolumeRecord, nexus: Option<&epb::Nexus>) -> &'sta
         _ => "Faulted",
     }
 }
+
+/// Volume creates and deletes resumed, as a reconciler (see [`super::reconcile`]).
+pub struct VolumeOperations(pub Arc<Volumes>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for VolumeOperations {
+    fn name(&self) -> &'static str {
+        "volume_operations"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0.reconcile().await.map_err(|e| e.to_string())
+    }
+}

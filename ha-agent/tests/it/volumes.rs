@@ -370,12 +370,20 @@ async fn after_every_process_is_killed_the_volume_comes_back_with_its_data() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let v = c
-        .get_volume(pb::GetVolumeRequest { uuid: vol })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(v.state, "Online");
+    // Everything was killed, so the new nexus resyncs the replicas from one: Online once that is done.
+    let t = std::time::Instant::now();
+    loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if v.state == "Online" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{v:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Node labels decide placement: a node selector keeps replicas on the nodes carrying its labels, topology
