@@ -360,9 +360,17 @@ impl Registration for Service {
         &self,
         r: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let reg = self.leadership.registry()?;
+        let l = self.leadership.leading()?;
         let r = r.into_inner();
-        let known = reg.heartbeat(&r.node, &r.instance, pools(r.pools)).await?;
+        let known = l
+            .registry
+            .heartbeat(&r.node, &r.instance, pools(r.pools))
+            .await?;
+        if known && r.nexus_changed {
+            // A child of one of the node's nexuses changed state: heal those volumes now, not at the next tick.
+            let (volumes, node) = (l.volumes.clone(), r.node.clone());
+            tokio::spawn(async move { volumes.heal_nexuses_on(&node).await });
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             register_again: !known,
         }))

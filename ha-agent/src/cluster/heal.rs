@@ -101,6 +101,26 @@ impl Volumes {
         Ok(())
     }
 
+    /// Heals, now, the published volumes whose nexus runs on `node` (its engine reported a child's change).
+    pub async fn heal_nexuses_on(&self, node: &str) {
+        let Ok(all) = self.list_sound().await else {
+            return;
+        };
+        for r in all.into_iter().filter(|r| {
+            r.phase == VolumePhase::Created && r.nexus.as_ref().is_some_and(|n| n.node == node)
+        }) {
+            let Ok(Some((_held, r))) = self.claim_idle(r.uuid).await else {
+                continue;
+            };
+            let uuid = r.uuid;
+            if r.phase == VolumePhase::Created
+                && let Err(e) = self.heal(r).await
+            {
+                tracing::debug!(%uuid, error = %e, "volume not healed yet");
+            }
+        }
+    }
+
     /// Records what a pass saw of `r`: its state, and its replicas' states from the nexus's children (`nexus`) or,
     /// without one, from the record.
     fn observe(&self, r: &VolumeRecord, state: &'static str, nexus: Option<&epb::Nexus>) {

@@ -388,6 +388,7 @@ async fn bad_registrations_and_unknown_nodes_get_precise_codes() {
             node: "ok-node".into(),
             instance: "stale".into(),
             pools: vec![],
+            nexus_changed: false,
         })
         .await
         .unwrap()

@@ -172,10 +172,15 @@ async fn scenario_1_a_failing_pool_disk_is_replaced_by_the_other_pool_of_its_nod
     for i in 16..32 {
         ns.write((i * 256) << 10, block(i)).await.unwrap();
     }
+    let t = Instant::now();
     let (v, seen) = until(&c, &vol, "replaced on 2-B", |v| {
         v.state == "Online" && placed(v) == ["reg-1/p1a", "reg-2/p2b"]
     })
     .await;
+    println!(
+        "pool disk failed under writes: replaced, rebuilt and Online {:?} later",
+        t.elapsed()
+    );
     assert!(seen.contains(&"Degraded".to_string()), "{seen:?}");
     assert!(
         v.rebuilds.iter().any(|b| b.error.is_empty()

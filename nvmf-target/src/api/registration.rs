@@ -122,18 +122,21 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
             }
         };
         backoff = Duration::from_millis(100);
+        let changed = engine.nexus_changed();
         loop {
-            tokio::select! {
+            let nexus_changed = tokio::select! {
                 _ = stop.cancelled() => {
                     last = Some(c);
                     break 'register;
                 }
-                _ = tokio::time::sleep(every) => {}
-            }
+                _ = tokio::time::sleep(every) => false,
+                _ = changed.notified() => true,
+            };
             let hb = pb::HeartbeatRequest {
                 node: engine.node_name().to_string(),
                 instance: instance.clone(),
                 pools: pools(&engine),
+                nexus_changed,
             };
             match c.heartbeat(hb).await {
                 Ok(r) if !r.get_ref().register_again => {}

@@ -174,7 +174,10 @@ impl Engine {
                 conflict: format!("with other children ({})", have.join(", ")),
             });
         }
-        let mut config = NexusConfig::default();
+        let mut config = NexusConfig {
+            on_change: Some(self.nexus_changed()),
+            ..NexusConfig::default()
+        };
         if let Some(t) = options.io_timeout {
             config.io_timeout = t;
         }

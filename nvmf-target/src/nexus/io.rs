@@ -108,6 +108,7 @@ impl Nexus {
             c.note_write_error();
             c.fault(&reason);
             last_err = Some(e);
+            self.changed();
         }
         // Children that are away (including any this write just faulted) remember the range for a partial rebuild.
         if len > 0 {
@@ -185,6 +186,7 @@ impl BlockDevice for Nexus {
                     let n = c.note_read_error();
                     if n >= self.config.read_error_limit {
                         c.fault(&format!("{n} read errors, last: {e}"));
+                        self.changed();
                     }
                     last_err = Some(e);
                 }
@@ -194,6 +196,7 @@ impl BlockDevice for Nexus {
                         "read timed out after {:?}",
                         self.config.io_timeout
                     ));
+                    self.changed();
                 }
             }
         }

@@ -72,6 +72,8 @@ pub struct NexusConfig {
     pub rebuild: RebuildConfig,
     /// A faulted child that comes back within this window gets only the segments written meanwhile.
     pub partial_rebuild_window: Duration,
+    /// Told whenever a child changes state (faulted, rebuilt): the engine passes it on to the cluster agent at once.
+    pub on_change: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for NexusConfig {
@@ -81,6 +83,7 @@ impl Default for NexusConfig {
             read_error_limit: 3,
             rebuild: RebuildConfig::default(),
             partial_rebuild_window: Duration::from_secs(600),
+            on_change: None,
         }
     }
 }
@@ -185,6 +188,13 @@ impl Nexus {
 
     pub fn config(&self) -> &NexusConfig {
         &self.config
+    }
+
+    /// Says that a child changed state, to whoever listens ([`NexusConfig::on_change`]).
+    pub(super) fn changed(&self) {
+        if let Some(n) = &self.config.on_change {
+            n.notify_one();
+        }
     }
 
     /// Adds a child and rebuilds it in full from the healthy ones while I/O goes on.
@@ -324,6 +334,7 @@ impl Nexus {
             .child(name)
             .ok_or_else(|| NexusError::NoSuchChild(name.into()))?;
         c.fault(reason);
+        self.changed();
         Ok(())
     }
 

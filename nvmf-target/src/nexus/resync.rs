@@ -120,6 +120,7 @@ impl Nexus {
                     Some(e.to_string())
                 }
             };
+            nexus.changed();
             let copied = progress.done_bytes() - skipped;
             tracing::info!(nexus = %nexus.name, child = %child.name, copied, skipped, ?error, "rebuild finished");
             nexus.history.lock().unwrap_or_else(|e| e.into_inner()).push(RebuildRecord {

@@ -33,6 +33,7 @@ fn config() -> NexusConfig {
             parallel_busy: 2,
         },
         partial_rebuild_window: Duration::from_secs(60),
+        on_change: None,
     }
 }
 
