@@ -693,6 +693,35 @@ impl Cluster for Service {
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
 
+    async fn get_capacity(
+        &self,
+        r: Request<pb::GetCapacityRequest>,
+    ) -> Result<Response<pb::GetCapacityResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let placement = Placement {
+            node_selector: r.node_selector.into_iter().collect(),
+            topology: r
+                .topology
+                .into_iter()
+                .map(|s| s.labels.into_iter().collect())
+                .collect(),
+        };
+        let nodes: Vec<_> = l
+            .registry
+            .list()
+            .await?
+            .into_iter()
+            .map(|v| v.record)
+            .collect();
+        let (available_bytes, maximum_volume_size) =
+            super::scheduler::capacity(&nodes, &placement, r.replicas as usize);
+        Ok(Response::new(pb::GetCapacityResponse {
+            available_bytes,
+            maximum_volume_size,
+        }))
+    }
+
     async fn list_pools(
         &self,
         _: Request<pb::ListPoolsRequest>,

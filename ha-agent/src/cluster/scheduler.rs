@@ -93,6 +93,33 @@ pub fn place(
         .collect())
 }
 
+/// What can be provisioned on `nodes` for volumes of `replicas` copies that `placement` admits: (free bytes of
+/// the admitted nodes' usable pools divided by `replicas`, the largest volume that fits now). Usable nodes and pools
+/// are those [`place`] would consider.
+pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) -> (u64, u64) {
+    let replicas = replicas.max(1);
+    let mut total: u64 = 0;
+    let mut best_per_node: Vec<u64> = Vec::new();
+    for n in nodes.iter().filter(|n| {
+        n.status.state == NodeState::Online
+            && !n.cordoned
+            && placement.admits(&n.spec.labels).is_ok()
+    }) {
+        let free: Vec<u64> = n
+            .status
+            .pools
+            .iter()
+            .filter(|p| p.disk_errors == 0)
+            .map(|p| p.capacity.saturating_sub(p.committed))
+            .collect();
+        total = total.saturating_add(free.iter().sum());
+        best_per_node.push(free.into_iter().max().unwrap_or(0));
+    }
+    best_per_node.sort_unstable_by(|a, b| b.cmp(a));
+    let largest = best_per_node.get(replicas - 1).copied().unwrap_or(0);
+    (total / replicas as u64, largest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +189,31 @@ mod tests {
         let all = place(&nodes, G, 3, &BTreeSet::new(), &Placement::default()).unwrap();
         let distinct: BTreeSet<_> = all.iter().map(|c| c.node.clone()).collect();
         assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn capacity_counts_usable_pools_of_admitted_nodes() {
+        let mut nodes = vec![
+            node(
+                "n1",
+                NodeState::Online,
+                &[("a", 10 * G, 4 * G), ("b", 10 * G, 0)],
+            ),
+            node("n2", NodeState::Online, &[("a", 10 * G, 8 * G)]),
+            node("n3", NodeState::Offline, &[("a", 10 * G, 0)]),
+        ];
+        // n1: 6 + 10 free, best 10; n2: 2 free; n3 is Offline.
+        assert_eq!(capacity(&nodes, &Placement::default(), 1), (18 * G, 10 * G));
+        assert_eq!(capacity(&nodes, &Placement::default(), 2), (9 * G, 2 * G));
+        assert_eq!(capacity(&nodes, &Placement::default(), 3).1, 0);
+        nodes[0].status.pools[1].disk_errors = 1;
+        assert_eq!(capacity(&nodes, &Placement::default(), 1), (8 * G, 6 * G));
+        nodes[1].spec.labels.insert("zone".into(), "b".into());
+        let zone_b = Placement {
+            node_selector: [("zone".to_string(), "b".to_string())].into(),
+            topology: vec![],
+        };
+        assert_eq!(capacity(&nodes, &zone_b, 1), (2 * G, 2 * G));
     }
 
     #[test]

@@ -475,4 +475,42 @@ async fn node_selectors_and_topology_decide_where_replicas_go() {
         3,
         "the refused volume created nothing"
     );
+
+    // Capacity by placement: zone a has two nodes, so 2 copies fit there and 3 do not.
+    let cap = |sel: &str, replicas: u32| pb::GetCapacityRequest {
+        node_selector: zone(sel),
+        replicas,
+        ..Default::default()
+    };
+    let a2 = c.get_capacity(cap("a", 2)).await.unwrap().into_inner();
+    let a3 = c.get_capacity(cap("a", 3)).await.unwrap().into_inner();
+    let b1 = c.get_capacity(cap("b", 1)).await.unwrap().into_inner();
+    assert!(
+        a2.maximum_volume_size > 0 && a3.maximum_volume_size == 0,
+        "{a2:?} {a3:?}"
+    );
+    // Once the engines' heartbeats carry the new replicas: all the pools' bytes less three 4 MiB replicas.
+    let want = nodes
+        .iter()
+        .flat_map(|n| &n.pools)
+        .map(|p| p.capacity)
+        .sum::<u64>()
+        - 3 * 4 * MIB;
+    let t = std::time::Instant::now();
+    loop {
+        let all = c
+            .get_capacity(pb::GetCapacityRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(b1.available_bytes > 0 && b1.available_bytes < all.available_bytes);
+        if all.available_bytes == want {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{all:?}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
