@@ -44,6 +44,9 @@ pub enum VolumeCmd {
         /// Replicas only on nodes with this label, `key=value` (repeat for more; all must match).
         #[arg(long = "node-selector", value_parser = label)]
         node_selector: Vec<(String, String)>,
+        /// Replicas only in pools with this label, `key=value` (repeat for more; all must match).
+        #[arg(long = "pool-selector", value_parser = label)]
+        pool_selector: Vec<(String, String)>,
         /// A topology segment, `key=value[,key=value...]` (repeat for more): replicas only on nodes matching one.
         #[arg(long)]
         topology: Vec<String>,
@@ -220,6 +223,7 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
             size: s,
             replicas,
             node_selector,
+            pool_selector,
             topology,
             from_snapshot,
             from_volume,
@@ -239,6 +243,7 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                 size_bytes: size(&s)?,
                 replicas,
                 node_selector: node_selector.into_iter().collect(),
+                pool_selector: pool_selector.into_iter().collect(),
                 topology,
                 source_snapshot: from_snapshot,
                 source_volume: from_volume,

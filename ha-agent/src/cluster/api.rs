@@ -147,6 +147,13 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
             .filter(|_| r.spec.source_volume.is_none())
             .map(|u| u.to_string())
             .unwrap_or_default(),
+        pool_selector: r
+            .spec
+            .placement
+            .pool_selector
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         source_volume: r
             .spec
             .source_volume
@@ -259,6 +266,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
             allocated: p.allocated,
             committed: p.committed,
             disk_errors: p.disk_errors,
+            labels: p.labels.into_iter().collect(),
         })
         .collect()
 }
@@ -308,6 +316,7 @@ fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb:
                 allocated: p.allocated,
                 committed: p.committed,
                 disk_errors: p.disk_errors,
+                labels: p.labels.into_iter().collect(),
             })
             .collect(),
         instance: spec.instance,
@@ -521,6 +530,7 @@ impl Cluster for Service {
                         .into_iter()
                         .map(|s| s.labels.into_iter().collect())
                         .collect(),
+                    pool_selector: r.pool_selector.into_iter().collect(),
                 },
                 source_snapshot: match r.source_snapshot.as_str() {
                     "" => None,
@@ -706,6 +716,7 @@ impl Cluster for Service {
                 .into_iter()
                 .map(|s| s.labels.into_iter().collect())
                 .collect(),
+            pool_selector: r.pool_selector.into_iter().collect(),
         };
         let nodes: Vec<_> = l
             .registry

@@ -22,6 +22,9 @@ pub struct PoolSpec {
     /// I/O errors its disk returned since the engine imported it (non-zero: failing, nothing new goes there).
     #[serde(default)]
     pub disk_errors: u64,
+    /// Its labels, as its io-engine declares them.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What an io-engine says of itself when it registers.

@@ -61,7 +61,11 @@ pub fn place(
             .status
             .pools
             .iter()
-            .filter(|p| p.disk_errors == 0 && p.committed.saturating_add(size) <= p.capacity)
+            .filter(|p| {
+                p.disk_errors == 0
+                    && placement.admits_pool(&p.labels)
+                    && p.committed.saturating_add(size) <= p.capacity
+            })
             .map(|p| {
                 let after =
                     (p.committed + size) as u128 * 1_000_000 / u128::from(p.capacity.max(1));
@@ -73,6 +77,14 @@ pub fn place(
             None if n.status.pools.is_empty() => reasons.push(format!("{name} has no pool")),
             None if n.status.pools.iter().all(|p| p.disk_errors > 0) => {
                 reasons.push(format!("every pool on {name} has a failing disk"))
+            }
+            None if !n
+                .status
+                .pools
+                .iter()
+                .any(|p| placement.admits_pool(&p.labels)) =>
+            {
+                reasons.push(format!("no pool on {name} matches the pool selector"))
             }
             None => reasons.push(format!("no pool on {name} has {size} bytes free")),
         }
@@ -109,7 +121,7 @@ pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) ->
             .status
             .pools
             .iter()
-            .filter(|p| p.disk_errors == 0)
+            .filter(|p| p.disk_errors == 0 && placement.admits_pool(&p.labels))
             .map(|p| p.capacity.saturating_sub(p.committed))
             .collect();
         total = total.saturating_add(free.iter().sum());
@@ -150,6 +162,7 @@ mod tests {
                         allocated: 0,
                         committed: *committed,
                         disk_errors: 0,
+                        labels: Default::default(),
                     })
                     .collect(),
                 clean_exit: None,
@@ -211,9 +224,43 @@ mod tests {
         nodes[1].spec.labels.insert("zone".into(), "b".into());
         let zone_b = Placement {
             node_selector: [("zone".to_string(), "b".to_string())].into(),
-            topology: vec![],
+            ..Default::default()
         };
         assert_eq!(capacity(&nodes, &zone_b, 1), (2 * G, 2 * G));
+    }
+
+    #[test]
+    fn a_pool_selector_keeps_replicas_in_matching_pools() {
+        let mut nodes = [
+            node(
+                "n1",
+                NodeState::Online,
+                &[("a", 10 * G, 0), ("b", 10 * G, 5 * G)],
+            ),
+            node("n2", NodeState::Online, &[("a", 10 * G, 0)]),
+        ];
+        nodes[0].status.pools[1]
+            .labels
+            .insert("media".into(), "ssd".into());
+        let ssd = Placement {
+            pool_selector: [("media".to_string(), "ssd".to_string())].into(),
+            ..Default::default()
+        };
+        let got = place(&nodes, G, 1, &BTreeSet::new(), &ssd).unwrap();
+        assert_eq!(
+            got,
+            vec![Choice {
+                node: "n1".into(),
+                pool: "b".into()
+            }]
+        );
+        let e = place(&nodes, G, 2, &BTreeSet::new(), &ssd).unwrap_err();
+        assert!(
+            e.reasons
+                .contains(&"no pool on n2 matches the pool selector".to_string()),
+            "{e}"
+        );
+        assert_eq!(capacity(&nodes, &ssd, 1), (5 * G, 5 * G));
     }
 
     #[test]

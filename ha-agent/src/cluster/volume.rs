@@ -38,9 +38,19 @@ pub struct Placement {
     /// A replica's node matches one of these segments (every label of it); empty: any node.
     #[serde(default)]
     pub topology: Vec<BTreeMap<String, String>>,
+    /// A replica's pool carries every one of these labels.
+    #[serde(default)]
+    pub pool_selector: BTreeMap<String, String>,
 }
 
 impl Placement {
+    /// Whether a pool with `labels` may hold a replica.
+    pub fn admits_pool(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.pool_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
+
     /// Whether a node with `labels` may hold a replica; `Err` says why not.
     pub fn admits(&self, labels: &BTreeMap<String, String>) -> Result<(), String> {
         let has = |(k, v): (&String, &String)| labels.get(k) == Some(v);
@@ -154,7 +164,10 @@ mod tests {
                 labels(&[("zone", "a")]),
                 labels(&[("zone", "b"), ("rack", "1")]),
             ],
+            pool_selector: labels(&[("media", "ssd")]),
         };
+        assert!(p.admits_pool(&labels(&[("media", "ssd"), ("x", "y")])));
+        assert!(!p.admits_pool(&labels(&[("media", "hdd")])));
         assert!(p.admits(&labels(&[("disk", "ssd"), ("zone", "a")])).is_ok());
         assert!(
             p.admits(&labels(&[("disk", "ssd"), ("zone", "b"), ("rack", "1")]))

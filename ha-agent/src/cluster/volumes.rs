@@ -36,7 +36,10 @@ pub enum VolumeError {
     #[error("volume {0} not found")]
     NotFound(Uuid),
     #[error("volume {uuid} exists with {} bytes and {} replicas", existing.size, existing.replicas)]
-    AlreadyExists { uuid: Uuid, existing: VolumeSpec },
+    AlreadyExists {
+        uuid: Uuid,
+        existing: Box<VolumeSpec>,
+    },
     #[error("cannot place volume: {0}")]
     NoRoom(#[from] NoRoom),
     #[error("snapshot {0} not found")]
@@ -241,7 +244,7 @@ impl Volumes {
             Some(r) if r.spec != spec => {
                 return Err(VolumeError::AlreadyExists {
                     uuid,
-                    existing: r.spec.clone(),
+                    existing: Box::new(r.spec.clone()),
                 });
             }
             Some(r) if r.phase == VolumePhase::Deleting => {

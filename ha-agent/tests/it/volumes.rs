@@ -404,12 +404,15 @@ async fn node_selectors_and_topology_decide_where_replicas_go() {
                 .set_len(64 << 20)
                 .unwrap();
             let grpc = free_port(&format!("127.0.0.{i}"));
-            let extra = [
+            let mut extra = vec![
                 "--pool".to_string(),
                 format!("pool{i}={}", disk.display()),
                 "--node-label".to_string(),
                 format!("zone={}", zones[i as usize - 1]),
             ];
+            if i == 3 {
+                extra.extend(["--pool-label".to_string(), "pool3:media=ssd".to_string()]);
+            }
             crate::registry::engine_cmd(dir.path(), i, &url, grpc, &extra)
         })
         .collect();
@@ -470,6 +473,23 @@ async fn node_selectors_and_topology_decide_where_replicas_go() {
         .unwrap()
         .into_inner();
     assert_eq!(topo.replica_list[0].node, "reg-3");
+    // A pool selector: only pool3 is labelled media=ssd.
+    let ssd = c
+        .create_volume(pb::CreateVolumeRequest {
+            pool_selector: [("media".to_string(), "ssd".to_string())]
+                .into_iter()
+                .collect(),
+            ..create(&uuid::Uuid::new_v4().to_string(), 4 * MIB, 1)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ssd.replica_list[0].pool, "pool3");
+    c.delete_volume(pb::DeleteVolumeRequest {
+        uuid: ssd.uuid.clone(),
+    })
+    .await
+    .unwrap();
     assert_eq!(
         replicas_everywhere(&nodes).await.len(),
         3,

@@ -24,9 +24,11 @@ pub struct RegistrationConfig {
     pub engine_endpoint: String,
     /// The node's labels (`--node-label`), for placement by selectors and topology.
     pub labels: std::collections::HashMap<String, String>,
+    /// Labels of pools by pool name (`--pool-label`), for placement by pool selectors.
+    pub pool_labels: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
 }
 
-fn pools(engine: &Engine) -> Vec<pb::Pool> {
+fn pools(engine: &Engine, cfg: &RegistrationConfig) -> Vec<pb::Pool> {
     engine
         .pools()
         .into_iter()
@@ -41,6 +43,7 @@ fn pools(engine: &Engine) -> Vec<pb::Pool> {
                 allocated: s.allocated,
                 committed: s.committed,
                 disk_errors: s.disk_errors,
+                labels: cfg.pool_labels.get(&l.name).cloned().unwrap_or_default(),
             }
         })
         .collect()
@@ -59,7 +62,7 @@ fn request(engine: &Engine, cfg: &RegistrationConfig, instance: &str) -> pb::Reg
             .collect(),
         cntlid_min: u32::from(tc.cntlid_min),
         cntlid_max: u32::from(tc.cntlid_max),
-        pools: pools(engine),
+        pools: pools(engine, cfg),
         instance: instance.to_string(),
         labels: cfg.labels.clone(),
     }
@@ -135,7 +138,7 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
             let hb = pb::HeartbeatRequest {
                 node: engine.node_name().to_string(),
                 instance: instance.clone(),
-                pools: pools(&engine),
+                pools: pools(&engine, &cfg),
                 nexus_changed,
             };
             match c.heartbeat(hb).await {

@@ -65,6 +65,22 @@ struct Args {
     /// selectors and topology place replicas by them (e.g. `topology.kubernetes.io/zone=a`).
     #[arg(long = "node-label", env = "KEELSON_NODE_LABELS", value_delimiter = ',', value_parser = parse_label)]
     node_labels: Vec<(String, String)>,
+    /// A label of one of this node's pools, `POOL:key=value` (repeatable): volumes' pool selectors match them
+    /// (e.g. `pool1:media=ssd`).
+    #[arg(long = "pool-label", env = "KEELSON_POOL_LABELS", value_delimiter = ',', value_parser = parse_pool_label)]
+    pool_labels: Vec<(String, String, String)>,
+}
+
+/// `POOL:key=value`.
+fn parse_pool_label(s: &str) -> Result<(String, String, String), String> {
+    let (pool, kv) = s
+        .split_once(':')
+        .ok_or_else(|| format!("pool label {s:?} is not POOL:key=value"))?;
+    let (k, v) = parse_label(kv)?;
+    if pool.is_empty() {
+        return Err(format!("pool label {s:?} names no pool"));
+    }
+    Ok((pool.to_string(), k, v))
 }
 
 /// `key=value`, both non-empty.
@@ -191,6 +207,16 @@ async fn main() -> Result<()> {
             agents: args.cluster_agent.clone(),
             engine_endpoint: format!("http://{}", args.grpc_advertise.unwrap_or(args.grpc)),
             labels: args.node_labels.iter().cloned().collect(),
+            pool_labels: {
+                let mut m: std::collections::HashMap<_, std::collections::HashMap<_, _>> =
+                    Default::default();
+                for (pool, k, v) in &args.pool_labels {
+                    m.entry(pool.clone())
+                        .or_default()
+                        .insert(k.clone(), v.clone());
+                }
+                m
+            },
         };
         // Deregistration comes last, after every nexus is shut down: it tells the cluster agent the engine ended
         // cleanly (no write left in flight), so it can recompose nexuses without a full resync.
