@@ -470,3 +470,86 @@ async fn two_agents_on_etcd_one_leads_and_the_other_takes_over_when_it_is_killed
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Engines that answer garbage or never answer: the agent's probe of each fails within its timeout, both are
+/// marked Offline saying why, the API stays responsive meanwhile, and the real nodes are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_that_answer_garbage_or_hang_are_marked_offline_and_nothing_else_waits() {
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let _engines: Vec<Proc> = (1..=2).map(|i| engine(dir.path(), i, port)).collect();
+    wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online)],
+        "registration",
+    )
+    .await;
+
+    // One listener answers every connection with garbage and closes it; the other accepts and stays silent.
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (ga, ha) = (garbage.local_addr().unwrap(), hang.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = garbage.accept().await {
+            let _ = s
+                .write_all(b"HTTP/9.9 418 garbage\r\n\r\n\x00\xff\x13\x37")
+                .await;
+        }
+    });
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            held.push(s);
+        }
+    });
+    let mut reg = RegistrationClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    for (name, addr) in [("fake-garbage", ga), ("fake-hang", ha)] {
+        reg.register(pb::RegisterRequest {
+            node: name.into(),
+            engine_endpoint: format!("http://{addr}"),
+            nvmf_listeners: vec![],
+            cntlid_min: 1,
+            cntlid_max: 100,
+            pools: vec![],
+            instance: "fake".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // No heartbeats follow: both are probed, and the probes fail (garbage at once, silence at the timeout).
+    let t = Instant::now();
+    loop {
+        let t0 = Instant::now();
+        let n = nodes(port).await.expect("the API answers");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "ListNodes took {:?} while probes hang",
+            t0.elapsed()
+        );
+        let off = |name: &str| state_of(&n, name) == Some(Offline);
+        if off("fake-garbage") && off("fake-hang") {
+            for name in ["fake-garbage", "fake-hang"] {
+                let r = &n.iter().find(|x| x.name == name).unwrap().reason;
+                assert!(!r.is_empty(), "{name} Offline without a reason");
+            }
+            assert_eq!(state_of(&n, "reg-1"), Some(Online));
+            assert_eq!(state_of(&n, "reg-2"), Some(Online));
+            println!(
+                "garbage and silent engines marked Offline after {:?}",
+                t.elapsed()
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "never marked Offline: {n:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
