@@ -14,7 +14,7 @@ use proto::cluster as pb;
 use proto::cluster::cluster_client::ClusterClient;
 use tonic::transport::Channel;
 
-use crate::registry::{Offline, Online, agent, engine_with, free_port, wait_for};
+use crate::registry::{Offline, Online, agent, engine_with, free_port, three_nodes, wait_for};
 
 const MIB: u64 = 1 << 20;
 const HOST: &str = "nqn.2026-11.io.keelson:test-heal-host";
@@ -25,18 +25,7 @@ fn block(i: u64) -> Bytes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_every_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     let v = c
         .create_volume(pb::CreateVolumeRequest {
@@ -323,18 +312,7 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
 /// and the nexus rebuilds it; 3 → 1 keeps the nexus's own; more replicas than nodes is refused with nothing changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_adds_replicas_on_free_nodes_and_removes_those_away_from_the_nexus() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),
@@ -424,18 +402,7 @@ async fn scaling_adds_replicas_on_free_nodes_and_removes_those_away_from_the_nex
 /// a new one on the free node; every acknowledged write reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_follows() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, _port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),
@@ -519,18 +486,7 @@ async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_foll
 /// one of the volume's replicas; the node says Draining, then Drained; uncordoning ends the drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),
@@ -616,18 +572,7 @@ async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
 /// it is destroyed; the volume goes on on the new nexus with every write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nexus_left_behind_on_a_frozen_node_is_destroyed_when_it_thaws() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    let (nodes, _) = wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, port, _agent, engines, nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),

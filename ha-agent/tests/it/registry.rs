@@ -244,6 +244,32 @@ pub async fn wait_for(
 
 pub use pb::NodeState::{Offline, Online};
 
+/// A cluster agent on the embedded store and three io-engines `reg-1` to `reg-3` with a pool each, all Online: the
+/// temporary directory they live in, the agent's port, the agent and engines (killed when dropped), the nodes as
+/// listed once Online, and a client.
+pub async fn three_nodes() -> (
+    tempfile::TempDir,
+    u16,
+    Proc,
+    Vec<Proc>,
+    Vec<pb::Node>,
+    ClusterClient<tonic::transport::Channel>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
+    let (nodes, _) = wait_for(
+        port,
+        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+        "registration",
+    )
+    .await;
+    let c = ClusterClient::connect(url).await.unwrap();
+    (dir, port, agent, engines, nodes, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engines_register_and_the_agent_tracks_kills_freezes_shutdowns_and_its_own_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,7 +15,7 @@ use proto::cluster as pb;
 use proto::cluster::cluster_client::ClusterClient;
 use tonic::transport::Channel;
 
-use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+use crate::registry::three_nodes;
 
 const MIB: u64 = 1 << 20;
 const HOST: &str = "nqn.2026-11.io.keelson:test-restart-host";
@@ -101,18 +101,7 @@ async fn verify(c: &mut ClusterClient<Channel>, v: &pb::Volume, round: u8) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced_only_after_a_kill()
 {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, _port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),
@@ -207,18 +196,7 @@ async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced
 /// is made of the in-sync replicas, and the half-rebuilt one joins it afterwards and is rebuilt again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_rebuilt_replica_is_rebuilt_again_not_trusted_after_a_nexus_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let mut engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    let (nodes, _) = wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, _port, _agent, mut engines, nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),

@@ -15,7 +15,7 @@ use proto::engine::engine_client::EngineClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+use crate::registry::three_nodes;
 
 const MIB: u64 = 1 << 20;
 const HOST: &str = "nqn.2026-11.io.keelson:test-snapshot-host";
@@ -66,18 +66,7 @@ async fn copies_everywhere(nodes: &[pb::Node]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    let (nodes, _) = wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),

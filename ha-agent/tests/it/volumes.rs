@@ -16,7 +16,7 @@ use proto::engine::engine_client::EngineClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::registry::{Online, agent, engine_with, free_port, wait_for};
+use crate::registry::{Online, agent, engine_with, free_port, three_nodes, wait_for};
 
 const MIB: u64 = 1 << 20;
 const HOST: &str = "nqn.2026-11.io.keelson:test-app-host";
@@ -58,18 +58,7 @@ async fn code_of<T>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_without_leftovers() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let url = format!("http://127.0.0.1:{port}");
-    let _engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    let (nodes, _) = wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let mut c: ClusterClient<Channel> = ClusterClient::connect(url).await.unwrap();
+    let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
 
     // Bad requests first: precise codes, nothing created.
     let vol = uuid::Uuid::new_v4().to_string();
