@@ -9,5 +9,7 @@ cargo fmt --all --manifest-path nvmf-target/fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 KEELSON_REQUIRE_PRIVILEGED=1 cargo test --workspace
+# The control-plane scale benchmark, small, so that it keeps working (scripts/bench-scale.sh runs it at scale).
+cargo test -q -p ha-agent --bench scale -- --nodes 20 --volumes 60 --faults 5 --agent "$PWD/target/debug/cluster-agent"
 # A short fuzz run of each target from the seeds (scripts/fuzz.sh runs them for longer).
 ./scripts/fuzz.sh 15

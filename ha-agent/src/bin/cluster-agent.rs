@@ -61,6 +61,10 @@ struct Args {
     /// Prometheus metrics address (`GET /metrics`); not served when unset.
     #[arg(long, env = "KEELSON_AGENT_METRICS")]
     metrics: Option<SocketAddr>,
+    /// How often the reconcilers sweep every volume, pool and snapshot without an event, in milliseconds (nexus
+    /// changes reported by engines and node state changes are acted on at once).
+    #[arg(long, env = "KEELSON_SWEEP_MS", default_value_t = 5000)]
+    sweep_ms: u64,
     /// Timeout of each engine API call, in milliseconds.
     #[arg(long, env = "KEELSON_ENGINE_TIMEOUT_MS", default_value_t = 1000)]
     engine_timeout_ms: u64,
@@ -112,6 +116,7 @@ async fn main() -> Result<()> {
         },
         lease_ttl: Duration::from_millis(args.lease_ttl_ms.max(100)),
         engine_timeout: Duration::from_millis(args.engine_timeout_ms.max(10)),
+        sweep: Duration::from_millis(args.sweep_ms.max(10)),
     };
     tracing::info!(grpc = %args.grpc, store = ?args.store, name = %config.name, "cluster agent starting");
     let stop = CancellationToken::new();

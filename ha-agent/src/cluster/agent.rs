@@ -1,5 +1,8 @@
 //! One cluster agent: opens the store, checks its schema, serves the API and the metrics, and while it leads runs
-//! every reconciler ([`super::reconcile::all`]) once per heartbeat interval, writing through the leader's fence.
+//! the reconcilers ([`super::reconcile::all`]), writing through the leader's fence: the node sweep once per
+//! heartbeat interval, the others once per sweep interval and at once when a node changes state (registers or goes
+//! Offline). Engines report their nexuses' changes with their heartbeats, which heals those volumes at once (see
+//! `api`), so the sweep is the safety net, not the way faults are found.
 //! Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
 
 use std::sync::Arc;
@@ -30,6 +33,8 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// Engine API call timeout (probes).
     pub engine_timeout: Duration,
+    /// How often the reconcilers other than the node sweep run without an event.
+    pub sweep: Duration,
 }
 
 /// Why an agent stopped.
@@ -127,39 +132,58 @@ async fn lead(
     metrics.lead();
     let reconcilers = reconcile::all(&registry, &pools, &volumes);
     let lost = leader.lost();
+    let (fast, slow): (Vec<_>, Vec<_>) = reconcilers.into_iter().partition(|r| r.every_heartbeat());
     let mut tick = tokio::time::interval(config.registry.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => {
-                leadership.step_down();
-                let _ = leader.resign().await;
-                return Ok(());
+    let mut sweep = tokio::time::interval(config.sweep);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The node sweep has its own loop: a slow pass (an engine that hangs until its timeout) never delays finding
+    // that a node is gone.
+    let fast_loop = async {
+        loop {
+            tick.tick().await;
+            pass(&fast, metrics).await;
+            let nodes = registry.list().await.unwrap_or_default();
+            let online = nodes
+                .iter()
+                .filter(|n| n.record.status.state == super::node::NodeState::Online)
+                .count() as i64;
+            metrics.set_nodes(online, nodes.len() as i64 - online);
+        }
+    };
+    let slow_loop = async {
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => {}
+                _ = registry.state_changed() => sweep.reset(),
             }
-            _ = lost.cancelled() => return Err(AgentError::LeadershipLost),
-            r = &mut *api => {
-                return match r {
-                    Ok(Err(e)) => Err(AgentError::Api(e)),
-                    _ => Err(AgentError::LeadershipLost),
-                };
-            }
-            _ = tick.tick() => {
-                for r in &reconcilers {
-                    let t = std::time::Instant::now();
-                    let res = r.pass().await;
-                    metrics.reconciled(r.name(), t.elapsed());
-                    if let Err(e) = res {
-                        tracing::warn!(reconciler = r.name(), error = %e, "reconcile pass failed; retrying at the next tick");
-                    }
-                }
-                if let Ok(nodes) = registry.list().await {
-                    let online = nodes
-                        .iter()
-                        .filter(|n| n.record.status.state == super::node::NodeState::Online)
-                        .count() as i64;
-                    metrics.set_nodes(online, nodes.len() as i64 - online);
-                }
-            }
+            pass(&slow, metrics).await;
+        }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {
+            leadership.step_down();
+            let _ = leader.resign().await;
+            Ok(())
+        }
+        _ = lost.cancelled() => Err(AgentError::LeadershipLost),
+        r = &mut *api => match r {
+            Ok(Err(e)) => Err(AgentError::Api(e)),
+            _ => Err(AgentError::LeadershipLost),
+        },
+        never = fast_loop => never,
+        never = slow_loop => never,
+    }
+}
+
+/// Runs each of `reconcilers` once, in order, timing each.
+async fn pass(reconcilers: &[Box<dyn reconcile::Reconciler>], metrics: &AgentMetrics) {
+    for r in reconcilers {
+        let t = std::time::Instant::now();
+        let res = r.pass().await;
+        metrics.reconciled(r.name(), t.elapsed());
+        if let Err(e) = res {
+            tracing::warn!(reconciler = r.name(), error = %e, "reconcile pass failed; retrying at the next tick");
         }
     }
 }

@@ -375,10 +375,15 @@ impl Registration for Service {
             .registry
             .heartbeat(&r.node, &r.instance, pools(r.pools))
             .await?;
-        if known && r.nexus_changed {
-            // A child of one of the node's nexuses changed state: heal those volumes now, not at the next tick.
+        let changed: Vec<uuid::Uuid> = r
+            .changed_nexuses
+            .iter()
+            .filter_map(|n| uuid::Uuid::parse_str(n).ok())
+            .collect();
+        if known && !changed.is_empty() {
+            // Children of these nexuses changed state: those volumes are healed now, not at the next sweep.
             let (volumes, node) = (l.volumes.clone(), r.node.clone());
-            tokio::spawn(async move { volumes.heal_nexuses_on(&node).await });
+            tokio::spawn(async move { volumes.heal_changed(&node, changed).await });
         }
         Ok(Response::new(pb::HeartbeatResponse {
             register_again: !known,

@@ -22,10 +22,12 @@
 //! sync before it is added to a nexus to be rebuilt: a nexus made again (its engine restarted, a publish resumed)
 //! starts from in-sync replicas only, never from a half-rebuilt one. A publish that did not finish is finished.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
 use proto::names;
+use tonic::transport::Channel;
 use uuid::Uuid;
 
 use super::dataplane::NodeEngineError;
@@ -71,27 +73,67 @@ pub(super) fn child_state_name(state: i32) -> &'static str {
 }
 
 impl Volumes {
-    /// Heals every published volume whose operation is not in flight.
-    /// Heals every published volume whose operation is not in flight, and sets the volume metrics from what it
-    /// saw (a volume busy with an operation keeps its last observation).
+    /// Heals every volume whose operation is not in flight, and sets the volume metrics from what it saw (a volume
+    /// busy with an operation keeps its last observation). The nexuses of each node are listed once for all of the
+    /// node's volumes, after those volumes are claimed (so the listing is newer than their last change).
     pub async fn heal_all(&self) -> Result<(), VolumeError> {
         let all = self.list_sound().await?;
+        let mut by_node: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
+        let mut others = Vec::new();
         for r in &all {
             if r.phase != VolumePhase::Created {
                 let state = self.unpublished_state(r).await;
                 self.observe(r, state, None);
                 continue;
             }
-            let Some((_held, r)) = self.claim_idle(r.uuid).await? else {
+            match r.nexus.as_ref().filter(|n| n.published) {
+                Some(n) => by_node.entry(n.node.clone()).or_default().push(r.uuid),
+                None => others.push(r.uuid),
+            }
+        }
+        for uuid in others {
+            let Some((_held, r)) = self.claim_idle(uuid).await? else {
                 continue;
             };
             // An operation may have changed it since the listing (a delete that failed half-way).
-            if r.phase != VolumePhase::Created {
+            if r.phase == VolumePhase::Created
+                && let Err(e) = self.heal(r, None).await
+            {
+                tracing::debug!(%uuid, error = %e, "volume not healed yet");
+            }
+        }
+        for (node, uuids) in by_node {
+            let mut claimed = Vec::new();
+            for uuid in uuids {
+                if let Some(c) = self.claim_idle(uuid).await? {
+                    claimed.push(c);
+                }
+            }
+            if claimed.is_empty() {
                 continue;
             }
-            let uuid = r.uuid;
-            if let Err(e) = self.heal(r).await {
-                tracing::debug!(%uuid, error = %e, "volume not healed yet");
+            let listed = match self.engine(&node).await {
+                Ok(mut c) => c
+                    .list_nexuses(epb::ListNexusesRequest {})
+                    .await
+                    .ok()
+                    .map(|l| (c, l.into_inner().nexuses)),
+                Err(_) => None,
+            };
+            for (_held, r) in claimed {
+                let uuid = r.uuid;
+                if r.phase != VolumePhase::Created {
+                    continue;
+                }
+                let Some((c, l)) = listed.as_ref() else {
+                    // Its nexus's engine does not answer: the registry's node sweep decides about the node, and
+                    // healing moves the nexus once it is Offline.
+                    self.observe(&r, "Faulted", None);
+                    continue;
+                };
+                if let Err(e) = self.heal(r, Some((c.clone(), l.as_slice()))).await {
+                    tracing::debug!(%uuid, error = %e, "volume not healed yet");
+                }
             }
         }
         let live: BTreeSet<Uuid> = all.iter().map(|r| r.uuid).collect();
@@ -101,23 +143,26 @@ impl Volumes {
         Ok(())
     }
 
-    /// Heals, now, the published volumes whose nexus runs on `node` (its engine reported a child's change).
-    pub async fn heal_nexuses_on(&self, node: &str) {
-        let Ok(all) = self.list_sound().await else {
-            return;
-        };
-        for r in all.into_iter().filter(|r| {
-            r.phase == VolumePhase::Created && r.nexus.as_ref().is_some_and(|n| n.node == node)
-        }) {
-            let Ok(Some((_held, r))) = self.claim_idle(r.uuid).await else {
-                continue;
+    /// Heals, now, the volumes whose nexuses on `node` reported a child's change. Each waits for an operation in
+    /// flight on its volume (a sweep's pass over it may have looked before the change).
+    pub async fn heal_changed(&self, node: &str, volumes: Vec<Uuid>) {
+        for uuid in volumes {
+            let held = self.lock_of(uuid).lock_owned().await;
+            let r = match self.read(uuid).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(%uuid, error = %e, "cannot read the volume to heal it");
+                    continue;
+                }
             };
-            let uuid = r.uuid;
-            if r.phase == VolumePhase::Created
-                && let Err(e) = self.heal(r).await
-            {
+            if r.phase != VolumePhase::Created || r.nexus.as_ref().is_none_or(|n| n.node != node) {
+                continue;
+            }
+            if let Err(e) = self.heal(r, None).await {
                 tracing::debug!(%uuid, error = %e, "volume not healed yet");
             }
+            drop(held);
         }
     }
 
@@ -150,7 +195,13 @@ impl Volumes {
             .insert(r.uuid, o);
     }
 
-    pub(super) async fn heal(&self, mut r: VolumeRecord) -> Result<(), VolumeError> {
+    /// Brings a volume back to its record. `listed`: its nexus node's engine and the nexuses it listed after the
+    /// caller claimed the volume; `None`: listed here.
+    pub(super) async fn heal(
+        &self,
+        mut r: VolumeRecord,
+        listed: Option<(EngineClient<Channel>, &[epb::Nexus])>,
+    ) -> Result<(), VolumeError> {
         let uuid = r.uuid.to_string();
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             if let Some(n) = r.nexus.clone() {
@@ -168,22 +219,28 @@ impl Volumes {
             self.place_missing(&mut r).await?;
             return self.create_missing(&mut r).await;
         };
-        let listed = match self.engine(&nexus.node).await {
-            Ok(mut nc) => nc
-                .list_nexuses(epb::ListNexusesRequest {})
-                .await
-                .map(|l| (nc, l.into_inner()))
-                .map_err(|s| engine_error(&nexus.node, s)),
-            Err(e) => Err(e),
+        let listed = match listed {
+            Some((nc, l)) => Ok((nc, l.iter().find(|n| n.uuid == uuid).cloned())),
+            None => match self.engine(&nexus.node).await {
+                Ok(mut nc) => nc
+                    .list_nexuses(epb::ListNexusesRequest {})
+                    .await
+                    .map(|l| {
+                        let found = l.into_inner().nexuses.into_iter().find(|n| n.uuid == uuid);
+                        (nc, found)
+                    })
+                    .map_err(|s| engine_error(&nexus.node, s)),
+                Err(e) => Err(e),
+            },
         };
-        let (mut nc, list) = match listed {
+        let (mut nc, found) = match listed {
             Ok(x) => x,
             Err(e) => {
                 self.observe(&r, "Faulted", None);
                 return Err(e);
             }
         };
-        let Some(nx) = list.nexuses.into_iter().find(|n| n.uuid == uuid) else {
+        let Some(nx) = found else {
             // Its engine answers without it: the engine restarted (or the nexus was destroyed behind the agent's
             // back). Made again on its node, from the replicas; resynced if the old one did not end cleanly.
             self.observe(&r, "Faulted", None);
@@ -623,7 +680,7 @@ impl Volumes {
         self.save(&r).await?;
         tracing::info!(%uuid, replicas = n, "replica count changed");
         self.retire_surplus(&mut r).await?;
-        if let Err(e) = self.heal(r).await {
+        if let Err(e) = self.heal(r, None).await {
             tracing::warn!(%uuid, error = %e, "new replicas not in yet; the reconciler goes on");
         }
         self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))

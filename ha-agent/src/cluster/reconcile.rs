@@ -1,7 +1,8 @@
 //! The one trait every reconciler implements: a pass that compares what the store records with what the engines
-//! report and acts on the difference, one recorded step at a time. The leading agent runs every pass once per
-//! heartbeat interval, in the order of [`all`], timing each for the metrics; a failed pass is logged and tried
-//! again at the next tick. Each reconciler lives in its own file, next to the records it works on:
+//! report and acts on the difference, one recorded step at a time. The leading agent runs the passes in the order
+//! of [`all`], timing each for the metrics: those that say [`Reconciler::every_heartbeat`] once per heartbeat
+//! interval, the others once per sweep interval and whenever a node changes state; a failed pass is logged and
+//! tried again next time. Each reconciler lives in its own file, next to the records it works on:
 //!
 //! | reconciler | file |
 //! |---|---|
@@ -28,6 +29,11 @@ pub trait Reconciler: Send + Sync {
 
     /// One pass; an error says why it did not finish (the next tick tries again).
     async fn pass(&self) -> Result<(), String>;
+
+    /// Whether it runs every heartbeat interval (cheap, and what tells a node is gone) rather than every sweep.
+    fn every_heartbeat(&self) -> bool {
+        false
+    }
 }
 
 /// Every reconciler, in the order a tick runs them.

@@ -2,8 +2,11 @@
 //! heartbeats stopped through its engine API and marks it Offline when the probe fails too. A node's record goes
 //! to the store when it registers and when its state or pools change; heartbeat times stay in memory, and an agent
 //! that takes over leadership gives every known node a full timeout before judging it.
+//!
+//! The leader alone writes node records (its writes are fenced), so the registry keeps a copy of them, read once
+//! when it starts leading and written through: listing nodes, which every placement does, reads no store.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +14,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::node::{self, NodeRecord, NodeSpec, NodeState, NodeStatus, PoolSpec};
-use super::store::{Store, StoreError};
+use super::store::{Compare, Revision, Store, StoreError, Txn};
 
 /// Why a registry call failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,10 @@ pub struct Registry {
     prober: Arc<dyn Prober>,
     pub config: RegistryConfig,
     live: Mutex<HashMap<String, Live>>,
+    /// The node records as the store has them, with the revision of each one's last write.
+    records: Mutex<BTreeMap<String, (Revision, NodeRecord)>>,
+    /// Notified when a node changes state (registers, goes Offline): what the agent heals at once.
+    state_changed: tokio::sync::Notify,
 }
 
 /// A node as listed: its record and how long ago the agent last heard from it.
@@ -81,8 +88,10 @@ impl Registry {
     ) -> Result<Registry, RegistryError> {
         let now = Instant::now();
         let mut live = HashMap::new();
+        let mut records = BTreeMap::new();
         for (_, v) in store.list(node::PREFIX).await? {
             let r = decode(&v.value)?;
+            records.insert(r.spec.name.clone(), (v.mod_revision, r.clone()));
             if r.status.state == NodeState::Online {
                 live.insert(
                     r.spec.name.clone(),
@@ -98,7 +107,33 @@ impl Registry {
             prober,
             config,
             live: Mutex::new(live),
+            records: Mutex::new(records),
+            state_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Revision, NodeRecord)>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves when a node changed state since the last call (registered, or went Offline).
+    pub async fn state_changed(&self) {
+        self.state_changed.notified().await
+    }
+
+    /// Reads a node's record from the store into the copy (after a write found the copy stale).
+    async fn refresh(&self, name: &str) -> Result<(), RegistryError> {
+        let cur = self.store.get(&node::key(name)).await?;
+        let mut records = self.records();
+        match cur {
+            Some(v) => {
+                records.insert(name.to_string(), (v.mod_revision, decode(&v.value)?));
+            }
+            None => {
+                records.remove(name);
+            }
+        }
+        Ok(())
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
@@ -113,9 +148,8 @@ impl Registry {
     ) -> Result<Option<NodeRecord>, RegistryError> {
         let key = node::key(name);
         loop {
-            let cur = self.store.get(&key).await?;
-            let (rev, old) = match &cur {
-                Some(v) => (v.mod_revision, Some(decode(&v.value)?)),
+            let (rev, old) = match self.records().get(name) {
+                Some((rev, r)) => (*rev, Some(r.clone())),
                 None => (0, None),
             };
             let Some(new) = f(old.clone()) else {
@@ -124,12 +158,29 @@ impl Registry {
             if old.as_ref() == Some(&new) {
                 return Ok(Some(new));
             }
-            if self.store.compare_and_put(&key, rev, new.encode()).await? {
-                if old.as_ref().map(|o| o.status.state) != Some(new.status.state) {
-                    tracing::info!(node = name, state = ?new.status.state, reason = %new.status.reason, "node state");
-                }
-                return Ok(Some(new));
+            let t = Txn::new()
+                .when(Compare::ModRevision {
+                    key: key.clone(),
+                    revision: rev,
+                })
+                .put(&key, new.encode());
+            let done = self.store.txn(t).await?;
+            if !done.succeeded {
+                // Written behind the copy (by an earlier leader's late write, or a concurrent update here).
+                self.refresh(name).await?;
+                continue;
             }
+            {
+                let mut records = self.records();
+                if records.get(name).is_none_or(|(r, _)| *r < done.revision) {
+                    records.insert(name.to_string(), (done.revision, new.clone()));
+                }
+            }
+            if old.as_ref().map(|o| o.status.state) != Some(new.status.state) {
+                tracing::info!(node = name, state = ?new.status.state, reason = %new.status.reason, "node state");
+                self.state_changed.notify_one();
+            }
+            return Ok(Some(new));
         }
     }
 
@@ -315,27 +366,26 @@ impl Registry {
     }
 
     pub async fn list(&self) -> Result<Vec<NodeView>, RegistryError> {
-        let recs = self.store.list(node::PREFIX).await?;
+        let records: Vec<NodeRecord> = self.records().values().map(|(_, r)| r.clone()).collect();
         let live = self.live();
-        recs.into_iter()
-            .map(|(_, v)| {
-                let record = decode(&v.value)?;
+        Ok(records
+            .into_iter()
+            .map(|record| {
                 let last_seen_ago = live.get(&record.spec.name).map(|l| l.last_seen.elapsed());
-                Ok(NodeView {
+                NodeView {
                     record,
                     last_seen_ago,
-                })
+                }
             })
-            .collect()
+            .collect())
     }
 
     pub async fn get(&self, name: &str) -> Result<NodeView, RegistryError> {
-        let v = self
-            .store
-            .get(&node::key(name))
-            .await?
+        let record = self
+            .records()
+            .get(name)
+            .map(|(_, r)| r.clone())
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
-        let record = decode(&v.value)?;
         let last_seen_ago = self.live().get(name).map(|l| l.last_seen.elapsed());
         Ok(NodeView {
             record,
@@ -402,6 +452,10 @@ pub struct NodeSweep(pub Arc<Registry>);
 
 #[async_trait::async_trait]
 impl super::reconcile::Reconciler for NodeSweep {
+    fn every_heartbeat(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "node_sweep"
     }

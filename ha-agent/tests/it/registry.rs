@@ -155,6 +155,8 @@ pub fn agent_with(dir: &Path, port: u16, store: &[&str], name: &str) -> Proc {
             "2000",
             "--lease-ttl-ms",
             "1000",
+            "--sweep-ms",
+            "500",
         ]
         .map(String::from),
     );
@@ -414,7 +416,7 @@ async fn bad_registrations_and_unknown_nodes_get_precise_codes() {
             node: "ok-node".into(),
             instance: "stale".into(),
             pools: vec![],
-            nexus_changed: false,
+            changed_nexuses: vec![],
         })
         .await
         .unwrap()

@@ -84,6 +84,33 @@ async fn lists_a_prefix_in_key_order(s: &dyn Store) {
     assert!(s.list(&format!("{ns}none/")).await.unwrap().is_empty());
 }
 
+/// 1,200 values of 8 KiB: 9.6 MiB, more than one gRPC message holds (etcd's store reads it in pages), all there,
+/// in order, each once; and a watch's snapshot of them too.
+async fn lists_and_watches_more_than_one_message_holds(s: &dyn Store) {
+    let ns = ns();
+    let value = vec![b'v'; 8 << 10];
+    for i in 0..1200 {
+        s.put(&format!("{ns}big/{i:05}"), value.clone())
+            .await
+            .unwrap();
+    }
+    s.put(&format!("{ns}bigger"), b"not in it".to_vec())
+        .await
+        .unwrap();
+    let want: Vec<String> = (0..1200).map(|i| format!("{ns}big/{i:05}")).collect();
+    let listed = s.list(&format!("{ns}big/")).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        want
+    );
+    assert!(listed.iter().all(|(_, v)| v.value == value));
+    let w = s.watch(&format!("{ns}big/")).await.unwrap();
+    assert_eq!(
+        w.initial.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        want
+    );
+}
+
 async fn transactions_are_all_or_nothing(s: &dyn Store) {
     let ns = ns();
     let (k1, k2, k3) = (format!("{ns}k1"), format!("{ns}k2"), format!("{ns}k3"));
@@ -271,6 +298,7 @@ async fn the_schema_version_is_written_once_and_a_newer_one_refused(s: &dyn Stor
 pub async fn conformance(s: Arc<dyn Store>, ttl: Duration) {
     reads_writes_and_compare_and_put(s.as_ref()).await;
     lists_a_prefix_in_key_order(s.as_ref()).await;
+    lists_and_watches_more_than_one_message_holds(s.as_ref()).await;
     transactions_are_all_or_nothing(s.as_ref()).await;
     a_watch_sees_everything_after_its_snapshot_in_order(s.as_ref()).await;
     leases_keep_keys_while_renewed_and_drop_them_when_they_end(s.as_ref(), ttl).await;

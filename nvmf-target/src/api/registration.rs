@@ -125,21 +125,22 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
             }
         };
         backoff = Duration::from_millis(100);
-        let changed = engine.nexus_changed();
+        let feed = engine.nexus_changes();
         loop {
-            let nexus_changed = tokio::select! {
+            tokio::select! {
                 _ = stop.cancelled() => {
                     last = Some(c);
                     break 'register;
                 }
-                _ = tokio::time::sleep(every) => false,
-                _ = changed.notified() => true,
-            };
+                _ = tokio::time::sleep(every) => {}
+                _ = feed.marked() => {}
+            }
+            let changed_nexuses = feed.take();
             let hb = pb::HeartbeatRequest {
                 node: engine.node_name().to_string(),
                 instance: instance.clone(),
                 pools: pools(&engine, &cfg),
-                nexus_changed,
+                changed_nexuses: changed_nexuses.clone(),
             };
             match c.heartbeat(hb).await {
                 Ok(r) if !r.get_ref().register_again => {}
@@ -148,6 +149,10 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
                     continue 'register;
                 }
                 Err(s) => {
+                    // Told again with the next heartbeat.
+                    for n in &changed_nexuses {
+                        feed.mark(n);
+                    }
                     tracing::warn!(error = %s.message(), "heartbeat failed; registering again");
                     continue 'register;
                 }

@@ -111,8 +111,8 @@ struct Inner {
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     /// Serializes pool create, import and destroy.
     pool_admin: tokio::sync::Mutex<()>,
-    /// Notified when a child of any nexus changes state.
-    nexus_changed: Arc<tokio::sync::Notify>,
+    /// The nexuses whose children changed state, for the cluster agent.
+    nexus_changes: Arc<crate::nexus::ChangeFeed>,
 }
 
 #[derive(Clone)]
@@ -132,15 +132,15 @@ impl Engine {
                 faults: Mutex::new(BTreeMap::new()),
                 pools: Mutex::new(BTreeMap::new()),
                 pool_admin: tokio::sync::Mutex::new(()),
-                nexus_changed: Arc::new(tokio::sync::Notify::new()),
+                nexus_changes: Arc::default(),
             }),
         }
     }
 
-    /// Notified (coalesced) when a child of any of this engine's nexuses changes state: registration tells the
-    /// cluster agent at once instead of at the next heartbeat.
-    pub fn nexus_changed(&self) -> Arc<tokio::sync::Notify> {
-        self.inner.nexus_changed.clone()
+    /// The nexuses whose children changed state since registration last told the cluster agent (at once, not at
+    /// the next heartbeat).
+    pub fn nexus_changes(&self) -> Arc<crate::nexus::ChangeFeed> {
+        self.inner.nexus_changes.clone()
     }
 
     pub fn target(&self) -> &Target {

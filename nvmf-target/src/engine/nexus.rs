@@ -175,7 +175,10 @@ impl Engine {
             });
         }
         let mut config = NexusConfig {
-            on_change: Some(self.nexus_changed()),
+            on_change: Some(crate::nexus::ChangeNotice {
+                feed: self.nexus_changes(),
+                name: uuid.to_string(),
+            }),
             ..NexusConfig::default()
         };
         if let Some(t) = options.io_timeout {

@@ -63,6 +63,45 @@ pub enum NexusState {
     Shutdown,
 }
 
+/// Where a nexus says that one of its children changed state: its name (the volume's UUID) marked in a feed that
+/// many nexuses share.
+#[derive(Clone, Debug)]
+pub struct ChangeNotice {
+    pub feed: Arc<ChangeFeed>,
+    pub name: String,
+}
+
+/// The names of the nexuses whose children changed state since the feed was last read, and a wake-up for whoever
+/// reads it (the engine's registration, which tells the cluster agent which volumes to heal now).
+#[derive(Debug, Default)]
+pub struct ChangeFeed {
+    changed: Mutex<std::collections::BTreeSet<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl ChangeFeed {
+    /// Marks `name` as changed and wakes the reader.
+    pub fn mark(&self, name: &str) {
+        self.changed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        self.wake.notify_one();
+    }
+
+    /// What changed since the last call (empty if nothing did).
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.changed.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect()
+    }
+
+    /// Waits until something is marked (returns at once if something was marked since the last wait).
+    pub async fn marked(&self) {
+        self.wake.notified().await
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct NexusConfig {
     /// A child I/O that takes longer faults the child.
@@ -73,7 +112,7 @@ pub struct NexusConfig {
     /// A faulted child that comes back within this window gets only the segments written meanwhile.
     pub partial_rebuild_window: Duration,
     /// Told whenever a child changes state (faulted, rebuilt): the engine passes it on to the cluster agent at once.
-    pub on_change: Option<Arc<tokio::sync::Notify>>,
+    pub on_change: Option<ChangeNotice>,
 }
 
 impl Default for NexusConfig {
@@ -193,7 +232,7 @@ impl Nexus {
     /// Says that a child changed state, to whoever listens ([`NexusConfig::on_change`]).
     pub(super) fn changed(&self) {
         if let Some(n) = &self.config.on_change {
-            n.notify_one();
+            n.feed.mark(&n.name);
         }
     }
 

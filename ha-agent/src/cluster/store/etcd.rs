@@ -52,7 +52,54 @@ fn key_of(kv: &KeyValue) -> Result<String, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("a key that is not UTF-8: {e}")))
 }
 
+/// Keys per read of a listing: each response stays far below gRPC's 4 MiB message limit.
+const PAGE: i64 = 500;
+
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 impl EtcdStore {
+    /// Every key under `prefix` at one revision, read [`PAGE`] keys at a time, and that revision.
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Versioned)>, Revision), StoreError> {
+        let mut c = self.client.clone();
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision: Revision = 0;
+        let mut all = Vec::new();
+        loop {
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(PAGE)
+                .with_revision(revision);
+            let r = c.get(from.clone(), Some(opts)).await.map_err(unavailable)?;
+            if revision == 0 {
+                revision = r.header().map_or(0, |h| h.revision());
+            }
+            for kv in r.kvs() {
+                all.push((key_of(kv)?, versioned(kv)));
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((all, revision)),
+            }
+        }
+    }
+
     /// Connects to `endpoints` (`http://host:port`); fails if none answers.
     pub async fn connect(endpoints: &[String]) -> Result<EtcdStore, StoreError> {
         let opts = ConnectOptions::new()
@@ -82,16 +129,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(unavailable)?;
-        r.kvs()
-            .iter()
-            .map(|kv| Ok((key_of(kv)?, versioned(kv))))
-            .collect()
+        Ok(self.range(prefix).await?.0)
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
@@ -143,16 +181,7 @@ impl Store for EtcdStore {
 
     async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
         let mut c = self.client.clone();
-        let r = c
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(unavailable)?;
-        let revision: Revision = r.header().map_or(0, |h| h.revision());
-        let initial = r
-            .kvs()
-            .iter()
-            .map(|kv| Ok((key_of(kv)?, versioned(kv))))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let (initial, revision) = self.range(prefix).await?;
         let stream = c
             .watch(
                 prefix,
