@@ -18,6 +18,7 @@ use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
 use super::registry::{NodeView, Registry, RegistryError};
 use super::snapshots::{SnapshotPhase, SnapshotRecord};
 use super::store::StoreError;
+use super::switchover;
 use super::volume::{Placement, VolumePhase, VolumeRecord, VolumeSpec};
 use super::volumes::{VolumeError, Volumes};
 
@@ -477,6 +478,29 @@ impl Cluster for Service {
         }
         .await;
         self.counted("set_volume_replicas", r)
+    }
+
+    async fn report_path_failure(
+        &self,
+        r: Request<pb::ReportPathFailureRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r: Result<Response<pb::Volume>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            let v = l
+                .volumes
+                .report_path_failure(switchover::PathReport {
+                    node: r.node,
+                    host_nqn: r.host_nqn,
+                    nqn: r.nqn,
+                    address: r.address,
+                    seen_ms: r.seen_unix_ms,
+                })
+                .await?;
+            Ok(Response::new(volume(&l.volumes, v).await))
+        }
+        .await;
+        self.counted("report_path_failure", r)
     }
 
     async fn cordon_node(

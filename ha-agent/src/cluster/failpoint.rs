@@ -20,6 +20,8 @@ pub const ALL: &[&str] = &[
     DELETE_NEXUS_DESTROYED,
     SNAPSHOT_RECORDED,
     SNAPSHOT_TAKEN,
+    SWITCHOVER_REPORTED,
+    SWITCHOVER_OLD_ENDED,
 ];
 
 /// The placement is recorded (phase Creating); no replica asked for.
@@ -51,6 +53,10 @@ pub const DELETE_NEXUS_DESTROYED: &str = "delete.nexus-destroyed";
 pub const SNAPSHOT_RECORDED: &str = "snapshot.recorded";
 /// The engines took the snapshot; the record does not list its copies yet.
 pub const SNAPSHOT_TAKEN: &str = "snapshot.taken";
+/// A host's broken path is recorded as a switch-over; nothing moved.
+pub const SWITCHOVER_REPORTED: &str = "switchover.reported";
+/// The old nexus was destroyed (or found gone); the new one is not recorded yet.
+pub const SWITCHOVER_OLD_ENDED: &str = "switchover.old-ended";
 
 /// Dies here, as `kill -9` would (no destructor, no flush, no goodbye to the store), if `name` is armed.
 pub fn at(name: &str) {

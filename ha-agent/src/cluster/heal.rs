@@ -86,7 +86,12 @@ impl Volumes {
                 self.observe(r, state, None);
                 continue;
             }
-            match r.nexus.as_ref().filter(|n| n.published) {
+            // A switch-over in flight is finished whatever its old node says.
+            match r
+                .nexus
+                .as_ref()
+                .filter(|n| n.published && r.switchover.is_none())
+            {
                 Some(n) => by_node.entry(n.node.clone()).or_default().push(r.uuid),
                 None => others.push(r.uuid),
             }
@@ -203,11 +208,17 @@ impl Volumes {
         listed: Option<(EngineClient<Channel>, &[epb::Nexus])>,
     ) -> Result<(), VolumeError> {
         let uuid = r.uuid.to_string();
+        if let Some(s) = r.switchover.clone() {
+            // A switch-over recorded and not finished (an agent died in it): finished now.
+            return self.finish_switchover(r, &s).await.map(drop);
+        }
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             if let Some(n) = r.nexus.clone() {
                 // A publish recorded but not finished (it failed, or an agent died in it): finished now.
                 tracing::info!(uuid = %r.uuid, node = %n.node, "finishing a publish that did not complete");
-                let done = self.publish_locked(r, &n.host_nqn, &n.node, false).await;
+                let done = self
+                    .publish_locked(r, &n.host_nqn, &n.node, false, "")
+                    .await;
                 self.metrics
                     .operation("finish_publish", if done.is_ok() { "ok" } else { "failed" });
                 return done.map(drop);
@@ -245,7 +256,7 @@ impl Volumes {
             // back). Made again on its node, from the replicas; resynced if the old one did not end cleanly.
             self.observe(&r, "Faulted", None);
             tracing::warn!(%uuid, node = %nexus.node, "the nexus is gone from its engine: making it again");
-            let r = self.publish_locked(r, &nexus.host_nqn, "", false).await;
+            let r = self.publish_locked(r, &nexus.host_nqn, "", false, "").await;
             self.metrics
                 .operation("restart_nexus", if r.is_ok() { "ok" } else { "failed" });
             return r.map(drop);
@@ -516,7 +527,7 @@ impl Volumes {
         let destroyed = self.end_nexus(r.uuid, nexus).await?;
         tracing::info!(uuid = %r.uuid, from = %nexus.node, to = %target, "moving the nexus off a draining node");
         let moved = self
-            .publish_locked(r, &nexus.host_nqn, &target, destroyed)
+            .publish_locked(r, &nexus.host_nqn, &target, destroyed, "")
             .await;
         self.metrics
             .operation("move_nexus", if moved.is_ok() { "ok" } else { "failed" });
@@ -534,6 +545,18 @@ impl Volumes {
     /// (the garbage entry goes when the destroy succeeds, now or in [`Volumes::collect_garbage`]). A crash at any
     /// point leaves the replica either still in the record or recorded as garbage, never nowhere.
     pub(super) async fn retire(&self, r: &mut VolumeRecord, i: usize) -> Result<(), VolumeError> {
+        let (id, g) = self.disown(r, i).await?;
+        self.collect_one(&id.to_string(), &g).await?;
+        Ok(())
+    }
+
+    /// The recorded half of [`Self::retire`]: replica `i` recorded as garbage, then dropped from the record; the
+    /// garbage collector destroys it when its node answers.
+    pub(super) async fn disown(
+        &self,
+        r: &mut VolumeRecord,
+        i: usize,
+    ) -> Result<(Uuid, Garbage), VolumeError> {
         let rep = r.replicas[i].clone();
         let g = Garbage {
             node: rep.node.clone(),
@@ -546,8 +569,7 @@ impl Volumes {
         r.replicas.remove(i);
         self.save(r).await?;
         failpoint::at(failpoint::RETIRE_DROPPED);
-        self.collect_one(&rep.uuid.to_string(), &g).await?;
-        Ok(())
+        Ok((rep.uuid, g))
     }
 
     /// Places (and records) replicas while the record has fewer than the spec asks for; stops, saying why, when

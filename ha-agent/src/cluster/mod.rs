@@ -15,6 +15,7 @@
 //!   as clones.
 //! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
 //!   created and added to the nexus (which rebuilds them).
+//! - [`switchover`]: HA switch-over: a host's broken path reported, the nexus moved to another node and fenced.
 //! - [`garbage`]: replicas retired and nexuses left behind, destroyed when their engine answers.
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
 //! - [`failpoint`]: where a test can make the agent die between two steps of an operation.
@@ -37,5 +38,6 @@ pub mod registry;
 pub mod scheduler;
 pub mod snapshots;
 pub mod store;
+pub mod switchover;
 pub mod volume;
 pub mod volumes;

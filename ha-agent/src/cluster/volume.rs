@@ -132,6 +132,23 @@ pub struct VolumeRecord {
     /// writes in flight may have reached some replicas and not others, so the next nexus resyncs them from one.
     #[serde(default)]
     pub resync: bool,
+    /// A switch-over in flight: the nexus is moving off `from` because a host reported its path broken.
+    #[serde(default)]
+    pub switchover: Option<SwitchoverRecord>,
+}
+
+/// A host's report that its path to the volume's nexus broke, recorded before anything moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRecord {
+    /// The node whose nexus the host lost: the new nexus goes elsewhere and leaves out its replica.
+    pub from: String,
+    /// The reporting node and the address it lost.
+    pub reporter: String,
+    pub address: String,
+    /// When the node agent saw the failure (ms since the epoch, its clock).
+    pub seen_ms: u64,
+    /// When the agent recorded the report (ms since the epoch).
+    pub reported_ms: u64,
 }
 
 impl VolumeRecord {

@@ -293,6 +293,7 @@ impl Volumes {
                     fence_key: 0,
                     reason: String::new(),
                     resync: false,
+                    switchover: None,
                 };
                 if !self
                     .store
@@ -522,7 +523,11 @@ impl Volumes {
     }
 
     /// Destroys the volume's nexus on `node`; a node that is not Online is skipped.
-    async fn destroy_nexus(&self, uuid: Uuid, node: &str) -> Result<NexusEnd, VolumeError> {
+    pub(super) async fn destroy_nexus(
+        &self,
+        uuid: Uuid,
+        node: &str,
+    ) -> Result<NexusEnd, VolumeError> {
         match self.engine(node).await {
             Ok(mut c) => match c
                 .destroy_nexus(epb::DestroyNexusRequest {
@@ -584,30 +589,32 @@ impl Volumes {
                 return Ok(r);
             }
         }
-        self.publish_locked(r, host_nqn, node_hint, false).await
+        self.publish_locked(r, host_nqn, node_hint, false, "").await
     }
 
     /// Makes (or makes again) the volume's nexus and exports it to `host_nqn`; the caller holds the volume's lock
     /// and has checked the volume may be published. A nexus recorded but gone is replaced on its node if that is
     /// up, else on `node_hint` or a replica's node, with a new key that fences the old one; if the old one did not
     /// end cleanly (`old_destroyed`: the caller just destroyed it, which drained it), the new one resyncs the
-    /// replicas.
+    /// replicas. `avoid` (a switch-over's failed node; empty: none) counts as down, whatever the registry says.
     pub(super) async fn publish_locked(
         &self,
         mut r: VolumeRecord,
         host_nqn: &str,
         node_hint: &str,
         old_destroyed: bool,
+        avoid: &str,
     ) -> Result<VolumeRecord, VolumeError> {
         let uuid = r.uuid;
         let nodes = self.registry.list().await?;
         // A new nexus goes to an Online node that is not cordoned.
         let online = |name: &str| {
-            nodes.iter().any(|n| {
-                n.record.spec.name == name
-                    && n.record.status.state == NodeState::Online
-                    && !n.record.cordoned
-            })
+            name != avoid
+                && nodes.iter().any(|n| {
+                    n.record.spec.name == name
+                        && n.record.status.state == NodeState::Online
+                        && !n.record.cordoned
+                })
         };
         // A nexus recorded but gone (its engine restarted) is made again, on its node if that is up, with a new
         // key that preempts the old one.
@@ -658,9 +665,10 @@ impl Volumes {
         // The nexus is made of the in-sync replicas whose nodes are up. The others are recorded as out of sync first
         // (they miss what it writes): healing adds them to it afterwards, to be rebuilt, or replaces those away.
         let up = |name: &str| {
-            nodes
-                .iter()
-                .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
+            name != avoid
+                && nodes.iter().any(|n| {
+                    n.record.spec.name == name && n.record.status.state == NodeState::Online
+                })
         };
         let mut left_out = false;
         for x in r.replicas.iter_mut().filter(|x| x.synced && !up(&x.node)) {
@@ -746,6 +754,7 @@ impl Volumes {
             nx.addresses = addresses;
         }
         r.reason.clear();
+        r.switchover = None;
         self.save(&r).await?;
         tracing::info!(%uuid, %node, host = host_nqn, "volume published");
         Ok(r)

@@ -14,4 +14,5 @@ mod restart;
 mod scenarios;
 mod snapshots;
 mod store;
+mod switchover;
 mod volumes;

@@ -1,0 +1,212 @@
+//! HA switch-over: a node agent reports that its host's path to a volume's nexus broke, and the nexus moves to
+//! another live node. Persisted stage by stage: the report is recorded ([`SwitchoverRecord`]), the old nexus ended
+//! when its engine answers (which drains it), the new one recorded with a new reservation key, created over the
+//! in-sync replicas whose nodes are up (preempting the old key on every replica before it takes I/O, so the old
+//! nexus, even running, can never write again), exported, and the record cleared. An agent that dies anywhere in
+//! it finishes it when it next heals the volume; a nexus left on a node that was away is destroyed by the
+//! stale-nexus reconciler when that node answers.
+//!
+//! A report is checked before anything moves: it must name a published volume, come for the host the volume is
+//! published to, and name an address of the current nexus (a report for an earlier nexus gets the current target:
+//! duplicate reports of one failure cause one switch-over). If the nexus's engine answers, exports the volume and
+//! still has a controller of that host connected, the path is not broken from the target's side and nothing moves.
+
+use proto::engine as epb;
+use proto::names;
+use uuid::Uuid;
+
+use super::failpoint;
+use super::node;
+use super::volume::{SwitchoverRecord, VolumePhase, VolumeRecord};
+use super::volumes::{NexusEnd, VolumeError, Volumes};
+
+/// What a node agent saw.
+#[derive(Clone, Debug)]
+pub struct PathReport {
+    /// The reporting node (where the host runs).
+    pub node: String,
+    pub host_nqn: String,
+    /// The subsystem NQN of the volume.
+    pub nqn: String,
+    /// The address of the broken path, `ip:port`.
+    pub address: String,
+    pub seen_ms: u64,
+}
+
+/// `traddr=10.0.0.1,trsvcid=4420` or `10.0.0.1:4420` as `10.0.0.1:4420`.
+pub fn normalize_address(a: &str) -> String {
+    let field = |k: &str| {
+        a.split(',')
+            .find_map(|f| f.trim().strip_prefix(k))
+            .map(str::to_string)
+    };
+    match (field("traddr="), field("trsvcid=")) {
+        (Some(ip), Some(port)) => format!("{ip}:{port}"),
+        _ => a.trim().to_string(),
+    }
+}
+
+impl Volumes {
+    /// Checks a report and switches the volume's nexus over when it holds; returns the volume as it is now (its
+    /// nexus's NQN and addresses are where the host connects).
+    pub async fn report_path_failure(&self, rep: PathReport) -> Result<VolumeRecord, VolumeError> {
+        let uuid = rep
+            .nqn
+            .strip_prefix(&names::volume_nqn(""))
+            .and_then(|u| Uuid::parse_str(u).ok())
+            .ok_or_else(|| {
+                VolumeError::InvalidArgument(format!("{:?} is not a Keelson volume's NQN", rep.nqn))
+            })?;
+        if rep.node.is_empty() || !rep.host_nqn.starts_with("nqn.") || rep.address.is_empty() {
+            return Err(VolumeError::InvalidArgument(
+                "a report needs the node, the host NQN and the failed address".into(),
+            ));
+        }
+        let address = normalize_address(&rep.address);
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let mut r = self.get(uuid).await?;
+        if r.phase != VolumePhase::Created {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: "it is not a created volume".into(),
+            });
+        }
+        let Some(nexus) = r.nexus.clone() else {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: "it is not published".into(),
+            });
+        };
+        if nexus.host_nqn != rep.host_nqn {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: format!(
+                    "it is published to {}, not {}",
+                    nexus.host_nqn, rep.host_nqn
+                ),
+            });
+        }
+        if let Some(s) = r.switchover.clone() {
+            tracing::info!(%uuid, from = %s.from, "a switch-over is already under way: finishing it");
+            return self.finish_switchover(r, &s).await;
+        }
+        if !nexus
+            .addresses
+            .iter()
+            .any(|a| normalize_address(a) == address)
+        {
+            tracing::info!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus: the current one is the answer");
+            return Ok(r);
+        }
+        if self.host_connected(uuid, &nexus.node, &rep.host_nqn).await {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: format!(
+                    "its nexus on {} answers and {} is connected to it: the path is not broken from the target's side",
+                    nexus.node, rep.host_nqn
+                ),
+            });
+        }
+        let s = SwitchoverRecord {
+            from: nexus.node.clone(),
+            reporter: rep.node.clone(),
+            address,
+            seen_ms: rep.seen_ms,
+            reported_ms: node::now_ms(),
+        };
+        tracing::warn!(%uuid, from = %s.from, reporter = %s.reporter, address = %s.address, "path reported broken: switching the nexus over");
+        r.switchover = Some(s.clone());
+        self.save(&r).await?;
+        failpoint::at(failpoint::SWITCHOVER_REPORTED);
+        self.finish_switchover(r, &s).await
+    }
+
+    /// Whether `node`'s engine exports the volume's nexus with a controller of `host` connected.
+    async fn host_connected(&self, uuid: Uuid, node: &str, host: &str) -> bool {
+        let Ok(mut c) = self.engine(node).await else {
+            return false;
+        };
+        let nqn = names::volume_nqn(&uuid.to_string());
+        c.list_subsystems(epb::ListSubsystemsRequest {})
+            .await
+            .is_ok_and(|l| {
+                l.into_inner()
+                    .subsystems
+                    .iter()
+                    .filter(|s| s.nqn == nqn)
+                    .any(|s| s.controllers.iter().any(|c| c.host_nqn == host))
+            })
+    }
+
+    /// The stages after the report: the old nexus ended if its engine answers, the new one made elsewhere.
+    pub(super) async fn finish_switchover(
+        &self,
+        r: VolumeRecord,
+        s: &SwitchoverRecord,
+    ) -> Result<VolumeRecord, VolumeError> {
+        let uuid = r.uuid;
+        let host = r
+            .nexus
+            .as_ref()
+            .map(|n| n.host_nqn.clone())
+            .unwrap_or_default();
+        // Only the old nexus (the one the report was about) is ended; a new one recorded by an earlier attempt is
+        // what publishing goes on with.
+        let mut destroyed = false;
+        if let Some(old) = r.nexus.clone().filter(|n| n.node == s.from) {
+            destroyed = matches!(
+                self.destroy_nexus(uuid, &old.node).await,
+                Ok(NexusEnd::Destroyed)
+            );
+        }
+        failpoint::at(failpoint::SWITCHOVER_OLD_ENDED);
+        // The failed node's replicas are disowned (destroyed when that node answers), not left out of sync: the old
+        // nexus may still have written to its local one after the new nexus fenced the others, and a rejoin would
+        // rebuild only what the new nexus wrote. Healing places their replacements. Not the last in-sync copy.
+        let mut r = r;
+        let elsewhere = |r: &VolumeRecord| {
+            r.replicas
+                .iter()
+                .any(|x| x.node != s.from && x.created && x.synced)
+        };
+        while elsewhere(&r) {
+            let Some(i) = r.replicas.iter().position(|x| x.node == s.from) else {
+                break;
+            };
+            r.reason = format!(
+                "replica {} on {} disowned: the nexus left that node ({} lost its path)",
+                r.replicas[i].uuid, s.from, s.reporter
+            );
+            self.disown(&mut r, i).await?;
+        }
+        let done = self.publish_locked(r, &host, "", destroyed, &s.from).await;
+        let took = node::now_ms().saturating_sub(s.reported_ms);
+        self.metrics
+            .operation("switchover", if done.is_ok() { "ok" } else { "failed" });
+        match &done {
+            Ok(v) => {
+                tracing::info!(%uuid, from = %s.from, to = %v.nexus.as_ref().map_or("", |n| n.node.as_str()), took_ms = took, "switched over")
+            }
+            Err(e) => {
+                tracing::warn!(%uuid, from = %s.from, error = %e, "switch-over not finished yet; healing retries it")
+            }
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_address;
+
+    #[test]
+    fn the_kernels_address_form_and_ip_port_compare_equal() {
+        assert_eq!(
+            normalize_address("traddr=10.200.0.1,trsvcid=4420,src_addr=10.200.0.2"),
+            "10.200.0.1:4420"
+        );
+        assert_eq!(normalize_address(" 127.0.0.2:4420 "), "127.0.0.2:4420");
+        assert_eq!(normalize_address("trsvcid=4420"), "trsvcid=4420");
+    }
+}

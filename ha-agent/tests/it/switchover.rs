@@ -1,0 +1,290 @@
+//! HA switch-over through the cluster API, with real io-engines and Keelson's own initiator as the host: the
+//! engine hosting a volume's nexus is killed (or frozen, as a partitioned node is), the host reports its broken
+//! path, and the nexus moves to another node, fenced so the old one can never write again; every acknowledged write
+//! reads back through the new path. Reports that must not move anything (bad input, another host, a path the target
+//! still sees connected, repeats) do not.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::registry::three_nodes;
+
+const MIB: u64 = 1 << 20;
+const HOST: &str = "nqn.2026-11.io.keelson:test-switchover-host";
+
+fn block(i: u64) -> Bytes {
+    Bytes::from(vec![(i as u8).wrapping_mul(53) | 1; 64 << 10])
+}
+
+async fn connect(v: &pb::Volume) -> RemoteNamespace {
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    RemoteNamespace::connect(o, 1).await.unwrap()
+}
+
+async fn published(c: &mut ClusterClient<Channel>, replicas: u32, node: &str) -> pb::Volume {
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 * MIB,
+        replicas,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.publish_volume(pb::PublishVolumeRequest {
+        uuid: vol,
+        host_nqn: HOST.into(),
+        node: node.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn report(v: &pb::Volume, address: &str) -> pb::ReportPathFailureRequest {
+    pb::ReportPathFailureRequest {
+        node: "app-1".into(),
+        host_nqn: HOST.into(),
+        nqn: v.nqn.clone(),
+        address: address.into(),
+        seen_unix_ms: 0,
+    }
+}
+
+async fn write_all(ns: &RemoteNamespace, blocks: std::ops::Range<u64>) {
+    for i in blocks {
+        ns.write((i * 256) << 10, block(i)).await.unwrap();
+    }
+}
+
+async fn verify(ns: &RemoteNamespace, blocks: std::ops::Range<u64>) {
+    for i in blocks {
+        assert_eq!(
+            ns.read((i * 256) << 10, 64 << 10).await.unwrap(),
+            block(i),
+            "write {i}"
+        );
+    }
+}
+
+/// The nexus's engine is killed: the host's report moves the nexus to another node at once (no waiting for the
+/// node to be declared Offline), a repeated report gets the same target, and every write reads back there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nexus_engine_is_switched_over_on_the_hosts_report() {
+    let (_dir, _port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
+    let v = published(&mut c, 3, "reg-1").await;
+    assert_eq!(v.nexus_node, "reg-1");
+    let old = v.target_addresses[0].clone();
+    let ns = connect(&v).await;
+    write_all(&ns, 0..16).await;
+
+    // Reports that move nothing.
+    let code = |r: Result<tonic::Response<pb::Volume>, tonic::Status>| r.unwrap_err().code();
+    let mut bad = report(&v, &old);
+    bad.nqn = "nqn.2026-11.io.keelson:vol-not-a-uuid".into();
+    assert_eq!(
+        code(c.report_path_failure(bad).await),
+        Code::InvalidArgument
+    );
+    let mut bad = report(&v, &old);
+    bad.nqn = proto::names::volume_nqn(&uuid::Uuid::new_v4().to_string());
+    assert_eq!(code(c.report_path_failure(bad).await), Code::NotFound);
+    let mut bad = report(&v, &old);
+    bad.host_nqn = "nqn.2026-11.io.keelson:someone-else".into();
+    assert_eq!(
+        code(c.report_path_failure(bad).await),
+        Code::FailedPrecondition
+    );
+    let s = c.report_path_failure(report(&v, &old)).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("connected"), "{}", s.message());
+
+    // The nexus's engine dies; the host reports at once, in the kernel's address form.
+    engines[0].kill9();
+    let (ip, port) = old.rsplit_once(':').unwrap();
+    let t = Instant::now();
+    let moved = c
+        .report_path_failure(report(
+            &v,
+            &format!("traddr={ip},trsvcid={port},src_addr=10.0.0.9"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let took = t.elapsed();
+    assert_ne!(moved.nexus_node, "reg-1", "{moved:#?}");
+    assert_eq!(moved.nqn, v.nqn, "the same subsystem");
+    assert_ne!(moved.target_addresses, v.target_addresses);
+    assert!(
+        moved.replica_list.iter().all(|r| r.node != "reg-1"),
+        "the failed node's replica is disowned: {moved:#?}"
+    );
+    println!(
+        "switched over from reg-1 to {} in {took:?}",
+        moved.nexus_node
+    );
+    let again = c
+        .report_path_failure(report(&v, &old))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.nexus_node.as_str(), &again.target_addresses),
+        (moved.nexus_node.as_str(), &moved.target_addresses),
+        "a repeated report moves nothing"
+    );
+    drop(ns);
+
+    let ns = connect(&moved).await;
+    verify(&ns, 0..16).await;
+    write_all(&ns, 16..24).await;
+    verify(&ns, 0..24).await;
+    ns.close().await;
+}
+
+/// A frozen nexus engine (a partitioned node: alive, unreachable): after the switch-over it thaws and its host
+/// connection sends a write, which fails on the fenced replicas and never reaches the volume; the old nexus is
+/// destroyed; the volume holds exactly what the host wrote through the paths it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nexus_is_fenced_after_the_switch_over_and_its_late_write_lands_nowhere() {
+    let (_dir, _port, _agent, engines, nodes, mut c) = three_nodes().await;
+    let v = published(&mut c, 2, "reg-3").await;
+    assert_eq!(v.nexus_node, "reg-3");
+    let old_ns = connect(&v).await;
+    write_all(&old_ns, 0..8).await;
+
+    engines[2].signal("-STOP");
+    let moved = c
+        .report_path_failure(report(&v, &v.target_addresses[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(moved.nexus_node, "reg-3", "{moved:#?}");
+    let ns = connect(&moved).await;
+    verify(&ns, 0..8).await;
+    write_all(&ns, 8..12).await;
+
+    // The old node thaws; its nexus still has the host's connection and tries to write block 0 over.
+    engines[2].signal("-CONT");
+    let late = tokio::time::timeout(
+        Duration::from_secs(20),
+        old_ns.write(0, Bytes::from(vec![0xEE; 64 << 10])),
+    )
+    .await;
+    assert!(
+        !matches!(late, Ok(Ok(()))),
+        "the old nexus acknowledged a write after the switch-over"
+    );
+    println!("the old nexus's late write: {late:?}");
+    let e3 = nodes.iter().find(|n| n.name == "reg-3").unwrap();
+    let t = Instant::now();
+    loop {
+        let left = proto::engine::engine_client::EngineClient::connect(e3.engine_endpoint.clone())
+            .await
+            .unwrap()
+            .list_nexuses(proto::engine::ListNexusesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nexuses;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the old nexus was never destroyed: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    verify(&ns, 0..12).await;
+    ns.close().await;
+    drop(old_ns);
+}
+
+/// The cluster agent is killed (an armed failpoint) after recording a switch-over, and after ending the old nexus;
+/// restarted, it finishes each switch-over by itself, and every write reads back through the new path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
+    use ha_agent::cluster::failpoint as fp;
+    let (_dir, port, mut agent, mut engines, _nodes, mut c) = three_nodes().await;
+    // Both have a replica on reg-3, the node left when reg-1 and reg-2 are dead.
+    let a = published(&mut c, 3, "reg-1").await;
+    let b = published(&mut c, 3, "reg-2").await;
+    for v in [&a, &b] {
+        let ns = connect(v).await;
+        write_all(&ns, 0..8).await;
+        ns.close().await;
+    }
+    for (i, v, failpoint) in [
+        (0, &a, fp::SWITCHOVER_REPORTED),
+        (1, &b, fp::SWITCHOVER_OLD_ENDED),
+    ] {
+        engines[i].kill9();
+        agent.set_env("FAILPOINTS", &format!("{failpoint}=return"));
+        agent.restart();
+        let t = Instant::now();
+        loop {
+            match c
+                .report_path_failure(report(v, &v.target_addresses[0]))
+                .await
+            {
+                Err(s) if s.code() == Code::Unavailable || s.message().contains("transport") => {
+                    if agent.exited(Duration::from_millis(100)).await.is_some() {
+                        break;
+                    }
+                }
+                r => panic!("{failpoint}: the agent should have died there: {r:?}"),
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{failpoint}: never served"
+            );
+        }
+        agent.set_env("FAILPOINTS", "");
+        agent.restart();
+        let t = Instant::now();
+        let moved = loop {
+            if let Ok(m) = c
+                .get_volume(pb::GetVolumeRequest {
+                    uuid: v.uuid.clone(),
+                })
+                .await
+                .map(|r| r.into_inner())
+                && !m.nexus_node.is_empty()
+                && m.nexus_node != v.nexus_node
+                && !m.nqn.is_empty()
+            {
+                break m;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{failpoint}: the switch-over was never finished; agent log:\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!(
+            "{failpoint}: finished by the restarted agent, nexus on {}",
+            moved.nexus_node
+        );
+        let ns = connect(&moved).await;
+        verify(&ns, 0..8).await;
+        ns.close().await;
+        let dead = format!("reg-{}", i + 1);
+        crate::registry::wait_for(
+            port,
+            &[(dead.as_str(), pb::NodeState::Offline)],
+            "dead node",
+        )
+        .await;
+    }
+}
