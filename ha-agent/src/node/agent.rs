@@ -1,0 +1,241 @@
+//! The node agent's life: scan sysfs every poll interval (no busy loop), keep the path metrics, and for each
+//! subsystem with a broken path run one switch-over at a time: report it to the cluster agent (retried with backoff
+//! until acknowledged), connect the target it answers with, wait for that path to be live, then delete the dead
+//! controller so the kernel stops reconnecting to a dead address. The block device stays the same multipath head
+//! (same subsystem NQN and namespace), so a mounted file system sees only a pause.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use super::fabrics::{self, Connect};
+use super::metrics::NodeMetrics;
+use super::paths::{Broken, PathTracker};
+use super::sysfs;
+use crate::cluster::switchover::normalize_address;
+
+#[derive(Clone, Debug)]
+pub struct NodeAgentConfig {
+    /// This node's name, as reports give it.
+    pub node: String,
+    /// Cluster agent URLs (`http://host:port`), tried in order.
+    pub cluster_agents: Vec<String>,
+    /// Where sysfs is (`/sys`).
+    pub sys: PathBuf,
+    /// The fabrics device (`/dev/nvme-fabrics`).
+    pub fabrics: PathBuf,
+    /// How often sysfs is read.
+    pub poll: Duration,
+    /// How long a path stays unusable before it is reported.
+    pub grace: Duration,
+    /// Keep-alive timeout of the paths it connects, seconds.
+    pub keep_alive_tmo: u32,
+    /// How long a new path gets to become live.
+    pub live_timeout: Duration,
+}
+
+/// Longest wait between two reports of one failure, and between two switch-over attempts of one subsystem.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Runs until `stop` fires.
+pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: CancellationToken) {
+    let mut tracker = PathTracker::new(cfg.grace);
+    // Subsystems with a switch-over running, and when each may be tried again after a failed one.
+    let busy: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
+    let mut retry: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
+    let done = Arc::new(tokio::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    let mut tick = tokio::time::interval(cfg.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (nqn, ok) in done.lock().await.drain(..) {
+            busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&nqn);
+            if ok {
+                retry.remove(&nqn);
+            } else {
+                let wait = retry
+                    .get(&nqn)
+                    .map_or(Duration::from_millis(200), |(_, w)| {
+                        (*w * 2).min(BACKOFF_MAX)
+                    });
+                retry.insert(nqn, (Instant::now() + wait, wait));
+            }
+        }
+        let sys = cfg.sys.clone();
+        let scan = tokio::task::spawn_blocking(move || sysfs::scan(&sys))
+            .await
+            .unwrap_or_default();
+        metrics.paths(&scan);
+        for b in tracker.observe(&scan, Instant::now(), SystemTime::now()) {
+            if retry
+                .get(&b.nqn)
+                .is_some_and(|(at, _)| Instant::now() < *at)
+            {
+                continue;
+            }
+            {
+                let mut busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+                if busy.contains_key(&b.nqn) {
+                    continue;
+                }
+                busy.insert(b.nqn.clone(), true);
+            }
+            let (cfg, metrics, done, stop) =
+                (cfg.clone(), metrics.clone(), done.clone(), stop.clone());
+            tokio::spawn(async move {
+                let nqn = b.nqn.clone();
+                let ok = tokio::select! {
+                    _ = stop.cancelled() => false,
+                    r = switch_over(&cfg, &metrics, b) => r,
+                };
+                done.lock().await.push((nqn, ok));
+            });
+        }
+    }
+}
+
+/// Reports `b` until acknowledged; `None` when the cluster agent refused it.
+async fn report(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: &Broken) -> Option<pb::Volume> {
+    let req = pb::ReportPathFailureRequest {
+        node: cfg.node.clone(),
+        host_nqn: b.controller.host_nqn.clone(),
+        nqn: b.nqn.clone(),
+        address: b.controller.address.clone(),
+        seen_unix_ms: b
+            .seen
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut last = String::new();
+        for url in &cfg.cluster_agents {
+            let mut c = match ClusterClient::connect(url.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{url}: {e}");
+                    continue;
+                }
+            };
+            match c.report_path_failure(req.clone()).await {
+                Ok(v) => {
+                    metrics.report("ok");
+                    return Some(v.into_inner());
+                }
+                Err(s) => {
+                    metrics.report(&format!("{:?}", s.code()));
+                    if matches!(
+                        s.code(),
+                        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+                    ) {
+                        tracing::warn!(nqn = %b.nqn, address = %b.controller.address, code = ?s.code(), why = %s.message(), "the cluster agent refused the report");
+                        return None;
+                    }
+                    last = format!("{url}: {}", s.message());
+                }
+            }
+        }
+        tracing::warn!(nqn = %b.nqn, why = %last, retry_in_ms = backoff.as_millis() as u64, "report not acknowledged");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One switch-over of `b`'s subsystem; whether it ended with a usable path.
+async fn switch_over(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: Broken) -> bool {
+    tracing::warn!(nqn = %b.nqn, controller = %b.controller.name, address = %b.controller.address, state = %b.controller.state, "broken path: reporting it");
+    let Some(v) = report(cfg, metrics, &b).await else {
+        metrics.switchover("refused", None);
+        return false;
+    };
+    let targets: Vec<String> = v
+        .target_addresses
+        .iter()
+        .map(|a| normalize_address(a))
+        .collect();
+    let broken_at = b.controller.target();
+    if targets.is_empty() || targets.contains(&broken_at) {
+        tracing::info!(nqn = %b.nqn, ?targets, "the volume's nexus stays where it is: the kernel reconnects to it");
+        metrics.switchover("unchanged", None);
+        return false;
+    }
+    let sys = cfg.sys.clone();
+    let scan = |sys: PathBuf, nqn: String| async move {
+        tokio::task::spawn_blocking(move || sysfs::scan(&sys).into_iter().find(|s| s.nqn == nqn))
+            .await
+            .ok()
+            .flatten()
+    };
+    let have: Vec<String> = scan(sys.clone(), b.nqn.clone())
+        .await
+        .map(|s| s.controllers.iter().map(|c| c.target()).collect())
+        .unwrap_or_default();
+    for t in targets.iter().filter(|t| !have.contains(t)) {
+        let c = Connect {
+            nqn: v.nqn.clone(),
+            address: t.clone(),
+            host_nqn: b.controller.host_nqn.clone(),
+            host_id: b.controller.host_id.clone(),
+            keep_alive_tmo: cfg.keep_alive_tmo,
+        };
+        let fabrics = cfg.fabrics.clone();
+        match tokio::task::spawn_blocking(move || fabrics::connect(&fabrics, &c)).await {
+            Ok(Ok(n)) => {
+                tracing::info!(nqn = %v.nqn, address = %t, instance = n.instance, cntlid = n.cntlid, "new path connected")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(nqn = %v.nqn, address = %t, error = %e, "connecting the new path failed")
+            }
+            Err(e) => tracing::warn!(error = %e, "connect task failed"),
+        }
+    }
+    // Live first, then the dead one goes: deleting the last path would remove the block device.
+    let t0 = Instant::now();
+    let live = loop {
+        if let Some(s) = scan(sys.clone(), b.nqn.clone()).await
+            && s.controllers
+                .iter()
+                .any(|c| c.usable() && targets.contains(&c.target()))
+        {
+            break Some(s);
+        }
+        if t0.elapsed() > cfg.live_timeout {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let Some(s) = live else {
+        tracing::warn!(nqn = %b.nqn, ?targets, "no new path became live");
+        metrics.switchover("failed", None);
+        return false;
+    };
+    let took = b.seen_at.elapsed();
+    metrics.switchover("ok", Some(took));
+    tracing::info!(nqn = %b.nqn, ?targets, took_ms = took.as_millis() as u64, "switched over: the new path is live");
+    for c in s
+        .controllers
+        .iter()
+        .filter(|c| !targets.contains(&c.target()))
+    {
+        let (sys, name) = (cfg.sys.clone(), c.name.clone());
+        match tokio::task::spawn_blocking(move || fabrics::delete(&sys, &name)).await {
+            Ok(Ok(())) => {
+                tracing::info!(controller = %c.name, address = %c.address, "dead path removed")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(controller = %c.name, error = %e, "removing the dead path failed")
+            }
+            Err(e) => tracing::warn!(error = %e, "delete task failed"),
+        }
+    }
+    true
+}

@@ -1,0 +1,129 @@
+//! Connecting and removing NVMe-oF controllers the way nvme-cli does, through the kernel's plain files: a connect is
+//! one line of options written to `/dev/nvme-fabrics` (the answer, `instance=N,cntlid=M`, is read back from it), a
+//! removal is `1` written to the controller's `delete_controller`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// A new path to a subsystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connect {
+    pub nqn: String,
+    /// `ip:port`.
+    pub address: String,
+    pub host_nqn: String,
+    /// The host ID the host's other controllers of the subsystem use (the kernel refuses another for the same
+    /// host NQN); empty: the kernel's default.
+    pub host_id: String,
+    /// Keep-alive timeout, seconds: how soon a silent target is noticed.
+    pub keep_alive_tmo: u32,
+}
+
+impl Connect {
+    /// The option line: I/O waits in the kernel while a path reconnects (`ctrl_loss_tmo=-1`, no
+    /// `fast_io_fail_tmo`), so nothing fails during a switch-over.
+    pub fn options(&self) -> Result<String, std::io::Error> {
+        let (ip, port) = self.address.rsplit_once(':').ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("address {:?} is not ip:port", self.address),
+            )
+        })?;
+        let mut o = format!(
+            "nqn={},transport=tcp,traddr={},trsvcid={port},hostnqn={},ctrl_loss_tmo=-1,keep_alive_tmo={},reconnect_delay=1",
+            self.nqn,
+            ip.trim_start_matches('[').trim_end_matches(']'),
+            self.host_nqn,
+            self.keep_alive_tmo
+        );
+        if !self.host_id.is_empty() {
+            o.push_str(&format!(",hostid={}", self.host_id));
+        }
+        Ok(o)
+    }
+}
+
+/// The controller the kernel made: `nvme<instance>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connected {
+    pub instance: u32,
+    pub cntlid: u32,
+}
+
+/// Parses the kernel's `instance=N,cntlid=M` answer.
+pub fn parse_answer(s: &str) -> Option<Connected> {
+    let field = |k: &str| {
+        s.trim()
+            .split(',')
+            .find_map(|f| f.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(Connected {
+        instance: field("instance=")?,
+        cntlid: field("cntlid=")?,
+    })
+}
+
+/// Connects through `fabrics` (`/dev/nvme-fabrics`). Blocking: the kernel answers once the controller is live or
+/// refused (EINVAL and the reason in dmesg); call it from a blocking thread.
+pub fn connect(fabrics: &Path, c: &Connect) -> std::io::Result<Connected> {
+    let opts = c.options()?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fabrics)?;
+    f.write_all(opts.as_bytes())?;
+    let mut answer = String::new();
+    f.read_to_string(&mut answer)?;
+    parse_answer(&answer).ok_or_else(|| {
+        std::io::Error::other(format!("the kernel answered {answer:?} to a connect"))
+    })
+}
+
+/// Removes controller `name` (`nvme3`) under `sys` (`/sys`).
+pub fn delete(sys: &Path, name: &str) -> std::io::Result<()> {
+    std::fs::write(
+        sys.join("class/nvme").join(name).join("delete_controller"),
+        b"1",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_option_line_keeps_io_waiting_and_carries_the_host_identity() {
+        let c = Connect {
+            nqn: "nqn.2026-11.io.keelson:vol-x".into(),
+            address: "10.200.0.1:4421".into(),
+            host_nqn: "nqn.2014-08.org.nvmexpress:uuid:h".into(),
+            host_id: "0f1e2d3c-0000-4000-8000-000000000001".into(),
+            keep_alive_tmo: 5,
+        };
+        assert_eq!(
+            c.options().unwrap(),
+            "nqn=nqn.2026-11.io.keelson:vol-x,transport=tcp,traddr=10.200.0.1,trsvcid=4421,\
+             hostnqn=nqn.2014-08.org.nvmexpress:uuid:h,ctrl_loss_tmo=-1,keep_alive_tmo=5,reconnect_delay=1,\
+             hostid=0f1e2d3c-0000-4000-8000-000000000001"
+        );
+        let bad = Connect {
+            address: "nowhere".into(),
+            ..c
+        };
+        assert!(bad.options().is_err());
+    }
+
+    #[test]
+    fn the_kernels_answer() {
+        assert_eq!(
+            parse_answer("instance=3,cntlid=17\n"),
+            Some(Connected {
+                instance: 3,
+                cntlid: 17
+            })
+        );
+        assert_eq!(parse_answer("instance=3"), None);
+        assert_eq!(parse_answer(""), None);
+    }
+}

@@ -1,0 +1,225 @@
+//! The node agent's Prometheus metrics. Path health is what operators scrape, so each series names the volume (its
+//! UUID), the controller (`nvme3`) and the target address:
+//!
+//! - `keelson_node_path_state{volume,controller,address,state}` 1 for the state the kernel reports now (`live`,
+//!   `connecting`, `resetting`, `deleting`, ...; `removed` for a path the agent deleted or the kernel dropped, kept
+//!   for a while), 0 for the states it left;
+//! - `keelson_node_path_usable{volume,controller,address}` 1 when I/O can go through the path;
+//! - `keelson_node_switchovers_total{result}`: `ok` (a new path is live), `unchanged` (the nexus stayed where it
+//!   was), `refused` (the cluster agent said no), `failed`;
+//! - `keelson_node_switchover_duration_seconds`: from the failure seen to the new path live;
+//! - `keelson_node_reports_total{result}`: reports to the cluster agent by outcome (`ok` or the gRPC code).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use super::sysfs::Subsystem;
+
+pub struct NodeMetrics {
+    registry: Registry,
+    state: IntGaugeVec,
+    usable: IntGaugeVec,
+    switchovers: IntCounterVec,
+    duration: Histogram,
+    reports: IntCounterVec,
+    /// The label values of every path series set, by (volume, controller, address): its last state.
+    paths: Mutex<BTreeMap<(String, String, String), String>>,
+}
+
+fn volume_of(nqn: &str) -> &str {
+    nqn.rsplit_once(":vol-").map_or(nqn, |(_, v)| v)
+}
+
+impl NodeMetrics {
+    pub fn new() -> Arc<NodeMetrics> {
+        let registry = Registry::new();
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "keelson_node_path_state",
+                "State of each NVMe path (controller) to a Keelson volume: 1 for its state now.",
+            ),
+            &["volume", "controller", "address", "state"],
+        )
+        .expect("valid metric");
+        let usable = IntGaugeVec::new(
+            Opts::new(
+                "keelson_node_path_usable",
+                "Whether I/O can go through the path now (live, with an optimized or non-optimized namespace path).",
+            ),
+            &["volume", "controller", "address"],
+        )
+        .expect("valid metric");
+        let switchovers = IntCounterVec::new(
+            Opts::new(
+                "keelson_node_switchovers_total",
+                "Switch-overs of a volume's path after a failure, by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "keelson_node_switchover_duration_seconds",
+                "From a path failure seen to the replacement path live.",
+            )
+            .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid metric");
+        let reports = IntCounterVec::new(
+            Opts::new(
+                "keelson_node_reports_total",
+                "Broken-path reports sent to the cluster agent, by outcome.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(state.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(usable.clone()),
+            Box::new(switchovers.clone()),
+            Box::new(duration.clone()),
+            Box::new(reports.clone()),
+        ] {
+            registry.register(m).expect("metric registered once");
+        }
+        for r in ["ok", "unchanged", "refused", "failed"] {
+            switchovers.with_label_values(&[r]);
+        }
+        Arc::new(NodeMetrics {
+            registry,
+            state,
+            usable,
+            switchovers,
+            duration,
+            reports,
+            paths: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Sets the path series from a scan; paths no longer there show `removed`.
+    pub fn paths(&self, scan: &[Subsystem]) {
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = BTreeMap::new();
+        for s in scan {
+            for c in &s.controllers {
+                let key = (volume_of(&s.nqn).to_string(), c.name.clone(), c.target());
+                now.insert(key, (c.state.clone(), c.usable()));
+            }
+        }
+        for (key, last) in paths.iter_mut() {
+            if !now.contains_key(key) && last != "removed" {
+                self.set_state(key, last, "removed");
+                self.usable
+                    .with_label_values(&[&key.0, &key.1, &key.2])
+                    .set(0);
+                *last = "removed".into();
+            }
+        }
+        for (key, (state, usable)) in now {
+            let last = paths.get(&key).cloned().unwrap_or_default();
+            if last != state {
+                self.set_state(&key, &last, &state);
+            }
+            self.usable
+                .with_label_values(&[&key.0, &key.1, &key.2])
+                .set(usable as i64);
+            paths.insert(key, state);
+        }
+    }
+
+    fn set_state(&self, key: &(String, String, String), from: &str, to: &str) {
+        if !from.is_empty() {
+            self.state
+                .with_label_values(&[&key.0, &key.1, &key.2, from])
+                .set(0);
+        }
+        self.state
+            .with_label_values(&[&key.0, &key.1, &key.2, to])
+            .set(1);
+    }
+
+    pub fn switchover(&self, result: &str, took: Option<Duration>) {
+        self.switchovers.with_label_values(&[result]).inc();
+        if let Some(t) = took {
+            self.duration.observe(t.as_secs_f64());
+        }
+    }
+
+    pub fn report(&self, result: &str) {
+        self.reports.with_label_values(&[result]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::sysfs::{Controller, Subsystem};
+
+    fn scan(state: &str) -> Vec<Subsystem> {
+        vec![Subsystem {
+            name: "nvme-subsys0".into(),
+            nqn: "nqn.2026-11.io.keelson:vol-7b0c1f6e-1111-4222-8333-444455556666".into(),
+            controllers: vec![Controller {
+                name: "nvme0".into(),
+                state: state.into(),
+                address: "traddr=10.200.0.1,trsvcid=4420,src_addr=10.200.0.2".into(),
+                transport: "tcp".into(),
+                cntlid: "1".into(),
+                host_nqn: String::new(),
+                host_id: String::new(),
+                ana: vec!["optimized".into()],
+            }],
+        }]
+    }
+
+    fn series(m: &NodeMetrics, state: &str) -> Option<f64> {
+        e2e::metrics::sample(
+            &m.render(),
+            &format!(
+                "keelson_node_path_state{{address=\"10.200.0.1:4420\",controller=\"nvme0\",state=\"{state}\",volume=\"7b0c1f6e-1111-4222-8333-444455556666\"}}"
+            ),
+        )
+    }
+
+    #[test]
+    fn a_path_goes_live_connecting_removed_and_the_text_passes_promtool() {
+        let m = NodeMetrics::new();
+        m.paths(&scan("live"));
+        assert_eq!(series(&m, "live"), Some(1.0));
+        m.paths(&scan("connecting"));
+        assert_eq!(
+            (series(&m, "live"), series(&m, "connecting")),
+            (Some(0.0), Some(1.0))
+        );
+        m.paths(&[]);
+        assert_eq!(
+            (series(&m, "connecting"), series(&m, "removed")),
+            (Some(0.0), Some(1.0))
+        );
+        m.switchover("ok", Some(Duration::from_millis(420)));
+        m.report("ok");
+        let text = m.render();
+        assert!(
+            text.contains("keelson_node_switchover_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keelson_node_switchovers_total{result=\"ok\"} 1"),
+            "{text}"
+        );
+        e2e::metrics::promtool_check(&text);
+    }
+}

@@ -1,0 +1,267 @@
+//! What the kernel's NVMe host says about Keelson's subsystems, read from sysfs: each subsystem
+//! (`class/nvme-subsystem/nvme-subsysN`: `subsysnqn`, a link per controller), each controller (`state`, `address`,
+//! `transport`, `cntlid`, `hostnqn`, `hostid`) and each of its paths (`nvmeXcYnZ/ana_state`). Plain file reads; the
+//! root is a parameter so that tests read a tree laid out the same way.
+
+use std::path::Path;
+
+use proto::names::NQN_PREFIX;
+
+/// One controller (one path to a subsystem), as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Controller {
+    /// `nvme3`.
+    pub name: String,
+    /// `live`, `connecting`, `resetting`, `deleting`, `deleting (no IO)`, `dead`, `new`.
+    pub state: String,
+    /// `traddr=10.0.0.1,trsvcid=4420,src_addr=...` as the kernel writes it.
+    pub address: String,
+    pub transport: String,
+    pub cntlid: String,
+    pub host_nqn: String,
+    pub host_id: String,
+    /// The ANA state of each of its namespace paths (`optimized`, `non-optimized`, `inaccessible`, ...).
+    pub ana: Vec<String>,
+}
+
+impl Controller {
+    /// Whether I/O can go through it now: live, with an optimized or non-optimized path (or no ANA reported).
+    pub fn usable(&self) -> bool {
+        self.state == "live"
+            && (self.ana.is_empty()
+                || self
+                    .ana
+                    .iter()
+                    .any(|a| a == "optimized" || a == "non-optimized"))
+    }
+
+    /// `ip:port` of its target.
+    pub fn target(&self) -> String {
+        crate::cluster::switchover::normalize_address(&self.address)
+    }
+}
+
+/// One subsystem with Keelson's NQN prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subsystem {
+    /// `nvme-subsys0`.
+    pub name: String,
+    pub nqn: String,
+    pub controllers: Vec<Controller>,
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `nvme12` (a controller), not `nvme12n1` or `nvme12c3n1`.
+fn is_controller(name: &str) -> bool {
+    name.strip_prefix("nvme")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `nvme0c3n1` (a path through a controller).
+fn is_path(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("nvme") else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match rest
+        .split_once('c')
+        .and_then(|(a, b)| Some((a, b.split_once('n')?)))
+    {
+        Some((a, (b, c))) => digits(a) && digits(b) && digits(c),
+        None => false,
+    }
+}
+
+fn sorted_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Keelson's subsystems under `sys` (`/sys` on a real node), in name order.
+pub fn scan(sys: &Path) -> Vec<Subsystem> {
+    let class = sys.join("class/nvme-subsystem");
+    let mut out = Vec::new();
+    for name in sorted_entries(&class) {
+        let dir = class.join(&name);
+        let nqn = read(&dir.join("subsysnqn"));
+        if !nqn.starts_with(NQN_PREFIX) {
+            continue;
+        }
+        let controllers = sorted_entries(&dir)
+            .into_iter()
+            .filter(|n| is_controller(n))
+            .map(|c| {
+                let cdir = dir.join(&c);
+                let ana = sorted_entries(&cdir)
+                    .into_iter()
+                    .filter(|p| is_path(p))
+                    .map(|p| read(&cdir.join(p).join("ana_state")))
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                Controller {
+                    state: read(&cdir.join("state")),
+                    address: read(&cdir.join("address")),
+                    transport: read(&cdir.join("transport")),
+                    cntlid: read(&cdir.join("cntlid")),
+                    host_nqn: read(&cdir.join("hostnqn")),
+                    host_id: read(&cdir.join("hostid")),
+                    ana,
+                    name: c,
+                }
+            })
+            .collect();
+        out.push(Subsystem {
+            name,
+            nqn,
+            controllers,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+pub mod fixture {
+    //! A sysfs tree laid out as the kernel lays it out (files only: the subsystem's controller entries are
+    //! directories here where the kernel has links to them).
+    use std::path::Path;
+
+    pub fn subsystem(sys: &Path, name: &str, nqn: &str) {
+        let d = sys.join("class/nvme-subsystem").join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("subsysnqn"), format!("{nqn}\n")).unwrap();
+        std::fs::write(d.join("iopolicy"), "numa\n").unwrap();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn controller(
+        sys: &Path,
+        subsys: &str,
+        name: &str,
+        state: &str,
+        traddr: &str,
+        ana: &[&str],
+    ) {
+        let d = sys.join("class/nvme-subsystem").join(subsys).join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let (ip, port) = traddr.rsplit_once(':').unwrap();
+        for (f, v) in [
+            ("state", state.to_string()),
+            (
+                "address",
+                format!("traddr={ip},trsvcid={port},src_addr=10.200.0.2"),
+            ),
+            ("transport", "tcp".into()),
+            ("cntlid", "1".into()),
+            ("hostnqn", "nqn.2014-08.org.nvmexpress:uuid:host".into()),
+            ("hostid", "0f1e2d3c-0000-4000-8000-000000000001".into()),
+        ] {
+            std::fs::write(d.join(f), format!("{v}\n")).unwrap();
+        }
+        let n = name.trim_start_matches("nvme");
+        for (i, a) in ana.iter().enumerate() {
+            let p = d.join(format!("nvme0c{n}n{}", i + 1));
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("ana_state"), format!("{a}\n")).unwrap();
+        }
+    }
+
+    pub fn set_state(sys: &Path, subsys: &str, name: &str, state: &str) {
+        let d = sys.join("class/nvme-subsystem").join(subsys).join(name);
+        std::fs::write(d.join("state"), format!("{state}\n")).unwrap();
+    }
+
+    pub fn remove(sys: &Path, subsys: &str, name: &str) {
+        let d = sys.join("class/nvme-subsystem").join(subsys).join(name);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_keelsons_subsystems_their_controllers_and_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path();
+        let vol = format!("{NQN_PREFIX}vol-7b0c1f6e-1111-4222-8333-444455556666");
+        fixture::subsystem(sys, "nvme-subsys0", &vol);
+        fixture::controller(
+            sys,
+            "nvme-subsys0",
+            "nvme0",
+            "live",
+            "10.200.0.1:4420",
+            &["optimized"],
+        );
+        fixture::controller(
+            sys,
+            "nvme-subsys0",
+            "nvme1",
+            "connecting",
+            "10.200.0.1:4421",
+            &["inaccessible"],
+        );
+        fixture::subsystem(sys, "nvme-subsys1", "nqn.2014-08.org.nvmexpress:other");
+        fixture::controller(sys, "nvme-subsys1", "nvme2", "live", "10.0.0.9:4420", &[]);
+        std::fs::create_dir_all(sys.join("class/nvme-subsystem/nvme-subsys0/nvme0n1")).unwrap();
+
+        let s = scan(sys);
+        assert_eq!(s.len(), 1, "only Keelson's: {s:?}");
+        assert_eq!(s[0].nqn, vol);
+        let c: Vec<_> = s[0]
+            .controllers
+            .iter()
+            .map(|c| (c.name.as_str(), c.state.as_str(), c.usable()))
+            .collect();
+        assert_eq!(c, [("nvme0", "live", true), ("nvme1", "connecting", false)]);
+        assert_eq!(s[0].controllers[0].target(), "10.200.0.1:4420");
+        assert_eq!(s[0].controllers[0].ana, ["optimized"]);
+        assert_eq!(
+            s[0].controllers[0].host_nqn,
+            "nqn.2014-08.org.nvmexpress:uuid:host"
+        );
+    }
+
+    #[test]
+    fn a_live_controller_whose_paths_are_all_inaccessible_is_not_usable() {
+        let c = Controller {
+            name: "nvme0".into(),
+            state: "live".into(),
+            address: String::new(),
+            transport: "tcp".into(),
+            cntlid: "1".into(),
+            host_nqn: String::new(),
+            host_id: String::new(),
+            ana: vec!["inaccessible".into()],
+        };
+        assert!(!c.usable());
+    }
+
+    #[test]
+    fn names_of_controllers_and_paths() {
+        assert!(is_controller("nvme0") && is_controller("nvme12"));
+        assert!(
+            !is_controller("nvme0n1") && !is_controller("nvme") && !is_controller("nvme-subsys0")
+        );
+        assert!(is_path("nvme0c1n1") && is_path("nvme10c2n3"));
+        assert!(!is_path("nvme0n1") && !is_path("nvme0c1") && !is_path("nvme0cxn1"));
+    }
+
+    #[test]
+    fn no_sysfs_no_subsystems() {
+        assert!(scan(Path::new("/nonexistent")).is_empty());
+    }
+}
