@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use e2e::bins;
@@ -21,6 +21,7 @@ const VOLUME: &str = "00000000-0000-4000-8000-00000000a0a0";
 const HOSTNQN: &str = "nqn.2026-11.io.keelson:host-app-1";
 const HOSTID: &str = "5e3c0a2d-7f4b-4c1e-9a8d-2b6f0c9e1a01";
 const AGENT: &str = "10.200.0.1:10200";
+const ACK_PORT: u16 = 4440;
 
 fn keelctl(ns: &Netns, args: &[&str]) -> Result<String> {
     let out = ns
@@ -43,7 +44,9 @@ fn keelctl(ns: &Netns, args: &[&str]) -> Result<String> {
 fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
     let name = format!("n{i}");
     let disk = logs.join(format!("{name}-pool.img"));
-    std::fs::File::create(&disk)?.set_len(512 << 20)?;
+    if !disk.exists() {
+        std::fs::File::create(&disk)?.set_len(512 << 20)?;
+    }
     let mut cmd = ns.command(bins::path("io-engine"));
     cmd.env("RUST_LOG", "info")
         .args(["--node-name", &name])
@@ -83,9 +86,29 @@ fn stage_node_agent(job: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The node running the volume's nexus, as the cluster agent says (`n1`..`n3`), and the volume's state.
+fn nexus_of(ns: &Netns) -> Result<(String, String)> {
+    let out = keelctl(ns, &["get", "-o", "json", "volumes"])?;
+    for l in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(l)?;
+        if v["uuid"] == VOLUME {
+            return Ok((
+                v["nexus_node"].as_str().unwrap_or_default().to_string(),
+                v["state"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+    }
+    bail!("volume {VOLUME} not listed: {out}")
+}
+
+/// The failures of one run (`kill`, `stop`), from KEELSON_SWITCHOVER_FAILURES (the benchmark repeats them).
+fn failures() -> String {
+    std::env::var("KEELSON_SWITCHOVER_FAILURES").unwrap_or_else(|_| "kill stop".into())
+}
+
 #[test]
-fn kernel_io_survives_a_killed_nexus_engine_through_the_node_agents_switch_over() {
-    let test = "kernel_io_survives_a_killed_nexus_engine_through_the_node_agents_switch_over";
+fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
+    let test = "kernel_io_survives_nexus_failures_through_the_node_agents_switch_over";
     if !vm::allowed(test) {
         return;
     }
@@ -105,7 +128,7 @@ fn kernel_io_survives_a_killed_nexus_engine_through_the_node_agents_switch_over(
     let mut engines: Vec<Option<Process>> = (1..=3)
         .map(|i| Some(engine(&ns, &logs, i).unwrap()))
         .collect();
-    let t = std::time::Instant::now();
+    let t = Instant::now();
     while keelctl(&ns, &["get", "nodes"])
         .unwrap_or_default()
         .matches("Online")
@@ -144,28 +167,93 @@ fn kernel_io_survives_a_killed_nexus_engine_through_the_node_agents_switch_over(
         ("HOSTID", HOSTID.into()),
         ("AGENT", format!("http://{AGENT}")),
         ("FIO_SECONDS", "20".into()),
+        ("FAILURES", format!("'{}'", failures())),
+        ("ACK_PORT", ACK_PORT.to_string()),
     ];
-    let out = vm::run_job(&ns, &job, &params, Duration::from_secs(400), |req| {
-        match req {
-            "kill-nexus" => drop(engines[0].take()), // SIGKILL
-            other => bail!("unknown request {other}"),
+    // The engine made to fail in this round, how, and the listener that tells the guest it is back.
+    let mut failed: Option<(usize, String)> = None;
+    let mut ack: Option<std::process::Child> = None;
+    let out = vm::run_job(&ns, &job, &params, Duration::from_secs(1800), |req| {
+        if let Some(mode) = req.strip_prefix("fail-nexus ") {
+            if let Some(mut a) = ack.take() {
+                let _ = a.kill();
+                let _ = a.wait();
+            }
+            let (node, _) = nexus_of(&ns)?;
+            let i: usize = node.trim_start_matches('n').parse::<usize>()? - 1;
+            let Some(p) = engines[i].as_ref() else {
+                bail!("the nexus is on {node}, whose engine is not running");
+            };
+            match mode {
+                "kill" => drop(engines[i].take()), // SIGKILL
+                "stop" => {
+                    Command::new("kill")
+                        .args(["-STOP", &p.pid().to_string()])
+                        .status()?;
+                }
+                other => bail!("unknown failure {other}"),
+            }
+            println!("host: {mode} of {node}, which ran the nexus");
+            failed = Some((i, mode.to_string()));
+        } else if req == "restore" {
+            if let Some((i, mode)) = failed.take() {
+                match engines[i].as_ref() {
+                    Some(p) if mode == "stop" => {
+                        Command::new("kill")
+                            .args(["-CONT", &p.pid().to_string()])
+                            .status()?;
+                    }
+                    _ => engines[i] = Some(engine(&ns, &logs, i as u32 + 1)?),
+                }
+            }
+            // Back to three healthy replicas before the next round.
+            let t = Instant::now();
+            loop {
+                let (_, state) = nexus_of(&ns)?;
+                if state == "Online" {
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(120) {
+                    bail!(
+                        "the volume never came back Online: {}",
+                        keelctl(&ns, &["get", "volumes"])?
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            ack = Some(
+                ns.command("socat")
+                    .arg(format!(
+                        "TCP-LISTEN:{ACK_PORT},bind=10.200.0.1,fork,reuseaddr"
+                    ))
+                    .arg("EXEC:/bin/true")
+                    .spawn()?,
+            );
+        } else {
+            bail!("unknown request {req}");
         }
         Ok(())
     })
     .unwrap();
+    if let Some(mut a) = ack.take() {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
     println!("{}", out.output);
-    let volume = keelctl(&ns, &["get", "volumes"]).unwrap_or_default();
+    let volumes = keelctl(&ns, &["get", "volumes"]).unwrap_or_default();
     assert!(
         out.success && out.output.contains("ALL-OK"),
-        "guest job failed:\n{}\nvolume:\n{volume}\ncluster agent:\n{}",
+        "guest job failed:\n{}\nvolumes:\n{volumes}\ncluster agent:\n{}",
         out.output,
         agent.log()
     );
-    println!("{volume}");
-    assert!(
-        volume.contains(VOLUME) && !volume.contains("10.200.0.1:4421"),
-        "the nexus left n1: {volume}"
-    );
+    println!("{volumes}");
+    let stalls: Vec<&str> = out
+        .output
+        .lines()
+        .filter(|l| l.contains("STALL-MS"))
+        .collect();
+    println!("{}", stalls.join("\n"));
     let _ = std::fs::remove_dir_all(&tmp);
     drop(engines);
 }
