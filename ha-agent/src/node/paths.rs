@@ -1,6 +1,6 @@
 //! The path state machine: from successive sysfs scans, which of Keelson's paths are broken and since when. A
-//! controller is broken when it is not usable (not `live`, or no optimized / non-optimized namespace path) for
-//! longer than a grace period, or when it vanished (the kernel gave up on it) and no usable controller of its
+//! controller is broken ([`Controller::broken`]: not `live`, or none of its namespace paths optimized or
+//! non-optimized) for longer than a grace period, or when it vanished (the kernel gave up on it) and no usable controller of its
 //! subsystem is left. Pure: the caller scans and gives the time.
 
 use std::collections::BTreeMap;
@@ -24,7 +24,7 @@ pub struct Broken {
 
 struct Seen {
     controller: Controller,
-    /// When it was first seen unusable, if it is.
+    /// When it was first seen broken, if it is.
     unusable_since: Option<(Instant, SystemTime)>,
 }
 
@@ -52,8 +52,8 @@ impl PathTracker {
             let mut here = BTreeMap::new();
             for c in &s.controllers {
                 let since = match before.remove(&c.name) {
-                    Some(old) if !c.usable() => old.unusable_since.or(Some((now, wall))),
-                    None if !c.usable() => Some((now, wall)),
+                    Some(old) if c.broken() => old.unusable_since.or(Some((now, wall))),
+                    None if c.broken() => Some((now, wall)),
                     _ => None,
                 };
                 if let Some((at, w)) = since

@@ -20,19 +20,27 @@ pub struct Controller {
     pub cntlid: String,
     pub host_nqn: String,
     pub host_id: String,
-    /// The ANA state of each of its namespace paths (`optimized`, `non-optimized`, `inaccessible`, ...).
+    /// The ANA state of each of its namespace paths (`optimized`, `non-optimized`, `inaccessible`, ...; empty where
+    /// the target reports none). A controller that just connected has no path until the kernel has scanned its
+    /// namespaces.
     pub ana: Vec<String>,
 }
 
 impl Controller {
-    /// Whether I/O can go through it now: live, with an optimized or non-optimized path (or no ANA reported).
+    /// Whether I/O can go through it now: live, with a namespace path that is optimized or non-optimized (or
+    /// reports no ANA state).
     pub fn usable(&self) -> bool {
         self.state == "live"
-            && (self.ana.is_empty()
-                || self
-                    .ana
-                    .iter()
-                    .any(|a| a == "optimized" || a == "non-optimized"))
+            && self
+                .ana
+                .iter()
+                .any(|a| a.is_empty() || a == "optimized" || a == "non-optimized")
+    }
+
+    /// Whether it is broken: not live, or live with namespace paths of which none can take I/O. A live controller
+    /// without a path yet (just connected) is not broken, only not usable yet.
+    pub fn broken(&self) -> bool {
+        self.state != "live" || (!self.ana.is_empty() && !self.usable())
     }
 
     /// `ip:port` of its target.
@@ -108,7 +116,6 @@ pub fn scan(sys: &Path) -> Vec<Subsystem> {
                     .into_iter()
                     .filter(|p| is_path(p))
                     .map(|p| read(&cdir.join(p).join("ana_state")))
-                    .filter(|a| !a.is_empty())
                     .collect();
                 Controller {
                     state: read(&cdir.join("state")),
@@ -247,7 +254,20 @@ mod tests {
             host_id: String::new(),
             ana: vec!["inaccessible".into()],
         };
-        assert!(!c.usable());
+        assert!(!c.usable() && c.broken());
+        let new = Controller {
+            ana: vec![],
+            ..c.clone()
+        };
+        assert!(
+            !new.usable() && !new.broken(),
+            "just connected: no path yet, not broken"
+        );
+        let no_ana = Controller {
+            ana: vec![String::new()],
+            ..c
+        };
+        assert!(no_ana.usable());
     }
 
     #[test]
