@@ -4,16 +4,18 @@
 # hosting the nexus, ROUNDS times each; the node agent in the guest reports, the cluster agent moves the nexus, the
 # node agent connects the new path. Prints, per failure kind, the longest write latency fio saw in each round (the
 # stall) as p50 / p99 / max, and the node agent's own failure-seen-to-new-path-live time.
-# Usage: scripts/bench-switchover.sh [ROUNDS, default 10]. Latencies are under QEMU's emulation (TCG).
+# Usage: scripts/bench-switchover.sh [ROUNDS, default 10] [KATO seconds, default 5: the paths' keep-alive timeout,
+# which bounds how soon the kernel notices a stopped node]. Latencies are under QEMU's emulation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
+KATO=${2:-5}
 cargo build -q --workspace --bins
 failures=""
 for _ in $(seq 1 "$N"); do failures="$failures kill"; done
 for _ in $(seq 1 "$((N < 3 ? N : 3))"); do failures="$failures stop"; done
 out=$(mktemp)
-KEELSON_SWITCHOVER_FAILURES="$failures" KEELSON_REQUIRE_PRIVILEGED=1 cargo test -q -p e2e --test kernel_switchover \
+KEELSON_SWITCHOVER_FAILURES="$failures" KEELSON_SWITCHOVER_KATO="$KATO" KEELSON_REQUIRE_PRIVILEGED=1 cargo test -q -p e2e --test kernel_switchover \
     -- --nocapture 2>&1 | tee "$out" | grep -E "STALL-MS|^test |FAIL" || true
 pct() { # p (0-100) of the numbers on stdin
     sort -n | awk -v p="$1" '{ v[NR] = $1 } END { if (NR == 0) { print "-"; exit } i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; if (i > NR) i = NR; print v[i] }'
@@ -22,7 +24,7 @@ for mode in kill stop; do
     stalls=$(grep -o "STALL-MS $mode [0-9]*" "$out" | awk '{print $3}')
     took=$(grep -o "STALL-MS $mode [0-9]* took_ms=[0-9]*" "$out" | sed 's/.*took_ms=//')
     [ -n "$stalls" ] || continue
-    echo "$mode ($(echo "$stalls" | wc -l) rounds): fio stall p50 $(echo "$stalls" | pct 50) ms, p99 $(echo "$stalls" | pct 99) ms," \
+    echo "$mode, keep-alive ${KATO} s ($(echo "$stalls" | wc -l) rounds): fio stall p50 $(echo "$stalls" | pct 50) ms, p99 $(echo "$stalls" | pct 99) ms," \
         "max $(echo "$stalls" | pct 100) ms; node agent failure-seen to new-path-live p50 $(echo "$took" | pct 50) ms," \
         "max $(echo "$took" | pct 100) ms"
 done

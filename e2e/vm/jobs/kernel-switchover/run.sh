@@ -6,7 +6,7 @@
 # path, the cluster agent moves the nexus, the node agent connects the new path and removes the dead one; fio must
 # finish every round without an error. Each round prints "STALL-MS <mode> <longest write latency>" and the node
 # agent's switch-over duration. Parameters in ./params: TARGET, PORT, NQN, HOSTNQN, HOSTID, AGENT, FIO_SECONDS,
-# FAILURES, ACK_PORT (the host opens it when a round's failed engine is back).
+# FAILURES, KATO (keep-alive timeout of the paths, seconds), ACK_PORT (the host opens it when a round's failed engine is back).
 set -u
 . ./params
 ok() { echo "OK: $*"; }
@@ -23,14 +23,14 @@ switchovers() { metrics | awk '/^keelson_node_switchovers_total\{result="ok"\}/ 
 step "node agent"
 chmod +x ./node-agent
 LD_LIBRARY_PATH=/job RUST_LOG=info ./node-agent --cluster-agent "$AGENT" --node-name app-1 \
-    --metrics 127.0.0.1:9501 > /tmp/node-agent.log 2>&1 &
+    --metrics 127.0.0.1:9501 --keep-alive-tmo "$KATO" > /tmp/node-agent.log 2>&1 &
 for i in $(seq 1 50); do metrics > /dev/null && break; sleep 0.2; done
 metrics > /dev/null || fail "node agent not serving metrics"
 ok "node agent running"
 
 step "connect the volume"
 nvme connect -t tcp -a "$TARGET" -s "$PORT" -n "$NQN" --hostnqn="$HOSTNQN" --hostid="$HOSTID" \
-    --ctrl-loss-tmo=-1 --keep-alive-tmo=5 --reconnect-delay=1 || fail "nvme connect"
+    --ctrl-loss-tmo=-1 --keep-alive-tmo="$KATO" --reconnect-delay=1 || fail "nvme connect"
 for i in $(seq 1 100); do [ -b $DEV ] && break; sleep 0.1; done
 [ -b $DEV ] || fail "no $DEV"
 sleep 0.5
