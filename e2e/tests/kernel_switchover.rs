@@ -1,9 +1,10 @@
 //! HA switch-over with the Linux kernel as the application's host (in a QEMU VM): three io-engines and a cluster
 //! agent in a network namespace, a 3-replica volume published to the guest, the node agent running in the guest
-//! next to the kernel. The host kills -9 the io-engine hosting the nexus while verified fio writes; the node agent
-//! reports the broken path, the cluster agent moves the nexus (fenced) to another node, the node agent connects the
-//! new path and removes the dead one. fio must see no error; the guest prints the longest I/O stall and the path
-//! metrics. Needs root (network namespace) and QEMU.
+//! next to the kernel. While verified fio writes, the host makes the nexus fail, one way per round: kill -9 of its
+//! io-engine, SIGSTOP of it, the guest cut off from it (a partition: it still reaches its replicas), a drain of its
+//! node. The node agent reports the broken path, the cluster agent moves the nexus (fenced) to another node, the
+//! node agent connects the new path and removes the dead one. fio must see no error in any round; the guest prints
+//! each round's longest I/O stall and the path metrics. Needs root (network namespace) and QEMU.
 
 #![allow(clippy::unwrap_used)]
 
@@ -39,8 +40,14 @@ fn keelctl(ns: &Netns, args: &[&str]) -> Result<String> {
     Ok(text)
 }
 
-/// Engine `i` in the namespace: NVMe/TCP on 10.200.0.1:442i (the guest reaches only 10.200.0.1), its own CNTLID
-/// range (a replacement nexus must never hand out a CNTLID the host still holds), a pool on a sparse file.
+/// The address of engine `i`'s NVMe/TCP listener: its own, on the namespace's side of the tap (so that a test can
+/// cut the guest off from it alone).
+fn engine_ip(i: u32) -> String {
+    format!("10.200.0.1{i}")
+}
+
+/// Engine `i` in the namespace: NVMe/TCP on [`engine_ip`]:4420, its own CNTLID range (a replacement nexus must
+/// never hand out a CNTLID the host still holds), a pool on a sparse file.
 fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
     let name = format!("n{i}");
     let disk = logs.join(format!("{name}-pool.img"));
@@ -50,7 +57,7 @@ fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
     let mut cmd = ns.command(bins::path("io-engine"));
     cmd.env("RUST_LOG", "info")
         .args(["--node-name", &name])
-        .args(["--listen", &format!("10.200.0.1:442{i}")])
+        .args(["--listen", &format!("{}:4420", engine_ip(i))])
         .args(["--grpc", &format!("127.0.0.{i}:10124")])
         .args([
             "--cntlid-range",
@@ -59,6 +66,16 @@ fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
         .args(["--cluster-agent", &format!("http://{AGENT}")])
         .arg("--pool")
         .arg(format!("pool-{name}={}", disk.display()));
+    let _ = ns
+        .command("ip")
+        .args([
+            "addr",
+            "add",
+            &format!("{}/24", engine_ip(i)),
+            "dev",
+            &ns.tap,
+        ])
+        .status();
     let mut p = Process::spawn(&name, cmd, logs)?;
     p.wait_for_log("io-engine running", Duration::from_secs(20))?;
     Ok(p)
@@ -101,10 +118,11 @@ fn nexus_of(ns: &Netns) -> Result<(String, String)> {
     bail!("volume {VOLUME} not listed: {out}")
 }
 
-/// The failures of one run (`kill`, `stop`), from KEELSON_SWITCHOVER_FAILURES (the benchmark repeats them); the
+/// The failures of one run (`kill`: kill -9 of the nexus's engine; `stop`: SIGSTOP of it; `cut`: the guest cut off
+/// from it while it still reaches the replicas; `drain`: `keelctl node drain` of its node), from KEELSON_SWITCHOVER_FAILURES (the benchmark repeats them); the
 /// keep-alive timeout the guest's paths use (what bounds noticing a silent node) from KEELSON_SWITCHOVER_KATO.
 fn failures() -> String {
-    std::env::var("KEELSON_SWITCHOVER_FAILURES").unwrap_or_else(|_| "kill stop".into())
+    std::env::var("KEELSON_SWITCHOVER_FAILURES").unwrap_or_else(|_| "kill stop cut drain".into())
 }
 
 #[test]
@@ -149,7 +167,7 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
     .unwrap();
     let published = keelctl(&ns, &["volume", "publish", VOLUME, HOSTNQN, "--node", "n1"]).unwrap();
     println!("{published}");
-    assert!(published.contains("10.200.0.1:4421"), "{published}");
+    assert!(published.contains("10.200.0.11:4420"), "{published}");
 
     let tmp = vm::tempdir().unwrap();
     let job = tmp.join("job");
@@ -161,8 +179,9 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
     .unwrap();
     stage_node_agent(&job).unwrap();
     let params = [
-        ("TARGET", "10.200.0.1".to_string()),
-        ("PORT", "4421".into()),
+        ("TARGET", engine_ip(1)),
+        ("PORT", "4420".into()),
+        ("ACK_HOST", "10.200.0.1".into()),
         ("NQN", format!("nqn.2026-11.io.keelson:vol-{VOLUME}")),
         ("HOSTNQN", HOSTNQN.into()),
         ("HOSTID", HOSTID.into()),
@@ -196,6 +215,27 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
                         .args(["-STOP", &p.pid().to_string()])
                         .status()?;
                 }
+                // A partition: the engine's address goes from the namespace, so the guest's packets to it and its
+                // packets to the guest are dropped, while it still reaches the replicas and the cluster agent.
+                "cut" => {
+                    let st = ns
+                        .command("ip")
+                        .args([
+                            "addr",
+                            "del",
+                            &format!("{}/24", engine_ip(i as u32 + 1)),
+                            "dev",
+                            &ns.tap,
+                        ])
+                        .status()?;
+                    if !st.success() {
+                        bail!("ip addr del: {st}");
+                    }
+                }
+                // A planned move: the nexus leaves the node through the same path.
+                "drain" => {
+                    keelctl(&ns, &["node", "drain", &node])?;
+                }
                 other => bail!("unknown failure {other}"),
             }
             println!("host: {mode} of {node}, which ran the nexus");
@@ -207,6 +247,20 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
                         Command::new("kill")
                             .args(["-CONT", &p.pid().to_string()])
                             .status()?;
+                    }
+                    Some(_) if mode == "cut" => {
+                        ns.command("ip")
+                            .args([
+                                "addr",
+                                "add",
+                                &format!("{}/24", engine_ip(i as u32 + 1)),
+                                "dev",
+                                &ns.tap,
+                            ])
+                            .status()?;
+                    }
+                    Some(_) if mode == "drain" => {
+                        keelctl(&ns, &["node", "uncordon", &format!("n{}", i + 1)])?;
                     }
                     _ => engines[i] = Some(engine(&ns, &logs, i as u32 + 1)?),
                 }

@@ -2,11 +2,12 @@
 # Guest side of the HA switch-over test: the guest is the application node. Its node agent (./node-agent, with the
 # libraries it needs next to it) watches the kernel's NVMe paths; the kernel connects to the volume's nexus and
 # verified fio writes while the host makes the nexus fail (each word of FAILURES is one round: "kill" = kill -9 of
-# the io-engine hosting the nexus, "stop" = SIGSTOP of it, a node gone silent). The node agent reports the broken
+# the io-engine hosting the nexus, "stop" = SIGSTOP of it, a node gone silent, "cut" = the guest cut off from it
+# while it still reaches its replicas, "drain" = a planned move off its node). The node agent reports the broken
 # path, the cluster agent moves the nexus, the node agent connects the new path and removes the dead one; fio must
 # finish every round without an error. Each round prints "STALL-MS <mode> <longest write latency>" and the node
 # agent's switch-over duration. Parameters in ./params: TARGET, PORT, NQN, HOSTNQN, HOSTID, AGENT, FIO_SECONDS,
-# FAILURES, KATO (keep-alive timeout of the paths, seconds), ACK_PORT (the host opens it when a round's failed engine is back).
+# FAILURES, KATO (keep-alive timeout of the paths, seconds), ACK_HOST and ACK_PORT (the host opens it when a round's failed engine is back).
 set -u
 . ./params
 ok() { echo "OK: $*"; }
@@ -60,7 +61,7 @@ for mode in $FAILURES; do
     [ "$(ctrls)" = 1 ] || fail "the dead controller is still there"
     ok "round $round: no fio error, one live path"
     echo "@@HOST restore"
-    for i in $(seq 1 900); do (echo > /dev/tcp/$TARGET/$ACK_PORT) 2>/dev/null && break; sleep 0.2; done
+    for i in $(seq 1 900); do (echo > /dev/tcp/$ACK_HOST/$ACK_PORT) 2>/dev/null && break; sleep 0.2; done
 done
 
 step "metrics"
