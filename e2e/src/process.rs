@@ -60,6 +60,18 @@ impl Process {
         self.child.id()
     }
 
+    /// Waits for it to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("{} did not exit within {timeout:?}", self.name)
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         Command::new("kill")

@@ -75,6 +75,7 @@ fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
             "dev",
             &ns.tap,
         ])
+        .stderr(std::process::Stdio::null())
         .status();
     let mut p = Process::spawn(&name, cmd, logs)?;
     p.wait_for_log("io-engine running", Duration::from_secs(20))?;
@@ -103,6 +104,40 @@ fn stage_node_agent(job: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The cluster agent in the namespace, on the embedded store in the test's directory (the same one each start),
+/// with `failpoints` armed (`FAILPOINTS`; empty: none).
+fn cluster_agent(ns: &Netns, logs: &Path, name: &str, failpoints: &str) -> Result<Process> {
+    let mut cmd = ns.command(bins::path("cluster-agent"));
+    cmd.env("RUST_LOG", "info")
+        .env("FAILPOINTS", failpoints)
+        .args(["--grpc", AGENT, "--data-dir"])
+        .arg(logs.join("agent"))
+        .args(["--heartbeat-ms", "500", "--node-timeout-ms", "2000"]);
+    let mut p = Process::spawn(name, cmd, logs)?;
+    p.wait_for_log("cluster agent starting", Duration::from_secs(20))?;
+    Ok(p)
+}
+
+/// Waits until the agent lists the three nodes Online.
+fn all_online(ns: &Netns) -> Result<()> {
+    let t = Instant::now();
+    while keelctl(ns, &["get", "nodes"])
+        .unwrap_or_default()
+        .matches("Online")
+        .count()
+        < 3
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "nodes never came Online: {}",
+                keelctl(ns, &["get", "nodes"]).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
 /// The node running the volume's nexus, as the cluster agent says (`n1`..`n3`), and the volume's state.
 fn nexus_of(ns: &Netns) -> Result<(String, String)> {
     let out = keelctl(ns, &["get", "-o", "json", "volumes"])?;
@@ -118,11 +153,14 @@ fn nexus_of(ns: &Netns) -> Result<(String, String)> {
     bail!("volume {VOLUME} not listed: {out}")
 }
 
-/// The failures of one run (`kill`: kill -9 of the nexus's engine; `stop`: SIGSTOP of it; `cut`: the guest cut off
-/// from it while it still reaches the replicas; `drain`: `keelctl node drain` of its node), from KEELSON_SWITCHOVER_FAILURES (the benchmark repeats them); the
-/// keep-alive timeout the guest's paths use (what bounds noticing a silent node) from KEELSON_SWITCHOVER_KATO.
+/// The failures of one run, from KEELSON_SWITCHOVER_FAILURES (the benchmark repeats them): `kill` (kill -9 of the
+/// nexus's engine), `stop` (SIGSTOP of it), `cut` (the guest cut off from it while it still reaches the replicas),
+/// `drain` (`keelctl node drain` of its node), `crash` (kill -9 of its engine with the cluster agent armed to die
+/// right after recording the switch-over, then restarted). The keep-alive timeout of the guest's paths (what bounds
+/// noticing a silent node) comes from KEELSON_SWITCHOVER_KATO.
 fn failures() -> String {
-    std::env::var("KEELSON_SWITCHOVER_FAILURES").unwrap_or_else(|_| "kill stop cut drain".into())
+    std::env::var("KEELSON_SWITCHOVER_FAILURES")
+        .unwrap_or_else(|_| "kill stop cut drain crash".into())
 }
 
 #[test]
@@ -134,32 +172,12 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
     let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let ns = Netns::create("keelson-e2e-ho", "kvtap3").unwrap();
     let logs = vm::tempdir().unwrap();
-    let mut agent_cmd = ns.command(bins::path("cluster-agent"));
-    agent_cmd
-        .env("RUST_LOG", "info")
-        .args(["--grpc", AGENT, "--data-dir"])
-        .arg(logs.join("agent"))
-        .args(["--heartbeat-ms", "500", "--node-timeout-ms", "2000"]);
-    let mut agent = Process::spawn("cluster-agent", agent_cmd, &logs).unwrap();
-    agent
-        .wait_for_log("cluster agent starting", Duration::from_secs(20))
-        .unwrap();
+    let mut agent = cluster_agent(&ns, &logs, "cluster-agent", "").unwrap();
     let mut engines: Vec<Option<Process>> = (1..=3)
         .map(|i| Some(engine(&ns, &logs, i).unwrap()))
         .collect();
-    let t = Instant::now();
-    while keelctl(&ns, &["get", "nodes"])
-        .unwrap_or_default()
-        .matches("Online")
-        .count()
-        < 3
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "nodes never came Online"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    all_online(&ns).unwrap();
+    let mut agents = 1;
     keelctl(
         &ns,
         &["volume", "create", VOLUME, "64MiB", "--replicas", "3"],
@@ -208,8 +226,32 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
             let Some(p) = engines[i].as_ref() else {
                 bail!("the nexus is on {node}, whose engine is not running");
             };
+            if mode == "crash" {
+                // The cluster agent will die (kill -9, at a failpoint) right after recording the switch-over.
+                agent.terminate(Duration::from_secs(20))?;
+                agent = cluster_agent(
+                    &ns,
+                    &logs,
+                    "cluster-agent-armed",
+                    "switchover.reported=return",
+                )?;
+                all_online(&ns)?;
+            }
             match mode {
                 "kill" => drop(engines[i].take()), // SIGKILL
+                "crash" => {
+                    drop(engines[i].take());
+                    let st = agent.wait_exit(Duration::from_secs(60))?;
+                    if std::os::unix::process::ExitStatusExt::signal(&st) != Some(9) {
+                        bail!(
+                            "the armed agent should have died at its failpoint: {st}\n{}",
+                            agent.log()
+                        );
+                    }
+                    agents += 1;
+                    agent = cluster_agent(&ns, &logs, &format!("cluster-agent-{agents}"), "")?;
+                    println!("host: the cluster agent died in the switch-over and was restarted");
+                }
                 "stop" => {
                     Command::new("kill")
                         .args(["-STOP", &p.pid().to_string()])
