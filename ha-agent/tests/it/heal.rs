@@ -608,26 +608,7 @@ async fn a_nexus_left_behind_on_a_frozen_node_is_destroyed_when_it_thaws() {
 
     engines[2].signal("-CONT");
     wait_for(port, &[("reg-3", Online)], "reg-3 thawed").await;
-    let e3 = nodes.iter().find(|n| n.name == "reg-3").unwrap();
-    let t = Instant::now();
-    loop {
-        let left = proto::engine::engine_client::EngineClient::connect(e3.engine_endpoint.clone())
-            .await
-            .unwrap()
-            .list_nexuses(proto::engine::ListNexusesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nexuses;
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the old nexus was never destroyed: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::registry::until_no_nexus(&nodes, "reg-3").await;
     ns.write(64 << 10, block(2)).await.unwrap();
     assert_eq!(ns.read(0, 64 << 10).await.unwrap(), block(1));
     assert_eq!(ns.read(64 << 10, 64 << 10).await.unwrap(), block(2));

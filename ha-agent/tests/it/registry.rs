@@ -581,3 +581,27 @@ async fn engines_that_answer_garbage_or_hang_are_marked_offline_and_nothing_else
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until `node`'s engine has no nexus left (the agent destroyed one it left behind).
+pub async fn until_no_nexus(nodes: &[pb::Node], node: &str) {
+    let n = nodes.iter().find(|n| n.name == node).unwrap();
+    let t = Instant::now();
+    loop {
+        let left = proto::engine::engine_client::EngineClient::connect(n.engine_endpoint.clone())
+            .await
+            .unwrap()
+            .list_nexuses(proto::engine::ListNexusesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nexuses;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the old nexus on {node} was never destroyed: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -185,26 +185,7 @@ async fn a_frozen_nexus_is_fenced_after_the_switch_over_and_its_late_write_lands
         "the old nexus acknowledged a write after the switch-over"
     );
     println!("the old nexus's late write: {late:?}");
-    let e3 = nodes.iter().find(|n| n.name == "reg-3").unwrap();
-    let t = Instant::now();
-    loop {
-        let left = proto::engine::engine_client::EngineClient::connect(e3.engine_endpoint.clone())
-            .await
-            .unwrap()
-            .list_nexuses(proto::engine::ListNexusesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .nexuses;
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the old nexus was never destroyed: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::registry::until_no_nexus(&nodes, "reg-3").await;
     verify(&ns, 0..12).await;
     ns.close().await;
     drop(old_ns);
