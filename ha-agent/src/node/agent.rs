@@ -122,6 +122,7 @@ async fn report(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: &Broken) -> Opt
             let mut c = match ClusterClient::connect(url.clone()).await {
                 Ok(c) => c,
                 Err(e) => {
+                    metrics.report("unreachable");
                     last = format!("{url}: {e}");
                     continue;
                 }

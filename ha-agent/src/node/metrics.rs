@@ -8,7 +8,8 @@
 //! - `keelson_node_switchovers_total{result}`: `ok` (a new path is live), `unchanged` (the nexus stayed where it
 //!   was), `refused` (the cluster agent said no), `failed`;
 //! - `keelson_node_switchover_duration_seconds`: from the failure seen to the new path live;
-//! - `keelson_node_reports_total{result}`: reports to the cluster agent by outcome (`ok` or the gRPC code).
+//! - `keelson_node_reports_total{result}`: reports to the cluster agent by outcome (`ok`, `unreachable`, or the gRPC
+//!   code of a refusal or failure).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -8,6 +8,7 @@ mod etcd;
 mod heal;
 mod leader;
 mod metrics;
+mod node_agent;
 mod pools;
 mod registry;
 mod restart;

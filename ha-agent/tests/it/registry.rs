@@ -28,7 +28,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn start(cmd: Vec<String>, log: PathBuf) -> Proc {
+    pub fn start(cmd: Vec<String>, log: PathBuf) -> Proc {
         let mut p = Proc {
             cmd,
             env: Vec::new(),

@@ -1,0 +1,135 @@
+//! The node-agent binary against a sysfs tree laid out as the kernel lays it out (the host kernel here has no
+//! NVMe/TCP; `e2e/tests/kernel_switchover.rs` runs it in the VM against the real one): a broken path it cannot
+//! report yet (no cluster agent) is retried with backoff while the metrics keep being served and say so; once a
+//! cluster agent answers, a report about a volume it does not know is refused and counted, not retried in a loop.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use e2e::metrics::{promtool_check, scrape};
+
+use crate::registry::{Proc, agent, free_port};
+
+/// A Keelson subsystem with one controller in `state`, under `sys`.
+fn subsystem(sys: &Path, nqn: &str, state: &str) {
+    let d = sys.join("class/nvme-subsystem/nvme-subsys0");
+    let c = d.join("nvme0");
+    std::fs::create_dir_all(c.join("nvme0c0n1")).unwrap();
+    std::fs::write(d.join("subsysnqn"), format!("{nqn}\n")).unwrap();
+    for (f, v) in [
+        ("state", state),
+        (
+            "address",
+            "traddr=127.0.0.9,trsvcid=4420,src_addr=127.0.0.1",
+        ),
+        ("transport", "tcp"),
+        ("cntlid", "7"),
+        ("hostnqn", "nqn.2026-11.io.keelson:host-node-agent-test"),
+        ("hostid", "0f1e2d3c-0000-4000-8000-000000000001"),
+    ] {
+        std::fs::write(c.join(f), format!("{v}\n")).unwrap();
+    }
+    std::fs::write(c.join("nvme0c0n1/ana_state"), "optimized\n").unwrap();
+}
+
+/// The value of the first sample whose line starts with `prefix` (`0` if none).
+fn value(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn until(maddr: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let t = Instant::now();
+    loop {
+        let a = maddr.to_string();
+        // Not listening yet while the node agent starts.
+        let up = std::net::TcpStream::connect(&a).is_ok();
+        let body = match up {
+            true => {
+                let r = tokio::task::spawn_blocking(move || scrape(&a, "/metrics"))
+                    .await
+                    .unwrap();
+                r.split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_string())
+                    .unwrap_or_default()
+            }
+            false => String::new(),
+        };
+        if ok(&body) {
+            return body;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_path_is_reported_with_backoff_until_a_cluster_agent_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dir.path().join("sys");
+    let vol = uuid::Uuid::new_v4().to_string();
+    subsystem(&sys, &proto::names::volume_nqn(&vol), "connecting");
+    let port = free_port("127.0.0.1");
+    let maddr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let node_agent = Proc::start(
+        [
+            env!("CARGO_BIN_EXE_node-agent"),
+            "--cluster-agent",
+            &format!("http://127.0.0.1:{port}"),
+            "--node-name",
+            "app-1",
+            "--metrics",
+            &maddr,
+            "--poll-ms",
+            "50",
+            "--sys",
+            &sys.display().to_string(),
+            "--fabrics",
+            &dir.path().join("nvme-fabrics").display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        dir.path().join("node-agent.log"),
+    );
+
+    // No cluster agent yet: the report is retried, spaced out, and the metrics show the path and the attempts.
+    let path = format!(
+        "keelson_node_path_state{{address=\"127.0.0.9:4420\",controller=\"nvme0\",state=\"connecting\",volume=\"{vol}\"}} 1"
+    );
+    let t = Instant::now();
+    until(&maddr, "reports retried while no agent answers", |b| {
+        b.contains(&path) && value(b, "keelson_node_reports_total{result=\"unreachable\"}") >= 3.0
+    })
+    .await;
+    // Polled every 50 ms, but reported 100, 200, 400, 800 ms ... apart: a handful of attempts in 3 s, not 60.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(t.elapsed())).await;
+    let body = until(&maddr, "metrics", |_| true).await;
+    let tries = value(&body, "keelson_node_reports_total{result=\"unreachable\"}");
+    assert!(
+        (3.0..=8.0).contains(&tries),
+        "{tries} attempts in {:?}: no backoff",
+        t.elapsed()
+    );
+    if e2e::privileged::allowed_with("promtool check of the node agent's /metrics", &["promtool"]) {
+        promtool_check(&body);
+    }
+
+    // A cluster agent that does not know the volume: refused, counted, and the node agent carries on.
+    let _agent = agent(dir.path(), port);
+    let body = until(&maddr, "the refusal counted", |b| {
+        value(b, "keelson_node_reports_total{result=\"NotFound\"}") >= 1.0
+            && value(b, "keelson_node_switchovers_total{result=\"refused\"}") >= 1.0
+    })
+    .await;
+    assert_eq!(
+        value(&body, "keelson_node_switchovers_total{result=\"ok\"}"),
+        0.0
+    );
+    assert!(
+        node_agent.log().contains("refused the report"),
+        "{}",
+        node_agent.log()
+    );
+}
