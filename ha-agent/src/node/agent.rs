@@ -43,6 +43,9 @@ pub struct NodeAgentConfig {
 /// Longest wait between two reports of one failure, and between two switch-over attempts of one subsystem.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Connect attempts per new path.
+const CONNECT_TRIES: u32 = 5;
+
 /// Runs until `stop` fires.
 pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: CancellationToken) {
     let mut tracker = PathTracker::new(cfg.grace);
@@ -188,15 +191,21 @@ async fn switch_over(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: Broken) ->
             host_id: b.controller.host_id.clone(),
             keep_alive_tmo: cfg.keep_alive_tmo,
         };
-        let fabrics = cfg.fabrics.clone();
-        match tokio::task::spawn_blocking(move || fabrics::connect(&fabrics, &c)).await {
-            Ok(Ok(n)) => {
-                tracing::info!(nqn = %v.nqn, address = %t, instance = n.instance, cntlid = n.cntlid, "new path connected")
+        // The kernel refuses a controller ID it still holds for the subsystem (EINVAL); the target hands out the
+        // next one to the next connect, so a refused connect is tried again a few times.
+        for attempt in 1..=CONNECT_TRIES {
+            let (fabrics, c) = (cfg.fabrics.clone(), c.clone());
+            match tokio::task::spawn_blocking(move || fabrics::connect(&fabrics, &c)).await {
+                Ok(Ok(n)) => {
+                    tracing::info!(nqn = %v.nqn, address = %t, instance = n.instance, cntlid = n.cntlid, "new path connected");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(nqn = %v.nqn, address = %t, error = %e, attempt, "connecting the new path failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "connect task failed"),
             }
-            Ok(Err(e)) => {
-                tracing::warn!(nqn = %v.nqn, address = %t, error = %e, "connecting the new path failed")
-            }
-            Err(e) => tracing::warn!(error = %e, "connect task failed"),
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     // Live first, then the dead one goes: deleting the last path would remove the block device.
