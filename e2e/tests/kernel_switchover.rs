@@ -349,6 +349,15 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
         agent.log()
     );
     println!("{volumes}");
+    // The cluster agents' stage timings of each switch-over.
+    for e in std::fs::read_dir(&logs).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("cluster-agent") {
+            let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for l in log.lines().filter(|l| l.contains("switched over")) {
+                println!("agent: {l}");
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     drop(engines);
 }

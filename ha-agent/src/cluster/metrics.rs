@@ -40,6 +40,7 @@ pub struct AgentMetrics {
     operations: IntCounterVec,
     reconcile: HistogramVec,
     store: HistogramVec,
+    switchover: HistogramVec,
 }
 
 /// One volume as a healing pass saw it.
@@ -112,8 +113,20 @@ impl AgentMetrics {
             &["request"],
         )
         .unwrap_or_else(|e| unreachable!("static metric: {e}"));
+        let switchover = HistogramVec::new(
+            HistogramOpts::new(
+                "keelson_agent_switchover_stage_seconds",
+                "HA switch-overs, by stage: end_old (the old nexus destroyed or found unreachable), disown (the \
+                 failed node's replicas), publish (the new nexus recorded, created over the fenced replicas, \
+                 exported), total (report recorded to published).",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric: {e}"));
         for c in [
             Box::new(leader.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(switchover.clone()),
             Box::new(volumes.clone()),
             Box::new(replicas.clone()),
             Box::new(rebuilds.clone()),
@@ -136,6 +149,7 @@ impl AgentMetrics {
             operations,
             reconcile,
             store,
+            switchover,
         };
         m.step_down();
         Arc::new(m)
@@ -190,6 +204,12 @@ impl AgentMetrics {
     pub fn reconciled(&self, reconciler: &str, took: Duration) {
         self.reconcile
             .with_label_values(&[reconciler])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn switchover_stage(&self, stage: &str, took: Duration) {
+        self.switchover
+            .with_label_values(&[stage])
             .observe(took.as_secs_f64());
     }
 

@@ -157,10 +157,12 @@ async fn report(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: &Broken) -> Opt
 /// One switch-over of `b`'s subsystem; whether it ended with a usable path.
 async fn switch_over(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: Broken) -> bool {
     tracing::warn!(nqn = %b.nqn, controller = %b.controller.name, address = %b.controller.address, state = %b.controller.state, "broken path: reporting it");
+    let reported = Instant::now();
     let Some(v) = report(cfg, metrics, &b).await else {
         metrics.switchover("refused", None);
         return false;
     };
+    let acknowledged = reported.elapsed();
     let targets: Vec<String> = v
         .target_addresses
         .iter()
@@ -208,6 +210,7 @@ async fn switch_over(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: Broken) ->
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    let connected = reported.elapsed();
     // Live first, then the dead one goes: deleting the last path would remove the block device.
     let t0 = Instant::now();
     let live = loop {
@@ -230,7 +233,18 @@ async fn switch_over(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: Broken) ->
     };
     let took = b.seen_at.elapsed();
     metrics.switchover("ok", Some(took));
-    tracing::info!(nqn = %b.nqn, ?targets, took_ms = took.as_millis() as u64, "switched over: the new path is live");
+    // Stages, from the failure first seen: reported (the grace period and the scan), acknowledged (the cluster
+    // agent's switch-over), connected, live (the kernel's namespace scan of the new path).
+    tracing::info!(
+        nqn = %b.nqn,
+        ?targets,
+        report_ms = (reported - b.seen_at).as_millis() as u64,
+        switchover_ms = acknowledged.as_millis() as u64,
+        connect_ms = (connected - acknowledged).as_millis() as u64,
+        live_ms = (reported.elapsed() - connected).as_millis() as u64,
+        took_ms = took.as_millis() as u64,
+        "switched over: the new path is live"
+    );
     for c in s
         .controllers
         .iter()

@@ -218,7 +218,14 @@ async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
                 .report_path_failure(report(v, &v.target_addresses[0]))
                 .await
             {
-                Err(s) if s.code() == Code::Unavailable || s.message().contains("transport") => {
+                // No answer: the agent is not serving yet, or died in the call (the connection closed under it).
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Cancelled | Code::Unknown
+                    ) || std::error::Error::source(&s)
+                        .is_some_and(|e| e.is::<tonic::transport::Error>()) =>
+                {
                     if agent.exited(Duration::from_millis(100)).await.is_some() {
                         break;
                     }
