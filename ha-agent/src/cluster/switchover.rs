@@ -154,12 +154,14 @@ impl Volumes {
         // Only the old nexus (the one the report was about) is ended; a new one recorded by an earlier attempt is
         // what publishing goes on with.
         let mut destroyed = false;
+        let t = std::time::Instant::now();
         if let Some(old) = r.nexus.clone().filter(|n| n.node == s.from) {
             destroyed = matches!(
                 self.destroy_nexus(uuid, &old.node).await,
                 Ok(NexusEnd::Destroyed)
             );
         }
+        let end_old = t.elapsed();
         failpoint::at(failpoint::SWITCHOVER_OLD_ENDED);
         // The failed node's replicas are disowned (destroyed when that node answers), not left out of sync: the old
         // nexus may still have written to its local one after the new nexus fenced the others, and a rejoin would
@@ -180,13 +182,32 @@ impl Volumes {
             );
             self.disown(&mut r, i).await?;
         }
+        let disown = t.elapsed() - end_old;
         let done = self.publish_locked(r, &host, "", destroyed, &s.from).await;
+        let publish = t.elapsed() - end_old - disown;
         let took = node::now_ms().saturating_sub(s.reported_ms);
         self.metrics
             .operation("switchover", if done.is_ok() { "ok" } else { "failed" });
         match &done {
             Ok(v) => {
-                tracing::info!(%uuid, from = %s.from, to = %v.nexus.as_ref().map_or("", |n| n.node.as_str()), took_ms = took, "switched over")
+                for (stage, d) in [
+                    ("end_old", end_old),
+                    ("disown", disown),
+                    ("publish", publish),
+                    ("total", std::time::Duration::from_millis(took)),
+                ] {
+                    self.metrics.switchover_stage(stage, d);
+                }
+                tracing::info!(
+                    %uuid,
+                    from = %s.from,
+                    to = %v.nexus.as_ref().map_or("", |n| n.node.as_str()),
+                    end_old_ms = end_old.as_millis() as u64,
+                    disown_ms = disown.as_millis() as u64,
+                    publish_ms = publish.as_millis() as u64,
+                    took_ms = took,
+                    "switched over"
+                )
             }
             Err(e) => {
                 tracing::warn!(%uuid, from = %s.from, error = %e, "switch-over not finished yet; healing retries it")

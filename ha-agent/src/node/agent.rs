@@ -13,6 +13,7 @@ use proto::cluster as pb;
 use proto::cluster::cluster_client::ClusterClient;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tonic::transport::Channel;
 
 use super::fabrics::{self, Connect};
 use super::metrics::NodeMetrics;
@@ -53,6 +54,16 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
     let busy: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
     let mut retry: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
     let done = Arc::new(tokio::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    // Connected ahead, so that the first report does not pay for it.
+    let clients = Arc::new(AgentClients::default());
+    {
+        let (clients, urls) = (clients.clone(), cfg.cluster_agents.clone());
+        tokio::spawn(async move {
+            for u in urls {
+                let _ = clients.get(&u).await;
+            }
+        });
+    }
     let mut tick = tokio::time::interval(cfg.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -92,13 +103,18 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
                 }
                 busy.insert(b.nqn.clone(), true);
             }
-            let (cfg, metrics, done, stop) =
-                (cfg.clone(), metrics.clone(), done.clone(), stop.clone());
+            let (cfg, metrics, done, stop, clients) = (
+                cfg.clone(),
+                metrics.clone(),
+                done.clone(),
+                stop.clone(),
+                clients.clone(),
+            );
             tokio::spawn(async move {
                 let nqn = b.nqn.clone();
                 let ok = tokio::select! {
                     _ = stop.cancelled() => false,
-                    r = switch_over(&cfg, &metrics, b) => r,
+                    r = switch_over(&cfg, &clients, &metrics, b) => r,
                 };
                 done.lock().await.push((nqn, ok));
             });
@@ -106,8 +122,55 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
     }
 }
 
+/// Connections to the cluster agents, kept between reports (a new HTTP/2 connection per report cost a guest more
+/// than the switch-over itself) and dropped when a call fails for want of a connection.
+#[derive(Default)]
+pub struct AgentClients {
+    by_url: Mutex<BTreeMap<String, ClusterClient<Channel>>>,
+}
+
+impl AgentClients {
+    async fn get(&self, url: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+        if let Some(c) = self
+            .by_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(url)
+        {
+            return Ok(c.clone());
+        }
+        // A switch-over takes the agent seconds at most (engine calls time out); a connection gone silent is found
+        // by HTTP/2 keep-alives.
+        let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(15))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        let c = ClusterClient::new(ch);
+        self.by_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(url.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self, url: &str) {
+        self.by_url
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(url);
+    }
+}
+
 /// Reports `b` until acknowledged; `None` when the cluster agent refused it.
-async fn report(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: &Broken) -> Option<pb::Volume> {
+async fn report(
+    cfg: &NodeAgentConfig,
+    clients: &AgentClients,
+    metrics: &NodeMetrics,
+    b: &Broken,
+) -> Option<pb::Volume> {
     let req = pb::ReportPathFailureRequest {
         node: cfg.node.clone(),
         host_nqn: b.controller.host_nqn.clone(),
@@ -122,7 +185,7 @@ async fn report(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: &Broken) -> Opt
     loop {
         let mut last = String::new();
         for url in &cfg.cluster_agents {
-            let mut c = match ClusterClient::connect(url.clone()).await {
+            let mut c = match clients.get(url).await {
                 Ok(c) => c,
                 Err(e) => {
                     metrics.report("unreachable");
@@ -137,6 +200,12 @@ async fn report(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: &Broken) -> Opt
                 }
                 Err(s) => {
                     metrics.report(&format!("{:?}", s.code()));
+                    if s.code() == Code::Unavailable
+                        || std::error::Error::source(&s)
+                            .is_some_and(|e| e.is::<tonic::transport::Error>())
+                    {
+                        clients.forget(url);
+                    }
                     if matches!(
                         s.code(),
                         Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
@@ -155,10 +224,15 @@ async fn report(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: &Broken) -> Opt
 }
 
 /// One switch-over of `b`'s subsystem; whether it ended with a usable path.
-async fn switch_over(cfg: &NodeAgentConfig, metrics: &NodeMetrics, b: Broken) -> bool {
+async fn switch_over(
+    cfg: &NodeAgentConfig,
+    clients: &AgentClients,
+    metrics: &NodeMetrics,
+    b: Broken,
+) -> bool {
     tracing::warn!(nqn = %b.nqn, controller = %b.controller.name, address = %b.controller.address, state = %b.controller.state, "broken path: reporting it");
     let reported = Instant::now();
-    let Some(v) = report(cfg, metrics, &b).await else {
+    let Some(v) = report(cfg, clients, metrics, &b).await else {
         metrics.switchover("refused", None);
         return false;
     };
