@@ -1,4 +1,5 @@
-//! Names every Keelson process builds the same way: NQNs of volumes, replicas and node hosts, and nexus child URIs.
+//! Names every Keelson process builds the same way: NQNs of volumes, replicas and node hosts, nexus child URIs, and
+//! target addresses.
 //! The engine parses what the control plane builds here.
 
 /// The NQN prefix of everything Keelson exports.
@@ -24,6 +25,20 @@ pub fn local_child_uri(replica_uuid: &str) -> String {
     format!("local:///{}", replica_nqn(replica_uuid))
 }
 
+/// A target's address as `ip:port`, from `ip:port` or the form the Linux host writes in sysfs
+/// (`traddr=10.0.0.1,trsvcid=4420,src_addr=...`): how a node agent reports a path and the cluster agent records it.
+pub fn target_address(a: &str) -> String {
+    let field = |k: &str| {
+        a.split(',')
+            .find_map(|f| f.trim().strip_prefix(k))
+            .map(str::to_string)
+    };
+    match (field("traddr="), field("trsvcid=")) {
+        (Some(ip), Some(port)) => format!("{ip}:{port}"),
+        _ => a.trim().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,5 +51,15 @@ mod tests {
             local_child_uri("r"),
             "local:///nqn.2026-11.io.keelson:replica-r"
         );
+    }
+
+    #[test]
+    fn the_kernels_address_form_and_ip_port_are_one_address() {
+        assert_eq!(
+            target_address("traddr=10.200.0.1,trsvcid=4420,src_addr=10.200.0.2"),
+            "10.200.0.1:4420"
+        );
+        assert_eq!(target_address(" 127.0.0.2:4420 "), "127.0.0.2:4420");
+        assert_eq!(target_address("trsvcid=4420"), "trsvcid=4420");
     }
 }

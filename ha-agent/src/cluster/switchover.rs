@@ -33,19 +33,6 @@ pub struct PathReport {
     pub seen_ms: u64,
 }
 
-/// `traddr=10.0.0.1,trsvcid=4420` or `10.0.0.1:4420` as `10.0.0.1:4420`.
-pub fn normalize_address(a: &str) -> String {
-    let field = |k: &str| {
-        a.split(',')
-            .find_map(|f| f.trim().strip_prefix(k))
-            .map(str::to_string)
-    };
-    match (field("traddr="), field("trsvcid=")) {
-        (Some(ip), Some(port)) => format!("{ip}:{port}"),
-        _ => a.trim().to_string(),
-    }
-}
-
 impl Volumes {
     /// Checks a report and switches the volume's nexus over when it holds; returns the volume as it is now (its
     /// nexus's NQN and addresses are where the host connects).
@@ -62,7 +49,7 @@ impl Volumes {
                 "a report needs the node, the host NQN and the failed address".into(),
             ));
         }
-        let address = normalize_address(&rep.address);
+        let address = names::target_address(&rep.address);
         let lock = self.lock_of(uuid);
         let _held = lock.lock().await;
         let mut r = self.get(uuid).await?;
@@ -94,7 +81,7 @@ impl Volumes {
         if !nexus
             .addresses
             .iter()
-            .any(|a| normalize_address(a) == address)
+            .any(|a| names::target_address(a) == address)
         {
             tracing::info!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus: the current one is the answer");
             return Ok(r);
@@ -214,20 +201,5 @@ impl Volumes {
             }
         }
         done
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalize_address;
-
-    #[test]
-    fn the_kernels_address_form_and_ip_port_compare_equal() {
-        assert_eq!(
-            normalize_address("traddr=10.200.0.1,trsvcid=4420,src_addr=10.200.0.2"),
-            "10.200.0.1:4420"
-        );
-        assert_eq!(normalize_address(" 127.0.0.2:4420 "), "127.0.0.2:4420");
-        assert_eq!(normalize_address("trsvcid=4420"), "trsvcid=4420");
     }
 }

@@ -19,7 +19,6 @@ use super::fabrics::{self, Connect};
 use super::metrics::NodeMetrics;
 use super::paths::{Broken, PathTracker};
 use super::sysfs;
-use crate::cluster::switchover::normalize_address;
 
 #[derive(Clone, Debug)]
 pub struct NodeAgentConfig {
@@ -240,7 +239,7 @@ async fn switch_over(
     let targets: Vec<String> = v
         .target_addresses
         .iter()
-        .map(|a| normalize_address(a))
+        .map(|a| proto::names::target_address(a))
         .collect();
     let broken_at = b.controller.target();
     if targets.is_empty() || targets.contains(&broken_at) {

@@ -45,7 +45,7 @@ impl Controller {
 
     /// `ip:port` of its target.
     pub fn target(&self) -> String {
-        crate::cluster::switchover::normalize_address(&self.address)
+        proto::names::target_address(&self.address)
     }
 }
 
