@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:4420")]
     addr: SocketAddr,
     /// Subsystem NQN.
-    #[arg(long)]
+    #[arg(long, required_unless_present_any = ["pingpong", "pingpong_server"], default_value = "")]
     nqn: String,
     /// Namespace ID.
     #[arg(long, default_value_t = 1)]
@@ -77,6 +77,58 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Measure the bare TCP round trip instead, the floor under any NVMe/TCP latency: 64-byte messages to a
+    /// `--pingpong-server` at `--addr` and back, one at a time, for `--time` seconds; prints p50 and p99.
+    #[arg(long)]
+    pingpong: bool,
+    /// Serve `--pingpong` on `--addr` (echo 64-byte messages) until killed.
+    #[arg(long)]
+    pingpong_server: bool,
+}
+
+/// Blocking sockets, one thread each side: what the kernel gives a round trip without busy polling.
+fn pingpong_server(addr: SocketAddr) -> Result<()> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    for s in l.incoming() {
+        let mut s = s?;
+        s.set_nodelay(true)?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {}
+        });
+    }
+    Ok(())
+}
+
+fn pingpong(addr: SocketAddr, time: Duration) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting {addr}"))?;
+    s.set_nodelay(true)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut buf = [0x5Au8; 64];
+    let warm = Instant::now() + Duration::from_secs(1);
+    let end = warm + time;
+    loop {
+        let t = Instant::now();
+        if t >= end {
+            break;
+        }
+        s.write_all(&buf)?;
+        s.read_exact(&mut buf)?;
+        if t >= warm {
+            hist.record(t.elapsed().as_nanos() as u64)?;
+        }
+    }
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "TCP ping-pong 64 B: {} round trips, us p50 {:.1} p99 {:.1} mean {:.1}",
+        hist.len(),
+        us(0.5),
+        us(0.99),
+        hist.mean() / 1000.0
+    );
+    Ok(())
 }
 
 /// utime + stime of a process, in seconds.
@@ -178,6 +230,13 @@ struct WorkerArgs {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.pingpong_server {
+        // Blocking is fine here: nothing else runs on this runtime in this mode.
+        return pingpong_server(args.addr);
+    }
+    if args.pingpong {
+        return pingpong(args.addr, Duration::from_secs(args.time));
+    }
     let bs = parse_size(&args.bs)?;
     let mut o = ConnectOptions::new(args.addr, &args.nqn);
     o.io_queues = args.queues;

@@ -7,6 +7,7 @@
 //! - [`fault::FaultDevice`]: wraps another device and fails or delays I/O on command (tests).
 //! - [`aligned`]: page-aligned buffers (what O_DIRECT needs), filled without a second copy.
 //! - [`range_lock::RangeLock`]: shared/exclusive byte-range locks (nexus writes versus rebuild copies).
+//! - [`timing`]: sampled stage timings of I/O through the layers (where a write's time goes).
 //!
 //! Offsets and lengths are in bytes and must be multiples of the block size; [`check_range`] validates them.
 
@@ -17,6 +18,7 @@ pub mod fault;
 pub mod file;
 pub mod memory;
 pub mod range_lock;
+pub mod timing;
 
 /// Held by tests that attach loop devices, so that two of them never race for the same free device.
 #[cfg(test)]

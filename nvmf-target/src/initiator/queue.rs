@@ -4,7 +4,7 @@
 //! When the connection dies every outstanding command fails with `Disconnected`.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use crate::block::timing::{self, Stage};
 use crate::protocol::codec::PduCodec;
 use crate::protocol::command::{Sgl, Sqe};
 use crate::protocol::completion::Cqe;
@@ -34,9 +35,11 @@ pub struct Completion {
 }
 
 struct Pending {
-    done: oneshot::Sender<Result<Completion, InitiatorError>>,
+    done: oneshot::Sender<Result<(Completion, Option<Instant>), InitiatorError>>,
     write: Option<Bytes>,
     read: Vec<Bytes>,
+    /// Submitted and written to the socket, for a command the stage timings sample.
+    sampled: Option<(Instant, Option<Instant>)>,
 }
 
 #[derive(Default)]
@@ -75,7 +78,7 @@ impl CidTable {
 
 struct Inner {
     qid: u16,
-    tx: mpsc::UnboundedSender<Pdu>,
+    tx: mpsc::UnboundedSender<(Pdu, Option<u16>)>,
     slots: Semaphore,
     table: Mutex<CidTable>,
     in_capsule: usize,
@@ -89,6 +92,20 @@ impl Inner {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Notes when the commands `cids` reached the socket, for those the stage timings sample.
+    fn written(&self, cids: &mut Vec<u16>) {
+        let mut t = None;
+        for cid in cids.drain(..) {
+            if let Some(p) = self.table().get_mut(cid)
+                && let Some((submitted, written @ None)) = &mut p.sampled
+            {
+                let now = *t.get_or_insert_with(Instant::now);
+                timing::record(Stage::InitiatorSend, now - *submitted);
+                *written = Some(now);
+            }
+        }
+    }
+
     fn fail_all(&self, e: InitiatorError) {
         for p in self.table().drain() {
             let _ = p.done.send(Err(e.clone()));
@@ -97,9 +114,12 @@ impl Inner {
 
     fn complete(&self, cqe: Cqe) {
         if let Some(p) = self.table().remove(cqe.cid) {
+            let decoded = p.sampled.and_then(|(_, written)| {
+                written.map(|w| timing::record_since(Stage::InitiatorRemote, w))
+            });
             let data = join(p.read);
             let r = if cqe.status.is_success() {
-                Ok(Completion { cqe, data })
+                Ok((Completion { cqe, data }, decoded))
             } else {
                 Err(InitiatorError::Status(cqe.status))
             };
@@ -155,7 +175,7 @@ impl Inner {
                 last: off + n == data.len(),
                 success: false,
             };
-            let _ = self.tx.send(Pdu::H2CData(pdu));
+            let _ = self.tx.send((Pdu::H2CData(pdu), None));
             off += n;
         }
         Ok(())
@@ -243,12 +263,7 @@ impl Queue {
             closed: CancellationToken::new(),
         });
         tokio::spawn(read_loop(framed, inner.clone()));
-        tokio::spawn(write_loop(
-            wr,
-            framed_codec(digests),
-            rx,
-            inner.closed.clone(),
-        ));
+        tokio::spawn(write_loop(wr, framed_codec(digests), rx, inner.clone()));
         Ok((
             Queue { inner },
             Negotiated {
@@ -298,28 +313,38 @@ impl Queue {
                 stash = Some(d);
             }
         }
+        let sampled = timing::start();
         let cid = inner
             .table()
             .insert(Pending {
                 done,
                 write: stash,
                 read: Vec::new(),
+                sampled: sampled.map(|t| (t, None)),
             })
             .ok_or_else(|| InitiatorError::Protocol("command ID space exhausted".into()))?;
         sqe.set_cid(cid);
         if inner
             .tx
-            .send(Pdu::CapsuleCmd(CapsuleCmd {
-                sqe,
-                data: capsule_data,
-            }))
+            .send((
+                Pdu::CapsuleCmd(CapsuleCmd {
+                    sqe,
+                    data: capsule_data,
+                }),
+                sampled.map(|_| cid),
+            ))
             .is_err()
         {
             inner.table().remove(cid);
             return Err(InitiatorError::Disconnected);
         }
         match tokio::time::timeout(inner.timeout, rx).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => r.map(|(c, decoded)| {
+                if let Some(t) = decoded {
+                    timing::record_since(Stage::InitiatorWake, t);
+                }
+                c
+            }),
             Ok(Err(_)) => Err(InitiatorError::Disconnected),
             Err(_) => {
                 tracing::warn!(qid = inner.qid, cid, "command timed out; closing the queue");
@@ -374,12 +399,14 @@ async fn read_loop(mut framed: FramedRead<OwnedReadHalf, PduCodec>, inner: Arc<I
 async fn write_loop(
     mut wr: tokio::net::tcp::OwnedWriteHalf,
     codec: PduCodec,
-    mut rx: mpsc::UnboundedReceiver<Pdu>,
-    closed: CancellationToken,
+    mut rx: mpsc::UnboundedReceiver<(Pdu, Option<u16>)>,
+    inner: Arc<Inner>,
 ) {
+    let closed = inner.closed.clone();
     let mut batch = Vec::with_capacity(256);
     let mut parts = Vec::with_capacity(512);
     let mut scratch = BytesMut::with_capacity(64 * 1024);
+    let mut cids = Vec::new();
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 256) => n,
@@ -388,13 +415,15 @@ async fn write_loop(
         if n == 0 {
             break;
         }
-        for pdu in batch.drain(..) {
+        for (pdu, cid) in batch.drain(..) {
             codec.encode_parts(&pdu, &mut scratch, &mut parts);
+            cids.extend(cid);
         }
         if write_parts(&mut wr, &mut parts).await.is_err() {
             closed.cancel();
             break;
         }
+        inner.written(&mut cids);
     }
     use tokio::io::AsyncWriteExt;
     let _ = wr.shutdown().await;

@@ -1,5 +1,6 @@
 //! io-engine's Prometheus metrics, gathered from the engine at scrape time: per-namespace I/O (replicas and
-//! published volumes alike), pools, replicas, nexus and child states, rebuild progress and past rebuilds.
+//! published volumes alike), pools, replicas, nexus and child states, rebuild progress and past rebuilds, and the
+//! sampled stage timings of the data path.
 //!
 //! - `http`: the `/metrics` endpoint.
 //!
@@ -308,12 +309,26 @@ fn rebuild_kind(r: &crate::nexus::RebuildRecord) -> &'static str {
     }
 }
 
+/// Sampled stage timings of I/O through the layers (see [`crate::block::timing`]).
+fn stages(f: &mut Families) {
+    use crate::block::timing::{Stage, histogram};
+    for s in Stage::ALL {
+        f.histogram(
+            "keelson_io_stage_seconds",
+            "Time one I/O in 16 spent in each stage of the data path (target, nexus, initiator), in seconds",
+            &[("stage", s.as_str())],
+            histogram(s),
+        );
+    }
+}
+
 /// The engine's metrics as exposition text.
 pub fn render(engine: &Engine) -> String {
     let mut f = Families(Vec::new());
     io(&mut f, engine);
     pools(&mut f, engine);
     nexuses(&mut f, engine);
+    stages(&mut f);
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&f.0, &mut out) {
         tracing::warn!(error = %e, "cannot encode metrics");

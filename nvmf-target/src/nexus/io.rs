@@ -13,11 +13,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::future::{BoxFuture, join_all};
 
+use crate::block::timing::{self, Stage};
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
 use super::child::{Child, ChildState};
@@ -38,11 +40,13 @@ impl Nexus {
             return Err(BlockError::Closed);
         }
         self.app_ios.fetch_add(1, Ordering::Relaxed);
+        let sampled = timing::start();
         let _guard = if len > 0 {
             Some(self.lock.exclusive(offset..offset + len).await)
         } else {
             None
         };
+        let locked = sampled.map(|t| timing::record_since(Stage::NexusLock, t));
         // Shut down while it waited: a shutdown that drained must not see a write start after it.
         if self.state() == NexusState::Shutdown {
             return Err(BlockError::Closed);
@@ -59,12 +63,23 @@ impl Nexus {
             )));
         }
         let timeout = self.config.io_timeout;
-        let results = join_all(
-            targets
-                .iter()
-                .map(|c| tokio::time::timeout(timeout, op(c.device.clone()))),
-        )
+        let results = join_all(targets.iter().map(|c| {
+            let io = tokio::time::timeout(timeout, op(c.device.clone()));
+            async move {
+                let r = io.await;
+                (r, locked.map(|_| Instant::now()))
+            }
+        }))
         .await;
+        if let Some(t0) = locked {
+            let done = results.iter().filter_map(|r| r.1);
+            if let (Some(first), Some(last)) = (done.clone().min(), done.max()) {
+                timing::record(Stage::NexusFirstChild, first - t0);
+                timing::record(Stage::NexusLastChild, last - t0);
+            }
+        }
+        let last_done = results.iter().filter_map(|r| r.1).max();
+        let results = results.into_iter().map(|r| r.0);
         let mut healthy_ok = 0;
         let mut holders: Vec<Arc<Child>> = Vec::new();
         let mut failed: Vec<(&Arc<Child>, String, BlockError)> = Vec::new();
@@ -120,6 +135,9 @@ impl Nexus {
             if !new.is_empty() && healthy_ok > 0 {
                 persist_missed(&holders, &new).await?;
             }
+        }
+        if let Some(t) = last_done {
+            timing::record_since(Stage::NexusFinish, t);
         }
         if healthy_ok > 0 {
             Ok(())

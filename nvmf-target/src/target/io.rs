@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::{Buf, Bytes};
 
+use crate::block::timing::{self, Stage};
 use crate::block::{BlockError, MissedWrites};
 use crate::protocol::command::{Access, Sqe, io};
 use crate::protocol::status::Status;
@@ -150,6 +151,10 @@ pub(super) async fn execute(
         0
     };
     kind.record(bytes, start.elapsed(), r.cqe.status.is_success());
+    let mut r = r;
+    if timing::sample() {
+        r.ready_at = Some(timing::record_since(Stage::TargetExecute, start));
+    }
     r
 }
 

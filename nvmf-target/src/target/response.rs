@@ -18,6 +18,8 @@ pub struct Response {
     pub cqe: Cqe,
     /// Data for the host (C2HData), sent before the CQE.
     pub data: Option<Bytes>,
+    /// When it was ready, if its command is one the stage timings sample (see [`crate::block::timing`]).
+    pub ready_at: Option<std::time::Instant>,
 }
 
 impl Response {
@@ -25,6 +27,7 @@ impl Response {
         Response {
             cqe: Cqe::new(cid, status),
             data: None,
+            ready_at: None,
         }
     }
     pub fn ok(cid: u16) -> Response {
@@ -39,6 +42,7 @@ impl Response {
         Response {
             cqe: Cqe::new(cid, Status::SUCCESS),
             data: Some(data),
+            ready_at: None,
         }
     }
     /// A failed command with a command-specific result (e.g. Connect's invalid-parameter offset).

@@ -9,6 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::block::timing::{self, Stage};
 use crate::protocol::codec::PduCodec;
 use crate::protocol::pdu::{DataPdu, Pdu};
 use crate::transport::write_parts;
@@ -70,6 +71,7 @@ pub(super) async fn write_loop(
     let mut batch = Vec::with_capacity(BATCH);
     let mut parts = Vec::with_capacity(BATCH * 2);
     let mut scratch = BytesMut::with_capacity(64 * 1024);
+    let mut sampled = Vec::new();
     loop {
         let n = rx.recv_many(&mut batch, BATCH).await;
         if n == 0 {
@@ -79,6 +81,7 @@ pub(super) async fn write_loop(
         for msg in batch.drain(..) {
             let pdu = match msg {
                 Outgoing::Response(mut r) => {
+                    sampled.extend(r.ready_at);
                     let (qid, head) = queue.qid_and_head();
                     r.cqe.sqid = qid;
                     r.cqe.sqhd = head;
@@ -108,6 +111,9 @@ pub(super) async fn write_loop(
         }
         if write_parts(&mut wr, &mut parts).await.is_err() {
             break;
+        }
+        for t in sampled.drain(..) {
+            timing::record_since(Stage::TargetReply, t);
         }
         backlog.written(n);
         if terminate {
