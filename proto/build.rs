@@ -2,7 +2,11 @@
 //! `protoc` is needed, then generates tonic clients and servers.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/engine.proto", "proto/cluster.proto"];
+    let files = [
+        "proto/engine.proto",
+        "proto/cluster.proto",
+        "proto/csi.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -2,6 +2,7 @@
 //!
 //! - [`engine`]: the management API of `io-engine` (subsystems, namespaces, listeners, hosts, ANA).
 //! - [`cluster`]: the cluster agent's API (the node registry, pools and volumes).
+//! - [`csi`]: the Container Storage Interface, as Kubernetes' sidecars and kubelet speak it.
 //! - [`names`]: NQNs and child URIs every process builds the same way.
 
 #![allow(clippy::all, missing_docs)]
@@ -16,4 +17,10 @@ pub mod engine {
 /// `keelson.cluster.v1`: the cluster agent's API.
 pub mod cluster {
     tonic::include_proto!("keelson.cluster.v1");
+}
+
+/// `csi.v1`: the Container Storage Interface (Identity, Controller, Node), written from the CSI spec (see the
+/// header of `proto/csi.proto` for the version); the CSI driver serves it.
+pub mod csi {
+    tonic::include_proto!("csi.v1");
 }

@@ -20,6 +20,15 @@ pub fn node_host_nqn(node: &str) -> String {
     format!("{NQN_PREFIX}node-{node}")
 }
 
+/// The host NQN the Linux kernel on `node` connects to volumes with (the CSI node plugin sets it; the controller
+/// publishes volumes to it). Not `node_host_nqn`: a kernel host must never reach replicas directly.
+pub fn kernel_host_nqn(node: &str) -> String {
+    format!("{NQN_PREFIX}host-{node}")
+}
+
+/// The topology key of a node: CSI's accessible topology, and a label every node carries for placement.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.keelson.io/node";
+
 /// The child URI of a replica on the nexus's own node.
 pub fn local_child_uri(replica_uuid: &str) -> String {
     format!("local:///{}", replica_nqn(replica_uuid))

@@ -42,6 +42,16 @@ pub struct NodeSpec {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+impl NodeSpec {
+    /// What selectors and topology segments match: its labels, and `topology.keelson.io/node` = its name (the
+    /// topology key the CSI node plugin reports), which no label overrides.
+    pub fn placement_labels(&self) -> std::collections::BTreeMap<String, String> {
+        let mut l = self.labels.clone();
+        l.insert(proto::names::TOPOLOGY_NODE_KEY.into(), self.name.clone());
+        l
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
     Online,

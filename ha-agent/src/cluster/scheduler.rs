@@ -53,7 +53,7 @@ pub fn place(
             reasons.push(format!("{name} is cordoned"));
             continue;
         }
-        if let Err(why) = placement.admits(&n.spec.labels) {
+        if let Err(why) = placement.admits(&n.spec.placement_labels()) {
             reasons.push(format!("{name} {why}"));
             continue;
         }
@@ -115,7 +115,7 @@ pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) ->
     for n in nodes.iter().filter(|n| {
         n.status.state == NodeState::Online
             && !n.cordoned
-            && placement.admits(&n.spec.labels).is_ok()
+            && placement.admits(&n.spec.placement_labels()).is_ok()
     }) {
         let free: Vec<u64> = n
             .status

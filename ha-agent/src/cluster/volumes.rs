@@ -388,7 +388,7 @@ impl Volumes {
                     why.push(format!("{} is {:?}", c.node, n.status.state))
                 }
                 Some(n) if n.cordoned => why.push(format!("{} is cordoned", c.node)),
-                Some(n) => match spec.placement.admits(&n.spec.labels) {
+                Some(n) => match spec.placement.admits(&n.spec.placement_labels()) {
                     Ok(()) => out.push(scheduler::Choice {
                         node: c.node.clone(),
                         pool: c.pool.clone(),

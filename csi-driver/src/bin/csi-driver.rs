@@ -1,0 +1,76 @@
+//! csi-driver: Keelson's CSI plugin (`csi.keelson.io`) on a Unix socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use csi_driver::agent::Agent;
+use csi_driver::server::{self, Mode};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "csi-driver",
+    version,
+    about = "Keelson's CSI driver, csi.keelson.io"
+)]
+struct Args {
+    /// Which services to run: controller (with the provisioner, attacher and snapshotter sidecars), node (on
+    /// every node, for the kubelet), or all.
+    #[arg(
+        long,
+        value_enum,
+        env = "KEELSON_CSI_MODE",
+        default_value = "controller"
+    )]
+    mode: Mode,
+    /// Where to serve: unix:///path/to/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///run/csi/csi.sock")]
+    endpoint: String,
+    /// Cluster agent addresses (http://host:port), comma-separated.
+    #[arg(
+        long,
+        env = "KEELSON_CLUSTER_AGENT",
+        value_delimiter = ',',
+        required = true
+    )]
+    cluster_agent: Vec<String>,
+    /// This node's name (the node service's node id).
+    #[arg(long, env = "KEELSON_NODE_NAME")]
+    node_name: Option<String>,
+    /// Longest wait for one cluster agent call, in seconds (creating a volume with many replicas can take a while).
+    #[arg(long, default_value_t = 60)]
+    agent_timeout_s: u64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let args = Args::parse();
+    if args.mode != Mode::Controller && args.node_name.is_none() {
+        anyhow::bail!("--node-name is required for the node service");
+    }
+    let agent = Arc::new(Agent::new(
+        &args.cluster_agent,
+        Duration::from_secs(args.agent_timeout_s),
+    )?);
+    let listener = server::bind(&args.endpoint)?;
+    tracing::info!(endpoint = %args.endpoint, mode = ?args.mode, "csi-driver serving");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    server::serve(listener, args.mode, agent, shutdown).await
+}

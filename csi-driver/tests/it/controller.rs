@@ -1,0 +1,590 @@
+//! Controller: volumes' life and every error the spec gives for it, publishing to nodes, listing, capacity and
+//! topology, volume condition.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use proto::cluster as pb;
+use proto::csi::controller_client::ControllerClient;
+use proto::csi::controller_service_capability::Type as CapType;
+use proto::csi::controller_service_capability::rpc::Type as RpcType;
+use proto::csi::volume_capability::access_mode::Mode;
+use proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use proto::csi::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::harness::Cluster;
+
+pub fn cap(mode: Mode, block: bool) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: "ext4".into(),
+                ..Default::default()
+            })
+        }),
+    }
+}
+
+pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn create(name: &str, bytes: i64, p: &[(&str, &str)]) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap(Mode::SingleNodeWriter, false)],
+        parameters: params(p),
+        ..Default::default()
+    }
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => (s.code(), s.message().to_string()),
+    }
+}
+
+const MIB: i64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
+    let c = Cluster::start(3).await;
+    let mut ctl = c.controller().await;
+
+    let caps = ctl
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let rpcs: Vec<i32> = caps
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(CapType::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
+    for want in [
+        RpcType::CreateDeleteVolume,
+        RpcType::PublishUnpublishVolume,
+        RpcType::ListVolumes,
+        RpcType::GetCapacity,
+        RpcType::CreateDeleteSnapshot,
+        RpcType::ListSnapshots,
+        RpcType::CloneVolume,
+        RpcType::VolumeCondition,
+        RpcType::GetVolume,
+        RpcType::ListVolumesPublishedNodes,
+    ] {
+        assert!(rpcs.contains(&(want as i32)), "{want:?} not advertised");
+    }
+    // Expansion is not advertised until it works.
+    assert!(!rpcs.contains(&(RpcType::ExpandVolume as i32)));
+
+    // Create, and the same again: the same volume.
+    let req = create("pvc-a", 16 * MIB, &[("repl", "3"), ("fsType", "xfs")]);
+    let v = ctl
+        .create_volume(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 16 * MIB);
+    assert_eq!(
+        v.volume_context.get("fsType").map(String::as_str),
+        Some("xfs")
+    );
+    let again = ctl
+        .create_volume(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again.volume_id, v.volume_id);
+    // The same name with another size or replica count: ALREADY_EXISTS.
+    let (code_, _) = code(
+        ctl.create_volume(create("pvc-a", 32 * MIB, &[("repl", "3")]))
+            .await,
+    );
+    assert_eq!(code_, Code::AlreadyExists);
+    let (code_, _) = code(
+        ctl.create_volume(create("pvc-a", 16 * MIB, &[("repl", "1")]))
+            .await,
+    );
+    assert_eq!(code_, Code::AlreadyExists);
+    let mut cl = c.cluster().await;
+    let cv = cl
+        .get_volume(pb::GetVolumeRequest {
+            uuid: v.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cv.replica_list.len(), 3);
+    let nodes: std::collections::BTreeSet<_> = cv.replica_list.iter().map(|r| &r.node).collect();
+    assert_eq!(nodes.len(), 3, "each replica on its own node: {cv:?}");
+
+    // Bad input, each with its code.
+    let mut no_caps = create("pvc-b", MIB, &[]);
+    no_caps.volume_capabilities.clear();
+    let mut multi = create("pvc-b", MIB, &[]);
+    multi.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter, false)];
+    let mut multi_block = create("pvc-b", MIB, &[]);
+    multi_block.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter, true)];
+    let mut bad_range = create("pvc-b", 10 * MIB, &[]);
+    bad_range.capacity_range.as_mut().unwrap().limit_bytes = MIB;
+    let mut no_type = create("pvc-b", MIB, &[]);
+    no_type.volume_capabilities[0].access_type = None;
+    for (what, req, want, says) in [
+        (
+            "empty name",
+            create("", MIB, &[]),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (
+            "huge name",
+            create(&"x".repeat(129), MIB, &[]),
+            Code::InvalidArgument,
+            "name",
+        ),
+        (
+            "no capabilities",
+            no_caps,
+            Code::InvalidArgument,
+            "volume_capabilities",
+        ),
+        (
+            "multi-node writer",
+            multi,
+            Code::InvalidArgument,
+            "MULTI_NODE_MULTI_WRITER",
+        ),
+        (
+            "multi-node block",
+            multi_block,
+            Code::InvalidArgument,
+            "one node at a time",
+        ),
+        (
+            "no access type",
+            no_type,
+            Code::InvalidArgument,
+            "access type",
+        ),
+        (
+            "unknown parameter",
+            create("pvc-b", MIB, &[("replicas", "3")]),
+            Code::InvalidArgument,
+            "\"replicas\"",
+        ),
+        (
+            "thick",
+            create("pvc-b", MIB, &[("thin", "false")]),
+            Code::InvalidArgument,
+            "thin",
+        ),
+        (
+            "bad fsType",
+            create("pvc-b", MIB, &[("fsType", "ntfs")]),
+            Code::InvalidArgument,
+            "fsType",
+        ),
+        (
+            "limit below required",
+            bad_range,
+            Code::InvalidArgument,
+            "limit_bytes",
+        ),
+        (
+            "beyond every pool",
+            create("pvc-b", 1 << 40, &[]),
+            Code::OutOfRange,
+            "largest volume",
+        ),
+        (
+            "more replicas than nodes",
+            create("pvc-b", MIB, &[("repl", "4")]),
+            Code::ResourceExhausted,
+            "cluster agent",
+        ),
+    ] {
+        let (got, msg) = code(ctl.create_volume(req).await);
+        assert_eq!(got, want, "{what}: {msg}");
+        assert!(msg.contains(says), "{what}: {msg:?} does not say {says:?}");
+    }
+    // Nothing was left behind by the refused ones.
+    let listed = ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+
+    // ValidateVolumeCapabilities.
+    let vr = |caps: Vec<VolumeCapability>, id: &str| ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    let ok = ctl
+        .validate_volume_capabilities(vr(vec![cap(Mode::SingleNodeWriter, true)], &v.volume_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some());
+    let no = ctl
+        .validate_volume_capabilities(vr(vec![cap(Mode::MultiNodeReaderOnly, true)], &v.volume_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none() && !no.message.is_empty());
+    let (got, _) = code(
+        ctl.validate_volume_capabilities(vr(vec![cap(Mode::SingleNodeWriter, true)], "nope"))
+            .await,
+    );
+    assert_eq!(got, Code::NotFound);
+    let (got, _) = code(
+        ctl.validate_volume_capabilities(vr(vec![], &v.volume_id))
+            .await,
+    );
+    assert_eq!(got, Code::InvalidArgument);
+
+    // Publish to a node (an application node without an io-engine: the nexus goes to a replica's node).
+    let publish = |node: &str, id: &str| ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap(Mode::SingleNodeWriter, false)),
+        ..Default::default()
+    };
+    let ctx = ctl
+        .controller_publish_volume(publish("worker-1", &v.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(
+        ctx["nqn"],
+        format!("nqn.2026-11.io.keelson:vol-{}", v.volume_id)
+    );
+    assert!(ctx["targetAddresses"].starts_with("127.0.0."), "{ctx:?}");
+    assert_eq!(ctx["hostNqn"], "nqn.2026-11.io.keelson:host-worker-1");
+    let ctx2 = ctl
+        .controller_publish_volume(publish("worker-1", &v.volume_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx, ctx2, "publishing again answers the same");
+    let (got, msg) = code(
+        ctl.controller_publish_volume(publish("worker-2", &v.volume_id))
+            .await,
+    );
+    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+    for (req, want) in [
+        (
+            publish("worker-1", "00000000-0000-4000-8000-000000000099"),
+            Code::NotFound,
+        ),
+        (publish("worker-1", "not-a-volume"), Code::NotFound),
+        (publish("", &v.volume_id), Code::InvalidArgument),
+        (publish("worker-1", ""), Code::InvalidArgument),
+        (
+            ControllerPublishVolumeRequest {
+                volume_capability: None,
+                ..publish("worker-1", &v.volume_id)
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        assert_eq!(code(ctl.controller_publish_volume(req).await).0, want);
+    }
+    let got = get(&mut ctl, &v.volume_id).await;
+    let status = got.status.unwrap();
+    assert_eq!(status.published_node_ids, vec!["worker-1".to_string()]);
+    assert!(!status.volume_condition.unwrap().abnormal);
+
+    // In use: not deleted.
+    let del = |id: &str| DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    };
+    let (got, msg) = code(ctl.delete_volume(del(&v.volume_id)).await);
+    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+
+    // Unpublish: from another node a no-op; then for real, twice.
+    let unpublish = |node: &str| ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: node.into(),
+        ..Default::default()
+    };
+    ctl.controller_unpublish_volume(unpublish("worker-2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&mut ctl, &v.volume_id)
+            .await
+            .status
+            .unwrap()
+            .published_node_ids,
+        vec!["worker-1".to_string()]
+    );
+    ctl.controller_unpublish_volume(unpublish("worker-1"))
+        .await
+        .unwrap();
+    ctl.controller_unpublish_volume(unpublish("worker-1"))
+        .await
+        .unwrap();
+    assert!(
+        get(&mut ctl, &v.volume_id)
+            .await
+            .status
+            .unwrap()
+            .published_node_ids
+            .is_empty()
+    );
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: "00000000-0000-4000-8000-000000000099".into(),
+        node_id: "worker-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Delete, twice; then it is gone.
+    ctl.delete_volume(del(&v.volume_id)).await.unwrap();
+    ctl.delete_volume(del(&v.volume_id)).await.unwrap();
+    ctl.delete_volume(del("never-created")).await.unwrap();
+    assert_eq!(
+        code(ctl.delete_volume(del("")).await).0,
+        Code::InvalidArgument
+    );
+    let (got, _) = code(
+        ctl.controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await,
+    );
+    assert_eq!(got, Code::NotFound);
+    // Nothing is left in any pool.
+    crate::harness::pools_empty(&c).await;
+
+    // Two CreateVolume calls for one name at once: both succeed with the same volume, or the loser is ABORTED.
+    let (mut c1, mut c2) = (ctl.clone(), ctl.clone());
+    let (a, b) = tokio::join!(
+        c1.create_volume(create("pvc-c", 8 * MIB, &[("repl", "2")])),
+        c2.create_volume(create("pvc-c", 8 * MIB, &[("repl", "2")])),
+    );
+    let ok: Vec<_> = [a, b]
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(v) => Some(v.into_inner().volume.unwrap().volume_id),
+            Err(s) => {
+                assert_eq!(s.code(), Code::Aborted, "{s:?}");
+                None
+            }
+        })
+        .collect();
+    assert!(!ok.is_empty());
+    assert!(ok.iter().all(|id| *id == ok[0]));
+}
+
+pub async fn get(ctl: &mut ControllerClient<Channel>, id: &str) -> ControllerGetVolumeResponse {
+    ctl.controller_get_volume(ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_capacity_topology_and_condition() {
+    let mut c = Cluster::start(3).await;
+    let mut ctl = c.controller().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let v = ctl
+            .create_volume(create(&format!("pvc-{i}"), 4 * MIB, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        ids.push(v.volume_id);
+    }
+    // Pages of two: every volume once.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ctl
+            .list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 2);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
+    let (got, _) = code(
+        ctl.list_volumes(ListVolumesRequest {
+            max_entries: 2,
+            starting_token: "not-a-token".into(),
+        })
+        .await,
+    );
+    assert_eq!(got, Code::Aborted);
+    let (got, _) = code(
+        ctl.list_volumes(ListVolumesRequest {
+            max_entries: -1,
+            starting_token: String::new(),
+        })
+        .await,
+    );
+    assert_eq!(got, Code::InvalidArgument);
+
+    // Capacity: by replica count, by topology segment.
+    let capacity = |p: &[(&str, &str)], node: Option<&str>| GetCapacityRequest {
+        parameters: params(p),
+        accessible_topology: node.map(|n| Topology {
+            segments: [("topology.keelson.io/node".to_string(), n.to_string())].into(),
+        }),
+        ..Default::default()
+    };
+    let one = ctl
+        .get_capacity(capacity(&[], None))
+        .await
+        .unwrap()
+        .into_inner();
+    let three = ctl
+        .get_capacity(capacity(&[("repl", "3")], None))
+        .await
+        .unwrap()
+        .into_inner();
+    let node1 = ctl
+        .get_capacity(capacity(&[], Some("csi-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let nowhere = ctl
+        .get_capacity(capacity(&[], Some("no-such-node")))
+        .await
+        .unwrap()
+        .into_inner();
+    println!("capacity: 1 replica {one:?}, 3 replicas {three:?}, csi-1 {node1:?}");
+    assert!(one.available_capacity > 0);
+    assert!(three.available_capacity * 2 < one.available_capacity);
+    assert!(node1.available_capacity > 0 && node1.available_capacity < one.available_capacity);
+    assert_eq!(nowhere.available_capacity, 0);
+    assert!(one.maximum_volume_size.unwrap() >= three.maximum_volume_size.unwrap());
+    let (got, msg) = code(ctl.get_capacity(capacity(&[("zone", "a")], None)).await);
+    assert_eq!(got, Code::InvalidArgument, "{msg}");
+
+    // Accessibility requirements place the replicas.
+    let mut on2 = create("pvc-on-2", 4 * MIB, &[]);
+    on2.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![Topology {
+            segments: [("topology.keelson.io/node".to_string(), "csi-2".to_string())].into(),
+        }],
+        preferred: vec![],
+    });
+    let v = ctl
+        .create_volume(on2)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut cl = c.cluster().await;
+    let cv = cl
+        .get_volume(pb::GetVolumeRequest {
+            uuid: v.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cv.replica_list[0].node, "csi-2");
+    let mut nowhere = create("pvc-nowhere", 4 * MIB, &[]);
+    nowhere.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![Topology {
+            segments: [("topology.keelson.io/node".to_string(), "gone".to_string())].into(),
+        }],
+        preferred: vec![],
+    });
+    let (got, msg) = code(ctl.create_volume(nowhere).await);
+    assert!(
+        matches!(got, Code::ResourceExhausted | Code::OutOfRange),
+        "{got:?} {msg}"
+    );
+
+    // Volume condition: a published 3-replica volume whose replica's node dies is abnormal (Degraded).
+    let v3 = ctl
+        .create_volume(create("pvc-three", 4 * MIB, &[("repl", "3")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let ns = crate::harness::attach(&mut ctl, &v3.volume_id, "worker-1").await;
+    let cv = cl
+        .get_volume(pb::GetVolumeRequest {
+            uuid: v3.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let victim = cv
+        .replica_list
+        .iter()
+        .map(|r| r.node.clone())
+        .find(|n| *n != cv.nexus_node)
+        .unwrap();
+    let i: usize = victim.trim_start_matches("csi-").parse().unwrap();
+    drop(c.engines.remove(i - 1));
+    // The nexus finds out at the next write to that replica.
+    use nvmf_target::block::BlockDevice;
+    let _ = ns.write(0, bytes::Bytes::from(vec![7u8; 4096])).await;
+    let t = Instant::now();
+    loop {
+        let st = get(&mut ctl, &v3.volume_id).await.status.unwrap();
+        let cond = st.volume_condition.unwrap();
+        if cond.abnormal {
+            println!("condition after the kill of {victim}: {}", cond.message);
+            assert!(cond.message.contains("Degraded"), "{}", cond.message);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never abnormal: {cond:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
