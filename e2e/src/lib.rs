@@ -2,6 +2,7 @@
 //! creates, and boots a QEMU VM whose Debian kernel is the NVMe/TCP initiator.
 //!
 //! - [`bins`]: where the built binaries are.
+//! - [`cluster`]: a cluster agent and io-engines in a network namespace, keelctl, binaries staged for the guest.
 //! - [`metrics`]: scraping a `/metrics` endpoint and checking it with promtool.
 //! - [`netns`]: a private network namespace with a tap device for the VM.
 //! - [`privileged`]: whether a test that needs root or a tool runs here (plain `cargo test` as a user skips it and
@@ -13,6 +14,7 @@
 //! and fail under `scripts/test.sh` (`KEELSON_REQUIRE_PRIVILEGED=1`), which CI runs as root.
 
 pub mod bins;
+pub mod cluster;
 pub mod metrics;
 pub mod netns;
 pub mod privileged;

@@ -32,10 +32,22 @@ pub fn allowed(test: &str) -> bool {
     crate::privileged::allowed_with(test, &["root", "qemu-system-x86_64"])
 }
 
-/// Builds the guest image if it is not there yet (installs qemu, nvme-cli, fio, ... with apt on first use).
+/// What the image is built from: a change to either script makes [`ensure_image`] build it again.
+fn recipe() -> Result<String> {
+    let mut r = String::new();
+    for f in ["build-image.sh", "guest-init.sh"] {
+        r += &std::fs::read_to_string(vm_dir().join(f)).with_context(|| format!("reading {f}"))?;
+    }
+    Ok(r)
+}
+
+/// Builds the guest image if it is not there yet or was built from other scripts (installs qemu, nvme-cli, fio,
+/// ... with apt on first use).
 pub fn ensure_image() -> Result<()> {
     let img = image_dir();
-    if img.join("vmlinuz").exists() && img.join("initramfs.cpio").exists() {
+    let want = recipe()?;
+    let built = std::fs::read_to_string(img.join("recipe")).unwrap_or_default();
+    if img.join("vmlinuz").exists() && img.join("initramfs.cpio").exists() && built == want {
         return Ok(());
     }
     let st = Command::new(vm_dir().join("build-image.sh"))
@@ -45,6 +57,7 @@ pub fn ensure_image() -> Result<()> {
     if !st.success() {
         bail!("building the VM image failed ({st})");
     }
+    std::fs::write(img.join("recipe"), want)?;
     Ok(())
 }
 

@@ -8,12 +8,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use e2e::bins;
+use e2e::cluster::{AGENT, all_online, cluster_agent, engine, engine_ip, keelctl, stage_binary};
 use e2e::netns::Netns;
 use e2e::process::Process;
 use e2e::vm::{self, VM_LOCK};
@@ -21,122 +21,7 @@ use e2e::vm::{self, VM_LOCK};
 const VOLUME: &str = "00000000-0000-4000-8000-00000000a0a0";
 const HOSTNQN: &str = "nqn.2026-11.io.keelson:host-app-1";
 const HOSTID: &str = "5e3c0a2d-7f4b-4c1e-9a8d-2b6f0c9e1a01";
-const AGENT: &str = "10.200.0.1:10200";
 const ACK_PORT: u16 = 4440;
-
-fn keelctl(ns: &Netns, args: &[&str]) -> Result<String> {
-    let out = ns
-        .command(bins::path("keelctl"))
-        .args(args)
-        .env("KEELSON_AGENT", format!("http://{AGENT}"))
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    if !out.status.success() {
-        bail!(
-            "keelctl {args:?}: {}{text}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(text)
-}
-
-/// The address of engine `i`'s NVMe/TCP listener: its own, on the namespace's side of the tap (so that a test can
-/// cut the guest off from it alone).
-fn engine_ip(i: u32) -> String {
-    format!("10.200.0.1{i}")
-}
-
-/// Engine `i` in the namespace: NVMe/TCP on [`engine_ip`]:4420, its own CNTLID range (a replacement nexus must
-/// never hand out a CNTLID the host still holds), a pool on a sparse file.
-fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
-    let name = format!("n{i}");
-    let disk = logs.join(format!("{name}-pool.img"));
-    if !disk.exists() {
-        std::fs::File::create(&disk)?.set_len(512 << 20)?;
-    }
-    let mut cmd = ns.command(bins::path("io-engine"));
-    cmd.env("RUST_LOG", "info")
-        .args(["--node-name", &name])
-        .args(["--listen", &format!("{}:4420", engine_ip(i))])
-        .args(["--grpc", &format!("127.0.0.{i}:10124")])
-        .args([
-            "--cntlid-range",
-            &format!("{}-{}", i * 1000, i * 1000 + 999),
-        ])
-        .args(["--cluster-agent", &format!("http://{AGENT}")])
-        .arg("--pool")
-        .arg(format!("pool-{name}={}", disk.display()));
-    let _ = ns
-        .command("ip")
-        .args([
-            "addr",
-            "add",
-            &format!("{}/24", engine_ip(i)),
-            "dev",
-            &ns.tap,
-        ])
-        .stderr(std::process::Stdio::null())
-        .status();
-    let mut p = Process::spawn(&name, cmd, logs)?;
-    p.wait_for_log("io-engine running", Duration::from_secs(20))?;
-    Ok(p)
-}
-
-/// The node agent and the libraries it links (the guest has glibc's core but not necessarily libgcc_s), stripped.
-fn stage_node_agent(job: &Path) -> Result<()> {
-    let bin = job.join("node-agent");
-    let st = Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(bins::path("node-agent"))
-        .arg(&bin)
-        .status()?;
-    if !st.success() {
-        bail!("objcopy node-agent: {st}");
-    }
-    let ldd = Command::new("ldd").arg(&bin).output()?;
-    for lib in String::from_utf8_lossy(&ldd.stdout)
-        .lines()
-        .filter_map(|l| l.split("=> ").nth(1)?.split(' ').next())
-        .filter(|l| l.contains("libgcc_s"))
-    {
-        std::fs::copy(lib, job.join(Path::new(lib).file_name().unwrap()))?;
-    }
-    Ok(())
-}
-
-/// The cluster agent in the namespace, on the embedded store in the test's directory (the same one each start),
-/// with `failpoints` armed (`FAILPOINTS`; empty: none).
-fn cluster_agent(ns: &Netns, logs: &Path, name: &str, failpoints: &str) -> Result<Process> {
-    let mut cmd = ns.command(bins::path("cluster-agent"));
-    cmd.env("RUST_LOG", "info")
-        .env("FAILPOINTS", failpoints)
-        .args(["--grpc", AGENT, "--data-dir"])
-        .arg(logs.join("agent"))
-        .args(["--heartbeat-ms", "500", "--node-timeout-ms", "2000"]);
-    let mut p = Process::spawn(name, cmd, logs)?;
-    p.wait_for_log("cluster agent starting", Duration::from_secs(20))?;
-    Ok(p)
-}
-
-/// Waits until the agent lists the three nodes Online.
-fn all_online(ns: &Netns) -> Result<()> {
-    let t = Instant::now();
-    while keelctl(ns, &["get", "nodes"])
-        .unwrap_or_default()
-        .matches("Online")
-        .count()
-        < 3
-    {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "nodes never came Online: {}",
-                keelctl(ns, &["get", "nodes"]).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
-}
 
 /// The node running the volume's nexus, as the cluster agent says (`n1`..`n3`), and the volume's state.
 fn nexus_of(ns: &Netns) -> Result<(String, String)> {
@@ -176,7 +61,7 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
     let mut engines: Vec<Option<Process>> = (1..=3)
         .map(|i| Some(engine(&ns, &logs, i).unwrap()))
         .collect();
-    all_online(&ns).unwrap();
+    all_online(&ns, 3).unwrap();
     let mut agents = 1;
     keelctl(
         &ns,
@@ -195,7 +80,7 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
         job.join("run.sh"),
     )
     .unwrap();
-    stage_node_agent(&job).unwrap();
+    stage_binary(&job, "node-agent").unwrap();
     let params = [
         ("TARGET", engine_ip(1)),
         ("PORT", "4420".into()),
@@ -235,7 +120,7 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
                     "cluster-agent-armed",
                     "switchover.reported=return",
                 )?;
-                all_online(&ns)?;
+                all_online(&ns, 3)?;
             }
             match mode {
                 "kill" => drop(engines[i].take()), // SIGKILL

@@ -38,7 +38,7 @@ apt_install() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
 }
 if [ "$SKIP_APT" != 1 ]; then
-    pkgs="qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs cpio zstd iproute2 socat"
+    pkgs="qemu-system-x86 qemu-utils nvme-cli busybox-static kmod e2fsprogs xfsprogs cpio zstd iproute2 socat"
     [ "$WITH_FIO" = 1 ] && pkgs="$pkgs fio"
     need=""
     for p in $pkgs; do
@@ -97,6 +97,8 @@ copy_bin "$(command -v kmod)" /usr/bin/kmod
 for t in modprobe insmod rmmod lsmod modinfo depmod; do ln -sf /usr/bin/kmod "$R/sbin/$t"; done
 copy_bin "$(command -v mke2fs)" /usr/sbin/mke2fs
 ln -sf mke2fs "$R/usr/sbin/mkfs.ext4"
+# file systems the CSI node plugin makes, checks and grows
+for t in e2fsck resize2fs mkfs.xfs xfs_growfs xfs_repair; do copy_bin "$(command -v $t)" "/usr/sbin/$t"; done
 [ "$WITH_FIO" = 1 ] && copy_bin "$(command -v fio)" /usr/bin/fio
 # iproute2's ip (busybox ip lacks some bits, e.g. 'ip -j', netns); small
 copy_bin "$(command -v ip)" /usr/sbin/ip
@@ -118,7 +120,7 @@ printf '127.0.0.1 localhost vm\n::1 localhost\n' > "$R/etc/hosts"
 # ---------------------------------------------------------------- modules
 MODS="nvme-tcp nvme-fabrics nvme-core nvme nvmet nvmet-tcp null_blk brd loop configfs
       virtio_pci virtio_net virtio_blk virtio_console virtio_rng crc32c-intel crc32c_generic
-      9p 9pnet_virtio tun"
+      9p 9pnet_virtio tun ext4 xfs"
 MD=$KX/lib/modules/$KVER
 mkdir -p "$R/lib/modules/$KVER"
 for m in $MODS; do
@@ -149,7 +151,7 @@ esac
 truncate -s %512 "$IMG"/initramfs.cpio*
 {
     echo "kernel: $KPKG ($(dpkg-deb -f "$KDEB" Version))"
-    for p in nvme-cli libnvme1 busybox-static kmod e2fsprogs fio qemu-system-x86; do
+    for p in nvme-cli libnvme1 busybox-static kmod e2fsprogs xfsprogs fio qemu-system-x86; do
         dpkg-query -W -f='${Package} ${Version}\n' "$p" 2>/dev/null || true
     done
     echo "modules:"; (cd "$R/lib/modules/$KVER" && find . -name '*.ko*' | sort)

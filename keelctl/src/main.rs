@@ -1,7 +1,8 @@
 //! keelctl: Keelson's command-line client. `keelctl engine ...` talks to one io-engine's engine API; `keelctl get
-//! ...` to the cluster agent.
+//! ...` to the cluster agent; `keelctl csi ...` to a CSI plugin's node service.
 
 mod cluster;
+mod csi;
 mod storage;
 
 use anyhow::{Context, Result};
@@ -69,6 +70,14 @@ enum Top {
         output: cluster::Output,
         #[command(subcommand)]
         cmd: cluster::VolumeCmd,
+    },
+    /// A CSI plugin's Identity and Node services, on its Unix socket (as the kubelet calls them).
+    Csi {
+        /// The plugin's socket.
+        #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///run/csi/csi.sock")]
+        endpoint: String,
+        #[command(subcommand)]
+        cmd: csi::CsiCmd,
     },
 }
 
@@ -294,6 +303,7 @@ async fn main() -> Result<()> {
         Top::Pool { agent, output, cmd } => return cluster::pool(&agent, cmd, output).await,
         Top::Volume { agent, output, cmd } => return cluster::volume(&agent, cmd, output).await,
         Top::Node { agent, output, cmd } => return cluster::node(&agent, cmd, output).await,
+        Top::Csi { endpoint, cmd } => return csi::run(&endpoint, cmd).await,
     };
     let mut c = EngineClient::connect(endpoint.clone())
         .await

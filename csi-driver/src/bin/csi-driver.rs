@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Parser;
 use csi_driver::agent::Agent;
+use csi_driver::kernel::Kernel;
+use csi_driver::node::NodeService;
 use csi_driver::server::{self, Mode};
 
 #[derive(Parser, Debug)]
@@ -38,6 +40,15 @@ struct Args {
     /// This node's name (the node service's node id).
     #[arg(long, env = "KEELSON_NODE_NAME")]
     node_name: Option<String>,
+    /// The most volumes this node takes (the node service's NodeGetInfo; 0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_volumes: i64,
+    /// sysfs (tests point it elsewhere).
+    #[arg(long, default_value = "/sys", hide = true)]
+    sys: std::path::PathBuf,
+    /// The kernel's NVMe-oF connect file.
+    #[arg(long, default_value = "/dev/nvme-fabrics", hide = true)]
+    fabrics: std::path::PathBuf,
     /// Longest wait for one cluster agent call, in seconds (creating a volume with many replicas can take a while).
     #[arg(long, default_value_t = 60)]
     agent_timeout_s: u64,
@@ -72,5 +83,12 @@ async fn main() -> Result<()> {
         }
         tracing::info!("shutting down");
     };
-    server::serve(listener, args.mode, agent, shutdown).await
+    let node = args.node_name.clone().map(|n| {
+        NodeService::new(
+            n,
+            args.max_volumes,
+            Kernel::new(&args.sys, &args.fabrics, "/dev"),
+        )
+    });
+    server::serve(listener, args.mode, agent, node, shutdown).await
 }

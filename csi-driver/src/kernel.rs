@@ -1,0 +1,223 @@
+//! The kernel's NVMe/TCP host on this node, for the node service: connecting a volume's subsystem on every address
+//! its publish gave (native multipath makes one block device of them), finding that device by the namespace's UUID
+//! (the volume's; never by guessing `/dev` names), telling whether a path is live, and disconnecting. The sysfs
+//! reading and `/dev/nvme-fabrics` writing are the node agent's (`ha_agent::node`); roots are parameters so tests
+//! can point them elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ha_agent::node::fabrics::{self, Connect};
+use ha_agent::node::sysfs::{self, Subsystem};
+
+/// Keep-alive timeout of the paths the node plugin connects (seconds): how soon a silent target is noticed.
+pub const KEEP_ALIVE_TMO: u32 = 5;
+
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// `/sys`.
+    pub sys: PathBuf,
+    /// `/dev/nvme-fabrics`.
+    pub fabrics: PathBuf,
+    /// `/dev`.
+    pub dev: PathBuf,
+}
+
+/// A volume's block device: `nvme0n1`, its `/dev` node and `major:minor`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub name: String,
+    pub path: PathBuf,
+    pub dev: String,
+    pub size_bytes: u64,
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The host ID that goes with a host NQN: fixed by it, so every connect of this node presents the same one (the
+/// kernel refuses a second host ID for a host NQN it already uses).
+pub fn host_id(host_nqn: &str) -> String {
+    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, host_nqn.as_bytes()).to_string()
+}
+
+impl Kernel {
+    pub fn new(
+        sys: impl Into<PathBuf>,
+        fabrics: impl Into<PathBuf>,
+        dev: impl Into<PathBuf>,
+    ) -> Kernel {
+        Kernel {
+            sys: sys.into(),
+            fabrics: fabrics.into(),
+            dev: dev.into(),
+        }
+    }
+
+    /// The subsystem `nqn` as the kernel has it, if connected.
+    pub fn subsystem(&self, nqn: &str) -> Option<Subsystem> {
+        sysfs::scan(&self.sys).into_iter().find(|s| s.nqn == nqn)
+    }
+
+    /// Connects `nqn` on every address in `addresses` the kernel has no controller for yet. Blocking (the kernel
+    /// answers a connect once the controller is live or refused): call from a blocking thread. Succeeds when at
+    /// least one path is connected; the others' errors are in the answer.
+    pub fn connect(
+        &self,
+        nqn: &str,
+        addresses: &[String],
+        host_nqn: &str,
+    ) -> Result<Vec<String>, String> {
+        let existing: Vec<String> = self
+            .subsystem(nqn)
+            .map(|s| s.controllers.iter().map(|c| c.target()).collect())
+            .unwrap_or_default();
+        let mut errors = Vec::new();
+        for a in addresses {
+            if existing.contains(a) {
+                continue;
+            }
+            let c = Connect {
+                nqn: nqn.to_string(),
+                address: a.clone(),
+                host_nqn: host_nqn.to_string(),
+                host_id: host_id(host_nqn),
+                keep_alive_tmo: KEEP_ALIVE_TMO,
+            };
+            if let Err(e) = fabrics::connect(&self.fabrics, &c) {
+                errors.push(format!("{a}: {e}"));
+            }
+        }
+        if self
+            .subsystem(nqn)
+            .is_some_and(|s| !s.controllers.is_empty())
+        {
+            Ok(errors)
+        } else {
+            Err(format!("no path to {nqn} connected: {}", errors.join("; ")))
+        }
+    }
+
+    /// The block device whose namespace UUID is `uuid`.
+    pub fn device(&self, uuid: &str) -> Option<Device> {
+        let block = self.sys.join("block");
+        let rd = std::fs::read_dir(&block).ok()?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("nvme") {
+                continue;
+            }
+            let dir = block.join(&name);
+            let matches = read(&dir.join("uuid")).eq_ignore_ascii_case(uuid)
+                || read(&dir.join("wwid")).eq_ignore_ascii_case(&format!("uuid.{uuid}"));
+            if matches {
+                return Some(Device {
+                    path: self.dev.join(&name),
+                    dev: read(&dir.join("dev")),
+                    size_bytes: read(&dir.join("size")).parse::<u64>().unwrap_or(0) * 512,
+                    name,
+                });
+            }
+        }
+        None
+    }
+
+    /// Waits up to `limit` for the device of namespace `uuid` to appear (the kernel scans namespaces after the
+    /// connect returns).
+    pub fn wait_device(&self, uuid: &str, limit: Duration) -> Option<Device> {
+        let t = Instant::now();
+        loop {
+            if let Some(d) = self.device(uuid).filter(|d| self.dev_exists(d)) {
+                return Some(d);
+            }
+            if t.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn dev_exists(&self, d: &Device) -> bool {
+        d.path.exists()
+    }
+
+    /// Whether any path to `nqn` can take I/O now.
+    pub fn live(&self, nqn: &str) -> bool {
+        self.subsystem(nqn)
+            .is_some_and(|s| s.controllers.iter().any(|c| c.usable()))
+    }
+
+    /// Removes every controller of `nqn` (queued I/O fails); returns how many.
+    pub fn disconnect(&self, nqn: &str) -> Result<usize, String> {
+        let Some(s) = self.subsystem(nqn) else {
+            return Ok(0);
+        };
+        for c in &s.controllers {
+            if let Err(e) = fabrics::delete(&self.sys, &c.name) {
+                // Gone meanwhile is fine.
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(format!("deleting controller {}: {e}", c.name));
+                }
+            }
+        }
+        Ok(s.controllers.len())
+    }
+
+    /// A one-line account of `nqn`'s paths, for volume conditions and errors.
+    pub fn paths(&self, nqn: &str) -> String {
+        match self.subsystem(nqn) {
+            None => "not connected".into(),
+            Some(s) => s
+                .controllers
+                .iter()
+                .map(|c| format!("{} {} {}", c.name, c.target(), c.state))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_device_is_found_by_its_namespace_uuid() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("sys");
+        let dev = d.path().join("dev");
+        for (name, uuid, wwid) in [
+            ("nvme0n1", "11111111-1111-4111-8111-111111111111", ""),
+            ("nvme1n1", "", "uuid.22222222-2222-4222-8222-222222222222"),
+            ("sda", "22222222-2222-4222-8222-222222222222", ""),
+        ] {
+            let b = sys.join("block").join(name);
+            std::fs::create_dir_all(&b).unwrap();
+            std::fs::write(b.join("uuid"), format!("{uuid}\n")).unwrap();
+            std::fs::write(b.join("wwid"), format!("{wwid}\n")).unwrap();
+            std::fs::write(b.join("dev"), "259:1\n").unwrap();
+            std::fs::write(b.join("size"), "2048\n").unwrap();
+        }
+        let k = Kernel::new(&sys, d.path().join("fabrics"), &dev);
+        let a = k.device("11111111-1111-4111-8111-111111111111").unwrap();
+        assert_eq!((a.name.as_str(), a.size_bytes), ("nvme0n1", 1 << 20));
+        assert_eq!(a.path, dev.join("nvme0n1"));
+        assert_eq!(
+            k.device("22222222-2222-4222-8222-222222222222")
+                .unwrap()
+                .name,
+            "nvme1n1"
+        );
+        assert!(k.device("33333333-3333-4333-8333-333333333333").is_none());
+        // Not there yet: no device node.
+        assert!(
+            k.wait_device("11111111-1111-4111-8111-111111111111", Duration::ZERO)
+                .is_none()
+        );
+        assert_eq!(host_id("nqn.x"), host_id("nqn.x"));
+        assert_ne!(host_id("nqn.x"), host_id("nqn.y"));
+    }
+}

@@ -1,0 +1,246 @@
+//! Mounts and file systems on this node, read from what the node can see (`/proc/self/mountinfo`, the device's
+//! first bytes) so that a restarted plugin knows what is staged and published, and changed with the system's own
+//! tools (`mount`, `umount`, `mkfs.ext4`, `mkfs.xfs`). A file system is made only on a blank device: one whose
+//! first 64 KiB are zeros (a new thin volume reads zeros); anything else that is not ext4 or xfs is left alone.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// One line of mountinfo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    /// `major:minor` of the mounted device.
+    pub dev: String,
+    /// The path inside the mounted file system that is mounted here (`/` for a whole file system; a bind mount of
+    /// a device node shows the node's path).
+    pub root: String,
+    pub target: PathBuf,
+    /// Per-mount options (`rw`, `ro`, `noatime`, ...).
+    pub options: Vec<String>,
+    pub fs_type: String,
+    pub source: String,
+}
+
+impl Mount {
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = |j: usize| {
+            b.get(j)
+                .filter(|c| (b'0'..=b'7').contains(c))
+                .map(|c| u16::from(c - b'0'))
+        };
+        if b[i] == b'\\'
+            && let (Some(x), Some(y), Some(z)) = (octal(i + 1), octal(i + 2), octal(i + 3))
+        {
+            out.push(((x << 6) | (y << 3) | z) as u8);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses mountinfo text.
+pub fn parse(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let f: Vec<&str> = pre.split(' ').collect();
+            let p: Vec<&str> = post.split(' ').collect();
+            Some(Mount {
+                dev: f.get(2)?.to_string(),
+                root: unescape(f.get(3)?),
+                target: PathBuf::from(unescape(f.get(4)?)),
+                options: f.get(5)?.split(',').map(String::from).collect(),
+                fs_type: p.first()?.to_string(),
+                source: unescape(p.get(1).unwrap_or(&"")),
+            })
+        })
+        .collect()
+}
+
+/// The mounts of this process's mount namespace.
+pub fn table() -> Vec<Mount> {
+    parse(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+/// The topmost mount at `path`, if any.
+pub fn at(path: &Path) -> Option<Mount> {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    table().into_iter().rev().find(|m| m.target == path)
+}
+
+/// What a device holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    Blank,
+    Fs(String),
+    /// Data that is not a file system Keelson makes: a partition table, another file system, anything.
+    Unknown,
+}
+
+/// Reads what `dev` holds from its first 64 KiB.
+pub fn probe(dev: &Path) -> std::io::Result<Content> {
+    let mut f = std::fs::File::open(dev)?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(classify(&buf[..n]))
+}
+
+pub fn classify(head: &[u8]) -> Content {
+    if head.len() >= 4 && &head[..4] == b"XFSB" {
+        return Content::Fs("xfs".into());
+    }
+    // ext2/3/4: the superblock at 1024, its magic 0xEF53 at offset 56.
+    if head.len() >= 1082 && head[1080] == 0x53 && head[1081] == 0xEF {
+        return Content::Fs("ext4".into());
+    }
+    if head.iter().all(|b| *b == 0) {
+        Content::Blank
+    } else {
+        Content::Unknown
+    }
+}
+
+/// Runs a system tool; `Err` carries its stderr. `limit`: how long it may take (a mount of a device whose paths
+/// are gone can wait for I/O forever).
+pub fn run(program: &str, args: &[&str], limit: Duration) -> Result<(), String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{program}: {e}"))?;
+    let t = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return Ok(()),
+            Ok(Some(st)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(format!(
+                    "{program} {}: {st}: {}",
+                    args.join(" "),
+                    err.trim()
+                ));
+            }
+            Ok(None) if t.elapsed() > limit => {
+                let _ = child.kill();
+                return Err(format!(
+                    "{program} {} did not finish in {limit:?}",
+                    args.join(" ")
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("{program}: {e}")),
+        }
+    }
+}
+
+/// Makes file system `fs` (ext4 or xfs) on `dev`.
+pub fn mkfs(fs: &str, dev: &Path) -> Result<(), String> {
+    let d = dev.to_string_lossy();
+    match fs {
+        "ext4" => run(
+            "mkfs.ext4",
+            &["-q", "-F", "-E", "nodiscard", &d],
+            Duration::from_secs(600),
+        ),
+        "xfs" => run("mkfs.xfs", &["-q", "-K", &d], Duration::from_secs(600)),
+        other => Err(format!("cannot make file system {other:?}")),
+    }
+}
+
+/// Mounts `source` at `target` with type `fs` (empty: none, e.g. a bind) and `options`.
+pub fn mount(source: &str, target: &Path, fs: &str, options: &[String]) -> Result<(), String> {
+    let t = target.to_string_lossy();
+    let opts = options.join(",");
+    let mut args: Vec<&str> = Vec::new();
+    if !fs.is_empty() {
+        args.extend(["-t", fs]);
+    }
+    if !opts.is_empty() {
+        args.extend(["-o", &opts]);
+    }
+    args.extend([source, &t]);
+    run("mount", &args, Duration::from_secs(120))
+}
+
+/// Unmounts `target` within `limit`.
+pub fn umount(target: &Path, limit: Duration) -> Result<(), String> {
+    run("umount", &[&target.to_string_lossy()], limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines() {
+        let t = "22 1 0:21 / /proc rw,nosuid shared:5 - proc proc rw\n\
+                 98 30 259:1 / /var/lib/kubelet/plugins/x/globalmount rw,relatime shared:50 - ext4 /dev/nvme0n1 rw\n\
+                 99 30 0:5 /nvme0n1 /var/lib/kubelet/pods/p/volumeDevices/v ro,relatime - devtmpfs udev rw\n\
+                 100 30 259:1 / /mnt/with\\040space rw - xfs /dev/nvme0n1 rw\n";
+        let m = parse(t);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[1].dev, "259:1");
+        assert_eq!(m[1].fs_type, "ext4");
+        assert_eq!(m[1].source, "/dev/nvme0n1");
+        assert!(!m[1].read_only());
+        assert_eq!(m[2].root, "/nvme0n1");
+        assert!(m[2].read_only());
+        assert_eq!(m[3].target, PathBuf::from("/mnt/with space"));
+    }
+
+    #[test]
+    fn only_a_blank_device_is_blank() {
+        let mut head = vec![0u8; 64 << 10];
+        assert_eq!(classify(&head), Content::Blank);
+        head[1080] = 0x53;
+        head[1081] = 0xEF;
+        assert_eq!(classify(&head), Content::Fs("ext4".into()));
+        let mut x = vec![0u8; 64 << 10];
+        x[..4].copy_from_slice(b"XFSB");
+        assert_eq!(classify(&x), Content::Fs("xfs".into()));
+        let mut mbr = vec![0u8; 64 << 10];
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+        assert_eq!(classify(&mbr), Content::Unknown);
+    }
+
+    #[test]
+    fn tools_report_failure_and_timeouts() {
+        assert!(run("true", &[], Duration::from_secs(5)).is_ok());
+        let e = run(
+            "sh",
+            &["-c", "echo nope >&2; exit 3"],
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(e.contains("nope"), "{e}");
+        let e = run("sleep", &["5"], Duration::from_millis(100)).unwrap_err();
+        assert!(e.contains("did not finish"), "{e}");
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Checks the Helm chart offline: `helm lint --strict`, then every manifest rendered with the default values and with
+# each values file under charts/keelson/ci/ validated against the Kubernetes API schemas (kubernetes-validate,
+# --strict: unknown fields are errors) for the oldest and newest Kubernetes the chart supports, and the values
+# schema refusing what it must. helm and kubernetes-validate come from scripts/install-deps.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+C=charts/keelson
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+helm lint --strict "$C"
+render() { # name, helm args...
+    local n=$1
+    shift
+    helm template keelson "$C" --namespace keelson "$@" > "$OUT/$n.yaml"
+    for k in 1.30.0 1.34.0; do
+        kubernetes-validate -k "$k" --strict --quiet "$OUT/$n.yaml"
+    done
+    echo "chart: $n renders $(grep -c '^kind:' "$OUT/$n.yaml") manifests, valid for Kubernetes 1.30 and 1.34"
+}
+render default
+for f in "$C"/ci/*.yaml; do
+    helm lint --strict "$C" -f "$f" > /dev/null
+    render "$(basename "$f" .yaml)" -f "$f"
+done
+# What the chart must refuse.
+refuse() { # why, helm args...
+    local why=$1
+    shift
+    if helm template keelson "$C" "$@" > /dev/null 2>&1; then
+        echo "chart: accepted $* ($why)" >&2
+        exit 1
+    fi
+}
+refuse "etcd without endpoints" --set store.type=etcd
+refuse "several agents on the embedded store" --set clusterAgent.replicas=3
+refuse "an unknown store" --set store.type=sqlite
+refuse "a pool disk that is not a path" --set 'ioEngine.pools.n1[0].name=p' --set 'ioEngine.pools.n1[0].disk=sdb'
+refuse "an unknown value" --set ioEngine.cores=4
+echo "chart: OK"
