@@ -38,6 +38,15 @@ fn read(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// `nvme0n1`: the multipath head a file system goes on, not a hidden per-path device (`nvme0c1n1`), which
+/// carries the same UUID but has no `/dev` node.
+fn is_head(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("nvme")
+        .and_then(|r| r.split_once('n'))
+        .is_some_and(|(a, b)| digits(a) && digits(b))
+}
+
 /// The host ID that goes with a host NQN: fixed by it, so every connect of this node presents the same one (the
 /// kernel refuses a second host ID for a host NQN it already uses).
 pub fn host_id(host_nqn: &str) -> String {
@@ -107,7 +116,7 @@ impl Kernel {
         let rd = std::fs::read_dir(&block).ok()?;
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !name.starts_with("nvme") {
+            if !is_head(&name) {
                 continue;
             }
             let dir = block.join(&name);
@@ -190,6 +199,8 @@ mod tests {
         let sys = d.path().join("sys");
         let dev = d.path().join("dev");
         for (name, uuid, wwid) in [
+            // A hidden path device with the same UUID, listed first: never the answer.
+            ("nvme0c0n1", "11111111-1111-4111-8111-111111111111", ""),
             ("nvme0n1", "11111111-1111-4111-8111-111111111111", ""),
             ("nvme1n1", "", "uuid.22222222-2222-4222-8222-222222222222"),
             ("sda", "22222222-2222-4222-8222-222222222222", ""),
@@ -212,6 +223,9 @@ mod tests {
             "nvme1n1"
         );
         assert!(k.device("33333333-3333-4333-8333-333333333333").is_none());
+        assert!(
+            is_head("nvme12n3") && !is_head("nvme0c1n1") && !is_head("nvme0") && !is_head("sda")
+        );
         // Not there yet: no device node.
         assert!(
             k.wait_device("11111111-1111-4111-8111-111111111111", Duration::ZERO)

@@ -3,7 +3,9 @@
 //! namespace and the CSI controller, which creates an ext4, an xfs and a raw block volume and publishes them to
 //! `app-1`. The guest stages, publishes, writes, unpublishes, unstages and stages again (files intact, never
 //! reformatted), checks stats and the spec's answers to repeated and conflicting calls, and unstages a volume whose
-//! target the host killed (no hang). Needs root (network namespace) and QEMU.
+//! target the host killed (no hang). A second test follows one claim's whole life: a 3-replica volume published,
+//! written with verified fio in the guest, snapshotted, restored into a new volume that holds the snapshot's moment,
+//! and everything deleted with nothing left in any pool. Needs root (network namespace) and QEMU.
 
 #![allow(clippy::unwrap_used)]
 
@@ -102,17 +104,22 @@ async fn provision(
     (v.volume_id, ctx)
 }
 
-#[test]
-fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
-    let test = "the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel";
-    if !vm::allowed(test) {
-        return;
-    }
-    let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let ns = Netns::create("keelson-e2e-csi", "kvtap4").unwrap();
+/// A cluster agent and three io-engines in a network namespace, the CSI controller on a Unix socket in it.
+struct Cluster {
+    ns: Netns,
+    logs: std::path::PathBuf,
+    engines: Vec<Option<Process>>,
+    socket: std::path::PathBuf,
+    rt: tokio::runtime::Runtime,
+    _agent: Process,
+    _csi: Process,
+}
+
+fn cluster(name: &str, tap: &str) -> Cluster {
+    let ns = Netns::create(name, tap).unwrap();
     let logs = vm::tempdir().unwrap();
-    let _agent = cluster_agent(&ns, &logs, "cluster-agent", "").unwrap();
-    let mut engines: Vec<Option<Process>> = (1..=3)
+    let agent = cluster_agent(&ns, &logs, "cluster-agent", "").unwrap();
+    let engines: Vec<Option<Process>> = (1..=3)
         .map(|i| Some(engine(&ns, &logs, i).unwrap()))
         .collect();
     all_online(&ns, 3).unwrap();
@@ -122,9 +129,85 @@ fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
         .args(["--mode", "controller", "--endpoint"])
         .arg(format!("unix://{}", socket.display()))
         .args(["--cluster-agent", &format!("http://{AGENT}")]);
-    let _csi = Process::spawn("csi-controller", cmd, &logs).unwrap();
+    let csi = Process::spawn("csi-controller", cmd, &logs).unwrap();
+    Cluster {
+        ns,
+        logs,
+        engines,
+        socket,
+        rt: tokio::runtime::Runtime::new().unwrap(),
+        _agent: agent,
+        _csi: csi,
+    }
+}
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
+/// A guest job directory with `jobs/<name>/run.sh`, the node plugin and keelctl.
+fn job(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let tmp = vm::tempdir().unwrap();
+    let job = tmp.join("job");
+    std::fs::create_dir_all(&job).unwrap();
+    std::fs::copy(
+        bins::workspace().join(format!("e2e/vm/jobs/{name}/run.sh")),
+        job.join("run.sh"),
+    )
+    .unwrap();
+    stage_binary(&job, "csi-driver").unwrap();
+    stage_binary(&job, "keelctl").unwrap();
+    (tmp, job)
+}
+
+/// Serves `answer` (one line) to the guest on the acknowledgement port.
+fn answer(ns: &Netns, dir: &Path, answer: &str) -> anyhow::Result<std::process::Child> {
+    let f = dir.join("answer");
+    std::fs::write(&f, format!("{answer}\n"))?;
+    Ok(ns
+        .command("socat")
+        .arg(format!(
+            "TCP-LISTEN:{ACK_PORT},bind=10.200.0.1,fork,reuseaddr"
+        ))
+        .arg(format!("EXEC:cat {}", f.display()))
+        .spawn()?)
+}
+
+/// Waits until no pool of any node holds a replica.
+fn pools_empty(ns: &Netns) {
+    let t = std::time::Instant::now();
+    loop {
+        let out = keelctl(ns, &["get", "-o", "json", "nodes"]).unwrap();
+        let held: Vec<String> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .flat_map(|n| n["pools"].as_array().cloned().unwrap_or_default())
+            .filter(|p| p["committed"].as_u64() != Some(0))
+            .map(|p| p.to_string())
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "pools still hold replicas: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
+    let test = "the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel";
+    if !vm::allowed(test) {
+        return;
+    }
+    let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let Cluster {
+        ns,
+        logs,
+        mut engines,
+        socket,
+        rt,
+        _agent: _keep_agent,
+        _csi: _keep_csi,
+    } = cluster("keelson-e2e-csi", "kvtap4");
     let (volumes, host_nqn) = rt.block_on(async {
         let mut c = controller(&socket).await;
         let ext4 = provision(&mut c, "pvc-ext4", 64 * MIB, "2", false, "ext4").await;
@@ -136,16 +219,7 @@ fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
     });
     assert_eq!(host_nqn, "nqn.2026-11.io.keelson:host-app-1");
 
-    let tmp = vm::tempdir().unwrap();
-    let job = tmp.join("job");
-    std::fs::create_dir_all(&job).unwrap();
-    std::fs::copy(
-        bins::workspace().join("e2e/vm/jobs/csi-node/run.sh"),
-        job.join("run.sh"),
-    )
-    .unwrap();
-    stage_binary(&job, "csi-driver").unwrap();
-    stage_binary(&job, "keelctl").unwrap();
+    let (tmp, job) = job("csi-node");
     let mut params: Vec<(&str, String)> = vec![
         ("HOSTNQN", host_nqn),
         ("AGENT", format!("http://{AGENT}")),
@@ -180,14 +254,7 @@ fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
         drop(engines[i].take());
         println!("host: killed {node}, which served the ext4 volume's nexus");
         killed = Some(i);
-        ack = Some(
-            ns.command("socat")
-                .arg(format!(
-                    "TCP-LISTEN:{ACK_PORT},bind=10.200.0.1,fork,reuseaddr"
-                ))
-                .arg("EXEC:/bin/true")
-                .spawn()?,
-        );
+        ack = Some(answer(&ns, &logs, "true")?);
         Ok(())
     })
     .unwrap();
@@ -227,5 +294,132 @@ fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
     });
     let left = keelctl(&ns, &["get", "-o", "json", "volumes"]).unwrap();
     assert!(left.trim().is_empty(), "volumes left: {left}");
+    pools_empty(&ns);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn a_claims_life_create_publish_write_snapshot_restore_delete_on_the_real_kernel() {
+    let test = "a_claims_life_create_publish_write_snapshot_restore_delete_on_the_real_kernel";
+    if !vm::allowed(test) {
+        return;
+    }
+    let _vm = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let c = cluster("keelson-e2e-claim", "kvtap5");
+    let (vol, ctx) = c.rt.block_on(async {
+        let mut ctl = controller(&c.socket).await;
+        provision(&mut ctl, "pvc-claim", 64 * MIB, "3", false, "ext4").await
+    });
+    let (tmp, job) = job("csi-claim");
+    let params: Vec<(&str, String)> = vec![
+        ("VOL", vol.clone()),
+        ("NQN", ctx["nqn"].clone()),
+        ("ADDR", ctx["targetAddresses"].clone()),
+        ("HOSTNQN", ctx["hostNqn"].clone()),
+        ("AGENT", format!("http://{AGENT}")),
+        ("ACK_HOST", "10.200.0.1".into()),
+        ("ACK_PORT", ACK_PORT.to_string()),
+    ];
+    let mut ack: Option<std::process::Child> = None;
+    let mut made: Option<(String, String)> = None;
+    let out = vm::run_job(&c.ns, &job, &params, Duration::from_secs(900), |req| {
+        if req != "snapshot-and-restore" {
+            anyhow::bail!("unknown request {req}");
+        }
+        let (snap, rvol, rctx) = c.rt.block_on(async {
+            let mut ctl = controller(&c.socket).await;
+            let snap = ctl
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: vol.clone(),
+                    name: "snap-claim".into(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            let v = ctl
+                .create_volume(CreateVolumeRequest {
+                    name: "pvc-restored".into(),
+                    volume_capabilities: vec![capability(false, "ext4")],
+                    parameters: [("repl".to_string(), "2".to_string())].into(),
+                    volume_content_source: Some(VolumeContentSource {
+                        r#type: Some(volume_content_source::Type::Snapshot(
+                            volume_content_source::SnapshotSource {
+                                snapshot_id: snap.snapshot_id.clone(),
+                            },
+                        )),
+                    }),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            let ctx = ctl
+                .controller_publish_volume(ControllerPublishVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    node_id: "app-1".into(),
+                    volume_capability: Some(capability(false, "ext4")),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .publish_context;
+            Ok::<_, tonic::Status>((snap.snapshot_id, v.volume_id, ctx))
+        })?;
+        println!("host: snapshot {snap} of {vol}, restored as {rvol}");
+        ack = Some(answer(
+            &c.ns,
+            &c.logs,
+            &format!(
+                "RVOL={rvol} RNQN={} RADDR={}",
+                rctx["nqn"], rctx["targetAddresses"]
+            ),
+        )?);
+        made = Some((snap, rvol));
+        Ok(())
+    })
+    .unwrap();
+    if let Some(mut a) = ack.take() {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    println!("{}", out.output);
+    assert!(
+        out.success && out.output.contains("ALL-OK"),
+        "guest job failed:\n{}",
+        out.output
+    );
+    // Everything deleted: volumes, snapshot; no pool holds anything.
+    let (snap, rvol) = made.unwrap();
+    c.rt.block_on(async {
+        let mut ctl = controller(&c.socket).await;
+        for id in [&rvol, &vol] {
+            ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: "app-1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            ctl.delete_volume(DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        ctl.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let left = keelctl(&c.ns, &["get", "-o", "json", "volumes"]).unwrap();
+    assert!(left.trim().is_empty(), "volumes left: {left}");
+    pools_empty(&c.ns);
+    drop(c.engines);
     let _ = std::fs::remove_dir_all(&tmp);
 }
