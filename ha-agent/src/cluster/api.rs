@@ -121,6 +121,13 @@ fn parse_uuid(s: &str) -> Result<uuid::Uuid, Status> {
 
 async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
     let (state, listed) = volumes.state(&r).await;
+    let mut reason = r.reason.clone();
+    if reason.is_empty() && state != "Online" {
+        let down = volumes.replicas_on_down_nodes(&r).await;
+        if !down.is_empty() {
+            reason = format!("replica node(s) not Online: {}", down.join(", "));
+        }
+    }
     let nexus = r.nexus.clone().filter(|n| n.published);
     let child = |id: &uuid::Uuid| {
         listed
@@ -223,7 +230,7 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
             .as_ref()
             .map(|n| n.host_nqn.clone())
             .unwrap_or_default(),
-        reason: r.reason,
+        reason,
     }
 }
 

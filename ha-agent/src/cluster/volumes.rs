@@ -806,9 +806,30 @@ impl Volumes {
                 .nexuses
                 .into_iter()
                 .find(|x| x.uuid == r.uuid.to_string());
-            return (nexus_state(r, found.as_ref()), found);
+            let mut state = nexus_state(r, found.as_ref());
+            // A replica whose node is down is not noticed by the nexus until its next write to it.
+            if state == "Online" && !self.replicas_on_down_nodes(r).await.is_empty() {
+                state = "Degraded";
+            }
+            return (state, found);
         }
         (self.unpublished_state(r).await, None)
+    }
+
+    /// The nodes of `r`'s replicas that are not Online in the registry.
+    pub async fn replicas_on_down_nodes(&self, r: &VolumeRecord) -> Vec<String> {
+        let mut down = Vec::new();
+        for rep in &r.replicas {
+            let online = self
+                .registry
+                .get(&rep.node)
+                .await
+                .is_ok_and(|v| v.record.status.state == NodeState::Online);
+            if !online {
+                down.push(rep.node.clone());
+            }
+        }
+        down
     }
 
     /// An unpublished volume's state: Online with every replica on an Online node, Faulted with none.
