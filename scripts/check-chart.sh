@@ -37,4 +37,38 @@ refuse "several agents on the embedded store" --set clusterAgent.replicas=3
 refuse "an unknown store" --set store.type=sqlite
 refuse "a pool disk that is not a path" --set 'ioEngine.pools.n1[0].name=p' --set 'ioEngine.pools.n1[0].disk=sdb'
 refuse "an unknown value" --set ioEngine.cores=4
+# Every KEELSON_* variable and --flag a container gives one of Keelson's binaries is one that binary reads (a typo
+# would be ignored silently): checked against each binary's --help.
+BIN=${KEELSON_BIN_DIR:-target/debug}
+for b in io-engine cluster-agent node-agent csi-driver; do
+    [ -x "$BIN/$b" ] || { echo "chart: $BIN/$b is missing (cargo build --workspace --bins first)" >&2; exit 1; }
+    "$BIN/$b" --help > "$OUT/$b.help"
+done
+python3 - "$OUT" "$OUT"/default.yaml "$OUT"/etcd-values.yaml <<'PY'
+import re, sys, yaml
+out, files = sys.argv[1], sys.argv[2:]
+bins = ["io-engine", "cluster-agent", "node-agent", "csi-driver"]
+helps = {b: open(f"{out}/{b}.help").read() for b in bins}
+bad = []
+for f in files:
+    for doc in yaml.safe_load_all(open(f)):
+        spec = (doc or {}).get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []):
+            words = " ".join(c.get("command", []) + c.get("args", []))
+            binary = next((b for b in bins if re.search(rf"(^|[\s/]){b}(\s|$)", words)), None)
+            if binary is None:
+                continue
+            h = helps[binary]
+            for e in c.get("env", []):
+                n = e["name"]
+                if n.startswith(("KEELSON_", "CSI_")) and f"env: {n}=" not in h:
+                    bad.append(f"{doc['metadata']['name']}/{c['name']}: {binary} reads no {n}")
+            for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", words):
+                if not re.search(rf"{re.escape(flag)}[ =<,\n]", h):
+                    bad.append(f"{doc['metadata']['name']}/{c['name']}: {binary} has no {flag}")
+if bad:
+    print("\n".join(bad), file=sys.stderr)
+    sys.exit(1)
+PY
+echo "chart: every variable and flag given to a Keelson binary is one it reads"
 echo "chart: OK"

@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo fmt --all --manifest-path nvmf-target/fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-./scripts/check-chart.sh
 cargo build --workspace --bins
+./scripts/check-chart.sh
 KEELSON_REQUIRE_PRIVILEGED=1 cargo test --workspace
 # The control-plane scale benchmark, small, so that it keeps working (scripts/bench-scale.sh runs it at scale).
 cargo test -q -p ha-agent --bench scale -- --nodes 20 --volumes 60 --faults 5 --agent "$PWD/target/debug/cluster-agent"
