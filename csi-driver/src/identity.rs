@@ -1,5 +1,6 @@
-//! The Identity service: who the plugin is, what it offers, and whether it is ready (it is when the cluster agent
-//! answers: without it no call can do anything).
+//! The Identity service: who the plugin is, what it offers, and whether it is ready: a controller is when the
+//! cluster agent answers (without it no controller call can do anything); a node-only plugin needs only the
+//! kernel, so it stays ready (and is not restarted by its liveness probe) while the agent is away.
 
 use std::sync::Arc;
 
@@ -15,11 +16,12 @@ use tonic::{Request, Response, Status};
 use crate::agent::Agent;
 
 pub struct IdentityService {
-    agent: Arc<Agent>,
+    /// The cluster agent, when readiness depends on it (controller and all modes).
+    agent: Option<Arc<Agent>>,
 }
 
 impl IdentityService {
-    pub fn new(agent: Arc<Agent>) -> IdentityService {
+    pub fn new(agent: Option<Arc<Agent>>) -> IdentityService {
         IdentityService { agent }
     }
 }
@@ -60,11 +62,15 @@ impl Identity for IdentityService {
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        let ready = self
-            .agent
-            .call(|mut c| async move { c.list_nodes(proto::cluster::ListNodesRequest {}).await })
-            .await
-            .is_ok();
+        let ready = match &self.agent {
+            Some(a) => a
+                .call(
+                    |mut c| async move { c.list_nodes(proto::cluster::ListNodesRequest {}).await },
+                )
+                .await
+                .is_ok(),
+            None => true,
+        };
         Ok(Response::new(ProbeResponse { ready: Some(ready) }))
     }
 }

@@ -85,3 +85,68 @@ fn the_driver_refuses_a_bad_endpoint_and_a_missing_agent_address() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// csi-driver in `mode` on a socket in `dir`, its agent address answering nothing.
+fn driver_in(dir: &std::path::Path, mode: &str) -> (e2e::process::Process, std::path::PathBuf) {
+    let sock = dir.join(format!("{mode}.sock"));
+    let mut cmd = std::process::Command::new(e2e::bins::path("csi-driver"));
+    cmd.args(["--mode", mode, "--node-name", "worker-7", "--endpoint"])
+        .arg(format!("unix://{}", sock.display()))
+        .args([
+            "--cluster-agent",
+            &format!("http://127.0.0.1:{}", free_port("127.0.0.1")),
+        ]);
+    (e2e::process::Process::spawn(mode, cmd, dir).unwrap(), sock)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_plugin_is_ready_without_the_agent_and_each_mode_serves_its_services() {
+    use proto::csi::controller_client::ControllerClient;
+    use proto::csi::node_client::NodeClient;
+    let dir = tempfile::tempdir().unwrap();
+
+    // Node mode: ready with no agent (its liveness probe must not restart it while the agent is away); the Node
+    // service answers from this node; no Controller service.
+    let (_n, sock) = driver_in(dir.path(), "node");
+    let ch = connect(&sock).await;
+    let mut id = proto::csi::identity_client::IdentityClient::new(ch.clone());
+    assert_eq!(
+        id.probe(ProbeRequest {}).await.unwrap().into_inner().ready,
+        Some(true)
+    );
+    let info = NodeClient::new(ch.clone())
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "worker-7");
+    assert_eq!(
+        info.accessible_topology.unwrap().segments["topology.keelson.io/node"],
+        "worker-7"
+    );
+    let caps = ControllerClient::new(ch)
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await;
+    assert_eq!(caps.unwrap_err().code(), tonic::Code::Unimplemented);
+
+    // All: both services; readiness follows the (absent) agent.
+    let (_a, sock) = driver_in(dir.path(), "all");
+    let ch = connect(&sock).await;
+    assert!(
+        ControllerClient::new(ch.clone())
+            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+            .await
+            .is_ok()
+    );
+    assert!(
+        NodeClient::new(ch.clone())
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await
+            .is_ok()
+    );
+    let mut id = proto::csi::identity_client::IdentityClient::new(ch);
+    assert_eq!(
+        id.probe(ProbeRequest {}).await.unwrap().into_inner().ready,
+        Some(false)
+    );
+}
