@@ -229,13 +229,17 @@ impl Subsystem {
     }
 
     /// Registers a controller built by `make` under the lowest free ID in `range`.
+    /// Registers a new controller under a free ID of `range`, searched from a random point of it: the same
+    /// subsystem is exported by another node's nexus after a switch-over, and the host refuses a second controller
+    /// with an ID it still holds, so two nodes must not both hand out the lowest free one. Disjoint ranges per node
+    /// (`--cntlid-range`) rule a clash out; without them one is as unlikely as two random picks meeting.
     pub fn add_controller(
         &self,
         range: std::ops::RangeInclusive<u16>,
         make: impl FnOnce(u16) -> Arc<Controller>,
     ) -> Option<Arc<Controller>> {
         let mut m = self.ctrls();
-        let id = range.into_iter().find(|id| !m.contains_key(id))?;
+        let id = free_id(range, random(), |id| m.contains_key(&id))?;
         let c = make(id);
         m.insert(id, c.clone());
         Some(c)
@@ -243,5 +247,53 @@ impl Subsystem {
 
     pub fn remove_controller(&self, cntlid: u16) {
         self.ctrls().remove(&cntlid);
+    }
+}
+
+/// A random number (std's per-instance hasher keys come from the OS's random source).
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// The first ID of `range`, going round from `seed`, that is not `taken`.
+fn free_id(
+    range: std::ops::RangeInclusive<u16>,
+    seed: u64,
+    taken: impl Fn(u16) -> bool,
+) -> Option<u16> {
+    let (lo, hi) = (u32::from(*range.start()), u32::from(*range.end()));
+    if hi < lo {
+        return None;
+    }
+    let n = hi - lo + 1;
+    let start = (seed % u64::from(n)) as u32;
+    (0..n)
+        .map(|i| (lo + (start + i) % n) as u16)
+        .find(|id| !taken(*id))
+}
+
+#[cfg(test)]
+mod cntlid_tests {
+    use super::*;
+
+    #[test]
+    fn ids_come_from_the_range_from_a_random_start_until_it_is_full() {
+        let mut held = BTreeSet::new();
+        for seed in [7u64, 0, u64::MAX] {
+            let id = free_id(10..=12, seed, |id| held.contains(&id)).unwrap();
+            assert!((10..=12).contains(&id));
+            held.insert(id);
+        }
+        assert_eq!(held.len(), 3);
+        assert_eq!(free_id(10..=12, 5, |id| held.contains(&id)), None);
+        assert_eq!(free_id(5..=5, 99, |_| false), Some(5));
+        // Two nodes exporting one subsystem do not both start at the lowest ID.
+        let firsts: BTreeSet<u16> = (0..20)
+            .map(|_| free_id(1..=0xFFEF, random(), |_| false).unwrap())
+            .collect();
+        assert!(firsts.len() > 1, "{firsts:?}");
     }
 }
