@@ -142,7 +142,7 @@ fn volume_id(id: &str) -> Result<Option<Uuid>, Status> {
 }
 
 /// The size to provision for `range`: the required bytes rounded up to the block, else the default (or the
-/// limit, if smaller); OUT_OF_RANGE when no size fits.
+/// limit, if smaller); OUT_OF_RANGE when no size fits. A range must set one of its bounds (the spec says so).
 pub fn size_for(range: Option<&CapacityRange>) -> Result<u64, Status> {
     let Some(r) = range else {
         return Ok(DEFAULT_SIZE);
@@ -157,7 +157,11 @@ pub fn size_for(range: Option<&CapacityRange>) -> Result<u64, Status> {
         )));
     }
     let size = match (req, limit) {
-        (0, 0) => DEFAULT_SIZE,
+        (0, 0) => {
+            return Err(invalid(
+                "capacity_range sets neither required_bytes nor limit_bytes",
+            ));
+        }
         (0, l) => DEFAULT_SIZE.min(l / SIZE_ALIGN * SIZE_ALIGN),
         (r, _) => r.div_ceil(SIZE_ALIGN) * SIZE_ALIGN,
     };
@@ -786,7 +790,10 @@ mod tests {
     #[test]
     fn sizes_from_capacity_ranges() {
         assert_eq!(size_for(None).unwrap(), DEFAULT_SIZE);
-        assert_eq!(size_for(range(0, 0).as_ref()).unwrap(), DEFAULT_SIZE);
+        assert_eq!(
+            size_for(range(0, 0).as_ref()).unwrap_err().code(),
+            Code::InvalidArgument
+        );
         assert_eq!(size_for(range(1000, 0).as_ref()).unwrap(), 1024);
         assert_eq!(size_for(range(0, 4096).as_ref()).unwrap(), 4096);
         assert_eq!(size_for(range(4096, 4096).as_ref()).unwrap(), 4096);

@@ -217,6 +217,12 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
             "largest volume",
         ),
         (
+            "capacity 0",
+            create("pvc-b", 0, &[]),
+            Code::InvalidArgument,
+            "capacity_range",
+        ),
+        (
             "more replicas than nodes",
             create("pvc-b", MIB, &[("repl", "4")]),
             Code::ResourceExhausted,

@@ -156,8 +156,13 @@ async fn snapshots_and_clones_hold_the_data_they_were_taken_from() {
     assert_eq!(got.snapshot.unwrap().snapshot_id, s.snapshot_id);
 
     // A volume from the first snapshot holds the first data; a clone of the volume holds the second.
+    // bytes 0: no capacity range (the source's size).
     let from = |name: &str, src: SourceType, bytes: i64| CreateVolumeRequest {
         volume_content_source: Some(VolumeContentSource { r#type: Some(src) }),
+        capacity_range: (bytes > 0).then_some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
         ..create(name, bytes, &[("repl", "2")])
     };
     let snap_src = SourceType::Snapshot(SnapshotSource {
