@@ -132,3 +132,15 @@ pub fn all_online(ns: &Netns, n: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Serves `answer` (one line) to the guest on 10.200.0.1:`port` until killed: how the host tells a job waiting
+/// after an `@@HOST` request that it is done (and what it made, if the job reads the line).
+pub fn answer(ns: &Netns, dir: &Path, port: u16, answer: &str) -> Result<std::process::Child> {
+    let f = dir.join(format!("answer-{port}"));
+    std::fs::write(&f, format!("{answer}\n"))?;
+    Ok(ns
+        .command("socat")
+        .arg(format!("TCP-LISTEN:{port},bind=10.200.0.1,fork,reuseaddr"))
+        .arg(format!("EXEC:cat {}", f.display()))
+        .spawn()?)
+}

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e::bins;
-use e2e::cluster::{AGENT, all_online, cluster_agent, engine, keelctl, stage_binary};
+use e2e::cluster::{AGENT, all_online, answer, cluster_agent, engine, keelctl, stage_binary};
 use e2e::netns::Netns;
 use e2e::process::Process;
 use e2e::vm::{self, VM_LOCK};
@@ -22,31 +22,39 @@ use proto::csi::controller_client::ControllerClient;
 use proto::csi::volume_capability::access_mode::Mode;
 use proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use proto::csi::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const ACK_PORT: u16 = 4441;
 const MIB: i64 = 1 << 20;
 
 async fn controller(socket: &Path) -> ControllerClient<Channel> {
-    let path = socket.to_path_buf();
     for _ in 0..200 {
-        let p = path.clone();
-        let ch = Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let p = p.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
-            }))
-            .await;
-        if let Ok(ch) = ch {
+        if let Ok(ch) = proto::unix::channel(&socket.display().to_string()).await {
             return ControllerClient::new(ch);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no CSI controller on {}", path.display());
+    panic!("no CSI controller on {}", socket.display());
+}
+
+/// ControllerUnpublishVolume from `app-1` and DeleteVolume of each of `ids`.
+async fn unpublish_and_delete(socket: &Path, ids: &[&String]) {
+    let mut c = controller(socket).await;
+    for id in ids {
+        c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: id.to_string(),
+            node_id: "app-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
 }
 
 fn capability(block: bool, fs: &str) -> VolumeCapability {
@@ -156,19 +164,6 @@ fn job(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     (tmp, job)
 }
 
-/// Serves `answer` (one line) to the guest on the acknowledgement port.
-fn answer(ns: &Netns, dir: &Path, answer: &str) -> anyhow::Result<std::process::Child> {
-    let f = dir.join("answer");
-    std::fs::write(&f, format!("{answer}\n"))?;
-    Ok(ns
-        .command("socat")
-        .arg(format!(
-            "TCP-LISTEN:{ACK_PORT},bind=10.200.0.1,fork,reuseaddr"
-        ))
-        .arg(format!("EXEC:cat {}", f.display()))
-        .spawn()?)
-}
-
 /// Waits until no pool of any node holds a replica.
 fn pools_empty(ns: &Netns) {
     let t = std::time::Instant::now();
@@ -254,7 +249,7 @@ fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
         drop(engines[i].take());
         println!("host: killed {node}, which served the ext4 volume's nexus");
         killed = Some(i);
-        ack = Some(answer(&ns, &logs, "true")?);
+        ack = Some(answer(&ns, &logs, ACK_PORT, "true")?);
         Ok(())
     })
     .unwrap();
@@ -274,24 +269,8 @@ fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
         engines[i] = Some(engine(&ns, &logs, i as u32 + 1).unwrap());
         all_online(&ns, 3).unwrap();
     }
-    rt.block_on(async {
-        let mut c = controller(&socket).await;
-        for (_, (id, _)) in &volumes {
-            c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                node_id: "app-1".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            c.delete_volume(DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
-    });
+    let ids: Vec<&String> = volumes.iter().map(|(_, (id, _))| id).collect();
+    rt.block_on(unpublish_and_delete(&socket, &ids));
     let left = keelctl(&ns, &["get", "-o", "json", "volumes"]).unwrap();
     assert!(left.trim().is_empty(), "volumes left: {left}");
     pools_empty(&ns);
@@ -372,6 +351,7 @@ fn a_claims_life_create_publish_write_snapshot_restore_delete_on_the_real_kernel
         ack = Some(answer(
             &c.ns,
             &c.logs,
+            ACK_PORT,
             &format!(
                 "RVOL={rvol} RNQN={} RADDR={}",
                 rctx["nqn"], rctx["targetAddresses"]
@@ -394,22 +374,8 @@ fn a_claims_life_create_publish_write_snapshot_restore_delete_on_the_real_kernel
     // Everything deleted: volumes, snapshot; no pool holds anything.
     let (snap, rvol) = made.unwrap();
     c.rt.block_on(async {
+        unpublish_and_delete(&c.socket, &[&rvol, &vol]).await;
         let mut ctl = controller(&c.socket).await;
-        for id in [&rvol, &vol] {
-            ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-                volume_id: id.clone(),
-                node_id: "app-1".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            ctl.delete_volume(DeleteVolumeRequest {
-                volume_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
         ctl.delete_snapshot(DeleteSnapshotRequest {
             snapshot_id: snap,
             ..Default::default()

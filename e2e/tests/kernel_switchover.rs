@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use e2e::bins;
-use e2e::cluster::{AGENT, all_online, cluster_agent, engine, engine_ip, keelctl, stage_binary};
+use e2e::cluster::{
+    AGENT, all_online, answer, cluster_agent, engine, engine_ip, keelctl, stage_binary,
+};
 use e2e::netns::Netns;
 use e2e::process::Process;
 use e2e::vm::{self, VM_LOCK};
@@ -207,14 +209,7 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            ack = Some(
-                ns.command("socat")
-                    .arg(format!(
-                        "TCP-LISTEN:{ACK_PORT},bind=10.200.0.1,fork,reuseaddr"
-                    ))
-                    .arg("EXEC:/bin/true")
-                    .spawn()?,
-            );
+            ack = Some(answer(&ns, &logs, ACK_PORT, "")?);
         } else {
             bail!("unknown request {req}");
         }

@@ -11,7 +11,7 @@ use proto::csi::node_client::NodeClient;
 use proto::csi::volume_capability::access_mode::Mode;
 use proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use proto::csi::*;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Subcommand)]
 pub enum CsiCmd {
@@ -86,19 +86,7 @@ impl Cap {
 }
 
 async fn connect(endpoint: &str) -> Result<Channel> {
-    let path = endpoint
-        .strip_prefix("unix://")
-        .unwrap_or(endpoint)
-        .to_string();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
+    proto::unix::channel(endpoint)
         .await
         .with_context(|| format!("connecting to {endpoint}"))
 }

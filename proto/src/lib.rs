@@ -3,11 +3,13 @@
 //! - [`engine`]: the management API of `io-engine` (subsystems, namespaces, listeners, hosts, ANA).
 //! - [`cluster`]: the cluster agent's API (the node registry, pools and volumes).
 //! - [`csi`]: the Container Storage Interface, as Kubernetes' sidecars and kubelet speak it.
+//! - [`unix`]: dialling a gRPC server on a Unix socket (a CSI plugin).
 //! - [`names`]: NQNs and child URIs every process builds the same way.
 
 #![allow(clippy::all, missing_docs)]
 
 pub mod names;
+pub mod unix;
 
 /// `keelson.engine.v1`: the management API served by every `io-engine`.
 pub mod engine {

@@ -14,7 +14,7 @@ use proto::csi::controller_client::ControllerClient;
 use proto::csi::identity_client::IdentityClient;
 use proto::csi::volume_capability::access_mode::Mode;
 use proto::csi::{ControllerPublishVolumeRequest, ControllerUnpublishVolumeRequest};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0))
@@ -73,26 +73,14 @@ pub fn driver(dir: &Path, name: &str, socket: &Path, agent_url: &str) -> Process
     Process::spawn(name, cmd, dir).unwrap()
 }
 
-/// A channel to the driver's socket.
+/// A channel to the driver's socket, waiting for it to serve.
 pub async fn connect(socket: &Path) -> Channel {
-    let path = socket.to_path_buf();
     let t = Instant::now();
     loop {
-        let p = path.clone();
-        let r = Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let p = p.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
-            }))
-            .await;
-        match r {
+        match proto::unix::channel(&socket.display().to_string()).await {
             Ok(ch) => return ch,
             Err(e) if t.elapsed() > Duration::from_secs(20) => {
-                panic!("no driver on {}: {e}", path.display())
+                panic!("no driver on {}: {e}", socket.display())
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
