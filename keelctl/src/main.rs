@@ -196,6 +196,12 @@ enum EngineCmd {
         uuid: String,
         snapshot_uuid: String,
     },
+    /// Grow a nexus online once its children have grown; connected hosts are told.
+    ResizeNexus {
+        uuid: String,
+        #[arg(value_parser = storage::size)]
+        size: u64,
+    },
     /// Stop a nexus's I/O for good (unpublished, I/O fails); destroy it later.
     ShutdownNexus {
         uuid: String,
@@ -448,6 +454,11 @@ async fn main() -> Result<()> {
                 println!("snapshot on {child}");
             }
         }
+        EngineCmd::ResizeNexus { uuid, size } => print_nexus(
+            &c.resize_nexus(pb::ResizeNexusRequest { uuid, size })
+                .await?
+                .into_inner(),
+        ),
         EngineCmd::ShutdownNexus { uuid } => print_nexus(
             &c.shutdown_nexus(pb::ShutdownNexusRequest { uuid })
                 .await?

@@ -9,7 +9,7 @@ use proto::engine::engine_client::EngineClient;
 use tonic::transport::Channel;
 
 /// Bytes, with an optional KiB/MiB/GiB/TiB (or K/M/G/T) suffix.
-fn size(s: &str) -> Result<u64, String> {
+pub fn size(s: &str) -> Result<u64, String> {
     let units = [("t", 40), ("g", 30), ("m", 20), ("k", 10)];
     let lower = s.trim().to_ascii_lowercase();
     let lower = lower.trim_end_matches("ib").trim_end_matches('b');
@@ -67,6 +67,12 @@ pub enum ReplicaCmd {
     },
     Destroy {
         uuid: String,
+    },
+    /// Grow a replica online (never shrinks).
+    Resize {
+        uuid: String,
+        #[arg(value_parser = size)]
+        size: u64,
     },
     /// Export a replica (or change who may connect).
     Share {
@@ -205,6 +211,11 @@ pub async fn replica(c: &mut EngineClient<Channel>, cmd: ReplicaCmd) -> Result<(
             c.destroy_replica(pb::DestroyReplicaRequest { uuid })
                 .await?;
         }
+        ReplicaCmd::Resize { uuid, size } => print_replica(
+            &c.resize_replica(pb::ResizeReplicaRequest { uuid, size })
+                .await?
+                .into_inner(),
+        ),
         ReplicaCmd::Share { uuid, hosts } => {
             let req = pb::ShareReplicaRequest {
                 uuid,

@@ -634,6 +634,40 @@ impl Engine for Svc {
     ) -> Result<Response<pb::Reservation>, Status> {
         unimplemented("reservations")
     }
+    async fn resize_replica(
+        &self,
+        r: Request<pb::ResizeReplicaRequest>,
+    ) -> Result<Response<pb::Replica>, Status> {
+        let r = r.into_inner();
+        let mut st = self.0.state();
+        let x = st
+            .replicas
+            .get_mut(&r.uuid)
+            .ok_or_else(|| Status::not_found(r.uuid.clone()))?;
+        if r.size < x.size {
+            return Err(Status::invalid_argument("replicas never shrink"));
+        }
+        x.size = r.size;
+        Ok(Response::new(x.clone()))
+    }
+
+    async fn resize_nexus(
+        &self,
+        r: Request<pb::ResizeNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let mut st = self.0.state();
+        let n = st
+            .nexuses
+            .get_mut(&r.uuid)
+            .ok_or_else(|| Status::not_found(r.uuid.clone()))?;
+        if r.size < n.size {
+            return Err(Status::invalid_argument("volumes never shrink"));
+        }
+        n.size = r.size;
+        Ok(Response::new(SimEngine::nexus_view(&r.uuid, n)))
+    }
+
     async fn snapshot_nexus(
         &self,
         _: Request<pb::SnapshotNexusRequest>,

@@ -153,6 +153,14 @@ pub async fn share_replica(
     Ok(replica(engine, &info))
 }
 
+pub async fn resize_replica(
+    engine: &Engine,
+    r: pb::ResizeReplicaRequest,
+) -> Result<pb::Replica, Status> {
+    let info = engine.resize_replica(&uuid(&r.uuid)?, r.size).await?;
+    Ok(replica(engine, &info))
+}
+
 pub async fn unshare_replica(
     engine: &Engine,
     r: pb::UnshareReplicaRequest,

@@ -319,6 +319,17 @@ impl EngineApi for EngineService {
         self.nexus_reply(&uuid)
     }
 
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, size = r.get_ref().size))]
+    async fn resize_nexus(
+        &self,
+        r: Request<pb::ResizeNexusRequest>,
+    ) -> Result<Response<pb::Nexus>, Status> {
+        let r = r.into_inner();
+        let uuid = convert::uuid(&r.uuid)?;
+        self.engine.resize_nexus(&uuid, r.size).await?;
+        self.nexus_reply(&uuid)
+    }
+
     #[tracing::instrument(skip_all, fields(nqn = %r.get_ref().nqn, nsid = r.get_ref().nsid))]
     async fn inject_fault(
         &self,
@@ -418,6 +429,16 @@ impl EngineApi for EngineService {
     ) -> Result<Response<pb::Replica>, Status> {
         Ok(Response::new(
             pools::unshare_replica(&self.engine, r.into_inner()).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(uuid = %r.get_ref().uuid, size = r.get_ref().size))]
+    async fn resize_replica(
+        &self,
+        r: Request<pb::ResizeReplicaRequest>,
+    ) -> Result<Response<pb::Replica>, Status> {
+        Ok(Response::new(
+            pools::resize_replica(&self.engine, r.into_inner()).await?,
         ))
     }
 

@@ -33,6 +33,10 @@ impl From<EngineError> for Status {
                     Status::failed_precondition(msg)
                 }
                 NexusError::Snapshot { .. } => Status::unavailable(msg),
+                NexusError::ChildNotGrown { .. } | NexusError::Rebuilding(_) => {
+                    Status::failed_precondition(msg)
+                }
+                NexusError::BadSize { .. } => Status::invalid_argument(msg),
                 NexusError::NoChildren
                 | NexusError::BlockSize { .. }
                 | NexusError::TooSmall { .. } => Status::invalid_argument(msg),

@@ -68,6 +68,12 @@ pub trait BlockDevice: Send + Sync + 'static {
         self.num_blocks() * u64::from(self.block_size())
     }
 
+    /// Asks the device for its size again, in blocks (a remote namespace identifies itself anew after its target
+    /// grew it; a local device always knows its size).
+    async fn rescan(&self) -> Result<u64, BlockError> {
+        Ok(self.num_blocks())
+    }
+
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError>;
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError>;
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError>;

@@ -75,6 +75,9 @@ impl BlockDevice for LocalChild {
     fn num_blocks(&self) -> u64 {
         self.ns.device.num_blocks()
     }
+    async fn rescan(&self) -> Result<u64, BlockError> {
+        self.ns.device.rescan().await
+    }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         self.check(Access::ReadsData)?;
         let start = std::time::Instant::now();

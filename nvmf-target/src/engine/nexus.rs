@@ -347,6 +347,28 @@ impl Engine {
             })
     }
 
+    /// Grows the nexus to `size` bytes (its children grew first) and tells the hosts connected to its subsystem.
+    pub async fn resize_nexus(&self, uuid: &uuid::Uuid, size: u64) -> Result<(), EngineError> {
+        let nexus = self.nexus_or_not_found(uuid)?;
+        let grew = nexus
+            .grow(size)
+            .await
+            .map_err(|source| EngineError::Nexus {
+                uuid: *uuid,
+                source,
+            })?;
+        // Told again on a repeated request too: a host that missed the notice (it reconnected meanwhile) rescans.
+        if let Some((_, Some(nqn))) = self.nexus(uuid)
+            && let Some(sub) = self.target().subsystem(nqn.as_str())
+        {
+            sub.notify_namespace_changed(1);
+        }
+        if grew {
+            tracing::info!(%uuid, size, "nexus resized");
+        }
+        Ok(())
+    }
+
     /// Takes a crash-consistent snapshot `snapshot` of the volume on every healthy child; returns their URIs.
     pub async fn snapshot_nexus(
         &self,

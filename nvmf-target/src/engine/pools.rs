@@ -375,6 +375,16 @@ impl Engine {
         self.replica(uuid)
     }
 
+    /// Grows a replica online (never shrinks); a shared replica's hosts are told of its new size.
+    pub async fn resize_replica(&self, uuid: &Uuid, size: u64) -> Result<ReplicaInfo, EngineError> {
+        let (pool, _) = self.find_replica(uuid)?;
+        pool.resize_replica(*uuid, size).await?;
+        if let Some(sub) = self.target().subsystem(Nqn::replica(uuid).as_str()) {
+            sub.notify_namespace_changed(1);
+        }
+        self.replica(uuid)
+    }
+
     fn export_replica(&self, pool: &Pool, uuid: Uuid, share: &Share) -> Result<(), EngineError> {
         let nqn = Nqn::replica(&uuid);
         if let Some(sub) = self.target().subsystem(nqn.as_str()) {

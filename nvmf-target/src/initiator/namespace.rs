@@ -3,7 +3,7 @@
 //! to `reconnect_wait`) while the supervisor reconnects with exponential backoff.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,7 +37,8 @@ struct Shared {
 pub struct RemoteNamespace {
     shared: Arc<Shared>,
     block_size: u32,
-    num_blocks: u64,
+    /// Grows when the target grew the namespace and [`BlockDevice::rescan`] saw it.
+    num_blocks: AtomicU64,
     max_transfer: u64,
     /// How long I/O waits for a reconnect before failing.
     pub reconnect_wait: Duration,
@@ -111,7 +112,7 @@ impl RemoteNamespace {
         Ok(RemoteNamespace {
             shared,
             block_size: 1 << ns.lbads,
-            num_blocks: ns.nsze,
+            num_blocks: AtomicU64::new(ns.nsze),
             max_transfer,
             reconnect_wait: Duration::from_secs(10),
         })
@@ -238,7 +239,26 @@ impl BlockDevice for RemoteNamespace {
         self.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(Ordering::Acquire)
+    }
+
+    /// Identifies the namespace again. Its size may only grow: a namespace that shrank or changed its block size
+    /// under us is an error, and the size in use stays as it was.
+    async fn rescan(&self) -> Result<u64, BlockError> {
+        let c = self.controller().await?;
+        let ns = c
+            .identify_namespace(self.shared.nsid)
+            .await
+            .map_err(to_block)?;
+        let now = self.num_blocks();
+        if 1u32.checked_shl(u32::from(ns.lbads)) != Some(self.block_size) || ns.nsze < now {
+            return Err(BlockError::Remote(format!(
+                "namespace {} changed from {now} blocks of {} bytes to {} blocks of 2^{} bytes",
+                self.shared.nsid, self.block_size, ns.nsze, ns.lbads
+            )));
+        }
+        self.num_blocks.store(ns.nsze, Ordering::Release);
+        Ok(ns.nsze)
     }
 
     /// Requests above the target's transfer size go out as concurrent commands, one per piece.

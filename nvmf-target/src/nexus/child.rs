@@ -75,8 +75,8 @@ pub struct Child {
     pub device: Arc<dyn BlockDevice>,
     pub counters: ChildCounters,
     status: Mutex<Status>,
-    /// Device size and segment size of the write log.
-    log_geometry: (u64, u64),
+    /// Device size and segment size of the write log (the size grows with the nexus).
+    log_geometry: Mutex<(u64, u64)>,
 }
 
 /// A snapshot of a child for callers.
@@ -107,7 +107,7 @@ impl Child {
                 rebuild: None,
                 log: None,
             }),
-            log_geometry,
+            log_geometry: Mutex::new(log_geometry),
         }
     }
 
@@ -140,7 +140,7 @@ impl Child {
         tracing::warn!(child = %self.name, reason, "child faulted");
         // Only a child that was complete can catch up from a log; one faulted mid-rebuild needs a full copy.
         if s.state == ChildState::Healthy {
-            let (size, segment) = self.log_geometry;
+            let (size, segment) = *self.log_geometry.lock().unwrap_or_else(|e| e.into_inner());
             s.log = Some(WriteLog {
                 map: SegmentMap::empty(size, segment),
                 since: Instant::now(),
@@ -166,6 +166,18 @@ impl Child {
             since_ms: log.since_ms,
             ranges: vec![(new.start, new.end - new.start)],
         })
+    }
+
+    /// The nexus grew to `size` bytes: a write log kept from now on, or kept already, covers all of it.
+    pub fn grow_log(&self, size: u64) {
+        let mut s = self.st();
+        self.log_geometry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0 = size;
+        if let Some(log) = s.log.as_mut() {
+            log.map.grow(size);
+        }
     }
 
     /// Takes the write log (the child is about to be replaced by its returning self).

@@ -178,7 +178,7 @@ impl BlockDevice for Nexus {
     }
 
     fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(Ordering::Acquire)
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {

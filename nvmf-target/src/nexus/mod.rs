@@ -9,8 +9,10 @@
 //! - `recover`: a new nexus finds, on its children, what a previous nexus recorded about absent children, and
 //!   rebuilds those (partially when it can).
 //! - `snapshot`: crash-consistent volume snapshots (quiesce, flush, snapshot every healthy child).
+//! - `grow`: online growth to the size the children were grown to.
 
 pub mod child;
+mod grow;
 mod io;
 mod recover;
 mod resync;
@@ -48,6 +50,13 @@ pub enum NexusError {
     NoHealthyChild,
     #[error("snapshot of child {child} failed: {reason}")]
     Snapshot { child: String, reason: String },
+    #[error("cannot grow to {size} bytes: {why}")]
+    BadSize { size: u64, why: String },
+    /// A child is not (yet) as large as the nexus is asked to grow to: grow it first.
+    #[error("cannot grow to {want} bytes: child {name} is {got} bytes")]
+    ChildNotGrown { name: String, got: u64, want: u64 },
+    #[error("cannot grow while child {0} is being rebuilt")]
+    Rebuilding(String),
 }
 
 /// Volume-level state.
@@ -130,7 +139,8 @@ impl Default for NexusConfig {
 pub struct Nexus {
     pub name: String,
     block_size: u32,
-    num_blocks: u64,
+    /// Grows online ([`Nexus::grow`]), never shrinks.
+    num_blocks: std::sync::atomic::AtomicU64,
     config: NexusConfig,
     children: RwLock<Vec<Arc<Child>>>,
     next_read: AtomicUsize,
@@ -181,7 +191,7 @@ impl Nexus {
         Ok(Arc::new(Nexus {
             name: name.to_string(),
             block_size,
-            num_blocks,
+            num_blocks: std::sync::atomic::AtomicU64::new(num_blocks),
             config,
             children: RwLock::new(list),
             next_read: AtomicUsize::new(0),

@@ -758,3 +758,130 @@ async fn a_nexus_preempted_by_a_newer_one_stops_writing_at_once() {
             .all(|b| *b == 0)
     );
 }
+
+/// A memory child whose size can grow, as a pool replica's does.
+struct Growable(MemoryDevice, std::sync::atomic::AtomicU64);
+
+impl Growable {
+    fn new(size: u64) -> Arc<Growable> {
+        Arc::new(Growable(
+            MemoryDevice::new(64 << 20, 512),
+            std::sync::atomic::AtomicU64::new(size),
+        ))
+    }
+    fn grow(&self, size: u64) {
+        self.1.store(size, Ordering::Release);
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockDevice for Growable {
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn num_blocks(&self) -> u64 {
+        self.1.load(Ordering::Acquire) / 512
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        crate::block::check_range(offset, len, 512, self.size_bytes())?;
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        crate::block::check_range(offset, data.len() as u64, 512, self.size_bytes())?;
+        self.0.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        crate::block::check_range(offset, len, 512, self.size_bytes())?;
+        self.0.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        crate::block::check_range(offset, len, 512, self.size_bytes())?;
+        self.0.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_nexus_grows_once_every_healthy_child_has_and_never_shrinks() {
+    const OLD: u64 = 4 << 20;
+    const NEW: u64 = (8 << 20) + 4096;
+    let kids = [Growable::new(OLD), Growable::new(OLD), Growable::new(OLD)];
+    let n = nexus(kids.iter().map(|v| v.clone() as _).collect());
+    n.write(OLD - 4096, pattern(1, 4096)).await.unwrap();
+
+    for (i, v) in kids.iter().enumerate() {
+        let e = n.grow(NEW).await.unwrap_err();
+        assert!(
+            matches!(&e, NexusError::ChildNotGrown { name, .. } if *name == format!("c{i}")),
+            "{e}"
+        );
+        v.grow(NEW);
+    }
+    assert_eq!(
+        n.size_bytes(),
+        OLD,
+        "nothing changes until every child grew"
+    );
+    assert!(n.grow(NEW).await.unwrap());
+    assert_eq!(n.size_bytes(), NEW);
+    n.write(NEW - 4096, pattern(2, 4096)).await.unwrap();
+    for v in &kids {
+        assert_eq!(v.read(OLD - 4096, 4096).await.unwrap(), pattern(1, 4096));
+        assert_eq!(v.read(NEW - 4096, 4096).await.unwrap(), pattern(2, 4096));
+    }
+    assert!(
+        !n.grow(NEW).await.unwrap(),
+        "the same size again is a no-op"
+    );
+    for bad in [OLD, NEW + 100, 0] {
+        let e = n.grow(bad).await.unwrap_err();
+        assert!(matches!(e, NexusError::BadSize { .. }), "{bad}: {e}");
+    }
+    assert_eq!(n.state(), NexusState::Online);
+}
+
+#[tokio::test]
+async fn writes_beyond_the_old_end_are_logged_for_a_child_faulted_before_the_growth() {
+    const OLD: u64 = 4 << 20;
+    const NEW: u64 = 8 << 20;
+    let kids = [Growable::new(OLD), Growable::new(OLD), Growable::new(OLD)];
+    let c = Arc::new(FaultDevice::new(kids[2].clone()));
+    let n = nexus(vec![kids[0].clone(), kids[1].clone(), c.clone()]);
+    n.write(0, pattern(1, OLD as usize)).await.unwrap();
+    c.set_plan(FaultPlan {
+        fail_after: Some(0),
+        reads_too: true,
+        ..Default::default()
+    });
+    n.write(0, pattern(2, 4096)).await.unwrap();
+    assert_eq!(n.state(), NexusState::Degraded);
+
+    for v in &kids {
+        v.grow(NEW);
+    }
+    assert!(
+        n.grow(NEW).await.unwrap(),
+        "a faulted child does not hold growth up"
+    );
+    n.write(NEW - (64 << 10), pattern(3, 64 << 10))
+        .await
+        .unwrap();
+
+    c.set_plan(FaultPlan::default());
+    assert_eq!(
+        n.rejoin_child("c2", c.clone()).await.unwrap(),
+        RebuildKind::Partial
+    );
+    wait_online(&n).await;
+    assert_eq!(
+        n.rebuild_history()[0].bytes_copied,
+        2 * (64 << 10),
+        "the first segment and the last one, beyond the old end"
+    );
+    let want = kids[0].read(0, NEW).await.unwrap();
+    for v in &kids[1..] {
+        assert_eq!(v.read(0, NEW).await.unwrap(), want);
+    }
+}

@@ -115,6 +115,11 @@ pub enum Record {
         volume: Uuid,
         share: Option<Share>,
     },
+    /// Grows a replica to `size` bytes; the new clusters are unmapped (read as zeroes).
+    Resize {
+        volume: Uuid,
+        size: u64,
+    },
     SetReservation {
         volume: Uuid,
         state: Option<serde_json::Value>,
@@ -335,6 +340,19 @@ impl PoolMeta {
             )?,
             Record::SetShare { volume, share } => {
                 self.volume_mut(volume)?.share = share.clone();
+            }
+            Record::Resize { volume, size } => {
+                let cs = self.cluster_size;
+                let v = self.volume_mut(volume)?;
+                if v.is_snapshot() || *size < v.size {
+                    return bad(format!(
+                        "resize of {volume} from {} to {size} bytes{}",
+                        v.size,
+                        if v.is_snapshot() { " (a snapshot)" } else { "" }
+                    ));
+                }
+                v.size = *size;
+                v.map.resize(size.div_ceil(cs) as usize, UNMAPPED);
             }
             Record::SetReservation { volume, state } => {
                 self.volume_mut(volume)?.reservation = state.clone();

@@ -468,7 +468,7 @@ impl Pool {
             Arc::new(PoolVolume {
                 pool: self.inner.clone(),
                 uuid: *uuid,
-                size: meta.size,
+                size: AtomicU64::new(meta.size),
                 read_only: meta.is_snapshot(),
                 closed: AtomicBool::new(self.is_lost()),
                 alloc: crate::block::range_lock::RangeLock::new(),
@@ -534,6 +534,56 @@ impl Pool {
             .await?;
         tracing::info!(pool = %self.name(), replica = %uuid, size, "created replica");
         self.open_volume(&uuid)
+    }
+
+    /// Grows a replica to `size` bytes online: the new space is thin (reads as zeroes) and is usable by I/O as soon
+    /// as this returns. Growing to the size it has is a no-op; replicas never shrink. Snapshots keep their size.
+    pub async fn resize_replica(&self, uuid: Uuid, size: u64) -> Result<VolumeMeta, PoolError> {
+        let v = self
+            .volume_meta(&uuid)
+            .ok_or(PoolError::NotFound(PoolObject::Replica(uuid)))?;
+        if v.is_snapshot() {
+            return Err(PoolError::InvalidArgument(format!(
+                "{uuid} is a snapshot; snapshots keep their size"
+            )));
+        }
+        let bs = u64::from(self.inner.label.block_size);
+        if size == 0 || !size.is_multiple_of(bs) {
+            return Err(PoolError::InvalidArgument(format!(
+                "replica size {size} must be a non-zero multiple of the {bs}-byte block size"
+            )));
+        }
+        let vol = self.open_volume(&uuid)?;
+        // One resize of the volume at a time, and none while a snapshot is being taken of it.
+        let _excl = vol.quiesce.write().await;
+        let v = self
+            .volume_meta(&uuid)
+            .ok_or(PoolError::NotFound(PoolObject::Replica(uuid)))?;
+        if size < v.size {
+            return Err(PoolError::InvalidArgument(format!(
+                "replica {uuid} is {} bytes; replicas grow, never shrink (asked for {size})",
+                v.size
+            )));
+        }
+        if size == v.size {
+            return Ok(v);
+        }
+        let capacity = self.inner.label.capacity();
+        if size > capacity {
+            return Err(PoolError::NoSpace(format!(
+                "replica of {size} bytes does not fit pool {} of {capacity} bytes",
+                self.name()
+            )));
+        }
+        let cs = u64::from(self.inner.label.cluster_size);
+        self.check_fits(size.div_ceil(cs) - v.map.len() as u64)?;
+        self.inner
+            .commit(vec![Record::Resize { volume: uuid, size }])
+            .await?;
+        vol.size.store(size, Ordering::Release);
+        tracing::info!(pool = %self.name(), replica = %uuid, from = v.size, to = size, "grew replica");
+        self.volume_meta(&uuid)
+            .ok_or(PoolError::NotFound(PoolObject::Replica(uuid)))
     }
 
     /// Takes a crash-consistent snapshot of a replica: in-flight writes finish first, new ones wait.

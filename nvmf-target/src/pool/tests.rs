@@ -119,6 +119,75 @@ async fn a_replica_conforms_to_the_block_device_contract() {
 }
 
 #[tokio::test]
+async fn a_replica_grows_online_and_its_snapshots_keep_their_size() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let pool = Pool::create(dev.clone(), &spec("grow"), &me())
+        .await
+        .unwrap();
+    let cs = u64::from(CS);
+    let r = Uuid::new_v4();
+    // A size that ends inside a cluster: the rest of that cluster must read as zeroes once it is in the volume.
+    let old = 2 * cs + 4096;
+    let vol = pool.create_replica(r, old, None).await.unwrap();
+    vol.write(old - 4096, pattern(3, 4096)).await.unwrap();
+    assert!(matches!(
+        vol.write(old, pattern(4, 4096)).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    let snap = Uuid::new_v4();
+    pool.snapshot(r, snap).await.unwrap();
+
+    let new = 4 * cs;
+    let meta = pool.resize_replica(r, new).await.unwrap();
+    assert_eq!((meta.size, vol.size_bytes()), (new, new));
+    assert_eq!(pool.stats().committed, new);
+    let tail = vol.read(old - 4096, 8192).await.unwrap();
+    assert_eq!(&tail[..4096], &pattern(3, 4096)[..]);
+    assert!(
+        tail[4096..].iter().all(|b| *b == 0),
+        "the grown tail is zero"
+    );
+    vol.write(old, pattern(4, 4096)).await.unwrap();
+    vol.write(new - 4096, pattern(5, 4096)).await.unwrap();
+    assert_eq!(pool.volume_meta(&snap).unwrap().size, old);
+    let s = pool.open_volume(&snap).unwrap();
+    assert_eq!(s.size_bytes(), old);
+    assert!(s.read(old - 4096, 4096).await.unwrap()[..] == pattern(3, 4096)[..]);
+
+    // The same size again is a no-op; smaller, a snapshot, beyond the pool, or unaligned are refused.
+    assert_eq!(pool.resize_replica(r, new).await.unwrap().size, new);
+    for (id, size) in [
+        (r, old),
+        (snap, new * 2),
+        (r, 1 << 40),
+        (r, new + 100),
+        (Uuid::new_v4(), new),
+    ] {
+        let e = pool.resize_replica(id, size).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PoolError::InvalidArgument(_) | PoolError::NoSpace(_) | PoolError::NotFound(_)
+            ),
+            "{size}: {e}"
+        );
+    }
+    drop((vol, s, pool));
+
+    let pool = Pool::import(dev, &me()).await.unwrap();
+    let vol = pool.open_volume(&r).unwrap();
+    assert_eq!(vol.size_bytes(), new);
+    assert_eq!(
+        &vol.read(old, 4096).await.unwrap()[..],
+        &pattern(4, 4096)[..]
+    );
+    assert_eq!(
+        &vol.read(new - 4096, 4096).await.unwrap()[..],
+        &pattern(5, 4096)[..]
+    );
+}
+
+#[tokio::test]
 async fn snapshots_and_clones_are_copy_on_write() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
@@ -540,6 +609,15 @@ async fn workload(dev: Arc<dyn BlockDevice>, ids: &[Uuid; 4]) -> (Model, Model, 
         m.insert(r2, vec![0; VOL as usize]);
     });
     step!(write(r2, 2 * cs, 6), put(r2, 2 * cs, 6));
+    step!(pool.resize_replica(r2, VOL + cs + 4096), |m: &mut Model| {
+        m.get_mut(&r2)
+            .unwrap()
+            .resize((VOL + cs + 4096) as usize, 0);
+    });
+    step!(write(r2, VOL + cs, 9), put(r2, VOL + cs, 9));
+    step!(pool.resize_replica(r2, 2 * VOL), |m: &mut Model| {
+        m.get_mut(&r2).unwrap().resize(2 * VOL as usize, 0);
+    });
     step!(pool.destroy_volume(r1), |m: &mut Model| {
         m.remove(&r1);
     });
@@ -611,10 +689,16 @@ async fn a_power_cut_after_any_write_leaves_a_sound_pool_with_every_acknowledged
             for (id, data) in &got {
                 let old = before.get(id).or(after.get(id)).unwrap();
                 let new = after.get(id).unwrap_or(old);
+                assert!(
+                    data.len() == old.len() || data.len() == new.len(),
+                    "budget {budget} variant {variant}: volume {id} is {} bytes",
+                    data.len()
+                );
                 for (i, sector) in data.chunks(512).enumerate() {
                     let r = i * 512..(i + 1) * 512;
+                    let is = |m: &Vec<u8>| m.get(r.clone()).is_some_and(|x| x == sector);
                     assert!(
-                        sector == &old[r.clone()] || sector == &new[r],
+                        is(old) || is(new),
                         "budget {budget} variant {variant}: volume {id} sector {i} holds data never written"
                     );
                 }

@@ -12,7 +12,7 @@
 //!   space still agree.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -26,7 +26,8 @@ use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 pub struct PoolVolume {
     pub(super) pool: Arc<PoolInner>,
     pub(super) uuid: Uuid,
-    pub(super) size: u64,
+    /// Bytes; grows (never shrinks) when the replica is resized.
+    pub(super) size: AtomicU64,
     pub(super) read_only: bool,
     pub(super) closed: AtomicBool,
     /// Serializes allocations and copy-on-writes of one logical cluster (a range of cluster indexes); those
@@ -92,6 +93,11 @@ impl PoolVolume {
         self.read_only
     }
 
+    /// The volume's size in bytes now.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
     fn cs(&self) -> u64 {
         u64::from(self.pool.label.cluster_size)
     }
@@ -127,7 +133,7 @@ impl PoolVolume {
                 continue;
             }
             let start = l as u64 * cs;
-            let len = cs.min(self.size - start);
+            let len = cs.min(v.size - start);
             match out.last_mut() {
                 Some((s, n)) if *s + *n == start => *n += len,
                 _ => out.push((start, len)),
@@ -239,11 +245,11 @@ impl BlockDevice for PoolVolume {
         self.pool.label.block_size
     }
     fn num_blocks(&self) -> u64 {
-        self.size / u64::from(self.pool.label.block_size)
+        self.size() / u64::from(self.pool.label.block_size)
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
-        check_range(offset, len, self.block_size(), self.size)?;
+        check_range(offset, len, self.block_size(), self.size())?;
         let _io = self.pool.gate.read().await;
         let _vol = self.quiesce.read().await;
         self.check_open()?;
@@ -266,7 +272,7 @@ impl BlockDevice for PoolVolume {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-        check_range(offset, data.len() as u64, self.block_size(), self.size)?;
+        check_range(offset, data.len() as u64, self.block_size(), self.size())?;
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
@@ -283,7 +289,7 @@ impl BlockDevice for PoolVolume {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        check_range(offset, len, self.block_size(), self.size)?;
+        check_range(offset, len, self.block_size(), self.size())?;
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
@@ -312,7 +318,7 @@ impl BlockDevice for PoolVolume {
 
     /// Whole clusters are unmapped (given back to the pool); partial ones are zeroed.
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        check_range(offset, len, self.block_size(), self.size)?;
+        check_range(offset, len, self.block_size(), self.size())?;
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
@@ -320,7 +326,7 @@ impl BlockDevice for PoolVolume {
         let mut whole = Vec::new();
         for p in pieces(offset, len, cs) {
             let n = p.range.len() as u64;
-            let is_tail = u64::from(p.logical) * cs + n == self.size;
+            let is_tail = u64::from(p.logical) * cs + n == self.size();
             if p.within == 0 && (n == cs || is_tail) {
                 whole.push(p.logical);
             } else {

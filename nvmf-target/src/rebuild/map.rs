@@ -126,6 +126,17 @@ impl SegmentMap {
             && (offset / self.segment..end.div_ceil(self.segment)).all(|s| self.is_marked(s))
     }
 
+    /// Extends the map to a device grown to `size` bytes; the new segments are unmarked. A smaller `size` changes
+    /// nothing.
+    pub fn grow(&mut self, size: u64) {
+        if size <= self.size {
+            return;
+        }
+        self.size = size;
+        self.bits
+            .resize(size.div_ceil(self.segment).div_ceil(64) as usize, 0);
+    }
+
     /// Marks everything `other` marks (same geometry).
     pub fn union(&mut self, other: &SegmentMap) {
         for (a, b) in self.bits.iter_mut().zip(&other.bits) {

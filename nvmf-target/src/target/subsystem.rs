@@ -181,7 +181,9 @@ impl Subsystem {
         Ok(())
     }
 
-    fn notify_namespace_changed(&self, nsid: u32) {
+    /// Tells every connected host that namespace `nsid` changed (added, removed, or resized): each controller
+    /// raises a Namespace Attribute Changed notice and lists it in the Changed Namespace List log.
+    pub fn notify_namespace_changed(&self, nsid: u32) {
         for c in self.controllers() {
             c.namespace_changed(nsid);
         }

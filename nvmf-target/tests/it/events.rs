@@ -10,7 +10,7 @@ use nvmf_target::protocol::pdu::{CapsuleCmd, Pdu};
 use super::harness::*;
 
 /// Get Log Page through the raw client; returns the data.
-async fn log_page(a: &mut Raw, lid: u8, len: u32) -> Bytes {
+pub async fn log_page(a: &mut Raw, lid: u8, len: u32) -> Bytes {
     let mut sqe = Sqe::new(admin::GET_LOG_PAGE, 0xFFFF_FFFF);
     sqe.set_cdw(10, u32::from(lid) | ((len / 4 - 1) << 16));
     sqe.set_sgl(Sgl::transport(len));

@@ -188,8 +188,13 @@ impl Raw {
 
     /// Admin Connect + CC.EN; returns the controller ID.
     pub async fn admin(addr: SocketAddr, kato: u32) -> (Raw, u16) {
+        Self::admin_to(addr, kato, NQN, HOST).await
+    }
+
+    /// Admin Connect to `subnqn` as `host` + CC.EN; returns the controller ID.
+    pub async fn admin_to(addr: SocketAddr, kato: u32, subnqn: &str, host: &str) -> (Raw, u16) {
         let mut r = Raw::ready(addr).await;
-        let c = r.connect_cmd(0, kato, CNTLID_DYNAMIC, NQN, HOST).await;
+        let c = r.connect_cmd(0, kato, CNTLID_DYNAMIC, subnqn, host).await;
         assert!(c.status.is_success(), "admin connect: {}", c.status);
         let id = c.dw0() as u16;
         let c = r

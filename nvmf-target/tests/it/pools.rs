@@ -964,3 +964,146 @@ async fn a_restarted_nexus_gives_a_returning_replica_a_partial_rebuild() {
     assert_eq!(n.nexuses[0].state, pb::NexusState::Online as i32);
     assert!(n.nexuses[0].rebuilds.is_empty());
 }
+
+/// A volume grows online: every replica is resized, then the nexus; a host connected all along is told (Namespace
+/// Attribute Changed, nsid 1 in the Changed Namespace List), sees the new size on its next identify and writes
+/// beyond the old end; the replicas hold the same data; bad requests get precise codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_grows_online_under_writes_and_its_host_is_told() {
+    use bytes::Buf;
+    const OLD: u64 = 8 * MIB;
+    const NEW: u64 = 20 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, uris) = replica_nodes(dir.path(), "grow", OLD, 64 * MIB).await;
+    let mut api = nodes[0].0.api().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    api.create_nexus(pb::CreateNexusRequest {
+        uuid: vol.clone(),
+        children: uris.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    publish(&mut api, &vol).await.unwrap();
+    let ns = Arc::new(open_volume(&nodes[0].0, &vol).await);
+    let addr = format!("{}:{}", nodes[0].0.ip, nodes[0].0.port)
+        .parse()
+        .unwrap();
+    let subnqn = format!("nqn.2026-11.io.keelson:vol-{vol}");
+    let (mut host, _) =
+        crate::harness::Raw::admin_to(addr, 0, &subnqn, "nqn.2026-11.io.keelson:host-grow").await;
+    host.arm_events(1 << 8).await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (ns, stop) = (ns.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ns.write((i * 13 % 2048) * 4096, pattern(i, 4096))
+                    .await
+                    .unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    let resize_nexus = |size: u64| pb::ResizeNexusRequest {
+        uuid: vol.clone(),
+        size,
+    };
+    let e = api.resize_nexus(resize_nexus(NEW)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for (node, id) in &nodes {
+        let mut a = node.api().await;
+        let req = |size: u64| pb::ResizeReplicaRequest {
+            uuid: id.clone(),
+            size,
+        };
+        assert_eq!(
+            a.resize_replica(req(NEW)).await.unwrap().into_inner().size,
+            NEW
+        );
+        assert_eq!(
+            a.resize_replica(req(NEW)).await.unwrap().into_inner().size,
+            NEW
+        );
+        for (size, code) in [
+            (OLD, Code::InvalidArgument),
+            (NEW + 100, Code::InvalidArgument),
+            (1 << 40, Code::ResourceExhausted),
+        ] {
+            let e = a.resize_replica(req(size)).await.unwrap_err();
+            assert_eq!(e.code(), code, "{size}: {e:?}");
+        }
+        let e = a
+            .resize_replica(pb::ResizeReplicaRequest {
+                uuid: uuid::Uuid::new_v4().to_string(),
+                size: NEW,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+    let n = api
+        .resize_nexus(resize_nexus(NEW))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.size_bytes, NEW);
+    let ev = host.cqe().await;
+    assert_eq!(ev.dw0(), 0x0004_0002, "notice: namespace attribute changed");
+    let mut log = crate::events::log_page(&mut host, 0x04, 4096).await;
+    assert_eq!(log.get_u32_le(), 1, "namespace 1 is listed as changed");
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.await.unwrap();
+    assert!(writes > 20, "only {writes} writes ran across the growth");
+    assert_eq!(
+        ns.size_bytes(),
+        OLD,
+        "the host learns the size when it asks again"
+    );
+    assert_eq!(ns.rescan().await.unwrap() * 512, NEW);
+    ns.write(NEW - MIB, pattern(7, MIB as usize)).await.unwrap();
+    assert_eq!(
+        ns.read(NEW - MIB, MIB).await.unwrap(),
+        pattern(7, MIB as usize)
+    );
+    assert!(
+        ns.read(OLD, MIB).await.unwrap().iter().all(|b| *b == 0),
+        "the new space reads as zeroes"
+    );
+
+    for (size, code) in [
+        (NEW, Code::Ok),
+        (OLD, Code::InvalidArgument),
+        (NEW + 100, Code::InvalidArgument),
+        (NEW + MIB, Code::FailedPrecondition),
+    ] {
+        let got = api.resize_nexus(resize_nexus(size)).await.map(drop);
+        assert_eq!(got.err().map_or(Code::Ok, |e| e.code()), code, "{size}");
+    }
+    let e = api
+        .resize_nexus(pb::ResizeNexusRequest {
+            uuid: uuid::Uuid::new_v4().to_string(),
+            size: NEW,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let want = ns.read(0, NEW).await.unwrap();
+    ns.close().await;
+    for (node, id) in &nodes {
+        let c = node.connect(id, HOST).await.unwrap();
+        assert_eq!(c.size_bytes(), NEW);
+        assert!(
+            c.read(0, NEW).await.unwrap() == want,
+            "replica on {} differs",
+            node.ip
+        );
+        c.close().await;
+    }
+}
