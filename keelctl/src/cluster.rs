@@ -57,6 +57,8 @@ pub enum VolumeCmd {
         #[arg(long = "from-volume", default_value = "")]
         from_volume: String,
     },
+    /// Grow the volume online to SIZE (suffixes KiB, MiB, GiB): replicas, then the nexus; its host is told.
+    Expand { uuid: String, size: String },
     /// Take a crash-consistent snapshot SNAPSHOT_UUID of the volume.
     Snapshot { uuid: String, snapshot_uuid: String },
     /// Delete a snapshot (every copy).
@@ -249,6 +251,13 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                 source_volume: from_volume,
             };
             print_volumes(&[c.create_volume(req).await?.into_inner()], out);
+        }
+        VolumeCmd::Expand { uuid, size: s } => {
+            let req = pb::ExpandVolumeRequest {
+                uuid,
+                size_bytes: size(&s)?,
+            };
+            print_volumes(&[c.expand_volume(req).await?.into_inner()], out);
         }
         VolumeCmd::Snapshot {
             uuid,

@@ -96,7 +96,9 @@ impl From<VolumeError> for Status {
             VolumeError::InvalidArgument(_) => Status::invalid_argument(msg),
             VolumeError::NotFound(_) => Status::not_found(msg),
             VolumeError::AlreadyExists { .. } => Status::already_exists(msg),
-            VolumeError::NoRoom(_) | VolumeError::NoCopies(_) => Status::resource_exhausted(msg),
+            VolumeError::NoRoom(_) | VolumeError::NoCopies(_) | VolumeError::CannotGrow(_) => {
+                Status::resource_exhausted(msg)
+            }
             VolumeError::SnapshotNotFound(_) => Status::not_found(msg),
             VolumeError::SnapshotExists { .. } => Status::already_exists(msg),
             VolumeError::FailedPrecondition { .. } => Status::failed_precondition(msg),
@@ -142,6 +144,7 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
     pb::Volume {
         uuid: r.uuid.to_string(),
         size_bytes: r.spec.size,
+        expanding_from_bytes: r.growth.as_ref().map_or(0, |g| g.from),
         replicas: r.spec.replicas,
         phase: match r.phase {
             VolumePhase::Creating => pb::VolumePhase::Creating,
@@ -485,6 +488,20 @@ impl Cluster for Service {
         }
         .await;
         self.counted("set_volume_replicas", r)
+    }
+
+    async fn expand_volume(
+        &self,
+        r: Request<pb::ExpandVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r: Result<Response<pb::Volume>, Status> = async {
+            let l = self.leadership.leading()?;
+            let r = r.into_inner();
+            let v = l.volumes.expand(parse_uuid(&r.uuid)?, r.size_bytes).await?;
+            Ok(Response::new(volume(&l.volumes, v).await))
+        }
+        .await;
+        self.counted("expand_volume", r)
     }
 
     async fn report_path_failure(

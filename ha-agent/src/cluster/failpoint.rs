@@ -22,6 +22,9 @@ pub const ALL: &[&str] = &[
     SNAPSHOT_TAKEN,
     SWITCHOVER_REPORTED,
     SWITCHOVER_OLD_ENDED,
+    EXPAND_RECORDED,
+    EXPAND_REPLICA_GROWN,
+    EXPAND_NEXUS_GROWN,
 ];
 
 /// The placement is recorded (phase Creating); no replica asked for.
@@ -57,6 +60,12 @@ pub const SNAPSHOT_TAKEN: &str = "snapshot.taken";
 pub const SWITCHOVER_REPORTED: &str = "switchover.reported";
 /// The old nexus was destroyed (or found gone); the new one is not recorded yet.
 pub const SWITCHOVER_OLD_ENDED: &str = "switchover.old-ended";
+/// The new size is recorded (spec and growth record); no engine asked.
+pub const EXPAND_RECORDED: &str = "expand.recorded";
+/// An engine grew a replica; the growth record does not list it yet.
+pub const EXPAND_REPLICA_GROWN: &str = "expand.replica-grown";
+/// The engine grew the nexus; the growth record is not dropped yet.
+pub const EXPAND_NEXUS_GROWN: &str = "expand.nexus-grown";
 
 /// Dies here, as `kill -9` would (no destructor, no flush, no goodbye to the store), if `name` is armed.
 pub fn at(name: &str) {

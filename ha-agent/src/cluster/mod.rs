@@ -11,6 +11,7 @@
 //! - [`scheduler`]: placement, pure (all replicas or none, one per node, least-full pool).
 //! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create, publish, unpublish, delete,
 //!   each stage recorded before the next engine call, and the reconciler that resumes them.
+//! - [`expand`]: online expansion (replicas grown in their pools, then the nexus), recorded stage by stage.
 //! - [`snapshots`]: crash-consistent volume snapshots, recorded before they are taken; volumes are made from them
 //!   as clones.
 //! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
@@ -26,6 +27,7 @@
 pub mod agent;
 pub mod api;
 pub mod dataplane;
+pub mod expand;
 pub mod failpoint;
 pub mod garbage;
 pub mod heal;

@@ -9,6 +9,7 @@
 //! | `node_sweep`: silent nodes probed, Offline if the probe fails | `registry` |
 //! | `pools`: managed pools imported again, deletes finished | `pool` |
 //! | `volume_operations`: creates and deletes resumed | `volumes` |
+//! | `volume_growth`: expansions resumed | `expand` |
 //! | `snapshots`: snapshots resumed, hidden ones left behind deleted | `snapshots` |
 //! | `healing`: published volumes brought back to their record | `heal` |
 //! | `garbage`: retired replicas destroyed | `garbage` |
@@ -46,6 +47,7 @@ pub fn all(
         Box::new(super::registry::NodeSweep(registry.clone())),
         Box::new(super::pool::PoolReconciler(pools.clone())),
         Box::new(super::volumes::VolumeOperations(volumes.clone())),
+        Box::new(super::expand::VolumeGrowth(volumes.clone())),
         Box::new(super::snapshots::SnapshotReconciler(volumes.clone())),
         Box::new(super::heal::Healing(volumes.clone())),
         Box::new(super::garbage::GarbageCollector(volumes.clone())),

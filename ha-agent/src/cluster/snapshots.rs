@@ -123,6 +123,12 @@ impl Volumes {
                         why: format!("it is {:?}", r.phase),
                     });
                 }
+                if r.growth.is_some() {
+                    return Err(VolumeError::FailedPrecondition {
+                        uuid: volume,
+                        why: format!("it is being expanded to {} bytes", r.spec.size),
+                    });
+                }
                 let s = SnapshotRecord {
                     uuid,
                     volume,

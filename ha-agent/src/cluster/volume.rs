@@ -135,6 +135,18 @@ pub struct VolumeRecord {
     /// A switch-over in flight: the nexus is moving off `from` because a host reported its path broken.
     #[serde(default)]
     pub switchover: Option<SwitchoverRecord>,
+    /// An expansion in flight: the spec already has the new size; what is grown so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub growth: Option<GrowthRecord>,
+}
+
+/// An expansion to `spec.size`, recorded before any engine is asked and after each stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrowthRecord {
+    /// The size hosts saw before (the nexus's size until it grows).
+    pub from: u64,
+    /// Replicas their engines confirmed grown. Replicas created after the growth began have the new size already.
+    pub grown: Vec<Uuid>,
 }
 
 /// A host's report that its path to the volume's nexus broke, recorded before anything moves.

@@ -42,6 +42,9 @@ pub enum VolumeError {
     },
     #[error("cannot place volume: {0}")]
     NoRoom(#[from] NoRoom),
+    /// A replica's pool has no room for the growth asked for.
+    #[error("{0}")]
+    CannotGrow(String),
     #[error("snapshot {0} not found")]
     SnapshotNotFound(Uuid),
     #[error("snapshot {uuid} exists, of volume {volume}")]
@@ -294,6 +297,7 @@ impl Volumes {
                     reason: String::new(),
                     resync: false,
                     switchover: None,
+                    growth: None,
                 };
                 if !self
                     .store

@@ -1,7 +1,8 @@
 //! Crash safety of the control plane: the cluster agent is killed (SIGKILL, by an armed failpoint) between every two
-//! steps of create, publish, scale up, scale down, replace and delete; a new agent on the same store resumes or
-//! rolls back the operation, and then every replica any engine holds is one some volume records, on its recorded
-//! node, each volume with its replica count on distinct nodes: nothing leaked, nothing doubled. Once on the embedded
+//! steps of create, publish, snapshot, expand, scale up, scale down, replace and delete; a new agent on the same
+//! store resumes or rolls back the operation, and then every replica any engine holds is one some volume records, on
+//! its recorded node and of the volume's size, each volume with its replica count on distinct nodes: nothing leaked,
+//! nothing doubled. Once on the embedded
 //! store and once on a real etcd (Debian `etcd-server`, started by the test).
 
 use std::collections::BTreeSet;
@@ -172,6 +173,19 @@ async fn scale(mut c: ClusterClient<Channel>, uuid: &str, n: u32) -> Result<(), 
     .map(drop)
 }
 
+async fn expand(
+    mut c: ClusterClient<Channel>,
+    uuid: &str,
+    size: u64,
+) -> Result<pb::Volume, tonic::Status> {
+    c.expand_volume(pb::ExpandVolumeRequest {
+        uuid: uuid.into(),
+        size_bytes: size,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
 async fn delete(mut c: ClusterClient<Channel>, uuid: &str) -> Result<(), tonic::Status> {
     c.delete_volume(pb::DeleteVolumeRequest { uuid: uuid.into() })
         .await
@@ -200,7 +214,8 @@ async fn write_through(v: &pb::Volume, seed: u8) {
 }
 
 /// Waits until the cluster is consistent: every volume Created with its replica count, on distinct nodes, all
-/// confirmed; the replicas the engines hold are exactly those the volumes record, each on its node; `settled`
+/// confirmed, no expansion in flight; the replicas the engines hold are exactly those the volumes record, each on
+/// its node and of its volume's size, and a published volume's nexus is that size too; `settled`
 /// (what the step being checked asks of its volume) holds.
 async fn consistent(
     c: &ClusterClient<Channel>,
@@ -248,6 +263,7 @@ async fn check(
     for v in &vols {
         let on: BTreeSet<_> = v.replica_list.iter().map(|r| &r.node).collect();
         if v.phase != pb::VolumePhase::Created as i32
+            || v.expanding_from_bytes != 0
             || v.replica_list.len() != v.replicas as usize
             || on.len() != v.replica_list.len()
             || v.replica_list.iter().any(|r| !r.created)
@@ -260,6 +276,14 @@ async fn check(
                 .map(|r| (r.uuid.clone(), r.node.clone())),
         );
     }
+    let size_of: std::collections::BTreeMap<&str, u64> = vols
+        .iter()
+        .flat_map(|v| {
+            v.replica_list
+                .iter()
+                .map(|r| (r.uuid.as_str(), v.size_bytes))
+        })
+        .collect();
     let mut held = BTreeSet::new();
     let mut count = 0;
     for n in &nodes {
@@ -274,7 +298,26 @@ async fn check(
             .replicas
         {
             count += 1;
+            if size_of.get(r.uuid.as_str()).is_some_and(|s| *s != r.size) {
+                return Err(format!("replica {} is {} bytes: {vols:?}", r.uuid, r.size));
+            }
             held.insert((r.uuid, n.name.clone()));
+        }
+        for x in e
+            .list_nexuses(epb::ListNexusesRequest {})
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner()
+            .nexuses
+        {
+            if let Some(v) = volume(&vols, &x.uuid).filter(|v| v.nexus_node == n.name)
+                && x.size_bytes != v.size_bytes
+            {
+                return Err(format!(
+                    "nexus of {} is {} bytes: {v:?}",
+                    v.uuid, x.size_bytes
+                ));
+            }
         }
     }
     if held != recorded || count != held.len() {
@@ -405,6 +448,39 @@ async fn every_stage(dir: &Path, store: &[&str]) {
             .delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap })
             .await
             .unwrap();
+    }
+
+    // Expand the published volume: killed after the new size is recorded, after an engine grew a replica, after
+    // the nexus grew. Asked again (or by the reconciler), it finishes; the host sees the new size and writes there.
+    for (i, f) in [
+        fp::EXPAND_RECORDED,
+        fp::EXPAND_REPLICA_GROWN,
+        fp::EXPAND_NEXUS_GROWN,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let size = (5 + i as u64) * MIB;
+        k.crash_in(f, |c| {
+            let vol = vol.clone();
+            async move { expand(c, &vol, size).await.map(drop) }
+        })
+        .await;
+        let v = until_served(|| expand(k.c.clone(), &vol, size))
+            .await
+            .unwrap();
+        assert_eq!((v.size_bytes, v.expanding_from_bytes), (size, 0), "{f}");
+        k.consistent(f, |v| volume(v, &vol).is_some_and(|v| v.size_bytes == size))
+            .await;
+        let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
+        let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+        o.hostnqn = HOST.into();
+        let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+        assert_eq!(ns.size_bytes(), size, "{f}");
+        ns.write(size - 4096, Bytes::from(vec![i as u8 + 1; 4096]))
+            .await
+            .unwrap();
+        ns.close().await;
     }
 
     // Scale up 2 → 3 on the published volume: killed after the new replica is placed, created, added.

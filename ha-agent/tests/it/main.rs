@@ -6,6 +6,7 @@
 mod crash;
 mod edges;
 mod etcd;
+mod expand;
 mod heal;
 mod leader;
 mod metrics;

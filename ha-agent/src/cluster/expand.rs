@@ -1,0 +1,224 @@
+//! Online expansion, persist-then-act: the new size is checked against every replica's pool and recorded (the spec
+//! says the new size, the growth record the old one) before any engine is asked; then each replica is grown in its
+//! pool, recorded as it goes, then the nexus, which tells its host (Namespace Attribute Changed) so the kernel sees
+//! the new size without reconnecting; then the growth record is dropped. A crash at any point is resumed by the
+//! [`VolumeGrowth`] reconciler (every engine resize is idempotent). Replicas placed while the growth is in flight
+//! are created at the new size; a nexus made meanwhile takes its smallest child's size and is grown at the end.
+
+use std::sync::Arc;
+
+use proto::engine as epb;
+use tonic::Code;
+use uuid::Uuid;
+
+use super::failpoint;
+use super::node::NodeState;
+use super::volume::{GrowthRecord, VolumePhase, VolumeRecord};
+use super::volumes::{BLOCK, VolumeError, Volumes, engine_error};
+
+impl Volumes {
+    /// Grows volume `uuid` to `size` bytes (see the cluster API's ExpandVolume).
+    pub async fn expand(&self, uuid: Uuid, size: u64) -> Result<VolumeRecord, VolumeError> {
+        if size == 0 || !size.is_multiple_of(BLOCK) {
+            return Err(VolumeError::InvalidArgument(format!(
+                "size {size} must be a non-zero multiple of {BLOCK} bytes"
+            )));
+        }
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let mut r = self.get(uuid).await?;
+        match r.phase {
+            VolumePhase::Created => {}
+            VolumePhase::Creating => {
+                return Err(VolumeError::FailedPrecondition {
+                    uuid,
+                    why: "still being created".into(),
+                });
+            }
+            VolumePhase::Deleting => {
+                return Err(VolumeError::Conflict {
+                    uuid,
+                    why: "it is being deleted".into(),
+                });
+            }
+        }
+        if size < r.spec.size {
+            return Err(VolumeError::InvalidArgument(format!(
+                "volume {uuid} is {} bytes; volumes grow, never shrink (asked for {size})",
+                r.spec.size
+            )));
+        }
+        // An expansion already in flight is finished first (to its own size, or this one's if they agree).
+        if r.growth.is_some() {
+            r = self.drive_growth(r).await?;
+        }
+        if size == r.spec.size {
+            return Ok(r);
+        }
+        self.check_room(&r, size).await?;
+        r.growth = Some(GrowthRecord {
+            from: r.spec.size,
+            grown: Vec::new(),
+        });
+        r.spec.size = size;
+        self.save(&r).await?;
+        failpoint::at(failpoint::EXPAND_RECORDED);
+        tracing::info!(%uuid, size, "volume expansion recorded");
+        self.drive_growth(r).await
+    }
+
+    /// Whether every replica can grow to `size` now: created, its node Online, its pool with room for the growth on
+    /// top of what its replicas could already grow to (the scheduler's rule: no overcommit). Nothing is recorded
+    /// when it cannot.
+    async fn check_room(&self, r: &VolumeRecord, size: u64) -> Result<(), VolumeError> {
+        let nodes = self.registry.list().await?;
+        let extra = size - r.spec.size;
+        for rep in &r.replicas {
+            let not_now = |why: String| VolumeError::FailedPrecondition {
+                uuid: r.uuid,
+                why: format!(
+                    "replica {} {why}; expand it once the volume is healed",
+                    rep.uuid
+                ),
+            };
+            if !rep.created {
+                return Err(not_now("is not created yet".into()));
+            }
+            let node = nodes
+                .iter()
+                .map(|v| &v.record)
+                .find(|n| n.spec.name == rep.node)
+                .ok_or_else(|| not_now(format!("is on unknown node {}", rep.node)))?;
+            if node.status.state != NodeState::Online {
+                return Err(not_now(format!(
+                    "is on node {}, which is {:?}",
+                    rep.node, node.status.state
+                )));
+            }
+            let pool = node
+                .status
+                .pools
+                .iter()
+                .find(|p| p.name == rep.pool)
+                .ok_or_else(|| {
+                    not_now(format!("is in pool {} that {} lacks", rep.pool, rep.node))
+                })?;
+            if pool.committed.saturating_add(extra) > pool.capacity {
+                return Err(VolumeError::CannotGrow(format!(
+                    "volume {} cannot grow to {size} bytes: pool {} on {} has {} of {} bytes committed, \
+                     the growth needs {extra} more",
+                    r.uuid, rep.pool, rep.node, pool.committed, pool.capacity
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows the replicas not yet grown, then the nexus, recording each; drops the growth record when done. An
+    /// engine that cannot do it now leaves the reason in the record and the rest to the reconciler.
+    pub(super) async fn drive_growth(
+        &self,
+        mut r: VolumeRecord,
+    ) -> Result<VolumeRecord, VolumeError> {
+        let Some(mut g) = r.growth.clone() else {
+            return Ok(r);
+        };
+        let size = r.spec.size;
+        let uuid = r.uuid;
+        let waits = |e: &VolumeError| format!("expansion to {size} bytes waits: {e}");
+        for rep in r.replicas.clone() {
+            // A replica not created yet will be created at the new size.
+            if !rep.created || g.grown.contains(&rep.uuid) {
+                continue;
+            }
+            let res = async {
+                self.engine(&rep.node)
+                    .await?
+                    .resize_replica(epb::ResizeReplicaRequest {
+                        uuid: rep.uuid.to_string(),
+                        size,
+                    })
+                    .await
+                    .map_err(|s| engine_error(&rep.node, s))
+            }
+            .await;
+            self.metrics
+                .operation("resize_replica", if res.is_ok() { "ok" } else { "failed" });
+            if let Err(e) = res {
+                r.reason = waits(&e);
+                self.save(&r).await?;
+                return Err(e);
+            }
+            failpoint::at(failpoint::EXPAND_REPLICA_GROWN);
+            g.grown.push(rep.uuid);
+            r.growth = Some(g.clone());
+            self.save(&r).await?;
+        }
+        if let Some(n) = r.nexus.clone().filter(|n| n.published) {
+            let res = async {
+                self.engine(&n.node)
+                    .await?
+                    .resize_nexus(epb::ResizeNexusRequest {
+                        uuid: uuid.to_string(),
+                        size,
+                    })
+                    .await
+                    .map_err(|s| engine_error(&n.node, s))
+            }
+            .await;
+            self.metrics
+                .operation("resize_nexus", if res.is_ok() { "ok" } else { "failed" });
+            match res {
+                Ok(_) => failpoint::at(failpoint::EXPAND_NEXUS_GROWN),
+                // The engine lost the nexus (it restarted): the one healing makes has the grown replicas' size.
+                Err(VolumeError::Engine {
+                    code: Code::NotFound,
+                    ..
+                }) => {}
+                Err(e) => {
+                    r.reason = waits(&e);
+                    self.save(&r).await?;
+                    return Err(e);
+                }
+            }
+        }
+        r.growth = None;
+        if r.reason.starts_with("expansion to") {
+            r.reason.clear();
+        }
+        self.save(&r).await?;
+        tracing::info!(%uuid, size, from = g.from, "volume expanded");
+        Ok(r)
+    }
+
+    /// Resumes expansions a crash or an engine that could not do it left in flight.
+    pub async fn reconcile_growth(&self) -> Result<(), VolumeError> {
+        for r in self.list_sound().await? {
+            if r.growth.is_none() || r.phase != VolumePhase::Created {
+                continue;
+            }
+            let Some((_held, r)) = self.claim_idle(r.uuid).await? else {
+                continue;
+            };
+            let uuid = r.uuid;
+            if let Err(e) = self.drive_growth(r).await {
+                tracing::debug!(%uuid, error = %e, "expansion still waiting");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Expansions resumed, as a reconciler (see [`super::reconcile`]).
+pub struct VolumeGrowth(pub Arc<Volumes>);
+
+#[async_trait::async_trait]
+impl super::reconcile::Reconciler for VolumeGrowth {
+    fn name(&self) -> &'static str {
+        "volume_growth"
+    }
+
+    async fn pass(&self) -> Result<(), String> {
+        self.0.reconcile_growth().await.map_err(|e| e.to_string())
+    }
+}
