@@ -609,6 +609,7 @@ impl Controller for ControllerService {
             RpcType::VolumeCondition,
             RpcType::GetVolume,
             RpcType::SingleNodeMultiWriter,
+            RpcType::ExpandVolume,
         ]
         .into_iter()
         .map(|t| ControllerServiceCapability {
@@ -738,13 +739,80 @@ impl Controller for ControllerService {
         }))
     }
 
+    /// Grows the volume online through the cluster agent (replicas, then the nexus, whose host is told). A volume
+    /// already as large is success. What cannot be done now (a replica's node down, the nexus rebuilding) is
+    /// UNAVAILABLE, never FAILED_PRECONDITION: the external-resizer takes that for "volume in use" and gives up.
     async fn controller_expand_volume(
         &self,
-        _: Request<ControllerExpandVolumeRequest>,
+        req: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "volume expansion is not supported yet (EXPAND_VOLUME is not advertised)",
-        ))
+        let r = req.into_inner();
+        let id = volume_id(&r.volume_id)?;
+        let range = r
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| invalid("capacity_range is required"))?;
+        if let Some(cap) = &r.volume_capability {
+            params::check_capability(cap).map_err(invalid)?;
+        }
+        let size = size_for(Some(range))?;
+        let uuid = id.ok_or_else(|| Status::not_found(format!("no volume {}", r.volume_id)))?;
+        let _held = self.inflight.hold(&uuid.to_string())?;
+        let v = self
+            .get(uuid)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no volume {uuid}")))?;
+        // A raw block volume needs nothing on the node; a file system is grown there.
+        let node_expansion_required = !matches!(
+            r.volume_capability
+                .as_ref()
+                .and_then(|c| c.access_type.as_ref()),
+            Some(volume_capability::AccessType::Block(_))
+        );
+        let limit = range.limit_bytes as u64;
+        if v.size_bytes >= size && v.expanding_from_bytes == 0 {
+            if limit > 0 && v.size_bytes > limit {
+                return Err(Status::out_of_range(format!(
+                    "volume {uuid} is {} bytes, above limit_bytes {limit}; volumes never shrink",
+                    v.size_bytes
+                )));
+            }
+            return Ok(Response::new(ControllerExpandVolumeResponse {
+                capacity_bytes: v.size_bytes as i64,
+                node_expansion_required,
+            }));
+        }
+        tracing::info!(%uuid, from = v.size_bytes, to = size, "ControllerExpandVolume");
+        let v = self
+            .agent
+            .call(|mut c| {
+                let req = pb::ExpandVolumeRequest {
+                    uuid: uuid.to_string(),
+                    size_bytes: size.max(v.size_bytes),
+                };
+                async move { c.expand_volume(req).await }
+            })
+            .await
+            .map_err(|s| match s.code() {
+                Code::ResourceExhausted => Status::out_of_range(format!(
+                    "cluster agent: {} (the capacity cannot be given now)",
+                    s.message()
+                )),
+                Code::FailedPrecondition => {
+                    Status::unavailable(format!("cluster agent: {}", s.message()))
+                }
+                _ => agent_error(s),
+            })?;
+        if v.expanding_from_bytes != 0 {
+            return Err(Status::unavailable(format!(
+                "volume {uuid} is still growing to {} bytes ({}); try again",
+                v.size_bytes, v.reason
+            )));
+        }
+        Ok(Response::new(ControllerExpandVolumeResponse {
+            capacity_bytes: v.size_bytes as i64,
+            node_expansion_required,
+        }))
     }
 
     async fn controller_get_volume(

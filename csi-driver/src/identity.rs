@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use proto::csi::identity_server::Identity;
 use proto::csi::plugin_capability::service::Type as ServiceType;
-use proto::csi::plugin_capability::{Service, Type as CapabilityType};
+use proto::csi::plugin_capability::volume_expansion::Type as ExpansionType;
+use proto::csi::plugin_capability::{Service, Type as CapabilityType, VolumeExpansion};
 use proto::csi::{
     GetPluginCapabilitiesRequest, GetPluginCapabilitiesResponse, GetPluginInfoRequest,
     GetPluginInfoResponse, PluginCapability, ProbeRequest, ProbeResponse,
@@ -36,6 +37,12 @@ pub fn capabilities() -> Vec<PluginCapability> {
     .map(|t| PluginCapability {
         r#type: Some(CapabilityType::Service(Service { r#type: t as i32 })),
     })
+    .chain([PluginCapability {
+        // Volumes grow while published and mounted.
+        r#type: Some(CapabilityType::VolumeExpansion(VolumeExpansion {
+            r#type: ExpansionType::Online as i32,
+        })),
+    }])
     .collect()
 }
 

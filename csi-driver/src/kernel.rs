@@ -153,6 +153,51 @@ impl Kernel {
         d.path.exists()
     }
 
+    /// Asks every live controller of `nqn` to scan its namespaces again (the target grew one; the kernel also does
+    /// this on the target's notice), then waits up to `limit` for the device of namespace `uuid` to be at least
+    /// `want` bytes. Returns the device as it is then.
+    pub fn rescan(
+        &self,
+        nqn: &str,
+        uuid: &str,
+        want: u64,
+        limit: Duration,
+    ) -> Result<Device, String> {
+        let s = self
+            .subsystem(nqn)
+            .ok_or_else(|| format!("{nqn} is not connected"))?;
+        let mut asked = 0;
+        let mut errors = Vec::new();
+        for c in s.controllers.iter().filter(|c| c.usable()) {
+            let p = self
+                .sys
+                .join("class/nvme")
+                .join(&c.name)
+                .join("rescan_controller");
+            match std::fs::write(&p, "1") {
+                Ok(()) => asked += 1,
+                Err(e) => errors.push(format!("{}: {e}", p.display())),
+            }
+        }
+        if asked == 0 {
+            return Err(format!(
+                "no live path of {nqn} to rescan (paths: {}) {}",
+                self.paths(nqn),
+                errors.join("; ")
+            ));
+        }
+        let t = Instant::now();
+        loop {
+            let d = self
+                .device(uuid)
+                .ok_or_else(|| format!("no device with namespace UUID {uuid}"))?;
+            if d.size_bytes >= want || t.elapsed() > limit {
+                return Ok(d);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether any path to `nqn` can take I/O now.
     pub fn live(&self, nqn: &str) -> bool {
         self.subsystem(nqn)

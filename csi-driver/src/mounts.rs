@@ -1,6 +1,6 @@
 //! Mounts and file systems on this node, read from what the node can see (`/proc/self/mountinfo`, the device's
 //! first bytes) so that a restarted plugin knows what is staged and published, and changed with the system's own
-//! tools (`mount`, `umount`, `mkfs.ext4`, `mkfs.xfs`). A file system is made only on a blank device: one whose
+//! tools (`mount`, `umount`, `mkfs.ext4`, `mkfs.xfs`, `resize2fs`, `xfs_growfs`). A file system is made only on a blank device: one whose
 //! first 64 KiB are zeros (a new thin volume reads zeros); anything else that is not ext4 or xfs is left alone.
 
 use std::io::Read;
@@ -170,6 +170,23 @@ pub fn mkfs(fs: &str, dev: &Path) -> Result<(), String> {
         ),
         "xfs" => run("mkfs.xfs", &["-q", "-K", &d], Duration::from_secs(600)),
         other => Err(format!("cannot make file system {other:?}")),
+    }
+}
+
+/// Grows the mounted file system `fs` on `dev` (mounted at `mountpoint`) to fill the device, online.
+pub fn grow_fs(fs: &str, dev: &Path, mountpoint: &Path) -> Result<(), String> {
+    match fs {
+        "ext4" | "ext3" | "ext2" => run(
+            "resize2fs",
+            &[&dev.to_string_lossy()],
+            Duration::from_secs(600),
+        ),
+        "xfs" => run(
+            "xfs_growfs",
+            &[&mountpoint.to_string_lossy()],
+            Duration::from_secs(600),
+        ),
+        other => Err(format!("cannot grow file system {other:?}")),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The Node service, run on every node where pods mount volumes (next to the kernel): NodeStageVolume connects the
 //! kernel to every address the controller's publish gave (native NVMe multipath), finds the device by the volume's
 //! UUID, makes a file system only on a blank device and mounts it at the staging path; NodePublishVolume bind-mounts
-//! it (or, for a raw block volume, the device node) where the pod wants it. Every answer comes from what the node
+//! it (or, for a raw block volume, the device node) where the pod wants it; NodeExpandVolume has the kernel rescan
+//! the grown namespace and grows the mounted file system online. Every answer comes from what the node
 //! can see (mountinfo, sysfs), so a restarted plugin picks up where the last one was. Calls that could wait for
 //! I/O forever (unmounting a file system whose paths are gone) remove the paths first, so they fail instead.
 
@@ -307,6 +308,61 @@ fn unpublish(uuid: Uuid, target: &Path) -> Result<(), Status> {
     Ok(())
 }
 
+/// After the controller grew the volume: the kernel rescans it, and a mounted file system grows to fill it.
+/// Returns the device's size.
+fn expand(
+    k: &Kernel,
+    uuid: Uuid,
+    path: &Path,
+    staging: Option<&Path>,
+    want: u64,
+) -> Result<u64, Status> {
+    let meta = std::fs::metadata(path)
+        .map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
+    let nqn = proto::names::volume_nqn(&uuid.to_string());
+    let before = k
+        .device(&uuid.to_string())
+        .ok_or_else(|| Status::not_found(format!("volume {uuid} has no device on this node")))?;
+    // A file system volume: the mount at the path must be this volume's.
+    let mount = if meta.is_dir() {
+        let m = mounts::at(path).ok_or_else(|| {
+            Status::not_found(format!(
+                "volume {uuid} is not mounted at {}",
+                path.display()
+            ))
+        })?;
+        if m.dev != before.dev {
+            return Err(Status::not_found(format!(
+                "{} holds another device ({}), not volume {uuid}",
+                path.display(),
+                m.source
+            )));
+        }
+        Some(m)
+    } else {
+        None
+    };
+    let dev = k
+        .rescan(&nqn, &uuid.to_string(), want, DEVICE_WAIT)
+        .map_err(|e| Status::unavailable(format!("rescanning volume {uuid}: {e}")))?;
+    if dev.size_bytes < want {
+        return Err(Status::unavailable(format!(
+            "volume {uuid}'s device is {} bytes, not yet the {want} asked for (paths: {})",
+            dev.size_bytes,
+            k.paths(&nqn)
+        )));
+    }
+    if let Some(m) = mount {
+        // The staging mount is the whole file system; the published path is a bind of it.
+        let at = staging
+            .filter(|s| mounts::at(s).is_some_and(|s| s.dev == m.dev))
+            .unwrap_or(path);
+        mounts::grow_fs(&m.fs_type, &dev.path, at).map_err(Status::internal)?;
+        tracing::info!(volume = %uuid, fs = %m.fs_type, from = before.size_bytes, to = dev.size_bytes, "file system grown");
+    }
+    Ok(dev.size_bytes)
+}
+
 fn stats(k: &Kernel, uuid: Uuid, path: &Path) -> Result<NodeGetVolumeStatsResponse, Status> {
     let meta = std::fs::metadata(path)
         .map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
@@ -458,11 +514,29 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _: Request<NodeExpandVolumeRequest>,
+        req: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "volume expansion is not supported yet (EXPAND_VOLUME is not advertised)",
-        ))
+        let r = req.into_inner();
+        let uuid = volume(&r.volume_id)?;
+        let path = required(&r.volume_path, "volume_path")?;
+        if let Some(c) = &r.volume_capability {
+            params::check_capability(c).map_err(invalid)?;
+        }
+        let want = match &r.capacity_range {
+            Some(c) if c.required_bytes < 0 || c.limit_bytes < 0 => {
+                return Err(invalid("capacity_range: negative bytes"));
+            }
+            Some(c) => c.required_bytes as u64,
+            None => 0,
+        };
+        let staging =
+            (!r.staging_target_path.is_empty()).then(|| PathBuf::from(&r.staging_target_path));
+        let _held = self.inflight.hold(&uuid.to_string())?;
+        let k = self.kernel.clone();
+        let size = blocking(move || expand(&k, uuid, &path, staging.as_deref(), want)).await?;
+        Ok(Response::new(NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
     }
 
     async fn node_get_capabilities(
@@ -474,6 +548,7 @@ impl Node for NodeService {
             RpcType::GetVolumeStats,
             RpcType::VolumeCondition,
             RpcType::SingleNodeMultiWriter,
+            RpcType::ExpandVolume,
         ]
         .into_iter()
         .map(|t| NodeServiceCapability {

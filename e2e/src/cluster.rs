@@ -44,7 +44,7 @@ pub fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
     let name = format!("n{i}");
     let disk = logs.join(format!("{name}-pool.img"));
     if !disk.exists() {
-        std::fs::File::create(&disk)?.set_len(512 << 20)?;
+        std::fs::File::create(&disk)?.set_len(1 << 30)?;
     }
     let mut cmd = ns.command(bins::path("io-engine"));
     cmd.env("RUST_LOG", "info")
@@ -133,14 +133,34 @@ pub fn all_online(ns: &Netns, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Changes the line [`answer`]'s server on `port` gives from the next connection on.
+pub fn set_answer(dir: &Path, port: u16, answer: &str) -> Result<()> {
+    Ok(std::fs::write(
+        dir.join(format!("answer-{port}")),
+        format!("{answer}\n"),
+    )?)
+}
+
 /// Serves `answer` (one line) to the guest on 10.200.0.1:`port` until killed: how the host tells a job waiting
-/// after an `@@HOST` request that it is done (and what it made, if the job reads the line).
-pub fn answer(ns: &Netns, dir: &Path, port: u16, answer: &str) -> Result<std::process::Child> {
+/// after an `@@HOST` request that it is done (and what it made, if the job reads the line). The line is read anew
+/// for each connection: [`set_answer`] changes it.
+pub fn answer(ns: &Netns, dir: &Path, port: u16, answer: &str) -> Result<Answer> {
+    set_answer(dir, port, answer)?;
     let f = dir.join(format!("answer-{port}"));
-    std::fs::write(&f, format!("{answer}\n"))?;
-    Ok(ns
-        .command("socat")
-        .arg(format!("TCP-LISTEN:{port},bind=10.200.0.1,fork,reuseaddr"))
-        .arg(format!("EXEC:cat {}", f.display()))
-        .spawn()?)
+    Ok(Answer(
+        ns.command("socat")
+            .arg(format!("TCP-LISTEN:{port},bind=10.200.0.1,fork,reuseaddr"))
+            .arg(format!("EXEC:cat {}", f.display()))
+            .spawn()?,
+    ))
+}
+
+/// The server [`answer`] started; stopped when dropped (also when the test fails).
+pub struct Answer(std::process::Child);
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -1,11 +1,13 @@
 //! The CSI node service against the real Linux kernel: the node plugin (`csi-driver --mode node`) runs in the QEMU
 //! guest, which plays Kubernetes node `app-1`; the host runs a cluster agent and three io-engines in a network
 //! namespace and the CSI controller, which creates an ext4, an xfs and a raw block volume and publishes them to
-//! `app-1`. The guest stages, publishes, writes, unpublishes, unstages and stages again (files intact, never
-//! reformatted), checks stats and the spec's answers to repeated and conflicting calls, and unstages a volume whose
-//! target the host killed (no hang). A second test follows one claim's whole life: a 3-replica volume published,
-//! written with verified fio in the guest, snapshotted, restored into a new volume that holds the snapshot's moment,
-//! and everything deleted with nothing left in any pool. Needs root (network namespace) and QEMU.
+//! `app-1`. The guest stages, publishes, writes, has the host grow each volume through the controller while it is
+//! mounted (the kernel sees the new size from the target's notice; NodeExpandVolume grows the file system),
+//! unpublishes, unstages and stages again (files intact, never reformatted), checks stats and the spec's answers to
+//! repeated and conflicting calls, and unstages a volume whose target the host killed (no hang). A second test
+//! follows one claim's whole life: a 3-replica volume published, written with verified fio in the guest,
+//! snapshotted, restored into a new volume that holds the snapshot's moment, grown while mounted, and everything
+//! deleted with nothing left in any pool. Needs root (network namespace) and QEMU.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +16,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e::bins;
-use e2e::cluster::{AGENT, all_online, answer, cluster_agent, engine, keelctl, stage_binary};
+use e2e::cluster::{
+    AGENT, all_online, answer, cluster_agent, engine, keelctl, set_answer, stage_binary,
+};
 use e2e::netns::Netns;
 use e2e::process::Process;
 use e2e::vm::{self, VM_LOCK};
@@ -235,28 +239,54 @@ fn the_node_plugin_stages_publishes_and_unstages_volumes_on_the_real_kernel() {
         params.push((a, ctx["targetAddresses"].clone()));
     }
     let ext4_id = volumes[0].1.0.clone();
-    let mut ack: Option<std::process::Child> = None;
+    let mut ack = Some(answer(&ns, &logs, ACK_PORT, "none").unwrap());
     let mut killed = None;
     let out = vm::run_job(&ns, &job, &params, Duration::from_secs(900), |req| {
-        if req != "kill-target" {
-            anyhow::bail!("unknown request {req}");
+        let words: Vec<&str> = req.split(' ').collect();
+        match words.as_slice() {
+            ["kill-target"] => {
+                // kill -9 of the io-engine serving the ext4 volume's nexus: its only path is gone for good.
+                let json = keelctl(&ns, &["get", "-o", "json", "volume", &ext4_id])?;
+                let v: serde_json::Value =
+                    serde_json::from_str(json.lines().next().unwrap_or("{}"))?;
+                let node = v["nexus_node"].as_str().unwrap_or_default().to_string();
+                let i: usize = node.trim_start_matches('n').parse::<usize>()? - 1;
+                drop(engines[i].take());
+                println!("host: killed {node}, which served the ext4 volume's nexus");
+                killed = Some(i);
+            }
+            // ControllerExpandVolume, as the external-resizer sends it for a claim grown while mounted.
+            [kind @ ("grow" | "grow-block"), id, bytes] => {
+                let block = *kind == "grow-block";
+                let bytes: i64 = bytes.parse()?;
+                let r = rt.block_on(async {
+                    controller(&socket)
+                        .await
+                        .controller_expand_volume(ControllerExpandVolumeRequest {
+                            volume_id: id.to_string(),
+                            capacity_range: Some(CapacityRange {
+                                required_bytes: bytes,
+                                limit_bytes: 0,
+                            }),
+                            volume_capability: Some(capability(block, "")),
+                            ..Default::default()
+                        })
+                        .await
+                })?;
+                let r = r.into_inner();
+                anyhow::ensure!(
+                    r.capacity_bytes == bytes && r.node_expansion_required != block,
+                    "expansion of {id}: {r:?}"
+                );
+                println!("host: grew {id} to {bytes} bytes");
+            }
+            _ => anyhow::bail!("unknown request {req}"),
         }
-        // kill -9 of the io-engine serving the ext4 volume's nexus: its only path is gone for good.
-        let json = keelctl(&ns, &["get", "-o", "json", "volume", &ext4_id])?;
-        let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap_or("{}"))?;
-        let node = v["nexus_node"].as_str().unwrap_or_default().to_string();
-        let i: usize = node.trim_start_matches('n').parse::<usize>()? - 1;
-        drop(engines[i].take());
-        println!("host: killed {node}, which served the ext4 volume's nexus");
-        killed = Some(i);
-        ack = Some(answer(&ns, &logs, ACK_PORT, "true")?);
+        set_answer(&logs, ACK_PORT, &format!("done {req}"))?;
         Ok(())
     })
     .unwrap();
-    if let Some(mut a) = ack.take() {
-        let _ = a.kill();
-        let _ = a.wait();
-    }
+    drop(ack.take());
     println!("{}", out.output);
     assert!(
         out.success && out.output.contains("ALL-OK"),
@@ -299,9 +329,30 @@ fn a_claims_life_create_publish_write_snapshot_restore_delete_on_the_real_kernel
         ("ACK_HOST", "10.200.0.1".into()),
         ("ACK_PORT", ACK_PORT.to_string()),
     ];
-    let mut ack: Option<std::process::Child> = None;
+    let mut ack = Some(answer(&c.ns, &c.logs, ACK_PORT, "DONE=none").unwrap());
     let mut made: Option<(String, String)> = None;
     let out = vm::run_job(&c.ns, &job, &params, Duration::from_secs(900), |req| {
+        if req == "expand" {
+            let grown = 96 * MIB;
+            let r = c.rt.block_on(async {
+                controller(&c.socket)
+                    .await
+                    .controller_expand_volume(ControllerExpandVolumeRequest {
+                        volume_id: vol.clone(),
+                        capacity_range: Some(CapacityRange {
+                            required_bytes: grown,
+                            limit_bytes: 0,
+                        }),
+                        volume_capability: Some(capability(false, "ext4")),
+                        ..Default::default()
+                    })
+                    .await
+            })?;
+            anyhow::ensure!(r.get_ref().capacity_bytes == grown, "{r:?}");
+            println!("host: grew {vol} to {grown} bytes");
+            set_answer(&c.logs, ACK_PORT, &format!("DONE=expand GROWN={grown}"))?;
+            return Ok(());
+        }
         if req != "snapshot-and-restore" {
             anyhow::bail!("unknown request {req}");
         }
@@ -348,23 +399,19 @@ fn a_claims_life_create_publish_write_snapshot_restore_delete_on_the_real_kernel
             Ok::<_, tonic::Status>((snap.snapshot_id, v.volume_id, ctx))
         })?;
         println!("host: snapshot {snap} of {vol}, restored as {rvol}");
-        ack = Some(answer(
-            &c.ns,
+        set_answer(
             &c.logs,
             ACK_PORT,
             &format!(
-                "RVOL={rvol} RNQN={} RADDR={}",
+                "DONE=snapshot-and-restore RVOL={rvol} RNQN={} RADDR={}",
                 rctx["nqn"], rctx["targetAddresses"]
             ),
-        )?);
+        )?;
         made = Some((snap, rvol));
         Ok(())
     })
     .unwrap();
-    if let Some(mut a) = ack.take() {
-        let _ = a.kill();
-        let _ = a.wait();
-    }
+    drop(ack.take());
     println!("{}", out.output);
     assert!(
         out.success && out.output.contains("ALL-OK"),

@@ -101,13 +101,10 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
     ];
     // The engine made to fail in this round, how, and the listener that tells the guest it is back.
     let mut failed: Option<(usize, String)> = None;
-    let mut ack: Option<std::process::Child> = None;
+    let mut ack: Option<e2e::cluster::Answer> = None;
     let out = vm::run_job(&ns, &job, &params, Duration::from_secs(1800), |req| {
         if let Some(mode) = req.strip_prefix("fail-nexus ") {
-            if let Some(mut a) = ack.take() {
-                let _ = a.kill();
-                let _ = a.wait();
-            }
+            drop(ack.take());
             let (node, _) = nexus_of(&ns)?;
             let i: usize = node.trim_start_matches('n').parse::<usize>()? - 1;
             let Some(p) = engines[i].as_ref() else {
@@ -216,10 +213,7 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
         Ok(())
     })
     .unwrap();
-    if let Some(mut a) = ack.take() {
-        let _ = a.kill();
-        let _ = a.wait();
-    }
+    drop(ack.take());
     println!("{}", out.output);
     let volumes = keelctl(&ns, &["get", "volumes"]).unwrap_or_default();
     assert!(

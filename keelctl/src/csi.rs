@@ -45,6 +45,20 @@ pub enum CsiCmd {
     Unpublish { volume: String, target: String },
     /// NodeGetVolumeStats.
     Stats { volume: String, path: String },
+    /// NodeExpandVolume: the node sees the grown volume and grows its file system (after ControllerExpandVolume).
+    Expand {
+        volume: String,
+        /// Where the volume is published (a directory, or a raw block volume's device file).
+        path: String,
+        #[arg(long, default_value = "")]
+        staging: String,
+        /// The size the controller gave, in bytes (0: whatever the device shows).
+        #[arg(long, default_value_t = 0)]
+        required: i64,
+        /// A raw block volume.
+        #[arg(long)]
+        block: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -169,6 +183,34 @@ pub async fn run(endpoint: &str, cmd: CsiCmd) -> Result<()> {
             node.node_unpublish_volume(NodeUnpublishVolumeRequest {
                 volume_id: volume,
                 target_path: target,
+            })
+            .await,
+        ),
+        CsiCmd::Expand {
+            volume,
+            path,
+            staging,
+            required,
+            block,
+        } => answer(
+            node.node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: volume,
+                volume_path: path,
+                staging_target_path: staging,
+                capacity_range: (required > 0).then_some(CapacityRange {
+                    required_bytes: required,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(
+                    Cap {
+                        block,
+                        fs: String::new(),
+                        mount_flags: Vec::new(),
+                        read_only: false,
+                    }
+                    .capability(),
+                ),
+                ..Default::default()
             })
             .await,
         ),

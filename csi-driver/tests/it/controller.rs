@@ -87,11 +87,10 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
         RpcType::VolumeCondition,
         RpcType::GetVolume,
         RpcType::ListVolumesPublishedNodes,
+        RpcType::ExpandVolume,
     ] {
         assert!(rpcs.contains(&(want as i32)), "{want:?} not advertised");
     }
-    // Expansion is not advertised until it works.
-    assert!(!rpcs.contains(&(RpcType::ExpandVolume as i32)));
 
     // Create, and the same again: the same volume.
     let req = create("pvc-a", 16 * MIB, &[("repl", "3"), ("fsType", "xfs")]);
@@ -408,6 +407,157 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
         .collect();
     assert!(!ok.is_empty());
     assert!(ok.iter().all(|id| *id == ok[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_grow_online_and_expansion_errors_are_the_specs() {
+    let c = Cluster::start(3).await;
+    let mut ctl = c.controller().await;
+    let v = ctl
+        .create_volume(create("pvc-grow", 8 * MIB, &[("repl", "3")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    // Published (online expansion): the nexus grows with the replicas.
+    ctl.controller_publish_volume(ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "worker-1".into(),
+        volume_capability: Some(cap(Mode::SingleNodeWriter, false)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let expand = |id: &str, req: i64, limit: i64, block: bool| ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: req,
+            limit_bytes: limit,
+        }),
+        volume_capability: Some(cap(Mode::SingleNodeWriter, block)),
+        ..Default::default()
+    };
+    let r = ctl
+        .controller_expand_volume(expand(&v.volume_id, 16 * MIB + 1, 0, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.capacity_bytes, r.node_expansion_required),
+        (16 * MIB + 512, true),
+        "rounded up to the block; a file system grows on the node"
+    );
+    assert_eq!(
+        get(&mut ctl, &v.volume_id)
+            .await
+            .volume
+            .unwrap()
+            .capacity_bytes,
+        16 * MIB + 512
+    );
+    let mut cl = c.cluster().await;
+    let cv = cl
+        .get_volume(pb::GetVolumeRequest {
+            uuid: v.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (cv.size_bytes, cv.state.as_str()),
+        ((16 * MIB + 512) as u64, "Online")
+    );
+    // Already as large (the same request again, or a smaller one): success, the size it has; a raw block volume
+    // needs nothing on the node.
+    for (req, block) in [(16 * MIB + 1, false), (12 * MIB, true)] {
+        let r = ctl
+            .controller_expand_volume(expand(&v.volume_id, req, 0, block))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (r.capacity_bytes, r.node_expansion_required),
+            (16 * MIB + 512, !block)
+        );
+    }
+    let r = ctl
+        .controller_expand_volume(expand(&v.volume_id, 20 * MIB, 0, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.capacity_bytes, r.node_expansion_required),
+        (20 * MIB, false)
+    );
+
+    let mut no_range = expand(&v.volume_id, 24 * MIB, 0, false);
+    no_range.capacity_range = None;
+    let mut multi = expand(&v.volume_id, 24 * MIB, 0, false);
+    multi.volume_capability = Some(cap(Mode::MultiNodeMultiWriter, false));
+    for (what, req, want, says) in [
+        (
+            "no capacity_range",
+            no_range,
+            Code::InvalidArgument,
+            "capacity_range",
+        ),
+        (
+            "no volume id",
+            expand("", 24 * MIB, 0, false),
+            Code::InvalidArgument,
+            "volume_id",
+        ),
+        (
+            "never created",
+            expand("00000000-0000-4000-8000-000000000099", 24 * MIB, 0, false),
+            Code::NotFound,
+            "no volume",
+        ),
+        (
+            "not an id",
+            expand("nope", 24 * MIB, 0, false),
+            Code::NotFound,
+            "no volume",
+        ),
+        (
+            "limit below required",
+            expand(&v.volume_id, 24 * MIB, 22 * MIB, false),
+            Code::InvalidArgument,
+            "limit_bytes",
+        ),
+        (
+            "limit below the size it has",
+            expand(&v.volume_id, 8 * MIB, 12 * MIB, false),
+            Code::OutOfRange,
+            "never shrink",
+        ),
+        (
+            "beyond every pool",
+            expand(&v.volume_id, 1 << 40, 0, false),
+            Code::OutOfRange,
+            "pool",
+        ),
+        (
+            "multi-node writer",
+            multi,
+            Code::InvalidArgument,
+            "MULTI_NODE_MULTI_WRITER",
+        ),
+    ] {
+        let (got, msg) = code(ctl.controller_expand_volume(req).await);
+        assert_eq!(got, want, "{what}: {msg}");
+        assert!(msg.contains(says), "{what}: {msg:?} does not say {says:?}");
+    }
+    assert_eq!(
+        get(&mut ctl, &v.volume_id)
+            .await
+            .volume
+            .unwrap()
+            .capacity_bytes,
+        20 * MIB,
+        "refused expansions change nothing"
+    );
 }
 
 pub async fn get(ctl: &mut ControllerClient<Channel>, id: &str) -> ControllerGetVolumeResponse {

@@ -35,6 +35,14 @@ async fn identity_names_the_plugin_and_probe_follows_the_cluster_agent() {
         .collect();
     assert!(services.contains(&(ServiceType::ControllerService as i32)));
     assert!(services.contains(&(ServiceType::VolumeAccessibilityConstraints as i32)));
+    assert!(
+        caps.iter().any(|c| matches!(
+            &c.r#type,
+            Some(CapabilityType::VolumeExpansion(e))
+                if e.r#type == proto::csi::plugin_capability::volume_expansion::Type::Online as i32
+        )),
+        "online expansion advertised: {caps:?}"
+    );
 
     let ready = id.probe(ProbeRequest {}).await.unwrap().into_inner().ready;
     assert_eq!(ready, Some(true));

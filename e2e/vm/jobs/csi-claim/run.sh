@@ -3,7 +3,8 @@
 # 3-replica volume through the CSI controller and published it here (VOL, NQN, ADDR, HOSTNQN in ./params). Here: stage
 # and publish it (ext4), write a file with fio (verified), ask the host for a snapshot and a volume made from it,
 # change the file, stage and publish the new volume: it holds the file as it was at the snapshot (fio verifies it,
-# checksums match), then unpublish and unstage both; the host deletes everything and checks no pool holds anything.
+# checksums match); the host grows the claim while it is mounted, the file system grows online and takes a verified
+# fio in the new space; then unpublish and unstage both; the host deletes everything and checks no pool holds anything.
 set -u
 . ./params
 ok() { echo "OK: $*"; }
@@ -11,14 +12,14 @@ fail() { echo "FAIL: $*"; dmesg | tail -20; for b in /sys/block/nvme*; do echo "
 step() { echo "### $*"; }
 SOCK=/csi/csi.sock
 K() { LD_LIBRARY_PATH=/job ./keelctl csi --endpoint unix://$SOCK "$@"; }
-# host REQUEST: asks the host, waits for its answer (a line of KEY=VALUE words, evaluated here).
+# host REQUEST: asks the host, waits for its answer to it (a line of KEY=VALUE words with DONE=REQUEST, evaluated here).
 host() {
     echo "@@HOST $1"
     for i in $(seq 1 600); do
         if exec 3<>/dev/tcp/$ACK_HOST/$ACK_PORT 2>/dev/null; then
             read -r answer <&3; exec 3<&-
             eval "$answer"
-            return
+            [ "${DONE:-}" = "$1" ] && return
         fi
         sleep 0.2
     done
@@ -61,6 +62,22 @@ fio --name=claim --filename=/pods/app/restored/fio.dat --size=16M --rw=randwrite
     --direct=1 --iodepth=8 --verify=crc32c --verify_only=1 --verify_fatal=1 --output=/tmp/fio2.out > /dev/null 2>&1 ||
     { cat /tmp/fio2.out; fail "fio verify of the restored volume"; }
 ok "the restored volume holds the snapshot's moment (fio verifies it, the original moved on)"
+
+step "grow the claim while mounted"
+blk=$(basename "$(grep " /stage/vol " /proc/mounts | cut -d' ' -f1)")
+before=$(df -P -k /pods/app/data | tail -1 | awk '{print $2}')
+sum=$(md5sum < /pods/app/data/fio.dat)
+host expand
+[ -n "${GROWN:-}" ] || fail "the host gave no new size"
+for i in $(seq 1 100); do [ $(( $(cat /sys/block/$blk/size) * 512 )) = "$GROWN" ] && break; sleep 0.1; done
+K expand $VOL /pods/app/data --staging /stage/vol --required $GROWN > /dev/null || fail "NodeExpandVolume"
+after=$(df -P -k /pods/app/data | tail -1 | awk '{print $2}')
+[ $after -gt $(( before + 24 * 1024 )) ] || fail "the file system did not grow: $before -> $after KiB"
+[ "$(md5sum < /pods/app/data/fio.dat)" = "$sum" ] || fail "data changed by the growth"
+fio --name=grown --filename=/pods/app/data/grown.dat --size=$(( (after - before) / 1024 - 4 ))M --rw=randwrite --bs=4k \
+    --ioengine=libaio --direct=1 --iodepth=8 --verify=crc32c --verify_fatal=1 --do_verify=1 --output=/tmp/fio3.out \
+    > /dev/null 2>&1 || { cat /tmp/fio3.out; fail "fio in the grown space"; }
+ok "the claim grew to $GROWN bytes while mounted: file system $before -> $after KiB, data intact, fio verified in the new space"
 
 step "unpublish and unstage both"
 for v in "$VOL:vol:data" "$RVOL:restored:restored"; do

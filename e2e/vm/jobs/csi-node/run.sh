@@ -3,8 +3,10 @@
 # node) runs here, next to the kernel; ./keelctl csi calls it as the kubelet would. The host created the volumes and
 # published them to this node through the CSI controller; ./params has each one's publish context (NQN_x, ADDR_x,
 # and HOSTNQN) for VOL_EXT4, VOL_XFS and VOL_BLOCK. Checks: stage (mkfs only on a blank device) -> publish -> files
-# -> unpublish -> unstage -> stage again -> files intact, for ext4 and xfs; a raw block volume; stats; the spec's
-# answers to repeated and conflicting calls; unstage after the volume's target is gone does not hang.
+# -> online expansion (the host grows the volume through the controller: the kernel sees the new size from the
+# target's notice alone, NodeExpandVolume grows the mounted file system, data intact) -> unpublish -> unstage -> stage
+# again -> files intact, for ext4 and xfs; a raw block volume, grown too; stats; the spec's answers to repeated and
+# conflicting calls; unstage after the volume's target is gone does not hang.
 set -u
 . ./params
 ok() { echo "OK: $*"; }
@@ -16,7 +18,23 @@ K() { LD_LIBRARY_PATH=/job ./keelctl csi --endpoint unix://$SOCK "$@"; }
 expect() { local want=$1; shift; out=$(K "$@" 2>&1); echo "$out" | grep -q "error: $want:" || fail "$* answered: $out (wanted $want)"; }
 ctrls() { ls -d /sys/class/nvme-subsystem/nvme-subsys*/nvme[0-9]* 2>/dev/null | grep -c . ; }
 sub_ctrls() { for s in /sys/class/nvme-subsystem/nvme-subsys*; do [ "$(cat $s/subsysnqn 2>/dev/null)" = "$1" ] && ls -d $s/nvme[0-9]* 2>/dev/null; done | grep -c . ; }
-host() { echo "@@HOST $1"; for i in $(seq 1 600); do (echo > /dev/tcp/$ACK_HOST/$ACK_PORT) 2>/dev/null && return; sleep 0.2; done; fail "host never answered $1"; }
+# host REQUEST...: asks the host and waits until it answers "done REQUEST".
+host() {
+    echo "@@HOST $*"
+    for i in $(seq 1 600); do
+        if exec 3<>/dev/tcp/$ACK_HOST/$ACK_PORT 2>/dev/null; then
+            read -r a <&3; exec 3<&-
+            [ "$a" = "done $*" ] && return
+        fi
+        sleep 0.2
+    done
+    fail "host never answered $*"
+}
+# bytes DEV: the size of block device DEV (nvme1n1) in bytes, as the kernel has it.
+bytes() { echo $(( $(cat /sys/block/$1/size) * 512 )); }
+# grown DEV BYTES: waits up to 10 s for the kernel to show DEV at BYTES without being asked to rescan.
+grown() { for i in $(seq 1 100); do [ "$(bytes $1)" = "$2" ] && return 0; sleep 0.1; done; return 1; }
+fs_kib() { df -P -k "$1" | tail -1 | awk '{print $2}'; }
 
 step "node plugin"
 chmod +x ./csi-driver ./keelctl
@@ -53,6 +71,20 @@ fs_round() {
     echo "$stats" | grep -q "Bytes" && echo "$stats" | grep -q "Inodes" || fail "stats: $stats"
     echo "$stats" | grep -q "abnormal: false" || fail "stats condition: $stats"
     ok "$fs staged (mkfs on the blank volume) and published, 4 MiB written, stats: $(echo "$stats" | grep -m1 -A1 'available' | tr -s ' \n' ' ')"
+    step "$fs: online expansion"
+    local blk old new before after
+    blk=$(basename "$(grep " $st " /proc/mounts | cut -d' ' -f1)")
+    old=$(bytes $blk); new=$(( old + 64 * 1048576 )); before=$(fs_kib $tgt)
+    host grow $vol $new
+    grown $blk $new || fail "the kernel did not see $vol grow to $new bytes: $(bytes $blk)"
+    K expand $vol $tgt --staging $st --required $new > /dev/null || fail "expand"
+    K expand $vol $tgt --staging $st --required $new > /dev/null || fail "expand again"
+    after=$(fs_kib $tgt)
+    [ $after -gt $(( before + 48 * 1024 )) ] || fail "$fs did not grow: $before -> $after KiB"
+    [ "$(md5sum < $tgt/data)" = "$sum" ] || fail "data changed by the growth"
+    dd if=/dev/urandom of=$tgt/more bs=1M count=4 2>/dev/null && sync || fail "write after the growth"
+    expect NotFound expand $vol /pods/nowhere --required $new
+    ok "$fs grew online from $old to $new bytes (the kernel saw it from the target's notice), file system $before -> $after KiB, data intact"
     step "$fs: unpublish, unstage, stage again"
     K unpublish $vol $tgt > /dev/null || fail "unpublish"
     [ -e $tgt ] && fail "$tgt left behind"
@@ -90,6 +122,16 @@ dd if=/pods/block/dev of=/tmp/readback bs=1M count=2 iflag=direct 2>/dev/null ||
 cmp /tmp/readback /tmp/pattern || fail "block data differs"
 stats=$(K stats $VOL_BLOCK /pods/block/dev) || fail "stats: $stats"
 echo "$stats" | grep -q "total: $BLOCK_BYTES" || fail "block stats: $stats"
+blk=$(for b in /sys/block/*; do n=$(basename $b); echo $n | grep -qE '^nvme[0-9]+n[0-9]+$' && [ "$(cat $b/uuid)" = "$VOL_BLOCK" ] && echo $n; done)
+[ -n "$blk" ] || fail "no multipath device with namespace UUID $VOL_BLOCK"
+new=$(( BLOCK_BYTES + 32 * 1048576 ))
+host grow-block $VOL_BLOCK $new
+grown $blk $new || fail "the kernel did not see the block volume grow: $(bytes $blk)"
+K expand $VOL_BLOCK /pods/block/dev --required $new --block > /dev/null || fail "expand block"
+dd if=/tmp/pattern of=/pods/block/dev bs=1M seek=$(( new / 1048576 - 2 )) count=2 oflag=direct conv=fsync 2>/dev/null || fail "write at the grown end"
+dd if=/pods/block/dev of=/tmp/readback bs=1M skip=$(( new / 1048576 - 2 )) count=2 iflag=direct 2>/dev/null || fail "read the grown end"
+cmp /tmp/readback /tmp/pattern || fail "data at the grown end differs"
+ok "raw block volume grew online to $new bytes; written and read at its new end"
 K unpublish $VOL_BLOCK /pods/block/dev > /dev/null || fail "unpublish block"
 [ -e /pods/block/dev ] && fail "block target left behind"
 K unstage $VOL_BLOCK /stage/block > /dev/null || fail "unstage block"
