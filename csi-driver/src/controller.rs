@@ -181,8 +181,12 @@ fn segments(t: &[Topology]) -> Vec<pb::TopologySegment> {
         .collect()
 }
 
-fn published_node(v: &pb::Volume) -> Option<String> {
-    names::node_of_host(&v.host_nqn).map(str::to_string)
+/// The nodes the volume is published to (one, or several for a multi-node raw block volume).
+fn published_nodes(v: &pb::Volume) -> Vec<String> {
+    v.host_nqns
+        .iter()
+        .filter_map(|h| names::node_of_host(h).map(str::to_string))
+        .collect()
 }
 
 /// Abnormal while Degraded or Faulted, or published without a nexus serving it.
@@ -393,7 +397,7 @@ impl Controller for ControllerService {
         if !v.host_nqn.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "volume {uuid} is published to {}; ControllerUnpublishVolume first",
-                published_node(&v).unwrap_or(v.host_nqn)
+                published_nodes(&v).join(", ")
             )));
         }
         tracing::info!(%uuid, "DeleteVolume");
@@ -429,7 +433,9 @@ impl Controller for ControllerService {
             return Err(Status::not_found(format!("no volume {uuid}")));
         }
         let host_nqn = proto::names::kernel_host_nqn(node);
-        tracing::info!(%uuid, node, "ControllerPublishVolume");
+        // Only a raw block volume is served to several nodes at once (check_capability refuses the rest).
+        let multi_host = params::multi_node(cap);
+        tracing::info!(%uuid, node, multi_host, "ControllerPublishVolume");
         let v = self
             .agent
             .call(|mut c| {
@@ -437,6 +443,7 @@ impl Controller for ControllerService {
                     uuid: uuid.to_string(),
                     host_nqn: host_nqn.clone(),
                     node: node.to_string(),
+                    multi_host,
                 };
                 async move { c.publish_volume(req).await }
             })
@@ -466,21 +473,24 @@ impl Controller for ControllerService {
         let Some(v) = self.get(uuid).await? else {
             return Ok(done);
         };
-        // Not published, or published to another node than the one named: nothing to do here.
-        if v.host_nqn.is_empty()
-            || (!r.node_id.is_empty() && v.host_nqn != proto::names::kernel_host_nqn(&r.node_id))
-        {
+        // Not published, or not to the node named: nothing to do here. No node named: from every node.
+        let host = if r.node_id.is_empty() {
+            String::new()
+        } else {
+            proto::names::kernel_host_nqn(&r.node_id)
+        };
+        if v.host_nqns.is_empty() || (!host.is_empty() && !v.host_nqns.contains(&host)) {
             return Ok(done);
         }
         tracing::info!(%uuid, node = %r.node_id, "ControllerUnpublishVolume");
         match self
             .agent
             .call(|mut c| {
-                let uuid = uuid.to_string();
-                async move {
-                    c.unpublish_volume(pb::UnpublishVolumeRequest { uuid })
-                        .await
-                }
+                let req = pb::UnpublishVolumeRequest {
+                    uuid: uuid.to_string(),
+                    host_nqn: host.clone(),
+                };
+                async move { c.unpublish_volume(req).await }
             })
             .await
         {
@@ -550,7 +560,7 @@ impl Controller for ControllerService {
             .map(|v| list_volumes_response::Entry {
                 volume: Some(csi_volume(v, HashMap::new())),
                 status: Some(list_volumes_response::VolumeStatus {
-                    published_node_ids: published_node(v).into_iter().collect(),
+                    published_node_ids: published_nodes(v),
                     volume_condition: Some(condition(v)),
                 }),
             })
@@ -828,7 +838,7 @@ impl Controller for ControllerService {
         Ok(Response::new(ControllerGetVolumeResponse {
             volume: Some(csi_volume(&v, HashMap::new())),
             status: Some(controller_get_volume_response::VolumeStatus {
-                published_node_ids: published_node(&v).into_iter().collect(),
+                published_node_ids: published_nodes(&v),
                 volume_condition: Some(condition(&v)),
             }),
         }))

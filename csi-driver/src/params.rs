@@ -89,14 +89,17 @@ pub fn parse(p: &HashMap<String, String>) -> Result<ClassParams, String> {
     Ok(out)
 }
 
-/// Whether Keelson serves a volume with capability `c`; `Err` says why not. A volume is attached to one node at a
-/// time (its nexus exports it to one host), so the multi-node modes are refused; mount volumes get ext4 or xfs.
+/// Whether Keelson serves a volume with capability `c`; `Err` says why not. A file system is mounted by one node at
+/// a time (no cluster file system); a raw block volume may also be written by several nodes at once
+/// (MULTI_NODE_MULTI_WRITER: their writes meet in the one nexus, as a virtual machine's disk during live migration
+/// needs); mount volumes get ext4 or xfs.
 pub fn check_capability(c: &VolumeCapability) -> Result<(), String> {
     let mode = c
         .access_mode
         .as_ref()
         .ok_or("a volume capability without an access mode")?
         .mode;
+    let block = matches!(c.access_type, Some(AccessType::Block(_)));
     match Mode::try_from(mode) {
         Ok(
             Mode::SingleNodeWriter
@@ -104,9 +107,17 @@ pub fn check_capability(c: &VolumeCapability) -> Result<(), String> {
             | Mode::SingleNodeSingleWriter
             | Mode::SingleNodeMultiWriter,
         ) => {}
+        Ok(Mode::MultiNodeMultiWriter) if block => {}
+        Ok(m @ Mode::MultiNodeMultiWriter) => {
+            return Err(format!(
+                "access mode {} is served for raw block volumes only: a file system is mounted by one node at a time",
+                m.as_str_name()
+            ));
+        }
         Ok(m) => {
             return Err(format!(
-                "access mode {} is not supported: a Keelson volume is attached to one node at a time",
+                "access mode {} is not supported: a Keelson volume is attached to one node at a time \
+                 (several only for MULTI_NODE_MULTI_WRITER raw block)",
                 m.as_str_name()
             ));
         }
@@ -125,6 +136,13 @@ pub fn check_capability(c: &VolumeCapability) -> Result<(), String> {
         }
         None => Err("a volume capability without an access type (block or mount)".into()),
     }
+}
+
+/// Whether `c` asks for several nodes at once (a multi-node writer raw block volume).
+pub fn multi_node(c: &VolumeCapability) -> bool {
+    c.access_mode
+        .as_ref()
+        .is_some_and(|m| m.mode == Mode::MultiNodeMultiWriter as i32)
 }
 
 /// Checks every capability; `Err` names the first one refused.
@@ -201,13 +219,14 @@ mod tests {
             .is_ok()
         );
         assert!(check_capability(&cap(Mode::MultiNodeMultiWriter, mount("ext4"))).is_err());
-        assert!(
-            check_capability(&cap(
-                Mode::MultiNodeMultiWriter,
-                AccessType::Block(BlockVolume {})
-            ))
-            .is_err()
+        let shared = cap(
+            Mode::MultiNodeMultiWriter,
+            AccessType::Block(BlockVolume {}),
         );
+        assert!(check_capability(&shared).is_ok() && multi_node(&shared));
+        for m in [Mode::MultiNodeReaderOnly, Mode::MultiNodeSingleWriter] {
+            assert!(check_capability(&cap(m, AccessType::Block(BlockVolume {}))).is_err());
+        }
         assert!(check_capability(&cap(Mode::SingleNodeWriter, mount("ntfs"))).is_err());
         assert!(check_capabilities(&[]).is_err());
         let no_type = VolumeCapability {

@@ -72,9 +72,16 @@ pub enum VolumeCmd {
         /// Run the nexus on this node (the application's, if it has an io-engine).
         #[arg(long, default_value = "")]
         node: String,
+        /// Publish to this host too while other hosts have it (a raw block volume several nodes write).
+        #[arg(long)]
+        multi_host: bool,
     },
-    /// Remove the volume's nexus.
-    Unpublish { uuid: String },
+    /// Unpublish the volume from HOST_NQN (others keep it), or from every host (the nexus goes).
+    Unpublish {
+        uuid: String,
+        #[arg(default_value = "")]
+        host_nqn: String,
+    },
     /// Keep N replicas: more are placed on nodes without one and rebuilt; fewer retire faulted ones first.
     Scale { uuid: String, replicas: u32 },
 }
@@ -285,12 +292,14 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
             uuid,
             host_nqn,
             node,
+            multi_host,
         } => {
             let v = c
                 .publish_volume(pb::PublishVolumeRequest {
                     uuid,
                     host_nqn: host_nqn.clone(),
                     node,
+                    multi_host,
                 })
                 .await?
                 .into_inner();
@@ -310,11 +319,13 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                 .into_inner();
             print_volumes(&[v], out);
         }
-        VolumeCmd::Unpublish { uuid } => {
+        VolumeCmd::Unpublish { uuid, host_nqn } => {
             print_volumes(
-                &[c.unpublish_volume(pb::UnpublishVolumeRequest { uuid })
-                    .await?
-                    .into_inner()],
+                &[
+                    c.unpublish_volume(pb::UnpublishVolumeRequest { uuid, host_nqn })
+                        .await?
+                        .into_inner(),
+                ],
                 out,
             );
         }

@@ -142,8 +142,8 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
     no_caps.volume_capabilities.clear();
     let mut multi = create("pvc-b", MIB, &[]);
     multi.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter, false)];
-    let mut multi_block = create("pvc-b", MIB, &[]);
-    multi_block.volume_capabilities = vec![cap(Mode::MultiNodeMultiWriter, true)];
+    let mut multi_reader = create("pvc-b", MIB, &[]);
+    multi_reader.volume_capabilities = vec![cap(Mode::MultiNodeReaderOnly, true)];
     let mut bad_range = create("pvc-b", 10 * MIB, &[]);
     bad_range.capacity_range.as_mut().unwrap().limit_bytes = MIB;
     let mut no_type = create("pvc-b", MIB, &[]);
@@ -174,8 +174,8 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
             "MULTI_NODE_MULTI_WRITER",
         ),
         (
-            "multi-node block",
-            multi_block,
+            "multi-node reader",
+            multi_reader,
             Code::InvalidArgument,
             "one node at a time",
         ),
@@ -558,6 +558,94 @@ async fn volumes_grow_online_and_expansion_errors_are_the_specs() {
         20 * MIB,
         "refused expansions change nothing"
     );
+}
+
+/// MULTI_NODE_MULTI_WRITER raw block (a virtual machine's disk during live migration): published to two nodes at
+/// once, each unpublished on its own; a single-node volume stays on one node; a file system never goes multi-node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_block_volume_is_published_to_several_nodes_at_once() {
+    let c = Cluster::start(2).await;
+    let mut ctl = c.controller().await;
+    let shared = cap(Mode::MultiNodeMultiWriter, true);
+    let mut req = create("pvc-vm-disk", 8 * MIB, &[("repl", "2")]);
+    req.volume_capabilities = vec![shared.clone()];
+    let v = ctl
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let publish = |node: &str, c: &VolumeCapability| ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(c.clone()),
+        ..Default::default()
+    };
+    let mut contexts = Vec::new();
+    for node in ["worker-1", "worker-2", "worker-2"] {
+        let ctx = ctl
+            .controller_publish_volume(publish(node, &shared))
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context;
+        assert_eq!(
+            ctx["hostNqn"],
+            format!("nqn.2026-11.io.keelson:host-{node}")
+        );
+        contexts.push(ctx);
+    }
+    assert_eq!(
+        (&contexts[0]["nqn"], &contexts[0]["targetAddresses"]),
+        (&contexts[1]["nqn"], &contexts[1]["targetAddresses"]),
+        "one nexus serves both nodes"
+    );
+    let nodes = |g: ControllerGetVolumeResponse| g.status.unwrap().published_node_ids;
+    assert_eq!(
+        nodes(get(&mut ctl, &v.volume_id).await),
+        vec!["worker-1".to_string(), "worker-2".to_string()]
+    );
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "worker-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        nodes(get(&mut ctl, &v.volume_id).await),
+        vec!["worker-2".to_string()]
+    );
+
+    // A single-node capability does not join another node, and a mounted file system is never multi-node.
+    let (got, msg) = code(
+        ctl.controller_publish_volume(publish("worker-3", &cap(Mode::SingleNodeWriter, true)))
+            .await,
+    );
+    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+    let (got, msg) = code(
+        ctl.controller_publish_volume(publish("worker-3", &cap(Mode::MultiNodeMultiWriter, false)))
+            .await,
+    );
+    assert_eq!(got, Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("raw block"), "{msg}");
+
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "worker-2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(nodes(get(&mut ctl, &v.volume_id).await).is_empty());
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    crate::harness::pools_empty(&c).await;
 }
 
 pub async fn get(ctl: &mut ControllerClient<Channel>, id: &str) -> ControllerGetVolumeResponse {

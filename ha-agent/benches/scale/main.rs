@@ -352,6 +352,7 @@ async fn main() -> Result<()> {
                     uuid: volume_uuid(i),
                     host_nqn: "nqn.2026-11.io.keelson:host-bench".into(),
                     node: String::new(),
+                    multi_host: false,
                 })
                 .await
                 .map(drop)

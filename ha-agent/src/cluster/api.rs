@@ -233,6 +233,7 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
             .as_ref()
             .map(|n| n.host_nqn.clone())
             .unwrap_or_default(),
+        host_nqns: nexus.as_ref().map(|n| n.hosts()).unwrap_or_default(),
         reason,
     }
 }
@@ -680,7 +681,7 @@ impl Cluster for Service {
             let r = r.into_inner();
             let v = l
                 .volumes
-                .publish(parse_uuid(&r.uuid)?, &r.host_nqn, &r.node)
+                .publish(parse_uuid(&r.uuid)?, &r.host_nqn, &r.node, r.multi_host)
                 .await?;
             Ok(Response::new(volume(&l.volumes, v).await))
         }
@@ -694,10 +695,9 @@ impl Cluster for Service {
     ) -> Result<Response<pb::Volume>, Status> {
         let r: Result<Response<pb::Volume>, Status> = async {
             let l = self.leadership.leading()?;
-            let v = l
-                .volumes
-                .unpublish(parse_uuid(&r.into_inner().uuid)?)
-                .await?;
+            let r = r.into_inner();
+            let host = (!r.host_nqn.is_empty()).then_some(r.host_nqn.as_str());
+            let v = l.volumes.unpublish(parse_uuid(&r.uuid)?, host).await?;
             Ok(Response::new(volume(&l.volumes, v).await))
         }
         .await;

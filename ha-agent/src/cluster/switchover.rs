@@ -65,7 +65,7 @@ impl Volumes {
                 why: "it is not published".into(),
             });
         };
-        if nexus.host_nqn != rep.host_nqn {
+        if !nexus.has_host(&rep.host_nqn) {
             return Err(VolumeError::FailedPrecondition {
                 uuid,
                 why: format!(

@@ -111,6 +111,22 @@ pub struct NexusRecord {
     /// so did the nexus.
     #[serde(default)]
     pub instance: String,
+    /// Other hosts the nexus is exported to (multi-host publishes: a raw block volume several nodes write).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_hosts: Vec<String>,
+}
+
+impl NexusRecord {
+    /// Every host the nexus is exported to, `host_nqn` first.
+    pub fn hosts(&self) -> Vec<String> {
+        std::iter::once(self.host_nqn.clone())
+            .chain(self.more_hosts.iter().cloned())
+            .collect()
+    }
+
+    pub fn has_host(&self, host: &str) -> bool {
+        self.host_nqn == host || self.more_hosts.iter().any(|h| h == host)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -553,11 +553,14 @@ impl Volumes {
         }
     }
 
+    /// Publishes the volume to `host_nqn` (see the cluster API's PublishVolume): `multi_host` lets it join the hosts
+    /// the volume is published to already.
     pub async fn publish(
         &self,
         uuid: Uuid,
         host_nqn: &str,
         node_hint: &str,
+        multi_host: bool,
     ) -> Result<VolumeRecord, VolumeError> {
         if !host_nqn.starts_with("nqn.") || host_nqn.len() > 223 {
             return Err(VolumeError::InvalidArgument(format!(
@@ -582,16 +585,37 @@ impl Volumes {
                 });
             }
         }
-        if let Some(n) = &r.nexus {
-            if n.host_nqn != host_nqn {
-                return Err(VolumeError::FailedPrecondition {
-                    uuid,
-                    why: format!("published to {}; unpublish it first", n.host_nqn),
-                });
+        let mut r = r;
+        if let Some(n) = r.nexus.clone() {
+            if !n.has_host(host_nqn) {
+                if !multi_host {
+                    return Err(VolumeError::FailedPrecondition {
+                        uuid,
+                        why: format!("published to {}; unpublish it first", n.hosts().join(", ")),
+                    });
+                }
+                if let Some(nx) = r.nexus.as_mut() {
+                    nx.more_hosts.push(host_nqn.to_string());
+                }
+                self.save(&r).await?;
+                tracing::info!(%uuid, host = host_nqn, "another host recorded for the volume");
             }
             if n.published && self.nexus_alive(uuid, &n.node).await {
+                if !n.has_host(host_nqn) {
+                    self.engine(&n.node)
+                        .await?
+                        .allow_host(epb::HostRequest {
+                            nqn: n.nqn.clone(),
+                            host_nqn: host_nqn.to_string(),
+                        })
+                        .await
+                        .map_err(|s| engine_error(&n.node, s))?;
+                    tracing::info!(%uuid, host = host_nqn, node = %n.node, "volume published to another host");
+                }
                 return Ok(r);
             }
+            let first = n.host_nqn.clone();
+            return self.publish_locked(r, &first, node_hint, false, "").await;
         }
         self.publish_locked(r, host_nqn, node_hint, false, "").await
     }
@@ -649,7 +673,13 @@ impl Volumes {
                 }
             }
             r.last_key += 1;
+            let more_hosts = r
+                .nexus
+                .as_ref()
+                .map(|n| n.more_hosts.clone())
+                .unwrap_or_default();
             r.nexus = Some(NexusRecord {
+                more_hosts,
                 node: node.clone(),
                 key: r.last_key,
                 host_nqn: host_nqn.to_string(),
@@ -736,12 +766,13 @@ impl Volumes {
         r.fence_key = key;
         r.resync = false;
         self.save(&r).await?;
+        let hosts = r.nexus.as_ref().map(|n| n.hosts()).unwrap_or_default();
         let n = c
             .publish_nexus(epb::PublishNexusRequest {
                 uuid: uuid.to_string(),
                 ana_group: 1,
                 allow_any_host: false,
-                allowed_hosts: vec![host_nqn.to_string()],
+                allowed_hosts: hosts.clone(),
             })
             .await
             .map_err(|s| engine_error(&node, s))?
@@ -760,7 +791,7 @@ impl Volumes {
         r.reason.clear();
         r.switchover = None;
         self.save(&r).await?;
-        tracing::info!(%uuid, %node, host = host_nqn, "volume published");
+        tracing::info!(%uuid, %node, ?hosts, "volume published");
         Ok(r)
     }
 
@@ -779,10 +810,51 @@ impl Volumes {
             })
     }
 
-    pub async fn unpublish(&self, uuid: Uuid) -> Result<VolumeRecord, VolumeError> {
+    /// Unpublishes the volume from `host` (others keep it; from the last one, or with no host named, the nexus is
+    /// destroyed). A host it is not published to changes nothing.
+    pub async fn unpublish(
+        &self,
+        uuid: Uuid,
+        host: Option<&str>,
+    ) -> Result<VolumeRecord, VolumeError> {
         let lock = self.lock_of(uuid);
         let _held = lock.lock().await;
         let mut r = self.get(uuid).await?;
+        if let (Some(host), Some(n)) = (host, r.nexus.clone()) {
+            if !n.has_host(host) {
+                return Ok(r);
+            }
+            if n.hosts().len() > 1 {
+                let mut rest = n.hosts();
+                rest.retain(|h| h != host);
+                if let Some(nx) = r.nexus.as_mut() {
+                    nx.host_nqn = rest.remove(0);
+                    nx.more_hosts = rest;
+                }
+                self.save(&r).await?;
+                // Refused from now on; its connections are the node's to close (it unstaged first).
+                if n.published {
+                    match self.engine(&n.node).await {
+                        Ok(mut c) => {
+                            if let Err(s) = c
+                                .disallow_host(epb::HostRequest {
+                                    nqn: n.nqn.clone(),
+                                    host_nqn: host.to_string(),
+                                })
+                                .await
+                            {
+                                tracing::warn!(%uuid, host, error = %s, "the nexus's engine did not drop the host");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%uuid, host, error = %e, "the nexus's engine did not drop the host")
+                        }
+                    }
+                }
+                tracing::info!(%uuid, host, "volume unpublished from one host");
+                return Ok(r);
+            }
+        }
         if let Some(n) = r.nexus.clone() {
             let clean = self.end_nexus(uuid, &n).await?;
             if !clean && n.key == r.fence_key {

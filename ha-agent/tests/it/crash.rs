@@ -159,6 +159,7 @@ async fn publish(mut c: ClusterClient<Channel>, uuid: &str) -> Result<pb::Volume
         uuid: uuid.into(),
         host_nqn: HOST.into(),
         node: String::new(),
+        multi_host: false,
     })
     .await
     .map(|r| r.into_inner())
@@ -389,8 +390,11 @@ async fn every_stage(dir: &Path, store: &[&str]) {
                 let mut c = k.c.clone();
                 let vol = vol.clone();
                 async move {
-                    c.unpublish_volume(pb::UnpublishVolumeRequest { uuid: vol })
-                        .await
+                    c.unpublish_volume(pb::UnpublishVolumeRequest {
+                        uuid: vol,
+                        host_nqn: String::new(),
+                    })
+                    .await
                 }
             })
             .await

@@ -84,6 +84,7 @@ async fn a_published_volume_grows_under_writes_and_bad_expansions_change_nothing
             uuid: vol.clone(),
             host_nqn: HOST.into(),
             node: String::new(),
+            multi_host: false,
         })
         .await
         .unwrap()
@@ -209,6 +210,7 @@ async fn an_unpublished_volume_grows_and_is_published_at_its_new_size() {
             uuid: vol.clone(),
             host_nqn: HOST.into(),
             node: String::new(),
+            multi_host: false,
         })
         .await
         .unwrap()

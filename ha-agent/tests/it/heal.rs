@@ -44,6 +44,7 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
             uuid: vol.clone(),
             host_nqn: HOST.into(),
             node: "reg-1".into(),
+            multi_host: false,
         })
         .await
         .unwrap()
@@ -208,6 +209,7 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
             uuid: vol.clone(),
             host_nqn: HOST.into(),
             node: "reg-1".into(),
+            multi_host: false,
         })
         .await
         .unwrap()
@@ -327,6 +329,7 @@ async fn scaling_adds_replicas_on_free_nodes_and_removes_those_away_from_the_nex
             uuid: vol.clone(),
             host_nqn: HOST.into(),
             node: "reg-1".into(),
+            multi_host: false,
         })
         .await
         .unwrap()
@@ -416,6 +419,7 @@ async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_foll
         uuid: vol.clone(),
         host_nqn: HOST.into(),
         node: node.into(),
+        multi_host: false,
     };
     let p = c
         .publish_volume(publish("reg-1"))
@@ -501,6 +505,7 @@ async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
             uuid: vol.clone(),
             host_nqn: HOST.into(),
             node: "reg-1".into(),
+            multi_host: false,
         })
         .await
         .unwrap()
@@ -586,6 +591,7 @@ async fn a_nexus_left_behind_on_a_frozen_node_is_destroyed_when_it_thaws() {
         uuid: vol.clone(),
         host_nqn: HOST.into(),
         node: node.into(),
+        multi_host: false,
     };
     let p = c
         .publish_volume(publish("reg-3"))

@@ -99,6 +99,7 @@ async fn the_agent_reports_volumes_replicas_operations_and_timings_and_passes_pr
         uuid: vol.clone(),
         host_nqn: HOST.into(),
         node: String::new(),
+        multi_host: false,
     })
     .await
     .unwrap();

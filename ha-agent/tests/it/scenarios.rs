@@ -112,6 +112,7 @@ async fn create_and_publish(
             uuid: vol.clone(),
             host_nqn: HOST.into(),
             node: node.into(),
+            multi_host: false,
         })
         .await
         .unwrap()

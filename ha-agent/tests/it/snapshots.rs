@@ -30,6 +30,7 @@ async fn publish(c: &mut ClusterClient<Channel>, vol: &str) -> RemoteNamespace {
             uuid: vol.into(),
             host_nqn: HOST.into(),
             node: String::new(),
+            multi_host: false,
         })
         .await
         .unwrap()
@@ -221,9 +222,12 @@ async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment()
     );
 
     // Unpublished, the snapshot is taken on the replicas.
-    c.unpublish_volume(pb::UnpublishVolumeRequest { uuid: vol.clone() })
-        .await
-        .unwrap();
+    c.unpublish_volume(pb::UnpublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: String::new(),
+    })
+    .await
+    .unwrap();
     let s2 = uuid::Uuid::new_v4().to_string();
     let s = c
         .create_snapshot(req(&vol, &s2))

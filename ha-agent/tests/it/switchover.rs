@@ -44,6 +44,7 @@ async fn published(c: &mut ClusterClient<Channel>, replicas: u32, node: &str) ->
         uuid: vol,
         host_nqn: HOST.into(),
         node: node.into(),
+        multi_host: false,
     })
     .await
     .unwrap()

@@ -161,6 +161,7 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
         uuid: vol.clone(),
         host_nqn: host.into(),
         node: "reg-2".into(),
+        multi_host: false,
     };
     let p = c.publish_volume(publish(HOST)).await.unwrap().into_inner();
     assert_eq!(p.nexus_node, "reg-2");
@@ -249,7 +250,10 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
 
     // Unpublished, then deleted: nothing left on any engine; then it is gone for every call.
     let u = c
-        .unpublish_volume(pb::UnpublishVolumeRequest { uuid: vol.clone() })
+        .unpublish_volume(pb::UnpublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -304,6 +308,7 @@ async fn after_every_process_is_killed_the_volume_comes_back_with_its_data() {
         uuid: vol.clone(),
         host_nqn: HOST.into(),
         node: String::new(),
+        multi_host: false,
     };
     let p = c
         .publish_volume(publish.clone())
@@ -522,4 +527,93 @@ async fn node_selectors_and_topology_decide_where_replicas_go() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A raw block volume several nodes write at once (a virtual machine's disk during live migration): published to a
+/// second host only when asked for (`multi_host`), both hosts write through the one nexus and see each other's
+/// writes; unpublished one host at a time, the other keeps it; the last takes the nexus with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_published_to_two_hosts_takes_writes_from_both_and_leaves_them_one_at_a_time() {
+    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
+    const A: &str = "nqn.2026-11.io.keelson:host-a";
+    const B: &str = "nqn.2026-11.io.keelson:host-b";
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(create(&vol, 8 * MIB, 2)).await.unwrap();
+    let publish = |host: &str, multi_host: bool| pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: host.into(),
+        node: String::new(),
+        multi_host,
+    };
+    let unpublish = |host: &str| pb::UnpublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: host.into(),
+    };
+    let a = c
+        .publish_volume(publish(A, false))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = c.publish_volume(publish(B, false)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let b = c
+        .publish_volume(publish(B, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.host_nqns, vec![A.to_string(), B.to_string()]);
+    assert_eq!((&b.nqn, &b.target_addresses), (&a.nqn, &a.target_addresses));
+    // Again: the same answer, nothing added.
+    let again = c
+        .publish_volume(publish(B, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.host_nqns, b.host_nqns);
+
+    let connect = |host: &str| {
+        let mut o = ConnectOptions::new(a.target_addresses[0].parse().unwrap(), &a.nqn);
+        o.hostnqn = host.into();
+        async move { RemoteNamespace::connect(o, 1).await }
+    };
+    let (na, nb) = (connect(A).await.unwrap(), connect(B).await.unwrap());
+    let block = |b: u8| Bytes::from(vec![b; 4096]);
+    na.write(0, block(1)).await.unwrap();
+    nb.write(4096, block(2)).await.unwrap();
+    assert_eq!(nb.read(0, 4096).await.unwrap(), block(1));
+    assert_eq!(na.read(4096, 4096).await.unwrap(), block(2));
+    nb.close().await;
+
+    // B leaves: A keeps the volume, B can no longer connect; a host it never had changes nothing.
+    let v = c.unpublish_volume(unpublish(B)).await.unwrap().into_inner();
+    assert_eq!(v.host_nqns, vec![A.to_string()]);
+    assert!(
+        connect(B).await.is_err(),
+        "a host unpublished still connects"
+    );
+    let v = c
+        .unpublish_volume(unpublish("nqn.2026-11.io.keelson:host-never"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.host_nqns, vec![A.to_string()]);
+    na.write(8192, block(3)).await.unwrap();
+
+    // B back, then A leaves: B is the volume's host now, on the same nexus.
+    c.publish_volume(publish(B, true)).await.unwrap();
+    na.close().await;
+    let v = c.unpublish_volume(unpublish(A)).await.unwrap().into_inner();
+    assert_eq!(
+        (v.host_nqn.as_str(), v.nexus_node.as_str()),
+        (B, a.nexus_node.as_str())
+    );
+    let nb = connect(B).await.unwrap();
+    assert_eq!(nb.read(8192, 4096).await.unwrap(), block(3));
+    nb.close().await;
+    // The last host: the nexus goes.
+    let v = c.unpublish_volume(unpublish(B)).await.unwrap().into_inner();
+    assert!(v.host_nqns.is_empty() && v.nexus_node.is_empty(), "{v:?}");
+    c.delete_volume(pb::DeleteVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap();
 }
