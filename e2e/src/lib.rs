@@ -5,6 +5,7 @@
 //! - [`cluster`]: a cluster agent and io-engines in a network namespace, keelctl, binaries staged for the guest.
 //! - [`metrics`]: scraping a `/metrics` endpoint and checking it with promtool.
 //! - [`netns`]: a private network namespace with a tap device for the VM.
+//! - [`ports`]: ports for the processes a test starts, outside the kernel's ephemeral range.
 //! - [`privileged`]: whether a test that needs root or a tool runs here (plain `cargo test` as a user skips it and
 //!   says so; `scripts/test.sh` makes it fail instead). The data plane's own tests use it too.
 //! - [`process`]: a child process that is killed when the test drops it.
@@ -17,6 +18,7 @@ pub mod bins;
 pub mod cluster;
 pub mod metrics;
 pub mod netns;
+pub mod ports;
 pub mod privileged;
 pub mod process;
 pub mod vm;

@@ -17,11 +17,7 @@ use proto::csi::{ControllerPublishVolumeRequest, ControllerUnpublishVolumeReques
 use tonic::transport::Channel;
 
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    e2e::ports::free_port(ip)
 }
 
 pub struct Cluster {

@@ -13,11 +13,7 @@ pub struct Etcd {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    e2e::ports::free_port("127.0.0.1")
 }
 
 impl Etcd {

@@ -11,11 +11,7 @@ use proto::cluster::registration_client::RegistrationClient;
 use tonic::Code;
 
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    e2e::ports::free_port(ip)
 }
 
 /// A child process, restartable with the same command line, killed when dropped.

@@ -240,9 +240,5 @@ impl Raw {
 
 /// A port free on `ip` right now (for processes that must be told their port).
 pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    e2e::ports::free_port(ip)
 }
