@@ -103,19 +103,49 @@ pub fn busy_block_device(path: &Path) -> BlockError {
     ))
 }
 
+/// How long a lock left by a process that has died is waited for: the kernel keeps a killed process's files open
+/// until its I/O in flight (io_uring's above all) is finished or cancelled, a moment after the process is gone.
+const DEAD_HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn try_flock(file: &File, path: &Path) -> Result<(), BlockError> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(TryLockError::WouldBlock) => {
-            let holder = file
-                .metadata()
-                .ok()
-                .and_then(|m| flock_holder(&m))
-                .unwrap_or_else(|| "another process".to_string());
-            Err(in_use(format!("{} is locked by {holder}", path.display())))
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(TryLockError::WouldBlock) => {
+                let pid = file.metadata().ok().and_then(|m| {
+                    find_flock_holder(
+                        &std::fs::read_to_string("/proc/locks").ok()?,
+                        m.dev(),
+                        m.ino(),
+                    )
+                });
+                if pid.is_none_or(|p| !alive(p)) && start.elapsed() < DEAD_HOLDER_GRACE {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    continue;
+                }
+                let holder = file
+                    .metadata()
+                    .ok()
+                    .and_then(|m| flock_holder(&m))
+                    .unwrap_or_else(|| "another process".to_string());
+                return Err(in_use(format!("{} is locked by {holder}", path.display())));
+            }
+            Err(TryLockError::Error(e)) => return Err(BlockError::Io(e)),
         }
-        Err(TryLockError::Error(e)) => Err(BlockError::Io(e)),
     }
+}
+
+/// Whether process `pid` is running (not gone, not a zombie or dying).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may contain anything.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, None | Some('Z' | 'X' | 'x'))
 }
 
 /// "process PID (COMM)" of the holder of a `flock` on the file, from `/proc/locks`.
@@ -178,6 +208,16 @@ mod tests {
         assert_eq!(find_flock_holder(locks, dev, 5678), Some(4242));
         assert_eq!(find_flock_holder(locks, dev, 1), None);
         assert_eq!(find_flock_holder("", dev, 5678), None);
+    }
+
+    #[test]
+    fn only_a_running_process_counts_as_alive() {
+        assert!(alive(std::process::id()));
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        assert!(!alive(pid), "a reaped child");
+        assert!(!alive(u32::MAX));
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! A block device backed by a regular file or a block device node. I/O runs on tokio's blocking pool with
-//! positional reads and writes. With `direct`, the file is opened O_DIRECT (falling back to buffered I/O where the
-//! file system refuses it, e.g. tmpfs) and data moves through 4 KiB-aligned buffers ([`super::aligned`]).
+//! A block device backed by a regular file or a block device node. With `direct`, the file is opened O_DIRECT
+//! (falling back to buffered I/O where the file system refuses it, e.g. tmpfs) and data moves through 4 KiB-aligned
+//! buffers ([`super::aligned`]); reads, writes and flushes of such a device go through io_uring ([`super::uring`])
+//! when the kernel allows it, so many are in flight at once without a thread each. Otherwise (and for zeroing and
+//! deallocation, which are rare) I/O runs on tokio's blocking pool with positional reads and writes.
+//! `KEELSON_IO_URING=off` keeps every device on the blocking pool (to compare).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,8 +29,25 @@ pub struct FileDevice {
     block_size: u32,
     num_blocks: u64,
     direct: bool,
+    /// The ring its reads, writes and flushes go through, when it is open O_DIRECT and io_uring is available.
+    ring: Option<super::uring::Ring>,
     /// Held while the device is open, when it was opened exclusively.
     _lock: Option<DiskLock>,
+}
+
+/// A ring for a device opened O_DIRECT, unless io_uring is off or unavailable (then the blocking pool serves it).
+fn ring_for(path: &Path) -> Option<super::uring::Ring> {
+    if std::env::var("KEELSON_IO_URING").is_ok_and(|v| v == "off") {
+        return None;
+    }
+    tokio::runtime::Handle::try_current().ok()?;
+    match super::uring::Ring::new() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "io_uring unavailable: the device's I/O goes through threads");
+            None
+        }
+    }
 }
 
 fn check_block_size(block_size: u32) -> Result<(), BlockError> {
@@ -116,6 +137,7 @@ impl FileDevice {
             block_size,
             num_blocks,
             direct,
+            ring: if direct { ring_for(path) } else { None },
             _lock: lock,
         })
     }
@@ -127,6 +149,11 @@ impl FileDevice {
     /// Whether O_DIRECT is in effect.
     pub fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    /// Whether its I/O goes through io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.ring.is_some()
     }
 
     async fn blocking<T: Send + 'static>(
@@ -185,6 +212,9 @@ impl BlockDevice for FileDevice {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
+        if let Some(r) = &self.ring {
+            return Ok(r.read(self.file.as_raw_fd(), offset, len as usize).await?);
+        }
         let direct = self.direct;
         self.blocking(move |f| {
             if direct {
@@ -208,6 +238,14 @@ impl BlockDevice for FileDevice {
             self.size_bytes(),
         )?;
         let direct = self.direct;
+        if let Some(r) = &self.ring {
+            let data = if aligned::is_aligned(&data) {
+                data
+            } else {
+                aligned::concat([&data[..]], data.len())
+            };
+            return Ok(r.write(self.file.as_raw_fd(), offset, data).await?);
+        }
         self.blocking(move |f| {
             if direct && !aligned::is_aligned(&data) {
                 f.write_all_at(&aligned::concat([&data[..]], data.len()), offset)
@@ -240,6 +278,9 @@ impl BlockDevice for FileDevice {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
+        if let Some(r) = &self.ring {
+            return Ok(r.fdatasync(self.file.as_raw_fd()).await?);
+        }
         self.blocking(|f| f.sync_data()).await
     }
 }
@@ -293,6 +334,7 @@ mod tests {
         let result = async move {
             let d = FileDevice::open(&path, 0, 4096, true).unwrap();
             assert!(d.is_direct(), "a block device takes O_DIRECT");
+            assert!(d.uses_io_uring(), "io_uring is available on this kernel");
             assert_eq!(d.size_bytes(), 8 << 20);
             conformance::run(&d).await;
         };

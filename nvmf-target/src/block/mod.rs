@@ -8,6 +8,7 @@
 //! - [`aligned`]: page-aligned buffers (what O_DIRECT needs), filled without a second copy.
 //! - [`range_lock::RangeLock`]: shared/exclusive byte-range locks (nexus writes versus rebuild copies).
 //! - [`timing`]: sampled stage timings of I/O through the layers (where a write's time goes).
+//! - [`uring`]: io_uring submission and completion for file devices (no thread per I/O).
 //!
 //! Offsets and lengths are in bytes and must be multiples of the block size; [`check_range`] validates them.
 
@@ -19,6 +20,7 @@ pub mod file;
 pub mod memory;
 pub mod range_lock;
 pub mod timing;
+pub mod uring;
 
 /// Held by tests that attach loop devices, so that two of them never race for the same free device.
 #[cfg(test)]

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Pool replicas against the disk under them. One io-engine with a pool on a file, a 2 GiB replica on it whose every
+# cluster was written first, served over loopback to nvmf-perf; beside it, in the same minutes, fio with O_DIRECT
+# (libaio and io_uring) on a 2 GiB file of the same file system. Then the same with the pool on a loop device
+# (direct I/O to its file) and fio on that loop device. Workloads: 4 KiB random read and write at QD1 and QD32,
+# 128 KiB sequential read and write at QD8; and the first writes to never-written clusters against overwrites.
+# Prints a table with p50/p99 and the pool's ratio to fio's better engine.
+#
+# Usage: scripts/bench-pool.sh [SECONDS per run, default 5]
+#   BENCH_DIR   directory on the file system to measure (default /var/tmp/keelson-bench-pool; not tmpfs)
+#   KEELSON_BIN directory with io-engine, nvmf-perf and keelctl (default: a release build here)
+#   NO_LOOP=1   skip the loop-device half (it needs root and losetup)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${1:-5}
+if [ -n "${KEELSON_BIN:-}" ]; then B=$KEELSON_BIN; else cargo build --release --bins -q; B=./target/release; fi
+command -v fio >/dev/null || { echo "fio is not installed (scripts/install-deps.sh installs it)"; exit 1; }
+DIR=${BENCH_DIR:-/var/tmp/keelson-bench-pool}
+rm -rf "$DIR"
+mkdir -p "$DIR"
+RES=$DIR/results.jsonl
+: > "$RES"
+EPID=""
+LOOP=""
+cleanup() {
+    [ -n "$EPID" ] && { kill "$EPID" 2>/dev/null; wait "$EPID" 2>/dev/null || true; }
+    [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null
+    rm -f "$DIR"/*.img "$DIR"/*.dat
+}
+trap cleanup EXIT
+SIZE=$((2 << 30))
+ADDR=127.0.0.1:4420
+API=http://127.0.0.1:10124
+A=00000000-0000-4000-8000-00000000a001
+F=00000000-0000-4000-8000-00000000a002
+NQN=nqn.2026-11.io.keelson:replica-
+k() { $B/keelctl engine --endpoint $API "$@"; }
+
+# record BACKEND WORKLOAD TOOL < one JSON result (nvmf-perf's or fio's)
+record() {
+    python3 -c '
+import json, sys
+backend, workload, tool = sys.argv[1:4]
+d = json.load(sys.stdin)
+if "jobs" in d:
+    j = d["jobs"][0]
+    side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+    pct = side["clat_ns"].get("percentile", {})
+    r = dict(iops=side["iops"], mbps=side["bw_bytes"] / 1e6,
+             p50=pct.get("50.000000", 0) / 1000, p99=pct.get("99.000000", 0) / 1000)
+else:
+    r = dict(iops=d["iops"], mbps=d["mb_per_s"], p50=d["lat_us"]["p50"], p99=d["lat_us"]["p99"])
+    if d["errors"]:
+        sys.exit(workload + ": I/O errors: " + str(d["errors"]))
+r.update(backend=backend, workload=workload, tool=tool)
+print(json.dumps(r))
+' "$@" >> "$RES"
+}
+
+# workload NAME: nvmf-perf's flags and fio's for it
+declare -A PERF=(
+    ["4k randread qd1"]="--rw randread --bs 4k --qd 1"
+    ["4k randread qd32"]="--rw randread --bs 4k --qd 32"
+    ["4k randwrite qd1"]="--rw randwrite --bs 4k --qd 1"
+    ["4k randwrite qd32"]="--rw randwrite --bs 4k --qd 32"
+    ["128k read qd8"]="--rw read --bs 128k --qd 8"
+    ["128k write qd8"]="--rw write --bs 128k --qd 8"
+)
+declare -A FIO=(
+    ["4k randread qd1"]="--rw=randread --bs=4k --iodepth=1"
+    ["4k randread qd32"]="--rw=randread --bs=4k --iodepth=32"
+    ["4k randwrite qd1"]="--rw=randwrite --bs=4k --iodepth=1"
+    ["4k randwrite qd32"]="--rw=randwrite --bs=4k --iodepth=32"
+    ["128k read qd8"]="--rw=read --bs=128k --iodepth=8"
+    ["128k write qd8"]="--rw=write --bs=128k --iodepth=8"
+)
+ORDER=("4k randread qd1" "4k randread qd32" "4k randwrite qd1" "4k randwrite qd32" "128k read qd8" "128k write qd8")
+
+# fio_runs BACKEND TARGET: every workload with both engines on TARGET (a file, or a block device)
+fio_runs() {
+    for w in "${ORDER[@]}"; do
+        for e in libaio io_uring; do
+            # shellcheck disable=SC2086
+            fio --name=b --filename="$2" --size=$SIZE --direct=1 --ioengine=$e ${FIO[$w]} --time_based \
+                --runtime="$T" --ramp_time=1 --norandommap --randrepeat=0 --output-format=json 2>/dev/null |
+                record "$1" "$w" "fio $e"
+        done
+    done
+}
+
+# engine_runs BACKEND DISK: a pool on DISK, the replica filled, every workload; then first writes
+engine_runs() {
+    $B/io-engine --node-name bench --listen $ADDR --grpc 127.0.0.1:10124 --pool "pool0=$2" > "$DIR/engine.log" 2>&1 &
+    EPID=$!
+    for _ in $(seq 1 100); do k pool list >/dev/null 2>&1 && break; sleep 0.1; done
+    k replica create pool0 $A 2GiB --share >/dev/null
+    k replica create pool0 $F 2GiB --share >/dev/null
+    echo "$1: filling the replica (every cluster allocated)"
+    $B/nvmf-perf --addr $ADDR --nqn "$NQN$A" --rw write --bs 128k --qd 8 --time $((SIZE / (100 << 20) + 2)) >/dev/null
+    for w in "${ORDER[@]}"; do
+        # shellcheck disable=SC2086
+        $B/nvmf-perf --addr $ADDR --nqn "$NQN$A" --time "$T" --json --target-pid "$EPID" ${PERF[$w]} |
+            record "$1" "$w" "io-engine pool"
+    done
+    # First writes: every write lands in a cluster no one wrote yet (sequential, so each cluster is new once).
+    $B/nvmf-perf --addr $ADDR --nqn "$NQN$F" --time "$T" --json --rw write --bs 128k --qd 8 |
+        record "$1" "128k write qd8, new clusters" "io-engine pool"
+    kill "$EPID"
+    wait "$EPID" 2>/dev/null || true
+    EPID=""
+}
+
+echo "## pool on a file in $DIR ($(df -T "$DIR" | awk 'NR==2 {print $2}'))"
+truncate -s 5G "$DIR/pool.img"
+engine_runs file "$DIR/pool.img"
+rm -f "$DIR/pool.img"
+echo "file: fio"
+fio --name=layout --filename="$DIR/fio.dat" --size=$SIZE --rw=write --bs=1m --direct=1 --output=/dev/null
+fio_runs file "$DIR/fio.dat"
+rm -f "$DIR/fio.dat"
+
+if [ -z "${NO_LOOP:-}" ]; then
+    echo "## pool on a loop device (direct I/O to its file)"
+    truncate -s 5G "$DIR/loop.img"
+    LOOP=$(losetup -f --show --direct-io=on "$DIR/loop.img")
+    echo "loop: fio on $LOOP"
+    fio --name=layout --filename="$LOOP" --size=$SIZE --rw=write --bs=1m --direct=1 --output=/dev/null
+    fio_runs loop "$LOOP"
+    # fio left data everywhere: blank the label block so the pool can be made there.
+    dd if=/dev/zero of="$LOOP" bs=1M count=1 oflag=direct status=none
+    engine_runs loop "$LOOP"
+fi
+
+python3 - "$RES" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def fig(r):
+    big = r["workload"].startswith("128k")
+    main = f'{r["mbps"]:7.0f} MB/s' if big else f'{r["iops"] / 1000:7.1f}k IOPS'
+    return f'{main} p50 {r["p50"]:7.0f} p99 {r["p99"]:7.0f} us'
+for backend in dict.fromkeys(r["backend"] for r in rows):
+    print(f"\n### {backend}")
+    print(f'{"workload":32} {"io-engine pool":38} {"fio libaio":38} {"fio io_uring":38} ratio')
+    by = {(r["workload"], r["tool"]): r for r in rows if r["backend"] == backend}
+    for w in dict.fromkeys(r["workload"] for r in rows if r["backend"] == backend):
+        pool = by.get((w, "io-engine pool"))
+        fios = [by[(w, t)] for t in ("fio libaio", "fio io_uring") if (w, t) in by]
+        cells = [fig(x) if x else "-" for x in (pool, *fios)] + ["-"] * (3 - 1 - len(fios))
+        ratio = "-"
+        if pool and fios:
+            key = "mbps" if w.startswith("128k") else "iops"
+            best = max(f[key] for f in fios)
+            ratio = f'{pool[key] / best:.2f}x'
+        print(f"{w:32} " + " ".join(f"{c:38}" for c in cells) + f" {ratio}")
+    first = by.get(("128k write qd8, new clusters", "io-engine pool"))
+    over = by.get(("128k write qd8", "io-engine pool"))
+    if first and over:
+        print(f'first writes to new clusters: {first["mbps"]:.0f} MB/s against {over["mbps"]:.0f} MB/s '
+              f'overwriting ({first["mbps"] / over["mbps"]:.2f}x)')
+EOF
