@@ -199,7 +199,8 @@ fn stage(k: &Kernel, s: Stage) -> Result<(), Status> {
         opts.push("ro".into());
     }
     mounts::mount(&dev.path.to_string_lossy(), &s.staging, &fs, &opts).map_err(Status::internal)?;
-    tracing::info!(volume = %s.uuid, device = %dev.path.display(), staging = %s.staging.display(), fs, "staged");
+    // Neither secrets nor the paths the CO chose are logged: the volume and device say what happened.
+    tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "staged");
     Ok(())
 }
 
@@ -223,7 +224,7 @@ fn unstage(k: &Kernel, uuid: Uuid, staging: &Path) -> Result<(), Status> {
         }
     }
     let n = k.disconnect(&nqn).map_err(Status::internal)?;
-    tracing::info!(volume = %uuid, staging = %staging.display(), paths = n, "unstaged");
+    tracing::info!(volume = %uuid, paths = n, "unstaged");
     Ok(())
 }
 
@@ -289,7 +290,7 @@ fn publish(
         )
         .map_err(Status::internal)?;
     }
-    tracing::info!(volume = %uuid, target = %target.display(), ro, block, "published");
+    tracing::info!(volume = %uuid, ro, block, "published");
     Ok(())
 }
 
@@ -304,7 +305,7 @@ fn unpublish(uuid: Uuid, target: &Path) -> Result<(), Status> {
         Err(e) => Err(e),
     };
     removed.map_err(|e| Status::internal(format!("removing {}: {e}", target.display())))?;
-    tracing::info!(volume = %uuid, target = %target.display(), "unpublished");
+    tracing::info!(volume = %uuid, "unpublished");
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::failpoint;
 use super::node::NodeState;
 use super::volume::{GrowthRecord, VolumePhase, VolumeRecord};
-use super::volumes::{BLOCK, VolumeError, Volumes, engine_error};
+use super::volumes::{BLOCK, VolumeError, Volumes, created, engine_error};
 
 impl Volumes {
     /// Grows volume `uuid` to `size` bytes (see the cluster API's ExpandVolume).
@@ -27,21 +27,7 @@ impl Volumes {
         let lock = self.lock_of(uuid);
         let _held = lock.lock().await;
         let mut r = self.get(uuid).await?;
-        match r.phase {
-            VolumePhase::Created => {}
-            VolumePhase::Creating => {
-                return Err(VolumeError::FailedPrecondition {
-                    uuid,
-                    why: "still being created".into(),
-                });
-            }
-            VolumePhase::Deleting => {
-                return Err(VolumeError::Conflict {
-                    uuid,
-                    why: "it is being deleted".into(),
-                });
-            }
-        }
+        created(&r)?;
         if size < r.spec.size {
             return Err(VolumeError::InvalidArgument(format!(
                 "volume {uuid} is {} bytes; volumes grow, never shrink (asked for {size})",

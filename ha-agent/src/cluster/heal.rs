@@ -665,21 +665,7 @@ impl Volumes {
         let lock = self.lock_of(uuid);
         let _held = lock.lock().await;
         let mut r = self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))?;
-        match r.phase {
-            VolumePhase::Created => {}
-            VolumePhase::Creating => {
-                return Err(VolumeError::FailedPrecondition {
-                    uuid,
-                    why: "still being created".into(),
-                });
-            }
-            VolumePhase::Deleting => {
-                return Err(VolumeError::Conflict {
-                    uuid,
-                    why: "it is being deleted".into(),
-                });
-            }
-        }
+        super::volumes::created(&r)?;
         if n as usize > r.replicas.len() {
             // All the new replicas must fit now, or nothing changes.
             let nodes: Vec<_> = self

@@ -104,6 +104,21 @@ pub(super) fn engine_error(node: &str, s: tonic::Status) -> VolumeError {
     }
 }
 
+/// Whether a volume may be changed (scaled, grown): created, and not being deleted.
+pub(super) fn created(r: &VolumeRecord) -> Result<(), VolumeError> {
+    match r.phase {
+        VolumePhase::Created => Ok(()),
+        VolumePhase::Creating => Err(VolumeError::FailedPrecondition {
+            uuid: r.uuid,
+            why: "still being created".into(),
+        }),
+        VolumePhase::Deleting => Err(VolumeError::Conflict {
+            uuid: r.uuid,
+            why: "it is being deleted".into(),
+        }),
+    }
+}
+
 /// Whether the engine refused for a reason that asking again will not change.
 pub(super) fn refused(e: &VolumeError) -> bool {
     matches!(

@@ -478,6 +478,19 @@ impl Pool {
         Ok(v.clone())
     }
 
+    /// Whether a replica of `size` bytes (with `mapped` clusters in its map already) fits the pool and its metadata.
+    fn check_room(&self, size: u64, mapped: u64) -> Result<(), PoolError> {
+        let capacity = self.inner.label.capacity();
+        if size > capacity {
+            return Err(PoolError::NoSpace(format!(
+                "replica of {size} bytes does not fit pool {} of {capacity} bytes",
+                self.name()
+            )));
+        }
+        let cs = u64::from(self.inner.label.cluster_size);
+        self.check_fits(size.div_ceil(cs) - mapped)
+    }
+
     fn check_fits(&self, extra_clusters: u64) -> Result<(), PoolError> {
         let need = self.inner.meta().worst_case_bytes(extra_clusters) + 2 * LABEL_LEN;
         if need > self.inner.label.ckpt_len {
@@ -515,15 +528,7 @@ impl Pool {
             }
             return self.open_volume(&uuid);
         }
-        let capacity = self.inner.label.capacity();
-        if size > capacity {
-            return Err(PoolError::NoSpace(format!(
-                "replica of {size} bytes does not fit pool {} of {capacity} bytes",
-                self.name()
-            )));
-        }
-        let cs = u64::from(self.inner.label.cluster_size);
-        self.check_fits(size.div_ceil(cs))?;
+        self.check_room(size, 0)?;
         self.inner
             .commit(vec![Record::CreateReplica {
                 uuid,
@@ -568,15 +573,7 @@ impl Pool {
         if size == v.size {
             return Ok(v);
         }
-        let capacity = self.inner.label.capacity();
-        if size > capacity {
-            return Err(PoolError::NoSpace(format!(
-                "replica of {size} bytes does not fit pool {} of {capacity} bytes",
-                self.name()
-            )));
-        }
-        let cs = u64::from(self.inner.label.cluster_size);
-        self.check_fits(size.div_ceil(cs) - v.map.len() as u64)?;
+        self.check_room(size, v.map.len() as u64)?;
         self.inner
             .commit(vec![Record::Resize { volume: uuid, size }])
             .await?;
