@@ -9,8 +9,8 @@
 //! - [`reconcile`]: the one trait of every reconciler, and the list a tick runs.
 //! - [`registry`]: registration, heartbeats, and the sweep that probes silent nodes and marks them Offline.
 //! - [`scheduler`]: placement, pure (all replicas or none, one per node, least-full pool).
-//! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create, publish, unpublish, delete,
-//!   each stage recorded before the next engine call, and the reconciler that resumes them.
+//! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create and delete, each stage
+//!   recorded before the next engine call, and the reconciler that resumes them; [`publish`]: publish and unpublish.
 //! - [`expand`]: online expansion (replicas grown in their pools, then the nexus), recorded stage by stage.
 //! - [`snapshots`]: crash-consistent volume snapshots, recorded before they are taken; volumes are made from them
 //!   as clones.
@@ -35,6 +35,7 @@ pub mod leader;
 pub mod metrics;
 pub mod node;
 pub mod pool;
+pub mod publish;
 pub mod reconcile;
 pub mod registry;
 pub mod scheduler;

@@ -1,0 +1,330 @@
+//! Publishing, persist-then-act: a nexus recorded with a new reservation key before its engine is asked; the
+//! in-sync replicas shared to its node; the nexus created over them, preempting the key that held their reservations
+//! (and resyncing them when the previous nexus did not end cleanly); exported to the volume's hosts (one, or several
+//! for a multi-host raw block volume) and recorded as published. Unpublishing drops one host, or ends the nexus.
+
+use proto::engine as epb;
+use proto::names;
+use tonic::Code;
+use uuid::Uuid;
+
+use super::failpoint;
+use super::node::NodeState;
+use super::volume::{NexusRecord, ReplicaRecord, VolumePhase, VolumeRecord};
+use super::volumes::{VolumeError, Volumes, engine_error};
+
+impl Volumes {
+    /// Publishes the volume to `host_nqn` (see the cluster API's PublishVolume): `multi_host` lets it join the hosts
+    /// the volume is published to already.
+    pub async fn publish(
+        &self,
+        uuid: Uuid,
+        host_nqn: &str,
+        node_hint: &str,
+        multi_host: bool,
+    ) -> Result<VolumeRecord, VolumeError> {
+        if !host_nqn.starts_with("nqn.") || host_nqn.len() > 223 {
+            return Err(VolumeError::InvalidArgument(format!(
+                "host NQN {host_nqn:?} is not an NQN"
+            )));
+        }
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let r = self.get(uuid).await?;
+        match r.phase {
+            VolumePhase::Created => {}
+            VolumePhase::Creating => {
+                return Err(VolumeError::FailedPrecondition {
+                    uuid,
+                    why: format!("still being created ({})", r.reason),
+                });
+            }
+            VolumePhase::Deleting => {
+                return Err(VolumeError::Conflict {
+                    uuid,
+                    why: "it is being deleted".into(),
+                });
+            }
+        }
+        let mut r = r;
+        if let Some(n) = r.nexus.clone() {
+            if !n.has_host(host_nqn) {
+                if !multi_host {
+                    return Err(VolumeError::FailedPrecondition {
+                        uuid,
+                        why: format!("published to {}; unpublish it first", n.hosts().join(", ")),
+                    });
+                }
+                if let Some(nx) = r.nexus.as_mut() {
+                    nx.more_hosts.push(host_nqn.to_string());
+                }
+                self.save(&r).await?;
+                tracing::info!(%uuid, host = host_nqn, "another host recorded for the volume");
+            }
+            if n.published && self.nexus_alive(uuid, &n.node).await {
+                if !n.has_host(host_nqn) {
+                    self.engine(&n.node)
+                        .await?
+                        .allow_host(epb::HostRequest {
+                            nqn: n.nqn.clone(),
+                            host_nqn: host_nqn.to_string(),
+                        })
+                        .await
+                        .map_err(|s| engine_error(&n.node, s))?;
+                    tracing::info!(%uuid, host = host_nqn, node = %n.node, "volume published to another host");
+                }
+                return Ok(r);
+            }
+            let first = n.host_nqn.clone();
+            return self.publish_locked(r, &first, node_hint, false, "").await;
+        }
+        self.publish_locked(r, host_nqn, node_hint, false, "").await
+    }
+
+    /// Makes (or makes again) the volume's nexus and exports it to `host_nqn`; the caller holds the volume's lock
+    /// and has checked the volume may be published. A nexus recorded but gone is replaced on its node if that is
+    /// up, else on `node_hint` or a replica's node, with a new key that fences the old one; if the old one did not
+    /// end cleanly (`old_destroyed`: the caller just destroyed it, which drained it), the new one resyncs the
+    /// replicas. `avoid` (a switch-over's failed node; empty: none) counts as down, whatever the registry says.
+    pub(super) async fn publish_locked(
+        &self,
+        mut r: VolumeRecord,
+        host_nqn: &str,
+        node_hint: &str,
+        old_destroyed: bool,
+        avoid: &str,
+    ) -> Result<VolumeRecord, VolumeError> {
+        let uuid = r.uuid;
+        let nodes = self.registry.list().await?;
+        // A new nexus goes to an Online node that is not cordoned.
+        let online = |name: &str| {
+            name != avoid
+                && nodes.iter().any(|n| {
+                    n.record.spec.name == name
+                        && n.record.status.state == NodeState::Online
+                        && !n.record.cordoned
+                })
+        };
+        // A nexus recorded but gone (its engine restarted) is made again, on its node if that is up, with a new
+        // key that preempts the old one.
+        let node = match &r.nexus {
+            Some(n) if online(&n.node) => n.node.clone(),
+            _ if !node_hint.is_empty() && online(node_hint) => node_hint.to_string(),
+            _ => r
+                .replicas
+                .iter()
+                .map(|x| x.node.clone())
+                .find(|n| online(n))
+                .ok_or_else(|| VolumeError::FailedPrecondition {
+                    uuid,
+                    why: "no replica's node is Online to run the nexus".into(),
+                })?,
+        };
+        let recorded = r
+            .nexus
+            .as_ref()
+            .is_some_and(|n| n.node == node && !n.published);
+        if !recorded {
+            // The nexus this one replaces was made by its engine: did it end cleanly?
+            if let Some(old) = r.nexus.clone().filter(|o| o.key == r.fence_key) {
+                let clean = old_destroyed || self.ended_cleanly(&old).await;
+                if !clean {
+                    tracing::warn!(%uuid, node = %old.node, "the volume's nexus did not end cleanly: the next one resyncs the replicas");
+                    r.resync = true;
+                }
+            }
+            r.last_key += 1;
+            let more_hosts = r
+                .nexus
+                .as_ref()
+                .map(|n| n.more_hosts.clone())
+                .unwrap_or_default();
+            r.nexus = Some(NexusRecord {
+                more_hosts,
+                node: node.clone(),
+                key: r.last_key,
+                host_nqn: host_nqn.to_string(),
+                published: false,
+                nqn: String::new(),
+                addresses: vec![],
+                instance: nodes
+                    .iter()
+                    .find(|x| x.record.spec.name == node)
+                    .map(|x| x.record.spec.instance.clone())
+                    .unwrap_or_default(),
+            });
+            self.save(&r).await?;
+            failpoint::at(failpoint::PUBLISH_NEXUS_RECORDED);
+        }
+        let key = r.nexus.as_ref().map_or(0, |n| n.key);
+        // The nexus is made of the in-sync replicas whose nodes are up. The others are recorded as out of sync first
+        // (they miss what it writes): healing adds them to it afterwards, to be rebuilt, or replaces those away.
+        let up = |name: &str| {
+            name != avoid
+                && nodes.iter().any(|n| {
+                    n.record.spec.name == name && n.record.status.state == NodeState::Online
+                })
+        };
+        let mut left_out = false;
+        for x in r.replicas.iter_mut().filter(|x| x.synced && !up(&x.node)) {
+            x.synced = false;
+            left_out = true;
+        }
+        if left_out {
+            self.save(&r).await?;
+        }
+        // The replica on the nexus's own node first: after an unclean end it is the one the others resync from.
+        let mut order: Vec<&ReplicaRecord> = r
+            .replicas
+            .iter()
+            .filter(|x| x.created && x.synced && up(&x.node))
+            .collect();
+        order.sort_by_key(|x| x.node != node);
+        let mut children = Vec::new();
+        for rep in order {
+            let mut c = self.engine(&rep.node).await?;
+            let shared = c
+                .share_replica(epb::ShareReplicaRequest {
+                    uuid: rep.uuid.to_string(),
+                    allowed_hosts: vec![names::node_host_nqn(&node)],
+                })
+                .await
+                .map_err(|s| engine_error(&rep.node, s))?
+                .into_inner();
+            children.push(if rep.node == node {
+                names::local_child_uri(&rep.uuid.to_string())
+            } else {
+                shared.uri
+            });
+        }
+        if children.is_empty() {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: "no in-sync replica's node is Online".into(),
+            });
+        }
+        let mut c = self.engine(&node).await?;
+        let request = epb::CreateNexusRequest {
+            uuid: uuid.to_string(),
+            children,
+            reservation_key: key,
+            preempt_key: if r.fence_key == key { 0 } else { r.fence_key },
+            unclean_restart: r.resync,
+            ..Default::default()
+        };
+        match c.create_nexus(request.clone()).await {
+            Ok(_) => {}
+            // Made by an earlier attempt with other children: destroyed (which drains it) and made again.
+            Err(s) if s.code() == Code::AlreadyExists => {
+                self.destroy_nexus(uuid, &node).await?;
+                c.create_nexus(request)
+                    .await
+                    .map_err(|s| engine_error(&node, s))?;
+            }
+            Err(s) => return Err(engine_error(&node, s)),
+        }
+        failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
+        r.fence_key = key;
+        r.resync = false;
+        self.save(&r).await?;
+        let hosts = r.nexus.as_ref().map(|n| n.hosts()).unwrap_or_default();
+        let n = c
+            .publish_nexus(epb::PublishNexusRequest {
+                uuid: uuid.to_string(),
+                ana_group: 1,
+                allow_any_host: false,
+                allowed_hosts: hosts.clone(),
+            })
+            .await
+            .map_err(|s| engine_error(&node, s))?
+            .into_inner();
+        failpoint::at(failpoint::PUBLISH_PUBLISHED);
+        let addresses = nodes
+            .iter()
+            .find(|x| x.record.spec.name == node)
+            .map(|x| x.record.spec.nvmf_listeners.clone())
+            .unwrap_or_default();
+        if let Some(nx) = r.nexus.as_mut() {
+            nx.published = true;
+            nx.nqn = n.nqn;
+            nx.addresses = addresses;
+        }
+        r.reason.clear();
+        r.switchover = None;
+        self.save(&r).await?;
+        tracing::info!(%uuid, %node, ?hosts, "volume published");
+        Ok(r)
+    }
+
+    /// Whether `node`'s engine has the volume's nexus, published.
+    async fn nexus_alive(&self, uuid: Uuid, node: &str) -> bool {
+        let Ok(mut c) = self.engine(node).await else {
+            return false;
+        };
+        c.list_nexuses(epb::ListNexusesRequest {})
+            .await
+            .is_ok_and(|l| {
+                l.into_inner()
+                    .nexuses
+                    .iter()
+                    .any(|n| n.uuid == uuid.to_string() && !n.nqn.is_empty())
+            })
+    }
+
+    /// Unpublishes the volume from `host` (others keep it; from the last one, or with no host named, the nexus is
+    /// destroyed). A host it is not published to changes nothing.
+    pub async fn unpublish(
+        &self,
+        uuid: Uuid,
+        host: Option<&str>,
+    ) -> Result<VolumeRecord, VolumeError> {
+        let lock = self.lock_of(uuid);
+        let _held = lock.lock().await;
+        let mut r = self.get(uuid).await?;
+        if let (Some(host), Some(n)) = (host, r.nexus.clone()) {
+            if !n.has_host(host) {
+                return Ok(r);
+            }
+            if n.hosts().len() > 1 {
+                let mut rest = n.hosts();
+                rest.retain(|h| h != host);
+                if let Some(nx) = r.nexus.as_mut() {
+                    nx.host_nqn = rest.remove(0);
+                    nx.more_hosts = rest;
+                }
+                self.save(&r).await?;
+                // Refused from now on; its connections are the node's to close (it unstaged first).
+                if n.published {
+                    match self.engine(&n.node).await {
+                        Ok(mut c) => {
+                            if let Err(s) = c
+                                .disallow_host(epb::HostRequest {
+                                    nqn: n.nqn.clone(),
+                                    host_nqn: host.to_string(),
+                                })
+                                .await
+                            {
+                                tracing::warn!(%uuid, host, error = %s, "the nexus's engine did not drop the host");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%uuid, host, error = %e, "the nexus's engine did not drop the host")
+                        }
+                    }
+                }
+                tracing::info!(%uuid, host, "volume unpublished from one host");
+                return Ok(r);
+            }
+        }
+        if let Some(n) = r.nexus.clone() {
+            let clean = self.end_nexus(uuid, &n).await?;
+            if !clean && n.key == r.fence_key {
+                r.resync = true;
+            }
+            r.nexus = None;
+            self.save(&r).await?;
+            tracing::info!(%uuid, "volume unpublished");
+        }
+        Ok(r)
+    }
+}
