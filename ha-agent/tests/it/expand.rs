@@ -61,6 +61,18 @@ async fn replica_sizes(nodes: &[pb::Node], v: &pb::Volume) -> Vec<u64> {
     out
 }
 
+async fn publish(c: &mut ClusterClient<Channel>, uuid: &str) -> pb::Volume {
+    c.publish_volume(pb::PublishVolumeRequest {
+        uuid: uuid.into(),
+        host_nqn: HOST.into(),
+        node: String::new(),
+        multi_host: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 async fn connect(v: &pb::Volume) -> RemoteNamespace {
     let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
     o.hostnqn = HOST.into();
@@ -79,16 +91,7 @@ async fn a_published_volume_grows_under_writes_and_bad_expansions_change_nothing
     })
     .await
     .unwrap();
-    let v = c
-        .publish_volume(pb::PublishVolumeRequest {
-            uuid: vol.clone(),
-            host_nqn: HOST.into(),
-            node: String::new(),
-            multi_host: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = publish(&mut c, &vol).await;
     let ns = Arc::new(connect(&v).await);
     ns.write(8 * MIB - 4096, Bytes::from(vec![7u8; 4096]))
         .await
@@ -205,16 +208,7 @@ async fn an_unpublished_volume_grows_and_is_published_at_its_new_size() {
         .unwrap()
         .into_inner();
     assert_eq!(replica_sizes(&nodes, &v).await, vec![12 * MIB; 2]);
-    let v = c
-        .publish_volume(pb::PublishVolumeRequest {
-            uuid: vol.clone(),
-            host_nqn: HOST.into(),
-            node: String::new(),
-            multi_host: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = publish(&mut c, &vol).await;
     let ns = connect(&v).await;
     assert_eq!(ns.size_bytes(), 12 * MIB);
     ns.close().await;
