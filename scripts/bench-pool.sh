@@ -4,7 +4,8 @@
 # (libaio and io_uring) on a 2 GiB file of the same file system. Then the same with the pool on a loop device
 # (direct I/O to its file) and fio on that loop device. Workloads: 4 KiB random read and write at QD1 and QD32,
 # 128 KiB sequential read and write at QD8; and the first writes to never-written clusters against overwrites.
-# Prints a table with p50/p99 and the pool's ratio to fio's better engine.
+# Prints a table with p50/p99 and the pool's ratio to fio's better engine, then where the engine's 4 KiB I/Os spent
+# their time (mean of the sampled stages it exports, keelson_io_stage_seconds; see nvmf-target/src/block/timing.rs).
 #
 # Usage: scripts/bench-pool.sh [SECONDS per run, default 5]
 #   BENCH_DIR   directory on the file system to measure (default /var/tmp/keelson-bench-pool; not tmpfs)
@@ -19,7 +20,10 @@ DIR=${BENCH_DIR:-/var/tmp/keelson-bench-pool}
 rm -rf "$DIR"
 mkdir -p "$DIR"
 RES=$DIR/results.jsonl
+STAGES=$DIR/stages.txt
 : > "$RES"
+: > "$STAGES"
+METRICS=127.0.0.1:9125
 EPID=""
 LOOP=""
 cleanup() {
@@ -57,6 +61,25 @@ print(json.dumps(r))
 ' "$@" >> "$RES"
 }
 
+# The engine's stage histograms (bash's /dev/tcp: no curl needed).
+scrape() {
+    exec 3<>/dev/tcp/${METRICS%:*}/${METRICS#*:}
+    printf 'GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n' "$METRICS" >&3
+    grep '^keelson_io_stage_seconds_\(sum\|count\)' <&3 || true
+    exec 3<&-
+}
+# stages BACKEND WORKLOAD BEFORE AFTER: one line of mean microseconds per stage between two scrapes
+stages() {
+    awk -v name="$1: $2" '
+        FNR == 1 { f++ }
+        { match($0, /stage="[a-z_]+"/); s = substr($0, RSTART + 7, RLENGTH - 8) }
+        /_sum\{/ { if (f == 1) s0[s] = $NF; else sum[s] = $NF - s0[s] }
+        /_count\{/ { if (f == 1) c0[s] = $NF; else { cnt[s] = $NF - c0[s]; order[++n] = s } }
+        END { line = sprintf("%-24s", name)
+              for (i = 1; i <= n; i++) { s = order[i]; if (cnt[s] > 0) line = line sprintf(" %s %.0f", s, sum[s] / cnt[s] * 1e6) }
+              print line }' "$3" "$4" >> "$STAGES"
+}
+
 # workload NAME: nvmf-perf's flags and fio's for it
 declare -A PERF=(
     ["4k randread qd1"]="--rw randread --bs 4k --qd 1"
@@ -90,7 +113,8 @@ fio_runs() {
 
 # engine_runs BACKEND DISK: a pool on DISK, the replica filled, every workload; then first writes
 engine_runs() {
-    $B/io-engine --node-name bench --listen $ADDR --grpc 127.0.0.1:10124 --pool "pool0=$2" > "$DIR/engine.log" 2>&1 &
+    $B/io-engine --node-name bench --listen $ADDR --grpc 127.0.0.1:10124 --metrics $METRICS --pool "pool0=$2" \
+        > "$DIR/engine.log" 2>&1 &
     EPID=$!
     for _ in $(seq 1 100); do k pool list >/dev/null 2>&1 && break; sleep 0.1; done
     k replica create pool0 $A 2GiB --share >/dev/null
@@ -98,9 +122,12 @@ engine_runs() {
     echo "$1: filling the replica (every cluster allocated)"
     $B/nvmf-perf --addr $ADDR --nqn "$NQN$A" --rw write --bs 128k --qd 8 --time $((SIZE / (100 << 20) + 2)) >/dev/null
     for w in "${ORDER[@]}"; do
+        scrape > "$DIR/m0"
         # shellcheck disable=SC2086
         $B/nvmf-perf --addr $ADDR --nqn "$NQN$A" --time "$T" --json --target-pid "$EPID" ${PERF[$w]} |
             record "$1" "$w" "io-engine pool"
+        scrape > "$DIR/m1"
+        if [[ $w == 4k* ]]; then stages "$1" "$w" "$DIR/m0" "$DIR/m1"; fi
     done
     # First writes: every write lands in a cluster no one wrote yet (sequential, so each cluster is new once).
     $B/nvmf-perf --addr $ADDR --nqn "$NQN$F" --time "$T" --json --rw write --bs 128k --qd 8 |
@@ -158,3 +185,6 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
         print(f'first writes to new clusters: {first["mbps"]:.0f} MB/s against {over["mbps"]:.0f} MB/s '
               f'overwriting ({first["mbps"] / over["mbps"]:.2f}x)')
 EOF
+echo
+echo "### where the engine's 4 KiB I/Os spent their time (mean us per stage; disk_* for the pool's disk I/O)"
+cat "$STAGES"

@@ -21,7 +21,8 @@ pub struct Connect {
 
 impl Connect {
     /// The option line: I/O waits in the kernel while a path reconnects (`ctrl_loss_tmo=-1`, no
-    /// `fast_io_fail_tmo`), so nothing fails during a switch-over.
+    /// `fast_io_fail_tmo`), so nothing fails during a switch-over; SQ flow control is off (`disable_sqflow`), so an
+    /// engine ends each read with its data alone instead of a data PDU and a response.
     pub fn options(&self) -> Result<String, std::io::Error> {
         let (ip, port) = self.address.rsplit_once(':').ok_or_else(|| {
             std::io::Error::new(
@@ -30,7 +31,7 @@ impl Connect {
             )
         })?;
         let mut o = format!(
-            "nqn={},transport=tcp,traddr={},trsvcid={port},hostnqn={},ctrl_loss_tmo=-1,keep_alive_tmo={},reconnect_delay=1",
+            "nqn={},transport=tcp,traddr={},trsvcid={port},hostnqn={},ctrl_loss_tmo=-1,keep_alive_tmo={},reconnect_delay=1,disable_sqflow",
             self.nqn,
             ip.trim_start_matches('[').trim_end_matches(']'),
             self.host_nqn,
@@ -105,7 +106,7 @@ mod tests {
             c.options().unwrap(),
             "nqn=nqn.2026-11.io.keelson:vol-x,transport=tcp,traddr=10.200.0.1,trsvcid=4421,\
              hostnqn=nqn.2014-08.org.nvmexpress:uuid:h,ctrl_loss_tmo=-1,keep_alive_tmo=5,reconnect_delay=1,\
-             hostid=0f1e2d3c-0000-4000-8000-000000000001"
+             disable_sqflow,hostid=0f1e2d3c-0000-4000-8000-000000000001"
         );
         let bad = Connect {
             address: "nowhere".into(),

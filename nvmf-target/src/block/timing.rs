@@ -13,6 +13,12 @@
 //! - `initiator_remote`: written → the child's response decoded (network and the replica's engine);
 //! - `initiator_wake`: decoded → the submitting command resumed with it;
 //! - `target_reply`: response ready → written to the host's socket.
+//!
+//! And where a pool's disk I/O goes through io_uring ([`super::uring`]):
+//! - `disk_submit`: asked → handed to the kernel (`io_uring_enter`, which starts the disk request itself);
+//! - `disk_kernel`: handed to the kernel → its completion reaped (the kernel finishes it as task work of the
+//!   submitting thread, then wakes the ring's reaper);
+//! - `disk_wake`: reaped → the asking task resumed with it.
 
 use std::cell::Cell;
 use std::sync::LazyLock;
@@ -32,10 +38,13 @@ pub enum Stage {
     InitiatorRemote,
     InitiatorWake,
     TargetReply,
+    DiskSubmit,
+    DiskKernel,
+    DiskWake,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 9] = [
+    pub const ALL: [Stage; 12] = [
         Stage::TargetExecute,
         Stage::NexusLock,
         Stage::NexusFirstChild,
@@ -45,6 +54,9 @@ impl Stage {
         Stage::InitiatorRemote,
         Stage::InitiatorWake,
         Stage::TargetReply,
+        Stage::DiskSubmit,
+        Stage::DiskKernel,
+        Stage::DiskWake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +70,9 @@ impl Stage {
             Stage::InitiatorRemote => "initiator_remote",
             Stage::InitiatorWake => "initiator_wake",
             Stage::TargetReply => "target_reply",
+            Stage::DiskSubmit => "disk_submit",
+            Stage::DiskKernel => "disk_kernel",
+            Stage::DiskWake => "disk_wake",
         }
     }
 }

@@ -1,7 +1,9 @@
 //! io_uring for file devices: reads, writes and flushes are submitted to one ring per device from whichever task
 //! issues them, and completed by the ring's reaper task, which the kernel wakes through an eventfd. No thread per
 //! I/O (the blocking pool's hand-off and wake-up each way was most of a small pool I/O's cost), no polling: an idle
-//! ring costs nothing. Where the kernel refuses io_uring (`kernel.io_uring_disabled`, a seccomp filter, an old
+//! ring costs nothing. Two alternatives measured slower on this project's two-core machine (the doc of
+//! [`Ring::submit`] says why): a thread per ring that submits and waits (two more wake-ups per I/O), and deferring
+//! submissions to batch them into one enter. Where the kernel refuses io_uring (`kernel.io_uring_disabled`, a seccomp filter, an old
 //! kernel) [`Ring::new`] fails and the device keeps its blocking path.
 //!
 //! The crate's only unsafe code is here: a submission entry carries a raw pointer into a buffer that the kernel
@@ -17,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -26,6 +29,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, Semaphore, oneshot};
 
 use super::aligned::AlignedBuf;
+use super::timing::{self, Stage};
 
 /// Submission queue entries; at most this many operations are in flight per ring (the completion queue has room
 /// for twice as many, so it never overflows).
@@ -44,7 +48,16 @@ enum Buffer {
 
 struct Op {
     buf: Buffer,
-    done: oneshot::Sender<(i32, Buffer)>,
+    done: oneshot::Sender<Done>,
+    /// When it was handed to the kernel, if its stages are timed ([`timing`]).
+    timed: Option<Instant>,
+}
+
+/// A completion: the kernel's result, the buffer back, and when it was reaped (if timed).
+struct Done {
+    res: i32,
+    buf: Buffer,
+    reaped: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -153,6 +166,13 @@ impl Ring {
     }
 
     /// Files `buf` under a new operation, pushes `entry` and waits for its completion: bytes done, and the buffer.
+    ///
+    /// Each operation enters the kernel at once, from the asking task. On the two-core machine, one ring thread
+    /// per device submitting and waiting in one enter (completions then run in that thread's wait, as in fio) was
+    /// slower at every depth, 4 KiB reads at QD32 by a quarter: the hand-off to the thread and back are two more
+    /// wake-ups per I/O. Batching — queueing entries and letting a submitter task enter once for all that a
+    /// connection's commands queued — was slower too (QD32 by a fifth): a virtual disk starts each request when it
+    /// is told, so holding the first back costs more than the doorbells saved.
     async fn submit(&self, entry: squeue::Entry, buf: Buffer) -> io::Result<(usize, Buffer)> {
         let s = &self.shared;
         // Given back by the reaper when the operation completes, not when this future ends.
@@ -162,7 +182,14 @@ impl Ring {
             let mut t = s.table();
             let id = t.next;
             t.next += 1;
-            t.ops.insert(id, Op { buf, done: tx });
+            t.ops.insert(
+                id,
+                Op {
+                    buf,
+                    done: tx,
+                    timed: timing::start(),
+                },
+            );
             id
         };
         let entry = entry.user_data(id);
@@ -184,7 +211,13 @@ impl Ring {
                 tracing::debug!(error = %e, "io_uring submit deferred");
             }
         }
-        let (res, buf) = rx.await.map_err(|_| closed())?;
+        if let Some(t) = s.table().ops.get_mut(&id).and_then(|op| op.timed.as_mut()) {
+            *t = timing::record_since(Stage::DiskSubmit, *t);
+        }
+        let Done { res, buf, reaped } = rx.await.map_err(|_| closed())?;
+        if let Some(t) = reaped {
+            timing::record_since(Stage::DiskWake, t);
+        }
         if res < 0 {
             return Err(io::Error::from_raw_os_error(-res));
         }
@@ -226,12 +259,23 @@ async fn reap(s: Arc<Shared>) {
             }
             done
         };
+        let mut now = None;
         for (id, res) in finished {
             let op = s.table().ops.remove(&id);
             s.slots.add_permits(1);
             if let Some(op) = op {
+                let reaped = op.timed.map(|t| {
+                    let now = *now.get_or_insert_with(Instant::now);
+                    timing::record(Stage::DiskKernel, now.saturating_duration_since(t));
+                    now
+                });
+                let done = Done {
+                    res,
+                    buf: op.buf,
+                    reaped,
+                };
                 // The asker may be gone (its future dropped): the buffer is freed here, after the kernel is done.
-                let _ = op.done.send((res, op.buf));
+                let _ = op.done.send(done);
             }
         }
         if s.closed.load(Ordering::Acquire) && s.table().ops.is_empty() {

@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::protocol::command::{Sgl, Sqe, admin};
 use crate::protocol::fabrics::{
-    CNTLID_DYNAMIC, Connect, ConnectData, Property, cap_mqes, csts, property,
+    CNTLID_DYNAMIC, Connect, ConnectData, DISABLE_SQ_FLOW_CONTROL, Property, cap_mqes, csts,
+    property,
 };
 use crate::protocol::identify::{self, ControllerData, NamespaceData, cns};
 use crate::protocol::pdu::Digests;
@@ -235,17 +236,20 @@ impl Controller {
         Ok(self.admin.submit(sqe, None).await?.data)
     }
 
-    /// Closes every queue (the target tears the controller down when the admin queue goes).
+    /// Closes every queue, I/O queues first (the target tears the controller down when the admin queue goes).
     pub fn close(&self) {
         self.failed.cancel();
-        self.admin.close();
         for q in &self.io {
             q.close();
         }
+        self.admin.close();
     }
 
-    /// Orderly shutdown: CC.SHN = normal, then close.
+    /// Orderly shutdown, in the Linux host's order: the I/O queues' connections closed (and the target told),
+    /// then CC.SHN = normal on the admin queue, then the admin queue closed. A target never sees I/O queues
+    /// outlive their controller.
     pub async fn shutdown(&self) {
+        futures_util::future::join_all(self.io.iter().map(Queue::close_and_wait)).await;
         let _ = self
             .admin
             .submit(Property::set_sqe(property::CC, 0x0046_4001, false), None)
@@ -280,7 +284,9 @@ async fn fabrics_connect(
         recfmt: 0,
         qid,
         sqsize,
-        cattr: 0,
+        // I/O queues without SQ flow control: this host never needs the head pointer (it keeps at most a queue's
+        // entries outstanding), and the target may then end a read with its data PDU alone.
+        cattr: if qid > 0 { DISABLE_SQ_FLOW_CONTROL } else { 0 },
         kato,
     }
     .to_sqe();

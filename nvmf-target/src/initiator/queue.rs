@@ -85,6 +85,8 @@ struct Inner {
     maxh2cdata: usize,
     timeout: Duration,
     closed: CancellationToken,
+    /// Cancelled once the writer has sent its FIN: the target has been told the connection is over.
+    finished: CancellationToken,
 }
 
 impl Inner {
@@ -261,6 +263,7 @@ impl Queue {
             maxh2cdata: resp.maxh2cdata as usize,
             timeout,
             closed: CancellationToken::new(),
+            finished: CancellationToken::new(),
         });
         tokio::spawn(read_loop(framed, inner.clone()));
         tokio::spawn(write_loop(wr, framed_codec(digests), rx, inner.clone()));
@@ -284,6 +287,12 @@ impl Queue {
 
     pub fn close(&self) {
         self.inner.closed.cancel();
+    }
+
+    /// Closes the connection and waits (a second at most) until the target has been told (FIN sent).
+    pub async fn close_and_wait(&self) {
+        self.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.finished.cancelled()).await;
     }
 
     /// Sends a command and waits for its completion. `write` is host-to-controller data: in the capsule when small
@@ -427,4 +436,5 @@ async fn write_loop(
     }
     use tokio::io::AsyncWriteExt;
     let _ = wr.shutdown().await;
+    inner.finished.cancel();
 }

@@ -9,6 +9,9 @@ use super::nqn::{read_cstr, write_cstr};
 pub const CONNECT_DATA_LEN: usize = 1024;
 /// Controller ID a host sends on an admin Connect to ask for any controller (dynamic model).
 pub const CNTLID_DYNAMIC: u16 = 0xFFFF;
+/// Connect CATTR bit 2: the host disables SQ flow control on the queue (the controller reports SQHD 0xFFFF and may
+/// end a successful read with its data PDU alone).
+pub const DISABLE_SQ_FLOW_CONTROL: u8 = 0x04;
 
 /// Fields of a Connect command (SQE bytes 40..52).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +51,7 @@ impl Connect {
 
     /// CATTR bit 2: the host disabled SQ flow control.
     pub fn sq_flow_control_disabled(&self) -> bool {
-        self.cattr & 0x04 != 0
+        self.cattr & DISABLE_SQ_FLOW_CONTROL != 0
     }
 }
 

@@ -47,7 +47,10 @@ pub(super) fn connect(
         tracing::warn!(subnqn = %cd.subnqn, host = %cd.hostnqn, "connect to unknown subsystem");
         return Err(invalid(cid, true, u64::from(ConnectData::OFFSET_SUBNQN)));
     };
-    if Nqn::parse(&cd.hostnqn).is_err() {
+    // An empty Host NQN is a host that did not name itself (SPDK's perf tool without `-q`). The Linux target
+    // lets it connect where any host may, and so does this one; an allow-list never holds it (Connect Invalid
+    // Host below). A Host NQN that is there but malformed is refused.
+    if !cd.hostnqn.is_empty() && Nqn::parse(&cd.hostnqn).is_err() {
         return Err(invalid(cid, true, u64::from(ConnectData::OFFSET_HOSTNQN)));
     }
     if !sub.host_allowed(&cd.hostnqn) {

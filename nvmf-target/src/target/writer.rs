@@ -1,6 +1,7 @@
 //! The sending half of a connection: drains every message that is ready, encodes them into one list of segments
 //! (payloads are not copied) and sends them with vectored writes, so completions that are ready together share a
-//! system call.
+//! system call. On a queue whose host disabled SQ flow control, a successful read's data PDU carries the SUCCESS
+//! flag and no CapsuleResp follows (NVMe/TCP 1.0 §3.6.2.6, as the Linux target does): one PDU per read, not two.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -37,6 +38,10 @@ impl WriterQueue {
 
     pub(super) fn command_fetched(&self) {
         self.fetched.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn flow_control_disabled(&self) -> bool {
+        self.config.load(Ordering::Relaxed) & (1 << 31) != 0
     }
 
     fn qid_and_head(&self) -> (u16, u16) {
@@ -78,6 +83,7 @@ pub(super) async fn write_loop(
             break;
         }
         let mut terminate = false;
+        let no_flow_control = queue.flow_control_disabled();
         for msg in batch.drain(..) {
             let pdu = match msg {
                 Outgoing::Response(mut r) => {
@@ -86,15 +92,21 @@ pub(super) async fn write_loop(
                     r.cqe.sqid = qid;
                     r.cqe.sqhd = head;
                     if let Some(data) = r.data.take().filter(|d| !d.is_empty()) {
+                        // The response would say nothing the host does not know: success, no result, no head.
+                        let success =
+                            no_flow_control && r.cqe.status.is_success() && r.cqe.result == 0;
                         let d = DataPdu {
                             cccid: r.cqe.cid,
                             ttag: 0,
                             offset: 0,
                             data,
                             last: true,
-                            success: false,
+                            success,
                         };
                         codec.encode_parts(&Pdu::C2HData(d), &mut scratch, &mut parts);
+                        if success {
+                            continue;
+                        }
                     }
                     Pdu::CapsuleResp(r.cqe)
                 }

@@ -270,6 +270,25 @@ async fn host_not_on_the_allow_list_is_refused() {
     assert!(c.status.is_success());
 }
 
+/// As the Linux target: a host that names no Host NQN may connect where any host may (SPDK's perf tool does
+/// this), never through an allow-list; a Host NQN that is there but malformed is an invalid parameter.
+#[tokio::test]
+async fn an_empty_host_nqn_is_let_in_only_where_any_host_is() {
+    let open = target().await;
+    let mut r = Raw::ready(open.addr).await;
+    let c = r.connect_cmd(0, 0, CNTLID_DYNAMIC, NQN, "").await;
+    assert!(c.status.is_success(), "{}", c.status);
+    let mut r = Raw::ready(open.addr).await;
+    let c = r.connect_cmd(0, 0, CNTLID_DYNAMIC, NQN, "not an nqn").await;
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(c.dw0(), (1 << 16) | 512, "IATTR data, IPO at the Host NQN");
+
+    let listed = target_with(&[HOST], TargetConfig::default()).await;
+    let mut r = Raw::ready(listed.addr).await;
+    let c = r.connect_cmd(0, 0, CNTLID_DYNAMIC, NQN, "").await;
+    assert_eq!(c.status, Status::CONNECT_INVALID_HOST);
+}
+
 #[tokio::test]
 async fn second_connect_on_a_queue_is_a_sequence_error() {
     let t = target().await;

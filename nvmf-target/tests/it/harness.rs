@@ -169,11 +169,25 @@ impl Raw {
         subnqn: &str,
         host: &str,
     ) -> Cqe {
+        self.connect_cmd_with(qid, kato, cntlid, subnqn, host, 0)
+            .await
+    }
+
+    /// Connect with the given connect attributes (CATTR).
+    pub async fn connect_cmd_with(
+        &mut self,
+        qid: u16,
+        kato: u32,
+        cntlid: u16,
+        subnqn: &str,
+        host: &str,
+        cattr: u8,
+    ) -> Cqe {
         let sqe = Connect {
             recfmt: 0,
             qid,
             sqsize: 31,
-            cattr: 0,
+            cattr,
             kato,
         }
         .to_sqe();
@@ -227,12 +241,17 @@ impl Raw {
 
     /// An I/O queue (qid 1) of a controller set up by [`Raw::admin`] after Set Features Number of Queues.
     pub async fn io(addr: SocketAddr, admin: &mut Raw, cntlid: u16) -> Raw {
+        Self::io_with(addr, admin, cntlid, 0).await
+    }
+
+    /// [`Raw::io`] with the given connect attributes (CATTR).
+    pub async fn io_with(addr: SocketAddr, admin: &mut Raw, cntlid: u16, cattr: u8) -> Raw {
         let mut sqe = Sqe::new(nvmf_target::protocol::command::admin::SET_FEATURES, 0);
         sqe.set_cdw(10, 0x07);
         sqe.set_cdw(11, 0);
         assert!(admin.cmd(sqe, Bytes::new()).await.status.is_success());
         let mut r = Raw::ready(addr).await;
-        let c = r.connect_cmd(1, 0, cntlid, NQN, HOST).await;
+        let c = r.connect_cmd_with(1, 0, cntlid, NQN, HOST, cattr).await;
         assert!(c.status.is_success(), "io connect: {}", c.status);
         r
     }

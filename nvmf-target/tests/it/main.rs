@@ -9,6 +9,7 @@ mod binary;
 mod edges;
 mod events;
 mod fencing;
+mod flow_control;
 mod harness;
 mod initiator;
 mod metrics;
