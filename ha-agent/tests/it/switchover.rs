@@ -40,8 +40,12 @@ async fn published(c: &mut ClusterClient<Channel>, replicas: u32, node: &str) ->
     })
     .await
     .unwrap();
+    publish_to(c, vol, node).await
+}
+
+async fn publish_to(c: &mut ClusterClient<Channel>, uuid: String, node: &str) -> pb::Volume {
     c.publish_volume(pb::PublishVolumeRequest {
-        uuid: vol,
+        uuid,
         host_nqn: HOST.into(),
         node: node.into(),
         multi_host: false,
@@ -192,25 +196,48 @@ async fn a_frozen_nexus_is_fenced_after_the_switch_over_and_its_late_write_lands
     drop(old_ns);
 }
 
-/// The cluster agent is killed (an armed failpoint) after recording a switch-over, and after ending the old nexus;
-/// restarted, it finishes each switch-over by itself, and every write reads back through the new path.
+/// The cluster agent is killed (an armed failpoint) at each stage of a switch-over: after recording it, after
+/// ending the old nexus, and at each step of publishing the replacement (recorded, created, exported). Restarted,
+/// it finishes the switch-over by itself, and every write reads back through the new path. The killed engine comes
+/// back between rounds (its stale nexus and disowned replica are cleaned up), so each round starts from three nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
     use ha_agent::cluster::failpoint as fp;
     let (_dir, port, mut agent, mut engines, _nodes, mut c) = three_nodes().await;
-    // Both have a replica on reg-3, the node left when reg-1 and reg-2 are dead.
-    let a = published(&mut c, 3, "reg-1").await;
-    let b = published(&mut c, 3, "reg-2").await;
-    for v in [&a, &b] {
+    for failpoint in [
+        fp::SWITCHOVER_REPORTED,
+        fp::SWITCHOVER_OLD_ENDED,
+        fp::PUBLISH_NEXUS_RECORDED,
+        fp::PUBLISH_NEXUS_CREATED,
+        fp::PUBLISH_PUBLISHED,
+    ] {
+        // The last round's volume is deleted; its replicas leave the pools as their engines answer.
+        let t = Instant::now();
+        let v = &loop {
+            let vol = uuid::Uuid::new_v4().to_string();
+            match c
+                .create_volume(pb::CreateVolumeRequest {
+                    uuid: vol.clone(),
+                    size_bytes: 16 * MIB,
+                    replicas: 3,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(_) => break publish_to(&mut c, vol, "reg-1").await,
+                Err(s)
+                    if s.code() == Code::ResourceExhausted
+                        && t.elapsed() < Duration::from_secs(30) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(s) => panic!("{failpoint}: create: {s}"),
+            }
+        };
         let ns = connect(v).await;
         write_all(&ns, 0..8).await;
         ns.close().await;
-    }
-    for (i, v, failpoint) in [
-        (0, &a, fp::SWITCHOVER_REPORTED),
-        (1, &b, fp::SWITCHOVER_OLD_ENDED),
-    ] {
-        engines[i].kill9();
+        engines[0].kill9();
         agent.set_env("FAILPOINTS", &format!("{failpoint}=return"));
         agent.restart();
         let t = Instant::now();
@@ -268,12 +295,23 @@ async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
         let ns = connect(&moved).await;
         verify(&ns, 0..8).await;
         ns.close().await;
-        let dead = format!("reg-{}", i + 1);
+        engines[0].restart();
         crate::registry::wait_for(
             port,
-            &[(dead.as_str(), pb::NodeState::Offline)],
-            "dead node",
+            &[("reg-1", pb::NodeState::Online)],
+            "the killed node back",
         )
         .await;
+        c.unpublish_volume(pb::UnpublishVolumeRequest {
+            uuid: v.uuid.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.delete_volume(pb::DeleteVolumeRequest {
+            uuid: v.uuid.clone(),
+        })
+        .await
+        .unwrap();
     }
 }

@@ -93,22 +93,34 @@ static HISTOGRAMS: LazyLock<Vec<prometheus::Histogram>> = LazyLock::new(|| {
         .collect()
 });
 
-thread_local! {
-    static TICK: Cell<u32> = const { Cell::new(0) };
+/// The layers that decide on their own which of their I/Os to time. Each counts for itself: with one counter, two
+/// layers asking once each per I/O on one thread would split the samples by parity, one getting all and the other
+/// none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layer {
+    Target,
+    Nexus,
+    Initiator,
+    Disk,
 }
 
-/// Whether the I/O starting now on this thread is one to time: one in [`SAMPLE_EVERY`].
-pub fn sample() -> bool {
-    TICK.with(|t| {
+thread_local! {
+    static TICKS: [Cell<u32>; 4] = const { [const { Cell::new(0) }; 4] };
+}
+
+/// Whether the I/O `layer` starts now on this thread is one to time: one in [`SAMPLE_EVERY`].
+pub fn sample(layer: Layer) -> bool {
+    TICKS.with(|t| {
+        let t = &t[layer as usize];
         let n = t.get().wrapping_add(1);
         t.set(n);
         n.is_multiple_of(SAMPLE_EVERY)
     })
 }
 
-/// A clock reading if this I/O is sampled.
-pub fn start() -> Option<Instant> {
-    sample().then(Instant::now)
+/// A clock reading if this I/O of `layer` is sampled.
+pub fn start(layer: Layer) -> Option<Instant> {
+    sample(layer).then(Instant::now)
 }
 
 /// Records one sampled stage.
@@ -134,8 +146,20 @@ mod tests {
 
     #[test]
     fn one_in_sample_every_is_timed() {
-        let n = (0..SAMPLE_EVERY * 10).filter(|_| sample()).count();
+        let n = (0..SAMPLE_EVERY * 10)
+            .filter(|_| sample(Layer::Nexus))
+            .count();
         assert_eq!(n, 10);
+    }
+
+    #[test]
+    fn layers_asking_in_turn_each_get_their_share() {
+        let (mut target, mut disk) = (0, 0);
+        for _ in 0..SAMPLE_EVERY * 10 {
+            target += usize::from(sample(Layer::Target));
+            disk += usize::from(sample(Layer::Disk));
+        }
+        assert_eq!((target, disk), (10, 10));
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl Ring {
                 Op {
                     buf,
                     done: tx,
-                    timed: timing::start(),
+                    timed: timing::start(timing::Layer::Disk),
                 },
             );
             id

@@ -322,7 +322,7 @@ impl Queue {
                 stash = Some(d);
             }
         }
-        let sampled = timing::start();
+        let sampled = timing::start(timing::Layer::Initiator);
         let cid = inner
             .table()
             .insert(Pending {

@@ -40,7 +40,7 @@ impl Nexus {
             return Err(BlockError::Closed);
         }
         self.app_ios.fetch_add(1, Ordering::Relaxed);
-        let sampled = timing::start();
+        let sampled = timing::start(timing::Layer::Nexus);
         let _guard = if len > 0 {
             Some(self.lock.exclusive(offset..offset + len).await)
         } else {

@@ -152,7 +152,7 @@ pub(super) async fn execute(
     };
     kind.record(bytes, start.elapsed(), r.cqe.status.is_success());
     let mut r = r;
-    if timing::sample() {
+    if timing::sample(timing::Layer::Target) {
         r.ready_at = Some(timing::record_since(Stage::TargetExecute, start));
     }
     r
