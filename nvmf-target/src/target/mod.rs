@@ -79,7 +79,11 @@ impl Default for TargetConfig {
             cntlid_max: 0xFFEF,
             queue_entries: 128,
             max_io_queues: 64,
-            in_capsule_data: 8192,
+            // Writes up to 128 KiB come inside their command, which saves each one a round trip (the R2T and its
+            // answer): 128 KiB writes to a pool replica went from 263 to 198 us at QD1 on the 2-core machine, 16 KiB
+            // writes at QD8 from 20.7k to 29.4k per second. It exposes no more memory than R2T does: every write
+            // gets its R2T at once, for up to `maxh2cdata`.
+            in_capsule_data: 128 << 10,
             // As large as the largest transfer: a write's data comes in one H2CData PDU, received page-aligned
             // straight into the buffer the backing file is written from (as Linux's own target does).
             maxh2cdata: 4 << 20,

@@ -358,9 +358,12 @@ async fn in_capsule_data_larger_than_allowed_is_refused() {
     let t = target().await;
     let (mut a, id) = Raw::admin(t.addr, 0).await;
     let mut q = Raw::io(t.addr, &mut a, id).await;
-    let sqe = Sqe::rw(io::WRITE, 1, 0, 32, 16384, true);
+    let len = TargetConfig::default().in_capsule_data + 4096;
+    let sqe = Sqe::rw(io::WRITE, 1, 0, len / 512, len, true);
     assert_eq!(
-        q.cmd(sqe, Bytes::from(vec![0u8; 16384])).await.status,
+        q.cmd(sqe, Bytes::from(vec![0u8; len as usize]))
+            .await
+            .status,
         Status::SGL_DATA_LENGTH_INVALID
     );
     still_serves(t.addr).await;
