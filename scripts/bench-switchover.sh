@@ -3,7 +3,8 @@
 # tests): verified fio in the guest on a 3-replica volume while the host kills -9 the io-engine hosting the nexus
 # (ROUNDS times), then SIGSTOPs it, cuts the guest off from it, and drains its node (3 times each); the node agent in the guest reports, the cluster agent moves the nexus, the
 # node agent connects the new path. Prints, per failure kind, the longest write latency fio saw in each round (the
-# stall) as p50 / p99 / max, and the node agent's own failure-seen-to-new-path-live time.
+# stall) as p50 / p99 / max, the node agent's own failure-seen-to-new-path-live time, and the cluster agent's time
+# per stage of the switch-overs (end the old nexus, disown the failed node's replicas, publish the new one).
 # Usage: scripts/bench-switchover.sh [ROUNDS, default 10] [KATO seconds, default 5: the paths' keep-alive timeout,
 # which bounds how soon the kernel notices a stopped node]. Latencies are under QEMU's emulation.
 set -euo pipefail
@@ -27,5 +28,14 @@ for mode in kill stop cut drain; do
     echo "$mode, keep-alive ${KATO} s ($(echo "$stalls" | wc -l) rounds): fio stall p50 $(echo "$stalls" | pct 50) ms, p99 $(echo "$stalls" | pct 99) ms," \
         "max $(echo "$stalls" | pct 100) ms; node agent failure-seen to new-path-live p50 $(echo "$took" | pct 50) ms," \
         "max $(echo "$took" | pct 100) ms"
+done
+# The cluster agent's own stages of every switch-over in the run (its "switched over" log lines): ending the old
+# nexus, disowning the failed node's replicas, publishing the new nexus (place, create over the replicas with the
+# old key preempted, export), and report-to-published.
+for stage in end_old disown publish took; do
+    v=$(grep "^agent: .*switched over" "$out" | grep -o "${stage}_ms=[0-9]*" | sed 's/.*=//')
+    [ -n "$v" ] || continue
+    printf 'cluster agent %-8s over %d switch-overs: p50 %s ms, max %s ms\n' "$stage" "$(echo "$v" | wc -l)" \
+        "$(echo "$v" | pct 50)" "$(echo "$v" | pct 100)"
 done
 rm -f "$out"
