@@ -36,6 +36,11 @@ struct Args {
     /// How long a path stays broken before it is reported, in milliseconds.
     #[arg(long, env = "KEELSON_GRACE_MS", default_value_t = 0)]
     grace_ms: u64,
+    /// How long a live path may have I/O in flight with none completing before it is reported as broken (its
+    /// target went silent without the connection failing), in milliseconds; 0: only the kernel's keep-alive
+    /// notices. A slow but healthy target reported this way keeps its nexus: the cluster agent asks its engine.
+    #[arg(long, env = "KEELSON_STALL_MS", default_value_t = 2000)]
+    stall_ms: u64,
     /// Keep-alive timeout of the paths this agent connects, in seconds.
     #[arg(long, env = "KEELSON_KEEP_ALIVE_TMO", default_value_t = 5)]
     keep_alive_tmo: u32,
@@ -84,6 +89,7 @@ async fn main() -> Result<()> {
         fabrics: args.fabrics.clone(),
         poll: Duration::from_millis(args.poll_ms.max(10)),
         grace: Duration::from_millis(args.grace_ms),
+        stall: Duration::from_millis(args.stall_ms),
         keep_alive_tmo: args.keep_alive_tmo.max(1),
         live_timeout: Duration::from_millis(args.live_timeout_ms),
     };

@@ -34,6 +34,8 @@ pub struct NodeAgentConfig {
     pub poll: Duration,
     /// How long a path stays unusable before it is reported.
     pub grace: Duration,
+    /// How long a live path may hold I/O with none completing before it counts as broken (zero: never).
+    pub stall: Duration,
     /// Keep-alive timeout of the paths it connects, seconds.
     pub keep_alive_tmo: u32,
     /// How long a new path gets to become live.
@@ -48,7 +50,7 @@ const CONNECT_TRIES: u32 = 5;
 
 /// Runs until `stop` fires.
 pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: CancellationToken) {
-    let mut tracker = PathTracker::new(cfg.grace);
+    let mut tracker = PathTracker::new(cfg.grace, cfg.stall);
     // Subsystems with a switch-over running, and when each may be tried again after a failed one.
     let busy: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
     let mut retry: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
@@ -324,6 +326,28 @@ async fn switch_over(
         .filter(|c| !targets.contains(&c.target()))
     {
         let (sys, name) = (cfg.sys.clone(), c.name.clone());
+        if c.state == "live" {
+            // A live old path (its target silent, not gone): deleting it would wait for the I/O it holds until the
+            // kernel's I/O timeout (30 s). A reset tears its queues down first, and that I/O moves to the new path.
+            let (sys, name) = (sys.clone(), name.clone());
+            if let Ok(Err(e)) =
+                tokio::task::spawn_blocking(move || fabrics::reset(&sys, &name)).await
+            {
+                tracing::warn!(controller = %c.name, error = %e, "resetting the silent path failed");
+            }
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(2) {
+                let still_live = scan(cfg.sys.clone(), b.nqn.clone()).await.is_some_and(|s| {
+                    s.controllers
+                        .iter()
+                        .any(|x| x.name == c.name && x.state == "live")
+                });
+                if !still_live {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         match tokio::task::spawn_blocking(move || fabrics::delete(&sys, &name)).await {
             Ok(Ok(())) => {
                 tracing::info!(controller = %c.name, address = %c.address, "dead path removed")

@@ -82,6 +82,15 @@ pub fn connect(fabrics: &Path, c: &Connect) -> std::io::Result<Connected> {
 }
 
 /// Removes controller `name` (`nvme3`) under `sys` (`/sys`).
+/// Resets controller `name`: the kernel tears its queues down, so the I/O it held goes to the subsystem's other
+/// paths, and then tries to reconnect it.
+pub fn reset(sys: &Path, name: &str) -> std::io::Result<()> {
+    std::fs::write(
+        sys.join("class/nvme").join(name).join("reset_controller"),
+        b"1",
+    )
+}
+
 pub fn delete(sys: &Path, name: &str) -> std::io::Result<()> {
     std::fs::write(
         sys.join("class/nvme").join(name).join("delete_controller"),

@@ -182,6 +182,7 @@ mod tests {
                 host_nqn: String::new(),
                 host_id: String::new(),
                 ana: vec!["optimized".into()],
+                io: Default::default(),
             }],
         }]
     }

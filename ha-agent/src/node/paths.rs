@@ -1,7 +1,11 @@
 //! The path state machine: from successive sysfs scans, which of Keelson's paths are broken and since when. A
 //! controller is broken ([`Controller::broken`]: not `live`, or none of its namespace paths optimized or
 //! non-optimized) for longer than a grace period, or when it vanished (the kernel gave up on it) and no usable controller of its
-//! subsystem is left. Pure: the caller scans and gives the time.
+//! subsystem is left. A live controller is broken too when it has I/O in flight and none completed for the stall
+//! timeout: its target went silent (a frozen engine, a cut link) without the TCP connection failing, which the
+//! kernel itself notices only when its keep-alive times out (seconds; about 13 s with a 5 s keep-alive in the VM).
+//! A slow target reported this way is not moved: the cluster agent checks with the engine first. Pure: the caller
+//! scans and gives the time.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -26,19 +30,24 @@ struct Seen {
     controller: Controller,
     /// When it was first seen broken, if it is.
     unusable_since: Option<(Instant, SystemTime)>,
+    /// When it last completed I/O or had none in flight.
+    progress_at: (Instant, SystemTime),
 }
 
 /// What the agent remembers between scans.
 pub struct PathTracker {
     grace: Duration,
+    /// In flight without a completion this long is a silent target; zero: not watched.
+    stall: Duration,
     /// By subsystem NQN, then controller name.
     known: BTreeMap<String, BTreeMap<String, Seen>>,
 }
 
 impl PathTracker {
-    pub fn new(grace: Duration) -> PathTracker {
+    pub fn new(grace: Duration, stall: Duration) -> PathTracker {
         PathTracker {
             grace,
+            stall,
             known: BTreeMap::new(),
         }
     }
@@ -51,8 +60,22 @@ impl PathTracker {
             let mut before = self.known.remove(&s.nqn).unwrap_or_default();
             let mut here = BTreeMap::new();
             for c in &s.controllers {
-                let since = match before.remove(&c.name) {
-                    Some(old) if c.broken() => old.unusable_since.or(Some((now, wall))),
+                let old = before.remove(&c.name);
+                let progress_at = match &old {
+                    Some(o)
+                        if c.io.in_flight > 0 && c.io.completed == o.controller.io.completed =>
+                    {
+                        o.progress_at
+                    }
+                    _ => (now, wall),
+                };
+                let stalled = !self.stall.is_zero()
+                    && c.io.in_flight > 0
+                    && now.duration_since(progress_at.0) >= self.stall;
+                let since = match old {
+                    Some(o) if c.broken() => o.unusable_since.or(Some((now, wall))),
+                    // Silent since its last completion.
+                    Some(o) if stalled => o.unusable_since.or(Some(progress_at)),
                     None if c.broken() => Some((now, wall)),
                     _ => None,
                 };
@@ -72,6 +95,7 @@ impl PathTracker {
                     Seen {
                         controller: c.clone(),
                         unusable_since: since,
+                        progress_at,
                     },
                 );
             }
@@ -109,6 +133,7 @@ mod tests {
             host_nqn: "h".into(),
             host_id: "i".into(),
             ana: vec!["optimized".into()],
+            io: Default::default(),
         }
     }
 
@@ -122,7 +147,7 @@ mod tests {
 
     #[test]
     fn a_path_is_broken_once_unusable_for_the_grace_period() {
-        let mut t = PathTracker::new(Duration::from_millis(200));
+        let mut t = PathTracker::new(Duration::from_millis(200), Duration::ZERO);
         let t0 = Instant::now();
         let w = SystemTime::now();
         assert!(
@@ -159,7 +184,7 @@ mod tests {
 
     #[test]
     fn an_inaccessible_live_path_is_broken_too() {
-        let mut t = PathTracker::new(Duration::ZERO);
+        let mut t = PathTracker::new(Duration::ZERO, Duration::ZERO);
         let mut c = ctrl("nvme0", "live", 4420);
         c.ana = vec!["inaccessible".into()];
         assert_eq!(
@@ -171,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_vanished_controller_is_reported_only_when_nothing_usable_is_left() {
-        let mut t = PathTracker::new(Duration::ZERO);
+        let mut t = PathTracker::new(Duration::ZERO, Duration::ZERO);
         let (t0, w) = (Instant::now(), SystemTime::now());
         t.observe(
             &subsys(vec![
@@ -193,5 +218,40 @@ mod tests {
             (b[0].controller.name.as_str(), b[0].present),
             ("nvme1", false)
         );
+    }
+
+    #[test]
+    fn a_live_path_with_io_in_flight_and_none_completing_is_broken_after_the_stall_timeout() {
+        let mut t = PathTracker::new(Duration::ZERO, Duration::from_secs(1));
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let with = |in_flight: u64, completed: u64| {
+            let mut c = ctrl("nvme0", "live", 4420);
+            c.io = crate::node::sysfs::IoCounts {
+                in_flight,
+                completed,
+            };
+            subsys(vec![c])
+        };
+        // Busy and completing: fine however long it lasts.
+        for i in 0..30 {
+            assert!(t.observe(&with(16, 100 + i), at(i * 100), w).is_empty());
+        }
+        // Idle: nothing in flight, nothing completing, fine too.
+        for i in 30..50 {
+            assert!(t.observe(&with(0, 129), at(i * 100), w).is_empty());
+        }
+        // I/O in flight from 5.0 s on, none completing: silent since the last scan that saw it idle (4.9 s).
+        assert!(t.observe(&with(16, 129), at(5000), w).is_empty());
+        assert!(t.observe(&with(16, 129), at(5800), w).is_empty());
+        let b = t.observe(&with(16, 129), at(5900), w);
+        assert_eq!(b.len(), 1, "silent for the stall timeout");
+        assert_eq!(b[0].seen_at, at(4900), "since its last progress");
+        // One completion and it is healthy again.
+        assert!(t.observe(&with(15, 130), at(6100), w).is_empty());
+        // Not watched when the timeout is zero.
+        let mut off = PathTracker::new(Duration::ZERO, Duration::ZERO);
+        assert!(off.observe(&with(16, 1), at(0), w).is_empty());
+        assert!(off.observe(&with(16, 1), at(60_000), w).is_empty());
     }
 }

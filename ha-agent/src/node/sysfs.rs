@@ -1,7 +1,8 @@
 //! What the kernel's NVMe host says about Keelson's subsystems, read from sysfs: each subsystem
 //! (`class/nvme-subsystem/nvme-subsysN`: `subsysnqn`, a link per controller), each controller (`state`, `address`,
-//! `transport`, `cntlid`, `hostnqn`, `hostid`) and each of its paths (`nvmeXcYnZ/ana_state`). Plain file reads; the
-//! root is a parameter so that tests read a tree laid out the same way.
+//! `transport`, `cntlid`, `hostnqn`, `hostid`) and each of its paths (`nvmeXcYnZ/ana_state`, and the path's block
+//! counters `inflight` and `stat`: I/O in flight and I/O completed). Plain file reads; the root is a parameter so
+//! that tests read a tree laid out the same way.
 
 use std::path::Path;
 
@@ -24,6 +25,41 @@ pub struct Controller {
     /// the target reports none). A controller that just connected has no path until the kernel has scanned its
     /// namespaces.
     pub ana: Vec<String>,
+    /// Its namespace paths' I/O, summed.
+    pub io: IoCounts,
+}
+
+/// A path's block I/O counters: requests in flight now (`inflight`: reads and writes), and requests completed since
+/// it appeared (`stat`: reads and writes). In flight with nothing completing means the target went silent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounts {
+    pub in_flight: u64,
+    pub completed: u64,
+}
+
+impl IoCounts {
+    fn read(path: &Path) -> IoCounts {
+        let nums = |f: &str| -> Vec<u64> {
+            read(&path.join(f))
+                .split_whitespace()
+                .map(|n| n.parse().unwrap_or(0))
+                .collect()
+        };
+        let inflight = nums("inflight");
+        let stat = nums("stat");
+        let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+        IoCounts {
+            in_flight: at(&inflight, 0) + at(&inflight, 1),
+            completed: at(&stat, 0) + at(&stat, 4),
+        }
+    }
+
+    fn add(self, o: IoCounts) -> IoCounts {
+        IoCounts {
+            in_flight: self.in_flight + o.in_flight,
+            completed: self.completed + o.completed,
+        }
+    }
 }
 
 impl Controller {
@@ -112,11 +148,18 @@ pub fn scan(sys: &Path) -> Vec<Subsystem> {
             .filter(|n| is_controller(n))
             .map(|c| {
                 let cdir = dir.join(&c);
-                let ana = sorted_entries(&cdir)
+                let paths: Vec<String> = sorted_entries(&cdir)
                     .into_iter()
                     .filter(|p| is_path(p))
+                    .collect();
+                let ana = paths
+                    .iter()
                     .map(|p| read(&cdir.join(p).join("ana_state")))
                     .collect();
+                let io = paths
+                    .iter()
+                    .map(|p| IoCounts::read(&cdir.join(p)))
+                    .fold(IoCounts::default(), IoCounts::add);
                 Controller {
                     state: read(&cdir.join("state")),
                     address: read(&cdir.join("address")),
@@ -125,6 +168,7 @@ pub fn scan(sys: &Path) -> Vec<Subsystem> {
                     host_nqn: read(&cdir.join("hostnqn")),
                     host_id: read(&cdir.join("hostid")),
                     ana,
+                    io,
                     name: c,
                 }
             })
@@ -189,6 +233,19 @@ pub mod fixture {
         std::fs::write(d.join("state"), format!("{state}\n")).unwrap();
     }
 
+    /// Sets the block counters of the controller's first path: `in_flight` requests, `completed` reads.
+    pub fn set_io(sys: &Path, subsys: &str, name: &str, in_flight: u64, completed: u64) {
+        let n = name.trim_start_matches("nvme");
+        let d = sys
+            .join("class/nvme-subsystem")
+            .join(subsys)
+            .join(name)
+            .join(format!("nvme0c{n}n1"));
+        std::fs::write(d.join("inflight"), format!("{in_flight:8} {:8}\n", 0)).unwrap();
+        let stat = format!("{completed} 0 0 0 0 0 0 0 {in_flight} 0 0 0 0 0 0 0 0\n");
+        std::fs::write(d.join("stat"), stat).unwrap();
+    }
+
     pub fn remove(sys: &Path, subsys: &str, name: &str) {
         let d = sys.join("class/nvme-subsystem").join(subsys).join(name);
         std::fs::remove_dir_all(d).unwrap();
@@ -240,6 +297,14 @@ mod tests {
             s[0].controllers[0].host_nqn,
             "nqn.2014-08.org.nvmexpress:uuid:host"
         );
+        assert_eq!(
+            s[0].controllers[0].io,
+            IoCounts::default(),
+            "no counters: none"
+        );
+        fixture::set_io(sys, "nvme-subsys0", "nvme0", 3, 1234);
+        let io = scan(sys)[0].controllers[0].io;
+        assert_eq!((io.in_flight, io.completed), (3, 1234));
     }
 
     #[test]
@@ -253,6 +318,7 @@ mod tests {
             host_nqn: String::new(),
             host_id: String::new(),
             ana: vec!["inaccessible".into()],
+            io: IoCounts::default(),
         };
         assert!(!c.usable() && c.broken());
         let new = Controller {
