@@ -346,7 +346,9 @@ async fn scenarios_4_5_6_a_lost_node_leaves_the_volume_degraded_until_scaled_dow
 
 /// A replica's io-engine process crashes (kill -9) and its supervisor restarts it at once, while the application
 /// writes without pause: no write fails, the volume is Degraded, and it heals by itself: the replica rejoins and
-/// gets only what it missed (a partial rebuild), not a full copy.
+/// gets only what it missed (a partial rebuild), not a full copy. The application writes in the first half of the
+/// volume only, so what the replica missed stays under the whole volume however long its restart takes (writing
+/// everywhere, a slow restart under load let the writes cover every segment, and the test failed by timing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_replica_process_rejoins_with_a_partial_rebuild_and_no_write_fails() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,7 +378,7 @@ async fn a_crashed_replica_process_rejoins_with_a_partial_rebuild_and_no_write_f
         tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
-                ns.write(((i % 64) * 256) << 10, block(i % 64))
+                ns.write(((i % 32) * 256) << 10, block(i % 32))
                     .await
                     .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
                 i += 1;
@@ -420,5 +422,5 @@ async fn a_crashed_replica_process_rejoins_with_a_partial_rebuild_and_no_write_f
         written.load(Ordering::Relaxed),
         b.bytes_total
     );
-    verify(&ns, 0..written.load(Ordering::Relaxed).min(64)).await;
+    verify(&ns, 0..written.load(Ordering::Relaxed).min(32)).await;
 }
