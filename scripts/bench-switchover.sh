@@ -5,12 +5,12 @@
 # node agent connects the new path. Prints, per failure kind, the longest write latency fio saw in each round (the
 # stall) as p50 / p99 / max, the node agent's own failure-seen-to-new-path-live time, and the cluster agent's time
 # per stage of the switch-overs (end the old nexus, disown the failed node's replicas, publish the new one).
-# Usage: scripts/bench-switchover.sh [ROUNDS, default 10] [KATO seconds, default 5: the paths' keep-alive timeout,
+# Usage: scripts/bench-switchover.sh [ROUNDS, default 10] [KATO seconds, default 2: the paths' keep-alive timeout,
 # which bounds how soon the kernel notices a stopped node]. Latencies are under QEMU's emulation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10}
-KATO=${2:-5}
+KATO=${2:-2}
 cargo build -q --workspace --bins
 failures=""
 for _ in $(seq 1 "$N"); do failures="$failures kill"; done

@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use ha_agent::node::fabrics::{self, Connect};
 use ha_agent::node::sysfs::{self, Subsystem};
 
-/// Keep-alive timeout of the paths the node plugin connects (seconds): how soon a silent target is noticed.
-pub const KEEP_ALIVE_TMO: u32 = 5;
+/// Keep-alive timeout of the paths the node plugin connects (seconds): how soon a silent target is noticed. It also
+/// bounds how soon I/O held by a silent path can move to a new one: Linux (6.1) waits for an outstanding keep-alive
+/// to time out before it tears a controller down, whether the node agent resets it or the kernel recovers by itself,
+/// so a frozen or cut-off nexus holds I/O for 1.25-1.5 times this (the target advertises traffic-based keep-alive,
+/// so the host sends one only after a quarter of it without a completion). The node agent uses the same default.
+pub const KEEP_ALIVE_TMO: u32 = 2;
 
 #[derive(Clone, Debug)]
 pub struct Kernel {

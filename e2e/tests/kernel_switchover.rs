@@ -95,7 +95,7 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
         ("FAILURES", format!("'{}'", failures())),
         (
             "KATO",
-            std::env::var("KEELSON_SWITCHOVER_KATO").unwrap_or_else(|_| "5".into()),
+            std::env::var("KEELSON_SWITCHOVER_KATO").unwrap_or_else(|_| "2".into()),
         ),
         ("ACK_PORT", ACK_PORT.to_string()),
     ];

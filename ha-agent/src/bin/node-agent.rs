@@ -39,10 +39,10 @@ struct Args {
     /// How long a live path may have I/O in flight with none completing before it is reported as broken (its
     /// target went silent without the connection failing), in milliseconds; 0: only the kernel's keep-alive
     /// notices. A slow but healthy target reported this way keeps its nexus: the cluster agent asks its engine.
-    #[arg(long, env = "KEELSON_STALL_MS", default_value_t = 2000)]
+    #[arg(long, env = "KEELSON_STALL_MS", default_value_t = 1000)]
     stall_ms: u64,
     /// Keep-alive timeout of the paths this agent connects, in seconds.
-    #[arg(long, env = "KEELSON_KEEP_ALIVE_TMO", default_value_t = 5)]
+    #[arg(long, env = "KEELSON_KEEP_ALIVE_TMO", default_value_t = 2)]
     keep_alive_tmo: u32,
     /// How long a new path gets to become live, in milliseconds.
     #[arg(long, default_value_t = 10_000)]

@@ -210,7 +210,7 @@ impl Volumes {
         let uuid = r.uuid.to_string();
         if let Some(s) = r.switchover.clone() {
             // A switch-over recorded and not finished (an agent died in it): finished now.
-            return self.finish_switchover(r, &s).await.map(drop);
+            return self.finish_switchover(r, &s, true).await.map(drop);
         }
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             if let Some(n) = r.nexus.clone() {

@@ -10,6 +10,8 @@
 //! published to, and name an address of the current nexus (a report for an earlier nexus gets the current target:
 //! duplicate reports of one failure cause one switch-over). If the nexus's engine answers, exports the volume and
 //! still has a controller of that host connected, the path is not broken from the target's side and nothing moves.
+//! If it did not answer that check in time (frozen, or cut off from the agent too), ending the old nexus is not
+//! waited for a second time: the fencing alone keeps it from writing, and it is destroyed when its node answers.
 
 use proto::engine as epb;
 use proto::names;
@@ -19,6 +21,17 @@ use super::failpoint;
 use super::node;
 use super::volume::{SwitchoverRecord, VolumePhase, VolumeRecord};
 use super::volumes::{NexusEnd, VolumeError, Volumes};
+
+/// What the old nexus's engine said when a report was checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OldEngine {
+    /// It still has a controller of the reporting host: the path is not broken from its side.
+    HostConnected,
+    /// It answered without one.
+    HostGone,
+    /// It did not answer in time, or could not be reached.
+    Silent,
+}
 
 /// What a node agent saw.
 #[derive(Clone, Debug)]
@@ -76,7 +89,7 @@ impl Volumes {
         }
         if let Some(s) = r.switchover.clone() {
             tracing::info!(%uuid, from = %s.from, "a switch-over is already under way: finishing it");
-            return self.finish_switchover(r, &s).await;
+            return self.finish_switchover(r, &s, true).await;
         }
         if !nexus
             .addresses
@@ -86,7 +99,8 @@ impl Volumes {
             tracing::info!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus: the current one is the answer");
             return Ok(r);
         }
-        if self.host_connected(uuid, &nexus.node, &rep.host_nqn).await {
+        let old_engine = self.host_connected(uuid, &nexus.node, &rep.host_nqn).await;
+        if old_engine == OldEngine::HostConnected {
             return Err(VolumeError::FailedPrecondition {
                 uuid,
                 why: format!(
@@ -106,31 +120,41 @@ impl Volumes {
         r.switchover = Some(s.clone());
         self.save(&r).await?;
         failpoint::at(failpoint::SWITCHOVER_REPORTED);
-        self.finish_switchover(r, &s).await
+        self.finish_switchover(r, &s, old_engine == OldEngine::HostGone)
+            .await
     }
 
     /// Whether `node`'s engine exports the volume's nexus with a controller of `host` connected.
-    async fn host_connected(&self, uuid: Uuid, node: &str, host: &str) -> bool {
+    async fn host_connected(&self, uuid: Uuid, node: &str, host: &str) -> OldEngine {
         let Ok(mut c) = self.engine(node).await else {
-            return false;
+            return OldEngine::Silent;
         };
         let nqn = names::volume_nqn(&uuid.to_string());
-        c.list_subsystems(epb::ListSubsystemsRequest {})
-            .await
-            .is_ok_and(|l| {
-                l.into_inner()
+        match c.list_subsystems(epb::ListSubsystemsRequest {}).await {
+            Err(_) => OldEngine::Silent,
+            Ok(l) => {
+                let connected = l
+                    .into_inner()
                     .subsystems
                     .iter()
                     .filter(|s| s.nqn == nqn)
-                    .any(|s| s.controllers.iter().any(|c| c.host_nqn == host))
-            })
+                    .any(|s| s.controllers.iter().any(|c| c.host_nqn == host));
+                if connected {
+                    OldEngine::HostConnected
+                } else {
+                    OldEngine::HostGone
+                }
+            }
+        }
     }
 
-    /// The stages after the report: the old nexus ended if its engine answers, the new one made elsewhere.
+    /// The stages after the report: the old nexus ended if its engine answers (asked only when `ask_old`), the new
+    /// one made elsewhere.
     pub(super) async fn finish_switchover(
         &self,
         r: VolumeRecord,
         s: &SwitchoverRecord,
+        ask_old: bool,
     ) -> Result<VolumeRecord, VolumeError> {
         let uuid = r.uuid;
         let host = r
@@ -142,7 +166,7 @@ impl Volumes {
         // what publishing goes on with.
         let mut destroyed = false;
         let t = std::time::Instant::now();
-        if let Some(old) = r.nexus.clone().filter(|n| n.node == s.from) {
+        if let Some(old) = r.nexus.clone().filter(|n| ask_old && n.node == s.from) {
             destroyed = matches!(
                 self.destroy_nexus(uuid, &old.node).await,
                 Ok(NexusEnd::Destroyed)

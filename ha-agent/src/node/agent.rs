@@ -45,6 +45,22 @@ pub struct NodeAgentConfig {
 /// Longest wait between two reports of one failure, and between two switch-over attempts of one subsystem.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Longest wait before a refused report is made again. A refusal usually means the old engine still counts the
+/// host as connected (a cut link, until the target's keep-alive watchdog drops it, one keep-alive timeout later),
+/// and asking again costs the cluster agent one engine call.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How one switch-over attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// A usable path to the volume's nexus.
+    Done,
+    /// The cluster agent refused the report (the path is not broken from the target's side, or not its nexus).
+    Refused,
+    /// Anything else: the new path did not come up, the nexus stayed, the agent stopped.
+    Failed,
+}
+
 /// Connect attempts per new path.
 const CONNECT_TRIES: u32 = 5;
 
@@ -54,7 +70,7 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
     // Subsystems with a switch-over running, and when each may be tried again after a failed one.
     let busy: Arc<Mutex<BTreeMap<String, bool>>> = Arc::default();
     let mut retry: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
-    let done = Arc::new(tokio::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    let done = Arc::new(tokio::sync::Mutex::new(Vec::<(String, Outcome)>::new()));
     // Connected ahead, so that the first report does not pay for it.
     let clients = Arc::new(AgentClients::default());
     {
@@ -72,16 +88,19 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for (nqn, ok) in done.lock().await.drain(..) {
+        for (nqn, outcome) in done.lock().await.drain(..) {
             busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&nqn);
-            if ok {
+            if outcome == Outcome::Done {
                 retry.remove(&nqn);
             } else {
+                let max = if outcome == Outcome::Refused {
+                    REFUSED_BACKOFF_MAX
+                } else {
+                    BACKOFF_MAX
+                };
                 let wait = retry
                     .get(&nqn)
-                    .map_or(Duration::from_millis(200), |(_, w)| {
-                        (*w * 2).min(BACKOFF_MAX)
-                    });
+                    .map_or(Duration::from_millis(200), |(_, w)| (*w * 2).min(max));
                 retry.insert(nqn, (Instant::now() + wait, wait));
             }
         }
@@ -89,8 +108,9 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
         let scan = tokio::task::spawn_blocking(move || sysfs::scan(&sys))
             .await
             .unwrap_or_default();
-        metrics.paths(&scan);
-        for b in tracker.observe(&scan, Instant::now(), SystemTime::now()) {
+        let broken = tracker.observe(&scan, Instant::now(), SystemTime::now());
+        metrics.paths(&scan, &tracker.stalled());
+        for b in broken {
             if retry
                 .get(&b.nqn)
                 .is_some_and(|(at, _)| Instant::now() < *at)
@@ -113,11 +133,11 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
             );
             tokio::spawn(async move {
                 let nqn = b.nqn.clone();
-                let ok = tokio::select! {
-                    _ = stop.cancelled() => false,
+                let outcome = tokio::select! {
+                    _ = stop.cancelled() => Outcome::Failed,
                     r = switch_over(&cfg, &clients, &metrics, b) => r,
                 };
-                done.lock().await.push((nqn, ok));
+                done.lock().await.push((nqn, outcome));
             });
         }
     }
@@ -224,18 +244,18 @@ async fn report(
     }
 }
 
-/// One switch-over of `b`'s subsystem; whether it ended with a usable path.
+/// One switch-over of `b`'s subsystem.
 async fn switch_over(
     cfg: &NodeAgentConfig,
     clients: &AgentClients,
     metrics: &NodeMetrics,
     b: Broken,
-) -> bool {
+) -> Outcome {
     tracing::warn!(nqn = %b.nqn, controller = %b.controller.name, address = %b.controller.address, state = %b.controller.state, "broken path: reporting it");
     let reported = Instant::now();
     let Some(v) = report(cfg, clients, metrics, &b).await else {
         metrics.switchover("refused", None);
-        return false;
+        return Outcome::Refused;
     };
     let acknowledged = reported.elapsed();
     let targets: Vec<String> = v
@@ -247,7 +267,7 @@ async fn switch_over(
     if targets.is_empty() || targets.contains(&broken_at) {
         tracing::info!(nqn = %b.nqn, ?targets, "the volume's nexus stays where it is: the kernel reconnects to it");
         metrics.switchover("unchanged", None);
-        return false;
+        return Outcome::Failed;
     }
     let sys = cfg.sys.clone();
     let scan = |sys: PathBuf, nqn: String| async move {
@@ -304,7 +324,7 @@ async fn switch_over(
     let Some(s) = live else {
         tracing::warn!(nqn = %b.nqn, ?targets, "no new path became live");
         metrics.switchover("failed", None);
-        return false;
+        return Outcome::Failed;
     };
     let took = b.seen_at.elapsed();
     metrics.switchover("ok", Some(took));
@@ -329,6 +349,8 @@ async fn switch_over(
         if c.state == "live" {
             // A live old path (its target silent, not gone): deleting it would wait for the I/O it holds until the
             // kernel's I/O timeout (30 s). A reset tears its queues down first, and that I/O moves to the new path.
+            // Linux 6.1 starts the reset only once an outstanding keep-alive has timed out (at most one keep-alive
+            // timeout, which is why the paths use a short one); the write returns when the reset is over.
             let (sys, name) = (sys.clone(), name.clone());
             if let Ok(Err(e)) =
                 tokio::task::spawn_blocking(move || fabrics::reset(&sys, &name)).await
@@ -358,5 +380,5 @@ async fn switch_over(
             Err(e) => tracing::warn!(error = %e, "delete task failed"),
         }
     }
-    true
+    Outcome::Done
 }

@@ -81,16 +81,23 @@ pub fn connect(fabrics: &Path, c: &Connect) -> std::io::Result<Connected> {
     })
 }
 
-/// Removes controller `name` (`nvme3`) under `sys` (`/sys`).
-/// Resets controller `name`: the kernel tears its queues down, so the I/O it held goes to the subsystem's other
-/// paths, and then tries to reconnect it.
+/// Resets controller `name` (`nvme3`) under `sys` (`/sys`): the kernel tears its queues down, so the I/O it held
+/// goes to the subsystem's other paths, and then tries to reconnect it.
 pub fn reset(sys: &Path, name: &str) -> std::io::Result<()> {
-    std::fs::write(
+    match std::fs::write(
         sys.join("class/nvme").join(name).join("reset_controller"),
         b"1",
-    )
+    ) {
+        // The queues were torn down (what the reset is for) but reconnecting failed: the target is still silent.
+        Err(e) if e.raw_os_error() == Some(ENETRESET) => Ok(()),
+        r => r,
+    }
 }
 
+/// What the kernel answers a reset whose controller did not come back live.
+const ENETRESET: i32 = 102;
+
+/// Removes controller `name` (`nvme3`) under `sys` (`/sys`).
 pub fn delete(sys: &Path, name: &str) -> std::io::Result<()> {
     std::fs::write(
         sys.join("class/nvme").join(name).join("delete_controller"),

@@ -2,16 +2,17 @@
 //! UUID), the controller (`nvme3`) and the target address:
 //!
 //! - `keelson_node_path_state{volume,controller,address,state}` 1 for the state the kernel reports now (`live`,
-//!   `connecting`, `resetting`, `deleting`, ...; `removed` for a path the agent deleted or the kernel dropped, kept
-//!   for a while), 0 for the states it left;
-//! - `keelson_node_path_usable{volume,controller,address}` 1 when I/O can go through the path;
+//!   `connecting`, `resetting`, `deleting`, ...), or `stalled` for a live path holding I/O none of which completed
+//!   for the stall timeout (its target silent: frozen or cut off), or `removed` for a path the agent deleted or the
+//!   kernel dropped (kept for a while); 0 for the states it left;
+//! - `keelson_node_path_usable{volume,controller,address}` 1 when I/O can go through the path (not stalled);
 //! - `keelson_node_switchovers_total{result}`: `ok` (a new path is live), `unchanged` (the nexus stayed where it
 //!   was), `refused` (the cluster agent said no), `failed`;
 //! - `keelson_node_switchover_duration_seconds`: from the failure seen to the new path live;
 //! - `keelson_node_reports_total{result}`: reports to the cluster agent by outcome (`ok`, `unreachable`, or the gRPC
 //!   code of a refusal or failure).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ impl NodeMetrics {
         let usable = IntGaugeVec::new(
             Opts::new(
                 "keelson_node_path_usable",
-                "Whether I/O can go through the path now (live, with an optimized or non-optimized namespace path).",
+                "Whether I/O can go through the path now (live, not stalled, with an optimized or non-optimized namespace path).",
             ),
             &["volume", "controller", "address"],
         )
@@ -102,14 +103,19 @@ impl NodeMetrics {
         })
     }
 
-    /// Sets the path series from a scan; paths no longer there show `removed`.
-    pub fn paths(&self, scan: &[Subsystem]) {
+    /// Sets the path series from a scan and the paths found stalled in it (subsystem NQN, controller name); paths
+    /// no longer there show `removed`.
+    pub fn paths(&self, scan: &[Subsystem], stalled: &BTreeSet<(String, String)>) {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = BTreeMap::new();
         for s in scan {
             for c in &s.controllers {
                 let key = (volume_of(&s.nqn).to_string(), c.name.clone(), c.target());
-                now.insert(key, (c.state.clone(), c.usable()));
+                if stalled.contains(&(s.nqn.clone(), c.name.clone())) {
+                    now.insert(key, ("stalled".to_string(), false));
+                } else {
+                    now.insert(key, (c.state.clone(), c.usable()));
+                }
             }
         }
         for (key, last) in paths.iter_mut() {
@@ -196,17 +202,36 @@ mod tests {
         )
     }
 
+    fn usable(m: &NodeMetrics) -> Option<f64> {
+        e2e::metrics::sample(
+            &m.render(),
+            "keelson_node_path_usable{address=\"10.200.0.1:4420\",controller=\"nvme0\",volume=\"7b0c1f6e-1111-4222-8333-444455556666\"}",
+        )
+    }
+
     #[test]
-    fn a_path_goes_live_connecting_removed_and_the_text_passes_promtool() {
+    fn a_path_goes_live_stalled_connecting_removed_and_the_text_passes_promtool() {
         let m = NodeMetrics::new();
-        m.paths(&scan("live"));
-        assert_eq!(series(&m, "live"), Some(1.0));
-        m.paths(&scan("connecting"));
+        let none = BTreeSet::new();
+        m.paths(&scan("live"), &none);
+        assert_eq!((series(&m, "live"), usable(&m)), (Some(1.0), Some(1.0)));
+        let nqn = scan("live")[0].nqn.clone();
+        m.paths(&scan("live"), &BTreeSet::from([(nqn, "nvme0".to_string())]));
+        assert_eq!(
+            (series(&m, "live"), series(&m, "stalled"), usable(&m)),
+            (Some(0.0), Some(1.0), Some(0.0))
+        );
+        m.paths(&scan("live"), &none);
+        assert_eq!(
+            (series(&m, "stalled"), series(&m, "live"), usable(&m)),
+            (Some(0.0), Some(1.0), Some(1.0))
+        );
+        m.paths(&scan("connecting"), &none);
         assert_eq!(
             (series(&m, "live"), series(&m, "connecting")),
             (Some(0.0), Some(1.0))
         );
-        m.paths(&[]);
+        m.paths(&[], &none);
         assert_eq!(
             (series(&m, "connecting"), series(&m, "removed")),
             (Some(0.0), Some(1.0))

@@ -3,11 +3,11 @@
 //! non-optimized) for longer than a grace period, or when it vanished (the kernel gave up on it) and no usable controller of its
 //! subsystem is left. A live controller is broken too when it has I/O in flight and none completed for the stall
 //! timeout: its target went silent (a frozen engine, a cut link) without the TCP connection failing, which the
-//! kernel itself notices only when its keep-alive times out (seconds; about 13 s with a 5 s keep-alive in the VM).
-//! A slow target reported this way is not moved: the cluster agent checks with the engine first. Pure: the caller
-//! scans and gives the time.
+//! kernel itself notices only when its keep-alive times out (1.25-2 keep-alive timeouts on Linux 6.1). Such a path
+//! is [`PathTracker::stalled`] (the metrics show it). A slow target reported this way is not moved: the cluster
+//! agent checks with the engine first. Pure: the caller scans and gives the time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::sysfs::{Controller, Subsystem};
@@ -32,6 +32,8 @@ struct Seen {
     unusable_since: Option<(Instant, SystemTime)>,
     /// When it last completed I/O or had none in flight.
     progress_at: (Instant, SystemTime),
+    /// Live, with I/O in flight and none completing for the stall timeout.
+    stalled: bool,
 }
 
 /// What the agent remembers between scans.
@@ -96,6 +98,7 @@ impl PathTracker {
                         controller: c.clone(),
                         unusable_since: since,
                         progress_at,
+                        stalled: stalled && c.state == "live",
                     },
                 );
             }
@@ -116,6 +119,19 @@ impl PathTracker {
         }
         self.known = known;
         out
+    }
+
+    /// The live paths of the last scan that hold I/O none of which completed for the stall timeout, as (subsystem
+    /// NQN, controller name).
+    pub fn stalled(&self) -> BTreeSet<(String, String)> {
+        self.known
+            .iter()
+            .flat_map(|(nqn, cs)| {
+                cs.iter()
+                    .filter(|(_, s)| s.stalled)
+                    .map(|(name, _)| (nqn.clone(), name.clone()))
+            })
+            .collect()
     }
 }
 
@@ -244,11 +260,20 @@ mod tests {
         // I/O in flight from 5.0 s on, none completing: silent since the last scan that saw it idle (4.9 s).
         assert!(t.observe(&with(16, 129), at(5000), w).is_empty());
         assert!(t.observe(&with(16, 129), at(5800), w).is_empty());
+        assert!(t.stalled().is_empty(), "not yet");
         let b = t.observe(&with(16, 129), at(5900), w);
         assert_eq!(b.len(), 1, "silent for the stall timeout");
         assert_eq!(b[0].seen_at, at(4900), "since its last progress");
+        assert_eq!(
+            t.stalled(),
+            BTreeSet::from([(
+                "nqn.2026-11.io.keelson:vol-x".to_string(),
+                "nvme0".to_string()
+            )])
+        );
         // One completion and it is healthy again.
         assert!(t.observe(&with(15, 130), at(6100), w).is_empty());
+        assert!(t.stalled().is_empty());
         // Not watched when the timeout is zero.
         let mut off = PathTracker::new(Duration::ZERO, Duration::ZERO);
         assert!(off.observe(&with(16, 1), at(0), w).is_empty());

@@ -43,6 +43,7 @@ for mode in $FAILURES; do
     round=$((round + 1))
     step "round $round: verified fio while the nexus fails ($mode)"
     before=$(switchovers)
+    old=$(cat $(controllers | head -1)/address)
     fio --name=ho --filename=$DEV --rw=randwrite --bs=4k --size=32M --direct=1 --ioengine=libaio --iodepth=16 \
         --verify=crc32c --verify_backlog=128 --verify_fatal=1 --time_based --runtime=$FIO_SECONDS \
         --write_lat_log=/tmp/ho --log_avg_msec=0 --output=/tmp/fio.out > /dev/null 2>&1 &
@@ -56,6 +57,11 @@ for mode in $FAILURES; do
     took=$(grep "switched over" /tmp/node-agent.log | tail -1 | grep -o "took_ms=[0-9]*")
     echo "STALL-MS $mode $max $took"
     [ "$(switchovers)" -gt "${before:-0}" ] || fail "no switch-over counted"
+    # A silent target (frozen, cut off) is seen before the kernel's keep-alive notices: its path showed stalled.
+    if [ "$mode" = stop ] || [ "$mode" = cut ]; then
+        metrics | grep -q "^keelson_node_path_state{address=\"$(echo "$old" | sed 's/^traddr=\([^,]*\),trsvcid=\([0-9]*\).*/\1:\2/')\".*state=\"stalled\"" \
+            || { metrics | grep keelson_node_path_state; fail "the silent path was never shown stalled"; }
+    fi
     for i in $(seq 1 50); do [ "$(ctrls)" = 1 ] && break; sleep 0.1; done
     paths
     [ "$(ctrls)" = 1 ] || fail "the dead controller is still there"
