@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # HA switch-over stall, measured with the Linux kernel as the host (QEMU VM; needs root and QEMU, like the e2e
 # tests): verified fio in the guest on a 3-replica volume while the host kills -9 the io-engine hosting the nexus
-# (ROUNDS times), then SIGSTOPs it, cuts the guest off from it, and drains its node (3 times each); the node agent in the guest reports, the cluster agent moves the nexus, the
+# (ROUNDS times), then SIGSTOPs it, cuts the guest off from it, drains its node, and partitions it from the guest and
+# the cluster agent (3 times each); the node agent in the guest reports, the cluster agent moves the nexus, the
 # node agent connects the new path. Prints, per failure kind, the longest write latency fio saw in each round (the
 # stall) as p50 / p99 / max, the node agent's own failure-seen-to-new-path-live time, and the cluster agent's time
 # per stage of the switch-overs (end the old nexus, disown the failed node's replicas, publish the new one).
@@ -14,14 +15,14 @@ KATO=${2:-2}
 cargo build -q --workspace --bins
 failures=""
 for _ in $(seq 1 "$N"); do failures="$failures kill"; done
-for _ in $(seq 1 "$((N < 3 ? N : 3))"); do failures="$failures stop cut drain"; done
+for _ in $(seq 1 "$((N < 3 ? N : 3))"); do failures="$failures stop cut drain partition"; done
 out=$(mktemp)
 KEELSON_SWITCHOVER_FAILURES="$failures" KEELSON_SWITCHOVER_KATO="$KATO" KEELSON_REQUIRE_PRIVILEGED=1 cargo test -q -p e2e --test kernel_switchover \
     -- --nocapture 2>&1 | tee "$out" | grep -E "STALL-MS|^test |FAIL" || true
 pct() { # p (0-100) of the numbers on stdin
     sort -n | awk -v p="$1" '{ v[NR] = $1 } END { if (NR == 0) { print "-"; exit } i = int(NR * p / 100 + 0.999); if (i < 1) i = 1; if (i > NR) i = NR; print v[i] }'
 }
-for mode in kill stop cut drain; do
+for mode in kill stop cut drain partition; do
     stalls=$(grep -o "STALL-MS $mode [0-9]*" "$out" | awk '{print $3}')
     took=$(grep -o "STALL-MS $mode [0-9]* took_ms=[0-9]*" "$out" | sed 's/.*took_ms=//')
     [ -n "$stalls" ] || continue

@@ -12,8 +12,19 @@ use crate::bins;
 use crate::netns::Netns;
 use crate::process::Process;
 
-/// The cluster agent's gRPC address in the namespace.
+/// The cluster agent's gRPC address in the namespace, as the guest and keelctl reach it. It listens on every
+/// address of the namespace: each engine reaches it at its own ([`agent_for`]).
 pub const AGENT: &str = "10.200.0.1:10200";
+
+/// The address engine `i` reaches the cluster agent at (its own, so that a test can cut that engine off alone).
+pub fn agent_for(i: u32) -> String {
+    format!("127.0.1.{i}:10200")
+}
+
+/// Engine `i`'s engine API address (the cluster agent calls it there).
+pub fn engine_api(i: u32) -> String {
+    format!("127.0.0.{i}:10124")
+}
 
 /// Runs keelctl against the cluster agent; its stdout.
 pub fn keelctl(ns: &Netns, args: &[&str]) -> Result<String> {
@@ -50,12 +61,12 @@ pub fn engine(ns: &Netns, logs: &Path, i: u32) -> Result<Process> {
     cmd.env("RUST_LOG", "info")
         .args(["--node-name", &name])
         .args(["--listen", &format!("{}:4420", engine_ip(i))])
-        .args(["--grpc", &format!("127.0.0.{i}:10124")])
+        .args(["--grpc", &engine_api(i)])
         .args([
             "--cntlid-range",
             &format!("{}-{}", i * 1000, i * 1000 + 999),
         ])
-        .args(["--cluster-agent", &format!("http://{AGENT}")])
+        .args(["--cluster-agent", &format!("http://{}", agent_for(i))])
         .arg("--pool")
         .arg(format!("pool-{name}={}", disk.display()));
     let _ = ns
@@ -105,7 +116,7 @@ pub fn cluster_agent(ns: &Netns, logs: &Path, name: &str, failpoints: &str) -> R
     let mut cmd = ns.command(bins::path("cluster-agent"));
     cmd.env("RUST_LOG", "info")
         .env("FAILPOINTS", failpoints)
-        .args(["--grpc", AGENT, "--data-dir"])
+        .args(["--grpc", "0.0.0.0:10200", "--data-dir"])
         .arg(logs.join("agent"))
         .args(["--heartbeat-ms", "500", "--node-timeout-ms", "2000"]);
     let mut p = Process::spawn(name, cmd, logs)?;

@@ -1,10 +1,13 @@
 //! HA switch-over with the Linux kernel as the application's host (in a QEMU VM): three io-engines and a cluster
 //! agent in a network namespace, a 3-replica volume published to the guest, the node agent running in the guest
 //! next to the kernel. While verified fio writes, the host makes the nexus fail, one way per round: kill -9 of its
-//! io-engine, SIGSTOP of it, the guest cut off from it (a partition: it still reaches its replicas), a drain of its
-//! node. The node agent reports the broken path, the cluster agent moves the nexus (fenced) to another node, the
-//! node agent connects the new path and removes the dead one. fio must see no error in any round; the guest prints
-//! each round's longest I/O stall and the path metrics. Needs root (network namespace) and QEMU.
+//! io-engine, SIGSTOP of it, the guest cut off from it (it still reaches its replicas), a drain of its node, a
+//! crash of the cluster agent in the middle, and a partition of its node from the guest and the cluster agent (but
+//! not from its replicas). The node agent reports the broken path, the cluster agent moves the nexus (fenced) to
+//! another node, the node agent connects the new path and removes the dead one. fio must see no error in any round;
+//! the guest prints each round's longest I/O stall and the path metrics. After a partition, another host's writes
+//! through the old nexus must fail with Reservation Conflict and never reach the volume. Needs root (network
+//! namespace) and QEMU.
 
 #![allow(clippy::unwrap_used)]
 
@@ -14,7 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use e2e::bins;
 use e2e::cluster::{
-    AGENT, all_online, answer, cluster_agent, engine, engine_ip, keelctl, stage_binary,
+    AGENT, agent_for, all_online, answer, cluster_agent, engine, engine_api, engine_ip, keelctl,
+    stage_binary,
 };
 use e2e::netns::Netns;
 use e2e::process::Process;
@@ -40,14 +44,77 @@ fn nexus_of(ns: &Netns) -> Result<(String, String)> {
     bail!("volume {VOLUME} not listed: {out}")
 }
 
+/// Where another host writes through the old nexus after a partition: past fio's part of the volume (its first
+/// 48 MiB), so the guest can check afterwards that none of it landed.
+const FENCED_OFFSET: &str = "56M";
+
 /// The failures of one run, from KEELSON_SWITCHOVER_FAILURES (the benchmark repeats them): `kill` (kill -9 of the
 /// nexus's engine), `stop` (SIGSTOP of it), `cut` (the guest cut off from it while it still reaches the replicas),
 /// `drain` (`keelctl node drain` of its node), `crash` (kill -9 of its engine with the cluster agent armed to die
-/// right after recording the switch-over, then restarted). The keep-alive timeout of the guest's paths (what bounds
-/// noticing a silent node) comes from KEELSON_SWITCHOVER_KATO.
+/// right after recording the switch-over, then restarted), `partition` (its node cut off from the guest and from
+/// the cluster agent both ways, while it still reaches the other nodes' replicas). The keep-alive timeout of the
+/// guest's paths (what bounds noticing a silent node) comes from KEELSON_SWITCHOVER_KATO.
 fn failures() -> String {
     std::env::var("KEELSON_SWITCHOVER_FAILURES")
-        .unwrap_or_else(|_| "kill stop cut drain crash".into())
+        .unwrap_or_else(|_| "kill stop cut drain crash partition".into())
+}
+
+/// The packets a partition of node `i` drops (`ip rule` selectors): the guest's to and from its NVMe/TCP address,
+/// the cluster agent's calls to its engine API, and its own calls (registration, heartbeats) to the agent.
+fn partition(i: u32) -> Vec<Vec<String>> {
+    let to_port = |a: String| {
+        let (h, p) = a.split_once(':').unwrap();
+        ["to", h, "ipproto", "tcp", "dport", p]
+            .map(String::from)
+            .to_vec()
+    };
+    vec![
+        ["from", "10.200.0.2", "to", &engine_ip(i)]
+            .map(String::from)
+            .to_vec(),
+        ["from", &engine_ip(i), "to", "10.200.0.2"]
+            .map(String::from)
+            .to_vec(),
+        to_port(engine_api(i)),
+        to_port(agent_for(i)),
+    ]
+}
+
+/// Another host (this one, with the guest's host NQN: the application restarted elsewhere) writes through the old,
+/// partitioned nexus at `addr`: every write must fail, with Reservation Conflict (the new nexus fenced the
+/// replicas; the old one stops at the first conflict).
+fn write_through_the_fenced_nexus(ns: &Netns, addr: &str) -> Result<()> {
+    let out = ns
+        .command(bins::path("nvmf-perf"))
+        .args(["--addr", addr, "--nqn"])
+        .arg(format!("nqn.2026-11.io.keelson:vol-{VOLUME}"))
+        .args([
+            "--host-nqn",
+            HOSTNQN,
+            "--rw",
+            "write",
+            "--bs",
+            "4k",
+            "--qd",
+            "1",
+        ])
+        .args(["--time", "1", "--offset", FENCED_OFFSET, "--size", "1M"])
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "host: another host's writes through the old nexus: {}",
+        text.trim()
+    );
+    if out.status.success() || !text.contains("reservation conflict") {
+        bail!(
+            "the old nexus took writes after the switch-over, or failed them for another reason: {text}"
+        );
+    }
+    Ok(())
 }
 
 #[test]
@@ -158,6 +225,11 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
                         bail!("ip addr del: {st}");
                     }
                 }
+                "partition" => {
+                    for rule in partition(i as u32 + 1) {
+                        ns.block(&rule.iter().map(String::as_str).collect::<Vec<_>>())?;
+                    }
+                }
                 // A planned move: the nexus leaves the node through the same path.
                 "drain" => {
                     keelctl(&ns, &["node", "drain", &node])?;
@@ -187,6 +259,35 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
                     }
                     Some(_) if mode == "drain" => {
                         keelctl(&ns, &["node", "uncordon", &format!("n{}", i + 1)])?;
+                    }
+                    Some(_) if mode == "partition" => {
+                        let n = i as u32 + 1;
+                        write_through_the_fenced_nexus(&ns, &format!("{}:4420", engine_ip(n)))?;
+                        for rule in partition(n) {
+                            ns.unblock(&rule.iter().map(String::as_str).collect::<Vec<_>>())?;
+                        }
+                        // Healed: the cluster agent destroys the old nexus once its node answers.
+                        let t = Instant::now();
+                        loop {
+                            let left = keelctl(
+                                &ns,
+                                &[
+                                    "engine",
+                                    "--endpoint",
+                                    &format!("http://{}", engine_api(n)),
+                                    "nexuses",
+                                ],
+                            )
+                            .unwrap_or_else(|e| e.to_string());
+                            if left.trim().is_empty() {
+                                break;
+                            }
+                            if t.elapsed() > Duration::from_secs(60) {
+                                bail!("the old nexus on n{n} outlived the partition: {left}");
+                            }
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        println!("host: partition of n{n} healed, its old nexus destroyed");
                     }
                     _ => engines[i] = Some(engine(&ns, &logs, i as u32 + 1)?),
                 }

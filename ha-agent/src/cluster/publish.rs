@@ -180,13 +180,21 @@ impl Volumes {
             .filter(|x| x.created && x.synced && up(&x.node))
             .collect();
         order.sort_by_key(|x| x.node != node);
+        // The replicas let the new nexus's node in. On a move, the node the nexus leaves stays allowed: an old nexus
+        // that still runs there (its node partitioned, not dead) must keep reaching the replicas and meet the
+        // reservation the new one takes, so that it stops at its first write. Cut off from them instead, it would
+        // fault them and go on acknowledging writes on its local replica alone, which the volume never sees.
+        let mut hosts = vec![names::node_host_nqn(&node)];
+        if !avoid.is_empty() && avoid != node {
+            hosts.push(names::node_host_nqn(avoid));
+        }
         let mut children = Vec::new();
         for rep in order {
             let mut c = self.engine(&rep.node).await?;
             let shared = c
                 .share_replica(epb::ShareReplicaRequest {
                     uuid: rep.uuid.to_string(),
-                    allowed_hosts: vec![names::node_host_nqn(&node)],
+                    allowed_hosts: hosts.clone(),
                 })
                 .await
                 .map_err(|s| engine_error(&rep.node, s))?

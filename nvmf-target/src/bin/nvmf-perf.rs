@@ -62,9 +62,15 @@ struct Args {
     /// Seconds to run (after a one-second warm-up).
     #[arg(long, default_value_t = 10)]
     time: u64,
-    /// Bytes of the namespace to touch (default: all of it).
+    /// Bytes of the namespace to touch (default: all of it from `--offset`).
     #[arg(long)]
     size: Option<String>,
+    /// Where the touched bytes start (a multiple of the block size).
+    #[arg(long, default_value = "0")]
+    offset: String,
+    /// Host NQN to connect as (default: a fresh one of nvmf-perf's own).
+    #[arg(long)]
+    host_nqn: Option<String>,
     /// Header and data digests.
     #[arg(long)]
     digests: bool,
@@ -144,6 +150,8 @@ struct Worker {
     hist: Histogram<u64>,
     ios: u64,
     errors: u64,
+    /// The first failed command's error (an NVMe status names itself).
+    first_error: Option<String>,
     disconnected: bool,
 }
 
@@ -152,6 +160,7 @@ async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
         hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
         ios: 0,
         errors: 0,
+        first_error: None,
         disconnected: false,
     };
     let mut x = seed | 1;
@@ -179,12 +188,13 @@ async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
             Pattern::Randwrite | Pattern::Write => false,
             Pattern::Randrw => (r % 100) < u64::from(a.mix),
         };
-        let lba = if matches!(a.rw, Pattern::Read | Pattern::Write) {
-            seq = (seq + blocks_per_io * a.stride) % (slots * blocks_per_io);
-            seq
-        } else {
-            (next() % slots) * blocks_per_io
-        };
+        let lba = a.first_lba
+            + if matches!(a.rw, Pattern::Read | Pattern::Write) {
+                seq = (seq + blocks_per_io * a.stride) % (slots * blocks_per_io);
+                seq
+            } else {
+                (next() % slots) * blocks_per_io
+            };
         let op = if read { io::READ } else { io::WRITE };
         let mut sqe = Sqe::rw(op, a.nsid, lba, blocks_per_io as u32, a.bs as u32, false);
         let payload = if read {
@@ -195,6 +205,11 @@ async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
         };
         let t = Instant::now();
         let res = q.submit(sqe, payload).await;
+        if let Err(e) = &res
+            && w.first_error.is_none()
+        {
+            w.first_error = Some(e.to_string());
+        }
         if t >= warm {
             match res {
                 Ok(_) => {
@@ -222,6 +237,8 @@ struct WorkerArgs {
     bs: u64,
     lba_size: u32,
     region: u64,
+    /// The region's first block.
+    first_lba: u64,
     nsid: u32,
     time: Duration,
     stride: u64,
@@ -243,6 +260,9 @@ async fn main() -> Result<()> {
     o.queue_depth = u16::try_from(args.qd).context("qd too large")?;
     o.header_digest = args.digests;
     o.data_digest = args.digests;
+    if let Some(h) = &args.host_nqn {
+        o.hostnqn = h.clone();
+    }
     let ctrl = Controller::connect(&o).await.context("connecting")?;
     let ns = ctrl
         .identify_namespace(args.nsid)
@@ -250,9 +270,14 @@ async fn main() -> Result<()> {
         .context("identify namespace")?;
     let lba_size = 1u32 << ns.lbads;
     let ns_bytes = ns.nsze * u64::from(lba_size);
+    let offset = parse_size(&args.offset)?;
+    anyhow::ensure!(
+        offset % bs == 0 && offset < ns_bytes,
+        "offset must be a multiple of bs inside the namespace"
+    );
     let region = match &args.size {
-        Some(s) => parse_size(s)?.min(ns_bytes),
-        None => ns_bytes,
+        Some(s) => parse_size(s)?.min(ns_bytes - offset),
+        None => ns_bytes - offset,
     };
     anyhow::ensure!(
         bs >= u64::from(lba_size) && bs % u64::from(lba_size) == 0,
@@ -288,6 +313,7 @@ async fn main() -> Result<()> {
         bs,
         lba_size,
         region,
+        first_lba: offset / u64::from(lba_size),
         nsid: args.nsid,
         time: Duration::from_secs(args.time),
         stride: total_workers as u64,
@@ -309,12 +335,14 @@ async fn main() -> Result<()> {
     );
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let (mut ios, mut errors, mut lost) = (0u64, 0u64, 0usize);
+    let mut first_error = None;
     while let Some(w) = tasks.join_next().await {
         let w = w?;
         hist.add(&w.hist)?;
         ios += w.ios;
         errors += w.errors;
         lost += usize::from(w.disconnected);
+        first_error = first_error.or(w.first_error);
     }
     let secs = w0.elapsed().as_secs_f64();
     let client_cpu = cpu_seconds(&me).zip(c0).map(|(a, b)| a - b);
@@ -334,7 +362,7 @@ async fn main() -> Result<()> {
     if args.json {
         let v = serde_json::json!({
             "rw": format!("{:?}", args.rw).to_lowercase(), "bs": bs, "qd": args.qd, "queues": args.queues,
-            "seconds": secs, "ios": ios, "errors": errors, "iops": iops, "mb_per_s": mbps,
+            "seconds": secs, "ios": ios, "errors": errors, "first_error": first_error, "iops": iops, "mb_per_s": mbps,
             "lat_us": {"mean": hist.mean() / 1000.0, "p50": us(0.5), "p99": us(0.99), "p999": us(0.999)},
             "client_cpu_s": client_cpu, "target_cpu_s": target_cpu,
             "target_cpu_s_per_million_ios": per_m(target_cpu), "client_cpu_s_per_million_ios": per_m(client_cpu),
@@ -374,6 +402,10 @@ async fn main() -> Result<()> {
         lost == 0,
         "{lost} of {total_workers} workers lost their connection"
     );
-    anyhow::ensure!(errors == 0, "{errors} I/O errors");
+    anyhow::ensure!(
+        errors == 0 && first_error.is_none(),
+        "{errors} I/O errors; the first: {}",
+        first_error.unwrap_or_default()
+    );
     Ok(())
 }

@@ -3,7 +3,9 @@
 # libraries it needs next to it) watches the kernel's NVMe paths; the kernel connects to the volume's nexus and
 # verified fio writes while the host makes the nexus fail (each word of FAILURES is one round: "kill" = kill -9 of
 # the io-engine hosting the nexus, "stop" = SIGSTOP of it, a node gone silent, "cut" = the guest cut off from it
-# while it still reaches its replicas, "drain" = a planned move off its node). The node agent reports the broken
+# while it still reaches its replicas, "drain" = a planned move off its node, "crash" = kill -9 with the cluster
+# agent dying mid switch-over, "partition" = its node cut off from the guest and the cluster agent, after which
+# another host writes through the old nexus at 56 MiB and the guest checks none of it landed). The node agent reports the broken
 # path, the cluster agent moves the nexus, the node agent connects the new path and removes the dead one; fio must
 # finish every round without an error. Each round prints "STALL-MS <mode> <longest write latency>" and the node
 # agent's switch-over duration. Parameters in ./params: TARGET, PORT, NQN, HOSTNQN, HOSTID, AGENT, FIO_SECONDS,
@@ -44,21 +46,25 @@ for mode in $FAILURES; do
     step "round $round: verified fio while the nexus fails ($mode)"
     before=$(switchovers)
     old=$(cat $(controllers | head -1)/address)
-    fio --name=ho --filename=$DEV --rw=randwrite --bs=4k --size=32M --direct=1 --ioengine=libaio --iodepth=16 \
+    rm -f /tmp/ho_lat.*.log
+    # Two verified writers at once: 4 KiB in the first 24 MiB, 128 KiB in the next 24 MiB (the volume's last
+    # 16 MiB stay unwritten: a partition round checks that the old nexus's late writes never land there).
+    fio --filename=$DEV --rw=randwrite --direct=1 --ioengine=libaio --iodepth=16 \
         --verify=crc32c --verify_backlog=128 --verify_fatal=1 --time_based --runtime=$FIO_SECONDS \
-        --write_lat_log=/tmp/ho --log_avg_msec=0 --output=/tmp/fio.out > /dev/null 2>&1 &
+        --write_lat_log=/tmp/ho --log_avg_msec=0 --output=/tmp/fio.out \
+        --name=ho4k --bs=4k --offset=0 --size=24M --name=ho128k --bs=128k --offset=24M --size=24M > /dev/null 2>&1 &
     pid=$!
     sleep 4
     echo "@@HOST fail-nexus $mode"
     wait $pid; rc=$?
-    grep -E "err=|IOPS" /tmp/fio.out | head -2
-    [ $rc = 0 ] && grep -q "err= 0" /tmp/fio.out || { cat /tmp/fio.out; fail "fio saw errors across the switch-over"; }
-    max=$(awk -F, '{ if ($2 + 0 > m) m = $2 + 0 } END { printf "%d", m / 1000000 }' /tmp/ho_lat.1.log)
+    grep -E "err=|write: IOPS" /tmp/fio.out
+    [ $rc = 0 ] && [ "$(grep -c "err= 0" /tmp/fio.out)" = 2 ] || { cat /tmp/fio.out; fail "fio saw errors across the switch-over"; }
+    max=$(cat /tmp/ho_lat.*.log | awk -F, '{ if ($2 + 0 > m) m = $2 + 0 } END { printf "%d", m / 1000000 }')
     took=$(grep "switched over" /tmp/node-agent.log | tail -1 | grep -o "took_ms=[0-9]*")
     echo "STALL-MS $mode $max $took"
     [ "$(switchovers)" -gt "${before:-0}" ] || fail "no switch-over counted"
     # A silent target (frozen, cut off) is seen before the kernel's keep-alive notices: its path showed stalled.
-    if [ "$mode" = stop ] || [ "$mode" = cut ]; then
+    if [ "$mode" = stop ] || [ "$mode" = cut ] || [ "$mode" = partition ]; then
         metrics | grep -q "^keelson_node_path_state{address=\"$(echo "$old" | sed 's/^traddr=\([^,]*\),trsvcid=\([0-9]*\).*/\1:\2/')\".*state=\"stalled\"" \
             || { metrics | grep keelson_node_path_state; fail "the silent path was never shown stalled"; }
     fi
@@ -68,6 +74,13 @@ for mode in $FAILURES; do
     ok "round $round: no fio error, one live path"
     echo "@@HOST restore"
     for i in $(seq 1 900); do (echo > /dev/tcp/$ACK_HOST/$ACK_PORT) 2>/dev/null && break; sleep 0.2; done
+    if [ "$mode" = partition ]; then
+        # Another host wrote through the old nexus at 56 MiB after the switch-over; none of it may be there.
+        dd if=$DEV of=/tmp/fenced bs=1M skip=56 count=1 iflag=direct 2> /dev/null || fail "reading the volume"
+        head -c 1048576 /dev/zero > /tmp/zero
+        cmp -s /tmp/fenced /tmp/zero || fail "a write through the fenced old nexus reached the volume"
+        ok "round $round: nothing written through the fenced old nexus reached the volume"
+    fi
 done
 
 step "metrics"
