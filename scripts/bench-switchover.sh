@@ -31,10 +31,12 @@ for mode in kill stop cut drain partition; do
         "max $(echo "$took" | pct 100) ms"
 done
 # The cluster agent's own stages of every switch-over in the run (its "switched over" log lines): ending the old
-# nexus, disowning the failed node's replicas, publishing the new nexus (place, create over the replicas with the
-# old key preempted, export), and report-to-published.
-for stage in end_old disown publish took; do
-    v=$(grep "^agent: .*switched over" "$out" | grep -o "${stage}_ms=[0-9]*" | sed 's/.*=//')
+# nexus, disowning the failed node's replicas, publishing the new nexus, and report-to-published; publishing in
+# parts: place (node chosen, recorded), share (replicas opened to it), create (made, its key taken on every replica
+# with the old one preempted: the fencing), export.
+for stage in end_old disown publish place share create export took; do
+    v=$( (grep "^agent: .*switched over" "$out"; grep "^agent: .*volume published" "$out" | grep -v 'moved_from=""') |
+        grep -o "${stage}_ms=[0-9]*" | sed 's/.*=//')
     [ -n "$v" ] || continue
     printf 'cluster agent %-8s over %d switch-overs: p50 %s ms, max %s ms\n' "$stage" "$(echo "$v" | wc -l)" \
         "$(echo "$v" | pct 50)" "$(echo "$v" | pct 100)"

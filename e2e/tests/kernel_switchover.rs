@@ -324,11 +324,20 @@ fn kernel_io_survives_nexus_failures_through_the_node_agents_switch_over() {
         agent.log()
     );
     println!("{volumes}");
-    // The cluster agents' stage timings of each switch-over.
+    let hosts = keelctl(&ns, &["get", "hosts"]).unwrap();
+    println!("{hosts}");
+    assert!(
+        hosts.contains("app-1") && hosts.contains(HOSTNQN),
+        "the guest's node agent registered its node and host: {hosts}"
+    );
+    // The cluster agents' stage timings of each switch-over, and of publishing the new nexus in it.
     for e in std::fs::read_dir(&logs).unwrap().flatten() {
         if e.file_name().to_string_lossy().starts_with("cluster-agent") {
             let log = std::fs::read_to_string(e.path()).unwrap_or_default();
-            for l in log.lines().filter(|l| l.contains("switched over")) {
+            for l in log.lines().filter(|l| {
+                l.contains("switched over")
+                    || (l.contains("volume published") && !l.contains("moved_from=\"\""))
+            }) {
                 println!("agent: {l}");
             }
         }

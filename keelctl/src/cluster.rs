@@ -20,6 +20,9 @@ pub enum GetCmd {
     Nodes,
     /// One storage node.
     Node { name: String },
+    /// Application nodes whose node agents registered: their host NQNs, how long since each was heard from (a node
+    /// whose agent is not alive gets no switch-over).
+    Hosts,
     /// Pools managed by the agent: phase, whether the node reports them, capacity.
     Pools,
     /// Volumes: state, replicas and their nodes, where the nexus runs.
@@ -532,6 +535,43 @@ pub async fn get(agent: &str, cmd: GetCmd, out: Output) -> Result<()> {
         GetCmd::Node { name } => {
             let n = c.get_node(pb::GetNodeRequest { name }).await?.into_inner();
             print(&[n], out);
+        }
+        GetCmd::Hosts => {
+            let hosts = c
+                .list_hosts(pb::ListHostsRequest {})
+                .await?
+                .into_inner()
+                .hosts;
+            match out {
+                Output::Json => {
+                    for h in &hosts {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "node": h.node, "host_nqns": h.host_nqns, "version": h.version,
+                                "registered_unix_ms": h.registered_unix_ms,
+                                "last_seen_ms_ago": h.last_seen_ms_ago, "alive": h.alive,
+                            })
+                        );
+                    }
+                }
+                Output::Table => {
+                    println!(
+                        "{:<20} {:<6} {:>10} {:<10}  HOST NQNS",
+                        "NODE", "ALIVE", "SEEN (ms)", "VERSION"
+                    );
+                    for h in &hosts {
+                        println!(
+                            "{:<20} {:<6} {:>10} {:<10}  {}",
+                            h.node,
+                            if h.alive { "yes" } else { "no" },
+                            h.last_seen_ms_ago,
+                            h.version,
+                            h.host_nqns.join(",")
+                        );
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -44,6 +44,12 @@ struct Args {
     /// Keep-alive timeout of the paths this agent connects, in seconds.
     #[arg(long, env = "KEELSON_KEEP_ALIVE_TMO", default_value_t = 2)]
     keep_alive_tmo: u32,
+    /// Host NQNs this node's kernel connects to volumes with, registered with the cluster agent (which takes path
+    /// reports only for a registered node's hosts). Always registered besides: the CSI node plugin's
+    /// (`nqn.2026-11.io.keelson:host-<node>`), `/etc/nvme/hostnqn` when there is one, and every host NQN seen on a
+    /// Keelson volume's controller.
+    #[arg(long = "host-nqn", env = "KEELSON_HOST_NQN", value_delimiter = ',')]
+    host_nqns: Vec<String>,
     /// How long a new path gets to become live, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     live_timeout_ms: u64,
@@ -82,8 +88,16 @@ async fn main() -> Result<()> {
         listener,
         stop.clone(),
     ));
+    let mut host_nqns = args.host_nqns.clone();
+    host_nqns.push(proto::names::kernel_host_nqn(&node));
+    if let Ok(h) = std::fs::read_to_string("/etc/nvme/hostnqn")
+        && !h.trim().is_empty()
+    {
+        host_nqns.push(h.trim().to_string());
+    }
     let cfg = NodeAgentConfig {
         node,
+        host_nqns,
         cluster_agents: args.cluster_agent.clone(),
         sys: args.sys.clone(),
         fabrics: args.fabrics.clone(),

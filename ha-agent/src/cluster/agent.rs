@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::api::{self, Leadership, Leading};
 use super::dataplane::EngineProber;
+use super::hosts::Hosts;
 use super::leader;
 use super::metrics::{self, AgentMetrics};
 use super::pool::Pools;
@@ -118,6 +119,7 @@ async fn lead(
         registry.clone(),
         config.engine_timeout,
     ));
+    let hosts = Arc::new(Hosts::new(store.clone()));
     let volumes = Arc::new(Volumes::new(
         store,
         registry.clone(),
@@ -128,6 +130,7 @@ async fn lead(
         registry: registry.clone(),
         pools: pools.clone(),
         volumes: volumes.clone(),
+        hosts,
     }));
     metrics.lead();
     let reconcilers = reconcile::all(&registry, &pools, &volumes);

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::heal;
+use super::hosts::{self, HostError, HostSpec, HostView, Hosts};
 use super::metrics::{self, AgentMetrics};
 use super::node::{NodeSpec, NodeState, PoolSpec};
 use super::pool::{PoolOpError, PoolPhase, PoolView, Pools};
@@ -27,6 +28,7 @@ pub struct Leading {
     pub registry: Arc<Registry>,
     pub pools: Arc<Pools>,
     pub volumes: Arc<Volumes>,
+    pub hosts: Arc<Hosts>,
 }
 
 /// What the services act on: [`Leading`] while this agent leads, nothing otherwise.
@@ -69,6 +71,31 @@ impl From<RegistryError> for Status {
             RegistryError::Store(_) => Status::unavailable(msg),
             RegistryError::Corrupt { .. } => Status::data_loss(msg),
         }
+    }
+}
+
+impl From<HostError> for Status {
+    fn from(e: HostError) -> Status {
+        let msg = e.to_string();
+        match e {
+            HostError::InvalidArgument(_) => Status::invalid_argument(msg),
+            HostError::NotFound(_) => Status::not_found(msg),
+            HostError::NotItsHost { .. } => Status::failed_precondition(msg),
+            HostError::Store(StoreError::InvalidArgument(_)) => Status::invalid_argument(msg),
+            HostError::Store(_) => Status::unavailable(msg),
+            HostError::Corrupt { .. } => Status::data_loss(msg),
+        }
+    }
+}
+
+fn host(v: HostView) -> pb::Host {
+    pb::Host {
+        alive: v.alive(),
+        node: v.record.spec.node,
+        host_nqns: v.record.spec.host_nqns,
+        version: v.record.spec.version,
+        registered_unix_ms: v.record.status.registered_ms,
+        last_seen_ms_ago: v.last_seen.map_or(0, |d| d.as_millis() as u64),
     }
 }
 
@@ -512,6 +539,10 @@ impl Cluster for Service {
         let r: Result<Response<pb::Volume>, Status> = async {
             let l = self.leadership.leading()?;
             let r = r.into_inner();
+            if r.node.is_empty() {
+                return Err(Status::invalid_argument("a report names its node"));
+            }
+            l.hosts.check_report(&r.node, &r.host_nqn).await?;
             let v = l
                 .volumes
                 .report_path_failure(switchover::PathReport {
@@ -526,6 +557,33 @@ impl Cluster for Service {
         }
         .await;
         self.counted("report_path_failure", r)
+    }
+
+    async fn register_host(
+        &self,
+        r: Request<pb::RegisterHostRequest>,
+    ) -> Result<Response<pb::RegisterHostResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        l.hosts
+            .register(HostSpec {
+                node: r.node,
+                host_nqns: r.host_nqns,
+                version: r.version,
+            })
+            .await?;
+        Ok(Response::new(pb::RegisterHostResponse {
+            heartbeat_ms: hosts::HEARTBEAT.as_millis() as u64,
+        }))
+    }
+
+    async fn list_hosts(
+        &self,
+        _: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let hosts = l.hosts.list().await?.into_iter().map(host).collect();
+        Ok(Response::new(pb::ListHostsResponse { hosts }))
     }
 
     async fn cordon_node(

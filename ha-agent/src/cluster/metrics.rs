@@ -118,7 +118,8 @@ impl AgentMetrics {
                 "keelson_agent_switchover_stage_seconds",
                 "HA switch-overs, by stage: end_old (the old nexus destroyed or found unreachable), disown (the \
                  failed node's replicas), publish (the new nexus recorded, created over the fenced replicas, \
-                 exported), total (report recorded to published).",
+                 exported; in parts: place, share, create with the fencing, export), total (report recorded to \
+                 published).",
             )
             .buckets(BUCKETS.to_vec()),
             &["stage"],

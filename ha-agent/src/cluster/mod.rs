@@ -16,6 +16,7 @@
 //!   as clones.
 //! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
 //!   created and added to the nexus (which rebuilds them).
+//! - [`hosts`]: application nodes whose node agents registered (path reports are taken from them only).
 //! - [`switchover`]: HA switch-over: a host's broken path reported, the nexus moved to another node and fenced.
 //! - [`garbage`]: replicas retired and nexuses left behind, destroyed when their engine answers.
 //! - [`dataplane`]: the engine API as the agent calls it (timeouts on everything).
@@ -31,6 +32,7 @@ pub mod expand;
 pub mod failpoint;
 pub mod garbage;
 pub mod heal;
+pub mod hosts;
 pub mod leader;
 pub mod metrics;
 pub mod node;

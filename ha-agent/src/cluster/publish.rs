@@ -95,6 +95,7 @@ impl Volumes {
         avoid: &str,
     ) -> Result<VolumeRecord, VolumeError> {
         let uuid = r.uuid;
+        let t0 = std::time::Instant::now();
         let nodes = self.registry.list().await?;
         // A new nexus goes to an Online node that is not cordoned.
         let online = |name: &str| {
@@ -157,6 +158,7 @@ impl Volumes {
             failpoint::at(failpoint::PUBLISH_NEXUS_RECORDED);
         }
         let key = r.nexus.as_ref().map_or(0, |n| n.key);
+        let placed = t0.elapsed();
         // The nexus is made of the in-sync replicas whose nodes are up. The others are recorded as out of sync first
         // (they miss what it writes): healing adds them to it afterwards, to be rebuilt, or replaces those away.
         let up = |name: &str| {
@@ -211,6 +213,7 @@ impl Volumes {
                 why: "no in-sync replica's node is Online".into(),
             });
         }
+        let shared = t0.elapsed();
         let mut c = self.engine(&node).await?;
         let request = epb::CreateNexusRequest {
             uuid: uuid.to_string(),
@@ -232,6 +235,7 @@ impl Volumes {
             Err(s) => return Err(engine_error(&node, s)),
         }
         failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
+        let created = t0.elapsed();
         r.fence_key = key;
         r.resync = false;
         self.save(&r).await?;
@@ -247,6 +251,7 @@ impl Volumes {
             .map_err(|s| engine_error(&node, s))?
             .into_inner();
         failpoint::at(failpoint::PUBLISH_PUBLISHED);
+        let exported = t0.elapsed();
         let addresses = nodes
             .iter()
             .find(|x| x.record.spec.name == node)
@@ -260,7 +265,31 @@ impl Volumes {
         r.reason.clear();
         r.switchover = None;
         self.save(&r).await?;
-        tracing::info!(%uuid, %node, ?hosts, "volume published");
+        // Stages: place (node chosen, nexus recorded), share (replicas opened to it), create (the nexus made, its key
+        // taken on every replica, preempting the old one: the fencing), export. A move counts them as switch-over
+        // stages.
+        let stages = [
+            ("place", placed),
+            ("share", shared - placed),
+            ("create", created - shared),
+            ("export", exported - created),
+        ];
+        if !avoid.is_empty() {
+            for (stage, d) in stages {
+                self.metrics.switchover_stage(stage, d);
+            }
+        }
+        tracing::info!(
+            %uuid,
+            %node,
+            ?hosts,
+            moved_from = avoid,
+            place_ms = placed.as_millis() as u64,
+            share_ms = (shared - placed).as_millis() as u64,
+            create_ms = (created - shared).as_millis() as u64,
+            export_ms = (exported - created).as_millis() as u64,
+            "volume published"
+        );
         Ok(r)
     }
 

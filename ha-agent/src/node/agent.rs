@@ -1,10 +1,12 @@
-//! The node agent's life: scan sysfs every poll interval (no busy loop), keep the path metrics, and for each
-//! subsystem with a broken path run one switch-over at a time: report it to the cluster agent (retried with backoff
-//! until acknowledged), connect the target it answers with, wait for that path to be live, then delete the dead
-//! controller so the kernel stops reconnecting to a dead address. The block device stays the same multipath head
-//! (same subsystem NQN and namespace), so a mounted file system sees only a pause.
+//! The node agent's life: register the node and its host NQNs with the cluster agent (again every heartbeat it
+//! asks for, and at once when a new host NQN shows up: reports are taken only from registered nodes), scan sysfs
+//! every poll interval (no busy loop), keep the path metrics, and for each subsystem with a broken path run one
+//! switch-over at a time: report it to the cluster agent (retried with backoff until acknowledged), connect the
+//! target it answers with, wait for that path to be live, then delete the dead controller so the kernel stops
+//! reconnecting to a dead address. The block device stays the same multipath head (same subsystem NQN and
+//! namespace), so a mounted file system sees only a pause.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,6 +26,8 @@ use super::sysfs;
 pub struct NodeAgentConfig {
     /// This node's name, as reports give it.
     pub node: String,
+    /// Host NQNs registered besides those seen on Keelson controllers.
+    pub host_nqns: Vec<String>,
     /// Cluster agent URLs (`http://host:port`), tried in order.
     pub cluster_agents: Vec<String>,
     /// Where sysfs is (`/sys`).
@@ -81,6 +85,17 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
             }
         });
     }
+    // Host NQNs seen on Keelson controllers; a new one is registered at once.
+    let seen_hosts: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let register_now = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(keep_registered(
+        cfg.clone(),
+        clients.clone(),
+        metrics.clone(),
+        seen_hosts.clone(),
+        register_now.clone(),
+        stop.clone(),
+    ));
     let mut tick = tokio::time::interval(cfg.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -108,6 +123,18 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
         let scan = tokio::task::spawn_blocking(move || sysfs::scan(&sys))
             .await
             .unwrap_or_default();
+        {
+            let mut seen = seen_hosts.lock().unwrap_or_else(|e| e.into_inner());
+            let before = seen.len();
+            seen.extend(
+                scan.iter()
+                    .flat_map(|s| s.controllers.iter().map(|c| c.host_nqn.clone()))
+                    .filter(|h| !h.is_empty()),
+            );
+            if seen.len() != before {
+                register_now.notify_one();
+            }
+        }
         let broken = tracker.observe(&scan, Instant::now(), SystemTime::now());
         metrics.paths(&scan, &tracker.stalled());
         for b in broken {
@@ -124,18 +151,19 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
                 }
                 busy.insert(b.nqn.clone(), true);
             }
-            let (cfg, metrics, done, stop, clients) = (
+            let (cfg, metrics, done, stop, clients, register_now) = (
                 cfg.clone(),
                 metrics.clone(),
                 done.clone(),
                 stop.clone(),
                 clients.clone(),
+                register_now.clone(),
             );
             tokio::spawn(async move {
                 let nqn = b.nqn.clone();
                 let outcome = tokio::select! {
                     _ = stop.cancelled() => Outcome::Failed,
-                    r = switch_over(&cfg, &clients, &metrics, b) => r,
+                    r = switch_over(&cfg, &clients, &metrics, &register_now, b) => r,
                 };
                 done.lock().await.push((nqn, outcome));
             });
@@ -185,11 +213,78 @@ impl AgentClients {
     }
 }
 
+/// Registers this node and its host NQNs with the cluster agent, then again every heartbeat the agent asks for
+/// (with backoff while none answers), and at once when `now` is notified (a new host NQN, a report refused for an
+/// unregistered node).
+async fn keep_registered(
+    cfg: NodeAgentConfig,
+    clients: Arc<AgentClients>,
+    metrics: Arc<NodeMetrics>,
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    now: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut host_nqns: BTreeSet<String> = cfg.host_nqns.iter().cloned().collect();
+        host_nqns.extend(
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        let req = pb::RegisterHostRequest {
+            node: cfg.node.clone(),
+            host_nqns: host_nqns.into_iter().collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let mut wait = None;
+        let mut last = String::new();
+        for url in &cfg.cluster_agents {
+            match clients.get(url).await {
+                Ok(mut c) => match c.register_host(req.clone()).await {
+                    Ok(r) => {
+                        let every = Duration::from_millis(r.into_inner().heartbeat_ms.max(1000));
+                        wait = Some(every);
+                        break;
+                    }
+                    Err(s) => {
+                        if s.code() == Code::Unavailable {
+                            clients.forget(url);
+                        }
+                        last = format!("{url}: {:?} {}", s.code(), s.message());
+                    }
+                },
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        metrics.registered(wait.is_some());
+        let wait = match wait {
+            Some(w) => {
+                backoff = Duration::from_millis(200);
+                w
+            }
+            None => {
+                tracing::warn!(why = %last, retry_in_ms = backoff.as_millis() as u64, "registration not taken");
+                let w = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                w
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = now.notified() => {}
+        }
+    }
+}
+
 /// Reports `b` until acknowledged; `None` when the cluster agent refused it.
 async fn report(
     cfg: &NodeAgentConfig,
     clients: &AgentClients,
     metrics: &NodeMetrics,
+    register_now: &tokio::sync::Notify,
     b: &Broken,
 ) -> Option<pb::Volume> {
     let req = pb::ReportPathFailureRequest {
@@ -231,6 +326,8 @@ async fn report(
                         s.code(),
                         Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
                     ) {
+                        // Perhaps not registered (yet, or with this host): register again before the next try.
+                        register_now.notify_one();
                         tracing::warn!(nqn = %b.nqn, address = %b.controller.address, code = ?s.code(), why = %s.message(), "the cluster agent refused the report");
                         return None;
                     }
@@ -249,11 +346,12 @@ async fn switch_over(
     cfg: &NodeAgentConfig,
     clients: &AgentClients,
     metrics: &NodeMetrics,
+    register_now: &tokio::sync::Notify,
     b: Broken,
 ) -> Outcome {
     tracing::warn!(nqn = %b.nqn, controller = %b.controller.name, address = %b.controller.address, state = %b.controller.state, "broken path: reporting it");
     let reported = Instant::now();
-    let Some(v) = report(cfg, clients, metrics, &b).await else {
+    let Some(v) = report(cfg, clients, metrics, register_now, &b).await else {
         metrics.switchover("refused", None);
         return Outcome::Refused;
     };

@@ -10,14 +10,17 @@
 //!   was), `refused` (the cluster agent said no), `failed`;
 //! - `keelson_node_switchover_duration_seconds`: from the failure seen to the new path live;
 //! - `keelson_node_reports_total{result}`: reports to the cluster agent by outcome (`ok`, `unreachable`, or the gRPC
-//!   code of a refusal or failure).
+//!   code of a refusal or failure);
+//! - `keelson_node_registered`: 1 while the cluster agent took the node's last registration (its reports are taken
+//!   only then): 0 means this node's volumes have no switch-over.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use super::sysfs::Subsystem;
@@ -29,6 +32,7 @@ pub struct NodeMetrics {
     switchovers: IntCounterVec,
     duration: Histogram,
     reports: IntCounterVec,
+    registered: IntGauge,
     /// The label values of every path series set, by (volume, controller, address): its last state.
     paths: Mutex<BTreeMap<(String, String, String), String>>,
 }
@@ -80,8 +84,15 @@ impl NodeMetrics {
             &["result"],
         )
         .expect("valid metric");
+        let registered = IntGauge::new(
+            "keelson_node_registered",
+            "Whether the cluster agent took this node's last registration: path reports are taken only from \
+             registered nodes, so 0 means no switch-over for this node's volumes.",
+        )
+        .expect("valid metric");
         for m in [
             Box::new(state.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(registered.clone()),
             Box::new(usable.clone()),
             Box::new(switchovers.clone()),
             Box::new(duration.clone()),
@@ -99,6 +110,7 @@ impl NodeMetrics {
             switchovers,
             duration,
             reports,
+            registered,
             paths: Mutex::new(BTreeMap::new()),
         })
     }
@@ -155,6 +167,10 @@ impl NodeMetrics {
         if let Some(t) = took {
             self.duration.observe(t.as_secs_f64());
         }
+    }
+
+    pub fn registered(&self, yes: bool) {
+        self.registered.set(yes as i64);
     }
 
     pub fn report(&self, result: &str) {

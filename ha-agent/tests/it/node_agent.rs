@@ -107,6 +107,11 @@ async fn a_broken_path_is_reported_with_backoff_until_a_cluster_agent_answers() 
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(t.elapsed())).await;
     let body = until(&maddr, "metrics", |_| true).await;
     let tries = value(&body, "keelson_node_reports_total{result=\"unreachable\"}");
+    assert_eq!(
+        value(&body, "keelson_node_registered"),
+        0.0,
+        "no agent to register with"
+    );
     assert!(
         (3.0..=8.0).contains(&tries),
         "{tries} attempts in {:?}: no backoff",
@@ -127,6 +132,31 @@ async fn a_broken_path_is_reported_with_backoff_until_a_cluster_agent_answers() 
         value(&body, "keelson_node_switchovers_total{result=\"ok\"}"),
         0.0
     );
+    // It registered its node, with the CSI node plugin's host NQN and the one its kernel's controller uses.
+    until(&maddr, "registered", |b| {
+        value(b, "keelson_node_registered") == 1.0
+    })
+    .await;
+    let mut c =
+        proto::cluster::cluster_client::ClusterClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+    let hosts = c
+        .list_hosts(proto::cluster::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(hosts[0].node, "app-1");
+    assert!(hosts[0].alive, "{hosts:?}");
+    // (and /etc/nvme/hostnqn's, where this machine has one).
+    for h in [
+        "nqn.2026-11.io.keelson:host-app-1",
+        "nqn.2026-11.io.keelson:host-node-agent-test",
+    ] {
+        assert!(hosts[0].host_nqns.iter().any(|x| x == h), "{hosts:?}");
+    }
     assert!(
         node_agent.log().contains("refused the report"),
         "{}",

@@ -1,8 +1,8 @@
 //! HA switch-over through the cluster API, with real io-engines and Keelson's own initiator as the host: the
 //! engine hosting a volume's nexus is killed (or frozen, as a partitioned node is), the host reports its broken
 //! path, and the nexus moves to another node, fenced so the old one can never write again; every acknowledged write
-//! reads back through the new path. Reports that must not move anything (bad input, another host, a path the target
-//! still sees connected, repeats) do not.
+//! reads back through the new path. Reports that must not move anything (bad input, another host, a node with no
+//! registered node agent, a path the target still sees connected, repeats) do not.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,23 @@ async fn published(c: &mut ClusterClient<Channel>, replicas: u32, node: &str) ->
     publish_to(c, vol, node).await
 }
 
+/// The host's node agent registers its node (`app-1`) and host NQN, as the node-agent binary does: reports are
+/// taken from registered nodes only.
+async fn register_app(c: &mut ClusterClient<Channel>) {
+    let r = c
+        .register_host(pb::RegisterHostRequest {
+            node: "app-1".into(),
+            host_nqns: vec![HOST.into()],
+            version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.heartbeat_ms >= 1000, "{r:?}");
+}
+
 async fn publish_to(c: &mut ClusterClient<Channel>, uuid: String, node: &str) -> pb::Volume {
+    register_app(c).await;
     c.publish_volume(pb::PublishVolumeRequest {
         uuid,
         host_nqn: HOST.into(),
@@ -112,6 +128,59 @@ async fn a_killed_nexus_engine_is_switched_over_on_the_hosts_report() {
     let s = c.report_path_failure(report(&v, &old)).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     assert!(s.message().contains("connected"), "{}", s.message());
+    // From a node no node agent registered; from a registered node for a host that is not its own.
+    let mut bad = report(&v, &old);
+    bad.node = "app-9".into();
+    let s = c.report_path_failure(bad).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    assert!(
+        s.message().contains("no registered node agent"),
+        "{}",
+        s.message()
+    );
+    c.register_host(pb::RegisterHostRequest {
+        node: "app-2".into(),
+        host_nqns: vec!["nqn.2026-11.io.keelson:host-app-2".into()],
+        version: "test".into(),
+    })
+    .await
+    .unwrap();
+    let mut bad = report(&v, &old);
+    bad.node = "app-2".into();
+    assert_eq!(
+        code(c.report_path_failure(bad).await),
+        Code::FailedPrecondition
+    );
+    // Registrations that make no sense.
+    for (node, nqns) in [
+        ("", vec![HOST]),
+        ("App_1", vec![HOST]),
+        ("app-3", vec![]),
+        ("app-3", vec!["host"]),
+    ] {
+        let s = c
+            .register_host(pb::RegisterHostRequest {
+                node: node.into(),
+                host_nqns: nqns.into_iter().map(String::from).collect(),
+                version: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{node:?}: {s:?}");
+    }
+    let hosts = c
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(
+        hosts
+            .iter()
+            .map(|h| (h.node.as_str(), h.alive))
+            .collect::<Vec<_>>(),
+        [("app-1", true), ("app-2", true)]
+    );
 
     // The nexus's engine dies; the host reports at once, in the kernel's address form.
     engines[0].kill9();

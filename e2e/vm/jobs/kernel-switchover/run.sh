@@ -86,6 +86,7 @@ done
 step "metrics"
 metrics | grep -E "^keelson_node_(path_state|switchover)" | grep -v " 0$"
 metrics | grep -q 'state="removed"' || fail "metrics do not show a dead path removed"
+metrics | grep -q '^keelson_node_registered 1' || fail "the node agent is not registered with the cluster agent"
 grep -E "broken path|switched over|dead path removed|new path connected" /tmp/node-agent.log | sed 's/^.*Z //' | head -20
 nvme disconnect -n "$NQN" > /dev/null || fail "disconnect"
 echo "ALL-OK"

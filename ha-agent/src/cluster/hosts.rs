@@ -1,0 +1,279 @@
+//! Application nodes as the cluster agent knows them: the node agent on each registers the node's name and the
+//! host NQNs its kernel connects to volumes with ([`HostSpec`]), and registers again every [`HEARTBEAT`]. One JSON
+//! record per node under `/keelson/hosts/<node>`, written when it is new or changed, not on every heartbeat; when a
+//! node agent was last heard from stays in the leader's memory. A path report is taken only from a registered node,
+//! for one of its host NQNs ([`Hosts::check_report`]): a report naming a node no node agent runs on, or a host that
+//! is not that node's, moves nothing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::node;
+use super::store::{Store, StoreError};
+
+/// Key prefix of host records.
+pub const PREFIX: &str = "/keelson/hosts/";
+
+/// How often a node agent registers again.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// The longest NQN the NVMe base specification allows, in bytes.
+const NQN_MAX: usize = 223;
+
+pub fn key(node: &str) -> String {
+    format!("{PREFIX}{node}")
+}
+
+/// What a node agent says of its node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSpec {
+    pub node: String,
+    /// Sorted, without repeats.
+    pub host_nqns: Vec<String>,
+    pub version: String,
+}
+
+/// What the agent recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// When the node registered first or changed its spec, milliseconds since the epoch.
+    pub registered_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub spec: HostSpec,
+    pub status: HostStatus,
+}
+
+/// A host as listed: its record and how long since its node agent was last heard from (none: not since this agent
+/// leads).
+#[derive(Clone, Debug)]
+pub struct HostView {
+    pub record: HostRecord,
+    pub last_seen: Option<Duration>,
+}
+
+impl HostView {
+    /// Heard from within three heartbeats.
+    pub fn alive(&self) -> bool {
+        self.last_seen.is_some_and(|d| d < HEARTBEAT * 3)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The node never registered.
+    #[error("node {0} has no registered node agent")]
+    NotFound(String),
+    /// The node registered, without that host NQN.
+    #[error("{host} is not a host NQN node {node} registered ({registered:?})")]
+    NotItsHost {
+        node: String,
+        host: String,
+        registered: Vec<String>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the host record of {node} is corrupt: {source}")]
+    Corrupt {
+        node: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The registered application nodes.
+pub struct Hosts {
+    store: Arc<dyn Store>,
+    /// When each node agent was last heard from, by node.
+    seen: Mutex<BTreeMap<String, Instant>>,
+}
+
+impl Hosts {
+    pub fn new(store: Arc<dyn Store>) -> Hosts {
+        Hosts {
+            store,
+            seen: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Registers (or confirms) a node; the record as stored.
+    pub async fn register(&self, mut spec: HostSpec) -> Result<HostRecord, HostError> {
+        if !node::valid_name(&spec.node) {
+            return Err(HostError::InvalidArgument(format!(
+                "node name {:?} is not a DNS subdomain (lower-case letters, digits, '-', '.')",
+                spec.node
+            )));
+        }
+        spec.host_nqns.sort();
+        spec.host_nqns.dedup();
+        if spec.host_nqns.is_empty() {
+            return Err(HostError::InvalidArgument(
+                "a host registers at least one host NQN".into(),
+            ));
+        }
+        if let Some(bad) = spec.host_nqns.iter().find(|n| !valid_nqn(n)) {
+            return Err(HostError::InvalidArgument(format!(
+                "{bad:?} is not an NQN (\"nqn.\" and at most {NQN_MAX} bytes of printable ASCII)"
+            )));
+        }
+        let old = self.get(&spec.node).await?;
+        let record = match old {
+            Some(o) if o.spec == spec => o,
+            _ => {
+                let r = HostRecord {
+                    spec: spec.clone(),
+                    status: HostStatus {
+                        registered_ms: node::now_ms(),
+                    },
+                };
+                let bytes = serde_json::to_vec(&r).unwrap_or_default();
+                self.store.put(&key(&spec.node), bytes).await?;
+                tracing::info!(node = %spec.node, host_nqns = ?spec.host_nqns, version = %spec.version, "host registered");
+                r
+            }
+        };
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.node, Instant::now());
+        Ok(record)
+    }
+
+    pub async fn get(&self, node: &str) -> Result<Option<HostRecord>, HostError> {
+        let Some(v) = self.store.get(&key(node)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v.value)
+            .map(Some)
+            .map_err(|source| HostError::Corrupt {
+                node: node.to_string(),
+                source,
+            })
+    }
+
+    pub async fn list(&self) -> Result<Vec<HostView>, HostError> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out = Vec::new();
+        for (k, v) in self.store.list(PREFIX).await? {
+            let record: HostRecord =
+                serde_json::from_slice(&v.value).map_err(|source| HostError::Corrupt {
+                    node: k.trim_start_matches(PREFIX).to_string(),
+                    source,
+                })?;
+            let last_seen = seen.get(&record.spec.node).map(Instant::elapsed);
+            out.push(HostView { record, last_seen });
+        }
+        Ok(out)
+    }
+
+    /// Whether `node` may report for `host_nqn`: its node agent registered, with that host NQN. A report is also a
+    /// sign of life.
+    pub async fn check_report(&self, node: &str, host_nqn: &str) -> Result<(), HostError> {
+        let Some(r) = self.get(node).await? else {
+            return Err(HostError::NotFound(node.to_string()));
+        };
+        if !r.spec.host_nqns.iter().any(|h| h == host_nqn) {
+            return Err(HostError::NotItsHost {
+                node: node.to_string(),
+                host: host_nqn.to_string(),
+                registered: r.spec.host_nqns,
+            });
+        }
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), Instant::now());
+        Ok(())
+    }
+}
+
+fn valid_nqn(n: &str) -> bool {
+    n.starts_with("nqn.")
+        && n.len() > 4
+        && n.len() <= NQN_MAX
+        && n.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::store::embedded::EmbeddedStore;
+
+    fn spec(node: &str, nqns: &[&str]) -> HostSpec {
+        HostSpec {
+            node: node.into(),
+            host_nqns: nqns.iter().map(|s| s.to_string()).collect(),
+            version: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registered_node_reports_for_its_own_hosts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            EmbeddedStore::open(&dir.path().join("store.redb"))
+                .await
+                .unwrap(),
+        );
+        let hosts = Hosts::new(store.clone());
+        let h = "nqn.2026-11.io.keelson:host-app-1";
+        assert!(matches!(
+            hosts.check_report("app-1", h).await,
+            Err(HostError::NotFound(_))
+        ));
+        let first = hosts.register(spec("app-1", &[h, h])).await.unwrap();
+        assert_eq!(first.spec.host_nqns, vec![h.to_string()], "deduplicated");
+        hosts.check_report("app-1", h).await.unwrap();
+        assert!(matches!(
+            hosts
+                .check_report("app-1", "nqn.2026-11.io.keelson:host-app-2")
+                .await,
+            Err(HostError::NotItsHost { .. })
+        ));
+        // A heartbeat with the same spec writes nothing new; the registration time stays.
+        let again = hosts.register(spec("app-1", &[h])).await.unwrap();
+        assert_eq!(again, first);
+        // Another agent (a new leader) reads it back; it has not heard from the node yet.
+        let other = Hosts::new(store);
+        let l = other.list().await.unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].record, first);
+        assert!(!l[0].alive());
+        other.check_report("app-1", h).await.unwrap();
+        assert!(other.list().await.unwrap()[0].alive());
+    }
+
+    #[tokio::test]
+    async fn bad_registrations_are_invalid_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = Hosts::new(Arc::new(
+            EmbeddedStore::open(&dir.path().join("store.redb"))
+                .await
+                .unwrap(),
+        ));
+        for bad in [
+            spec("", &["nqn.2026-11.io.keelson:host-a"]),
+            spec("App_1", &["nqn.2026-11.io.keelson:host-a"]),
+            spec("app-1", &[]),
+            spec("app-1", &["host-a"]),
+            spec("app-1", &["nqn.with space"]),
+            spec("app-1", &[&format!("nqn.{}", "x".repeat(NQN_MAX))]),
+        ] {
+            assert!(
+                matches!(
+                    hosts.register(bad.clone()).await,
+                    Err(HostError::InvalidArgument(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(hosts.list().await.unwrap().is_empty());
+    }
+}
