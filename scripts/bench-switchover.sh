@@ -24,11 +24,16 @@ pct() { # p (0-100) of the numbers on stdin
 }
 for mode in kill stop cut drain partition; do
     stalls=$(grep -o "STALL-MS $mode [0-9]*" "$out" | awk '{print $3}')
-    took=$(grep -o "STALL-MS $mode [0-9]* took_ms=[0-9]*" "$out" | sed 's/.*took_ms=//')
     [ -n "$stalls" ] || continue
     echo "$mode, keep-alive ${KATO} s ($(echo "$stalls" | wc -l) rounds): fio stall p50 $(echo "$stalls" | pct 50) ms, p99 $(echo "$stalls" | pct 99) ms," \
-        "max $(echo "$stalls" | pct 100) ms; node agent failure-seen to new-path-live p50 $(echo "$took" | pct 50) ms," \
-        "max $(echo "$took" | pct 100) ms"
+        "max $(echo "$stalls" | pct 100) ms"
+    # The node agent's stages: detect (failure seen to reported), the cluster agent's switch-over as the node agent
+    # waits for it, connect, live (the kernel's scan of the new path), took (seen to new path live).
+    for stage in report switchover connect live took; do
+        v=$(grep "^STALL-MS $mode " "$out" | grep -o "${stage}_ms=[0-9]*" | sed 's/.*=//')
+        [ -n "$v" ] || continue
+        printf '  node agent %-10s p50 %s ms, max %s ms\n' "$stage" "$(echo "$v" | pct 50)" "$(echo "$v" | pct 100)"
+    done
 done
 # The cluster agent's own stages of every switch-over in the run (its "switched over" log lines): ending the old
 # nexus, disowning the failed node's replicas, publishing the new nexus, and report-to-published; publishing in

@@ -60,8 +60,9 @@ for mode in $FAILURES; do
     grep -E "err=|write: IOPS" /tmp/fio.out
     [ $rc = 0 ] && [ "$(grep -c "err= 0" /tmp/fio.out)" = 2 ] || { cat /tmp/fio.out; fail "fio saw errors across the switch-over"; }
     max=$(cat /tmp/ho_lat.*.log | awk -F, '{ if ($2 + 0 > m) m = $2 + 0 } END { printf "%d", m / 1000000 }')
-    took=$(grep "switched over" /tmp/node-agent.log | tail -1 | grep -o "took_ms=[0-9]*")
-    echo "STALL-MS $mode $max $took"
+    # The node agent's stages: failure seen -> reported (detect), the cluster agent's answer, connect, live; took.
+    stages=$(grep "switched over" /tmp/node-agent.log | tail -1 | grep -oE "(report|switchover|connect|live|took)_ms=[0-9]*" | tr '\n' ' ')
+    echo "STALL-MS $mode $max $stages"
     [ "$(switchovers)" -gt "${before:-0}" ] || fail "no switch-over counted"
     # A silent target (frozen, cut off) is seen before the kernel's keep-alive notices: its path showed stalled.
     if [ "$mode" = stop ] || [ "$mode" = cut ] || [ "$mode" = partition ]; then
