@@ -46,4 +46,8 @@ for stage in end_old disown publish place share create export took; do
     printf 'cluster agent %-8s over %d switch-overs: p50 %s ms, max %s ms\n' "$stage" "$(echo "$v" | wc -l)" \
         "$(echo "$v" | pct 50)" "$(echo "$v" | pct 100)"
 done
+if grep -q "FAILED" "$out"; then
+    cp "$out" "${TMPDIR:-/tmp}/bench-switchover-failed.log"
+    echo "the run failed: its whole output is in ${TMPDIR:-/tmp}/bench-switchover-failed.log"
+fi
 rm -f "$out"

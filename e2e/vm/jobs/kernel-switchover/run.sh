@@ -49,11 +49,15 @@ for mode in $FAILURES; do
     rm -f /tmp/ho_lat.*.log
     # Two verified writers at once: 4 KiB in the first 24 MiB, 128 KiB in the next 24 MiB (the volume's last
     # 16 MiB stay unwritten: a partition round checks that the old nexus's late writes never land there).
+    # SIGPIPE ignored in fio: twice in many drain rounds a fio worker died of SIGPIPE (no I/O error, err= 0), which
+    # no block I/O raises; ignored, whatever fio was writing fails with EPIPE and fio.out says what it was.
+    trap '' PIPE
     fio --filename=$DEV --rw=randwrite --direct=1 --ioengine=libaio --iodepth=16 \
         --verify=crc32c --verify_backlog=128 --verify_fatal=1 --time_based --runtime=$FIO_SECONDS \
         --write_lat_log=/tmp/ho --log_avg_msec=0 --output=/tmp/fio.out \
         --name=ho4k --bs=4k --offset=0 --size=24M --name=ho128k --bs=128k --offset=24M --size=24M > /dev/null 2>&1 &
     pid=$!
+    trap - PIPE
     sleep 4
     echo "@@HOST fail-nexus $mode"
     wait $pid; rc=$?
