@@ -190,6 +190,9 @@ enum EngineCmd {
         /// The volume's earlier nexus was killed: rebuild every child but the first in-sync one from it, in full.
         #[arg(long)]
         unclean_restart: bool,
+        /// Fault a healthy child only once the engine's cluster agent confirms the nexus is still the volume's.
+        #[arg(long)]
+        confirm_faults: bool,
     },
     /// Crash-consistent snapshot of a volume on every healthy child.
     SnapshotNexus {
@@ -426,6 +429,7 @@ async fn main() -> Result<()> {
             reservation_key,
             preempt_key,
             unclean_restart,
+            confirm_faults,
         } => print_nexus(
             &c.create_nexus(pb::CreateNexusRequest {
                 uuid,
@@ -435,6 +439,7 @@ async fn main() -> Result<()> {
                 reservation_key,
                 preempt_key,
                 unclean_restart,
+                confirm_faults,
             })
             .await?
             .into_inner(),

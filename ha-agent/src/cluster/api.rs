@@ -438,6 +438,28 @@ impl Registration for Service {
         reg.deregister(&r.node, &r.instance).await?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
+
+    async fn confirm_child_fault(
+        &self,
+        r: Request<pb::ConfirmChildFaultRequest>,
+    ) -> Result<Response<pb::ConfirmChildFaultResponse>, Status> {
+        let l = self.leadership.leading()?;
+        let r = r.into_inner();
+        let q = super::child_fault::FaultQuestion {
+            volume: parse_uuid(&r.volume)?,
+            node: r.node,
+            key: r.key,
+            child: r.child,
+            reason: r.reason,
+        };
+        let res = l
+            .volumes
+            .confirm_child_fault(&q)
+            .await
+            .map_err(Status::from);
+        self.counted("confirm_child_fault", res)
+            .map(|()| Response::new(pb::ConfirmChildFaultResponse {}))
+    }
 }
 
 #[tonic::async_trait]

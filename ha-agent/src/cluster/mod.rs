@@ -16,6 +16,7 @@
 //!   as clones.
 //! - [`heal`]: a published volume brought back to its record: faulted children retired, replacements placed,
 //!   created and added to the nexus (which rebuilds them).
+//! - [`child_fault`]: an engine asks before a nexus goes on without a child; only the volume's current nexus may.
 //! - [`hosts`]: application nodes whose node agents registered (path reports are taken from them only).
 //! - [`switchover`]: HA switch-over: a host's broken path reported, the nexus moved to another node and fenced.
 //! - [`garbage`]: replicas retired and nexuses left behind, destroyed when their engine answers.
@@ -27,6 +28,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod child_fault;
 pub mod dataplane;
 pub mod expand;
 pub mod failpoint;

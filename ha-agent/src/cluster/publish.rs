@@ -221,6 +221,7 @@ impl Volumes {
             reservation_key: key,
             preempt_key: if r.fence_key == key { 0 } else { r.fence_key },
             unclean_restart: r.resync,
+            confirm_faults: true,
             ..Default::default()
         };
         match c.create_nexus(request.clone()).await {

@@ -25,7 +25,7 @@ fn block(i: u64) -> Bytes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_every_write() {
-    let (_dir, port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
+    let (_dir, port, agent, mut engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     let v = c
         .create_volume(pb::CreateVolumeRequest {
@@ -61,6 +61,12 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
     for i in 64..128 {
         ns.write((i * 128) << 10, block(i)).await.unwrap();
     }
+    // The nexus went on without node 2's replica only once the agent had recorded it out of sync.
+    assert!(
+        agent.log().contains("child fault confirmed"),
+        "no fault consent asked:\n{}",
+        agent.log()
+    );
 
     let t = Instant::now();
     let healed = loop {

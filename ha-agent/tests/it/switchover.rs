@@ -1,7 +1,8 @@
 //! HA switch-over through the cluster API, with real io-engines and Keelson's own initiator as the host: the
 //! engine hosting a volume's nexus is killed (or frozen, as a partitioned node is), the host reports its broken
-//! path, and the nexus moves to another node, fenced so the old one can never write again; every acknowledged write
-//! reads back through the new path. Reports that must not move anything (bad input, another host, a node with no
+//! path, and the nexus moves to another node, fenced so the old one can never write again (also when it reaches no
+//! other replica: then the agent's refusal to let it go on without them stops it); every acknowledged write reads
+//! back through the new path. Reports that must not move anything (bad input, another host, a node with no
 //! registered node agent, a path the target still sees connected, repeats) do not.
 
 use std::time::{Duration, Instant};
@@ -263,6 +264,126 @@ async fn a_frozen_nexus_is_fenced_after_the_switch_over_and_its_late_write_lands
     verify(&ns, 0..12).await;
     ns.close().await;
     drop(old_ns);
+}
+
+/// The old nexus thaws after the switch-over cut off from every other replica (their engines are gone), its host
+/// connection still up: it cannot be fenced on replicas it does not reach, and without the agent's consent it would
+/// fault them and acknowledge the write on its local replica alone, a replica the volume no longer uses. The agent
+/// refuses (a newer nexus took over), the engine closes the host's connection without an answer, and once the
+/// volume's replicas are back the host reads exactly what it wrote through the paths it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_nexus_cut_off_from_the_other_replicas_acknowledges_nothing_on_its_own() {
+    let (_dir, port, agent, mut engines, nodes, mut c) = three_nodes().await;
+    let v = published(&mut c, 3, "reg-3").await;
+    assert_eq!(v.nexus_node, "reg-3");
+    let old_ns = connect(&v).await;
+    write_all(&old_ns, 0..8).await;
+
+    // Frozen until the agent counts the node Offline, so that the agent, as if cut off from it, asks its engine
+    // nothing more (no call waits in its sockets to destroy the local replica the moment it thaws).
+    engines[2].signal("-STOP");
+    crate::registry::wait_for(
+        port,
+        &[("reg-3", pb::NodeState::Offline)],
+        "frozen node Offline",
+    )
+    .await;
+    let moved = c
+        .report_path_failure(report(&v, &v.target_addresses[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(moved.nexus_node, "reg-3", "{moved:#?}");
+    let ns = connect(&moved).await;
+    write_all(&ns, 8..12).await;
+    ns.close().await;
+
+    // Both other replicas' engines die; the host's write to the old nexus waits in its socket until it thaws.
+    engines[0].kill9();
+    engines[1].kill9();
+    let late = tokio::spawn(async move {
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            old_ns.write(0, Bytes::from(vec![0xEE; 64 << 10])),
+        )
+        .await;
+        drop(old_ns);
+        r
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    engines[2].signal("-CONT");
+    let late = late.await.unwrap();
+    assert!(
+        !matches!(late, Ok(Ok(()))),
+        "the replaced nexus acknowledged a write on its local replica alone"
+    );
+    println!("the replaced nexus's late write: {late:?}");
+    // It asked before going on without the dead children, and was stopped either by the agent's refusal or by
+    // its destruction as a stale nexus, whichever the agent did first once the node answered.
+    let log = engines[2].log();
+    assert!(
+        log.contains("asking the cluster agent before going on without a child"),
+        "the old nexus did not ask; its engine's log:\n{log}"
+    );
+    println!(
+        "stopped by {}",
+        if log.contains("a newer nexus replaced this one: unpublishing it") {
+            "the agent's refusal"
+        } else {
+            "its destruction as a stale nexus"
+        }
+    );
+    crate::registry::until_no_nexus(&nodes, "reg-3").await;
+
+    // The volume's replicas come back; its nexus is made again where it was, and holds what the host wrote.
+    engines[0].restart();
+    engines[1].restart();
+    let t = Instant::now();
+    let back = loop {
+        if let Ok(m) = c
+            .get_volume(pb::GetVolumeRequest {
+                uuid: v.uuid.clone(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            && m.nexus_node == moved.nexus_node
+            && (m.state == "Online" || m.state == "Degraded")
+        {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the nexus was never made again; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ns = connect(&back).await;
+    verify(&ns, 0..12).await;
+    ns.close().await;
+
+    // Questions the agent must refuse: from the replaced nexus's node, for a volume it does not know, and garbage.
+    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
+        "http://127.0.0.1:{port}"
+    ))
+    .await
+    .unwrap();
+    let ask = |node: &str, volume: &str| pb::ConfirmChildFaultRequest {
+        node: node.into(),
+        volume: volume.into(),
+        key: 1,
+        child: "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-x".into(),
+        reason: "test".into(),
+    };
+    let code = |r: Result<_, tonic::Status>| r.map(drop).unwrap_err().code();
+    let replaced = reg.confirm_child_fault(ask("reg-3", &v.uuid)).await;
+    assert_eq!(code(replaced), Code::FailedPrecondition);
+    let unknown = reg
+        .confirm_child_fault(ask("reg-1", &uuid::Uuid::new_v4().to_string()))
+        .await;
+    assert_eq!(code(unknown), Code::NotFound);
+    let garbage = reg.confirm_child_fault(ask("reg-1", "not-a-uuid")).await;
+    assert_eq!(code(garbage), Code::InvalidArgument);
 }
 
 /// The cluster agent is killed (an armed failpoint) at each stage of a switch-over: after recording it, after

@@ -2,6 +2,7 @@
 //! send heartbeats at the interval it asks for, register again when it asks (or when it, or its leadership,
 //! changes), and deregister on a clean shutdown. Several agent URLs may be given; the first that accepts wins.
 //! Nothing here blocks the engine: an unreachable agent is retried with backoff while the engine keeps serving.
+//! Also the engine's [`FaultConfirmer`]: nexuses made with `confirm_faults` ask the agent before faulting a child.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use proto::cluster::registration_client::RegistrationClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, FaultConfirmer};
 
 /// Per call to the agent.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -106,8 +107,73 @@ async fn register(
     Err(why.join("; "))
 }
 
+/// Asks the agents (in order, again and again with backoff until one answers) to confirm a child fault.
+#[derive(Debug)]
+struct AgentFaultConfirmer {
+    agents: Vec<String>,
+    node: String,
+}
+
+#[tonic::async_trait]
+impl FaultConfirmer for AgentFaultConfirmer {
+    async fn confirm(
+        &self,
+        volume: uuid::Uuid,
+        key: u64,
+        child: &str,
+        reason: &str,
+    ) -> Result<(), String> {
+        let request = pb::ConfirmChildFaultRequest {
+            node: self.node.clone(),
+            volume: volume.to_string(),
+            key,
+            child: child.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            for url in &self.agents {
+                let mut c = match client(url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%volume, child, error = %e, "cannot ask the cluster agent to confirm a child fault");
+                        continue;
+                    }
+                };
+                match c.confirm_child_fault(request.clone()).await {
+                    Ok(_) => {
+                        tracing::warn!(%volume, child, reason, "the cluster agent confirmed the child's fault");
+                        return Ok(());
+                    }
+                    // Replaced (or deleted); a request the agent cannot take is refused the same way: whatever
+                    // it is, the nexus must not go on without its consent.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::FailedPrecondition
+                                | tonic::Code::NotFound
+                                | tonic::Code::InvalidArgument
+                        ) =>
+                    {
+                        return Err(s.message().to_string());
+                    }
+                    Err(s) => {
+                        tracing::warn!(%volume, child, agent = %url, error = %s.message(), "the cluster agent did not confirm a child fault; asking again")
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
 /// Runs until `stop` fires, then deregisters.
 pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToken) {
+    engine.set_fault_confirmer(std::sync::Arc::new(AgentFaultConfirmer {
+        agents: cfg.agents.clone(),
+        node: engine.node_name().to_string(),
+    }));
     let instance = uuid::Uuid::new_v4().to_string();
     let mut backoff = Duration::from_millis(100);
     let mut last: Option<RegistrationClient<Channel>> = None;

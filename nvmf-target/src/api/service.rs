@@ -231,6 +231,7 @@ impl EngineApi for EngineService {
                 preempt: r.preempt_key,
             }),
             unclean_restart: r.unclean_restart,
+            confirm_faults: r.confirm_faults,
         };
         self.engine.create_nexus(uuid, &r.children, options).await?;
         self.nexus_reply(&uuid)

@@ -48,6 +48,10 @@ pub enum BlockError {
     Injected { offset: u64 },
     #[error("device is closed")]
     Closed,
+    /// Not served here any more (a nexus replaced or shutting down while this I/O waited): the host should retry
+    /// it on another path. NVMe: ANA Inaccessible, a path error the Linux host fails over on.
+    #[error("not served here any more: {0}")]
+    Relocated(String),
     #[error("disk in use: {0}")]
     InUse(String),
     #[error("device is read-only")]

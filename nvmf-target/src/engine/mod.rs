@@ -2,16 +2,19 @@
 //! the one place that wires block devices, nexuses and the target together; the gRPC API and the binary go
 //! through it.
 //!
+//! - `fault_gate`: nexuses that fault children only with the cluster agent's consent ([`FaultConfirmer`]).
 //! - `local`: a nexus child on this node, used directly but subject to its namespace's reservations.
 //! - `nexus`: nexus creation, children, publishing, reservations on children.
 //! - `pools`: pools, replicas (exported with allow-lists), snapshots and clones.
 //! - `uri`: child URIs (`nvmf://`, `local:///`).
 
+mod fault_gate;
 mod local;
 mod nexus;
 mod pools;
 pub mod uri;
 
+pub use fault_gate::FaultConfirmer;
 pub use nexus::{NexusOptions, ReservationKeys};
 pub use pools::{DEFAULT_CLUSTER, PoolEntry, ReplicaInfo, SnapshotInfo};
 
@@ -113,6 +116,8 @@ struct Inner {
     pool_admin: tokio::sync::Mutex<()>,
     /// The nexuses whose children changed state, for the cluster agent.
     nexus_changes: Arc<crate::nexus::ChangeFeed>,
+    /// Set when the engine registers with a cluster agent: nexuses made with `confirm_faults` ask it.
+    fault_confirmer: Mutex<Option<Arc<dyn FaultConfirmer>>>,
 }
 
 #[derive(Clone)]
@@ -133,6 +138,7 @@ impl Engine {
                 pools: Mutex::new(BTreeMap::new()),
                 pool_admin: tokio::sync::Mutex::new(()),
                 nexus_changes: Arc::default(),
+                fault_confirmer: Mutex::new(None),
             }),
         }
     }
@@ -141,6 +147,23 @@ impl Engine {
     /// the next heartbeat).
     pub fn nexus_changes(&self) -> Arc<crate::nexus::ChangeFeed> {
         self.inner.nexus_changes.clone()
+    }
+
+    /// Who nexuses made with `confirm_faults` ask before they fault a child (the cluster agent).
+    pub fn set_fault_confirmer(&self, c: Arc<dyn FaultConfirmer>) {
+        *self
+            .inner
+            .fault_confirmer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(c);
+    }
+
+    fn fault_confirmer(&self) -> Option<Arc<dyn FaultConfirmer>> {
+        self.inner
+            .fault_confirmer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn target(&self) -> &Target {

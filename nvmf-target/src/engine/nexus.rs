@@ -33,6 +33,8 @@ pub struct NexusOptions {
     /// The volume's earlier nexus ended uncleanly (its engine was killed): children that agree by the records may
     /// still differ where its writes were in flight, so all but the first are rebuilt in full from it.
     pub unclean_restart: bool,
+    /// Faults of healthy children only with the cluster agent's consent (see `fault_gate`).
+    pub confirm_faults: bool,
 }
 
 /// The reservation a nexus takes on its remote children.
@@ -183,6 +185,20 @@ impl Engine {
         };
         if let Some(t) = options.io_timeout {
             config.io_timeout = t;
+        }
+        if options.confirm_faults {
+            let confirmer = self.fault_confirmer().ok_or_else(|| {
+                EngineError::FailedPrecondition(
+                    "confirm_faults: this engine has no cluster agent to ask (--cluster-agent)"
+                        .into(),
+                )
+            })?;
+            config.fault_gate = Some(Arc::new(super::fault_gate::NexusGate {
+                confirmer,
+                engine: Arc::downgrade(&self.inner),
+                uuid,
+                key: options.reservation.map_or(0, |k| k.key),
+            }));
         }
         config.rebuild.rate_limit = options.rebuild_rate_limit;
         let mut devices = Vec::new();

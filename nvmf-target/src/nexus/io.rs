@@ -9,7 +9,8 @@
 //! writes its rebuild has already copied past (or will not copy): the rest reach it through the copy.
 //!
 //! Reads go round-robin over healthy children and move on to the next one on error; a child is faulted after too
-//! many read errors or one timeout.
+//! many read errors or one timeout. A healthy child is faulted with the fault gate's consent when there is one
+//! (`gate`), the I/O waiting for it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -121,9 +122,13 @@ impl Nexus {
         let mut last_err = None;
         for (c, reason, e) in failed {
             c.note_write_error();
-            c.fault(&reason);
+            if healthy_ok > 0 {
+                // The write is acknowledged without this child: only with the gate's consent.
+                self.fault_confirmed(c, &reason).await?;
+            } else if c.fault(&reason) {
+                self.changed();
+            }
             last_err = Some(e);
-            self.changed();
         }
         // Children that are away (including any this write just faulted) remember the range for a partial rebuild.
         if len > 0 {
@@ -203,18 +208,15 @@ impl BlockDevice for Nexus {
                 Ok(Err(e)) => {
                     let n = c.note_read_error();
                     if n >= self.config.read_error_limit {
-                        c.fault(&format!("{n} read errors, last: {e}"));
-                        self.changed();
+                        self.fault_confirmed(c, &format!("{n} read errors, last: {e}"))
+                            .await?;
                     }
                     last_err = Some(e);
                 }
                 Err(_) => {
                     c.note_read_error();
-                    c.fault(&format!(
-                        "read timed out after {:?}",
-                        self.config.io_timeout
-                    ));
-                    self.changed();
+                    let why = format!("read timed out after {:?}", self.config.io_timeout);
+                    self.fault_confirmed(c, &why).await?;
                 }
             }
         }

@@ -9,9 +9,11 @@
 //! - `recover`: a new nexus finds, on its children, what a previous nexus recorded about absent children, and
 //!   rebuilds those (partially when it can).
 //! - `snapshot`: crash-consistent volume snapshots (quiesce, flush, snapshot every healthy child).
+//! - `gate`: faulting a child only with the cluster agent's consent ([`FaultGate`]).
 //! - `grow`: online growth to the size the children were grown to.
 
 pub mod child;
+mod gate;
 mod grow;
 mod io;
 mod recover;
@@ -30,6 +32,7 @@ use crate::block::range_lock::RangeLock;
 use crate::rebuild::{RebuildConfig, SegmentMap};
 
 use child::{Child, ChildInfo, ChildState};
+pub use gate::FaultGate;
 pub use resync::{RebuildKind, RebuildRecord};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -122,6 +125,8 @@ pub struct NexusConfig {
     pub partial_rebuild_window: Duration,
     /// Told whenever a child changes state (faulted, rebuilt): the engine passes it on to the cluster agent at once.
     pub on_change: Option<ChangeNotice>,
+    /// Asked before a healthy child is faulted on the I/O path (see [`FaultGate`]); none: faulted at once.
+    pub fault_gate: Option<Arc<dyn FaultGate>>,
 }
 
 impl Default for NexusConfig {
@@ -132,6 +137,7 @@ impl Default for NexusConfig {
             rebuild: RebuildConfig::default(),
             partial_rebuild_window: Duration::from_secs(600),
             on_change: None,
+            fault_gate: None,
         }
     }
 }
@@ -152,6 +158,10 @@ pub struct Nexus {
     cancel: CancellationToken,
     /// Set by [`Nexus::shutdown`]: every I/O fails from then on.
     stopped: std::sync::atomic::AtomicBool,
+    /// Cancelled when a shutdown begins: I/Os waiting for the fault gate give up.
+    halt: CancellationToken,
+    /// Held while the fault gate is asked (one question at a time).
+    confirming: tokio::sync::Mutex<()>,
 }
 
 impl Nexus {
@@ -201,6 +211,8 @@ impl Nexus {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            halt: CancellationToken::new(),
+            confirming: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -387,13 +399,13 @@ impl Nexus {
         Ok(())
     }
 
-    /// Stops the nexus: every further I/O fails, rebuilds stop (and are waited for).
     /// Stops the nexus: new I/O fails, the writes in flight are waited for (up to the I/O timeout and a second),
     /// rebuilds stop. `true`: drained, every write it took either completed on its children or never started, so
     /// the children agree; `false`: some write was still in flight when it gave up.
     pub async fn shutdown(&self) -> bool {
         self.stopped
             .store(true, std::sync::atomic::Ordering::Release);
+        self.halt.cancel();
         let drained = tokio::time::timeout(
             self.config.io_timeout + std::time::Duration::from_secs(1),
             self.lock.exclusive(0..self.size_bytes()),

@@ -62,7 +62,16 @@ impl Source for Siblings {
         if let Some(c) = list.iter().find(|c| Arc::ptr_eq(&c.device, source)) {
             let n = c.note_read_error();
             if n >= self.nexus.config.read_error_limit {
-                c.fault(&format!("{n} read errors during rebuild, last: {reason}"));
+                let why = format!("{n} read errors during rebuild, last: {reason}");
+                if self.nexus.config.fault_gate.is_none() {
+                    c.fault(&why);
+                } else {
+                    // Asked for off the copy's path: the copy moves on to another source meanwhile.
+                    let (nexus, c) = (self.nexus.clone(), c.clone());
+                    self.nexus.tasks.spawn(async move {
+                        let _ = nexus.fault_confirmed(&c, &why).await;
+                    });
+                }
             }
         }
     }

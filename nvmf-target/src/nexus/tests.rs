@@ -34,6 +34,7 @@ fn config() -> NexusConfig {
         },
         partial_rebuild_window: Duration::from_secs(60),
         on_change: None,
+        fault_gate: None,
     }
 }
 

@@ -124,6 +124,7 @@ pub fn map_error(e: &BlockError, is_read: bool) -> Status {
         BlockError::ReservationConflict => Status::RESERVATION_CONFLICT,
         BlockError::Unsupported => Status::INVALID_OPCODE,
         BlockError::Closed => Status::NAMESPACE_NOT_READY,
+        BlockError::Relocated(_) => Status::ANA_INACCESSIBLE,
         _ if is_read => Status::UNRECOVERED_READ_ERROR,
         _ => Status::WRITE_FAULT,
     }

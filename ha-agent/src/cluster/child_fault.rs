@@ -1,0 +1,66 @@
+//! Fault consent: an engine asks before one of its nexuses faults a healthy child and goes on writing without it
+//! (nexuses are made with `confirm_faults`; the engine side is `nvmf_target::nexus::FaultGate`).
+//!
+//! The answer decides who may acknowledge writes, so it is taken under the volume's lock, after any switch-over that
+//! holds it: the nexus asking must still be the volume's (same node, same reservation key, no switch-over under
+//! way). Then the child's replica is recorded out of sync before the answer, so no later nexus (a restart, a
+//! switch-over) is made of the replicas that missed writes: if the asking nexus's node is lost next, the volume waits
+//! for it rather than serve stale data. Otherwise the nexus was replaced and is told so: it stops and acknowledges
+//! nothing more, though it may still reach its host and its local replica.
+
+use uuid::Uuid;
+
+use super::heal::replica_of;
+use super::volume::VolumePhase;
+use super::volumes::{VolumeError, Volumes};
+
+/// One engine's question: may nexus `volume`, made on `node` with reservation `key`, fault `child`?
+#[derive(Clone, Debug)]
+pub struct FaultQuestion {
+    pub node: String,
+    pub volume: Uuid,
+    pub key: u64,
+    pub child: String,
+    pub reason: String,
+}
+
+impl Volumes {
+    /// `Ok`: the nexus is the volume's and the child's replica is recorded out of sync. `FailedPrecondition`: a
+    /// newer nexus replaced it. `NotFound`: no such volume.
+    pub async fn confirm_child_fault(&self, q: &FaultQuestion) -> Result<(), VolumeError> {
+        let lock = self.lock_of(q.volume);
+        let _held = lock.lock().await;
+        let mut r = self.get(q.volume).await?;
+        let current = r.nexus.as_ref().filter(|n| {
+            n.node == q.node
+                && n.key == q.key
+                && r.phase == VolumePhase::Created
+                && r.switchover.is_none()
+        });
+        if current.is_none() {
+            let now = match (&r.nexus, &r.switchover) {
+                (_, Some(s)) => format!("a switch-over off {} is under way", s.from),
+                (Some(n), None) => format!("its nexus is on {} with key {}", n.node, n.key),
+                (None, None) => "it has no nexus".to_string(),
+            };
+            tracing::warn!(volume = %q.volume, node = %q.node, key = q.key, child = %q.child, %now, "a replaced nexus asked to fault a child: refused");
+            return Err(VolumeError::FailedPrecondition {
+                uuid: q.volume,
+                why: format!(
+                    "the nexus on {} with key {} was replaced: {now}",
+                    q.node, q.key
+                ),
+            });
+        }
+        if let Some(x) = replica_of(&q.child)
+            .and_then(|id| r.replicas.iter_mut().find(|x| x.uuid == id))
+            .filter(|x| x.synced)
+        {
+            x.synced = false;
+            r.reason = format!("replica {} on {} faulted: {}", x.uuid, x.node, q.reason);
+            self.save(&r).await?;
+        }
+        tracing::warn!(volume = %q.volume, node = %q.node, child = %q.child, reason = %q.reason, "child fault confirmed: its replica is out of sync");
+        Ok(())
+    }
+}

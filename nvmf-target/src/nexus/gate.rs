@@ -1,0 +1,235 @@
+//! Faulting a child only with the cluster agent's consent.
+//!
+//! A nexus that faults a child and goes on without it acknowledges writes that child lacks. That is right while the
+//! nexus is the volume's; it is data loss when a newer nexus already replaced it: a node cut off from the host's
+//! report, the agent and the other replicas, but still reached by the host, would fault every remote child and
+//! acknowledge writes on its local replica alone, a replica the new nexus does not use. Reservations cannot stop it
+//! (nobody else reaches that replica). So a nexus made with a [`FaultGate`] asks before it faults a healthy child
+//! on the I/O path, and holds the I/O that found the failure until the answer:
+//! - confirmed: the agent recorded the child's replica as out of sync (no later nexus is made of replicas that
+//!   missed writes), the child is faulted and the I/O completes as usual;
+//! - refused (a newer nexus took over): the nexus stops, and the I/O is never answered. The gate's owner (the
+//!   engine) has closed the hosts' connections by then, so a host retries it on its new path;
+//! - no answer yet (the agent unreachable): the gate keeps asking and the I/O waits, up to a shutdown of the nexus.
+//!
+//! An I/O still waiting when the nexus shuts down fails with a path error ([`BlockError::Relocated`]), never with
+//! one the host would count against the I/O itself: a Linux host retries it on another path.
+//!
+//! Children faulted by the control plane itself, and children not in sync anyway (rebuilding), need no consent.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::block::BlockError;
+
+use super::Nexus;
+use super::child::{Child, ChildState};
+
+/// Asked before a nexus faults a healthy child and goes on without it.
+#[async_trait::async_trait]
+pub trait FaultGate: Send + Sync + std::fmt::Debug {
+    /// `Ok`: go on without `child`. `Err(why)`: a newer nexus replaced this one, which must acknowledge nothing
+    /// more. Waits, asking again, for as long as no answer comes.
+    async fn confirm(&self, child: &str, reason: &str) -> Result<(), String>;
+}
+
+impl Nexus {
+    /// Faults `c` for `reason`, with the gate's consent when the nexus has a gate and `c` is healthy. `Err`
+    /// ([`BlockError::Relocated`]) when the nexus is shut down meanwhile; when the gate refuses, nothing until then.
+    pub(super) async fn fault_confirmed(
+        &self,
+        c: &Arc<Child>,
+        reason: &str,
+    ) -> Result<(), BlockError> {
+        if let Some(gate) = &self.config.fault_gate {
+            // One question at a time: I/Os that found the same child failing wait for the first one's answer.
+            let _one = tokio::select! {
+                g = self.confirming.lock() => g,
+                _ = self.halt.cancelled() => return Err(self.relocated()),
+            };
+            if c.state() == ChildState::Healthy {
+                let answer = tokio::select! {
+                    a = gate.confirm(&c.name, reason) => a,
+                    _ = self.halt.cancelled() => return Err(self.relocated()),
+                };
+                if let Err(why) = answer {
+                    self.stopped.store(true, Ordering::Release);
+                    tracing::error!(nexus = %self.name, child = %c.name, %why, "a newer nexus replaced this one: it stops without answering the I/O that found the failure");
+                    self.halt.cancelled().await;
+                    return Err(self.relocated());
+                }
+            }
+        }
+        if c.fault(reason) {
+            self.changed();
+        }
+        Ok(())
+    }
+
+    fn relocated(&self) -> BlockError {
+        BlockError::Relocated(format!(
+            "nexus {} shut down while a child fault waited for consent",
+            self.name
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::block::BlockDevice;
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    use crate::block::memory::MemoryDevice;
+    use crate::nexus::{NexusConfig, NexusState};
+
+    /// Answers what the test sets, when it sets it; counts the questions.
+    #[derive(Debug)]
+    struct Scripted {
+        answer: watch::Sender<Option<Result<(), String>>>,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl Scripted {
+        fn new() -> Arc<Scripted> {
+            Arc::new(Scripted {
+                answer: watch::channel(None).0,
+                asked: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn answer(&self, a: Result<(), String>) {
+            self.answer.send_replace(Some(a));
+        }
+
+        fn asked(&self) -> Vec<String> {
+            self.asked.lock().unwrap().clone()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl FaultGate for Scripted {
+        async fn confirm(&self, child: &str, _reason: &str) -> Result<(), String> {
+            self.asked.lock().unwrap().push(child.to_string());
+            let mut rx = self.answer.subscribe();
+            let a = rx.wait_for(|a| a.is_some()).await.unwrap();
+            a.clone().unwrap()
+        }
+    }
+
+    fn setup(gate: &Arc<Scripted>) -> (Arc<Nexus>, Arc<dyn BlockDevice>, Arc<FaultDevice>) {
+        let good: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 << 20, 512));
+        let bad = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(4 << 20, 512))));
+        let config = NexusConfig {
+            io_timeout: Duration::from_secs(2),
+            read_error_limit: 1,
+            fault_gate: Some(gate.clone()),
+            ..NexusConfig::default()
+        };
+        let n = Nexus::new(
+            "vol",
+            vec![
+                ("local".into(), good.clone()),
+                ("remote".into(), bad.clone()),
+            ],
+            config,
+        )
+        .unwrap();
+        bad.set_plan(FaultPlan {
+            fail_after: Some(0),
+            reads_too: true,
+            ..Default::default()
+        });
+        (n, good, bad)
+    }
+
+    fn data(b: u8) -> Bytes {
+        Bytes::from(vec![b; 4096])
+    }
+
+    #[tokio::test]
+    async fn a_write_that_faults_a_child_waits_for_consent_and_one_question_serves_all() {
+        let gate = Scripted::new();
+        let (n, good, _bad) = setup(&gate);
+        let w1 = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(0, data(1)).await }
+        });
+        let w2 = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(8192, data(2)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !w1.is_finished() && !w2.is_finished(),
+            "acknowledged without consent"
+        );
+        assert_eq!(n.state(), NexusState::Online, "faulted without consent");
+        gate.answer(Ok(()));
+        w1.await.unwrap().unwrap();
+        w2.await.unwrap().unwrap();
+        assert_eq!(gate.asked(), vec!["remote".to_string()]);
+        assert_eq!(n.state(), NexusState::Degraded);
+        assert_eq!(good.read(8192, 4096).await.unwrap(), data(2));
+        // Faulted now: later writes do not ask again.
+        n.write(0, data(3)).await.unwrap();
+        assert_eq!(gate.asked().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_fault_stops_the_nexus_and_never_acknowledges_the_write() {
+        let gate = Scripted::new();
+        let (n, _good, _bad) = setup(&gate);
+        gate.answer(Err("a newer nexus".into()));
+        let w = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(0, data(1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !w.is_finished(),
+            "the write that found the failure was answered"
+        );
+        assert_eq!(n.state(), NexusState::Shutdown);
+        assert!(matches!(
+            n.write(4096, data(2)).await,
+            Err(BlockError::Closed)
+        ));
+        assert!(matches!(n.read(0, 4096).await, Err(BlockError::Closed)));
+        // A shutdown (the engine destroying it) ends the held write with an error, never success.
+        n.shutdown().await;
+        assert!(matches!(w.await.unwrap(), Err(BlockError::Relocated(_))));
+    }
+
+    #[tokio::test]
+    async fn a_read_that_would_fault_a_child_asks_too() {
+        let gate = Scripted::new();
+        let (n, _good, _bad) = setup(&gate);
+        gate.answer(Ok(()));
+        // Round robin reaches the failing child within two reads; each read still returns the data.
+        for _ in 0..2 {
+            assert_eq!(n.read(0, 4096).await.unwrap(), Bytes::from(vec![0; 4096]));
+        }
+        assert_eq!(gate.asked(), vec!["remote".to_string()]);
+        assert_eq!(n.state(), NexusState::Degraded);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_ends_a_write_waiting_for_an_agent_that_never_answers() {
+        let gate = Scripted::new();
+        let (n, _good, _bad) = setup(&gate);
+        let w = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(0, data(1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!w.is_finished());
+        n.shutdown().await;
+        assert!(matches!(w.await.unwrap(), Err(BlockError::Relocated(_))));
+    }
+}
