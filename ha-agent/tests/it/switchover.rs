@@ -268,12 +268,13 @@ async fn a_frozen_nexus_is_fenced_after_the_switch_over_and_its_late_write_lands
 
 /// The old nexus thaws after the switch-over cut off from every other replica (their engines are gone), its host
 /// connection still up: it cannot be fenced on replicas it does not reach, and without the agent's consent it would
-/// fault them and acknowledge the write on its local replica alone, a replica the volume no longer uses. The agent
-/// refuses (a newer nexus took over), the engine closes the host's connection without an answer, and once the
-/// volume's replicas are back the host reads exactly what it wrote through the paths it was given.
+/// fault them and acknowledge the write on its local replica alone, a replica the volume no longer uses. While no
+/// agent answers (killed), the write is held; the restarted agent refuses (a newer nexus took over; or destroys the
+/// stale nexus first), the engine closes the host's connection without an answer, and once the volume's replicas
+/// are back the host reads exactly what it wrote through the paths it was given.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_nexus_cut_off_from_the_other_replicas_acknowledges_nothing_on_its_own() {
-    let (_dir, port, agent, mut engines, nodes, mut c) = three_nodes().await;
+    let (_dir, port, mut agent, mut engines, nodes, mut c) = three_nodes().await;
     let v = published(&mut c, 3, "reg-3").await;
     assert_eq!(v.nexus_node, "reg-3");
     let old_ns = connect(&v).await;
@@ -298,9 +299,11 @@ async fn a_replaced_nexus_cut_off_from_the_other_replicas_acknowledges_nothing_o
     write_all(&ns, 8..12).await;
     ns.close().await;
 
-    // Both other replicas' engines die; the host's write to the old nexus waits in its socket until it thaws.
+    // Both other replicas' engines die, and so does the agent; the host's write to the old nexus waits in its
+    // socket until the node thaws.
     engines[0].kill9();
     engines[1].kill9();
+    agent.kill9();
     let late = tokio::spawn(async move {
         let r = tokio::time::timeout(
             Duration::from_secs(20),
@@ -312,19 +315,35 @@ async fn a_replaced_nexus_cut_off_from_the_other_replicas_acknowledges_nothing_o
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     engines[2].signal("-CONT");
+    // The nexus finds both remote children gone and asks the agent; no answer comes, and the write stays held
+    // until an agent answers again (restarted, as its supervisor would).
+    let t = Instant::now();
+    while !engines[2]
+        .log()
+        .contains("asking the cluster agent before going on without a child")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the old nexus never asked; its engine's log:\n{}",
+            engines[2].log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !late.is_finished(),
+        "the write was answered while no agent could confirm the fault"
+    );
+    agent.restart();
     let late = late.await.unwrap();
     assert!(
         !matches!(late, Ok(Ok(()))),
         "the replaced nexus acknowledged a write on its local replica alone"
     );
     println!("the replaced nexus's late write: {late:?}");
-    // It asked before going on without the dead children, and was stopped either by the agent's refusal or by
-    // its destruction as a stale nexus, whichever the agent did first once the node answered.
+    // Stopped either by the agent's refusal or by its destruction as a stale nexus, whichever the agent did first
+    // once it answered again.
     let log = engines[2].log();
-    assert!(
-        log.contains("asking the cluster agent before going on without a child"),
-        "the old nexus did not ask; its engine's log:\n{log}"
-    );
     println!(
         "stopped by {}",
         if log.contains("a newer nexus replaced this one: unpublishing it") {
