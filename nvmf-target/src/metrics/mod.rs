@@ -233,6 +233,24 @@ fn nexuses(f: &mut Families, engine: &Engine) {
             &[("nexus", id.as_str())],
             n.size_bytes() as f64,
         );
+        let consent = n.fault_consent();
+        f.gauge(
+            "keelson_nexus_fault_consent_waiting",
+            "1 while a nexus waits for the cluster agent to confirm a child's fault (the I/O that found it is held).",
+            &[("nexus", id.as_str())],
+            f64::from(u8::from(consent.waiting)),
+        );
+        for (result, count) in [
+            ("confirmed", consent.confirmed),
+            ("refused", consent.refused),
+        ] {
+            f.counter(
+                "keelson_nexus_fault_consents_total",
+                "Answers of the cluster agent to a nexus asking to go on without a child, by result.",
+                &[("nexus", id.as_str()), ("result", result)],
+                count as f64,
+            );
+        }
         for c in n.children() {
             for (s, name) in [
                 (ChildState::Healthy, "healthy"),

@@ -18,7 +18,7 @@
 //! Children faulted by the control plane itself, and children not in sync anyway (rebuilding), need no consent.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::block::BlockError;
 
@@ -33,7 +33,31 @@ pub trait FaultGate: Send + Sync + std::fmt::Debug {
     async fn confirm(&self, child: &str, reason: &str) -> Result<(), String>;
 }
 
+/// What a nexus's fault gate has said, for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultConsent {
+    /// A question is waiting for its answer (the I/O that found the failure is held meanwhile).
+    pub waiting: bool,
+    pub confirmed: u64,
+    pub refused: u64,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ConsentCounters {
+    waiting: AtomicBool,
+    confirmed: AtomicU64,
+    refused: AtomicU64,
+}
+
 impl Nexus {
+    pub fn fault_consent(&self) -> FaultConsent {
+        FaultConsent {
+            waiting: self.consent.waiting.load(Ordering::Relaxed),
+            confirmed: self.consent.confirmed.load(Ordering::Relaxed),
+            refused: self.consent.refused.load(Ordering::Relaxed),
+        }
+    }
+
     /// Faults `c` for `reason`, with the gate's consent when the nexus has a gate and `c` is healthy. `Err`
     /// ([`BlockError::Relocated`]) when the nexus is shut down meanwhile; when the gate refuses, nothing until then.
     pub(super) async fn fault_confirmed(
@@ -48,10 +72,20 @@ impl Nexus {
                 _ = self.halt.cancelled() => return Err(self.relocated()),
             };
             if c.state() == ChildState::Healthy {
+                self.consent.waiting.store(true, Ordering::Relaxed);
                 let answer = tokio::select! {
-                    a = gate.confirm(&c.name, reason) => a,
-                    _ = self.halt.cancelled() => return Err(self.relocated()),
+                    a = gate.confirm(&c.name, reason) => Some(a),
+                    _ = self.halt.cancelled() => None,
                 };
+                self.consent.waiting.store(false, Ordering::Relaxed);
+                let Some(answer) = answer else {
+                    return Err(self.relocated());
+                };
+                let counter = match answer {
+                    Ok(()) => &self.consent.confirmed,
+                    Err(_) => &self.consent.refused,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 if let Err(why) = answer {
                     self.stopped.store(true, Ordering::Release);
                     tracing::error!(nexus = %self.name, child = %c.name, %why, "a newer nexus replaced this one: it stops without answering the I/O that found the failure");
@@ -86,7 +120,7 @@ mod tests {
     use crate::block::BlockDevice;
     use crate::block::fault::{FaultDevice, FaultPlan};
     use crate::block::memory::MemoryDevice;
-    use crate::nexus::{NexusConfig, NexusState};
+    use crate::nexus::{FaultConsent, NexusConfig, NexusState};
 
     /// Answers what the test sets, when it sets it; counts the questions.
     #[derive(Debug)]
@@ -169,12 +203,19 @@ mod tests {
             !w1.is_finished() && !w2.is_finished(),
             "acknowledged without consent"
         );
+        assert!(n.fault_consent().waiting);
         assert_eq!(n.state(), NexusState::Online, "faulted without consent");
         gate.answer(Ok(()));
         w1.await.unwrap().unwrap();
         w2.await.unwrap().unwrap();
         assert_eq!(gate.asked(), vec!["remote".to_string()]);
         assert_eq!(n.state(), NexusState::Degraded);
+        let counted = FaultConsent {
+            waiting: false,
+            confirmed: 1,
+            refused: 0,
+        };
+        assert_eq!(n.fault_consent(), counted);
         assert_eq!(good.read(8192, 4096).await.unwrap(), data(2));
         // Faulted now: later writes do not ask again.
         n.write(0, data(3)).await.unwrap();
@@ -196,6 +237,7 @@ mod tests {
             "the write that found the failure was answered"
         );
         assert_eq!(n.state(), NexusState::Shutdown);
+        assert_eq!(n.fault_consent().refused, 1);
         assert!(matches!(
             n.write(4096, data(2)).await,
             Err(BlockError::Closed)

@@ -32,7 +32,7 @@ use crate::block::range_lock::RangeLock;
 use crate::rebuild::{RebuildConfig, SegmentMap};
 
 use child::{Child, ChildInfo, ChildState};
-pub use gate::FaultGate;
+pub use gate::{FaultConsent, FaultGate};
 pub use resync::{RebuildKind, RebuildRecord};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -162,6 +162,7 @@ pub struct Nexus {
     halt: CancellationToken,
     /// Held while the fault gate is asked (one question at a time).
     confirming: tokio::sync::Mutex<()>,
+    consent: gate::ConsentCounters,
 }
 
 impl Nexus {
@@ -213,6 +214,7 @@ impl Nexus {
             stopped: std::sync::atomic::AtomicBool::new(false),
             halt: CancellationToken::new(),
             confirming: tokio::sync::Mutex::new(()),
+            consent: gate::ConsentCounters::default(),
         }))
     }
 

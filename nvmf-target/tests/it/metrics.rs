@@ -117,6 +117,9 @@ async fn the_metrics_endpoint_shows_io_pools_and_nexuses_and_passes_promtool() {
     assert!(state.ends_with(" 1"), "{state}");
     line("keelson_nexus_child_state", "state=\"healthy\"");
     line("keelson_nexus_rebuilds_total", "kind=\"full\"");
+    let waiting = line("keelson_nexus_fault_consent_waiting", "nexus=");
+    assert!(waiting.ends_with(" 0"), "{waiting}");
+    line("keelson_nexus_fault_consents_total", "result=\"refused\"");
 
     // Needs promtool (Debian package prometheus; scripts/install-deps.sh installs it).
     if e2e::privileged::allowed_with("promtool check of /metrics", &["promtool"]) {
