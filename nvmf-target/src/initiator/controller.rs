@@ -176,10 +176,25 @@ impl Controller {
                     _ = failed.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = admin.submit(Sqe::new(admin::KEEP_ALIVE, 0), None).await {
-                    tracing::warn!(error = %e, "keep-alive failed");
-                    failed.cancel();
-                    return;
+                // Unanswered within the keep-alive timeout, the controller is as good as gone (a node powered
+                // off or cut off sends no reset): its I/O fails now, not after each command's own timeout.
+                match tokio::time::timeout(kato, admin.submit(Sqe::new(admin::KEEP_ALIVE, 0), None))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "keep-alive failed");
+                        failed.cancel();
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            kato_ms = kato.as_millis() as u64,
+                            "keep-alive unanswered: the controller is declared dead"
+                        );
+                        failed.cancel();
+                        return;
+                    }
                 }
             }
         });

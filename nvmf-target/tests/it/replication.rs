@@ -341,6 +341,50 @@ async fn replica_lost_then_replaced(failure: Failure) {
     vol.close().await;
 }
 
+/// A replica's node goes silent (SIGSTOP: no reset, as a node powered off or cut off): the nexus's keep-alive to
+/// it goes unanswered, the child is faulted and writes go on without it, long before the child I/O timeout (a
+/// minute here) would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_replica_is_faulted_by_the_keep_alive_not_the_io_timeout() {
+    let e1 = EngineProc::start("127.0.0.1", "n1");
+    let e2 = EngineProc::start("127.0.0.2", "n2");
+    let mut api = e1.api().await;
+    e2.api().await;
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let children = vec![format!("local:///{}", e1.replica), e2.uri()];
+    let n = create_published(&mut api, &uuid, children, 60_000).await;
+    let addr = format!("127.0.0.1:{}", e1.port).parse().unwrap();
+    let vol = RemoteNamespace::connect(ConnectOptions::new(addr, &n.nqn), 1)
+        .await
+        .unwrap();
+    vol.write(0, block(1, 64 << 10)).await.unwrap();
+
+    e2.signal("-STOP");
+    // Stopped for sure (state T) before the write: one it took just before stopping would not show anything.
+    let stat = format!("/proc/{}/stat", e2.child.id());
+    while std::fs::read_to_string(&stat)
+        .unwrap()
+        .rsplit(") ")
+        .next()
+        .is_some_and(|rest| !rest.starts_with('T'))
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = std::time::Instant::now();
+    let w = tokio::time::timeout(Duration::from_secs(30), vol.write(0, block(2, 64 << 10))).await;
+    let took = t.elapsed();
+    e2.signal("-CONT");
+    assert!(
+        matches!(w, Ok(Ok(()))),
+        "the write waited for the silent replica: {w:?} after {took:?}"
+    );
+    println!("write acknowledged {took:?} after the replica went silent");
+    let info = nexus_info(&mut api, &uuid).await;
+    assert_eq!(info.state, pb::NexusState::Degraded as i32, "{info:?}");
+    assert_eq!(vol.read(0, 64 << 10).await.unwrap(), block(2, 64 << 10));
+    vol.close().await;
+}
+
 /// A replica frozen (SIGSTOP) for a few seconds while about 1 % of the volume is rewritten comes back and gets
 /// only what it missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
