@@ -82,6 +82,17 @@ fn report(v: &pb::Volume, address: &str) -> pb::ReportPathFailureRequest {
     }
 }
 
+/// The host reports its path to `v`'s nexus broken; the nexus moves off its node (returned: the volume now).
+async fn reported_off(c: &mut ClusterClient<Channel>, v: &pb::Volume) -> pb::Volume {
+    let moved = c
+        .report_path_failure(report(v, &v.target_addresses[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(moved.nexus_node, v.nexus_node, "{moved:#?}");
+    moved
+}
+
 async fn write_all(ns: &RemoteNamespace, blocks: std::ops::Range<u64>) {
     for i in blocks {
         ns.write((i * 256) << 10, block(i)).await.unwrap();
@@ -238,12 +249,7 @@ async fn a_frozen_nexus_is_fenced_after_the_switch_over_and_its_late_write_lands
     write_all(&old_ns, 0..8).await;
 
     engines[2].signal("-STOP");
-    let moved = c
-        .report_path_failure(report(&v, &v.target_addresses[0]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_ne!(moved.nexus_node, "reg-3", "{moved:#?}");
+    let moved = reported_off(&mut c, &v).await;
     let ns = connect(&moved).await;
     verify(&ns, 0..8).await;
     write_all(&ns, 8..12).await;
@@ -289,12 +295,7 @@ async fn a_replaced_nexus_cut_off_from_the_other_replicas_acknowledges_nothing_o
         "frozen node Offline",
     )
     .await;
-    let moved = c
-        .report_path_failure(report(&v, &v.target_addresses[0]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_ne!(moved.nexus_node, "reg-3", "{moved:#?}");
+    let moved = reported_off(&mut c, &v).await;
     let ns = connect(&moved).await;
     write_all(&ns, 8..12).await;
     ns.close().await;
