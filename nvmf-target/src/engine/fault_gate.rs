@@ -33,14 +33,6 @@ pub(super) struct NexusGate {
     pub(super) key: u64,
 }
 
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
-            .field("node", &self.config.node_name)
-            .finish_non_exhaustive()
-    }
-}
-
 #[async_trait::async_trait]
 impl FaultGate for NexusGate {
     async fn confirm(&self, child: &str, reason: &str) -> Result<(), String> {

@@ -120,6 +120,14 @@ struct Inner {
     fault_confirmer: Mutex<Option<Arc<dyn FaultConfirmer>>>,
 }
 
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.config.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone)]
 pub struct Engine {
     inner: Arc<Inner>,

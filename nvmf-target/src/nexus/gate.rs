@@ -81,17 +81,14 @@ impl Nexus {
                 let Some(answer) = answer else {
                     return Err(self.relocated());
                 };
-                let counter = match answer {
-                    Ok(()) => &self.consent.confirmed,
-                    Err(_) => &self.consent.refused,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
                 if let Err(why) = answer {
+                    self.consent.refused.fetch_add(1, Ordering::Relaxed);
                     self.stopped.store(true, Ordering::Release);
                     tracing::error!(nexus = %self.name, child = %c.name, %why, "a newer nexus replaced this one: it stops without answering the I/O that found the failure");
                     self.halt.cancelled().await;
                     return Err(self.relocated());
                 }
+                self.consent.confirmed.fetch_add(1, Ordering::Relaxed);
             }
         }
         if c.fault(reason) {
