@@ -13,6 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${1:-5}
+# Time the hypervisor gave this machine's CPUs to others (/proc/stat "steal"), reported for the whole run at the end.
+steal() { awk '/^cpu / {print $9}' /proc/stat; }
+STEAL0=$(steal)
+START=$SECONDS
 ROUNDS=${ROUNDS:-3}
 if [ -n "${KEELSON_BIN:-}" ]; then B=$KEELSON_BIN; else cargo build --release --bins -q; B=./target/release; fi
 PIN=0
@@ -151,3 +155,5 @@ i0=$(all_ticks)
 sleep 10
 i1=$(all_ticks)
 echo "five io-engines: $((i1 - i0)) ticks"
+awk -v t="$(($(steal) - STEAL0))" -v s="$((SECONDS - START))" -v n="$(nproc)" 'BEGIN {
+    printf "host steal: the hypervisor took %.1f %% of this machine during the run (figures above 5 %% are not the software alone)\n", s ? t / (n * s) : 0 }'

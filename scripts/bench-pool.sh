@@ -40,12 +40,21 @@ F=00000000-0000-4000-8000-00000000a002
 NQN=nqn.2026-11.io.keelson:replica-
 k() { $B/keelctl engine --endpoint $API "$@"; }
 
-# record BACKEND WORKLOAD TOOL < one JSON result (nvmf-perf's or fio's)
+# Time the hypervisor gave this machine's CPUs to others (/proc/stat "steal", all CPUs), counted from `mark` to the
+# end of the run that `record` takes in: a run that lost more than 5 % of the machine is flagged in the table.
+steal() { awk '/^cpu / {print $9}' /proc/stat; }
+mark() { S0=$(steal); T0=$(date +%s.%N); }
+S0=0
+T0=0
+
+# record BACKEND WORKLOAD TOOL < one JSON result (nvmf-perf's or fio's), after a `mark`
 record() {
     python3 -c '
-import json, sys
+import json, os, sys, time
 backend, workload, tool = sys.argv[1:4]
 d = json.load(sys.stdin)
+steal = next(int(l.split()[8]) for l in open("/proc/stat") if l.startswith("cpu "))
+steal = (steal - int(sys.argv[4])) / (os.cpu_count() * 100 * (time.time() - float(sys.argv[5])))
 if "jobs" in d:
     j = d["jobs"][0]
     side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
@@ -56,9 +65,19 @@ else:
     r = dict(iops=d["iops"], mbps=d["mb_per_s"], p50=d["lat_us"]["p50"], p99=d["lat_us"]["p99"])
     if d["errors"]:
         sys.exit(workload + ": I/O errors: " + str(d["errors"]))
-r.update(backend=backend, workload=workload, tool=tool)
+r.update(backend=backend, workload=workload, tool=tool, steal=steal)
 print(json.dumps(r))
-' "$@" >> "$RES"
+' "$@" "$S0" "$T0" >> "$RES"
+}
+
+# The bare loopback TCP round trip (64-byte ping-pong, p50 us), unpinned like the runs: the floor under QD1.
+pingpong() {
+    $B/nvmf-perf --pingpong-server --addr 127.0.0.1:4429 &
+    local pp=$!
+    sleep 0.3
+    $B/nvmf-perf --pingpong --addr 127.0.0.1:4429 --time 3 | sed -n 's/.* p50 \([0-9.]*\) .*/\1/p'
+    kill $pp
+    wait $pp 2>/dev/null || true
 }
 
 # The engine's stage histograms (bash's /dev/tcp: no curl needed).
@@ -104,6 +123,7 @@ fio_runs() {
     for w in "${ORDER[@]}"; do
         for e in libaio io_uring; do
             # shellcheck disable=SC2086
+            mark
             fio --name=b --filename="$2" --size=$SIZE --direct=1 --ioengine=$e ${FIO[$w]} --time_based \
                 --runtime="$T" --ramp_time=1 --norandommap --randrepeat=0 --output-format=json 2>/dev/null |
                 record "$1" "$w" "fio $e"
@@ -123,6 +143,7 @@ engine_runs() {
     $B/nvmf-perf --addr $ADDR --nqn "$NQN$A" --rw write --bs 128k --qd 8 --time $((SIZE / (100 << 20) + 2)) >/dev/null
     for w in "${ORDER[@]}"; do
         scrape > "$DIR/m0"
+        mark
         # shellcheck disable=SC2086
         $B/nvmf-perf --addr $ADDR --nqn "$NQN$A" --time "$T" --json --target-pid "$EPID" ${PERF[$w]} |
             record "$1" "$w" "io-engine pool"
@@ -130,6 +151,7 @@ engine_runs() {
         if [[ $w == 4k* ]]; then stages "$1" "$w" "$DIR/m0" "$DIR/m1"; fi
     done
     # First writes: every write lands in a cluster no one wrote yet (sequential, so each cluster is new once).
+    mark
     $B/nvmf-perf --addr $ADDR --nqn "$NQN$F" --time "$T" --json --rw write --bs 128k --qd 8 |
         record "$1" "128k write qd8, new clusters" "io-engine pool"
     kill "$EPID"
@@ -137,6 +159,8 @@ engine_runs() {
     EPID=""
 }
 
+RTT=$(pingpong)
+echo "## loopback TCP round trip p50: $RTT us"
 echo "## pool on a file in $DIR ($(df -T "$DIR" | awk 'NR==2 {print $2}'))"
 truncate -s 5G "$DIR/pool.img"
 engine_runs file "$DIR/pool.img"
@@ -158,13 +182,16 @@ if [ -z "${NO_LOOP:-}" ]; then
     engine_runs loop "$LOOP"
 fi
 
-python3 - "$RES" <<'EOF'
+python3 - "$RES" "$RTT" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+rtt = float(sys.argv[2] or 0)
+NOISY = 0.05
 def fig(r):
     big = r["workload"].startswith("128k")
     main = f'{r["mbps"]:7.0f} MB/s' if big else f'{r["iops"] / 1000:7.1f}k IOPS'
-    return f'{main} p50 {r["p50"]:7.0f} p99 {r["p99"]:7.0f} us'
+    mark = "*" if r.get("steal", 0) > NOISY else " "
+    return f'{main} p50 {r["p50"]:7.0f} p99 {r["p99"]:7.0f} us{mark}'
 for backend in dict.fromkeys(r["backend"] for r in rows):
     print(f"\n### {backend}")
     print(f'{"workload":32} {"io-engine pool":38} {"fio libaio":38} {"fio io_uring":38} ratio')
@@ -184,6 +211,34 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
     if first and over:
         print(f'first writes to new clusters: {first["mbps"]:.0f} MB/s against {over["mbps"]:.0f} MB/s '
               f'overwriting ({first["mbps"] / over["mbps"]:.2f}x)')
+    # The aims of the pool-speed issue, against this run's own fio and round trip.
+    aims = []
+    def best(w, key):
+        v = [by[(w, t)][key] for t in ("fio libaio", "fio io_uring") if (w, t) in by]
+        return (max(v) if key != "p50" else min(v)) if v else None
+    for w in ("4k randread qd32", "4k randwrite qd32"):
+        pool, f = by.get((w, "io-engine pool")), best(w, "iops")
+        if pool and f:
+            aims.append((f"{w} >= 0.8x fio", pool["iops"] / f >= 0.8, f'{pool["iops"] / f:.2f}x'))
+            aims.append((f"{w} p99 <= 3x p50", pool["p99"] <= 3 * pool["p50"],
+                         f'{pool["p99"] / pool["p50"]:.1f}x'))
+    for w in ("4k randread qd1", "4k randwrite qd1"):
+        pool, f = by.get((w, "io-engine pool")), best(w, "p50")
+        if pool and f and rtt:
+            aims.append((f"{w} p50 <= fio's + 1.3 x round trip ({f:.0f} + 1.3 x {rtt:.0f} us)",
+                         pool["p50"] <= f + 1.3 * rtt, f'{pool["p50"]:.0f} us'))
+    for w in ("128k read qd8", "128k write qd8"):
+        pool, f = by.get((w, "io-engine pool")), best(w, "mbps")
+        if pool and f:
+            aims.append((f"{w} >= 0.9x fio", pool["mbps"] / f >= 0.9, f'{pool["mbps"] / f:.2f}x'))
+    if first and over:
+        aims.append(("first writes >= 0.5x overwrites", first["mbps"] >= 0.5 * over["mbps"],
+                     f'{first["mbps"] / over["mbps"]:.2f}x'))
+    for name, met, value in aims:
+        print(f'aim {name:62} {value:>8} {"met" if met else "NOT met"}')
+noisy = [r for r in rows if r.get("steal", 0) > NOISY]
+print(f"\n* the hypervisor took more than {NOISY:.0%} of the machine during that run ({len(noisy)} of {len(rows)} runs):"
+      " its figures are not the software's")
 EOF
 echo
 echo "### where the engine's 4 KiB I/Os spent their time (mean us per stage; disk_* for the pool's disk I/O)"

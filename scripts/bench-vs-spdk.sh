@@ -41,6 +41,9 @@ cleanup() {
 trap cleanup EXIT
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Time the hypervisor gave this machine's CPUs to others (/proc/stat "steal", all CPUs): a run that lost more than
+# 5 % of the machine to it is left out of the medians when its workload has cleaner runs.
+steal() { awk '/^cpu / {print $9}' /proc/stat; }
 mask() { printf '0x%x' $((1 << $1)); }
 
 start_target() { # io-engine | spdk
@@ -74,8 +77,9 @@ stop_target() { kill "$TPID" 2>/dev/null || true; wait "$TPID" 2>/dev/null || tr
 
 # One run: TARGET INITIATOR RW BS QD -> one JSON line in $RES
 run() {
-    local target=$1 init=$2 rw=$3 bs=$4 qd=$5 a b out
+    local target=$1 init=$2 rw=$3 bs=$4 qd=$5 a b s0 out
     a=$(ticks "$TPID")
+    s0=$(steal)
     if [ "$init" = nvmf-perf ]; then
         out=$(taskset -c "$CC" "$B/nvmf-perf" --addr 127.0.0.1:$PORT --nqn "$NQN" --rw "$rw" --bs "$bs" --qd "$qd" \
             --time "$T" --json)
@@ -85,10 +89,12 @@ run() {
             -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN hostnqn:$HOSTNQN" ${SPDK_PERF_ARGS:-} 2>&1)
     fi
     b=$(ticks "$TPID")
-    python3 - "$target" "$init" "$rw $bs qd$qd" "$((b - a))" "$T" "$init" "$out" >> "$RES" <<'EOF'
+    python3 - "$target" "$init" "$rw $bs qd$qd" "$((b - a))" "$T" "$init" "$out" "$(($(steal) - s0))" "$(nproc)" \
+        >> "$RES" <<'EOF'
 import json, re, sys
 target, init, workload, ticks, secs, kind = sys.argv[1:7]
 out = sys.argv[7]
+steal_ticks, cpus = int(sys.argv[8]), int(sys.argv[9])
 if kind == "nvmf-perf":
     d = json.loads(out)
     if d["errors"]:
@@ -105,7 +111,8 @@ else:
     seconds = float(secs) + 1
 ios = iops * seconds
 print(json.dumps(dict(target=target, init=init, workload=workload, iops=iops, p50=p50,
-                      cpu_us=int(ticks) * 10000 / ios if ios else 0)))
+                      cpu_us=int(ticks) * 10000 / ios if ios else 0,
+                      steal=steal_ticks / (cpus * 100 * seconds))))
 EOF
 }
 
@@ -116,6 +123,14 @@ INITS=(nvmf-perf)
 [ $HAVE_SPDK_PERF = 1 ] && INITS+=(spdk_nvme_perf)
 echo "## $(nproc) CPUs; targets on core $TC, initiators on core $CC; $T s per run, $ROUNDS rounds; targets: ${TARGETS[*]}; initiators: ${INITS[*]}"
 [ $HAVE_SPDK = 0 ] && echo "(SPDK not found: set SPDK_DIR, or SPDK_NVMF_TGT/SPDK_PERF/SPDK_RPC, for the side-by-side half)"
+# The bare loopback TCP round trip between the two cores (64-byte ping-pong, p50): the floor under QD1 for a target
+# that sleeps between commands, as each command wakes the other side once each way.
+taskset -c "$TC" "$B/nvmf-perf" --pingpong-server --addr 127.0.0.1:$((PORT + 1)) &
+PPSRV=$!
+sleep 0.3
+RTT=$(taskset -c "$CC" "$B/nvmf-perf" --pingpong --addr 127.0.0.1:$((PORT + 1)) --time 3 | sed -n 's/.* p50 \([0-9.]*\) .*/\1/p')
+kill $PPSRV; wait $PPSRV 2>/dev/null || true
+echo "loopback TCP round trip, core $TC <-> core $CC: p50 $RTT us"
 IDLE=""
 for r in $(seq 1 "$ROUNDS"); do
     for target in "${TARGETS[@]}"; do
@@ -135,11 +150,15 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 
-python3 - "$RES" <<'EOF'
+python3 - "$RES" "$RTT" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+rtt = float(sys.argv[2] or 0)
+NOISY = 0.05
 def med(target, init, w, key):
-    v = [r[key] for r in rows if (r["target"], r["init"], r["workload"]) == (target, init, w)]
+    runs = [r for r in rows if (r["target"], r["init"], r["workload"]) == (target, init, w)]
+    clean = [r for r in runs if r["steal"] <= NOISY]
+    v = [r[key] for r in (clean or runs)]
     return statistics.median(v) if v else None
 inits = list(dict.fromkeys(r["init"] for r in rows))
 works = list(dict.fromkeys(r["workload"] for r in rows))
@@ -164,7 +183,15 @@ for init in inits:
     r, w = med("io-engine", init, "randread 4k qd32", "cpu_us"), med("io-engine", init, "randwrite 4k qd32", "cpu_us")
     if r and w:
         print(f"io-engine CPU per 4 KiB I/O at QD32 ({init}): read {r:.1f} us, write {w:.1f} us, read/write {r / w:.2f}")
+for init in inits:
+    q1 = med("io-engine", init, "randread 4k qd1", "p50")
+    if q1 and rtt:
+        print(f"io-engine 4 KiB read QD1 p50 ({init}): {q1:.1f} us = {q1 / rtt:.2f}x the round trip ({rtt:.1f} us)")
 if not spdk:
     print("(io-engine half only)")
+noisy = [r for r in rows if r["steal"] > NOISY]
+worst = max((r["steal"] for r in rows), default=0)
+print(f"host steal: {len(noisy)} of {len(rows)} runs lost more than {NOISY:.0%} of the machine to the hypervisor"
+      f" (worst {worst:.0%}); a workload's median uses only its cleaner runs when it has any")
 EOF
 echo "idle: $IDLE"
