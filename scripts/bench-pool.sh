@@ -235,7 +235,7 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
         aims.append(("first writes >= 0.5x overwrites", first["mbps"] >= 0.5 * over["mbps"],
                      f'{first["mbps"] / over["mbps"]:.2f}x'))
     for name, met, value in aims:
-        print(f'aim {name:62} {value:>8} {"met" if met else "NOT met"}')
+        print(f'aim {name:66} {value:>8} {"met" if met else "NOT met"}')
 noisy = [r for r in rows if r.get("steal", 0) > NOISY]
 print(f"\n* the hypervisor took more than {NOISY:.0%} of the machine during that run ({len(noisy)} of {len(rows)} runs):"
       " its figures are not the software's")
