@@ -36,12 +36,12 @@ use super::{admin as admin_cmds, fabrics, io as io_cmds};
 const _: () =
     assert!(crate::protocol::codec::DATA_ALIGN.is_multiple_of(crate::block::aligned::ALIGN));
 
-/// Completions the connection task hands its writer before it yields to let them go out. The writer runs on the
-/// same worker and runs only once this task stops; without a yield, a burst of commands that arrived together is executed
-/// to its end before the first response is sent, and the host and the target take turns instead of working at once
-/// (a host waiting for its completions sends no new commands). Measured on the two-core machine, the engine and
-/// nvmf-perf each pinned to a core, RAM namespace, 4 KiB at QD32: no yield 102-123k reads and 104-121k writes; a yield
-/// every 8 completions 222-282k and 218-250k; every 4, 213k / 220k (more system calls); every 16, 173k / 183k.
+/// Completions the connection task hands its writer before it yields to let them go out. The writer is woken on
+/// this task's worker and runs only once this task stops: without a yield, a burst of commands that arrived together
+/// is executed to its end before the first response is sent, and host and target take turns instead of working at
+/// once (a host waiting for completions sends no new commands). Measured on the two-core machine, the engine and
+/// nvmf-perf each pinned to a core, RAM namespace, 4 KiB at QD32: no yield 102-123k reads and 104-121k writes; a
+/// yield every 8 completions 222-282k and 218-250k; every 4, 213k / 220k (more system calls); every 16, 173k / 183k.
 const COMPLETIONS_PER_YIELD: usize = 8;
 /// How long a new connection may take to send its ICReq.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -204,7 +204,7 @@ impl Queue {
         let port_cancelled = port_cancel.clone().cancelled_owned();
         tokio::pin!(port_cancelled);
         let mut ctrl_cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>> = None;
-        // Completions handed to the writer since this task last let it run.
+        // Completions handed to the writer since the last yield.
         let mut unflushed = 0usize;
         loop {
             if ctrl_cancelled.is_none() {
