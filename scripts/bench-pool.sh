@@ -122,8 +122,8 @@ ORDER=("4k randread qd1" "4k randread qd32" "4k randwrite qd1" "4k randwrite qd3
 fio_runs() {
     for w in "${ORDER[@]}"; do
         for e in libaio io_uring; do
-            # shellcheck disable=SC2086
             mark
+            # shellcheck disable=SC2086
             fio --name=b --filename="$2" --size=$SIZE --direct=1 --ioengine=$e ${FIO[$w]} --time_based \
                 --runtime="$T" --ramp_time=1 --norandommap --randrepeat=0 --output-format=json 2>/dev/null |
                 record "$1" "$w" "fio $e"
