@@ -8,6 +8,7 @@
 //! - [`rebuild`]: copies a device onto another while I/O goes on (full or only marked segments).
 //! - [`target`]: the NVMe/TCP server: listeners, connections, controllers, subsystems, discovery, ANA.
 //! - [`transport`]: socket helpers shared by target and initiator.
+//! - [`io_threads`]: the threads the data path runs on (target connections, the initiator's I/O queues).
 //! - [`config`]: export specs and sizes for io-engine's flags and config file.
 //! - [`engine`]: owns the target and what backs each namespace; the one place that wires them.
 //! - [`api`]: the engine gRPC API over [`engine::Engine`].
@@ -17,6 +18,7 @@ pub mod block;
 pub mod config;
 pub mod engine;
 pub mod initiator;
+pub mod io_threads;
 pub mod metrics;
 pub mod nexus;
 pub mod pool;

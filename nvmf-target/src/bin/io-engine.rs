@@ -4,11 +4,13 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use nvmf_target::config::{ExportSpec, PoolArg};
 use nvmf_target::engine::{Engine, EngineConfig};
+use nvmf_target::io_threads::IoThreads;
 use nvmf_target::target::TargetConfig;
 use serde::Deserialize;
 
@@ -69,6 +71,10 @@ struct Args {
     /// (e.g. `pool1:media=ssd`).
     #[arg(long = "pool-label", env = "KEELSON_POOL_LABELS", value_delimiter = ',', value_parser = parse_pool_label)]
     pool_labels: Vec<(String, String, String)>,
+    /// Threads that serve NVMe/TCP connections, each connection on one of them (0: on the engine's shared
+    /// runtime). Default: one per CPU this process may run on.
+    #[arg(long, env = "KEELSON_IO_THREADS")]
+    io_threads: Option<usize>,
 }
 
 /// `POOL:key=value`.
@@ -142,11 +148,21 @@ async fn main() -> Result<()> {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "node".into())
     });
+    let io_threads = match args
+        .io_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    {
+        0 => None,
+        n => Some(Arc::new(
+            IoThreads::start(n).context("starting the I/O threads")?,
+        )),
+    };
     let config = EngineConfig {
         node_name,
         target: TargetConfig {
             cntlid_min,
             cntlid_max,
+            io_threads,
             ..TargetConfig::default()
         },
     };

@@ -18,6 +18,7 @@ use nix::fcntl::{FallocateFlags, fallocate};
 
 use super::aligned::{self, AlignedBuf};
 use super::exclusive::{self, DiskLock};
+use super::uring::Ring;
 use super::{BlockDevice, BlockError, check_range};
 
 /// Largest piece written at once when zeroing by writes.
@@ -29,23 +30,24 @@ pub struct FileDevice {
     block_size: u32,
     num_blocks: u64,
     direct: bool,
-    /// The ring its reads, writes and flushes go through, when it is open O_DIRECT and io_uring is available.
-    ring: Option<super::uring::Ring>,
+    /// Whether its reads, writes and flushes go through io_uring (the issuing thread's ring, [`Ring::local`]): it
+    /// is open O_DIRECT and io_uring is available.
+    uring: bool,
     /// Held while the device is open, when it was opened exclusively.
     _lock: Option<DiskLock>,
 }
 
-/// A ring for a device opened O_DIRECT, unless io_uring is off or unavailable (then the blocking pool serves it).
-fn ring_for(path: &Path) -> Option<super::uring::Ring> {
+/// Whether a device opened O_DIRECT goes through io_uring: unless io_uring is off or unavailable (then the
+/// blocking pool serves it).
+fn uses_ring(path: &Path) -> bool {
     if std::env::var("KEELSON_IO_URING").is_ok_and(|v| v == "off") {
-        return None;
+        return false;
     }
-    tokio::runtime::Handle::try_current().ok()?;
-    match super::uring::Ring::new() {
-        Ok(r) => Some(r),
+    match Ring::local() {
+        Ok(_) => true,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "io_uring unavailable: the device's I/O goes through threads");
-            None
+            false
         }
     }
 }
@@ -137,7 +139,7 @@ impl FileDevice {
             block_size,
             num_blocks,
             direct,
-            ring: if direct { ring_for(path) } else { None },
+            uring: direct && uses_ring(path),
             _lock: lock,
         })
     }
@@ -153,7 +155,7 @@ impl FileDevice {
 
     /// Whether its I/O goes through io_uring.
     pub fn uses_io_uring(&self) -> bool {
-        self.ring.is_some()
+        self.uring
     }
 
     async fn blocking<T: Send + 'static>(
@@ -201,6 +203,19 @@ impl FileDevice {
     }
 }
 
+impl FileDevice {
+    /// The ring to issue an I/O on, if the device uses io_uring (and this thread has one; if not, the blocking
+    /// pool serves the I/O).
+    fn ring(&self) -> Option<Arc<Ring>> {
+        if !self.uring {
+            return None;
+        }
+        Ring::local()
+            .inspect_err(|e| tracing::debug!(error = %e, "no io_uring on this thread"))
+            .ok()
+    }
+}
+
 #[async_trait]
 impl BlockDevice for FileDevice {
     fn block_size(&self) -> u32 {
@@ -212,7 +227,7 @@ impl BlockDevice for FileDevice {
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
-        if let Some(r) = &self.ring {
+        if let Some(r) = self.ring() {
             return Ok(r.read(self.file.as_raw_fd(), offset, len as usize).await?);
         }
         let direct = self.direct;
@@ -238,7 +253,7 @@ impl BlockDevice for FileDevice {
             self.size_bytes(),
         )?;
         let direct = self.direct;
-        if let Some(r) = &self.ring {
+        if let Some(r) = self.ring() {
             let data = if aligned::is_aligned(&data) {
                 data
             } else {
@@ -278,7 +293,7 @@ impl BlockDevice for FileDevice {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        if let Some(r) = &self.ring {
+        if let Some(r) = self.ring() {
             return Ok(r.fdatasync(self.file.as_raw_fd()).await?);
         }
         self.blocking(|f| f.sync_data()).await

@@ -14,6 +14,7 @@
 //! submission to completion.
 #![allow(unsafe_code)]
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -222,6 +223,34 @@ impl Ring {
             return Err(io::Error::from_raw_os_error(-res));
         }
         Ok((res as usize, buf))
+    }
+}
+
+thread_local! {
+    /// This thread's ring, and the runtime its reaper runs on.
+    static LOCAL: RefCell<Option<(tokio::runtime::Id, Arc<Ring>)>> = const { RefCell::new(None) };
+}
+
+impl Ring {
+    /// The ring of the calling thread, made on its first use there (for the runtime it is running then: a thread
+    /// that runs another runtime later gets a new one). Whoever issues an I/O submits it on its own thread's ring,
+    /// so the kernel completes it on that thread and its reaper wakes there: a connection served on an I/O thread
+    /// of its own keeps its disk I/O on that thread too, with no wake-up of another.
+    pub fn local() -> io::Result<Arc<Ring>> {
+        let id = tokio::runtime::Handle::try_current()
+            .map_err(io::Error::other)?
+            .id();
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if let Some((rt, ring)) = l.as_ref()
+                && *rt == id
+            {
+                return Ok(ring.clone());
+            }
+            let ring = Arc::new(Ring::new()?);
+            *l = Some((id, ring.clone()));
+            Ok(ring)
+        })
     }
 }
 

@@ -102,8 +102,11 @@ impl Engine {
                 let mut o = ConnectOptions::new(addr, nqn.as_str());
                 o.hostnqn = self.host_nqn();
                 o.hostid = *self.host_id().as_bytes();
-                // Two for small I/O, round robin; one for bulk transfers such as rebuild copies.
-                o.io_queues = 3;
+                // One for small I/O per I/O thread (two without them, round robin; at most 8), and one for bulk
+                // transfers such as rebuild copies.
+                let threads = self.target().config().io_threads.clone();
+                o.io_queues = threads.as_ref().map_or(2, |t| t.len().clamp(1, 8)) as u16 + 1;
+                o.io_threads = threads;
                 o.command_timeout = io_timeout;
                 let mut ns = RemoteNamespace::connect(o, nsid).await.map_err(|source| {
                     EngineError::ChildUnreachable {

@@ -45,6 +45,7 @@ impl Controller {
             ADMIN_IN_CAPSULE,
             digests,
             opts.command_timeout,
+            None,
         )
         .await?;
         let kato = opts.kato.as_millis() as u32;
@@ -138,6 +139,9 @@ impl Controller {
                 in_capsule,
                 digests,
                 opts.command_timeout,
+                opts.io_threads
+                    .as_ref()
+                    .map(|t| t.handle(usize::from(qid) - 1)),
             )
             .await?;
             // A queue holds at least two entries (SQSIZE is 0's based and 0 is invalid); `depth` bounds what is

@@ -16,8 +16,10 @@ pub mod queue;
 pub mod reservation;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::io_threads::IoThreads;
 use crate::protocol::status::Status;
 
 #[derive(Debug, thiserror::Error, Clone)]
@@ -51,6 +53,8 @@ pub struct ConnectOptions {
     pub kato: Duration,
     /// How long one command may take before the connection is declared dead.
     pub command_timeout: Duration,
+    /// Where the I/O queues run: queue `i` on I/O thread `i`; none: the runtime that connects.
+    pub io_threads: Option<Arc<IoThreads>>,
 }
 
 impl ConnectOptions {
@@ -70,6 +74,7 @@ impl ConnectOptions {
             data_digest: false,
             kato: Duration::from_secs(5),
             command_timeout: Duration::from_secs(30),
+            io_threads: None,
         }
     }
 }

@@ -182,7 +182,12 @@ impl RemoteNamespace {
     }
 
     fn pick_queue(&self, queues: usize, bytes: u32) -> usize {
-        pick_queue(&self.shared.next_queue, queues, bytes)
+        pick_queue(
+            &self.shared.next_queue,
+            queues,
+            bytes,
+            crate::io_threads::current(),
+        )
     }
 
     fn lba(&self, offset: u64) -> u64 {
@@ -446,7 +451,10 @@ impl Drop for RemoteNamespace {
 /// The queue for a command moving `bytes`: with two queues or more, bulk transfers (rebuild copies, large
 /// application I/O) get the last one to themselves, so small I/O never waits behind megabytes of someone else's
 /// data on the same connection; the rest go round-robin over the others.
-fn pick_queue(next: &AtomicUsize, queues: usize, bytes: u32) -> usize {
+/// On an I/O thread, small I/O takes the queue that runs on the same thread (queue `i` runs on I/O thread `i` when
+/// the controller was connected with I/O threads; see [`crate::io_threads`]), so the command, its send and its
+/// completion stay on one thread.
+fn pick_queue(next: &AtomicUsize, queues: usize, bytes: u32, thread: Option<usize>) -> usize {
     if queues >= 2 && bytes >= BULK_BYTES {
         return queues - 1;
     }
@@ -455,7 +463,7 @@ fn pick_queue(next: &AtomicUsize, queues: usize, bytes: u32) -> usize {
     } else {
         queues.max(1)
     };
-    next.fetch_add(1, Ordering::Relaxed) % n
+    thread.unwrap_or_else(|| next.fetch_add(1, Ordering::Relaxed)) % n
 }
 
 #[cfg(test)]
@@ -465,15 +473,22 @@ mod tests {
     #[test]
     fn bulk_transfers_get_the_last_queue_and_small_ones_the_others() {
         let next = AtomicUsize::new(0);
-        let small: Vec<usize> = (0..6).map(|_| pick_queue(&next, 4, 4096)).collect();
+        let small: Vec<usize> = (0..6).map(|_| pick_queue(&next, 4, 4096, None)).collect();
         assert_eq!(small, vec![0, 1, 2, 0, 1, 2]);
-        assert_eq!(pick_queue(&next, 4, 4 << 20), 3);
-        assert_eq!(pick_queue(&next, 2, BULK_BYTES), 1);
-        assert_eq!(pick_queue(&next, 2, 512), 0);
+        assert_eq!(pick_queue(&next, 4, 4 << 20, None), 3);
+        assert_eq!(pick_queue(&next, 2, BULK_BYTES, None), 1);
+        assert_eq!(pick_queue(&next, 2, 512, None), 0);
         // One queue carries everything.
         assert_eq!(
-            (pick_queue(&next, 1, 4 << 20), pick_queue(&next, 1, 512)),
+            (
+                pick_queue(&next, 1, 4 << 20, None),
+                pick_queue(&next, 1, 512, None)
+            ),
             (0, 0)
         );
+        // On I/O thread t, small I/O takes queue t (the one that runs there); bulk still the last.
+        assert_eq!(pick_queue(&next, 4, 4096, Some(1)), 1);
+        assert_eq!(pick_queue(&next, 4, 4096, Some(4)), 1);
+        assert_eq!(pick_queue(&next, 4, 4 << 20, Some(1)), 3);
     }
 }

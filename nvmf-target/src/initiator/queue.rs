@@ -10,6 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
+use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -210,7 +211,8 @@ pub struct Negotiated {
 
 impl Queue {
     /// Opens the TCP connection and does the ICReq/ICResp exchange. `depth` bounds outstanding commands;
-    /// `in_capsule` is the most write data sent inside a command capsule.
+    /// `in_capsule` is the most write data sent inside a command capsule. The queue's reader and writer run on
+    /// `runs_on` (an I/O thread's runtime), else on the caller's runtime.
     pub async fn connect(
         addr: std::net::SocketAddr,
         qid: u16,
@@ -218,6 +220,7 @@ impl Queue {
         in_capsule: usize,
         digests: Digests,
         timeout: Duration,
+        runs_on: Option<&Handle>,
     ) -> Result<(Queue, Negotiated), InitiatorError> {
         let err = |reason: String| InitiatorError::Connect { addr, reason };
         let stream = tokio::time::timeout(IC_TIMEOUT, TcpStream::connect(addr))
@@ -265,8 +268,33 @@ impl Queue {
             closed: CancellationToken::new(),
             finished: CancellationToken::new(),
         });
-        tokio::spawn(read_loop(framed, inner.clone()));
-        tokio::spawn(write_loop(wr, framed_codec(digests), rx, inner.clone()));
+        match runs_on {
+            // Nothing is buffered past ICResp (the target sends nothing unasked): the socket moves as it is.
+            Some(rt) if framed.read_buffer().is_empty() => {
+                let stream = framed
+                    .into_inner()
+                    .reunite(wr)
+                    .map_err(|e| err(e.to_string()))?
+                    .into_std()
+                    .map_err(|e| err(e.to_string()))?;
+                let inner = inner.clone();
+                rt.spawn(async move {
+                    let Ok(stream) = TcpStream::from_std(stream) else {
+                        inner.closed.cancel();
+                        inner.fail_all(InitiatorError::Disconnected);
+                        return;
+                    };
+                    let (rd, wr) = stream.into_split();
+                    let framed = FramedRead::with_capacity(rd, framed_codec(digests), 256 * 1024);
+                    tokio::spawn(read_loop(framed, inner.clone()));
+                    write_loop(wr, framed_codec(digests), rx, inner).await;
+                });
+            }
+            _ => {
+                tokio::spawn(read_loop(framed, inner.clone()));
+                tokio::spawn(write_loop(wr, framed_codec(digests), rx, inner.clone()));
+            }
+        }
         Ok((
             Queue { inner },
             Negotiated {

@@ -88,10 +88,13 @@ struct Queue {
 
 pub(super) async fn serve(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     port_id: u16,
     port_cancel: CancellationToken,
 ) {
+    let Ok(stream) = TcpStream::from_std(stream) else {
+        return;
+    };
     let peer = stream.peer_addr().ok();
     let Ok(local) = stream.local_addr() else {
         return;

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::block::BlockDevice;
+use crate::io_threads::IoThreads;
 use crate::protocol::log::AnaState;
 use crate::protocol::nqn::Nqn;
 
@@ -70,6 +71,8 @@ pub struct TargetConfig {
     pub maxh2cdata: u32,
     /// Maximum data transfer size as a power of two of 4 KiB pages.
     pub mdts: u8,
+    /// The threads that serve accepted connections ([`crate::io_threads`]); none: the runtime that runs the target.
+    pub io_threads: Option<Arc<IoThreads>>,
 }
 
 impl Default for TargetConfig {
@@ -90,6 +93,7 @@ impl Default for TargetConfig {
             // 4 MiB: a rebuild copies a whole pool cluster in one command, so the destination allocates it
             // with one write (no zeroing around partial writes, no waiting behind the first of four).
             mdts: 10,
+            io_threads: None,
         }
     }
 }

@@ -52,10 +52,14 @@ fn modules_import_only_what_they_may() {
         ("protocol", &["protocol"]),
         ("block", &["block"]),
         ("transport.rs", &[]),
-        ("target", &["target", "protocol", "block", "transport"]),
+        ("io_threads.rs", &[]),
+        (
+            "target",
+            &["target", "protocol", "block", "transport", "io_threads"],
+        ),
         (
             "initiator",
-            &["initiator", "protocol", "block", "transport"],
+            &["initiator", "protocol", "block", "transport", "io_threads"],
         ),
         ("rebuild", &["rebuild", "block"]),
         ("nexus", &["nexus", "block", "rebuild"]),

@@ -6,7 +6,9 @@ use bytes::Bytes;
 use nvmf_target::block::BlockDevice;
 use nvmf_target::initiator::namespace::RemoteNamespace;
 use nvmf_target::initiator::{ConnectOptions, discovery};
+use nvmf_target::io_threads::IoThreads;
 use nvmf_target::protocol::log::subtype;
+use nvmf_target::target::TargetConfig;
 
 use super::harness::*;
 
@@ -99,6 +101,47 @@ async fn many_concurrent_ios_on_several_queues() {
     let s = t.target.subsystem(NQN).unwrap();
     assert_eq!(s.controllers().len(), 1);
     assert_eq!(s.controllers()[0].io_queue_count(), 4);
+}
+
+/// The data path on I/O threads at both ends: the target serves its connections there, the initiator's I/O queues
+/// run there (queue i on thread i), and I/O issued from an I/O thread takes that thread's queue.
+#[tokio::test]
+async fn io_threads_at_both_ends_carry_concurrent_io() {
+    let threads = Arc::new(IoThreads::start(2).unwrap());
+    let config = TargetConfig {
+        io_threads: Some(threads.clone()),
+        ..TargetConfig::default()
+    };
+    let t = target_with(&[], config).await;
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.io_queues = 3;
+    o.queue_depth = 32;
+    o.io_threads = Some(threads.clone());
+    let ns = Arc::new(RemoteNamespace::connect(o, 1).await.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..192u64 {
+        let ns = ns.clone();
+        let io = async move {
+            let data = pattern(i, 8192);
+            ns.write(i * 8192, data.clone()).await.unwrap();
+            assert_eq!(ns.read(i * 8192, 8192).await.unwrap(), data);
+        };
+        // A third from the test's runtime, the rest from either I/O thread.
+        tasks.push(match i % 3 {
+            0 => tokio::spawn(io),
+            n => threads.handle(n as usize).spawn(io),
+        });
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Bulk transfers take their own queue, on an I/O thread too.
+    let big = pattern(7, 4 << 20);
+    ns.write(8 << 20, big.clone()).await.unwrap();
+    assert_eq!(ns.read(8 << 20, 4 << 20).await.unwrap(), big);
+    let s = t.target.subsystem(NQN).unwrap();
+    assert_eq!(s.controllers()[0].io_queue_count(), 3);
+    ns.close().await;
 }
 
 #[tokio::test]
