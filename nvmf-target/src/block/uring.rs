@@ -1,10 +1,14 @@
-//! io_uring for file devices: reads, writes and flushes are submitted to one ring per device from whichever task
-//! issues them, and completed by the ring's reaper task, which the kernel wakes through an eventfd. No thread per
-//! I/O (the blocking pool's hand-off and wake-up each way was most of a small pool I/O's cost), no polling: an idle
-//! ring costs nothing. Two alternatives measured slower on this project's two-core machine (the doc of
-//! [`Ring::submit`] says why): a thread per ring that submits and waits (two more wake-ups per I/O), and deferring
-//! submissions to batch them into one enter. Where the kernel refuses io_uring (`kernel.io_uring_disabled`, a seccomp filter, an old
-//! kernel) [`Ring::new`] fails and the device keeps its blocking path.
+//! io_uring for file devices: reads, writes and flushes are submitted, from whichever task issues them, to the ring
+//! of the thread it runs on ([`Ring::local`], one per thread for every device), and completed by that ring's reaper
+//! task, which the kernel wakes through an eventfd. The kernel finishes an I/O as task work of the thread that
+//! submitted it, and the reaper runs on that thread's runtime: on an I/O thread ([`crate::io_threads`]) the
+//! command, its disk I/O and its completion never leave the thread. No thread per I/O (the blocking pool's hand-off
+//! and wake-up each way was most of a small pool I/O's cost), no polling: an idle ring costs nothing. Two
+//! alternatives measured slower on this project's two-core machine (the doc of [`Ring::submit`] says why): a thread
+//! per ring that submits and waits (two more wake-ups per I/O), and deferring submissions to batch them into one
+//! enter (a later try, holding a connection's submissions to the end of its task's turn, entered the kernel 10x
+//! less often for no more IOPS). Where the kernel refuses io_uring (`kernel.io_uring_disabled`, a seccomp filter,
+//! an old kernel) [`Ring::new`] fails and the device keeps its blocking path.
 //!
 //! The crate's only unsafe code is here: a submission entry carries a raw pointer into a buffer that the kernel
 //! reads or fills later. It is sound by one rule: the buffer belongs to the ring's table of operations in flight
