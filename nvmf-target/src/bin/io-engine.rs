@@ -71,10 +71,20 @@ struct Args {
     /// (e.g. `pool1:media=ssd`).
     #[arg(long = "pool-label", env = "KEELSON_POOL_LABELS", value_delimiter = ',', value_parser = parse_pool_label)]
     pool_labels: Vec<(String, String, String)>,
-    /// Threads that serve NVMe/TCP connections, each connection on one of them (0: on the engine's shared
-    /// runtime). Default: one per CPU this process may run on.
-    #[arg(long, env = "KEELSON_IO_THREADS")]
-    io_threads: Option<usize>,
+    /// I/O threads: each NVMe/TCP connection is served on one of them, with its disk I/O and a nexus's sends to its
+    /// children (`auto`: one per CPU this process may run on). 0, the default: everything on the shared runtime,
+    /// which answers replicated QD1 writes sooner on small machines (see ARCHITECTURE.md).
+    #[arg(long, env = "KEELSON_IO_THREADS", default_value = "0", value_parser = parse_io_threads)]
+    io_threads: usize,
+}
+
+/// A number of I/O threads, or `auto` (one per CPU this process may run on).
+fn parse_io_threads(s: &str) -> Result<usize, String> {
+    if s == "auto" {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?}: a number of threads, or auto"))
 }
 
 /// `POOL:key=value`.
@@ -148,10 +158,7 @@ async fn main() -> Result<()> {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "node".into())
     });
-    let io_threads = match args
-        .io_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-    {
+    let io_threads = match args.io_threads {
         0 => None,
         n => Some(Arc::new(
             IoThreads::start(n).context("starting the I/O threads")?,

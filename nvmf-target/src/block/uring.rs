@@ -1,7 +1,7 @@
 //! io_uring for file devices: reads, writes and flushes are submitted, from whichever task issues them, to the ring
 //! of the thread it runs on ([`Ring::local`], one per thread for every device), and completed by that ring's reaper
 //! task, which the kernel wakes through an eventfd. The kernel finishes an I/O as task work of the thread that
-//! submitted it, and the reaper runs on that thread's runtime: on an I/O thread ([`crate::io_threads`]) the
+//! submitted it, and the reaper runs on that thread's runtime: on one of the engine's I/O threads (`io_threads`) the
 //! command, its disk I/O and its completion never leave the thread. No thread per I/O (the blocking pool's hand-off
 //! and wake-up each way was most of a small pool I/O's cost), no polling: an idle ring costs nothing. Two
 //! alternatives measured slower on this project's two-core machine (the doc of [`Ring::submit`] says why): a thread

@@ -1,5 +1,6 @@
 //! Replicated volumes across real io-engine processes on 127.0.0.1, .2, .3 (and .4 for the replacement), driven
-//! through the engine gRPC API, with real faults (SIGKILL).
+//! through the engine gRPC API, with real faults (SIGKILL). The engines run their data path on two I/O threads
+//! (`--io-threads 2`), which the other suites leave off (the default).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -48,6 +49,8 @@ impl EngineProc {
                 &format!("{ip}:{port}"),
                 "--grpc",
                 &format!("{ip}:{grpc}"),
+                "--io-threads",
+                "2",
             ])
             .arg("--export")
             .arg(format!("nqn={replica},memory={size}{extra}"))
