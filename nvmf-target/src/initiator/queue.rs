@@ -282,6 +282,7 @@ impl Queue {
                     let Ok(stream) = TcpStream::from_std(stream) else {
                         inner.closed.cancel();
                         inner.fail_all(InitiatorError::Disconnected);
+                        inner.finished.cancel();
                         return;
                     };
                     let (rd, wr) = stream.into_split();
