@@ -169,6 +169,12 @@ impl ExportSpec {
                         "memory size is smaller than one block",
                     )));
                 }
+                if let Some(why) = memory_too_large(size) {
+                    return Err(BlockError::Io(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        why,
+                    )));
+                }
                 Arc::new(MemoryDevice::new(size, bs))
             }
             (None, None) => {
@@ -179,6 +185,22 @@ impl ExportSpec {
             }
         })
     }
+}
+
+/// Why a memory namespace of `size` bytes cannot be made here: it would be larger than the machine's memory (it
+/// could never hold its data, and its chunk table alone would not fit for absurd sizes).
+pub fn memory_too_large(size: u64) -> Option<String> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kib| kib.saturating_mul(1024))
+        })?;
+    (size > total).then(|| {
+        format!("a memory namespace of {size} bytes is larger than this machine's memory ({total} bytes)")
+    })
 }
 
 #[cfg(test)]

@@ -25,9 +25,16 @@ pub struct FaultQuestion {
 }
 
 impl Volumes {
-    /// `Ok`: the nexus is the volume's and the child's replica is recorded out of sync. `FailedPrecondition`: a
-    /// newer nexus replaced it. `NotFound`: no such volume.
+    /// `Ok`: the nexus is the volume's and the child's replica is recorded out of sync (or the child is no replica
+    /// of the volume any more). `FailedPrecondition`: a newer nexus replaced it. `NotFound`: no such volume.
+    /// `InvalidArgument`: the child names no replica, so nothing could be recorded for it.
     pub async fn confirm_child_fault(&self, q: &FaultQuestion) -> Result<(), VolumeError> {
+        let Some(replica) = replica_of(&q.child) else {
+            return Err(VolumeError::InvalidArgument(format!(
+                "child {:?} names no replica",
+                q.child
+            )));
+        };
         let lock = self.lock_of(q.volume);
         let _held = lock.lock().await;
         let mut r = self.get(q.volume).await?;
@@ -52,8 +59,10 @@ impl Volumes {
                 ),
             });
         }
-        if let Some(x) = replica_of(&q.child)
-            .and_then(|id| r.replicas.iter_mut().find(|x| x.uuid == id))
+        if let Some(x) = r
+            .replicas
+            .iter_mut()
+            .find(|x| x.uuid == replica)
             .filter(|x| x.synced)
         {
             x.synced = false;

@@ -392,7 +392,10 @@ async fn a_replaced_nexus_cut_off_from_the_other_replicas_acknowledges_nothing_o
         node: node.into(),
         volume: volume.into(),
         key: 1,
-        child: "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-x".into(),
+        child: format!(
+            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
+            uuid::Uuid::new_v4()
+        ),
         reason: "test".into(),
     };
     let code = |r: Result<_, tonic::Status>| r.map(drop).unwrap_err().code();
@@ -404,6 +407,11 @@ async fn a_replaced_nexus_cut_off_from_the_other_replicas_acknowledges_nothing_o
     assert_eq!(code(unknown), Code::NotFound);
     let garbage = reg.confirm_child_fault(ask("reg-1", "not-a-uuid")).await;
     assert_eq!(code(garbage), Code::InvalidArgument);
+    // A child that names no replica: nothing could be recorded out of sync for it.
+    let mut no_replica = ask("reg-1", &v.uuid);
+    no_replica.child = "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-x".into();
+    let no_replica = reg.confirm_child_fault(no_replica).await;
+    assert_eq!(code(no_replica), Code::InvalidArgument);
 }
 
 /// The cluster agent is killed (an armed failpoint) at each stage of a switch-over: after recording it, after

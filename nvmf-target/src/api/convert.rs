@@ -73,6 +73,9 @@ pub fn export_spec(r: &pb::AddNamespaceRequest) -> Result<ExportSpec, tonic::Sta
             if m.size_bytes == 0 {
                 return Err(invalid("memory backend size_bytes must be > 0"));
             }
+            if let Some(why) = crate::config::memory_too_large(m.size_bytes) {
+                return Err(invalid(why));
+            }
             spec.memory = Some(m.size_bytes);
         }
         Some(pb::backend::Kind::File(f)) => {

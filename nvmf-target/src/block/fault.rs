@@ -112,6 +112,10 @@ impl BlockDevice for FaultDevice {
         self.gate(0, 0, false).await?;
         self.inner.flush().await
     }
+
+    fn connection_losses(&self) -> u64 {
+        self.inner.connection_losses()
+    }
     async fn allocated_ranges(
         &self,
         offset: u64,

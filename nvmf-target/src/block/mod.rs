@@ -88,6 +88,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Makes every completed write durable.
     async fn flush(&self) -> Result<(), BlockError>;
 
+    /// How many times the device lost its connection since it was opened (a remote one reconnects by itself).
+    /// Writes it had not flushed may have gone with the connection: its target may have lost power. A local
+    /// device never does (0).
+    fn connection_losses(&self) -> u64 {
+        0
+    }
+
     /// The byte ranges within `offset..offset+len` that may hold data (the rest reads as zeroes), merged and in
     /// order; `None` when the device cannot tell (treat it all as data). A rebuild skips what is not listed.
     async fn allocated_ranges(

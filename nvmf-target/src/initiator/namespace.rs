@@ -32,6 +32,8 @@ struct Shared {
     current: watch::Sender<Option<Arc<Controller>>>,
     next_queue: AtomicUsize,
     stop: CancellationToken,
+    /// Controllers lost (each then reconnected, or tried to).
+    losses: AtomicU64,
 }
 
 pub struct RemoteNamespace {
@@ -106,6 +108,7 @@ impl RemoteNamespace {
             nsid,
             current,
             next_queue: AtomicUsize::new(0),
+            losses: AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         tokio::spawn(supervise(shared.clone()));
@@ -217,6 +220,7 @@ async fn supervise(shared: Arc<Shared>) {
             _ = shared.stop.cancelled() => return,
             _ = failed.cancelled() => {}
         }
+        shared.losses.fetch_add(1, Ordering::Release);
         tracing::warn!(addr = %shared.opts.addr, subnqn = %shared.opts.subnqn, "controller lost; reconnecting");
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -366,6 +370,10 @@ impl BlockDevice for RemoteNamespace {
         let mut sqe = Sqe::new(io::FLUSH, self.shared.nsid);
         sqe.set_sgl(Sgl::transport(0));
         self.submit(sqe, None).await.map(|_| ())
+    }
+
+    fn connection_losses(&self) -> u64 {
+        self.shared.losses.load(Ordering::Acquire)
     }
 
     async fn note_missed(&self, missed: &MissedWrites) -> Result<(), BlockError> {

@@ -1,5 +1,10 @@
 //! A nexus child: a block device (local replica or remote namespace) and its state. Healthy children take reads
 //! and writes; a Rebuilding child takes writes only, until its rebuild completes; a Faulted child takes nothing.
+//!
+//! A child also remembers which segments it took writes to since its last flush ([`Unflushed`]): its device may
+//! hold them in a volatile cache, and a child that went away (power lost, connection lost) may have lost them
+//! although it acknowledged them. The write log of a faulted child starts with those segments, so a partial
+//! rebuild brings them back too.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +21,18 @@ pub struct WriteLog {
     pub since: Instant,
     /// `since` as wall-clock milliseconds, for the copy kept on the other children.
     pub since_ms: u64,
+    /// The map started with segments the child had not flushed, and no record on the other children names
+    /// them yet: the next record carries the whole map.
+    unrecorded: bool,
+}
+
+/// Segments a child took writes to that no completed flush has covered yet. A flush covers the writes completed
+/// before it started: `newer` moves into `older` when one starts, and `older` is cleared when the last flush
+/// started completes.
+struct Unflushed {
+    older: SegmentMap,
+    newer: SegmentMap,
+    flushes_started: u64,
 }
 
 /// A child's identity across nexuses and nodes: its URI without scheme and host (`NQN`, plus `?nsid=N` unless
@@ -77,6 +94,9 @@ pub struct Child {
     status: Mutex<Status>,
     /// Device size and segment size of the write log (the size grows with the nexus).
     log_geometry: Mutex<(u64, u64)>,
+    unflushed: Mutex<Unflushed>,
+    /// The device's connection losses when it became this child (see [`Child::lost_connection`]).
+    losses_seen: AtomicU64,
 }
 
 /// A snapshot of a child for callers.
@@ -97,8 +117,10 @@ impl Child {
         state: ChildState,
         log_geometry: (u64, u64),
     ) -> Child {
+        let (size, segment) = log_geometry;
         Child {
             name,
+            losses_seen: AtomicU64::new(device.connection_losses()),
             device,
             counters: ChildCounters::default(),
             status: Mutex::new(Status {
@@ -108,7 +130,52 @@ impl Child {
                 log: None,
             }),
             log_geometry: Mutex::new(log_geometry),
+            unflushed: Mutex::new(Unflushed {
+                older: SegmentMap::empty(size, segment),
+                newer: SegmentMap::empty(size, segment),
+                flushes_started: 0,
+            }),
         }
+    }
+
+    fn unflushed(&self) -> std::sync::MutexGuard<'_, Unflushed> {
+        self.unflushed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The child took a write to `offset..offset+len`: it is unflushed until a flush started after it completes.
+    pub fn note_written(&self, offset: u64, len: u64) {
+        self.unflushed().newer.mark(offset, len);
+    }
+
+    /// A flush of the child starts; returns its number for [`Child::flush_done`].
+    pub fn flush_started(&self) -> u64 {
+        let mut u = self.unflushed();
+        let u = &mut *u;
+        u.older.union(&u.newer);
+        u.newer.clear_all();
+        u.flushes_started += 1;
+        u.flushes_started
+    }
+
+    /// Flush number `n` completed: what was written before the last flush started is durable, if that was `n`.
+    pub fn flush_done(&self, n: u64) {
+        let mut u = self.unflushed();
+        if u.flushes_started == n {
+            u.older.clear_all();
+        }
+    }
+
+    /// Whether the device lost its connection since it became this child (and came back, or I/O would fail):
+    /// writes it had not flushed may be gone, so the child is not trusted with reads or as complete any more.
+    pub fn lost_connection(&self) -> bool {
+        self.device.connection_losses() != self.losses_seen.load(Ordering::Relaxed)
+    }
+
+    /// Keeps the child after a lost connection: when every child lost theirs, none holds what the others may
+    /// have lost, and faulting them all would only stop the volume.
+    pub fn accept_reconnect(&self) {
+        self.losses_seen
+            .store(self.device.connection_losses(), Ordering::Relaxed);
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -139,10 +206,18 @@ impl Child {
         }
         tracing::warn!(child = %self.name, reason, "child faulted");
         // Only a child that was complete can catch up from a log; one faulted mid-rebuild needs a full copy.
+        // It starts with what the child had not flushed: that may be lost with it.
         if s.state == ChildState::Healthy {
             let (size, segment) = *self.log_geometry.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = SegmentMap::empty(size, segment);
+            {
+                let u = self.unflushed();
+                map.union(&u.older);
+                map.union(&u.newer);
+            }
             s.log = Some(WriteLog {
-                map: SegmentMap::empty(size, segment),
+                unrecorded: map.count() > 0,
+                map,
                 since: Instant::now(),
                 since_ms: now_ms(),
             });
@@ -160,11 +235,20 @@ impl Child {
             return None;
         }
         let log = s.log.as_mut()?;
-        let new = log.map.mark_new(offset, len)?;
+        let ranges = if std::mem::take(&mut log.unrecorded) {
+            log.map.mark(offset, len);
+            log.map
+                .ranges()
+                .map(|r| (r.start, r.end - r.start))
+                .collect()
+        } else {
+            let new = log.map.mark_new(offset, len)?;
+            vec![(new.start, new.end - new.start)]
+        };
         Some(MissedWrites {
             child: stable_key(&self.name),
             since_ms: log.since_ms,
-            ranges: vec![(new.start, new.end - new.start)],
+            ranges,
         })
     }
 
@@ -178,6 +262,9 @@ impl Child {
         if let Some(log) = s.log.as_mut() {
             log.map.grow(size);
         }
+        let mut u = self.unflushed();
+        u.older.grow(size);
+        u.newer.grow(size);
     }
 
     /// Takes the write log (the child is about to be replaced by its returning self).

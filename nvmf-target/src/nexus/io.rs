@@ -36,7 +36,17 @@ impl Nexus {
             .collect()
     }
 
-    async fn fan_out(&self, offset: u64, len: u64, what: &str, op: &Op) -> Result<(), BlockError> {
+    /// Sends `op` to every child that takes writes to `offset..offset+len` (all of them for a `flush`), under the
+    /// range's lock, and decides from their answers: acknowledged if a healthy child took it, children that failed
+    /// faulted (with consent), what absent children missed recorded on those that hold it.
+    async fn fan_out(
+        &self,
+        offset: u64,
+        len: u64,
+        what: &str,
+        flush: bool,
+        op: &Op,
+    ) -> Result<(), BlockError> {
         if self.state() == NexusState::Shutdown {
             return Err(BlockError::Closed);
         }
@@ -63,6 +73,12 @@ impl Nexus {
                 self.name
             )));
         }
+        // A flush covers what each child took before it started.
+        let flushes: Vec<u64> = if flush {
+            targets.iter().map(|c| c.flush_started()).collect()
+        } else {
+            Vec::new()
+        };
         let timeout = self.config.io_timeout;
         let results = join_all(targets.iter().map(|c| {
             let io = tokio::time::timeout(timeout, op(c.device.clone()));
@@ -80,13 +96,38 @@ impl Nexus {
             }
         }
         let last_done = results.iter().filter_map(|r| r.1).max();
-        let results = results.into_iter().map(|r| r.0);
+        let results: Vec<_> = results.into_iter().map(|r| r.0).collect();
         let mut healthy_ok = 0;
         let mut holders: Vec<Arc<Child>> = Vec::new();
         let mut failed: Vec<(&Arc<Child>, String, BlockError)> = Vec::new();
-        for (c, r) in targets.iter().zip(results) {
+        // A child that lost its connection is trusted no more, unless every child that answered did (see
+        // `accept_reconnect`).
+        let answered: Vec<&Arc<Child>> = targets
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| matches!(r, Ok(Ok(()))))
+            .map(|(c, _)| c)
+            .collect();
+        if !answered.is_empty() && answered.iter().all(|c| c.lost_connection()) {
+            tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
+            answered.iter().for_each(|c| c.accept_reconnect());
+        }
+        for (i, (c, r)) in targets.iter().zip(results).enumerate() {
             match r {
+                // Its connection was lost and made again since it joined: what it had not flushed may be gone.
+                Ok(Ok(())) if c.lost_connection() => failed.push((
+                    c,
+                    format!(
+                        "{what} after the child's connection was lost: unflushed writes may be gone"
+                    ),
+                    BlockError::Remote("connection lost".into()),
+                )),
                 Ok(Ok(())) => {
+                    if flush {
+                        c.flush_done(flushes[i]);
+                    } else {
+                        c.note_written(offset, len);
+                    }
                     c.note_write();
                     if c.state() == ChildState::Healthy {
                         healthy_ok += 1;
@@ -200,6 +241,16 @@ impl BlockDevice for Nexus {
                 break;
             }
             let c = &healthy[self.next_read.fetch_add(1, Ordering::Relaxed) % healthy.len()];
+            if c.lost_connection() {
+                if healthy.iter().all(|h| h.lost_connection()) {
+                    tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
+                    healthy.iter().for_each(|h| h.accept_reconnect());
+                } else {
+                    let why = "its connection was lost: unflushed writes may be gone";
+                    self.fault_confirmed(c, why).await?;
+                    continue;
+                }
+            }
             match tokio::time::timeout(self.config.io_timeout, c.device.read(offset, len)).await {
                 Ok(Ok(d)) => {
                     c.note_read();
@@ -232,7 +283,7 @@ impl BlockDevice for Nexus {
             let data = data.clone();
             Box::pin(async move { d.write(offset, data).await })
         };
-        self.fan_out(offset, len, "write", &op).await
+        self.fan_out(offset, len, "write", false, &op).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -240,7 +291,7 @@ impl BlockDevice for Nexus {
         let op = move |d: Arc<dyn BlockDevice>| -> BoxFuture<'static, _> {
             Box::pin(async move { d.write_zeroes(offset, len).await })
         };
-        self.fan_out(offset, len, "write zeroes", &op).await
+        self.fan_out(offset, len, "write zeroes", false, &op).await
     }
 
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -248,13 +299,13 @@ impl BlockDevice for Nexus {
         let op = move |d: Arc<dyn BlockDevice>| -> BoxFuture<'static, _> {
             Box::pin(async move { d.deallocate(offset, len).await })
         };
-        self.fan_out(offset, len, "deallocate", &op).await
+        self.fan_out(offset, len, "deallocate", false, &op).await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
         let op = |d: Arc<dyn BlockDevice>| -> BoxFuture<'static, _> {
             Box::pin(async move { d.flush().await })
         };
-        self.fan_out(0, 0, "flush", &op).await
+        self.fan_out(0, 0, "flush", true, &op).await
     }
 }

@@ -426,3 +426,5 @@ impl Nexus {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_unflushed;

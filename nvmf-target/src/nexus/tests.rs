@@ -385,6 +385,8 @@ async fn a_child_back_within_the_window_copies_only_what_it_missed() {
     let (a, b, c) = (mem(), mem(), faulty());
     let n = nexus(vec![a.clone(), b.clone(), c.clone()]);
     n.write(0, pattern(1, SIZE as usize)).await.unwrap();
+    // Flushed: what the child had not flushed when it went away would be copied too.
+    n.flush().await.unwrap();
     c.set_plan(FaultPlan {
         fail_after: Some(0),
         reads_too: true,
@@ -851,6 +853,7 @@ async fn writes_beyond_the_old_end_are_logged_for_a_child_faulted_before_the_gro
     let c = Arc::new(FaultDevice::new(kids[2].clone()));
     let n = nexus(vec![kids[0].clone(), kids[1].clone(), c.clone()]);
     n.write(0, pattern(1, OLD as usize)).await.unwrap();
+    n.flush().await.unwrap();
     c.set_plan(FaultPlan {
         fail_after: Some(0),
         reads_too: true,

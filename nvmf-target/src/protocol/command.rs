@@ -261,7 +261,7 @@ impl Sqe {
     pub fn nlb(&self) -> u32 {
         (self.cdw(12) & 0xFFFF) + 1
     }
-    /// Force Unit Access bit of a Read/Write.
+    /// Force Unit Access bit of a Read, Write or Write Zeroes.
     pub fn fua(&self) -> bool {
         self.cdw(12) & (1 << 30) != 0
     }

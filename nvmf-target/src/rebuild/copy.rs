@@ -160,8 +160,10 @@ async fn copy_segment(
     let len = range.end - range.start;
     let mut attempts = 0;
     loop {
-        let src = source.pick().ok_or(RebuildError::NoSource)?;
+        // The source is picked under the lock: a write that faulted a child while the copy waited has faulted it
+        // by now, and a faulted child (which may lack that write) is never picked.
         let guard = lock.exclusive(range.clone()).await;
+        let src = source.pick().ok_or(RebuildError::NoSource)?;
         if maybe_empty
             && let Ok(Some(r)) = src.allocated_ranges(range.start, len).await
             && r.is_empty()
@@ -288,6 +290,12 @@ pub async fn run(
         }
         progress.done.fetch_add(len, Ordering::Relaxed);
     }
+    // The copies are plain writes: the destination flushes them before the rebuild counts as done (the caller
+    // then drops the records of what it missed, and a volatile cache losing power must not take the copies along).
+    dst.flush().await.map_err(|e| RebuildError::Destination {
+        offset: 0,
+        reason: format!("flush after the copy: {e}"),
+    })?;
     Ok(RebuildStats {
         bytes_copied: progress.done_bytes() - skipped,
         bytes_skipped: skipped,
@@ -348,11 +356,13 @@ mod tests {
         Arc::new(MemoryDevice::new(size, 512))
     }
 
-    /// A destination that takes a millisecond per write and records how many were in flight at most.
+    /// A destination that takes a millisecond per write and records how many were in flight at most, and how
+    /// many flushes it had.
     struct Gauge {
         inner: Arc<dyn BlockDevice>,
         now: std::sync::atomic::AtomicUsize,
         max: std::sync::atomic::AtomicUsize,
+        flushes: std::sync::atomic::AtomicUsize,
     }
     #[async_trait::async_trait]
     impl BlockDevice for Gauge {
@@ -383,6 +393,9 @@ mod tests {
             self.inner.deallocate(offset, len).await
         }
         async fn flush(&self) -> Result<(), crate::block::BlockError> {
+            // Only after every copy has finished.
+            assert_eq!(self.now.load(Ordering::SeqCst), 0);
+            self.flushes.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -410,6 +423,7 @@ mod tests {
                 inner: mem(64 << 20),
                 now: Default::default(),
                 max: Default::default(),
+                flushes: Default::default(),
             });
             let dst: Arc<dyn BlockDevice> = g.clone();
             let map = SegmentMap::full(64 << 20, 1 << 20);
@@ -419,6 +433,8 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(g.max.load(Ordering::SeqCst), want, "busy={busy}");
+            // The copies are made durable before the rebuild counts as done.
+            assert_eq!(g.flushes.load(Ordering::SeqCst), 1);
             assert_eq!(
                 dst.read(0, 64 << 20).await.unwrap(),
                 src.read(0, 64 << 20).await.unwrap()
@@ -486,6 +502,47 @@ mod tests {
             .await
             .unwrap();
         assert!(dst.read(0, 4 << 20).await.unwrap().iter().all(|&b| b == 7));
+    }
+
+    /// The sources a nexus offers change while a copy waits for its range lock (a write holding it faulted one).
+    struct Swappable(std::sync::Mutex<Vec<Arc<dyn BlockDevice>>>);
+    impl Source for Swappable {
+        fn pick(&self) -> Option<Arc<dyn BlockDevice>> {
+            self.0.lock().unwrap().first().cloned()
+        }
+        fn failed(&self, _: &Arc<dyn BlockDevice>, _: &str) {}
+    }
+
+    #[tokio::test]
+    async fn a_source_faulted_while_the_copy_waited_for_its_lock_is_not_read() {
+        // `stale` missed the write that faulted it (under the lock); `current` has it.
+        let stale = mem(1 << 20);
+        stale
+            .write(0, Bytes::from(vec![1u8; 1 << 20]))
+            .await
+            .unwrap();
+        let current = mem(1 << 20);
+        current
+            .write(0, Bytes::from(vec![2u8; 1 << 20]))
+            .await
+            .unwrap();
+        let source = Swappable(std::sync::Mutex::new(vec![stale]));
+        let dst = mem(1 << 20);
+        let map = SegmentMap::full(1 << 20, 1 << 20);
+        let lock = RangeLock::new();
+        let write = lock.exclusive(0..4096).await;
+        let progress = Progress::new(&map);
+        let cancel = CancellationToken::new();
+        let cfg = RebuildConfig::default();
+        let copy = run(&source, &dst, &map, &lock, &cfg, &progress, &cancel);
+        let fault = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            *source.0.lock().unwrap() = vec![current.clone()];
+            drop(write);
+        };
+        let (r, ()) = tokio::join!(copy, fault);
+        r.unwrap();
+        assert!(dst.read(0, 1 << 20).await.unwrap().iter().all(|&b| b == 2));
     }
 
     #[tokio::test]

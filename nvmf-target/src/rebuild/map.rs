@@ -137,6 +137,11 @@ impl SegmentMap {
             .resize(size.div_ceil(self.segment).div_ceil(64) as usize, 0);
     }
 
+    /// Unmarks every segment.
+    pub fn clear_all(&mut self) {
+        self.bits.fill(0);
+    }
+
     /// Marks everything `other` marks (same geometry).
     pub fn union(&mut self, other: &SegmentMap) {
         for (a, b) in self.bits.iter_mut().zip(&other.bits) {

@@ -43,6 +43,9 @@ const _: () =
 /// nvmf-perf each pinned to a core, RAM namespace, 4 KiB at QD32: no yield 102-123k reads and 104-121k writes; a
 /// yield every 8 completions 222-282k and 218-250k; every 4, 213k / 220k (more system calls); every 16, 173k / 183k.
 const COMPLETIONS_PER_YIELD: usize = 8;
+/// How long commands in flight when a connection ends may still run: past the 30 s that a nexus gives a child's
+/// I/O before it faults the child, so a replicated write has been decided by then.
+const INFLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
 /// How long a new connection may take to send its ICReq.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-capsule data allowed on the admin queue and for Fabrics commands, whatever IOCCSZ says.
@@ -183,6 +186,7 @@ pub(super) async fn serve(
         inflight: Inflight::new(),
     };
     q.run(&mut framed, &port_cancel, peer).await;
+    q.finish_inflight().await;
     q.close();
     drop(q);
     let _ = writer.await;
@@ -261,6 +265,27 @@ impl Queue {
         if self.qid.is_some_and(|q| q > 0) {
             let max = (self.shared.config.maxh2cdata as usize).max(ADMIN_IN_CAPSULE);
             framed.decoder_mut().set_max_data(max);
+        }
+    }
+
+    /// Lets the commands still in flight finish (their answers go nowhere). Dropped half way, a write to a
+    /// replicated volume could have reached some replicas and not others, with nothing recorded to bring them
+    /// together again: a host whose connection drops must find each block either old or new on every replica.
+    /// Bounded, in case one never ends.
+    async fn finish_inflight(&mut self) {
+        if self.inflight.len() == 0 {
+            return;
+        }
+        let n = self.inflight.len();
+        let drain = async {
+            while self.inflight.len() > 0 {
+                let _ = self.inflight.next().await;
+            }
+        };
+        if tokio::time::timeout(INFLIGHT_GRACE, drain).await.is_err() {
+            tracing::warn!(qid = ?self.qid, left = self.inflight.len(), "commands still running after the connection closed; dropped");
+        } else {
+            tracing::debug!(qid = ?self.qid, commands = n, "commands in flight at close finished");
         }
     }
 

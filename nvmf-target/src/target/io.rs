@@ -159,6 +159,16 @@ pub(super) async fn execute(
     r
 }
 
+/// After a write: flushes the device when the command asked for Force Unit Access, or when the host turned the
+/// volatile write cache off (Set Features 06h), so that the write is durable before it is acknowledged.
+async fn durable(ctrl: &Controller, ns: &Namespace, sqe: &Sqe) -> Result<(), (BlockError, bool)> {
+    if sqe.fua() || !ctrl.write_cache() {
+        ns.device.flush().await.map_err(|e| (e, false))
+    } else {
+        Ok(())
+    }
+}
+
 async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -> Response {
     let cid = sqe.cid();
     let bs = u64::from(ns.device.block_size());
@@ -179,20 +189,15 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             if r.is_ok() {
                 c.write_commands.fetch_add(1, Ordering::Relaxed);
                 c.bytes_written.fetch_add(len, Ordering::Relaxed);
-                if sqe.fua() {
-                    ns.device.flush().await.map_err(|e| (e, false))
-                } else {
-                    Ok(())
-                }
+                durable(&ctrl, &ns, &sqe).await
             } else {
                 r.map_err(|e| (e, false))
             }
         }
-        io::WRITE_ZEROES => ns
-            .device
-            .write_zeroes(offset, len)
-            .await
-            .map_err(|e| (e, false)),
+        io::WRITE_ZEROES => match ns.device.write_zeroes(offset, len).await {
+            Ok(()) => durable(&ctrl, &ns, &sqe).await,
+            Err(e) => Err((e, false)),
+        },
         io::FLUSH => ns.device.flush().await.map_err(|e| (e, false)),
         io::DATASET_MANAGEMENT => dataset_management(&ns, &sqe, data).await,
         io::RESERVATION_REPORT => {

@@ -97,6 +97,18 @@ async fn bad_arguments_are_invalid_argument() {
         c.add_namespace(mem_ns(NQN, 0)).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    // Larger than the machine's memory (its chunk table alone would abort the engine): refused, and the engine
+    // still answers.
+    assert_eq!(
+        c.add_namespace(mem_ns(NQN, 1 << 60))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    c.list_subsystems(pb::ListSubsystemsRequest {})
+        .await
+        .unwrap();
     let mut ns = mem_ns(NQN, 1 << 20);
     ns.backend.as_mut().unwrap().block_size = 1000;
     assert_eq!(

@@ -6,6 +6,8 @@
 mod api;
 mod bad_input;
 mod binary;
+mod disconnect;
+mod durability;
 mod edges;
 mod events;
 mod fencing;

@@ -901,6 +901,8 @@ async fn a_restarted_nexus_gives_a_returning_replica_a_partial_rebuild() {
     publish(&mut api, &vol).await.unwrap();
     let ns = open_volume(&nexus_node, &vol).await;
     ns.write(0, pattern(1, 32 << 20)).await.unwrap();
+    // Flushed: writes a replica had not flushed when it went away are copied again too.
+    ns.flush().await.unwrap();
 
     // Replica 3 freezes; the next write faults it after the I/O timeout, and three segments change meanwhile.
     replicas[2].0.signal("-STOP");

@@ -409,6 +409,8 @@ async fn a_replica_away_for_seconds_catches_up_with_a_partial_rebuild() {
     for i in 0..BIG / (8 << 20) {
         vol.write(i * (8 << 20), block(i, 8 << 20)).await.unwrap();
     }
+    // Flushed: writes a replica had not flushed when it went away are copied again too.
+    vol.flush().await.unwrap();
 
     e3.signal("-STOP");
     // 2.5 MiB (about 1 % of 256 MiB) while the replica is away: segments 100, 101 and 102.
