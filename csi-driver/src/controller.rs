@@ -470,18 +470,19 @@ impl Controller for ControllerService {
             return Ok(done);
         };
         let _held = self.inflight.hold(&uuid.to_string())?;
-        let Some(v) = self.get(uuid).await? else {
+        // A volume that does not exist is published nowhere.
+        if self.get(uuid).await?.is_none() {
             return Ok(done);
-        };
-        // Not published, or not to the node named: nothing to do here. No node named: from every node.
+        }
+        // Always the agent's to decide, even when the volume shows no host: it lists hosts only once a publish has
+        // finished, and one left unfinished (the agent restarted midway) still records its host, which the volume's
+        // next publish completes. Unpublishing a host the volume does not have changes nothing. No node named: from
+        // every node.
         let host = if r.node_id.is_empty() {
             String::new()
         } else {
             proto::names::kernel_host_nqn(&r.node_id)
         };
-        if v.host_nqns.is_empty() || (!host.is_empty() && !v.host_nqns.contains(&host)) {
-            return Ok(done);
-        }
         tracing::info!(%uuid, node = %r.node_id, "ControllerUnpublishVolume");
         match self
             .agent

@@ -138,6 +138,12 @@ impl Kernel {
         None
     }
 
+    /// Whether block device `dev` ("major:minor") exists on this node. A mount whose device is gone (its
+    /// namespace removed under it) belongs to no live volume.
+    pub fn block_device_exists(&self, dev: &str) -> bool {
+        !dev.is_empty() && self.sys.join("dev/block").join(dev).exists()
+    }
+
     /// Waits up to `limit` for the device of namespace `uuid` to appear (the kernel scans namespaces after the
     /// connect returns).
     pub fn wait_device(&self, uuid: &str, limit: Duration) -> Option<Device> {

@@ -2,10 +2,13 @@
 //! first bytes) so that a restarted plugin knows what is staged and published, and changed with the system's own
 //! tools (`mount`, `umount`, `mkfs.ext4`, `mkfs.xfs`, `resize2fs`, `xfs_growfs`). A file system is made only on a blank device: one whose
 //! first 64 KiB are zeros (a new thin volume reads zeros); anything else that is not ext4 or xfs is left alone.
+//! [`Mounts`] is the mount table and the tools that change it, as a value (the system's, or a test's), like
+//! [`crate::kernel::Kernel`] for sysfs; paths go to `mount` and `umount` after `--`, never as options.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// One line of mountinfo.
@@ -72,15 +75,86 @@ pub fn parse(text: &str) -> Vec<Mount> {
         .collect()
 }
 
-/// The mounts of this process's mount namespace.
-pub fn table() -> Vec<Mount> {
-    parse(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+/// Runs a tool: program, arguments, how long it may take (see [`run`]).
+pub type Tool = Arc<dyn Fn(&str, &[&str], Duration) -> Result<(), String> + Send + Sync>;
+
+/// The mount table this process sees and the tools that change it.
+#[derive(Clone)]
+pub struct Mounts {
+    /// `/proc/self/mountinfo`.
+    pub mountinfo: PathBuf,
+    /// Runs `mount` and `umount`: [`run`].
+    pub tool: Tool,
 }
 
-/// The topmost mount at `path`, if any.
-pub fn at(path: &Path) -> Option<Mount> {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    table().into_iter().rev().find(|m| m.target == path)
+impl Mounts {
+    /// This process's mount namespace and the system's tools.
+    pub fn system() -> Mounts {
+        Mounts {
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            tool: Arc::new(run),
+        }
+    }
+
+    /// The mounts, in mountinfo's order (a mount stacked on another comes after it).
+    pub fn table(&self) -> Vec<Mount> {
+        parse(&std::fs::read_to_string(&self.mountinfo).unwrap_or_default())
+    }
+
+    /// The topmost mount at `path`, if any.
+    pub fn at(&self, path: &Path) -> Option<Mount> {
+        let path = canonical(path);
+        self.table().into_iter().rev().find(|m| m.target == path)
+    }
+
+    /// Mounts `source` at `target` with type `fs` (empty: none, e.g. a bind) and `options`.
+    pub fn mount(
+        &self,
+        source: &str,
+        target: &Path,
+        fs: &str,
+        options: &[String],
+    ) -> Result<(), String> {
+        let t = target.to_string_lossy();
+        let opts = options.join(",");
+        let mut args: Vec<&str> = Vec::new();
+        if !fs.is_empty() {
+            args.extend(["-t", fs]);
+        }
+        if !opts.is_empty() {
+            args.extend(["-o", &opts]);
+        }
+        args.extend(["--", source, &t]);
+        (self.tool)("mount", &args, Duration::from_secs(120))
+    }
+
+    /// Makes the bind mount at `target` read-only.
+    pub fn remount_read_only(&self, target: &Path) -> Result<(), String> {
+        (self.tool)(
+            "mount",
+            &["-o", "remount,bind,ro", "--", &target.to_string_lossy()],
+            Duration::from_secs(60),
+        )
+    }
+
+    /// Unmounts the topmost mount at `target` within `limit`.
+    pub fn umount(&self, target: &Path, limit: Duration) -> Result<(), String> {
+        (self.tool)("umount", &["--", &target.to_string_lossy()], limit)
+    }
+
+    /// Detaches the topmost mount at `target` now, however busy (the file system goes once unused).
+    pub fn umount_lazy(&self, target: &Path) -> Result<(), String> {
+        (self.tool)(
+            "umount",
+            &["-l", "--", &target.to_string_lossy()],
+            Duration::from_secs(30),
+        )
+    }
+}
+
+/// `path` as mountinfo names it: symbolic links resolved (as given when it does not exist).
+pub fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// What a device holds.
@@ -190,26 +264,6 @@ pub fn grow_fs(fs: &str, dev: &Path, mountpoint: &Path) -> Result<(), String> {
     }
 }
 
-/// Mounts `source` at `target` with type `fs` (empty: none, e.g. a bind) and `options`.
-pub fn mount(source: &str, target: &Path, fs: &str, options: &[String]) -> Result<(), String> {
-    let t = target.to_string_lossy();
-    let opts = options.join(",");
-    let mut args: Vec<&str> = Vec::new();
-    if !fs.is_empty() {
-        args.extend(["-t", fs]);
-    }
-    if !opts.is_empty() {
-        args.extend(["-o", &opts]);
-    }
-    args.extend([source, &t]);
-    run("mount", &args, Duration::from_secs(120))
-}
-
-/// Unmounts `target` within `limit`.
-pub fn umount(target: &Path, limit: Duration) -> Result<(), String> {
-    run("umount", &[&target.to_string_lossy()], limit)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +313,50 @@ mod tests {
         assert!(e.contains("nope"), "{e}");
         let e = run("sleep", &["5"], Duration::from_millis(100)).unwrap_err();
         assert!(e.contains("did not finish"), "{e}");
+    }
+
+    #[test]
+    fn paths_reach_the_tools_after_a_double_dash() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = calls.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let mountinfo = dir.path().join("mountinfo");
+        std::fs::write(
+            &mountinfo,
+            "1 0 254:0 / / rw - ext4 /dev/vda rw\n\
+             2 1 259:1 / /-o rw - ext4 /dev/nvme0n1 rw\n\
+             3 2 259:1 / /-o ro - ext4 /dev/nvme0n1 rw\n",
+        )
+        .unwrap();
+        let m = Mounts {
+            mountinfo,
+            tool: Arc::new(move |program: &str, args: &[&str], _| {
+                seen.lock()
+                    .unwrap()
+                    .push(format!("{program} {}", args.join(" ")));
+                Ok(())
+            }),
+        };
+        m.mount("/dev/nvme0n1", Path::new("/-o"), "ext4", &["ro".into()])
+            .unwrap();
+        m.mount("/-o", Path::new("/pods/-t"), "", &["bind".into()])
+            .unwrap();
+        m.remount_read_only(Path::new("/-o")).unwrap();
+        m.umount(Path::new("/-o"), Duration::from_secs(1)).unwrap();
+        m.umount_lazy(Path::new("/-o")).unwrap();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                "mount -t ext4 -o ro -- /dev/nvme0n1 /-o",
+                "mount -o bind -- /-o /pods/-t",
+                "mount -o remount,bind,ro -- /-o",
+                "umount -- /-o",
+                "umount -l -- /-o",
+            ]
+        );
+        // The topmost of the mounts stacked at a path.
+        assert!(m.at(Path::new("/-o")).unwrap().read_only());
+        assert_eq!(m.table().len(), 3);
+        assert!(m.at(Path::new("/nowhere")).is_none());
     }
 }

@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::Parser;
 use csi_driver::agent::Agent;
 use csi_driver::kernel::Kernel;
+use csi_driver::mounts::Mounts;
 use csi_driver::node::NodeService;
 use csi_driver::server::{self, Mode};
 
@@ -88,6 +89,7 @@ async fn main() -> Result<()> {
             n,
             args.max_volumes,
             Kernel::new(&args.sys, &args.fabrics, "/dev"),
+            Mounts::system(),
         )
     });
     server::serve(listener, args.mode, agent, node, shutdown).await

@@ -648,6 +648,101 @@ async fn a_raw_block_volume_is_published_to_several_nodes_at_once() {
     crate::harness::pools_empty(&c).await;
 }
 
+/// A publish the cluster agent did not finish (it died once the nexus was recorded for the node, and the nexus's
+/// engine is away, so the next agent cannot finish it yet) leaves the volume listing no node, while the agent's
+/// record still holds the nexus for that node. ControllerUnpublishVolume from that node must reach the agent all the
+/// same: otherwise, once the engine is back, the agent finishes the publish and the volume stays exported to a node
+/// the CO let go of (and cannot go to another one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_publish_is_undone_by_unpublishing_its_node() {
+    let mut c = Cluster::start(1).await;
+    let mut ctl = c.controller().await;
+    let v = ctl
+        .create_volume(create("pvc-unfinished", 8 * MIB, &[("repl", "1")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let publish = |node: &str| ControllerPublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: node.into(),
+        volume_capability: Some(cap(Mode::SingleNodeWriter, false)),
+        ..Default::default()
+    };
+    let nodes = |g: ControllerGetVolumeResponse| g.status.unwrap().published_node_ids;
+
+    c.restart_agent("agent-armed", "publish.nexus-recorded=return")
+        .await;
+    c.wait_online(1).await;
+    let r = ctl.controller_publish_volume(publish("worker-1")).await;
+    assert!(r.is_err(), "the publish went through: {r:?}");
+    c.agent
+        .wait_for_log(
+            "failpoint publish.nexus-recorded: killing the agent",
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    c.pause_engine(0, true);
+    c.restart_agent("agent-after", "").await;
+    let t = Instant::now();
+    while c
+        .nodes()
+        .await
+        .iter()
+        .any(|n| n.state == pb::NodeState::Online as i32)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the paused engine's node stays Online"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(nodes(get(&mut ctl, &v.volume_id).await).is_empty());
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "worker-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // The engine back: the agent heals what its record holds (a few sweeps), and worker-1 is not in it.
+    c.pause_engine(0, false);
+    c.wait_online(1).await;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        let got = nodes(get(&mut ctl, &v.volume_id).await);
+        assert!(
+            got.is_empty(),
+            "published to {got:?} after ControllerUnpublishVolume"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Free for another node (single-node: it could not go while worker-1 held it).
+    let ctx = ctl
+        .controller_publish_volume(publish("worker-2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    assert_eq!(ctx["hostNqn"], "nqn.2026-11.io.keelson:host-worker-2");
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "worker-2".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    crate::harness::pools_empty(&c).await;
+}
+
 pub async fn get(ctl: &mut ControllerClient<Channel>, id: &str) -> ControllerGetVolumeResponse {
     ctl.controller_get_volume(ControllerGetVolumeRequest {
         volume_id: id.into(),

@@ -1,6 +1,7 @@
 //! A real cluster for the CSI tests: a cluster agent on the embedded store, io-engines `csi-1`.. on 127.0.0.<i>
 //! with a 256 MiB file pool each, and csi-driver serving on a Unix socket in a temporary directory; clients for
-//! the CSI services over that socket and for the cluster API.
+//! the CSI services over that socket and for the cluster API. A test can restart the agent on its store (with
+//! failpoints armed) and pause an engine.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -83,32 +84,41 @@ pub async fn connect(socket: &Path) -> Channel {
     }
 }
 
+/// The cluster agent serving on `grpc`, its store under `dir`, its log `<log>.log`; `failpoints`: the failpoints
+/// armed (`FAILPOINTS`, `ha_agent::cluster::failpoint`; empty: none).
+fn cluster_agent(dir: &Path, log: &str, grpc: &str, failpoints: &str) -> Process {
+    let mut cmd = Command::new(e2e::bins::path("cluster-agent"));
+    cmd.args([
+        "--name",
+        "agent",
+        "--data-dir",
+        &dir.join("agent").display().to_string(),
+        "--grpc",
+        grpc,
+        "--heartbeat-ms",
+        "200",
+        "--node-timeout-ms",
+        "800",
+        "--engine-timeout-ms",
+        "2000",
+        "--lease-ttl-ms",
+        "1000",
+        "--sweep-ms",
+        "500",
+    ]);
+    if !failpoints.is_empty() {
+        cmd.env("FAILPOINTS", failpoints);
+    }
+    Process::spawn(log, cmd, dir).unwrap()
+}
+
 impl Cluster {
     /// Starts `engines` io-engines, the agent and the driver; returns once every node is Online.
     pub async fn start(engines: u32) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port("127.0.0.1");
         let agent_url = format!("http://127.0.0.1:{port}");
-        let mut cmd = Command::new(e2e::bins::path("cluster-agent"));
-        cmd.args([
-            "--name",
-            "agent",
-            "--data-dir",
-            &dir.path().join("agent").display().to_string(),
-            "--grpc",
-            &format!("127.0.0.1:{port}"),
-            "--heartbeat-ms",
-            "200",
-            "--node-timeout-ms",
-            "800",
-            "--engine-timeout-ms",
-            "2000",
-            "--lease-ttl-ms",
-            "1000",
-            "--sweep-ms",
-            "500",
-        ]);
-        let agent = Process::spawn("agent", cmd, dir.path()).unwrap();
+        let agent = cluster_agent(dir.path(), "agent", &format!("127.0.0.1:{port}"), "");
         let engines: Vec<Process> = (1..=engines)
             .map(|i| engine(dir.path(), i, &agent_url))
             .collect();
@@ -124,6 +134,44 @@ impl Cluster {
         };
         c.wait_online(c.engines.len()).await;
         c
+    }
+
+    /// Stops the cluster agent (SIGTERM; one that died already is only reaped) and starts another on its store and
+    /// address, with `failpoints` armed, logging to `<log>.log`; returns once it leads and answers.
+    pub async fn restart_agent(&mut self, log: &str, failpoints: &str) {
+        self.agent.terminate(Duration::from_secs(10)).unwrap();
+        let grpc = self.agent_url.trim_start_matches("http://").to_string();
+        self.agent = cluster_agent(self.dir.path(), log, &grpc, failpoints);
+        self.nodes().await;
+    }
+
+    /// The nodes as the leading agent lists them (waiting for one to lead).
+    pub async fn nodes(&self) -> Vec<proto::cluster::Node> {
+        let t = Instant::now();
+        loop {
+            if let Ok(mut c) = ClusterClient::connect(self.agent_url.clone()).await
+                && let Ok(r) = c.list_nodes(proto::cluster::ListNodesRequest {}).await
+            {
+                return r.into_inner().nodes;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no agent leads:\n{}",
+                self.agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) io-engine `i` (0-based): a stopped engine keeps its sockets and
+    /// answers nothing.
+    pub fn pause_engine(&self, i: usize, paused: bool) {
+        let sig = if paused { "-STOP" } else { "-CONT" };
+        let st = Command::new("kill")
+            .args([sig, &self.engines[i].pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} engine {i}: {st}");
     }
 
     pub async fn cluster(&self) -> ClusterClient<Channel> {

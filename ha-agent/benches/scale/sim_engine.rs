@@ -170,7 +170,8 @@ impl SimEngine {
             let reg = cpb::RegisterRequest {
                 node: self.name.clone(),
                 engine_endpoint: self.endpoint.clone(),
-                nvmf_listeners: vec![format!("{}:4420", self.name)],
+                // Recorded, never connected to (the agent takes only an IP address and a port).
+                nvmf_listeners: vec!["127.0.0.1:4420".into()],
                 cntlid_min: 1,
                 cntlid_max: 0xffef,
                 pools: self.pools().into_iter().map(to_cluster_pool).collect(),

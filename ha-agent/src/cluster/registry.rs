@@ -200,6 +200,17 @@ impl Registry {
                 "engine_endpoint and instance are required".into(),
             ));
         }
+        // Hosts connect to these as they are (the kernel's traddr and trsvcid): an IP address and a port, nothing
+        // that could carry other connect options.
+        if let Some(bad) = spec
+            .nvmf_listeners
+            .iter()
+            .find(|l| l.parse::<std::net::SocketAddr>().is_err())
+        {
+            return Err(RegistryError::InvalidArgument(format!(
+                "NVMe/TCP listener {bad:?} is not an IP address and port"
+            )));
+        }
         if spec.cntlid_min == 0 || spec.cntlid_min > spec.cntlid_max || spec.cntlid_max > 0xFFEF {
             return Err(RegistryError::InvalidArgument(format!(
                 "controller ID range {}-{} is not within 1-65519",

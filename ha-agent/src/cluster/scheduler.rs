@@ -67,8 +67,8 @@ pub fn place(
                     && p.committed.saturating_add(size) <= p.capacity
             })
             .map(|p| {
-                let after =
-                    (p.committed + size) as u128 * 1_000_000 / u128::from(p.capacity.max(1));
+                let after = (u128::from(p.committed) + u128::from(size)) * 1_000_000
+                    / u128::from(p.capacity.max(1));
                 (after as u64, p.name.clone())
             })
             .min();

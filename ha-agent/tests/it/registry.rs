@@ -399,6 +399,15 @@ async fn bad_registrations_and_unknown_nodes_get_precise_codes() {
             cntlid_max: 0xFFFF,
             ..good.clone()
         },
+        // A listener that would carry its own connect options to every host.
+        pb::RegisterRequest {
+            nvmf_listeners: vec!["10.0.0.1:4420,hostnqn=nqn.x".into()],
+            ..good.clone()
+        },
+        pb::RegisterRequest {
+            nvmf_listeners: vec!["storage-1:4420".into()],
+            ..good.clone()
+        },
     ] {
         assert_eq!(
             code(reg.register(bad.clone()).await),

@@ -1,0 +1,230 @@
+//! The Node service, run on every node where pods mount volumes (next to the kernel): NodeStageVolume connects the
+//! kernel to every address the controller's publish gave (native NVMe multipath), finds the device by the volume's
+//! UUID, makes a file system only on a blank device and mounts it at the staging path; NodePublishVolume bind-mounts
+//! it (or, for a raw block volume, the device node) where the pod wants it; NodeExpandVolume has the kernel rescan
+//! the grown namespace and grows the mounted file system online. Every answer comes from what the node
+//! can see (mountinfo, sysfs), so a restarted plugin picks up where the last one was. Calls that could wait for
+//! I/O forever (unmounting a file system whose paths are gone) remove the paths first, so they fail instead.
+//!
+//! The plugin runs as root on paths and a publish context the CO sends, so it trusts neither: every path is
+//! absolute without `..`; the publish context's host NQN and addresses cannot add options to the kernel's connect;
+//! a mount is this volume's only when it is the file system on the volume's device or the volume's device node
+//! (the device found by UUID in sysfs). Publish binds only this volume's staging mount; unpublish takes down only
+//! this volume's mounts and removes only what publish makes (an empty directory or file); unstage unmounts only this
+//! volume's staging mount, and keeps the volume's paths when nothing of it is at the staging path it was given but it
+//! is mounted elsewhere. Mounts of a device that is gone (paths removed by hand) are taken off, so pods can end.
+//!
+//! Files: `request` (checks of what the CO sends), `belongs` (whether a mount is a volume's), `stage`, `publish`,
+//! `expand` (and stats); this file holds the gRPC service.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::csi::node_server::Node;
+use proto::csi::node_service_capability::rpc::Type as RpcType;
+use proto::csi::node_service_capability::{Rpc, Type as CapType};
+use proto::csi::volume_capability::access_mode::Mode;
+use proto::csi::volume_capability::{AccessType, MountVolume};
+use proto::csi::*;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::kernel::{Device, Kernel};
+use crate::mounts::{self, Content, Mount, Mounts};
+use crate::params;
+use crate::serial::InFlight;
+
+mod belongs;
+mod expand;
+mod publish;
+mod request;
+mod stage;
+#[cfg(test)]
+mod tests;
+
+use belongs::*;
+use expand::*;
+use publish::*;
+use request::*;
+use stage::*;
+
+/// How long a staged volume's device may take to appear after its connect.
+const DEVICE_WAIT: Duration = Duration::from_secs(20);
+
+pub struct NodeService {
+    node: String,
+    max_volumes: i64,
+    kernel: Arc<Kernel>,
+    mounts: Arc<Mounts>,
+    inflight: InFlight,
+}
+
+impl NodeService {
+    /// The node service of node `node`, on `kernel`'s NVMe/TCP host and `mounts`' mount table.
+    pub fn new(node: String, max_volumes: i64, kernel: Kernel, mounts: Mounts) -> NodeService {
+        NodeService {
+            node,
+            max_volumes,
+            kernel: Arc::new(kernel),
+            mounts: Arc::new(mounts),
+            inflight: InFlight::default(),
+        }
+    }
+}
+
+/// Runs blocking work (syscalls, tools) off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("node task failed: {e}")))?
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        req: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let uuid = volume(&r.volume_id)?;
+        let staging = required(&r.staging_target_path, "staging_target_path")?;
+        let cap = capability(r.volume_capability.as_ref())?;
+        let (nqn, addresses, host_nqn) = context(&r.publish_context, uuid)?;
+        let s = Stage {
+            uuid,
+            nqn,
+            addresses,
+            host_nqn,
+            staging,
+            cap,
+            fs_default: r.volume_context.get("fsType").cloned(),
+        };
+        let _held = self.inflight.hold(&uuid.to_string())?;
+        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
+        blocking(move || stage(&k, &mt, s)).await?;
+        Ok(Response::new(NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let uuid = volume(&r.volume_id)?;
+        let staging = required(&r.staging_target_path, "staging_target_path")?;
+        let _held = self.inflight.hold(&uuid.to_string())?;
+        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
+        blocking(move || unstage(&k, &mt, uuid, &staging)).await?;
+        Ok(Response::new(NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let uuid = volume(&r.volume_id)?;
+        let staging = required(&r.staging_target_path, "staging_target_path")?;
+        let target = required(&r.target_path, "target_path")?;
+        let cap = capability(r.volume_capability.as_ref())?;
+        let _held = self.inflight.hold(&uuid.to_string())?;
+        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
+        blocking(move || publish(&k, &mt, uuid, &staging, &target, &cap, r.readonly)).await?;
+        Ok(Response::new(NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let uuid = volume(&r.volume_id)?;
+        let target = required(&r.target_path, "target_path")?;
+        let _held = self.inflight.hold(&uuid.to_string())?;
+        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
+        blocking(move || unpublish(&k, &mt, uuid, &target)).await?;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let uuid = volume(&r.volume_id)?;
+        let path = required(&r.volume_path, "volume_path")?;
+        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
+        Ok(Response::new(
+            blocking(move || stats(&k, &mt, uuid, &path)).await?,
+        ))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let uuid = volume(&r.volume_id)?;
+        let path = required(&r.volume_path, "volume_path")?;
+        if let Some(c) = &r.volume_capability {
+            params::check_capability(c).map_err(invalid)?;
+        }
+        let want = match &r.capacity_range {
+            Some(c) if c.required_bytes < 0 || c.limit_bytes < 0 => {
+                return Err(invalid("capacity_range: negative bytes"));
+            }
+            Some(c) => c.required_bytes as u64,
+            None => 0,
+        };
+        let staging = match r.staging_target_path.as_str() {
+            "" => None,
+            s => Some(required(s, "staging_target_path")?),
+        };
+        let _held = self.inflight.hold(&uuid.to_string())?;
+        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
+        let size = blocking(move || expand(&k, &mt, uuid, &path, staging.as_deref(), want)).await?;
+        Ok(Response::new(NodeExpandVolumeResponse {
+            capacity_bytes: size as i64,
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let capabilities = [
+            RpcType::StageUnstageVolume,
+            RpcType::GetVolumeStats,
+            RpcType::VolumeCondition,
+            RpcType::SingleNodeMultiWriter,
+            RpcType::ExpandVolume,
+        ]
+        .into_iter()
+        .map(|t| NodeServiceCapability {
+            r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.node.clone(),
+            max_volumes_per_node: self.max_volumes,
+            accessible_topology: Some(Topology {
+                segments: [(
+                    proto::names::TOPOLOGY_NODE_KEY.to_string(),
+                    self.node.clone(),
+                )]
+                .into(),
+            }),
+        }))
+    }
+}

@@ -1,0 +1,170 @@
+//! NodePublishVolume and NodeUnpublishVolume: the staged file system (or the device node) bound where the pod
+//! wants it, and taken off again.
+
+use super::*;
+
+pub(super) fn publish(
+    k: &Kernel,
+    mt: &Mounts,
+    uuid: Uuid,
+    staging: &Path,
+    target: &Path,
+    cap: &VolumeCapability,
+    readonly: bool,
+) -> Result<(), Status> {
+    let ro = readonly || read_only_mode(cap);
+    let block = matches!(cap.access_type, Some(AccessType::Block(_)));
+    let not_staged =
+        || Status::failed_precondition(format!("volume {uuid} is not staged on this node"));
+    let dev = k.device(&uuid.to_string()).ok_or_else(not_staged)?;
+    let source = if block {
+        if !dev.path.exists() {
+            return Err(not_staged());
+        }
+        dev.path.clone()
+    } else {
+        match mt.at(staging) {
+            Some(m) if fs_of(&m, &dev) => staging.to_path_buf(),
+            Some(m) => {
+                return Err(Status::failed_precondition(not_this(
+                    staging,
+                    &m,
+                    uuid,
+                    Some(&dev),
+                )));
+            }
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {uuid} is not staged at {}",
+                    staging.display()
+                )));
+            }
+        }
+    };
+    // Published already: the same volume the same way is done; another volume, or this one another way, is "published
+    // but incompatible".
+    if let Some(m) = mt.at(target) {
+        let same = if block {
+            node_of(&m, &dev)
+        } else {
+            fs_of(&m, &dev)
+        };
+        if !same {
+            return Err(Status::already_exists(format!(
+                "{} holds {} ({}), not volume {uuid} as a {}",
+                target.display(),
+                m.source,
+                m.dev,
+                if block {
+                    "raw block volume"
+                } else {
+                    "file system"
+                }
+            )));
+        }
+        return if m.read_only() == ro {
+            Ok(())
+        } else {
+            Err(Status::already_exists(format!(
+                "{} is published {}",
+                target.display(),
+                if m.read_only() {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            )))
+        };
+    }
+    let made = if block {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map(drop)
+    } else {
+        std::fs::create_dir_all(target)
+    };
+    made.map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
+    mt.mount(&source.to_string_lossy(), target, "", &["bind".into()])
+        .map_err(Status::internal)?;
+    if ro {
+        mt.remount_read_only(target).map_err(Status::internal)?;
+    }
+    tracing::info!(volume = %uuid, ro, block, "published");
+    Ok(())
+}
+
+/// Unpublishes volume `uuid` from `target`: its mounts of this volume taken off, then what publish made there (an
+/// empty directory, or an empty file for a raw block volume) removed. A mount of anything else, or anything else at
+/// the path, is left as it is (FAILED_PRECONDITION: the path is sound, what the node holds there is not this
+/// volume's publish); nothing there is done.
+pub(super) fn unpublish(k: &Kernel, mt: &Mounts, uuid: Uuid, target: &Path) -> Result<(), Status> {
+    let left = |why: &str| {
+        Status::failed_precondition(format!(
+            "{} {why}, not a publish of volume {uuid}: left as it is",
+            target.display()
+        ))
+    };
+    match std::fs::symlink_metadata(target) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::info!(volume = %uuid, "nothing published there: unpublished");
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(Status::internal(format!(
+                "reading {}: {e}",
+                target.display()
+            )));
+        }
+        Ok(m) if m.file_type().is_symlink() => return Err(left("is a symbolic link")),
+        Ok(_) => {}
+    }
+    let dev = k.device(&uuid.to_string());
+    for _ in 0..MAX_STACKED {
+        let Some(m) = mt.at(target) else { break };
+        // A bind of a file system whose device is gone (the volume's paths removed by hand) is no live volume's:
+        // taken off, or the pod using it would never end.
+        if dev.is_none() && !k.block_device_exists(&m.dev) {
+            tracing::warn!(volume = %uuid, mount = %m.dev, "the published mount's device is gone: detaching it lazily");
+            mt.umount_lazy(target).map_err(Status::internal)?;
+            continue;
+        }
+        if !dev.as_ref().is_some_and(|d| holds(&m, d)) {
+            return Err(Status::failed_precondition(not_this(
+                target,
+                &m,
+                uuid,
+                dev.as_ref(),
+            )));
+        }
+        mt.umount(target, Duration::from_secs(60))
+            .map_err(Status::internal)?;
+    }
+    if mt.at(target).is_some() {
+        return Err(Status::internal(format!(
+            "{} is still mounted after {MAX_STACKED} unmounts",
+            target.display()
+        )));
+    }
+    let meta = std::fs::symlink_metadata(target)
+        .map_err(|e| Status::internal(format!("reading {}: {e}", target.display())))?;
+    let removed = if meta.is_dir() {
+        let empty = std::fs::read_dir(target)
+            .map_err(|e| Status::internal(format!("reading {}: {e}", target.display())))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(left("is a directory that is not empty"));
+        }
+        std::fs::remove_dir(target)
+    } else if meta.is_file() && meta.len() == 0 {
+        std::fs::remove_file(target)
+    } else {
+        return Err(left("is not an empty file"));
+    };
+    removed.map_err(|e| Status::internal(format!("removing {}: {e}", target.display())))?;
+    tracing::info!(volume = %uuid, "unpublished");
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! NodeStageVolume and NodeUnstageVolume: the kernel's paths to the volume, its file system at the staging path.
+
+use super::*;
+
+/// What NodeStageVolume needs, taken from the request.
+pub(super) struct Stage {
+    pub(super) uuid: Uuid,
+    pub(super) nqn: String,
+    pub(super) addresses: Vec<String>,
+    pub(super) host_nqn: String,
+    pub(super) staging: PathBuf,
+    pub(super) cap: VolumeCapability,
+    pub(super) fs_default: Option<String>,
+}
+
+pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
+    match std::fs::metadata(&s.staging) {
+        Ok(m) if !m.is_dir() => {
+            return Err(invalid(format!(
+                "staging_target_path {} is not a directory",
+                s.staging.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(_) => std::fs::create_dir_all(&s.staging)
+            .map_err(|e| Status::internal(format!("creating {}: {e}", s.staging.display())))?,
+    }
+    let mount = match &s.cap.access_type {
+        Some(AccessType::Mount(m)) => Some(m.clone()),
+        _ => None,
+    };
+    let fs = mount
+        .as_ref()
+        .map(|m| m.fs_type.clone())
+        .filter(|f| !f.is_empty())
+        .or(s.fs_default.clone())
+        .unwrap_or_else(|| "ext4".into());
+    let staged = mt.at(&s.staging);
+    // Already staged (a retry, or a restarted plugin): the same volume the same way is done, anything else is not.
+    if let Some(m) = &staged {
+        let dev = k.device(&s.uuid.to_string());
+        let same_device = dev.as_ref().is_some_and(|d| d.dev == m.dev);
+        return match (&mount, same_device) {
+            (Some(_), true) if m.fs_type == fs && m.read_only() == read_only_mode(&s.cap) => Ok(()),
+            (Some(_), true) => Err(Status::already_exists(format!(
+                "volume {} is staged at {} as {} ({}); asked for {fs}{}",
+                s.uuid,
+                s.staging.display(),
+                m.fs_type,
+                if m.read_only() {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+                if read_only_mode(&s.cap) {
+                    ", read-only"
+                } else {
+                    ""
+                }
+            ))),
+            (None, true) => Err(Status::already_exists(format!(
+                "volume {} is staged at {} as a file system; asked for a raw block volume",
+                s.uuid,
+                s.staging.display()
+            ))),
+            (_, false) => Err(Status::already_exists(format!(
+                "{} has another device mounted ({})",
+                s.staging.display(),
+                m.source
+            ))),
+        };
+    }
+    let errors = k
+        .connect(&s.nqn, &s.addresses, &s.host_nqn)
+        .map_err(|e| Status::unavailable(format!("connecting volume {}: {e}", s.uuid)))?;
+    if !errors.is_empty() {
+        tracing::warn!(volume = %s.uuid, ?errors, "some paths did not connect");
+    }
+    let dev = k
+        .wait_device(&s.uuid.to_string(), DEVICE_WAIT)
+        .ok_or_else(|| {
+            Status::unavailable(format!(
+                "connected to {}, but the kernel shows no namespace with UUID {} (paths: {})",
+                s.nqn,
+                s.uuid,
+                k.paths(&s.nqn)
+            ))
+        })?;
+    let Some(MountVolume { mount_flags, .. }) = mount else {
+        tracing::info!(volume = %s.uuid, device = %dev.path.display(), "staged a raw block volume");
+        return Ok(());
+    };
+    match mounts::probe(&dev.path)
+        .map_err(|e| Status::internal(format!("reading {}: {e}", dev.path.display())))?
+    {
+        Content::Blank => {
+            tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "making a file system on a blank volume");
+            mounts::mkfs(&fs, &dev.path).map_err(Status::internal)?;
+        }
+        Content::Fs(have) if have == fs => {}
+        Content::Fs(have) => {
+            return Err(Status::failed_precondition(format!(
+                "volume {} holds an {have} file system; asked for {fs} (it is never reformatted)",
+                s.uuid
+            )));
+        }
+        Content::Unknown => {
+            return Err(Status::failed_precondition(format!(
+                "volume {} holds data that is neither an ext4 nor an xfs file system; it is not formatted",
+                s.uuid
+            )));
+        }
+    }
+    let mut opts = mount_flags;
+    if read_only_mode(&s.cap) {
+        opts.push("ro".into());
+    }
+    mt.mount(&dev.path.to_string_lossy(), &s.staging, &fs, &opts)
+        .map_err(Status::internal)?;
+    // Neither secrets nor the paths the CO chose are logged: the volume and device say what happened.
+    tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "staged");
+    Ok(())
+}
+
+/// Unstages volume `uuid` from `staging`: its file system unmounted there, then its paths removed. Only this volume's
+/// mount is taken down. When nothing of the volume is at `staging` but it is mounted elsewhere, its paths stay
+/// (FAILED_PRECONDITION): the path is wrong, and removing them would fail that mount's I/O. (With the volume at
+/// `staging` and also elsewhere, a publish the CO has not taken back or the same mount seen through a bind of the
+/// kubelet's directory, it goes on: refusing would keep the volume attached for ever in the second case.)
+pub(super) fn unstage(k: &Kernel, mt: &Mounts, uuid: Uuid, staging: &Path) -> Result<(), Status> {
+    let nqn = proto::names::volume_nqn(&uuid.to_string());
+    let dev = k.device(&uuid.to_string());
+    let staged = mt.at(staging);
+    if let Some(m) = &staged
+        && !dev.as_ref().is_some_and(|d| fs_of(m, d))
+    {
+        // The volume's device is gone (its paths removed by hand) and so is the mount's: a file system left on a
+        // dead device, no live volume's. It is taken off, or the pod using it would never end.
+        if dev.is_none() && !k.block_device_exists(&m.dev) {
+            tracing::warn!(volume = %uuid, mount = %m.dev, "the staging mount's device is gone: detaching it lazily");
+            mt.umount_lazy(staging).map_err(Status::internal)?;
+            let n = k.disconnect(&nqn).map_err(Status::internal)?;
+            tracing::info!(volume = %uuid, paths = n, "unstaged");
+            return Ok(());
+        }
+        return Err(Status::failed_precondition(not_this(
+            staging,
+            m,
+            uuid,
+            dev.as_ref(),
+        )));
+    }
+    // Nothing of the volume at the staging path named, yet it is mounted elsewhere: a wrong path, and
+    // disconnecting would fail the I/O of whoever uses it.
+    if let (None, Some(d)) = (&staged, &dev) {
+        let here = mounts::canonical(staging);
+        let elsewhere: Vec<String> = mt
+            .table()
+            .iter()
+            .filter(|m| m.target != here && holds(m, d))
+            .map(|m| m.target.display().to_string())
+            .collect();
+        if !elsewhere.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "volume {uuid} is still mounted at {}: unpublish it there first",
+                elsewhere.join(", ")
+            )));
+        }
+    }
+    if let (Some(_), Some(d)) = (staged, &dev) {
+        // With no live path, unmounting would wait for I/O that never completes: remove the paths first.
+        if !k.live(&nqn) {
+            tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), "no live path: disconnecting before the unmount");
+            k.disconnect(&nqn).map_err(Status::internal)?;
+        }
+        for _ in 0..MAX_STACKED {
+            if !mt.at(staging).is_some_and(|m| fs_of(&m, d)) {
+                break;
+            }
+            if let Err(e) = mt.umount(staging, Duration::from_secs(60)) {
+                tracing::warn!(volume = %uuid, error = %e, "unmount failed; disconnecting and detaching lazily");
+                k.disconnect(&nqn).map_err(Status::internal)?;
+                mt.umount_lazy(staging).map_err(Status::internal)?;
+            }
+        }
+    }
+    let n = k.disconnect(&nqn).map_err(Status::internal)?;
+    tracing::info!(volume = %uuid, paths = n, "unstaged");
+    Ok(())
+}

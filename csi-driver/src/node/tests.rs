@@ -1,0 +1,614 @@
+//! The node service on a node in a temporary directory: a sysfs tree with two volumes' devices, a fake
+//! `/dev/nvme-fabrics` (a plain file: what a connect writes stays there), and a mount table that fake `mount` and
+//! `umount` tools edit as the real ones would, recording every call.
+
+use std::sync::Mutex;
+
+use proto::csi::volume_capability::{AccessMode, BlockVolume};
+use tonic::Code;
+
+use super::*;
+use crate::mounts::Tool;
+
+/// Volume A: device nvme0n1 (259:1), connected through controller nvme0.
+const A: &str = "11111111-1111-4111-8111-111111111111";
+/// Volume B: device nvme1n1 (259:2); no path of it in sysfs.
+const B: &str = "22222222-2222-4222-8222-222222222222";
+const HOST: &str = "nqn.2026-11.io.keelson:host-app-1";
+
+struct Fake {
+    dir: tempfile::TempDir,
+    svc: NodeService,
+    calls: Arc<Mutex<Vec<String>>>,
+    mountinfo: PathBuf,
+}
+
+/// `mount` and `umount` on the mount table in `mountinfo`: paths are read after `--` only.
+fn fake_tools(mountinfo: PathBuf, sys: PathBuf, calls: Arc<Mutex<Vec<String>>>) -> Tool {
+    Arc::new(move |program: &str, args: &[&str], _| {
+        calls
+            .lock()
+            .unwrap()
+            .push(format!("{program} {}", args.join(" ")));
+        let text = std::fs::read_to_string(&mountinfo).unwrap();
+        let table = mounts::parse(&text);
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let paths: Vec<&str> = args
+            .iter()
+            .skip_while(|a| **a != "--")
+            .skip(1)
+            .copied()
+            .collect();
+        let top = |p: &str| {
+            let p = mounts::canonical(Path::new(p));
+            table
+                .iter()
+                .rposition(|m| m.target == p)
+                .ok_or_else(|| format!("{} is not mounted", p.display()))
+        };
+        match (program, paths.as_slice()) {
+            ("umount", [t]) => {
+                lines.remove(top(t)?);
+            }
+            ("mount", [t]) if args.contains(&"remount,bind,ro") => {
+                let i = top(t)?;
+                lines[i] = lines[i].replacen(" rw - ", " ro - ", 1);
+            }
+            ("mount", [source, t]) => {
+                let (dev, root, fs) = if args.contains(&"bind") {
+                    match top(source) {
+                        Ok(i) => (table[i].dev.clone(), "/".into(), table[i].fs_type.clone()),
+                        Err(_) => {
+                            let name = Path::new(source).file_name().unwrap();
+                            (
+                                "0:6".into(),
+                                format!("/{}", name.to_string_lossy()),
+                                "devtmpfs".into(),
+                            )
+                        }
+                    }
+                } else {
+                    let name = Path::new(source).file_name().unwrap();
+                    let dev = std::fs::read_to_string(sys.join("block").join(name).join("dev"));
+                    let fs = args.iter().skip_while(|a| **a != "-t").nth(1).unwrap();
+                    (dev.unwrap().trim().to_string(), "/".into(), fs.to_string())
+                };
+                lines.push(mountinfo_line(
+                    lines.len() + 100,
+                    &dev,
+                    &root,
+                    &mounts::canonical(Path::new(t)),
+                    &fs,
+                    source,
+                ));
+            }
+            _ => return Err(format!("unexpected call: {program} {args:?}")),
+        }
+        std::fs::write(&mountinfo, lines.join("\n") + "\n").unwrap();
+        Ok(())
+    })
+}
+
+fn mountinfo_line(
+    id: usize,
+    dev: &str,
+    root: &str,
+    target: &Path,
+    fs: &str,
+    source: &str,
+) -> String {
+    format!(
+        "{id} 1 {dev} {root} {} rw,relatime - {fs} {source} rw",
+        target.display()
+    )
+}
+
+impl Fake {
+    fn new() -> Fake {
+        let dir = tempfile::tempdir().unwrap();
+        let (sys, dev) = (dir.path().join("sys"), dir.path().join("dev"));
+        std::fs::create_dir_all(&dev).unwrap();
+        for (name, uuid, majmin) in [("nvme0n1", A, "259:1"), ("nvme1n1", B, "259:2")] {
+            let b = sys.join("block").join(name);
+            std::fs::create_dir_all(&b).unwrap();
+            std::fs::write(b.join("uuid"), format!("{uuid}\n")).unwrap();
+            std::fs::write(b.join("dev"), format!("{majmin}\n")).unwrap();
+            std::fs::write(b.join("size"), "2048\n").unwrap();
+            std::fs::write(dev.join(name), "").unwrap();
+            std::fs::create_dir_all(sys.join("dev/block").join(majmin)).unwrap();
+        }
+        std::fs::create_dir_all(sys.join("dev/block/254:0")).unwrap();
+        let s = sys.join("class/nvme-subsystem/nvme-subsys0");
+        std::fs::create_dir_all(s.join("nvme0")).unwrap();
+        std::fs::write(s.join("subsysnqn"), proto::names::volume_nqn(A) + "\n").unwrap();
+        std::fs::write(s.join("nvme0/state"), "live\n").unwrap();
+        std::fs::write(s.join("nvme0/address"), "traddr=127.0.0.1,trsvcid=4420\n").unwrap();
+        std::fs::create_dir_all(sys.join("class/nvme/nvme0")).unwrap();
+        std::fs::write(dir.path().join("fabrics"), "").unwrap();
+        let mountinfo = dir.path().join("mountinfo");
+        std::fs::write(&mountinfo, "1 0 254:0 / / rw,relatime - ext4 /dev/vda rw\n").unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mounts = Mounts {
+            mountinfo: mountinfo.clone(),
+            tool: fake_tools(mountinfo.clone(), sys.clone(), calls.clone()),
+        };
+        let kernel = Kernel::new(&sys, dir.path().join("fabrics"), &dev);
+        Fake {
+            svc: NodeService::new("app-1".into(), 0, kernel, mounts),
+            dir,
+            calls,
+            mountinfo,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn p(&self, p: &str) -> String {
+        self.path(p).display().to_string()
+    }
+
+    /// Takes the calls made so far.
+    fn calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+
+    fn table(&self) -> String {
+        std::fs::read_to_string(&self.mountinfo).unwrap()
+    }
+
+    /// Whether the volume A's controller was deleted.
+    fn disconnected(&self) -> bool {
+        self.path("sys/class/nvme/nvme0/delete_controller").exists()
+    }
+
+    /// A mount as the kernel would list it (`at` made if missing: a directory).
+    fn mounted(&self, dev: &str, root: &str, at: &str, fs: &str, source: &str) {
+        let at = self.path(at);
+        if !at.exists() {
+            std::fs::create_dir_all(&at).unwrap();
+        }
+        let mut t = self.table();
+        t.push_str(&mountinfo_line(
+            t.lines().count() + 50,
+            dev,
+            root,
+            &at,
+            fs,
+            source,
+        ));
+        t.push('\n');
+        std::fs::write(&self.mountinfo, t).unwrap();
+    }
+
+    /// Volume A (or B) staged at `stage` with ext4: its device mounted there.
+    fn staged(&self, vol: &str, stage: &str) {
+        let (dev, name) = if vol == A {
+            ("259:1", "nvme0n1")
+        } else {
+            ("259:2", "nvme1n1")
+        };
+        self.mounted(dev, "/", stage, "ext4", &self.p(&format!("dev/{name}")));
+    }
+
+    /// A bind of the file system on `dev` at `target`.
+    fn bound(&self, dev: &str, target: &str) {
+        self.mounted(dev, "/", target, "ext4", "/dev/whatever");
+    }
+
+    async fn unpublish(&self, vol: &str, target: &str) -> Result<(), Status> {
+        self.svc
+            .node_unpublish_volume(Request::new(NodeUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                target_path: target.into(),
+            }))
+            .await
+            .map(drop)
+    }
+
+    async fn unstage(&self, vol: &str, staging: &str) -> Result<(), Status> {
+        self.svc
+            .node_unstage_volume(Request::new(NodeUnstageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: staging.into(),
+            }))
+            .await
+            .map(drop)
+    }
+
+    async fn publish(
+        &self,
+        vol: &str,
+        staging: &str,
+        target: &str,
+        block: bool,
+        readonly: bool,
+    ) -> Result<(), Status> {
+        self.svc
+            .node_publish_volume(Request::new(NodePublishVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: staging.into(),
+                target_path: target.into(),
+                volume_capability: Some(capability(block)),
+                readonly,
+                ..Default::default()
+            }))
+            .await
+            .map(drop)
+    }
+
+    async fn stage(&self, vol: &str, staging: &str, ctx: &[(&str, &str)]) -> Result<(), Status> {
+        self.svc
+            .node_stage_volume(Request::new(NodeStageVolumeRequest {
+                volume_id: vol.into(),
+                staging_target_path: staging.into(),
+                volume_capability: Some(capability(false)),
+                publish_context: ctx
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }))
+            .await
+            .map(drop)
+    }
+}
+
+fn capability(block: bool) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume {
+                fs_type: "ext4".into(),
+                ..Default::default()
+            })
+        }),
+    }
+}
+
+fn code(r: Result<(), Status>) -> Code {
+    r.err().map_or(Code::Ok, |s| s.code())
+}
+
+/// A block device node for `major:minor` at `path`, as a raw block publish shows at its target.
+fn block_node(path: &Path, major: u64, minor: u64) {
+    use nix::sys::stat::{Mode as Perm, SFlag, makedev, mknod};
+    mknod(path, SFlag::S_IFBLK, Perm::S_IRUSR, makedev(major, minor)).unwrap();
+}
+
+#[tokio::test]
+async fn paths_must_be_absolute_without_parent_components() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    let ok = f.p("stage-a");
+    let up = format!("{}/../stage-a", f.p("pod"));
+    for bad in [
+        "",
+        "relative/dir",
+        "-o",
+        "../stage-a",
+        up.as_str(),
+        "/a/\0b",
+    ] {
+        assert_eq!(
+            code(f.unpublish(A, bad).await),
+            Code::InvalidArgument,
+            "unpublish {bad:?}"
+        );
+        assert_eq!(
+            code(f.unstage(A, bad).await),
+            Code::InvalidArgument,
+            "unstage {bad:?}"
+        );
+        assert_eq!(
+            code(f.publish(A, bad, &f.p("pod/t"), false, false).await),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(f.publish(A, &ok, bad, false, false).await),
+            Code::InvalidArgument,
+            "publish {bad:?}"
+        );
+        let ctx = [
+            ("nqn", proto::names::volume_nqn(B)),
+            ("targetAddresses", "127.0.0.9:4420".into()),
+            ("hostNqn", HOST.into()),
+        ];
+        let ctx: Vec<(&str, &str)> = ctx.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            code(f.stage(B, bad, &ctx).await),
+            Code::InvalidArgument,
+            "stage {bad:?}"
+        );
+        let stats = f
+            .svc
+            .node_get_volume_stats(Request::new(NodeGetVolumeStatsRequest {
+                volume_id: A.into(),
+                volume_path: bad.into(),
+                ..Default::default()
+            }));
+        assert_eq!(
+            stats.await.err().map(|s| s.code()),
+            Some(Code::InvalidArgument)
+        );
+        let expand = f
+            .svc
+            .node_expand_volume(Request::new(NodeExpandVolumeRequest {
+                volume_id: A.into(),
+                volume_path: bad.into(),
+                ..Default::default()
+            }));
+        assert_eq!(
+            expand.await.err().map(|s| s.code()),
+            Some(Code::InvalidArgument)
+        );
+    }
+    assert_eq!(f.calls(), Vec::<String>::new());
+    assert!(!f.disconnected());
+    assert_eq!(std::fs::read_to_string(f.path("fabrics")).unwrap(), "");
+}
+
+#[tokio::test]
+async fn unpublish_removes_only_what_the_plugin_made() {
+    let f = Fake::new();
+    // What the plugin never made stays, whatever the volume.
+    std::fs::write(f.path("hostname"), "app-1\n").unwrap();
+    std::fs::create_dir_all(f.path("full")).unwrap();
+    std::fs::write(f.path("full/data"), "x").unwrap();
+    std::os::unix::fs::symlink(f.path("hostname"), f.path("link")).unwrap();
+    std::os::unix::fs::symlink(f.path("nowhere"), f.path("dangling")).unwrap();
+    for t in ["hostname", "full", "link", "dangling"] {
+        assert_eq!(
+            code(f.unpublish(A, &f.p(t)).await),
+            Code::FailedPrecondition,
+            "{t}"
+        );
+        assert!(std::fs::symlink_metadata(f.path(t)).is_ok(), "{t} removed");
+    }
+    assert_eq!(
+        std::fs::read_to_string(f.path("hostname")).unwrap(),
+        "app-1\n"
+    );
+    assert!(f.path("full/data").exists());
+    // What it made (an empty directory, an empty file), mounted no more: removed. Nothing there: done.
+    std::fs::create_dir_all(f.path("pod/mount")).unwrap();
+    std::fs::write(f.path("pod/dev"), "").unwrap();
+    for t in ["pod/mount", "pod/dev", "pod/never"] {
+        assert_eq!(code(f.unpublish(A, &f.p(t)).await), Code::Ok, "{t}");
+        assert!(!f.path(t).exists(), "{t} left");
+    }
+    assert_eq!(f.calls(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn unpublish_unmounts_only_this_volume() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    f.staged(B, "stage-b");
+    f.bound("259:2", "pod-b/mount");
+    f.bound("259:1", "pod-a/mount");
+    let before = f.table();
+    // Another pod's mount of volume B, or B's staging mount, named with volume A: left as they are.
+    for t in ["pod-b/mount", "stage-b"] {
+        let r = f.unpublish(A, &f.p(t)).await;
+        assert_eq!(code(r), Code::FailedPrecondition, "{t}");
+        assert!(f.path(t).is_dir());
+    }
+    assert_eq!(f.calls(), Vec::<String>::new());
+    assert_eq!(f.table(), before);
+    // Volume A's publish: unmounted (the path after `--`) and its directory removed; again: nothing to do.
+    f.unpublish(A, &f.p("pod-a/mount")).await.unwrap();
+    assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("pod-a/mount"))]);
+    assert!(!f.path("pod-a/mount").exists());
+    f.unpublish(A, &f.p("pod-a/mount")).await.unwrap();
+    assert_eq!(f.calls(), Vec::<String>::new());
+    assert!(f.table().contains(&f.p("stage-a")) && f.table().contains(&f.p("pod-b/mount")));
+}
+
+#[tokio::test]
+async fn unstage_unmounts_only_this_volume_and_keeps_its_paths_for_a_wrong_staging_path() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    f.staged(B, "stage-b");
+    f.bound("259:1", "pod-a/mount");
+    let before = f.table();
+    // B's staging path, named with volume A: B stays mounted, A's paths stay.
+    assert_eq!(
+        code(f.unstage(A, &f.p("stage-b")).await),
+        Code::FailedPrecondition
+    );
+    // A path where nothing of A is, while A is mounted elsewhere: its paths stay.
+    assert_eq!(
+        code(f.unstage(A, &f.p("nowhere")).await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(f.calls(), Vec::<String>::new());
+    assert_eq!(f.table(), before);
+    assert!(!f.disconnected());
+    // Once unpublished: unmounted, then disconnected; again: done.
+    f.unpublish(A, &f.p("pod-a/mount")).await.unwrap();
+    f.calls();
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
+    assert!(f.disconnected());
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert_eq!(f.calls(), Vec::<String>::new());
+    assert!(f.table().contains(&f.p("stage-b")));
+}
+
+/// The volume's paths were removed by hand and its device is gone, but its file system is still mounted: the
+/// mounts of that dead device are taken off, so the pods using them can end. A live device's are not.
+#[tokio::test]
+async fn mounts_of_a_device_that_is_gone_are_taken_off() {
+    let f = Fake::new();
+    std::fs::remove_dir_all(f.path("sys/block/nvme0n1")).unwrap();
+    f.mounted("259:9", "/", "stage-a", "ext4", "/dev/nvme0n1");
+    f.bound("259:9", "pod-a/mount");
+    f.bound("259:2", "pod-b/mount");
+    f.unpublish(A, &f.p("pod-a/mount")).await.unwrap();
+    assert!(!f.path("pod-a/mount").exists());
+    assert_eq!(
+        code(f.unpublish(A, &f.p("pod-b/mount")).await),
+        Code::FailedPrecondition
+    );
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert!(!f.table().contains(&f.p("stage-a")));
+    assert!(f.table().contains(&f.p("pod-b/mount")));
+}
+
+#[tokio::test]
+async fn publish_binds_only_this_volumes_staging_mount() {
+    let f = Fake::new();
+    f.staged(B, "stage-b");
+    f.bound("259:2", "pod-x/mount");
+    // B's staging path named with volume A: A is not staged there.
+    let r = f
+        .publish(A, &f.p("stage-b"), &f.p("pod-1/mount"), false, false)
+        .await;
+    assert_eq!(code(r), Code::FailedPrecondition);
+    f.staged(A, "stage-a");
+    // A target that holds volume B: published, incompatibly.
+    let r = f
+        .publish(A, &f.p("stage-a"), &f.p("pod-x/mount"), false, false)
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    assert_eq!(f.calls(), Vec::<String>::new());
+    assert!(!f.path("pod-1/mount").exists());
+    // Volume A: bound from its staging path; again: done; read-only now: incompatible.
+    f.publish(A, &f.p("stage-a"), &f.p("pod-1/mount"), false, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.calls(),
+        vec![format!(
+            "mount -o bind -- {} {}",
+            f.p("stage-a"),
+            f.p("pod-1/mount")
+        )]
+    );
+    f.publish(A, &f.p("stage-a"), &f.p("pod-1/mount"), false, false)
+        .await
+        .unwrap();
+    let r = f
+        .publish(A, &f.p("stage-a"), &f.p("pod-1/mount"), false, true)
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    assert_eq!(f.calls(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_raw_block_publish_is_known_by_its_device_node() {
+    let f = Fake::new();
+    std::fs::create_dir_all(f.path("pods")).unwrap();
+    // Volume B's device node bound at one pod's target, volume A's at another's (mknod needs root).
+    if !e2e::privileged::allowed("a_raw_block_publish_is_known_by_its_device_node") {
+        return;
+    }
+    block_node(&f.path("pods/b"), 259, 2);
+    block_node(&f.path("pods/a"), 259, 1);
+    f.mounted("0:6", "/nvme1n1", "pods/b", "devtmpfs", "udev");
+    f.mounted("0:6", "/nvme0n1", "pods/a", "devtmpfs", "udev");
+    std::fs::create_dir_all(f.path("stage-a")).unwrap();
+    let r = f
+        .publish(A, &f.p("stage-a"), &f.p("pods/b"), true, false)
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    f.publish(A, &f.p("stage-a"), &f.p("pods/a"), true, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(f.unpublish(A, &f.p("pods/b")).await),
+        Code::FailedPrecondition
+    );
+    // Still published at pods/a: its paths stay.
+    assert_eq!(
+        code(f.unstage(A, &f.p("stage-a")).await),
+        Code::FailedPrecondition
+    );
+    assert!(!f.disconnected());
+    assert_eq!(f.calls(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_publish_context_cannot_add_connect_options() {
+    let f = Fake::new();
+    let nqn = proto::names::volume_nqn(B);
+    let many = vec!["127.0.0.9:4420"; MAX_ADDRESSES + 1].join(",");
+    let st = f.p("stage-b");
+    for (addresses, host) in [
+        (
+            "127.0.0.9:4420",
+            "nqn.2026-11.io.keelson:host-x,nr_io_queues=1",
+        ),
+        (
+            "127.0.0.9:4420",
+            "nqn.2026-11.io.keelson:host-x nr_io_queues=1",
+        ),
+        ("127.0.0.9:4420", "nqn.2026-11.io.keelson:host-x\nnqn=y"),
+        ("127.0.0.9:4420", "nqn.2026-11.io.keelson:host=x"),
+        ("127.0.0.9:4420", "not-an-nqn"),
+        ("127.0.0.9:4420,trsvcid=1:4420", HOST),
+        ("127.0.0.9 hostnqn:4420", HOST),
+        ("127.0.0.9\t:4420", HOST),
+        ("127.0.0.9:4420\u{1}", HOST),
+        (many.as_str(), HOST),
+        (",", HOST),
+    ] {
+        let ctx = [
+            ("nqn", nqn.as_str()),
+            ("targetAddresses", addresses),
+            ("hostNqn", host),
+        ];
+        let r = f.stage(B, &st, &ctx).await;
+        assert_eq!(code(r), Code::InvalidArgument, "{addresses:?} {host:?}");
+    }
+    assert_eq!(std::fs::read_to_string(f.path("fabrics")).unwrap(), "");
+    assert!(!f.path("stage-b").exists());
+    // A sound context reaches the kernel (the fake one answers nothing, so no path connects).
+    let ctx = [
+        ("nqn", nqn.as_str()),
+        ("targetAddresses", "127.0.0.9:4420"),
+        ("hostNqn", HOST),
+    ];
+    assert_eq!(code(f.stage(B, &st, &ctx).await), Code::Unavailable);
+    let line = std::fs::read_to_string(f.path("fabrics")).unwrap();
+    assert!(
+        line.starts_with(&format!(
+            "nqn={nqn},transport=tcp,traddr=127.0.0.9,trsvcid=4420,hostnqn={HOST},"
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_sound_publish_context_is_taken_as_it_is() {
+    let uuid = Uuid::parse_str(B).unwrap();
+    let nqn = proto::names::volume_nqn(B);
+    let ctx: HashMap<String, String> = [
+        ("nqn", nqn.as_str()),
+        ("targetAddresses", " 127.0.0.9:4420, [fd00::1]:4420,,"),
+        ("hostNqn", HOST),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (n, addresses, host) = context(&ctx, uuid).unwrap();
+    assert_eq!((n.as_str(), host.as_str()), (nqn.as_str(), HOST));
+    assert_eq!(addresses, ["127.0.0.9:4420", "[fd00::1]:4420"]);
+    let mut other = ctx.clone();
+    other.insert("nqn".into(), proto::names::volume_nqn(A));
+    assert_eq!(
+        context(&other, uuid).unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    other.remove("nqn");
+    assert_eq!(
+        context(&other, uuid).unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
