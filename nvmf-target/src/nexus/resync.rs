@@ -53,6 +53,14 @@ impl Source for Siblings {
         if healthy.is_empty() {
             return None;
         }
+        // Not one that lost its connection since it joined (it may have lost writes it had not flushed; its next
+        // I/O faults it), unless every one did.
+        let kept: Vec<_> = healthy
+            .iter()
+            .filter(|c| !c.lost_connection())
+            .cloned()
+            .collect();
+        let healthy = if kept.is_empty() { healthy } else { kept };
         let i = self.nexus.next_read.fetch_add(1, Ordering::Relaxed) % healthy.len();
         Some(healthy[i].device.clone())
     }

@@ -217,3 +217,31 @@ async fn when_every_child_lost_its_connection_they_are_all_kept() {
     assert_eq!(n.state(), NexusState::Online);
     assert_eq!(n.read(0, SEGMENT).await.unwrap(), data(1));
 }
+
+#[tokio::test]
+async fn a_rebuild_does_not_copy_from_a_child_that_lost_its_connection() {
+    let a = Volatile::new();
+    let b: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(SIZE, 512));
+    let n = nexus(vec![a.clone(), b.clone()]);
+    for i in 0..8u64 {
+        n.write(i * SEGMENT, data(5)).await.unwrap();
+    }
+    // a's node restarts while the volume is idle: the writes it had not flushed are gone, and no I/O failed.
+    a.silent_restart();
+    let c: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(SIZE, 512));
+    n.add_child("c2", c.clone()).unwrap();
+    for _ in 0..2000 {
+        if !n.rebuild_history().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(n.rebuild_history().len(), 1);
+    for i in 0..8u64 {
+        assert_eq!(
+            c.read(i * SEGMENT, SEGMENT).await.unwrap(),
+            data(5),
+            "segment {i}"
+        );
+    }
+}

@@ -327,11 +327,18 @@ fn large_data_arriving_in_pieces_decodes_page_aligned() {
         for p in [small.clone(), big.clone(), big.clone(), small.clone()] {
             c.encode(p, &mut wire).unwrap();
         }
-        // Pieces the size a socket read might return, landing wherever the previous PDU left the buffer.
+        // Reads as FramedRead makes them: at most 60,001 bytes and never more than the buffer's spare room (it
+        // reserves more only when the buffer is full), landing wherever the previous PDU left the buffer.
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
-        for piece in wire.chunks(60_001) {
-            buf.extend_from_slice(piece);
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            if buf.len() == buf.capacity() {
+                buf.reserve(8 * 1024);
+            }
+            let n = rest.len().min(60_001).min(buf.capacity() - buf.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
             while let Some(p) = c.decode(&mut buf).unwrap() {
                 out.push(p);
             }
