@@ -639,6 +639,27 @@ async fn a_raw_block_volume_is_published_to_several_nodes_at_once() {
     .await
     .unwrap();
     assert!(nodes(get(&mut ctl, &v.volume_id).await).is_empty());
+
+    // Published first for one node (a single-node mode): a multi-node publish cannot add another node to it.
+    ctl.controller_publish_volume(publish("worker-1", &cap(Mode::SingleNodeWriter, true)))
+        .await
+        .unwrap();
+    let (got, msg) = code(
+        ctl.controller_publish_volume(publish("worker-2", &shared))
+            .await,
+    );
+    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+    assert_eq!(
+        nodes(get(&mut ctl, &v.volume_id).await),
+        vec!["worker-1".to_string()]
+    );
+    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        node_id: "worker-1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     ctl.delete_volume(DeleteVolumeRequest {
         volume_id: v.volume_id.clone(),
         ..Default::default()

@@ -49,10 +49,17 @@ impl Volumes {
         let mut r = r;
         if let Some(n) = r.nexus.clone() {
             if !n.has_host(host_nqn) {
-                if !multi_host {
+                // Another host only for a volume every publication shares (a multi-node mode from the first on;
+                // a record from before `shared` shows it by its other hosts).
+                let shared = r.shared || !n.more_hosts.is_empty();
+                if !multi_host || !shared {
+                    let how = if shared { "" } else { " for one node" };
                     return Err(VolumeError::FailedPrecondition {
                         uuid,
-                        why: format!("published to {}; unpublish it first", n.hosts().join(", ")),
+                        why: format!(
+                            "published to {}{how}; unpublish it first",
+                            n.hosts().join(", ")
+                        ),
                     });
                 }
                 if let Some(nx) = r.nexus.as_mut() {
@@ -78,6 +85,8 @@ impl Volumes {
             let first = n.host_nqn.clone();
             return self.publish_locked(r, &first, node_hint, false, "").await;
         }
+        // The first publication decides whether others may join it; recorded with the nexus it makes.
+        r.shared = multi_host;
         self.publish_locked(r, host_nqn, node_hint, false, "").await
     }
 

@@ -154,6 +154,10 @@ pub struct VolumeRecord {
     /// An expansion in flight: the spec already has the new size; what is grown so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub growth: Option<GrowthRecord>,
+    /// The volume's first publication (to a host while it had none) asked for a mode several nodes may share:
+    /// only then may more hosts be added.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 /// An expansion to `spec.size`, recorded before any engine is asked and after each stage.

@@ -311,6 +311,7 @@ impl Volumes {
                     resync: false,
                     switchover: None,
                     growth: None,
+                    shared: false,
                 };
                 if !self
                     .store

@@ -530,7 +530,7 @@ async fn node_selectors_and_topology_decide_where_replicas_go() {
 }
 
 /// A raw block volume several nodes write at once (a virtual machine's disk during live migration): published to a
-/// second host only when asked for (`multi_host`), both hosts write through the one nexus and see each other's
+/// second host only when both publications ask for it (`multi_host`), both hosts write through the one nexus and see each other's
 /// writes; unpublished one host at a time, the other keeps it; the last takes the nexus with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_published_to_two_hosts_takes_writes_from_both_and_leaves_them_one_at_a_time() {
@@ -550,7 +550,7 @@ async fn a_volume_published_to_two_hosts_takes_writes_from_both_and_leaves_them_
         host_nqn: host.into(),
     };
     let a = c
-        .publish_volume(publish(A, false))
+        .publish_volume(publish(A, true))
         .await
         .unwrap()
         .into_inner();
