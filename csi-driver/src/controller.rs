@@ -288,6 +288,14 @@ fn page(n: usize, max: i32, token: &str) -> Result<(usize, usize, String), Statu
     Ok((start, end, next))
 }
 
+/// Whether `size` bytes satisfy a CreateVolume's capacity range (none: any size).
+fn within(range: Option<&CapacityRange>, size: u64) -> bool {
+    range.is_none_or(|c| {
+        size >= c.required_bytes.max(0) as u64
+            && (c.limit_bytes <= 0 || size <= c.limit_bytes as u64)
+    })
+}
+
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(
@@ -321,6 +329,14 @@ impl Controller for ControllerService {
             .as_ref()
             .map(|t| segments(&t.requisite))
             .unwrap_or_default();
+        let existing = self.get(uuid).await?;
+        // A volume of that name that exists fits the request when its size is within the capacity range (it may
+        // have been expanded since, or the range allows more than one size); the rest the agent compares.
+        if let Some(e) = &existing
+            && within(r.capacity_range.as_ref(), e.size_bytes)
+        {
+            size = e.size_bytes;
+        }
         let cluster_req = pb::CreateVolumeRequest {
             uuid: uuid.to_string(),
             size_bytes: size,
@@ -333,7 +349,7 @@ impl Controller for ControllerService {
         };
         // A new volume larger than any placement allows is OUT_OF_RANGE, as the spec asks of a capacity the plugin
         // cannot give; one that exists goes to the agent, which says whether it matches.
-        if self.get(uuid).await?.is_none()
+        if existing.is_none()
             && cluster_req.source_snapshot.is_empty()
             && cluster_req.source_volume.is_empty()
         {

@@ -114,6 +114,23 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
         .volume
         .unwrap();
     assert_eq!(again.volume_id, v.volume_id);
+    // A capacity range the existing volume fits (less required, no limit; or a range around it): the same volume.
+    let mut smaller = create("pvc-a", 8 * MIB, &[("repl", "3"), ("fsType", "xfs")]);
+    let fits = ctl
+        .create_volume(smaller.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (&fits.volume_id, fits.capacity_bytes),
+        (&v.volume_id, 16 * MIB)
+    );
+    // One it does not fit (a limit below its size): ALREADY_EXISTS.
+    smaller.capacity_range.as_mut().unwrap().limit_bytes = 12 * MIB;
+    let (code_, _) = code(ctl.create_volume(smaller).await);
+    assert_eq!(code_, Code::AlreadyExists);
     // The same name with another size or replica count: ALREADY_EXISTS.
     let (code_, _) = code(
         ctl.create_volume(create("pvc-a", 32 * MIB, &[("repl", "3")]))
