@@ -166,6 +166,45 @@ pub enum Content {
     Unknown,
 }
 
+/// Devices whose probe has not finished (see [`probe_within`]).
+pub type Probing = Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>;
+
+/// [`probe`], giving up after `limit`: a device whose target accepts the connect but never answers a read would
+/// otherwise hold the call (and the volume's other calls, which wait for it) for ever. The read goes on in a thread
+/// of its own until the device answers or goes away; meanwhile `busy` names the device, and another probe of it
+/// fails at once, so threads cannot pile up.
+pub fn probe_within(dev: &Path, limit: Duration, busy: &Probing) -> std::io::Result<Content> {
+    if !busy
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(dev.into())
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WouldBlock,
+            "an earlier read of the device has not finished",
+        ));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (path, held) = (dev.to_path_buf(), busy.clone());
+    let spawned = std::thread::Builder::new()
+        .name("keelson-probe".into())
+        .spawn(move || {
+            let r = probe(&path);
+            held.lock().unwrap_or_else(|e| e.into_inner()).remove(&path);
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        busy.lock().unwrap_or_else(|e| e.into_inner()).remove(dev);
+        return Err(e);
+    }
+    rx.recv_timeout(limit).unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer to a read in {limit:?}"),
+        ))
+    })
+}
+
 /// Reads what `dev` holds from its first 64 KiB.
 pub fn probe(dev: &Path) -> std::io::Result<Content> {
     let mut f = std::fs::File::open(dev)?;
@@ -313,6 +352,37 @@ mod tests {
         assert!(e.contains("nope"), "{e}");
         let e = run("sleep", &["5"], Duration::from_millis(100)).unwrap_err();
         assert!(e.contains("did not finish"), "{e}");
+    }
+
+    /// A device that never answers (a FIFO no one writes to: its open blocks) fails the probe after the limit, and
+    /// a second probe at once while the first still waits; once it answers, the device can be probed again.
+    #[test]
+    fn a_probe_of_a_device_that_never_answers_gives_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("dev");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let busy = Probing::default();
+        let t = std::time::Instant::now();
+        let e = probe_within(&fifo, Duration::from_millis(200), &busy).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let e = probe_within(&fifo, Duration::from_millis(200), &busy).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        // The device answers (a writer opens it and closes it: end of file).
+        drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+        for _ in 0..100 {
+            if busy.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(busy.lock().unwrap().is_empty());
+        let blank = dir.path().join("blank");
+        std::fs::write(&blank, vec![0u8; 64 << 10]).unwrap();
+        assert_eq!(
+            probe_within(&blank, Duration::from_secs(5), &busy).unwrap(),
+            Content::Blank
+        );
     }
 
     #[test]

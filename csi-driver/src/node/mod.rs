@@ -4,7 +4,8 @@
 //! it (or, for a raw block volume, the device node) where the pod wants it; NodeExpandVolume has the kernel rescan
 //! the grown namespace and grows the mounted file system online. Every answer comes from what the node
 //! can see (mountinfo, sysfs), so a restarted plugin picks up where the last one was. Calls that could wait for
-//! I/O forever (unmounting a file system whose paths are gone) remove the paths first, so they fail instead.
+//! I/O forever (unmounting a file system whose paths are gone) remove the paths first, so they fail instead; the
+//! first read of a staged device gives up after 60 s (UNAVAILABLE), one read per device at a time.
 //!
 //! The plugin runs as root on paths and a publish context the CO sends, so it trusts neither: every path is
 //! absolute without `..`; the publish context's host NQN and addresses cannot add options to the kernel's connect;
@@ -59,6 +60,8 @@ pub struct NodeService {
     kernel: Arc<Kernel>,
     mounts: Arc<Mounts>,
     inflight: InFlight,
+    /// Devices whose first read has not answered yet (`mounts::probe_within`).
+    probing: mounts::Probing,
 }
 
 impl NodeService {
@@ -70,6 +73,7 @@ impl NodeService {
             kernel: Arc::new(kernel),
             mounts: Arc::new(mounts),
             inflight: InFlight::default(),
+            probing: mounts::Probing::default(),
         }
     }
 }
@@ -102,6 +106,7 @@ impl Node for NodeService {
             staging,
             cap,
             fs_default: r.volume_context.get("fsType").cloned(),
+            probing: self.probing.clone(),
         };
         let _held = self.inflight.hold(&uuid.to_string())?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());

@@ -11,7 +11,11 @@ pub(super) struct Stage {
     pub(super) staging: PathBuf,
     pub(super) cap: VolumeCapability,
     pub(super) fs_default: Option<String>,
+    pub(super) probing: mounts::Probing,
 }
+
+/// How long the first read of a staged volume's device may take.
+const PROBE_WAIT: Duration = Duration::from_secs(60);
 
 pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
     match std::fs::metadata(&s.staging) {
@@ -90,9 +94,20 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
         tracing::info!(volume = %s.uuid, device = %dev.path.display(), "staged a raw block volume");
         return Ok(());
     };
-    match mounts::probe(&dev.path)
-        .map_err(|e| Status::internal(format!("reading {}: {e}", dev.path.display())))?
-    {
+    let content = mounts::probe_within(&dev.path, PROBE_WAIT, &s.probing).map_err(|e| {
+        let msg = format!(
+            "reading {} (paths: {}): {e}",
+            dev.path.display(),
+            k.paths(&s.nqn)
+        );
+        match e.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                Status::unavailable(msg)
+            }
+            _ => Status::internal(msg),
+        }
+    })?;
+    match content {
         Content::Blank => {
             tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "making a file system on a blank volume");
             mounts::mkfs(&fs, &dev.path).map_err(Status::internal)?;
