@@ -670,20 +670,7 @@ async fn a_raw_block_volume_is_published_to_several_nodes_at_once() {
         nodes(get(&mut ctl, &v.volume_id).await),
         vec!["worker-1".to_string()]
     );
-    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        node_id: "worker-1".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    ctl.delete_volume(DeleteVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    crate::harness::pools_empty(&c).await;
+    unpublish_and_delete(&mut ctl, &c, &v.volume_id, "worker-1").await;
 }
 
 /// A publish the cluster agent did not finish (it died once the nexus was recorded for the node, and the nexus's
@@ -765,20 +752,30 @@ async fn an_unfinished_publish_is_undone_by_unpublishing_its_node() {
         .into_inner()
         .publish_context;
     assert_eq!(ctx["hostNqn"], "nqn.2026-11.io.keelson:host-worker-2");
+    unpublish_and_delete(&mut ctl, &c, &v.volume_id, "worker-2").await;
+}
+
+/// Unpublishes volume `id` from `node`, deletes it, and waits until no pool holds anything.
+async fn unpublish_and_delete(
+    ctl: &mut ControllerClient<Channel>,
+    c: &Cluster,
+    id: &str,
+    node: &str,
+) {
     ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-        volume_id: v.volume_id.clone(),
-        node_id: "worker-2".into(),
+        volume_id: id.into(),
+        node_id: node.into(),
         ..Default::default()
     })
     .await
     .unwrap();
     ctl.delete_volume(DeleteVolumeRequest {
-        volume_id: v.volume_id.clone(),
+        volume_id: id.into(),
         ..Default::default()
     })
     .await
     .unwrap();
-    crate::harness::pools_empty(&c).await;
+    crate::harness::pools_empty(c).await;
 }
 
 pub async fn get(ctl: &mut ControllerClient<Channel>, id: &str) -> ControllerGetVolumeResponse {
