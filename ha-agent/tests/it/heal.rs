@@ -163,25 +163,34 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
         .await
         .unwrap()
         .into_inner();
-    let held = proto::engine::engine_client::EngineClient::connect(n2.engine_endpoint)
+    let mut engine2 = proto::engine::engine_client::EngineClient::connect(n2.engine_endpoint)
         .await
-        .unwrap()
-        .list_replicas(proto::engine::ListReplicasRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .replicas;
+        .unwrap();
     let new2 = &v
         .replica_list
         .iter()
         .find(|r| r.node == "reg-2")
         .unwrap()
         .uuid;
-    assert_eq!(
-        held.iter().map(|r| &r.uuid).collect::<Vec<_>>(),
-        [new2],
-        "node 2 holds only its new replica"
-    );
+    // The old one goes with the agent's next sweep of retired replicas, which may come after the rebuild.
+    let t = Instant::now();
+    loop {
+        let held = engine2
+            .list_replicas(proto::engine::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .replicas;
+        let held: Vec<_> = held.iter().map(|r| &r.uuid).collect();
+        if held == [new2] {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "node 2 holds only its new replica: {held:?}, not [{new2}]"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(engines);
 }
 
