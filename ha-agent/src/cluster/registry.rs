@@ -195,6 +195,15 @@ impl Registry {
                 spec.name
             )));
         }
+        // Its nexuses connect to replicas as this NQN, which NVMe caps at 223 bytes.
+        let nqn = proto::names::node_host_nqn(&spec.name);
+        if nqn.len() > 223 {
+            return Err(RegistryError::InvalidArgument(format!(
+                "node name of {} bytes is too long: its host NQN would be {} bytes, more than NVMe's 223",
+                spec.name.len(),
+                nqn.len()
+            )));
+        }
         if spec.engine_endpoint.is_empty() || spec.instance.is_empty() {
             return Err(RegistryError::InvalidArgument(
                 "engine_endpoint and instance are required".into(),

@@ -30,12 +30,27 @@ impl Connect {
                 format!("address {:?} is not ip:port", self.address),
             )
         })?;
+        // Each value is one option's: nothing in it may end the option or start another.
+        let ip = ip.trim_start_matches('[').trim_end_matches(']');
+        for (what, v) in [
+            ("subsystem NQN", self.nqn.as_str()),
+            ("address", ip),
+            ("port", port),
+            ("host NQN", self.host_nqn.as_str()),
+            ("host ID", self.host_id.as_str()),
+        ] {
+            if v.chars()
+                .any(|c| c == ',' || c == '=' || c.is_whitespace() || c.is_control())
+            {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{what} {v:?} cannot go into a connect option"),
+                ));
+            }
+        }
         let mut o = format!(
             "nqn={},transport=tcp,traddr={},trsvcid={port},hostnqn={},ctrl_loss_tmo=-1,keep_alive_tmo={},reconnect_delay=1,disable_sqflow",
-            self.nqn,
-            ip.trim_start_matches('[').trim_end_matches(']'),
-            self.host_nqn,
-            self.keep_alive_tmo
+            self.nqn, ip, self.host_nqn, self.keep_alive_tmo
         );
         if !self.host_id.is_empty() {
             o.push_str(&format!(",hostid={}", self.host_id));
@@ -129,6 +144,39 @@ mod tests {
             ..c
         };
         assert!(bad.options().is_err());
+    }
+
+    #[test]
+    fn a_value_cannot_add_an_option() {
+        let good = Connect {
+            nqn: "nqn.2026-11.io.keelson:vol-x".into(),
+            address: "127.0.0.1:4420".into(),
+            host_nqn: "nqn.2026-11.io.keelson:host-a".into(),
+            host_id: String::new(),
+            keep_alive_tmo: 2,
+        };
+        assert!(good.options().is_ok());
+        for bad in [
+            Connect {
+                host_nqn: "nqn.x,nr_io_queues=1".into(),
+                ..good.clone()
+            },
+            Connect {
+                address: "10.0.0.1:4420,hostnqn=nqn.y".into(),
+                ..good.clone()
+            },
+            Connect {
+                nqn: "nqn.x hostid=1".into(),
+                ..good.clone()
+            },
+            Connect {
+                host_id: "a=b".into(),
+                ..good.clone()
+            },
+        ] {
+            let e = bad.options().unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
+        }
     }
 
     #[test]

@@ -399,6 +399,11 @@ async fn bad_registrations_and_unknown_nodes_get_precise_codes() {
             cntlid_max: 0xFFFF,
             ..good.clone()
         },
+        // A name whose host NQN would be longer than NVMe allows.
+        pb::RegisterRequest {
+            node: vec!["a".repeat(50); 4].join("."),
+            ..good.clone()
+        },
         // A listener that would carry its own connect options to every host.
         pb::RegisterRequest {
             nvmf_listeners: vec!["10.0.0.1:4420,hostnqn=nqn.x".into()],
