@@ -762,13 +762,7 @@ async fn unpublish_and_delete(
     id: &str,
     node: &str,
 ) {
-    ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-        volume_id: id.into(),
-        node_id: node.into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    crate::harness::unpublish(ctl, id, node).await;
     ctl.delete_volume(DeleteVolumeRequest {
         volume_id: id.into(),
         ..Default::default()

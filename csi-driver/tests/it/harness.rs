@@ -249,6 +249,11 @@ pub async fn detach(
     node: &str,
 ) {
     ns.close().await;
+    unpublish(ctl, id, node).await;
+}
+
+/// ControllerUnpublishVolume of volume `id` from `node`, which must succeed.
+pub async fn unpublish(ctl: &mut ControllerClient<Channel>, id: &str, node: &str) {
     ctl.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
         volume_id: id.into(),
         node_id: node.into(),

@@ -11,7 +11,7 @@ use crate::block::fault::{FaultDevice, FaultPlan};
 use crate::block::memory::MemoryDevice;
 use crate::block::{BlockDevice, BlockError};
 
-const SIZE: u64 = 16 << 20;
+pub(super) const SIZE: u64 = 16 << 20;
 
 fn mem() -> Arc<dyn BlockDevice> {
     Arc::new(MemoryDevice::new(SIZE, 512))
@@ -21,7 +21,7 @@ fn faulty() -> Arc<FaultDevice> {
     Arc::new(FaultDevice::new(mem()))
 }
 
-fn config() -> NexusConfig {
+pub(super) fn config() -> NexusConfig {
     NexusConfig {
         io_timeout: Duration::from_secs(2),
         read_error_limit: 2,
@@ -38,7 +38,7 @@ fn config() -> NexusConfig {
     }
 }
 
-fn nexus(children: Vec<Arc<dyn BlockDevice>>) -> Arc<Nexus> {
+pub(super) fn nexus(children: Vec<Arc<dyn BlockDevice>>) -> Arc<Nexus> {
     let named = children
         .into_iter()
         .enumerate()

@@ -7,11 +7,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::tests::{SIZE, nexus};
 use super::*;
 use crate::block::memory::MemoryDevice;
 use crate::block::{BlockDevice, BlockError};
 
-const SIZE: u64 = 16 << 20;
+/// The segment size of the shared test configuration (`tests::config`).
 const SEGMENT: u64 = 64 << 10;
 
 /// A disk with a volatile write cache: reads see every write, a flush makes them durable, and a power cut loses
@@ -100,29 +101,6 @@ impl BlockDevice for Volatile {
     fn connection_losses(&self) -> u64 {
         self.state.lock().unwrap().losses
     }
-}
-
-fn nexus(children: Vec<Arc<dyn BlockDevice>>) -> Arc<Nexus> {
-    let config = NexusConfig {
-        io_timeout: Duration::from_secs(2),
-        read_error_limit: 2,
-        rebuild: RebuildConfig {
-            segment_size: SEGMENT,
-            copy_size: SEGMENT,
-            rate_limit: None,
-            parallel: 4,
-            parallel_busy: 2,
-        },
-        partial_rebuild_window: Duration::from_secs(60),
-        on_change: None,
-        fault_gate: None,
-    };
-    let named = children
-        .into_iter()
-        .enumerate()
-        .map(|(i, d)| (format!("c{i}"), d))
-        .collect();
-    Nexus::new("vol", named, config).unwrap()
 }
 
 fn data(seed: u8) -> Bytes {
