@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// After the controller grew the volume: the kernel rescans it, and a mounted file system grows to fill it.
-/// Returns the device's size.
+/// After the controller grew the volume: the kernel rescans it (for at most `wait`), and a mounted file system
+/// grows to fill it. Returns the device's size. More than the volume holds, once a live path has been rescanned, is
+/// OUT_OF_RANGE, as the spec asks of a capacity the plugin cannot give; with no live path it is UNAVAILABLE.
 pub(super) fn expand(
     k: &Kernel,
     mt: &Mounts,
@@ -12,6 +13,7 @@ pub(super) fn expand(
     path: &Path,
     staging: Option<&Path>,
     want: u64,
+    wait: Duration,
 ) -> Result<u64, Status> {
     let meta = std::fs::metadata(path)
         .map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
@@ -39,8 +41,14 @@ pub(super) fn expand(
         None
     };
     let dev = k
-        .rescan(&nqn, &uuid.to_string(), want, DEVICE_WAIT)
+        .rescan(&nqn, &uuid.to_string(), want, wait)
         .map_err(|e| Status::unavailable(format!("rescanning volume {uuid}: {e}")))?;
+    if dev.size_bytes < want && k.live(&nqn) {
+        return Err(Status::out_of_range(format!(
+            "volume {uuid} holds {} bytes, less than the {want} asked for (ControllerExpandVolume grows it)",
+            dev.size_bytes
+        )));
+    }
     if dev.size_bytes < want {
         return Err(Status::unavailable(format!(
             "volume {uuid}'s device is {} bytes, not yet the {want} asked for (paths: {})",

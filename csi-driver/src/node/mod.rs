@@ -191,7 +191,9 @@ impl Node for NodeService {
         };
         let _held = self.inflight.hold(&uuid.to_string())?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        let size = blocking(move || expand(&k, &mt, uuid, &path, staging.as_deref(), want)).await?;
+        let size =
+            blocking(move || expand(&k, &mt, uuid, &path, staging.as_deref(), want, DEVICE_WAIT))
+                .await?;
         Ok(Response::new(NodeExpandVolumeResponse {
             capacity_bytes: size as i64,
         }))

@@ -122,6 +122,8 @@ impl Fake {
         std::fs::create_dir_all(s.join("nvme0")).unwrap();
         std::fs::write(s.join("subsysnqn"), proto::names::volume_nqn(A) + "\n").unwrap();
         std::fs::write(s.join("nvme0/state"), "live\n").unwrap();
+        std::fs::create_dir_all(s.join("nvme0/nvme0c0n1")).unwrap();
+        std::fs::write(s.join("nvme0/nvme0c0n1/ana_state"), "optimized\n").unwrap();
         std::fs::write(s.join("nvme0/address"), "traddr=127.0.0.1,trsvcid=4420\n").unwrap();
         std::fs::create_dir_all(sys.join("class/nvme/nvme0")).unwrap();
         std::fs::write(dir.path().join("fabrics"), "").unwrap();
@@ -611,4 +613,30 @@ fn a_sound_publish_context_is_taken_as_it_is() {
         context(&other, uuid).unwrap_err().code(),
         Code::InvalidArgument
     );
+}
+
+#[test]
+fn expanding_past_what_the_volume_holds_is_out_of_range_and_without_a_live_path_unavailable() {
+    let f = Fake::new();
+    let uuid = Uuid::parse_str(A).unwrap();
+    let dev = f.path("raw-a");
+    std::fs::write(&dev, "").unwrap();
+    let wait = Duration::from_millis(100);
+    let (k, mt) = (&f.svc.kernel, &f.svc.mounts);
+    // Its device holds 2048 sectors: 1 MiB is what it has, 2 MiB more than it holds after a rescan.
+    assert_eq!(
+        expand(k, mt, uuid, &dev, None, 1 << 20, wait).unwrap(),
+        1 << 20
+    );
+    assert!(f.path("sys/class/nvme/nvme0/rescan_controller").exists());
+    let err = expand(k, mt, uuid, &dev, None, 2 << 20, wait).unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // With its only path down the kernel cannot know the size: try again later.
+    std::fs::write(
+        f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state"),
+        "connecting\n",
+    )
+    .unwrap();
+    let err = expand(k, mt, uuid, &dev, None, 2 << 20, wait).unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }
