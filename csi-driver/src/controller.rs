@@ -217,7 +217,8 @@ fn condition(v: &pb::Volume) -> VolumeCondition {
     }
 }
 
-fn csi_volume(v: &pb::Volume, context: HashMap<String, String>) -> Volume {
+/// The CSI view of a volume; its context is what CreateVolume kept with it (fsType).
+fn csi_volume(v: &pb::Volume) -> Volume {
     let content_source = if !v.source_volume.is_empty() {
         Some(VolumeContentSource {
             r#type: Some(SourceType::Volume(VolumeSource {
@@ -236,7 +237,7 @@ fn csi_volume(v: &pb::Volume, context: HashMap<String, String>) -> Volume {
     Volume {
         capacity_bytes: v.size_bytes as i64,
         volume_id: v.uuid.clone(),
-        volume_context: context,
+        volume_context: v.context.clone(),
         content_source,
         accessible_topology: Vec::new(),
     }
@@ -346,6 +347,11 @@ impl Controller for ControllerService {
             source_snapshot,
             source_volume,
             pool_selector: class.pool_selector.clone().into_iter().collect(),
+            context: class
+                .fs_type
+                .iter()
+                .map(|fs| ("fsType".to_string(), fs.clone()))
+                .collect(),
         };
         // A new volume larger than any placement allows is OUT_OF_RANGE, as the spec asks of a capacity the plugin
         // cannot give; one that exists goes to the agent, which says whether it matches.
@@ -378,7 +384,7 @@ impl Controller for ControllerService {
             .await
             .map_err(|s| match s.code() {
                 Code::AlreadyExists => Status::already_exists(format!(
-                    "volume {name} exists with another size, replica count or source: {}",
+                    "volume {name} exists with another size, replica count, placement, source or file system: {}",
                     s.message()
                 )),
                 _ => agent_error(s),
@@ -389,12 +395,13 @@ impl Controller for ControllerService {
                 v.reason
             )));
         }
-        let mut context = HashMap::new();
-        if let Some(fs) = class.fs_type {
-            context.insert("fsType".to_string(), fs);
+        let mut volume = csi_volume(&v);
+        // A volume kept without a context (made before contexts were kept) still tells the node its file system.
+        for (k, val) in cluster_req.context {
+            volume.volume_context.entry(k).or_insert(val);
         }
         Ok(Response::new(CreateVolumeResponse {
-            volume: Some(csi_volume(&v, context)),
+            volume: Some(volume),
         }))
     }
 
@@ -575,7 +582,7 @@ impl Controller for ControllerService {
             .volumes
             .iter()
             .map(|v| list_volumes_response::Entry {
-                volume: Some(csi_volume(v, HashMap::new())),
+                volume: Some(csi_volume(v)),
                 status: Some(list_volumes_response::VolumeStatus {
                     published_node_ids: published_nodes(v),
                     volume_condition: Some(condition(v)),
@@ -853,7 +860,7 @@ impl Controller for ControllerService {
         }
         .ok_or_else(|| Status::not_found(format!("no volume {}", r.volume_id)))?;
         Ok(Response::new(ControllerGetVolumeResponse {
-            volume: Some(csi_volume(&v, HashMap::new())),
+            volume: Some(csi_volume(&v)),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: published_nodes(&v),
                 volume_condition: Some(condition(&v)),

@@ -259,6 +259,7 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                 topology,
                 source_snapshot: from_snapshot,
                 source_volume: from_volume,
+                context: Default::default(),
             };
             print_volumes(&[c.create_volume(req).await?.into_inner()], out);
         }

@@ -131,6 +131,16 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
     smaller.capacity_range.as_mut().unwrap().limit_bytes = 12 * MIB;
     let (code_, _) = code(ctl.create_volume(smaller).await);
     assert_eq!(code_, Code::AlreadyExists);
+    // The same name with another file system: ALREADY_EXISTS (the volume may already carry xfs).
+    let (code_, _) = code(
+        ctl.create_volume(create(
+            "pvc-a",
+            16 * MIB,
+            &[("repl", "3"), ("fsType", "ext4")],
+        ))
+        .await,
+    );
+    assert_eq!(code_, Code::AlreadyExists);
     // The same name with another size or replica count: ALREADY_EXISTS.
     let (code_, _) = code(
         ctl.create_volume(create("pvc-a", 32 * MIB, &[("repl", "3")]))
@@ -257,6 +267,9 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
         .into_inner()
         .entries;
     assert_eq!(listed.len(), 1, "{listed:?}");
+    // Listed with the context CreateVolume gave it.
+    let context = &listed[0].volume.as_ref().unwrap().volume_context;
+    assert_eq!(context.get("fsType").map(String::as_str), Some("xfs"));
 
     // ValidateVolumeCapabilities.
     let vr = |caps: Vec<VolumeCapability>, id: &str| ValidateVolumeCapabilitiesRequest {

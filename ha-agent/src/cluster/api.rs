@@ -173,6 +173,12 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
         size_bytes: r.spec.size,
         expanding_from_bytes: r.growth.as_ref().map_or(0, |g| g.from),
         replicas: r.spec.replicas,
+        context: r
+            .spec
+            .context
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         phase: match r.phase {
             VolumePhase::Creating => pb::VolumePhase::Creating,
             VolumePhase::Created => pb::VolumePhase::Created,
@@ -671,6 +677,7 @@ impl Cluster for Service {
                     s => Some(parse_uuid(s)?),
                 },
                 source_volume: None,
+                context: r.context.into_iter().collect(),
             };
             let uuid = parse_uuid(&r.uuid)?;
             let v = match r.source_volume.as_str() {

@@ -27,6 +27,23 @@ pub struct VolumeSpec {
     /// Made from this volume (through a snapshot of it taken for the purpose, `source_snapshot`).
     #[serde(default)]
     pub source_volume: Option<Uuid>,
+    /// Kept for its creator, opaque to the agent (the CSI driver's volume context: its file system).
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+}
+
+impl VolumeSpec {
+    /// Whether creating the volume again with `asked` asks for this one: the same spec, except that a volume kept
+    /// without a context (made by keelctl, or before contexts were kept) takes any.
+    pub fn matches(&self, asked: &VolumeSpec) -> bool {
+        self.context.is_empty()
+            && *self
+                == VolumeSpec {
+                    context: BTreeMap::new(),
+                    ..asked.clone()
+                }
+            || self == asked
+    }
 }
 
 /// Constraints on where a volume's replicas go, by node labels.
@@ -196,6 +213,32 @@ impl VolumeRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spec_matches_the_same_and_a_spec_kept_without_context_matches_any_context() {
+        let xfs = VolumeSpec {
+            size: 1 << 20,
+            replicas: 3,
+            context: labels(&[("fsType", "xfs")]),
+            ..VolumeSpec::default()
+        };
+        let ext4 = VolumeSpec {
+            context: labels(&[("fsType", "ext4")]),
+            ..xfs.clone()
+        };
+        let none = VolumeSpec {
+            context: BTreeMap::new(),
+            ..xfs.clone()
+        };
+        assert!(xfs.matches(&xfs));
+        assert!(!xfs.matches(&ext4));
+        assert!(!xfs.matches(&none));
+        assert!(none.matches(&xfs) && none.matches(&none));
+        assert!(!none.matches(&VolumeSpec {
+            replicas: 1,
+            ..xfs.clone()
+        }));
+    }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
         kv.iter()

@@ -257,7 +257,7 @@ impl Volumes {
         let lock = self.lock_of(uuid);
         let _held = lock.lock().await;
         let record = match self.read(uuid).await? {
-            Some(r) if r.spec != spec => {
+            Some(r) if !r.spec.matches(&spec) => {
                 return Err(VolumeError::AlreadyExists {
                     uuid,
                     existing: Box::new(r.spec.clone()),
