@@ -142,9 +142,12 @@ fn print_snapshots(snaps: &[pb::VolumeSnapshot], out: Output) {
     }
 }
 
-/// A replica's state, with its rebuild's progress while it rebuilds (`rebuilding 45%`).
+/// A replica's state, with its rebuild's progress while it rebuilds (`rebuilding 45%`), and whether one outside a
+/// nexus misses writes (`unattached, out of sync`).
 fn replica_state(r: &pb::VolumeReplica) -> String {
-    if r.state == "rebuilding" && r.rebuild_total_bytes > 0 {
+    if r.state == "unattached" && !r.in_sync {
+        format!("{}, out of sync", r.state)
+    } else if r.state == "rebuilding" && r.rebuild_total_bytes > 0 {
         format!(
             "rebuilding {}%",
             r.rebuild_done_bytes * 100 / r.rebuild_total_bytes
@@ -185,7 +188,7 @@ fn print_volumes(vols: &[pb::Volume], out: Output) {
             let j = serde_json::json!({
                 "uuid": v.uuid, "size": v.size_bytes, "replicas": v.replicas, "state": v.state,
                 "replica_list": v.replica_list.iter().map(|r| serde_json::json!({
-                    "uuid": r.uuid, "node": r.node, "pool": r.pool, "created": r.created, "state": r.state,
+                    "uuid": r.uuid, "node": r.node, "pool": r.pool, "created": r.created, "state": r.state, "in_sync": r.in_sync,
                     "rebuild_done_bytes": r.rebuild_done_bytes, "rebuild_total_bytes": r.rebuild_total_bytes,
                 })).collect::<Vec<_>>(),
                 "nexus_node": v.nexus_node, "nqn": v.nqn, "target_addresses": v.target_addresses,

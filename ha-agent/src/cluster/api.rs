@@ -253,6 +253,7 @@ async fn volume(volumes: &Volumes, r: VolumeRecord) -> pb::Volume {
                     .into(),
                     rebuild_done_bytes: c.as_ref().map_or(0, |c| c.rebuild_done_bytes),
                     rebuild_total_bytes: c.as_ref().map_or(0, |c| c.rebuild_total_bytes),
+                    in_sync: x.synced,
                 }
             })
             .collect(),

@@ -209,6 +209,11 @@ impl Volumes {
     ) -> Result<(), VolumeError> {
         let uuid = r.uuid.to_string();
         if let Some(s) = r.switchover.clone() {
+            if r.nexus.is_none() {
+                // Unpublished meanwhile (by an agent from before unpublishing ended switch-overs): nothing to move.
+                r.switchover = None;
+                return self.save(&r).await;
+            }
             // A switch-over recorded and not finished (an agent died in it): finished now.
             return self.finish_switchover(r, &s, true).await.map(drop);
         }
@@ -726,10 +731,16 @@ impl Volumes {
             }
         }
         let nexus_node = nexus.as_ref().map(|n| n.node.clone()).unwrap_or_default();
+        // The first to go: replicas never created, then those missing writes (not healthy in the nexus; without one,
+        // not recorded in sync: placed empty by a scale-up, or left half rebuilt), then those away from the nexus.
         let rank = |x: &ReplicaRecord| {
             (
                 x.created,
-                nexus.is_none() || healthy.contains(&x.uuid),
+                if nexus.is_some() {
+                    healthy.contains(&x.uuid)
+                } else {
+                    x.synced
+                },
                 x.node == nexus_node,
                 x.node.clone(),
             )

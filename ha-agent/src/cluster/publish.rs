@@ -176,6 +176,18 @@ impl Volumes {
                     n.record.spec.name == name && n.record.status.state == NodeState::Online
                 })
         };
+        // Without one in-sync replica up there is no nexus to make, and nothing is marked: the replicas left out
+        // have missed nothing, and one of them may be the only copy with every write.
+        if !r
+            .replicas
+            .iter()
+            .any(|x| x.created && x.synced && up(&x.node))
+        {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: "no in-sync replica's node is Online".into(),
+            });
+        }
         let mut left_out = false;
         for x in r.replicas.iter_mut().filter(|x| x.synced && !up(&x.node)) {
             x.synced = false;
@@ -228,7 +240,9 @@ impl Volumes {
             uuid: uuid.to_string(),
             children,
             reservation_key: key,
-            preempt_key: if r.fence_key == key { 0 } else { r.fence_key },
+            // Every older key: the last confirmed one (fence_key), and any attempt since that took some children
+            // before it failed or before its success was saved.
+            preempt_key: key.saturating_sub(1),
             unclean_restart: r.resync,
             confirm_faults: true,
             ..Default::default()
@@ -369,8 +383,12 @@ impl Volumes {
                 r.resync = true;
             }
             r.nexus = None;
+            // A switch-over still pending was for this publication: nothing is to be moved any more.
+            r.switchover = None;
             self.save(&r).await?;
             tracing::info!(%uuid, "volume unpublished");
+        } else if r.switchover.take().is_some() {
+            self.save(&r).await?;
         }
         Ok(r)
     }

@@ -162,6 +162,11 @@ impl Volumes {
         mut s: SnapshotRecord,
     ) -> Result<SnapshotRecord, VolumeError> {
         let id = s.uuid.to_string();
+        let published = r.nexus.as_ref().is_some_and(|n| n.published);
+        // Without a nexus, only the replicas recorded in sync hold the volume: one placed empty by a scale-up, or
+        // left half rebuilt, would give a copy a clone takes for the volume's data. (A nexus snapshots only its
+        // healthy children.)
+        let current = |x: &&super::volume::ReplicaRecord| published || x.synced;
         match r.nexus.as_ref().filter(|n| n.published) {
             Some(n) => {
                 self.engine(&n.node)
@@ -174,7 +179,7 @@ impl Volumes {
                     .map_err(|e| engine_error(&n.node, e))?;
             }
             None => {
-                for rep in r.replicas.iter().filter(|x| x.created) {
+                for rep in r.replicas.iter().filter(|x| x.created).filter(current) {
                     self.engine(&rep.node)
                         .await?
                         .create_snapshot(epb::CreateSnapshotRequest {
@@ -188,7 +193,7 @@ impl Volumes {
         }
         failpoint::at(failpoint::SNAPSHOT_TAKEN);
         s.copies.clear();
-        for rep in &r.replicas {
+        for rep in r.replicas.iter().filter(current) {
             let Ok(mut c) = self.engine(&rep.node).await else {
                 continue;
             };

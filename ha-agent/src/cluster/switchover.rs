@@ -18,7 +18,7 @@ use proto::names;
 use uuid::Uuid;
 
 use super::failpoint;
-use super::node;
+use super::node::{self, NodeState};
 use super::volume::{SwitchoverRecord, VolumePhase, VolumeRecord};
 use super::volumes::{NexusEnd, VolumeError, Volumes};
 
@@ -176,12 +176,19 @@ impl Volumes {
         failpoint::at(failpoint::SWITCHOVER_OLD_ENDED);
         // The failed node's replicas are disowned (destroyed when that node answers), not left out of sync: the old
         // nexus may still have written to its local one after the new nexus fenced the others, and a rejoin would
-        // rebuild only what the new nexus wrote. Healing places their replacements. Not the last in-sync copy.
+        // rebuild only what the new nexus wrote. Healing places their replacements. Not the last in-sync copy on an
+        // Online node: a replica recorded in sync on a node that is down cannot take over, and may never come back.
         let mut r = r;
+        let nodes = self.registry.list().await?;
+        let online = |name: &str| {
+            nodes
+                .iter()
+                .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
+        };
         let elsewhere = |r: &VolumeRecord| {
             r.replicas
                 .iter()
-                .any(|x| x.node != s.from && x.created && x.synced)
+                .any(|x| x.node != s.from && x.created && x.synced && online(&x.node))
         };
         while elsewhere(&r) {
             let Some(i) = r.replicas.iter().position(|x| x.node == s.from) else {

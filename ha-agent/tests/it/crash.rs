@@ -27,7 +27,7 @@ use crate::etcd::Etcd;
 use crate::registry::{Online, Proc, agent_with, engine_with, free_port, wait_for};
 
 const MIB: u64 = 1 << 20;
-const HOST: &str = "nqn.2026-11.io.keelson:test-crash-host";
+pub(crate) const HOST: &str = "nqn.2026-11.io.keelson:test-crash-host";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_at_any_stage_on_the_embedded_store_resumes_with_nothing_leaked() {
@@ -110,20 +110,20 @@ impl Cluster {
     }
 }
 
-fn tail(log: &str) -> String {
+pub(crate) fn tail(log: &str) -> String {
     let lines: Vec<_> = log.lines().collect();
     lines[lines.len().saturating_sub(80)..].join("\n")
 }
 
 /// Whether a call failed because no agent served it (none listening, not leading yet, or the connection was to an
 /// agent that died).
-fn unserved(s: &tonic::Status) -> bool {
+pub(crate) fn unserved(s: &tonic::Status) -> bool {
     s.code() == Code::Unavailable
         || std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
 
 /// `op`, retried while no agent answers (starting, campaigning); its first answer from a leader.
-async fn until_served<T, F, Fut>(mut op: F) -> Result<T, tonic::Status>
+pub(crate) async fn until_served<T, F, Fut>(mut op: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
@@ -139,7 +139,7 @@ where
     }
 }
 
-async fn create(
+pub(crate) async fn create(
     mut c: ClusterClient<Channel>,
     uuid: &str,
     replicas: u32,
@@ -154,7 +154,10 @@ async fn create(
     .map(drop)
 }
 
-async fn publish(mut c: ClusterClient<Channel>, uuid: &str) -> Result<pb::Volume, tonic::Status> {
+pub(crate) async fn publish(
+    mut c: ClusterClient<Channel>,
+    uuid: &str,
+) -> Result<pb::Volume, tonic::Status> {
     c.publish_volume(pb::PublishVolumeRequest {
         uuid: uuid.into(),
         host_nqn: HOST.into(),
@@ -165,7 +168,11 @@ async fn publish(mut c: ClusterClient<Channel>, uuid: &str) -> Result<pb::Volume
     .map(|r| r.into_inner())
 }
 
-async fn scale(mut c: ClusterClient<Channel>, uuid: &str, n: u32) -> Result<(), tonic::Status> {
+pub(crate) async fn scale(
+    mut c: ClusterClient<Channel>,
+    uuid: &str,
+    n: u32,
+) -> Result<(), tonic::Status> {
     c.set_volume_replicas(pb::SetVolumeReplicasRequest {
         uuid: uuid.into(),
         replicas: n,
@@ -193,12 +200,12 @@ async fn delete(mut c: ClusterClient<Channel>, uuid: &str) -> Result<(), tonic::
         .map(drop)
 }
 
-fn block(seed: u8) -> Bytes {
+pub(crate) fn block(seed: u8) -> Bytes {
     Bytes::from(vec![seed | 1; 64 << 10])
 }
 
 /// Writes and reads back a block through the published volume (one nexus holds the replicas' reservations).
-async fn write_through(v: &pb::Volume, seed: u8) {
+pub(crate) async fn write_through(v: &pb::Volume, seed: u8) {
     let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
     o.hostnqn = HOST.into();
     let ns = RemoteNamespace::connect(o, 1).await.unwrap();

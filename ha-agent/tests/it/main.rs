@@ -8,6 +8,7 @@ mod edges;
 mod etcd;
 mod expand;
 mod heal;
+mod keep;
 mod leader;
 mod metrics;
 mod node_agent;

@@ -65,6 +65,10 @@ impl Reservable for LocalChild {
             .await
             .map_err(to_block)
     }
+
+    async fn holder_key(&self) -> Result<Option<u64>, BlockError> {
+        Ok(self.ns.reservations.state().holder_key())
+    }
 }
 
 #[async_trait]
@@ -163,6 +167,46 @@ mod tests {
             Err(BlockError::ReservationConflict)
         ));
         assert_eq!(&new.read(0, 512).await.unwrap()[..], &[1u8; 512][..]);
+    }
+
+    #[tokio::test]
+    async fn a_nexus_preempts_every_older_key_and_never_a_newer_one() {
+        let ns = Arc::new(Namespace {
+            nsid: 1,
+            uuid: Uuid::new_v4(),
+            ana_group: 1,
+            device: Arc::new(MemoryDevice::new(1 << 20, 512)),
+            reservations: Reservations::default(),
+            stats: Default::default(),
+        });
+        let child = |_| LocalChild::new(ns.clone(), Uuid::new_v4());
+        let (first, failed, third, stale) = (child(1), child(2), child(3), child(4));
+        reserve(&first, ReservationKeys { key: 1, preempt: 0 })
+            .await
+            .unwrap();
+        // An attempt with key 2 took this child and was never confirmed: the agent knows only key 1 held it.
+        reserve(&failed, ReservationKeys { key: 2, preempt: 1 })
+            .await
+            .unwrap();
+        // The next nexus (key 3) may preempt every key up to 2: the one that holds it now is 2.
+        reserve(&third, ReservationKeys { key: 3, preempt: 2 })
+            .await
+            .unwrap();
+        assert_eq!(ns.reservations.state().holder_key(), Some(3));
+        for fenced in [&first, &failed] {
+            assert!(matches!(
+                fenced.write(0, Bytes::from(vec![2u8; 512])).await,
+                Err(BlockError::ReservationConflict)
+            ));
+        }
+        // An older nexus (a stale agent's, key 2, preempting up to 1) cannot take it back from a newer one.
+        let taken = reserve(&stale, ReservationKeys { key: 2, preempt: 1 }).await;
+        assert!(
+            matches!(taken, Err(BlockError::ReservationConflict)),
+            "{taken:?}"
+        );
+        assert_eq!(ns.reservations.state().holder_key(), Some(3));
+        third.write(0, Bytes::from(vec![3u8; 512])).await.unwrap();
     }
 
     #[tokio::test]

@@ -42,7 +42,9 @@ pub struct NexusOptions {
 pub struct ReservationKeys {
     /// Registered on every child; the nexus holds Write Exclusive under it.
     pub key: u64,
-    /// The key of the nexus this one replaces (0: none): its reservation is preempted.
+    /// The newest key of the nexuses this one replaces (0: none). A child held under this key or any older one is
+    /// preempted: a volume's keys grow with each nexus, and an attempt that failed half way may have taken some
+    /// children under its own key, which the agent never saw confirmed. A newer key is never preempted.
     pub preempt: u64,
 }
 
@@ -432,6 +434,8 @@ impl Engine {
 pub(super) trait Reservable: Send + Sync {
     /// Registers `key` for this node, replacing any key it had.
     async fn register_key(&self, key: u64) -> Result<(), BlockError>;
+    /// The key of the reservation's holder, if there is one.
+    async fn holder_key(&self) -> Result<Option<u64>, BlockError>;
     /// Reservation Acquire with `action` (acquire or preempt of `preempt_key`).
     async fn acquire(
         &self,
@@ -456,10 +460,19 @@ impl Reservable for RemoteNamespace {
     ) -> Result<(), BlockError> {
         RemoteNamespace::acquire(self, action, key, preempt_key, rtype).await
     }
+    async fn holder_key(&self) -> Result<Option<u64>, BlockError> {
+        Ok(RemoteNamespace::report(self)
+            .await?
+            .registrants
+            .iter()
+            .find(|(_, _, holds)| *holds)
+            .map(|(_, key, _)| *key))
+    }
 }
 
-/// Registers the nexus's key on a child and takes Write Exclusive, preempting the replaced nexus if asked to. The
-/// one fencing sequence, for local and remote children alike.
+/// Registers the nexus's key on a child and takes Write Exclusive, preempting the holder when its key is one of the
+/// replaced nexuses' (up to `keys.preempt`, never a newer one). The one fencing sequence, for local and remote
+/// children alike.
 pub(super) async fn reserve(
     child: &dyn Reservable,
     keys: ReservationKeys,
@@ -471,9 +484,20 @@ pub(super) async fn reserve(
         .await
     {
         Err(BlockError::ReservationConflict) if keys.preempt != 0 => {
-            child
-                .acquire(resv::PREEMPT, keys.key, keys.preempt, resv::WRITE_EXCLUSIVE)
-                .await
+            match child.holder_key().await? {
+                Some(held) if held <= keys.preempt && held != keys.key => {
+                    child
+                        .acquire(resv::PREEMPT, keys.key, held, resv::WRITE_EXCLUSIVE)
+                        .await
+                }
+                // Released since: taken as it is.
+                None => {
+                    child
+                        .acquire(resv::ACQUIRE, keys.key, 0, resv::WRITE_EXCLUSIVE)
+                        .await
+                }
+                Some(_) => Err(BlockError::ReservationConflict),
+            }
         }
         r => r,
     }

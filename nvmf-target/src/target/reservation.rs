@@ -56,6 +56,11 @@ impl ReservationState {
             .map(|r| r.key)
     }
 
+    /// The key of the reservation's holder (none for all-registrants types, or without a reservation).
+    pub fn holder_key(&self) -> Option<u64> {
+        self.holder.and_then(|h| self.key_of(h))
+    }
+
     /// Whether `host` holds the reservation (for all-registrants types: is registered while one exists).
     pub fn is_holder(&self, host: Uuid) -> bool {
         self.rtype != 0

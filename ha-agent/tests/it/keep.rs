@@ -1,0 +1,269 @@
+//! What the cluster agent must never give up, with real io-engines: the replica that has every write (a publish
+//! that fails marks nothing out of sync, a scale-down keeps the replicas in sync, a snapshot copies only them), and
+//! the volume itself after a nexus whose creation the agent never saw confirmed (the next nexus preempts its key).
+
+use std::time::{Duration, Instant};
+
+use ha_agent::cluster::failpoint as fp;
+use nvmf_target::block::BlockDevice;
+use nvmf_target::initiator::ConnectOptions;
+use nvmf_target::initiator::namespace::RemoteNamespace;
+use proto::cluster as pb;
+use proto::cluster::cluster_client::ClusterClient;
+use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
+use tonic::transport::Channel;
+
+use crate::crash::{HOST, block, create, publish, scale, until_served, write_through};
+use crate::registry::{Offline, Online, three_nodes, wait_for};
+
+async fn get(c: &ClusterClient<Channel>, uuid: &str) -> pb::Volume {
+    until_served(|| {
+        let mut c = c.clone();
+        let uuid = uuid.to_string();
+        async move { c.get_volume(pb::GetVolumeRequest { uuid }).await }
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Waits (60 s at most) until the volume satisfies `done`.
+async fn until(
+    c: &ClusterClient<Channel>,
+    uuid: &str,
+    what: &str,
+    done: impl Fn(&pb::Volume) -> bool,
+) -> pb::Volume {
+    let t = Instant::now();
+    loop {
+        let v = get(c, uuid).await;
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{what}: never: {v:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn publish_on(
+    c: &ClusterClient<Channel>,
+    uuid: &str,
+    node: &str,
+) -> Result<pb::Volume, tonic::Status> {
+    until_served(|| {
+        let mut c = c.clone();
+        let (uuid, node) = (uuid.to_string(), node.to_string());
+        async move {
+            c.publish_volume(pb::PublishVolumeRequest {
+                uuid,
+                host_nqn: HOST.into(),
+                node,
+                multi_host: false,
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+    })
+    .await
+}
+
+async fn unpublish(c: &ClusterClient<Channel>, uuid: &str) {
+    until_served(|| {
+        let mut c = c.clone();
+        let uuid = uuid.to_string();
+        async move {
+            c.unpublish_volume(pb::UnpublishVolumeRequest {
+                uuid,
+                host_nqn: String::new(),
+            })
+            .await
+        }
+    })
+    .await
+    .unwrap();
+}
+
+fn index(node: &str) -> usize {
+    node.strip_prefix("reg-").unwrap().parse::<usize>().unwrap() - 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_finds_no_in_sync_replica_up_marks_nothing_and_succeeds_once_it_returns() {
+    let (_dir, port, _agent, mut engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 1).await.unwrap();
+    let v = until(&c, &vol, "created", |v| {
+        v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let holder = v.replica_list[0].node.clone();
+    let other = ["reg-1", "reg-2", "reg-3"]
+        .into_iter()
+        .find(|n| *n != holder)
+        .unwrap();
+    let v = publish_on(&c, &vol, other).await.unwrap();
+    write_through(&v, 1).await;
+    unpublish(&c, &vol).await;
+
+    // The only replica's node is down: a publish elsewhere has nothing to make a nexus of, and must not record the
+    // replica as missing writes (it has them all).
+    engines[index(&holder)].kill9();
+    wait_for(port, &[(holder.as_str(), Offline)], "replica node down").await;
+    let refused = publish_on(&c, &vol, other).await;
+    assert!(refused.is_err(), "{refused:?}");
+    let v = get(&c, &vol).await;
+    assert!(v.replica_list.iter().all(|r| r.in_sync), "{v:#?}");
+
+    // It returns: the volume is published, with the data written before.
+    engines[index(&holder)].restart();
+    wait_for(port, &[(holder.as_str(), Online)], "replica node back").await;
+    let t = Instant::now();
+    let v = loop {
+        match publish_on(&c, &vol, other).await {
+            Ok(v) if !v.target_addresses.is_empty() => break v,
+            r => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "never published again: {r:?}\n{:#?}",
+                    get(&c, &vol).await
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    assert_eq!(ns.read(64 << 10, 64 << 10).await.unwrap(), block(1));
+    ns.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpublished_volume_snapshots_and_scales_down_to_its_in_sync_replicas_only() {
+    let (_dir, _port, _agent, _engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 2).await.unwrap();
+    let v = publish(c.clone(), &vol).await.unwrap();
+    write_through(&v, 1).await;
+    let synced: Vec<String> = v.replica_list.iter().map(|r| r.uuid.clone()).collect();
+    unpublish(&c, &vol).await;
+
+    // A third replica placed while unpublished is empty until a nexus rebuilds it.
+    scale(c.clone(), &vol, 3).await.unwrap();
+    let v = until(&c, &vol, "scaled up", |v| {
+        v.replica_list.len() == 3 && v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let empty = v
+        .replica_list
+        .iter()
+        .find(|r| !synced.contains(&r.uuid))
+        .unwrap()
+        .clone();
+
+    // A snapshot has copies of the in-sync replicas only: a clone of the empty one would be served as the data.
+    let snap = uuid::Uuid::new_v4().to_string();
+    let s = c
+        .clone()
+        .create_snapshot(pb::CreateSnapshotRequest {
+            volume: vol.clone(),
+            uuid: snap.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.ready, "{s:?}");
+    assert_eq!(s.nodes.len(), 2, "{s:?}");
+    assert!(
+        !s.nodes.contains(&empty.node),
+        "a copy of the empty replica: {s:?}"
+    );
+    let e = c
+        .clone()
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .into_iter()
+        .find(|n| n.name == empty.node)
+        .unwrap();
+    let held = EngineClient::connect(e.engine_endpoint)
+        .await
+        .unwrap()
+        .list_snapshots(epb::ListSnapshotsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert!(held.iter().all(|x| x.uuid != snap), "{held:?}");
+    c.clone()
+        .delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap })
+        .await
+        .unwrap();
+
+    // Scaled down to one: the one kept has the data (the empty one goes first, whatever its node's name).
+    scale(c.clone(), &vol, 1).await.unwrap();
+    let v = until(&c, &vol, "scaled down", |v| v.replica_list.len() == 1).await;
+    assert!(
+        synced.contains(&v.replica_list[0].uuid),
+        "kept {:?}, in sync were {synced:?}",
+        v.replica_list
+    );
+    let v = publish(c.clone(), &vol).await.unwrap();
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    assert_eq!(ns.read(64 << 10, 64 << 10).await.unwrap(), block(1));
+    ns.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexus_made_but_never_confirmed_is_preempted_by_the_next_one_on_another_node() {
+    let (_dir, port, mut agent, mut engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 2).await.unwrap();
+    let v = until(&c, &vol, "created", |v| {
+        v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let first = v.replica_list[0].node.clone();
+    // The agent dies right after the engine made the nexus (its key now holds both replicas), before it saved
+    // that the key was taken.
+    agent.set_env(
+        "FAILPOINTS",
+        &format!("{}=return", fp::PUBLISH_NEXUS_CREATED),
+    );
+    agent.restart();
+    let r = publish_on(&c, &vol, &first).await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(
+        agent.exited(Duration::from_secs(20)).await.is_some(),
+        "the agent should have died there"
+    );
+    // Its node goes down before any agent runs again.
+    engines[index(&first)].kill9();
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
+    wait_for(port, &[(first.as_str(), Offline)], "nexus node down").await;
+    // The volume is published on the other replica's node: its nexus preempted the unconfirmed key.
+    let t = Instant::now();
+    let v = loop {
+        match publish(c.clone(), &vol).await {
+            Ok(v) if !v.target_addresses.is_empty() && v.nexus_node != first => break v,
+            r => {
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "never published elsewhere: {r:?}\n{}",
+                    crate::crash::tail(&agent.log())
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    write_through(&v, 2).await;
+}
