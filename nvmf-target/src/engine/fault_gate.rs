@@ -2,12 +2,13 @@
 //! cluster agent, through the engine's [`FaultConfirmer`] (the API layer's client of the agent), before it goes on
 //! without a healthy child. When the agent answers that a newer nexus replaced this one, the engine unpublishes the
 //! nexus before the nexus stops: every host connection to it closes without an answer to the I/O that found the
-//! failure, and the host's kernel retries that I/O on its path to the new nexus.
+//! failure, and the host's kernel retries that I/O on its path to the new nexus. A nexus a newer one fenced (a
+//! child answered Reservation Conflict) is unpublished the same way ([`Unpublish`]).
 
 use std::sync::Weak;
 
 use super::{Engine, Inner};
-use crate::nexus::FaultGate;
+use crate::nexus::{FaultGate, Fenced};
 
 /// Asks the cluster agent whether a nexus may go on without a child. Implemented where the agent's client lives.
 #[async_trait::async_trait]
@@ -50,5 +51,26 @@ impl FaultGate for NexusGate {
             }
         }
         answer
+    }
+}
+
+/// Takes a fenced nexus off the fabric at once (its hosts' connections close; their kernels retry on the new
+/// nexus), and tells the cluster agent that the volume changed.
+#[derive(Debug)]
+pub(super) struct Unpublish {
+    pub(super) engine: Weak<Inner>,
+    pub(super) uuid: uuid::Uuid,
+}
+
+impl Fenced for Unpublish {
+    fn fenced(&self) {
+        let Some(inner) = self.engine.upgrade() else {
+            return;
+        };
+        let engine = Engine { inner };
+        if let Err(e) = engine.unpublish_nexus(&self.uuid) {
+            tracing::warn!(nexus = %self.uuid, error = %e, "cannot unpublish the fenced nexus");
+        }
+        engine.nexus_changes().mark(&self.uuid.to_string());
     }
 }

@@ -205,6 +205,10 @@ impl Engine {
                 key: options.reservation.map_or(0, |k| k.key),
             }));
         }
+        config.on_fenced = Some(Arc::new(super::fault_gate::Unpublish {
+            engine: Arc::downgrade(&self.inner),
+            uuid,
+        }));
         config.rebuild.rate_limit = options.rebuild_rate_limit;
         let mut devices = Vec::new();
         for c in children {

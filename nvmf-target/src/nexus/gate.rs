@@ -33,6 +33,13 @@ pub trait FaultGate: Send + Sync + std::fmt::Debug {
     async fn confirm(&self, child: &str, reason: &str) -> Result<(), String>;
 }
 
+/// Told once when a newer nexus of the volume preempted this one's reservation (a child answered a write with
+/// Reservation Conflict). The nexus has stopped; the engine takes it off the fabric, so that its hosts' paths go
+/// and their kernels retry on the new nexus.
+pub trait Fenced: Send + Sync + std::fmt::Debug {
+    fn fenced(&self);
+}
+
 /// What a nexus's fault gate has said, for the metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultConsent {
@@ -237,9 +244,12 @@ mod tests {
         assert_eq!(n.fault_consent().refused, 1);
         assert!(matches!(
             n.write(4096, data(2)).await,
-            Err(BlockError::Closed)
+            Err(BlockError::Relocated(_))
         ));
-        assert!(matches!(n.read(0, 4096).await, Err(BlockError::Closed)));
+        assert!(matches!(
+            n.read(0, 4096).await,
+            Err(BlockError::Relocated(_))
+        ));
         // A shutdown (the engine destroying it) ends the held write with an error, never success.
         n.shutdown().await;
         assert!(matches!(w.await.unwrap(), Err(BlockError::Relocated(_))));

@@ -29,6 +29,12 @@ use super::{Nexus, NexusState};
 type Op = dyn Fn(Arc<dyn BlockDevice>) -> BoxFuture<'static, Result<(), BlockError>> + Send + Sync;
 
 impl Nexus {
+    /// What I/O gets from a stopped nexus (shut down, fenced, or replaced): a path error (NVMe: ANA Inaccessible),
+    /// so that the host's kernel retries it on its path to the volume's next nexus instead of failing it.
+    pub(super) fn stopped_error(&self) -> BlockError {
+        BlockError::Relocated(format!("nexus {} has stopped", self.name))
+    }
+
     pub(super) fn healthy(&self) -> Vec<Arc<Child>> {
         self.list()
             .into_iter()
@@ -48,7 +54,7 @@ impl Nexus {
         op: &Op,
     ) -> Result<(), BlockError> {
         if self.state() == NexusState::Shutdown {
-            return Err(BlockError::Closed);
+            return Err(self.stopped_error());
         }
         self.app_ios.fetch_add(1, Ordering::Relaxed);
         let sampled = timing::start(timing::Layer::Nexus);
@@ -60,7 +66,7 @@ impl Nexus {
         let locked = sampled.map(|t| timing::record_since(Stage::NexusLock, t));
         // Shut down while it waited: a shutdown that drained must not see a write start after it.
         if self.state() == NexusState::Shutdown {
-            return Err(BlockError::Closed);
+            return Err(self.stopped_error());
         }
         let targets: Vec<Arc<Child>> = self
             .list()
@@ -143,15 +149,19 @@ impl Nexus {
             }
         }
         // A child refused for a reservation conflict: a newer nexus of the volume preempted this one. It stops at
-        // once (every later I/O fails), so that at most one nexus writes; no child is at fault.
+        // once (every later I/O fails), so that at most one nexus writes; no child is at fault. The host gets a path
+        // error, never the conflict (which the Linux host fails to the application): its I/O goes to the new nexus.
         if failed
             .iter()
             .any(|f| matches!(f.2, BlockError::ReservationConflict))
         {
-            self.stopped
-                .store(true, std::sync::atomic::Ordering::Release);
-            tracing::error!(nexus = %self.name, "fenced by a newer nexus of the volume: this one stops");
-            return Err(BlockError::ReservationConflict);
+            if !self.stopped.swap(true, Ordering::AcqRel) {
+                tracing::error!(nexus = %self.name, "fenced by a newer nexus of the volume: this one stops");
+                if let Some(f) = &self.config.on_fenced {
+                    f.fenced();
+                }
+            }
+            return Err(self.stopped_error());
         }
         // Every child out of space: the volume is full, no replica is at fault. The host gets Capacity Exceeded.
         if healthy_ok == 0
@@ -230,7 +240,7 @@ impl BlockDevice for Nexus {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         if self.state() == NexusState::Shutdown {
-            return Err(BlockError::Closed);
+            return Err(self.stopped_error());
         }
         self.app_ios.fetch_add(1, Ordering::Relaxed);
         let mut last_err = None;

@@ -32,7 +32,7 @@ use crate::block::range_lock::RangeLock;
 use crate::rebuild::{RebuildConfig, SegmentMap};
 
 use child::{Child, ChildInfo, ChildState};
-pub use gate::{FaultConsent, FaultGate};
+pub use gate::{FaultConsent, FaultGate, Fenced};
 pub use resync::{RebuildKind, RebuildRecord};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -127,6 +127,8 @@ pub struct NexusConfig {
     pub on_change: Option<ChangeNotice>,
     /// Asked before a healthy child is faulted on the I/O path (see [`FaultGate`]); none: faulted at once.
     pub fault_gate: Option<Arc<dyn FaultGate>>,
+    /// Told when a newer nexus fenced this one (see [`Fenced`]).
+    pub on_fenced: Option<Arc<dyn Fenced>>,
 }
 
 impl Default for NexusConfig {
@@ -138,6 +140,7 @@ impl Default for NexusConfig {
             partial_rebuild_window: Duration::from_secs(600),
             on_change: None,
             fault_gate: None,
+            on_fenced: None,
         }
     }
 }

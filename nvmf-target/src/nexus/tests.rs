@@ -1,7 +1,7 @@
 //! Nexus behaviour over memory and fault-injecting children.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +35,7 @@ pub(super) fn config() -> NexusConfig {
         partial_rebuild_window: Duration::from_secs(60),
         on_change: None,
         fault_gate: None,
+        on_fenced: None,
     }
 }
 
@@ -703,7 +704,7 @@ async fn shutdown_waits_for_the_writes_in_flight_and_refuses_new_ones() {
     assert!(w.await.unwrap().is_ok());
     assert!(matches!(
         n.write(0, pattern(8, 4096)).await,
-        Err(BlockError::Closed)
+        Err(BlockError::Relocated(_))
     ));
 }
 
@@ -735,13 +736,37 @@ impl BlockDevice for Preempted {
     }
 }
 
+/// Counts what a nexus says when a newer one fenced it.
+#[derive(Debug, Default)]
+struct FenceCount(AtomicUsize);
+
+impl crate::nexus::Fenced for FenceCount {
+    fn fenced(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[tokio::test]
 async fn a_nexus_preempted_by_a_newer_one_stops_writing_at_once() {
     let local = mem();
-    let n = nexus(vec![local.clone(), Arc::new(Preempted(mem()))]);
+    let told = Arc::new(FenceCount::default());
+    let config = NexusConfig {
+        on_fenced: Some(told.clone()),
+        ..config()
+    };
+    let children = vec![
+        ("c0".to_string(), local.clone()),
+        (
+            "c1".to_string(),
+            Arc::new(Preempted(mem())) as Arc<dyn BlockDevice>,
+        ),
+    ];
+    let n = Nexus::new("vol", children, config).unwrap();
+    // The host gets a path error (its kernel retries on the new nexus), never the conflict (an I/O error to the
+    // application), and the engine is told once, to take the nexus off the fabric.
     assert!(matches!(
         n.write(0, pattern(1, 4096)).await,
-        Err(BlockError::ReservationConflict)
+        Err(BlockError::Relocated(_))
     ));
     assert_eq!(n.state(), NexusState::Shutdown);
     assert!(
@@ -750,8 +775,13 @@ async fn a_nexus_preempted_by_a_newer_one_stops_writing_at_once() {
     );
     assert!(matches!(
         n.write(4096, pattern(2, 4096)).await,
-        Err(BlockError::Closed)
+        Err(BlockError::Relocated(_))
     ));
+    assert!(matches!(
+        n.read(0, 4096).await,
+        Err(BlockError::Relocated(_))
+    ));
+    assert_eq!(told.0.load(Ordering::SeqCst), 1);
     assert!(
         local
             .read(4096, 4096)

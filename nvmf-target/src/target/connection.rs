@@ -28,7 +28,6 @@ use super::admin::AdminCtx;
 use super::controller::Controller;
 use super::inflight::Inflight;
 use super::response::{Backlog, Outgoing, OutgoingTx, Response};
-use super::subsystem::Namespace;
 use super::writer::{WriterQueue, write_loop};
 use super::{admin as admin_cmds, fabrics, io as io_cmds};
 
@@ -54,7 +53,6 @@ const ADMIN_IN_CAPSULE: usize = 8192;
 /// A write waiting for its H2CData.
 struct PendingWrite {
     sqe: Sqe,
-    ns: Arc<Namespace>,
     expected: usize,
     received: usize,
     parts: Vec<Bytes>,
@@ -447,7 +445,6 @@ impl Queue {
                 ttag,
                 PendingWrite {
                     sqe,
-                    ns,
                     expected,
                     received: 0,
                     parts: Vec::new(),
@@ -494,8 +491,17 @@ impl Queue {
         let Some(ctrl) = self.ctrl.clone() else {
             return Ok(());
         };
-        self.inflight
-            .push(io_cmds::execute(ctrl, p.ns, p.sqe, data));
+        // Admitted when the command came, and admitted again now that its data is here: the host may have been
+        // fenced (its reservation preempted by a newer nexus) or its path made inaccessible while the data was on its
+        // way, which for a paused host can be any time. Written now, it would land over the newer nexus's writes.
+        let ns = match io_cmds::validate(&self.shared, &ctrl, &p.sqe) {
+            Ok(ns) => ns,
+            Err(st) => {
+                self.send(Response::status(p.sqe.cid(), st));
+                return Ok(());
+            }
+        };
+        self.inflight.push(io_cmds::execute(ctrl, ns, p.sqe, data));
         Ok(())
     }
 }

@@ -248,3 +248,63 @@ async fn a_fenced_host_changes_nothing_on_a_replica_by_any_command_class() {
     old.close().await;
     new.close().await;
 }
+
+/// A write sent without its data (R2T) by a host that holds the reservation, whose data comes after a newer host
+/// preempted it: refused, and the newer host's write stays. (An old nexus paused between command and data.)
+#[tokio::test]
+async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
+    use bytes::Bytes;
+    use nvmf_target::protocol::command::{Sqe, io};
+    use nvmf_target::protocol::pdu::{CapsuleCmd, DataPdu, Pdu};
+    use nvmf_target::protocol::status::Status;
+
+    use crate::harness::{HOSTID, NQN, Raw, Recv, target};
+
+    let t = target().await;
+    let ns = t.target.subsystem(NQN).unwrap().namespace(1).unwrap();
+    let (old, new) = (uuid::Uuid::from_bytes(HOSTID), uuid::Uuid::new_v4());
+    ns.reservations
+        .change(|s| {
+            s.register(old, resv::REGISTER, false, 0, 1)?;
+            s.acquire(old, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
+        })
+        .await
+        .unwrap();
+    let (mut admin, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut admin, id).await;
+    let mut sqe = Sqe::rw(io::WRITE, 1, 0, 2048, 1 << 20, false);
+    sqe.set_cid(4);
+    q.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Bytes::new(),
+    }))
+    .await;
+    let Recv::Pdu(Pdu::R2t(r2t)) = q.recv().await else {
+        panic!("expected R2T")
+    };
+    // A newer nexus takes over and writes.
+    ns.reservations
+        .change(|s| {
+            s.register(new, resv::REGISTER, false, 0, 2)?;
+            s.acquire(new, resv::PREEMPT, false, 2, 1, resv::WRITE_EXCLUSIVE)
+        })
+        .await
+        .unwrap();
+    let newer = Bytes::from(vec![7u8; 1 << 20]);
+    ns.device.write(0, newer.clone()).await.unwrap();
+    // The old host's data arrives.
+    q.send(Pdu::H2CData(DataPdu {
+        cccid: 4,
+        ttag: r2t.ttag,
+        offset: 0,
+        data: Bytes::from(vec![3u8; 1 << 20]),
+        last: true,
+        success: false,
+    }))
+    .await;
+    let Recv::Pdu(Pdu::CapsuleResp(c)) = q.recv().await else {
+        panic!("expected the write's completion")
+    };
+    assert_eq!(c.status, Status::RESERVATION_CONFLICT);
+    assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
+}
