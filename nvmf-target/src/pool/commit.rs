@@ -1,7 +1,9 @@
 //! Group commit: metadata changes that arrive while the journal is busy share its next write and flush.
 //!
 //! Every caller queues its records and then waits for the journal. Whoever gets it takes everything queued so
-//! far (its own records and those of callers still waiting), writes them as one transaction, applies each
+//! far (its own records and those of callers still waiting), checks each caller's records against the metadata as
+//! it will be when they are applied (a caller whose records no longer apply, say a second destroy of a volume, is
+//! refused and nothing of it is written), writes the rest as one transaction, applies each
 //! caller's records in queue order and tells each caller its result. A caller that finds its records already
 //! committed by an earlier holder returns at once. N allocations in flight thus cost one journal flush, not N,
 //! and each caller still returns only once its records are durable.
@@ -36,10 +38,13 @@ impl GroupCommit {
     }
 
     /// Makes `records` durable, then applies them with `apply` (called under the journal lock, in journal order).
-    /// `state` encodes the current metadata, for when the journal is full and a checkpoint is written first.
+    /// `admit` checks each caller's records of a batch, in order, against the state they will follow (see
+    /// [`super::meta::PoolMeta::admit`]); a caller whose records it refuses gets its error and nothing is written
+    /// for it. `state` encodes the current metadata, for when the journal is full and a checkpoint is written first.
     pub async fn commit(
         &self,
         records: Vec<Record>,
+        admit: impl Fn(&[&[Record]]) -> Vec<Result<(), PoolError>>,
         state: impl Fn() -> Result<Vec<u8>, PoolError>,
         apply: impl Fn(&[Record]) -> Result<(), PoolError>,
     ) -> Result<(), PoolError> {
@@ -52,16 +57,34 @@ impl GroupCommit {
             if let Ok(r) = rx.try_recv() {
                 return r;
             }
-            let batch: Vec<Waiting> = {
+            let taken: Vec<Waiting> = {
                 let mut q = self.queue();
                 let n = q.len().min(MAX_BATCH);
                 q.drain(..n).collect()
             };
+            // Each caller's records are checked against the state they will be applied to; those that can no
+            // longer follow it are refused before anything is written.
+            let verdicts = admit(&taken.iter().map(|w| &w.records[..]).collect::<Vec<_>>());
+            let mut batch = Vec::with_capacity(taken.len());
+            let mut refused = Vec::new();
+            for (w, verdict) in taken.into_iter().zip(verdicts) {
+                match verdict {
+                    Ok(()) => batch.push(w),
+                    Err(e) => refused.push((w, e)),
+                }
+            }
             let all: Vec<Record> = batch
                 .iter()
                 .flat_map(|w| w.records.iter().cloned())
                 .collect();
-            match journal.commit(&state, &all).await {
+            let written = if all.is_empty() {
+                Ok(())
+            } else {
+                journal.commit(&state, &all).await
+            };
+            // A refused caller hears once the batch that refused it is applied (it may look again: a create
+            // refused because the same create was ahead of it finds the volume).
+            match written {
                 Ok(()) => {
                     for w in batch {
                         let _ = w.done.send(apply(&w.records));
@@ -73,11 +96,20 @@ impl GroupCommit {
                     }
                 }
             }
+            for (w, e) in refused {
+                let _ = w.done.send(Err(e));
+            }
             drop(journal);
             if let Ok(r) = rx.try_recv() {
                 return r;
             }
         }
+    }
+
+    /// Holds the journal as a commit in progress would: commits queue behind it.
+    #[cfg(test)]
+    pub async fn hold(&self) -> tokio::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().await
     }
 
     /// The journal's epoch (how many checkpoints it has written).

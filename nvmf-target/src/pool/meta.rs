@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::PoolError;
+use super::{PoolError, PoolObject};
 use crate::block::MissedWrites;
 
 /// A logical cluster with no physical cluster behind it reads as zeroes.
@@ -135,6 +135,13 @@ pub enum Record {
     Destroy {
         volume: Uuid,
     },
+}
+
+/// What records admitted but not applied yet do to volumes: (size, is a snapshot) of those they create or resize,
+/// `None` for those they destroy. See [`PoolMeta::admit`].
+#[derive(Clone, Debug, Default)]
+pub struct Pending {
+    volumes: BTreeMap<Uuid, Option<(u64, bool)>>,
 }
 
 /// A pool's whole metadata state.
@@ -381,6 +388,102 @@ impl PoolMeta {
         Ok(())
     }
 
+    /// Checks that `records` can follow this state and the records `pending` stands for, all or none: admitted,
+    /// their effects are added to `pending`; refused, `pending` is unchanged. A commit admits every record before
+    /// it writes it, against the state as it will be when the record is applied (under the lock that orders
+    /// commits), so a record that reaches the journal always applies, there and at every replay. The errors are
+    /// those of the request the record came from: a volume that is gone is `NotFound`, one made in the meantime
+    /// `AlreadyExists`.
+    pub fn admit(&self, pending: &mut Pending, records: &[Record]) -> Result<(), PoolError> {
+        let mut next = pending.clone();
+        for r in records {
+            self.admit_one(&mut next, r)?;
+        }
+        *pending = next;
+        Ok(())
+    }
+
+    fn admit_one(&self, p: &mut Pending, r: &Record) -> Result<(), PoolError> {
+        let view = |p: &Pending, id: &Uuid| match p.volumes.get(id) {
+            Some(v) => *v,
+            None => self.volumes.get(id).map(|v| (v.size, v.is_snapshot())),
+        };
+        let exists = |what: PoolObject, id: &Uuid| match view(p, id) {
+            Some(v) => Ok(v),
+            None => Err(PoolError::NotFound(what)),
+        };
+        let fresh = |id: &Uuid| match view(p, id) {
+            Some(_) => Err(PoolError::AlreadyExists {
+                what: PoolObject::Volume(*id),
+                detail: "it was created meanwhile".into(),
+            }),
+            None => Ok(()),
+        };
+        let within = |volume: &Uuid, logical: u32| {
+            let (size, snapshot) = exists(PoolObject::Volume(*volume), volume)?;
+            if snapshot || u64::from(logical) >= size.div_ceil(self.cluster_size) {
+                return Err(PoolError::InvalidArgument(format!(
+                    "volume {volume} has no writable logical cluster {logical}"
+                )));
+            }
+            Ok(())
+        };
+        match r {
+            Record::CreateReplica { uuid, size, .. } => {
+                fresh(uuid)?;
+                p.volumes.insert(*uuid, Some((*size, false)));
+            }
+            Record::Map {
+                volume,
+                logical,
+                physical,
+            } => {
+                if *physical as usize >= self.refs.len() {
+                    return Err(PoolError::InvalidArgument(format!(
+                        "cluster {physical} is beyond the pool"
+                    )));
+                }
+                within(volume, *logical)?;
+            }
+            Record::Unmap { volume, logical } => within(volume, *logical)?,
+            Record::Snapshot {
+                replica, snapshot, ..
+            } => {
+                let (size, _) = exists(PoolObject::Replica(*replica), replica)?;
+                fresh(snapshot)?;
+                p.volumes.insert(*snapshot, Some((size, true)));
+            }
+            Record::Clone {
+                snapshot, replica, ..
+            } => {
+                let (size, _) = exists(PoolObject::Snapshot(*snapshot), snapshot)?;
+                fresh(replica)?;
+                p.volumes.insert(*replica, Some((size, false)));
+            }
+            Record::SetShare { volume, .. }
+            | Record::SetReservation { volume, .. }
+            | Record::NoteMissed { volume, .. }
+            | Record::ForgetMissed { volume, .. } => {
+                exists(PoolObject::Volume(*volume), volume)?;
+            }
+            Record::Resize { volume, size } => {
+                let (now, snapshot) = exists(PoolObject::Replica(*volume), volume)?;
+                if snapshot || *size < now {
+                    return Err(PoolError::InvalidArgument(format!(
+                        "replica {volume} is {now} bytes{}; it cannot become {size}",
+                        if snapshot { " (a snapshot)" } else { "" }
+                    )));
+                }
+                p.volumes.insert(*volume, Some((*size, false)));
+            }
+            Record::Destroy { volume } => {
+                exists(PoolObject::Volume(*volume), volume)?;
+                p.volumes.insert(*volume, None);
+            }
+        }
+        Ok(())
+    }
+
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
     pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
         let per_volume = 512 + MISSED_BUDGET as u64;
@@ -592,6 +695,77 @@ mod tests {
         let back = back.load(CS, 64).unwrap();
         assert_eq!(back.volumes, m.volumes);
         assert_eq!(back.refs, m.refs);
+    }
+
+    #[test]
+    fn a_record_admitted_after_a_batch_applies_after_it() {
+        let mut m = PoolMeta::new(CS, 8);
+        let r = create(&mut m, 2 << 20);
+        let s = Uuid::new_v4();
+        let mut p = Pending::default();
+        let batch = [
+            vec![Record::Destroy { volume: r }],
+            vec![Record::Destroy { volume: r }],
+            vec![Record::SetShare {
+                volume: r,
+                share: None,
+            }],
+            vec![Record::CreateReplica {
+                uuid: s,
+                size: 1 << 20,
+                created: 0,
+                share: None,
+            }],
+            // All or none: the map of the created volume is fine, the second create is not.
+            vec![
+                Record::Map {
+                    volume: s,
+                    logical: 0,
+                    physical: 1,
+                },
+                Record::CreateReplica {
+                    uuid: s,
+                    size: 1 << 20,
+                    created: 0,
+                    share: None,
+                },
+            ],
+            vec![Record::Map {
+                volume: s,
+                logical: 1,
+                physical: 1,
+            }],
+            vec![Record::Map {
+                volume: s,
+                logical: 0,
+                physical: 2,
+            }],
+        ];
+        let verdicts: Vec<_> = batch.iter().map(|rs| m.admit(&mut p, rs)).collect();
+        assert!(
+            matches!(
+                verdicts[..],
+                [
+                    Ok(()),
+                    Err(PoolError::NotFound(PoolObject::Volume(_))),
+                    Err(PoolError::NotFound(_)),
+                    Ok(()),
+                    Err(PoolError::AlreadyExists { .. }),
+                    Err(PoolError::InvalidArgument(_)),
+                    Ok(()),
+                ]
+            ),
+            "{verdicts:?}"
+        );
+        for (rs, v) in batch.iter().zip(&verdicts) {
+            if v.is_ok() {
+                for rec in rs {
+                    m.apply(rec).unwrap();
+                }
+            }
+        }
+        assert_eq!(m.volumes.keys().collect::<Vec<_>>(), vec![&s]);
+        assert_eq!(m.refs(2), 1);
     }
 
     #[test]

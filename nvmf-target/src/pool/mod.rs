@@ -166,12 +166,19 @@ impl PoolInner {
         self.meta.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes records durable, then applies them. When another import has taken the pool, closes every volume.
+    /// Makes records durable, then applies them; records that no longer apply to the metadata (a volume destroyed
+    /// or created meanwhile) are refused before they are written. When another import has taken the pool, closes
+    /// every volume.
     async fn commit(&self, records: Vec<Record>) -> Result<(), PoolError> {
         let r = self
             .journal
             .commit(
                 records,
+                |batch| {
+                    let m = self.meta();
+                    let mut pending = meta::Pending::default();
+                    batch.iter().map(|r| m.admit(&mut pending, r)).collect()
+                },
                 || journal::encode_state(&self.meta()),
                 |records| {
                     let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
@@ -515,7 +522,7 @@ impl Pool {
                 "replica size {size} must be a non-zero multiple of the {bs}-byte block size"
             )));
         }
-        if let Some(v) = self.volume_meta(&uuid) {
+        let existing = |v: VolumeMeta| {
             if v.is_snapshot() || v.size != size {
                 return Err(PoolError::AlreadyExists {
                     what: PoolObject::Volume(uuid),
@@ -526,17 +533,28 @@ impl Pool {
                     ),
                 });
             }
-            return self.open_volume(&uuid);
+            self.open_volume(&uuid)
+        };
+        if let Some(v) = self.volume_meta(&uuid) {
+            return existing(v);
         }
         self.check_room(size, 0)?;
-        self.inner
+        let r = self
+            .inner
             .commit(vec![Record::CreateReplica {
                 uuid,
                 size,
                 created: now_secs(),
                 share,
             }])
-            .await?;
+            .await;
+        // The same request, made at the same time, created it first.
+        if let Err(PoolError::AlreadyExists { .. }) = &r
+            && let Some(v) = self.volume_meta(&uuid)
+        {
+            return existing(v);
+        }
+        r?;
         tracing::info!(pool = %self.name(), replica = %uuid, size, "created replica");
         self.open_volume(&uuid)
     }
@@ -593,25 +611,35 @@ impl Pool {
                 "{replica} is a snapshot; snapshots are taken of replicas"
             )));
         }
-        if let Some(v) = self.volume_meta(&snapshot) {
+        let existing = |v: VolumeMeta| {
             if v.snapshot_of == Some(replica) {
                 return Ok(v);
             }
-            return Err(PoolError::AlreadyExists {
+            Err(PoolError::AlreadyExists {
                 what: PoolObject::Volume(snapshot),
                 detail: format!("and is not a snapshot of {replica}"),
-            });
+            })
+        };
+        if let Some(v) = self.volume_meta(&snapshot) {
+            return existing(v);
         }
         self.check_fits(src.map.len() as u64)?;
         let vol = self.open_volume(&replica)?;
         let _excl = vol.quiesce.write().await;
-        self.inner
+        let r = self
+            .inner
             .commit(vec![Record::Snapshot {
                 replica,
                 snapshot,
                 created: now_secs(),
             }])
-            .await?;
+            .await;
+        if let Err(PoolError::AlreadyExists { .. }) = &r
+            && let Some(v) = self.volume_meta(&snapshot)
+        {
+            return existing(v);
+        }
+        r?;
         tracing::info!(pool = %self.name(), %replica, %snapshot, "took snapshot");
         self.volume_meta(&snapshot)
             .ok_or(PoolError::NotFound(PoolObject::Snapshot(snapshot)))
@@ -632,24 +660,34 @@ impl Pool {
                 "{snapshot} is not a snapshot"
             )));
         }
-        if let Some(v) = self.volume_meta(&replica) {
+        let existing = |v: VolumeMeta| {
             if v.clone_of == Some(snapshot) {
                 return self.open_volume(&replica);
             }
-            return Err(PoolError::AlreadyExists {
+            Err(PoolError::AlreadyExists {
                 what: PoolObject::Volume(replica),
                 detail: format!("and is not a clone of {snapshot}"),
-            });
+            })
+        };
+        if let Some(v) = self.volume_meta(&replica) {
+            return existing(v);
         }
         self.check_fits(src.map.len() as u64)?;
-        self.inner
+        let r = self
+            .inner
             .commit(vec![Record::Clone {
                 snapshot,
                 replica,
                 created: now_secs(),
                 share,
             }])
-            .await?;
+            .await;
+        if let Err(PoolError::AlreadyExists { .. }) = &r
+            && let Some(v) = self.volume_meta(&replica)
+        {
+            return existing(v);
+        }
+        r?;
         tracing::info!(pool = %self.name(), %snapshot, clone = %replica, "created clone");
         self.open_volume(&replica)
     }
@@ -690,7 +728,8 @@ impl Pool {
     }
 
     /// Destroys a replica or snapshot and frees the clusters no other volume uses. Its device handle fails all
-    /// further I/O with `Closed`.
+    /// further I/O with `Closed`. A volume that is not there (or that a destroy at the same time took first) is
+    /// `NotFound`.
     pub async fn destroy_volume(&self, uuid: Uuid) -> Result<(), PoolError> {
         if self.volume_meta(&uuid).is_none() {
             return Err(PoolError::NotFound(PoolObject::Volume(uuid)));

@@ -799,3 +799,77 @@ async fn a_second_import_by_the_same_node_displaces_the_first() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn two_destroys_of_a_volume_at_once_destroy_it_once_and_the_pool_still_imports() {
+    use std::time::Duration;
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
+    let (r, keep) = (Uuid::new_v4(), Uuid::new_v4());
+    pool.create_replica(r, MIB, None).await.unwrap();
+    pool.create_replica(keep, MIB, None).await.unwrap();
+    // I/O in flight holds the gate: both destroys (a DestroyReplica and its retry) pass their check and wait.
+    let io = pool.inner.gate.read().await;
+    let destroy = |p: Pool| tokio::spawn(async move { p.destroy_volume(r).await });
+    let (d1, d2) = (destroy(pool.clone()), destroy(pool.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(io);
+    let (a, b) = (d1.await.unwrap(), d2.await.unwrap());
+    let not_found = |e: &Result<(), PoolError>| matches!(e, Err(PoolError::NotFound(PoolObject::Volume(u))) if *u == r);
+    assert!(
+        (a.is_ok() && not_found(&b)) || (b.is_ok() && not_found(&a)),
+        "{a:?} {b:?}"
+    );
+    // The pool goes on, and imports with the volume destroyed once.
+    pool.create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .unwrap();
+    drop(pool);
+    let pool = Pool::import(dev, &me()).await.unwrap();
+    assert_eq!(pool.volumes().len(), 2);
+    assert!(pool.volume_meta(&r).is_none() && pool.volume_meta(&keep).is_some());
+}
+
+#[tokio::test]
+async fn a_change_to_a_volume_destroyed_in_the_same_batch_is_refused_not_written() {
+    use std::time::Duration;
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
+    let r = Uuid::new_v4();
+    pool.create_replica(r, MIB, None).await.unwrap();
+    // A commit in progress: the changes below pass their checks and share the next transaction.
+    let busy = pool.inner.journal.hold().await;
+    let p = pool.clone();
+    let destroy = tokio::spawn(async move { p.destroy_volume(r).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let p = pool.clone();
+    let reserve = tokio::spawn(async move {
+        p.set_reservation(r, Some(serde_json::json!({"holder": 1})))
+            .await
+    });
+    let p = pool.clone();
+    let (s, c) = (Uuid::new_v4(), Uuid::new_v4());
+    let twice = tokio::spawn(async move {
+        let a = p.create_replica(s, MIB, None);
+        let b = p.create_replica(s, MIB, None);
+        let (a, b) = futures_util::join!(a, b);
+        (a.map(drop), b.map(drop))
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(busy);
+    destroy.await.unwrap().unwrap();
+    let e = reserve.await.unwrap();
+    assert!(matches!(e, Err(PoolError::NotFound(_))), "{e:?}");
+    // The same create twice at once: both get the replica.
+    let (a, b) = twice.await.unwrap();
+    a.unwrap();
+    b.unwrap();
+    pool.create_replica(c, MIB, None).await.unwrap();
+    drop(pool);
+    let pool = Pool::import(dev, &me()).await.unwrap();
+    let mut ids: Vec<Uuid> = pool.volumes().iter().map(|v| v.uuid).collect();
+    let mut want = vec![s, c];
+    ids.sort();
+    want.sort();
+    assert_eq!(ids, want);
+}
