@@ -31,6 +31,7 @@ pub fn pool(e: &PoolEntry) -> pb::Pool {
         disk_errors: s.disk_errors,
         owner: l.owner.clone(),
         incarnation: l.incarnation,
+        fault: e.pool.fault().unwrap_or_default(),
     }
 }
 

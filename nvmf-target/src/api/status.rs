@@ -71,7 +71,7 @@ impl From<PoolError> for Status {
             PoolError::OwnedByAnotherNode { .. } | PoolError::OwnershipLost { .. } => {
                 Status::failed_precondition(msg)
             }
-            PoolError::Io(_) => Status::unavailable(msg),
+            PoolError::Io(_) | PoolError::Faulted { .. } => Status::unavailable(msg),
         }
     }
 }

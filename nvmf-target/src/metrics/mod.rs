@@ -190,6 +190,12 @@ fn pools(f: &mut Families, engine: &Engine) {
             &l,
             s.no_space_errors as f64,
         );
+        f.gauge(
+            "keelson_pool_faulted",
+            "1 when a pool's metadata write failed: it takes no writes until it is imported again.",
+            &l,
+            f64::from(u8::from(e.pool.fault().is_some())),
+        );
     }
     for r in engine.replicas() {
         let id = r.meta.uuid.to_string();

@@ -19,6 +19,20 @@ use super::meta::Record;
 /// Most callers' records written in one transaction (keeps a transaction far below the journal's size).
 const MAX_BATCH: usize = 64;
 
+/// The metadata a group commit checks records against and applies them to.
+pub(super) trait Metadata {
+    /// Checks each caller's records of a batch, in order, against the state they will follow (see
+    /// [`super::meta::PoolMeta::admit`]).
+    fn admit(&self, batch: &[&[Record]]) -> Vec<Result<(), PoolError>>;
+    /// The current state encoded, for when the journal is full and a checkpoint is written first.
+    fn state(&self) -> Result<Vec<u8>, PoolError>;
+    fn apply(&self, records: &[Record]) -> Result<(), PoolError>;
+    /// Why no commit may be written any more, if so (the pool is faulted).
+    fn halted(&self) -> Option<PoolError>;
+    /// A batch failed with `e`: it may be on the journal, durable or not, and is not applied.
+    fn failed(&self, e: &PoolError);
+}
+
 struct Waiting {
     records: Vec<Record>,
     done: oneshot::Sender<Result<(), PoolError>>,
@@ -37,16 +51,13 @@ impl GroupCommit {
         }
     }
 
-    /// Makes `records` durable, then applies them with `apply` (called under the journal lock, in journal order).
-    /// `admit` checks each caller's records of a batch, in order, against the state they will follow (see
-    /// [`super::meta::PoolMeta::admit`]); a caller whose records it refuses gets its error and nothing is written
-    /// for it. `state` encodes the current metadata, for when the journal is full and a checkpoint is written first.
+    /// Makes `records` durable, then applies them to `meta` (under the journal lock, in journal order). A caller
+    /// whose records `meta` no longer admits gets its error and nothing is written for it. Once `meta` is halted,
+    /// every caller gets that error and nothing is written.
     pub async fn commit(
         &self,
         records: Vec<Record>,
-        admit: impl Fn(&[&[Record]]) -> Vec<Result<(), PoolError>>,
-        state: impl Fn() -> Result<Vec<u8>, PoolError>,
-        apply: impl Fn(&[Record]) -> Result<(), PoolError>,
+        meta: &impl Metadata,
     ) -> Result<(), PoolError> {
         let (tx, mut rx) = oneshot::channel();
         self.queue().push(Waiting { records, done: tx });
@@ -64,7 +75,7 @@ impl GroupCommit {
             };
             // Each caller's records are checked against the state they will be applied to; those that can no
             // longer follow it are refused before anything is written.
-            let verdicts = admit(&taken.iter().map(|w| &w.records[..]).collect::<Vec<_>>());
+            let verdicts = meta.admit(&taken.iter().map(|w| &w.records[..]).collect::<Vec<_>>());
             let mut batch = Vec::with_capacity(taken.len());
             let mut refused = Vec::new();
             for (w, verdict) in taken.into_iter().zip(verdicts) {
@@ -77,17 +88,28 @@ impl GroupCommit {
                 .iter()
                 .flat_map(|w| w.records.iter().cloned())
                 .collect();
-            let written = if all.is_empty() {
+            let written = if let Some(e) = meta.halted() {
+                Err(e)
+            } else if all.is_empty() {
                 Ok(())
             } else {
-                journal.commit(&state, &all).await
+                let r = journal.commit(|| meta.state(), &all).await;
+                if let Err(e) = &r {
+                    meta.failed(e);
+                }
+                r
             };
             // A refused caller hears once the batch that refused it is applied (it may look again: a create
             // refused because the same create was ahead of it finds the volume).
             match written {
                 Ok(()) => {
                     for w in batch {
-                        let _ = w.done.send(apply(&w.records));
+                        let r = meta.apply(&w.records);
+                        if let Err(e) = &r {
+                            // Admitted records always apply; if not, memory is behind the journal.
+                            meta.failed(e);
+                        }
+                        let _ = w.done.send(r);
                     }
                 }
                 Err(e) => {

@@ -17,8 +17,14 @@
 //! Cluster-freeing changes (destroy, unmap) wait for in-flight I/O of the pool to drain (the `gate`), so a freed
 //! cluster is never still being read; a snapshot waits only for its own volume's I/O (`PoolVolume::quiesce`), so it
 //! sees every acknowledged write while other volumes' I/O goes on.
+//!
+//! Fail-stop: once a metadata write (journal write, flush or checkpoint) fails, the pool is faulted (`fuse`): every
+//! later write, write-zeroes, deallocate, flush and metadata change of its volumes fails with an I/O error, reads
+//! go on, and [`Pool::fault`] says why (the engine API reports it with the pool), until the pool is imported again.
+//! A transaction that failed may still become durable, so nothing written after it may count on it not being.
 
 mod commit;
+mod fuse;
 mod journal;
 pub mod label;
 pub mod meta;
@@ -76,6 +82,10 @@ pub enum PoolError {
     OwnershipLost { pool: String, now: String },
     #[error("pool device i/o: {0}")]
     Io(String),
+    #[error(
+        "pool {pool} is faulted (a metadata write failed: {why}); it takes no writes until it is imported again"
+    )]
+    Faulted { pool: String, why: String },
 }
 
 /// What a not-found or already-exists error is about.
@@ -152,6 +162,8 @@ pub(crate) struct PoolInner {
     /// Clusters picked for an allocation whose mapping is not committed yet.
     reserved: Mutex<BTreeSet<u32>>,
     cursor: AtomicU64,
+    /// Between `dev` and the disk: blown when a metadata write fails, then no write or flush reaches the disk.
+    fuse: Arc<fuse::Fuse>,
     /// I/O holds it shared; snapshot, destroy and unmap hold it exclusively.
     gate: tokio::sync::RwLock<()>,
     volumes: Mutex<BTreeMap<Uuid, Arc<PoolVolume>>>,
@@ -168,31 +180,21 @@ impl PoolInner {
 
     /// Makes records durable, then applies them; records that no longer apply to the metadata (a volume destroyed
     /// or created meanwhile) are refused before they are written. When another import has taken the pool, closes
-    /// every volume.
+    /// every volume; when a metadata write failed, faults the pool (see `fuse`).
     async fn commit(&self, records: Vec<Record>) -> Result<(), PoolError> {
-        let r = self
-            .journal
-            .commit(
-                records,
-                |batch| {
-                    let m = self.meta();
-                    let mut pending = meta::Pending::default();
-                    batch.iter().map(|r| m.admit(&mut pending, r)).collect()
-                },
-                || journal::encode_state(&self.meta()),
-                |records| {
-                    let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
-                    records.iter().try_for_each(|r| m.apply(r))
-                },
-            )
-            .await;
-        if let Err(e @ PoolError::OwnershipLost { .. }) = &r
-            && !self.lost.swap(true, Ordering::AcqRel)
-        {
-            tracing::error!(pool = %self.label.name, error = %e, "pool taken over by another import: closing its volumes");
-            self.close_volumes();
+        self.journal.commit(records, self).await
+    }
+
+    /// Why the pool takes no writes (a metadata write failed), if it doesn't.
+    fn fault(&self) -> Option<&str> {
+        self.fuse.blown()
+    }
+
+    fn faulted(&self, why: &str) -> PoolError {
+        PoolError::Faulted {
+            pool: self.label.name.clone(),
+            why: why.to_string(),
         }
-        r
     }
 
     fn close_volumes(&self) {
@@ -254,10 +256,53 @@ impl PoolInner {
     }
 
     fn release_cluster(&self, c: u32) {
+        if self.fault().is_some() {
+            // The failed commit that held it may still map it at the next import: it is never reused.
+            return;
+        }
         self.reserved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&c);
+    }
+}
+
+impl commit::Metadata for PoolInner {
+    fn admit(&self, batch: &[&[Record]]) -> Vec<Result<(), PoolError>> {
+        let m = self.meta();
+        let mut pending = meta::Pending::default();
+        batch.iter().map(|r| m.admit(&mut pending, r)).collect()
+    }
+
+    fn state(&self) -> Result<Vec<u8>, PoolError> {
+        journal::encode_state(&self.meta())
+    }
+
+    fn apply(&self, records: &[Record]) -> Result<(), PoolError> {
+        let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
+        records.iter().try_for_each(|r| m.apply(r))
+    }
+
+    fn halted(&self) -> Option<PoolError> {
+        self.fault().map(|why| self.faulted(why))
+    }
+
+    fn failed(&self, e: &PoolError) {
+        match e {
+            PoolError::OwnershipLost { .. } => {
+                if !self.lost.swap(true, Ordering::AcqRel) {
+                    tracing::error!(pool = %self.label.name, error = %e, "pool taken over by another import: closing its volumes");
+                    self.close_volumes();
+                }
+            }
+            // Refused before anything was written.
+            PoolError::MetadataFull(_) | PoolError::Faulted { .. } => {}
+            _ => {
+                if self.fuse.blow(e.to_string()) {
+                    tracing::error!(pool = %self.label.name, error = %e, "a pool metadata write failed: the pool takes no writes until it is imported again");
+                }
+            }
+        }
     }
 }
 
@@ -395,10 +440,12 @@ impl Pool {
     fn assemble(dev: Arc<dyn BlockDevice>, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
         let fault = Arc::new(crate::block::fault::FaultDevice::new(dev));
         let disk = Arc::new(crate::block::error_count::ErrorCount::new(fault.clone()));
+        let fuse = Arc::new(fuse::Fuse::new(disk.clone()));
         let inner = Arc::new(PoolInner {
-            dev: disk.clone(),
+            dev: fuse.clone(),
             disk,
             fault,
+            fuse,
             label,
             meta: RwLock::new(meta),
             journal: GroupCommit::new(journal),
@@ -754,6 +801,12 @@ impl Pool {
     /// Closes every volume handle (the pool is being exported or destroyed).
     pub fn close(&self) {
         self.inner.close_volumes();
+    }
+
+    /// Why the pool is faulted, if it is: a metadata write failed, so it takes no writes (data or metadata) until
+    /// it is imported again. Reads go on.
+    pub fn fault(&self) -> Option<String> {
+        self.inner.fault().map(str::to_string)
     }
 
     /// Whether another import has taken this pool (found at a metadata commit); its volumes are closed.

@@ -873,3 +873,64 @@ async fn a_change_to_a_volume_destroyed_in_the_same_batch_is_refused_not_written
     want.sort();
     assert_eq!(ids, want);
 }
+
+#[tokio::test]
+async fn after_a_journal_flush_fails_no_write_is_acknowledged_and_none_acknowledged_is_lost() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    let crash = Arc::new(CrashDevice::new(vec![0; 12 * MIB as usize], None));
+    let disk = Arc::new(FaultDevice::new(crash.clone()));
+    let pool = Pool::create(disk.clone(), &spec("p"), &me()).await.unwrap();
+    let r = Uuid::new_v4();
+    let vol = pool.create_replica(r, MIB, None).await.unwrap();
+    vol.write(0, pattern(1, 4096)).await.unwrap();
+    vol.flush().await.unwrap();
+    let other = pool
+        .create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .unwrap();
+    assert_eq!(pool.fault(), None);
+    // The disk fails flushes (a range at offset 0 catches them; the label there is not written again) once: the
+    // unmap's journal transaction is written, its flush fails.
+    disk.set_plan(FaultPlan {
+        fail_ranges: vec![std::ops::Range { start: 0, end: 1 }],
+        ..Default::default()
+    });
+    assert!(vol.deallocate(0, u64::from(CS)).await.is_err());
+    disk.set_plan(FaultPlan::default());
+    // The host writes the cluster again and flushes (the flush would make the failed transaction durable).
+    let overwrite = vol.write(0, pattern(2, 4096)).await;
+    let flushed = vol.flush().await;
+    let acknowledged = overwrite.is_ok() && flushed.is_ok();
+    let image = crash.crash_image(|_| 0);
+    let back: Arc<dyn BlockDevice> = Arc::new(CrashDevice::new(image, None));
+    let after = Pool::import(back, &me()).await.unwrap();
+    let got = after.open_volume(&r).unwrap().read(0, 4096).await.unwrap();
+    if acknowledged {
+        assert!(
+            got[..] == pattern(2, 4096)[..],
+            "an acknowledged, flushed write was lost"
+        );
+    }
+    assert!(
+        !acknowledged,
+        "a write after the failed commit was acknowledged"
+    );
+    // The unmap failed: either it happened or not.
+    assert!(got[..] == pattern(1, 4096)[..] || got.iter().all(|b| *b == 0));
+    // The pool is faulted: it says why; no write, flush, deallocate or metadata change goes through; reads do.
+    let why = pool.fault().expect("the pool is faulted");
+    assert!(why.contains("flush"), "{why}");
+    assert!(other.write(0, pattern(3, 4096)).await.is_err());
+    assert!(other.flush().await.is_err());
+    assert!(other.deallocate(0, u64::from(CS)).await.is_err());
+    assert!(vol.read(0, 4096).await.is_ok());
+    let e = pool.create_replica(Uuid::new_v4(), MIB, None).await.err();
+    assert!(matches!(e, Some(PoolError::Faulted { .. })), "{e:?}");
+    // Imported again, it takes writes.
+    drop((vol, other, pool));
+    let again = Pool::import(disk, &me()).await.unwrap();
+    assert_eq!(again.fault(), None);
+    let v = again.open_volume(&r).unwrap();
+    v.write(0, pattern(4, 4096)).await.unwrap();
+    v.flush().await.unwrap();
+}

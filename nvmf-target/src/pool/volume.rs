@@ -109,6 +109,12 @@ impl PoolVolume {
         Ok(())
     }
 
+    /// Open, and its pool not faulted (see `fuse`).
+    fn check_writable(&self) -> Result<(), BlockError> {
+        self.check_open()?;
+        self.pool.fuse.check()
+    }
+
     /// The physical cluster behind `logical` and whether this volume is its only user.
     fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
         let meta = self.pool.meta();
@@ -278,7 +284,7 @@ impl BlockDevice for PoolVolume {
         }
         let _io = self.pool.gate.read().await;
         let _vol = self.quiesce.read().await;
-        self.check_open()?;
+        self.check_writable()?;
         let pieces: Vec<Piece> = pieces(offset, data.len() as u64, self.cs()).collect();
         let mut spare = self.reserve_for(&pieces, true)?;
         for p in &pieces {
@@ -295,7 +301,7 @@ impl BlockDevice for PoolVolume {
         }
         let _io = self.pool.gate.read().await;
         let _vol = self.quiesce.read().await;
-        self.check_open()?;
+        self.check_writable()?;
         let pieces: Vec<Piece> = pieces(offset, len, self.cs()).collect();
         let mut spare = self.reserve_for(&pieces, false)?;
         for p in &pieces {
@@ -322,6 +328,7 @@ impl BlockDevice for PoolVolume {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
+        self.check_writable()?;
         let cs = self.cs();
         let mut whole = Vec::new();
         for p in pieces(offset, len, cs) {
@@ -355,7 +362,7 @@ impl BlockDevice for PoolVolume {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        self.check_open()?;
+        self.check_writable()?;
         self.pool.dev.flush().await
     }
 

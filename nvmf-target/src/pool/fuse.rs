@@ -1,0 +1,102 @@
+//! Fail-stop for a pool whose metadata write failed: a [`BlockDevice`] over the pool's disk that, once blown,
+//! refuses every write, write-zeroes, deallocate and flush (reads go on), until the pool is imported again.
+//!
+//! Why: a journal transaction whose write or flush failed may still be on the disk, and the disk's next flush
+//! (anyone's: a host's flush of its data, the next commit) can make it durable, so the next import replays a change
+//! the pool reported failed and never applied. The host would see its acknowledged, flushed data undone: an
+//! Unmap that failed here while the cluster was written and flushed again, or a Map whose cluster was handed to
+//! another volume. Nothing the pool knows in memory is then sure to match the disk; an import reads the disk
+//! again (and compacts whatever the journal holds) and is the only way back.
+
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::block::{BlockDevice, BlockError};
+
+pub(super) struct Fuse {
+    inner: Arc<dyn BlockDevice>,
+    /// Why the pool stopped taking writes.
+    blown: OnceLock<String>,
+}
+
+impl Fuse {
+    pub fn new(inner: Arc<dyn BlockDevice>) -> Fuse {
+        Fuse {
+            inner,
+            blown: OnceLock::new(),
+        }
+    }
+
+    /// Stops every later write and flush. Returns whether this call blew it (the first reason is kept).
+    pub fn blow(&self, why: String) -> bool {
+        self.blown.set(why).is_ok()
+    }
+
+    /// Why the pool takes no writes, if it doesn't.
+    pub fn blown(&self) -> Option<&str> {
+        self.blown.get().map(String::as_str)
+    }
+
+    pub fn check(&self) -> Result<(), BlockError> {
+        match self.blown() {
+            None => Ok(()),
+            Some(why) => Err(BlockError::Io(std::io::Error::other(format!(
+                "the pool takes no writes until it is imported again: {why}"
+            )))),
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Fuse {
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.check()?;
+        self.inner.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check()?;
+        self.inner.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check()?;
+        self.inner.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.check()?;
+        self.inner.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::memory::MemoryDevice;
+
+    #[tokio::test]
+    async fn a_blown_fuse_refuses_writes_and_flushes_and_keeps_reads() {
+        let f = Fuse::new(Arc::new(MemoryDevice::new(1 << 20, 512)));
+        f.write(0, Bytes::from(vec![7u8; 512])).await.unwrap();
+        assert!(f.blow("journal flush: EIO".into()));
+        assert!(!f.blow("again".into()));
+        assert_eq!(f.blown(), Some("journal flush: EIO"));
+        assert!(matches!(
+            f.write(0, Bytes::from(vec![1u8; 512])).await,
+            Err(BlockError::Io(_))
+        ));
+        assert!(f.write_zeroes(0, 512).await.is_err());
+        assert!(f.deallocate(0, 512).await.is_err());
+        assert!(f.flush().await.is_err());
+        assert_eq!(&f.read(0, 512).await.unwrap()[..], &[7u8; 512][..]);
+    }
+}
