@@ -11,6 +11,10 @@
 //! completed, so it was never acknowledged. A torn checkpoint write falls back to the other area, whose journal
 //! is still intact.
 //!
+//! Formatting a new pool clears the whole journal (4 MiB) and the header block of both checkpoint areas (a
+//! checkpoint is only ever read through its header), so a pool created where another was destroyed never sees
+//! that pool's transactions or checkpoints, whatever their epochs.
+//!
 //! Before every transaction (and the checkpoint a full journal writes), the journal reads the label back from the
 //! device: if another import has claimed the pool since this one (another owner or incarnation), it writes nothing
 //! and fails with [`PoolError::OwnershipLost`], so an owner displaced by a forced import stops at its next commit
@@ -48,13 +52,17 @@ impl Journal {
     /// Writes the metadata of a new, empty pool. The label is the caller's to write afterwards.
     pub async fn format(dev: Arc<dyn BlockDevice>, label: &Label) -> Result<Journal, PoolError> {
         let meta = PoolMeta::new(label.cluster_size, label.data_clusters);
-        // Both areas are cleared so that nothing left on the device can be mistaken for a checkpoint.
+        // Nothing left on the device may be mistaken for this pool's metadata, least of all a destroyed pool's
+        // (a new pool starts again at epoch 1, block 0, where an old transaction of that epoch and block parses).
+        // A checkpoint is read only through its header, the first block of its area: those two are cleared. The
+        // whole journal is (4 MiB): replay goes on past this pool's last transaction into whatever follows it.
+        // The checkpoint below flushes both before the label makes the pool exist.
         for off in label.ckpt_offset {
             dev.write_zeroes(off, BLOCK)
                 .await
                 .map_err(|e| io("clearing a checkpoint", e))?;
         }
-        dev.write_zeroes(label.journal_offset, BLOCK)
+        dev.write_zeroes(label.journal_offset, label.journal_len)
             .await
             .map_err(|e| io("clearing the journal", e))?;
         let mut j = Journal {

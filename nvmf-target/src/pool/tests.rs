@@ -934,3 +934,32 @@ async fn after_a_journal_flush_fails_no_write_is_acknowledged_and_none_acknowled
     v.write(0, pattern(4, 4096)).await.unwrap();
     v.flush().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_pool_created_where_one_was_destroyed_never_replays_the_old_journal() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let old = Pool::create(dev.clone(), &spec("old"), &me())
+        .await
+        .unwrap();
+    let r = Uuid::new_v4();
+    let vol = old.create_replica(r, 4 * MIB, None).await.unwrap();
+    for i in 0..8u8 {
+        vol.write(u64::from(i) * u64::from(CS), pattern(i, 4096))
+            .await
+            .unwrap();
+    }
+    old.destroy_volume(r).await.unwrap();
+    old.destroy().await.unwrap();
+    drop((vol, old));
+
+    let new = Pool::create(dev.clone(), &spec("new"), &me())
+        .await
+        .unwrap();
+    let n = Uuid::new_v4();
+    new.create_replica(n, MIB, None).await.unwrap();
+    drop(new);
+    let pool = Pool::import(dev, &me()).await.unwrap();
+    let ids: Vec<Uuid> = pool.volumes().iter().map(|v| v.uuid).collect();
+    assert_eq!(ids, vec![n]);
+    assert_eq!(pool.stats().allocated, 0);
+}
