@@ -4,13 +4,19 @@
 //! far (its own records and those of callers still waiting), checks each caller's records against the metadata as
 //! it will be when they are applied (a caller whose records no longer apply, say a second destroy of a volume, is
 //! refused and nothing of it is written), writes the rest as one transaction, applies each
-//! caller's records in queue order and tells each caller its result. A caller that finds its records already
-//! committed by an earlier holder returns at once. N allocations in flight thus cost one journal flush, not N,
-//! and each caller still returns only once its records are durable.
+//! caller's records in queue order and tells each caller its result. N allocations in flight thus cost one journal
+//! flush, not N, and each caller still returns only once its records are durable.
+//!
+//! A batch is never cut half way: the journal's holder writes and applies batches in a task of its own (spawned
+//! with the journal's lock, it runs until the queue is empty), and every caller, the one that spawned it too,
+//! only waits for its answer. A caller dropped at any point (a nexus's child timeout, a request's deadline)
+//! changes nothing for the others: its records are still committed, or refused, with the rest. A caller whose
+//! answer can never come (the task was dropped, at runtime shutdown) gets an error, and the pool is faulted, as
+//! the batch may be on the journal and not applied.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedMutexGuard, oneshot};
 
 use super::PoolError;
 use super::journal::Journal;
@@ -20,7 +26,8 @@ use super::meta::Record;
 const MAX_BATCH: usize = 64;
 
 /// The metadata a group commit checks records against and applies them to.
-pub(super) trait Metadata {
+pub(super) trait Metadata: Send + Sync + 'static {
+    fn group(&self) -> &GroupCommit;
     /// Checks each caller's records of a batch, in order, against the state they will follow (see
     /// [`super::meta::PoolMeta::admit`]).
     fn admit(&self, batch: &[&[Record]]) -> Vec<Result<(), PoolError>>;
@@ -39,92 +46,126 @@ struct Waiting {
 }
 
 pub(super) struct GroupCommit {
-    journal: tokio::sync::Mutex<Journal>,
+    journal: Arc<tokio::sync::Mutex<Journal>>,
     queue: Mutex<Vec<Waiting>>,
+}
+
+/// Makes `records` durable, then applies them to `meta` (in journal order). A caller whose records `meta` no
+/// longer admits gets its error and nothing is written for it. Once `meta` is halted, every caller gets that
+/// error and nothing is written. Dropping the returned future does not stop the commit.
+pub(super) async fn commit<M: Metadata>(
+    meta: &Arc<M>,
+    records: Vec<Record>,
+) -> Result<(), PoolError> {
+    let (tx, mut rx) = oneshot::channel();
+    let group = meta.group();
+    group.queue().push(Waiting { records, done: tx });
+    // Whoever gets the journal hands it to a task that drains the queue; every caller waits for the journal
+    // until its answer comes, so a queue left behind by a finished task always finds a new holder.
+    let lost = || {
+        Err(PoolError::Io(
+            "the journal commit ended without an answer".into(),
+        ))
+    };
+    tokio::select! {
+        biased;
+        r = &mut rx => r.unwrap_or_else(|_| lost()),
+        journal = group.journal.clone().lock_owned() => {
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+            tokio::spawn(drain(meta.clone(), journal));
+            rx.await.unwrap_or_else(|_| lost())
+        }
+    }
+}
+
+/// Writes batches until the queue is empty, holding the journal.
+async fn drain<M: Metadata>(meta: Arc<M>, mut journal: OwnedMutexGuard<Journal>) {
+    loop {
+        let taken: Vec<Waiting> = {
+            let mut q = meta.group().queue();
+            let n = q.len().min(MAX_BATCH);
+            q.drain(..n).collect()
+        };
+        if taken.is_empty() {
+            return;
+        }
+        let mut unfinished = Unfinished(meta.as_ref(), true);
+        write_batch(meta.as_ref(), &mut journal, taken).await;
+        unfinished.1 = false;
+    }
+}
+
+/// Faults the metadata if a batch is dropped half way (the runtime shut down under it).
+struct Unfinished<'a, M: Metadata>(&'a M, bool);
+
+impl<M: Metadata> Drop for Unfinished<'_, M> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.failed(&PoolError::Io(
+                "a journal commit was dropped half way".into(),
+            ));
+        }
+    }
+}
+
+async fn write_batch(meta: &impl Metadata, journal: &mut Journal, taken: Vec<Waiting>) {
+    // Each caller's records are checked against the state they will be applied to; those that can no longer
+    // follow it are refused before anything is written.
+    let verdicts = meta.admit(&taken.iter().map(|w| &w.records[..]).collect::<Vec<_>>());
+    let mut batch = Vec::with_capacity(taken.len());
+    let mut refused = Vec::new();
+    for (w, verdict) in taken.into_iter().zip(verdicts) {
+        match verdict {
+            Ok(()) => batch.push(w),
+            Err(e) => refused.push((w, e)),
+        }
+    }
+    let all: Vec<Record> = batch
+        .iter()
+        .flat_map(|w| w.records.iter().cloned())
+        .collect();
+    let written = if let Some(e) = meta.halted() {
+        Err(e)
+    } else if all.is_empty() {
+        Ok(())
+    } else {
+        let r = journal.commit(|| meta.state(), &all).await;
+        if let Err(e) = &r {
+            meta.failed(e);
+        }
+        r
+    };
+    // A refused caller hears once the batch that refused it is applied (it may look again: a create refused
+    // because the same create was ahead of it finds the volume).
+    match written {
+        Ok(()) => {
+            for w in batch {
+                let r = meta.apply(&w.records);
+                if let Err(e) = &r {
+                    // Admitted records always apply; if not, memory is behind the journal.
+                    meta.failed(e);
+                }
+                let _ = w.done.send(r);
+            }
+        }
+        Err(e) => {
+            for w in batch {
+                let _ = w.done.send(Err(e.clone()));
+            }
+        }
+    }
+    for (w, e) in refused {
+        let _ = w.done.send(Err(e));
+    }
 }
 
 impl GroupCommit {
     pub fn new(journal: Journal) -> GroupCommit {
         GroupCommit {
-            journal: tokio::sync::Mutex::new(journal),
+            journal: Arc::new(tokio::sync::Mutex::new(journal)),
             queue: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Makes `records` durable, then applies them to `meta` (under the journal lock, in journal order). A caller
-    /// whose records `meta` no longer admits gets its error and nothing is written for it. Once `meta` is halted,
-    /// every caller gets that error and nothing is written.
-    pub async fn commit(
-        &self,
-        records: Vec<Record>,
-        meta: &impl Metadata,
-    ) -> Result<(), PoolError> {
-        let (tx, mut rx) = oneshot::channel();
-        self.queue().push(Waiting { records, done: tx });
-        // The queue is first in, first out: ours is in the first batch taken after we queued, unless more than
-        // MAX_BATCH callers were ahead of us.
-        loop {
-            let mut journal = self.journal.lock().await;
-            if let Ok(r) = rx.try_recv() {
-                return r;
-            }
-            let taken: Vec<Waiting> = {
-                let mut q = self.queue();
-                let n = q.len().min(MAX_BATCH);
-                q.drain(..n).collect()
-            };
-            // Each caller's records are checked against the state they will be applied to; those that can no
-            // longer follow it are refused before anything is written.
-            let verdicts = meta.admit(&taken.iter().map(|w| &w.records[..]).collect::<Vec<_>>());
-            let mut batch = Vec::with_capacity(taken.len());
-            let mut refused = Vec::new();
-            for (w, verdict) in taken.into_iter().zip(verdicts) {
-                match verdict {
-                    Ok(()) => batch.push(w),
-                    Err(e) => refused.push((w, e)),
-                }
-            }
-            let all: Vec<Record> = batch
-                .iter()
-                .flat_map(|w| w.records.iter().cloned())
-                .collect();
-            let written = if let Some(e) = meta.halted() {
-                Err(e)
-            } else if all.is_empty() {
-                Ok(())
-            } else {
-                let r = journal.commit(|| meta.state(), &all).await;
-                if let Err(e) = &r {
-                    meta.failed(e);
-                }
-                r
-            };
-            // A refused caller hears once the batch that refused it is applied (it may look again: a create
-            // refused because the same create was ahead of it finds the volume).
-            match written {
-                Ok(()) => {
-                    for w in batch {
-                        let r = meta.apply(&w.records);
-                        if let Err(e) = &r {
-                            // Admitted records always apply; if not, memory is behind the journal.
-                            meta.failed(e);
-                        }
-                        let _ = w.done.send(r);
-                    }
-                }
-                Err(e) => {
-                    for w in batch {
-                        let _ = w.done.send(Err(e.clone()));
-                    }
-                }
-            }
-            for (w, e) in refused {
-                let _ = w.done.send(Err(e));
-            }
-            drop(journal);
-            if let Ok(r) = rx.try_recv() {
-                return r;
-            }
         }
     }
 

@@ -181,8 +181,8 @@ impl PoolInner {
     /// Makes records durable, then applies them; records that no longer apply to the metadata (a volume destroyed
     /// or created meanwhile) are refused before they are written. When another import has taken the pool, closes
     /// every volume; when a metadata write failed, faults the pool (see `fuse`).
-    async fn commit(&self, records: Vec<Record>) -> Result<(), PoolError> {
-        self.journal.commit(records, self).await
+    async fn commit(self: &Arc<Self>, records: Vec<Record>) -> Result<(), PoolError> {
+        commit::commit(self, records).await
     }
 
     /// Why the pool takes no writes (a metadata write failed), if it doesn't.
@@ -268,6 +268,10 @@ impl PoolInner {
 }
 
 impl commit::Metadata for PoolInner {
+    fn group(&self) -> &GroupCommit {
+        &self.journal
+    }
+
     fn admit(&self, batch: &[&[Record]]) -> Vec<Result<(), PoolError>> {
         let m = self.meta();
         let mut pending = meta::Pending::default();

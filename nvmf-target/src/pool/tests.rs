@@ -963,3 +963,49 @@ async fn a_pool_created_where_one_was_destroyed_never_replays_the_old_journal() 
     assert_eq!(ids, vec![n]);
     assert_eq!(pool.stats().allocated, 0);
 }
+
+#[tokio::test]
+async fn a_commit_dropped_half_way_changes_nothing_for_the_commits_it_carries() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    use std::time::Duration;
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let slow = Arc::new(FaultDevice::new(mem.clone()));
+    let pool = Pool::create(slow.clone(), &spec("p"), &me()).await.unwrap();
+    // Each journal commit takes three I/Os (the label read back, the write, the flush): 150 ms.
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(50)),
+        ..Default::default()
+    });
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // C commits; A and B queue behind it and share the next transaction, which A's caller starts and then
+    // gives up on half way (a child timeout around it).
+    let c_done = pool.create_replica(c, MIB, None);
+    let later = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            pool.create_replica(id, MIB, None).await
+        }
+    };
+    let a_dropped = tokio::time::timeout(Duration::from_millis(270), later(a));
+    let b_done = tokio::time::timeout(Duration::from_secs(5), later(b));
+    let (c_done, a_dropped, b_done) = futures_util::join!(c_done, a_dropped, b_done);
+    c_done.unwrap();
+    assert!(a_dropped.is_err(), "A's caller gave up half way");
+    b_done.expect("B is answered").unwrap();
+    slow.set_plan(FaultPlan::default());
+    // A's change was made all the same, and the pool goes on.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pool.volume_meta(&a).is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("A's change is applied");
+    pool.create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .unwrap();
+    drop(pool);
+    let pool = Pool::import(mem, &me()).await.unwrap();
+    assert_eq!(pool.volumes().len(), 4);
+}
