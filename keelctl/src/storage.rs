@@ -124,6 +124,12 @@ fn print_pool(p: &pb::Pool) {
         p.owner,
         p.incarnation
     );
+    if !p.fault.is_empty() {
+        println!(
+            "  faulted (no writes until the engine imports it again): {}",
+            p.fault
+        );
+    }
 }
 
 fn print_replica(r: &pb::Replica) {

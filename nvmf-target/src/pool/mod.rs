@@ -146,7 +146,8 @@ pub struct PoolStats {
     pub committed: u64,
     /// Writes failed because no cluster was free, since the pool was opened.
     pub no_space_errors: u64,
-    /// I/O errors the disk returned since the pool was opened: the disk is failing, put nothing new here.
+    /// I/O errors the disk returned since the pool was opened (at least one once the pool is faulted): the disk is
+    /// failing, put nothing new here.
     pub disk_errors: u64,
 }
 
@@ -496,7 +497,13 @@ impl Pool {
                 .map(|v| v.size)
                 .sum(),
             no_space_errors: self.inner.no_space.load(Ordering::Relaxed),
-            disk_errors: self.inner.disk.errors(),
+            // A faulted pool's disk failed a metadata write, which the count of data I/O errors does not see: at
+            // least one, so that the cluster agent places no new replica on it.
+            disk_errors: self
+                .inner
+                .disk
+                .errors()
+                .max(u64::from(self.inner.fault().is_some())),
         }
     }
 

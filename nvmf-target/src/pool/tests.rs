@@ -920,6 +920,10 @@ async fn after_a_journal_flush_fails_no_write_is_acknowledged_and_none_acknowled
     // The pool is faulted: it says why; no write, flush, deallocate or metadata change goes through; reads do.
     let why = pool.fault().expect("the pool is faulted");
     assert!(why.contains("flush"), "{why}");
+    assert!(
+        pool.stats().disk_errors >= 1,
+        "no new replica is placed on it"
+    );
     assert!(other.write(0, pattern(3, 4096)).await.is_err());
     assert!(other.flush().await.is_err());
     assert!(other.deallocate(0, u64::from(CS)).await.is_err());
