@@ -48,6 +48,10 @@ pub struct SnapshotRecord {
     /// Taken to make this volume from its source volume: not listed, deleted with that volume.
     #[serde(default)]
     pub for_volume: Option<Uuid>,
+    /// The nodes asked to take it, recorded before they are asked: where copies may be when its taking did not
+    /// finish (the volume and its replicas may be gone by the time it is deleted).
+    #[serde(default)]
+    pub asked: Vec<String>,
 }
 
 /// The snapshot a volume made from another volume is cloned from (the same for every retry of its creation).
@@ -137,6 +141,7 @@ impl Volumes {
                     copies: Vec::new(),
                     created_ms: now_ms(),
                     for_volume,
+                    asked: Vec::new(),
                 };
                 if !self
                     .store()
@@ -162,6 +167,16 @@ impl Volumes {
         mut s: SnapshotRecord,
     ) -> Result<SnapshotRecord, VolumeError> {
         let id = s.uuid.to_string();
+        // Persist, then act: every node that may make a copy is recorded before it is asked.
+        let before = s.asked.len();
+        for node in r.replicas.iter().map(|x| &x.node) {
+            if !s.asked.contains(node) {
+                s.asked.push(node.clone());
+            }
+        }
+        if s.asked.len() != before {
+            self.save_snapshot(&s).await?;
+        }
         let published = r.nexus.as_ref().is_some_and(|n| n.published);
         // Without a nexus, only the replicas recorded in sync hold the volume: one placed empty by a scale-up, or
         // left half rebuilt, would give a copy a clone takes for the volume's data. (A nexus snapshots only its
@@ -246,6 +261,7 @@ impl Volumes {
     /// replicas' nodes; then drops the record.
     async fn drive_delete_snapshot(&self, s: SnapshotRecord) -> Result<(), VolumeError> {
         let mut nodes: Vec<String> = s.copies.iter().map(|c| c.node.clone()).collect();
+        nodes.extend(s.asked.iter().cloned());
         if let Some(r) = self.read(s.volume).await? {
             nodes.extend(r.replicas.into_iter().map(|x| x.node));
         }

@@ -274,3 +274,80 @@ async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// The agent dies after the engines took a snapshot and before it recorded the copies; one of the volume's nodes
+/// is down when it comes back (so the snapshot stays unfinished), and the volume is deleted. The unfinished snapshot
+/// is deleted with every copy it left, on the node that was down too once it returns: no pool space lost for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is_deleted() {
+    use ha_agent::cluster::failpoint as fp;
+
+    use crate::registry::{Offline, Online, wait_for};
+
+    let (_dir, port, mut agent, mut engines, nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    crate::crash::create(c.clone(), &vol, 2).await.unwrap();
+    let v = loop {
+        let v = c
+            .clone()
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if v.replica_list.iter().all(|r| r.created) {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    agent.set_env("FAILPOINTS", &format!("{}=return", fp::SNAPSHOT_TAKEN));
+    agent.restart();
+    let snap = uuid::Uuid::new_v4().to_string();
+    let r = crate::crash::until_served(|| {
+        let mut c = c.clone();
+        let (vol, snap) = (vol.clone(), snap.clone());
+        async move {
+            c.create_snapshot(pb::CreateSnapshotRequest {
+                volume: vol,
+                uuid: snap,
+            })
+            .await
+        }
+    })
+    .await;
+    assert!(r.is_err(), "{r:?}");
+    assert!(agent.exited(Duration::from_secs(20)).await.is_some());
+    assert_eq!(
+        copies_everywhere(&nodes).await.len(),
+        2,
+        "both replicas took it"
+    );
+    // One replica's node is down when the agent returns: the snapshot cannot be finished.
+    let down = v.replica_list[1].node.clone();
+    let i: usize = down.strip_prefix("reg-").unwrap().parse().unwrap();
+    engines[i - 1].kill9();
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
+    wait_for(port, &[(down.as_str(), Offline)], "replica node down").await;
+    crate::crash::until_served(|| {
+        let mut c = c.clone();
+        let vol = vol.clone();
+        async move { c.delete_volume(pb::DeleteVolumeRequest { uuid: vol }).await }
+    })
+    .await
+    .unwrap();
+    engines[i - 1].restart();
+    wait_for(port, &[(down.as_str(), Online)], "replica node back").await;
+    let t = std::time::Instant::now();
+    loop {
+        let left = copies_everywhere(&nodes).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "copies left for ever: {left:?}\n{}",
+            crate::crash::tail(&agent.log())
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
