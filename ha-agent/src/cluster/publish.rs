@@ -249,8 +249,11 @@ impl Volumes {
         };
         match c.create_nexus(request.clone()).await {
             Ok(_) => {}
-            // Made by an earlier attempt with other children: destroyed (which drains it) and made again.
+            // Made by an earlier attempt with other children or another key, or stopped: destroyed (which drains
+            // it) and made again. The record is written first: an agent that lost its leadership meanwhile fails
+            // there (the store is fenced) instead of destroying the new leader's nexus.
             Err(s) if s.code() == Code::AlreadyExists => {
+                self.save(&r).await?;
                 self.destroy_nexus(uuid, &node).await?;
                 c.create_nexus(request)
                     .await

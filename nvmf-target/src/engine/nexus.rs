@@ -173,12 +173,25 @@ impl Engine {
             let mut want = children.to_vec();
             have.sort();
             want.sort();
-            if have == want {
+            let key = self
+                .nexuses_mut()
+                .iter()
+                .find(|e| e.uuid == uuid)
+                .and_then(|e| e.reservation.map(|k| k.key));
+            // The same request again, only for the same nexus still running: one with another key, or stopped
+            // (fenced by a newer nexus, or replaced), is not the nexus asked for.
+            let conflict = if have != want {
+                format!("with other children ({})", have.join(", "))
+            } else if key != options.reservation.map(|k| k.key) {
+                format!("with another reservation key ({})", key.unwrap_or(0))
+            } else if n.state() == crate::nexus::NexusState::Shutdown {
+                "stopped (fenced or replaced)".to_string()
+            } else {
                 return Ok(n);
-            }
+            };
             return Err(EngineError::AlreadyExists {
                 resource: Resource::Nexus(uuid),
-                conflict: format!("with other children ({})", have.join(", ")),
+                conflict,
             });
         }
         let mut config = NexusConfig {

@@ -85,6 +85,20 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
         .into_inner();
     // A preempted nexus stops as a whole (its replicas are not at fault): at most one nexus writes.
     assert_eq!(list.nexuses[0].state, pb::NexusState::Shutdown as i32);
+    // Asked for again, the stopped nexus is not handed back as if made; nor is B's for a request with another key.
+    let again = |key: u64| pb::CreateNexusRequest {
+        uuid: vol.clone(),
+        children: uris.clone(),
+        io_timeout_ms: 2000,
+        reservation_key: key,
+        preempt_key: key - 1,
+        ..Default::default()
+    };
+    let e = api_a.create_nexus(again(1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    let e = api_b.create_nexus(again(3)).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{}", e.message());
+    api_b.create_nexus(again(2)).await.unwrap();
     vb.write(8 * MIB, pattern(7, 4096)).await.unwrap();
     for (node, id) in &replicas {
         let r = node
