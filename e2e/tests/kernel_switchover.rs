@@ -81,8 +81,10 @@ fn partition(i: u32) -> Vec<Vec<String>> {
 }
 
 /// Another host (this one, with the guest's host NQN: the application restarted elsewhere) writes through the old,
-/// partitioned nexus at `addr`: every write must fail, with Reservation Conflict (the new nexus fenced the
-/// replicas; the old one stops at the first conflict).
+/// partitioned nexus at `addr`: every write must fail. The new nexus fenced the replicas; the old one stops at the
+/// first Reservation Conflict, answers with a path error (ANA Inaccessible, never the conflict: a Linux host would
+/// fail that to the application instead of retrying on its other path) and its engine unpublishes it, so the
+/// connection ends.
 fn write_through_the_fenced_nexus(ns: &Netns, addr: &str) -> Result<()> {
     let out = ns
         .command(bins::path("nvmf-perf"))
@@ -109,7 +111,8 @@ fn write_through_the_fenced_nexus(ns: &Netns, addr: &str) -> Result<()> {
         "host: another host's writes through the old nexus: {}",
         text.trim()
     );
-    if out.status.success() || !text.contains("reservation conflict") {
+    let refused = text.contains("ANA inaccessible") || text.contains("lost their connection");
+    if out.status.success() || !refused || text.contains("reservation conflict") {
         bail!(
             "the old nexus took writes after the switch-over, or failed them for another reason: {text}"
         );

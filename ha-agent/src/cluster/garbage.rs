@@ -34,13 +34,16 @@ impl Volumes {
             ) else {
                 continue;
             };
-            // Still in its volume (a crash between recording the garbage and dropping it): not garbage yet.
-            let listed = self
-                .read(g.volume)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.replicas.iter().any(|x| x.uuid.to_string() == id));
+            // Still in its volume (a crash between recording the garbage and dropping it): not garbage yet. A volume
+            // record that cannot be read now (the store failed, or it does not decode) may list it: kept until it
+            // can be read, never destroyed on a guess.
+            let listed = match self.read(g.volume).await {
+                Ok(r) => r.is_some_and(|r| r.replicas.iter().any(|x| x.uuid.to_string() == id)),
+                Err(e) => {
+                    tracing::warn!(replica = id, volume = %g.volume, error = %e, "garbage kept: its volume's record cannot be read");
+                    continue;
+                }
+            };
             if !listed {
                 self.collect_one(id, &g).await?;
             }
@@ -112,10 +115,11 @@ impl Volumes {
                 let Ok(_held) = self.lock_of(uuid).try_lock_owned() else {
                     continue;
                 };
-                let owned = self
-                    .read(uuid)
-                    .await?
-                    .is_some_and(|r| r.nexus.is_some_and(|x| x.node == node));
+                // A record that cannot be read now may name it: kept.
+                let owned = match self.read(uuid).await {
+                    Ok(r) => r.is_some_and(|r| r.nexus.is_some_and(|x| x.node == node)),
+                    Err(_) => true,
+                };
                 if owned {
                     continue;
                 }

@@ -292,8 +292,15 @@ impl Pools {
         let nodes = self.registry.list().await?;
         let mut out = Vec::new();
         for (k, v) in self.store.list(PREFIX).await? {
-            let record: PoolRecord = serde_json::from_slice(&v.value)
-                .map_err(|source| PoolOpError::Corrupt { key: k, source })?;
+            // One record that does not decode (written by hand, or by a newer agent) is left out, not in the way
+            // of every other pool.
+            let record: PoolRecord = match serde_json::from_slice(&v.value) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(key = %k, error = %e, "pool record left out: it does not decode");
+                    continue;
+                }
+            };
             let reported = nodes
                 .iter()
                 .find(|n| {

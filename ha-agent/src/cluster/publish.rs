@@ -247,8 +247,8 @@ impl Volumes {
             confirm_faults: true,
             ..Default::default()
         };
-        match c.create_nexus(request.clone()).await {
-            Ok(_) => {}
+        let made = match c.create_nexus(request.clone()).await {
+            Ok(n) => n.into_inner(),
             // Made by an earlier attempt with other children or another key, or stopped: destroyed (which drains
             // it) and made again. The record is written first: an agent that lost its leadership meanwhile fails
             // there (the store is fenced) instead of destroying the new leader's nexus.
@@ -257,9 +257,20 @@ impl Volumes {
                 self.destroy_nexus(uuid, &node).await?;
                 c.create_nexus(request)
                     .await
-                    .map_err(|s| engine_error(&node, s))?;
+                    .map_err(|s| engine_error(&node, s))?
+                    .into_inner()
             }
             Err(s) => return Err(engine_error(&node, s)),
+        };
+        // One made by an earlier attempt, before an expansion that skipped it (it was not published yet), has the
+        // old size: grown now that every replica has the new one.
+        if made.size_bytes < r.spec.size && r.growth.is_none() {
+            c.resize_nexus(epb::ResizeNexusRequest {
+                uuid: uuid.to_string(),
+                size: r.spec.size,
+            })
+            .await
+            .map_err(|s| engine_error(&node, s))?;
         }
         failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
         let created = t0.elapsed();

@@ -69,6 +69,9 @@ pub struct Registry {
     live: Mutex<HashMap<String, Live>>,
     /// The node records as the store has them, with the revision of each one's last write.
     records: Mutex<BTreeMap<String, (Revision, NodeRecord)>>,
+    /// Node records in the store that do not decode (written by hand, or by a newer agent), with their revision:
+    /// left out of the registry, not in its way (the node's next registration replaces the record).
+    unreadable: Mutex<BTreeMap<String, Revision>>,
     /// Notified when a node changes state (registers, goes Offline): what the agent heals at once.
     state_changed: tokio::sync::Notify,
 }
@@ -89,8 +92,19 @@ impl Registry {
         let now = Instant::now();
         let mut live = HashMap::new();
         let mut records = BTreeMap::new();
-        for (_, v) in store.list(node::PREFIX).await? {
-            let r = decode(&v.value)?;
+        let mut unreadable = BTreeMap::new();
+        for (k, v) in store.list(node::PREFIX).await? {
+            let r = match decode(&v.value) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(key = %k, error = %e, "node record left out: it does not decode");
+                    unreadable.insert(
+                        k.strip_prefix(node::PREFIX).unwrap_or(&k).to_string(),
+                        v.mod_revision,
+                    );
+                    continue;
+                }
+            };
             records.insert(r.spec.name.clone(), (v.mod_revision, r.clone()));
             if r.status.state == NodeState::Online {
                 live.insert(
@@ -108,6 +122,7 @@ impl Registry {
             config,
             live: Mutex::new(live),
             records: Mutex::new(records),
+            unreadable: Mutex::new(unreadable),
             state_changed: tokio::sync::Notify::new(),
         })
     }
@@ -125,10 +140,19 @@ impl Registry {
     async fn refresh(&self, name: &str) -> Result<(), RegistryError> {
         let cur = self.store.get(&node::key(name)).await?;
         let mut records = self.records();
+        let mut unreadable = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+        unreadable.remove(name);
         match cur {
-            Some(v) => {
-                records.insert(name.to_string(), (v.mod_revision, decode(&v.value)?));
-            }
+            Some(v) => match decode(&v.value) {
+                Ok(r) => {
+                    records.insert(name.to_string(), (v.mod_revision, r));
+                }
+                Err(e) => {
+                    tracing::error!(node = name, error = %e, "node record left out: it does not decode");
+                    records.remove(name);
+                    unreadable.insert(name.to_string(), v.mod_revision);
+                }
+            },
             None => {
                 records.remove(name);
             }
@@ -150,7 +174,10 @@ impl Registry {
         loop {
             let (rev, old) = match self.records().get(name) {
                 Some((rev, r)) => (*rev, Some(r.clone())),
-                None => (0, None),
+                None => {
+                    let unreadable = self.unreadable.lock().unwrap_or_else(|e| e.into_inner());
+                    (unreadable.get(name).copied().unwrap_or(0), None)
+                }
             };
             let Some(new) = f(old.clone()) else {
                 return Ok(old);
@@ -175,6 +202,10 @@ impl Registry {
                 if records.get(name).is_none_or(|(r, _)| *r < done.revision) {
                     records.insert(name.to_string(), (done.revision, new.clone()));
                 }
+                self.unreadable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(name);
             }
             if old.as_ref().map(|o| o.status.state) != Some(new.status.state) {
                 tracing::info!(node = name, state = ?new.status.state, reason = %new.status.reason, "node state");
@@ -229,8 +260,15 @@ impl Registry {
         let name = spec.name.clone();
         let r = self
             .update(&name, |old| {
+                // Online since when this engine came: a new instance (a restart faster than the node timeout) starts
+                // again, so healing gives its pools their import grace.
                 let since = match &old {
-                    Some(o) if o.status.state == NodeState::Online => o.status.since_ms,
+                    Some(o)
+                        if o.status.state == NodeState::Online
+                            && o.spec.instance == spec.instance =>
+                    {
+                        o.status.since_ms
+                    }
                     _ => node::now_ms(),
                 };
                 Some(NodeRecord {
@@ -482,5 +520,93 @@ impl super::reconcile::Reconciler for NodeSweep {
 
     async fn pass(&self) -> Result<(), String> {
         self.0.sweep().await.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::store::embedded::EmbeddedStore;
+
+    struct Answers;
+
+    #[async_trait::async_trait]
+    impl Prober for Answers {
+        async fn probe(&self, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn spec(name: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            engine_endpoint: "http://127.0.0.1:1".into(),
+            nvmf_listeners: vec!["127.0.0.1:4420".into()],
+            cntlid_min: 1,
+            cntlid_max: 100,
+            instance: "i1".into(),
+            labels: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_record_that_does_not_decode_is_left_out_and_replaced_by_its_next_registration()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
+        store.put(&node::key("bad"), b"{".to_vec()).await.unwrap();
+        let reg = Registry::load(store.clone(), Arc::new(Answers), RegistryConfig::default())
+            .await
+            .expect("the other nodes' registry loads");
+        reg.register(spec("good"), vec![]).await.unwrap();
+        assert_eq!(reg.list().await.unwrap().len(), 1);
+        // The node whose record was unreadable registers: its record is written anew.
+        reg.register(spec("bad"), vec![]).await.unwrap();
+        let v = store.get(&node::key("bad")).await.unwrap().unwrap();
+        assert_eq!(decode(&v.value).unwrap().spec.name, "bad");
+        // Written behind the registry's back again: the next change finds it unreadable and still goes through.
+        store
+            .put(&node::key("bad"), b"not json".to_vec())
+            .await
+            .unwrap();
+        let mut again = spec("bad");
+        again.instance = "i2".into();
+        reg.register(again, vec![]).await.unwrap();
+        let v = store.get(&node::key("bad")).await.unwrap().unwrap();
+        assert_eq!(decode(&v.value).unwrap().spec.instance, "i2");
+    }
+
+    #[tokio::test]
+    async fn a_new_engine_instance_is_online_since_it_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
+        let reg = Registry::load(store, Arc::new(Answers), RegistryConfig::default())
+            .await
+            .unwrap();
+        let first = reg
+            .register(spec("n"), vec![])
+            .await
+            .unwrap()
+            .status
+            .since_ms;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let same = reg
+            .register(spec("n"), vec![])
+            .await
+            .unwrap()
+            .status
+            .since_ms;
+        assert_eq!(same, first, "the same engine registering again");
+        let mut restarted = spec("n");
+        restarted.instance = "i2".into();
+        let again = reg
+            .register(restarted, vec![])
+            .await
+            .unwrap()
+            .status
+            .since_ms;
+        assert!(again > first, "a restarted engine: {again} vs {first}");
     }
 }

@@ -167,6 +167,25 @@ impl Volumes {
         mut s: SnapshotRecord,
     ) -> Result<SnapshotRecord, VolumeError> {
         let id = s.uuid.to_string();
+        // A taking that did not finish (the agent died, a child failed) may have left copies on some nodes: asked
+        // again, those would keep that earlier moment while the others take this one, and a clone's replicas would
+        // disagree. They go first; a node that cannot be reached now keeps its copy out of the record.
+        let mut uncleared = Vec::new();
+        for node in s.asked.clone() {
+            let r = match self.engine(&node).await {
+                Ok(mut c) => {
+                    let r = c
+                        .destroy_snapshot(epb::DestroySnapshotRequest { uuid: id.clone() })
+                        .await;
+                    super::volumes::destroyed(&node, r)
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                tracing::warn!(snapshot = %id, %node, error = %e, "an earlier copy not cleared: that node's copy is left out");
+                uncleared.push(node);
+            }
+        }
         // Persist, then act: every node that may make a copy is recorded before it is asked.
         let before = s.asked.len();
         for node in r.replicas.iter().map(|x| &x.node) {
@@ -208,7 +227,12 @@ impl Volumes {
         }
         failpoint::at(failpoint::SNAPSHOT_TAKEN);
         s.copies.clear();
-        for rep in r.replicas.iter().filter(current) {
+        for rep in r
+            .replicas
+            .iter()
+            .filter(current)
+            .filter(|x| !uncleared.contains(&x.node))
+        {
             let Ok(mut c) = self.engine(&rep.node).await else {
                 continue;
             };
@@ -287,10 +311,13 @@ impl Volumes {
     pub async fn reconcile_snapshots(&self) -> Result<(), VolumeError> {
         let mut all = Vec::new();
         for (k, v) in self.store().list(PREFIX).await? {
-            all.push(
-                serde_json::from_slice::<SnapshotRecord>(&v.value)
-                    .map_err(|source| VolumeError::Corrupt { key: k, source })?,
-            );
+            // One that does not decode is left out, not in the way of the others.
+            match serde_json::from_slice::<SnapshotRecord>(&v.value) {
+                Ok(s) => all.push(s),
+                Err(e) => {
+                    tracing::error!(key = %k, error = %e, "snapshot record left out: it does not decode")
+                }
+            }
         }
         for s in all {
             if s.phase == SnapshotPhase::Created {

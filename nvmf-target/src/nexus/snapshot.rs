@@ -12,14 +12,26 @@ impl Nexus {
     pub async fn snapshot(&self, id: uuid::Uuid) -> Result<Vec<String>, NexusError> {
         use crate::block::BlockDevice;
         let _quiet = self.lock.exclusive(0..self.size_bytes()).await;
-        let healthy = self.healthy();
-        if healthy.is_empty() {
-            return Err(NexusError::NoHealthyChild);
-        }
         let failed = |name: &str, what: &str, e: &dyn std::fmt::Display| NexusError::Snapshot {
             child: name.to_string(),
             reason: format!("{what}: {e}"),
         };
+        // A child whose connection was lost and made again may have lost writes it had not flushed: its copy would
+        // miss them. Faulted first (as its next write or read would), unless every child lost it.
+        let healthy = self.healthy();
+        if !healthy.is_empty() && healthy.iter().all(|c| c.lost_connection()) {
+            tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
+            healthy.iter().for_each(|c| c.accept_reconnect());
+        }
+        for c in healthy.iter().filter(|c| c.lost_connection()) {
+            self.fault_confirmed(c, "its connection was lost: unflushed writes may be gone")
+                .await
+                .map_err(|e| failed(&c.name, "fault", &e))?;
+        }
+        let healthy = self.healthy();
+        if healthy.is_empty() {
+            return Err(NexusError::NoHealthyChild);
+        }
         for (c, r) in healthy
             .iter()
             .zip(join_all(healthy.iter().map(|c| c.device.flush())).await)

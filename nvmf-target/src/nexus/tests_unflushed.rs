@@ -101,6 +101,9 @@ impl BlockDevice for Volatile {
     fn connection_losses(&self) -> u64 {
         self.state.lock().unwrap().losses
     }
+    async fn snapshot(&self, _id: uuid::Uuid) -> Result<(), BlockError> {
+        self.io().map(drop)
+    }
 }
 
 fn data(seed: u8) -> Bytes {
@@ -222,4 +225,16 @@ async fn a_rebuild_does_not_copy_from_a_child_that_lost_its_connection() {
             "segment {i}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_snapshot_leaves_out_a_child_that_lost_its_connection() {
+    let (a, b) = (Volatile::new(), Volatile::new());
+    let n = nexus(vec![a.clone(), b.clone()]);
+    n.write(0, data(1)).await.unwrap();
+    // b's node restarts while the volume is idle: its copy would miss the write.
+    b.silent_restart();
+    let taken = n.snapshot(uuid::Uuid::new_v4()).await.unwrap();
+    assert_eq!(taken, vec!["c0".to_string()]);
+    assert_eq!(n.state(), NexusState::Degraded);
 }
