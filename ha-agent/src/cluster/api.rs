@@ -67,6 +67,7 @@ impl From<RegistryError> for Status {
         match e {
             RegistryError::InvalidArgument(_) => Status::invalid_argument(msg),
             RegistryError::NotFound(_) => Status::not_found(msg),
+            RegistryError::InUse(_) => Status::already_exists(msg),
             RegistryError::Store(StoreError::InvalidArgument(_)) => Status::invalid_argument(msg),
             RegistryError::Store(_) => Status::unavailable(msg),
             RegistryError::Corrupt { .. } => Status::data_loss(msg),

@@ -23,6 +23,8 @@ pub enum RegistryError {
     InvalidArgument(String),
     #[error("node {0} is not registered")]
     NotFound(String),
+    #[error("{0}")]
+    InUse(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("a node record is corrupt ({record}...): {source}")]
@@ -256,6 +258,31 @@ impl Registry {
                 "controller ID range {}-{} is not within 1-65519",
                 spec.cntlid_min, spec.cntlid_max
             )));
+        }
+        // A name another engine uses now (at another endpoint, heard from within the node timeout) is refused: two
+        // machines given one name would otherwise take it from each other at every heartbeat, and the volumes'
+        // nexuses with it. The same machine restarting keeps its endpoint and is taken at once.
+        let incumbent = self
+            .records()
+            .get(&spec.name)
+            .filter(|(_, o)| {
+                o.status.state == NodeState::Online
+                    && o.spec.engine_endpoint != spec.engine_endpoint
+            })
+            .map(|(_, o)| o.spec.engine_endpoint.clone());
+        if let Some(at) = incumbent {
+            let heard = self
+                .live()
+                .get(&spec.name)
+                .filter(|l| l.instance != spec.instance)
+                .map(|l| l.last_seen.elapsed());
+            if let Some(ago) = heard.filter(|ago| *ago < self.config.timeout) {
+                return Err(RegistryError::InUse(format!(
+                    "node name {} is in use by the engine at {at} (heard from {} ms ago); give this one another name",
+                    spec.name,
+                    ago.as_millis()
+                )));
+            }
         }
         let name = spec.name.clone();
         let r = self
@@ -608,5 +635,39 @@ mod tests {
             .status
             .since_ms;
         assert!(again > first, "a restarted engine: {again} vs {first}");
+    }
+
+    #[tokio::test]
+    async fn a_node_name_in_use_by_another_live_engine_is_refused_until_that_one_goes_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
+        let config = RegistryConfig {
+            heartbeat: Duration::from_millis(20),
+            timeout: Duration::from_millis(200),
+        };
+        let reg = Registry::load(store, Arc::new(Answers), config)
+            .await
+            .unwrap();
+        reg.register(spec("n"), vec![]).await.unwrap();
+        let mut other = spec("n");
+        other.engine_endpoint = "http://127.0.0.9:1".into();
+        other.instance = "elsewhere".into();
+        assert!(matches!(
+            reg.register(other.clone(), vec![]).await,
+            Err(RegistryError::InUse(_))
+        ));
+        assert!(
+            reg.heartbeat("n", "i1", vec![]).await.unwrap(),
+            "the first one keeps it"
+        );
+        // The same machine restarting (same endpoint, new instance) is taken at once.
+        let mut restarted = spec("n");
+        restarted.instance = "i2".into();
+        reg.register(restarted, vec![]).await.unwrap();
+        // Once the one using it is silent past the timeout, the name moves.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let r = reg.register(other, vec![]).await.unwrap();
+        assert_eq!(r.spec.engine_endpoint, "http://127.0.0.9:1");
     }
 }

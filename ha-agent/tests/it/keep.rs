@@ -87,6 +87,16 @@ async fn unpublish(c: &ClusterClient<Channel>, uuid: &str) {
     .unwrap();
 }
 
+/// The block [`write_through`] wrote with `seed` reads back through the published volume `v`.
+async fn reads_back(v: &pb::Volume, seed: u8) {
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    let at = u64::from(seed) * (64 << 10);
+    assert_eq!(ns.read(at, 64 << 10).await.unwrap(), block(seed));
+    ns.close().await;
+}
+
 fn index(node: &str) -> usize {
     node.strip_prefix("reg-").unwrap().parse::<usize>().unwrap() - 1
 }
@@ -135,11 +145,7 @@ async fn a_publish_that_finds_no_in_sync_replica_up_marks_nothing_and_succeeds_o
             }
         }
     };
-    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
-    o.hostnqn = HOST.into();
-    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
-    assert_eq!(ns.read(64 << 10, 64 << 10).await.unwrap(), block(1));
-    ns.close().await;
+    reads_back(&v, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,11 +221,7 @@ async fn an_unpublished_volume_snapshots_and_scales_down_to_its_in_sync_replicas
         v.replica_list
     );
     let v = publish(c.clone(), &vol).await.unwrap();
-    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
-    o.hostnqn = HOST.into();
-    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
-    assert_eq!(ns.read(64 << 10, 64 << 10).await.unwrap(), block(1));
-    ns.close().await;
+    reads_back(&v, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

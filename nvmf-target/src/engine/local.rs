@@ -141,16 +141,21 @@ mod tests {
     use crate::engine::nexus::{ReservationKeys, reserve};
     use crate::target::reservation::Reservations;
 
-    #[tokio::test]
-    async fn a_local_child_is_fenced_like_a_remote_host() {
-        let ns = Arc::new(Namespace {
+    /// A 1 MiB memory namespace without reservations.
+    fn memory_namespace() -> Arc<Namespace> {
+        Arc::new(Namespace {
             nsid: 1,
             uuid: Uuid::new_v4(),
             ana_group: 1,
             device: Arc::new(MemoryDevice::new(1 << 20, 512)),
             reservations: Reservations::default(),
             stats: Default::default(),
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn a_local_child_is_fenced_like_a_remote_host() {
+        let ns = memory_namespace();
         let old = LocalChild::new(ns.clone(), Uuid::new_v4());
         reserve(&old, ReservationKeys { key: 1, preempt: 0 })
             .await
@@ -171,14 +176,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_nexus_preempts_every_older_key_and_never_a_newer_one() {
-        let ns = Arc::new(Namespace {
-            nsid: 1,
-            uuid: Uuid::new_v4(),
-            ana_group: 1,
-            device: Arc::new(MemoryDevice::new(1 << 20, 512)),
-            reservations: Reservations::default(),
-            stats: Default::default(),
-        });
+        let ns = memory_namespace();
         let child = |_| LocalChild::new(ns.clone(), Uuid::new_v4());
         let (first, failed, third, stale) = (child(1), child(2), child(3), child(4));
         reserve(&first, ReservationKeys { key: 1, preempt: 0 })
