@@ -529,6 +529,13 @@ impl Volumes {
             }
             return Ok(());
         };
+        // Persist, then act: the move is recorded first. An agent that lost its leadership (its draining flag may be
+        // stale) fails here, at the fenced store, instead of ending a live nexus.
+        r.reason = format!(
+            "moving the nexus off draining node {} to {target}",
+            nexus.node
+        );
+        self.save(&r).await?;
         let destroyed = self.end_nexus(r.uuid, nexus).await?;
         tracing::info!(uuid = %r.uuid, from = %nexus.node, to = %target, "moving the nexus off a draining node");
         let moved = self
