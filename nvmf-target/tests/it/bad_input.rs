@@ -97,16 +97,7 @@ async fn large_pdus_before_an_io_queue_connect_are_refused() {
     // An I/O queue takes a 1 MiB write in one H2CData PDU.
     let (mut a, id) = Raw::admin(t.addr, 0).await;
     let mut q = Raw::io(t.addr, &mut a, id).await;
-    let mut sqe = Sqe::rw(io::WRITE, 1, 0, 2048, 1 << 20, false);
-    sqe.set_cid(4);
-    q.send(Pdu::CapsuleCmd(CapsuleCmd {
-        sqe,
-        data: Bytes::new(),
-    }))
-    .await;
-    let Recv::Pdu(Pdu::R2t(r2t)) = q.recv().await else {
-        panic!("expected R2T")
-    };
+    let r2t = q.write_awaiting_data(4, 1 << 20).await;
     assert_eq!(r2t.length, 1 << 20);
     q.send(Pdu::H2CData(DataPdu {
         cccid: 4,

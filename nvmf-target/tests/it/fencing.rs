@@ -268,8 +268,7 @@ async fn a_fenced_host_changes_nothing_on_a_replica_by_any_command_class() {
 #[tokio::test]
 async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
     use bytes::Bytes;
-    use nvmf_target::protocol::command::{Sqe, io};
-    use nvmf_target::protocol::pdu::{CapsuleCmd, DataPdu, Pdu};
+    use nvmf_target::protocol::pdu::{DataPdu, Pdu};
     use nvmf_target::protocol::status::Status;
 
     use crate::harness::{HOSTID, NQN, Raw, Recv, target};
@@ -286,16 +285,7 @@ async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
         .unwrap();
     let (mut admin, id) = Raw::admin(t.addr, 0).await;
     let mut q = Raw::io(t.addr, &mut admin, id).await;
-    let mut sqe = Sqe::rw(io::WRITE, 1, 0, 2048, 1 << 20, false);
-    sqe.set_cid(4);
-    q.send(Pdu::CapsuleCmd(CapsuleCmd {
-        sqe,
-        data: Bytes::new(),
-    }))
-    .await;
-    let Recv::Pdu(Pdu::R2t(r2t)) = q.recv().await else {
-        panic!("expected R2T")
-    };
+    let r2t = q.write_awaiting_data(4, 1 << 20).await;
     // A newer nexus takes over and writes.
     ns.reservations
         .change(|s| {

@@ -200,6 +200,33 @@ impl Raw {
         self.cmd(sqe, data.encode()).await
     }
 
+    /// Sends a write of `len` bytes at LBA 0 of NSID 1 as command `cid` without its data, and returns the target's
+    /// R2T for it.
+    pub async fn write_awaiting_data(
+        &mut self,
+        cid: u16,
+        len: u32,
+    ) -> nvmf_target::protocol::pdu::R2t {
+        let mut sqe = Sqe::rw(
+            nvmf_target::protocol::command::io::WRITE,
+            1,
+            0,
+            len / 512,
+            len,
+            false,
+        );
+        sqe.set_cid(cid);
+        self.send(Pdu::CapsuleCmd(CapsuleCmd {
+            sqe,
+            data: Bytes::new(),
+        }))
+        .await;
+        match self.recv().await {
+            Recv::Pdu(Pdu::R2t(r2t)) => r2t,
+            _ => panic!("expected R2T"),
+        }
+    }
+
     /// Admin Connect + CC.EN; returns the controller ID.
     pub async fn admin(addr: SocketAddr, kato: u32) -> (Raw, u16) {
         Self::admin_to(addr, kato, NQN, HOST).await
