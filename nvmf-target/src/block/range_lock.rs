@@ -88,6 +88,13 @@ impl RangeLock {
         self.lock(range, true).await
     }
 
+    /// Excludes every other holder, at any offset: for a whole-device step (snapshot, handing a child its log,
+    /// growing, shutting down). Sizing the range from the device before waiting would let a grow that finishes
+    /// during the wait open offsets the guard does not cover.
+    pub async fn exclusive_all(&self) -> RangeGuard {
+        self.lock(0..u64::MAX, true).await
+    }
+
     async fn lock(&self, range: Range<u64>, exclusive: bool) -> RangeGuard {
         let rx = {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,6 +171,29 @@ mod tests {
         let g = ex.await.unwrap();
         drop(g);
         assert!(granted_soon(l.shared(5..6)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_whole_lock_excludes_offsets_past_any_size() {
+        let l = RangeLock::new();
+        let write_past_the_old_end = l.exclusive(1 << 40..(1 << 40) + 4096).await;
+        let l2 = l.clone();
+        let all = tokio::spawn(async move { l2.exclusive_all().await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!all.is_finished(), "waits for a holder at any offset");
+        drop(write_past_the_old_end);
+        let all = all.await.unwrap();
+        assert!(
+            granted_soon(l.shared(u64::MAX - 1..u64::MAX))
+                .await
+                .is_none()
+        );
+        drop(all);
+        assert!(
+            granted_soon(l.shared(u64::MAX - 1..u64::MAX))
+                .await
+                .is_some()
+        );
     }
 
     #[tokio::test]

@@ -51,9 +51,9 @@ impl Nexus {
                 });
             }
         }
+        let _quiet = self.lock.exclusive_all().await;
         let old = self.size_bytes();
-        let _quiet = self.lock.exclusive(0..old).await;
-        if self.size_bytes() >= size {
+        if old >= size {
             return Ok(false);
         }
         let list = self.children.read().unwrap_or_else(|e| e.into_inner());

@@ -331,7 +331,7 @@ impl Nexus {
             });
         }
         // No write may be in flight while the log is handed over, or one could miss both the log and the child.
-        let _all = self.lock.exclusive(0..self.size_bytes()).await;
+        let _all = self.lock.exclusive_all().await;
         let (child, map, kind) = {
             let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
             let idx = list
@@ -413,7 +413,7 @@ impl Nexus {
         self.halt.cancel();
         let drained = tokio::time::timeout(
             self.config.io_timeout + std::time::Duration::from_secs(1),
-            self.lock.exclusive(0..self.size_bytes()),
+            self.lock.exclusive_all(),
         )
         .await
         .is_ok();

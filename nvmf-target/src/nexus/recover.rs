@@ -121,7 +121,7 @@ impl Nexus {
         }
         for (c, map, kind, since_ms) in plan {
             let child = {
-                let _all = self.lock.exclusive(0..self.size_bytes()).await;
+                let _all = self.lock.exclusive_all().await;
                 let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
                 let Some(idx) = list.iter().position(|x| x.name == c.name) else {
                     continue;

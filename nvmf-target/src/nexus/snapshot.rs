@@ -10,8 +10,7 @@ impl Nexus {
     /// Snapshots every healthy child as `id`; returns their names. Rebuilding children are not consistent yet and
     /// are left out.
     pub async fn snapshot(&self, id: uuid::Uuid) -> Result<Vec<String>, NexusError> {
-        use crate::block::BlockDevice;
-        let _quiet = self.lock.exclusive(0..self.size_bytes()).await;
+        let _quiet = self.lock.exclusive_all().await;
         let failed = |name: &str, what: &str, e: &dyn std::fmt::Display| NexusError::Snapshot {
             child: name.to_string(),
             reason: format!("{what}: {e}"),
