@@ -6,21 +6,39 @@
 //! workers, and each pass woke a parked thread. Everything else (the management API, admin queues, keep-alives,
 //! rebuild and reconcile tasks) stays on the runtime that made the engine.
 
-use std::cell::Cell;
+mod spin;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+use spin::Spin;
+
 thread_local! {
     /// The index of the I/O thread this is, if it is one.
     static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The I/O thread's spin, if it spins.
+    static SPIN: RefCell<Option<Rc<Spin>>> = const { RefCell::new(None) };
 }
 
 /// The index of the I/O thread the caller runs on, if it runs on one.
 pub fn current() -> Option<usize> {
     INDEX.with(Cell::get)
+}
+
+/// Notes data-path work on this thread (a command, a completion or a child's answer taken): an I/O thread that
+/// spins ([`IoThreads::start`]) checks for events without sleeping for its window from now. Elsewhere, nothing.
+pub fn busy() {
+    SPIN.with(|s| {
+        if let Some(s) = s.borrow().as_ref() {
+            s.busy();
+        }
+    });
 }
 
 struct IoThread {
@@ -43,8 +61,10 @@ impl std::fmt::Debug for IoThreads {
 }
 
 impl IoThreads {
-    /// Starts `n` threads (at least one).
-    pub fn start(n: usize) -> std::io::Result<IoThreads> {
+    /// Starts `n` threads (at least one). With a `spin` above zero, each spins for up to that long after its
+    /// data-path work ([`busy`]; the window adapts, see `io_threads/spin.rs`); zero: they sleep as soon as they are
+    /// idle.
+    pub fn start(n: usize, spin: Duration) -> std::io::Result<IoThreads> {
         let mut threads = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -56,7 +76,15 @@ impl IoThreads {
                 .name(format!("keelson-io-{i}"))
                 .spawn(move || {
                     INDEX.with(|c| c.set(Some(i)));
-                    let _ = rt.block_on(stopped);
+                    if spin.is_zero() {
+                        let _ = rt.block_on(stopped);
+                        return;
+                    }
+                    let s = Rc::new(Spin::new(spin));
+                    SPIN.with(|c| *c.borrow_mut() = Some(s.clone()));
+                    let local = tokio::task::LocalSet::new();
+                    local.spawn_local(s.run());
+                    let _ = local.block_on(&rt, stopped);
                 })?;
             threads.push(IoThread {
                 handle,
@@ -111,7 +139,7 @@ mod tests {
 
     #[test]
     fn connections_take_the_threads_in_turn_and_the_threads_end_with_them() {
-        let io = IoThreads::start(2).unwrap();
+        let io = IoThreads::start(2, Duration::ZERO).unwrap();
         assert_eq!(io.len(), 2);
         assert_eq!(current(), None);
         let on: Vec<(String, Option<usize>)> = (0..4)
@@ -135,5 +163,40 @@ mod tests {
         drop(io);
         // The task was dropped with its runtime: its sender is gone.
         assert!(rx.recv().is_err());
+    }
+
+    #[test]
+    fn a_spinning_thread_spins_after_work_and_never_while_idle() {
+        let io = IoThreads::start(1, Duration::from_millis(20)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        io.handle(0).spawn(async move {
+            let turns = || SPIN.with(|s| s.borrow().as_ref().map(|s| s.turns()));
+            let pause = |ms| tokio::time::sleep(Duration::from_millis(ms));
+            let mut seen = vec![turns()];
+            pause(100).await;
+            seen.push(turns());
+            busy();
+            pause(5).await;
+            seen.push(turns());
+            pause(100).await;
+            seen.push(turns());
+            pause(100).await;
+            seen.push(turns());
+            tx.send(seen).unwrap();
+        });
+        let seen = rx.recv().unwrap();
+        let seen: Vec<u64> = seen
+            .into_iter()
+            .map(|t| t.expect("the thread spins"))
+            .collect();
+        assert_eq!(seen[0], 0, "no spin before any work: {seen:?}");
+        assert_eq!(seen[1], 0, "no spin while idle: {seen:?}");
+        assert!(seen[2] > seen[1], "spins after work: {seen:?}");
+        assert_eq!(
+            seen[3], seen[4],
+            "stops spinning once its window passed: {seen:?}"
+        );
+        assert!(SPIN.with(|s| s.borrow().is_none()), "only I/O threads spin");
+        busy();
     }
 }

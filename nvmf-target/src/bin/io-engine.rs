@@ -72,10 +72,15 @@ struct Args {
     #[arg(long = "pool-label", env = "KEELSON_POOL_LABELS", value_delimiter = ',', value_parser = parse_pool_label)]
     pool_labels: Vec<(String, String, String)>,
     /// I/O threads: each NVMe/TCP connection is served on one of them, with its disk I/O and a nexus's sends to its
-    /// children (`auto`: one per CPU this process may run on). 0, the default: everything on the shared runtime,
-    /// which answers replicated QD1 writes sooner on small machines (see ARCHITECTURE.md).
-    #[arg(long, env = "KEELSON_IO_THREADS", default_value = "0", value_parser = parse_io_threads)]
+    /// children (`auto`, the default: one per CPU this process may run on). 0: everything on the shared runtime,
+    /// and no spin.
+    #[arg(long, env = "KEELSON_IO_THREADS", default_value = "auto", value_parser = parse_io_threads)]
     io_threads: usize,
+    /// The longest an I/O thread spins after its data-path work before it sleeps, in microseconds (0: never). The
+    /// spin adapts to the load, yields to any other thread that wants the CPU, and an idle engine never spins
+    /// (ARCHITECTURE.md, step 1). Only with I/O threads.
+    #[arg(long, env = "KEELSON_SPIN_US", default_value_t = 100)]
+    spin_us: u64,
 }
 
 /// A number of I/O threads, or `auto` (one per CPU this process may run on).
@@ -161,7 +166,8 @@ async fn main() -> Result<()> {
     let io_threads = match args.io_threads {
         0 => None,
         n => Some(Arc::new(
-            IoThreads::start(n).context("starting the I/O threads")?,
+            IoThreads::start(n, std::time::Duration::from_micros(args.spin_us))
+                .context("starting the I/O threads")?,
         )),
     };
     let config = EngineConfig {

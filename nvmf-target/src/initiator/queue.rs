@@ -405,6 +405,7 @@ async fn read_loop(mut framed: FramedRead<OwnedReadHalf, PduCodec>, inner: Arc<I
             _ = inner.closed.cancelled() => break InitiatorError::Disconnected,
             f = framed.next() => f,
         };
+        crate::io_threads::busy();
         let r = match frame {
             Some(Ok(Pdu::CapsuleResp(cqe))) => {
                 inner.complete(cqe);

@@ -223,6 +223,7 @@ impl Queue {
                 _ = &mut port_cancelled => return,
                 _ = cancelled(&mut ctrl_cancelled) => return,
                 r = self.inflight.next() => {
+                    crate::io_threads::busy();
                     self.send(r);
                     unflushed += 1;
                     if unflushed >= COMPLETIONS_PER_YIELD {
@@ -238,7 +239,10 @@ impl Queue {
                 }
                 frame = framed.next(), if self.inflight.len() + self.backlog.queued() < limit => match frame {
                     None => return,
-                    Some(Ok(pdu)) => match self.on_pdu(pdu) { Ok(()) => { self.admit_data(framed); continue } Err(f) => f },
+                    Some(Ok(pdu)) => {
+                        crate::io_threads::busy();
+                        match self.on_pdu(pdu) { Ok(()) => { self.admit_data(framed); continue } Err(f) => f }
+                    }
                     Some(Err(CodecError::Protocol { fes, fei, header, reason })) => {
                         tracing::warn!(?peer, qid = ?self.qid, reason, fes, fei, "malformed PDU; terminating connection");
                         Fatal::Term(TermReq { fes, fei, header })
