@@ -4,7 +4,8 @@
 //! on thread `t` sends to its children on the queues of thread `t` ([`current`]). A command's work then stays on one
 //! thread: in the shared work-stealing runtime a command, its disk completion and its response passed between
 //! workers, and each pass woke a parked thread. Everything else (the management API, admin queues, keep-alives,
-//! rebuild and reconcile tasks) stays on the runtime that made the engine.
+//! rebuild and reconcile tasks) stays on the runtime that made the engine. After its data-path work ([`busy`]) a
+//! thread may spin for a bounded window that adapts to the load before it sleeps (`io_threads/spin.rs`).
 
 mod spin;
 
