@@ -530,7 +530,7 @@ impl Pool {
             .ok_or(PoolError::NotFound(PoolObject::Volume(*uuid)))?;
         let mut vols = self.inner.volumes.lock().unwrap_or_else(|e| e.into_inner());
         let v = vols.entry(*uuid).or_insert_with(|| {
-            Arc::new(PoolVolume {
+            Arc::new_cyclic(|me| PoolVolume {
                 pool: self.inner.clone(),
                 uuid: *uuid,
                 size: AtomicU64::new(meta.size),
@@ -538,6 +538,7 @@ impl Pool {
                 closed: AtomicBool::new(self.is_lost()),
                 alloc: crate::block::range_lock::RangeLock::new(),
                 quiesce: tokio::sync::RwLock::new(()),
+                me: me.clone(),
             })
         });
         Ok(v.clone())

@@ -108,6 +108,57 @@ async fn allocations_at_once_share_journal_transactions_and_all_survive_import()
 }
 
 #[tokio::test]
+async fn an_allocating_write_whose_caller_goes_half_way_still_ends_and_gives_back_its_cluster() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    use std::time::Duration;
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let slow = Arc::new(FaultDevice::new(mem.clone()));
+    let pool = Pool::create(slow.clone(), &spec("p1"), &me())
+        .await
+        .unwrap();
+    let r = Uuid::new_v4();
+    let vol = pool
+        .create_replica(r, 4 * u64::from(CS), None)
+        .await
+        .unwrap();
+    let cs = u64::from(CS);
+    vol.write(cs, pattern(1, 4096)).await.unwrap();
+    let snap = Uuid::new_v4();
+    pool.snapshot(r, snap).await.unwrap();
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(30)),
+        ..Default::default()
+    });
+    let reserved = || pool.inner.reserved.lock().unwrap().len();
+    // A first write to a cluster, and zeroes over one shared with the snapshot (a copy): each caller gives up
+    // while the disk still has the new cluster's writes (a nexus's child timeout, a request deadline).
+    let gone =
+        tokio::time::timeout(Duration::from_millis(10), vol.write(0, pattern(2, 4096))).await;
+    assert!(gone.is_err(), "the write was still running");
+    let gone = tokio::time::timeout(Duration::from_millis(10), vol.write_zeroes(cs, 4096)).await;
+    assert!(gone.is_err(), "the zeroes were still running");
+    assert_eq!(reserved(), 2, "both hold a reserved cluster");
+    // Both go on to the end: their clusters are mapped and none stays reserved (lost to the pool until an import).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reserved() > 0 || pool.volume_allocated(&r) < 2 * cs {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} clusters still reserved, {} bytes mapped",
+            reserved(),
+            pool.volume_allocated(&r)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    slow.set_plan(FaultPlan::default());
+    assert_eq!(&vol.read(0, 4096).await.unwrap()[..], &pattern(2, 4096)[..]);
+    assert!(vol.read(cs, 4096).await.unwrap().iter().all(|x| *x == 0));
+    let sv = pool.open_volume(&snap).unwrap();
+    assert_eq!(&sv.read(cs, 4096).await.unwrap()[..], &pattern(1, 4096)[..]);
+    // The clusters they used are the volume's: the pool fills to its capacity and no further.
+    assert_eq!(pool.stats().allocated, 3 * cs);
+}
+
+#[tokio::test]
 async fn a_replica_conforms_to_the_block_device_contract() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let pool = Pool::create(dev, &spec("p1"), &me()).await.unwrap();

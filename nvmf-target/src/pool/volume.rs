@@ -10,9 +10,14 @@
 //! - A write reserves every new cluster it needs before it writes any: with too few free clusters it fails with
 //!   [`BlockError::NoSpace`] (NVMe "Capacity Exceeded") and changes nothing, so replicas that all ran out of
 //!   space still agree.
+//! - A write that allocates runs as a task of its own, to the end, whoever waits for it: its caller may go (a
+//!   nexus's child timeout, a request deadline) while the disk still has its writes to the new cluster, and only
+//!   the allocation knows when the cluster may go back to the free ones. (Dropped half way, it kept the cluster
+//!   reserved, lost to the pool until the next import.) Writes to clusters the volume owns alone stay inline.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -36,6 +41,15 @@ pub struct PoolVolume {
     /// This volume's I/O holds it shared; a snapshot of the volume holds it exclusively, so the snapshot sees
     /// every acknowledged write and no write lands in a cluster after it became shared. Other volumes' I/O goes on.
     pub(super) quiesce: tokio::sync::RwLock<()>,
+    /// This volume, for the tasks its allocating writes run as.
+    pub(super) me: Weak<PoolVolume>,
+}
+
+/// How a write went: done here, or it needs a new cluster and, run inline, wrote nothing (the caller runs it again
+/// as a task of its own, [`PoolVolume::detached`]).
+enum Here {
+    Done,
+    MustAllocate,
 }
 
 /// One cluster's part of a request: logical cluster, offset within it, and the byte range of the request.
@@ -151,6 +165,18 @@ impl PoolVolume {
     /// Clusters to reserve before writing `pieces`: those that are unmapped (when `unmapped` counts) or shared
     /// with a snapshot. Reserving them all first makes a write that spans clusters all or nothing on a full pool.
     fn reserve_for(&self, pieces: &[Piece], unmapped: bool) -> Result<Reserved<'_>, BlockError> {
+        let clusters = match self.allocations(pieces, unmapped)? {
+            0 => Vec::new(),
+            n => self.pool.reserve_clusters(n).map_err(pool_err)?,
+        };
+        Ok(Reserved {
+            pool: &self.pool,
+            clusters,
+        })
+    }
+
+    /// How many of `pieces` need a new cluster: those unmapped (when `unmapped` counts) or shared with a snapshot.
+    fn allocations(&self, pieces: &[Piece], unmapped: bool) -> Result<usize, BlockError> {
         let mut n = 0;
         for p in pieces {
             match self.lookup(p.logical)? {
@@ -160,14 +186,7 @@ impl PoolVolume {
                 None => {}
             }
         }
-        let clusters = match n {
-            0 => Vec::new(),
-            n => self.pool.reserve_clusters(n).map_err(pool_err)?,
-        };
-        Ok(Reserved {
-            pool: &self.pool,
-            clusters,
-        })
+        Ok(n)
     }
 
     /// Writes `data` at `within` of logical cluster `logical` into a newly allocated cluster: one from `spare`
@@ -229,6 +248,78 @@ impl PoolVolume {
         result
     }
 
+    /// A write under the volume's locks; unless `may_allocate`, one that needs a new cluster writes nothing and
+    /// says so.
+    async fn write_here(
+        &self,
+        offset: u64,
+        data: Bytes,
+        may_allocate: bool,
+    ) -> Result<Here, BlockError> {
+        let _io = self.pool.gate.read().await;
+        let _vol = self.quiesce.read().await;
+        self.check_writable()?;
+        let pieces: Vec<Piece> = pieces(offset, data.len() as u64, self.cs()).collect();
+        if !may_allocate && self.allocations(&pieces, true)? > 0 {
+            return Ok(Here::MustAllocate);
+        }
+        let mut spare = self.reserve_for(&pieces, true)?;
+        for p in &pieces {
+            let part = data.slice(p.range.clone());
+            self.write_piece(p, part, &mut spare).await?;
+        }
+        Ok(Here::Done)
+    }
+
+    /// Zeroes under the volume's locks, as [`Self::write_here`] (a cluster shared with a snapshot is copied).
+    async fn write_zeroes_here(
+        &self,
+        offset: u64,
+        len: u64,
+        may_allocate: bool,
+    ) -> Result<Here, BlockError> {
+        let _io = self.pool.gate.read().await;
+        let _vol = self.quiesce.read().await;
+        self.check_writable()?;
+        let pieces: Vec<Piece> = pieces(offset, len, self.cs()).collect();
+        if !may_allocate && self.allocations(&pieces, false)? > 0 {
+            return Ok(Here::MustAllocate);
+        }
+        let mut spare = self.reserve_for(&pieces, false)?;
+        for p in &pieces {
+            let n = p.range.len() as u64;
+            match self.lookup(p.logical)? {
+                None => {}
+                Some((phys, true)) => {
+                    let off = self.pool.label.cluster_offset(phys) + p.within;
+                    self.pool.dev.write_zeroes(off, n).await?;
+                }
+                Some((_, false)) => {
+                    let zeroes = Bytes::from(vec![0u8; n as usize]);
+                    self.allocate_write(p.logical, p.within, zeroes, &mut spare)
+                        .await?;
+                }
+            }
+        }
+        Ok(Here::Done)
+    }
+
+    /// Runs an allocating write as a task of its own and waits for it: if this caller goes, the write still ends,
+    /// and gives back what it reserved only once the disk is done with it.
+    async fn detached<F, Fut>(&self, write: F) -> Result<(), BlockError>
+    where
+        F: FnOnce(Arc<PoolVolume>) -> Fut,
+        Fut: Future<Output = Result<Here, BlockError>> + Send + 'static,
+    {
+        let me = self.me.upgrade().ok_or(BlockError::Closed)?;
+        match tokio::spawn(write(me)).await {
+            Ok(r) => r.map(drop),
+            Err(e) => Err(BlockError::Io(std::io::Error::other(format!(
+                "allocating write ended early: {e}"
+            )))),
+        }
+    }
+
     async fn write_piece(
         &self,
         p: &Piece,
@@ -282,16 +373,13 @@ impl BlockDevice for PoolVolume {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        let _io = self.pool.gate.read().await;
-        let _vol = self.quiesce.read().await;
-        self.check_writable()?;
-        let pieces: Vec<Piece> = pieces(offset, data.len() as u64, self.cs()).collect();
-        let mut spare = self.reserve_for(&pieces, true)?;
-        for p in &pieces {
-            let part = data.slice(p.range.clone());
-            self.write_piece(p, part, &mut spare).await?;
+        match self.write_here(offset, data.clone(), false).await? {
+            Here::Done => Ok(()),
+            Here::MustAllocate => {
+                self.detached(move |v| async move { v.write_here(offset, data, true).await })
+                    .await
+            }
         }
-        Ok(())
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -299,27 +387,13 @@ impl BlockDevice for PoolVolume {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        let _io = self.pool.gate.read().await;
-        let _vol = self.quiesce.read().await;
-        self.check_writable()?;
-        let pieces: Vec<Piece> = pieces(offset, len, self.cs()).collect();
-        let mut spare = self.reserve_for(&pieces, false)?;
-        for p in &pieces {
-            let n = p.range.len() as u64;
-            match self.lookup(p.logical)? {
-                None => {}
-                Some((phys, true)) => {
-                    let off = self.pool.label.cluster_offset(phys) + p.within;
-                    self.pool.dev.write_zeroes(off, n).await?;
-                }
-                Some((_, false)) => {
-                    let zeroes = Bytes::from(vec![0u8; n as usize]);
-                    self.allocate_write(p.logical, p.within, zeroes, &mut spare)
-                        .await?;
-                }
+        match self.write_zeroes_here(offset, len, false).await? {
+            Here::Done => Ok(()),
+            Here::MustAllocate => {
+                self.detached(move |v| async move { v.write_zeroes_here(offset, len, true).await })
+                    .await
             }
         }
-        Ok(())
     }
 
     /// Whole clusters are unmapped (given back to the pool); partial ones are zeroed.
