@@ -69,6 +69,10 @@ impl BlockDevice for ErrorCount {
         self.seen(self.inner.flush().await)
     }
 
+    async fn settle(&self) {
+        self.inner.settle().await
+    }
+
     fn connection_losses(&self) -> u64 {
         self.inner.connection_losses()
     }

@@ -113,6 +113,10 @@ impl BlockDevice for FaultDevice {
         self.inner.flush().await
     }
 
+    async fn settle(&self) {
+        self.inner.settle().await
+    }
+
     fn connection_losses(&self) -> u64 {
         self.inner.connection_losses()
     }

@@ -18,6 +18,7 @@ use nix::fcntl::{FallocateFlags, fallocate};
 
 use super::aligned::{self, AlignedBuf};
 use super::exclusive::{self, DiskLock};
+use super::inflight::InFlight;
 use super::uring::Ring;
 use super::{BlockDevice, BlockError, check_range};
 
@@ -33,6 +34,8 @@ pub struct FileDevice {
     /// Whether its reads, writes and flushes go through io_uring (the issuing thread's ring, [`Ring::local`]): it
     /// is open O_DIRECT and io_uring is available.
     uring: bool,
+    /// Its reads, writes and flushes handed to the kernel or a blocking thread that have not ended.
+    inflight: InFlight,
     /// Held while the device is open, when it was opened exclusively.
     _lock: Option<DiskLock>,
 }
@@ -140,6 +143,7 @@ impl FileDevice {
             num_blocks,
             direct,
             uring: direct && uses_ring(path),
+            inflight: InFlight::new(),
             _lock: lock,
         })
     }
@@ -163,7 +167,14 @@ impl FileDevice {
         f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, BlockError> {
         let file = self.file.clone();
-        match tokio::task::spawn_blocking(move || f(&file)).await {
+        // Ends with the closure, which runs to the end whether or not anyone still waits for it.
+        let ticket = self.inflight.start();
+        match tokio::task::spawn_blocking(move || {
+            let _ticket = ticket;
+            f(&file)
+        })
+        .await
+        {
             Ok(r) => r.map_err(BlockError::from),
             Err(_) => Err(BlockError::Closed),
         }
@@ -228,7 +239,10 @@ impl BlockDevice for FileDevice {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         if let Some(r) = self.ring() {
-            return Ok(r.read(self.file.as_raw_fd(), offset, len as usize).await?);
+            let fd = self.file.as_raw_fd();
+            return Ok(r
+                .read(fd, offset, len as usize, Some(&self.inflight))
+                .await?);
         }
         let direct = self.direct;
         self.blocking(move |f| {
@@ -259,7 +273,8 @@ impl BlockDevice for FileDevice {
             } else {
                 aligned::concat([&data[..]], data.len())
             };
-            return Ok(r.write(self.file.as_raw_fd(), offset, data).await?);
+            let fd = self.file.as_raw_fd();
+            return Ok(r.write(fd, offset, data, Some(&self.inflight)).await?);
         }
         self.blocking(move |f| {
             if direct && !aligned::is_aligned(&data) {
@@ -294,9 +309,15 @@ impl BlockDevice for FileDevice {
 
     async fn flush(&self) -> Result<(), BlockError> {
         if let Some(r) = self.ring() {
-            return Ok(r.fdatasync(self.file.as_raw_fd()).await?);
+            return Ok(r
+                .fdatasync(self.file.as_raw_fd(), Some(&self.inflight))
+                .await?);
         }
         self.blocking(|f| f.sync_data()).await
+    }
+
+    async fn settle(&self) {
+        self.inflight.settle().await
     }
 }
 

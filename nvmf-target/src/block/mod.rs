@@ -5,6 +5,7 @@
 //! - [`exclusive`]: one opener per disk on a machine (`flock`, `O_EXCL`, loop devices as their backing files).
 //! - [`error_count::ErrorCount`]: counts the I/O errors a disk returns (how a pool knows its disk is failing).
 //! - [`fault::FaultDevice`]: wraps another device and fails or delays I/O on command (tests).
+//! - [`inflight`]: the operations a device handed on that have not ended, whoever still waits for them.
 //! - [`aligned`]: page-aligned buffers (what O_DIRECT needs), filled without a second copy.
 //! - [`range_lock::RangeLock`]: shared/exclusive byte-range locks (nexus writes versus rebuild copies).
 //! - [`timing`]: sampled stage timings of I/O through the layers (where a write's time goes).
@@ -17,6 +18,7 @@ pub mod error_count;
 pub mod exclusive;
 pub mod fault;
 pub mod file;
+pub mod inflight;
 pub mod memory;
 pub mod range_lock;
 pub mod timing;
@@ -87,6 +89,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// Makes every completed write durable.
     async fn flush(&self) -> Result<(), BlockError>;
+
+    /// Waits until every operation this device started before the call has ended, including those whose callers
+    /// stopped waiting: a dropped write may still reach the disk afterwards ([`inflight`]). A device whose
+    /// operations end with their futures has nothing to wait for; a wrapper passes the call down.
+    async fn settle(&self) {}
 
     /// How many times the device lost its connection since it was opened (a remote one reconnects by itself).
     /// Writes it had not flushed may have gone with the connection: its target may have lost power. A local

@@ -34,6 +34,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, Semaphore, oneshot};
 
 use super::aligned::AlignedBuf;
+use super::inflight::{InFlight, Ticket};
 use super::timing::{self, Stage};
 
 /// Submission queue entries; at most this many operations are in flight per ring (the completion queue has room
@@ -56,6 +57,8 @@ struct Op {
     done: oneshot::Sender<Done>,
     /// When it was handed to the kernel, if its stages are timed ([`timing`]).
     timed: Option<Instant>,
+    /// Its device's count of operations not ended ([`super::inflight`]): held until the completion is reaped.
+    _ticket: Option<Ticket>,
 }
 
 /// A completion: the kernel's result, the buffer back, and when it was reaped (if timed).
@@ -123,8 +126,15 @@ impl Ring {
         Ok(Ring { shared })
     }
 
-    /// Reads `len` bytes at `offset` of `fd` into a new aligned buffer.
-    pub async fn read(&self, fd: RawFd, offset: u64, len: usize) -> io::Result<Bytes> {
+    /// Reads `len` bytes at `offset` of `fd` into a new aligned buffer. Each operation handed to the kernel holds
+    /// a ticket of `inflight` (the device's) until it ends, here and in the writes and flushes below.
+    pub async fn read(
+        &self,
+        fd: RawFd,
+        offset: u64,
+        len: usize,
+        inflight: Option<&InFlight>,
+    ) -> io::Result<Bytes> {
         let mut buf = AlignedBuf::for_filling(len);
         let mut done = 0;
         while done < len {
@@ -132,7 +142,9 @@ impl Ring {
             let entry = opcode::Read::new(types::Fd(fd), ptr, (len - done) as u32)
                 .offset(offset + done as u64)
                 .build();
-            let (n, back) = self.submit(entry, Buffer::Fill(buf)).await?;
+            let (n, back) = self
+                .submit(entry, Buffer::Fill(buf), inflight.map(InFlight::start))
+                .await?;
             let Buffer::Fill(b) = back else {
                 return Err(io::Error::other("io_uring returned another buffer"));
             };
@@ -146,14 +158,26 @@ impl Ring {
     }
 
     /// Writes all of `data` at `offset` of `fd` (aligned if the file is open O_DIRECT).
-    pub async fn write(&self, fd: RawFd, offset: u64, data: Bytes) -> io::Result<()> {
+    pub async fn write(
+        &self,
+        fd: RawFd,
+        offset: u64,
+        data: Bytes,
+        inflight: Option<&InFlight>,
+    ) -> io::Result<()> {
         let mut done = 0;
         while done < data.len() {
             let rest = data.slice(done..);
             let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
                 .offset(offset + done as u64)
                 .build();
-            let (n, _) = self.submit(entry, Buffer::Data { _held: rest }).await?;
+            let (n, _) = self
+                .submit(
+                    entry,
+                    Buffer::Data { _held: rest },
+                    inflight.map(InFlight::start),
+                )
+                .await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -163,11 +187,13 @@ impl Ring {
     }
 
     /// fdatasync(2) of `fd`: every write completed before it is durable.
-    pub async fn fdatasync(&self, fd: RawFd) -> io::Result<()> {
+    pub async fn fdatasync(&self, fd: RawFd, inflight: Option<&InFlight>) -> io::Result<()> {
         let entry = opcode::Fsync::new(types::Fd(fd))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        self.submit(entry, Buffer::Empty).await.map(drop)
+        self.submit(entry, Buffer::Empty, inflight.map(InFlight::start))
+            .await
+            .map(drop)
     }
 
     /// Files `buf` under a new operation, pushes `entry` and waits for its completion: bytes done, and the buffer.
@@ -181,7 +207,12 @@ impl Ring {
     /// flusher task on the thread, woken by the first push, entering once for all pushed before it ran): one enter
     /// per ~16 I/Os at QD32 and a fifth less engine CPU per I/O (io_uring_enter was half of it), but 3-5 % fewer
     /// IOPS at QD32 and 3 us more at QD1 over six alternating rounds: the disk, not the engine's CPU, sets the pace.
-    async fn submit(&self, entry: squeue::Entry, buf: Buffer) -> io::Result<(usize, Buffer)> {
+    async fn submit(
+        &self,
+        entry: squeue::Entry,
+        buf: Buffer,
+        ticket: Option<Ticket>,
+    ) -> io::Result<(usize, Buffer)> {
         let s = &self.shared;
         // Given back by the reaper when the operation completes, not when this future ends.
         s.slots.acquire().await.map_err(|_| closed())?.forget();
@@ -196,6 +227,7 @@ impl Ring {
                     buf,
                     done: tx,
                     timed: timing::start(timing::Layer::Disk),
+                    _ticket: ticket,
                 },
             );
             id
@@ -351,9 +383,9 @@ mod tests {
         f.set_len(1 << 20).unwrap();
         let fd = f.as_raw_fd();
         let data = Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-        ring.write(fd, 4096, data.clone()).await.unwrap();
-        ring.fdatasync(fd).await.unwrap();
-        assert_eq!(ring.read(fd, 4096, 65536).await.unwrap(), data);
+        ring.write(fd, 4096, data.clone(), None).await.unwrap();
+        ring.fdatasync(fd, None).await.unwrap();
+        assert_eq!(ring.read(fd, 4096, 65536, None).await.unwrap(), data);
         let mut direct = vec![0u8; 65536];
         f.read_exact_at(&mut direct, 4096).unwrap();
         assert_eq!(&direct[..], &data[..]);
@@ -364,8 +396,8 @@ mod tests {
                 let ring = ring.clone();
                 tokio::spawn(async move {
                     let b = Bytes::from(vec![(i % 200) as u8 + 1; 512]);
-                    ring.write(fd, i * 512, b.clone()).await.unwrap();
-                    assert_eq!(ring.read(fd, i * 512, 512).await.unwrap(), b);
+                    ring.write(fd, i * 512, b.clone(), None).await.unwrap();
+                    assert_eq!(ring.read(fd, i * 512, 512, None).await.unwrap(), b);
                 })
             })
             .collect();
@@ -373,12 +405,18 @@ mod tests {
             t.await.unwrap();
         }
         // Reading past the end of the file is an error, not a short buffer.
-        assert!(ring.read(fd, (1 << 20) - 512, 4096).await.is_err());
-        // A future dropped while its operation is in flight (polled once: submitted) leaves the buffer to the ring.
+        assert!(ring.read(fd, (1 << 20) - 512, 4096, None).await.is_err());
+        // A future dropped while its operation is in flight (polled once: submitted) leaves the buffer to the ring,
+        // and the operation counts as in flight until the kernel is done with it.
+        let inflight = InFlight::new();
         for _ in 0..20 {
-            let _ =
-                tokio::time::timeout(std::time::Duration::ZERO, ring.read(fd, 0, 1 << 20)).await;
+            let read = ring.read(fd, 0, 1 << 20, Some(&inflight));
+            let _ = tokio::time::timeout(std::time::Duration::ZERO, read).await;
         }
-        assert_eq!(ring.read(fd, 512, 512).await.unwrap()[0], 2);
+        tokio::time::timeout(std::time::Duration::from_secs(10), inflight.settle())
+            .await
+            .expect("the dropped reads end");
+        assert!(inflight.is_empty());
+        assert_eq!(ring.read(fd, 512, 512, None).await.unwrap()[0], 2);
     }
 }

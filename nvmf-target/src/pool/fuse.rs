@@ -76,6 +76,10 @@ impl BlockDevice for Fuse {
         self.check()?;
         self.inner.flush().await
     }
+
+    async fn settle(&self) {
+        self.inner.settle().await
+    }
 }
 
 #[cfg(test)]

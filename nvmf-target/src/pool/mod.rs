@@ -47,6 +47,9 @@ use label::{LABEL_LEN, Label};
 use meta::{PoolMeta, Record, Share, VolumeMeta};
 pub use volume::PoolVolume;
 
+/// How long freeing or sharing clusters waits for the disk to end the operations handed to it before.
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("invalid argument: {0}")]
@@ -254,6 +257,22 @@ impl PoolInner {
             self.label.name,
             picked.len()
         )))
+    }
+
+    /// Waits for the disk to end every operation handed to it before (a caller may have stopped waiting for a
+    /// write that the disk still has): due before clusters are freed or shared, so that a late write never lands
+    /// in clusters that are someone else's. Bounded by [`SETTLE_WAIT`]: past it the change is refused (the disk is
+    /// hanging), to be tried again.
+    async fn settle(&self) -> Result<(), PoolError> {
+        tokio::time::timeout(SETTLE_WAIT, self.dev.settle())
+            .await
+            .map_err(|_| {
+                PoolError::Io(format!(
+                    "the disk has not ended writes handed to it more than {} s ago; its clusters cannot be freed \
+                     or shared until it does: try again",
+                    SETTLE_WAIT.as_secs()
+                ))
+            })
     }
 
     fn release_cluster(&self, c: u32) {
@@ -685,6 +704,8 @@ impl Pool {
         self.check_fits(src.map.len() as u64)?;
         let vol = self.open_volume(&replica)?;
         let _excl = vol.quiesce.write().await;
+        // A write the snapshot does not see must not land in the clusters it now shares.
+        self.inner.settle().await?;
         let r = self
             .inner
             .commit(vec![Record::Snapshot {
@@ -794,6 +815,7 @@ impl Pool {
             return Err(PoolError::NotFound(PoolObject::Volume(uuid)));
         }
         let _excl = self.inner.gate.write().await;
+        self.inner.settle().await?;
         self.inner
             .commit(vec![Record::Destroy { volume: uuid }])
             .await?;

@@ -1064,3 +1064,118 @@ async fn a_commit_dropped_half_way_changes_nothing_for_the_commits_it_carries() 
     let pool = Pool::import(mem, &me()).await.unwrap();
     assert_eq!(pool.volumes().len(), 4);
 }
+
+/// A disk whose writes, once handed to it, end on their own time whether or not anyone still waits (as io_uring's
+/// or a blocking thread's do): each write is delayed by `late` and runs as a task of its own.
+struct LateDisk {
+    inner: Arc<MemoryDevice>,
+    late: Mutex<std::time::Duration>,
+    inflight: crate::block::inflight::InFlight,
+}
+
+#[async_trait]
+impl BlockDevice for LateDisk {
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        let late = *self.late.lock().unwrap();
+        let (inner, ticket) = (self.inner.clone(), self.inflight.start());
+        tokio::spawn(async move {
+            tokio::time::sleep(late).await;
+            let r = inner.write(offset, data).await;
+            drop(ticket);
+            r
+        })
+        .await
+        .unwrap()
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.inner.flush().await
+    }
+    async fn settle(&self) {
+        self.inflight.settle().await
+    }
+}
+
+#[tokio::test]
+async fn a_write_whose_caller_went_away_never_lands_in_clusters_freed_or_shared_since() {
+    use std::time::Duration;
+    let disk = Arc::new(LateDisk {
+        inner: Arc::new(MemoryDevice::new(12 * MIB, 512)),
+        late: Mutex::new(Duration::ZERO),
+        inflight: Default::default(),
+    });
+    let pool = Pool::create(disk.clone(), &spec("late"), &me())
+        .await
+        .unwrap();
+    let cs = u64::from(CS);
+    let clusters = pool.stats().capacity / cs;
+    let a = Uuid::new_v4();
+    let va = pool.create_replica(a, cs, None).await.unwrap();
+    va.write(0, pattern(1, 4096)).await.unwrap();
+    let late = Duration::from_millis(300);
+    let give_up = Duration::from_millis(20);
+    *disk.late.lock().unwrap() = late;
+    // An overwrite whose caller gives up (a nexus's child timeout): the disk still has it.
+    assert!(
+        tokio::time::timeout(give_up, va.write(0, pattern(2, 4096)))
+            .await
+            .is_err()
+    );
+    // Its volume is destroyed and another takes every cluster of the pool, the freed one too.
+    *disk.late.lock().unwrap() = Duration::ZERO;
+    pool.destroy_volume(a).await.unwrap();
+    let b = Uuid::new_v4();
+    let vb = pool.create_replica(b, clusters * cs, None).await.unwrap();
+    for i in 0..clusters {
+        vb.write(i * cs, pattern(9, 4096)).await.unwrap();
+    }
+    // The same with a snapshot: a write dropped before it must not change what the snapshot shows.
+    *disk.late.lock().unwrap() = late;
+    assert!(
+        tokio::time::timeout(give_up, vb.write(0, pattern(3, 4096)))
+            .await
+            .is_err()
+    );
+    *disk.late.lock().unwrap() = Duration::ZERO;
+    let s = Uuid::new_v4();
+    pool.snapshot(b, s).await.unwrap();
+    let snap = pool.open_volume(&s).unwrap();
+    let at_snapshot = snap.read(0, 4096).await.unwrap();
+    tokio::time::sleep(late * 2).await;
+    for i in 0..clusters {
+        let want = if i == 0 {
+            &at_snapshot[..]
+        } else {
+            &pattern(9, 4096)[..]
+        };
+        let got = vb.read(i * cs, 4096).await.unwrap();
+        assert!(
+            &got[..] == want,
+            "cluster {i} of the new volume starts {:?}, not {:?}",
+            &got[..4],
+            &want[..4]
+        );
+    }
+    let got = snap.read(0, 4096).await.unwrap();
+    assert!(
+        got == at_snapshot,
+        "the snapshot changed after it was taken: starts {:?}, not {:?}",
+        &got[..4],
+        &at_snapshot[..4]
+    );
+    assert_eq!(disk.inflight.len(), 0);
+}

@@ -418,9 +418,11 @@ impl BlockDevice for PoolVolume {
         if whole.is_empty() {
             return Ok(());
         }
-        // Unmapping frees clusters another volume may reuse: no read of ours may still be in flight on them.
+        // Unmapping frees clusters another volume may reuse: no I/O of ours may still be in flight on them, not
+        // even a write whose caller went away.
         let _excl = self.pool.gate.write().await;
         self.check_open()?;
+        self.pool.settle().await.map_err(pool_err)?;
         let records: Vec<Record> = whole
             .into_iter()
             .filter(|l| matches!(self.lookup(*l), Ok(Some(_))))
