@@ -38,6 +38,17 @@ impl LocalChild {
     fn check(&self, access: Access) -> Result<(), BlockError> {
         Ok(access::admit(&self.ns, self.host, access, Path::Local)?)
     }
+
+    /// For a change to the namespace, as an NVMe/TCP command gets: the check made again under the reservations'
+    /// fence, whose guard the caller holds until the change has ended.
+    async fn admit_change(&self) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, BlockError> {
+        self.check(Access::WritesData)?;
+        self.ns
+            .reservations
+            .admit_change(self.host)
+            .await
+            .map_err(to_block)
+    }
 }
 
 #[async_trait]
@@ -46,7 +57,9 @@ impl Reservable for LocalChild {
         let host = self.host;
         self.ns
             .reservations
-            .change(|s| s.register(host, resv::REPLACE, true, 0, key))
+            .change_settled(self.ns.device.settle(), |s| {
+                s.register(host, resv::REPLACE, true, 0, key)
+            })
             .await
             .map_err(to_block)
     }
@@ -61,7 +74,9 @@ impl Reservable for LocalChild {
         let host = self.host;
         self.ns
             .reservations
-            .change(|s| s.acquire(host, action, false, key, preempt_key, rtype))
+            .change_settled(self.ns.device.settle(), |s| {
+                s.acquire(host, action, false, key, preempt_key, rtype)
+            })
             .await
             .map_err(to_block)
     }
@@ -90,22 +105,22 @@ impl BlockDevice for LocalChild {
         r
     }
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-        self.check(Access::WritesData)?;
+        let _fence = self.admit_change().await?;
         let (start, len) = (std::time::Instant::now(), data.len() as u64);
         let r = self.ns.device.write(offset, data).await;
         self.ns.stats.write.record(len, start.elapsed(), r.is_ok());
         r
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.check(Access::WritesData)?;
+        let _fence = self.admit_change().await?;
         self.ns.device.write_zeroes(offset, len).await
     }
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.check(Access::WritesData)?;
+        let _fence = self.admit_change().await?;
         self.ns.device.deallocate(offset, len).await
     }
     async fn flush(&self) -> Result<(), BlockError> {
-        self.check(Access::WritesData)?;
+        let _fence = self.admit_change().await?;
         self.ns.device.flush().await
     }
     async fn allocated_ranges(
@@ -118,10 +133,12 @@ impl BlockDevice for LocalChild {
     }
     async fn note_missed(&self, m: &crate::block::MissedWrites) -> Result<(), BlockError> {
         self.check(Access::WritesMetadata)?;
+        let _fence = self.admit_change().await?;
         self.ns.device.note_missed(m).await
     }
     async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
         self.check(Access::WritesMetadata)?;
+        let _fence = self.admit_change().await?;
         self.ns.device.forget_missed(child).await
     }
     async fn missed(&self) -> Result<Vec<crate::block::MissedWrites>, BlockError> {
@@ -130,6 +147,7 @@ impl BlockDevice for LocalChild {
     }
     async fn snapshot(&self, id: Uuid) -> Result<(), BlockError> {
         self.check(Access::WritesMetadata)?;
+        let _fence = self.admit_change().await?;
         self.ns.device.snapshot(id).await
     }
 }
@@ -172,6 +190,52 @@ mod tests {
             Err(BlockError::ReservationConflict)
         ));
         assert_eq!(&new.read(0, 512).await.unwrap()[..], &[1u8; 512][..]);
+    }
+
+    #[tokio::test]
+    async fn a_preempt_completes_only_once_the_fenced_writes_already_admitted_have_landed() {
+        use crate::block::fault::{FaultDevice, FaultPlan};
+        use std::time::Duration;
+        let disk = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(1 << 20, 512))));
+        let ns = Arc::new(Namespace {
+            nsid: 1,
+            uuid: Uuid::new_v4(),
+            ana_group: 1,
+            device: disk.clone(),
+            reservations: Reservations::default(),
+            stats: Default::default(),
+        });
+        let old = Arc::new(LocalChild::new(ns.clone(), Uuid::new_v4()));
+        reserve(&*old, ReservationKeys { key: 1, preempt: 0 })
+            .await
+            .unwrap();
+        // The old nexus's write passed its check and is on its way to a slow disk when the new nexus fences it.
+        disk.set_plan(FaultPlan {
+            latency: Some(Duration::from_millis(300)),
+            ..Default::default()
+        });
+        let late = tokio::spawn({
+            let old = old.clone();
+            async move { old.write(0, Bytes::from(vec![1u8; 512])).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        disk.set_plan(FaultPlan::default());
+        let new = LocalChild::new(ns.clone(), Uuid::new_v4());
+        reserve(&new, ReservationKeys { key: 2, preempt: 1 })
+            .await
+            .unwrap();
+        assert!(
+            late.is_finished(),
+            "the preempt waited for the admitted write"
+        );
+        late.await.unwrap().unwrap();
+        new.write(0, Bytes::from(vec![2u8; 512])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            &new.read(0, 512).await.unwrap()[..],
+            &[2u8; 512][..],
+            "the new nexus's write stands"
+        );
     }
 
     #[tokio::test]

@@ -442,6 +442,11 @@ impl BlockDevice for PoolVolume {
         self.pool.dev.flush().await
     }
 
+    /// The pool's disk ends what it was handed before (by any volume of the pool).
+    async fn settle(&self) {
+        self.pool.dev.settle().await
+    }
+
     async fn allocated_ranges(
         &self,
         offset: u64,

@@ -171,6 +171,21 @@ async fn durable(ctrl: &Controller, ns: &Namespace, sqe: &Sqe) -> Result<(), (Bl
 
 async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -> Response {
     let cid = sqe.cid();
+    // Checked at admission already; checked again under the reservations' fence, held until the command ends, so
+    // that a reservation change made meanwhile either waits for this command or refuses it.
+    let _fence = match Access::of(sqe.opcode()) {
+        Some(a) if a.modifies() => {
+            match ns
+                .reservations
+                .admit_change(uuid::Uuid::from_bytes(ctrl.hostid))
+                .await
+            {
+                Ok(g) => Some(g),
+                Err(st) => return Response::status(cid, st),
+            }
+        }
+        _ => None,
+    };
     let bs = u64::from(ns.device.block_size());
     let offset = sqe.slba() * bs;
     let len = u64::from(sqe.nlb()) * bs;
@@ -297,17 +312,22 @@ async fn reservation(
         0
     };
     let r = &ns.reservations;
+    // Each change waits for the commands that changed the namespace before it, and for the disk to end what they
+    // handed it: a preempted host's writes are all in or all refused.
+    let settled = ns.device.settle();
     let result = match sqe.opcode() {
         io::RESERVATION_REGISTER => {
-            r.change(|s| s.register(host, action, iekey, crkey, second))
+            r.change_settled(settled, |s| s.register(host, action, iekey, crkey, second))
                 .await
         }
         io::RESERVATION_ACQUIRE => {
-            r.change(|s| s.acquire(host, action, iekey, crkey, second, rtype))
-                .await
+            r.change_settled(settled, |s| {
+                s.acquire(host, action, iekey, crkey, second, rtype)
+            })
+            .await
         }
         _ => {
-            r.change(|s| s.release(host, action, iekey, crkey, rtype))
+            r.change_settled(settled, |s| s.release(host, action, iekey, crkey, rtype))
                 .await
         }
     };

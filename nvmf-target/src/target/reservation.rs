@@ -392,12 +392,23 @@ pub trait ReservationStore: Send + Sync + 'static {
     async fn save(&self, state: &ReservationState) -> Result<(), String>;
 }
 
+/// How long a reservation change waits for the commands admitted before it to end (and for the device to end what
+/// they handed it); past it the change is refused with Namespace Not Ready and nothing changes.
+const FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A namespace's reservations: the state, and where changes are made durable before they take effect.
+///
+/// A change takes effect only once no command admitted before it still changes the namespace: commands that change
+/// it hold the fence shared from their reservation check to their end ([`Reservations::admit_change`]), a change
+/// holds it exclusively, and then waits for the device to end what those commands handed it, even for a command
+/// whose caller went away. Without it a new nexus's preempt could complete while a write of the nexus it fences,
+/// checked just before, was still on its way to the disk, and land after the new nexus's own writes.
 #[derive(Default)]
 pub struct Reservations {
     state: std::sync::RwLock<ReservationState>,
     /// Serializes changes (each is saved before it applies).
     change: tokio::sync::Mutex<()>,
+    fence: tokio::sync::RwLock<()>,
     store: Option<std::sync::Arc<dyn ReservationStore>>,
 }
 
@@ -409,6 +420,7 @@ impl Reservations {
         Reservations {
             state: std::sync::RwLock::new(state),
             change: tokio::sync::Mutex::new(()),
+            fence: tokio::sync::RwLock::new(()),
             store: Some(store),
         }
     }
@@ -427,9 +439,34 @@ impl Reservations {
             .is_ok()
     }
 
-    /// Applies `f` to a copy of the state, saves the result, then makes it current.
+    /// For a command of `host` that changes the namespace: the reservation check, made under the fence, and the
+    /// guard the command holds until it has ended, so that a reservation change waits for it.
+    pub async fn admit_change(
+        &self,
+        host: Uuid,
+    ) -> Result<tokio::sync::RwLockReadGuard<'_, ()>, Status> {
+        let fence = self.fence.read().await;
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(host, true)?;
+        Ok(fence)
+    }
+
+    /// Applies `f` to a copy of the state, saves the result, then makes it current, once the commands admitted
+    /// to change the namespace before it have ended.
     pub async fn change(
         &self,
+        f: impl FnOnce(&mut ReservationState) -> Result<(), Status>,
+    ) -> Result<(), Status> {
+        self.change_settled(async {}, f).await
+    }
+
+    /// [`Self::change`], also waiting for `settled`: the device ending what it was handed before (a command whose
+    /// caller went away may have left a write on its way to the disk; `BlockDevice::settle`).
+    pub async fn change_settled(
+        &self,
+        settled: impl std::future::Future<Output = ()>,
         f: impl FnOnce(&mut ReservationState) -> Result<(), Status>,
     ) -> Result<(), Status> {
         let _serial = self.change.lock().await;
@@ -438,6 +475,17 @@ impl Reservations {
         if next == self.state() {
             return Ok(());
         }
+        let fenced = async {
+            let fence = self.fence.write().await;
+            settled.await;
+            fence
+        };
+        let Ok(_fence) = tokio::time::timeout(FENCE_WAIT, fenced).await else {
+            tracing::warn!(
+                "a reservation change waited {FENCE_WAIT:?} for commands in flight on the namespace; refused"
+            );
+            return Err(Status::NAMESPACE_NOT_READY);
+        };
         if let Some(store) = &self.store
             && let Err(e) = store.save(&next).await
         {
