@@ -467,6 +467,8 @@ impl Controller for ControllerService {
                     host_nqn: host_nqn.clone(),
                     node: node.to_string(),
                     multi_host,
+                    // The node must exist (CSI: NOT_FOUND otherwise).
+                    require_known_node: true,
                 };
                 async move { c.publish_volume(req).await }
             })

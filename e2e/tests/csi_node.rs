@@ -135,6 +135,8 @@ fn cluster(name: &str, tap: &str) -> Cluster {
         .map(|i| Some(engine(&ns, &logs, i).unwrap()))
         .collect();
     all_online(&ns, 3).unwrap();
+    // The guest's node, known as its node agent would make it (CSI publishes only to a node that exists).
+    keelctl(&ns, &["host", "register", "app-1"]).unwrap();
     let socket = logs.join("csi-controller.sock");
     let mut cmd = ns.command(bins::path("csi-driver"));
     cmd.env("RUST_LOG", "info")

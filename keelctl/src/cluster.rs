@@ -307,6 +307,7 @@ pub async fn volume(agent: &str, cmd: VolumeCmd, out: Output) -> Result<()> {
                     host_nqn: host_nqn.clone(),
                     node,
                     multi_host,
+                    require_known_node: false,
                 })
                 .await?
                 .into_inner();
@@ -358,6 +359,39 @@ pub async fn node(agent: &str, cmd: NodeCmd, out: Output) -> Result<()> {
         NodeCmd::Drain { name } => c.drain_node(pb::CordonNodeRequest { name }).await?,
     };
     print(&[n.into_inner()], out);
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum HostCmd {
+    /// Register application node NODE as its node agent does (a node that mounts volumes without one, say by a
+    /// manual `nvme connect`: CSI publishes only to nodes that exist). Its kernel's host NQN is Keelson's for NODE
+    /// unless `--host-nqn` says otherwise (repeat for more).
+    Register {
+        node: String,
+        #[arg(long = "host-nqn")]
+        host_nqns: Vec<String>,
+    },
+}
+
+pub async fn host(agent: &str, cmd: HostCmd) -> Result<()> {
+    let mut c = connect(agent).await?;
+    match cmd {
+        HostCmd::Register { node, host_nqns } => {
+            let host_nqns = if host_nqns.is_empty() {
+                vec![proto::names::kernel_host_nqn(&node)]
+            } else {
+                host_nqns
+            };
+            c.register_host(pb::RegisterHostRequest {
+                node: node.clone(),
+                host_nqns: host_nqns.clone(),
+                version: format!("keelctl {}", env!("CARGO_PKG_VERSION")),
+            })
+            .await?;
+            println!("registered host {node}: {}", host_nqns.join(", "));
+        }
+    }
     Ok(())
 }
 

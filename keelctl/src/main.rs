@@ -60,6 +60,14 @@ enum Top {
         #[command(subcommand)]
         cmd: cluster::NodeCmd,
     },
+    /// Application nodes (hosts), through the cluster agent.
+    Host {
+        /// Cluster agent endpoint.
+        #[arg(long, env = "KEELSON_AGENT", default_value = "http://127.0.0.1:10200")]
+        agent: String,
+        #[command(subcommand)]
+        cmd: cluster::HostCmd,
+    },
     /// Volumes managed by the cluster agent.
     Volume {
         /// Cluster agent endpoint.
@@ -312,6 +320,7 @@ async fn main() -> Result<()> {
         Top::Pool { agent, output, cmd } => return cluster::pool(&agent, cmd, output).await,
         Top::Volume { agent, output, cmd } => return cluster::volume(&agent, cmd, output).await,
         Top::Node { agent, output, cmd } => return cluster::node(&agent, cmd, output).await,
+        Top::Host { agent, cmd } => return cluster::host(&agent, cmd).await,
         Top::Csi { endpoint, cmd } => return csi::run(&endpoint, cmd).await,
     };
     let mut c = EngineClient::connect(endpoint.clone())

@@ -337,6 +337,8 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
             Code::NotFound,
         ),
         (publish("worker-1", "not-a-volume"), Code::NotFound),
+        // A node no node agent (nor io-engine) ever registered does not exist.
+        (publish("no-such-node", &v.volume_id), Code::NotFound),
         (publish("", &v.volume_id), Code::InvalidArgument),
         (publish("worker-1", ""), Code::InvalidArgument),
         (

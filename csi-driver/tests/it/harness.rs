@@ -133,7 +133,24 @@ impl Cluster {
             socket,
         };
         c.wait_online(c.engines.len()).await;
+        c.register_app_nodes().await;
         c
+    }
+
+    /// Application nodes `worker-1` to `worker-3`, registered as their node agents do (a publish to a node that no
+    /// node agent or io-engine registered is NOT_FOUND).
+    async fn register_app_nodes(&self) {
+        let mut c = self.cluster().await;
+        for i in 1..=3 {
+            let node = format!("worker-{i}");
+            c.register_host(proto::cluster::RegisterHostRequest {
+                host_nqns: vec![proto::names::kernel_host_nqn(&node)],
+                node,
+                version: "test".into(),
+            })
+            .await
+            .unwrap();
+        }
     }
 
     /// Stops the cluster agent (SIGTERM; one that died already is only reaped) and starts another on its store and

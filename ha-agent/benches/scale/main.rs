@@ -353,6 +353,7 @@ async fn main() -> Result<()> {
                     host_nqn: "nqn.2026-11.io.keelson:host-bench".into(),
                     node: String::new(),
                     multi_host: false,
+                    require_known_node: false,
                 })
                 .await
                 .map(drop)

@@ -768,6 +768,16 @@ impl Cluster for Service {
         let r: Result<Response<pb::Volume>, Status> = async {
             let l = self.leadership.leading()?;
             let r = r.into_inner();
+            if r.require_known_node
+                && !r.node.is_empty()
+                && l.registry.get(&r.node).await.is_err()
+                && l.hosts.get(&r.node).await?.is_none()
+            {
+                return Err(Status::not_found(format!(
+                    "node {:?} is not known: no io-engine and no node agent has registered it",
+                    r.node
+                )));
+            }
             let v = l
                 .volumes
                 .publish(parse_uuid(&r.uuid)?, &r.host_nqn, &r.node, r.multi_host)

@@ -163,6 +163,7 @@ pub(crate) async fn publish(
         host_nqn: HOST.into(),
         node: String::new(),
         multi_host: false,
+        require_known_node: false,
     })
     .await
     .map(|r| r.into_inner())

@@ -67,6 +67,7 @@ async fn publish(c: &mut ClusterClient<Channel>, uuid: &str) -> pb::Volume {
         host_nqn: HOST.into(),
         node: String::new(),
         multi_host: false,
+        require_known_node: false,
     })
     .await
     .unwrap()

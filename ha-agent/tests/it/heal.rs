@@ -45,6 +45,7 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
             host_nqn: HOST.into(),
             node: "reg-1".into(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()
@@ -225,6 +226,7 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
             host_nqn: HOST.into(),
             node: "reg-1".into(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()
@@ -345,6 +347,7 @@ async fn scaling_adds_replicas_on_free_nodes_and_removes_those_away_from_the_nex
             host_nqn: HOST.into(),
             node: "reg-1".into(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()
@@ -435,6 +438,7 @@ async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_foll
         host_nqn: HOST.into(),
         node: node.into(),
         multi_host: false,
+        require_known_node: false,
     };
     let p = c
         .publish_volume(publish("reg-1"))
@@ -521,6 +525,7 @@ async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
             host_nqn: HOST.into(),
             node: "reg-1".into(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()
@@ -607,6 +612,7 @@ async fn a_nexus_left_behind_on_a_frozen_node_is_destroyed_when_it_thaws() {
         host_nqn: HOST.into(),
         node: node.into(),
         multi_host: false,
+        require_known_node: false,
     };
     let p = c
         .publish_volume(publish("reg-3"))

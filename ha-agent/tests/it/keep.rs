@@ -63,6 +63,7 @@ async fn publish_on(
                 host_nqn: HOST.into(),
                 node,
                 multi_host: false,
+                require_known_node: false,
             })
             .await
             .map(|r| r.into_inner())

@@ -100,6 +100,7 @@ async fn the_agent_reports_volumes_replicas_operations_and_timings_and_passes_pr
         host_nqn: HOST.into(),
         node: String::new(),
         multi_host: false,
+        require_known_node: false,
     })
     .await
     .unwrap();

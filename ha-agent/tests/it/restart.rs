@@ -117,6 +117,7 @@ async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced
             host_nqn: HOST.into(),
             node: "reg-1".into(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()
@@ -213,6 +214,7 @@ async fn a_half_rebuilt_replica_is_rebuilt_again_not_trusted_after_a_nexus_resta
             host_nqn: HOST.into(),
             node: "reg-1".into(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()

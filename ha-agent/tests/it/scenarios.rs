@@ -113,6 +113,7 @@ async fn create_and_publish(
             host_nqn: HOST.into(),
             node: node.into(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()

@@ -31,6 +31,7 @@ async fn publish(c: &mut ClusterClient<Channel>, vol: &str) -> RemoteNamespace {
             host_nqn: HOST.into(),
             node: String::new(),
             multi_host: false,
+            require_known_node: false,
         })
         .await
         .unwrap()

@@ -66,6 +66,7 @@ async fn publish_to(c: &mut ClusterClient<Channel>, uuid: String, node: &str) ->
         host_nqn: HOST.into(),
         node: node.into(),
         multi_host: false,
+        require_known_node: false,
     })
     .await
     .unwrap()

@@ -162,6 +162,7 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
         host_nqn: host.into(),
         node: "reg-2".into(),
         multi_host: false,
+        require_known_node: false,
     };
     let p = c.publish_volume(publish(HOST)).await.unwrap().into_inner();
     assert_eq!(p.nexus_node, "reg-2");
@@ -309,6 +310,7 @@ async fn after_every_process_is_killed_the_volume_comes_back_with_its_data() {
         host_nqn: HOST.into(),
         node: String::new(),
         multi_host: false,
+        require_known_node: false,
     };
     let p = c
         .publish_volume(publish.clone())
@@ -544,6 +546,7 @@ async fn a_volume_published_to_two_hosts_takes_writes_from_both_and_leaves_them_
         host_nqn: host.into(),
         node: String::new(),
         multi_host,
+        require_known_node: false,
     };
     let unpublish = |host: &str| pb::UnpublishVolumeRequest {
         uuid: vol.clone(),
