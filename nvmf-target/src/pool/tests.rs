@@ -66,19 +66,34 @@ async fn replicas_are_thin_and_survive_import() {
     assert_eq!(pool.stats().allocated, u64::from(CS));
 }
 
-#[tokio::test]
-async fn allocations_at_once_share_journal_transactions_and_all_survive_import() {
-    use crate::block::fault::{FaultDevice, FaultPlan};
+/// A 32 MiB pool on a memory disk that can be slowed (or failed), with a replica of `clusters` clusters: the
+/// memory under it, the disk, the pool, the replica's id and the replica.
+async fn slowable_pool(
+    clusters: u64,
+) -> (
+    Arc<dyn BlockDevice>,
+    Arc<crate::block::fault::FaultDevice>,
+    Pool,
+    Uuid,
+    Arc<PoolVolume>,
+) {
     let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let slow = Arc::new(FaultDevice::new(mem.clone()));
+    let slow = Arc::new(crate::block::fault::FaultDevice::new(mem.clone()));
     let pool = Pool::create(slow.clone(), &spec("p1"), &me())
         .await
         .unwrap();
     let r = Uuid::new_v4();
     let vol = pool
-        .create_replica(r, 16 * u64::from(CS), None)
+        .create_replica(r, clusters * u64::from(CS), None)
         .await
         .unwrap();
+    (mem, slow, pool, r, vol)
+}
+
+#[tokio::test]
+async fn allocations_at_once_share_journal_transactions_and_all_survive_import() {
+    use crate::block::fault::FaultPlan;
+    let (mem, slow, pool, r, vol) = slowable_pool(16).await;
     slow.set_plan(FaultPlan {
         latency: Some(std::time::Duration::from_millis(2)),
         ..Default::default()
@@ -109,18 +124,9 @@ async fn allocations_at_once_share_journal_transactions_and_all_survive_import()
 
 #[tokio::test]
 async fn an_allocating_write_whose_caller_goes_half_way_still_ends_and_gives_back_its_cluster() {
-    use crate::block::fault::{FaultDevice, FaultPlan};
+    use crate::block::fault::FaultPlan;
     use std::time::Duration;
-    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
-    let slow = Arc::new(FaultDevice::new(mem.clone()));
-    let pool = Pool::create(slow.clone(), &spec("p1"), &me())
-        .await
-        .unwrap();
-    let r = Uuid::new_v4();
-    let vol = pool
-        .create_replica(r, 4 * u64::from(CS), None)
-        .await
-        .unwrap();
+    let (_mem, slow, pool, r, vol) = slowable_pool(4).await;
     let cs = u64::from(CS);
     vol.write(cs, pattern(1, 4096)).await.unwrap();
     let snap = Uuid::new_v4();
