@@ -128,6 +128,9 @@ impl Nexus {
                     }
                 }
             }
+            // The record is in the history before anyone can see the child healthy (the history's lock is held
+            // across both): whoever sees the nexus Online after a rebuild finds that rebuild in its history.
+            let mut history = nexus.history.lock().unwrap_or_else(|e| e.into_inner());
             let error = match r {
                 Ok(_) if child.rebuild_done() => None,
                 Ok(_) => Some("child was faulted during the rebuild".to_string()),
@@ -137,10 +140,9 @@ impl Nexus {
                     Some(e.to_string())
                 }
             };
-            nexus.changed();
             let copied = progress.done_bytes() - skipped;
             tracing::info!(nexus = %nexus.name, child = %child.name, copied, skipped, ?error, "rebuild finished");
-            nexus.history.lock().unwrap_or_else(|e| e.into_inner()).push(RebuildRecord {
+            history.push(RebuildRecord {
                 child: child.name.clone(),
                 kind,
                 bytes_copied: copied,
@@ -150,6 +152,8 @@ impl Nexus {
                 finished_at: SystemTime::now(),
                 error,
             });
+            drop(history);
+            nexus.changed();
         });
     }
 

@@ -1005,20 +1005,35 @@ async fn a_volume_grows_online_under_writes_and_its_host_is_told() {
         crate::harness::Raw::admin_to(addr, 0, &subnqn, "nqn.2026-11.io.keelson:host-grow").await;
     host.arm_events(1 << 8).await;
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (ns, stop) = (ns.clone(), stop.clone());
+        let (ns, stop, done) = (ns.clone(), stop.clone(), done.clone());
         tokio::spawn(async move {
             let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 ns.write((i * 13 % 2048) * 4096, pattern(i, 4096))
                     .await
                     .unwrap();
                 i += 1;
+                done.store(i, Ordering::Relaxed);
             }
             i
         })
     };
+    // Writes go on before, during and after the growth (counted, not timed: a loaded machine is slow, not wrong).
+    let writes_reach = |n: u64| {
+        let done = done.clone();
+        async move {
+            let t = std::time::Instant::now();
+            while done.load(Ordering::Relaxed) < n {
+                assert!(t.elapsed() < Duration::from_secs(30), "writes stopped");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    writes_reach(5).await;
     let resize_nexus = |size: u64| pb::ResizeNexusRequest {
         uuid: vol.clone(),
         size,
@@ -1067,10 +1082,9 @@ async fn a_volume_grows_online_under_writes_and_its_host_is_told() {
     let mut log = crate::events::log_page(&mut host, 0x04, 4096).await;
     assert_eq!(log.get_u32_le(), 1, "namespace 1 is listed as changed");
 
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let writes = writer.await.unwrap();
-    assert!(writes > 20, "only {writes} writes ran across the growth");
+    writes_reach(done.load(Ordering::Relaxed) + 5).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
     assert_eq!(
         ns.size_bytes(),
         OLD,
