@@ -162,10 +162,10 @@ impl PoolVolume {
         out
     }
 
-    /// Clusters to reserve before writing `pieces`: those that are unmapped (when `unmapped` counts) or shared
-    /// with a snapshot. Reserving them all first makes a write that spans clusters all or nothing on a full pool.
-    fn reserve_for(&self, pieces: &[Piece], unmapped: bool) -> Result<Reserved<'_>, BlockError> {
-        let clusters = match self.allocations(pieces, unmapped)? {
+    /// Reserves the `n` new clusters a write needs ([`Self::allocations`]) before it writes any: a write that spans
+    /// clusters is all or nothing on a full pool.
+    fn reserve(&self, n: usize) -> Result<Reserved<'_>, BlockError> {
+        let clusters = match n {
             0 => Vec::new(),
             n => self.pool.reserve_clusters(n).map_err(pool_err)?,
         };
@@ -260,10 +260,11 @@ impl PoolVolume {
         let _vol = self.quiesce.read().await;
         self.check_writable()?;
         let pieces: Vec<Piece> = pieces(offset, data.len() as u64, self.cs()).collect();
-        if !may_allocate && self.allocations(&pieces, true)? > 0 {
+        let needed = self.allocations(&pieces, true)?;
+        if !may_allocate && needed > 0 {
             return Ok(Here::MustAllocate);
         }
-        let mut spare = self.reserve_for(&pieces, true)?;
+        let mut spare = self.reserve(needed)?;
         for p in &pieces {
             let part = data.slice(p.range.clone());
             self.write_piece(p, part, &mut spare).await?;
@@ -282,10 +283,11 @@ impl PoolVolume {
         let _vol = self.quiesce.read().await;
         self.check_writable()?;
         let pieces: Vec<Piece> = pieces(offset, len, self.cs()).collect();
-        if !may_allocate && self.allocations(&pieces, false)? > 0 {
+        let needed = self.allocations(&pieces, false)?;
+        if !may_allocate && needed > 0 {
             return Ok(Here::MustAllocate);
         }
-        let mut spare = self.reserve_for(&pieces, false)?;
+        let mut spare = self.reserve(needed)?;
         for p in &pieces {
             let n = p.range.len() as u64;
             match self.lookup(p.logical)? {
