@@ -14,7 +14,8 @@
 //! reads or fills later. It is sound by one rule: the buffer belongs to the ring's table of operations in flight
 //! from before its entry is pushed until its completion is reaped, whatever becomes of the future that asked (a
 //! dropped future leaves it there), and the ring outlives every operation in flight (the reaper holds it until the
-//! table is empty). The file an entry names may be closed meanwhile: the kernel holds its own reference from
+//! table is empty; a ring whose reaper went with its runtime waits for what is in flight when it is dropped, and
+//! leaks the memory of what never ends). The file an entry names may be closed meanwhile: the kernel holds its own reference from
 //! submission to completion.
 #![allow(unsafe_code)]
 
@@ -24,7 +25,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
@@ -300,6 +301,50 @@ impl Drop for Ring {
     }
 }
 
+/// The longest a ring dropped with operations in flight waits for them before it gives their memory up for lost.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+impl Drop for Shared {
+    /// The reaper normally holds the ring until nothing is in flight. It goes earlier only when its runtime ends
+    /// (the thread's runtime shut down with I/O still in flight): then the kernel may still read or fill the
+    /// buffers of what is left, so wait here for their completions (bounded), and leak the memory of any that
+    /// never come rather than free memory the kernel may still use. Each waited-for operation's ticket ends only
+    /// when the kernel is done, so a device's `settle` stays true.
+    fn drop(&mut self) {
+        let ring = self.ring.get_mut().unwrap_or_else(|e| e.into_inner());
+        let ops = &mut self.table.get_mut().unwrap_or_else(|e| e.into_inner()).ops;
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while !ops.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let ts = types::Timespec::from(left);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting for a dropped io_uring's operations failed");
+                    break;
+                }
+            }
+            for c in ring.completion() {
+                ops.remove(&c.user_data());
+            }
+        }
+        if !ops.is_empty() {
+            tracing::error!(
+                operations = ops.len(),
+                "an io_uring was dropped with operations the kernel never finished; their memory is leaked"
+            );
+            for (_, op) in ops.drain() {
+                std::mem::forget(op);
+            }
+        }
+    }
+}
+
 /// Completes operations as the kernel finishes them, until the ring is dropped and nothing is in flight.
 async fn reap(s: Arc<Shared>) {
     loop {
@@ -418,5 +463,115 @@ mod tests {
             .expect("the dropped reads end");
         assert!(inflight.is_empty());
         assert_eq!(ring.read(fd, 512, 512, None).await.unwrap()[0], 2);
+    }
+
+    /// Memory that says when it is freed.
+    struct Flagged {
+        bytes: Vec<u8>,
+        freed: Arc<AtomicBool>,
+    }
+
+    impl AsRef<[u8]> for Flagged {
+        fn as_ref(&self) -> &[u8] {
+            &self.bytes
+        }
+    }
+
+    impl Drop for Flagged {
+        fn drop(&mut self) {
+            self.freed.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A runtime that ends (its reaper dropped with it) while a write is in flight, then the ring dropped: the
+    /// write's buffer is freed only once the kernel is done with it, and the write delivers its own bytes. Before,
+    /// the buffer was freed and the ring closed at once, and the kernel could still read that memory, by then
+    /// another allocation's.
+    #[test]
+    fn a_ring_dropped_with_a_write_in_flight_frees_its_buffer_only_after_the_kernel_is_done() {
+        use std::io::{Read, Write};
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        // A pipe holding one page, full: the ring's write waits for room.
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let nonblocking = |fd: &dyn std::os::fd::AsFd, on: bool| {
+            let flags = OFlag::from_bits_truncate(fcntl(fd.as_fd(), FcntlArg::F_GETFL).unwrap());
+            let flags = if on {
+                flags | OFlag::O_NONBLOCK
+            } else {
+                flags - OFlag::O_NONBLOCK
+            };
+            fcntl(fd.as_fd(), FcntlArg::F_SETFL(flags)).unwrap();
+        };
+        assert!(fcntl(&writer, FcntlArg::F_SETPIPE_SZ(4096)).unwrap() >= 4096);
+        nonblocking(&writer, true);
+        let mut filler = 0;
+        while let Ok(n) = writer.write(&[1u8; 4096]) {
+            filler += n;
+        }
+        nonblocking(&writer, false);
+        let freed = Arc::new(AtomicBool::new(false));
+        let data = Bytes::from_owner(Flagged {
+            bytes: vec![7u8; 4096],
+            freed: freed.clone(),
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let fd = writer.as_raw_fd();
+        let ring = match rt.block_on(async { Ring::new() }) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                assert!(
+                    std::env::var_os(e2e::privileged::REQUIRE_VAR).is_none(),
+                    "io_uring unavailable: {e}"
+                );
+                eprintln!("skipped: io_uring unavailable here: {e}");
+                return;
+            }
+        };
+        rt.block_on(async {
+            let r = ring.clone();
+            tokio::spawn(async move { r.write(fd, 0, data, None).await });
+            // Let the write reach the kernel.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        });
+        drop(rt);
+        assert!(!freed.load(Ordering::SeqCst), "freed while the ring lives");
+        let drain = {
+            let freed = freed.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                let freed_early = freed.load(Ordering::SeqCst);
+                nonblocking(&reader, true);
+                let mut got = Vec::new();
+                let deadline = Instant::now() + std::time::Duration::from_secs(5);
+                let mut buf = [0u8; 8192];
+                while got.len() < filler + 4096 && Instant::now() < deadline {
+                    match reader.read(&mut buf) {
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                    }
+                }
+                (freed_early, got)
+            })
+        };
+        drop(ring);
+        let (freed_early, got) = drain.join().unwrap();
+        assert!(
+            !freed_early,
+            "the write's buffer was freed while the kernel still had the write"
+        );
+        assert_eq!(got.len(), filler + 4096, "the write in flight was lost");
+        assert!(
+            got[filler..].iter().all(|&b| b == 7),
+            "the write delivered other bytes"
+        );
+        assert!(
+            freed.load(Ordering::SeqCst),
+            "freed once the kernel was done"
+        );
     }
 }
