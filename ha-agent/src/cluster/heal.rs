@@ -280,10 +280,19 @@ impl Volumes {
             .iter()
             .filter_map(|c| replica_of(&c.uri))
             .collect();
-        // In sync is what the nexus calls Healthy; recorded when it changes.
+        // In sync is what the nexus calls Healthy; recorded when it changes. A child that stopped being healthy is
+        // out of sync only if another one went on without it: with none healthy, no write was acknowledged since,
+        // and the replicas in sync when the last child faulted keep every acknowledged write.
+        let any_healthy = nx
+            .children
+            .iter()
+            .any(|c| c.state == epb::ChildState::Healthy as i32);
         let mut changed = false;
         for c in &nx.children {
             let healthy = c.state == epb::ChildState::Healthy as i32;
+            if !healthy && !any_healthy {
+                continue;
+            }
             if let Some(x) = replica_of(&c.uri)
                 .and_then(|id| r.replicas.iter_mut().find(|x| x.uuid == id))
                 .filter(|x| x.synced != healthy)
@@ -294,6 +303,10 @@ impl Volumes {
         }
         if changed {
             self.save(&r).await?;
+        }
+
+        if !any_healthy {
+            return self.restart_faulted(r, &nexus).await;
         }
 
         // 1. Rejoin faulted children whose replica is back and sound, retire the others; retire replicas that are no
@@ -399,6 +412,73 @@ impl Volumes {
             self.save(&r).await?;
         }
         Ok(())
+    }
+
+    /// A nexus none of whose children is healthy (the volume is Faulted) has nothing to rebuild a child from, so no
+    /// child is rejoined or retired: the replicas in sync hold every acknowledged write, and one of them may be the
+    /// only copy. Once one of them is back and sound ([`Self::replica_sound`]), the nexus is made again from them
+    /// (resyncing them: the write that failed on all may have reached some), at most once per
+    /// [`REJOIN_AGAIN_AFTER`]. Until then the volume stays Faulted with its replicas, and says why.
+    async fn restart_faulted(
+        &self,
+        mut r: VolumeRecord,
+        nexus: &super::volume::NexusRecord,
+    ) -> Result<(), VolumeError> {
+        let now = super::node::now_ms();
+        let mut back = false;
+        for rep in r.replicas.iter().filter(|x| x.created && x.synced) {
+            if now.saturating_sub(rep.rejoined_ms) >= REJOIN_AGAIN_AFTER.as_millis() as u64
+                && self.replica_sound(rep).await == Some(true)
+            {
+                back = true;
+                break;
+            }
+        }
+        if !back {
+            let why = "no child of the nexus is healthy: waiting for an in-sync replica to be back with a sound \
+                       disk (the replicas are kept; republish the volume to retry sooner)";
+            if r.reason != why {
+                tracing::warn!(uuid = %r.uuid, node = %nexus.node, "{why}");
+                r.reason = why.to_string();
+                self.save(&r).await?;
+            }
+            return Ok(());
+        }
+        tracing::warn!(uuid = %r.uuid, node = %nexus.node, "no child of the nexus is healthy and an in-sync replica is back: making the nexus again from the replicas in sync");
+        for x in r.replicas.iter_mut().filter(|x| x.synced) {
+            x.rejoined_ms = now;
+        }
+        r.resync = true;
+        self.save(&r).await?;
+        self.destroy_nexus(r.uuid, &nexus.node).await?;
+        let done = self.publish_locked(r, &nexus.host_nqn, "", true, "").await;
+        self.metrics.operation(
+            "restart_faulted_nexus",
+            if done.is_ok() { "ok" } else { "failed" },
+        );
+        done.map(drop)
+    }
+
+    /// Whether a replica is back and sound: its node Online, its engine listing it, its pool's disk without errors.
+    /// `None`: not known yet (its engine does not answer, or has not imported the pool).
+    async fn replica_sound(&self, rep: &super::volume::ReplicaRecord) -> Option<bool> {
+        if !self.node_online(&rep.node).await {
+            return Some(false);
+        }
+        let mut c = self.engine(&rep.node).await.ok()?;
+        let (Ok(replicas), Ok(pools)) = (
+            c.list_replicas(epb::ListReplicasRequest {}).await,
+            c.list_pools(epb::ListPoolsRequest {}).await,
+        ) else {
+            return None;
+        };
+        let id = rep.uuid.to_string();
+        let pool = pools
+            .into_inner()
+            .pools
+            .into_iter()
+            .find(|p| p.name == rep.pool)?;
+        Some(pool.disk_errors == 0 && replicas.into_inner().replicas.iter().any(|x| x.uuid == id))
     }
 
     /// Rejoins a faulted child if its replica is back: its node Online, its engine listing the replica, its pool's

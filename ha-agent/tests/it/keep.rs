@@ -149,6 +149,60 @@ async fn a_publish_that_finds_no_in_sync_replica_up_marks_nothing_and_succeeds_o
     reads_back(&v, 1).await;
 }
 
+/// The nexus's last healthy child faults (its replica's node dies under a write): nothing is left to rebuild it
+/// from, and its replica is the only copy of the volume. It is kept, in sync, while its node is away; once the node
+/// is back the nexus is made again from it, with the data. Before, healing retired the faulted child like any other:
+/// the only replica was given up and destroyed when its node came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexus_whose_last_child_faults_keeps_that_replica_and_is_made_again_from_it() {
+    let (_dir, port, _agent, mut engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 1).await.unwrap();
+    let v = until(&c, &vol, "created", |v| {
+        v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let only = v.replica_list[0].clone();
+    let other = ["reg-1", "reg-2", "reg-3"]
+        .into_iter()
+        .find(|n| *n != only.node)
+        .unwrap();
+    let v = publish_on(&c, &vol, other).await.unwrap();
+    write_through(&v, 1).await;
+
+    // The replica's node dies; a write through the nexus fails on its only child.
+    engines[index(&only.node)].kill9();
+    let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    let failed = tokio::time::timeout(Duration::from_secs(30), ns.write(0, block(9))).await;
+    assert!(
+        !matches!(failed, Ok(Ok(()))),
+        "a write with no child left succeeded"
+    );
+    ns.close().await;
+    until(&c, &vol, "the volume is Faulted", |v| v.state == "Faulted").await;
+    wait_for(port, &[(only.node.as_str(), Offline)], "replica node down").await;
+    // Sweeps pass over it while the node is away: the replica stays, in sync.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = get(&c, &vol).await;
+    assert_eq!(v.replica_list.len(), 1, "{v:#?}");
+    assert_eq!(v.replica_list[0].uuid, only.uuid, "{v:#?}");
+    assert!(v.replica_list[0].in_sync, "{v:#?}");
+
+    // The node is back: the nexus is made again from the replica, with what was written.
+    engines[index(&only.node)].restart();
+    wait_for(port, &[(only.node.as_str(), Online)], "replica node back").await;
+    let v = until(&c, &vol, "Online again from its replica", |v| {
+        v.state == "Online"
+            && !v.target_addresses.is_empty()
+            && v.replica_list.len() == 1
+            && v.replica_list[0].uuid == only.uuid
+    })
+    .await;
+    reads_back(&v, 1).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpublished_volume_snapshots_and_scales_down_to_its_in_sync_replicas_only() {
     let (_dir, _port, _agent, _engines, _nodes, c) = three_nodes().await;
