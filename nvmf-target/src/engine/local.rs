@@ -238,6 +238,50 @@ mod tests {
         );
     }
 
+    /// A nexus opening its child again with the same key (a rejoin, before the rebuild of what the child missed)
+    /// changes no reservation, and still waits for the writes it had admitted before: the rebuild's writes must not
+    /// be overtaken by an older write landing late. Before, an unchanged reservation returned at once.
+    #[tokio::test]
+    async fn a_child_opened_again_with_its_key_waits_for_the_writes_admitted_before() {
+        use crate::block::fault::{FaultDevice, FaultPlan};
+        use std::time::Duration;
+        let disk = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(1 << 20, 512))));
+        let ns = Arc::new(Namespace {
+            nsid: 1,
+            uuid: Uuid::new_v4(),
+            ana_group: 1,
+            device: disk.clone(),
+            reservations: Reservations::default(),
+            stats: Default::default(),
+        });
+        let host = Uuid::new_v4();
+        let before = Arc::new(LocalChild::new(ns.clone(), host));
+        reserve(&*before, ReservationKeys { key: 1, preempt: 0 })
+            .await
+            .unwrap();
+        disk.set_plan(FaultPlan {
+            latency: Some(Duration::from_millis(300)),
+            ..Default::default()
+        });
+        let late = tokio::spawn({
+            let before = before.clone();
+            async move { before.write(0, Bytes::from(vec![1u8; 512])).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        disk.set_plan(FaultPlan::default());
+        let again = LocalChild::new(ns.clone(), host);
+        reserve(&again, ReservationKeys { key: 1, preempt: 0 })
+            .await
+            .unwrap();
+        assert!(
+            late.is_finished(),
+            "opening the child again waited for the write admitted before"
+        );
+        late.await.unwrap().unwrap();
+        again.write(0, Bytes::from(vec![2u8; 512])).await.unwrap();
+        assert_eq!(&again.read(0, 512).await.unwrap()[..], &[2u8; 512][..]);
+    }
+
     #[tokio::test]
     async fn a_nexus_preempts_every_older_key_and_never_a_newer_one() {
         let ns = memory_namespace();

@@ -463,7 +463,10 @@ impl Reservations {
     }
 
     /// [`Self::change`], also waiting for `settled`: the device ending what it was handed before (a command whose
-    /// caller went away may have left a write on its way to the disk; `BlockDevice::settle`).
+    /// caller went away may have left a write on its way to the disk; `BlockDevice::settle`). A change that changes
+    /// nothing (a nexus opening its child again with its key: a rejoin) waits all the same: what it does next (a
+    /// rebuild writing the blocks it missed) must come after every write the host had in flight before, or a late
+    /// one would land over it.
     pub async fn change_settled(
         &self,
         settled: impl std::future::Future<Output = ()>,
@@ -472,9 +475,7 @@ impl Reservations {
         let _serial = self.change.lock().await;
         let mut next = self.state();
         f(&mut next)?;
-        if next == self.state() {
-            return Ok(());
-        }
+        let unchanged = next == self.state();
         let fenced = async {
             let fence = self.fence.write().await;
             settled.await;
@@ -486,6 +487,9 @@ impl Reservations {
             );
             return Err(Status::NAMESPACE_NOT_READY);
         };
+        if unchanged {
+            return Ok(());
+        }
         if let Some(store) = &self.store
             && let Err(e) = store.save(&next).await
         {
