@@ -394,7 +394,7 @@ impl Engine for Svc {
         r: Request<pb::DestroyNexusRequest>,
     ) -> Result<Response<pb::DestroyNexusResponse>, Status> {
         self.0.state().nexuses.remove(&r.into_inner().uuid);
-        Ok(Response::new(Default::default()))
+        Ok(Response::new(pb::DestroyNexusResponse { clean: true }))
     }
     async fn shutdown_nexus(
         &self,

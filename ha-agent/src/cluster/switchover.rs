@@ -169,7 +169,7 @@ impl Volumes {
         if let Some(old) = r.nexus.clone().filter(|n| ask_old && n.node == s.from) {
             destroyed = matches!(
                 self.destroy_nexus(uuid, &old.node).await,
-                Ok(NexusEnd::Destroyed)
+                Ok(NexusEnd::Destroyed { clean: true })
             );
         }
         let end_old = t.elapsed();

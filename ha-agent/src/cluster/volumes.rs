@@ -77,8 +77,8 @@ pub enum VolumeError {
 
 /// How a destroy of a nexus went.
 pub(super) enum NexusEnd {
-    /// The engine destroyed it (its I/O drained).
-    Destroyed,
+    /// The engine destroyed it; `clean`: its I/O drained and its children flushed (they agree).
+    Destroyed { clean: bool },
     /// The engine did not have it (it restarted, or it was destroyed before).
     Gone,
     /// Its node is not Online: not asked.
@@ -534,7 +534,7 @@ impl Volumes {
     /// there stays fenced by the next one's reservation key.
     pub(super) async fn end_nexus(&self, uuid: Uuid, n: &NexusRecord) -> Result<bool, VolumeError> {
         match self.destroy_nexus(uuid, &n.node).await? {
-            NexusEnd::Destroyed => Ok(true),
+            NexusEnd::Destroyed { clean } => Ok(clean),
             NexusEnd::Gone => Ok(self.ended_cleanly(n).await),
             NexusEnd::NodeDown => Ok(false),
         }
@@ -553,7 +553,9 @@ impl Volumes {
                 })
                 .await
             {
-                Ok(_) => Ok(NexusEnd::Destroyed),
+                Ok(r) => Ok(NexusEnd::Destroyed {
+                    clean: r.into_inner().clean,
+                }),
                 Err(s) if s.code() == Code::NotFound => Ok(NexusEnd::Gone),
                 Err(s) => Err(engine_error(node, s)),
             },

@@ -243,8 +243,8 @@ impl EngineApi for EngineService {
         r: Request<pb::DestroyNexusRequest>,
     ) -> Result<Response<pb::DestroyNexusResponse>, Status> {
         let uuid = convert::uuid(&r.into_inner().uuid)?;
-        self.engine.destroy_nexus(&uuid).await?;
-        Ok(Response::new(pb::DestroyNexusResponse {}))
+        let clean = self.engine.destroy_nexus(&uuid).await?;
+        Ok(Response::new(pb::DestroyNexusResponse { clean }))
     }
 
     async fn list_nexuses(

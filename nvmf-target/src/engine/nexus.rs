@@ -263,10 +263,11 @@ impl Engine {
     }
 
     /// Unpublishes and destroys a nexus (its children keep their data).
-    /// The nexus is drained first (its writes in flight finish), then unexported: a host never loses the answer to
-    /// a write that reached some children and not others.
-    pub async fn destroy_nexus(&self, uuid: &uuid::Uuid) -> Result<(), EngineError> {
-        self.nexus_or_not_found(uuid)?.shutdown().await;
+    /// The nexus is drained first (its writes in flight finish) and its children flushed, then unexported: a host
+    /// never loses the answer to a write that reached some children and not others. `true`: a clean end
+    /// ([`crate::nexus::Nexus::shutdown`]); `false`: the children may disagree, the next nexus resyncs them.
+    pub async fn destroy_nexus(&self, uuid: &uuid::Uuid) -> Result<bool, EngineError> {
+        let clean = self.nexus_or_not_found(uuid)?.shutdown().await;
         self.unpublish_nexus(uuid)?;
         let entry = {
             let mut list = self.nexuses_mut();
@@ -277,8 +278,8 @@ impl Engine {
             list.remove(i)
         };
         drop(entry);
-        tracing::info!(%uuid, "nexus destroyed");
-        Ok(())
+        tracing::info!(%uuid, clean, "nexus destroyed");
+        Ok(clean)
     }
 
     /// Unpublishes the nexus and stops its I/O and rebuilds; it stays listed (Shutdown) until destroyed.

@@ -405,8 +405,11 @@ impl Nexus {
     }
 
     /// Stops the nexus: new I/O fails, the writes in flight are waited for (up to the I/O timeout and a second),
-    /// rebuilds stop. `true`: drained, every write it took either completed on its children or never started, so
-    /// the children agree; `false`: some write was still in flight when it gave up.
+    /// rebuilds stop, and the healthy children flush. `true`: a clean end: every write it took either completed on
+    /// its children or never started, and they made it durable, so the children agree, whatever happens to them
+    /// next; `false`: some write was still in flight when it gave up, or a child's flush failed. (The next nexus
+    /// knows nothing of what this one's children had not flushed: a child that lost it in a power cut would
+    /// disagree with the others for good, and no rebuild would ever look there.)
     pub async fn shutdown(&self) -> bool {
         self.stopped
             .store(true, std::sync::atomic::Ordering::Release);
@@ -423,7 +426,33 @@ impl Nexus {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        drained
+        drained && self.flush_on_end().await
+    }
+
+    /// Flushes every healthy child (each within the I/O timeout): whether all did.
+    async fn flush_on_end(&self) -> bool {
+        let healthy: Vec<Arc<Child>> = self
+            .list()
+            .into_iter()
+            .filter(|c| c.state() == ChildState::Healthy)
+            .collect();
+        let flushes = healthy.iter().map(|c| async move {
+            match tokio::time::timeout(self.config.io_timeout, c.device.flush()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(nexus = %self.name, child = %c.name, error = %e, "a child's flush at the end failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(nexus = %self.name, child = %c.name, "a child's flush at the end timed out");
+                    false
+                }
+            }
+        });
+        futures_util::future::join_all(flushes)
+            .await
+            .into_iter()
+            .all(|ok| ok)
     }
 }
 

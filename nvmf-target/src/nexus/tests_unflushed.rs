@@ -152,6 +152,34 @@ async fn writes_a_child_lost_with_its_power_come_back_with_its_partial_rebuild()
     assert_eq!(b.read(0, SEGMENT).await.unwrap(), data(1));
 }
 
+/// A nexus that ends cleanly (destroyed or moved: the next one starts knowing of nothing unflushed) has its
+/// children flush first, so a child that loses its power afterwards keeps every write and agrees with the others.
+/// Before, the end only drained the writes: a child's unflushed ones went with its power, and no later nexus knew
+/// to rebuild them.
+#[tokio::test]
+async fn a_clean_end_flushes_the_children_so_a_power_cut_after_it_loses_nothing() {
+    let b = Volatile::new();
+    let n = nexus(vec![Arc::new(MemoryDevice::new(SIZE, 512)), b.clone()]);
+    n.write(4 << 20, data(2)).await.unwrap();
+    assert!(n.shutdown().await, "a clean end");
+    b.power_cut();
+    b.power_on();
+    assert_eq!(b.read(4 << 20, SEGMENT).await.unwrap(), data(2));
+}
+
+/// A healthy child that cannot flush at the end makes the end unclean: the next nexus resyncs the children.
+#[tokio::test]
+async fn an_end_whose_child_cannot_flush_is_not_clean() {
+    let b = Volatile::new();
+    let n = nexus(vec![Arc::new(MemoryDevice::new(SIZE, 512)), b.clone()]);
+    n.write(0, data(1)).await.unwrap();
+    b.power_cut();
+    assert!(
+        !n.shutdown().await,
+        "an end whose child lost its writes is not clean"
+    );
+}
+
 #[tokio::test]
 async fn a_child_that_lost_its_connection_is_faulted_at_its_next_io_and_catches_up() {
     let b = Volatile::new();
