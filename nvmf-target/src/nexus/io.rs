@@ -104,6 +104,8 @@ impl Nexus {
         let last_done = results.iter().filter_map(|r| r.1).max();
         let results: Vec<_> = results.into_iter().map(|r| r.0).collect();
         let mut healthy_ok = 0;
+        // Children not in sync (rebuilding) that took it.
+        let mut others_ok: Vec<&Arc<Child>> = Vec::new();
         let mut holders: Vec<Arc<Child>> = Vec::new();
         let mut failed: Vec<(&Arc<Child>, String, BlockError)> = Vec::new();
         // A child that lost its connection is trusted no more, unless every child that answered did (see
@@ -138,6 +140,8 @@ impl Nexus {
                     if c.state() == ChildState::Healthy {
                         healthy_ok += 1;
                         holders.push(c.clone());
+                    } else {
+                        others_ok.push(c);
                     }
                 }
                 Ok(Err(e)) => failed.push((c, format!("{what} failed: {e}"), e)),
@@ -163,11 +167,28 @@ impl Nexus {
             }
             return Err(self.stopped_error());
         }
-        // Every child out of space: the volume is full, no replica is at fault. The host gets Capacity Exceeded.
+        // Every healthy child out of space: the volume is full, no replica is at fault. The host gets Capacity
+        // Exceeded. A child not in sync (rebuilding, past the copy there) that took the write anyway now holds what
+        // the others refused, and one that failed otherwise may hold anything: both are faulted (rebuilt again
+        // later) rather than brought online differing from the others.
+        let mut healthy_failed = failed.iter().filter(|f| f.0.state() == ChildState::Healthy);
         if healthy_ok == 0
-            && !failed.is_empty()
-            && failed.iter().all(|f| matches!(f.2, BlockError::NoSpace))
+            && failed.iter().any(|f| f.0.state() == ChildState::Healthy)
+            && healthy_failed.all(|f| matches!(f.2, BlockError::NoSpace))
         {
+            let diverged = others_ok.into_iter().chain(
+                failed
+                    .iter()
+                    .filter(|f| {
+                        f.0.state() != ChildState::Healthy && !matches!(f.2, BlockError::NoSpace)
+                    })
+                    .map(|f| f.0),
+            );
+            for c in diverged {
+                if c.fault("a write every healthy child refused for lack of space reached it") {
+                    self.changed();
+                }
+            }
             return Err(BlockError::NoSpace);
         }
         let mut last_err = None;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use crate::block::BlockDevice;
-use crate::rebuild::{self, Progress, SegmentMap, Source};
+use crate::rebuild::{self, Progress, RebuildConfig, SegmentMap, Source};
 
 use super::Nexus;
 use super::child::{Child, ChildState};
@@ -101,6 +101,12 @@ impl Nexus {
         child.start_rebuild(progress.clone());
         let nexus = self.clone();
         tracing::info!(nexus = %self.name, child = %child.name, ?kind, bytes = progress.total_bytes, "rebuild started");
+        // A copy's disk I/O is bounded as the application's is: a stalled child fails its rebuild (and a stalled
+        // source is swapped) instead of holding the copy's range, and the writes there, until the disk answers.
+        let config = RebuildConfig {
+            io_timeout: Some(self.config.io_timeout),
+            ..self.config.rebuild.clone()
+        };
         self.tasks.spawn(async move {
             let source = Siblings {
                 nexus: nexus.clone(),
@@ -112,7 +118,7 @@ impl Nexus {
                 &child.device,
                 &map,
                 &nexus.lock,
-                &nexus.config.rebuild,
+                &config,
                 &progress,
                 &nexus.cancel,
             )

@@ -31,6 +31,7 @@ pub(super) fn config() -> NexusConfig {
             rate_limit: None,
             parallel: 4,
             parallel_busy: 2,
+            io_timeout: None,
         },
         partial_rebuild_window: Duration::from_secs(60),
         on_change: None,
@@ -316,6 +317,28 @@ async fn writes_skip_a_rebuilding_child_where_the_copy_has_not_been_yet() {
     );
 }
 
+/// A rebuild whose destination's disk stalls fails at the I/O timeout and faults the child: the copy holds its
+/// range meanwhile, and the application's writes there wait only that long. Before, the copy waited for the disk
+/// with no limit, and so did every write to the range.
+#[tokio::test(start_paused = true)]
+async fn a_rebuild_onto_a_stalled_disk_gives_up_at_the_io_timeout_and_frees_the_range() {
+    let n = nexus(vec![mem()]);
+    let stalled = faulty();
+    stalled.set_plan(FaultPlan {
+        latency: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    });
+    n.add_child("stalled", stalled).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let io_timeout = config().io_timeout;
+    tokio::time::timeout(10 * io_timeout, n.write(0, pattern(1, 4096)))
+        .await
+        .expect("a write waited for a stalled rebuild's range")
+        .unwrap();
+    assert_eq!(n.list()[1].state(), ChildState::Faulted);
+    assert_eq!(n.read(0, 4096).await.unwrap(), pattern(1, 4096));
+}
+
 #[tokio::test]
 async fn a_rebuild_whose_destination_fails_faults_the_child_and_records_why() {
     let n = nexus(vec![mem()]);
@@ -553,6 +576,31 @@ async fn a_volume_whose_replicas_are_all_full_fails_writes_without_faulting_them
     let n = nexus(vec![mem(), Arc::new(Full(mem()))]);
     n.write(2 << 20, pattern(3, 4096)).await.unwrap();
     assert_eq!(n.state(), NexusState::Degraded);
+}
+
+/// Every healthy child is out of space for a write that a rebuilding child, past the copy there, took: the write
+/// fails with Capacity Exceeded and no healthy child is faulted, but the rebuilding child, which now holds what the
+/// others refused, is faulted rather than brought online differing from them. Before, its rebuild went on and it
+/// turned healthy with that write: reads of the range depended on the child that served them.
+#[tokio::test(start_paused = true)]
+async fn a_write_every_healthy_child_refuses_for_space_faults_a_rebuilding_child_that_took_it() {
+    let a: Arc<dyn BlockDevice> = Arc::new(Full(mem()));
+    let mut cfg = config();
+    cfg.rebuild.rate_limit = Some(SIZE); // a second (of paused time) for the whole copy
+    let n = Nexus::new("vol", vec![("c0".to_string(), a.clone())], cfg).unwrap();
+    n.add_child("c1", mem()).unwrap();
+    // A fifth of the copy is done: the segment at 1 MiB is copied, the child takes writes there.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(n.list()[1].state(), ChildState::Rebuilding);
+    let e = n.write(1 << 20, pattern(2, 4096)).await.unwrap_err();
+    assert!(matches!(e, BlockError::NoSpace), "{e:?}");
+    assert_eq!(n.list()[0].state(), ChildState::Healthy);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        n.list()[1].state(),
+        ChildState::Faulted,
+        "the child holding a write the healthy one refused was not faulted"
+    );
 }
 
 /// A memory child that keeps missed-writes records like a pool replica.

@@ -66,6 +66,10 @@ pub struct RebuildConfig {
     pub parallel: usize,
     /// Copies in flight at once while the application does I/O.
     pub parallel_busy: usize,
+    /// Longest one read or write of a copy may take (a nexus sets its I/O timeout): a stalled disk fails the copy
+    /// (a read tries another source) instead of holding its range, and the application's writes there, until the
+    /// disk answers. `None`: no limit.
+    pub io_timeout: Option<Duration>,
 }
 
 impl Default for RebuildConfig {
@@ -74,6 +78,7 @@ impl Default for RebuildConfig {
             segment_size: 1 << 20,
             copy_size: 4 << 20,
             rate_limit: None,
+            io_timeout: None,
             parallel: 4,
             // With the application busy, two 4 MiB copies still keep a disk busy; more only queue ahead of the
             // application's I/O on the same disks.
@@ -147,6 +152,22 @@ fn unallocated(allocated: &[(u64, u64)], range: &std::ops::Range<u64>) -> bool {
         .any(|(s, n)| *s < range.end && s + n > range.start)
 }
 
+/// `io`, failed as a timeout past `limit`.
+async fn bounded_io<T>(
+    limit: Option<Duration>,
+    what: &str,
+    io: impl std::future::Future<Output = Result<T, crate::block::BlockError>>,
+) -> Result<T, crate::block::BlockError> {
+    match limit {
+        Some(t) => tokio::time::timeout(t, io).await.unwrap_or_else(|_| {
+            Err(crate::block::BlockError::Remote(format!(
+                "{what} timed out after {t:?}"
+            )))
+        }),
+        None => io.await,
+    }
+}
+
 /// Copies one segment, swapping a failing source for another. Returns its length and whether it was copied
 /// (rather than found empty on the source, when `maybe_empty`, and deallocated on the destination).
 async fn copy_segment(
@@ -156,6 +177,7 @@ async fn copy_segment(
     lock: &RangeLock,
     maybe_empty: bool,
     progress: &Progress,
+    io_timeout: Option<Duration>,
 ) -> Result<(u64, bool), RebuildError> {
     let len = range.end - range.start;
     let mut attempts = 0;
@@ -168,7 +190,7 @@ async fn copy_segment(
             && let Ok(Some(r)) = src.allocated_ranges(range.start, len).await
             && r.is_empty()
         {
-            dst.deallocate(range.start, len)
+            bounded_io(io_timeout, "deallocate", dst.deallocate(range.start, len))
                 .await
                 .map_err(|e| RebuildError::Destination {
                     offset: range.start,
@@ -178,7 +200,7 @@ async fn copy_segment(
             drop(guard);
             return Ok((len, false));
         }
-        let data = match src.read(range.start, len).await {
+        let data = match bounded_io(io_timeout, "read", src.read(range.start, len)).await {
             Ok(d) => d,
             Err(e) => {
                 drop(guard);
@@ -193,7 +215,7 @@ async fn copy_segment(
                 continue;
             }
         };
-        dst.write(range.start, data)
+        bounded_io(io_timeout, "write", dst.write(range.start, data))
             .await
             .map_err(|e| RebuildError::Destination {
                 offset: range.start,
@@ -267,6 +289,7 @@ pub async fn run(
                     lock,
                     maybe_empty,
                     progress,
+                    config.io_timeout,
                 )),
                 None => exhausted = true,
             }
@@ -571,6 +594,7 @@ mod tests {
             rate_limit: Some(2 << 20),
             parallel: 1,
             parallel_busy: 1,
+            io_timeout: None,
         };
         let s = Fixed(vec![src], Default::default());
         let stats = run_with(&s, &dst, &map, &cfg).await.unwrap();
