@@ -63,9 +63,12 @@ impl Volumes {
             .replicas
             .iter_mut()
             .find(|x| x.uuid == replica)
-            .filter(|x| x.synced)
+            .filter(|x| x.synced || !x.fault_confirmed)
         {
+            // Until the nexus shows the fault applied, healing must not take a listing from before it for the
+            // child being in sync again (see `ReplicaRecord::fault_confirmed`).
             x.synced = false;
+            x.fault_confirmed = true;
             r.reason = format!("replica {} on {} faulted: {}", x.uuid, x.node, q.reason);
             self.save(&r).await?;
         }

@@ -290,13 +290,20 @@ impl Volumes {
         let mut changed = false;
         for c in &nx.children {
             let healthy = c.state == epb::ChildState::Healthy as i32;
-            if !healthy && !any_healthy {
+            let Some(x) =
+                replica_of(&c.uri).and_then(|id| r.replicas.iter_mut().find(|x| x.uuid == id))
+            else {
                 continue;
+            };
+            if x.fault_confirmed {
+                if healthy {
+                    // The nexus has not applied the fault the agent consented to yet.
+                    continue;
+                }
+                x.fault_confirmed = false;
+                changed = true;
             }
-            if let Some(x) = replica_of(&c.uri)
-                .and_then(|id| r.replicas.iter_mut().find(|x| x.uuid == id))
-                .filter(|x| x.synced != healthy)
-            {
+            if (healthy || any_healthy) && x.synced != healthy {
                 x.synced = healthy;
                 changed = true;
             }
@@ -698,6 +705,7 @@ impl Volumes {
                 created: false,
                 rejoined_ms: 0,
                 synced: false,
+                fault_confirmed: false,
             });
             self.save(r).await?;
             failpoint::at(failpoint::HEAL_REPLICA_PLACED);

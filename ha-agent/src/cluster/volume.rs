@@ -107,6 +107,11 @@ pub struct ReplicaRecord {
     /// join it afterwards and are rebuilt.
     #[serde(default = "in_sync_by_default")]
     pub synced: bool,
+    /// Recorded out of sync by a fault the agent consented to, which the nexus applies only once the answer reaches
+    /// it: until the nexus shows the child not healthy (faulted, or rebuilding), a listing that still shows it
+    /// healthy is from before the fault and does not count it in sync again.
+    #[serde(default)]
+    pub fault_confirmed: bool,
 }
 
 /// Records from before `synced` existed: their replicas were made with the volume or seen healthy.

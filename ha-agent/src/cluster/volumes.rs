@@ -302,6 +302,7 @@ impl Volumes {
                             created: false,
                             rejoined_ms: 0,
                             synced: true,
+                            fault_confirmed: false,
                         })
                         .collect(),
                     nexus: None,

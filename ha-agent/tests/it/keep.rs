@@ -324,3 +324,55 @@ async fn a_nexus_made_but_never_confirmed_is_preempted_by_the_next_one_on_anothe
     };
     write_through(&v, 2).await;
 }
+
+/// A fault the agent consents to reaches the nexus only with the answer: a heal that lists the nexus in between
+/// (the child still healthy there) must not count the child in sync again, or a later nexus could be made of a
+/// replica that missed writes. Here the answer never reaches the nexus at all (asked through the API), so the
+/// child stays healthy in every listing: the replica stays out of sync. Before, the next sweep undid the fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_fault_is_not_undone_by_a_listing_from_before_the_nexus_applied_it() {
+    let (_dir, port, _agent, _engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 2).await.unwrap();
+    let v = until(&c, &vol, "created", |v| {
+        v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let (a, b) = (v.replica_list[0].clone(), v.replica_list[1].clone());
+    let v = publish_on(&c, &vol, &a.node).await.unwrap();
+    write_through(&v, 1).await;
+    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
+        "http://127.0.0.1:{port}"
+    ))
+    .await
+    .unwrap();
+    // The volume's first nexus has key 1.
+    reg.confirm_child_fault(pb::ConfirmChildFaultRequest {
+        node: a.node.clone(),
+        volume: vol.clone(),
+        key: 1,
+        child: format!(
+            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
+            b.uuid
+        ),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    let in_sync = |v: &pb::Volume| {
+        v.replica_list
+            .iter()
+            .find(|r| r.uuid == b.uuid)
+            .unwrap()
+            .in_sync
+    };
+    let v = get(&c, &vol).await;
+    assert!(!in_sync(&v), "{v:#?}");
+    // Sweeps (every 500 ms here) list the nexus, where the child is still healthy.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = get(&c, &vol).await;
+    assert!(
+        !in_sync(&v),
+        "a listing from before the fault counted the replica in sync again: {v:#?}"
+    );
+}
