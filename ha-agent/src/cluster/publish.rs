@@ -97,11 +97,26 @@ impl Volumes {
     /// replicas. `avoid` (a switch-over's failed node; empty: none) counts as down, whatever the registry says.
     pub(super) async fn publish_locked(
         &self,
+        r: VolumeRecord,
+        host_nqn: &str,
+        node_hint: &str,
+        old_destroyed: bool,
+        avoid: &str,
+    ) -> Result<VolumeRecord, VolumeError> {
+        self.publish_avoiding(r, host_nqn, node_hint, old_destroyed, avoid, true)
+            .await
+    }
+
+    /// [`Self::publish_locked`], where the replicas on `avoid` are used unless `avoid_replicas`: a switch-over whose
+    /// old nexus its engine ended may make the new nexus of them (the nexus itself still goes elsewhere).
+    pub(super) async fn publish_avoiding(
+        &self,
         mut r: VolumeRecord,
         host_nqn: &str,
         node_hint: &str,
         old_destroyed: bool,
         avoid: &str,
+        avoid_replicas: bool,
     ) -> Result<VolumeRecord, VolumeError> {
         let uuid = r.uuid;
         let t0 = std::time::Instant::now();
@@ -116,7 +131,8 @@ impl Volumes {
                 })
         };
         // A nexus recorded but gone (its engine restarted) is made again, on its node if that is up, with a new
-        // key that preempts the old one.
+        // key that preempts the old one. Else on a replica's node; else (none up and uncordoned: a switch-over off
+        // the only replica's node) on any node, its children all remote.
         let node = match &r.nexus {
             Some(n) if online(&n.node) => n.node.clone(),
             _ if !node_hint.is_empty() && online(node_hint) => node_hint.to_string(),
@@ -124,10 +140,11 @@ impl Volumes {
                 .replicas
                 .iter()
                 .map(|x| x.node.clone())
+                .chain(nodes.iter().map(|n| n.record.spec.name.clone()))
                 .find(|n| online(n))
                 .ok_or_else(|| VolumeError::FailedPrecondition {
                     uuid,
-                    why: "no replica's node is Online to run the nexus".into(),
+                    why: "no node is Online and uncordoned to run the nexus".into(),
                 })?,
         };
         let recorded = r
@@ -171,7 +188,7 @@ impl Volumes {
         // The nexus is made of the in-sync replicas whose nodes are up. The others are recorded as out of sync first
         // (they miss what it writes): healing adds them to it afterwards, to be rebuilt, or replaces those away.
         let up = |name: &str| {
-            name != avoid
+            (!avoid_replicas || name != avoid)
                 && nodes.iter().any(|n| {
                     n.record.spec.name == name && n.record.status.state == NodeState::Online
                 })

@@ -162,16 +162,32 @@ impl Volumes {
             .as_ref()
             .map(|n| n.host_nqn.clone())
             .unwrap_or_default();
-        // Only the old nexus (the one the report was about) is ended; a new one recorded by an earlier attempt is
-        // what publishing goes on with.
-        let mut destroyed = false;
-        let t = std::time::Instant::now();
-        if let Some(old) = r.nexus.clone().filter(|n| ask_old && n.node == s.from) {
-            destroyed = matches!(
-                self.destroy_nexus(uuid, &old.node).await,
-                Ok(NexusEnd::Destroyed { clean: true })
-            );
+        // With nowhere to go, the old nexus is left alone (it may still serve, and it is what the host has).
+        let elsewhere_up = self.registry.list().await?.iter().any(|n| {
+            n.record.spec.name != s.from
+                && n.record.status.state == NodeState::Online
+                && !n.record.cordoned
+        });
+        if !elsewhere_up {
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: format!(
+                    "no node but {} is Online and uncordoned: the nexus cannot move",
+                    s.from
+                ),
+            });
         }
+        // Only the old nexus (the one the report was about) is ended; a new one recorded by an earlier attempt is
+        // what publishing goes on with. Ended by its engine, it writes nothing more: its node's replicas may make
+        // up the new nexus (remotely; the only copy may be there), else they count as down.
+        let mut ended = None;
+        let t = std::time::Instant::now();
+        if let Some(old) = r.nexus.clone().filter(|n| ask_old && n.node == s.from)
+            && let Ok(NexusEnd::Destroyed { clean }) = self.destroy_nexus(uuid, &old.node).await
+        {
+            ended = Some(clean);
+        }
+        let destroyed = ended == Some(true);
         let end_old = t.elapsed();
         failpoint::at(failpoint::SWITCHOVER_OLD_ENDED);
         // The failed node's replicas are disowned (destroyed when that node answers), not left out of sync: the old
@@ -201,7 +217,9 @@ impl Volumes {
             self.disown(&mut r, i).await?;
         }
         let disown = t.elapsed() - end_old;
-        let done = self.publish_locked(r, &host, "", destroyed, &s.from).await;
+        let done = self
+            .publish_avoiding(r, &host, "", destroyed, &s.from, ended.is_none())
+            .await;
         let publish = t.elapsed() - end_old - disown;
         let took = node::now_ms().saturating_sub(s.reported_ms);
         self.metrics

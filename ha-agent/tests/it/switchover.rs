@@ -110,6 +110,43 @@ async fn verify(ns: &RemoteNamespace, blocks: std::ops::Range<u64>) {
     }
 }
 
+/// The host loses its path to a nexus whose node is alive, and the volume's only replica is on that node: the old
+/// nexus is ended by its engine, and the new one is made on another node with that replica as its remote child.
+/// Before, the old nexus was destroyed and the new one refused (no other node held a replica): the volume was left
+/// without a nexus, each retry failing the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_lost_to_a_nexus_beside_the_only_replica_moves_the_nexus_and_keeps_the_replica() {
+    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let holder = c
+        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list[0]
+        .clone();
+    let v = publish_to(&mut c, vol.clone(), &holder.node).await;
+    assert_eq!(v.nexus_node, holder.node);
+    let ns = connect(&v).await;
+    write_all(&ns, 0..8).await;
+    ns.close().await;
+
+    let moved = reported_off(&mut c, &v).await;
+    assert_eq!(moved.replica_list.len(), 1, "{moved:#?}");
+    assert_eq!(moved.replica_list[0].uuid, holder.uuid, "{moved:#?}");
+    let ns = connect(&moved).await;
+    verify(&ns, 0..8).await;
+    ns.close().await;
+}
+
 /// The nexus's engine is killed: the host's report moves the nexus to another node at once (no waiting for the
 /// node to be declared Offline), a repeated report gets the same target, and every write reads back there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
