@@ -210,7 +210,7 @@ impl Nexus {
                 .filter_map(|c| c.log_write(offset, len))
                 .collect();
             if !new.is_empty() && healthy_ok > 0 {
-                persist_missed(&holders, &new).await?;
+                persist_missed(&holders, &new, self.config.io_timeout).await?;
             }
         }
         if let Some(t) = last_done {
@@ -228,10 +228,25 @@ impl Nexus {
 
 /// Keeps what absent children missed on the children that hold the data, before the write is acknowledged, so a
 /// restarted or replacement nexus can still give them a partial rebuild. Children that cannot keep it (memory
-/// devices) are skipped; if every one that could failed, the write fails rather than leave the log incomplete.
-async fn persist_missed(holders: &[Arc<Child>], new: &[MissedWrites]) -> Result<(), BlockError> {
+/// devices) are skipped; if every one that could failed, the write fails rather than leave the log incomplete. A
+/// holder that does not answer within `timeout` (its pool's journal stalled) counts as failed: the write, and its
+/// range, never wait on it longer than on a child's I/O.
+async fn persist_missed(
+    holders: &[Arc<Child>],
+    new: &[MissedWrites],
+    timeout: std::time::Duration,
+) -> Result<(), BlockError> {
     for m in new {
-        let results = join_all(holders.iter().map(|h| h.device.note_missed(m))).await;
+        let results = join_all(holders.iter().map(|h| async move {
+            tokio::time::timeout(timeout, h.device.note_missed(m))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BlockError::Remote(format!(
+                        "recording what a child missed timed out after {timeout:?}"
+                    )))
+                })
+        }))
+        .await;
         let kept = results.iter().filter(|r| r.is_ok()).count();
         let failures: Vec<&BlockError> = results
             .iter()

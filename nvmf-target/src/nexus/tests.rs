@@ -645,6 +645,52 @@ impl BlockDevice for Recording {
     }
 }
 
+/// A holder whose pool journal stalls while the disk's data path goes on: the write takes what the healthy child
+/// holds, but the record of what the faulted one missed cannot be kept. The write fails at the I/O timeout (its log
+/// would be incomplete) instead of holding its range until the journal answers. Before, it waited with no limit.
+#[tokio::test(start_paused = true)]
+async fn a_write_whose_missed_record_cannot_be_kept_fails_at_the_io_timeout() {
+    struct Stalled(Arc<dyn BlockDevice>);
+    #[async_trait::async_trait]
+    impl BlockDevice for Stalled {
+        fn block_size(&self) -> u32 {
+            self.0.block_size()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.0.num_blocks()
+        }
+        async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+            self.0.read(offset, len).await
+        }
+        async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+            self.0.write(offset, data).await
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.0.write_zeroes(offset, len).await
+        }
+        async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.0.deallocate(offset, len).await
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            self.0.flush().await
+        }
+        async fn note_missed(&self, _: &crate::block::MissedWrites) -> Result<(), BlockError> {
+            std::future::pending().await
+        }
+    }
+    let failing = faulty();
+    let n = nexus(vec![Arc::new(Stalled(mem())), failing.clone()]);
+    failing.set_plan(FaultPlan {
+        fail_after: Some(0),
+        ..Default::default()
+    });
+    let io_timeout = config().io_timeout;
+    let r = tokio::time::timeout(10 * io_timeout, n.write(0, pattern(1, 4096)))
+        .await
+        .expect("the write waited on a stalled record with no limit");
+    assert!(r.is_err(), "acknowledged with its missed record not kept");
+}
+
 fn recording(records: &[(&str, u64)]) -> Arc<Recording> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
