@@ -119,10 +119,13 @@ impl Nexus {
             };
             plan.push((c, map, kind, rec.since_ms));
         }
-        for (c, map, kind, since_ms) in plan {
-            let child = {
-                let _all = self.lock.exclusive_all().await;
-                let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
+        // Every child to rebuild turns Rebuilding before any copy starts: a copy picks its source among the
+        // healthy children, and one still to be swapped would be a stale source.
+        let mut swapped = Vec::new();
+        {
+            let _all = self.lock.exclusive_all().await;
+            let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
+            for (c, map, kind, since_ms) in plan {
                 let Some(idx) = list.iter().position(|x| x.name == c.name) else {
                     continue;
                 };
@@ -133,11 +136,13 @@ impl Nexus {
                     self.log_geometry(),
                 ));
                 list[idx] = fresh.clone();
-                fresh
-            };
-            tracing::info!(nexus = %self.name, child = %c.name, ?kind, since_ms, "child rebuilt before it is read");
+                swapped.push((fresh, map, kind, since_ms));
+            }
+        }
+        for (child, map, kind, since_ms) in swapped {
+            tracing::info!(nexus = %self.name, child = %child.name, ?kind, since_ms, "child rebuilt before it is read");
+            out.push((child.name.clone(), kind));
             self.start_rebuild(child, map, kind);
-            out.push((c.name.clone(), kind));
         }
         Ok(out)
     }
