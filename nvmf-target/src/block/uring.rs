@@ -403,19 +403,26 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    #[tokio::test]
-    async fn reads_writes_and_flushes_through_the_ring() {
-        let ring = match Ring::new() {
-            Ok(r) => r,
-            // Skipped where the kernel refuses io_uring, but never under scripts/test.sh (CI has it).
+    /// A new ring (inside a runtime), or `None` where the kernel refuses io_uring: the test is skipped, but never
+    /// under scripts/test.sh (CI has it).
+    fn ring_or_skip() -> Option<Ring> {
+        match Ring::new() {
+            Ok(r) => Some(r),
             Err(e) => {
                 assert!(
                     std::env::var_os(e2e::privileged::REQUIRE_VAR).is_none(),
                     "io_uring unavailable: {e}"
                 );
                 eprintln!("skipped: io_uring unavailable here: {e}");
-                return;
+                None
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_writes_and_flushes_through_the_ring() {
+        let Some(ring) = ring_or_skip() else {
+            return;
         };
         let dir = tempfile::tempdir().unwrap();
         let f = std::fs::OpenOptions::new()
@@ -519,17 +526,10 @@ mod tests {
             .build()
             .unwrap();
         let fd = writer.as_raw_fd();
-        let ring = match rt.block_on(async { Ring::new() }) {
-            Ok(r) => Arc::new(r),
-            Err(e) => {
-                assert!(
-                    std::env::var_os(e2e::privileged::REQUIRE_VAR).is_none(),
-                    "io_uring unavailable: {e}"
-                );
-                eprintln!("skipped: io_uring unavailable here: {e}");
-                return;
-            }
+        let Some(ring) = rt.block_on(async { ring_or_skip() }) else {
+            return;
         };
+        let ring = Arc::new(ring);
         rt.block_on(async {
             let r = ring.clone();
             tokio::spawn(async move { r.write(fd, 0, data, None).await });

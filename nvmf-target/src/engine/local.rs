@@ -192,8 +192,14 @@ mod tests {
         assert_eq!(&new.read(0, 512).await.unwrap()[..], &[1u8; 512][..]);
     }
 
-    #[tokio::test]
-    async fn a_preempt_completes_only_once_the_fenced_writes_already_admitted_have_landed() {
+    /// A namespace on a slow disk, a child of `host` holding key 1 on it, and a write of that child (ones) admitted
+    /// and on its way to the disk: it lands 300 ms after it started, and the disk is fast again for what follows.
+    async fn a_write_on_its_way(
+        host: Uuid,
+    ) -> (
+        Arc<Namespace>,
+        tokio::task::JoinHandle<Result<(), BlockError>>,
+    ) {
         use crate::block::fault::{FaultDevice, FaultPlan};
         use std::time::Duration;
         let disk = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(1 << 20, 512))));
@@ -205,21 +211,25 @@ mod tests {
             reservations: Reservations::default(),
             stats: Default::default(),
         });
-        let old = Arc::new(LocalChild::new(ns.clone(), Uuid::new_v4()));
-        reserve(&*old, ReservationKeys { key: 1, preempt: 0 })
+        let writer = Arc::new(LocalChild::new(ns.clone(), host));
+        reserve(&*writer, ReservationKeys { key: 1, preempt: 0 })
             .await
             .unwrap();
-        // The old nexus's write passed its check and is on its way to a slow disk when the new nexus fences it.
         disk.set_plan(FaultPlan {
             latency: Some(Duration::from_millis(300)),
             ..Default::default()
         });
-        let late = tokio::spawn({
-            let old = old.clone();
-            async move { old.write(0, Bytes::from(vec![1u8; 512])).await }
-        });
+        let late = tokio::spawn(async move { writer.write(0, Bytes::from(vec![1u8; 512])).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         disk.set_plan(FaultPlan::default());
+        (ns, late)
+    }
+
+    #[tokio::test]
+    async fn a_preempt_completes_only_once_the_fenced_writes_already_admitted_have_landed() {
+        use std::time::Duration;
+        // The old nexus's write passed its check and is on its way to a slow disk when the new nexus fences it.
+        let (ns, late) = a_write_on_its_way(Uuid::new_v4()).await;
         let new = LocalChild::new(ns.clone(), Uuid::new_v4());
         reserve(&new, ReservationKeys { key: 2, preempt: 1 })
             .await
@@ -243,32 +253,8 @@ mod tests {
     /// be overtaken by an older write landing late. Before, an unchanged reservation returned at once.
     #[tokio::test]
     async fn a_child_opened_again_with_its_key_waits_for_the_writes_admitted_before() {
-        use crate::block::fault::{FaultDevice, FaultPlan};
-        use std::time::Duration;
-        let disk = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(1 << 20, 512))));
-        let ns = Arc::new(Namespace {
-            nsid: 1,
-            uuid: Uuid::new_v4(),
-            ana_group: 1,
-            device: disk.clone(),
-            reservations: Reservations::default(),
-            stats: Default::default(),
-        });
         let host = Uuid::new_v4();
-        let before = Arc::new(LocalChild::new(ns.clone(), host));
-        reserve(&*before, ReservationKeys { key: 1, preempt: 0 })
-            .await
-            .unwrap();
-        disk.set_plan(FaultPlan {
-            latency: Some(Duration::from_millis(300)),
-            ..Default::default()
-        });
-        let late = tokio::spawn({
-            let before = before.clone();
-            async move { before.write(0, Bytes::from(vec![1u8; 512])).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        disk.set_plan(FaultPlan::default());
+        let (ns, late) = a_write_on_its_way(host).await;
         let again = LocalChild::new(ns.clone(), host);
         reserve(&again, ReservationKeys { key: 1, preempt: 0 })
             .await
