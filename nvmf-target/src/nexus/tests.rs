@@ -603,10 +603,12 @@ async fn a_write_every_healthy_child_refuses_for_space_faults_a_rebuilding_child
     );
 }
 
-/// A memory child that keeps missed-writes records like a pool replica.
+/// A memory child that keeps missed-writes records like a pool replica; or, when its third field is set, one whose
+/// journal stalls: recording never answers.
 struct Recording(
     Arc<dyn BlockDevice>,
     std::sync::Mutex<Vec<crate::block::MissedWrites>>,
+    bool,
 );
 
 #[async_trait::async_trait]
@@ -633,6 +635,9 @@ impl BlockDevice for Recording {
         Ok(())
     }
     async fn note_missed(&self, m: &crate::block::MissedWrites) -> Result<(), BlockError> {
+        if self.2 {
+            std::future::pending::<()>().await;
+        }
         self.1.lock().unwrap().push(m.clone());
         Ok(())
     }
@@ -650,36 +655,9 @@ impl BlockDevice for Recording {
 /// would be incomplete) instead of holding its range until the journal answers. Before, it waited with no limit.
 #[tokio::test(start_paused = true)]
 async fn a_write_whose_missed_record_cannot_be_kept_fails_at_the_io_timeout() {
-    struct Stalled(Arc<dyn BlockDevice>);
-    #[async_trait::async_trait]
-    impl BlockDevice for Stalled {
-        fn block_size(&self) -> u32 {
-            self.0.block_size()
-        }
-        fn num_blocks(&self) -> u64 {
-            self.0.num_blocks()
-        }
-        async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
-            self.0.read(offset, len).await
-        }
-        async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-            self.0.write(offset, data).await
-        }
-        async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-            self.0.write_zeroes(offset, len).await
-        }
-        async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-            self.0.deallocate(offset, len).await
-        }
-        async fn flush(&self) -> Result<(), BlockError> {
-            self.0.flush().await
-        }
-        async fn note_missed(&self, _: &crate::block::MissedWrites) -> Result<(), BlockError> {
-            std::future::pending().await
-        }
-    }
     let failing = faulty();
-    let n = nexus(vec![Arc::new(Stalled(mem())), failing.clone()]);
+    let stalled = Arc::new(Recording(mem(), Default::default(), true));
+    let n = nexus(vec![stalled, failing.clone()]);
     failing.set_plan(FaultPlan {
         fail_after: Some(0),
         ..Default::default()
@@ -704,7 +682,7 @@ fn recording(records: &[(&str, u64)]) -> Arc<Recording> {
             ranges: vec![(*at, 4096)],
         })
         .collect();
-    Arc::new(Recording(mem(), std::sync::Mutex::new(r)))
+    Arc::new(Recording(mem(), std::sync::Mutex::new(r), false))
 }
 
 #[tokio::test]
