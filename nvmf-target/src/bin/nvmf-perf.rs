@@ -155,7 +155,9 @@ struct Worker {
     disconnected: bool,
 }
 
-async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
+/// Worker `index` of all (`a.stride` of them): random patterns draw from `seed`; sequential ones start at the
+/// worker's index and step over the others, so that together they write (or read) one sequential stream.
+async fn worker(q: Queue, a: WorkerArgs, index: u64, seed: u64) -> Worker {
     let mut w = Worker {
         hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("histogram"),
         ios: 0,
@@ -173,7 +175,7 @@ async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
     let blocks_per_io = a.bs / u64::from(a.lba_size);
     let slots = a.region / a.bs;
     let data = Bytes::from(vec![0xA5u8; a.bs as usize]);
-    let mut seq = (seed % slots.max(1)) * blocks_per_io;
+    let mut seq = (index % slots.max(1)) * blocks_per_io;
     let start = Instant::now();
     let warm = start + Duration::from_secs(1);
     let end = warm + a.time;
@@ -190,8 +192,9 @@ async fn worker(q: Queue, a: WorkerArgs, seed: u64) -> Worker {
         };
         let lba = a.first_lba
             + if matches!(a.rw, Pattern::Read | Pattern::Write) {
+                let at = seq;
                 seq = (seq + blocks_per_io * a.stride) % (slots * blocks_per_io);
-                seq
+                at
             } else {
                 (next() % slots) * blocks_per_io
             };
@@ -323,8 +326,9 @@ async fn main() -> Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for (qi, q) in ctrl.io_queues().iter().enumerate() {
         for d in 0..args.qd {
-            let seed = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul((qi * args.qd + d + 1) as u64);
-            tasks.spawn(worker(q.clone(), wa, seed));
+            let index = (qi * args.qd + d) as u64;
+            let seed = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(index + 1);
+            tasks.spawn(worker(q.clone(), wa, index, seed));
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
