@@ -4,7 +4,9 @@
 //! - `meta`: the metadata as a value (volumes, cluster maps, records, soundness checks).
 //! - `journal`: how that metadata is kept on the device (double-buffered checkpoints and a journal).
 //! - `commit`: group commit (changes made at the same time share one journal write and flush).
+//! - `stock`: free clusters zeroed ahead of allocations, so that most first writes need no flush of their own.
 //! - `volume`: a replica or snapshot as a [`BlockDevice`] (thin allocation, copy-on-write).
+//! - `ahead`: clusters mapped ahead of a sequential writer, so that its writes seldom wait for a commit.
 //!
 //! A pool has one owner at a time: every import (and the creation) claims it for a node by rewriting the label
 //! with that node's name and a new incarnation number. An import by another node than the label's owner is
@@ -23,15 +25,19 @@
 //! go on, and [`Pool::fault`] says why (the engine API reports it with the pool), until the pool is imported again.
 //! A transaction that failed may still become durable, so nothing written after it may count on it not being.
 
+mod ahead;
 mod commit;
 mod fuse;
 mod journal;
 pub mod label;
 pub mod meta;
+mod stock;
 mod volume;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ahead;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -166,6 +172,10 @@ pub(crate) struct PoolInner {
     /// Clusters picked for an allocation whose mapping is not committed yet.
     reserved: Mutex<BTreeSet<u32>>,
     cursor: AtomicU64,
+    /// Reserved clusters whose zeroing is durable, for allocations to take (`stock`).
+    stock: Mutex<Vec<u32>>,
+    /// An allocation is filling the stock.
+    stocking: AtomicBool,
     /// Between `dev` and the disk: blown when a metadata write fails, then no write or flush reaches the disk.
     fuse: Arc<fuse::Fuse>,
     /// I/O holds it shared; snapshot, destroy and unmap hold it exclusively.
@@ -217,28 +227,18 @@ impl PoolInner {
     }
 
     /// Picks `n` free clusters for allocations, all or none: a write that needs several new clusters either gets
-    /// them all before it writes anything, or fails with nothing changed.
+    /// them all before it writes anything, or fails with nothing changed. Short of free clusters, the stock is
+    /// given back first.
     fn reserve_clusters(&self, n: usize) -> Result<Vec<u32>, PoolError> {
-        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        let mut from = self.cursor.load(Ordering::Relaxed);
-        let mut picked = Vec::with_capacity(n);
-        let meta = self.meta();
-        while picked.len() < n {
-            let Some(c) = meta.find_free(from, &reserved) else {
-                break;
-            };
-            reserved.insert(c);
-            picked.push(c);
-            from = u64::from(c) + 1;
+        let mut picked = self.pick_free(n);
+        if picked.len() < n && self.drain_stock() > 0 {
+            self.give_back(&picked);
+            picked = self.pick_free(n);
         }
-        drop(meta);
         if picked.len() == n {
-            self.cursor.store(from, Ordering::Relaxed);
             return Ok(picked);
         }
-        for c in &picked {
-            reserved.remove(c);
-        }
+        self.give_back(&picked);
         self.no_space.fetch_add(1, Ordering::Relaxed);
         let mut last = self
             .last_no_space_log
@@ -257,6 +257,41 @@ impl PoolInner {
             self.label.name,
             picked.len()
         )))
+    }
+
+    /// Reserves up to `n` free clusters, from the cursor on.
+    fn pick_free(&self, n: usize) -> Vec<u32> {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let mut from = self.cursor.load(Ordering::Relaxed);
+        let mut picked = Vec::with_capacity(n);
+        let meta = self.meta();
+        while picked.len() < n {
+            let Some(c) = meta.find_free(from, &reserved) else {
+                break;
+            };
+            reserved.insert(c);
+            picked.push(c);
+            from = u64::from(c) + 1;
+        }
+        self.cursor.store(from, Ordering::Relaxed);
+        picked
+    }
+
+    /// Clusters free and not reserved.
+    fn unreserved_free(&self) -> u64 {
+        let reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = self.meta();
+        meta.data_clusters()
+            .saturating_sub(meta.used_clusters())
+            .saturating_sub(reserved.len() as u64)
+    }
+
+    /// Unreserves clusters picked and not used.
+    fn give_back(&self, picked: &[u32]) {
+        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+        for c in picked {
+            reserved.remove(c);
+        }
     }
 
     /// Waits for the disk to end every operation handed to it before (a caller may have stopped waiting for a
@@ -475,6 +510,8 @@ impl Pool {
             journal: GroupCommit::new(journal),
             reserved: Mutex::new(BTreeSet::new()),
             cursor: AtomicU64::new(0),
+            stock: Mutex::new(Vec::new()),
+            stocking: AtomicBool::new(false),
             gate: tokio::sync::RwLock::new(()),
             volumes: Mutex::new(BTreeMap::new()),
             lost: AtomicBool::new(false),
@@ -557,6 +594,7 @@ impl Pool {
                 closed: AtomicBool::new(self.is_lost()),
                 alloc: crate::block::range_lock::RangeLock::new(),
                 quiesce: tokio::sync::RwLock::new(()),
+                mapping_ahead: AtomicBool::new(false),
                 me: me.clone(),
             })
         });

@@ -135,7 +135,9 @@ async fn an_allocating_write_whose_caller_goes_half_way_still_ends_and_gives_bac
         latency: Some(Duration::from_millis(30)),
         ..Default::default()
     });
-    let reserved = || pool.inner.reserved.lock().unwrap().len();
+    // Reserved for an allocation, not stocked for later ones.
+    let reserved =
+        || pool.inner.reserved.lock().unwrap().len() - pool.inner.stock.lock().unwrap().len();
     // A first write to a cluster, and zeroes over one shared with the snapshot (a copy): each caller gives up
     // while the disk still has the new cluster's writes (a nexus's child timeout, a request deadline).
     let gone =

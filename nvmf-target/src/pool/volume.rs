@@ -7,6 +7,9 @@
 //!   (zeroes around the new data, or a copy of the shared cluster with the new data over it), flushes it, and
 //!   only then commits the new mapping to the journal. A crash before the commit leaves the old mapping and a free
 //!   cluster; the write was never acknowledged. The old contents of a reused cluster can never show through.
+//!   A never-mapped cluster takes a stocked cluster instead when there is one (`stock`: zeroed and flushed
+//!   before), and writes only its data before the commit: one flush, the commit's. A write that starts a cluster
+//!   right after a mapped one has the next clusters mapped for it in the background (`ahead`).
 //! - A write reserves every new cluster it needs before it writes any: with too few free clusters it fails with
 //!   [`BlockError::NoSpace`] (NVMe "Capacity Exceeded") and changes nothing, so replicas that all ran out of
 //!   space still agree.
@@ -41,6 +44,8 @@ pub struct PoolVolume {
     /// This volume's I/O holds it shared; a snapshot of the volume holds it exclusively, so the snapshot sees
     /// every acknowledged write and no write lands in a cluster after it became shared. Other volumes' I/O goes on.
     pub(super) quiesce: tokio::sync::RwLock<()>,
+    /// A task maps clusters ahead of a sequential writer (`ahead`).
+    pub(super) mapping_ahead: AtomicBool,
     /// This volume, for the tasks its allocating writes run as.
     pub(super) me: Weak<PoolVolume>,
 }
@@ -112,7 +117,7 @@ impl PoolVolume {
         self.size.load(Ordering::Acquire)
     }
 
-    fn cs(&self) -> u64 {
+    pub(super) fn cs(&self) -> u64 {
         u64::from(self.pool.label.cluster_size)
     }
 
@@ -124,13 +129,13 @@ impl PoolVolume {
     }
 
     /// Open, and its pool not faulted (see `fuse`).
-    fn check_writable(&self) -> Result<(), BlockError> {
+    pub(super) fn check_writable(&self) -> Result<(), BlockError> {
         self.check_open()?;
         self.pool.fuse.check()
     }
 
     /// The physical cluster behind `logical` and whether this volume is its only user.
-    fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
+    pub(super) fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
         let meta = self.pool.meta();
         let v = meta.volumes.get(&self.uuid).ok_or(BlockError::Closed)?;
         let p = v.map.get(logical as usize).copied().unwrap_or(UNMAPPED);
@@ -210,7 +215,17 @@ impl PoolVolume {
                 .write(self.pool.label.cluster_offset(p) + within, data)
                 .await;
         }
-        let new = match spare.clusters.pop() {
+        // A never-mapped cluster takes a stocked one (zeroed durably) when there is one: only its data to write.
+        let stocked = match old {
+            None => self.pool.take_stocked(),
+            Some(_) => None,
+        };
+        let spared = spare.clusters.pop();
+        if let (Some(_), Some(c)) = (stocked, spared) {
+            // The cluster reserved for this piece is not needed.
+            self.pool.release_cluster(c);
+        }
+        let new = match stocked.or(spared) {
             Some(c) => c,
             None => self.pool.reserve_cluster().map_err(pool_err)?,
         };
@@ -224,18 +239,40 @@ impl PoolVolume {
                     let mut buf = BytesMut::from(&dev.read(src, cs).await?[..]);
                     buf[within as usize..end as usize].copy_from_slice(&data);
                     dev.write(base, buf.freeze()).await?;
+                    dev.flush().await?;
                 }
+                None if stocked.is_some() => dev.write(base + within, data).await?,
                 None => {
-                    if within > 0 {
-                        dev.write_zeroes(base, within).await?;
+                    // Zeroing the stock here too costs no flush more than this cluster's own.
+                    let mut stock = Reserved {
+                        pool: &self.pool,
+                        clusters: self.pool.reserve_for_stock(),
+                    };
+                    let filled = async {
+                        if within > 0 {
+                            dev.write_zeroes(base, within).await?;
+                        }
+                        if end < cs {
+                            dev.write_zeroes(base + end, cs - end).await?;
+                        }
+                        dev.write(base + within, data).await?;
+                        for c in &stock.clusters {
+                            dev.write_zeroes(self.pool.label.cluster_offset(*c), cs)
+                                .await?;
+                        }
+                        dev.flush().await
                     }
-                    if end < cs {
-                        dev.write_zeroes(base + end, cs - end).await?;
+                    .await;
+                    if !stock.clusters.is_empty() {
+                        let ready = match filled {
+                            Ok(()) => std::mem::take(&mut stock.clusters),
+                            Err(_) => Vec::new(),
+                        };
+                        self.pool.stock_filled(ready);
                     }
-                    dev.write(base + within, data).await?;
+                    filled?;
                 }
             }
-            dev.flush().await?;
             let rec = Record::Map {
                 volume: self.uuid,
                 logical,
@@ -375,6 +412,7 @@ impl BlockDevice for PoolVolume {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
+        self.follow_stream(offset);
         match self.write_here(offset, data.clone(), false).await? {
             Here::Done => Ok(()),
             Here::MustAllocate => {
