@@ -6,7 +6,6 @@
 //! - `commit`: group commit (changes made at the same time share one journal write and flush).
 //! - `stock`: free clusters zeroed ahead of allocations, so that most first writes need no flush of their own.
 //! - `volume`: a replica or snapshot as a [`BlockDevice`] (thin allocation, copy-on-write).
-//! - `ahead`: clusters mapped ahead of a sequential writer, so that its writes seldom wait for a commit.
 //!
 //! A pool has one owner at a time: every import (and the creation) claims it for a node by rewriting the label
 //! with that node's name and a new incarnation number. An import by another node than the label's owner is
@@ -25,7 +24,6 @@
 //! go on, and [`Pool::fault`] says why (the engine API reports it with the pool), until the pool is imported again.
 //! A transaction that failed may still become durable, so nothing written after it may count on it not being.
 
-mod ahead;
 mod commit;
 mod fuse;
 mod journal;
@@ -37,7 +35,9 @@ mod volume;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_ahead;
+mod tests_cow;
+#[cfg(test)]
+mod tests_stock;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -176,6 +176,8 @@ pub(crate) struct PoolInner {
     stock: Mutex<Vec<u32>>,
     /// An allocation is filling the stock.
     stocking: AtomicBool,
+    /// Told when a filling of the stock ends.
+    stock_ready: tokio::sync::Notify,
     /// Between `dev` and the disk: blown when a metadata write fails, then no write or flush reaches the disk.
     fuse: Arc<fuse::Fuse>,
     /// I/O holds it shared; snapshot, destroy and unmap hold it exclusively.
@@ -222,16 +224,16 @@ impl PoolInner {
         }
     }
 
-    fn reserve_cluster(&self) -> Result<u32, PoolError> {
-        Ok(self.reserve_clusters(1)?[0])
+    async fn reserve_cluster(&self) -> Result<u32, PoolError> {
+        Ok(self.reserve_clusters(1).await?[0])
     }
 
     /// Picks `n` free clusters for allocations, all or none: a write that needs several new clusters either gets
     /// them all before it writes anything, or fails with nothing changed. Short of free clusters, the stock is
     /// given back first.
-    fn reserve_clusters(&self, n: usize) -> Result<Vec<u32>, PoolError> {
+    async fn reserve_clusters(&self, n: usize) -> Result<Vec<u32>, PoolError> {
         let mut picked = self.pick_free(n);
-        if picked.len() < n && self.drain_stock() > 0 {
+        if picked.len() < n && self.drain_stock().await > 0 {
             self.give_back(&picked);
             picked = self.pick_free(n);
         }
@@ -512,6 +514,7 @@ impl Pool {
             cursor: AtomicU64::new(0),
             stock: Mutex::new(Vec::new()),
             stocking: AtomicBool::new(false),
+            stock_ready: tokio::sync::Notify::new(),
             gate: tokio::sync::RwLock::new(()),
             volumes: Mutex::new(BTreeMap::new()),
             lost: AtomicBool::new(false),
@@ -594,7 +597,6 @@ impl Pool {
                 closed: AtomicBool::new(self.is_lost()),
                 alloc: crate::block::range_lock::RangeLock::new(),
                 quiesce: tokio::sync::RwLock::new(()),
-                mapping_ahead: AtomicBool::new(false),
                 me: me.clone(),
             })
         });

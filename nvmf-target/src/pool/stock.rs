@@ -9,54 +9,51 @@
 //! The stock lives in memory only. An allocation that wrote into a stocked cluster and then failed, or a process
 //! that died, leaves that cluster dirty and free; it is never stocked again without being zeroed, since after an
 //! import, or a failed allocation, the cluster is one of the plain free clusters, which an allocation zeroes
-//! around its data and flushes before mapping. A full pool gives the stock back before it fails a write for space.
+//! around its data and flushes before mapping.
 //!
 //! The stock is filled by an allocation that found it empty: besides its own cluster it zeroes a few more, and its
-//! one flush covers them all. One flush thus serves many allocations (the first writes of a volume being filled).
+//! one flush covers them all. One flush thus serves several allocations. It takes at most an eighth of the free
+//! clusters, so a nearly full pool stocks nothing; and a reservation that comes up short waits for a filling in
+//! progress and takes the stock back before it fails a write for space.
 
 use std::sync::atomic::Ordering;
 
 use super::PoolInner;
+use super::label::{LABEL_LEN, Label};
 
 /// How much the stock holds at most, in bytes (and never more than [`MAX_CLUSTERS`] clusters).
-const STOCK_BYTES: u64 = 64 << 20;
-const MAX_CLUSTERS: u64 = 16;
-/// The stock takes at most this share of the free clusters (1 / n), so a nearly full pool stocks nothing.
+const STOCK_BYTES: u64 = 32 << 20;
+const MAX_CLUSTERS: u64 = 8;
+/// The stock takes at most this share of the free clusters (1 / n).
 const FREE_SHARE: u64 = 8;
 
 impl PoolInner {
-    pub(super) fn stock_is_empty(&self) -> bool {
-        self.stock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-    }
-
     /// A stocked cluster (zeroed on the disk durably, reserved), if any.
     pub(super) fn take_stocked(&self) -> Option<u32> {
         self.stock.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
-    /// Free clusters to zero for the stock, reserved, when the stock is empty and no other allocation is filling
-    /// it; hand them to [`Self::stock_filled`] once their zeroing is flushed, or release them.
-    pub(super) fn reserve_for_stock(&self) -> Vec<u32> {
-        if !self
-            .stock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-            || self.stocking.swap(true, Ordering::AcqRel)
+    /// Free clusters to zero for the stock, reserved, when the stock is empty, no other allocation is filling it,
+    /// and the label still names this import (a displaced owner zeroes nothing more); hand them to
+    /// [`Self::stock_filled`] once their zeroing is flushed, or release them and call it with none.
+    pub(super) async fn reserve_for_stock(&self) -> Vec<u32> {
         {
-            return Vec::new();
+            let stock = self.stock.lock().unwrap_or_else(|e| e.into_inner());
+            if !stock.is_empty() || self.stocking.swap(true, Ordering::AcqRel) {
+                return Vec::new();
+            }
         }
         let cs = u64::from(self.label.cluster_size);
-        let free = self.unreserved_free();
         let want = (STOCK_BYTES / cs)
             .clamp(1, MAX_CLUSTERS)
-            .min(free / FREE_SHARE);
-        let picked = self.pick_free(want as usize);
+            .min(self.unreserved_free() / FREE_SHARE);
+        let picked = if want > 0 && self.still_ours().await {
+            self.pick_free(want as usize)
+        } else {
+            Vec::new()
+        };
         if picked.is_empty() {
-            self.stocking.store(false, Ordering::Release);
+            self.stock_filled(Vec::new());
         }
         picked
     }
@@ -69,10 +66,18 @@ impl PoolInner {
             .unwrap_or_else(|e| e.into_inner())
             .extend(clusters);
         self.stocking.store(false, Ordering::Release);
+        self.stock_ready.notify_waiters();
     }
 
-    /// Gives every stocked cluster back to the free ones (the pool is short of space); how many.
-    pub(super) fn drain_stock(&self) -> usize {
+    /// Gives every stocked cluster back to the free ones (a reservation came up short), once a filling in
+    /// progress has ended; how many.
+    pub(super) async fn drain_stock(&self) -> usize {
+        let ready = self.stock_ready.notified();
+        tokio::pin!(ready);
+        ready.as_mut().enable();
+        if self.stocking.load(Ordering::Acquire) {
+            ready.await;
+        }
         let drained: Vec<u32> =
             std::mem::take(&mut *self.stock.lock().unwrap_or_else(|e| e.into_inner()));
         let n = drained.len();
@@ -81,35 +86,14 @@ impl PoolInner {
         }
         n
     }
-}
 
-impl PoolInner {
-    /// Fills the stock when it is empty and no allocation is filling it: zeroes free clusters and flushes them. A
-    /// failure leaves the stock empty (the clusters go back to the free ones).
-    pub(super) async fn fill_stock(&self) {
-        let picked = self.reserve_for_stock();
-        if picked.is_empty() {
-            return;
-        }
-        let cs = u64::from(self.label.cluster_size);
-        let zeroed = async {
-            for c in &picked {
-                self.dev
-                    .write_zeroes(self.label.cluster_offset(*c), cs)
-                    .await?;
-            }
-            self.dev.flush().await
-        }
-        .await;
-        match zeroed {
-            Ok(()) => self.stock_filled(picked),
-            Err(e) => {
-                tracing::debug!(pool = %self.label.name, error = %e, "zeroing clusters for the stock failed");
-                for c in picked {
-                    self.release_cluster(c);
-                }
-                self.stock_filled(Vec::new());
-            }
+    /// Whether the label on the disk still names this import (another node may have taken the pool).
+    async fn still_ours(&self) -> bool {
+        match self.dev.read(0, LABEL_LEN).await {
+            Ok(block) => Label::decode(&block, self.dev.size_bytes()).is_ok_and(|l| {
+                l.owner == self.label.owner && l.incarnation == self.label.incarnation
+            }),
+            Err(_) => false,
         }
     }
 }

@@ -8,8 +8,7 @@
 //!   only then commits the new mapping to the journal. A crash before the commit leaves the old mapping and a free
 //!   cluster; the write was never acknowledged. The old contents of a reused cluster can never show through.
 //!   A never-mapped cluster takes a stocked cluster instead when there is one (`stock`: zeroed and flushed
-//!   before), and writes only its data before the commit: one flush, the commit's. A write that starts a cluster
-//!   right after a mapped one has the next clusters mapped for it in the background (`ahead`).
+//!   before), and writes only its data before the commit: one flush, the commit's.
 //! - A write reserves every new cluster it needs before it writes any: with too few free clusters it fails with
 //!   [`BlockError::NoSpace`] (NVMe "Capacity Exceeded") and changes nothing, so replicas that all ran out of
 //!   space still agree.
@@ -28,7 +27,7 @@ use uuid::Uuid;
 
 use super::meta::{Record, UNMAPPED};
 use super::{PoolError, PoolInner};
-use crate::block::range_lock::RangeLock;
+use crate::block::range_lock::{RangeGuard, RangeLock};
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
 pub struct PoolVolume {
@@ -44,8 +43,6 @@ pub struct PoolVolume {
     /// This volume's I/O holds it shared; a snapshot of the volume holds it exclusively, so the snapshot sees
     /// every acknowledged write and no write lands in a cluster after it became shared. Other volumes' I/O goes on.
     pub(super) quiesce: tokio::sync::RwLock<()>,
-    /// A task maps clusters ahead of a sequential writer (`ahead`).
-    pub(super) mapping_ahead: AtomicBool,
     /// This volume, for the tasks its allocating writes run as.
     pub(super) me: Weak<PoolVolume>,
 }
@@ -117,7 +114,7 @@ impl PoolVolume {
         self.size.load(Ordering::Acquire)
     }
 
-    pub(super) fn cs(&self) -> u64 {
+    fn cs(&self) -> u64 {
         u64::from(self.pool.label.cluster_size)
     }
 
@@ -129,13 +126,13 @@ impl PoolVolume {
     }
 
     /// Open, and its pool not faulted (see `fuse`).
-    pub(super) fn check_writable(&self) -> Result<(), BlockError> {
+    fn check_writable(&self) -> Result<(), BlockError> {
         self.check_open()?;
         self.pool.fuse.check()
     }
 
     /// The physical cluster behind `logical` and whether this volume is its only user.
-    pub(super) fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
+    fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
         let meta = self.pool.meta();
         let v = meta.volumes.get(&self.uuid).ok_or(BlockError::Closed)?;
         let p = v.map.get(logical as usize).copied().unwrap_or(UNMAPPED);
@@ -169,10 +166,10 @@ impl PoolVolume {
 
     /// Reserves the `n` new clusters a write needs ([`Self::allocations`]) before it writes any: a write that spans
     /// clusters is all or nothing on a full pool.
-    fn reserve(&self, n: usize) -> Result<Reserved<'_>, BlockError> {
+    async fn reserve(&self, n: usize) -> Result<Reserved<'_>, BlockError> {
         let clusters = match n {
             0 => Vec::new(),
-            n => self.pool.reserve_clusters(n).map_err(pool_err)?,
+            n => self.pool.reserve_clusters(n).await.map_err(pool_err)?,
         };
         Ok(Reserved {
             pool: &self.pool,
@@ -227,7 +224,7 @@ impl PoolVolume {
         }
         let new = match stocked.or(spared) {
             Some(c) => c,
-            None => self.pool.reserve_cluster().map_err(pool_err)?,
+            None => self.pool.reserve_cluster().await.map_err(pool_err)?,
         };
         let result = async {
             let base = self.pool.label.cluster_offset(new);
@@ -246,7 +243,7 @@ impl PoolVolume {
                     // Zeroing the stock here too costs no flush more than this cluster's own.
                     let mut stock = Reserved {
                         pool: &self.pool,
-                        clusters: self.pool.reserve_for_stock(),
+                        clusters: self.pool.reserve_for_stock().await,
                     };
                     let filled = async {
                         if within > 0 {
@@ -301,7 +298,7 @@ impl PoolVolume {
         if !may_allocate && needed > 0 {
             return Ok(Here::MustAllocate);
         }
-        let mut spare = self.reserve(needed)?;
+        let mut spare = self.reserve(needed).await?;
         for p in &pieces {
             let part = data.slice(p.range.clone());
             self.write_piece(p, part, &mut spare).await?;
@@ -324,16 +321,17 @@ impl PoolVolume {
         if !may_allocate && needed > 0 {
             return Ok(Here::MustAllocate);
         }
-        let mut spare = self.reserve(needed)?;
+        let mut spare = self.reserve(needed).await?;
         for p in &pieces {
             let n = p.range.len() as u64;
+            if let Some((phys, _cluster)) = self.sole(p.logical).await? {
+                let off = self.pool.label.cluster_offset(phys) + p.within;
+                self.pool.dev.write_zeroes(off, n).await?;
+                continue;
+            }
             match self.lookup(p.logical)? {
                 None => {}
-                Some((phys, true)) => {
-                    let off = self.pool.label.cluster_offset(phys) + p.within;
-                    self.pool.dev.write_zeroes(off, n).await?;
-                }
-                Some((_, false)) => {
+                Some(_) => {
                     let zeroes = Bytes::from(vec![0u8; n as usize]);
                     self.allocate_write(p.logical, p.within, zeroes, &mut spare)
                         .await?;
@@ -365,12 +363,28 @@ impl PoolVolume {
         data: Bytes,
         spare: &mut Reserved<'_>,
     ) -> Result<(), BlockError> {
-        match self.lookup(p.logical)? {
-            Some((phys, true)) => {
-                let off = self.pool.label.cluster_offset(phys) + p.within;
-                self.pool.dev.write(off, data).await
-            }
-            _ => self.allocate_write(p.logical, p.within, data, spare).await,
+        if let Some((phys, _cluster)) = self.sole(p.logical).await? {
+            let off = self.pool.label.cluster_offset(phys) + p.within;
+            return self.pool.dev.write(off, data).await;
+        }
+        self.allocate_write(p.logical, p.within, data, spare).await
+    }
+
+    /// The physical cluster behind `logical` if this volume is its only user, with the cluster's allocations held
+    /// off while the caller writes it. A copy-on-write of the cluster in progress ends first: the old cluster
+    /// becomes this volume's alone when another volume's copy of it commits, and a write landing in it before this
+    /// volume's own copy commits would be lost under the copy's mapping (and the old cluster freed under it).
+    async fn sole(&self, logical: u32) -> Result<Option<(u32, RangeGuard)>, BlockError> {
+        if !matches!(self.lookup(logical)?, Some((_, true))) {
+            return Ok(None);
+        }
+        let held = self
+            .alloc
+            .shared(u64::from(logical)..u64::from(logical) + 1)
+            .await;
+        match self.lookup(logical)? {
+            Some((phys, true)) => Ok(Some((phys, held))),
+            _ => Ok(None),
         }
     }
 }
@@ -412,7 +426,6 @@ impl BlockDevice for PoolVolume {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        self.follow_stream(offset);
         match self.write_here(offset, data.clone(), false).await? {
             Here::Done => Ok(()),
             Here::MustAllocate => {

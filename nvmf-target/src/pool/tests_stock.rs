@@ -1,6 +1,6 @@
-//! The stock and mapping ahead (`stock`, `ahead`): what a first write costs once the stock is filled, and what a
-//! sequential writer finds mapped. Their crash safety is the power-cut test's (`tests`), whose workload has a
-//! sequential writer and takes stocked clusters.
+//! The stock (`stock`): what a first write costs once the stock is filled, and that the stock never makes a
+//! write fail for space the pool has. Its crash safety is the power-cut test's (`tests`), whose workload takes
+//! stocked clusters on a disk full of old data.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::ahead::AHEAD;
 use super::*;
 use crate::block::memory::MemoryDevice;
 use crate::block::{BlockDevice, BlockError};
@@ -50,18 +49,21 @@ impl BlockDevice for CountingDisk {
     }
 }
 
+fn spec() -> PoolSpec {
+    PoolSpec {
+        name: "p1".into(),
+        uuid: Uuid::new_v4(),
+        cluster_size: CS as u32,
+    }
+}
+
 /// A 32 MiB pool of 256 KiB clusters with a replica of `clusters` clusters.
 async fn pool_with_replica(clusters: u64) -> (Arc<CountingDisk>, Pool, Uuid, Arc<PoolVolume>) {
     let disk = Arc::new(CountingDisk {
         inner: MemoryDevice::new(32 * MIB, 512),
         flushes: AtomicU64::new(0),
     });
-    let spec = PoolSpec {
-        name: "p1".into(),
-        uuid: Uuid::new_v4(),
-        cluster_size: CS as u32,
-    };
-    let pool = Pool::create(disk.clone(), &spec, &Claim::new("node-a"))
+    let pool = Pool::create(disk.clone(), &spec(), &Claim::new("node-a"))
         .await
         .unwrap();
     let r = Uuid::new_v4();
@@ -98,50 +100,45 @@ async fn first_writes_after_the_stock_is_filled_cost_one_flush_each() {
 }
 
 #[tokio::test]
-async fn a_sequential_writer_finds_the_next_clusters_mapped_and_reading_zeroes() {
-    let (disk, pool, r, vol) = pool_with_replica(32).await;
-    vol.write(0, data(1)).await.unwrap();
-    // Entering cluster 1 at its start, right after a mapped cluster: a stream.
-    vol.write(CS, data(2)).await.unwrap();
-    let mapped = (2 + AHEAD) * CS;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pool.volume_allocated(&r) < mapped {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} bytes mapped, not {mapped}",
-            pool.volume_allocated(&r)
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+async fn a_nearly_full_pool_serves_every_free_cluster_while_its_stock_is_being_filled() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
+    let pool = Pool::create(slow.clone(), &spec(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    let clusters = pool.stats().capacity / CS;
+    let r = Uuid::new_v4();
+    let vol = pool.create_replica(r, clusters * CS, None).await.unwrap();
+    // All but 16 clusters used, and nothing stocked: 16 free.
+    let left = 16;
+    for c in 0..clusters - left {
+        vol.write(c * CS + 4096, data(1)).await.unwrap();
     }
-    assert_eq!(
-        vol.mapped_ranges(),
-        vec![(0, mapped)],
-        "the next {AHEAD} clusters, no more"
-    );
+    pool.inner.drain_stock().await;
+    // A slow disk: the next first write fills the stock (one of the 16) while 15 more first writes come.
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(20)),
+        ..Default::default()
+    });
+    let filler = {
+        let vol = vol.clone();
+        let at = (clusters - left) * CS + 4096;
+        tokio::spawn(async move { vol.write(at, data(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
     assert!(
-        vol.read(2 * CS, AHEAD * CS)
-            .await
-            .unwrap()
-            .iter()
-            .all(|b| *b == 0)
+        pool.inner.stocking.load(Ordering::Acquire),
+        "the stock is being filled"
     );
-    // The stream goes on into them with no allocation of its own; a write elsewhere maps nothing ahead.
-    let flushes = disk.flushes.load(Ordering::Relaxed);
-    vol.write(2 * CS + 4096, data(3)).await.unwrap();
-    assert_eq!(disk.flushes.load(Ordering::Relaxed), flushes);
-    vol.write(20 * CS + 4096, data(4)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(pool.volume_allocated(&r), mapped + CS);
-    // The mapping is durable: an import finds it and the data.
-    let dev: Arc<dyn BlockDevice> = disk.clone();
-    drop((vol, pool));
-    let pool = Pool::import(dev, &Claim::new("node-a")).await.unwrap();
-    let vol = pool.open_volume(&r).unwrap();
-    assert_eq!(pool.volume_allocated(&r), mapped + CS);
-    assert_eq!(&vol.read(CS, 4096).await.unwrap()[..], &data(2)[..]);
-    assert_eq!(
-        &vol.read(2 * CS + 4096, 4096).await.unwrap()[..],
-        &data(3)[..]
-    );
-    assert!(vol.read(3 * CS, CS).await.unwrap().iter().all(|b| *b == 0));
+    let rest = (clusters - left + 1..clusters).map(|c| vol.write(c * CS + 4096, data(3)));
+    for (i, w) in futures_util::future::join_all(rest)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        w.unwrap_or_else(|e| panic!("write {i} of the last 15 clusters failed: {e}"));
+    }
+    filler.await.unwrap().unwrap();
+    assert_eq!(pool.stats().allocated, clusters * CS);
+    assert_eq!(pool.stats().no_space_errors, 0);
 }

@@ -1,0 +1,93 @@
+//! Copy-on-write against a write that finds the old cluster its volume's alone: two clones share a cluster, one
+//! copies it while the other's copy commits first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::*;
+use crate::block::BlockDevice;
+use crate::block::fault::{FaultDevice, FaultPlan};
+use crate::block::memory::MemoryDevice;
+
+const MIB: u64 = 1 << 20;
+const CS: u64 = 256 << 10;
+
+#[tokio::test]
+async fn a_write_beside_a_copy_on_write_in_progress_is_not_lost_when_the_old_cluster_becomes_unshared()
+ {
+    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
+    let spec = PoolSpec {
+        name: "p1".into(),
+        uuid: Uuid::new_v4(),
+        cluster_size: CS as u32,
+    };
+    let pool = Pool::create(slow.clone(), &spec, &Claim::new("node-a"))
+        .await
+        .unwrap();
+    let (r, s, c1, c2) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let vol = pool.create_replica(r, 4 * CS, None).await.unwrap();
+    vol.write(0, Bytes::from(vec![1u8; CS as usize]))
+        .await
+        .unwrap();
+    pool.snapshot(r, s).await.unwrap();
+    let one = pool.clone_snapshot(s, c1, None).await.unwrap();
+    let two = pool.clone_snapshot(s, c2, None).await.unwrap();
+    pool.destroy_volume(r).await.unwrap();
+    pool.destroy_volume(s).await.unwrap();
+    // The two clones share cluster 0's physical cluster, and no one else does.
+    let x = pool.inner.meta().volumes[&c1].map[0];
+    assert_eq!(pool.inner.meta().refs(x), 2);
+
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(30)),
+        ..Default::default()
+    });
+    // The second clone's copy starts first and commits first; the first clone's copy has read the old cluster by
+    // then and commits after.
+    let second = {
+        let two = two.clone();
+        tokio::spawn(async move { two.write(0, Bytes::from(vec![2u8; 4096])).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let first = {
+        let one = one.clone();
+        tokio::spawn(async move { one.write(0, Bytes::from(vec![3u8; 4096])).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pool.inner.meta().refs(x) != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second clone's copy never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        !first.is_finished(),
+        "the first clone's copy is still on its way"
+    );
+    // The old cluster is now the first clone's alone: a write beside the copy in progress.
+    one.write(8192, Bytes::from(vec![4u8; 4096])).await.unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    slow.set_plan(FaultPlan::default());
+
+    let back = one.read(0, CS).await.unwrap();
+    assert!(back[..4096].iter().all(|b| *b == 3));
+    assert!(back[4096..8192].iter().all(|b| *b == 1));
+    assert!(
+        back[8192..12288].iter().all(|b| *b == 4),
+        "the acknowledged write beside the copy was lost"
+    );
+    assert!(back[12288..].iter().all(|b| *b == 1));
+    let back = two.read(0, CS).await.unwrap();
+    assert!(back[..4096].iter().all(|b| *b == 2));
+    assert!(back[4096..].iter().all(|b| *b == 1));
+}
