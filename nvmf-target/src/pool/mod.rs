@@ -596,6 +596,7 @@ impl Pool {
                 read_only: meta.is_snapshot(),
                 closed: AtomicBool::new(self.is_lost()),
                 alloc: crate::block::range_lock::RangeLock::new(),
+                allocating: AtomicU64::new(0),
                 quiesce: tokio::sync::RwLock::new(()),
                 me: me.clone(),
             })

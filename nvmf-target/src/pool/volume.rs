@@ -43,6 +43,8 @@ pub struct PoolVolume {
     /// This volume's I/O holds it shared; a snapshot of the volume holds it exclusively, so the snapshot sees
     /// every acknowledged write and no write lands in a cluster after it became shared. Other volumes' I/O goes on.
     pub(super) quiesce: tokio::sync::RwLock<()>,
+    /// Allocations of this volume under way (see [`PoolVolume::sole`]).
+    pub(super) allocating: AtomicU64,
     /// This volume, for the tasks its allocating writes run as.
     pub(super) me: Weak<PoolVolume>,
 }
@@ -200,6 +202,8 @@ impl PoolVolume {
         data: Bytes,
         spare: &mut Reserved<'_>,
     ) -> Result<(), BlockError> {
+        // Counted before the cluster's mapping is looked at (see `sole`).
+        let _under_way = UnderWay::new(&self.allocating);
         let _serial = self
             .alloc
             .exclusive(u64::from(logical)..u64::from(logical) + 1)
@@ -374,18 +378,39 @@ impl PoolVolume {
     /// off while the caller writes it. A copy-on-write of the cluster in progress ends first: the old cluster
     /// becomes this volume's alone when another volume's copy of it commits, and a write landing in it before this
     /// volume's own copy commits would be lost under the copy's mapping (and the old cluster freed under it).
-    async fn sole(&self, logical: u32) -> Result<Option<(u32, RangeGuard)>, BlockError> {
-        if !matches!(self.lookup(logical)?, Some((_, true))) {
+    /// Such a copy was counted in `allocating` before it looked the cluster up, so before this lookup saw the
+    /// cluster unshared: with none under way, nothing is taken.
+    async fn sole(&self, logical: u32) -> Result<Option<(u32, Option<RangeGuard>)>, BlockError> {
+        let Some((phys, true)) = self.lookup(logical)? else {
             return Ok(None);
+        };
+        if self.allocating.load(Ordering::SeqCst) == 0 {
+            return Ok(Some((phys, None)));
         }
         let held = self
             .alloc
             .shared(u64::from(logical)..u64::from(logical) + 1)
             .await;
         match self.lookup(logical)? {
-            Some((phys, true)) => Ok(Some((phys, held))),
+            Some((phys, true)) => Ok(Some((phys, Some(held)))),
             _ => Ok(None),
         }
+    }
+}
+
+/// Counts one allocation under way while it lives.
+struct UnderWay<'a>(&'a AtomicU64);
+
+impl<'a> UnderWay<'a> {
+    fn new(count: &'a AtomicU64) -> UnderWay<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        UnderWay(count)
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
