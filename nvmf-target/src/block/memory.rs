@@ -14,6 +14,7 @@ pub struct MemoryDevice {
     block_size: u32,
     num_blocks: u64,
     chunks: Vec<RwLock<Option<Box<[u8]>>>>,
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryDevice {
@@ -24,7 +25,13 @@ impl MemoryDevice {
             block_size,
             num_blocks,
             chunks: (0..n).map(|_| RwLock::new(None)).collect(),
+            flushes: Default::default(),
         }
+    }
+
+    /// Flushes asked of it so far (they have nothing to do: memory keeps everything).
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Bytes of memory currently allocated.
@@ -113,6 +120,8 @@ impl BlockDevice for MemoryDevice {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 

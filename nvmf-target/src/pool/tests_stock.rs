@@ -3,51 +3,18 @@
 //! stocked clusters on a disk full of old data.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
 use super::*;
+use crate::block::BlockDevice;
 use crate::block::memory::MemoryDevice;
-use crate::block::{BlockDevice, BlockError};
 
 const MIB: u64 = 1 << 20;
 const CS: u64 = 256 << 10;
-
-/// A memory disk that counts its flushes.
-struct CountingDisk {
-    inner: MemoryDevice,
-    flushes: AtomicU64,
-}
-
-#[async_trait]
-impl BlockDevice for CountingDisk {
-    fn block_size(&self) -> u32 {
-        self.inner.block_size()
-    }
-    fn num_blocks(&self) -> u64 {
-        self.inner.num_blocks()
-    }
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-        self.inner.write(offset, data).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.write_zeroes(offset, len).await
-    }
-    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.deallocate(offset, len).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.inner.flush().await
-    }
-}
 
 fn spec() -> PoolSpec {
     PoolSpec {
@@ -58,11 +25,8 @@ fn spec() -> PoolSpec {
 }
 
 /// A 32 MiB pool of 256 KiB clusters with a replica of `clusters` clusters.
-async fn pool_with_replica(clusters: u64) -> (Arc<CountingDisk>, Pool, Uuid, Arc<PoolVolume>) {
-    let disk = Arc::new(CountingDisk {
-        inner: MemoryDevice::new(32 * MIB, 512),
-        flushes: AtomicU64::new(0),
-    });
+async fn pool_with_replica(clusters: u64) -> (Arc<MemoryDevice>, Pool, Uuid, Arc<PoolVolume>) {
+    let disk = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let pool = Pool::create(disk.clone(), &spec(), &Claim::new("node-a"))
         .await
         .unwrap();
@@ -80,13 +44,13 @@ async fn first_writes_after_the_stock_is_filled_cost_one_flush_each() {
     let (disk, pool, r, vol) = pool_with_replica(32).await;
     // The first allocation zeroes the stock with its own cluster, under its one flush before the commit.
     vol.write(4096, data(1)).await.unwrap();
-    let before = disk.flushes.load(Ordering::Relaxed);
+    let before = disk.flushes();
     // First writes in the middle of clusters (no sequential writer): each takes a stocked cluster.
     for (i, c) in [5u64, 9, 17].into_iter().enumerate() {
         vol.write(c * CS + 8192, data(2 + i as u8)).await.unwrap();
     }
     assert_eq!(
-        disk.flushes.load(Ordering::Relaxed) - before,
+        disk.flushes() - before,
         3,
         "one flush per first write: its commit's"
     );

@@ -2,47 +2,13 @@
 //! once the host has turned the volatile write cache off (Set Features 06h); a plain write does not.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use nvmf_target::block::memory::MemoryDevice;
-use nvmf_target::block::{BlockDevice, BlockError};
 use nvmf_target::protocol::command::{Sqe, admin, io};
 use nvmf_target::target::TargetConfig;
 
 use super::harness::*;
-
-struct Flushes {
-    inner: MemoryDevice,
-    count: AtomicUsize,
-}
-
-#[async_trait]
-impl BlockDevice for Flushes {
-    fn block_size(&self) -> u32 {
-        self.inner.block_size()
-    }
-    fn num_blocks(&self) -> u64 {
-        self.inner.num_blocks()
-    }
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
-        self.inner.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-        self.inner.write(offset, data).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.write_zeroes(offset, len).await
-    }
-    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.deallocate(offset, len).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
 
 const FUA: u32 = 1 << 30;
 
@@ -64,17 +30,14 @@ fn write_zeroes(fua: bool) -> Sqe {
 #[tokio::test]
 async fn writes_are_flushed_for_fua_and_when_the_host_turns_the_write_cache_off() {
     let t = target_with(&[], TargetConfig::default()).await;
-    let dev = Arc::new(Flushes {
-        inner: MemoryDevice::new(NS_SIZE, 512),
-        count: AtomicUsize::new(0),
-    });
+    let dev = Arc::new(MemoryDevice::new(NS_SIZE, 512));
     t.target
         .add_namespace(NQN, 2, uuid::Uuid::new_v4(), 1, dev.clone())
         .unwrap();
     let (mut admin_q, cntlid) = Raw::admin(t.addr, 0).await;
     let mut q = Raw::io(t.addr, &mut admin_q, cntlid).await;
     let data = Bytes::from(vec![7u8; 4096]);
-    let flushes = || dev.count.load(Ordering::SeqCst);
+    let flushes = || dev.flushes();
 
     for (sqe, payload, want) in [
         (write(false), data.clone(), 0),
