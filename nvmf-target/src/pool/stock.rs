@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 
 use super::PoolInner;
 use super::label::{LABEL_LEN, Label};
+use crate::block::BlockError;
 
 /// How much the stock holds at most, in bytes (and never more than [`MAX_CLUSTERS`] clusters).
 const STOCK_BYTES: u64 = 32 << 20;
@@ -56,6 +57,17 @@ impl PoolInner {
             self.stock_filled(Vec::new());
         }
         picked
+    }
+
+    /// Zeroes `clusters` (from [`Self::reserve_for_stock`]); the caller's flush makes it durable.
+    pub(super) async fn zero_for_stock(&self, clusters: &[u32]) -> Result<(), BlockError> {
+        let cs = u64::from(self.label.cluster_size);
+        for c in clusters {
+            self.dev
+                .write_zeroes(self.label.cluster_offset(*c), cs)
+                .await?;
+        }
+        Ok(())
     }
 
     /// `clusters` (from [`Self::reserve_for_stock`]) are zeroed and the zeroing is durable: they join the stock.

@@ -257,10 +257,7 @@ impl PoolVolume {
                             dev.write_zeroes(base + end, cs - end).await?;
                         }
                         dev.write(base + within, data).await?;
-                        for c in &stock.clusters {
-                            dev.write_zeroes(self.pool.label.cluster_offset(*c), cs)
-                                .await?;
-                        }
+                        self.pool.zero_for_stock(&stock.clusters).await?;
                         dev.flush().await
                     }
                     .await;
