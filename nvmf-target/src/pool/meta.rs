@@ -289,6 +289,24 @@ impl PoolMeta {
         Ok(())
     }
 
+    /// Whether applying `r` takes a volume's mapping off a cluster, which may then be written for another volume.
+    pub fn moves_off_a_cluster(&self, r: &Record) -> bool {
+        let mapped = |volume: &Uuid, logical: u32| {
+            self.volumes
+                .get(volume)
+                .and_then(|v| v.map.get(logical as usize))
+                .is_some_and(|p| *p != UNMAPPED)
+        };
+        match r {
+            Record::Map {
+                volume, logical, ..
+            }
+            | Record::Unmap { volume, logical } => mapped(volume, *logical),
+            Record::Destroy { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Applies one record. An error means the record cannot follow this state: metadata is corrupt.
     pub fn apply(&mut self, r: &Record) -> Result<(), PoolError> {
         let bad = |why: String| Err(PoolError::CorruptMetadata(why));

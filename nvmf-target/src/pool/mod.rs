@@ -172,6 +172,11 @@ pub(crate) struct PoolInner {
     /// Clusters picked for an allocation whose mapping is not committed yet.
     reserved: Mutex<BTreeSet<u32>>,
     cursor: AtomicU64,
+    /// Counts the commits that took a volume's mapping off a cluster (a copy-on-write's, an unmap, a destroy),
+    /// changed under the metadata's write lock: after one, the old cluster may be written for another volume, so a
+    /// read that looked its cluster up before and sees the count moved when its data is back looks again (see
+    /// [`volume::PoolVolume`]'s `read_piece`).
+    moved: AtomicU64,
     /// Reserved clusters whose zeroing is durable, for allocations to take (`stock`).
     stock: Mutex<Vec<u32>>,
     /// An allocation is filling the stock.
@@ -341,7 +346,15 @@ impl commit::Metadata for PoolInner {
 
     fn apply(&self, records: &[Record]) -> Result<(), PoolError> {
         let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
-        records.iter().try_for_each(|r| m.apply(r))
+        let mut moved = false;
+        let applied = records.iter().try_for_each(|r| {
+            moved |= m.moves_off_a_cluster(r);
+            m.apply(r)
+        });
+        if moved {
+            self.moved.fetch_add(1, Ordering::Release);
+        }
+        applied
     }
 
     fn halted(&self) -> Option<PoolError> {
@@ -512,6 +525,7 @@ impl Pool {
             journal: GroupCommit::new(journal),
             reserved: Mutex::new(BTreeSet::new()),
             cursor: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
             stock: Mutex::new(Vec::new()),
             stocking: AtomicBool::new(false),
             stock_ready: tokio::sync::Notify::new(),

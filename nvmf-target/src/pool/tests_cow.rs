@@ -1,5 +1,6 @@
-//! Copy-on-write against a write that finds the old cluster its volume's alone: two clones share a cluster, one
-//! copies it while the other's copy commits first.
+//! Copy-on-write against I/O in flight on the cluster it copies, with two clones sharing a cluster: a write that
+//! finds the old cluster its volume's alone while that volume's own copy is still on its way, and a read of the old
+//! cluster still on its way when the copy commits and the other clone writes into it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,4 +91,65 @@ async fn a_write_beside_a_copy_on_write_in_progress_is_not_lost_when_the_old_clu
     let back = two.read(0, CS).await.unwrap();
     assert!(back[..4096].iter().all(|b| *b == 2));
     assert!(back[4096..].iter().all(|b| *b == 1));
+}
+
+#[tokio::test]
+async fn a_read_in_flight_when_its_cluster_is_copied_away_returns_none_of_the_other_clones_writes()
+{
+    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
+    let spec = PoolSpec {
+        name: "p1".into(),
+        uuid: Uuid::new_v4(),
+        cluster_size: CS as u32,
+    };
+    let pool = Pool::create(slow.clone(), &spec, &Claim::new("node-a"))
+        .await
+        .unwrap();
+    let (r, s, c1, c2) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let vol = pool.create_replica(r, 4 * CS, None).await.unwrap();
+    vol.write(0, Bytes::from(vec![1u8; CS as usize]))
+        .await
+        .unwrap();
+    pool.snapshot(r, s).await.unwrap();
+    let one = pool.clone_snapshot(s, c1, None).await.unwrap();
+    let two = pool.clone_snapshot(s, c2, None).await.unwrap();
+    pool.destroy_volume(r).await.unwrap();
+    pool.destroy_volume(s).await.unwrap();
+    let x = pool.inner.meta().volumes[&c1].map[0];
+    assert_eq!(pool.inner.meta().refs(x), 2);
+
+    // A read of the first clone's cluster 0 looks the cluster up and is slow to reach the disk.
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(300)),
+        ..Default::default()
+    });
+    let reading = {
+        let one = one.clone();
+        tokio::spawn(async move { one.read(0, 4096).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    slow.set_plan(FaultPlan::default());
+    // Meanwhile the first clone copies the cluster away, which leaves the old one the second clone's alone, and the
+    // second clone writes straight into it.
+    one.write(0, Bytes::from(vec![3u8; 4096])).await.unwrap();
+    assert_eq!(pool.inner.meta().refs(x), 1);
+    two.write(0, Bytes::from(vec![2u8; 4096])).await.unwrap();
+    assert_eq!(
+        pool.inner.meta().volumes[&c2].map[0],
+        x,
+        "the second clone wrote in place"
+    );
+    assert!(!reading.is_finished(), "the read is still on its way");
+
+    let back = reading.await.unwrap().unwrap();
+    assert!(
+        back.iter().all(|b| *b == 1) || back.iter().all(|b| *b == 3),
+        "the first clone's read returned data that was never the first clone's: {:?}",
+        &back[..8]
+    );
 }

@@ -135,13 +135,47 @@ impl PoolVolume {
 
     /// The physical cluster behind `logical` and whether this volume is its only user.
     fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
+        Ok(self.lookup_moved(logical)?.0)
+    }
+
+    /// [`Self::lookup`], with the pool's count of mappings moved off a cluster as of that lookup.
+    fn lookup_moved(&self, logical: u32) -> Result<(Option<(u32, bool)>, u64), BlockError> {
         let meta = self.pool.meta();
+        // Changed only under the metadata's write lock: consistent with the mapping read here.
+        let moved = self.pool.moved.load(Ordering::Acquire);
         let v = meta.volumes.get(&self.uuid).ok_or(BlockError::Closed)?;
         let p = v.map.get(logical as usize).copied().unwrap_or(UNMAPPED);
         if p == UNMAPPED {
-            return Ok(None);
+            return Ok((None, moved));
         }
-        Ok(Some((p, meta.refs(p) == 1)))
+        Ok((Some((p, meta.refs(p) == 1)), moved))
+    }
+
+    /// Reads `p` (under the caller's gate and quiesce locks) from the cluster it maps to when the data comes back.
+    ///
+    /// A read in flight can outlive its cluster's mapping: this volume's copy-on-write commits and the old cluster
+    /// becomes another clone's alone, which writes into it, or is freed and reused. If any mapping moved off a
+    /// cluster while the data was on its way, the cluster is looked up again, and a piece whose cluster changed is
+    /// read again. One whose cluster is unchanged is good: while this read holds the locks, a logical cluster moves
+    /// at most once (moving it again needs a snapshot or an unmap, which wait for them), so it was never away.
+    async fn read_piece(&self, p: &Piece) -> Result<Bytes, BlockError> {
+        let n = p.range.len() as u64;
+        let (mut at, mut moved) = self.lookup_moved(p.logical)?;
+        loop {
+            let Some((phys, _)) = at else {
+                return Ok(Bytes::from(vec![0u8; n as usize]));
+            };
+            let off = self.pool.label.cluster_offset(phys) + p.within;
+            let data = self.pool.dev.read(off, n).await?;
+            if self.pool.moved.load(Ordering::Acquire) == moved {
+                return Ok(data);
+            }
+            let (now, seen) = self.lookup_moved(p.logical)?;
+            if now.map(|(c, _)| c) == Some(phys) {
+                return Ok(data);
+            }
+            (at, moved) = (now, seen);
+        }
     }
 
     /// Byte ranges of the volume that have a cluster behind them (the rest reads as zeroes), merged.
@@ -428,13 +462,7 @@ impl BlockDevice for PoolVolume {
         let mut out = BytesMut::new();
         for p in pieces(offset, len, self.cs()) {
             let n = p.range.len() as u64;
-            let data = match self.lookup(p.logical)? {
-                None => Bytes::from(vec![0u8; n as usize]),
-                Some((phys, _)) => {
-                    let off = self.pool.label.cluster_offset(phys) + p.within;
-                    self.pool.dev.read(off, n).await?
-                }
-            };
+            let data = self.read_piece(&p).await?;
             if n == len {
                 return Ok(data);
             }
