@@ -150,6 +150,9 @@ pub struct PoolMeta {
     pub volumes: BTreeMap<Uuid, VolumeMeta>,
     #[serde(skip)]
     refs: Vec<u32>,
+    /// Clusters with a reference: kept with `refs`, so the pool's space is known without a scan of every cluster.
+    #[serde(skip)]
+    used: u64,
     #[serde(skip)]
     cluster_size: u64,
 }
@@ -159,6 +162,7 @@ impl PoolMeta {
         PoolMeta {
             volumes: BTreeMap::new(),
             refs: vec![0; data_clusters as usize],
+            used: 0,
             cluster_size: u64::from(cluster_size),
         }
     }
@@ -167,6 +171,7 @@ impl PoolMeta {
     pub fn load(mut self, cluster_size: u32, data_clusters: u64) -> Result<PoolMeta, PoolError> {
         self.cluster_size = u64::from(cluster_size);
         self.refs = vec![0; data_clusters as usize];
+        self.used = 0;
         let volumes = std::mem::take(&mut self.volumes);
         for (id, v) in volumes {
             if id != v.uuid {
@@ -207,13 +212,21 @@ impl PoolMeta {
 
     fn add_refs(&mut self, map: &[u32]) {
         for p in map.iter().filter(|p| **p != UNMAPPED) {
-            self.refs[*p as usize] += 1;
+            let r = &mut self.refs[*p as usize];
+            if *r == 0 {
+                self.used += 1;
+            }
+            *r += 1;
         }
     }
 
     fn drop_refs(&mut self, map: &[u32]) {
         for p in map.iter().filter(|p| **p != UNMAPPED) {
-            self.refs[*p as usize] = self.refs[*p as usize].saturating_sub(1);
+            let r = &mut self.refs[*p as usize];
+            if *r == 1 {
+                self.used -= 1;
+            }
+            *r = r.saturating_sub(1);
         }
     }
 
@@ -226,7 +239,7 @@ impl PoolMeta {
     }
 
     pub fn used_clusters(&self) -> u64 {
-        self.refs.iter().filter(|r| **r > 0).count() as u64
+        self.used
     }
 
     /// The first cluster at or after `from` (wrapping) that is unreferenced and not in `busy`.
@@ -834,5 +847,62 @@ mod tests {
             parsed.load(CS, 4),
             Err(PoolError::CorruptMetadata(_))
         ));
+    }
+
+    #[test]
+    fn the_count_of_used_clusters_follows_every_record_without_a_scan() {
+        let mut m = PoolMeta::new(CS, 32);
+        let recount = |m: &PoolMeta| m.refs.iter().filter(|r| **r > 0).count() as u64;
+        let mut live = vec![create(&mut m, 8 * u64::from(CS))];
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for step in 0..2000u32 {
+            let v = live[next(live.len() as u64) as usize];
+            let writable = !m.volumes[&v].is_snapshot();
+            let r = match next(6) {
+                0..=2 if writable => Record::Map {
+                    volume: v,
+                    logical: next(8) as u32,
+                    physical: next(32) as u32,
+                },
+                3 if writable => Record::Unmap {
+                    volume: v,
+                    logical: next(8) as u32,
+                },
+                4 if live.len() < 6 => {
+                    let snapshot = Uuid::new_v4();
+                    live.push(snapshot);
+                    match writable {
+                        true => Record::Snapshot {
+                            replica: v,
+                            snapshot,
+                            created: 1,
+                        },
+                        false => Record::Clone {
+                            snapshot: v,
+                            replica: snapshot,
+                            created: 1,
+                            share: None,
+                        },
+                    }
+                }
+                5 if live.len() > 1 => {
+                    live.retain(|x| *x != v);
+                    Record::Destroy { volume: v }
+                }
+                _ => continue,
+            };
+            m.apply(&r).unwrap();
+            assert_eq!(m.used_clusters(), recount(&m), "after step {step}: {r:?}");
+        }
+        let encoded = serde_json::to_vec(&m).unwrap();
+        let back: PoolMeta = serde_json::from_slice(&encoded).unwrap();
+        let back = back.load(CS, 32).unwrap();
+        assert_eq!(back.used_clusters(), m.used_clusters());
     }
 }
