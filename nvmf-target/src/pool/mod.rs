@@ -162,9 +162,9 @@ pub struct PoolStats {
 
 pub(crate) struct PoolInner {
     dev: Arc<dyn BlockDevice>,
-    /// The same device, counting its disk errors.
+    /// The device under the fuse, counting its disk errors: the journal and label I/O go here ([`Disk`]).
     disk: Arc<crate::block::error_count::ErrorCount>,
-    /// Under both: where a disk fault is injected (`InjectFault` on the pool).
+    /// Under both: where a disk fault is injected (`InjectFault` on the pool), for data and metadata alike.
     fault: Arc<crate::block::fault::FaultDevice>,
     label: Label,
     meta: RwLock<PoolMeta>,
@@ -408,6 +408,25 @@ pub struct Pool {
     inner: Arc<PoolInner>,
 }
 
+/// The layers over a pool's device that all its I/O goes through, the label's and the journal's too, as a failing
+/// disk fails them all: where `InjectFault` fails or delays it, and over that the count of its errors.
+struct Disk {
+    fault: Arc<crate::block::fault::FaultDevice>,
+    counted: Arc<crate::block::error_count::ErrorCount>,
+}
+
+impl Disk {
+    fn over(dev: Arc<dyn BlockDevice>) -> Disk {
+        let fault = Arc::new(crate::block::fault::FaultDevice::new(dev));
+        let counted = Arc::new(crate::block::error_count::ErrorCount::new(fault.clone()));
+        Disk { fault, counted }
+    }
+
+    fn counted(&self) -> Arc<dyn BlockDevice> {
+        self.counted.clone()
+    }
+}
+
 impl Pool {
     /// Reads the device's label block: blank, a sound label, or an error (corrupt label, foreign data).
     pub async fn probe(dev: &dyn BlockDevice) -> Result<Probe, PoolError> {
@@ -447,13 +466,15 @@ impl Pool {
             dev.size_bytes(),
         )?
         .claimed_by(&claim.node)?;
-        let journal = Journal::format(dev.clone(), &label).await?;
+        let disk = Disk::over(dev);
+        let journal = Journal::format(disk.counted(), &label).await?;
         let io = |e: crate::block::BlockError| PoolError::Io(format!("writing the label: {e}"));
+        let dev = disk.counted();
         dev.write(0, label.encode().freeze()).await.map_err(io)?;
         dev.flush().await.map_err(io)?;
         let meta = PoolMeta::new(label.cluster_size, label.data_clusters);
         tracing::info!(pool = %label.name, uuid = %label.uuid, capacity = label.capacity(), owner = %label.owner, "created pool");
-        Ok(Self::assemble(dev, label, journal, meta))
+        Ok(Self::assemble(disk, label, journal, meta))
     }
 
     /// Opens the pool on a device for `claim.node`: checks the label and its owner, claims the pool (a new
@@ -470,8 +491,9 @@ impl Pool {
                 dev.block_size()
             )));
         }
-        let label = Self::claim(dev.as_ref(), &found, claim).await?;
-        let (journal, meta) = Journal::open(dev.clone(), &label).await?;
+        let disk = Disk::over(dev);
+        let label = Self::claim(disk.counted().as_ref(), &found, claim).await?;
+        let (journal, meta) = Journal::open(disk.counted(), &label).await?;
         tracing::info!(
             pool = %label.name,
             uuid = %label.uuid,
@@ -480,7 +502,7 @@ impl Pool {
             incarnation = label.incarnation,
             "imported pool"
         );
-        Ok(Self::assemble(dev, label, journal, meta))
+        Ok(Self::assemble(disk, label, journal, meta))
     }
 
     /// Writes the label that makes `claim.node` the owner, one incarnation after `found`.
@@ -511,14 +533,12 @@ impl Pool {
         Ok(label)
     }
 
-    fn assemble(dev: Arc<dyn BlockDevice>, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
-        let fault = Arc::new(crate::block::fault::FaultDevice::new(dev));
-        let disk = Arc::new(crate::block::error_count::ErrorCount::new(fault.clone()));
-        let fuse = Arc::new(fuse::Fuse::new(disk.clone()));
+    fn assemble(disk: Disk, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
+        let fuse = Arc::new(fuse::Fuse::new(disk.counted()));
         let inner = Arc::new(PoolInner {
             dev: fuse.clone(),
-            disk,
-            fault,
+            disk: disk.counted,
+            fault: disk.fault,
             fuse,
             label,
             meta: RwLock::new(meta),

@@ -999,6 +999,41 @@ async fn after_a_journal_flush_fails_no_write_is_acknowledged_and_none_acknowled
 }
 
 #[tokio::test]
+async fn a_fault_injected_on_the_pool_disk_fails_its_metadata_writes_too_and_counts_as_a_disk_error()
+ {
+    use crate::block::fault::FaultPlan;
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let pool = Pool::create(dev, &spec("p"), &me()).await.unwrap();
+    let vol = pool
+        .create_replica(Uuid::new_v4(), 4 * MIB, None)
+        .await
+        .unwrap();
+    vol.write(0, pattern(1, 4096)).await.unwrap();
+    // Only the journal's blocks fail, as on a disk going bad there: the data of a first write lands, its mapping
+    // does not.
+    let l = pool.label().clone();
+    let injected = pool.inject_disk_fault(Some(FaultPlan {
+        fail_ranges: vec![std::ops::Range {
+            start: l.journal_offset,
+            end: l.journal_offset + l.journal_len,
+        }],
+        ..Default::default()
+    }));
+    assert_eq!(injected, 0);
+    assert!(
+        vol.write(u64::from(CS), pattern(2, 4096)).await.is_err(),
+        "a first write whose mapping could not be written was acknowledged"
+    );
+    assert!(pool.inject_disk_fault(None) >= 1);
+    assert!(pool.fault().is_some(), "the pool is faulted");
+    assert!(
+        pool.inner.disk.errors() >= 1,
+        "the journal's error counts as the disk's"
+    );
+    assert!(vol.read(0, 4096).await.unwrap()[..] == pattern(1, 4096)[..]);
+}
+
+#[tokio::test]
 async fn a_pool_created_where_one_was_destroyed_never_replays_the_old_journal() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let old = Pool::create(dev.clone(), &spec("old"), &me())
