@@ -351,8 +351,13 @@ async fn reap(s: Arc<Shared>) {
         tokio::select! {
             ready = s.wake.readable() => match ready {
                 Ok(mut g) => {
-                    // Read the count before taking the completions: one posted after this wakes us again.
-                    let _ = g.try_io(|fd| fd.get_ref().read().map_err(io::Error::from));
+                    // Read the count before taking the completions: one posted after this writes it again, a new
+                    // edge of the descriptor (the kernel's poll wakes on every write) that wakes us again. So the
+                    // readiness seen here is cleared now, not by a second read finding the count empty: one system
+                    // call per wake-up, not two. (Clearing never drops a newer edge: tokio clears only the
+                    // readiness of the event this guard saw.)
+                    let _ = g.get_ref().get_ref().read();
+                    g.clear_ready();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "io_uring eventfd failed; its device's I/O stops");
