@@ -125,7 +125,8 @@ async fn a_read_in_flight_when_its_cluster_is_copied_away_returns_none_of_the_ot
 
     // A read of the first clone's cluster 0 looks the cluster up and is slow to reach the disk.
     slow.set_plan(FaultPlan {
-        latency: Some(Duration::from_millis(300)),
+        // Long enough for the copy and the write below to end first even on a loaded machine.
+        latency: Some(Duration::from_secs(1)),
         ..Default::default()
     });
     let reading = {
