@@ -62,7 +62,8 @@ if "jobs" in d:
     r = dict(iops=side["iops"], mbps=side["bw_bytes"] / 1e6,
              p50=pct.get("50.000000", 0) / 1000, p99=pct.get("99.000000", 0) / 1000)
 else:
-    r = dict(iops=d["iops"], mbps=d["mb_per_s"], p50=d["lat_us"]["p50"], p99=d["lat_us"]["p99"])
+    r = dict(iops=d["iops"], mbps=d["mb_per_s"], p50=d["lat_us"]["p50"], p99=d["lat_us"]["p99"],
+             cpu_s=d.get("target_cpu_s"), secs=d.get("seconds"))
     if d["errors"]:
         sys.exit(workload + ": I/O errors: " + str(d["errors"]))
 r.update(backend=backend, workload=workload, tool=tool, steal=steal)
@@ -243,6 +244,13 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
                      f'{first["mbps"] / over["mbps"]:.2f}x'))
     for name, met, value in aims:
         print(f'aim {name:66} {value:>8} {"met" if met else "NOT met"}')
+    # How busy the engine was: near one core at QD32, its thread (one connection, one I/O thread) is the limit,
+    # not the disk.
+    cpu = [(w, r) for (w, t), r in by.items() if t == "io-engine pool" and r.get("cpu_s") and r.get("secs")]
+    if cpu:
+        print("engine CPU (an I/O thread's spin included): " + "; ".join(
+            f'{w} {r["cpu_s"] / r["secs"]:.2f} cores, {r["cpu_s"] * 1e6 / (r["iops"] * r["secs"]):.1f} us/IO'
+            for w, r in cpu if w.startswith("4k")))
 noisy = [r for r in rows if r.get("steal", 0) > NOISY]
 print(f"\n* the hypervisor took more than {NOISY:.0%} of the machine during that run ({len(noisy)} of {len(rows)} runs):"
       " its figures are not the software's")
