@@ -298,6 +298,7 @@ impl PoolInner {
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         for c in picked {
             reserved.remove(c);
+            self.cursor.fetch_min(u64::from(*c), Ordering::Relaxed);
         }
     }
 
@@ -315,6 +316,14 @@ impl PoolInner {
                     SETTLE_WAIT.as_secs()
                 ))
             })
+    }
+
+    /// Unreserves a cluster reserved and never written ([`Self::release_cluster`]), and moves the cursor back to
+    /// it: the next allocation takes it, so a volume written in order lies in order on the disk, without holes
+    /// left behind for the cursor to come back to after going round the pool.
+    fn release_unused(&self, c: u32) {
+        self.release_cluster(c);
+        self.cursor.fetch_min(u64::from(c), Ordering::Relaxed);
     }
 
     fn release_cluster(&self, c: u32) {

@@ -29,7 +29,8 @@ const MAX_CLUSTERS: u64 = 8;
 const FREE_SHARE: u64 = 8;
 
 impl PoolInner {
-    /// A stocked cluster (zeroed on the disk durably, reserved), if any.
+    /// A stocked cluster (zeroed on the disk durably, reserved), if any: the lowest, so that a volume written in
+    /// order takes them in order.
     pub(super) fn take_stocked(&self) -> Option<u32> {
         self.stock.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
@@ -73,10 +74,11 @@ impl PoolInner {
     /// `clusters` (from [`Self::reserve_for_stock`]) are zeroed and the zeroing is durable: they join the stock.
     /// Empty: the filling failed and its clusters were released.
     pub(super) fn stock_filled(&self, clusters: Vec<u32>) {
-        self.stock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(clusters);
+        let mut stock = self.stock.lock().unwrap_or_else(|e| e.into_inner());
+        stock.extend(clusters);
+        // Highest first: `take_stocked` pops the lowest.
+        stock.sort_unstable_by(|a, b| b.cmp(a));
+        drop(stock);
         self.stocking.store(false, Ordering::Release);
         self.stock_ready.notify_waiters();
     }
@@ -94,7 +96,7 @@ impl PoolInner {
             std::mem::take(&mut *self.stock.lock().unwrap_or_else(|e| e.into_inner()));
         let n = drained.len();
         for c in drained {
-            self.release_cluster(c);
+            self.release_unused(c);
         }
         n
     }

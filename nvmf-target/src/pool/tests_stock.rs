@@ -106,3 +106,25 @@ async fn a_nearly_full_pool_serves_every_free_cluster_while_its_stock_is_being_f
     assert_eq!(pool.stats().allocated, clusters * CS);
     assert_eq!(pool.stats().no_space_errors, 0);
 }
+
+#[tokio::test]
+async fn a_replica_written_in_order_lies_in_order_on_the_disk() {
+    let disk = Arc::new(MemoryDevice::new(64 * MIB, 512));
+    let pool = Pool::create(disk, &spec(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    let r = Uuid::new_v4();
+    let vol = pool.create_replica(r, 40 * CS, None).await.unwrap();
+    // 64 KiB writes from the start to the end, as a file system's or a database's sequential writer.
+    let step = 64 << 10;
+    for at in (0..40 * CS).step_by(step) {
+        vol.write(at, Bytes::from(vec![1u8; step])).await.unwrap();
+    }
+    let map = pool.inner.meta().volumes[&r].map.clone();
+    let first = map[0];
+    assert_eq!(
+        map,
+        (first..first + 40).collect::<Vec<u32>>(),
+        "logical clusters in order are physical clusters in order, with no holes between them"
+    );
+}

@@ -90,7 +90,7 @@ struct Reserved<'a> {
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
         for c in self.clusters.drain(..) {
-            self.pool.release_cluster(c);
+            self.pool.release_unused(c);
         }
     }
 }
@@ -258,7 +258,7 @@ impl PoolVolume {
         let spared = spare.clusters.pop();
         if let (Some(_), Some(c)) = (stocked, spared) {
             // The cluster reserved for this piece is not needed.
-            self.pool.release_cluster(c);
+            self.pool.release_unused(c);
         }
         let new = match stocked.or(spared) {
             Some(c) => c,
