@@ -16,9 +16,18 @@ use crate::block::memory::MemoryDevice;
 const MIB: u64 = 1 << 20;
 const CS: u64 = 256 << 10;
 
-#[tokio::test]
-async fn a_write_beside_a_copy_on_write_in_progress_is_not_lost_when_the_old_cluster_becomes_unshared()
- {
+/// A pool on a disk that can be slowed, with two clones of one snapshot (both gone) sharing cluster 0's physical
+/// cluster `x` (filled with 1s), and no one else.
+struct Clones {
+    slow: Arc<FaultDevice>,
+    pool: Pool,
+    one: Arc<PoolVolume>,
+    two: Arc<PoolVolume>,
+    c2: Uuid,
+    x: u32,
+}
+
+async fn two_clones_sharing_cluster_0() -> Clones {
     let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
     let spec = PoolSpec {
         name: "p1".into(),
@@ -46,6 +55,27 @@ async fn a_write_beside_a_copy_on_write_in_progress_is_not_lost_when_the_old_clu
     // The two clones share cluster 0's physical cluster, and no one else does.
     let x = pool.inner.meta().volumes[&c1].map[0];
     assert_eq!(pool.inner.meta().refs(x), 2);
+    Clones {
+        slow,
+        pool,
+        one,
+        two,
+        c2,
+        x,
+    }
+}
+
+#[tokio::test]
+async fn a_write_beside_a_copy_on_write_in_progress_is_not_lost_when_the_old_cluster_becomes_unshared()
+ {
+    let Clones {
+        slow,
+        pool,
+        one,
+        two,
+        c2: _,
+        x,
+    } = two_clones_sharing_cluster_0().await;
 
     slow.set_plan(FaultPlan {
         latency: Some(Duration::from_millis(30)),
@@ -96,32 +126,14 @@ async fn a_write_beside_a_copy_on_write_in_progress_is_not_lost_when_the_old_clu
 #[tokio::test]
 async fn a_read_in_flight_when_its_cluster_is_copied_away_returns_none_of_the_other_clones_writes()
 {
-    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
-    let spec = PoolSpec {
-        name: "p1".into(),
-        uuid: Uuid::new_v4(),
-        cluster_size: CS as u32,
-    };
-    let pool = Pool::create(slow.clone(), &spec, &Claim::new("node-a"))
-        .await
-        .unwrap();
-    let (r, s, c1, c2) = (
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-    );
-    let vol = pool.create_replica(r, 4 * CS, None).await.unwrap();
-    vol.write(0, Bytes::from(vec![1u8; CS as usize]))
-        .await
-        .unwrap();
-    pool.snapshot(r, s).await.unwrap();
-    let one = pool.clone_snapshot(s, c1, None).await.unwrap();
-    let two = pool.clone_snapshot(s, c2, None).await.unwrap();
-    pool.destroy_volume(r).await.unwrap();
-    pool.destroy_volume(s).await.unwrap();
-    let x = pool.inner.meta().volumes[&c1].map[0];
-    assert_eq!(pool.inner.meta().refs(x), 2);
+    let Clones {
+        slow,
+        pool,
+        one,
+        two,
+        c2,
+        x,
+    } = two_clones_sharing_cluster_0().await;
 
     // A read of the first clone's cluster 0 looks the cluster up and is slow to reach the disk.
     slow.set_plan(FaultPlan {
