@@ -88,6 +88,26 @@ impl RangeLock {
         self.lock(range, true).await
     }
 
+    /// `range` exclusively if nothing holds or waits for any of it now; never waits.
+    pub fn try_exclusive(&self, range: Range<u64>) -> Option<RangeGuard> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let n = s.waiting.len();
+        if !s.grantable(n, &range, true) {
+            return None;
+        }
+        s.next_id += 1;
+        let id = s.next_id;
+        s.held.push(Entry {
+            id,
+            range,
+            exclusive: true,
+        });
+        Some(RangeGuard {
+            state: self.state.clone(),
+            id,
+        })
+    }
+
     /// Excludes every other holder, at any offset: for a whole-device step (snapshot, handing a child its log,
     /// growing, shutting down). Sizing the range from the device before waiting would let a grow that finishes
     /// during the wait open offsets the guard does not cover.
@@ -154,6 +174,29 @@ mod tests {
         drop(a);
         drop(_b);
         assert!(granted_soon(l.exclusive(90..95)).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_try_takes_only_a_range_no_one_holds_or_waits_for() {
+        let l = RangeLock::new();
+        let held = l.shared(0..10).await;
+        assert!(l.try_exclusive(5..15).is_none(), "overlaps a holder");
+        let free = l.try_exclusive(10..20).expect("nothing there");
+        assert!(
+            granted_soon(l.shared(12..13)).await.is_none(),
+            "a try's guard excludes like any other"
+        );
+        drop(free);
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move { l2.exclusive(5..25).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            l.try_exclusive(20..22).is_none(),
+            "no one holds 20..22, but an earlier waiter wants it"
+        );
+        drop(held);
+        drop(waiter.await.unwrap());
+        assert!(l.try_exclusive(0..100).is_some(), "all free again");
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@
 //! go on, and [`Pool::fault`] says why (the engine API reports it with the pool), until the pool is imported again.
 //! A transaction that failed may still become durable, so nothing written after it may count on it not being.
 
+mod ahead;
 mod commit;
 mod fuse;
 mod journal;
@@ -640,6 +641,7 @@ impl Pool {
                 closed: AtomicBool::new(self.is_lost()),
                 alloc: crate::block::range_lock::RangeLock::new(),
                 allocating: AtomicU64::new(0),
+                stream: Default::default(),
                 quiesce: tokio::sync::RwLock::new(()),
                 me: me.clone(),
             })

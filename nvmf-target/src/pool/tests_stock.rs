@@ -73,9 +73,9 @@ async fn a_nearly_full_pool_serves_every_free_cluster_while_its_stock_is_being_f
     let clusters = pool.stats().capacity / CS;
     let r = Uuid::new_v4();
     let vol = pool.create_replica(r, clusters * CS, None).await.unwrap();
-    // All but 16 clusters used, and nothing stocked: 16 free.
+    // All but 16 clusters used, and nothing stocked: 16 free. Written backwards, so nothing is mapped ahead.
     let left = 16;
-    for c in 0..clusters - left {
+    for c in (0..clusters - left).rev() {
         vol.write(c * CS + 4096, data(1)).await.unwrap();
     }
     pool.inner.drain_stock().await;
@@ -127,4 +127,88 @@ async fn a_replica_written_in_order_lies_in_order_on_the_disk() {
         (first..first + 40).collect::<Vec<u32>>(),
         "logical clusters in order are physical clusters in order, with no holes between them"
     );
+}
+
+#[tokio::test]
+async fn a_writer_in_order_maps_its_next_clusters_with_fewer_commits_and_a_random_one_maps_none_ahead()
+ {
+    let (disk, pool, r, vol) = pool_with_replica(32).await;
+    let step = 64 << 10;
+    let before = disk.flushes();
+    for at in (0..32 * CS).step_by(step) {
+        let seed = (at / CS) as u8 + 1;
+        vol.write(at, Bytes::from(vec![seed; step])).await.unwrap();
+    }
+    let flushes = disk.flushes() - before;
+    assert!(
+        flushes <= 16,
+        "32 clusters written in order took {flushes} flushes: one commit per cluster, none mapped ahead"
+    );
+    assert_eq!(
+        pool.volume_allocated(&r),
+        32 * CS,
+        "nothing mapped past the end"
+    );
+
+    // A writer that stops leaves at most as much mapped ahead as it wrote.
+    let s = Uuid::new_v4();
+    let stopped = pool.create_replica(s, 32 * CS, None).await.unwrap();
+    for c in 0..5 {
+        stopped.write(c * CS, data(1)).await.unwrap();
+    }
+    let mapped = pool.volume_allocated(&s) / CS;
+    assert!(
+        (6..=10).contains(&mapped),
+        "5 clusters written in order, {mapped} mapped"
+    );
+    let back = stopped.read(5 * CS, (mapped - 5) * CS).await.unwrap();
+    assert!(back.iter().all(|b| *b == 0), "mapped ahead reads as zeroes");
+
+    // A random writer maps what it writes, nothing more.
+    let q = Uuid::new_v4();
+    let random = pool.create_replica(q, 32 * CS, None).await.unwrap();
+    for c in [7u64, 3, 20, 11, 2, 30, 16] {
+        random.write(c * CS + 4096, data(2)).await.unwrap();
+    }
+    assert_eq!(pool.volume_allocated(&q), 7 * CS);
+
+    // After a restart, every byte is what was written or zero.
+    drop((vol, stopped, random, pool));
+    let pool = Pool::import(disk, &Claim::new("node-a")).await.unwrap();
+    let vol = pool.open_volume(&r).unwrap();
+    for c in 0..32u64 {
+        let back = vol.read(c * CS, CS).await.unwrap();
+        assert!(back.iter().all(|b| *b == c as u8 + 1), "cluster {c}");
+    }
+    let stopped = pool.open_volume(&s).unwrap();
+    let back = stopped.read(0, 32 * CS).await.unwrap();
+    for (c, chunk) in back.chunks(CS as usize).enumerate() {
+        let want = if c < 5 { 1 } else { 0 };
+        assert!(chunk[..4096].iter().all(|b| *b == want), "cluster {c}");
+        assert!(chunk[4096..].iter().all(|b| *b == 0), "cluster {c}");
+    }
+}
+
+#[tokio::test]
+async fn eight_writes_in_flight_in_order_each_land_once_where_they_were_sent() {
+    let (_disk, pool, r, vol) = pool_with_replica(48).await;
+    // As a sequential writer at queue depth 8: the writes into the next clusters race the commits mapping them
+    // ahead, and every one must end up in the cluster that is mapped.
+    let step = 32 << 10;
+    let chunks: Vec<u64> = (0..48 * CS).step_by(step).collect();
+    for wave in chunks.chunks(8) {
+        let writes = wave.iter().map(|at| {
+            let seed = (at / step as u64 % 251) as u8 + 1;
+            vol.write(*at, Bytes::from(vec![seed; step]))
+        });
+        for w in futures_util::future::join_all(writes).await {
+            w.unwrap();
+        }
+    }
+    assert_eq!(pool.volume_allocated(&r), 48 * CS);
+    let back = vol.read(0, 48 * CS).await.unwrap();
+    for (i, chunk) in back.chunks(step).enumerate() {
+        let seed = (i % 251) as u8 + 1;
+        assert!(chunk.iter().all(|b| *b == seed), "chunk {i}");
+    }
 }

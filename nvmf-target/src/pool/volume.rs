@@ -8,7 +8,8 @@
 //!   only then commits the new mapping to the journal. A crash before the commit leaves the old mapping and a free
 //!   cluster; the write was never acknowledged. The old contents of a reused cluster can never show through.
 //!   A never-mapped cluster takes a stocked cluster instead when there is one (`stock`: zeroed and flushed
-//!   before), and writes only its data before the commit: one flush, the commit's.
+//!   before), and writes only its data before the commit: one flush, the commit's. A writer going in order gets
+//!   its next clusters mapped by the same commit (`ahead`).
 //! - A write reserves every new cluster it needs before it writes any: with too few free clusters it fails with
 //!   [`BlockError::NoSpace`] (NVMe "Capacity Exceeded") and changes nothing, so replicas that all ran out of
 //!   space still agree.
@@ -25,6 +26,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use uuid::Uuid;
 
+use super::ahead::Ahead;
 use super::meta::{Record, UNMAPPED};
 use super::{PoolError, PoolInner};
 use crate::block::range_lock::{RangeGuard, RangeLock};
@@ -45,6 +47,8 @@ pub struct PoolVolume {
     pub(super) quiesce: tokio::sync::RwLock<()>,
     /// Allocations of this volume under way (see [`PoolVolume::sole`]).
     pub(super) allocating: AtomicU64,
+    /// Its run of clusters allocated in order, for mapping ahead (`ahead`).
+    pub(super) stream: super::ahead::Stream,
     /// This volume, for the tasks its allocating writes run as.
     pub(super) me: Weak<PoolVolume>,
 }
@@ -134,8 +138,15 @@ impl PoolVolume {
     }
 
     /// The physical cluster behind `logical` and whether this volume is its only user.
-    fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
+    pub(super) fn lookup(&self, logical: u32) -> Result<Option<(u32, bool)>, BlockError> {
         Ok(self.lookup_moved(logical)?.0)
+    }
+
+    /// How many logical clusters the volume has (mapped or not).
+    pub(super) fn mapped_len(&self) -> Result<u32, BlockError> {
+        let meta = self.pool.meta();
+        let v = meta.volumes.get(&self.uuid).ok_or(BlockError::Closed)?;
+        Ok(v.map.len() as u32)
     }
 
     /// [`Self::lookup`], with the pool's count of mappings moved off a cluster as of that lookup.
@@ -264,6 +275,7 @@ impl PoolVolume {
             Some(c) => c,
             None => self.pool.reserve_cluster().await.map_err(pool_err)?,
         };
+        let mut ahead = Ahead::default();
         let result = async {
             let base = self.pool.label.cluster_offset(new);
             let cs = self.cs();
@@ -305,15 +317,30 @@ impl PoolVolume {
                     filled?;
                 }
             }
-            let rec = Record::Map {
-                volume: self.uuid,
-                logical,
-                physical: new,
-            };
-            self.pool.commit(vec![rec]).await.map_err(pool_err)
+            if old.is_none() {
+                ahead = self.take_ahead(logical)?;
+            }
+            let records = std::iter::once((logical, new))
+                .chain(ahead.maps.iter().copied())
+                .map(|(logical, physical)| Record::Map {
+                    volume: self.uuid,
+                    logical,
+                    physical,
+                })
+                .collect();
+            self.pool.commit(records).await.map_err(pool_err)
         }
         .await;
         self.pool.release_cluster(new);
+        match result {
+            Ok(()) => {
+                if old.is_none() {
+                    self.allocated_in_order(logical, ahead.maps.len());
+                }
+                ahead.committed(self);
+            }
+            Err(_) => ahead.release(self),
+        }
         result
     }
 
