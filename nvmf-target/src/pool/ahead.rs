@@ -85,6 +85,7 @@ impl PoolVolume {
             };
             maps.push((l, c));
         }
+        self.pool.refill_behind();
         Ok(Ahead {
             maps,
             _held: Some(held),

@@ -184,6 +184,9 @@ pub(crate) struct PoolInner {
     stocking: AtomicBool,
     /// Told when a filling of the stock ends.
     stock_ready: tokio::sync::Notify,
+    /// Set when the volumes are closed (the pool is destroyed, shut down or taken by another import): a filling of
+    /// the stock that has not started zeroing never does.
+    closed: AtomicBool,
     /// Between `dev` and the disk: blown when a metadata write fails, then no write or flush reaches the disk.
     fuse: Arc<fuse::Fuse>,
     /// I/O holds it shared; snapshot, destroy and unmap hold it exclusively.
@@ -220,6 +223,7 @@ impl PoolInner {
     }
 
     fn close_volumes(&self) {
+        self.closed.store(true, Ordering::Release);
         for v in self
             .volumes
             .lock()
@@ -558,6 +562,7 @@ impl Pool {
             moved: AtomicU64::new(0),
             stock: Mutex::new(Vec::new()),
             stocking: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             stock_ready: tokio::sync::Notify::new(),
             gate: tokio::sync::RwLock::new(()),
             volumes: Mutex::new(BTreeMap::new()),
@@ -944,6 +949,8 @@ impl Pool {
             });
         }
         self.close();
+        // A filling of the stock in a task of its own ends before the label goes: none zeroes a thing after.
+        let _excl = self.inner.gate.write().await;
         let dev = &self.inner.dev;
         let io = |e: crate::block::BlockError| PoolError::Io(format!("wiping the label: {e}"));
         dev.write_zeroes(0, LABEL_LEN).await.map_err(io)?;

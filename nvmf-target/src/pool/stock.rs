@@ -11,11 +11,18 @@
 //! import, or a failed allocation, the cluster is one of the plain free clusters, which an allocation zeroes
 //! around its data and flushes before mapping.
 //!
-//! The stock is filled by an allocation that found it empty: besides its own cluster it zeroes a few more, and its
-//! one flush covers them all. One flush thus serves several allocations. It takes at most an eighth of the free
-//! clusters, so a nearly full pool stocks nothing; and a reservation that comes up short waits for a filling in
-//! progress and takes the stock back before it fails a write for space.
+//! The stock is filled two ways, one flush covering every cluster of a filling:
+//! - behind the allocation that took its last cluster, in a task of its own ([`PoolInner::refill_behind`]), so
+//!   that the next first writes find it full and neither wait for zeroing nor pay a flush for it;
+//! - by an allocation that found it empty and no filling under way: besides its own cluster it zeroes the stock's,
+//!   under its own flush.
+//!
+//! It takes at most an eighth of the free clusters, so a nearly full pool stocks nothing; and a reservation that
+//! comes up short waits for a filling in progress and takes the stock back before it fails a write for space. A
+//! filling holds the pool's gate shared, as I/O does, and a closed pool starts none: a destroyed pool's label is
+//! wiped only once no filling zeroes anything more.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::PoolInner;
@@ -33,6 +40,53 @@ impl PoolInner {
     /// order takes them in order.
     pub(super) fn take_stocked(&self) -> Option<u32> {
         self.stock.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Takes a stocked cluster, and starts filling the stock again behind this allocation if it took the last.
+    pub(super) fn take_stocked_refilling(self: &Arc<Self>) -> Option<u32> {
+        let c = self.take_stocked();
+        if c.is_some() {
+            self.refill_behind();
+        }
+        c
+    }
+
+    /// Fills an empty stock in a task of its own (see the module's doc), if no filling is under way.
+    pub(super) fn refill_behind(self: &Arc<Self>) {
+        let empty = self
+            .stock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if !empty || self.stocking.load(Ordering::Acquire) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let _io = pool.gate.read().await;
+            if pool.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let clusters = pool.reserve_for_stock().await;
+            if clusters.is_empty() {
+                return;
+            }
+            let zeroed = async {
+                pool.zero_for_stock(&clusters).await?;
+                pool.dev.flush().await
+            }
+            .await;
+            match zeroed {
+                Ok(()) => pool.stock_filled(clusters),
+                Err(e) => {
+                    tracing::debug!(pool = %pool.label.name, error = %e, "filling the stock failed");
+                    for c in clusters {
+                        pool.release_unused(c);
+                    }
+                    pool.stock_filled(Vec::new());
+                }
+            }
+        });
     }
 
     /// Free clusters to zero for the stock, reserved, when the stock is empty, no other allocation is filling it,

@@ -212,3 +212,58 @@ async fn eight_writes_in_flight_in_order_each_land_once_where_they_were_sent() {
         assert!(chunk.iter().all(|b| *b == seed), "chunk {i}");
     }
 }
+
+#[tokio::test]
+async fn the_allocation_that_takes_the_last_stocked_cluster_fills_the_stock_again_behind_it() {
+    let (disk, pool, _r, vol) = pool_with_replica(64).await;
+    let stocked = |pool: &Pool| pool.inner.stock.lock().unwrap().len() as u64;
+    vol.write(4096, data(1)).await.unwrap();
+    let n = stocked(&pool);
+    assert!(n > 0, "the first allocation filled the stock");
+    // First writes in scattered clusters take the whole stock.
+    for i in 0..n {
+        vol.write((2 + 3 * i) * CS + 8192, data(2)).await.unwrap();
+    }
+    let mut waited = 0;
+    while stocked(&pool) == 0 {
+        assert!(
+            waited < 500,
+            "no write came since, and the stock is still empty"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    // The next first write finds it full: its data and its commit's flush, no zeroing of its own.
+    let before = disk.flushes();
+    vol.write(60 * CS + 8192, data(3)).await.unwrap();
+    assert_eq!(disk.flushes() - before, 1);
+    let back = vol.read(60 * CS, CS).await.unwrap();
+    assert!(back[..8192].iter().all(|b| *b == 0));
+    assert_eq!(&back[8192..12288], &data(3)[..]);
+    assert!(back[12288..].iter().all(|b| *b == 0));
+}
+
+#[tokio::test]
+async fn a_pool_is_destroyed_only_once_a_filling_of_its_stock_has_ended() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
+    let pool = Pool::create(slow.clone(), &spec(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(30)),
+        ..Default::default()
+    });
+    pool.inner.refill_behind();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        pool.inner.stocking.load(Ordering::Acquire),
+        "the filling is under way"
+    );
+    pool.destroy().await.unwrap();
+    assert!(
+        !pool.inner.stocking.load(Ordering::Acquire),
+        "the filling zeroes nothing after the label is wiped"
+    );
+    assert!(matches!(Pool::probe(&*slow).await, Ok(Probe::Blank)));
+}

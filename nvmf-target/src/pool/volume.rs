@@ -263,7 +263,7 @@ impl PoolVolume {
         }
         // A never-mapped cluster takes a stocked one (zeroed durably) when there is one: only its data to write.
         let stocked = match old {
-            None => self.pool.take_stocked(),
+            None => self.pool.take_stocked_refilling(),
             Some(_) => None,
         };
         let spared = spare.clusters.pop();
