@@ -372,6 +372,9 @@ pub enum HostCmd {
         #[arg(long = "host-nqn")]
         host_nqns: Vec<String>,
     },
+    /// Forget application node NODE, gone for good (refused while its node agent is alive or a volume is
+    /// published to it). A node agent that comes back registers it again.
+    Delete { node: String },
 }
 
 pub async fn host(agent: &str, cmd: HostCmd) -> Result<()> {
@@ -390,6 +393,11 @@ pub async fn host(agent: &str, cmd: HostCmd) -> Result<()> {
             })
             .await?;
             println!("registered host {node}: {}", host_nqns.join(", "));
+        }
+        HostCmd::Delete { node } => {
+            c.delete_host(pb::DeleteHostRequest { node: node.clone() })
+                .await?;
+            println!("forgot host {node}");
         }
     }
     Ok(())

@@ -81,7 +81,9 @@ impl From<HostError> for Status {
         match e {
             HostError::InvalidArgument(_) => Status::invalid_argument(msg),
             HostError::NotFound(_) => Status::not_found(msg),
-            HostError::NotItsHost { .. } => Status::failed_precondition(msg),
+            HostError::NotItsHost { .. } | HostError::Alive { .. } | HostError::InUse(_) => {
+                Status::failed_precondition(msg)
+            }
             HostError::Store(StoreError::InvalidArgument(_)) => Status::invalid_argument(msg),
             HostError::Store(_) => Status::unavailable(msg),
             HostError::Corrupt { .. } => Status::data_loss(msg),
@@ -614,6 +616,36 @@ impl Cluster for Service {
         let l = self.leadership.leading()?;
         let hosts = l.hosts.list().await?.into_iter().map(host).collect();
         Ok(Response::new(pb::ListHostsResponse { hosts }))
+    }
+
+    async fn delete_host(
+        &self,
+        r: Request<pb::DeleteHostRequest>,
+    ) -> Result<Response<pb::DeleteHostResponse>, Status> {
+        let r: Result<Response<pb::DeleteHostResponse>, Status> = async {
+            let l = self.leadership.leading()?;
+            let node = r.into_inner().node;
+            let Some(record) = l.hosts.get(&node).await? else {
+                return Err(HostError::NotFound(node).into());
+            };
+            for v in l.volumes.list().await? {
+                if let Some(h) = v
+                    .nexus
+                    .as_ref()
+                    .and_then(|n| record.spec.host_nqns.iter().find(|h| n.has_host(h)))
+                {
+                    return Err(HostError::InUse(format!(
+                        "volume {} is published to {h}, a host of node {node}: unpublish it first",
+                        v.uuid
+                    ))
+                    .into());
+                }
+            }
+            l.hosts.remove(&node).await?;
+            Ok(Response::new(pb::DeleteHostResponse {}))
+        }
+        .await;
+        self.counted("delete_host", r)
     }
 
     async fn cordon_node(

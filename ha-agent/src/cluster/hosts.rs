@@ -71,6 +71,14 @@ pub enum HostError {
     /// The node never registered.
     #[error("node {0} has no registered node agent")]
     NotFound(String),
+    /// The node's agent was heard from within three heartbeats: it is not gone.
+    #[error(
+        "the node agent of {node} was heard from {ago:?} ago: a node is forgotten only once it is gone"
+    )]
+    Alive { node: String, ago: Duration },
+    /// A volume is published to one of the node's hosts.
+    #[error("{0}")]
+    InUse(String),
     /// The node registered, without that host NQN.
     #[error("{host} is not a host NQN node {node} registered ({registered:?})")]
     NotItsHost {
@@ -173,6 +181,32 @@ impl Hosts {
         Ok(out)
     }
 
+    /// Forgets `node` (gone for good), unless its node agent is alive; the record it had. The caller has checked
+    /// that no volume is published to its hosts.
+    pub async fn remove(&self, node: &str) -> Result<HostRecord, HostError> {
+        let Some(record) = self.get(node).await? else {
+            return Err(HostError::NotFound(node.to_string()));
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let view = HostView {
+            record,
+            last_seen: seen.remove(node).map(|t| t.elapsed()),
+        };
+        if view.alive() {
+            return Err(HostError::Alive {
+                node: node.to_string(),
+                ago: view.last_seen.unwrap_or_default(),
+            });
+        }
+        self.store.delete(&key(node)).await?;
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(node);
+        tracing::info!(node, host_nqns = ?view.record.spec.host_nqns, "host forgotten");
+        Ok(view.record)
+    }
+
     /// Whether `node` may report for `host_nqn`: its node agent registered, with that host NQN. A report is also a
     /// sign of life.
     pub async fn check_report(&self, node: &str, host_nqn: &str) -> Result<(), HostError> {
@@ -248,6 +282,50 @@ mod tests {
         assert!(!l[0].alive());
         other.check_report("app-1", h).await.unwrap();
         assert!(other.list().await.unwrap()[0].alive());
+    }
+
+    #[tokio::test]
+    async fn a_node_gone_for_good_is_forgotten_and_one_alive_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            EmbeddedStore::open(&dir.path().join("store.redb"))
+                .await
+                .unwrap(),
+        );
+        let hosts = Hosts::new(store.clone());
+        let h = "nqn.2026-11.io.keelson:host-app-1";
+        hosts.register(spec("app-1", &[h])).await.unwrap();
+        hosts
+            .register(spec("app-2", &["nqn.2026-11.io.keelson:host-app-2"]))
+            .await
+            .unwrap();
+        assert!(matches!(
+            hosts.remove("app-1").await,
+            Err(HostError::Alive { .. })
+        ));
+        assert!(matches!(
+            hosts.remove("app-3").await,
+            Err(HostError::NotFound(_))
+        ));
+        // A new leader has not heard from either: app-1 is gone for good, and goes.
+        let leader = Hosts::new(store);
+        let gone = leader.remove("app-1").await.unwrap();
+        assert_eq!(gone.spec.host_nqns, vec![h.to_string()]);
+        let left: Vec<String> = leader
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.record.spec.node)
+            .collect();
+        assert_eq!(left, vec!["app-2".to_string()]);
+        assert!(matches!(
+            leader.check_report("app-1", h).await,
+            Err(HostError::NotFound(_))
+        ));
+        // Its node agent comes back: it registers again.
+        leader.register(spec("app-1", &[h])).await.unwrap();
+        leader.check_report("app-1", h).await.unwrap();
     }
 
     #[tokio::test]

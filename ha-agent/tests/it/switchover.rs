@@ -231,6 +231,17 @@ async fn a_killed_nexus_engine_is_switched_over_on_the_hosts_report() {
             .collect::<Vec<_>>(),
         [("app-1", true), ("app-2", true)]
     );
+    // Forgetting a node: refused while a volume is published to it or while its agent is alive; an unknown one
+    // is not found.
+    let forget = |node: &str| pb::DeleteHostRequest { node: node.into() };
+    let s = c.delete_host(forget("app-1")).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("published"), "{}", s.message());
+    let s = c.delete_host(forget("app-2")).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("heard from"), "{}", s.message());
+    let s = c.delete_host(forget("app-9")).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
 
     // The nexus's engine dies; the host reports at once, in the kernel's address form.
     engines[0].kill9();
