@@ -3,8 +3,8 @@
 //! disk durably, see `stock`). A sequential writer then pays one commit, one flush, per run of clusters instead of
 //! one per cluster, and finds the next clusters of its run mapped: it writes them in place.
 //!
-//! How far: as many clusters as the stream has allocated in order so far, at most [`AHEAD_MAX`], and never more
-//! than the stock holds. A writer that stops thus leaves at most as much mapped and unwritten as it wrote, and a
+//! How far: as many clusters as the run has made allocations in order so far, at most [`AHEAD_MAX`], and never
+//! more than the stock holds. A writer that stops thus leaves at most as much mapped and unwritten as it wrote, and a
 //! nearly full pool maps nothing ahead (its stock is empty: the stock takes at most an eighth of the free
 //! clusters). A random writer almost never allocates right after its last allocation, so it maps nothing ahead.
 //!
@@ -29,7 +29,8 @@ pub(super) struct Stream(Mutex<Run>);
 struct Run {
     /// The logical cluster after the last one allocated (or mapped ahead); `u32::MAX` before any.
     next: u32,
-    /// How many clusters the run has allocated in order, those mapped ahead included.
+    /// How many allocations the run made in order (clusters mapped ahead not counted: a writer that skips them
+    /// never gets more mapped ahead than it allocated).
     len: u32,
 }
 
@@ -77,7 +78,8 @@ impl PoolVolume {
         };
         let mut maps = Vec::new();
         for l in from..to {
-            if self.lookup(l)?.is_some() {
+            // Mapped already, or the volume is gone (its commit fails then): no further.
+            if !matches!(self.lookup(l), Ok(None)) {
                 break;
             }
             let Some(c) = self.pool.take_stocked() else {
@@ -96,13 +98,12 @@ impl PoolVolume {
     /// new one starts.
     pub(super) fn allocated_in_order(&self, logical: u32, ahead: usize) {
         let mut run = self.stream.lock();
-        let n = 1 + ahead as u32;
         run.len = if run.next == logical {
-            run.len.saturating_add(n)
+            run.len.saturating_add(1)
         } else {
-            n
+            1
         };
-        run.next = logical.saturating_add(n);
+        run.next = logical.saturating_add(1 + ahead as u32);
     }
 }
 

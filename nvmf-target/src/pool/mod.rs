@@ -243,7 +243,7 @@ impl PoolInner {
     /// given back first.
     async fn reserve_clusters(&self, n: usize) -> Result<Vec<u32>, PoolError> {
         let mut picked = self.pick_free(n);
-        if picked.len() < n && self.drain_stock().await > 0 {
+        if picked.len() < n && self.drain_stock().await {
             self.give_back(&picked);
             picked = self.pick_free(n);
         }

@@ -64,54 +64,50 @@ impl PoolInner {
         let pool = self.clone();
         tokio::spawn(async move {
             let _io = pool.gate.read().await;
-            if pool.closed.load(Ordering::Acquire) {
+            let Some(filling) = pool.reserve_for_stock().await else {
                 return;
-            }
-            let clusters = pool.reserve_for_stock().await;
-            if clusters.is_empty() {
-                return;
-            }
+            };
             let zeroed = async {
-                pool.zero_for_stock(&clusters).await?;
+                pool.zero_for_stock(&filling.clusters).await?;
                 pool.dev.flush().await
             }
             .await;
-            match zeroed {
-                Ok(()) => pool.stock_filled(clusters),
-                Err(e) => {
-                    tracing::debug!(pool = %pool.label.name, error = %e, "filling the stock failed");
-                    for c in clusters {
-                        pool.release_unused(c);
-                    }
-                    pool.stock_filled(Vec::new());
-                }
+            if let Err(e) = &zeroed {
+                tracing::debug!(pool = %pool.label.name, error = %e, "filling the stock failed");
             }
+            filling.end(zeroed.is_ok());
         });
     }
 
-    /// Free clusters to zero for the stock, reserved, when the stock is empty, no other allocation is filling it,
-    /// and the label still names this import (a displaced owner zeroes nothing more); hand them to
-    /// [`Self::stock_filled`] once their zeroing is flushed, or release them and call it with none.
-    pub(super) async fn reserve_for_stock(&self) -> Vec<u32> {
+    /// A filling of the stock: free clusters to zero, reserved, when the stock is empty, no other filling is under
+    /// way, the pool is open and the label still names this import (a displaced owner zeroes nothing more). End
+    /// it with [`Filling::end`] once the zeroing is flushed, or failed.
+    pub(super) async fn reserve_for_stock(&self) -> Option<Filling<'_>> {
         {
             let stock = self.stock.lock().unwrap_or_else(|e| e.into_inner());
             if !stock.is_empty() || self.stocking.swap(true, Ordering::AcqRel) {
-                return Vec::new();
+                return None;
             }
         }
+        // From here, dropping it ends the filling.
+        let mut filling = Filling {
+            pool: self,
+            clusters: Vec::new(),
+            ended: false,
+        };
         let cs = u64::from(self.label.cluster_size);
         let want = (STOCK_BYTES / cs)
             .clamp(1, MAX_CLUSTERS)
             .min(self.unreserved_free() / FREE_SHARE);
-        let picked = if want > 0 && self.still_ours().await {
-            self.pick_free(want as usize)
-        } else {
-            Vec::new()
-        };
-        if picked.is_empty() {
-            self.stock_filled(Vec::new());
+        let closed = || self.closed.load(Ordering::Acquire);
+        if want == 0 || closed() || !self.still_ours().await || closed() {
+            return None;
         }
-        picked
+        filling.clusters = self.pick_free(want as usize);
+        if filling.clusters.is_empty() {
+            return None;
+        }
+        Some(filling)
     }
 
     /// Zeroes `clusters` (from [`Self::reserve_for_stock`]); the caller's flush makes it durable.
@@ -138,21 +134,23 @@ impl PoolInner {
     }
 
     /// Gives every stocked cluster back to the free ones (a reservation came up short), once a filling in
-    /// progress has ended; how many.
-    pub(super) async fn drain_stock(&self) -> usize {
+    /// progress has ended: whether free clusters may have changed meanwhile (it waited for a filling, which may
+    /// have given its clusters back, or it gave some back).
+    pub(super) async fn drain_stock(&self) -> bool {
         let ready = self.stock_ready.notified();
         tokio::pin!(ready);
         ready.as_mut().enable();
-        if self.stocking.load(Ordering::Acquire) {
+        let waited = self.stocking.load(Ordering::Acquire);
+        if waited {
             ready.await;
         }
         let drained: Vec<u32> =
             std::mem::take(&mut *self.stock.lock().unwrap_or_else(|e| e.into_inner()));
-        let n = drained.len();
+        let gave_back = !drained.is_empty();
         for c in drained {
             self.release_unused(c);
         }
-        n
+        waited || gave_back
     }
 
     /// Whether the label on the disk still names this import (another node may have taken the pool).
@@ -163,5 +161,39 @@ impl PoolInner {
             }),
             Err(_) => false,
         }
+    }
+}
+
+/// A filling of the stock under way (it set the pool's `stocking`) and the clusters it zeroes, reserved. Dropped
+/// before [`Filling::end`] (its task gone at a runtime's shutdown), it gives them back and ends, so no reservation
+/// waits for it forever.
+pub(super) struct Filling<'a> {
+    pool: &'a PoolInner,
+    pub(super) clusters: Vec<u32>,
+    ended: bool,
+}
+
+impl Filling<'_> {
+    /// Ends the filling: with its zeroing durable the clusters join the stock, else they go back to the free ones.
+    pub(super) fn end(mut self, zeroed: bool) {
+        let clusters = std::mem::take(&mut self.clusters);
+        if zeroed {
+            self.pool.stock_filled(clusters);
+            self.ended = true;
+        } else {
+            self.clusters = clusters;
+        }
+    }
+}
+
+impl Drop for Filling<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        for c in self.clusters.drain(..) {
+            self.pool.release_unused(c);
+        }
+        self.pool.stock_filled(Vec::new());
     }
 }

@@ -267,3 +267,77 @@ async fn a_pool_is_destroyed_only_once_a_filling_of_its_stock_has_ended() {
     );
     assert!(matches!(Pool::probe(&*slow).await, Ok(Probe::Blank)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_that_waited_for_a_failed_filling_gets_the_clusters_it_gave_back() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    let flaky = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
+    let pool = Pool::create(flaky.clone(), &spec(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    let free = pool.stats().capacity / CS;
+    // Every write fails from now on, after 30 ms: the filling reads the label, reserves, and its zeroing fails.
+    flaky.set_plan(FaultPlan {
+        fail_after: Some(0),
+        latency: Some(Duration::from_millis(30)),
+        ..Default::default()
+    });
+    pool.inner.refill_behind();
+    tokio::time::sleep(Duration::from_millis(45)).await;
+    let filling = pool.inner.reserved.lock().unwrap().len() as u64;
+    assert!(
+        pool.inner.stocking.load(Ordering::Acquire) && filling > 0,
+        "the filling holds {filling} clusters while it zeroes them"
+    );
+    // A reservation of every free cluster comes up short, waits for the filling, which fails and gives them back.
+    let all = pool
+        .inner
+        .reserve_clusters(free as usize)
+        .await
+        .expect("every free cluster, the failed filling's too");
+    assert_eq!(all.len() as u64, free);
+    assert!(!pool.inner.stocking.load(Ordering::Acquire));
+}
+
+#[test]
+fn a_filling_whose_task_is_dropped_ends_and_gives_its_clusters_back() {
+    use crate::block::fault::{FaultDevice, FaultPlan};
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    };
+    let main = runtime();
+    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
+    let pool = main.block_on(async {
+        let pool = Pool::create(slow.clone(), &spec(), &Claim::new("node-a"))
+            .await
+            .unwrap();
+        slow.set_plan(FaultPlan {
+            latency: Some(Duration::from_millis(50)),
+            ..Default::default()
+        });
+        pool
+    });
+    let free = pool.stats().capacity / CS;
+    // The filling runs on a runtime that goes away while it zeroes (an I/O thread stopping).
+    let side = runtime();
+    side.block_on(async {
+        pool.inner.refill_behind();
+        tokio::time::sleep(Duration::from_millis(70)).await;
+    });
+    assert!(pool.inner.stocking.load(Ordering::Acquire));
+    assert!(!pool.inner.reserved.lock().unwrap().is_empty());
+    drop(side);
+    assert!(
+        !pool.inner.stocking.load(Ordering::Acquire),
+        "no reservation waits for a filling that is gone"
+    );
+    assert!(pool.inner.reserved.lock().unwrap().is_empty());
+    let all = main
+        .block_on(pool.inner.reserve_clusters(free as usize))
+        .unwrap();
+    assert_eq!(all.len() as u64, free);
+}

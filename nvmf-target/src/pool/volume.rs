@@ -291,10 +291,8 @@ impl PoolVolume {
                 None if stocked.is_some() => dev.write(base + within, data).await?,
                 None => {
                     // Zeroing the stock here too costs no flush more than this cluster's own.
-                    let mut stock = Reserved {
-                        pool: &self.pool,
-                        clusters: self.pool.reserve_for_stock().await,
-                    };
+                    let filling = self.pool.reserve_for_stock().await;
+                    let stock = filling.as_ref().map_or(&[][..], |f| &f.clusters[..]);
                     let filled = async {
                         if within > 0 {
                             dev.write_zeroes(base, within).await?;
@@ -303,16 +301,12 @@ impl PoolVolume {
                             dev.write_zeroes(base + end, cs - end).await?;
                         }
                         dev.write(base + within, data).await?;
-                        self.pool.zero_for_stock(&stock.clusters).await?;
+                        self.pool.zero_for_stock(stock).await?;
                         dev.flush().await
                     }
                     .await;
-                    if !stock.clusters.is_empty() {
-                        let ready = match filled {
-                            Ok(()) => std::mem::take(&mut stock.clusters),
-                            Err(_) => Vec::new(),
-                        };
-                        self.pool.stock_filled(ready);
+                    if let Some(f) = filling {
+                        f.end(filled.is_ok());
                     }
                     filled?;
                 }
