@@ -248,14 +248,18 @@ mod tests {
         }
     }
 
+    /// An embedded store in a directory of its own, kept while the directory lives.
+    async fn store() -> (tempfile::TempDir, Arc<dyn Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.redb"))
+            .await
+            .unwrap();
+        (dir, Arc::new(store))
+    }
+
     #[tokio::test]
     async fn a_registered_node_reports_for_its_own_hosts_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(&dir.path().join("store.redb"))
-                .await
-                .unwrap(),
-        );
+        let (_dir, store) = store().await;
         let hosts = Hosts::new(store.clone());
         let h = "nqn.2026-11.io.keelson:host-app-1";
         assert!(matches!(
@@ -286,12 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_gone_for_good_is_forgotten_and_one_alive_is_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(
-            EmbeddedStore::open(&dir.path().join("store.redb"))
-                .await
-                .unwrap(),
-        );
+        let (_dir, store) = store().await;
         let hosts = Hosts::new(store.clone());
         let h = "nqn.2026-11.io.keelson:host-app-1";
         hosts.register(spec("app-1", &[h])).await.unwrap();
@@ -330,12 +329,8 @@ mod tests {
 
     #[tokio::test]
     async fn bad_registrations_are_invalid_arguments() {
-        let dir = tempfile::tempdir().unwrap();
-        let hosts = Hosts::new(Arc::new(
-            EmbeddedStore::open(&dir.path().join("store.redb"))
-                .await
-                .unwrap(),
-        ));
+        let (_dir, store) = store().await;
+        let hosts = Hosts::new(store);
         for bad in [
             spec("", &["nqn.2026-11.io.keelson:host-a"]),
             spec("App_1", &["nqn.2026-11.io.keelson:host-a"]),

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::*;
 use crate::block::BlockDevice;
+use crate::block::fault::{FaultDevice, FaultPlan};
 use crate::block::memory::MemoryDevice;
 
 const MIB: u64 = 1 << 20;
@@ -33,6 +34,15 @@ async fn pool_with_replica(clusters: u64) -> (Arc<MemoryDevice>, Pool, Uuid, Arc
     let r = Uuid::new_v4();
     let vol = pool.create_replica(r, clusters * CS, None).await.unwrap();
     (disk, pool, r, vol)
+}
+
+/// A 32 MiB pool of 256 KiB clusters on a device that takes fault plans (latency, failures).
+async fn pool_on_fault_device() -> (Arc<FaultDevice>, Pool) {
+    let dev = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
+    let pool = Pool::create(dev.clone(), &spec(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    (dev, pool)
 }
 
 fn data(seed: u8) -> Bytes {
@@ -65,11 +75,7 @@ async fn first_writes_after_the_stock_is_filled_cost_one_flush_each() {
 
 #[tokio::test]
 async fn a_nearly_full_pool_serves_every_free_cluster_while_its_stock_is_being_filled() {
-    use crate::block::fault::{FaultDevice, FaultPlan};
-    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
-    let pool = Pool::create(slow.clone(), &spec(), &Claim::new("node-a"))
-        .await
-        .unwrap();
+    let (slow, pool) = pool_on_fault_device().await;
     let clusters = pool.stats().capacity / CS;
     let r = Uuid::new_v4();
     let vol = pool.create_replica(r, clusters * CS, None).await.unwrap();
@@ -245,11 +251,7 @@ async fn the_allocation_that_takes_the_last_stocked_cluster_fills_the_stock_agai
 
 #[tokio::test]
 async fn a_pool_is_destroyed_only_once_a_filling_of_its_stock_has_ended() {
-    use crate::block::fault::{FaultDevice, FaultPlan};
-    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
-    let pool = Pool::create(slow.clone(), &spec(), &Claim::new("node-a"))
-        .await
-        .unwrap();
+    let (slow, pool) = pool_on_fault_device().await;
     slow.set_plan(FaultPlan {
         latency: Some(Duration::from_millis(30)),
         ..Default::default()
@@ -270,11 +272,7 @@ async fn a_pool_is_destroyed_only_once_a_filling_of_its_stock_has_ended() {
 
 #[tokio::test(start_paused = true)]
 async fn a_reservation_that_waited_for_a_failed_filling_gets_the_clusters_it_gave_back() {
-    use crate::block::fault::{FaultDevice, FaultPlan};
-    let flaky = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
-    let pool = Pool::create(flaky.clone(), &spec(), &Claim::new("node-a"))
-        .await
-        .unwrap();
+    let (flaky, pool) = pool_on_fault_device().await;
     let free = pool.stats().capacity / CS;
     // Every write fails from now on, after 30 ms: the filling reads the label, reserves, and its zeroing fails.
     flaky.set_plan(FaultPlan {
@@ -301,7 +299,6 @@ async fn a_reservation_that_waited_for_a_failed_filling_gets_the_clusters_it_gav
 
 #[test]
 fn a_filling_whose_task_is_dropped_ends_and_gives_its_clusters_back() {
-    use crate::block::fault::{FaultDevice, FaultPlan};
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -310,16 +307,10 @@ fn a_filling_whose_task_is_dropped_ends_and_gives_its_clusters_back() {
             .unwrap()
     };
     let main = runtime();
-    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(32 * MIB, 512))));
-    let pool = main.block_on(async {
-        let pool = Pool::create(slow.clone(), &spec(), &Claim::new("node-a"))
-            .await
-            .unwrap();
-        slow.set_plan(FaultPlan {
-            latency: Some(Duration::from_millis(50)),
-            ..Default::default()
-        });
-        pool
+    let (slow, pool) = main.block_on(pool_on_fault_device());
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(50)),
+        ..Default::default()
     });
     let free = pool.stats().capacity / CS;
     // The filling runs on a runtime that goes away while it zeroes (an I/O thread stopping).
