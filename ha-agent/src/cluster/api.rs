@@ -84,6 +84,7 @@ impl From<HostError> for Status {
             HostError::NotItsHost { .. } | HostError::Alive { .. } | HostError::InUse(_) => {
                 Status::failed_precondition(msg)
             }
+            HostError::NotKnownYet { .. } => Status::unavailable(msg),
             HostError::Store(StoreError::InvalidArgument(_)) => Status::invalid_argument(msg),
             HostError::Store(_) => Status::unavailable(msg),
             HostError::Corrupt { .. } => Status::data_loss(msg),

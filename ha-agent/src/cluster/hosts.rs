@@ -76,6 +76,17 @@ pub enum HostError {
         "the node agent of {node} was heard from {ago:?} ago: a node is forgotten only once it is gone"
     )]
     Alive { node: String, ago: Duration },
+    /// Not heard from, but this agent has not led long enough to know: a live node agent may not have sent a
+    /// heartbeat to it yet.
+    #[error(
+        "this agent has led for {led:?}, less than three heartbeats: whether the node agent of {node} is alive is not \
+         known yet; try again in {wait:?}"
+    )]
+    NotKnownYet {
+        node: String,
+        led: Duration,
+        wait: Duration,
+    },
     /// A volume is published to one of the node's hosts.
     #[error("{0}")]
     InUse(String),
@@ -101,13 +112,20 @@ pub struct Hosts {
     store: Arc<dyn Store>,
     /// When each node agent was last heard from, by node.
     seen: Mutex<BTreeMap<String, Instant>>,
+    /// Since when this agent has known (it leads since then): a node not heard from since may still be alive.
+    since: Instant,
 }
 
 impl Hosts {
     pub fn new(store: Arc<dyn Store>) -> Hosts {
+        Hosts::known_since(store, Instant::now())
+    }
+
+    fn known_since(store: Arc<dyn Store>, since: Instant) -> Hosts {
         Hosts {
             store,
             seen: Mutex::new(BTreeMap::new()),
+            since,
         }
     }
 
@@ -181,8 +199,8 @@ impl Hosts {
         Ok(out)
     }
 
-    /// Forgets `node` (gone for good), unless its node agent is alive; the record it had. The caller has checked
-    /// that no volume is published to its hosts.
+    /// Forgets `node` (gone for good), unless its node agent is alive, or may be (this agent has not led for three
+    /// heartbeats yet); the record it had. The caller has checked that no volume is published to its hosts.
     pub async fn remove(&self, node: &str) -> Result<HostRecord, HostError> {
         let Some(record) = self.get(node).await? else {
             return Err(HostError::NotFound(node.to_string()));
@@ -196,6 +214,14 @@ impl Hosts {
             return Err(HostError::Alive {
                 node: node.to_string(),
                 ago: view.last_seen.unwrap_or_default(),
+            });
+        }
+        let led = self.since.elapsed();
+        if view.last_seen.is_none() && led < HEARTBEAT * 3 {
+            return Err(HostError::NotKnownYet {
+                node: node.to_string(),
+                led,
+                wait: HEARTBEAT * 3 - led,
             });
         }
         self.store.delete(&key(node)).await?;
@@ -306,8 +332,15 @@ mod tests {
             hosts.remove("app-3").await,
             Err(HostError::NotFound(_))
         ));
-        // A new leader has not heard from either: app-1 is gone for good, and goes.
-        let leader = Hosts::new(store);
+        // A new leader does not know yet whether app-1 is alive.
+        let leader = Hosts::new(store.clone());
+        assert!(matches!(
+            leader.remove("app-1").await,
+            Err(HostError::NotKnownYet { .. })
+        ));
+        // Three heartbeats into its leadership it has not heard from app-1: gone for good, it goes.
+        let since = Instant::now().checked_sub(HEARTBEAT * 3).unwrap();
+        let leader = Hosts::known_since(store, since);
         let gone = leader.remove("app-1").await.unwrap();
         assert_eq!(gone.spec.host_nqns, vec![h.to_string()]);
         let left: Vec<String> = leader
