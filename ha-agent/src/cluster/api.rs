@@ -92,6 +92,28 @@ impl From<HostError> for Status {
     }
 }
 
+/// FAILED_PRECONDITION if a volume is published to one of `record`'s host NQNs, or to the kernel host NQN Keelson
+/// gives its node (the CSI driver's).
+async fn published_to_node(volumes: &Volumes, record: &hosts::HostRecord) -> Result<(), Status> {
+    let node = &record.spec.node;
+    let kernel = proto::names::kernel_host_nqn(node);
+    let hosts: Vec<&String> = record.spec.host_nqns.iter().chain([&kernel]).collect();
+    for v in volumes.list().await? {
+        if let Some(h) = v
+            .nexus
+            .as_ref()
+            .and_then(|n| hosts.iter().find(|h| n.has_host(h)))
+        {
+            return Err(HostError::InUse(format!(
+                "volume {} is published to {h}, a host of node {node}: unpublish it first",
+                v.uuid
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
 fn host(v: HostView) -> pb::Host {
     pb::Host {
         alive: v.alive(),
@@ -626,23 +648,19 @@ impl Cluster for Service {
         let r: Result<Response<pb::DeleteHostResponse>, Status> = async {
             let l = self.leadership.leading()?;
             let node = r.into_inner().node;
+            if node.is_empty() {
+                return Err(Status::invalid_argument("no node name"));
+            }
             let Some(record) = l.hosts.get(&node).await? else {
                 return Err(HostError::NotFound(node).into());
             };
-            for v in l.volumes.list().await? {
-                if let Some(h) = v
-                    .nexus
-                    .as_ref()
-                    .and_then(|n| record.spec.host_nqns.iter().find(|h| n.has_host(h)))
-                {
-                    return Err(HostError::InUse(format!(
-                        "volume {} is published to {h}, a host of node {node}: unpublish it first",
-                        v.uuid
-                    ))
-                    .into());
-                }
+            published_to_node(&l.volumes, &record).await?;
+            let gone = l.hosts.remove(&node).await?;
+            // A publish that checked the record before it went: put it back.
+            if let Err(e) = published_to_node(&l.volumes, &gone).await {
+                l.hosts.restore(&gone).await?;
+                return Err(e);
             }
-            l.hosts.remove(&node).await?;
             Ok(Response::new(pb::DeleteHostResponse {}))
         }
         .await;

@@ -73,19 +73,19 @@ pub enum HostError {
     NotFound(String),
     /// The node's agent was heard from within three heartbeats: it is not gone.
     #[error(
-        "the node agent of {node} was heard from {ago:?} ago: a node is forgotten only once it is gone"
+        "the node agent of {node} was heard from {ago_s} s ago: a node is forgotten only once it is gone"
     )]
-    Alive { node: String, ago: Duration },
+    Alive { node: String, ago_s: u64 },
     /// Not heard from, but this agent has not led long enough to know: a live node agent may not have sent a
     /// heartbeat to it yet.
     #[error(
-        "this agent has led for {led:?}, less than three heartbeats: whether the node agent of {node} is alive is not \
-         known yet; try again in {wait:?}"
+        "this agent has led for {led_s} s, less than three heartbeats: whether the node agent of {node} is alive is \
+         not known yet; try again in {wait_s} s"
     )]
     NotKnownYet {
         node: String,
-        led: Duration,
-        wait: Duration,
+        led_s: u64,
+        wait_s: u64,
     },
     /// A volume is published to one of the node's hosts.
     #[error("{0}")]
@@ -114,6 +114,9 @@ pub struct Hosts {
     seen: Mutex<BTreeMap<String, Instant>>,
     /// Since when this agent has known (it leads since then): a node not heard from since may still be alive.
     since: Instant,
+    /// Held by a registration and a removal throughout: a node agent's heartbeat is never lost to a removal that
+    /// checked before it came.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl Hosts {
@@ -126,6 +129,7 @@ impl Hosts {
             store,
             seen: Mutex::new(BTreeMap::new()),
             since,
+            changing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -149,6 +153,7 @@ impl Hosts {
                 "{bad:?} is not an NQN (\"nqn.\" and at most {NQN_MAX} bytes of printable ASCII)"
             )));
         }
+        let _changing = self.changing.lock().await;
         let old = self.get(&spec.node).await?;
         let record = match old {
             Some(o) if o.spec == spec => o,
@@ -202,6 +207,7 @@ impl Hosts {
     /// Forgets `node` (gone for good), unless its node agent is alive, or may be (this agent has not led for three
     /// heartbeats yet); the record it had. The caller has checked that no volume is published to its hosts.
     pub async fn remove(&self, node: &str) -> Result<HostRecord, HostError> {
+        let _changing = self.changing.lock().await;
         let Some(record) = self.get(node).await? else {
             return Err(HostError::NotFound(node.to_string()));
         };
@@ -213,15 +219,15 @@ impl Hosts {
         if view.alive() {
             return Err(HostError::Alive {
                 node: node.to_string(),
-                ago: view.last_seen.unwrap_or_default(),
+                ago_s: view.last_seen.unwrap_or_default().as_secs(),
             });
         }
         let led = self.since.elapsed();
         if view.last_seen.is_none() && led < HEARTBEAT * 3 {
             return Err(HostError::NotKnownYet {
                 node: node.to_string(),
-                led,
-                wait: HEARTBEAT * 3 - led,
+                led_s: led.as_secs(),
+                wait_s: (HEARTBEAT * 3 - led).as_secs() + 1,
             });
         }
         self.store.delete(&key(node)).await?;
@@ -231,6 +237,17 @@ impl Hosts {
             .remove(node);
         tracing::info!(node, host_nqns = ?view.record.spec.host_nqns, "host forgotten");
         Ok(view.record)
+    }
+
+    /// Puts back a record [`Self::remove`] took (a volume was published to the node meanwhile), unless the node
+    /// registered again since.
+    pub async fn restore(&self, record: &HostRecord) -> Result<(), HostError> {
+        let _changing = self.changing.lock().await;
+        if self.get(&record.spec.node).await?.is_none() {
+            let bytes = serde_json::to_vec(record).unwrap_or_default();
+            self.store.put(&key(&record.spec.node), bytes).await?;
+        }
+        Ok(())
     }
 
     /// Whether `node` may report for `host_nqn`: its node agent registered, with that host NQN. A report is also a
@@ -355,9 +372,17 @@ mod tests {
             leader.check_report("app-1", h).await,
             Err(HostError::NotFound(_))
         ));
-        // Its node agent comes back: it registers again.
-        leader.register(spec("app-1", &[h])).await.unwrap();
+        // Put back (a volume was published to it meanwhile), and forgotten again.
+        leader.restore(&gone).await.unwrap();
+        assert_eq!(leader.get("app-1").await.unwrap(), Some(gone.clone()));
+        leader.remove("app-1").await.unwrap();
+        // Its node agent comes back: it registers again, and a late putting back changes nothing.
+        let back = leader.register(spec("app-1", &[h])).await.unwrap();
         leader.check_report("app-1", h).await.unwrap();
+        let mut stale = gone.clone();
+        stale.status.registered_ms = 1;
+        leader.restore(&stale).await.unwrap();
+        assert_eq!(leader.get("app-1").await.unwrap(), Some(back));
     }
 
     #[tokio::test]

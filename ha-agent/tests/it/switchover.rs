@@ -242,6 +242,8 @@ async fn a_killed_nexus_engine_is_switched_over_on_the_hosts_report() {
     assert!(s.message().contains("heard from"), "{}", s.message());
     let s = c.delete_host(forget("app-9")).await.unwrap_err();
     assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    let s = c.delete_host(forget("")).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
 
     // The nexus's engine dies; the host reports at once, in the kernel's address form.
     engines[0].kill9();
