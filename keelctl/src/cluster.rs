@@ -349,6 +349,9 @@ pub enum NodeCmd {
     Uncordon { name: String },
     /// Cordon the node and move every volume target (nexus) off it; `get node` says Draining, then Drained.
     Drain { name: String },
+    /// Forget an Offline node gone for good, with its pools (refused while a volume has a replica or its target
+    /// there).
+    Delete { name: String },
 }
 
 pub async fn node(agent: &str, cmd: NodeCmd, out: Output) -> Result<()> {
@@ -357,6 +360,12 @@ pub async fn node(agent: &str, cmd: NodeCmd, out: Output) -> Result<()> {
         NodeCmd::Cordon { name } => c.cordon_node(pb::CordonNodeRequest { name }).await?,
         NodeCmd::Uncordon { name } => c.uncordon_node(pb::CordonNodeRequest { name }).await?,
         NodeCmd::Drain { name } => c.drain_node(pb::CordonNodeRequest { name }).await?,
+        NodeCmd::Delete { name } => {
+            c.delete_node(pb::DeleteNodeRequest { name: name.clone() })
+                .await?;
+            println!("forgot node {name}");
+            return Ok(());
+        }
     };
     print(&[n.into_inner()], out);
     Ok(())

@@ -68,6 +68,7 @@ impl From<RegistryError> for Status {
             RegistryError::InvalidArgument(_) => Status::invalid_argument(msg),
             RegistryError::NotFound(_) => Status::not_found(msg),
             RegistryError::InUse(_) => Status::already_exists(msg),
+            RegistryError::NotOffline(_) => Status::failed_precondition(msg),
             RegistryError::Store(StoreError::InvalidArgument(_)) => Status::invalid_argument(msg),
             RegistryError::Store(_) => Status::unavailable(msg),
             RegistryError::Corrupt { .. } => Status::data_loss(msg),
@@ -665,6 +666,40 @@ impl Cluster for Service {
         }
         .await;
         self.counted("delete_host", r)
+    }
+
+    async fn delete_node(
+        &self,
+        r: Request<pb::DeleteNodeRequest>,
+    ) -> Result<Response<pb::DeleteNodeResponse>, Status> {
+        let r: Result<Response<pb::DeleteNodeResponse>, Status> = async {
+            let l = self.leadership.leading()?;
+            let name = r.into_inner().name;
+            if name.is_empty() {
+                return Err(Status::invalid_argument("no node name"));
+            }
+            l.registry.get(&name).await?;
+            for v in l.volumes.list().await? {
+                let what = if v.nexus.as_ref().is_some_and(|n| n.node == name) {
+                    "its target (nexus)"
+                } else if v.replicas.iter().any(|r| r.node == name) {
+                    "a replica"
+                } else {
+                    continue;
+                };
+                return Err(Status::failed_precondition(format!(
+                    "volume {} has {what} on node {name}: move it off first (set the volume's replicas, or let \
+                     healing replace them)",
+                    v.uuid
+                )));
+            }
+            let garbage = l.volumes.garbage_on(&name).await?;
+            let pools = format!("{}{name}/", super::pool::PREFIX);
+            l.registry.forget(&name, &garbage, &[pools]).await?;
+            Ok(Response::new(pb::DeleteNodeResponse {}))
+        }
+        .await;
+        self.counted("delete_node", r)
     }
 
     async fn cordon_node(

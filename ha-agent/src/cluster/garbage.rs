@@ -25,6 +25,17 @@ pub(super) struct Garbage {
 }
 
 impl Volumes {
+    /// The keys of the garbage records of replicas on `node`.
+    pub async fn garbage_on(&self, node: &str) -> Result<Vec<String>, VolumeError> {
+        let mut keys = Vec::new();
+        for (k, v) in self.store().list(GARBAGE).await? {
+            if serde_json::from_slice::<Garbage>(&v.value).is_ok_and(|g| g.node == node) {
+                keys.push(k);
+            }
+        }
+        Ok(keys)
+    }
+
     /// Destroys the replicas recorded as garbage whose nodes answer now.
     pub async fn collect_garbage(&self) -> Result<(), VolumeError> {
         for (k, v) in self.store().list(GARBAGE).await? {

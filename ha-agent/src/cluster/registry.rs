@@ -25,6 +25,9 @@ pub enum RegistryError {
     NotFound(String),
     #[error("{0}")]
     InUse(String),
+    /// Only an Offline node is forgotten.
+    #[error("node {0} is Online: only a node that is Offline (gone) is forgotten")]
+    NotOffline(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("a node record is corrupt ({record}...): {source}")]
@@ -412,6 +415,46 @@ impl Registry {
         Ok(())
     }
 
+    /// Forgets Offline node `name`, gone for good, deleting `keys` and every key under `prefixes` (what was the
+    /// node's) in the same transaction; the record it had. A node that registers at the same time wins: it is
+    /// Online then, and stays.
+    pub async fn forget(
+        &self,
+        name: &str,
+        keys: &[String],
+        prefixes: &[String],
+    ) -> Result<NodeRecord, RegistryError> {
+        let key = node::key(name);
+        loop {
+            let Some((rev, record)) = self.records().get(name).cloned() else {
+                return Err(RegistryError::NotFound(name.to_string()));
+            };
+            if record.status.state != NodeState::Offline {
+                return Err(RegistryError::NotOffline(name.to_string()));
+            }
+            let mut t = Txn::new()
+                .when(Compare::ModRevision {
+                    key: key.clone(),
+                    revision: rev,
+                })
+                .delete(&key);
+            for k in keys {
+                t = t.delete(k);
+            }
+            for p in prefixes {
+                t = t.delete_prefix(p);
+            }
+            if !self.store.txn(t).await?.succeeded {
+                self.refresh(name).await?;
+                continue;
+            }
+            self.records().remove(name);
+            self.live().remove(name);
+            tracing::info!(node = name, "node forgotten");
+            return Ok(record);
+        }
+    }
+
     /// Cordons (`true`) or uncordons a node.
     pub async fn set_cordoned(
         &self,
@@ -602,6 +645,61 @@ mod tests {
         reg.register(again, vec![]).await.unwrap();
         let v = store.get(&node::key("bad")).await.unwrap().unwrap();
         assert_eq!(decode(&v.value).unwrap().spec.instance, "i2");
+    }
+
+    #[tokio::test]
+    async fn an_offline_node_is_forgotten_with_what_was_its_and_an_online_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
+        let reg = Registry::load(store.clone(), Arc::new(Answers), RegistryConfig::default())
+            .await
+            .unwrap();
+        reg.register(spec("n"), vec![]).await.unwrap();
+        for k in [
+            "/keelson/pools/n/p1",
+            "/keelson/pools/n2/p1",
+            "/x/garbage-of-n",
+        ] {
+            store.put(k, b"{}".to_vec()).await.unwrap();
+        }
+        let (keys, prefixes) = (
+            ["/x/garbage-of-n".to_string()],
+            ["/keelson/pools/n/".to_string()],
+        );
+        assert!(matches!(
+            reg.forget("n", &keys, &prefixes).await,
+            Err(RegistryError::NotOffline(_))
+        ));
+        assert!(store.get("/keelson/pools/n/p1").await.unwrap().is_some());
+        reg.deregister("n", "i1").await.unwrap();
+        let gone = reg.forget("n", &keys, &prefixes).await.unwrap();
+        assert_eq!(gone.spec.name, "n");
+        assert!(reg.list().await.unwrap().is_empty());
+        for k in [
+            node::key("n").as_str(),
+            "/keelson/pools/n/p1",
+            "/x/garbage-of-n",
+        ] {
+            assert!(store.get(k).await.unwrap().is_none(), "{k} is gone");
+        }
+        assert!(
+            store.get("/keelson/pools/n2/p1").await.unwrap().is_some(),
+            "another node's pool stays"
+        );
+        assert!(matches!(
+            reg.forget("n", &keys, &prefixes).await,
+            Err(RegistryError::NotFound(_))
+        ));
+        // A new leader loads the store without it; the engine coming back registers as a new node.
+        let reg = Registry::load(store, Arc::new(Answers), RegistryConfig::default())
+            .await
+            .unwrap();
+        assert!(reg.list().await.unwrap().is_empty());
+        let mut back = spec("n");
+        back.instance = "i2".into();
+        reg.register(back, vec![]).await.unwrap();
+        assert_eq!(reg.list().await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -265,6 +265,19 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The dead node still holds one of the volume's replicas: it cannot be forgotten.
+    let s = c
+        .delete_node(pb::DeleteNodeRequest {
+            name: "reg-2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("a replica on node reg-2"),
+        "{}",
+        s.message()
+    );
     engines[1].restart();
     let t = Instant::now();
     loop {

@@ -302,6 +302,30 @@ async fn engines_register_and_the_agent_tracks_kills_freezes_shutdowns_and_its_o
     let reg2 = n.iter().find(|x| x.name == "reg-2").unwrap();
     assert!(reg2.reason.contains("probe failed"), "{}", reg2.reason);
 
+    // Forgetting a node: only an Offline one; then it is not listed, and not found again.
+    let mut c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let forget = |name: &str| pb::DeleteNodeRequest { name: name.into() };
+    let code = |r: Result<tonic::Response<pb::DeleteNodeResponse>, tonic::Status>| {
+        r.map(drop).unwrap_err().code()
+    };
+    assert_eq!(
+        code(c.delete_node(forget("reg-3")).await),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(
+        code(c.delete_node(forget("")).await),
+        tonic::Code::InvalidArgument
+    );
+    c.delete_node(forget("reg-2")).await.unwrap();
+    let listed = nodes(port).await.unwrap();
+    assert!(listed.iter().all(|x| x.name != "reg-2"), "{listed:?}");
+    assert_eq!(
+        code(c.delete_node(forget("reg-2")).await),
+        tonic::Code::NotFound
+    );
+
     // SIGSTOP: the engine API does not answer either; SIGCONT: it comes back by itself.
     engines[2].signal("-STOP");
     let (_, took) = wait_for(port, &[("reg-3", Offline), ("reg-1", Online)], "SIGSTOP").await;
