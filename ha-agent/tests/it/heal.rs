@@ -265,16 +265,16 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The dead node still holds one of the volume's replicas: it cannot be forgotten.
+    // A node that holds the volume's target (and its last replica) cannot be forgotten.
     let s = c
         .delete_node(pb::DeleteNodeRequest {
-            name: "reg-2".into(),
+            name: "reg-1".into(),
         })
         .await
         .unwrap_err();
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
     assert!(
-        s.message().contains("a replica on node reg-2"),
+        s.message().contains("its target (nexus) on node reg-1"),
         "{}",
         s.message()
     );
