@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use nvmf_target::config::{ExportSpec, PoolArg};
-use nvmf_target::engine::{Engine, EngineConfig};
+use nvmf_target::engine::{Configured, Engine, EngineConfig};
 use nvmf_target::io_threads::IoThreads;
 use nvmf_target::target::TargetConfig;
 use serde::Deserialize;
@@ -200,10 +200,19 @@ async fn main() -> Result<()> {
         }
     }
     for p in &args.pools {
-        let e = engine
-            .create_pool(&p.name, &p.disk, None, 0, 0)
+        // A pool that does not open leaves the others served; the engine keeps trying it (engine::pending).
+        let opened = engine
+            .open_configured_pool(&p.name, &p.disk)
             .await
             .with_context(|| format!("pool {} on {}", p.name, p.disk))?;
+        let e = match opened {
+            Configured::Open(e) => e,
+            Configured::Pending(e) => {
+                tracing::error!(pool = %p.name, disk = %p.disk, error = %e,
+                    "pool not opened: serving without it and trying again in the background");
+                continue;
+            }
+        };
         let s = e.pool.stats();
         tracing::info!(
             pool = %p.name,

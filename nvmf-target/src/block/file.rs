@@ -4,6 +4,11 @@
 //! when the kernel allows it, so many are in flight at once without a thread each. Otherwise (and for zeroing and
 //! deallocation, which are rare) I/O runs on tokio's blocking pool with positional reads and writes.
 //! `KEELSON_IO_URING=off` keeps every device on the blocking pool (to compare).
+//!
+//! A file may be sparse, on a file system that fills up before the file does: a write or zeroing that finds no
+//! room there (`ENOSPC`, or `EDQUOT` past a quota) fails with [`BlockError::NoSpace`], an out-of-space device and
+//! not a failing one, which a pool turns into Capacity Exceeded as when it is full itself.
+//! [`BlockDevice::preallocate`] reserves the space of a range ahead (`fallocate`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -24,6 +29,16 @@ use super::{BlockDevice, BlockError, check_range};
 
 /// Largest piece written at once when zeroing by writes.
 const ZERO_CHUNK: u64 = 1 << 20;
+
+/// An error of a write or a zeroing that found no room in the file system under the file: [`BlockError::NoSpace`].
+fn out_of_space(e: BlockError) -> BlockError {
+    match &e {
+        BlockError::Io(io) if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+            BlockError::NoSpace
+        }
+        _ => e,
+    }
+}
 
 pub struct FileDevice {
     file: Arc<File>,
@@ -215,6 +230,34 @@ impl FileDevice {
 }
 
 impl FileDevice {
+    /// Writes `data` at `offset`, through the ring when there is one.
+    async fn write_data(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        check_range(
+            offset,
+            data.len() as u64,
+            self.block_size,
+            self.size_bytes(),
+        )?;
+        let direct = self.direct;
+        if let Some(r) = self.ring() {
+            let data = if aligned::is_aligned(&data) {
+                data
+            } else {
+                aligned::concat([&data[..]], data.len())
+            };
+            let fd = self.file.as_raw_fd();
+            return Ok(r.write(fd, offset, data, Some(&self.inflight)).await?);
+        }
+        self.blocking(move |f| {
+            if direct && !aligned::is_aligned(&data) {
+                f.write_all_at(&aligned::concat([&data[..]], data.len()), offset)
+            } else {
+                f.write_all_at(&data, offset)
+            }
+        })
+        .await
+    }
+
     /// The ring to issue an I/O on, if the device uses io_uring (and this thread has one; if not, the blocking
     /// pool serves the I/O).
     fn ring(&self) -> Option<Arc<Ring>> {
@@ -260,30 +303,7 @@ impl BlockDevice for FileDevice {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-        check_range(
-            offset,
-            data.len() as u64,
-            self.block_size,
-            self.size_bytes(),
-        )?;
-        let direct = self.direct;
-        if let Some(r) = self.ring() {
-            let data = if aligned::is_aligned(&data) {
-                data
-            } else {
-                aligned::concat([&data[..]], data.len())
-            };
-            let fd = self.file.as_raw_fd();
-            return Ok(r.write(fd, offset, data, Some(&self.inflight)).await?);
-        }
-        self.blocking(move |f| {
-            if direct && !aligned::is_aligned(&data) {
-                f.write_all_at(&aligned::concat([&data[..]], data.len()), offset)
-            } else {
-                f.write_all_at(&data, offset)
-            }
-        })
-        .await
+        self.write_data(offset, data).await.map_err(out_of_space)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -291,11 +311,24 @@ impl BlockDevice for FileDevice {
         if len == 0
             || self
                 .try_fallocate(FallocateFlags::FALLOC_FL_ZERO_RANGE, offset, len)
-                .await?
+                .await
+                .map_err(out_of_space)?
         {
             return Ok(());
         }
         self.zero_by_writes(offset, len).await
+    }
+
+    async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        if len > 0 {
+            // Mode 0 allocates what is not allocated and leaves the rest as it is; a block device or a file
+            // system that cannot do it has nothing to reserve.
+            self.try_fallocate(FallocateFlags::empty(), offset, len)
+                .await
+                .map_err(out_of_space)?;
+        }
+        Ok(())
     }
 
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {

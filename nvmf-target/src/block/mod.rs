@@ -90,6 +90,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Makes every completed write durable.
     async fn flush(&self) -> Result<(), BlockError>;
 
+    /// Backs the range with space now, so that no later write into it fails for want of space under the device
+    /// (a file whose file system fills up); what it holds is unchanged. A device with nothing to reserve (memory,
+    /// a block device, a remote namespace) does nothing. [`BlockError::NoSpace`] when the space is not there.
+    async fn preallocate(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+
     /// Waits until every operation this device started before the call has ended, including those whose callers
     /// stopped waiting: a dropped write may still reach the disk afterwards ([`inflight`]). A device whose
     /// operations end with their futures has nothing to wait for; a wrapper passes the call down.

@@ -5,17 +5,20 @@
 //! - `fault_gate`: nexuses that fault children only with the cluster agent's consent ([`FaultConfirmer`]).
 //! - `local`: a nexus child on this node, used directly but subject to its namespace's reservations.
 //! - `nexus`: nexus creation, children, publishing, reservations on children.
+//! - `pending`: pools of the node's configuration that did not open at start, tried again in the background.
 //! - `pools`: pools, replicas (exported with allow-lists), snapshots and clones.
 //! - `uri`: child URIs (`nvmf://`, `local:///`).
 
 mod fault_gate;
 mod local;
 mod nexus;
+mod pending;
 mod pools;
 pub mod uri;
 
 pub use fault_gate::FaultConfirmer;
 pub use nexus::{NexusOptions, ReservationKeys};
+pub use pending::{Configured, PendingPool};
 pub use pools::{DEFAULT_CLUSTER, PoolEntry, ReplicaInfo, SnapshotInfo};
 
 use std::collections::BTreeMap;
@@ -112,6 +115,8 @@ struct Inner {
     nexuses: Mutex<Vec<nexus::NexusEntry>>,
     faults: Mutex<BTreeMap<(String, u32), Arc<FaultDevice>>>,
     pools: Mutex<BTreeMap<String, PoolEntry>>,
+    /// Configured pools not open yet, by name (`pending`).
+    pending_pools: Mutex<BTreeMap<String, PendingPool>>,
     /// Serializes pool create, import and destroy.
     pool_admin: tokio::sync::Mutex<()>,
     /// The nexuses whose children changed state, for the cluster agent.
@@ -144,6 +149,7 @@ impl Engine {
                 nexuses: Mutex::new(Vec::new()),
                 faults: Mutex::new(BTreeMap::new()),
                 pools: Mutex::new(BTreeMap::new()),
+                pending_pools: Mutex::new(BTreeMap::new()),
                 pool_admin: tokio::sync::Mutex::new(()),
                 nexus_changes: Arc::default(),
                 fault_confirmer: Mutex::new(None),

@@ -186,7 +186,7 @@ fn pools(f: &mut Families, engine: &Engine) {
         );
         f.counter(
             "keelson_pool_no_space_errors_total",
-            "Writes failed because the pool had no free cluster.",
+            "Writes failed because the pool had no free cluster, or the file system under its disk no room for one.",
             &l,
             s.no_space_errors as f64,
         );
@@ -195,6 +195,15 @@ fn pools(f: &mut Families, engine: &Engine) {
             "1 when a pool's metadata write failed: it takes no writes until it is imported again.",
             &l,
             f64::from(u8::from(e.pool.fault().is_some())),
+        );
+    }
+    for p in engine.pending_pools() {
+        f.gauge(
+            "keelson_pool_pending",
+            "1 for a pool of the node's configuration that could not be opened (its disk missing, failing, full or \
+             another node's): the engine serves without it and keeps trying.",
+            &[("pool", p.name.as_str()), ("disk", p.disk.as_str())],
+            1.0,
         );
     }
     for r in engine.replicas() {

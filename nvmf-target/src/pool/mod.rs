@@ -234,6 +234,23 @@ impl PoolInner {
         }
     }
 
+    /// Counts a write failed for want of space, and says why (at most every 10 s).
+    fn no_space(&self, why: &str) {
+        self.no_space.fetch_add(1, Ordering::Relaxed);
+        let mut last = self
+            .last_no_space_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                pool = %self.label.name,
+                failed_writes = self.no_space.load(Ordering::Relaxed),
+                "{why}"
+            );
+        }
+    }
+
     async fn reserve_cluster(&self) -> Result<u32, PoolError> {
         Ok(self.reserve_clusters(1).await?[0])
     }
@@ -251,19 +268,7 @@ impl PoolInner {
             return Ok(picked);
         }
         self.give_back(&picked);
-        self.no_space.fetch_add(1, Ordering::Relaxed);
-        let mut last = self
-            .last_no_space_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-            *last = Some(Instant::now());
-            tracing::warn!(
-                pool = %self.label.name,
-                failed_writes = self.no_space.load(Ordering::Relaxed),
-                "pool is full: writes that need a new cluster fail with Capacity Exceeded"
-            );
-        }
+        self.no_space("pool is full: writes that need a new cluster fail with Capacity Exceeded");
         Err(PoolError::NoSpace(format!(
             "pool {} has {} free clusters, the write needs {n}",
             self.label.name,
@@ -480,6 +485,16 @@ impl Pool {
             dev.size_bytes(),
         )?
         .claimed_by(&claim.node)?;
+        // The metadata is written in place for the pool's life: it must never find the disk out of space.
+        dev.preallocate(0, label.data_offset)
+            .await
+            .map_err(|e| match e {
+                crate::block::BlockError::NoSpace => PoolError::NoSpace(format!(
+                    "the file system under the disk has no room for the pool's {} bytes of metadata",
+                    label.data_offset
+                )),
+                e => PoolError::Io(format!("reserving the metadata's space: {e}")),
+            })?;
         let disk = Disk::over(dev);
         let journal = Journal::format(disk.counted(), &label).await?;
         let io = |e: crate::block::BlockError| PoolError::Io(format!("writing the label: {e}"));
@@ -504,6 +519,11 @@ impl Pool {
                 found.block_size,
                 dev.block_size()
             )));
+        }
+        // A pool created before its metadata was preallocated gets it now; if the file system under it is full,
+        // the import goes on, and fails only if a metadata write then finds no room.
+        if let Err(e) = dev.preallocate(0, found.data_offset).await {
+            tracing::warn!(pool = %found.name, error = %e, "could not reserve the space of the pool's metadata");
         }
         let disk = Disk::over(dev);
         let label = Self::claim(disk.counted().as_ref(), &found, claim).await?;

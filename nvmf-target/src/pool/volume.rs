@@ -301,12 +301,14 @@ impl PoolVolume {
                             dev.write_zeroes(base + end, cs - end).await?;
                         }
                         dev.write(base + within, data).await?;
-                        self.pool.zero_for_stock(stock).await?;
-                        dev.flush().await
+                        // The stock is not this write's: where the disk has no room for it (a file system
+                        // filling up), this write still goes through.
+                        let stocked = self.pool.zero_for_stock(stock).await.is_ok();
+                        dev.flush().await.map(|()| stocked)
                     }
                     .await;
                     if let Some(f) = filling {
-                        f.end(filled.is_ok());
+                        f.end(matches!(filled, Ok(true)));
                     }
                     filled?;
                 }
@@ -326,14 +328,22 @@ impl PoolVolume {
         }
         .await;
         self.pool.release_cluster(new);
-        match result {
+        match &result {
             Ok(()) => {
                 if old.is_none() {
                     self.allocated_in_order(logical, ahead.maps.len());
                 }
                 ahead.committed(self);
             }
-            Err(_) => ahead.release(self),
+            Err(e) => {
+                if matches!(e, BlockError::NoSpace) {
+                    self.pool.no_space(
+                        "the disk has no room for a new cluster (is the file system under it full?): writes \
+                         that need one fail with Capacity Exceeded",
+                    );
+                }
+                ahead.release(self)
+            }
         }
         result
     }
