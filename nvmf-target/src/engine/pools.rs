@@ -49,7 +49,7 @@ pub struct SnapshotInfo {
     pub referenced: u64,
 }
 
-async fn open_disk(disk: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, EngineError> {
+async fn open_disk(disk: &str, block_size: u32) -> Result<Arc<FileDevice>, EngineError> {
     let path = Path::new(disk).to_path_buf();
     if disk.is_empty() || !path.is_absolute() {
         return Err(EngineError::InvalidArgument(format!(
@@ -75,6 +75,30 @@ async fn open_disk(disk: &str, block_size: u32) -> Result<Arc<dyn BlockDevice>, 
         }),
         Err(e) => Err(e.into()),
     }
+}
+
+/// `dev` (open on `disk`) with `block_size`-byte blocks: itself, or the disk opened again. A pool whose blocks
+/// are smaller than the disk's unit of direct I/O (made before pools were checked for it) is warned of: its
+/// writes smaller than the unit fail.
+async fn reopen(
+    dev: Arc<FileDevice>,
+    disk: &str,
+    block_size: u32,
+) -> Result<Arc<FileDevice>, EngineError> {
+    let smallest = dev.smallest_block_size();
+    if block_size < smallest {
+        tracing::warn!(
+            disk,
+            block_size,
+            smallest,
+            "the pool's blocks are smaller than the disk's unit of direct I/O: writes of less than that fail"
+        );
+    }
+    if dev.block_size() == block_size {
+        return Ok(dev);
+    }
+    drop(dev); // the exclusive claim on the disk goes before it is taken again
+    open_disk(disk, block_size).await
 }
 
 /// What the label of a disk another process holds says of its owner ("" when it cannot be read).
@@ -144,12 +168,11 @@ impl Engine {
         } else {
             cluster_size
         };
-        let block_size = if block_size == 0 { 512 } else { block_size };
         if let Some(e) = self.pools_map().get(name).cloned() {
             let l = e.pool.label();
             if e.disk != disk
                 || l.cluster_size != cluster_size
-                || l.block_size != block_size
+                || (block_size != 0 && l.block_size != block_size)
                 || uuid.is_some_and(|u| u != l.uuid)
             {
                 return Err(PoolError::AlreadyExists {
@@ -164,9 +187,22 @@ impl Engine {
             return Ok(e);
         }
         self.check_disk_free(disk)?;
-        let dev = open_disk(disk, block_size).await?;
+        let dev = open_disk(disk, 512).await?;
         let pool = match Pool::probe(dev.as_ref()).await? {
             Probe::Blank => {
+                let smallest = dev.smallest_block_size();
+                let block_size = if block_size == 0 {
+                    smallest
+                } else {
+                    block_size
+                };
+                if block_size < smallest {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "disk {disk} takes direct I/O in units of {smallest} bytes: a pool on it needs blocks of \
+                         at least that (asked {block_size}; 0 picks it)"
+                    )));
+                }
+                let dev = reopen(dev, disk, block_size).await?;
                 let spec = PoolSpec {
                     name: name.to_string(),
                     uuid: uuid.unwrap_or_else(Uuid::new_v4),
@@ -175,6 +211,14 @@ impl Engine {
                 Pool::create(dev, &spec, &self.claim(false)).await?
             }
             Probe::Pool(l) if l.name == name && uuid.is_none_or(|u| u == l.uuid) => {
+                if block_size != 0 && block_size != l.block_size {
+                    return Err(PoolError::AlreadyExists {
+                        what: PoolObject::Pool(l.name.clone()),
+                        detail: format!("on {disk} with {}-byte blocks", l.block_size),
+                    }
+                    .into());
+                }
+                let dev = reopen(dev, disk, l.block_size).await?;
                 Pool::import(dev, &self.claim(false)).await?
             }
             Probe::Pool(l) => {
@@ -203,11 +247,8 @@ impl Engine {
             return Ok(e);
         }
         let mut dev = open_disk(disk, 512).await?;
-        if let Probe::Pool(l) = Pool::probe(dev.as_ref()).await?
-            && l.block_size != 512
-        {
-            drop(dev); // the exclusive claim on the disk goes before it is taken again
-            dev = open_disk(disk, l.block_size).await?;
+        if let Probe::Pool(l) = Pool::probe(dev.as_ref()).await? {
+            dev = reopen(dev, disk, l.block_size).await?;
         }
         let pool = Pool::import(dev, &self.claim(force)).await?;
         if self.pools_map().contains_key(pool.name()) {

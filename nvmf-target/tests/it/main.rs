@@ -7,6 +7,7 @@ mod api;
 mod bad_input;
 mod binary;
 mod disconnect;
+mod disks;
 mod durability;
 mod edges;
 mod events;

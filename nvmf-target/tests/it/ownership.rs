@@ -20,12 +20,17 @@ use crate::pools::{HOST, PoolNode, disk, pattern, replica_req};
 const MIB: u64 = 1 << 20;
 
 /// A loop device over a file, detached when dropped.
-struct Loop(PathBuf);
+pub struct Loop(pub PathBuf);
 
 impl Loop {
-    fn attach(file: &Path) -> Loop {
+    pub fn attach(file: &Path) -> Loop {
+        Self::attach_with_blocks(file, 512)
+    }
+
+    /// With `block_size`-byte logical blocks (4096: a 4Kn disk).
+    pub fn attach_with_blocks(file: &Path, block_size: u32) -> Loop {
         let out = Command::new("losetup")
-            .args(["-f", "--show"])
+            .args(["-f", "--show", "-b", &block_size.to_string()])
             .arg(file)
             .output()
             .unwrap();

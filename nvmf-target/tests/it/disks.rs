@@ -1,0 +1,296 @@
+//! Pools on disks that are not plain: a file system that fills up under a pool's file, a 4Kn disk (4096-byte
+//! logical blocks, where 512-byte direct I/O fails), and a disk missing when io-engine starts.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nvmf_target::block::{BlockDevice, BlockError};
+use proto::engine as pb;
+use proto::engine::engine_client::EngineClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::harness::free_port;
+use crate::ownership::Loop;
+use crate::pools::{HOST, PoolNode, disk, pattern, pool0, replica_req};
+
+const MIB: u64 = 1 << 20;
+
+/// A small ext4 file system on a loop device, mounted in a directory of its own; unmounted when dropped.
+struct SmallFs {
+    _dir: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl SmallFs {
+    fn new(size: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        std::fs::File::create(&img).unwrap().set_len(size).unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        for cmd in [
+            vec!["mkfs.ext4", "-q", "-F", img.to_str().unwrap()],
+            vec![
+                "mount",
+                "-o",
+                "loop",
+                img.to_str().unwrap(),
+                mnt.to_str().unwrap(),
+            ],
+        ] {
+            let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        SmallFs { _dir: dir, mnt }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// A pool on a sparse file larger than the file system under it (thin on thin): when the file system fills up,
+/// writes that need a new cluster fail with Capacity Exceeded (the host's ENOSPC), as on a full pool, and nothing
+/// else changes: writes into clusters the replica has and reads go on, the disk is not counted as failing, the pool
+/// is not faulted and imports again on the full file system (its metadata's space was reserved when it was
+/// created), and once there is room again new clusters are taken. Needs root (a loop-mounted ext4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_file_system_fills_up_fails_new_clusters_with_capacity_exceeded_and_imports_again()
+ {
+    if !e2e::privileged::allowed_with(
+        "a_pool_whose_file_system_fills_up (a loop-mounted ext4)",
+        &["root", "mkfs.ext4", "mount"],
+    ) {
+        return;
+    }
+    let fs = SmallFs::new(64 * MIB);
+    // Room another file holds, given back at the end.
+    let ballast = fs.mnt.join("ballast");
+    std::fs::write(&ballast, vec![1u8; (16 * MIB) as usize]).unwrap();
+    let mut node = PoolNode::start("127.0.0.1", &disk(&fs.mnt, "p.img", 256 * MIB));
+    let mut api = node.api().await;
+    let cap = pool0(&mut api).await.capacity;
+    let id = uuid::Uuid::new_v4().to_string();
+    api.create_replica(replica_req(&id, cap)).await.unwrap();
+    let ns = node.connect(&id, HOST).await.unwrap();
+    // One block in each cluster, until the file system has no room for another.
+    let mut acked = Vec::new();
+    let e = loop {
+        let off = acked.len() as u64 * 4 * MIB;
+        assert!(off < cap, "the file system never filled up");
+        match ns.write(off, pattern(off, 4096)).await {
+            Ok(()) => acked.push(off),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(e, BlockError::NoSpace), "{e:?}");
+    assert!(acked.len() >= 2, "{} clusters written", acked.len());
+    let full_at = acked.len() as u64 * 4 * MIB;
+    ns.write(acked[0] + 8192, pattern(7, 4096)).await.unwrap();
+    ns.flush().await.unwrap();
+    let p = pool0(&mut api).await;
+    assert_eq!((p.disk_errors, p.fault.as_str()), (0, ""), "{p:?}");
+    assert!(p.no_space_errors >= 1, "{p:?}");
+    ns.close().await;
+
+    node.kill9();
+    node.restart();
+    let mut api = node.api().await;
+    assert_eq!(pool0(&mut api).await.fault, "");
+    let ns = node.connect(&id, HOST).await.unwrap();
+    for off in &acked {
+        let got = ns.read(*off, 4096).await.unwrap();
+        assert_eq!(got, pattern(*off, 4096), "acknowledged write at {off} lost");
+    }
+    assert_eq!(
+        ns.read(acked[0] + 8192, 4096).await.unwrap(),
+        pattern(7, 4096)
+    );
+    let e = ns.write(full_at, pattern(1, 4096)).await.unwrap_err();
+    assert!(matches!(e, BlockError::NoSpace), "{e:?}");
+
+    std::fs::remove_file(&ballast).unwrap();
+    assert!(Command::new("sync").status().unwrap().success());
+    ns.write(full_at, pattern(full_at, 4096)).await.unwrap();
+    assert_eq!(
+        ns.read(full_at, 4096).await.unwrap(),
+        pattern(full_at, 4096)
+    );
+    let p = pool0(&mut api).await;
+    assert_eq!((p.disk_errors, p.fault.as_str()), (0, ""), "{p:?}");
+    ns.close().await;
+}
+
+/// A child process killed when dropped (a failed assertion leaves no io-engine behind).
+struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node configured with two pools, one of whose disks is not there at start: the engine comes up serving the
+/// other, says which one is pending and why (`keelson_pool_pending`, the log), and opens it by itself once the
+/// disk appears, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_disk_is_missing_at_start_leaves_the_others_served_and_opens_when_it_appears()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let ip = "127.0.0.1";
+    let (port, grpc, mport) = (free_port(ip), free_port(ip), free_port(ip));
+    let here = disk(dir.path(), "a.img", 64 * MIB);
+    let late = dir.path().join("b.img");
+    let log = dir.path().join("engine.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_io-engine"))
+        .args(["--node-name", "pending-test"])
+        .args(["--listen", &format!("{ip}:{port}")])
+        .args(["--grpc", &format!("{ip}:{grpc}")])
+        .args(["--metrics", &format!("{ip}:{mport}")])
+        .arg("--pool")
+        .arg(format!("late={}", late.display()))
+        .arg("--pool")
+        .arg(format!("here={}", here.display()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut engine = KillOnDrop(child);
+    let names = |pools: Vec<pb::Pool>| pools.into_iter().map(|p| p.name).collect::<Vec<_>>();
+    let mut api = None;
+    for _ in 0..200 {
+        if let Ok(c) = EngineClient::connect(format!("http://{ip}:{grpc}")).await {
+            api = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut api = api.unwrap_or_else(|| {
+        panic!(
+            "io-engine never came up: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let list = |api: &mut EngineClient<Channel>| {
+        let mut api = api.clone();
+        async move {
+            api.list_pools(pb::ListPoolsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .pools
+        }
+    };
+    assert_eq!(names(list(&mut api).await), ["here"]);
+    let maddr = format!("{ip}:{mport}");
+    let scrape = || {
+        let a = maddr.clone();
+        tokio::task::spawn_blocking(move || e2e::metrics::scrape(&a, "/metrics"))
+    };
+    let m = scrape().await.unwrap();
+    let pending = format!(
+        "keelson_pool_pending{{pool=\"late\",disk=\"{}\"}} 1",
+        late.display()
+    );
+    assert!(m.contains(&pending), "no {pending} in:\n{m}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("pool not opened") && logged.contains("late"),
+        "{logged}"
+    );
+
+    std::fs::File::create(&late)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let mut opened = false;
+    for _ in 0..100 {
+        if names(list(&mut api).await) == ["here", "late"] {
+            opened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = scrape().await.unwrap();
+    engine.kill();
+    assert!(
+        opened,
+        "the pool never opened: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(!m.contains("keelson_pool_pending"), "{m}");
+}
+
+/// A 4Kn disk (a loop device with 4096-byte logical blocks): a pool made on it without a block size gets 4096-byte
+/// blocks, so its replicas show hosts 4096-byte blocks and no write smaller than the disk's unit reaches it; one
+/// asked for 512-byte blocks is refused (INVALID_ARGUMENT, naming the unit) with the disk left blank; and the pool
+/// imports again, through `--pool`, with its own block size. Needs root (losetup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_on_a_4kn_disk_gets_4096_byte_blocks_and_512_byte_ones_are_refused() {
+    if !e2e::privileged::allowed_with(
+        "a_pool_on_a_4kn_disk (losetup -b 4096)",
+        &["root", "losetup"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lo = Loop::attach_with_blocks(&disk(dir.path(), "4kn.img", 64 * MIB), 4096);
+    let other = Loop::attach_with_blocks(&disk(dir.path(), "4kn-b.img", 64 * MIB), 4096);
+
+    let mut node = PoolNode::start("127.0.0.1", &lo.0);
+    let mut api = node.api().await;
+    let p = pool0(&mut api).await;
+    assert_eq!(p.block_size, 4096, "{p:?}");
+    let e = api
+        .create_pool(pb::CreatePoolRequest {
+            name: "small".into(),
+            disk: other.0.display().to_string(),
+            block_size: 512,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("4096"), "{}", e.message());
+    let head = std::fs::read(dir.path().join("4kn-b.img")).unwrap();
+    assert!(
+        head[..8192].iter().all(|b| *b == 0),
+        "the refused disk was written"
+    );
+
+    let id = uuid::Uuid::new_v4().to_string();
+    api.create_replica(replica_req(&id, 16 * MIB))
+        .await
+        .unwrap();
+    let ns = node.connect(&id, HOST).await.unwrap();
+    assert_eq!(ns.block_size(), 4096);
+    ns.write(8192, pattern(3, 4096)).await.unwrap();
+    ns.flush().await.unwrap();
+    ns.close().await;
+
+    node.kill9();
+    node.restart();
+    let mut api = node.api().await;
+    assert_eq!(pool0(&mut api).await.block_size, 4096);
+    let ns = node.connect(&id, HOST).await.unwrap();
+    assert_eq!(ns.read(8192, 4096).await.unwrap(), pattern(3, 4096));
+    let p = pool0(&mut api).await;
+    assert_eq!(p.disk_errors, 0, "{p:?}");
+    ns.close().await;
+    drop(node);
+}
