@@ -199,6 +199,20 @@ async fn main() -> Result<()> {
             );
         }
     }
+    for (i, p) in args.pools.iter().enumerate() {
+        if let Some(q) = args.pools[..i]
+            .iter()
+            .find(|q| q.name == p.name || q.disk == p.disk)
+        {
+            anyhow::bail!(
+                "pools {}={} and {}={} share a name or a disk",
+                q.name,
+                q.disk,
+                p.name,
+                p.disk
+            );
+        }
+    }
     for p in &args.pools {
         // A pool that does not open leaves the others served; the engine keeps trying it (engine::pending).
         let opened = engine

@@ -108,6 +108,10 @@ impl BlockDevice for FaultDevice {
         self.gate(offset, len, false).await?;
         self.inner.deallocate(offset, len).await
     }
+    async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.gate(offset, len, false).await?;
+        self.inner.preallocate(offset, len).await
+    }
     async fn flush(&self) -> Result<(), BlockError> {
         self.gate(0, 0, false).await?;
         self.inner.flush().await

@@ -92,7 +92,8 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Backs the range with space now, so that no later write into it fails for want of space under the device
     /// (a file whose file system fills up); what it holds is unchanged. A device with nothing to reserve (memory,
-    /// a block device, a remote namespace) does nothing. [`BlockError::NoSpace`] when the space is not there.
+    /// a block device, a remote namespace) does nothing. [`BlockError::NoSpace`] when the space is not there. A
+    /// wrapper passes the call down.
     async fn preallocate(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
         Ok(())
     }

@@ -117,6 +117,8 @@ struct Inner {
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     /// Configured pools not open yet, by name (`pending`).
     pending_pools: Mutex<BTreeMap<String, PendingPool>>,
+    /// Set when the engine shuts down: no pending pool opens after.
+    pools_closed: std::sync::atomic::AtomicBool,
     /// Serializes pool create, import and destroy.
     pool_admin: tokio::sync::Mutex<()>,
     /// The nexuses whose children changed state, for the cluster agent.
@@ -150,6 +152,7 @@ impl Engine {
                 faults: Mutex::new(BTreeMap::new()),
                 pools: Mutex::new(BTreeMap::new()),
                 pending_pools: Mutex::new(BTreeMap::new()),
+                pools_closed: std::sync::atomic::AtomicBool::new(false),
                 pool_admin: tokio::sync::Mutex::new(()),
                 nexus_changes: Arc::default(),
                 fault_confirmer: Mutex::new(None),

@@ -101,6 +101,18 @@ async fn reopen(
     open_disk(disk, block_size).await
 }
 
+/// Whether `disk` holds a pool, or anything but zeroes where a label would be, or cannot be read: what must not
+/// be formatted without being asked. A missing disk holds nothing.
+pub(super) async fn holds_something(disk: &str) -> bool {
+    if !Path::new(disk).exists() {
+        return false;
+    }
+    match open_disk(disk, 512).await {
+        Ok(dev) => !matches!(Pool::probe(dev.as_ref()).await, Ok(Probe::Blank)),
+        Err(_) => true,
+    }
+}
+
 /// What the label of a disk another process holds says of its owner ("" when it cannot be read).
 async fn label_owner(path: std::path::PathBuf) -> String {
     let Ok(Ok(dev)) =
@@ -162,6 +174,20 @@ impl Engine {
         cluster_size: u32,
         block_size: u32,
     ) -> Result<PoolEntry, EngineError> {
+        self.open_pool(name, disk, uuid, cluster_size, block_size, true)
+            .await
+    }
+
+    /// [`Self::create_pool`]; a blank disk is formatted only if `may_format`, else FAILED_PRECONDITION.
+    pub(super) async fn open_pool(
+        &self,
+        name: &str,
+        disk: &str,
+        uuid: Option<Uuid>,
+        cluster_size: u32,
+        block_size: u32,
+        may_format: bool,
+    ) -> Result<PoolEntry, EngineError> {
         let _admin = self.inner.pool_admin.lock().await;
         let cluster_size = if cluster_size == 0 {
             DEFAULT_CLUSTER
@@ -189,6 +215,11 @@ impl Engine {
         self.check_disk_free(disk)?;
         let dev = open_disk(disk, 512).await?;
         let pool = match Pool::probe(dev.as_ref()).await? {
+            Probe::Blank if !may_format => {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "disk {disk} is blank: pool {name} was on it, and is not made anew here (CreatePool does)"
+                )));
+            }
             Probe::Blank => {
                 let smallest = dev.smallest_block_size();
                 let block_size = if block_size == 0 {
@@ -301,6 +332,9 @@ impl Engine {
 
     /// Closes every pool (shutdown).
     pub fn close_pools(&self) {
+        self.inner
+            .pools_closed
+            .store(true, std::sync::atomic::Ordering::Release);
         for e in self.pools_map().values() {
             e.pool.close();
         }

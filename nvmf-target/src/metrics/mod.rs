@@ -201,7 +201,7 @@ fn pools(f: &mut Families, engine: &Engine) {
         f.gauge(
             "keelson_pool_pending",
             "1 for a pool of the node's configuration that could not be opened (its disk missing, failing, full or \
-             another node's): the engine serves without it and keeps trying.",
+             another node's): the engine serves without it and keeps trying (unless a conflict ended the tries).",
             &[("pool", p.name.as_str()), ("disk", p.disk.as_str())],
             1.0,
         );

@@ -72,6 +72,10 @@ impl BlockDevice for Fuse {
         self.check()?;
         self.inner.deallocate(offset, len).await
     }
+    async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.check()?;
+        self.inner.preallocate(offset, len).await
+    }
     async fn flush(&self) -> Result<(), BlockError> {
         self.check()?;
         self.inner.flush().await

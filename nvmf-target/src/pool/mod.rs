@@ -39,6 +39,8 @@ mod tests;
 mod tests_cow;
 #[cfg(test)]
 mod tests_stock;
+#[cfg(test)]
+mod tests_thin;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -249,6 +251,33 @@ impl PoolInner {
                 "{why}"
             );
         }
+    }
+
+    /// The disk's space under `clusters` (see [`BlockDevice::preallocate`]); NoSpace, counted, when it is not
+    /// there.
+    async fn preallocate(&self, clusters: &[u32]) -> Result<(), PoolError> {
+        let cs = u64::from(self.label.cluster_size);
+        for c in clusters {
+            match self
+                .dev
+                .preallocate(self.label.cluster_offset(*c), cs)
+                .await
+            {
+                Ok(()) => {}
+                Err(crate::block::BlockError::NoSpace) => {
+                    self.no_space(
+                        "the disk has no room for a new cluster (is the file system under it full?): writes \
+                         that need one fail with Capacity Exceeded",
+                    );
+                    return Err(PoolError::NoSpace(format!(
+                        "the disk under pool {} has no room for cluster {c}",
+                        self.label.name
+                    )));
+                }
+                Err(e) => return Err(PoolError::Io(format!("reserving a cluster's space: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     async fn reserve_cluster(&self) -> Result<u32, PoolError> {
@@ -520,13 +549,13 @@ impl Pool {
                 dev.block_size()
             )));
         }
+        let disk = Disk::over(dev.clone());
+        let label = Self::claim(disk.counted().as_ref(), &found, claim).await?;
         // A pool created before its metadata was preallocated gets it now; if the file system under it is full,
         // the import goes on, and fails only if a metadata write then finds no room.
-        if let Err(e) = dev.preallocate(0, found.data_offset).await {
-            tracing::warn!(pool = %found.name, error = %e, "could not reserve the space of the pool's metadata");
+        if let Err(e) = dev.preallocate(0, label.data_offset).await {
+            tracing::warn!(pool = %label.name, error = %e, "could not reserve the space of the pool's metadata");
         }
-        let disk = Disk::over(dev);
-        let label = Self::claim(disk.counted().as_ref(), &found, claim).await?;
         let (journal, meta) = Journal::open(disk.counted(), &label).await?;
         tracing::info!(
             pool = %label.name,

@@ -99,6 +99,19 @@ impl Drop for Reserved<'_> {
     }
 }
 
+/// The disk's out-of-space error from a write that may have changed data already: into a cluster the volume has
+/// (a file system that copies on write, a short write, a zeroing that punched before it allocated), or after
+/// another piece of the same write was written. Not the clean NoSpace, which changes nothing and which replicas
+/// that all return it agree on: an I/O error (a nexus faults the child and rebuilds it).
+fn partly_written(e: BlockError) -> BlockError {
+    match e {
+        BlockError::NoSpace => BlockError::Io(std::io::Error::other(
+            "the disk ran out of space part way through a write",
+        )),
+        e => e,
+    }
+}
+
 fn pool_err(e: PoolError) -> BlockError {
     match e {
         PoolError::NoSpace(_) => BlockError::NoSpace,
@@ -259,7 +272,8 @@ impl PoolVolume {
             // Another writer allocated it while we waited.
             return dev
                 .write(self.pool.label.cluster_offset(p) + within, data)
-                .await;
+                .await
+                .map_err(partly_written);
         }
         // A never-mapped cluster takes a stocked one (zeroed durably) when there is one: only its data to write.
         let stocked = match old {
@@ -303,7 +317,13 @@ impl PoolVolume {
                         dev.write(base + within, data).await?;
                         // The stock is not this write's: where the disk has no room for it (a file system
                         // filling up), this write still goes through.
-                        let stocked = self.pool.zero_for_stock(stock).await.is_ok();
+                        let stocked = match self.pool.zero_for_stock(stock).await {
+                            Ok(()) => true,
+                            Err(e) => {
+                                tracing::debug!(pool = %self.pool.label.name, error = %e, "filling the stock failed");
+                                false
+                            }
+                        };
                         dev.flush().await.map(|()| stocked)
                     }
                     .await;
@@ -365,11 +385,30 @@ impl PoolVolume {
             return Ok(Here::MustAllocate);
         }
         let mut spare = self.reserve(needed).await?;
-        for p in &pieces {
+        self.back_new_clusters(&pieces, &spare).await?;
+        for (i, p) in pieces.iter().enumerate() {
             let part = data.slice(p.range.clone());
-            self.write_piece(p, part, &mut spare).await?;
+            let written = self.write_piece(p, part, &mut spare).await;
+            written.map_err(|e| if i > 0 { partly_written(e) } else { e })?;
         }
         Ok(Here::Done)
+    }
+
+    /// A write of several pieces that allocates: the disk's space under every cluster reserved for it, before any
+    /// piece is written, so that running out (a file system filling up) fails the write with nothing changed, not
+    /// half way. A write of one piece needs none: it changes nothing until its cluster's mapping is committed.
+    async fn back_new_clusters(
+        &self,
+        pieces: &[Piece],
+        spare: &Reserved<'_>,
+    ) -> Result<(), BlockError> {
+        if pieces.len() < 2 || spare.clusters.is_empty() {
+            return Ok(());
+        }
+        self.pool
+            .preallocate(&spare.clusters)
+            .await
+            .map_err(pool_err)
     }
 
     /// Zeroes under the volume's locks, as [`Self::write_here`] (a cluster shared with a snapshot is copied).
@@ -388,23 +427,33 @@ impl PoolVolume {
             return Ok(Here::MustAllocate);
         }
         let mut spare = self.reserve(needed).await?;
-        for p in &pieces {
-            let n = p.range.len() as u64;
-            if let Some((phys, _cluster)) = self.sole(p.logical).await? {
-                let off = self.pool.label.cluster_offset(phys) + p.within;
-                self.pool.dev.write_zeroes(off, n).await?;
-                continue;
-            }
-            match self.lookup(p.logical)? {
-                None => {}
-                Some(_) => {
-                    let zeroes = Bytes::from(vec![0u8; n as usize]);
-                    self.allocate_write(p.logical, p.within, zeroes, &mut spare)
-                        .await?;
-                }
-            }
+        self.back_new_clusters(&pieces, &spare).await?;
+        for (i, p) in pieces.iter().enumerate() {
+            let zeroed = self.zero_piece(p, &mut spare).await;
+            zeroed.map_err(|e| if i > 0 { partly_written(e) } else { e })?;
         }
         Ok(Here::Done)
+    }
+
+    async fn zero_piece(&self, p: &Piece, spare: &mut Reserved<'_>) -> Result<(), BlockError> {
+        let n = p.range.len() as u64;
+        if let Some((phys, _cluster)) = self.sole(p.logical).await? {
+            let off = self.pool.label.cluster_offset(phys) + p.within;
+            return self
+                .pool
+                .dev
+                .write_zeroes(off, n)
+                .await
+                .map_err(partly_written);
+        }
+        match self.lookup(p.logical)? {
+            None => Ok(()),
+            Some(_) => {
+                let zeroes = Bytes::from(vec![0u8; n as usize]);
+                self.allocate_write(p.logical, p.within, zeroes, spare)
+                    .await
+            }
+        }
     }
 
     /// Runs an allocating write as a task of its own and waits for it: if this caller goes, the write still ends,
@@ -431,7 +480,7 @@ impl PoolVolume {
     ) -> Result<(), BlockError> {
         if let Some((phys, _cluster)) = self.sole(p.logical).await? {
             let off = self.pool.label.cluster_offset(phys) + p.within;
-            return self.pool.dev.write(off, data).await;
+            return self.pool.dev.write(off, data).await.map_err(partly_written);
         }
         self.allocate_write(p.logical, p.within, data, spare).await
     }

@@ -294,3 +294,47 @@ async fn a_pool_on_a_4kn_disk_gets_4096_byte_blocks_and_512_byte_ones_are_refuse
     ns.close().await;
     drop(node);
 }
+
+/// A configured pool whose disk holds another node's pool is left pending (the import is refused: it is not
+/// forced), and when that node destroys its pool the retries do not make a new pool on the blank disk behind
+/// anyone's back: only CreatePool formats it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_pool_whose_disk_was_wiped_is_not_formatted_by_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk(dir.path(), "p.img", 64 * MIB);
+    let mut other = PoolNode::start_named("127.0.0.1", "other-node", &img);
+    pool0(&mut other.api().await).await;
+    other.kill9();
+
+    let mut node = PoolNode::start_named("127.0.0.1", "this-node", &img);
+    let mut api = node.api().await;
+    let pools = |api: &mut EngineClient<Channel>| {
+        let mut api = api.clone();
+        async move {
+            api.list_pools(pb::ListPoolsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .pools
+        }
+    };
+    assert!(pools(&mut api).await.is_empty());
+    // The other node destroys its pool: the label goes.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
+    f.sync_all().unwrap();
+    // Retries at 1, 3 and 7 s.
+    tokio::time::sleep(Duration::from_millis(7500)).await;
+    assert!(
+        pools(&mut api).await.is_empty(),
+        "a retry made a pool on the wiped disk"
+    );
+    let head = std::fs::read(&img).unwrap();
+    assert!(
+        head[..4096].iter().all(|b| *b == 0),
+        "a retry wrote a label"
+    );
+    let log = node.log_text();
+    assert!(log.contains("is blank"), "{log}");
+    node.kill9();
+}
