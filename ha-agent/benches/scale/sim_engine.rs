@@ -221,6 +221,7 @@ fn to_cluster_pool(p: pb::Pool) -> cpb::Pool {
         committed: p.committed,
         disk_errors: p.disk_errors,
         labels: Default::default(),
+        block_size: p.block_size,
     }
 }
 

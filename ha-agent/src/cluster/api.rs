@@ -340,6 +340,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
             committed: p.committed,
             disk_errors: p.disk_errors,
             labels: p.labels.into_iter().collect(),
+            block_size: if p.block_size == 0 { 512 } else { p.block_size },
         })
         .collect()
 }
@@ -390,6 +391,7 @@ fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb:
                 committed: p.committed,
                 disk_errors: p.disk_errors,
                 labels: p.labels.into_iter().collect(),
+                block_size: p.block_size,
             })
             .collect(),
         instance: spec.instance,

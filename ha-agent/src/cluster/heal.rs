@@ -684,8 +684,21 @@ impl Volumes {
                 .map(|v| v.record)
                 .collect();
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
-            let choice = match scheduler::place(&nodes, r.spec.size, 1, &holding, &r.spec.placement)
-            {
+            let block_size = scheduler::block_size_of(
+                &nodes,
+                r.replicas
+                    .iter()
+                    .map(|x| (x.node.as_str(), x.pool.as_str())),
+            );
+            let placed = scheduler::place_alongside(
+                &nodes,
+                r.spec.size,
+                1,
+                &holding,
+                &r.spec.placement,
+                block_size,
+            );
+            let choice = match placed {
                 Ok(c) => c.into_iter().next(),
                 Err(e) => {
                     let why = format!("Degraded: no replacement can be placed: {e}");
@@ -776,12 +789,19 @@ impl Volumes {
                 .map(|v| v.record)
                 .collect();
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
-            scheduler::place(
+            let block_size = scheduler::block_size_of(
+                &nodes,
+                r.replicas
+                    .iter()
+                    .map(|x| (x.node.as_str(), x.pool.as_str())),
+            );
+            scheduler::place_alongside(
                 &nodes,
                 r.spec.size,
                 n as usize - r.replicas.len(),
                 &holding,
                 &r.spec.placement,
+                block_size,
             )?;
         }
         r.spec.replicas = n;

@@ -25,6 +25,13 @@ pub struct PoolSpec {
     /// Its labels, as its io-engine declares them.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// What its replicas show hosts (512 in records from before it was kept).
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+}
+
+fn default_block_size() -> u32 {
+    512
 }
 
 /// What an io-engine says of itself when it registers.

@@ -4,7 +4,9 @@
 //! what its replicas could already grow to (no overcommit, so a thin replica never meets a full pool); the pool that
 //! would be least full afterwards wins, and nodes are taken in that order too (ties by name, so placement is
 //! deterministic). A pool whose disk has returned I/O errors gets nothing new. A volume's node selector and topology
-//! (node labels) narrow the nodes it may use.
+//! (node labels) narrow the nodes it may use. A volume's replicas are all on pools of one block size (a nexus needs
+//! children of one; a 4Kn disk's pool has 4096-byte blocks): a new volume takes the smallest block size with room
+//! for all of them, a replacement that of the replicas already there.
 
 use std::collections::BTreeSet;
 
@@ -28,13 +30,83 @@ pub struct NoRoom {
     pub reasons: Vec<String>,
 }
 
-/// Places `count` replicas of `size` bytes on `nodes` that `placement` admits, none on a node in `exclude`.
+/// Places `count` replicas of `size` bytes on `nodes` that `placement` admits, none on a node in `exclude`, all on
+/// pools of one block size (a nexus needs children of one): the smallest block size that has room for all of them.
 pub fn place(
     nodes: &[NodeRecord],
     size: u64,
     count: usize,
     exclude: &BTreeSet<String>,
     placement: &Placement,
+) -> Result<Vec<Choice>, NoRoom> {
+    place_alongside(nodes, size, count, exclude, placement, None)
+}
+
+/// [`place`], on pools of `block_size` when given (that of the volume's other replicas).
+pub fn place_alongside(
+    nodes: &[NodeRecord],
+    size: u64,
+    count: usize,
+    exclude: &BTreeSet<String>,
+    placement: &Placement,
+    block_size: Option<u32>,
+) -> Result<Vec<Choice>, NoRoom> {
+    let sizes: BTreeSet<u32> = match block_size {
+        Some(b) => [b].into(),
+        None => nodes
+            .iter()
+            .flat_map(|n| n.status.pools.iter().map(|p| p.block_size))
+            .collect(),
+    };
+    let mut closest: Option<NoRoom> = None;
+    for b in sizes.iter().copied() {
+        match place_with_block_size(nodes, size, count, exclude, placement, b) {
+            Ok(c) => return Ok(c),
+            Err(e) if closest.as_ref().is_none_or(|c| e.found > c.found) => closest = Some(e),
+            Err(_) => {}
+        }
+    }
+    // No pool at all: say so node by node.
+    let Some(mut e) = closest else {
+        return place_with_block_size(nodes, size, count, exclude, placement, 512);
+    };
+    if sizes.len() > 1 || block_size.is_some() {
+        e.reasons.push(format!(
+            "a volume's replicas need pools of one block size ({})",
+            sizes
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ));
+    }
+    Err(e)
+}
+
+/// The block size of the pools holding `replicas` ((node, pool) pairs), if one of them is known.
+pub fn block_size_of<'a>(
+    nodes: &[NodeRecord],
+    mut replicas: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Option<u32> {
+    replicas.find_map(|(node, pool)| {
+        nodes
+            .iter()
+            .find(|n| n.spec.name == node)?
+            .status
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .map(|p| p.block_size)
+    })
+}
+
+fn place_with_block_size(
+    nodes: &[NodeRecord],
+    size: u64,
+    count: usize,
+    exclude: &BTreeSet<String>,
+    placement: &Placement,
+    block_size: u32,
 ) -> Result<Vec<Choice>, NoRoom> {
     let mut reasons = Vec::new();
     // (fullness after placement in parts per million, node, pool)
@@ -63,6 +135,7 @@ pub fn place(
             .iter()
             .filter(|p| {
                 p.disk_errors == 0
+                    && p.block_size == block_size
                     && placement.admits_pool(&p.labels)
                     && p.committed.saturating_add(size) <= p.capacity
             })
@@ -75,6 +148,9 @@ pub fn place(
         match pick {
             Some((fullness, pool)) => best.push((fullness, name.clone(), pool)),
             None if n.status.pools.is_empty() => reasons.push(format!("{name} has no pool")),
+            None if n.status.pools.iter().all(|p| p.block_size != block_size) => {
+                reasons.push(format!("no pool on {name} has {block_size}-byte blocks"))
+            }
             None if n.status.pools.iter().all(|p| p.disk_errors > 0) => {
                 reasons.push(format!("every pool on {name} has a failing disk"))
             }
@@ -163,6 +239,7 @@ mod tests {
                         committed: *committed,
                         disk_errors: 0,
                         labels: Default::default(),
+                        block_size: 512,
                     })
                     .collect(),
                 clean_exit: None,
@@ -202,6 +279,50 @@ mod tests {
         let all = place(&nodes, G, 3, &BTreeSet::new(), &Placement::default()).unwrap();
         let distinct: BTreeSet<_> = all.iter().map(|c| c.node.clone()).collect();
         assert_eq!(distinct.len(), 3);
+    }
+
+    #[test]
+    fn a_volumes_replicas_go_to_pools_of_one_block_size() {
+        let mut nodes = vec![
+            node("n1", NodeState::Online, &[("a", 10 * G, 0)]),
+            node("n2", NodeState::Online, &[("a", 10 * G, 0)]),
+            node("n3", NodeState::Online, &[("a", 10 * G, 5 * G)]),
+            node("n4", NodeState::Online, &[("a", 10 * G, 6 * G)]),
+        ];
+        // n1 and n2 have 4Kn disks: the emptiest pools, but only two of them.
+        for n in &mut nodes[..2] {
+            n.status.pools[0].block_size = 4096;
+        }
+        let none = BTreeSet::new();
+        let nodes_of = |c: Vec<Choice>| c.into_iter().map(|c| c.node).collect::<Vec<_>>();
+        let two = place(&nodes, G, 2, &none, &Placement::default()).unwrap();
+        assert_eq!(
+            nodes_of(two),
+            ["n3", "n4"],
+            "512 first: both sizes have room"
+        );
+        let e = place(&nodes, G, 3, &none, &Placement::default()).unwrap_err();
+        assert_eq!(e.found, 2);
+        assert!(
+            e.reasons.iter().any(|r| r.contains("one block size")),
+            "{e}"
+        );
+        // A replacement beside replicas on 4096-byte pools goes to one, though a 512 pool is free.
+        let n2_out: BTreeSet<String> = ["n2".to_string()].into();
+        let one =
+            place_alongside(&nodes, G, 1, &n2_out, &Placement::default(), Some(4096)).unwrap();
+        assert_eq!(nodes_of(one), ["n1"]);
+        let both_out: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
+        let e = place_alongside(&nodes, G, 1, &both_out, &Placement::default(), Some(4096))
+            .unwrap_err();
+        assert!(
+            e.reasons
+                .iter()
+                .any(|r| r == "no pool on n3 has 4096-byte blocks"),
+            "{e}"
+        );
+        assert_eq!(block_size_of(&nodes, [("n2", "a")].into_iter()), Some(4096));
+        assert_eq!(block_size_of(&nodes, [("n9", "a")].into_iter()), None);
     }
 
     #[test]

@@ -45,6 +45,7 @@ fn pools(engine: &Engine, cfg: &RegistrationConfig) -> Vec<pb::Pool> {
                 committed: s.committed,
                 disk_errors: s.disk_errors,
                 labels: cfg.pool_labels.get(&l.name).cloned().unwrap_or_default(),
+                block_size: l.block_size,
             }
         })
         .collect()
