@@ -70,7 +70,11 @@ pub fn place_alongside(
     let Some(mut e) = closest else {
         return place_with_block_size(nodes, size, count, exclude, placement, 512);
     };
-    if sizes.len() > 1 || block_size.is_some() {
+    let present: BTreeSet<u32> = nodes
+        .iter()
+        .flat_map(|n| n.status.pools.iter().map(|p| p.block_size))
+        .collect();
+    if present.len() > 1 {
         e.reasons.push(format!(
             "a volume's replicas need pools of one block size ({})",
             sizes

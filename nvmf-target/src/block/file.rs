@@ -48,6 +48,8 @@ pub struct FileDevice {
     direct: bool,
     /// What the offset and length of each I/O must be a multiple of for O_DIRECT (1 when buffered).
     direct_unit: u32,
+    /// A block device: all its space is there already (nothing to preallocate).
+    is_block: bool,
     /// Whether its reads, writes and flushes go through io_uring (the issuing thread's ring, [`Ring::local`]): it
     /// is open O_DIRECT and io_uring is available.
     uring: bool,
@@ -176,6 +178,7 @@ impl FileDevice {
             num_blocks,
             direct,
             direct_unit,
+            is_block,
             uring: direct && uses_ring(path),
             inflight: InFlight::new(),
             _lock: lock,
@@ -346,7 +349,7 @@ impl BlockDevice for FileDevice {
 
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
-        if len > 0 {
+        if len > 0 && !self.is_block {
             // Mode 0 allocates what is not allocated and leaves the rest as it is; a block device or a file
             // system that cannot do it has nothing to reserve.
             self.try_fallocate(FallocateFlags::empty(), offset, len)

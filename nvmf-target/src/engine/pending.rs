@@ -128,6 +128,11 @@ impl Engine {
             if self.inner.pools_closed.load(Ordering::Acquire) {
                 return;
             }
+            // Opened meanwhile through the API (perhaps with another cluster size than a retry would ask).
+            if self.pool(&name).is_ok() {
+                self.clear_pending(&name);
+                return;
+            }
             attempts += 1;
             let e = match self.open_pool(&name, &disk, None, 0, 0, may_format).await {
                 Ok(e) => {

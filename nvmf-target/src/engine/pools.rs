@@ -104,7 +104,10 @@ async fn reopen(
 /// Whether `disk` holds a pool, or anything but zeroes where a label would be, or cannot be read: what must not
 /// be formatted without being asked. A missing disk holds nothing.
 pub(super) async fn holds_something(disk: &str) -> bool {
-    if !Path::new(disk).exists() {
+    // A missing or empty file holds nothing.
+    if std::fs::metadata(disk).is_ok_and(|m| m.is_file() && m.len() == 0)
+        || !Path::new(disk).exists()
+    {
         return false;
     }
     match open_disk(disk, 512).await {
@@ -189,6 +192,15 @@ impl Engine {
         may_format: bool,
     ) -> Result<PoolEntry, EngineError> {
         let _admin = self.inner.pool_admin.lock().await;
+        if self
+            .inner
+            .pools_closed
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(EngineError::Unavailable(
+                "the engine is shutting down".into(),
+            ));
+        }
         let cluster_size = if cluster_size == 0 {
             DEFAULT_CLUSTER
         } else {
@@ -217,7 +229,8 @@ impl Engine {
         let pool = match Pool::probe(dev.as_ref()).await? {
             Probe::Blank if !may_format => {
                 return Err(EngineError::FailedPrecondition(format!(
-                    "disk {disk} is blank: pool {name} was on it, and is not made anew here (CreatePool does)"
+                    "disk {disk} is blank now, but held a pool or data (or could not be read) when pool {name} \
+                     was first tried: a retry does not format it (CreatePool does)"
                 )));
             }
             Probe::Blank => {
@@ -234,6 +247,12 @@ impl Engine {
                     )));
                 }
                 let dev = reopen(dev, disk, block_size).await?;
+                // Opened again: still blank (nothing came in between).
+                if !matches!(Pool::probe(dev.as_ref()).await?, Probe::Blank) {
+                    return Err(EngineError::FailedPrecondition(format!(
+                        "disk {disk} changed while it was being opened"
+                    )));
+                }
                 let spec = PoolSpec {
                     name: name.to_string(),
                     uuid: uuid.unwrap_or_else(Uuid::new_v4),
@@ -311,6 +330,14 @@ impl Engine {
         };
         self.pools_map()
             .insert(pool.name().to_string(), entry.clone());
+        // Opened while the engine shut down (after close_pools looked): closed like the others.
+        if self
+            .inner
+            .pools_closed
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            pool.close();
+        }
         for v in pool.volumes() {
             if let Some(share) = &v.share
                 && let Err(e) = self.export_replica(&pool, v.uuid, share)
@@ -334,7 +361,7 @@ impl Engine {
     pub fn close_pools(&self) {
         self.inner
             .pools_closed
-            .store(true, std::sync::atomic::Ordering::Release);
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for e in self.pools_map().values() {
             e.pool.close();
         }

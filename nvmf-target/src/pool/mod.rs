@@ -257,10 +257,20 @@ impl PoolInner {
     /// there.
     async fn preallocate(&self, clusters: &[u32]) -> Result<(), PoolError> {
         let cs = u64::from(self.label.cluster_size);
-        for c in clusters {
+        let mut sorted = clusters.to_vec();
+        sorted.sort_unstable();
+        // Runs of adjacent clusters: one call each.
+        let mut runs: Vec<(u32, u64)> = Vec::new();
+        for c in sorted {
+            match runs.last_mut() {
+                Some((first, n)) if u64::from(*first) + *n == u64::from(c) => *n += 1,
+                _ => runs.push((c, 1)),
+            }
+        }
+        for (c, n) in runs {
             match self
                 .dev
-                .preallocate(self.label.cluster_offset(*c), cs)
+                .preallocate(self.label.cluster_offset(c), n * cs)
                 .await
             {
                 Ok(()) => {}
@@ -270,7 +280,7 @@ impl PoolInner {
                          that need one fail with Capacity Exceeded",
                     );
                     return Err(PoolError::NoSpace(format!(
-                        "the disk under pool {} has no room for cluster {c}",
+                        "the disk under pool {} has no room for {n} new clusters from cluster {c}",
                         self.label.name
                     )));
                 }

@@ -123,6 +123,11 @@ impl BlockDevice for ThinDisk {
 }
 
 async fn pool_on_thin_disk() -> (Arc<ThinDisk>, Pool, Arc<PoolVolume>) {
+    let (disk, pool, vol, _) = pool_on_thin_disk_with_id().await;
+    (disk, pool, vol)
+}
+
+async fn pool_on_thin_disk_with_id() -> (Arc<ThinDisk>, Pool, Arc<PoolVolume>, Uuid) {
     let disk = Arc::new(ThinDisk::new(32 * MIB));
     let spec = PoolSpec {
         name: "p1".into(),
@@ -132,11 +137,9 @@ async fn pool_on_thin_disk() -> (Arc<ThinDisk>, Pool, Arc<PoolVolume>) {
     let pool = Pool::create(disk.clone(), &spec, &Claim::new("node-a"))
         .await
         .unwrap();
-    let vol = pool
-        .create_replica(Uuid::new_v4(), 16 * CS, None)
-        .await
-        .unwrap();
-    (disk, pool, vol)
+    let id = Uuid::new_v4();
+    let vol = pool.create_replica(id, 16 * CS, None).await.unwrap();
+    (disk, pool, vol, id)
 }
 
 fn data(seed: u8, len: usize) -> Bytes {
@@ -189,5 +192,30 @@ async fn a_write_that_runs_out_of_space_after_changing_data_fails_with_an_io_err
     assert_eq!(
         &vol.read(CS - 4096, 4096).await.unwrap()[..],
         &[0u8; 4096][..]
+    );
+}
+
+#[tokio::test]
+async fn a_deallocate_that_runs_out_of_space_after_zeroing_one_end_fails_with_an_io_error() {
+    let (_disk, pool, vol, id) = pool_on_thin_disk_with_id().await;
+    vol.write(0, data(1, (3 * CS) as usize)).await.unwrap();
+    pool.snapshot(id, Uuid::new_v4()).await.unwrap();
+    // Another replica takes every free cluster but one.
+    let s = pool.stats();
+    let free = (s.capacity - s.allocated) / CS;
+    let other = pool
+        .create_replica(Uuid::new_v4(), (free - 1) * CS, None)
+        .await
+        .unwrap();
+    for c in 0..free - 1 {
+        other.write(c * CS, data(2, 4096)).await.unwrap();
+    }
+    assert_eq!((pool.stats().capacity - pool.stats().allocated) / CS, 1);
+    // Every cluster of the volume is shared with the snapshot: zeroing part of one copies it first. The head's
+    // copy takes the last free cluster; the tail's finds none.
+    let e = vol.deallocate(CS / 2, 2 * CS).await.unwrap_err();
+    assert!(
+        matches!(e, BlockError::Io(_)),
+        "the head was zeroed before the tail ran out of space: {e:?}"
     );
 }

@@ -588,6 +588,9 @@ impl BlockDevice for PoolVolume {
         self.check_writable()?;
         let cs = self.cs();
         let mut whole = Vec::new();
+        // The partial clusters at each end are zeroed one after the other: once one is, running out of space for
+        // the other is no longer the NoSpace that changed nothing.
+        let mut zeroed = false;
         for p in pieces(offset, len, cs) {
             let n = p.range.len() as u64;
             let is_tail = u64::from(p.logical) * cs + n == self.size();
@@ -595,7 +598,9 @@ impl BlockDevice for PoolVolume {
                 whole.push(p.logical);
             } else {
                 let at = u64::from(p.logical) * cs + p.within;
-                self.write_zeroes(at, n).await?;
+                let r = self.write_zeroes(at, n).await;
+                r.map_err(|e| if zeroed { partly_written(e) } else { e })?;
+                zeroed = true;
             }
         }
         if whole.is_empty() {
