@@ -17,6 +17,13 @@ use crate::pools::{HOST, PoolNode, disk, pattern, pool0, replica_req};
 
 const MIB: u64 = 1 << 20;
 
+/// The pools an engine lists.
+async fn pools(api: &EngineClient<Channel>) -> Vec<pb::Pool> {
+    let mut api = api.clone();
+    let r = api.list_pools(pb::ListPoolsRequest {}).await.unwrap();
+    r.into_inner().pools
+}
+
 /// A small ext4 file system on a loop device, mounted in a directory of its own; unmounted when dropped.
 struct SmallFs {
     _dir: tempfile::TempDir,
@@ -172,31 +179,14 @@ async fn a_pool_whose_disk_is_missing_at_start_leaves_the_others_served_and_open
         .unwrap();
     let mut engine = KillOnDrop(child);
     let names = |pools: Vec<pb::Pool>| pools.into_iter().map(|p| p.name).collect::<Vec<_>>();
-    let mut api = None;
-    for _ in 0..200 {
-        if let Ok(c) = EngineClient::connect(format!("http://{ip}:{grpc}")).await {
-            api = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let mut api = api.unwrap_or_else(|| {
+    let api = crate::harness::engine_api(&format!("{ip}:{grpc}")).await;
+    let api = api.unwrap_or_else(|| {
         panic!(
             "io-engine never came up: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         )
     });
-    let list = |api: &mut EngineClient<Channel>| {
-        let mut api = api.clone();
-        async move {
-            api.list_pools(pb::ListPoolsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .pools
-        }
-    };
-    assert_eq!(names(list(&mut api).await), ["here"]);
+    assert_eq!(names(pools(&api).await), ["here"]);
     let maddr = format!("{ip}:{mport}");
     let scrape = || {
         let a = maddr.clone();
@@ -220,7 +210,7 @@ async fn a_pool_whose_disk_is_missing_at_start_leaves_the_others_served_and_open
         .unwrap();
     let mut opened = false;
     for _ in 0..100 {
-        if names(list(&mut api).await) == ["here", "late"] {
+        if names(pools(&api).await) == ["here", "late"] {
             opened = true;
             break;
         }
@@ -307,18 +297,8 @@ async fn a_pending_pool_whose_disk_was_wiped_is_not_formatted_by_a_retry() {
     other.kill9();
 
     let mut node = PoolNode::start_named("127.0.0.1", "this-node", &img);
-    let mut api = node.api().await;
-    let pools = |api: &mut EngineClient<Channel>| {
-        let mut api = api.clone();
-        async move {
-            api.list_pools(pb::ListPoolsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .pools
-        }
-    };
-    assert!(pools(&mut api).await.is_empty());
+    let api = node.api().await;
+    assert!(pools(&api).await.is_empty());
     // The other node destroys its pool: the label goes.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], 0).unwrap();
@@ -326,7 +306,7 @@ async fn a_pending_pool_whose_disk_was_wiped_is_not_formatted_by_a_retry() {
     // Retries at 1, 3 and 7 s.
     tokio::time::sleep(Duration::from_millis(7500)).await;
     assert!(
-        pools(&mut api).await.is_empty(),
+        pools(&api).await.is_empty(),
         "a retry made a pool on the wiped disk"
     );
     let head = std::fs::read(&img).unwrap();

@@ -288,3 +288,17 @@ impl Raw {
 pub fn free_port(ip: &str) -> u16 {
     e2e::ports::free_port(ip)
 }
+
+/// The engine API of an io-engine starting at `http://{addr}`, once it answers (about 5 s at most).
+pub async fn engine_api(
+    addr: &str,
+) -> Option<proto::engine::engine_client::EngineClient<tonic::transport::Channel>> {
+    for _ in 0..200 {
+        let url = format!("http://{addr}");
+        if let Ok(c) = proto::engine::engine_client::EngineClient::connect(url).await {
+            return Some(c);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}

@@ -3,13 +3,11 @@
 //! scripts/install-deps.sh).
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use nvmf_target::block::BlockDevice;
 use nvmf_target::initiator::ConnectOptions;
 use nvmf_target::initiator::namespace::RemoteNamespace;
 use proto::engine as pb;
-use proto::engine::engine_client::EngineClient;
 
 use crate::harness::free_port;
 use crate::pools::{disk, pattern, publish};
@@ -42,14 +40,7 @@ async fn the_metrics_endpoint_shows_io_pools_and_nexuses_and_passes_promtool() {
             .spawn()
             .unwrap(),
     );
-    let mut api = None;
-    for _ in 0..200 {
-        if let Ok(c) = EngineClient::connect(format!("http://{ip}:{grpc}")).await {
-            api = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let api = crate::harness::engine_api(&format!("{ip}:{grpc}")).await;
     let mut api = api.expect("io-engine up");
     let replica = uuid::Uuid::new_v4().to_string();
     api.create_replica(pb::CreateReplicaRequest {
