@@ -191,24 +191,41 @@ fn place_with_block_size(
 pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) -> (u64, u64) {
     let replicas = replicas.max(1);
     let mut total: u64 = 0;
-    let mut best_per_node: Vec<u64> = Vec::new();
+    // Per block size (a volume's replicas share one): each node's best pool.
+    let mut best_per_node: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
     for n in nodes.iter().filter(|n| {
         n.status.state == NodeState::Online
             && !n.cordoned
             && placement.admits(&n.spec.placement_labels()).is_ok()
     }) {
-        let free: Vec<u64> = n
+        let usable: Vec<_> = n
             .status
             .pools
             .iter()
             .filter(|p| p.disk_errors == 0 && placement.admits_pool(&p.labels))
-            .map(|p| p.capacity.saturating_sub(p.committed))
             .collect();
-        total = total.saturating_add(free.iter().sum());
-        best_per_node.push(free.into_iter().max().unwrap_or(0));
+        for p in &usable {
+            total = total.saturating_add(p.capacity.saturating_sub(p.committed));
+        }
+        let sizes: BTreeSet<u32> = usable.iter().map(|p| p.block_size).collect();
+        for b in sizes {
+            let best = usable
+                .iter()
+                .filter(|p| p.block_size == b)
+                .map(|p| p.capacity.saturating_sub(p.committed))
+                .max()
+                .unwrap_or(0);
+            best_per_node.entry(b).or_default().push(best);
+        }
     }
-    best_per_node.sort_unstable_by(|a, b| b.cmp(a));
-    let largest = best_per_node.get(replicas - 1).copied().unwrap_or(0);
+    let largest = best_per_node
+        .into_values()
+        .map(|mut best| {
+            best.sort_unstable_by(|a, b| b.cmp(a));
+            best.get(replicas - 1).copied().unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0);
     (total / replicas as u64, largest)
 }
 
@@ -316,6 +333,9 @@ mod tests {
         let one =
             place_alongside(&nodes, G, 1, &n2_out, &Placement::default(), Some(4096)).unwrap();
         assert_eq!(nodes_of(one), ["n1"]);
+        // The largest volume of two replicas: 10 GiB on the two 4Kn nodes (not 10 and 5 across sizes).
+        assert_eq!(capacity(&nodes, &Placement::default(), 2).1, 10 * G);
+        assert_eq!(capacity(&nodes, &Placement::default(), 3).1, 0);
         let both_out: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
         let e = place_alongside(&nodes, G, 1, &both_out, &Placement::default(), Some(4096))
             .unwrap_err();
