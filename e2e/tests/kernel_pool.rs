@@ -1,6 +1,8 @@
 //! The Linux kernel initiator (in a QEMU VM) on two thin replicas that together overcommit a small pool: data reads back, a write that
 //! needs a new cluster fails with ENOSPC (the kernel's reading of NVMe Capacity Exceeded), nothing else breaks, and
-//! the pool counts the failure. Needs root (network namespace) and QEMU.
+//! the pool counts the failure. And on a replica of a pool on a 4Kn disk (a loop device with 4096-byte logical
+//! blocks): the kernel sees 4096-byte blocks and a file system on it keeps its files. Needs root (network
+//! namespace, losetup) and QEMU.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,6 +15,34 @@ use e2e::vm::{self, VM_LOCK};
 
 const X: &str = "00000000-0000-4000-8000-0000000000c1";
 const Y: &str = "00000000-0000-4000-8000-0000000000c2";
+const Z: &str = "00000000-0000-4000-8000-0000000000c3";
+
+/// A loop device with 4096-byte logical blocks over a file: a 4Kn disk. Detached when dropped.
+struct Loop4k(String);
+
+impl Loop4k {
+    fn attach(file: &std::path::Path) -> Loop4k {
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show", "-b", "4096"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop4k(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+impl Drop for Loop4k {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
 
 fn keelctl(ns: &Netns, args: &[&str]) -> String {
     let out = ns
@@ -43,12 +73,20 @@ fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
         .unwrap()
         .set_len(20 << 20)
         .unwrap();
+    let disk4k = logs.join("pool-4kn.img");
+    std::fs::File::create(&disk4k)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let lo = Loop4k::attach(&disk4k);
     let mut cmd = ns.command(bins::path("io-engine"));
     cmd.env("RUST_LOG", "info")
         .args(["--node-name", "p1", "--listen", "10.200.0.1:4420"])
         .args(["--grpc", "127.0.0.1:10124"])
         .arg("--pool")
-        .arg(format!("pool0={}", disk.display()));
+        .arg(format!("pool0={}", disk.display()))
+        .arg("--pool")
+        .arg(format!("pool4k={}", lo.0));
     let mut engine = Process::spawn("io-engine", cmd, &logs).unwrap();
     engine
         .wait_for_log("io-engine running", Duration::from_secs(20))
@@ -58,6 +96,7 @@ fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
     for r in [X, Y] {
         keelctl(&ns, &["replica", "create", "pool0", r, "12MiB", "--share"]);
     }
+    keelctl(&ns, &["replica", "create", "pool4k", Z, "16MiB", "--share"]);
 
     let job = bins::workspace().join("e2e/vm/jobs/kernel-pool");
     let params = [
@@ -65,6 +104,7 @@ fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
         ("PORT", "4420".into()),
         ("NQN_X", format!("nqn.2026-11.io.keelson:replica-{X}")),
         ("NQN_Y", format!("nqn.2026-11.io.keelson:replica-{Y}")),
+        ("NQN_Z", format!("nqn.2026-11.io.keelson:replica-{Z}")),
     ];
     let out = vm::run_job(&ns, &job, &params, Duration::from_secs(200), |r| {
         anyhow::bail!("unexpected request {r}")
@@ -78,9 +118,13 @@ fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
         out.output,
         engine.log()
     );
-    assert!(pool.contains("allocated=12582912"), "{pool}");
+    let pool0 = pool
+        .lines()
+        .find(|l| l.starts_with("pool pool0 "))
+        .unwrap_or_default();
+    assert!(pool0.contains("allocated=12582912"), "{pool}");
     assert!(
-        !pool.contains("no_space_errors=0"),
+        !pool0.contains("no_space_errors=0"),
         "the failure is counted: {pool}"
     );
     assert!(
@@ -88,5 +132,11 @@ fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
         "the failure is logged:\n{}",
         engine.log()
     );
+    assert!(
+        !engine.log().contains("disk i/o error"),
+        "no disk errors (512-byte I/O on the 4Kn disk):\n{}",
+        engine.log()
+    );
     engine.terminate(Duration::from_secs(10)).unwrap();
+    drop(lo);
 }

@@ -1,8 +1,9 @@
 #!/bin/bash
 # Guest side of the pool test: two thin 12 MiB replicas (X and Y) in a pool with room for three 4 MiB clusters.
 # Y takes two clusters and X one; data reads back; a write to X that needs a fourth cluster fails with ENOSPC
-# (NVMe Capacity Exceeded), and what was written before is still there. Parameters in ./params (TARGET, PORT,
-# NQN_X, NQN_Y).
+# (NVMe Capacity Exceeded), and what was written before is still there. Then Z, a replica of a pool on a 4Kn disk:
+# 4096-byte blocks, and ext4 on it keeps a file across a remount. Parameters in ./params (TARGET, PORT, NQN_X,
+# NQN_Y, NQN_Z).
 set -u
 . ./params
 ok() { echo "OK: $*"; }
@@ -48,4 +49,21 @@ dd if=$Y of=/tmp/b bs=1M count=8 iflag=direct 2>/dev/null && cmp /tmp/a /tmp/b |
 ok "intact"
 
 for n in "$NQN_X" "$NQN_Y"; do nvme disconnect -n "$n" >/dev/null || fail "nvme disconnect"; done
+
+step "a replica on a 4Kn disk: 4096-byte blocks, a file system on it"
+nvme connect -t tcp -a "$TARGET" -s "$PORT" -n "$NQN_Z" || fail "nvme connect Z"
+sleep 1
+Z=$(dev_of "$NQN_Z")
+[ -b "$Z" ] || { nvme list; fail "device Z=$Z"; }
+bs=$(cat /sys/block/$(basename $Z)/queue/logical_block_size)
+[ "$bs" = 4096 ] || fail "Z shows $bs-byte blocks"
+mkfs.ext4 -q -F $Z || fail "mkfs.ext4 on Z"
+mkdir -p /mnt/z && mount $Z /mnt/z || fail "mount Z"
+dd if=/tmp/a of=/mnt/z/f bs=1M count=4 2>/dev/null && sync || fail "write a file on Z"
+umount /mnt/z && mount $Z /mnt/z || fail "remount Z"
+dd if=/tmp/a of=/tmp/d bs=1M count=4 2>/dev/null
+cmp /mnt/z/f /tmp/d || fail "the file on Z differs"
+umount /mnt/z
+nvme disconnect -n "$NQN_Z" >/dev/null || fail "nvme disconnect Z"
+ok "4Kn"
 echo "ALL-OK"
