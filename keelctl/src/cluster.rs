@@ -503,7 +503,7 @@ fn json(n: &pb::Node) -> serde_json::Value {
         "pools": n.pools.iter().map(|p| serde_json::json!({
             "name": p.name, "uuid": p.uuid, "disk": p.disk,
             "capacity": p.capacity, "allocated": p.allocated, "committed": p.committed,
-            "disk_errors": p.disk_errors, "block_size": p.block_size,
+            "disk_errors": p.disk_errors, "block_size": p.block_size, "disk_full": p.disk_full,
         })).collect::<Vec<_>>(),
         "instance": n.instance,
         "last_seen_ms_ago": n.last_seen_ms_ago,

@@ -110,7 +110,7 @@ pub enum SnapshotCmd {
 fn print_pool(p: &pb::Pool) {
     println!(
         "pool {} {} {} capacity={} allocated={} committed={} cluster={} replicas={} snapshots={} no_space_errors={} \
-         owner={} incarnation={}",
+         owner={} incarnation={} block={}{}",
         p.name,
         p.uuid,
         p.disk,
@@ -122,7 +122,9 @@ fn print_pool(p: &pb::Pool) {
         p.snapshots,
         p.no_space_errors,
         p.owner,
-        p.incarnation
+        p.incarnation,
+        p.block_size,
+        if p.disk_full { " DISK-FULL" } else { "" }
     );
     if !p.fault.is_empty() {
         println!(

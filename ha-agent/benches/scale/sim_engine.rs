@@ -222,6 +222,7 @@ fn to_cluster_pool(p: pb::Pool) -> cpb::Pool {
         disk_errors: p.disk_errors,
         labels: Default::default(),
         block_size: p.block_size,
+        disk_full: p.disk_full,
     }
 }
 

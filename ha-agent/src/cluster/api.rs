@@ -341,6 +341,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
             disk_errors: p.disk_errors,
             labels: p.labels.into_iter().collect(),
             block_size: if p.block_size == 0 { 512 } else { p.block_size },
+            disk_full: p.disk_full,
         })
         .collect()
 }
@@ -392,6 +393,7 @@ fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb:
                 disk_errors: p.disk_errors,
                 labels: p.labels.into_iter().collect(),
                 block_size: p.block_size,
+                disk_full: p.disk_full,
             })
             .collect(),
         instance: spec.instance,

@@ -28,6 +28,9 @@ pub struct PoolSpec {
     /// What its replicas show hosts (512 in records from before it was kept).
     #[serde(default = "default_block_size")]
     pub block_size: u32,
+    /// Its disk had no room for a new cluster when last asked (a full file system under a pool file).
+    #[serde(default)]
+    pub disk_full: bool,
 }
 
 fn default_block_size() -> u32 {

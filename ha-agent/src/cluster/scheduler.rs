@@ -3,7 +3,8 @@
 //! nodes already holding one are excluded); only Online, uncordoned nodes; a pool needs room for the whole replica on top of
 //! what its replicas could already grow to (no overcommit, so a thin replica never meets a full pool); the pool that
 //! would be least full afterwards wins, and nodes are taken in that order too (ties by name, so placement is
-//! deterministic). A pool whose disk has returned I/O errors gets nothing new. A volume's node selector and topology
+//! deterministic). A pool whose disk has returned I/O errors, or is full (the file system under a pool file), gets
+//! nothing new. A volume's node selector and topology
 //! (node labels) narrow the nodes it may use. A volume's replicas are all on pools of one block size (a nexus needs
 //! children of one; a 4Kn disk's pool has 4096-byte blocks): a new volume takes the smallest block size with room
 //! for all of them, a replacement that of the replicas already there.
@@ -139,6 +140,7 @@ fn place_with_block_size(
             .iter()
             .filter(|p| {
                 p.disk_errors == 0
+                    && !p.disk_full
                     && p.block_size == block_size
                     && placement.admits_pool(&p.labels)
                     && p.committed.saturating_add(size) <= p.capacity
@@ -157,6 +159,14 @@ fn place_with_block_size(
             }
             None if n.status.pools.iter().all(|p| p.disk_errors > 0) => {
                 reasons.push(format!("every pool on {name} has a failing disk"))
+            }
+            None if n
+                .status
+                .pools
+                .iter()
+                .all(|p| p.disk_errors > 0 || p.disk_full) =>
+            {
+                reasons.push(format!("every pool on {name} has a failing or full disk"))
             }
             None if !n
                 .status
@@ -202,7 +212,7 @@ pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) ->
             .status
             .pools
             .iter()
-            .filter(|p| p.disk_errors == 0 && placement.admits_pool(&p.labels))
+            .filter(|p| p.disk_errors == 0 && !p.disk_full && placement.admits_pool(&p.labels))
             .collect();
         for p in &usable {
             total = total.saturating_add(p.capacity.saturating_sub(p.committed));
@@ -261,6 +271,7 @@ mod tests {
                         disk_errors: 0,
                         labels: Default::default(),
                         block_size: 512,
+                        disk_full: false,
                     })
                     .collect(),
                 clean_exit: None,
@@ -431,6 +442,18 @@ mod tests {
                 .contains(&"every pool on n1 has a failing disk".to_string()),
             "{e}"
         );
+        // A full disk (the file system under a pool file) takes nothing new either, until it has room.
+        nodes[0].status.pools[1].disk_errors = 0;
+        nodes[0].status.pools[1].disk_full = true;
+        let e = place(&nodes, G, 2, &BTreeSet::new(), &Placement::default()).unwrap_err();
+        assert!(
+            e.reasons
+                .contains(&"every pool on n1 has a failing or full disk".to_string()),
+            "{e}"
+        );
+        assert_eq!(capacity(&nodes, &Placement::default(), 1).0, 10 * G);
+        nodes[0].status.pools[1].disk_full = false;
+        place(&nodes, G, 2, &BTreeSet::new(), &Placement::default()).unwrap();
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn pool(e: &PoolEntry) -> pb::Pool {
         owner: l.owner.clone(),
         incarnation: l.incarnation,
         fault: e.pool.fault().unwrap_or_default(),
+        disk_full: s.disk_full,
     }
 }
 

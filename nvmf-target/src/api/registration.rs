@@ -46,6 +46,7 @@ fn pools(engine: &Engine, cfg: &RegistrationConfig) -> Vec<pb::Pool> {
                 disk_errors: s.disk_errors,
                 labels: cfg.pool_labels.get(&l.name).cloned().unwrap_or_default(),
                 block_size: l.block_size,
+                disk_full: s.disk_full,
             }
         })
         .collect()

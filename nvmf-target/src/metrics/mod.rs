@@ -191,6 +191,12 @@ fn pools(f: &mut Families, engine: &Engine) {
             s.no_space_errors as f64,
         );
         f.gauge(
+            "keelson_pool_disk_full",
+            "1 while a pool's disk has no room for new clusters (the file system under its file is full).",
+            &l,
+            f64::from(u8::from(s.disk_full)),
+        );
+        f.gauge(
             "keelson_pool_faulted",
             "1 when a pool's metadata write failed: it takes no writes until it is imported again.",
             &l,

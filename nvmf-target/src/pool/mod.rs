@@ -156,8 +156,12 @@ pub struct PoolStats {
     pub allocated: u64,
     /// Sum of the sizes of the pool's replicas (what they could grow to).
     pub committed: u64,
-    /// Writes failed because no cluster was free, since the pool was opened.
+    /// Writes failed because no cluster was free, or the disk had no room for a new one, since the pool was
+    /// opened.
     pub no_space_errors: u64,
+    /// The disk had no room for the last new cluster asked of it (the file system under a file pool is full):
+    /// whatever the pool's own free clusters, it takes nothing new until it has room again.
+    pub disk_full: bool,
     /// I/O errors the disk returned since the pool was opened (at least one once the pool is faulted): the disk is
     /// failing, put nothing new here.
     pub disk_errors: u64,
@@ -198,6 +202,9 @@ pub(crate) struct PoolInner {
     lost: AtomicBool,
     no_space: AtomicU64,
     last_no_space_log: Mutex<Option<Instant>>,
+    /// The disk had no room for the last new cluster it was asked for (a file system full under a file pool);
+    /// cleared when it has room for one again ([`PoolInner::disk_room`]).
+    disk_full: AtomicBool,
 }
 
 impl PoolInner {
@@ -234,6 +241,25 @@ impl PoolInner {
         {
             v.closed.store(true, Ordering::Release);
         }
+    }
+
+    /// Whether the disk had room for the new clusters it was just asked for (see [`PoolStats::disk_full`]).
+    fn disk_room(&self, room: bool) {
+        let was_full = self.disk_full.swap(!room, Ordering::Relaxed);
+        if room && was_full {
+            tracing::info!(pool = %self.label.name, "the disk has room for new clusters again");
+        } else if !room && !was_full {
+            tracing::warn!(pool = %self.label.name, "the disk has no room for new clusters (is the file system under it full?)");
+        }
+    }
+
+    /// A write failed because the disk had no room for its new cluster: counted, logged, and the disk is full.
+    fn disk_full_for_write(&self) {
+        self.disk_room(false);
+        self.no_space(
+            "the disk has no room for a new cluster (is the file system under it full?): writes that need one fail \
+             with Capacity Exceeded",
+        );
     }
 
     /// Counts a write failed for want of space, and says why (at most every 10 s).
@@ -275,10 +301,7 @@ impl PoolInner {
             {
                 Ok(()) => {}
                 Err(crate::block::BlockError::NoSpace) => {
-                    self.no_space(
-                        "the disk has no room for a new cluster (is the file system under it full?): writes \
-                         that need one fail with Capacity Exceeded",
-                    );
+                    self.disk_full_for_write();
                     return Err(PoolError::NoSpace(format!(
                         "the disk under pool {} has no room for {n} new clusters from cluster {c}",
                         self.label.name
@@ -287,6 +310,7 @@ impl PoolInner {
                 Err(e) => return Err(PoolError::Io(format!("reserving a cluster's space: {e}"))),
             }
         }
+        self.disk_room(true);
         Ok(())
     }
 
@@ -628,6 +652,7 @@ impl Pool {
             lost: AtomicBool::new(false),
             no_space: AtomicU64::new(0),
             last_no_space_log: Mutex::new(None),
+            disk_full: AtomicBool::new(false),
         });
         Pool { inner }
     }
@@ -664,6 +689,7 @@ impl Pool {
                 .map(|v| v.size)
                 .sum(),
             no_space_errors: self.inner.no_space.load(Ordering::Relaxed),
+            disk_full: self.inner.disk_full.load(Ordering::Relaxed),
             // A faulted pool's disk failed a metadata write, which the count of data I/O errors does not see: at
             // least one, so that the cluster agent places no new replica on it.
             disk_errors: self

@@ -72,8 +72,12 @@ impl PoolInner {
                 pool.dev.flush().await
             }
             .await;
-            if let Err(e) = &zeroed {
-                tracing::debug!(pool = %pool.label.name, error = %e, "filling the stock failed");
+            match &zeroed {
+                Ok(()) => pool.disk_room(true),
+                Err(BlockError::NoSpace) => pool.disk_room(false),
+                Err(e) => {
+                    tracing::debug!(pool = %pool.label.name, error = %e, "filling the stock failed")
+                }
             }
             filling.end(zeroed.is_ok());
         });

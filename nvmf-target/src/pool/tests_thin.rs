@@ -161,10 +161,15 @@ async fn a_write_over_two_new_clusters_with_room_for_one_fails_with_capacity_exc
     );
     assert_eq!(pool.stats().allocated, 0);
     assert!(pool.stats().no_space_errors >= 1);
+    assert!(
+        pool.stats().disk_full,
+        "the disk is full, whatever the pool's free clusters"
+    );
     assert!(pool.fault().is_none());
-    // With room, the same write goes through.
+    // With room, the same write goes through, and the disk is not full any more.
     disk.room_for(u64::MAX);
     vol.write(CS - 4096, data(7, 8192)).await.unwrap();
+    assert!(!pool.stats().disk_full);
     assert_eq!(
         &vol.read(CS - 4096, 8192).await.unwrap()[..],
         &data(7, 8192)[..]

@@ -330,7 +330,9 @@ impl PoolVolume {
                     if let Some(f) = filling {
                         f.end(matches!(filled, Ok(true)));
                     }
+                    // Its own new cluster zeroed and written: the disk had room.
                     filled?;
+                    self.pool.disk_room(true);
                 }
             }
             if old.is_none() {
@@ -357,10 +359,7 @@ impl PoolVolume {
             }
             Err(e) => {
                 if matches!(e, BlockError::NoSpace) {
-                    self.pool.no_space(
-                        "the disk has no room for a new cluster (is the file system under it full?): writes \
-                         that need one fail with Capacity Exceeded",
-                    );
+                    self.pool.disk_full_for_write();
                 }
                 ahead.release(self)
             }

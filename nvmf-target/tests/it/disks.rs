@@ -105,7 +105,7 @@ async fn a_pool_whose_file_system_fills_up_fails_new_clusters_with_capacity_exce
     ns.flush().await.unwrap();
     let p = pool0(&mut api).await;
     assert_eq!((p.disk_errors, p.fault.as_str()), (0, ""), "{p:?}");
-    assert!(p.no_space_errors >= 1, "{p:?}");
+    assert!(p.no_space_errors >= 1 && p.disk_full, "{p:?}");
     ns.close().await;
 
     node.kill9();
@@ -132,7 +132,11 @@ async fn a_pool_whose_file_system_fills_up_fails_new_clusters_with_capacity_exce
         pattern(full_at, 4096)
     );
     let p = pool0(&mut api).await;
-    assert_eq!((p.disk_errors, p.fault.as_str()), (0, ""), "{p:?}");
+    assert_eq!(
+        (p.disk_errors, p.fault.as_str(), p.disk_full),
+        (0, "", false),
+        "{p:?}"
+    );
     ns.close().await;
 }
 
