@@ -684,12 +684,7 @@ impl Volumes {
                 .map(|v| v.record)
                 .collect();
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
-            let block_size = scheduler::block_size_of(
-                &nodes,
-                r.replicas
-                    .iter()
-                    .map(|x| (x.node.as_str(), x.pool.as_str())),
-            );
+            let block_size = r.replica_block_size(&nodes);
             let placed = scheduler::place_alongside(
                 &nodes,
                 r.spec.size,
@@ -789,12 +784,7 @@ impl Volumes {
                 .map(|v| v.record)
                 .collect();
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
-            let block_size = scheduler::block_size_of(
-                &nodes,
-                r.replicas
-                    .iter()
-                    .map(|x| (x.node.as_str(), x.pool.as_str())),
-            );
+            let block_size = r.replica_block_size(&nodes);
             scheduler::place_alongside(
                 &nodes,
                 r.spec.size,

@@ -180,6 +180,29 @@ pub struct VolumeRecord {
     /// only then may more hosts be added.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// The block size of its replicas' pools, one for all as its nexus needs (0 in records from before it was
+    /// kept: then the pools of its replicas say).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub block_size: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl VolumeRecord {
+    /// The block size a new replica of this volume must have: the record's, or that of its replicas' pools.
+    pub fn replica_block_size(&self, nodes: &[super::node::NodeRecord]) -> Option<u32> {
+        if self.block_size != 0 {
+            return Some(self.block_size);
+        }
+        super::scheduler::block_size_of(
+            nodes,
+            self.replicas
+                .iter()
+                .map(|x| (x.node.as_str(), x.pool.as_str())),
+        )
+    }
 }
 
 /// An expansion to `spec.size`, recorded before any engine is asked and after each stage.
@@ -243,6 +266,18 @@ mod tests {
             replicas: 1,
             ..xfs.clone()
         }));
+    }
+
+    #[test]
+    fn a_record_from_before_block_sizes_reads_as_unknown_and_a_known_one_is_kept() {
+        let old = r#"{"uuid":"00000000-0000-4000-8000-000000000001","spec":{"size":1048576,"replicas":1},
+            "phase":"Created","replicas":[],"nexus":null,"last_key":0,"reason":""}"#;
+        let mut r: VolumeRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(r.block_size, 0);
+        assert_eq!(r.replica_block_size(&[]), None);
+        r.block_size = 4096;
+        let back: VolumeRecord = serde_json::from_slice(&r.encode()).unwrap();
+        assert_eq!(back.replica_block_size(&[]), Some(4096));
     }
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {

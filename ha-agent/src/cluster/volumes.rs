@@ -289,7 +289,13 @@ impl Volumes {
                         &spec.placement,
                     )?,
                 };
+                let block_size = scheduler::block_size_of(
+                    &nodes,
+                    choices.iter().map(|c| (c.node.as_str(), c.pool.as_str())),
+                )
+                .unwrap_or(0);
                 let r = VolumeRecord {
+                    block_size,
                     uuid,
                     spec,
                     phase: VolumePhase::Creating,
