@@ -706,6 +706,13 @@ impl Volumes {
                 }
             };
             let Some(choice) = choice else { break };
+            if r.block_size == 0 {
+                // A record from before block sizes were kept: kept from now on.
+                let chosen = [(choice.node.as_str(), choice.pool.as_str())];
+                r.block_size = block_size
+                    .or_else(|| scheduler::block_size_of(&nodes, chosen.into_iter()))
+                    .unwrap_or(0);
+            }
             r.replicas.push(ReplicaRecord {
                 uuid: Uuid::new_v4(),
                 node: choice.node,

@@ -65,6 +65,10 @@ impl BlockDevice for ErrorCount {
         self.seen(self.inner.deallocate(offset, len).await)
     }
 
+    fn room(&self) -> Option<u64> {
+        self.inner.room()
+    }
+
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.seen(self.inner.preallocate(offset, len).await)
     }

@@ -108,6 +108,9 @@ impl BlockDevice for FaultDevice {
         self.gate(offset, len, false).await?;
         self.inner.deallocate(offset, len).await
     }
+    fn room(&self) -> Option<u64> {
+        self.inner.room()
+    }
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.gate(offset, len, false).await?;
         self.inner.preallocate(offset, len).await

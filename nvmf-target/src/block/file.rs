@@ -347,6 +347,14 @@ impl BlockDevice for FileDevice {
         self.zero_by_writes(offset, len).await
     }
 
+    fn room(&self) -> Option<u64> {
+        if self.is_block {
+            return None;
+        }
+        let s = nix::sys::statvfs::fstatvfs(&*self.file).ok()?;
+        Some(s.blocks_available().saturating_mul(s.fragment_size()))
+    }
+
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         if len > 0 && !self.is_block {

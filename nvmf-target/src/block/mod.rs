@@ -98,6 +98,12 @@ pub trait BlockDevice: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Bytes the storage under the device could still back (a file: its file system's free space); `None` where
+    /// the device's space is all there already or it cannot tell. A wrapper passes the call down.
+    fn room(&self) -> Option<u64> {
+        None
+    }
+
     /// Waits until every operation this device started before the call has ended, including those whose callers
     /// stopped waiting: a dropped write may still reach the disk afterwards ([`inflight`]). A device whose
     /// operations end with their futures has nothing to wait for; a wrapper passes the call down.

@@ -72,6 +72,9 @@ impl BlockDevice for Fuse {
         self.check()?;
         self.inner.deallocate(offset, len).await
     }
+    fn room(&self) -> Option<u64> {
+        self.inner.room()
+    }
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check()?;
         self.inner.preallocate(offset, len).await

@@ -202,8 +202,8 @@ pub(crate) struct PoolInner {
     lost: AtomicBool,
     no_space: AtomicU64,
     last_no_space_log: Mutex<Option<Instant>>,
-    /// The disk had no room for the last new cluster it was asked for (a file system full under a file pool);
-    /// cleared when it has room for one again ([`PoolInner::disk_room`]).
+    /// The disk had no room for a new cluster it was asked for (a file system full under a file pool); cleared
+    /// once the storage under it has room for a cluster again ([`PoolInner::disk_room`]).
     disk_full: AtomicBool,
 }
 
@@ -243,7 +243,28 @@ impl PoolInner {
         }
     }
 
-    /// Whether the disk had room for the new clusters it was just asked for (see [`PoolStats::disk_full`]).
+    /// While the disk is full: whether the storage under it has room for a cluster again (asked each time the
+    /// pool's stats are read: the engine API, the cluster agent's heartbeat, a metrics scrape).
+    fn recheck_disk_room(&self) {
+        if !self.disk_full.load(Ordering::Relaxed) {
+            return;
+        }
+        let stocked = !self
+            .stock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if stocked
+            || self
+                .dev
+                .room()
+                .is_some_and(|r| r >= u64::from(self.label.cluster_size))
+        {
+            self.disk_room(true);
+        }
+    }
+
+    /// Whether the disk had room for new clusters (see [`PoolStats::disk_full`]).
     fn disk_room(&self, room: bool) {
         let was_full = self.disk_full.swap(!room, Ordering::Relaxed);
         if room && was_full {
@@ -310,7 +331,6 @@ impl PoolInner {
                 Err(e) => return Err(PoolError::Io(format!("reserving a cluster's space: {e}"))),
             }
         }
-        self.disk_room(true);
         Ok(())
     }
 
@@ -677,6 +697,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
+        self.inner.recheck_disk_room();
         let m = self.inner.meta();
         let cs = u64::from(self.inner.label.cluster_size);
         PoolStats {

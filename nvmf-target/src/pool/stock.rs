@@ -73,7 +73,7 @@ impl PoolInner {
             }
             .await;
             match &zeroed {
-                Ok(()) => pool.disk_room(true),
+                Ok(()) => {}
                 Err(BlockError::NoSpace) => pool.disk_room(false),
                 Err(e) => {
                     tracing::debug!(pool = %pool.label.name, error = %e, "filling the stock failed")

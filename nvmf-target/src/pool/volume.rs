@@ -330,9 +330,7 @@ impl PoolVolume {
                     if let Some(f) = filling {
                         f.end(matches!(filled, Ok(true)));
                     }
-                    // Its own new cluster zeroed and written: the disk had room.
                     filled?;
-                    self.pool.disk_room(true);
                 }
             }
             if old.is_none() {

@@ -78,11 +78,11 @@ async fn a_pool_whose_file_system_fills_up_fails_new_clusters_with_capacity_exce
     ) {
         return;
     }
-    let fs = SmallFs::new(64 * MIB);
-    // Room another file holds, given back at the end.
+    let fs = SmallFs::new(128 * MIB);
+    // Room another file holds, given back at the end: enough for a new cluster, a refilled stock and more.
     let ballast = fs.mnt.join("ballast");
-    std::fs::write(&ballast, vec![1u8; (16 * MIB) as usize]).unwrap();
-    let mut node = PoolNode::start("127.0.0.1", &disk(&fs.mnt, "p.img", 256 * MIB));
+    std::fs::write(&ballast, vec![1u8; (72 * MIB) as usize]).unwrap();
+    let mut node = PoolNode::start("127.0.0.1", &disk(&fs.mnt, "p.img", 512 * MIB));
     let mut api = node.api().await;
     let cap = pool0(&mut api).await.capacity;
     let id = uuid::Uuid::new_v4().to_string();
