@@ -16,6 +16,7 @@
 
 pub mod bins;
 pub mod cluster;
+pub mod loopdev;
 pub mod metrics;
 pub mod netns;
 pub mod ports;

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use e2e::bins;
+use e2e::loopdev::Loop;
 use e2e::netns::Netns;
 use e2e::process::Process;
 use e2e::vm::{self, VM_LOCK};
@@ -16,33 +17,6 @@ use e2e::vm::{self, VM_LOCK};
 const X: &str = "00000000-0000-4000-8000-0000000000c1";
 const Y: &str = "00000000-0000-4000-8000-0000000000c2";
 const Z: &str = "00000000-0000-4000-8000-0000000000c3";
-
-/// A loop device with 4096-byte logical blocks over a file: a 4Kn disk. Detached when dropped.
-struct Loop4k(String);
-
-impl Loop4k {
-    fn attach(file: &std::path::Path) -> Loop4k {
-        let out = std::process::Command::new("losetup")
-            .args(["-f", "--show", "-b", "4096"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop4k(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-}
-
-impl Drop for Loop4k {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &self.0])
-            .status();
-    }
-}
 
 fn keelctl(ns: &Netns, args: &[&str]) -> String {
     let out = ns
@@ -78,7 +52,7 @@ fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    let lo = Loop4k::attach(&disk4k);
+    let lo = Loop::attach_with_blocks(&disk4k, 4096);
     let mut cmd = ns.command(bins::path("io-engine"));
     cmd.env("RUST_LOG", "info")
         .args(["--node-name", "p1", "--listen", "10.200.0.1:4420"])
@@ -86,7 +60,7 @@ fn the_kernel_gets_enospc_from_a_full_thin_pool_and_keeps_its_data() {
         .arg("--pool")
         .arg(format!("pool0={}", disk.display()))
         .arg("--pool")
-        .arg(format!("pool4k={}", lo.0));
+        .arg(format!("pool4k={}", lo.0.display()));
     let mut engine = Process::spawn("io-engine", cmd, &logs).unwrap();
     engine
         .wait_for_log("io-engine running", Duration::from_secs(20))

@@ -12,8 +12,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::harness::free_port;
-use crate::ownership::Loop;
 use crate::pools::{HOST, PoolNode, disk, pattern, pool0, replica_req};
+use e2e::loopdev::Loop;
 
 const MIB: u64 = 1 << 20;
 

@@ -4,7 +4,7 @@
 //! (That a forced import stops the displaced owner at its next metadata commit is shown by the pool's own tests:
 //! on one machine the exclusive open keeps two io-engines off one disk before any label is read.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use bytes::Bytes;
@@ -16,38 +16,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::pools::{HOST, PoolNode, disk, pattern, replica_req};
+use e2e::loopdev::Loop;
 
 const MIB: u64 = 1 << 20;
-
-/// A loop device over a file, detached when dropped.
-pub struct Loop(pub PathBuf);
-
-impl Loop {
-    pub fn attach(file: &Path) -> Loop {
-        Self::attach_with_blocks(file, 512)
-    }
-
-    /// With `block_size`-byte logical blocks (4096: a 4Kn disk).
-    pub fn attach_with_blocks(file: &Path, block_size: u32) -> Loop {
-        let out = Command::new("losetup")
-            .args(["-f", "--show", "-b", &block_size.to_string()])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
 
 /// Writes blocks `from..to` (4 KiB each, one per 256 KiB) and returns what was acknowledged.
 async fn write_blocks(ns: &RemoteNamespace, from: u64, to: u64) -> Vec<(u64, Bytes)> {
