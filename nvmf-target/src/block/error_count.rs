@@ -73,6 +73,13 @@ impl BlockDevice for ErrorCount {
         self.seen(self.inner.preallocate(offset, len).await)
     }
 
+    fn releases_space(&self) -> bool {
+        self.inner.releases_space()
+    }
+    async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        self.seen(self.inner.release(offset, len).await)
+    }
+
     async fn flush(&self) -> Result<(), BlockError> {
         self.seen(self.inner.flush().await)
     }

@@ -115,6 +115,13 @@ impl BlockDevice for FaultDevice {
         self.gate(offset, len, false).await?;
         self.inner.preallocate(offset, len).await
     }
+    fn releases_space(&self) -> bool {
+        self.inner.releases_space()
+    }
+    async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        self.gate(offset, len, false).await?;
+        self.inner.release(offset, len).await
+    }
     async fn flush(&self) -> Result<(), BlockError> {
         self.gate(0, 0, false).await?;
         self.inner.flush().await

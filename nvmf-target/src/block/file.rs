@@ -367,6 +367,20 @@ impl BlockDevice for FileDevice {
         Ok(())
     }
 
+    fn releases_space(&self) -> bool {
+        !self.is_block
+    }
+
+    async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        check_range(offset, len, self.block_size, self.size_bytes())?;
+        if self.is_block {
+            // A discard would do, but not every device takes one cheaply; the space is the device's own anyway.
+            return Ok(false);
+        }
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        self.try_fallocate(punch, offset, len).await
+    }
+
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;

@@ -98,6 +98,20 @@ pub trait BlockDevice: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The range's contents are no longer needed: a device whose space is shared with others (a file: its file
+    /// system's) gives the space under the range back. What the range reads afterwards is unspecified (zeroes or
+    /// what it held). `Ok(false)`: the device gives nothing back (memory, a block device, a file system that cannot
+    /// punch holes), so asking again is no use. A wrapper passes the call down.
+    async fn release(&self, _offset: u64, _len: u64) -> Result<bool, BlockError> {
+        Ok(false)
+    }
+
+    /// Whether [`Self::release`] may give space back here (no I/O: what the device is). A wrapper passes the call
+    /// down.
+    fn releases_space(&self) -> bool {
+        false
+    }
+
     /// Bytes the storage under the device could still back (a file: its file system's free space); `None` where
     /// the device's space is all there already or it cannot tell. A wrapper passes the call down.
     fn room(&self) -> Option<u64> {

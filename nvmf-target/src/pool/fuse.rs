@@ -79,6 +79,13 @@ impl BlockDevice for Fuse {
         self.check()?;
         self.inner.preallocate(offset, len).await
     }
+    fn releases_space(&self) -> bool {
+        self.inner.releases_space()
+    }
+    async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        self.check()?;
+        self.inner.release(offset, len).await
+    }
     async fn flush(&self) -> Result<(), BlockError> {
         self.check()?;
         self.inner.flush().await

@@ -30,6 +30,7 @@ mod fuse;
 mod journal;
 pub mod label;
 pub mod meta;
+mod release;
 mod stock;
 mod volume;
 
@@ -37,6 +38,8 @@ mod volume;
 mod tests;
 #[cfg(test)]
 mod tests_cow;
+#[cfg(test)]
+mod tests_release;
 #[cfg(test)]
 mod tests_stock;
 #[cfg(test)]
@@ -53,7 +56,7 @@ use crate::block::BlockDevice;
 use commit::GroupCommit;
 use journal::Journal;
 use label::{LABEL_LEN, Label};
-use meta::{PoolMeta, Record, Share, VolumeMeta};
+use meta::{PoolMeta, Record, Share, UNMAPPED, VolumeMeta};
 pub use volume::PoolVolume;
 
 /// How long freeing or sharing clusters waits for the disk to end the operations handed to it before.
@@ -304,17 +307,8 @@ impl PoolInner {
     /// there.
     async fn preallocate(&self, clusters: &[u32]) -> Result<(), PoolError> {
         let cs = u64::from(self.label.cluster_size);
-        let mut sorted = clusters.to_vec();
-        sorted.sort_unstable();
         // Runs of adjacent clusters: one call each.
-        let mut runs: Vec<(u32, u64)> = Vec::new();
-        for c in sorted {
-            match runs.last_mut() {
-                Some((first, n)) if u64::from(*first) + *n == u64::from(c) => *n += 1,
-                _ => runs.push((c, 1)),
-            }
-        }
-        for (c, n) in runs {
+        for (c, n) in release::runs(clusters) {
             match self
                 .dev
                 .preallocate(self.label.cluster_offset(c), n * cs)
@@ -619,7 +613,10 @@ impl Pool {
             incarnation = label.incarnation,
             "imported pool"
         );
-        Ok(Self::assemble(disk, label, journal, meta))
+        let pool = Self::assemble(disk, label, journal, meta);
+        // Free clusters whose space a process that died first never gave back, or that predate giving it back.
+        pool.inner.release_behind(pool.inner.free_runs());
+        Ok(pool)
     }
 
     /// Writes the label that makes `claim.node` the owner, one incarnation after `found`.
@@ -1013,9 +1010,17 @@ impl Pool {
         }
         let _excl = self.inner.gate.write().await;
         self.inner.settle().await?;
+        let mapped = self.volume_meta(&uuid).map(|v| v.map).unwrap_or_default();
         self.inner
             .commit(vec![Record::Destroy { volume: uuid }])
             .await?;
+        // Its clusters no other volume shares are free now: their space goes back to the file system.
+        self.inner.release_behind(release::runs(
+            &mapped
+                .into_iter()
+                .filter(|p| *p != UNMAPPED)
+                .collect::<Vec<_>>(),
+        ));
         if let Some(v) = self
             .inner
             .volumes

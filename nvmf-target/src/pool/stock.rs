@@ -158,7 +158,7 @@ impl PoolInner {
     }
 
     /// Whether the label on the disk still names this import (another node may have taken the pool).
-    async fn still_ours(&self) -> bool {
+    pub(super) async fn still_ours(&self) -> bool {
         match self.dev.read(0, LABEL_LEN).await {
             Ok(block) => Label::decode(&block, self.dev.size_bytes()).is_ok_and(|l| {
                 l.owner == self.label.owner && l.incarnation == self.label.incarnation

@@ -20,22 +20,30 @@ const BLOCK: u64 = 4096;
 
 /// Memory that takes space per 4 KiB block on its first write, from a budget, as a file system does for a sparse
 /// file: a write that runs out writes the blocks it has room for and fails with NoSpace (a short write, then
-/// ENOSPC). With `copy_on_write`, every write takes new space (btrfs and the like).
-struct ThinDisk {
+/// ENOSPC). With `copy_on_write`, every write takes new space (btrfs and the like). A release punches the whole
+/// blocks of its range out (they read as zeroes and their space is free again), unless `punches` is off.
+pub(super) struct ThinDisk {
     inner: MemoryDevice,
     budget: AtomicU64,
     backed: Mutex<BTreeSet<u64>>,
     copy_on_write: AtomicBool,
+    pub(super) punches: AtomicBool,
 }
 
 impl ThinDisk {
-    fn new(size: u64) -> ThinDisk {
+    pub(super) fn new(size: u64) -> ThinDisk {
         ThinDisk {
             inner: MemoryDevice::new(size, 512),
             budget: AtomicU64::new(u64::MAX),
             backed: Mutex::new(BTreeSet::new()),
             copy_on_write: AtomicBool::new(false),
+            punches: AtomicBool::new(true),
         }
+    }
+
+    /// Bytes with space under them.
+    pub(super) fn backed_bytes(&self) -> u64 {
+        self.backed.lock().unwrap().len() as u64 * BLOCK
     }
 
     /// Leaves room for `blocks` more 4 KiB blocks.
@@ -106,6 +114,27 @@ impl BlockDevice for ThinDisk {
     }
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.inner.deallocate(offset, len).await
+    }
+    fn releases_space(&self) -> bool {
+        true
+    }
+    async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        if !self.punches.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let whole = offset.div_ceil(BLOCK)..(offset + len) / BLOCK;
+        if whole.is_empty() {
+            return Ok(true);
+        }
+        self.inner
+            .deallocate(whole.start * BLOCK, (whole.end - whole.start) * BLOCK)
+            .await?;
+        let mut backed = self.backed.lock().unwrap();
+        let freed = whole.filter(|b| backed.remove(b)).count() as u64;
+        let budget = self.budget.load(Ordering::SeqCst);
+        self.budget
+            .store(budget.saturating_add(freed), Ordering::SeqCst);
+        Ok(true)
     }
     async fn flush(&self) -> Result<(), BlockError> {
         self.inner.flush().await

@@ -608,18 +608,31 @@ impl BlockDevice for PoolVolume {
         let _excl = self.pool.gate.write().await;
         self.check_open()?;
         self.pool.settle().await.map_err(pool_err)?;
+        let mut unmapped = Vec::new();
         let records: Vec<Record> = whole
             .into_iter()
-            .filter(|l| matches!(self.lookup(*l), Ok(Some(_))))
-            .map(|logical| Record::Unmap {
-                volume: self.uuid,
-                logical,
+            .filter_map(|logical| match self.lookup(logical) {
+                Ok(Some((physical, _))) => {
+                    unmapped.push(physical);
+                    Some(Record::Unmap {
+                        volume: self.uuid,
+                        logical,
+                    })
+                }
+                _ => None,
             })
             .collect();
-        for chunk in records.chunks(64) {
-            self.pool.commit(chunk.to_vec()).await.map_err(pool_err)?;
+        let committed = async {
+            for chunk in records.chunks(64) {
+                self.pool.commit(chunk.to_vec()).await.map_err(pool_err)?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        // What is free now (a cluster a snapshot shares is not) goes back to the file system, even if a later
+        // chunk's commit failed.
+        self.pool.release_behind(super::release::runs(&unmapped));
+        committed
     }
 
     async fn flush(&self) -> Result<(), BlockError> {

@@ -322,3 +322,81 @@ async fn a_pending_pool_whose_disk_was_wiped_is_not_formatted_by_a_retry() {
     assert!(log.contains("is blank"), "{log}");
     node.kill9();
 }
+
+/// Space on the file system a pool's sparse file takes.
+fn file_space(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Waits (bounded) for a pool file's space to drop to `at_most` bytes; what it is then.
+async fn space_drops_to(path: &std::path::Path, at_most: u64) -> u64 {
+    for _ in 0..100 {
+        let now = file_space(path);
+        if now <= at_most {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    file_space(path)
+}
+
+/// A pool on a sparse file gives the file system back the space of clusters it no longer uses: whole clusters the
+/// host deallocates (a guest's `fstrim`), and a destroyed replica's. Data still in use reads back unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_file_gives_the_space_of_deallocated_clusters_and_destroyed_replicas_back() {
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("KEELSON_TEST_FS").unwrap_or("/var/tmp".into()))
+            .unwrap();
+    let path = disk(dir.path(), "p.img", 512 * MIB);
+    let node = PoolNode::start("127.0.0.1", &path);
+    let mut api = node.api().await;
+    let id = uuid::Uuid::new_v4().to_string();
+    api.create_replica(replica_req(&id, 64 * MIB))
+        .await
+        .unwrap();
+    let ns = node.connect(&id, HOST).await.unwrap();
+    for off in (0..64 * MIB).step_by(MIB as usize) {
+        ns.write(off, pattern(off, MIB as usize)).await.unwrap();
+    }
+    ns.flush().await.unwrap();
+    let written = file_space(&path);
+    assert!(
+        written >= 64 * MIB,
+        "{written} bytes taken after 64 MiB written"
+    );
+
+    // From 4 KiB into cluster 7 to 4 KiB before the end: clusters 8 to 14 are whole and go back (28 MiB); the
+    // partial clusters at each end are zeroed in place and stay.
+    ns.deallocate(28 * MIB + 4096, 36 * MIB - 8192)
+        .await
+        .unwrap();
+    let trimmed = space_drops_to(&path, written - 28 * MIB).await;
+    assert!(
+        written - trimmed >= 28 * MIB,
+        "deallocating 28 MiB of whole clusters gave back {} bytes",
+        written - trimmed
+    );
+    for off in (0..28 * MIB).step_by(MIB as usize) {
+        assert_eq!(ns.read(off, MIB).await.unwrap(), pattern(off, MIB as usize));
+    }
+    let head = ns.read(28 * MIB, 4096).await.unwrap();
+    assert_eq!(head, pattern(28 * MIB, 4096));
+    let tail = ns.read(64 * MIB - 4096, 4096).await.unwrap();
+    assert_eq!(
+        tail,
+        pattern(63 * MIB, MIB as usize).slice((MIB - 4096) as usize..)
+    );
+    ns.close().await;
+
+    // What is left, nine clusters, goes back with the replica.
+    api.destroy_replica(pb::DestroyReplicaRequest { uuid: id.clone() })
+        .await
+        .unwrap();
+    let destroyed = space_drops_to(&path, trimmed - 36 * MIB).await;
+    assert!(
+        trimmed - destroyed >= 36 * MIB,
+        "destroying the replica gave back {} bytes",
+        trimmed - destroyed
+    );
+}

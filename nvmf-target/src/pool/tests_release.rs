@@ -1,0 +1,171 @@
+//! Freed clusters' space goes back to the disk under the pool (`release`): a destroyed replica's, whole clusters
+//! the host deallocated, and at import whatever was never given back; never a cluster a snapshot still shares or an
+//! allocation took meanwhile.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::tests_thin::ThinDisk;
+use super::*;
+use crate::block::BlockDevice;
+
+const MIB: u64 = 1 << 20;
+const CS: u64 = 256 << 10;
+
+async fn pool_on(disk: &Arc<ThinDisk>) -> Pool {
+    let spec = PoolSpec {
+        name: "p1".into(),
+        uuid: Uuid::new_v4(),
+        cluster_size: CS as u32,
+    };
+    Pool::create(disk.clone(), &spec, &Claim::new("node-a"))
+        .await
+        .unwrap()
+}
+
+fn data(seed: u8, len: u64) -> Bytes {
+    Bytes::from(vec![seed; len as usize])
+}
+
+/// Waits (bounded) until the disk's backed bytes stop changing, for the release task to end.
+async fn settled(disk: &ThinDisk) -> u64 {
+    let mut last = disk.backed_bytes();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = disk.backed_bytes();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the disk's backed bytes keep changing");
+}
+
+#[tokio::test]
+async fn a_destroyed_replicas_space_goes_back_except_what_a_snapshot_shares() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let a = Uuid::new_v4();
+    let vol = pool.create_replica(a, 8 * CS, None).await.unwrap();
+    vol.write(0, data(1, 6 * CS)).await.unwrap();
+    // A snapshot shares the first six clusters; two more are the replica's alone.
+    pool.snapshot(a, Uuid::new_v4()).await.unwrap();
+    vol.write(6 * CS, data(2, 2 * CS)).await.unwrap();
+    let before = settled(&disk).await;
+    drop(vol);
+    pool.destroy_volume(a).await.unwrap();
+    let after = settled(&disk).await;
+    assert_eq!(
+        before - after,
+        2 * CS,
+        "exactly the replica's own clusters go back"
+    );
+
+    // A replica with nothing shared gives all of its clusters back.
+    let b = Uuid::new_v4();
+    let vol = pool.create_replica(b, 4 * CS, None).await.unwrap();
+    vol.write(0, data(3, 4 * CS)).await.unwrap();
+    let before = settled(&disk).await;
+    drop(vol);
+    pool.destroy_volume(b).await.unwrap();
+    assert_eq!(before - settled(&disk).await, 4 * CS);
+}
+
+#[tokio::test]
+async fn whole_clusters_the_host_deallocates_go_back_and_partly_deallocated_ones_stay() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let vol = pool
+        .create_replica(Uuid::new_v4(), 8 * CS, None)
+        .await
+        .unwrap();
+    vol.write(0, data(1, 8 * CS)).await.unwrap();
+    let before = settled(&disk).await;
+    // Half of cluster 1, clusters 2 and 3 whole, half of cluster 4.
+    vol.deallocate(CS + CS / 2, 3 * CS).await.unwrap();
+    assert_eq!(before - settled(&disk).await, 2 * CS);
+    let back = vol.read(0, 8 * CS).await.unwrap();
+    assert!(back[..(CS + CS / 2) as usize].iter().all(|b| *b == 1));
+    assert!(
+        back[(CS + CS / 2) as usize..(4 * CS + CS / 2) as usize]
+            .iter()
+            .all(|b| *b == 0)
+    );
+    assert!(back[(4 * CS + CS / 2) as usize..].iter().all(|b| *b == 1));
+}
+
+#[tokio::test]
+async fn a_freed_cluster_an_allocation_took_before_its_release_ran_keeps_its_data() {
+    let disk = Arc::new(ThinDisk::new(16 * MIB));
+    let pool = pool_on(&disk).await;
+    let later = pool
+        .create_replica(Uuid::new_v4(), 4 * CS, None)
+        .await
+        .unwrap();
+    // One replica takes every free cluster, so that the next allocation must take one of its clusters.
+    let s = pool.stats();
+    let free = (s.capacity - s.allocated) / CS;
+    let a = Uuid::new_v4();
+    let vol = pool.create_replica(a, free * CS, None).await.unwrap();
+    vol.write(0, data(1, free * CS)).await.unwrap();
+    assert_eq!(pool.stats().allocated, pool.stats().capacity);
+    let full = settled(&disk).await;
+    let freed = release::runs(&pool.volume_meta(&a).unwrap().map);
+    drop(vol);
+    pool.destroy_volume(a).await.unwrap();
+    // These writes must take freed clusters.
+    for i in 0..4 {
+        later.write(i * CS, data(10 + i as u8, CS)).await.unwrap();
+    }
+    // A release of the destroyed replica's clusters that comes only now (it waited for the gate behind them)
+    // punches only those still free.
+    pool.inner.release_behind(freed);
+    settled(&disk).await;
+    for i in 0..4 {
+        let back = later.read(i * CS, CS).await.unwrap();
+        assert!(
+            back.iter().all(|b| *b == 10 + i as u8),
+            "cluster {i} of the later replica was punched under its data"
+        );
+    }
+    // All but the four clusters taken again and at most a stock's worth (zeroed ahead) went back.
+    assert!(free > 12);
+    assert!(
+        full - disk.backed_bytes() >= (free - 12) * CS,
+        "the freed clusters' space went back: {full} -> {} bytes backed",
+        disk.backed_bytes()
+    );
+}
+
+#[tokio::test]
+async fn an_import_gives_back_the_space_of_free_clusters_never_given_back() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let a = Uuid::new_v4();
+    let vol = pool.create_replica(a, 6 * CS, None).await.unwrap();
+    vol.write(0, data(1, 6 * CS)).await.unwrap();
+    let keep = Uuid::new_v4();
+    let kept = pool.create_replica(keep, 2 * CS, None).await.unwrap();
+    kept.write(0, data(2, 2 * CS)).await.unwrap();
+    // A disk that gives nothing back (as if the process died before it could): the space stays taken.
+    disk.punches.store(false, Ordering::SeqCst);
+    drop(vol);
+    pool.destroy_volume(a).await.unwrap();
+    let before = settled(&disk).await;
+    drop((kept, pool));
+    disk.punches.store(true, Ordering::SeqCst);
+    let pool = Pool::import(disk.clone(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    let after = settled(&disk).await;
+    assert!(
+        before - after >= 6 * CS,
+        "the destroyed replica's clusters went back at import: {before} -> {after}"
+    );
+    let kept = pool.open_volume(&keep).unwrap();
+    assert!(kept.read(0, 2 * CS).await.unwrap().iter().all(|b| *b == 2));
+}
