@@ -162,6 +162,20 @@ pub async fn pool(c: &mut EngineClient<Channel>, cmd: PoolCmd) -> Result<()> {
         PoolCmd::List => {
             let r = c.list_pools(pb::ListPoolsRequest {}).await?.into_inner();
             r.pools.iter().for_each(print_pool);
+            for p in &r.pending {
+                println!(
+                    "pending pool {} {} attempts={} {}: {}",
+                    p.name,
+                    p.disk,
+                    p.attempts,
+                    if p.retrying {
+                        "retrying"
+                    } else {
+                        "NOT RETRYING (fix the configuration)"
+                    },
+                    p.error
+                );
+            }
         }
         PoolCmd::Create {
             name,

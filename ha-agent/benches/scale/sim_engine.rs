@@ -531,6 +531,7 @@ impl Engine for Svc {
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         Ok(Response::new(pb::ListPoolsResponse {
             pools: self.0.pools(),
+            pending: Vec::new(),
         }))
     }
     async fn create_replica(

@@ -114,8 +114,21 @@ pub async fn destroy_pool(engine: &Engine, r: pb::DestroyPoolRequest) -> Result<
 }
 
 pub fn list_pools(engine: &Engine) -> pb::ListPoolsResponse {
+    let mut pending: Vec<pb::PendingPool> = engine
+        .pending_pools()
+        .into_iter()
+        .map(|p| pb::PendingPool {
+            name: p.name,
+            disk: p.disk,
+            error: p.error,
+            attempts: p.attempts,
+            retrying: p.retrying,
+        })
+        .collect();
+    pending.sort_by(|a, b| a.name.cmp(&b.name));
     pb::ListPoolsResponse {
         pools: engine.pools().iter().map(pool).collect(),
+        pending,
     }
 }
 

@@ -207,6 +207,23 @@ async fn a_pool_whose_disk_is_missing_at_start_leaves_the_others_served_and_open
         logged.contains("pool not opened") && logged.contains("late"),
         "{logged}"
     );
+    let listed = api
+        .clone()
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pending;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let p = &listed[0];
+    assert_eq!(
+        (p.name.as_str(), p.disk.as_str()),
+        ("late", late.to_str().unwrap())
+    );
+    assert!(
+        p.retrying && p.attempts >= 1 && !p.error.is_empty(),
+        "{p:?}"
+    );
 
     std::fs::File::create(&late)
         .unwrap()
@@ -221,7 +238,15 @@ async fn a_pool_whose_disk_is_missing_at_start_leaves_the_others_served_and_open
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let m = scrape().await.unwrap();
+    let still = api
+        .clone()
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pending;
     engine.kill();
+    assert!(still.is_empty(), "{still:?}");
     assert!(
         opened,
         "the pool never opened: {}",
