@@ -378,7 +378,10 @@ impl BlockDevice for FileDevice {
             return Ok(false);
         }
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        self.try_fallocate(punch, offset, len).await
+        // A punch can need room for the file's extent tree: a full file system is not a failing disk.
+        self.try_fallocate(punch, offset, len)
+            .await
+            .map_err(out_of_space)
     }
 
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {

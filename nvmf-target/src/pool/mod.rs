@@ -208,6 +208,8 @@ pub(crate) struct PoolInner {
     /// The disk had no room for a new cluster it was asked for (a file system full under a file pool); cleared
     /// once the storage under it has room for a cluster again ([`PoolInner::disk_room`]).
     disk_full: AtomicBool,
+    /// Freed clusters whose space goes back to the file system under the pool (`release`).
+    releases: release::Releases,
 }
 
 impl PoolInner {
@@ -670,6 +672,7 @@ impl Pool {
             no_space: AtomicU64::new(0),
             last_no_space_log: Mutex::new(None),
             disk_full: AtomicBool::new(false),
+            releases: release::Releases::default(),
         });
         Pool { inner }
     }

@@ -1,33 +1,66 @@
 //! Giving freed clusters' space back to the file system under the pool. A replica destroyed, or whole clusters the
 //! host deallocated (a guest's `fstrim`), leave clusters free; on a sparse file their space would stay taken on the
 //! file system for ever, since a free cluster is only written again when an allocation takes it. After the commit
-//! that freed them, a task of its own punches them out of the file ([`crate::block::BlockDevice::release`]); at import, every
-//! free cluster is, which also catches up on what a process that died first never gave back.
+//! that freed them, their runs join the pool's queue of releases, which one task at a time punches out of the file
+//! ([`crate::block::BlockDevice::release`]); at import, every free cluster's run does, which also catches up on
+//! what a process that died first never gave back.
 //!
-//! Why it is safe: the task punches in batches, each under the pool's gate held exclusively, so no I/O of the
-//! pool runs meanwhile (every read, write and filling of the stock holds it shared), and it punches only what is
-//! free and not reserved then: no one maps those clusters, and no allocation is about to write them. It stops once
-//! the pool is closed, faulted, or its label names another import. A free cluster's bytes mean nothing (an
-//! allocation zeroes around its data, the stock zeroes what it holds), so what a punched cluster reads afterwards
-//! does not matter.
+//! Why it is safe: the task punches in holds of at most [`HOLD_BYTES`], each under the pool's gate held
+//! exclusively, so no I/O of the pool runs meanwhile (every read, write and filling of the stock holds it shared;
+//! every allocation reserves its clusters under it), and in each hold it punches only what is free and not
+//! reserved then: no one maps those clusters, no allocation is about to write them, and the stock's zeroed clusters
+//! (reserved) keep their space. Each hold first checks, under the gate, that the pool is open, not faulted, and
+//! that its label still names this import: a displaced owner punches nothing another node may have mapped since.
+//! A free cluster's bytes mean nothing (an allocation zeroes around its data, the stock zeroes what it holds), so
+//! what a punched cluster reads afterwards does not matter. The task holds the pool only weakly: a pool dropped
+//! (an import the engine refused, say) is not kept open by it.
 //!
-//! Best effort: a release that fails leaves the space taken (logged); the next import tries again.
+//! Best effort: a release that fails, or never runs (the call that freed the clusters was dropped after its commit,
+//! the process died), leaves the space taken; the next import gives it back.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::PoolInner;
+use crate::block::BlockError;
 
-/// Runs punched under one hold of the gate: the pool's I/O waits for at most this many system calls at a time.
-const RUNS_PER_HOLD: usize = 16;
+/// Bytes punched by one system call at most: a long run is cut, since the file system holds the file while it
+/// punches.
+const CALL_BYTES: u64 = 64 << 20;
+/// Bytes punched under one hold of the gate at most: the pool's I/O waits for no more than that at a time.
+const HOLD_BYTES: u64 = 256 << 20;
+
+/// A pool's queue of runs to give back, `(first cluster, count)`, and whether its task is running.
+#[derive(Default)]
+pub(super) struct Releases {
+    queue: Mutex<Vec<(u32, u64)>>,
+    running: AtomicBool,
+}
+
+impl Releases {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<(u32, u64)>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// No release is queued or under way.
+    #[cfg(test)]
+    pub(super) fn idle(&self) -> bool {
+        !self.running.load(Ordering::Acquire)
+    }
+}
 
 /// Runs of adjacent clusters, `(first, count)`, in `clusters` (in any order, repeats allowed).
 pub(super) fn runs(clusters: &[u32]) -> Vec<(u32, u64)> {
     let mut sorted = clusters.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
+    sorted_runs(sorted)
+}
+
+/// [`runs`] of clusters already in ascending order without repeats.
+fn sorted_runs(clusters: impl IntoIterator<Item = u32>) -> Vec<(u32, u64)> {
     let mut runs: Vec<(u32, u64)> = Vec::new();
-    for c in sorted {
+    for c in clusters {
         match runs.last_mut() {
             Some((first, n)) if u64::from(*first) + *n == u64::from(c) => *n += 1,
             _ => runs.push((c, 1)),
@@ -36,65 +69,115 @@ pub(super) fn runs(clusters: &[u32]) -> Vec<(u32, u64)> {
     runs
 }
 
+/// Whether a hold went through its share of the runs, or the releasing stops.
+enum Held {
+    Through(usize),
+    Stop,
+}
+
 impl PoolInner {
-    /// Gives back, in a task of its own, the space under those of `runs` that are free when their turn comes
-    /// (see the module's doc).
+    /// Queues `runs` to be given back, and starts the pool's task unless it is running (see the module's doc).
     pub(super) fn release_behind(self: &Arc<Self>, runs: Vec<(u32, u64)>) {
         if runs.is_empty() || !self.dev.releases_space() {
             return;
         }
-        let pool = self.clone();
-        tokio::spawn(async move { pool.release_free(runs).await });
+        let mut queue = self.releases.queue();
+        queue.extend(runs);
+        // Under the queue's lock: a task that found the queue empty has cleared it already, or will see these.
+        if self.releases.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        drop(queue);
+        tokio::spawn(release_queued(Arc::downgrade(self)));
     }
 
     /// The free clusters' runs, for an import to give back.
     pub(super) fn free_runs(&self) -> Vec<(u32, u64)> {
         let meta = self.meta();
-        let free: Vec<u32> = (0..meta.data_clusters() as u32)
-            .filter(|c| meta.refs(*c) == 0)
-            .collect();
-        runs(&free)
+        sorted_runs((0..meta.data_clusters() as u32).filter(|c| meta.refs(*c) == 0))
     }
 
-    async fn release_free(&self, runs: Vec<(u32, u64)>) {
+    /// One hold of the gate: punches, from the start of `calls` (runs no longer than [`CALL_BYTES`]), up to
+    /// [`HOLD_BYTES`] of what is still free and not reserved.
+    async fn release_hold(&self, calls: &[(u32, u64)]) -> Held {
         let cs = u64::from(self.label.cluster_size);
-        let mut released = 0u64;
-        for batch in runs.chunks(RUNS_PER_HOLD) {
-            // A label read, not under the gate: the pool's I/O waits for nothing but the punches.
-            if !self.still_ours().await {
-                return;
+        let _excl = self.gate.write().await;
+        if self.closed.load(Ordering::Acquire) || self.fault().is_some() || !self.still_ours().await
+        {
+            return Held::Stop;
+        }
+        let mut bytes = 0;
+        let mut through = 0;
+        for &(first, n) in calls {
+            if bytes > 0 && bytes + n * cs > HOLD_BYTES {
+                break;
             }
-            let _excl = self.gate.write().await;
-            if self.closed.load(Ordering::Acquire) || self.fault().is_some() {
-                return;
-            }
-            for &(first, n) in batch {
-                let free: Vec<u32> = {
-                    let reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-                    let meta = self.meta();
-                    (first..first.saturating_add(n as u32))
-                        .filter(|c| meta.refs(*c) == 0 && !reserved.contains(c))
-                        .collect()
-                };
-                for (c, m) in self::runs(&free) {
-                    match self.dev.release(self.label.cluster_offset(c), m * cs).await {
-                        Ok(true) => released += m,
-                        // The disk gives nothing back: asking for the rest is no use.
-                        Ok(false) => return,
-                        Err(e) => {
+            through += 1;
+            bytes += n * cs;
+            let free = {
+                let reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
+                let meta = self.meta();
+                sorted_runs(
+                    (first..first + n as u32)
+                        .filter(|c| meta.refs(*c) == 0 && !reserved.contains(c)),
+                )
+            };
+            for (c, m) in free {
+                match self.dev.release(self.label.cluster_offset(c), m * cs).await {
+                    Ok(true) => {}
+                    // The disk gives nothing back: asking for the rest is no use.
+                    Ok(false) => return Held::Stop,
+                    Err(e) => {
+                        if !matches!(e, BlockError::NoSpace) {
                             tracing::warn!(
                                 pool = %self.label.name,
                                 error = %e,
                                 "could not give freed clusters' space back to the file system; the next import tries again"
                             );
-                            return;
                         }
+                        return Held::Stop;
                     }
                 }
             }
         }
-        if released > 0 {
-            tracing::debug!(pool = %self.label.name, clusters = released, "gave freed clusters' space back");
+        Held::Through(through)
+    }
+}
+
+/// The pool's releasing task: gives back what is queued, a hold at a time, until the queue is empty, the pool is
+/// gone or a hold says stop (then what is queued is dropped, for the next import to give back).
+async fn release_queued(pool: Weak<PoolInner>) {
+    loop {
+        let (runs, cs) = {
+            let Some(p) = pool.upgrade() else { return };
+            let mut queue = p.releases.queue();
+            if queue.is_empty() {
+                p.releases.running.store(false, Ordering::Release);
+                return;
+            }
+            (std::mem::take(&mut *queue), u64::from(p.label.cluster_size))
+        };
+        let per_call = (CALL_BYTES / cs).max(1);
+        let calls: Vec<(u32, u64)> = runs
+            .into_iter()
+            .flat_map(|(first, n)| {
+                (0..n)
+                    .step_by(per_call as usize)
+                    .map(move |i| (first + i as u32, per_call.min(n - i)))
+            })
+            .collect();
+        let mut done = 0;
+        while done < calls.len() {
+            let Some(p) = pool.upgrade() else { return };
+            match p.release_hold(&calls[done..]).await {
+                Held::Through(n) => done += n,
+                Held::Stop => {
+                    let mut queue = p.releases.queue();
+                    queue.clear();
+                    p.releases.running.store(false, Ordering::Release);
+                    return;
+                }
+            }
         }
     }
 }

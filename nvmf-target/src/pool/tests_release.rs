@@ -31,18 +31,15 @@ fn data(seed: u8, len: u64) -> Bytes {
     Bytes::from(vec![seed; len as usize])
 }
 
-/// Waits (bounded) until the disk's backed bytes stop changing, for the release task to end.
-async fn settled(disk: &ThinDisk) -> u64 {
-    let mut last = disk.backed_bytes();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let now = disk.backed_bytes();
-        if now == last {
-            return now;
+/// Waits (bounded) until the pool's releases are done; the disk's backed bytes then.
+async fn settled(pool: &Pool, disk: &ThinDisk) -> u64 {
+    for _ in 0..500 {
+        if pool.inner.releases.idle() {
+            return disk.backed_bytes();
         }
-        last = now;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("the disk's backed bytes keep changing");
+    panic!("the pool's releases never ended");
 }
 
 #[tokio::test]
@@ -55,10 +52,10 @@ async fn a_destroyed_replicas_space_goes_back_except_what_a_snapshot_shares() {
     // A snapshot shares the first six clusters; two more are the replica's alone.
     pool.snapshot(a, Uuid::new_v4()).await.unwrap();
     vol.write(6 * CS, data(2, 2 * CS)).await.unwrap();
-    let before = settled(&disk).await;
+    let before = settled(&pool, &disk).await;
     drop(vol);
     pool.destroy_volume(a).await.unwrap();
-    let after = settled(&disk).await;
+    let after = settled(&pool, &disk).await;
     assert_eq!(
         before - after,
         2 * CS,
@@ -69,10 +66,10 @@ async fn a_destroyed_replicas_space_goes_back_except_what_a_snapshot_shares() {
     let b = Uuid::new_v4();
     let vol = pool.create_replica(b, 4 * CS, None).await.unwrap();
     vol.write(0, data(3, 4 * CS)).await.unwrap();
-    let before = settled(&disk).await;
+    let before = settled(&pool, &disk).await;
     drop(vol);
     pool.destroy_volume(b).await.unwrap();
-    assert_eq!(before - settled(&disk).await, 4 * CS);
+    assert_eq!(before - settled(&pool, &disk).await, 4 * CS);
 }
 
 #[tokio::test]
@@ -84,10 +81,10 @@ async fn whole_clusters_the_host_deallocates_go_back_and_partly_deallocated_ones
         .await
         .unwrap();
     vol.write(0, data(1, 8 * CS)).await.unwrap();
-    let before = settled(&disk).await;
+    let before = settled(&pool, &disk).await;
     // Half of cluster 1, clusters 2 and 3 whole, half of cluster 4.
     vol.deallocate(CS + CS / 2, 3 * CS).await.unwrap();
-    assert_eq!(before - settled(&disk).await, 2 * CS);
+    assert_eq!(before - settled(&pool, &disk).await, 2 * CS);
     let back = vol.read(0, 8 * CS).await.unwrap();
     assert!(back[..(CS + CS / 2) as usize].iter().all(|b| *b == 1));
     assert!(
@@ -113,7 +110,7 @@ async fn a_freed_cluster_an_allocation_took_before_its_release_ran_keeps_its_dat
     let vol = pool.create_replica(a, free * CS, None).await.unwrap();
     vol.write(0, data(1, free * CS)).await.unwrap();
     assert_eq!(pool.stats().allocated, pool.stats().capacity);
-    let full = settled(&disk).await;
+    let full = settled(&pool, &disk).await;
     let freed = release::runs(&pool.volume_meta(&a).unwrap().map);
     drop(vol);
     pool.destroy_volume(a).await.unwrap();
@@ -124,7 +121,7 @@ async fn a_freed_cluster_an_allocation_took_before_its_release_ran_keeps_its_dat
     // A release of the destroyed replica's clusters that comes only now (it waited for the gate behind them)
     // punches only those still free.
     pool.inner.release_behind(freed);
-    settled(&disk).await;
+    settled(&pool, &disk).await;
     for i in 0..4 {
         let back = later.read(i * CS, CS).await.unwrap();
         assert!(
@@ -155,17 +152,63 @@ async fn an_import_gives_back_the_space_of_free_clusters_never_given_back() {
     disk.punches.store(false, Ordering::SeqCst);
     drop(vol);
     pool.destroy_volume(a).await.unwrap();
-    let before = settled(&disk).await;
+    let before = settled(&pool, &disk).await;
     drop((kept, pool));
     disk.punches.store(true, Ordering::SeqCst);
     let pool = Pool::import(disk.clone(), &Claim::new("node-a"))
         .await
         .unwrap();
-    let after = settled(&disk).await;
+    let after = settled(&pool, &disk).await;
     assert!(
         before - after >= 6 * CS,
         "the destroyed replica's clusters went back at import: {before} -> {after}"
     );
     let kept = pool.open_volume(&keep).unwrap();
     assert!(kept.read(0, 2 * CS).await.unwrap().iter().all(|b| *b == 2));
+}
+
+#[tokio::test]
+async fn a_free_cluster_an_allocation_has_reserved_is_not_punched() {
+    let disk = Arc::new(ThinDisk::new(16 * MIB));
+    let pool = pool_on(&disk).await;
+    settled(&pool, &disk).await;
+    // An allocation in flight: its cluster reserved, its data on the disk, its mapping not committed yet.
+    let c = pool.inner.pick_free(1)[0];
+    let at = pool.inner.label.cluster_offset(c);
+    disk.write(at, data(9, CS)).await.unwrap();
+    pool.inner.release_behind(vec![(c, 1)]);
+    settled(&pool, &disk).await;
+    assert!(
+        disk.read(at, CS).await.unwrap().iter().all(|b| *b == 9),
+        "a reserved cluster was punched"
+    );
+    // Once given back unused, it is free like any other, and goes.
+    pool.inner.give_back(&[c]);
+    pool.inner.release_behind(vec![(c, 1)]);
+    settled(&pool, &disk).await;
+    assert!(disk.read(at, CS).await.unwrap().iter().all(|b| *b == 0));
+}
+
+#[tokio::test]
+async fn a_displaced_owner_punches_nothing_the_new_owner_may_have_mapped() {
+    let disk = Arc::new(ThinDisk::new(16 * MIB));
+    let old = pool_on(&disk).await;
+    let id = Uuid::new_v4();
+    old.create_replica(id, 4 * CS, None).await.unwrap();
+    settled(&old, &disk).await;
+    // Another node takes the pool and writes a cluster the old owner still sees as free.
+    let new = Pool::import(disk.clone(), &Claim::forced("node-b"))
+        .await
+        .unwrap();
+    settled(&new, &disk).await;
+    let vol = new.open_volume(&id).unwrap();
+    vol.write(0, data(5, CS)).await.unwrap();
+    let c = new.inner.meta().volumes[&id].map[0];
+    assert_eq!(old.inner.meta().refs(c), 0);
+    old.inner.release_behind(vec![(c, 1)]);
+    settled(&old, &disk).await;
+    assert!(
+        vol.read(0, CS).await.unwrap().iter().all(|b| *b == 5),
+        "the displaced owner punched the new owner's data"
+    );
 }

@@ -405,6 +405,14 @@ async fn a_pool_file_gives_the_space_of_deallocated_clusters_and_destroyed_repli
     for off in (0..28 * MIB).step_by(MIB as usize) {
         assert_eq!(ns.read(off, MIB).await.unwrap(), pattern(off, MIB as usize));
     }
+    for off in (28 * MIB + 4096..64 * MIB - 4096).step_by(MIB as usize) {
+        let len = MIB.min(64 * MIB - 4096 - off);
+        let back = ns.read(off, len).await.unwrap();
+        assert!(
+            back.iter().all(|b| *b == 0),
+            "deallocated data at {off} reads back"
+        );
+    }
     let head = ns.read(28 * MIB, 4096).await.unwrap();
     assert_eq!(head, pattern(28 * MIB, 4096));
     let tail = ns.read(64 * MIB - 4096, 4096).await.unwrap();
