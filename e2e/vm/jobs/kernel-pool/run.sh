@@ -1,7 +1,8 @@
 #!/bin/bash
 # Guest side of the pool test: two thin 12 MiB replicas (X and Y) in a pool with room for three 4 MiB clusters.
 # Y takes two clusters and X one; data reads back; a write to X that needs a fourth cluster fails with ENOSPC
-# (NVMe Capacity Exceeded), and what was written before is still there. Then Z, a replica of a pool on a 4Kn disk:
+# (NVMe Capacity Exceeded), and what was written before is still there; once the guest discards Y, that write fits
+# (Y's clusters went back to the pool). Then Z, a replica of a pool on a 4Kn disk:
 # 4096-byte blocks, and ext4 on it keeps a file across a remount. Parameters in ./params (TARGET, PORT, NQN_X,
 # NQN_Y, NQN_Z).
 set -u
@@ -47,6 +48,16 @@ dd if=/tmp/a of=/tmp/c bs=1M count=1 seek=2 skip=5 conv=notrunc 2>/dev/null
 cmp /tmp/c /tmp/x || fail "X differs after ENOSPC"
 dd if=$Y of=/tmp/b bs=1M count=8 iflag=direct 2>/dev/null && cmp /tmp/a /tmp/b || fail "Y differs after ENOSPC"
 ok "intact"
+
+step "discarding Y gives its two clusters back to the pool: the write into X that failed now fits"
+blkdiscard $Y || fail "blkdiscard Y"
+dd if=$Y of=/tmp/b bs=1M count=8 iflag=direct 2>/dev/null || fail "read Y after the discard"
+cmp /tmp/b /dev/zero 2>&1 | grep -q EOF || fail "Y does not read zeroes after the discard"
+dd if=/tmp/a of=$X bs=1M count=1 seek=8 oflag=direct 2>/dev/null || fail "the write into X still fails after the discard"
+dd if=$X of=/tmp/x bs=1M count=1 skip=8 iflag=direct 2>/dev/null || fail "read back X's new cluster"
+dd if=/tmp/a of=/tmp/c bs=1M count=1 2>/dev/null
+cmp /tmp/c /tmp/x || fail "X's new cluster differs"
+ok "discard"
 
 for n in "$NQN_X" "$NQN_Y"; do nvme disconnect -n "$n" >/dev/null || fail "nvme disconnect"; done
 
