@@ -223,6 +223,7 @@ fn to_cluster_pool(p: pb::Pool) -> cpb::Pool {
         labels: Default::default(),
         block_size: p.block_size,
         disk_full: p.disk_full,
+        disk_room: p.disk_room,
     }
 }
 

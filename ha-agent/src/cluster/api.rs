@@ -342,6 +342,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
             labels: p.labels.into_iter().collect(),
             block_size: if p.block_size == 0 { 512 } else { p.block_size },
             disk_full: p.disk_full,
+            disk_room: p.disk_room,
         })
         .collect()
 }
@@ -394,6 +395,7 @@ fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb:
                 labels: p.labels.into_iter().collect(),
                 block_size: p.block_size,
                 disk_full: p.disk_full,
+                disk_room: p.disk_room,
             })
             .collect(),
         instance: spec.instance,

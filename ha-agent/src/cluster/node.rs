@@ -31,6 +31,21 @@ pub struct PoolSpec {
     /// Its disk had no room for a new cluster when last asked (a full file system under a pool file).
     #[serde(default)]
     pub disk_full: bool,
+    /// Bytes the file system under a pool file can still take; `None` for a block device (or an engine that did
+    /// not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_room: Option<u64>,
+}
+
+impl PoolSpec {
+    /// What the pool can hold: its capacity, or less when the file system under a pool file has less room left
+    /// than the pool's free clusters (its allocated bytes and that room).
+    pub fn usable_capacity(&self) -> u64 {
+        match self.disk_room {
+            Some(room) => self.capacity.min(self.allocated.saturating_add(room)),
+            None => self.capacity,
+        }
+    }
 }
 
 fn default_block_size() -> u32 {

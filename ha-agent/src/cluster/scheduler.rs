@@ -143,11 +143,11 @@ fn place_with_block_size(
                     && !p.disk_full
                     && p.block_size == block_size
                     && placement.admits_pool(&p.labels)
-                    && p.committed.saturating_add(size) <= p.capacity
+                    && p.committed.saturating_add(size) <= p.usable_capacity()
             })
             .map(|p| {
                 let after = (u128::from(p.committed) + u128::from(size)) * 1_000_000
-                    / u128::from(p.capacity.max(1));
+                    / u128::from(p.usable_capacity().max(1));
                 (after as u64, p.name.clone())
             })
             .min();
@@ -215,14 +215,14 @@ pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) ->
             .filter(|p| p.disk_errors == 0 && !p.disk_full && placement.admits_pool(&p.labels))
             .collect();
         for p in &usable {
-            total = total.saturating_add(p.capacity.saturating_sub(p.committed));
+            total = total.saturating_add(p.usable_capacity().saturating_sub(p.committed));
         }
         let sizes: BTreeSet<u32> = usable.iter().map(|p| p.block_size).collect();
         for b in sizes {
             let best = usable
                 .iter()
                 .filter(|p| p.block_size == b)
-                .map(|p| p.capacity.saturating_sub(p.committed))
+                .map(|p| p.usable_capacity().saturating_sub(p.committed))
                 .max()
                 .unwrap_or(0);
             best_per_node.entry(b).or_default().push(best);
@@ -272,6 +272,7 @@ mod tests {
                         labels: Default::default(),
                         block_size: 512,
                         disk_full: false,
+                        disk_room: None,
                     })
                     .collect(),
                 clean_exit: None,
@@ -454,6 +455,33 @@ mod tests {
         assert_eq!(capacity(&nodes, &Placement::default(), 1).0, 10 * G);
         nodes[0].status.pools[1].disk_full = false;
         place(&nodes, G, 2, &BTreeSet::new(), &Placement::default()).unwrap();
+    }
+
+    #[test]
+    fn a_pool_file_takes_no_more_than_the_file_system_under_it_has_room_for() {
+        // 10 GiB pools; the file system under n1's file has 3 GiB left and the pool holds 1 GiB of data.
+        let mut nodes = vec![
+            node("n1", NodeState::Online, &[("a", 10 * G, G)]),
+            node("n2", NodeState::Online, &[("a", 10 * G, 5 * G)]),
+        ];
+        nodes[0].status.pools[0].allocated = G;
+        nodes[0].status.pools[0].disk_room = Some(3 * G);
+        // Usable: 4 GiB on n1 (3 GiB free of its 1 GiB committed), 5 GiB on n2.
+        assert_eq!(
+            capacity(&nodes, &Placement::default(), 1),
+            (3 * G + 5 * G, 5 * G)
+        );
+        let got = place(&nodes, 4 * G, 1, &BTreeSet::new(), &Placement::default()).unwrap();
+        assert_eq!(got[0].node, "n2", "n1's file system has no room for 4 GiB");
+        let e = place(&nodes, 4 * G, 2, &BTreeSet::new(), &Placement::default()).unwrap_err();
+        assert!(
+            e.reasons
+                .contains(&format!("no pool on n1 has {} bytes free", 4 * G)),
+            "{e}"
+        );
+        // A block device (no room figure) is its capacity.
+        nodes[0].status.pools[0].disk_room = None;
+        place(&nodes, 4 * G, 2, &BTreeSet::new(), &Placement::default()).unwrap();
     }
 
     #[test]

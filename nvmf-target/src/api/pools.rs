@@ -33,6 +33,7 @@ pub fn pool(e: &PoolEntry) -> pb::Pool {
         incarnation: l.incarnation,
         fault: e.pool.fault().unwrap_or_default(),
         disk_full: s.disk_full,
+        disk_room: s.disk_room,
     }
 }
 

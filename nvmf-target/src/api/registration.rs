@@ -47,6 +47,7 @@ fn pools(engine: &Engine, cfg: &RegistrationConfig) -> Vec<pb::Pool> {
                 labels: cfg.pool_labels.get(&l.name).cloned().unwrap_or_default(),
                 block_size: l.block_size,
                 disk_full: s.disk_full,
+                disk_room: s.disk_room,
             }
         })
         .collect()

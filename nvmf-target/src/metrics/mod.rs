@@ -196,6 +196,15 @@ fn pools(f: &mut Families, engine: &Engine) {
             &l,
             f64::from(u8::from(s.disk_full)),
         );
+        if let Some(room) = s.disk_room {
+            f.gauge(
+                "keelson_pool_disk_room_bytes",
+                "Bytes the file system under a pool file can still take (its free space): the pool file can grow by \
+                 no more than this.",
+                &l,
+                room as f64,
+            );
+        }
         f.gauge(
             "keelson_pool_faulted",
             "1 when a pool's metadata write failed: it takes no writes until it is imported again.",

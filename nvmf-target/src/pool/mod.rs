@@ -168,6 +168,9 @@ pub struct PoolStats {
     /// I/O errors the disk returned since the pool was opened (at least one once the pool is faulted): the disk is
     /// failing, put nothing new here.
     pub disk_errors: u64,
+    /// Bytes the storage under the disk can still back (a pool file: its file system's free space); `None` for a
+    /// disk whose space is all its own (a block device). A pool file larger than that can take only this much more.
+    pub disk_room: Option<u64>,
 }
 
 pub(crate) struct PoolInner {
@@ -250,23 +253,21 @@ impl PoolInner {
 
     /// While the disk is full: whether the storage under it has room for a cluster again (asked each time the
     /// pool's stats are read: the engine API, the cluster agent's heartbeat, a metrics scrape).
-    fn recheck_disk_room(&self) {
+    /// The storage's room under the disk ([`BlockDevice::room`]), read once for the stats.
+    fn recheck_disk_room(&self) -> Option<u64> {
+        let room = self.dev.room();
         if !self.disk_full.load(Ordering::Relaxed) {
-            return;
+            return room;
         }
         let stocked = !self
             .stock
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty();
-        if stocked
-            || self
-                .dev
-                .room()
-                .is_some_and(|r| r >= u64::from(self.label.cluster_size))
-        {
+        if stocked || room.is_some_and(|r| r >= u64::from(self.label.cluster_size)) {
             self.disk_room(true);
         }
+        room
     }
 
     /// Whether the disk had room for new clusters (see [`PoolStats::disk_full`]).
@@ -697,7 +698,7 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        self.inner.recheck_disk_room();
+        let disk_room = self.inner.recheck_disk_room();
         let m = self.inner.meta();
         let cs = u64::from(self.inner.label.cluster_size);
         PoolStats {
@@ -718,6 +719,7 @@ impl Pool {
                 .disk
                 .errors()
                 .max(u64::from(self.inner.fault().is_some())),
+            disk_room,
         }
     }
 

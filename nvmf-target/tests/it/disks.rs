@@ -106,6 +106,10 @@ async fn a_pool_whose_file_system_fills_up_fails_new_clusters_with_capacity_exce
     let p = pool0(&mut api).await;
     assert_eq!((p.disk_errors, p.fault.as_str()), (0, ""), "{p:?}");
     assert!(p.no_space_errors >= 1 && p.disk_full, "{p:?}");
+    assert!(
+        p.disk_room.is_some_and(|r| r < 4 * MIB),
+        "the file system's room is reported: {p:?}"
+    );
     ns.close().await;
 
     node.kill9();
@@ -275,6 +279,10 @@ async fn a_pool_on_a_4kn_disk_gets_4096_byte_blocks_and_512_byte_ones_are_refuse
     let mut api = node.api().await;
     let p = pool0(&mut api).await;
     assert_eq!(p.block_size, 4096, "{p:?}");
+    assert_eq!(
+        p.disk_room, None,
+        "a block device's space is its own: {p:?}"
+    );
     let e = api
         .create_pool(pb::CreatePoolRequest {
             name: "small".into(),
