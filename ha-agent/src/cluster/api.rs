@@ -342,7 +342,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
             labels: p.labels.into_iter().collect(),
             block_size: if p.block_size == 0 { 512 } else { p.block_size },
             disk_full: p.disk_full,
-            disk_room: p.disk_room,
+            disk_room: p.disk_room.map(crate::cluster::node::coarse_room),
         })
         .collect()
 }

@@ -89,11 +89,13 @@ impl Volumes {
                 .ok_or_else(|| {
                     not_now(format!("is in pool {} that {} lacks", rep.pool, rep.node))
                 })?;
-            if pool.committed.saturating_add(extra) > pool.capacity {
+            let usable = pool.usable_capacity();
+            if pool.committed.saturating_add(extra) > usable {
                 return Err(VolumeError::CannotGrow(format!(
-                    "volume {} cannot grow to {size} bytes: pool {} on {} has {} of {} bytes committed, \
-                     the growth needs {extra} more",
-                    r.uuid, rep.pool, rep.node, pool.committed, pool.capacity
+                    "volume {} cannot grow to {size} bytes: pool {} on {} has {} of {usable} bytes committed \
+                     (its capacity, or what the file system under its file has room for), the growth needs {extra} \
+                     more",
+                    r.uuid, rep.pool, rep.node, pool.committed
                 )));
             }
         }

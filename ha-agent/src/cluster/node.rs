@@ -31,10 +31,19 @@ pub struct PoolSpec {
     /// Its disk had no room for a new cluster when last asked (a full file system under a pool file).
     #[serde(default)]
     pub disk_full: bool,
-    /// Bytes the file system under a pool file can still take; `None` for a block device (or an engine that did
-    /// not say).
+    /// Bytes the pool can still fill beyond `allocated` with the storage under a pool file (its file system's free
+    /// space and the file's own unused space), rounded down by [`coarse_room`]; `None` for a block device (or an
+    /// engine that did not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_room: Option<u64>,
+}
+
+/// A pool's `disk_room` as node records keep it: rounded down to a step of a sixteenth to an eighth of it (at
+/// least 64 MiB), so that a record changes when the room does by that much, not at every heartbeat after some
+/// write on the file system.
+pub fn coarse_room(room: u64) -> u64 {
+    let step = (room / 16).next_power_of_two().max(64 << 20);
+    room - room % step
 }
 
 impl PoolSpec {
@@ -141,6 +150,23 @@ pub fn valid_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_room_is_kept_coarse_so_records_change_with_the_room_not_with_every_write() {
+        const M: u64 = 1 << 20;
+        const G: u64 = 1 << 30;
+        // 45 GiB free: steps of 4 GiB; a few MiB written or freed change nothing.
+        assert_eq!(coarse_room(45 * G), 44 * G);
+        assert_eq!(coarse_room(45 * G - 5 * M), 44 * G);
+        assert_eq!(coarse_room(45 * G + 7 * M), 44 * G);
+        // Small rooms: steps of 64 MiB, never more than there is.
+        assert_eq!(coarse_room(100 * M), 64 * M);
+        assert_eq!(coarse_room(10 * M), 0);
+        for r in [0, 1, 63 * M, 3 * G + 1, 100 * G, u64::MAX / 2] {
+            assert!(coarse_room(r) <= r, "{r}");
+            assert!(r < 64 * M || coarse_room(r) >= r - r / 7, "{r}");
+        }
+    }
 
     #[test]
     fn node_names_are_dns_subdomains() {

@@ -68,6 +68,9 @@ impl BlockDevice for ErrorCount {
     fn room(&self) -> Option<u64> {
         self.inner.room()
     }
+    fn backed(&self) -> Option<u64> {
+        self.inner.backed()
+    }
 
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.seen(self.inner.preallocate(offset, len).await)

@@ -111,12 +111,17 @@ impl BlockDevice for FaultDevice {
     fn room(&self) -> Option<u64> {
         self.inner.room()
     }
+    fn backed(&self) -> Option<u64> {
+        self.inner.backed()
+    }
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.gate(offset, len, false).await?;
         self.inner.preallocate(offset, len).await
     }
     fn releases_space(&self) -> bool {
-        self.inner.releases_space()
+        // Not under a plan: background releases (and their label reads) would take the failures and the latency
+        // meant for the I/O the plan is about.
+        !self.armed.load(Ordering::Relaxed) && self.inner.releases_space()
     }
     async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         // A disk under a plan gives nothing back: background releases would take the failures and the latency

@@ -355,6 +355,14 @@ impl BlockDevice for FileDevice {
         Some(s.blocks_available().saturating_mul(s.fragment_size()))
     }
 
+    fn backed(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        if self.is_block {
+            return None;
+        }
+        Some(self.file.metadata().ok()?.blocks().saturating_mul(512))
+    }
+
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         if len > 0 && !self.is_block {

@@ -118,6 +118,12 @@ pub trait BlockDevice: Send + Sync + 'static {
         None
     }
 
+    /// Bytes of the device with storage behind them already (a file: its allocated blocks); `None` where the
+    /// device's space is all there (a block device) or it cannot tell. A wrapper passes the call down.
+    fn backed(&self) -> Option<u64> {
+        None
+    }
+
     /// Waits until every operation this device started before the call has ended, including those whose callers
     /// stopped waiting: a dropped write may still reach the disk afterwards ([`inflight`]). A device whose
     /// operations end with their futures has nothing to wait for; a wrapper passes the call down.

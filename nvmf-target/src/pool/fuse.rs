@@ -75,6 +75,9 @@ impl BlockDevice for Fuse {
     fn room(&self) -> Option<u64> {
         self.inner.room()
     }
+    fn backed(&self) -> Option<u64> {
+        self.inner.backed()
+    }
     async fn preallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         self.check()?;
         self.inner.preallocate(offset, len).await

@@ -168,8 +168,9 @@ pub struct PoolStats {
     /// I/O errors the disk returned since the pool was opened (at least one once the pool is faulted): the disk is
     /// failing, put nothing new here.
     pub disk_errors: u64,
-    /// Bytes the storage under the disk can still back (a pool file: its file system's free space); `None` for a
-    /// disk whose space is all its own (a block device). A pool file larger than that can take only this much more.
+    /// Bytes the pool can still fill beyond `allocated` with the storage under its disk: a pool file's file system's
+    /// free space, and the file's own space not in use (preallocated, stocked or not given back yet); `None` for a
+    /// disk whose space is all its own (a block device).
     pub disk_room: Option<u64>,
 }
 
@@ -213,6 +214,9 @@ pub(crate) struct PoolInner {
     disk_full: AtomicBool,
     /// Freed clusters whose space goes back to the file system under the pool (`release`).
     releases: release::Releases,
+    /// The pool file had all its space when the pool opened it (made with `fallocate`): it keeps it, nothing is
+    /// given back (`release`).
+    keeps_space: bool,
 }
 
 impl PoolInner {
@@ -651,6 +655,10 @@ impl Pool {
     }
 
     fn assemble(disk: Disk, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
+        let keeps_space = disk
+            .counted
+            .backed()
+            .is_some_and(|b| b >= disk.counted.size_bytes());
         let fuse = Arc::new(fuse::Fuse::new(disk.counted()));
         let inner = Arc::new(PoolInner {
             dev: fuse.clone(),
@@ -674,6 +682,7 @@ impl Pool {
             last_no_space_log: Mutex::new(None),
             disk_full: AtomicBool::new(false),
             releases: release::Releases::default(),
+            keeps_space,
         });
         Pool { inner }
     }
@@ -698,9 +707,18 @@ impl Pool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        let disk_room = self.inner.recheck_disk_room();
+        let fs_room = self.inner.recheck_disk_room();
         let m = self.inner.meta();
         let cs = u64::from(self.inner.label.cluster_size);
+        let disk_room = fs_room.map(|room| {
+            let in_use = self.inner.label.data_offset + m.used_clusters() * cs;
+            let spare = self
+                .inner
+                .dev
+                .backed()
+                .map_or(0, |b| b.saturating_sub(in_use));
+            room.saturating_add(spare)
+        });
         PoolStats {
             capacity: self.inner.label.capacity(),
             allocated: m.used_clusters() * cs,

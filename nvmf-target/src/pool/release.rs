@@ -15,6 +15,12 @@
 //! what a punched cluster reads afterwards does not matter. The task holds the pool only weakly: a pool dropped
 //! (an import the engine refused, say) is not kept open by it.
 //!
+//! A disk that hangs holds the gate as its I/O would (a punch is not cut short: the file system may still be
+//! punching when a timeout fires).
+//!
+//! A pool file that had all its space when the pool opened it (made with `fallocate`, so that the file system
+//! under it can never run out for it) keeps it: its owner asked for that space, and nothing is given back.
+//!
 //! Best effort: a release that fails, or never runs (the call that freed the clusters was dropped after its commit,
 //! the process died), leaves the space taken; the next import gives it back.
 
@@ -78,7 +84,7 @@ enum Held {
 impl PoolInner {
     /// Queues `runs` to be given back, and starts the pool's task unless it is running (see the module's doc).
     pub(super) fn release_behind(self: &Arc<Self>, runs: Vec<(u32, u64)>) {
-        if runs.is_empty() || !self.dev.releases_space() {
+        if runs.is_empty() || self.keeps_space || !self.dev.releases_space() {
             return;
         }
         let mut queue = self.releases.queue();
@@ -102,7 +108,11 @@ impl PoolInner {
     async fn release_hold(&self, calls: &[(u32, u64)]) -> Held {
         let cs = u64::from(self.label.cluster_size);
         let _excl = self.gate.write().await;
-        if self.closed.load(Ordering::Acquire) || self.fault().is_some() || !self.still_ours().await
+        // A disk put under a fault plan meanwhile gives nothing back, and its label is not read for it.
+        if self.closed.load(Ordering::Acquire)
+            || self.fault().is_some()
+            || !self.dev.releases_space()
+            || !self.still_ours().await
         {
             return Held::Stop;
         }
@@ -127,14 +137,14 @@ impl PoolInner {
                     Ok(true) => {}
                     // The disk gives nothing back: asking for the rest is no use.
                     Ok(false) => return Held::Stop,
+                    // The file system had no room for the punch's own bookkeeping: the next runs may fit.
+                    Err(BlockError::NoSpace) => {}
                     Err(e) => {
-                        if !matches!(e, BlockError::NoSpace) {
-                            tracing::warn!(
-                                pool = %self.label.name,
-                                error = %e,
-                                "could not give freed clusters' space back to the file system; the next import tries again"
-                            );
-                        }
+                        tracing::warn!(
+                            pool = %self.label.name,
+                            error = %e,
+                            "could not give freed clusters' space back to the file system; the next import tries again"
+                        );
                         return Held::Stop;
                     }
                 }
@@ -147,12 +157,16 @@ impl PoolInner {
 /// The pool's releasing task: gives back what is queued, a hold at a time, until the queue is empty, the pool is
 /// gone or a hold says stop (then what is queued is dropped, for the next import to give back).
 async fn release_queued(pool: Weak<PoolInner>) {
+    // Clears `running` if the task ends any other way than below (a panic, its runtime shut down): later releases
+    // then start a task of their own.
+    let mut running = Running(Some(pool.clone()));
     loop {
         let (runs, cs) = {
             let Some(p) = pool.upgrade() else { return };
             let mut queue = p.releases.queue();
             if queue.is_empty() {
                 p.releases.running.store(false, Ordering::Release);
+                running.0 = None;
                 return;
             }
             (std::mem::take(&mut *queue), u64::from(p.label.cluster_size))
@@ -175,9 +189,22 @@ async fn release_queued(pool: Weak<PoolInner>) {
                     let mut queue = p.releases.queue();
                     queue.clear();
                     p.releases.running.store(false, Ordering::Release);
+                    running.0 = None;
                     return;
                 }
             }
+        }
+    }
+}
+
+/// The releasing task of a pool, until it ends as it should (see [`release_queued`]).
+struct Running(Option<Weak<PoolInner>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take().and_then(|w| w.upgrade()) {
+            let _queue = p.releases.queue();
+            p.releases.running.store(false, Ordering::Release);
         }
     }
 }

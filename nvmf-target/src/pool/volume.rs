@@ -629,8 +629,8 @@ impl BlockDevice for PoolVolume {
             Ok(())
         }
         .await;
-        // What is free now (a cluster a snapshot shares is not) goes back to the file system. After a failed
-        // commit the pool is faulted and gives nothing back.
+        // What is free now (a cluster a snapshot shares is not, nor one a failed commit left mapped) goes back to
+        // the file system.
         self.pool.release_behind(super::release::runs(&unmapped));
         committed
     }

@@ -441,3 +441,66 @@ async fn a_pool_file_gives_the_space_of_deallocated_clusters_and_destroyed_repli
         trimmed - destroyed
     );
 }
+
+/// A pool file given its space up front (`fallocate`) on a file system with no room left besides: its room is
+/// the file's own, so the pool reports room for all of its free clusters, not the file system's none (else the
+/// cluster agent would place nothing on it). Needs root (a loop-mounted ext4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preallocated_pool_file_on_a_full_file_system_reports_its_own_room() {
+    if !e2e::privileged::allowed_with(
+        "a_preallocated_pool_file (a loop-mounted ext4)",
+        &["root", "mkfs.ext4", "mount"],
+    ) {
+        return;
+    }
+    let fs = SmallFs::new(96 * MIB);
+    let path = fs.mnt.join("p.img");
+    let out = Command::new("fallocate")
+        .args(["-l", "48M"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The rest of the file system goes to another file.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", fs.mnt.join("ballast").display()))
+        .status();
+    let node = PoolNode::start("127.0.0.1", &path);
+    let mut api = node.api().await;
+    let p = pool0(&mut api).await;
+    let room = p.disk_room.expect("a pool file reports its room");
+    assert!(
+        room >= p.capacity - p.allocated,
+        "room {room} for a pool with {} free bytes in a preallocated file: {p:?}",
+        p.capacity - p.allocated
+    );
+    // It keeps the space it was given: a destroyed replica's clusters and an import give none of it back.
+    let before = file_space(&path);
+    let id = uuid::Uuid::new_v4().to_string();
+    api.create_replica(replica_req(&id, 8 * MIB)).await.unwrap();
+    let ns = node.connect(&id, HOST).await.unwrap();
+    ns.write(0, pattern(1, (8 * MIB) as usize)).await.unwrap();
+    ns.close().await;
+    api.destroy_replica(pb::DestroyReplicaRequest { uuid: id })
+        .await
+        .unwrap();
+    let mut node = node;
+    node.restart();
+    let mut api = node.api().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        file_space(&path) >= before,
+        "{} < {before}",
+        file_space(&path)
+    );
+    let p = pool0(&mut api).await;
+    assert!(
+        p.disk_room.is_some_and(|r| r >= p.capacity - p.allocated),
+        "{p:?}"
+    );
+}
