@@ -199,8 +199,8 @@ fn pools(f: &mut Families, engine: &Engine) {
         if let Some(room) = s.disk_room {
             f.gauge(
                 "keelson_pool_disk_room_bytes",
-                "Bytes the file system under a pool file can still take (its free space): the pool file can grow by \
-                 no more than this.",
+                "Bytes a pool on a file can still fill beyond its allocated ones: its file system's free space and \
+                 the file's own unused space.",
                 &l,
                 room as f64,
             );
