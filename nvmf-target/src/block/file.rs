@@ -334,6 +334,10 @@ impl BlockDevice for FileDevice {
         self.write_data(offset, data).await.map_err(out_of_space)
     }
 
+    /// `FALLOC_FL_ZERO_RANGE` over the whole range, holes included: it also gives a sparse file's holes their
+    /// space (unwritten, reading as zeroes), so a pool's cluster zeroed here never finds the file system full
+    /// when it is written in place later. Skipping the holes (they read as zeroes already) was tried and undone:
+    /// a replica's writes into clusters it has then failed with ENOSPC on a full file system.
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         if len == 0

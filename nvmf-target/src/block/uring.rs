@@ -208,6 +208,11 @@ impl Ring {
     /// flusher task on the thread, woken by the first push, entering once for all pushed before it ran): one enter
     /// per ~16 I/Os at QD32 and a fifth less engine CPU per I/O (io_uring_enter was half of it), but 3-5 % fewer
     /// IOPS at QD32 and 3 us more at QD1 over six alternating rounds: the disk, not the engine's CPU, sets the pace.
+    /// Again with the disk at 156k IOPS under fio (its submissions held to the end of the connection task's poll
+    /// while the ring had others in flight): 7 I/Os per enter and a seventh of the interrupts, but 4 KiB reads at
+    /// QD32 fell from 75-80k to 60-70k IOPS, as the virtual disk then completed in clumps. Handing the
+    /// submissions to the kernel's workers instead (`IOSQE_ASYNC`, so another CPU does the block layer's part):
+    /// 72k against 77k, and more CPU.
     async fn submit(
         &self,
         entry: squeue::Entry,
