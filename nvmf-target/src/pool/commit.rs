@@ -33,7 +33,9 @@ pub(super) trait Metadata: Send + Sync + 'static {
     fn admit(&self, batch: &[&[Record]]) -> Vec<Result<(), PoolError>>;
     /// The current state encoded, for when the journal is full and a checkpoint is written first.
     fn state(&self) -> Result<Vec<u8>, PoolError>;
-    fn apply(&self, records: &[Record]) -> Result<(), PoolError>;
+    /// Applies a caller's records, once they are durable. Runs in the journal's task, whether or not the caller
+    /// still waits.
+    fn apply(self: &Arc<Self>, records: &[Record]) -> Result<(), PoolError>;
     /// Why no commit may be written any more, if so (the pool is faulted).
     fn halted(&self) -> Option<PoolError>;
     /// A batch failed with `e`: it may be on the journal, durable or not, and is not applied.
@@ -92,7 +94,7 @@ async fn drain<M: Metadata>(meta: Arc<M>, mut journal: OwnedMutexGuard<Journal>)
             return;
         }
         let mut unfinished = Unfinished(meta.as_ref(), true);
-        write_batch(meta.as_ref(), &mut journal, taken).await;
+        write_batch(&meta, &mut journal, taken).await;
         unfinished.1 = false;
     }
 }
@@ -110,7 +112,7 @@ impl<M: Metadata> Drop for Unfinished<'_, M> {
     }
 }
 
-async fn write_batch(meta: &impl Metadata, journal: &mut Journal, taken: Vec<Waiting>) {
+async fn write_batch<M: Metadata>(meta: &Arc<M>, journal: &mut Journal, taken: Vec<Waiting>) {
     // Each caller's records are checked against the state they will be applied to; those that can no longer
     // follow it are refused before anything is written.
     let verdicts = meta.admit(&taken.iter().map(|w| &w.records[..]).collect::<Vec<_>>());
@@ -173,6 +175,12 @@ impl GroupCommit {
     #[cfg(test)]
     pub async fn hold(&self) -> tokio::sync::MutexGuard<'_, Journal> {
         self.journal.lock().await
+    }
+
+    /// Callers' records waiting for the journal.
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.queue().len()
     }
 
     /// The journal's epoch (how many checkpoints it has written).

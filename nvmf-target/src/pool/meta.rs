@@ -320,6 +320,31 @@ impl PoolMeta {
         }
     }
 
+    /// The clusters `r` takes a reference off when applied (a destroyed volume's, an unmapped or remapped
+    /// cluster's former one): those of them left with none are free once it is.
+    pub fn unreferenced_by(&self, r: &Record) -> Vec<u32> {
+        let mapped = |p: &u32| *p != UNMAPPED;
+        match r {
+            Record::Destroy { volume } => self
+                .volumes
+                .get(volume)
+                .map(|v| v.map.iter().copied().filter(mapped).collect())
+                .unwrap_or_default(),
+            Record::Map {
+                volume, logical, ..
+            }
+            | Record::Unmap { volume, logical } => self
+                .volumes
+                .get(volume)
+                .and_then(|v| v.map.get(*logical as usize))
+                .copied()
+                .filter(mapped)
+                .into_iter()
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Applies one record. An error means the record cannot follow this state: metadata is corrupt.
     pub fn apply(&mut self, r: &Record) -> Result<(), PoolError> {
         let bad = |why: String| Err(PoolError::CorruptMetadata(why));

@@ -56,7 +56,7 @@ use crate::block::BlockDevice;
 use commit::GroupCommit;
 use journal::Journal;
 use label::{LABEL_LEN, Label};
-use meta::{PoolMeta, Record, Share, UNMAPPED, VolumeMeta};
+use meta::{PoolMeta, Record, Share, VolumeMeta};
 pub use volume::PoolVolume;
 
 /// How long freeing or sharing clusters waits for the disk to end the operations handed to it before.
@@ -447,16 +447,26 @@ impl commit::Metadata for PoolInner {
         journal::encode_state(&self.meta())
     }
 
-    fn apply(&self, records: &[Record]) -> Result<(), PoolError> {
+    /// Applies the records, then queues the clusters they freed to be given back (`release`): here, in the
+    /// journal's task, so that a destroy or deallocate whose caller went away after its commit still gives them
+    /// back.
+    fn apply(self: &Arc<Self>, records: &[Record]) -> Result<(), PoolError> {
         let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
         let mut moved = false;
+        let mut unreferenced = Vec::new();
         let applied = records.iter().try_for_each(|r| {
             moved |= m.moves_off_a_cluster(r);
+            unreferenced.extend(m.unreferenced_by(r));
             m.apply(r)
         });
         if moved {
             self.moved.fetch_add(1, Ordering::Release);
         }
+        unreferenced.retain(|c| m.refs(*c) == 0);
+        drop(m);
+        unreferenced.sort_unstable();
+        unreferenced.dedup();
+        self.release_behind(release::runs(&unreferenced));
         applied
     }
 
@@ -1033,17 +1043,11 @@ impl Pool {
         }
         let _excl = self.inner.gate.write().await;
         self.inner.settle().await?;
-        let mapped = self.volume_meta(&uuid).map(|v| v.map).unwrap_or_default();
+        // Its clusters no other volume shares are free once this commits: the commit gives their space back to
+        // the file system (`release`).
         self.inner
             .commit(vec![Record::Destroy { volume: uuid }])
             .await?;
-        // Its clusters no other volume shares are free now: their space goes back to the file system.
-        self.inner.release_behind(release::runs(
-            &mapped
-                .into_iter()
-                .filter(|p| *p != UNMAPPED)
-                .collect::<Vec<_>>(),
-        ));
         if let Some(v) = self
             .inner
             .volumes

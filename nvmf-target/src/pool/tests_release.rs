@@ -72,6 +72,42 @@ async fn a_destroyed_replicas_space_goes_back_except_what_a_snapshot_shares() {
     assert_eq!(before - settled(&pool, &disk).await, 4 * CS);
 }
 
+/// A destroy whose caller goes away while its commit waits for the journal is written with the next commit, and
+/// the replica's space goes back then: the commit's application queues the release, not the caller, which before
+/// left the space taken until the next import.
+#[tokio::test]
+async fn a_destroy_whose_caller_went_away_still_gives_its_space_back() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let a = Uuid::new_v4();
+    let vol = pool.create_replica(a, 4 * CS, None).await.unwrap();
+    vol.write(0, data(1, 4 * CS)).await.unwrap();
+    drop(vol);
+    let before = settled(&pool, &disk).await;
+    let held = pool.inner.journal.hold().await;
+    let destroy = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.destroy_volume(a).await })
+    };
+    for _ in 0..500 {
+        if pool.inner.journal.queued() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(pool.inner.journal.queued(), 1, "the destroy is queued");
+    destroy.abort();
+    assert!(destroy.await.unwrap_err().is_cancelled());
+    drop(held);
+    pool.create_replica(Uuid::new_v4(), CS, None).await.unwrap();
+    assert!(pool.volume_meta(&a).is_none(), "the destroy was committed");
+    assert_eq!(
+        before - settled(&pool, &disk).await,
+        4 * CS,
+        "the destroyed replica's space went back"
+    );
+}
+
 #[tokio::test]
 async fn whole_clusters_the_host_deallocates_go_back_and_partly_deallocated_ones_stay() {
     let disk = Arc::new(ThinDisk::new(32 * MIB));

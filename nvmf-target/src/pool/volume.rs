@@ -608,31 +608,22 @@ impl BlockDevice for PoolVolume {
         let _excl = self.pool.gate.write().await;
         self.check_open()?;
         self.pool.settle().await.map_err(pool_err)?;
-        let mut unmapped = Vec::new();
         let records: Vec<Record> = whole
             .into_iter()
             .filter_map(|logical| match self.lookup(logical) {
-                Ok(Some((physical, _))) => {
-                    unmapped.push(physical);
-                    Some(Record::Unmap {
-                        volume: self.uuid,
-                        logical,
-                    })
-                }
+                Ok(Some(_)) => Some(Record::Unmap {
+                    volume: self.uuid,
+                    logical,
+                }),
                 _ => None,
             })
             .collect();
-        let committed = async {
-            for chunk in records.chunks(64) {
-                self.pool.commit(chunk.to_vec()).await.map_err(pool_err)?;
-            }
-            Ok(())
+        // What each commit frees (a cluster a snapshot shares is not) goes back to the file system as it is
+        // applied (`release`).
+        for chunk in records.chunks(64) {
+            self.pool.commit(chunk.to_vec()).await.map_err(pool_err)?;
         }
-        .await;
-        // What is free now (a cluster a snapshot shares is not, nor one a failed commit left mapped) goes back to
-        // the file system.
-        self.pool.release_behind(super::release::runs(&unmapped));
-        committed
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
