@@ -448,8 +448,8 @@ impl commit::Metadata for PoolInner {
     }
 
     /// Applies the records, then queues the clusters they freed to be given back (`release`): here, in the
-    /// journal's task, so that a destroy or deallocate whose caller went away after its commit still gives them
-    /// back.
+    /// journal's task, so that a destroy or deallocate whose caller went away while its records waited for the
+    /// journal or were written still gives them back, when they are applied.
     fn apply(self: &Arc<Self>, records: &[Record]) -> Result<(), PoolError> {
         let mut m = self.meta.write().unwrap_or_else(|e| e.into_inner());
         let mut moved = false;
@@ -464,8 +464,6 @@ impl commit::Metadata for PoolInner {
         }
         unreferenced.retain(|c| m.refs(*c) == 0);
         drop(m);
-        unreferenced.sort_unstable();
-        unreferenced.dedup();
         self.release_behind(release::runs(&unreferenced));
         applied
     }

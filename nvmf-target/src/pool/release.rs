@@ -1,5 +1,6 @@
-//! Giving freed clusters' space back to the file system under the pool. A replica destroyed, or whole clusters the
-//! host deallocated (a guest's `fstrim`), leave clusters free; on a sparse file their space would stay taken on the
+//! Giving freed clusters' space back to the file system under the pool. A replica destroyed, whole clusters the
+//! host deallocated (a guest's `fstrim`), or a copy-on-write that took a cluster's last other user's place, leave
+//! clusters free; on a sparse file their space would stay taken on the
 //! file system for ever, since a free cluster is only written again when an allocation takes it. As the commit
 //! that freed them is applied (in the journal's task, so also when the caller that asked went away), their runs
 //! join the pool's queue of releases, which one task at a time punches out of the file
@@ -22,8 +23,9 @@
 //! A pool file that had all its space when the pool opened it (made with `fallocate`, so that the file system
 //! under it can never run out for it) keeps it: its owner asked for that space, and nothing is given back.
 //!
-//! Best effort: a release that fails, or never runs (the process died), leaves the space taken; the next import
-//! gives it back.
+//! Best effort: a release that fails, or never runs (the process died; records whose caller went away before they
+//! were written wait in the journal's queue for the next commit), leaves the space taken; the next import gives it
+//! back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
