@@ -16,7 +16,8 @@
 //! A pool sits on any [`BlockDevice`]: a file or block device in production, memory in tests. Every metadata change
 //! is journaled, durable before the call that made it returns (changes made at once share a transaction).
 //! Cluster-freeing changes (destroy, unmap) wait for in-flight I/O of the pool to drain (the `gate`), so a freed
-//! cluster is never still being read; a snapshot waits only for its own volume's I/O (`PoolVolume::quiesce`), so it
+//! cluster is never still being read or written, and hold it until they are applied, in a task of their own that a
+//! caller who goes away does not cut short; a snapshot waits only for its own volume's I/O (`PoolVolume::quiesce`), so it
 //! sees every acknowledged write while other volumes' I/O goes on.
 //!
 //! Fail-stop: once a metadata write (journal write, flush or checkpoint) fails, the pool is faulted (`fuse`): every
@@ -1039,6 +1040,19 @@ impl Pool {
         if self.volume_meta(&uuid).is_none() {
             return Err(PoolError::NotFound(PoolObject::Volume(uuid)));
         }
+        // In a task of its own, which holds the pool's gate until the destroy is applied even if this caller goes
+        // (a gRPC client that hung up): a destroy applied later, outside the gate, would free the volume's
+        // clusters under its writes in flight.
+        let pool = self.clone();
+        match tokio::spawn(async move { pool.destroy_now(uuid).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(PoolError::Io(format!(
+                "destroying volume {uuid} ended early: {e}"
+            ))),
+        }
+    }
+
+    async fn destroy_now(&self, uuid: Uuid) -> Result<(), PoolError> {
         let _excl = self.inner.gate.write().await;
         self.inner.settle().await?;
         // Its clusters no other volume shares are free once this commits: the commit gives their space back to

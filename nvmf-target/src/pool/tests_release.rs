@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::tests_thin::ThinDisk;
 use super::*;
-use crate::block::BlockDevice;
+use crate::block::{BlockDevice, BlockError};
 
 const MIB: u64 = 1 << 20;
 const CS: u64 = 256 << 10;
@@ -72,40 +72,92 @@ async fn a_destroyed_replicas_space_goes_back_except_what_a_snapshot_shares() {
     assert_eq!(before - settled(&pool, &disk).await, 4 * CS);
 }
 
-/// A destroy whose caller goes away while its commit waits for the journal is written with the next commit, and
-/// the replica's space goes back then: the commit's application queues the release, not the caller, which before
-/// left the space taken until the next import.
+/// A destroy whose caller goes away while its commit waits for the journal still ends: writes sent to the volume
+/// meanwhile wait for it and then find the volume gone, and the replica's space goes back. Before, the caller's
+/// going let those writes into clusters the destroy, applied with a later commit, then freed under them; and the
+/// caller, not the commit, queued the release, so the space stayed taken until the next import.
 #[tokio::test]
-async fn a_destroy_whose_caller_went_away_still_gives_its_space_back() {
+async fn a_destroy_whose_caller_went_away_still_ends_and_gives_its_space_back() {
     let disk = Arc::new(ThinDisk::new(32 * MIB));
     let pool = pool_on(&disk).await;
     let a = Uuid::new_v4();
     let vol = pool.create_replica(a, 4 * CS, None).await.unwrap();
     vol.write(0, data(1, 4 * CS)).await.unwrap();
-    drop(vol);
     let before = settled(&pool, &disk).await;
     let held = pool.inner.journal.hold().await;
     let destroy = {
         let pool = pool.clone();
         tokio::spawn(async move { pool.destroy_volume(a).await })
     };
-    for _ in 0..500 {
-        if pool.inner.journal.queued() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    assert_eq!(pool.inner.journal.queued(), 1, "the destroy is queued");
+    queued(&pool).await;
     destroy.abort();
     assert!(destroy.await.unwrap_err().is_cancelled());
+    let write = tokio::spawn(async move { vol.write(0, data(2, 4096)).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
     drop(held);
+    // Another commit, which writes whatever still waits in the journal's queue.
     pool.create_replica(Uuid::new_v4(), CS, None).await.unwrap();
     assert!(pool.volume_meta(&a).is_none(), "the destroy was committed");
+    let w = write.await.unwrap();
+    assert!(
+        matches!(w, Err(BlockError::Closed)),
+        "a write after the destroy: {w:?}"
+    );
     assert_eq!(
         before - settled(&pool, &disk).await,
         4 * CS,
         "the destroyed replica's space went back"
     );
+}
+
+/// Waits (bounded) until a commit waits for the journal.
+async fn queued(pool: &Pool) {
+    for _ in 0..500 {
+        if pool.inner.journal.queued() > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("nothing was queued for the journal");
+}
+
+/// A deallocation whose caller goes away while its commit waits for the journal still holds the pool's I/O off
+/// until the commit is applied: a write sent after it lands after the unmap. Before, the caller's going let writes
+/// in at once, and the unmap, applied with a later commit, freed the cluster under the write just acknowledged: its
+/// data was lost, and another volume's allocation could have taken the cluster while it was still being written.
+#[tokio::test]
+async fn a_deallocation_whose_caller_went_away_holds_writes_off_until_it_is_applied() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let vol = pool
+        .create_replica(Uuid::new_v4(), 4 * CS, None)
+        .await
+        .unwrap();
+    vol.write(0, data(1, 4 * CS)).await.unwrap();
+    let held = pool.inner.journal.hold().await;
+    let dealloc = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.deallocate(CS, CS).await })
+    };
+    queued(&pool).await;
+    dealloc.abort();
+    assert!(dealloc.await.unwrap_err().is_cancelled());
+    let write = {
+        let vol = vol.clone();
+        tokio::spawn(async move { vol.write(CS, data(2, 4096)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(held);
+    // Another commit, which writes whatever still waits in the journal's queue.
+    pool.create_replica(Uuid::new_v4(), CS, None).await.unwrap();
+    write.await.unwrap().unwrap();
+    let back = vol.read(CS, CS).await.unwrap();
+    assert!(
+        back[..4096].iter().all(|b| *b == 2),
+        "the write sent after the deallocation was lost"
+    );
+    assert!(back[4096..].iter().all(|b| *b == 0));
+    assert!(vol.read(0, CS).await.unwrap().iter().all(|b| *b == 1));
 }
 
 #[tokio::test]
