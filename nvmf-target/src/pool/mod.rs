@@ -16,9 +16,10 @@
 //! A pool sits on any [`BlockDevice`]: a file or block device in production, memory in tests. Every metadata change
 //! is journaled, durable before the call that made it returns (changes made at once share a transaction).
 //! Cluster-freeing changes (destroy, unmap) wait for in-flight I/O of the pool to drain (the `gate`), so a freed
-//! cluster is never still being read or written, and hold it until they are applied, in a task of their own that a
-//! caller who goes away does not cut short; a snapshot waits only for its own volume's I/O (`PoolVolume::quiesce`), so it
-//! sees every acknowledged write while other volumes' I/O goes on.
+//! cluster is never still being read or written; a snapshot waits only for its own volume's I/O
+//! (`PoolVolume::quiesce`), so it sees every acknowledged write while other volumes' I/O goes on. Such a change
+//! holds its lock until its records are applied, in a task of its own that a caller who goes away does not cut
+//! short (`PoolInner::commit_holding`).
 //!
 //! Fail-stop: once a metadata write (journal write, flush or checkpoint) fails, the pool is faulted (`fuse`): every
 //! later write, write-zeroes, deallocate, flush and metadata change of its volumes fails with an I/O error, reads
@@ -37,6 +38,8 @@ mod volume;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_abandoned;
 #[cfg(test)]
 mod tests_cow;
 #[cfg(test)]
@@ -204,7 +207,7 @@ pub(crate) struct PoolInner {
     /// Between `dev` and the disk: blown when a metadata write fails, then no write or flush reaches the disk.
     fuse: Arc<fuse::Fuse>,
     /// I/O holds it shared; snapshot, destroy and unmap hold it exclusively.
-    gate: tokio::sync::RwLock<()>,
+    gate: Arc<tokio::sync::RwLock<()>>,
     volumes: Mutex<BTreeMap<Uuid, Arc<PoolVolume>>>,
     /// Set once a commit found the pool claimed by another import; every volume is closed then.
     lost: AtomicBool,
@@ -230,6 +233,32 @@ impl PoolInner {
     /// every volume; when a metadata write failed, faults the pool (see `fuse`).
     async fn commit(self: &Arc<Self>, records: Vec<Record>) -> Result<(), PoolError> {
         commit::commit(self, records).await
+    }
+
+    /// Commits `batches` in order, in a task of its own that holds `held` (the locks its caller took so that the
+    /// change is safe: the gate, a volume's quiesce lock) until they are applied, and runs `then` once all are,
+    /// still holding them. A caller that goes away meanwhile (a gRPC client that hung up, a command's future
+    /// dropped) thus neither lets I/O in before its records are applied nor leaves them to be applied later,
+    /// outside its locks, by someone else's commit: freeing clusters under writes in flight, or sharing them with
+    /// a snapshot under writes that then miss their copy-on-write. The caller takes the locks itself, so that
+    /// giving up while it waits for them still works.
+    async fn commit_holding<H: Send + 'static>(
+        self: &Arc<Self>,
+        held: H,
+        batches: Vec<Vec<Record>>,
+        then: impl FnOnce() + Send + 'static,
+    ) -> Result<(), PoolError> {
+        let inner = self.clone();
+        let task = tokio::spawn(async move {
+            for records in batches {
+                inner.commit(records).await?;
+            }
+            then();
+            drop(held);
+            Ok(())
+        });
+        task.await
+            .unwrap_or_else(|e| Err(PoolError::Io(format!("a commit ended early: {e}"))))
     }
 
     /// Why the pool takes no writes (a metadata write failed), if it doesn't.
@@ -684,7 +713,7 @@ impl Pool {
             stocking: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             stock_ready: tokio::sync::Notify::new(),
-            gate: tokio::sync::RwLock::new(()),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
             volumes: Mutex::new(BTreeMap::new()),
             lost: AtomicBool::new(false),
             no_space: AtomicU64::new(0),
@@ -782,7 +811,7 @@ impl Pool {
                 alloc: crate::block::range_lock::RangeLock::new(),
                 allocating: AtomicU64::new(0),
                 stream: Default::default(),
-                quiesce: tokio::sync::RwLock::new(()),
+                quiesce: Arc::new(tokio::sync::RwLock::new(())),
                 me: me.clone(),
             })
         });
@@ -882,7 +911,7 @@ impl Pool {
         }
         let vol = self.open_volume(&uuid)?;
         // One resize of the volume at a time, and none while a snapshot is being taken of it.
-        let _excl = vol.quiesce.write().await;
+        let excl = vol.quiesce.clone().write_owned().await;
         let v = self
             .volume_meta(&uuid)
             .ok_or(PoolError::NotFound(PoolObject::Replica(uuid)))?;
@@ -896,10 +925,15 @@ impl Pool {
             return Ok(v);
         }
         self.check_room(size, v.map.len() as u64)?;
+        // The open volume takes its new size with the record, even if this caller goes.
+        let grown = vol.clone();
         self.inner
-            .commit(vec![Record::Resize { volume: uuid, size }])
+            .commit_holding(
+                excl,
+                vec![vec![Record::Resize { volume: uuid, size }]],
+                move || grown.size.store(size, Ordering::Release),
+            )
             .await?;
-        vol.size.store(size, Ordering::Release);
         tracing::info!(pool = %self.name(), replica = %uuid, from = v.size, to = size, "grew replica");
         self.volume_meta(&uuid)
             .ok_or(PoolError::NotFound(PoolObject::Replica(uuid)))
@@ -929,16 +963,18 @@ impl Pool {
         }
         self.check_fits(src.map.len() as u64)?;
         let vol = self.open_volume(&replica)?;
-        let _excl = vol.quiesce.write().await;
-        // A write the snapshot does not see must not land in the clusters it now shares.
+        let excl = vol.quiesce.clone().write_owned().await;
+        // A write the snapshot does not see must not land in the clusters it now shares: none in flight, and none
+        // until the snapshot is applied, even if this caller goes.
         self.inner.settle().await?;
+        let record = Record::Snapshot {
+            replica,
+            snapshot,
+            created: now_secs(),
+        };
         let r = self
             .inner
-            .commit(vec![Record::Snapshot {
-                replica,
-                snapshot,
-                created: now_secs(),
-            }])
+            .commit_holding(excl, vec![vec![record]], || {})
             .await;
         if let Err(PoolError::AlreadyExists { .. }) = &r
             && let Some(v) = self.volume_meta(&snapshot)
@@ -1040,35 +1076,29 @@ impl Pool {
         if self.volume_meta(&uuid).is_none() {
             return Err(PoolError::NotFound(PoolObject::Volume(uuid)));
         }
-        // In a task of its own, which holds the pool's gate until the destroy is applied even if this caller goes
-        // (a gRPC client that hung up): a destroy applied later, outside the gate, would free the volume's
-        // clusters under its writes in flight.
-        let pool = self.clone();
-        match tokio::spawn(async move { pool.destroy_now(uuid).await }).await {
-            Ok(r) => r,
-            Err(e) => Err(PoolError::Io(format!(
-                "destroying volume {uuid} ended early: {e}"
-            ))),
-        }
-    }
-
-    async fn destroy_now(&self, uuid: Uuid) -> Result<(), PoolError> {
-        let _excl = self.inner.gate.write().await;
+        // Its clusters are freed as this applies: no I/O of the pool may still be in flight, and none may start
+        // until the volume is gone, even if this caller goes (see [`PoolInner::commit_holding`]).
+        let excl = self.inner.gate.clone().write_owned().await;
         self.inner.settle().await?;
+        let inner = self.inner.clone();
         // Its clusters no other volume shares are free once this commits: the commit gives their space back to
         // the file system (`release`).
         self.inner
-            .commit(vec![Record::Destroy { volume: uuid }])
+            .commit_holding(
+                excl,
+                vec![vec![Record::Destroy { volume: uuid }]],
+                move || {
+                    if let Some(v) = inner
+                        .volumes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&uuid)
+                    {
+                        v.closed.store(true, Ordering::Release);
+                    }
+                },
+            )
             .await?;
-        if let Some(v) = self
-            .inner
-            .volumes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&uuid)
-        {
-            v.closed.store(true, Ordering::Release);
-        }
         tracing::info!(pool = %self.name(), volume = %uuid, "destroyed volume");
         Ok(())
     }

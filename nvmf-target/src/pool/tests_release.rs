@@ -13,10 +13,10 @@ use super::tests_thin::ThinDisk;
 use super::*;
 use crate::block::{BlockDevice, BlockError};
 
-const MIB: u64 = 1 << 20;
-const CS: u64 = 256 << 10;
+pub(super) const MIB: u64 = 1 << 20;
+pub(super) const CS: u64 = 256 << 10;
 
-async fn pool_on(disk: &Arc<ThinDisk>) -> Pool {
+pub(super) async fn pool_on(disk: &Arc<ThinDisk>) -> Pool {
     let spec = PoolSpec {
         name: "p1".into(),
         uuid: Uuid::new_v4(),
@@ -27,7 +27,7 @@ async fn pool_on(disk: &Arc<ThinDisk>) -> Pool {
         .unwrap()
 }
 
-fn data(seed: u8, len: u64) -> Bytes {
+pub(super) fn data(seed: u8, len: u64) -> Bytes {
     Bytes::from(vec![seed; len as usize])
 }
 
@@ -111,7 +111,7 @@ async fn a_destroy_whose_caller_went_away_still_ends_and_gives_its_space_back() 
 }
 
 /// Waits (bounded) until a commit waits for the journal.
-async fn queued(pool: &Pool) {
+pub(super) async fn queued(pool: &Pool) {
     for _ in 0..500 {
         if pool.inner.journal.queued() > 0 {
             return;

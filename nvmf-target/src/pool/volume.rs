@@ -44,7 +44,7 @@ pub struct PoolVolume {
     pub(super) alloc: RangeLock,
     /// This volume's I/O holds it shared; a snapshot of the volume holds it exclusively, so the snapshot sees
     /// every acknowledged write and no write lands in a cluster after it became shared. Other volumes' I/O goes on.
-    pub(super) quiesce: tokio::sync::RwLock<()>,
+    pub(super) quiesce: Arc<tokio::sync::RwLock<()>>,
     /// Allocations of this volume under way (see [`PoolVolume::sole`]).
     pub(super) allocating: AtomicU64,
     /// Its run of clusters allocated in order, for mapping ahead (`ahead`).
@@ -453,31 +453,6 @@ impl PoolVolume {
         }
     }
 
-    /// Unmaps whole logical clusters, for [`Self::deallocate`].
-    async fn unmap(&self, whole: Vec<u32>) -> Result<(), BlockError> {
-        // Unmapping frees clusters another volume may reuse: no I/O of ours may still be in flight on them, not
-        // even a write whose caller went away.
-        let _excl = self.pool.gate.write().await;
-        self.check_open()?;
-        self.pool.settle().await.map_err(pool_err)?;
-        let records: Vec<Record> = whole
-            .into_iter()
-            .filter_map(|logical| match self.lookup(logical) {
-                Ok(Some(_)) => Some(Record::Unmap {
-                    volume: self.uuid,
-                    logical,
-                }),
-                _ => None,
-            })
-            .collect();
-        // What each commit frees (a cluster a snapshot shares is not) goes back to the file system as it is
-        // applied (`release`).
-        for chunk in records.chunks(64) {
-            self.pool.commit(chunk.to_vec()).await.map_err(pool_err)?;
-        }
-        Ok(())
-    }
-
     /// Runs an allocating write as a task of its own and waits for it: if this caller goes, the write still ends,
     /// and gives back what it reserved only once the disk is done with it.
     async fn detached<F, Fut>(&self, write: F) -> Result<(), BlockError>
@@ -628,15 +603,29 @@ impl BlockDevice for PoolVolume {
         if whole.is_empty() {
             return Ok(());
         }
-        // In a task of its own, which holds the pool's gate until its commits are applied even if this caller goes:
-        // records of a caller gone, applied later outside its gate, would free clusters under writes in flight.
-        let me = self.me.upgrade().ok_or(BlockError::Closed)?;
-        match tokio::spawn(async move { me.unmap(whole).await }).await {
-            Ok(r) => r,
-            Err(e) => Err(BlockError::Io(std::io::Error::other(format!(
-                "deallocation ended early: {e}"
-            )))),
-        }
+        // Unmapping frees clusters another volume may reuse: no I/O of ours may still be in flight on them, not
+        // even a write whose caller went away, and none may start until the unmapping is applied, even if this
+        // caller goes (see `PoolInner::commit_holding`).
+        let excl = self.pool.gate.clone().write_owned().await;
+        self.check_open()?;
+        self.pool.settle().await.map_err(pool_err)?;
+        let records: Vec<Record> = whole
+            .into_iter()
+            .filter_map(|logical| match self.lookup(logical) {
+                Ok(Some(_)) => Some(Record::Unmap {
+                    volume: self.uuid,
+                    logical,
+                }),
+                _ => None,
+            })
+            .collect();
+        // What each commit frees (a cluster a snapshot shares is not) goes back to the file system as it is
+        // applied (`release`).
+        let batches = records.chunks(64).map(<[Record]>::to_vec).collect();
+        self.pool
+            .commit_holding(excl, batches, || {})
+            .await
+            .map_err(pool_err)
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
