@@ -241,21 +241,22 @@ impl PoolInner {
     /// dropped) thus neither lets I/O in before its records are applied nor leaves them to be applied later,
     /// outside its locks, by someone else's commit: freeing clusters under writes in flight, or sharing them with
     /// a snapshot under writes that then miss their copy-on-write. The caller takes the locks itself, so that
-    /// giving up while it waits for them still works.
-    async fn commit_holding<H: Send + 'static>(
+    /// giving up while it waits for them still works. `then`'s answer (what the caller reports, read under the
+    /// locks) comes back with the result.
+    async fn commit_holding<H: Send + 'static, T: Send + 'static>(
         self: &Arc<Self>,
         held: H,
         batches: Vec<Vec<Record>>,
-        then: impl FnOnce() + Send + 'static,
-    ) -> Result<(), PoolError> {
+        then: impl FnOnce(&PoolInner) -> T + Send + 'static,
+    ) -> Result<T, PoolError> {
         let inner = self.clone();
         let task = tokio::spawn(async move {
             for records in batches {
                 inner.commit(records).await?;
             }
-            then();
+            let answer = then(&inner);
             drop(held);
-            Ok(())
+            Ok(answer)
         });
         task.await
             .unwrap_or_else(|e| Err(PoolError::Io(format!("a commit ended early: {e}"))))
@@ -927,15 +928,18 @@ impl Pool {
         self.check_room(size, v.map.len() as u64)?;
         // The open volume takes its new size with the record, even if this caller goes.
         let grown = vol.clone();
+        let from = v.size;
         self.inner
             .commit_holding(
                 excl,
                 vec![vec![Record::Resize { volume: uuid, size }]],
-                move || grown.size.store(size, Ordering::Release),
+                move |inner| {
+                    grown.size.store(size, Ordering::Release);
+                    tracing::info!(pool = %inner.label.name, replica = %uuid, from, to = size, "grew replica");
+                    inner.meta().volumes.get(&uuid).cloned()
+                },
             )
-            .await?;
-        tracing::info!(pool = %self.name(), replica = %uuid, from = v.size, to = size, "grew replica");
-        self.volume_meta(&uuid)
+            .await?
             .ok_or(PoolError::NotFound(PoolObject::Replica(uuid)))
     }
 
@@ -974,17 +978,17 @@ impl Pool {
         };
         let r = self
             .inner
-            .commit_holding(excl, vec![vec![record]], || {})
+            .commit_holding(excl, vec![vec![record]], move |inner| {
+                tracing::info!(pool = %inner.label.name, %replica, %snapshot, "took snapshot");
+                inner.meta().volumes.get(&snapshot).cloned()
+            })
             .await;
         if let Err(PoolError::AlreadyExists { .. }) = &r
             && let Some(v) = self.volume_meta(&snapshot)
         {
             return existing(v);
         }
-        r?;
-        tracing::info!(pool = %self.name(), %replica, %snapshot, "took snapshot");
-        self.volume_meta(&snapshot)
-            .ok_or(PoolError::NotFound(PoolObject::Snapshot(snapshot)))
+        r?.ok_or(PoolError::NotFound(PoolObject::Snapshot(snapshot)))
     }
 
     /// Creates a writable replica from a snapshot; it shares the snapshot's clusters until it writes them.
@@ -1080,14 +1084,13 @@ impl Pool {
         // until the volume is gone, even if this caller goes (see [`PoolInner::commit_holding`]).
         let excl = self.inner.gate.clone().write_owned().await;
         self.inner.settle().await?;
-        let inner = self.inner.clone();
         // Its clusters no other volume shares are free once this commits: the commit gives their space back to
         // the file system (`release`).
         self.inner
             .commit_holding(
                 excl,
                 vec![vec![Record::Destroy { volume: uuid }]],
-                move || {
+                move |inner| {
                     if let Some(v) = inner
                         .volumes
                         .lock()
@@ -1096,11 +1099,10 @@ impl Pool {
                     {
                         v.closed.store(true, Ordering::Release);
                     }
+                    tracing::info!(pool = %inner.label.name, volume = %uuid, "destroyed volume");
                 },
             )
-            .await?;
-        tracing::info!(pool = %self.name(), volume = %uuid, "destroyed volume");
-        Ok(())
+            .await
     }
 
     /// Closes every volume handle (the pool is being exported or destroyed).

@@ -623,7 +623,7 @@ impl BlockDevice for PoolVolume {
         // applied (`release`).
         let batches = records.chunks(64).map(<[Record]>::to_vec).collect();
         self.pool
-            .commit_holding(excl, batches, || {})
+            .commit_holding(excl, batches, |_| {})
             .await
             .map_err(pool_err)
     }
