@@ -10,9 +10,11 @@
 //! A batch is never cut half way: the journal's holder writes and applies batches in a task of its own (spawned
 //! with the journal's lock, it runs until the queue is empty), and every caller, the one that spawned it too,
 //! only waits for its answer. A caller dropped at any point (a nexus's child timeout, a request's deadline)
-//! changes nothing for the others: its records are still committed, or refused, with the rest. A caller whose
-//! answer can never come (the task was dropped, at runtime shutdown) gets an error, and the pool is faulted, as
-//! the batch may be on the journal and not applied.
+//! changes nothing for the others: its records are still committed, or refused, with the rest, and soon: one dropped
+//! while its records still wait in the queue starts a task that takes the journal for them (else they would wait
+//! for whoever commits next, maybe much later, out of order with what its caller's caller did since). A caller
+//! whose answer can never come (the task was dropped, at runtime shutdown) gets an error, and the pool is faulted,
+//! as the batch may be on the journal and not applied.
 
 use std::sync::{Arc, Mutex};
 
@@ -62,6 +64,7 @@ pub(super) async fn commit<M: Metadata>(
     let (tx, mut rx) = oneshot::channel();
     let group = meta.group();
     group.queue().push(Waiting { records, done: tx });
+    let mut abandoned = Abandoned(Some(meta.clone()));
     // Whoever gets the journal hands it to a task that drains the queue; every caller waits for the journal
     // until its answer comes, so a queue left behind by a finished task always finds a new holder.
     let lost = || {
@@ -71,14 +74,37 @@ pub(super) async fn commit<M: Metadata>(
     };
     tokio::select! {
         biased;
-        r = &mut rx => r.unwrap_or_else(|_| lost()),
+        r = &mut rx => {
+            abandoned.0 = None;
+            r.unwrap_or_else(|_| lost())
+        }
         journal = group.journal.clone().lock_owned() => {
+            abandoned.0 = None;
             if let Ok(r) = rx.try_recv() {
                 return r;
             }
             tokio::spawn(drain(meta.clone(), journal));
             rx.await.unwrap_or_else(|_| lost())
         }
+    }
+}
+
+/// Held by a caller until its records are sure to be taken (its answer came, or it started the task that drains
+/// the queue): dropped before that, it starts a task that waits for the journal and drains the queue. The queue's
+/// drain ends when it finds the queue empty, so records queued just after and left by a caller gone before it got
+/// the journal would otherwise stay until someone else commits.
+struct Abandoned<M: Metadata>(Option<Arc<M>>);
+
+impl<M: Metadata> Drop for Abandoned<M> {
+    fn drop(&mut self) {
+        let Some(meta) = self.0.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let journal = meta.group().journal.clone().lock_owned().await;
+            drain(meta, journal).await;
+        });
     }
 }
 

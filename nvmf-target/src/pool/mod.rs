@@ -235,6 +235,14 @@ impl PoolInner {
         commit::commit(self, records).await
     }
 
+    /// Waits until every commit queued or being written before now is applied (whatever its result): what the
+    /// metadata says then includes every change asked for before. A change that finds nothing to do (a volume to
+    /// destroy that is not there, a share it has already) looks again after this, as one still on its way (a
+    /// create whose caller went away, a share asked just before) would otherwise be missed and apply after it.
+    async fn caught_up(self: &Arc<Self>) {
+        let _ = self.commit(Vec::new()).await;
+    }
+
     /// Commits `batches` in order, in a task of its own that holds `held` (the locks its caller took so that the
     /// change is safe: the gate, a volume's quiesce lock) until they are applied, and runs `then` once all are,
     /// still holding them. A caller that goes away meanwhile (a gRPC client that hung up, a command's future
@@ -1038,7 +1046,10 @@ impl Pool {
         self.open_volume(&replica)
     }
 
+    /// Keeps whether and to whom a replica is exported, for the next import. Asking for what it has already
+    /// writes nothing.
     pub async fn set_share(&self, uuid: Uuid, share: Option<Share>) -> Result<(), PoolError> {
+        self.inner.caught_up().await;
         let v = self
             .volume_meta(&uuid)
             .ok_or(PoolError::NotFound(PoolObject::Volume(uuid)))?;
@@ -1059,6 +1070,7 @@ impl Pool {
         uuid: Uuid,
         state: Option<serde_json::Value>,
     ) -> Result<(), PoolError> {
+        self.inner.caught_up().await;
         let v = self
             .volume_meta(&uuid)
             .ok_or(PoolError::NotFound(PoolObject::Volume(uuid)))?;
@@ -1078,7 +1090,11 @@ impl Pool {
     /// `NotFound`.
     pub async fn destroy_volume(&self, uuid: Uuid) -> Result<(), PoolError> {
         if self.volume_meta(&uuid).is_none() {
-            return Err(PoolError::NotFound(PoolObject::Volume(uuid)));
+            // A create of it on its way (its caller gone) would leave it behind this answer, for ever.
+            self.inner.caught_up().await;
+            if self.volume_meta(&uuid).is_none() {
+                return Err(PoolError::NotFound(PoolObject::Volume(uuid)));
+            }
         }
         // Its clusters are freed as this applies: no I/O of the pool may still be in flight, and none may start
         // until the volume is gone, even if this caller goes (see [`PoolInner::commit_holding`]).

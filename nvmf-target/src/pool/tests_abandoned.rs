@@ -1,12 +1,14 @@
 //! Changes whose caller goes away while their commit waits for the journal (a gRPC client that hung up, a
 //! command's future dropped): they still end as if the caller had waited, holding the locks that make them safe
-//! until they are applied (`PoolInner::commit_holding`). Destroys and deallocations: `tests_release`.
+//! until they are applied (`PoolInner::commit_holding`), without waiting for someone else's commit, and a change
+//! asked after them sees them (`PoolInner::caught_up`). Destroys and deallocations: `tests_release`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
 
+use super::meta::{Record, Share};
 use super::tests_release::{CS, MIB, data, pool_on, queued};
 use super::tests_thin::ThinDisk;
 use crate::block::BlockDevice;
@@ -73,4 +75,93 @@ async fn a_resize_whose_caller_went_away_grows_the_open_replica() {
     pool.resize_replica(a, 8 * CS).await.unwrap();
     assert_eq!(vol.size(), 8 * CS, "the open replica kept its old size");
     vol.write(6 * CS, data(3, 4096)).await.unwrap();
+}
+
+/// Records whose caller went away while they waited for the journal are committed as soon as the journal is free,
+/// not whenever someone else next commits. Before, they stayed queued in memory only (a reservation saved by a
+/// command whose connection dropped, a replica created by a request whose client hung up): the pool's metadata and
+/// journal showed the older state until an unrelated change came, which then applied them out of turn.
+#[tokio::test]
+async fn records_whose_caller_went_away_are_committed_without_waiting_for_another_commit() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let a = Uuid::new_v4();
+    let held = pool.inner.journal.hold().await;
+    let create = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.create_replica(a, CS, None).await.map(|_| ()) })
+    };
+    queued(&pool).await;
+    create.abort();
+    assert!(create.await.unwrap_err().is_cancelled());
+    drop(held);
+    for _ in 0..500 {
+        if pool.volume_meta(&a).is_some() {
+            assert_eq!(pool.inner.journal.queued(), 0);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("the create stayed in the journal's queue");
+}
+
+/// A destroy asked after a create whose caller went away, while the create still waited for the journal, destroys
+/// the replica. Before, it answered NotFound at once and the create applied after it: a replica nobody knew of
+/// (the cluster agent had its garbage record dropped on that NotFound) kept its space for ever.
+#[tokio::test]
+async fn a_destroy_after_a_create_on_its_way_destroys_what_the_create_makes() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let a = Uuid::new_v4();
+    let held = pool.inner.journal.hold().await;
+    let create = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.create_replica(a, CS, None).await.map(|_| ()) })
+    };
+    queued(&pool).await;
+    create.abort();
+    assert!(create.await.unwrap_err().is_cancelled());
+    let destroy = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.destroy_volume(a).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(held);
+    destroy.await.unwrap().unwrap();
+    pool.create_replica(Uuid::new_v4(), CS, None).await.unwrap();
+    assert!(
+        pool.volume_meta(&a).is_none(),
+        "the replica was created after its destroy"
+    );
+}
+
+/// Of a share and an unshare asked one after the other, the unshare is what the pool keeps, even while the share
+/// still waited for the journal. Before, the unshare found the replica unshared in memory and answered at once;
+/// the share applied after it, and the next import exported the replica again.
+#[tokio::test]
+async fn an_unshare_asked_after_a_share_on_its_way_is_what_the_pool_keeps() {
+    let disk = Arc::new(ThinDisk::new(32 * MIB));
+    let pool = pool_on(&disk).await;
+    let a = Uuid::new_v4();
+    pool.create_replica(a, CS, None).await.unwrap();
+    let held = pool.inner.journal.hold().await;
+    // The share's record on its way: past the share's own look at the metadata, waiting for the journal.
+    let share = {
+        let pool = pool.clone();
+        let record = Record::SetShare {
+            volume: a,
+            share: Some(Share { hosts: vec![] }),
+        };
+        tokio::spawn(async move { pool.inner.commit(vec![record]).await })
+    };
+    queued(&pool).await;
+    let unshare = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.set_share(a, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(held);
+    share.await.unwrap().unwrap();
+    unshare.await.unwrap().unwrap();
+    assert_eq!(pool.volume_meta(&a).unwrap().share, None);
 }
