@@ -374,8 +374,29 @@ impl Engine {
             .find_map(|e| Some((e.pool.clone(), e.pool.volume_meta(uuid)?)))
     }
 
+    /// [`Self::find_volume`], and if no pool has it, again once every pool has applied the commits asked for
+    /// before now: a create still on its way (its caller gone while it waited for the journal) is found, so that
+    /// a destroy does not answer NotFound and leave it behind, a replica nobody knows of.
+    async fn find_volume_caught_up(&self, uuid: &Uuid) -> Option<(Pool, VolumeMeta)> {
+        if let Some(found) = self.find_volume(uuid) {
+            return Some(found);
+        }
+        let pools: Vec<Pool> = self.pools_map().values().map(|e| e.pool.clone()).collect();
+        for p in &pools {
+            p.caught_up().await;
+        }
+        self.find_volume(uuid)
+    }
+
     fn find_replica(&self, uuid: &Uuid) -> Result<(Pool, VolumeMeta), EngineError> {
-        match self.find_volume(uuid) {
+        Self::replica_of(uuid, self.find_volume(uuid))
+    }
+
+    fn replica_of(
+        uuid: &Uuid,
+        found: Option<(Pool, VolumeMeta)>,
+    ) -> Result<(Pool, VolumeMeta), EngineError> {
+        match found {
             Some((p, v)) if !v.is_snapshot() => Ok((p, v)),
             Some(_) => Err(EngineError::InvalidArgument(format!(
                 "{uuid} is a snapshot, not a replica"
@@ -448,7 +469,7 @@ impl Engine {
 
     /// Unexports and destroys a replica; its snapshots stay.
     pub async fn destroy_replica(&self, uuid: &Uuid) -> Result<(), EngineError> {
-        let (pool, _) = self.find_replica(uuid)?;
+        let (pool, _) = Self::replica_of(uuid, self.find_volume_caught_up(uuid).await)?;
         self.unexport_replica(uuid);
         pool.destroy_volume(*uuid).await?;
         Ok(())
@@ -587,7 +608,7 @@ impl Engine {
     }
 
     pub async fn destroy_snapshot(&self, uuid: &Uuid) -> Result<(), EngineError> {
-        match self.find_volume(uuid) {
+        match self.find_volume_caught_up(uuid).await {
             Some((pool, v)) if v.is_snapshot() => Ok(pool.destroy_volume(*uuid).await?),
             Some(_) => Err(EngineError::InvalidArgument(format!(
                 "{uuid} is a replica, not a snapshot"
@@ -625,5 +646,70 @@ impl Engine {
             self.export_replica(&pool, uuid, s)?;
         }
         self.replica(&uuid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::EngineConfig;
+    use crate::target::TargetConfig;
+
+    /// An engine with pool "p" on a 64 MiB file in `dir`.
+    async fn engine_with_pool(dir: &Path) -> Engine {
+        let engine = Engine::new(EngineConfig {
+            node_name: "node-a".into(),
+            target: TargetConfig::default(),
+        });
+        let disk = dir.join("disk");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        engine
+            .create_pool("p", disk.to_str().unwrap(), None, 1 << 20, 512)
+            .await
+            .unwrap();
+        engine
+    }
+
+    /// A DestroyReplica after a CreateReplica whose client hung up while the create waited for the journal destroys
+    /// the replica. Before, the engine looked for it, found nothing yet and answered NotFound, which the cluster
+    /// agent takes as destroyed (it drops its garbage record); the create then applied: a replica nobody knew of,
+    /// keeping its space for ever.
+    #[tokio::test]
+    async fn a_destroy_after_a_create_whose_client_hung_up_destroys_the_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        let pool = engine.pool("p").unwrap().pool;
+        let uuid = Uuid::new_v4();
+        let held = pool.hold_journal().await;
+        let create = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.create_replica("p", uuid, 4 << 20, None).await })
+        };
+        for _ in 0..500 {
+            if pool.queued_commits() > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(pool.queued_commits(), 1, "the create waits for the journal");
+        create.abort();
+        assert!(create.await.unwrap_err().is_cancelled());
+        let destroy = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.destroy_replica(&uuid).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        destroy.await.unwrap().unwrap();
+        pool.caught_up().await;
+        assert!(
+            pool.volume_meta(&uuid).is_none(),
+            "the replica was created after its destroy"
+        );
     }
 }

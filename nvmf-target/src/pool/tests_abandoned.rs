@@ -39,7 +39,7 @@ async fn a_snapshot_whose_caller_went_away_keeps_what_it_was_taken_with() {
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(held);
-    // Another commit, which writes whatever still waits in the journal's queue.
+    // Another commit: whatever waited in the journal's queue is applied once it is (it queues behind them).
     pool.create_replica(Uuid::new_v4(), CS, None).await.unwrap();
     write.await.unwrap().unwrap();
     let snap = pool.open_volume(&s).unwrap();

@@ -95,7 +95,7 @@ async fn a_destroy_whose_caller_went_away_still_ends_and_gives_its_space_back() 
     let write = tokio::spawn(async move { vol.write(0, data(2, 4096)).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(held);
-    // Another commit, which writes whatever still waits in the journal's queue.
+    // Another commit: whatever waited in the journal's queue is applied once it is (it queues behind them).
     pool.create_replica(Uuid::new_v4(), CS, None).await.unwrap();
     assert!(pool.volume_meta(&a).is_none(), "the destroy was committed");
     let w = write.await.unwrap();
@@ -148,7 +148,7 @@ async fn a_deallocation_whose_caller_went_away_holds_writes_off_until_it_is_appl
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(held);
-    // Another commit, which writes whatever still waits in the journal's queue.
+    // Another commit: whatever waited in the journal's queue is applied once it is (it queues behind them).
     pool.create_replica(Uuid::new_v4(), CS, None).await.unwrap();
     write.await.unwrap().unwrap();
     let back = vol.read(CS, CS).await.unwrap();
