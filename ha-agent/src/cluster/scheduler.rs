@@ -3,7 +3,7 @@
 //! nodes already holding one are excluded); only Online, uncordoned nodes; a pool needs room for the whole replica on top of
 //! what its replicas could already grow to (no overcommit, so a thin replica never meets a full pool), where a pool's
 //! room is its capacity or, for a pool file, what the file system under it has room for beyond its allocated bytes
-//! (two pool files on one file system each count all of its room); the pool that
+//! (the engine shares out the room of a file system under several of its pool files); the pool that
 //! would be least full afterwards wins, and nodes are taken in that order too (ties by name, so placement is
 //! deterministic). A pool whose disk has returned I/O errors, or is full (the file system under a pool file), gets
 //! nothing new. A volume's node selector and topology

@@ -5,15 +5,16 @@ use proto::engine as pb;
 use tonic::Status;
 
 use crate::engine::{Engine, PoolEntry, ReplicaInfo, SnapshotInfo};
+use crate::pool::PoolStats;
 use crate::pool::meta::Share;
 use crate::protocol::nqn::Nqn;
 
 use super::convert::uuid;
 use super::status::invalid;
 
-pub fn pool(e: &PoolEntry) -> pb::Pool {
+/// A pool as the API shows it, with its stats as the engine tells them ([`Engine::pools_with_stats`]).
+pub fn pool(e: &PoolEntry, s: &PoolStats) -> pb::Pool {
     let l = e.pool.label();
-    let s = e.pool.stats();
     let vols = e.pool.volumes();
     let snapshots = vols.iter().filter(|v| v.is_snapshot()).count() as u32;
     pb::Pool {
@@ -103,11 +104,19 @@ pub async fn create_pool(engine: &Engine, r: pb::CreatePoolRequest) -> Result<pb
     let e = engine
         .create_pool(name(&r.name)?, &r.disk, id, r.cluster_size, r.block_size)
         .await?;
-    Ok(pool(&e))
+    Ok(told(engine, &e))
+}
+
+/// [`pool`] for one pool just made or imported.
+fn told(engine: &Engine, e: &PoolEntry) -> pb::Pool {
+    let s = engine
+        .pool_stats(e.pool.name())
+        .unwrap_or_else(|| e.pool.stats());
+    pool(e, &s)
 }
 
 pub async fn import_pool(engine: &Engine, r: pb::ImportPoolRequest) -> Result<pb::Pool, Status> {
-    Ok(pool(&engine.import_pool(&r.disk, r.force).await?))
+    Ok(told(engine, &engine.import_pool(&r.disk, r.force).await?))
 }
 
 pub async fn destroy_pool(engine: &Engine, r: pb::DestroyPoolRequest) -> Result<(), Status> {
@@ -128,7 +137,11 @@ pub fn list_pools(engine: &Engine) -> pb::ListPoolsResponse {
         .collect();
     pending.sort_by(|a, b| a.name.cmp(&b.name));
     pb::ListPoolsResponse {
-        pools: engine.pools().iter().map(pool).collect(),
+        pools: engine
+            .pools_with_stats()
+            .iter()
+            .map(|(e, s)| pool(e, s))
+            .collect(),
         pending,
     }
 }

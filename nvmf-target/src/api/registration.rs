@@ -31,11 +31,10 @@ pub struct RegistrationConfig {
 
 fn pools(engine: &Engine, cfg: &RegistrationConfig) -> Vec<pb::Pool> {
     engine
-        .pools()
+        .pools_with_stats()
         .into_iter()
-        .map(|e| {
+        .map(|(e, s)| {
             let l = e.pool.label();
-            let s = e.pool.stats();
             pb::Pool {
                 name: l.name.clone(),
                 uuid: l.uuid.to_string(),

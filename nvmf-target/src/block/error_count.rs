@@ -68,6 +68,9 @@ impl BlockDevice for ErrorCount {
     fn room(&self) -> Option<u64> {
         self.inner.room()
     }
+    fn room_of(&self) -> Option<u64> {
+        self.inner.room_of()
+    }
     fn backed(&self) -> Option<u64> {
         self.inner.backed()
     }

@@ -359,6 +359,14 @@ impl BlockDevice for FileDevice {
         Some(s.blocks_available().saturating_mul(s.fragment_size()))
     }
 
+    fn room_of(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        if self.is_block {
+            return None;
+        }
+        Some(self.file.metadata().ok()?.dev())
+    }
+
     fn backed(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         if self.is_block {

@@ -118,6 +118,13 @@ pub trait BlockDevice: Send + Sync + 'static {
         None
     }
 
+    /// Which storage [`Self::room`] counts, as an id that devices drawing on the same storage share (a file: its
+    /// file system's device number), so that its room is not counted once per device; `None` with no room. A
+    /// wrapper passes the call down.
+    fn room_of(&self) -> Option<u64> {
+        None
+    }
+
     /// Bytes of the device with storage behind them already (a file: its allocated blocks); `None` where the
     /// device's space is all there (a block device) or it cannot tell. A wrapper passes the call down.
     fn backed(&self) -> Option<u64> {

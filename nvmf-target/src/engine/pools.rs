@@ -14,7 +14,8 @@ use uuid::Uuid;
 use crate::block::file::FileDevice;
 use crate::block::{BlockDevice, BlockError};
 use crate::pool::meta::{Share, VolumeMeta};
-use crate::pool::{Claim, Pool, PoolError, PoolObject, PoolSpec, Probe};
+use crate::pool::room::share_disk_room;
+use crate::pool::{Claim, Pool, PoolError, PoolObject, PoolSpec, PoolStats, Probe};
 use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
 use crate::target::reservation::{ReservationState, ReservationStore, Reservations};
@@ -159,6 +160,23 @@ impl Engine {
 
     pub fn pools(&self) -> Vec<PoolEntry> {
         self.pools_map().values().cloned().collect()
+    }
+
+    /// Every open pool with its stats, the room of a file system that several of their files share shared out
+    /// among them (`pool::room`): what the API, the cluster agent and the metrics are told.
+    pub fn pools_with_stats(&self) -> Vec<(PoolEntry, PoolStats)> {
+        let pools = self.pools();
+        let mut stats: Vec<PoolStats> = pools.iter().map(|e| e.pool.stats()).collect();
+        share_disk_room(&mut stats);
+        pools.into_iter().zip(stats).collect()
+    }
+
+    /// The stats of pool `name`, as [`Self::pools_with_stats`] tells them.
+    pub fn pool_stats(&self, name: &str) -> Option<PoolStats> {
+        self.pools_with_stats()
+            .into_iter()
+            .find(|(e, _)| e.pool.name() == name)
+            .map(|(_, s)| s)
     }
 
     pub fn pool(&self, name: &str) -> Result<PoolEntry, EngineError> {
@@ -663,16 +681,47 @@ mod tests {
             node_name: "node-a".into(),
             target: TargetConfig::default(),
         });
-        let disk = dir.join("disk");
+        add_pool(&engine, dir, "p").await;
+        engine
+    }
+
+    /// Pool `name` on a new 64 MiB sparse file in `dir`.
+    async fn add_pool(engine: &Engine, dir: &Path, name: &str) {
+        let disk = dir.join(name);
         std::fs::File::create(&disk)
             .unwrap()
             .set_len(64 << 20)
             .unwrap();
         engine
-            .create_pool("p", disk.to_str().unwrap(), None, 1 << 20, 512)
+            .create_pool(name, disk.to_str().unwrap(), None, 1 << 20, 512)
             .await
             .unwrap();
+    }
+
+    /// Two pool files on one file system are not both offered its free space: the room the engine tells for each
+    /// leaves out what the other's replicas may still take. Before, each told the whole free space, and the
+    /// cluster agent could place replicas on both that together needed twice what the file system had.
+    #[tokio::test]
+    async fn pools_on_one_file_system_do_not_both_count_its_free_space() {
+        const MIB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        add_pool(&engine, dir.path(), "q").await;
         engine
+            .create_replica("p", Uuid::new_v4(), 48 * MIB, None)
+            .await
+            .unwrap();
+        let stats = |name: &str| engine.pool_stats(name).unwrap();
+        let (p, q) = (stats("p"), stats("q"));
+        assert!(p.disk_room_of.is_some() && p.disk_room_of == q.disk_room_of);
+        assert_eq!(p.committed, 48 * MIB);
+        // p's replica may still take 48 MiB of the file system, q's none; the free space may change by a few MiB
+        // between the two looks (other tests write to it).
+        let (p_room, q_room) = (p.disk_room.unwrap(), q.disk_room.unwrap());
+        assert!(
+            p_room > q_room + 40 * MIB,
+            "p {p_room}, q {q_room}: q's room counts what p's replica may still take"
+        );
     }
 
     /// A DestroyReplica after a CreateReplica whose client hung up while the create waited for the journal destroys

@@ -163,8 +163,7 @@ fn io(f: &mut Families, engine: &Engine) {
 }
 
 fn pools(f: &mut Families, engine: &Engine) {
-    for e in engine.pools() {
-        let s = e.pool.stats();
+    for (e, s) in engine.pools_with_stats() {
         let l = [("pool", e.pool.name())];
         f.gauge(
             "keelson_pool_capacity_bytes",
@@ -199,8 +198,8 @@ fn pools(f: &mut Families, engine: &Engine) {
         if let Some(room) = s.disk_room {
             f.gauge(
                 "keelson_pool_disk_room_bytes",
-                "Bytes a pool on a file can still fill beyond its allocated ones: its file system's free space and \
-                 the file's own unused space.",
+                "Bytes a pool on a file can still fill beyond its allocated ones: its file system's free space (less \
+                 what other pool files on it may still take) and the file's own unused space.",
                 &l,
                 room as f64,
             );

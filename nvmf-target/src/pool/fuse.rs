@@ -75,6 +75,9 @@ impl BlockDevice for Fuse {
     fn room(&self) -> Option<u64> {
         self.inner.room()
     }
+    fn room_of(&self) -> Option<u64> {
+        self.inner.room_of()
+    }
     fn backed(&self) -> Option<u64> {
         self.inner.backed()
     }

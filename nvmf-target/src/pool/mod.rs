@@ -33,6 +33,7 @@ mod journal;
 pub mod label;
 pub mod meta;
 mod release;
+pub mod room;
 mod stock;
 mod volume;
 
@@ -174,8 +175,13 @@ pub struct PoolStats {
     pub disk_errors: u64,
     /// Bytes the pool can still fill beyond `allocated` with the storage under its disk: a pool file's file system's
     /// free space, and the file's own space not in use (preallocated, stocked or not given back yet); `None` for a
-    /// disk whose space is all its own (a block device).
+    /// disk whose space is all its own (a block device). Pools whose files share a file system each count its
+    /// whole free space here; [`room::share_disk_room`] shares it out among them.
     pub disk_room: Option<u64>,
+    /// The file system `disk_room` draws on ([`BlockDevice::room_of`]).
+    pub disk_room_of: Option<u64>,
+    /// Of `disk_room`, what is the pool file's own (space it holds and does not use), which no other pool can take.
+    pub own_room: u64,
 }
 
 pub(crate) struct PoolInner {
@@ -758,15 +764,16 @@ impl Pool {
         let fs_room = self.inner.recheck_disk_room();
         let m = self.inner.meta();
         let cs = u64::from(self.inner.label.cluster_size);
-        let disk_room = fs_room.map(|room| {
+        let spare = if fs_room.is_some() {
             let in_use = self.inner.label.data_offset + m.used_clusters() * cs;
-            let spare = self
-                .inner
+            self.inner
                 .dev
                 .backed()
-                .map_or(0, |b| b.saturating_sub(in_use));
-            room.saturating_add(spare)
-        });
+                .map_or(0, |b| b.saturating_sub(in_use))
+        } else {
+            0
+        };
+        let disk_room = fs_room.map(|room| room.saturating_add(spare));
         PoolStats {
             capacity: self.inner.label.capacity(),
             allocated: m.used_clusters() * cs,
@@ -786,6 +793,8 @@ impl Pool {
                 .errors()
                 .max(u64::from(self.inner.fault().is_some())),
             disk_room,
+            disk_room_of: fs_room.and(self.inner.dev.room_of()),
+            own_room: spare,
         }
     }
 
