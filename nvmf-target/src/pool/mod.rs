@@ -1076,25 +1076,36 @@ impl Pool {
     /// Keeps whether and to whom a replica is exported, for the next import. Asking for what it has already
     /// writes nothing.
     pub async fn set_share(&self, uuid: Uuid, share: Option<Share>) -> Result<(), PoolError> {
-        let has = |pool: &Pool| -> Result<bool, PoolError> {
-            let v = pool
+        let has = |v: &VolumeMeta| v.share == share;
+        let record = Record::SetShare {
+            volume: uuid,
+            share: share.clone(),
+        };
+        self.change_unless_it_has(uuid, has, record).await
+    }
+
+    /// Commits `record`, a change of volume `uuid`, unless the volume has it already (`has`), looked at again once
+    /// what was asked before is applied: another change of it on its way would apply after this answer. A change
+    /// it does not have yet needs no wait: its commit queues behind those.
+    async fn change_unless_it_has(
+        &self,
+        uuid: Uuid,
+        has: impl Fn(&VolumeMeta) -> bool,
+        record: Record,
+    ) -> Result<(), PoolError> {
+        let has = || -> Result<bool, PoolError> {
+            let v = self
                 .volume_meta(&uuid)
                 .ok_or(PoolError::NotFound(PoolObject::Volume(uuid)))?;
-            Ok(v.share == share)
+            Ok(has(&v))
         };
-        if has(self)? {
-            // Another share of it on its way would apply after this answer: looked at again once it is applied.
+        if has()? {
             self.inner.caught_up().await;
-            if has(self)? {
+            if has()? {
                 return Ok(());
             }
         }
-        self.inner
-            .commit(vec![Record::SetShare {
-                volume: uuid,
-                share,
-            }])
-            .await
+        self.inner.commit(vec![record]).await
     }
 
     /// Saves the reservation state of a replica's namespace (opaque to the pool).
@@ -1103,24 +1114,12 @@ impl Pool {
         uuid: Uuid,
         state: Option<serde_json::Value>,
     ) -> Result<(), PoolError> {
-        let has = |pool: &Pool| -> Result<bool, PoolError> {
-            let v = pool
-                .volume_meta(&uuid)
-                .ok_or(PoolError::NotFound(PoolObject::Volume(uuid)))?;
-            Ok(v.reservation == state)
+        let has = |v: &VolumeMeta| v.reservation == state;
+        let record = Record::SetReservation {
+            volume: uuid,
+            state: state.clone(),
         };
-        if has(self)? {
-            self.inner.caught_up().await;
-            if has(self)? {
-                return Ok(());
-            }
-        }
-        self.inner
-            .commit(vec![Record::SetReservation {
-                volume: uuid,
-                state,
-            }])
-            .await
+        self.change_unless_it_has(uuid, has, record).await
     }
 
     /// Destroys a replica or snapshot and frees the clusters no other volume uses. Its device handle fails all

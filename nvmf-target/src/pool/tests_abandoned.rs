@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use super::Pool;
 use super::meta::{Record, Share};
 use super::tests_release::{CS, MIB, data, pool_on, queued};
 use super::tests_thin::ThinDisk;
@@ -77,6 +78,17 @@ async fn a_resize_whose_caller_went_away_grows_the_open_replica() {
     vol.write(6 * CS, data(3, 4096)).await.unwrap();
 }
 
+/// Creates replica `a`, and gives up once the create waits for the journal (held by the caller).
+async fn create_abandoned_while_queued(pool: &Pool, a: Uuid) {
+    let create = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.create_replica(a, CS, None).await.map(|_| ()) })
+    };
+    queued(pool).await;
+    create.abort();
+    assert!(create.await.unwrap_err().is_cancelled());
+}
+
 /// Records whose caller went away while they waited for the journal are committed as soon as the journal is free,
 /// not whenever someone else next commits. Before, they stayed queued in memory only (a reservation saved by a
 /// command whose connection dropped, a replica created by a request whose client hung up): the pool's metadata and
@@ -87,13 +99,7 @@ async fn records_whose_caller_went_away_are_committed_without_waiting_for_anothe
     let pool = pool_on(&disk).await;
     let a = Uuid::new_v4();
     let held = pool.inner.journal.hold().await;
-    let create = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.create_replica(a, CS, None).await.map(|_| ()) })
-    };
-    queued(&pool).await;
-    create.abort();
-    assert!(create.await.unwrap_err().is_cancelled());
+    create_abandoned_while_queued(&pool, a).await;
     drop(held);
     for _ in 0..500 {
         if pool.volume_meta(&a).is_some() {
@@ -114,13 +120,7 @@ async fn a_destroy_after_a_create_on_its_way_destroys_what_the_create_makes() {
     let pool = pool_on(&disk).await;
     let a = Uuid::new_v4();
     let held = pool.inner.journal.hold().await;
-    let create = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.create_replica(a, CS, None).await.map(|_| ()) })
-    };
-    queued(&pool).await;
-    create.abort();
-    assert!(create.await.unwrap_err().is_cancelled());
+    create_abandoned_while_queued(&pool, a).await;
     let destroy = {
         let pool = pool.clone();
         tokio::spawn(async move { pool.destroy_volume(a).await })
