@@ -198,8 +198,9 @@ fn pools(f: &mut Families, engine: &Engine) {
         if let Some(room) = s.disk_room {
             f.gauge(
                 "keelson_pool_disk_room_bytes",
-                "Bytes a pool on a file can still fill beyond its allocated ones: its file system's free space (less \
-                 what other pool files on it may still take) and the file's own unused space.",
+                "Bytes a pool on a file can still fill beyond its allocated ones: its file system's free space and the \
+                 file's own unused space, less what its replicas may still copy of clusters snapshots share and what \
+                 other pool files on that file system may still take.",
                 &l,
                 room as f64,
             );

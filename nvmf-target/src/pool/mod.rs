@@ -182,6 +182,9 @@ pub struct PoolStats {
     pub disk_room_of: Option<u64>,
     /// Of `disk_room`, what is the pool file's own (space it holds and does not use), which no other pool can take.
     pub own_room: u64,
+    /// Bytes of new clusters the pool's replicas may still take: each one's size less the clusters only it maps
+    /// (a cluster a snapshot or clone shares is copied on its first write), at most the pool's free clusters.
+    pub may_take: u64,
 }
 
 pub(crate) struct PoolInner {
@@ -774,9 +777,21 @@ impl Pool {
             0
         };
         let disk_room = fs_room.map(|room| room.saturating_add(spare));
+        let mut may_take: u64 = 0;
+        for v in m.volumes.values().filter(|v| !v.is_snapshot()) {
+            let own = v
+                .map
+                .iter()
+                .filter(|p| **p != meta::UNMAPPED && m.refs(**p) == 1)
+                .count() as u64;
+            may_take = may_take.saturating_add(v.size.saturating_sub(own * cs));
+        }
+        let capacity = self.inner.label.capacity();
+        let allocated = m.used_clusters() * cs;
         PoolStats {
-            capacity: self.inner.label.capacity(),
-            allocated: m.used_clusters() * cs,
+            capacity,
+            allocated,
+            may_take: may_take.min(capacity.saturating_sub(allocated)),
             committed: m
                 .volumes
                 .values()
@@ -1176,6 +1191,8 @@ impl Pool {
 
     /// Destroys the pool: refuses while it has volumes, then wipes the label so the device probes blank.
     pub async fn destroy(&self) -> Result<(), PoolError> {
+        // A create on its way (its caller gone) would otherwise be written after the label is wiped.
+        self.inner.caught_up().await;
         let n = self.inner.meta().volumes.len();
         if n > 0 {
             return Err(PoolError::NotEmpty {

@@ -1,39 +1,54 @@
-//! The room of a file system that several pool files share. Each pool file's stats count the file system's whole
-//! free space as its room ([`PoolStats::disk_room`]), so two pools on one file system offered it twice: the cluster
-//! agent, placing replicas on each up to its room, could promise both the same free gigabytes, and the writes that
-//! filled them later found none (`NoSpace`). [`share_disk_room`] leaves out of each pool's room what the others on
-//! that file system may still take to fill their replicas, so that what every pool is still promised fits in the
-//! free space once.
+//! The room a pool file is promised in the file system under it, as the engine tells it (`disk_room`). The cluster
+//! agent places replicas on a pool while their sizes fit in its allocated bytes plus that room, so the figure must
+//! leave out what is promised already:
+//! - to the pool's own replicas beyond their sizes: clusters a snapshot or a clone shares are copied on a replica's
+//!   first write to them, so a replica written through and then snapshotted may still take its whole size again
+//!   (its allocated bytes do not count for it);
+//! - to other pool files on the same file system: each one's stats count the file system's whole free space, so
+//!   two pools on one file system were both offered it, and replicas placed on both could need twice what it had.
+//!
+//! [`share_disk_room`] makes each pool's `disk_room` what it can still be promised. What a file system's pools are
+//! promised then fits in its free space once. Pools are grouped by [`crate::block::BlockDevice::room_of`] (the
+//! file system's device number): datasets of one ZFS pool or subvolumes of one btrfs file system draw on the same
+//! space under different numbers, and are not grouped.
 
 use std::collections::BTreeMap;
 
 use super::PoolStats;
 
-/// What the pool may still take from its file system: its replicas' bytes (at most its capacity) beyond what it
-/// holds already, allocated or its own spare space.
-fn still_needs(s: &PoolStats) -> u64 {
-    s.committed
-        .min(s.capacity)
-        .saturating_sub(s.allocated.saturating_add(s.own_room))
+/// What the pool's replicas may still take from the file system: what they may take in new clusters beyond the
+/// pool file's own unused space.
+fn from_file_system(s: &PoolStats) -> u64 {
+    s.may_take.saturating_sub(s.own_room)
 }
 
-/// Shares out the room of each file system that several of `stats` draw on: each one's `disk_room` becomes the
-/// file system's free space less what the others may still take (see [`still_needs`]), plus its own spare space.
-/// Pools alone on their file system, or on a block device, keep theirs.
+/// Makes each pool file's `disk_room` what can still be promised to it: the file system's free space, less what
+/// the other pools on it may still take ([`from_file_system`]), plus its own unused space, less what its own
+/// replicas may still take beyond what the agent sees (their sizes less its allocated bytes). Pools on a block
+/// device keep `None`.
 pub fn share_disk_room(stats: &mut [PoolStats]) {
-    let mut needs: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut taken: BTreeMap<u64, u64> = BTreeMap::new();
     for s in stats.iter() {
         if let (Some(_), Some(fs)) = (s.disk_room, s.disk_room_of) {
-            *needs.entry(fs).or_default() += still_needs(s);
+            let t = taken.entry(fs).or_default();
+            *t = t.saturating_add(from_file_system(s));
         }
     }
     for s in stats.iter_mut() {
-        let (Some(room), Some(fs)) = (s.disk_room, s.disk_room_of) else {
+        let Some(room) = s.disk_room else {
             continue;
         };
-        let others = needs[&fs] - still_needs(s);
         let free = room.saturating_sub(s.own_room);
-        s.disk_room = Some(free.saturating_sub(others).saturating_add(s.own_room));
+        let others = s
+            .disk_room_of
+            .map_or(0, |fs| taken[&fs].saturating_sub(from_file_system(s)));
+        // free + own + committed - allocated - may_take - others, not below zero.
+        let plus = free.saturating_add(s.own_room).saturating_add(s.committed);
+        let minus = s
+            .allocated
+            .saturating_add(s.may_take)
+            .saturating_add(others);
+        s.disk_room = Some(plus.saturating_sub(minus));
     }
 }
 
@@ -43,6 +58,7 @@ mod tests {
 
     const G: u64 = 1 << 30;
 
+    /// A pool with no snapshots: its replicas may take their sizes less what it holds.
     fn pool(fs: Option<u64>, committed: u64, allocated: u64, room: u64, own: u64) -> PoolStats {
         PoolStats {
             capacity: 100 * G,
@@ -54,7 +70,13 @@ mod tests {
             disk_room: fs.map(|_| room),
             disk_room_of: fs,
             own_room: own,
+            may_take: committed.saturating_sub(allocated),
         }
+    }
+
+    /// What the agent lets a pool take beyond its replicas' sizes: allocated + room - committed.
+    fn headroom(s: &PoolStats) -> u64 {
+        (s.allocated + s.disk_room.unwrap()).saturating_sub(s.committed)
     }
 
     #[test]
@@ -76,16 +98,27 @@ mod tests {
         );
         assert_eq!(s[2].disk_room, Some(4 * G), "10 less 4 and 2");
         assert_eq!(s[3].disk_room, Some(10 * G), "alone on its file system");
-        // Filling any one of them up to its room, with what the others may still take, fits in the 10 GiB.
-        let needs = [4 * G, 2 * G, 0];
+        // A new replica as large as the agent allows on any one of them, with what the others may still take,
+        // fits in the 10 GiB.
+        let takes = [4 * G, 2 * G, 0];
         for (i, p) in s[..3].iter().enumerate() {
-            let others: u64 = needs.iter().sum::<u64>() - needs[i];
-            assert_eq!(
-                p.disk_room.unwrap() - p.own_room + others,
-                10 * G,
-                "pool {i}"
-            );
+            let others: u64 = takes.iter().sum::<u64>() - takes[i];
+            let after = p.may_take + headroom(p) - p.own_room;
+            assert_eq!(after + others, 10 * G, "pool {i}");
         }
+    }
+
+    /// A replica written through and then snapshotted holds all its clusters with the snapshot: overwriting it
+    /// takes its whole size again. Before, its pool offered the file system's whole free space for new replicas
+    /// (allocated = committed), and so did a pool beside it: the first overwrites then found no room.
+    #[test]
+    fn what_a_snapshot_shares_is_kept_for_the_copies_its_replica_may_still_make() {
+        let mut snapped = pool(Some(1), 10 * G, 10 * G, 10 * G, 0);
+        snapped.may_take = 10 * G;
+        let mut s = [snapped, pool(Some(1), 0, 0, 10 * G, 0)];
+        share_disk_room(&mut s);
+        assert_eq!(headroom(&s[0]), 0, "the copies take all the free space");
+        assert_eq!(s[1].disk_room, Some(0));
     }
 
     #[test]
@@ -94,10 +127,11 @@ mod tests {
             pool(None, 60 * G, 0, 0, 0),
             pool(Some(1), 30 * G, 0, 10 * G, 0),
             pool(Some(1), 30 * G, 0, 10 * G, 0),
+            pool(Some(3), u64::MAX, 0, u64::MAX, u64::MAX),
         ];
         share_disk_room(&mut s);
         assert_eq!(s[0].disk_room, None);
-        assert_eq!(s[1].disk_room, Some(0));
-        assert_eq!(s[2].disk_room, Some(0));
+        assert_eq!(headroom(&s[1]), 0);
+        assert_eq!(headroom(&s[2]), 0);
     }
 }
