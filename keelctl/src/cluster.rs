@@ -504,7 +504,7 @@ fn json(n: &pb::Node) -> serde_json::Value {
             "name": p.name, "uuid": p.uuid, "disk": p.disk,
             "capacity": p.capacity, "allocated": p.allocated, "committed": p.committed,
             "disk_errors": p.disk_errors, "block_size": p.block_size, "disk_full": p.disk_full,
-            "disk_room": p.disk_room,
+            "disk_room": p.disk_room, "replica_room": p.replica_room,
         })).collect::<Vec<_>>(),
         "instance": n.instance,
         "last_seen_ms_ago": n.last_seen_ms_ago,

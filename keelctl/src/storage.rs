@@ -110,7 +110,7 @@ pub enum SnapshotCmd {
 fn print_pool(p: &pb::Pool) {
     println!(
         "pool {} {} {} capacity={} allocated={} committed={} cluster={} replicas={} snapshots={} no_space_errors={} \
-         owner={} incarnation={} block={}{}{}",
+         owner={} incarnation={} block={}{}{}{}",
         p.name,
         p.uuid,
         p.disk,
@@ -126,6 +126,8 @@ fn print_pool(p: &pb::Pool) {
         p.block_size,
         p.disk_room
             .map_or(String::new(), |r| format!(" disk_room={r}")),
+        p.replica_room
+            .map_or(String::new(), |r| format!(" replica_room={r}")),
         if p.disk_full { " DISK-FULL" } else { "" }
     );
     if !p.fault.is_empty() {

@@ -224,6 +224,7 @@ fn to_cluster_pool(p: pb::Pool) -> cpb::Pool {
         block_size: p.block_size,
         disk_full: p.disk_full,
         disk_room: p.disk_room,
+        replica_room: p.replica_room,
     }
 }
 

@@ -343,6 +343,9 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
             block_size: if p.block_size == 0 { 512 } else { p.block_size },
             disk_full: p.disk_full,
             disk_room: p.disk_room.map(crate::cluster::node::coarse_room),
+            replica_room: p
+                .replica_room
+                .map(crate::cluster::node::coarse_replica_room),
         })
         .collect()
 }
@@ -396,6 +399,7 @@ fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb:
                 block_size: p.block_size,
                 disk_full: p.disk_full,
                 disk_room: p.disk_room,
+                replica_room: p.replica_room,
             })
             .collect(),
         instance: spec.instance,

@@ -36,23 +36,41 @@ pub struct PoolSpec {
     /// engine that did not say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_room: Option<u64>,
+    /// Bytes of new replicas the pool can still take, as its engine tells it (free clusters and `disk_room`, less
+    /// what its replicas may still take: a snapshot's shared clusters are copied on their first overwrite), rounded
+    /// down by [`coarse_replica_room`]; `None` from an older engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_room: Option<u64>,
 }
 
 /// A pool's `disk_room` as node records keep it: rounded down to a step of a sixteenth to an eighth of it (at
 /// least 64 MiB), so that a record changes when the room does by that much, not at every heartbeat after some
 /// write on the file system.
 pub fn coarse_room(room: u64) -> u64 {
-    let step = (room / 16).next_power_of_two().max(64 << 20);
+    rounded(room, 64 << 20)
+}
+
+/// A pool's `replica_room` as node records keep it: rounded down to a step of a sixteenth to an eighth of it, at
+/// least 1 MiB. It moves with the file system's free space only where that is what bounds it; bounded by the pool's
+/// free clusters it stays put under writes, and a small pool's must not round to nothing.
+pub fn coarse_replica_room(room: u64) -> u64 {
+    rounded(room, 1 << 20)
+}
+
+fn rounded(room: u64, least: u64) -> u64 {
+    let step = (room / 16).next_power_of_two().max(least);
     room - room % step
 }
 
 impl PoolSpec {
-    /// What the pool can hold: its capacity, or less when the file system under a pool file has less room left
-    /// than the pool's free clusters (its allocated bytes and that room).
+    /// What the pool's replicas' sizes may add up to: its capacity, or less when the engine says it has room for
+    /// less (`replica_room` beyond what its replicas have; from an older engine, the file system under a pool file:
+    /// its allocated bytes and `disk_room`).
     pub fn usable_capacity(&self) -> u64 {
-        match self.disk_room {
-            Some(room) => self.capacity.min(self.allocated.saturating_add(room)),
-            None => self.capacity,
+        match (self.replica_room, self.disk_room) {
+            (Some(room), _) => self.capacity.min(self.committed.saturating_add(room)),
+            (None, Some(room)) => self.capacity.min(self.allocated.saturating_add(room)),
+            (None, None) => self.capacity,
         }
     }
 }
@@ -166,6 +184,11 @@ mod tests {
             assert!(coarse_room(r) <= r, "{r}");
             assert!(r < 64 * M || coarse_room(r) >= r - r / 7, "{r}");
         }
+        // A pool's room for replicas keeps small figures (a small pool bound by its free clusters).
+        assert_eq!(coarse_replica_room(28 * M), 28 * M);
+        assert_eq!(coarse_replica_room(10 * M + 5), 10 * M);
+        assert_eq!(coarse_replica_room(45 * G + 7 * M), 44 * G);
+        assert_eq!(coarse_replica_room(M - 1), 0);
     }
 
     #[test]

@@ -275,6 +275,7 @@ mod tests {
                         block_size: 512,
                         disk_full: false,
                         disk_room: None,
+                        replica_room: None,
                     })
                     .collect(),
                 clean_exit: None,
@@ -484,6 +485,26 @@ mod tests {
         // A block device (no room figure) is its capacity.
         nodes[0].status.pools[0].disk_room = None;
         place(&nodes, 4 * G, 2, &BTreeSet::new(), &Placement::default()).unwrap();
+    }
+
+    #[test]
+    fn a_pool_takes_no_replica_larger_than_the_room_its_engine_says_it_has_for_one() {
+        // n1's pool has 9 GiB of free capacity by the replicas' sizes, but its engine says 2 GiB (a snapshot's
+        // shared clusters are copied on its replica's overwrites).
+        let mut nodes = vec![
+            node("n1", NodeState::Online, &[("a", 10 * G, G)]),
+            node("n2", NodeState::Online, &[("a", 10 * G, 0)]),
+        ];
+        nodes[0].status.pools[0].replica_room = Some(2 * G);
+        nodes[0].status.pools[0].disk_room = Some(100 * G);
+        assert_eq!(nodes[0].status.pools[0].usable_capacity(), 3 * G);
+        place(&nodes, 2 * G, 2, &BTreeSet::new(), &Placement::default()).unwrap();
+        let e = place(&nodes, 3 * G, 2, &BTreeSet::new(), &Placement::default()).unwrap_err();
+        assert!(
+            e.reasons
+                .contains(&format!("no pool on n1 has {} bytes free", 3 * G)),
+            "{e}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn pool(e: &PoolEntry, s: &PoolStats) -> pb::Pool {
         fault: e.pool.fault().unwrap_or_default(),
         disk_full: s.disk_full,
         disk_room: s.disk_room,
+        replica_room: Some(s.replica_room),
     }
 }
 

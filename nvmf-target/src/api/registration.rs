@@ -47,6 +47,7 @@ fn pools(engine: &Engine, cfg: &RegistrationConfig) -> Vec<pb::Pool> {
                 block_size: l.block_size,
                 disk_full: s.disk_full,
                 disk_room: s.disk_room,
+                replica_room: Some(s.replica_room),
             }
         })
         .collect()

@@ -199,12 +199,18 @@ fn pools(f: &mut Families, engine: &Engine) {
             f.gauge(
                 "keelson_pool_disk_room_bytes",
                 "Bytes a pool on a file can still fill beyond its allocated ones: its file system's free space and the \
-                 file's own unused space, less what its replicas may still copy of clusters snapshots share and what \
-                 other pool files on that file system may still take.",
+                 file's own unused space, less what other pool files on that file system may still take.",
                 &l,
                 room as f64,
             );
         }
+        f.gauge(
+            "keelson_pool_replica_room_bytes",
+            "Bytes of new replicas a pool can still take: its free clusters and its file system's room, less what \
+             its replicas may still take (copies of clusters snapshots share included).",
+            &l,
+            s.replica_room as f64,
+        );
         f.gauge(
             "keelson_pool_faulted",
             "1 when a pool's metadata write failed: it takes no writes until it is imported again.",

@@ -182,9 +182,13 @@ pub struct PoolStats {
     pub disk_room_of: Option<u64>,
     /// Of `disk_room`, what is the pool file's own (space it holds and does not use), which no other pool can take.
     pub own_room: u64,
-    /// Bytes of new clusters the pool's replicas may still take: each one's size less the clusters only it maps
-    /// (a cluster a snapshot or clone shares is copied on its first write), at most the pool's free clusters.
+    /// Bytes of new clusters the pool's replicas may still take: each one's clusters that are not its own (unmapped,
+    /// or shared with a snapshot or clone: copied on its first write), at most the pool's free clusters. Without
+    /// snapshots or clones, their sizes less the pool's allocated bytes.
     pub may_take: u64,
+    /// Bytes of new replicas the pool can still take: its free clusters and `disk_room`, each less `may_take`
+    /// (set by [`room::share_disk_room`]; until then, from the free clusters alone).
+    pub replica_room: u64,
 }
 
 pub(crate) struct PoolInner {
@@ -204,6 +208,10 @@ pub(crate) struct PoolInner {
     /// read that looked its cluster up before and sees the count moved when its data is back looks again (see
     /// [`volume::PoolVolume`]'s `read_piece`).
     moved: AtomicU64,
+    /// Commits applied so far: what [`Pool::stats`]'s walk of the cluster maps was last done for, with its result
+    /// (`may_take`, walked only while snapshots or clones share clusters).
+    applied: AtomicU64,
+    may_take_walked: Mutex<Option<(u64, u64)>>,
     /// Reserved clusters whose zeroing is durable, for allocations to take (`stock`).
     stock: Mutex<Vec<u32>>,
     /// An allocation is filling the stock.
@@ -231,6 +239,9 @@ pub(crate) struct PoolInner {
     /// given back (`release`).
     keeps_space: bool,
 }
+
+/// How long destroying the pool waits for commits asked for before it ([`PoolInner::caught_up`]).
+const CAUGHT_UP_WAIT: Duration = Duration::from_secs(5);
 
 impl PoolInner {
     fn meta(&self) -> RwLockReadGuard<'_, PoolMeta> {
@@ -513,6 +524,7 @@ impl commit::Metadata for PoolInner {
         }
         unreferenced.retain(|c| m.refs(*c) == 0);
         drop(m);
+        self.applied.fetch_add(1, Ordering::Release);
         self.release_behind(release::runs(&unreferenced));
         applied
     }
@@ -728,6 +740,8 @@ impl Pool {
             reserved: Mutex::new(BTreeSet::new()),
             cursor: AtomicU64::new(0),
             moved: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            may_take_walked: Mutex::new(None),
             stock: Mutex::new(Vec::new()),
             stocking: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -765,6 +779,8 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let fs_room = self.inner.recheck_disk_room();
+        // Read before the metadata: a walk cached under it is of this state or a later one.
+        let applied = self.inner.applied.load(Ordering::Acquire);
         let m = self.inner.meta();
         let cs = u64::from(self.inner.label.cluster_size);
         let spare = if fs_room.is_some() {
@@ -777,27 +793,57 @@ impl Pool {
             0
         };
         let disk_room = fs_room.map(|room| room.saturating_add(spare));
-        let mut may_take: u64 = 0;
-        for v in m.volumes.values().filter(|v| !v.is_snapshot()) {
-            let own = v
-                .map
-                .iter()
-                .filter(|p| **p != meta::UNMAPPED && m.refs(**p) == 1)
-                .count() as u64;
-            may_take = may_take.saturating_add(v.size.saturating_sub(own * cs));
-        }
         let capacity = self.inner.label.capacity();
         let allocated = m.used_clusters() * cs;
+        let committed: u64 = m
+            .volumes
+            .values()
+            .filter(|v| !v.is_snapshot())
+            .map(|v| v.size)
+            .sum();
+        // Without snapshots or clones every mapped cluster is one replica's own: no need to walk the maps (a
+        // large pool's take milliseconds under the metadata lock, at every heartbeat and scrape); with them, the
+        // maps are walked once per change of the metadata.
+        let may_take = if !m
+            .volumes
+            .values()
+            .any(|v| v.is_snapshot() || v.clone_of.is_some())
+        {
+            committed.saturating_sub(allocated)
+        } else if let Some((at, v)) = *self
+            .inner
+            .may_take_walked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            && at == applied
+        {
+            v
+        } else {
+            let mut may_take: u64 = 0;
+            for v in m.volumes.values().filter(|v| !v.is_snapshot()) {
+                let own = v
+                    .map
+                    .iter()
+                    .filter(|p| **p != meta::UNMAPPED && m.refs(**p) == 1)
+                    .count() as u64;
+                let mapped = v.map.iter().filter(|p| **p != meta::UNMAPPED).count() as u64;
+                // Its unmapped clusters and those it shares, each a whole new cluster (a partial last one too).
+                let unmapped = (v.map.len() as u64).saturating_sub(mapped);
+                may_take = may_take.saturating_add((unmapped + mapped - own) * cs);
+            }
+            *self
+                .inner
+                .may_take_walked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((applied, may_take));
+            may_take
+        };
         PoolStats {
             capacity,
             allocated,
             may_take: may_take.min(capacity.saturating_sub(allocated)),
-            committed: m
-                .volumes
-                .values()
-                .filter(|v| !v.is_snapshot())
-                .map(|v| v.size)
-                .sum(),
+            replica_room: capacity.saturating_sub(allocated).saturating_sub(may_take),
+            committed,
             no_space_errors: self.inner.no_space.load(Ordering::Relaxed),
             disk_full: self.inner.disk_full.load(Ordering::Relaxed),
             // A faulted pool's disk failed a metadata write, which the count of data I/O errors does not see: at
@@ -1192,7 +1238,15 @@ impl Pool {
     /// Destroys the pool: refuses while it has volumes, then wipes the label so the device probes blank.
     pub async fn destroy(&self) -> Result<(), PoolError> {
         // A create on its way (its caller gone) would otherwise be written after the label is wiped.
-        self.inner.caught_up().await;
+        if tokio::time::timeout(CAUGHT_UP_WAIT, self.inner.caught_up())
+            .await
+            .is_err()
+        {
+            return Err(PoolError::Io(format!(
+                "the pool's journal has not answered for {} s: try again",
+                CAUGHT_UP_WAIT.as_secs()
+            )));
+        }
         let n = self.inner.meta().volumes.len();
         if n > 0 {
             return Err(PoolError::NotEmpty {

@@ -22,10 +22,10 @@ fn from_file_system(s: &PoolStats) -> u64 {
     s.may_take.saturating_sub(s.own_room)
 }
 
-/// Makes each pool file's `disk_room` what can still be promised to it: the file system's free space, less what
-/// the other pools on it may still take ([`from_file_system`]), plus its own unused space, less what its own
-/// replicas may still take beyond what the agent sees (their sizes less its allocated bytes). Pools on a block
-/// device keep `None`.
+/// Makes each pool file's `disk_room` what its file system can still give it: the free space, less what the other
+/// pools on it may still take ([`from_file_system`]), plus its own unused space; and each pool's `replica_room` what
+/// new replicas can still be promised: its free clusters and that room, each less what its own replicas may still
+/// take. Pools on a block device keep no `disk_room`; their `replica_room` is their free clusters' part.
 pub fn share_disk_room(stats: &mut [PoolStats]) {
     let mut taken: BTreeMap<u64, u64> = BTreeMap::new();
     for s in stats.iter() {
@@ -35,20 +35,20 @@ pub fn share_disk_room(stats: &mut [PoolStats]) {
         }
     }
     for s in stats.iter_mut() {
+        let clusters = s
+            .capacity
+            .saturating_sub(s.allocated)
+            .saturating_sub(s.may_take);
         let Some(room) = s.disk_room else {
+            s.replica_room = clusters;
             continue;
         };
-        let free = room.saturating_sub(s.own_room);
         let others = s
             .disk_room_of
             .map_or(0, |fs| taken[&fs].saturating_sub(from_file_system(s)));
-        // free + own + committed - allocated - may_take - others, not below zero.
-        let plus = free.saturating_add(s.own_room).saturating_add(s.committed);
-        let minus = s
-            .allocated
-            .saturating_add(s.may_take)
-            .saturating_add(others);
-        s.disk_room = Some(plus.saturating_sub(minus));
+        let room = room.saturating_sub(others);
+        s.disk_room = Some(room);
+        s.replica_room = clusters.min(room.saturating_sub(s.may_take));
     }
 }
 
@@ -71,12 +71,8 @@ mod tests {
             disk_room_of: fs,
             own_room: own,
             may_take: committed.saturating_sub(allocated),
+            replica_room: 0,
         }
-    }
-
-    /// What the agent lets a pool take beyond its replicas' sizes: allocated + room - committed.
-    fn headroom(s: &PoolStats) -> u64 {
-        (s.allocated + s.disk_room.unwrap()).saturating_sub(s.committed)
     }
 
     #[test]
@@ -98,12 +94,19 @@ mod tests {
         );
         assert_eq!(s[2].disk_room, Some(4 * G), "10 less 4 and 2");
         assert_eq!(s[3].disk_room, Some(10 * G), "alone on its file system");
-        // A new replica as large as the agent allows on any one of them, with what the others may still take,
-        // fits in the 10 GiB.
+        assert_eq!(s[0].replica_room, 4 * G);
+        assert_eq!(s[1].replica_room, 4 * G);
+        assert_eq!(s[2].replica_room, 4 * G);
+        assert_eq!(
+            s[3].replica_room, 0,
+            "its 50 GiB replica may take more than the 10 free"
+        );
+        // A new replica as large as the room on any one of them, with what the others may still take, fits in the
+        // 10 GiB.
         let takes = [4 * G, 2 * G, 0];
         for (i, p) in s[..3].iter().enumerate() {
             let others: u64 = takes.iter().sum::<u64>() - takes[i];
-            let after = p.may_take + headroom(p) - p.own_room;
+            let after = p.may_take + p.replica_room - p.own_room;
             assert_eq!(after + others, 10 * G, "pool {i}");
         }
     }
@@ -117,8 +120,29 @@ mod tests {
         snapped.may_take = 10 * G;
         let mut s = [snapped, pool(Some(1), 0, 0, 10 * G, 0)];
         share_disk_room(&mut s);
-        assert_eq!(headroom(&s[0]), 0, "the copies take all the free space");
+        assert_eq!(s[0].replica_room, 0, "the copies take all the free space");
         assert_eq!(s[1].disk_room, Some(0));
+        assert_eq!(s[1].replica_room, 0);
+    }
+
+    /// Snapshots holding many clusters of their own leave a pool full whatever its replicas' sizes: before, the
+    /// agent checked the replicas' sizes against the allocated bytes plus the room, and a pool whose snapshots
+    /// held more than its replicas' sizes took new replicas into space it did not have.
+    #[test]
+    fn clusters_only_snapshots_hold_are_not_offered_again() {
+        // A 20 GiB replica written through, 50 GiB more held by snapshots alone, 10 GiB free.
+        let mut p = pool(Some(1), 20 * G, 70 * G, 10 * G, 0);
+        p.may_take = 0;
+        let mut s = [p];
+        share_disk_room(&mut s);
+        assert_eq!(s[0].replica_room, 10 * G);
+        // On a block device of 80 GiB, the free clusters alone: 10 GiB, not 80 - 20.
+        let mut b = pool(None, 20 * G, 70 * G, 0, 0);
+        b.capacity = 80 * G;
+        b.may_take = 0;
+        let mut s = [b];
+        share_disk_room(&mut s);
+        assert_eq!(s[0].replica_room, 10 * G);
     }
 
     #[test]
@@ -131,7 +155,8 @@ mod tests {
         ];
         share_disk_room(&mut s);
         assert_eq!(s[0].disk_room, None);
-        assert_eq!(headroom(&s[1]), 0);
-        assert_eq!(headroom(&s[2]), 0);
+        assert_eq!(s[0].replica_room, 100 * G - 60 * G);
+        assert_eq!(s[1].replica_room, 0);
+        assert_eq!(s[2].replica_room, 0);
     }
 }
