@@ -331,21 +331,25 @@ fn managed(v: PoolView) -> pb::ManagedPool {
 
 fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
     p.into_iter()
-        .map(|p| PoolSpec {
-            name: p.name,
-            uuid: p.uuid,
-            disk: p.disk,
-            capacity: p.capacity,
-            allocated: p.allocated,
-            committed: p.committed,
-            disk_errors: p.disk_errors,
-            labels: p.labels.into_iter().collect(),
-            block_size: if p.block_size == 0 { 512 } else { p.block_size },
-            disk_full: p.disk_full,
-            disk_room: p.disk_room.map(crate::cluster::node::coarse_room),
-            replica_room: p
+        .map(|p| {
+            let free = p.capacity.saturating_sub(p.committed);
+            let replica_room = p
                 .replica_room
-                .map(crate::cluster::node::coarse_replica_room),
+                .map(|r| crate::cluster::node::coarse_replica_room(r, p.disk_room.is_some(), free));
+            PoolSpec {
+                name: p.name,
+                uuid: p.uuid,
+                disk: p.disk,
+                capacity: p.capacity,
+                allocated: p.allocated,
+                committed: p.committed,
+                disk_errors: p.disk_errors,
+                labels: p.labels.into_iter().collect(),
+                block_size: if p.block_size == 0 { 512 } else { p.block_size },
+                disk_full: p.disk_full,
+                disk_room: p.disk_room.map(crate::cluster::node::coarse_room),
+                replica_room,
+            }
         })
         .collect()
 }

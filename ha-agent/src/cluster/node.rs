@@ -50,11 +50,16 @@ pub fn coarse_room(room: u64) -> u64 {
     rounded(room, 64 << 20)
 }
 
-/// A pool's `replica_room` as node records keep it: rounded down to a step of a sixteenth to an eighth of it, at
-/// least 1 MiB. It moves with the file system's free space only where that is what bounds it; bounded by the pool's
-/// free clusters it stays put under writes, and a small pool's must not round to nothing.
-pub fn coarse_replica_room(room: u64) -> u64 {
-    rounded(room, 1 << 20)
+/// A pool's `replica_room` as node records keep it. Where it may move with the file system's free space (a pool
+/// file with less room than its free capacity), rounded down to a step of a sixteenth to an eighth of it, at least
+/// 1 MiB (a small pool's must not round to nothing); else exact: a block device's, or a pool file's that its free
+/// capacity bounds, stays put under writes, and rounding it would keep replicas off capacity the pool has.
+pub fn coarse_replica_room(room: u64, on_a_file: bool, free_capacity: u64) -> u64 {
+    if !on_a_file || room >= free_capacity {
+        room
+    } else {
+        rounded(room, 1 << 20)
+    }
 }
 
 fn rounded(room: u64, least: u64) -> u64 {
@@ -184,11 +189,17 @@ mod tests {
             assert!(coarse_room(r) <= r, "{r}");
             assert!(r < 64 * M || coarse_room(r) >= r - r / 7, "{r}");
         }
-        // A pool's room for replicas keeps small figures (a small pool bound by its free clusters).
-        assert_eq!(coarse_replica_room(28 * M), 28 * M);
-        assert_eq!(coarse_replica_room(10 * M + 5), 10 * M);
-        assert_eq!(coarse_replica_room(45 * G + 7 * M), 44 * G);
-        assert_eq!(coarse_replica_room(M - 1), 0);
+        // A pool's room for replicas: exact where its free capacity bounds it or it is a block device (a 100 GiB
+        // pool keeps all of it); rounded where a file system's room may move it, small figures kept.
+        assert_eq!(
+            coarse_replica_room(99 * G + 5, true, 99 * G + 5),
+            99 * G + 5
+        );
+        assert_eq!(coarse_replica_room(99 * G + 5, false, 200 * G), 99 * G + 5);
+        assert_eq!(coarse_replica_room(28 * M, true, G), 28 * M);
+        assert_eq!(coarse_replica_room(10 * M + 5, true, G), 10 * M);
+        assert_eq!(coarse_replica_room(45 * G + 7 * M, true, 100 * G), 44 * G);
+        assert_eq!(coarse_replica_room(M - 1, true, G), 0);
     }
 
     #[test]

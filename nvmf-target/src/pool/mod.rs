@@ -523,8 +523,9 @@ impl commit::Metadata for PoolInner {
             self.moved.fetch_add(1, Ordering::Release);
         }
         unreferenced.retain(|c| m.refs(*c) == 0);
-        drop(m);
+        // Under the write lock: a reader that sees this state sees this count.
         self.applied.fetch_add(1, Ordering::Release);
+        drop(m);
         self.release_behind(release::runs(&unreferenced));
         applied
     }
@@ -779,9 +780,9 @@ impl Pool {
 
     pub fn stats(&self) -> PoolStats {
         let fs_room = self.inner.recheck_disk_room();
-        // Read before the metadata: a walk cached under it is of this state or a later one.
-        let applied = self.inner.applied.load(Ordering::Acquire);
         let m = self.inner.meta();
+        // Read under the metadata lock (it changes only under its write lock): the count of this state.
+        let applied = self.inner.applied.load(Ordering::Acquire);
         let cs = u64::from(self.inner.label.cluster_size);
         let spare = if fs_room.is_some() {
             let in_use = self.inner.label.data_offset + m.used_clusters() * cs;

@@ -1,16 +1,15 @@
-//! The room a pool file is promised in the file system under it, as the engine tells it (`disk_room`). The cluster
-//! agent places replicas on a pool while their sizes fit in its allocated bytes plus that room, so the figure must
-//! leave out what is promised already:
-//! - to the pool's own replicas beyond their sizes: clusters a snapshot or a clone shares are copied on a replica's
-//!   first write to them, so a replica written through and then snapshotted may still take its whole size again
-//!   (its allocated bytes do not count for it);
+//! The room a pool is promised, as the engine tells it. The cluster agent places a new replica on a pool while it
+//! fits the pool's `replica_room`, so that figure leaves out what is promised already:
+//! - to the pool's own replicas beyond what they hold: clusters a snapshot or a clone shares are copied on a
+//!   replica's first write to them, so a replica written through and then snapshotted may take its whole size again
+//!   (`PoolStats::may_take`);
 //! - to other pool files on the same file system: each one's stats count the file system's whole free space, so
 //!   two pools on one file system were both offered it, and replicas placed on both could need twice what it had.
+//!   Each one's `disk_room` becomes its share.
 //!
-//! [`share_disk_room`] makes each pool's `disk_room` what it can still be promised. What a file system's pools are
-//! promised then fits in its free space once. Pools are grouped by [`crate::block::BlockDevice::room_of`] (the
-//! file system's device number): datasets of one ZFS pool or subvolumes of one btrfs file system draw on the same
-//! space under different numbers, and are not grouped.
+//! What a file system's pools are promised then fits in its free space once. Pools are grouped by
+//! [`crate::block::BlockDevice::room_of`] (the file system's device number): datasets of one ZFS pool or subvolumes
+//! of one btrfs file system draw on the same space under different numbers, and are not grouped.
 
 use std::collections::BTreeMap;
 
