@@ -168,52 +168,34 @@ async fn a_read_in_flight_when_its_cluster_is_copied_away_returns_none_of_the_ot
     );
 }
 
-/// What a pool's replicas may still take follows its snapshots: a replica written through and snapshotted may take
-/// all its clusters again, a copy-on-write takes one of them, and with the snapshot gone the rest are its own again.
-/// (The figure is walked from the cluster maps only while snapshots or clones exist, once per change.)
-#[tokio::test]
-async fn what_replicas_may_still_take_follows_snapshots_and_copies() {
-    let disk = Arc::new(super::tests_thin::ThinDisk::new(
-        32 * super::tests_release::MIB,
-    ));
-    let pool = super::tests_release::pool_on(&disk).await;
-    let a = Uuid::new_v4();
-    let vol = pool
-        .create_replica(a, 4 * super::tests_release::CS, None)
-        .await
-        .unwrap();
-    assert_eq!(
-        pool.stats().may_take,
-        4 * super::tests_release::CS,
-        "nothing written yet"
-    );
-    vol.write(
-        0,
-        super::tests_release::data(1, 4 * super::tests_release::CS),
-    )
-    .await
-    .unwrap();
-    assert_eq!(pool.stats().may_take, 0);
-    let s = Uuid::new_v4();
-    pool.snapshot(a, s).await.unwrap();
-    assert_eq!(
-        pool.stats().may_take,
-        4 * super::tests_release::CS,
-        "every cluster is shared"
-    );
-    assert_eq!(
-        pool.stats().may_take,
-        4 * super::tests_release::CS,
-        "the same, from the walk kept"
-    );
-    vol.write(0, super::tests_release::data(2, 4096))
-        .await
-        .unwrap();
-    assert_eq!(
-        pool.stats().may_take,
-        3 * super::tests_release::CS,
-        "one copied"
-    );
-    pool.destroy_volume(s).await.unwrap();
-    assert_eq!(pool.stats().may_take, 0, "its own again");
+mod may_take {
+    use super::super::tests_release::{CS, MIB, data, pool_on};
+    use super::super::tests_thin::ThinDisk;
+    use super::*;
+
+    /// What a pool's replicas may still take follows its snapshots: a replica written through and snapshotted may take
+    /// all its clusters again, a copy-on-write takes one of them, and with the snapshot gone the rest are its own again.
+    /// (The figure is walked from the cluster maps only while snapshots or clones exist, once per change.)
+    #[tokio::test]
+    async fn what_replicas_may_still_take_follows_snapshots_and_copies() {
+        let disk = Arc::new(ThinDisk::new(32 * MIB));
+        let pool = pool_on(&disk).await;
+        let a = Uuid::new_v4();
+        let vol = pool.create_replica(a, 4 * CS, None).await.unwrap();
+        assert_eq!(pool.stats().may_take, 4 * CS, "nothing written yet");
+        vol.write(0, data(1, 4 * CS)).await.unwrap();
+        assert_eq!(pool.stats().may_take, 0);
+        let s = Uuid::new_v4();
+        pool.snapshot(a, s).await.unwrap();
+        assert_eq!(pool.stats().may_take, 4 * CS, "every cluster is shared");
+        assert_eq!(
+            pool.stats().may_take,
+            4 * CS,
+            "the same, from the walk kept"
+        );
+        vol.write(0, data(2, 4096)).await.unwrap();
+        assert_eq!(pool.stats().may_take, 3 * CS, "one copied");
+        pool.destroy_volume(s).await.unwrap();
+        assert_eq!(pool.stats().may_take, 0, "its own again");
+    }
 }
