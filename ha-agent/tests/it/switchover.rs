@@ -494,8 +494,10 @@ async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
                 .await
             {
                 Ok(_) => break publish_to(&mut c, vol, "reg-1").await,
+                // No room yet (the last round's replicas are still being collected), or a node the last round
+                // restarted not answering yet: asked again.
                 Err(s)
-                    if s.code() == Code::ResourceExhausted
+                    if matches!(s.code(), Code::ResourceExhausted | Code::Unavailable)
                         && t.elapsed() < Duration::from_secs(30) =>
                 {
                     tokio::time::sleep(Duration::from_millis(200)).await
