@@ -8,7 +8,9 @@
 //! A file may be sparse, on a file system that fills up before the file does: a write or zeroing that finds no
 //! room there (`ENOSPC`, or `EDQUOT` past a quota) fails with [`BlockError::NoSpace`], an out-of-space device and
 //! not a failing one, which a pool turns into Capacity Exceeded as when it is full itself.
-//! [`BlockDevice::preallocate`] reserves the space of a range ahead (`fallocate`).
+//! [`BlockDevice::preallocate`] reserves the space of a range ahead (`fallocate`). Space released
+//! ([`BlockDevice::release`]) is punched out of a file, and discarded on a block device (`BLKDISCARD`) until the
+//! device refuses a discard.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -16,12 +18,14 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use nix::fcntl::{FallocateFlags, fallocate};
 
 use super::aligned::{self, AlignedBuf};
+use super::discard;
 use super::exclusive::{self, DiskLock};
 use super::inflight::InFlight;
 use super::uring::Ring;
@@ -50,6 +54,9 @@ pub struct FileDevice {
     direct_unit: u32,
     /// A block device: all its space is there already (nothing to preallocate).
     is_block: bool,
+    /// A block device that has not refused a discard: released ranges are discarded (a thin LUN or an SSD under
+    /// it gets the space back). Cleared at the first refusal.
+    discards: AtomicBool,
     /// Whether its reads, writes and flushes go through io_uring (the issuing thread's ring, [`Ring::local`]): it
     /// is open O_DIRECT and io_uring is available.
     uring: bool,
@@ -179,6 +186,7 @@ impl FileDevice {
             direct,
             direct_unit,
             is_block,
+            discards: AtomicBool::new(is_block),
             uring: direct && uses_ring(path),
             inflight: InFlight::new(),
             _lock: lock,
@@ -258,6 +266,26 @@ impl FileDevice {
 }
 
 impl FileDevice {
+    /// Discards the range of a block device (`BLKDISCARD`): the device may unmap it (a thin LUN gives the space
+    /// back, an SSD learns the blocks are free). What the range reads afterwards is the device's choice. `Ok(false)`
+    /// once the device has refused one (it takes no discards): later releases ask nothing.
+    async fn discard(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
+        if !self.discards.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if len == 0 {
+            return Ok(true);
+        }
+        let r = self
+            .blocking(move |f| discard::blkdiscard(f, offset, len))
+            .await?;
+        if !r {
+            self.discards.store(false, Ordering::Relaxed);
+            tracing::info!(device = %self.path.display(), "the block device takes no discards: freed clusters stay mapped on it");
+        }
+        Ok(r)
+    }
+
     /// Writes `data` at `offset`, through the ring when there is one.
     async fn write_data(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
         check_range(
@@ -388,14 +416,13 @@ impl BlockDevice for FileDevice {
     }
 
     fn releases_space(&self) -> bool {
-        !self.is_block
+        !self.is_block || self.discards.load(Ordering::Relaxed)
     }
 
     async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         if self.is_block {
-            // A discard would do, but not every device takes one cheaply; the space is the device's own anyway.
-            return Ok(false);
+            return self.discard(offset, len).await;
         }
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         // A punch can need room for the file's extent tree: a full file system is not a failing disk.

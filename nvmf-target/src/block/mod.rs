@@ -14,6 +14,7 @@
 //! Offsets and lengths are in bytes and must be multiples of the block size; [`check_range`] validates them.
 
 pub mod aligned;
+pub mod discard;
 pub mod error_count;
 pub mod exclusive;
 pub mod fault;
@@ -99,9 +100,10 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
 
     /// The range's contents are no longer needed: a device whose space is shared with others (a file: its file
-    /// system's) gives the space under the range back. What the range reads afterwards is unspecified (zeroes or
-    /// what it held). `Ok(false)`: the device gives nothing back (memory, a block device, a file system that cannot
-    /// punch holes), so asking again is no use. A wrapper passes the call down.
+    /// system's) gives the space under the range back; a block device is told the range is free (a discard: a thin
+    /// LUN gives the space back, an SSD learns it). What the range reads afterwards is unspecified (zeroes or what
+    /// it held). `Ok(false)`: the device gives nothing back (memory, a block device that takes no discards, a file
+    /// system that cannot punch holes), so asking again is no use. A wrapper passes the call down.
     async fn release(&self, _offset: u64, _len: u64) -> Result<bool, BlockError> {
         Ok(false)
     }

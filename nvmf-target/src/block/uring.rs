@@ -10,7 +10,7 @@
 //! less often for no more IOPS). Where the kernel refuses io_uring (`kernel.io_uring_disabled`, a seccomp filter,
 //! an old kernel) [`Ring::new`] fails and the device keeps its blocking path.
 //!
-//! The crate's only unsafe code is here: a submission entry carries a raw pointer into a buffer that the kernel
+//! The crate's unsafe code is here and in [`super::discard`] (one ioctl): a submission entry carries a raw pointer into a buffer that the kernel
 //! reads or fills later. It is sound by one rule: the buffer belongs to the ring's table of operations in flight
 //! from before its entry is pushed until its completion is reaped, whatever becomes of the future that asked (a
 //! dropped future leaves it there), and the ring outlives every operation in flight (the reaper holds it until the

@@ -691,8 +691,12 @@ impl Pool {
             "imported pool"
         );
         let pool = Self::assemble(disk, label, journal, meta);
-        // Free clusters whose space a process that died first never gave back, or that predate giving it back.
-        pool.inner.release_behind(pool.inner.free_runs());
+        // Free clusters whose space a process that died first never gave back, or that predate giving it back. On a
+        // file only: a block device's import would discard its whole free space (terabytes, under the gate, at every
+        // start); it is told of clusters as they are freed.
+        if pool.inner.disk.backed().is_some() {
+            pool.inner.release_behind(pool.inner.free_runs());
+        }
         Ok(pool)
     }
 

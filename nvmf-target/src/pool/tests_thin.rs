@@ -118,6 +118,9 @@ impl BlockDevice for ThinDisk {
     fn releases_space(&self) -> bool {
         true
     }
+    fn backed(&self) -> Option<u64> {
+        Some(self.backed_bytes())
+    }
     async fn release(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         if !self.punches.load(Ordering::SeqCst) {
             return Ok(false);

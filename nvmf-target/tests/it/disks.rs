@@ -504,3 +504,82 @@ async fn a_preallocated_pool_file_on_a_full_file_system_reports_its_own_room() {
         "{p:?}"
     );
 }
+
+/// A pool on a block device tells the device which clusters it no longer uses (a discard), so a thin-provisioned
+/// disk under it (here a loop device over a sparse file, which punches what is discarded out of its file) gets the
+/// space back: whole clusters the host deallocates and a destroyed replica's. Data still in use reads back, also
+/// after a kill -9 and an import (which discards nothing of a block device). Needs root (losetup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_on_a_block_device_discards_the_clusters_it_frees() {
+    if !e2e::privileged::allowed_with("a_pool_on_a_block_device_discards", &["root", "losetup"]) {
+        return;
+    }
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("KEELSON_TEST_FS").unwrap_or("/var/tmp".into()))
+            .unwrap();
+    let img = disk(dir.path(), "thin.img", 256 * MIB);
+    let lo = Loop::attach(&img);
+    let mut node = PoolNode::start("127.0.0.1", &lo.0);
+    let mut api = node.api().await;
+    pool0(&mut api).await;
+    let (gone, kept) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    for (seed, id) in [(1, &gone), (2, &kept)] {
+        api.create_replica(replica_req(id, 48 * MIB)).await.unwrap();
+        let ns = node.connect(id, HOST).await.unwrap();
+        for off in (0..48 * MIB).step_by(MIB as usize) {
+            ns.write(off, pattern(seed + off / MIB, MIB as usize))
+                .await
+                .unwrap();
+        }
+        ns.flush().await.unwrap();
+        ns.close().await;
+    }
+    let written = file_space(&img);
+    assert!(
+        written >= 96 * MIB,
+        "{written} bytes taken after 96 MiB written"
+    );
+
+    // Clusters 2 to 5 of the kept replica (4 MiB clusters), whole: 16 MiB go back.
+    let ns = node.connect(&kept, HOST).await.unwrap();
+    ns.deallocate(8 * MIB, 16 * MIB).await.unwrap();
+    let trimmed = space_drops_to(&img, written - 16 * MIB).await;
+    assert!(
+        written - trimmed >= 16 * MIB,
+        "deallocating 16 MiB of whole clusters gave back {} bytes",
+        written - trimmed
+    );
+    ns.close().await;
+    api.destroy_replica(pb::DestroyReplicaRequest { uuid: gone.clone() })
+        .await
+        .unwrap();
+    let destroyed = space_drops_to(&img, trimmed - 48 * MIB).await;
+    assert!(
+        trimmed - destroyed >= 48 * MIB,
+        "destroying a 48 MiB replica gave back {} bytes",
+        trimmed - destroyed
+    );
+
+    node.kill9();
+    node.restart();
+    let api = node.api().await;
+    let ns = node.connect(&kept, HOST).await.unwrap();
+    for off in (0..48 * MIB).step_by(MIB as usize) {
+        let back = ns.read(off, MIB).await.unwrap();
+        if (8 * MIB..24 * MIB).contains(&off) {
+            assert!(
+                back.iter().all(|b| *b == 0),
+                "deallocated data at {off} reads back"
+            );
+        } else {
+            assert_eq!(back, pattern(2 + off / MIB, MIB as usize), "at {off}");
+        }
+    }
+    ns.close().await;
+    let p = pools(&api).await;
+    assert_eq!(p[0].disk_errors, 0, "{p:?}");
+    drop(node);
+}
