@@ -68,6 +68,25 @@ fn rounded(room: u64, least: u64) -> u64 {
 }
 
 impl PoolSpec {
+    /// A pool as its engine lists it now, figures exact (for a decision that cannot wait for the next heartbeat:
+    /// a clone placed just after the snapshot it copies shrank the room).
+    pub fn from_engine(p: &proto::engine::Pool) -> PoolSpec {
+        PoolSpec {
+            name: p.name.clone(),
+            uuid: p.uuid.clone(),
+            disk: p.disk.clone(),
+            capacity: p.capacity,
+            allocated: p.allocated,
+            committed: p.committed,
+            disk_errors: p.disk_errors,
+            labels: Default::default(),
+            block_size: if p.block_size == 0 { 512 } else { p.block_size },
+            disk_full: p.disk_full,
+            disk_room: p.disk_room,
+            replica_room: p.replica_room,
+        }
+    }
+
     /// What the pool's replicas' sizes may add up to: its capacity, or less when the engine says it has room for
     /// less (`replica_room` beyond what its replicas have; from an older engine, the file system under a pool file:
     /// its allocated bytes and `disk_room`).

@@ -9,11 +9,12 @@
 //! nothing new. A volume's node selector and topology
 //! (node labels) narrow the nodes it may use. A volume's replicas are all on pools of one block size (a nexus needs
 //! children of one; a 4Kn disk's pool has 4096-byte blocks): a new volume takes the smallest block size with room
-//! for all of them, a replacement that of the replicas already there.
+//! for all of them, a replacement that of the replicas already there. A volume made from a snapshot has no choice of
+//! pools (its clones live beside the snapshot's copies), but each must pass the same room test ([`room_for`]).
 
 use std::collections::BTreeSet;
 
-use super::node::{NodeRecord, NodeState};
+use super::node::{NodeRecord, NodeState, PoolSpec};
 use super::volume::Placement;
 
 /// Where one replica goes.
@@ -31,6 +32,26 @@ pub struct NoRoom {
     pub found: usize,
     pub size: u64,
     pub reasons: Vec<String>,
+}
+
+/// Whether pool `p` can take a new replica of `size` bytes, or a clone of that size (which may come to copy every
+/// cluster it shares with its snapshot, so it needs the same room): its disk is sound and not full, and its
+/// replicas' sizes with this one stay within what it can hold ([`PoolSpec::usable_capacity`]). Why not, when not.
+pub fn room_for(p: &PoolSpec, size: u64) -> Result<(), String> {
+    if p.disk_errors > 0 {
+        return Err(format!("pool {} has a failing disk", p.name));
+    }
+    if p.disk_full {
+        return Err(format!("pool {} has a full disk", p.name));
+    }
+    let free = p.usable_capacity().saturating_sub(p.committed);
+    if size > free {
+        return Err(format!(
+            "pool {} has room for {free} bytes of new replicas, not {size}",
+            p.name
+        ));
+    }
+    Ok(())
 }
 
 /// Places `count` replicas of `size` bytes on `nodes` that `placement` admits, none on a node in `exclude`, all on
@@ -141,11 +162,9 @@ fn place_with_block_size(
             .pools
             .iter()
             .filter(|p| {
-                p.disk_errors == 0
-                    && !p.disk_full
-                    && p.block_size == block_size
+                p.block_size == block_size
                     && placement.admits_pool(&p.labels)
-                    && p.committed.saturating_add(size) <= p.usable_capacity()
+                    && room_for(p, size).is_ok()
             })
             .map(|p| {
                 let after = (u128::from(p.committed) + u128::from(size)) * 1_000_000
@@ -505,6 +524,28 @@ mod tests {
                 .contains(&format!("no pool on n1 has {} bytes free", 3 * G)),
             "{e}"
         );
+    }
+
+    #[test]
+    fn room_for_says_why_a_pool_cannot_take_a_replica_or_clone() {
+        let mut p = node("n1", NodeState::Online, &[("a", 10 * G, 4 * G)])
+            .status
+            .pools[0]
+            .clone();
+        p.replica_room = Some(2 * G);
+        assert_eq!(room_for(&p, 2 * G), Ok(()));
+        assert_eq!(
+            room_for(&p, 2 * G + 1),
+            Err(format!(
+                "pool a has room for {} bytes of new replicas, not {}",
+                2 * G,
+                2 * G + 1
+            ))
+        );
+        p.disk_full = true;
+        assert_eq!(room_for(&p, 1), Err("pool a has a full disk".into()));
+        p.disk_errors = 1;
+        assert_eq!(room_for(&p, 1), Err("pool a has a failing disk".into()));
     }
 
     #[test]

@@ -414,10 +414,13 @@ impl Volumes {
                 }
                 Some(n) if n.cordoned => why.push(format!("{} is cordoned", c.node)),
                 Some(n) => match spec.placement.admits(&n.spec.placement_labels()) {
-                    Ok(()) => out.push(scheduler::Choice {
-                        node: c.node.clone(),
-                        pool: c.pool.clone(),
-                    }),
+                    Ok(()) => match self.room_for_clone(&c.node, &c.pool, s.size).await {
+                        Ok(()) => out.push(scheduler::Choice {
+                            node: c.node.clone(),
+                            pool: c.pool.clone(),
+                        }),
+                        Err(e) => why.push(format!("on {}: {e}", c.node)),
+                    },
                     Err(e) => why.push(format!("{} {e}", c.node)),
                 },
                 None => why.push(format!("{} is unknown", c.node)),
@@ -434,6 +437,27 @@ impl Volumes {
         }
         out.truncate(spec.replicas as usize);
         Ok(out)
+    }
+
+    /// Whether pool `pool` on `node` can take a clone of `size` bytes, by the figures its engine gives now (a node
+    /// record's may predate the snapshot, whose shared clusters already took room): a clone may copy every cluster
+    /// it shares, so it needs the room of a new replica ([`scheduler::room_for`]). Why not, when not.
+    async fn room_for_clone(&self, node: &str, pool: &str, size: u64) -> Result<(), String> {
+        let mut c = self.engine(node).await.map_err(|e| e.to_string())?;
+        let pools = c
+            .list_pools(epb::ListPoolsRequest {})
+            .await
+            .map_err(|s| engine_error(node, s).to_string())?
+            .into_inner()
+            .pools;
+        let p = pools
+            .iter()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| format!("pool {pool} is not imported"))?;
+        if !p.fault.is_empty() {
+            return Err(format!("pool {pool} is faulted: {}", p.fault));
+        }
+        scheduler::room_for(&super::node::PoolSpec::from_engine(p), size)
     }
 
     /// Asks `rep`'s engine for a clone of snapshot `snap` as the replica (idempotent).

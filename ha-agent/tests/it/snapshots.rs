@@ -352,3 +352,58 @@ async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// A volume made from a snapshot goes on the snapshot's pools only where they have room for it written through: its
+/// clones share every cluster with the snapshot and copy each at its first overwrite, so a pool that the snapshot
+/// left without that room refuses it (RESOURCE_EXHAUSTED, saying which pool and how much room it has) instead of
+/// taking a volume whose writes would fail for want of space. Room is read from the engine at that moment: the
+/// snapshot taken just before has already shrunk it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
+    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    // 28 MiB written through on a 64 MiB pool: once snapshotted, the replica may copy all of it again.
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 28 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = publish(&mut c, &vol).await;
+    for off in (0..28 * MIB).step_by(64 << 10) {
+        ns.write(off, data((off / MIB) as u8)).await.unwrap();
+    }
+    ns.flush().await.unwrap();
+    ns.close().await;
+    let snap = uuid::Uuid::new_v4().to_string();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume: vol.clone(),
+        uuid: snap.clone(),
+    })
+    .await
+    .unwrap();
+    let clone = uuid::Uuid::new_v4().to_string();
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            uuid: clone.clone(),
+            size_bytes: 28 * MIB,
+            replicas: 1,
+            source_snapshot: snap.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("room for") && e.message().contains(&(28 * MIB).to_string()),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        code(c.get_volume(pb::GetVolumeRequest { uuid: clone }).await),
+        Code::NotFound,
+        "a refused volume leaves no record"
+    );
+}
