@@ -150,9 +150,10 @@ impl From<VolumeError> for Status {
             VolumeError::InvalidArgument(_) => Status::invalid_argument(msg),
             VolumeError::NotFound(_) => Status::not_found(msg),
             VolumeError::AlreadyExists { .. } => Status::already_exists(msg),
-            VolumeError::NoRoom(_) | VolumeError::NoCopies(_) | VolumeError::CannotGrow(_) => {
-                Status::resource_exhausted(msg)
-            }
+            VolumeError::NoRoom(_)
+            | VolumeError::NoCopies(_)
+            | VolumeError::CannotGrow(_)
+            | VolumeError::NoRoomForSnapshot(_) => Status::resource_exhausted(msg),
             VolumeError::SnapshotNotFound(_) => Status::not_found(msg),
             VolumeError::SnapshotExists { .. } => Status::already_exists(msg),
             VolumeError::FailedPrecondition { .. } => Status::failed_precondition(msg),

@@ -133,6 +133,7 @@ impl Volumes {
                         why: format!("it is being expanded to {} bytes", r.spec.size),
                     });
                 }
+                self.room_for_snapshot(&r).await?;
                 let s = SnapshotRecord {
                     uuid,
                     volume,
@@ -158,6 +159,62 @@ impl Volumes {
             }
         };
         self.take_snapshot(&r, s).await
+    }
+
+    /// Refuses a new snapshot of `r` that a replica's pool has no room for: once the snapshot shares a replica's
+    /// clusters, each is copied at its first overwrite, so the pool must keep room for those it does not share yet
+    /// (`Replica.unshared`) beside what it keeps for its replicas already (`Pool.replica_room`); else the volume's
+    /// writes could fail for want of space. By the engines' figures at that moment. A replica the taking would
+    /// leave out (out of sync and unpublished), an engine that cannot be asked now, or one that does not tell those
+    /// figures, is not checked.
+    async fn room_for_snapshot(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+        let published = r.nexus.as_ref().is_some_and(|n| n.published);
+        let mut short = Vec::new();
+        for rep in r
+            .replicas
+            .iter()
+            .filter(|x| x.created && (published || x.synced))
+        {
+            let Ok(mut c) = self.engine(&rep.node).await else {
+                continue;
+            };
+            let (Ok(replicas), Ok(pools)) = (
+                c.list_replicas(epb::ListReplicasRequest {}).await,
+                c.list_pools(epb::ListPoolsRequest {}).await,
+            ) else {
+                continue;
+            };
+            let id = rep.uuid.to_string();
+            let unshared = replicas
+                .into_inner()
+                .replicas
+                .into_iter()
+                .find(|x| x.uuid == id)
+                .and_then(|x| x.unshared);
+            let room = pools
+                .into_inner()
+                .pools
+                .into_iter()
+                .find(|p| p.name == rep.pool)
+                .and_then(|p| p.replica_room);
+            if let (Some(unshared), Some(room)) = (unshared, room)
+                && unshared > room
+            {
+                short.push(format!(
+                    "replica {id} may copy {unshared} bytes, and pool {} on {} has room for {room}",
+                    rep.pool, rep.node
+                ));
+            }
+        }
+        if short.is_empty() {
+            return Ok(());
+        }
+        Err(VolumeError::NoRoomForSnapshot(format!(
+            "no room for a snapshot of volume {}: once shared with it, a replica's clusters are copied at their \
+             first overwrite: {}",
+            r.uuid,
+            short.join("; ")
+        )))
     }
 
     /// Takes the snapshot (again: idempotent per copy), then records the copies the engines hold.

@@ -50,6 +50,9 @@ pub enum VolumeError {
     /// A volume made from a snapshot can have replicas only where the snapshot has copies.
     #[error("{0}")]
     NoCopies(String),
+    /// A replica's pool has no room for the copies its replica may make once a snapshot shares its clusters.
+    #[error("{0}")]
+    NoRoomForSnapshot(String),
     #[error("volume {uuid}: {why}")]
     FailedPrecondition { uuid: Uuid, why: String },
     /// Another operation on the volume is in flight, or it is being deleted.

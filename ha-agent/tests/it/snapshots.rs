@@ -362,17 +362,18 @@ async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is
 async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
     let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
-    // 28 MiB written through on a 64 MiB pool: once snapshotted, the replica may copy all of it again.
+    // A 24 MiB volume on a pool of 56 MiB of clusters, 16 MiB written: the snapshot keeps room for those 16 MiB to
+    // be copied (32 MiB were free beside the volume), which leaves 16 MiB, not the 24 a clone may take.
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),
-        size_bytes: 28 * MIB,
+        size_bytes: 24 * MIB,
         replicas: 1,
         ..Default::default()
     })
     .await
     .unwrap();
     let ns = publish(&mut c, &vol).await;
-    for off in (0..28 * MIB).step_by(64 << 10) {
+    for off in (0..16 * MIB).step_by(64 << 10) {
         ns.write(off, data((off / MIB) as u8)).await.unwrap();
     }
     ns.flush().await.unwrap();
@@ -388,7 +389,7 @@ async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
     let e = c
         .create_volume(pb::CreateVolumeRequest {
             uuid: clone.clone(),
-            size_bytes: 28 * MIB,
+            size_bytes: 24 * MIB,
             replicas: 1,
             source_snapshot: snap.clone(),
             ..Default::default()
@@ -397,7 +398,7 @@ async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(
-        e.message().contains("room for") && e.message().contains(&(28 * MIB).to_string()),
+        e.message().contains("room for") && e.message().contains(&(24 * MIB).to_string()),
         "{}",
         e.message()
     );
@@ -406,4 +407,57 @@ async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
         Code::NotFound,
         "a refused volume leaves no record"
     );
+}
+
+/// A snapshot is taken only where the replicas' pools can keep room for what it makes them copy: once it shares a
+/// replica's clusters, each is copied at its first overwrite, so a pool without room for them would fail the
+/// volume's writes later. It is refused (RESOURCE_EXHAUSTED, naming the pool), and leaves no record and no copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_needs_room_for_the_copies_it_makes_its_replicas_take() {
+    let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    // 32 MiB on a pool of 56 MiB of clusters: 24 MiB free beside it, and 28 MiB written that a snapshot would
+    // share.
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 32 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = publish(&mut c, &vol).await;
+    for off in (0..28 * MIB).step_by(64 << 10) {
+        ns.write(off, data((off / MIB) as u8)).await.unwrap();
+    }
+    ns.flush().await.unwrap();
+    let snap = uuid::Uuid::new_v4().to_string();
+    let e = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            volume: vol.clone(),
+            uuid: snap.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains(&format!("may copy {}", 28 * MIB))
+            && e.message().contains(&format!("has room for {}", 24 * MIB)),
+        "{}",
+        e.message()
+    );
+    assert!(copies_everywhere(&nodes).await.is_empty());
+    let listed = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !format!("{listed:?}").contains(&snap),
+        "a refused snapshot is listed: {listed:?}"
+    );
+    // The volume goes on: its writes still land.
+    ns.write(30 * MIB, data(9)).await.unwrap();
+    assert_eq!(ns.read(30 * MIB, 64 << 10).await.unwrap(), data(9));
+    ns.close().await;
 }

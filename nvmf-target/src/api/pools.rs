@@ -59,6 +59,7 @@ pub fn replica(engine: &Engine, r: &ReplicaInfo) -> pb::Replica {
             .unwrap_or_default(),
         clone_of: r.meta.clone_of.map(|u| u.to_string()).unwrap_or_default(),
         created: r.meta.created,
+        unshared: Some(r.unshared),
     }
 }
 

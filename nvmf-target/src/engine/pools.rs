@@ -38,6 +38,8 @@ pub struct ReplicaInfo {
     pub meta: VolumeMeta,
     pub pool: String,
     pub allocated: u64,
+    /// Bytes of its clusters no snapshot or clone shares ([`Pool::volume_unshared`]).
+    pub unshared: u64,
     /// Set when the replica is exported.
     pub nqn: Option<Nqn>,
 }
@@ -441,6 +443,7 @@ impl Engine {
         let exported = self.target().subsystem(nqn.as_str()).is_some();
         ReplicaInfo {
             allocated: pool.volume_allocated(&meta.uuid),
+            unshared: pool.volume_unshared(&meta.uuid),
             pool: pool.name().to_string(),
             nqn: exported.then_some(nqn),
             meta,

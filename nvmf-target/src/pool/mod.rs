@@ -873,6 +873,19 @@ impl Pool {
         self.inner.meta().volumes.get(uuid).cloned()
     }
 
+    /// Bytes of clusters only one volume maps (no snapshot or clone shares them): what a snapshot of it taken now
+    /// would add to what its pool must keep room for, since once shared each is copied at its first overwrite.
+    pub fn volume_unshared(&self, uuid: &Uuid) -> u64 {
+        let m = self.inner.meta();
+        let own = m.volumes.get(uuid).map_or(0, |v| {
+            v.map
+                .iter()
+                .filter(|p| **p != meta::UNMAPPED && m.refs(**p) == 1)
+                .count() as u64
+        });
+        own * u64::from(self.inner.label.cluster_size)
+    }
+
     /// Bytes of clusters mapped by one volume.
     pub fn volume_allocated(&self, uuid: &Uuid) -> u64 {
         let m = self.inner.meta();

@@ -198,4 +198,26 @@ mod may_take {
         pool.destroy_volume(s).await.unwrap();
         assert_eq!(pool.stats().may_take, 0, "its own again");
     }
+
+    /// What a snapshot taken now would add to what the pool keeps room for: the clusters only the replica maps.
+    #[tokio::test]
+    async fn unshared_clusters_are_what_a_snapshot_would_share() {
+        let disk = Arc::new(ThinDisk::new(32 * MIB));
+        let pool = pool_on(&disk).await;
+        let a = Uuid::new_v4();
+        let vol = pool.create_replica(a, 4 * CS, None).await.unwrap();
+        assert_eq!(pool.volume_unshared(&a), 0, "nothing mapped");
+        vol.write(0, data(1, 3 * CS)).await.unwrap();
+        assert_eq!(pool.volume_unshared(&a), 3 * CS);
+        pool.snapshot(a, Uuid::new_v4()).await.unwrap();
+        assert_eq!(pool.volume_unshared(&a), 0, "all shared");
+        vol.write(CS, data(2, 4096)).await.unwrap();
+        vol.write(3 * CS, data(3, 4096)).await.unwrap();
+        assert_eq!(
+            pool.volume_unshared(&a),
+            2 * CS,
+            "one copied, one new: its own"
+        );
+        assert_eq!(pool.volume_unshared(&Uuid::new_v4()), 0, "no such volume");
+    }
 }
