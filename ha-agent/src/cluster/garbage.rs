@@ -2,8 +2,12 @@
 //! recorded under `/keelson/garbage/replicas/` before they leave the volume's record (so a crash never loses one)
 //! and destroyed when their node answers; nexuses that no volume's record names on their node (a volume deleted,
 //! a nexus moved or replaced while its node was away, fenced since) are destroyed when their engine lists them.
+//! An engine's NotFound for something in a pool it has not imported yet is not taken for destroyed
+//! ([`destroyed_unless_pending`], also for snapshot copies): the record that would destroy it is kept.
 
 use proto::engine as epb;
+use proto::engine::engine_client::EngineClient;
+use tonic::transport::Channel;
 use uuid::Uuid;
 
 use super::volumes::{VolumeError, Volumes, destroyed};
@@ -22,6 +26,35 @@ pub(super) struct Garbage {
     /// Its pool: while the engine does not list the pool (not imported yet), "not found" does not mean destroyed.
     #[serde(default)]
     pub(super) pool: String,
+}
+
+/// An engine's answer to destroying something of `volume` that may be in `pools` on `node`: done, or already gone
+/// (NotFound), except that NotFound while one of `pools` is not imported there (yet: its disk late at start) does
+/// not tell it is gone, which is FailedPrecondition (asked again later). A pool the engine cannot be asked about
+/// counts as not imported.
+pub(super) async fn destroyed_unless_pending<T>(
+    c: &mut EngineClient<Channel>,
+    node: &str,
+    pools: &[String],
+    volume: Uuid,
+    r: Result<T, tonic::Status>,
+) -> Result<(), VolumeError> {
+    match r {
+        Err(s) if s.code() == tonic::Code::NotFound && !pools.is_empty() => {
+            let imported: Vec<String> = match c.list_pools(epb::ListPoolsRequest {}).await {
+                Ok(l) => l.into_inner().pools.into_iter().map(|p| p.name).collect(),
+                Err(_) => Vec::new(),
+            };
+            match pools.iter().find(|p| !imported.contains(p)) {
+                None => Ok(()),
+                Some(p) => Err(VolumeError::FailedPrecondition {
+                    uuid: volume,
+                    why: format!("pool {p} is not imported on {node} yet"),
+                }),
+            }
+        }
+        r => destroyed(node, r),
+    }
 }
 
 impl Volumes {
@@ -72,24 +105,11 @@ impl Volumes {
                 uuid: id.to_string(),
             })
             .await;
-        let res = match res {
-            // Not found in a pool the engine has not imported (yet): not known to be gone.
-            Err(s) if s.code() == tonic::Code::NotFound && !g.pool.is_empty() => {
-                let imported = c
-                    .list_pools(epb::ListPoolsRequest {})
-                    .await
-                    .is_ok_and(|l| l.into_inner().pools.iter().any(|p| p.name == g.pool));
-                if imported {
-                    Ok(())
-                } else {
-                    Err(VolumeError::FailedPrecondition {
-                        uuid: g.volume,
-                        why: format!("pool {} is not imported on {} yet", g.pool, g.node),
-                    })
-                }
-            }
-            r => destroyed(&g.node, r),
-        };
+        let pools: Vec<String> = Some(g.pool.clone())
+            .filter(|p| !p.is_empty())
+            .into_iter()
+            .collect();
+        let res = destroyed_unless_pending(&mut c, &g.node, &pools, g.volume, res).await;
         self.metrics
             .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
         match res {

@@ -6,6 +6,8 @@
 //! it Deleting, destroys every copy, then drops the record. Each copy lives in its replica's pool, so a volume made
 //! from a snapshot gets its replicas as clones in those pools (see [`Volumes::create`]).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -341,22 +343,32 @@ impl Volumes {
     /// Destroys every copy: those recorded, and (for a snapshot whose taking did not finish) any on the volume's
     /// replicas' nodes; then drops the record.
     async fn drive_delete_snapshot(&self, s: SnapshotRecord) -> Result<(), VolumeError> {
-        let mut nodes: Vec<String> = s.copies.iter().map(|c| c.node.clone()).collect();
-        nodes.extend(s.asked.iter().cloned());
-        if let Some(r) = self.read(s.volume).await? {
-            nodes.extend(r.replicas.into_iter().map(|x| x.node));
+        // Each node where a copy may be, with the pools it may be in (its recorded copy's, its replica's).
+        let mut pools: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for c in &s.copies {
+            pools
+                .entry(c.node.clone())
+                .or_default()
+                .push(c.pool.clone());
         }
-        nodes.sort();
-        nodes.dedup();
-        for node in nodes {
-            let r = self
-                .engine(&node)
-                .await?
+        for node in &s.asked {
+            pools.entry(node.clone()).or_default();
+        }
+        if let Some(r) = self.read(s.volume).await? {
+            for x in r.replicas {
+                pools.entry(x.node).or_default().push(x.pool);
+            }
+        }
+        for (node, pools) in pools {
+            let mut c = self.engine(&node).await?;
+            let r = c
                 .destroy_snapshot(epb::DestroySnapshotRequest {
                     uuid: s.uuid.to_string(),
                 })
                 .await;
-            super::volumes::destroyed(&node, r)?;
+            // Not found in a pool the engine has not imported yet (its disk late at start): not known to be gone,
+            // and the record is what would destroy it once the pool is back.
+            super::garbage::destroyed_unless_pending(&mut c, &node, &pools, s.volume, r).await?;
         }
         self.store().delete(&key(&s.uuid)).await?;
         tracing::info!(snapshot = %s.uuid, volume = %s.volume, "snapshot deleted");

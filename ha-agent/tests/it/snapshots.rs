@@ -461,3 +461,70 @@ async fn a_snapshot_needs_room_for_the_copies_it_makes_its_replicas_take() {
     assert_eq!(ns.read(30 * MIB, 64 << 10).await.unwrap(), data(9));
     ns.close().await;
 }
+
+/// A snapshot deleted while the pool holding its copy is not imported (its engine restarted without its disk, so
+/// the pool waits pending) is not taken for gone on the engine's NotFound: the delete answers FAILED_PRECONDITION
+/// and the record stays, and once the disk is back and the pool imported, the copy is destroyed (before, the record
+/// went and the copy kept its clusters in the pool for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_deleted_while_its_pool_is_away_is_destroyed_when_the_pool_returns() {
+    let (dir, port, _agent, mut engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let node = c
+        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list[0]
+        .node
+        .clone();
+    let i: usize = node.trim_start_matches("reg-").parse().unwrap();
+    let snap = uuid::Uuid::new_v4().to_string();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume: vol.clone(),
+        uuid: snap.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(copies_everywhere(&nodes).await, vec![snap.clone()]);
+
+    let img = dir.path().join(format!("pool{i}.img"));
+    let away = dir.path().join(format!("pool{i}.away"));
+    engines[i - 1].kill9();
+    std::fs::rename(&img, &away).unwrap();
+    engines[i - 1].restart();
+    crate::registry::wait_for(port, &[(node.as_str(), crate::registry::Online)], "restart").await;
+    let e = c
+        .delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("not imported"), "{}", e.message());
+
+    std::fs::rename(&away, &img).unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let listed = c
+            .list_snapshots(pb::ListSnapshotsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let copies = copies_everywhere(&nodes).await;
+        if copies.is_empty() && !format!("{listed:?}").contains(&snap) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the copy was never destroyed: {copies:?}, {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
