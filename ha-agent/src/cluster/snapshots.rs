@@ -166,45 +166,58 @@ impl Volumes {
     /// Refuses a new snapshot of `r` that a replica's pool has no room for: once the snapshot shares a replica's
     /// clusters, each is copied at its first overwrite, so the pool must keep room for those it does not share yet
     /// (`Replica.unshared`) beside what it keeps for its replicas already (`Pool.replica_room`); else the volume's
-    /// writes could fail for want of space. By the engines' figures at that moment. A replica the taking would
-    /// leave out (out of sync and unpublished), an engine that cannot be asked now, or one that does not tell those
-    /// figures, is not checked.
+    /// writes could fail for want of space. By the engines' figures at that moment, for the replicas recorded in
+    /// sync (those a copy is taken of: a nexus snapshots its healthy children, and without one only those are
+    /// asked; a child faulted for a full pool does not hold snapshots off). An engine that cannot be asked now, or
+    /// one that does not tell those figures, is not checked (logged).
     async fn room_for_snapshot(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
-        let published = r.nexus.as_ref().is_some_and(|n| n.published);
-        let mut short = Vec::new();
-        for rep in r
-            .replicas
-            .iter()
-            .filter(|x| x.created && (published || x.synced))
-        {
-            let Ok(mut c) = self.engine(&rep.node).await else {
-                continue;
+        // What each pool must keep room for: its replicas' unshared bytes (one replica per node, normally).
+        let mut need: BTreeMap<(String, String), (u64, Vec<String>)> = BTreeMap::new();
+        let mut rooms: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for rep in r.replicas.iter().filter(|x| x.created && x.synced) {
+            let asked = match self.engine(&rep.node).await {
+                Ok(mut c) => {
+                    let replicas = c.list_replicas(epb::ListReplicasRequest {}).await;
+                    let pools = c.list_pools(epb::ListPoolsRequest {}).await;
+                    replicas
+                        .and_then(|r| pools.map(|p| (r.into_inner(), p.into_inner())))
+                        .map_err(|s| engine_error(&rep.node, s))
+                }
+                Err(e) => Err(e),
             };
-            let (Ok(replicas), Ok(pools)) = (
-                c.list_replicas(epb::ListReplicasRequest {}).await,
-                c.list_pools(epb::ListPoolsRequest {}).await,
-            ) else {
-                continue;
+            let (replicas, pools) = match asked {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(volume = %r.uuid, replica = %rep.uuid, node = %rep.node, error = %e, "room for a snapshot not checked on this replica's pool: its engine cannot be asked");
+                    continue;
+                }
             };
             let id = rep.uuid.to_string();
             let unshared = replicas
-                .into_inner()
                 .replicas
                 .into_iter()
                 .find(|x| x.uuid == id)
                 .and_then(|x| x.unshared);
             let room = pools
-                .into_inner()
                 .pools
                 .into_iter()
                 .find(|p| p.name == rep.pool)
                 .and_then(|p| p.replica_room);
-            if let (Some(unshared), Some(room)) = (unshared, room)
-                && unshared > room
-            {
+            if let (Some(unshared), Some(room)) = (unshared, room) {
+                let at = (rep.node.clone(), rep.pool.clone());
+                let n = need.entry(at.clone()).or_default();
+                n.0 = n.0.saturating_add(unshared);
+                n.1.push(id);
+                rooms.insert(at, room);
+            }
+        }
+        let mut short = Vec::new();
+        for ((node, pool), (unshared, ids)) in need {
+            let room = rooms[&(node.clone(), pool.clone())];
+            if unshared > room {
                 short.push(format!(
-                    "replica {id} may copy {unshared} bytes, and pool {} on {} has room for {room}",
-                    rep.pool, rep.node
+                    "replica {} may copy {unshared} bytes, and pool {pool} on {node} has room for {room}",
+                    ids.join(", ")
                 ));
             }
         }

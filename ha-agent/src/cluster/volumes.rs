@@ -88,6 +88,14 @@ pub(super) enum NexusEnd {
     NodeDown,
 }
 
+/// Why a snapshot's copy cannot take a clone now.
+enum CloneRoom {
+    /// Its pool has no room, or cannot take one.
+    NoRoom(String),
+    /// Its engine, or its pool, cannot be asked now.
+    NotAsked(String),
+}
+
 /// An engine's answer to a destroy: done, or already gone.
 pub(super) fn destroyed<T>(node: &str, r: Result<T, tonic::Status>) -> Result<(), VolumeError> {
     match r {
@@ -367,7 +375,17 @@ impl Volumes {
             }
             self.create_snapshot(source, snap, Some(uuid)).await?;
         }
-        self.create(uuid, spec).await
+        let made = self.create(uuid, spec).await;
+        if let Err(VolumeError::NoCopies(why)) = &made
+            && self.read(uuid).await?.is_none()
+        {
+            // Refused for room: the hidden snapshot would pin room (the source's overwrites copy what it shares)
+            // for nothing until the orphan sweep; it goes now, and a retry takes a new one.
+            if let Err(e) = self.delete_snapshot(snap).await {
+                tracing::warn!(volume = %uuid, snapshot = %snap, refused = %why, error = %e, "the hidden snapshot of a refused volume is left to the orphan sweep");
+            }
+        }
+        made
     }
 
     /// Asks `rep`'s engine for the replica (idempotent: the same request again is a no-op).
@@ -410,6 +428,8 @@ impl Volumes {
         }
         let mut why = Vec::new();
         let mut out = Vec::new();
+        // An engine not answering now: the create may succeed when asked again (UNAVAILABLE, not exhausted).
+        let mut unanswered = None;
         for c in &s.copies {
             match nodes.iter().find(|n| n.spec.name == c.node) {
                 Some(n) if n.status.state != NodeState::Online => {
@@ -422,7 +442,11 @@ impl Volumes {
                             node: c.node.clone(),
                             pool: c.pool.clone(),
                         }),
-                        Err(e) => why.push(format!("on {}: {e}", c.node)),
+                        Err(CloneRoom::NoRoom(e)) => why.push(format!("on {}: {e}", c.node)),
+                        Err(CloneRoom::NotAsked(e)) => {
+                            why.push(format!("on {}: {e}", c.node));
+                            unanswered.get_or_insert(c.node.clone());
+                        }
                     },
                     Err(e) => why.push(format!("{} {e}", c.node)),
                 },
@@ -430,13 +454,21 @@ impl Volumes {
             }
         }
         if out.len() < spec.replicas as usize {
-            return Err(VolumeError::NoCopies(format!(
+            let message = format!(
                 "{} replicas of a volume made from snapshot {snap} need {} usable copies of it, {} found: {}",
                 spec.replicas,
                 spec.replicas,
                 out.len(),
                 why.join("; ")
-            )));
+            );
+            if let Some(node) = unanswered {
+                return Err(VolumeError::Engine {
+                    node,
+                    code: Code::Unavailable,
+                    message,
+                });
+            }
+            return Err(VolumeError::NoCopies(message));
         }
         out.truncate(spec.replicas as usize);
         Ok(out)
@@ -445,22 +477,28 @@ impl Volumes {
     /// Whether pool `pool` on `node` can take a clone of `size` bytes, by the figures its engine gives now (a node
     /// record's may predate the snapshot, whose shared clusters already took room): a clone may copy every cluster
     /// it shares, so it needs the room of a new replica ([`scheduler::room_for`]). Why not, when not.
-    async fn room_for_clone(&self, node: &str, pool: &str, size: u64) -> Result<(), String> {
-        let mut c = self.engine(node).await.map_err(|e| e.to_string())?;
+    async fn room_for_clone(&self, node: &str, pool: &str, size: u64) -> Result<(), CloneRoom> {
+        let mut c = self
+            .engine(node)
+            .await
+            .map_err(|e| CloneRoom::NotAsked(e.to_string()))?;
         let pools = c
             .list_pools(epb::ListPoolsRequest {})
             .await
-            .map_err(|s| engine_error(node, s).to_string())?
+            .map_err(|s| CloneRoom::NotAsked(engine_error(node, s).to_string()))?
             .into_inner()
             .pools;
         let p = pools
             .iter()
             .find(|p| p.name == pool)
-            .ok_or_else(|| format!("pool {pool} is not imported"))?;
+            .ok_or_else(|| CloneRoom::NotAsked(format!("pool {pool} is not imported")))?;
         if !p.fault.is_empty() {
-            return Err(format!("pool {pool} is faulted: {}", p.fault));
+            return Err(CloneRoom::NoRoom(format!(
+                "pool {pool} is faulted: {}",
+                p.fault
+            )));
         }
-        scheduler::room_for(&super::node::PoolSpec::from_engine(p), size)
+        scheduler::room_for(&super::node::PoolSpec::from_engine(p), size).map_err(CloneRoom::NoRoom)
     }
 
     /// Asks `rep`'s engine for a clone of snapshot `snap` as the replica (idempotent).

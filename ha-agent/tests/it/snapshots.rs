@@ -360,7 +360,7 @@ async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is
 /// snapshot taken just before has already shrunk it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
-    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
+    let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     // A 24 MiB volume on a pool of 56 MiB of clusters, 16 MiB written: the snapshot keeps room for those 16 MiB to
     // be copied (32 MiB were free beside the volume), which leaves 16 MiB, not the 24 a clone may take.
@@ -407,6 +407,21 @@ async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
         Code::NotFound,
         "a refused volume leaves no record"
     );
+    // Made from the volume itself: the hidden snapshot taken for it is deleted with the refusal, not left pinning
+    // room until the orphan sweep.
+    let from_volume = uuid::Uuid::new_v4().to_string();
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            uuid: from_volume.clone(),
+            size_bytes: 24 * MIB,
+            replicas: 1,
+            source_volume: vol.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(copies_everywhere(&nodes).await, vec![snap.clone()]);
 }
 
 /// A snapshot is taken only where the replicas' pools can keep room for what it makes them copy: once it shares a

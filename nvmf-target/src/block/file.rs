@@ -186,7 +186,9 @@ impl FileDevice {
             direct,
             direct_unit,
             is_block,
-            discards: AtomicBool::new(is_block),
+            discards: AtomicBool::new(
+                is_block && !std::env::var("KEELSON_DISCARD").is_ok_and(|v| v == "off"),
+            ),
             uring: direct && uses_ring(path),
             inflight: InFlight::new(),
             _lock: lock,
@@ -268,7 +270,9 @@ impl FileDevice {
 impl FileDevice {
     /// Discards the range of a block device (`BLKDISCARD`): the device may unmap it (a thin LUN gives the space
     /// back, an SSD learns the blocks are free). What the range reads afterwards is the device's choice. `Ok(false)`
-    /// once the device has refused one (it takes no discards): later releases ask nothing.
+    /// once the device has refused one, for whatever reason (no discard support, or one it advertises and fails:
+    /// a bridge or a SAN refusing UNMAP): later releases ask nothing, and a refusal is no I/O error of the disk
+    /// (its data is untouched). `KEELSON_DISCARD=off` in the environment at open asks none.
     async fn discard(&self, offset: u64, len: u64) -> Result<bool, BlockError> {
         if !self.discards.load(Ordering::Relaxed) {
             return Ok(false);
@@ -278,12 +282,19 @@ impl FileDevice {
         }
         let r = self
             .blocking(move |f| discard::blkdiscard(f, offset, len))
-            .await?;
-        if !r {
-            self.discards.store(false, Ordering::Relaxed);
-            tracing::info!(device = %self.path.display(), "the block device takes no discards: freed clusters stay mapped on it");
+            .await;
+        match r {
+            Ok(true) => Ok(true),
+            Ok(false) | Err(_) => {
+                self.discards.store(false, Ordering::Relaxed);
+                let why = match &r {
+                    Err(e) => e.to_string(),
+                    _ => "not supported".to_string(),
+                };
+                tracing::warn!(device = %self.path.display(), %why, "the block device refused a discard: freed clusters stay mapped on it, and no more discards are asked");
+                Ok(false)
+            }
         }
-        Ok(r)
     }
 
     /// Writes `data` at `offset`, through the ring when there is one.

@@ -38,7 +38,7 @@ pub struct ReplicaInfo {
     pub meta: VolumeMeta,
     pub pool: String,
     pub allocated: u64,
-    /// Bytes of its clusters no snapshot or clone shares ([`Pool::volume_unshared`]).
+    /// Bytes of its clusters no snapshot or clone shares ([`Pool::volume_usage`]).
     pub unshared: u64,
     /// Set when the replica is exported.
     pub nqn: Option<Nqn>,
@@ -441,9 +441,10 @@ impl Engine {
     fn replica_info(&self, pool: &Pool, meta: VolumeMeta) -> ReplicaInfo {
         let nqn = Nqn::replica(&meta.uuid);
         let exported = self.target().subsystem(nqn.as_str()).is_some();
+        let (allocated, unshared) = pool.volume_usage(&meta.uuid);
         ReplicaInfo {
-            allocated: pool.volume_allocated(&meta.uuid),
-            unshared: pool.volume_unshared(&meta.uuid),
+            allocated,
+            unshared,
             pool: pool.name().to_string(),
             nqn: exported.then_some(nqn),
             meta,

@@ -873,17 +873,21 @@ impl Pool {
         self.inner.meta().volumes.get(uuid).cloned()
     }
 
-    /// Bytes of clusters only one volume maps (no snapshot or clone shares them): what a snapshot of it taken now
-    /// would add to what its pool must keep room for, since once shared each is copied at its first overwrite.
-    pub fn volume_unshared(&self, uuid: &Uuid) -> u64 {
+    /// Bytes of clusters one volume maps, and of those only it maps (no snapshot or clone shares them: what a
+    /// snapshot of it taken now would add to what its pool must keep room for, since once shared each is copied at
+    /// its first overwrite); one walk of its map.
+    pub fn volume_usage(&self, uuid: &Uuid) -> (u64, u64) {
         let m = self.inner.meta();
-        let own = m.volumes.get(uuid).map_or(0, |v| {
+        let (mapped, own) = m.volumes.get(uuid).map_or((0, 0), |v| {
             v.map
                 .iter()
-                .filter(|p| **p != meta::UNMAPPED && m.refs(**p) == 1)
-                .count() as u64
+                .filter(|p| **p != meta::UNMAPPED)
+                .fold((0u64, 0u64), |(n, own), p| {
+                    (n + 1, own + u64::from(m.refs(*p) == 1))
+                })
         });
-        own * u64::from(self.inner.label.cluster_size)
+        let cs = u64::from(self.inner.label.cluster_size);
+        (mapped * cs, own * cs)
     }
 
     /// Bytes of clusters mapped by one volume.

@@ -1,10 +1,14 @@
-//! Giving freed clusters' space back to the file system under the pool. A replica destroyed, whole clusters the
-//! host deallocated (a guest's `fstrim`), or a copy-on-write that took a cluster's last other user's place, leave
-//! clusters free; on a sparse file their space would stay taken on the
-//! file system for ever, since a free cluster is only written again when an allocation takes it. As the commit
+//! Giving freed clusters' space back to the file system under the pool, or telling the block device under it. A
+//! replica destroyed, whole clusters the host deallocated (a guest's `fstrim`), or a copy-on-write that took a
+//! cluster's last other user's place, leave clusters free; on a sparse file their space would stay taken on the
+//! file system for ever, since a free cluster is only written again when an allocation takes it, and a
+//! thin-provisioned LUN or an SSD under a block device would keep them mapped. On a block device the same runs are
+//! discarded ([`crate::block::discard`]) in smaller holds ([`DISCARD_BYTES`]: the device does the work), until the
+//! device refuses one, and an import discards nothing (its whole free space at every start): what a process that
+//! died first did not discard stays mapped there. As the commit
 //! that freed them is applied (in the journal's task, so also when the caller that asked went away), their runs
 //! join the pool's queue of releases, which one task at a time punches out of the file
-//! ([`crate::block::BlockDevice::release`]); at import, every free cluster's run does, which also catches up on
+//! ([`crate::block::BlockDevice::release`]); at a pool file's import, every free cluster's run does, which also catches up on
 //! what a process that died first never gave back.
 //!
 //! Why it is safe: the task punches in holds of at most [`HOLD_BYTES`], each under the pool's gate held
@@ -24,20 +28,23 @@
 //! under it can never run out for it) keeps it: its owner asked for that space, and nothing is given back.
 //!
 //! Best effort: a release that fails, or never runs (the process died; records whose caller went away before they
-//! were written wait in the journal's queue for the next commit), leaves the space taken; the next import gives it
-//! back.
+//! were written wait in the journal's queue for the next commit), leaves the space taken; a pool file's next import
+//! gives it back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::PoolInner;
-use crate::block::BlockError;
+use crate::block::{BlockDevice, BlockError};
 
 /// Bytes punched by one system call at most: a long run is cut, since the file system holds the file while it
 /// punches.
 const CALL_BYTES: u64 = 64 << 20;
 /// Bytes punched under one hold of the gate at most: the pool's I/O waits for no more than that at a time.
 const HOLD_BYTES: u64 = 256 << 20;
+/// Bytes discarded by one call, and under one hold, on a block device: a discard is the device's work (a TRIM an
+/// SSD may not queue, a SAN's UNMAP), not a file system's metadata change, so the pool's I/O waits for less of it.
+const DISCARD_BYTES: u64 = 32 << 20;
 
 /// A pool's queue of runs to give back, `(first cluster, count)`, and whether its task is running.
 #[derive(Default)]
@@ -100,6 +107,15 @@ impl PoolInner {
         tokio::spawn(release_queued(Arc::downgrade(self)));
     }
 
+    /// Bytes released by one call and under one hold at most: a file's (punched) or a block device's (discarded).
+    fn release_limits(&self) -> (u64, u64) {
+        if self.disk.backed().is_some() {
+            (CALL_BYTES, HOLD_BYTES)
+        } else {
+            (DISCARD_BYTES, DISCARD_BYTES)
+        }
+    }
+
     /// The free clusters' runs, for an import to give back.
     pub(super) fn free_runs(&self) -> Vec<(u32, u64)> {
         let meta = self.meta();
@@ -110,6 +126,7 @@ impl PoolInner {
     /// [`HOLD_BYTES`] of what is still free and not reserved.
     async fn release_hold(&self, calls: &[(u32, u64)]) -> Held {
         let cs = u64::from(self.label.cluster_size);
+        let hold_bytes = self.release_limits().1;
         let _excl = self.gate.write().await;
         // A disk put under a fault plan meanwhile gives nothing back, and its label is not read for it.
         if self.closed.load(Ordering::Acquire)
@@ -122,7 +139,7 @@ impl PoolInner {
         let mut bytes = 0;
         let mut through = 0;
         for &(first, n) in calls {
-            if bytes > 0 && bytes + n * cs > HOLD_BYTES {
+            if bytes > 0 && bytes + n * cs > hold_bytes {
                 break;
             }
             through += 1;
@@ -146,7 +163,7 @@ impl PoolInner {
                         tracing::warn!(
                             pool = %self.label.name,
                             error = %e,
-                            "could not give freed clusters' space back to the file system; the next import tries again"
+                            "could not give freed clusters' space back; a pool file's next import tries again"
                         );
                         return Held::Stop;
                     }
@@ -164,7 +181,7 @@ async fn release_queued(pool: Weak<PoolInner>) {
     // then start a task of their own.
     let mut running = Running(Some(pool.clone()));
     loop {
-        let (runs, cs) = {
+        let (runs, cs, call_bytes) = {
             let Some(p) = pool.upgrade() else { return };
             let mut queue = p.releases.queue();
             if queue.is_empty() {
@@ -172,9 +189,13 @@ async fn release_queued(pool: Weak<PoolInner>) {
                 running.0 = None;
                 return;
             }
-            (std::mem::take(&mut *queue), u64::from(p.label.cluster_size))
+            (
+                std::mem::take(&mut *queue),
+                u64::from(p.label.cluster_size),
+                p.release_limits().0,
+            )
         };
-        let per_call = (CALL_BYTES / cs).max(1);
+        let per_call = (call_bytes / cs).max(1);
         let calls: Vec<(u32, u64)> = runs
             .into_iter()
             .flat_map(|(first, n)| {

@@ -206,18 +206,18 @@ mod may_take {
         let pool = pool_on(&disk).await;
         let a = Uuid::new_v4();
         let vol = pool.create_replica(a, 4 * CS, None).await.unwrap();
-        assert_eq!(pool.volume_unshared(&a), 0, "nothing mapped");
+        assert_eq!(pool.volume_usage(&a).1, 0, "nothing mapped");
         vol.write(0, data(1, 3 * CS)).await.unwrap();
-        assert_eq!(pool.volume_unshared(&a), 3 * CS);
+        assert_eq!(pool.volume_usage(&a).1, 3 * CS);
         pool.snapshot(a, Uuid::new_v4()).await.unwrap();
-        assert_eq!(pool.volume_unshared(&a), 0, "all shared");
+        assert_eq!(pool.volume_usage(&a).1, 0, "all shared");
         vol.write(CS, data(2, 4096)).await.unwrap();
         vol.write(3 * CS, data(3, 4096)).await.unwrap();
         assert_eq!(
-            pool.volume_unshared(&a),
+            pool.volume_usage(&a).1,
             2 * CS,
             "one copied, one new: its own"
         );
-        assert_eq!(pool.volume_unshared(&Uuid::new_v4()), 0, "no such volume");
+        assert_eq!(pool.volume_usage(&Uuid::new_v4()).1, 0, "no such volume");
     }
 }
