@@ -225,6 +225,8 @@ fn to_cluster_pool(p: pb::Pool) -> cpb::Pool {
         disk_full: p.disk_full,
         disk_room: p.disk_room,
         replica_room: p.replica_room,
+        incarnation: p.incarnation,
+        applied: p.applied,
     }
 }
 

@@ -350,6 +350,7 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
                 disk_full: p.disk_full,
                 disk_room: p.disk_room.map(crate::cluster::node::coarse_room),
                 replica_room,
+                generation: (p.incarnation > 0).then_some((p.incarnation, p.applied)),
             }
         })
         .collect()
@@ -405,6 +406,8 @@ fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb:
                 disk_full: p.disk_full,
                 disk_room: p.disk_room,
                 replica_room: p.replica_room,
+                incarnation: p.generation.map_or(0, |g| g.0),
+                applied: p.generation.map_or(0, |g| g.1),
             })
             .collect(),
         instance: spec.instance,

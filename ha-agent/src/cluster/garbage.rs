@@ -114,6 +114,9 @@ impl Volumes {
             .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
         match res {
             Ok(()) => {
+                if let Ok(uuid) = id.parse() {
+                    self.unpromise(&uuid);
+                }
                 self.store().delete(&format!("{GARBAGE}{id}")).await?;
                 tracing::info!(replica = id, node = %g.node, volume = %g.volume, "retired replica destroyed");
             }

@@ -676,13 +676,9 @@ impl Volumes {
     async fn place_missing(&self, r: &mut VolumeRecord) -> Result<(), VolumeError> {
         let uuid = r.uuid;
         while r.replicas.len() < r.spec.replicas as usize {
-            let nodes: Vec<_> = self
-                .registry
-                .list()
-                .await?
-                .into_iter()
-                .map(|v| v.record)
-                .collect();
+            // Until the record is written: the next placement sees this replica.
+            let _placing = self.placing.lock().await;
+            let nodes = self.placement_view(&[]).await?.nodes;
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
             let block_size = r.replica_block_size(&nodes);
             let placed = scheduler::place_alongside(
@@ -723,6 +719,7 @@ impl Volumes {
                 fault_confirmed: false,
             });
             self.save(r).await?;
+            self.promise_replicas(r);
             failpoint::at(failpoint::HEAL_REPLICA_PLACED);
         }
         Ok(())
@@ -742,10 +739,11 @@ impl Volumes {
             self.metrics
                 .operation("create_replica", if res.is_ok() { "ok" } else { "failed" });
             match res {
-                Ok(()) => {
+                Ok(generation) => {
                     failpoint::at(failpoint::HEAL_REPLICA_CREATED);
                     r.replicas[i].created = true;
                     self.save(r).await?;
+                    self.replica_created(&rep.uuid, generation);
                     tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "replacement replica created");
                     i += 1;
                 }
@@ -783,13 +781,10 @@ impl Volumes {
         super::volumes::created(&r)?;
         if n as usize > r.replicas.len() {
             // All the new replicas must fit now, or nothing changes.
-            let nodes: Vec<_> = self
-                .registry
-                .list()
-                .await?
-                .into_iter()
-                .map(|v| v.record)
-                .collect();
+            let nodes = {
+                let _placing = self.placing.lock().await;
+                self.placement_view(&[]).await?.nodes
+            };
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
             let block_size = r.replica_block_size(&nodes);
             scheduler::place_alongside(

@@ -9,6 +9,8 @@
 //! - [`reconcile`]: the one trait of every reconciler, and the list a tick runs.
 //! - [`registry`]: registration, heartbeats, and the sweep that probes silent nodes and marks them Offline.
 //! - [`scheduler`]: placement, pure (all replicas or none, one per node, least-full pool).
+//! - [`room`]: what placement sees of the pools: the engines' figures at that moment less what records promise;
+//!   placements serialised.
 //! - [`volume`]: a volume's record (spec, replicas placed, nexus); [`volumes`]: create and delete, each stage
 //!   recorded before the next engine call, and the reconciler that resumes them; [`publish`]: publish and unpublish.
 //! - [`expand`]: online expansion (replicas grown in their pools, then the nexus), recorded stage by stage.
@@ -42,6 +44,7 @@ pub mod pool;
 pub mod publish;
 pub mod reconcile;
 pub mod registry;
+pub mod room;
 pub mod scheduler;
 pub mod snapshots;
 pub mod store;

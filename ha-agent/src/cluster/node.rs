@@ -41,6 +41,10 @@ pub struct PoolSpec {
     /// down by [`coarse_replica_room`]; `None` from an older engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica_room: Option<u64>,
+    /// Which state of the pool these figures are of, as its engine tells it: (import incarnation, metadata changes
+    /// applied since); `None` from an older engine. Placement's promises end once it reaches a new replica's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<(u64, u64)>,
 }
 
 /// A pool's `disk_room` as node records keep it: rounded down to a step of a sixteenth to an eighth of it (at
@@ -84,6 +88,7 @@ impl PoolSpec {
             disk_full: p.disk_full,
             disk_room: p.disk_room,
             replica_room: p.replica_room,
+            generation: (p.incarnation > 0).then_some((p.incarnation, p.applied)),
         }
     }
 

@@ -72,6 +72,9 @@ pub struct Registry {
     prober: Arc<dyn Prober>,
     pub config: RegistryConfig,
     live: Mutex<HashMap<String, Live>>,
+    /// Per node, how many registrations and heartbeats have brought its pools' figures into its record (see
+    /// [`Registry::beats`]).
+    beats: Mutex<HashMap<String, u64>>,
     /// The node records as the store has them, with the revision of each one's last write.
     records: Mutex<BTreeMap<String, (Revision, NodeRecord)>>,
     /// Node records in the store that do not decode (written by hand, or by a newer agent), with their revision:
@@ -126,6 +129,7 @@ impl Registry {
             prober,
             config,
             live: Mutex::new(live),
+            beats: Mutex::new(HashMap::new()),
             records: Mutex::new(records),
             unreadable: Mutex::new(unreadable),
             state_changed: tokio::sync::Notify::new(),
@@ -323,7 +327,29 @@ impl Registry {
                 last_seen: Instant::now(),
             },
         );
+        self.beat(&r.spec.name);
         Ok(r)
+    }
+
+    /// How many registrations and heartbeats of `name` have brought its pools' figures into its record so far (in
+    /// this agent's life): a replica created when this was `b` is in the figures once it is `b + 2` (the engine
+    /// sends one heartbeat after another, so the second one after was put together after the creation).
+    pub fn beats(&self, name: &str) -> u64 {
+        self.beats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn beat(&self, name: &str) {
+        *self
+            .beats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default() += 1;
     }
 
     /// A heartbeat; `Ok(false)` when this agent does not know the instance (it must register again).
@@ -354,6 +380,7 @@ impl Registry {
             Some(r)
         })
         .await?;
+        self.beat(name);
         Ok(true)
     }
 

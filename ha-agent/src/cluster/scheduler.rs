@@ -295,6 +295,7 @@ mod tests {
                         disk_full: false,
                         disk_room: None,
                         replica_room: None,
+                        generation: None,
                     })
                     .collect(),
                 clean_exit: None,

@@ -107,6 +107,8 @@ impl Volumes {
         let lock = self.lock_of(volume);
         let _held = lock.lock().await;
         let r = self.get(volume).await?;
+        // A new snapshot holds placements off from its room check until it is taken (it takes room they see).
+        let mut _placing = None;
         let s = match self.snapshot(uuid).await? {
             Some(s) if s.volume != volume => {
                 return Err(VolumeError::SnapshotExists {
@@ -135,6 +137,7 @@ impl Volumes {
                         why: format!("it is being expanded to {} bytes", r.spec.size),
                     });
                 }
+                _placing = Some(self.placing.lock().await);
                 self.room_for_snapshot(&r).await?;
                 let s = SnapshotRecord {
                     uuid,
@@ -168,24 +171,31 @@ impl Volumes {
     /// (`Replica.unshared`) beside what it keeps for its replicas already (`Pool.replica_room`); else the volume's
     /// writes could fail for want of space. By the engines' figures at that moment, for the replicas recorded in
     /// sync (those a copy is taken of: a nexus snapshots its healthy children, and without one only those are
-    /// asked; a child faulted for a full pool does not hold snapshots off). An engine that cannot be asked now, or
-    /// one that does not tell those figures, is not checked (logged).
+    /// asked; a child faulted for a full pool does not hold snapshots off). The pools' room is placement's
+    /// ([`super::room`]: less what records promise); the caller holds [`Volumes::placing`]. An engine that cannot be
+    /// asked now, or one that does not tell those figures, is not checked (logged).
     async fn room_for_snapshot(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+        let ask: Vec<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
+        let view = self.placement_view(&ask).await?;
         // What each pool must keep room for: its replicas' unshared bytes (one replica per node, normally).
         let mut need: BTreeMap<(String, String), (u64, Vec<String>)> = BTreeMap::new();
         let mut rooms: BTreeMap<(String, String), u64> = BTreeMap::new();
         for rep in r.replicas.iter().filter(|x| x.created && x.synced) {
             let asked = match self.engine(&rep.node).await {
-                Ok(mut c) => {
-                    let replicas = c.list_replicas(epb::ListReplicasRequest {}).await;
-                    let pools = c.list_pools(epb::ListPoolsRequest {}).await;
-                    replicas
-                        .and_then(|r| pools.map(|p| (r.into_inner(), p.into_inner())))
-                        .map_err(|s| engine_error(&rep.node, s))
+                Ok(_) if !view.answered.contains(&rep.node) => {
+                    Err(VolumeError::FailedPrecondition {
+                        uuid: r.uuid,
+                        why: format!("{} did not give its pools' figures", rep.node),
+                    })
                 }
+                Ok(mut c) => c
+                    .list_replicas(epb::ListReplicasRequest {})
+                    .await
+                    .map(|l| l.into_inner())
+                    .map_err(|s| engine_error(&rep.node, s)),
                 Err(e) => Err(e),
             };
-            let (replicas, pools) = match asked {
+            let replicas = match asked {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(volume = %r.uuid, replica = %rep.uuid, node = %rep.node, error = %e, "room for a snapshot not checked on this replica's pool: its engine cannot be asked");
@@ -198,11 +208,7 @@ impl Volumes {
                 .into_iter()
                 .find(|x| x.uuid == id)
                 .and_then(|x| x.unshared);
-            let room = pools
-                .pools
-                .into_iter()
-                .find(|p| p.name == rep.pool)
-                .and_then(|p| p.replica_room);
+            let room = view.pool(&rep.node, &rep.pool).and_then(|p| p.replica_room);
             if let (Some(unshared), Some(room)) = (unshared, room) {
                 let at = (rep.node.clone(), rep.pool.clone());
                 let n = need.entry(at.clone()).or_default();

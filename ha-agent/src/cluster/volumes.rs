@@ -88,6 +88,33 @@ pub(super) enum NexusEnd {
     NodeDown,
 }
 
+/// Whether pool `pool` on `node` can take a clone of `size` bytes, by the figures its engine gave the view (a node
+/// record's may predate the snapshot, whose shared clusters already took room): a clone may copy every cluster it
+/// shares, so it needs the room of a new replica ([`scheduler::room_for`]; a faulted pool counts a disk error).
+/// Why not, when not.
+fn room_for_clone(
+    view: &super::room::PlacementView,
+    node: &str,
+    pool: &str,
+    size: u64,
+) -> Result<(), CloneRoom> {
+    if !view.answered.contains(node) {
+        return Err(CloneRoom::NotAsked(
+            "its engine did not give its pools' figures".into(),
+        ));
+    }
+    let p = view
+        .pool(node, pool)
+        .ok_or_else(|| CloneRoom::NotAsked(format!("pool {pool} is not imported")))?;
+    scheduler::room_for(p, size).map_err(CloneRoom::NoRoom)
+}
+
+/// The generation of a replica's pool an engine answered with (`None` from an engine that does not tell it): figures
+/// of the pool at least that recent count the replica ([`super::room`]).
+fn generation_of(r: &epb::Replica) -> Option<(u64, u64)> {
+    (r.pool_incarnation > 0).then_some((r.pool_incarnation, r.pool_applied))
+}
+
 /// Why a snapshot's copy cannot take a clone now.
 enum CloneRoom {
     /// Its pool has no room, or cannot take one.
@@ -150,6 +177,10 @@ pub struct Volumes {
     pub(super) registry: Arc<Registry>,
     engine_timeout: Duration,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held by a placement from reading the pools' room until its record is written ([`super::room`]).
+    pub(super) placing: tokio::sync::Mutex<()>,
+    /// Replicas placed whose bytes their node's record may not count yet ([`super::room`]).
+    pub(super) promises: super::room::Promises,
     pub(super) metrics: Arc<AgentMetrics>,
     /// Each volume as the last healing pass saw it (for the metrics).
     pub(super) observed: Mutex<HashMap<Uuid, VolumeObservation>>,
@@ -167,6 +198,8 @@ impl Volumes {
             registry,
             engine_timeout,
             locks: Mutex::new(HashMap::new()),
+            placing: tokio::sync::Mutex::new(()),
+            promises: Default::default(),
             metrics,
             observed: Mutex::new(HashMap::new()),
         }
@@ -283,17 +316,23 @@ impl Volumes {
             Some(r) if r.phase == VolumePhase::Created => return Ok(r),
             Some(r) => r,
             None => {
-                let nodes: Vec<_> = self
-                    .registry
-                    .list()
-                    .await?
-                    .into_iter()
-                    .map(|v| v.record)
-                    .collect();
+                // Until the record is written: the next placement sees these replicas.
+                let _placing = self.placing.lock().await;
+                // A clone's room is its copies' pools' at this moment: their engines are asked.
+                let ask: Vec<String> = match spec.source_snapshot {
+                    Some(snap) => self
+                        .snapshot(snap)
+                        .await?
+                        .map(|s| s.copies.into_iter().map(|c| c.node).collect())
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                let view = self.placement_view(&ask).await?;
+                let nodes = &view.nodes;
                 let choices = match spec.source_snapshot {
-                    Some(snap) => self.place_clones(&nodes, &spec, snap).await?,
+                    Some(snap) => self.place_clones(&view, &spec, snap).await?,
                     None => scheduler::place(
-                        &nodes,
+                        nodes,
                         spec.size,
                         spec.replicas as usize,
                         &BTreeSet::new(),
@@ -301,7 +340,7 @@ impl Volumes {
                     )?,
                 };
                 let block_size = scheduler::block_size_of(
-                    &nodes,
+                    nodes,
                     choices.iter().map(|c| (c.node.as_str(), c.pool.as_str())),
                 )
                 .unwrap_or(0);
@@ -341,6 +380,7 @@ impl Volumes {
                         why: "created by another request meanwhile".into(),
                     });
                 }
+                self.promise_replicas(&r);
                 failpoint::at(failpoint::CREATE_PLACED);
                 tracing::info!(%uuid, replicas = ?r.replicas.iter().map(|x| (&x.node, &x.pool)).collect::<Vec<_>>(), "volume placed");
                 r
@@ -389,11 +429,12 @@ impl Volumes {
     }
 
     /// Asks `rep`'s engine for the replica (idempotent: the same request again is a no-op).
+    /// Its pool's generation with it ([`generation_of`]).
     pub(super) async fn create_replica(
         &self,
         rep: &ReplicaRecord,
         size: u64,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<Option<(u64, u64)>, VolumeError> {
         let mut c = self.engine(&rep.node).await?;
         c.create_replica(epb::CreateReplicaRequest {
             pool: rep.pool.clone(),
@@ -403,7 +444,7 @@ impl Volumes {
             allowed_hosts: vec![],
         })
         .await
-        .map(drop)
+        .map(|r| generation_of(&r.into_inner()))
         .map_err(|s| engine_error(&rep.node, s))
     }
 
@@ -411,7 +452,7 @@ impl Volumes {
     /// Online, uncordoned nodes its placement admits; as many as the spec asks, or none.
     async fn place_clones(
         &self,
-        nodes: &[super::node::NodeRecord],
+        view: &super::room::PlacementView,
         spec: &VolumeSpec,
         snap: Uuid,
     ) -> Result<Vec<scheduler::Choice>, VolumeError> {
@@ -431,13 +472,13 @@ impl Volumes {
         // An engine not answering now: the create may succeed when asked again (UNAVAILABLE, not exhausted).
         let mut unanswered = None;
         for c in &s.copies {
-            match nodes.iter().find(|n| n.spec.name == c.node) {
+            match view.nodes.iter().find(|n| n.spec.name == c.node) {
                 Some(n) if n.status.state != NodeState::Online => {
                     why.push(format!("{} is {:?}", c.node, n.status.state))
                 }
                 Some(n) if n.cordoned => why.push(format!("{} is cordoned", c.node)),
                 Some(n) => match spec.placement.admits(&n.spec.placement_labels()) {
-                    Ok(()) => match self.room_for_clone(&c.node, &c.pool, s.size).await {
+                    Ok(()) => match room_for_clone(view, &c.node, &c.pool, s.size) {
                         Ok(()) => out.push(scheduler::Choice {
                             node: c.node.clone(),
                             pool: c.pool.clone(),
@@ -474,35 +515,12 @@ impl Volumes {
         Ok(out)
     }
 
-    /// Whether pool `pool` on `node` can take a clone of `size` bytes, by the figures its engine gives now (a node
-    /// record's may predate the snapshot, whose shared clusters already took room): a clone may copy every cluster
-    /// it shares, so it needs the room of a new replica ([`scheduler::room_for`]). Why not, when not.
-    async fn room_for_clone(&self, node: &str, pool: &str, size: u64) -> Result<(), CloneRoom> {
-        let mut c = self
-            .engine(node)
-            .await
-            .map_err(|e| CloneRoom::NotAsked(e.to_string()))?;
-        let pools = c
-            .list_pools(epb::ListPoolsRequest {})
-            .await
-            .map_err(|s| CloneRoom::NotAsked(engine_error(node, s).to_string()))?
-            .into_inner()
-            .pools;
-        let p = pools
-            .iter()
-            .find(|p| p.name == pool)
-            .ok_or_else(|| CloneRoom::NotAsked(format!("pool {pool} is not imported")))?;
-        if !p.fault.is_empty() {
-            return Err(CloneRoom::NoRoom(format!(
-                "pool {pool} is faulted: {}",
-                p.fault
-            )));
-        }
-        scheduler::room_for(&super::node::PoolSpec::from_engine(p), size).map_err(CloneRoom::NoRoom)
-    }
-
     /// Asks `rep`'s engine for a clone of snapshot `snap` as the replica (idempotent).
-    async fn create_clone(&self, rep: &ReplicaRecord, snap: Uuid) -> Result<(), VolumeError> {
+    async fn create_clone(
+        &self,
+        rep: &ReplicaRecord,
+        snap: Uuid,
+    ) -> Result<Option<(u64, u64)>, VolumeError> {
         let mut c = self.engine(&rep.node).await?;
         c.create_clone(epb::CreateCloneRequest {
             snapshot: snap.to_string(),
@@ -511,7 +529,7 @@ impl Volumes {
             allowed_hosts: vec![],
         })
         .await
-        .map(drop)
+        .map(|r| generation_of(&r.into_inner()))
         .map_err(|s| engine_error(&rep.node, s))
     }
 
@@ -527,10 +545,11 @@ impl Volumes {
                 None => self.create_replica(&rep, r.spec.size).await,
             };
             match res {
-                Ok(()) => {
+                Ok(generation) => {
                     failpoint::at(failpoint::CREATE_REPLICA_CREATED);
                     r.replicas[i].created = true;
                     self.save(&r).await?;
+                    self.replica_created(&rep.uuid, generation);
                 }
                 Err(e) if refused(&e) => {
                     tracing::warn!(uuid = %r.uuid, error = %e, "replica refused: rolling the volume back");
@@ -706,7 +725,10 @@ impl Volumes {
     /// Resumes volumes left Creating or Deleting (by a crash or a failure worth retrying). Skips volumes whose
     /// operation is in flight.
     pub async fn reconcile(&self) -> Result<(), VolumeError> {
-        for r in self.list_sound().await? {
+        let read_at = std::time::Instant::now();
+        let records = self.list_sound().await?;
+        self.sync_promises(&records, read_at);
+        for r in records {
             if r.phase == VolumePhase::Created {
                 continue;
             }

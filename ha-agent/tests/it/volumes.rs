@@ -620,3 +620,91 @@ async fn a_volume_published_to_two_hosts_takes_writes_from_both_and_leaves_them_
         .await
         .unwrap();
 }
+
+/// Volumes created at once (a StatefulSet's claims) do not all take one pool's room: each placement sees the ones
+/// before it, though no heartbeat has brought the pools' new figures yet. Three 56 MiB pools take three 40 MiB
+/// volumes, one each, and a fourth is refused (RESOURCE_EXHAUSTED); before, all four went on one pool. Then, with
+/// the three deleted (and the heartbeats showing it), two more at once go on two pools, and scaling one of them up
+/// to three replicas is refused: of the two other nodes, only one has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_created_at_once_do_not_take_one_pools_room_twice() {
+    let (_dir, _port, _agent, _engines, nodes, c) = three_nodes().await;
+    let at_once = |n: usize| {
+        let c = c.clone();
+        async move {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let mut c = c.clone();
+                    let uuid = uuid::Uuid::new_v4().to_string();
+                    tokio::spawn(async move {
+                        c.create_volume(create(&uuid, 40 * MIB, 1))
+                            .await
+                            .map(|r| r.into_inner())
+                    })
+                })
+                .collect();
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        }
+    };
+    let made = at_once(4).await;
+    let placed: Vec<_> = made.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let refused: Vec<_> = made.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!((placed.len(), refused.len()), (3, 1), "{made:?}");
+    assert_eq!(
+        refused[0].code(),
+        Code::ResourceExhausted,
+        "{:?}",
+        refused[0]
+    );
+    let pools: BTreeSet<_> = placed
+        .iter()
+        .map(|v| v.replica_list[0].node.clone())
+        .collect();
+    assert_eq!(pools.len(), 3, "one volume per pool: {placed:?}");
+    assert_eq!(replicas_everywhere(&nodes).await.len(), 3);
+    let mut c2 = c.clone();
+    for v in &placed {
+        c2.delete_volume(pb::DeleteVolumeRequest {
+            uuid: v.uuid.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    // Their room comes back with the next heartbeats.
+    let t = std::time::Instant::now();
+    loop {
+        let listed = c2
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if listed
+            .iter()
+            .all(|n| n.pools.iter().all(|p| p.committed == 0))
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let made = at_once(2).await;
+    let nodes_used: BTreeSet<_> = made
+        .iter()
+        .map(|r| r.as_ref().unwrap().replica_list[0].node.clone())
+        .collect();
+    assert_eq!(nodes_used.len(), 2, "{made:?}");
+    // Three replicas of a 40 MiB volume need 40 MiB on each node: two nodes hold the other volume's.
+    let e = c2
+        .set_volume_replicas(pb::SetVolumeReplicasRequest {
+            uuid: made[0].as_ref().unwrap().uuid.clone(),
+            replicas: 3,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+}

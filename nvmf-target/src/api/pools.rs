@@ -36,6 +36,7 @@ pub fn pool(e: &PoolEntry, s: &PoolStats) -> pb::Pool {
         disk_full: s.disk_full,
         disk_room: s.disk_room,
         replica_room: Some(s.replica_room),
+        applied: s.applied,
     }
 }
 
@@ -60,6 +61,8 @@ pub fn replica(engine: &Engine, r: &ReplicaInfo) -> pb::Replica {
         clone_of: r.meta.clone_of.map(|u| u.to_string()).unwrap_or_default(),
         created: r.meta.created,
         unshared: Some(r.unshared),
+        pool_incarnation: r.pool_generation.0,
+        pool_applied: r.pool_generation.1,
     }
 }
 

@@ -48,6 +48,8 @@ fn pools(engine: &Engine, cfg: &RegistrationConfig) -> Vec<pb::Pool> {
                 disk_full: s.disk_full,
                 disk_room: s.disk_room,
                 replica_room: Some(s.replica_room),
+                incarnation: l.incarnation,
+                applied: s.applied,
             }
         })
         .collect()

@@ -40,6 +40,8 @@ pub struct ReplicaInfo {
     pub allocated: u64,
     /// Bytes of its clusters no snapshot or clone shares ([`Pool::volume_usage`]).
     pub unshared: u64,
+    /// Its pool's [`Pool::generation`] when this was read.
+    pub pool_generation: (u64, u64),
     /// Set when the replica is exported.
     pub nqn: Option<Nqn>,
 }
@@ -441,8 +443,10 @@ impl Engine {
     fn replica_info(&self, pool: &Pool, meta: VolumeMeta) -> ReplicaInfo {
         let nqn = Nqn::replica(&meta.uuid);
         let exported = self.target().subsystem(nqn.as_str()).is_some();
+        let pool_generation = pool.generation();
         let (allocated, unshared) = pool.volume_usage(&meta.uuid);
         ReplicaInfo {
+            pool_generation,
             allocated,
             unshared,
             pool: pool.name().to_string(),

@@ -189,6 +189,9 @@ pub struct PoolStats {
     /// Bytes of new replicas the pool can still take: its free clusters and `disk_room`, each less `may_take`
     /// (set by [`room::share_disk_room`]; until then, from the free clusters alone).
     pub replica_room: u64,
+    /// Metadata changes applied since the pool was imported, counted with the state these figures are of: with the
+    /// label's incarnation, [`Pool::generation`].
+    pub applied: u64,
 }
 
 pub(crate) struct PoolInner {
@@ -782,6 +785,18 @@ impl Pool {
         self.inner.label.uuid
     }
 
+    /// Which state of the pool's metadata this is: (the label's incarnation, changes applied since that import).
+    /// A later state has a greater one; figures of a state (`stats`) at or after a change's own generation
+    /// (read once the change is applied) count it. The cluster agent tells by it whether a node's heartbeat counts
+    /// a replica it just created.
+    pub fn generation(&self) -> (u64, u64) {
+        let _m = self.inner.meta();
+        (
+            self.inner.label.incarnation,
+            self.inner.applied.load(Ordering::Acquire),
+        )
+    }
+
     pub fn stats(&self) -> PoolStats {
         let fs_room = self.inner.recheck_disk_room();
         let m = self.inner.meta();
@@ -844,6 +859,7 @@ impl Pool {
             may_take
         };
         PoolStats {
+            applied,
             capacity,
             allocated,
             may_take: may_take.min(capacity.saturating_sub(allocated)),

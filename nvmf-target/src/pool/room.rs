@@ -71,6 +71,7 @@ mod tests {
             own_room: own,
             may_take: committed.saturating_sub(allocated),
             replica_room: 0,
+            applied: 0,
         }
     }
 

@@ -1,0 +1,315 @@
+//! What placement sees of the pools. A node record's pool figures change only with the engine's heartbeats, so two
+//! volumes placed within one heartbeat (a StatefulSet's claims provisioned at once) both saw the same room and could
+//! both take it: four 40 MiB volumes went on one 56 MiB pool. So placements — of a new volume, a replacement or an
+//! added replica, a clone, a snapshot's room — are serialised ([`Volumes::placing`]) from reading a
+//! [`PlacementView`] until their record is written (a snapshot's: until it is taken), and the view is the records'
+//! figures less what the agent promised that those figures may not show yet: [`Promises`], one per replica placed,
+//! from its placement until its creation has reached the node's record: until the pool's figures there are of the
+//! state the creation answered with or a later one (its generation: the pool's import and the metadata changes
+//! applied since, which heartbeats carry), or, from an engine that does not tell it, until a few heartbeats came
+//! ([`super::registry::Registry::beats`]). Without a remote call per node, a placement costs what it did (the scale
+//! benchmark places 10,000 volumes on 1,000 nodes). Where the figures must be the engine's at that moment (a clone's
+//! or a snapshot's room: a snapshot taken a moment ago shrank it), the few nodes concerned are asked
+//! ([`ASK_WITHIN`]; one that does not answer keeps its record's figures and is said not to have answered). The
+//! promises are kept in step with the records by the volumes' sweep (a new leader's first sweep finds those placed
+//! before it).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use proto::engine as epb;
+use uuid::Uuid;
+
+use super::node::{NodeRecord, NodeState, PoolSpec};
+use super::volume::VolumeRecord;
+use super::volumes::{VolumeError, Volumes};
+
+/// How long a placement waits for one engine's pool figures before it goes by the node's record.
+const ASK_WITHIN: Duration = Duration::from_secs(2);
+
+/// Heartbeats after a replica's creation by which its node's record holds it (see [`super::registry::Registry::beats`];
+/// one more for margin).
+const BEATS_TO_SHOW: u64 = 3;
+
+/// The nodes as placement sees them now.
+pub struct PlacementView {
+    pub nodes: Vec<NodeRecord>,
+    /// Nodes whose engine gave its pools' figures for this view.
+    pub answered: BTreeSet<String>,
+}
+
+impl PlacementView {
+    /// Pool `pool` of node `node`, if the node's record has it.
+    pub fn pool(&self, node: &str, pool: &str) -> Option<&PoolSpec> {
+        self.nodes
+            .iter()
+            .find(|n| n.spec.name == node)?
+            .status
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+    }
+}
+
+/// A replica placed whose bytes its node's record may not count yet.
+struct Promise {
+    node: String,
+    pool: String,
+    bytes: u64,
+    /// When it was made (the sweep drops only promises older than the records it read).
+    made: Instant,
+    /// The node's heartbeat count when its creation was recorded; `None` until then.
+    created_at_beat: Option<u64>,
+    /// Its pool's generation its engine answered the creation with: figures at least that recent count it.
+    shown_by: Option<(u64, u64)>,
+}
+
+impl Promise {
+    /// Whether the figures of its pool, of state `record` (their generation, if told) with its node's heartbeat
+    /// count at `beats`, may not count it yet: not created, or created in a later state than those figures are
+    /// of; from an engine that does not tell generations, until [`BEATS_TO_SHOW`] heartbeats came after.
+    fn unshown(&self, record: Option<(u64, u64)>, beats: u64) -> bool {
+        let Some(beat) = self.created_at_beat else {
+            return true;
+        };
+        match (self.shown_by, record) {
+            (Some(g), Some(r)) => r < g,
+            _ => beats < beat + BEATS_TO_SHOW,
+        }
+    }
+}
+
+/// The agent's promises, by replica (see the module's doc).
+#[derive(Default)]
+pub struct Promises(Mutex<HashMap<Uuid, Promise>>);
+
+impl Promises {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Promise>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `pools`' figures, exact, from the engine's listing `live` (labels stay: an engine's listing has none).
+fn take_live(pools: &mut [PoolSpec], live: &[epb::Pool]) {
+    for p in pools {
+        if let Some(l) = live.iter().find(|l| l.name == p.name) {
+            let labels = std::mem::take(&mut p.labels);
+            *p = PoolSpec {
+                labels,
+                ..PoolSpec::from_engine(l)
+            };
+        }
+    }
+}
+
+/// Counts `extra` bytes promised to a replica on `pool` that its figures do not hold yet: its replicas' sizes grow
+/// by them and its room for new ones shrinks (a replica created takes its whole size from it, until written).
+fn promise(pool: &mut PoolSpec, extra: u64) {
+    pool.committed = pool.committed.saturating_add(extra);
+    pool.replica_room = pool.replica_room.map(|r| r.saturating_sub(extra));
+}
+
+impl Volumes {
+    /// Promises the replicas of `r` not created yet (placed just now). The caller holds [`Volumes::placing`].
+    pub(super) fn promise_replicas(&self, r: &VolumeRecord) {
+        let mut map = self.promises.map();
+        for rep in r.replicas.iter().filter(|x| !x.created) {
+            map.entry(rep.uuid).or_insert_with(|| Promise {
+                node: rep.node.clone(),
+                pool: rep.pool.clone(),
+                bytes: r.spec.size,
+                made: Instant::now(),
+                created_at_beat: None,
+                shown_by: None,
+            });
+        }
+    }
+
+    /// Replica `replica` was created (and recorded so), its engine answering with its pool's `generation`: its
+    /// promise lasts until its node's record shows it.
+    pub(super) fn replica_created(&self, replica: &Uuid, generation: Option<(u64, u64)>) {
+        let mut map = self.promises.map();
+        if let Some(p) = map.get_mut(replica)
+            && p.created_at_beat.is_none()
+        {
+            p.created_at_beat = Some(self.registry.beats(&p.node));
+            p.shown_by = generation;
+        }
+    }
+
+    /// Replica `replica` was destroyed: its bytes are no longer promised (its node's record may count them until
+    /// its next heartbeat, which only errs on the safe side).
+    pub(super) fn unpromise(&self, replica: &Uuid) {
+        self.promises.map().remove(replica);
+    }
+
+    /// Keeps the promises in step with `records`, all of the volumes read at `read_at`: a replica recorded and not
+    /// created is promised (placed before this agent led), one created is on its way out, and one no record has
+    /// (rolled back, retired) is no longer promised, unless promised after the records were read.
+    pub(super) fn sync_promises(&self, records: &[VolumeRecord], read_at: Instant) {
+        let mut placed: HashMap<Uuid, bool> = HashMap::new();
+        for r in records {
+            for rep in &r.replicas {
+                placed.insert(rep.uuid, rep.created);
+            }
+            if r.replicas.iter().any(|x| !x.created) {
+                self.promise_replicas(r);
+            }
+        }
+        let mut map = self.promises.map();
+        map.retain(|uuid, p| match placed.get(uuid) {
+            Some(true) => {
+                if p.created_at_beat.is_none() {
+                    p.created_at_beat = Some(self.registry.beats(&p.node));
+                }
+                true
+            }
+            Some(false) => true,
+            None => p.made > read_at,
+        });
+    }
+
+    /// The nodes as placement sees them now (see the module's doc), the pools of `ask` as their engines list them
+    /// at this moment. The caller holds [`Volumes::placing`].
+    pub(super) async fn placement_view(
+        &self,
+        ask: &[String],
+    ) -> Result<PlacementView, VolumeError> {
+        let mut nodes: Vec<NodeRecord> = self
+            .registry
+            .list()
+            .await?
+            .into_iter()
+            .map(|v| v.record)
+            .collect();
+        let live = join_all(nodes.iter().map(|n| async move {
+            if n.status.state != NodeState::Online || !ask.contains(&n.spec.name) {
+                return None;
+            }
+            let ask = async {
+                let mut c = self.engine(&n.spec.name).await.ok()?;
+                let l = c.list_pools(epb::ListPoolsRequest {}).await.ok()?;
+                Some(l.into_inner().pools)
+            };
+            tokio::time::timeout(ASK_WITHIN, ask).await.ok().flatten()
+        }))
+        .await;
+        let mut answered = BTreeSet::new();
+        for (n, live) in nodes.iter_mut().zip(live) {
+            if let Some(live) = live {
+                take_live(&mut n.status.pools, &live);
+                answered.insert(n.spec.name.clone());
+            }
+        }
+        let mut map = self.promises.map();
+        map.retain(|_, p| {
+            let record = nodes
+                .iter()
+                .find(|n| n.spec.name == p.node)
+                .and_then(|n| n.status.pools.iter().find(|x| x.name == p.pool))
+                .and_then(|x| x.generation);
+            p.unshown(record, self.registry.beats(&p.node))
+        });
+        for p in map.values() {
+            // An engine asked just now counts what it created.
+            if p.created_at_beat.is_some() && answered.contains(&p.node) {
+                continue;
+            }
+            let pool = nodes
+                .iter_mut()
+                .find(|n| n.spec.name == p.node)
+                .and_then(|n| n.status.pools.iter_mut().find(|x| x.name == p.pool));
+            if let Some(pool) = pool {
+                promise(pool, p.bytes);
+            }
+        }
+        Ok(PlacementView { nodes, answered })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+
+    fn pool(committed: u64, room: Option<u64>) -> PoolSpec {
+        PoolSpec {
+            name: "p".into(),
+            uuid: String::new(),
+            disk: String::new(),
+            capacity: 100 * M,
+            allocated: 0,
+            committed,
+            disk_errors: 0,
+            labels: [("tier".to_string(), "fast".to_string())].into(),
+            block_size: 512,
+            disk_full: false,
+            disk_room: None,
+            replica_room: room,
+            generation: None,
+        }
+    }
+
+    #[test]
+    fn a_promised_replica_takes_its_size_from_the_room_for_new_ones() {
+        let mut p = pool(40 * M, Some(60 * M));
+        assert_eq!(p.usable_capacity() - p.committed, 60 * M);
+        promise(&mut p, 40 * M);
+        assert_eq!(p.usable_capacity() - p.committed, 20 * M);
+        // From an engine that does not tell its room: by capacity.
+        let mut p = pool(40 * M, None);
+        promise(&mut p, 40 * M);
+        assert_eq!(p.usable_capacity() - p.committed, 20 * M);
+    }
+
+    #[test]
+    fn a_promise_lasts_until_the_figures_are_of_its_creation_or_later() {
+        let mut p = Promise {
+            node: "n".into(),
+            pool: "p".into(),
+            bytes: M,
+            made: Instant::now(),
+            created_at_beat: None,
+            shown_by: None,
+        };
+        assert!(p.unshown(Some((9, 9)), 100), "not created yet");
+        p.created_at_beat = Some(10);
+        p.shown_by = Some((2, 40));
+        assert!(p.unshown(Some((2, 39)), 100), "figures of an earlier state");
+        assert!(!p.unshown(Some((2, 40)), 10), "of its state");
+        assert!(!p.unshown(Some((3, 1)), 10), "of a later import");
+        // An engine that does not tell generations: a few heartbeats.
+        p.shown_by = None;
+        assert!(p.unshown(None, 10 + BEATS_TO_SHOW - 1));
+        assert!(!p.unshown(None, 10 + BEATS_TO_SHOW));
+    }
+
+    #[test]
+    fn live_figures_replace_the_records_and_keep_its_labels() {
+        let mut pools = vec![pool(0, Some(100 * M))];
+        let live = epb::Pool {
+            name: "p".into(),
+            capacity: 100 * M,
+            committed: 40 * M,
+            replica_room: Some(60 * M),
+            block_size: 4096,
+            ..Default::default()
+        };
+        take_live(&mut pools, &[live]);
+        assert_eq!(
+            (
+                pools[0].committed,
+                pools[0].replica_room,
+                pools[0].block_size
+            ),
+            (40 * M, Some(60 * M), 4096)
+        );
+        assert_eq!(
+            pools[0].labels.get("tier").map(String::as_str),
+            Some("fast")
+        );
+    }
+}
