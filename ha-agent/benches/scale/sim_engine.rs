@@ -36,6 +36,9 @@ struct State {
     changed: BTreeSet<String>,
     /// Faults injected into this engine's nexuses: nexus → (when, the faulted child's URI).
     faults: BTreeMap<String, (Instant, String)>,
+    /// Replicas created or destroyed: the pools' generation (one counter for both pools; a real engine counts
+    /// each pool's metadata changes).
+    changes: u64,
 }
 
 /// One simulated node.
@@ -78,6 +81,8 @@ impl SimEngine {
                     cluster_size: 1 << 20,
                     block_size: 512,
                     replicas: st.replicas.values().filter(|r| r.pool == *p).count() as u32,
+                    incarnation: 1,
+                    applied: st.changes,
                     ..Default::default()
                 }
             })
@@ -569,6 +574,12 @@ impl Engine for Svc {
             allowed_hosts: r.allowed_hosts,
             ..Default::default()
         };
+        st.changes += 1;
+        let x = pb::Replica {
+            pool_incarnation: 1,
+            pool_applied: st.changes,
+            ..x
+        };
         st.replicas.insert(r.uuid, x.clone());
         Ok(Response::new(x))
     }
@@ -576,7 +587,10 @@ impl Engine for Svc {
         &self,
         r: Request<pb::DestroyReplicaRequest>,
     ) -> Result<Response<pb::DestroyReplicaResponse>, Status> {
-        self.0.state().replicas.remove(&r.into_inner().uuid);
+        let mut st = self.0.state();
+        if st.replicas.remove(&r.into_inner().uuid).is_some() {
+            st.changes += 1;
+        }
         Ok(Response::new(Default::default()))
     }
     async fn list_replicas(

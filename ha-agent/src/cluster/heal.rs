@@ -676,7 +676,7 @@ impl Volumes {
     async fn place_missing(&self, r: &mut VolumeRecord) -> Result<(), VolumeError> {
         let uuid = r.uuid;
         while r.replicas.len() < r.spec.replicas as usize {
-            // Until the record is written: the next placement sees this replica.
+            // Until the replica is promised: the next placement sees it.
             let _placing = self.placing.lock().await;
             let nodes = self.placement_view(&[]).await?.nodes;
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
@@ -718,8 +718,16 @@ impl Volumes {
                 synced: false,
                 fault_confirmed: false,
             });
-            self.save(r).await?;
-            self.promise_replicas(r);
+            // Promised before it is recorded, so that the next placement need not wait for the store.
+            self.promise_replicas(r, false);
+            drop(_placing);
+            if let Err(e) = self.save(r).await {
+                if let Some(new) = r.replicas.last() {
+                    self.unpromise(&new.uuid);
+                }
+                return Err(e);
+            }
+            self.promise_replicas(r, true);
             failpoint::at(failpoint::HEAL_REPLICA_PLACED);
         }
         Ok(())

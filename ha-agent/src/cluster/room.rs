@@ -2,7 +2,8 @@
 //! volumes placed within one heartbeat (a StatefulSet's claims provisioned at once) both saw the same room and could
 //! both take it: four 40 MiB volumes went on one 56 MiB pool. So placements — of a new volume, a replacement or an
 //! added replica, a clone, a snapshot's room — are serialised ([`Volumes::placing`]) from reading a
-//! [`PlacementView`] until their record is written (a snapshot's: until it is taken), and the view is the records'
+//! [`PlacementView`] until their replicas are promised (before their record is written; a snapshot: until it is
+//! taken), and the view is the records'
 //! figures less what the agent promised that those figures may not show yet: [`Promises`], one per replica placed,
 //! from its placement until its creation has reached the node's record: until the pool's figures there are of the
 //! state the creation answered with or a later one (its generation: the pool's import and the metadata changes
@@ -58,8 +59,9 @@ struct Promise {
     node: String,
     pool: String,
     bytes: u64,
-    /// When it was made (the sweep drops only promises older than the records it read).
-    made: Instant,
+    /// When its record was written (the sweep drops only promises recorded before the records it read); `None`
+    /// while it is being written.
+    recorded_at: Option<Instant>,
     /// The node's heartbeat count when its creation was recorded; `None` until then.
     created_at_beat: Option<u64>,
     /// Its pool's generation its engine answered the creation with: figures at least that recent count it.
@@ -112,18 +114,30 @@ fn promise(pool: &mut PoolSpec, extra: u64) {
 }
 
 impl Volumes {
-    /// Promises the replicas of `r` not created yet (placed just now). The caller holds [`Volumes::placing`].
-    pub(super) fn promise_replicas(&self, r: &VolumeRecord) {
+    /// Promises the replicas of `r` not created yet (placed just now: under [`Volumes::placing`], before `r` is
+    /// written; again once it is, `recorded`).
+    pub(super) fn promise_replicas(&self, r: &VolumeRecord, recorded: bool) {
         let mut map = self.promises.map();
         for rep in r.replicas.iter().filter(|x| !x.created) {
-            map.entry(rep.uuid).or_insert_with(|| Promise {
+            let p = map.entry(rep.uuid).or_insert_with(|| Promise {
                 node: rep.node.clone(),
                 pool: rep.pool.clone(),
                 bytes: r.spec.size,
-                made: Instant::now(),
+                recorded_at: None,
                 created_at_beat: None,
                 shown_by: None,
             });
+            if recorded && p.recorded_at.is_none() {
+                p.recorded_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Takes back the promises of `r`'s replicas not created: its record could not be written.
+    pub(super) fn unpromise_replicas(&self, r: &VolumeRecord) {
+        let mut map = self.promises.map();
+        for rep in r.replicas.iter().filter(|x| !x.created) {
+            map.remove(&rep.uuid);
         }
     }
 
@@ -155,7 +169,7 @@ impl Volumes {
                 placed.insert(rep.uuid, rep.created);
             }
             if r.replicas.iter().any(|x| !x.created) {
-                self.promise_replicas(r);
+                self.promise_replicas(r, true);
             }
         }
         let mut map = self.promises.map();
@@ -167,7 +181,7 @@ impl Volumes {
                 true
             }
             Some(false) => true,
-            None => p.made > read_at,
+            None => p.recorded_at.is_none_or(|t| t > read_at),
         });
     }
 
@@ -184,31 +198,41 @@ impl Volumes {
             .into_iter()
             .map(|v| v.record)
             .collect();
-        let live = join_all(nodes.iter().map(|n| async move {
-            if n.status.state != NodeState::Online || !ask.contains(&n.spec.name) {
-                return None;
+        // Nodes by name: there may be thousands of nodes and of promises.
+        let at: HashMap<String, usize> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.spec.name.clone(), i))
+            .collect();
+        let asked: Vec<usize> = ask
+            .iter()
+            .filter_map(|name| at.get(name).copied())
+            .filter(|&i| nodes[i].status.state == NodeState::Online)
+            .collect();
+        let live = join_all(asked.iter().map(|&i| {
+            let name = nodes[i].spec.name.clone();
+            async move {
+                let ask = async {
+                    let mut c = self.engine(&name).await.ok()?;
+                    let l = c.list_pools(epb::ListPoolsRequest {}).await.ok()?;
+                    Some(l.into_inner().pools)
+                };
+                tokio::time::timeout(ASK_WITHIN, ask).await.ok().flatten()
             }
-            let ask = async {
-                let mut c = self.engine(&n.spec.name).await.ok()?;
-                let l = c.list_pools(epb::ListPoolsRequest {}).await.ok()?;
-                Some(l.into_inner().pools)
-            };
-            tokio::time::timeout(ASK_WITHIN, ask).await.ok().flatten()
         }))
         .await;
         let mut answered = BTreeSet::new();
-        for (n, live) in nodes.iter_mut().zip(live) {
+        for (&i, live) in asked.iter().zip(live) {
             if let Some(live) = live {
-                take_live(&mut n.status.pools, &live);
-                answered.insert(n.spec.name.clone());
+                take_live(&mut nodes[i].status.pools, &live);
+                answered.insert(nodes[i].spec.name.clone());
             }
         }
         let mut map = self.promises.map();
         map.retain(|_, p| {
-            let record = nodes
-                .iter()
-                .find(|n| n.spec.name == p.node)
-                .and_then(|n| n.status.pools.iter().find(|x| x.name == p.pool))
+            let record = at
+                .get(&p.node)
+                .and_then(|&i| nodes[i].status.pools.iter().find(|x| x.name == p.pool))
                 .and_then(|x| x.generation);
             p.unshown(record, self.registry.beats(&p.node))
         });
@@ -217,10 +241,9 @@ impl Volumes {
             if p.created_at_beat.is_some() && answered.contains(&p.node) {
                 continue;
             }
-            let pool = nodes
-                .iter_mut()
-                .find(|n| n.spec.name == p.node)
-                .and_then(|n| n.status.pools.iter_mut().find(|x| x.name == p.pool));
+            let pool = at
+                .get(&p.node)
+                .and_then(|&i| nodes[i].status.pools.iter_mut().find(|x| x.name == p.pool));
             if let Some(pool) = pool {
                 promise(pool, p.bytes);
             }
@@ -271,7 +294,7 @@ mod tests {
             node: "n".into(),
             pool: "p".into(),
             bytes: M,
-            made: Instant::now(),
+            recorded_at: Some(Instant::now()),
             created_at_beat: None,
             shown_by: None,
         };

@@ -316,8 +316,8 @@ impl Volumes {
             Some(r) if r.phase == VolumePhase::Created => return Ok(r),
             Some(r) => r,
             None => {
-                // Until the record is written: the next placement sees these replicas.
-                let _placing = self.placing.lock().await;
+                // Until its replicas are promised: the next placement sees them.
+                let placing = self.placing.lock().await;
                 // A clone's room is its copies' pools' at this moment: their engines are asked.
                 let ask: Vec<String> = match spec.source_snapshot {
                     Some(snap) => self
@@ -370,17 +370,22 @@ impl Volumes {
                     growth: None,
                     shared: false,
                 };
-                if !self
+                // Promised before they are recorded, so that the next placement need not wait for the store.
+                self.promise_replicas(&r, false);
+                drop(placing);
+                let written = self
                     .store
                     .compare_and_put(&volume::key(&uuid), 0, r.encode())
-                    .await?
-                {
+                    .await;
+                if !matches!(written, Ok(true)) {
+                    self.unpromise_replicas(&r);
+                    written?;
                     return Err(VolumeError::Conflict {
                         uuid,
                         why: "created by another request meanwhile".into(),
                     });
                 }
-                self.promise_replicas(&r);
+                self.promise_replicas(&r, true);
                 failpoint::at(failpoint::CREATE_PLACED);
                 tracing::info!(%uuid, replicas = ?r.replicas.iter().map(|x| (&x.node, &x.pool)).collect::<Vec<_>>(), "volume placed");
                 r
