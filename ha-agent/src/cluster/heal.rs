@@ -722,9 +722,8 @@ impl Volumes {
             self.promise_replicas(r, false);
             drop(_placing);
             if let Err(e) = self.save(r).await {
-                if let Some(new) = r.replicas.last() {
-                    self.unpromise(&new.uuid);
-                }
+                // It may be written all the same (a store timeout): promised as written, the sweep decides.
+                self.promise_replicas(r, true);
                 return Err(e);
             }
             self.promise_replicas(r, true);

@@ -333,7 +333,8 @@ impl Registry {
 
     /// How many registrations and heartbeats of `name` have brought its pools' figures into its record so far (in
     /// this agent's life): a replica created when this was `b` is in the figures once it is `b + 2` (the engine
-    /// sends one heartbeat after another, so the second one after was put together after the creation).
+    /// sends one heartbeat after another, so the second one after was put together after the creation; placement
+    /// waits for one more, for a heartbeat its engine gave up on before it registered again).
     pub fn beats(&self, name: &str) -> u64 {
         self.beats
             .lock()

@@ -27,6 +27,10 @@ use super::node::{NodeRecord, NodeState, PoolSpec};
 use super::volume::VolumeRecord;
 use super::volumes::{VolumeError, Volumes};
 
+/// A promise whose record write has not ended after this long lost its writer (a caller that went away): the sweep
+/// treats it as written then.
+const ABANDONED_AFTER: Duration = Duration::from_secs(60);
+
 /// How long a placement waits for one engine's pool figures before it goes by the node's record.
 const ASK_WITHIN: Duration = Duration::from_secs(2);
 
@@ -44,13 +48,7 @@ pub struct PlacementView {
 impl PlacementView {
     /// Pool `pool` of node `node`, if the node's record has it.
     pub fn pool(&self, node: &str, pool: &str) -> Option<&PoolSpec> {
-        self.nodes
-            .iter()
-            .find(|n| n.spec.name == node)?
-            .status
-            .pools
-            .iter()
-            .find(|p| p.name == pool)
+        super::scheduler::pool_of(&self.nodes, node, pool)
     }
 }
 
@@ -59,9 +57,13 @@ struct Promise {
     node: String,
     pool: String,
     bytes: u64,
+    /// When it was made.
+    made: Instant,
     /// When its record was written (the sweep drops only promises recorded before the records it read); `None`
-    /// while it is being written.
+    /// while it is being written (or its writer went away: after [`ABANDONED_AFTER`], as if it were written).
     recorded_at: Option<Instant>,
+    /// Room a snapshot took (its copies to come), not a replica: no record names it, the sweep leaves it.
+    room_only: bool,
     /// The node's heartbeat count when its creation was recorded; `None` until then.
     created_at_beat: Option<u64>,
     /// Its pool's generation its engine answered the creation with: figures at least that recent count it.
@@ -83,9 +85,10 @@ impl Promise {
     }
 }
 
-/// The agent's promises, by replica (see the module's doc).
+/// The agent's promises, by replica (see the module's doc), and whether they were brought in step with the records
+/// since this agent leads.
 #[derive(Default)]
-pub struct Promises(Mutex<HashMap<Uuid, Promise>>);
+pub struct Promises(Mutex<HashMap<Uuid, Promise>>, std::sync::atomic::AtomicBool);
 
 impl Promises {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Promise>> {
@@ -123,7 +126,9 @@ impl Volumes {
                 node: rep.node.clone(),
                 pool: rep.pool.clone(),
                 bytes: r.spec.size,
+                made: Instant::now(),
                 recorded_at: None,
+                room_only: false,
                 created_at_beat: None,
                 shown_by: None,
             });
@@ -159,10 +164,40 @@ impl Volumes {
         self.promises.map().remove(replica);
     }
 
+    /// Room a snapshot just took on `pool` of `node` (`bytes`: what its replica there may now copy), until the
+    /// node's record shows it (a few heartbeats).
+    pub(super) fn promise_room(&self, node: &str, pool: &str, bytes: u64) {
+        let now = Instant::now();
+        self.promises.map().insert(
+            Uuid::new_v4(),
+            Promise {
+                node: node.to_string(),
+                pool: pool.to_string(),
+                bytes,
+                made: now,
+                recorded_at: Some(now),
+                room_only: true,
+                created_at_beat: Some(self.registry.beats(node)),
+                shown_by: None,
+            },
+        );
+    }
+
+    /// Whether the promises were brought in step with the records since this agent leads.
+    pub(super) fn promises_synced(&self) -> bool {
+        self.promises.1.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Keeps the promises in step with `records`, all of the volumes read at `read_at`: a replica recorded and not
     /// created is promised (placed before this agent led), one created is on its way out, and one no record has
-    /// (rolled back, retired) is no longer promised, unless promised after the records were read.
+    /// (rolled back, retired) is no longer promised, unless promised after the records were read. The first time
+    /// since this agent leads, replicas recorded created are promised too, for a few heartbeats: the last leader
+    /// may have created them after the nodes' last heartbeats.
     pub(super) fn sync_promises(&self, records: &[VolumeRecord], read_at: Instant) {
+        let first = !self
+            .promises
+            .1
+            .swap(true, std::sync::atomic::Ordering::AcqRel);
         let mut placed: HashMap<Uuid, bool> = HashMap::new();
         for r in records {
             for rep in &r.replicas {
@@ -171,9 +206,25 @@ impl Volumes {
             if r.replicas.iter().any(|x| !x.created) {
                 self.promise_replicas(r, true);
             }
+            if first {
+                let mut map = self.promises.map();
+                for rep in r.replicas.iter().filter(|x| x.created) {
+                    map.entry(rep.uuid).or_insert_with(|| Promise {
+                        node: rep.node.clone(),
+                        pool: rep.pool.clone(),
+                        bytes: r.spec.size,
+                        made: read_at,
+                        recorded_at: Some(read_at),
+                        room_only: false,
+                        created_at_beat: Some(self.registry.beats(&rep.node)),
+                        shown_by: None,
+                    });
+                }
+            }
         }
         let mut map = self.promises.map();
         map.retain(|uuid, p| match placed.get(uuid) {
+            _ if p.room_only => true,
             Some(true) => {
                 if p.created_at_beat.is_none() {
                     p.created_at_beat = Some(self.registry.beats(&p.node));
@@ -181,7 +232,7 @@ impl Volumes {
                 true
             }
             Some(false) => true,
-            None => p.recorded_at.is_none_or(|t| t > read_at),
+            None => p.recorded_at.unwrap_or(p.made + ABANDONED_AFTER) > read_at,
         });
     }
 
@@ -191,6 +242,12 @@ impl Volumes {
         &self,
         ask: &[String],
     ) -> Result<PlacementView, VolumeError> {
+        if !self.promises_synced() {
+            // The first placement since this agent leads: the promises of what the last leader placed first.
+            let read_at = Instant::now();
+            let records = self.list_sound().await?;
+            self.sync_promises(&records, read_at);
+        }
         let mut nodes: Vec<NodeRecord> = self
             .registry
             .list()
@@ -236,11 +293,9 @@ impl Volumes {
                 .and_then(|x| x.generation);
             p.unshown(record, self.registry.beats(&p.node))
         });
+        // (An engine asked just now counts what it created before it answered: its answer's generation ended those
+        // promises above. One created after it answered is still counted.)
         for p in map.values() {
-            // An engine asked just now counts what it created.
-            if p.created_at_beat.is_some() && answered.contains(&p.node) {
-                continue;
-            }
             let pool = at
                 .get(&p.node)
                 .and_then(|&i| nodes[i].status.pools.iter_mut().find(|x| x.name == p.pool));
@@ -294,7 +349,9 @@ mod tests {
             node: "n".into(),
             pool: "p".into(),
             bytes: M,
+            made: Instant::now(),
             recorded_at: Some(Instant::now()),
+            room_only: false,
             created_at_beat: None,
             shown_by: None,
         };

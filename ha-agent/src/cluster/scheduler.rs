@@ -116,16 +116,18 @@ pub fn block_size_of<'a>(
     nodes: &[NodeRecord],
     mut replicas: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> Option<u32> {
-    replicas.find_map(|(node, pool)| {
-        nodes
-            .iter()
-            .find(|n| n.spec.name == node)?
-            .status
-            .pools
-            .iter()
-            .find(|p| p.name == pool)
-            .map(|p| p.block_size)
-    })
+    replicas.find_map(|(node, pool)| pool_of(nodes, node, pool).map(|p| p.block_size))
+}
+
+/// Pool `pool` of node `node` in `nodes`, if its record has it.
+pub fn pool_of<'a>(nodes: &'a [NodeRecord], node: &str, pool: &str) -> Option<&'a PoolSpec> {
+    nodes
+        .iter()
+        .find(|n| n.spec.name == node)?
+        .status
+        .pools
+        .iter()
+        .find(|p| p.name == pool)
 }
 
 fn place_with_block_size(

@@ -109,6 +109,8 @@ impl Volumes {
         let r = self.get(volume).await?;
         // A new snapshot holds placements off from its room check until it is taken (it takes room they see).
         let mut _placing = None;
+        // The room it takes in each pool, promised once it is taken.
+        let mut takes = Vec::new();
         let s = match self.snapshot(uuid).await? {
             Some(s) if s.volume != volume => {
                 return Err(VolumeError::SnapshotExists {
@@ -138,7 +140,7 @@ impl Volumes {
                     });
                 }
                 _placing = Some(self.placing.lock().await);
-                self.room_for_snapshot(&r).await?;
+                takes = self.room_for_snapshot(&r).await?;
                 let s = SnapshotRecord {
                     uuid,
                     volume,
@@ -163,7 +165,12 @@ impl Volumes {
                 s
             }
         };
-        self.take_snapshot(&r, s).await
+        let taken = self.take_snapshot(&r, s).await;
+        // Taken or not (a failed taking may have made copies), its room counts until the nodes' figures show it.
+        for ((node, pool), bytes) in takes {
+            self.promise_room(&node, &pool, bytes);
+        }
+        taken
     }
 
     /// Refuses a new snapshot of `r` that a replica's pool has no room for: once the snapshot shares a replica's
@@ -174,7 +181,10 @@ impl Volumes {
     /// asked; a child faulted for a full pool does not hold snapshots off). The pools' room is placement's
     /// ([`super::room`]: less what records promise); the caller holds [`Volumes::placing`]. An engine that cannot be
     /// asked now, or one that does not tell those figures, is not checked (logged).
-    async fn room_for_snapshot(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+    async fn room_for_snapshot(
+        &self,
+        r: &VolumeRecord,
+    ) -> Result<Vec<((String, String), u64)>, VolumeError> {
         let ask: Vec<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
         let view = self.placement_view(&ask).await?;
         // What each pool must keep room for: its replicas' unshared bytes (one replica per node, normally).
@@ -218,6 +228,8 @@ impl Volumes {
             }
         }
         let mut short = Vec::new();
+        let takes: Vec<((String, String), u64)> =
+            need.iter().map(|(at, (u, _))| (at.clone(), *u)).collect();
         for ((node, pool), (unshared, ids)) in need {
             let room = rooms[&(node.clone(), pool.clone())];
             if unshared > room {
@@ -228,7 +240,7 @@ impl Volumes {
             }
         }
         if short.is_empty() {
-            return Ok(());
+            return Ok(takes);
         }
         Err(VolumeError::NoRoomForSnapshot(format!(
             "no room for a snapshot of volume {}: once shared with it, a replica's clusters are copied at their \

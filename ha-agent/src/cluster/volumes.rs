@@ -377,13 +377,20 @@ impl Volumes {
                     .store
                     .compare_and_put(&volume::key(&uuid), 0, r.encode())
                     .await;
-                if !matches!(written, Ok(true)) {
-                    self.unpromise_replicas(&r);
-                    written?;
-                    return Err(VolumeError::Conflict {
-                        uuid,
-                        why: "created by another request meanwhile".into(),
-                    });
+                match written {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.unpromise_replicas(&r);
+                        return Err(VolumeError::Conflict {
+                            uuid,
+                            why: "created by another request meanwhile".into(),
+                        });
+                    }
+                    // It may be written all the same (a store timeout): promised as written, the sweep decides.
+                    Err(e) => {
+                        self.promise_replicas(&r, true);
+                        return Err(e.into());
+                    }
                 }
                 self.promise_replicas(&r, true);
                 failpoint::at(failpoint::CREATE_PLACED);

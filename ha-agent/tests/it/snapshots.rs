@@ -353,6 +353,29 @@ async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is
     }
 }
 
+/// A one-replica volume of `size` bytes whose first `written` bytes are written through and flushed, published.
+async fn written_volume(
+    c: &mut ClusterClient<Channel>,
+    size: u64,
+    written: u64,
+) -> (String, RemoteNamespace) {
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: size,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ns = publish(c, &vol).await;
+    for off in (0..written).step_by(64 << 10) {
+        ns.write(off, data((off / MIB) as u8)).await.unwrap();
+    }
+    ns.flush().await.unwrap();
+    (vol, ns)
+}
+
 /// A volume made from a snapshot goes on the snapshot's pools only where they have room for it written through: its
 /// clones share every cluster with the snapshot and copy each at its first overwrite, so a pool that the snapshot
 /// left without that room refuses it (RESOURCE_EXHAUSTED, saying which pool and how much room it has) instead of
@@ -361,22 +384,9 @@ async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
     let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
     // A 24 MiB volume on a pool of 56 MiB of clusters, 16 MiB written: the snapshot keeps room for those 16 MiB to
     // be copied (32 MiB were free beside the volume), which leaves 16 MiB, not the 24 a clone may take.
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 24 * MIB,
-        replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let ns = publish(&mut c, &vol).await;
-    for off in (0..16 * MIB).step_by(64 << 10) {
-        ns.write(off, data((off / MIB) as u8)).await.unwrap();
-    }
-    ns.flush().await.unwrap();
+    let (vol, ns) = written_volume(&mut c, 24 * MIB, 16 * MIB).await;
     ns.close().await;
     let snap = uuid::Uuid::new_v4().to_string();
     c.create_snapshot(pb::CreateSnapshotRequest {
@@ -430,22 +440,9 @@ async fn a_volume_from_a_snapshot_needs_room_for_its_copies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_needs_room_for_the_copies_it_makes_its_replicas_take() {
     let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
     // 32 MiB on a pool of 56 MiB of clusters: 24 MiB free beside it, and 28 MiB written that a snapshot would
     // share.
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 32 * MIB,
-        replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let ns = publish(&mut c, &vol).await;
-    for off in (0..28 * MIB).step_by(64 << 10) {
-        ns.write(off, data((off / MIB) as u8)).await.unwrap();
-    }
-    ns.flush().await.unwrap();
+    let (vol, ns) = written_volume(&mut c, 32 * MIB, 28 * MIB).await;
     let snap = uuid::Uuid::new_v4().to_string();
     let e = c
         .create_snapshot(pb::CreateSnapshotRequest {
