@@ -813,8 +813,8 @@ impl Volumes {
         self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))
     }
 
-    /// Removes replicas beyond the spec: never created first, then children the nexus does not report healthy,
-    /// then those away from the nexus's node. The nexus keeps at least one healthy child (it refuses otherwise).
+    /// Removes replicas beyond the spec in the order of [`next_surplus`]. The nexus keeps at least one healthy
+    /// child (it refuses otherwise).
     async fn retire_surplus(&self, r: &mut VolumeRecord) -> Result<(), VolumeError> {
         if r.replicas.len() <= r.spec.replicas as usize {
             return Ok(());
@@ -845,22 +845,11 @@ impl Volumes {
             }
         }
         let nexus_node = nexus.as_ref().map(|n| n.node.clone()).unwrap_or_default();
-        // The first to go: replicas never created, then those missing writes (not healthy in the nexus; without one,
-        // not recorded in sync: placed empty by a scale-up, or left half rebuilt), then those away from the nexus.
-        let rank = |x: &ReplicaRecord| {
-            (
-                x.created,
-                if nexus.is_some() {
-                    healthy.contains(&x.uuid)
-                } else {
-                    x.synced
-                },
-                x.node == nexus_node,
-                x.node.clone(),
-            )
-        };
+        // The nexus's word on who is in sync counts only while it has a healthy child: a nexus gone from its engine
+        // (restarted, not made again yet) or with every child faulted says nothing, and the records decide.
+        let in_sync = (!healthy.is_empty()).then_some(&healthy);
         while r.replicas.len() > r.spec.replicas as usize {
-            let Some(i) = (0..r.replicas.len()).min_by_key(|i| rank(&r.replicas[*i])) else {
+            let Some(i) = next_surplus(&r.replicas, in_sync, &nexus_node) else {
                 break;
             };
             let rep = r.replicas[i].clone();
@@ -898,9 +887,62 @@ impl super::reconcile::Reconciler for Healing {
     }
 }
 
+/// The replica a scale-down retires next: never created first, then those missing writes, then those away from
+/// the nexus's node. Missing writes: not healthy in the nexus when `healthy` is the nexus's word (it is listed and has
+/// a healthy child), else not recorded in sync (placed empty by a scale-up, or left half rebuilt). A replica in
+/// sync goes only once none out of sync is left, so a scale-down never keeps a half-rebuilt copy over the only
+/// full one.
+fn next_surplus(
+    replicas: &[ReplicaRecord],
+    healthy: Option<&BTreeSet<Uuid>>,
+    nexus_node: &str,
+) -> Option<usize> {
+    let rank = |x: &ReplicaRecord| {
+        let in_sync = match healthy {
+            Some(h) => h.contains(&x.uuid),
+            None => x.synced,
+        };
+        (x.created, in_sync, x.node == nexus_node, x.node.clone())
+    };
+    (0..replicas.len()).min_by_key(|i| rank(&replicas[*i]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn replica(node: &str, synced: bool) -> ReplicaRecord {
+        ReplicaRecord {
+            uuid: Uuid::new_v4(),
+            node: node.into(),
+            pool: "p".into(),
+            created: true,
+            rejoined_ms: 0,
+            synced,
+            fault_confirmed: false,
+        }
+    }
+
+    #[test]
+    fn a_scale_down_without_the_nexus_s_word_keeps_the_replica_in_sync() {
+        // The only full copy is away from the nexus's node; a half-rebuilt one is on it.
+        let full = replica("n1", true);
+        let half = replica("n2", false);
+        let rs = [full.clone(), half.clone()];
+        // The nexus is gone from its engine (restarted), or lists every child faulted: the records decide.
+        assert_eq!(next_surplus(&rs, None, "n2"), Some(1), "the half copy goes");
+        // The nexus lists the full copy healthy and the other rebuilding.
+        let healthy = BTreeSet::from([full.uuid]);
+        assert_eq!(next_surplus(&rs, Some(&healthy), "n2"), Some(1));
+        // Both in sync: the one away from the nexus goes.
+        let rs = [replica("n1", true), replica("n2", true)];
+        assert_eq!(next_surplus(&rs, None, "n2"), Some(0));
+        // Never created goes first of all.
+        let mut empty = replica("n2", true);
+        empty.created = false;
+        let rs = [full, empty];
+        assert_eq!(next_surplus(&rs, None, "n2"), Some(1));
+    }
 
     #[test]
     fn child_uris_name_their_replica() {
