@@ -1,9 +1,11 @@
-//! Online expansion, persist-then-act: the new size is checked against every replica's pool and recorded (the spec
-//! says the new size, the growth record the old one) before any engine is asked; then each replica is grown in its
+//! Online expansion, persist-then-act: the new size is checked against every replica's pool (in the placements'
+//! turn, against their promises; the growth is promised until the pools' figures show it, see [`super::room`]) and
+//! recorded (the spec says the new size, the growth record the old one) before any engine is asked; then each replica is grown in its
 //! pool, recorded as it goes, then the nexus, which tells its host (Namespace Attribute Changed) so the kernel sees
 //! the new size without reconnecting; then the growth record is dropped. A crash at any point is resumed by the
 //! [`VolumeGrowth`] reconciler (every engine resize is idempotent). Replicas placed while the growth is in flight
-//! are created at the new size; a nexus made meanwhile takes its smallest child's size and is grown at the end.
+//! are created at the new size; a nexus made meanwhile takes its smallest child's size and is grown at the end. An
+//! engine that refuses the growth for good (a size its pool cannot take) before any replica grew undoes it.
 
 use std::sync::Arc;
 
@@ -13,8 +15,10 @@ use uuid::Uuid;
 
 use super::failpoint;
 use super::node::NodeState;
+use super::room::{PlacementView, growth_key};
+use super::scheduler;
 use super::volume::{GrowthRecord, VolumePhase, VolumeRecord};
-use super::volumes::{BLOCK, VolumeError, Volumes, created, engine_error};
+use super::volumes::{BLOCK, VolumeError, Volumes, created, engine_error, generation_of};
 
 impl Volumes {
     /// Grows volume `uuid` to `size` bytes (see the cluster API's ExpandVolume).
@@ -41,65 +45,35 @@ impl Volumes {
         if size == r.spec.size {
             return Ok(r);
         }
-        self.check_room(&r, size).await?;
+        // Until the growth is promised: no placement meanwhile shares out the room it takes.
+        let placing = self.placing.lock().await;
+        let ask: Vec<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
+        let view = self.placement_view(&ask).await?;
+        let block = r
+            .replica_block_size(&view.nodes)
+            .map_or(BLOCK, u64::from)
+            .max(BLOCK);
+        if !size.is_multiple_of(block) {
+            return Err(VolumeError::InvalidArgument(format!(
+                "volume {uuid}'s replicas are on pools of {block}-byte blocks: size {size} must be a multiple of {block}"
+            )));
+        }
+        check_room(&r, size, &view)?;
         r.growth = Some(GrowthRecord {
             from: r.spec.size,
             grown: Vec::new(),
         });
         r.spec.size = size;
-        self.save(&r).await?;
+        // Promised before it is recorded, so that the next placement need not wait for the store.
+        self.promise_growth(&r, false);
+        drop(placing);
+        let saved = self.save(&r).await;
+        // Written, or it may be written all the same (a store timeout): promised as written, the sweep decides.
+        self.promise_growth(&r, true);
+        saved?;
         failpoint::at(failpoint::EXPAND_RECORDED);
         tracing::info!(%uuid, size, "volume expansion recorded");
         self.drive_growth(r).await
-    }
-
-    /// Whether every replica can grow to `size` now: created, its node Online, its pool with room for the growth on
-    /// top of what its replicas could already grow to (the scheduler's rule: no overcommit). Nothing is recorded
-    /// when it cannot.
-    async fn check_room(&self, r: &VolumeRecord, size: u64) -> Result<(), VolumeError> {
-        let nodes = self.registry.list().await?;
-        let extra = size - r.spec.size;
-        for rep in &r.replicas {
-            let not_now = |why: String| VolumeError::FailedPrecondition {
-                uuid: r.uuid,
-                why: format!(
-                    "replica {} {why}; expand it once the volume is healed",
-                    rep.uuid
-                ),
-            };
-            if !rep.created {
-                return Err(not_now("is not created yet".into()));
-            }
-            let node = nodes
-                .iter()
-                .map(|v| &v.record)
-                .find(|n| n.spec.name == rep.node)
-                .ok_or_else(|| not_now(format!("is on unknown node {}", rep.node)))?;
-            if node.status.state != NodeState::Online {
-                return Err(not_now(format!(
-                    "is on node {}, which is {:?}",
-                    rep.node, node.status.state
-                )));
-            }
-            let pool = node
-                .status
-                .pools
-                .iter()
-                .find(|p| p.name == rep.pool)
-                .ok_or_else(|| {
-                    not_now(format!("is in pool {} that {} lacks", rep.pool, rep.node))
-                })?;
-            let usable = pool.usable_capacity();
-            if pool.committed.saturating_add(extra) > usable {
-                return Err(VolumeError::CannotGrow(format!(
-                    "volume {} cannot grow to {size} bytes: pool {} on {} has {} of {usable} bytes committed \
-                     (its capacity, or what the file system under its file has room for), the growth needs {extra} \
-                     more",
-                    r.uuid, rep.pool, rep.node, pool.committed
-                )));
-            }
-        }
-        Ok(())
     }
 
     /// Grows the replicas not yet grown, then the nexus, recording each; drops the growth record when done. An
@@ -127,20 +101,35 @@ impl Volumes {
                         size,
                     })
                     .await
+                    .map(tonic::Response::into_inner)
                     .map_err(|s| engine_error(&rep.node, s))
             }
             .await;
             self.metrics
                 .operation("resize_replica", if res.is_ok() { "ok" } else { "failed" });
-            if let Err(e) = res {
-                r.reason = waits(&e);
-                self.save(&r).await?;
-                return Err(e);
-            }
+            let grown = match res {
+                Ok(grown) => grown,
+                // No replica grew yet and an engine says it never will: the volume keeps its size.
+                Err(e) if g.grown.is_empty() && cannot_grow(&e) => {
+                    r.spec.size = g.from;
+                    r.growth = None;
+                    r.reason = format!("expansion to {size} bytes refused: {e}");
+                    self.save(&r).await?;
+                    self.unpromise_growth(&r, size);
+                    tracing::warn!(%uuid, size, error = %e, "volume expansion refused and undone");
+                    return Err(e);
+                }
+                Err(e) => {
+                    r.reason = waits(&e);
+                    self.save(&r).await?;
+                    return Err(e);
+                }
+            };
             failpoint::at(failpoint::EXPAND_REPLICA_GROWN);
             g.grown.push(rep.uuid);
             r.growth = Some(g.clone());
             self.save(&r).await?;
+            self.replica_created(&growth_key(&rep.uuid, size), generation_of(&grown));
         }
         if let Some(n) = r.nexus.clone().filter(|n| n.published) {
             let res = async {
@@ -195,6 +184,57 @@ impl Volumes {
         }
         Ok(())
     }
+}
+
+/// Whether every replica of `r` can grow to `size` now, as `view` sees its pools: created, its node Online, its
+/// pool with room for the growth on top of what its replicas could already grow to and the promises made (the
+/// scheduler's rule, [`scheduler::room_for`]: no overcommit). Nothing is recorded when it cannot.
+fn check_room(r: &VolumeRecord, size: u64, view: &PlacementView) -> Result<(), VolumeError> {
+    let extra = size - r.spec.size;
+    for rep in &r.replicas {
+        let not_now = |why: String| VolumeError::FailedPrecondition {
+            uuid: r.uuid,
+            why: format!(
+                "replica {} {why}; expand it once the volume is healed",
+                rep.uuid
+            ),
+        };
+        if !rep.created {
+            return Err(not_now("is not created yet".into()));
+        }
+        let node = view
+            .nodes
+            .iter()
+            .find(|n| n.spec.name == rep.node)
+            .ok_or_else(|| not_now(format!("is on unknown node {}", rep.node)))?;
+        if node.status.state != NodeState::Online {
+            return Err(not_now(format!(
+                "is on node {}, which is {:?}",
+                rep.node, node.status.state
+            )));
+        }
+        let pool = view
+            .pool(&rep.node, &rep.pool)
+            .ok_or_else(|| not_now(format!("is in pool {} that {} lacks", rep.pool, rep.node)))?;
+        scheduler::room_for(pool, extra).map_err(|why| {
+            VolumeError::CannotGrow(format!(
+                "volume {} cannot grow to {size} bytes: the growth needs {extra} more bytes of pool {} on {}: {why}",
+                r.uuid, rep.pool, rep.node
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether an engine's refusal to grow a replica is for good: the size is wrong for it, or its pool has no room.
+fn cannot_grow(e: &VolumeError) -> bool {
+    matches!(
+        e,
+        VolumeError::Engine {
+            code: Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted,
+            ..
+        }
+    )
 }
 
 /// Expansions resumed, as a reconciler (see [`super::reconcile`]).

@@ -787,14 +787,13 @@ impl Volumes {
         let mut r = self.read(uuid).await?.ok_or(VolumeError::NotFound(uuid))?;
         super::volumes::created(&r)?;
         if n as usize > r.replicas.len() {
-            // All the new replicas must fit now, or nothing changes.
-            let nodes = {
-                let _placing = self.placing.lock().await;
-                self.placement_view(&[]).await?.nodes
-            };
+            // All the new replicas must fit now, or nothing changes: placed, promised and recorded in one turn of
+            // the placements, so none placed meanwhile takes their room.
+            let placing = self.placing.lock().await;
+            let nodes = self.placement_view(&[]).await?.nodes;
             let holding: BTreeSet<String> = r.replicas.iter().map(|x| x.node.clone()).collect();
             let block_size = r.replica_block_size(&nodes);
-            scheduler::place_alongside(
+            let choices = scheduler::place_alongside(
                 &nodes,
                 r.spec.size,
                 n as usize - r.replicas.len(),
@@ -802,9 +801,38 @@ impl Volumes {
                 &r.spec.placement,
                 block_size,
             )?;
+            if r.block_size == 0 {
+                // A record from before block sizes were kept: kept from now on.
+                r.block_size = block_size
+                    .or_else(|| {
+                        scheduler::block_size_of(
+                            &nodes,
+                            choices.iter().map(|c| (c.node.as_str(), c.pool.as_str())),
+                        )
+                    })
+                    .unwrap_or(0);
+            }
+            r.replicas
+                .extend(choices.into_iter().map(|c| ReplicaRecord {
+                    uuid: Uuid::new_v4(),
+                    node: c.node,
+                    pool: c.pool,
+                    created: false,
+                    rejoined_ms: 0,
+                    synced: false,
+                    fault_confirmed: false,
+                }));
+            r.spec.replicas = n;
+            self.promise_replicas(&r, false);
+            drop(placing);
+            let saved = self.save(&r).await;
+            // Written, or it may be written all the same (a store timeout): promised as written, the sweep decides.
+            self.promise_replicas(&r, true);
+            saved?;
+        } else {
+            r.spec.replicas = n;
+            self.save(&r).await?;
         }
-        r.spec.replicas = n;
-        self.save(&r).await?;
         tracing::info!(%uuid, replicas = n, "replica count changed");
         self.retire_surplus(&mut r).await?;
         if let Err(e) = self.heal(r, None).await {

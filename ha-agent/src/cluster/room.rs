@@ -1,11 +1,11 @@
 //! What placement sees of the pools. A node record's pool figures change only with the engine's heartbeats, so two
 //! volumes placed within one heartbeat (a StatefulSet's claims provisioned at once) both saw the same room and could
 //! both take it: four 40 MiB volumes went on one 56 MiB pool. So placements — of a new volume, a replacement or an
-//! added replica, a clone, a snapshot's room — are serialised ([`Volumes::placing`]) from reading a
+//! added replica, a clone, a snapshot's room, a volume's growth — are serialised ([`Volumes::placing`]) from reading a
 //! [`PlacementView`] until their replicas are promised (before their record is written; a snapshot: until it is
 //! taken), and the view is the records'
-//! figures less what the agent promised that those figures may not show yet: [`Promises`], one per replica placed,
-//! from its placement until its creation has reached the node's record: until the pool's figures there are of the
+//! figures less what the agent promised that those figures may not show yet: [`Promises`], one per replica placed
+//! (and per replica's growth, [`growth_key`]), from its placement until its creation has reached the node's record: until the pool's figures there are of the
 //! state the creation answered with or a later one (its generation: the pool's import and the metadata changes
 //! applied since, which heartbeats carry), or, from an engine that does not tell it, until a few heartbeats came
 //! ([`super::registry::Registry::beats`]). Without a remote call per node, a placement costs what it did (the scale
@@ -96,6 +96,11 @@ impl Promises {
     }
 }
 
+/// The key of the promise of replica `replica`'s growth to `size` bytes (one per replica and size).
+pub(super) fn growth_key(replica: &Uuid, size: u64) -> Uuid {
+    Uuid::new_v5(replica, &size.to_be_bytes())
+}
+
 /// `pools`' figures, exact, from the engine's listing `live` (labels stay: an engine's listing has none).
 fn take_live(pools: &mut [PoolSpec], live: &[epb::Pool]) {
     for p in pools {
@@ -135,6 +140,43 @@ impl Volumes {
             if recorded && p.recorded_at.is_none() {
                 p.recorded_at = Some(Instant::now());
             }
+        }
+    }
+
+    /// Promises the growth of `r` (in flight: its growth record says from what size) on the pools of its replicas
+    /// not grown yet (under [`Volumes::placing`], before `r` is written; again once it is, `recorded`).
+    pub(super) fn promise_growth(&self, r: &VolumeRecord, recorded: bool) {
+        let Some(g) = &r.growth else { return };
+        let extra = r.spec.size.saturating_sub(g.from);
+        let mut map = self.promises.map();
+        for rep in r
+            .replicas
+            .iter()
+            .filter(|x| x.created && !g.grown.contains(&x.uuid))
+        {
+            let p = map
+                .entry(growth_key(&rep.uuid, r.spec.size))
+                .or_insert_with(|| Promise {
+                    node: rep.node.clone(),
+                    pool: rep.pool.clone(),
+                    bytes: extra,
+                    made: Instant::now(),
+                    recorded_at: None,
+                    room_only: false,
+                    created_at_beat: None,
+                    shown_by: None,
+                });
+            if recorded && p.recorded_at.is_none() {
+                p.recorded_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Takes back the promises of `r`'s growth to `size`: it was undone.
+    pub(super) fn unpromise_growth(&self, r: &VolumeRecord, size: u64) {
+        let mut map = self.promises.map();
+        for rep in &r.replicas {
+            map.remove(&growth_key(&rep.uuid, size));
         }
     }
 
@@ -205,6 +247,33 @@ impl Volumes {
             }
             if r.replicas.iter().any(|x| !x.created) {
                 self.promise_replicas(r, true);
+            }
+            if let Some(g) = &r.growth {
+                // A growth in flight: its replicas not grown are promised its bytes; those grown are on their way
+                // out, as created replicas are.
+                for rep in r.replicas.iter().filter(|x| x.created) {
+                    placed.insert(
+                        growth_key(&rep.uuid, r.spec.size),
+                        g.grown.contains(&rep.uuid),
+                    );
+                }
+                self.promise_growth(r, true);
+                if first {
+                    let mut map = self.promises.map();
+                    for rep in r.replicas.iter().filter(|x| g.grown.contains(&x.uuid)) {
+                        map.entry(growth_key(&rep.uuid, r.spec.size))
+                            .or_insert_with(|| Promise {
+                                node: rep.node.clone(),
+                                pool: rep.pool.clone(),
+                                bytes: r.spec.size.saturating_sub(g.from),
+                                made: read_at,
+                                recorded_at: Some(read_at),
+                                room_only: false,
+                                created_at_beat: Some(self.registry.beats(&rep.node)),
+                                shown_by: None,
+                            });
+                    }
+                }
             }
             if first {
                 let mut map = self.promises.map();

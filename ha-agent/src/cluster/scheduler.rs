@@ -82,6 +82,25 @@ pub fn place_alongside(
             .flat_map(|n| n.status.pools.iter().map(|p| p.block_size))
             .collect(),
     };
+    // A replica is a whole number of its pool's blocks.
+    let (sizes, unfit): (BTreeSet<u32>, BTreeSet<u32>) = sizes
+        .into_iter()
+        .partition(|b| *b > 0 && size.is_multiple_of(u64::from(*b)));
+    if sizes.is_empty() && !unfit.is_empty() {
+        return Err(NoRoom {
+            wanted: count,
+            found: 0,
+            size,
+            reasons: vec![format!(
+                "{size} bytes is no whole number of the blocks of the pools it could go on ({} bytes)",
+                unfit
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )],
+        });
+    }
     let mut closest: Option<NoRoom> = None;
     for b in sizes.iter().copied() {
         match place_with_block_size(nodes, size, count, exclude, placement, b) {
@@ -383,6 +402,20 @@ mod tests {
             "{e}"
         );
         assert_eq!(block_size_of(&nodes, [("n2", "a")].into_iter()), Some(4096));
+        // A size of whole 512-byte blocks but not of 4096: only 512-byte pools take it, beside 4096 ones nothing.
+        let odd = G + 512;
+        let two = place(&nodes, odd, 2, &none, &Placement::default()).unwrap();
+        assert_eq!(nodes_of(two), ["n3", "n4"]);
+        let e = place_alongside(&nodes, odd, 1, &n2_out, &Placement::default(), Some(4096))
+            .unwrap_err();
+        assert!(
+            e.reasons[0].contains("no whole number of the blocks"),
+            "{e}"
+        );
+        for n in &mut nodes[2..] {
+            n.status.pools[0].block_size = 4096;
+        }
+        assert!(place(&nodes, odd, 1, &none, &Placement::default()).is_err());
         assert_eq!(block_size_of(&nodes, [("n9", "a")].into_iter()), None);
     }
 

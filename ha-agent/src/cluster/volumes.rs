@@ -111,7 +111,7 @@ fn room_for_clone(
 
 /// The generation of a replica's pool an engine answered with (`None` from an engine that does not tell it): figures
 /// of the pool at least that recent count the replica ([`super::room`]).
-fn generation_of(r: &epb::Replica) -> Option<(u64, u64)> {
+pub(super) fn generation_of(r: &epb::Replica) -> Option<(u64, u64)> {
     (r.pool_incarnation > 0).then_some((r.pool_incarnation, r.pool_applied))
 }
 

@@ -223,3 +223,81 @@ async fn an_unpublished_volume_grows_and_is_published_at_its_new_size() {
         .into_inner();
     assert_eq!(e.size_bytes, 12 * MIB, "a snapshot has the grown size");
 }
+
+/// Growth takes room as placements do (each pool here holds 56 MiB): two expansions asked at once, or an expansion
+/// and a new volume, never both get the same free space of a pool; the one refused changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expansions_and_placements_at_once_do_not_take_one_pools_room_twice() {
+    let (_dir, _port, _agent, _engines, _nodes, c) = three_nodes().await;
+    let volume = |size: u64| pb::CreateVolumeRequest {
+        uuid: uuid::Uuid::new_v4().to_string(),
+        size_bytes: size,
+        replicas: 3,
+        ..Default::default()
+    };
+    let code = |r: Result<tonic::Response<pb::Volume>, tonic::Status>| match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    };
+    let mut c1 = c.clone();
+    let a = c1
+        .create_volume(volume(16 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = c1
+        .create_volume(volume(16 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    // 24 MiB left on each pool; each growth needs 16 more on each.
+    let (mut ca, mut cb) = (c.clone(), c.clone());
+    let (ra, rb) = tokio::join!(
+        ca.expand_volume(expand(&a.uuid, 32 * MIB)),
+        cb.expand_volume(expand(&b.uuid, 32 * MIB)),
+    );
+    let mut codes = [code(ra), code(rb)];
+    codes.sort_by_key(|c| *c as i32);
+    assert_eq!(codes, [Code::Ok, Code::ResourceExhausted]);
+    let (grown, kept) = if get(&mut c1, &a.uuid).await.size_bytes == 32 * MIB {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let k = get(&mut c1, &kept.uuid).await;
+    assert_eq!(
+        k.size_bytes,
+        16 * MIB,
+        "the refused expansion changed nothing: {k:?}"
+    );
+
+    // The grown volume goes: 40 MiB free on each pool once the heartbeats show it.
+    c1.delete_volume(pb::DeleteVolumeRequest { uuid: grown.uuid })
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let listed = c1
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if listed
+            .iter()
+            .all(|n| n.pools.iter().all(|p| p.committed == 16 * MIB))
+        {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A growth of 24 MiB and a new volume of 24 MiB on every pool: only one fits.
+    let (grow, place) = tokio::join!(
+        ca.expand_volume(expand(&kept.uuid, 40 * MIB)),
+        cb.create_volume(volume(24 * MIB)),
+    );
+    let mut codes = [code(grow), code(place)];
+    codes.sort_by_key(|c| *c as i32);
+    assert_eq!(codes, [Code::Ok, Code::ResourceExhausted]);
+}
