@@ -256,6 +256,16 @@ impl Volumes {
         r: &VolumeRecord,
         mut s: SnapshotRecord,
     ) -> Result<SnapshotRecord, VolumeError> {
+        // Copies are of one size, the volume's: not while it grows (some replicas would be grown, some not), and a
+        // taking resumed after a growth is of the grown size.
+        if r.growth.is_some() {
+            return Err(VolumeError::FailedPrecondition {
+                uuid: r.uuid,
+                why: format!("it is being expanded to {} bytes", r.spec.size),
+            });
+        }
+        let resized = s.size != r.spec.size;
+        s.size = r.spec.size;
         let id = s.uuid.to_string();
         // A taking that did not finish (the agent died, a child failed) may have left copies on some nodes: asked
         // again, those would keep that earlier moment while the others take this one, and a clone's replicas would
@@ -283,7 +293,7 @@ impl Volumes {
                 s.asked.push(node.clone());
             }
         }
-        if s.asked.len() != before {
+        if s.asked.len() != before || resized {
             self.save_snapshot(&s).await?;
         }
         let published = r.nexus.as_ref().is_some_and(|n| n.published);
@@ -385,7 +395,11 @@ impl Volumes {
         for node in &s.asked {
             pools.entry(node.clone()).or_default();
         }
-        if let Some(r) = self.read(s.volume).await? {
+        // Records from before `asked` was kept do not say which nodes were asked: the replicas' nodes may have been.
+        // (Any other record names every node asked: one added to the volume since, maybe down now, holds no copy.)
+        if s.asked.is_empty()
+            && let Some(r) = self.read(s.volume).await?
+        {
             for x in r.replicas {
                 pools.entry(x.node).or_default().push(x.pool);
             }
@@ -434,6 +448,15 @@ impl Volumes {
             let Ok(_held) = self.lock_of(s.volume).try_lock_owned() else {
                 continue;
             };
+            // Read again under the lock: a call that held it may have finished or deleted the snapshot since the
+            // listing (taken again, a deleted one would come back; a finished one would be taken at a later moment).
+            let Some(fresh) = self.snapshot(s.uuid).await? else {
+                continue;
+            };
+            if fresh.phase != s.phase {
+                continue;
+            }
+            let s = fresh;
             let uuid = s.uuid;
             let res = match (s.phase, self.read(s.volume).await?) {
                 (SnapshotPhase::Creating, Some(r)) if r.phase == VolumePhase::Created => {

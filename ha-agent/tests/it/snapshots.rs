@@ -540,3 +540,48 @@ async fn a_snapshot_deleted_while_its_pool_is_away_is_destroyed_when_the_pool_re
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Deleting a snapshot asks only the nodes that may hold a copy of it: a replica added to the volume since, on a node
+/// that is down now, does not hold the delete up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_deleted_while_a_node_that_never_held_a_copy_is_down() {
+    let (_dir, _port, _agent, mut engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let snap = uuid::Uuid::new_v4().to_string();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume: vol.clone(),
+        uuid: snap.clone(),
+    })
+    .await
+    .unwrap();
+    let v = c
+        .set_volume_replicas(pb::SetVolumeReplicasRequest {
+            uuid: vol.clone(),
+            replicas: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = v.replica_list[0].node.clone();
+    let added = v
+        .replica_list
+        .iter()
+        .map(|r| r.node.clone())
+        .find(|n| *n != first)
+        .expect("a second replica");
+    let i: usize = added.trim_start_matches("reg-").parse().unwrap();
+    engines[i - 1].kill9();
+    c.delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
+        .await
+        .unwrap();
+    let up: Vec<pb::Node> = nodes.iter().filter(|n| n.name != added).cloned().collect();
+    assert!(copies_everywhere(&up).await.is_empty());
+}
