@@ -173,14 +173,6 @@ pub fn size_for(range: Option<&CapacityRange>) -> Result<u64, Status> {
     Ok(size)
 }
 
-fn segments(t: &[Topology]) -> Vec<pb::TopologySegment> {
-    t.iter()
-        .map(|s| pb::TopologySegment {
-            labels: s.segments.clone(),
-        })
-        .collect()
-}
-
 /// The nodes the volume is published to (one, or several for a multi-node raw block volume).
 fn published_nodes(v: &pb::Volume) -> Vec<String> {
     v.host_nqns
@@ -325,11 +317,11 @@ impl Controller for ControllerService {
             size = src_size;
             (source_snapshot, source_volume) = (snap, vol);
         }
-        let topology = r
-            .accessibility_requirements
-            .as_ref()
-            .map(|t| segments(&t.requisite))
-            .unwrap_or_default();
+        // Accessibility requirements say where the volume must be reachable from, and it is reachable from every
+        // node (NVMe/TCP; `accessible_topology` is left empty, as the spec says then): they do not place its
+        // replicas, which go where the class's nodeSelector and poolSelector admit. (Placing them by the nodes a
+        // provisioner lists would keep them off storage nodes that run no node plugin, and a retry listing other
+        // nodes would be refused as another volume.)
         let existing = self.get(uuid).await?;
         // A volume of that name that exists fits the request when its size is within the capacity range (it may
         // have been expanded since, or the range allows more than one size); the rest the agent compares.
@@ -343,7 +335,7 @@ impl Controller for ControllerService {
             size_bytes: size,
             replicas: class.replicas,
             node_selector: class.node_selector.clone().into_iter().collect(),
-            topology: topology.clone(),
+            topology: Vec::new(),
             source_snapshot,
             source_volume,
             pool_selector: class.pool_selector.clone().into_iter().collect(),
@@ -362,7 +354,7 @@ impl Controller for ControllerService {
             let cap = self
                 .capacity(pb::GetCapacityRequest {
                     node_selector: cluster_req.node_selector.clone(),
-                    topology,
+                    topology: Vec::new(),
                     replicas: class.replicas,
                     pool_selector: cluster_req.pool_selector.clone(),
                 })
@@ -616,7 +608,8 @@ impl Controller for ControllerService {
         let cap = self
             .capacity(pb::GetCapacityRequest {
                 node_selector: class.node_selector.into_iter().collect(),
-                topology: segments(r.accessible_topology.as_slice()),
+                // A volume is reachable from every segment: each has the capacity of the whole cluster.
+                topology: Vec::new(),
                 replicas: class.replicas,
                 pool_selector: class.pool_selector.into_iter().collect(),
             })
