@@ -91,6 +91,7 @@ async fn main() -> Result<()> {
             Kernel::new(&args.sys, &args.fabrics, "/dev"),
             Mounts::system(),
         )
+        .with_agent(agent.clone())
     });
     server::serve(listener, args.mode, agent, node, shutdown).await
 }

@@ -1,5 +1,6 @@
 //! The Node service, run on every node where pods mount volumes (next to the kernel): NodeStageVolume connects the
-//! kernel to every address the controller's publish gave (native NVMe multipath), finds the device by the volume's
+//! kernel to every address of the volume's target (native NVMe multipath: where the cluster agent says it is now,
+//! else where the controller's publish context says it was), finds the device by the volume's
 //! UUID, makes a file system only on a blank device and mounts it at the staging path; NodePublishVolume bind-mounts
 //! it (or, for a raw block volume, the device node) where the pod wants it; NodeExpandVolume has the kernel rescan
 //! the grown namespace and grows the mounted file system online. Every answer comes from what the node
@@ -32,10 +33,11 @@ use proto::csi::*;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::agent::Agent;
 use crate::kernel::{Device, Kernel};
 use crate::mounts::{self, Content, Mount, Mounts};
 use crate::params;
-use crate::serial::InFlight;
+use crate::serial::{Held, InFlight};
 
 mod belongs;
 mod expand;
@@ -62,6 +64,8 @@ pub struct NodeService {
     inflight: InFlight,
     /// Devices whose first read has not answered yet (`mounts::probe_within`).
     probing: mounts::Probing,
+    /// The cluster agent, asked where a volume's target is now when it is staged (see [`NodeService::current`]).
+    agent: Option<Arc<Agent>>,
 }
 
 impl NodeService {
@@ -74,17 +78,81 @@ impl NodeService {
             mounts: Arc::new(mounts),
             inflight: InFlight::default(),
             probing: mounts::Probing::default(),
+            agent: None,
+        }
+    }
+
+    /// The node service asking `agent` where volumes' targets are when it stages them.
+    pub fn with_agent(mut self, agent: Arc<Agent>) -> NodeService {
+        self.agent = Some(agent);
+        self
+    }
+
+    /// The target addresses to stage volume `uuid` from: those of its nexus now, by the cluster agent, when it is
+    /// published to `host_nqn` there. The publish context (`given`) was written when the CO published the volume,
+    /// and the target may have moved since (a switch-over, a drained node): the CO does not publish again while
+    /// the volume stays attached, so a node that reboots, or stages the volume again, would connect to a target
+    /// that is gone. The context's addresses when the agent does not answer within [`AGENT_WAIT`] or does not
+    /// know better.
+    async fn current(&self, uuid: Uuid, host_nqn: &str, given: Vec<String>) -> Vec<String> {
+        let Some(agent) = &self.agent else {
+            return given;
+        };
+        let ask = agent.call(|mut c| async move {
+            c.get_volume(proto::cluster::GetVolumeRequest {
+                uuid: uuid.to_string(),
+            })
+            .await
+        });
+        let v = match tokio::time::timeout(AGENT_WAIT, ask).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(volume = %uuid, error = %e.message(), "the cluster agent did not say where the volume's target is: staging from the publish context");
+                return given;
+            }
+            Err(_) => {
+                tracing::warn!(volume = %uuid, "the cluster agent did not answer in time: staging from the publish context");
+                return given;
+            }
+        };
+        let now = addresses_now(&v, host_nqn);
+        match now {
+            Some(now) if now != given => {
+                tracing::info!(volume = %uuid, was = ?given, ?now, "the volume's target moved since it was published: staging from where it is now");
+                now
+            }
+            _ => given,
         }
     }
 }
 
-/// Runs blocking work (syscalls, tools) off the runtime's threads.
+/// The target addresses of volume `v` as the cluster agent has it, if it is published to `host_nqn` with addresses
+/// fit for the kernel's connect options.
+fn addresses_now(v: &proto::cluster::Volume, host_nqn: &str) -> Option<Vec<String>> {
+    let published_here = v.host_nqn == host_nqn || v.host_nqns.iter().any(|h| h == host_nqn);
+    let usable = !v.target_addresses.is_empty()
+        && v.target_addresses.len() <= MAX_ADDRESSES
+        && v.target_addresses
+            .iter()
+            .all(|a| option_value(a, "targetAddresses").is_ok());
+    (published_here && usable).then(|| v.target_addresses.clone())
+}
+
+/// How long NodeStageVolume waits for the cluster agent to say where a volume's target is.
+const AGENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs blocking work (syscalls, tools) off the runtime's threads. `held`, the volume's turn, goes with the work:
+/// a call the CO gives up on (its deadline) leaves the work running, and the CO's retry must not run beside it.
 async fn blocking<T: Send + 'static>(
+    held: Option<Held>,
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("node task failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        let _held = held;
+        f()
+    })
+    .await
+    .map_err(|e| Status::internal(format!("node task failed: {e}")))?
 }
 
 #[tonic::async_trait]
@@ -97,7 +165,9 @@ impl Node for NodeService {
         let uuid = volume(&r.volume_id)?;
         let staging = required(&r.staging_target_path, "staging_target_path")?;
         let cap = capability(r.volume_capability.as_ref())?;
-        let (nqn, addresses, host_nqn) = context(&r.publish_context, uuid)?;
+        let (nqn, given, host_nqn) = context(&r.publish_context, uuid)?;
+        let held = self.inflight.hold(&uuid.to_string())?;
+        let addresses = self.current(uuid, &host_nqn, given).await;
         let s = Stage {
             uuid,
             nqn,
@@ -108,9 +178,8 @@ impl Node for NodeService {
             fs_default: r.volume_context.get("fsType").cloned(),
             probing: self.probing.clone(),
         };
-        let _held = self.inflight.hold(&uuid.to_string())?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        blocking(move || stage(&k, &mt, s)).await?;
+        blocking(Some(held), move || stage(&k, &mt, s)).await?;
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
@@ -121,9 +190,9 @@ impl Node for NodeService {
         let r = req.into_inner();
         let uuid = volume(&r.volume_id)?;
         let staging = required(&r.staging_target_path, "staging_target_path")?;
-        let _held = self.inflight.hold(&uuid.to_string())?;
+        let held = self.inflight.hold(&uuid.to_string())?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        blocking(move || unstage(&k, &mt, uuid, &staging)).await?;
+        blocking(Some(held), move || unstage(&k, &mt, uuid, &staging)).await?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
@@ -136,9 +205,12 @@ impl Node for NodeService {
         let staging = required(&r.staging_target_path, "staging_target_path")?;
         let target = required(&r.target_path, "target_path")?;
         let cap = capability(r.volume_capability.as_ref())?;
-        let _held = self.inflight.hold(&uuid.to_string())?;
+        let held = self.inflight.hold(&uuid.to_string())?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        blocking(move || publish(&k, &mt, uuid, &staging, &target, &cap, r.readonly)).await?;
+        blocking(Some(held), move || {
+            publish(&k, &mt, uuid, &staging, &target, &cap, r.readonly)
+        })
+        .await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -149,9 +221,9 @@ impl Node for NodeService {
         let r = req.into_inner();
         let uuid = volume(&r.volume_id)?;
         let target = required(&r.target_path, "target_path")?;
-        let _held = self.inflight.hold(&uuid.to_string())?;
+        let held = self.inflight.hold(&uuid.to_string())?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        blocking(move || unpublish(&k, &mt, uuid, &target)).await?;
+        blocking(Some(held), move || unpublish(&k, &mt, uuid, &target)).await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
@@ -164,7 +236,7 @@ impl Node for NodeService {
         let path = required(&r.volume_path, "volume_path")?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());
         Ok(Response::new(
-            blocking(move || stats(&k, &mt, uuid, &path)).await?,
+            blocking(None, move || stats(&k, &mt, uuid, &path)).await?,
         ))
     }
 
@@ -189,11 +261,12 @@ impl Node for NodeService {
             "" => None,
             s => Some(required(s, "staging_target_path")?),
         };
-        let _held = self.inflight.hold(&uuid.to_string())?;
+        let held = self.inflight.hold(&uuid.to_string())?;
         let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        let size =
-            blocking(move || expand(&k, &mt, uuid, &path, staging.as_deref(), want, DEVICE_WAIT))
-                .await?;
+        let size = blocking(Some(held), move || {
+            expand(&k, &mt, uuid, &path, staging.as_deref(), want, DEVICE_WAIT)
+        })
+        .await?;
         Ok(Response::new(NodeExpandVolumeResponse {
             capacity_bytes: size as i64,
         }))

@@ -640,3 +640,39 @@ fn expanding_past_what_the_volume_holds_is_out_of_range_and_without_a_live_path_
     let err = expand(k, mt, uuid, &dev, None, 2 << 20, wait).unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }
+
+#[test]
+fn a_volume_is_staged_from_where_the_agent_says_its_target_is_now() {
+    let v = |host: &str, addresses: &[&str]| proto::cluster::Volume {
+        host_nqn: host.into(),
+        host_nqns: vec![host.into()],
+        target_addresses: addresses.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    // Moved by a switch-over since the publish: the new target.
+    assert_eq!(
+        addresses_now(&v(HOST, &["10.0.0.2:4420"]), HOST),
+        Some(vec!["10.0.0.2:4420".to_string()])
+    );
+    // Published to several hosts (a multi-node raw block volume): this one among them.
+    let mut multi = v("nqn.2026-11.io.keelson:host-app-2", &["10.0.0.2:4420"]);
+    multi.host_nqns.push(HOST.into());
+    assert!(addresses_now(&multi, HOST).is_some());
+    // Not published to this host, not published at all, or addresses unfit for the connect options: the context's.
+    assert_eq!(
+        addresses_now(
+            &v("nqn.2026-11.io.keelson:host-app-2", &["10.0.0.2:4420"]),
+            HOST
+        ),
+        None
+    );
+    assert_eq!(addresses_now(&v(HOST, &[]), HOST), None);
+    assert_eq!(
+        addresses_now(&v(HOST, &["10.0.0.2:4420,hostnqn=x"]), HOST),
+        None
+    );
+    assert_eq!(
+        addresses_now(&proto::cluster::Volume::default(), HOST),
+        None
+    );
+}
