@@ -208,6 +208,11 @@ impl Kernel {
         }
     }
 
+    /// Whether the kernel's native NVMe multipath is on, if its module is loaded ([`sysfs::native_multipath`]).
+    pub fn native_multipath(&self) -> Option<bool> {
+        sysfs::native_multipath(&self.sys)
+    }
+
     /// Whether any path to `nqn` can take I/O now.
     pub fn live(&self, nqn: &str) -> bool {
         self.subsystem(nqn)

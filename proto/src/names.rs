@@ -34,7 +34,7 @@ pub fn local_child_uri(replica_uuid: &str) -> String {
     format!("local:///{}", replica_nqn(replica_uuid))
 }
 
-/// A target's address as `ip:port`, from `ip:port` or the form the Linux host writes in sysfs
+/// A target's address as `ip:port` (`[ip]:port` for IPv6), from `ip:port` or the form the Linux host writes in sysfs
 /// (`traddr=10.0.0.1,trsvcid=4420,src_addr=...`): how a node agent reports a path and the cluster agent records it.
 pub fn target_address(a: &str) -> String {
     let field = |k: &str| {
@@ -43,6 +43,8 @@ pub fn target_address(a: &str) -> String {
             .map(str::to_string)
     };
     match (field("traddr="), field("trsvcid=")) {
+        // An IPv6 address in brackets, as socket addresses and listeners write it.
+        (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
         (Some(ip), Some(port)) => format!("{ip}:{port}"),
         _ => a.trim().to_string(),
     }
@@ -69,6 +71,11 @@ mod tests {
             "10.200.0.1:4420"
         );
         assert_eq!(target_address(" 127.0.0.2:4420 "), "127.0.0.2:4420");
+        assert_eq!(
+            target_address("traddr=fd00::1,trsvcid=4420,src_addr=fd00::2"),
+            "[fd00::1]:4420",
+            "as an IPv6 listener is written"
+        );
         assert_eq!(target_address("trsvcid=4420"), "trsvcid=4420");
     }
 }

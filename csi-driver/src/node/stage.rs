@@ -74,6 +74,11 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
             ))),
         };
     }
+    if k.native_multipath() == Some(false) {
+        return Err(Status::failed_precondition(
+            ha_agent::node::sysfs::NO_MULTIPATH,
+        ));
+    }
     let errors = k
         .connect(&s.nqn, &s.addresses, &s.host_nqn)
         .map_err(|e| Status::unavailable(format!("connecting volume {}: {e}", s.uuid)))?;

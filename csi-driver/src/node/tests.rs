@@ -587,6 +587,28 @@ async fn a_publish_context_cannot_add_connect_options() {
     );
 }
 
+#[tokio::test]
+async fn a_kernel_without_native_multipath_stages_nothing() {
+    let f = Fake::new();
+    let p = f.path("sys/module/nvme_core/parameters");
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("multipath"), "N\n").unwrap();
+    let nqn = proto::names::volume_nqn(B);
+    let ctx = [
+        ("nqn", nqn.as_str()),
+        ("targetAddresses", "127.0.0.9:4420"),
+        ("hostNqn", HOST),
+    ];
+    let e = f.stage(B, &f.p("stage-b"), &ctx).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("multipath"), "{e:?}");
+    assert_eq!(
+        std::fs::read_to_string(f.path("fabrics")).unwrap(),
+        "",
+        "nothing connected"
+    );
+}
+
 #[test]
 fn a_sound_publish_context_is_taken_as_it_is() {
     let uuid = Uuid::parse_str(B).unwrap();

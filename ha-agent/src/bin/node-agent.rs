@@ -72,6 +72,9 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let args = Args::parse();
+    if ha_agent::node::sysfs::native_multipath(&args.sys) == Some(false) {
+        anyhow::bail!("{}", ha_agent::node::sysfs::NO_MULTIPATH);
+    }
     let node = args.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())

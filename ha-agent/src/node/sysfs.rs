@@ -29,8 +29,9 @@ pub struct Controller {
     pub io: IoCounts,
 }
 
-/// A path's block I/O counters: requests in flight now (`inflight`: reads and writes), and requests completed since
-/// it appeared (`stat`: reads and writes). In flight with nothing completing means the target went silent.
+/// A path's block I/O counters: requests in flight now (`inflight`: reads, and writes with discards and flushes),
+/// and requests completed since it appeared (`stat`: reads, writes, discards and flushes, fields 1, 5, 12 and 16).
+/// In flight with nothing completing means the target went silent.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IoCounts {
     pub in_flight: u64,
@@ -50,7 +51,8 @@ impl IoCounts {
         let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
         IoCounts {
             in_flight: at(&inflight, 0) + at(&inflight, 1),
-            completed: at(&stat, 0) + at(&stat, 4),
+            // A long discard (mkfs, fstrim) or flush completes in its own counter, not the writes'.
+            completed: at(&stat, 0) + at(&stat, 4) + at(&stat, 11) + at(&stat, 15),
         }
     }
 
@@ -73,10 +75,16 @@ impl Controller {
                 .any(|a| a.is_empty() || a == "optimized" || a == "non-optimized")
     }
 
-    /// Whether it is broken: not live, or live with namespace paths of which none can take I/O. A live controller
-    /// without a path yet (just connected) is not broken, only not usable yet.
+    /// Whether it is broken: reconnecting (`connecting`, `resetting`) or `dead`, or live with namespace paths of
+    /// which none can take I/O. A live controller without a path yet (just connected) is not broken, only not usable
+    /// yet; nor is one being set up (`new`) or taken down on purpose (`deleting`: an unstage, or this agent
+    /// removing a replaced path; the kernel deletes none by itself, as paths are connected with ctrl_loss_tmo=-1).
     pub fn broken(&self) -> bool {
-        self.state != "live" || (!self.ana.is_empty() && !self.usable())
+        match self.state.as_str() {
+            "new" | "deleting" | "deleting (no IO)" => false,
+            "live" => !self.ana.is_empty() && !self.usable(),
+            _ => true,
+        }
     }
 
     /// `ip:port` of its target.
@@ -132,6 +140,20 @@ fn sorted_entries(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Whether the kernel's native NVMe multipath is on (`nvme_core.multipath`), if `nvme_core` is loaded. Keelson needs
+/// it: a volume's paths are one block device (`nvmeXnY` over `nvmeXcYnZ`), whose I/O the kernel queues while no
+/// path is live and moves to a replacement path; without it each path is a device of its own, and a target's death
+/// fails the application's I/O.
+pub fn native_multipath(sys: &Path) -> Option<bool> {
+    match read(&sys.join("module/nvme_core/parameters/multipath")).as_str() {
+        "" => None,
+        v => Some(v == "Y" || v == "1"),
+    }
+}
+
+/// What to tell someone whose kernel runs without native NVMe multipath.
+pub const NO_MULTIPATH: &str = "the kernel's native NVMe multipath is off (nvme_core.multipath=N): Keelson needs it to      keep a volume's I/O through a target's failure; load nvme_core with multipath=Y (kernel command line      nvme_core.multipath=Y)";
 
 /// Keelson's subsystems under `sys` (`/sys` on a real node), in name order.
 pub fn scan(sys: &Path) -> Vec<Subsystem> {
@@ -305,6 +327,43 @@ mod tests {
         fixture::set_io(sys, "nvme-subsys0", "nvme0", 3, 1234);
         let io = scan(sys)[0].controllers[0].io;
         assert_eq!((io.in_flight, io.completed), (3, 1234));
+        // Discards and flushes complete in their own counters (fields 12 and 16).
+        let path = sys.join("class/nvme-subsystem/nvme-subsys0/nvme0/nvme0c0n1/stat");
+        std::fs::write(&path, "10 0 0 0 20 0 0 0 1 0 0 7 0 0 0 5 0\n").unwrap();
+        assert_eq!(scan(sys)[0].controllers[0].io.completed, 10 + 20 + 7 + 5);
+    }
+
+    #[test]
+    fn native_multipath_is_read_from_nvme_core_s_parameter() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(native_multipath(dir.path()), None, "nvme_core not loaded");
+        let p = dir.path().join("module/nvme_core/parameters");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("multipath"), "N\n").unwrap();
+        assert_eq!(native_multipath(dir.path()), Some(false));
+        std::fs::write(p.join("multipath"), "Y\n").unwrap();
+        assert_eq!(native_multipath(dir.path()), Some(true));
+    }
+
+    #[test]
+    fn a_controller_set_up_or_taken_down_on_purpose_is_not_broken() {
+        let c = |state: &str| Controller {
+            name: "nvme0".into(),
+            state: state.into(),
+            address: String::new(),
+            transport: "tcp".into(),
+            cntlid: "1".into(),
+            host_nqn: String::new(),
+            host_id: String::new(),
+            ana: vec![],
+            io: IoCounts::default(),
+        };
+        for state in ["new", "deleting", "deleting (no IO)", "live"] {
+            assert!(!c(state).broken(), "{state}");
+        }
+        for state in ["connecting", "resetting", "dead"] {
+            assert!(c(state).broken(), "{state}");
+        }
     }
 
     #[test]
