@@ -219,6 +219,20 @@ impl Kernel {
             .is_some_and(|s| s.controllers.iter().any(|c| c.usable()))
     }
 
+    /// Waits up to `limit` for a path to `nqn` to be live; whether one is.
+    pub fn wait_live(&self, nqn: &str, limit: Duration) -> bool {
+        let t = Instant::now();
+        loop {
+            if self.live(nqn) {
+                return true;
+            }
+            if t.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Removes every controller of `nqn` (queued I/O fails); returns how many.
     pub fn disconnect(&self, nqn: &str) -> Result<usize, String> {
         let Some(s) = self.subsystem(nqn) else {

@@ -5,7 +5,8 @@
 //! it (or, for a raw block volume, the device node) where the pod wants it; NodeExpandVolume has the kernel rescan
 //! the grown namespace and grows the mounted file system online. Every answer comes from what the node
 //! can see (mountinfo, sysfs), so a restarted plugin picks up where the last one was. Calls that could wait for
-//! I/O forever (unmounting a file system whose paths are gone) remove the paths first, so they fail instead; the
+//! I/O forever (unmounting a file system whose paths are gone: after 20 s without a live path, time for a
+//! switch-over to connect one) remove the paths first, so they fail instead; the
 //! first read of a staged device gives up after 60 s (UNAVAILABLE), one read per device at a time.
 //!
 //! The plugin runs as root on paths and a publish context the CO sends, so it trusts neither: every path is
@@ -66,7 +67,12 @@ pub struct NodeService {
     probing: mounts::Probing,
     /// The cluster agent, asked where a volume's target is now when it is staged (see [`NodeService::current`]).
     agent: Option<Arc<Agent>>,
+    /// How long an unstage waits for a live path before it gives up the page cache's data (see `stage::unstage`).
+    live_wait: Duration,
 }
+
+/// How long an unstage waits for a live path by default: a target's switch-over takes seconds.
+pub const LIVE_WAIT: Duration = Duration::from_secs(20);
 
 impl NodeService {
     /// The node service of node `node`, on `kernel`'s NVMe/TCP host and `mounts`' mount table.
@@ -79,7 +85,14 @@ impl NodeService {
             inflight: InFlight::default(),
             probing: mounts::Probing::default(),
             agent: None,
+            live_wait: LIVE_WAIT,
         }
+    }
+
+    /// The node service waiting `wait` for a live path before an unstage without one disconnects.
+    pub fn with_live_wait(mut self, wait: Duration) -> NodeService {
+        self.live_wait = wait;
+        self
     }
 
     /// The node service asking `agent` where volumes' targets are when it stages them.
@@ -191,8 +204,8 @@ impl Node for NodeService {
         let uuid = volume(&r.volume_id)?;
         let staging = required(&r.staging_target_path, "staging_target_path")?;
         let held = self.inflight.hold(&uuid.to_string())?;
-        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        blocking(Some(held), move || unstage(&k, &mt, uuid, &staging)).await?;
+        let (k, mt, wait) = (self.kernel.clone(), self.mounts.clone(), self.live_wait);
+        blocking(Some(held), move || unstage(&k, &mt, uuid, &staging, wait)).await?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 

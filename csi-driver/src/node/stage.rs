@@ -131,10 +131,7 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
             )));
         }
     }
-    let mut opts = mount_flags;
-    if read_only_mode(&s.cap) {
-        opts.push("ro".into());
-    }
+    let opts = mount_options(&fs, mount_flags, read_only_mode(&s.cap));
     mt.mount(&dev.path.to_string_lossy(), &s.staging, &fs, &opts)
         .map_err(Status::internal)?;
     // Neither secrets nor the paths the CO chose are logged: the volume and device say what happened.
@@ -142,12 +139,32 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
     Ok(())
 }
 
+/// The options a volume's file system `fs` is mounted with: the capability's flags, `ro` for a read-only mode, and
+/// for XFS `nouuid`: a volume made from a snapshot or volume holds its source's file system, UUID and all, and XFS
+/// refuses to mount a file system whose UUID is mounted already, so a clone on its source's node would never mount.
+pub(super) fn mount_options(fs: &str, flags: Vec<String>, read_only: bool) -> Vec<String> {
+    let mut opts = flags;
+    if read_only {
+        opts.push("ro".into());
+    }
+    if fs == "xfs" && !opts.iter().any(|o| o == "nouuid") {
+        opts.push("nouuid".into());
+    }
+    opts
+}
+
 /// Unstages volume `uuid` from `staging`: its file system unmounted there, then its paths removed. Only this volume's
 /// mount is taken down. When nothing of the volume is at `staging` but it is mounted elsewhere, its paths stay
 /// (FAILED_PRECONDITION): the path is wrong, and removing them would fail that mount's I/O. (With the volume at
 /// `staging` and also elsewhere, a publish the CO has not taken back or the same mount seen through a bind of the
 /// kubelet's directory, it goes on: refusing would keep the volume attached for ever in the second case.)
-pub(super) fn unstage(k: &Kernel, mt: &Mounts, uuid: Uuid, staging: &Path) -> Result<(), Status> {
+pub(super) fn unstage(
+    k: &Kernel,
+    mt: &Mounts,
+    uuid: Uuid,
+    staging: &Path,
+    live_wait: Duration,
+) -> Result<(), Status> {
     let nqn = proto::names::volume_nqn(&uuid.to_string());
     let dev = k.device(&uuid.to_string());
     let staged = mt.at(staging);
@@ -188,9 +205,11 @@ pub(super) fn unstage(k: &Kernel, mt: &Mounts, uuid: Uuid, staging: &Path) -> Re
         }
     }
     if let (Some(_), Some(d)) = (staged, &dev) {
-        // With no live path, unmounting would wait for I/O that never completes: remove the paths first.
-        if !k.live(&nqn) {
-            tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), "no live path: disconnecting before the unmount");
+        // The unmount writes what the page cache holds. With no live path it would wait for I/O that never
+        // completes, so the paths go first and that data is lost: first wait a while for one, as a target's
+        // switch-over (the node agent connecting its replacement) takes seconds.
+        if !k.live(&nqn) && !k.wait_live(&nqn, live_wait) {
+            tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), waited = ?live_wait, "no live path: disconnecting before the unmount (what the page cache held for the volume is lost)");
             k.disconnect(&nqn).map_err(Status::internal)?;
         }
         for _ in 0..MAX_STACKED {

@@ -26,10 +26,17 @@ struct Fake {
 /// `mount` and `umount` on the mount table in `mountinfo`: paths are read after `--` only.
 fn fake_tools(mountinfo: PathBuf, sys: PathBuf, calls: Arc<Mutex<Vec<String>>>) -> Tool {
     Arc::new(move |program: &str, args: &[&str], _| {
+        // An unmount after volume A's paths were removed says so: what its page cache held was lost.
+        let after =
+            if program == "umount" && sys.join("class/nvme/nvme0/delete_controller").exists() {
+                " (after the disconnect)"
+            } else {
+                ""
+            };
         calls
             .lock()
             .unwrap()
-            .push(format!("{program} {}", args.join(" ")));
+            .push(format!("{program} {}{after}", args.join(" ")));
         let text = std::fs::read_to_string(&mountinfo).unwrap();
         let table = mounts::parse(&text);
         let mut lines: Vec<String> = text.lines().map(String::from).collect();
@@ -145,6 +152,14 @@ impl Fake {
 
     fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
+    }
+
+    /// The same, its unstages waiting `wait` for a live path.
+    fn with_live_wait(self, wait: Duration) -> Fake {
+        Fake {
+            svc: self.svc.with_live_wait(wait),
+            ..self
+        }
     }
 
     fn p(&self, p: &str) -> String {
@@ -443,6 +458,44 @@ async fn unstage_unmounts_only_this_volume_and_keeps_its_paths_for_a_wrong_stagi
     assert!(f.table().contains(&f.p("stage-b")));
 }
 
+/// A volume unstaged while its target switches over (its only path reconnecting): the unmount waits for the
+/// replacement path, so what the page cache holds is written; with no path for the whole wait, the paths go first
+/// (the unmount would wait for ever).
+#[tokio::test]
+async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
+    let state = |f: &Fake, s: &str| {
+        std::fs::write(
+            f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state"),
+            format!("{s}\n"),
+        )
+        .unwrap()
+    };
+    let f = Fake::new().with_live_wait(Duration::from_secs(10));
+    f.staged(A, "stage-a");
+    state(&f, "connecting");
+    let sw = f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state");
+    let switch_over = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(sw, "live\n").unwrap();
+    });
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    switch_over.join().unwrap();
+    assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
+    assert!(f.disconnected());
+
+    let f = Fake::new().with_live_wait(Duration::from_millis(200));
+    f.staged(A, "stage-a");
+    state(&f, "connecting");
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert_eq!(
+        f.calls(),
+        vec![format!(
+            "umount -- {} (after the disconnect)",
+            f.p("stage-a")
+        )]
+    );
+}
+
 /// The volume's paths were removed by hand and its device is gone, but its file system is still mounted: the
 /// mounts of that dead device are taken off, so the pods using them can end. A live device's are not.
 #[tokio::test]
@@ -696,5 +749,19 @@ fn a_volume_is_staged_from_where_the_agent_says_its_target_is_now() {
     assert_eq!(
         addresses_now(&proto::cluster::Volume::default(), HOST),
         None
+    );
+}
+
+#[test]
+fn xfs_is_mounted_without_its_uuid_check_so_a_clone_mounts_beside_its_source() {
+    let flags = vec!["noatime".to_string()];
+    assert_eq!(
+        mount_options("xfs", flags.clone(), false),
+        ["noatime", "nouuid"]
+    );
+    assert_eq!(mount_options("ext4", flags, true), ["noatime", "ro"]);
+    assert_eq!(
+        mount_options("xfs", vec!["nouuid".into()], false),
+        ["nouuid"]
     );
 }
