@@ -4,7 +4,7 @@
 //! - `keelson_node_path_state{volume,controller,address,state}` 1 for the state the kernel reports now (`live`,
 //!   `connecting`, `resetting`, `deleting`, ...), or `stalled` for a live path holding I/O none of which completed
 //!   for the stall timeout (its target silent: frozen or cut off), or `removed` for a path the agent deleted or the
-//!   kernel dropped (kept for a while); 0 for the states it left;
+//!   kernel dropped (kept for 10 minutes, then the path's series go); 0 for the states it left;
 //! - `keelson_node_path_usable{volume,controller,address}` 1 when I/O can go through the path (not stalled);
 //! - `keelson_node_switchovers_total{result}`: `ok` (a new path is live), `unchanged` (the nexus stayed where it
 //!   was), `refused` (the cluster agent said no), `failed`;
@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -33,9 +33,24 @@ pub struct NodeMetrics {
     duration: Histogram,
     reports: IntCounterVec,
     registered: IntGauge,
-    /// The label values of every path series set, by (volume, controller, address): its last state.
-    paths: Mutex<BTreeMap<(String, String, String), String>>,
+    /// The label values of every path series set, by (volume, controller, address).
+    paths: Mutex<BTreeMap<(String, String, String), PathSeries>>,
 }
+
+/// What the series of one path hold.
+#[derive(Default)]
+struct PathSeries {
+    /// Its last state.
+    state: String,
+    /// Every state its series was set for.
+    states: BTreeSet<String>,
+    /// When it was found removed.
+    removed_at: Option<Instant>,
+}
+
+/// How long the series of a removed path stay (showing `removed`) before they are dropped: every staged volume and
+/// every switch-over makes new ones, which would otherwise pile up for as long as the agent runs.
+pub const REMOVED_KEPT: Duration = Duration::from_secs(600);
 
 fn volume_of(nqn: &str) -> &str {
     nqn.rsplit_once(":vol-").map_or(nqn, |(_, v)| v)
@@ -116,8 +131,12 @@ impl NodeMetrics {
     }
 
     /// Sets the path series from a scan and the paths found stalled in it (subsystem NQN, controller name); paths
-    /// no longer there show `removed`.
+    /// no longer there show `removed`, for [`REMOVED_KEPT`].
     pub fn paths(&self, scan: &[Subsystem], stalled: &BTreeSet<(String, String)>) {
+        self.paths_at(scan, stalled, Instant::now());
+    }
+
+    fn paths_at(&self, scan: &[Subsystem], stalled: &BTreeSet<(String, String)>, at: Instant) {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = BTreeMap::new();
         for s in scan {
@@ -130,24 +149,47 @@ impl NodeMetrics {
                 }
             }
         }
+        let mut dropped = Vec::new();
         for (key, last) in paths.iter_mut() {
-            if !now.contains_key(key) && last != "removed" {
-                self.set_state(key, last, "removed");
-                self.usable
-                    .with_label_values(&[&key.0, &key.1, &key.2])
-                    .set(0);
-                *last = "removed".into();
+            if now.contains_key(key) {
+                continue;
+            }
+            match last.removed_at {
+                None => {
+                    self.set_state(key, &last.state, "removed");
+                    self.usable
+                        .with_label_values(&[&key.0, &key.1, &key.2])
+                        .set(0);
+                    last.state = "removed".into();
+                    last.states.insert(last.state.clone());
+                    last.removed_at = Some(at);
+                }
+                Some(t) if at.saturating_duration_since(t) >= REMOVED_KEPT => {
+                    for state in &last.states {
+                        let _ = self
+                            .state
+                            .remove_label_values(&[&key.0, &key.1, &key.2, state]);
+                    }
+                    let _ = self.usable.remove_label_values(&[&key.0, &key.1, &key.2]);
+                    dropped.push(key.clone());
+                }
+                Some(_) => {}
             }
         }
+        for key in dropped {
+            paths.remove(&key);
+        }
         for (key, (state, usable)) in now {
-            let last = paths.get(&key).cloned().unwrap_or_default();
-            if last != state {
-                self.set_state(&key, &last, &state);
+            let last = paths.entry(key.clone()).or_default();
+            if last.state != state {
+                self.set_state(&key, &last.state, &state);
+                last.states.insert(state.clone());
+                last.state = state;
             }
+            last.removed_at = None;
             self.usable
                 .with_label_values(&[&key.0, &key.1, &key.2])
                 .set(usable as i64);
-            paths.insert(key, state);
         }
     }
 
@@ -252,6 +294,17 @@ mod tests {
             (series(&m, "connecting"), series(&m, "removed")),
             (Some(0.0), Some(1.0))
         );
+        // Kept a while, then gone (every staged volume and switch-over makes new series).
+        let later = Instant::now() + REMOVED_KEPT;
+        m.paths_at(&[], &none, later - Duration::from_secs(1));
+        assert_eq!(series(&m, "removed"), Some(1.0));
+        m.paths_at(&[], &none, later + Duration::from_secs(1));
+        assert_eq!(
+            (series(&m, "removed"), series(&m, "live"), usable(&m)),
+            (None, None, None)
+        );
+        m.paths(&scan("live"), &none);
+        assert_eq!((series(&m, "live"), usable(&m)), (Some(1.0), Some(1.0)));
         m.switchover("ok", Some(Duration::from_millis(420)));
         m.report("ok");
         let text = m.render();
