@@ -633,7 +633,8 @@ impl Controller for ControllerService {
             RpcType::CreateDeleteSnapshot,
             RpcType::ListSnapshots,
             RpcType::CloneVolume,
-            RpcType::PublishReadonly,
+            // Not PUBLISH_READONLY: a publish exports the volume read-write to its node, so its `readonly` would be
+            // a promise not kept (the kubelet makes a read-only pod's mount read-only at NodePublishVolume).
             RpcType::ListVolumesPublishedNodes,
             RpcType::VolumeCondition,
             RpcType::GetVolume,

@@ -40,7 +40,10 @@ impl Volumes {
         }
         // An expansion already in flight is finished first (to its own size, or this one's if they agree).
         if r.growth.is_some() {
-            r = self.drive_growth(r).await?;
+            r = self
+                .drive_growth(r)
+                .await
+                .map_err(|e| super::volumes::not_the_volume_missing(uuid, e))?;
         }
         if size == r.spec.size {
             return Ok(r);
@@ -73,7 +76,9 @@ impl Volumes {
         saved?;
         failpoint::at(failpoint::EXPAND_RECORDED);
         tracing::info!(%uuid, size, "volume expansion recorded");
-        self.drive_growth(r).await
+        self.drive_growth(r)
+            .await
+            .map_err(|e| super::volumes::not_the_volume_missing(uuid, e))
     }
 
     /// Grows the replicas not yet grown, then the nexus, recording each; drops the growth record when done. An

@@ -165,7 +165,10 @@ impl Volumes {
                 s
             }
         };
-        let taken = self.take_snapshot(&r, s).await;
+        let taken = self
+            .take_snapshot(&r, s)
+            .await
+            .map_err(|e| super::volumes::not_the_volume_missing(volume, e));
         // Taken or not (a failed taking may have made copies), its room counts until the nodes' figures show it.
         for ((node, pool), bytes) in takes {
             self.promise_room(&node, &pool, bytes);
