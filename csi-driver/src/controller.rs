@@ -303,16 +303,20 @@ impl Controller for ControllerService {
         let _held = self.inflight.hold(&format!("volume name {name}"))?;
         let uuid = names::volume_uuid(name);
         let (mut source_snapshot, mut source_volume) = (String::new(), String::new());
+        // A volume made from a snapshot or volume is made at its source's size, then grown to what the claim asks
+        // for (a snapshot restored into a larger claim): the node grows its file system when it stages it.
+        let mut grow_to = None;
         if let Some(src) = &r.volume_content_source {
             let (src_size, snap, vol) = self.source(src).await?;
             let range = r.capacity_range.unwrap_or_default();
-            // A volume made from another has its size (growing it comes with expansion).
-            if (range.required_bytes as u64) > src_size
-                || (range.limit_bytes > 0 && (range.limit_bytes as u64) < src_size)
-            {
+            if range.limit_bytes > 0 && (range.limit_bytes as u64) < src_size {
                 return Err(Status::out_of_range(format!(
-                    "a volume made from this source has its size, {src_size} bytes, outside the capacity range"
+                    "a volume made from this source holds its {src_size} bytes, above limit_bytes {}",
+                    range.limit_bytes
                 )));
+            }
+            if (range.required_bytes as u64) > src_size {
+                grow_to = Some(size);
             }
             size = src_size;
             (source_snapshot, source_volume) = (snap, vol);
@@ -387,6 +391,29 @@ impl Controller for ControllerService {
                 v.reason
             )));
         }
+        let v = match grow_to {
+            Some(want) if v.size_bytes < want || v.expanding_from_bytes != 0 => {
+                tracing::info!(%uuid, from = v.size_bytes, to = want, "growing a volume made from a source to its claim's size");
+                self.agent
+                    .call(|mut c| {
+                        let req = pb::ExpandVolumeRequest {
+                            uuid: uuid.to_string(),
+                            size_bytes: want.max(v.size_bytes),
+                        };
+                        async move { c.expand_volume(req).await }
+                    })
+                    .await
+                    .map_err(|s| match s.code() {
+                        // Made, not grown yet: the provisioner's retry grows it.
+                        Code::FailedPrecondition => Status::unavailable(format!(
+                            "volume {uuid} was made from its source and is not grown to {want} bytes yet: {}",
+                            s.message()
+                        )),
+                        _ => agent_error(s),
+                    })?
+            }
+            _ => v,
+        };
         let mut volume = csi_volume(&v);
         // A volume kept without a context (made before contexts were kept) still tells the node its file system.
         for (k, val) in cluster_req.context {

@@ -112,6 +112,7 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
             _ => Status::internal(msg),
         }
     })?;
+    let made = matches!(content, Content::Blank);
     match content {
         Content::Blank => {
             tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "making a file system on a blank volume");
@@ -134,6 +135,15 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
     let opts = mount_options(&fs, mount_flags, read_only_mode(&s.cap));
     mt.mount(&dev.path.to_string_lossy(), &s.staging, &fs, &opts)
         .map_err(Status::internal)?;
+    // A file system the volume brought may be smaller than it: one restored from a snapshot into a larger claim, or
+    // grown while it was not staged. It fills the volume (a no-op when it does); one that cannot grow now still
+    // serves at its size.
+    if !made
+        && !read_only_mode(&s.cap)
+        && let Err(e) = mounts::grow_fs(&fs, &dev.path, &s.staging)
+    {
+        tracing::warn!(volume = %s.uuid, fs, error = %e, "the file system was not grown to fill the volume");
+    }
     // Neither secrets nor the paths the CO chose are logged: the volume and device say what happened.
     tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "staged");
     Ok(())

@@ -204,8 +204,33 @@ async fn snapshots_and_clones_hold_the_data_they_were_taken_from() {
             .and_then(|c| c.r#type.as_ref()),
         Some(SourceType::Volume(_))
     ));
-    // Bigger than the source (until expansion), or from what does not exist.
-    let (got, msg) = code(ctl.create_volume(from("pvc-big", snap_src, 16 * MIB)).await);
+    // Restored into a larger claim: made at the snapshot's size, grown to the claim's (again: the same volume);
+    // a limit below the snapshot's size cannot be met.
+    let big = ctl
+        .create_volume(from("pvc-big", snap_src.clone(), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(big.capacity_bytes, 16 * MIB);
+    let again_big = ctl
+        .create_volume(from("pvc-big", snap_src.clone(), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (again_big.volume_id.as_str(), again_big.capacity_bytes),
+        (big.volume_id.as_str(), 16 * MIB)
+    );
+    let mut small = from("pvc-small", snap_src, 0);
+    small.capacity_range = Some(CapacityRange {
+        required_bytes: 0,
+        limit_bytes: 4 * MIB,
+    });
+    let (got, msg) = code(ctl.create_volume(small).await);
     assert_eq!(got, Code::OutOfRange, "{msg}");
     let (got, _) = code(
         ctl.create_volume(from(
@@ -222,6 +247,15 @@ async fn snapshots_and_clones_hold_the_data_they_were_taken_from() {
     let ns = attach(&mut ctl, &restored.volume_id, "worker-2").await;
     assert_eq!(ns.read(0, MIB as u64).await.unwrap(), pattern(3));
     detach(&mut ctl, ns, &restored.volume_id, "worker-2").await;
+    let ns = attach(&mut ctl, &big.volume_id, "worker-2").await;
+    assert_eq!(ns.size_bytes(), 16 * MIB as u64);
+    assert_eq!(ns.read(0, MIB as u64).await.unwrap(), pattern(3));
+    assert_eq!(
+        ns.read(8 * MIB as u64, MIB as u64).await.unwrap(),
+        vec![0u8; MIB as usize],
+        "the grown part reads zeros"
+    );
+    detach(&mut ctl, ns, &big.volume_id, "worker-2").await;
     let ns = attach(&mut ctl, &clone.volume_id, "worker-2").await;
     assert_eq!(ns.read(0, MIB as u64).await.unwrap(), pattern(5));
     detach(&mut ctl, ns, &clone.volume_id, "worker-2").await;
@@ -254,6 +288,7 @@ async fn snapshots_and_clones_hold_the_data_they_were_taken_from() {
         .unwrap();
     }
     for id in [
+        &big.volume_id,
         &clone.volume_id,
         &restored.volume_id,
         &other.volume_id,
