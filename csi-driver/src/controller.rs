@@ -22,8 +22,9 @@ use crate::serial::InFlight;
 
 /// Size of a volume whose request gives no capacity.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
-/// Volume sizes are multiples of this (the cluster agent's block).
-pub const SIZE_ALIGN: u64 = 512;
+/// Volume sizes are multiples of this: the largest pool block (a 4Kn disk's), so a volume fits pools of either block
+/// size and a claim such as `1.5G` (not a whole number of 4096-byte blocks) is rounded up, not refused.
+pub const SIZE_ALIGN: u64 = 4096;
 
 pub struct ControllerService {
     agent: Arc<Agent>,
@@ -339,7 +340,12 @@ impl Controller for ControllerService {
             size_bytes: size,
             replicas: class.replicas,
             node_selector: class.node_selector.clone().into_iter().collect(),
-            topology: Vec::new(),
+            // A volume made by an earlier driver, which placed replicas by the requisite, keeps its own (else its
+            // provisioner's retry would be refused as another volume).
+            topology: existing
+                .as_ref()
+                .map(|e| e.topology.clone())
+                .unwrap_or_default(),
             source_snapshot,
             source_volume,
             pool_selector: class.pool_selector.clone().into_iter().collect(),
@@ -919,7 +925,8 @@ mod tests {
             size_for(range(0, 0).as_ref()).unwrap_err().code(),
             Code::InvalidArgument
         );
-        assert_eq!(size_for(range(1000, 0).as_ref()).unwrap(), 1024);
+        assert_eq!(size_for(range(1000, 0).as_ref()).unwrap(), 4096);
+        assert_eq!(size_for(range(4097, 0).as_ref()).unwrap(), 8192);
         assert_eq!(size_for(range(0, 4096).as_ref()).unwrap(), 4096);
         assert_eq!(size_for(range(4096, 4096).as_ref()).unwrap(), 4096);
         assert_eq!(

@@ -477,7 +477,7 @@ async fn volumes_grow_online_and_expansion_errors_are_the_specs() {
         .into_inner();
     assert_eq!(
         (r.capacity_bytes, r.node_expansion_required),
-        (16 * MIB + 512, true),
+        (16 * MIB + 4096, true),
         "rounded up to the block; a file system grows on the node"
     );
     assert_eq!(
@@ -486,7 +486,7 @@ async fn volumes_grow_online_and_expansion_errors_are_the_specs() {
             .volume
             .unwrap()
             .capacity_bytes,
-        16 * MIB + 512
+        16 * MIB + 4096
     );
     let mut cl = c.cluster().await;
     let cv = cl
@@ -498,7 +498,7 @@ async fn volumes_grow_online_and_expansion_errors_are_the_specs() {
         .into_inner();
     assert_eq!(
         (cv.size_bytes, cv.state.as_str()),
-        ((16 * MIB + 512) as u64, "Online")
+        ((16 * MIB + 4096) as u64, "Online")
     );
     // Already as large (the same request again, or a smaller one): success, the size it has; a raw block volume
     // needs nothing on the node.
@@ -510,7 +510,7 @@ async fn volumes_grow_online_and_expansion_errors_are_the_specs() {
             .into_inner();
         assert_eq!(
             (r.capacity_bytes, r.node_expansion_required),
-            (16 * MIB + 512, !block)
+            (16 * MIB + 4096, !block)
         );
     }
     let r = ctl
@@ -904,6 +904,7 @@ async fn listing_pages_capacity_topology_and_condition() {
             assert_eq!((node1, nowhere), (before, before));
             break;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert!(one.maximum_volume_size.unwrap() >= three.maximum_volume_size.unwrap());
     let (got, msg) = code(ctl.get_capacity(capacity(&[("zone", "a")], None)).await);

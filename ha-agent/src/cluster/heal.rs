@@ -749,6 +749,12 @@ impl Volumes {
                 Ok(generation) => {
                     failpoint::at(failpoint::HEAL_REPLICA_CREATED);
                     r.replicas[i].created = true;
+                    // Created at the size a growth in flight grows the others to: grown already.
+                    if let Some(g) = r.growth.as_mut()
+                        && !g.grown.contains(&rep.uuid)
+                    {
+                        g.grown.push(rep.uuid);
+                    }
                     self.save(r).await?;
                     self.replica_created(&rep.uuid, generation);
                     tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "replacement replica created");

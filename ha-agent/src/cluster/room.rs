@@ -64,6 +64,9 @@ struct Promise {
     recorded_at: Option<Instant>,
     /// Room a snapshot took (its copies to come), not a replica: no record names it, the sweep leaves it.
     room_only: bool,
+    /// A replica's growth ([`growth_key`]): once grown, it ends only when its pool's figures show it, whatever the
+    /// sweep finds (the growth record is gone as soon as the last replica grew).
+    growth: bool,
     /// The node's heartbeat count when its creation was recorded; `None` until then.
     created_at_beat: Option<u64>,
     /// Its pool's generation its engine answered the creation with: figures at least that recent count it.
@@ -134,6 +137,7 @@ impl Volumes {
                 made: Instant::now(),
                 recorded_at: None,
                 room_only: false,
+                growth: false,
                 created_at_beat: None,
                 shown_by: None,
             });
@@ -163,6 +167,7 @@ impl Volumes {
                     made: Instant::now(),
                     recorded_at: None,
                     room_only: false,
+                    growth: true,
                     created_at_beat: None,
                     shown_by: None,
                 });
@@ -219,6 +224,7 @@ impl Volumes {
                 made: now,
                 recorded_at: Some(now),
                 room_only: true,
+                growth: false,
                 created_at_beat: Some(self.registry.beats(node)),
                 shown_by: None,
             },
@@ -269,6 +275,7 @@ impl Volumes {
                                 made: read_at,
                                 recorded_at: Some(read_at),
                                 room_only: false,
+                                growth: true,
                                 created_at_beat: Some(self.registry.beats(&rep.node)),
                                 shown_by: None,
                             });
@@ -285,6 +292,7 @@ impl Volumes {
                         made: read_at,
                         recorded_at: Some(read_at),
                         room_only: false,
+                        growth: false,
                         created_at_beat: Some(self.registry.beats(&rep.node)),
                         shown_by: None,
                     });
@@ -301,6 +309,8 @@ impl Volumes {
                 true
             }
             Some(false) => true,
+            // A growth done (its record gone meanwhile): until its pool's figures show it (placement_view).
+            None if p.growth && p.created_at_beat.is_some() => true,
             None => p.recorded_at.unwrap_or(p.made + ABANDONED_AFTER) > read_at,
         });
     }
@@ -400,6 +410,101 @@ mod tests {
         }
     }
 
+    struct Answers;
+
+    #[async_trait::async_trait]
+    impl super::super::registry::Prober for Answers {
+        async fn probe(&self, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// A growth's promise outlives its growth record (dropped as soon as the last replica grew), until the pool's
+    /// figures show the growth: a sweep right after the growth finished must not hand its room out again.
+    #[tokio::test]
+    async fn a_growth_stays_promised_after_its_record_until_the_figures_show_it() {
+        use super::super::node::NodeSpec;
+        use super::super::registry::{Registry, RegistryConfig};
+        use super::super::store::{Store, embedded::EmbeddedStore};
+        use super::super::volume::{GrowthRecord, ReplicaRecord, VolumePhase, VolumeSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn Store> =
+            std::sync::Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
+        let registry = std::sync::Arc::new(
+            Registry::load(
+                store.clone(),
+                std::sync::Arc::new(Answers),
+                RegistryConfig::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        let spec = NodeSpec {
+            name: "n".into(),
+            engine_endpoint: "http://127.0.0.1:1".into(),
+            nvmf_listeners: vec!["127.0.0.1:4420".into()],
+            cntlid_min: 1,
+            cntlid_max: 100,
+            instance: "i1".into(),
+            labels: Default::default(),
+        };
+        registry
+            .register(spec, vec![pool(16 * M, Some(84 * M))])
+            .await
+            .unwrap();
+        let v = Volumes::new(
+            store,
+            registry,
+            Duration::from_secs(1),
+            super::super::metrics::AgentMetrics::new(),
+        );
+        let rep = ReplicaRecord {
+            uuid: Uuid::new_v4(),
+            node: "n".into(),
+            pool: "p".into(),
+            created: true,
+            rejoined_ms: 0,
+            synced: true,
+            fault_confirmed: false,
+        };
+        let mut r = VolumeRecord {
+            uuid: Uuid::new_v4(),
+            spec: VolumeSpec {
+                size: 32 * M,
+                replicas: 1,
+                ..Default::default()
+            },
+            phase: VolumePhase::Created,
+            replicas: vec![rep.clone()],
+            nexus: None,
+            last_key: 0,
+            fence_key: 0,
+            reason: String::new(),
+            resync: false,
+            switchover: None,
+            growth: Some(GrowthRecord {
+                from: 16 * M,
+                grown: Vec::new(),
+            }),
+            shared: false,
+            block_size: 512,
+        };
+        let committed = |view: PlacementView| view.pool("n", "p").unwrap().committed;
+        // (A leader's first sweep promises the replicas it finds for a while: done, with none.)
+        v.sync_promises(&[], Instant::now());
+        v.promise_growth(&r, true);
+        assert_eq!(committed(v.placement_view(&[]).await.unwrap()), 32 * M);
+        // Grown (its engine answered generation (1, 5)), and the growth record dropped.
+        v.replica_created(&growth_key(&rep.uuid, 32 * M), Some((1, 5)));
+        r.growth = None;
+        v.sync_promises(std::slice::from_ref(&r), Instant::now());
+        assert_eq!(
+            committed(v.placement_view(&[]).await.unwrap()),
+            32 * M,
+            "still promised: the node's record does not show the growth yet"
+        );
+    }
+
     #[test]
     fn a_promised_replica_takes_its_size_from_the_room_for_new_ones() {
         let mut p = pool(40 * M, Some(60 * M));
@@ -421,6 +526,7 @@ mod tests {
             made: Instant::now(),
             recorded_at: Some(Instant::now()),
             room_only: false,
+            growth: false,
             created_at_beat: None,
             shown_by: None,
         };

@@ -155,7 +155,6 @@ pub(super) fn created(r: &VolumeRecord) -> Result<(), VolumeError> {
     }
 }
 
-/// Whether the engine refused for a reason that asking again will not change.
 /// `e`, met while working on volume `uuid`, as its caller should read it: an engine's NOT_FOUND (a pool not imported
 /// yet, a replica its engine lost) or a node no longer registered is not the volume missing, which NOT_FOUND says
 /// to a caller (CSI takes it for the volume gone), but a precondition the operation waits for.
@@ -175,6 +174,7 @@ pub(super) fn not_the_volume_missing(uuid: Uuid, e: VolumeError) -> VolumeError 
     }
 }
 
+/// Whether the engine refused for a reason that asking again will not change.
 pub(super) fn refused(e: &VolumeError) -> bool {
     matches!(
         e,

@@ -72,6 +72,7 @@ impl PathTracker {
                     _ => (now, wall),
                 };
                 let stalled = !self.stall.is_zero()
+                    && c.state == "live"
                     && c.io.in_flight > 0
                     && now.duration_since(progress_at.0) >= self.stall;
                 let since = match old {
@@ -98,7 +99,7 @@ impl PathTracker {
                         controller: c.clone(),
                         unusable_since: since,
                         progress_at,
-                        stalled: stalled && c.state == "live",
+                        stalled,
                     },
                 );
             }

@@ -153,7 +153,10 @@ pub fn native_multipath(sys: &Path) -> Option<bool> {
 }
 
 /// What to tell someone whose kernel runs without native NVMe multipath.
-pub const NO_MULTIPATH: &str = "the kernel's native NVMe multipath is off (nvme_core.multipath=N): Keelson needs it to      keep a volume's I/O through a target's failure; load nvme_core with multipath=Y (kernel command line      nvme_core.multipath=Y)";
+pub const NO_MULTIPATH: &str = concat!(
+    "the kernel's native NVMe multipath is off (nvme_core.multipath=N): Keelson needs it to keep a volume's I/O ",
+    "through a target's failure; load nvme_core with multipath=Y (kernel command line nvme_core.multipath=Y)"
+);
 
 /// Keelson's subsystems under `sys` (`/sys` on a real node), in name order.
 pub fn scan(sys: &Path) -> Vec<Subsystem> {
