@@ -374,10 +374,14 @@ async fn switch_over(
             .ok()
             .flatten()
     };
-    let have: Vec<String> = scan(sys.clone(), b.nqn.clone())
-        .await
-        .map(|s| s.controllers.iter().map(|c| c.target()).collect())
-        .unwrap_or_default();
+    let Some(now) = scan(sys.clone(), b.nqn.clone()).await else {
+        // Its paths were all removed meanwhile (the volume unstaged): connecting would make a path nobody uses,
+        // reconnecting for ever once the volume is unpublished.
+        tracing::info!(nqn = %b.nqn, "the volume's paths are gone from this node: nothing to connect");
+        metrics.switchover("unchanged", None);
+        return Outcome::Failed;
+    };
+    let have: Vec<String> = now.controllers.iter().map(|c| c.target()).collect();
     for t in targets.iter().filter(|t| !have.contains(t)) {
         let c = Connect {
             nqn: v.nqn.clone(),
