@@ -179,6 +179,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
 }
 
+/// The longest child name a missed-writes note may carry (a replica's NQN and NSID take about 80 bytes).
+pub const MAX_CHILD_NAME: usize = 256;
+
 /// Writes a child of a volume missed while it was away: the persisted form of a nexus's write log.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MissedWrites {
@@ -235,6 +238,36 @@ impl MissedWrites {
             join = close[i];
         }
         self.ranges = out;
+    }
+
+    /// This note as a device of `size` bytes takes it from a host: its child's name at most [`MAX_CHILD_NAME`] bytes,
+    /// every range inside the device, ranges merged and in order (a host may send them in any order). Why not, when
+    /// it cannot be taken.
+    pub fn checked(self, size: u64) -> Result<MissedWrites, String> {
+        if self.child.is_empty() || self.child.len() > MAX_CHILD_NAME {
+            return Err(format!(
+                "a child's name is 1 to {MAX_CHILD_NAME} bytes, not {}",
+                self.child.len()
+            ));
+        }
+        if let Some((s, n)) = self
+            .ranges
+            .iter()
+            .find(|(s, n)| s.checked_add(*n).is_none_or(|end| end > size))
+        {
+            return Err(format!("range {s}+{n} is outside the {size}-byte device"));
+        }
+        let mut out = MissedWrites {
+            child: self.child,
+            since_ms: self.since_ms,
+            ranges: Vec::new(),
+        };
+        out.merge(&MissedWrites {
+            child: String::new(),
+            since_ms: self.since_ms,
+            ranges: self.ranges.into_iter().filter(|(_, n)| *n > 0).collect(),
+        });
+        Ok(out)
     }
 
     /// An upper bound of this record's size in the pool's metadata (JSON).

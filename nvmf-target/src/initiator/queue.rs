@@ -39,6 +39,10 @@ struct Pending {
     done: oneshot::Sender<Result<(Completion, Option<Instant>), InitiatorError>>,
     write: Option<Bytes>,
     read: Vec<Bytes>,
+    /// The bytes its data PDUs may bring (its SGL's length; none for a command with data to send), and those
+    /// they brought so far: a target sending more, or out of order, is refused, not buffered.
+    read_len: usize,
+    read_got: usize,
     /// Submitted and written to the socket, for a command the stage timings sample.
     sampled: Option<(Instant, Option<Instant>)>,
 }
@@ -135,6 +139,17 @@ impl Inner {
         let p = t.get_mut(d.cccid).ok_or_else(|| {
             InitiatorError::Protocol(format!("C2HData for unknown CID {}", d.cccid))
         })?;
+        if d.offset as usize != p.read_got || p.read_got + d.data.len() > p.read_len {
+            return Err(InitiatorError::Protocol(format!(
+                "C2HData {}+{} for CID {}: {} of {} bytes came before",
+                d.offset,
+                d.data.len(),
+                d.cccid,
+                p.read_got,
+                p.read_len
+            )));
+        }
+        p.read_got += d.data.len();
         p.read.push(d.data);
         if d.success {
             if !d.last {
@@ -352,12 +367,19 @@ impl Queue {
             }
         }
         let sampled = timing::start(timing::Layer::Initiator);
+        let read_len = if capsule_data.is_empty() && stash.is_none() {
+            sqe.sgl().length as usize
+        } else {
+            0
+        };
         let cid = inner
             .table()
             .insert(Pending {
                 done,
                 write: stash,
                 read: Vec::new(),
+                read_len,
+                read_got: 0,
                 sampled: sampled.map(|t| (t, None)),
             })
             .ok_or_else(|| InitiatorError::Protocol("command ID space exhausted".into()))?;

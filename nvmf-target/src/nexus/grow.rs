@@ -29,7 +29,11 @@ impl Nexus {
         if size == self.size_bytes() {
             return Ok(false);
         }
-        // Ask the children first, outside the lock: a remote one answers over the network.
+        // Ask the children first, outside the lock: a remote one answers over the network. Without a healthy child
+        // there is none to say the new size is there (and a faulted one rejoins only at the nexus's size).
+        if !self.list().iter().any(|c| c.state() == ChildState::Healthy) {
+            return Err(NexusError::NoHealthyChild);
+        }
         for c in self.list() {
             match c.state() {
                 ChildState::Rebuilding => return Err(NexusError::Rebuilding(c.name.clone())),

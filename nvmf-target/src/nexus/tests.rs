@@ -991,3 +991,21 @@ async fn writes_beyond_the_old_end_are_logged_for_a_child_faulted_before_the_gro
         assert_eq!(v.read(0, NEW).await.unwrap(), want);
     }
 }
+
+#[tokio::test]
+async fn a_nexus_without_a_healthy_child_does_not_grow() {
+    const OLD: u64 = 4 << 20;
+    let kid = Growable::new(OLD);
+    let c = Arc::new(FaultDevice::new(kid.clone()));
+    let n = nexus(vec![c.clone()]);
+    c.set_plan(FaultPlan {
+        fail_after: Some(0),
+        reads_too: true,
+        ..Default::default()
+    });
+    assert!(n.write(0, pattern(2, 4096)).await.is_err());
+    // No child to say the size is there: nothing grows (a size like this would have sized the maps at 2 TiB).
+    let e = n.grow(!511).await.unwrap_err();
+    assert!(matches!(e, NexusError::NoHealthyChild), "{e}");
+    assert_eq!(n.size_bytes(), OLD);
+}

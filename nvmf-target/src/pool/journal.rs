@@ -265,7 +265,10 @@ async fn read_checkpoint(
             "header checksum mismatch".into(),
         ));
     }
-    if len + BLOCK > label.ckpt_len {
+    if len
+        .checked_add(BLOCK)
+        .is_none_or(|end| end > label.ckpt_len)
+    {
         return Err(PoolError::CorruptMetadata(format!(
             "length {len} beyond its area"
         )));

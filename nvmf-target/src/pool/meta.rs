@@ -18,6 +18,9 @@ use crate::block::MissedWrites;
 pub const UNMAPPED: u32 = u32::MAX;
 /// Metadata bytes a volume's missed-writes records may take (a few hundred ranges); beyond it they are coarsened.
 pub const MISSED_BUDGET: usize = 8 << 10;
+/// The most children a volume keeps missed writes for (a nexus has at most 16 children). With names of at most
+/// [`crate::block::MAX_CHILD_NAME`] bytes, that many one-range records stay within [`MISSED_BUDGET`].
+pub const MAX_MISSED_CHILDREN: usize = 16;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Share {
@@ -516,9 +519,21 @@ impl PoolMeta {
                 fresh(replica)?;
                 p.volumes.insert(*replica, Some((size, false)));
             }
+            Record::NoteMissed { volume, missed } => {
+                exists(PoolObject::Volume(*volume), volume)?;
+                // One record per child, and a nexus has a few: a host naming ever new ones would fill the metadata
+                // (each record's ranges are kept within a budget, their number is not).
+                if let Some(v) = self.volumes.get(volume)
+                    && !v.missed.contains_key(&missed.child)
+                    && v.missed.len() >= MAX_MISSED_CHILDREN
+                {
+                    return Err(PoolError::InvalidArgument(format!(
+                        "volume {volume} keeps missed writes for {MAX_MISSED_CHILDREN} children already"
+                    )));
+                }
+            }
             Record::SetShare { volume, .. }
             | Record::SetReservation { volume, .. }
-            | Record::NoteMissed { volume, .. }
             | Record::ForgetMissed { volume, .. } => {
                 exists(PoolObject::Volume(*volume), volume)?;
             }
@@ -599,6 +614,9 @@ mod runs {
     }
 }
 
+const _: () =
+    assert!(MAX_MISSED_CHILDREN * (crate::block::MAX_CHILD_NAME + 64 + 44) <= MISSED_BUDGET);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,6 +681,51 @@ mod tests {
         busy.insert(0);
         assert_eq!(m.find_free(0, &busy), Some(1));
         assert_eq!(m.find_free(4, &busy), Some(6));
+    }
+
+    #[test]
+    fn a_host_s_missed_writes_note_is_checked_and_put_in_order() {
+        let note = |child: &str, ranges: Vec<(u64, u64)>| MissedWrites {
+            child: child.into(),
+            since_ms: 1,
+            ranges,
+        };
+        let m = note("c", vec![(8192, 4096), (0, 4096), (4096, 0), (2048, 4096)])
+            .checked(1 << 20)
+            .unwrap();
+        assert_eq!(m.ranges, [(0, 6144), (8192, 4096)], "sorted and merged");
+        for bad in [
+            note("c", vec![(u64::MAX - 8, 16)]),
+            note("c", vec![(1 << 20, 512)]),
+            note(&"x".repeat(crate::block::MAX_CHILD_NAME + 1), vec![]),
+            note("", vec![]),
+        ] {
+            assert!(bad.clone().checked(1 << 20).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_volume_keeps_missed_writes_for_a_bounded_number_of_children() {
+        let mut m = PoolMeta::new(CS, 16);
+        let r = create(&mut m, 1 << 30);
+        let note = |i: usize| Record::NoteMissed {
+            volume: r,
+            missed: MissedWrites {
+                child: format!("child-{i}"),
+                since_ms: 1,
+                ranges: vec![(0, 4096)],
+            },
+        };
+        for i in 0..MAX_MISSED_CHILDREN {
+            m.admit(&mut Pending::default(), &[note(i)]).unwrap();
+            m.apply(&note(i)).unwrap();
+        }
+        let e = m
+            .admit(&mut Pending::default(), &[note(MAX_MISSED_CHILDREN)])
+            .unwrap_err();
+        assert!(matches!(e, PoolError::InvalidArgument(_)), "{e}");
+        // A child it keeps already: taken.
+        m.admit(&mut Pending::default(), &[note(0)]).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedReadHalf;
@@ -56,7 +56,14 @@ struct PendingWrite {
     expected: usize,
     received: usize,
     parts: Vec<Bytes>,
+    /// The data so far as one buffer, once it came in more than [`MAX_PARTS`] PDUs.
+    joined: Option<BytesMut>,
 }
+
+/// H2CData PDUs of one write kept as they came; past this, its data is copied into one buffer. A host sends a
+/// write's data in as few PDUs as MAXH2CDATA allows (one, for Linux), and each PDU's data may hold on to a whole
+/// receive buffer: a host sending it a byte at a time must not make the engine hold a buffer per byte.
+const MAX_PARTS: usize = 16;
 
 enum Fatal {
     /// Send a C2HTermReq, then close.
@@ -442,8 +449,17 @@ impl Queue {
             if sgl.kind != sgl_kind::TRANSPORT {
                 return self.send(Response::status(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
             }
-            let ttag = self.next_ttag;
-            self.next_ttag = self.next_ttag.wrapping_add(1);
+            // A host has at most its queue's entries outstanding: one waiting for more writes' data than that is
+            // not a host to buffer for (each may be MDTS bytes).
+            if self.pending.len() >= usize::from(self.shared.config.queue_entries) {
+                return self.send(Response::status(cid, Status::COMMAND_SEQUENCE_ERROR));
+            }
+            // A tag still in use (a write whose data never came, 65,536 writes ago) is skipped.
+            let mut ttag = self.next_ttag;
+            while self.pending.contains_key(&ttag) {
+                ttag = ttag.wrapping_add(1);
+            }
+            self.next_ttag = ttag.wrapping_add(1);
             let expected = sgl.length as usize;
             self.pending.insert(
                 ttag,
@@ -452,6 +468,7 @@ impl Queue {
                     expected,
                     received: 0,
                     parts: Vec::new(),
+                    joined: None,
                 },
             );
             self.tx.send(Outgoing::R2t(R2t {
@@ -478,15 +495,33 @@ impl Queue {
         if p.received + d.data.len() > p.expected {
             return Err(term(fes::DATA_OUT_OF_RANGE, 16));
         }
+        // No data: nothing a host has reason to send, and as many as it likes would cost a part each.
+        if d.data.is_empty() {
+            return Err(term(fes::INVALID_HEADER_FIELD, 16));
+        }
         p.received += d.data.len();
-        p.parts.push(d.data);
+        match p.joined.as_mut() {
+            Some(j) => j.extend_from_slice(&d.data),
+            None => {
+                p.parts.push(d.data);
+                if p.parts.len() > MAX_PARTS && p.received < p.expected {
+                    let mut j = BytesMut::with_capacity(p.expected);
+                    for part in p.parts.drain(..) {
+                        j.extend_from_slice(&part);
+                    }
+                    p.joined = Some(j);
+                }
+            }
+        }
         if p.received < p.expected {
             return Ok(());
         }
         let Some(p) = self.pending.remove(&d.ttag) else {
             return Ok(());
         };
-        let data = if p.parts.len() == 1 {
+        let data = if let Some(j) = &p.joined {
+            crate::block::aligned::concat([&j[..]], p.expected)
+        } else if p.parts.len() == 1 {
             p.parts.into_iter().next().unwrap_or_default()
         } else {
             // Assembled page-aligned: a file-backed namespace writes it with O_DIRECT as it is.

@@ -223,7 +223,10 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             Ok(id) => ns.device.snapshot(id).await.map_err(|e| (e, false)),
             Err(_) => return Response::status(cid, Status::INVALID_FIELD),
         },
-        io::KEELSON_MISSED_NOTE => match vendor::parse_note::<MissedWrites>(&data) {
+        io::KEELSON_MISSED_NOTE => match vendor::parse_note::<MissedWrites>(&data)
+            .map_err(|e| e.to_string())
+            .and_then(|m| m.checked(ns.device.size_bytes()))
+        {
             Ok(m) => ns.device.note_missed(&m).await.map_err(|e| (e, false)),
             Err(_) => return Response::status(cid, Status::INVALID_FIELD),
         },

@@ -147,6 +147,79 @@ async fn h2c_data_beyond_the_command_is_out_of_range() {
     still_serves(t.addr).await;
 }
 
+/// A write's data in many small H2CData PDUs (a host may send less than MAXH2CDATA in each) is written whole; an
+/// H2CData without data is refused; a host waiting on more writes' data than its queue holds gets an error, not a
+/// buffer per write.
+#[tokio::test]
+async fn h2c_data_in_many_small_pdus_none_empty_and_no_more_writes_waiting_than_the_queue_holds() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let r2t = q.write_awaiting_data(4, 65536).await;
+    for (i, chunk) in data.chunks(512).enumerate() {
+        q.send(Pdu::H2CData(DataPdu {
+            cccid: 4,
+            ttag: r2t.ttag,
+            offset: (i * 512) as u32,
+            data: Bytes::copy_from_slice(chunk),
+            last: (i + 1) * 512 == data.len(),
+            success: false,
+        }))
+        .await;
+    }
+    assert!(q.cqe().await.status.is_success());
+    let mut sqe = Sqe::rw(io::READ, 1, 0, 128, 65536, false);
+    sqe.set_sgl(Sgl::transport(65536));
+    sqe.set_cid(5);
+    q.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Bytes::new(),
+    }))
+    .await;
+    let mut back = Vec::new();
+    loop {
+        match q.recv().await {
+            Recv::Pdu(Pdu::C2HData(d)) => back.extend_from_slice(&d.data),
+            Recv::Pdu(Pdu::CapsuleResp(c)) => {
+                assert!(c.status.is_success());
+                break;
+            }
+            _ => panic!("expected the read's data and completion"),
+        }
+    }
+    assert!(back == data, "the write assembled from 128 PDUs reads back");
+
+    // Writes waiting for data: as many as the queue's entries (128), then no more.
+    for cid in 100..228u16 {
+        q.write_awaiting_data(cid, 512).await;
+    }
+    let mut sqe = Sqe::rw(io::WRITE, 1, 0, 1, 512, false);
+    sqe.set_cid(300);
+    q.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe,
+        data: Bytes::new(),
+    }))
+    .await;
+    let c = q.cqe().await;
+    assert_eq!((c.cid, c.status), (300, Status::COMMAND_SEQUENCE_ERROR));
+
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let r2t = q.write_awaiting_data(4, 4096).await;
+    q.send(Pdu::H2CData(DataPdu {
+        cccid: 4,
+        ttag: r2t.ttag,
+        offset: 0,
+        data: Bytes::new(),
+        last: false,
+        success: false,
+    }))
+    .await;
+    q.expect_term(fes::INVALID_HEADER_FIELD).await;
+    still_serves(t.addr).await;
+}
+
 #[tokio::test]
 async fn h2c_data_with_unknown_tag_is_rejected() {
     let t = target().await;
