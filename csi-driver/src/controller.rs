@@ -79,6 +79,19 @@ impl ControllerService {
             .map_err(agent_error)
     }
 
+    /// The cluster agent's ExpandVolume of `uuid` to `size` bytes, its refusal as it gave it.
+    async fn expand(&self, uuid: Uuid, size: u64) -> Result<pb::Volume, Status> {
+        self.agent
+            .call(|mut c| {
+                let req = pb::ExpandVolumeRequest {
+                    uuid: uuid.to_string(),
+                    size_bytes: size,
+                };
+                async move { c.expand_volume(req).await }
+            })
+            .await
+    }
+
     /// The source's size and the cluster request's source fields, for a volume made from a snapshot or volume.
     async fn source(&self, src: &VolumeContentSource) -> Result<(u64, String, String), Status> {
         match &src.r#type {
@@ -400,14 +413,7 @@ impl Controller for ControllerService {
         let v = match grow_to {
             Some(want) if v.size_bytes < want || v.expanding_from_bytes != 0 => {
                 tracing::info!(%uuid, from = v.size_bytes, to = want, "growing a volume made from a source to its claim's size");
-                self.agent
-                    .call(|mut c| {
-                        let req = pb::ExpandVolumeRequest {
-                            uuid: uuid.to_string(),
-                            size_bytes: want.max(v.size_bytes),
-                        };
-                        async move { c.expand_volume(req).await }
-                    })
+                self.expand(uuid, want.max(v.size_bytes))
                     .await
                     .map_err(|s| match s.code() {
                         // Made, not grown yet: the provisioner's retry grows it.
@@ -847,14 +853,7 @@ impl Controller for ControllerService {
         }
         tracing::info!(%uuid, from = v.size_bytes, to = size, "ControllerExpandVolume");
         let v = self
-            .agent
-            .call(|mut c| {
-                let req = pb::ExpandVolumeRequest {
-                    uuid: uuid.to_string(),
-                    size_bytes: size.max(v.size_bytes),
-                };
-                async move { c.expand_volume(req).await }
-            })
+            .expand(uuid, size.max(v.size_bytes))
             .await
             .map_err(|s| match s.code() {
                 Code::ResourceExhausted => Status::out_of_range(format!(

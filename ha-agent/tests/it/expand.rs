@@ -275,23 +275,7 @@ async fn expansions_and_placements_at_once_do_not_take_one_pools_room_twice() {
     c1.delete_volume(pb::DeleteVolumeRequest { uuid: grown.uuid })
         .await
         .unwrap();
-    let t = std::time::Instant::now();
-    loop {
-        let listed = c1
-            .list_nodes(pb::ListNodesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if listed
-            .iter()
-            .all(|n| n.pools.iter().all(|p| p.committed == 16 * MIB))
-        {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "{listed:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::registry::wait_for_committed(&mut c1, 16 * MIB).await;
     // A growth of 24 MiB and a new volume of 24 MiB on every pool: only one fits.
     let (grow, place) = tokio::join!(
         ca.expand_volume(expand(&kept.uuid, 40 * MIB)),

@@ -245,6 +245,27 @@ pub use pb::NodeState::{Offline, Online};
 /// A cluster agent on the embedded store and three io-engines `reg-1` to `reg-3` with a pool each, all Online: the
 /// temporary directory they live in, the agent's port, the agent and engines (killed when dropped), the nodes as
 /// listed once Online, and a client.
+/// Waits (30 s at most) until every pool of every node records `committed` bytes: the heartbeats after a change.
+pub async fn wait_for_committed(c: &mut ClusterClient<tonic::transport::Channel>, committed: u64) {
+    let t = std::time::Instant::now();
+    loop {
+        let listed = c
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if listed
+            .iter()
+            .all(|n| n.pools.iter().all(|p| p.committed == committed))
+        {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{listed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn three_nodes() -> (
     tempfile::TempDir,
     u16,

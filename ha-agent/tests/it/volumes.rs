@@ -675,23 +675,7 @@ async fn volumes_created_at_once_do_not_take_one_pools_room_twice() {
         .unwrap();
     }
     // Their room comes back with the next heartbeats.
-    let t = std::time::Instant::now();
-    loop {
-        let listed = c2
-            .list_nodes(pb::ListNodesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .nodes;
-        if listed
-            .iter()
-            .all(|n| n.pools.iter().all(|p| p.committed == 0))
-        {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "{listed:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::registry::wait_for_committed(&mut c2, 0).await;
     let made = at_once(2).await;
     let nodes_used: BTreeSet<_> = made
         .iter()
