@@ -514,10 +514,18 @@ async fn a_snapshot_deleted_while_its_pool_is_away_is_destroyed_when_the_pool_re
     std::fs::rename(&img, &away).unwrap();
     engines[i - 1].restart();
     crate::registry::wait_for(port, &[(node.as_str(), crate::registry::Online)], "restart").await;
-    let e = c
-        .delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
-        .await
-        .unwrap_err();
+    // (Online may still be the killed engine's record: until the new one serves, the delete is UNAVAILABLE.)
+    let t = std::time::Instant::now();
+    let e = loop {
+        let e = c
+            .delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
+            .await
+            .unwrap_err();
+        if e.code() != Code::Unavailable || t.elapsed() > Duration::from_secs(30) {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("not imported"), "{}", e.message());
 

@@ -8,26 +8,12 @@ pub mod registration;
 mod service;
 mod status;
 
-use std::net::SocketAddr;
-
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
 
-/// Serves the engine API on `addr` until `shutdown` is cancelled.
-pub async fn serve(
-    engine: Engine,
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    let svc = proto::engine::engine_server::EngineServer::new(service::EngineService::new(engine));
-    tonic::transport::Server::builder()
-        .add_service(svc)
-        .serve_with_shutdown(addr, async move { shutdown.cancelled().await })
-        .await
-}
-
-/// Serves on an already-bound listener (tests bind port 0 first).
+/// Serves the engine API on an already-bound listener until `shutdown` is cancelled (bound first, so that the engine
+/// is reachable before it registers; tests bind port 0).
 pub async fn serve_on(
     engine: Engine,
     listener: tokio::net::TcpListener,

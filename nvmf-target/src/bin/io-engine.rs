@@ -238,9 +238,14 @@ async fn main() -> Result<()> {
         );
     }
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let api = tokio::spawn(nvmf_target::api::serve(
+    // Bound before the engine registers: a cluster agent that hears of it may call it at once (bound in the
+    // serving task, the API could still refuse connections when the first heartbeat arrived).
+    let api_listener = tokio::net::TcpListener::bind(args.grpc)
+        .await
+        .with_context(|| format!("engine API address {}", args.grpc))?;
+    let api = tokio::spawn(nvmf_target::api::serve_on(
         engine.clone(),
-        args.grpc,
+        api_listener,
         shutdown.clone(),
     ));
     if let Some(addr) = args.metrics {
