@@ -882,10 +882,12 @@ impl Cluster for Service {
                     r.node
                 )));
             }
+            let uuid = parse_uuid(&r.uuid)?;
             let v = l
                 .volumes
-                .publish(parse_uuid(&r.uuid)?, &r.host_nqn, &r.node, r.multi_host)
-                .await?;
+                .publish(uuid, &r.host_nqn, &r.node, r.multi_host)
+                .await
+                .map_err(|e| super::volumes::not_the_volume_missing(uuid, e))?;
             Ok(Response::new(volume(&l.volumes, v).await))
         }
         .await;
@@ -900,7 +902,12 @@ impl Cluster for Service {
             let l = self.leadership.leading()?;
             let r = r.into_inner();
             let host = (!r.host_nqn.is_empty()).then_some(r.host_nqn.as_str());
-            let v = l.volumes.unpublish(parse_uuid(&r.uuid)?, host).await?;
+            let uuid = parse_uuid(&r.uuid)?;
+            let v = l
+                .volumes
+                .unpublish(uuid, host)
+                .await
+                .map_err(|e| super::volumes::not_the_volume_missing(uuid, e))?;
             Ok(Response::new(volume(&l.volumes, v).await))
         }
         .await;

@@ -109,6 +109,10 @@ impl Volumes {
                 ),
             });
         }
+        // With nowhere to go, nothing is recorded: a switch-over on record holds fault consent and healing off.
+        if !self.elsewhere_up(&nexus.node).await? {
+            return Err(nowhere(uuid, &nexus.node));
+        }
         let s = SwitchoverRecord {
             from: nexus.node.clone(),
             reporter: rep.node.clone(),
@@ -148,6 +152,15 @@ impl Volumes {
         }
     }
 
+    /// Whether a node other than `from` is Online and uncordoned: somewhere a nexus could move to.
+    async fn elsewhere_up(&self, from: &str) -> Result<bool, VolumeError> {
+        Ok(self.registry.list().await?.iter().any(|n| {
+            n.record.spec.name != from
+                && n.record.status.state == NodeState::Online
+                && !n.record.cordoned
+        }))
+    }
+
     /// The stages after the report: the old nexus ended if its engine answers (asked only when `ask_old`), the new
     /// one made elsewhere.
     pub(super) async fn finish_switchover(
@@ -162,20 +175,14 @@ impl Volumes {
             .as_ref()
             .map(|n| n.host_nqn.clone())
             .unwrap_or_default();
-        // With nowhere to go, the old nexus is left alone (it may still serve, and it is what the host has).
-        let elsewhere_up = self.registry.list().await?.iter().any(|n| {
-            n.record.spec.name != s.from
-                && n.record.status.state == NodeState::Online
-                && !n.record.cordoned
-        });
-        if !elsewhere_up {
-            return Err(VolumeError::FailedPrecondition {
-                uuid,
-                why: format!(
-                    "no node but {} is Online and uncordoned: the nexus cannot move",
-                    s.from
-                ),
-            });
+        // With nowhere to go, the old nexus is left alone (it may still serve, and it is what the host has), and the
+        // switch-over is dropped from the record: kept, it would hold every fault's consent and healing off (a
+        // nexus it ended, or a new one recorded, is made again by healing, wherever it can go then).
+        if !self.elsewhere_up(&s.from).await? {
+            let mut r = r;
+            r.switchover = None;
+            self.save(&r).await?;
+            return Err(nowhere(uuid, &s.from));
         }
         // Only the old nexus (the one the report was about) is ended; a new one recorded by an earlier attempt is
         // what publishing goes on with. Ended by its engine, it writes nothing more: its node's replicas may make
@@ -250,5 +257,13 @@ impl Volumes {
             }
         }
         done
+    }
+}
+
+/// Why a nexus on `from` cannot move.
+fn nowhere(uuid: Uuid, from: &str) -> VolumeError {
+    VolumeError::FailedPrecondition {
+        uuid,
+        why: format!("no node but {from} is Online and uncordoned: the nexus cannot move"),
     }
 }

@@ -158,7 +158,7 @@ pub(super) fn created(r: &VolumeRecord) -> Result<(), VolumeError> {
 /// `e`, met while working on volume `uuid`, as its caller should read it: an engine's NOT_FOUND (a pool not imported
 /// yet, a replica its engine lost) or a node no longer registered is not the volume missing, which NOT_FOUND says
 /// to a caller (CSI takes it for the volume gone), but a precondition the operation waits for.
-pub(super) fn not_the_volume_missing(uuid: Uuid, e: VolumeError) -> VolumeError {
+pub(crate) fn not_the_volume_missing(uuid: Uuid, e: VolumeError) -> VolumeError {
     match e {
         VolumeError::Engine {
             code: Code::NotFound,
