@@ -617,6 +617,10 @@ impl Cluster for Service {
                 return Err(Status::invalid_argument("a report names its node"));
             }
             l.hosts.check_report(&r.node, &r.host_nqn).await?;
+            let uuid = r
+                .nqn
+                .strip_prefix(&proto::names::volume_nqn(""))
+                .and_then(|u| uuid::Uuid::parse_str(u).ok());
             let v = l
                 .volumes
                 .report_path_failure(switchover::PathReport {
@@ -626,7 +630,11 @@ impl Cluster for Service {
                     address: r.address,
                     seen_ms: r.seen_unix_ms,
                 })
-                .await?;
+                .await
+                .map_err(|e| match uuid {
+                    Some(u) => super::volumes::not_the_volume_missing(u, e),
+                    None => e,
+                })?;
             Ok(Response::new(volume(&l.volumes, v).await))
         }
         .await;
