@@ -54,6 +54,8 @@ pub async fn campaign(
     stop: &CancellationToken,
 ) -> Result<Option<Leader>, StoreError> {
     loop {
+        // The lease's time runs from before it was asked for: a slow grant or transaction spends the margin too.
+        let granted = tokio::time::Instant::now();
         let lease = store.grant_lease(ttl).await?;
         let t = Txn::new()
             .when(Compare::ModRevision {
@@ -70,6 +72,7 @@ pub async fn campaign(
                 store.clone(),
                 lease,
                 ttl,
+                granted,
                 lost.clone(),
                 renewal.clone(),
             ));
@@ -104,13 +107,14 @@ async fn renew(
     store: Arc<dyn Store>,
     lease: LeaseId,
     ttl: Duration,
+    granted: tokio::time::Instant,
     lost: CancellationToken,
     stop: CancellationToken,
 ) {
     let every = ttl / 3;
     // The lease may run out on the store's side at `last_renewed + ttl`; stop acting a renewal period before that,
     // whatever a slow or hung renewal call is doing meanwhile.
-    let mut last_renewed = tokio::time::Instant::now();
+    let mut last_renewed = granted;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::failpoint;
 use super::node::NodeState;
 use super::volume::{NexusRecord, ReplicaRecord, VolumePhase, VolumeRecord};
-use super::volumes::{VolumeError, Volumes, engine_error};
+use super::volumes::{NexusEnd, VolumeError, Volumes, engine_error};
 
 impl Volumes {
     /// Publishes the volume to `host_nqn` (see the cluster API's PublishVolume): `multi_host` lets it join the hosts
@@ -271,7 +271,17 @@ impl Volumes {
             // there (the store is fenced) instead of destroying the new leader's nexus.
             Err(s) if s.code() == Code::AlreadyExists => {
                 self.save(&r).await?;
-                self.destroy_nexus(uuid, &node).await?;
+                let mut request = request;
+                // One that did not end cleanly (a write on some children only) leaves replicas that may differ: the
+                // new one resyncs them, recorded first so that a crash before it is made still does.
+                if let NexusEnd::Destroyed { clean: false } =
+                    self.destroy_nexus(uuid, &node).await?
+                {
+                    tracing::warn!(%uuid, %node, "the nexus found in the way did not end cleanly: the new one resyncs the replicas");
+                    r.resync = true;
+                    self.save(&r).await?;
+                    request.unclean_restart = true;
+                }
                 c.create_nexus(request)
                     .await
                     .map_err(|s| engine_error(&node, s))?
