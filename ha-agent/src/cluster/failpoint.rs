@@ -67,6 +67,20 @@ pub const EXPAND_REPLICA_GROWN: &str = "expand.replica-grown";
 /// The engine grew the nexus; the growth record is not dropped yet.
 pub const EXPAND_NEXUS_GROWN: &str = "expand.nexus-grown";
 
+/// Delays, not crash points (not in [`ALL`]): armed as `name=return(ms)`, the operation waits there that long, for
+/// a test to change the world (restart an engine) between two of its steps.
+///
+/// Every in-sync replica is shared to the new nexus's node; the engine is not asked to make the nexus yet.
+pub const PUBLISH_CREATING: &str = "publish.creating";
+
+/// Waits here for the milliseconds `name` is armed with (`name=return(ms)`); unarmed, returns at once.
+pub async fn delay(name: &str) {
+    if let Some(Some(ms)) = fail::eval(name, |arg| arg.and_then(|a| a.parse::<u64>().ok())) {
+        eprintln!("failpoint {name}: waiting {ms} ms");
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
 /// Dies here, as `kill -9` would (no destructor, no flush, no goodbye to the store), if `name` is armed.
 pub fn at(name: &str) {
     fail::fail_point!(name, |_| crash(name));

@@ -147,11 +147,18 @@ impl Volumes {
                     why: "no node is Online and uncordoned to run the nexus".into(),
                 })?,
         };
-        let recorded = r
-            .nexus
-            .as_ref()
-            .is_some_and(|n| n.node == node && !n.published);
-        if !recorded {
+        let recorded = r.nexus.clone().filter(|n| n.node == node && !n.published);
+        if let Some(n) = recorded.as_ref().filter(|n| n.key == r.fence_key) {
+            // Made by an earlier attempt (its key confirmed) that stopped before it was recorded as published: it
+            // may have been exported and taken writes. Ended now (made again below), and if it did not end cleanly
+            // (its engine was killed since) the new one resyncs the replicas.
+            if !self.end_nexus(uuid, n).await? && !r.resync {
+                tracing::warn!(%uuid, node = %n.node, "the nexus an earlier attempt made did not end cleanly: the next one resyncs the replicas");
+                r.resync = true;
+                self.save(&r).await?;
+            }
+        }
+        if recorded.is_none() {
             // The nexus this one replaces was made by its engine: did it end cleanly?
             if let Some(old) = r.nexus.clone().filter(|o| o.key == r.fence_key) {
                 let clean = old_destroyed || self.ended_cleanly(&old).await;
@@ -205,14 +212,6 @@ impl Volumes {
                 why: "no in-sync replica's node is Online".into(),
             });
         }
-        let mut left_out = false;
-        for x in r.replicas.iter_mut().filter(|x| x.synced && !up(&x.node)) {
-            x.synced = false;
-            left_out = true;
-        }
-        if left_out {
-            self.save(&r).await?;
-        }
         // The replica on the nexus's own node first: after an unclean end it is the one the others resync from.
         let mut order: Vec<&ReplicaRecord> = r
             .replicas
@@ -251,7 +250,18 @@ impl Volumes {
                 why: "no in-sync replica's node is Online".into(),
             });
         }
+        // Marked only once every child is shared: a publish that fails before (a node recorded Online that does not
+        // answer) leaves the replicas as they were, and one of those left out may be the only reachable copy.
+        let mut left_out = false;
+        for x in r.replicas.iter_mut().filter(|x| x.synced && !up(&x.node)) {
+            x.synced = false;
+            left_out = true;
+        }
+        if left_out {
+            self.save(&r).await?;
+        }
         let shared = t0.elapsed();
+        failpoint::delay(failpoint::PUBLISH_CREATING).await;
         let mut c = self.engine(&node).await?;
         let request = epb::CreateNexusRequest {
             uuid: uuid.to_string(),
@@ -301,6 +311,11 @@ impl Volumes {
         }
         failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
         let created = t0.elapsed();
+        // The engine instance that made it, read now: the one recorded with the nexus may have shut down (cleanly)
+        // since, and an unclean end of this one must not be judged by that one's clean exit.
+        if let (Some(nx), Ok(v)) = (r.nexus.as_mut(), self.registry.get(&node).await) {
+            nx.instance = v.record.spec.instance.clone();
+        }
         r.fence_key = key;
         r.resync = false;
         self.save(&r).await?;
@@ -328,7 +343,10 @@ impl Volumes {
             nx.addresses = addresses;
         }
         r.reason.clear();
-        r.switchover = None;
+        // A switch-over's record is cleared by the switch-over, once it has disowned what it left behind.
+        if avoid.is_empty() {
+            r.switchover = None;
+        }
         self.save(&r).await?;
         // Stages: place (node chosen, nexus recorded), share (replicas opened to it), create (the nexus made, its key
         // taken on every replica, preempting the old one: the fencing), export. A move counts them as switch-over

@@ -119,6 +119,8 @@ impl Volumes {
             address,
             seen_ms: rep.seen_ms,
             reported_ms: node::now_ms(),
+            old_ended: None,
+            old_replicas_left: false,
         };
         tracing::warn!(%uuid, from = %s.from, reporter = %s.reporter, address = %s.address, "path reported broken: switching the nexus over");
         r.switchover = Some(s.clone());
@@ -162,7 +164,8 @@ impl Volumes {
     }
 
     /// The stages after the report: the old nexus ended if its engine answers (asked only when `ask_old`), the new
-    /// one made elsewhere.
+    /// one made elsewhere, the old node's replicas it leaves out disowned. Each stage is recorded in the switch-over
+    /// record before the next, so a retry (healing's, or a restarted agent's) goes on from where this one stopped.
     pub(super) async fn finish_switchover(
         &self,
         r: VolumeRecord,
@@ -170,73 +173,110 @@ impl Volumes {
         ask_old: bool,
     ) -> Result<VolumeRecord, VolumeError> {
         let uuid = r.uuid;
-        let host = r
+        let mut r = r;
+        let mut s = s.clone();
+        let t = std::time::Instant::now();
+        // Published elsewhere already: an attempt died before it disowned the replicas it left out.
+        let moved = r
             .nexus
             .as_ref()
-            .map(|n| n.host_nqn.clone())
-            .unwrap_or_default();
-        // With nowhere to go, the old nexus is left alone (it may still serve, and it is what the host has), and the
-        // switch-over is dropped from the record: kept, it would hold every fault's consent and healing off (a
-        // nexus it ended, or a new one recorded, is made again by healing, wherever it can go then).
-        if !self.elsewhere_up(&s.from).await? {
-            let mut r = r;
+            .is_some_and(|n| n.published && n.node != s.from);
+        let mut end_old = std::time::Duration::ZERO;
+        let mut done = Ok(());
+        if !moved {
+            // With nowhere to go, the old nexus is left alone (it may still serve, and it is what the host has), and
+            // the switch-over is dropped from the record: kept, it would hold every fault's consent and healing off
+            // (a nexus it ended, or a new one recorded, is made again by healing, wherever it can go then).
+            if !self.elsewhere_up(&s.from).await? {
+                r.switchover = None;
+                self.save(&r).await?;
+                return Err(nowhere(uuid, &s.from));
+            }
+            // Only the old nexus (the one the report was about, on the node the new one never goes to) is ended; a
+            // new one recorded by an earlier attempt is what publishing goes on with. How it ended is recorded
+            // before anything else moves. Until its engine has ended it, each attempt asks again (one with a child
+            // on a frozen node may take a while to end).
+            if s.old_ended.is_none() && ask_old {
+                s.old_ended = match self.destroy_nexus(uuid, &s.from).await {
+                    Ok(NexusEnd::Destroyed { clean }) => Some(clean),
+                    // Its engine answers without it: ended (an earlier attempt or the stale-nexus reconciler
+                    // destroyed it, or the engine restarted), cleanly only if its instance is known to have shut
+                    // down cleanly.
+                    Ok(NexusEnd::Gone) => match r.nexus.as_ref().filter(|n| n.node == s.from) {
+                        Some(old) => Some(self.ended_cleanly(old).await),
+                        None => Some(false),
+                    },
+                    Ok(NexusEnd::NodeDown) | Err(_) => None,
+                };
+                if s.old_ended.is_some() {
+                    r.switchover = Some(s.clone());
+                    self.save(&r).await?;
+                }
+            }
+            end_old = t.elapsed();
+            failpoint::at(failpoint::SWITCHOVER_OLD_ENDED);
+            // An old nexus its engine did not end may still write to its node's replicas (its local one even
+            // after the new nexus fenced the others), so the new nexus never uses them. One that ended left them
+            // whole: they are used only when no in-sync replica elsewhere is on an Online node (maybe the only
+            // copies), else left out too and, once the new nexus is published, disowned: the nexus leaves the node
+            // the host lost, and healing places their replacements. Decided anew by each attempt, and recorded.
+            let nodes = self.registry.list().await?;
+            let online = |name: &str| {
+                nodes.iter().any(|n| {
+                    n.record.spec.name == name && n.record.status.state == NodeState::Online
+                })
+            };
+            let elsewhere = r
+                .replicas
+                .iter()
+                .any(|x| x.node != s.from && x.created && x.synced && online(&x.node));
+            let leave = s.old_ended.is_none() || elsewhere;
+            if leave != s.old_replicas_left {
+                s.old_replicas_left = leave;
+                r.switchover = Some(s.clone());
+                self.save(&r).await?;
+            }
+            let host = r
+                .nexus
+                .as_ref()
+                .map(|n| n.host_nqn.clone())
+                .unwrap_or_default();
+            let old_clean = s.old_ended == Some(true);
+            done = self
+                .publish_avoiding(r.clone(), &host, "", old_clean, &s.from, leave)
+                .await
+                .map(|v| r = v);
+        }
+        let publish = t.elapsed() - end_old;
+        // Disowned only now that the new nexus runs without them: before, the in-sync replica counted on elsewhere
+        // may turn out unreachable (its node dead and not known to be yet), and these the only copies left.
+        if done.is_ok() {
+            if s.old_replicas_left
+                && r.replicas
+                    .iter()
+                    .any(|x| x.node != s.from && x.created && x.synced)
+            {
+                while let Some(i) = r.replicas.iter().position(|x| x.node == s.from) {
+                    r.reason = format!(
+                        "replica {} on {} disowned: the nexus left that node ({} lost its path)",
+                        r.replicas[i].uuid, s.from, s.reporter
+                    );
+                    self.disown(&mut r, i).await?;
+                }
+            }
             r.switchover = None;
             self.save(&r).await?;
-            return Err(nowhere(uuid, &s.from));
         }
-        // Only the old nexus (the one the report was about) is ended; a new one recorded by an earlier attempt is
-        // what publishing goes on with. Ended by its engine, it writes nothing more: its node's replicas may make
-        // up the new nexus (remotely; the only copy may be there), else they count as down.
-        let mut ended = None;
-        let t = std::time::Instant::now();
-        if let Some(old) = r.nexus.clone().filter(|n| ask_old && n.node == s.from)
-            && let Ok(NexusEnd::Destroyed { clean }) = self.destroy_nexus(uuid, &old.node).await
-        {
-            ended = Some(clean);
-        }
-        let destroyed = ended == Some(true);
-        let end_old = t.elapsed();
-        failpoint::at(failpoint::SWITCHOVER_OLD_ENDED);
-        // The failed node's replicas are disowned (destroyed when that node answers), not left out of sync: the old
-        // nexus may still have written to its local one after the new nexus fenced the others, and a rejoin would
-        // rebuild only what the new nexus wrote. Healing places their replacements. Not the last in-sync copy on an
-        // Online node: a replica recorded in sync on a node that is down cannot take over, and may never come back.
-        let mut r = r;
-        let nodes = self.registry.list().await?;
-        let online = |name: &str| {
-            nodes
-                .iter()
-                .any(|n| n.record.spec.name == name && n.record.status.state == NodeState::Online)
-        };
-        let elsewhere = |r: &VolumeRecord| {
-            r.replicas
-                .iter()
-                .any(|x| x.node != s.from && x.created && x.synced && online(&x.node))
-        };
-        while elsewhere(&r) {
-            let Some(i) = r.replicas.iter().position(|x| x.node == s.from) else {
-                break;
-            };
-            r.reason = format!(
-                "replica {} on {} disowned: the nexus left that node ({} lost its path)",
-                r.replicas[i].uuid, s.from, s.reporter
-            );
-            self.disown(&mut r, i).await?;
-        }
-        let disown = t.elapsed() - end_old;
-        let done = self
-            .publish_avoiding(r, &host, "", destroyed, &s.from, ended.is_none())
-            .await;
-        let publish = t.elapsed() - end_old - disown;
+        let disown = t.elapsed() - end_old - publish;
         let took = node::now_ms().saturating_sub(s.reported_ms);
         self.metrics
             .operation("switchover", if done.is_ok() { "ok" } else { "failed" });
         match &done {
-            Ok(v) => {
+            Ok(()) => {
                 for (stage, d) in [
                     ("end_old", end_old),
-                    ("disown", disown),
                     ("publish", publish),
+                    ("disown", disown),
                     ("total", std::time::Duration::from_millis(took)),
                 ] {
                     self.metrics.switchover_stage(stage, d);
@@ -244,10 +284,10 @@ impl Volumes {
                 tracing::info!(
                     %uuid,
                     from = %s.from,
-                    to = %v.nexus.as_ref().map_or("", |n| n.node.as_str()),
+                    to = %r.nexus.as_ref().map_or("", |n| n.node.as_str()),
                     end_old_ms = end_old.as_millis() as u64,
-                    disown_ms = disown.as_millis() as u64,
                     publish_ms = publish.as_millis() as u64,
+                    disown_ms = disown.as_millis() as u64,
                     took_ms = took,
                     "switched over"
                 )
@@ -256,7 +296,7 @@ impl Volumes {
                 tracing::warn!(%uuid, from = %s.from, error = %e, "switch-over not finished yet; healing retries it")
             }
         }
-        done
+        done.map(|()| r)
     }
 }
 

@@ -226,6 +226,15 @@ pub struct SwitchoverRecord {
     pub seen_ms: u64,
     /// When the agent recorded the report (ms since the epoch).
     pub reported_ms: u64,
+    /// How the old nexus ended, once its engine ended it: `Some(clean)`. `None`: not ended by its engine (it did not
+    /// answer): it may still write to its node's replicas, which the new nexus therefore never uses. Kept across
+    /// retries: an attempt after the one that ended it must know it may use those replicas (maybe the only copies).
+    #[serde(default)]
+    pub old_ended: Option<bool>,
+    /// The attempt last started makes the new nexus without the old node's replicas, which are disowned once it is
+    /// published (recorded before the publish, so an agent that dies after it disowns them when it resumes).
+    #[serde(default)]
+    pub old_replicas_left: bool,
 }
 
 impl VolumeRecord {

@@ -148,15 +148,28 @@ async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced
 
     // Unclean: kill -9 under writes, restart. The replica on reg-1 stays; the other two are rebuilt from it in
     // full, and the volume says so.
-    let ns = connect(&v).await;
+    killed_under_writes_is_resynced(&mut c, &mut engines[0], &v, 2).await;
+    drop(engines);
+}
+
+/// The engine hosting `v`'s nexus (on reg-1, `engine`) is killed under writes of `round` and restarted: the nexus
+/// comes back with the replica on reg-1 kept and the others rebuilt from it in full, and every write reads back.
+async fn killed_under_writes_is_resynced(
+    c: &mut ClusterClient<Channel>,
+    engine: &mut crate::registry::Proc,
+    v: &pb::Volume,
+    round: u8,
+) {
+    let vol = v.uuid.clone();
+    let ns = connect(v).await;
     for i in 0..BLOCKS {
-        ns.write(i * MIB, block(2, i)).await.unwrap();
+        ns.write(i * MIB, block(round, i)).await.unwrap();
     }
-    engines[0].kill9();
+    engine.kill9();
     drop(ns);
-    engines[0].restart();
+    engine.restart();
     let t = Instant::now();
-    let v = until_recomposed(&mut c, &vol).await;
+    let v = until_recomposed(c, &vol).await;
     println!(
         "unclean restart: nexus back and resynced {:?} after the engine restarted; rebuilds {:?}",
         t.elapsed(),
@@ -190,7 +203,75 @@ async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced
         "{:?}",
         v.rebuilds
     );
-    verify(&mut c, &v, 2).await;
+    verify(c, &v, round).await;
+}
+
+/// A publish that began while one engine instance ran on the nexus's node and made its nexus on the next one (the
+/// engine restarted cleanly in between) records the instance that made it: that one's kill -9 later is an unclean
+/// end, and the replicas are resynced. Before, the nexus kept the first instance, whose clean exit passed for the
+/// killed one's: no resync, and replicas that a write in flight reached only some of stayed different.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexus_made_by_a_restarted_engine_mid_publish_is_resynced_after_that_engines_kill() {
+    let (_dir, port, mut agent, mut engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 40 * MIB,
+        replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The publish waits, its replicas shared, before it asks reg-1's engine for the nexus.
+    agent.set_env(
+        "FAILPOINTS",
+        &format!(
+            "{}=1*return(8000)",
+            ha_agent::cluster::failpoint::PUBLISH_CREATING
+        ),
+    );
+    agent.restart();
+    let publishing = {
+        let c = c.clone();
+        let vol = vol.clone();
+        tokio::spawn(crate::crash::until_served(move || {
+            let mut c = c.clone();
+            let vol = vol.clone();
+            async move {
+                c.publish_volume(pb::PublishVolumeRequest {
+                    uuid: vol,
+                    host_nqn: HOST.into(),
+                    node: "reg-1".into(),
+                    multi_host: false,
+                    require_known_node: false,
+                })
+                .await
+            }
+        }))
+    };
+    let t = Instant::now();
+    while !agent.log().contains("failpoint publish.creating: waiting") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the publish never reached the failpoint:\n{}",
+            crate::crash::tail(&agent.log())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engines[0].stop();
+    engines[0].restart();
+    crate::registry::wait_for(port, &[("reg-1", pb::NodeState::Online)], "restart").await;
+    // Finished by this call or, if the new engine had not imported its pool yet, by healing.
+    let first = publishing.await.unwrap();
+    println!(
+        "the publish across the restart: {:?}",
+        first.map(|v| v.into_inner().nexus_node)
+    );
+    let v = until_recomposed(&mut c, &vol).await;
+    assert_eq!(v.nexus_node, "reg-1", "{v:#?}");
+    assert!(v.rebuilds.is_empty(), "{:?}", v.rebuilds);
+
+    killed_under_writes_is_resynced(&mut c, &mut engines[0], &v, 1).await;
     drop(engines);
 }
 

@@ -479,6 +479,8 @@ async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
         fp::PUBLISH_NEXUS_RECORDED,
         fp::PUBLISH_NEXUS_CREATED,
         fp::PUBLISH_PUBLISHED,
+        fp::RETIRE_GARBAGE_RECORDED,
+        fp::RETIRE_DROPPED,
     ] {
         // The last round's volume is deleted; its replicas leave the pools as their engines answer.
         let t = Instant::now();
@@ -549,6 +551,8 @@ async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
                 && !m.nexus_node.is_empty()
                 && m.nexus_node != v.nexus_node
                 && !m.nqn.is_empty()
+                // The killed node's replica disowned (the switch-over's last stage) and not replaced there yet.
+                && m.replica_list.iter().all(|r| r.node != v.nexus_node)
             {
                 break m;
             }
@@ -585,4 +589,73 @@ async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
         .await
         .unwrap();
     }
+}
+
+/// The host loses its path to a nexus whose engine answers, and the volume's other in-sync replica is on a node that
+/// froze a moment ago (still Online in the registry): the switch-over cannot share that replica. The old nexus was
+/// ended cleanly by its engine, so its node's replica is whole: it is kept, and once the frozen node is known to be
+/// Offline the new nexus is made of it on the third node. Before, that replica was disowned (and destroyed) before
+/// the new nexus existed, and later attempts, having forgotten that the old nexus had ended, would not have used it
+/// anyway: the volume stayed without a nexus, its only reachable copy gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_over_whose_other_copy_is_on_a_frozen_node_keeps_the_old_nodes_copy() {
+    let (_dir, _port, agent, engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 * MIB,
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let holders = c
+        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list;
+    let (kept, frozen) = (holders[0].clone(), holders[1].clone());
+    let v = publish_to(&mut c, vol.clone(), &kept.node).await;
+    assert_eq!(v.nexus_node, kept.node);
+    let ns = connect(&v).await;
+    write_all(&ns, 0..8).await;
+    ns.close().await;
+
+    let frozen_engine = &engines[frozen.node["reg-".len()..].parse::<usize>().unwrap() - 1];
+    frozen_engine.signal("-STOP");
+    let first = c
+        .report_path_failure(report(&v, &v.target_addresses[0]))
+        .await;
+    println!(
+        "the report, {} frozen: {:?}",
+        frozen.node,
+        first.map(|m| m.into_inner().nexus_node)
+    );
+    let t = Instant::now();
+    let moved = loop {
+        let m = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if !m.nqn.is_empty() && m.nexus_node != kept.node && m.nexus_node != frozen.node {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never switched over while {} is frozen: {m:#?}\nagent log:\n{}",
+            frozen.node,
+            crate::crash::tail(&agent.log())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        moved.replica_list.iter().any(|r| r.uuid == kept.uuid),
+        "the old node's copy is kept: {moved:#?}"
+    );
+    let ns = connect(&moved).await;
+    verify(&ns, 0..8).await;
+    ns.close().await;
+    frozen_engine.signal("-CONT");
 }
