@@ -38,14 +38,21 @@ impl Volumes {
         let lock = self.lock_of(q.volume);
         let _held = lock.lock().await;
         let mut r = self.get(q.volume).await?;
+        // A switch-over under way holds consent back from the nexus it moves off, not from the one it made (published
+        // elsewhere, its old node's replicas not disowned yet).
         let current = r.nexus.as_ref().filter(|n| {
             n.node == q.node
                 && n.key == q.key
                 && r.phase == VolumePhase::Created
-                && r.switchover.is_none()
+                && r.switchover
+                    .as_ref()
+                    .is_none_or(|s| n.published && n.node != s.from)
         });
         if current.is_none() {
             let now = match (&r.nexus, &r.switchover) {
+                (Some(n), Some(_)) if n.node != q.node || n.key != q.key => {
+                    format!("its nexus is on {} with key {}", n.node, n.key)
+                }
                 (_, Some(s)) => format!("a switch-over off {} is under way", s.from),
                 (Some(n), None) => format!("its nexus is on {} with key {}", n.node, n.key),
                 (None, None) => "it has no nexus".to_string(),

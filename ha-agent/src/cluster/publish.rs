@@ -150,9 +150,20 @@ impl Volumes {
         let recorded = r.nexus.clone().filter(|n| n.node == node && !n.published);
         if let Some(n) = recorded.as_ref().filter(|n| n.key == r.fence_key) {
             // Made by an earlier attempt (its key confirmed) that stopped before it was recorded as published: it
-            // may have been exported and taken writes. Ended now (made again below), and if it did not end cleanly
-            // (its engine was killed since) the new one resyncs the replicas.
-            if !self.end_nexus(uuid, n).await? && !r.resync {
+            // may have been exported and taken writes. Still there, it is what `create_nexus` below finds (and
+            // takes, or ends and makes again); gone from an engine that answers, it ended with that engine, and
+            // unless that one shut down cleanly the new one resyncs the replicas.
+            let listed = self
+                .engine(&node)
+                .await?
+                .list_nexuses(epb::ListNexusesRequest {})
+                .await
+                .map_err(|s| engine_error(&node, s))?
+                .into_inner()
+                .nexuses
+                .iter()
+                .any(|x| x.uuid == uuid.to_string());
+            if !listed && !r.resync && !self.ended_cleanly(n).await {
                 tracing::warn!(%uuid, node = %n.node, "the nexus an earlier attempt made did not end cleanly: the next one resyncs the replicas");
                 r.resync = true;
                 self.save(&r).await?;
@@ -227,6 +238,7 @@ impl Volumes {
         if !avoid.is_empty() && avoid != node {
             hosts.push(names::node_host_nqn(avoid));
         }
+        let members: Vec<Uuid> = order.iter().map(|x| x.uuid).collect();
         let mut children = Vec::new();
         for rep in order {
             let mut c = self.engine(&rep.node).await?;
@@ -250,19 +262,10 @@ impl Volumes {
                 why: "no in-sync replica's node is Online".into(),
             });
         }
-        // Marked only once every child is shared: a publish that fails before (a node recorded Online that does not
-        // answer) leaves the replicas as they were, and one of those left out may be the only reachable copy.
-        let mut left_out = false;
-        for x in r.replicas.iter_mut().filter(|x| x.synced && !up(&x.node)) {
-            x.synced = false;
-            left_out = true;
-        }
-        if left_out {
-            self.save(&r).await?;
-        }
         let shared = t0.elapsed();
         failpoint::delay(failpoint::PUBLISH_CREATING).await;
         let mut c = self.engine(&node).await?;
+        let instance_before = self.online_instance(&node).await;
         let request = epb::CreateNexusRequest {
             uuid: uuid.to_string(),
             children,
@@ -311,10 +314,28 @@ impl Volumes {
         }
         failpoint::at(failpoint::PUBLISH_NEXUS_CREATED);
         let created = t0.elapsed();
-        // The engine instance that made it, read now: the one recorded with the nexus may have shut down (cleanly)
-        // since, and an unclean end of this one must not be judged by that one's clean exit.
-        if let (Some(nx), Ok(v)) = (r.nexus.as_mut(), self.registry.get(&node).await) {
-            nx.instance = v.record.spec.instance.clone();
+        // The engine instance that made it: the one recorded with the nexus may have shut down (cleanly) since, and
+        // an unclean end of this one must not be judged by that one's clean exit. Known only if the same instance
+        // was Online before and after the call (an engine answers before it registers); else none, which is never
+        // judged to have ended cleanly.
+        let instance_after = self.online_instance(&node).await;
+        if let Some(nx) = r.nexus.as_mut() {
+            nx.instance = match (instance_before, instance_after) {
+                (Some(a), Some(b)) if a == b => a,
+                _ => String::new(),
+            };
+        }
+        // Recorded with the key, before the nexus is exported (it writes nothing until then): the in-sync replicas
+        // it was made without miss what it writes, and after an unclean end every child but the first (the one the
+        // others resync from) is being rebuilt, not in sync, until the nexus says it is healthy. Not before the
+        // nexus exists: a publish that fails leaves the replicas as they were (one left out may be the only
+        // reachable copy, and the next attempt may need it).
+        let resynced = r.resync;
+        for x in r.replicas.iter_mut() {
+            let rebuilt = resynced && members.first() != Some(&x.uuid) && members.contains(&x.uuid);
+            if x.synced && (!members.contains(&x.uuid) || rebuilt) {
+                x.synced = false;
+            }
         }
         r.fence_key = key;
         r.resync = false;
@@ -374,6 +395,16 @@ impl Volumes {
             "volume published"
         );
         Ok(r)
+    }
+
+    /// The engine instance the registry has Online on `node`, if any.
+    async fn online_instance(&self, node: &str) -> Option<String> {
+        self.registry
+            .get(node)
+            .await
+            .ok()
+            .filter(|v| v.record.status.state == NodeState::Online)
+            .map(|v| v.record.spec.instance.clone())
     }
 
     /// Whether `node`'s engine has the volume's nexus, published.

@@ -154,6 +154,28 @@ impl Volumes {
         }
     }
 
+    /// Whether the volume's nexus lists a healthy child whose replica is not on `from`.
+    async fn healthy_elsewhere(&self, r: &VolumeRecord, from: &str) -> bool {
+        let Some(n) = r.nexus.as_ref() else {
+            return false;
+        };
+        let Ok(mut c) = self.engine(&n.node).await else {
+            return false;
+        };
+        let Ok(listed) = c.list_nexuses(epb::ListNexusesRequest {}).await else {
+            return false;
+        };
+        listed
+            .into_inner()
+            .nexuses
+            .iter()
+            .filter(|x| x.uuid == r.uuid.to_string())
+            .flat_map(|x| &x.children)
+            .filter(|c| c.state == epb::ChildState::Healthy as i32)
+            .filter_map(|c| super::heal::replica_of(&c.uri))
+            .any(|id| r.replicas.iter().any(|x| x.uuid == id && x.node != from))
+    }
+
     /// Whether a node other than `from` is Online and uncordoned: somewhere a nexus could move to.
     async fn elsewhere_up(&self, from: &str) -> Result<bool, VolumeError> {
         Ok(self.registry.list().await?.iter().any(|n| {
@@ -241,21 +263,25 @@ impl Volumes {
                 .as_ref()
                 .map(|n| n.host_nqn.clone())
                 .unwrap_or_default();
-            let old_clean = s.old_ended == Some(true);
+            // The old nexus's clean end speaks for it only while the record still names it (not for a new one an
+            // earlier attempt made elsewhere, which publishing judges by itself).
+            let old_clean =
+                s.old_ended == Some(true) && r.nexus.as_ref().is_some_and(|n| n.node == s.from);
             done = self
                 .publish_avoiding(r.clone(), &host, "", old_clean, &s.from, leave)
                 .await
                 .map(|v| r = v);
         }
         let publish = t.elapsed() - end_old;
-        // Disowned only now that the new nexus runs without them: before, the in-sync replica counted on elsewhere
-        // may turn out unreachable (its node dead and not known to be yet), and these the only copies left.
+        // Disowned only once the new nexus runs without them and has a healthy child elsewhere: before, the in-sync
+        // replica counted on elsewhere may turn out unreachable (its node dead and not known to be yet), and these
+        // the only copies left. Until then the switch-over stays on record, and healing comes back to it.
+        if done.is_ok() && s.old_replicas_left && !self.healthy_elsewhere(&r, &s.from).await {
+            tracing::info!(%uuid, from = %s.from, "switched over; the old node's replicas are disowned once the new nexus has a healthy child");
+            return Ok(r);
+        }
         if done.is_ok() {
-            if s.old_replicas_left
-                && r.replicas
-                    .iter()
-                    .any(|x| x.node != s.from && x.created && x.synced)
-            {
+            if s.old_replicas_left {
                 while let Some(i) = r.replicas.iter().position(|x| x.node == s.from) {
                     r.reason = format!(
                         "replica {} on {} disowned: the nexus left that node ({} lost its path)",

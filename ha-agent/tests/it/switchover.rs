@@ -592,9 +592,9 @@ async fn a_switch_over_the_agent_died_in_is_finished_by_the_restarted_agent() {
 }
 
 /// The host loses its path to a nexus whose engine answers, and the volume's other in-sync replica is on a node that
-/// froze a moment ago (still Online in the registry): the switch-over cannot share that replica. The old nexus was
-/// ended cleanly by its engine, so its node's replica is whole: it is kept, and once the frozen node is known to be
-/// Offline the new nexus is made of it on the third node. Before, that replica was disowned (and destroyed) before
+/// froze a moment ago (still Online in the registry): the switch-over cannot share that replica. Once the old nexus
+/// has ended (its engine ends it when its frozen child times out) its node's replica is whole: it is kept, and once
+/// the frozen node is known to be Offline the new nexus is made of it on the third node. Before, that replica was disowned (and destroyed) before
 /// the new nexus existed, and later attempts, having forgotten that the old nexus had ended, would not have used it
 /// anyway: the volume stayed without a nexus, its only reachable copy gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
