@@ -92,9 +92,19 @@ impl BlockDevice for Fuse {
         self.check()?;
         self.inner.release(offset, len).await
     }
+    /// A failed flush blows the fuse too: the kernel may have dropped the dirty data it could not write and report
+    /// the error to one flush only (a file's writeback error goes to the first fsync that checks), so a journal
+    /// commit's own flush could succeed afterwards with its transaction lost, and no later flush says what is on
+    /// the disk. The pool is stopped until an import reads the disk again.
     async fn flush(&self) -> Result<(), BlockError> {
         self.check()?;
-        self.inner.flush().await
+        let r = self.inner.flush().await;
+        if let Err(e) = &r
+            && self.blow(format!("a flush of the pool's disk failed: {e}"))
+        {
+            tracing::error!(error = %e, "a flush of the pool's disk failed: the pool takes no more writes until it is imported again");
+        }
+        r
     }
 
     async fn settle(&self) {
@@ -121,6 +131,31 @@ mod tests {
         assert!(f.write_zeroes(0, 512).await.is_err());
         assert!(f.deallocate(0, 512).await.is_err());
         assert!(f.flush().await.is_err());
+        assert_eq!(&f.read(0, 512).await.unwrap()[..], &[7u8; 512][..]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_blows_the_fuse() {
+        use crate::block::fault::{FaultDevice, FaultPlan};
+        let disk = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(1 << 20, 512))));
+        let f = Fuse::new(disk.clone());
+        f.write(0, Bytes::from(vec![7u8; 512])).await.unwrap();
+        f.flush().await.unwrap();
+        assert_eq!(f.blown(), None);
+        disk.set_plan(FaultPlan {
+            fail_after: Some(0),
+            ..Default::default()
+        });
+        assert!(f.flush().await.is_err());
+        disk.set_plan(FaultPlan::default());
+        // The disk works again; the pool does not trust it until it is imported again.
+        assert!(
+            f.blown().is_some_and(|w| w.contains("flush")),
+            "{:?}",
+            f.blown()
+        );
+        assert!(f.flush().await.is_err());
+        assert!(f.write(0, Bytes::from(vec![1u8; 512])).await.is_err());
         assert_eq!(&f.read(0, 512).await.unwrap()[..], &[7u8; 512][..]);
     }
 }

@@ -100,6 +100,16 @@ impl Journal {
             .read(label.journal_offset, label.journal_len)
             .await
             .map_err(|e| io("reading the journal", e))?;
+        // The older area is the state to start from only if the newer one never took transactions: once the journal
+        // holds one of a later epoch, that epoch's checkpoint was durable, and starting from the older one would
+        // undo every change since (and the next checkpoint would overwrite the good copy with that stale state).
+        if let Some(later) = first_txn_epoch(&journal).filter(|e| *e > epoch) {
+            return Err(PoolError::CorruptMetadata(format!(
+                "the journal holds transactions of epoch {later} but the newest readable checkpoint is of epoch \
+                 {epoch} ({})",
+                errors.join("; ")
+            )));
+        }
         let mut next = 0u64;
         while let Some((records, blocks)) = parse_txn(&journal, epoch, next)? {
             for r in &records {
@@ -273,9 +283,10 @@ async fn read_checkpoint(
             "length {len} beyond its area"
         )));
     }
-    let padded = len.div_ceil(label.block_size.into()) * u64::from(label.block_size);
+    // Whole metadata blocks, as it was written: a smaller read fails on a disk of larger sectors.
+    let padded = len.div_ceil(BLOCK) * BLOCK;
     let body = dev
-        .read(off + BLOCK, padded.max(u64::from(label.block_size)))
+        .read(off + BLOCK, padded.max(BLOCK))
         .await
         .map_err(|e| io("reading a checkpoint", e))?;
     let payload = &body[..len as usize];
@@ -290,6 +301,25 @@ async fn read_checkpoint(
         generation,
         meta.load(label.cluster_size, label.data_clusters)?,
     ))
+}
+
+/// The epoch of the transaction in the journal's first block, if one whole transaction (checksum good) starts there:
+/// the first one written after the checkpoint of that epoch.
+fn first_txn_epoch(journal: &Bytes) -> Option<u64> {
+    let mut h = journal.get(..TXN_HEADER)?;
+    if &h[..8] != TXN_MAGIC {
+        return None;
+    }
+    h.advance(8);
+    let (e, seq, len, crc) = (
+        h.get_u64_le(),
+        h.get_u64_le(),
+        h.get_u32_le(),
+        h.get_u32_le(),
+    );
+    let payload = journal.get(TXN_HEADER..TXN_HEADER + len as usize)?;
+    let computed = crc32c::crc32c_append(crc32c::crc32c(&journal[..TXN_HEADER - 4]), payload);
+    (seq == 0 && computed == crc).then_some(e)
 }
 
 /// Parses the transaction starting at journal block `block` if it is whole and belongs to `epoch`. A whole

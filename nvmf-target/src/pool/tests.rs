@@ -482,6 +482,33 @@ async fn corrupt_labels_and_metadata_are_detected_not_used() {
     assert!(matches!(e, Some(PoolError::ForeignData)), "{e:?}");
 }
 
+/// The newest checkpoint is unreadable after the journal took transactions of its epoch: the import refuses (the
+/// older checkpoint would undo every change since, and be written over the good copy), rather than bring the pool
+/// back without them.
+#[tokio::test]
+async fn an_unreadable_newest_checkpoint_with_later_transactions_is_refused_not_rolled_back() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    drop(Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap());
+    // Imported: both areas hold a checkpoint, the newer one just written.
+    let pool = Pool::import(dev.clone(), &me()).await.unwrap();
+    let label = pool.label().clone();
+    let epoch = pool.inner.journal.epoch().await;
+    // A change after the last checkpoint: a transaction of its epoch, the first in the journal.
+    let r = Uuid::new_v4();
+    pool.create_replica(r, MIB, None).await.unwrap();
+    assert_eq!(pool.inner.journal.epoch().await, epoch);
+    drop(pool);
+    let newest = label.ckpt_offset[if epoch % 2 == 1 { 0 } else { 1 }];
+    let mut blk = dev.read(newest, 512).await.unwrap().to_vec();
+    blk[20] ^= 0xff;
+    dev.write(newest, Bytes::from(blk)).await.unwrap();
+    let e = Pool::import(dev.clone(), &me()).await.err();
+    assert!(
+        matches!(&e, Some(PoolError::CorruptMetadata(m)) if m.contains("transactions of epoch")),
+        "{e:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_journal_wraps_into_checkpoints() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));

@@ -487,12 +487,16 @@ impl PoolVolume {
     /// becomes this volume's alone when another volume's copy of it commits, and a write landing in it before this
     /// volume's own copy commits would be lost under the copy's mapping (and the old cluster freed under it).
     /// Such a copy was counted in `allocating` before it looked the cluster up, so before this lookup saw the
-    /// cluster unshared: with none under way, nothing is taken.
+    /// cluster unshared; it may also have committed (moving this volume's mapping off the cluster, and freeing it)
+    /// and ended between this lookup and the count's check, which the pool's count of moved mappings then shows.
+    /// With none under way and no mapping moved since the lookup, nothing is taken.
     async fn sole(&self, logical: u32) -> Result<Option<(u32, Option<RangeGuard>)>, BlockError> {
-        let Some((phys, true)) = self.lookup(logical)? else {
+        let (Some((phys, true)), moved) = self.lookup_moved(logical)? else {
             return Ok(None);
         };
-        if self.allocating.load(Ordering::SeqCst) == 0 {
+        if self.allocating.load(Ordering::SeqCst) == 0
+            && self.pool.moved.load(Ordering::Acquire) == moved
+        {
             return Ok(Some((phys, None)));
         }
         let held = self
