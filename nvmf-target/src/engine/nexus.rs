@@ -245,19 +245,28 @@ impl Engine {
                 )));
             }
         }
-        let mut list = self.nexuses_mut();
-        if list.iter().any(|n| n.uuid == uuid) {
+        let lost = {
+            let mut list = self.nexuses_mut();
+            let lost = list.iter().any(|n| n.uuid == uuid);
+            if !lost {
+                list.push(NexusEntry {
+                    uuid,
+                    nexus: nexus.clone(),
+                    nqn: None,
+                    reservation: options.reservation,
+                });
+            }
+            lost
+        };
+        if lost {
+            // Another create of the same nexus finished first: this one's rebuilds must not go on copying beside
+            // that one's writes.
+            nexus.shutdown().await;
             return Err(EngineError::AlreadyExists {
                 resource: Resource::Nexus(uuid),
                 conflict: "(created meanwhile)".into(),
             });
         }
-        list.push(NexusEntry {
-            uuid,
-            nexus: nexus.clone(),
-            nqn: None,
-            reservation: options.reservation,
-        });
         tracing::info!(%uuid, children = ?children, "nexus created");
         Ok(nexus)
     }

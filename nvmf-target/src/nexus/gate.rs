@@ -65,20 +65,33 @@ impl Nexus {
         }
     }
 
-    /// Faults `c` for `reason`, with the gate's consent when the nexus has a gate and `c` is healthy. `Err`
+    /// Faults `c` for `reason`, with the gate's consent when the nexus has a gate, `c` is healthy and another
+    /// child is (the last healthy child is faulted without asking: no write is acknowledged without it, so its
+    /// replica keeps every acknowledged write and stays in sync on record, and the volume is made again from it).
+    /// `holders`: for a write, the children that took it; if none of them is healthy any more when it is `c`'s turn
+    /// (another I/O faulted them meanwhile), `c` is kept and the write must fail: `Ok(false)`. `Err`
     /// ([`BlockError::Relocated`]) when the nexus is shut down meanwhile; when the gate refuses, nothing until then.
     pub(super) async fn fault_confirmed(
         &self,
         c: &Arc<Child>,
         reason: &str,
-    ) -> Result<(), BlockError> {
+        holders: Option<&[Arc<Child>]>,
+    ) -> Result<bool, BlockError> {
         if let Some(gate) = &self.config.fault_gate {
             // One question at a time: I/Os that found the same child failing wait for the first one's answer.
             let _one = tokio::select! {
                 g = self.confirming.lock() => g,
                 _ = self.halt.cancelled() => return Err(self.relocated()),
             };
-            if c.state() == ChildState::Healthy {
+            let healthy_besides = |set: &[Arc<Child>]| {
+                set.iter()
+                    .any(|o| !Arc::ptr_eq(o, c) && o.state() == ChildState::Healthy)
+            };
+            if c.state() == ChildState::Healthy && holders.is_some_and(|h| !healthy_besides(h)) {
+                tracing::warn!(nexus = %self.name, child = %c.name, "every child that took the write was faulted meanwhile: the child that failed it is kept, the write fails");
+                return Ok(false);
+            }
+            if c.state() == ChildState::Healthy && healthy_besides(&self.list()) {
                 self.consent.waiting.store(true, Ordering::Relaxed);
                 let answer = tokio::select! {
                     a = gate.confirm(&c.name, reason) => Some(a),
@@ -101,7 +114,7 @@ impl Nexus {
         if c.fault(reason) {
             self.changed();
         }
-        Ok(())
+        Ok(true)
     }
 
     fn relocated(&self) -> BlockError {
@@ -266,6 +279,113 @@ mod tests {
         }
         assert_eq!(gate.asked(), vec!["remote".to_string()]);
         assert_eq!(n.state(), NexusState::Degraded);
+    }
+
+    /// Two children, each failing the other's write: each write waits for consent to fault the child that failed
+    /// it. The first answer faults one; the other write then finds every child that took it faulted, and fails
+    /// rather than fault the last healthy child (which would leave no child holding every acknowledged write).
+    #[tokio::test]
+    async fn crossed_write_failures_never_fault_both_children() {
+        let gate = Scripted::new();
+        let a = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(4 << 20, 512))));
+        let b = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(4 << 20, 512))));
+        let config = NexusConfig {
+            io_timeout: Duration::from_secs(2),
+            fault_gate: Some(gate.clone()),
+            ..NexusConfig::default()
+        };
+        let n = Nexus::new(
+            "vol",
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            config,
+        )
+        .unwrap();
+        a.set_plan(FaultPlan {
+            fail_ranges: vec![std::ops::Range {
+                start: 8192,
+                end: 12288,
+            }],
+            ..Default::default()
+        });
+        b.set_plan(FaultPlan {
+            fail_ranges: vec![std::ops::Range {
+                start: 0,
+                end: 4096,
+            }],
+            ..Default::default()
+        });
+        let w1 = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(0, data(1)).await }
+        });
+        let w2 = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(8192, data(2)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!w1.is_finished() && !w2.is_finished());
+        gate.answer(Ok(()));
+        let (r1, r2) = (w1.await.unwrap(), w2.await.unwrap());
+        assert_eq!(gate.asked().len(), 1, "{:?}", gate.asked());
+        let healthy: Vec<String> = n.healthy().iter().map(|c| c.name.clone()).collect();
+        assert_eq!(healthy.len(), 1, "one child goes on: {healthy:?}");
+        let (acked, failed, keeper) = if r1.is_ok() {
+            (data(1), r2, a.clone())
+        } else {
+            (data(2), r1, b.clone())
+        };
+        assert!(
+            matches!(failed, Err(BlockError::Relocated(_))),
+            "{failed:?}"
+        );
+        let at = if acked == data(1) { 0 } else { 8192 };
+        keeper.set_plan(FaultPlan::default());
+        assert_eq!(keeper.read(at, 4096).await.unwrap(), acked);
+        assert_eq!(n.read(at, 4096).await.unwrap(), acked);
+        // A write failed after a child took it: the children may differ there, so the end is not clean.
+        assert!(!n.shutdown().await);
+    }
+
+    /// The last healthy child failing a read is faulted without asking: asked, the agent would record its replica
+    /// out of sync, and the volume, left without one in sync, could never be made again.
+    #[tokio::test]
+    async fn the_last_healthy_child_is_faulted_without_asking() {
+        let gate = Scripted::new();
+        let (n, _good, _bad) = setup(&gate);
+        gate.answer(Ok(()));
+        n.write(0, data(1)).await.unwrap();
+        assert_eq!(gate.asked(), vec!["remote".to_string()]);
+        let local = n.healthy()[0].clone();
+        assert_eq!(local.name, "local");
+        n.fault_confirmed(&local, "read errors", None)
+            .await
+            .unwrap();
+        assert_eq!(gate.asked().len(), 1, "asked about the last healthy child");
+        assert!(n.healthy().is_empty());
+    }
+
+    /// A write waiting for consent when the nexus shuts down reached one child and not the other: not a clean end
+    /// (the children differ there), even though every child still answers flushes.
+    #[tokio::test]
+    async fn a_shutdown_that_gives_up_a_write_some_children_took_is_not_clean() {
+        let gate = Scripted::new();
+        let (n, _good, bad) = setup(&gate);
+        // Writes there fail; flushes (and everything else) succeed.
+        bad.set_plan(FaultPlan {
+            fail_ranges: vec![std::ops::Range {
+                start: 8192,
+                end: 12288,
+            }],
+            ..Default::default()
+        });
+        let w = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(8192, data(1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!w.is_finished());
+        assert!(!n.shutdown().await, "a clean end after a torn write");
+        assert!(matches!(w.await.unwrap(), Err(BlockError::Relocated(_))));
     }
 
     #[tokio::test]

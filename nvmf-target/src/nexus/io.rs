@@ -102,6 +102,10 @@ impl Nexus {
             }
         }
         let last_done = results.iter().filter_map(|r| r.1).max();
+        // Until it is acknowledged: a write that fails after some child took it leaves the children differing there,
+        // which makes this nexus's end unclean.
+        let took_any = results.iter().any(|r| matches!(r.0, Ok(Ok(()))));
+        let mut torn = TornUnlessAcknowledged((took_any && !flush).then_some(&self.torn));
         let results: Vec<_> = results.into_iter().map(|r| r.0).collect();
         let mut healthy_ok = 0;
         // Children not in sync (rebuilding) that took it.
@@ -159,13 +163,7 @@ impl Nexus {
             .iter()
             .any(|f| matches!(f.2, BlockError::ReservationConflict))
         {
-            if !self.stopped.swap(true, Ordering::AcqRel) {
-                tracing::error!(nexus = %self.name, "fenced by a newer nexus of the volume: this one stops");
-                if let Some(f) = &self.config.on_fenced {
-                    f.fenced();
-                }
-            }
-            return Err(self.stopped_error());
+            return Err(self.fenced());
         }
         // Every healthy child out of space: the volume is full, no replica is at fault. The host gets Capacity
         // Exceeded. A child not in sync (rebuilding, past the copy there) that took the write anyway now holds what
@@ -192,17 +190,27 @@ impl Nexus {
             return Err(BlockError::NoSpace);
         }
         let mut last_err = None;
+        // Every child that took it faulted by other I/Os while this one waited for consent: it fails, and the
+        // children that failed it are kept (they are what the volume goes on with).
+        let mut orphaned = false;
         for (c, reason, e) in failed {
             c.note_write_error();
             if healthy_ok > 0 {
                 // The write is acknowledged without this child: only with the gate's consent.
-                self.fault_confirmed(c, &reason).await?;
+                if !orphaned && !self.fault_confirmed(c, &reason, Some(&holders)).await? {
+                    orphaned = true;
+                }
             } else if c.fault(&reason) {
                 self.changed();
             }
             last_err = Some(e);
         }
-        // Children that are away (including any this write just faulted) remember the range for a partial rebuild.
+        if healthy_ok > 0 {
+            holders.retain(|h| h.state() == ChildState::Healthy);
+            orphaned |= holders.is_empty();
+        }
+        // Children that are away (including any this write just faulted) remember the range for a partial rebuild,
+        // kept by the healthy children that took it, or by those the volume goes on with if it fails.
         if len > 0 {
             let new: Vec<MissedWrites> = self
                 .list()
@@ -210,18 +218,55 @@ impl Nexus {
                 .filter_map(|c| c.log_write(offset, len))
                 .collect();
             if !new.is_empty() && healthy_ok > 0 {
-                persist_missed(&holders, &new, self.config.io_timeout).await?;
+                let keepers = if orphaned { self.healthy() } else { holders };
+                match persist_missed(&keepers, &new, self.config.io_timeout).await {
+                    Err(BlockError::ReservationConflict) => return Err(self.fenced()),
+                    r => r?,
+                }
             }
         }
         if let Some(t) = last_done {
             timing::record_since(Stage::NexusFinish, t);
         }
+        if orphaned {
+            return Err(BlockError::Relocated(format!(
+                "nexus {}: every child that took the {what} was faulted meanwhile",
+                self.name
+            )));
+        }
         if healthy_ok > 0 {
+            torn.0 = None;
             Ok(())
         } else {
             Err(last_err.unwrap_or_else(|| {
                 BlockError::Remote(format!("nexus {} has no healthy child", self.name))
             }))
+        }
+    }
+}
+
+impl Nexus {
+    /// A newer nexus of the volume preempted this one: it stops (once), every later I/O fails, and the engine is
+    /// told. The error for the I/O that found it.
+    fn fenced(&self) -> BlockError {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            tracing::error!(nexus = %self.name, "fenced by a newer nexus of the volume: this one stops");
+            if let Some(f) = &self.config.on_fenced {
+                f.fenced();
+            }
+        }
+        self.stopped_error()
+    }
+}
+
+/// Marks the nexus torn when dropped still holding its flag: a write that some child took ended without being
+/// acknowledged (an error, or a shutdown while it waited).
+struct TornUnlessAcknowledged<'a>(Option<&'a std::sync::atomic::AtomicBool>);
+
+impl Drop for TornUnlessAcknowledged<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            t.store(true, Ordering::Release);
         }
     }
 }
@@ -253,6 +298,13 @@ async fn persist_missed(
             .filter_map(|r| r.as_ref().err())
             .filter(|e| !matches!(e, BlockError::Unsupported))
             .collect();
+        // A holder that refused for a reservation conflict: a newer nexus took the volume over.
+        if failures
+            .iter()
+            .any(|e| matches!(e, BlockError::ReservationConflict))
+        {
+            return Err(BlockError::ReservationConflict);
+        }
         if kept == 0 && !failures.is_empty() {
             return Err(BlockError::Remote(format!(
                 "cannot record the writes {} missed: {}",
@@ -293,7 +345,7 @@ impl BlockDevice for Nexus {
                     healthy.iter().for_each(|h| h.accept_reconnect());
                 } else {
                     let why = "its connection was lost: unflushed writes may be gone";
-                    self.fault_confirmed(c, why).await?;
+                    self.fault_confirmed(c, why, None).await?;
                     continue;
                 }
             }
@@ -305,7 +357,7 @@ impl BlockDevice for Nexus {
                 Ok(Err(e)) => {
                     let n = c.note_read_error();
                     if n >= self.config.read_error_limit {
-                        self.fault_confirmed(c, &format!("{n} read errors, last: {e}"))
+                        self.fault_confirmed(c, &format!("{n} read errors, last: {e}"), None)
                             .await?;
                     }
                     last_err = Some(e);
@@ -313,7 +365,7 @@ impl BlockDevice for Nexus {
                 Err(_) => {
                     c.note_read_error();
                     let why = format!("read timed out after {:?}", self.config.io_timeout);
-                    self.fault_confirmed(c, &why).await?;
+                    self.fault_confirmed(c, &why, None).await?;
                 }
             }
         }

@@ -161,6 +161,8 @@ pub struct Nexus {
     cancel: CancellationToken,
     /// Set by [`Nexus::shutdown`]: every I/O fails from then on.
     stopped: std::sync::atomic::AtomicBool,
+    /// A write failed after some child took it (the children may differ where it went): an end is never clean.
+    torn: std::sync::atomic::AtomicBool,
     /// Cancelled when a shutdown begins: I/Os waiting for the fault gate give up.
     halt: CancellationToken,
     /// Held while the fault gate is asked (one question at a time).
@@ -215,6 +217,7 @@ impl Nexus {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            torn: std::sync::atomic::AtomicBool::new(false),
             halt: CancellationToken::new(),
             confirming: tokio::sync::Mutex::new(()),
             consent: gate::ConsentCounters::default(),
@@ -407,7 +410,9 @@ impl Nexus {
     /// Stops the nexus: new I/O fails, the writes in flight are waited for (up to the I/O timeout and a second),
     /// rebuilds stop, and the healthy children flush. `true`: a clean end: every write it took either completed on
     /// its children or never started, and they made it durable, so the children agree, whatever happens to them
-    /// next; `false`: some write was still in flight when it gave up, or a child's flush failed. (The next nexus
+    /// next; `false`: some write was still in flight when it gave up, one failed after some children took it (they
+    /// may differ there: a write that waited for consent to fault a child, given up at this shutdown, is one), or a
+    /// child's flush failed. (The next nexus
     /// knows nothing of what this one's children had not flushed: a child that lost it in a power cut would
     /// disagree with the others for good, and no rebuild would ever look there.)
     pub async fn shutdown(&self) -> bool {
@@ -426,7 +431,11 @@ impl Nexus {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        drained && self.flush_on_end().await
+        let torn = self.torn.load(std::sync::atomic::Ordering::Acquire);
+        if torn {
+            tracing::warn!(nexus = %self.name, "shut down after a write failed that some children took: not a clean end");
+        }
+        drained && self.flush_on_end().await && !torn
     }
 
     /// Flushes every healthy child (each within the I/O timeout): whether all did.

@@ -77,7 +77,7 @@ impl Source for Siblings {
                     // Asked for off the copy's path: the copy moves on to another source meanwhile.
                     let (nexus, c) = (self.nexus.clone(), c.clone());
                     self.nexus.tasks.spawn(async move {
-                        let _ = nexus.fault_confirmed(&c, &why).await;
+                        let _ = nexus.fault_confirmed(&c, &why, None).await;
                     });
                 }
             }

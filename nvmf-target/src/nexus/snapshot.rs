@@ -23,9 +23,13 @@ impl Nexus {
             healthy.iter().for_each(|c| c.accept_reconnect());
         }
         for c in healthy.iter().filter(|c| c.lost_connection()) {
-            self.fault_confirmed(c, "its connection was lost: unflushed writes may be gone")
-                .await
-                .map_err(|e| failed(&c.name, "fault", &e))?;
+            self.fault_confirmed(
+                c,
+                "its connection was lost: unflushed writes may be gone",
+                None,
+            )
+            .await
+            .map_err(|e| failed(&c.name, "fault", &e))?;
         }
         let healthy = self.healthy();
         if healthy.is_empty() {
