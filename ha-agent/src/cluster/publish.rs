@@ -326,14 +326,18 @@ impl Volumes {
             };
         }
         // Recorded with the key, before the nexus is exported (it writes nothing until then): the in-sync replicas
-        // it was made without miss what it writes, and after an unclean end every child but the first (the one the
-        // others resync from) is being rebuilt, not in sync, until the nexus says it is healthy. Not before the
-        // nexus exists: a publish that fails leaves the replicas as they were (one left out may be the only
-        // reachable copy, and the next attempt may need it).
-        let resynced = r.resync;
+        // it was made without miss what it writes, and the children it rebuilds (every one but its source after an
+        // unclean end, and any an earlier nexus recorded as behind) are not in sync until it says they are healthy.
+        // Not before the nexus exists: a publish that fails leaves the replicas as they were (one left out may be
+        // the only reachable copy, and the next attempt may need it).
+        let rebuilding: Vec<Uuid> = made
+            .children
+            .iter()
+            .filter(|c| c.state != epb::ChildState::Healthy as i32)
+            .filter_map(|c| super::heal::replica_of(&c.uri))
+            .collect();
         for x in r.replicas.iter_mut() {
-            let rebuilt = resynced && members.first() != Some(&x.uuid) && members.contains(&x.uuid);
-            if x.synced && (!members.contains(&x.uuid) || rebuilt) {
+            if x.synced && (!members.contains(&x.uuid) || rebuilding.contains(&x.uuid)) {
                 x.synced = false;
             }
         }
