@@ -330,10 +330,23 @@ impl Volumes {
         // unclean end, and any an earlier nexus recorded as behind) are not in sync until it says they are healthy.
         // Not before the nexus exists: a publish that fails leaves the replicas as they were (one left out may be
         // the only reachable copy, and the next attempt may need it).
+        // A nexus with no healthy child (one an earlier attempt made, whose last healthy child faulted since) is
+        // not exported: its children are left as recorded (with none healthy, none missed an acknowledged write),
+        // and the next attempt makes it again from them, resynced.
+        let healthy = |c: &epb::NexusChild| c.state == epb::ChildState::Healthy as i32;
+        if !made.children.iter().any(healthy) {
+            r.resync = true;
+            self.save(&r).await?;
+            self.destroy_nexus(uuid, &node).await?;
+            return Err(VolumeError::FailedPrecondition {
+                uuid,
+                why: format!("the nexus made on {node} has no healthy child; made again next time"),
+            });
+        }
         let rebuilding: Vec<Uuid> = made
             .children
             .iter()
-            .filter(|c| c.state != epb::ChildState::Healthy as i32)
+            .filter(|c| !healthy(c))
             .filter_map(|c| super::heal::replica_of(&c.uri))
             .collect();
         for x in r.replicas.iter_mut() {

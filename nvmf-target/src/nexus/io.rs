@@ -79,6 +79,12 @@ impl Nexus {
                 self.name
             )));
         }
+        // Which were healthy when it was sent: one of those that took it but is faulted by the time its answers are
+        // weighed (another I/O's fault) still holds it.
+        let sent_healthy: Vec<bool> = targets
+            .iter()
+            .map(|c| c.state() == ChildState::Healthy)
+            .collect();
         // A flush covers what each child took before it started.
         let flushes: Vec<u64> = if flush {
             targets.iter().map(|c| c.flush_started()).collect()
@@ -111,6 +117,7 @@ impl Nexus {
         // Children not in sync (rebuilding) that took it.
         let mut others_ok: Vec<&Arc<Child>> = Vec::new();
         let mut holders: Vec<Arc<Child>> = Vec::new();
+        let mut faulted_holder = false;
         let mut failed: Vec<(&Arc<Child>, String, BlockError)> = Vec::new();
         // A child that lost its connection is trusted no more, unless every child that answered did (see
         // `accept_reconnect`).
@@ -145,6 +152,7 @@ impl Nexus {
                         healthy_ok += 1;
                         holders.push(c.clone());
                     } else {
+                        faulted_holder |= sent_healthy[i];
                         others_ok.push(c);
                     }
                 }
@@ -187,19 +195,30 @@ impl Nexus {
                     self.changed();
                 }
             }
+            // The children that took it are faulted: the healthy ones agree (unless one that took it was faulted
+            // before this write was weighed, whose log does not name the range).
+            if !faulted_holder {
+                torn.0 = None;
+            }
             return Err(BlockError::NoSpace);
         }
         let mut last_err = None;
-        // Every child that took it faulted by other I/Os while this one waited for consent: it fails, and the
-        // children that failed it are kept (they are what the volume goes on with).
-        let mut orphaned = false;
+        // Every child that took it faulted by other I/Os (before its answers were weighed, or while it waited for
+        // consent): it fails, and the healthy children that failed it are kept (they are what the volume goes on
+        // with; faulting the last of them would leave none holding every acknowledged write).
+        let mut orphaned = healthy_ok == 0 && faulted_holder;
         for (c, reason, e) in failed {
             c.note_write_error();
-            if healthy_ok > 0 {
-                // The write is acknowledged without this child: only with the gate's consent.
-                if !orphaned && !self.fault_confirmed(c, &reason, Some(&holders)).await? {
-                    orphaned = true;
+            if orphaned && c.state() == ChildState::Healthy {
+                // Kept.
+            } else if orphaned {
+                // Not in sync anyway (rebuilding): the write may still land there, past its copy.
+                if c.fault(&reason) {
+                    self.changed();
                 }
+            } else if healthy_ok > 0 {
+                // The write is acknowledged without this child: only with the gate's consent.
+                orphaned = !self.fault_confirmed(c, &reason, Some(&holders)).await?;
             } else if c.fault(&reason) {
                 self.changed();
             }

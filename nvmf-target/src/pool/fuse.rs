@@ -8,6 +8,7 @@
 //! another volume. Nothing the pool knows in memory is then sure to match the disk; an import reads the disk
 //! again (and compacts whatever the journal holds) and is the only way back.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -18,14 +19,27 @@ use crate::block::{BlockDevice, BlockError};
 pub(super) struct Fuse {
     inner: Arc<dyn BlockDevice>,
     /// Why the pool stopped taking writes.
-    blown: OnceLock<String>,
+    blown: Arc<OnceLock<String>>,
+    flushes: Arc<Flushes>,
+}
+
+/// The disk's flushes (the journal's and the volumes' alike), one at a time: a flush that fails blows the fuse
+/// before the next one starts, so no flush after a failed one succeeds. Callers waiting meanwhile share the next
+/// one.
+#[derive(Default)]
+struct Flushes {
+    one: tokio::sync::Mutex<()>,
+    /// Flushes started, and the number of the last one that succeeded (they are numbered from 1 as they start).
+    started: AtomicU64,
+    succeeded: AtomicU64,
 }
 
 impl Fuse {
     pub fn new(inner: Arc<dyn BlockDevice>) -> Fuse {
         Fuse {
             inner,
-            blown: OnceLock::new(),
+            blown: Arc::new(OnceLock::new()),
+            flushes: Arc::default(),
         }
     }
 
@@ -40,12 +54,16 @@ impl Fuse {
     }
 
     pub fn check(&self) -> Result<(), BlockError> {
-        match self.blown() {
-            None => Ok(()),
-            Some(why) => Err(BlockError::Io(std::io::Error::other(format!(
-                "the pool takes no writes until it is imported again: {why}"
-            )))),
-        }
+        check(&self.blown)
+    }
+}
+
+fn check(blown: &OnceLock<String>) -> Result<(), BlockError> {
+    match blown.get() {
+        None => Ok(()),
+        Some(why) => Err(BlockError::Io(std::io::Error::other(format!(
+            "the pool takes no writes until it is imported again: {why}"
+        )))),
     }
 }
 
@@ -95,16 +113,43 @@ impl BlockDevice for Fuse {
     /// A failed flush blows the fuse too: the kernel may have dropped the dirty data it could not write and report
     /// the error to one flush only (a file's writeback error goes to the first fsync that checks), so a journal
     /// commit's own flush could succeed afterwards with its transaction lost, and no later flush says what is on
-    /// the disk. The pool is stopped until an import reads the disk again.
+    /// the disk. Flushes go one at a time, each checking the fuse first: none that starts after a failed one
+    /// succeeds. The pool is stopped until an import reads the disk again.
+    ///
+    /// The flush runs in a task of its own: a caller that goes away (a timeout) does not leave a flush running
+    /// unheard, whose failure nobody would see while the next one starts.
     async fn flush(&self) -> Result<(), BlockError> {
         self.check()?;
-        let r = self.inner.flush().await;
-        if let Err(e) = &r
-            && self.blow(format!("a flush of the pool's disk failed: {e}"))
-        {
-            tracing::error!(error = %e, "a flush of the pool's disk failed: the pool takes no more writes until it is imported again");
-        }
-        r
+        // A flush numbered above this one started after this call, so covers every write done before it.
+        let before = self.flushes.started.load(Ordering::Acquire);
+        let (inner, blown, flushes) =
+            (self.inner.clone(), self.blown.clone(), self.flushes.clone());
+        let task = tokio::spawn(async move {
+            let _one = flushes.one.lock().await;
+            check(&blown)?;
+            if flushes.succeeded.load(Ordering::Acquire) > before {
+                return Ok(());
+            }
+            let n = flushes.started.fetch_add(1, Ordering::AcqRel) + 1;
+            let r = inner.flush().await;
+            match &r {
+                Ok(()) => flushes.succeeded.store(n, Ordering::Release),
+                Err(e) => {
+                    if blown
+                        .set(format!("a flush of the pool's disk failed: {e}"))
+                        .is_ok()
+                    {
+                        tracing::error!(error = %e, "a flush of the pool's disk failed: the pool takes no more writes until it is imported again");
+                    }
+                }
+            }
+            r
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(BlockError::Io(std::io::Error::other(format!(
+                "the flush of the pool's disk ended early: {e}"
+            ))))
+        })
     }
 
     async fn settle(&self) {
@@ -157,5 +202,24 @@ mod tests {
         assert!(f.flush().await.is_err());
         assert!(f.write(0, Bytes::from(vec![1u8; 512])).await.is_err());
         assert_eq!(&f.read(0, 512).await.unwrap()[..], &[7u8; 512][..]);
+    }
+
+    /// A flush whose caller gave up still blows the fuse when it fails, before any later flush runs.
+    #[tokio::test]
+    async fn a_failed_flush_nobody_waits_for_any_more_still_blows_the_fuse() {
+        use crate::block::fault::{FaultDevice, FaultPlan};
+        let disk = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(1 << 20, 512))));
+        let f = Fuse::new(disk.clone());
+        disk.set_plan(FaultPlan {
+            fail_after: Some(0),
+            latency: Some(std::time::Duration::from_millis(200)),
+            ..Default::default()
+        });
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(20), f.flush()).await;
+        assert!(gave_up.is_err(), "{gave_up:?}");
+        disk.set_plan(FaultPlan::default());
+        // The next flush waits for the first, which fails: this one fails too.
+        assert!(f.flush().await.is_err());
+        assert!(f.blown().is_some());
     }
 }

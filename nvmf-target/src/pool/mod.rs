@@ -589,17 +589,28 @@ pub struct Pool {
 struct Disk {
     fault: Arc<crate::block::fault::FaultDevice>,
     counted: Arc<crate::block::error_count::ErrorCount>,
+    /// What the journal and the volumes write through: one fuse, so that their flushes are one sequence.
+    fuse: Arc<fuse::Fuse>,
 }
 
 impl Disk {
     fn over(dev: Arc<dyn BlockDevice>) -> Disk {
         let fault = Arc::new(crate::block::fault::FaultDevice::new(dev));
         let counted = Arc::new(crate::block::error_count::ErrorCount::new(fault.clone()));
-        Disk { fault, counted }
+        let fuse = Arc::new(fuse::Fuse::new(counted.clone()));
+        Disk {
+            fault,
+            counted,
+            fuse,
+        }
     }
 
     fn counted(&self) -> Arc<dyn BlockDevice> {
         self.counted.clone()
+    }
+
+    fn fused(&self) -> Arc<dyn BlockDevice> {
+        self.fuse.clone()
     }
 }
 
@@ -653,7 +664,7 @@ impl Pool {
                 e => PoolError::Io(format!("reserving the metadata's space: {e}")),
             })?;
         let disk = Disk::over(dev);
-        let journal = Journal::format(disk.counted(), &label).await?;
+        let journal = Journal::format(disk.fused(), &label).await?;
         let io = |e: crate::block::BlockError| PoolError::Io(format!("writing the label: {e}"));
         let dev = disk.counted();
         dev.write(0, label.encode().freeze()).await.map_err(io)?;
@@ -684,7 +695,7 @@ impl Pool {
         if let Err(e) = dev.preallocate(0, label.data_offset).await {
             tracing::warn!(pool = %label.name, error = %e, "could not reserve the space of the pool's metadata");
         }
-        let (journal, meta) = Journal::open(disk.counted(), &label).await?;
+        let (journal, meta) = Journal::open(disk.fused(), &label).await?;
         tracing::info!(
             pool = %label.name,
             uuid = %label.uuid,
@@ -736,7 +747,7 @@ impl Pool {
             .counted
             .backed()
             .is_some_and(|b| b >= disk.counted.size_bytes());
-        let fuse = Arc::new(fuse::Fuse::new(disk.counted()));
+        let fuse = disk.fuse.clone();
         let inner = Arc::new(PoolInner {
             dev: fuse.clone(),
             disk: disk.counted,
