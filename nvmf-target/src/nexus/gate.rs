@@ -91,7 +91,7 @@ impl Nexus {
                 tracing::warn!(nexus = %self.name, child = %c.name, "every child that took the write was faulted meanwhile: the child that failed it is kept, the write fails");
                 return Ok(false);
             }
-            if c.state() == ChildState::Healthy && healthy_besides(&self.list()) {
+            if c.state() == ChildState::Healthy && !self.fault_unasked(c, reason) {
                 self.consent.waiting.store(true, Ordering::Relaxed);
                 let answer = tokio::select! {
                     a = gate.confirm(&c.name, reason) => Some(a),
@@ -115,6 +115,46 @@ impl Nexus {
             self.changed();
         }
         Ok(true)
+    }
+
+    /// Faults `c` without asking if no other child is healthy (no write is acknowledged without it, so its
+    /// replica keeps every acknowledged write and stays in sync on record); `false`, doing nothing, if another one
+    /// is. Decided under the same lock as a rebuilt child's promotion ([`Nexus::finish_rebuild`]), so that no
+    /// child turns healthy, to take writes alone, beside a last child faulted without the agent knowing.
+    pub(super) fn fault_unasked(&self, c: &Arc<Child>, reason: &str) -> bool {
+        let _health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .list()
+            .iter()
+            .any(|o| !Arc::ptr_eq(o, c) && o.state() == ChildState::Healthy)
+        {
+            return false;
+        }
+        if c.fault(reason) {
+            self.changed();
+        }
+        true
+    }
+
+    /// Turns a child whose rebuild finished healthy, unless it was faulted meanwhile or no healthy child is left
+    /// (its sources all faulted, the last one without the agent's consent: promoted, it would take writes alone
+    /// while the volume's record still has that source as the copy in sync). `Err`: why it was not.
+    pub(super) fn finish_rebuild(&self, c: &Child) -> Result<(), String> {
+        let _health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        if !self
+            .list()
+            .iter()
+            .any(|o| o.name != c.name && o.state() == ChildState::Healthy)
+        {
+            c.fault("no healthy child was left when its rebuild finished");
+            c.rebuild_done();
+            return Err("no healthy child was left when it finished".into());
+        }
+        if c.rebuild_done() {
+            Ok(())
+        } else {
+            Err("child was faulted during the rebuild".into())
+        }
     }
 
     fn relocated(&self) -> BlockError {

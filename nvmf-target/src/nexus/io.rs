@@ -219,8 +219,10 @@ impl Nexus {
             } else if healthy_ok > 0 {
                 // The write is acknowledged without this child: only with the gate's consent.
                 orphaned = !self.fault_confirmed(c, &reason, Some(&holders)).await?;
-            } else if c.fault(&reason) {
-                self.changed();
+            } else {
+                // Not acknowledged: faulted without asking if it is the last healthy child (or not healthy);
+                // asked if another one is (turned healthy meanwhile, a rebuild finishing), which goes on without it.
+                self.fault_confirmed(c, &reason, None).await?;
             }
             last_err = Some(e);
         }

@@ -167,6 +167,9 @@ pub struct Nexus {
     halt: CancellationToken,
     /// Held while the fault gate is asked (one question at a time).
     confirming: tokio::sync::Mutex<()>,
+    /// Held while the last healthy child is faulted without asking and while a rebuilt child turns healthy: the two
+    /// decisions see each other (see [`Nexus::fault_unasked`]).
+    health: Mutex<()>,
     consent: gate::ConsentCounters,
 }
 
@@ -220,6 +223,7 @@ impl Nexus {
             torn: std::sync::atomic::AtomicBool::new(false),
             halt: CancellationToken::new(),
             confirming: tokio::sync::Mutex::new(()),
+            health: Mutex::new(()),
             consent: gate::ConsentCounters::default(),
         }))
     }

@@ -138,16 +138,7 @@ impl Nexus {
             // across both): whoever sees the nexus Online after a rebuild finds that rebuild in its history.
             let mut history = nexus.history.lock().unwrap_or_else(|e| e.into_inner());
             let error = match r {
-                // Its sources all faulted (the last one without the agent's consent, as no write is acknowledged
-                // without it): promoted, it would take writes alone while the volume's record still has the
-                // source as the copy in sync. Not taken as complete; the volume is made again from the source.
-                Ok(_) if nexus.healthy().is_empty() => {
-                    child.fault("no healthy child was left when its rebuild finished");
-                    child.rebuild_done();
-                    Some("no healthy child was left when it finished".to_string())
-                }
-                Ok(_) if child.rebuild_done() => None,
-                Ok(_) => Some("child was faulted during the rebuild".to_string()),
+                Ok(_) => nexus.finish_rebuild(&child).err(),
                 Err(e) => {
                     child.fault(&format!("rebuild failed: {e}"));
                     child.rebuild_done();
