@@ -306,20 +306,33 @@ async fn read_checkpoint(
 /// The epoch of the transaction in the journal's first block, if one whole transaction (checksum good) starts there:
 /// the first one written after the checkpoint of that epoch.
 fn first_txn_epoch(journal: &Bytes) -> Option<u64> {
-    let mut h = journal.get(..TXN_HEADER)?;
+    whole_txn(journal, 0).map(|(epoch, _)| epoch)
+}
+
+/// The transaction starting at journal block `block`, if a whole one (magic, sequence and checksum good) does:
+/// its epoch and payload.
+fn whole_txn(journal: &Bytes, block: u64) -> Option<(u64, &[u8])> {
+    let start = (block * BLOCK) as usize;
+    let mut h = journal.get(start..start + TXN_HEADER)?;
     if &h[..8] != TXN_MAGIC {
         return None;
     }
     h.advance(8);
-    let (e, seq, len, crc) = (
+    let (epoch, seq, len, crc) = (
         h.get_u64_le(),
         h.get_u64_le(),
         h.get_u32_le(),
         h.get_u32_le(),
     );
-    let payload = journal.get(TXN_HEADER..TXN_HEADER + len as usize)?;
-    let computed = crc32c::crc32c_append(crc32c::crc32c(&journal[..TXN_HEADER - 4]), payload);
-    (seq == 0 && computed == crc).then_some(e)
+    if seq != block {
+        return None;
+    }
+    let payload = journal.get(start + TXN_HEADER..start + TXN_HEADER + len as usize)?;
+    let computed = crc32c::crc32c_append(
+        crc32c::crc32c(&journal[start..start + TXN_HEADER - 4]),
+        payload,
+    );
+    (computed == crc).then_some((epoch, payload))
 }
 
 /// Parses the transaction starting at journal block `block` if it is whole and belongs to `epoch`. A whole
@@ -329,36 +342,16 @@ fn parse_txn(
     epoch: u64,
     block: u64,
 ) -> Result<Option<(Vec<Record>, u64)>, PoolError> {
-    let start = (block * BLOCK) as usize;
-    let Some(mut h) = journal.get(start..start + TXN_HEADER) else {
+    let Some(payload) = whole_txn(journal, block)
+        .filter(|(e, _)| *e == epoch)
+        .map(|(_, p)| p)
+    else {
         return Ok(None);
     };
-    if &h[..8] != TXN_MAGIC {
-        return Ok(None);
-    }
-    h.advance(8);
-    let (e, seq, len, crc) = (
-        h.get_u64_le(),
-        h.get_u64_le(),
-        h.get_u32_le(),
-        h.get_u32_le(),
-    );
-    if e != epoch || seq != block {
-        return Ok(None);
-    }
-    let Some(payload) = journal.get(start + TXN_HEADER..start + TXN_HEADER + len as usize) else {
-        return Ok(None);
-    };
-    let computed = crc32c::crc32c_append(
-        crc32c::crc32c(&journal[start..start + TXN_HEADER - 4]),
-        payload,
-    );
-    if computed != crc {
-        return Ok(None);
-    }
+    let len = payload.len();
     let records: Vec<Record> = serde_json::from_slice(payload).map_err(|e| {
         PoolError::CorruptMetadata(format!("journal block {block} of epoch {epoch}: {e}"))
     })?;
-    let blocks = (TXN_HEADER + len as usize).div_ceil(BLOCK as usize) as u64;
+    let blocks = (TXN_HEADER + len).div_ceil(BLOCK as usize) as u64;
     Ok(Some((records, blocks)))
 }
