@@ -41,6 +41,20 @@ async fn get(c: &mut ClusterClient<Channel>, vol: &str) -> pb::Volume {
         .into_inner()
 }
 
+/// A new 40 MiB volume with three replicas; its uuid.
+async fn three_replica_volume(c: &mut ClusterClient<Channel>) -> String {
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 40 * MIB,
+        replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    vol
+}
+
 /// Waits until the volume is published again, Online, every replica a healthy child.
 async fn until_recomposed(c: &mut ClusterClient<Channel>, vol: &str) -> pb::Volume {
     let t = Instant::now();
@@ -102,15 +116,7 @@ async fn verify(c: &mut ClusterClient<Channel>, v: &pb::Volume, round: u8) {
 async fn the_nexus_engine_restarting_cleanly_or_not_gets_its_nexus_back_resynced_only_after_a_kill()
 {
     let (_dir, _port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 40 * MIB,
-        replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let vol = three_replica_volume(&mut c).await;
     let v = c
         .publish_volume(pb::PublishVolumeRequest {
             uuid: vol.clone(),
@@ -213,15 +219,7 @@ async fn killed_under_writes_is_resynced(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nexus_made_by_a_restarted_engine_mid_publish_is_resynced_after_that_engines_kill() {
     let (_dir, port, mut agent, mut engines, _nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 40 * MIB,
-        replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let vol = three_replica_volume(&mut c).await;
     // The publish waits, its replicas shared, before it asks reg-1's engine for the nexus.
     agent.set_env(
         "FAILPOINTS",
