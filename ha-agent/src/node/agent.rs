@@ -4,7 +4,8 @@
 //! switch-over at a time: report it to the cluster agent (retried with backoff until acknowledged), connect the
 //! target it answers with, wait for that path to be live, then delete the dead controller so the kernel stops
 //! reconnecting to a dead address. The block device stays the same multipath head (same subsystem NQN and
-//! namespace), so a mounted file system sees only a pause.
+//! namespace), so a mounted file system sees only a pause. A report refused because the volume is no longer
+//! published to the node ends in [`super::unpublished`] instead, which removes its dead paths.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use super::fabrics::{self, Connect};
 use super::metrics::NodeMetrics;
 use super::paths::{Broken, PathTracker};
 use super::sysfs;
+use super::unpublished;
 
 #[derive(Clone, Debug)]
 pub struct NodeAgentConfig {
@@ -179,7 +181,10 @@ pub struct AgentClients {
 }
 
 impl AgentClients {
-    async fn get(&self, url: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    pub(super) async fn get(
+        &self,
+        url: &str,
+    ) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
         if let Some(c) = self
             .by_url
             .lock()
@@ -286,7 +291,7 @@ async fn report(
     metrics: &NodeMetrics,
     register_now: &tokio::sync::Notify,
     b: &Broken,
-) -> Option<pb::Volume> {
+) -> Result<pb::Volume, Code> {
     let req = pb::ReportPathFailureRequest {
         node: cfg.node.clone(),
         host_nqn: b.controller.host_nqn.clone(),
@@ -312,7 +317,7 @@ async fn report(
             match c.report_path_failure(req.clone()).await {
                 Ok(v) => {
                     metrics.report("ok");
-                    return Some(v.into_inner());
+                    return Ok(v.into_inner());
                 }
                 Err(s) => {
                     metrics.report(&format!("{:?}", s.code()));
@@ -329,7 +334,7 @@ async fn report(
                         // Perhaps not registered (yet, or with this host): register again before the next try.
                         register_now.notify_one();
                         tracing::warn!(nqn = %b.nqn, address = %b.controller.address, code = ?s.code(), why = %s.message(), "the cluster agent refused the report");
-                        return None;
+                        return Err(s.code());
                     }
                     last = format!("{url}: {}", s.message());
                 }
@@ -351,9 +356,18 @@ async fn switch_over(
 ) -> Outcome {
     tracing::warn!(nqn = %b.nqn, controller = %b.controller.name, address = %b.controller.address, state = %b.controller.state, "broken path: reporting it");
     let reported = Instant::now();
-    let Some(v) = report(cfg, clients, metrics, register_now, &b).await else {
-        metrics.switchover("refused", None);
-        return Outcome::Refused;
+    let v = match report(cfg, clients, metrics, register_now, &b).await {
+        Ok(v) => v,
+        Err(code) => {
+            if code == Code::FailedPrecondition
+                && unpublished::remove_if_not_published(cfg, clients, &b).await
+            {
+                metrics.switchover("unpublished", None);
+                return Outcome::Done;
+            }
+            metrics.switchover("refused", None);
+            return Outcome::Refused;
+        }
     };
     let acknowledged = reported.elapsed();
     let targets: Vec<String> = v

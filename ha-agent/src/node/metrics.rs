@@ -7,7 +7,8 @@
 //!   kernel dropped (kept for 10 minutes, then the path's series go); 0 for the states it left;
 //! - `keelson_node_path_usable{volume,controller,address}` 1 when I/O can go through the path (not stalled);
 //! - `keelson_node_switchovers_total{result}`: `ok` (a new path is live), `unchanged` (the nexus stayed where it
-//!   was), `refused` (the cluster agent said no), `failed`;
+//!   was), `refused` (the cluster agent said no), `unpublished` (it said no, and the volume is no longer published
+//!   to this node: its dead paths were removed), `failed`;
 //! - `keelson_node_switchover_duration_seconds`: from the failure seen to the new path live;
 //! - `keelson_node_reports_total{result}`: reports to the cluster agent by outcome (`ok`, `unreachable`, or the gRPC
 //!   code of a refusal or failure);

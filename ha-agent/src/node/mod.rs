@@ -6,6 +6,7 @@
 //! - [`paths`]: which paths are broken and since when, from successive scans (pure).
 //! - [`fabrics`]: connect through `/dev/nvme-fabrics`, delete through `delete_controller`.
 //! - [`metrics`]: path states, switch-overs and their durations, for Prometheus.
+//! - [`unpublished`]: removes the dead paths of a volume no longer published to this node.
 //! - [`agent`]: the loop that ties them together.
 
 pub mod agent;
@@ -13,3 +14,4 @@ pub mod fabrics;
 pub mod metrics;
 pub mod paths;
 pub mod sysfs;
+pub mod unpublished;

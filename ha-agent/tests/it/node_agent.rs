@@ -1,7 +1,8 @@
 //! The node-agent binary against a sysfs tree laid out as the kernel lays it out (the host kernel here has no
 //! NVMe/TCP; `e2e/tests/kernel_switchover.rs` runs it in the VM against the real one): a broken path it cannot
 //! report yet (no cluster agent) is retried with backoff while the metrics keep being served and say so; once a
-//! cluster agent answers, a report about a volume it does not know is refused and counted, not retried in a loop.
+//! cluster agent answers, a report about a volume it does not know is refused and counted, not retried in a loop;
+//! the dead path of a volume now published to another node is removed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,10 +11,12 @@ use e2e::metrics::{promtool_check, scrape};
 
 use crate::registry::{Proc, agent, free_port};
 
-/// A Keelson subsystem with one controller in `state`, under `sys`.
+/// A Keelson subsystem with one controller (`nvme0`) in `state`, under `sys`.
 fn subsystem(sys: &Path, nqn: &str, state: &str) {
     let d = sys.join("class/nvme-subsystem/nvme-subsys0");
     let c = d.join("nvme0");
+    // Where the controller's delete_controller is written.
+    std::fs::create_dir_all(sys.join("class/nvme/nvme0")).unwrap();
     std::fs::create_dir_all(c.join("nvme0c0n1")).unwrap();
     std::fs::write(d.join("subsysnqn"), format!("{nqn}\n")).unwrap();
     for (f, v) in [
@@ -162,4 +165,79 @@ async fn a_broken_path_is_reported_with_backoff_until_a_cluster_agent_answers() 
         "{}",
         node_agent.log()
     );
+    assert!(
+        !deleted(&sys),
+        "the path of a volume the cluster agent does not know is left alone"
+    );
+}
+
+fn deleted(sys: &Path) -> bool {
+    std::fs::read(sys.join("class/nvme/nvme0/delete_controller")).is_ok_and(|b| b == b"1")
+}
+
+/// A volume force-detached from this node and published to another: the node's controller, reconnecting for ever to
+/// the old nexus, is removed once the cluster agent says the volume is not published here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_path_of_a_volume_published_elsewhere_is_removed() {
+    use proto::cluster as pb;
+    let (dir, port, _agent, _engines, _nodes, mut c) = crate::registry::three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 << 20,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let other = "nqn.2026-11.io.keelson:host-app-2";
+    c.register_host(pb::RegisterHostRequest {
+        node: "app-2".into(),
+        host_nqns: vec![other.into()],
+        version: "test".into(),
+    })
+    .await
+    .unwrap();
+    c.publish_volume(pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: other.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sys = dir.path().join("sys");
+    subsystem(&sys, &proto::names::volume_nqn(&vol), "connecting");
+    let maddr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let node_agent = Proc::start(
+        [
+            env!("CARGO_BIN_EXE_node-agent"),
+            "--cluster-agent",
+            &format!("http://127.0.0.1:{port}"),
+            "--node-name",
+            "app-1",
+            "--metrics",
+            &maddr,
+            "--poll-ms",
+            "50",
+            "--sys",
+            &sys.display().to_string(),
+            "--fabrics",
+            &dir.path().join("nvme-fabrics").display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        dir.path().join("node-agent.log"),
+    );
+    until(&maddr, "the dead path removed", |b| {
+        value(b, "keelson_node_switchovers_total{result=\"unpublished\"}") >= 1.0
+    })
+    .await;
+    assert!(deleted(&sys), "{}", node_agent.log());
+    // Still published to the other node, untouched.
+    let v = c
+        .get_volume(pb::GetVolumeRequest { uuid: vol })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.host_nqns, vec![other.to_string()], "{v:?}");
 }

@@ -84,6 +84,17 @@ impl Reservable for LocalChild {
     async fn holder_key(&self) -> Result<Option<u64>, BlockError> {
         Ok(self.ns.reservations.state().holder_key())
     }
+
+    async fn registered_keys(&self) -> Result<Vec<u64>, BlockError> {
+        Ok(self
+            .ns
+            .reservations
+            .state()
+            .registrants
+            .iter()
+            .map(|r| r.key)
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -299,6 +310,43 @@ mod tests {
         );
         assert_eq!(ns.reservations.state().holder_key(), Some(3));
         third.write(0, Bytes::from(vec![3u8; 512])).await.unwrap();
+    }
+
+    /// Preempting the holder takes out only the holder's registration; a nexus that registered and lost (here key 2,
+    /// refused because 3 holds it) would otherwise stay registered for good, and enough of them over a volume's
+    /// life fill the namespace's registrants. The next holder drops every replaced key, and never a newer one.
+    #[tokio::test]
+    async fn the_next_holder_drops_the_registrations_of_nexuses_that_never_held_it() {
+        use crate::protocol::command::resv;
+        let ns = memory_namespace();
+        let child = || LocalChild::new(ns.clone(), Uuid::new_v4());
+        let (holder, loser, next, newer) = (child(), child(), child(), child());
+        reserve(&holder, ReservationKeys { key: 3, preempt: 0 })
+            .await
+            .unwrap();
+        let lost = reserve(&loser, ReservationKeys { key: 2, preempt: 1 }).await;
+        assert!(matches!(lost, Err(BlockError::ReservationConflict)));
+        // A newer nexus's registration (key 9) that has not taken the reservation yet.
+        newer.register_key(9).await.unwrap();
+        let keys = |ns: &Namespace| {
+            let mut k: Vec<u64> = ns
+                .reservations
+                .state()
+                .registrants
+                .iter()
+                .map(|r| r.key)
+                .collect();
+            k.sort_unstable();
+            k
+        };
+        assert_eq!(keys(&ns), vec![2, 3, 9]);
+        reserve(&next, ReservationKeys { key: 4, preempt: 3 })
+            .await
+            .unwrap();
+        assert_eq!(keys(&ns), vec![4, 9], "2 and 3 dropped, 9 kept");
+        assert_eq!(ns.reservations.state().holder_key(), Some(4));
+        assert_eq!(ns.reservations.state().rtype, resv::WRITE_EXCLUSIVE);
+        next.write(0, Bytes::from(vec![4u8; 512])).await.unwrap();
     }
 
     #[tokio::test]

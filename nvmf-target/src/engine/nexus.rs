@@ -463,6 +463,8 @@ pub(super) trait Reservable: Send + Sync {
     async fn register_key(&self, key: u64) -> Result<(), BlockError>;
     /// The key of the reservation's holder, if there is one.
     async fn holder_key(&self) -> Result<Option<u64>, BlockError>;
+    /// The keys every registrant holds (a key once per registrant).
+    async fn registered_keys(&self) -> Result<Vec<u64>, BlockError>;
     /// Reservation Acquire with `action` (acquire or preempt of `preempt_key`).
     async fn acquire(
         &self,
@@ -495,15 +497,60 @@ impl Reservable for RemoteNamespace {
             .find(|(_, _, holds)| *holds)
             .map(|(_, key, _)| *key))
     }
+    async fn registered_keys(&self) -> Result<Vec<u64>, BlockError> {
+        Ok(RemoteNamespace::report(self)
+            .await?
+            .registrants
+            .iter()
+            .map(|(_, key, _)| *key)
+            .collect())
+    }
 }
 
 /// Registers the nexus's key on a child and takes Write Exclusive, preempting the holder when its key is one of the
-/// replaced nexuses' (up to `keys.preempt`, never a newer one). The one fencing sequence, for local and remote
-/// children alike.
+/// replaced nexuses' (up to `keys.preempt`, never a newer one); then drops the registrations of replaced nexuses
+/// that never held it ([`drop_replaced`]). The one fencing sequence, for local and remote children alike.
 pub(super) async fn reserve(
     child: &dyn Reservable,
     keys: ReservationKeys,
 ) -> Result<(), BlockError> {
+    take_reservation(child, keys).await?;
+    drop_replaced(child, keys).await;
+    Ok(())
+}
+
+/// A target keeps a bounded number of registrants per namespace (`target::reservation::MAX_REGISTRANTS`), and
+/// preempting the holder removes only the holder's registration: a replaced nexus that registered and never held
+/// the reservation (it lost a race, or failed half way) would stay registered for good, and over a volume's life on
+/// many nodes they could fill the namespace and keep its next nexus from registering. The holder removes them,
+/// every key up to `keys.preempt` but its own. Taking them out changes no one's rights (under Write Exclusive a
+/// registrant that does not hold it may not write either), so a failure here is only logged.
+async fn drop_replaced(child: &dyn Reservable, keys: ReservationKeys) {
+    use crate::protocol::command::resv;
+    if keys.preempt == 0 {
+        return;
+    }
+    let mut stale = match child.registered_keys().await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::debug!(error = %e, "listing a child's registrants failed");
+            return;
+        }
+    };
+    stale.retain(|k| *k != keys.key && *k <= keys.preempt);
+    stale.sort_unstable();
+    stale.dedup();
+    for k in stale {
+        if let Err(e) = child
+            .acquire(resv::PREEMPT, keys.key, k, resv::WRITE_EXCLUSIVE)
+            .await
+        {
+            tracing::debug!(key = k, error = %e, "dropping a replaced nexus's registration failed");
+        }
+    }
+}
+
+async fn take_reservation(child: &dyn Reservable, keys: ReservationKeys) -> Result<(), BlockError> {
     use crate::protocol::command::resv;
     child.register_key(keys.key).await?;
     match child

@@ -68,7 +68,8 @@ impl RemoteNamespace {
 
     /// Reservation Report (extended data structure).
     pub async fn report(&self) -> Result<Report, BlockError> {
-        const LEN: u32 = 4096;
+        // Room for the header and 127 registrants: more than a Keelson target keeps (64).
+        const LEN: u32 = 8192;
         let mut sqe = self.resv_sqe(io::RESERVATION_REPORT, LEN / 4 - 1);
         sqe.set_cdw(11, 1);
         sqe.set_sgl(crate::protocol::command::Sgl::transport(LEN));

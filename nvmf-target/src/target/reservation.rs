@@ -20,6 +20,12 @@ use crate::protocol::command::resv::{
 /// Reservation Capabilities (Identify Namespace RESCAP): persist through power loss, all six types, IEKEY.
 pub const RESCAP: u8 = 0xFF;
 
+/// The most hosts registered with one namespace at once. The owner keeps the whole state with every change (a pool
+/// writes it to its journal), so a host registering under ever new Host Identifiers must not grow it without end
+/// and fill the pool's metadata. A nexus and its successor during a switch-over need two; a new registration
+/// beyond this is refused with Internal Error, as SPDK's target refuses one past its own 16.
+pub const MAX_REGISTRANTS: usize = 64;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registrant {
     pub host: Uuid,
@@ -96,6 +102,15 @@ impl ReservationState {
         removed
     }
 
+    /// A new registrant, unless [`MAX_REGISTRANTS`] are there already.
+    fn add(&mut self, host: Uuid, key: u64) -> Result<(), Status> {
+        if self.registrants.len() >= MAX_REGISTRANTS {
+            return Err(Status::INTERNAL_ERROR);
+        }
+        self.registrants.push(Registrant { host, key });
+        Ok(())
+    }
+
     /// Reservation Register.
     pub fn register(
         &mut self,
@@ -110,7 +125,7 @@ impl ReservationState {
                 Some(k) if k == nrkey => return Ok(()),
                 Some(_) => return conflict(),
                 None if nrkey == 0 => return Err(Status::INVALID_FIELD),
-                None => self.registrants.push(Registrant { host, key: nrkey }),
+                None => self.add(host, nrkey)?,
             },
             UNREGISTER => {
                 self.check_key(host, iekey, crkey)?;
@@ -127,9 +142,7 @@ impl ReservationState {
                             r.key = nrkey;
                         }
                     }
-                    None if iekey || crkey == 0 => {
-                        self.registrants.push(Registrant { host, key: nrkey })
-                    }
+                    None if iekey || crkey == 0 => self.add(host, nrkey)?,
                     None => return conflict(),
                 }
             }
@@ -333,6 +346,42 @@ mod tests {
             "unregistering the holder releases the reservation"
         );
         assert!(s.check(b, true).is_ok());
+    }
+
+    #[test]
+    fn registrants_are_capped_and_a_full_namespace_still_serves_its_registrants() {
+        let mut s = ReservationState::default();
+        let first = Uuid::new_v4();
+        s.register(first, REGISTER, false, 0, 1).unwrap();
+        for i in 1..MAX_REGISTRANTS {
+            let action = if i % 2 == 0 { REGISTER } else { REPLACE };
+            s.register(Uuid::new_v4(), action, true, 0, 100 + i as u64)
+                .unwrap();
+        }
+        let generation = s.generation;
+        let late = Uuid::new_v4();
+        assert_eq!(
+            s.register(late, REGISTER, false, 0, 7),
+            Err(Status::INTERNAL_ERROR)
+        );
+        assert_eq!(
+            s.register(late, REPLACE, true, 0, 7),
+            Err(Status::INTERNAL_ERROR)
+        );
+        assert_eq!(s.registrants.len(), MAX_REGISTRANTS);
+        assert_eq!(
+            s.generation, generation,
+            "a refused register changes nothing"
+        );
+        // Those registered keep every right: re-register, replace, acquire; one leaving makes room.
+        s.register(first, REGISTER, false, 0, 1).unwrap();
+        s.register(first, REPLACE, false, 1, 2).unwrap();
+        s.acquire(first, ACQUIRE, false, 2, 0, rtype::WRITE_EXCLUSIVE)
+            .unwrap();
+        assert!(s.check(late, false).is_ok() && s.check(late, true).is_err());
+        s.register(first, UNREGISTER, false, 2, 0).unwrap();
+        s.register(late, REGISTER, false, 0, 7).unwrap();
+        assert_eq!(s.registrants.len(), MAX_REGISTRANTS);
     }
 
     #[test]
