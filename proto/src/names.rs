@@ -5,6 +5,10 @@
 /// The NQN prefix of everything Keelson exports.
 pub const NQN_PREFIX: &str = "nqn.2026-11.io.keelson:";
 
+/// The gRPC metadata key of a ReportPathFailure refusal because the volume is not published to the reporting host
+/// (its value: that host NQN).
+pub const NOT_PUBLISHED_TO: &str = "keelson-not-published-to";
+
 /// The subsystem a published volume is, `nqn...:vol-<uuid>`.
 pub fn volume_nqn(uuid: &str) -> String {
     format!("{NQN_PREFIX}vol-{uuid}")

@@ -157,6 +157,13 @@ impl From<VolumeError> for Status {
             VolumeError::SnapshotNotFound(_) => Status::not_found(msg),
             VolumeError::SnapshotExists { .. } => Status::already_exists(msg),
             VolumeError::FailedPrecondition { .. } => Status::failed_precondition(msg),
+            VolumeError::NotPublishedTo { host, .. } => {
+                let mut s = Status::failed_precondition(msg);
+                if let Ok(v) = host.parse() {
+                    s.metadata_mut().insert(proto::names::NOT_PUBLISHED_TO, v);
+                }
+                s
+            }
             VolumeError::Conflict { .. } => Status::aborted(msg),
             VolumeError::Engine { code, .. } => Status::new(code, msg),
             VolumeError::Node(super::dataplane::NodeEngineError::NotFound(_)) => {
@@ -453,6 +460,7 @@ impl Registration for Service {
         reg.register(spec, pools(r.pools)).await?;
         Ok(Response::new(pb::RegisterResponse {
             heartbeat_interval_ms: reg.config.heartbeat.as_millis() as u32,
+            takes_torn_nexuses: true,
         }))
     }
 
@@ -487,7 +495,12 @@ impl Registration for Service {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let reg = self.leadership.registry()?;
         let r = r.into_inner();
-        reg.deregister(&r.node, &r.instance).await?;
+        let torn = r
+            .torn_nexuses
+            .iter()
+            .map(|t| parse_uuid(t).map(|u| u.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        reg.deregister(&r.node, &r.instance, &torn).await?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 

@@ -151,6 +151,9 @@ pub struct NodeStatus {
     /// flight); an instance that went silent instead ended uncleanly.
     #[serde(default)]
     pub clean_exit: Option<String>,
+    /// The nexuses (by volume UUID) of that instance that did not drain as it shut down: they ended uncleanly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub torn_nexuses: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +169,15 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// Whether the nexus of volume `volume` that engine `instance` ran ended cleanly: that instance shut down
+    /// cleanly (deregistered after shutting its nexuses down) without naming it among those that did not drain, and
+    /// another instance runs on the node now.
+    pub fn nexus_ended_cleanly(&self, instance: &str, volume: &str) -> bool {
+        self.spec.instance != instance
+            && self.status.clean_exit.as_deref() == Some(instance)
+            && !self.status.torn_nexuses.iter().any(|t| t == volume)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
@@ -254,6 +266,7 @@ mod tests {
                 since_ms: 5,
                 pools: vec![],
                 clean_exit: Some("h".into()),
+                torn_nexuses: Vec::new(),
             },
             cordoned: true,
             draining: true,

@@ -313,6 +313,10 @@ impl Registry {
                         since_ms: since,
                         pools: pools.clone(),
                         clean_exit: old.as_ref().and_then(|o| o.status.clean_exit.clone()),
+                        torn_nexuses: old
+                            .as_ref()
+                            .map(|o| o.status.torn_nexuses.clone())
+                            .unwrap_or_default(),
                     },
                     cordoned: old.as_ref().is_some_and(|o| o.cordoned),
                     draining: old.as_ref().is_some_and(|o| o.draining),
@@ -386,7 +390,12 @@ impl Registry {
     }
 
     /// A clean shutdown of the io-engine `instance`: Offline now.
-    pub async fn deregister(&self, name: &str, instance: &str) -> Result<(), RegistryError> {
+    pub async fn deregister(
+        &self,
+        name: &str,
+        instance: &str,
+        torn_nexuses: &[String],
+    ) -> Result<(), RegistryError> {
         let removed = {
             let mut live = self.live();
             match live.get(name) {
@@ -400,7 +409,7 @@ impl Registry {
                     name,
                     instance,
                     "deregistered: the io-engine shut down",
-                    true,
+                    Some(torn_nexuses),
                 )
                 .await
         {
@@ -418,13 +427,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Marks `instance` of node `name` Offline; `clean`: it ended cleanly (deregistered).
+    /// Marks `instance` of node `name` Offline; `clean`: it ended cleanly (deregistered), but for these nexuses.
     async fn set_offline(
         &self,
         name: &str,
         instance: &str,
         reason: &str,
-        clean: bool,
+        clean: Option<&[String]>,
     ) -> Result<(), RegistryError> {
         self.update(name, |old| {
             let mut r = old?;
@@ -434,8 +443,9 @@ impl Registry {
             r.status.state = NodeState::Offline;
             r.status.reason = reason.to_string();
             r.status.since_ms = node::now_ms();
-            if clean {
+            if let Some(torn) = clean {
                 r.status.clean_exit = Some(instance.to_string());
+                r.status.torn_nexuses = torn.to_vec();
             }
             Some(r)
         })
@@ -587,7 +597,7 @@ impl Registry {
                             "no heartbeat for {:?} and the engine API probe failed: {why}",
                             self.config.timeout
                         );
-                        self.set_offline(&name, &instance, &reason, false).await?;
+                        self.set_offline(&name, &instance, &reason, None).await?;
                     }
                 }
             }
@@ -675,6 +685,56 @@ mod tests {
         assert_eq!(decode(&v.value).unwrap().spec.instance, "i2");
     }
 
+    /// An engine that shut down with one nexus torn says which: that nexus ended uncleanly, every other one of the
+    /// instance cleanly, and the next instance's registration keeps that judgment for the nexuses of the last.
+    #[tokio::test]
+    async fn a_clean_shutdown_names_the_nexuses_that_did_not_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
+        let reg = Registry::load(store.clone(), Arc::new(Answers), RegistryConfig::default())
+            .await
+            .unwrap();
+        reg.register(spec("n"), vec![]).await.unwrap();
+        let (torn, drained) = (
+            "0a000000-0000-4000-8000-000000000001",
+            "0a000000-0000-4000-8000-000000000002",
+        );
+        reg.deregister("n", "i1", &[torn.to_string()])
+            .await
+            .unwrap();
+        let mut next = spec("n");
+        next.instance = "i2".into();
+        reg.register(next, vec![]).await.unwrap();
+        let r = reg.get("n").await.unwrap().record;
+        assert_eq!(r.status.clean_exit.as_deref(), Some("i1"));
+        assert!(!r.nexus_ended_cleanly("i1", torn));
+        assert!(r.nexus_ended_cleanly("i1", drained));
+        assert!(!r.nexus_ended_cleanly("i2", drained), "i2 still runs");
+        // A deregistration of another instance than the one that runs changes nothing.
+        reg.deregister("n", "i1", &[]).await.unwrap();
+        assert!(
+            !reg.get("n")
+                .await
+                .unwrap()
+                .record
+                .nexus_ended_cleanly("i1", torn)
+        );
+        // i2 ends without a torn nexus: none of its nexuses is judged unclean, and i1's list goes with it.
+        reg.deregister("n", "i2", &[]).await.unwrap();
+        let r = reg.get("n").await.unwrap().record;
+        assert!(r.status.torn_nexuses.is_empty());
+        let mut third = spec("n");
+        third.instance = "i3".into();
+        reg.register(third, vec![]).await.unwrap();
+        let r = reg.get("n").await.unwrap().record;
+        assert!(r.nexus_ended_cleanly("i2", torn));
+        assert!(
+            !r.nexus_ended_cleanly("i1", drained),
+            "i1 is no longer the last clean end"
+        );
+    }
+
     #[tokio::test]
     async fn an_offline_node_is_forgotten_with_what_was_its_and_an_online_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
@@ -700,7 +760,7 @@ mod tests {
             Err(RegistryError::NotOffline(_))
         ));
         assert!(store.get("/keelson/pools/n/p1").await.unwrap().is_some());
-        reg.deregister("n", "i1").await.unwrap();
+        reg.deregister("n", "i1", &[]).await.unwrap();
         let gone = reg.forget("n", &keys, &prefixes).await.unwrap();
         assert_eq!(gone.spec.name, "n");
         assert!(reg.list().await.unwrap().is_empty());

@@ -320,6 +320,7 @@ mod tests {
                     })
                     .collect(),
                 clean_exit: None,
+                torn_nexuses: Vec::new(),
             },
             cordoned: false,
             draining: false,

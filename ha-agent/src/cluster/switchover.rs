@@ -72,21 +72,15 @@ impl Volumes {
                 why: "it is not a created volume".into(),
             });
         }
-        let Some(nexus) = r.nexus.clone() else {
-            return Err(VolumeError::FailedPrecondition {
+        // Not the reporting host's (any more): its node agent removes the stale paths. A nexus on record that is
+        // not made yet (a publish or switch-over under way) still counts as the volume's, for its hosts.
+        let Some(nexus) = r.nexus.clone().filter(|n| n.has_host(&rep.host_nqn)) else {
+            return Err(VolumeError::NotPublishedTo {
                 uuid,
-                why: "it is not published".into(),
+                host: rep.host_nqn,
+                published_to: r.nexus.map(|n| n.hosts()).unwrap_or_default(),
             });
         };
-        if !nexus.has_host(&rep.host_nqn) {
-            return Err(VolumeError::FailedPrecondition {
-                uuid,
-                why: format!(
-                    "it is published to {}, not {}",
-                    nexus.host_nqn, rep.host_nqn
-                ),
-            });
-        }
         if let Some(s) = r.switchover.clone() {
             tracing::info!(%uuid, from = %s.from, "a switch-over is already under way: finishing it");
             return self.finish_switchover(r, &s, true).await;
@@ -225,7 +219,7 @@ impl Volumes {
                     // destroyed it, or the engine restarted), cleanly only if its instance is known to have shut
                     // down cleanly.
                     Ok(NexusEnd::Gone) => match r.nexus.as_ref().filter(|n| n.node == s.from) {
-                        Some(old) => Some(self.ended_cleanly(old).await),
+                        Some(old) => Some(self.ended_cleanly(uuid, old).await),
                         None => Some(false),
                     },
                     Ok(NexusEnd::NodeDown) | Err(_) => None,

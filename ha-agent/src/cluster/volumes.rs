@@ -55,6 +55,14 @@ pub enum VolumeError {
     NoRoomForSnapshot(String),
     #[error("volume {uuid}: {why}")]
     FailedPrecondition { uuid: Uuid, why: String },
+    /// A path report from a host the volume is not published to (FAILED_PRECONDITION, marked for the node agent:
+    /// its paths to the volume are stale).
+    #[error("volume {uuid} is not published to {host}{}", if published_to.is_empty() { String::new() } else { format!(" but to {}", published_to.join(", ")) })]
+    NotPublishedTo {
+        uuid: Uuid,
+        host: String,
+        published_to: Vec<String>,
+    },
     /// Another operation on the volume is in flight, or it is being deleted.
     #[error("volume {uuid}: {why}")]
     Conflict { uuid: Uuid, why: String },
@@ -642,13 +650,14 @@ impl Volumes {
         Ok(())
     }
 
-    /// Whether the nexus `n` ended cleanly without the agent destroying it: its engine instance shut down cleanly
-    /// (deregistered after shutting its nexuses down) and another instance runs on the node now.
-    pub(super) async fn ended_cleanly(&self, n: &NexusRecord) -> bool {
-        self.registry.get(&n.node).await.is_ok_and(|v| {
-            v.record.spec.instance != n.instance
-                && v.record.status.clean_exit.as_deref() == Some(n.instance.as_str())
-        })
+    /// Whether the nexus `n` of volume `uuid` ended cleanly without the agent destroying it: its engine instance shut down cleanly
+    /// (deregistered after shutting its nexuses down, `n` not among those that did not drain) and another instance
+    /// runs on the node now.
+    pub(super) async fn ended_cleanly(&self, uuid: Uuid, n: &NexusRecord) -> bool {
+        self.registry
+            .get(&n.node)
+            .await
+            .is_ok_and(|v| v.record.nexus_ended_cleanly(&n.instance, &uuid.to_string()))
     }
 
     /// Destroys the volume's nexus `n` and says whether it ended cleanly: destroyed now (its I/O drained), or gone
@@ -657,7 +666,7 @@ impl Volumes {
     pub(super) async fn end_nexus(&self, uuid: Uuid, n: &NexusRecord) -> Result<bool, VolumeError> {
         match self.destroy_nexus(uuid, &n.node).await? {
             NexusEnd::Destroyed { clean } => Ok(clean),
-            NexusEnd::Gone => Ok(self.ended_cleanly(n).await),
+            NexusEnd::Gone => Ok(self.ended_cleanly(uuid, n).await),
             NexusEnd::NodeDown => Ok(false),
         }
     }

@@ -181,10 +181,7 @@ pub struct AgentClients {
 }
 
 impl AgentClients {
-    pub(super) async fn get(
-        &self,
-        url: &str,
-    ) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    async fn get(&self, url: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
         if let Some(c) = self
             .by_url
             .lock()
@@ -284,14 +281,20 @@ async fn keep_registered(
     }
 }
 
-/// Reports `b` until acknowledged; `None` when the cluster agent refused it.
+/// Why the cluster agent refused a report.
+struct Refusal {
+    /// The volume is not published to the reporting host: the path is stale.
+    not_published_here: bool,
+}
+
+/// Reports `b` until acknowledged, or until the cluster agent refuses it.
 async fn report(
     cfg: &NodeAgentConfig,
     clients: &AgentClients,
     metrics: &NodeMetrics,
     register_now: &tokio::sync::Notify,
     b: &Broken,
-) -> Result<pb::Volume, Code> {
+) -> Result<pb::Volume, Refusal> {
     let req = pb::ReportPathFailureRequest {
         node: cfg.node.clone(),
         host_nqn: b.controller.host_nqn.clone(),
@@ -334,7 +337,13 @@ async fn report(
                         // Perhaps not registered (yet, or with this host): register again before the next try.
                         register_now.notify_one();
                         tracing::warn!(nqn = %b.nqn, address = %b.controller.address, code = ?s.code(), why = %s.message(), "the cluster agent refused the report");
-                        return Err(s.code());
+                        let to = s.metadata().get(proto::names::NOT_PUBLISHED_TO);
+                        return Err(Refusal {
+                            not_published_here: s.code() == Code::FailedPrecondition
+                                && to.is_some_and(|h| {
+                                    h.as_bytes() == b.controller.host_nqn.as_bytes()
+                                }),
+                        });
                     }
                     last = format!("{url}: {}", s.message());
                 }
@@ -358,10 +367,8 @@ async fn switch_over(
     let reported = Instant::now();
     let v = match report(cfg, clients, metrics, register_now, &b).await {
         Ok(v) => v,
-        Err(code) => {
-            if code == Code::FailedPrecondition
-                && unpublished::remove_if_not_published(cfg, clients, &b).await
-            {
+        Err(refusal) => {
+            if refusal.not_published_here && unpublished::remove_stale_path(cfg, &b).await {
                 metrics.switchover("unpublished", None);
                 return Outcome::Done;
             }

@@ -176,7 +176,8 @@ fn deleted(sys: &Path) -> bool {
 }
 
 /// A volume force-detached from this node and published to another: the node's controller, reconnecting for ever to
-/// the old nexus, is removed once the cluster agent says the volume is not published here.
+/// the old nexus, is removed once the cluster agent says the volume is not published here. While it was published
+/// here, the same broken path was reported and kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dead_path_of_a_volume_published_elsewhere_is_removed() {
     use proto::cluster as pb;
@@ -190,17 +191,10 @@ async fn the_dead_path_of_a_volume_published_elsewhere_is_removed() {
     })
     .await
     .unwrap();
-    let other = "nqn.2026-11.io.keelson:host-app-2";
-    c.register_host(pb::RegisterHostRequest {
-        node: "app-2".into(),
-        host_nqns: vec![other.into()],
-        version: "test".into(),
-    })
-    .await
-    .unwrap();
+    let here = "nqn.2026-11.io.keelson:host-node-agent-test";
     c.publish_volume(pb::PublishVolumeRequest {
         uuid: vol.clone(),
-        host_nqn: other.into(),
+        host_nqn: here.into(),
         ..Default::default()
     })
     .await
@@ -228,6 +222,35 @@ async fn the_dead_path_of_a_volume_published_elsewhere_is_removed() {
         .to_vec(),
         dir.path().join("node-agent.log"),
     );
+    // Published here: a path to an address that is not the nexus's is answered with the nexus (which the fake
+    // fabrics device cannot connect to), never removed.
+    until(&maddr, "the report answered", |b| {
+        value(b, "keelson_node_reports_total{result=\"ok\"}") >= 2.0
+    })
+    .await;
+    assert!(!deleted(&sys), "{}", node_agent.log());
+    // Force-detached from this host and published to another node's.
+    c.unpublish_volume(pb::UnpublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: here.into(),
+    })
+    .await
+    .unwrap();
+    let other = "nqn.2026-11.io.keelson:host-app-2";
+    c.register_host(pb::RegisterHostRequest {
+        node: "app-2".into(),
+        host_nqns: vec![other.into()],
+        version: "test".into(),
+    })
+    .await
+    .unwrap();
+    c.publish_volume(pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: other.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     until(&maddr, "the dead path removed", |b| {
         value(b, "keelson_node_switchovers_total{result=\"unpublished\"}") >= 1.0
     })

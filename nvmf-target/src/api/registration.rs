@@ -84,12 +84,13 @@ async fn client(url: &str) -> Result<RegistrationClient<Channel>, String> {
     ))
 }
 
-/// Registers with the first agent that accepts; returns its client and the heartbeat interval.
+/// Registers with the first agent that accepts; returns its client, the heartbeat interval, and whether the agent
+/// takes a deregistration naming torn nexuses (`RegisterResponse.takes_torn_nexuses`).
 async fn register(
     engine: &Engine,
     cfg: &RegistrationConfig,
     instance: &str,
-) -> Result<(RegistrationClient<Channel>, Duration), String> {
+) -> Result<(RegistrationClient<Channel>, Duration, bool), String> {
     let mut why = Vec::new();
     for url in &cfg.agents {
         let mut c = match client(url).await {
@@ -101,10 +102,10 @@ async fn register(
         };
         match c.register(request(engine, cfg, instance)).await {
             Ok(r) => {
-                let every =
-                    Duration::from_millis(u64::from(r.into_inner().heartbeat_interval_ms).max(10));
+                let r = r.into_inner();
+                let every = Duration::from_millis(u64::from(r.heartbeat_interval_ms).max(10));
                 tracing::info!(agent = %url, heartbeat_ms = every.as_millis() as u64, "registered with the cluster agent");
-                return Ok((c, every));
+                return Ok((c, every, r.takes_torn_nexuses));
             }
             Err(s) => why.push(format!("{url}: {}", s.message())),
         }
@@ -173,7 +174,9 @@ impl FaultConfirmer for AgentFaultConfirmer {
     }
 }
 
-/// Runs until `stop` fires, then deregisters.
+/// Runs until `stop` fires, then deregisters, naming the nexuses that did not drain ([`Engine::torn_nexuses`]; fire
+/// `stop` after [`Engine::shutdown`]). An agent that does not take that list is not told of the end at all when a
+/// nexus was torn: it then judges the whole instance unclean.
 pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToken) {
     engine.set_fault_confirmer(std::sync::Arc::new(AgentFaultConfirmer {
         agents: cfg.agents.clone(),
@@ -181,9 +184,9 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
     }));
     let instance = uuid::Uuid::new_v4().to_string();
     let mut backoff = Duration::from_millis(100);
-    let mut last: Option<RegistrationClient<Channel>> = None;
+    let mut last: Option<(RegistrationClient<Channel>, bool)> = None;
     'register: while !stop.is_cancelled() {
-        let (mut c, every) = match register(&engine, &cfg, &instance).await {
+        let (mut c, every, takes_torn) = match register(&engine, &cfg, &instance).await {
             Ok(x) => x,
             Err(why) => {
                 tracing::warn!(%why, retry_in_ms = backoff.as_millis() as u64, "cannot register with a cluster agent");
@@ -200,7 +203,7 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    last = Some(c);
+                    last = Some((c, takes_torn));
                     break 'register;
                 }
                 _ = tokio::time::sleep(every) => {}
@@ -230,10 +233,25 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
             }
         }
     }
-    if let Some(mut c) = last {
+    if let Some((mut c, takes_torn)) = last {
+        let Some(torn) = engine.torn_nexuses() else {
+            // Stopped before the engine shut its nexuses down: nothing is known of how they end.
+            tracing::warn!("stopped before the engine's shutdown: leaving without deregistering");
+            return;
+        };
+        let torn: Vec<String> = torn.iter().map(|u| u.to_string()).collect();
+        if !torn.is_empty() && !takes_torn {
+            // Not deregistered: the cluster agent sees this end as unclean and resyncs every nexus's replicas.
+            tracing::warn!(
+                ?torn,
+                "a nexus did not drain and the cluster agent judges only whole ends: leaving without deregistering"
+            );
+            return;
+        }
         let d = pb::DeregisterRequest {
             node: engine.node_name().to_string(),
             instance,
+            torn_nexuses: torn,
         };
         match c.deregister(d).await {
             Ok(_) => tracing::info!("deregistered from the cluster agent"),

@@ -293,17 +293,16 @@ async fn main() -> Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         r = api => { r??; anyhow::bail!("gRPC server stopped"); }
     }
-    let drained = engine.shutdown().await;
+    if !engine.shutdown().await {
+        tracing::warn!(
+            "a nexus did not drain: the cluster agent is told which, and resyncs its replicas"
+        );
+    }
     shutdown.cancel();
     if let Some((stop, task)) = registration {
-        if drained {
-            stop.cancel();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
-        } else {
-            // Not deregistered: the cluster agent sees this end as unclean and resyncs the nexuses' replicas.
-            tracing::warn!("a nexus did not drain: leaving without deregistering");
-            task.abort();
-        }
+        // Deregisters, naming the nexuses that did not drain.
+        stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
     }
     tracing::info!("stopped");
     Ok(())

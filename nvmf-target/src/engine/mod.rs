@@ -14,6 +14,8 @@ mod local;
 mod nexus;
 mod pending;
 mod pools;
+#[cfg(test)]
+mod tests;
 pub mod uri;
 
 pub use fault_gate::FaultConfirmer;
@@ -125,6 +127,10 @@ struct Inner {
     nexus_changes: Arc<crate::nexus::ChangeFeed>,
     /// Set when the engine registers with a cluster agent: nexuses made with `confirm_faults` ask it.
     fault_confirmer: Mutex<Option<Arc<dyn FaultConfirmer>>>,
+    /// Set by [`Engine::shutdown`]: the nexuses that did not drain.
+    torn: Mutex<Option<Vec<uuid::Uuid>>>,
+    /// Set (under the nexus list's lock) when the engine starts shutting down: no nexus is created after.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Inner {
@@ -156,6 +162,8 @@ impl Engine {
                 pool_admin: tokio::sync::Mutex::new(()),
                 nexus_changes: Arc::default(),
                 fault_confirmer: Mutex::new(None),
+                torn: Mutex::new(None),
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -312,15 +320,39 @@ impl Engine {
     }
 
     /// Shuts the engine down: nexuses first, each drained while the target still carries its answers, then the
-    /// target, then the pools. `true`: every nexus drained (a clean end: its children agree).
+    /// target, then the pools. `true`: every nexus drained (a clean end: its children agree); those that did not
+    /// are [`Engine::torn_nexuses`].
     pub async fn shutdown(&self) -> bool {
-        let nexuses: Vec<_> = self.nexuses().into_iter().map(|n| n.1).collect();
-        let mut drained = true;
-        for n in nexuses {
-            drained &= n.shutdown().await;
+        let nexuses = {
+            // Under the list's lock: a create either put its nexus in the list before, or sees the flag and ends it.
+            let list = self.nexuses_mut();
+            self.inner
+                .stopping
+                .store(true, std::sync::atomic::Ordering::Release);
+            list.iter()
+                .map(|e| (e.uuid, e.nexus.clone()))
+                .collect::<Vec<_>>()
+        };
+        let mut torn = Vec::new();
+        for (uuid, n) in nexuses {
+            if !n.shutdown().await {
+                tracing::warn!(nexus = %uuid, "the nexus did not drain: its children may differ where writes were in flight");
+                torn.push(uuid);
+            }
         }
         self.target().shutdown().await;
         self.close_pools();
+        let drained = torn.is_empty();
+        *self.inner.torn.lock().unwrap_or_else(|e| e.into_inner()) = Some(torn);
         drained
+    }
+
+    /// After [`Engine::shutdown`], the nexuses (by volume UUID) that did not drain; `None` before it ended.
+    pub fn torn_nexuses(&self) -> Option<Vec<uuid::Uuid>> {
+        self.inner
+            .torn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

@@ -132,7 +132,7 @@ impl Engine {
         }
     }
 
-    fn nexuses_mut(&self) -> std::sync::MutexGuard<'_, Vec<NexusEntry>> {
+    pub(super) fn nexuses_mut(&self) -> std::sync::MutexGuard<'_, Vec<NexusEntry>> {
         self.inner.nexuses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -167,6 +167,15 @@ impl Engine {
             return Err(EngineError::InvalidArgument(
                 "a nexus needs at least one child".into(),
             ));
+        }
+        if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(EngineError::FailedPrecondition(format!(
+                "nexus {uuid}: the engine is shutting down"
+            )));
         }
         if let Some((n, _)) = self.nexus(&uuid) {
             let mut have: Vec<String> = n.children().into_iter().map(|c| c.name).collect();
@@ -245,10 +254,14 @@ impl Engine {
                 )));
             }
         }
-        let lost = {
+        let (lost, stopping) = {
             let mut list = self.nexuses_mut();
             let lost = list.iter().any(|n| n.uuid == uuid);
-            if !lost {
+            let stopping = self
+                .inner
+                .stopping
+                .load(std::sync::atomic::Ordering::Acquire);
+            if !lost && !stopping {
                 list.push(NexusEntry {
                     uuid,
                     nexus: nexus.clone(),
@@ -256,8 +269,15 @@ impl Engine {
                     reservation: options.reservation,
                 });
             }
-            lost
+            (lost, stopping)
         };
+        if stopping {
+            // The engine's shutdown did not see it, so it would not be drained nor named if torn: it never serves.
+            nexus.shutdown().await;
+            return Err(EngineError::FailedPrecondition(format!(
+                "nexus {uuid}: the engine is shutting down"
+            )));
+        }
         if lost {
             // Another create of the same nexus finished first: this one's rebuilds must not go on copying beside
             // that one's writes.

@@ -21,9 +21,10 @@ pub struct WriteLog {
     pub since: Instant,
     /// `since` as wall-clock milliseconds, for the copy kept on the other children.
     pub since_ms: u64,
-    /// The map started with segments the child had not flushed, and no record on the other children names
-    /// them yet: the next record carries the whole map.
-    unrecorded: bool,
+    /// The segments of `map` that no record on the other children is known to name yet: those the child had not
+    /// flushed when it was faulted, those a write marked whose record is still on its way, and those whose record
+    /// failed. A write touching one is acknowledged only once a record names them all.
+    unrecorded: SegmentMap,
 }
 
 /// Segments a child took writes to that no completed flush has covered yet. A flush covers the writes completed
@@ -216,7 +217,7 @@ impl Child {
                 map.union(&u.newer);
             }
             s.log = Some(WriteLog {
-                unrecorded: map.count() > 0,
+                unrecorded: map.clone(),
                 map,
                 since: Instant::now(),
                 since_ms: now_ms(),
@@ -227,29 +228,44 @@ impl Child {
         true
     }
 
-    /// Records a write the child missed (no-op unless it is faulted with a log). Returns what is new in the log,
-    /// as the record to keep on the other children.
+    /// Records a write the child missed (no-op unless it is faulted with a log). Returns the record to keep on the
+    /// other children before the write is acknowledged, if the write touches a segment no record is known to name
+    /// yet: every such segment of the log, including those of other writes whose records are still on their way or
+    /// failed (a later write to a segment must not be acknowledged ahead of the record an earlier one is still
+    /// waiting for). [`Child::log_recorded`] is told once it is kept.
     pub fn log_write(&self, offset: u64, len: u64) -> Option<MissedWrites> {
         let mut s = self.st();
         if s.state != ChildState::Faulted {
             return None;
         }
         let log = s.log.as_mut()?;
-        let ranges = if std::mem::take(&mut log.unrecorded) {
-            log.map.mark(offset, len);
-            log.map
-                .ranges()
-                .map(|r| (r.start, r.end - r.start))
-                .collect()
-        } else {
-            let new = log.map.mark_new(offset, len)?;
-            vec![(new.start, new.end - new.start)]
-        };
+        if let Some(new) = log.map.mark_new(offset, len) {
+            log.unrecorded.mark(new.start, new.end - new.start);
+        }
+        if !log.unrecorded.overlaps(offset, len) {
+            return None;
+        }
         Some(MissedWrites {
             child: stable_key(&self.name),
             since_ms: log.since_ms,
-            ranges,
+            ranges: log
+                .unrecorded
+                .ranges()
+                .map(|r| (r.start, r.end - r.start))
+                .collect(),
         })
+    }
+
+    /// The record `m` that [`Child::log_write`] returned is kept on the other children: its segments are named.
+    pub fn log_recorded(&self, m: &MissedWrites) {
+        let mut s = self.st();
+        if let Some(log) = s.log.as_mut()
+            && log.since_ms == m.since_ms
+        {
+            for (start, len) in &m.ranges {
+                log.unrecorded.clear(*start..start + len);
+            }
+        }
     }
 
     /// The nexus grew to `size` bytes: a write log kept from now on, or kept already, covers all of it.
@@ -261,6 +277,7 @@ impl Child {
             .0 = size;
         if let Some(log) = s.log.as_mut() {
             log.map.grow(size);
+            log.unrecorded.grow(size);
         }
         let mut u = self.unflushed();
         u.older.grow(size);

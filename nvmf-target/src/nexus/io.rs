@@ -233,16 +233,20 @@ impl Nexus {
         // Children that are away (including any this write just faulted) remember the range for a partial rebuild,
         // kept by the healthy children that took it, or by those the volume goes on with if it fails.
         if len > 0 {
-            let new: Vec<MissedWrites> = self
+            let logged: Vec<(Arc<Child>, MissedWrites)> = self
                 .list()
-                .iter()
-                .filter_map(|c| c.log_write(offset, len))
+                .into_iter()
+                .filter_map(|c| c.log_write(offset, len).map(|m| (c, m)))
                 .collect();
+            let new: Vec<MissedWrites> = logged.iter().map(|(_, m)| m.clone()).collect();
             if !new.is_empty() && healthy_ok > 0 {
                 let keepers = if orphaned { self.healthy() } else { holders };
                 match persist_missed(&keepers, &new, self.config.io_timeout).await {
                     Err(BlockError::ReservationConflict) => return Err(self.fenced()),
                     r => r?,
+                }
+                for (c, m) in &logged {
+                    c.log_recorded(m);
                 }
             }
         }

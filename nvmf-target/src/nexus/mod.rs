@@ -472,4 +472,6 @@ impl Nexus {
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_missed;
+#[cfg(test)]
 mod tests_unflushed;

@@ -11,13 +11,15 @@ use crate::block::fault::{FaultDevice, FaultPlan};
 use crate::block::memory::MemoryDevice;
 use crate::block::{BlockDevice, BlockError};
 
+use super::tests_missed::{Notes, Recording};
+
 pub(super) const SIZE: u64 = 16 << 20;
 
-fn mem() -> Arc<dyn BlockDevice> {
+pub(super) fn mem() -> Arc<dyn BlockDevice> {
     Arc::new(MemoryDevice::new(SIZE, 512))
 }
 
-fn faulty() -> Arc<FaultDevice> {
+pub(super) fn faulty() -> Arc<FaultDevice> {
     Arc::new(FaultDevice::new(mem()))
 }
 
@@ -49,7 +51,7 @@ pub(super) fn nexus(children: Vec<Arc<dyn BlockDevice>>) -> Arc<Nexus> {
     Nexus::new("vol", named, config()).unwrap()
 }
 
-fn pattern(seed: u8, len: usize) -> Bytes {
+pub(super) fn pattern(seed: u8, len: usize) -> Bytes {
     Bytes::from(
         (0..len)
             .map(|i| seed.wrapping_mul(31).wrapping_add((i / 512) as u8))
@@ -603,60 +605,13 @@ async fn a_write_every_healthy_child_refuses_for_space_faults_a_rebuilding_child
     );
 }
 
-/// A memory child that keeps missed-writes records like a pool replica; or, when its third field is set, one whose
-/// journal stalls: recording never answers.
-struct Recording(
-    Arc<dyn BlockDevice>,
-    std::sync::Mutex<Vec<crate::block::MissedWrites>>,
-    bool,
-);
-
-#[async_trait::async_trait]
-impl BlockDevice for Recording {
-    fn block_size(&self) -> u32 {
-        self.0.block_size()
-    }
-    fn num_blocks(&self) -> u64 {
-        self.0.num_blocks()
-    }
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
-        self.0.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
-        self.0.write(offset, data).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.0.write_zeroes(offset, len).await
-    }
-    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.0.deallocate(offset, len).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        Ok(())
-    }
-    async fn note_missed(&self, m: &crate::block::MissedWrites) -> Result<(), BlockError> {
-        if self.2 {
-            std::future::pending::<()>().await;
-        }
-        self.1.lock().unwrap().push(m.clone());
-        Ok(())
-    }
-    async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
-        self.1.lock().unwrap().retain(|m| m.child != child);
-        Ok(())
-    }
-    async fn missed(&self) -> Result<Vec<crate::block::MissedWrites>, BlockError> {
-        Ok(self.1.lock().unwrap().clone())
-    }
-}
-
 /// A holder whose pool journal stalls while the disk's data path goes on: the write takes what the healthy child
 /// holds, but the record of what the faulted one missed cannot be kept. The write fails at the I/O timeout (its log
 /// would be incomplete) instead of holding its range until the journal answers. Before, it waited with no limit.
 #[tokio::test(start_paused = true)]
 async fn a_write_whose_missed_record_cannot_be_kept_fails_at_the_io_timeout() {
     let failing = faulty();
-    let stalled = Arc::new(Recording(mem(), Default::default(), true));
+    let stalled = Arc::new(Recording::new(mem(), Vec::new(), Notes::Stall));
     let n = nexus(vec![stalled, failing.clone()]);
     failing.set_plan(FaultPlan {
         fail_after: Some(0),
@@ -682,7 +637,7 @@ fn recording(records: &[(&str, u64)]) -> Arc<Recording> {
             ranges: vec![(*at, 4096)],
         })
         .collect();
-    Arc::new(Recording(mem(), std::sync::Mutex::new(r), false))
+    Arc::new(Recording::new(mem(), r, Notes::Keep))
 }
 
 #[tokio::test]
@@ -704,7 +659,7 @@ async fn a_new_nexus_rebuilds_what_trusted_records_name_and_only_that() {
     assert_eq!(c.read(5 << 20, 4096).await.unwrap(), pattern(4, 4096));
     for d in [&a, &b, &c] {
         assert!(
-            d.1.lock().unwrap().is_empty(),
+            d.records.lock().unwrap().is_empty(),
             "records dropped once c2 caught up"
         );
     }

@@ -118,6 +118,14 @@ impl SegmentMap {
         }
     }
 
+    /// Whether any segment that `offset..offset+len` touches is marked.
+    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
+        let end = (offset + len).min(self.size);
+        len > 0
+            && offset < end
+            && (offset / self.segment..end.div_ceil(self.segment)).any(|s| self.is_marked(s))
+    }
+
     /// Whether every segment that `offset..offset+len` touches is marked.
     pub fn covers(&self, offset: u64, len: u64) -> bool {
         let end = (offset + len).min(self.size);

@@ -1,0 +1,96 @@
+//! The engine's shutdown: which nexuses ended cleanly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::block::BlockDevice;
+use crate::block::fault::FaultPlan;
+use crate::config::ExportSpec;
+use crate::engine::nexus::NexusOptions;
+
+/// An agent that never answers: a child fault waits for its consent until the nexus shuts down.
+#[derive(Debug)]
+struct Silent;
+
+#[async_trait::async_trait]
+impl FaultConfirmer for Silent {
+    async fn confirm(&self, _: uuid::Uuid, _: u64, _: &str, _: &str) -> Result<(), String> {
+        std::future::pending().await
+    }
+}
+
+/// Two RAM namespaces of this engine with fault injection, as `local://` child URIs.
+fn children(engine: &Engine, name: &str) -> Vec<String> {
+    (1..=2)
+        .map(|i| {
+            let nqn = format!("nqn.2026-11.io.keelson:replica-{name}-{i}");
+            engine
+                .export(&ExportSpec {
+                    nqn: nqn.clone(),
+                    memory: Some(1 << 20),
+                    fault: true,
+                    ..Default::default()
+                })
+                .unwrap();
+            format!("local:///{nqn}?nsid=1")
+        })
+        .collect()
+}
+
+/// A nexus whose write one child took and the other failed, waiting for the agent's consent to fault it when the
+/// engine shuts down, did not end cleanly; the engine's other nexus did, and the engine says which is which.
+#[tokio::test]
+async fn a_shutdown_names_the_nexuses_that_did_not_drain() {
+    let engine = Engine::new(EngineConfig {
+        node_name: "n".into(),
+        target: Default::default(),
+    });
+    engine.set_fault_confirmer(Arc::new(Silent));
+    let (torn, drained) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let options = NexusOptions {
+        io_timeout: Some(Duration::from_secs(2)),
+        confirm_faults: true,
+        ..Default::default()
+    };
+    let a = engine
+        .create_nexus(torn, &children(&engine, "a"), options.clone())
+        .await
+        .unwrap();
+    let b = engine
+        .create_nexus(drained, &children(&engine, "b"), options.clone())
+        .await
+        .unwrap();
+    let late = children(&engine, "c");
+    b.write(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+    engine
+        .inject_fault(
+            "nqn.2026-11.io.keelson:replica-a-2",
+            1,
+            Some(FaultPlan {
+                fail_ranges: vec![std::ops::Range {
+                    start: 0,
+                    end: 4096,
+                }],
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+    let w = tokio::spawn(async move { a.write(0, Bytes::from(vec![2u8; 4096])).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!w.is_finished(), "the write waits for the agent's consent");
+    assert_eq!(engine.torn_nexuses(), None, "not shut down yet");
+    assert!(!engine.shutdown().await);
+    assert_eq!(engine.torn_nexuses(), Some(vec![torn]));
+    assert!(w.await.unwrap().is_err(), "never acknowledged");
+    // Nothing is made once the shutdown began: it would be neither drained nor named.
+    match engine
+        .create_nexus(uuid::Uuid::new_v4(), &late, options)
+        .await
+    {
+        Err(e) => assert!(e.to_string().contains("shutting down"), "{e}"),
+        Ok(_) => panic!("a nexus made after the shutdown began"),
+    }
+}

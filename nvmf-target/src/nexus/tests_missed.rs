@@ -1,0 +1,165 @@
+//! What a faulted child missed is recorded on the children that hold the data before any write to those segments
+//! is acknowledged: a record still on its way holds back later writes to its segments, and one that failed is made
+//! again by the next write there. And [`Recording`], the test child that keeps such records like a pool replica.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use super::tests::{faulty, mem, nexus, pattern};
+use crate::block::fault::FaultPlan;
+use crate::block::{BlockDevice, BlockError, MissedWrites};
+
+/// How a [`Recording`] child answers a missed-writes record.
+pub(super) enum Notes {
+    /// Keeps it.
+    Keep,
+    /// Never answers (its pool's journal stalled).
+    Stall,
+    /// Refuses it (its journal failed).
+    Fail,
+    /// Keeps it once a permit is given.
+    Wait(Arc<Semaphore>),
+}
+
+/// A memory child that keeps missed-writes records like a pool replica, answering them as `notes` says.
+pub(super) struct Recording {
+    dev: Arc<dyn BlockDevice>,
+    pub(super) records: Mutex<Vec<MissedWrites>>,
+    notes: Mutex<Notes>,
+}
+
+impl Recording {
+    pub(super) fn new(
+        dev: Arc<dyn BlockDevice>,
+        records: Vec<MissedWrites>,
+        notes: Notes,
+    ) -> Recording {
+        Recording {
+            dev,
+            records: Mutex::new(records),
+            notes: Mutex::new(notes),
+        }
+    }
+
+    fn set_notes(&self, n: Notes) {
+        *self.notes.lock().unwrap() = n;
+    }
+
+    /// Whether a record kept here says `child` missed the segment at `offset`.
+    fn names(&self, child: &str, offset: u64) -> bool {
+        self.records.lock().unwrap().iter().any(|m| {
+            m.child == child && m.ranges.iter().any(|(s, n)| (*s..s + n).contains(&offset))
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockDevice for Recording {
+    fn block_size(&self) -> u32 {
+        self.dev.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.dev.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.dev.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.dev.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.dev.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.dev.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    async fn note_missed(&self, m: &MissedWrites) -> Result<(), BlockError> {
+        let wait = match &*self.notes.lock().unwrap() {
+            Notes::Keep => None,
+            Notes::Stall => Some(Arc::new(Semaphore::new(0))),
+            Notes::Fail => return Err(BlockError::Remote("the journal failed".into())),
+            Notes::Wait(s) => Some(s.clone()),
+        };
+        if let Some(s) = wait {
+            s.acquire().await.unwrap().forget();
+        }
+        self.records.lock().unwrap().push(m.clone());
+        Ok(())
+    }
+    async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
+        self.records.lock().unwrap().retain(|m| m.child != child);
+        Ok(())
+    }
+    async fn missed(&self) -> Result<Vec<MissedWrites>, BlockError> {
+        Ok(self.records.lock().unwrap().clone())
+    }
+}
+
+/// A nexus of a recording child (c0) and one (c1) faulted by a write it failed, whose record c0 keeps.
+async fn one_child_away() -> (Arc<super::Nexus>, Arc<Recording>) {
+    let holder = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
+    let away = faulty();
+    let n = nexus(vec![holder.clone(), away.clone()]);
+    away.set_plan(FaultPlan {
+        fail_after: Some(0),
+        ..Default::default()
+    });
+    n.write(0, pattern(1, 4096)).await.unwrap();
+    assert!(holder.names("c1", 0));
+    (n, holder)
+}
+
+/// Segment 2 of the test configuration's 64 KiB segments.
+const SEGMENT_2: u64 = 128 << 10;
+
+/// A second write to a segment whose record the first is still waiting for was acknowledged at once: a crash then
+/// lost the record, and the acknowledged write with it on the child that missed it (nothing said to rebuild there).
+#[tokio::test]
+async fn a_write_to_a_segment_whose_record_is_on_its_way_waits_for_it() {
+    let (n, holder) = one_child_away().await;
+    let journal = Arc::new(Semaphore::new(0));
+    holder.set_notes(Notes::Wait(journal.clone()));
+    let first = tokio::spawn({
+        let n = n.clone();
+        async move { n.write(SEGMENT_2, pattern(2, 4096)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = tokio::spawn({
+        let n = n.clone();
+        async move { n.write(SEGMENT_2 + 8192, pattern(3, 4096)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !first.is_finished() && !second.is_finished(),
+        "a write to the segment was acknowledged before any record named it"
+    );
+    journal.add_permits(8);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    assert!(holder.names("c1", SEGMENT_2));
+    // Named now: the next write there makes no record.
+    let before = holder.records.lock().unwrap().len();
+    n.write(SEGMENT_2 + 4096, pattern(4, 4096)).await.unwrap();
+    assert_eq!(holder.records.lock().unwrap().len(), before);
+}
+
+/// A write whose record failed fails; the next write to its segment was acknowledged with no record at all (the
+/// segment was marked already). Now it makes the record again.
+#[tokio::test]
+async fn a_record_that_failed_is_made_again_by_the_next_write_there() {
+    let (n, holder) = one_child_away().await;
+    holder.set_notes(Notes::Fail);
+    assert!(n.write(SEGMENT_2, pattern(2, 4096)).await.is_err());
+    holder.set_notes(Notes::Keep);
+    n.write(SEGMENT_2 + 4096, pattern(3, 4096)).await.unwrap();
+    assert!(
+        holder.names("c1", SEGMENT_2),
+        "acknowledged with no record naming what c1 missed"
+    );
+}
