@@ -250,7 +250,7 @@ impl Child {
             since_ms: log.since_ms,
             ranges: log
                 .unrecorded
-                .ranges()
+                .runs(u64::MAX)
                 .map(|r| (r.start, r.end - r.start))
                 .collect(),
         })

@@ -79,10 +79,26 @@ impl SegmentMap {
         self.ranges().map(|r| r.end - r.start).sum()
     }
 
-    /// Marked byte ranges, one per segment, ascending.
+    /// Marked byte ranges, one per segment, ascending. Words with no mark are skipped whole: a sparse map of a
+    /// large device costs its words, not its segments.
     pub fn ranges(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
-        (0..self.segments())
-            .filter(|&s| self.is_marked(s))
+        let segments = self.segments();
+        self.bits
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w != 0)
+            .flat_map(|(i, &w)| {
+                let mut left = w;
+                std::iter::from_fn(move || {
+                    if left == 0 {
+                        return None;
+                    }
+                    let b = u64::from(left.trailing_zeros());
+                    left &= left - 1;
+                    Some(i as u64 * 64 + b)
+                })
+            })
+            .take_while(move |&s| s < segments)
             .map(|s| s * self.segment..((s + 1) * self.segment).min(self.size))
     }
 
@@ -238,6 +254,17 @@ mod tests {
             }
             let again = SegmentMap::from_words(size, 1 << 16, m.words().to_vec()).unwrap();
             prop_assert_eq!(again, m);
+        }
+
+        #[test]
+        fn ranges_are_the_marked_segments_in_order(size in 1u64..1 << 22, marks in prop::collection::vec((0u64..1 << 22, 1u64..1 << 16), 0..40)) {
+            let mut m = SegmentMap::empty(size, 4096);
+            for &(o, l) in &marks { m.mark(o, l); }
+            let slow: Vec<_> = (0..size.div_ceil(4096))
+                .filter(|&s| m.is_marked(s))
+                .map(|s| s * 4096..((s + 1) * 4096).min(size))
+                .collect();
+            prop_assert_eq!(m.ranges().collect::<Vec<_>>(), slow);
         }
     }
 }
