@@ -942,6 +942,7 @@ impl Pool {
                 stream: Default::default(),
                 quiesce: Arc::new(tokio::sync::RwLock::new(())),
                 me: me.clone(),
+                detached: Default::default(),
             })
         });
         Ok(v.clone())

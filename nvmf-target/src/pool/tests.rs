@@ -1249,3 +1249,43 @@ async fn a_write_whose_caller_went_away_never_lands_in_clusters_freed_or_shared_
     );
     assert_eq!(disk.inflight.len(), 0);
 }
+
+/// A write over a cluster that must be allocated and one already mapped runs as a task of its own; its caller gave
+/// up (a nexus's child timeout) while the first piece was on the disk. A settle (what a reservation change fencing
+/// that caller waits for) returned once the disk had ended what it held, and the task then wrote the second piece
+/// over whatever came after. Now the settle waits for the task.
+#[tokio::test]
+async fn a_settle_waits_for_the_later_pieces_of_a_write_whose_caller_went_away() {
+    use std::time::Duration;
+    let disk = Arc::new(LateDisk {
+        inner: Arc::new(MemoryDevice::new(12 * MIB, 512)),
+        late: Mutex::new(Duration::ZERO),
+        inflight: Default::default(),
+    });
+    let pool = Pool::create(disk.clone(), &spec("late"), &me())
+        .await
+        .unwrap();
+    let cs = u64::from(CS);
+    let v = pool
+        .create_replica(Uuid::new_v4(), 2 * cs, None)
+        .await
+        .unwrap();
+    v.write(cs, pattern(1, 4096)).await.unwrap();
+    *disk.late.lock().unwrap() = Duration::from_millis(200);
+    // The last 4 KiB of cluster 0 (not allocated) and the first of cluster 1.
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(20),
+            v.write(cs - 4096, pattern(2, 8192))
+        )
+        .await
+        .is_err()
+    );
+    v.settle().await;
+    *disk.late.lock().unwrap() = Duration::ZERO;
+    assert!(
+        v.read(cs, 4096).await.unwrap()[..] == pattern(2, 8192)[4096..],
+        "the settle returned before the write's second piece landed"
+    );
+    assert_eq!(disk.inflight.len(), 0);
+}

@@ -51,6 +51,9 @@ pub struct PoolVolume {
     pub(super) stream: super::ahead::Stream,
     /// This volume, for the tasks its allocating writes run as.
     pub(super) me: Weak<PoolVolume>,
+    /// Those tasks that have not ended ([`PoolVolume::detached`]): one whose caller went away still hands the disk
+    /// its later pieces, so settling waits for them too.
+    pub(super) detached: crate::block::inflight::InFlight,
 }
 
 /// How a write went: done here, or it needs a new cluster and, run inline, wrote nothing (the caller runs it again
@@ -454,14 +457,24 @@ impl PoolVolume {
     }
 
     /// Runs an allocating write as a task of its own and waits for it: if this caller goes, the write still ends,
-    /// and gives back what it reserved only once the disk is done with it.
+    /// and gives back what it reserved only once the disk is done with it. The task holds a ticket of `detached`
+    /// until it ends: a settle (a reservation change fencing this caller, a snapshot) waits for the pieces it has
+    /// yet to hand the disk, not only for those the disk has.
     async fn detached<F, Fut>(&self, write: F) -> Result<(), BlockError>
     where
         F: FnOnce(Arc<PoolVolume>) -> Fut,
         Fut: Future<Output = Result<Here, BlockError>> + Send + 'static,
     {
         let me = self.me.upgrade().ok_or(BlockError::Closed)?;
-        match tokio::spawn(write(me)).await {
+        let ticket = self.detached.start();
+        let task = write(me);
+        match tokio::spawn(async move {
+            let r = task.await;
+            drop(ticket);
+            r
+        })
+        .await
+        {
             Ok(r) => r.map(drop),
             Err(e) => Err(BlockError::Io(std::io::Error::other(format!(
                 "allocating write ended early: {e}"
@@ -637,8 +650,10 @@ impl BlockDevice for PoolVolume {
         self.pool.dev.flush().await
     }
 
-    /// The pool's disk ends what it was handed before (by any volume of the pool).
+    /// This volume's allocating writes started before end (their later pieces handed on), then the pool's disk
+    /// ends what it was handed before (by any volume of the pool).
     async fn settle(&self) {
+        self.detached.settle().await;
         self.pool.dev.settle().await
     }
 

@@ -919,6 +919,12 @@ async fn a_restarted_nexus_gives_a_returning_replica_a_partial_rebuild() {
     ns.close().await;
     // The nexus dies while the replica is away; the replica comes back; a new nexus is created over the same three.
     nexus_node.kill9();
+    let faults: Vec<String> = nexus_node
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("faulted"))
+        .map(String::from)
+        .collect();
     replicas[2].0.signal("-CONT");
     nexus_node.restart();
     let mut api = nexus_node.api().await;
@@ -943,11 +949,17 @@ async fn a_restarted_nexus_gives_a_returning_replica_a_partial_rebuild() {
         ("partial", ""),
         "{r:?}"
     );
-    assert_eq!(
-        r.bytes_copied,
-        3 * MIB,
-        "only the three segments written while it was away: {r:?}"
-    );
+    // A child whose connection the nexus saw lost and made again (a keep-alive missed on a loaded machine) may have
+    // lost what it had not flushed: it is faulted at once with all of that in its log, and copies more.
+    if faults.iter().any(|l| l.contains("connection was lost")) {
+        assert!(r.bytes_copied >= 3 * MIB, "{r:?}");
+    } else {
+        assert_eq!(
+            r.bytes_copied,
+            3 * MIB,
+            "only the three segments written while it was away: {r:?}; the old nexus's faults: {faults:#?}"
+        );
+    }
     let mut contents = Vec::new();
     for (node, id) in &replicas {
         let c = node.connect(id, HOST).await.unwrap();
