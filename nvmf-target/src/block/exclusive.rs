@@ -319,8 +319,19 @@ mod tests {
                 );
             }
             drop(held);
-            // A loop device first: the file and the other loop device over it are refused.
-            let held = open_locked(&l0).unwrap();
+            // A loop device first: the file and the other loop device over it are refused. (The refused opens above
+            // held it exclusively for a moment: the kernel may still count that claim just after their close.)
+            let t = std::time::Instant::now();
+            let held = loop {
+                match open_locked(&l0) {
+                    Err(BlockError::InUse(_))
+                        if t.elapsed() < std::time::Duration::from_secs(2) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    r => break r.unwrap(),
+                }
+            };
             let e = open_locked(&img).unwrap_err().to_string();
             assert!(e.contains("in use"), "{e}");
             let e = open_locked(&l1).unwrap_err().to_string();
