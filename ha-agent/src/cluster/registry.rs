@@ -685,17 +685,22 @@ mod tests {
         assert_eq!(decode(&v.value).unwrap().spec.instance, "i2");
     }
 
+    /// A registry on an embedded store under `dir`, with node `n` (instance `i1`) registered.
+    async fn registry_with_n(dir: &std::path::Path) -> (Arc<dyn Store>, Registry) {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("s")).await.unwrap());
+        let reg = Registry::load(store.clone(), Arc::new(Answers), RegistryConfig::default())
+            .await
+            .unwrap();
+        reg.register(spec("n"), vec![]).await.unwrap();
+        (store, reg)
+    }
+
     /// An engine that shut down with one nexus torn says which: that nexus ended uncleanly, every other one of the
     /// instance cleanly, and the next instance's registration keeps that judgment for the nexuses of the last.
     #[tokio::test]
     async fn a_clean_shutdown_names_the_nexuses_that_did_not_drain() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
-        let reg = Registry::load(store.clone(), Arc::new(Answers), RegistryConfig::default())
-            .await
-            .unwrap();
-        reg.register(spec("n"), vec![]).await.unwrap();
+        let (_store, reg) = registry_with_n(dir.path()).await;
         let (torn, drained) = (
             "0a000000-0000-4000-8000-000000000001",
             "0a000000-0000-4000-8000-000000000002",
@@ -738,12 +743,7 @@ mod tests {
     #[tokio::test]
     async fn an_offline_node_is_forgotten_with_what_was_its_and_an_online_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
-        let reg = Registry::load(store.clone(), Arc::new(Answers), RegistryConfig::default())
-            .await
-            .unwrap();
-        reg.register(spec("n"), vec![]).await.unwrap();
+        let (store, reg) = registry_with_n(dir.path()).await;
         for k in [
             "/keelson/pools/n/p1",
             "/keelson/pools/n2/p1",

@@ -35,6 +35,31 @@ fn subsystem(sys: &Path, nqn: &str, state: &str) {
     std::fs::write(c.join("nvme0c0n1/ana_state"), "optimized\n").unwrap();
 }
 
+/// The node-agent binary as node `app-1`, on the sysfs tree `dir/sys`, reporting to a cluster agent on `port`,
+/// serving its metrics on `maddr`, polling every 50 ms.
+fn node_agent_app_1(dir: &Path, port: u16, maddr: &str) -> Proc {
+    Proc::start(
+        [
+            env!("CARGO_BIN_EXE_node-agent"),
+            "--cluster-agent",
+            &format!("http://127.0.0.1:{port}"),
+            "--node-name",
+            "app-1",
+            "--metrics",
+            maddr,
+            "--poll-ms",
+            "50",
+            "--sys",
+            &dir.join("sys").display().to_string(),
+            "--fabrics",
+            &dir.join("nvme-fabrics").display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        dir.join("node-agent.log"),
+    )
+}
+
 /// The value of the first sample whose line starts with `prefix` (`0` if none).
 fn value(body: &str, prefix: &str) -> f64 {
     body.lines()
@@ -76,26 +101,7 @@ async fn a_broken_path_is_reported_with_backoff_until_a_cluster_agent_answers() 
     subsystem(&sys, &proto::names::volume_nqn(&vol), "connecting");
     let port = free_port("127.0.0.1");
     let maddr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let node_agent = Proc::start(
-        [
-            env!("CARGO_BIN_EXE_node-agent"),
-            "--cluster-agent",
-            &format!("http://127.0.0.1:{port}"),
-            "--node-name",
-            "app-1",
-            "--metrics",
-            &maddr,
-            "--poll-ms",
-            "50",
-            "--sys",
-            &sys.display().to_string(),
-            "--fabrics",
-            &dir.path().join("nvme-fabrics").display().to_string(),
-        ]
-        .map(String::from)
-        .to_vec(),
-        dir.path().join("node-agent.log"),
-    );
+    let node_agent = node_agent_app_1(dir.path(), port, &maddr);
 
     // No cluster agent yet: the report is retried, spaced out, and the metrics show the path and the attempts.
     let path = format!(
@@ -202,26 +208,7 @@ async fn the_dead_path_of_a_volume_published_elsewhere_is_removed() {
     let sys = dir.path().join("sys");
     subsystem(&sys, &proto::names::volume_nqn(&vol), "connecting");
     let maddr = format!("127.0.0.1:{}", free_port("127.0.0.1"));
-    let node_agent = Proc::start(
-        [
-            env!("CARGO_BIN_EXE_node-agent"),
-            "--cluster-agent",
-            &format!("http://127.0.0.1:{port}"),
-            "--node-name",
-            "app-1",
-            "--metrics",
-            &maddr,
-            "--poll-ms",
-            "50",
-            "--sys",
-            &sys.display().to_string(),
-            "--fabrics",
-            &dir.path().join("nvme-fabrics").display().to_string(),
-        ]
-        .map(String::from)
-        .to_vec(),
-        dir.path().join("node-agent.log"),
-    );
+    let node_agent = node_agent_app_1(dir.path(), port, &maddr);
     // Published here: a path to an address that is not the nexus's is answered with the nexus (which the fake
     // fabrics device cannot connect to), never removed.
     until(&maddr, "the report answered", |b| {

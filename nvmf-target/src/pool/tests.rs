@@ -1180,17 +1180,23 @@ impl BlockDevice for LateDisk {
     }
 }
 
-#[tokio::test]
-async fn a_write_whose_caller_went_away_never_lands_in_clusters_freed_or_shared_since() {
-    use std::time::Duration;
+/// A 12 MiB pool on a [`LateDisk`] (its writes on time until told otherwise).
+async fn late_pool() -> (Arc<LateDisk>, Pool) {
     let disk = Arc::new(LateDisk {
         inner: Arc::new(MemoryDevice::new(12 * MIB, 512)),
-        late: Mutex::new(Duration::ZERO),
+        late: Mutex::new(std::time::Duration::ZERO),
         inflight: Default::default(),
     });
     let pool = Pool::create(disk.clone(), &spec("late"), &me())
         .await
         .unwrap();
+    (disk, pool)
+}
+
+#[tokio::test]
+async fn a_write_whose_caller_went_away_never_lands_in_clusters_freed_or_shared_since() {
+    use std::time::Duration;
+    let (disk, pool) = late_pool().await;
     let cs = u64::from(CS);
     let clusters = pool.stats().capacity / cs;
     let a = Uuid::new_v4();
@@ -1257,14 +1263,7 @@ async fn a_write_whose_caller_went_away_never_lands_in_clusters_freed_or_shared_
 #[tokio::test]
 async fn a_settle_waits_for_the_later_pieces_of_a_write_whose_caller_went_away() {
     use std::time::Duration;
-    let disk = Arc::new(LateDisk {
-        inner: Arc::new(MemoryDevice::new(12 * MIB, 512)),
-        late: Mutex::new(Duration::ZERO),
-        inflight: Default::default(),
-    });
-    let pool = Pool::create(disk.clone(), &spec("late"), &me())
-        .await
-        .unwrap();
+    let (disk, pool) = late_pool().await;
     let cs = u64::from(CS);
     let v = pool
         .create_replica(Uuid::new_v4(), 2 * cs, None)
