@@ -85,6 +85,7 @@ impl EngineApi for EngineService {
             model: r.model,
             allow_any_host: r.allow_any_host,
             allowed_hosts: r.allowed_hosts,
+            single_path: false,
         };
         let s = self.engine.target().create_subsystem(spec)?;
         Ok(Response::new(convert::subsystem(&self.engine, &s)))

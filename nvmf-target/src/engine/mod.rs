@@ -2,6 +2,7 @@
 //! the one place that wires block devices, nexuses and the target together; the gRPC API and the binary go
 //! through it.
 //!
+//! - `claims`: one holder per key at a time (a nexus's UUID while it is created or given a child).
 //! - `fault_gate`: nexuses that fault children only with the cluster agent's consent ([`FaultConfirmer`]).
 //! - `local`: a nexus child on this node, used directly but subject to its namespace's reservations.
 //! - `nexus`: nexus creation, children, publishing, reservations on children.
@@ -9,6 +10,7 @@
 //! - `pools`: pools, replicas (exported with allow-lists), snapshots and clones.
 //! - `uri`: child URIs (`nvmf://`, `local:///`).
 
+mod claims;
 mod fault_gate;
 mod local;
 mod nexus;
@@ -115,6 +117,8 @@ struct Inner {
     target: Target,
     backends: Mutex<BTreeMap<(String, u32), ExportSpec>>,
     nexuses: Mutex<Vec<nexus::NexusEntry>>,
+    /// The nexuses being created or given a child, by UUID: a second such call for one waits for the first.
+    changing: claims::Claims<uuid::Uuid>,
     faults: Mutex<BTreeMap<(String, u32), Arc<FaultDevice>>>,
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     /// Configured pools not open yet, by name (`pending`).
@@ -155,6 +159,7 @@ impl Engine {
                 target,
                 backends: Mutex::new(BTreeMap::new()),
                 nexuses: Mutex::new(Vec::new()),
+                changing: claims::Claims::default(),
                 faults: Mutex::new(BTreeMap::new()),
                 pools: Mutex::new(BTreeMap::new()),
                 pending_pools: Mutex::new(BTreeMap::new()),
@@ -221,6 +226,7 @@ impl Engine {
                 model: String::new(),
                 allow_any_host: spec.hosts.is_empty(),
                 allowed_hosts: spec.hosts.clone(),
+                single_path: false,
             })?;
         }
         self.add_namespace(spec)

@@ -118,14 +118,17 @@ impl Engine {
                 })?;
                 // A nexus wants a failing child to fail fast, not to wait for it to come back.
                 ns.reconnect_wait = Duration::ZERO;
-                if let Some(keys) = reservation
-                    && let Err(source) = reserve(&ns, keys).await
-                {
-                    ns.close().await;
-                    return Err(EngineError::ChildReservation {
-                        uri: uri.to_string(),
-                        source,
-                    });
+                if let Some(keys) = reservation {
+                    if let Err(source) = reserve(&ns, keys).await {
+                        ns.close().await;
+                        return Err(EngineError::ChildReservation {
+                            uri: uri.to_string(),
+                            source,
+                        });
+                    }
+                    // A reconnect (every child lost its connection at once: the nexus goes on with the
+                    // reconnected ones) ends the controller it replaces, as a rejoin does.
+                    ns.hold_write_exclusive(keys.key);
                 }
                 Ok(Arc::new(ns))
             }
@@ -177,6 +180,10 @@ impl Engine {
                 "nexus {uuid}: the engine is shutting down"
             )));
         }
+        // A second create of the same nexus waits for the first, then finds it made: opening the children side by
+        // side, each would end the other's connections to them (a replica's subsystem is single-path) and run
+        // rebuilds beside the other's writes.
+        let _changing = self.inner.changing.claim(uuid).await;
         if let Some((n, _)) = self.nexus(&uuid) {
             let mut have: Vec<String> = n.children().into_iter().map(|c| c.name).collect();
             let mut want = children.to_vec();
@@ -254,14 +261,13 @@ impl Engine {
                 )));
             }
         }
-        let (lost, stopping) = {
+        let stopping = {
             let mut list = self.nexuses_mut();
-            let lost = list.iter().any(|n| n.uuid == uuid);
             let stopping = self
                 .inner
                 .stopping
                 .load(std::sync::atomic::Ordering::Acquire);
-            if !lost && !stopping {
+            if !stopping {
                 list.push(NexusEntry {
                     uuid,
                     nexus: nexus.clone(),
@@ -269,7 +275,7 @@ impl Engine {
                     reservation: options.reservation,
                 });
             }
-            (lost, stopping)
+            stopping
         };
         if stopping {
             // The engine's shutdown did not see it, so it would not be drained nor named if torn: it never serves.
@@ -277,15 +283,6 @@ impl Engine {
             return Err(EngineError::FailedPrecondition(format!(
                 "nexus {uuid}: the engine is shutting down"
             )));
-        }
-        if lost {
-            // Another create of the same nexus finished first: this one's rebuilds must not go on copying beside
-            // that one's writes.
-            nexus.shutdown().await;
-            return Err(EngineError::AlreadyExists {
-                resource: Resource::Nexus(uuid),
-                conflict: "(created meanwhile)".into(),
-            });
         }
         tracing::info!(%uuid, children = ?children, "nexus created");
         Ok(nexus)
@@ -340,6 +337,7 @@ impl Engine {
             model: String::new(),
             allow_any_host,
             allowed_hosts: hosts.to_vec(),
+            single_path: false,
         })?;
         if let Err(e) = self
             .target()
@@ -374,6 +372,9 @@ impl Engine {
     /// rebuild window it gets only the segments written while it was away.
     pub async fn add_child(&self, uuid: &uuid::Uuid, uri: &str) -> Result<(), EngineError> {
         use crate::nexus::child::ChildState;
+        // Two calls at once (a retried request) would open the child side by side, each ending the other's
+        // connection to it as it takes the reservation: the second waits, then finds the child there.
+        let _changing = self.inner.changing.claim(*uuid).await;
         let nexus = self.nexus_or_not_found(uuid)?;
         let existing = nexus.children().into_iter().find(|c| c.name == uri);
         if existing

@@ -579,6 +579,7 @@ impl Engine {
             model: String::new(),
             allow_any_host: share.hosts.is_empty(),
             allowed_hosts: share.hosts.clone(),
+            single_path: true,
         })?;
         let reservations = Reservations::new(saved, store);
         if let Err(e) = sub.add_namespace_with(1, uuid, 1, device, reservations) {

@@ -1,4 +1,4 @@
-//! The engine's shutdown: which nexuses ended cleanly.
+//! The engine: which nexuses a shutdown ended cleanly, and creates of the same nexus at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,4 +93,38 @@ async fn a_shutdown_names_the_nexuses_that_did_not_drain() {
         Err(e) => assert!(e.to_string().contains("shutting down"), "{e}"),
         Ok(_) => panic!("a nexus made after the shutdown began"),
     }
+}
+
+/// Two creates of the same nexus at once (a request retried while the first still runs) both get it: the second
+/// waits for the first instead of opening the children beside it.
+#[tokio::test]
+async fn two_creates_of_the_same_nexus_at_once_both_get_it() {
+    let engine = Engine::new(EngineConfig {
+        node_name: "n".into(),
+        target: Default::default(),
+    });
+    let uuid = uuid::Uuid::new_v4();
+    let kids = children(&engine, "d");
+    // The first create is still reading its children's records when the second comes.
+    engine
+        .inject_fault(
+            "nqn.2026-11.io.keelson:replica-d-1",
+            1,
+            Some(FaultPlan {
+                latency: Some(Duration::from_millis(200)),
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+    let options = NexusOptions {
+        reservation: Some(ReservationKeys { key: 1, preempt: 0 }),
+        ..Default::default()
+    };
+    let (a, b) = tokio::join!(
+        engine.create_nexus(uuid, &kids, options.clone()),
+        engine.create_nexus(uuid, &kids, options)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(Arc::ptr_eq(&a, &b), "two nexuses made");
+    assert_eq!(engine.nexuses().len(), 1);
 }

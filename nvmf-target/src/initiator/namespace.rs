@@ -34,6 +34,8 @@ struct Shared {
     stop: CancellationToken,
     /// Controllers lost (each then reconnected, or tried to).
     losses: AtomicU64,
+    /// The key of the Write Exclusive reservation taken again through each reconnected controller (0: none).
+    hold_key: AtomicU64,
 }
 
 pub struct RemoteNamespace {
@@ -109,6 +111,7 @@ impl RemoteNamespace {
             current,
             next_queue: AtomicUsize::new(0),
             losses: AtomicU64::new(0),
+            hold_key: AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         tokio::spawn(supervise(shared.clone()));
@@ -123,6 +126,15 @@ impl RemoteNamespace {
 
     pub fn nsid(&self) -> u32 {
         self.shared.nsid
+    }
+
+    /// From now on, each reconnected controller first takes the Write Exclusive reservation again under `key`
+    /// (this host holds it already: nothing changes but the target's fence), before it serves I/O. The target then
+    /// waits for the writes it admitted from the lost controller, and on a single-path subsystem (a replica's) ends
+    /// that controller, so that none of its writes still on the way lands after the new controller's. Preempted
+    /// meanwhile, the new controller serves all the same, and its writes get the conflict.
+    pub fn hold_write_exclusive(&self, key: u64) {
+        self.shared.hold_key.store(key, Ordering::Release);
     }
 
     /// Largest I/O sent as one command.
@@ -230,9 +242,15 @@ async fn supervise(shared: Arc<Shared>) {
             }
             match Controller::connect(&shared.opts).await {
                 Ok(c) if !c.io_queues().is_empty() => {
-                    tracing::info!(addr = %shared.opts.addr, "reconnected");
-                    shared.current.send_replace(Some(Arc::new(c)));
-                    break;
+                    let key = shared.hold_key.load(Ordering::Acquire);
+                    if let Err(e) = super::reservation::hold_again(&c, shared.nsid, key).await {
+                        tracing::warn!(addr = %shared.opts.addr, error = %e, "reconnected, but the reservation was not taken again; reconnecting");
+                        c.shutdown().await;
+                    } else {
+                        tracing::info!(addr = %shared.opts.addr, "reconnected");
+                        shared.current.send_replace(Some(Arc::new(c)));
+                        break;
+                    }
                 }
                 Ok(_) => tracing::warn!("reconnected without I/O queues"),
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),

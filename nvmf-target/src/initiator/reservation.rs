@@ -3,9 +3,12 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::InitiatorError;
+use super::controller::Controller;
 use super::namespace::RemoteNamespace;
 use crate::block::BlockError;
 use crate::protocol::command::{Sqe, io, resv};
+use crate::protocol::status::Status;
 
 /// Registrants and holder as a Reservation Report shows them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,6 +26,32 @@ fn keys(a: u64, b: Option<u64>) -> Bytes {
         d.put_u64_le(b);
     }
     d.freeze()
+}
+
+/// Takes the Write Exclusive reservation again under `key` (0: none to take) through a reconnected controller,
+/// before it serves I/O ([`RemoteNamespace::hold_write_exclusive`]). A conflict (preempted meanwhile) is no error:
+/// the controller serves, and its writes get the conflict.
+pub(super) async fn hold_again(
+    ctrl: &Controller,
+    nsid: u32,
+    key: u64,
+) -> Result<(), InitiatorError> {
+    if key == 0 {
+        return Ok(());
+    }
+    let mut sqe = Sqe::new(io::RESERVATION_ACQUIRE, nsid);
+    sqe.set_cdw(
+        10,
+        u32::from(resv::ACQUIRE) | (u32::from(resv::WRITE_EXCLUSIVE) << 8),
+    );
+    match ctrl.io_queues()[0]
+        .submit(sqe, Some(keys(key, Some(0))))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(InitiatorError::Status(s)) if s == Status::RESERVATION_CONFLICT => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 impl RemoteNamespace {

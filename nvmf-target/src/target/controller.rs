@@ -122,7 +122,7 @@ impl Controller {
             tracing::info!(cntlid = self.cntlid, subnqn = %self.subsystem.nqn, host = %self.hostnqn, reason, "controller removed");
         }
         self.cancel.cancel();
-        self.subsystem.remove_controller(self.cntlid);
+        self.subsystem.remove_controller(self);
     }
 
     /// Records host activity (keep-alive, or any command: traffic-based keep-alive).

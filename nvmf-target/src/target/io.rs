@@ -169,7 +169,12 @@ async fn durable(ctrl: &Controller, ns: &Namespace, sqe: &Sqe) -> Result<(), (Bl
     }
 }
 
-async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -> Response {
+pub(super) async fn run(
+    ctrl: Arc<Controller>,
+    ns: Arc<Namespace>,
+    sqe: Sqe,
+    data: Bytes,
+) -> Response {
     let cid = sqe.cid();
     // Checked at admission already; checked again under the reservations' fence, held until the command ends, so
     // that a reservation change made meanwhile either waits for this command or refuses it.
@@ -180,6 +185,12 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
                 .admit_change(uuid::Uuid::from_bytes(ctrl.hostid))
                 .await
             {
+                // A controller ended meanwhile (its host went away, or changed its reservation through a newer
+                // controller of a single-path subsystem) changes nothing more: checked under the fence, so a
+                // change that ended it first either waits for this command or sees it refused.
+                Ok(_) if ctrl.cancel.is_cancelled() => {
+                    return Response::status(cid, Status::ABORTED_SQ_DELETION);
+                }
                 Ok(g) => Some(g),
                 Err(st) => return Response::status(cid, st),
             }
@@ -247,8 +258,7 @@ async fn run(ctrl: Arc<Controller>, ns: Arc<Namespace>, sqe: Sqe, data: Bytes) -
             };
         }
         io::RESERVATION_REGISTER | io::RESERVATION_ACQUIRE | io::RESERVATION_RELEASE => {
-            let host = uuid::Uuid::from_bytes(ctrl.hostid);
-            return match reservation(&ns, host, &sqe, data).await {
+            return match reservation(&ctrl, &ns, &sqe, data).await {
                 Ok(()) => Response::ok(cid),
                 Err(st) => Response::status(cid, st),
             };
@@ -296,11 +306,12 @@ async fn allocated(ns: &Namespace, sqe: &Sqe) -> Result<Bytes, Status> {
 
 /// Reservation Register, Acquire and Release: keys from the data, action, IEKEY and type from CDW10.
 async fn reservation(
+    ctrl: &Controller,
     ns: &Namespace,
-    host: uuid::Uuid,
     sqe: &Sqe,
     mut data: Bytes,
 ) -> Result<(), Status> {
+    let host = uuid::Uuid::from_bytes(ctrl.hostid);
     let cdw10 = sqe.cdw(10);
     let action = (cdw10 & 0x7) as u8;
     let iekey = cdw10 & (1 << 3) != 0;
@@ -315,23 +326,39 @@ async fn reservation(
         0
     };
     let r = &ns.reservations;
+    // In turn with other changes, before this one takes the fence: an ended controller changes nothing (two
+    // controllers of a host changing at once would otherwise end each other); on a single-path subsystem the host's
+    // other controllers end, their commands not admitted yet are refused and those admitted waited for.
+    let through = || {
+        if ctrl.cancel.is_cancelled() {
+            return Err(Status::ABORTED_SQ_DELETION);
+        }
+        if ctrl.subsystem.single_path {
+            ctrl.subsystem.end_other_controllers_of_host(ctrl);
+        }
+        Ok(())
+    };
     // Each change waits for the commands that changed the namespace before it, and for the disk to end what they
     // handed it: a preempted host's writes are all in or all refused.
     let settled = ns.device.settle();
     let result = match sqe.opcode() {
         io::RESERVATION_REGISTER => {
-            r.change_settled(settled, |s| s.register(host, action, iekey, crkey, second))
-                .await
+            r.change_through(through, settled, |s| {
+                s.register(host, action, iekey, crkey, second)
+            })
+            .await
         }
         io::RESERVATION_ACQUIRE => {
-            r.change_settled(settled, |s| {
+            r.change_through(through, settled, |s| {
                 s.acquire(host, action, iekey, crkey, second, rtype)
             })
             .await
         }
         _ => {
-            r.change_settled(settled, |s| s.release(host, action, iekey, crkey, rtype))
-                .await
+            r.change_through(through, settled, |s| {
+                s.release(host, action, iekey, crkey, rtype)
+            })
+            .await
         }
     };
     tracing::debug!(nsid = ns.nsid, %host, opcode = sqe.opcode(), action, ?result, "reservation command");

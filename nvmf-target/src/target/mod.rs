@@ -13,6 +13,8 @@ mod discovery;
 mod fabrics;
 mod inflight;
 mod io;
+#[cfg(test)]
+mod io_tests;
 mod listener;
 pub mod reservation;
 mod response;
@@ -181,6 +183,14 @@ pub struct SubsystemSpec {
     pub model: String,
     pub allow_any_host: bool,
     pub allowed_hosts: Vec<String>,
+    /// A host reaches this subsystem through one controller at a time: a reservation change through a controller
+    /// first ends the host's other controllers of it, whose commands not yet admitted are then refused. For a
+    /// replica, whose one host is a nexus with one controller to it, and a second only when it replaces the first:
+    /// a controller the nexus gave up on (a connection lost, or stalled past its I/O timeout while its keep-alives
+    /// passed) may still hold writes on their way, and none may land once the nexus has opened the replica again
+    /// (a rejoin, or its initiator's reconnect, each taking the reservation again) and writes over them.
+    /// Not for a volume's subsystem, whose Linux hosts keep a controller per path.
+    pub single_path: bool,
 }
 
 /// The NVMe/TCP target of one node.
@@ -205,6 +215,7 @@ impl Target {
             "Keelson discovery".into(),
             SubsystemKind::Discovery,
             true,
+            false,
         ));
         Target {
             shared: Arc::new(Shared {
@@ -337,6 +348,7 @@ impl Target {
                 && s.model == model
                 && s.allow_any_host() == spec.allow_any_host
                 && s.allowed_hosts() == hosts
+                && s.single_path == spec.single_path
             {
                 return Ok(s.clone());
             }
@@ -351,6 +363,7 @@ impl Target {
             model,
             SubsystemKind::Nvm,
             spec.allow_any_host,
+            spec.single_path,
         ));
         for h in &spec.allowed_hosts {
             s.allow_host(h);

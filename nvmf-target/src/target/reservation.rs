@@ -521,7 +521,21 @@ impl Reservations {
         settled: impl std::future::Future<Output = ()>,
         f: impl FnOnce(&mut ReservationState) -> Result<(), Status>,
     ) -> Result<(), Status> {
+        self.change_through(|| Ok(()), settled, f).await
+    }
+
+    /// [`Self::change_settled`] for a command of a controller: `through` runs first, in turn with the other
+    /// changes and before the fence is taken. It refuses the change of a controller that has ended, and may end
+    /// others (a single-path subsystem's older controllers of the host), whose commands not admitted yet are then
+    /// refused and those admitted waited for.
+    pub async fn change_through(
+        &self,
+        through: impl FnOnce() -> Result<(), Status>,
+        settled: impl std::future::Future<Output = ()>,
+        f: impl FnOnce(&mut ReservationState) -> Result<(), Status>,
+    ) -> Result<(), Status> {
         let _serial = self.change.lock().await;
+        through()?;
         let mut next = self.state();
         f(&mut next)?;
         let unchanged = next == self.state();

@@ -50,6 +50,8 @@ pub struct Subsystem {
     pub serial: String,
     pub model: String,
     pub kind: SubsystemKind,
+    /// A host's reservation change through one of its controllers ends its others (`SubsystemSpec::single_path`).
+    pub single_path: bool,
     config: RwLock<Config>,
     controllers: Mutex<BTreeMap<u16, Arc<Controller>>>,
 }
@@ -61,12 +63,14 @@ impl Subsystem {
         model: String,
         kind: SubsystemKind,
         allow_any_host: bool,
+        single_path: bool,
     ) -> Subsystem {
         Subsystem {
             nqn,
             serial,
             model,
             kind,
+            single_path,
             config: RwLock::new(Config {
                 namespaces: BTreeMap::new(),
                 allowed_hosts: BTreeSet::new(),
@@ -214,6 +218,18 @@ impl Subsystem {
         }
     }
 
+    /// Ends every controller of `ctrl`'s host but `ctrl` (a reservation change through it on a single-path
+    /// subsystem): their connections close, and their commands not admitted yet are refused.
+    pub fn end_other_controllers_of_host(&self, ctrl: &Controller) {
+        for c in self
+            .controllers()
+            .into_iter()
+            .filter(|c| c.hostid == ctrl.hostid && c.cntlid != ctrl.cntlid)
+        {
+            c.shutdown("its host changed the reservation through a newer controller");
+        }
+    }
+
     pub fn allowed_hosts(&self) -> Vec<String> {
         self.cfg().allowed_hosts.iter().cloned().collect()
     }
@@ -247,8 +263,15 @@ impl Subsystem {
         Some(c)
     }
 
-    pub fn remove_controller(&self, cntlid: u16) {
-        self.ctrls().remove(&cntlid);
+    /// Forgets `ctrl`; not another controller given its ID since (an ended controller's queues end later).
+    pub fn remove_controller(&self, ctrl: &Controller) {
+        let mut ctrls = self.ctrls();
+        if ctrls
+            .get(&ctrl.cntlid)
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), ctrl))
+        {
+            ctrls.remove(&ctrl.cntlid);
+        }
     }
 }
 

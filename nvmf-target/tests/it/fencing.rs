@@ -312,3 +312,138 @@ async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
     assert_eq!(c.status, Status::RESERVATION_CONFLICT);
     assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
 }
+
+/// A write of an older controller of the host holding the reservation, whose data comes after the host took its
+/// reservation again through a newer controller (a nexus rejoining a replica it gave up on, before rebuilding it):
+/// refused, and the host's newer write stays. On a single-path subsystem, as a replica's.
+#[tokio::test]
+async fn a_write_of_a_controller_its_host_left_behind_is_refused_once_it_reserved_through_a_newer_one()
+ {
+    use bytes::{BufMut, Bytes, BytesMut};
+    use nvmf_target::protocol::command::{Sgl, Sqe, io};
+    use nvmf_target::protocol::pdu::{DataPdu, Pdu};
+    use nvmf_target::protocol::status::Status;
+
+    use crate::harness::{HOSTID, NQN, Raw, Recv, single_path_target};
+
+    let t = single_path_target().await;
+    let ns = t.target.subsystem(NQN).unwrap().namespace(1).unwrap();
+    let host = uuid::Uuid::from_bytes(HOSTID);
+    ns.reservations
+        .change(|s| {
+            s.register(host, resv::REGISTER, false, 0, 1)?;
+            s.acquire(host, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
+        })
+        .await
+        .unwrap();
+    let (mut old_admin, old_id) = Raw::admin(t.addr, 0).await;
+    let mut old = Raw::io(t.addr, &mut old_admin, old_id).await;
+    let r2t = old.write_awaiting_data(4, 1 << 20).await;
+
+    // The same host connects again and takes its reservation again there (nothing changes but the fence).
+    let (mut admin, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut admin, id).await;
+    let mut acquire = Sqe::new(io::RESERVATION_ACQUIRE, 1);
+    acquire.set_cdw(
+        10,
+        u32::from(resv::ACQUIRE) | (u32::from(resv::WRITE_EXCLUSIVE) << 8),
+    );
+    acquire.set_sgl(Sgl::in_capsule(16));
+    let mut keys = BytesMut::new();
+    keys.put_u64_le(1);
+    keys.put_u64_le(0);
+    let c = q.cmd(acquire, keys.freeze()).await;
+    assert!(c.status.is_success(), "acquire: {}", c.status);
+    let newer = Bytes::from(vec![7u8; 1 << 20]);
+    ns.device.write(0, newer.clone()).await.unwrap();
+
+    // The old controller's data arrives: its write is refused, or its connection was closed before it was read.
+    let sent = old
+        .try_send(Pdu::H2CData(DataPdu {
+            cccid: 4,
+            ttag: r2t.ttag,
+            offset: 0,
+            data: Bytes::from(vec![3u8; 1 << 20]),
+            last: true,
+            success: false,
+        }))
+        .await;
+    if sent.is_ok() {
+        match old.recv().await {
+            Recv::Pdu(Pdu::CapsuleResp(c)) => assert_eq!(c.status, Status::ABORTED_SQ_DELETION),
+            Recv::Closed | Recv::Error(_) => {}
+            Recv::Pdu(p) => panic!("unexpected {p:?}"),
+        }
+    }
+    assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
+    // The newer controller still works.
+    let w = Sqe::rw(io::WRITE, 1, 0, 8, 4096, true);
+    let c = q.cmd(w, Bytes::from(vec![9u8; 4096])).await;
+    assert!(c.status.is_success(), "write: {}", c.status);
+}
+
+/// The initiator reconnects by itself (a nexus goes on with reconnected children when all lost their connections
+/// at once): the reconnected controller takes the reservation again before serving, which ends the controller it
+/// replaces on a single-path subsystem. A write of that older controller whose data comes after is refused, and
+/// the newer write stays.
+#[tokio::test]
+async fn a_reconnect_ends_the_controller_it_replaces_before_serving() {
+    use bytes::Bytes;
+    use nvmf_target::protocol::pdu::{DataPdu, Pdu};
+    use nvmf_target::protocol::status::Status;
+
+    use crate::harness::{HOST, HOSTID, NQN, Raw, Recv, single_path_target};
+
+    let t = single_path_target().await;
+    let sub = t.target.subsystem(NQN).unwrap();
+    let ns = sub.namespace(1).unwrap();
+    let host = uuid::Uuid::from_bytes(HOSTID);
+    ns.reservations
+        .change(|s| {
+            s.register(host, resv::REGISTER, false, 0, 1)?;
+            s.acquire(host, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
+        })
+        .await
+        .unwrap();
+    // A controller the host gave up on, its write's data still on the way.
+    let (mut old_admin, old_id) = Raw::admin(t.addr, 0).await;
+    let mut old = Raw::io(t.addr, &mut old_admin, old_id).await;
+    let r2t = old.write_awaiting_data(4, 1 << 20).await;
+
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.hostnqn = HOST.into();
+    o.hostid = HOSTID;
+    let remote = RemoteNamespace::connect(o, 1).await.unwrap();
+    remote.hold_write_exclusive(1);
+    // Its connection is lost: the target ends its controller, and it reconnects.
+    for c in sub.controllers().into_iter().filter(|c| c.cntlid != old_id) {
+        c.shutdown("test: the connection is lost");
+    }
+    let newer = Bytes::from(vec![7u8; 1 << 20]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while remote.connection_losses() == 0 || !remote.is_connected() {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    remote.write(0, newer.clone()).await.unwrap();
+
+    let sent = old
+        .try_send(Pdu::H2CData(DataPdu {
+            cccid: 4,
+            ttag: r2t.ttag,
+            offset: 0,
+            data: Bytes::from(vec![3u8; 1 << 20]),
+            last: true,
+            success: false,
+        }))
+        .await;
+    if sent.is_ok() {
+        match old.recv().await {
+            Recv::Pdu(Pdu::CapsuleResp(c)) => assert_eq!(c.status, Status::ABORTED_SQ_DELETION),
+            Recv::Closed | Recv::Error(_) => {}
+            Recv::Pdu(p) => panic!("unexpected {p:?}"),
+        }
+    }
+    assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
+    remote.close().await;
+}

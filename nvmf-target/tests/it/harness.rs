@@ -32,6 +32,15 @@ pub struct TestTarget {
 
 /// A target on 127.0.0.1:<ephemeral> with one 64 MiB memory namespace (NSID 1). `hosts` empty = any host.
 pub async fn target_with(hosts: &[&str], config: TargetConfig) -> TestTarget {
+    target_made(hosts, config, false).await
+}
+
+/// [`target`] whose subsystem is single-path, as a replica's (`SubsystemSpec::single_path`).
+pub async fn single_path_target() -> TestTarget {
+    target_made(&[], TargetConfig::default(), true).await
+}
+
+async fn target_made(hosts: &[&str], config: TargetConfig, single_path: bool) -> TestTarget {
     let target = Target::new(config);
     let l = target
         .add_listener("127.0.0.1:0".parse().unwrap(), 0)
@@ -44,6 +53,7 @@ pub async fn target_with(hosts: &[&str], config: TargetConfig) -> TestTarget {
             model: String::new(),
             allow_any_host: hosts.is_empty(),
             allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            single_path,
         })
         .unwrap();
     let dev = Arc::new(MemoryDevice::new(NS_SIZE, 512));
@@ -104,12 +114,18 @@ impl Raw {
     }
 
     pub async fn send(&mut self, pdu: Pdu) {
+        self.try_send(pdu).await.unwrap();
+    }
+
+    /// [`Raw::send`] to a target that may have closed the connection.
+    pub async fn try_send(&mut self, pdu: Pdu) -> std::io::Result<()> {
         let mut parts = Vec::new();
         self.codec
             .encode_parts(&pdu, &mut BytesMut::new(), &mut parts);
         for p in parts {
-            self.wr.write_all(&p).await.unwrap();
+            self.wr.write_all(&p).await?;
         }
+        Ok(())
     }
 
     pub async fn send_bytes(&mut self, b: &[u8]) {

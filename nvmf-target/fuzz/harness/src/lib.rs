@@ -121,6 +121,7 @@ pub async fn start_target() -> (Target, SocketAddr) {
             model: String::new(),
             allow_any_host: true,
             allowed_hosts: Vec::new(),
+            single_path: false,
         })
         .expect("subsystem");
     let ram = Arc::new(MemoryDevice::new(16 << 20, 512));
