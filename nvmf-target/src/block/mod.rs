@@ -138,6 +138,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// operations end with their futures has nothing to wait for; a wrapper passes the call down.
     async fn settle(&self) {}
 
+    /// Stops what the device does on its own before it is let go (a remote one: its reconnects, which take its
+    /// reservation again and would end a newer connection of the same host), and waits until it has. A device
+    /// doing nothing on its own has nothing to stop.
+    async fn close(&self) {}
+
     /// How many times the device lost its connection since it was opened (a remote one reconnects by itself).
     /// Writes it had not flushed may have gone with the connection: its target may have lost power. A local
     /// device never does (0).

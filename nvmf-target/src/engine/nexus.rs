@@ -184,6 +184,15 @@ impl Engine {
         // side, each would end the other's connections to them (a replica's subsystem is single-path) and run
         // rebuilds beside the other's writes.
         let _changing = self.inner.changing.claim(uuid).await;
+        if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(EngineError::FailedPrecondition(format!(
+                "nexus {uuid}: the engine is shutting down"
+            )));
+        }
         if let Some((n, _)) = self.nexus(&uuid) {
             let mut have: Vec<String> = n.children().into_iter().map(|c| c.name).collect();
             let mut want = children.to_vec();
@@ -394,6 +403,13 @@ impl Engine {
             .iter()
             .find(|n| n.uuid == *uuid)
             .and_then(|n| n.reservation);
+        if existing.is_some()
+            && let Some(old) = nexus.child_device(uri)
+        {
+            // The faulted child's device still reconnects by itself, each time taking the reservation again: done
+            // while the new one takes it, that would end the new one's connection.
+            old.close().await;
+        }
         let dev = self
             .open_child(uri, nexus.config().io_timeout, keys)
             .await?;

@@ -36,6 +36,8 @@ struct Shared {
     losses: AtomicU64,
     /// The key of the Write Exclusive reservation taken again through each reconnected controller (0: none).
     hold_key: AtomicU64,
+    /// Cancelled when the supervisor has returned.
+    supervisor_done: CancellationToken,
 }
 
 pub struct RemoteNamespace {
@@ -112,6 +114,7 @@ impl RemoteNamespace {
             next_queue: AtomicUsize::new(0),
             losses: AtomicU64::new(0),
             hold_key: AtomicU64::new(0),
+            supervisor_done: CancellationToken::new(),
             stop: CancellationToken::new(),
         });
         tokio::spawn(supervise(shared.clone()));
@@ -151,13 +154,15 @@ impl RemoteNamespace {
             .is_some_and(|c| !c.is_failed())
     }
 
-    /// Disconnects and stops reconnecting.
+    /// Disconnects and stops reconnecting. Returns once the supervisor has returned: a reconnect under way has
+    /// ended, its controller shut down unused, and what it asked the target (taking the reservation again) done.
     pub async fn close(&self) {
         self.shared.stop.cancel();
         let c = self.shared.current.send_replace(None);
         if let Some(c) = c {
             c.shutdown().await;
         }
+        self.shared.supervisor_done.cancelled().await;
     }
 
     async fn controller(&self) -> Result<Arc<Controller>, BlockError> {
@@ -223,6 +228,7 @@ impl RemoteNamespace {
 }
 
 async fn supervise(shared: Arc<Shared>) {
+    let _done = shared.supervisor_done.clone().drop_guard();
     loop {
         let failed = match shared.current.borrow().as_ref() {
             Some(c) => c.failed(),
@@ -240,15 +246,33 @@ async fn supervise(shared: Arc<Shared>) {
                 _ = shared.stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            match Controller::connect(&shared.opts).await {
+            let connected = tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                c = Controller::connect(&shared.opts) => c,
+            };
+            match connected {
                 Ok(c) if !c.io_queues().is_empty() => {
+                    // Not cut short by a close: the target carries out an acquire it was sent all the same, and a
+                    // close waits for it, so that nothing its caller does next comes before it.
                     let key = shared.hold_key.load(Ordering::Acquire);
                     if let Err(e) = super::reservation::hold_again(&c, shared.nsid, key).await {
                         tracing::warn!(addr = %shared.opts.addr, error = %e, "reconnected, but the reservation was not taken again; reconnecting");
                         c.shutdown().await;
                     } else {
+                        let c = Arc::new(c);
+                        // Published only while not closed (a close cancels `stop` before it takes the controller).
+                        let published = shared.current.send_if_modified(|cur| {
+                            if shared.stop.is_cancelled() {
+                                return false;
+                            }
+                            *cur = Some(c.clone());
+                            true
+                        });
+                        if !published {
+                            c.shutdown().await;
+                            return;
+                        }
                         tracing::info!(addr = %shared.opts.addr, "reconnected");
-                        shared.current.send_replace(Some(Arc::new(c)));
                         break;
                     }
                 }
@@ -392,6 +416,10 @@ impl BlockDevice for RemoteNamespace {
 
     fn connection_losses(&self) -> u64 {
         self.shared.losses.load(Ordering::Acquire)
+    }
+
+    async fn close(&self) {
+        RemoteNamespace::close(self).await
     }
 
     async fn note_missed(&self, missed: &MissedWrites) -> Result<(), BlockError> {

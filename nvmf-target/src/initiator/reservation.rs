@@ -29,8 +29,10 @@ fn keys(a: u64, b: Option<u64>) -> Bytes {
 }
 
 /// Takes the Write Exclusive reservation again under `key` (0: none to take) through a reconnected controller,
-/// before it serves I/O ([`RemoteNamespace::hold_write_exclusive`]). A conflict (preempted meanwhile) is no error:
-/// the controller serves, and its writes get the conflict.
+/// before it serves I/O ([`RemoteNamespace::hold_write_exclusive`]). An error is one worth reconnecting for: the
+/// connection went, or the target waited too long for the commands admitted before (Namespace Not Ready). Any other
+/// refusal (a conflict: preempted meanwhile; the path inaccessible; ...) lets the controller serve all the same,
+/// and its commands get that refusal.
 pub(super) async fn hold_again(
     ctrl: &Controller,
     nsid: u32,
@@ -49,7 +51,15 @@ pub(super) async fn hold_again(
         .await
     {
         Ok(_) => Ok(()),
-        Err(InitiatorError::Status(s)) if s == Status::RESERVATION_CONFLICT => Ok(()),
+        Err(InitiatorError::Status(s)) if s == Status::NAMESPACE_NOT_READY => {
+            Err(InitiatorError::Status(s))
+        }
+        Err(InitiatorError::Status(s)) => {
+            if s != Status::RESERVATION_CONFLICT {
+                tracing::warn!(status = %s, "taking the reservation again after a reconnect was refused");
+            }
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }

@@ -259,6 +259,14 @@ impl Nexus {
         self.list().iter().map(|c| c.info()).collect()
     }
 
+    /// The device of child `name`, when there is one.
+    pub fn child_device(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
+        self.list()
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.device.clone())
+    }
+
     pub fn config(&self) -> &NexusConfig {
         &self.config
     }

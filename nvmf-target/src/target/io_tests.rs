@@ -164,3 +164,16 @@ async fn elsewhere_a_reservation_change_leaves_the_hosts_other_controllers() {
     assert_eq!(r.cqe.status, Status::SUCCESS);
     assert!(is_live(&s, &s.old) && is_live(&s, &s.new));
 }
+
+/// A reservation change the state refuses (a key the host does not hold) ends no one.
+#[tokio::test]
+async fn a_refused_reservation_change_ends_no_one() {
+    let s = setup(true).await;
+    let (sqe, _) = acquire(1);
+    let mut wrong = BytesMut::new();
+    wrong.put_u64_le(9);
+    wrong.put_u64_le(0);
+    let r = run(s.new.clone(), s.ns.clone(), sqe, wrong.freeze()).await;
+    assert_eq!(r.cqe.status, Status::RESERVATION_CONFLICT);
+    assert!(is_live(&s, &s.old) && is_live(&s, &s.new));
+}

@@ -524,10 +524,10 @@ impl Reservations {
         self.change_through(|| Ok(()), settled, f).await
     }
 
-    /// [`Self::change_settled`] for a command of a controller: `through` runs first, in turn with the other
-    /// changes and before the fence is taken. It refuses the change of a controller that has ended, and may end
-    /// others (a single-path subsystem's older controllers of the host), whose commands not admitted yet are then
-    /// refused and those admitted waited for.
+    /// [`Self::change_settled`] for a command of a controller: `through` runs once the change is found valid, in
+    /// turn with the other changes and before the fence is taken. It refuses the change of a controller that has
+    /// ended, and may end others (a single-path subsystem's older controllers of the host), whose commands not
+    /// admitted yet are then refused and those admitted waited for. A change refused as invalid ends no one.
     pub async fn change_through(
         &self,
         through: impl FnOnce() -> Result<(), Status>,
@@ -535,9 +535,9 @@ impl Reservations {
         f: impl FnOnce(&mut ReservationState) -> Result<(), Status>,
     ) -> Result<(), Status> {
         let _serial = self.change.lock().await;
-        through()?;
         let mut next = self.state();
         f(&mut next)?;
+        through()?;
         let unchanged = next == self.state();
         let fenced = async {
             let fence = self.fence.write().await;

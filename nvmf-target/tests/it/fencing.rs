@@ -447,3 +447,61 @@ async fn a_reconnect_ends_the_controller_it_replaces_before_serving() {
     assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
     remote.close().await;
 }
+
+/// A close while the initiator reconnects returns once the reconnect has ended: the reservation it was taking
+/// again has been taken (the target carries it out anyway, and it must not come after what the caller does next),
+/// and its controller is shut down unused.
+#[tokio::test]
+async fn a_close_during_a_reconnect_waits_for_it_and_leaves_no_controller_behind() {
+    use crate::harness::{HOST, HOSTID, NQN, single_path_target};
+
+    let t = single_path_target().await;
+    let sub = t.target.subsystem(NQN).unwrap();
+    let ns = sub.namespace(1).unwrap();
+    let host = uuid::Uuid::from_bytes(HOSTID);
+    ns.reservations
+        .change(|s| {
+            s.register(host, resv::REGISTER, false, 0, 1)?;
+            s.acquire(host, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
+        })
+        .await
+        .unwrap();
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.hostnqn = HOST.into();
+    o.hostid = HOSTID;
+    let remote = std::sync::Arc::new(RemoteNamespace::connect(o, 1).await.unwrap());
+    remote.hold_write_exclusive(1);
+
+    // Another change holds the namespace's reservations a while: the reconnect's acquire waits for it.
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let held = {
+        let (ns, release) = (ns.clone(), release.clone());
+        tokio::spawn(async move {
+            ns.reservations
+                .change_settled(release.notified(), |_| Ok(()))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for c in sub.controllers() {
+        c.shutdown("test: the connection is lost");
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(sub.controllers().len(), 1, "the reconnect's controller");
+
+    let closing = {
+        let remote = remote.clone();
+        tokio::spawn(async move { remote.close().await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!closing.is_finished(), "the close waits for the acquire under way");
+    release.notify_one();
+    held.await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), closing)
+        .await
+        .expect("the close returns once the acquire was answered")
+        .unwrap();
+    assert!(!remote.is_connected(), "nothing was published after the close");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(sub.controllers().is_empty(), "a controller stayed");
+}
