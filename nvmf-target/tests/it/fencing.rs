@@ -494,14 +494,20 @@ async fn a_close_during_a_reconnect_waits_for_it_and_leaves_no_controller_behind
         tokio::spawn(async move { remote.close().await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!closing.is_finished(), "the close waits for the acquire under way");
+    assert!(
+        !closing.is_finished(),
+        "the close waits for the acquire under way"
+    );
     release.notify_one();
     held.await.unwrap().unwrap();
     tokio::time::timeout(Duration::from_secs(5), closing)
         .await
         .expect("the close returns once the acquire was answered")
         .unwrap();
-    assert!(!remote.is_connected(), "nothing was published after the close");
+    assert!(
+        !remote.is_connected(),
+        "nothing was published after the close"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(sub.controllers().is_empty(), "a controller stayed");
 }
