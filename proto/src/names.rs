@@ -30,8 +30,42 @@ pub fn kernel_host_nqn(node: &str) -> String {
     format!("{NQN_PREFIX}host-{node}")
 }
 
-/// The topology key of a node: CSI's accessible topology, and a label every node carries for placement.
+/// The topology key of a node: CSI's accessible topology, and a label every node carries for placement. Its value
+/// is [`topology_node_value`].
 pub const TOPOLOGY_NODE_KEY: &str = "topology.keelson.io/node";
+
+/// The longest topology value CSI and Kubernetes labels allow.
+const TOPOLOGY_VALUE_MAX: usize = 63;
+
+/// The value of [`TOPOLOGY_NODE_KEY`] for `node`: its name when that is a valid topology value (CSI's, the same as a
+/// Kubernetes label value's: at most 63 characters of alphanumerics, `-`, `_` and `.`, beginning and ending with an
+/// alphanumeric); else the name's first characters (others made `-`), a `-` and 16 hex digits of a hash of the
+/// whole name. A node name may be up to 195 bytes (its host NQNs end there) and a Kubernetes node name 253: the
+/// kubelet could not label a node with its name as the value, and its node plugin would never register.
+pub fn topology_node_value(node: &str) -> String {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    if node.len() <= TOPOLOGY_VALUE_MAX
+        && node.chars().all(allowed)
+        && node.starts_with(alnum)
+        && node.ends_with(alnum)
+    {
+        return node.to_string();
+    }
+    let hash = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, node.as_bytes())
+        .simple()
+        .to_string();
+    let hash = &hash[..16];
+    let head: String = node
+        .chars()
+        .map(|c| if allowed(c) { c } else { '-' })
+        .take(TOPOLOGY_VALUE_MAX - 1 - hash.len())
+        .collect();
+    match head.trim_matches(|c: char| !alnum(c)) {
+        "" => hash.to_string(),
+        head => format!("{head}-{hash}"),
+    }
+}
 
 /// The child URI of a replica on the nexus's own node.
 pub fn local_child_uri(replica_uuid: &str) -> String {
@@ -81,5 +115,39 @@ mod tests {
             "as an IPv6 listener is written"
         );
         assert_eq!(target_address("trsvcid=4420"), "trsvcid=4420");
+    }
+
+    #[test]
+    fn a_node_name_no_topology_value_can_be_gets_a_valid_one_of_its_own() {
+        let valid = |v: &str| {
+            v.len() <= 63
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+        };
+        assert_eq!(topology_node_value("worker-7"), "worker-7");
+        let at_limit = "a".repeat(63);
+        assert_eq!(topology_node_value(&at_limit), at_limit);
+        // Kubernetes node names (DNS subdomains) past 63 characters, differing only at their ends.
+        let long = |end: &str| {
+            format!(
+                "{}.{end}",
+                "pool-a.rack-12.zone-b.example-cloud.internal".repeat(2)
+            )
+        };
+        let (a, b) = (
+            topology_node_value(&long("a")),
+            topology_node_value(&long("b")),
+        );
+        assert!(valid(&a) && valid(&b), "{a} {b}");
+        assert_ne!(a, b);
+        assert!(a.starts_with("pool-a.rack-12."), "{a}");
+        assert_eq!(a, topology_node_value(&long("a")), "the same on every call");
+        for odd in ["-x-", "node_", "nœud-1", "--", "."] {
+            let v = topology_node_value(odd);
+            assert!(valid(&v), "{odd:?}: {v}");
+        }
+        assert_ne!(topology_node_value("--"), topology_node_value("."));
     }
 }

@@ -314,7 +314,7 @@ impl Node for NodeService {
             accessible_topology: Some(Topology {
                 segments: [(
                     proto::names::TOPOLOGY_NODE_KEY.to_string(),
-                    self.node.clone(),
+                    proto::names::topology_node_value(&self.node),
                 )]
                 .into(),
             }),

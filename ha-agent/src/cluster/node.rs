@@ -124,11 +124,15 @@ pub struct NodeSpec {
 }
 
 impl NodeSpec {
-    /// What selectors and topology segments match: its labels, and `topology.keelson.io/node` = its name (the
-    /// topology key the CSI node plugin reports), which no label overrides.
+    /// What selectors and topology segments match: its labels, and `topology.keelson.io/node` = its name, or for a
+    /// name no topology value can be, one made from it (`proto::names::topology_node_value`, what the CSI node
+    /// plugin reports), which no label overrides.
     pub fn placement_labels(&self) -> std::collections::BTreeMap<String, String> {
         let mut l = self.labels.clone();
-        l.insert(proto::names::TOPOLOGY_NODE_KEY.into(), self.name.clone());
+        l.insert(
+            proto::names::TOPOLOGY_NODE_KEY.into(),
+            proto::names::topology_node_value(&self.name),
+        );
         l
     }
 }
