@@ -171,15 +171,6 @@ impl Engine {
                 "a nexus needs at least one child".into(),
             ));
         }
-        if self
-            .inner
-            .stopping
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
-            return Err(EngineError::FailedPrecondition(format!(
-                "nexus {uuid}: the engine is shutting down"
-            )));
-        }
         // A second create of the same nexus waits for the first, then finds it made: opening the children side by
         // side, each would end the other's connections to them (a replica's subsystem is single-path) and run
         // rebuilds beside the other's writes.

@@ -2,19 +2,26 @@
 //! .4 and its replacement B on .5. Once B has preempted A's key, none of A's writes lands on any replica, and the
 //! reservation survives a restart of a replica's io-engine. And per access class over NVMe/TCP: a fenced host
 //! changes nothing on a replica, not its data, nor its missed-writes records, nor its snapshots (the local path's
-//! twin is `engine::local`'s unit test).
+//! twin is `engine::local`'s unit test). And on a single-path subsystem (a replica's), a write of a controller its
+//! host left behind never lands after the host took its reservation again through a newer one (a rejoin, or the
+//! initiator's own reconnect).
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use nvmf_target::block::{BlockDevice, BlockError, MissedWrites};
 use nvmf_target::initiator::ConnectOptions;
 use nvmf_target::initiator::namespace::RemoteNamespace;
 use nvmf_target::protocol::command::resv;
+use nvmf_target::protocol::pdu::{Pdu, R2t};
+use nvmf_target::protocol::status::Status;
+use nvmf_target::target::subsystem::Namespace;
 use proto::engine as pb;
 use proto::engine::engine_client::EngineClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::harness::{HOST, HOSTID, NQN, Raw, Recv, single_path_target};
 use crate::pools::{PoolNode, disk, open_volume, pattern, publish, replica_nodes, replica_req};
 
 const MIB: u64 = 1 << 20;
@@ -267,26 +274,12 @@ async fn a_fenced_host_changes_nothing_on_a_replica_by_any_command_class() {
 /// preempted it: refused, and the newer host's write stays. (An old nexus paused between command and data.)
 #[tokio::test]
 async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
-    use bytes::Bytes;
-    use nvmf_target::protocol::pdu::{DataPdu, Pdu};
-    use nvmf_target::protocol::status::Status;
-
-    use crate::harness::{HOSTID, NQN, Raw, Recv, target};
-
-    let t = target().await;
+    let t = crate::harness::target().await;
     let ns = t.target.subsystem(NQN).unwrap().namespace(1).unwrap();
-    let (old, new) = (uuid::Uuid::from_bytes(HOSTID), uuid::Uuid::new_v4());
-    ns.reservations
-        .change(|s| {
-            s.register(old, resv::REGISTER, false, 0, 1)?;
-            s.acquire(old, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
-        })
-        .await
-        .unwrap();
-    let (mut admin, id) = Raw::admin(t.addr, 0).await;
-    let mut q = Raw::io(t.addr, &mut admin, id).await;
-    let r2t = q.write_awaiting_data(4, 1 << 20).await;
+    held_by_the_host(&ns, 1).await;
+    let (_admin, mut q, r2t) = left_behind(t.addr).await;
     // A newer nexus takes over and writes.
+    let new = uuid::Uuid::new_v4();
     ns.reservations
         .change(|s| {
             s.register(new, resv::REGISTER, false, 0, 2)?;
@@ -297,20 +290,53 @@ async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
     let newer = Bytes::from(vec![7u8; 1 << 20]);
     ns.device.write(0, newer.clone()).await.unwrap();
     // The old host's data arrives.
-    q.send(Pdu::H2CData(DataPdu {
-        cccid: 4,
-        ttag: r2t.ttag,
-        offset: 0,
-        data: Bytes::from(vec![3u8; 1 << 20]),
-        last: true,
-        success: false,
-    }))
-    .await;
+    q.send_data(&r2t, 3).await.unwrap();
     let Recv::Pdu(Pdu::CapsuleResp(c)) = q.recv().await else {
         panic!("expected the write's completion")
     };
     assert_eq!(c.status, Status::RESERVATION_CONFLICT);
     assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
+}
+
+/// Host [`HOSTID`] registers `key` and takes the Write Exclusive reservation of `ns`.
+async fn held_by_the_host(ns: &Namespace, key: u64) {
+    let host = uuid::Uuid::from_bytes(HOSTID);
+    ns.reservations
+        .change(|s| {
+            s.register(host, resv::REGISTER, false, 0, key)?;
+            s.acquire(host, resv::ACQUIRE, false, key, 0, resv::WRITE_EXCLUSIVE)
+        })
+        .await
+        .unwrap();
+}
+
+/// A controller of [`HOSTID`] the host gave up on, with a 1 MiB write at LBA 0 whose data it has not sent yet.
+async fn left_behind(addr: std::net::SocketAddr) -> (Raw, Raw, R2t) {
+    let (mut admin, id) = Raw::admin(addr, 0).await;
+    let mut q = Raw::io(addr, &mut admin, id).await;
+    let r2t = q.write_awaiting_data(4, 1 << 20).await;
+    (admin, q, r2t)
+}
+
+/// The data of the write [`left_behind`] arrives: the write is refused, or the connection was closed before it
+/// was read. Either way the namespace still holds `newer` at LBA 0.
+async fn its_late_data_is_refused(old: &mut Raw, r2t: &R2t, ns: &Namespace, newer: &Bytes) {
+    if old.send_data(r2t, 3).await.is_ok() {
+        match old.recv().await {
+            Recv::Pdu(Pdu::CapsuleResp(c)) => assert_eq!(c.status, Status::ABORTED_SQ_DELETION),
+            Recv::Closed | Recv::Error(_) => {}
+            Recv::Pdu(p) => panic!("unexpected {p:?}"),
+        }
+    }
+    assert_eq!(&ns.device.read(0, 1 << 20).await.unwrap(), newer);
+}
+
+/// A namespace initiator of host [`HOSTID`] to the harness's subsystem.
+fn host_options(addr: std::net::SocketAddr) -> ConnectOptions {
+    let mut o = ConnectOptions::new(addr, NQN);
+    o.hostnqn = HOST.into();
+    o.hostid = HOSTID;
+    o
 }
 
 /// A write of an older controller of the host holding the reservation, whose data comes after the host took its
@@ -319,67 +345,26 @@ async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
 #[tokio::test]
 async fn a_write_of_a_controller_its_host_left_behind_is_refused_once_it_reserved_through_a_newer_one()
  {
-    use bytes::{BufMut, Bytes, BytesMut};
-    use nvmf_target::protocol::command::{Sgl, Sqe, io};
-    use nvmf_target::protocol::pdu::{DataPdu, Pdu};
-    use nvmf_target::protocol::status::Status;
-
-    use crate::harness::{HOSTID, NQN, Raw, Recv, single_path_target};
-
     let t = single_path_target().await;
     let ns = t.target.subsystem(NQN).unwrap().namespace(1).unwrap();
-    let host = uuid::Uuid::from_bytes(HOSTID);
-    ns.reservations
-        .change(|s| {
-            s.register(host, resv::REGISTER, false, 0, 1)?;
-            s.acquire(host, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
-        })
-        .await
-        .unwrap();
-    let (mut old_admin, old_id) = Raw::admin(t.addr, 0).await;
-    let mut old = Raw::io(t.addr, &mut old_admin, old_id).await;
-    let r2t = old.write_awaiting_data(4, 1 << 20).await;
+    held_by_the_host(&ns, 1).await;
+    let (_old_admin, mut old, r2t) = left_behind(t.addr).await;
 
     // The same host connects again and takes its reservation again there (nothing changes but the fence).
-    let (mut admin, id) = Raw::admin(t.addr, 0).await;
-    let mut q = Raw::io(t.addr, &mut admin, id).await;
-    let mut acquire = Sqe::new(io::RESERVATION_ACQUIRE, 1);
-    acquire.set_cdw(
-        10,
-        u32::from(resv::ACQUIRE) | (u32::from(resv::WRITE_EXCLUSIVE) << 8),
-    );
-    acquire.set_sgl(Sgl::in_capsule(16));
-    let mut keys = BytesMut::new();
-    keys.put_u64_le(1);
-    keys.put_u64_le(0);
-    let c = q.cmd(acquire, keys.freeze()).await;
-    assert!(c.status.is_success(), "acquire: {}", c.status);
+    let remote = RemoteNamespace::connect(host_options(t.addr), 1)
+        .await
+        .unwrap();
+    remote
+        .acquire(resv::ACQUIRE, 1, 0, resv::WRITE_EXCLUSIVE)
+        .await
+        .unwrap();
     let newer = Bytes::from(vec![7u8; 1 << 20]);
-    ns.device.write(0, newer.clone()).await.unwrap();
+    remote.write(0, newer.clone()).await.unwrap();
 
-    // The old controller's data arrives: its write is refused, or its connection was closed before it was read.
-    let sent = old
-        .try_send(Pdu::H2CData(DataPdu {
-            cccid: 4,
-            ttag: r2t.ttag,
-            offset: 0,
-            data: Bytes::from(vec![3u8; 1 << 20]),
-            last: true,
-            success: false,
-        }))
-        .await;
-    if sent.is_ok() {
-        match old.recv().await {
-            Recv::Pdu(Pdu::CapsuleResp(c)) => assert_eq!(c.status, Status::ABORTED_SQ_DELETION),
-            Recv::Closed | Recv::Error(_) => {}
-            Recv::Pdu(p) => panic!("unexpected {p:?}"),
-        }
-    }
-    assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
+    its_late_data_is_refused(&mut old, &r2t, &ns, &newer).await;
     // The newer controller still works.
-    let w = Sqe::rw(io::WRITE, 1, 0, 8, 4096, true);
-    let c = q.cmd(w, Bytes::from(vec![9u8; 4096])).await;
-    assert!(c.status.is_success(), "write: {}", c.status);
+    remote.write(0, newer.clone()).await.unwrap();
+    remote.close().await;
 }
 
 /// The initiator reconnects by itself (a nexus goes on with reconnected children when all lost their connections
@@ -388,63 +373,30 @@ async fn a_write_of_a_controller_its_host_left_behind_is_refused_once_it_reserve
 /// the newer write stays.
 #[tokio::test]
 async fn a_reconnect_ends_the_controller_it_replaces_before_serving() {
-    use bytes::Bytes;
-    use nvmf_target::protocol::pdu::{DataPdu, Pdu};
-    use nvmf_target::protocol::status::Status;
-
-    use crate::harness::{HOST, HOSTID, NQN, Raw, Recv, single_path_target};
-
     let t = single_path_target().await;
     let sub = t.target.subsystem(NQN).unwrap();
     let ns = sub.namespace(1).unwrap();
-    let host = uuid::Uuid::from_bytes(HOSTID);
-    ns.reservations
-        .change(|s| {
-            s.register(host, resv::REGISTER, false, 0, 1)?;
-            s.acquire(host, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
-        })
+    held_by_the_host(&ns, 1).await;
+    let (_old_admin, mut old, r2t) = left_behind(t.addr).await;
+    let old_id = sub.controllers()[0].cntlid;
+
+    let remote = RemoteNamespace::connect(host_options(t.addr), 1)
         .await
         .unwrap();
-    // A controller the host gave up on, its write's data still on the way.
-    let (mut old_admin, old_id) = Raw::admin(t.addr, 0).await;
-    let mut old = Raw::io(t.addr, &mut old_admin, old_id).await;
-    let r2t = old.write_awaiting_data(4, 1 << 20).await;
-
-    let mut o = ConnectOptions::new(t.addr, NQN);
-    o.hostnqn = HOST.into();
-    o.hostid = HOSTID;
-    let remote = RemoteNamespace::connect(o, 1).await.unwrap();
     remote.hold_write_exclusive(1);
     // Its connection is lost: the target ends its controller, and it reconnects.
     for c in sub.controllers().into_iter().filter(|c| c.cntlid != old_id) {
         c.shutdown("test: the connection is lost");
     }
-    let newer = Bytes::from(vec![7u8; 1 << 20]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while remote.connection_losses() == 0 || !remote.is_connected() {
         assert!(std::time::Instant::now() < deadline, "never reconnected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let newer = Bytes::from(vec![7u8; 1 << 20]);
     remote.write(0, newer.clone()).await.unwrap();
 
-    let sent = old
-        .try_send(Pdu::H2CData(DataPdu {
-            cccid: 4,
-            ttag: r2t.ttag,
-            offset: 0,
-            data: Bytes::from(vec![3u8; 1 << 20]),
-            last: true,
-            success: false,
-        }))
-        .await;
-    if sent.is_ok() {
-        match old.recv().await {
-            Recv::Pdu(Pdu::CapsuleResp(c)) => assert_eq!(c.status, Status::ABORTED_SQ_DELETION),
-            Recv::Closed | Recv::Error(_) => {}
-            Recv::Pdu(p) => panic!("unexpected {p:?}"),
-        }
-    }
-    assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
+    its_late_data_is_refused(&mut old, &r2t, &ns, &newer).await;
     remote.close().await;
 }
 
@@ -453,23 +405,15 @@ async fn a_reconnect_ends_the_controller_it_replaces_before_serving() {
 /// and its controller is shut down unused.
 #[tokio::test]
 async fn a_close_during_a_reconnect_waits_for_it_and_leaves_no_controller_behind() {
-    use crate::harness::{HOST, HOSTID, NQN, single_path_target};
-
     let t = single_path_target().await;
     let sub = t.target.subsystem(NQN).unwrap();
     let ns = sub.namespace(1).unwrap();
-    let host = uuid::Uuid::from_bytes(HOSTID);
-    ns.reservations
-        .change(|s| {
-            s.register(host, resv::REGISTER, false, 0, 1)?;
-            s.acquire(host, resv::ACQUIRE, false, 1, 0, resv::WRITE_EXCLUSIVE)
-        })
-        .await
-        .unwrap();
-    let mut o = ConnectOptions::new(t.addr, NQN);
-    o.hostnqn = HOST.into();
-    o.hostid = HOSTID;
-    let remote = std::sync::Arc::new(RemoteNamespace::connect(o, 1).await.unwrap());
+    held_by_the_host(&ns, 1).await;
+    let remote = std::sync::Arc::new(
+        RemoteNamespace::connect(host_options(t.addr), 1)
+            .await
+            .unwrap(),
+    );
     remote.hold_write_exclusive(1);
 
     // Another change holds the namespace's reservations a while: the reconnect's acquire waits for it.

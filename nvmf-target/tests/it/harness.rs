@@ -117,6 +117,24 @@ impl Raw {
         self.try_send(pdu).await.unwrap();
     }
 
+    /// Sends all the data an R2T asked for, every byte `fill`, as one H2CData PDU (to a target that may have
+    /// closed the connection).
+    pub async fn send_data(
+        &mut self,
+        r2t: &nvmf_target::protocol::pdu::R2t,
+        fill: u8,
+    ) -> std::io::Result<()> {
+        self.try_send(Pdu::H2CData(nvmf_target::protocol::pdu::DataPdu {
+            cccid: r2t.cccid,
+            ttag: r2t.ttag,
+            offset: r2t.offset,
+            data: Bytes::from(vec![fill; r2t.length as usize]),
+            last: true,
+            success: false,
+        }))
+        .await
+    }
+
     /// [`Raw::send`] to a target that may have closed the connection.
     pub async fn try_send(&mut self, pdu: Pdu) -> std::io::Result<()> {
         let mut parts = Vec::new();
