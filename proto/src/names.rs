@@ -40,8 +40,9 @@ const TOPOLOGY_VALUE_MAX: usize = 63;
 /// The value of [`TOPOLOGY_NODE_KEY`] for `node`: its name when that is a valid topology value (CSI's, the same as a
 /// Kubernetes label value's: at most 63 characters of alphanumerics, `-`, `_` and `.`, beginning and ending with an
 /// alphanumeric); else the name's first characters (others made `-`), a `-` and 16 hex digits of a hash of the
-/// whole name. A node name may be up to 195 bytes (its host NQNs end there) and a Kubernetes node name 253: the
-/// kubelet could not label a node with its name as the value, and its node plugin would never register.
+/// whole name. A node name may be up to 195 bytes (its host NQNs end there; a Kubernetes node name, up to 253,
+/// beyond that can take no volume): with its name as the value, the kubelet could not label the node, and its node
+/// plugin would never register.
 pub fn topology_node_value(node: &str) -> String {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     let alnum = |c: char| c.is_ascii_alphanumeric();
@@ -129,6 +130,12 @@ mod tests {
         assert_eq!(topology_node_value("worker-7"), "worker-7");
         let at_limit = "a".repeat(63);
         assert_eq!(topology_node_value(&at_limit), at_limit);
+        let past = topology_node_value(&"a".repeat(64));
+        assert!(valid(&past) && past.starts_with(&"a".repeat(46)), "{past}");
+        assert!(valid(&topology_node_value("")));
+        let wide = topology_node_value(&"é".repeat(100));
+        assert!(valid(&wide), "{wide}");
+        assert_eq!(topology_node_value(&past), past, "a value is its own value");
         // Kubernetes node names (DNS subdomains) past 63 characters, differing only at their ends.
         let long = |end: &str| {
             format!(

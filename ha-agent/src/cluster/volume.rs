@@ -68,9 +68,15 @@ impl Placement {
             .all(|(k, v)| labels.get(k) == Some(v))
     }
 
-    /// Whether a node with `labels` may hold a replica; `Err` says why not.
+    /// Whether a node with `labels` ([`super::node::NodeSpec::placement_labels`]) may hold a replica; `Err` says
+    /// why not. A node's topology label may be named by its value or by the node's name (they differ for a name no
+    /// label value can be: `proto::names::topology_node_value`).
     pub fn admits(&self, labels: &BTreeMap<String, String>) -> Result<(), String> {
-        let has = |(k, v): (&String, &String)| labels.get(k) == Some(v);
+        let has = |(k, v): (&String, &String)| {
+            labels.get(k) == Some(v)
+                || (k == proto::names::TOPOLOGY_NODE_KEY
+                    && labels.get(k) == Some(&proto::names::topology_node_value(v)))
+        };
         if let Some((k, v)) = self.node_selector.iter().find(|kv| !has(*kv)) {
             return Err(format!("lacks the node selector's label {k}={v}"));
         }
@@ -322,6 +328,32 @@ mod tests {
             p.admits(&labels(&[("disk", "ssd"), ("zone", "b")])),
             Err("is in none of the volume's topology segments".into())
         );
+    }
+
+    #[test]
+    fn a_long_node_name_is_admitted_by_its_name_and_by_its_topology_value() {
+        let name = "n".repeat(100);
+        let value = proto::names::topology_node_value(&name);
+        assert_ne!(value, name);
+        let node = labels(&[(proto::names::TOPOLOGY_NODE_KEY, value.as_str())]);
+        for asked in [&name, &value] {
+            let by = |key: &str| labels(&[(key, asked.as_str())]);
+            let selector = Placement {
+                node_selector: by(proto::names::TOPOLOGY_NODE_KEY),
+                ..Placement::default()
+            };
+            let topology = Placement {
+                topology: vec![by(proto::names::TOPOLOGY_NODE_KEY)],
+                ..Placement::default()
+            };
+            assert!(selector.admits(&node).is_ok(), "{asked}");
+            assert!(topology.admits(&node).is_ok(), "{asked}");
+        }
+        let other = Placement {
+            node_selector: labels(&[(proto::names::TOPOLOGY_NODE_KEY, "m".repeat(100).as_str())]),
+            ..Placement::default()
+        };
+        assert!(other.admits(&node).is_err());
     }
 
     #[test]
