@@ -28,6 +28,14 @@ fn keys(a: u64, b: Option<u64>) -> Bytes {
     d.freeze()
 }
 
+/// Reservation Acquire of NSID `nsid`: `action` ([`resv::ACQUIRE`] or [`resv::PREEMPT`]) of a reservation of type
+/// `rtype`; its data, the keys, go with it.
+fn acquire_sqe(nsid: u32, action: u8, rtype: u8) -> Sqe {
+    let mut sqe = Sqe::new(io::RESERVATION_ACQUIRE, nsid);
+    sqe.set_cdw(10, u32::from(action) | (u32::from(rtype) << 8));
+    sqe
+}
+
 /// Takes the Write Exclusive reservation again under `key` (0: none to take) through a reconnected controller,
 /// before it serves I/O ([`RemoteNamespace::hold_write_exclusive`]). An error is one worth reconnecting for: the
 /// connection went, or the target waited too long for the commands admitted before (Namespace Not Ready). Any other
@@ -41,11 +49,7 @@ pub(super) async fn hold_again(
     if key == 0 {
         return Ok(());
     }
-    let mut sqe = Sqe::new(io::RESERVATION_ACQUIRE, nsid);
-    sqe.set_cdw(
-        10,
-        u32::from(resv::ACQUIRE) | (u32::from(resv::WRITE_EXCLUSIVE) << 8),
-    );
+    let sqe = acquire_sqe(nsid, resv::ACQUIRE, resv::WRITE_EXCLUSIVE);
     match ctrl.io_queues()[0]
         .submit(sqe, Some(keys(key, Some(0))))
         .await
@@ -88,10 +92,7 @@ impl RemoteNamespace {
         preempt_key: u64,
         rtype: u8,
     ) -> Result<(), BlockError> {
-        let sqe = self.resv_sqe(
-            io::RESERVATION_ACQUIRE,
-            u32::from(action) | (u32::from(rtype) << 8),
-        );
+        let sqe = acquire_sqe(self.nsid(), action, rtype);
         self.submit(sqe, Some(keys(key, Some(preempt_key))))
             .await
             .map(drop)
