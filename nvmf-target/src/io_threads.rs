@@ -62,10 +62,11 @@ impl std::fmt::Debug for IoThreads {
 }
 
 impl IoThreads {
-    /// Starts `n` threads (at least one). With a `spin` above zero, each spins for up to that long after its
+    /// Starts `n` threads (at least one), each calling `setup` first (the engine marks them for its disk I/O:
+    /// `block::uring::defer_completions_here`). With a `spin` above zero, each spins for up to that long after its
     /// data-path work ([`busy`]; the window adapts, see `io_threads/spin.rs`); zero: they sleep as soon as they are
     /// idle.
-    pub fn start(n: usize, spin: Duration) -> std::io::Result<IoThreads> {
+    pub fn start(n: usize, spin: Duration, setup: fn()) -> std::io::Result<IoThreads> {
         let mut threads = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -77,6 +78,7 @@ impl IoThreads {
                 .name(format!("keelson-io-{i}"))
                 .spawn(move || {
                     INDEX.with(|c| c.set(Some(i)));
+                    setup();
                     if spin.is_zero() {
                         let _ = rt.block_on(stopped);
                         return;
@@ -140,7 +142,7 @@ mod tests {
 
     #[test]
     fn connections_take_the_threads_in_turn_and_the_threads_end_with_them() {
-        let io = IoThreads::start(2, Duration::ZERO).unwrap();
+        let io = IoThreads::start(2, Duration::ZERO, || {}).unwrap();
         assert_eq!(io.len(), 2);
         assert_eq!(current(), None);
         let on: Vec<(String, Option<usize>)> = (0..4)
@@ -168,7 +170,7 @@ mod tests {
 
     #[test]
     fn a_spinning_thread_spins_after_work_and_never_while_idle() {
-        let io = IoThreads::start(1, Duration::from_millis(20)).unwrap();
+        let io = IoThreads::start(1, Duration::from_millis(20), || {}).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         io.handle(0).spawn(async move {
             let turns = || SPIN.with(|s| s.borrow().as_ref().map(|s| s.turns()));

@@ -166,8 +166,12 @@ async fn main() -> Result<()> {
     let io_threads = match args.io_threads {
         0 => None,
         n => Some(Arc::new(
-            IoThreads::start(n, std::time::Duration::from_micros(args.spin_us))
-                .context("starting the I/O threads")?,
+            IoThreads::start(
+                n,
+                std::time::Duration::from_micros(args.spin_us),
+                nvmf_target::block::uring::defer_completions_here,
+            )
+            .context("starting the I/O threads")?,
         )),
     };
     let config = EngineConfig {

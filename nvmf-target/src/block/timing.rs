@@ -17,7 +17,7 @@
 //! And where a pool's disk I/O goes through io_uring ([`super::uring`]):
 //! - `disk_submit`: asked → handed to the kernel (`io_uring_enter`, which starts the disk request itself);
 //! - `disk_kernel`: handed to the kernel → its completion reaped (the kernel finishes it as task work of the
-//!   submitting thread, then wakes the ring's reaper);
+//!   submitting thread, at once or, on an I/O thread, when the ring's reaper it woke asks for it);
 //! - `disk_wake`: reaped → the asking task resumed with it.
 
 use std::cell::Cell;
