@@ -15,9 +15,11 @@
 //! - `target_reply`: response ready → written to the host's socket.
 //!
 //! And where a pool's disk I/O goes through io_uring ([`super::uring`]):
-//! - `disk_submit`: asked → handed to the kernel (`io_uring_enter`, which starts the disk request itself);
+//! - `disk_submit`: asked → handed to the kernel (`io_uring_enter`, which starts the disk request itself and, on an
+//!   I/O thread, may run completions of others that wait);
 //! - `disk_kernel`: handed to the kernel → its completion reaped (the kernel finishes it as task work of the
-//!   submitting thread, at once or, on an I/O thread, when the ring's reaper it woke asks for it);
+//!   submitting thread, at once or, on an I/O thread, when the thread next enters the kernel: the ring's reaper it
+//!   woke, or a submission);
 //! - `disk_wake`: reaped → the asking task resumed with it.
 
 use std::cell::Cell;

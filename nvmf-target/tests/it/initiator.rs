@@ -107,14 +107,8 @@ async fn many_concurrent_ios_on_several_queues() {
 /// run there (queue i on thread i), and I/O issued from an I/O thread takes that thread's queue.
 #[tokio::test]
 async fn io_threads_at_both_ends_carry_concurrent_io() {
-    let threads = Arc::new(
-        IoThreads::start(
-            2,
-            std::time::Duration::from_micros(50),
-            nvmf_target::block::uring::defer_completions_here,
-        )
-        .unwrap(),
-    );
+    let threads =
+        Arc::new(IoThreads::start(2, std::time::Duration::from_micros(50), || {}).unwrap());
     let config = TargetConfig {
         io_threads: Some(threads.clone()),
         ..TargetConfig::default()
