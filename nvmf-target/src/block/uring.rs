@@ -85,7 +85,8 @@ struct Shared {
     slots: Semaphore,
     closed: AtomicBool,
     close: Notify,
-    /// Set up with deferred completions: the kernel runs them only when the reaper asks ([`run_deferred`]).
+    /// Set up with deferred completions: the kernel runs them only when this thread enters it (the reaper's
+    /// [`run_deferred`], or a submission while some wait).
     defer: bool,
 }
 
@@ -114,9 +115,11 @@ impl Ring {
         // Only where the reaper will run on this thread: the runtime the caller is in is a single-threaded one.
         let single_threaded = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        let mut plain = IoUring::builder();
+        plain.setup_cqsize(ENTRIES * 2);
         let deferred = if DEFER_HERE.with(Cell::get) && single_threaded {
-            IoUring::builder()
-                .setup_cqsize(ENTRIES * 2)
+            plain
+                .clone()
                 .setup_single_issuer()
                 .setup_defer_taskrun()
                 .setup_taskrun_flag()
@@ -133,9 +136,7 @@ impl Ring {
             Some(r) => r,
             // Completions run as task work of the submitting thread, which the kernel interrupts for it
             // (cooperative task running, without the interrupt, measured no better here).
-            None => IoUring::builder()
-                .setup_cqsize(ENTRIES * 2)
-                .build(ENTRIES)?,
+            None => plain.build(ENTRIES)?,
         };
         let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(efd.as_raw_fd())?;
@@ -305,9 +306,9 @@ thread_local! {
 }
 
 /// Marks the calling thread as one that runs a single-threaded runtime of its own and nothing else (an engine's
-/// I/O thread): the rings made on it from now on let the kernel queue their completions until the ring's reaper,
-/// on this same thread, asks for them (`IORING_SETUP_DEFER_TASKRUN`, which also makes this thread the ring's only
-/// submitter), instead of interrupting the thread to run each as it comes. On the two-core machine, 4 KiB random
+/// I/O thread): the rings made on it from now on let the kernel queue their completions until this thread enters
+/// it for them — the ring's reaper asks, or a submission runs those waiting (`IORING_SETUP_DEFER_TASKRUN`, which
+/// also makes this thread the ring's only submitter) — instead of interrupting the thread to run each as it comes. On the two-core machine, 4 KiB random
 /// writes at QD32 to a pool replica went from 46-62k to 62-76k IOPS over nine alternating rounds, and the engine's
 /// CPU per write from 15-20 to 12-15 us; reads at QD32 and QD1 stayed as they were, within the rounds' spread.
 /// Only for such a thread: a ring that defers takes submissions and runs completions on its own thread alone, and a
