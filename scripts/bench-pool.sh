@@ -63,6 +63,8 @@ if "jobs" in d:
     pct = side["lat_ns"].get("percentile", {})
     r = dict(iops=side["iops"], mbps=side["bw_bytes"] / 1e6,
              p50=pct.get("50.000000", 0) / 1000, p99=pct.get("99.000000", 0) / 1000)
+    # How fio splits an I/O: handing it to the kernel, and from there to its completion in hand.
+    r.update(slat=side["slat_ns"]["mean"] / 1000, clat=side["clat_ns"]["mean"] / 1000)
 else:
     r = dict(iops=d["iops"], mbps=d["mb_per_s"], p50=d["lat_us"]["p50"], p99=d["lat_us"]["p99"],
              cpu_s=d.get("target_cpu_s"), secs=d.get("seconds"))
@@ -248,6 +250,12 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
                      f'{first["mbps"] / over["mbps"]:.2f}x'))
     for name, met, value in aims:
         print(f'aim {name:66} {value:>8} {"met" if met else "NOT met"}')
+    # fio's submission and completion times, to set beside the engine's disk_submit and disk_kernel stages (below):
+    # what the engine adds around the same disk I/O.
+    split = [(w, r) for (w, t), r in by.items() if t == "fio io_uring" and w.startswith("4k") and "slat" in r]
+    if split:
+        print("fio io_uring's submission / completion (mean us; beside disk_submit / disk_kernel below): " + "; ".join(
+            f'{w} {r["slat"]:.1f} / {r["clat"]:.1f}' for w, r in split))
     # How busy the engine was: near one core at QD32, its thread (one connection, one I/O thread) is the limit,
     # not the disk.
     cpu = [(w, r) for (w, t), r in by.items() if t == "io-engine pool" and r.get("cpu_s") and r.get("secs")]
