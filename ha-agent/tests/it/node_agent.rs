@@ -177,8 +177,19 @@ async fn a_broken_path_is_reported_with_backoff_until_a_cluster_agent_answers() 
     );
 }
 
+/// Whether the node agent removed the controller: wrote `1` to its `delete_controller`, which is not there before.
+/// The fake file is a plain one that an agent still reporting the path writes again every poll (`std::fs::write`
+/// empties it, then writes): a read that finds it empty caught such a rewrite, and is taken again.
 fn deleted(sys: &Path) -> bool {
-    std::fs::read(sys.join("class/nvme/nvme0/delete_controller")).is_ok_and(|b| b == b"1")
+    let file = sys.join("class/nvme/nvme0/delete_controller");
+    for _ in 0..100 {
+        match std::fs::read(&file) {
+            Ok(b) if b.is_empty() => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Ok(b) => return b == b"1",
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// A volume force-detached from this node and published to another: the node's controller, reconnecting for ever to
