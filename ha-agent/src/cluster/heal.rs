@@ -376,12 +376,15 @@ impl Volumes {
             .cloned()
             .collect();
         for rep in &missing {
+            // A fault consented to for an earlier nexus is that nexus's business: this one rebuilds the replica,
+            // and its listing showing it Healthy is what counts it in sync again.
             if let Some(x) = r
                 .replicas
                 .iter_mut()
-                .find(|x| x.uuid == rep.uuid && x.synced)
+                .find(|x| x.uuid == rep.uuid && (x.synced || x.fault_confirmed))
             {
                 x.synced = false;
+                x.fault_confirmed = false;
                 self.save(&r).await?;
             }
             let mut c = self.engine(&rep.node).await?;
@@ -544,6 +547,7 @@ impl Volumes {
         // Recorded first: if it faults again soon, it is replaced; out of sync until the nexus calls it Healthy.
         r.replicas[i].rejoined_ms = now;
         r.replicas[i].synced = false;
+        r.replicas[i].fault_confirmed = false;
         self.save(r).await?;
         let shared = c
             .share_replica(epb::ShareReplicaRequest {

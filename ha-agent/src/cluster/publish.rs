@@ -353,6 +353,11 @@ impl Volumes {
             if x.synced && (!members.contains(&x.uuid) || rebuilding.contains(&x.uuid)) {
                 x.synced = false;
             }
+            // A fault consented to for an earlier nexus says nothing of this one's listings (the replica is no
+            // member of it: it joins later and is rebuilt, and counts in sync once this nexus shows it Healthy).
+            if !members.contains(&x.uuid) {
+                x.fault_confirmed = false;
+            }
         }
         r.fence_key = key;
         r.resync = false;

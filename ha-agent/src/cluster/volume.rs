@@ -115,7 +115,9 @@ pub struct ReplicaRecord {
     pub synced: bool,
     /// Recorded out of sync by a fault the agent consented to, which the nexus applies only once the answer reaches
     /// it: until the nexus shows the child not healthy (faulted, or rebuilding), a listing that still shows it
-    /// healthy is from before the fault and does not count it in sync again.
+    /// healthy is from before the fault and does not count it in sync again. Only for the nexus that asked: cleared
+    /// when a nexus is made without the replica and when the replica is added or rejoined to be rebuilt, or a later
+    /// nexus that rebuilt it and shows it Healthy would never count it in sync.
     #[serde(default)]
     pub fault_confirmed: bool,
 }

@@ -376,3 +376,59 @@ async fn a_confirmed_fault_is_not_undone_by_a_listing_from_before_the_nexus_appl
         "a listing from before the fault counted the replica in sync again: {v:#?}"
     );
 }
+
+/// A fault the agent consented to for one nexus (the replica recorded out of sync until that nexus shows it
+/// applied) must not outlive it: the next nexus, made without the replica, rebuilds it, and once that nexus shows
+/// it Healthy it is in sync again (else it would never count, and a volume losing its other copy later could not
+/// be served from it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_faulted_with_consent_for_an_earlier_nexus_is_in_sync_again_once_the_next_one_rebuilt_it()
+ {
+    let (_dir, port, _agent, _engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 2).await.unwrap();
+    let v = until(&c, &vol, "created", |v| {
+        v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let (a, b) = (v.replica_list[0].clone(), v.replica_list[1].clone());
+    let v = publish_on(&c, &vol, &a.node).await.unwrap();
+    write_through(&v, 1).await;
+    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
+        "http://127.0.0.1:{port}"
+    ))
+    .await
+    .unwrap();
+    // The first nexus (key 1) asks to fault b's child, and goes away before it applies the fault.
+    reg.confirm_child_fault(pb::ConfirmChildFaultRequest {
+        node: a.node.clone(),
+        volume: vol.clone(),
+        key: 1,
+        child: format!(
+            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
+            b.uuid
+        ),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    let in_sync = |v: &pb::Volume| {
+        v.replica_list
+            .iter()
+            .find(|r| r.uuid == b.uuid)
+            .unwrap()
+            .in_sync
+    };
+    assert!(!in_sync(&get(&c, &vol).await));
+    unpublish(&c, &vol).await;
+    // The next nexus is made of a alone; healing adds b, which it rebuilds (one block: done at once).
+    let v = publish_on(&c, &vol, &a.node).await.unwrap();
+    until(
+        &c,
+        &vol,
+        "b rebuilt by the new nexus and counted in sync",
+        in_sync,
+    )
+    .await;
+    reads_back(&v, 1).await;
+}
