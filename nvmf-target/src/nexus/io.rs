@@ -92,6 +92,14 @@ impl Nexus {
             Vec::new()
         };
         let timeout = self.config.io_timeout;
+        // Armed before the write is sent: if this future is dropped while children have it (its connection ended and
+        // the grace for commands in flight ran out), some children may hold it and others not, with nothing else to
+        // tell. The guard then marks the nexus's end unclean and names the range in the write log of children that
+        // are away, as an error after sending would.
+        let mut torn = TornUnlessAcknowledged {
+            torn: (!flush).then_some(&self.torn),
+            abandoned: (!flush && len > 0).then_some((self, offset, len)),
+        };
         let results = join_all(targets.iter().map(|c| {
             let io = tokio::time::timeout(timeout, op(c.device.clone()));
             async move {
@@ -111,7 +119,9 @@ impl Nexus {
         // Until it is acknowledged: a write that fails after some child took it leaves the children differing there,
         // which makes this nexus's end unclean.
         let took_any = results.iter().any(|r| matches!(r.0, Ok(Ok(()))));
-        let mut torn = TornUnlessAcknowledged((took_any && !flush).then_some(&self.torn));
+        if !took_any {
+            torn.torn = None;
+        }
         let results: Vec<_> = results.into_iter().map(|r| r.0).collect();
         let mut healthy_ok = 0;
         // Children not in sync (rebuilding) that took it.
@@ -198,7 +208,7 @@ impl Nexus {
             // The children that took it are faulted: the healthy ones agree (unless one that took it was faulted
             // before this write was weighed, whose log does not name the range).
             if !faulted_holder {
-                torn.0 = None;
+                torn.torn = None;
             }
             return Err(BlockError::NoSpace);
         }
@@ -233,6 +243,7 @@ impl Nexus {
         // Children that are away (including any this write just faulted) remember the range for a partial rebuild,
         // kept by the healthy children that took it, or by those the volume goes on with if it fails.
         if len > 0 {
+            torn.abandoned = None;
             let logged: Vec<(Arc<Child>, MissedWrites)> = self
                 .list()
                 .into_iter()
@@ -260,7 +271,7 @@ impl Nexus {
             )));
         }
         if healthy_ok > 0 {
-            torn.0 = None;
+            torn.torn = None;
             Ok(())
         } else {
             Err(last_err.unwrap_or_else(|| {
@@ -284,14 +295,26 @@ impl Nexus {
     }
 }
 
-/// Marks the nexus torn when dropped still holding its flag: a write that some child took ended without being
-/// acknowledged (an error, or a shutdown while it waited).
-struct TornUnlessAcknowledged<'a>(Option<&'a std::sync::atomic::AtomicBool>);
+/// Marks the nexus torn when dropped still holding its flag: a write that some child took (or may have taken: one
+/// dropped while its children had it) ended without being acknowledged (an error, a shutdown while it waited, or
+/// its caller gone). Dropped still holding `abandoned` (before the write's range was logged for the children that
+/// are away), it logs it: they may have missed a write the others took.
+struct TornUnlessAcknowledged<'a> {
+    torn: Option<&'a std::sync::atomic::AtomicBool>,
+    abandoned: Option<(&'a Nexus, u64, u64)>,
+}
 
 impl Drop for TornUnlessAcknowledged<'_> {
     fn drop(&mut self) {
-        if let Some(t) = self.0 {
+        if let Some(t) = self.torn {
             t.store(true, Ordering::Release);
+        }
+        if let Some((n, offset, len)) = self.abandoned {
+            // Kept in memory for a rejoin in this nexus's life; recorded on the other children with the next
+            // write that a child away misses (the end is unclean anyway: the next nexus resyncs).
+            for c in n.list() {
+                let _ = c.log_write(offset, len);
+            }
         }
     }
 }

@@ -445,6 +445,68 @@ async fn a_child_back_within_the_window_copies_only_what_it_missed() {
     assert_eq!(c.read(0, SIZE).await.unwrap(), want);
 }
 
+/// A write whose caller is gone while a child still has it (the connection ended and the grace for commands in
+/// flight ran out) may have reached some children and not others: the nexus's end is unclean, so the next nexus
+/// resyncs them. Before, the nexus learnt nothing of it and ended clean.
+#[tokio::test]
+async fn a_write_dropped_while_a_child_has_it_makes_the_end_unclean() {
+    let (a, b) = (mem(), faulty());
+    let n = nexus(vec![a.clone(), b.clone()]);
+    b.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(500)),
+        ..Default::default()
+    });
+    let dropped = tokio::time::timeout(Duration::from_millis(100), n.write(0, pattern(1, 4096)));
+    assert!(dropped.await.is_err(), "still with b when dropped");
+    assert_eq!(
+        a.read(0, 4096).await.unwrap(),
+        pattern(1, 4096),
+        "a took it"
+    );
+    b.set_plan(FaultPlan::default());
+    assert!(
+        !n.shutdown().await,
+        "the children may differ: not a clean end"
+    );
+}
+
+/// A child away when a write is dropped half-sent misses what the others may hold: its rejoin copies that range too.
+#[tokio::test]
+async fn a_write_dropped_half_sent_is_copied_to_a_child_that_was_away_when_it_rejoins() {
+    let (a, b, c) = (mem(), faulty(), faulty());
+    let n = nexus(vec![a.clone(), b.clone(), c.clone()]);
+    n.write(0, pattern(1, SIZE as usize)).await.unwrap();
+    n.flush().await.unwrap();
+    c.set_plan(FaultPlan {
+        fail_after: Some(0),
+        reads_too: true,
+        ..Default::default()
+    });
+    n.write(0, pattern(2, 4096)).await.unwrap();
+    assert_eq!(n.state(), NexusState::Degraded);
+    b.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(500)),
+        ..Default::default()
+    });
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        n.write(5 << 20, pattern(3, 4096)),
+    );
+    assert!(dropped.await.is_err(), "still with b when dropped");
+    b.set_plan(FaultPlan::default());
+    c.set_plan(FaultPlan::default());
+    assert_eq!(
+        n.rejoin_child("c2", c.clone()).await.unwrap(),
+        RebuildKind::Partial
+    );
+    wait_online(&n).await;
+    assert_eq!(
+        n.rebuild_history()[0].bytes_copied,
+        2 * (64 << 10),
+        "segment 0 (the write c missed) and segment 80 (the one dropped half-sent)"
+    );
+}
+
 #[tokio::test]
 async fn a_child_back_after_the_window_is_rebuilt_in_full() {
     let (a, c) = (mem(), faulty());

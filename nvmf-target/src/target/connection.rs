@@ -43,7 +43,9 @@ const _: () =
 /// yield every 8 completions 222-282k and 218-250k; every 4, 213k / 220k (more system calls); every 16, 173k / 183k.
 const COMPLETIONS_PER_YIELD: usize = 8;
 /// How long commands in flight when a connection ends may still run: past the 30 s that a nexus gives a child's
-/// I/O before it faults the child, so a replicated write has been decided by then.
+/// I/O before it faults the child, so a replicated write has been decided by then. One that has not (a longer
+/// child timeout, or a long wait for its range) is dropped, and the nexus counts its end unclean (its children may
+/// differ there) and logs the range for the children that are away.
 const INFLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
 /// How long a new connection may take to send its ICReq.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
