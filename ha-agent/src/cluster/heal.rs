@@ -208,6 +208,9 @@ impl Volumes {
         listed: Option<(EngineClient<Channel>, &[epb::Nexus])>,
     ) -> Result<(), VolumeError> {
         let uuid = r.uuid.to_string();
+        // A switch-over that moved the nexus is still on record: only the nexus itself is brought back, never on the
+        // node it left nor (unless the switch-over used them) from that node's replicas.
+        let mut switching: Option<(String, bool)> = None;
         if let Some(s) = r.switchover.clone() {
             if r.nexus.is_none() {
                 // Unpublished meanwhile (by an agent from before unpublishing ended switch-overs): nothing to move.
@@ -215,7 +218,18 @@ impl Volumes {
                 return self.save(&r).await;
             }
             // A switch-over recorded and not finished (an agent died in it): finished now.
-            return self.finish_switchover(r, &s, true).await.map(drop);
+            r = self.finish_switchover(r, &s, true).await?;
+            // Still on record with the nexus moved: the old node's replicas wait to be disowned until the new nexus
+            // has a healthy child elsewhere. If it lost its children or its engine, that never comes by waiting: the
+            // nexus is made again, or restarted from the replicas in sync (the old node's are not), as any other.
+            let moved = r
+                .nexus
+                .as_ref()
+                .is_some_and(|n| n.published && n.node != s.from);
+            if r.switchover.is_none() || !moved {
+                return Ok(());
+            }
+            switching = Some((s.from.clone(), s.old_replicas_left));
         }
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             if let Some(n) = r.nexus.clone() {
@@ -261,17 +275,24 @@ impl Volumes {
             // back). Made again on its node, from the replicas; resynced if the old one did not end cleanly.
             self.observe(&r, "Faulted", None);
             tracing::warn!(%uuid, node = %nexus.node, "the nexus is gone from its engine: making it again");
-            let r = self.publish_locked(r, &nexus.host_nqn, "", false, "").await;
+            let r = match &switching {
+                Some((from, leave)) => {
+                    self.publish_avoiding(r, &nexus.host_nqn, "", false, from, *leave)
+                        .await
+                }
+                None => self.publish_locked(r, &nexus.host_nqn, "", false, "").await,
+            };
             self.metrics
                 .operation("restart_nexus", if r.is_ok() { "ok" } else { "failed" });
             return r.map(drop);
         };
         self.observe(&r, nexus_state(&r, Some(&nx)), Some(&nx));
-        if self
-            .registry
-            .get(&nexus.node)
-            .await
-            .is_ok_and(|n| n.record.draining)
+        if switching.is_none()
+            && self
+                .registry
+                .get(&nexus.node)
+                .await
+                .is_ok_and(|n| n.record.draining)
         {
             return self.move_nexus(r, &nexus).await;
         }
@@ -313,7 +334,12 @@ impl Volumes {
         }
 
         if !any_healthy {
-            return self.restart_faulted(r, &nexus).await;
+            return self.restart_faulted(r, &nexus, switching).await;
+        }
+        // Nothing rejoined, retired or added while the switch-over waits: the old node's replicas are still in the
+        // record, and its old nexus, if not ended, may still write to them.
+        if switching.is_some() {
+            return Ok(());
         }
 
         // 1. Rejoin faulted children whose replica is back and sound, retire the others; retire replicas that are no
@@ -429,10 +455,14 @@ impl Volumes {
     /// only copy. Once one of them is back and sound ([`Self::replica_sound`]), the nexus is made again from them
     /// (resyncing them: the write that failed on all may have reached some), at most once per
     /// [`REJOIN_AGAIN_AFTER`]. Until then the volume stays Faulted with its replicas, and says why.
+    ///
+    /// `switching`: a switch-over that moved the nexus is on record (the node it left, and whether that node's
+    /// replicas are left out): the nexus is made again avoiding them, and the switch-over stays on record.
     async fn restart_faulted(
         &self,
         mut r: VolumeRecord,
         nexus: &super::volume::NexusRecord,
+        switching: Option<(String, bool)>,
     ) -> Result<(), VolumeError> {
         let now = super::node::now_ms();
         let mut back = false;
@@ -461,7 +491,13 @@ impl Volumes {
         r.resync = true;
         self.save(&r).await?;
         self.destroy_nexus(r.uuid, &nexus.node).await?;
-        let done = self.publish_locked(r, &nexus.host_nqn, "", true, "").await;
+        let done = match &switching {
+            Some((from, leave)) => {
+                self.publish_avoiding(r, &nexus.host_nqn, "", true, from, *leave)
+                    .await
+            }
+            None => self.publish_locked(r, &nexus.host_nqn, "", true, "").await,
+        };
         self.metrics.operation(
             "restart_faulted_nexus",
             if done.is_ok() { "ok" } else { "failed" },

@@ -659,3 +659,88 @@ async fn a_switch_over_whose_other_copy_is_on_a_frozen_node_keeps_the_old_nodes_
     ns.close().await;
     frozen_engine.signal("-CONT");
 }
+
+/// The agent dies after the switch-over published the new nexus and before it disowned the old node's replicas;
+/// while it is down, the new nexus's engine restarts (the nexus is gone). Restarted, the agent makes the nexus again
+/// (not on the old node, not from its replicas) and finishes the switch-over. Before, the switch-over on record
+/// waited for a healthy child of a nexus that no longer existed, and kept every other repair of the volume off for
+/// good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_over_whose_new_nexus_is_lost_while_the_agent_is_down_is_finished_by_the_restarted_agent()
+ {
+    use ha_agent::cluster::failpoint as fp;
+    let (_dir, _port, mut agent, mut engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 * MIB,
+        replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let v = &publish_to(&mut c, vol, "reg-1").await;
+    let ns = connect(v).await;
+    write_all(&ns, 0..8).await;
+    ns.close().await;
+    engines[0].kill9();
+    agent.set_env(
+        "FAILPOINTS",
+        &format!("{}=return", fp::RETIRE_GARBAGE_RECORDED),
+    );
+    agent.restart();
+    let t = Instant::now();
+    loop {
+        match c
+            .report_path_failure(report(v, &v.target_addresses[0]))
+            .await
+        {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Cancelled | Code::Unknown
+                ) || std::error::Error::source(&s)
+                    .is_some_and(|e| e.is::<tonic::transport::Error>()) =>
+            {
+                if agent.exited(Duration::from_millis(100)).await.is_some() {
+                    break;
+                }
+            }
+            r => panic!("the agent should have died disowning: {r:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never served");
+    }
+    // The new nexus is on reg-2 or reg-3: both engines restart, so it is gone from its engine.
+    engines[1].kill9();
+    engines[2].kill9();
+    engines[1].restart();
+    engines[2].restart();
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
+    let t = Instant::now();
+    let moved = loop {
+        if let Ok(m) = c
+            .get_volume(pb::GetVolumeRequest {
+                uuid: v.uuid.clone(),
+            })
+            .await
+            .map(|r| r.into_inner())
+            && !m.nexus_node.is_empty()
+            && m.nexus_node != v.nexus_node
+            && !m.nqn.is_empty()
+            // The old node's replicas disowned: the switch-over's last stage.
+            && m.replica_list.iter().all(|r| r.node != v.nexus_node)
+        {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the switch-over was never finished; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ns = connect(&moved).await;
+    verify(&ns, 0..8).await;
+    ns.close().await;
+}
