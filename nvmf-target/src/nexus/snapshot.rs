@@ -1,10 +1,13 @@
 //! Crash-consistent snapshots of a volume: quiesce the nexus (the whole-device lock waits for writes in flight
 //! and holds new ones), flush every healthy child, snapshot each of them under the same name, resume. The
-//! snapshots hold exactly the writes completed before the call, on every replica.
+//! snapshots hold exactly the writes completed before the call, on every replica. Each child's flush and snapshot
+//! is bounded by the child I/O timeout, as any I/O under a range lock is: a child whose disk stopped answering
+//! fails the snapshot rather than hold every write of the volume for as long as it stalls.
 
 use futures_util::future::join_all;
 
 use super::{Nexus, NexusError};
+use crate::block::BlockError;
 
 impl Nexus {
     /// Snapshots every healthy child as `id`; returns their names. Rebuilding children are not consistent yet and
@@ -35,17 +38,27 @@ impl Nexus {
         if healthy.is_empty() {
             return Err(NexusError::NoHealthyChild);
         }
-        for (c, r) in healthy
-            .iter()
-            .zip(join_all(healthy.iter().map(|c| c.device.flush())).await)
-        {
-            r.map_err(|e| failed(&c.name, "flush", &e))?;
+        let timeout = self.config.io_timeout;
+        let bounded = |r: Result<Result<(), BlockError>, _>| {
+            r.unwrap_or_else(|_| Err(BlockError::Remote(format!("timed out after {timeout:?}"))))
+        };
+        let flushed = join_all(
+            healthy
+                .iter()
+                .map(|c| tokio::time::timeout(timeout, c.device.flush())),
+        )
+        .await;
+        for (c, r) in healthy.iter().zip(flushed) {
+            bounded(r).map_err(|e| failed(&c.name, "flush", &e))?;
         }
-        for (c, r) in healthy
-            .iter()
-            .zip(join_all(healthy.iter().map(|c| c.device.snapshot(id))).await)
-        {
-            r.map_err(|e| failed(&c.name, "snapshot", &e))?;
+        let taken = join_all(
+            healthy
+                .iter()
+                .map(|c| tokio::time::timeout(timeout, c.device.snapshot(id))),
+        )
+        .await;
+        for (c, r) in healthy.iter().zip(taken) {
+            bounded(r).map_err(|e| failed(&c.name, "snapshot", &e))?;
         }
         tracing::info!(nexus = %self.name, snapshot = %id, children = healthy.len(), "volume snapshot taken");
         Ok(healthy.iter().map(|c| c.name.clone()).collect())

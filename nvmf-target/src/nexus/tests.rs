@@ -445,6 +445,30 @@ async fn a_child_back_within_the_window_copies_only_what_it_missed() {
     assert_eq!(c.read(0, SIZE).await.unwrap(), want);
 }
 
+/// A child whose disk stops answering during a snapshot fails the snapshot within the child I/O timeout, and the
+/// volume's writes (held while it quiesces) go on: before, the snapshot waited on the child for as long as it
+/// stalled, holding every write.
+#[tokio::test]
+async fn a_snapshot_on_a_stalled_child_fails_in_time_and_writes_go_on() {
+    let (a, b) = (mem(), faulty());
+    let n = nexus(vec![a.clone(), b.clone()]);
+    n.write(0, pattern(1, 4096)).await.unwrap();
+    b.set_plan(FaultPlan {
+        latency: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    });
+    let snap = tokio::time::timeout(Duration::from_secs(10), n.snapshot(uuid::Uuid::new_v4()))
+        .await
+        .expect("the snapshot ends within the child timeout");
+    assert!(snap.is_err(), "{snap:?}");
+    // The stalled child times out on this write and is faulted; the write is acknowledged by the other.
+    tokio::time::timeout(Duration::from_secs(10), n.write(0, pattern(2, 4096)))
+        .await
+        .expect("writes go on")
+        .unwrap();
+    assert_eq!(n.read(0, 4096).await.unwrap(), pattern(2, 4096));
+}
+
 /// A write whose caller is gone while a child still has it (the connection ended and the grace for commands in
 /// flight ran out) may have reached some children and not others: the nexus's end is unclean, so the next nexus
 /// resyncs them. Before, the nexus learnt nothing of it and ended clean.
