@@ -25,8 +25,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::PoolInner;
+use super::commit::Metadata;
 use super::label::{LABEL_LEN, Label};
+use super::{PoolError, PoolInner};
 use crate::block::BlockError;
 
 /// How much the stock holds at most, in bytes (and never more than [`MAX_CLUSTERS`] clusters).
@@ -158,6 +159,38 @@ impl PoolInner {
     }
 
     /// Whether the label on the disk still names this import (another node may have taken the pool).
+    /// Reads the label back before data goes into a cluster this import found free (a first write's, or a
+    /// copy-on-write's): an owner displaced by a forced import may find free what the new owner has mapped since,
+    /// and must not write there. If another import claimed the pool, fails with [`PoolError::OwnershipLost`] and
+    /// closes the pool's volumes, as a commit that finds it does; a label that cannot be read fails the write.
+    pub(super) async fn ensure_ours(&self) -> Result<(), PoolError> {
+        let block = self
+            .dev
+            .read(0, LABEL_LEN)
+            .await
+            .map_err(|e| PoolError::Io(format!("reading the label back: {e}")))?;
+        match Label::decode(&block, self.dev.size_bytes()) {
+            Ok(l) if l.owner == self.label.owner && l.incarnation == self.label.incarnation => {
+                Ok(())
+            }
+            other => {
+                let now = match other {
+                    Ok(l) => format!(
+                        "node {:?} imported it (incarnation {}; this import was {})",
+                        l.owner, l.incarnation, self.label.incarnation
+                    ),
+                    Err(e) => format!("its label now reads: {e}"),
+                };
+                let e = PoolError::OwnershipLost {
+                    pool: self.label.name.clone(),
+                    now,
+                };
+                self.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
     pub(super) async fn still_ours(&self) -> bool {
         match self.dev.read(0, LABEL_LEN).await {
             Ok(block) => Label::decode(&block, self.dev.size_bytes()).is_ok_and(|l| {

@@ -870,6 +870,44 @@ async fn a_displaced_owner_stops_at_its_next_metadata_commit() {
     assert_eq!(again.volumes().len(), 2);
 }
 
+/// A displaced owner's first write to a never-mapped cluster goes into a cluster that is free as far as it knows,
+/// which the new owner may have mapped since (its stock was zeroed before the takeover). It reads the label back
+/// before writing there, and stops: the new owner's acknowledged data stays. Before, the check came only with the
+/// mapping's commit, after the data had overwritten the new owner's.
+#[tokio::test]
+async fn a_displaced_owner_writes_no_data_into_a_cluster_it_found_free() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let old = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();
+    let r = Uuid::new_v4();
+    let vol = old.create_replica(r, 8 * MIB, None).await.unwrap();
+    vol.write(0, pattern(1, 4096)).await.unwrap();
+    // The stock is filled behind that first allocation.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let new = Pool::import(dev.clone(), &Claim::forced("node-b"))
+        .await
+        .unwrap();
+    let nv = new.open_volume(&r).unwrap();
+    // The new owner maps the replica's other clusters, each taking the lowest free ones.
+    let clusters = 8 * MIB / u64::from(CS);
+    for i in 1..clusters {
+        nv.write(i * u64::from(CS), pattern(2, 4096)).await.unwrap();
+    }
+    // The old owner has not heard (it committed nothing since): to it, the replica's second cluster was never
+    // written, and its stock holds zeroed free clusters to put it in.
+    assert!(!old.is_lost());
+    let e = vol.write(u64::from(CS), pattern(3, 4096)).await;
+    assert!(e.is_err(), "a displaced owner's allocating write: {e:?}");
+    assert!(old.is_lost(), "and it closes its volumes");
+    for i in 1..clusters {
+        assert_eq!(
+            &nv.read(i * u64::from(CS), 4096).await.unwrap()[..],
+            &pattern(2, 4096)[..],
+            "cluster {i}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_second_import_by_the_same_node_displaces_the_first() {
     // Two processes of one node on one disk (what the exclusive open prevents on one machine): the newer import

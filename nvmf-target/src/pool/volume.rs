@@ -294,6 +294,9 @@ impl PoolVolume {
         };
         let mut ahead = Ahead::default();
         let result = async {
+            // Free to this import, maybe not to one that displaced it: nothing is written there unless the pool is
+            // still ours (see `ensure_ours`).
+            self.pool.ensure_ours().await.map_err(pool_err)?;
             let base = self.pool.label.cluster_offset(new);
             let cs = self.cs();
             let end = within + data.len() as u64;
