@@ -420,7 +420,8 @@ impl Nexus {
     }
 
     /// Stops the nexus: new I/O fails, the writes in flight are waited for (up to the I/O timeout and a second),
-    /// rebuilds stop, and the healthy children flush. `true`: a clean end: every write it took either completed on
+    /// rebuilds stop (waited for up to two I/O timeouts; one still stuck then makes the end unclean), and the
+    /// healthy children flush. `true`: a clean end: every write it took either completed on
     /// its children or never started, and they made it durable, so the children agree, whatever happens to them
     /// next; `false`: some write was still in flight when it gave up, one failed after some children took it (they
     /// may differ there: a write that waited for consent to fault a child, given up at this shutdown, is one), or a
@@ -442,12 +443,19 @@ impl Nexus {
         }
         self.cancel.cancel();
         self.tasks.close();
-        self.tasks.wait().await;
+        // Cancelled, its rebuilds end at their next step; one stuck in a child's I/O that no timeout bounds is not
+        // waited for past two I/O timeouts (the end is then not clean: it may still act on its child).
+        let settled = tokio::time::timeout(2 * self.config.io_timeout, self.tasks.wait())
+            .await
+            .is_ok();
+        if !settled {
+            tracing::warn!(nexus = %self.name, "shut down with a rebuild still stuck in a child's I/O: not a clean end");
+        }
         let torn = self.torn.load(std::sync::atomic::Ordering::Acquire);
         if torn {
             tracing::warn!(nexus = %self.name, "shut down after a write failed that some children took: not a clean end");
         }
-        drained && self.flush_on_end().await && !torn
+        drained && settled && self.flush_on_end().await && !torn
     }
 
     /// Flushes every healthy child (each within the I/O timeout): whether all did.

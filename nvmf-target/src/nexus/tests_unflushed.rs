@@ -266,3 +266,48 @@ async fn a_snapshot_leaves_out_a_child_that_lost_its_connection() {
     assert_eq!(taken, vec!["c0".to_string()]);
     assert_eq!(n.state(), NexusState::Degraded);
 }
+
+/// A disk whose flush never answers; everything else goes to memory.
+struct FlushHangs(MemoryDevice);
+
+#[async_trait]
+impl BlockDevice for FlushHangs {
+    fn block_size(&self) -> u32 {
+        self.0.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.0.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.0.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        std::future::pending().await
+    }
+}
+
+/// A child whose disk stops answering the flush that ends its rebuild holds neither the rebuild nor the nexus's
+/// shutdown: the flush is bounded by the child timeout, and a shutdown cancels it. Before, the shutdown (and with
+/// it DestroyNexus and the engine's stop) waited on it for as long as the disk stalled.
+#[tokio::test]
+async fn a_rebuild_whose_last_flush_stalls_holds_no_shutdown() {
+    let n = nexus(vec![Arc::new(MemoryDevice::new(SIZE, 512))]);
+    n.write(0, data(1)).await.unwrap();
+    n.add_child("c1", Arc::new(FlushHangs(MemoryDevice::new(SIZE, 512))))
+        .unwrap();
+    // The copy (16 MiB of memory) is done at once; its flush then stalls.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let clean = tokio::time::timeout(Duration::from_secs(8), n.shutdown())
+        .await
+        .expect("the shutdown ends");
+    assert!(clean, "the healthy child flushed: {:?}", n.children());
+}

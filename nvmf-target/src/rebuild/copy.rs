@@ -315,7 +315,13 @@ pub async fn run(
     }
     // The copies are plain writes: the destination flushes them before the rebuild counts as done (the caller
     // then drops the records of what it missed, and a volatile cache losing power must not take the copies along).
-    dst.flush().await.map_err(|e| RebuildError::Destination {
+    // Bounded and cancellable as the copies are: a destination whose disk stopped answering must not hold the
+    // rebuild, and the nexus's shutdown waiting for it, for as long as it stalls.
+    let flushed = tokio::select! {
+        r = bounded_io(config.io_timeout, "flush", dst.flush()) => r,
+        _ = cancel.cancelled() => return Err(RebuildError::Cancelled),
+    };
+    flushed.map_err(|e| RebuildError::Destination {
         offset: 0,
         reason: format!("flush after the copy: {e}"),
     })?;
