@@ -47,6 +47,9 @@ const COMPLETIONS_PER_YIELD: usize = 8;
 /// child timeout, or a long wait for its range) is dropped, and the nexus counts its end unclean (its children may
 /// differ there) and logs the range for the children that are away.
 const INFLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
+/// How long data sent to a host may stay unacknowledged (TCP_USER_TIMEOUT, zero-window probes included) before
+/// the connection is ended.
+const SEND_STALL: Duration = Duration::from_secs(60);
 /// How long a new connection may take to send its ICReq.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-capsule data allowed on the admin queue and for Fabrics commands, whatever IOCCSZ says.
@@ -110,6 +113,14 @@ pub(super) async fn serve(
         return;
     };
     let _ = stream.set_nodelay(true);
+    // A host that stops reading (its receive window shut, or its machine gone) would hold the writer, the responses
+    // queued for it and the engine's shutdown for as long as its TCP stack answers probes: data unacknowledged
+    // this long ends the connection, as the stack's retransmissions would for a host that answers nothing.
+    let _ = nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::TcpUserTimeout,
+        &(SEND_STALL.as_millis() as u32),
+    );
     let (rd, mut wr) = stream.into_split();
     // Until the connection is an I/O queue a PDU carries no more than admin data (see `Queue::admit_data`).
     let mut framed = FramedRead::with_capacity(rd, PduCodec::new(ADMIN_IN_CAPSULE), 256 * 1024);
@@ -242,11 +253,11 @@ impl Queue {
                     continue
                 }
                 // A host that stops reading completions stops being read.
-                _ = self.backlog.drained(), if self.inflight.len() + self.backlog.queued() >= limit => {
+                _ = self.backlog.drained(), if self.backlog_full(limit) => {
                     if self.backlog.is_closed() { return }
                     continue
                 }
-                frame = framed.next(), if self.inflight.len() + self.backlog.queued() < limit => match frame {
+                frame = framed.next(), if !self.backlog_full(limit) => match frame {
                     None => return,
                     Some(Ok(pdu)) => {
                         crate::io_threads::busy();
@@ -268,6 +279,13 @@ impl Queue {
             }
             return;
         }
+    }
+
+    /// Whether the host has enough unanswered: `limit` commands in flight and responses it has not read, or
+    /// [`super::response::MAX_QUEUED_BYTES`] of response data it has not read. No new command is read until it
+    /// drains.
+    fn backlog_full(&self, limit: usize) -> bool {
+        self.inflight.len() + self.backlog.queued() >= limit || self.backlog.full()
     }
 
     /// Once the host has connected this connection as an I/O queue, PDUs may carry up to MAXH2CDATA; before that,

@@ -198,7 +198,9 @@ pub(super) async fn run(
         _ => None,
     };
     let bs = u64::from(ns.device.block_size());
-    let offset = sqe.slba() * bs;
+    // Only Read, Write and Write Zeroes use it, and `validate` checked their range; other opcodes carry other
+    // fields in those dwords, which must not overflow anything.
+    let offset = sqe.slba().wrapping_mul(bs);
     let len = u64::from(sqe.nlb()) * bs;
     let c = &ctrl.counters;
     let result = match sqe.opcode() {

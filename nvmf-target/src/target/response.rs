@@ -68,22 +68,43 @@ pub enum Outgoing {
     Terminate(TermReq),
 }
 
-/// Messages queued for a connection's writer but not yet written, so the reader can stop taking new commands from a
-/// host that does not read its completions.
+impl Outgoing {
+    /// Bytes of data it carries for the host (what [`Backlog`] counts).
+    pub fn data_len(&self) -> usize {
+        match self {
+            Outgoing::Response(r) => r.data.as_ref().map_or(0, Bytes::len),
+            _ => 0,
+        }
+    }
+}
+
+/// Messages (and the bytes of their data) queued for a connection's writer but not yet written, so the reader can
+/// stop taking new commands from a host that does not read its completions: past a number of messages, or past
+/// [`MAX_QUEUED_BYTES`] (a few large reads, or log pages, would otherwise hold gigabytes for such a host).
 #[derive(Default)]
 pub struct Backlog {
     queued: AtomicUsize,
+    bytes: AtomicUsize,
     drained: Notify,
     closed: std::sync::atomic::AtomicBool,
 }
+
+/// Bytes of response data a connection may have queued for a host that does not read them before it stops taking
+/// commands from that host.
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 impl Backlog {
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
-    /// The writer wrote `n` messages.
-    pub fn written(&self, n: usize) {
+    /// Whether the data queued is past [`MAX_QUEUED_BYTES`].
+    pub fn full(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed) >= MAX_QUEUED_BYTES
+    }
+    /// The writer wrote `n` messages carrying `bytes` of data.
+    pub fn written(&self, n: usize, bytes: usize) {
         self.queued.fetch_sub(n, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.drained.notify_one();
     }
     pub async fn drained(&self) {
@@ -111,9 +132,40 @@ impl OutgoingTx {
         OutgoingTx { tx, backlog }
     }
     pub fn send(&self, m: Outgoing) {
+        let bytes = m.data_len();
         self.backlog.queued.fetch_add(1, Ordering::Relaxed);
+        self.backlog.bytes.fetch_add(bytes, Ordering::Relaxed);
         if self.tx.send(m).is_err() {
             self.backlog.queued.fetch_sub(1, Ordering::Relaxed);
+            self.backlog.bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that reads none of its completions stops being read once their data passes the bound, however few
+    /// they are (4 MiB log pages or reads), and is read again once the writer sent them.
+    #[test]
+    fn the_backlog_is_full_past_its_bytes_whatever_the_count() {
+        let backlog = Arc::new(Backlog::default());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let tx = OutgoingTx::new(tx, backlog.clone());
+        let n = MAX_QUEUED_BYTES / (4 << 20);
+        for i in 0..n {
+            assert!(!backlog.full(), "{i} responses of 4 MiB");
+            tx.send(Outgoing::Response(Response::data(
+                i as u16,
+                Bytes::from(vec![0; 4 << 20]),
+            )));
+        }
+        assert!(backlog.full());
+        assert_eq!(backlog.queued(), n);
+        backlog.written(1, 4 << 20);
+        assert!(!backlog.full());
+        tx.send(Outgoing::Response(Response::ok(1)));
+        assert!(!backlog.full(), "a response without data counts no bytes");
     }
 }

@@ -84,6 +84,7 @@ pub(super) async fn write_loop(
         }
         let mut terminate = false;
         let no_flow_control = queue.flow_control_disabled();
+        let bytes: usize = batch.iter().map(Outgoing::data_len).sum();
         for msg in batch.drain(..) {
             let pdu = match msg {
                 Outgoing::Response(mut r) => {
@@ -127,7 +128,7 @@ pub(super) async fn write_loop(
         for t in sampled.drain(..) {
             timing::record_since(Stage::TargetReply, t);
         }
-        backlog.written(n);
+        backlog.written(n, bytes);
         if terminate {
             break;
         }

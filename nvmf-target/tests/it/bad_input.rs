@@ -499,6 +499,27 @@ async fn a_host_that_never_reads_completions_is_throttled() {
     still_serves(t.addr).await;
 }
 
+/// Commands whose dwords 10 and 11 are not a starting LBA (Flush, Dataset Management) may carry anything there:
+/// nothing reads them as one. Before, the target multiplied them by the block size for every command, which
+/// overflowed (and, with overflow checks, ended the connection) for a high dword 11.
+#[tokio::test]
+async fn a_flush_with_high_dwords_10_and_11_is_a_flush() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let mut sqe = Sqe::new(io::FLUSH, 1);
+    sqe.set_cdw(10, u32::MAX);
+    sqe.set_cdw(11, u32::MAX);
+    assert!(q.cmd(sqe, Bytes::new()).await.status.is_success());
+    let mut sqe = Sqe::new(io::FLUSH, 1);
+    sqe.set_cid(2);
+    assert!(
+        q.cmd(sqe, Bytes::new()).await.status.is_success(),
+        "the queue goes on"
+    );
+    still_serves(t.addr).await;
+}
+
 /// Found by fuzzing: a Get Log Page claiming a 1.7 GB transfer made the target allocate and send that much.
 #[tokio::test]
 async fn a_claimed_length_beyond_mdts_is_refused_before_anything_is_allocated() {
