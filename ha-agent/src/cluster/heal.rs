@@ -893,6 +893,11 @@ impl Volumes {
         if r.replicas.len() <= r.spec.replicas as usize {
             return Ok(());
         }
+        // While a switch-over waits to disown the old node's replicas, nothing is retired: which copies count is
+        // the switch-over's to decide (healing retires the surplus once it finished).
+        if r.switchover.is_some() {
+            return Ok(());
+        }
         let uuid = r.uuid.to_string();
         let nexus = r.nexus.clone().filter(|n| n.published);
         let mut healthy = BTreeSet::new();
@@ -912,7 +917,11 @@ impl Volumes {
             {
                 if let Some(id) = replica_of(&ch.uri) {
                     children.insert((id, ch.uri.clone()));
-                    if ch.state == epb::ChildState::Healthy as i32 {
+                    // A fault the agent consented to that the nexus has not applied yet: the listing is from
+                    // before it, and the replica is missing writes (see `ReplicaRecord::fault_confirmed`).
+                    let fault_pending =
+                        r.replicas.iter().any(|x| x.uuid == id && x.fault_confirmed);
+                    if ch.state == epb::ChildState::Healthy as i32 && !fault_pending {
                         healthy.insert(id);
                     }
                 }

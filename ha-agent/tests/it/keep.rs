@@ -432,3 +432,55 @@ async fn a_replica_faulted_with_consent_for_an_earlier_nexus_is_in_sync_again_on
     .await;
     reads_back(&v, 1).await;
 }
+
+/// A scale-down right after the agent consented to fault a replica (the nexus has not applied it yet, so it still
+/// lists the child healthy) retires that replica, not one in sync: the listing is from before the fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_down_retires_the_replica_faulted_with_consent_though_the_nexus_still_lists_it_healthy()
+ {
+    let (_dir, port, _agent, _engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 3).await.unwrap();
+    let v = until(&c, &vol, "created", |v| {
+        v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let on = v.replica_list[0].clone();
+    let v = publish_on(&c, &vol, &on.node).await.unwrap();
+    write_through(&v, 1).await;
+    // Of the two replicas away from the nexus, the records' tie-break would retire the first by node name: the
+    // fault goes to the other.
+    let mut away: Vec<pb::VolumeReplica> = v
+        .replica_list
+        .iter()
+        .filter(|r| r.node != on.node)
+        .cloned()
+        .collect();
+    away.sort_by(|a, b| a.node.cmp(&b.node));
+    let (kept, faulted) = (away[0].clone(), away[1].clone());
+    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
+        "http://127.0.0.1:{port}"
+    ))
+    .await
+    .unwrap();
+    reg.confirm_child_fault(pb::ConfirmChildFaultRequest {
+        node: on.node.clone(),
+        volume: vol.clone(),
+        key: 1,
+        child: format!(
+            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
+            faulted.uuid
+        ),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    scale(c.clone(), &vol, 2).await.unwrap();
+    let v = get(&c, &vol).await;
+    let mut left: Vec<String> = v.replica_list.iter().map(|r| r.uuid.clone()).collect();
+    left.sort();
+    let mut want = vec![on.uuid.clone(), kept.uuid.clone()];
+    want.sort();
+    assert_eq!(left, want, "the replica missing writes goes: {v:#?}");
+    reads_back(&v, 1).await;
+}
