@@ -2,7 +2,9 @@
 //! `/keelson/pools/<node>/<name>` before the engine is asked (persist, then act), and driven to their phase by
 //! [`Pools::reconcile`]: a pool Creating or Created that its node does not report is created (or imported: the
 //! engine's CreatePool imports a pool of that name already on the disk) again, which is how a node whose io-engine
-//! restarted empty gets its pools back; a pool Deleting is destroyed until the engine confirms.
+//! restarted empty gets its pools back; a pool Deleting is destroyed until the engine confirms (one the engine
+//! does not have open is imported first, so that it can refuse for the replicas it holds). A delete the engine did
+//! not carry out leaves the pool as it was.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -270,20 +272,54 @@ impl Pools {
                 self.settle_with(&r, true).await?;
                 Err(e)
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                // Not done (its node down, its engine not answering): it stays as it was rather than be destroyed
+                // behind the caller's back later, maybe once its engine restarted without it open, which could
+                // not refuse for the replicas it holds. Asked again, it is tried again.
+                r.phase = before;
+                self.settle_with(&r, true).await?;
+                Err(e)
+            }
         }
     }
 
+    /// Destroys the pool on its engine. One the engine does not have open (it restarted and the pool is not
+    /// imported again yet, or an earlier attempt destroyed it) is imported first, so that the engine, which refuses
+    /// to destroy a pool holding replicas, can say so: gone only if its disk holds no pool to import any more.
     async fn engine_destroy(&self, r: &PoolRecord) -> Result<(), PoolOpError> {
         let mut c = self.engine(&r.node).await?;
-        match c
-            .destroy_pool(epb::DestroyPoolRequest {
+        let destroy = |mut c: EngineClient<Channel>| async move {
+            c.destroy_pool(epb::DestroyPoolRequest {
                 name: r.name.clone(),
             })
             .await
+        };
+        match destroy(c.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(engine_error(&r.node, s)),
+        }
+        match c
+            .import_pool(epb::ImportPoolRequest {
+                disk: r.disk.clone(),
+                force: false,
+            })
+            .await
         {
+            Ok(_) => {}
+            // No pool of this node's on the disk (wiped by the destroy, another owner's, or the disk gone).
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(s) => return Err(engine_error(&r.node, s)),
+        }
+        match destroy(c).await {
             Ok(_) => Ok(()),
-            Err(s) if s.code() == Code::NotFound => Ok(()),
             Err(s) => Err(engine_error(&r.node, s)),
         }
     }

@@ -175,3 +175,107 @@ async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_em
         Code::NotFound
     );
 }
+
+/// A pool holding a replica is deleted while its engine is down, and again right after the engine restarted (before
+/// the agent imported the pool again): both are refused, and the pool comes back with its replica. Before, the first
+/// left the pool marked Deleting and the agent destroyed it once the engine was back (it answered "no such pool",
+/// not having it open, which counted as destroyed), and the second did the same at once: the pool was never
+/// imported again and its replicas were lost to the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_holding_a_replica_is_not_deleted_while_or_after_its_engine_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let grpc = free_port("127.0.0.1");
+    let mut engine = engine_cmd(
+        dir.path(),
+        1,
+        &format!("http://127.0.0.1:{port}"),
+        grpc,
+        &[],
+    );
+    wait_for(port, &[("reg-1", Online)], "registration").await;
+    let mut c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let disk = dir.path().join("managed.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    c.create_pool(pb::CreatePoolRequest {
+        node: "reg-1".into(),
+        name: "p1".into(),
+        disk: disk.display().to_string(),
+    })
+    .await
+    .unwrap();
+    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    let replica = uuid::Uuid::new_v4().to_string();
+    e.create_replica(epb::CreateReplicaRequest {
+        pool: "p1".into(),
+        uuid: replica.clone(),
+        size: 16 << 20,
+        share: false,
+        allowed_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    let del = || pb::DeletePoolRequest {
+        node: "reg-1".into(),
+        name: "p1".into(),
+    };
+    // Down: refused, and nothing is left armed.
+    engine.kill9();
+    wait_for(
+        port,
+        &[("reg-1", crate::registry::Offline)],
+        "the node down",
+    )
+    .await;
+    assert!(c.delete_pool(del()).await.is_err());
+    assert_eq!(
+        managed(&mut c).await[0].phase,
+        pb::PoolPhase::Created as i32
+    );
+    // Back, and asked before the agent imported the pool again (the engine starts without it open): refused for
+    // the replica it holds.
+    engine.restart();
+    let t = Instant::now();
+    loop {
+        match c.delete_pool(del()).await {
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                if !s.message().contains("is Offline") {
+                    break;
+                }
+            }
+            r => panic!("deleted a pool holding a replica: {r:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    loop {
+        let pools = managed(&mut c).await;
+        if pools.len() == 1 && pools[0].reported && pools[0].phase == pb::PoolPhase::Created as i32
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "p1 never came back: {pools:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    let replicas = e
+        .list_replicas(epb::ListReplicasRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .replicas;
+    assert!(replicas.iter().any(|r| r.uuid == replica), "{replicas:?}");
+}
