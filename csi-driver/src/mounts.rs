@@ -1,7 +1,7 @@
 //! Mounts and file systems on this node, read from what the node can see (`/proc/self/mountinfo`, the device's
 //! first bytes) so that a restarted plugin knows what is staged and published, and changed with the system's own
 //! tools (`mount`, `umount`, `mkfs.ext4`, `mkfs.xfs`, `resize2fs`, `xfs_growfs`). A file system is made only on a blank device: one whose
-//! first 64 KiB are zeros (a new thin volume reads zeros); anything else that is not ext4 or xfs is left alone.
+//! first MiB is zeros (a new thin volume reads zeros); anything else that is not ext4 or xfs is left alone.
 //! [`Mounts`] is the mount table and the tools that change it, as a value (the system's, or a test's), like
 //! [`crate::kernel::Kernel`] for sysfs; paths go to `mount` and `umount` after `--`, never as options.
 
@@ -205,10 +205,16 @@ pub fn probe_within(dev: &Path, limit: Duration, busy: &Probing) -> std::io::Res
     })
 }
 
-/// Reads what `dev` holds from its first 64 KiB.
+/// How much of a device is read to tell what it holds. Blank only if all of it is zero: file systems and volume
+/// managers keep their signatures in the first megabyte (btrfs and reiserfs at 64 KiB, ZFS's labels from 128 KiB,
+/// ISO 9660 at 32 KiB, LVM and GPT at 512 bytes), so a device with any of them is never taken for blank and
+/// formatted. Before, only the first 64 KiB were read, and a btrfs volume counted as blank.
+pub const PROBE_LEN: usize = 1 << 20;
+
+/// Reads what `dev` holds from its first [`PROBE_LEN`] bytes.
 pub fn probe(dev: &Path) -> std::io::Result<Content> {
     let mut f = std::fs::File::open(dev)?;
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; PROBE_LEN];
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..])? {
@@ -338,6 +344,19 @@ mod tests {
         mbr[510] = 0x55;
         mbr[511] = 0xAA;
         assert_eq!(classify(&mbr), Content::Unknown);
+    }
+
+    #[test]
+    fn a_device_with_a_signature_past_64_kib_is_not_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("dev");
+        // btrfs: its superblock at 64 KiB, the magic 64 bytes into it; the first 64 KiB are zeros.
+        let mut img = vec![0u8; 4 << 20];
+        img[(64 << 10) + 64..(64 << 10) + 72].copy_from_slice(b"_BHRfS_M");
+        std::fs::write(&dev, &img).unwrap();
+        assert_eq!(probe(&dev).unwrap(), Content::Unknown);
+        std::fs::write(&dev, vec![0u8; 4 << 20]).unwrap();
+        assert_eq!(probe(&dev).unwrap(), Content::Blank);
     }
 
     #[test]
