@@ -85,13 +85,30 @@ impl Volumes {
             tracing::info!(%uuid, from = %s.from, "a switch-over is already under way: finishing it");
             return self.finish_switchover(r, &s, true).await;
         }
+        let mut address = address;
         if !nexus
             .addresses
             .iter()
             .any(|a| names::target_address(a) == address)
         {
-            tracing::info!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus: the current one is the answer");
-            return Ok(r);
+            // The host reports a path to an earlier nexus: the current one is its answer, unless the current one's
+            // node is down (it never reached it, or lost it before it had a path there): then that path will not
+            // come either, and the report stands for it.
+            let current_up = self
+                .registry
+                .get(&nexus.node)
+                .await
+                .is_ok_and(|n| n.record.status.state == NodeState::Online);
+            match nexus.addresses.first() {
+                Some(a) if !current_up => {
+                    tracing::warn!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus, and the current one's node is down: switching it over");
+                    address = names::target_address(a);
+                }
+                _ => {
+                    tracing::info!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus: the current one is the answer");
+                    return Ok(r);
+                }
+            }
         }
         let old_engine = self.host_connected(uuid, &nexus.node, &rep.host_nqn).await;
         if old_engine == OldEngine::HostConnected {

@@ -744,3 +744,45 @@ async fn a_switch_over_whose_new_nexus_is_lost_while_the_agent_is_down_is_finish
     verify(&ns, 0..8).await;
     ns.close().await;
 }
+
+/// The nexus moves off a killed node, and the node it went to dies before the host had a path there: the host,
+/// whose only broken path is still the one to the first nexus, reports that one again. The current nexus's node is
+/// down, so the report stands for it: the nexus moves on to the last node, and every write reads back there.
+/// Before, the answer was always the dead current nexus, and the host waited on it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_of_an_earlier_path_moves_a_nexus_whose_node_is_down() {
+    let (_dir, port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
+    let v = published(&mut c, 3, "reg-1").await;
+    let ns = connect(&v).await;
+    write_all(&ns, 0..8).await;
+    ns.close().await;
+    engines[0].kill9();
+    let moved = reported_off(&mut c, &v).await;
+    let second = moved
+        .nexus_node
+        .strip_prefix("reg-")
+        .unwrap()
+        .parse::<usize>()
+        .unwrap()
+        - 1;
+    engines[second].kill9();
+    crate::registry::wait_for(
+        port,
+        &[(moved.nexus_node.as_str(), crate::registry::Offline)],
+        "the second nexus's node down",
+    )
+    .await;
+    // Its own answer while that node was up was the second nexus; now the report of the first path moves it.
+    let again = c
+        .report_path_failure(report(&v, &v.target_addresses[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        again.nexus_node != v.nexus_node && again.nexus_node != moved.nexus_node,
+        "{again:#?}"
+    );
+    let ns = connect(&again).await;
+    verify(&ns, 0..8).await;
+    ns.close().await;
+}
