@@ -1,5 +1,6 @@
 //! Whether a mount is a volume's: the file system on its device (a staging mount or a bind of one), or its device
-//! node bound onto a file (a raw block publish). Nothing else is ever unmounted or refused as this volume's.
+//! node bound onto a file (a raw block publish); and whether a mount is of a device that is gone. Nothing else is
+//! ever unmounted or refused as this volume's.
 
 use super::*;
 
@@ -43,4 +44,11 @@ pub(super) fn not_this(at: &Path, m: &Mount, uuid: Uuid, dev: Option<&Device>) -
         m.source,
         m.dev
     )
+}
+
+/// Whether mount `m` is of a device that is gone, so no live volume's. A file system's mount names its device,
+/// which is gone if the kernel has no such block device (whether or not the volume has a device now); a raw block
+/// volume's bind names the device-node file system instead, and counts as gone only when the volume has no device.
+pub(super) fn gone(k: &Kernel, m: &Mount, dev: Option<&Device>) -> bool {
+    !k.block_device_exists(&m.dev) && (dev.is_none() || m.fs_type != "devtmpfs")
 }

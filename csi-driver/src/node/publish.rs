@@ -124,9 +124,9 @@ pub(super) fn unpublish(k: &Kernel, mt: &Mounts, uuid: Uuid, target: &Path) -> R
     let dev = k.device(&uuid.to_string());
     for _ in 0..MAX_STACKED {
         let Some(m) = mt.at(target) else { break };
-        // A bind of a file system whose device is gone (the volume's paths removed by hand) is no live volume's:
-        // taken off, or the pod using it would never end.
-        if dev.is_none() && !k.block_device_exists(&m.dev) {
+        // A bind of a file system whose device is gone (the volume's paths removed by hand, maybe connected again
+        // since as a new device) is no live volume's: taken off, or the pod using it would never end.
+        if gone(k, &m, dev.as_ref()) {
             tracing::warn!(volume = %uuid, mount = %m.dev, "the published mount's device is gone: detaching it lazily");
             mt.umount_lazy(target).map_err(Status::internal)?;
             continue;

@@ -181,9 +181,10 @@ pub(super) fn unstage(
     if let Some(m) = &staged
         && !dev.as_ref().is_some_and(|d| fs_of(m, d))
     {
-        // The volume's device is gone (its paths removed by hand) and so is the mount's: a file system left on a
-        // dead device, no live volume's. It is taken off, or the pod using it would never end.
-        if dev.is_none() && !k.block_device_exists(&m.dev) {
+        // The mount's device is gone (the volume's paths removed by hand, maybe connected again since as a new
+        // device): a file system left on a dead device, no live volume's. It is taken off, or the pod using it would
+        // never end.
+        if gone(k, m, dev.as_ref()) {
             tracing::warn!(volume = %uuid, mount = %m.dev, "the staging mount's device is gone: detaching it lazily");
             mt.umount_lazy(staging).map_err(Status::internal)?;
             let n = k.disconnect(&nqn).map_err(Status::internal)?;

@@ -516,6 +516,22 @@ async fn mounts_of_a_device_that_is_gone_are_taken_off() {
     assert!(f.table().contains(&f.p("pod-b/mount")));
 }
 
+/// The volume's device was recreated (its paths removed by hand, the node agent connecting it again: a new device
+/// number) while its file system stayed mounted on the old one: the mounts of the device that is gone are taken
+/// off, though the volume has a device now. Before, only a volume without any device had them taken off, and
+/// unpublish and unstage failed on every retry (the pod stuck Terminating).
+#[tokio::test]
+async fn mounts_of_a_device_that_is_gone_are_taken_off_though_the_volume_has_a_new_one() {
+    let f = Fake::new();
+    // A's device is 259:1 now; its file system is still mounted from 259:9, which is gone.
+    f.mounted("259:9", "/", "stage-a", "ext4", "/dev/nvme0n1");
+    f.bound("259:9", "pod-a/mount");
+    f.unpublish(A, &f.p("pod-a/mount")).await.unwrap();
+    assert!(!f.path("pod-a/mount").exists());
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert!(!f.table().contains(&f.p("stage-a")));
+}
+
 #[tokio::test]
 async fn publish_binds_only_this_volumes_staging_mount() {
     let f = Fake::new();
