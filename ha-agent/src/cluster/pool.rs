@@ -306,17 +306,17 @@ impl Pools {
             })
             .await
         {
-            Ok(_) => {}
-            // No pool of this node's on the disk (wiped by the destroy, another owner's, or the disk gone).
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument
-                ) =>
-            {
-                return Ok(());
+            Ok(p) if p.get_ref().name == r.name => {}
+            // Another pool on the disk now: this one is not there.
+            Ok(_) => return Ok(()),
+            // The call itself did not get through: asked again later.
+            Err(s) if matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled) => {
+                return Err(engine_error(&r.node, s));
             }
-            Err(s) => return Err(engine_error(&r.node, s)),
+            // No pool of this node's on the disk that the engine can open (wiped by the destroy, another
+            // owner's, the disk gone or failing): nothing there for the engine to refuse for, as before it was
+            // asked.
+            Err(_) => return Ok(()),
         }
         match destroy(c).await {
             Ok(_) => Ok(()),

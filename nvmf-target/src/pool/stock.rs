@@ -158,7 +158,6 @@ impl PoolInner {
         waited || gave_back
     }
 
-    /// Whether the label on the disk still names this import (another node may have taken the pool).
     /// Reads the label back before data goes into a cluster this import found free (a first write's, or a
     /// copy-on-write's): an owner displaced by a forced import may find free what the new owner has mapped since,
     /// and must not write there. If another import claimed the pool, fails with [`PoolError::OwnershipLost`] and
@@ -191,6 +190,7 @@ impl PoolInner {
         }
     }
 
+    /// Whether the label on the disk still names this import (another node may have taken the pool).
     pub(super) async fn still_ours(&self) -> bool {
         match self.dev.read(0, LABEL_LEN).await {
             Ok(block) => Label::decode(&block, self.dev.size_bytes()).is_ok_and(|l| {
