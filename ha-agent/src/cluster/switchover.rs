@@ -209,11 +209,18 @@ impl Volumes {
         let mut r = r;
         let mut s = s.clone();
         let t = std::time::Instant::now();
-        // Published elsewhere already: an attempt died before it disowned the replicas it left out.
-        let moved = r
-            .nexus
-            .as_ref()
-            .is_some_and(|n| n.published && n.node != s.from);
+        // Published elsewhere already: an attempt died before it disowned the replicas it left out. Unless the node
+        // it went to is down since (before the new nexus had a healthy child there): then it moves on again, as a
+        // report of its path would move it were this switch-over not on record (never back to the node it left;
+        // the replicas it then leaves out are fenced by the next nexus when they join it).
+        let moved = match r.nexus.as_ref().filter(|n| n.published && n.node != s.from) {
+            Some(n) => self
+                .registry
+                .get(&n.node)
+                .await
+                .is_ok_and(|x| x.record.status.state == NodeState::Online),
+            None => false,
+        };
         let mut end_old = std::time::Duration::ZERO;
         let mut done = Ok(());
         if !moved {

@@ -786,3 +786,105 @@ async fn a_report_of_an_earlier_path_moves_a_nexus_whose_node_is_down() {
     verify(&ns, 0..8).await;
     ns.close().await;
 }
+
+/// The agent dies after the switch-over published the new nexus (the old one ended cleanly) and before it disowned
+/// the old node's replicas; while it is down, the new nexus's node dies. Restarted, the agent moves the nexus on to the last node (not
+/// back to the first) and finishes the switch-over. Before, the switch-over on record counted the nexus as moved
+/// and waited for a healthy child on a dead node for good, answering every report with the dead nexus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_over_whose_new_nexus_node_dies_while_the_agent_is_down_moves_on() {
+    use ha_agent::cluster::failpoint as fp;
+    let (_dir, port, mut agent, mut engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 * MIB,
+        replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let v = &publish_to(&mut c, vol.clone(), "reg-1").await;
+    let ns = connect(v).await;
+    write_all(&ns, 0..8).await;
+    ns.close().await;
+    // The host's path is gone and the old nexus's engine answers: it is ended cleanly, so the new one starts from
+    // the replicas in sync as they are (no resync that would leave the third node's copy out of sync meanwhile).
+    agent.set_env(
+        "FAILPOINTS",
+        &format!("{}=return", fp::RETIRE_GARBAGE_RECORDED),
+    );
+    agent.restart();
+    let t = Instant::now();
+    loop {
+        match c
+            .report_path_failure(report(v, &v.target_addresses[0]))
+            .await
+        {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Cancelled | Code::Unknown
+                ) || std::error::Error::source(&s)
+                    .is_some_and(|e| e.is::<tonic::transport::Error>()) =>
+            {
+                if agent.exited(Duration::from_millis(100)).await.is_some() {
+                    break;
+                }
+            }
+            r => panic!("the agent should have died disowning: {r:?}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never served");
+    }
+    // The node the new nexus went to, from the engines themselves (the agent is down).
+    let mut new_node = None;
+    for (i, n) in nodes.iter().enumerate().skip(1) {
+        let mut e = proto::engine::engine_client::EngineClient::connect(n.engine_endpoint.clone())
+            .await
+            .unwrap();
+        let listed = e
+            .list_nexuses(proto::engine::ListNexusesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nexuses;
+        if listed.iter().any(|x| x.uuid == vol) {
+            new_node = Some((i, n.name.clone()));
+        }
+    }
+    let (i, second) = new_node.expect("the new nexus is on reg-2 or reg-3");
+    engines[i].kill9();
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
+    crate::registry::wait_for(
+        port,
+        &[(second.as_str(), crate::registry::Offline)],
+        "the new nexus's node down",
+    )
+    .await;
+    let t = Instant::now();
+    let moved = loop {
+        if let Ok(m) = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .map(|r| r.into_inner())
+            && !m.nexus_node.is_empty()
+            && m.nexus_node != v.nexus_node
+            && m.nexus_node != second
+            && !m.nqn.is_empty()
+            // The first node's replicas disowned: the switch-over's last stage.
+            && m.replica_list.iter().all(|r| r.node != v.nexus_node)
+        {
+            break m;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the switch-over never moved on; agent log:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ns = connect(&moved).await;
+    verify(&ns, 0..8).await;
+    ns.close().await;
+}
