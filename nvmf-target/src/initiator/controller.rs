@@ -49,8 +49,15 @@ impl Controller {
         )
         .await?;
         let kato = opts.kato.as_millis() as u32;
+        // A refused Connect closes the connection: a queue's tasks hold it open until it is closed, dropped or not.
         let cntlid =
-            fabrics_connect(&admin, opts, 0, ADMIN_DEPTH - 1, kato, CNTLID_DYNAMIC).await?;
+            match fabrics_connect(&admin, opts, 0, ADMIN_DEPTH - 1, kato, CNTLID_DYNAMIC).await {
+                Ok(c) => c,
+                Err(e) => {
+                    admin.close();
+                    return Err(e);
+                }
+            };
         let failed = CancellationToken::new();
         let bring_up = async {
             let cap = admin
@@ -146,7 +153,10 @@ impl Controller {
             .await?;
             // A queue holds at least two entries (SQSIZE is 0's based and 0 is invalid); `depth` bounds what is
             // outstanding.
-            fabrics_connect(&q, opts, qid, depth.max(2) - 1, 0, self.cntlid).await?;
+            if let Err(e) = fabrics_connect(&q, opts, qid, depth.max(2) - 1, 0, self.cntlid).await {
+                q.close();
+                return Err(e);
+            }
             self.io.push(q);
         }
         Ok(())

@@ -217,3 +217,30 @@ async fn connect_to_a_missing_subsystem_fails_clearly() {
         .expect("must fail");
     assert!(e.to_string().contains("invalid parameters"), "{e}");
 }
+
+/// A refused Connect closes its connection: a faulted child whose replica is gone retries every few seconds for as
+/// long as it is away, and each try that left its socket open held a file descriptor and two tasks on both nodes.
+#[tokio::test]
+async fn a_refused_connect_closes_its_connection() {
+    let t = target().await;
+    // A proxy in front of the target tells when the initiator's side of a connection closes.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via = proxy.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let to = t.addr;
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = proxy.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut server = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    let o = ConnectOptions::new(via, "nqn.2026-11.io.keelson:vol-missing");
+    assert!(RemoteNamespace::connect(o, 0).await.is_err());
+    tokio::time::timeout(std::time::Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the refused connection is closed");
+}
