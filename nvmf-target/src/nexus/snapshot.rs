@@ -19,22 +19,24 @@ impl Nexus {
             reason: format!("{what}: {e}"),
         };
         // A child whose connection was lost and made again may have lost writes it had not flushed: its copy would
-        // miss them. Faulted first (as its next write or read would), unless every child lost it.
+        // miss them. It is left out (unless every child lost it); its next write or read faults it. Not faulted here:
+        // that asks the cluster agent, which holds the volume while it asks for this snapshot, and all of the
+        // volume's I/O waits meanwhile.
         let healthy = self.healthy();
         if !healthy.is_empty() && healthy.iter().all(|c| c.lost_connection()) {
             tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
             healthy.iter().for_each(|c| c.accept_reconnect());
         }
-        for c in healthy.iter().filter(|c| c.lost_connection()) {
-            self.fault_confirmed(
-                c,
-                "its connection was lost: unflushed writes may be gone",
-                None,
-            )
-            .await
-            .map_err(|e| failed(&c.name, "fault", &e))?;
-        }
-        let healthy = self.healthy();
+        let healthy: Vec<_> = healthy
+            .into_iter()
+            .filter(|c| {
+                let lost = c.lost_connection();
+                if lost {
+                    tracing::warn!(nexus = %self.name, child = %c.name, "left out of the snapshot: its connection was lost, and unflushed writes may be gone");
+                }
+                !lost
+            })
+            .collect();
         if healthy.is_empty() {
             return Err(NexusError::NoHealthyChild);
         }

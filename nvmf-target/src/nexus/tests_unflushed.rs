@@ -255,16 +255,43 @@ async fn a_rebuild_does_not_copy_from_a_child_that_lost_its_connection() {
     }
 }
 
+/// A fault gate that never answers: the cluster agent holds the volume while it asks for a snapshot.
+#[derive(Debug)]
+struct NeverAnswers;
+
+#[async_trait]
+impl FaultGate for NeverAnswers {
+    async fn confirm(&self, _child: &str, _reason: &str) -> Result<(), String> {
+        std::future::pending().await
+    }
+}
+
+/// A child that lost its connection (its node restarted while the volume was idle) would miss unflushed writes in
+/// its copy: it is left out of the snapshot, without asking the cluster agent to fault it there (the agent holds
+/// the volume while it asks for the snapshot, and the volume's I/O waits on the snapshot). Before, the snapshot
+/// asked, and failed each time once the agent's call timed out; its next I/O faults it.
 #[tokio::test]
 async fn a_snapshot_leaves_out_a_child_that_lost_its_connection() {
     let (a, b) = (Volatile::new(), Volatile::new());
-    let n = nexus(vec![a.clone(), b.clone()]);
+    let mut config = super::tests::config();
+    config.fault_gate = Some(Arc::new(NeverAnswers));
+    let n = Nexus::new(
+        "vol",
+        vec![
+            ("c0".to_string(), a.clone() as Arc<dyn BlockDevice>),
+            ("c1".to_string(), b.clone() as Arc<dyn BlockDevice>),
+        ],
+        config,
+    )
+    .unwrap();
     n.write(0, data(1)).await.unwrap();
     // b's node restarts while the volume is idle: its copy would miss the write.
     b.silent_restart();
-    let taken = n.snapshot(uuid::Uuid::new_v4()).await.unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(5), n.snapshot(uuid::Uuid::new_v4()))
+        .await
+        .expect("the snapshot asks nobody")
+        .unwrap();
     assert_eq!(taken, vec!["c0".to_string()]);
-    assert_eq!(n.state(), NexusState::Degraded);
 }
 
 /// A disk whose flush never answers; everything else goes to memory.
