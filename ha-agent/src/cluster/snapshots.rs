@@ -275,16 +275,29 @@ impl Volumes {
         // disagree. They go first; a node that cannot be reached now keeps its copy out of the record.
         let mut uncleared = Vec::new();
         for node in s.asked.clone() {
-            let r = match self.engine(&node).await {
+            // Not found in a pool its engine has not imported yet (restarted, its disk late): not known to be gone.
+            let pools: Vec<String> = s
+                .copies
+                .iter()
+                .filter(|c| c.node == node)
+                .map(|c| c.pool.clone())
+                .chain(
+                    r.replicas
+                        .iter()
+                        .filter(|x| x.node == node)
+                        .map(|x| x.pool.clone()),
+                )
+                .collect();
+            let cleared = match self.engine(&node).await {
                 Ok(mut c) => {
-                    let r = c
+                    let d = c
                         .destroy_snapshot(epb::DestroySnapshotRequest { uuid: id.clone() })
                         .await;
-                    super::volumes::destroyed(&node, r)
+                    super::garbage::destroyed_unless_pending(&mut c, &node, &pools, r.uuid, d).await
                 }
                 Err(e) => Err(e),
             };
-            if let Err(e) = r {
+            if let Err(e) = cleared {
                 tracing::warn!(snapshot = %id, %node, error = %e, "an earlier copy not cleared: that node's copy is left out");
                 uncleared.push(node);
             }
