@@ -43,6 +43,9 @@ struct Pending {
     /// they brought so far: a target sending more, or out of order, is refused, not buffered.
     read_len: usize,
     read_got: usize,
+    /// Bytes of its write data the target asked for (R2T) so far: never more than the data in all, so a target
+    /// repeating its R2Ts cannot make the queue send (and hold) the data again and again.
+    r2t_asked: usize,
     /// Submitted and written to the socket, for a command the stage timings sample.
     sampled: Option<(Instant, Option<Instant>)>,
 }
@@ -180,7 +183,16 @@ impl Inner {
                     w.len()
                 )));
             }
-            w.slice(start..start + len)
+            if p.r2t_asked + len > w.len() {
+                return Err(InitiatorError::Protocol(format!(
+                    "R2Ts for {} bytes of a {}-byte write",
+                    p.r2t_asked + len,
+                    w.len()
+                )));
+            }
+            let data = w.slice(start..start + len);
+            p.r2t_asked += len;
+            data
         };
         let mut off = 0;
         while off < data.len() {
@@ -380,6 +392,7 @@ impl Queue {
                 read: Vec::new(),
                 read_len,
                 read_got: 0,
+                r2t_asked: 0,
                 sampled: sampled.map(|t| (t, None)),
             })
             .ok_or_else(|| InitiatorError::Protocol("command ID space exhausted".into()))?;
@@ -489,4 +502,83 @@ async fn write_loop(
     use tokio::io::AsyncWriteExt;
     let _ = wr.shutdown().await;
     inner.finished.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::command::io;
+
+    /// A target that asks for a write's data twice over: the queue sends it once, then refuses the repeat (a
+    /// protocol error, the queue closed) rather than send and hold it again for every R2T the target repeats.
+    #[tokio::test]
+    async fn a_target_repeating_its_r2ts_gets_the_data_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let (rd, mut wr) = s.into_split();
+            let codec = PduCodec::new(1 << 20);
+            let mut framed = FramedRead::new(rd, codec.clone());
+            let send = |pdu: Pdu| {
+                let mut parts = Vec::new();
+                codec.encode_parts(&pdu, &mut BytesMut::new(), &mut parts);
+                parts
+            };
+            assert!(matches!(framed.next().await, Some(Ok(Pdu::IcReq(_)))));
+            let mut parts = send(Pdu::IcResp(crate::protocol::pdu::IcResp {
+                pfv: 0,
+                cpda: 0,
+                digests: Digests::default(),
+                maxh2cdata: 4096,
+            }));
+            write_parts(&mut wr, &mut parts).await.unwrap();
+            let Some(Ok(Pdu::CapsuleCmd(c))) = framed.next().await else {
+                panic!("no command");
+            };
+            let r2t = R2t {
+                cccid: c.sqe.cid(),
+                ttag: 1,
+                offset: 0,
+                length: 8192,
+            };
+            for _ in 0..3 {
+                let mut parts = send(Pdu::R2t(r2t));
+                if write_parts(&mut wr, &mut parts).await.is_err() {
+                    break;
+                }
+            }
+            // Every H2CData until the queue closes the connection.
+            let mut data = 0;
+            while let Some(Ok(p)) = framed.next().await {
+                if let Pdu::H2CData(d) = p {
+                    data += d.data.len();
+                }
+            }
+            data
+        });
+        let (q, _) = Queue::connect(
+            addr,
+            1,
+            4,
+            0,
+            Digests::default(),
+            Duration::from_secs(5),
+            None,
+        )
+        .await
+        .unwrap();
+        let r = q
+            .submit(
+                Sqe::rw(io::WRITE, 1, 0, 16, 8192, false),
+                Some(Bytes::from(vec![7u8; 8192])),
+            )
+            .await;
+        assert!(r.is_err(), "{r:?}");
+        let sent = tokio::time::timeout(Duration::from_secs(5), target)
+            .await
+            .expect("the queue closed the connection")
+            .unwrap();
+        assert_eq!(sent, 8192, "the data once");
+    }
 }
