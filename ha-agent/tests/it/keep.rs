@@ -98,6 +98,25 @@ async fn reads_back(v: &pb::Volume, seed: u8) {
     ns.close().await;
 }
 
+/// The agent's consent to fault replica `replica`'s child, asked as the volume's first nexus (key 1, on `node`)
+/// asks it, whatever that nexus does.
+async fn consent(port: u16, node: &str, vol: &str, replica: &str) {
+    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
+        "http://127.0.0.1:{port}"
+    ))
+    .await
+    .unwrap();
+    reg.confirm_child_fault(pb::ConfirmChildFaultRequest {
+        node: node.to_string(),
+        volume: vol.to_string(),
+        key: 1,
+        child: format!("nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{replica}"),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+}
+
 fn index(node: &str) -> usize {
     node.strip_prefix("reg-").unwrap().parse::<usize>().unwrap() - 1
 }
@@ -341,24 +360,8 @@ async fn a_confirmed_fault_is_not_undone_by_a_listing_from_before_the_nexus_appl
     let (a, b) = (v.replica_list[0].clone(), v.replica_list[1].clone());
     let v = publish_on(&c, &vol, &a.node).await.unwrap();
     write_through(&v, 1).await;
-    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
-        "http://127.0.0.1:{port}"
-    ))
-    .await
-    .unwrap();
     // The volume's first nexus has key 1.
-    reg.confirm_child_fault(pb::ConfirmChildFaultRequest {
-        node: a.node.clone(),
-        volume: vol.clone(),
-        key: 1,
-        child: format!(
-            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
-            b.uuid
-        ),
-        reason: "test".into(),
-    })
-    .await
-    .unwrap();
+    consent(port, &a.node, &vol, &b.uuid).await;
     let in_sync = |v: &pb::Volume| {
         v.replica_list
             .iter()
@@ -394,24 +397,8 @@ async fn a_replica_faulted_with_consent_for_an_earlier_nexus_is_in_sync_again_on
     let (a, b) = (v.replica_list[0].clone(), v.replica_list[1].clone());
     let v = publish_on(&c, &vol, &a.node).await.unwrap();
     write_through(&v, 1).await;
-    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
-        "http://127.0.0.1:{port}"
-    ))
-    .await
-    .unwrap();
     // The first nexus (key 1) asks to fault b's child, and goes away before it applies the fault.
-    reg.confirm_child_fault(pb::ConfirmChildFaultRequest {
-        node: a.node.clone(),
-        volume: vol.clone(),
-        key: 1,
-        child: format!(
-            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
-            b.uuid
-        ),
-        reason: "test".into(),
-    })
-    .await
-    .unwrap();
+    consent(port, &a.node, &vol, &b.uuid).await;
     let in_sync = |v: &pb::Volume| {
         v.replica_list
             .iter()
@@ -458,23 +445,7 @@ async fn a_scale_down_retires_the_replica_faulted_with_consent_though_the_nexus_
         .collect();
     away.sort_by(|a, b| a.node.cmp(&b.node));
     let (kept, faulted) = (away[0].clone(), away[1].clone());
-    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
-        "http://127.0.0.1:{port}"
-    ))
-    .await
-    .unwrap();
-    reg.confirm_child_fault(pb::ConfirmChildFaultRequest {
-        node: on.node.clone(),
-        volume: vol.clone(),
-        key: 1,
-        child: format!(
-            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
-            faulted.uuid
-        ),
-        reason: "test".into(),
-    })
-    .await
-    .unwrap();
+    consent(port, &on.node, &vol, &faulted.uuid).await;
     scale(c.clone(), &vol, 2).await.unwrap();
     let v = get(&c, &vol).await;
     let mut left: Vec<String> = v.replica_list.iter().map(|r| r.uuid.clone()).collect();

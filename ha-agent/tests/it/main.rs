@@ -19,4 +19,5 @@ mod scenarios;
 mod snapshots;
 mod store;
 mod switchover;
+mod switchover_restart;
 mod volumes;

@@ -19,28 +19,38 @@ async fn managed(c: &mut ClusterClient<tonic::transport::Channel>) -> Vec<pb::Ma
         .pools
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_empty() {
-    let dir = tempfile::tempdir().unwrap();
+/// An agent and one engine (reg-1) in `dir`, registered; the agent's port, the engine's API port, and a 64 MiB
+/// file in `dir` for a pool.
+async fn one_node(
+    dir: &std::path::Path,
+) -> (
+    u16,
+    crate::registry::Proc,
+    u16,
+    crate::registry::Proc,
+    ClusterClient<tonic::transport::Channel>,
+    std::path::PathBuf,
+) {
     let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
+    let agent = agent(dir, port);
     let grpc = free_port("127.0.0.1");
-    let mut engine = engine_cmd(
-        dir.path(),
-        1,
-        &format!("http://127.0.0.1:{port}"),
-        grpc,
-        &[],
-    );
+    let engine = engine_cmd(dir, 1, &format!("http://127.0.0.1:{port}"), grpc, &[]);
     wait_for(port, &[("reg-1", Online)], "registration").await;
-    let mut c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
+    let c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
         .await
         .unwrap();
-    let disk = dir.path().join("managed.img");
+    let disk = dir.join("managed.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(64 << 20)
         .unwrap();
+    (port, agent, grpc, engine, c, disk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_port, _agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
     let req = |name: &str, disk: &str| pb::CreatePoolRequest {
         node: "reg-1".into(),
         name: name.into(),
@@ -184,25 +194,7 @@ async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_em
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_holding_a_replica_is_not_deleted_while_or_after_its_engine_is_down() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
-    let grpc = free_port("127.0.0.1");
-    let mut engine = engine_cmd(
-        dir.path(),
-        1,
-        &format!("http://127.0.0.1:{port}"),
-        grpc,
-        &[],
-    );
-    wait_for(port, &[("reg-1", Online)], "registration").await;
-    let mut c = ClusterClient::connect(format!("http://127.0.0.1:{port}"))
-        .await
-        .unwrap();
-    let disk = dir.path().join("managed.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    let (port, _agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
     c.create_pool(pb::CreatePoolRequest {
         node: "reg-1".into(),
         name: "p1".into(),
