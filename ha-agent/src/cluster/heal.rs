@@ -275,13 +275,10 @@ impl Volumes {
             // back). Made again on its node, from the replicas; resynced if the old one did not end cleanly.
             self.observe(&r, "Faulted", None);
             tracing::warn!(%uuid, node = %nexus.node, "the nexus is gone from its engine: making it again");
-            let r = match &switching {
-                Some((from, leave)) => {
-                    self.publish_avoiding(r, &nexus.host_nqn, "", false, from, *leave)
-                        .await
-                }
-                None => self.publish_locked(r, &nexus.host_nqn, "", false, "").await,
-            };
+            let (avoid, leave) = avoided(&switching);
+            let r = self
+                .publish_avoiding(r, &nexus.host_nqn, "", false, avoid, leave)
+                .await;
             self.metrics
                 .operation("restart_nexus", if r.is_ok() { "ok" } else { "failed" });
             return r.map(drop);
@@ -491,13 +488,10 @@ impl Volumes {
         r.resync = true;
         self.save(&r).await?;
         self.destroy_nexus(r.uuid, &nexus.node).await?;
-        let done = match &switching {
-            Some((from, leave)) => {
-                self.publish_avoiding(r, &nexus.host_nqn, "", true, from, *leave)
-                    .await
-            }
-            None => self.publish_locked(r, &nexus.host_nqn, "", true, "").await,
-        };
+        let (avoid, leave) = avoided(&switching);
+        let done = self
+            .publish_avoiding(r, &nexus.host_nqn, "", true, avoid, leave)
+            .await;
         self.metrics.operation(
             "restart_faulted_nexus",
             if done.is_ok() { "ok" } else { "failed" },
@@ -954,6 +948,15 @@ impl Volumes {
         }
         Ok(())
     }
+}
+
+/// What a nexus made again avoids (`publish_avoiding`'s node and whether its replicas too): while a switch-over
+/// that moved the nexus is on record, the node it left (and its replicas, if the switch-over left them out); else
+/// nothing (`publish_locked`).
+fn avoided(switching: &Option<(String, bool)>) -> (&str, bool) {
+    switching
+        .as_ref()
+        .map_or(("", true), |(from, leave)| (from.as_str(), *leave))
 }
 
 /// Healing as a reconciler (see [`super::reconcile`]).
