@@ -119,6 +119,12 @@ struct Inner {
     nexuses: Mutex<Vec<nexus::NexusEntry>>,
     /// The nexuses being created or given a child, by UUID: a second such call for one waits for the first.
     changing: claims::Claims<uuid::Uuid>,
+    /// The replicas being made, destroyed, shared or unshared, by UUID: a second such call for one waits, so the
+    /// share kept in the pool and the export agree.
+    sharing: claims::Claims<uuid::Uuid>,
+    /// Held while a nexus or replica export is looked up and made or removed, so two calls at once cannot both
+    /// find none and the loser tear the winner's down.
+    exporting: Mutex<()>,
     faults: Mutex<BTreeMap<(String, u32), Arc<FaultDevice>>>,
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     /// Configured pools not open yet, by name (`pending`).
@@ -160,6 +166,8 @@ impl Engine {
                 backends: Mutex::new(BTreeMap::new()),
                 nexuses: Mutex::new(Vec::new()),
                 changing: claims::Claims::default(),
+                sharing: claims::Claims::default(),
+                exporting: Mutex::new(()),
                 faults: Mutex::new(BTreeMap::new()),
                 pools: Mutex::new(BTreeMap::new()),
                 pending_pools: Mutex::new(BTreeMap::new()),
@@ -206,6 +214,14 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
+    }
+
+    /// Held while an export is checked for and made or removed ([`Inner::exporting`]).
+    fn exporting(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .exporting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn backends(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, u32), ExportSpec>> {

@@ -328,6 +328,7 @@ impl Engine {
     ) -> Result<Nqn, EngineError> {
         let nexus = self.nexus_or_not_found(uuid)?;
         let nqn = Nqn::volume(uuid);
+        let _exporting = self.exporting();
         if let Some((_, Some(existing))) = self.nexus(uuid) {
             return Ok(existing);
         }
@@ -354,6 +355,7 @@ impl Engine {
     }
 
     pub fn unpublish_nexus(&self, uuid: &uuid::Uuid) -> Result<(), EngineError> {
+        let _exporting = self.exporting();
         let nqn = {
             let mut list = self.nexuses_mut();
             let e = list

@@ -478,6 +478,7 @@ impl Engine {
         size: u64,
         share: Option<Share>,
     ) -> Result<ReplicaInfo, EngineError> {
+        let _sharing = self.inner.sharing.claim(uuid).await;
         if let Some((p, _)) = self.find_volume(&uuid)
             && p.name() != pool
         {
@@ -508,6 +509,7 @@ impl Engine {
 
     /// Unexports and destroys a replica; its snapshots stay.
     pub async fn destroy_replica(&self, uuid: &Uuid) -> Result<(), EngineError> {
+        let _sharing = self.inner.sharing.claim(*uuid).await;
         let (pool, _) = Self::replica_of(uuid, self.find_volume_caught_up(uuid).await?)?;
         self.unexport_replica(uuid);
         pool.destroy_volume(*uuid).await?;
@@ -520,6 +522,7 @@ impl Engine {
         uuid: &Uuid,
         hosts: Vec<String>,
     ) -> Result<ReplicaInfo, EngineError> {
+        let _sharing = self.inner.sharing.claim(*uuid).await;
         let (pool, _) = self.find_replica(uuid)?;
         for h in &hosts {
             Nqn::parse(h).map_err(|e| EngineError::InvalidArgument(format!("host {h}: {e}")))?;
@@ -531,6 +534,7 @@ impl Engine {
     }
 
     pub async fn unshare_replica(&self, uuid: &Uuid) -> Result<ReplicaInfo, EngineError> {
+        let _sharing = self.inner.sharing.claim(*uuid).await;
         let (pool, _) = self.find_replica(uuid)?;
         pool.set_share(*uuid, None).await?;
         self.unexport_replica(uuid);
@@ -547,18 +551,26 @@ impl Engine {
         self.replica(uuid)
     }
 
+    /// Exports a replica as `share` says, or changes an export's hosts to them (any host when there are none).
     fn export_replica(&self, pool: &Pool, uuid: Uuid, share: &Share) -> Result<(), EngineError> {
         let nqn = Nqn::replica(&uuid);
+        let _exporting = self.exporting();
         if let Some(sub) = self.target().subsystem(nqn.as_str()) {
+            // Hosts that stay allowed are never left out on the way: any host first when that is the aim, the
+            // new hosts before the old go, any host off last.
+            if share.hosts.is_empty() {
+                sub.set_allow_any_host(true);
+            }
+            for h in &share.hosts {
+                sub.allow_host(h);
+            }
             let want: std::collections::BTreeSet<&String> = share.hosts.iter().collect();
             for h in sub.allowed_hosts() {
                 if !want.contains(&h) {
                     sub.disallow_host(&h);
                 }
             }
-            for h in &share.hosts {
-                sub.allow_host(h);
-            }
+            sub.set_allow_any_host(share.hosts.is_empty());
             return Ok(());
         }
         let device = pool.open_volume(&uuid)?;
@@ -591,6 +603,7 @@ impl Engine {
 
     fn unexport_replica(&self, uuid: &Uuid) {
         let nqn = Nqn::replica(uuid);
+        let _exporting = self.exporting();
         if self.target().subsystem(nqn.as_str()).is_some() {
             let _ = self.target().delete_subsystem(nqn.as_str());
         }
@@ -664,6 +677,7 @@ impl Engine {
         uuid: Uuid,
         share: Option<Share>,
     ) -> Result<ReplicaInfo, EngineError> {
+        let _sharing = self.inner.sharing.claim(uuid).await;
         let (pool, v) = self
             .find_volume(snapshot)
             .ok_or(PoolError::NotFound(PoolObject::Snapshot(*snapshot)))?;
@@ -809,5 +823,35 @@ mod tests {
             pool.volume_meta(&uuid).is_none(),
             "the replica was created after its destroy"
         );
+    }
+
+    /// Sharing an exported replica with named hosts ends the access of any other host, and sharing it with none
+    /// opens it to any; hosts on both lists keep their connections. Before, an export made for any host stayed
+    /// open to any host whatever the new list said (and one made for named hosts, shared with none, let no host in).
+    #[tokio::test]
+    async fn resharing_a_replica_changes_whether_any_host_may_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        let uuid = Uuid::new_v4();
+        let (a, other) = (
+            "nqn.2026-11.io.keelson:node-a".to_string(),
+            "nqn.2026-11.io.keelson:node-other",
+        );
+        engine
+            .create_replica("p", uuid, 4 << 20, Some(Share { hosts: vec![] }))
+            .await
+            .unwrap();
+        let sub = || {
+            engine
+                .target()
+                .subsystem(Nqn::replica(&uuid).as_str())
+                .unwrap()
+        };
+        assert!(sub().host_allowed(other));
+        engine.share_replica(&uuid, vec![a.clone()]).await.unwrap();
+        assert!(sub().host_allowed(&a));
+        assert!(!sub().host_allowed(other), "still open to any host");
+        engine.share_replica(&uuid, vec![]).await.unwrap();
+        assert!(sub().host_allowed(other) && sub().host_allowed(&a));
     }
 }

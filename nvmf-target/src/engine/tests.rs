@@ -1,4 +1,4 @@
-//! The engine: which nexuses a shutdown ended cleanly, and creates of the same nexus at once.
+//! The engine: which nexuses a shutdown ended cleanly, and creates or publishes of the same nexus at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,4 +127,43 @@ async fn two_creates_of_the_same_nexus_at_once_both_get_it() {
     let (a, b) = (a.unwrap(), b.unwrap());
     assert!(Arc::ptr_eq(&a, &b), "two nexuses made");
     assert_eq!(engine.nexuses().len(), 1);
+}
+
+/// Two publishes of the same nexus at once (a PublishNexus retried while the first still runs) both get its NQN and
+/// leave it published. Before, both found it unpublished, the second's namespace clashed with the first's, and the
+/// second deleted the subsystem the first had made: the nexus listed as published, no host could reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_publishes_of_the_same_nexus_at_once_leave_it_published() {
+    let engine = Engine::new(EngineConfig {
+        node_name: "n".into(),
+        target: Default::default(),
+    });
+    let uuid = uuid::Uuid::new_v4();
+    let kids = children(&engine, "e");
+    engine
+        .create_nexus(uuid, &kids, NexusOptions::default())
+        .await
+        .unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    for round in 0..200 {
+        let start = std::sync::Barrier::new(2);
+        let publish = || {
+            let _in = runtime.enter();
+            start.wait();
+            engine.publish_nexus(&uuid, 1, true, &[])
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(publish);
+            let b = s.spawn(publish);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a, b);
+        let sub = engine.target().subsystem(a.as_str());
+        assert!(
+            sub.is_some_and(|s| s.namespace(1).is_some()),
+            "round {round}: the nexus is listed as published but not exported"
+        );
+        engine.unpublish_nexus(&uuid).unwrap();
+    }
 }

@@ -204,6 +204,20 @@ impl Subsystem {
         self.cfg_mut().allowed_hosts.insert(hostnqn.to_string());
     }
 
+    /// Lets any host connect, or only those on the allow-list; controllers of hosts no longer allowed are ended.
+    pub fn set_allow_any_host(&self, any: bool) {
+        self.cfg_mut().allow_any_host = any;
+        if !any {
+            for c in self
+                .controllers()
+                .into_iter()
+                .filter(|c| !self.host_allowed(&c.hostnqn))
+            {
+                c.shutdown("any host is no longer allowed");
+            }
+        }
+    }
+
     /// Removes a host from the allow-list and disconnects its controllers.
     pub fn disallow_host(&self, hostnqn: &str) {
         self.cfg_mut().allowed_hosts.remove(hostnqn);
