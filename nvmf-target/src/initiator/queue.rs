@@ -127,8 +127,15 @@ impl Inner {
             let decoded = p.sampled.and_then(|(_, written)| {
                 written.map(|w| timing::record_since(Stage::InitiatorRemote, w))
             });
+            let (got, asked) = (p.read_got, p.read_len);
             let data = join(p.read);
-            let r = if cqe.status.is_success() {
+            let r = if cqe.status.is_success() && got != asked {
+                // A successful read moves every byte it asked for: less would pass for data it is not.
+                Err(InitiatorError::Protocol(format!(
+                    "CID {} completed with {got} of its {asked} bytes of data",
+                    cqe.cid
+                )))
+            } else if cqe.status.is_success() {
                 Ok((Completion { cqe, data }, decoded))
             } else {
                 Err(InitiatorError::Status(cqe.status))
@@ -511,8 +518,15 @@ mod tests {
 
     /// A target that asks for a write's data twice over: the queue sends it once, then refuses the repeat (a
     /// protocol error, the queue closed) rather than send and hold it again for every R2T the target repeats.
-    #[tokio::test]
-    async fn a_target_repeating_its_r2ts_gets_the_data_once() {
+    type Framed = FramedRead<tokio::net::tcp::OwnedReadHalf, PduCodec>;
+
+    /// A hand-written target on a local port: answers the ICReq, then hands its reader, writer and codec to `then`.
+    async fn fake_target<F, Fut, T>(then: F) -> (std::net::SocketAddr, tokio::task::JoinHandle<T>)
+    where
+        F: FnOnce(Framed, tokio::net::tcp::OwnedWriteHalf, PduCodec) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T> + Send,
+        T: Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let target = tokio::spawn(async move {
@@ -520,19 +534,47 @@ mod tests {
             let (rd, mut wr) = s.into_split();
             let codec = PduCodec::new(1 << 20);
             let mut framed = FramedRead::new(rd, codec.clone());
-            let send = |pdu: Pdu| {
-                let mut parts = Vec::new();
-                codec.encode_parts(&pdu, &mut BytesMut::new(), &mut parts);
-                parts
-            };
             assert!(matches!(framed.next().await, Some(Ok(Pdu::IcReq(_)))));
-            let mut parts = send(Pdu::IcResp(crate::protocol::pdu::IcResp {
-                pfv: 0,
-                cpda: 0,
-                digests: Digests::default(),
-                maxh2cdata: 4096,
-            }));
+            let mut parts = encode(
+                &codec,
+                Pdu::IcResp(crate::protocol::pdu::IcResp {
+                    pfv: 0,
+                    cpda: 0,
+                    digests: Digests::default(),
+                    maxh2cdata: 4096,
+                }),
+            );
             write_parts(&mut wr, &mut parts).await.unwrap();
+            then(framed, wr, codec).await
+        });
+        (addr, target)
+    }
+
+    fn encode(codec: &PduCodec, pdu: Pdu) -> Vec<Bytes> {
+        let mut parts = Vec::new();
+        codec.encode_parts(&pdu, &mut BytesMut::new(), &mut parts);
+        parts
+    }
+
+    async fn queue_to(addr: std::net::SocketAddr) -> Queue {
+        Queue::connect(
+            addr,
+            1,
+            4,
+            0,
+            Digests::default(),
+            Duration::from_secs(5),
+            None,
+        )
+        .await
+        .unwrap()
+        .0
+    }
+
+    #[tokio::test]
+    async fn a_target_repeating_its_r2ts_gets_the_data_once() {
+        let (addr, target) = fake_target(|mut framed, mut wr, codec| async move {
+            let send = |pdu: Pdu| encode(&codec, pdu);
             let Some(Ok(Pdu::CapsuleCmd(c))) = framed.next().await else {
                 panic!("no command");
             };
@@ -556,18 +598,9 @@ mod tests {
                 }
             }
             data
-        });
-        let (q, _) = Queue::connect(
-            addr,
-            1,
-            4,
-            0,
-            Digests::default(),
-            Duration::from_secs(5),
-            None,
-        )
-        .await
-        .unwrap();
+        })
+        .await;
+        let q = queue_to(addr).await;
         let r = q
             .submit(
                 Sqe::rw(io::WRITE, 1, 0, 16, 8192, false),
@@ -580,5 +613,45 @@ mod tests {
             .expect("the queue closed the connection")
             .unwrap();
         assert_eq!(sent, 8192, "the data once");
+    }
+
+    /// A target that answers a read with success but only part of its data (here none): the read fails rather
+    /// than hand the nexus fewer bytes than it asked for as if they were the range.
+    #[tokio::test]
+    async fn a_read_completed_without_all_its_data_fails() {
+        let (addr, _target) = fake_target(|mut framed, mut wr, codec| async move {
+            let Some(Ok(Pdu::CapsuleCmd(c))) = framed.next().await else {
+                panic!("no command");
+            };
+            let mut parts = encode(
+                &codec,
+                Pdu::C2HData(DataPdu {
+                    cccid: c.sqe.cid(),
+                    ttag: 0,
+                    offset: 0,
+                    data: Bytes::from(vec![1u8; 512]),
+                    last: true,
+                    success: false,
+                }),
+            );
+            parts.extend(encode(
+                &codec,
+                Pdu::CapsuleResp(Cqe::new(
+                    c.sqe.cid(),
+                    crate::protocol::status::Status::SUCCESS,
+                )),
+            ));
+            write_parts(&mut wr, &mut parts).await.unwrap();
+            std::future::pending::<()>().await
+        })
+        .await;
+        let q = queue_to(addr).await;
+        let r = q
+            .submit(Sqe::rw(io::READ, 1, 0, 8, 4096, false), None)
+            .await;
+        match r {
+            Err(InitiatorError::Protocol(m)) => assert!(m.contains("512 of its 4096"), "{m}"),
+            other => panic!("a short read passed: {other:?}"),
+        }
     }
 }
