@@ -244,7 +244,15 @@ impl Pools {
         }
     }
 
-    pub async fn delete(&self, node: &str, name: &str) -> Result<(), PoolOpError> {
+    /// Deletes a pool: refused while `holders` (the volumes the agent keeps a replica of in it, asked once the
+    /// delete is on record) names any, or while its engine refuses (it holds replicas); otherwise destroyed on its
+    /// engine and forgotten.
+    pub async fn delete(
+        &self,
+        node: &str,
+        name: &str,
+        holders: impl std::future::Future<Output = Result<Vec<String>, PoolOpError>>,
+    ) -> Result<(), PoolOpError> {
         let Some((rev, mut r)) = self.read(node, name).await? else {
             return Err(PoolOpError::NotFound(format!("pool {node}/{name}")));
         };
@@ -255,7 +263,21 @@ impl Pools {
                 "pool {node}/{name} changed meanwhile; ask again"
             )));
         }
-        match self.engine_destroy(&r).await {
+        // The volume records say, whatever the engine can tell: one that cannot import the pool now (its disk late
+        // or failing after a restart) would take it for gone, and its replicas would be lost to the cluster.
+        let held = match holders.await {
+            Ok(v) if v.is_empty() => Ok(()),
+            Ok(v) => Err(PoolOpError::FailedPrecondition(format!(
+                "pool {node}/{name} holds replicas of {}",
+                v.join(", ")
+            ))),
+            Err(e) => Err(e),
+        };
+        let result = match held {
+            Ok(()) => self.engine_destroy(&r).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => {
                 self.store.delete(&key(node, name)).await?;
                 tracing::info!(node, pool = name, "pool deleted");

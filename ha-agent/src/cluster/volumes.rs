@@ -285,6 +285,26 @@ impl Volumes {
             .collect()
     }
 
+    /// The volumes and snapshots with a replica or copy in pool `pool` of `node`, as their records say (what a
+    /// pool's delete must leave alone).
+    pub async fn held_in_pool(&self, node: &str, pool: &str) -> Result<Vec<String>, VolumeError> {
+        let mut held: Vec<String> = self
+            .list_sound()
+            .await?
+            .into_iter()
+            .filter(|v| v.replicas.iter().any(|r| r.node == node && r.pool == pool))
+            .map(|v| format!("volume {}", v.uuid))
+            .collect();
+        held.extend(
+            self.list_snapshots(None)
+                .await?
+                .into_iter()
+                .filter(|s| s.copies.iter().any(|c| c.node == node && c.pool == pool))
+                .map(|s| format!("snapshot {}", s.uuid)),
+        );
+        Ok(held)
+    }
+
     /// Every volume record that decodes; a corrupt one is logged and skipped, so it stops no one else's healing.
     pub(super) async fn list_sound(&self) -> Result<Vec<VolumeRecord>, VolumeError> {
         Ok(self

@@ -271,3 +271,79 @@ async fn a_pool_holding_a_replica_is_not_deleted_while_or_after_its_engine_is_do
         .replicas;
     assert!(replicas.iter().any(|r| r.uuid == replica), "{replicas:?}");
 }
+
+/// A pool holding a volume's replica is not deleted when its engine, restarted, cannot import it (its disk late):
+/// the volume's record says the replica is there whatever the engine can tell, and the pool comes back with its
+/// replica once the disk does. Before, the failed import counted as the pool being gone: its record was deleted,
+/// it was never imported again, and the volume's only copy was lost to the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_disk_is_late_after_a_restart_is_not_deleted_under_its_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, _agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
+    c.create_pool(pb::CreatePoolRequest {
+        node: "reg-1".into(),
+        name: "p1".into(),
+        disk: disk.display().to_string(),
+    })
+    .await
+    .unwrap();
+    let t = Instant::now();
+    while !managed(&mut c).await[0].reported {
+        assert!(t.elapsed() < Duration::from_secs(30), "never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 << 20,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    engine.kill9();
+    wait_for(
+        port,
+        &[("reg-1", crate::registry::Offline)],
+        "the node down",
+    )
+    .await;
+    let away = dir.path().join("away.img");
+    std::fs::rename(&disk, &away).unwrap();
+    engine.restart();
+    wait_for(port, &[("reg-1", Online)], "the node back").await;
+    match c
+        .delete_pool(pb::DeletePoolRequest {
+            node: "reg-1".into(),
+            name: "p1".into(),
+        })
+        .await
+    {
+        Err(s) if s.code() == Code::FailedPrecondition => {
+            assert!(s.message().contains(&vol), "{s:?}")
+        }
+        r => panic!("deleted the pool of a volume's replica: {r:?}"),
+    }
+    std::fs::rename(&away, &disk).unwrap();
+    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let replicas = e
+            .list_replicas(epb::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .replicas;
+        if !replicas.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the pool never came back: {:?}",
+            managed(&mut c).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
