@@ -129,15 +129,22 @@ impl Nexus {
         let mut holders: Vec<Arc<Child>> = Vec::new();
         let mut faulted_holder = false;
         let mut failed: Vec<(&Arc<Child>, String, BlockError)> = Vec::new();
-        // A child that lost its connection is trusted no more, unless every child that answered did (see
-        // `accept_reconnect`).
+        // A child that lost its connection is trusted no more, unless every child in sync when the write was sent
+        // did (see `accept_reconnect`), those whose write failed included: one that failed this write without
+        // losing its connection still holds the earlier writes the others may have lost.
         let answered: Vec<&Arc<Child>> = targets
             .iter()
             .zip(&results)
             .filter(|(_, r)| matches!(r, Ok(Ok(()))))
             .map(|(c, _)| c)
             .collect();
-        if !answered.is_empty() && answered.iter().all(|c| c.lost_connection()) {
+        let in_sync_all_lost = targets
+            .iter()
+            .zip(&sent_healthy)
+            .filter(|(_, h)| **h)
+            .all(|(c, _)| c.lost_connection());
+        if !answered.is_empty() && in_sync_all_lost && answered.iter().all(|c| c.lost_connection())
+        {
             tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
             answered.iter().for_each(|c| c.accept_reconnect());
         }

@@ -227,6 +227,28 @@ async fn when_every_child_lost_its_connection_they_are_all_kept() {
     assert_eq!(n.read(0, SEGMENT).await.unwrap(), data(1));
 }
 
+/// One child lost its connection (and with it a write it had not flushed) while the other, still connected, fails
+/// the next write: the first is not kept as if every child had lost its connection. Before, only the children
+/// whose write succeeded were looked at: the one that lost the earlier write was kept as the only healthy child,
+/// the other faulted, and reads served data older than an acknowledged write.
+#[tokio::test]
+async fn a_child_that_lost_its_connection_is_not_kept_when_the_other_fails_a_write() {
+    let a = Volatile::new();
+    let b = super::tests::faulty();
+    let n = nexus(vec![a.clone(), b.clone()]);
+    n.write(0, data(1)).await.unwrap();
+    a.silent_restart();
+    b.set_plan(crate::block::fault::FaultPlan {
+        fail_after: Some(0),
+        ..Default::default()
+    });
+    let _ = n.write(8 << 20, data(3)).await;
+    // Neither child holds both writes: failing is right, stale data is not.
+    if let Ok(d) = n.read(0, SEGMENT).await {
+        assert_eq!(d, data(1), "an acknowledged write is gone");
+    }
+}
+
 #[tokio::test]
 async fn a_rebuild_does_not_copy_from_a_child_that_lost_its_connection() {
     let a = Volatile::new();
