@@ -256,6 +256,27 @@ impl Child {
         })
     }
 
+    /// The record of the segments of this faulted child's log that no kept record names yet (what it had not
+    /// flushed when it was faulted, or what a failed record was to name), if there are any: made without waiting for
+    /// a write there, so a clean end never leaves them unnamed.
+    pub fn unrecorded(&self) -> Option<MissedWrites> {
+        let s = self.st();
+        if s.state != ChildState::Faulted {
+            return None;
+        }
+        let log = s.log.as_ref()?;
+        let ranges: Vec<(u64, u64)> = log
+            .unrecorded
+            .runs(u64::MAX)
+            .map(|r| (r.start, r.end - r.start))
+            .collect();
+        (!ranges.is_empty()).then(|| MissedWrites {
+            child: stable_key(&self.name),
+            since_ms: log.since_ms,
+            ranges,
+        })
+    }
+
     /// The record `m` that [`Child::log_write`] returned is kept on the other children: its segments are named.
     pub fn log_recorded(&self, m: &MissedWrites) {
         let mut s = self.st();

@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::block::BlockError;
+use crate::block::{BlockError, MissedWrites};
 
 use super::Nexus;
 use super::child::{Child, ChildState};
@@ -113,8 +113,40 @@ impl Nexus {
         }
         if c.fault(reason) {
             self.changed();
+            // What it had not flushed is named on the others now, not only once a write there comes.
+            self.record_unrecorded().await;
         }
         Ok(true)
+    }
+
+    /// Keeps on the healthy children the records of what faulted children may have lost that no kept record names
+    /// yet ([`Child::unrecorded`]); whether none is left unkept.
+    pub(super) async fn record_unrecorded(&self) -> bool {
+        let pending: Vec<(Arc<Child>, MissedWrites)> = self
+            .list()
+            .into_iter()
+            .filter_map(|c| c.unrecorded().map(|m| (c, m)))
+            .collect();
+        if pending.is_empty() {
+            return true;
+        }
+        let keepers = self.healthy();
+        if keepers.is_empty() {
+            return false;
+        }
+        let records: Vec<MissedWrites> = pending.iter().map(|(_, m)| m.clone()).collect();
+        match super::io::persist_missed(&keepers, &records, self.config.io_timeout).await {
+            Ok(()) => {
+                for (c, m) in &pending {
+                    c.log_recorded(m);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(nexus = %self.name, error = %e, "cannot record what a faulted child missed");
+                false
+            }
+        }
     }
 
     /// Faults `c` without asking if no other child is healthy (no write is acknowledged without it, so its

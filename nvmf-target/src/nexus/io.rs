@@ -331,7 +331,7 @@ impl Drop for TornUnlessAcknowledged<'_> {
 /// devices) are skipped; if every one that could failed, the write fails rather than leave the log incomplete. A
 /// holder that does not answer within `timeout` (its pool's journal stalled) counts as failed: the write, and its
 /// range, never wait on it longer than on a child's I/O.
-async fn persist_missed(
+pub(super) async fn persist_missed(
     holders: &[Arc<Child>],
     new: &[MissedWrites],
     timeout: std::time::Duration,

@@ -424,8 +424,8 @@ impl Nexus {
     /// healthy children flush. `true`: a clean end: every write it took either completed on
     /// its children or never started, and they made it durable, so the children agree, whatever happens to them
     /// next; `false`: some write was still in flight when it gave up, one failed after some children took it (they
-    /// may differ there: a write that waited for consent to fault a child, given up at this shutdown, is one), or a
-    /// child's flush failed. (The next nexus
+    /// may differ there: a write that waited for consent to fault a child, given up at this shutdown, is one), a
+    /// faulted child's unflushed writes could not be recorded on the others, or a child's flush failed. (The next nexus
     /// knows nothing of what this one's children had not flushed: a child that lost it in a power cut would
     /// disagree with the others for good, and no rebuild would ever look there.)
     pub async fn shutdown(&self) -> bool {
@@ -455,7 +455,13 @@ impl Nexus {
         if torn {
             tracing::warn!(nexus = %self.name, "shut down after a write failed that some children took: not a clean end");
         }
-        drained && settled && self.flush_on_end().await && !torn
+        // A child faulted with writes it had not flushed, and no write there since: its record is kept now, or the
+        // end is not clean (a later nexus would trust the child there).
+        let recorded = self.record_unrecorded().await;
+        if !recorded {
+            tracing::warn!(nexus = %self.name, "shut down without recording what a faulted child missed: not a clean end");
+        }
+        drained && settled && recorded && self.flush_on_end().await && !torn
     }
 
     /// Flushes every healthy child (each within the I/O timeout): whether all did.

@@ -124,6 +124,15 @@ impl Nexus {
             )
             .await;
             let skipped = r.as_ref().map_or(0, |s| s.bytes_skipped);
+            // A destination whose connection was lost and made again during the copy (its node restarted while
+            // idle: no copy failed) may have lost what it took before: it is not complete.
+            let r = r.map_err(|e| e.to_string()).and_then(|s| {
+                if child.lost_connection() {
+                    Err("the child's connection was lost during the rebuild: copies it had not flushed may be gone".to_string())
+                } else {
+                    Ok(s)
+                }
+            });
             if r.is_ok() && child.state() == ChildState::Rebuilding {
                 // The child is complete: what others recorded for it, and what it recorded before it went away,
                 // is of no use any more. Dropped before it turns healthy, so no new record can be lost.
@@ -142,7 +151,7 @@ impl Nexus {
                 Err(e) => {
                     child.fault(&format!("rebuild failed: {e}"));
                     child.rebuild_done();
-                    Some(e.to_string())
+                    Some(e)
                 }
             };
             let copied = progress.done_bytes() - skipped;

@@ -163,3 +163,41 @@ async fn a_record_that_failed_is_made_again_by_the_next_write_there() {
         "acknowledged with no record naming what c1 missed"
     );
 }
+
+/// A child faulted with a write it had not flushed (its node may lose it), and no write there after: the clean end
+/// keeps the record naming that write's segment. Before, only a later write to the segment made the record, the
+/// end was called clean, and the next nexus trusted the child there.
+#[tokio::test]
+async fn what_a_faulted_child_had_not_flushed_is_recorded_by_a_clean_end() {
+    let holder = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
+    let n = nexus(vec![holder.clone(), faulty()]);
+    n.write(0, pattern(1, 4096)).await.unwrap();
+    n.fault_child("c1", "its node is going away").unwrap();
+    assert!(n.shutdown().await);
+    assert!(
+        holder.names("c1", 0),
+        "nothing names the write c1 had not flushed"
+    );
+}
+
+/// The same when a read faults the child: the record is made at once, not at the next write there.
+#[tokio::test]
+async fn a_child_faulted_by_reads_has_what_it_had_not_flushed_recorded_at_once() {
+    let holder = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
+    let away = faulty();
+    let n = nexus(vec![holder.clone(), away.clone()]);
+    n.write(0, pattern(1, 4096)).await.unwrap();
+    away.set_plan(FaultPlan {
+        fail_after: Some(0),
+        reads_too: true,
+        ..Default::default()
+    });
+    for _ in 0..16 {
+        n.read(0, 4096).await.unwrap();
+    }
+    assert!(n.child("c1").unwrap().state() != super::ChildState::Healthy);
+    assert!(
+        holder.names("c1", 0),
+        "nothing names the write c1 had not flushed"
+    );
+}

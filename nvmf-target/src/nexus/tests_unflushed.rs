@@ -277,6 +277,41 @@ async fn a_rebuild_does_not_copy_from_a_child_that_lost_its_connection() {
     }
 }
 
+/// The destination of a rebuild whose node restarts during the copy (idle: no copy fails, its connection comes
+/// back) loses the copies it had not flushed: the rebuild fails instead of making it healthy. Before, it turned
+/// healthy with zeroes where the copies had been, and once the source left, reads served them.
+#[tokio::test]
+async fn a_rebuild_whose_destination_lost_its_connection_does_not_make_it_healthy() {
+    let mut config = super::tests::config();
+    config.rebuild.rate_limit = Some(4 << 20);
+    config.rebuild.parallel = 1;
+    config.rebuild.copy_size = SEGMENT;
+    let source: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(SIZE, 512));
+    let n = Nexus::new("vol", vec![("c0".to_string(), source)], config).unwrap();
+    n.write(0, data(7)).await.unwrap();
+    let d = Volatile::new();
+    n.add_child("c1", d.clone()).unwrap();
+    // The first segments are copied by now, the copy far from done.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.silent_restart();
+    let mut history = n.rebuild_history();
+    for _ in 0..2000 {
+        if !history.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        history = n.rebuild_history();
+    }
+    let r = history.pop().expect("the rebuild never ended");
+    if r.error.is_none() {
+        assert_eq!(
+            d.read(0, SEGMENT).await.unwrap(),
+            data(7),
+            "made healthy without the copies it lost"
+        );
+    }
+}
+
 /// A fault gate that never answers: the cluster agent holds the volume while it asks for a snapshot.
 #[derive(Debug)]
 struct NeverAnswers;
