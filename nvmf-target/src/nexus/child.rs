@@ -277,6 +277,25 @@ impl Child {
         })
     }
 
+    /// The record of every segment this faulted child missed (its whole log), if it keeps one: what a child that
+    /// just caught up must hold about it, as the others do.
+    pub fn missed_record(&self) -> Option<MissedWrites> {
+        let s = self.st();
+        if s.state != ChildState::Faulted {
+            return None;
+        }
+        let log = s.log.as_ref()?;
+        Some(MissedWrites {
+            child: stable_key(&self.name),
+            since_ms: log.since_ms,
+            ranges: log
+                .map
+                .runs(u64::MAX)
+                .map(|r| (r.start, r.end - r.start))
+                .collect(),
+        })
+    }
+
     /// The record `m` that [`Child::log_write`] returned is kept on the other children: its segments are named.
     pub fn log_recorded(&self, m: &MissedWrites) {
         let mut s = self.st();

@@ -133,16 +133,22 @@ impl Nexus {
                     Ok(s)
                 }
             });
-            if r.is_ok() && child.state() == ChildState::Rebuilding {
-                // The child is complete: what others recorded for it, and what it recorded before it went away,
-                // is of no use any more. Dropped before it turns healthy, so no new record can be lost.
-                nexus.forget_missed(&child.name).await;
-                if let Ok(old) = child.device.missed().await {
-                    for m in old {
-                        let _ = child.device.forget_missed(&m.child).await;
+            let r = match r {
+                Ok(s) if child.state() == ChildState::Rebuilding => {
+                    // The child is complete: what others recorded for it, and what it recorded before it went
+                    // away, is of no use any more. Dropped before it turns healthy, so no new record can be lost.
+                    nexus.forget_missed(&child.name).await;
+                    if let Ok(old) = child.device.missed().await {
+                        for m in old {
+                            let _ = child.device.forget_missed(&m.child).await;
+                        }
                     }
+                    // It holds, as the others do, what the children still away missed (the copy moved data, not
+                    // records): a later nexus over it and one of them must know.
+                    nexus.record_away_on(&child).await.map(|()| s)
                 }
-            }
+                r => r,
+            };
             // The record is in the history before anyone can see the child healthy (the history's lock is held
             // across both): whoever sees the nexus Online after a rebuild finds that rebuild in its history.
             let mut history = nexus.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -169,6 +175,24 @@ impl Nexus {
             drop(history);
             nexus.changed();
         });
+    }
+
+    /// Keeps on `child` the records of what every child still away missed.
+    async fn record_away_on(&self, child: &Arc<Child>) -> Result<(), String> {
+        let records: Vec<_> = self
+            .list()
+            .into_iter()
+            .filter(|c| c.name != child.name)
+            .filter_map(|c| c.missed_record())
+            .collect();
+        for m in &records {
+            match tokio::time::timeout(self.config.io_timeout, child.device.note_missed(m)).await {
+                Ok(Ok(())) | Ok(Err(crate::block::BlockError::Unsupported)) => {}
+                Ok(Err(e)) => return Err(format!("recording on it what {} missed: {e}", m.child)),
+                Err(_) => return Err(format!("recording on it what {} missed timed out", m.child)),
+            }
+        }
+        Ok(())
     }
 
     /// Drops the persisted record of what `name` missed from every child (it caught up or left). Best effort: a

@@ -201,3 +201,39 @@ async fn a_child_faulted_by_reads_has_what_it_had_not_flushed_recorded_at_once()
         "nothing names the write c1 had not flushed"
     );
 }
+
+/// A child that caught up holds the records of the children still away, as the others do: before, its rebuild's end
+/// dropped every record it held and the copy brought none, so once the others were gone a later nexus over it and
+/// a child still away found nothing naming what that one missed, and trusted it.
+#[tokio::test]
+async fn a_child_that_caught_up_holds_what_the_children_still_away_missed() {
+    let x = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
+    let y = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
+    let away = faulty();
+    let n = nexus(vec![x.clone(), y.clone(), away.clone()]);
+    away.set_plan(FaultPlan {
+        fail_after: Some(0),
+        ..Default::default()
+    });
+    n.write(0, pattern(1, 4096)).await.unwrap();
+    assert!(x.names("c2", 0));
+    n.fault_child("c0", "its node restarts").unwrap();
+    n.write(SEGMENT_2, pattern(2, 4096)).await.unwrap();
+    n.rejoin_child("c0", x.clone()).await.unwrap();
+    for _ in 0..2000 {
+        if !n.rebuild_history().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(n.rebuild_history().pop().unwrap().error, None);
+    assert!(
+        x.names("c2", 0),
+        "the record of what c2 missed is gone from c0"
+    );
+    assert!(
+        x.names("c2", SEGMENT_2),
+        "c0 never got the record of what c2 missed while c0 was away"
+    );
+    assert!(!x.names("c0", 0) && !y.names("c0", SEGMENT_2));
+}
