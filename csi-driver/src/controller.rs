@@ -137,12 +137,16 @@ fn agent_error(s: Status) -> Status {
 }
 
 fn required<'a>(v: &'a str, field: &str) -> Result<&'a str, Status> {
+    required_within(v, field, MAX_NAME)
+}
+
+fn required_within<'a>(v: &'a str, field: &str, max: usize) -> Result<&'a str, Status> {
     if v.is_empty() {
         return Err(invalid(format!("{field} is required")));
     }
-    if v.len() > MAX_NAME {
+    if v.len() > max {
         return Err(invalid(format!(
-            "{field} is {} bytes; at most {MAX_NAME}",
+            "{field} is {} bytes; at most {max}",
             v.len()
         )));
     }
@@ -475,7 +479,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = volume_id(&r.volume_id)?;
-        let node = required(&r.node_id, "node_id")?;
+        let node = required_within(&r.node_id, "node_id", crate::names::MAX_NODE_ID)?;
         let cap = r
             .volume_capability
             .as_ref()
@@ -915,6 +919,42 @@ mod tests {
             required_bytes: req,
             limit_bytes: limit,
         })
+    }
+
+    /// A node id past the general 128-byte limit (a long Kubernetes node name) is taken, as the spec allows node
+    /// ids up to 256 bytes; before, every ControllerPublishVolume to such a node was INVALID_ARGUMENT.
+    #[tokio::test]
+    async fn node_ids_may_be_longer_than_names() {
+        let agent = Agent::new(
+            &["http://127.0.0.1:1".into()],
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let svc = ControllerService::new(Arc::new(agent));
+        let publish = |node: String| ControllerPublishVolumeRequest {
+            volume_id: Uuid::new_v4().to_string(),
+            node_id: node,
+            volume_capability: Some(VolumeCapability {
+                access_type: Some(volume_capability::AccessType::Block(
+                    volume_capability::BlockVolume {},
+                )),
+                access_mode: Some(volume_capability::AccessMode {
+                    mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                }),
+            }),
+            ..Default::default()
+        };
+        // The agent cannot be reached here: anything but a refusal of the id itself.
+        let long = svc
+            .controller_publish_volume(Request::new(publish("n".repeat(150))))
+            .await
+            .unwrap_err();
+        assert_ne!(long.code(), Code::InvalidArgument, "{long:?}");
+        let too_long = svc
+            .controller_publish_volume(Request::new(publish("n".repeat(257))))
+            .await
+            .unwrap_err();
+        assert_eq!(too_long.code(), Code::InvalidArgument);
     }
 
     #[test]

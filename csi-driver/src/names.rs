@@ -13,6 +13,10 @@ const SNAPSHOT_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_736f_4e00_8000_0000
 /// Longest name or id accepted (the CSI spec's size limit for strings it passes).
 pub const MAX_NAME: usize = 128;
 
+/// Longest node id accepted: the spec lets `NodeGetInfoResponse.node_id` (a Kubernetes node's name, up to 253
+/// characters) exceed the general limit, up to 256 bytes, and the attacher passes it back as is.
+pub const MAX_NODE_ID: usize = 256;
+
 pub fn volume_uuid(name: &str) -> Uuid {
     Uuid::new_v5(&VOLUME_NAMESPACE, name.as_bytes())
 }

@@ -77,7 +77,13 @@ pub(super) fn stats(
         .map_err(|_| Status::not_found(format!("{} does not exist", path.display())))?;
     let nqn = proto::names::volume_nqn(&uuid.to_string());
     let usage = if meta.is_dir() {
-        if mt.at(path).is_none() {
+        // Mounted there, and (while the volume has a device) its file system: not another volume's usage under
+        // this one's name.
+        let device = k.device(&uuid.to_string());
+        let mounted = mt
+            .at(path)
+            .is_some_and(|m| device.as_ref().is_none_or(|d| belongs::fs_of(&m, d)));
+        if !mounted {
             return Err(Status::not_found(format!(
                 "volume {uuid} is not mounted at {}",
                 path.display()

@@ -458,6 +458,51 @@ async fn unstage_unmounts_only_this_volume_and_keeps_its_paths_for_a_wrong_stagi
     assert!(f.table().contains(&f.p("stage-b")));
 }
 
+/// Volume statistics at a path where another volume is mounted are NOT_FOUND, not that volume's usage under this
+/// one's name.
+#[tokio::test]
+async fn stats_at_another_volumes_mount_are_not_found() {
+    let f = Fake::new();
+    f.staged(B, "stage-b");
+    let stats = |path: String| {
+        f.svc
+            .node_get_volume_stats(Request::new(NodeGetVolumeStatsRequest {
+                volume_id: A.into(),
+                volume_path: path,
+                ..Default::default()
+            }))
+    };
+    assert_eq!(
+        stats(f.p("stage-b")).await.err().map(|s| s.code()),
+        Some(Code::NotFound)
+    );
+}
+
+/// An unstage or unpublish naming a path where a file system on no block device is mounted (tmpfs here) leaves it
+/// and the volume's paths as they are: before, any mount whose device number the kernel lists no block device for
+/// counted as a vanished volume's, so it was unmounted and the volume, still used by a pod, disconnected.
+#[tokio::test]
+async fn a_tmpfs_at_a_wrong_path_is_no_vanished_volume() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    f.bound("259:1", "pod-1/mount");
+    f.mounted("0:50", "/", "other", "tmpfs", "tmpfs");
+    let before = f.table();
+    assert_eq!(
+        code(f.unstage(A, &f.p("other")).await),
+        Code::FailedPrecondition
+    );
+    assert!(!f.disconnected(), "a volume in use lost its paths");
+    f.mounted("0:51", "/", "pod-2/mount", "tmpfs", "tmpfs");
+    let _ = f.unpublish(A, &f.p("pod-2/mount")).await;
+    assert_eq!(
+        f.calls(),
+        Vec::<String>::new(),
+        "a foreign mount was taken off"
+    );
+    assert!(f.table().starts_with(&before));
+}
+
 /// A volume unstaged while its target switches over (its only path reconnecting): the unmount waits for the
 /// replacement path, so what the page cache holds is written; with no path for the whole wait, the paths go first
 /// (the unmount would wait for ever).
