@@ -217,6 +217,10 @@ fn get_log_page(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Result<Response, Status> {
         lid::SMART => log::smart_log(&ctx.ctrl.smart()),
         lid::FIRMWARE => vec![0; 512],
         lid::CHANGED_NAMESPACES => {
+            // Checked before the list is taken: a refused read leaves it, and its event masked, as they were.
+            if offset > log::changed_namespaces(&[]).len() as u64 {
+                return Err(Status::INVALID_FIELD);
+            }
             log::changed_namespaces(&ctx.ctrl.take_changed_namespaces(retain))
         }
         lid::COMMAND_EFFECTS => log::command_effects(
@@ -248,10 +252,10 @@ fn get_log_page(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Result<Response, Status> {
         ),
         _ => return Err(Status::INVALID_LOG_PAGE),
     };
-    ctx.ctrl.log_read(page, retain);
     if offset > full.len() as u64 {
         return Err(Status::INVALID_FIELD);
     }
+    ctx.ctrl.log_read(page, retain);
     let start = offset as usize;
     let end = (offset + numd * 4).min(full.len() as u64) as usize;
     let mut data = full[start..end].to_vec();

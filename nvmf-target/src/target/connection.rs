@@ -31,6 +31,11 @@ use super::response::{Backlog, Outgoing, OutgoingTx, Response};
 use super::writer::{WriterQueue, write_loop};
 use super::{admin as admin_cmds, fabrics, io as io_cmds};
 
+/// SQE byte 1: the fused-operation bits.
+const FLAGS_FUSE: u8 = 0x03;
+/// SQE byte 1: PRP or SGL for data transfer (PSDT), and its one value fabrics allow (SGL, metadata buffer).
+const FLAGS_PSDT: u8 = 0xC0;
+const PSDT_SGL: u8 = 0x40;
 // Write data the codec receives page-aligned goes to an O_DIRECT file as it is only if that is aligned enough.
 const _: () =
     assert!(crate::protocol::codec::DATA_ALIGN.is_multiple_of(crate::block::aligned::ALIGN));
@@ -50,7 +55,7 @@ const INFLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(45);
 /// How long data sent to a host may stay unacknowledged (TCP_USER_TIMEOUT, zero-window probes included) before
 /// the connection is ended.
 const SEND_STALL: Duration = Duration::from_secs(60);
-/// How long a new connection may take to send its ICReq.
+/// How long a new connection may take to send its ICReq, and then to connect its queue.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-capsule data allowed on the admin queue and for Fabrics commands, whatever IOCCSZ says.
 const ADMIN_IN_CAPSULE: usize = 8192;
@@ -127,7 +132,8 @@ pub(super) async fn serve(
 
     let digests = match tokio::time::timeout(IC_TIMEOUT, framed.next()).await {
         Ok(Some(Ok(Pdu::IcReq(req)))) => {
-            if req.pfv != 0 || req.hpda > 31 {
+            // Data is placed right after the header (PDO): a host asking for alignment (HPDA) is not served.
+            if req.pfv != 0 || req.hpda != 0 {
                 let fei = if req.pfv != 0 { 8 } else { 10 };
                 let t = TermReq {
                     fes: fes::UNSUPPORTED_PARAMETER,
@@ -231,6 +237,9 @@ impl Queue {
         let mut ctrl_cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>> = None;
         // Completions handed to the writer since the last yield.
         let mut unflushed = 0usize;
+        // A peer that never connects the queue (or whose Connect was refused) holds no task and buffer for ever.
+        let connect_by = tokio::time::sleep(IC_TIMEOUT);
+        tokio::pin!(connect_by);
         loop {
             if ctrl_cancelled.is_none() {
                 ctrl_cancelled = self
@@ -242,6 +251,10 @@ impl Queue {
                 biased;
                 _ = &mut port_cancelled => return,
                 _ = cancelled(&mut ctrl_cancelled) => return,
+                _ = &mut connect_by, if self.qid.is_none() => {
+                    tracing::debug!(?peer, "no queue connected in time; closing the connection");
+                    return;
+                }
                 r = self.inflight.next() => {
                     crate::io_threads::busy();
                     self.send(r);
@@ -354,6 +367,13 @@ impl Queue {
             ctrl.touch();
         }
         let fabrics = sqe.opcode() == admin::FABRICS;
+        // Fused commands are not supported (Identify Controller's FUSES is 0): the second of a pair would run
+        // without its condition. And data is described by SGLs only on fabrics (PSDT 01b), as the Linux target
+        // requires.
+        if sqe.flags() & FLAGS_FUSE != 0 || sqe.flags() & FLAGS_PSDT != PSDT_SGL {
+            self.send(Response::status(cid, Status::INVALID_FIELD));
+            return Ok(());
+        }
         if !c.data.is_empty() {
             let sgl = sqe.sgl();
             let limit = if fabrics || self.qid == Some(0) {

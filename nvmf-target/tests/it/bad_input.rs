@@ -296,6 +296,106 @@ async fn bad_nsid_and_lba_out_of_range() {
     );
 }
 
+/// A fused Compare and Write, whose compare the target does not support: the write is refused (Invalid Field), not
+/// run as a plain write over data the host meant to write only if the compare matched. A command whose data is
+/// described by PRPs (PSDT 00b), which fabrics do not use, is refused the same way. Before, both wrote the block.
+#[tokio::test]
+async fn fused_writes_and_prp_commands_are_refused_and_write_nothing() {
+    let t = target().await;
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let mut compare = Sqe::rw(0x05, 1, 0, 1, 512, true);
+    compare.0[1] |= 0x01;
+    let _ = q.cmd(compare, Bytes::from(vec![0u8; 512])).await;
+    let mut write = Sqe::rw(io::WRITE, 1, 0, 1, 512, true);
+    write.0[1] |= 0x02;
+    assert_eq!(
+        q.cmd(write, Bytes::from(vec![9u8; 512])).await.status,
+        Status::INVALID_FIELD
+    );
+    let mut prp = Sqe::rw(io::WRITE, 1, 0, 1, 512, true);
+    prp.0[1] = 0;
+    assert_eq!(
+        q.cmd(prp, Bytes::from(vec![9u8; 512])).await.status,
+        Status::INVALID_FIELD
+    );
+    let mut read = Sqe::rw(io::READ, 1, 0, 1, 512, false);
+    read.set_sgl(Sgl::transport(512));
+    read.set_cid(900);
+    q.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: read,
+        data: Bytes::new(),
+    }))
+    .await;
+    let mut data = Vec::new();
+    loop {
+        match q.recv().await {
+            Recv::Pdu(Pdu::C2HData(d)) => {
+                data.extend_from_slice(&d.data);
+                if d.success {
+                    break;
+                }
+            }
+            Recv::Pdu(Pdu::CapsuleResp(c)) => {
+                assert_eq!(c.status, Status::SUCCESS);
+                break;
+            }
+            _ => panic!("no answer to the read"),
+        }
+    }
+    assert_eq!(data, vec![0u8; 512], "a refused write wrote the block");
+}
+
+/// A peer that completes the ICReq exchange and then never connects a queue (anyone can: no host NQN is asked for
+/// until the Connect) is closed within the IC timeout (10 s), as is one whose Connect was refused, instead of holding
+/// a task and a read buffer until the port goes.
+#[tokio::test]
+async fn a_connection_never_connected_to_a_queue_is_closed() {
+    let t = target().await;
+    let mut idle = Raw::ready(t.addr).await;
+    let mut refused = Raw::ready(t.addr).await;
+    let c = refused
+        .connect_cmd(
+            0,
+            0,
+            CNTLID_DYNAMIC,
+            "nqn.2026-11.io.keelson:nothing-here",
+            HOST,
+        )
+        .await;
+    assert_ne!(c.status, Status::SUCCESS);
+    for r in [&mut idle, &mut refused] {
+        let end = tokio::time::timeout(
+            std::time::Duration::from_secs(15),
+            futures_util::StreamExt::next(&mut r.rd),
+        )
+        .await;
+        assert!(
+            matches!(end, Ok(None) | Ok(Some(Err(_)))),
+            "a connection with no queue still open: {end:?}"
+        );
+    }
+    still_serves(t.addr).await;
+}
+
+/// An ICReq asking for C2H data alignment (HPDA) the target does not give (its data follows the header) is refused
+/// as an unsupported parameter at HPDA's byte, not accepted and then answered with data where the host does not
+/// look for it.
+#[tokio::test]
+async fn an_icreq_asking_for_data_alignment_is_refused() {
+    let t = target().await;
+    let mut r = Raw::open(t.addr).await;
+    r.send(Pdu::IcReq(nvmf_target::protocol::pdu::IcReq {
+        pfv: 0,
+        hpda: 3,
+        digests: Default::default(),
+        maxr2t: 0,
+    }))
+    .await;
+    r.expect_term(fes::UNSUPPORTED_PARAMETER).await;
+    still_serves(t.addr).await;
+}
+
 #[tokio::test]
 async fn connect_to_unknown_subsystem_names_the_field() {
     let t = target().await;

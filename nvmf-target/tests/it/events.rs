@@ -6,6 +6,7 @@ use bytes::{Buf, Bytes};
 use nvmf_target::block::memory::MemoryDevice;
 use nvmf_target::protocol::command::{Sgl, Sqe, admin, io};
 use nvmf_target::protocol::pdu::{CapsuleCmd, Pdu};
+use nvmf_target::protocol::status::Status;
 
 use super::harness::*;
 
@@ -47,6 +48,15 @@ async fn adding_a_namespace_raises_ns_changed_and_lists_it() {
         (ev.cid, ev.dw0()),
         (31, 0x0004_0002),
         "notice, namespace attribute changed, log 04h"
+    );
+    // A read past the page is refused and leaves the list as it was (before, it was taken and lost).
+    let mut past = Sqe::new(admin::GET_LOG_PAGE, 0xFFFF_FFFF);
+    past.set_cdw(10, 0x04 | ((4096 / 4 - 1) << 16));
+    past.set_cdw(12, 8192);
+    past.set_sgl(Sgl::transport(4096));
+    assert_eq!(
+        a.cmd(past, Bytes::new()).await.status,
+        Status::INVALID_FIELD
     );
     let mut log = log_page(&mut a, 0x04, 4096).await;
     assert_eq!(log.get_u32_le(), 2);
