@@ -597,7 +597,18 @@ impl Registry {
                             "no heartbeat for {:?} and the engine API probe failed: {why}",
                             self.config.timeout
                         );
-                        self.set_offline(&name, &instance, &reason, None).await?;
+                        if let Err(e) = self.set_offline(&name, &instance, &reason, None).await {
+                            // Not recorded: still silent to the next sweep (unless it spoke meanwhile), which
+                            // probes it again, rather than it staying Online in the store for ever.
+                            let long_ago = Instant::now()
+                                .checked_sub(self.config.timeout * 2)
+                                .unwrap_or_else(Instant::now);
+                            self.live().entry(name.clone()).or_insert(Live {
+                                instance: instance.clone(),
+                                last_seen: long_ago,
+                            });
+                            return Err(e);
+                        }
                     }
                 }
             }
@@ -635,6 +646,7 @@ impl super::reconcile::Reconciler for NodeSweep {
 mod tests {
     use super::*;
     use crate::cluster::store::embedded::EmbeddedStore;
+    use crate::cluster::store::{LeaseId, Txn, TxnResult, Versioned, Watch};
 
     struct Answers;
 
@@ -683,6 +695,78 @@ mod tests {
         reg.register(again, vec![]).await.unwrap();
         let v = store.get(&node::key("bad")).await.unwrap().unwrap();
         assert_eq!(decode(&v.value).unwrap().spec.instance, "i2");
+    }
+
+    struct Fails;
+
+    #[async_trait::async_trait]
+    impl Prober for Fails {
+        async fn probe(&self, _: &str) -> Result<(), String> {
+            Err("connection refused".into())
+        }
+    }
+
+    /// A store whose writes fail while `down` is set (etcd briefly without a leader).
+    struct Flaky {
+        inner: Arc<dyn Store>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Flaky {
+        async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<TxnResult, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("no leader".into()));
+            }
+            self.inner.txn(txn).await
+        }
+        async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
+            self.inner.watch(prefix).await
+        }
+        async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.keep_alive(lease).await
+        }
+        async fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+            self.inner.revoke_lease(lease).await
+        }
+    }
+
+    /// A node found dead by a sweep whose Offline write failed (the store briefly unavailable) is probed and marked
+    /// Offline by a later sweep. Before, the sweep had already forgotten it as live: no sweep looked at it again and
+    /// it stayed Online for as long as this agent led, its nexuses never moved, its replicas never replaced.
+    #[tokio::test]
+    async fn a_dead_node_whose_offline_write_failed_is_marked_offline_by_a_later_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Flaky {
+            inner: Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap()),
+            down: Default::default(),
+        });
+        let config = RegistryConfig {
+            heartbeat: Duration::from_millis(50),
+            timeout: Duration::from_millis(100),
+        };
+        let reg = Registry::load(store.clone(), Arc::new(Fails), config)
+            .await
+            .unwrap();
+        reg.register(spec("n"), vec![]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(reg.sweep().await.is_err());
+        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        reg.sweep().await.unwrap();
+        assert_eq!(
+            reg.get("n").await.unwrap().record.status.state,
+            NodeState::Offline
+        );
     }
 
     /// A registry on an embedded store under `dir`, with node `n` (instance `i1`) registered.
