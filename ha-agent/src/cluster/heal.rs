@@ -30,7 +30,6 @@ use proto::names;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use super::dataplane::NodeEngineError;
 use super::failpoint;
 use super::garbage::{Garbage, garbage_key};
 use super::metrics::VolumeObservation;
@@ -797,13 +796,7 @@ impl Volumes {
                 Err(e) => {
                     // Refused, or its node is gone: never created, so forget the plan and place it again (elsewhere
                     // if need be). Anything else (a timeout) may have created it: keep the plan and ask again.
-                    let gone = matches!(
-                        e,
-                        VolumeError::Node(
-                            NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_)
-                        )
-                    );
-                    if refused(&e) || gone {
+                    if refused(&e) || super::volumes::node_gone(&e) {
                         // Retired as garbage, not just forgotten: an engine that answered badly may have made it.
                         r.reason = format!("Degraded: the replacement on {} failed: {e}", rep.node);
                         self.retire(r, i).await?;

@@ -183,6 +183,14 @@ pub(crate) fn not_the_volume_missing(uuid: Uuid, e: VolumeError) -> VolumeError 
 }
 
 /// Whether the engine refused for a reason that asking again will not change.
+/// Whether `e` says the replica's node is not there to make it (not Online, or no such node): it was never made.
+pub(super) fn node_gone(e: &VolumeError) -> bool {
+    matches!(
+        e,
+        VolumeError::Node(NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_))
+    )
+}
+
 pub(super) fn refused(e: &VolumeError) -> bool {
     matches!(
         e,
@@ -610,8 +618,10 @@ impl Volumes {
                     self.save(&r).await?;
                     self.replica_created(&rep.uuid, generation);
                 }
-                Err(e) if refused(&e) => {
-                    tracing::warn!(uuid = %r.uuid, error = %e, "replica refused: rolling the volume back");
+                // Refused, or its node went down after the placement (it would wait for that node for ever): all
+                // replicas or none, so the volume is rolled back and the caller's retry placed again.
+                Err(e) if refused(&e) || node_gone(&e) => {
+                    tracing::warn!(uuid = %r.uuid, error = %e, "replica not made: rolling the volume back");
                     r.phase = VolumePhase::Deleting;
                     r.reason = format!("creation refused: {e}");
                     self.save(&r).await?;
