@@ -83,8 +83,16 @@ impl Label {
             )));
         }
         let cs = u64::from(cluster_size);
-        // The checkpoint areas are sized for the largest data area this device could have.
+        // Cluster numbers are 32-bit, the last one meaning unmapped: a device with more clusters than that needs
+        // larger ones (and its checkpoint areas would not fit a sane size anyway).
         let max_clusters = device_size / cs;
+        if max_clusters >= u64::from(super::meta::UNMAPPED) {
+            return Err(PoolError::InvalidArgument(format!(
+                "a device of {device_size} bytes has {max_clusters} clusters of {cluster_size} bytes; at most {} \
+                 (use larger clusters)",
+                u64::from(super::meta::UNMAPPED) - 1
+            )));
+        }
         let ckpt_len = align_up(
             CKPT_MIN.max(max_clusters * CKPT_BYTES_PER_CLUSTER),
             LABEL_LEN,
@@ -280,6 +288,14 @@ fn get_name(b: &mut &[u8], room: usize) -> Result<String, std::string::FromUtf8E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A device with more clusters than 32-bit cluster numbers hold is refused: before, its last cluster's number
+    /// was the one meaning "unmapped", so a write placed there read back as zeroes.
+    #[test]
+    fn a_device_with_more_clusters_than_cluster_numbers_is_refused() {
+        assert!(Label::layout(Uuid::nil(), "p", 512, 64 << 10, 1 << 49).is_err());
+        assert!(Label::layout(Uuid::nil(), "p", 512, 64 << 10, 1 << 30).is_ok());
+    }
 
     fn label() -> Label {
         Label::layout(Uuid::new_v4(), "pool-a", 512, 4 << 20, 1 << 30).unwrap()

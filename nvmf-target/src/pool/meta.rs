@@ -141,10 +141,12 @@ pub enum Record {
 }
 
 /// What records admitted but not applied yet do to volumes: (size, is a snapshot) of those they create or resize,
-/// `None` for those they destroy. See [`PoolMeta::admit`].
+/// `None` for those they destroy; and the children they start keeping missed writes for, per volume. See
+/// [`PoolMeta::admit`].
 #[derive(Clone, Debug, Default)]
 pub struct Pending {
     volumes: BTreeMap<Uuid, Option<(u64, bool)>>,
+    missed_children: BTreeMap<Uuid, std::collections::BTreeSet<String>>,
 }
 
 /// A pool's whole metadata state.
@@ -523,13 +525,19 @@ impl PoolMeta {
                 exists(PoolObject::Volume(*volume), volume)?;
                 // One record per child, and a nexus has a few: a host naming ever new ones would fill the metadata
                 // (each record's ranges are kept within a budget, their number is not).
-                if let Some(v) = self.volumes.get(volume)
-                    && !v.missed.contains_key(&missed.child)
-                    && v.missed.len() >= MAX_MISSED_CHILDREN
-                {
-                    return Err(PoolError::InvalidArgument(format!(
-                        "volume {volume} keeps missed writes for {MAX_MISSED_CHILDREN} children already"
-                    )));
+                // Those of records admitted with it count too: a batch of notes for new children would pass the
+                // cap together.
+                let kept = self.volumes.get(volume);
+                let adding = p.missed_children.entry(*volume).or_default();
+                let known = kept.is_some_and(|v| v.missed.contains_key(&missed.child))
+                    || adding.contains(&missed.child);
+                if !known {
+                    if kept.map_or(0, |v| v.missed.len()) + adding.len() >= MAX_MISSED_CHILDREN {
+                        return Err(PoolError::InvalidArgument(format!(
+                            "volume {volume} keeps missed writes for {MAX_MISSED_CHILDREN} children already"
+                        )));
+                    }
+                    adding.insert(missed.child.clone());
                 }
             }
             Record::SetShare { volume, .. }
@@ -726,6 +734,28 @@ mod tests {
         assert!(matches!(e, PoolError::InvalidArgument(_)), "{e}");
         // A child it keeps already: taken.
         m.admit(&mut Pending::default(), &[note(0)]).unwrap();
+    }
+
+    /// Notes for new children admitted in one batch (a group commit of many callers) count against the cap
+    /// together; before, each was checked against the applied state alone and a batch of 64 passed it.
+    #[test]
+    fn missed_writes_noted_in_one_batch_count_against_the_cap_together() {
+        let mut m = PoolMeta::new(CS, 16);
+        let r = create(&mut m, 1 << 30);
+        let note = |i: usize| Record::NoteMissed {
+            volume: r,
+            missed: MissedWrites {
+                child: format!("child-{i}"),
+                since_ms: 1,
+                ranges: vec![(0, 4096)],
+            },
+        };
+        let mut p = Pending::default();
+        for i in 0..MAX_MISSED_CHILDREN {
+            m.admit(&mut p, &[note(i)]).unwrap();
+        }
+        assert!(m.admit(&mut p, &[note(MAX_MISSED_CHILDREN)]).is_err());
+        m.admit(&mut p, &[note(3)]).unwrap();
     }
 
     #[test]
