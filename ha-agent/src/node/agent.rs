@@ -178,9 +178,39 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
 #[derive(Default)]
 pub struct AgentClients {
     by_url: Mutex<BTreeMap<String, ClusterClient<Channel>>>,
+    /// The agent that answered last (the leader, as far as this node knows): asked first.
+    leader: Mutex<Option<String>>,
 }
 
 impl AgentClients {
+    /// `urls`, the one that answered last first: followers listed before the leader (one on a dead node costs a
+    /// connect timeout) are not asked before it every time.
+    fn in_order(&self, urls: &[String]) -> Vec<String> {
+        let leader = self
+            .leader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out: Vec<String> = leader
+            .iter()
+            .filter(|l| urls.contains(l))
+            .cloned()
+            .collect();
+        out.extend(urls.iter().filter(|u| Some(*u) != leader.as_ref()).cloned());
+        out
+    }
+
+    /// `url` answered as the leader does.
+    fn answered(&self, url: &str) {
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = Some(url.to_string());
+    }
+
+    /// Whether a failed call says the connection itself failed (to be made again), not an answer from the agent (a
+    /// follower's "not leading" is Unavailable too, over a connection worth keeping).
+    fn connection_failed(s: &tonic::Status) -> bool {
+        std::error::Error::source(s).is_some()
+    }
+
     async fn get(&self, url: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
         if let Some(c) = self
             .by_url
@@ -242,16 +272,17 @@ async fn keep_registered(
         };
         let mut wait = None;
         let mut last = String::new();
-        for url in &cfg.cluster_agents {
+        for url in &clients.in_order(&cfg.cluster_agents) {
             match clients.get(url).await {
                 Ok(mut c) => match c.register_host(req.clone()).await {
                     Ok(r) => {
+                        clients.answered(url);
                         let every = Duration::from_millis(r.into_inner().heartbeat_ms.max(1000));
                         wait = Some(every);
                         break;
                     }
                     Err(s) => {
-                        if s.code() == Code::Unavailable {
+                        if AgentClients::connection_failed(&s) {
                             clients.forget(url);
                         }
                         last = format!("{url}: {:?} {}", s.code(), s.message());
@@ -308,7 +339,7 @@ async fn report(
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut last = String::new();
-        for url in &cfg.cluster_agents {
+        for url in &clients.in_order(&cfg.cluster_agents) {
             let mut c = match clients.get(url).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -320,14 +351,12 @@ async fn report(
             match c.report_path_failure(req.clone()).await {
                 Ok(v) => {
                     metrics.report("ok");
+                    clients.answered(url);
                     return Ok(v.into_inner());
                 }
                 Err(s) => {
                     metrics.report(&format!("{:?}", s.code()));
-                    if s.code() == Code::Unavailable
-                        || std::error::Error::source(&s)
-                            .is_some_and(|e| e.is::<tonic::transport::Error>())
-                    {
+                    if AgentClients::connection_failed(&s) {
                         clients.forget(url);
                     }
                     if matches!(
@@ -411,21 +440,17 @@ async fn switch_over(
             host_id: b.controller.host_id.clone(),
             keep_alive_tmo: cfg.keep_alive_tmo,
         };
-        // The kernel refuses a controller ID it still holds for the subsystem (EINVAL); the target hands out the
-        // next one to the next connect, so a refused connect is tried again a few times.
-        for attempt in 1..=CONNECT_TRIES {
-            let (fabrics, c) = (cfg.fabrics.clone(), c.clone());
-            match tokio::task::spawn_blocking(move || fabrics::connect(&fabrics, &c)).await {
-                Ok(Ok(n)) => {
-                    tracing::info!(nqn = %v.nqn, address = %t, instance = n.instance, cntlid = n.cntlid, "new path connected");
-                    break;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(nqn = %v.nqn, address = %t, error = %e, attempt, "connecting the new path failed")
-                }
-                Err(e) => tracing::warn!(error = %e, "connect task failed"),
+        let fabrics = cfg.fabrics.clone();
+        let connect =
+            move || fabrics::connect_retrying(CONNECT_TRIES, &c, |c| fabrics::connect(&fabrics, c));
+        match tokio::task::spawn_blocking(connect).await {
+            Ok(Ok(n)) => {
+                tracing::info!(nqn = %v.nqn, address = %t, instance = n.instance, cntlid = n.cntlid, "new path connected");
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(Err(e)) => {
+                tracing::warn!(nqn = %v.nqn, address = %t, error = %e, "connecting the new path failed")
+            }
+            Err(e) => tracing::warn!(error = %e, "connect task failed"),
         }
     }
     let connected = reported.elapsed();
@@ -504,4 +529,29 @@ async fn switch_over(
         }
     }
     Outcome::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent that answered last is asked first; before, every report and heartbeat went through the agents in
+    /// their configured order, and a follower listed first was dialled again each time (its connection dropped on
+    /// its "not leading" answer), a dead one costing a connect timeout per report.
+    #[test]
+    fn the_agent_that_answered_last_is_asked_first() {
+        let c = AgentClients::default();
+        let urls: Vec<String> = ["http://a", "http://b", "http://c"]
+            .map(String::from)
+            .into();
+        assert_eq!(c.in_order(&urls), urls);
+        c.answered("http://b");
+        assert_eq!(c.in_order(&urls), ["http://b", "http://a", "http://c"]);
+        // One no longer configured is not asked.
+        c.answered("http://gone");
+        assert_eq!(c.in_order(&urls), urls);
+        assert!(!AgentClients::connection_failed(
+            &tonic::Status::unavailable("this cluster agent does not lead (yet); try another")
+        ));
+    }
 }
