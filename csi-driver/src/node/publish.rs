@@ -89,8 +89,16 @@ pub(super) fn publish(
     made.map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
     mt.mount(&source.to_string_lossy(), target, "", &["bind".into()])
         .map_err(Status::internal)?;
-    if ro {
-        mt.remount_read_only(target).map_err(Status::internal)?;
+    if ro && let Err(e) = mt.remount_read_only(target) {
+        // Not left writable behind the failure (a retry would find it published read-write, ALREADY_EXISTS for
+        // ever): taken off, the retry publishes afresh.
+        if let Err(u) = mt
+            .umount(target, Duration::from_secs(30))
+            .or_else(|_| mt.umount_lazy(target))
+        {
+            tracing::error!(volume = %uuid, target = %target.display(), error = %u, "cannot take off a bind left writable");
+        }
+        return Err(Status::internal(e));
     }
     tracing::info!(volume = %uuid, ro, block, "published");
     Ok(())

@@ -21,10 +21,17 @@ struct Fake {
     svc: NodeService,
     calls: Arc<Mutex<Vec<String>>>,
     mountinfo: PathBuf,
+    /// Set: a read-only remount fails.
+    remount_fails: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `mount` and `umount` on the mount table in `mountinfo`: paths are read after `--` only.
-fn fake_tools(mountinfo: PathBuf, sys: PathBuf, calls: Arc<Mutex<Vec<String>>>) -> Tool {
+fn fake_tools(
+    mountinfo: PathBuf,
+    sys: PathBuf,
+    calls: Arc<Mutex<Vec<String>>>,
+    remount_fails: Arc<std::sync::atomic::AtomicBool>,
+) -> Tool {
     Arc::new(move |program: &str, args: &[&str], _| {
         // An unmount after volume A's paths were removed says so: what its page cache held was lost.
         let after =
@@ -58,6 +65,9 @@ fn fake_tools(mountinfo: PathBuf, sys: PathBuf, calls: Arc<Mutex<Vec<String>>>) 
                 lines.remove(top(t)?);
             }
             ("mount", [t]) if args.contains(&"remount,bind,ro") => {
+                if remount_fails.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err("mount: timed out".into());
+                }
                 let i = top(t)?;
                 lines[i] = lines[i].replacen(" rw - ", " ro - ", 1);
             }
@@ -137,9 +147,15 @@ impl Fake {
         let mountinfo = dir.path().join("mountinfo");
         std::fs::write(&mountinfo, "1 0 254:0 / / rw,relatime - ext4 /dev/vda rw\n").unwrap();
         let calls = Arc::new(Mutex::new(Vec::new()));
+        let remount_fails = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mounts = Mounts {
             mountinfo: mountinfo.clone(),
-            tool: fake_tools(mountinfo.clone(), sys.clone(), calls.clone()),
+            tool: fake_tools(
+                mountinfo.clone(),
+                sys.clone(),
+                calls.clone(),
+                remount_fails.clone(),
+            ),
         };
         let kernel = Kernel::new(&sys, dir.path().join("fabrics"), &dev);
         Fake {
@@ -147,6 +163,7 @@ impl Fake {
             dir,
             calls,
             mountinfo,
+            remount_fails,
         }
     }
 
@@ -456,6 +473,31 @@ async fn unstage_unmounts_only_this_volume_and_keeps_its_paths_for_a_wrong_stagi
     f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert_eq!(f.calls(), Vec::<String>::new());
     assert!(f.table().contains(&f.p("stage-b")));
+}
+
+/// A read-only publish whose remount fails leaves nothing mounted, so its retry publishes afresh. Before, the bind
+/// stayed writable and every retry was ALREADY_EXISTS ("published read-write"): the pod never started.
+#[tokio::test]
+async fn a_read_only_publish_whose_remount_fails_leaves_no_writable_mount() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    f.remount_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (stage, target) = (f.p("stage-a"), f.p("pod-1/mount"));
+    assert_eq!(
+        code(f.publish(A, &stage, &target, false, true).await),
+        Code::Internal
+    );
+    assert!(!f.table().contains(&target), "left mounted read-write");
+    f.remount_fails
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    f.calls();
+    f.publish(A, &stage, &target, false, true).await.unwrap();
+    assert!(f.table().contains(&target));
+    assert!(
+        f.calls().iter().any(|c| c.contains("remount,bind,ro")),
+        "published afresh, read-only"
+    );
 }
 
 /// Volume statistics at a path where another volume is mounted are NOT_FOUND, not that volume's usage under this
