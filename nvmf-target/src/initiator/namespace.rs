@@ -100,12 +100,7 @@ impl RemoteNamespace {
                 "namespace {nsid} is not usable ({ns:?})"
             )));
         }
-        let mdts = ctrl.data.mdts;
-        let max_transfer = if mdts == 0 {
-            1 << 20
-        } else {
-            (4096u64 << mdts).min(8 << 20)
-        };
+        let max_transfer = max_transfer_of(ctrl.data.mdts, 1 << ns.lbads);
         let (current, _) = watch::channel(Some(Arc::new(ctrl)));
         let shared = Arc::new(Shared {
             opts,
@@ -225,6 +220,19 @@ impl RemoteNamespace {
         }
         out
     }
+}
+
+/// The most one command moves for a target whose MDTS is `mdts` (in 4 KiB pages; 0: no limit, 1 MiB used): at most
+/// 8 MiB, a whole number of `block_size` blocks, and at least one block, whatever the target says (an MDTS of 52 or
+/// more wrapped the shift to 0, and the split of every I/O into pieces never ended).
+fn max_transfer_of(mdts: u8, block_size: u64) -> u64 {
+    const MOST: u64 = 8 << 20;
+    let t = match mdts {
+        0 => 1 << 20,
+        m if m >= 11 => MOST,
+        m => (4096u64 << m).min(MOST),
+    };
+    (t / block_size * block_size).max(block_size)
 }
 
 async fn supervise(shared: Arc<Shared>) {
@@ -523,6 +531,16 @@ fn pick_queue(next: &AtomicUsize, queues: usize, bytes: u32, thread: Option<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostile_mdts_never_makes_the_transfer_size_zero_or_less_than_a_block() {
+        assert_eq!(max_transfer_of(0, 512), 1 << 20);
+        assert_eq!(max_transfer_of(1, 512), 8192);
+        for mdts in [11, 52, 63, 64, 200, 255] {
+            assert_eq!(max_transfer_of(mdts, 512), 8 << 20, "mdts {mdts}");
+        }
+        assert_eq!(max_transfer_of(1, 65536), 65536, "at least one block");
+    }
 
     #[test]
     fn bulk_transfers_get_the_last_queue_and_small_ones_the_others() {

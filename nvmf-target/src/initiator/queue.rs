@@ -48,6 +48,11 @@ struct Pending {
     r2t_asked: usize,
     /// Submitted and written to the socket, for a command the stage timings sample.
     sampled: Option<(Instant, Option<Instant>)>,
+    /// Which submission it is (its command ID is reused once it completes).
+    seq: u64,
+    /// Its place in the queue's depth: given back only when the command ends (answered, or the queue failed), not
+    /// when its caller stops waiting, so the target never has more commands than the queue's size.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 #[derive(Default)]
@@ -87,8 +92,10 @@ impl CidTable {
 struct Inner {
     qid: u16,
     tx: mpsc::UnboundedSender<(Pdu, Option<u16>)>,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     table: Mutex<CidTable>,
+    /// Numbers the submissions ([`Pending::seq`]).
+    submitted: std::sync::atomic::AtomicU64,
     in_capsule: usize,
     maxh2cdata: usize,
     timeout: Duration,
@@ -294,7 +301,8 @@ impl Queue {
         let inner = Arc::new(Inner {
             qid,
             tx,
-            slots: Semaphore::new(depth),
+            slots: Arc::new(Semaphore::new(depth)),
+            submitted: Default::default(),
             table: Mutex::new(CidTable::default()),
             in_capsule,
             maxh2cdata: resp.maxh2cdata as usize,
@@ -366,8 +374,8 @@ impl Queue {
         write: Option<Bytes>,
     ) -> Result<Completion, InitiatorError> {
         let inner = &self.inner;
-        let _permit = tokio::select! {
-            p = inner.slots.acquire() => p.map_err(|_| InitiatorError::Disconnected)?,
+        let slot = tokio::select! {
+            p = inner.slots.clone().acquire_owned() => p.map_err(|_| InitiatorError::Disconnected)?,
             _ = inner.closed.cancelled() => return Err(InitiatorError::Disconnected),
         };
         if inner.closed.is_cancelled() {
@@ -391,6 +399,9 @@ impl Queue {
         } else {
             0
         };
+        let seq = inner
+            .submitted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cid = inner
             .table()
             .insert(Pending {
@@ -401,6 +412,8 @@ impl Queue {
                 read_got: 0,
                 r2t_asked: 0,
                 sampled: sampled.map(|t| (t, None)),
+                seq,
+                _slot: slot,
             })
             .ok_or_else(|| InitiatorError::Protocol("command ID space exhausted".into()))?;
         sqe.set_cid(cid);
@@ -418,7 +431,18 @@ impl Queue {
             inner.table().remove(cid);
             return Err(InitiatorError::Disconnected);
         }
-        match tokio::time::timeout(inner.timeout, rx).await {
+        // Its caller may stop waiting (its own timeout, a sibling piece that failed): the command still has the
+        // queue's time to end, or the queue is closed as when this waits it out.
+        let mut watch = Watchdog {
+            inner: inner.clone(),
+            cid,
+            seq,
+            deadline: tokio::time::Instant::now() + inner.timeout,
+            armed: true,
+        };
+        let r = tokio::time::timeout(inner.timeout, rx).await;
+        watch.armed = false;
+        match r {
             Ok(Ok(r)) => r.map(|(c, decoded)| {
                 if let Some(t) = decoded {
                     timing::record_since(Stage::InitiatorWake, t);
@@ -432,6 +456,43 @@ impl Queue {
                 Err(InitiatorError::Timeout)
             }
         }
+    }
+}
+
+/// Set while a submitted command's caller waits; dropped with the caller, it closes the queue if that command is
+/// still unanswered once the queue's timeout has passed since it was sent.
+struct Watchdog {
+    inner: Arc<Inner>,
+    cid: u16,
+    seq: u64,
+    deadline: tokio::time::Instant,
+    armed: bool,
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.inner.closed.cancel();
+            return;
+        };
+        let (inner, cid, seq, deadline) = (self.inner.clone(), self.cid, self.seq, self.deadline);
+        rt.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = inner.closed.cancelled() => return,
+            }
+            if inner.table().get_mut(cid).is_some_and(|p| p.seq == seq) {
+                tracing::warn!(
+                    qid = inner.qid,
+                    cid,
+                    "a command its caller gave up on timed out; closing the queue"
+                );
+                inner.closed.cancel();
+            }
+        });
     }
 }
 
@@ -653,5 +714,49 @@ mod tests {
             Err(InitiatorError::Protocol(m)) => assert!(m.contains("512 of its 4096"), "{m}"),
             other => panic!("a short read passed: {other:?}"),
         }
+    }
+
+    /// Callers that stop waiting (their own, shorter timeout) give no slot back while their commands are
+    /// unanswered, so the target never holds more than the queue's depth; and an unanswered one still closes the
+    /// queue at the queue's timeout. Before, each gave its slot back at once (the target got six commands on a
+    /// four-deep queue) and the queue, its commands never answered, was never closed.
+    #[tokio::test]
+    async fn commands_their_callers_gave_up_on_keep_their_slots_and_time_the_queue_out() {
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = seen.clone();
+        let (addr, _target) = fake_target(move |mut framed, wr, _codec| async move {
+            let _open = wr;
+            while let Some(Ok(p)) = framed.next().await {
+                if let Pdu::CapsuleCmd(_) = p {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+        .await;
+        let (q, _) = Queue::connect(
+            addr,
+            1,
+            4,
+            0,
+            Digests::default(),
+            Duration::from_secs(1),
+            None,
+        )
+        .await
+        .unwrap();
+        for _ in 0..6 {
+            let mut sqe = Sqe::rw(io::READ, 1, 0, 8, 4096, false);
+            sqe.set_sgl(Sgl::transport(4096));
+            let _ = tokio::time::timeout(Duration::from_millis(50), q.submit(sqe, None)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            seen.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "more commands than the queue's depth"
+        );
+        tokio::time::timeout(Duration::from_secs(3), q.closed().cancelled())
+            .await
+            .expect("the queue was never closed");
     }
 }
