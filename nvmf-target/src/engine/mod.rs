@@ -143,6 +143,25 @@ struct Inner {
     stopping: std::sync::atomic::AtomicBool,
 }
 
+/// Lets `hosts` (or any host, if `any`) connect to `sub` and no other. Hosts that stay allowed are never left out on
+/// the way (their controllers would be ended): any host first when that is the aim, the new hosts before the old
+/// go, any host off last.
+fn set_hosts(sub: &crate::target::subsystem::Subsystem, any: bool, hosts: &[String]) {
+    if any {
+        sub.set_allow_any_host(true);
+    }
+    for h in hosts {
+        sub.allow_host(h);
+    }
+    let want: std::collections::BTreeSet<&String> = hosts.iter().collect();
+    for h in sub.allowed_hosts() {
+        if !want.contains(&h) {
+            sub.disallow_host(&h);
+        }
+    }
+    sub.set_allow_any_host(any);
+}
+
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")

@@ -328,8 +328,15 @@ impl Engine {
     ) -> Result<Nqn, EngineError> {
         let nexus = self.nexus_or_not_found(uuid)?;
         let nqn = Nqn::volume(uuid);
+        for h in hosts {
+            Nqn::parse(h).map_err(|e| EngineError::InvalidArgument(format!("host {h}: {e}")))?;
+        }
         let _exporting = self.exporting();
         if let Some((_, Some(existing))) = self.nexus(uuid) {
+            // Published already: to the hosts asked for now (a multi-host publish adds one; a retry names the same).
+            if let Some(sub) = self.target().subsystem(existing.as_str()) {
+                super::set_hosts(&sub, allow_any_host, hosts);
+            }
             return Ok(existing);
         }
         self.target().create_subsystem(SubsystemSpec {

@@ -556,21 +556,7 @@ impl Engine {
         let nqn = Nqn::replica(&uuid);
         let _exporting = self.exporting();
         if let Some(sub) = self.target().subsystem(nqn.as_str()) {
-            // Hosts that stay allowed are never left out on the way: any host first when that is the aim, the
-            // new hosts before the old go, any host off last.
-            if share.hosts.is_empty() {
-                sub.set_allow_any_host(true);
-            }
-            for h in &share.hosts {
-                sub.allow_host(h);
-            }
-            let want: std::collections::BTreeSet<&String> = share.hosts.iter().collect();
-            for h in sub.allowed_hosts() {
-                if !want.contains(&h) {
-                    sub.disallow_host(&h);
-                }
-            }
-            sub.set_allow_any_host(share.hosts.is_empty());
+            super::set_hosts(&sub, share.hosts.is_empty(), &share.hosts);
             return Ok(());
         }
         let device = pool.open_volume(&uuid)?;

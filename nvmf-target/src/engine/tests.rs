@@ -167,3 +167,40 @@ async fn two_publishes_of_the_same_nexus_at_once_leave_it_published() {
         engine.unpublish_nexus(&uuid).unwrap();
     }
 }
+
+/// Publishing a published nexus again exports it to the hosts asked for now: a second host of a multi-host publish
+/// gets in, one no longer named is let go. Before, the call answered with the existing export unchanged, and the
+/// agent, recording the new host list, left the second host refused at every connect.
+#[tokio::test]
+async fn publishing_again_exports_the_nexus_to_the_hosts_asked_for_now() {
+    let engine = Engine::new(EngineConfig {
+        node_name: "n".into(),
+        target: Default::default(),
+    });
+    let uuid = uuid::Uuid::new_v4();
+    let kids = children(&engine, "f");
+    engine
+        .create_nexus(uuid, &kids, NexusOptions::default())
+        .await
+        .unwrap();
+    let (a, b) = (
+        "nqn.2026-11.io.keelson:host-a".to_string(),
+        "nqn.2026-11.io.keelson:host-b".to_string(),
+    );
+    let nqn = engine
+        .publish_nexus(&uuid, 1, false, std::slice::from_ref(&a))
+        .unwrap();
+    let sub = || engine.target().subsystem(nqn.as_str()).unwrap();
+    assert!(sub().host_allowed(&a) && !sub().host_allowed(&b));
+    engine
+        .publish_nexus(&uuid, 1, false, &[a.clone(), b.clone()])
+        .unwrap();
+    assert!(
+        sub().host_allowed(&a) && sub().host_allowed(&b),
+        "the second host is refused"
+    );
+    engine
+        .publish_nexus(&uuid, 1, false, std::slice::from_ref(&b))
+        .unwrap();
+    assert!(!sub().host_allowed(&a) && sub().host_allowed(&b));
+}
