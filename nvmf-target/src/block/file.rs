@@ -64,6 +64,10 @@ pub struct FileDevice {
     inflight: InFlight,
     /// Held while the device is open, when it was opened exclusively.
     _lock: Option<DiskLock>,
+    /// Why a flush failed, once one did: what was written before it may never reach the disk, and the kernel tells
+    /// of a writeback error once (the next flush succeeds over the lost writes), so every later flush and write
+    /// fails until the device is opened again.
+    flush_failed: std::sync::OnceLock<String>,
 }
 
 /// Whether a device opened O_DIRECT goes through io_uring: unless io_uring is off or unavailable (then the
@@ -192,7 +196,19 @@ impl FileDevice {
             uring: direct && uses_ring(path),
             inflight: InFlight::new(),
             _lock: lock,
+            flush_failed: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Refuses once a flush failed ([`FileDevice::flush_failed`]).
+    fn check_flushes(&self) -> Result<(), BlockError> {
+        match self.flush_failed.get() {
+            Some(why) => Err(BlockError::Io(std::io::Error::other(format!(
+                "a flush of {} failed ({why}): writes before it may be lost; open it again",
+                self.path.display()
+            )))),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -370,6 +386,7 @@ impl BlockDevice for FileDevice {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.check_flushes()?;
         self.write_data(offset, data).await.map_err(out_of_space)
     }
 
@@ -379,6 +396,7 @@ impl BlockDevice for FileDevice {
     /// a replica's writes into clusters it has then failed with ENOSPC on a full file system.
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
+        self.check_flushes()?;
         if len == 0
             || self
                 .try_fallocate(FallocateFlags::FALLOC_FL_ZERO_RANGE, offset, len)
@@ -444,6 +462,7 @@ impl BlockDevice for FileDevice {
 
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
+        self.check_flushes()?;
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         if len == 0 || self.try_fallocate(punch, offset, len).await? {
             return Ok(());
@@ -452,12 +471,18 @@ impl BlockDevice for FileDevice {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        if let Some(r) = self.ring() {
-            return Ok(r
-                .fdatasync(self.file.as_raw_fd(), Some(&self.inflight))
-                .await?);
+        self.check_flushes()?;
+        let r = if let Some(r) = self.ring() {
+            r.fdatasync(self.file.as_raw_fd(), Some(&self.inflight))
+                .await
+                .map_err(BlockError::from)
+        } else {
+            self.blocking(|f| f.sync_data()).await
+        };
+        if let Err(e) = &r {
+            let _ = self.flush_failed.set(e.to_string());
         }
-        self.blocking(|f| f.sync_data()).await
+        r
     }
 
     async fn settle(&self) {

@@ -583,3 +583,49 @@ async fn a_pool_on_a_block_device_discards_the_clusters_it_frees() {
     assert_eq!(p[0].disk_errors, 0, "{p:?}");
     drop(node);
 }
+
+/// A file device whose flush failed (a disk that lost its writes back: here a loop device over a file whose file
+/// system filled up under buffered writes) fails every later flush and write, also once there is room again.
+/// Before, the kernel told of the writeback error once, so a host's retried flush succeeded and data it was then
+/// told was durable was gone. Needs root (losetup, a loop-mounted ext4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_of_a_file_device_fails_every_later_flush() {
+    if !e2e::privileged::allowed_with(
+        "a_failed_flush_of_a_file_device (losetup, a loop-mounted ext4)",
+        &["root", "losetup", "mkfs.ext4", "mount"],
+    ) {
+        return;
+    }
+    let fs = SmallFs::new(16 * MIB);
+    let img = fs.mnt.join("thin.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let lo = Loop::attach(&img);
+    // The file system full: the loop device's writes into its file's holes find no room.
+    let filler = fs.mnt.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(Stdio::null())
+        .status();
+    let dev = nvmf_target::block::file::FileDevice::open(&lo.0, 0, 512, false).unwrap();
+    dev.write(0, bytes::Bytes::from(vec![7u8; (4 * MIB) as usize]))
+        .await
+        .unwrap();
+    assert!(
+        dev.flush().await.is_err(),
+        "the writes never reached the disk"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        dev.flush().await.is_err(),
+        "a flush after a failed one succeeded over lost writes"
+    );
+    assert!(
+        dev.write(0, bytes::Bytes::from(vec![1u8; 4096]))
+            .await
+            .is_err()
+    );
+}
