@@ -156,12 +156,16 @@ impl ExportSpec {
     pub fn open_device(&self) -> Result<Arc<dyn BlockDevice>, BlockError> {
         let bs = self.block_size();
         Ok(match (&self.file, self.memory) {
-            (Some(path), _) => Arc::new(FileDevice::open(
-                path,
-                self.size.unwrap_or(0),
-                bs,
-                self.direct,
-            )?),
+            (Some(path), _) => {
+                // Held for this export alone, as a pool holds its disk: a pool's disk (or a file exported already)
+                // is refused, not written over by hosts through a second opener.
+                let size = self.size.unwrap_or(0);
+                if !path.exists() && size > 0 {
+                    let f = std::fs::File::create(path)?;
+                    f.set_len(size)?;
+                }
+                Arc::new(FileDevice::open_exclusive(path, bs, self.direct)?)
+            }
             (None, Some(size)) => {
                 if size < u64::from(bs) {
                     return Err(BlockError::Io(std::io::Error::new(

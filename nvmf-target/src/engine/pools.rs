@@ -840,4 +840,31 @@ mod tests {
         engine.share_replica(&uuid, vec![]).await.unwrap();
         assert!(sub().host_allowed(other) && sub().host_allowed(&a));
     }
+
+    /// A pool's disk cannot be exported as a namespace beside it (hosts would write over its label and data), nor
+    /// one file twice; before, a plain open of the file succeeded.
+    #[tokio::test]
+    async fn a_pools_disk_or_an_exported_file_is_not_exported_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        let export = |nqn: &str, file: std::path::PathBuf| {
+            engine.export(&crate::config::ExportSpec {
+                nqn: nqn.into(),
+                file: Some(file),
+                ..Default::default()
+            })
+        };
+        let e = export("nqn.2026-11.io.keelson:over-the-pool", dir.path().join("p")).unwrap_err();
+        assert!(
+            matches!(e, EngineError::Backend(BlockError::InUse(_))),
+            "{e:?}"
+        );
+        let other = dir.path().join("other.img");
+        std::fs::File::create(&other)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        export("nqn.2026-11.io.keelson:first", other.clone()).unwrap();
+        assert!(export("nqn.2026-11.io.keelson:second", other).is_err());
+    }
 }
