@@ -46,6 +46,13 @@ impl From<EngineError> for Status {
             }
             EngineError::ChildReservation { .. } => Status::failed_precondition(msg),
             EngineError::Target(t) => t.into(),
+            // A request the backend refused before any I/O (a block size it does not take, a memory size
+            // under one block) is the caller's invalid argument; the kernel's own EINVAL stays a backend failure.
+            EngineError::Backend(crate::block::BlockError::Io(e))
+                if e.kind() == std::io::ErrorKind::InvalidInput && e.raw_os_error().is_none() =>
+            {
+                Status::invalid_argument(format!("backend: {e}"))
+            }
             EngineError::Backend(b) => Status::failed_precondition(format!("backend: {b}")),
             EngineError::InvalidArgument(m) => Status::invalid_argument(m),
             EngineError::Unavailable(m) => Status::unavailable(m),

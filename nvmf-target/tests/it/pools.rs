@@ -464,6 +464,15 @@ async fn bad_requests_get_precise_codes_and_leave_the_disk_unchanged() {
             .await
             .map(drop)
     }));
+    cases.push(("block size neither 512 nor 4096", Code::InvalidArgument, {
+        let d = disk(dir.path(), "r.img", 64 * MIB);
+        api.create_pool(pb::CreatePoolRequest {
+            block_size: 8192,
+            ..create_pool("pool1", &d.display().to_string(), 0)
+        })
+        .await
+        .map(drop)
+    }));
     cases.push((
         "nexus child that does not resolve",
         Code::Unavailable,
