@@ -21,11 +21,6 @@ use crate::engine::Engine;
 use crate::nexus::NexusState;
 use crate::nexus::child::ChildState;
 
-/// Rebuild duration buckets, in seconds: 10 ms to 1 hour.
-const REBUILD_BUCKETS: &[f64] = &[
-    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
-];
-
 fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
     pairs
         .iter()
@@ -81,25 +76,27 @@ impl Families {
         });
     }
 
-    /// A histogram of `values` over `bounds` (upper bounds, ascending).
-    fn histogram_of(
+    /// A histogram counted elsewhere: (count, sum) and the cumulative count within each of `bounds`.
+    fn histogram_counted(
         &mut self,
         name: &str,
         help: &str,
         l: &[(&str, &str)],
-        values: &[f64],
+        (count, sum): (u64, f64),
         bounds: &[f64],
+        within: &[u64],
     ) {
         self.push(name, help, MetricType::HISTOGRAM, l, |m| {
             let mut h = Histogram::default();
-            h.set_sample_count(values.len() as u64);
-            h.set_sample_sum(values.iter().sum());
+            h.set_sample_count(count);
+            h.set_sample_sum(sum);
             let buckets = bounds
                 .iter()
-                .map(|b| {
+                .zip(within)
+                .map(|(b, n)| {
                     let mut k = Bucket::default();
                     k.set_upper_bound(*b);
-                    k.set_cumulative_count(values.iter().filter(|v| **v <= *b).count() as u64);
+                    k.set_cumulative_count(*n);
                     k
                 })
                 .collect();
@@ -321,45 +318,36 @@ fn nexuses(f: &mut Families, engine: &Engine) {
                 total,
             );
         }
-        let history = n.rebuild_history();
-        for kind in ["full", "partial"] {
+        let totals = n.rebuild_totals();
+        for (kind, k) in [
+            ("full", crate::nexus::RebuildKind::Full),
+            ("partial", crate::nexus::RebuildKind::Partial),
+        ] {
             for result in ["ok", "failed"] {
-                let count = history
-                    .iter()
-                    .filter(|r| rebuild_kind(r) == kind && r.error.is_none() == (result == "ok"))
-                    .count();
                 let l = [("nexus", id.as_str()), ("kind", kind), ("result", result)];
                 f.counter(
                     "keelson_nexus_rebuilds_total",
                     "Rebuilds finished, by kind and result.",
                     &l,
-                    count as f64,
+                    totals.count_of(k, result == "ok") as f64,
                 );
             }
         }
-        let durations: Vec<f64> = history.iter().map(|r| r.duration.as_secs_f64()).collect();
-        let copied: f64 = history.iter().map(|r| r.bytes_copied as f64).sum();
         let l = [("nexus", id.as_str())];
-        f.histogram_of(
+        f.histogram_counted(
             "keelson_nexus_rebuild_duration_seconds",
-            "Duration of the rebuilds in a nexus's history, in seconds.",
+            "Duration of the rebuilds the nexus finished, in seconds.",
             &l,
-            &durations,
-            REBUILD_BUCKETS,
+            (totals.total(), totals.seconds),
+            crate::nexus::DURATION_BOUNDS,
+            &totals.within,
         );
         f.counter(
             "keelson_nexus_rebuild_bytes_total",
-            "Bytes copied by the rebuilds in a nexus's history.",
+            "Bytes copied by the rebuilds the nexus finished.",
             &l,
-            copied,
+            totals.bytes_copied as f64,
         );
-    }
-}
-
-fn rebuild_kind(r: &crate::nexus::RebuildRecord) -> &'static str {
-    match r.kind {
-        crate::nexus::RebuildKind::Full => "full",
-        crate::nexus::RebuildKind::Partial => "partial",
     }
 }
 

@@ -33,7 +33,7 @@ use crate::rebuild::{RebuildConfig, SegmentMap};
 
 use child::{Child, ChildInfo, ChildState};
 pub use gate::{FaultConsent, FaultGate, Fenced};
-pub use resync::{RebuildKind, RebuildRecord};
+pub use resync::{DURATION_BOUNDS, HISTORY_KEPT, RebuildKind, RebuildRecord, RebuildTotals};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NexusError {
@@ -156,7 +156,7 @@ pub struct Nexus {
     /// Application I/Os started (reads and writes), so a rebuild can tell whether the volume is in use.
     app_ios: std::sync::atomic::AtomicU64,
     lock: RangeLock,
-    history: Mutex<Vec<RebuildRecord>>,
+    history: Mutex<resync::History>,
     tasks: TaskTracker,
     cancel: CancellationToken,
     /// Set by [`Nexus::shutdown`]: every I/O fails from then on.
@@ -216,7 +216,7 @@ impl Nexus {
             next_read: AtomicUsize::new(0),
             app_ios: std::sync::atomic::AtomicU64::new(0),
             lock: RangeLock::new(),
-            history: Mutex::new(Vec::new()),
+            history: Mutex::new(Default::default()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             stopped: std::sync::atomic::AtomicBool::new(false),

@@ -34,6 +34,66 @@ pub struct RebuildRecord {
     pub error: Option<String>,
 }
 
+/// How many finished rebuilds a nexus keeps in full (the latest): every Nexus reply of the engine API carries them,
+/// and a nexus lives for months. Older ones count only in [`RebuildTotals`].
+pub const HISTORY_KEPT: usize = 64;
+
+/// Upper bounds (seconds) of the rebuild-duration buckets [`RebuildTotals`] counts: 10 ms to 1 hour.
+pub const DURATION_BOUNDS: &[f64] = &[
+    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Every rebuild a nexus finished, counted (what its metrics report, never going back).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RebuildTotals {
+    /// By kind (full, partial) and outcome (ok, failed).
+    pub finished: [[u64; 2]; 2],
+    pub bytes_copied: u64,
+    pub seconds: f64,
+    /// Rebuilds that took at most each of [`DURATION_BOUNDS`] (cumulative).
+    pub within: [u64; 12],
+}
+
+impl RebuildTotals {
+    fn count(&mut self, r: &RebuildRecord) {
+        let kind = usize::from(r.kind == RebuildKind::Partial);
+        self.finished[kind][usize::from(r.error.is_some())] += 1;
+        self.bytes_copied += r.bytes_copied;
+        let s = r.duration.as_secs_f64();
+        self.seconds += s;
+        for (n, b) in self.within.iter_mut().zip(DURATION_BOUNDS) {
+            if s <= *b {
+                *n += 1;
+            }
+        }
+    }
+
+    pub fn count_of(&self, kind: RebuildKind, ok: bool) -> u64 {
+        self.finished[usize::from(kind == RebuildKind::Partial)][usize::from(!ok)]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.finished.iter().flatten().sum()
+    }
+}
+
+/// The latest rebuilds in full and the totals of all.
+#[derive(Default)]
+pub(super) struct History {
+    recent: std::collections::VecDeque<RebuildRecord>,
+    totals: RebuildTotals,
+}
+
+impl History {
+    fn push(&mut self, r: RebuildRecord) {
+        self.totals.count(&r);
+        if self.recent.len() == HISTORY_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(r);
+    }
+}
+
 /// Healthy siblings of the child being rebuilt, round robin.
 struct Siblings {
     nexus: Arc<Nexus>,
@@ -209,11 +269,23 @@ impl Nexus {
         }
     }
 
-    /// Past rebuilds, oldest first.
+    /// The latest rebuilds (at most [`HISTORY_KEPT`]), oldest first.
     pub fn rebuild_history(&self) -> Vec<RebuildRecord> {
         self.history
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .recent
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Every rebuild this nexus finished, counted.
+    pub fn rebuild_totals(&self) -> RebuildTotals {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .totals
             .clone()
     }
 }

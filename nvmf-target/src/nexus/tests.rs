@@ -1050,3 +1050,27 @@ async fn a_nexus_without_a_healthy_child_does_not_grow() {
     assert!(matches!(e, NexusError::NoHealthyChild), "{e}");
     assert_eq!(n.size_bytes(), OLD);
 }
+
+/// A nexus keeps its latest rebuilds in full, not every one it ever finished (each Nexus reply of the engine API
+/// carries them: after tens of thousands the reply outgrew what the cluster agent decodes, and healing stopped on
+/// the node), while its totals count them all.
+#[tokio::test]
+async fn a_nexus_keeps_its_latest_rebuilds_and_counts_them_all() {
+    let b = mem();
+    let n = nexus(vec![mem(), b.clone()]);
+    let rounds = super::HISTORY_KEPT as u64 + 6;
+    for i in 0..rounds {
+        n.fault_child("c1", "restarted").unwrap();
+        n.rejoin_child("c1", b.clone()).await.unwrap();
+        for _ in 0..2000 {
+            if n.rebuild_totals().total() > i {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert_eq!(n.rebuild_history().len(), super::HISTORY_KEPT);
+    let totals = n.rebuild_totals();
+    assert_eq!(totals.total(), rounds);
+    assert_eq!(totals.within[super::DURATION_BOUNDS.len() - 1], rounds);
+}
