@@ -681,6 +681,18 @@ impl Engine {
             }
             .into());
         }
+        // The same clone asked again with other sharing: refused, as for a replica (its export would change while
+        // the pool kept the first, and a restart would bring that back).
+        if let Some(v) = pool.volume_meta(&uuid)
+            && v.clone_of == Some(*snapshot)
+            && v.share != share
+        {
+            return Err(PoolError::AlreadyExists {
+                what: PoolObject::Replica(uuid),
+                detail: format!("with other sharing ({:?})", v.share.map(|s| s.hosts)),
+            }
+            .into());
+        }
         pool.clone_snapshot(*snapshot, uuid, share.clone()).await?;
         if let Some(s) = &share {
             self.export_replica(&pool, uuid, s)?;
@@ -866,5 +878,32 @@ mod tests {
             .unwrap();
         export("nqn.2026-11.io.keelson:first", other.clone()).unwrap();
         assert!(export("nqn.2026-11.io.keelson:second", other).is_err());
+    }
+
+    /// A clone asked for again with other sharing is ALREADY_EXISTS, as a replica is; the same request again is
+    /// answered with it. Before, the second changed the export but not what the pool kept.
+    #[tokio::test]
+    async fn a_clone_asked_again_with_other_sharing_already_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        let (r, snap, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        engine.create_replica("p", r, 4 << 20, None).await.unwrap();
+        engine.create_snapshot(&r, snap).await.unwrap();
+        engine.create_clone(&snap, c, None).await.unwrap();
+        engine.create_clone(&snap, c, None).await.unwrap();
+        let shared = Some(Share {
+            hosts: vec!["nqn.2026-11.io.keelson:host-h".into()],
+        });
+        let e = engine.create_clone(&snap, c, shared).await.unwrap_err();
+        assert!(
+            matches!(e, EngineError::Pool(PoolError::AlreadyExists { .. })),
+            "{e:?}"
+        );
+        assert!(
+            engine
+                .target()
+                .subsystem(Nqn::replica(&c).as_str())
+                .is_none()
+        );
     }
 }
