@@ -464,10 +464,17 @@ impl BlockDevice for FileDevice {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         self.check_flushes()?;
         let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if len == 0 || self.try_fallocate(punch, offset, len).await? {
+        // A punch can need room for the file's extent tree: a full file system is no failing disk (as in
+        // `release`).
+        if len == 0
+            || self
+                .try_fallocate(punch, offset, len)
+                .await
+                .map_err(out_of_space)?
+        {
             return Ok(());
         }
-        self.zero_by_writes(offset, len).await
+        self.zero_by_writes(offset, len).await.map_err(out_of_space)
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
