@@ -124,7 +124,11 @@ impl EngineApi for EngineService {
         let r = r.into_inner();
         nqn(&r.nqn, "nqn")?;
         let spec = convert::export_spec(&r)?;
-        self.engine.add_namespace(&spec)?;
+        // Opening a file may wait for a holder that just died to let go of it (seconds): off the runtime's workers.
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.add_namespace(&spec))
+            .await
+            .map_err(|e| Status::internal(format!("adding the namespace: {e}")))??;
         self.subsystem_reply(&r.nqn)
     }
 

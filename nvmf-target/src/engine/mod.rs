@@ -143,25 +143,6 @@ struct Inner {
     stopping: std::sync::atomic::AtomicBool,
 }
 
-/// Lets `hosts` (or any host, if `any`) connect to `sub` and no other. Hosts that stay allowed are never left out on
-/// the way (their controllers would be ended): any host first when that is the aim, the new hosts before the old
-/// go, any host off last.
-fn set_hosts(sub: &crate::target::subsystem::Subsystem, any: bool, hosts: &[String]) {
-    if any {
-        sub.set_allow_any_host(true);
-    }
-    for h in hosts {
-        sub.allow_host(h);
-    }
-    let want: std::collections::BTreeSet<&String> = hosts.iter().collect();
-    for h in sub.allowed_hosts() {
-        if !want.contains(&h) {
-            sub.disallow_host(&h);
-        }
-    }
-    sub.set_allow_any_host(any);
-}
-
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -328,6 +309,8 @@ impl Engine {
     pub fn delete_subsystem(&self, nqn: &str) -> Result<(), EngineError> {
         self.target().delete_subsystem(nqn)?;
         self.backends().retain(|(n, _), _| n != nqn);
+        // Its fault-injecting devices go with it (one kept would keep its file open, and held).
+        self.faults().retain(|(n, _), _| n != nqn);
         Ok(())
     }
 

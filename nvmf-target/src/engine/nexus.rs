@@ -334,9 +334,8 @@ impl Engine {
         let _exporting = self.exporting();
         if let Some((_, Some(existing))) = self.nexus(uuid) {
             // Published already: to the hosts asked for now (a multi-host publish adds one; a retry names the same).
-            if let Some(sub) = self.target().subsystem(existing.as_str()) {
-                super::set_hosts(&sub, allow_any_host, hosts);
-            }
+            self.target()
+                .set_hosts(existing.as_str(), allow_any_host, hosts)?;
             return Ok(existing);
         }
         self.target().create_subsystem(SubsystemSpec {

@@ -555,8 +555,9 @@ impl Engine {
     fn export_replica(&self, pool: &Pool, uuid: Uuid, share: &Share) -> Result<(), EngineError> {
         let nqn = Nqn::replica(&uuid);
         let _exporting = self.exporting();
-        if let Some(sub) = self.target().subsystem(nqn.as_str()) {
-            super::set_hosts(&sub, share.hosts.is_empty(), &share.hosts);
+        if self.target().subsystem(nqn.as_str()).is_some() {
+            self.target()
+                .set_hosts(nqn.as_str(), share.hosts.is_empty(), &share.hosts)?;
             return Ok(());
         }
         let device = pool.open_volume(&uuid)?;

@@ -204,3 +204,32 @@ async fn publishing_again_exports_the_nexus_to_the_hosts_asked_for_now() {
         .unwrap();
     assert!(!sub().host_allowed(&a) && sub().host_allowed(&b));
 }
+
+/// A file exported with fault injection and then deleted can be exported again: its device goes with its
+/// subsystem. Before, the fault-injecting device stayed in the engine's table, keeping the file open and held.
+#[tokio::test]
+async fn a_deleted_export_lets_go_of_its_file() {
+    let engine = Engine::new(EngineConfig {
+        node_name: "n".into(),
+        target: Default::default(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("f.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let export = || {
+        engine.export(&ExportSpec {
+            nqn: "nqn.2026-11.io.keelson:faulty-file".into(),
+            file: Some(file.clone()),
+            fault: true,
+            ..Default::default()
+        })
+    };
+    export().unwrap();
+    engine
+        .delete_subsystem("nqn.2026-11.io.keelson:faulty-file")
+        .unwrap();
+    export().unwrap();
+}

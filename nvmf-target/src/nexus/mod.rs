@@ -461,7 +461,9 @@ impl Nexus {
         if !recorded {
             tracing::warn!(nexus = %self.name, "shut down without recording what a faulted child missed: not a clean end");
         }
-        drained && settled && recorded && self.flush_on_end().await && !torn
+        // Flushed whatever else failed: what the children took is made durable all the same.
+        let flushed = self.flush_on_end().await;
+        drained && settled && recorded && flushed && !torn
     }
 
     /// Flushes every healthy child (each within the I/O timeout): whether all did.

@@ -193,8 +193,12 @@ impl Nexus {
                     Ok(s)
                 }
             });
+            // From the records' copy to the child turning healthy, no write runs: one would make a record for a child
+            // still away on the healthy children only (this one is not yet), and the copy taken here would lack it.
+            let mut quiet = None;
             let r = match r {
                 Ok(s) if child.state() == ChildState::Rebuilding => {
+                    quiet = Some(nexus.lock.exclusive_all().await);
                     // The child is complete: what others recorded for it, and what it recorded before it went
                     // away, is of no use any more. Dropped before it turns healthy, so no new record can be lost.
                     nexus.forget_missed(&child.name).await;
@@ -233,6 +237,7 @@ impl Nexus {
                 error,
             });
             drop(history);
+            drop(quiet);
             nexus.changed();
         });
     }

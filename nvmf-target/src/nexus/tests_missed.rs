@@ -237,3 +237,38 @@ async fn a_child_that_caught_up_holds_what_the_children_still_away_missed() {
     );
     assert!(!x.names("c0", 0) && !y.names("c0", SEGMENT_2));
 }
+
+/// A write that comes while a caught-up child is being given the records of the children still away waits for it
+/// to turn healthy, so the record that write makes reaches it too. Before, the write went on meanwhile, its record
+/// was kept by the healthy children only, and the caught-up child never learnt of that segment.
+#[tokio::test]
+async fn a_write_while_a_caught_up_child_takes_the_records_reaches_it_too() {
+    const SEGMENT_4: u64 = 256 << 10;
+    let x = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
+    let y = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
+    let away = faulty();
+    let n = nexus(vec![x.clone(), y.clone(), away.clone()]);
+    away.set_plan(FaultPlan {
+        fail_after: Some(0),
+        ..Default::default()
+    });
+    n.write(0, pattern(1, 4096)).await.unwrap();
+    n.fault_child("c0", "its node restarts").unwrap();
+    n.write(SEGMENT_2, pattern(2, 4096)).await.unwrap();
+    let journal = Arc::new(Semaphore::new(0));
+    x.set_notes(Notes::Wait(journal.clone()));
+    n.rejoin_child("c0", x.clone()).await.unwrap();
+    // The rebuild is over and waits for x to keep c2's record.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let write = tokio::spawn({
+        let n = n.clone();
+        async move { n.write(SEGMENT_4, pattern(3, 4096)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    journal.add_permits(64);
+    write.await.unwrap().unwrap();
+    assert!(
+        x.names("c2", SEGMENT_4),
+        "c0 never got the record of a write c2 missed while c0 caught up"
+    );
+}

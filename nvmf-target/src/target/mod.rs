@@ -434,6 +434,31 @@ impl Target {
         Ok(())
     }
 
+    /// Lets `hosts` (or any host, if `any`) connect to subsystem `nqn` and no other, and tells discovery
+    /// controllers. Hosts that stay allowed are never left out on the way (their controllers would be ended): any
+    /// host first when that is the aim, the new hosts before the old go, any host off last.
+    pub fn set_hosts(&self, nqn: &str, any: bool, hosts: &[String]) -> Result<(), TargetError> {
+        for h in hosts {
+            Nqn::parse(h).map_err(|e| TargetError::InvalidArgument(format!("host NQN: {e}")))?;
+        }
+        let sub = self.nvm_subsystem(nqn)?;
+        if any {
+            sub.set_allow_any_host(true);
+        }
+        for h in hosts {
+            sub.allow_host(h);
+        }
+        let want: std::collections::BTreeSet<&String> = hosts.iter().collect();
+        for h in sub.allowed_hosts() {
+            if !want.contains(&h) {
+                sub.disallow_host(&h);
+            }
+        }
+        sub.set_allow_any_host(any);
+        self.shared.discovery_changed();
+        Ok(())
+    }
+
     pub fn disallow_host(&self, nqn: &str, host: &str) -> Result<(), TargetError> {
         self.nvm_subsystem(nqn)?.disallow_host(host);
         self.shared.discovery_changed();
