@@ -54,6 +54,22 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// An agent on `store` and three engines (reg-1..3) in `dir`, registered.
+    async fn start(dir: &Path, store: &[&str]) -> Cluster {
+        let port = free_port("127.0.0.1");
+        let agent = agent_with(dir, port, store, "agent");
+        let url = format!("http://127.0.0.1:{port}");
+        let engines: Vec<_> = (1..=3).map(|i| engine_with(dir, i, &url)).collect();
+        wait_for(
+            port,
+            &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
+            "registration",
+        )
+        .await;
+        let c = ClusterClient::connect(url).await.unwrap();
+        Cluster { agent, c, engines }
+    }
+
     /// [`consistent`], with the agent's log in the failure.
     async fn consistent(&self, what: &str, settled: impl Fn(&[pb::Volume]) -> bool) {
         if let Err(e) = try_consistent(&self.c, &settled).await {
@@ -131,18 +147,7 @@ impl Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_creation_placed_on_a_node_that_died_is_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port("127.0.0.1");
-    let agent = agent_with(dir.path(), port, &[], "agent");
-    let url = format!("http://127.0.0.1:{port}");
-    let engines: Vec<_> = (1..=3).map(|i| engine_with(dir.path(), i, &url)).collect();
-    wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let c = ClusterClient::connect(url).await.unwrap();
-    let mut k = Cluster { agent, c, engines };
+    let mut k = Cluster::start(dir.path(), &[]).await;
     let vol = uuid::Uuid::new_v4().to_string();
     k.crash_in_then(
         fp::CREATE_PLACED,
@@ -416,18 +421,7 @@ fn volume<'a>(vols: &'a [pb::Volume], uuid: &str) -> Option<&'a pb::Volume> {
 }
 
 async fn every_stage(dir: &Path, store: &[&str]) {
-    let port = free_port("127.0.0.1");
-    let agent = agent_with(dir, port, store, "agent");
-    let url = format!("http://127.0.0.1:{port}");
-    let engines: Vec<_> = (1..=3).map(|i| engine_with(dir, i, &url)).collect();
-    wait_for(
-        port,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let c = ClusterClient::connect(url).await.unwrap();
-    let mut k = Cluster { agent, c, engines };
+    let mut k = Cluster::start(dir, store).await;
 
     // Create: killed after the placement is recorded, and after an engine made a replica the record lacks. The
     // new agent finishes the creation; the caller's retry gets the same volume.

@@ -47,6 +47,17 @@ async fn one_node(
     (port, agent, grpc, engine, c, disk)
 }
 
+/// Pool p1 on reg-1's `disk`, made through the agent.
+async fn create_p1(c: &mut ClusterClient<tonic::transport::Channel>, disk: &std::path::Path) {
+    c.create_pool(pb::CreatePoolRequest {
+        node: "reg-1".into(),
+        name: "p1".into(),
+        disk: disk.display().to_string(),
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_empty() {
     let dir = tempfile::tempdir().unwrap();
@@ -195,13 +206,7 @@ async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_em
 async fn a_pool_holding_a_replica_is_not_deleted_while_or_after_its_engine_is_down() {
     let dir = tempfile::tempdir().unwrap();
     let (port, _agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
-    c.create_pool(pb::CreatePoolRequest {
-        node: "reg-1".into(),
-        name: "p1".into(),
-        disk: disk.display().to_string(),
-    })
-    .await
-    .unwrap();
+    create_p1(&mut c, &disk).await;
     let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
         .await
         .unwrap();
@@ -280,13 +285,7 @@ async fn a_pool_holding_a_replica_is_not_deleted_while_or_after_its_engine_is_do
 async fn a_pool_whose_disk_is_late_after_a_restart_is_not_deleted_under_its_volume() {
     let dir = tempfile::tempdir().unwrap();
     let (port, _agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
-    c.create_pool(pb::CreatePoolRequest {
-        node: "reg-1".into(),
-        name: "p1".into(),
-        disk: disk.display().to_string(),
-    })
-    .await
-    .unwrap();
+    create_p1(&mut c, &disk).await;
     let t = Instant::now();
     while !managed(&mut c).await[0].reported {
         assert!(t.elapsed() < Duration::from_secs(30), "never reported");

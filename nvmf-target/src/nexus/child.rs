@@ -245,15 +245,19 @@ impl Child {
         if !log.unrecorded.overlaps(offset, len) {
             return None;
         }
-        Some(MissedWrites {
+        Some(self.record_of(log.since_ms, &log.unrecorded))
+    }
+
+    /// The record naming the segments of `map` as missed since `since_ms`.
+    fn record_of(&self, since_ms: u64, map: &SegmentMap) -> MissedWrites {
+        MissedWrites {
             child: stable_key(&self.name),
-            since_ms: log.since_ms,
-            ranges: log
-                .unrecorded
+            since_ms,
+            ranges: map
                 .runs(u64::MAX)
                 .map(|r| (r.start, r.end - r.start))
                 .collect(),
-        })
+        }
     }
 
     /// The record of the segments of this faulted child's log that no kept record names yet (what it had not
@@ -265,16 +269,7 @@ impl Child {
             return None;
         }
         let log = s.log.as_ref()?;
-        let ranges: Vec<(u64, u64)> = log
-            .unrecorded
-            .runs(u64::MAX)
-            .map(|r| (r.start, r.end - r.start))
-            .collect();
-        (!ranges.is_empty()).then(|| MissedWrites {
-            child: stable_key(&self.name),
-            since_ms: log.since_ms,
-            ranges,
-        })
+        Some(self.record_of(log.since_ms, &log.unrecorded)).filter(|m| !m.ranges.is_empty())
     }
 
     /// The record of every segment this faulted child missed (its whole log), if it keeps one: what a child that
@@ -285,15 +280,7 @@ impl Child {
             return None;
         }
         let log = s.log.as_ref()?;
-        Some(MissedWrites {
-            child: stable_key(&self.name),
-            since_ms: log.since_ms,
-            ranges: log
-                .map
-                .runs(u64::MAX)
-                .map(|r| (r.start, r.end - r.start))
-                .collect(),
-        })
+        Some(self.record_of(log.since_ms, &log.map))
     }
 
     /// The record `m` that [`Child::log_write`] returned is kept on the other children: its segments are named.

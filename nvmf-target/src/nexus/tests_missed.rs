@@ -202,11 +202,9 @@ async fn a_child_faulted_by_reads_has_what_it_had_not_flushed_recorded_at_once()
     );
 }
 
-/// A child that caught up holds the records of the children still away, as the others do: before, its rebuild's end
-/// dropped every record it held and the copy brought none, so once the others were gone a later nexus over it and
-/// a child still away found nothing naming what that one missed, and trusted it.
-#[tokio::test]
-async fn a_child_that_caught_up_holds_what_the_children_still_away_missed() {
+/// Recording children c0 (x) and c1 (y) and a child c2 that failed a write at 0 (the record on both); then c0
+/// faulted and a write at segment 2 that both c0 and c2 missed (its record on y).
+async fn c0_away_after_c2() -> (Arc<super::Nexus>, Arc<Recording>, Arc<Recording>) {
     let x = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
     let y = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
     let away = faulty();
@@ -219,6 +217,15 @@ async fn a_child_that_caught_up_holds_what_the_children_still_away_missed() {
     assert!(x.names("c2", 0));
     n.fault_child("c0", "its node restarts").unwrap();
     n.write(SEGMENT_2, pattern(2, 4096)).await.unwrap();
+    (n, x, y)
+}
+
+/// A child that caught up holds the records of the children still away, as the others do: before, its rebuild's end
+/// dropped every record it held and the copy brought none, so once the others were gone a later nexus over it and
+/// a child still away found nothing naming what that one missed, and trusted it.
+#[tokio::test]
+async fn a_child_that_caught_up_holds_what_the_children_still_away_missed() {
+    let (n, x, y) = c0_away_after_c2().await;
     n.rejoin_child("c0", x.clone()).await.unwrap();
     for _ in 0..2000 {
         if !n.rebuild_history().is_empty() {
@@ -244,17 +251,7 @@ async fn a_child_that_caught_up_holds_what_the_children_still_away_missed() {
 #[tokio::test]
 async fn a_write_while_a_caught_up_child_takes_the_records_reaches_it_too() {
     const SEGMENT_4: u64 = 256 << 10;
-    let x = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
-    let y = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
-    let away = faulty();
-    let n = nexus(vec![x.clone(), y.clone(), away.clone()]);
-    away.set_plan(FaultPlan {
-        fail_after: Some(0),
-        ..Default::default()
-    });
-    n.write(0, pattern(1, 4096)).await.unwrap();
-    n.fault_child("c0", "its node restarts").unwrap();
-    n.write(SEGMENT_2, pattern(2, 4096)).await.unwrap();
+    let (n, x, _) = c0_away_after_c2().await;
     let journal = Arc::new(Semaphore::new(0));
     x.set_notes(Notes::Wait(journal.clone()));
     n.rejoin_child("c0", x.clone()).await.unwrap();

@@ -712,18 +712,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_volume_keeps_missed_writes_for_a_bounded_number_of_children() {
-        let mut m = PoolMeta::new(CS, 16);
-        let r = create(&mut m, 1 << 30);
-        let note = |i: usize| Record::NoteMissed {
+    /// A note that child `i` missed the first 4 KiB of volume `r`.
+    fn note_for(r: Uuid, i: usize) -> Record {
+        Record::NoteMissed {
             volume: r,
             missed: MissedWrites {
                 child: format!("child-{i}"),
                 since_ms: 1,
                 ranges: vec![(0, 4096)],
             },
-        };
+        }
+    }
+
+    #[test]
+    fn a_volume_keeps_missed_writes_for_a_bounded_number_of_children() {
+        let mut m = PoolMeta::new(CS, 16);
+        let r = create(&mut m, 1 << 30);
+        let note = |i: usize| note_for(r, i);
         for i in 0..MAX_MISSED_CHILDREN {
             m.admit(&mut Pending::default(), &[note(i)]).unwrap();
             m.apply(&note(i)).unwrap();
@@ -742,14 +747,7 @@ mod tests {
     fn missed_writes_noted_in_one_batch_count_against_the_cap_together() {
         let mut m = PoolMeta::new(CS, 16);
         let r = create(&mut m, 1 << 30);
-        let note = |i: usize| Record::NoteMissed {
-            volume: r,
-            missed: MissedWrites {
-                child: format!("child-{i}"),
-                since_ms: 1,
-                ranges: vec![(0, 4096)],
-            },
-        };
+        let note = |i: usize| note_for(r, i);
         let mut p = Pending::default();
         for i in 0..MAX_MISSED_CHILDREN {
             m.admit(&mut p, &[note(i)]).unwrap();
