@@ -47,6 +47,17 @@ async fn one_node(
     (port, agent, grpc, engine, c, disk)
 }
 
+/// Kills reg-1's engine and waits until the agent has it Offline.
+async fn down(engine: &mut crate::registry::Proc, port: u16) {
+    engine.kill9();
+    wait_for(
+        port,
+        &[("reg-1", crate::registry::Offline)],
+        "the node down",
+    )
+    .await;
+}
+
 /// Pool p1 on reg-1's `disk`, made through the agent.
 async fn create_p1(c: &mut ClusterClient<tonic::transport::Channel>, disk: &std::path::Path) {
     c.create_pool(pb::CreatePoolRequest {
@@ -225,13 +236,7 @@ async fn a_pool_holding_a_replica_is_not_deleted_while_or_after_its_engine_is_do
         name: "p1".into(),
     };
     // Down: refused, and nothing is left armed.
-    engine.kill9();
-    wait_for(
-        port,
-        &[("reg-1", crate::registry::Offline)],
-        "the node down",
-    )
-    .await;
+    down(&mut engine, port).await;
     assert!(c.delete_pool(del()).await.is_err());
     assert_eq!(
         managed(&mut c).await[0].phase,
@@ -300,13 +305,7 @@ async fn a_pool_whose_disk_is_late_after_a_restart_is_not_deleted_under_its_volu
     })
     .await
     .unwrap();
-    engine.kill9();
-    wait_for(
-        port,
-        &[("reg-1", crate::registry::Offline)],
-        "the node down",
-    )
-    .await;
+    down(&mut engine, port).await;
     let away = dir.path().join("away.img");
     std::fs::rename(&disk, &away).unwrap();
     engine.restart();

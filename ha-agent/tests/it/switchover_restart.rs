@@ -12,6 +12,24 @@ use tonic::transport::Channel;
 use crate::registry::{Proc, three_nodes};
 use crate::switchover::{MIB, connect, publish_to, report, verify, write_all};
 
+/// A new 3-replica volume published with its nexus on reg-1, its first 8 blocks written.
+async fn written_on_reg_1(c: &mut ClusterClient<Channel>) -> pb::Volume {
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 * MIB,
+        replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let v = publish_to(c, vol, "reg-1").await;
+    let ns = connect(&v).await;
+    write_all(&ns, 0..8).await;
+    ns.close().await;
+    v
+}
+
 /// Restarts the agent with `failpoint` armed, then reports `v`'s first path broken until the agent dies there.
 async fn dies_reporting(
     agent: &mut Proc,
@@ -170,19 +188,7 @@ async fn a_switch_over_whose_new_nexus_is_lost_while_the_agent_is_down_is_finish
  {
     use ha_agent::cluster::failpoint as fp;
     let (_dir, _port, mut agent, mut engines, _nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 16 * MIB,
-        replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let v = &publish_to(&mut c, vol, "reg-1").await;
-    let ns = connect(v).await;
-    write_all(&ns, 0..8).await;
-    ns.close().await;
+    let v = &written_on_reg_1(&mut c).await;
     engines[0].kill9();
     dies_reporting(&mut agent, &mut c, v, fp::RETIRE_GARBAGE_RECORDED).await;
     // The new nexus is on reg-2 or reg-3: both engines restart, so it is gone from its engine.
@@ -206,19 +212,8 @@ async fn a_switch_over_whose_new_nexus_is_lost_while_the_agent_is_down_is_finish
 async fn a_switch_over_whose_new_nexus_node_dies_while_the_agent_is_down_moves_on() {
     use ha_agent::cluster::failpoint as fp;
     let (_dir, port, mut agent, mut engines, nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 16 * MIB,
-        replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let v = &publish_to(&mut c, vol.clone(), "reg-1").await;
-    let ns = connect(v).await;
-    write_all(&ns, 0..8).await;
-    ns.close().await;
+    let v = &written_on_reg_1(&mut c).await;
+    let vol = v.uuid.clone();
     // The host's path is gone and the old nexus's engine answers: it is ended cleanly, so the new one starts from
     // the replicas in sync as they are (no resync that would leave the third node's copy out of sync meanwhile).
     dies_reporting(&mut agent, &mut c, v, fp::RETIRE_GARBAGE_RECORDED).await;
