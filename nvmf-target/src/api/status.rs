@@ -78,7 +78,10 @@ impl From<PoolError> for Status {
             PoolError::OwnedByAnotherNode { .. } | PoolError::OwnershipLost { .. } => {
                 Status::failed_precondition(msg)
             }
-            PoolError::Io(_) | PoolError::Faulted { .. } => Status::unavailable(msg),
+            // Destroying: asked again, the pool is either gone (NOT_FOUND) or kept (it was not empty).
+            PoolError::Io(_) | PoolError::Faulted { .. } | PoolError::Destroying { .. } => {
+                Status::unavailable(msg)
+            }
         }
     }
 }

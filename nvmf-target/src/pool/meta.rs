@@ -140,6 +140,16 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// Whether it creates a replica, a snapshot or a clone (refused while the pool is being destroyed).
+    pub fn creates_volume(&self) -> bool {
+        matches!(
+            self,
+            Record::CreateReplica { .. } | Record::Snapshot { .. } | Record::Clone { .. }
+        )
+    }
+}
+
 /// What records admitted but not applied yet do to volumes: (size, is a snapshot) of those they create or resize,
 /// `None` for those they destroy; and the children they start keeping missed writes for, per volume. See
 /// [`PoolMeta::admit`].

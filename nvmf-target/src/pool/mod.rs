@@ -89,6 +89,8 @@ pub enum PoolError {
     AlreadyExists { what: PoolObject, detail: String },
     #[error("pool {pool} still has {volumes} replicas or snapshots")]
     NotEmpty { pool: String, volumes: usize },
+    #[error("pool {pool} is being destroyed: no replica, snapshot or clone is created in it")]
+    Destroying { pool: String },
     #[error(
         "pool {pool} belongs to node {owner:?} (incarnation {incarnation}); import it on that node, or force the \
          import if that node is gone or the disk has moved"
@@ -231,6 +233,9 @@ pub(crate) struct PoolInner {
     volumes: Mutex<BTreeMap<Uuid, Arc<PoolVolume>>>,
     /// Set once a commit found the pool claimed by another import; every volume is closed then.
     lost: AtomicBool,
+    /// Set while a destroy makes sure the pool is empty, and for good once it is: no commit that creates a volume
+    /// is admitted, so none is acknowledged and then lost with the label.
+    destroying: AtomicBool,
     no_space: AtomicU64,
     last_no_space_log: Mutex<Option<Instant>>,
     /// The disk had no room for a new cluster it was asked for (a file system full under a file pool); cleared
@@ -503,7 +508,19 @@ impl commit::Metadata for PoolInner {
     fn admit(&self, batch: &[&[Record]]) -> Vec<Result<(), PoolError>> {
         let m = self.meta();
         let mut pending = meta::Pending::default();
-        batch.iter().map(|r| m.admit(&mut pending, r)).collect()
+        // Read once per batch: a destroy that set it after this waits for the batch before it counts volumes.
+        let destroying = self.destroying.load(Ordering::SeqCst);
+        batch
+            .iter()
+            .map(|r| {
+                if destroying && r.iter().any(Record::creates_volume) {
+                    return Err(PoolError::Destroying {
+                        pool: self.label.name.clone(),
+                    });
+                }
+                m.admit(&mut pending, r)
+            })
+            .collect()
     }
 
     fn state(&self) -> Result<Vec<u8>, PoolError> {
@@ -768,6 +785,7 @@ impl Pool {
             gate: Arc::new(tokio::sync::RwLock::new(())),
             volumes: Mutex::new(BTreeMap::new()),
             lost: AtomicBool::new(false),
+            destroying: AtomicBool::new(false),
             no_space: AtomicU64::new(0),
             last_no_space_log: Mutex::new(None),
             disk_full: AtomicBool::new(false),
@@ -1285,21 +1303,29 @@ impl Pool {
         self.inner.lost.load(Ordering::Acquire)
     }
 
-    /// Destroys the pool: refuses while it has volumes, then wipes the label so the device probes blank.
+    /// Destroys the pool: refuses while it has volumes, then wipes the label so the device probes blank. From the
+    /// moment it is called, creates of replicas, snapshots and clones in the pool are refused
+    /// ([`PoolError::Destroying`]), until it refuses (the pool has volumes) or for good.
     pub async fn destroy(&self) -> Result<(), PoolError> {
-        // A create on its way (its caller gone) would otherwise be written after the label is wiped.
+        // Set before waiting for the commits on their way (a create whose caller went away among them): those are
+        // counted below, and every create admitted after is refused, so none is acknowledged and then wiped.
+        self.inner.destroying.store(true, Ordering::SeqCst);
+        let refuse = |e: PoolError| {
+            self.inner.destroying.store(false, Ordering::SeqCst);
+            Err(e)
+        };
         if tokio::time::timeout(CAUGHT_UP_WAIT, self.inner.caught_up())
             .await
             .is_err()
         {
-            return Err(PoolError::Io(format!(
+            return refuse(PoolError::Io(format!(
                 "the pool's journal has not answered for {} s: try again",
                 CAUGHT_UP_WAIT.as_secs()
             )));
         }
         let n = self.inner.meta().volumes.len();
         if n > 0 {
-            return Err(PoolError::NotEmpty {
+            return refuse(PoolError::NotEmpty {
                 pool: self.name().to_string(),
                 volumes: n,
             });

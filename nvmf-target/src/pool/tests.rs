@@ -1178,6 +1178,8 @@ async fn a_commit_dropped_half_way_changes_nothing_for_the_commits_it_carries() 
 struct LateDisk {
     inner: Arc<MemoryDevice>,
     late: Mutex<std::time::Duration>,
+    /// The same for writes of zeroes (a pool's label is wiped so), in the caller's task.
+    zeroes_late: Mutex<std::time::Duration>,
     inflight: crate::block::inflight::InFlight,
 }
 
@@ -1205,6 +1207,8 @@ impl BlockDevice for LateDisk {
         .unwrap()
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let late = *self.zeroes_late.lock().unwrap();
+        tokio::time::sleep(late).await;
         self.inner.write_zeroes(offset, len).await
     }
     async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -1223,12 +1227,51 @@ async fn late_pool() -> (Arc<LateDisk>, Pool) {
     let disk = Arc::new(LateDisk {
         inner: Arc::new(MemoryDevice::new(12 * MIB, 512)),
         late: Mutex::new(std::time::Duration::ZERO),
+        zeroes_late: Mutex::new(std::time::Duration::ZERO),
         inflight: Default::default(),
     });
     let pool = Pool::create(disk.clone(), &spec("late"), &me())
         .await
         .unwrap();
     (disk, pool)
+}
+
+#[tokio::test]
+async fn a_replica_created_while_its_pool_is_destroyed_is_refused_not_wiped() {
+    use std::time::Duration;
+    let (disk, pool) = late_pool().await;
+    // The label's wipe and the journal's writes take a while: a create that starts while the destroy runs is
+    // written after the destroy counted the pool's volumes.
+    *disk.zeroes_late.lock().unwrap() = Duration::from_millis(300);
+    *disk.late.lock().unwrap() = Duration::from_millis(300);
+    let destroy = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.destroy().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let created = pool.create_replica(Uuid::new_v4(), MIB, None).await.err();
+    destroy
+        .await
+        .unwrap()
+        .expect("the pool had no volume when the destroy began");
+    assert!(
+        matches!(created, Some(PoolError::Destroying { .. })),
+        "a create during the destroy must be refused, not acknowledged and then wiped: {created:?}"
+    );
+    assert!(matches!(Pool::probe(disk.as_ref()).await, Ok(Probe::Blank)));
+}
+
+#[tokio::test]
+async fn a_destroy_refused_for_volumes_lets_creates_in_again() {
+    let (_disk, pool) = late_pool().await;
+    pool.create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .unwrap();
+    let e = pool.destroy().await.err();
+    assert!(matches!(e, Some(PoolError::NotEmpty { .. })), "{e:?}");
+    pool.create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
