@@ -85,6 +85,10 @@ struct Shared {
     slots: Semaphore,
     closed: AtomicBool,
     close: Notify,
+    /// Told when a submission failed (its entry stays queued): the reaper submits it again, and again every
+    /// [`SUBMIT_RETRY`] until the kernel takes it, as a ring with nothing else in flight has no completion to
+    /// wake the reaper.
+    kick: Notify,
     /// Set up with deferred completions: the kernel runs them only when this thread enters it (the reaper's
     /// [`run_deferred`], or a submission while some wait).
     defer: bool,
@@ -148,6 +152,7 @@ impl Ring {
             slots: Semaphore::new(ENTRIES as usize),
             closed: AtomicBool::new(false),
             close: Notify::new(),
+            kick: Notify::new(),
             defer,
         });
         tokio::spawn(reap(shared.clone()));
@@ -272,16 +277,17 @@ impl Ring {
             // completion of `id`, and the ring lives until the table is empty (see the module's rule).
             while unsafe { ring.submission().push(&entry) }.is_err() {
                 // Full (cannot happen with at most ENTRIES in flight, but be sure): hand the queue to the kernel.
-                if let Err(e) = ring.submit() {
+                if let Err(e) = submit_queued(&ring) {
                     // Never queued: the operation leaves the table, its slot goes back.
                     s.table().ops.remove(&id);
                     s.slots.add_permits(1);
                     return Err(e);
                 }
             }
-            // A failed submit leaves the entry queued; the reaper submits it again after its next completion.
-            if let Err(e) = ring.submit() {
-                tracing::debug!(error = %e, "io_uring submit deferred");
+            // A failed submit (the kernel short of memory: EAGAIN, ENOMEM) leaves the entry queued, for the reaper.
+            if let Err(e) = submit_queued(&ring) {
+                tracing::debug!(error = %e, "io_uring submit deferred to the reaper");
+                s.kick.notify_one();
             }
         }
         if let Some(t) = s.table().ops.get_mut(&id).and_then(|op| op.timed.as_mut()) {
@@ -409,8 +415,28 @@ impl Drop for Shared {
     }
 }
 
+/// How often the reaper tries again to submit entries the kernel refused.
+const SUBMIT_RETRY: Duration = Duration::from_millis(1);
+
+#[cfg(test)]
+thread_local! {
+    /// How many of this thread's next submissions fail as if the kernel were short of memory (tests).
+    static FAIL_SUBMITS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Hands the queued entries to the kernel (under test, fails while [`FAIL_SUBMITS`] counts down).
+fn submit_queued(ring: &IoUring) -> io::Result<usize> {
+    #[cfg(test)]
+    if FAIL_SUBMITS.with(|n| n.replace(n.get().saturating_sub(1)) > 0) {
+        return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+    }
+    ring.submit()
+}
+
 /// Completes operations as the kernel finishes them, until the ring is dropped and nothing is in flight.
 async fn reap(s: Arc<Shared>) {
+    // Entries are queued that the kernel has not taken (a submission failed).
+    let mut unsubmitted = false;
     loop {
         tokio::select! {
             ready = s.wake.readable() => match ready {
@@ -429,6 +455,8 @@ async fn reap(s: Arc<Shared>) {
                 }
             },
             _ = s.close.notified() => {}
+            _ = s.kick.notified() => {}
+            _ = tokio::time::sleep(SUBMIT_RETRY), if unsubmitted => {}
         }
         let finished: Vec<(u64, i32)> = {
             let mut ring = s.ring();
@@ -453,9 +481,12 @@ async fn reap(s: Arc<Shared>) {
                     break;
                 }
             }
-            if !ring.submission().is_empty() {
-                let _ = ring.submit();
+            if !ring.submission().is_empty()
+                && let Err(e) = submit_queued(&ring)
+            {
+                tracing::debug!(error = %e, "io_uring submit failed again; retrying");
             }
+            unsubmitted = !ring.submission().is_empty();
             done
         };
         let mut now = None;
@@ -626,6 +657,30 @@ mod tests {
                 None
             }
         }
+    }
+
+    /// An I/O whose submission the kernel refused (EAGAIN: short of memory) on an otherwise idle ring is submitted
+    /// again by the reaper, with no other I/O to carry it, and completes.
+    #[tokio::test]
+    async fn an_io_whose_submission_failed_completes_on_an_idle_ring() {
+        let Some(ring) = ring_or_skip() else {
+            return;
+        };
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let fd = f.as_raw_fd();
+        // The submitter's, then the reaper's first two retries fail.
+        FAIL_SUBMITS.with(|n| n.set(3));
+        let data = Bytes::from(vec![7u8; 4096]);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            ring.write(fd, 0, data.clone(), None),
+        )
+        .await
+        .expect("the refused submission was retried")
+        .unwrap();
+        assert_eq!(FAIL_SUBMITS.with(Cell::get), 0);
+        assert_eq!(ring.read(fd, 0, 4096, None).await.unwrap(), data);
     }
 
     #[tokio::test]
