@@ -364,24 +364,39 @@ fn pools(p: Vec<pb::Pool>) -> Vec<PoolSpec> {
 }
 
 /// How many published nexuses each node runs (what a drain waits for).
-async fn nexuses_per_node(
-    volumes: &Volumes,
-) -> Result<std::collections::BTreeMap<String, usize>, Status> {
-    let mut n = std::collections::BTreeMap::new();
-    for v in volumes.list().await? {
-        if let Some(x) = v.nexus.filter(|x| x.published) {
-            *n.entry(x.node).or_default() += 1;
-        }
-    }
-    Ok(n)
+struct NexusCount {
+    per_node: std::collections::BTreeMap<String, usize>,
+    /// Volume records that do not decode: where their nexuses run is unknown, so no drain is known to be over.
+    unreadable: usize,
 }
 
-/// The API's node, with its drain state from `nexuses` (per node, as [`nexuses_per_node`] counts them).
-fn node(v: NodeView, nexuses: &std::collections::BTreeMap<String, usize>) -> pb::Node {
+/// Counts the published nexuses per node. A corrupt volume record (logged) does not fail the count: it leaves
+/// every draining node Draining, not Drained, and the node calls answer.
+async fn nexuses_per_node(volumes: &Volumes) -> Result<NexusCount, Status> {
+    let (sound, unreadable) = volumes.list_decodable().await?;
+    let mut per_node = std::collections::BTreeMap::new();
+    for v in sound {
+        if let Some(x) = v.nexus.filter(|x| x.published) {
+            *per_node.entry(x.node).or_default() += 1;
+        }
+    }
+    Ok(NexusCount {
+        per_node,
+        unreadable,
+    })
+}
+
+/// The API's node, with its drain state from `nexuses` (as [`nexuses_per_node`] counts them).
+fn node(v: NodeView, nexuses: &NexusCount) -> pb::Node {
     let cordoned = v.record.cordoned;
-    let drain_state = match (v.record.draining, nexuses.get(&v.record.spec.name)) {
+    let running = nexuses
+        .per_node
+        .get(&v.record.spec.name)
+        .copied()
+        .unwrap_or(0);
+    let drain_state = match (v.record.draining, running + nexuses.unreadable) {
         (false, _) => "",
-        (true, Some(n)) if *n > 0 => "Draining",
+        (true, n) if n > 0 => "Draining",
         (true, _) => "Drained",
     }
     .to_string();

@@ -315,7 +315,13 @@ impl Volumes {
 
     /// Every volume record that decodes; a corrupt one is logged and skipped, so it stops no one else's healing.
     pub(super) async fn list_sound(&self) -> Result<Vec<VolumeRecord>, VolumeError> {
-        Ok(self
+        Ok(self.list_decodable().await?.0)
+    }
+
+    /// Every volume record that decodes, and how many did not (each logged).
+    pub(super) async fn list_decodable(&self) -> Result<(Vec<VolumeRecord>, usize), VolumeError> {
+        let mut corrupt = 0;
+        let sound = self
             .store
             .list(volume::PREFIX)
             .await?
@@ -324,10 +330,12 @@ impl Volumes {
                 Ok(r) => Some(r),
                 Err(e) => {
                     tracing::error!(key = %k, error = %e, "corrupt volume record skipped");
+                    corrupt += 1;
                     None
                 }
             })
-            .collect())
+            .collect();
+        Ok((sound, corrupt))
     }
 
     /// Records `r` (the caller holds the volume's lock, so it overwrites its own last write).
