@@ -76,6 +76,14 @@ pub(super) fn publish(
             )))
         };
     }
+    if single_writer(cap)
+        && let Some(other) = published_elsewhere(mt, &dev, block, staging, target)
+    {
+        return Err(Status::failed_precondition(format!(
+            "volume {uuid} is SINGLE_NODE_SINGLE_WRITER and is published at {} already: unpublish it there first",
+            other.display()
+        )));
+    }
     let made = if block {
         std::fs::OpenOptions::new()
             .create(true)
@@ -102,6 +110,36 @@ pub(super) fn publish(
     }
     tracing::info!(volume = %uuid, ro, block, "published");
     Ok(())
+}
+
+/// Whether the access mode lets the volume be published at one target path only.
+fn single_writer(cap: &VolumeCapability) -> bool {
+    cap.access_mode
+        .as_ref()
+        .is_some_and(|m| m.mode == Mode::SingleNodeSingleWriter as i32)
+}
+
+/// A path other than `staging` and `target` where device `dev` is published (its file system bound, or for a raw
+/// block volume its device node), if any.
+fn published_elsewhere(
+    mt: &Mounts,
+    dev: &Device,
+    block: bool,
+    staging: &Path,
+    target: &Path,
+) -> Option<PathBuf> {
+    let (staging, target) = (mounts::canonical(staging), mounts::canonical(target));
+    mt.table()
+        .into_iter()
+        .filter(|m| m.target != staging && m.target != target)
+        .find(|m| {
+            if block {
+                node_of(m, dev)
+            } else {
+                fs_of(m, dev)
+            }
+        })
+        .map(|m| m.target)
 }
 
 /// Unpublishes volume `uuid` from `target`: its mounts of this volume taken off, then what publish made there (an

@@ -660,6 +660,43 @@ async fn publish_binds_only_this_volumes_staging_mount() {
 }
 
 #[tokio::test]
+async fn a_single_writer_volume_is_published_at_one_target_path_at_a_time() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    let publish = |target: &str, mode: Mode| {
+        f.svc
+            .node_publish_volume(Request::new(NodePublishVolumeRequest {
+                volume_id: A.into(),
+                staging_target_path: f.p("stage-a"),
+                target_path: f.p(target),
+                volume_capability: Some(VolumeCapability {
+                    access_mode: Some(AccessMode { mode: mode as i32 }),
+                    ..capability(false)
+                }),
+                ..Default::default()
+            }))
+    };
+    let single = Mode::SingleNodeSingleWriter;
+    publish("pod-1/mount", single).await.unwrap();
+    // The same publish again is done.
+    publish("pod-1/mount", single).await.unwrap();
+    // A second target path while the first holds it: refused, nothing made there.
+    let r = publish("pod-2/mount", single).await.map(drop);
+    assert_eq!(code(r), Code::FailedPrecondition);
+    assert!(!f.path("pod-2/mount").exists());
+    // Once the first is unpublished, the second is published.
+    f.unpublish(A, &f.p("pod-1/mount")).await.unwrap();
+    publish("pod-2/mount", single).await.unwrap();
+    // The other single-node modes publish at many paths.
+    publish("pod-3/mount", Mode::SingleNodeMultiWriter)
+        .await
+        .unwrap();
+    publish("pod-4/mount", Mode::SingleNodeWriter)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_raw_block_publish_is_known_by_its_device_node() {
     let f = Fake::new();
     std::fs::create_dir_all(f.path("pods")).unwrap();
