@@ -133,7 +133,10 @@ impl Controller {
         sqe.set_cdw(11, want | (want << 16));
         let dw0 = self.admin.submit(sqe, None).await?.cqe.dw0();
         let granted = ((dw0 & 0xFFFF).min(dw0 >> 16) + 1).min(u32::from(opts.io_queues)) as u16;
-        let mut depth = opts.queue_depth.min(cap_mqes(cap).saturating_add(1));
+        let mut depth = opts
+            .queue_depth
+            .min(cap_mqes(cap).saturating_add(1))
+            .min(super::queue::MAX_QUEUE_DEPTH);
         if self.data.maxcmd > 0 {
             depth = depth.min(self.data.maxcmd);
         }

@@ -55,36 +55,62 @@ struct Pending {
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Bits of a command ID that name its entry in the table; the 4 bits above count the entry's uses (as the Linux
+/// host does), so an answer to an ID that completed and was given out again (a target answering twice, or late)
+/// names no command instead of completing the new one with the old one's status or data.
+const CID_ENTRY_BITS: u32 = 12;
+
+/// The most commands a queue has in flight: one table entry each.
+pub const MAX_QUEUE_DEPTH: u16 = 1 << CID_ENTRY_BITS;
+
 #[derive(Default)]
 struct CidTable {
-    entries: Vec<Option<Pending>>,
+    /// Per entry: its generation (the top bits of the ID it gives now), and its command.
+    entries: Vec<(u16, Option<Pending>)>,
     free: Vec<u16>,
 }
 
 impl CidTable {
     fn insert(&mut self, p: Pending) -> Option<u16> {
-        if let Some(cid) = self.free.pop() {
-            self.entries[usize::from(cid)] = Some(p);
-            return Some(cid);
-        }
-        let cid = u16::try_from(self.entries.len()).ok()?;
-        self.entries.push(Some(p));
-        Some(cid)
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None if self.entries.len() < usize::from(MAX_QUEUE_DEPTH) => {
+                self.entries.push((0, None));
+                (self.entries.len() - 1) as u16
+            }
+            None => return None,
+        };
+        let e = &mut self.entries[usize::from(i)];
+        e.1 = Some(p);
+        Some(i | (e.0 << CID_ENTRY_BITS))
+    }
+    /// The entry `cid` names, if it is of the entry's current generation.
+    fn entry(&mut self, cid: u16) -> Option<&mut (u16, Option<Pending>)> {
+        let i = cid & (MAX_QUEUE_DEPTH - 1);
+        self.entries
+            .get_mut(usize::from(i))
+            .filter(|e| e.0 == cid >> CID_ENTRY_BITS)
     }
     fn get_mut(&mut self, cid: u16) -> Option<&mut Pending> {
-        self.entries.get_mut(usize::from(cid))?.as_mut()
+        self.entry(cid)?.1.as_mut()
     }
     fn remove(&mut self, cid: u16) -> Option<Pending> {
-        let p = self.entries.get_mut(usize::from(cid))?.take()?;
-        self.free.push(cid);
+        let e = self.entry(cid)?;
+        let p = e.1.take()?;
+        e.0 = (e.0 + 1) % (1 << (16 - CID_ENTRY_BITS));
+        self.free.push(cid & (MAX_QUEUE_DEPTH - 1));
         Some(p)
     }
     fn drain(&mut self) -> Vec<Pending> {
+        let mut out = Vec::new();
+        for e in &mut self.entries {
+            if let Some(p) = e.1.take() {
+                e.0 = (e.0 + 1) % (1 << (16 - CID_ENTRY_BITS));
+                out.push(p);
+            }
+        }
         self.free.clear();
-        let n = self.entries.len();
-        let out = self.entries.drain(..).flatten().collect();
-        self.entries.resize_with(n, || None);
-        self.free.extend((0..n as u16).rev());
+        self.free.extend((0..self.entries.len() as u16).rev());
         out
     }
 }
@@ -251,7 +277,8 @@ pub struct Negotiated {
 }
 
 impl Queue {
-    /// Opens the TCP connection and does the ICReq/ICResp exchange. `depth` bounds outstanding commands;
+    /// Opens the TCP connection and does the ICReq/ICResp exchange. `depth` (at most [`MAX_QUEUE_DEPTH`]) bounds
+    /// outstanding commands;
     /// `in_capsule` is the most write data sent inside a command capsule. The queue's reader and writer run on
     /// `runs_on` (an I/O thread's runtime), else on the caller's runtime.
     pub async fn connect(
@@ -301,7 +328,7 @@ impl Queue {
         let inner = Arc::new(Inner {
             qid,
             tx,
-            slots: Arc::new(Semaphore::new(depth)),
+            slots: Arc::new(Semaphore::new(depth.min(usize::from(MAX_QUEUE_DEPTH)))),
             submitted: Default::default(),
             table: Mutex::new(CidTable::default()),
             in_capsule,
@@ -674,6 +701,52 @@ mod tests {
             .expect("the queue closed the connection")
             .unwrap();
         assert_eq!(sent, 8192, "the data once");
+    }
+
+    /// A target that answers a command twice, the second time after the queue gave the command's ID out again
+    /// (here with an error status): the late answer completes nothing, and the new command gets its own answer.
+    #[tokio::test]
+    async fn a_second_answer_to_a_finished_command_does_not_complete_the_next() {
+        let (addr, _target) = fake_target(|mut framed, mut wr, codec| async move {
+            let read_answer = |cid: u16, fill: u8| {
+                encode(
+                    &codec,
+                    Pdu::C2HData(DataPdu {
+                        cccid: cid,
+                        ttag: 0,
+                        offset: 0,
+                        data: Bytes::from(vec![fill; 4096]),
+                        last: true,
+                        success: true,
+                    }),
+                )
+            };
+            let Some(Ok(Pdu::CapsuleCmd(first))) = framed.next().await else {
+                panic!("no command");
+            };
+            let mut parts = read_answer(first.sqe.cid(), 1);
+            write_parts(&mut wr, &mut parts).await.unwrap();
+            let Some(Ok(Pdu::CapsuleCmd(second))) = framed.next().await else {
+                panic!("no second command");
+            };
+            let mut parts = encode(
+                &codec,
+                Pdu::CapsuleResp(Cqe::new(
+                    first.sqe.cid(),
+                    crate::protocol::status::Status::DATA_TRANSFER_ERROR,
+                )),
+            );
+            parts.extend(read_answer(second.sqe.cid(), 2));
+            write_parts(&mut wr, &mut parts).await.unwrap();
+            std::future::pending::<()>().await
+        })
+        .await;
+        let q = queue_to(addr).await;
+        let read = || q.submit(Sqe::rw(io::READ, 1, 0, 8, 4096, false), None);
+        let first = read().await.unwrap();
+        assert!(first.data.iter().all(|b| *b == 1));
+        let second = read().await.expect("the second read gets its own answer");
+        assert!(second.data.iter().all(|b| *b == 2));
     }
 
     /// A target that answers a read with success but only part of its data (here none): the read fails rather
