@@ -85,13 +85,21 @@ impl Volumes {
         &self,
         volume: Option<Uuid>,
     ) -> Result<Vec<SnapshotRecord>, VolumeError> {
+        Ok(self
+            .all_snapshots()
+            .await?
+            .into_iter()
+            .filter(|s| volume.is_none_or(|u| u == s.volume) && s.for_volume.is_none())
+            .collect())
+    }
+
+    /// Every snapshot record, those taken to make a volume (not listed) too; one that does not decode is an error.
+    pub(super) async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, VolumeError> {
         let mut out = Vec::new();
         for (k, v) in self.store().list(PREFIX).await? {
             let s: SnapshotRecord = serde_json::from_slice(&v.value)
                 .map_err(|source| VolumeError::Corrupt { key: k, source })?;
-            if volume.is_none_or(|u| u == s.volume) && s.for_volume.is_none() {
-                out.push(s);
-            }
+            out.push(s);
         }
         Ok(out)
     }
@@ -394,11 +402,16 @@ impl Volumes {
             s.phase = SnapshotPhase::Deleting;
             self.save_snapshot(&s).await?;
         }
-        self.drive_delete_snapshot(s).await
+        // A node gone or a pool not imported yet is something the deletion waits for, not the snapshot missing
+        // (NOT_FOUND, which CSI takes for deleted).
+        self.drive_delete_snapshot(s)
+            .await
+            .map_err(|e| super::volumes::not_the_volume_missing(uuid, e))
     }
 
     /// Destroys every copy: those recorded, and (for a snapshot whose taking did not finish) any on the volume's
-    /// replicas' nodes; then drops the record.
+    /// replicas' nodes; then drops the record. A copy on a node deleted from the cluster went with it. When a node
+    /// fails, the others are still done and taken off the record before the error returns.
     async fn drive_delete_snapshot(&self, s: SnapshotRecord) -> Result<(), VolumeError> {
         // Each node where a copy may be, with the pools it may be in (its recorded copy's, its replica's).
         let mut pools: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -420,16 +433,42 @@ impl Volumes {
                 pools.entry(x.node).or_default().push(x.pool);
             }
         }
+        // Every node is tried, whichever fail: those done are taken off the record, so the record names only what
+        // may still be there and one node that is down (or gone from the cluster) holds up no other's copy.
+        let mut done = Vec::new();
+        let mut first_error = None;
         for (node, pools) in pools {
-            let mut c = self.engine(&node).await?;
-            let r = c
-                .destroy_snapshot(epb::DestroySnapshotRequest {
-                    uuid: s.uuid.to_string(),
-                })
-                .await;
-            // Not found in a pool the engine has not imported yet (its disk late at start): not known to be gone,
-            // and the record is what would destroy it once the pool is back.
-            super::garbage::destroyed_unless_pending(&mut c, &node, &pools, s.volume, r).await?;
+            let destroyed = async {
+                let mut c = self.engine(&node).await?;
+                let r = c
+                    .destroy_snapshot(epb::DestroySnapshotRequest {
+                        uuid: s.uuid.to_string(),
+                    })
+                    .await;
+                // Not found in a pool the engine has not imported yet (its disk late at start): not known to be
+                // gone, and the record is what would destroy it once the pool is back.
+                super::garbage::destroyed_unless_pending(&mut c, &node, &pools, s.volume, r).await
+            };
+            match destroyed.await {
+                Ok(()) => done.push(node),
+                // A node deleted from the cluster (DeleteNode) took what it held with it, as it does its garbage.
+                Err(VolumeError::Node(super::dataplane::NodeEngineError::NotFound(_))) => {
+                    tracing::info!(snapshot = %s.uuid, node, "the node of a copy was deleted from the cluster: the copy went with it");
+                    done.push(node)
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            let mut left = s;
+            left.copies.retain(|c| !done.contains(&c.node));
+            left.asked.retain(|n| !done.contains(n));
+            if !done.is_empty() {
+                self.save_snapshot(&left).await?;
+            }
+            return Err(e);
         }
         self.store().delete(&key(&s.uuid)).await?;
         tracing::info!(snapshot = %s.uuid, volume = %s.volume, "snapshot deleted");
@@ -450,41 +489,46 @@ impl Volumes {
             }
         }
         for s in all {
-            if s.phase == SnapshotPhase::Created {
-                let Some(owner) = s.for_volume else {
-                    continue;
-                };
-                if now_ms().saturating_sub(s.created_ms) < ORPHAN_AFTER_MS
-                    || self.read(owner).await?.is_some()
-                {
-                    continue;
-                }
-                tracing::info!(snapshot = %s.uuid, volume = %owner, "snapshot taken for a volume that is gone: deleted");
-            }
-            let Ok(_held) = self.lock_of(s.volume).try_lock_owned() else {
-                continue;
-            };
-            // Read again under the lock: a call that held it may have finished or deleted the snapshot since the
-            // listing (taken again, a deleted one would come back; a finished one would be taken at a later moment).
-            let Some(fresh) = self.snapshot(s.uuid).await? else {
-                continue;
-            };
-            if fresh.phase != s.phase {
-                continue;
-            }
-            let s = fresh;
             let uuid = s.uuid;
-            let res = match (s.phase, self.read(s.volume).await?) {
-                (SnapshotPhase::Creating, Some(r)) if r.phase == VolumePhase::Created => {
-                    self.take_snapshot(&r, s).await.map(drop)
-                }
-                _ => self.drive_delete_snapshot(s).await,
-            };
-            if let Err(e) = res {
+            // One that cannot be resumed now (its volume's record unreadable, a node down) waits; the others go on.
+            if let Err(e) = self.resume_snapshot(s).await {
                 tracing::debug!(snapshot = %uuid, error = %e, "snapshot operation still waiting");
             }
         }
         Ok(())
+    }
+
+    /// One snapshot of [`Self::reconcile_snapshots`]: taken again, deleted, or left as it is.
+    async fn resume_snapshot(&self, s: SnapshotRecord) -> Result<(), VolumeError> {
+        if s.phase == SnapshotPhase::Created {
+            let Some(owner) = s.for_volume else {
+                return Ok(());
+            };
+            // An owner whose record does not read counts as there: nothing is deleted for it.
+            if now_ms().saturating_sub(s.created_ms) < ORPHAN_AFTER_MS
+                || self.read(owner).await?.is_some()
+            {
+                return Ok(());
+            }
+            tracing::info!(snapshot = %s.uuid, volume = %owner, "snapshot taken for a volume that is gone: deleted");
+        }
+        let Ok(_held) = self.lock_of(s.volume).try_lock_owned() else {
+            return Ok(());
+        };
+        // Read again under the lock: a call that held it may have finished or deleted the snapshot since the
+        // listing (taken again, a deleted one would come back; a finished one would be taken at a later moment).
+        let Some(fresh) = self.snapshot(s.uuid).await? else {
+            return Ok(());
+        };
+        if fresh.phase != s.phase {
+            return Ok(());
+        }
+        match (fresh.phase, self.read(fresh.volume).await?) {
+            (SnapshotPhase::Creating, Some(r)) if r.phase == VolumePhase::Created => {
+                self.take_snapshot(&r, fresh).await.map(drop)
+            }
+            _ => self.drive_delete_snapshot(fresh).await,
+        }
     }
 }
 

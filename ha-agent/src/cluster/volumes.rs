@@ -304,7 +304,7 @@ impl Volumes {
             .map(|v| format!("volume {}", v.uuid))
             .collect();
         held.extend(
-            self.list_snapshots(None)
+            self.all_snapshots()
                 .await?
                 .into_iter()
                 .filter(|s| s.copies.iter().any(|c| c.node == node && c.pool == pool))

@@ -593,3 +593,56 @@ async fn a_snapshot_is_deleted_while_a_node_that_never_held_a_copy_is_down() {
     let up: Vec<pb::Node> = nodes.iter().filter(|n| n.name != added).cloned().collect();
     assert!(copies_everywhere(&up).await.is_empty());
 }
+
+/// A node that held a copy of a snapshot is deleted from the cluster (dead, DeleteNode): deleting the snapshot then
+/// destroys the copies on the other nodes and drops the record, instead of answering NOT_FOUND for the node gone
+/// (which CSI takes for "deleted") and leaving those copies and their pools held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_with_a_copy_on_a_deleted_node_is_deleted_everywhere_else() {
+    let (_dir, port, _agent, mut engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 * MIB,
+        replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let snap = uuid::Uuid::new_v4().to_string();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume: vol.clone(),
+        uuid: snap.clone(),
+    })
+    .await
+    .unwrap();
+    // The volume goes (its snapshot stays), then reg-1 dies and is deleted from the cluster.
+    c.delete_volume(pb::DeleteVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap();
+    engines[0].kill9();
+    crate::registry::wait_for(port, &[("reg-1", crate::registry::Offline)], "reg-1 down").await;
+    c.delete_node(pb::DeleteNodeRequest {
+        name: "reg-1".into(),
+    })
+    .await
+    .unwrap();
+    c.delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
+        .await
+        .expect("the snapshot is deleted");
+    let up: Vec<pb::Node> = nodes
+        .iter()
+        .filter(|n| n.name != "reg-1")
+        .cloned()
+        .collect();
+    assert!(copies_everywhere(&up).await.is_empty());
+    let listed = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.snapshots.iter().all(|s| s.uuid != snap),
+        "{listed:?}"
+    );
+}
