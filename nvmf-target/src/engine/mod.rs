@@ -125,6 +125,11 @@ struct Inner {
     /// Held while a nexus or replica export is looked up and made or removed, so two calls at once cannot both
     /// find none and the loser tear the winner's down.
     exporting: Mutex<()>,
+    /// Each replica's exported namespace, kept while anything holds it (a local nexus child): exported again, a
+    /// replica serves that same namespace, so its reservations stay one and a nexus fenced through the new export
+    /// is fenced for its local child too.
+    replica_namespaces:
+        Mutex<BTreeMap<uuid::Uuid, std::sync::Weak<crate::target::subsystem::Namespace>>>,
     faults: Mutex<BTreeMap<(String, u32), Arc<FaultDevice>>>,
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     /// Configured pools not open yet, by name (`pending`).
@@ -168,6 +173,7 @@ impl Engine {
                 changing: claims::Claims::default(),
                 sharing: claims::Claims::default(),
                 exporting: Mutex::new(()),
+                replica_namespaces: Mutex::new(BTreeMap::new()),
                 faults: Mutex::new(BTreeMap::new()),
                 pools: Mutex::new(BTreeMap::new()),
                 pending_pools: Mutex::new(BTreeMap::new()),

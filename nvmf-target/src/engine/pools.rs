@@ -82,6 +82,18 @@ async fn open_disk(disk: &str, block_size: u32) -> Result<Arc<FileDevice>, Engin
     }
 }
 
+/// The subsystem a replica is exported in: its NQN, to the hosts `share` names (any host when none).
+fn replica_subsystem(nqn: Nqn, share: &Share) -> SubsystemSpec {
+    SubsystemSpec {
+        nqn,
+        serial: String::new(),
+        model: String::new(),
+        allow_any_host: share.hosts.is_empty(),
+        allowed_hosts: share.hosts.clone(),
+        single_path: true,
+    }
+}
+
 /// `dev` (open on `disk`) with `block_size`-byte blocks: itself, or the disk opened again. A pool whose blocks
 /// are smaller than the disk's unit of direct I/O (made before pools were checked for it) is warned of: its
 /// writes smaller than the unit fail.
@@ -561,6 +573,25 @@ impl Engine {
             return Ok(());
         }
         let device = pool.open_volume(&uuid)?;
+        let held = self
+            .inner
+            .replica_namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uuid)
+            .and_then(std::sync::Weak::upgrade)
+            // The same open volume: not one destroyed and made again since with this UUID.
+            .filter(|ns| std::ptr::addr_eq(Arc::as_ptr(&ns.device), Arc::as_ptr(&device)));
+        if let Some(ns) = held {
+            let sub = self
+                .target()
+                .create_subsystem(replica_subsystem(nqn.clone(), share))?;
+            if let Err(e) = sub.attach_namespace(ns) {
+                let _ = self.target().delete_subsystem(nqn.as_str());
+                return Err(e.into());
+            }
+            return Ok(());
+        }
         let saved = pool
             .volume_meta(&uuid)
             .and_then(|v| v.reservation)
@@ -572,18 +603,22 @@ impl Engine {
             pool: pool.clone(),
             uuid,
         });
-        let sub = self.target().create_subsystem(SubsystemSpec {
-            nqn: nqn.clone(),
-            serial: String::new(),
-            model: String::new(),
-            allow_any_host: share.hosts.is_empty(),
-            allowed_hosts: share.hosts.clone(),
-            single_path: true,
-        })?;
+        let sub = self
+            .target()
+            .create_subsystem(replica_subsystem(nqn.clone(), share))?;
         let reservations = Reservations::new(saved, store);
         if let Err(e) = sub.add_namespace_with(1, uuid, 1, device, reservations) {
             let _ = self.target().delete_subsystem(nqn.as_str());
             return Err(e.into());
+        }
+        if let Some(ns) = sub.namespace(1) {
+            let mut held = self
+                .inner
+                .replica_namespaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            held.retain(|_, w| w.strong_count() > 0);
+            held.insert(uuid, Arc::downgrade(&ns));
         }
         Ok(())
     }
@@ -709,6 +744,53 @@ mod tests {
     use super::*;
     use crate::engine::EngineConfig;
     use crate::target::TargetConfig;
+
+    /// A replica that a nexus on its own node uses (a local child) is unshared and shared again, and a newer
+    /// nexus takes its reservation through the new export: the local nexus is fenced by it. Before, the new
+    /// export had reservation rules of its own, and the old nexus kept writing under the first.
+    #[tokio::test]
+    async fn a_replica_exported_again_fences_its_local_nexus_through_the_new_export() {
+        use crate::engine::local::LocalChild;
+        use crate::engine::nexus::{NexusOptions, ReservationKeys};
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        let r = Uuid::new_v4();
+        engine
+            .create_replica("p", r, 4 << 20, Some(Share { hosts: vec![] }))
+            .await
+            .unwrap();
+        let nqn = Nqn::replica(&r);
+        let options = NexusOptions {
+            reservation: Some(ReservationKeys { key: 1, preempt: 0 }),
+            ..Default::default()
+        };
+        let nexus = engine
+            .create_nexus(Uuid::new_v4(), &[format!("local:///{nqn}?nsid=1")], options)
+            .await
+            .unwrap();
+        let block = |b: u8| bytes::Bytes::from(vec![b; 4096]);
+        nexus.write(0, block(1)).await.unwrap();
+        engine.unshare_replica(&r).await.unwrap();
+        engine.share_replica(&r, vec![]).await.unwrap();
+        // A newer nexus, of another host, preempts through the new export.
+        let ns = engine
+            .target()
+            .subsystem(nqn.as_str())
+            .unwrap()
+            .namespace(1)
+            .unwrap();
+        let newer = LocalChild::new(ns, Uuid::new_v4());
+        crate::engine::nexus::reserve(&newer, ReservationKeys { key: 2, preempt: 1 })
+            .await
+            .unwrap();
+        assert!(
+            nexus.write(0, block(2)).await.is_err(),
+            "a fenced nexus wrote"
+        );
+        let (pool, _) = engine.find_replica(&r).unwrap();
+        let data = pool.open_volume(&r).unwrap().read(0, 4096).await.unwrap();
+        assert_eq!(data, block(1));
+    }
 
     /// An engine with pool "p" on a 64 MiB file in `dir`.
     async fn engine_with_pool(dir: &Path) -> Engine {

@@ -174,6 +174,26 @@ impl Subsystem {
         Ok(nsid)
     }
 
+    /// Serves `ns` (its NSID, device, reservations and statistics), one this subsystem's earlier self served and
+    /// something still uses: an export made again keeps one set of reservation rules for every path to the device.
+    pub fn attach_namespace(&self, ns: Arc<Namespace>) -> Result<(), TargetError> {
+        let mut c = self.cfg_mut();
+        if self.kind == SubsystemKind::Discovery
+            || c.namespaces.contains_key(&ns.nsid)
+            || c.namespaces.values().any(|n| n.uuid == ns.uuid)
+        {
+            return Err(TargetError::AlreadyExists(format!(
+                "namespace {} ({}) in {}",
+                ns.nsid, ns.uuid, self.nqn
+            )));
+        }
+        let nsid = ns.nsid;
+        c.namespaces.insert(nsid, ns);
+        drop(c);
+        self.notify_namespace_changed(nsid);
+        Ok(())
+    }
+
     pub fn remove_namespace(&self, nsid: u32) -> Result<(), TargetError> {
         if self.cfg_mut().namespaces.remove(&nsid).is_none() {
             return Err(TargetError::NotFound(format!(
