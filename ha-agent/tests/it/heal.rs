@@ -119,7 +119,7 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
         n3.nvmf_listeners[0].parse().unwrap(),
         &proto::names::replica_nqn(&new.uuid),
     );
-    o.hostnqn = proto::names::node_host_nqn("reg-1");
+    crate::registry::as_node(&mut o, "reg-1");
     let rep = RemoteNamespace::connect(o, 1).await.unwrap();
     for i in 0..128 {
         assert_eq!(

@@ -10,6 +10,13 @@ use proto::cluster::cluster_client::ClusterClient;
 use proto::cluster::registration_client::RegistrationClient;
 use tonic::Code;
 
+/// Connects as the host of `node`'s nexuses (its host NQN and the host ID an engine derives from it), which hold
+/// the Exclusive Access reservation of their replicas: only that host may read a replica while its nexus runs.
+pub fn as_node(o: &mut nvmf_target::initiator::ConnectOptions, node: &str) {
+    o.hostnqn = proto::names::node_host_nqn(node);
+    o.hostid = *uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, o.hostnqn.as_bytes()).as_bytes();
+}
+
 pub fn free_port(ip: &str) -> u16 {
     e2e::ports::free_port(ip)
 }

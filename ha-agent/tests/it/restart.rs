@@ -97,7 +97,7 @@ async fn verify(c: &mut ClusterClient<Channel>, v: &pb::Volume, round: u8) {
             n.nvmf_listeners[0].parse().unwrap(),
             &proto::names::replica_nqn(&r.uuid),
         );
-        o.hostnqn = proto::names::node_host_nqn(&v.nexus_node);
+        crate::registry::as_node(&mut o, &v.nexus_node);
         let rep = RemoteNamespace::connect(o, 1).await.unwrap();
         for i in 0..BLOCKS {
             assert_eq!(

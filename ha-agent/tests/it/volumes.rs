@@ -182,7 +182,7 @@ async fn a_volume_is_placed_on_distinct_nodes_published_written_and_deleted_with
         let node = nodes.iter().find(|n| n.name == r.node).unwrap();
         let addr = node.nvmf_listeners[0].parse().unwrap();
         let mut o = ConnectOptions::new(addr, &proto::names::replica_nqn(&r.uuid));
-        o.hostnqn = proto::names::node_host_nqn("reg-2");
+        crate::registry::as_node(&mut o, "reg-2");
         let rep = RemoteNamespace::connect(o, 1).await.unwrap();
         assert_eq!(
             rep.read(8 * MIB, MIB).await.unwrap(),

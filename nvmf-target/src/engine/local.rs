@@ -200,7 +200,38 @@ mod tests {
             old.write(0, Bytes::from(vec![2u8; 512])).await,
             Err(BlockError::ReservationConflict)
         ));
+        // Exclusive Access: the old one reads nothing either (it would not see the new one's writes).
+        new.write(512, Bytes::from(vec![3u8; 512])).await.unwrap();
+        assert!(matches!(
+            old.read(512, 512).await,
+            Err(BlockError::ReservationConflict)
+        ));
         assert_eq!(&new.read(0, 512).await.unwrap()[..], &[1u8; 512][..]);
+    }
+
+    /// A nexus of an engine from before Exclusive Access holds Write Exclusive: taking it again with the same key
+    /// changes the type in place, and keeps every registration.
+    #[tokio::test]
+    async fn a_write_exclusive_holder_takes_exclusive_access_with_its_key() {
+        use crate::protocol::command::resv;
+        let ns = memory_namespace();
+        let host = Uuid::new_v4();
+        let other = LocalChild::new(ns.clone(), Uuid::new_v4());
+        other.register_key(9).await.unwrap();
+        let child = LocalChild::new(ns.clone(), host);
+        child.register_key(1).await.unwrap();
+        child
+            .acquire(resv::ACQUIRE, 1, 0, resv::WRITE_EXCLUSIVE)
+            .await
+            .unwrap();
+        reserve(&child, ReservationKeys { key: 1, preempt: 0 })
+            .await
+            .unwrap();
+        let st = ns.reservations.state();
+        assert_eq!(st.rtype, resv::EXCLUSIVE_ACCESS);
+        assert_eq!(st.holder_key(), Some(1));
+        assert_eq!(st.registrants.len(), 2);
+        child.write(0, Bytes::from(vec![1u8; 512])).await.unwrap();
     }
 
     /// A namespace on a slow disk, a child of `host` holding key 1 on it, and a write of that child (ones) admitted
@@ -345,7 +376,7 @@ mod tests {
             .unwrap();
         assert_eq!(keys(&ns), vec![4, 9], "2 and 3 dropped, 9 kept");
         assert_eq!(ns.reservations.state().holder_key(), Some(4));
-        assert_eq!(ns.reservations.state().rtype, resv::WRITE_EXCLUSIVE);
+        assert_eq!(ns.reservations.state().rtype, resv::EXCLUSIVE_ACCESS);
         next.write(0, Bytes::from(vec![4u8; 512])).await.unwrap();
     }
 
@@ -400,9 +431,11 @@ mod tests {
         conflict("note", old.note_missed(&record("y")).await);
         conflict("forget", old.forget_missed("x").await);
         conflict("snapshot", old.snapshot(Uuid::new_v4()).await);
-        assert_eq!(old.missed().await.unwrap(), vec![record("x")]);
-        assert!(old.read(0, 512).await.is_ok());
+        // Exclusive Access: nothing is read either.
+        conflict("missed", old.missed().await.map(drop));
+        conflict("read", old.read(0, 512).await.map(drop));
         assert_eq!(pool.volumes().len(), 1, "no snapshot was taken");
+        assert_eq!(new.missed().await.unwrap(), vec![record("x")]);
 
         new.forget_missed("x").await.unwrap();
         new.snapshot(Uuid::new_v4()).await.unwrap();

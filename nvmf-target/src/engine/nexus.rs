@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::block::{BlockDevice, BlockError};
 use crate::initiator::ConnectOptions;
 use crate::initiator::namespace::RemoteNamespace;
+use crate::initiator::reservation::REPLICA_RESERVATION;
 use crate::nexus::{Nexus, NexusConfig};
 use crate::protocol::nqn::Nqn;
 use crate::target::SubsystemSpec;
@@ -40,7 +41,7 @@ pub struct NexusOptions {
 /// The reservation a nexus takes on its remote children.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReservationKeys {
-    /// Registered on every child; the nexus holds Write Exclusive under it.
+    /// Registered on every child; the nexus holds Exclusive Access under it.
     pub key: u64,
     /// The newest key of the nexuses this one replaces (0: none). A child held under this key or any older one is
     /// preempted: a volume's keys grow with each nexus, and an attempt that failed half way may have taken some
@@ -65,7 +66,7 @@ impl Engine {
     }
 
     /// Opens the device a child URI names. With `reservation`, the child (remote, or local through its namespace's
-    /// reservations) is registered and reserved (Write Exclusive) for this node, preempting the replaced nexus's
+    /// reservations) is registered and reserved (Exclusive Access) for this node, preempting the replaced nexus's
     /// key if one is given.
     pub async fn open_child(
         &self,
@@ -128,7 +129,7 @@ impl Engine {
                     }
                     // A reconnect (every child lost its connection at once: the nexus goes on with the
                     // reconnected ones) ends the controller it replaces, as a rejoin does.
-                    ns.hold_write_exclusive(keys.key);
+                    ns.hold_reservation(keys.key);
                 }
                 Ok(Arc::new(ns))
             }
@@ -543,7 +544,7 @@ impl Reservable for RemoteNamespace {
     }
 }
 
-/// Registers the nexus's key on a child and takes Write Exclusive, preempting the holder when its key is one of the
+/// Registers the nexus's key on a child and takes Exclusive Access, preempting the holder when its key is one of the
 /// replaced nexuses' (up to `keys.preempt`, never a newer one); then drops the registrations of replaced nexuses
 /// that never held it ([`drop_replaced`]). The one fencing sequence, for local and remote children alike.
 pub(super) async fn reserve(
@@ -559,7 +560,7 @@ pub(super) async fn reserve(
 /// preempting the holder removes only the holder's registration: a replaced nexus that registered and never held
 /// the reservation (it lost a race, or failed half way) would stay registered for good, and over a volume's life on
 /// many nodes they could fill the namespace and keep its next nexus from registering. The holder removes them,
-/// every key up to `keys.preempt` but its own. Taking them out changes no one's rights (under Write Exclusive a
+/// every key up to `keys.preempt` but its own. Taking them out changes no one's rights (under Exclusive Access a
 /// registrant that does not hold it may not write either), so a failure here is only logged.
 async fn drop_replaced(child: &dyn Reservable, keys: ReservationKeys) {
     use crate::protocol::command::resv;
@@ -578,7 +579,7 @@ async fn drop_replaced(child: &dyn Reservable, keys: ReservationKeys) {
     stale.dedup();
     for k in stale {
         if let Err(e) = child
-            .acquire(resv::PREEMPT, keys.key, k, resv::WRITE_EXCLUSIVE)
+            .acquire(resv::PREEMPT, keys.key, k, REPLICA_RESERVATION)
             .await
         {
             tracing::debug!(key = k, error = %e, "dropping a replaced nexus's registration failed");
@@ -590,25 +591,30 @@ async fn take_reservation(child: &dyn Reservable, keys: ReservationKeys) -> Resu
     use crate::protocol::command::resv;
     child.register_key(keys.key).await?;
     match child
-        .acquire(resv::ACQUIRE, keys.key, 0, resv::WRITE_EXCLUSIVE)
+        .acquire(resv::ACQUIRE, keys.key, 0, REPLICA_RESERVATION)
         .await
     {
-        Err(BlockError::ReservationConflict) if keys.preempt != 0 => {
-            match child.holder_key().await? {
-                Some(held) if held <= keys.preempt && held != keys.key => {
-                    child
-                        .acquire(resv::PREEMPT, keys.key, held, resv::WRITE_EXCLUSIVE)
-                        .await
-                }
-                // Released since: taken as it is.
-                None => {
-                    child
-                        .acquire(resv::ACQUIRE, keys.key, 0, resv::WRITE_EXCLUSIVE)
-                        .await
-                }
-                Some(_) => Err(BlockError::ReservationConflict),
+        Err(BlockError::ReservationConflict) => match child.holder_key().await? {
+            // Held by this key already, of the type nexuses took before (Write Exclusive): preempting itself
+            // changes the type and keeps the registrations.
+            Some(held) if held == keys.key => {
+                child
+                    .acquire(resv::PREEMPT, keys.key, held, REPLICA_RESERVATION)
+                    .await
             }
-        }
+            Some(held) if keys.preempt != 0 && held <= keys.preempt => {
+                child
+                    .acquire(resv::PREEMPT, keys.key, held, REPLICA_RESERVATION)
+                    .await
+            }
+            // Released since: taken as it is.
+            None if keys.preempt != 0 => {
+                child
+                    .acquire(resv::ACQUIRE, keys.key, 0, REPLICA_RESERVATION)
+                    .await
+            }
+            _ => Err(BlockError::ReservationConflict),
+        },
         r => r,
     }
 }

@@ -126,12 +126,12 @@ impl RemoteNamespace {
         self.shared.nsid
     }
 
-    /// From now on, each reconnected controller first takes the Write Exclusive reservation again under `key`
-    /// (this host holds it already: nothing changes but the target's fence), before it serves I/O. The target then
+    /// From now on, each reconnected controller first takes the [`super::reservation::REPLICA_RESERVATION`] again
+    /// under `key` (this host holds it already: nothing changes but the target's fence), before it serves I/O. The target then
     /// waits for the writes it admitted from the lost controller, and on a single-path subsystem (a replica's) ends
     /// that controller, so that none of its writes still on the way lands after the new controller's. Preempted
     /// meanwhile, the new controller serves all the same, and its writes get the conflict.
-    pub fn hold_write_exclusive(&self, key: u64) {
+    pub fn hold_reservation(&self, key: u64) {
         self.shared.hold_key.store(key, Ordering::Release);
     }
 

@@ -36,8 +36,12 @@ fn acquire_sqe(nsid: u32, action: u8, rtype: u8) -> Sqe {
     sqe
 }
 
-/// Takes the Write Exclusive reservation again under `key` (0: none to take) through a reconnected controller,
-/// before it serves I/O ([`RemoteNamespace::hold_write_exclusive`]). An error is one worth reconnecting for: the
+/// The reservation a nexus holds on its children: Exclusive Access, so a nexus a newer one preempted can neither
+/// write to them nor read from them (what it would read may be older than what the newer one wrote since).
+pub const REPLICA_RESERVATION: u8 = resv::EXCLUSIVE_ACCESS;
+
+/// Takes the [`REPLICA_RESERVATION`] again under `key` (0: none to take) through a reconnected controller,
+/// before it serves I/O ([`RemoteNamespace::hold_reservation`]). An error is one worth reconnecting for: the
 /// connection went, or the target waited too long for the commands admitted before (Namespace Not Ready). Any other
 /// refusal (a conflict: preempted meanwhile; the path inaccessible; ...) lets the controller serve all the same,
 /// and its commands get that refusal.
@@ -49,7 +53,7 @@ pub(super) async fn hold_again(
     if key == 0 {
         return Ok(());
     }
-    let sqe = acquire_sqe(nsid, resv::ACQUIRE, resv::WRITE_EXCLUSIVE);
+    let sqe = acquire_sqe(nsid, resv::ACQUIRE, REPLICA_RESERVATION);
     match ctrl.io_queues()[0]
         .submit(sqe, Some(keys(key, Some(0))))
         .await

@@ -409,6 +409,9 @@ impl BlockDevice for Nexus {
                     c.note_read();
                     return Ok(d);
                 }
+                // Replicas are reserved Exclusive Access: a newer nexus took them, and what this one would read
+                // may be older than what that one wrote since.
+                Ok(Err(BlockError::ReservationConflict)) => return Err(self.fenced()),
                 Ok(Err(e)) => {
                     let n = c.note_read_error();
                     if n >= self.config.read_error_limit {

@@ -821,8 +821,9 @@ async fn shutdown_waits_for_the_writes_in_flight_and_refuses_new_ones() {
     ));
 }
 
-/// A child that answers writes with a reservation conflict: another nexus preempted this one.
-struct Preempted(Arc<dyn BlockDevice>);
+/// A child that answers writes (and reads too, when `.1`: an Exclusive Access reservation) with a reservation
+/// conflict: another nexus preempted this one.
+struct Preempted(Arc<dyn BlockDevice>, bool);
 
 #[async_trait::async_trait]
 impl BlockDevice for Preempted {
@@ -833,6 +834,9 @@ impl BlockDevice for Preempted {
         self.0.num_blocks()
     }
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        if self.1 {
+            return Err(BlockError::ReservationConflict);
+        }
         self.0.read(offset, len).await
     }
     async fn write(&self, _: u64, _: Bytes) -> Result<(), BlockError> {
@@ -859,6 +863,31 @@ impl crate::nexus::Fenced for FenceCount {
     }
 }
 
+/// A nexus a newer one preempted, whose next I/O is a read: its children refuse it (Exclusive Access), and the
+/// nexus stops as a write would stop it, instead of taking the conflict for a read error (retried on another
+/// child, counted against the child) or serving data older than the newer nexus's writes.
+#[tokio::test]
+async fn a_nexus_preempted_by_a_newer_one_stops_at_its_first_read() {
+    let told = Arc::new(FenceCount::default());
+    let config = NexusConfig {
+        on_fenced: Some(told.clone()),
+        ..config()
+    };
+    let preempted = || Arc::new(Preempted(mem(), true)) as Arc<dyn BlockDevice>;
+    let children = vec![
+        ("c0".to_string(), preempted()),
+        ("c1".to_string(), preempted()),
+    ];
+    let n = Nexus::new("vol", children, config).unwrap();
+    assert!(matches!(
+        n.read(0, 4096).await,
+        Err(BlockError::Relocated(_))
+    ));
+    assert_eq!(n.state(), NexusState::Shutdown);
+    assert!(n.list().iter().all(|c| c.state() == ChildState::Healthy));
+    assert_eq!(told.0.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_nexus_preempted_by_a_newer_one_stops_writing_at_once() {
     let local = mem();
@@ -871,7 +900,7 @@ async fn a_nexus_preempted_by_a_newer_one_stops_writing_at_once() {
         ("c0".to_string(), local.clone()),
         (
             "c1".to_string(),
-            Arc::new(Preempted(mem())) as Arc<dyn BlockDevice>,
+            Arc::new(Preempted(mem(), false)) as Arc<dyn BlockDevice>,
         ),
     ];
     let n = Nexus::new("vol", children, config).unwrap();

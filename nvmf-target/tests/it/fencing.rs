@@ -112,16 +112,16 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
             .connect(id, "nqn.2026-11.io.keelson:node-checker")
             .await
             .unwrap();
-        for i in 0..4 {
-            let got = r.read(MIB * (1 + i), 4096).await.unwrap();
-            assert!(
-                got.iter().all(|b| *b == 0),
-                "A's fenced write {i} landed on {id}"
-            );
-        }
-        assert_eq!(r.read(8 * MIB, 4096).await.unwrap(), pattern(7, 4096));
+        // Exclusive Access: a host without the reservation reads nothing either.
+        assert!(
+            matches!(
+                r.read(8 * MIB, 4096).await,
+                Err(nvmf_target::block::BlockError::ReservationConflict)
+            ),
+            "a host without the reservation read {id}"
+        );
         let rep = r.report().await.unwrap();
-        assert_eq!(rep.rtype, 1, "Write Exclusive");
+        assert_eq!(rep.rtype, 2, "Exclusive Access");
         let holders: Vec<u64> = rep
             .registrants
             .iter()
@@ -141,7 +141,7 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
         .await
         .unwrap();
     let rep = r.report().await.unwrap();
-    assert_eq!(rep.rtype, 1);
+    assert_eq!(rep.rtype, 2);
     assert_eq!(
         rep.registrants
             .iter()
@@ -168,7 +168,7 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(res.r#type, 1);
+    assert_eq!(res.r#type, 2);
     let holders: Vec<u64> = res
         .registrants
         .iter()
@@ -187,6 +187,27 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
     assert!(n.nqn.is_empty(), "unpublished");
     va.close().await;
     vb.close().await;
+
+    // What each replica holds, read by a checker that takes the reservation over: none of A's fenced writes.
+    for (node, id) in &replicas {
+        let r = node
+            .connect(id, "nqn.2026-11.io.keelson:node-checker")
+            .await
+            .unwrap();
+        r.register_key(99).await.unwrap();
+        r.acquire(resv::PREEMPT, 99, 2, resv::EXCLUSIVE_ACCESS)
+            .await
+            .unwrap();
+        for i in 0..4 {
+            let got = r.read(MIB * (1 + i), 4096).await.unwrap();
+            assert!(
+                got.iter().all(|b| *b == 0),
+                "A's fenced write {i} landed on {id}"
+            );
+        }
+        assert_eq!(r.read(8 * MIB, 4096).await.unwrap(), pattern(7, 4096));
+        r.close().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,13 +319,13 @@ async fn a_write_whose_data_arrives_after_its_host_was_fenced_is_refused() {
     assert_eq!(ns.device.read(0, 1 << 20).await.unwrap(), newer);
 }
 
-/// Host [`HOSTID`] registers `key` and takes the Write Exclusive reservation of `ns`.
+/// Host [`HOSTID`] registers `key` and takes the reservation of `ns` a nexus takes of its children.
 async fn held_by_the_host(ns: &Namespace, key: u64) {
     let host = uuid::Uuid::from_bytes(HOSTID);
     ns.reservations
         .change(|s| {
             s.register(host, resv::REGISTER, false, 0, key)?;
-            s.acquire(host, resv::ACQUIRE, false, key, 0, resv::WRITE_EXCLUSIVE)
+            s.acquire(host, resv::ACQUIRE, false, key, 0, resv::EXCLUSIVE_ACCESS)
         })
         .await
         .unwrap();
@@ -355,7 +376,7 @@ async fn a_write_of_a_controller_its_host_left_behind_is_refused_once_it_reserve
         .await
         .unwrap();
     remote
-        .acquire(resv::ACQUIRE, 1, 0, resv::WRITE_EXCLUSIVE)
+        .acquire(resv::ACQUIRE, 1, 0, resv::EXCLUSIVE_ACCESS)
         .await
         .unwrap();
     let newer = Bytes::from(vec![7u8; 1 << 20]);
@@ -383,7 +404,7 @@ async fn a_reconnect_ends_the_controller_it_replaces_before_serving() {
     let remote = RemoteNamespace::connect(host_options(t.addr), 1)
         .await
         .unwrap();
-    remote.hold_write_exclusive(1);
+    remote.hold_reservation(1);
     // Its connection is lost: the target ends its controller, and it reconnects.
     for c in sub.controllers().into_iter().filter(|c| c.cntlid != old_id) {
         c.shutdown("test: the connection is lost");
@@ -414,7 +435,7 @@ async fn a_close_during_a_reconnect_waits_for_it_and_leaves_no_controller_behind
             .await
             .unwrap(),
     );
-    remote.hold_write_exclusive(1);
+    remote.hold_reservation(1);
 
     // Another change holds the namespace's reservations a while: the reconnect's acquire waits for it.
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
