@@ -139,7 +139,7 @@ fn namespace_data(ctx: &AdminCtx<'_>, ns: &Namespace) -> NamespaceData {
         ncap: blocks,
         nuse: if accessible { blocks } else { 0 },
         nmic: 1,
-        rescap: super::reservation::RESCAP,
+        rescap: ns.reservations.capabilities(),
         dlfeat: 0b1001,
         anagrpid: ns.ana_group,
         nguid: ns.nguid(),

@@ -230,7 +230,8 @@ pub(super) async fn run(
         io::DATASET_MANAGEMENT => dataset_management(&ns, &sqe, data).await,
         io::RESERVATION_REPORT => {
             let len = sqe.sgl().length as usize;
-            return Response::data(cid, ns.reservations.state().report(len));
+            let persists = ns.reservations.persists();
+            return Response::data(cid, ns.reservations.state().report(len, persists));
         }
         io::KEELSON_SNAPSHOT => match vendor::parse_snapshot(&data) {
             Ok(id) => ns.device.snapshot(id).await.map_err(|e| (e, false)),

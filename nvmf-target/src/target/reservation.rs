@@ -17,7 +17,9 @@ use crate::protocol::command::resv::{
     ACQUIRE, CLEAR, PREEMPT, PREEMPT_AND_ABORT, REGISTER, RELEASE, REPLACE, UNREGISTER,
 };
 
-/// Reservation Capabilities (Identify Namespace RESCAP): persist through power loss, all six types, IEKEY.
+/// Reservation Capabilities (Identify Namespace RESCAP): persist through power loss, all six types, IEKEY. A
+/// namespace whose reservations are kept nowhere (a nexus's: a new nexus starts with none) leaves out bit 0, the
+/// persistence ([`Reservations::capabilities`]).
 pub const RESCAP: u8 = 0xFF;
 
 /// The most hosts registered with one namespace at once. The owner keeps the whole state with every change (a pool
@@ -255,14 +257,15 @@ impl ReservationState {
         if allowed { Ok(()) } else { conflict() }
     }
 
-    /// The Reservation Report data structure with 128-bit host identifiers (EDS), cut to `len` bytes.
-    pub fn report(&self, len: usize) -> Bytes {
+    /// The Reservation Report data structure with 128-bit host identifiers (EDS), cut to `len` bytes; `persists`:
+    /// whether the state persists through power loss (PTPLS).
+    pub fn report(&self, len: usize, persists: bool) -> Bytes {
         let mut b = BytesMut::with_capacity(64 + 64 * self.registrants.len());
         b.put_u32_le(self.generation);
         b.put_u8(self.rtype);
         b.put_u16_le(self.registrants.len() as u16);
         b.put_u16_le(0);
-        b.put_u8(1); // PTPLS: the state persists through power loss.
+        b.put_u8(u8::from(persists)); // PTPLS
         b.put_bytes(0, 64 - 10);
         for r in &self.registrants {
             // CNTLID 0xFFFF: the registration belongs to the host, not one controller.
@@ -420,7 +423,7 @@ mod tests {
         s.register(b, REGISTER, false, 0, 0x22).unwrap();
         s.acquire(b, ACQUIRE, false, 0x22, 0, rtype::WRITE_EXCLUSIVE)
             .unwrap();
-        let r = s.report(4096);
+        let r = s.report(4096, true);
         assert_eq!(r.len(), 4096);
         assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), 2);
         assert_eq!((r[4], u16::from_le_bytes([r[5], r[6]])), (1, 2));
@@ -431,7 +434,28 @@ mod tests {
             u64::from_le_bytes(r[128 + 8..128 + 16].try_into().unwrap()),
             0x22
         );
-        assert_eq!(s.report(10).len(), 10);
+        assert_eq!(s.report(10, true).len(), 10);
+        assert_eq!(r[9], 1, "PTPLS");
+        assert_eq!(s.report(64, false)[9], 0);
+    }
+
+    /// Reservations kept nowhere (a nexus's) do not claim to persist through power loss, as Linux hosts ask for
+    /// at every Register: RESCAP leaves bit 0 out. Those a store keeps (a replica's, in its pool) claim it.
+    #[test]
+    fn only_reservations_kept_in_a_store_claim_to_persist() {
+        struct Nowhere;
+        #[async_trait::async_trait]
+        impl ReservationStore for Nowhere {
+            async fn save(&self, _: &ReservationState) -> Result<(), String> {
+                Ok(())
+            }
+        }
+        let memory = Reservations::default();
+        assert!(!memory.persists());
+        assert_eq!(memory.capabilities(), 0xFE);
+        let kept = Reservations::new(ReservationState::default(), std::sync::Arc::new(Nowhere));
+        assert!(kept.persists());
+        assert_eq!(kept.capabilities(), RESCAP);
     }
 }
 
@@ -476,6 +500,16 @@ impl Reservations {
 
     pub fn state(&self) -> ReservationState {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the state is kept through power loss (saved to a store before each change applies).
+    pub fn persists(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// RESCAP for this namespace: [`RESCAP`], less persistence where the state is kept nowhere.
+    pub fn capabilities(&self) -> u8 {
+        if self.persists() { RESCAP } else { RESCAP & !1 }
     }
 
     /// Whether `host` may read (`write` false) or change (`write` true) the namespace now. Callers ask
