@@ -133,21 +133,20 @@ impl ReservationState {
                 self.check_key(host, iekey, crkey)?;
                 self.remove(|r| r.host != host);
             }
-            REPLACE => {
-                if nrkey == 0 {
-                    return Err(Status::INVALID_FIELD);
-                }
-                match self.key_of(host) {
-                    Some(_) => {
-                        self.check_key(host, iekey, crkey)?;
-                        for r in self.registrants.iter_mut().filter(|r| r.host == host) {
-                            r.key = nrkey;
-                        }
+            // A registrant may replace its key with 0, as the Linux target lets it (a Linux host's unregister
+            // through the block layer, `pr_register(old, 0)`, sends that). A host not registered is registered by
+            // a Replace that ignores the current key (Keelson's nexuses register so), never with key 0.
+            REPLACE => match self.key_of(host) {
+                Some(_) => {
+                    self.check_key(host, iekey, crkey)?;
+                    for r in self.registrants.iter_mut().filter(|r| r.host == host) {
+                        r.key = nrkey;
                     }
-                    None if iekey || crkey == 0 => self.add(host, nrkey)?,
-                    None => return conflict(),
                 }
-            }
+                None if nrkey == 0 => return Err(Status::INVALID_FIELD),
+                None if iekey || crkey == 0 => self.add(host, nrkey)?,
+                None => return conflict(),
+            },
             _ => return Err(Status::INVALID_FIELD),
         }
         self.generation = self.generation.wrapping_add(1);
@@ -335,6 +334,15 @@ mod tests {
         assert_eq!(s.register(a, REPLACE, false, 4, 6), conflict());
         s.register(a, REPLACE, false, 5, 6).unwrap();
         s.register(b, REPLACE, true, 0, 9).unwrap();
+        // A registrant replaces its key with 0 (a Linux host's unregister sends that); one not registered may not
+        // register with it.
+        s.register(b, REPLACE, false, 9, 0).unwrap();
+        assert_eq!(s.key_of(b), Some(0));
+        s.register(b, REPLACE, false, 0, 9).unwrap();
+        assert_eq!(
+            s.register(Uuid::new_v4(), REPLACE, true, 0, 0),
+            Err(Status::INVALID_FIELD)
+        );
         assert_eq!(s.registrants.len(), 2);
         s.acquire(a, ACQUIRE, false, 6, 0, rtype::EXCLUSIVE_ACCESS)
             .unwrap();
