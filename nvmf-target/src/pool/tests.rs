@@ -1178,8 +1178,8 @@ async fn a_commit_dropped_half_way_changes_nothing_for_the_commits_it_carries() 
 struct LateDisk {
     inner: Arc<MemoryDevice>,
     late: Mutex<std::time::Duration>,
-    /// The same for writes of zeroes (a pool's label is wiped so), in the caller's task.
-    zeroes_late: Mutex<std::time::Duration>,
+    /// The same for writes of zeroes (a pool's label is wiped so) and flushes, in the caller's task.
+    others_late: Mutex<std::time::Duration>,
     inflight: crate::block::inflight::InFlight,
 }
 
@@ -1207,7 +1207,7 @@ impl BlockDevice for LateDisk {
         .unwrap()
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let late = *self.zeroes_late.lock().unwrap();
+        let late = *self.others_late.lock().unwrap();
         tokio::time::sleep(late).await;
         self.inner.write_zeroes(offset, len).await
     }
@@ -1215,6 +1215,8 @@ impl BlockDevice for LateDisk {
         self.inner.deallocate(offset, len).await
     }
     async fn flush(&self) -> Result<(), BlockError> {
+        let late = *self.others_late.lock().unwrap();
+        tokio::time::sleep(late).await;
         self.inner.flush().await
     }
     async fn settle(&self) {
@@ -1227,7 +1229,7 @@ async fn late_pool() -> (Arc<LateDisk>, Pool) {
     let disk = Arc::new(LateDisk {
         inner: Arc::new(MemoryDevice::new(12 * MIB, 512)),
         late: Mutex::new(std::time::Duration::ZERO),
-        zeroes_late: Mutex::new(std::time::Duration::ZERO),
+        others_late: Mutex::new(std::time::Duration::ZERO),
         inflight: Default::default(),
     });
     let pool = Pool::create(disk.clone(), &spec("late"), &me())
@@ -1242,7 +1244,7 @@ async fn a_replica_created_while_its_pool_is_destroyed_is_refused_not_wiped() {
     let (disk, pool) = late_pool().await;
     // The label's wipe and the journal's writes take a while: a create that starts while the destroy runs is
     // written after the destroy counted the pool's volumes.
-    *disk.zeroes_late.lock().unwrap() = Duration::from_millis(300);
+    *disk.others_late.lock().unwrap() = Duration::from_millis(300);
     *disk.late.lock().unwrap() = Duration::from_millis(300);
     let destroy = tokio::spawn({
         let pool = pool.clone();
@@ -1259,6 +1261,33 @@ async fn a_replica_created_while_its_pool_is_destroyed_is_refused_not_wiped() {
         "a create during the destroy must be refused, not acknowledged and then wiped: {created:?}"
     );
     assert!(matches!(Pool::probe(disk.as_ref()).await, Ok(Probe::Blank)));
+}
+
+/// A note of missed writes whose caller went away while the journal wrote it (a fenced nexus's connection
+/// dropped) is applied by the time a settle of the volume ends: the settle that a reservation change waits for, so
+/// the new holder reads the note.
+#[tokio::test]
+async fn a_settle_waits_for_a_note_of_missed_writes_whose_caller_went_away() {
+    use std::time::Duration;
+    let (disk, pool) = late_pool().await;
+    let r = Uuid::new_v4();
+    pool.create_replica(r, MIB, None).await.unwrap();
+    let vol = pool.open_volume(&r).unwrap();
+    // The journal's flush takes a while: the note is written, then made durable and applied 300 ms later.
+    *disk.others_late.lock().unwrap() = Duration::from_millis(300);
+    let missed = crate::block::MissedWrites {
+        child: "c1".into(),
+        since_ms: 1,
+        ranges: vec![(0, 4096)],
+    };
+    let note = tokio::spawn({
+        let (vol, missed) = (vol.clone(), missed.clone());
+        async move { vol.note_missed(&missed).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    note.abort();
+    vol.settle().await;
+    assert_eq!(vol.missed().await.unwrap(), vec![missed]);
 }
 
 #[tokio::test]

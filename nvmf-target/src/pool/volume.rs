@@ -654,10 +654,13 @@ impl BlockDevice for PoolVolume {
     }
 
     /// This volume's allocating writes started before end (their later pieces handed on), then the pool's disk
-    /// ends what it was handed before (by any volume of the pool).
+    /// ends what it was handed before (by any volume of the pool), and the metadata changes asked for before (a
+    /// note of missed writes whose caller went away: a reservation's new holder must find it when it reads them)
+    /// are applied.
     async fn settle(&self) {
         self.detached.settle().await;
-        self.pool.dev.settle().await
+        self.pool.dev.settle().await;
+        self.pool.caught_up().await
     }
 
     async fn allocated_ranges(
