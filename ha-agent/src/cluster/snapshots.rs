@@ -54,6 +54,32 @@ pub struct SnapshotRecord {
     /// finish (the volume and its replicas may be gone by the time it is deleted).
     #[serde(default)]
     pub asked: Vec<String>,
+    /// The pools of the volume's replicas on the nodes asked, when they were asked: a copy the record does not name
+    /// may be in one, and while its engine has not imported it (restarted, its disk late) "not found" there does
+    /// not tell the copy is gone.
+    #[serde(default)]
+    pub asked_pools: Vec<(String, String)>,
+}
+
+impl SnapshotRecord {
+    /// The pools of `node` where a copy may be: its recorded copy's, and those of the replicas it was asked for.
+    fn pools_on(&self, node: &str) -> Vec<String> {
+        let mut pools: Vec<String> = self
+            .copies
+            .iter()
+            .filter(|c| c.node == node)
+            .map(|c| c.pool.clone())
+            .chain(
+                self.asked_pools
+                    .iter()
+                    .filter(|(n, _)| n == node)
+                    .map(|(_, p)| p.clone()),
+            )
+            .collect();
+        pools.sort();
+        pools.dedup();
+        pools
+    }
 }
 
 /// The snapshot a volume made from another volume is cloned from (the same for every retry of its creation).
@@ -158,6 +184,7 @@ impl Volumes {
                     created_ms: now_ms(),
                     for_volume,
                     asked: Vec::new(),
+                    asked_pools: Vec::new(),
                 };
                 if !self
                     .store()
@@ -285,10 +312,8 @@ impl Volumes {
         for node in s.asked.clone() {
             // Not found in a pool its engine has not imported yet (restarted, its disk late): not known to be gone.
             let pools: Vec<String> = s
-                .copies
-                .iter()
-                .filter(|c| c.node == node)
-                .map(|c| c.pool.clone())
+                .pools_on(&node)
+                .into_iter()
                 .chain(
                     r.replicas
                         .iter()
@@ -311,13 +336,17 @@ impl Volumes {
             }
         }
         // Persist, then act: every node that may make a copy is recorded before it is asked.
-        let before = s.asked.len();
-        for node in r.replicas.iter().map(|x| &x.node) {
-            if !s.asked.contains(node) {
-                s.asked.push(node.clone());
+        let before = (s.asked.len(), s.asked_pools.len());
+        for x in &r.replicas {
+            if !s.asked.contains(&x.node) {
+                s.asked.push(x.node.clone());
+            }
+            let at = (x.node.clone(), x.pool.clone());
+            if !s.asked_pools.contains(&at) {
+                s.asked_pools.push(at);
             }
         }
-        if s.asked.len() != before || resized {
+        if (s.asked.len(), s.asked_pools.len()) != before || resized {
             self.save_snapshot(&s).await?;
         }
         let published = r.nexus.as_ref().is_some_and(|n| n.published);
@@ -415,14 +444,8 @@ impl Volumes {
     async fn drive_delete_snapshot(&self, s: SnapshotRecord) -> Result<(), VolumeError> {
         // Each node where a copy may be, with the pools it may be in (its recorded copy's, its replica's).
         let mut pools: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for c in &s.copies {
-            pools
-                .entry(c.node.clone())
-                .or_default()
-                .push(c.pool.clone());
-        }
-        for node in &s.asked {
-            pools.entry(node.clone()).or_default();
+        for node in s.copies.iter().map(|c| &c.node).chain(&s.asked) {
+            pools.insert(node.clone(), s.pools_on(node));
         }
         // Records from before `asked` was kept do not say which nodes were asked: the replicas' nodes may have been.
         // (Any other record names every node asked: one added to the volume since, maybe down now, holds no copy.)
@@ -465,6 +488,7 @@ impl Volumes {
             let mut left = s;
             left.copies.retain(|c| !done.contains(&c.node));
             left.asked.retain(|n| !done.contains(n));
+            left.asked_pools.retain(|(n, _)| !done.contains(n));
             if !done.is_empty() {
                 self.save_snapshot(&left).await?;
             }
@@ -546,5 +570,40 @@ impl super::reconcile::Reconciler for SnapshotReconciler {
             .reconcile_snapshots()
             .await
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node asked for a copy that the record does not name (its answer was lost): the copy may be in the pool of
+    /// the replica it was asked for, which its deletion must find imported before "not found" counts as gone. A
+    /// record from before the pools were kept reads with none.
+    #[test]
+    fn a_copy_may_be_in_the_pools_its_node_was_asked_for() {
+        let s = SnapshotRecord {
+            uuid: Uuid::new_v4(),
+            volume: Uuid::new_v4(),
+            size: 1 << 20,
+            phase: SnapshotPhase::Created,
+            copies: vec![SnapshotCopy {
+                replica: Uuid::new_v4(),
+                node: "a".into(),
+                pool: "pa".into(),
+            }],
+            created_ms: 1,
+            for_volume: None,
+            asked: vec!["a".into(), "b".into()],
+            asked_pools: vec![("a".into(), "pa".into()), ("b".into(), "pb".into())],
+        };
+        assert_eq!(s.pools_on("a"), vec!["pa".to_string()]);
+        assert_eq!(s.pools_on("b"), vec!["pb".to_string()]);
+        assert!(s.pools_on("c").is_empty());
+        let mut old = serde_json::to_value(&s).unwrap();
+        old.as_object_mut().unwrap().remove("asked_pools");
+        let old: SnapshotRecord = serde_json::from_value(old).unwrap();
+        assert!(old.asked_pools.is_empty());
+        assert!(old.pools_on("b").is_empty());
     }
 }
