@@ -65,6 +65,7 @@ impl Volumes {
         r.growth = Some(GrowthRecord {
             from: r.spec.size,
             grown: Vec::new(),
+            born_grown: Vec::new(),
         });
         r.spec.size = size;
         // Promised before it is recorded, so that the next placement need not wait for the store.
@@ -115,7 +116,7 @@ impl Volumes {
             let grown = match res {
                 Ok(grown) => grown,
                 // No replica grew yet and an engine says it never will: the volume keeps its size.
-                Err(e) if g.grown.is_empty() && cannot_grow(&e) => {
+                Err(e) if g.none_grew_in_place() && cannot_grow(&e) => {
                     r.spec.size = g.from;
                     r.growth = None;
                     r.reason = format!("expansion to {size} bytes refused: {e}");

@@ -787,6 +787,7 @@ impl Volumes {
                         && !g.grown.contains(&rep.uuid)
                     {
                         g.grown.push(rep.uuid);
+                        g.born_grown.push(rep.uuid);
                     }
                     self.save(r).await?;
                     self.replica_created(&rep.uuid, generation);

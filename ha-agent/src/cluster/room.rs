@@ -485,6 +485,7 @@ mod tests {
             growth: Some(GrowthRecord {
                 from: 16 * M,
                 grown: Vec::new(),
+                born_grown: Vec::new(),
             }),
             shared: false,
             block_size: 512,

@@ -220,6 +220,17 @@ pub struct GrowthRecord {
     pub from: u64,
     /// Replicas their engines confirmed grown. Replicas created after the growth began have the new size already.
     pub grown: Vec<Uuid>,
+    /// Those of `grown` created at the new size (replacements made by healing while the growth waited), not grown.
+    #[serde(default)]
+    pub born_grown: Vec<Uuid>,
+}
+
+impl GrowthRecord {
+    /// Whether no replica that was there before the growth has grown yet: a refusal for good may still undo it (a
+    /// replica created at the new size since is only larger than the volume then).
+    pub fn none_grew_in_place(&self) -> bool {
+        self.grown.iter().all(|u| self.born_grown.contains(u))
+    }
 }
 
 /// A host's report that its path to the volume's nexus broke, recorded before anything moves.
@@ -258,6 +269,23 @@ impl VolumeRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An expansion that waited while healing made a replacement at the new size is still undone by a refusal for
+    /// good: only a replica that grew in place keeps it from being undone.
+    #[test]
+    fn a_replica_born_at_the_new_size_does_not_keep_a_growth_from_being_undone() {
+        let (old, born) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut g = GrowthRecord {
+            from: 1 << 20,
+            grown: vec![born],
+            born_grown: vec![born],
+        };
+        assert!(g.none_grew_in_place());
+        g.grown.push(old);
+        assert!(!g.none_grew_in_place());
+        let before: GrowthRecord = serde_json::from_str(r#"{"from":1048576,"grown":[]}"#).unwrap();
+        assert!(before.none_grew_in_place());
+    }
 
     #[test]
     fn a_spec_matches_the_same_and_a_spec_kept_without_context_matches_any_context() {
