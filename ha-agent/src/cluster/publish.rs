@@ -238,29 +238,43 @@ impl Volumes {
         if !avoid.is_empty() && avoid != node {
             hosts.push(names::node_host_nqn(avoid));
         }
-        let members: Vec<Uuid> = order.iter().map(|x| x.uuid).collect();
+        // A replica that cannot be shared now (its pool not imported, its disk failing, its engine not answering)
+        // is left out, not in the way of the others: made without it, the nexus has it marked out of sync below,
+        // and healing rebuilds or replaces it.
+        let mut members: Vec<Uuid> = Vec::new();
         let mut children = Vec::new();
+        let mut left_out = Vec::new();
         for rep in order {
-            let mut c = self.engine(&rep.node).await?;
-            let shared = c
-                .share_replica(epb::ShareReplicaRequest {
-                    uuid: rep.uuid.to_string(),
-                    allowed_hosts: hosts.clone(),
-                })
-                .await
-                .map_err(|s| engine_error(&rep.node, s))?
-                .into_inner();
-            children.push(if rep.node == node {
-                names::local_child_uri(&rep.uuid.to_string())
-            } else {
-                shared.uri
-            });
+            let shared = async {
+                self.engine(&rep.node)
+                    .await?
+                    .share_replica(epb::ShareReplicaRequest {
+                        uuid: rep.uuid.to_string(),
+                        allowed_hosts: hosts.clone(),
+                    })
+                    .await
+                    .map_err(|s| engine_error(&rep.node, s))
+            };
+            match shared.await {
+                Ok(shared) => {
+                    members.push(rep.uuid);
+                    children.push(if rep.node == node {
+                        names::local_child_uri(&rep.uuid.to_string())
+                    } else {
+                        shared.into_inner().uri
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%uuid, replica = %rep.uuid, node = %rep.node, error = %e, "an in-sync replica cannot be shared: the nexus is made without it");
+                    left_out.push(e);
+                }
+            }
         }
         if children.is_empty() {
-            return Err(VolumeError::FailedPrecondition {
+            return Err(left_out.pop().unwrap_or(VolumeError::FailedPrecondition {
                 uuid,
                 why: "no in-sync replica's node is Online".into(),
-            });
+            }));
         }
         let shared = t0.elapsed();
         failpoint::delay(failpoint::PUBLISH_CREATING).await;

@@ -692,3 +692,42 @@ async fn volumes_created_at_once_do_not_take_one_pools_room_twice() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
 }
+
+/// An unpublished volume whose in-sync replica on one node cannot be shared (the node came back without its pool's
+/// disk) is published all the same, on the other replicas: the nexus is made without that one, which is then out
+/// of sync (healing rebuilds or replaces it). Before, the share's failure failed every publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_is_published_without_a_replica_whose_pool_is_away() {
+    let (dir, port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(create(&vol, 8 << 20, 3)).await.unwrap();
+    engines[1].kill9();
+    wait_for(port, &[("reg-2", crate::registry::Offline)], "reg-2 down").await;
+    let disk = dir.path().join("pool2.img");
+    std::fs::rename(&disk, dir.path().join("away.img")).unwrap();
+    engines[1].restart();
+    wait_for(port, &[("reg-2", Online)], "reg-2 back without its pool").await;
+    let p = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: "nqn.2026-11.io.keelson:test-away-host".into(),
+            node: "reg-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("published on the replicas that can be shared")
+        .into_inner();
+    let v = c
+        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(v.state, "Online", "{v:?}");
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = "nqn.2026-11.io.keelson:test-away-host".into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    let data = Bytes::from(vec![5u8; 64 << 10]);
+    ns.write(0, data.clone()).await.unwrap();
+    assert_eq!(ns.read(0, 64 << 10).await.unwrap(), data);
+    ns.close().await;
+}
