@@ -779,11 +779,13 @@ impl Volumes {
         down
     }
 
-    /// An unpublished volume's state: Online with every replica on an Online node, Faulted with none.
+    /// An unpublished volume's state: Online with every replica in sync on an Online node, Faulted with none (a
+    /// replica out of sync, one left half rebuilt or placed by a scale-up, holds no copy a host could use).
     pub(super) async fn unpublished_state(&self, r: &VolumeRecord) -> &'static str {
         let mut up = 0;
         for rep in &r.replicas {
             if rep.created
+                && rep.synced
                 && self
                     .registry
                     .get(&rep.node)

@@ -731,3 +731,38 @@ async fn a_volume_is_published_without_a_replica_whose_pool_is_away() {
     assert_eq!(ns.read(0, 64 << 10).await.unwrap(), data);
     ns.close().await;
 }
+
+/// An unpublished volume scaled up has a new replica that holds none of its data until a nexus rebuilds it: the
+/// volume is Degraded, not Online, until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpublished_volume_with_a_replica_out_of_sync_is_not_online() {
+    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(create(&vol, 8 << 20, 2)).await.unwrap();
+    let get = |mut c: ClusterClient<Channel>| {
+        let vol = vol.clone();
+        async move {
+            c.get_volume(pb::GetVolumeRequest { uuid: vol })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert_eq!(get(c.clone()).await.state, "Online");
+    c.set_volume_replicas(pb::SetVolumeReplicasRequest {
+        uuid: vol.clone(),
+        replicas: 3,
+    })
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    let v = loop {
+        let v = get(c.clone()).await;
+        if v.replica_list.len() == 3 && v.replica_list.iter().all(|r| r.created) {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v.state, "Degraded", "{v:?}");
+}
