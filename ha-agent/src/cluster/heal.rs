@@ -40,6 +40,16 @@ use super::volumes::{
     MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error, nexus_state, refused,
 };
 
+/// What a replica is good for now ([`Volumes::standing`]).
+enum Standing {
+    /// Listed by its engine (whose client this is), its pool's disk without errors.
+    Sound(proto::engine::engine_client::EngineClient<Channel>),
+    /// Not known yet: its engine does not answer, or its pool is not imported yet (within the grace).
+    Wait,
+    /// Gone: its node not Online, its engine not listing it, its pool failing or not back after the grace.
+    Gone,
+}
+
 /// What becomes of a faulted child.
 enum Rejoin {
     /// Its replica is back and rejoined the nexus.
@@ -398,6 +408,22 @@ impl Volumes {
             .cloned()
             .collect();
         for rep in &missing {
+            // One whose replica is gone (its pool not back, its disk failing) is retired and replaced, not asked
+            // again for ever; one whose engine does not answer now waits, and the others go on.
+            let mut c = match self.standing(rep).await {
+                Standing::Sound(c) => c,
+                Standing::Wait => continue,
+                Standing::Gone => {
+                    if let Some(i) = r.replicas.iter().position(|x| x.uuid == rep.uuid) {
+                        r.reason = format!(
+                            "replica {} on {} cannot rejoin: gone from its engine, or its pool is not back or failing",
+                            rep.uuid, rep.node
+                        );
+                        self.retire(&mut r, i).await?;
+                    }
+                    continue;
+                }
+            };
             // A fault consented to for an earlier nexus is that nexus's business: this one rebuilds the replica,
             // and its listing showing it Healthy is what counts it in sync again.
             if let Some(x) = r
@@ -409,7 +435,6 @@ impl Volumes {
                 x.fault_confirmed = false;
                 self.save(&r).await?;
             }
-            let mut c = self.engine(&rep.node).await?;
             let shared = c
                 .share_replica(epb::ShareReplicaRequest {
                     uuid: rep.uuid.to_string(),
@@ -520,6 +545,45 @@ impl Volumes {
         Some(pool.disk_errors == 0 && replicas.into_inner().replicas.iter().any(|x| x.uuid == id))
     }
 
+    /// Whether a replica on an Online node can be used ([`Standing::Sound`], with its engine's client): its
+    /// engine lists it and its pool's disk has no errors. [`Standing::Wait`] while its engine does not answer, or
+    /// has not imported its pool within [`POOL_IMPORT_GRACE`] of the node coming back; [`Standing::Gone`] after.
+    async fn standing(&self, rep: &super::volume::ReplicaRecord) -> Standing {
+        if !self.node_online(&rep.node).await {
+            return Standing::Gone;
+        }
+        let Ok(mut c) = self.engine(&rep.node).await else {
+            return Standing::Wait;
+        };
+        let (Ok(replicas), Ok(pools)) = (
+            c.list_replicas(epb::ListReplicasRequest {}).await,
+            c.list_pools(epb::ListPoolsRequest {}).await,
+        ) else {
+            return Standing::Wait;
+        };
+        let id = rep.uuid.to_string();
+        let pools = pools.into_inner().pools;
+        let Some(pool) = pools.iter().find(|p| p.name == rep.pool) else {
+            // The engine is back but has not imported the pool yet (a pool the agent manages is imported by its
+            // reconciler): waited for a while after the node came back, then given up.
+            let back_ms = self
+                .registry
+                .get(&rep.node)
+                .await
+                .map_or(0, |v| v.record.status.since_ms);
+            let now = super::node::now_ms();
+            if now.saturating_sub(back_ms) < POOL_IMPORT_GRACE.as_millis() as u64 {
+                return Standing::Wait;
+            }
+            return Standing::Gone;
+        };
+        if pool.disk_errors == 0 && replicas.into_inner().replicas.iter().any(|x| x.uuid == id) {
+            Standing::Sound(c)
+        } else {
+            Standing::Gone
+        }
+    }
+
     /// Rejoins a faulted child if its replica is back: its node Online, its engine listing the replica, its pool's
     /// disk without errors, and no rejoin of it in the last [`REJOIN_AGAIN_AFTER`]. The nexus rebuilds only what it
     /// missed when it is back within the partial-rebuild window. While the node is still Online by the registry
@@ -544,35 +608,12 @@ impl Volumes {
         {
             return Ok(Rejoin::Retire);
         }
-        let Ok(mut c) = self.engine(&rep.node).await else {
-            return Ok(Rejoin::Wait);
-        };
-        let (Ok(replicas), Ok(pools)) = (
-            c.list_replicas(epb::ListReplicasRequest {}).await,
-            c.list_pools(epb::ListPoolsRequest {}).await,
-        ) else {
-            return Ok(Rejoin::Wait);
+        let mut c = match self.standing(&rep).await {
+            Standing::Sound(c) => c,
+            Standing::Wait => return Ok(Rejoin::Wait),
+            Standing::Gone => return Ok(Rejoin::Retire),
         };
         let id = rep.uuid.to_string();
-        let pools = pools.into_inner().pools;
-        let Some(pool) = pools.iter().find(|p| p.name == rep.pool) else {
-            // The engine is back but has not imported the pool yet (a pool the agent manages is imported by its
-            // reconciler): waited for a while after the node came back, then given up.
-            let back_ms = self
-                .registry
-                .get(&rep.node)
-                .await
-                .map_or(0, |v| v.record.status.since_ms);
-            if now.saturating_sub(back_ms) < POOL_IMPORT_GRACE.as_millis() as u64 {
-                return Ok(Rejoin::Wait);
-            }
-            return Ok(Rejoin::Retire);
-        };
-        let sound =
-            pool.disk_errors == 0 && replicas.into_inner().replicas.iter().any(|x| x.uuid == id);
-        if !sound {
-            return Ok(Rejoin::Retire);
-        }
         // Recorded first: if it faults again soon, it is replaced; out of sync until the nexus calls it Healthy.
         r.replicas[i].rejoined_ms = now;
         r.replicas[i].synced = false;

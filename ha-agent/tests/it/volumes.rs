@@ -766,3 +766,51 @@ async fn an_unpublished_volume_with_a_replica_out_of_sync_is_not_online() {
     };
     assert_eq!(v.state, "Degraded", "{v:?}");
 }
+
+/// A volume published without a replica whose node came back without its pool: once the pool has not come back
+/// within the grace, that replica is retired and replaced on the free node, and the volume is Online again. Before,
+/// every healing pass failed sharing it, and the volume stayed Degraded with a free node beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_pool_does_not_come_back_is_replaced() {
+    let (dir, port, _agent, mut engines, _nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    let v = c
+        .create_volume(create(&vol, 8 << 20, 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let (kept, lost) = (
+        v.replica_list[0].node.clone(),
+        v.replica_list[1].node.clone(),
+    );
+    let i: usize = lost.trim_start_matches("reg-").parse().unwrap();
+    engines[i - 1].kill9();
+    wait_for(port, &[(lost.as_str(), crate::registry::Offline)], "down").await;
+    let disk = dir.path().join(format!("pool{i}.img"));
+    std::fs::rename(&disk, dir.path().join("away.img")).unwrap();
+    engines[i - 1].restart();
+    wait_for(port, &[(lost.as_str(), Online)], "back without its pool").await;
+    c.publish_volume(pb::PublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: "nqn.2026-11.io.keelson:test-away-host".into(),
+        node: kept.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    let v = loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if v.state == "Online" && v.replica_list.iter().all(|r| r.node != lost) {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "{v:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!("replaced after {:?}: {:?}", t.elapsed(), v.replica_list);
+    assert_eq!(v.replica_list.len(), 2);
+}
