@@ -66,6 +66,18 @@ impl Volumes {
                 ),
             });
         }
+        // The children the nexus goes on with are recorded in sync with the same write: one that finished its
+        // rebuild since the last healing pass is not yet, and if it alone is left (the asking nexus's node lost, or
+        // it faults too, as the last healthy child does without asking), the volume would have no replica in sync
+        // on record although that one holds every acknowledged write.
+        let going_on = self.healthy_children(&q.node, q.volume).await;
+        let mut changed = false;
+        for x in r.replicas.iter_mut() {
+            if x.uuid != replica && !x.synced && !x.fault_confirmed && going_on.contains(&x.uuid) {
+                x.synced = true;
+                changed = true;
+            }
+        }
         if let Some(x) = r
             .replicas
             .iter_mut()
@@ -77,9 +89,38 @@ impl Volumes {
             x.synced = false;
             x.fault_confirmed = true;
             r.reason = format!("replica {} on {} faulted: {}", x.uuid, x.node, q.reason);
+            changed = true;
+        }
+        if changed {
             self.save(&r).await?;
         }
         tracing::warn!(volume = %q.volume, node = %q.node, child = %q.child, reason = %q.reason, "child fault confirmed: its replica is out of sync");
         Ok(())
+    }
+
+    /// The replicas nexus `volume` on `node` lists as Healthy children; none when its engine does not answer (the
+    /// record is then left as healing last saw it).
+    async fn healthy_children(&self, node: &str, volume: Uuid) -> Vec<Uuid> {
+        let listed = async {
+            self.engine(node)
+                .await
+                .ok()?
+                .list_nexuses(proto::engine::ListNexusesRequest {})
+                .await
+                .ok()
+        };
+        let Some(listed) = listed.await else {
+            tracing::debug!(%volume, node, "the asking nexus's engine did not list it: its children's sync is left as recorded");
+            return Vec::new();
+        };
+        listed
+            .into_inner()
+            .nexuses
+            .into_iter()
+            .filter(|n| n.uuid == volume.to_string())
+            .flat_map(|n| n.children)
+            .filter(|c| c.state == proto::engine::ChildState::Healthy as i32)
+            .filter_map(|c| replica_of(&c.uri))
+            .collect()
     }
 }
