@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 C=charts/keelson
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-helm lint --strict "$C"
+# The embedded store (the default) needs the agent pinned to a node: the defaults plus that.
+PIN=(--set 'clusterAgent.nodeSelector.kubernetes\.io/hostname=n1')
+helm lint --strict "$C" "${PIN[@]}"
 render() { # name, helm args...
     local n=$1
     shift
@@ -18,7 +20,7 @@ render() { # name, helm args...
     done
     echo "chart: $n renders $(grep -c '^kind:' "$OUT/$n.yaml") manifests, valid for Kubernetes 1.30 and 1.34"
 }
-render default
+render default "${PIN[@]}"
 for f in "$C"/ci/*.yaml; do
     helm lint --strict "$C" -f "$f" > /dev/null
     render "$(basename "$f" .yaml)" -f "$f"
@@ -33,6 +35,7 @@ refuse() { # why, helm args...
     fi
 }
 refuse "etcd without endpoints" --set store.type=etcd
+refuse "the embedded store on an agent pinned to no node"
 refuse "several agents on the embedded store" --set clusterAgent.replicas=3
 refuse "an unknown store" --set store.type=sqlite
 refuse "a pool disk that is not a path" --set 'ioEngine.pools.n1[0].name=p' --set 'ioEngine.pools.n1[0].disk=sdb'
