@@ -1,8 +1,8 @@
-//! The Identity service: who the plugin is, what it offers, and whether it is ready: a controller is when the
-//! cluster agent answers (without it no controller call can do anything); a node-only plugin needs only the
-//! kernel, so it stays ready (and is not restarted by its liveness probe) while the agent is away.
-
-use std::sync::Arc;
+//! The Identity service: who the plugin is, what it offers, and whether it is ready. A plugin that answers is ready,
+//! whether the cluster agent answers or not: its liveness probe (the livenessprobe sidecar asks Probe) must restart
+//! a plugin that hangs, not one whose agent is away. A controller restarted for that takes its sidecars down with
+//! it (they exit when the socket goes) into a crash loop whose back-off outlasts the outage; kept up, its calls
+//! answer UNAVAILABLE while no agent leads, which the sidecars retry, and work again as soon as one does.
 
 use proto::csi::identity_server::Identity;
 use proto::csi::plugin_capability::service::Type as ServiceType;
@@ -14,18 +14,7 @@ use proto::csi::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::agent::Agent;
-
-pub struct IdentityService {
-    /// The cluster agent, when readiness depends on it (controller and all modes).
-    agent: Option<Arc<Agent>>,
-}
-
-impl IdentityService {
-    pub fn new(agent: Option<Arc<Agent>>) -> IdentityService {
-        IdentityService { agent }
-    }
-}
+pub struct IdentityService;
 
 /// What every instance of this version offers, whatever its mode (the spec wants them alike).
 pub fn capabilities() -> Vec<PluginCapability> {
@@ -69,15 +58,6 @@ impl Identity for IdentityService {
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        let ready = match &self.agent {
-            Some(a) => a
-                .call(
-                    |mut c| async move { c.list_nodes(proto::cluster::ListNodesRequest {}).await },
-                )
-                .await
-                .is_ok(),
-            None => true,
-        };
-        Ok(Response::new(ProbeResponse { ready: Some(ready) }))
+        Ok(Response::new(ProbeResponse { ready: Some(true) }))
     }
 }

@@ -70,9 +70,7 @@ pub async fn serve(
         (_, None) => bail!("the node service needs the node's name"),
     };
     tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(
-            (mode != Mode::Node).then_some(agent),
-        )))
+        .add_service(IdentityServer::new(IdentityService))
         .add_optional_service(controller)
         .add_optional_service(node)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

@@ -5,9 +5,11 @@
 //! - [`csi`]: the Container Storage Interface, as Kubernetes' sidecars and kubelet speak it.
 //! - [`unix`]: dialling a gRPC server on a Unix socket (a CSI plugin).
 //! - [`names`]: NQNs and child URIs every process builds the same way.
+//! - [`leader`]: how a cluster agent that does not lead refuses, as its clients tell it.
 
 #![allow(clippy::all, missing_docs)]
 
+pub mod leader;
 pub mod names;
 pub mod unix;
 

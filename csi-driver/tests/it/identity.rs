@@ -1,4 +1,5 @@
-//! Identity: the plugin's name and version, its capabilities, and Probe following the cluster agent.
+//! Identity: the plugin's name and version, its capabilities, and Probe: ready while the plugin answers, the cluster
+//! agent away or not (its calls answer UNAVAILABLE meanwhile).
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use proto::csi::*;
 use crate::harness::{Cluster, connect, driver, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identity_names_the_plugin_and_probe_follows_the_cluster_agent() {
+async fn identity_names_the_plugin_and_probe_does_not_follow_the_cluster_agent() {
     let mut c = Cluster::start(1).await;
     let mut id = c.identity().await;
     let info = id
@@ -47,18 +48,24 @@ async fn identity_names_the_plugin_and_probe_follows_the_cluster_agent() {
     let ready = id.probe(ProbeRequest {}).await.unwrap().into_inner().ready;
     assert_eq!(ready, Some(true));
 
-    // The agent gone: not ready (and Probe itself still answers).
+    // The agent gone: still ready (its liveness probe must not restart it, and its sidecars with it), and a call
+    // that needs the agent answers UNAVAILABLE, which the sidecars retry.
     c.agent.terminate(Duration::from_secs(10)).unwrap();
     let ready = id.probe(ProbeRequest {}).await.unwrap().into_inner().ready;
-    assert_eq!(ready, Some(false));
+    assert_eq!(ready, Some(true));
 
-    // A driver whose agent address answers nothing starts, serves, and is not ready.
+    // A driver whose agent address answers nothing starts, serves, is ready, and answers UNAVAILABLE.
     let sock = c.dir.path().join("other.sock");
     let url = format!("http://127.0.0.1:{}", free_port("127.0.0.1"));
     let _d = driver(c.dir.path(), "driver2", &sock, &url);
-    let mut id2 = proto::csi::identity_client::IdentityClient::new(connect(&sock).await);
+    let ch = connect(&sock).await;
+    let mut id2 = proto::csi::identity_client::IdentityClient::new(ch.clone());
     let ready = id2.probe(ProbeRequest {}).await.unwrap().into_inner().ready;
-    assert_eq!(ready, Some(false));
+    assert_eq!(ready, Some(true));
+    let listed = proto::csi::controller_client::ControllerClient::new(ch)
+        .list_volumes(ListVolumesRequest::default())
+        .await;
+    assert_eq!(listed.unwrap_err().code(), tonic::Code::Unavailable);
     assert_eq!(
         id2.get_plugin_info(GetPluginInfoRequest {})
             .await
@@ -137,7 +144,7 @@ async fn a_node_plugin_is_ready_without_the_agent_and_each_mode_serves_its_servi
         .await;
     assert_eq!(caps.unwrap_err().code(), tonic::Code::Unimplemented);
 
-    // All: both services; readiness follows the (absent) agent.
+    // All: both services; ready, the agent absent.
     let (_a, sock) = driver_in(dir.path(), "all");
     let ch = connect(&sock).await;
     assert!(
@@ -155,6 +162,6 @@ async fn a_node_plugin_is_ready_without_the_agent_and_each_mode_serves_its_servi
     let mut id = proto::csi::identity_client::IdentityClient::new(ch);
     assert_eq!(
         id.probe(ProbeRequest {}).await.unwrap().into_inner().ready,
-        Some(false)
+        Some(true)
     );
 }

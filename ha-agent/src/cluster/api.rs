@@ -51,9 +51,7 @@ impl Leadership {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| {
-                Status::unavailable("this cluster agent does not lead (yet); try another")
-            })
+            .ok_or_else(proto::leader::not_leader)
     }
 
     fn registry(&self) -> Result<Arc<Registry>, Status> {
