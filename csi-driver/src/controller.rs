@@ -701,7 +701,12 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let source = required(&r.source_volume_id, "source_volume_id")?;
         let name = required(&r.name, "name")?;
-        if let Some(k) = r.parameters.keys().next() {
+        // What the CO adds of its own (the snapshotter's --extra-create-metadata) is taken and ignored.
+        if let Some(k) = r
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with(crate::params::CO_PREFIX))
+        {
             return Err(invalid(format!(
                 "unknown parameter {k:?}: snapshots take none"
             )));
@@ -860,7 +865,9 @@ impl Controller for ControllerService {
             .expand(uuid, size.max(v.size_bytes))
             .await
             .map_err(|s| match s.code() {
-                Code::ResourceExhausted => Status::out_of_range(format!(
+                // Room missing now, not a size the plugin never gives: the resizer retries it (OUT_OF_RANGE would
+                // mark the expansion infeasible, and it would wait for the claim to be edited after room is made).
+                Code::ResourceExhausted => Status::resource_exhausted(format!(
                     "cluster agent: {} (the capacity cannot be given now)",
                     s.message()
                 )),

@@ -10,7 +10,7 @@ use proto::csi::volume_capability::{AccessType, MountVolume};
 
 /// Parameters the CO adds itself (external-provisioner's `--extra-create-metadata`, secrets references): accepted
 /// and not used.
-const CO_PREFIX: &str = "csi.storage.k8s.io/";
+pub const CO_PREFIX: &str = "csi.storage.k8s.io/";
 /// File systems the node plugin makes and mounts.
 pub const FS_TYPES: &[&str] = &["ext4", "xfs"];
 /// Replicas when a StorageClass does not say.

@@ -52,8 +52,20 @@ async fn snapshots_and_clones_hold_the_data_they_were_taken_from() {
     assert_eq!(s.source_volume_id, v.volume_id);
     assert_eq!(s.size_bytes, 8 * MIB);
     assert!(s.creation_time.unwrap().seconds > 1_700_000_000);
+    // Asked again, with what the snapshotter adds under --extra-create-metadata: the same snapshot.
+    let mut with_metadata = snap_req("snap-1", &v.volume_id);
+    with_metadata.parameters = [
+        ("csi.storage.k8s.io/volumesnapshot/name", "snap-1"),
+        ("csi.storage.k8s.io/volumesnapshot/namespace", "default"),
+        (
+            "csi.storage.k8s.io/volumesnapshotcontent/name",
+            "snapcontent-1",
+        ),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .into();
     let again = ctl
-        .create_snapshot(snap_req("snap-1", &v.volume_id))
+        .create_snapshot(with_metadata)
         .await
         .unwrap()
         .into_inner()
