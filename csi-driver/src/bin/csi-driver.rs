@@ -53,6 +53,11 @@ struct Args {
     /// Longest wait for one cluster agent call, in seconds (creating a volume with many replicas can take a while).
     #[arg(long, default_value_t = 60)]
     agent_timeout_s: u64,
+    /// How long, from the first NodeUnstageVolume that found a volume without a live path (its target gone, a
+    /// switch-over not done), its unstages answer UNAVAILABLE before one gives up what the page cache holds for it
+    /// and disconnects, in seconds.
+    #[arg(long, default_value_t = csi_driver::node::GIVE_UP_AFTER.as_secs())]
+    unstage_give_up_s: u64,
 }
 
 #[tokio::main]
@@ -92,6 +97,10 @@ async fn main() -> Result<()> {
             Mounts::system(),
         )
         .with_agent(agent.clone())
+        .with_live_wait(
+            csi_driver::node::LIVE_WAIT,
+            Duration::from_secs(args.unstage_give_up_s),
+        )
     });
     server::serve(listener, args.mode, agent, node, shutdown).await
 }

@@ -67,12 +67,17 @@ pub struct NodeService {
     probing: mounts::Probing,
     /// The cluster agent, asked where a volume's target is now when it is staged (see [`NodeService::current`]).
     agent: Option<Arc<Agent>>,
-    /// How long an unstage waits for a live path before it gives up the page cache's data (see `stage::unstage`).
-    live_wait: Duration,
+    /// How long unstages wait for a live path before they give up the page cache's data (see `stage::unstage`).
+    unstage_wait: Arc<UnstageWait>,
 }
 
-/// How long an unstage waits for a live path by default: a target's switch-over takes seconds.
+/// How long an unstage call waits for a live path by default: a target's switch-over takes seconds.
 pub const LIVE_WAIT: Duration = Duration::from_secs(20);
+
+/// How long, from the first unstage of a volume that found no live path, its unstages answer UNAVAILABLE (the CO
+/// retries) before one gives up what the page cache holds for it and disconnects: a switch-over that waits for a
+/// new cluster agent leader takes longer than one call's wait.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
 
 impl NodeService {
     /// The node service of node `node`, on `kernel`'s NVMe/TCP host and `mounts`' mount table.
@@ -85,13 +90,14 @@ impl NodeService {
             inflight: InFlight::default(),
             probing: mounts::Probing::default(),
             agent: None,
-            live_wait: LIVE_WAIT,
+            unstage_wait: Arc::new(UnstageWait::new(LIVE_WAIT, GIVE_UP_AFTER)),
         }
     }
 
-    /// The node service waiting `wait` for a live path before an unstage without one disconnects.
-    pub fn with_live_wait(mut self, wait: Duration) -> NodeService {
-        self.live_wait = wait;
+    /// The node service whose unstages wait `wait` for a live path per call, and give up the page cache's data
+    /// `give_up` after the first call that found none.
+    pub fn with_live_wait(mut self, wait: Duration, give_up: Duration) -> NodeService {
+        self.unstage_wait = Arc::new(UnstageWait::new(wait, give_up));
         self
     }
 
@@ -204,8 +210,12 @@ impl Node for NodeService {
         let uuid = volume(&r.volume_id)?;
         let staging = required(&r.staging_target_path, "staging_target_path")?;
         let held = self.inflight.hold(&uuid.to_string())?;
-        let (k, mt, wait) = (self.kernel.clone(), self.mounts.clone(), self.live_wait);
-        blocking(Some(held), move || unstage(&k, &mt, uuid, &staging, wait)).await?;
+        let (k, mt, wait) = (
+            self.kernel.clone(),
+            self.mounts.clone(),
+            self.unstage_wait.clone(),
+        );
+        blocking(Some(held), move || unstage(&k, &mt, uuid, &staging, &wait)).await?;
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 

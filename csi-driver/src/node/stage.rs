@@ -173,7 +173,54 @@ pub(super) fn unstage(
     mt: &Mounts,
     uuid: Uuid,
     staging: &Path,
-    live_wait: Duration,
+    wait: &UnstageWait,
+) -> Result<(), Status> {
+    let r = unstage_once(k, mt, uuid, staging, wait);
+    if r.as_ref().is_ok() {
+        wait.pathless(uuid, false);
+    }
+    r
+}
+
+/// How unstages wait for a volume's live path, and since when each volume's found none.
+pub struct UnstageWait {
+    /// Per call.
+    live: Duration,
+    /// From the first call that found none.
+    give_up: Duration,
+    since: std::sync::Mutex<std::collections::BTreeMap<Uuid, std::time::Instant>>,
+}
+
+impl UnstageWait {
+    pub fn new(live: Duration, give_up: Duration) -> UnstageWait {
+        UnstageWait {
+            live,
+            give_up,
+            since: Default::default(),
+        }
+    }
+
+    /// Notes that `uuid` has a live path (`false`: forgets it) or has none (`true`): how long it has had none, as
+    /// unstages saw it.
+    fn pathless(&self, uuid: Uuid, none: bool) -> Duration {
+        let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        if !none {
+            since.remove(&uuid);
+            return Duration::ZERO;
+        }
+        since
+            .entry(uuid)
+            .or_insert_with(std::time::Instant::now)
+            .elapsed()
+    }
+}
+
+fn unstage_once(
+    k: &Kernel,
+    mt: &Mounts,
+    uuid: Uuid,
+    staging: &Path,
+    wait: &UnstageWait,
 ) -> Result<(), Status> {
     let nqn = proto::names::volume_nqn(&uuid.to_string());
     let dev = k.device(&uuid.to_string());
@@ -217,10 +264,21 @@ pub(super) fn unstage(
     }
     if let (Some(_), Some(d)) = (staged, &dev) {
         // The unmount writes what the page cache holds. With no live path it would wait for I/O that never
-        // completes, so the paths go first and that data is lost: first wait a while for one, as a target's
-        // switch-over (the node agent connecting its replacement) takes seconds.
-        if !k.live(&nqn) && !k.wait_live(&nqn, live_wait) {
-            tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), waited = ?live_wait, "no live path: disconnecting before the unmount (what the page cache held for the volume is lost)");
+        // completes, so the paths go first and that data is lost: first wait for one, as a target's switch-over
+        // (the node agent connecting its replacement) takes seconds, and a new cluster agent leader longer. Each
+        // call waits a while, then answers UNAVAILABLE (the CO calls again); the data is given up only once
+        // unstages have found no live path for `give_up`.
+        if !k.live(&nqn) && !k.wait_live(&nqn, wait.live) {
+            let none_for = wait.pathless(uuid, true);
+            if none_for < wait.give_up {
+                return Err(Status::unavailable(format!(
+                    "volume {uuid} has no live path ({}): unmounting needs one to write what the page cache holds; \
+                     waiting for its target's replacement (given up {:?} after the first try, {none_for:?} ago)",
+                    k.paths(&nqn),
+                    wait.give_up
+                )));
+            }
+            tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), waited = ?none_for, "no live path: disconnecting before the unmount (what the page cache held for the volume is lost)");
             k.disconnect(&nqn).map_err(Status::internal)?;
         }
         for _ in 0..MAX_STACKED {
@@ -228,7 +286,17 @@ pub(super) fn unstage(
                 break;
             }
             if let Err(e) = mt.umount(staging, Duration::from_secs(60)) {
-                tracing::warn!(volume = %uuid, error = %e, "unmount failed; disconnecting and detaching lazily");
+                // With a live path the unmount can still write what it holds (a busy mount, or a long writeback
+                // the timeout cut short): the volume stays connected and the CO asks again. Disconnecting would
+                // throw that data away.
+                if k.live(&nqn) {
+                    return Err(Status::unavailable(format!(
+                        "unmounting volume {uuid} at {} failed ({e}); it stays connected so that what it holds is \
+                         written: try again",
+                        staging.display()
+                    )));
+                }
+                tracing::warn!(volume = %uuid, error = %e, "unmount failed without a live path; disconnecting and detaching lazily");
                 k.disconnect(&nqn).map_err(Status::internal)?;
                 mt.umount_lazy(staging).map_err(Status::internal)?;
             }

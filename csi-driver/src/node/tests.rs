@@ -23,6 +23,8 @@ struct Fake {
     mountinfo: PathBuf,
     /// Set: a read-only remount fails.
     remount_fails: Arc<std::sync::atomic::AtomicBool>,
+    /// Every `umount` (not a lazy one) fails: a busy mount, or a writeback longer than its timeout.
+    umount_fails: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `mount` and `umount` on the mount table in `mountinfo`: paths are read after `--` only.
@@ -31,6 +33,7 @@ fn fake_tools(
     sys: PathBuf,
     calls: Arc<Mutex<Vec<String>>>,
     remount_fails: Arc<std::sync::atomic::AtomicBool>,
+    umount_fails: Arc<std::sync::atomic::AtomicBool>,
 ) -> Tool {
     Arc::new(move |program: &str, args: &[&str], _| {
         // An unmount after volume A's paths were removed says so: what its page cache held was lost.
@@ -61,6 +64,12 @@ fn fake_tools(
                 .ok_or_else(|| format!("{} is not mounted", p.display()))
         };
         match (program, paths.as_slice()) {
+            ("umount", _)
+                if !args.contains(&"-l")
+                    && umount_fails.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                return Err("umount: target is busy".into());
+            }
             ("umount", [t]) => {
                 lines.remove(top(t)?);
             }
@@ -148,6 +157,7 @@ impl Fake {
         std::fs::write(&mountinfo, "1 0 254:0 / / rw,relatime - ext4 /dev/vda rw\n").unwrap();
         let calls = Arc::new(Mutex::new(Vec::new()));
         let remount_fails = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let umount_fails = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mounts = Mounts {
             mountinfo: mountinfo.clone(),
             tool: fake_tools(
@@ -155,6 +165,7 @@ impl Fake {
                 sys.clone(),
                 calls.clone(),
                 remount_fails.clone(),
+                umount_fails.clone(),
             ),
         };
         let kernel = Kernel::new(&sys, dir.path().join("fabrics"), &dev);
@@ -164,6 +175,7 @@ impl Fake {
             calls,
             mountinfo,
             remount_fails,
+            umount_fails,
         }
     }
 
@@ -171,10 +183,11 @@ impl Fake {
         self.dir.path().join(p)
     }
 
-    /// The same, its unstages waiting `wait` for a live path.
-    fn with_live_wait(self, wait: Duration) -> Fake {
+    /// The same, its unstages waiting `wait` for a live path per call and giving the page cache up `give_up`
+    /// after the first call that found none.
+    fn with_live_wait(self, wait: Duration, give_up: Duration) -> Fake {
         Fake {
-            svc: self.svc.with_live_wait(wait),
+            svc: self.svc.with_live_wait(wait, give_up),
             ..self
         }
     }
@@ -546,8 +559,9 @@ async fn a_tmpfs_at_a_wrong_path_is_no_vanished_volume() {
 }
 
 /// A volume unstaged while its target switches over (its only path reconnecting): the unmount waits for the
-/// replacement path, so what the page cache holds is written; with no path for the whole wait, the paths go first
-/// (the unmount would wait for ever).
+/// replacement path, so what the page cache holds is written. With no path for a call's whole wait, the call
+/// answers UNAVAILABLE and changes nothing, and the next finds the path back; only once calls have found none for
+/// the give-up time do the paths go first (the unmount would wait for ever).
 #[tokio::test]
 async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
     let state = |f: &Fake, s: &str| {
@@ -557,7 +571,7 @@ async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
         )
         .unwrap()
     };
-    let f = Fake::new().with_live_wait(Duration::from_secs(10));
+    let f = Fake::new().with_live_wait(Duration::from_secs(10), Duration::from_secs(300));
     f.staged(A, "stage-a");
     state(&f, "connecting");
     let sw = f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state");
@@ -570,9 +584,24 @@ async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
     assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
     assert!(f.disconnected());
 
-    let f = Fake::new().with_live_wait(Duration::from_millis(200));
+    // The switch-over outlasts a call: UNAVAILABLE, nothing unmounted or disconnected; the next call, the path
+    // back, unmounts first.
+    let f = Fake::new().with_live_wait(Duration::from_millis(200), Duration::from_secs(300));
     f.staged(A, "stage-a");
     state(&f, "connecting");
+    assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
+    assert_eq!(f.calls(), Vec::<String>::new());
+    assert!(!f.disconnected());
+    state(&f, "live");
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
+    assert!(f.disconnected());
+
+    // No path for the give-up time: the paths go first.
+    let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
+    f.staged(A, "stage-a");
+    state(&f, "connecting");
+    assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
     f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert_eq!(
         f.calls(),
@@ -581,6 +610,26 @@ async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
             f.p("stage-a")
         )]
     );
+}
+
+/// An unmount that fails while the volume has a live path (a busy mount, or a writeback longer than the unmount's
+/// timeout) leaves the volume connected, so what it holds can still be written: UNAVAILABLE, and the CO asks
+/// again. Before, the paths went and the data with them.
+#[tokio::test]
+async fn an_unmount_that_fails_with_a_live_path_keeps_the_volume_connected() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    f.umount_fails
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
+    assert!(!f.disconnected());
+    assert!(f.table().contains("stage-a"));
+    f.umount_fails
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    f.calls();
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
+    assert!(f.disconnected());
 }
 
 /// The volume's paths were removed by hand and its device is gone, but its file system is still mounted: the
