@@ -608,11 +608,15 @@ impl BlockDevice for PoolVolume {
         // The partial clusters at each end are zeroed one after the other: once one is, running out of space for
         // the other is no longer the NoSpace that changed nothing.
         let mut zeroed = false;
+        let mut tail = None;
         for p in pieces(offset, len, cs) {
             let n = p.range.len() as u64;
             let is_tail = u64::from(p.logical) * cs + n == self.size();
             if p.within == 0 && (n == cs || is_tail) {
                 whole.push(p.logical);
+                if n < cs {
+                    tail = Some((p.logical, n));
+                }
             } else {
                 let at = u64::from(p.logical) * cs + p.within;
                 let r = self.write_zeroes(at, n).await;
@@ -626,7 +630,22 @@ impl BlockDevice for PoolVolume {
         // Unmapping frees clusters another volume may reuse: no I/O of ours may still be in flight on them, not
         // even a write whose caller went away, and none may start until the unmapping is applied, even if this
         // caller goes (see `PoolInner::commit_holding`).
-        let excl = self.pool.gate.clone().write_owned().await;
+        let mut excl = self.pool.gate.clone().write_owned().await;
+        // A partial last cluster counted whole as the volume's end: a resize since (it takes no gate) put the end
+        // further, and a write beyond the range, acknowledged meanwhile, may be in that cluster. It is zeroed over
+        // the range instead, outside the gate, and the rest unmapped.
+        if let Some((logical, n)) = tail
+            && u64::from(logical) * cs + n != self.size()
+        {
+            drop(excl);
+            whole.retain(|l| *l != logical);
+            let r = self.write_zeroes(u64::from(logical) * cs, n).await;
+            r.map_err(|e| if zeroed { partly_written(e) } else { e })?;
+            if whole.is_empty() {
+                return Ok(());
+            }
+            excl = self.pool.gate.clone().write_owned().await;
+        }
         self.check_open()?;
         self.pool.settle().await.map_err(pool_err)?;
         let records: Vec<Record> = whole
