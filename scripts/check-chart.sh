@@ -38,10 +38,10 @@ refuse "etcd without endpoints" --set store.type=etcd
 refuse "the embedded store on an agent pinned to no node"
 refuse "several agents on the embedded store" --set clusterAgent.replicas=3
 refuse "an unknown store" --set store.type=sqlite
-refuse "a pool disk that is not a path" --set 'ioEngine.pools.n1[0].name=p' --set 'ioEngine.pools.n1[0].disk=sdb'
-refuse "an unknown value" --set ioEngine.cores=4
-refuse "a negative number of I/O threads" --set ioEngine.ioThreads=-1
-refuse "a negative spin" --set ioEngine.spinMicros=-5
+refuse "a pool disk that is not a path" --set 'ioEngine.pools.n1[0].name=p' --set 'ioEngine.pools.n1[0].disk=sdb' "${PIN[@]}"
+refuse "an unknown value" --set ioEngine.cores=4 "${PIN[@]}"
+refuse "a negative number of I/O threads" --set ioEngine.ioThreads=-1 "${PIN[@]}"
+refuse "a negative spin" --set ioEngine.spinMicros=-5 "${PIN[@]}"
 # Every KEELSON_* variable and --flag a container gives one of Keelson's binaries is one that binary reads (a typo
 # would be ignored silently): checked against each binary's --help.
 BIN=${KEELSON_BIN_DIR:-target/debug}

@@ -189,7 +189,7 @@ enum EngineCmd {
         /// Rebuild bandwidth limit in bytes per second (0 = none).
         #[arg(long, default_value_t = 0)]
         rebuild_rate_limit: u64,
-        /// Reserve the remote children (Write Exclusive) under this key (0 = no reservation).
+        /// Reserve the children (Exclusive Access) under this key (0 = no reservation).
         #[arg(long, default_value_t = 0)]
         reservation_key: u64,
         /// Preempt the reservation held under this key (the nexus being replaced).

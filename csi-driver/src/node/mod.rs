@@ -69,6 +69,8 @@ pub struct NodeService {
     agent: Option<Arc<Agent>>,
     /// How long unstages wait for a live path before they give up the page cache's data (see `stage::unstage`).
     unstage_wait: Arc<UnstageWait>,
+    /// Where SINGLE_NODE_SINGLE_WRITER volumes are published.
+    sole_writers: Arc<SoleWriters>,
 }
 
 /// How long an unstage call waits for a live path by default: a target's switch-over takes seconds.
@@ -91,6 +93,7 @@ impl NodeService {
             probing: mounts::Probing::default(),
             agent: None,
             unstage_wait: Arc::new(UnstageWait::new(LIVE_WAIT, GIVE_UP_AFTER)),
+            sole_writers: Arc::default(),
         }
     }
 
@@ -229,9 +232,13 @@ impl Node for NodeService {
         let target = required(&r.target_path, "target_path")?;
         let cap = capability(r.volume_capability.as_ref())?;
         let held = self.inflight.hold(&uuid.to_string())?;
-        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
+        let (k, mt, sole) = (
+            self.kernel.clone(),
+            self.mounts.clone(),
+            self.sole_writers.clone(),
+        );
         blocking(Some(held), move || {
-            publish(&k, &mt, uuid, &staging, &target, &cap, r.readonly)
+            publish(&k, &mt, &sole, uuid, &staging, &target, &cap, r.readonly)
         })
         .await?;
         Ok(Response::new(NodePublishVolumeResponse {}))
@@ -245,8 +252,12 @@ impl Node for NodeService {
         let uuid = volume(&r.volume_id)?;
         let target = required(&r.target_path, "target_path")?;
         let held = self.inflight.hold(&uuid.to_string())?;
-        let (k, mt) = (self.kernel.clone(), self.mounts.clone());
-        blocking(Some(held), move || unpublish(&k, &mt, uuid, &target)).await?;
+        let (k, mt, sole) = (
+            self.kernel.clone(),
+            self.mounts.clone(),
+            self.sole_writers.clone(),
+        );
+        blocking(Some(held), move || unpublish(&k, &mt, &sole, uuid, &target)).await?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 

@@ -3,9 +3,11 @@
 
 use super::*;
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn publish(
     k: &Kernel,
     mt: &Mounts,
+    sole: &SoleWriters,
     uuid: Uuid,
     staging: &Path,
     target: &Path,
@@ -76,9 +78,8 @@ pub(super) fn publish(
             )))
         };
     }
-    if single_writer(cap)
-        && let Some(other) = published_elsewhere(mt, &dev, block, staging, target)
-    {
+    let single = single_writer(cap);
+    if single && let Some(other) = sole.elsewhere(mt, uuid, &dev, block, target) {
         return Err(Status::failed_precondition(format!(
             "volume {uuid} is SINGLE_NODE_SINGLE_WRITER and is published at {} already: unpublish it there first",
             other.display()
@@ -108,6 +109,9 @@ pub(super) fn publish(
         }
         return Err(Status::internal(e));
     }
+    if single {
+        sole.published(uuid, target);
+    }
     tracing::info!(volume = %uuid, ro, block, "published");
     Ok(())
 }
@@ -119,34 +123,74 @@ fn single_writer(cap: &VolumeCapability) -> bool {
         .is_some_and(|m| m.mode == Mode::SingleNodeSingleWriter as i32)
 }
 
-/// A path other than `staging` and `target` where device `dev` is published (its file system bound, or for a raw
-/// block volume its device node), if any.
-fn published_elsewhere(
-    mt: &Mounts,
-    dev: &Device,
-    block: bool,
-    staging: &Path,
-    target: &Path,
-) -> Option<PathBuf> {
-    let (staging, target) = (mounts::canonical(staging), mounts::canonical(target));
-    mt.table()
-        .into_iter()
-        .filter(|m| m.target != staging && m.target != target)
-        .find(|m| {
+/// Where each SINGLE_NODE_SINGLE_WRITER volume is published on this node, as this plugin published it. Kept by the
+/// plugin rather than read from the mount table, where a node whose kubelet directory is also seen through a bind
+/// shows every mount twice (each publish would find "another" one).
+#[derive(Default)]
+pub struct SoleWriters(std::sync::Mutex<std::collections::BTreeMap<Uuid, PathBuf>>);
+
+impl SoleWriters {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<Uuid, PathBuf>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The other target path volume `uuid` (device `dev`) is published at and still holds it, if any.
+    fn elsewhere(
+        &self,
+        mt: &Mounts,
+        uuid: Uuid,
+        dev: &Device,
+        block: bool,
+        target: &Path,
+    ) -> Option<PathBuf> {
+        let other = self.map().get(&uuid)?.clone();
+        if mounts::canonical(&other) == mounts::canonical(target) {
+            return None;
+        }
+        let holds = mt.at(&other).is_some_and(|m| {
             if block {
-                node_of(m, dev)
+                node_of(&m, dev)
             } else {
-                fs_of(m, dev)
+                fs_of(&m, dev)
             }
-        })
-        .map(|m| m.target)
+        });
+        holds.then_some(other)
+    }
+
+    fn published(&self, uuid: Uuid, target: &Path) {
+        self.map().insert(uuid, target.to_path_buf());
+    }
+
+    fn unpublished(&self, uuid: Uuid, target: &Path) {
+        let mut map = self.map();
+        if map
+            .get(&uuid)
+            .is_some_and(|t| mounts::canonical(t) == mounts::canonical(target))
+        {
+            map.remove(&uuid);
+        }
+    }
 }
 
 /// Unpublishes volume `uuid` from `target`: its mounts of this volume taken off, then what publish made there (an
 /// empty directory, or an empty file for a raw block volume) removed. A mount of anything else, or anything else at
 /// the path, is left as it is (FAILED_PRECONDITION: the path is sound, what the node holds there is not this
 /// volume's publish); nothing there is done.
-pub(super) fn unpublish(k: &Kernel, mt: &Mounts, uuid: Uuid, target: &Path) -> Result<(), Status> {
+pub(super) fn unpublish(
+    k: &Kernel,
+    mt: &Mounts,
+    sole: &SoleWriters,
+    uuid: Uuid,
+    target: &Path,
+) -> Result<(), Status> {
+    let r = unpublish_here(k, mt, uuid, target);
+    if r.is_ok() {
+        sole.unpublished(uuid, target);
+    }
+    r
+}
+
+fn unpublish_here(k: &Kernel, mt: &Mounts, uuid: Uuid, target: &Path) -> Result<(), Status> {
     let left = |why: &str| {
         Status::failed_precondition(format!(
             "{} {why}, not a publish of volume {uuid}: left as it is",

@@ -268,7 +268,10 @@ fn unstage_once(
         // (the node agent connecting its replacement) takes seconds, and a new cluster agent leader longer. Each
         // call waits a while, then answers UNAVAILABLE (the CO calls again); the data is given up only once
         // unstages have found no live path for `give_up`.
-        if !k.live(&nqn) && !k.wait_live(&nqn, wait.live) {
+        if k.live(&nqn) || k.wait_live(&nqn, wait.live) {
+            // Back (or never gone): a later loss starts its own give-up time.
+            wait.pathless(uuid, false);
+        } else {
             let none_for = wait.pathless(uuid, true);
             if none_for < wait.give_up {
                 return Err(Status::unavailable(format!(

@@ -567,7 +567,7 @@ async fn volumes_grow_online_and_expansion_errors_are_the_specs() {
         (
             "beyond every pool",
             expand(&v.volume_id, 1 << 40, 0, false),
-            Code::ResourceExhausted,
+            Code::OutOfRange,
             "pool",
         ),
         (

@@ -152,6 +152,7 @@ impl From<VolumeError> for Status {
             | VolumeError::NoCopies(_)
             | VolumeError::CannotGrow(_)
             | VolumeError::NoRoomForSnapshot(_) => Status::resource_exhausted(msg),
+            VolumeError::TooLarge(_) => Status::out_of_range(msg),
             VolumeError::SnapshotNotFound(_) => Status::not_found(msg),
             VolumeError::SnapshotExists { .. } => Status::already_exists(msg),
             VolumeError::FailedPrecondition { .. } => Status::failed_precondition(msg),

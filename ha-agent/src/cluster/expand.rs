@@ -222,6 +222,16 @@ fn check_room(r: &VolumeRecord, size: u64, view: &PlacementView) -> Result<(), V
         let pool = view
             .pool(&rep.node, &rep.pool)
             .ok_or_else(|| not_now(format!("is in pool {} that {} lacks", rep.pool, rep.node)))?;
+        // Larger than the pool itself: no freeing of room will ever let it grow (OUT_OF_RANGE, not retried).
+        if size > pool.usable_capacity() {
+            return Err(VolumeError::TooLarge(format!(
+                "volume {} cannot grow to {size} bytes: pool {} on {} holds {} bytes in all",
+                r.uuid,
+                rep.pool,
+                rep.node,
+                pool.usable_capacity()
+            )));
+        }
         scheduler::room_for(pool, extra).map_err(|why| {
             VolumeError::CannotGrow(format!(
                 "volume {} cannot grow to {size} bytes: the growth needs {extra} more bytes of pool {} on {}: {why}",

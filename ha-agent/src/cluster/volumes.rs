@@ -43,6 +43,9 @@ pub enum VolumeError {
     /// A replica's pool has no room for the growth asked for.
     #[error("{0}")]
     CannotGrow(String),
+    /// A size no pool of the volume's replicas could ever hold (larger than the pool itself).
+    #[error("{0}")]
+    TooLarge(String),
     #[error("snapshot {0} not found")]
     SnapshotNotFound(Uuid),
     #[error("snapshot {uuid} exists, of volume {volume}")]

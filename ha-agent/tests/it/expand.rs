@@ -98,14 +98,15 @@ async fn a_published_volume_grows_under_writes_and_bad_expansions_change_nothing
         .await
         .unwrap();
 
-    // Refused, and nothing changes: unknown or malformed volume, smaller, unaligned, beyond the pools.
+    // Refused, and nothing changes: unknown or malformed volume, smaller, unaligned, larger than the pools themselves
+    // (OUT_OF_RANGE: never possible; RESOURCE_EXHAUSTED is for room missing now).
     for (uuid, size, code) in [
         (uuid::Uuid::new_v4().to_string(), 16 * MIB, Code::NotFound),
         ("not-a-uuid".to_string(), 16 * MIB, Code::InvalidArgument),
         (vol.clone(), 4 * MIB, Code::InvalidArgument),
         (vol.clone(), 16 * MIB + 100, Code::InvalidArgument),
         (vol.clone(), 0, Code::InvalidArgument),
-        (vol.clone(), 1 << 30, Code::ResourceExhausted),
+        (vol.clone(), 1 << 30, Code::OutOfRange),
     ] {
         let e = c.expand_volume(expand(&uuid, size)).await.unwrap_err();
         assert_eq!(e.code(), code, "{uuid} {size}: {e:?}");

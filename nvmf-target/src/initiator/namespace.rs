@@ -34,7 +34,7 @@ struct Shared {
     stop: CancellationToken,
     /// Controllers lost (each then reconnected, or tried to).
     losses: AtomicU64,
-    /// The key of the Write Exclusive reservation taken again through each reconnected controller (0: none).
+    /// The key of the reservation taken again through each reconnected controller (0: none).
     hold_key: AtomicU64,
     /// Cancelled when the supervisor has returned.
     supervisor_done: CancellationToken,

@@ -1,5 +1,5 @@
-//! Reservation commands from the initiator: how a nexus registers its key on a replica, takes the Write Exclusive
-//! reservation, and preempts the key of the nexus it replaces (fencing it).
+//! Reservation commands from the initiator: how a nexus registers its key on a replica, takes the Exclusive Access
+//! reservation ([`REPLICA_RESERVATION`]), and preempts the key of the nexus it replaces (fencing it).
 
 use bytes::{BufMut, Bytes, BytesMut};
 

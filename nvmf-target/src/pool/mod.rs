@@ -248,6 +248,29 @@ pub(crate) struct PoolInner {
     keeps_space: bool,
 }
 
+/// Refuses creates in a pool ([`PoolInner::destroying`]) while a destroy makes sure it is empty: until dropped, or
+/// for good once the destroy touches the label.
+struct RefusingCreates<'a>(Option<&'a AtomicBool>);
+
+impl<'a> RefusingCreates<'a> {
+    fn set(flag: &'a AtomicBool) -> RefusingCreates<'a> {
+        flag.store(true, Ordering::SeqCst);
+        RefusingCreates(Some(flag))
+    }
+
+    fn for_good(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RefusingCreates<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
 /// How long destroying the pool waits for commits asked for before it ([`PoolInner::caught_up`]).
 const CAUGHT_UP_WAIT: Duration = Duration::from_secs(5);
 
@@ -1308,24 +1331,22 @@ impl Pool {
     /// ([`PoolError::Destroying`]), until it refuses (the pool has volumes) or for good.
     pub async fn destroy(&self) -> Result<(), PoolError> {
         // Set before waiting for the commits on their way (a create whose caller went away among them): those are
-        // counted below, and every create admitted after is refused, so none is acknowledged and then wiped.
-        self.inner.destroying.store(true, Ordering::SeqCst);
-        let refuse = |e: PoolError| {
-            self.inner.destroying.store(false, Ordering::SeqCst);
-            Err(e)
-        };
+        // counted below, and every create admitted after is refused, so none is acknowledged and then wiped. Cleared
+        // again when the destroy refuses or its caller goes away before the label is touched (a client's timeout
+        // drops the call: the pool stays, and takes creates again).
+        let refusing = RefusingCreates::set(&self.inner.destroying);
         if tokio::time::timeout(CAUGHT_UP_WAIT, self.inner.caught_up())
             .await
             .is_err()
         {
-            return refuse(PoolError::Io(format!(
+            return Err(PoolError::Io(format!(
                 "the pool's journal has not answered for {} s: try again",
                 CAUGHT_UP_WAIT.as_secs()
             )));
         }
         let n = self.inner.meta().volumes.len();
         if n > 0 {
-            return refuse(PoolError::NotEmpty {
+            return Err(PoolError::NotEmpty {
                 pool: self.name().to_string(),
                 volumes: n,
             });
@@ -1335,6 +1356,8 @@ impl Pool {
         let _excl = self.inner.gate.write().await;
         let dev = &self.inner.dev;
         let io = |e: crate::block::BlockError| PoolError::Io(format!("wiping the label: {e}"));
+        // From here the label may be gone whatever becomes of this call: no create is taken again.
+        refusing.for_good();
         dev.write_zeroes(0, LABEL_LEN).await.map_err(io)?;
         dev.flush().await.map_err(io)?;
         tracing::info!(pool = %self.name(), "destroyed pool");

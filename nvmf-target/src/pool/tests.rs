@@ -1290,6 +1290,33 @@ async fn a_settle_waits_for_a_note_of_missed_writes_whose_caller_went_away() {
     assert_eq!(vol.missed().await.unwrap(), vec![missed]);
 }
 
+/// A destroy whose caller went away while it waited for the journal (a client's timeout) leaves the pool taking
+/// creates again: it had not touched the label.
+#[tokio::test]
+async fn a_destroy_whose_caller_went_away_lets_creates_in_again() {
+    use std::time::Duration;
+    let (disk, pool) = late_pool().await;
+    let r = Uuid::new_v4();
+    pool.create_replica(r, MIB, None).await.unwrap();
+    *disk.late.lock().unwrap() = Duration::from_millis(300);
+    let gone = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.destroy_volume(r).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let destroy = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.destroy().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    destroy.abort();
+    gone.await.unwrap().unwrap();
+    *disk.late.lock().unwrap() = Duration::ZERO;
+    pool.create_replica(Uuid::new_v4(), MIB, None)
+        .await
+        .expect("creates are taken again");
+}
+
 #[tokio::test]
 async fn a_destroy_refused_for_volumes_lets_creates_in_again() {
     let (_disk, pool) = late_pool().await;
