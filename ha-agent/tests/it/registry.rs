@@ -10,6 +10,15 @@ use proto::cluster::cluster_client::ClusterClient;
 use proto::cluster::registration_client::RegistrationClient;
 use tonic::Code;
 
+/// Volume `vol` as the agent lists it now.
+pub async fn volume_now(c: &ClusterClient<tonic::transport::Channel>, vol: &str) -> pb::Volume {
+    c.clone()
+        .get_volume(pb::GetVolumeRequest { uuid: vol.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Connects as the host of `node`'s nexuses (its host NQN and the host ID an engine derives from it), which hold
 /// the Exclusive Access reservation of their replicas: only that host may read a replica while its nexus runs.
 pub fn as_node(o: &mut nvmf_target::initiator::ConnectOptions, node: &str) {

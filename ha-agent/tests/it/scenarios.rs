@@ -53,13 +53,7 @@ fn two_pools(dir: &Path, i: u32) -> Vec<(String, PathBuf)> {
         .collect()
 }
 
-async fn get(c: &ClusterClient<Channel>, vol: &str) -> pb::Volume {
-    c.clone()
-        .get_volume(pb::GetVolumeRequest { uuid: vol.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
+use crate::registry::volume_now as get;
 
 /// Waits until `done` holds for the volume; every state seen on the way, in order, without repeats.
 async fn until(

@@ -549,16 +549,16 @@ async fn a_snapshot_deleted_while_its_pool_is_away_is_destroyed_when_the_pool_re
     }
 }
 
-/// Deleting a snapshot asks only the nodes that may hold a copy of it: a replica added to the volume since, on a node
-/// that is down now, does not hold the delete up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_is_deleted_while_a_node_that_never_held_a_copy_is_down() {
-    let (_dir, _port, _agent, mut engines, nodes, mut c) = three_nodes().await;
+/// A new 8 MiB volume of `replicas` replicas and a snapshot of it: their UUIDs.
+async fn snapshot_of_a_new_volume(
+    c: &mut ClusterClient<Channel>,
+    replicas: u32,
+) -> (String, String) {
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),
         size_bytes: 8 * MIB,
-        replicas: 1,
+        replicas,
         ..Default::default()
     })
     .await
@@ -570,6 +570,15 @@ async fn a_snapshot_is_deleted_while_a_node_that_never_held_a_copy_is_down() {
     })
     .await
     .unwrap();
+    (vol, snap)
+}
+
+/// Deleting a snapshot asks only the nodes that may hold a copy of it: a replica added to the volume since, on a node
+/// that is down now, does not hold the delete up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_deleted_while_a_node_that_never_held_a_copy_is_down() {
+    let (_dir, _port, _agent, mut engines, nodes, mut c) = three_nodes().await;
+    let (vol, snap) = snapshot_of_a_new_volume(&mut c, 1).await;
     let v = c
         .set_volume_replicas(pb::SetVolumeReplicasRequest {
             uuid: vol.clone(),
@@ -600,22 +609,7 @@ async fn a_snapshot_is_deleted_while_a_node_that_never_held_a_copy_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_with_a_copy_on_a_deleted_node_is_deleted_everywhere_else() {
     let (_dir, port, _agent, mut engines, nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 8 * MIB,
-        replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let snap = uuid::Uuid::new_v4().to_string();
-    c.create_snapshot(pb::CreateSnapshotRequest {
-        volume: vol.clone(),
-        uuid: snap.clone(),
-    })
-    .await
-    .unwrap();
+    let (vol, snap) = snapshot_of_a_new_volume(&mut c, 3).await;
     // The volume goes (its snapshot stays), then reg-1 dies and is deleted from the cluster.
     c.delete_volume(pb::DeleteVolumeRequest { uuid: vol.clone() })
         .await

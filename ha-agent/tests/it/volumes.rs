@@ -16,7 +16,7 @@ use proto::engine::engine_client::EngineClient;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::registry::{Online, agent, engine_with, free_port, three_nodes, wait_for};
+use crate::registry::{Online, agent, engine_with, free_port, three_nodes, volume_now, wait_for};
 
 const MIB: u64 = 1 << 20;
 const HOST: &str = "nqn.2026-11.io.keelson:test-app-host";
@@ -717,11 +717,7 @@ async fn a_volume_is_published_without_a_replica_whose_pool_is_away() {
         .await
         .expect("published on the replicas that can be shared")
         .into_inner();
-    let v = c
-        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = volume_now(&c, &vol).await;
     assert_ne!(v.state, "Online", "{v:?}");
     let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
     o.hostnqn = "nqn.2026-11.io.keelson:test-away-host".into();
@@ -739,16 +735,7 @@ async fn an_unpublished_volume_with_a_replica_out_of_sync_is_not_online() {
     let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(create(&vol, 8 << 20, 2)).await.unwrap();
-    let get = |mut c: ClusterClient<Channel>| {
-        let vol = vol.clone();
-        async move {
-            c.get_volume(pb::GetVolumeRequest { uuid: vol })
-                .await
-                .unwrap()
-                .into_inner()
-        }
-    };
-    assert_eq!(get(c.clone()).await.state, "Online");
+    assert_eq!(volume_now(&c, &vol).await.state, "Online");
     c.set_volume_replicas(pb::SetVolumeReplicasRequest {
         uuid: vol.clone(),
         replicas: 3,
@@ -757,7 +744,7 @@ async fn an_unpublished_volume_with_a_replica_out_of_sync_is_not_online() {
     .unwrap();
     let t = std::time::Instant::now();
     let v = loop {
-        let v = get(c.clone()).await;
+        let v = volume_now(&c, &vol).await;
         if v.replica_list.len() == 3 && v.replica_list.iter().all(|r| r.created) {
             break v;
         }
@@ -800,11 +787,7 @@ async fn a_replica_whose_pool_does_not_come_back_is_replaced() {
     .unwrap();
     let t = std::time::Instant::now();
     let v = loop {
-        let v = c
-            .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let v = volume_now(&c, &vol).await;
         if v.state == "Online" && v.replica_list.iter().all(|r| r.node != lost) {
             break v;
         }
