@@ -21,6 +21,10 @@ render() { # name, helm args...
     echo "chart: $n renders $(grep -c '^kind:' "$OUT/$n.yaml") manifests, valid for Kubernetes 1.30 and 1.34"
 }
 render default "${PIN[@]}"
+# The VolumeSnapshotClass only where the cluster has its API ("auto"), or when asked for.
+! grep -q '^kind: VolumeSnapshotClass' "$OUT/default.yaml" || { echo "chart: a VolumeSnapshotClass without its API" >&2; exit 1; }
+render snapshots "${PIN[@]}" --api-versions snapshot.storage.k8s.io/v1/VolumeSnapshotClass
+grep -q '^kind: VolumeSnapshotClass' "$OUT/snapshots.yaml" || { echo "chart: no VolumeSnapshotClass with its API" >&2; exit 1; }
 for f in "$C"/ci/*.yaml; do
     helm lint --strict "$C" -f "$f" > /dev/null
     render "$(basename "$f" .yaml)" -f "$f"
@@ -42,6 +46,7 @@ refuse "a pool disk that is not a path" --set 'ioEngine.pools.n1[0].name=p' --se
 refuse "an unknown value" --set ioEngine.cores=4 "${PIN[@]}"
 refuse "a negative number of I/O threads" --set ioEngine.ioThreads=-1 "${PIN[@]}"
 refuse "a negative spin" --set ioEngine.spinMicros=-5 "${PIN[@]}"
+refuse "a snapshot class neither on, off nor auto" --set volumeSnapshotClass.enabled=maybe "${PIN[@]}"
 # Every KEELSON_* variable and --flag a container gives one of Keelson's binaries is one that binary reads (a typo
 # would be ignored silently): checked against each binary's --help.
 BIN=${KEELSON_BIN_DIR:-target/debug}
