@@ -9,12 +9,18 @@
 //! A report is checked before anything moves: it must name a published volume, come for the host the volume is
 //! published to, and name an address of the current nexus (a report for an earlier nexus gets the current target:
 //! duplicate reports of one failure cause one switch-over). If the nexus's engine answers, exports the volume and
-//! still has a controller of that host connected, the path is not broken from the target's side and nothing moves.
+//! still has a controller of that host connected, the path is not broken from the target's side and nothing moves;
+//! one that exports it without the host's controller is watched for [`RECONNECT_WAIT`] first, as a host whose path
+//! was only reset (a brief network stall that outlasted the keep-alive) connects again within its reconnect delay,
+//! and moving a healthy nexus for it would disown its node's replicas and rebuild them elsewhere.
 //! If it did not answer that check in time (frozen, or cut off from the agent too), ending the old nexus is not
 //! waited for a second time: the fencing alone keeps it from writing, and it is destroyed when its node answers.
 
+use std::time::Duration;
+
 use proto::engine as epb;
 use proto::names;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::failpoint;
@@ -22,13 +28,24 @@ use super::node::{self, NodeState};
 use super::volume::{SwitchoverRecord, VolumePhase, VolumeRecord};
 use super::volumes::{NexusEnd, VolumeError, Volumes};
 
+/// How long a host whose controller the old nexus's engine exports the volume without gets to connect again before
+/// its report moves the nexus. Keelson's paths reconnect 1 s after a reset (`reconnect_delay=1`), and the report is
+/// sent as soon as the path is seen down (the node agent's grace is 0 by default): a reset path is back well within
+/// this, a path that cannot reach the target is moved this much later.
+pub(crate) const RECONNECT_WAIT: Duration = Duration::from_millis(2500);
+
+/// How often the engine is asked again meanwhile.
+const RECONNECT_POLL: Duration = Duration::from_millis(200);
+
 /// What the old nexus's engine said when a report was checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum OldEngine {
     /// It still has a controller of the reporting host: the path is not broken from its side.
     HostConnected,
-    /// It answered without one.
+    /// It exports the volume without one.
     HostGone,
+    /// It answered and does not export the volume (restarted, or its nexus ended): no path to it can come back.
+    NotExported,
     /// It did not answer in time, or could not be reached.
     Silent,
 }
@@ -110,12 +127,19 @@ impl Volumes {
                 }
             }
         }
-        let old_engine = self.host_connected(uuid, &nexus.node, &rep.host_nqn).await;
+        let mut old_engine = self.host_connected(uuid, &nexus.node, &rep.host_nqn).await;
+        let mut again = "";
+        if old_engine == OldEngine::HostGone {
+            old_engine = self
+                .host_reconnected(uuid, &nexus.node, &rep.host_nqn)
+                .await;
+            again = " again";
+        }
         if old_engine == OldEngine::HostConnected {
             return Err(VolumeError::FailedPrecondition {
                 uuid,
                 why: format!(
-                    "its nexus on {} answers and {} is connected to it: the path is not broken from the target's side",
+                    "its nexus on {} answers and {} is connected to it{again}: the path is not broken from the target's side",
                     nexus.node, rep.host_nqn
                 ),
             });
@@ -137,8 +161,24 @@ impl Volumes {
         r.switchover = Some(s.clone());
         self.save(&r).await?;
         failpoint::at(failpoint::SWITCHOVER_REPORTED);
-        self.finish_switchover(r, &s, old_engine == OldEngine::HostGone)
+        self.finish_switchover(r, &s, old_engine != OldEngine::Silent)
             .await
+    }
+
+    /// Asks `node`'s engine again until `host` is connected to the volume's nexus there, or for [`RECONNECT_WAIT`]:
+    /// the last answer.
+    async fn host_reconnected(&self, uuid: Uuid, node: &str, host: &str) -> OldEngine {
+        let until = Instant::now() + RECONNECT_WAIT;
+        loop {
+            tokio::time::sleep(RECONNECT_POLL).await;
+            let now = self.host_connected(uuid, node, host).await;
+            if now != OldEngine::HostGone || Instant::now() >= until {
+                if now == OldEngine::HostConnected {
+                    tracing::info!(%uuid, node, host, "the reported host connected to the nexus again: nothing moves");
+                }
+                return now;
+            }
+        }
     }
 
     /// Whether `node`'s engine exports the volume's nexus with a controller of `host` connected.
@@ -150,13 +190,11 @@ impl Volumes {
         match c.list_subsystems(epb::ListSubsystemsRequest {}).await {
             Err(_) => OldEngine::Silent,
             Ok(l) => {
-                let connected = l
-                    .into_inner()
-                    .subsystems
-                    .iter()
-                    .filter(|s| s.nqn == nqn)
-                    .any(|s| s.controllers.iter().any(|c| c.host_nqn == host));
-                if connected {
+                let l = l.into_inner();
+                let mut exports = l.subsystems.iter().filter(|s| s.nqn == nqn).peekable();
+                if exports.peek().is_none() {
+                    OldEngine::NotExported
+                } else if exports.any(|s| s.controllers.iter().any(|c| c.host_nqn == host)) {
                     OldEngine::HostConnected
                 } else {
                     OldEngine::HostGone

@@ -3,7 +3,7 @@
 //! path, and the nexus moves to another node, fenced so the old one can never write again (also when it reaches no
 //! other replica: then the agent's refusal to let it go on without them stops it); every acknowledged write reads
 //! back through the new path. Reports that must not move anything (bad input, another host, a node with no
-//! registered node agent, a path the target still sees connected, repeats) do not.
+//! registered node agent, a path the target still sees connected or sees connect again, repeats) do not.
 
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,42 @@ pub(crate) async fn verify(ns: &RemoteNamespace, blocks: std::ops::Range<u64>) {
             "write {i}"
         );
     }
+}
+
+/// A path that was only reset (the host's connection ended, as a keep-alive that timed out over a brief network
+/// stall ends it) and is reported at once: the host connects again within the kernel's reconnect delay, and the
+/// report moves nothing. Before, the engine's first answer (no controller of the host) moved the healthy nexus and
+/// had its node's replicas disowned and rebuilt elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_path_whose_host_connects_again_keeps_its_nexus() {
+    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
+    let v = published(&mut c, 2, "reg-1").await;
+    let ns = connect(&v).await;
+    write_all(&ns, 0..4).await;
+    ns.close().await;
+    let mut reporter = c.clone();
+    let req = report(&v, &v.target_addresses[0]);
+    let reported = tokio::spawn(async move { reporter.report_path_failure(req).await });
+    // The kernel's reconnect_delay (1 s) after the reset.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ns = connect(&v).await;
+    let s = reported.await.unwrap().unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("connected to it again"),
+        "{}",
+        s.message()
+    );
+    let now = crate::registry::volume_now(&c, &v.uuid).await;
+    assert_eq!(now.nexus_node, "reg-1", "{now:#?}");
+    assert_eq!(now.target_addresses, v.target_addresses);
+    verify(&ns, 0..4).await;
+    write_all(&ns, 4..8).await;
+    // A host that stays away is moved once the wait is over.
+    ns.close().await;
+    let moved = reported_off(&mut c, &v).await;
+    let ns = connect(&moved).await;
+    verify(&ns, 0..8).await;
 }
 
 /// The host loses its path to a nexus whose node is alive, and the volume's only replica is on that node: the old
