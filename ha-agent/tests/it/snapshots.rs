@@ -45,6 +45,15 @@ fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
     r.map(drop).unwrap_err().code()
 }
 
+/// The snapshots the cluster agent lists.
+async fn listed(c: &mut ClusterClient<Channel>) -> Vec<pb::VolumeSnapshot> {
+    c.list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+}
+
 /// Every snapshot copy the engines hold, by uuid.
 async fn copies_everywhere(nodes: &[pb::Node]) -> Vec<String> {
     let mut all = Vec::new();
@@ -203,12 +212,7 @@ async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment()
     assert_eq!(vns.read(0, 64 << 10).await.unwrap(), data(2));
     vns.close().await;
     assert_eq!(
-        c.list_snapshots(pb::ListSnapshotsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .snapshots
-            .len(),
+        listed(&mut c).await.len(),
         1,
         "the hidden snapshot is not listed"
     );
@@ -459,11 +463,7 @@ async fn a_snapshot_needs_room_for_the_copies_it_makes_its_replicas_take() {
         e.message()
     );
     assert!(copies_everywhere(&nodes).await.is_empty());
-    let listed = c
-        .list_snapshots(pb::ListSnapshotsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = listed(&mut c).await;
     assert!(
         !format!("{listed:?}").contains(&snap),
         "a refused snapshot is listed: {listed:?}"
@@ -532,11 +532,7 @@ async fn a_snapshot_deleted_while_its_pool_is_away_is_destroyed_when_the_pool_re
     std::fs::rename(&away, &img).unwrap();
     let t = std::time::Instant::now();
     loop {
-        let listed = c
-            .list_snapshots(pb::ListSnapshotsRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let listed = listed(&mut c).await;
         let copies = copies_everywhere(&nodes).await;
         if copies.is_empty() && !format!("{listed:?}").contains(&snap) {
             break;
@@ -630,13 +626,6 @@ async fn a_snapshot_with_a_copy_on_a_deleted_node_is_deleted_everywhere_else() {
         .cloned()
         .collect();
     assert!(copies_everywhere(&up).await.is_empty());
-    let listed = c
-        .list_snapshots(pb::ListSnapshotsRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        listed.snapshots.iter().all(|s| s.uuid != snap),
-        "{listed:?}"
-    );
+    let listed = listed(&mut c).await;
+    assert!(listed.iter().all(|s| s.uuid != snap), "{listed:?}");
 }
