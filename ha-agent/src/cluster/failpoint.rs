@@ -72,6 +72,8 @@ pub const EXPAND_NEXUS_GROWN: &str = "expand.nexus-grown";
 ///
 /// Every in-sync replica is shared to the new nexus's node; the engine is not asked to make the nexus yet.
 pub const PUBLISH_CREATING: &str = "publish.creating";
+/// A pass over one node's volumes is about to heal the next one (as an engine slow to answer makes it wait).
+pub const HEAL_NODE_VOLUME: &str = "heal.node-volume";
 
 /// Waits here for the milliseconds `name` is armed with (`name=return(ms)`); unarmed, returns at once.
 pub async fn delay(name: &str) {

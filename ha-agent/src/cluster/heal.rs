@@ -66,6 +66,12 @@ const POOL_IMPORT_GRACE: std::time::Duration = std::time::Duration::from_secs(30
 /// How long after a rejoin a replica that faults again is replaced instead of rejoined.
 const REJOIN_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// How long a pass over one node's volumes keeps the claims it took before listing the node's nexuses: then the
+/// volumes not healed yet are let go, claimed and listed again. A nexus's question before it goes on without a
+/// child (ConfirmChildFault, with that volume's writes held until the answer) waits for this and one volume's heal
+/// at most, not for a whole node's pass (many volumes, each perhaps waiting for an engine that does not answer).
+const NODE_PASS_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The replica a child URI names (`...:replica-<uuid>`).
 pub(super) fn replica_of(uri: &str) -> Option<Uuid> {
     let at = uri.find(":replica-")? + ":replica-".len();
@@ -116,38 +122,9 @@ impl Volumes {
                 tracing::debug!(%uuid, error = %e, "volume not healed yet");
             }
         }
-        for (node, uuids) in by_node {
-            let mut claimed = Vec::new();
-            for uuid in uuids {
-                if let Some(c) = self.claim_idle(uuid).await? {
-                    claimed.push(c);
-                }
-            }
-            if claimed.is_empty() {
-                continue;
-            }
-            let listed = match self.engine(&node).await {
-                Ok(mut c) => c
-                    .list_nexuses(epb::ListNexusesRequest {})
-                    .await
-                    .ok()
-                    .map(|l| (c, l.into_inner().nexuses)),
-                Err(_) => None,
-            };
-            for (_held, r) in claimed {
-                let uuid = r.uuid;
-                if r.phase != VolumePhase::Created {
-                    continue;
-                }
-                let Some((c, l)) = listed.as_ref() else {
-                    // Its nexus's engine does not answer: the registry's node sweep decides about the node, and
-                    // healing moves the nexus once it is Offline.
-                    self.observe(&r, "Faulted", None);
-                    continue;
-                };
-                if let Err(e) = self.heal(r, Some((c.clone(), l.as_slice()))).await {
-                    tracing::debug!(%uuid, error = %e, "volume not healed yet");
-                }
+        for (node, mut uuids) in by_node {
+            while !uuids.is_empty() {
+                uuids = self.heal_on_node(&node, uuids).await?;
             }
         }
         let live: BTreeSet<Uuid> = all.iter().map(|r| r.uuid).collect();
@@ -155,6 +132,51 @@ impl Volumes {
         seen.retain(|u, _| live.contains(u));
         self.metrics.set_volumes(seen.values());
         Ok(())
+    }
+
+    /// Heals those of `uuids` (volumes whose nexus is on `node`) that no operation holds, from one listing of the
+    /// node's nexuses taken after claiming them (so it is newer than their last change); returns those not healed
+    /// yet when the claims were held for [`NODE_PASS_HOLD`], let go for whatever waits for them.
+    async fn heal_on_node(&self, node: &str, uuids: Vec<Uuid>) -> Result<Vec<Uuid>, VolumeError> {
+        let mut claimed = Vec::new();
+        for uuid in uuids {
+            if let Some(c) = self.claim_idle(uuid).await? {
+                claimed.push(c);
+            }
+        }
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let listed = match self.engine(node).await {
+            Ok(mut c) => c
+                .list_nexuses(epb::ListNexusesRequest {})
+                .await
+                .ok()
+                .map(|l| (c, l.into_inner().nexuses)),
+            Err(_) => None,
+        };
+        let since = tokio::time::Instant::now();
+        let mut claimed = claimed.into_iter();
+        for (_held, r) in claimed.by_ref() {
+            let uuid = r.uuid;
+            if r.phase != VolumePhase::Created {
+                continue;
+            }
+            let Some((c, l)) = listed.as_ref() else {
+                // Its nexus's engine does not answer: the registry's node sweep decides about the node, and
+                // healing moves the nexus once it is Offline.
+                self.observe(&r, "Faulted", None);
+                continue;
+            };
+            failpoint::delay(failpoint::HEAL_NODE_VOLUME).await;
+            if let Err(e) = self.heal(r, Some((c.clone(), l.as_slice()))).await {
+                tracing::debug!(%uuid, error = %e, "volume not healed yet");
+            }
+            if since.elapsed() >= NODE_PASS_HOLD {
+                break;
+            }
+        }
+        Ok(claimed.map(|(_, r)| r.uuid).collect())
     }
 
     /// Heals, now, the volumes whose nexuses on `node` reported a child's change. Each waits for an operation in

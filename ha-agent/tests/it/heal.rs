@@ -655,3 +655,71 @@ async fn a_nexus_left_behind_on_a_frozen_node_is_destroyed_when_it_thaws() {
     ns.close().await;
     drop(engines);
 }
+
+/// A nexus's question before it goes on without a child holds that volume's writes until the agent answers, and
+/// the agent answers under the volume's lock. A heal pass over a node claims all of the node's volumes before it
+/// lists the node's nexuses; it lets those not healed yet go after a second, so the question waits for one
+/// volume's heal, not for the whole pass. Each heal is slowed to 3 s here (a failpoint, as engines slow to answer
+/// slow it); before, a question for the last of four volumes waited for all four heals (about 12 s, with the
+/// writes held: long enough, with more volumes, for the host's I/O timeout to reset its path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_question_waits_for_one_volumes_heal_not_for_a_pass_over_the_node() {
+    let (_dir, _port, mut agent, _engines, nodes, mut c) = three_nodes().await;
+    let mut vols = Vec::new();
+    for _ in 0..4 {
+        let vol = uuid::Uuid::new_v4().to_string();
+        c.create_volume(pb::CreateVolumeRequest {
+            uuid: vol.clone(),
+            size_bytes: 4 * MIB,
+            replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        vols.push(vol);
+    }
+    // Passes go through a node's volumes in the order of their UUIDs: the last is healed last.
+    vols.sort();
+    let mut last = None;
+    for vol in &vols {
+        last = Some(crate::switchover::publish_to(&mut c, vol.clone(), "reg-1").await);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.nexus_node, "reg-1", "{last:#?}");
+    let ns = crate::switchover::connect(&last).await;
+    crate::switchover::write_all(&ns, 0..4).await;
+
+    agent.set_env(
+        "FAILPOINTS",
+        &format!(
+            "{}=return(3000)",
+            ha_agent::cluster::failpoint::HEAL_NODE_VOLUME
+        ),
+    );
+    agent.restart();
+    let t = Instant::now();
+    while !agent.log().contains("failpoint heal.node-volume: waiting") {
+        assert!(t.elapsed() < Duration::from_secs(60), "no heal pass began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A pass over reg-1 holds every volume; reg-3's disk now fails every write.
+    let n3 = nodes.iter().find(|n| n.name == "reg-3").unwrap();
+    proto::engine::engine_client::EngineClient::connect(n3.engine_endpoint.clone())
+        .await
+        .unwrap()
+        .inject_fault(proto::engine::InjectFaultRequest {
+            pool: "pool3".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    crate::switchover::write_all(&ns, 4..8).await;
+    let held = t.elapsed();
+    println!("a write that faulted a child waited {held:?} for the agent's consent");
+    assert!(
+        held < Duration::from_secs(7),
+        "the consent waited {held:?}, behind the pass's other heals"
+    );
+    crate::switchover::verify(&ns, 0..8).await;
+}
