@@ -1,6 +1,7 @@
 //! Claims by key: one holder per key at a time, the others waiting in turn. A key nobody holds or waits for
 //! takes no room. The engine claims a nexus's UUID while creating it or adding a child, so that two such calls
-//! never open the same children side by side (each taking the reservation would end the other's connections).
+//! never open the same children side by side (each taking the reservation would end the other's connections),
+//! and a pool operation claims its disk and its pool's name (`Engine` pool administration).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -136,8 +136,10 @@ struct Inner {
     pending_pools: Mutex<BTreeMap<String, PendingPool>>,
     /// Set when the engine shuts down: no pending pool opens after.
     pools_closed: std::sync::atomic::AtomicBool,
-    /// Serializes pool create, import and destroy.
-    pool_admin: tokio::sync::Mutex<()>,
+    /// Pool create, import and destroy claim their disk (`disk:<path>`), then their pool's name (`pool:<name>`):
+    /// operations on one disk or one name wait for each other, those on other disks do not (a disk that hangs
+    /// holds up only its own).
+    pool_admin: claims::Claims<String>,
     /// The nexuses whose children changed state, for the cluster agent.
     nexus_changes: Arc<crate::nexus::ChangeFeed>,
     /// Set when the engine registers with a cluster agent: nexuses made with `confirm_faults` ask it.
@@ -178,7 +180,7 @@ impl Engine {
                 pools: Mutex::new(BTreeMap::new()),
                 pending_pools: Mutex::new(BTreeMap::new()),
                 pools_closed: std::sync::atomic::AtomicBool::new(false),
-                pool_admin: tokio::sync::Mutex::new(()),
+                pool_admin: claims::Claims::default(),
                 nexus_changes: Arc::default(),
                 fault_confirmer: Mutex::new(None),
                 torn: Mutex::new(None),

@@ -228,7 +228,8 @@ impl Engine {
         block_size: u32,
         may_format: bool,
     ) -> Result<PoolEntry, EngineError> {
-        let _admin = self.inner.pool_admin.lock().await;
+        let _disk = self.inner.pool_admin.claim(format!("disk:{disk}")).await;
+        let _name = self.inner.pool_admin.claim(format!("pool:{name}")).await;
         if self
             .inner
             .pools_closed
@@ -329,12 +330,28 @@ impl Engine {
 
     /// Imports the pool on `disk` (never formats); `force` takes it even from another node (see [`Claim`]).
     pub async fn import_pool(&self, disk: &str, force: bool) -> Result<PoolEntry, EngineError> {
-        let _admin = self.inner.pool_admin.lock().await;
+        let _disk = self.inner.pool_admin.claim(format!("disk:{disk}")).await;
         if let Some(e) = self.pools_map().values().find(|e| e.disk == disk).cloned() {
             return Ok(e);
         }
         let mut dev = open_disk(disk, 512).await?;
+        let mut _name = None;
         if let Probe::Pool(l) = Pool::probe(dev.as_ref()).await? {
+            _name = Some(
+                self.inner
+                    .pool_admin
+                    .claim(format!("pool:{}", l.name))
+                    .await,
+            );
+            if self.pools_map().contains_key(&l.name) {
+                return Err(PoolError::AlreadyExists {
+                    what: PoolObject::Pool(l.name.clone()),
+                    detail: format!(
+                        "imported from another disk; {disk} holds one of that name too"
+                    ),
+                }
+                .into());
+            }
             dev = reopen(dev, disk, l.block_size).await?;
         }
         let pool = Pool::import(dev, &self.claim(force)).await?;
@@ -387,8 +404,16 @@ impl Engine {
 
     /// Destroys an empty pool and wipes its label.
     pub async fn destroy_pool(&self, name: &str) -> Result<(), EngineError> {
-        let _admin = self.inner.pool_admin.lock().await;
+        let disk = self.pool(name)?.disk;
+        let _disk = self.inner.pool_admin.claim(format!("disk:{disk}")).await;
+        let _name = self.inner.pool_admin.claim(format!("pool:{name}")).await;
         let e = self.pool(name)?;
+        if e.disk != disk {
+            return Err(EngineError::Unavailable(format!(
+                "pool {name} was made again on {} meanwhile: ask again",
+                e.disk
+            )));
+        }
         e.pool.destroy().await?;
         self.pools_map().remove(name);
         Ok(())
@@ -800,6 +825,39 @@ mod tests {
         });
         add_pool(&engine, dir, "p").await;
         engine
+    }
+
+    /// A pool operation stuck on its disk (a probe of a disk that hangs: claimed here as such an operation claims
+    /// it) holds up the operations on that disk and no other: another disk's pool is made, imported and
+    /// destroyed meanwhile. Before, one lock served every disk of the engine.
+    #[tokio::test]
+    async fn a_pool_operation_stuck_on_its_disk_holds_up_no_other_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        let stuck = dir.path().join("stuck");
+        std::fs::File::create(&stuck)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let stuck = stuck.to_str().unwrap().to_string();
+        let held = engine.inner.pool_admin.claim(format!("disk:{stuck}")).await;
+        let waiting = {
+            let (engine, stuck) = (engine.clone(), stuck.clone());
+            tokio::spawn(async move { engine.create_pool("s", &stuck, None, 1 << 20, 512).await })
+        };
+        let others = async {
+            add_pool(&engine, dir.path(), "q").await;
+            engine.destroy_pool("q").await.unwrap();
+            let p = engine.pool("p").unwrap().disk;
+            engine.import_pool(&p, false).await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(10), others)
+            .await
+            .expect("another disk's pool operations waited for the stuck one");
+        assert!(!waiting.is_finished(), "the stuck disk was taken twice");
+        drop(held);
+        waiting.await.unwrap().unwrap();
+        assert!(engine.pool("s").is_ok());
     }
 
     /// Pool `name` on a new 64 MiB sparse file in `dir`.
