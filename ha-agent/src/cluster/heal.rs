@@ -89,8 +89,8 @@ pub(super) fn child_state_name(state: i32) -> &'static str {
 
 impl Volumes {
     /// Heals every volume whose operation is not in flight, and sets the volume metrics from what it saw (a volume
-    /// busy with an operation keeps its last observation). The nexuses of each node are listed once for all of the
-    /// node's volumes, after those volumes are claimed (so the listing is newer than their last change).
+    /// busy with an operation keeps its last observation). The nexuses of each node are listed once for the node's
+    /// volumes claimed at a time (so the listing is newer than their last change; see [`Self::heal_on_node`]).
     pub async fn heal_all(&self) -> Result<(), VolumeError> {
         let all = self.list_sound().await?;
         let mut by_node: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
@@ -159,7 +159,13 @@ impl Volumes {
         let mut claimed = claimed.into_iter();
         for (_held, r) in claimed.by_ref() {
             let uuid = r.uuid;
-            if r.phase != VolumePhase::Created {
+            // Moved, unpublished or switching over since the sweep's listing (an operation that took it while
+            // it was let go): not this node's to heal from this listing; the next sweep heals it.
+            let here = r
+                .nexus
+                .as_ref()
+                .is_some_and(|n| n.published && n.node == node);
+            if r.phase != VolumePhase::Created || !here || r.switchover.is_some() {
                 continue;
             }
             let Some((c, l)) = listed.as_ref() else {

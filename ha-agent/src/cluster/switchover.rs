@@ -81,88 +81,98 @@ impl Volumes {
         }
         let address = names::target_address(&rep.address);
         let lock = self.lock_of(uuid);
-        let _held = lock.lock().await;
-        let mut r = self.get(uuid).await?;
-        if r.phase != VolumePhase::Created {
-            return Err(VolumeError::FailedPrecondition {
-                uuid,
-                why: "it is not a created volume".into(),
-            });
-        }
-        // Not the reporting host's (any more): its node agent removes the stale paths. A nexus on record that is
-        // not made yet (a publish or switch-over under way) still counts as the volume's, for its hosts.
-        let Some(nexus) = r.nexus.clone().filter(|n| n.has_host(&rep.host_nqn)) else {
-            return Err(VolumeError::NotPublishedTo {
-                uuid,
-                host: rep.host_nqn,
-                published_to: r.nexus.map(|n| n.hosts()).unwrap_or_default(),
-            });
-        };
-        if let Some(s) = r.switchover.clone() {
-            tracing::info!(%uuid, from = %s.from, "a switch-over is already under way: finishing it");
-            return self.finish_switchover(r, &s, true).await;
-        }
-        let mut address = address;
-        if !nexus
-            .addresses
-            .iter()
-            .any(|a| names::target_address(a) == address)
-        {
-            // The host reports a path to an earlier nexus: the current one is its answer, unless the current one's
-            // node is down (it never reached it, or lost it before it had a path there): then that path will not
-            // come either, and the report stands for it.
-            let current_up = self
-                .registry
-                .get(&nexus.node)
-                .await
-                .is_ok_and(|n| n.record.status.state == NodeState::Online);
-            match nexus.addresses.first() {
-                Some(a) if !current_up => {
-                    tracing::warn!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus, and the current one's node is down: switching it over");
-                    address = names::target_address(a);
-                }
-                _ => {
-                    tracing::info!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus: the current one is the answer");
-                    return Ok(r);
+        let mut waited = false;
+        loop {
+            let held = lock.lock().await;
+            let mut r = self.get(uuid).await?;
+            if r.phase != VolumePhase::Created {
+                return Err(VolumeError::FailedPrecondition {
+                    uuid,
+                    why: "it is not a created volume".into(),
+                });
+            }
+            // Not the reporting host's (any more): its node agent removes the stale paths. A nexus on record that is
+            // not made yet (a publish or switch-over under way) still counts as the volume's, for its hosts.
+            let Some(nexus) = r.nexus.clone().filter(|n| n.has_host(&rep.host_nqn)) else {
+                return Err(VolumeError::NotPublishedTo {
+                    uuid,
+                    host: rep.host_nqn,
+                    published_to: r.nexus.map(|n| n.hosts()).unwrap_or_default(),
+                });
+            };
+            if let Some(s) = r.switchover.clone() {
+                tracing::info!(%uuid, from = %s.from, "a switch-over is already under way: finishing it");
+                return self.finish_switchover(r, &s, true).await;
+            }
+            let mut address = address.clone();
+            if !nexus
+                .addresses
+                .iter()
+                .any(|a| names::target_address(a) == address)
+            {
+                // The host reports a path to an earlier nexus: the current one is its answer, unless the current one's
+                // node is down (it never reached it, or lost it before it had a path there): then that path will not
+                // come either, and the report stands for it.
+                let current_up = self
+                    .registry
+                    .get(&nexus.node)
+                    .await
+                    .is_ok_and(|n| n.record.status.state == NodeState::Online);
+                match nexus.addresses.first() {
+                    Some(a) if !current_up => {
+                        tracing::warn!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus, and the current one's node is down: switching it over");
+                        address = names::target_address(a);
+                    }
+                    _ => {
+                        tracing::info!(%uuid, reported = %address, now = ?nexus.addresses, node = %rep.node, "a broken path to an earlier nexus: the current one is the answer");
+                        return Ok(r);
+                    }
                 }
             }
-        }
-        let mut old_engine = self.host_connected(uuid, &nexus.node, &rep.host_nqn).await;
-        let mut again = "";
-        if old_engine == OldEngine::HostGone {
-            old_engine = self
-                .host_reconnected(uuid, &nexus.node, &rep.host_nqn)
+            let mut old_engine = self.host_connected(uuid, &nexus.node, &rep.host_nqn).await;
+            if old_engine == OldEngine::HostGone && !waited {
+                // Watched without the volume's lock (a fault question of the volume is answered meanwhile), then
+                // everything checked again.
+                drop(held);
+                old_engine = self
+                    .host_reconnected(uuid, &nexus.node, &rep.host_nqn)
+                    .await;
+                waited = true;
+                if old_engine != OldEngine::HostConnected {
+                    continue;
+                }
+            }
+            let again = if waited { " again" } else { "" };
+            if old_engine == OldEngine::HostConnected {
+                return Err(VolumeError::FailedPrecondition {
+                    uuid,
+                    why: format!(
+                        "its nexus on {} answers and {} is connected to it{again}: the path is not broken from the target's side",
+                        nexus.node, rep.host_nqn
+                    ),
+                });
+            }
+            // With nowhere to go, nothing is recorded: a switch-over on record holds fault consent and healing off.
+            if !self.elsewhere_up(&nexus.node).await? {
+                return Err(nowhere(uuid, &nexus.node));
+            }
+            let s = SwitchoverRecord {
+                from: nexus.node.clone(),
+                reporter: rep.node.clone(),
+                address,
+                seen_ms: rep.seen_ms,
+                reported_ms: node::now_ms(),
+                old_ended: None,
+                old_replicas_left: false,
+            };
+            tracing::warn!(%uuid, from = %s.from, reporter = %s.reporter, address = %s.address, "path reported broken: switching the nexus over");
+            r.switchover = Some(s.clone());
+            self.save(&r).await?;
+            failpoint::at(failpoint::SWITCHOVER_REPORTED);
+            return self
+                .finish_switchover(r, &s, old_engine != OldEngine::Silent)
                 .await;
-            again = " again";
         }
-        if old_engine == OldEngine::HostConnected {
-            return Err(VolumeError::FailedPrecondition {
-                uuid,
-                why: format!(
-                    "its nexus on {} answers and {} is connected to it{again}: the path is not broken from the target's side",
-                    nexus.node, rep.host_nqn
-                ),
-            });
-        }
-        // With nowhere to go, nothing is recorded: a switch-over on record holds fault consent and healing off.
-        if !self.elsewhere_up(&nexus.node).await? {
-            return Err(nowhere(uuid, &nexus.node));
-        }
-        let s = SwitchoverRecord {
-            from: nexus.node.clone(),
-            reporter: rep.node.clone(),
-            address,
-            seen_ms: rep.seen_ms,
-            reported_ms: node::now_ms(),
-            old_ended: None,
-            old_replicas_left: false,
-        };
-        tracing::warn!(%uuid, from = %s.from, reporter = %s.reporter, address = %s.address, "path reported broken: switching the nexus over");
-        r.switchover = Some(s.clone());
-        self.save(&r).await?;
-        failpoint::at(failpoint::SWITCHOVER_REPORTED);
-        self.finish_switchover(r, &s, old_engine != OldEngine::Silent)
-            .await
     }
 
     /// Asks `node`'s engine again until `host` is connected to the volume's nexus there, or for [`RECONNECT_WAIT`]:
