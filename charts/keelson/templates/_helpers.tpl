@@ -28,6 +28,16 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s:%s" .Values.images.keelson.repository (default .Chart.AppVersion .Values.images.keelson.tag) -}}
 {{- end -}}
 
+{{/* "true" when snapshots are served: volumeSnapshotClass.enabled true, or "auto" where the cluster serves the
+snapshot API (a VolumeSnapshotClass without its CRD fails the whole install, and csi-snapshotter has nothing to
+watch); else "". */}}
+{{- define "keelson.snapshots" -}}
+{{- $on := toString .Values.volumeSnapshotClass.enabled -}}
+{{- if or (eq $on "true") (and (eq $on "auto") (.Capabilities.APIVersions.Has "snapshot.storage.k8s.io/v1/VolumeSnapshotClass")) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{/* A sidecar image: include "keelson.sidecar" .Values.images.provisioner */}}
 {{- define "keelson.sidecar" -}}
 {{- printf "%s:%s" .repository .tag -}}
