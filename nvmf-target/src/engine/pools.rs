@@ -228,8 +228,8 @@ impl Engine {
         block_size: u32,
         may_format: bool,
     ) -> Result<PoolEntry, EngineError> {
-        let _disk = self.inner.pool_admin.claim(format!("disk:{disk}")).await;
-        let _name = self.inner.pool_admin.claim(format!("pool:{name}")).await;
+        let _disk = self.claim_disk(disk).await;
+        let _name = self.claim_pool_name(name).await;
         if self
             .inner
             .pools_closed
@@ -320,6 +320,16 @@ impl Engine {
         self.adopt_pool(pool, disk)
     }
 
+    /// Held by a pool create, import or destroy on `disk` (taken before [`Self::claim_pool_name`]).
+    async fn claim_disk(&self, disk: &str) -> super::claims::Claim<'_, String> {
+        self.inner.pool_admin.claim(format!("disk:{disk}")).await
+    }
+
+    /// Held by a pool create, import or destroy of the pool `name`.
+    async fn claim_pool_name(&self, name: &str) -> super::claims::Claim<'_, String> {
+        self.inner.pool_admin.claim(format!("pool:{name}")).await
+    }
+
     /// This node's claim on the pools it imports.
     fn claim(&self, force: bool) -> Claim {
         Claim {
@@ -330,19 +340,14 @@ impl Engine {
 
     /// Imports the pool on `disk` (never formats); `force` takes it even from another node (see [`Claim`]).
     pub async fn import_pool(&self, disk: &str, force: bool) -> Result<PoolEntry, EngineError> {
-        let _disk = self.inner.pool_admin.claim(format!("disk:{disk}")).await;
+        let _disk = self.claim_disk(disk).await;
         if let Some(e) = self.pools_map().values().find(|e| e.disk == disk).cloned() {
             return Ok(e);
         }
         let mut dev = open_disk(disk, 512).await?;
         let mut _name = None;
         if let Probe::Pool(l) = Pool::probe(dev.as_ref()).await? {
-            _name = Some(
-                self.inner
-                    .pool_admin
-                    .claim(format!("pool:{}", l.name))
-                    .await,
-            );
+            _name = Some(self.claim_pool_name(&l.name).await);
             if self.pools_map().contains_key(&l.name) {
                 return Err(PoolError::AlreadyExists {
                     what: PoolObject::Pool(l.name.clone()),
@@ -405,8 +410,8 @@ impl Engine {
     /// Destroys an empty pool and wipes its label.
     pub async fn destroy_pool(&self, name: &str) -> Result<(), EngineError> {
         let disk = self.pool(name)?.disk;
-        let _disk = self.inner.pool_admin.claim(format!("disk:{disk}")).await;
-        let _name = self.inner.pool_admin.claim(format!("pool:{name}")).await;
+        let _disk = self.claim_disk(&disk).await;
+        let _name = self.claim_pool_name(name).await;
         let e = self.pool(name)?;
         if e.disk != disk {
             return Err(EngineError::Unavailable(format!(
@@ -840,7 +845,7 @@ mod tests {
             .set_len(64 << 20)
             .unwrap();
         let stuck = stuck.to_str().unwrap().to_string();
-        let held = engine.inner.pool_admin.claim(format!("disk:{stuck}")).await;
+        let held = engine.claim_disk(&stuck).await;
         let waiting = {
             let (engine, stuck) = (engine.clone(), stuck.clone());
             tokio::spawn(async move { engine.create_pool("s", &stuck, None, 1 << 20, 512).await })
