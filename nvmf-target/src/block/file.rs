@@ -14,7 +14,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +27,7 @@ use super::aligned::{self, AlignedBuf};
 use super::discard;
 use super::exclusive::{self, DiskLock};
 use super::inflight::InFlight;
-use super::uring::Ring;
+use super::uring::{HeldFile, Ring};
 use super::{BlockDevice, BlockError, check_range};
 
 /// Largest piece written at once when zeroing by writes.
@@ -46,6 +45,8 @@ fn out_of_space(e: BlockError) -> BlockError {
 
 pub struct FileDevice {
     file: Arc<File>,
+    /// The same file, as the ring holds it while an operation on it is in flight.
+    held: HeldFile,
     path: PathBuf,
     block_size: u32,
     num_blocks: u64,
@@ -182,8 +183,10 @@ impl FileDevice {
             )));
         }
         let direct_unit = if direct { direct_io_unit(&file) } else { 1 };
+        let file = Arc::new(file);
         Ok(FileDevice {
-            file: Arc::new(file),
+            held: file.clone(),
+            file,
             path: path.to_path_buf(),
             block_size,
             num_blocks,
@@ -328,8 +331,9 @@ impl FileDevice {
             } else {
                 aligned::concat([&data[..]], data.len())
             };
-            let fd = self.file.as_raw_fd();
-            return Ok(r.write(fd, offset, data, Some(&self.inflight)).await?);
+            return Ok(r
+                .write(&self.held, offset, data, Some(&self.inflight))
+                .await?);
         }
         self.blocking(move |f| {
             if direct && !aligned::is_aligned(&data) {
@@ -365,9 +369,8 @@ impl BlockDevice for FileDevice {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         check_range(offset, len, self.block_size, self.size_bytes())?;
         if let Some(r) = self.ring() {
-            let fd = self.file.as_raw_fd();
             return Ok(r
-                .read(fd, offset, len as usize, Some(&self.inflight))
+                .read(&self.held, offset, len as usize, Some(&self.inflight))
                 .await?);
         }
         let direct = self.direct;
@@ -480,7 +483,7 @@ impl BlockDevice for FileDevice {
     async fn flush(&self) -> Result<(), BlockError> {
         self.check_flushes()?;
         let r = if let Some(r) = self.ring() {
-            r.fdatasync(self.file.as_raw_fd(), Some(&self.inflight))
+            r.fdatasync(&self.held, Some(&self.inflight))
                 .await
                 .map_err(BlockError::from)
         } else {

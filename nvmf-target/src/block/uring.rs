@@ -17,14 +17,16 @@
 //! from before its entry is pushed until its completion is reaped, whatever becomes of the future that asked (a
 //! dropped future leaves it there), and the ring outlives every operation in flight (the reaper holds it until the
 //! table is empty; a ring whose reaper went with its runtime waits for what is in flight when it is dropped, and
-//! leaks the memory of what never ends). The file an entry names may be closed meanwhile: the kernel holds its own reference from
-//! submission to completion.
+//! leaks the memory of what never ends). The file an entry names is held by the table too, until the completion is
+//! reaped: an entry the kernel has not taken yet (a refused submission waits for the reaper's retry) names a file
+//! descriptor by its number, and a file closed meanwhile would let that number go to the next file opened, which
+//! the entry's write would then reach.
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -55,8 +57,14 @@ enum Buffer {
     Empty,
 }
 
+/// A file an operation names, held open until the operation is reaped.
+pub type HeldFile = Arc<dyn AsRawFd + Send + Sync>;
+
 struct Op {
     buf: Buffer,
+    /// The file its entry names by descriptor number: kept open (the number not reused) while the entry may still
+    /// be waiting to be submitted.
+    _file: HeldFile,
     done: oneshot::Sender<Done>,
     /// When it was handed to the kernel, if its stages are timed ([`timing`]).
     timed: Option<Instant>,
@@ -159,11 +167,11 @@ impl Ring {
         Ok(Ring { shared })
     }
 
-    /// Reads `len` bytes at `offset` of `fd` into a new aligned buffer. Each operation handed to the kernel holds
-    /// a ticket of `inflight` (the device's) until it ends, here and in the writes and flushes below.
+    /// Reads `len` bytes at `offset` of `file` into a new aligned buffer. Each operation handed to the kernel holds
+    /// a ticket of `inflight` (the device's) and the file until it ends, here and in the writes and flushes below.
     pub async fn read(
         &self,
-        fd: RawFd,
+        file: &HeldFile,
         offset: u64,
         len: usize,
         inflight: Option<&InFlight>,
@@ -172,11 +180,16 @@ impl Ring {
         let mut done = 0;
         while done < len {
             let ptr = buf.bytes_mut()[done..].as_mut_ptr();
-            let entry = opcode::Read::new(types::Fd(fd), ptr, (len - done) as u32)
+            let entry = opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, (len - done) as u32)
                 .offset(offset + done as u64)
                 .build();
             let (n, back) = self
-                .submit(entry, Buffer::Fill(buf), inflight.map(InFlight::start))
+                .submit(
+                    entry,
+                    file,
+                    Buffer::Fill(buf),
+                    inflight.map(InFlight::start),
+                )
                 .await?;
             let Buffer::Fill(b) = back else {
                 return Err(io::Error::other("io_uring returned another buffer"));
@@ -190,10 +203,10 @@ impl Ring {
         Ok(buf.freeze())
     }
 
-    /// Writes all of `data` at `offset` of `fd` (aligned if the file is open O_DIRECT).
+    /// Writes all of `data` at `offset` of `file` (aligned if the file is open O_DIRECT).
     pub async fn write(
         &self,
-        fd: RawFd,
+        file: &HeldFile,
         offset: u64,
         data: Bytes,
         inflight: Option<&InFlight>,
@@ -201,12 +214,17 @@ impl Ring {
         let mut done = 0;
         while done < data.len() {
             let rest = data.slice(done..);
-            let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
-                .offset(offset + done as u64)
-                .build();
+            let entry = opcode::Write::new(
+                types::Fd(file.as_raw_fd()),
+                rest.as_ptr(),
+                rest.len() as u32,
+            )
+            .offset(offset + done as u64)
+            .build();
             let (n, _) = self
                 .submit(
                     entry,
+                    file,
                     Buffer::Data { _held: rest },
                     inflight.map(InFlight::start),
                 )
@@ -219,12 +237,12 @@ impl Ring {
         Ok(())
     }
 
-    /// fdatasync(2) of `fd`: every write completed before it is durable.
-    pub async fn fdatasync(&self, fd: RawFd, inflight: Option<&InFlight>) -> io::Result<()> {
-        let entry = opcode::Fsync::new(types::Fd(fd))
+    /// fdatasync(2) of `file`: every write completed before it is durable.
+    pub async fn fdatasync(&self, file: &HeldFile, inflight: Option<&InFlight>) -> io::Result<()> {
+        let entry = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        self.submit(entry, Buffer::Empty, inflight.map(InFlight::start))
+        self.submit(entry, file, Buffer::Empty, inflight.map(InFlight::start))
             .await
             .map(drop)
     }
@@ -248,6 +266,7 @@ impl Ring {
     async fn submit(
         &self,
         entry: squeue::Entry,
+        file: &HeldFile,
         buf: Buffer,
         ticket: Option<Ticket>,
     ) -> io::Result<(usize, Buffer)> {
@@ -263,6 +282,7 @@ impl Ring {
                 id,
                 Op {
                     buf,
+                    _file: file.clone(),
                     done: tx,
                     timed: timing::start(timing::Layer::Disk),
                     _ticket: ticket,
@@ -566,19 +586,19 @@ mod tests {
                     }
                 };
                 f.set_len(4 << 20).unwrap();
-                let fd = f.as_raw_fd();
+                let fd: HeldFile = Arc::new(f);
                 let ring = Arc::new(ring);
                 for round in 0..3u8 {
                     let all: Vec<_> = (0..200u64)
                         .map(|i| {
-                            let ring = ring.clone();
+                            let (ring, fd) = (ring.clone(), fd.clone());
                             tokio::spawn(async move {
                                 let mut b = AlignedBuf::for_filling(4096);
                                 b.bytes_mut()
                                     .fill(round.wrapping_mul(31).wrapping_add(i as u8));
                                 let b = b.freeze();
-                                ring.write(fd, i * 4096, b.clone(), None).await.unwrap();
-                                assert_eq!(ring.read(fd, i * 4096, 4096, None).await.unwrap(), b);
+                                ring.write(&fd, i * 4096, b.clone(), None).await.unwrap();
+                                assert_eq!(ring.read(&fd, i * 4096, 4096, None).await.unwrap(), b);
                             })
                         })
                         .collect();
@@ -596,17 +616,17 @@ mod tests {
                 let until = Instant::now() + Duration::from_millis(1500);
                 let workers: Vec<_> = (0..32u64)
                     .map(|w| {
-                        let ring = ring.clone();
+                        let (ring, fd) = (ring.clone(), fd.clone());
                         tokio::spawn(async move {
                             let mut n = 0u64;
                             while Instant::now() < until {
                                 let at = ((w * 7919 + n * 104729) % 1024) * 4096;
                                 if n.is_multiple_of(2) {
-                                    ring.read(fd, at, 4096, None).await.unwrap();
+                                    ring.read(&fd, at, 4096, None).await.unwrap();
                                 } else {
                                     let mut b = AlignedBuf::for_filling(4096);
                                     b.bytes_mut().fill(n as u8);
-                                    ring.write(fd, at, b.freeze(), None).await.unwrap();
+                                    ring.write(&fd, at, b.freeze(), None).await.unwrap();
                                 }
                                 n += 1;
                             }
@@ -668,19 +688,62 @@ mod tests {
         };
         let f = tempfile::tempfile().unwrap();
         f.set_len(1 << 20).unwrap();
-        let fd = f.as_raw_fd();
+        let fd: HeldFile = Arc::new(f);
         // The submitter's, then the reaper's first two retries fail.
         FAIL_SUBMITS.with(|n| n.set(3));
         let data = Bytes::from(vec![7u8; 4096]);
         tokio::time::timeout(
             Duration::from_secs(5),
-            ring.write(fd, 0, data.clone(), None),
+            ring.write(&fd, 0, data.clone(), None),
         )
         .await
         .expect("the refused submission was retried")
         .unwrap();
         assert_eq!(FAIL_SUBMITS.with(Cell::get), 0);
-        assert_eq!(ring.read(fd, 0, 4096, None).await.unwrap(), data);
+        assert_eq!(ring.read(&fd, 0, 4096, None).await.unwrap(), data);
+    }
+
+    /// A write whose submission the kernel refused, its asker then gone and its file dropped: the ring keeps the
+    /// file open until the write is reaped, so the descriptor number the waiting entry names cannot pass to a file
+    /// opened meanwhile (another pool's disk) and the retried write cannot land there. Before, the number was
+    /// reused at once and the retry wrote into the new file.
+    #[tokio::test]
+    async fn a_refused_write_reaches_its_own_file_even_if_the_file_is_dropped_before_the_retry() {
+        use futures_util::FutureExt;
+        let Some(ring) = ring_or_skip() else {
+            return;
+        };
+        let dropped = tempfile::NamedTempFile::new().unwrap();
+        dropped.as_file().set_len(1 << 20).unwrap();
+        let fd: HeldFile = Arc::new(dropped.reopen().unwrap());
+        // The submitter's and the reaper's next retries fail: the entry waits in the queue.
+        FAIL_SUBMITS.with(|n| n.set(20));
+        let data = Bytes::from(vec![7u8; 4096]);
+        // Polled once (queued, its submission refused), then dropped, and the file with it.
+        assert!(ring.write(&fd, 0, data, None).now_or_never().is_none());
+        drop(fd);
+        let opened_after = tempfile::tempfile().unwrap();
+        opened_after.set_len(1 << 20).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ring.shared.table().ops.is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the refused write was never retried"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut after = vec![0u8; 4096];
+        opened_after.read_exact_at(&mut after, 0).unwrap();
+        assert!(
+            after.iter().all(|&b| b == 0),
+            "the retried write landed in a file opened after its own was dropped"
+        );
+        let mut own = vec![0u8; 4096];
+        dropped.as_file().read_exact_at(&mut own, 0).unwrap();
+        assert!(
+            own.iter().all(|&b| b == 7),
+            "the write reached its own file"
+        );
     }
 
     #[tokio::test]
@@ -697,11 +760,12 @@ mod tests {
             .open(dir.path().join("f"))
             .unwrap();
         f.set_len(1 << 20).unwrap();
-        let fd = f.as_raw_fd();
+        let f = Arc::new(f);
+        let fd: HeldFile = f.clone();
         let data = Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-        ring.write(fd, 4096, data.clone(), None).await.unwrap();
-        ring.fdatasync(fd, None).await.unwrap();
-        assert_eq!(ring.read(fd, 4096, 65536, None).await.unwrap(), data);
+        ring.write(&fd, 4096, data.clone(), None).await.unwrap();
+        ring.fdatasync(&fd, None).await.unwrap();
+        assert_eq!(ring.read(&fd, 4096, 65536, None).await.unwrap(), data);
         let mut direct = vec![0u8; 65536];
         f.read_exact_at(&mut direct, 4096).unwrap();
         assert_eq!(&direct[..], &data[..]);
@@ -709,11 +773,11 @@ mod tests {
         let ring = Arc::new(ring);
         let all: Vec<_> = (0..600u64)
             .map(|i| {
-                let ring = ring.clone();
+                let (ring, fd) = (ring.clone(), fd.clone());
                 tokio::spawn(async move {
                     let b = Bytes::from(vec![(i % 200) as u8 + 1; 512]);
-                    ring.write(fd, i * 512, b.clone(), None).await.unwrap();
-                    assert_eq!(ring.read(fd, i * 512, 512, None).await.unwrap(), b);
+                    ring.write(&fd, i * 512, b.clone(), None).await.unwrap();
+                    assert_eq!(ring.read(&fd, i * 512, 512, None).await.unwrap(), b);
                 })
             })
             .collect();
@@ -721,19 +785,19 @@ mod tests {
             t.await.unwrap();
         }
         // Reading past the end of the file is an error, not a short buffer.
-        assert!(ring.read(fd, (1 << 20) - 512, 4096, None).await.is_err());
+        assert!(ring.read(&fd, (1 << 20) - 512, 4096, None).await.is_err());
         // A future dropped while its operation is in flight (polled once: submitted) leaves the buffer to the ring,
         // and the operation counts as in flight until the kernel is done with it.
         let inflight = InFlight::new();
         for _ in 0..20 {
-            let read = ring.read(fd, 0, 1 << 20, Some(&inflight));
+            let read = ring.read(&fd, 0, 1 << 20, Some(&inflight));
             let _ = tokio::time::timeout(std::time::Duration::ZERO, read).await;
         }
         tokio::time::timeout(std::time::Duration::from_secs(10), inflight.settle())
             .await
             .expect("the dropped reads end");
         assert!(inflight.is_empty());
-        assert_eq!(ring.read(fd, 512, 512, None).await.unwrap()[0], 2);
+        assert_eq!(ring.read(&fd, 512, 512, None).await.unwrap()[0], 2);
     }
 
     /// Memory that says when it is freed.
@@ -789,14 +853,15 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let fd = writer.as_raw_fd();
+        let writer = Arc::new(writer);
+        let fd: HeldFile = writer.clone();
         let Some(ring) = rt.block_on(async { ring_or_skip() }) else {
             return;
         };
         let ring = Arc::new(ring);
         rt.block_on(async {
             let r = ring.clone();
-            tokio::spawn(async move { r.write(fd, 0, data, None).await });
+            tokio::spawn(async move { r.write(&fd, 0, data, None).await });
             // Let the write reach the kernel.
             for _ in 0..10 {
                 tokio::task::yield_now().await;
