@@ -407,9 +407,17 @@ impl Engine {
         Ok(entry)
     }
 
-    /// Destroys an empty pool and wipes its label.
+    /// Destroys an empty pool and wipes its label. A pool of that name being created or imported is waited for
+    /// and destroyed once made (answering NotFound, the pool would appear after the answer).
     pub async fn destroy_pool(&self, name: &str) -> Result<(), EngineError> {
-        let disk = self.pool(name)?.disk;
+        let disk = match self.pool(name) {
+            Ok(e) => e.disk,
+            Err(_) => {
+                // A create or import under way holds the name's claim until its pool is registered or it fails.
+                drop(self.claim_pool_name(name).await);
+                self.pool(name)?.disk
+            }
+        };
         let _disk = self.claim_disk(&disk).await;
         let _name = self.claim_pool_name(name).await;
         let e = self.pool(name)?;
@@ -863,6 +871,47 @@ mod tests {
         drop(held);
         waiting.await.unwrap().unwrap();
         assert!(engine.pool("s").is_ok());
+    }
+
+    /// A destroy asked while the pool's create is still under way waits for it and destroys the pool. Before, it
+    /// answered NotFound and the pool appeared after the answer.
+    #[tokio::test]
+    async fn a_destroy_during_its_pools_create_destroys_the_pool_once_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        let disk = dir.path().join("s");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let disk = disk.to_str().unwrap().to_string();
+        // The create has its disk and waits for the name, as one busy formatting would hold it.
+        let held = engine.claim_pool_name("s").await;
+        let create = {
+            let (engine, disk) = (engine.clone(), disk.clone());
+            tokio::spawn(async move { engine.create_pool("s", &disk, None, 1 << 20, 512).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let destroy = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.destroy_pool("s").await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !destroy.is_finished(),
+            "the destroy answered before the create it met ended: {:?}",
+            destroy.await.unwrap()
+        );
+        drop(held);
+        create.await.unwrap().unwrap();
+        destroy.await.unwrap().unwrap();
+        assert!(engine.pool("s").is_err(), "the pool was destroyed");
+        // A destroy of a pool nobody is making is NotFound, at once.
+        let e = engine.destroy_pool("none").await.unwrap_err();
+        assert!(
+            matches!(e, EngineError::Pool(PoolError::NotFound(_))),
+            "{e:?}"
+        );
     }
 
     /// Pool `name` on a new 64 MiB sparse file in `dir`.
