@@ -1,7 +1,9 @@
 //! The path state machine: from successive sysfs scans, which of Keelson's paths are broken and since when. A
 //! controller is broken ([`Controller::broken`]: not `live`, or none of its namespace paths optimized or
 //! non-optimized) for longer than a grace period, or when it vanished (the kernel gave up on it) and no usable controller of its
-//! subsystem is left. A live controller is broken too when it has I/O in flight and none completed for the stall
+//! subsystem is left. Controllers taken down on purpose are not reported: none vanished is while another of its
+//! subsystem is being deleted (an unstage deletes a volume's paths one after another), and a subsystem left with no
+//! controller at all must be seen so in two scans in a row (a deleted last path takes its subsystem with it). A live controller is broken too when it has I/O in flight and none completed for the stall
 //! timeout: its target went silent (a frozen engine, a cut link) without the TCP connection failing, which the
 //! kernel itself notices only when its keep-alive times out (1.25-2 keep-alive timeouts on Linux 6.1). Such a path
 //! is [`PathTracker::stalled`] (the metrics show it). A slow target reported this way is not moved: the cluster
@@ -43,6 +45,8 @@ pub struct PathTracker {
     stall: Duration,
     /// By subsystem NQN, then controller name.
     known: BTreeMap<String, BTreeMap<String, Seen>>,
+    /// Subsystems the last scan found with no controller at all.
+    empty: BTreeSet<String>,
 }
 
 impl PathTracker {
@@ -51,6 +55,7 @@ impl PathTracker {
             grace,
             stall,
             known: BTreeMap::new(),
+            empty: BTreeSet::new(),
         }
     }
 
@@ -58,6 +63,7 @@ impl PathTracker {
     pub fn observe(&mut self, scan: &[Subsystem], now: Instant, wall: SystemTime) -> Vec<Broken> {
         let mut out = Vec::new();
         let mut known = BTreeMap::new();
+        let mut empty = BTreeSet::new();
         for s in scan {
             let mut before = self.known.remove(&s.nqn).unwrap_or_default();
             let mut here = BTreeMap::new();
@@ -103,8 +109,18 @@ impl PathTracker {
                     },
                 );
             }
-            // Vanished controllers matter only when nothing usable is left.
-            if !s.controllers.iter().any(|c| c.usable()) {
+            // Vanished controllers matter only when nothing usable is left, and none is being deleted (they were
+            // deleted on purpose, one after another).
+            let deleting = s
+                .controllers
+                .iter()
+                .any(|c| c.state.starts_with("deleting"));
+            if s.controllers.is_empty() && !before.is_empty() && !self.empty.contains(&s.nqn) {
+                // No controller left, first seen so: the subsystem of a deleted last path goes in a moment. Its
+                // controllers are kept for the next scan to report, if it is still there then.
+                empty.insert(s.nqn.clone());
+                here = before;
+            } else if !s.controllers.iter().any(|c| c.usable()) && !deleting {
                 for (_, gone) in before {
                     let (at, w) = gone.unusable_since.unwrap_or((now, wall));
                     out.push(Broken {
@@ -119,6 +135,7 @@ impl PathTracker {
             known.insert(s.nqn.clone(), here);
         }
         self.known = known;
+        self.empty = empty;
         out
     }
 
@@ -211,6 +228,44 @@ mod tests {
         );
     }
 
+    /// An unstage deletes a volume's paths one after another: a scan that finds the first gone and the second
+    /// being deleted, or the subsystem empty for a moment, reports nothing. Before, the vanished path was reported
+    /// and the cluster agent moved the healthy nexus of a volume being unstaged.
+    #[test]
+    fn paths_deleted_one_after_another_are_not_reported() {
+        let mut t = PathTracker::new(Duration::ZERO, Duration::ZERO);
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        t.observe(
+            &subsys(vec![
+                ctrl("nvme0", "live", 4420),
+                ctrl("nvme1", "live", 4421),
+            ]),
+            t0,
+            w,
+        );
+        assert!(
+            t.observe(
+                &subsys(vec![
+                    ctrl("nvme0", "deleting", 4420),
+                    ctrl("nvme1", "live", 4421)
+                ]),
+                t0,
+                w
+            )
+            .is_empty()
+        );
+        assert!(
+            t.observe(&subsys(vec![ctrl("nvme1", "deleting", 4421)]), t0, w)
+                .is_empty(),
+            "nvme0 reported while its sibling was being deleted"
+        );
+        assert!(
+            t.observe(&subsys(vec![]), t0, w).is_empty(),
+            "nvme1 reported as the subsystem went"
+        );
+        assert!(t.observe(&[], t0, w).is_empty());
+    }
+
     #[test]
     fn a_vanished_controller_is_reported_only_when_nothing_usable_is_left() {
         let mut t = PathTracker::new(Duration::ZERO, Duration::ZERO);
@@ -228,7 +283,9 @@ mod tests {
             t.observe(&subsys(vec![ctrl("nvme1", "live", 4421)]), t0, w)
                 .is_empty()
         );
-        // nvme1 vanishes too: the subsystem has no path left.
+        // nvme1 vanishes too: the subsystem has no path left (seen so twice; the first time, as an unstage's last
+        // deleted path leaves it for a moment, nothing is reported).
+        assert!(t.observe(&subsys(vec![]), t0, w).is_empty());
         let b = t.observe(&subsys(vec![]), t0, w);
         assert_eq!(b.len(), 1);
         assert_eq!(
