@@ -1,6 +1,7 @@
 //! NodeStageVolume and NodeUnstageVolume: the kernel's paths to the volume, its file system at the staging path.
 
 use super::*;
+use std::time::Instant;
 
 /// What NodeStageVolume needs, taken from the request.
 pub(super) struct Stage {
@@ -182,13 +183,21 @@ pub(super) fn unstage(
     r
 }
 
+/// Longer than any pause of a CO between its retries of an unstage (the kubelet's backoff stops at about two
+/// minutes): calls further apart than this are not one stretch without a live path.
+const STRETCH_PAUSE: Duration = Duration::from_secs(600);
+
 /// How unstages wait for a volume's live path, and since when each volume's found none.
 pub struct UnstageWait {
     /// Per call.
     live: Duration,
     /// From the first call that found none.
     give_up: Duration,
-    since: std::sync::Mutex<std::collections::BTreeMap<Uuid, std::time::Instant>>,
+    /// A pause between two calls that found no live path longer than this ends their stretch (see
+    /// [`Self::pathless`]).
+    pause: Duration,
+    /// Per volume, when a call first found no live path and when one last did.
+    since: std::sync::Mutex<std::collections::BTreeMap<Uuid, (Instant, Instant)>>,
 }
 
 impl UnstageWait {
@@ -196,22 +205,43 @@ impl UnstageWait {
         UnstageWait {
             live,
             give_up,
+            pause: give_up.max(STRETCH_PAUSE),
             since: Default::default(),
         }
     }
 
     /// Notes that `uuid` has a live path (`false`: forgets it) or has none (`true`): how long it has had none, as
-    /// unstages saw it.
+    /// unstages saw it. Calls that found none count as one stretch only while each comes within [`STRETCH_PAUSE`]
+    /// (or the give-up time, if longer) of the one before: a call long after the CO stopped asking (the volume used
+    /// again meanwhile) starts a stretch of its own, instead of giving the page cache up at once.
     fn pathless(&self, uuid: Uuid, none: bool) -> Duration {
         let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
         if !none {
             since.remove(&uuid);
             return Duration::ZERO;
         }
-        since
-            .entry(uuid)
-            .or_insert_with(std::time::Instant::now)
-            .elapsed()
+        let now = Instant::now();
+        let (first, last) = since.entry(uuid).or_insert((now, now));
+        if now.duration_since(*last) > self.pause {
+            *first = now;
+        }
+        *last = now;
+        now.duration_since(*first)
+    }
+
+    /// Whether the calls for `uuid` have found no live path for the give-up time ([`Self::pathless`]); noted as
+    /// one more such call. UNAVAILABLE, saying what it waits for, while not.
+    fn given_up(&self, uuid: Uuid, k: &Kernel, nqn: &str, doing: &str) -> Result<(), Status> {
+        let none_for = self.pathless(uuid, true);
+        if none_for < self.give_up {
+            return Err(Status::unavailable(format!(
+                "volume {uuid} has no live path ({}): {doing} needs one to write what the page cache holds; \
+                 waiting for its target's replacement (given up {:?} after the first try, {none_for:?} ago)",
+                k.paths(nqn),
+                self.give_up
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -268,21 +298,15 @@ fn unstage_once(
         // (the node agent connecting its replacement) takes seconds, and a new cluster agent leader longer. Each
         // call waits a while, then answers UNAVAILABLE (the CO calls again); the data is given up only once
         // unstages have found no live path for `give_up`.
+        let mut disconnected = false;
         if k.live(&nqn) || k.wait_live(&nqn, wait.live) {
             // Back (or never gone): a later loss starts its own give-up time.
             wait.pathless(uuid, false);
         } else {
-            let none_for = wait.pathless(uuid, true);
-            if none_for < wait.give_up {
-                return Err(Status::unavailable(format!(
-                    "volume {uuid} has no live path ({}): unmounting needs one to write what the page cache holds; \
-                     waiting for its target's replacement (given up {:?} after the first try, {none_for:?} ago)",
-                    k.paths(&nqn),
-                    wait.give_up
-                )));
-            }
-            tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), waited = ?none_for, "no live path: disconnecting before the unmount (what the page cache held for the volume is lost)");
+            wait.given_up(uuid, k, &nqn, "unmounting")?;
+            tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), "no live path for the give-up time: disconnecting before the unmount (what the page cache held for the volume is lost)");
             k.disconnect(&nqn).map_err(Status::internal)?;
+            disconnected = true;
         }
         for _ in 0..MAX_STACKED {
             if !mt.at(staging).is_some_and(|m| fs_of(&m, d)) {
@@ -299,8 +323,14 @@ fn unstage_once(
                         staging.display()
                     )));
                 }
-                tracing::warn!(volume = %uuid, error = %e, "unmount failed without a live path; disconnecting and detaching lazily");
+                // No live path now (lost during the unmount: a switch-over under way): the same wait as before
+                // the unmount, so a replacement path can still take what the page cache holds.
+                if !disconnected {
+                    wait.given_up(uuid, k, &nqn, "the unmount that failed")?;
+                }
+                tracing::warn!(volume = %uuid, error = %e, "unmount failed without a live path for the give-up time; disconnecting and detaching lazily");
                 k.disconnect(&nqn).map_err(Status::internal)?;
+                disconnected = true;
                 mt.umount_lazy(staging).map_err(Status::internal)?;
             }
         }
@@ -308,4 +338,34 @@ fn unstage_once(
     let n = k.disconnect(&nqn).map_err(Status::internal)?;
     tracing::info!(volume = %uuid, paths = n, "unstaged");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls that found no live path make one stretch only while each comes within the pause of the one before
+    /// (here the give-up time); a later call starts its own. Before, an old call's time counted, and an unstage days later gave the
+    /// page cache up at once.
+    #[test]
+    fn a_stretch_without_a_live_path_restarts_after_a_pause_past_the_give_up_time() {
+        let give_up = Duration::from_millis(200);
+        let mut w = UnstageWait::new(Duration::ZERO, give_up);
+        w.pause = give_up;
+        let u = Uuid::new_v4();
+        assert!(w.pathless(u, true) < Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(w.pathless(u, true) >= Duration::from_millis(120));
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(
+            w.pathless(u, true) >= give_up,
+            "calls within the give-up time of each other: one stretch"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(
+            w.pathless(u, true) < Duration::from_millis(50),
+            "a call after a pause past the give-up time starts again"
+        );
+        assert_eq!(w.pathless(u, false), Duration::ZERO);
+    }
 }

@@ -25,6 +25,8 @@ struct Fake {
     remount_fails: Arc<std::sync::atomic::AtomicBool>,
     /// Every `umount` (not a lazy one) fails: a busy mount, or a writeback longer than its timeout.
     umount_fails: Arc<std::sync::atomic::AtomicBool>,
+    /// Set with `umount_fails`: volume A's only path is lost while the unmount runs (its state `connecting`).
+    umount_loses_path: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `mount` and `umount` on the mount table in `mountinfo`: paths are read after `--` only.
@@ -34,6 +36,7 @@ fn fake_tools(
     calls: Arc<Mutex<Vec<String>>>,
     remount_fails: Arc<std::sync::atomic::AtomicBool>,
     umount_fails: Arc<std::sync::atomic::AtomicBool>,
+    umount_loses_path: Arc<std::sync::atomic::AtomicBool>,
 ) -> Tool {
     Arc::new(move |program: &str, args: &[&str], _| {
         // An unmount after volume A's paths were removed says so: what its page cache held was lost.
@@ -68,7 +71,14 @@ fn fake_tools(
                 if !args.contains(&"-l")
                     && umount_fails.load(std::sync::atomic::Ordering::SeqCst) =>
             {
-                return Err("umount: target is busy".into());
+                if umount_loses_path.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::fs::write(
+                        sys.join("class/nvme-subsystem/nvme-subsys0/nvme0/state"),
+                        "connecting\n",
+                    )
+                    .unwrap();
+                }
+                return Err("umount: timed out".into());
             }
             ("umount", [t]) => {
                 lines.remove(top(t)?);
@@ -158,6 +168,7 @@ impl Fake {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let remount_fails = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let umount_fails = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let umount_loses_path = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mounts = Mounts {
             mountinfo: mountinfo.clone(),
             tool: fake_tools(
@@ -166,6 +177,7 @@ impl Fake {
                 calls.clone(),
                 remount_fails.clone(),
                 umount_fails.clone(),
+                umount_loses_path.clone(),
             ),
         };
         let kernel = Kernel::new(&sys, dir.path().join("fabrics"), &dev);
@@ -176,6 +188,7 @@ impl Fake {
             mountinfo,
             remount_fails,
             umount_fails,
+            umount_loses_path,
         }
     }
 
@@ -630,6 +643,44 @@ async fn an_unmount_that_fails_with_a_live_path_keeps_the_volume_connected() {
     f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
     assert!(f.disconnected());
+}
+
+/// An unmount cut short while the volume's only path was lost (its target switching over during a long writeback)
+/// waits for a live path as a call that finds none before the unmount does: UNAVAILABLE, the volume left connected
+/// and mounted, until calls have found none for the give-up time. Before, the paths went at once, and with them
+/// what the page cache held.
+#[tokio::test]
+async fn an_unmount_that_fails_as_the_path_is_lost_waits_for_a_live_path() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_secs(300));
+    f.staged(A, "stage-a");
+    f.umount_fails.store(true, SeqCst);
+    f.umount_loses_path.store(true, SeqCst);
+    assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
+    assert!(!f.disconnected(), "the paths went with the page cache");
+    assert!(f.table().contains("stage-a"));
+    // The replacement path is live: the next call unmounts, then disconnects.
+    f.umount_fails.store(false, SeqCst);
+    std::fs::write(
+        f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state"),
+        "live\n",
+    )
+    .unwrap();
+    f.calls();
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
+    assert!(f.disconnected());
+
+    // No path for the give-up time: the paths go and the mount is detached lazily.
+    let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
+    f.staged(A, "stage-a");
+    f.umount_fails.store(true, SeqCst);
+    f.umount_loses_path.store(true, SeqCst);
+    assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
+    std::thread::sleep(Duration::from_millis(60));
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert!(f.disconnected());
+    assert!(!f.table().contains("stage-a"));
 }
 
 /// The volume's paths were removed by hand and its device is gone, but its file system is still mounted: the
