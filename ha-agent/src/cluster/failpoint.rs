@@ -75,6 +75,22 @@ pub const PUBLISH_CREATING: &str = "publish.creating";
 /// A pass over one node's volumes is about to heal the next one (as an engine slow to answer makes it wait).
 pub const HEAL_NODE_VOLUME: &str = "heal.node-volume";
 
+/// Answers, not crash points (not in [`ALL`]): armed as `name=return` (or `1*off->1*return->off`: the second hit
+/// only), the agent takes the answer named as what came.
+///
+/// The old nexus's engine is asked whether the reporting host is connected: its answer is taken as missed (the
+/// call timed out).
+pub const SWITCHOVER_OLD_ENGINE_SILENT: &str = "switchover.old-engine-silent";
+
+/// Whether `name` is armed to answer at this hit.
+pub fn answers(name: &str) -> bool {
+    let armed = fail::eval(name, |_| ()).is_some();
+    if armed {
+        eprintln!("failpoint {name}: answering");
+    }
+    armed
+}
+
 /// Waits here for the milliseconds `name` is armed with (`name=return(ms)`); unarmed, returns at once.
 pub async fn delay(name: &str) {
     if let Some(Some(ms)) = fail::eval(name, |arg| arg.and_then(|a| a.parse::<u64>().ok())) {

@@ -175,14 +175,17 @@ impl Volumes {
         }
     }
 
-    /// Asks `node`'s engine again until `host` is connected to the volume's nexus there, or for [`RECONNECT_WAIT`]:
-    /// the last answer.
+    /// Asks `node`'s engine again until `host` is connected to the volume's nexus there, or the nexus is not
+    /// exported any more, or for [`RECONNECT_WAIT`]: the last answer. An engine that misses an answer (Silent: one
+    /// call timed out, it was busy) is asked again within the wait: one missed answer of an engine that answered
+    /// before does not cut the host's time to connect again short.
     async fn host_reconnected(&self, uuid: Uuid, node: &str, host: &str) -> OldEngine {
         let until = Instant::now() + RECONNECT_WAIT;
         loop {
             tokio::time::sleep(RECONNECT_POLL).await;
             let now = self.host_connected(uuid, node, host).await;
-            if now != OldEngine::HostGone || Instant::now() >= until {
+            let settled = matches!(now, OldEngine::HostConnected | OldEngine::NotExported);
+            if settled || Instant::now() >= until {
                 if now == OldEngine::HostConnected {
                     tracing::info!(%uuid, node, host, "the reported host connected to the nexus again: nothing moves");
                 }
@@ -193,6 +196,9 @@ impl Volumes {
 
     /// Whether `node`'s engine exports the volume's nexus with a controller of `host` connected.
     async fn host_connected(&self, uuid: Uuid, node: &str, host: &str) -> OldEngine {
+        if failpoint::answers(failpoint::SWITCHOVER_OLD_ENGINE_SILENT) {
+            return OldEngine::Silent;
+        }
         let Ok(mut c) = self.engine(node).await else {
             return OldEngine::Silent;
         };

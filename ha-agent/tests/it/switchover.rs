@@ -150,6 +150,59 @@ async fn a_reset_path_whose_host_connects_again_keeps_its_nexus() {
     verify(&ns, 0..8).await;
 }
 
+/// While the host's time to connect again runs, the old engine misses an answer (the call timed out, as one of a
+/// busy engine may) and then answers again, and the host connects: the nexus stays. Before, the missed answer
+/// ended the wait, and the check after it moved the nexus of a host about to connect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_answer_of_the_old_engine_does_not_cut_the_hosts_time_to_connect_again_short() {
+    let (_dir, port, mut agent, _engines, _nodes, mut c) = three_nodes().await;
+    // The first question to the old engine is answered; the second, the wait's first, is taken as missed.
+    agent.set_env(
+        "FAILPOINTS",
+        &format!(
+            "{}=1*off->1*return->off",
+            ha_agent::cluster::failpoint::SWITCHOVER_OLD_ENGINE_SILENT
+        ),
+    );
+    agent.restart();
+    crate::registry::wait_for(
+        port,
+        &[
+            ("reg-1", pb::NodeState::Online),
+            ("reg-2", pb::NodeState::Online),
+            ("reg-3", pb::NodeState::Online),
+        ],
+        "agent restart",
+    )
+    .await;
+    let v = published(&mut c, 2, "reg-1").await;
+    let ns = connect(&v).await;
+    write_all(&ns, 0..4).await;
+    ns.close().await;
+    let mut reporter = c.clone();
+    let req = report(&v, &v.target_addresses[0]);
+    let reported = tokio::spawn(async move { reporter.report_path_failure(req).await });
+    // The kernel's reconnect_delay (1 s) after the reset.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ns = connect(&v).await;
+    let s = reported.await.unwrap().unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("connected to it again"),
+        "{}",
+        s.message()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("failpoint switchover.old-engine-silent: answering"),
+        "the answer was not missed"
+    );
+    let now = crate::registry::volume_now(&c, &v.uuid).await;
+    assert_eq!(now.nexus_node, "reg-1", "{now:#?}");
+    verify(&ns, 0..4).await;
+}
+
 /// The host loses its path to a nexus whose node is alive, and the volume's only replica is on that node: the old
 /// nexus is ended by its engine, and the new one is made on another node with that replica as its remote child.
 /// Before, the old nexus was destroyed and the new one refused (no other node held a replica): the volume was left
