@@ -10,6 +10,7 @@ use proto::engine::engine_client::EngineClient;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use super::store::Store;
 use super::volumes::{VolumeError, Volumes, destroyed};
 
 /// Replicas retired while their node could not be asked, destroyed when it answers again.
@@ -29,10 +30,13 @@ pub(super) struct Garbage {
 }
 
 /// An engine's answer to destroying something of `volume` that may be in `pools` on `node`: done, or already gone
-/// (NotFound), except that NotFound while one of `pools` is not imported there (yet: its disk late at start) does
-/// not tell it is gone, which is FailedPrecondition (asked again later). A pool the engine cannot be asked about
-/// counts as not imported.
+/// (NotFound), except that NotFound while one of `pools` is not imported there yet does not tell it is gone, which
+/// is FailedPrecondition (asked again later). A pool is to come while the engine lists it as pending (its disk late
+/// at start) or the cluster has a record of it (the agent imports it); one with neither was destroyed (a pool's
+/// destroy refuses while it holds anything), and what was asked for cannot be in it. Pools the engine cannot be
+/// asked about, or whose record cannot be read, count as to come.
 pub(super) async fn destroyed_unless_pending<T>(
+    store: &dyn Store,
     c: &mut EngineClient<Channel>,
     node: &str,
     pools: &[String],
@@ -41,17 +45,33 @@ pub(super) async fn destroyed_unless_pending<T>(
 ) -> Result<(), VolumeError> {
     match r {
         Err(s) if s.code() == tonic::Code::NotFound && !pools.is_empty() => {
-            let imported: Vec<String> = match c.list_pools(epb::ListPoolsRequest {}).await {
-                Ok(l) => l.into_inner().pools.into_iter().map(|p| p.name).collect(),
-                Err(_) => Vec::new(),
-            };
-            match pools.iter().find(|p| !imported.contains(p)) {
-                None => Ok(()),
-                Some(p) => Err(VolumeError::FailedPrecondition {
-                    uuid: volume,
-                    why: format!("pool {p} is not imported on {node} yet"),
-                }),
+            // None: the engine could not tell.
+            let (imported, pending): (Vec<String>, Option<Vec<String>>) =
+                match c.list_pools(epb::ListPoolsRequest {}).await {
+                    Ok(l) => {
+                        let l = l.into_inner();
+                        (
+                            l.pools.into_iter().map(|p| p.name).collect(),
+                            Some(l.pending.into_iter().map(|p| p.name).collect()),
+                        )
+                    }
+                    Err(_) => (Vec::new(), None),
+                };
+            for p in pools.iter().filter(|p| !imported.contains(p)) {
+                let to_come = match &pending {
+                    None => true,
+                    Some(pending) if pending.contains(p) => true,
+                    Some(_) => !matches!(store.get(&super::pool::key(node, p)).await, Ok(None)),
+                };
+                if to_come {
+                    return Err(VolumeError::FailedPrecondition {
+                        uuid: volume,
+                        why: format!("pool {p} is not imported on {node} yet"),
+                    });
+                }
+                tracing::info!(%node, pool = %p, %volume, "not found, and its pool is gone from the node and the cluster: taken as destroyed");
             }
+            Ok(())
         }
         r => destroyed(node, r),
     }
@@ -109,7 +129,8 @@ impl Volumes {
             .filter(|p| !p.is_empty())
             .into_iter()
             .collect();
-        let res = destroyed_unless_pending(&mut c, &g.node, &pools, g.volume, res).await;
+        let res =
+            destroyed_unless_pending(self.store(), &mut c, &g.node, &pools, g.volume, res).await;
         self.metrics
             .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
         match res {

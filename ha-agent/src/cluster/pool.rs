@@ -23,7 +23,7 @@ use super::store::{Store, StoreError};
 
 pub const PREFIX: &str = "/keelson/pools/";
 
-fn key(node: &str, name: &str) -> String {
+pub(super) fn key(node: &str, name: &str) -> String {
     format!("{PREFIX}{node}/{name}")
 }
 

@@ -326,7 +326,15 @@ impl Volumes {
                     let d = c
                         .destroy_snapshot(epb::DestroySnapshotRequest { uuid: id.clone() })
                         .await;
-                    super::garbage::destroyed_unless_pending(&mut c, &node, &pools, r.uuid, d).await
+                    super::garbage::destroyed_unless_pending(
+                        self.store(),
+                        &mut c,
+                        &node,
+                        &pools,
+                        r.uuid,
+                        d,
+                    )
+                    .await
                 }
                 Err(e) => Err(e),
             };
@@ -470,7 +478,15 @@ impl Volumes {
                     .await;
                 // Not found in a pool the engine has not imported yet (its disk late at start): not known to be
                 // gone, and the record is what would destroy it once the pool is back.
-                super::garbage::destroyed_unless_pending(&mut c, &node, &pools, s.volume, r).await
+                super::garbage::destroyed_unless_pending(
+                    self.store(),
+                    &mut c,
+                    &node,
+                    &pools,
+                    s.volume,
+                    r,
+                )
+                .await
             };
             match destroyed.await {
                 Ok(()) => done.push(node),

@@ -629,3 +629,64 @@ async fn a_snapshot_with_a_copy_on_a_deleted_node_is_deleted_everywhere_else() {
     let listed = listed(&mut c).await;
     assert!(listed.iter().all(|s| s.uuid != snap), "{listed:?}");
 }
+
+/// A snapshot whose record names a pool it asked a node about where no copy was made (its replica there was
+/// rebuilding), and that pool is gone since (destroyed; its engine neither has it nor waits for it, and the cluster
+/// has no record of it): deleting the snapshot finishes. Before, the engine's NotFound there counted as "the pool
+/// not imported yet" for ever, and every delete answered FAILED_PRECONDITION. Needs etcd (Debian package
+/// etcd-server), where the test writes the record beside the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_asked_of_a_pool_destroyed_since_is_deleted() {
+    use ha_agent::cluster::store::Store;
+    let test = "a_snapshot_asked_of_a_pool_destroyed_since_is_deleted";
+    let Some(etcd) = crate::etcd::Etcd::start(test).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::registry::free_port("127.0.0.1");
+    let store = ["--store", "etcd", "--etcd", etcd.endpoint.as_str()];
+    let _agent = crate::registry::agent_with(dir.path(), port, &store, "agent");
+    let url = format!("http://127.0.0.1:{port}");
+    let _engines: Vec<_> = (1..=2)
+        .map(|i| crate::registry::engine_with(dir.path(), i, &url))
+        .collect();
+    let (nodes, _) = crate::registry::wait_for(
+        port,
+        &[
+            ("reg-1", crate::registry::Online),
+            ("reg-2", crate::registry::Online),
+        ],
+        "registration",
+    )
+    .await;
+    let mut c = ClusterClient::connect(url).await.unwrap();
+    let (vol, snap) = snapshot_of_a_new_volume(&mut c, 1).await;
+    let holder = c
+        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .replica_list[0]
+        .node
+        .clone();
+    let other = if holder == "reg-1" { "reg-2" } else { "reg-1" };
+    // The other node was asked too, of a pool it no longer has.
+    let key = format!("/keelson/snapshots/{snap}");
+    let s = etcd.store().await;
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&s.get(&key).await.unwrap().unwrap().value).unwrap();
+    record["asked"].as_array_mut().unwrap().push(other.into());
+    record["asked_pools"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!([other, "destroyed-since"]));
+    s.put(&key, serde_json::to_vec(&record).unwrap())
+        .await
+        .unwrap();
+    c.delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
+        .await
+        .expect("the delete finishes");
+    assert!(listed(&mut c).await.is_empty());
+    assert!(copies_everywhere(&nodes).await.is_empty());
+    assert!(s.get(&key).await.unwrap().is_none());
+}
