@@ -174,6 +174,7 @@ engine_runs() {
 
 RTT=$(pingpong)
 echo "## loopback TCP round trip p50: $RTT us"
+echo "## TCP congestion control: the system's $(cat /proc/sys/net/ipv4/tcp_congestion_control); io-engine and nvmf-perf: --tcp-congestion ${KEELSON_TCP_CONGESTION:-auto} (auto: cubic where the system's is bbr)"
 echo "## pool on a file in $DIR ($(df -T "$DIR" | awk 'NR==2 {print $2}'))"
 truncate -s 5G "$DIR/pool.img"
 engine_runs file "$DIR/pool.img"

@@ -131,6 +131,7 @@ sleep 0.3
 RTT=$(taskset -c "$CC" "$B/nvmf-perf" --pingpong --addr 127.0.0.1:$((PORT + 1)) --time 3 | sed -n 's/.* p50 \([0-9.]*\) .*/\1/p')
 kill $PPSRV; wait $PPSRV 2>/dev/null || true
 echo "loopback TCP round trip, core $TC <-> core $CC: p50 $RTT us"
+echo "## TCP congestion control: the system's $(cat /proc/sys/net/ipv4/tcp_congestion_control); io-engine and nvmf-perf: --tcp-congestion ${KEELSON_TCP_CONGESTION:-auto} (auto: cubic where the system's is bbr)"
 IDLE=""
 for r in $(seq 1 "$ROUNDS"); do
     for target in "${TARGETS[@]}"; do

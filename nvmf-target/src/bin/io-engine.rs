@@ -81,6 +81,11 @@ struct Args {
     /// (ARCHITECTURE.md, step 1). Only with I/O threads.
     #[arg(long, env = "KEELSON_SPIN_US", default_value_t = 100)]
     spin_us: u64,
+    /// TCP congestion control of the NVMe/TCP connections, served and made: `auto` (the default: CUBIC where the
+    /// system's default is BBR, whose pacing holds a storage connection's bursts back; otherwise the system's),
+    /// `system`, or an algorithm's name.
+    #[arg(long, env = "KEELSON_TCP_CONGESTION", default_value = "auto")]
+    tcp_congestion: nvmf_target::transport::Congestion,
 }
 
 /// A number of I/O threads, or `auto` (one per CPU this process may run on).
@@ -158,6 +163,12 @@ async fn main() -> Result<()> {
         args.pools.extend(fc.pools);
     }
     let (cntlid_min, cntlid_max) = parse_range(&args.cntlid_range)?;
+    match nvmf_target::transport::set_congestion(&args.tcp_congestion)
+        .map_err(|e| anyhow::anyhow!("--tcp-congestion: {e}"))?
+    {
+        Some(cc) => tracing::info!(algorithm = %cc, "NVMe/TCP connections' congestion control"),
+        None => tracing::info!("NVMe/TCP connections keep the system's congestion control"),
+    }
     let node_name = args.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|s| s.trim().to_string())

@@ -74,6 +74,10 @@ struct Args {
     /// Header and data digests.
     #[arg(long)]
     digests: bool,
+    /// TCP congestion control of the connection, as io-engine's flag: `auto` (CUBIC where the system's default is
+    /// BBR), `system`, or an algorithm's name.
+    #[arg(long, env = "KEELSON_TCP_CONGESTION", default_value = "auto")]
+    tcp_congestion: nvmf_target::transport::Congestion,
     /// Also report this process's CPU seconds (e.g. the io-engine's PID).
     #[arg(long)]
     target_pid: Option<u32>,
@@ -257,6 +261,8 @@ async fn main() -> Result<()> {
     if args.pingpong {
         return pingpong(args.addr, Duration::from_secs(args.time));
     }
+    nvmf_target::transport::set_congestion(&args.tcp_congestion)
+        .map_err(|e| anyhow::anyhow!("--tcp-congestion: {e}"))?;
     let bs = parse_size(&args.bs)?;
     let mut o = ConnectOptions::new(args.addr, &args.nqn);
     o.io_queues = args.queues;

@@ -295,7 +295,7 @@ impl Queue {
             .await
             .map_err(|_| err("TCP connect timed out".into()))?
             .map_err(|e| err(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        crate::transport::tune(&stream);
         let (rd, mut wr) = stream.into_split();
         let codec = PduCodec::new(MAX_RECV_DATA);
         let mut parts = Vec::new();

@@ -117,7 +117,7 @@ pub(super) async fn serve(
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let _ = stream.set_nodelay(true);
+    crate::transport::tune(&stream);
     // A host that stops reading (its receive window shut, or its machine gone) would hold the writer, the responses
     // queued for it and the engine's shutdown for as long as its TCP stack answers probes: data unacknowledged
     // this long ends the connection, as the stack's retransmissions would for a host that answers nothing.
