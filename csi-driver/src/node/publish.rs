@@ -64,7 +64,9 @@ pub(super) fn publish(
                 }
             )));
         }
-        return if m.read_only() == ro {
+        // A bind of a read-only staging mount (its mount flags said `ro`) is read-only too, whatever was asked.
+        let staged_ro = !block && mt.at(staging).is_some_and(|s| s.read_only());
+        return if m.read_only() == (ro || staged_ro) {
             Ok(())
         } else {
             Err(Status::already_exists(format!(

@@ -100,3 +100,20 @@ pub(super) fn read_only_mode(c: &VolumeCapability) -> bool {
         .as_ref()
         .is_some_and(|m| m.mode == Mode::SingleNodeReaderOnly as i32)
 }
+
+/// Whether a file system staged with `c` is mounted read-only: a read-only mode, or the capability's mount flags
+/// (a PersistentVolume's `mountOptions: [ro]`; the last of `ro` and `rw` wins, as in mount(8)).
+pub(super) fn staged_read_only(c: &VolumeCapability) -> bool {
+    let flags_ro = match &c.access_type {
+        Some(AccessType::Mount(m)) => {
+            m.mount_flags
+                .iter()
+                .flat_map(|f| f.split(','))
+                .map(str::trim)
+                .rfind(|f| *f == "ro" || *f == "rw")
+                == Some("ro")
+        }
+        _ => false,
+    };
+    read_only_mode(c) || flags_ro
+}

@@ -46,7 +46,9 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
         let dev = k.device(&s.uuid.to_string());
         let same_device = dev.as_ref().is_some_and(|d| d.dev == m.dev);
         return match (&mount, same_device) {
-            (Some(_), true) if m.fs_type == fs && m.read_only() == read_only_mode(&s.cap) => Ok(()),
+            (Some(_), true) if m.fs_type == fs && m.read_only() == staged_read_only(&s.cap) => {
+                Ok(())
+            }
             (Some(_), true) => Err(Status::already_exists(format!(
                 "volume {} is staged at {} as {} ({}); asked for {fs}{}",
                 s.uuid,
@@ -57,7 +59,7 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
                 } else {
                     "read-write"
                 },
-                if read_only_mode(&s.cap) {
+                if staged_read_only(&s.cap) {
                     ", read-only"
                 } else {
                     ""
@@ -140,7 +142,7 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
     // grown while it was not staged. It fills the volume (a no-op when it does); one that cannot grow now still
     // serves at its size.
     if !made
-        && !read_only_mode(&s.cap)
+        && !staged_read_only(&s.cap)
         && let Err(e) = mounts::grow_fs(&fs, &dev.path, &s.staging)
     {
         tracing::warn!(volume = %s.uuid, fs, error = %e, "the file system was not grown to fill the volume");

@@ -719,6 +719,54 @@ async fn mounts_of_a_device_that_is_gone_are_taken_off_though_the_volume_has_a_n
     assert!(!f.table().contains(&f.p("stage-a")));
 }
 
+/// A volume staged read-only by its mount flags (a PersistentVolume's `mountOptions: [ro]`, mode
+/// SINGLE_NODE_WRITER): the same NodeStage again, and the same NodePublish again (its bind of the read-only staging
+/// mount read-only too), succeed. Before, both answered ALREADY_EXISTS, taking the mount's `ro` for another way of
+/// staging or publishing, and a kubelet's retry or restart left the pod stuck.
+#[tokio::test]
+async fn a_volume_staged_read_only_by_its_mount_flags_is_staged_and_published_again() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    f.bound("259:1", "pod-a/mount");
+    let ro = f.table().replace(" rw,relatime - ", " ro,relatime - ");
+    std::fs::write(&f.mountinfo, ro).unwrap();
+    let nqn = proto::names::volume_nqn(A);
+    let mut cap = capability(false);
+    let stage = |cap: VolumeCapability| {
+        f.svc
+            .node_stage_volume(Request::new(NodeStageVolumeRequest {
+                volume_id: A.into(),
+                staging_target_path: f.p("stage-a"),
+                volume_capability: Some(cap),
+                publish_context: [
+                    ("nqn", nqn.as_str()),
+                    ("targetAddresses", "127.0.0.9:4420"),
+                    ("hostNqn", HOST),
+                ]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+                ..Default::default()
+            }))
+    };
+    if let Some(AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = vec!["noatime,ro".into()];
+    }
+    stage(cap.clone()).await.expect("staged again");
+    f.publish(A, &f.p("stage-a"), &f.p("pod-a/mount"), false, false)
+        .await
+        .expect("published again");
+    // Asked read-write now (no `ro` among the flags): another way of staging.
+    if let Some(AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = vec!["ro".into(), "rw".into()];
+    }
+    assert_eq!(
+        stage(cap).await.map(drop).unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(f.calls(), Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn publish_binds_only_this_volumes_staging_mount() {
     let f = Fake::new();
