@@ -168,9 +168,10 @@ pub(super) fn mount_options(fs: &str, flags: Vec<String>, read_only: bool) -> Ve
 
 /// Unstages volume `uuid` from `staging`: its file system unmounted there, then its paths removed. Only this volume's
 /// mount is taken down. When nothing of the volume is at `staging` but it is mounted elsewhere, its paths stay
-/// (FAILED_PRECONDITION): the path is wrong, and removing them would fail that mount's I/O. (With the volume at
-/// `staging` and also elsewhere, a publish the CO has not taken back or the same mount seen through a bind of the
-/// kubelet's directory, it goes on: refusing would keep the volume attached for ever in the second case.)
+/// (FAILED_PRECONDITION): the path is wrong, and removing them would fail that mount's I/O. With the volume at
+/// `staging` and also elsewhere, the staging mount is taken off first: its copies seen through a bind of the
+/// kubelet's (shared) directory go with it, and a mount still holding the file system after that is a publish the
+/// CO has not taken back, which keeps the paths (FAILED_PRECONDITION) until it is unpublished.
 pub(super) fn unstage(
     k: &Kernel,
     mt: &Mounts,
@@ -334,6 +335,25 @@ fn unstage_once(
                 k.disconnect(&nqn).map_err(Status::internal)?;
                 disconnected = true;
                 mt.umount_lazy(staging).map_err(Status::internal)?;
+            }
+        }
+        // The staging mount is off, but the file system is still mounted: a publish the CO has not taken back
+        // (a bind keeps it alive; the staging mount's copies seen through a bind of the kubelet's directory went
+        // with it, the kubelet's directory being shared). Disconnecting would fail that mount's I/O and lose what
+        // its page cache holds: the volume stays until it is unpublished there.
+        if !disconnected {
+            let still: Vec<String> = mt
+                .table()
+                .iter()
+                .filter(|m| fs_of(m, d))
+                .map(|m| m.target.display().to_string())
+                .collect();
+            if !still.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {uuid} is unmounted at {} but still mounted at {}: unpublish it there first",
+                    staging.display(),
+                    still.join(", ")
+                )));
             }
         }
     }

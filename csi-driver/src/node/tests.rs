@@ -683,6 +683,27 @@ async fn an_unmount_that_fails_as_the_path_is_lost_waits_for_a_live_path() {
     assert!(!f.table().contains("stage-a"));
 }
 
+/// An unstage while a publish of the volume is still bound (the CO's order broken, or a publish rebuilt after a
+/// kubelet restart): the staging mount comes off, but the file system lives on in the bind, so the volume stays
+/// connected (FAILED_PRECONDITION naming the mount) until the bind is gone. Before, the paths went, failing the
+/// pod's I/O and losing what its page cache held.
+#[tokio::test]
+async fn an_unstage_under_a_publish_still_bound_keeps_the_volume_connected() {
+    let f = Fake::new();
+    f.staged(A, "stage-a");
+    f.bound("259:1", "pod-a/mount");
+    let e = f.unstage(A, &f.p("stage-a")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("pod-a/mount"), "{e:?}");
+    assert!(
+        !f.disconnected(),
+        "the paths went under a mounted file system"
+    );
+    f.unpublish(A, &f.p("pod-a/mount")).await.unwrap();
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert!(f.disconnected());
+}
+
 /// The volume's paths were removed by hand and its device is gone, but its file system is still mounted: the
 /// mounts of that dead device are taken off, so the pods using them can end. A live device's are not.
 #[tokio::test]
