@@ -97,10 +97,22 @@ async fn main() -> Result<()> {
             Mounts::system(),
         )
         .with_agent(agent.clone())
+        .with_sole_writers_file(sole_writers_file(&args.endpoint))
         .with_live_wait(
             csi_driver::node::LIVE_WAIT,
             Duration::from_secs(args.unstage_give_up_s),
         )
     });
     server::serve(listener, args.mode, agent, node, shutdown).await
+}
+
+/// Where the node plugin keeps its single-writer publishes: beside its socket (the kubelet's plugin directory, a
+/// host path that outlives the plugin's container), or the working directory for a TCP endpoint.
+fn sole_writers_file(endpoint: &str) -> std::path::PathBuf {
+    let dir = endpoint
+        .strip_prefix("unix://")
+        .and_then(|p| std::path::Path::new(p).parent())
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join("keelson-single-writers.json")
 }

@@ -104,6 +104,33 @@ impl NodeService {
         self
     }
 
+    /// The node service keeping where single-writer volumes are published in `file` too (see [`SoleWriters`]), so
+    /// that a restarted plugin still knows them.
+    pub fn with_sole_writers_file(mut self, file: PathBuf) -> NodeService {
+        self.sole_writers = Arc::new(SoleWriters::kept_in(file));
+        self
+    }
+
+    /// A new service over the same kernel and mount table, as the plugin restarted would be: nothing of this one's
+    /// memory, its single-writer file (if any) read again.
+    #[cfg(test)]
+    fn restarted(&self) -> NodeService {
+        NodeService {
+            node: self.node.clone(),
+            max_volumes: self.max_volumes,
+            kernel: self.kernel.clone(),
+            mounts: self.mounts.clone(),
+            inflight: InFlight::default(),
+            probing: mounts::Probing::default(),
+            agent: self.agent.clone(),
+            unstage_wait: self.unstage_wait.clone(),
+            sole_writers: Arc::new(match &self.sole_writers.file {
+                Some(f) => SoleWriters::kept_in(f.clone()),
+                None => SoleWriters::default(),
+            }),
+        }
+    }
+
     /// The node service asking `agent` where volumes' targets are when it stages them.
     pub fn with_agent(mut self, agent: Arc<Agent>) -> NodeService {
         self.agent = Some(agent);

@@ -67,6 +67,10 @@ pub(super) fn publish(
         // A bind of a read-only staging mount (its mount flags said `ro`) is read-only too, whatever was asked.
         let staged_ro = !block && mt.at(staging).is_some_and(|s| s.read_only());
         return if m.read_only() == (ro || staged_ro) {
+            // Known from now on, if it was not (published before a plugin that kept no file).
+            if single_writer(cap) && sole.elsewhere(mt, uuid, &dev, block, target).is_none() {
+                sole.published(uuid, target);
+            }
             Ok(())
         } else {
             Err(Status::already_exists(format!(
@@ -127,13 +131,52 @@ fn single_writer(cap: &VolumeCapability) -> bool {
 
 /// Where each SINGLE_NODE_SINGLE_WRITER volume is published on this node, as this plugin published it. Kept by the
 /// plugin rather than read from the mount table, where a node whose kubelet directory is also seen through a bind
-/// shows every mount twice (each publish would find "another" one).
+/// shows every mount twice (each publish would find "another" one). With a file ([`SoleWriters::kept_in`]: the
+/// binary keeps it beside its socket, in the kubelet's plugin directory) it outlives the plugin: a restarted plugin
+/// still refuses a second target path for a volume published before the restart. An entry whose target no longer
+/// holds the volume (the node rebooted, the mount taken off by hand) refuses nothing.
 #[derive(Default)]
-pub struct SoleWriters(std::sync::Mutex<std::collections::BTreeMap<Uuid, PathBuf>>);
+pub struct SoleWriters {
+    map: std::sync::Mutex<std::collections::BTreeMap<Uuid, PathBuf>>,
+    pub(super) file: Option<PathBuf>,
+}
 
 impl SoleWriters {
+    /// Kept in `file` too: what it holds is read now (an unreadable or undecodable file is logged and taken as
+    /// empty), and it is written again at each change.
+    pub fn kept_in(file: PathBuf) -> SoleWriters {
+        let map = match std::fs::read(&file) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(file = %file.display(), error = %e, "single-writer publishes not read: taken as none");
+                Default::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "single-writer publishes not read: taken as none");
+                Default::default()
+            }
+        };
+        SoleWriters {
+            map: std::sync::Mutex::new(map),
+            file: Some(file),
+        }
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<Uuid, PathBuf>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `map` to the file, if kept in one (a temporary file renamed over it: never half written).
+    fn save(&self, map: &std::collections::BTreeMap<Uuid, PathBuf>) {
+        let Some(file) = &self.file else { return };
+        let tmp = file.with_extension("tmp");
+        let r = serde_json::to_vec(map)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = r {
+            tracing::warn!(file = %file.display(), error = %e, "single-writer publishes not saved: a restarted plugin will not know them");
+        }
     }
 
     /// The other target path volume `uuid` (device `dev`) is published at and still holds it, if any.
@@ -160,7 +203,9 @@ impl SoleWriters {
     }
 
     fn published(&self, uuid: Uuid, target: &Path) {
-        self.map().insert(uuid, target.to_path_buf());
+        let mut map = self.map();
+        map.insert(uuid, target.to_path_buf());
+        self.save(&map);
     }
 
     fn unpublished(&self, uuid: Uuid, target: &Path) {
@@ -170,6 +215,7 @@ impl SoleWriters {
             .is_some_and(|t| mounts::canonical(t) == mounts::canonical(target))
         {
             map.remove(&uuid);
+            self.save(&map);
         }
     }
 }

@@ -867,6 +867,50 @@ async fn a_single_writer_volume_is_published_at_one_target_path_at_a_time() {
         .unwrap();
 }
 
+/// The plugin restarted (a DaemonSet upgrade) while a single-writer volume is published: a second target path is
+/// still refused, from the file it keeps its publishes in; once the first is unpublished, the second is published.
+/// Before, the plugin forgot the publish at its restart and took the second.
+#[tokio::test]
+async fn a_restarted_plugin_still_publishes_a_single_writer_volume_at_one_target_path() {
+    async fn publish(f: &Fake, svc: &NodeService, target: &str) -> Result<(), Status> {
+        let req = NodePublishVolumeRequest {
+            volume_id: A.into(),
+            staging_target_path: f.p("stage-a"),
+            target_path: f.p(target),
+            volume_capability: Some(VolumeCapability {
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeSingleWriter as i32,
+                }),
+                ..capability(false)
+            }),
+            ..Default::default()
+        };
+        svc.node_publish_volume(Request::new(req)).await.map(drop)
+    }
+    let mut f = Fake::new();
+    let file = f.path("plugin/keelson-single-writers.json");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    f.svc = f.svc.with_sole_writers_file(file);
+    f.staged(A, "stage-a");
+    publish(&f, &f.svc, "pod-1/mount").await.unwrap();
+    let restarted = f.svc.restarted();
+    assert_eq!(
+        code(publish(&f, &restarted, "pod-2/mount").await),
+        Code::FailedPrecondition
+    );
+    assert!(!f.path("pod-2/mount").exists());
+    restarted
+        .node_unpublish_volume(Request::new(NodeUnpublishVolumeRequest {
+            volume_id: A.into(),
+            target_path: f.p("pod-1/mount"),
+        }))
+        .await
+        .unwrap();
+    publish(&f, &restarted.restarted(), "pod-2/mount")
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_raw_block_publish_is_known_by_its_device_node() {
     let f = Fake::new();
