@@ -228,21 +228,25 @@ mod tests {
         );
     }
 
+    /// A tracker without grace that has seen one subsystem with two live paths, nvme0 and nvme1; the time and wall
+    /// clock it saw them at.
+    fn two_live_paths() -> (PathTracker, Instant, SystemTime) {
+        let mut t = PathTracker::new(Duration::ZERO, Duration::ZERO);
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        let both = subsys(vec![
+            ctrl("nvme0", "live", 4420),
+            ctrl("nvme1", "live", 4421),
+        ]);
+        assert!(t.observe(&both, t0, w).is_empty());
+        (t, t0, w)
+    }
+
     /// An unstage deletes a volume's paths one after another: a scan that finds the first gone and the second
     /// being deleted, or the subsystem empty for a moment, reports nothing. Before, the vanished path was reported
     /// and the cluster agent moved the healthy nexus of a volume being unstaged.
     #[test]
     fn paths_deleted_one_after_another_are_not_reported() {
-        let mut t = PathTracker::new(Duration::ZERO, Duration::ZERO);
-        let (t0, w) = (Instant::now(), SystemTime::now());
-        t.observe(
-            &subsys(vec![
-                ctrl("nvme0", "live", 4420),
-                ctrl("nvme1", "live", 4421),
-            ]),
-            t0,
-            w,
-        );
+        let (mut t, t0, w) = two_live_paths();
         assert!(
             t.observe(
                 &subsys(vec![
@@ -268,16 +272,7 @@ mod tests {
 
     #[test]
     fn a_vanished_controller_is_reported_only_when_nothing_usable_is_left() {
-        let mut t = PathTracker::new(Duration::ZERO, Duration::ZERO);
-        let (t0, w) = (Instant::now(), SystemTime::now());
-        t.observe(
-            &subsys(vec![
-                ctrl("nvme0", "live", 4420),
-                ctrl("nvme1", "live", 4421),
-            ]),
-            t0,
-            w,
-        );
+        let (mut t, t0, w) = two_live_paths();
         // nvme0 deleted while nvme1 serves: nothing to do.
         assert!(
             t.observe(&subsys(vec![ctrl("nvme1", "live", 4421)]), t0, w)

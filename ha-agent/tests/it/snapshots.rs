@@ -490,12 +490,7 @@ async fn a_snapshot_deleted_while_its_pool_is_away_is_destroyed_when_the_pool_re
     })
     .await
     .unwrap();
-    let node = c
-        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .replica_list[0]
+    let node = crate::registry::volume_now(&c, &vol).await.replica_list[0]
         .node
         .clone();
     let i: usize = node.trim_start_matches("reg-").parse().unwrap();
@@ -661,12 +656,7 @@ async fn a_snapshot_asked_of_a_pool_destroyed_since_is_deleted() {
     .await;
     let mut c = ClusterClient::connect(url).await.unwrap();
     let (vol, snap) = snapshot_of_a_new_volume(&mut c, 1).await;
-    let holder = c
-        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .replica_list[0]
+    let holder = crate::registry::volume_now(&c, &vol).await.replica_list[0]
         .node
         .clone();
     let other = if holder == "reg-1" { "reg-2" } else { "reg-1" };

@@ -114,6 +114,29 @@ pub(crate) async fn verify(ns: &RemoteNamespace, blocks: std::ops::Range<u64>) {
     }
 }
 
+/// The host's path to `v`'s nexus is reset after four writes: its connection ends, its node agent reports the
+/// path at once, and it connects again after the kernel's reconnect_delay (1 s). The report is refused
+/// (FAILED_PRECONDITION: the host connected again); the new connection.
+async fn reset_and_connected_again(c: &ClusterClient<Channel>, v: &pb::Volume) -> RemoteNamespace {
+    let ns = connect(v).await;
+    write_all(&ns, 0..4).await;
+    ns.close().await;
+    let mut reporter = c.clone();
+    let req = report(v, &v.target_addresses[0]);
+    let reported = tokio::spawn(async move { reporter.report_path_failure(req).await });
+    // The kernel's reconnect_delay (1 s) after the reset.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ns = connect(v).await;
+    let s = reported.await.unwrap().unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("connected to it again"),
+        "{}",
+        s.message()
+    );
+    ns
+}
+
 /// A path that was only reset (the host's connection ended, as a keep-alive that timed out over a brief network
 /// stall ends it) and is reported at once: the host connects again within the kernel's reconnect delay, and the
 /// report moves nothing. Before, the engine's first answer (no controller of the host) moved the healthy nexus and
@@ -122,22 +145,7 @@ pub(crate) async fn verify(ns: &RemoteNamespace, blocks: std::ops::Range<u64>) {
 async fn a_reset_path_whose_host_connects_again_keeps_its_nexus() {
     let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
     let v = published(&mut c, 2, "reg-1").await;
-    let ns = connect(&v).await;
-    write_all(&ns, 0..4).await;
-    ns.close().await;
-    let mut reporter = c.clone();
-    let req = report(&v, &v.target_addresses[0]);
-    let reported = tokio::spawn(async move { reporter.report_path_failure(req).await });
-    // The kernel's reconnect_delay (1 s) after the reset.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ns = connect(&v).await;
-    let s = reported.await.unwrap().unwrap_err();
-    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-    assert!(
-        s.message().contains("connected to it again"),
-        "{}",
-        s.message()
-    );
+    let ns = reset_and_connected_again(&c, &v).await;
     let now = crate::registry::volume_now(&c, &v.uuid).await;
     assert_eq!(now.nexus_node, "reg-1", "{now:#?}");
     assert_eq!(now.target_addresses, v.target_addresses);
@@ -176,22 +184,7 @@ async fn a_missed_answer_of_the_old_engine_does_not_cut_the_hosts_time_to_connec
     )
     .await;
     let v = published(&mut c, 2, "reg-1").await;
-    let ns = connect(&v).await;
-    write_all(&ns, 0..4).await;
-    ns.close().await;
-    let mut reporter = c.clone();
-    let req = report(&v, &v.target_addresses[0]);
-    let reported = tokio::spawn(async move { reporter.report_path_failure(req).await });
-    // The kernel's reconnect_delay (1 s) after the reset.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let ns = connect(&v).await;
-    let s = reported.await.unwrap().unwrap_err();
-    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-    assert!(
-        s.message().contains("connected to it again"),
-        "{}",
-        s.message()
-    );
+    let ns = reset_and_connected_again(&c, &v).await;
     assert!(
         agent
             .log()
@@ -219,13 +212,7 @@ async fn a_path_lost_to_a_nexus_beside_the_only_replica_moves_the_nexus_and_keep
     })
     .await
     .unwrap();
-    let holder = c
-        .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .replica_list[0]
-        .clone();
+    let holder = crate::registry::volume_now(&c, &vol).await.replica_list[0].clone();
     let v = publish_to(&mut c, vol.clone(), &holder.node).await;
     assert_eq!(v.nexus_node, holder.node);
     let ns = connect(&v).await;
