@@ -169,7 +169,8 @@ impl SoleWriters {
     /// Writes `map` to the file, if kept in one (a temporary file renamed over it: never half written).
     fn save(&self, map: &std::collections::BTreeMap<Uuid, PathBuf>) {
         let Some(file) = &self.file else { return };
-        let tmp = file.with_extension("tmp");
+        // Named by the process: two plugins on one node for a moment (a rolling update) never share one.
+        let tmp = file.with_extension(format!("{}.tmp", std::process::id()));
         let r = serde_json::to_vec(map)
             .map_err(std::io::Error::other)
             .and_then(|b| std::fs::write(&tmp, b))

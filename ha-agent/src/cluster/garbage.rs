@@ -31,10 +31,11 @@ pub(super) struct Garbage {
 
 /// An engine's answer to destroying something of `volume` that may be in `pools` on `node`: done, or already gone
 /// (NotFound), except that NotFound while one of `pools` is not imported there yet does not tell it is gone, which
-/// is FailedPrecondition (asked again later). A pool is to come while the engine lists it as pending (its disk late
-/// at start) or the cluster has a record of it (the agent imports it); one with neither was destroyed (a pool's
-/// destroy refuses while it holds anything), and what was asked for cannot be in it. Pools the engine cannot be
-/// asked about, or whose record cannot be read, count as to come.
+/// is FailedPrecondition (asked again later). A pool not imported is gone for good only where the agent destroyed
+/// it (`pool::DESTROYED`; a pool's destroy refuses while it holds anything, so what was asked for cannot be in it)
+/// and neither a record of the agent's nor the engine's pending list names it again. Any other may come back (its
+/// disk late, or a pool imported through the engine's own API, which a restart forgets until it is imported again).
+/// Pools the engine cannot be asked about, or whose records cannot be read, count as to come.
 pub(super) async fn destroyed_unless_pending<T>(
     store: &dyn Store,
     c: &mut EngineClient<Channel>,
@@ -61,7 +62,11 @@ pub(super) async fn destroyed_unless_pending<T>(
                 let to_come = match &pending {
                     None => true,
                     Some(pending) if pending.contains(p) => true,
-                    Some(_) => !matches!(store.get(&super::pool::key(node, p)).await, Ok(None)),
+                    Some(_) => {
+                        let recorded = store.get(&super::pool::key(node, p)).await;
+                        let destroyed = store.get(&super::pool::destroyed_key(node, p)).await;
+                        !matches!((recorded, destroyed), (Ok(None), Ok(Some(_))))
+                    }
                 };
                 if to_come {
                     return Err(VolumeError::FailedPrecondition {
@@ -69,7 +74,7 @@ pub(super) async fn destroyed_unless_pending<T>(
                         why: format!("pool {p} is not imported on {node} yet"),
                     });
                 }
-                tracing::info!(%node, pool = %p, %volume, "not found, and its pool is gone from the node and the cluster: taken as destroyed");
+                tracing::info!(%node, pool = %p, %volume, "not found, and its pool was destroyed: taken as destroyed too");
             }
             Ok(())
         }

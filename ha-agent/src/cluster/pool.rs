@@ -19,12 +19,21 @@ use tonic::transport::Channel;
 use super::dataplane::{self, NodeEngineError};
 use super::node::NodeState;
 use super::registry::{Registry, RegistryError};
-use super::store::{Store, StoreError};
+use super::store::{Store, StoreError, Txn};
 
 pub const PREFIX: &str = "/keelson/pools/";
 
 pub(super) fn key(node: &str, name: &str) -> String {
     format!("{PREFIX}{node}/{name}")
+}
+
+/// Pools the agent destroyed (their record dropped once the engine destroyed them, or found none to destroy): what
+/// an engine answers NotFound for in such a pool is gone with it (`garbage::destroyed_unless_pending`). Kept by node
+/// and name; one made again under the name has a record again, which counts first.
+pub(super) const DESTROYED: &str = "/keelson/pools-destroyed/";
+
+pub(super) fn destroyed_key(node: &str, name: &str) -> String {
+    format!("{DESTROYED}{node}/{name}")
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,7 +288,7 @@ impl Pools {
         };
         match result {
             Ok(()) => {
-                self.store.delete(&key(node, name)).await?;
+                self.forget(&r).await?;
                 tracing::info!(node, pool = name, "pool deleted");
                 Ok(())
             }
@@ -303,6 +312,15 @@ impl Pools {
                 Err(e)
             }
         }
+    }
+
+    /// Drops the record of a pool its engine destroyed, and notes it destroyed ([`DESTROYED`]), in one transaction.
+    async fn forget(&self, r: &PoolRecord) -> Result<(), PoolOpError> {
+        let t = Txn::new()
+            .delete(key(&r.node, &r.name))
+            .put(destroyed_key(&r.node, &r.name), r.uuid.clone().into_bytes());
+        self.store.txn(t).await?;
+        Ok(())
     }
 
     /// Destroys the pool on its engine. One the engine does not have open (it restarted and the pool is not
@@ -418,7 +436,7 @@ impl Pools {
                 }
                 PoolPhase::Deleting => match self.engine_destroy(&r).await {
                     Ok(()) => {
-                        self.store.delete(&key(&r.node, &r.name)).await?;
+                        self.forget(&r).await?;
                     }
                     Err(e) => {
                         tracing::warn!(node = %r.node, pool = %r.name, error = %e, "cannot destroy the pool yet")

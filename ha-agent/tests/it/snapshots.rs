@@ -626,9 +626,9 @@ async fn a_snapshot_with_a_copy_on_a_deleted_node_is_deleted_everywhere_else() {
 }
 
 /// A snapshot whose record names a pool it asked a node about where no copy was made (its replica there was
-/// rebuilding), and that pool is gone since (destroyed; its engine neither has it nor waits for it, and the cluster
-/// has no record of it): deleting the snapshot finishes. Before, the engine's NotFound there counted as "the pool
-/// not imported yet" for ever, and every delete answered FAILED_PRECONDITION. Needs etcd (Debian package
+/// rebuilding), and that pool was deleted through the agent since: deleting the snapshot finishes. Before, the
+/// engine's NotFound there counted as "the pool not imported yet" for ever, and every delete answered
+/// FAILED_PRECONDITION. A pool the agent did not destroy still counts as to come. Needs etcd (Debian package
 /// etcd-server), where the test writes the record beside the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_asked_of_a_pool_destroyed_since_is_deleted() {
@@ -660,19 +660,55 @@ async fn a_snapshot_asked_of_a_pool_destroyed_since_is_deleted() {
         .node
         .clone();
     let other = if holder == "reg-1" { "reg-2" } else { "reg-1" };
-    // The other node was asked too, of a pool it no longer has.
+    // The other node was asked too, of a pool it has no more (made and deleted through the agent), and of one
+    // that was never the agent's (it may be imported through the engine's API again).
+    let disk = dir.path().join("extra.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    c.create_pool(pb::CreatePoolRequest {
+        node: other.into(),
+        name: "extra".into(),
+        disk: disk.display().to_string(),
+    })
+    .await
+    .unwrap();
+    c.delete_pool(pb::DeletePoolRequest {
+        node: other.into(),
+        name: "extra".into(),
+    })
+    .await
+    .unwrap();
     let key = format!("/keelson/snapshots/{snap}");
     let s = etcd.store().await;
-    let mut record: serde_json::Value =
-        serde_json::from_slice(&s.get(&key).await.unwrap().unwrap().value).unwrap();
-    record["asked"].as_array_mut().unwrap().push(other.into());
-    record["asked_pools"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!([other, "destroyed-since"]));
-    s.put(&key, serde_json::to_vec(&record).unwrap())
+    let ask = |pools: &[&str]| {
+        let s = &s;
+        let key = &key;
+        let pools: Vec<String> = pools.iter().map(|p| p.to_string()).collect();
+        async move {
+            let mut record: serde_json::Value =
+                serde_json::from_slice(&s.get(key).await.unwrap().unwrap().value).unwrap();
+            record["asked"] = serde_json::json!([other]);
+            record["asked_pools"] = serde_json::Value::Array(
+                pools
+                    .iter()
+                    .map(|p| serde_json::json!([other, p]))
+                    .collect(),
+            );
+            s.put(key, serde_json::to_vec(&record).unwrap())
+                .await
+                .unwrap();
+        }
+    };
+    ask(&["extra", "never-the-agents"]).await;
+    let e = c
+        .delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("never-the-agents"), "{e:?}");
+    ask(&["extra"]).await;
     c.delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap.clone() })
         .await
         .expect("the delete finishes");

@@ -43,9 +43,25 @@ fn out_of_space(e: BlockError) -> BlockError {
     }
 }
 
+/// An open disk and, when it was opened exclusively, the lock that says so: held by the device and by each of its
+/// operations in a ring, the last one closing it and letting the lock go.
+struct OpenDisk {
+    file: Arc<File>,
+    _lock: Option<DiskLock>,
+}
+
+impl std::os::fd::AsRawFd for OpenDisk {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 pub struct FileDevice {
     file: Arc<File>,
-    /// The same file, as the ring holds it while an operation on it is in flight.
+    /// The same file with its exclusive lock, held by each operation in flight (in a ring, or on a blocking
+    /// thread): neither the descriptor nor the lock goes while one may still reach the disk.
+    disk: Arc<OpenDisk>,
+    /// `disk`, as a ring holds it.
     held: HeldFile,
     path: PathBuf,
     block_size: u32,
@@ -63,8 +79,6 @@ pub struct FileDevice {
     uring: bool,
     /// Its reads, writes and flushes handed to the kernel or a blocking thread that have not ended.
     inflight: InFlight,
-    /// Held while the device is open, when it was opened exclusively.
-    _lock: Option<DiskLock>,
     /// Why a flush failed, once one did: what was written before it may never reach the disk, and the kernel tells
     /// of a writeback error once (the next flush succeeds over the lost writes), so every later flush and write
     /// fails until the device is opened again.
@@ -184,8 +198,13 @@ impl FileDevice {
         }
         let direct_unit = if direct { direct_io_unit(&file) } else { 1 };
         let file = Arc::new(file);
+        let disk = Arc::new(OpenDisk {
+            file: file.clone(),
+            _lock: lock,
+        });
         Ok(FileDevice {
-            held: file.clone(),
+            held: disk.clone(),
+            disk,
             file,
             path: path.to_path_buf(),
             block_size,
@@ -198,7 +217,6 @@ impl FileDevice {
             ),
             uring: direct && uses_ring(path),
             inflight: InFlight::new(),
-            _lock: lock,
             flush_failed: std::sync::OnceLock::new(),
         })
     }
@@ -238,12 +256,12 @@ impl FileDevice {
         &self,
         f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
     ) -> Result<T, BlockError> {
-        let file = self.file.clone();
+        let disk = self.disk.clone();
         // Ends with the closure, which runs to the end whether or not anyone still waits for it.
         let ticket = self.inflight.start();
         match tokio::task::spawn_blocking(move || {
             let _ticket = ticket;
-            f(&file)
+            f(&disk.file)
         })
         .await
         {
@@ -504,6 +522,54 @@ impl BlockDevice for FileDevice {
 mod tests {
     use super::*;
     use crate::block::conformance;
+
+    /// A write whose submission the kernel refused, its asker and its device gone before the ring's retry: the
+    /// disk stays claimed (another exclusive open is refused) until the write is done, and the write lands in it.
+    /// Before, the claim went with the device, and a new opener could take the disk with that write still to come.
+    #[tokio::test]
+    async fn a_dropped_devices_pending_write_keeps_its_disk_claimed_until_it_is_done() {
+        use futures_util::FutureExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk");
+        std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();
+        let d = FileDevice::open_exclusive(&p, 4096, true).unwrap();
+        if d.ring().is_none() {
+            assert!(
+                std::env::var_os(e2e::privileged::REQUIRE_VAR).is_none(),
+                "no io_uring here"
+            );
+            eprintln!("skipped: no io_uring here");
+            return;
+        }
+        // The submission and the ring's next retries are refused: the write waits in the queue.
+        crate::block::uring::FAIL_SUBMITS.with(|n| n.set(20));
+        let mut b = AlignedBuf::for_filling(4096);
+        b.bytes_mut().fill(5);
+        assert!(d.write(0, b.freeze()).now_or_never().is_none());
+        drop(d);
+        assert!(
+            matches!(
+                FileDevice::open_exclusive(&p, 4096, true),
+                Err(BlockError::InUse(_))
+            ),
+            "the disk was free while a write to it was still to come"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let d = loop {
+            match FileDevice::open_exclusive(&p, 4096, true) {
+                Ok(d) => break d,
+                Err(BlockError::InUse(_)) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the write never ended"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(d.read(0, 4096).await.unwrap().iter().all(|&x| x == 5));
+    }
 
     #[tokio::test]
     async fn conforms_buffered_and_direct() {

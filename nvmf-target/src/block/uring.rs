@@ -441,7 +441,7 @@ const SUBMIT_RETRY: Duration = Duration::from_millis(1);
 #[cfg(test)]
 thread_local! {
     /// How many of this thread's next submissions fail as if the kernel were short of memory (tests).
-    static FAIL_SUBMITS: Cell<u32> = const { Cell::new(0) };
+    pub(super) static FAIL_SUBMITS: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Hands the queued entries to the kernel (under test, fails while [`FAIL_SUBMITS`] counts down).
