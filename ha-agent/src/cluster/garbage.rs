@@ -35,29 +35,34 @@ pub(super) struct Garbage {
 /// it (`pool::DESTROYED`; a pool's destroy refuses while it holds anything, so what was asked for cannot be in it)
 /// and neither a record of the agent's nor the engine's pending list names it again. Any other may come back (its
 /// disk late, or a pool imported through the engine's own API, which a restart forgets until it is imported again).
-/// Pools the engine cannot be asked about, or whose records cannot be read, count as to come.
+/// Pools the engine cannot be asked about, or whose records cannot be read, count as to come. The engine's pools
+/// are asked before `destroy` runs: a pool that opens between the two (a pending pool's retry) is not taken for
+/// one that was open and did not have it.
 pub(super) async fn destroyed_unless_pending<T>(
     store: &dyn Store,
     c: &mut EngineClient<Channel>,
     node: &str,
     pools: &[String],
     volume: Uuid,
-    r: Result<T, tonic::Status>,
+    destroy: impl std::future::Future<Output = Result<T, tonic::Status>>,
 ) -> Result<(), VolumeError> {
-    match r {
+    // None: the engine could not tell.
+    let (imported, pending): (Vec<String>, Option<Vec<String>>) = if pools.is_empty() {
+        (Vec::new(), None)
+    } else {
+        match c.list_pools(epb::ListPoolsRequest {}).await {
+            Ok(l) => {
+                let l = l.into_inner();
+                (
+                    l.pools.into_iter().map(|p| p.name).collect(),
+                    Some(l.pending.into_iter().map(|p| p.name).collect()),
+                )
+            }
+            Err(_) => (Vec::new(), None),
+        }
+    };
+    match destroy.await {
         Err(s) if s.code() == tonic::Code::NotFound && !pools.is_empty() => {
-            // None: the engine could not tell.
-            let (imported, pending): (Vec<String>, Option<Vec<String>>) =
-                match c.list_pools(epb::ListPoolsRequest {}).await {
-                    Ok(l) => {
-                        let l = l.into_inner();
-                        (
-                            l.pools.into_iter().map(|p| p.name).collect(),
-                            Some(l.pending.into_iter().map(|p| p.name).collect()),
-                        )
-                    }
-                    Err(_) => (Vec::new(), None),
-                };
             for p in pools.iter().filter(|p| !imported.contains(p)) {
                 let to_come = match &pending {
                     None => true,
@@ -125,17 +130,17 @@ impl Volumes {
         let Ok(mut c) = self.engine(&g.node).await else {
             return Ok(());
         };
-        let res = c
-            .destroy_replica(epb::DestroyReplicaRequest {
-                uuid: id.to_string(),
-            })
-            .await;
+        let mut d = c.clone();
+        let destroy = d.destroy_replica(epb::DestroyReplicaRequest {
+            uuid: id.to_string(),
+        });
         let pools: Vec<String> = Some(g.pool.clone())
             .filter(|p| !p.is_empty())
             .into_iter()
             .collect();
         let res =
-            destroyed_unless_pending(self.store(), &mut c, &g.node, &pools, g.volume, res).await;
+            destroyed_unless_pending(self.store(), &mut c, &g.node, &pools, g.volume, destroy)
+                .await;
         self.metrics
             .operation("destroy_replica", if res.is_ok() { "ok" } else { "failed" });
         match res {

@@ -323,9 +323,8 @@ impl Volumes {
                 .collect();
             let cleared = match self.engine(&node).await {
                 Ok(mut c) => {
-                    let d = c
-                        .destroy_snapshot(epb::DestroySnapshotRequest { uuid: id.clone() })
-                        .await;
+                    let mut e = c.clone();
+                    let d = e.destroy_snapshot(epb::DestroySnapshotRequest { uuid: id.clone() });
                     super::garbage::destroyed_unless_pending(
                         self.store(),
                         &mut c,
@@ -471,11 +470,10 @@ impl Volumes {
         for (node, pools) in pools {
             let destroyed = async {
                 let mut c = self.engine(&node).await?;
-                let r = c
-                    .destroy_snapshot(epb::DestroySnapshotRequest {
-                        uuid: s.uuid.to_string(),
-                    })
-                    .await;
+                let mut e = c.clone();
+                let r = e.destroy_snapshot(epb::DestroySnapshotRequest {
+                    uuid: s.uuid.to_string(),
+                });
                 // Not found in a pool the engine has not imported yet (its disk late at start): not known to be
                 // gone, and the record is what would destroy it once the pool is back.
                 super::garbage::destroyed_unless_pending(
