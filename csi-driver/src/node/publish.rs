@@ -146,15 +146,14 @@ impl SoleWriters {
     /// empty), and it is written again at each change.
     pub fn kept_in(file: PathBuf) -> SoleWriters {
         let map = match std::fs::read(&file) {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                tracing::warn!(file = %file.display(), error = %e, "single-writer publishes not read: taken as none");
-                Default::default()
-            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
-            Err(e) => {
-                tracing::warn!(file = %file.display(), error = %e, "single-writer publishes not read: taken as none");
-                Default::default()
-            }
+            read => read
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(file = %file.display(), error = %e, "single-writer publishes not read: taken as none");
+                    Default::default()
+                }),
         };
         SoleWriters {
             map: std::sync::Mutex::new(map),

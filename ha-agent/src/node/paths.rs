@@ -3,7 +3,8 @@
 //! non-optimized) for longer than a grace period, or when it vanished (the kernel gave up on it) and no usable controller of its
 //! subsystem is left. Controllers taken down on purpose are not reported: none vanished is while another of its
 //! subsystem is being deleted (an unstage deletes a volume's paths one after another), and a subsystem left with no
-//! controller at all must be seen so in two scans in a row (a deleted last path takes its subsystem with it). A live controller is broken too when it has I/O in flight and none completed for the stall
+//! controller at all must be seen so in two scans in a row (a deleted last path takes its subsystem with it). A
+//! live controller is broken too when it has I/O in flight and none completed for the stall
 //! timeout: its target went silent (a frozen engine, a cut link) without the TCP connection failing, which the
 //! kernel itself notices only when its keep-alive times out (1.25-2 keep-alive timeouts on Linux 6.1). Such a path
 //! is [`PathTracker::stalled`] (the metrics show it). A slow target reported this way is not moved: the cluster
@@ -111,10 +112,7 @@ impl PathTracker {
             }
             // Vanished controllers matter only when nothing usable is left, and none is being deleted (they were
             // deleted on purpose, one after another).
-            let deleting = s
-                .controllers
-                .iter()
-                .any(|c| c.state.starts_with("deleting"));
+            let deleting = s.controllers.iter().any(Controller::being_deleted);
             if s.controllers.is_empty() && !before.is_empty() && !self.empty.contains(&s.nqn) {
                 // No controller left, first seen so: the subsystem of a deleted last path goes in a moment. Its
                 // controllers are kept for the next scan to report, if it is still there then.

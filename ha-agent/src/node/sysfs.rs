@@ -80,11 +80,20 @@ impl Controller {
     /// yet; nor is one being set up (`new`) or taken down on purpose (`deleting`: an unstage, or this agent
     /// removing a replaced path; the kernel deletes none by itself, as paths are connected with ctrl_loss_tmo=-1).
     pub fn broken(&self) -> bool {
+        if self.being_deleted() {
+            return false;
+        }
         match self.state.as_str() {
-            "new" | "deleting" | "deleting (no IO)" => false,
+            "new" => false,
             "live" => !self.ana.is_empty() && !self.usable(),
             _ => true,
         }
+    }
+
+    /// Whether it is being deleted (`deleting`, `deleting (no IO)`): on purpose, as the kernel deletes none by
+    /// itself (see [`Self::broken`]).
+    pub fn being_deleted(&self) -> bool {
+        self.state.starts_with("deleting")
     }
 
     /// `ip:port` of its target.

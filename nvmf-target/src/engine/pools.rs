@@ -847,12 +847,7 @@ mod tests {
     async fn a_pool_operation_stuck_on_its_disk_holds_up_no_other_disk() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine_with_pool(dir.path()).await;
-        let stuck = dir.path().join("stuck");
-        std::fs::File::create(&stuck)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let stuck = stuck.to_str().unwrap().to_string();
+        let stuck = blank_disk(dir.path(), "stuck");
         let held = engine.claim_disk(&stuck).await;
         let waiting = {
             let (engine, stuck) = (engine.clone(), stuck.clone());
@@ -879,12 +874,7 @@ mod tests {
     async fn a_destroy_during_its_pools_create_destroys_the_pool_once_made() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine_with_pool(dir.path()).await;
-        let disk = dir.path().join("s");
-        std::fs::File::create(&disk)
-            .unwrap()
-            .set_len(64 << 20)
-            .unwrap();
-        let disk = disk.to_str().unwrap().to_string();
+        let disk = blank_disk(dir.path(), "s");
         // The create has its disk and waits for the name, as one busy formatting would hold it.
         let held = engine.claim_pool_name("s").await;
         let create = {
@@ -914,15 +904,21 @@ mod tests {
         );
     }
 
-    /// Pool `name` on a new 64 MiB sparse file in `dir`.
-    async fn add_pool(engine: &Engine, dir: &Path, name: &str) {
+    /// A new 64 MiB sparse file `name` in `dir`: its path.
+    fn blank_disk(dir: &Path, name: &str) -> String {
         let disk = dir.join(name);
         std::fs::File::create(&disk)
             .unwrap()
             .set_len(64 << 20)
             .unwrap();
+        disk.to_str().unwrap().to_string()
+    }
+
+    /// Pool `name` on a new 64 MiB sparse file in `dir`.
+    async fn add_pool(engine: &Engine, dir: &Path, name: &str) {
+        let disk = blank_disk(dir, name);
         engine
-            .create_pool(name, disk.to_str().unwrap(), None, 1 << 20, 512)
+            .create_pool(name, &disk, None, 1 << 20, 512)
             .await
             .unwrap();
     }
