@@ -36,6 +36,52 @@ struct Unflushed {
     flushes_started: u64,
 }
 
+/// Every child in sync lost its connection since it joined (`children`, in the nexus's order): none is known to
+/// hold what another may have lost, and faulting them all would stop the volume. If none had writes unflushed, none
+/// lost any: all are kept. Otherwise only the first is kept: the others stay lost, to be faulted (or left out) by
+/// the caller as any child whose connection was lost, each with every range any of them had not flushed added to
+/// its own (whichever of them lost a write there, the kept one may differ from it there), so that their catch-up
+/// from the kept one makes them agree with it. Keeping all would leave children that lost different unflushed
+/// writes (one engine restarted cleanly, another lost its power) disagreeing for good: reads would return one
+/// version and then the other.
+pub fn keep_after_every_loss(children: &[&Arc<Child>]) {
+    let Some((first, others)) = children.split_first() else {
+        return;
+    };
+    let mut unflushed = first.unflushed_map();
+    for c in others {
+        unflushed.union(&c.unflushed_map());
+    }
+    if unflushed.count() == 0 {
+        children.iter().for_each(|c| c.accept_reconnect());
+        return;
+    }
+    tracing::warn!(child = %first.name, "every child lost its connection with writes not flushed: keeping one, the others catch up from it");
+    first.accept_reconnect();
+    for c in others {
+        c.unflushed().newer.union(&unflushed);
+    }
+}
+
+/// At a nexus's end, its `healthy` children that lost their connection since it was last used: those that had
+/// writes unflushed then, which may be gone, to be faulted so that the records the others keep of them name those
+/// writes (no I/O of this nexus will fault them any more, and the next one would trust them); all but one of them
+/// if every child lost its connection ([`keep_after_every_loss`]). The others are kept.
+pub fn lost_at_end(healthy: &[Arc<Child>]) -> Vec<Arc<Child>> {
+    if !healthy.is_empty() && healthy.iter().all(|c| c.lost_connection()) {
+        keep_after_every_loss(&healthy.iter().collect::<Vec<_>>());
+    }
+    let mut lost = Vec::new();
+    for c in healthy.iter().filter(|c| c.lost_connection()) {
+        if c.unflushed_map().count() == 0 {
+            c.accept_reconnect();
+        } else {
+            lost.push(c.clone());
+        }
+    }
+    lost
+}
+
 /// A child's identity across nexuses and nodes: its URI without scheme and host (`NQN`, plus `?nsid=N` unless
 /// 1), or the name itself when it is not a URI.
 pub fn stable_key(name: &str) -> String {
@@ -172,11 +218,18 @@ impl Child {
         self.device.connection_losses() != self.losses_seen.load(Ordering::Relaxed)
     }
 
-    /// Keeps the child after a lost connection: when every child lost theirs, none holds what the others may
-    /// have lost, and faulting them all would only stop the volume.
-    pub fn accept_reconnect(&self) {
+    /// Keeps the child after a lost connection (see [`keep_after_every_loss`]).
+    fn accept_reconnect(&self) {
         self.losses_seen
             .store(self.device.connection_losses(), Ordering::Relaxed);
+    }
+
+    /// What it took and had not flushed (not durable: gone if its connection was lost to a power cut).
+    fn unflushed_map(&self) -> SegmentMap {
+        let u = self.unflushed();
+        let mut map = u.older.clone();
+        map.union(&u.newer);
+        map
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, Status> {

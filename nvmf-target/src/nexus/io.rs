@@ -23,7 +23,7 @@ use futures_util::future::{BoxFuture, join_all};
 use crate::block::timing::{self, Stage};
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
-use super::child::{Child, ChildState};
+use super::child::{self, Child, ChildState};
 use super::{Nexus, NexusState};
 
 type Op = dyn Fn(Arc<dyn BlockDevice>) -> BoxFuture<'static, Result<(), BlockError>> + Send + Sync;
@@ -145,8 +145,8 @@ impl Nexus {
             .all(|(c, _)| c.lost_connection());
         if !answered.is_empty() && in_sync_all_lost && answered.iter().all(|c| c.lost_connection())
         {
-            tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
-            answered.iter().for_each(|c| c.accept_reconnect());
+            tracing::warn!(nexus = %self.name, "every child lost its connection");
+            child::keep_after_every_loss(&answered);
         }
         for (i, (c, r)) in targets.iter().zip(results).enumerate() {
             match r {
@@ -396,8 +396,9 @@ impl BlockDevice for Nexus {
             let c = &healthy[self.next_read.fetch_add(1, Ordering::Relaxed) % healthy.len()];
             if c.lost_connection() {
                 if healthy.iter().all(|h| h.lost_connection()) {
-                    tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
-                    healthy.iter().for_each(|h| h.accept_reconnect());
+                    tracing::warn!(nexus = %self.name, "every child lost its connection");
+                    child::keep_after_every_loss(&healthy.iter().collect::<Vec<_>>());
+                    continue;
                 } else {
                     let why = "its connection was lost: unflushed writes may be gone";
                     self.fault_confirmed(c, why, None).await?;

@@ -420,8 +420,9 @@ impl Nexus {
     }
 
     /// Stops the nexus: new I/O fails, the writes in flight are waited for (up to the I/O timeout and a second),
-    /// rebuilds stop (waited for up to two I/O timeouts; one still stuck then makes the end unclean), and the
-    /// healthy children flush. `true`: a clean end: every write it took either completed on
+    /// rebuilds stop (waited for up to two I/O timeouts; one still stuck then makes the end unclean), a healthy
+    /// child whose connection was lost and made again since with writes not flushed is faulted (and recorded as
+    /// any faulted child: [`child::lost_at_end`]), and the healthy children flush. `true`: a clean end: every write it took either completed on
     /// its children or never started, and they made it durable, so the children agree, whatever happens to them
     /// next; `false`: some write was still in flight when it gave up, one failed after some children took it (they
     /// may differ there: a write that waited for consent to fault a child, given up at this shutdown, is one), a
@@ -450,6 +451,10 @@ impl Nexus {
             .is_ok();
         if !settled {
             tracing::warn!(nexus = %self.name, "shut down with a rebuild still stuck in a child's I/O: not a clean end");
+        }
+        for c in child::lost_at_end(&self.healthy()) {
+            c.fault("its connection was lost: unflushed writes may be gone");
+            self.changed();
         }
         let torn = self.torn.load(std::sync::atomic::Ordering::Acquire);
         if torn {

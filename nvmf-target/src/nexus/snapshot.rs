@@ -24,8 +24,8 @@ impl Nexus {
         // volume's I/O waits meanwhile.
         let healthy = self.healthy();
         if !healthy.is_empty() && healthy.iter().all(|c| c.lost_connection()) {
-            tracing::warn!(nexus = %self.name, "every child lost its connection: keeping them all");
-            healthy.iter().for_each(|c| c.accept_reconnect());
+            tracing::warn!(nexus = %self.name, "every child lost its connection");
+            super::child::keep_after_every_loss(&healthy.iter().collect::<Vec<_>>());
         }
         let healthy: Vec<_> = healthy
             .into_iter()

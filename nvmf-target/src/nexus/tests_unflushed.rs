@@ -59,6 +59,13 @@ impl Volatile {
         s.losses += 1;
     }
 
+    /// Its connection lost and made again, nothing lost (its engine restarted cleanly, flushing first).
+    fn reconnect(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.durable = s.current.clone();
+        s.losses += 1;
+    }
+
     fn io(&self) -> Result<std::sync::MutexGuard<'_, VolatileState>, BlockError> {
         let s = self.state.lock().unwrap();
         if s.off {
@@ -225,6 +232,64 @@ async fn when_every_child_lost_its_connection_they_are_all_kept() {
     n.write(8 << 20, data(3)).await.unwrap();
     assert_eq!(n.state(), NexusState::Online);
     assert_eq!(n.read(0, SEGMENT).await.unwrap(), data(1));
+}
+
+/// Every child lost its connection, one of them with a write it had not flushed (its node lost power), the other
+/// keeping it (its engine restarted cleanly): only one is kept, and the other catches up from it, so every read of
+/// that write gives the same answer. Before, both were kept: reads alternated between the write and the data before
+/// it.
+#[tokio::test]
+async fn when_every_child_lost_its_connection_with_writes_unflushed_only_one_is_kept() {
+    let (a, b) = (Volatile::new(), Volatile::new());
+    let n = nexus(vec![a.clone(), b.clone()]);
+    n.write(0, data(1)).await.unwrap();
+    a.reconnect();
+    b.silent_restart();
+    let first = n.read(0, SEGMENT).await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(n.read(0, SEGMENT).await.unwrap(), first, "reads disagree");
+    }
+    assert_eq!(n.state(), NexusState::Degraded);
+    assert_eq!(
+        n.rejoin_child("c1", b.clone()).await.unwrap(),
+        RebuildKind::Partial
+    );
+    rebuilt(&n).await;
+    assert_eq!(b.read(0, SEGMENT).await.unwrap(), first);
+}
+
+/// A nexus ends (moved, or its engine drained) after a child's connection was lost and made again while the volume
+/// was idle, the writes it had not flushed gone with its node's power: the end faults it and records those writes
+/// on the other child, so the next nexus rebuilds them. Before, the end flushed it as a healthy child and called
+/// itself clean: the next nexus trusted it, and reads returned the write or the data before it by turns.
+#[tokio::test]
+async fn an_end_after_a_child_lost_its_connection_records_what_it_had_not_flushed() {
+    use super::tests_missed::{Notes, Recording};
+    let a = Arc::new(Recording::new(super::tests::mem(), Vec::new(), Notes::Keep));
+    let b = Volatile::new();
+    let n = nexus(vec![a.clone(), b.clone()]);
+    n.write(0, data(1)).await.unwrap();
+    b.silent_restart();
+    assert!(n.shutdown().await, "recorded: a clean end");
+    let next = nexus(vec![a.clone(), b.clone()]);
+    assert_eq!(
+        next.recover_missed(false).await.unwrap(),
+        vec![("c1".to_string(), RebuildKind::Partial)]
+    );
+    rebuilt(&next).await;
+    assert_eq!(b.read(0, SEGMENT).await.unwrap(), data(1));
+}
+
+/// A child whose connection was lost with nothing unflushed lost nothing: the end keeps it as it is.
+#[tokio::test]
+async fn an_end_after_a_child_lost_its_connection_with_everything_flushed_keeps_it() {
+    let b = Volatile::new();
+    let n = nexus(vec![super::tests::mem(), b.clone()]);
+    n.write(0, data(1)).await.unwrap();
+    n.flush().await.unwrap();
+    b.silent_restart();
+    assert!(n.shutdown().await);
+    assert!(n.children().iter().all(|c| c.state == ChildState::Healthy));
 }
 
 /// One child lost its connection (and with it a write it had not flushed) while the other, still connected, fails
