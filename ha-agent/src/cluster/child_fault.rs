@@ -27,6 +27,7 @@ pub struct FaultQuestion {
 impl Volumes {
     /// `Ok`: the nexus is the volume's and the child's replica is recorded out of sync (or the child is no replica
     /// of the volume any more). `FailedPrecondition`: a newer nexus replaced it. `NotFound`: no such volume.
+    /// `Unavailable`: a child not in sync on record may have caught up, and the nexus's engine did not list them.
     /// `InvalidArgument`: the child names no replica, so nothing could be recorded for it.
     pub async fn confirm_child_fault(&self, q: &FaultQuestion) -> Result<(), VolumeError> {
         let Some(replica) = replica_of(&q.child) else {
@@ -70,7 +71,26 @@ impl Volumes {
         // rebuild since the last healing pass is not yet, and if it alone is left (the asking nexus's node lost, or
         // it faults too, as the last healthy child does without asking), the volume would have no replica in sync
         // on record although that one holds every acknowledged write.
-        let going_on = self.healthy_children(&q.node, q.volume).await;
+        // Without the nexus's listing such a child's sync is not known, and consent would leave it out of sync on
+        // record: no answer yet (the engine asks again), as when the agent cannot be reached.
+        let unknown = r
+            .replicas
+            .iter()
+            .any(|x| x.uuid != replica && !x.synced && !x.fault_confirmed);
+        let going_on = match self.healthy_children(&q.node, q.volume).await {
+            Some(listed) => listed,
+            None if unknown => {
+                return Err(VolumeError::Engine {
+                    node: q.node.clone(),
+                    code: tonic::Code::Unavailable,
+                    message: format!(
+                        "the nexus of volume {} did not list its children: which of them go on in sync is not known",
+                        q.volume
+                    ),
+                });
+            }
+            None => Vec::new(),
+        };
         let mut changed = false;
         for x in r.replicas.iter_mut() {
             if x.uuid != replica && !x.synced && !x.fault_confirmed && going_on.contains(&x.uuid) {
@@ -98,9 +118,8 @@ impl Volumes {
         Ok(())
     }
 
-    /// The replicas nexus `volume` on `node` lists as Healthy children; none when its engine does not answer (the
-    /// record is then left as healing last saw it).
-    async fn healthy_children(&self, node: &str, volume: Uuid) -> Vec<Uuid> {
+    /// The replicas nexus `volume` on `node` lists as Healthy children; `None` when its engine does not answer.
+    async fn healthy_children(&self, node: &str, volume: Uuid) -> Option<Vec<Uuid>> {
         let listed = async {
             self.engine(node)
                 .await
@@ -110,10 +129,10 @@ impl Volumes {
                 .ok()
         };
         let Some(listed) = listed.await else {
-            tracing::debug!(%volume, node, "the asking nexus's engine did not list it: its children's sync is left as recorded");
-            return Vec::new();
+            tracing::debug!(%volume, node, "the asking nexus's engine did not list it");
+            return None;
         };
-        listed
+        let listed = listed
             .into_inner()
             .nexuses
             .into_iter()
@@ -121,6 +140,7 @@ impl Volumes {
             .flat_map(|n| n.children)
             .filter(|c| c.state == proto::engine::ChildState::Healthy as i32)
             .filter_map(|c| replica_of(&c.uri))
-            .collect()
+            .collect();
+        Some(listed)
     }
 }

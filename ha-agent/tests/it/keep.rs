@@ -455,3 +455,67 @@ async fn a_scale_down_retires_the_replica_faulted_with_consent_though_the_nexus_
     assert_eq!(left, want, "the replica missing writes goes: {v:#?}");
     reads_back(&v, 1).await;
 }
+
+/// The agent asked to fault a child while another replica is not in sync on record (added by a scale-up, its
+/// rebuild's end not seen yet) cannot tell, without the nexus's listing, whether that replica goes on in sync: it
+/// gives no answer yet (UNAVAILABLE: the engine asks again, the write waits), and consents once the listing comes.
+/// Before, it consented at once: the faulted replica and the new one were both out of sync on record, the nexus's
+/// replica the only one in sync, and a volume losing that node could not be made again from the new one that held
+/// every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_consent_while_the_nexus_cannot_say_which_children_go_on_in_sync() {
+    let (_dir, port, _agent, engines, _nodes, c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(c.clone(), &vol, 2).await.unwrap();
+    let v = until(&c, &vol, "created", |v| {
+        v.replica_list.iter().all(|r| r.created)
+    })
+    .await;
+    let (a, b) = (v.replica_list[0].clone(), v.replica_list[1].clone());
+    let v = publish_on(&c, &vol, &a.node).await.unwrap();
+    write_through(&v, 1).await;
+    // The nexus's engine freezes (its API does not answer) as a third replica is added.
+    engines[index(&a.node)].signal("-STOP");
+    let _ = tokio::time::timeout(Duration::from_secs(5), scale(c.clone(), &vol, 3)).await;
+    let v = get(&c, &vol).await;
+    let added: Vec<_> = v
+        .replica_list
+        .iter()
+        .filter(|r| r.uuid != a.uuid && r.uuid != b.uuid)
+        .collect();
+    assert!(
+        added.len() == 1 && !added[0].in_sync,
+        "a third replica, not in sync: {v:#?}"
+    );
+    let mut reg = proto::cluster::registration_client::RegistrationClient::connect(format!(
+        "http://127.0.0.1:{port}"
+    ))
+    .await
+    .unwrap();
+    let ask = pb::ConfirmChildFaultRequest {
+        node: a.node.clone(),
+        volume: vol.clone(),
+        key: 1,
+        child: format!(
+            "nvmf://127.0.0.9:1/nqn.2026-11.io.keelson:replica-{}",
+            b.uuid
+        ),
+        reason: "test".into(),
+    };
+    let refused = reg.confirm_child_fault(ask.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let v = get(&c, &vol).await;
+    assert!(
+        v.replica_list.iter().any(|r| r.uuid == b.uuid && r.in_sync),
+        "nothing recorded without an answer: {v:#?}"
+    );
+    engines[index(&a.node)].signal("-CONT");
+    let t = Instant::now();
+    while let Err(e) = reg.confirm_child_fault(ask.clone()).await {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "never confirmed: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
