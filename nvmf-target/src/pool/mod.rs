@@ -875,13 +875,14 @@ impl Pool {
             .sum();
         // Without snapshots or clones every mapped cluster is one replica's own: no need to walk the maps (a
         // large pool's take milliseconds under the metadata lock, at every heartbeat and scrape); with them, the
-        // maps are walked once per change of the metadata.
+        // maps are walked once per change of the metadata. Either way a partial last cluster takes a whole one.
         let may_take = if !m
             .volumes
             .values()
             .any(|v| v.is_snapshot() || v.clone_of.is_some())
         {
-            committed.saturating_sub(allocated)
+            let whole: u64 = m.volumes.values().map(|v| v.map.len() as u64 * cs).sum();
+            whole.saturating_sub(allocated)
         } else if let Some((at, v)) = *self
             .inner
             .may_take_walked

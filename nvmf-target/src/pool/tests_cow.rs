@@ -199,6 +199,25 @@ mod may_take {
         assert_eq!(pool.stats().may_take, 0, "its own again");
     }
 
+    /// A replica whose size is not a whole number of clusters may take its partial last cluster whole: the room
+    /// left for new replicas leaves it out. Before, without snapshots, it counted bytes: a pool of two clusters
+    /// with a replica of one and a half offered half a cluster more, and both replicas written through needed
+    /// three.
+    #[tokio::test]
+    async fn a_partial_last_cluster_is_promised_whole() {
+        let disk = Arc::new(ThinDisk::new(32 * MIB));
+        let pool = pool_on(&disk).await;
+        let capacity = pool.stats().capacity;
+        let vol = pool
+            .create_replica(Uuid::new_v4(), CS + CS / 2, None)
+            .await
+            .unwrap();
+        assert_eq!(pool.stats().may_take, 2 * CS);
+        assert_eq!(pool.stats().replica_room, capacity - 2 * CS);
+        vol.write(CS, data(1, 4096)).await.unwrap();
+        assert_eq!(pool.stats().may_take, CS, "one of its two taken");
+    }
+
     /// What a snapshot taken now would add to what the pool keeps room for: the clusters only the replica maps.
     #[tokio::test]
     async fn unshared_clusters_are_what_a_snapshot_would_share() {
