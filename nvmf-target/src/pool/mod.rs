@@ -968,10 +968,16 @@ impl Pool {
 
     /// The block device of a volume (one per volume, shared).
     pub fn open_volume(&self, uuid: &Uuid) -> Result<Arc<PoolVolume>, PoolError> {
+        #[cfg(test)]
+        tests::before_open(uuid);
+        // The volume is looked up under the handles' lock: a destroy applies its record before it takes that lock
+        // to close the handle, so a volume found here has not passed that step, and its handle made here is closed
+        // by it. (Looked up before the lock, a destroy could end in between: a handle of the destroyed volume
+        // stayed, open, for a replica made again under the same name, with the old one's size.)
+        let mut vols = self.inner.volumes.lock().unwrap_or_else(|e| e.into_inner());
         let meta = self
             .volume_meta(uuid)
             .ok_or(PoolError::NotFound(PoolObject::Volume(*uuid)))?;
-        let mut vols = self.inner.volumes.lock().unwrap_or_else(|e| e.into_inner());
         let v = vols.entry(*uuid).or_insert_with(|| {
             Arc::new_cyclic(|me| PoolVolume {
                 pool: self.inner.clone(),

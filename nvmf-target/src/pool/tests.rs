@@ -1425,3 +1425,49 @@ async fn a_settle_waits_for_the_later_pieces_of_a_write_whose_caller_went_away()
     );
     assert_eq!(disk.inflight.len(), 0);
 }
+
+/// Under test, [`Pool::open_volume`] of the volume named here waits, just before it takes the handles' lock, until
+/// the sender paired with the receiver sends.
+static PAUSE_OPEN: Mutex<Option<(Uuid, std::sync::mpsc::Receiver<()>)>> = Mutex::new(None);
+
+pub(super) fn before_open(uuid: &Uuid) {
+    let mut pause = PAUSE_OPEN.lock().unwrap();
+    if pause.as_ref().is_some_and(|(u, _)| u == uuid) {
+        let (_, go) = pause.take().unwrap();
+        drop(pause);
+        let _ = go.recv();
+    }
+}
+
+/// A volume destroyed while it is being opened (a snapshot, an export or a resize of it asked at the same time)
+/// leaves no open handle behind: a replica made again under its name gets a handle of its own size. Before, the
+/// open looked the volume up before it took the handles' lock, and put back a handle of the destroyed volume once
+/// the destroy had closed and dropped its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_destroyed_while_it_is_opened_leaves_no_handle_behind() {
+    let pool = Pool::create(
+        Arc::new(MemoryDevice::new(64 * MIB, 512)),
+        &spec("p"),
+        &me(),
+    )
+    .await
+    .unwrap();
+    let u = Uuid::new_v4();
+    pool.create_replica(u, 4 * MIB, None).await.unwrap();
+    let (go, wait) = std::sync::mpsc::channel();
+    *PAUSE_OPEN.lock().unwrap() = Some((u, wait));
+    let opener = pool.clone();
+    let opening = tokio::task::spawn_blocking(move || opener.open_volume(&u).map(|v| v.size()));
+    while PAUSE_OPEN.lock().unwrap().is_some() {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    pool.destroy_volume(u).await.unwrap();
+    go.send(()).unwrap();
+    let opened = opening.await.unwrap();
+    assert!(
+        matches!(opened, Err(PoolError::NotFound(_))),
+        "opened a destroyed volume: {opened:?}"
+    );
+    let again = pool.create_replica(u, 8 * MIB, None).await.unwrap();
+    assert_eq!(again.size(), 8 * MIB);
+}
