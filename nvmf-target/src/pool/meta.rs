@@ -148,6 +148,11 @@ impl Record {
             Record::CreateReplica { .. } | Record::Snapshot { .. } | Record::Clone { .. }
         )
     }
+
+    /// Whether the record adds to what the metadata may have to describe (a volume, or clusters of one).
+    pub fn describes_more(&self) -> bool {
+        self.creates_volume() || matches!(self, Record::Resize { .. })
+    }
 }
 
 /// What records admitted but not applied yet do to volumes: (size, is a snapshot) of those they create or resize,
@@ -575,11 +580,34 @@ impl PoolMeta {
 
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
     pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
-        let per_volume = 512 + MISSED_BUDGET as u64;
-        let per_cluster = 28u64;
         let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
-        self.volumes.len() as u64 * per_volume + (clusters + extra_clusters) * per_cluster
+        worst_case(self.volumes.len() as u64, clusters + extra_clusters)
     }
+
+    /// [`PoolMeta::worst_case_bytes`] of the state the records `pending` stands for will make: what a commit
+    /// checks as it admits records that describe more, so that requests checked against the same state before
+    /// they were committed (two snapshots at once) cannot fill the checkpoint area together.
+    pub fn worst_case_bytes_after(&self, pending: &Pending) -> u64 {
+        let (mut volumes, mut clusters) = (0u64, 0u64);
+        for (id, v) in &self.volumes {
+            if !pending.volumes.contains_key(id) {
+                volumes += 1;
+                clusters += v.map.len() as u64;
+            }
+        }
+        for (size, _) in pending.volumes.values().flatten() {
+            volumes += 1;
+            clusters += size.div_ceil(self.cluster_size);
+        }
+        worst_case(volumes, clusters)
+    }
+}
+
+/// The worst case of a checkpoint describing `volumes` volumes of `clusters` clusters in all.
+fn worst_case(volumes: u64, clusters: u64) -> u64 {
+    let per_volume = 512 + MISSED_BUDGET as u64;
+    let per_cluster = 28u64;
+    volumes * per_volume + clusters * per_cluster
 }
 
 /// Serializes a cluster map as `[logical, physical, count]` runs of consecutive mapped clusters, plus its length.

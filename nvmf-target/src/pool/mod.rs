@@ -541,7 +541,21 @@ impl commit::Metadata for PoolInner {
                         pool: self.label.name.clone(),
                     });
                 }
-                m.admit(&mut pending, r)
+                let before = r
+                    .iter()
+                    .any(Record::describes_more)
+                    .then(|| pending.clone());
+                m.admit(&mut pending, r)?;
+                if let Some(before) = before
+                    && m.worst_case_bytes_after(&pending) + 2 * LABEL_LEN > self.label.ckpt_len
+                {
+                    pending = before;
+                    return Err(PoolError::MetadataFull(format!(
+                        "pool {} cannot describe this change beside those committed with it",
+                        self.label.name
+                    )));
+                }
+                Ok(())
             })
             .collect()
     }

@@ -1471,3 +1471,42 @@ async fn a_volume_destroyed_while_it_is_opened_leaves_no_handle_behind() {
     let again = pool.create_replica(u, 8 * MIB, None).await.unwrap();
     assert_eq!(again.size(), 8 * MIB);
 }
+
+/// Two replicas made at once where the metadata can describe only one more: one is refused. Each request checks
+/// the room before its record is committed; before, both checked against the same state and both were committed,
+/// and a checkpoint that no longer fits its area fails every later commit and import.
+#[tokio::test]
+async fn two_creates_at_once_where_the_metadata_has_room_for_one_take_it_once() {
+    let pool = Pool::create(
+        Arc::new(MemoryDevice::new(64 * MIB, 512)),
+        &spec("p"),
+        &me(),
+    )
+    .await
+    .unwrap();
+    let size = u64::from(CS);
+    let mut made = Vec::new();
+    loop {
+        let u = Uuid::new_v4();
+        match pool.create_replica(u, size, None).await {
+            Ok(_) => made.push(u),
+            Err(PoolError::MetadataFull(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    pool.destroy_volume(made.pop().unwrap()).await.unwrap();
+    let (a, b) = tokio::join!(
+        pool.create_replica(Uuid::new_v4(), size, None),
+        pool.create_replica(Uuid::new_v4(), size, None)
+    );
+    assert!(
+        a.is_ok() != b.is_ok(),
+        "exactly one fits: {:?} {:?}",
+        a.map(drop),
+        b.map(drop)
+    );
+    assert!(
+        matches!(a.err().or(b.err()), Some(PoolError::MetadataFull(_))),
+        "refused as metadata full"
+    );
+}
