@@ -321,7 +321,7 @@ impl EngineApi for EngineService {
         } else {
             r.reason.as_str()
         };
-        self.engine.fault_child(&uuid, &r.uri, reason)?;
+        self.engine.fault_child(&uuid, &r.uri, reason).await?;
         self.nexus_reply(&uuid)
     }
 

@@ -478,7 +478,7 @@ impl Engine {
             })
     }
 
-    pub fn fault_child(
+    pub async fn fault_child(
         &self,
         uuid: &uuid::Uuid,
         uri: &str,
@@ -486,6 +486,7 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.nexus_or_not_found(uuid)?
             .fault_child(uri, reason)
+            .await
             .map_err(|source| EngineError::Nexus {
                 uuid: *uuid,
                 source,

@@ -473,4 +473,25 @@ mod tests {
         n.shutdown().await;
         assert!(matches!(w.await.unwrap(), Err(BlockError::Relocated(_))));
     }
+
+    /// A child faulted on an operator's request (`keelctl engine fault-child`) is faulted as a failed I/O would
+    /// fault it: only with the agent's consent. Before, it was faulted at once, and writes acknowledged without it
+    /// while the agent still counted its replica in sync were lost if the volume was made again from it.
+    #[tokio::test]
+    async fn a_child_faulted_on_request_waits_for_consent() {
+        let gate = Scripted::new();
+        let (n, _good, bad) = setup(&gate);
+        bad.set_plan(FaultPlan::default());
+        let asked = tokio::spawn({
+            let n = n.clone();
+            async move { n.fault_child("remote", "operator").await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!asked.is_finished(), "faulted without consent");
+        assert_eq!(n.state(), NexusState::Online);
+        gate.answer(Ok(()));
+        asked.await.unwrap().unwrap();
+        assert_eq!(gate.asked(), vec!["remote".to_string()]);
+        assert_eq!(n.state(), NexusState::Degraded);
+    }
 }

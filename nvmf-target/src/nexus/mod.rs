@@ -60,6 +60,9 @@ pub enum NexusError {
     ChildNotGrown { name: String, got: u64, want: u64 },
     #[error("cannot grow while child {0} is being rebuilt")]
     Rebuilding(String),
+    /// The nexus stopped (destroyed, or replaced by a newer one) while the request waited.
+    #[error("the nexus stopped")]
+    Stopped,
 }
 
 /// Volume-level state.
@@ -409,13 +412,17 @@ impl Nexus {
         Ok(())
     }
 
-    /// Faults a child on request (operator or control plane).
-    pub fn fault_child(&self, name: &str, reason: &str) -> Result<(), NexusError> {
+    /// Faults a child on request (an operator's): as a failed I/O would, with the cluster agent's consent when the
+    /// nexus has a fault gate and the child is healthy, and what it had not flushed recorded on the others. (Faulted
+    /// without asking, writes acknowledged without it while the agent still counted its replica in sync would be
+    /// lost if the volume were made again from it.) `Relocated` if the nexus shuts down meanwhile.
+    pub async fn fault_child(&self, name: &str, reason: &str) -> Result<(), NexusError> {
         let c = self
             .child(name)
             .ok_or_else(|| NexusError::NoSuchChild(name.into()))?;
-        c.fault(reason);
-        self.changed();
+        self.fault_confirmed(&c, reason, None)
+            .await
+            .map_err(|_| NexusError::Stopped)?;
         Ok(())
     }
 

@@ -1089,7 +1089,7 @@ async fn a_nexus_keeps_its_latest_rebuilds_and_counts_them_all() {
     let n = nexus(vec![mem(), b.clone()]);
     let rounds = super::HISTORY_KEPT as u64 + 6;
     for i in 0..rounds {
-        n.fault_child("c1", "restarted").unwrap();
+        n.fault_child("c1", "restarted").await.unwrap();
         n.rejoin_child("c1", b.clone()).await.unwrap();
         for _ in 0..2000 {
             if n.rebuild_totals().total() > i {

@@ -172,7 +172,7 @@ async fn what_a_faulted_child_had_not_flushed_is_recorded_by_a_clean_end() {
     let holder = Arc::new(Recording::new(mem(), Vec::new(), Notes::Keep));
     let n = nexus(vec![holder.clone(), faulty()]);
     n.write(0, pattern(1, 4096)).await.unwrap();
-    n.fault_child("c1", "its node is going away").unwrap();
+    n.fault_child("c1", "its node is going away").await.unwrap();
     assert!(n.shutdown().await);
     assert!(
         holder.names("c1", 0),
@@ -215,7 +215,7 @@ async fn c0_away_after_c2() -> (Arc<super::Nexus>, Arc<Recording>, Arc<Recording
     });
     n.write(0, pattern(1, 4096)).await.unwrap();
     assert!(x.names("c2", 0));
-    n.fault_child("c0", "its node restarts").unwrap();
+    n.fault_child("c0", "its node restarts").await.unwrap();
     n.write(SEGMENT_2, pattern(2, 4096)).await.unwrap();
     (n, x, y)
 }
