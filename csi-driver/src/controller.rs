@@ -417,16 +417,39 @@ impl Controller for ControllerService {
         let v = match grow_to {
             Some(want) if v.size_bytes < want || v.expanding_from_bytes != 0 => {
                 tracing::info!(%uuid, from = v.size_bytes, to = want, "growing a volume made from a source to its claim's size");
-                self.expand(uuid, want.max(v.size_bytes))
-                    .await
-                    .map_err(|s| match s.code() {
-                        // Made, not grown yet: the provisioner's retry grows it.
-                        Code::FailedPrecondition => Status::unavailable(format!(
+                match self.expand(uuid, want.max(v.size_bytes)).await {
+                    Ok(grown) => grown,
+                    // Made, not grown yet: the provisioner's retry grows it.
+                    Err(s) if s.code() == Code::FailedPrecondition => {
+                        return Err(Status::unavailable(format!(
                             "volume {uuid} was made from its source and is not grown to {want} bytes yet: {}",
                             s.message()
-                        )),
-                        _ => agent_error(s),
-                    })?
+                        )));
+                    }
+                    // Its pools cannot hold the claim's size: the volume made for it goes again. No call for
+                    // this name has succeeded (that needs the grown size), so the CO holds no volume of it, and
+                    // would never delete it: a claim deleted after this error left the copy and its room for ever.
+                    Err(s)
+                        if matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted)
+                            && v.nexus_node.is_empty() =>
+                    {
+                        tracing::warn!(%uuid, want, error = %s.message(), "a volume made from a source cannot grow to its claim's size: deleting it");
+                        let deleted =
+                            self.agent
+                                .call(|mut c| {
+                                    let uuid = uuid.to_string();
+                                    async move {
+                                        c.delete_volume(pb::DeleteVolumeRequest { uuid }).await
+                                    }
+                                })
+                                .await;
+                        if let Err(e) = deleted {
+                            tracing::warn!(%uuid, error = %e.message(), "the volume that cannot grow is not deleted yet (the next call tries again)");
+                        }
+                        return Err(agent_error(s));
+                    }
+                    Err(s) => return Err(agent_error(s)),
+                }
             }
             _ => v,
         };

@@ -237,13 +237,34 @@ async fn snapshots_and_clones_hold_the_data_they_were_taken_from() {
         (again_big.volume_id.as_str(), again_big.capacity_bytes),
         (big.volume_id.as_str(), 16 * MIB)
     );
-    let mut small = from("pvc-small", snap_src, 0);
+    let mut small = from("pvc-small", snap_src.clone(), 0);
     small.capacity_range = Some(CapacityRange {
         required_bytes: 0,
         limit_bytes: 4 * MIB,
     });
     let (got, msg) = code(ctl.create_volume(small).await);
     assert_eq!(got, Code::OutOfRange, "{msg}");
+    // Restored into a claim no pool can hold: refused, and the copy made before its growth was refused goes (the
+    // CO never got the volume, so it would never delete it).
+    let (got, msg) = code(
+        ctl.create_volume(from("pvc-huge", snap_src.clone(), 1 << 40))
+            .await,
+    );
+    assert_eq!(got, Code::OutOfRange, "{msg}");
+    let huge = csi_driver::names::volume_uuid("pvc-huge").to_string();
+    let mut cl = c.cluster().await;
+    let t = std::time::Instant::now();
+    while let Ok(v) = cl
+        .get_volume(proto::cluster::GetVolumeRequest { uuid: huge.clone() })
+        .await
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(15),
+            "the volume made for a claim refused is still there: {:?}",
+            v.into_inner()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let (got, _) = code(
         ctl.create_volume(from(
             "pvc-none",
