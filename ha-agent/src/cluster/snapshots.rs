@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use proto::engine as epb;
 
+use super::dataplane::NodeEngineError;
 use super::failpoint;
 use super::node::now_ms;
 use super::volume::{VolumePhase, VolumeRecord};
@@ -374,8 +375,18 @@ impl Volumes {
             }
             None => {
                 for rep in r.replicas.iter().filter(|x| x.created).filter(current) {
-                    self.engine(&rep.node)
-                        .await?
+                    // With no nexus nothing writes: every replica in sync holds the same data, and one whose node
+                    // is down is left out (the copies made are checked below). Asked again until it returned, the
+                    // snapshot (and a clone of the volume, its expansion) would wait as long, while an unpublished
+                    // volume's replica is not replaced.
+                    let mut engine = match self.engine(&rep.node).await {
+                        Err(VolumeError::Node(NodeEngineError::NotOnline { state, .. })) => {
+                            tracing::warn!(volume = %r.uuid, snapshot = %id, node = %rep.node, ?state, "the node of a replica in sync is not online: no copy there");
+                            continue;
+                        }
+                        e => e?,
+                    };
+                    engine
                         .create_snapshot(epb::CreateSnapshotRequest {
                             replica: rep.uuid.to_string(),
                             uuid: id.clone(),

@@ -280,9 +280,9 @@ async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment()
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
-/// The agent dies after the engines took a snapshot and before it recorded the copies; one of the volume's nodes
-/// is down when it comes back (so the snapshot stays unfinished), and the volume is deleted. The unfinished snapshot
-/// is deleted with every copy it left, on the node that was down too once it returns: no pool space lost for ever.
+/// The agent dies after the engines took a snapshot and before it recorded the copies; the volume's nodes are down
+/// when it comes back (so the snapshot stays unfinished), and the volume is deleted. The unfinished snapshot is
+/// deleted with every copy it left, on the nodes that were down too once they return: no pool space lost for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is_deleted() {
     use ha_agent::cluster::failpoint as fp;
@@ -326,13 +326,17 @@ async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is
         2,
         "both replicas took it"
     );
-    // One replica's node is down when the agent returns: the snapshot cannot be finished.
-    let down = v.replica_list[1].node.clone();
-    let i: usize = down.strip_prefix("reg-").unwrap().parse().unwrap();
-    engines[i - 1].kill9();
+    // The replicas' nodes are down when the agent returns: the snapshot cannot be finished (with one of them up,
+    // it would be, with the copy there).
+    let down: Vec<String> = v.replica_list.iter().map(|r| r.node.clone()).collect();
+    let index = |n: &str| n.strip_prefix("reg-").unwrap().parse::<usize>().unwrap() - 1;
+    for n in &down {
+        engines[index(n)].kill9();
+    }
     agent.set_env("FAILPOINTS", "");
     agent.restart();
-    wait_for(port, &[(down.as_str(), Offline)], "replica node down").await;
+    let offline: Vec<(&str, _)> = down.iter().map(|n| (n.as_str(), Offline)).collect();
+    wait_for(port, &offline, "replica nodes down").await;
     crate::crash::until_served(|| {
         let mut c = c.clone();
         let vol = vol.clone();
@@ -340,8 +344,11 @@ async fn a_snapshot_left_unfinished_by_a_crash_leaves_no_copy_when_its_volume_is
     })
     .await
     .unwrap();
-    engines[i - 1].restart();
-    wait_for(port, &[(down.as_str(), Online)], "replica node back").await;
+    for n in &down {
+        engines[index(n)].restart();
+    }
+    let online: Vec<(&str, _)> = down.iter().map(|n| (n.as_str(), Online)).collect();
+    wait_for(port, &online, "replica nodes back").await;
     let t = std::time::Instant::now();
     loop {
         let left = copies_everywhere(&nodes).await;
@@ -715,4 +722,46 @@ async fn a_snapshot_asked_of_a_pool_destroyed_since_is_deleted() {
     assert!(listed(&mut c).await.is_empty());
     assert!(copies_everywhere(&nodes).await.is_empty());
     assert!(s.get(&key).await.unwrap().is_none());
+}
+
+/// A volume not published, one of its two replicas on a node that is down: a snapshot is taken of the replica that
+/// is up (nothing writes to a volume without a nexus, so every replica in sync holds the same data). Before, the
+/// snapshot waited for the node for ever (UNAVAILABLE at each try), and with it any clone of the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_an_unpublished_volume_is_taken_while_a_replicas_node_is_down() {
+    let (_dir, port, _agent, mut engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    let v = c
+        .create_volume(pb::CreateVolumeRequest {
+            uuid: vol.clone(),
+            size_bytes: 8 * MIB,
+            replicas: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let down = v.replica_list[0].node.clone();
+    let i: usize = down.trim_start_matches("reg-").parse().unwrap();
+    engines[i - 1].kill9();
+    crate::registry::wait_for(
+        port,
+        &[(down.as_str(), crate::registry::Offline)],
+        "kill -9",
+    )
+    .await;
+    let snap = uuid::Uuid::new_v4().to_string();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume: vol.clone(),
+        uuid: snap.clone(),
+    })
+    .await
+    .unwrap();
+    let s = listed(&mut c).await;
+    assert!(
+        s.iter().any(|x| x.uuid == snap && x.ready),
+        "taken and ready: {s:?}"
+    );
+    let up: Vec<pb::Node> = nodes.iter().filter(|n| n.name != down).cloned().collect();
+    assert_eq!(copies_everywhere(&up).await, vec![snap]);
 }
