@@ -9,7 +9,9 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::block::{BlockDevice, MissedWrites};
 use crate::rebuild::{Progress, SegmentMap};
@@ -144,6 +146,9 @@ pub struct Child {
     unflushed: Mutex<Unflushed>,
     /// The device's connection losses when it became this child (see [`Child::lost_connection`]).
     losses_seen: AtomicU64,
+    /// Its rebuild's task, if one was started, and what stops it: a fault stops it, and a rejoin of the child
+    /// waits for it to end (see [`Child::end_rebuild`]).
+    rebuild_run: Mutex<(Option<CancellationToken>, Option<JoinHandle<()>>)>,
 }
 
 /// A snapshot of a child for callers.
@@ -177,6 +182,7 @@ impl Child {
                 log: None,
             }),
             log_geometry: Mutex::new(log_geometry),
+            rebuild_run: Mutex::new((None, None)),
             unflushed: Mutex::new(Unflushed {
                 older: SegmentMap::empty(size, segment),
                 newer: SegmentMap::empty(size, segment),
@@ -278,6 +284,11 @@ impl Child {
         }
         s.state = ChildState::Faulted;
         s.reason = Some(reason.to_string());
+        drop(s);
+        // Its rebuild, if any, stops at its next step.
+        if let Some(stop) = &self.run().0 {
+            stop.cancel();
+        }
         true
     }
 
@@ -369,11 +380,40 @@ impl Child {
         self.st().log.take()
     }
 
-    pub fn start_rebuild(&self, progress: Arc<Progress>) {
+    /// The child is rebuilt, by a task stopped by `stop` ([`Child::rebuilt_by`] names it).
+    pub fn start_rebuild(&self, progress: Arc<Progress>, stop: CancellationToken) {
         let mut s = self.st();
         s.state = ChildState::Rebuilding;
         s.reason = None;
         s.rebuild = Some(progress);
+        self.run().0 = Some(stop);
+    }
+
+    /// The task that rebuilds the child.
+    pub fn rebuilt_by(&self, task: JoinHandle<()>) {
+        self.run().1 = Some(task);
+    }
+
+    fn run(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (Option<CancellationToken>, Option<JoinHandle<()>>)> {
+        self.rebuild_run.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops its rebuild, if one runs, and waits until the rebuild's task has ended: a faulted child's rebuild
+    /// must not go on writing to the device a rejoin hands to a new one (a copy it gave up on may still land after
+    /// the new rebuild copied there, and after writes since).
+    pub async fn end_rebuild(&self) {
+        let task = {
+            let mut run = self.run();
+            if let Some(stop) = run.0.take() {
+                stop.cancel();
+            }
+            run.1.take()
+        };
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// A finished rebuild makes the child healthy, unless it was faulted meanwhile.

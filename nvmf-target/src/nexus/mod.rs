@@ -348,6 +348,15 @@ impl Nexus {
                 want: self.size_bytes(),
             });
         }
+        // A rebuild of the faulted child ends first (it stops at its next step), and what the device still has in
+        // flight (a copy or a write given up on at its timeout) lands before anything is copied to it again.
+        if let Some(old) = self
+            .child(name)
+            .filter(|c| c.state() == ChildState::Faulted)
+        {
+            old.end_rebuild().await;
+        }
+        device.settle().await;
         // No write may be in flight while the log is handed over, or one could miss both the log and the child.
         let _all = self.lock.exclusive_all().await;
         let (child, map, kind) = {

@@ -158,7 +158,9 @@ impl Nexus {
         kind: RebuildKind,
     ) {
         let progress = Arc::new(Progress::new(&map));
-        child.start_rebuild(progress.clone());
+        // Stopped with the nexus, or when the child is faulted.
+        let stop = self.cancel.child_token();
+        child.start_rebuild(progress.clone(), stop.clone());
         let nexus = self.clone();
         tracing::info!(nexus = %self.name, child = %child.name, ?kind, bytes = progress.total_bytes, "rebuild started");
         // A copy's disk I/O is bounded as the application's is: a stalled child fails its rebuild (and a stalled
@@ -167,7 +169,8 @@ impl Nexus {
             io_timeout: Some(self.config.io_timeout),
             ..self.config.rebuild.clone()
         };
-        self.tasks.spawn(async move {
+        let rebuilt = child.clone();
+        let task = self.tasks.spawn(async move {
             let source = Siblings {
                 nexus: nexus.clone(),
                 exclude: child.name.clone(),
@@ -180,7 +183,7 @@ impl Nexus {
                 &nexus.lock,
                 &config,
                 &progress,
-                &nexus.cancel,
+                &stop,
             )
             .await;
             let skipped = r.as_ref().map_or(0, |s| s.bytes_skipped);
@@ -240,6 +243,7 @@ impl Nexus {
             drop(quiet);
             nexus.changed();
         });
+        rebuilt.rebuilt_by(task);
     }
 
     /// Keeps on `child` the records of what every child still away missed.

@@ -219,6 +219,37 @@ async fn the_last_healthy_child_cannot_be_removed_while_another_rebuilds_from_it
     n.shutdown().await;
 }
 
+/// A child faulted during its rebuild and rejoined: the first rebuild has ended before the second starts (it went on
+/// copying to the same device, and a copy it gave up on at its timeout could land after the second rebuild copied
+/// there and after writes since: stale data in a child about to turn healthy).
+#[tokio::test]
+async fn a_rejoined_childs_earlier_rebuild_ends_before_the_next_starts() {
+    let a = mem();
+    a.write(0, pattern(3, SIZE as usize)).await.unwrap();
+    let n = nexus(vec![a.clone()]);
+    let slow = faulty();
+    slow.set_plan(FaultPlan {
+        latency: Some(Duration::from_millis(20)),
+        ..Default::default()
+    });
+    n.add_child("new", slow.clone()).unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    n.fault_child("new", "test").await.unwrap();
+    slow.set_plan(FaultPlan::default());
+    n.rejoin_child("new", slow.clone()).await.unwrap();
+    let h = n.rebuild_history();
+    assert!(
+        h.len() == 1 && h[0].error.is_some(),
+        "the first rebuild still ran when the second started: {h:?}"
+    );
+    wait_rebuilds(&n, 2).await;
+    assert_eq!(n.state(), NexusState::Online);
+    assert_eq!(
+        slow.read(0, SIZE).await.unwrap(),
+        a.read(0, SIZE).await.unwrap()
+    );
+}
+
 /// Random overlapping writes run during the whole rebuild; afterwards every child must be byte-identical. The new
 /// child answers slowly (as a remote one does), so a write that lands between the rebuild's read of a segment and
 /// its write of that segment would leave stale data behind if the segment were not locked.
