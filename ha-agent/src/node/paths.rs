@@ -4,8 +4,8 @@
 //! subsystem is left. Controllers taken down on purpose are not reported: none vanished is while another of its
 //! subsystem is being deleted (an unstage deletes a volume's paths one after another), and a subsystem left with no
 //! controller at all must be seen so in two scans in a row (a deleted last path takes its subsystem with it). A
-//! live controller is broken too when it has I/O in flight and none completed for the stall
-//! timeout: its target went silent (a frozen engine, a cut link) without the TCP connection failing, which the
+//! live controller is broken too when it has reads or writes in flight and none of that kind completed for the stall
+//! timeout (reads completing do not make up for writes held): its target went silent (a frozen engine, a cut link) without the TCP connection failing, which the
 //! kernel itself notices only when its keep-alive times out (1.25-2 keep-alive timeouts on Linux 6.1). Such a path
 //! is [`PathTracker::stalled`] (the metrics show it). A slow target reported this way is not moved: the cluster
 //! agent checks with the engine first. Pure: the caller scans and gives the time.
@@ -33,8 +33,8 @@ struct Seen {
     controller: Controller,
     /// When it was first seen broken, if it is.
     unusable_since: Option<(Instant, SystemTime)>,
-    /// When it last completed I/O or had none in flight.
-    progress_at: (Instant, SystemTime),
+    /// When it last completed I/O or had none in flight, reads and writes apart ([`super::sysfs::IoCounts::flows`]).
+    progress_at: [(Instant, SystemTime); 2],
     /// Live, with I/O in flight and none completing for the stall timeout.
     stalled: bool,
 }
@@ -70,22 +70,28 @@ impl PathTracker {
             let mut here = BTreeMap::new();
             for c in &s.controllers {
                 let old = before.remove(&c.name);
-                let progress_at = match &old {
+                // Each kind on its own: reads completing do not make up for writes held (a nexus cut off from its
+                // other replicas holds writes while its local replica still answers reads).
+                let flows = c.io.flows();
+                let progress_at: [(Instant, SystemTime); 2] = std::array::from_fn(|k| match &old {
                     Some(o)
-                        if c.io.in_flight > 0 && c.io.completed == o.controller.io.completed =>
+                        if flows[k].in_flight > 0
+                            && flows[k].completed == o.controller.io.flows()[k].completed =>
                     {
-                        o.progress_at
+                        o.progress_at[k]
                     }
                     _ => (now, wall),
-                };
-                let stalled = !self.stall.is_zero()
-                    && c.state == "live"
-                    && c.io.in_flight > 0
-                    && now.duration_since(progress_at.0) >= self.stall;
+                });
+                let silent_since = (0..2)
+                    .filter(|&k| flows[k].in_flight > 0)
+                    .map(|k| progress_at[k])
+                    .min_by_key(|p| p.0)
+                    .filter(|p| now.duration_since(p.0) >= self.stall);
+                let stalled = !self.stall.is_zero() && c.state == "live" && silent_since.is_some();
                 let since = match old {
                     Some(o) if c.broken() => o.unusable_since.or(Some((now, wall))),
-                    // Silent since its last completion.
-                    Some(o) if stalled => o.unusable_since.or(Some(progress_at)),
+                    // Silent since its last completion (of the kind held).
+                    Some(o) if stalled => o.unusable_since.or(silent_since),
                     None if c.broken() => Some((now, wall)),
                     _ => None,
                 };
@@ -294,7 +300,7 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let with = |in_flight: u64, completed: u64| {
             let mut c = ctrl("nvme0", "live", 4420);
-            c.io = crate::node::sysfs::IoCounts {
+            c.io.writes = crate::node::sysfs::Flow {
                 in_flight,
                 completed,
             };
@@ -329,5 +335,32 @@ mod tests {
         let mut off = PathTracker::new(Duration::ZERO, Duration::ZERO);
         assert!(off.observe(&with(16, 1), at(0), w).is_empty());
         assert!(off.observe(&with(16, 1), at(60_000), w).is_empty());
+    }
+
+    /// Writes held with none completing while reads go on completing (a nexus cut off from the cluster agent and
+    /// its other replicas waits for consent to fault them, and serves reads from its local replica): the path is
+    /// broken after the stall timeout. Before, any completion counted: the host's writes hung for the whole cut.
+    #[test]
+    fn writes_held_while_reads_complete_are_a_stalled_path() {
+        let mut t = PathTracker::new(Duration::ZERO, Duration::from_secs(1));
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let with = |reads_done: u64| {
+            let mut c = ctrl("nvme0", "live", 4420);
+            c.io.reads = crate::node::sysfs::Flow {
+                in_flight: 4,
+                completed: reads_done,
+            };
+            c.io.writes = crate::node::sysfs::Flow {
+                in_flight: 8,
+                completed: 50,
+            };
+            subsys(vec![c])
+        };
+        assert!(t.observe(&with(100), at(0), w).is_empty());
+        assert!(t.observe(&with(200), at(500), w).is_empty());
+        let b = t.observe(&with(300), at(1000), w);
+        assert_eq!(b.len(), 1, "writes silent for the stall timeout");
+        assert_eq!(b[0].seen_at, at(0));
     }
 }

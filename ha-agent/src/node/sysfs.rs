@@ -29,11 +29,19 @@ pub struct Controller {
     pub io: IoCounts,
 }
 
-/// A path's block I/O counters: requests in flight now (`inflight`: reads, and writes with discards and flushes),
-/// and requests completed since it appeared (`stat`: reads, writes, discards and flushes, fields 1, 5, 12 and 16).
-/// In flight with nothing completing means the target went silent.
+/// A path's block I/O counters, reads apart from writes (with discards and flushes): requests in flight now
+/// (`inflight`) and requests completed since it appeared (`stat`: reads, field 1; writes, discards and flushes,
+/// fields 5, 12 and 16). In flight with nothing completing means the target went silent, for one kind alone too
+/// (a nexus cut off from its other replicas holds its writes, and may still complete reads).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IoCounts {
+    pub reads: Flow,
+    pub writes: Flow,
+}
+
+/// Requests of one kind: in flight now, completed so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
     pub in_flight: u64,
     pub completed: u64,
 }
@@ -50,17 +58,32 @@ impl IoCounts {
         let stat = nums("stat");
         let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
         IoCounts {
-            in_flight: at(&inflight, 0) + at(&inflight, 1),
-            // A long discard (mkfs, fstrim) or flush completes in its own counter, not the writes'.
-            completed: at(&stat, 0) + at(&stat, 4) + at(&stat, 11) + at(&stat, 15),
+            reads: Flow {
+                in_flight: at(&inflight, 0),
+                completed: at(&stat, 0),
+            },
+            writes: Flow {
+                in_flight: at(&inflight, 1),
+                // A long discard (mkfs, fstrim) or flush completes in its own counter, not the writes'.
+                completed: at(&stat, 4) + at(&stat, 11) + at(&stat, 15),
+            },
         }
     }
 
     fn add(self, o: IoCounts) -> IoCounts {
+        let sum = |a: Flow, b: Flow| Flow {
+            in_flight: a.in_flight + b.in_flight,
+            completed: a.completed + b.completed,
+        };
         IoCounts {
-            in_flight: self.in_flight + o.in_flight,
-            completed: self.completed + o.completed,
+            reads: sum(self.reads, o.reads),
+            writes: sum(self.writes, o.writes),
         }
+    }
+
+    /// Both kinds, by [`IoCounts::reads`] then [`IoCounts::writes`].
+    pub fn flows(&self) -> [Flow; 2] {
+        [self.reads, self.writes]
     }
 }
 
@@ -267,7 +290,7 @@ pub mod fixture {
         std::fs::write(d.join("state"), format!("{state}\n")).unwrap();
     }
 
-    /// Sets the block counters of the controller's first path: `in_flight` requests, `completed` reads.
+    /// Sets the block counters of the controller's first path: `in_flight` reads, `completed` reads.
     pub fn set_io(sys: &Path, subsys: &str, name: &str, in_flight: u64, completed: u64) {
         let n = name.trim_start_matches("nvme");
         let d = sys
@@ -338,11 +361,26 @@ mod tests {
         );
         fixture::set_io(sys, "nvme-subsys0", "nvme0", 3, 1234);
         let io = scan(sys)[0].controllers[0].io;
-        assert_eq!((io.in_flight, io.completed), (3, 1234));
-        // Discards and flushes complete in their own counters (fields 12 and 16).
-        let path = sys.join("class/nvme-subsystem/nvme-subsys0/nvme0/nvme0c0n1/stat");
-        std::fs::write(&path, "10 0 0 0 20 0 0 0 1 0 0 7 0 0 0 5 0\n").unwrap();
-        assert_eq!(scan(sys)[0].controllers[0].io.completed, 10 + 20 + 7 + 5);
+        assert_eq!((io.reads.in_flight, io.reads.completed), (3, 1234));
+        // Writes apart; discards and flushes complete in their own counters (fields 12 and 16), counted as writes.
+        let dir = sys.join("class/nvme-subsystem/nvme-subsys0/nvme0/nvme0c0n1");
+        std::fs::write(dir.join("stat"), "10 0 0 0 20 0 0 0 1 0 0 7 0 0 0 5 0\n").unwrap();
+        std::fs::write(dir.join("inflight"), "       1        4\n").unwrap();
+        let io = scan(sys)[0].controllers[0].io;
+        assert_eq!(
+            io.reads,
+            Flow {
+                in_flight: 1,
+                completed: 10
+            }
+        );
+        assert_eq!(
+            io.writes,
+            Flow {
+                in_flight: 4,
+                completed: 20 + 7 + 5
+            }
+        );
     }
 
     #[test]
