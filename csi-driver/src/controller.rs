@@ -132,6 +132,32 @@ fn invalid(what: impl Into<String>) -> Status {
 }
 
 /// A cluster agent error as the CO sees it: same code, saying where it came from.
+/// The size a volume had before any growth under way: what a volume made from a source has until it is grown to its
+/// claim's size (one grown already, and growing again, was handed out).
+fn made_size(v: &pb::Volume) -> u64 {
+    if v.expanding_from_bytes != 0 {
+        v.expanding_from_bytes
+    } else {
+        v.size_bytes
+    }
+}
+
+/// The CreateVolume answer for the cluster agent's refusal `s`. NOT_FOUND tells a CO the volume's source does not
+/// exist, which it takes as final: for a volume without a source it can only be something the agent met on the way
+/// (a chosen pool not imported yet after its engine restarted), and the call is to be tried again (UNAVAILABLE).
+fn create_error(name: &str, s: Status, sourced: bool) -> Status {
+    match s.code() {
+        Code::AlreadyExists => Status::already_exists(format!(
+            "volume {name} exists with another size, replica count, placement, source or file system: {}",
+            s.message()
+        )),
+        Code::NotFound if !sourced => {
+            Status::unavailable(format!("cluster agent: {} (try again)", s.message()))
+        }
+        _ => agent_error(s),
+    }
+}
+
 fn agent_error(s: Status) -> Status {
     Status::new(s.code(), format!("cluster agent: {}", s.message()))
 }
@@ -393,6 +419,8 @@ impl Controller for ControllerService {
                 )));
             }
         }
+        let sourced =
+            !cluster_req.source_snapshot.is_empty() || !cluster_req.source_volume.is_empty();
         tracing::info!(name, %uuid, size, replicas = class.replicas, "CreateVolume");
         let v = self
             .agent
@@ -401,13 +429,7 @@ impl Controller for ControllerService {
                 async move { c.create_volume(req).await }
             })
             .await
-            .map_err(|s| match s.code() {
-                Code::AlreadyExists => Status::already_exists(format!(
-                    "volume {name} exists with another size, replica count, placement, source or file system: {}",
-                    s.message()
-                )),
-                _ => agent_error(s),
-            })?;
+            .map_err(|s| create_error(name, s, sourced))?;
         if v.phase != pb::VolumePhase::Created as i32 {
             return Err(Status::aborted(format!(
                 "volume {uuid} is still being created ({}); try again",
@@ -431,7 +453,8 @@ impl Controller for ControllerService {
                     // would never delete it: a claim deleted after this error left the copy and its room for ever.
                     Err(s)
                         if matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted)
-                            && v.nexus_node.is_empty() =>
+                            && v.nexus_node.is_empty()
+                            && made_size(&v) < want =>
                     {
                         tracing::warn!(%uuid, want, error = %s.message(), "a volume made from a source cannot grow to its claim's size: deleting it");
                         let deleted =
@@ -1043,6 +1066,20 @@ mod tests {
         assert!(
             c.abnormal && c.message.contains("replica x faulted"),
             "{c:?}"
+        );
+    }
+
+    /// NOT_FOUND from the agent is the CO's "no such source" (final): a volume without a source gets UNAVAILABLE
+    /// for it (a pool the agent chose not imported yet: tried again, it is made). Before, the agent's NOT_FOUND
+    /// went back as it was, and the claim waited with a misleading event.
+    #[test]
+    fn not_found_means_a_missing_source_only_for_a_volume_made_from_one() {
+        let nf = || Status::not_found("node n1: pool p1 not found");
+        assert_eq!(create_error("pvc", nf(), false).code(), Code::Unavailable);
+        assert_eq!(create_error("pvc", nf(), true).code(), Code::NotFound);
+        assert_eq!(
+            create_error("pvc", Status::already_exists("x"), false).code(),
+            Code::AlreadyExists
         );
     }
 }
