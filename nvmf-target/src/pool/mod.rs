@@ -982,8 +982,6 @@ impl Pool {
 
     /// The block device of a volume (one per volume, shared).
     pub fn open_volume(&self, uuid: &Uuid) -> Result<Arc<PoolVolume>, PoolError> {
-        #[cfg(test)]
-        tests::before_open(uuid);
         // The volume is looked up under the handles' lock: a destroy applies its record before it takes that lock
         // to close the handle, so a volume found here has not passed that step, and its handle made here is closed
         // by it. (Looked up before the lock, a destroy could end in between: a handle of the destroyed volume
@@ -992,6 +990,8 @@ impl Pool {
         let meta = self
             .volume_meta(uuid)
             .ok_or(PoolError::NotFound(PoolObject::Volume(*uuid)))?;
+        #[cfg(test)]
+        tests::after_lookup(uuid);
         let v = vols.entry(*uuid).or_insert_with(|| {
             Arc::new_cyclic(|me| PoolVolume {
                 pool: self.inner.clone(),

@@ -1426,11 +1426,11 @@ async fn a_settle_waits_for_the_later_pieces_of_a_write_whose_caller_went_away()
     assert_eq!(disk.inflight.len(), 0);
 }
 
-/// Under test, [`Pool::open_volume`] of the volume named here waits, just before it takes the handles' lock, until
-/// the sender paired with the receiver sends.
+/// Under test, [`Pool::open_volume`] of the volume named here waits, once it has looked the volume up, until the
+/// sender paired with the receiver sends.
 static PAUSE_OPEN: Mutex<Option<(Uuid, std::sync::mpsc::Receiver<()>)>> = Mutex::new(None);
 
-pub(super) fn before_open(uuid: &Uuid) {
+pub(super) fn after_lookup(uuid: &Uuid) {
     let mut pause = PAUSE_OPEN.lock().unwrap();
     if pause.as_ref().is_some_and(|(u, _)| u == uuid) {
         let (_, go) = pause.take().unwrap();
@@ -1440,9 +1440,9 @@ pub(super) fn before_open(uuid: &Uuid) {
 }
 
 /// A volume destroyed while it is being opened (a snapshot, an export or a resize of it asked at the same time)
-/// leaves no open handle behind: a replica made again under its name gets a handle of its own size. Before, the
-/// open looked the volume up before it took the handles' lock, and put back a handle of the destroyed volume once
-/// the destroy had closed and dropped its own.
+/// leaves no open handle behind: the open finds it gone, or hands out a handle the destroy closed, and a replica
+/// made again under its name gets a handle of its own size. Before, the open looked the volume up before it took
+/// the handles' lock, and put back a handle of the destroyed volume once the destroy had closed and dropped its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_destroyed_while_it_is_opened_leaves_no_handle_behind() {
     let pool = Pool::create(
@@ -1457,17 +1457,24 @@ async fn a_volume_destroyed_while_it_is_opened_leaves_no_handle_behind() {
     let (go, wait) = std::sync::mpsc::channel();
     *PAUSE_OPEN.lock().unwrap() = Some((u, wait));
     let opener = pool.clone();
-    let opening = tokio::task::spawn_blocking(move || opener.open_volume(&u).map(|v| v.size()));
+    let opening = tokio::task::spawn_blocking(move || opener.open_volume(&u));
     while PAUSE_OPEN.lock().unwrap().is_some() {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    pool.destroy_volume(u).await.unwrap();
+    let destroyer = pool.clone();
+    let destroying = tokio::spawn(async move { destroyer.destroy_volume(u).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     go.send(()).unwrap();
     let opened = opening.await.unwrap();
-    assert!(
-        matches!(opened, Err(PoolError::NotFound(_))),
-        "opened a destroyed volume: {opened:?}"
-    );
+    destroying.await.unwrap().unwrap();
+    match opened {
+        Err(PoolError::NotFound(_)) => {}
+        Ok(v) => assert!(
+            v.read(0, 512).await.is_err(),
+            "an open handle of a destroyed volume"
+        ),
+        Err(e) => panic!("{e}"),
+    }
     let again = pool.create_replica(u, 8 * MIB, None).await.unwrap();
     assert_eq!(again.size(), 8 * MIB);
 }
