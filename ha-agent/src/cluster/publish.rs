@@ -373,6 +373,14 @@ impl Volumes {
                 x.fault_confirmed = false;
             }
         }
+        // The nexus this one replaces did not end as far as the agent knows (its node cut off, not dead, maybe): it
+        // may still serve reads from a replica on its node, which this one could not fence, for the read lease after
+        // its last answer from a child this one did fence. Those reads end before this one takes its first write.
+        // Waited before the record says the replicas need no resync, so an attempt cut short waits again.
+        if r.resync {
+            tracing::info!(%uuid, %node, lease = ?proto::READ_LEASE, "the replaced nexus's end is not known: waiting out its read lease before exporting the new one");
+            tokio::time::sleep(proto::READ_LEASE).await;
+        }
         r.fence_key = key;
         r.resync = false;
         self.save(&r).await?;

@@ -87,7 +87,10 @@ async fn finished(
             && m.nexus_node != v.nexus_node
             && !not_on.contains(&m.nexus_node.as_str())
             && !m.nqn.is_empty()
-            && m.replica_list.iter().all(|r| r.node != v.nexus_node)
+            // The old node's replicas disowned (a replacement healing places there since is another replica).
+            && !m.replica_list.iter().any(|r| {
+                r.node == v.nexus_node && v.replica_list.iter().any(|o| o.uuid == r.uuid)
+            })
         {
             return m;
         }

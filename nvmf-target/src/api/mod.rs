@@ -26,3 +26,13 @@ pub async fn serve_on(
         .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    /// The read lease a nexus keeps is the one the cluster agent waits out before a nexus replacing one it could
+    /// not end takes writes (`proto::READ_LEASE`): a shorter wait would let the old one serve reads older than them.
+    #[test]
+    fn the_nexus_keeps_the_read_lease_the_agent_waits_out() {
+        assert_eq!(crate::nexus::READ_LEASE, proto::READ_LEASE);
+    }
+}

@@ -98,6 +98,10 @@ impl BlockDevice for ErrorCount {
         self.inner.connection_losses()
     }
 
+    fn remote(&self) -> bool {
+        self.inner.remote()
+    }
+
     async fn allocated_ranges(
         &self,
         offset: u64,

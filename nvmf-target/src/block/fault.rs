@@ -146,6 +146,10 @@ impl BlockDevice for FaultDevice {
     fn connection_losses(&self) -> u64 {
         self.inner.connection_losses()
     }
+
+    fn remote(&self) -> bool {
+        self.inner.remote()
+    }
     async fn allocated_ranges(
         &self,
         offset: u64,

@@ -150,6 +150,13 @@ pub trait BlockDevice: Send + Sync + 'static {
         0
     }
 
+    /// Whether the device is another node's, reached over the network: a newer nexus may take its reservation
+    /// without this node hearing of it, so a nexus serves reads only while it answers (the read lease). A wrapper
+    /// passes the call down.
+    fn remote(&self) -> bool {
+        false
+    }
+
     /// The byte ranges within `offset..offset+len` that may hold data (the rest reads as zeroes), merged and in
     /// order; `None` when the device cannot tell (treat it all as data). A rebuild skips what is not listed.
     async fn allocated_ranges(

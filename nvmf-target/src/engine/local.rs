@@ -108,6 +108,10 @@ impl BlockDevice for LocalChild {
     async fn rescan(&self) -> Result<u64, BlockError> {
         self.ns.device.rescan().await
     }
+    async fn settle(&self) {
+        self.ns.device.settle().await
+    }
+
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         self.check(Access::ReadsData)?;
         let start = std::time::Instant::now();

@@ -426,6 +426,10 @@ impl BlockDevice for RemoteNamespace {
         self.shared.losses.load(Ordering::Acquire)
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     async fn close(&self) {
         RemoteNamespace::close(self).await
     }

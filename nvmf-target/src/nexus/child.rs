@@ -149,6 +149,9 @@ pub struct Child {
     /// Its rebuild's task, if one was started, and what stops it: a fault stops it, and a rejoin of the child
     /// waits for it to end (see [`Child::end_rebuild`]).
     rebuild_run: Mutex<(Option<CancellationToken>, Option<JoinHandle<()>>)>,
+    /// When the latest command it answered successfully was sent ([`super::lease`]'s clock): its reservation was
+    /// still this nexus's then.
+    proof: AtomicU64,
 }
 
 /// A snapshot of a child for callers.
@@ -183,6 +186,8 @@ impl Child {
             }),
             log_geometry: Mutex::new(log_geometry),
             rebuild_run: Mutex::new((None, None)),
+            // Made as the nexus took its reservation, or as it joined (then answered only as it turns healthy).
+            proof: AtomicU64::new(super::lease::now()),
             unflushed: Mutex::new(Unflushed {
                 older: SegmentMap::empty(size, segment),
                 newer: SegmentMap::empty(size, segment),
@@ -216,6 +221,16 @@ impl Child {
         if u.flushes_started == n {
             u.older.clear_all();
         }
+    }
+
+    /// A command sent at `sent` ([`super::lease::at`]) succeeded on it.
+    pub fn note_proof(&self, sent: u64) {
+        self.proof.fetch_max(sent, Ordering::Relaxed);
+    }
+
+    /// When the latest command it answered successfully was sent ([`super::lease::at`]).
+    pub fn proof(&self) -> u64 {
+        self.proof.load(Ordering::Relaxed)
     }
 
     /// Whether the device lost its connection since it became this child (and came back, or I/O would fail):
@@ -380,18 +395,23 @@ impl Child {
         self.st().log.take()
     }
 
-    /// The child is rebuilt, by a task stopped by `stop` ([`Child::rebuilt_by`] names it).
-    pub fn start_rebuild(&self, progress: Arc<Progress>, stop: CancellationToken) {
-        let mut s = self.st();
-        s.state = ChildState::Rebuilding;
-        s.reason = None;
-        s.rebuild = Some(progress);
-        self.run().0 = Some(stop);
-    }
-
-    /// The task that rebuilds the child.
-    pub fn rebuilt_by(&self, task: JoinHandle<()>) {
-        self.run().1 = Some(task);
+    /// The child is rebuilt, by the task `spawn` starts, which `stop` stops. Kept together under one lock, so that
+    /// [`Child::end_rebuild`] never finds the one without the other.
+    pub fn start_rebuild(
+        &self,
+        progress: Arc<Progress>,
+        stop: CancellationToken,
+        spawn: impl FnOnce() -> JoinHandle<()>,
+    ) {
+        {
+            let mut s = self.st();
+            s.state = ChildState::Rebuilding;
+            s.reason = None;
+            s.rebuild = Some(progress);
+        }
+        let mut run = self.run();
+        run.0 = Some(stop);
+        run.1 = Some(spawn());
     }
 
     fn run(

@@ -24,6 +24,7 @@ use crate::block::timing::{self, Stage};
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
 use super::child::{self, Child, ChildState};
+use super::lease;
 use super::{Nexus, NexusState};
 
 type Op = dyn Fn(Arc<dyn BlockDevice>) -> BoxFuture<'static, Result<(), BlockError>> + Send + Sync;
@@ -100,6 +101,7 @@ impl Nexus {
             torn: (!flush).then_some(&self.torn),
             abandoned: (!flush && len > 0).then_some((self, offset, len)),
         };
+        let sent = lease::now();
         let results = join_all(targets.iter().map(|c| {
             let io = tokio::time::timeout(timeout, op(c.device.clone()));
             async move {
@@ -143,10 +145,22 @@ impl Nexus {
             .zip(&sent_healthy)
             .filter(|(_, h)| **h)
             .all(|(c, _)| c.lost_connection());
-        if !answered.is_empty() && in_sync_all_lost && answered.iter().all(|c| c.lost_connection())
+        // Of them, one healthy when it was sent and still is is the one kept (a rebuilding child is no copy to keep).
+        let in_sync_answered: Vec<&Arc<Child>> = targets
+            .iter()
+            .zip(&results)
+            .zip(&sent_healthy)
+            .filter(|((c, r), h)| {
+                **h && matches!(r, Ok(Ok(()))) && c.state() == ChildState::Healthy
+            })
+            .map(|((c, _), _)| c)
+            .collect();
+        if !in_sync_answered.is_empty()
+            && in_sync_all_lost
+            && answered.iter().all(|c| c.lost_connection())
         {
             tracing::warn!(nexus = %self.name, "every child lost its connection");
-            child::keep_after_every_loss(&answered);
+            child::keep_after_every_loss(&in_sync_answered);
         }
         for (i, (c, r)) in targets.iter().zip(results).enumerate() {
             match r {
@@ -165,6 +179,7 @@ impl Nexus {
                         c.note_written(offset, len);
                     }
                     c.note_write();
+                    c.note_proof(sent);
                     if c.state() == ChildState::Healthy {
                         healthy_ok += 1;
                         holders.push(c.clone());
@@ -291,7 +306,7 @@ impl Nexus {
 impl Nexus {
     /// A newer nexus of the volume preempted this one: it stops (once), every later I/O fails, and the engine is
     /// told. The error for the I/O that found it.
-    fn fenced(&self) -> BlockError {
+    pub(super) fn fenced(&self) -> BlockError {
         if !self.stopped.swap(true, Ordering::AcqRel) {
             tracing::error!(nexus = %self.name, "fenced by a newer nexus of the volume: this one stops");
             if let Some(f) = &self.config.on_fenced {
@@ -387,8 +402,12 @@ impl BlockDevice for Nexus {
         }
         self.app_ios.fetch_add(1, Ordering::Relaxed);
         let mut last_err = None;
-        // Each healthy child gets a chance; faulted ones drop out of the list.
-        for _ in 0..self.list().len().max(1) * 2 {
+        // Each healthy child gets a chance; faulted ones drop out of the list. A read that ended past the read
+        // lease is read again (not counted as a try).
+        let mut tries = 0;
+        while tries < self.list().len().max(1) * 2 {
+            tries += 1;
+            self.renew_lease().await?;
             let healthy = self.healthy();
             if healthy.is_empty() {
                 break;
@@ -405,9 +424,15 @@ impl BlockDevice for Nexus {
                     continue;
                 }
             }
+            let sent = lease::now();
             match tokio::time::timeout(self.config.io_timeout, c.device.read(offset, len)).await {
                 Ok(Ok(d)) => {
                     c.note_read();
+                    c.note_proof(sent);
+                    if !self.lease_holds() {
+                        tries -= 1;
+                        continue;
+                    }
                     return Ok(d);
                 }
                 // Replicas are reserved Exclusive Access: a newer nexus took them, and what this one would read

@@ -11,11 +11,13 @@
 //! - `snapshot`: crash-consistent volume snapshots (quiesce, flush, snapshot every healthy child).
 //! - `gate`: faulting a child only with the cluster agent's consent ([`FaultGate`]).
 //! - `grow`: online growth to the size the children were grown to.
+//! - `lease`: reads served only while every healthy remote child answered within the read lease.
 
 pub mod child;
 mod gate;
 mod grow;
 mod io;
+mod lease;
 mod recover;
 mod resync;
 mod snapshot;
@@ -33,6 +35,7 @@ use crate::rebuild::{RebuildConfig, SegmentMap};
 
 use child::{Child, ChildInfo, ChildState};
 pub use gate::{FaultConsent, FaultGate, Fenced};
+pub use lease::READ_LEASE;
 pub use resync::{DURATION_BOUNDS, HISTORY_KEPT, RebuildKind, RebuildRecord, RebuildTotals};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -355,6 +358,7 @@ impl Nexus {
             .filter(|c| c.state() == ChildState::Faulted)
         {
             old.end_rebuild().await;
+            old.device.settle().await;
         }
         device.settle().await;
         // No write may be in flight while the log is handed over, or one could miss both the log and the child.
@@ -424,7 +428,8 @@ impl Nexus {
     /// Faults a child on request (an operator's): as a failed I/O would, with the cluster agent's consent when the
     /// nexus has a fault gate and the child is healthy, and what it had not flushed recorded on the others. (Faulted
     /// without asking, writes acknowledged without it while the agent still counted its replica in sync would be
-    /// lost if the volume were made again from it.) `Relocated` if the nexus shuts down meanwhile.
+    /// lost if the volume were made again from it.) `Stopped` if the nexus stops meanwhile (shut down, or replaced: a
+    /// refusal of the gate waits for the engine to take it down).
     pub async fn fault_child(&self, name: &str, reason: &str) -> Result<(), NexusError> {
         let c = self
             .child(name)
@@ -516,6 +521,8 @@ impl Nexus {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_lease;
 #[cfg(test)]
 mod tests_missed;
 #[cfg(test)]

@@ -160,7 +160,6 @@ impl Nexus {
         let progress = Arc::new(Progress::new(&map));
         // Stopped with the nexus, or when the child is faulted.
         let stop = self.cancel.child_token();
-        child.start_rebuild(progress.clone(), stop.clone());
         let nexus = self.clone();
         tracing::info!(nexus = %self.name, child = %child.name, ?kind, bytes = progress.total_bytes, "rebuild started");
         // A copy's disk I/O is bounded as the application's is: a stalled child fails its rebuild (and a stalled
@@ -170,7 +169,8 @@ impl Nexus {
             ..self.config.rebuild.clone()
         };
         let rebuilt = child.clone();
-        let task = self.tasks.spawn(async move {
+        let (p, st) = (progress.clone(), stop.clone());
+        let work = async move {
             let source = Siblings {
                 nexus: nexus.clone(),
                 exclude: child.name.clone(),
@@ -242,8 +242,8 @@ impl Nexus {
             drop(history);
             drop(quiet);
             nexus.changed();
-        });
-        rebuilt.rebuilt_by(task);
+        };
+        rebuilt.start_rebuild(p, st, || self.tasks.spawn(work));
     }
 
     /// Keeps on `child` the records of what every child still away missed.

@@ -211,6 +211,47 @@ async fn a_new_nexus_fences_the_old_one_and_none_of_its_writes_lands() {
     }
 }
 
+/// A nexus on a replica's node, over its local replica and a remote one, is replaced by one made of the remote
+/// replica alone (the cluster agent leaves out the old node's replicas when it cannot end the old nexus: its node cut
+/// off, not dead), which writes. The old nexus still reaches its local replica, which the new one never fenced:
+/// once the read lease is past, no read through it returns the data from before the new nexus's write (it checks
+/// its remote child first, meets the reservation conflict and stops). Before, its round-robin reads were served
+/// from the local replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_nexus_serves_no_read_from_its_local_replica_after_a_new_one_fenced_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (replicas, uris) = replica_nodes(dir.path(), "lease", SIZE, 64 * MIB).await;
+    let b = PoolNode::start_named("127.0.0.5", "nexus-b", &disk(dir.path(), "b.img", 16 * MIB));
+    let vol = uuid::Uuid::new_v4().to_string();
+    let a = &replicas[0].0;
+    let mut api_a = a.api().await;
+    let mut api_b = b.api().await;
+    let old_children = vec![
+        proto::names::local_child_uri(&replicas[0].1),
+        uris[1].clone(),
+    ];
+    nexus_on(&mut api_a, &vol, &old_children, 1, 0)
+        .await
+        .unwrap();
+    let va = volume(a, &vol).await;
+    va.write(0, pattern(1, 65536)).await.unwrap();
+    nexus_on(&mut api_b, &vol, &uris[1..2], 2, 1).await.unwrap();
+    let vb = volume(&b, &vol).await;
+    vb.write(0, pattern(2, 65536)).await.unwrap();
+    tokio::time::sleep(nvmf_target::nexus::READ_LEASE + Duration::from_millis(200)).await;
+    for i in 0..6 {
+        if let Ok(d) = va.read(0, 65536).await {
+            assert_ne!(
+                d,
+                pattern(1, 65536),
+                "read {i}: older than the new nexus's write"
+            );
+        }
+    }
+    vb.close().await;
+    va.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_host_changes_nothing_on_a_replica_by_any_command_class() {
     let dir = tempfile::tempdir().unwrap();
