@@ -379,7 +379,8 @@ impl Volumes {
         // Waited before the record says the replicas need no resync, so an attempt cut short waits again.
         if r.resync {
             tracing::info!(%uuid, %node, lease = ?proto::READ_LEASE, "the replaced nexus's end is not known: waiting out its read lease before exporting the new one");
-            tokio::time::sleep(proto::READ_LEASE).await;
+            // A tenth more: the two nodes' clocks need not run at quite the same rate.
+            tokio::time::sleep(proto::READ_LEASE + proto::READ_LEASE / 10).await;
         }
         r.fence_key = key;
         r.resync = false;

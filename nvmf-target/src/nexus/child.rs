@@ -403,12 +403,12 @@ impl Child {
         stop: CancellationToken,
         spawn: impl FnOnce() -> JoinHandle<()>,
     ) {
-        {
-            let mut s = self.st();
-            s.state = ChildState::Rebuilding;
-            s.reason = None;
-            s.rebuild = Some(progress);
-        }
+        // Under the state's lock throughout: a fault takes it first, so it finds the stop set (it takes the run's
+        // lock after the state's, as here).
+        let mut s = self.st();
+        s.state = ChildState::Rebuilding;
+        s.reason = None;
+        s.rebuild = Some(progress);
         let mut run = self.run();
         run.0 = Some(stop);
         run.1 = Some(spawn());

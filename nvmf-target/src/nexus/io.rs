@@ -402,12 +402,8 @@ impl BlockDevice for Nexus {
         }
         self.app_ios.fetch_add(1, Ordering::Relaxed);
         let mut last_err = None;
-        // Each healthy child gets a chance; faulted ones drop out of the list. A read that ended past the read
-        // lease is read again (not counted as a try).
-        let mut tries = 0;
-        while tries < self.list().len().max(1) * 2 {
-            tries += 1;
-            self.renew_lease().await?;
+        // Each healthy child gets a chance; faulted ones drop out of the list.
+        for _ in 0..self.list().len().max(1) * 2 {
             let healthy = self.healthy();
             if healthy.is_empty() {
                 break;
@@ -429,10 +425,8 @@ impl BlockDevice for Nexus {
                 Ok(Ok(d)) => {
                     c.note_read();
                     c.note_proof(sent);
-                    if !self.lease_holds() {
-                        tries -= 1;
-                        continue;
-                    }
+                    // Served only under the read lease (a newer nexus may have fenced the others meanwhile).
+                    self.confirm_lease().await?;
                     return Ok(d);
                 }
                 // Replicas are reserved Exclusive Access: a newer nexus took them, and what this one would read

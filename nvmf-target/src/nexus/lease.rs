@@ -12,12 +12,13 @@
 
 use std::sync::Arc;
 use std::sync::LazyLock;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
+use super::Nexus;
 use super::child::{Child, ChildState};
-use super::{Nexus, NexusState};
 use crate::block::BlockError;
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -43,6 +44,13 @@ fn lapsed(c: &Child, at: u64) -> bool {
         && c.state() == ChildState::Healthy
 }
 
+/// How long a check may take before its child counts as silent: a few leases, not the nexus's I/O timeout (every read
+/// waits for the check, not only those sent to that child).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause between checks of a child that failed one (a connection being made again).
+const CHECK_AGAIN: Duration = Duration::from_millis(50);
+
 impl Nexus {
     /// The healthy remote children whose latest successful answer was to a command sent a lease or more before `at`.
     fn lapsed(&self, at: u64) -> Vec<Arc<Child>> {
@@ -50,8 +58,8 @@ impl Nexus {
     }
 
     /// Whether a read ending now may be served: every healthy remote child answered within the lease. (Once per
-    /// read or two: looked at in place, nothing copied.)
-    pub(super) fn lease_holds(&self) -> bool {
+    /// read: looked at in place, nothing copied.)
+    fn lease_holds(&self) -> bool {
         let at = now();
         !self
             .children
@@ -61,42 +69,62 @@ impl Nexus {
             .any(|c| lapsed(c, at))
     }
 
-    /// Asks each healthy remote child whose latest answer is past the lease again, until every one left healthy has
-    /// answered within it: `Err` when one is fenced (the nexus stops) or the nexus stopped meanwhile.
-    pub(super) async fn renew_lease(&self) -> Result<(), BlockError> {
+    /// Called once a read's data is in hand: `Ok` when it may be served. So it may while the lease holds; else each
+    /// healthy remote child past it is asked again, by a command sent now, after the data was read: its success
+    /// shows no newer nexus had fenced it then, so none had written yet either. One check at a time for the whole
+    /// nexus (the reads waiting meanwhile find the lease renewed). A fenced child's conflict stops the nexus
+    /// (`Err`); a child failing its check is asked again, and faulted (with consent, which a nexus cut off from
+    /// the agent waits for) at the read error limit, or when it does not answer within [`CHECK_TIMEOUT`]. `Err`
+    /// also when the nexus stops meanwhile.
+    pub(super) async fn confirm_lease(&self) -> Result<(), BlockError> {
+        if self.lease_holds() {
+            return Ok(());
+        }
+        let _one = self.renewing.lock().await;
+        let asked = now();
         loop {
-            if self.state() == NexusState::Shutdown {
+            if self.stopped.load(Ordering::Acquire) {
                 return Err(self.stopped_error());
             }
-            if self.lease_holds() {
-                return Ok(());
-            }
-            let lapsed = self.lapsed(now());
+            // Lapsed as of the first check: a child checked since (by this loop, or by the read that held the lock
+            // before) answered a command sent after this read's data was read.
+            let lapsed = self.lapsed(asked);
             if lapsed.is_empty() {
                 return Ok(());
             }
             let sent = now();
             let block = u64::from(self.block_size);
-            let timeout = self.config.io_timeout;
+            let timeout = CHECK_TIMEOUT.min(self.config.io_timeout);
             let answers = join_all(
                 lapsed
                     .iter()
                     .map(|c| tokio::time::timeout(timeout, c.device.read(0, block))),
             )
             .await;
+            let mut failed = false;
             for (c, a) in lapsed.iter().zip(answers) {
                 match a {
                     Ok(Ok(_)) => c.note_proof(sent),
                     Ok(Err(BlockError::ReservationConflict)) => return Err(self.fenced()),
                     Ok(Err(e)) => {
-                        let why = format!("it did not answer the read lease's check: {e}");
-                        self.fault_confirmed(c, &why, None).await?;
+                        let n = c.note_read_error();
+                        if n >= self.config.read_error_limit {
+                            let why =
+                                format!("{n} read errors (the read lease's check), last: {e}");
+                            self.fault_confirmed(c, &why, None).await?;
+                        } else {
+                            failed = true;
+                        }
                     }
                     Err(_) => {
+                        c.note_read_error();
                         let why = format!("the read lease's check timed out after {timeout:?}");
                         self.fault_confirmed(c, &why, None).await?;
                     }
                 }
+            }
+            if failed {
+                tokio::time::sleep(CHECK_AGAIN).await;
             }
         }
     }

@@ -173,6 +173,8 @@ pub struct Nexus {
     halt: CancellationToken,
     /// Held while the fault gate is asked (one question at a time).
     confirming: tokio::sync::Mutex<()>,
+    /// One read lease check at a time ([`lease`]).
+    renewing: tokio::sync::Mutex<()>,
     /// Held while the last healthy child is faulted without asking and while a rebuilt child turns healthy: the two
     /// decisions see each other (see [`Nexus::fault_unasked`]).
     health: Mutex<()>,
@@ -229,6 +231,7 @@ impl Nexus {
             torn: std::sync::atomic::AtomicBool::new(false),
             halt: CancellationToken::new(),
             confirming: tokio::sync::Mutex::new(()),
+            renewing: tokio::sync::Mutex::new(()),
             health: Mutex::new(()),
             consent: gate::ConsentCounters::default(),
         }))

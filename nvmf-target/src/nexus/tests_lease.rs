@@ -19,6 +19,8 @@ struct Remote {
     fenced: AtomicBool,
     cut: AtomicBool,
     reads: AtomicU64,
+    /// Milliseconds every read takes.
+    slow_ms: AtomicU64,
 }
 
 impl Remote {
@@ -28,6 +30,7 @@ impl Remote {
             fenced: AtomicBool::new(false),
             cut: AtomicBool::new(false),
             reads: AtomicU64::new(0),
+            slow_ms: AtomicU64::new(0),
         })
     }
 
@@ -53,6 +56,10 @@ impl BlockDevice for Remote {
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
         self.check()?;
         self.reads.fetch_add(1, Ordering::SeqCst);
+        let slow = self.slow_ms.load(Ordering::SeqCst);
+        if slow > 0 {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
+        }
         self.inner.read(offset, len).await
     }
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
@@ -172,5 +179,32 @@ async fn reads_within_the_lease_ask_nothing_more() {
         2 + 1 + 1,
         "one check, then one read of two"
     );
+    assert_eq!(n.state(), NexusState::Online);
+}
+
+/// A remote child slower than the lease (its answers take longer than it): reads are still served, each once its
+/// check, sent after the read's data was in hand, came back. Before, the check was made again for as long as the
+/// child stayed that slow (its answer was past the lease each time), and every read of the nexus waited.
+#[tokio::test]
+async fn a_child_slower_than_the_lease_holds_no_read_for_ever() {
+    let (local, remote) = (mem(), Remote::new());
+    let n = Nexus::new(
+        "vol",
+        vec![("local".into(), local), ("remote".into(), remote.clone())],
+        config(),
+    )
+    .unwrap();
+    n.write(0, pattern(1, LEN as usize)).await.unwrap();
+    lease_past().await;
+    remote
+        .slow_ms
+        .store(READ_LEASE.as_millis() as u64 + 200, Ordering::SeqCst);
+    let read = tokio::time::timeout(Duration::from_secs(8), async {
+        for _ in 0..2 {
+            assert_eq!(n.read(0, LEN).await.unwrap(), pattern(1, LEN as usize));
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "reads held behind a slow child");
     assert_eq!(n.state(), NexusState::Online);
 }

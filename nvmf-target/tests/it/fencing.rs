@@ -248,6 +248,13 @@ async fn an_old_nexus_serves_no_read_from_its_local_replica_after_a_new_one_fenc
             );
         }
     }
+    // Stopped: it met the new nexus's reservation on its remote child.
+    let list = api_a
+        .list_nexuses(pb::ListNexusesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.nexuses[0].state, pb::NexusState::Shutdown as i32);
     vb.close().await;
     va.close().await;
 }
