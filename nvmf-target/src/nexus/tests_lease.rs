@@ -84,6 +84,18 @@ impl BlockDevice for Remote {
 
 const LEN: u64 = 64 << 10;
 
+/// A nexus over a local child and a remote one.
+fn local_and_remote(config: NexusConfig) -> (Arc<Nexus>, Arc<Remote>) {
+    let remote = Remote::new();
+    let n = Nexus::new(
+        "vol",
+        vec![("local".into(), mem()), ("remote".into(), remote.clone())],
+        config,
+    )
+    .unwrap();
+    (n, remote)
+}
+
 /// Past the read lease.
 async fn lease_past() {
     tokio::time::sleep(READ_LEASE + Duration::from_millis(100)).await;
@@ -95,13 +107,7 @@ async fn lease_past() {
 /// stops. Before, round-robin reads were served from the local replica: data older than an acknowledged write.
 #[tokio::test]
 async fn a_nexus_fenced_on_its_remote_child_serves_no_stale_read_from_its_local_one() {
-    let (local, remote) = (mem(), Remote::new());
-    let n = Nexus::new(
-        "vol",
-        vec![("local".into(), local), ("remote".into(), remote.clone())],
-        config(),
-    )
-    .unwrap();
+    let (n, remote) = local_and_remote(config());
     n.write(0, pattern(1, LEN as usize)).await.unwrap();
     remote.fenced.store(true, Ordering::SeqCst);
     remote
@@ -126,23 +132,9 @@ async fn a_nexus_fenced_on_its_remote_child_serves_no_stale_read_from_its_local_
 /// for the agent's consent to fault the child too): the agent may have a newer nexus writing there already.
 #[tokio::test]
 async fn a_nexus_cut_off_from_its_remote_child_holds_reads_past_the_lease() {
-    #[derive(Debug)]
-    struct NeverAnswers;
-    #[async_trait]
-    impl FaultGate for NeverAnswers {
-        async fn confirm(&self, _child: &str, _reason: &str) -> Result<(), String> {
-            std::future::pending().await
-        }
-    }
-    let (local, remote) = (mem(), Remote::new());
     let mut cfg = config();
-    cfg.fault_gate = Some(Arc::new(NeverAnswers));
-    let n = Nexus::new(
-        "vol",
-        vec![("local".into(), local), ("remote".into(), remote.clone())],
-        cfg,
-    )
-    .unwrap();
+    cfg.fault_gate = Some(Arc::new(super::tests_unflushed::NeverAnswers));
+    let (n, remote) = local_and_remote(cfg);
     n.write(0, pattern(1, LEN as usize)).await.unwrap();
     remote.cut.store(true, Ordering::SeqCst);
     lease_past().await;
@@ -154,13 +146,7 @@ async fn a_nexus_cut_off_from_its_remote_child_holds_reads_past_the_lease() {
 /// Reads within the lease cost nothing more; the first read past it asks each remote child once.
 #[tokio::test]
 async fn reads_within_the_lease_ask_nothing_more() {
-    let (local, remote) = (mem(), Remote::new());
-    let n = Nexus::new(
-        "vol",
-        vec![("local".into(), local), ("remote".into(), remote.clone())],
-        config(),
-    )
-    .unwrap();
+    let (n, remote) = local_and_remote(config());
     n.write(0, pattern(1, SIZE as usize)).await.unwrap();
     for _ in 0..4 {
         n.read(0, LEN).await.unwrap();
@@ -187,13 +173,7 @@ async fn reads_within_the_lease_ask_nothing_more() {
 /// child stayed that slow (its answer was past the lease each time), and every read of the nexus waited.
 #[tokio::test]
 async fn a_child_slower_than_the_lease_holds_no_read_for_ever() {
-    let (local, remote) = (mem(), Remote::new());
-    let n = Nexus::new(
-        "vol",
-        vec![("local".into(), local), ("remote".into(), remote.clone())],
-        config(),
-    )
-    .unwrap();
+    let (n, remote) = local_and_remote(config());
     n.write(0, pattern(1, LEN as usize)).await.unwrap();
     lease_past().await;
     remote

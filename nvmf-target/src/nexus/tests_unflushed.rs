@@ -377,9 +377,10 @@ async fn a_rebuild_whose_destination_lost_its_connection_does_not_make_it_health
     }
 }
 
-/// A fault gate that never answers: the cluster agent holds the volume while it asks for a snapshot.
+/// A fault gate that never answers: the cluster agent holds the volume while it asks for a snapshot, or cannot be
+/// reached.
 #[derive(Debug)]
-struct NeverAnswers;
+pub(super) struct NeverAnswers;
 
 #[async_trait]
 impl FaultGate for NeverAnswers {

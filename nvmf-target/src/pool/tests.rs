@@ -1445,13 +1445,7 @@ pub(super) fn after_lookup(uuid: &Uuid) {
 /// the handles' lock, and put back a handle of the destroyed volume once the destroy had closed and dropped its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_volume_destroyed_while_it_is_opened_leaves_no_handle_behind() {
-    let pool = Pool::create(
-        Arc::new(MemoryDevice::new(64 * MIB, 512)),
-        &spec("p"),
-        &me(),
-    )
-    .await
-    .unwrap();
+    let pool = memory_pool(64 * MIB).await;
     let u = Uuid::new_v4();
     pool.create_replica(u, 4 * MIB, None).await.unwrap();
     let (go, wait) = std::sync::mpsc::channel();
@@ -1484,13 +1478,7 @@ async fn a_volume_destroyed_while_it_is_opened_leaves_no_handle_behind() {
 /// and a checkpoint that no longer fits its area fails every later commit and import.
 #[tokio::test]
 async fn two_creates_at_once_where_the_metadata_has_room_for_one_take_it_once() {
-    let pool = Pool::create(
-        Arc::new(MemoryDevice::new(64 * MIB, 512)),
-        &spec("p"),
-        &me(),
-    )
-    .await
-    .unwrap();
+    let pool = memory_pool(64 * MIB).await;
     let size = u64::from(CS);
     let mut made = Vec::new();
     loop {
@@ -1516,4 +1504,11 @@ async fn two_creates_at_once_where_the_metadata_has_room_for_one_take_it_once() 
         matches!(a.err().or(b.err()), Some(PoolError::MetadataFull(_))),
         "refused as metadata full"
     );
+}
+
+/// A pool on a memory device of `size` bytes.
+async fn memory_pool(size: u64) -> Pool {
+    Pool::create(Arc::new(MemoryDevice::new(size, 512)), &spec("p"), &me())
+        .await
+        .unwrap()
 }
