@@ -155,6 +155,15 @@ pub fn agent_with(dir: &Path, port: u16, store: &[&str], name: &str) -> Proc {
         name.into(),
     ];
     cmd.extend(store.iter().map(|s| s.to_string()));
+    // No store given: an embedded one in the test's own directory. (The agent's default, /var/lib/keelson/agent, is
+    // shared by every run on the machine: records an earlier run left there, node names at other endpoints and
+    // their pools' figures, refused this run's engines and made its pools look full.)
+    if store.is_empty() {
+        cmd.extend([
+            "--data-dir".to_string(),
+            dir.join(name).display().to_string(),
+        ]);
+    }
     cmd.extend(
         [
             "--grpc",
