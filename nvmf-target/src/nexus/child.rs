@@ -223,12 +223,12 @@ impl Child {
         }
     }
 
-    /// A command sent at `sent` ([`super::lease::at`]) succeeded on it.
+    /// A command sent at `sent` ([`super::lease::now`]'s clock) succeeded on it.
     pub fn note_proof(&self, sent: u64) {
         self.proof.fetch_max(sent, Ordering::Relaxed);
     }
 
-    /// When the latest command it answered successfully was sent ([`super::lease::at`]).
+    /// When the latest command it answered successfully was sent ([`super::lease::now`]'s clock).
     pub fn proof(&self) -> u64 {
         self.proof.load(Ordering::Relaxed)
     }
