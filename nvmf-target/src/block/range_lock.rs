@@ -108,8 +108,19 @@ impl RangeLock {
         })
     }
 
-    /// Excludes every other holder, at any offset: for a whole-device step (snapshot, handing a child its log,
-    /// growing, shutting down). Sizing the range from the device before waiting would let a grow that finishes
+    /// The ranges held now, other than whole-device holds ([`RangeLock::exclusive_all`]): the writes (and copies)
+    /// under way, whose range a step that does not wait for them must still account for.
+    pub fn held_ranges(&self) -> Vec<Range<u64>> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.held
+            .iter()
+            .filter(|e| e.range.end != u64::MAX)
+            .map(|e| e.range.clone())
+            .collect()
+    }
+
+    /// Excludes every other holder, at any offset: for a whole-device step (snapshot, growing, a rebuilt child
+    /// turning healthy, shutting down). Sizing the range from the device before waiting would let a grow that finishes
     /// during the wait open offsets the guard does not cover.
     pub async fn exclusive_all(&self) -> RangeGuard {
         self.lock(0..u64::MAX, true).await
@@ -157,6 +168,25 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(50), f)
             .await
             .ok()
+    }
+
+    #[tokio::test]
+    async fn held_ranges_name_what_is_held_but_no_waiter_nor_whole_device_hold() {
+        let l = RangeLock::new();
+        let a = l.exclusive(0..4096).await;
+        let _b = l.exclusive(8192..12288).await;
+        let all = tokio::spawn({
+            let l = l.clone();
+            async move { l.exclusive_all().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(l.held_ranges(), vec![0..4096, 8192..12288]);
+        drop(a);
+        assert_eq!(l.held_ranges(), vec![8192..12288]);
+        drop(_b);
+        let whole = all.await.unwrap();
+        assert!(l.held_ranges().is_empty());
+        drop(whole);
     }
 
     #[tokio::test]

@@ -494,4 +494,77 @@ mod tests {
         assert_eq!(gate.asked(), vec!["remote".to_string()]);
         assert_eq!(n.state(), NexusState::Degraded);
     }
+
+    /// A faulted child rejoins while a write waits for consent to fault another: the cluster agent asks for the
+    /// rejoin under the volume's lock and answers the question under it too, so a rejoin that waited for the write
+    /// (as it did) waited for the agent's call to time out, with every later write queued behind it, and the child
+    /// was then replaced in full. The write, sent before the child was back, still reaches it: by its copy.
+    #[tokio::test]
+    async fn a_rejoin_does_not_wait_for_a_write_waiting_for_consent_and_still_gets_its_data() {
+        let gate = Scripted::new();
+        let mb = 1u64 << 20;
+        let good: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 * mb, 512));
+        let bad = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(4 * mb, 512))));
+        let back = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(4 * mb, 512))));
+        let config = NexusConfig {
+            io_timeout: Duration::from_secs(2),
+            fault_gate: Some(gate.clone()),
+            ..NexusConfig::default()
+        };
+        let n = Nexus::new(
+            "vol",
+            vec![
+                ("local".into(), good.clone()),
+                ("remote".into(), bad.clone()),
+                ("back".into(), back.clone()),
+            ],
+            config,
+        )
+        .unwrap();
+        let fail = FaultPlan {
+            fail_after: Some(0),
+            reads_too: true,
+            ..Default::default()
+        };
+        // `back` goes away with consent and misses a write in the first segment.
+        back.set_plan(fail.clone());
+        gate.answer(Ok(()));
+        n.write(0, data(1)).await.unwrap();
+        assert_eq!(gate.asked(), vec!["back".to_string()]);
+        gate.answer.send_replace(None);
+        // A write in the last segment fails on `remote` and waits for consent.
+        bad.set_plan(fail);
+        let w = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(3 * mb, data(2)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(n.fault_consent().waiting, "the write asks");
+        back.set_plan(FaultPlan::default());
+        let kind =
+            tokio::time::timeout(Duration::from_secs(1), n.rejoin_child("back", back.clone()))
+                .await
+                .expect("the rejoin waited for the write held for consent")
+                .unwrap();
+        assert_eq!(kind, crate::nexus::RebuildKind::Partial);
+        assert!(!w.is_finished(), "acknowledged without consent");
+        gate.answer(Ok(()));
+        w.await.unwrap().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while n.rebuild_history().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "rebuild never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(n.rebuild_history()[0].error, None);
+        let want = good.read(0, 4 * mb).await.unwrap();
+        assert_eq!(&want[3 * mb as usize..3 * mb as usize + 4096], &data(2)[..]);
+        assert_eq!(
+            back.read(0, 4 * mb).await.unwrap(),
+            want,
+            "the rejoined child lacks what the write held for consent wrote"
+        );
+    }
 }

@@ -364,8 +364,12 @@ impl Nexus {
             old.device.settle().await;
         }
         device.settle().await;
-        // No write may be in flight while the log is handed over, or one could miss both the log and the child.
-        let _all = self.lock.exclusive_all().await;
+        // Writes in flight are not waited for: one may be waiting for the cluster agent's consent to fault another
+        // child, an answer the agent gives under the volume's lock, which its call here holds. Instead, a write still
+        // under way when the child is handed over (it was not sent to the child, and ends by logging its range in
+        // the children away, which the child no longer is) has its range copied too, once it ends: the copy takes
+        // the range's lock. A write that takes its range's lock after the hand-over sends to the child as to any
+        // child being rebuilt. (Under the children's lock, so a growth cannot change the size meanwhile.)
         let (child, map, kind) = {
             let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
             let idx = list
@@ -375,7 +379,14 @@ impl Nexus {
             if list[idx].state() != ChildState::Faulted {
                 return Err(NexusError::DuplicateChild(name.into()));
             }
-            let (map, kind) = match list[idx].take_log() {
+            if device.size_bytes() < self.size_bytes() {
+                return Err(NexusError::TooSmall {
+                    name: name.into(),
+                    got: device.size_bytes(),
+                    want: self.size_bytes(),
+                });
+            }
+            let (mut map, kind) = match list[idx].take_log() {
                 Some(log) if log.since.elapsed() <= self.config.partial_rebuild_window => {
                     (log.map, RebuildKind::Partial)
                 }
@@ -391,6 +402,14 @@ impl Nexus {
                 self.log_geometry(),
             ));
             list[idx] = c.clone();
+            // After the swap: a write that takes its lock from now on sees the child.
+            let size = self.size_bytes();
+            for r in self.lock.held_ranges() {
+                let end = r.end.min(size);
+                if r.start < end {
+                    map.mark(r.start, end - r.start);
+                }
+            }
             (c, map, kind)
         };
         self.start_rebuild(child, map, kind);
