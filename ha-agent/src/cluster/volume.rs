@@ -108,7 +108,8 @@ pub struct ReplicaRecord {
     #[serde(default)]
     pub rejoined_ms: u64,
     /// Holds every acknowledged write, as far as the agent knows: created with the volume, or seen Healthy in the
-    /// nexus since. Cleared (and recorded) before it is added to a nexus to be rebuilt, when a nexus is made
+    /// nexus since. (A volume made from a snapshot with too few usable copies has replicas made empty beside its
+    /// clones: out of sync from the start, and made empty, not cloned, for that reason.) Cleared (and recorded) before it is added to a nexus to be rebuilt, when a nexus is made
     /// without it, and when it is seen faulted or rebuilding. Only such replicas make up a new nexus; the others
     /// join it afterwards and are rebuilt.
     #[serde(default = "in_sync_by_default")]

@@ -395,7 +395,9 @@ impl Volumes {
                 };
                 let view = self.placement_view(&ask).await?;
                 let nodes = &view.nodes;
-                let choices = match spec.source_snapshot {
+                // With each choice, whether it holds the data already (a clone of a snapshot's copy, or any
+                // replica of a new empty volume) or is made empty beside the clones, out of sync until rebuilt.
+                let choices: Vec<(scheduler::Choice, bool)> = match spec.source_snapshot {
                     Some(snap) => self.place_clones(&view, &spec, snap).await?,
                     None => scheduler::place(
                         nodes,
@@ -403,11 +405,16 @@ impl Volumes {
                         spec.replicas as usize,
                         &BTreeSet::new(),
                         &spec.placement,
-                    )?,
+                    )?
+                    .into_iter()
+                    .map(|c| (c, true))
+                    .collect(),
                 };
                 let block_size = scheduler::block_size_of(
                     nodes,
-                    choices.iter().map(|c| (c.node.as_str(), c.pool.as_str())),
+                    choices
+                        .iter()
+                        .map(|(c, _)| (c.node.as_str(), c.pool.as_str())),
                 )
                 .unwrap_or(0);
                 let r = VolumeRecord {
@@ -417,13 +424,13 @@ impl Volumes {
                     phase: VolumePhase::Creating,
                     replicas: choices
                         .into_iter()
-                        .map(|c| ReplicaRecord {
+                        .map(|(c, synced)| ReplicaRecord {
                             uuid: Uuid::new_v4(),
                             node: c.node,
                             pool: c.pool,
                             created: false,
                             rejoined_ms: 0,
-                            synced: true,
+                            synced,
                             fault_confirmed: false,
                         })
                         .collect(),
@@ -526,14 +533,18 @@ impl Volumes {
         .map_err(|s| engine_error(&rep.node, s))
     }
 
-    /// Where a volume made from snapshot `snap` can have its replicas: the pools holding the snapshot's copies, on
-    /// Online, uncordoned nodes its placement admits; as many as the spec asks, or none.
+    /// Where a volume made from snapshot `snap` can have its replicas: clones in the pools holding the snapshot's
+    /// copies, on Online, uncordoned nodes its placement admits (`true`), and, where the snapshot has fewer such
+    /// copies than the spec asks for replicas (taken of a Degraded volume, a copy's node down or cordoned, its pool
+    /// full), empty replicas placed beside them as any replacement is (`false`), out of sync until a nexus rebuilds
+    /// them from the clones. All of them, or none: none without a usable copy, and none while an engine holding a
+    /// copy has not answered (asked again soon, it may take a clone rather than a full copy).
     async fn place_clones(
         &self,
         view: &super::room::PlacementView,
         spec: &VolumeSpec,
         snap: Uuid,
-    ) -> Result<Vec<scheduler::Choice>, VolumeError> {
+    ) -> Result<Vec<(scheduler::Choice, bool)>, VolumeError> {
         let s = self
             .snapshot(snap)
             .await?
@@ -572,12 +583,12 @@ impl Volumes {
                 None => why.push(format!("{} is unknown", c.node)),
             }
         }
-        if out.len() < spec.replicas as usize {
+        let wanted = spec.replicas as usize;
+        if out.len() < wanted && (out.is_empty() || unanswered.is_some()) {
             let message = format!(
-                "{} replicas of a volume made from snapshot {snap} need {} usable copies of it, {} found: {}",
-                spec.replicas,
-                spec.replicas,
+                "a volume made from snapshot {snap} needs a usable copy of it for a replica ({} of {} usable): {}",
                 out.len(),
+                s.copies.len(),
                 why.join("; ")
             );
             if let Some(node) = unanswered {
@@ -589,8 +600,36 @@ impl Volumes {
             }
             return Err(VolumeError::NoCopies(message));
         }
-        out.truncate(spec.replicas as usize);
-        Ok(out)
+        out.truncate(wanted);
+        let holding: BTreeSet<String> = out.iter().map(|c| c.node.clone()).collect();
+        let block_size = scheduler::block_size_of(
+            &view.nodes,
+            out.iter().map(|c| (c.node.as_str(), c.pool.as_str())),
+        );
+        let empty = scheduler::place_alongside(
+            &view.nodes,
+            s.size,
+            wanted - out.len(),
+            &holding,
+            &spec.placement,
+            block_size,
+        )
+        .map_err(|e| {
+            VolumeError::NoCopies(format!(
+                "{wanted} replicas of a volume made from snapshot {snap}: {} from usable copies of it ({}), and \
+                 the others cannot be placed: {e}",
+                out.len(),
+                why.join("; ")
+            ))
+        })?;
+        if !empty.is_empty() {
+            tracing::info!(snapshot = %snap, clones = out.len(), empty = empty.len(), why = %why.join("; "), "the snapshot has too few usable copies: the other replicas are made empty and rebuilt once published");
+        }
+        Ok(out
+            .into_iter()
+            .map(|c| (c, true))
+            .chain(empty.into_iter().map(|c| (c, false)))
+            .collect())
     }
 
     /// Asks `rep`'s engine for a clone of snapshot `snap` as the replica (idempotent).
@@ -618,9 +657,11 @@ impl Volumes {
                 continue;
             }
             let rep = r.replicas[i].clone();
+            // A replica made from a snapshot is a clone of its copy, unless it was placed out of sync beside the
+            // clones (the snapshot had too few usable copies): made empty, rebuilt once published.
             let res = match r.spec.source_snapshot {
-                Some(snap) => self.create_clone(&rep, snap).await,
-                None => self.create_replica(&rep, r.spec.size).await,
+                Some(snap) if rep.synced => self.create_clone(&rep, snap).await,
+                _ => self.create_replica(&rep, r.spec.size).await,
             };
             match res {
                 Ok(generation) => {
@@ -648,6 +689,13 @@ impl Volumes {
         }
         r.phase = VolumePhase::Created;
         r.reason.clear();
+        let empty = r.replicas.iter().filter(|x| !x.synced).count();
+        if empty > 0 {
+            r.reason = format!(
+                "{empty} of its replicas made empty beside the clones of its snapshot (too few usable copies): \
+                 rebuilt from them once the volume is published"
+            );
+        }
         self.save(&r).await?;
         tracing::info!(uuid = %r.uuid, "volume created");
         Ok(r)

@@ -152,9 +152,9 @@ async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment()
     };
     let clone = uuid::Uuid::new_v4().to_string();
     assert_eq!(
-        code(c.create_volume(from(&clone, 8 * MIB, 3, &s1)).await),
+        code(c.create_volume(from(&clone, 8 * MIB, 4, &s1)).await),
         Code::ResourceExhausted,
-        "three replicas of a snapshot with two copies"
+        "four replicas on three nodes"
     );
     assert_eq!(
         code(c.create_volume(from(&clone, 16 * MIB, 2, &s1)).await),
@@ -189,6 +189,46 @@ async fn snapshots_of_a_live_volume_make_volumes_with_the_data_of_their_moment()
         Bytes::from(vec![0; 64 << 10])
     );
     cns.close().await;
+
+    // Three replicas of a snapshot with two copies: clones on the copies' nodes, and a replica made empty on the
+    // third node, out of sync (the volume Degraded) until it is published and rebuilds it from the clones. Before,
+    // refused for good (RESOURCE_EXHAUSTED): a snapshot of a Degraded volume, or one whose copy's node is down, could
+    // not be restored at the class's replica count.
+    let three = uuid::Uuid::new_v4().to_string();
+    let v = c
+        .create_volume(from(&three, 8 * MIB, 3, &s1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.replica_list.len(), 3);
+    assert_eq!(v.state, "Degraded", "{v:?}");
+    assert!(v.reason.contains("made empty"), "{v:?}");
+    let tns = publish(&mut c, &three).await;
+    assert_eq!(tns.read(0, 64 << 10).await.unwrap(), data(1));
+    let t = std::time::Instant::now();
+    loop {
+        let v = c
+            .get_volume(pb::GetVolumeRequest {
+                uuid: three.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if v.state == "Online" {
+            assert!(v.reason.is_empty(), "{v:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never Online: {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Reads go round the children: each of the three holds the snapshot's data.
+    for _ in 0..6 {
+        assert_eq!(tns.read(0, 64 << 10).await.unwrap(), data(1));
+    }
+    tns.close().await;
+    c.delete_volume(pb::DeleteVolumeRequest { uuid: three })
+        .await
+        .unwrap();
     ns.close().await;
 
     // A volume made from the volume itself holds what it holds now; its hidden snapshot goes with it.
