@@ -595,18 +595,7 @@ impl Cluster for Service {
         let r: Result<Response<pb::DeletePoolResponse>, Status> = async {
             let l = self.leadership.leading()?;
             let r = r.into_inner();
-            let holders = async {
-                l.volumes
-                    .held_in_pool(&r.node, &r.name)
-                    .await
-                    .map_err(|e| match e {
-                        VolumeError::Store(e) => PoolOpError::Store(e),
-                        VolumeError::Corrupt { key, source } => {
-                            PoolOpError::Corrupt { key, source }
-                        }
-                        e => PoolOpError::FailedPrecondition(e.to_string()),
-                    })
-            };
+            let holders = l.volumes.pool_holders(&r.node, &r.name);
             l.pools.delete(&r.node, &r.name, holders).await?;
             Ok(Response::new(pb::DeletePoolResponse {}))
         }

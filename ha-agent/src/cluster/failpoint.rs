@@ -18,6 +18,7 @@ pub const ALL: &[&str] = &[
     RETIRE_DROPPED,
     DELETE_MARKED,
     DELETE_NEXUS_DESTROYED,
+    POOL_DELETE_MARKED,
     SNAPSHOT_RECORDED,
     SNAPSHOT_TAKEN,
     SWITCHOVER_REPORTED,
@@ -49,6 +50,8 @@ pub const RETIRE_GARBAGE_RECORDED: &str = "retire.garbage-recorded";
 pub const RETIRE_DROPPED: &str = "retire.dropped";
 /// The volume is recorded as Deleting; nothing destroyed.
 pub const DELETE_MARKED: &str = "delete.marked";
+/// A pool's delete is recorded (phase Deleting); whether volumes hold replicas in it not asked yet.
+pub const POOL_DELETE_MARKED: &str = "pool-delete.marked";
 /// The engine destroyed the volume's nexus; the record still names it.
 pub const DELETE_NEXUS_DESTROYED: &str = "delete.nexus-destroyed";
 

@@ -2,8 +2,9 @@
 //! `/keelson/pools/<node>/<name>` before the engine is asked (persist, then act), and driven to their phase by
 //! [`Pools::reconcile`]: a pool Creating or Created that its node does not report is created (or imported: the
 //! engine's CreatePool imports a pool of that name already on the disk) again, which is how a node whose io-engine
-//! restarted empty gets its pools back; a pool Deleting is destroyed until the engine confirms (one the engine
-//! does not have open is imported first, so that it can refuse for the replicas it holds). A delete the engine did
+//! restarted empty gets its pools back; a pool Deleting (a delete the agent died in) is destroyed until the engine
+//! confirms, if no volume or snapshot record names anything in it (one the engine does not have open is imported
+//! first, so that it can refuse for the replicas it holds), and is put back as it was otherwise. A delete the engine did
 //! not carry out leaves the pool as it was.
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use proto::engine::engine_client::EngineClient;
 use tonic::transport::Channel;
 
 use super::dataplane::{self, NodeEngineError};
+use super::failpoint;
 use super::node::NodeState;
 use super::registry::{Registry, RegistryError};
 use super::store::{Store, StoreError, Txn};
@@ -272,6 +274,7 @@ impl Pools {
                 "pool {node}/{name} changed meanwhile; ask again"
             )));
         }
+        failpoint::at(failpoint::POOL_DELETE_MARKED);
         // The volume records say, whatever the engine can tell: one that cannot import the pool now (its disk late
         // or failing after a restart) would take it for gone, and its replicas would be lost to the cluster.
         let held = match holders.await {
@@ -395,8 +398,13 @@ impl Pools {
         Ok(out)
     }
 
-    /// Drives every managed pool of an Online node towards its phase (see the module docs).
-    pub async fn reconcile(&self) -> Result<(), PoolOpError> {
+    /// Drives every managed pool of an Online node towards its phase (see the module docs). `holders(node, pool)`:
+    /// the volumes and snapshots with anything in a pool, by their records.
+    pub async fn reconcile<F, H>(&self, holders: F) -> Result<(), PoolOpError>
+    where
+        F: Fn(String, String) -> H,
+        H: std::future::Future<Output = Result<Vec<String>, PoolOpError>>,
+    {
         for v in self.list().await? {
             let node_online = self
                 .registry
@@ -434,12 +442,32 @@ impl Pools {
                         self.settle(&r).await?;
                     }
                 }
-                PoolPhase::Deleting => match self.engine_destroy(&r).await {
-                    Ok(()) => {
-                        self.forget(&r).await?;
+                // A delete that did not finish (the agent died in it, or could not record that it was refused):
+                // finished only if no volume or snapshot keeps anything in the pool, as the delete itself checks
+                // (the engine cannot always tell: one that restarted and cannot import the pool now, its disk late,
+                // would take it for gone). Otherwise it is as it was before: imported again if need be.
+                PoolPhase::Deleting => match holders(r.node.clone(), r.name.clone()).await {
+                    Ok(held) if held.is_empty() => match self.engine_destroy(&r).await {
+                        Ok(()) => {
+                            self.forget(&r).await?;
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %r.node, pool = %r.name, error = %e, "cannot destroy the pool yet")
+                        }
+                    },
+                    Ok(held) => {
+                        let held = held.join(", ");
+                        tracing::warn!(node = %r.node, pool = %r.name, %held, "a delete left unfinished is not finished: the pool holds replicas");
+                        r.phase = if v.reported.is_some() {
+                            PoolPhase::Created
+                        } else {
+                            PoolPhase::Creating
+                        };
+                        r.reason = format!("not deleted: it holds replicas of {held}");
+                        self.settle_with(&r, true).await?;
                     }
                     Err(e) => {
-                        tracing::warn!(node = %r.node, pool = %r.name, error = %e, "cannot destroy the pool yet")
+                        tracing::warn!(node = %r.node, pool = %r.name, error = %e, "a delete left unfinished waits: what the pool holds is not known")
                     }
                 },
                 PoolPhase::Created => {}
@@ -471,8 +499,8 @@ fn engine_error(node: &str, s: tonic::Status) -> PoolOpError {
     }
 }
 
-/// Managed pools as a reconciler (see [`super::reconcile`]).
-pub struct PoolReconciler(pub Arc<Pools>);
+/// Managed pools as a reconciler (see [`super::reconcile`]), asking the volumes what a pool holds.
+pub struct PoolReconciler(pub Arc<Pools>, pub Arc<super::volumes::Volumes>);
 
 #[async_trait::async_trait]
 impl super::reconcile::Reconciler for PoolReconciler {
@@ -481,6 +509,10 @@ impl super::reconcile::Reconciler for PoolReconciler {
     }
 
     async fn pass(&self) -> Result<(), String> {
-        self.0.reconcile().await.map_err(|e| e.to_string())
+        let volumes = &self.1;
+        self.0
+            .reconcile(|node, pool| async move { volumes.pool_holders(&node, &pool).await })
+            .await
+            .map_err(|e| e.to_string())
     }
 }

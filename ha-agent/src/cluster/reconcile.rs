@@ -45,7 +45,7 @@ pub fn all(
 ) -> Vec<Box<dyn Reconciler>> {
     vec![
         Box::new(super::registry::NodeSweep(registry.clone())),
-        Box::new(super::pool::PoolReconciler(pools.clone())),
+        Box::new(super::pool::PoolReconciler(pools.clone(), volumes.clone())),
         Box::new(super::volumes::VolumeOperations(volumes.clone())),
         Box::new(super::expand::VolumeGrowth(volumes.clone())),
         Box::new(super::snapshots::SnapshotReconciler(volumes.clone())),

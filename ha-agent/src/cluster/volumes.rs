@@ -17,6 +17,7 @@ use super::dataplane::{self, NodeEngineError};
 use super::failpoint;
 use super::metrics::{AgentMetrics, VolumeObservation};
 use super::node::NodeState;
+use super::pool::PoolOpError;
 use super::registry::{Registry, RegistryError};
 use super::scheduler::{self, NoRoom};
 use super::store::{Store, StoreError};
@@ -299,9 +300,16 @@ impl Volumes {
     /// The volumes and snapshots with a replica or copy in pool `pool` of `node`, as their records say (what a
     /// pool's delete must leave alone).
     pub async fn held_in_pool(&self, node: &str, pool: &str) -> Result<Vec<String>, VolumeError> {
-        let mut held: Vec<String> = self
-            .list_sound()
-            .await?
+        let (volumes, corrupt) = self.list_decodable().await?;
+        if corrupt > 0 {
+            return Err(VolumeError::FailedPrecondition {
+                uuid: Uuid::nil(),
+                why: format!(
+                    "{corrupt} volume records cannot be read: whether pool {node}/{pool} holds their replicas is not known"
+                ),
+            });
+        }
+        let mut held: Vec<String> = volumes
             .into_iter()
             .filter(|v| v.replicas.iter().any(|r| r.node == node && r.pool == pool))
             .map(|v| format!("volume {}", v.uuid))
@@ -314,6 +322,15 @@ impl Volumes {
                 .map(|s| format!("snapshot {}", s.uuid)),
         );
         Ok(held)
+    }
+
+    /// [`Volumes::held_in_pool`], for the pools' operations: whatever is not a store's error refuses the delete.
+    pub async fn pool_holders(&self, node: &str, pool: &str) -> Result<Vec<String>, PoolOpError> {
+        self.held_in_pool(node, pool).await.map_err(|e| match e {
+            VolumeError::Store(e) => PoolOpError::Store(e),
+            VolumeError::Corrupt { key, source } => PoolOpError::Corrupt { key, source },
+            e => PoolOpError::FailedPrecondition(e.to_string()),
+        })
     }
 
     /// Every volume record that decodes; a corrupt one is logged and skipped, so it stops no one else's healing.

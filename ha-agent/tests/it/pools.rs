@@ -345,3 +345,100 @@ async fn a_pool_whose_disk_is_late_after_a_restart_is_not_deleted_under_its_volu
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The agent dies after it recorded a pool's delete and before it asked whether volumes hold replicas there; the
+/// pool's engine, restarted, cannot import it (its disk late). The next agent finds the delete unfinished: it puts
+/// the pool back, for the volume's replica in it, and imports it once the disk is back. Before, it finished the
+/// delete without asking the volumes: the engine, not having the pool open and unable to import it, took it for
+/// gone, the pool's record was dropped and marked destroyed, and the volume's only copy was lost to the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_delete_left_unfinished_by_a_crash_is_not_finished_under_a_volume() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, mut agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
+    create_p1(&mut c, &disk).await;
+    let t = Instant::now();
+    while !managed(&mut c).await[0].reported {
+        assert!(t.elapsed() < Duration::from_secs(30), "never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 << 20,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    down(&mut engine, port).await;
+    let away = dir.path().join("away.img");
+    std::fs::rename(&disk, &away).unwrap();
+    engine.restart();
+    wait_for(port, &[("reg-1", Online)], "the node back").await;
+
+    agent.set_env("FAILPOINTS", "pool-delete.marked=return");
+    agent.restart();
+    let url = format!("http://127.0.0.1:{port}");
+    let t = Instant::now();
+    loop {
+        let asked = match ClusterClient::connect(url.clone()).await {
+            Ok(mut c) => Some(
+                c.delete_pool(pb::DeletePoolRequest {
+                    node: "reg-1".into(),
+                    name: "p1".into(),
+                })
+                .await,
+            ),
+            Err(_) => None,
+        };
+        if let Some(st) = agent.exited(Duration::from_millis(100)).await {
+            assert_eq!(st.signal(), Some(9), "{asked:?}\n{}", agent.log());
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the agent never reached the failpoint: {asked:?}"
+        );
+    }
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
+    wait_for(port, &[("reg-1", Online)], "the agent back").await;
+    let mut c = ClusterClient::connect(url).await.unwrap();
+    let t = Instant::now();
+    loop {
+        let pools = managed(&mut c).await;
+        assert_eq!(pools.len(), 1, "the pool's record was dropped: {pools:?}");
+        if pools[0].phase != pb::PoolPhase::Deleting as i32 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the pool stays Deleting: {pools:?}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::rename(&away, &disk).unwrap();
+    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let replicas = e
+            .list_replicas(epb::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .replicas;
+        let pools = managed(&mut c).await;
+        if !replicas.is_empty() && pools[0].phase == pb::PoolPhase::Created as i32 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the pool never came back: {pools:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
