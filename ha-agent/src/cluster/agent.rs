@@ -3,7 +3,11 @@
 //! heartbeat interval, the others once per sweep interval and at once when a node changes state (registers or goes
 //! Offline). Engines report their nexuses' changes with their heartbeats, which heals those volumes at once (see
 //! `api`), so the sweep is the safety net, not the way faults are found.
-//! Losing leadership stops it at once (the caller exits; a supervisor restarts it as a candidate).
+//! Losing leadership stops it at once, without waiting for the API calls in flight (the caller exits, ending them
+//! and their engine calls; a supervisor restarts it as a candidate). Told to stop, it stops leading, waits a while
+//! for the calls and heals it began to end, and only then resigns (another agent takes over at once, and must not
+//! meet this one's engine calls); if they do not end in time it does not resign, and the lease runs out by itself
+//! after the process ended them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +55,9 @@ pub enum AgentError {
     Api(#[from] tonic::transport::Error),
 }
 
+/// How long an agent told to stop waits for its calls and heals in flight before it gives up resigning.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 /// Runs the agent until `stop` fires (then it resigns and returns `Ok`) or it fails.
 /// `metrics_listener`: where to serve `/metrics`, if anywhere.
 pub async fn run(
@@ -82,7 +89,15 @@ pub async fn run(
     leadership.step_down();
     metrics.step_down();
     api_stop.cancel();
-    let _ = api.await;
+    // Leadership lost, or calls not drained: the calls in flight are not waited for (the caller exits, ending them).
+    let result = match result {
+        Ok(true) => {
+            let _ = api.await;
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(e),
+    };
     if let Some(s) = scrape {
         let _ = s.await;
     }
@@ -96,7 +111,7 @@ async fn lead(
     config: &AgentConfig,
     stop: &CancellationToken,
     api: &mut tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-) -> Result<(), AgentError> {
+) -> Result<bool, AgentError> {
     let Some(leader) = leader::campaign(
         store.clone(),
         LEADER_KEY,
@@ -106,7 +121,7 @@ async fn lead(
     )
     .await?
     else {
-        return Ok(());
+        return Ok(true);
     };
     // Everything the leader decides is written through the fence: refused once another agent leads.
     let store = leader.fenced(LEADER_KEY);
@@ -126,12 +141,13 @@ async fn lead(
         config.engine_timeout,
         metrics.clone(),
     ));
-    leadership.lead(Arc::new(Leading {
+    let leading = Arc::new(Leading {
         registry: registry.clone(),
         pools: pools.clone(),
         volumes: volumes.clone(),
         hosts,
-    }));
+    });
+    leadership.lead(leading.clone());
     metrics.lead();
     let reconcilers = reconcile::all(&registry, &pools, &volumes);
     let lost = leader.lost();
@@ -163,20 +179,35 @@ async fn lead(
             pass(&slow, metrics).await;
         }
     };
-    tokio::select! {
-        _ = stop.cancelled() => {
-            leadership.step_down();
-            let _ = leader.resign().await;
-            Ok(())
-        }
-        _ = lost.cancelled() => Err(AgentError::LeadershipLost),
-        r = &mut *api => match r {
-            Ok(Err(e)) => Err(AgentError::Api(e)),
-            _ => Err(AgentError::LeadershipLost),
-        },
+    let ended: Option<AgentError> = tokio::select! {
+        _ = stop.cancelled() => None,
+        _ = lost.cancelled() => Some(AgentError::LeadershipLost),
+        r = &mut *api => Some(match r {
+            Ok(Err(e)) => AgentError::Api(e),
+            _ => AgentError::LeadershipLost,
+        }),
         never = fast_loop => never,
         never = slow_loop => never,
+    };
+    leadership.step_down();
+    if let Some(e) = ended {
+        return Err(e);
     }
+    // The reconcilers' passes ended with the loops (none holds a volume's lock now); the calls and heals in flight
+    // hold `leading` until they end.
+    let t = tokio::time::Instant::now();
+    while Arc::strong_count(&leading) > 1 {
+        if t.elapsed() >= DRAIN_LIMIT {
+            tracing::warn!(
+                "calls still in flight after {DRAIN_LIMIT:?}: not resigning (the lease runs out by itself)"
+            );
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = leader.resign().await;
+    tracing::info!("resigned: no call or heal of this agent is in flight");
+    Ok(true)
 }
 
 /// Runs each of `reconcilers` once, in order, timing each.

@@ -494,9 +494,10 @@ impl Registration for Service {
             .filter_map(|n| uuid::Uuid::parse_str(n).ok())
             .collect();
         if known && !changed.is_empty() {
-            // Children of these nexuses changed state: those volumes are healed now, not at the next sweep.
-            let (volumes, node) = (l.volumes.clone(), r.node.clone());
-            tokio::spawn(async move { volumes.heal_changed(&node, changed).await });
+            // Children of these nexuses changed state: those volumes are healed now, not at the next sweep. (Holding
+            // `l`: an agent told to stop resigns only once it ends.)
+            let (l, node) = (l.clone(), r.node.clone());
+            tokio::spawn(async move { l.volumes.heal_changed(&node, changed).await });
         }
         Ok(Response::new(pb::HeartbeatResponse {
             register_again: !known,

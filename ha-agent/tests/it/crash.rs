@@ -780,6 +780,102 @@ async fn the_standby_agent_finishes_a_scale_the_killed_leader_began() {
     drop(engines);
 }
 
+/// Two agents on one etcd: the leader, told to stop (SIGTERM) while a publish it serves is in flight, resigns only
+/// once that call has ended, so the agent taking over never meets its engine calls. Before, it resigned at once and
+/// went on serving the call: the standby led (and could make or destroy nexuses) while the old leader's publish was
+/// still making its nexus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_resigns_only_once_its_calls_in_flight_have_ended() {
+    let Some(etcd) =
+        Etcd::start("a_stopped_leader_resigns_only_once_its_calls_in_flight_have_ended").await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = ["--store", "etcd", "--etcd", etcd.endpoint.as_str()];
+    let (pa, pb_) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let mut a = agent_with(dir.path(), pa, &store, "agent-a");
+    let (ua, ub) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb_}"),
+    );
+    let engines: Vec<_> = (1..=2)
+        .map(|i| engine_with(dir.path(), i, &format!("{ua},{ub}")))
+        .collect();
+    wait_for(pa, &[("reg-1", Online), ("reg-2", Online)], "registration").await;
+    let ca = ClusterClient::connect(ua).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    until_served(|| create(ca.clone(), &vol, 2)).await.unwrap();
+    // A publish waits 2 s between sharing the replicas and making the nexus.
+    a.set_env(
+        "FAILPOINTS",
+        &format!("{}=return(2000)", fp::PUBLISH_CREATING),
+    );
+    a.restart();
+    until_served(|| {
+        let mut c = ca.clone();
+        async move { c.list_volumes(pb::ListVolumesRequest::default()).await }
+    })
+    .await
+    .unwrap();
+    let _b = agent_with(dir.path(), pb_, &store, "agent-b");
+    let cb = ClusterClient::new(
+        tonic::transport::Endpoint::from_shared(ub)
+            .unwrap()
+            .connect_lazy(),
+    );
+    let t = Instant::now();
+    loop {
+        let standby = cb
+            .clone()
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap_err();
+        if standby.message().contains("does not lead") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{standby:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published = tokio::spawn({
+        let ca = ca.clone();
+        let vol = vol.clone();
+        async move {
+            let r = publish(ca, &vol).await;
+            (r, Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.signal("-TERM");
+    // When the standby first leads.
+    let t = Instant::now();
+    let b_leads = loop {
+        if cb
+            .clone()
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .is_ok()
+        {
+            break Instant::now();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the standby never led"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (r, done) = published.await.unwrap();
+    assert!(r.is_ok(), "{r:?}\n{}", a.log());
+    assert!(
+        b_leads >= done,
+        "the standby led {:?} before the old leader's publish ended",
+        done - b_leads
+    );
+    let st = a.exited(Duration::from_secs(20)).await;
+    assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", a.log());
+    drop(engines);
+}
+
 /// The store goes away (etcd frozen) under a working cluster: a create answers UNAVAILABLE in bounded time (no
 /// hang) and leaves no replica behind; once etcd is back (and the agent, which exits when it loses its store, is
 /// restarted by its supervisor), the same create succeeds.

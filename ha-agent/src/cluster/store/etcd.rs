@@ -105,7 +105,10 @@ impl EtcdStore {
         let opts = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            // A member cut off from the quorum fails calls and ends watches rather than serve them stale: a candidate
+            // watching the leader key through it would otherwise never see the key go.
+            .with_require_leader(true);
         let client = Client::connect(endpoints, Some(opts))
             .await
             .map_err(unavailable)?;
