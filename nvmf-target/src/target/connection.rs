@@ -60,6 +60,28 @@ const IC_TIMEOUT: Duration = Duration::from_secs(10);
 /// In-capsule data allowed on the admin queue and for Fabrics commands, whatever IOCCSZ says.
 const ADMIN_IN_CAPSULE: usize = 8192;
 
+/// Idle this long, a connection's peer is probed; unanswered probes, [`KEEPALIVE_PROBES`] of them this far apart, end
+/// the connection.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+
+fn keep_alive_probes(stream: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(stream, sockopt::KeepAlive, &true);
+    let _ = setsockopt(
+        stream,
+        sockopt::TcpKeepIdle,
+        &(KEEPALIVE_IDLE.as_secs() as u32),
+    );
+    let _ = setsockopt(
+        stream,
+        sockopt::TcpKeepInterval,
+        &(KEEPALIVE_INTERVAL.as_secs() as u32),
+    );
+    let _ = setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
+}
+
 /// A write waiting for its H2CData.
 struct PendingWrite {
     sqe: Sqe,
@@ -74,6 +96,38 @@ struct PendingWrite {
 /// write's data in as few PDUs as MAXH2CDATA allows (one, for Linux), and each PDU's data may hold on to a whole
 /// receive buffer: a host sending it a byte at a time must not make the engine hold a buffer per byte.
 const MAX_PARTS: usize = 16;
+
+/// A piece of a write's data smaller than this, with more to come, is kept as a copy of its own: a slice of the
+/// receive buffer would keep the whole buffer (up to a large PDU's size) for as long as the write waits for the rest,
+/// and a host could hold many such buffers with a few bytes each. Larger pieces have buffers of their own size.
+const COPIED_PIECE: usize = 64 << 10;
+
+impl PendingWrite {
+    /// Takes the next piece of the data (checked against what is expected by the caller).
+    fn take(&mut self, data: Bytes) {
+        self.received += data.len();
+        let more_to_come = self.received < self.expected;
+        match self.joined.as_mut() {
+            Some(j) => j.extend_from_slice(&data),
+            None => {
+                let data = if more_to_come && data.len() < COPIED_PIECE {
+                    Bytes::copy_from_slice(&data)
+                } else {
+                    data
+                };
+                self.parts.push(data);
+                if self.parts.len() > MAX_PARTS && more_to_come {
+                    // Sized to what came: grown as the rest comes, never to what the command claims up front.
+                    let mut j = BytesMut::with_capacity(self.received);
+                    for part in self.parts.drain(..) {
+                        j.extend_from_slice(&part);
+                    }
+                    self.joined = Some(j);
+                }
+            }
+        }
+    }
+}
 
 enum Fatal {
     /// Send a C2HTermReq, then close.
@@ -100,6 +154,8 @@ struct Queue {
     qid: Option<u16>,
     ctrl: Option<Arc<Controller>>,
     pending: HashMap<u16, PendingWrite>,
+    /// The entries of the queue the host connected (its SQSIZE + 1): no more writes than that wait for data.
+    entries: usize,
     next_ttag: u16,
     inflight: Inflight<Response>,
 }
@@ -126,6 +182,10 @@ pub(super) async fn serve(
         nix::sys::socket::sockopt::TcpUserTimeout,
         &(SEND_STALL.as_millis() as u32),
     );
+    // A host gone without a word (powered off, its link cut) while nothing was being sent is found by TCP's
+    // keep-alive probes, whatever keep-alive timeout it asked for (none, with a KATO of 0): its controller, queues
+    // and writes waiting for data go then, not at the engine's next restart.
+    keep_alive_probes(&stream);
     let (rd, mut wr) = stream.into_split();
     // Until the connection is an I/O queue a PDU carries no more than admin data (see `Queue::admit_data`).
     let mut framed = FramedRead::with_capacity(rd, PduCodec::new(ADMIN_IN_CAPSULE), 256 * 1024);
@@ -206,6 +266,7 @@ pub(super) async fn serve(
         qid: None,
         ctrl: None,
         pending: HashMap::new(),
+        entries: 0,
         next_ttag: 0,
         inflight: Inflight::new(),
     };
@@ -428,6 +489,7 @@ impl Queue {
                 match fabrics::connect(&self.shared, self.port_id, sqe, &data) {
                     Ok((ctrl, cmd)) => {
                         self.qid = Some(cmd.qid);
+                        self.entries = usize::from(cmd.sqsize) + 1;
                         self.sq
                             .configure(cmd.qid, cmd.sqsize, cmd.sq_flow_control_disabled());
                         if cmd.qid == 0 {
@@ -489,9 +551,9 @@ impl Queue {
             if sgl.kind != sgl_kind::TRANSPORT {
                 return self.send(Response::status(cid, Status::SGL_DESCRIPTOR_TYPE_INVALID));
             }
-            // A host has at most its queue's entries outstanding: one waiting for more writes' data than that is
-            // not a host to buffer for (each may be MDTS bytes).
-            if self.pending.len() >= usize::from(self.shared.config.queue_entries) {
+            // A host has at most its queue's entries outstanding (the SQSIZE it connected with): one waiting for
+            // more writes' data than that is not a host to buffer for (each may be MDTS bytes).
+            if self.pending.len() >= self.entries {
                 return self.send(Response::status(cid, Status::COMMAND_SEQUENCE_ERROR));
             }
             // A tag still in use (a write whose data never came, 65,536 writes ago) is skipped.
@@ -539,20 +601,7 @@ impl Queue {
         if d.data.is_empty() {
             return Err(term(fes::INVALID_HEADER_FIELD, 16));
         }
-        p.received += d.data.len();
-        match p.joined.as_mut() {
-            Some(j) => j.extend_from_slice(&d.data),
-            None => {
-                p.parts.push(d.data);
-                if p.parts.len() > MAX_PARTS && p.received < p.expected {
-                    let mut j = BytesMut::with_capacity(p.expected);
-                    for part in p.parts.drain(..) {
-                        j.extend_from_slice(&part);
-                    }
-                    p.joined = Some(j);
-                }
-            }
-        }
+        p.take(d.data);
         if p.received < p.expected {
             return Ok(());
         }
@@ -582,5 +631,50 @@ impl Queue {
         };
         self.inflight.push(io_cmds::execute(ctrl, ns, p.sqe, data));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(expected: usize) -> PendingWrite {
+        PendingWrite {
+            sqe: Sqe::new(0x01, 1),
+            expected,
+            received: 0,
+            parts: Vec::new(),
+            joined: None,
+        }
+    }
+
+    /// A few bytes of a write, sliced from a large receive buffer, with more of the write to come: kept as a copy, so
+    /// the buffer is freed once the connection moves on. Before, each such piece kept its whole buffer (a host
+    /// sending a byte to each of many writes after large PDUs made the engine hold a large buffer per byte).
+    #[test]
+    fn a_small_piece_with_more_to_come_keeps_no_receive_buffer() {
+        let mut p = pending(4 << 20);
+        let buffer = Bytes::from(vec![7u8; 4 << 20]);
+        p.take(buffer.slice(0..1));
+        assert!(buffer.is_unique(), "the piece holds the receive buffer");
+        // The last piece completes the write at once: not copied.
+        let mut p = pending(2);
+        p.take(Bytes::from_static(b"a"));
+        let last = buffer.slice(1..2);
+        p.take(last);
+        assert!(!buffer.is_unique());
+    }
+
+    /// Past [`MAX_PARTS`] pieces the data is gathered into one buffer sized to what came, not to what the command
+    /// claims (a host sending a byte per PDU would otherwise have 4 MiB set aside after 17 bytes).
+    #[test]
+    fn gathered_pieces_take_what_came_not_what_was_claimed() {
+        let mut p = pending(4 << 20);
+        for i in 0..=MAX_PARTS {
+            p.take(Bytes::from(vec![i as u8]));
+        }
+        let j = p.joined.as_ref().expect("gathered");
+        assert_eq!(&j[..], &(0..=MAX_PARTS as u8).collect::<Vec<u8>>()[..]);
+        assert!(j.capacity() < 4096, "{} bytes set aside", j.capacity());
     }
 }

@@ -190,8 +190,8 @@ async fn h2c_data_in_many_small_pdus_none_empty_and_no_more_writes_waiting_than_
     }
     assert!(back == data, "the write assembled from 128 PDUs reads back");
 
-    // Writes waiting for data: as many as the queue's entries (128), then no more.
-    for cid in 100..228u16 {
+    // Writes waiting for data: as many as the queue's entries (SQSIZE 31: 32), then no more.
+    for cid in 100..132u16 {
         q.write_awaiting_data(cid, 512).await;
     }
     let mut sqe = Sqe::rw(io::WRITE, 1, 0, 1, 512, false);
@@ -499,6 +499,38 @@ async fn keep_alive_timeout_tears_the_controller_down() {
     assert!(start.elapsed() >= std::time::Duration::from_millis(900));
     assert!(t.target.subsystem(NQN).unwrap().controllers().is_empty());
     still_serves(t.addr).await;
+}
+
+/// A host that asked for no keep-alive (KATO 0): its connection is probed by TCP's keep-alive, so a host gone
+/// without a word (powered off, its link cut) is found, and its controller with its queues goes. Before, nothing
+/// probed an idle connection, and they stayed until the engine restarted.
+#[tokio::test]
+async fn a_connection_without_keep_alive_timeout_is_probed_by_tcp() {
+    let t = target().await;
+    let (a, _) = Raw::admin(t.addr, 0).await;
+    let (ours, theirs) = (
+        format!(":{:04X}", t.addr.port()),
+        format!(":{:04X}", a.local.port()),
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when ...
+        let line = tcp
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 5 && f[1].ends_with(&ours) && f[2].ends_with(&theirs))
+            .expect("the target's end of the connection");
+        if line[5].starts_with("02:") {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "no keep-alive timer on the target's end: {line:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(a);
 }
 
 #[tokio::test]

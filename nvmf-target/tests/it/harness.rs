@@ -76,6 +76,8 @@ pub struct Raw {
     pub wr: OwnedWriteHalf,
     codec: PduCodec,
     next_cid: u16,
+    /// This end's address.
+    pub local: SocketAddr,
 }
 
 pub enum Recv {
@@ -88,12 +90,14 @@ impl Raw {
     pub async fn open(addr: SocketAddr) -> Raw {
         let s = TcpStream::connect(addr).await.unwrap();
         s.set_nodelay(true).unwrap();
+        let local = s.local_addr().unwrap();
         let (rd, wr) = s.into_split();
         Raw {
             rd: FramedRead::new(rd, PduCodec::new(1 << 20)),
             wr,
             codec: PduCodec::new(1 << 20),
             next_cid: 0,
+            local,
         }
     }
 
