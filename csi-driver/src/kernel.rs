@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ha_agent::node::fabrics::{self, Connect};
+
+/// How many times a path's connect the kernel refuses with EINVAL is tried.
+const CONNECT_TRIES: u32 = 5;
 use ha_agent::node::sysfs::{self, Subsystem};
 
 /// Keep-alive timeout of the paths the node plugin connects (seconds): how soon a silent target is noticed. It also
@@ -100,7 +103,12 @@ impl Kernel {
                 host_id: host_id(host_nqn),
                 keep_alive_tmo: KEEP_ALIVE_TMO,
             };
-            if let Err(e) = fabrics::connect(&self.fabrics, &c) {
+            // A controller ID the target hands out that the host still holds for a dead path (EINVAL: "duplicate
+            // cntlid") clears in a moment: asked again, as the node agent does.
+            let connected = fabrics::connect_retrying(CONNECT_TRIES, &c, |c| {
+                fabrics::connect(&self.fabrics, c)
+            });
+            if let Err(e) = connected {
                 errors.push(format!("{a}: {e}"));
             }
         }

@@ -48,12 +48,14 @@ pub(super) fn not_this(at: &Path, m: &Mount, uuid: Uuid, dev: Option<&Device>) -
 
 /// Whether mount `m` is of a device that is gone, so no live volume's. A file system's mount names its device,
 /// which is gone if the kernel has no such block device (whether or not the volume has a device now); a raw block
-/// volume's bind names the device-node file system instead, and counts as gone only when the volume has no device.
+/// volume's bind names the device-node file system instead, and counts as gone when the node it bound was removed
+/// (mountinfo names its root `/nvme0n1//deleted`: the device went, even if one of that name came since) or the
+/// volume has no device.
 /// A file system on no block device (tmpfs, NFS, overlay: an anonymous device, major 0) is never a gone volume's:
 /// such a mount at a path the CO named by mistake is left as it is, and the volume's paths with it.
 pub(super) fn gone(k: &Kernel, m: &Mount, dev: Option<&Device>) -> bool {
     if m.fs_type == "devtmpfs" {
-        return dev.is_none() && !k.block_device_exists(&m.dev);
+        return m.root.ends_with("//deleted") || dev.is_none() && !k.block_device_exists(&m.dev);
     }
     !m.dev.starts_with("0:") && !k.block_device_exists(&m.dev)
 }

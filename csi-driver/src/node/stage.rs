@@ -40,7 +40,21 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
         .filter(|f| !f.is_empty())
         .or(s.fs_default.clone())
         .unwrap_or_else(|| "ext4".into());
-    let staged = mt.at(&s.staging);
+    // A staging mount whose device is gone (the volume's paths all removed, and its device made again since under
+    // another number) is no live volume's: detached, and the volume staged afresh. Before, every stage was
+    // ALREADY_EXISTS ("another device mounted") until the node was cleaned by hand. Pods' binds of the old mount keep
+    // it (their I/O fails: its device is gone) until they are unpublished.
+    let mut staged = mt.at(&s.staging);
+    for _ in 0..MAX_STACKED {
+        match &staged {
+            Some(m) if gone(k, m, k.device(&s.uuid.to_string()).as_ref()) => {
+                tracing::warn!(volume = %s.uuid, mount = %m.dev, staging = %s.staging.display(), "the staging mount's device is gone: detaching it lazily and staging again");
+                mt.umount_lazy(&s.staging).map_err(Status::internal)?;
+                staged = mt.at(&s.staging);
+            }
+            _ => break,
+        }
+    }
     // Already staged (a retry, or a restarted plugin): the same volume the same way is done, anything else is not.
     if let Some(m) = &staged {
         let dev = k.device(&s.uuid.to_string());
@@ -307,6 +321,7 @@ fn unstage_once(
             wait.pathless(uuid, false);
         } else {
             wait.given_up(uuid, k, &nqn, "unmounting")?;
+            still_published(mt, staging, d, uuid)?;
             tracing::warn!(volume = %uuid, paths = %k.paths(&nqn), "no live path for the give-up time: disconnecting before the unmount (what the page cache held for the volume is lost)");
             k.disconnect(&nqn).map_err(Status::internal)?;
             disconnected = true;
@@ -330,6 +345,7 @@ fn unstage_once(
                 // the unmount, so a replacement path can still take what the page cache holds.
                 if !disconnected {
                     wait.given_up(uuid, k, &nqn, "the unmount that failed")?;
+                    still_published(mt, staging, d, uuid)?;
                 }
                 tracing::warn!(volume = %uuid, error = %e, "unmount failed without a live path for the give-up time; disconnecting and detaching lazily");
                 k.disconnect(&nqn).map_err(Status::internal)?;
@@ -360,6 +376,36 @@ fn unstage_once(
     let n = k.disconnect(&nqn).map_err(Status::internal)?;
     tracing::info!(volume = %uuid, paths = n, "unstaged");
     Ok(())
+}
+
+/// FAILED_PRECONDITION if the file system on `d` is mounted other than at `staging`: a publish still bound (the CO's
+/// order broken, or a publish rebuilt after a kubelet restart). Giving the page cache up then would fail the pod's
+/// I/O under it (and lose what its own writes left there), where a path coming back later could still take it. A
+/// mount at a path ending as `staging` does (its last two components: the kubelet's `<volume>/globalmount`) is the
+/// staging mount itself seen through a bind of a directory above it (the kubelet's directory shared), not a publish.
+fn still_published(mt: &Mounts, staging: &Path, d: &Device, uuid: Uuid) -> Result<(), Status> {
+    let here = mounts::canonical(staging);
+    let tail = |p: &Path| -> Vec<std::ffi::OsString> {
+        p.components()
+            .rev()
+            .take(2)
+            .map(|c| c.as_os_str().to_owned())
+            .collect()
+    };
+    let binds: Vec<String> = mt
+        .table()
+        .iter()
+        .filter(|m| fs_of(m, d) && m.target != here && tail(&m.target) != tail(&here))
+        .map(|m| m.target.display().to_string())
+        .collect();
+    if binds.is_empty() {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "volume {uuid} has no live path, and is still published at {}: unpublish it there first (its paths are \
+         kept meanwhile, so that one coming back can still take what the page cache holds)",
+        binds.join(", ")
+    )))
 }
 
 #[cfg(test)]

@@ -88,7 +88,11 @@ fn fake_tools(
                     return Err("mount: timed out".into());
                 }
                 let i = top(t)?;
-                lines[i] = lines[i].replacen(" rw - ", " ro - ", 1);
+                lines[i] = lines[i].replacen(" rw - ", " ro - ", 1).replacen(
+                    " rw,relatime - ",
+                    " ro,relatime - ",
+                    1,
+                );
             }
             ("mount", [source, t]) => {
                 let (dev, root, fs) = if args.contains(&"bind") {
@@ -1119,4 +1123,87 @@ fn xfs_is_mounted_without_its_uuid_check_so_a_clone_mounts_beside_its_source() {
         mount_options("xfs", vec!["nouuid".into()], false),
         ["nouuid"]
     );
+}
+
+/// A raw block volume's bind whose device node was removed (mountinfo names its root `/nvme0n1//deleted`), the volume
+/// having a device again since (its paths connected again): unpublished, detached. Before, it was not the device's
+/// (another node now has the name, or the number) nor gone (the volume has a device), and every unpublish was
+/// FAILED_PRECONDITION: the pod stayed Terminating.
+#[tokio::test]
+async fn a_raw_block_bind_of_a_removed_device_node_is_unpublished() {
+    let f = Fake::new();
+    std::fs::create_dir_all(f.path("pods")).unwrap();
+    std::fs::write(f.path("pods/a"), "").unwrap();
+    f.mounted("0:6", "/nvme0n1//deleted", "pods/a", "devtmpfs", "udev");
+    f.unpublish(A, &f.p("pods/a")).await.unwrap();
+    assert!(!f.path("pods/a").exists());
+    assert_eq!(f.calls(), vec![format!("umount -l -- {}", f.p("pods/a"))]);
+}
+
+/// The staging mount's device is gone (its number no block device's: the volume's device made again since): a stage
+/// detaches it and stages afresh. Before, every stage was ALREADY_EXISTS ("another device mounted").
+#[tokio::test]
+async fn a_stage_over_a_staging_mount_whose_device_is_gone_stages_afresh() {
+    let f = Fake::new();
+    let mut head = vec![0u8; 4096];
+    head[1080] = 0x53;
+    head[1081] = 0xEF;
+    std::fs::write(f.path("dev/nvme0n1"), &head).unwrap();
+    f.mounted("259:9", "/", "stage-a", "ext4", &f.p("dev/nvme0n1"));
+    let nqn = proto::names::volume_nqn(A);
+    let ctx = [
+        ("nqn", nqn.as_str()),
+        ("targetAddresses", "127.0.0.1:4420"),
+        ("hostNqn", HOST),
+    ];
+    f.stage(A, &f.p("stage-a"), &ctx).await.unwrap();
+    let calls = f.calls();
+    assert_eq!(
+        calls[0],
+        format!("umount -l -- {}", f.p("stage-a")),
+        "{calls:?}"
+    );
+    assert!(
+        calls[1].starts_with("mount -t ext4") && calls[1].ends_with(&f.p("stage-a")),
+        "{calls:?}"
+    );
+    let last = f.table().lines().last().unwrap().to_string();
+    assert!(last.contains(" 259:1 "), "{last}");
+}
+
+/// An unstage while a publish is still bound, and no live path for the give-up time: the volume stays connected
+/// (FAILED_PRECONDITION naming the bind), so a path coming back can still take what the page cache holds. Before,
+/// the paths went first, failing the pod's I/O under it. The staging mount seen through a bind of a directory above
+/// it (the kubelet's directory shared) is no publish: with only such copies, the paths are given up as before.
+#[tokio::test]
+async fn an_unstage_giving_up_the_page_cache_keeps_the_paths_while_a_publish_is_bound() {
+    let state = |f: &Fake, s: &str| {
+        std::fs::write(
+            f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state"),
+            format!("{s}\n"),
+        )
+        .unwrap()
+    };
+    let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
+    f.staged(A, "k/vol-a/globalmount");
+    f.bound("259:1", "pod-a/mount");
+    state(&f, "connecting");
+    let staging = f.p("k/vol-a/globalmount");
+    assert_eq!(code(f.unstage(A, &staging).await), Code::Unavailable);
+    std::thread::sleep(Duration::from_millis(60));
+    let e = f.unstage(A, &staging).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("pod-a/mount"), "{e:?}");
+    assert!(!f.disconnected(), "the paths went under a bound publish");
+
+    let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
+    f.staged(A, "k/vol-a/globalmount");
+    f.bound("259:1", "host/k/vol-a/globalmount");
+    state(&f, "connecting");
+    let staging = f.p("k/vol-a/globalmount");
+    let r = f.unstage(A, &staging).await;
+    assert_eq!(code(r.clone()), Code::Unavailable, "{r:?}");
+    std::thread::sleep(Duration::from_millis(60));
+    f.unstage(A, &staging).await.unwrap();
+    assert!(f.disconnected());
 }
