@@ -47,6 +47,10 @@ pub(super) fn execute(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Option<Response> {
     if u64::from(sqe.sgl().length) > ctx.shared.config.max_transfer() {
         return Some(Response::from((cid, Err(Status::INVALID_FIELD))));
     }
+    // Before CC.EN (or after a shutdown) only Fabrics commands run, as with Linux's target.
+    if !ctx.ctrl.is_enabled() {
+        return Some(Response::from((cid, Err(Status::COMMAND_SEQUENCE_ERROR))));
+    }
     let r = match sqe.opcode() {
         admin::IDENTIFY => identify(ctx, sqe),
         admin::GET_LOG_PAGE => get_log_page(ctx, sqe),

@@ -28,6 +28,11 @@ pub(super) fn validate(
     ctrl: &Controller,
     sqe: &Sqe,
 ) -> Result<Arc<Namespace>, Status> {
+    // A controller disabled or shut down (CC.EN cleared, CC.SHN set) runs no command, as Linux's target: a host that
+    // shut its controller down has let go of it.
+    if !ctrl.is_enabled() {
+        return Err(Status::COMMAND_SEQUENCE_ERROR);
+    }
     let ns = ctrl
         .subsystem
         .namespace(sqe.nsid())

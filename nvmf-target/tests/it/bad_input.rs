@@ -684,3 +684,55 @@ async fn a_claimed_length_beyond_mdts_is_refused_before_anything_is_allocated() 
     assert_eq!(q.cmd(sqe, Bytes::new()).await.status, Status::INVALID_FIELD);
     still_serves(t.addr).await;
 }
+
+/// Commands on a controller not enabled (before CC.EN) or shut down (CC.SHN set) are sequence errors, as with Linux's
+/// target, and change nothing: before, a write on an I/O queue connected earlier still reached the namespace after
+/// its host had shut the controller down.
+#[tokio::test]
+async fn a_controller_not_enabled_or_shut_down_runs_no_command() {
+    let t = target().await;
+    let mut r = Raw::ready(t.addr).await;
+    let c = r.connect_cmd(0, 0, CNTLID_DYNAMIC, NQN, HOST).await;
+    assert!(c.status.is_success());
+    let mut identify = Sqe::new(admin::IDENTIFY, 0);
+    identify.set_cdw(10, 1);
+    identify.set_sgl(Sgl::transport(4096));
+    let c = r.cmd(identify, Bytes::new()).await;
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR, "before CC.EN");
+
+    let (mut a, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut a, id).await;
+    let write = |fill: u8| {
+        let mut sqe = Sqe::rw(io::WRITE, 1, 0, 8, 4096, true);
+        sqe.set_cid(u16::from(fill));
+        (sqe, Bytes::from(vec![fill; 4096]))
+    };
+    let (sqe, data) = write(1);
+    assert!(q.cmd(sqe, data).await.status.is_success());
+    let shut = a
+        .cmd(
+            Property::set_sqe(property::CC, 0x0046_4001, false),
+            Bytes::new(),
+        )
+        .await;
+    assert!(shut.status.is_success());
+    let (sqe, data) = write(2);
+    let c = q.cmd(sqe, data).await;
+    assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR, "after CC.SHN");
+    let back = t
+        .target
+        .subsystem(NQN)
+        .unwrap()
+        .namespace(1)
+        .unwrap()
+        .device
+        .read(0, 4096)
+        .await
+        .unwrap();
+    assert_eq!(
+        back,
+        Bytes::from(vec![1u8; 4096]),
+        "written after the shutdown"
+    );
+    still_serves(t.addr).await;
+}
