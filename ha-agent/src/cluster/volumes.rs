@@ -211,11 +211,44 @@ pub(super) fn refused(e: &VolumeError) -> bool {
     )
 }
 
+/// One lock per volume, made when first asked for. Those no one holds or waits for (only the table has them) are
+/// dropped as the table grows, so that it stays the size of the volumes in use, not of every UUID ever asked about
+/// (deleted volumes, refused creates, stale nexuses' UUIDs).
+#[derive(Default)]
+struct VolumeLocks {
+    /// The locks, and the size at which the table is swept next.
+    table: Mutex<(HashMap<Uuid, VolumeLock>, usize)>,
+}
+
+type VolumeLock = Arc<tokio::sync::Mutex<()>>;
+
+impl VolumeLocks {
+    /// Below this many, the table is never swept.
+    const SWEPT_FROM: usize = 1024;
+
+    fn of(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<()>> {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, sweep_at) = &mut *t;
+        if map.len() >= (*sweep_at).max(Self::SWEPT_FROM) {
+            // A lock held, or waited for, has a clone outside the table: kept. Twice what is left before the next
+            // sweep: a sweep costs the table's size, once per as many new entries.
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+            *sweep_at = 2 * map.len();
+        }
+        map.entry(uuid).or_default().clone()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).0.len()
+    }
+}
+
 pub struct Volumes {
     store: Arc<dyn Store>,
     pub(super) registry: Arc<Registry>,
     engine_timeout: Duration,
-    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    locks: VolumeLocks,
     /// Held by a placement from reading the pools' room until its record is written ([`super::room`]).
     pub(super) placing: tokio::sync::Mutex<()>,
     /// Replicas placed whose bytes their node's record may not count yet ([`super::room`]).
@@ -236,7 +269,7 @@ impl Volumes {
             store,
             registry,
             engine_timeout,
-            locks: Mutex::new(HashMap::new()),
+            locks: VolumeLocks::default(),
             placing: tokio::sync::Mutex::new(()),
             promises: Default::default(),
             metrics,
@@ -261,12 +294,7 @@ impl Volumes {
     }
 
     pub(super) fn lock_of(&self, uuid: Uuid) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(uuid)
-            .or_default()
-            .clone()
+        self.locks.of(uuid)
     }
 
     pub async fn get(&self, uuid: Uuid) -> Result<VolumeRecord, VolumeError> {
@@ -926,5 +954,30 @@ impl super::reconcile::Reconciler for VolumeOperations {
 
     async fn pass(&self) -> Result<(), String> {
         self.0.reconcile().await.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Locks no one holds are dropped as the table grows; one held (or waited for) is kept, and is the one the next
+    /// caller gets. Before, every UUID ever asked about kept an entry for the agent's life.
+    #[test]
+    fn volume_locks_keep_only_those_in_use() {
+        let locks = VolumeLocks::default();
+        let held_id = Uuid::new_v4();
+        let held = locks.of(held_id);
+        let guard = held.try_lock().unwrap();
+        for _ in 0..10 * VolumeLocks::SWEPT_FROM {
+            drop(locks.of(Uuid::new_v4()));
+        }
+        assert!(
+            locks.len() <= VolumeLocks::SWEPT_FROM + 1,
+            "{}",
+            locks.len()
+        );
+        assert!(Arc::ptr_eq(&held, &locks.of(held_id)));
+        drop(guard);
     }
 }
