@@ -396,22 +396,29 @@ impl Child {
     }
 
     /// The child is rebuilt, by the task `spawn` starts, which `stop` stops. Kept together under one lock, so that
-    /// [`Child::end_rebuild`] never finds the one without the other.
+    /// [`Child::end_rebuild`] never finds the one without the other. `false`, and nothing started, if the child was
+    /// faulted since it joined: a write sent to it in between (before its copy's progress existed, every range
+    /// takes writes) failed there and was acknowledged without it, and no log of a child that was not complete names
+    /// that write: rebuilt from the map it joined with, it would turn healthy without it.
     pub fn start_rebuild(
         &self,
         progress: Arc<Progress>,
         stop: CancellationToken,
         spawn: impl FnOnce() -> JoinHandle<()>,
-    ) {
+    ) -> bool {
         // Under the state's lock throughout: a fault takes it first, so it finds the stop set (it takes the run's
         // lock after the state's, as here).
         let mut s = self.st();
+        if s.state == ChildState::Faulted {
+            return false;
+        }
         s.state = ChildState::Rebuilding;
         s.reason = None;
         s.rebuild = Some(progress);
         let mut run = self.run();
         run.0 = Some(stop);
         run.1 = Some(spawn());
+        true
     }
 
     fn run(

@@ -293,17 +293,6 @@ impl Nexus {
         name: &str,
         device: Arc<dyn BlockDevice>,
     ) -> Result<(), NexusError> {
-        let map = SegmentMap::full(self.size_bytes(), self.config.rebuild.segment_size);
-        self.attach(name, device, map, RebuildKind::Full)
-    }
-
-    fn attach(
-        self: &Arc<Self>,
-        name: &str,
-        device: Arc<dyn BlockDevice>,
-        map: SegmentMap,
-        kind: RebuildKind,
-    ) -> Result<(), NexusError> {
         if device.block_size() != self.block_size {
             return Err(NexusError::BlockSize {
                 name: name.into(),
@@ -311,18 +300,21 @@ impl Nexus {
                 want: self.block_size,
             });
         }
-        if device.size_bytes() < self.size_bytes() {
-            return Err(NexusError::TooSmall {
-                name: name.into(),
-                got: device.size_bytes(),
-                want: self.size_bytes(),
-            });
-        }
-        let child = {
+        // The size checked and the copy sized under the children's lock: a growth (which changes the size under it)
+        // cannot come in between and leave the new child short of the grown space's writes.
+        let (child, map) = {
             let mut list = self.children.write().unwrap_or_else(|e| e.into_inner());
+            if device.size_bytes() < self.size_bytes() {
+                return Err(NexusError::TooSmall {
+                    name: name.into(),
+                    got: device.size_bytes(),
+                    want: self.size_bytes(),
+                });
+            }
             if list.iter().any(|c| c.name == name) {
                 return Err(NexusError::DuplicateChild(name.into()));
             }
+            let map = SegmentMap::full(self.size_bytes(), self.config.rebuild.segment_size);
             let c = Arc::new(Child::new(
                 name.to_string(),
                 device,
@@ -330,9 +322,9 @@ impl Nexus {
                 self.log_geometry(),
             ));
             list.push(c.clone());
-            c
+            (c, map)
         };
-        self.start_rebuild(child, map, kind);
+        self.start_rebuild(child, map, RebuildKind::Full);
         Ok(())
     }
 

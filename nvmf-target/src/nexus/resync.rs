@@ -243,7 +243,10 @@ impl Nexus {
             drop(quiet);
             nexus.changed();
         };
-        rebuilt.start_rebuild(p, st, || self.tasks.spawn(work));
+        if !rebuilt.start_rebuild(p, st, || self.tasks.spawn(work)) {
+            tracing::warn!(nexus = %self.name, child = %rebuilt.name, "faulted before its rebuild started: not rebuilt");
+            self.changed();
+        }
     }
 
     /// Keeps on `child` the records of what every child still away missed.

@@ -1134,3 +1134,27 @@ async fn a_nexus_keeps_its_latest_rebuilds_and_counts_them_all() {
     assert_eq!(totals.total(), rounds);
     assert_eq!(totals.within[super::DURATION_BOUNDS.len() - 1], rounds);
 }
+
+/// A child that joined to be rebuilt and was faulted before its rebuild started (a write sent to it in between failed
+/// there, and was acknowledged without it) is not rebuilt from the map it joined with: that map does not name the
+/// write, and no log of a child that was not complete does. Before, starting the rebuild made it Rebuilding again,
+/// and it turned healthy without that write.
+#[tokio::test]
+async fn a_child_faulted_before_its_rebuild_starts_is_not_rebuilt() {
+    use crate::rebuild::{Progress, SegmentMap};
+    let c = child::Child::new(
+        "late".into(),
+        mem(),
+        child::ChildState::Rebuilding,
+        (SIZE, 1 << 20),
+    );
+    assert!(c.fault("a write failed there"));
+    let map = SegmentMap::full(SIZE, 1 << 20);
+    let started = c.start_rebuild(
+        Arc::new(Progress::new(&map)),
+        tokio_util::sync::CancellationToken::new(),
+        || tokio::spawn(async {}),
+    );
+    assert!(!started);
+    assert_eq!(c.state(), child::ChildState::Faulted);
+}
