@@ -125,6 +125,11 @@ impl Journal {
             area,
             next,
         };
+        // Still the owner, as before every commit: an import displaced between writing its label and reading the
+        // journal (another node forced an import meanwhile) would otherwise compact the new owner's journal into a
+        // checkpoint of a newer epoch, and the new owner's later transactions (of the older epoch) would not be
+        // replayed at its next import.
+        j.check_owner().await?;
         j.checkpoint(&meta).await?;
         Ok((j, meta))
     }

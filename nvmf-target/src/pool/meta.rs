@@ -18,6 +18,36 @@ use crate::block::MissedWrites;
 pub const UNMAPPED: u32 = u32::MAX;
 /// Metadata bytes a volume's missed-writes records may take (a few hundred ranges); beyond it they are coarsened.
 pub const MISSED_BUDGET: usize = 8 << 10;
+
+/// The most a volume's share may take in the metadata (its hosts' NQNs, encoded): a handful of hosts of the longest
+/// NQNs. A share naming more is refused: its record would be journaled, and the checkpoint it grew would no longer
+/// fit its area (every later commit refused, the pool never imported again).
+pub const SHARE_BUDGET: usize = 2 << 10;
+
+/// The most a volume's reservation state may take, encoded (the target keeps at most 64 registrants: about 5 KiB).
+pub const RESERVATION_BUDGET: usize = 8 << 10;
+
+fn share_bytes(s: &Option<Share>) -> usize {
+    s.as_ref().map_or(0, |s| {
+        s.hosts.iter().map(|h| h.len() + 3).sum::<usize>() + 12
+    })
+}
+
+fn reservation_bytes(r: &Option<serde_json::Value>) -> usize {
+    r.as_ref().map_or(0, |v| {
+        serde_json::to_vec(v).map_or(RESERVATION_BUDGET + 1, |b| b.len())
+    })
+}
+
+/// Refuses a share or reservation state larger than its budget.
+fn within_budget(what: &str, volume: &Uuid, bytes: usize, budget: usize) -> Result<(), PoolError> {
+    if bytes > budget {
+        return Err(PoolError::InvalidArgument(format!(
+            "volume {volume}'s {what} would take {bytes} bytes of the pool's metadata; at most {budget}"
+        )));
+    }
+    Ok(())
+}
 /// The most children a volume keeps missed writes for (a nexus has at most 16 children). With names of at most
 /// [`crate::block::MAX_CHILD_NAME`] bytes, that many one-range records stay within [`MISSED_BUDGET`].
 pub const MAX_MISSED_CHILDREN: usize = 16;
@@ -55,6 +85,12 @@ pub struct VolumeMeta {
 }
 
 impl VolumeMeta {
+    /// What its share and reservation state take, beyond what [`worst_case`] counts per volume: they are kept within
+    /// their budgets, but counted as they are.
+    fn attached_bytes(&self) -> u64 {
+        (share_bytes(&self.share) + reservation_bytes(&self.reservation)) as u64
+    }
+
     /// Keeps the missed-writes records within [`MISSED_BUDGET`] by coarsening the longest one, so a long outage
     /// with scattered writes cannot outgrow the metadata area: at worst its partial rebuild copies more.
     fn fit_missed(&mut self) {
@@ -505,8 +541,11 @@ impl PoolMeta {
             Ok(())
         };
         match r {
-            Record::CreateReplica { uuid, size, .. } => {
+            Record::CreateReplica {
+                uuid, size, share, ..
+            } => {
                 fresh(uuid)?;
+                within_budget("share", uuid, share_bytes(share), SHARE_BUDGET)?;
                 p.volumes.insert(*uuid, Some((*size, false)));
             }
             Record::Map {
@@ -530,10 +569,14 @@ impl PoolMeta {
                 p.volumes.insert(*snapshot, Some((size, true)));
             }
             Record::Clone {
-                snapshot, replica, ..
+                snapshot,
+                replica,
+                share,
+                ..
             } => {
                 let (size, _) = exists(PoolObject::Snapshot(*snapshot), snapshot)?;
                 fresh(replica)?;
+                within_budget("share", replica, share_bytes(share), SHARE_BUDGET)?;
                 p.volumes.insert(*replica, Some((size, false)));
             }
             Record::NoteMissed { volume, missed } => {
@@ -555,9 +598,20 @@ impl PoolMeta {
                     adding.insert(missed.child.clone());
                 }
             }
-            Record::SetShare { volume, .. }
-            | Record::SetReservation { volume, .. }
-            | Record::ForgetMissed { volume, .. } => {
+            Record::SetShare { volume, share } => {
+                exists(PoolObject::Volume(*volume), volume)?;
+                within_budget("share", volume, share_bytes(share), SHARE_BUDGET)?;
+            }
+            Record::SetReservation { volume, state } => {
+                exists(PoolObject::Volume(*volume), volume)?;
+                within_budget(
+                    "reservation state",
+                    volume,
+                    reservation_bytes(state),
+                    RESERVATION_BUDGET,
+                )?;
+            }
+            Record::ForgetMissed { volume, .. } => {
                 exists(PoolObject::Volume(*volume), volume)?;
             }
             Record::Resize { volume, size } => {
@@ -581,25 +635,27 @@ impl PoolMeta {
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
     pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
         let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
-        worst_case(self.volumes.len() as u64, clusters + extra_clusters)
+        let attached: u64 = self.volumes.values().map(VolumeMeta::attached_bytes).sum();
+        worst_case(self.volumes.len() as u64, clusters + extra_clusters) + attached
     }
 
     /// [`PoolMeta::worst_case_bytes`] of the state the records `pending` stands for will make: what a commit
     /// checks as it admits records that describe more, so that requests checked against the same state before
     /// they were committed (two snapshots at once) cannot fill the checkpoint area together.
     pub fn worst_case_bytes_after(&self, pending: &Pending) -> u64 {
-        let (mut volumes, mut clusters) = (0u64, 0u64);
+        let (mut volumes, mut clusters, mut attached) = (0u64, 0u64, 0u64);
         for (id, v) in &self.volumes {
             if !pending.volumes.contains_key(id) {
                 volumes += 1;
                 clusters += v.map.len() as u64;
+                attached += v.attached_bytes();
             }
         }
         for (size, _) in pending.volumes.values().flatten() {
             volumes += 1;
             clusters += size.div_ceil(self.cluster_size);
         }
-        worst_case(volumes, clusters)
+        worst_case(volumes, clusters) + attached
     }
 }
 

@@ -1512,3 +1512,124 @@ async fn memory_pool(size: u64) -> Pool {
         .await
         .unwrap()
 }
+
+/// A share naming thousands of hosts (any number was taken) would be journaled, and the checkpoint it grows would
+/// no longer fit its area: every later commit refused and the pool never imported again. It is refused, and the
+/// pool imports as before; a share and a reservation state within their budgets are taken.
+#[tokio::test]
+async fn a_share_or_reservation_too_large_for_the_metadata_is_refused() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(64 * MIB, 512));
+    let pool = Pool::create(dev.clone(), &spec("p"), &me()).await.unwrap();
+    let r = Uuid::new_v4();
+    pool.create_replica(r, 4 * MIB, None).await.unwrap();
+    let nqn = |i: usize| format!("nqn.2026-11.io.keelson:host-{i:0>190}");
+    let many = Share {
+        hosts: (0..6000).map(nqn).collect(),
+    };
+    let e = pool.set_share(r, Some(many)).await.unwrap_err();
+    assert!(matches!(e, PoolError::InvalidArgument(_)), "{e}");
+    let few = Share {
+        hosts: (0..4).map(nqn).collect(),
+    };
+    pool.set_share(r, Some(few.clone())).await.unwrap();
+    let big = serde_json::json!({ "registrants": vec!["x".repeat(100); 200] });
+    let e = pool.set_reservation(r, Some(big)).await.unwrap_err();
+    assert!(matches!(e, PoolError::InvalidArgument(_)), "{e}");
+    let made = Uuid::new_v4();
+    let e = pool
+        .create_replica(
+            made,
+            4 * MIB,
+            Some(Share {
+                hosts: (0..6000).map(nqn).collect(),
+            }),
+        )
+        .await
+        .err()
+        .expect("a create with a share past its budget is refused");
+    assert!(matches!(e, PoolError::InvalidArgument(_)), "{e}");
+    drop(pool);
+    let pool = Pool::import(dev, &me()).await.unwrap();
+    assert_eq!(pool.volumes().len(), 1);
+    assert_eq!(pool.volume_meta(&r).unwrap().share, Some(few));
+}
+
+/// Waits in `preallocate` (what an import does between writing its label and reading the journal) while `held`.
+struct HeldAfterClaim {
+    inner: Arc<MemoryDevice>,
+    held: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait]
+impl BlockDevice for HeldAfterClaim {
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+        self.inner.write(offset, data).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.write_zeroes(offset, len).await
+    }
+    async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.inner.deallocate(offset, len).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.inner.flush().await
+    }
+    async fn preallocate(&self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        let mut rx = self.held.subscribe();
+        let _ = rx.wait_for(|held| !*held).await;
+        Ok(())
+    }
+}
+
+/// An import displaced after it wrote its label and before it read the journal (another node forced an import and
+/// committed a change meanwhile) stops before it writes its own checkpoint. Before, it replayed the other owner's
+/// journal and wrote a checkpoint of a newer epoch, and the other owner's later changes were lost at its next import
+/// (the newer checkpoint won, and the journal's transactions of the older epoch were not replayed).
+#[tokio::test]
+async fn an_import_displaced_before_it_reads_the_journal_writes_no_checkpoint() {
+    let mem = Arc::new(MemoryDevice::new(32 * MIB, 512));
+    let dev: Arc<dyn BlockDevice> = Arc::new(HeldAfterClaim {
+        inner: mem.clone(),
+        held: tokio::sync::watch::channel(false).0,
+    });
+    drop(Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap());
+    let held = Arc::new(HeldAfterClaim {
+        inner: mem.clone(),
+        held: tokio::sync::watch::channel(true).0,
+    });
+    let slow = tokio::spawn({
+        let held: Arc<dyn BlockDevice> = held.clone();
+        async move { Pool::import(held, &me()).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let plain: Arc<dyn BlockDevice> = mem.clone();
+    let new = Pool::import(plain.clone(), &Claim::forced("node-b"))
+        .await
+        .unwrap();
+    let r = Uuid::new_v4();
+    new.create_replica(r, 4 * MIB, None).await.unwrap();
+    held.held.send_replace(false);
+    let e = slow.await.unwrap().err();
+    assert!(
+        matches!(&e, Some(PoolError::OwnershipLost { .. })),
+        "the displaced import went on: {e:?}"
+    );
+    let r2 = Uuid::new_v4();
+    new.create_replica(r2, 4 * MIB, None).await.unwrap();
+    drop(new);
+    let again = Pool::import(plain, &Claim::new("node-b")).await.unwrap();
+    let mut have: Vec<Uuid> = again.volumes().iter().map(|v| v.uuid).collect();
+    have.sort();
+    let mut want = vec![r, r2];
+    want.sort();
+    assert_eq!(have, want, "changes of the owner lost");
+}
