@@ -55,8 +55,9 @@ pub enum AgentError {
     Api(#[from] tonic::transport::Error),
 }
 
-/// How long an agent told to stop waits for its calls and heals in flight before it gives up resigning.
-const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// How long an agent told to stop waits for its calls and heals in flight before it gives up resigning (no agent
+/// leads meanwhile: a few engine calls' time).
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `stop` fires (then it resigns and returns `Ok`) or it fails.
 /// `metrics_listener`: where to serve `/metrics`, if anywhere.
@@ -202,6 +203,10 @@ async fn lead(
                 "calls still in flight after {DRAIN_LIMIT:?}: not resigning (the lease runs out by itself)"
             );
             return Ok(false);
+        }
+        // Lost meanwhile (the store unreachable): another agent may lead soon; the calls are not waited for.
+        if lost.is_cancelled() {
+            return Err(AgentError::LeadershipLost);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -96,8 +96,11 @@ pub async fn campaign(
                 // Looked at again every TTL, whatever the watch says: a watch served by a store member that stopped
                 // hearing of changes must not keep a candidate waiting for a leader long dead.
                 _ = tokio::time::sleep(ttl) => {
-                    if store.get(key).await?.is_none() {
-                        break;
+                    match store.get(key).await {
+                        Ok(None) => break,
+                        Ok(Some(_)) => {}
+                        // The store busy (an etcd election): looked at again next time, the watch still on.
+                        Err(e) => tracing::debug!(error = %e, "cannot look at the leader key"),
                     }
                 }
                 e = w.events.next() => match e {

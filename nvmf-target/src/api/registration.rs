@@ -219,6 +219,11 @@ pub async fn run(engine: Engine, cfg: RegistrationConfig, stop: CancellationToke
             match c.heartbeat(hb).await {
                 Ok(r) if !r.get_ref().register_again => {}
                 Ok(_) => {
+                    // An agent that does not know this engine (a new leader) ignores the changes it was told of:
+                    // told again once registered.
+                    for n in &changed_nexuses {
+                        feed.mark(n);
+                    }
                     tracing::info!("the cluster agent asks this engine to register again");
                     continue 'register;
                 }

@@ -239,6 +239,9 @@ impl Engine {
                 "the engine is shutting down".into(),
             ));
         }
+        // 0: whatever the pool has (the default for a new one), as for the block size: a retry of a request that
+        // imported a pool of another cluster size is the same request.
+        let asked_cluster = cluster_size;
         let cluster_size = if cluster_size == 0 {
             DEFAULT_CLUSTER
         } else {
@@ -247,7 +250,7 @@ impl Engine {
         if let Some(e) = self.pools_map().get(name).cloned() {
             let l = e.pool.label();
             if e.disk != disk
-                || l.cluster_size != cluster_size
+                || (asked_cluster != 0 && l.cluster_size != asked_cluster)
                 || (block_size != 0 && l.block_size != block_size)
                 || uuid.is_some_and(|u| u != l.uuid)
             {
@@ -921,6 +924,27 @@ mod tests {
             .create_pool(name, &disk, None, 1 << 20, 512)
             .await
             .unwrap();
+    }
+
+    /// The same CreatePool again with cluster size 0 ("whatever the pool has", what the cluster agent sends) is the
+    /// pool made before with 1 MiB clusters, not another one in the way (before: ALREADY_EXISTS, and the agent's
+    /// retry after a timeout failed for good). Another cluster size named is refused.
+    #[tokio::test]
+    async fn create_pool_again_without_a_cluster_size_is_the_same_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine_with_pool(dir.path()).await;
+        add_pool(&engine, dir.path(), "q").await;
+        let disk = dir.path().join("q").to_str().unwrap().to_string();
+        engine.create_pool("q", &disk, None, 0, 0).await.unwrap();
+        let e = engine
+            .create_pool("q", &disk, None, 4 << 20, 0)
+            .await
+            .err()
+            .expect("another cluster size named is refused");
+        assert!(
+            matches!(e, EngineError::Pool(PoolError::AlreadyExists { .. })),
+            "{e:?}"
+        );
     }
 
     /// Two pool files on one file system are not both offered its free space: the room the engine tells for each
