@@ -172,6 +172,7 @@ impl Engine {
                 "a nexus needs at least one child".into(),
             ));
         }
+        distinct_children(children.iter().map(String::as_str))?;
         // A second create of the same nexus waits for the first, then finds it made: opening the children side by
         // side, each would end the other's connections to them (a replica's subsystem is single-path) and run
         // rebuilds beside the other's writes.
@@ -385,6 +386,16 @@ impl Engine {
         // connection to it as it takes the reservation: the second waits, then finds the child there.
         let _changing = self.inner.changing.claim(*uuid).await;
         let nexus = self.nexus_or_not_found(uuid)?;
+        // Another child's namespace under another URI (another address, `local://` for `nvmf://`) would be one
+        // copy counted twice.
+        let names: Vec<String> = nexus.children().into_iter().map(|c| c.name).collect();
+        distinct_children(
+            names
+                .iter()
+                .map(String::as_str)
+                .filter(|n| *n != uri)
+                .chain([uri]),
+        )?;
         let existing = nexus.children().into_iter().find(|c| c.name == uri);
         if existing
             .as_ref()
@@ -618,4 +629,28 @@ async fn take_reservation(child: &dyn Reservable, keys: ReservationKeys) -> Resu
         },
         r => r,
     }
+}
+
+/// INVALID_ARGUMENT unless the child URIs name distinct namespaces, none of them a nexus's own (a volume's
+/// subsystem): one replica named twice (the same URI, or another address or scheme for it) would count as two
+/// copies, each open ending the other's connection; a nexus as its own child would wait on itself.
+fn distinct_children<'a>(uris: impl Iterator<Item = &'a str>) -> Result<(), EngineError> {
+    let mut seen: Vec<(String, u32, &str)> = Vec::new();
+    for uri in uris {
+        let parsed =
+            ChildUri::parse(uri).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+        let (nqn, nsid) = parsed.namespace();
+        if nqn.starts_with(&proto::names::volume_nqn("")) {
+            return Err(EngineError::InvalidArgument(format!(
+                "child {uri} is a volume's nexus, not a replica"
+            )));
+        }
+        if let Some((_, _, first)) = seen.iter().find(|(n, s, _)| n == nqn && *s == nsid) {
+            return Err(EngineError::InvalidArgument(format!(
+                "children {first} and {uri} are the same namespace"
+            )));
+        }
+        seen.push((nqn.to_string(), nsid, uri));
+    }
+    Ok(())
 }

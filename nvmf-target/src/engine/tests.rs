@@ -233,3 +233,48 @@ async fn a_deleted_export_lets_go_of_its_file() {
         .unwrap();
     export().unwrap();
 }
+
+/// Children naming one namespace twice (the same URI, the same NQN without `?nsid=1`, or under `local://` and
+/// `nvmf://` both) and a child that is a volume's own nexus are refused as bad input, before anything is opened:
+/// before, a variant URI made one replica two "copies", each open ending the other's connection, and an exact
+/// duplicate was ALREADY_EXISTS (which the cluster agent takes for a nexus in the way).
+#[tokio::test]
+async fn children_naming_one_namespace_twice_or_a_nexus_are_refused() {
+    let engine = Engine::new(EngineConfig {
+        node_name: "n".into(),
+        target: Default::default(),
+    });
+    let kids = children(&engine, "dup");
+    let same = kids[0].trim_end_matches("?nsid=1").to_string();
+    let remote = format!(
+        "nvmf://127.0.0.1:4420/{}",
+        same.trim_start_matches("local:///")
+    );
+    let uuid = uuid::Uuid::new_v4();
+    for bad in [
+        vec![kids[0].clone(), kids[0].clone()],
+        vec![kids[0].clone(), same.clone()],
+        vec![kids[0].clone(), remote.clone()],
+        vec![
+            kids[0].clone(),
+            format!("local:///{}", proto::names::volume_nqn("x")),
+        ],
+    ] {
+        let e = engine
+            .create_nexus(uuid, &bad, NexusOptions::default())
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(e, EngineError::InvalidArgument(_)),
+            "{bad:?}: {e:?}"
+        );
+    }
+    engine
+        .create_nexus(uuid, &kids, NexusOptions::default())
+        .await
+        .unwrap();
+    let e = engine.add_child(&uuid, &same).await.expect_err("refused");
+    assert!(matches!(e, EngineError::InvalidArgument(_)), "{e:?}");
+    assert_eq!(engine.nexus(&uuid).unwrap().0.children().len(), 2);
+}

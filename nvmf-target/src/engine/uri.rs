@@ -26,6 +26,16 @@ pub struct UriError {
 }
 
 impl ChildUri {
+    /// The namespace it names, wherever it is reached: NQNs name one subsystem (a replica's is its own), so two URIs
+    /// with the same NQN and NSID are the same namespace, whatever their addresses or schemes.
+    pub fn namespace(&self) -> (&str, u32) {
+        match self {
+            ChildUri::Nvmf { nqn, nsid, .. } | ChildUri::Local { nqn, nsid } => {
+                (nqn.as_str(), *nsid)
+            }
+        }
+    }
+
     pub fn parse(uri: &str) -> Result<ChildUri, UriError> {
         let bad = |reason: &str| UriError {
             uri: uri.to_string(),
