@@ -29,6 +29,18 @@ impl EngineService {
         Ok(Response::new(convert::nexus(uuid, &n, nqn.as_ref())))
     }
 
+    /// FAILED_PRECONDITION for a subsystem the engine manages (a nexus's, a pool volume's): it is made, unmade and
+    /// given namespaces only through its owner's calls (its hosts change through AllowHost and DisallowHost: the
+    /// cluster agent adds a volume's further hosts so).
+    fn not_managed(&self, nqn: &str) -> Result<(), Status> {
+        match self.engine.subsystem_owner(nqn) {
+            Some(owner) => Err(Status::failed_precondition(format!(
+                "subsystem {nqn} is {owner}'s: it changes only through that object's own calls"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn subsystem_reply(&self, nqn: &str) -> Result<Response<pb::Subsystem>, Status> {
         let s = self
             .engine
@@ -79,6 +91,7 @@ impl EngineApi for EngineService {
         r: Request<pb::CreateSubsystemRequest>,
     ) -> Result<Response<pb::Subsystem>, Status> {
         let r = r.into_inner();
+        self.not_managed(&r.nqn)?;
         let spec = SubsystemSpec {
             nqn: nqn(&r.nqn, "nqn")?,
             serial: r.serial,
@@ -98,6 +111,7 @@ impl EngineApi for EngineService {
     ) -> Result<Response<pb::DeleteSubsystemResponse>, Status> {
         let r = r.into_inner();
         nqn(&r.nqn, "nqn")?;
+        self.not_managed(&r.nqn)?;
         self.engine.delete_subsystem(&r.nqn)?;
         Ok(Response::new(pb::DeleteSubsystemResponse {}))
     }
@@ -123,6 +137,7 @@ impl EngineApi for EngineService {
     ) -> Result<Response<pb::Subsystem>, Status> {
         let r = r.into_inner();
         nqn(&r.nqn, "nqn")?;
+        self.not_managed(&r.nqn)?;
         let spec = convert::export_spec(&r)?;
         // Opening a file may wait for a holder that just died to let go of it (seconds): off the runtime's workers.
         let engine = self.engine.clone();
@@ -139,6 +154,7 @@ impl EngineApi for EngineService {
     ) -> Result<Response<pb::Subsystem>, Status> {
         let r = r.into_inner();
         nqn(&r.nqn, "nqn")?;
+        self.not_managed(&r.nqn)?;
         self.engine.remove_namespace(&r.nqn, r.nsid)?;
         self.subsystem_reply(&r.nqn)
     }

@@ -373,7 +373,11 @@ impl Engine {
             e.nqn.take()
         };
         if let Some(nqn) = nqn {
-            self.target().delete_subsystem(nqn.as_str())?;
+            match self.target().delete_subsystem(nqn.as_str()) {
+                // Gone already: unpublished, as asked.
+                Err(crate::target::TargetError::NotFound(_)) => {}
+                r => r?,
+            }
         }
         Ok(())
     }

@@ -476,6 +476,26 @@ impl Engine {
         Ok(self.find_volume(uuid))
     }
 
+    /// What owns subsystem `nqn`, if the engine manages it: a published nexus (`vol-<uuid>`) or a pool's replica or
+    /// snapshot (`replica-<uuid>`). Such a subsystem changes only through its owner's calls (PublishNexus,
+    /// ShareReplica, ...): changed behind its back, its owner's record of it would be wrong (a nexus's unpublish
+    /// finding no subsystem, a share answering for a namespace that is not there).
+    pub fn subsystem_owner(&self, nqn: &str) -> Option<String> {
+        if let Some(n) = self
+            .nexuses_mut()
+            .iter()
+            .find(|n| n.nqn.as_ref().is_some_and(|q| q.as_str() == nqn))
+        {
+            return Some(format!("nexus {}", n.uuid));
+        }
+        let uuid = nqn
+            .strip_prefix(crate::protocol::nqn::KEELSON_PREFIX)?
+            .strip_prefix("replica-")
+            .and_then(|u| Uuid::parse_str(u).ok())?;
+        self.find_volume(&uuid)
+            .map(|_| format!("pool volume {uuid}"))
+    }
+
     fn find_replica(&self, uuid: &Uuid) -> Result<(Pool, VolumeMeta), EngineError> {
         Self::replica_of(uuid, self.find_volume(uuid))
     }

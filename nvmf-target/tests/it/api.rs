@@ -279,3 +279,68 @@ async fn listeners_hosts_and_ana_change_at_run_time() {
             .is_empty()
     );
 }
+
+/// A published nexus's subsystem is made, unmade and given namespaces only through the nexus's calls: the generic
+/// calls that would are FAILED_PRECONDITION, and the nexus is destroyed as usual. Before, DeleteSubsystem took it away behind the nexus's
+/// back, and DestroyNexus then answered NOT_FOUND (which the agent takes for "gone") and left the nexus listed.
+#[tokio::test]
+async fn a_nexus_subsystem_is_not_changed_through_the_generic_calls() {
+    let (mut c, _) = start().await;
+    let child = "nqn.2026-11.io.keelson:replica-managed-1";
+    c.create_subsystem(sub(child)).await.unwrap();
+    c.add_namespace(mem_ns(child, 1 << 20)).await.unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_nexus(pb::CreateNexusRequest {
+        uuid: vol.clone(),
+        children: vec![format!("local:///{child}?nsid=1")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.publish_nexus(pb::PublishNexusRequest {
+        uuid: vol.clone(),
+        ana_group: 1,
+        allow_any_host: true,
+        allowed_hosts: vec![],
+    })
+    .await
+    .unwrap();
+    let nqn = format!("nqn.2026-11.io.keelson:vol-{vol}");
+    let refused = c
+        .delete_subsystem(pb::DeleteSubsystemRequest { nqn: nqn.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        c.remove_namespace(pb::RemoveNamespaceRequest {
+            nqn: nqn.clone(),
+            nsid: 1
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::FailedPrecondition
+    );
+    // Its hosts are the caller's to change (the cluster agent adds a volume's further hosts so).
+    c.allow_host(pb::HostRequest {
+        nqn: nqn.clone(),
+        host_nqn: "nqn.2026-11.io.keelson:host-x".into(),
+    })
+    .await
+    .unwrap();
+    c.destroy_nexus(pb::DestroyNexusRequest { uuid: vol.clone() })
+        .await
+        .unwrap();
+    let left = c
+        .list_nexuses(pb::ListNexusesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nexuses;
+    assert!(left.is_empty(), "{left:?}");
+    // Not the engine's any more: the generic calls are the caller's again.
+    c.create_subsystem(sub(&nqn)).await.unwrap();
+    c.delete_subsystem(pb::DeleteSubsystemRequest { nqn })
+        .await
+        .unwrap();
+}
