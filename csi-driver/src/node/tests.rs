@@ -222,6 +222,15 @@ impl Fake {
         std::fs::read_to_string(&self.mountinfo).unwrap()
     }
 
+    /// Volume A's only path's controller state now (`live`, `connecting`, ...).
+    fn path_state(&self, s: &str) {
+        std::fs::write(
+            self.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state"),
+            format!("{s}\n"),
+        )
+        .unwrap()
+    }
+
     /// Whether the volume A's controller was deleted.
     fn disconnected(&self) -> bool {
         self.path("sys/class/nvme/nvme0/delete_controller").exists()
@@ -581,16 +590,9 @@ async fn a_tmpfs_at_a_wrong_path_is_no_vanished_volume() {
 /// the give-up time do the paths go first (the unmount would wait for ever).
 #[tokio::test]
 async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
-    let state = |f: &Fake, s: &str| {
-        std::fs::write(
-            f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state"),
-            format!("{s}\n"),
-        )
-        .unwrap()
-    };
     let f = Fake::new().with_live_wait(Duration::from_secs(10), Duration::from_secs(300));
     f.staged(A, "stage-a");
-    state(&f, "connecting");
+    f.path_state("connecting");
     let sw = f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state");
     let switch_over = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
@@ -605,11 +607,11 @@ async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
     // back, unmounts first.
     let f = Fake::new().with_live_wait(Duration::from_millis(200), Duration::from_secs(300));
     f.staged(A, "stage-a");
-    state(&f, "connecting");
+    f.path_state("connecting");
     assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
     assert_eq!(f.calls(), Vec::<String>::new());
     assert!(!f.disconnected());
-    state(&f, "live");
+    f.path_state("live");
     f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
     assert!(f.disconnected());
@@ -617,7 +619,7 @@ async fn an_unstage_waits_for_a_live_path_before_it_gives_the_page_cache_up() {
     // No path for the give-up time: the paths go first.
     let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
     f.staged(A, "stage-a");
-    state(&f, "connecting");
+    f.path_state("connecting");
     assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
     f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert_eq!(
@@ -1177,17 +1179,10 @@ async fn a_stage_over_a_staging_mount_whose_device_is_gone_stages_afresh() {
 /// it (the kubelet's directory shared) is no publish: with only such copies, the paths are given up as before.
 #[tokio::test]
 async fn an_unstage_giving_up_the_page_cache_keeps_the_paths_while_a_publish_is_bound() {
-    let state = |f: &Fake, s: &str| {
-        std::fs::write(
-            f.path("sys/class/nvme-subsystem/nvme-subsys0/nvme0/state"),
-            format!("{s}\n"),
-        )
-        .unwrap()
-    };
     let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
     f.staged(A, "k/vol-a/globalmount");
     f.bound("259:1", "pod-a/mount");
-    state(&f, "connecting");
+    f.path_state("connecting");
     let staging = f.p("k/vol-a/globalmount");
     assert_eq!(code(f.unstage(A, &staging).await), Code::Unavailable);
     std::thread::sleep(Duration::from_millis(60));
@@ -1199,7 +1194,7 @@ async fn an_unstage_giving_up_the_page_cache_keeps_the_paths_while_a_publish_is_
     let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
     f.staged(A, "k/vol-a/globalmount");
     f.bound("259:1", "host/k/vol-a/globalmount");
-    state(&f, "connecting");
+    f.path_state("connecting");
     let staging = f.p("k/vol-a/globalmount");
     let r = f.unstage(A, &staging).await;
     assert_eq!(code(r.clone()), Code::Unavailable, "{r:?}");

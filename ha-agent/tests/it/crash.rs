@@ -698,6 +698,47 @@ async fn every_stage(dir: &Path, store: &[&str]) {
     drop(k.engines);
 }
 
+/// Agent A (its client `ca`) restarted with `failpoints` armed and leading again, then agent B started on `port` and
+/// standing by (it answers that it does not lead): B and its client. (B cannot take the lead while A restarts: A's
+/// lease holds until it expires, and A campaigns again at once.)
+async fn armed_leader_and_standby(
+    a: &mut Proc,
+    ca: &ClusterClient<Channel>,
+    failpoints: &str,
+    dir: &Path,
+    port: u16,
+    store: &[&str],
+) -> (Proc, ClusterClient<Channel>) {
+    a.set_env("FAILPOINTS", failpoints);
+    a.restart();
+    until_served(|| {
+        let mut c = ca.clone();
+        async move { c.list_volumes(pb::ListVolumesRequest::default()).await }
+    })
+    .await
+    .unwrap();
+    let b = agent_with(dir, port, store, "agent-b");
+    let cb = ClusterClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy(),
+    );
+    let t = Instant::now();
+    loop {
+        let standby = cb
+            .clone()
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap_err();
+        if standby.message().contains("does not lead") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{standby:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (b, cb)
+}
+
 /// Two agents on one etcd: the leader is killed in the middle of a scale operation (after the new replica is
 /// created, before the record says so); the other agent takes the lead within the lease TTL and finishes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,36 +772,15 @@ async fn the_standby_agent_finishes_a_scale_the_killed_leader_began() {
 
     // A leads; B waits. A is restarted armed (B cannot take the lead meanwhile: A's lease holds until it expires,
     // and A campaigns again at once); B starts after A leads again.
-    a.set_env(
-        "FAILPOINTS",
+    let (_b, cb) = armed_leader_and_standby(
+        &mut a,
+        &ca,
         &format!("{}=return", fp::HEAL_REPLICA_CREATED),
-    );
-    a.restart();
-    until_served(|| {
-        let mut c = ca.clone();
-        async move { c.list_volumes(pb::ListVolumesRequest::default()).await }
-    })
-    .await
-    .unwrap();
-    let _b = agent_with(dir.path(), pb_, &store, "agent-b");
-    let cb = ClusterClient::new(
-        tonic::transport::Endpoint::from_shared(ub)
-            .unwrap()
-            .connect_lazy(),
-    );
-    let t = Instant::now();
-    loop {
-        let standby = cb
-            .clone()
-            .list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .unwrap_err();
-        if standby.message().contains("does not lead") {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "{standby:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        dir.path(),
+        pb_,
+        &store,
+    )
+    .await;
 
     let r = scale(ca.clone(), &vol, 3).await;
     let st = a.exited(Duration::from_secs(20)).await;
@@ -807,36 +827,15 @@ async fn a_stopped_leader_resigns_only_once_its_calls_in_flight_have_ended() {
     let vol = uuid::Uuid::new_v4().to_string();
     until_served(|| create(ca.clone(), &vol, 2)).await.unwrap();
     // A publish waits 2 s between sharing the replicas and making the nexus.
-    a.set_env(
-        "FAILPOINTS",
+    let (_b, cb) = armed_leader_and_standby(
+        &mut a,
+        &ca,
         &format!("{}=return(2000)", fp::PUBLISH_CREATING),
-    );
-    a.restart();
-    until_served(|| {
-        let mut c = ca.clone();
-        async move { c.list_volumes(pb::ListVolumesRequest::default()).await }
-    })
-    .await
-    .unwrap();
-    let _b = agent_with(dir.path(), pb_, &store, "agent-b");
-    let cb = ClusterClient::new(
-        tonic::transport::Endpoint::from_shared(ub)
-            .unwrap()
-            .connect_lazy(),
-    );
-    let t = Instant::now();
-    loop {
-        let standby = cb
-            .clone()
-            .list_volumes(pb::ListVolumesRequest::default())
-            .await
-            .unwrap_err();
-        if standby.message().contains("does not lead") {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "{standby:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        dir.path(),
+        pb_,
+        &store,
+    )
+    .await;
     let published = tokio::spawn({
         let ca = ca.clone();
         let vol = vol.clone();

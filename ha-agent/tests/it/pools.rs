@@ -69,6 +69,37 @@ async fn create_p1(c: &mut ClusterClient<tonic::transport::Channel>, disk: &std:
     .unwrap();
 }
 
+/// Pool p1 on `disk` made through the agent, a one-replica volume in it; then reg-1's engine restarted with the disk
+/// moved away (late): the volume's UUID and where the disk is.
+async fn volume_on_p1_whose_disk_is_late(
+    port: u16,
+    engine: &mut crate::registry::Proc,
+    c: &mut ClusterClient<tonic::transport::Channel>,
+    disk: &std::path::Path,
+) -> (String, std::path::PathBuf) {
+    create_p1(c, disk).await;
+    let t = Instant::now();
+    while !managed(c).await[0].reported {
+        assert!(t.elapsed() < Duration::from_secs(30), "never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 8 << 20,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    down(engine, port).await;
+    let away = disk.with_file_name("away.img");
+    std::fs::rename(disk, &away).unwrap();
+    engine.restart();
+    wait_for(port, &[("reg-1", Online)], "the node back").await;
+    (vol, away)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_empty() {
     let dir = tempfile::tempdir().unwrap();
@@ -290,26 +321,7 @@ async fn a_pool_holding_a_replica_is_not_deleted_while_or_after_its_engine_is_do
 async fn a_pool_whose_disk_is_late_after_a_restart_is_not_deleted_under_its_volume() {
     let dir = tempfile::tempdir().unwrap();
     let (port, _agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
-    create_p1(&mut c, &disk).await;
-    let t = Instant::now();
-    while !managed(&mut c).await[0].reported {
-        assert!(t.elapsed() < Duration::from_secs(30), "never reported");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 8 << 20,
-        replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    down(&mut engine, port).await;
-    let away = dir.path().join("away.img");
-    std::fs::rename(&disk, &away).unwrap();
-    engine.restart();
-    wait_for(port, &[("reg-1", Online)], "the node back").await;
+    let (vol, away) = volume_on_p1_whose_disk_is_late(port, &mut engine, &mut c, &disk).await;
     match c
         .delete_pool(pb::DeletePoolRequest {
             node: "reg-1".into(),
@@ -356,26 +368,7 @@ async fn a_pool_delete_left_unfinished_by_a_crash_is_not_finished_under_a_volume
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();
     let (port, mut agent, grpc, mut engine, mut c, disk) = one_node(dir.path()).await;
-    create_p1(&mut c, &disk).await;
-    let t = Instant::now();
-    while !managed(&mut c).await[0].reported {
-        assert!(t.elapsed() < Duration::from_secs(30), "never reported");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 8 << 20,
-        replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    down(&mut engine, port).await;
-    let away = dir.path().join("away.img");
-    std::fs::rename(&disk, &away).unwrap();
-    engine.restart();
-    wait_for(port, &[("reg-1", Online)], "the node back").await;
+    let (_vol, away) = volume_on_p1_whose_disk_is_late(port, &mut engine, &mut c, &disk).await;
 
     agent.set_env("FAILPOINTS", "pool-delete.marked=return");
     agent.restart();
