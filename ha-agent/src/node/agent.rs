@@ -56,6 +56,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// and asking again costs the cluster agent one engine call.
 const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// Longest wait before a report refused for a volume the cluster agent does not know (deleted) or a request it calls
+/// bad is made again: asking again soon changes nothing, and each costs a report and a registration.
+const UNKNOWN_BACKOFF_MAX: Duration = Duration::from_secs(60);
+const UNKNOWN_BACKOFF_FIRST: Duration = Duration::from_secs(5);
+
 /// How one switch-over attempt ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Outcome {
@@ -63,6 +68,8 @@ enum Outcome {
     Done,
     /// The cluster agent refused the report (the path is not broken from the target's side, or not its nexus).
     Refused,
+    /// The cluster agent does not know the volume (deleted), or calls the report bad: asked again rarely.
+    RefusedForGood,
     /// Anything else: the new path did not come up, the nexus stayed, the agent stopped.
     Failed,
 }
@@ -110,14 +117,14 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
             if outcome == Outcome::Done {
                 retry.remove(&nqn);
             } else {
-                let max = if outcome == Outcome::Refused {
-                    REFUSED_BACKOFF_MAX
-                } else {
-                    BACKOFF_MAX
+                let (first, max) = match outcome {
+                    Outcome::Refused => (Duration::from_millis(200), REFUSED_BACKOFF_MAX),
+                    Outcome::RefusedForGood => (UNKNOWN_BACKOFF_FIRST, UNKNOWN_BACKOFF_MAX),
+                    _ => (Duration::from_millis(200), BACKOFF_MAX),
                 };
                 let wait = retry
                     .get(&nqn)
-                    .map_or(Duration::from_millis(200), |(_, w)| (*w * 2).min(max));
+                    .map_or(first, |(_, w)| (*w * 2).clamp(first, max));
                 retry.insert(nqn, (Instant::now() + wait, wait));
             }
         }
@@ -316,6 +323,8 @@ async fn keep_registered(
 struct Refusal {
     /// The volume is not published to the reporting host: the path is stale.
     not_published_here: bool,
+    /// NOT_FOUND or INVALID_ARGUMENT: asking again soon would change nothing.
+    lasting: bool,
 }
 
 /// Reports `b` until acknowledged, or until the cluster agent refuses it.
@@ -368,6 +377,7 @@ async fn report(
                         tracing::warn!(nqn = %b.nqn, address = %b.controller.address, code = ?s.code(), why = %s.message(), "the cluster agent refused the report");
                         let to = s.metadata().get(proto::names::NOT_PUBLISHED_TO);
                         return Err(Refusal {
+                            lasting: matches!(s.code(), Code::NotFound | Code::InvalidArgument),
                             not_published_here: s.code() == Code::FailedPrecondition
                                 && to.is_some_and(|h| {
                                     h.as_bytes() == b.controller.host_nqn.as_bytes()
@@ -402,7 +412,11 @@ async fn switch_over(
                 return Outcome::Done;
             }
             metrics.switchover("refused", None);
-            return Outcome::Refused;
+            return if refusal.lasting {
+                Outcome::RefusedForGood
+            } else {
+                Outcome::Refused
+            };
         }
     };
     let acknowledged = reported.elapsed();
@@ -432,6 +446,9 @@ async fn switch_over(
         return Outcome::Failed;
     };
     let have: Vec<String> = now.controllers.iter().map(|c| c.target()).collect();
+    // Whether a path to a target is there or was made: without one, nothing can turn live, and the live wait below
+    // would only hold the I/O longer before the next report.
+    let mut any = targets.iter().any(|t| have.contains(t));
     for t in targets.iter().filter(|t| !have.contains(t)) {
         let c = Connect {
             nqn: v.nqn.clone(),
@@ -445,6 +462,7 @@ async fn switch_over(
             move || fabrics::connect_retrying(CONNECT_TRIES, &c, |c| fabrics::connect(&fabrics, c));
         match tokio::task::spawn_blocking(connect).await {
             Ok(Ok(n)) => {
+                any = true;
                 tracing::info!(nqn = %v.nqn, address = %t, instance = n.instance, cntlid = n.cntlid, "new path connected");
             }
             Ok(Err(e)) => {
@@ -454,6 +472,11 @@ async fn switch_over(
         }
     }
     let connected = reported.elapsed();
+    if !any {
+        tracing::warn!(nqn = %b.nqn, ?targets, "no new path connected");
+        metrics.switchover("failed", None);
+        return Outcome::Failed;
+    }
     // Live first, then the dead one goes: deleting the last path would remove the block device.
     let t0 = Instant::now();
     let live = loop {

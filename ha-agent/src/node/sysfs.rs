@@ -203,6 +203,9 @@ pub fn scan(sys: &Path) -> Vec<Subsystem> {
         let controllers = sorted_entries(&dir)
             .into_iter()
             .filter(|n| is_controller(n))
+            // One whose state cannot be read went while the scan looked (deleted: an unstage, or a replaced path):
+            // left out, as gone, not taken for a broken path with no address or host.
+            .filter(|c| !read(&dir.join(c).join("state")).is_empty())
             .map(|c| {
                 let cdir = dir.join(&c);
                 let paths: Vec<String> = sorted_entries(&cdir)
@@ -381,6 +384,36 @@ mod tests {
                 completed: 20 + 7 + 5
             }
         );
+    }
+
+    /// A controller that went while the scan looked (its directory listed, its state no longer there) is left out:
+    /// before, it came out with an empty state, so broken, and was reported with no address nor host.
+    #[test]
+    fn a_controller_gone_while_the_scan_looked_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sys = dir.path();
+        let vol = format!("{NQN_PREFIX}vol-7b0c1f6e-1111-4222-8333-444455556666");
+        fixture::subsystem(sys, "nvme-subsys0", &vol);
+        fixture::controller(
+            sys,
+            "nvme-subsys0",
+            "nvme0",
+            "live",
+            "10.0.0.1:4420",
+            &["optimized"],
+        );
+        fixture::controller(
+            sys,
+            "nvme-subsys0",
+            "nvme1",
+            "live",
+            "10.0.0.1:4421",
+            &["optimized"],
+        );
+        std::fs::remove_file(sys.join("class/nvme-subsystem/nvme-subsys0/nvme1/state")).unwrap();
+        let s = scan(sys);
+        let names: Vec<&str> = s[0].controllers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["nvme0"]);
     }
 
     #[test]

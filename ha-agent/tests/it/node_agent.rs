@@ -141,6 +141,15 @@ async fn a_broken_path_is_reported_with_backoff_until_a_cluster_agent_answers() 
         value(&body, "keelson_node_switchovers_total{result=\"ok\"}"),
         0.0
     );
+    // Not asked again soon: a volume the cluster agent does not know stays unknown. Before, it was reported (and
+    // the node registered again) every second for ever.
+    let refused = value(&body, "keelson_node_reports_total{result=\"NotFound\"}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let body = until(&maddr, "metrics", |_| true).await;
+    assert!(
+        value(&body, "keelson_node_reports_total{result=\"NotFound\"}") <= refused + 1.0,
+        "asked again and again: {body}"
+    );
     // It registered its node, with the CSI node plugin's host NQN and the one its kernel's controller uses.
     until(&maddr, "registered", |b| {
         value(b, "keelson_node_registered") == 1.0
