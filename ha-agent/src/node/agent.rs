@@ -146,6 +146,12 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
         }
         let broken = tracker.observe(&scan, Instant::now(), SystemTime::now());
         metrics.paths(&scan, &tracker.stalled());
+        // A failure over (its path usable again, or gone with its volume) takes its backoff with it: the next one
+        // starts afresh, not where the last one's refusals left it.
+        {
+            let busy = busy.lock().unwrap_or_else(|e| e.into_inner());
+            retry.retain(|nqn, _| busy.contains_key(nqn) || broken.iter().any(|b| &b.nqn == nqn));
+        }
         for b in broken {
             if retry
                 .get(&b.nqn)
