@@ -32,7 +32,9 @@ impl From<EngineError> for Status {
                 NexusError::LastHealthyChild(_) | NexusError::NoHealthyChild => {
                     Status::failed_precondition(msg)
                 }
-                NexusError::Snapshot { .. } | NexusError::Stopped => Status::unavailable(msg),
+                NexusError::Snapshot { .. } | NexusError::Stopped | NexusError::ConsentPending => {
+                    Status::unavailable(msg)
+                }
                 NexusError::ChildNotGrown { .. } | NexusError::Rebuilding(_) => {
                     Status::failed_precondition(msg)
                 }

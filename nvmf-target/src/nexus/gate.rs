@@ -57,6 +57,26 @@ pub(super) struct ConsentCounters {
 }
 
 impl Nexus {
+    /// Every range, for a step that waits for the writes in flight (a snapshot, a growth), or
+    /// [`super::NexusError::ConsentPending`] as soon as a write waits for the agent's consent to fault a child. The
+    /// cluster agent asks for such steps under the volume's lock and answers consent under it too: waiting, the step
+    /// would hold every later write behind it until the agent's call timed out.
+    pub(super) async fn quiesce(
+        &self,
+    ) -> Result<crate::block::range_lock::RangeGuard, super::NexusError> {
+        let all = self.lock.exclusive_all();
+        tokio::pin!(all);
+        loop {
+            if self.consent.waiting.load(Ordering::Acquire) {
+                return Err(super::NexusError::ConsentPending);
+            }
+            tokio::select! {
+                g = &mut all => return Ok(g),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+            }
+        }
+    }
+
     pub fn fault_consent(&self) -> FaultConsent {
         FaultConsent {
             waiting: self.consent.waiting.load(Ordering::Relaxed),
@@ -493,6 +513,29 @@ mod tests {
         asked.await.unwrap().unwrap();
         assert_eq!(gate.asked(), vec!["remote".to_string()]);
         assert_eq!(n.state(), NexusState::Degraded);
+    }
+
+    /// A snapshot asked while a write waits for consent to fault a child is given up at once (UNAVAILABLE: the
+    /// agent asks again; a growth quiesces the same way), and the write goes on once consent comes. Before, it waited for the
+    /// write, which waited for the agent, which answers under the volume lock its snapshot call holds: every write
+    /// queued behind it until that call timed out.
+    #[tokio::test]
+    async fn a_snapshot_asked_while_a_write_waits_for_consent_is_given_up() {
+        let gate = Scripted::new();
+        let (n, good, _bad) = setup(&gate);
+        let w = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(0, data(1)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(n.fault_consent().waiting);
+        let snap = tokio::time::timeout(Duration::from_secs(1), n.snapshot(uuid::Uuid::new_v4()))
+            .await
+            .expect("the snapshot waited for the write held for consent");
+        assert_eq!(snap, Err(crate::nexus::NexusError::ConsentPending));
+        gate.answer(Ok(()));
+        w.await.unwrap().unwrap();
+        assert_eq!(good.read(0, 4096).await.unwrap(), data(1));
     }
 
     /// A faulted child rejoins while a write waits for consent to fault another: the cluster agent asks for the

@@ -55,7 +55,7 @@ impl Nexus {
                 });
             }
         }
-        let _quiet = self.lock.exclusive_all().await;
+        let _quiet = self.quiesce().await?;
         let old = self.size_bytes();
         if old >= size {
             return Ok(false);

@@ -66,6 +66,10 @@ pub enum NexusError {
     /// The nexus stopped (destroyed, or replaced by a newer one) while the request waited.
     #[error("the nexus stopped")]
     Stopped,
+    /// A write waits for the cluster agent's consent to fault a child: a step that waits for every write (a
+    /// snapshot, a growth) is given up, to be asked again (the agent answers once the step's call returned).
+    #[error("a write waits for the cluster agent's consent to fault a child; ask again")]
+    ConsentPending,
 }
 
 /// Volume-level state.

@@ -13,7 +13,7 @@ impl Nexus {
     /// Snapshots every healthy child as `id`; returns their names. Rebuilding children are not consistent yet and
     /// are left out.
     pub async fn snapshot(&self, id: uuid::Uuid) -> Result<Vec<String>, NexusError> {
-        let _quiet = self.lock.exclusive_all().await;
+        let _quiet = self.quiesce().await?;
         let failed = |name: &str, what: &str, e: &dyn std::fmt::Display| NexusError::Snapshot {
             child: name.to_string(),
             reason: format!("{what}: {e}"),
