@@ -575,12 +575,16 @@ async fn a_tmpfs_at_a_wrong_path_is_no_vanished_volume() {
     );
     assert!(!f.disconnected(), "a volume in use lost its paths");
     f.mounted("0:51", "/", "pod-2/mount", "tmpfs", "tmpfs");
-    let _ = f.unpublish(A, &f.p("pod-2/mount")).await;
+    assert_eq!(
+        code(f.unpublish(A, &f.p("pod-2/mount")).await),
+        Code::FailedPrecondition
+    );
     assert_eq!(
         f.calls(),
         Vec::<String>::new(),
         "a foreign mount was taken off"
     );
+    assert!(!f.disconnected(), "a volume in use lost its paths");
     assert!(f.table().starts_with(&before));
 }
 

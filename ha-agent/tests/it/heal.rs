@@ -717,8 +717,10 @@ async fn a_fault_question_waits_for_one_volumes_heal_not_for_a_pass_over_the_nod
     crate::switchover::write_all(&ns, 4..8).await;
     let held = t.elapsed();
     println!("a write that faulted a child waited {held:?} for the agent's consent");
+    // One heal (3 s) and the pass's hold (1 s), with room for a loaded machine; behind every heal of the pass it was
+    // about 12 s.
     assert!(
-        held < Duration::from_secs(7),
+        held < Duration::from_secs(9),
         "the consent waited {held:?}, behind the pass's other heals"
     );
     crate::switchover::verify(&ns, 0..8).await;

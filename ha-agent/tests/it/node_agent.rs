@@ -85,7 +85,8 @@ async fn until(maddr: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
             }
             false => String::new(),
         };
-        if ok(&body) {
+        // A body at all: a node agent that stopped serving is no answer (its metrics would all read 0).
+        if !body.is_empty() && ok(&body) {
             return body;
         }
         assert!(t.elapsed() < Duration::from_secs(30), "{what}:\n{body}");

@@ -635,8 +635,9 @@ async fn engines_that_answer_garbage_or_hang_are_marked_offline_and_nothing_else
     loop {
         let t0 = Instant::now();
         let n = nodes(port).await.expect("the API answers");
+        // Well under the 2 s a hanging probe takes (the agents' engine timeout here).
         assert!(
-            t0.elapsed() < Duration::from_secs(1),
+            t0.elapsed() < Duration::from_millis(1500),
             "ListNodes took {:?} while probes hang",
             t0.elapsed()
         );

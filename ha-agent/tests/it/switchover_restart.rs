@@ -53,7 +53,15 @@ async fn dies_reporting(
                 ) || std::error::Error::source(&s)
                     .is_some_and(|e| e.is::<tonic::transport::Error>()) =>
             {
-                if agent.exited(Duration::from_millis(100)).await.is_some() {
+                if let Some(st) = agent.exited(Duration::from_millis(100)).await {
+                    // Killed there, by the failpoint: not a start that failed, nor a death elsewhere.
+                    use std::os::unix::process::ExitStatusExt;
+                    let log = agent.log();
+                    assert_eq!(st.signal(), Some(9), "{failpoint}: {st:?}\n{log}");
+                    assert!(
+                        log.contains(&format!("failpoint {failpoint}: killing the agent")),
+                        "{failpoint}: the agent died, not there\n{log}"
+                    );
                     return;
                 }
             }

@@ -644,7 +644,7 @@ fn distinct_children<'a>(uris: impl Iterator<Item = &'a str>) -> Result<(), Engi
         let parsed =
             ChildUri::parse(uri).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
         let (nqn, nsid) = parsed.namespace();
-        if nqn.starts_with(&proto::names::volume_nqn("")) {
+        if nqn.starts_with(&format!("{}vol-", crate::protocol::nqn::KEELSON_PREFIX)) {
             return Err(EngineError::InvalidArgument(format!(
                 "child {uri} is a volume's nexus, not a replica"
             )));

@@ -257,7 +257,10 @@ async fn children_naming_one_namespace_twice_or_a_nexus_are_refused() {
         vec![kids[0].clone(), remote.clone()],
         vec![
             kids[0].clone(),
-            format!("local:///{}", proto::names::volume_nqn("x")),
+            format!(
+                "local:///{}",
+                crate::protocol::nqn::Nqn::volume(&uuid::Uuid::new_v4())
+            ),
         ],
     ] {
         let e = engine

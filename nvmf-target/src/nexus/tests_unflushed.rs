@@ -307,10 +307,16 @@ async fn a_child_that_lost_its_connection_is_not_kept_when_the_other_fails_a_wri
         fail_after: Some(0),
         ..Default::default()
     });
-    let _ = n.write(8 << 20, data(3)).await;
-    // Neither child holds both writes: failing is right, stale data is not.
-    if let Ok(d) = n.read(0, SEGMENT).await {
-        assert_eq!(d, data(1), "an acknowledged write is gone");
+    let acked = n.write(8 << 20, data(3)).await.is_ok();
+    // Neither child holds both writes: failing is right, stale data is not. Read a few times: reads go round the
+    // children.
+    for _ in 0..4 {
+        if let Ok(d) = n.read(0, SEGMENT).await {
+            assert_eq!(d, data(1), "an acknowledged write is gone");
+        }
+        if acked && let Ok(d) = n.read(8 << 20, SEGMENT).await {
+            assert_eq!(d, data(3), "the acknowledged second write is gone");
+        }
     }
 }
 

@@ -232,14 +232,23 @@ async fn replica_lost_then_replaced(failure: Failure) {
             .unwrap(),
     );
     assert_eq!(vol.size_bytes(), SIZE);
+    // What the application was told is written (its writes go one at a time): what the volume must hold at the end.
+    let acked = Arc::new(std::sync::Mutex::new(vec![0u8; SIZE as usize]));
     for i in 0..SIZE / (1 << 20) {
-        vol.write(i << 20, block(i, 1 << 20)).await.unwrap();
+        let data = block(i, 1 << 20);
+        vol.write(i << 20, data.clone()).await.unwrap();
+        acked.lock().unwrap()[(i << 20) as usize..((i + 1) << 20) as usize].copy_from_slice(&data);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (writes, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let writer = {
-        let (vol, stop, writes, errors) =
-            (vol.clone(), stop.clone(), writes.clone(), errors.clone());
+        let (vol, stop, writes, errors, acked) = (
+            vol.clone(),
+            stop.clone(),
+            writes.clone(),
+            errors.clone(),
+            acked.clone(),
+        );
         tokio::spawn(async move {
             let mut x = 7u64;
             while !stop.load(Ordering::Relaxed) {
@@ -247,8 +256,13 @@ async fn replica_lost_then_replaced(failure: Failure) {
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 let off = ((x >> 16) % (SIZE / 65536)) * 65536;
-                match vol.write(off, block(x >> 40, 65536)).await {
-                    Ok(()) => writes.fetch_add(1, Ordering::Relaxed),
+                let data = block(x >> 40, 65536);
+                match vol.write(off, data.clone()).await {
+                    Ok(()) => {
+                        acked.lock().unwrap()[off as usize..off as usize + 65536]
+                            .copy_from_slice(&data);
+                        writes.fetch_add(1, Ordering::Relaxed)
+                    }
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
             }
@@ -335,8 +349,12 @@ async fn replica_lost_then_replaced(failure: Failure) {
         (e4.uri().as_str(), SIZE, "")
     );
 
-    // Every replica holds exactly what the application sees.
+    // The volume holds every acknowledged write, and every replica exactly that.
     let seen = vol.read(0, SIZE).await.unwrap();
+    assert!(
+        seen[..] == acked.lock().unwrap()[..],
+        "the volume lost acknowledged writes"
+    );
     for (name, e) in [("n1", &e1), ("n2", &e2), ("n4", &e4)] {
         let r = e.replica_contents().await;
         assert!(r == seen, "replica on {name} differs from the volume");
@@ -436,6 +454,16 @@ async fn a_replica_away_for_seconds_catches_up_with_a_partial_rebuild() {
     assert_eq!(r.bytes_copied, 3 << 20);
 
     let seen = vol.read(0, BIG).await.unwrap();
+    // What was acknowledged: the pattern, rewritten where the replica was away.
+    let mut acked = Vec::with_capacity(BIG as usize);
+    for i in 0..BIG / (8 << 20) {
+        acked.extend_from_slice(&block(i, 8 << 20));
+    }
+    for i in 0..5u64 {
+        let at = ((100 << 20) + i * (512 << 10)) as usize;
+        acked[at..at + (512 << 10)].copy_from_slice(&block(100 + i, 512 << 10));
+    }
+    assert!(seen[..] == acked[..], "the volume lost acknowledged writes");
     for (name, e) in [("n1", &e1), ("n2", &e2), ("n3", &e3)] {
         let addr = format!("{}:{}", e.ip, e.port).parse().unwrap();
         let ns = RemoteNamespace::connect(ConnectOptions::new(addr, &e.replica), 1)
