@@ -1633,3 +1633,39 @@ async fn an_import_displaced_before_it_reads_the_journal_writes_no_checkpoint() 
     want.sort();
     assert_eq!(have, want, "changes of the owner lost");
 }
+
+/// A note of missed writes naming more ranges than the journal holds (a host's note may be a 4 MiB command) is kept
+/// coarsened to the volume's budget, a superset of what it named, and takes its journal batch with it no more.
+/// Before, its record was journaled as it came: past the journal's room, MetadataFull for it and every change
+/// written with it.
+#[tokio::test]
+async fn a_note_of_missed_writes_past_the_journal_s_room_is_kept_coarsened() {
+    let pool = memory_pool(64 * MIB).await;
+    let r = Uuid::new_v4();
+    pool.create_replica(r, 16 * MIB, None).await.unwrap();
+    let vol = pool.open_volume(&r).unwrap();
+    // 400,000 ranges 20 bytes apart: about 6 MB as JSON, past the 4 MiB journal.
+    let ranges: Vec<(u64, u64)> = (0..400_000u64).map(|i| (i * 40, 20)).collect();
+    let missed = crate::block::MissedWrites {
+        child: "c1".into(),
+        since_ms: 1,
+        ranges: ranges.clone(),
+    };
+    vol.note_missed(&missed).await.unwrap();
+    let kept = vol.missed().await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert!(
+        kept[0].encoded_bound() <= meta::MISSED_BUDGET,
+        "{}",
+        kept[0].ranges.len()
+    );
+    for (s, n) in ranges.iter().step_by(997) {
+        assert!(
+            kept[0]
+                .ranges
+                .iter()
+                .any(|(ks, kn)| ks <= s && s + n <= ks + kn),
+            "range {s}+{n} no longer named"
+        );
+    }
+}

@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use uuid::Uuid;
 
 use super::ahead::Ahead;
-use super::meta::{Record, UNMAPPED};
+use super::meta::{MISSED_BUDGET, Record, UNMAPPED};
 use super::{PoolError, PoolInner};
 use crate::block::range_lock::{RangeGuard, RangeLock};
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
@@ -697,9 +697,15 @@ impl BlockDevice for PoolVolume {
 
     async fn note_missed(&self, missed: &MissedWrites) -> Result<(), BlockError> {
         self.check_open()?;
+        // Coarsened to what the volume keeps (its missed-writes budget) before it is journaled: a host's note can name
+        // hundreds of thousands of ranges (a 4 MiB command), and a record past the journal's room fails the whole
+        // batch it is written with, other volumes' allocating writes included. Coarser names more: a partial
+        // rebuild copies more, never less.
+        let mut missed = missed.clone();
+        missed.coarsen(MISSED_BUDGET.saturating_sub(missed.child.len() + 64) / 44);
         let rec = Record::NoteMissed {
             volume: self.uuid,
-            missed: missed.clone(),
+            missed,
         };
         self.pool.commit(vec![rec]).await.map_err(pool_err)
     }
