@@ -126,6 +126,9 @@ async fn lead(
     };
     // Everything the leader decides is written through the fence: refused once another agent leads.
     let store = leader.fenced(LEADER_KEY);
+    // The store is of this agent's schema from now on: an older agent leading later stops rather than rewrite records
+    // without the fields it does not know.
+    schema::raise(store.as_ref(), schema::SCHEMA_VERSION).await?;
     let prober = Arc::new(EngineProber {
         timeout: config.engine_timeout,
     });
@@ -180,7 +183,10 @@ async fn lead(
             pass(&slow, metrics).await;
         }
     };
+    // Biased, the stop first: told to stop, the API (stopped by the same token) may end in the same poll, and that is
+    // no lost leadership.
     let ended: Option<AgentError> = tokio::select! {
+        biased;
         _ = stop.cancelled() => None,
         _ = lost.cancelled() => Some(AgentError::LeadershipLost),
         r = &mut *api => Some(match r {

@@ -292,6 +292,28 @@ async fn the_schema_version_is_written_once_and_a_newer_one_refused(s: &dyn Stor
         msg.contains(&format!("schema version {}", schema::SCHEMA_VERSION)),
         "{msg}"
     );
+    // A store of an older version is raised by a newer leader, after which the older agent refuses it (it would
+    // rewrite the newer records without their newer fields).
+    s.put(schema::SCHEMA_KEY, br#"{"version":1}"#.to_vec())
+        .await
+        .unwrap();
+    assert_eq!(schema::check_supported(s, 1).await.unwrap(), 1);
+    schema::raise(s, 2).await.unwrap();
+    assert_eq!(
+        schema::check_supported(s, 1).await.err(),
+        Some(StoreError::NewerSchema {
+            found: 2,
+            supported: 1
+        })
+    );
+    assert_eq!(
+        schema::raise(s, 1).await.err(),
+        Some(StoreError::NewerSchema {
+            found: 2,
+            supported: 1
+        })
+    );
+    schema::raise(s, schema::SCHEMA_VERSION).await.unwrap();
 }
 
 /// Every check, against one store.
@@ -369,4 +391,30 @@ async fn a_frozen_etcd_makes_the_store_unavailable_not_hung_and_it_recovers() {
         "either outcome, never a torn one"
     );
     s.put("/k", b"3".to_vec()).await.unwrap();
+}
+
+/// An agent that leads a store of an older schema version raises it to its own before it writes anything, so that
+/// an older agent leading it later (a rolling downgrade) refuses it rather than rewrite newer records without the
+/// fields it does not know. Before, the version was written only into an empty store, and never raised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_raises_an_older_store_to_its_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("agent");
+    std::fs::create_dir_all(&data).unwrap();
+    {
+        let s = EmbeddedStore::open(&data.join("store.redb")).await.unwrap();
+        assert_eq!(schema::check_supported(&s, 1).await.unwrap(), 1);
+    }
+    let port = crate::registry::free_port("127.0.0.1");
+    let mut agent = crate::registry::agent(dir.path(), port);
+    crate::registry::wait_for(port, &[], "the agent leads").await;
+    agent.stop();
+    let s = EmbeddedStore::open(&data.join("store.redb")).await.unwrap();
+    assert_eq!(
+        schema::check_supported(&s, 1).await.err(),
+        Some(StoreError::NewerSchema {
+            found: schema::SCHEMA_VERSION,
+            supported: 1
+        })
+    );
 }
