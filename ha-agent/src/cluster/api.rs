@@ -645,7 +645,15 @@ impl Cluster for Service {
             if r.node.is_empty() {
                 return Err(Status::invalid_argument("a report names its node"));
             }
-            l.hosts.check_report(&r.node, &r.host_nqn).await?;
+            // A node not registered (yet: its first registration on its way) is asked to register, not told of a
+            // volume that is not there: FAILED_PRECONDITION, as for a host not its own.
+            l.hosts
+                .check_report(&r.node, &r.host_nqn)
+                .await
+                .map_err(|e| match e {
+                    HostError::NotFound(_) => Status::failed_precondition(e.to_string()),
+                    e => Status::from(e),
+                })?;
             let uuid = r
                 .nqn
                 .strip_prefix(&proto::names::volume_nqn(""))

@@ -302,6 +302,13 @@ impl Engine {
                 Pool::create(dev, &spec, &self.claim(false)).await?
             }
             Probe::Pool(l) if l.name == name && uuid.is_none_or(|u| u == l.uuid) => {
+                if asked_cluster != 0 && asked_cluster != l.cluster_size {
+                    return Err(PoolError::AlreadyExists {
+                        what: PoolObject::Pool(l.name.clone()),
+                        detail: format!("on {disk} with {}-byte clusters", l.cluster_size),
+                    }
+                    .into());
+                }
                 if block_size != 0 && block_size != l.block_size {
                     return Err(PoolError::AlreadyExists {
                         what: PoolObject::Pool(l.name.clone()),
@@ -481,11 +488,11 @@ impl Engine {
     /// ShareReplica, ...): changed behind its back, its owner's record of it would be wrong (a nexus's unpublish
     /// finding no subsystem, a share answering for a namespace that is not there).
     pub fn subsystem_owner(&self, nqn: &str) -> Option<String> {
-        if let Some(n) = self
-            .nexuses_mut()
-            .iter()
-            .find(|n| n.nqn.as_ref().is_some_and(|q| q.as_str() == nqn))
-        {
+        // A nexus's, published or not yet (its publish makes this subsystem).
+        if let Some(n) = self.nexuses_mut().iter().find(|n| {
+            n.nqn.as_ref().is_some_and(|q| q.as_str() == nqn)
+                || crate::protocol::nqn::Nqn::volume(&n.uuid).as_str() == nqn
+        }) {
             return Some(format!("nexus {}", n.uuid));
         }
         let uuid = nqn

@@ -199,9 +199,23 @@ impl Nexus {
             // From the records' copy to the child turning healthy, no write runs: one would make a record for a child
             // still away on the healthy children only (this one is not yet), and the copy taken here would lack it.
             let mut quiet = None;
+            // Given up if the child is faulted meanwhile (its stop fires): a write it failed may wait for the agent's
+            // consent to fault another child, and a rejoin of this one (under the agent's lock) waits for this task.
+            let quieted = match &r {
+                Ok(_) if child.state() == ChildState::Rebuilding => {
+                    tokio::select! {
+                        g = nexus.lock.exclusive_all() => Some(g),
+                        _ = stop.cancelled() => None,
+                    }
+                }
+                _ => None,
+            };
             let r = match r {
+                Ok(_) if quieted.is_none() && child.state() == ChildState::Rebuilding => {
+                    Err("the rebuild was stopped".to_string())
+                }
                 Ok(s) if child.state() == ChildState::Rebuilding => {
-                    quiet = Some(nexus.lock.exclusive_all().await);
+                    quiet = quieted;
                     // The child is complete: what others recorded for it, and what it recorded before it went
                     // away, is of no use any more. Dropped before it turns healthy, so no new record can be lost.
                     nexus.forget_missed(&child.name).await;
