@@ -698,6 +698,29 @@ async fn every_stage(dir: &Path, store: &[&str]) {
     drop(k.engines);
 }
 
+/// Agent A on `store` (an etcd) with `engines` io-engines reg-1.. registered to it and to agent B's port (B not
+/// started): A, B's port, the engines and A's client.
+async fn leader_a_of_two_on_etcd(
+    dir: &Path,
+    store: &[&str],
+    engines: u32,
+) -> (Proc, u16, Vec<Proc>, ClusterClient<Channel>) {
+    let (pa, pb_) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let a = agent_with(dir, pa, store, "agent-a");
+    let (ua, ub) = (
+        format!("http://127.0.0.1:{pa}"),
+        format!("http://127.0.0.1:{pb_}"),
+    );
+    let procs: Vec<_> = (1..=engines)
+        .map(|i| engine_with(dir, i, &format!("{ua},{ub}")))
+        .collect();
+    let names: Vec<String> = (1..=engines).map(|i| format!("reg-{i}")).collect();
+    let want: Vec<(&str, pb::NodeState)> = names.iter().map(|n| (n.as_str(), Online)).collect();
+    wait_for(pa, &want, "registration").await;
+    let ca = ClusterClient::connect(ua).await.unwrap();
+    (a, pb_, procs, ca)
+}
+
 /// Agent A (its client `ca`) restarted with `failpoints` armed and leading again, then agent B started on `port` and
 /// standing by (it answers that it does not lead): B and its client. (B cannot take the lead while A restarts: A's
 /// lease holds until it expires, and A campaigns again at once.)
@@ -750,22 +773,7 @@ async fn the_standby_agent_finishes_a_scale_the_killed_leader_began() {
     };
     let dir = tempfile::tempdir().unwrap();
     let store = ["--store", "etcd", "--etcd", etcd.endpoint.as_str()];
-    let (pa, pb_) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
-    let mut a = agent_with(dir.path(), pa, &store, "agent-a");
-    let (ua, ub) = (
-        format!("http://127.0.0.1:{pa}"),
-        format!("http://127.0.0.1:{pb_}"),
-    );
-    let engines: Vec<_> = (1..=3)
-        .map(|i| engine_with(dir.path(), i, &format!("{ua},{ub}")))
-        .collect();
-    wait_for(
-        pa,
-        &[("reg-1", Online), ("reg-2", Online), ("reg-3", Online)],
-        "registration",
-    )
-    .await;
-    let ca = ClusterClient::connect(ua).await.unwrap();
+    let (mut a, pb_, engines, ca) = leader_a_of_two_on_etcd(dir.path(), &store, 3).await;
     let vol = uuid::Uuid::new_v4().to_string();
     until_served(|| create(ca.clone(), &vol, 2)).await.unwrap();
     until_served(|| publish(ca.clone(), &vol)).await.unwrap();
@@ -813,17 +821,7 @@ async fn a_stopped_leader_resigns_only_once_its_calls_in_flight_have_ended() {
     };
     let dir = tempfile::tempdir().unwrap();
     let store = ["--store", "etcd", "--etcd", etcd.endpoint.as_str()];
-    let (pa, pb_) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
-    let mut a = agent_with(dir.path(), pa, &store, "agent-a");
-    let (ua, ub) = (
-        format!("http://127.0.0.1:{pa}"),
-        format!("http://127.0.0.1:{pb_}"),
-    );
-    let engines: Vec<_> = (1..=2)
-        .map(|i| engine_with(dir.path(), i, &format!("{ua},{ub}")))
-        .collect();
-    wait_for(pa, &[("reg-1", Online), ("reg-2", Online)], "registration").await;
-    let ca = ClusterClient::connect(ua).await.unwrap();
+    let (mut a, pb_, engines, ca) = leader_a_of_two_on_etcd(dir.path(), &store, 2).await;
     let vol = uuid::Uuid::new_v4().to_string();
     until_served(|| create(ca.clone(), &vol, 2)).await.unwrap();
     // A publish waits 2 s between sharing the replicas and making the nexus.

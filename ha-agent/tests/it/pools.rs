@@ -100,6 +100,39 @@ async fn volume_on_p1_whose_disk_is_late(
     (vol, away)
 }
 
+/// Puts p1's disk back from `away` and waits (30 s at most) until reg-1's engine (API port `grpc`) lists the volume's
+/// replica again, and, with `created`, the agent has the pool Created.
+async fn disk_back(
+    grpc: u16,
+    c: &mut ClusterClient<tonic::transport::Channel>,
+    away: &std::path::Path,
+    disk: &std::path::Path,
+    created: bool,
+) {
+    std::fs::rename(away, disk).unwrap();
+    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let replicas = e
+            .list_replicas(epb::ListReplicasRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .replicas;
+        let pools = managed(c).await;
+        if !replicas.is_empty() && (!created || pools[0].phase == pb::PoolPhase::Created as i32) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the pool never came back: {pools:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_created_through_the_agent_comes_back_when_its_engine_restarts_empty() {
     let dir = tempfile::tempdir().unwrap();
@@ -334,28 +367,7 @@ async fn a_pool_whose_disk_is_late_after_a_restart_is_not_deleted_under_its_volu
         }
         r => panic!("deleted the pool of a volume's replica: {r:?}"),
     }
-    std::fs::rename(&away, &disk).unwrap();
-    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
-        .await
-        .unwrap();
-    let t = Instant::now();
-    loop {
-        let replicas = e
-            .list_replicas(epb::ListReplicasRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .replicas;
-        if !replicas.is_empty() {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the pool never came back: {:?}",
-            managed(&mut c).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    disk_back(grpc, &mut c, &away, &disk, false).await;
 }
 
 /// The agent dies after it recorded a pool's delete and before it asked whether volumes hold replicas there; the
@@ -412,26 +424,5 @@ async fn a_pool_delete_left_unfinished_by_a_crash_is_not_finished_under_a_volume
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    std::fs::rename(&away, &disk).unwrap();
-    let mut e = EngineClient::connect(format!("http://127.0.0.1:{grpc}"))
-        .await
-        .unwrap();
-    let t = Instant::now();
-    loop {
-        let replicas = e
-            .list_replicas(epb::ListReplicasRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .replicas;
-        let pools = managed(&mut c).await;
-        if !replicas.is_empty() && pools[0].phase == pb::PoolPhase::Created as i32 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the pool never came back: {pools:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    disk_back(grpc, &mut c, &away, &disk, true).await;
 }
