@@ -258,7 +258,11 @@ async fn a_rebuild_under_concurrent_writes_leaves_identical_children() {
     const HOT: u64 = 2 << 20; // writers hammer the first 32 segments
     let a = mem();
     let b = mem();
-    let n = nexus(vec![a.clone(), b.clone()]);
+    // The copy takes at least 200 ms (a rate limit), so that the writers overlap it however busy the machine is.
+    let mut cfg = config();
+    cfg.rebuild.rate_limit = Some(SIZE * 5);
+    let named = vec![("c0".to_string(), a.clone()), ("c1".to_string(), b.clone())];
+    let n = Nexus::new("vol", named, cfg).unwrap();
     n.write(0, pattern(9, SIZE as usize)).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
