@@ -29,6 +29,8 @@ pub struct Controller {
     admin: Queue,
     io: Vec<Queue>,
     failed: CancellationToken,
+    /// Its failure was counted as a connection loss ([`Controller::take_loss`]).
+    loss_counted: std::sync::atomic::AtomicBool,
 }
 
 impl Controller {
@@ -110,6 +112,7 @@ impl Controller {
             admin,
             io: Vec::new(),
             failed,
+            loss_counted: std::sync::atomic::AtomicBool::new(false),
         };
         if opts.io_queues > 0
             && let Err(e) = c.connect_io_queues(opts, cap, digests).await
@@ -219,6 +222,18 @@ impl Controller {
 
     pub fn failed(&self) -> CancellationToken {
         self.failed.clone()
+    }
+
+    /// Once one of its queues closed (at once: [`Controller::failed`] follows a task's hop later), the first call
+    /// says true, every other false: whoever sees the failure first counts it as one connection loss.
+    pub fn take_loss(&self) -> bool {
+        let failed = self.failed.is_cancelled()
+            || self.admin.is_closed()
+            || self.io.iter().any(Queue::is_closed);
+        failed
+            && !self
+                .loss_counted
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
     }
 
     pub fn is_failed(&self) -> bool {

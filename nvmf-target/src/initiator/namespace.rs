@@ -40,6 +40,15 @@ struct Shared {
     supervisor_done: CancellationToken,
 }
 
+impl Shared {
+    /// Counts `c`'s failure as one loss, if it failed and no one counted it yet.
+    fn count_loss(&self, c: &Controller) {
+        if c.take_loss() {
+            self.losses.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
 pub struct RemoteNamespace {
     shared: Arc<Shared>,
     block_size: u32,
@@ -58,15 +67,17 @@ fn vendor_error(e: vendor::VendorError) -> BlockError {
 /// `map_error` is its inverse).
 fn to_block(e: InitiatorError) -> BlockError {
     match e {
-        InitiatorError::Status(s) if s == Status::LBA_OUT_OF_RANGE => BlockError::OutOfRange {
+        InitiatorError::Status(s) if s.is(Status::LBA_OUT_OF_RANGE) => BlockError::OutOfRange {
             offset: 0,
             len: 0,
             size: 0,
         },
-        InitiatorError::Status(s) if s == Status::CAPACITY_EXCEEDED => BlockError::NoSpace,
-        InitiatorError::Status(s) if s == Status::NAMESPACE_WRITE_PROTECTED => BlockError::ReadOnly,
-        InitiatorError::Status(s) if s == Status::INVALID_OPCODE => BlockError::Unsupported,
-        InitiatorError::Status(s) if s == Status::RESERVATION_CONFLICT => {
+        InitiatorError::Status(s) if s.is(Status::CAPACITY_EXCEEDED) => BlockError::NoSpace,
+        InitiatorError::Status(s) if s.is(Status::NAMESPACE_WRITE_PROTECTED) => {
+            BlockError::ReadOnly
+        }
+        InitiatorError::Status(s) if s.is(Status::INVALID_OPCODE) => BlockError::Unsupported,
+        InitiatorError::Status(s) if s.is(Status::RESERVATION_CONFLICT) => {
             BlockError::ReservationConflict
         }
         other => BlockError::Remote(other.to_string()),
@@ -238,15 +249,16 @@ fn max_transfer_of(mdts: u8, block_size: u64) -> u64 {
 async fn supervise(shared: Arc<Shared>) {
     let _done = shared.supervisor_done.clone().drop_guard();
     loop {
-        let failed = match shared.current.borrow().as_ref() {
-            Some(c) => c.failed(),
-            None => return,
+        let Some(lost) = shared.current.borrow().clone() else {
+            return;
         };
+        let failed = lost.failed();
         tokio::select! {
             _ = shared.stop.cancelled() => return,
             _ = failed.cancelled() => {}
         }
-        shared.losses.fetch_add(1, Ordering::Release);
+        shared.count_loss(&lost);
+        drop(lost);
         tracing::warn!(addr = %shared.opts.addr, subnqn = %shared.opts.subnqn, "controller lost; reconnecting");
         let mut backoff = BACKOFF_MIN;
         loop {
@@ -423,6 +435,12 @@ impl BlockDevice for RemoteNamespace {
     }
 
     fn connection_losses(&self) -> u64 {
+        // A failure of the current controller counts at once, not only once the supervisor has woken: a write that
+        // failed as the connection went must find the loss counted (see the nexus's "every child lost its
+        // connection").
+        if let Some(c) = self.shared.current.borrow().as_ref() {
+            self.shared.count_loss(c);
+        }
         self.shared.losses.load(Ordering::Acquire)
     }
 
@@ -535,6 +553,31 @@ fn pick_queue(next: &AtomicUsize, queues: usize, bytes: u32, thread: Option<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A target's status is read by its type and code: a Reservation Conflict without DNR (or with More) is still
+    /// one (the nexus stops as fenced instead of faulting a healthy child), and so on.
+    #[test]
+    fn statuses_map_whatever_their_retry_and_more_bits() {
+        for (dnr, more) in [(false, false), (true, true), (false, true)] {
+            let s = |named: Status| InitiatorError::Status(Status { dnr, more, ..named });
+            assert!(matches!(
+                to_block(s(Status::RESERVATION_CONFLICT)),
+                BlockError::ReservationConflict
+            ));
+            assert!(matches!(
+                to_block(s(Status::CAPACITY_EXCEEDED)),
+                BlockError::NoSpace
+            ));
+            assert!(matches!(
+                to_block(s(Status::NAMESPACE_WRITE_PROTECTED)),
+                BlockError::ReadOnly
+            ));
+            assert!(matches!(
+                to_block(s(Status::INVALID_OPCODE)),
+                BlockError::Unsupported
+            ));
+        }
+    }
 
     #[test]
     fn a_hostile_mdts_never_makes_the_transfer_size_zero_or_less_than_a_block() {

@@ -68,21 +68,32 @@ struct CidTable {
     /// Per entry: its generation (the top bits of the ID it gives now), and its command.
     entries: Vec<(u16, Option<Pending>)>,
     free: Vec<u16>,
+    /// Drained for good (the queue failed): no command is taken any more, as none would ever be answered.
+    drained: bool,
 }
 
 impl CidTable {
-    fn insert(&mut self, p: Pending) -> Option<u16> {
+    /// The command ID `p` is sent with; `Disconnected` once the queue failed (a submission that checked the queue
+    /// just before it failed must not wait its whole timeout for an answer no one will give).
+    fn insert(&mut self, p: Pending) -> Result<u16, InitiatorError> {
+        if self.drained {
+            return Err(InitiatorError::Disconnected);
+        }
         let i = match self.free.pop() {
             Some(i) => i,
             None if self.entries.len() < usize::from(MAX_QUEUE_DEPTH) => {
                 self.entries.push((0, None));
                 (self.entries.len() - 1) as u16
             }
-            None => return None,
+            None => {
+                return Err(InitiatorError::Protocol(
+                    "command ID space exhausted".into(),
+                ));
+            }
         };
         let e = &mut self.entries[usize::from(i)];
         e.1 = Some(p);
-        Some(i | (e.0 << CID_ENTRY_BITS))
+        Ok(i | (e.0 << CID_ENTRY_BITS))
     }
     /// The entry `cid` names, if it is of the entry's current generation.
     fn entry(&mut self, cid: u16) -> Option<&mut (u16, Option<Pending>)> {
@@ -101,7 +112,9 @@ impl CidTable {
         self.free.push(cid & (MAX_QUEUE_DEPTH - 1));
         Some(p)
     }
+    /// Every command in flight, taken out; no more are taken from now on.
     fn drain(&mut self) -> Vec<Pending> {
+        self.drained = true;
         let mut out = Vec::new();
         for e in &mut self.entries {
             if let Some(p) = e.1.take() {
@@ -126,7 +139,8 @@ struct Inner {
     maxh2cdata: usize,
     timeout: Duration,
     closed: CancellationToken,
-    /// Cancelled once the writer has sent its FIN: the target has been told the connection is over.
+    /// Cancelled once the writer is done: a FIN sent (the queue's owner dropped it), or the connection set to be reset
+    /// (closed).
     finished: CancellationToken,
 }
 
@@ -387,6 +401,11 @@ impl Queue {
         self.inner.closed.cancel();
     }
 
+    /// Closed: failed, or closed by its owner.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
     /// Closes the connection and waits (a second at most) until the target has been told (FIN sent).
     pub async fn close_and_wait(&self) {
         self.close();
@@ -429,20 +448,17 @@ impl Queue {
         let seq = inner
             .submitted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let cid = inner
-            .table()
-            .insert(Pending {
-                done,
-                write: stash,
-                read: Vec::new(),
-                read_len,
-                read_got: 0,
-                r2t_asked: 0,
-                sampled: sampled.map(|t| (t, None)),
-                seq,
-                _slot: slot,
-            })
-            .ok_or_else(|| InitiatorError::Protocol("command ID space exhausted".into()))?;
+        let cid = inner.table().insert(Pending {
+            done,
+            write: stash,
+            read: Vec::new(),
+            read_len,
+            read_got: 0,
+            r2t_asked: 0,
+            sampled: sampled.map(|t| (t, None)),
+            seq,
+            _slot: slot,
+        })?;
         sqe.set_cid(cid);
         if inner
             .tx
@@ -576,26 +592,42 @@ async fn write_loop(
     let mut parts = Vec::with_capacity(512);
     let mut scratch = BytesMut::with_capacity(64 * 1024);
     let mut cids = Vec::new();
-    loop {
+    // Once the queue is closed its commands have been failed to their callers: nothing more is written (not even
+    // what was queued), a write under way is given up, and the connection is reset rather than closed, so the
+    // kernel drops what it still holds to send instead of delivering commands their callers were told had failed.
+    // A writer blocked on a target that stopped reading (its kernel still acknowledging) ends with it too.
+    let clean = loop {
         let n = tokio::select! {
+            biased;
+            _ = closed.cancelled() => break false,
             n = rx.recv_many(&mut batch, 256) => n,
-            _ = closed.cancelled() => 0,
         };
         if n == 0 {
-            break;
+            break true;
         }
         for (pdu, cid) in batch.drain(..) {
             codec.encode_parts(&pdu, &mut scratch, &mut parts);
             cids.extend(cid);
         }
-        if write_parts(&mut wr, &mut parts).await.is_err() {
+        let written = tokio::select! {
+            biased;
+            _ = closed.cancelled() => break false,
+            w = write_parts(&mut wr, &mut parts) => w,
+        };
+        if written.is_err() {
             closed.cancel();
-            break;
+            break false;
         }
         inner.written(&mut cids);
+    };
+    if clean {
+        use tokio::io::AsyncWriteExt;
+        let _ = wr.shutdown().await;
+    } else {
+        // SO_LINGER 0: the close (when the reader's half goes too) sends a reset and drops unsent data.
+        crate::transport::reset_on_close(wr.as_ref());
     }
-    use tokio::io::AsyncWriteExt;
-    let _ = wr.shutdown().await;
+    drop(wr);
     inner.finished.cancel();
 }
 
@@ -657,6 +689,85 @@ mod tests {
         .await
         .unwrap()
         .0
+    }
+
+    /// A target that stops reading (SIGSTOP: its kernel still acknowledges, with a zero window) while the queue has
+    /// more to send than the socket holds: closing the queue ends its writer at once, instead of the writer waiting
+    /// for room for ever, holding the socket and the data of every command its callers were told had failed.
+    #[tokio::test]
+    async fn closing_a_queue_whose_target_stopped_reading_ends_its_writer() {
+        let (addr, _target) = fake_target(|framed, wr, _| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop((framed, wr));
+        })
+        .await;
+        let q = Arc::new(
+            Queue::connect(
+                addr,
+                1,
+                16,
+                1 << 20,
+                Digests::default(),
+                Duration::from_secs(30),
+                None,
+            )
+            .await
+            .unwrap()
+            .0,
+        );
+        let writes: Vec<_> = (0..16)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move {
+                    q.submit(
+                        Sqe::rw(io::WRITE, 1, 0, 2047, 1 << 20, false),
+                        Some(Bytes::from(vec![7u8; 1 << 20])),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        // 16 MiB cannot all be in the two sockets' buffers: the writer is waiting for room.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!q.inner.finished.is_cancelled());
+        let t = Instant::now();
+        q.close_and_wait().await;
+        assert!(
+            q.inner.finished.is_cancelled(),
+            "the writer still waits for room {:?} after the close",
+            t.elapsed()
+        );
+        for w in writes {
+            let r = w.await.unwrap();
+            assert!(matches!(r, Err(InitiatorError::Disconnected)), "{r:?}");
+        }
+    }
+
+    /// A command submitted as its queue fails (it checked the queue just before): refused as disconnected at once,
+    /// not left in the emptied table to wait out its timeout.
+    #[test]
+    fn a_command_taken_after_the_table_was_emptied_is_refused() {
+        let mut t = CidTable::default();
+        let pending = || {
+            let (done, _) = oneshot::channel();
+            Pending {
+                done,
+                write: None,
+                read: Vec::new(),
+                read_len: 0,
+                read_got: 0,
+                r2t_asked: 0,
+                sampled: None,
+                seq: 0,
+                _slot: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            }
+        };
+        assert!(t.insert(pending()).is_ok());
+        assert_eq!(t.drain().len(), 1);
+        assert!(matches!(
+            t.insert(pending()),
+            Err(InitiatorError::Disconnected)
+        ));
     }
 
     #[tokio::test]

@@ -59,11 +59,11 @@ pub(super) async fn hold_again(
         .await
     {
         Ok(_) => Ok(()),
-        Err(InitiatorError::Status(s)) if s == Status::NAMESPACE_NOT_READY => {
+        Err(InitiatorError::Status(s)) if s.is(Status::NAMESPACE_NOT_READY) => {
             Err(InitiatorError::Status(s))
         }
         Err(InitiatorError::Status(s)) => {
-            if s != Status::RESERVATION_CONFLICT {
+            if !s.is(Status::RESERVATION_CONFLICT) {
                 tracing::warn!(status = %s, "taking the reservation again after a reconnect was refused");
             }
             Ok(())

@@ -77,6 +77,12 @@ impl Status {
         self.sct == 0 && self.sc == 0
     }
 
+    /// The same status as `named` (its type and code), whatever its More and Do Not Retry bits: how a host reads
+    /// what a controller answered (a Reservation Conflict is one with or without DNR).
+    pub const fn is(self, named: Status) -> bool {
+        self.sct == named.sct && self.sc == named.sc
+    }
+
     pub const fn without_dnr(self) -> Status {
         Status { dnr: false, ..self }
     }

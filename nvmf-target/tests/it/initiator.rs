@@ -207,6 +207,45 @@ async fn reconnects_after_the_controller_is_torn_down() {
     assert!(ns.is_connected());
 }
 
+/// A write that fails because the connection went finds the loss counted already (the nexus asks at once whether
+/// every child lost its connection), not only once the reconnecting task has woken.
+#[tokio::test]
+async fn a_write_failed_by_a_lost_connection_finds_the_loss_counted() {
+    use nvmf_target::block::fault::{FaultDevice, FaultPlan};
+    use nvmf_target::block::memory::MemoryDevice;
+
+    let t = target().await;
+    // A slow namespace, so that the write is in flight when the connection goes.
+    let slow = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(1 << 20, 512))));
+    slow.set_plan(FaultPlan {
+        latency: Some(std::time::Duration::from_millis(300)),
+        ..Default::default()
+    });
+    t.target
+        .add_namespace(NQN, 2, uuid::Uuid::new_v4(), 1, slow)
+        .unwrap();
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.kato = std::time::Duration::from_secs(2);
+    let mut ns = RemoteNamespace::connect(o, 2).await.unwrap();
+    ns.reconnect_wait = std::time::Duration::ZERO;
+    assert_eq!(ns.connection_losses(), 0);
+    let ns = Arc::new(ns);
+    let write = {
+        let ns = ns.clone();
+        tokio::spawn(async move {
+            let r = ns.write(0, pattern(2, 4096)).await;
+            (r, ns.connection_losses())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for c in t.target.subsystem(NQN).unwrap().controllers() {
+        c.shutdown("test");
+    }
+    let (r, losses) = write.await.unwrap();
+    assert!(r.is_err(), "the write outlived its connection: {r:?}");
+    assert_eq!(losses, 1, "the write failed, the loss not counted");
+}
+
 #[tokio::test]
 async fn connect_to_a_missing_subsystem_fails_clearly() {
     let t = target().await;
