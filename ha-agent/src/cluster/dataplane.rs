@@ -28,11 +28,15 @@ pub struct EngineProber {
 
 #[async_trait]
 impl Prober for EngineProber {
-    async fn probe(&self, engine_endpoint: &str) -> Result<(), String> {
+    async fn probe(&self, engine_endpoint: &str, node: &str) -> Result<(), String> {
         let mut c = connect(engine_endpoint, self.timeout).await?;
         let call = c.get_node(pb::GetNodeRequest {});
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(info)) if info.get_ref().node_name == node => Ok(()),
+            Ok(Ok(info)) => Err(format!(
+                "{engine_endpoint}: the engine there is node {:?} now",
+                info.get_ref().node_name
+            )),
             Ok(Err(s)) => Err(format!("{engine_endpoint}: {}", s.message())),
             Err(_) => Err(format!(
                 "{engine_endpoint}: no answer within {:?}",

@@ -988,8 +988,16 @@ impl Volumes {
         // The nexus's word on who is in sync counts only while it has a healthy child: a nexus gone from its engine
         // (restarted, not made again yet) or with every child faulted says nothing, and the records decide.
         let in_sync = (!healthy.is_empty()).then_some(&healthy);
+        let online: BTreeSet<String> = self
+            .registry
+            .list()
+            .await?
+            .into_iter()
+            .filter(|n| n.record.status.state == super::node::NodeState::Online)
+            .map(|n| n.record.spec.name)
+            .collect();
         while r.replicas.len() > r.spec.replicas as usize {
-            let Some(i) = next_surplus(&r.replicas, in_sync, &nexus_node) else {
+            let Some(i) = next_surplus(&r.replicas, in_sync, &online, &nexus_node) else {
                 break;
             };
             let rep = r.replicas[i].clone();
@@ -1036,14 +1044,16 @@ impl super::reconcile::Reconciler for Healing {
     }
 }
 
-/// The replica a scale-down retires next: never created first, then those missing writes, then those away from
-/// the nexus's node. Missing writes: not healthy in the nexus when `healthy` is the nexus's word (it is listed and has
-/// a healthy child), else not recorded in sync (placed empty by a scale-up, or left half rebuilt). A replica in
-/// sync goes only once none out of sync is left, so a scale-down never keeps a half-rebuilt copy over the only
-/// full one.
+/// The replica a scale-down retires next: never created first, then those missing writes, then those on a node not
+/// Online (not in `online`), then those away from the nexus's node. Missing writes: not healthy in the nexus when
+/// `healthy` is the nexus's word (it is listed and has a healthy child), else not recorded in sync (placed empty by
+/// a scale-up, or left half rebuilt). A replica in sync goes only once none out of sync is left, so a scale-down
+/// never keeps a half-rebuilt copy over the only full one; and of the copies in sync, one that can be reached is
+/// kept over one on a node that is down (which may never come back).
 fn next_surplus(
     replicas: &[ReplicaRecord],
     healthy: Option<&BTreeSet<Uuid>>,
+    online: &BTreeSet<String>,
     nexus_node: &str,
 ) -> Option<usize> {
     let rank = |x: &ReplicaRecord| {
@@ -1051,7 +1061,13 @@ fn next_surplus(
             Some(h) => h.contains(&x.uuid),
             None => x.synced,
         };
-        (x.created, in_sync, x.node == nexus_node, x.node.clone())
+        (
+            x.created,
+            in_sync,
+            online.contains(&x.node),
+            x.node == nexus_node,
+            x.node.clone(),
+        )
     };
     (0..replicas.len()).min_by_key(|i| rank(&replicas[*i]))
 }
@@ -1078,19 +1094,41 @@ mod tests {
         let full = replica("n1", true);
         let half = replica("n2", false);
         let rs = [full.clone(), half.clone()];
+        let all = BTreeSet::from(["n1".to_string(), "n2".to_string()]);
         // The nexus is gone from its engine (restarted), or lists every child faulted: the records decide.
-        assert_eq!(next_surplus(&rs, None, "n2"), Some(1), "the half copy goes");
+        assert_eq!(
+            next_surplus(&rs, None, &all, "n2"),
+            Some(1),
+            "the half copy goes"
+        );
         // The nexus lists the full copy healthy and the other rebuilding.
         let healthy = BTreeSet::from([full.uuid]);
-        assert_eq!(next_surplus(&rs, Some(&healthy), "n2"), Some(1));
+        assert_eq!(next_surplus(&rs, Some(&healthy), &all, "n2"), Some(1));
+        // The full copy's node is down: the half copy still goes (the full one may come back; the half one
+        // never becomes whole without it).
+        let only_n2 = BTreeSet::from(["n2".to_string()]);
+        assert_eq!(next_surplus(&rs, None, &only_n2, "n2"), Some(1));
         // Both in sync: the one away from the nexus goes.
         let rs = [replica("n1", true), replica("n2", true)];
-        assert_eq!(next_surplus(&rs, None, "n2"), Some(0));
+        assert_eq!(next_surplus(&rs, None, &all, "n2"), Some(0));
         // Never created goes first of all.
         let mut empty = replica("n2", true);
         empty.created = false;
         let rs = [full, empty];
-        assert_eq!(next_surplus(&rs, None, "n2"), Some(1));
+        assert_eq!(next_surplus(&rs, None, &all, "n2"), Some(1));
+    }
+
+    #[test]
+    fn a_scale_down_keeps_the_copy_it_can_reach_over_one_on_a_node_that_is_down() {
+        // An unpublished volume (no nexus): both copies recorded in sync, n2's node down. Retiring n1's copy would
+        // leave the volume's only copy on a node that may never come back.
+        let rs = [replica("n1", true), replica("n2", true)];
+        let only_n1 = BTreeSet::from(["n1".to_string()]);
+        assert_eq!(next_surplus(&rs, None, &only_n1, ""), Some(1));
+        // Published, the nexus (on n3) still lists n2's copy healthy, not having written since its node died.
+        let healthy = BTreeSet::from([rs[0].uuid, rs[1].uuid]);
+        let n1_n3 = BTreeSet::from(["n1".to_string(), "n3".to_string()]);
+        assert_eq!(next_surplus(&rs, Some(&healthy), &n1_n3, "n3"), Some(1));
     }
 
     #[test]

@@ -39,10 +39,11 @@ pub enum RegistryError {
     },
 }
 
-/// Asks a node's engine API whether it answers.
+/// Asks a node's engine API whether it answers, as that node: an engine at the endpoint under another name (the
+/// machine renamed, or another one at its address) is not the node's.
 #[async_trait]
 pub trait Prober: Send + Sync + 'static {
-    async fn probe(&self, engine_endpoint: &str) -> Result<(), String>;
+    async fn probe(&self, engine_endpoint: &str, node: &str) -> Result<(), String>;
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -325,14 +326,40 @@ impl Registry {
             .await?
             .ok_or_else(|| RegistryError::NotFound(name.clone()))?;
         self.live().insert(
-            name,
+            name.clone(),
             Live {
                 instance: r.spec.instance.clone(),
                 last_seen: Instant::now(),
             },
         );
         self.beat(&r.spec.name);
+        self.displace_at(&r.spec.engine_endpoint, &name).await?;
         Ok(r)
+    }
+
+    /// Marks Offline every other node whose engine was at `endpoint`, where node `name` just registered: one address
+    /// is one engine, so those nodes are gone (renamed, or another machine took the address). Left Online, such a
+    /// node would answer every probe (through the new engine) and keep its pools' last figures for ever: placement
+    /// would count its pools beside the new node's, two replicas of one volume could land on one machine, and
+    /// garbage collection would take the new node's nexuses for stale ones of the old node.
+    async fn displace_at(&self, endpoint: &str, name: &str) -> Result<(), RegistryError> {
+        let displaced: Vec<(String, String)> = self
+            .records()
+            .values()
+            .filter(|(_, o)| {
+                o.spec.name != name
+                    && o.spec.engine_endpoint == endpoint
+                    && o.status.state == NodeState::Online
+            })
+            .map(|(_, o)| (o.spec.name.clone(), o.spec.instance.clone()))
+            .collect();
+        for (old, instance) in displaced {
+            self.live().remove(&old);
+            let reason = format!("its engine's address {endpoint} is node {name}'s now");
+            tracing::warn!(node = %old, %reason, "node displaced");
+            self.set_offline(&old, &instance, &reason, None).await?;
+        }
+        Ok(())
     }
 
     /// How many registrations and heartbeats of `name` have brought its pools' figures into its record so far (in
@@ -572,7 +599,7 @@ impl Registry {
                 Ok(v) => v.record.spec.engine_endpoint,
                 Err(e) => return Err(e),
             };
-            let r = self.prober.probe(&endpoint).await;
+            let r = self.prober.probe(&endpoint, &name).await;
             Ok((name, instance, r))
         });
         for r in futures_util::future::join_all(probes).await {
@@ -652,7 +679,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Prober for Answers {
-        async fn probe(&self, _: &str) -> Result<(), String> {
+        async fn probe(&self, _: &str, _: &str) -> Result<(), String> {
             Ok(())
         }
     }
@@ -697,11 +724,46 @@ mod tests {
         assert_eq!(decode(&v.value).unwrap().spec.instance, "i2");
     }
 
+    #[tokio::test]
+    async fn a_node_whose_engine_address_another_node_registers_at_goes_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
+        let reg = Registry::load(store, Arc::new(Answers), RegistryConfig::default())
+            .await
+            .unwrap();
+        let mut elsewhere = spec("elsewhere");
+        elsewhere.engine_endpoint = "http://127.0.0.2:1".into();
+        reg.register(elsewhere, vec![]).await.unwrap();
+        reg.register(spec("old-name"), vec![]).await.unwrap();
+        // The machine comes back under another name at the same address (or another machine took it).
+        let mut renamed = spec("new-name");
+        renamed.instance = "i2".into();
+        reg.register(renamed, vec![]).await.unwrap();
+        let state = |name: &str| {
+            let r = &reg.records()[name].1;
+            (r.status.state, r.status.reason.clone())
+        };
+        let (s, why) = state("old-name");
+        assert_eq!(
+            s,
+            NodeState::Offline,
+            "the old name answers through the new engine"
+        );
+        assert!(why.contains("new-name"), "{why}");
+        assert_eq!(state("new-name").0, NodeState::Online);
+        assert_eq!(state("elsewhere").0, NodeState::Online);
+        // The old name registering again at the address takes it back.
+        reg.register(spec("old-name"), vec![]).await.unwrap();
+        assert_eq!(state("old-name").0, NodeState::Online);
+        assert_eq!(state("new-name").0, NodeState::Offline);
+    }
+
     struct Fails;
 
     #[async_trait::async_trait]
     impl Prober for Fails {
-        async fn probe(&self, _: &str) -> Result<(), String> {
+        async fn probe(&self, _: &str, _: &str) -> Result<(), String> {
             Err("connection refused".into())
         }
     }

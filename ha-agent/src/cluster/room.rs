@@ -414,7 +414,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl super::super::registry::Prober for Answers {
-        async fn probe(&self, _: &str) -> Result<(), String> {
+        async fn probe(&self, _: &str, _: &str) -> Result<(), String> {
             Ok(())
         }
     }

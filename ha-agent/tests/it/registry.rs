@@ -579,8 +579,9 @@ async fn two_agents_on_etcd_one_leads_and_the_other_takes_over_when_it_is_killed
     }
 }
 
-/// Engines that answer garbage or never answer: the agent's probe of each fails within its timeout, both are
-/// marked Offline saying why, the API stays responsive meanwhile, and the real nodes are unaffected.
+/// Engines that answer garbage, never answer, or answer as another node (the address now another machine's, which
+/// registers elsewhere): the agent's probe of each fails within its timeout, all are marked Offline saying why, the
+/// API stays responsive meanwhile, and the real nodes are unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engines_that_answer_garbage_or_hang_are_marked_offline_and_nothing_else_waits() {
     use tokio::io::AsyncWriteExt;
@@ -613,10 +614,19 @@ async fn engines_that_answer_garbage_or_hang_are_marked_offline_and_nothing_else
             held.push(s);
         }
     });
+    // A real engine, reg-3, registering with no agent here (nothing listens at port 1).
+    let grpc3 = free_port("127.0.0.3");
+    let _other = engine_cmd(dir.path(), 3, "http://127.0.0.1:1", grpc3, &[]);
+    let renamed: std::net::SocketAddr = format!("127.0.0.3:{grpc3}").parse().unwrap();
     let mut reg = RegistrationClient::connect(format!("http://127.0.0.1:{port}"))
         .await
         .unwrap();
-    for (name, addr) in [("fake-garbage", ga), ("fake-hang", ha)] {
+    let fakes = [
+        ("fake-garbage", ga),
+        ("fake-hang", ha),
+        ("fake-renamed", renamed),
+    ];
+    for (name, addr) in fakes {
         reg.register(pb::RegisterRequest {
             node: name.into(),
             engine_endpoint: format!("http://{addr}"),
@@ -642,8 +652,8 @@ async fn engines_that_answer_garbage_or_hang_are_marked_offline_and_nothing_else
             t0.elapsed()
         );
         let off = |name: &str| state_of(&n, name) == Some(Offline);
-        if off("fake-garbage") && off("fake-hang") {
-            for name in ["fake-garbage", "fake-hang"] {
+        if fakes.iter().all(|(name, _)| off(name)) {
+            for (name, _) in fakes {
                 let r = &n.iter().find(|x| x.name == name).unwrap().reason;
                 assert!(!r.is_empty(), "{name} Offline without a reason");
             }
