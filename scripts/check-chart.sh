@@ -49,6 +49,12 @@ refuse "an unknown value" --set ioEngine.cores=4 "${PIN[@]}"
 refuse "a negative number of I/O threads" --set ioEngine.ioThreads=-1 "${PIN[@]}"
 refuse "a negative spin" --set ioEngine.spinMicros=-5 "${PIN[@]}"
 refuse "a snapshot class neither on, off nor auto" --set volumeSnapshotClass.enabled=maybe "${PIN[@]}"
+refuse "an etcd endpoint over TLS (the agent has no TLS client)" --set store.type=etcd --set 'store.etcd.endpoints[0]=https://e:2379'
+# Several agents are spread one per node, and evicted one at a time.
+grep -q "kind: PodDisruptionBudget" "$OUT/etcd-values.yaml" && grep -q "requiredDuringSchedulingIgnoredDuringExecution" "$OUT/etcd-values.yaml" ||
+    { echo "chart: several agents without anti-affinity or a disruption budget" >&2; exit 1; }
+# No StorageClass (the operator makes their own) still installs.
+helm template keelson "$C" "${PIN[@]}" --set-json 'storageClasses=[]' > /dev/null
 # Every KEELSON_* variable and --flag a container gives one of Keelson's binaries is one that binary reads (a typo
 # would be ignored silently): checked against each binary's --help.
 BIN=${KEELSON_BIN_DIR:-target/debug}

@@ -36,9 +36,7 @@ use super::metrics::VolumeObservation;
 use super::scheduler;
 use super::store::StoreError;
 use super::volume::{ReplicaRecord, VolumePhase, VolumeRecord};
-use super::volumes::{
-    MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error, nexus_state, refused,
-};
+use super::volumes::{MAX_REPLICAS, VolumeError, Volumes, destroyed, engine_error, nexus_state};
 
 /// What a replica is good for now ([`Volumes::standing`]).
 enum Standing {
@@ -866,7 +864,7 @@ impl Volumes {
                 Err(e) => {
                     // Refused, or its node is gone: never created, so forget the plan and place it again (elsewhere
                     // if need be). Anything else (a timeout) may have created it: keep the plan and ask again.
-                    if refused(&e) || super::volumes::node_gone(&e) {
+                    if self.never_made_there(&rep, &e).await {
                         // Retired as garbage, not just forgotten: an engine that answered badly may have made it.
                         r.reason = format!("Degraded: the replacement on {} failed: {e}", rep.node);
                         self.retire(r, i).await?;

@@ -558,6 +558,32 @@ impl Volumes {
         made
     }
 
+    /// Whether `e`, the engine's answer to making `rep`, means it will not be made there however often it is asked:
+    /// [`refused`], its node gone, or UNAVAILABLE from a pool its node reports failing (a pool that faulted after
+    /// the placement, on the metadata write of this very creation perhaps: it stays faulted until it is imported
+    /// again, and a plan on it would wait for that for ever, holding its room).
+    pub(super) async fn never_made_there(&self, rep: &ReplicaRecord, e: &VolumeError) -> bool {
+        if refused(e) || node_gone(e) {
+            return true;
+        }
+        if !matches!(
+            e,
+            VolumeError::Engine {
+                code: Code::Unavailable,
+                ..
+            }
+        ) {
+            return false;
+        }
+        self.registry.get(&rep.node).await.is_ok_and(|n| {
+            n.record
+                .status
+                .pools
+                .iter()
+                .any(|p| p.name == rep.pool && p.disk_errors > 0)
+        })
+    }
+
     /// Asks `rep`'s engine for the replica (idempotent: the same request again is a no-op).
     /// Its pool's generation with it ([`generation_of`]).
     pub(super) async fn create_replica(
@@ -717,7 +743,7 @@ impl Volumes {
                 }
                 // Refused, or its node went down after the placement (it would wait for that node for ever): all
                 // replicas or none, so the volume is rolled back and the caller's retry placed again.
-                Err(e) if refused(&e) || node_gone(&e) => {
+                Err(e) if self.never_made_there(&rep, &e).await => {
                     tracing::warn!(uuid = %r.uuid, error = %e, "replica not made: rolling the volume back");
                     r.phase = VolumePhase::Deleting;
                     r.reason = format!("creation refused: {e}");

@@ -209,6 +209,55 @@ async fn scenario_1_a_failing_pool_disk_is_replaced_by_the_other_pool_of_its_nod
     ns.close().await;
 }
 
+/// A pool whose disk fails between the placement of a volume on it and the replica's creation (the creation's own
+/// metadata write fails, UNAVAILABLE): once the node reports the failing pool, the creation is rolled back and the
+/// caller's retry places the volume on the node's other pool, instead of waiting on the faulted pool for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creation_on_a_pool_that_failed_after_its_placement_is_placed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port("127.0.0.1");
+    let _agent = agent(dir.path(), port);
+    let url = format!("http://127.0.0.1:{port}");
+    let _engine = engine_pools(dir.path(), 1, &url, &two_pools(dir.path(), 1));
+    let (nodes, _) = wait_for(port, &[("reg-1", Online)], "registration").await;
+    let mut c = ClusterClient::connect(url).await.unwrap();
+    // Pool 1-A's disk fails every I/O from now on; the node reports it with its next heartbeat, a second away.
+    proto::engine::engine_client::EngineClient::connect(nodes[0].engine_endpoint.clone())
+        .await
+        .unwrap()
+        .inject_fault(proto::engine::InjectFaultRequest {
+            pool: "p1a".into(),
+            reads_too: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    let create = pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 16 * MIB,
+        replicas: 1,
+        ..Default::default()
+    };
+    let first = c.create_volume(create.clone()).await;
+    assert!(first.is_err(), "made on the failing pool: {first:?}");
+    assert_eq!(placed(&get(&c, &vol).await), ["reg-1/p1a"]);
+    let t = Instant::now();
+    loop {
+        match c.create_volume(create.clone()).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the creation still waits on the failed pool: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let v = get(&c, &vol).await;
+    assert_eq!(placed(&v), ["reg-1/p1b"], "{v:#?}");
+    println!("placed again on the other pool {:?} after the first try", t.elapsed());
+}
+
 /// Scenarios 4, 5 and 6: nodes 1-3 with two pools each; a 3-replica volume on 1-A, 2-A, 3-A. Node 3 goes down:
 /// its child is faulted and removed, its replica disowned, and the volume stays Degraded saying why (Rule 2 leaves
 /// no eligible node). Scaled to 2 it is Online. Node 3 back and scaled to 3: the new replica goes to node 3, is
