@@ -633,6 +633,13 @@ impl PoolMeta {
     }
 
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
+    /// How many clusters one more volume may have for the checkpoint's worst case to stay within `area` bytes.
+    pub fn room_for_one_more(&self, area: u64) -> u64 {
+        area.saturating_sub(self.worst_case_bytes(0))
+            .saturating_sub(WORST_PER_VOLUME)
+            / WORST_PER_CLUSTER
+    }
+
     pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
         let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
         let attached: u64 = self.volumes.values().map(VolumeMeta::attached_bytes).sum();
@@ -659,11 +666,14 @@ impl PoolMeta {
     }
 }
 
+/// What a volume takes in the worst case of a checkpoint, beside its clusters.
+const WORST_PER_VOLUME: u64 = 512 + MISSED_BUDGET as u64;
+/// What a cluster of a volume's map takes in the worst case of a checkpoint.
+const WORST_PER_CLUSTER: u64 = 28;
+
 /// The worst case of a checkpoint describing `volumes` volumes of `clusters` clusters in all.
 fn worst_case(volumes: u64, clusters: u64) -> u64 {
-    let per_volume = 512 + MISSED_BUDGET as u64;
-    let per_cluster = 28u64;
-    volumes * per_volume + clusters * per_cluster
+    volumes * WORST_PER_VOLUME + clusters * WORST_PER_CLUSTER
 }
 
 /// Serializes a cluster map as `[logical, physical, count]` runs of consecutive mapped clusters, plus its length.

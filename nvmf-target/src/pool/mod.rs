@@ -925,12 +925,20 @@ impl Pool {
                 .unwrap_or_else(|e| e.into_inner()) = Some((applied, may_take));
             may_take
         };
+        // A new replica needs its clusters described too: a pool whose metadata is (nearly) full has no room for
+        // one, whatever its data area has (else the agent placed there again and again, each try refused).
+        let describable = m
+            .room_for_one_more(self.inner.label.ckpt_len.saturating_sub(2 * LABEL_LEN))
+            .saturating_mul(cs);
         PoolStats {
             applied,
             capacity,
             allocated,
             may_take: may_take.min(capacity.saturating_sub(allocated)),
-            replica_room: capacity.saturating_sub(allocated).saturating_sub(may_take),
+            replica_room: capacity
+                .saturating_sub(allocated)
+                .saturating_sub(may_take)
+                .min(describable),
             committed,
             no_space_errors: self.inner.no_space.load(Ordering::Relaxed),
             disk_full: self.inner.disk_full.load(Ordering::Relaxed),

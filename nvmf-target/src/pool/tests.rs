@@ -1506,6 +1506,32 @@ async fn two_creates_at_once_where_the_metadata_has_room_for_one_take_it_once() 
     );
 }
 
+/// A pool whose metadata cannot describe another replica reports no room for one (its data area has plenty):
+/// the cluster agent places nothing more there, rather than placing there again and again, each try refused.
+#[tokio::test]
+async fn a_pool_whose_metadata_is_full_reports_no_room_for_a_replica() {
+    let pool = memory_pool(64 * MIB).await;
+    let size = u64::from(CS);
+    assert!(pool.stats().replica_room > 32 * MIB);
+    loop {
+        let room = pool.stats().replica_room;
+        match pool.create_replica(Uuid::new_v4(), size, None).await {
+            Ok(_) => assert!(room >= size, "made with {room} bytes of room"),
+            Err(PoolError::MetadataFull(_)) => {
+                let s = pool.stats();
+                assert!(
+                    s.replica_room < size,
+                    "{} bytes of room for a replica the metadata refuses ({} bytes of data free)",
+                    s.replica_room,
+                    s.capacity - s.allocated - s.may_take
+                );
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// A pool on a memory device of `size` bytes.
 async fn memory_pool(size: u64) -> Pool {
     Pool::create(Arc::new(MemoryDevice::new(size, 512)), &spec("p"), &me())
