@@ -255,7 +255,10 @@ async fn a_creation_on_a_pool_that_failed_after_its_placement_is_placed_again() 
     }
     let v = get(&c, &vol).await;
     assert_eq!(placed(&v), ["reg-1/p1b"], "{v:#?}");
-    println!("placed again on the other pool {:?} after the first try", t.elapsed());
+    println!(
+        "placed again on the other pool {:?} after the first try",
+        t.elapsed()
+    );
 }
 
 /// Scenarios 4, 5 and 6: nodes 1-3 with two pools each; a 3-replica volume on 1-A, 2-A, 3-A. Node 3 goes down:

@@ -175,11 +175,18 @@ impl Inner {
                 written.map(|w| timing::record_since(Stage::InitiatorRemote, w))
             });
             let (got, asked) = (p.read_got, p.read_len);
+            let unfetched = p.write.as_ref().map_or(0, |w| w.len() - p.r2t_asked);
             let data = join(p.read);
             let r = if cqe.status.is_success() && got != asked {
                 // A successful read moves every byte it asked for: less would pass for data it is not.
                 Err(InitiatorError::Protocol(format!(
                     "CID {} completed with {got} of its {asked} bytes of data",
+                    cqe.cid
+                )))
+            } else if cqe.status.is_success() && unfetched > 0 {
+                // Nor is a write done whose data the target did not all ask for.
+                Err(InitiatorError::Protocol(format!(
+                    "CID {} completed with {unfetched} bytes of its data never asked for",
                     cqe.cid
                 )))
             } else if cqe.status.is_success() {
@@ -196,6 +203,12 @@ impl Inner {
         let p = t.get_mut(d.cccid).ok_or_else(|| {
             InitiatorError::Protocol(format!("C2HData for unknown CID {}", d.cccid))
         })?;
+        if p.read_len == 0 {
+            return Err(InitiatorError::Protocol(format!(
+                "C2HData for CID {}, which reads nothing",
+                d.cccid
+            )));
+        }
         if d.offset as usize != p.read_got || p.read_got + d.data.len() > p.read_len {
             return Err(InitiatorError::Protocol(format!(
                 "C2HData {}+{} for CID {}: {} of {} bytes came before",
@@ -768,6 +781,47 @@ mod tests {
             t.insert(pending()),
             Err(InitiatorError::Disconnected)
         ));
+    }
+
+    /// A target that says a write succeeded without asking for its data (no R2T), or answers it with a data PDU of
+    /// a read: neither is taken for the write done.
+    #[tokio::test]
+    async fn a_write_answered_without_its_data_fetched_is_not_done() {
+        for with_c2h in [false, true] {
+            let (addr, _target) = fake_target(move |mut framed, mut wr, codec| async move {
+                let Some(Ok(Pdu::CapsuleCmd(c))) = framed.next().await else {
+                    panic!("no command");
+                };
+                let pdu = if with_c2h {
+                    Pdu::C2HData(DataPdu {
+                        cccid: c.sqe.cid(),
+                        ttag: 0,
+                        offset: 0,
+                        data: Bytes::new(),
+                        last: true,
+                        success: true,
+                    })
+                } else {
+                    Pdu::CapsuleResp(Cqe::new(
+                        c.sqe.cid(),
+                        crate::protocol::status::Status::SUCCESS,
+                    ))
+                };
+                let mut parts = encode(&codec, pdu);
+                write_parts(&mut wr, &mut parts).await.unwrap();
+                while let Some(Ok(_)) = framed.next().await {}
+            })
+            .await;
+            let q = queue_to(addr).await;
+            let r = q
+                .submit(
+                    Sqe::rw(io::WRITE, 1, 0, 16, 8192, false),
+                    Some(Bytes::from(vec![7u8; 8192])),
+                )
+                .await;
+            // Refused (a success without the data), or the queue closed on the bad PDU.
+            assert!(r.is_err(), "with_c2h {with_c2h}: taken for done");
+        }
     }
 
     #[tokio::test]
