@@ -302,7 +302,7 @@ async fn main() -> Result<()> {
             .and_then(cpu_seconds)
             .zip(t0)
             .map(|(a, b)| a - b);
-        ctrl.shutdown().await;
+        let _ = ctrl.shutdown().await;
         match used {
             Some(c) => println!(
                 "idle {} s with {} queue(s) connected: target CPU {c:.2} s",
@@ -361,7 +361,7 @@ async fn main() -> Result<()> {
         .and_then(cpu_seconds)
         .zip(t0)
         .map(|(a, b)| a - b);
-    ctrl.shutdown().await;
+    let _ = ctrl.shutdown().await;
 
     let iops = ios as f64 / secs;
     let mbps = iops * bs as f64 / 1e6;

@@ -29,6 +29,9 @@ pub struct Controller {
     admin: Queue,
     io: Vec<Queue>,
     failed: CancellationToken,
+    /// Cancelled as an orderly [`Controller::shutdown`] begins: its I/O queues closing then is no failure (which
+    /// would close the admin queue before it could send CC.SHN).
+    stopping: CancellationToken,
     /// Its failure was counted as a connection loss ([`Controller::take_loss`]).
     loss_counted: std::sync::atomic::AtomicBool,
 }
@@ -112,6 +115,7 @@ impl Controller {
             admin,
             io: Vec::new(),
             failed,
+            stopping: CancellationToken::new(),
             loss_counted: std::sync::atomic::AtomicBool::new(false),
         };
         if opts.io_queues > 0
@@ -175,10 +179,16 @@ impl Controller {
             .collect();
         for q in queues {
             let failed = self.failed.clone();
+            let stopping = self.stopping.clone();
+            let admin = q.qid() == 0;
             tokio::spawn(async move {
                 let closed = q.closed();
                 tokio::select! {
-                    _ = closed.cancelled() => failed.cancel(),
+                    _ = closed.cancelled() => {
+                        if admin || !stopping.is_cancelled() {
+                            failed.cancel();
+                        }
+                    }
                     _ = failed.cancelled() => q.close(),
                 }
             });
@@ -294,14 +304,17 @@ impl Controller {
 
     /// Orderly shutdown, in the Linux host's order: the I/O queues' connections closed (and the target told),
     /// then CC.SHN = normal on the admin queue, then the admin queue closed. A target never sees I/O queues
-    /// outlive their controller.
-    pub async fn shutdown(&self) {
+    /// outlive their controller. The answer to CC.SHN (for those who care: an error if the controller had failed).
+    pub async fn shutdown(&self) -> Result<(), InitiatorError> {
+        self.stopping.cancel();
         futures_util::future::join_all(self.io.iter().map(Queue::close_and_wait)).await;
-        let _ = self
+        let shn = self
             .admin
             .submit(Property::set_sqe(property::CC, 0x0046_4001, false), None)
-            .await;
+            .await
+            .map(drop);
         self.close();
+        shn
     }
 }
 

@@ -19,7 +19,7 @@ pub async fn discover(opts: &ConnectOptions) -> Result<Vec<DiscoveryEntry>, Init
     o.kato = std::time::Duration::ZERO;
     let c = Controller::connect(&o).await?;
     let r = read_log(&c).await;
-    c.shutdown().await;
+    let _ = c.shutdown().await;
     r
 }
 

@@ -36,6 +36,10 @@ struct Shared {
     losses: AtomicU64,
     /// The key of the reservation taken again through each reconnected controller (0: none).
     hold_key: AtomicU64,
+    /// Taking it again found the key no longer this host's ([`super::reservation::HeldAgain::Fenced`]): I/O is
+    /// refused with a reservation conflict here, whatever the target would let through, until a reservation is
+    /// acquired again.
+    fenced: std::sync::atomic::AtomicBool,
     /// Cancelled when the supervisor has returned.
     supervisor_done: CancellationToken,
 }
@@ -120,6 +124,7 @@ impl RemoteNamespace {
             next_queue: AtomicUsize::new(0),
             losses: AtomicU64::new(0),
             hold_key: AtomicU64::new(0),
+            fenced: Default::default(),
             supervisor_done: CancellationToken::new(),
             stop: CancellationToken::new(),
         });
@@ -141,9 +146,15 @@ impl RemoteNamespace {
     /// under `key` (this host holds it already: nothing changes but the target's fence), before it serves I/O. The target then
     /// waits for the writes it admitted from the lost controller, and on a single-path subsystem (a replica's) ends
     /// that controller, so that none of its writes still on the way lands after the new controller's. Preempted
-    /// meanwhile, the new controller serves all the same, and its writes get the conflict.
+    /// meanwhile (the key refused), the namespace is fenced: its I/O gets a reservation conflict here, even where the
+    /// target would let it through (another nexus of the same host identifier re-keyed the registration).
     pub fn hold_reservation(&self, key: u64) {
         self.shared.hold_key.store(key, Ordering::Release);
+    }
+
+    /// A reservation was acquired: I/O is no longer refused as fenced.
+    pub(super) fn unfence(&self) {
+        self.shared.fenced.store(false, Ordering::Release);
     }
 
     /// Largest I/O sent as one command.
@@ -166,7 +177,7 @@ impl RemoteNamespace {
         self.shared.stop.cancel();
         let c = self.shared.current.send_replace(None);
         if let Some(c) = c {
-            c.shutdown().await;
+            let _ = c.shutdown().await;
         }
         self.shared.supervisor_done.cancelled().await;
     }
@@ -189,6 +200,9 @@ impl RemoteNamespace {
     /// Sends a command on the next I/O queue. A command lost with its connection is sent again on the reconnected
     /// controller (as the Linux host retries path errors), until `reconnect_wait` runs out.
     pub(super) async fn submit(&self, sqe: Sqe, data: Option<Bytes>) -> Result<Bytes, BlockError> {
+        if self.shared.fenced.load(Ordering::Acquire) && !io::is_reservation(sqe.opcode()) {
+            return Err(BlockError::ReservationConflict);
+        }
         let deadline = tokio::time::Instant::now() + self.reconnect_wait;
         loop {
             let c = self.controller().await?;
@@ -275,10 +289,15 @@ async fn supervise(shared: Arc<Shared>) {
                     // Not cut short by a close: the target carries out an acquire it was sent all the same, and a
                     // close waits for it, so that nothing its caller does next comes before it.
                     let key = shared.hold_key.load(Ordering::Acquire);
-                    if let Err(e) = super::reservation::hold_again(&c, shared.nsid, key).await {
+                    let held = super::reservation::hold_again(&c, shared.nsid, key).await;
+                    if let Err(e) = held {
                         tracing::warn!(addr = %shared.opts.addr, error = %e, "reconnected, but the reservation was not taken again; reconnecting");
-                        c.shutdown().await;
+                        let _ = c.shutdown().await;
                     } else {
+                        if matches!(held, Ok(super::reservation::HeldAgain::Fenced)) {
+                            tracing::warn!(addr = %shared.opts.addr, key, "reconnected, but the reservation's key is no longer this host's: fenced");
+                            shared.fenced.store(true, Ordering::Release);
+                        }
                         let c = Arc::new(c);
                         // Published only while not closed (a close cancels `stop` before it takes the controller).
                         let published = shared.current.send_if_modified(|cur| {
@@ -289,7 +308,7 @@ async fn supervise(shared: Arc<Shared>) {
                             true
                         });
                         if !published {
-                            c.shutdown().await;
+                            let _ = c.shutdown().await;
                             return;
                         }
                         tracing::info!(addr = %shared.opts.addr, "reconnected");

@@ -40,33 +40,43 @@ fn acquire_sqe(nsid: u32, action: u8, rtype: u8) -> Sqe {
 /// write to them nor read from them (what it would read may be older than what the newer one wrote since).
 pub const REPLICA_RESERVATION: u8 = resv::EXCLUSIVE_ACCESS;
 
+/// How taking the reservation again through a reconnected controller went.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum HeldAgain {
+    /// Held (or none to hold), or refused for another reason than a conflict (the path inaccessible, ...): the
+    /// controller serves, and its commands get that refusal.
+    Served,
+    /// Reservation Conflict: the key is no longer this host's (another nexus preempted it, or re-keyed this host's
+    /// registration: one with the same host identifier, whose writes would still pass). The namespace is fenced.
+    Fenced,
+}
+
 /// Takes the [`REPLICA_RESERVATION`] again under `key` (0: none to take) through a reconnected controller,
 /// before it serves I/O ([`RemoteNamespace::hold_reservation`]). An error is one worth reconnecting for: the
-/// connection went, or the target waited too long for the commands admitted before (Namespace Not Ready). Any other
-/// refusal (a conflict: preempted meanwhile; the path inaccessible; ...) lets the controller serve all the same,
-/// and its commands get that refusal.
+/// connection went, or the target waited too long for the commands admitted before (Namespace Not Ready).
 pub(super) async fn hold_again(
     ctrl: &Controller,
     nsid: u32,
     key: u64,
-) -> Result<(), InitiatorError> {
+) -> Result<HeldAgain, InitiatorError> {
     if key == 0 {
-        return Ok(());
+        return Ok(HeldAgain::Served);
     }
     let sqe = acquire_sqe(nsid, resv::ACQUIRE, REPLICA_RESERVATION);
     match ctrl.io_queues()[0]
         .submit(sqe, Some(keys(key, Some(0))))
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(HeldAgain::Served),
         Err(InitiatorError::Status(s)) if s.is(Status::NAMESPACE_NOT_READY) => {
             Err(InitiatorError::Status(s))
         }
+        Err(InitiatorError::Status(s)) if s.is(Status::RESERVATION_CONFLICT) => {
+            Ok(HeldAgain::Fenced)
+        }
         Err(InitiatorError::Status(s)) => {
-            if !s.is(Status::RESERVATION_CONFLICT) {
-                tracing::warn!(status = %s, "taking the reservation again after a reconnect was refused");
-            }
-            Ok(())
+            tracing::warn!(status = %s, "taking the reservation again after a reconnect was refused");
+            Ok(HeldAgain::Served)
         }
         Err(e) => Err(e),
     }
@@ -97,9 +107,10 @@ impl RemoteNamespace {
         rtype: u8,
     ) -> Result<(), BlockError> {
         let sqe = acquire_sqe(self.nsid(), action, rtype);
-        self.submit(sqe, Some(keys(key, Some(preempt_key))))
-            .await
-            .map(drop)
+        self.submit(sqe, Some(keys(key, Some(preempt_key)))).await?;
+        // Held (again): no longer fenced, if it was.
+        self.unfence();
+        Ok(())
     }
 
     pub async fn release(&self, key: u64, rtype: u8) -> Result<(), BlockError> {

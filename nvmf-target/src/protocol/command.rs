@@ -29,6 +29,14 @@ pub mod io {
     pub const RESERVATION_REPORT: u8 = 0x0E;
     pub const RESERVATION_ACQUIRE: u8 = 0x11;
     pub const RESERVATION_RELEASE: u8 = 0x15;
+
+    /// Whether `opcode` is one of the four reservation commands.
+    pub const fn is_reservation(opcode: u8) -> bool {
+        matches!(
+            opcode,
+            RESERVATION_REGISTER | RESERVATION_REPORT | RESERVATION_ACQUIRE | RESERVATION_RELEASE
+        )
+    }
     /// Keelson vendor command (controller-to-host data): which LBAs of a range hold data (format in
     /// [`crate::protocol::vendor`]).
     pub const KEELSON_ALLOCATED: u8 = 0x82;

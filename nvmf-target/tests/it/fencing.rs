@@ -477,6 +477,61 @@ async fn a_reconnect_ends_the_controller_it_replaces_before_serving() {
     remote.close().await;
 }
 
+/// Another nexus with the same host identifier (a second engine given the node's name) re-keys the host's
+/// registration and takes the reservation: the target lets that host's commands through, whatever connection they
+/// come on. The first nexus's initiator, reconnecting, finds its key refused: it serves no more I/O (reservation
+/// conflict) instead of writing beside the other.
+#[tokio::test]
+async fn a_reconnect_whose_key_was_replaced_by_the_same_host_serves_no_io() {
+    let t = single_path_target().await;
+    let sub = t.target.subsystem(NQN).unwrap();
+    let ns = sub.namespace(1).unwrap();
+    held_by_the_host(&ns, 1).await;
+    let first = RemoteNamespace::connect(host_options(t.addr), 1)
+        .await
+        .unwrap();
+    first.hold_reservation(1);
+    first.write(0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+    let before = first.connection_losses();
+
+    // The second one, of the same host: its key replaces the first's (which also ends the first's controllers).
+    let second = RemoteNamespace::connect(host_options(t.addr), 1)
+        .await
+        .unwrap();
+    second.register_key(2).await.unwrap();
+    second
+        .acquire(resv::ACQUIRE, 2, 0, REPLICA_RESERVATION)
+        .await
+        .unwrap();
+    second.hold_reservation(2);
+    // The target ended the first's controller as the host took the reservation through a newer one: it reconnects.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while first.connection_losses() == before {
+        if std::time::Instant::now() > deadline {
+            panic!("the first nexus's connection was never lost");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while !first.is_connected() {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = first.write(0, Bytes::from(vec![9u8; 4096])).await;
+    assert!(
+        matches!(r, Err(BlockError::ReservationConflict)),
+        "the first nexus still writes: {r:?}"
+    );
+    assert!(matches!(
+        first.read(0, 4096).await,
+        Err(BlockError::ReservationConflict)
+    ));
+    let newer = Bytes::from(vec![2u8; 4096]);
+    second.write(0, newer.clone()).await.unwrap();
+    assert_eq!(ns.device.read(0, 4096).await.unwrap(), newer);
+    first.close().await;
+    second.close().await;
+}
+
 /// A close while the initiator reconnects returns once the reconnect has ended: the reservation it was taking
 /// again has been taken (the target carries it out anyway, and it must not come after what the caller does next),
 /// and its controller is shut down unused.
