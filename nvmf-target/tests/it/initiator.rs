@@ -246,6 +246,19 @@ async fn a_write_failed_by_a_lost_connection_finds_the_loss_counted() {
     assert_eq!(losses, 1, "the write failed, the loss not counted");
 }
 
+/// An orderly shutdown tells the target (CC.SHN, answered) after closing the I/O queues, as Linux's host does.
+#[tokio::test]
+async fn an_orderly_shutdown_sends_cc_shn_after_the_io_queues_closed() {
+    let t = target().await;
+    let mut o = ConnectOptions::new(t.addr, NQN);
+    o.io_queues = 2;
+    let c = nvmf_target::initiator::controller::Controller::connect(&o)
+        .await
+        .unwrap();
+    assert_eq!(c.io_queues().len(), 2);
+    c.shutdown().await.expect("CC.SHN answered");
+}
+
 #[tokio::test]
 async fn connect_to_a_missing_subsystem_fails_clearly() {
     let t = target().await;
