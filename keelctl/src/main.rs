@@ -201,6 +201,9 @@ enum EngineCmd {
         /// Fault a healthy child only once the engine's cluster agent confirms the nexus is still the volume's.
         #[arg(long)]
         confirm_faults: bool,
+        /// The nexus's size in bytes, at most its smallest child's (0 = its smallest child's).
+        #[arg(long, default_value_t = 0)]
+        size_bytes: u64,
     },
     /// Crash-consistent snapshot of a volume on every healthy child.
     SnapshotNexus {
@@ -439,6 +442,7 @@ async fn main() -> Result<()> {
             preempt_key,
             unclean_restart,
             confirm_faults,
+            size_bytes,
         } => print_nexus(
             &c.create_nexus(pb::CreateNexusRequest {
                 uuid,
@@ -449,6 +453,7 @@ async fn main() -> Result<()> {
                 preempt_key,
                 unclean_restart,
                 confirm_faults,
+                size_bytes,
             })
             .await?
             .into_inner(),

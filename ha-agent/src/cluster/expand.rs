@@ -100,15 +100,32 @@ impl Volumes {
                 continue;
             }
             let res = async {
-                self.engine(&rep.node)
-                    .await?
+                let mut c = self.engine(&rep.node).await?;
+                let asked = c
                     .resize_replica(epb::ResizeReplicaRequest {
                         uuid: rep.uuid.to_string(),
                         size,
                     })
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|s| engine_error(&rep.node, s))
+                    .await;
+                match asked {
+                    Ok(grown) => Ok(grown.into_inner()),
+                    // Refused as a shrink: larger already (made at the size of a growth undone since), which is
+                    // grown enough.
+                    Err(s) if s.code() == Code::InvalidArgument => {
+                        let listed = c
+                            .list_replicas(epb::ListReplicasRequest {})
+                            .await
+                            .map_err(|e| engine_error(&rep.node, e))?
+                            .into_inner();
+                        let id = rep.uuid.to_string();
+                        listed
+                            .replicas
+                            .into_iter()
+                            .find(|x| x.uuid == id && x.size >= size)
+                            .ok_or_else(|| engine_error(&rep.node, s))
+                    }
+                    Err(s) => Err(engine_error(&rep.node, s)),
+                }
             }
             .await;
             self.metrics

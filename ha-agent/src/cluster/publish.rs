@@ -289,6 +289,9 @@ impl Volumes {
             preempt_key: key.saturating_sub(1),
             unclean_restart: r.resync,
             confirm_faults: true,
+            // The size hosts see: the volume's, or while a growth waits, the size it grows from. A replica made
+            // larger (at the size of a growth undone since) must not make the nexus larger than the volume.
+            size_bytes: r.growth.as_ref().map_or(r.spec.size, |g| g.from),
             ..Default::default()
         };
         let made = match c.create_nexus(request.clone()).await {

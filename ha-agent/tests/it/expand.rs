@@ -225,6 +225,52 @@ async fn an_unpublished_volume_grows_and_is_published_at_its_new_size() {
     assert_eq!(e.size_bytes, 12 * MIB, "a snapshot has the grown size");
 }
 
+/// A replica larger than its volume (made at the size of a growth that was undone since: a replacement healing made
+/// while the growth waited): a nexus over it is the volume's size, not the replica's (hosts would see, and file
+/// systems grow into, more than the volume has), and a later growth to less than that replica's size counts it as
+/// grown (it refused to shrink, and the growth waited for ever or was undone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_larger_than_its_volume_neither_sizes_the_nexus_nor_blocks_a_growth() {
+    let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 4 * MIB,
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let v = get(&mut c, &vol).await;
+    // Both replicas larger than the volume, behind the agent's back: a nexus over either was their size.
+    for r in &v.replica_list {
+        let n = nodes.iter().find(|n| n.name == r.node).unwrap();
+        EngineClient::connect(n.engine_endpoint.clone())
+            .await
+            .unwrap()
+            .resize_replica(epb::ResizeReplicaRequest {
+                uuid: r.uuid.clone(),
+                size: 16 * MIB,
+            })
+            .await
+            .unwrap();
+    }
+    let p = publish(&mut c, &vol).await;
+    let ns = connect(&p).await;
+    assert_eq!(ns.size_bytes(), 4 * MIB, "the nexus is the volume's size");
+    ns.close().await;
+    // Grown to less than the replicas have: they are grown enough.
+    let v = c
+        .expand_volume(expand(&vol, 8 * MIB))
+        .await
+        .expect("the growth counts replicas already larger as grown")
+        .into_inner();
+    assert_eq!(v.size_bytes, 8 * MIB);
+    let ns = connect(&p).await;
+    assert_eq!(ns.size_bytes(), 8 * MIB, "the nexus grew to the new size");
+    ns.close().await;
+}
+
 /// Growth takes room as placements do (each pool here holds 56 MiB): two expansions asked at once, or an expansion
 /// and a new volume, never both get the same free space of a pool; the one refused changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

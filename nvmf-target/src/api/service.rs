@@ -253,6 +253,7 @@ impl EngineApi for EngineService {
             }),
             unclean_restart: r.unclean_restart,
             confirm_faults: r.confirm_faults,
+            size: (r.size_bytes > 0).then_some(r.size_bytes),
         };
         self.engine.create_nexus(uuid, &r.children, options).await?;
         self.nexus_reply(&uuid)

@@ -36,6 +36,8 @@ pub struct NexusOptions {
     pub unclean_restart: bool,
     /// Faults of healthy children only with the cluster agent's consent (see `fault_gate`).
     pub confirm_faults: bool,
+    /// Its size in bytes, at most its smallest child's (rounded down to whole blocks); none: its smallest child's.
+    pub size: Option<u64>,
 }
 
 /// The reservation a nexus takes on its remote children.
@@ -248,7 +250,7 @@ impl Engine {
                 .await?;
             devices.push((c.clone(), dev));
         }
-        let nexus = Nexus::new(&uuid.to_string(), devices, config)
+        let nexus = Nexus::new_at_most(&uuid.to_string(), devices, config, options.size)
             .map_err(|source| EngineError::Nexus { uuid, source })?;
         // Children an earlier nexus of this volume recorded as behind are rebuilt before anyone reads them.
         match nexus.recover_missed(options.unclean_restart).await {

@@ -193,14 +193,33 @@ impl Nexus {
         children: Vec<(String, Arc<dyn BlockDevice>)>,
         config: NexusConfig,
     ) -> Result<Arc<Nexus>, NexusError> {
+        Nexus::new_at_most(name, children, config, None)
+    }
+
+    /// [`Nexus::new`] no larger than `size` bytes (whole blocks): a child larger than the volume (made at the size
+    /// of a growth undone since) does not make the nexus larger than the volume.
+    pub fn new_at_most(
+        name: &str,
+        children: Vec<(String, Arc<dyn BlockDevice>)>,
+        config: NexusConfig,
+        size: Option<u64>,
+    ) -> Result<Arc<Nexus>, NexusError> {
         let (first_name, first) = children.first().ok_or(NexusError::NoChildren)?;
         let block_size = first.block_size();
         let _ = first_name;
-        let num_blocks = children
+        let smallest = children
             .iter()
             .map(|(_, d)| d.num_blocks())
             .min()
             .unwrap_or(0);
+        let num_blocks = size.map_or(smallest, |s| smallest.min(s / u64::from(block_size)));
+        if size.is_some() && num_blocks == 0 {
+            return Err(NexusError::TooSmall {
+                name: name.to_string(),
+                got: 0,
+                want: u64::from(block_size),
+            });
+        }
         let mut list: Vec<Arc<Child>> = Vec::new();
         for (n, d) in children {
             if d.block_size() != block_size {
