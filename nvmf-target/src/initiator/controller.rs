@@ -36,6 +36,34 @@ pub struct Controller {
     loss_counted: std::sync::atomic::AtomicBool,
 }
 
+/// Closes a queue being brought up if it is dropped before it is kept (a queue's tasks hold its connection open
+/// until it is closed, dropped or not): a connect cancelled half way, its caller gone, leaves no connection behind.
+struct ClosedUnlessKept {
+    queue: Queue,
+    kept: bool,
+}
+
+impl ClosedUnlessKept {
+    fn new(queue: &Queue) -> ClosedUnlessKept {
+        ClosedUnlessKept {
+            queue: queue.clone(),
+            kept: false,
+        }
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for ClosedUnlessKept {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.queue.close();
+        }
+    }
+}
+
 impl Controller {
     /// Connects admin and I/O queues. With `opts.io_queues == 0` only the admin queue (discovery).
     pub async fn connect(opts: &ConnectOptions) -> Result<Controller, InitiatorError> {
@@ -53,16 +81,11 @@ impl Controller {
             None,
         )
         .await?;
+        let admin_guard = ClosedUnlessKept::new(&admin);
         let kato = opts.kato.as_millis() as u32;
-        // A refused Connect closes the connection: a queue's tasks hold it open until it is closed, dropped or not.
+        // A refused Connect closes the connection (the guard).
         let cntlid =
-            match fabrics_connect(&admin, opts, 0, ADMIN_DEPTH - 1, kato, CNTLID_DYNAMIC).await {
-                Ok(c) => c,
-                Err(e) => {
-                    admin.close();
-                    return Err(e);
-                }
-            };
+            fabrics_connect(&admin, opts, 0, ADMIN_DEPTH - 1, kato, CNTLID_DYNAMIC).await?;
         let failed = CancellationToken::new();
         let bring_up = async {
             let cap = admin
@@ -102,13 +125,7 @@ impl Controller {
             }
             Ok((cap, data))
         };
-        let (cap, data) = match bring_up.await {
-            Ok(v) => v,
-            Err(e) => {
-                admin.close();
-                return Err(e);
-            }
-        };
+        let (cap, data) = bring_up.await?;
         let mut c = Controller {
             cntlid,
             data,
@@ -118,6 +135,8 @@ impl Controller {
             stopping: CancellationToken::new(),
             loss_counted: std::sync::atomic::AtomicBool::new(false),
         };
+        // From here the controller closes its queues when dropped.
+        admin_guard.keep();
         if opts.io_queues > 0
             && let Err(e) = c.connect_io_queues(opts, cap, digests).await
         {
@@ -161,13 +180,12 @@ impl Controller {
                     .map(|t| t.handle(usize::from(qid) - 1)),
             )
             .await?;
+            let guard = ClosedUnlessKept::new(&q);
             // A queue holds at least two entries (SQSIZE is 0's based and 0 is invalid); `depth` bounds what is
             // outstanding.
-            if let Err(e) = fabrics_connect(&q, opts, qid, depth.max(2) - 1, 0, self.cntlid).await {
-                q.close();
-                return Err(e);
-            }
+            fabrics_connect(&q, opts, qid, depth.max(2) - 1, 0, self.cntlid).await?;
             self.io.push(q);
+            guard.keep();
         }
         Ok(())
     }

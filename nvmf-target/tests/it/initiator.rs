@@ -296,3 +296,51 @@ async fn a_refused_connect_closes_its_connection() {
         .await
         .expect("the refused connection is closed");
 }
+
+/// A connect given up half way (its caller gone: a nexus closed while its child reconnects, a gRPC call cancelled)
+/// leaves no connection open behind it: here the target never answers the Fabrics Connect.
+#[tokio::test]
+async fn a_connect_given_up_half_way_closes_its_connection() {
+    use futures_util::StreamExt;
+    use nvmf_target::protocol::codec::PduCodec;
+    use nvmf_target::protocol::pdu::{Digests, IcResp, Pdu};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (rd, mut wr) = s.into_split();
+        let codec = PduCodec::new(1 << 20);
+        let mut framed = tokio_util::codec::FramedRead::new(rd, codec.clone());
+        assert!(matches!(framed.next().await, Some(Ok(Pdu::IcReq(_)))));
+        let mut parts = Vec::new();
+        codec.encode_parts(
+            &Pdu::IcResp(IcResp {
+                pfv: 0,
+                cpda: 0,
+                digests: Digests::default(),
+                maxh2cdata: 4096,
+            }),
+            &mut bytes::BytesMut::new(),
+            &mut parts,
+        );
+        nvmf_target::transport::write_parts(&mut wr, &mut parts)
+            .await
+            .unwrap();
+        // The Connect comes and is never answered; then only the end of the connection.
+        while let Some(Ok(_)) = framed.next().await {}
+        let _ = closed_tx.send(());
+    });
+    let o = ConnectOptions::new(addr, NQN);
+    let given_up = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        nvmf_target::initiator::controller::Controller::connect(&o),
+    )
+    .await;
+    assert!(given_up.is_err(), "the target answered nothing");
+    tokio::time::timeout(std::time::Duration::from_secs(5), closed)
+        .await
+        .expect("the connection given up is closed")
+        .unwrap();
+}
