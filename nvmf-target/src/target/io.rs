@@ -71,7 +71,9 @@ pub(super) fn validate(
             }
         }
         io::RESERVATION_RELEASE => {
-            if sqe.sgl().length != 8 {
+            // CRKEY, 8 bytes; Linux's host sends its 16-byte buffer for every reservation command (the rest is
+            // ignored, as Linux's target does).
+            if !(8..=16).contains(&sqe.sgl().length) {
                 return Err(Status::SGL_DATA_LENGTH_INVALID);
             }
         }

@@ -163,7 +163,8 @@ impl ReservationState {
         prkey: u64,
         rtype: u8,
     ) -> Result<(), Status> {
-        if !(rtype::WRITE_EXCLUSIVE..=rtype::EXCLUSIVE_ACCESS_ALL_REGS).contains(&rtype) {
+        // IEKEY only for Register since NVMe 1.3, as RESCAP bit 7 says (and Linux's target answers).
+        if iekey || !(rtype::WRITE_EXCLUSIVE..=rtype::EXCLUSIVE_ACCESS_ALL_REGS).contains(&rtype) {
             return Err(Status::INVALID_FIELD);
         }
         self.check_key(host, iekey, crkey)?;
@@ -215,6 +216,10 @@ impl ReservationState {
         crkey: u64,
         rtype: u8,
     ) -> Result<(), Status> {
+        // IEKEY only for Register since NVMe 1.3 (RESCAP bit 7): a Clear needs the registrant's key.
+        if iekey {
+            return Err(Status::INVALID_FIELD);
+        }
         self.check_key(host, iekey, crkey)?;
         match action {
             RELEASE => {
@@ -393,6 +398,27 @@ mod tests {
         s.register(first, UNREGISTER, false, 2, 0).unwrap();
         s.register(late, REGISTER, false, 0, 7).unwrap();
         assert_eq!(s.registrants.len(), MAX_REGISTRANTS);
+    }
+
+    #[test]
+    fn ignore_existing_key_is_refused_on_acquire_and_release() {
+        let mut s = ReservationState::default();
+        let a = Uuid::new_v4();
+        s.register(a, REGISTER, false, 0, 7).unwrap();
+        assert_eq!(
+            s.acquire(a, ACQUIRE, true, 0, 0, rtype::WRITE_EXCLUSIVE),
+            Err(Status::INVALID_FIELD)
+        );
+        s.acquire(a, ACQUIRE, false, 7, 0, rtype::WRITE_EXCLUSIVE)
+            .unwrap();
+        // A Clear without the key (IEKEY) would take every registration away.
+        assert_eq!(s.release(a, CLEAR, true, 0, 0), Err(Status::INVALID_FIELD));
+        assert_eq!(
+            s.release(a, RELEASE, true, 0, rtype::WRITE_EXCLUSIVE),
+            Err(Status::INVALID_FIELD)
+        );
+        assert_eq!(s.holder, Some(a));
+        assert_eq!(s.registrants.len(), 1);
     }
 
     #[test]

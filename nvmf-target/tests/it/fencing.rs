@@ -598,3 +598,68 @@ async fn a_close_during_a_reconnect_waits_for_it_and_leaves_no_controller_behind
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Linux's host sends its 16-byte key buffer with every reservation command, Release and Clear included (8 bytes
+/// are CRKEY, the rest unused): taken, as Linux's target takes it, and the reservation released or cleared.
+#[tokio::test]
+async fn a_release_or_clear_with_linux_s_sixteen_bytes_of_keys_is_carried_out() {
+    use nvmf_target::protocol::command::{Sgl, Sqe, io};
+
+    let t = crate::harness::target().await;
+    let ns = t.target.subsystem(NQN).unwrap().namespace(1).unwrap();
+    let (mut admin, id) = Raw::admin(t.addr, 0).await;
+    let mut q = Raw::io(t.addr, &mut admin, id).await;
+    let keys = |a: u64, b: u64| {
+        let mut d = a.to_le_bytes().to_vec();
+        d.extend_from_slice(&b.to_le_bytes());
+        Bytes::from(d)
+    };
+    let resv = |opcode: u8, cdw10: u32| {
+        let mut sqe = Sqe::new(opcode, 1);
+        sqe.set_cdw(10, cdw10);
+        sqe.set_sgl(Sgl::in_capsule(16));
+        sqe
+    };
+    let we = u32::from(resv::WRITE_EXCLUSIVE) << 8;
+    for (action, what) in [(resv::RELEASE, "release"), (resv::CLEAR, "clear")] {
+        let c = q
+            .cmd(
+                resv(io::RESERVATION_REGISTER, u32::from(resv::REGISTER)),
+                keys(0, 5),
+            )
+            .await;
+        assert!(c.status.is_success(), "register: {:?}", c.status);
+        let c = q
+            .cmd(
+                resv(io::RESERVATION_ACQUIRE, u32::from(resv::ACQUIRE) | we),
+                keys(5, 0),
+            )
+            .await;
+        assert!(c.status.is_success(), "acquire: {:?}", c.status);
+        let c = q
+            .cmd(
+                resv(io::RESERVATION_RELEASE, u32::from(action) | we),
+                keys(5, 0),
+            )
+            .await;
+        assert!(
+            c.status.is_success(),
+            "{what} with 16 bytes: {:?}",
+            c.status
+        );
+        let st = ns.reservations.state();
+        assert_eq!(st.holder, None, "{what}: still held");
+        if action == resv::CLEAR {
+            assert!(st.registrants.is_empty(), "clear: still registered");
+        } else {
+            // Unregister for the next round.
+            let c = q
+                .cmd(
+                    resv(io::RESERVATION_REGISTER, u32::from(resv::UNREGISTER)),
+                    keys(5, 0),
+                )
+                .await;
+            assert!(c.status.is_success(), "unregister: {:?}", c.status);
+        }
+    }
+}
