@@ -28,6 +28,19 @@ fn invalid(cid: u16, in_data: bool, offset: u64) -> Response {
     )
 }
 
+/// [`invalid`] for what may be there when the host asks again: a subsystem not exported here (yet, or any more: a
+/// volume's nexus being made again, here or on another node) or a controller that just ended. Without Do Not
+/// Retry: since Linux 6.11 a host whose reconnect gets DNR deletes the controller, and when that is a volume's last
+/// path its block device goes with it (the file system mounted on it included), while the replacement path is
+/// still being connected.
+fn invalid_for_now(cid: u16, in_data: bool, offset: u64) -> Response {
+    Response::failed_with(
+        cid,
+        Status::CONNECT_INVALID_PARAMETERS.without_dnr(),
+        offset | (u64::from(in_data) << 16),
+    )
+}
+
 /// Handles a Connect. On success returns the controller and the command (qid, sqsize, ...).
 pub(super) fn connect(
     shared: &Arc<Shared>,
@@ -45,7 +58,11 @@ pub(super) fn connect(
     };
     let Some(sub) = shared.subsystem(&cd.subnqn) else {
         tracing::warn!(subnqn = %cd.subnqn, host = %cd.hostnqn, "connect to unknown subsystem");
-        return Err(invalid(cid, true, u64::from(ConnectData::OFFSET_SUBNQN)));
+        return Err(invalid_for_now(
+            cid,
+            true,
+            u64::from(ConnectData::OFFSET_SUBNQN),
+        ));
     };
     // An empty Host NQN is a host that did not name itself (SPDK's perf tool without `-q`). The Linux target
     // lets it connect where any host may, and so does this one; an allow-list never holds it (Connect Invalid
@@ -90,7 +107,11 @@ pub(super) fn connect(
         .controller(cd.cntlid)
         .filter(|c| c.hostnqn == cd.hostnqn && c.hostid == cd.hostid)
     else {
-        return Err(invalid(cid, true, u64::from(ConnectData::OFFSET_CNTLID)));
+        return Err(invalid_for_now(
+            cid,
+            true,
+            u64::from(ConnectData::OFFSET_CNTLID),
+        ));
     };
     if !ctrl.is_enabled() {
         return Err(Response::status(cid, Status::COMMAND_SEQUENCE_ERROR));

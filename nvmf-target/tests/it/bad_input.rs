@@ -409,7 +409,11 @@ async fn connect_to_unknown_subsystem_names_the_field() {
             HOST,
         )
         .await;
-    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS);
+    // Without Do Not Retry: the subsystem may be there when the host asks again (a volume's nexus being made
+    // again), and since Linux 6.11 a host deletes a controller whose reconnect gets DNR: the volume's last path,
+    // and its block device with it.
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS.without_dnr());
+    assert!(!c.status.dnr);
     assert_eq!(
         c.dw0(),
         256 | (1 << 16),
@@ -478,8 +482,10 @@ async fn io_queue_connect_with_wrong_controller_or_qid_is_refused() {
     let t = target().await;
     let (mut a, id) = Raw::admin(t.addr, 0).await;
     let mut r = Raw::ready(t.addr).await;
+    // A controller that is not (or no longer) there: refused without Do Not Retry (it may have just ended; the
+    // host makes a new association).
     let c = r.connect_cmd(1, 0, id.wrapping_add(100), NQN, HOST).await;
-    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS.without_dnr());
     assert_eq!(c.dw0(), 16 | (1 << 16));
     // No queues granted yet: qid 1 is out of range.
     let c = r.connect_cmd(1, 0, id, NQN, HOST).await;
