@@ -18,6 +18,7 @@ pub const ALL: &[&str] = &[
     RETIRE_DROPPED,
     DELETE_MARKED,
     DELETE_NEXUS_DESTROYED,
+    DELETE_RECORD_DROPPED,
     POOL_DELETE_MARKED,
     SNAPSHOT_RECORDED,
     SNAPSHOT_TAKEN,
@@ -54,6 +55,9 @@ pub const DELETE_MARKED: &str = "delete.marked";
 pub const POOL_DELETE_MARKED: &str = "pool-delete.marked";
 /// The engine destroyed the volume's nexus; the record still names it.
 pub const DELETE_NEXUS_DESTROYED: &str = "delete.nexus-destroyed";
+/// The volume's record is deleted (its replicas retired); the snapshot it was cloned from, taken for it, is
+/// marked Deleting and not destroyed yet.
+pub const DELETE_RECORD_DROPPED: &str = "delete.record-dropped";
 
 /// A snapshot is recorded (Creating); no engine asked.
 pub const SNAPSHOT_RECORDED: &str = "snapshot.recorded";

@@ -435,6 +435,23 @@ impl Volumes {
         Ok(s)
     }
 
+    /// Records snapshot `uuid` as Deleting (none: nothing to do); the snapshot reconciler destroys it if no one
+    /// else does ([`Volumes::delete_snapshot`]).
+    pub(super) async fn mark_snapshot_deleting(&self, uuid: Uuid) -> Result<(), VolumeError> {
+        let Some(s) = self.snapshot(uuid).await? else {
+            return Ok(());
+        };
+        let lock = self.lock_of(s.volume);
+        let _held = lock.lock().await;
+        if let Some(mut s) = self.snapshot(uuid).await?
+            && s.phase != SnapshotPhase::Deleting
+        {
+            s.phase = SnapshotPhase::Deleting;
+            self.save_snapshot(&s).await?;
+        }
+        Ok(())
+    }
+
     pub async fn delete_snapshot(&self, uuid: Uuid) -> Result<(), VolumeError> {
         let s = self
             .snapshot(uuid)

@@ -798,10 +798,22 @@ impl Volumes {
             let last = r.replicas.len() - 1;
             self.retire(&mut r, last).await?;
         }
+        // The snapshot taken to make it from another volume goes with it: marked Deleting before the record goes.
+        // Its UUID comes from the volume's (which CSI makes from the volume's name): left Created by a crash after
+        // the record went, a volume made again under the same name from the same source would take it, with the
+        // source's data of the first time.
+        let hidden = r
+            .spec
+            .source_snapshot
+            .filter(|_| r.spec.source_volume.is_some());
+        if let Some(snap) = hidden {
+            self.mark_snapshot_deleting(snap).await?;
+        }
         self.store.delete(&volume::key(&r.uuid)).await?;
         tracing::info!(uuid = %r.uuid, "volume deleted");
-        // The snapshot taken to make it from another volume goes with it (or later, by the snapshot reconciler).
-        if let (Some(snap), Some(_)) = (r.spec.source_snapshot, r.spec.source_volume)
+        failpoint::at(failpoint::DELETE_RECORD_DROPPED);
+        // Destroyed now, or later by the snapshot reconciler.
+        if let Some(snap) = hidden
             && let Err(e) = self.delete_snapshot(snap).await
             && !matches!(e, VolumeError::SnapshotNotFound(_))
         {
