@@ -212,6 +212,11 @@ fn get_log_page(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Result<Response, Status> {
     if offset % 4 != 0 {
         return Err(Status::INVALID_FIELD);
     }
+    // The ANA and discovery pages' events are unmasked before the page is built: a change in between raises its
+    // event again (a duplicate is harmless) instead of being in neither the page read nor an event.
+    if matches!(page, lid::ANA | lid::DISCOVERY) {
+        ctx.ctrl.log_read(page, retain);
+    }
     let full = match page {
         lid::DISCOVERY if ctx.discovery() => {
             discovery::log_page(ctx.shared, &ctx.ctrl.hostnqn, ctx.local_addr)
