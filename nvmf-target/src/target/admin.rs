@@ -24,6 +24,8 @@ use super::subsystem::{MAX_NSID, Namespace, SubsystemKind};
 /// Feature identifiers.
 mod fid {
     pub const VOLATILE_WRITE_CACHE: u8 = 0x06;
+    /// Host Identifier: mandatory where reservations are (ONCS bit 5).
+    pub const HOST_IDENTIFIER: u8 = 0x81;
     pub const NUMBER_OF_QUEUES: u8 = 0x07;
     pub const ASYNC_EVENT_CONFIG: u8 = 0x0B;
     pub const KEEP_ALIVE_TIMER: u8 = 0x0F;
@@ -307,6 +309,8 @@ fn set_features(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Result<Response, Status> {
             ctx.ctrl.set_write_cache(v & 1 != 0);
             Ok(Response::ok(cid))
         }
+        // Over fabrics the Host Identifier is Connect's, and stays (as Linux's target answers).
+        (fid::HOST_IDENTIFIER, false) => Err(Status::COMMAND_SEQUENCE_ERROR),
         _ => Err(Status::INVALID_FIELD),
     }
 }
@@ -321,6 +325,10 @@ fn get_features(ctx: &AdminCtx<'_>, sqe: &Sqe) -> Result<Response, Status> {
             g | (g << 16)
         }
         (fid::VOLATILE_WRITE_CACHE, false) => u32::from(ctx.ctrl.write_cache()),
+        // The 128-bit one only (Extended Host Identifier, CDW11 bit 0), as fabrics has no other.
+        (fid::HOST_IDENTIFIER, false) if sqe.cdw(11) & 1 != 0 => {
+            return Ok(reply(sqe, ctx.ctrl.hostid.to_vec()));
+        }
         _ => return Err(Status::INVALID_FIELD),
     };
     Ok(Response::result(cid, u64::from(v)))

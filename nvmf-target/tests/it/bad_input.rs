@@ -742,3 +742,46 @@ async fn a_controller_not_enabled_or_shut_down_runs_no_command() {
     );
     still_serves(t.addr).await;
 }
+
+/// The Host Identifier feature (mandatory where reservations are): Get returns Connect's 128-bit identifier when
+/// the host asks for the extended one, Invalid Field otherwise; Set is a Command Sequence Error over fabrics (the
+/// identifier is Connect's), as Linux's target answers.
+#[tokio::test]
+async fn the_host_identifier_feature_reads_connect_s_identifier() {
+    let t = target().await;
+    let (mut a, _) = Raw::admin(t.addr, 0).await;
+    let mut get = Sqe::new(admin::GET_FEATURES, 0);
+    get.set_cdw(10, 0x81);
+    get.set_cdw(11, 1);
+    get.set_sgl(Sgl::transport(16));
+    get.set_cid(900);
+    a.send(Pdu::CapsuleCmd(CapsuleCmd {
+        sqe: get,
+        data: Bytes::new(),
+    }))
+    .await;
+    let mut got = Vec::new();
+    let status = loop {
+        match a.recv().await {
+            Recv::Pdu(Pdu::C2HData(d)) => got.extend_from_slice(&d.data),
+            Recv::Pdu(Pdu::CapsuleResp(c)) => break c.status,
+            Recv::Pdu(p) => panic!("unexpected {p:?}"),
+            _ => panic!("closed or undecodable"),
+        }
+    };
+    assert!(status.is_success(), "{status:?}");
+    assert_eq!(got, HOSTID.to_vec());
+    let mut short = Sqe::new(admin::GET_FEATURES, 0);
+    short.set_cdw(10, 0x81);
+    short.set_sgl(Sgl::transport(16));
+    assert_eq!(
+        a.cmd(short, Bytes::new()).await.status,
+        Status::INVALID_FIELD
+    );
+    let mut set = Sqe::new(admin::SET_FEATURES, 0);
+    set.set_cdw(10, 0x81);
+    assert_eq!(
+        a.cmd(set, Bytes::new()).await.status,
+        Status::COMMAND_SEQUENCE_ERROR
+    );
+}
