@@ -181,11 +181,29 @@ impl Volumes {
                     continue;
                 };
                 // A record that cannot be read now may name it: kept.
-                let owned = match self.read(uuid).await {
-                    Ok(r) => r.is_some_and(|r| r.nexus.is_some_and(|x| x.node == node)),
-                    Err(_) => true,
+                let key = super::volume::key(&uuid);
+                let (owned, revision) = match self.store().get(&key).await {
+                    Ok(None) => (false, 0),
+                    Ok(Some(v)) => (
+                        super::volume::VolumeRecord::decode(&v.value)
+                            .map_or(true, |r| r.nexus.is_some_and(|x| x.node == node)),
+                        v.mod_revision,
+                    ),
+                    Err(_) => (true, 0),
                 };
                 if owned {
+                    continue;
+                }
+                // Still the leader, and the record as it was read (through the fence): a leader deposed while it
+                // looked (stalled past its lease) must not destroy a nexus the next leader has made there since.
+                let unchanged = self
+                    .store()
+                    .txn(
+                        super::store::Txn::new()
+                            .when(super::store::Compare::ModRevision { key, revision }),
+                    )
+                    .await;
+                if !matches!(unchanged, Ok(t) if t.succeeded) {
                     continue;
                 }
                 let r = c
