@@ -20,6 +20,19 @@ pub(super) fn garbage_key(replica: &Uuid) -> String {
     format!("{GARBAGE}{replica}")
 }
 
+/// What became of a garbage replica ([`Volumes::collect_one`]).
+pub(super) enum Collected {
+    /// Destroyed (or found gone), and forgotten.
+    Done,
+    /// Refused by its engine for now: kept.
+    Kept,
+    /// Its node's engine could not be asked (not Online, or did not answer): kept, and the node not asked again
+    /// this pass.
+    NodeAway,
+    /// Its pool is not imported there yet: kept, and the pool not asked about again this pass.
+    Waits,
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Garbage {
     pub(super) node: String,
@@ -99,8 +112,11 @@ impl Volumes {
         Ok(keys)
     }
 
-    /// Destroys the replicas recorded as garbage whose nodes answer now.
+    /// Destroys the replicas recorded as garbage whose nodes answer now. A node that does not answer, or a pool not
+    /// imported there yet, is asked once per pass, not once per record (a failed disk's pool can hold thousands).
     pub async fn collect_garbage(&self) -> Result<(), VolumeError> {
+        let mut away: std::collections::HashSet<String> = Default::default();
+        let mut waiting: std::collections::HashSet<(String, String)> = Default::default();
         for (k, v) in self.store().list(GARBAGE).await? {
             let (Ok(g), Some(id)) = (
                 serde_json::from_slice::<Garbage>(&v.value),
@@ -108,6 +124,9 @@ impl Volumes {
             ) else {
                 continue;
             };
+            if away.contains(&g.node) || waiting.contains(&(g.node.clone(), g.pool.clone())) {
+                continue;
+            }
             // Still in its volume (a crash between recording the garbage and dropping it): not garbage yet. A volume
             // record that cannot be read now (the store failed, or it does not decode) may list it: kept until it
             // can be read, never destroyed on a guess.
@@ -119,16 +138,28 @@ impl Volumes {
                 }
             };
             if !listed {
-                self.collect_one(id, &g).await?;
+                match self.collect_one(id, &g).await? {
+                    Collected::Done | Collected::Kept => {}
+                    Collected::NodeAway => {
+                        away.insert(g.node.clone());
+                    }
+                    Collected::Waits => {
+                        waiting.insert((g.node.clone(), g.pool.clone()));
+                    }
+                }
             }
         }
         Ok(())
     }
 
     /// Destroys one garbage replica if its node answers, then forgets it.
-    pub(super) async fn collect_one(&self, id: &str, g: &Garbage) -> Result<(), VolumeError> {
+    pub(super) async fn collect_one(
+        &self,
+        id: &str,
+        g: &Garbage,
+    ) -> Result<Collected, VolumeError> {
         let Ok(mut c) = self.engine(&g.node).await else {
-            return Ok(());
+            return Ok(Collected::NodeAway);
         };
         let mut d = c.clone();
         let destroy = d.destroy_replica(epb::DestroyReplicaRequest {
@@ -150,12 +181,23 @@ impl Volumes {
                 }
                 self.store().delete(&format!("{GARBAGE}{id}")).await?;
                 tracing::info!(replica = id, node = %g.node, volume = %g.volume, "retired replica destroyed");
+                Ok(Collected::Done)
             }
             Err(e) => {
-                tracing::info!(replica = id, node = %g.node, error = %e, "retired replica kept as garbage for now")
+                tracing::info!(replica = id, node = %g.node, error = %e, "retired replica kept as garbage for now");
+                Ok(match e {
+                    VolumeError::FailedPrecondition { .. } => Collected::Waits,
+                    VolumeError::Engine {
+                        code:
+                            tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled,
+                        ..
+                    } => Collected::NodeAway,
+                    _ => Collected::Kept,
+                })
             }
         }
-        Ok(())
     }
 
     /// Destroys the nexuses engines list that no volume's record names on that node: of a deleted volume, or left
