@@ -250,6 +250,27 @@ impl Registry {
                 "engine_endpoint and instance are required".into(),
             ));
         }
+        // The address the agent reaches the engine at: one that names no machine would be every engine's.
+        let authority = spec
+            .engine_endpoint
+            .split_once("://")
+            .map_or(spec.engine_endpoint.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        if host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+        {
+            return Err(RegistryError::InvalidArgument(format!(
+                "engine endpoint {} names no address (advertise the node's: io-engine --grpc-advertise)",
+                spec.engine_endpoint
+            )));
+        }
         // Hosts connect to these as they are (the kernel's traddr and trsvcid): an IP address and a port, nothing
         // that could carry other connect options.
         if let Some(bad) = spec
@@ -288,6 +309,33 @@ impl Registry {
                 return Err(RegistryError::InUse(format!(
                     "node name {} is in use by the engine at {at} (heard from {} ms ago); give this one another name",
                     spec.name,
+                    ago.as_millis()
+                )));
+            }
+        }
+        // Likewise an endpoint another node's engine answers at now (two engines advertising one address): refused
+        // rather than each registration taking it from the other. One silent for the node timeout is displaced
+        // below (the machine renamed, or another one at its address).
+        let sharing: Vec<String> = self
+            .records()
+            .values()
+            .filter(|(_, o)| {
+                o.spec.name != spec.name
+                    && o.spec.engine_endpoint == spec.engine_endpoint
+                    && o.status.state == NodeState::Online
+            })
+            .map(|(_, o)| o.spec.name.clone())
+            .collect();
+        for other in sharing {
+            let heard = self
+                .live()
+                .get(&other)
+                .map(|l| l.last_seen.elapsed())
+                .filter(|ago| *ago < self.config.timeout);
+            if let Some(ago) = heard {
+                return Err(RegistryError::InUse(format!(
+                    "engine endpoint {} is node {other}'s (heard from {} ms ago); advertise this engine's own address",
+                    spec.engine_endpoint,
                     ago.as_millis()
                 )));
             }
@@ -338,7 +386,8 @@ impl Registry {
     }
 
     /// Marks Offline every other node whose engine was at `endpoint`, where node `name` just registered: one address
-    /// is one engine, so those nodes are gone (renamed, or another machine took the address). Left Online, such a
+    /// is one engine, so those nodes are gone (renamed, or another machine took the address; one heard from within
+    /// the node timeout made the registration fail instead). Left Online, such a
     /// node would answer every probe (through the new engine) and keep its pools' last figures for ever: placement
     /// would count its pools beside the new node's, two replicas of one volume could land on one machine, and
     /// garbage collection would take the new node's nexuses for stale ones of the old node.
@@ -684,10 +733,11 @@ mod tests {
         }
     }
 
+    /// A node `name` whose engine is at `http://<name>:1`.
     fn spec(name: &str) -> NodeSpec {
         NodeSpec {
             name: name.into(),
-            engine_endpoint: "http://127.0.0.1:1".into(),
+            engine_endpoint: format!("http://{name}:1"),
             nvmf_listeners: vec!["127.0.0.1:4420".into()],
             cntlid_min: 1,
             cntlid_max: 100,
@@ -729,16 +779,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
-        let reg = Registry::load(store, Arc::new(Answers), RegistryConfig::default())
+        let config = RegistryConfig {
+            timeout: Duration::from_millis(100),
+            ..RegistryConfig::default()
+        };
+        let reg = Registry::load(store, Arc::new(Answers), config)
             .await
             .unwrap();
-        let mut elsewhere = spec("elsewhere");
-        elsewhere.engine_endpoint = "http://127.0.0.2:1".into();
-        reg.register(elsewhere, vec![]).await.unwrap();
-        reg.register(spec("old-name"), vec![]).await.unwrap();
-        // The machine comes back under another name at the same address (or another machine took it).
-        let mut renamed = spec("new-name");
+        let at = |name: &str| NodeSpec {
+            engine_endpoint: "http://127.0.0.1:1".into(),
+            ..spec(name)
+        };
+        reg.register(spec("elsewhere"), vec![]).await.unwrap();
+        reg.register(at("old-name"), vec![]).await.unwrap();
+        // Another engine at the same address while the first is heard from: refused, rather than each taking it
+        // from the other at every registration.
+        let mut renamed = at("new-name");
         renamed.instance = "i2".into();
+        let e = reg.register(renamed.clone(), vec![]).await.unwrap_err();
+        assert!(matches!(e, RegistryError::InUse(_)), "{e}");
+        // The machine comes back under another name at the same address (or another machine took it), the old
+        // name silent by then.
+        tokio::time::sleep(Duration::from_millis(150)).await;
         reg.register(renamed, vec![]).await.unwrap();
         let state = |name: &str| {
             let r = &reg.records()[name].1;
@@ -753,10 +815,18 @@ mod tests {
         assert!(why.contains("new-name"), "{why}");
         assert_eq!(state("new-name").0, NodeState::Online);
         assert_eq!(state("elsewhere").0, NodeState::Online);
-        // The old name registering again at the address takes it back.
-        reg.register(spec("old-name"), vec![]).await.unwrap();
+        // The old name registering again at the address takes it back, once the new one is silent.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        reg.register(at("old-name"), vec![]).await.unwrap();
         assert_eq!(state("old-name").0, NodeState::Online);
         assert_eq!(state("new-name").0, NodeState::Offline);
+        // An endpoint that names no address is refused.
+        for bad in ["http://0.0.0.0:10124", "http://[::]:10124"] {
+            let mut s = spec("nowhere");
+            s.engine_endpoint = bad.into();
+            let e = reg.register(s, vec![]).await.unwrap_err();
+            assert!(matches!(e, RegistryError::InvalidArgument(_)), "{bad}: {e}");
+        }
     }
 
     struct Fails;

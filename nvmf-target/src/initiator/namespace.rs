@@ -200,12 +200,14 @@ impl RemoteNamespace {
     /// Sends a command on the next I/O queue. A command lost with its connection is sent again on the reconnected
     /// controller (as the Linux host retries path errors), until `reconnect_wait` runs out.
     pub(super) async fn submit(&self, sqe: Sqe, data: Option<Bytes>) -> Result<Bytes, BlockError> {
-        if self.shared.fenced.load(Ordering::Acquire) && !io::is_reservation(sqe.opcode()) {
-            return Err(BlockError::ReservationConflict);
-        }
         let deadline = tokio::time::Instant::now() + self.reconnect_wait;
         loop {
             let c = self.controller().await?;
+            // Checked once the controller is in hand: the supervisor marks the namespace fenced before it publishes
+            // the controller that found the key refused.
+            if self.shared.fenced.load(Ordering::Acquire) && !io::is_reservation(sqe.opcode()) {
+                return Err(BlockError::ReservationConflict);
+            }
             let qs = c.io_queues();
             let q = &qs[self.pick_queue(qs.len(), sqe.sgl().length)];
             match q.submit(sqe, data.clone()).await {

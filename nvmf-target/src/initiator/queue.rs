@@ -636,11 +636,13 @@ async fn write_loop(
     if clean {
         use tokio::io::AsyncWriteExt;
         let _ = wr.shutdown().await;
+        drop(wr);
     } else {
-        // SO_LINGER 0: the close (when the reader's half goes too) sends a reset and drops unsent data.
+        // SO_LINGER 0, and no FIN (which would queue behind the unsent data, still delivered): the close, when the
+        // reader's half goes too, sends a reset and drops what was not sent.
         crate::transport::reset_on_close(wr.as_ref());
+        wr.forget();
     }
-    drop(wr);
     inner.finished.cancel();
 }
 

@@ -633,17 +633,17 @@ impl PoolMeta {
     }
 
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
+    pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
+        let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
+        let attached: u64 = self.volumes.values().map(VolumeMeta::attached_bytes).sum();
+        worst_case(self.volumes.len() as u64, clusters + extra_clusters) + attached
+    }
+
     /// How many clusters one more volume may have for the checkpoint's worst case to stay within `area` bytes.
     pub fn room_for_one_more(&self, area: u64) -> u64 {
         area.saturating_sub(self.worst_case_bytes(0))
             .saturating_sub(WORST_PER_VOLUME)
             / WORST_PER_CLUSTER
-    }
-
-    pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
-        let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
-        let attached: u64 = self.volumes.values().map(VolumeMeta::attached_bytes).sum();
-        worst_case(self.volumes.len() as u64, clusters + extra_clusters) + attached
     }
 
     /// [`PoolMeta::worst_case_bytes`] of the state the records `pending` stands for will make: what a commit
