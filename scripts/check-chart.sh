@@ -53,6 +53,9 @@ refuse "an etcd endpoint over TLS (the agent has no TLS client)" --set store.typ
 # Several agents are spread one per node, and evicted one at a time.
 grep -q "kind: PodDisruptionBudget" "$OUT/etcd-values.yaml" && grep -q "requiredDuringSchedulingIgnoredDuringExecution" "$OUT/etcd-values.yaml" ||
     { echo "chart: several agents without anti-affinity or a disruption budget" >&2; exit 1; }
+# System priority classes outside kube-system come with the quota that lets clusters limiting them admit the pods.
+grep -q "kind: ResourceQuota" "$OUT/default.yaml" ||
+    { echo "chart: system priority classes without their ResourceQuota" >&2; exit 1; }
 # No StorageClass (the operator makes their own) still installs.
 helm template keelson "$C" "${PIN[@]}" --set-json 'storageClasses=[]' > /dev/null
 # Every KEELSON_* variable and --flag a container gives one of Keelson's binaries is one that binary reads (a typo
