@@ -74,6 +74,20 @@ async fn publish(c: &mut ClusterClient<Channel>, uuid: &str) -> pb::Volume {
     .into_inner()
 }
 
+/// A new unpublished 4 MiB volume with two replicas.
+async fn two_replicas_of_4_mib(c: &mut ClusterClient<Channel>) -> String {
+    let vol = uuid::Uuid::new_v4().to_string();
+    c.create_volume(pb::CreateVolumeRequest {
+        uuid: vol.clone(),
+        size_bytes: 4 * MIB,
+        replicas: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    vol
+}
+
 async fn connect(v: &pb::Volume) -> RemoteNamespace {
     let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
     o.hostnqn = HOST.into();
@@ -195,15 +209,7 @@ async fn a_published_volume_grows_under_writes_and_bad_expansions_change_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpublished_volume_grows_and_is_published_at_its_new_size() {
     let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 4 * MIB,
-        replicas: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let vol = two_replicas_of_4_mib(&mut c).await;
     let v = c
         .expand_volume(expand(&vol, 12 * MIB))
         .await
@@ -232,15 +238,7 @@ async fn an_unpublished_volume_grows_and_is_published_at_its_new_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_larger_than_its_volume_neither_sizes_the_nexus_nor_blocks_a_growth() {
     let (_dir, _port, _agent, _engines, nodes, mut c) = three_nodes().await;
-    let vol = uuid::Uuid::new_v4().to_string();
-    c.create_volume(pb::CreateVolumeRequest {
-        uuid: vol.clone(),
-        size_bytes: 4 * MIB,
-        replicas: 2,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let vol = two_replicas_of_4_mib(&mut c).await;
     let v = get(&mut c, &vol).await;
     // Both replicas larger than the volume, behind the agent's back: a nexus over either was their size.
     for r in &v.replica_list {
