@@ -5,7 +5,10 @@
 //!   `connecting`, `resetting`, `deleting`, ...), or `stalled` for a live path holding I/O none of which completed
 //!   for the stall timeout (its target silent: frozen or cut off), or `removed` for a path the agent deleted or the
 //!   kernel dropped (kept for 10 minutes, then the path's series go); 0 for the states it left;
-//! - `keelson_node_path_usable{volume,controller,address}` 1 when I/O can go through the path (not stalled);
+//! - `keelson_node_path_usable{volume,controller,address}` 1 when I/O can go through the path (not stalled); a
+//!   removed path has none (its `state` series says `removed`);
+//! - `keelson_node_volume_usable_paths{volume}`: how many of a volume's paths I/O can go through now, for every
+//!   volume whose subsystem the kernel has (staged here): 0 is the alert, "this node's I/O to the volume waits";
 //! - `keelson_node_switchovers_total{result}`: `ok` (a new path is live), `unchanged` (the nexus stayed where it
 //!   was), `refused` (the cluster agent said no), `unpublished` (it said no, and the volume is no longer published
 //!   to this node: its dead paths were removed), `failed`;
@@ -30,12 +33,15 @@ pub struct NodeMetrics {
     registry: Registry,
     state: IntGaugeVec,
     usable: IntGaugeVec,
+    volume_usable: IntGaugeVec,
     switchovers: IntCounterVec,
     duration: Histogram,
     reports: IntCounterVec,
     registered: IntGauge,
     /// The label values of every path series set, by (volume, controller, address).
     paths: Mutex<BTreeMap<(String, String, String), PathSeries>>,
+    /// The volumes whose usable-paths series is set.
+    volumes: Mutex<BTreeSet<String>>,
 }
 
 /// What the series of one path hold.
@@ -76,6 +82,14 @@ impl NodeMetrics {
             &["volume", "controller", "address"],
         )
         .expect("valid metric");
+        let volume_usable = IntGaugeVec::new(
+            Opts::new(
+                "keelson_node_volume_usable_paths",
+                "Paths of a volume staged on this node that I/O can go through now (0: its I/O waits).",
+            ),
+            &["volume"],
+        )
+        .expect("valid metric");
         let switchovers = IntCounterVec::new(
             Opts::new(
                 "keelson_node_switchovers_total",
@@ -110,24 +124,27 @@ impl NodeMetrics {
             Box::new(state.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(registered.clone()),
             Box::new(usable.clone()),
+            Box::new(volume_usable.clone()),
             Box::new(switchovers.clone()),
             Box::new(duration.clone()),
             Box::new(reports.clone()),
         ] {
             registry.register(m).expect("metric registered once");
         }
-        for r in ["ok", "unchanged", "refused", "failed"] {
+        for r in ["ok", "unchanged", "refused", "unpublished", "failed"] {
             switchovers.with_label_values(&[r]);
         }
         Arc::new(NodeMetrics {
             registry,
             state,
             usable,
+            volume_usable,
             switchovers,
             duration,
             reports,
             registered,
             paths: Mutex::new(BTreeMap::new()),
+            volumes: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -140,15 +157,28 @@ impl NodeMetrics {
     fn paths_at(&self, scan: &[Subsystem], stalled: &BTreeSet<(String, String)>, at: Instant) {
         let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
         let mut now = BTreeMap::new();
+        let mut volumes: BTreeMap<String, i64> = BTreeMap::new();
         for s in scan {
+            let usable_paths = volumes.entry(volume_of(&s.nqn).to_string()).or_default();
             for c in &s.controllers {
                 let key = (volume_of(&s.nqn).to_string(), c.name.clone(), c.target());
                 if stalled.contains(&(s.nqn.clone(), c.name.clone())) {
                     now.insert(key, ("stalled".to_string(), false));
                 } else {
+                    *usable_paths += i64::from(c.usable());
                     now.insert(key, (c.state.clone(), c.usable()));
                 }
             }
+        }
+        {
+            let mut had = self.volumes.lock().unwrap_or_else(|e| e.into_inner());
+            for gone in had.iter().filter(|v| !volumes.contains_key(*v)) {
+                let _ = self.volume_usable.remove_label_values(&[gone]);
+            }
+            for (v, n) in &volumes {
+                self.volume_usable.with_label_values(&[v]).set(*n);
+            }
+            *had = volumes.into_keys().collect();
         }
         let mut dropped = Vec::new();
         for (key, last) in paths.iter_mut() {
@@ -157,10 +187,9 @@ impl NodeMetrics {
             }
             match last.removed_at {
                 None => {
+                    // Gone, not unusable: a volume unstaged here must not look like one whose I/O waits.
                     self.set_state(key, &last.state, "removed");
-                    self.usable
-                        .with_label_values(&[&key.0, &key.1, &key.2])
-                        .set(0);
+                    let _ = self.usable.remove_label_values(&[&key.0, &key.1, &key.2]);
                     last.state = "removed".into();
                     last.states.insert(last.state.clone());
                     last.removed_at = Some(at);
@@ -268,18 +297,27 @@ mod tests {
         )
     }
 
+    fn volume_usable(m: &NodeMetrics) -> Option<f64> {
+        e2e::metrics::sample(
+            &m.render(),
+            "keelson_node_volume_usable_paths{volume=\"7b0c1f6e-1111-4222-8333-444455556666\"}",
+        )
+    }
+
     #[test]
     fn a_path_goes_live_stalled_connecting_removed_and_the_text_passes_promtool() {
         let m = NodeMetrics::new();
         let none = BTreeSet::new();
         m.paths(&scan("live"), &none);
         assert_eq!((series(&m, "live"), usable(&m)), (Some(1.0), Some(1.0)));
+        assert_eq!(volume_usable(&m), Some(1.0));
         let nqn = scan("live")[0].nqn.clone();
         m.paths(&scan("live"), &BTreeSet::from([(nqn, "nvme0".to_string())]));
         assert_eq!(
             (series(&m, "live"), series(&m, "stalled"), usable(&m)),
             (Some(0.0), Some(1.0), Some(0.0))
         );
+        assert_eq!(volume_usable(&m), Some(0.0), "stalled: no usable path");
         m.paths(&scan("live"), &none);
         assert_eq!(
             (series(&m, "stalled"), series(&m, "live"), usable(&m)),
@@ -290,11 +328,14 @@ mod tests {
             (series(&m, "live"), series(&m, "connecting")),
             (Some(0.0), Some(1.0))
         );
+        assert_eq!(volume_usable(&m), Some(0.0), "connecting: no usable path");
         m.paths(&[], &none);
         assert_eq!(
             (series(&m, "connecting"), series(&m, "removed")),
             (Some(0.0), Some(1.0))
         );
+        // Removed (unstaged): neither the path nor the volume looks unusable.
+        assert_eq!((usable(&m), volume_usable(&m)), (None, None));
         // Kept a while, then gone (every staged volume and switch-over makes new series).
         let later = Instant::now() + REMOVED_KEPT;
         m.paths_at(&[], &none, later - Duration::from_secs(1));
