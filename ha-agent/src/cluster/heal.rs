@@ -109,27 +109,33 @@ impl Volumes {
                 None => others.push(r.uuid),
             }
         }
-        for uuid in others {
-            let Some((_held, r)) = self.claim_idle(uuid).await? else {
-                continue;
-            };
-            // An operation may have changed it since the listing (a delete that failed half-way).
-            if r.phase == VolumePhase::Created
-                && let Err(e) = self.heal(r, None).await
-            {
-                tracing::debug!(%uuid, error = %e, "volume not healed yet");
+        let healed = async {
+            for uuid in others {
+                let Some((_held, r)) = self.claim_idle(uuid).await? else {
+                    continue;
+                };
+                // An operation may have changed it since the listing (a delete that failed half-way).
+                if r.phase == VolumePhase::Created
+                    && let Err(e) = self.heal(r, None).await
+                {
+                    tracing::debug!(%uuid, error = %e, "volume not healed yet");
+                }
             }
-        }
-        for (node, mut uuids) in by_node {
-            while !uuids.is_empty() {
-                uuids = self.heal_on_node(&node, uuids).await?;
+            for (node, mut uuids) in by_node {
+                while !uuids.is_empty() {
+                    uuids = self.heal_on_node(&node, uuids).await?;
+                }
             }
+            Ok(())
         }
+        .await;
+        // What was seen, whether or not the pass got through every volume: a pass cut short by one store error
+        // must not leave the volume metrics as they were (a volume faulted since hidden).
         let live: BTreeSet<Uuid> = all.iter().map(|r| r.uuid).collect();
         let mut seen = self.observed.lock().unwrap_or_else(|e| e.into_inner());
         seen.retain(|u, _| live.contains(u));
         self.metrics.set_volumes(seen.values());
-        Ok(())
+        healed
     }
 
     /// Heals those of `uuids` (volumes whose nexus is on `node`) that no operation holds, from one listing of the
