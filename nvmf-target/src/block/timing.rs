@@ -79,9 +79,10 @@ impl Stage {
     }
 }
 
-/// Bucket bounds in seconds: 1 µs to ~56 ms in steps of 1.25x, fine enough to read a median off.
+/// Bucket bounds in seconds: 1 µs to ~5.4 s in steps of 1.25x, fine enough to read a median off, and reaching the
+/// seconds a write waits for a fault's consent or a child's reconnect.
 fn bounds() -> Vec<f64> {
-    (0..50).map(|i| 1e-6 * 1.25f64.powi(i)).collect()
+    (0..70).map(|i| 1e-6 * 1.25f64.powi(i)).collect()
 }
 
 static HISTOGRAMS: LazyLock<Vec<prometheus::Histogram>> = LazyLock::new(|| {
