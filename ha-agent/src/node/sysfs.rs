@@ -204,9 +204,13 @@ pub fn scan(sys: &Path) -> Vec<Subsystem> {
             .into_iter()
             .filter(|n| is_controller(n))
             // One whose state cannot be read went while the scan looked (deleted: an unstage, or a replaced path):
-            // left out, as gone, not taken for a broken path with no address or host.
-            .filter(|c| !read(&dir.join(c).join("state")).is_empty())
-            .map(|c| {
+            // left out, as gone, not taken for a broken path with no address or host. Read once: the state kept is
+            // the one checked.
+            .filter_map(|c| {
+                let state = read(&dir.join(&c).join("state"));
+                (!state.is_empty()).then_some((c, state))
+            })
+            .map(|(c, state)| {
                 let cdir = dir.join(&c);
                 let paths: Vec<String> = sorted_entries(&cdir)
                     .into_iter()
@@ -221,7 +225,7 @@ pub fn scan(sys: &Path) -> Vec<Subsystem> {
                     .map(|p| IoCounts::read(&cdir.join(p)))
                     .fold(IoCounts::default(), IoCounts::add);
                 Controller {
-                    state: read(&cdir.join("state")),
+                    state,
                     address: read(&cdir.join("address")),
                     transport: read(&cdir.join("transport")),
                     cntlid: read(&cdir.join("cntlid")),
