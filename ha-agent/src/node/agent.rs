@@ -107,6 +107,8 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
     ));
     let mut tick = tokio::time::interval(cfg.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The subsystems could not be read at the last scan (told once, not at every tick).
+    let mut unreadable = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -129,9 +131,20 @@ pub async fn run(cfg: NodeAgentConfig, metrics: Arc<NodeMetrics>, stop: Cancella
             }
         }
         let sys = cfg.sys.clone();
-        let scan = tokio::task::spawn_blocking(move || sysfs::scan(&sys))
-            .await
-            .unwrap_or_default();
+        let scan = match tokio::task::spawn_blocking(move || sysfs::scan_checked(&sys)).await {
+            Ok(Ok(scan)) => {
+                unreadable = false;
+                scan
+            }
+            // Not looked at this time: nothing is taken as gone or as broken from a scan that did not happen.
+            Ok(Err(e)) => {
+                if !std::mem::replace(&mut unreadable, true) {
+                    tracing::warn!(error = %e, "the kernel's NVMe subsystems could not be read; asked again");
+                }
+                continue;
+            }
+            Err(_) => continue,
+        };
         {
             let mut seen = seen_hosts.lock().unwrap_or_else(|e| e.into_inner());
             let before = seen.len();

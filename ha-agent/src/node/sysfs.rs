@@ -190,6 +190,15 @@ pub const NO_MULTIPATH: &str = concat!(
     "through a target's failure; load nvme_core with multipath=Y (kernel command line nvme_core.multipath=Y)"
 );
 
+/// [`scan`], or the error that kept it from looking at all: the subsystems' directory there but not readable (out
+/// of file descriptors, say), which is not "no subsystems" (every path would look removed, and none broken).
+pub fn scan_checked(sys: &Path) -> std::io::Result<Vec<Subsystem>> {
+    match std::fs::read_dir(sys.join("class/nvme-subsystem")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(scan(sys)),
+    }
+}
+
 /// Keelson's subsystems under `sys` (`/sys` on a real node), in name order.
 pub fn scan(sys: &Path) -> Vec<Subsystem> {
     let class = sys.join("class/nvme-subsystem");
@@ -319,6 +328,22 @@ pub mod fixture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No subsystems yet (nvme_core without any) is an empty scan; a subsystems' directory that cannot be read is
+    /// an error, not "nothing there" (which would take every path for removed).
+    #[test]
+    fn a_scan_that_could_not_look_is_an_error_not_an_empty_list() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(scan_checked(dir.path()).unwrap().is_empty());
+        std::fs::create_dir_all(dir.path().join("class")).unwrap();
+        // Not a directory: read_dir fails (ENOTDIR), as it would with no file descriptor left.
+        std::fs::write(dir.path().join("class/nvme-subsystem"), "").unwrap();
+        assert!(scan_checked(dir.path()).is_err());
+        assert!(
+            scan(dir.path()).is_empty(),
+            "the plain scan still says nothing"
+        );
+    }
 
     #[test]
     fn reads_keelsons_subsystems_their_controllers_and_paths() {
