@@ -15,7 +15,7 @@ use super::status::invalid;
 /// A pool as the API shows it, with its stats as the engine tells them ([`Engine::pools_with_stats`]).
 pub fn pool(e: &PoolEntry, s: &PoolStats) -> pb::Pool {
     let l = e.pool.label();
-    let vols = e.pool.volumes();
+    let vols = e.pool.volume_headers();
     let snapshots = vols.iter().filter(|v| v.is_snapshot()).count() as u32;
     pb::Pool {
         name: l.name.clone(),

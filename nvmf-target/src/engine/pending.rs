@@ -139,7 +139,7 @@ impl Engine {
                     self.clear_pending(&name);
                     let s = e.pool.stats();
                     tracing::info!(pool = %name, disk = %disk, attempts, capacity = s.capacity,
-                        replicas = e.pool.volumes().len(), "pending pool opened");
+                        replicas = e.pool.volume_headers().len(), "pending pool opened");
                     return;
                 }
                 Err(e) => e,

@@ -35,6 +35,7 @@ pub struct PoolEntry {
 /// A replica as the API shows it.
 #[derive(Clone, Debug)]
 pub struct ReplicaInfo {
+    /// Its metadata; without its cluster map when listed ([`Pool::volume_headers`]).
     pub meta: VolumeMeta,
     pub pool: String,
     pub allocated: u64,
@@ -407,7 +408,7 @@ impl Engine {
         {
             pool.close();
         }
-        for v in pool.volumes() {
+        for v in pool.volume_headers() {
             if let Some(share) = &v.share
                 && let Err(e) = self.export_replica(&pool, v.uuid, share)
             {
@@ -543,7 +544,12 @@ impl Engine {
     pub fn replicas(&self) -> Vec<ReplicaInfo> {
         let mut out = Vec::new();
         for e in self.pools() {
-            for v in e.pool.volumes().into_iter().filter(|v| !v.is_snapshot()) {
+            for v in e
+                .pool
+                .volume_headers()
+                .into_iter()
+                .filter(|v| !v.is_snapshot())
+            {
                 out.push(self.replica_info(&e.pool, v));
             }
         }
@@ -743,7 +749,12 @@ impl Engine {
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
         let mut out = Vec::new();
         for e in self.pools() {
-            for v in e.pool.volumes().into_iter().filter(|v| v.is_snapshot()) {
+            for v in e
+                .pool
+                .volume_headers()
+                .into_iter()
+                .filter(|v| v.is_snapshot())
+            {
                 out.push(self.snapshot_info(&e.pool, v));
             }
         }

@@ -85,6 +85,21 @@ pub struct VolumeMeta {
 }
 
 impl VolumeMeta {
+    /// A copy of it without its cluster map (left empty).
+    pub fn header(&self) -> VolumeMeta {
+        VolumeMeta {
+            uuid: self.uuid,
+            size: self.size,
+            snapshot_of: self.snapshot_of,
+            clone_of: self.clone_of,
+            created: self.created,
+            share: self.share.clone(),
+            reservation: self.reservation.clone(),
+            missed: self.missed.clone(),
+            map: Vec::new(),
+        }
+    }
+
     /// What its share and reservation state take, beyond what [`worst_case`] counts per volume: they are kept within
     /// their budgets, but counted as they are.
     fn attached_bytes(&self) -> u64 {

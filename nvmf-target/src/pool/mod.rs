@@ -960,6 +960,18 @@ impl Pool {
         self.inner.meta().volumes.values().cloned().collect()
     }
 
+    /// Every volume's metadata without its cluster map (left empty): what listings, metrics and heartbeats need,
+    /// without copying every map (a cluster's entry each, millions in a large pool) under the metadata lock that
+    /// the I/O path takes too.
+    pub fn volume_headers(&self) -> Vec<VolumeMeta> {
+        self.inner
+            .meta()
+            .volumes
+            .values()
+            .map(VolumeMeta::header)
+            .collect()
+    }
+
     pub fn volume_meta(&self, uuid: &Uuid) -> Option<VolumeMeta> {
         self.inner.meta().volumes.get(uuid).cloned()
     }
