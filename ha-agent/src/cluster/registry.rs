@@ -780,7 +780,7 @@ mod tests {
         let store: Arc<dyn Store> =
             Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
         let config = RegistryConfig {
-            timeout: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
             ..RegistryConfig::default()
         };
         let reg = Registry::load(store, Arc::new(Answers), config)
@@ -800,7 +800,7 @@ mod tests {
         assert!(matches!(e, RegistryError::InUse(_)), "{e}");
         // The machine comes back under another name at the same address (or another machine took it), the old
         // name silent by then.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         reg.register(renamed, vec![]).await.unwrap();
         let state = |name: &str| {
             let r = &reg.records()[name].1;
@@ -816,7 +816,7 @@ mod tests {
         assert_eq!(state("new-name").0, NodeState::Online);
         assert_eq!(state("elsewhere").0, NodeState::Online);
         // The old name registering again at the address takes it back, once the new one is silent.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
         reg.register(at("old-name"), vec![]).await.unwrap();
         assert_eq!(state("old-name").0, NodeState::Online);
         assert_eq!(state("new-name").0, NodeState::Offline);
