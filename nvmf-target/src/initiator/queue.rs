@@ -691,6 +691,15 @@ mod tests {
         parts
     }
 
+    /// An 8 KiB write at LBA 0 (sent by R2T: more than the queues here take in a capsule).
+    async fn write_8k(q: &Queue) -> Result<Completion, InitiatorError> {
+        q.submit(
+            Sqe::rw(io::WRITE, 1, 0, 16, 8192, false),
+            Some(Bytes::from(vec![7u8; 8192])),
+        )
+        .await
+    }
+
     async fn queue_to(addr: std::net::SocketAddr) -> Queue {
         Queue::connect(
             addr,
@@ -814,13 +823,7 @@ mod tests {
                 while let Some(Ok(_)) = framed.next().await {}
             })
             .await;
-            let q = queue_to(addr).await;
-            let r = q
-                .submit(
-                    Sqe::rw(io::WRITE, 1, 0, 16, 8192, false),
-                    Some(Bytes::from(vec![7u8; 8192])),
-                )
-                .await;
+            let r = write_8k(&queue_to(addr).await).await;
             // Refused (a success without the data), or the queue closed on the bad PDU.
             assert!(r.is_err(), "with_c2h {with_c2h}: taken for done");
         }
@@ -855,13 +858,7 @@ mod tests {
             data
         })
         .await;
-        let q = queue_to(addr).await;
-        let r = q
-            .submit(
-                Sqe::rw(io::WRITE, 1, 0, 16, 8192, false),
-                Some(Bytes::from(vec![7u8; 8192])),
-            )
-            .await;
+        let r = write_8k(&queue_to(addr).await).await;
         assert!(r.is_err(), "{r:?}");
         let sent = tokio::time::timeout(Duration::from_secs(5), target)
             .await
