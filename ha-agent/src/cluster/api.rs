@@ -863,7 +863,19 @@ impl Cluster for Service {
         r: Request<pb::GetVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let l = self.leadership.leading()?;
-        let v = l.volumes.get(parse_uuid(&r.into_inner().uuid)?).await?;
+        let uuid = parse_uuid(&r.into_inner().uuid)?;
+        // The state comes from the nexus, the rest from the record: the record is read again after the nexus, and
+        // the answer made again if it changed meanwhile, so that one never pairs a nexus with a record older than it
+        // (a replacement healthy beside the reason it was missing for).
+        let mut v = l.volumes.get(uuid).await?;
+        for _ in 0..3 {
+            let answer = volume(&l.volumes, v.clone()).await;
+            let again = l.volumes.get(uuid).await?;
+            if again == v {
+                return Ok(Response::new(answer));
+            }
+            v = again;
+        }
         Ok(Response::new(volume(&l.volumes, v).await))
     }
 

@@ -432,6 +432,16 @@ impl Volumes {
         self.place_missing(&mut r).await?;
         self.create_missing(&mut r).await?;
 
+        // The replica set is whole again: why it was not is history. Cleared before the replacement is added (and can
+        // turn Healthy), so that the record never says Degraded beside a nexus with every child in sync.
+        if r.replicas.len() == r.spec.replicas as usize
+            && r.replicas.iter().all(|x| x.created)
+            && !r.reason.is_empty()
+        {
+            r.reason.clear();
+            self.save(&r).await?;
+        }
+
         // 3. Add created replicas the nexus does not have; it rebuilds them. Each is recorded out of sync first.
         let missing: Vec<ReplicaRecord> = r
             .replicas
@@ -492,13 +502,6 @@ impl Volumes {
             added.map_err(|s| engine_error(&nexus.node, s))?;
             failpoint::at(failpoint::HEAL_CHILD_ADDED);
             tracing::info!(%uuid, child = %uri, "child added; the nexus rebuilds it");
-        }
-        if r.replicas.len() == r.spec.replicas as usize
-            && r.replicas.iter().all(|x| x.created)
-            && !r.reason.is_empty()
-        {
-            r.reason.clear();
-            self.save(&r).await?;
         }
         Ok(())
     }

@@ -4,9 +4,14 @@
 //! before and during the failure reads back, from the volume and from the new replica. Then its scenario 3: node 2
 //! back, scaled to 3, the new replica lands on node 2 and is rebuilt.
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ha_agent::cluster::failpoint as fp;
+use ha_agent::cluster::store::Store;
+use ha_agent::cluster::store::embedded::EmbeddedStore;
+use ha_agent::cluster::volume::{self, VolumeRecord};
 use nvmf_target::block::BlockDevice;
 use nvmf_target::initiator::ConnectOptions;
 use nvmf_target::initiator::namespace::RemoteNamespace;
@@ -14,6 +19,7 @@ use proto::cluster as pb;
 use proto::cluster::cluster_client::ClusterClient;
 use tonic::transport::Channel;
 
+use crate::crash::{tail, until_served};
 use crate::registry::{Offline, Online, agent, engine_with, free_port, three_nodes, wait_for};
 
 const MIB: u64 = 1 << 20;
@@ -201,7 +207,7 @@ async fn a_killed_replica_node_is_replaced_on_the_free_node_and_rebuilt_with_eve
 async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_when_one_returns() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port("127.0.0.1");
-    let _agent = agent(dir.path(), port);
+    let mut agent = agent(dir.path(), port);
     let url = format!("http://127.0.0.1:{port}");
     let mut engines: Vec<_> = (1..=2).map(|i| engine_with(dir.path(), i, &url)).collect();
     wait_for(
@@ -239,13 +245,17 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
         ns.write((i * 128) << 10, block(i)).await.unwrap();
     }
     let get = |c: &mut ClusterClient<Channel>| {
-        let mut c = c.clone();
+        let c = c.clone();
         let vol = vol.clone();
         async move {
-            c.get_volume(pb::GetVolumeRequest { uuid: vol })
-                .await
-                .unwrap()
-                .into_inner()
+            until_served(|| {
+                let mut c = c.clone();
+                let uuid = vol.clone();
+                async move { c.get_volume(pb::GetVolumeRequest { uuid }).await }
+            })
+            .await
+            .unwrap()
+            .into_inner()
         }
     };
     let t = Instant::now();
@@ -278,7 +288,65 @@ async fn with_no_eligible_node_the_volume_stays_degraded_saying_why_and_heals_wh
         "{}",
         s.message()
     );
+    // The agent is killed right after the nexus took the replacement as a child; with no agent, the nexus rebuilds
+    // it. The record left must not still say why the volume was Degraded: GetVolume pairs it with the nexus, which
+    // is whole (an agent that cleared the reason only after adding answered Online with the old reason meanwhile).
+    let n1 = c
+        .get_node(pb::GetNodeRequest {
+            name: "reg-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    agent.set_env("FAILPOINTS", &format!("{}=return", fp::HEAL_CHILD_ADDED));
+    agent.restart();
     engines[1].restart();
+    let st = agent.exited(Duration::from_secs(60)).await;
+    assert!(
+        st.and_then(|s| s.signal()) == Some(9),
+        "the agent should have died after adding the child (exit {st:?}); log:\n{}",
+        tail(&agent.log())
+    );
+    let mut e1 = proto::engine::engine_client::EngineClient::connect(n1.engine_endpoint.clone())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let l = e1
+            .list_nexuses(proto::engine::ListNexusesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let nx = l.nexuses.iter().find(|n| n.uuid == vol).unwrap();
+        let healthy = nx
+            .children
+            .iter()
+            .filter(|c| c.state == proto::engine::ChildState::Healthy as i32)
+            .count();
+        if healthy == 2 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the replacement never rebuilt: {nx:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let store = EmbeddedStore::open(&dir.path().join("agent").join("store.redb"))
+        .await
+        .unwrap();
+    let uuid = uuid::Uuid::parse_str(&vol).unwrap();
+    let kept = store.get(&volume::key(&uuid)).await.unwrap().unwrap();
+    let r = VolumeRecord::decode(&kept.value).unwrap();
+    assert_eq!(r.replicas.len(), 2, "{r:#?}");
+    assert!(
+        r.reason.is_empty(),
+        "whole, yet the record says: {}",
+        r.reason
+    );
+    drop(store);
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
     let t = Instant::now();
     loop {
         let v = get(&mut c).await;
