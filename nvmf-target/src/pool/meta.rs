@@ -100,12 +100,6 @@ impl VolumeMeta {
         }
     }
 
-    /// What its share and reservation state take, beyond what [`worst_case`] counts per volume: they are kept within
-    /// their budgets, but counted as they are.
-    fn attached_bytes(&self) -> u64 {
-        (share_bytes(&self.share) + reservation_bytes(&self.reservation)) as u64
-    }
-
     /// Keeps the missed-writes records within [`MISSED_BUDGET`] by coarsening the longest one, so a long outage
     /// with scattered writes cannot outgrow the metadata area: at worst its partial rebuild copies more.
     fn fit_missed(&mut self) {
@@ -650,8 +644,7 @@ impl PoolMeta {
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
     pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
         let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
-        let attached: u64 = self.volumes.values().map(VolumeMeta::attached_bytes).sum();
-        worst_case(self.volumes.len() as u64, clusters + extra_clusters) + attached
+        worst_case(self.volumes.len() as u64, clusters + extra_clusters)
     }
 
     /// How many clusters one more volume may have for the checkpoint's worst case to stay within `area` bytes.
@@ -665,24 +658,25 @@ impl PoolMeta {
     /// checks as it admits records that describe more, so that requests checked against the same state before
     /// they were committed (two snapshots at once) cannot fill the checkpoint area together.
     pub fn worst_case_bytes_after(&self, pending: &Pending) -> u64 {
-        let (mut volumes, mut clusters, mut attached) = (0u64, 0u64, 0u64);
+        let (mut volumes, mut clusters) = (0u64, 0u64);
         for (id, v) in &self.volumes {
             if !pending.volumes.contains_key(id) {
                 volumes += 1;
                 clusters += v.map.len() as u64;
-                attached += v.attached_bytes();
             }
         }
         for (size, _) in pending.volumes.values().flatten() {
             volumes += 1;
             clusters += size.div_ceil(self.cluster_size);
         }
-        worst_case(volumes, clusters) + attached
+        worst_case(volumes, clusters)
     }
 }
 
-/// What a volume takes in the worst case of a checkpoint, beside its clusters.
-const WORST_PER_VOLUME: u64 = 512 + MISSED_BUDGET as u64;
+/// What a volume takes in the worst case of a checkpoint, beside its clusters: its header, and its missed-writes
+/// records, share and reservation state each at its budget (those change with no admission check: a host's
+/// registration must not be refused for room the volume was admitted with).
+const WORST_PER_VOLUME: u64 = 512 + (MISSED_BUDGET + SHARE_BUDGET + RESERVATION_BUDGET) as u64;
 /// What a cluster of a volume's map takes in the worst case of a checkpoint.
 const WORST_PER_CLUSTER: u64 = 28;
 

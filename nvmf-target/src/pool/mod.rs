@@ -1018,7 +1018,11 @@ impl Pool {
                 uuid: *uuid,
                 size: AtomicU64::new(meta.size),
                 read_only: meta.is_snapshot(),
-                closed: AtomicBool::new(self.is_lost()),
+                // Closed from birth in a pool closed already (shut down, or adopted and let go while the engine
+                // stops): a handle made after the pool's volumes were closed would otherwise take I/O.
+                closed: AtomicBool::new(
+                    self.is_lost() || self.inner.closed.load(Ordering::Acquire),
+                ),
                 alloc: crate::block::range_lock::RangeLock::new(),
                 allocating: AtomicU64::new(0),
                 stream: Default::default(),

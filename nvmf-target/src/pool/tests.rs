@@ -1602,6 +1602,61 @@ async fn a_share_or_reservation_too_large_for_the_metadata_is_refused() {
     assert_eq!(pool.volume_meta(&r).unwrap().share, Some(few));
 }
 
+/// Every replica the metadata admits may take a share and a reservation state up to their budgets, and the
+/// checkpoint still fits its area: the pool imports again with them all. Before, admission counted shares and
+/// reservations only as they were, so replicas admitted up to the limit and then shared to hosts that registered
+/// reservations outgrew the area: every commit refused from then on (the destroy that would make room too) and the
+/// pool never imported again.
+#[tokio::test]
+async fn replicas_admitted_to_the_limit_may_all_take_shares_and_reservations() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(64 * MIB, 512));
+    let pool = Pool::create(dev.clone(), &spec("p"), &me()).await.unwrap();
+    let mut made = Vec::new();
+    loop {
+        let r = Uuid::new_v4();
+        match pool.create_replica(r, u64::from(CS), None).await {
+            Ok(_) => made.push(r),
+            Err(PoolError::MetadataFull(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(made.len() > 10, "{}", made.len());
+    let nqn = |i: usize| format!("nqn.2026-11.io.keelson:host-{i:0>190}");
+    let share = Share {
+        hosts: (0..8).map(nqn).collect(),
+    };
+    let reservation = serde_json::json!({ "registrants": vec!["x".repeat(100); 70] });
+    for (i, r) in made.iter().enumerate() {
+        pool.set_share(*r, Some(share.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("share of replica {i} of {}: {e}", made.len()));
+        pool.set_reservation(*r, Some(reservation.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("reservation of replica {i} of {}: {e}", made.len()));
+    }
+    drop(pool);
+    let pool = Pool::import(dev, &me()).await.unwrap();
+    assert_eq!(pool.volumes().len(), made.len());
+    pool.destroy_volume(made[0]).await.unwrap();
+}
+
+/// A volume opened after its pool was closed (an export racing the engine's shutdown, a pool adopted and let go)
+/// takes no I/O: its handle is closed from the start. Before, only handles made before the close were.
+#[tokio::test]
+async fn a_volume_opened_after_its_pool_closed_takes_no_io() {
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(64 * MIB, 512));
+    let pool = Pool::create(dev.clone(), &spec("p"), &me()).await.unwrap();
+    let r = Uuid::new_v4();
+    pool.create_replica(r, 4 * MIB, None).await.unwrap();
+    drop(pool);
+    // Imported again: no handle of the volume yet.
+    let pool = Pool::import(dev, &me()).await.unwrap();
+    pool.close();
+    let v = pool.open_volume(&r).unwrap();
+    let w = v.write(0, Bytes::from(vec![1u8; 4096])).await;
+    assert!(matches!(w, Err(BlockError::Closed)), "{w:?}");
+}
+
 /// Waits in `preallocate` (what an import does between writing its label and reading the journal) while `held`.
 struct HeldAfterClaim {
     inner: Arc<MemoryDevice>,
