@@ -241,6 +241,20 @@ impl Kernel {
         }
     }
 
+    /// Whether something holds block device `d` exclusively: a mounted file system (the kernel's claim lasts until
+    /// its unmount has written what the page cache held, well after the mount left the mount table), a device
+    /// mapper or MD array built on it, or a program that opened it `O_EXCL`. Taken by an exclusive open of its own
+    /// (refused with EBUSY while another holds it; never blocks). A device node that is not a block device (or gone)
+    /// is held by nothing.
+    pub fn held(&self, d: &Device) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_EXCL | nix::libc::O_NONBLOCK)
+            .open(&d.path);
+        matches!(opened, Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY))
+    }
+
     /// Removes every controller of `nqn` (queued I/O fails); returns how many.
     pub fn disconnect(&self, nqn: &str) -> Result<usize, String> {
         let Some(s) = self.subsystem(nqn) else {

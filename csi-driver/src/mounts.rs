@@ -76,7 +76,49 @@ pub fn parse(text: &str) -> Vec<Mount> {
 }
 
 /// Runs a tool: program, arguments, how long it may take (see [`run`]).
-pub type Tool = Arc<dyn Fn(&str, &[&str], Duration) -> Result<(), String> + Send + Sync>;
+pub type Tool = Arc<dyn Fn(&str, &[&str], Duration) -> Result<(), ToolError> + Send + Sync>;
+
+/// A tool that failed, or did not finish in its time and was killed: what it was doing may still happen (a mount
+/// completing, an unmount writing what the file system held), so a CO is told the outcome is uncertain
+/// (DEADLINE_EXCEEDED, which the kubelet follows with a cleanup call) rather than that it failed for good (INTERNAL,
+/// after which a mount that completed late would be left behind).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolError {
+    pub message: String,
+    /// Killed at its time limit, not ended by itself.
+    pub unfinished: bool,
+}
+
+impl std::fmt::Display for ToolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for ToolError {
+    fn from(message: String) -> Self {
+        ToolError {
+            message,
+            unfinished: false,
+        }
+    }
+}
+
+impl From<&str> for ToolError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl From<ToolError> for tonic::Status {
+    fn from(e: ToolError) -> Self {
+        if e.unfinished {
+            tonic::Status::deadline_exceeded(e.message)
+        } else {
+            tonic::Status::internal(e.message)
+        }
+    }
+}
 
 /// The mount table this process sees and the tools that change it.
 #[derive(Clone)]
@@ -114,7 +156,7 @@ impl Mounts {
         target: &Path,
         fs: &str,
         options: &[String],
-    ) -> Result<(), String> {
+    ) -> Result<(), ToolError> {
         let t = target.to_string_lossy();
         let opts = options.join(",");
         let mut args: Vec<&str> = Vec::new();
@@ -129,7 +171,7 @@ impl Mounts {
     }
 
     /// Makes the bind mount at `target` read-only.
-    pub fn remount_read_only(&self, target: &Path) -> Result<(), String> {
+    pub fn remount_read_only(&self, target: &Path) -> Result<(), ToolError> {
         (self.tool)(
             "mount",
             &["-o", "remount,bind,ro", "--", &target.to_string_lossy()],
@@ -138,12 +180,12 @@ impl Mounts {
     }
 
     /// Unmounts the topmost mount at `target` within `limit`.
-    pub fn umount(&self, target: &Path, limit: Duration) -> Result<(), String> {
+    pub fn umount(&self, target: &Path, limit: Duration) -> Result<(), ToolError> {
         (self.tool)("umount", &["--", &target.to_string_lossy()], limit)
     }
 
     /// Detaches the topmost mount at `target` now, however busy (the file system goes once unused).
-    pub fn umount_lazy(&self, target: &Path) -> Result<(), String> {
+    pub fn umount_lazy(&self, target: &Path) -> Result<(), ToolError> {
         (self.tool)(
             "umount",
             &["-l", "--", &target.to_string_lossy()],
@@ -241,8 +283,11 @@ pub fn classify(head: &[u8]) -> Content {
 }
 
 /// Runs a system tool; `Err` carries its stderr. `limit`: how long it may take (a mount of a device whose paths
-/// are gone can wait for I/O forever).
-pub fn run(program: &str, args: &[&str], limit: Duration) -> Result<(), String> {
+/// are gone can wait for I/O forever); past it the tool is killed and the error says it did not finish
+/// ([`ToolError::unfinished`]). Its stderr is read as it comes (a tool saying much is not held up by a full pipe), and
+/// a killed tool is reaped by a thread of its own once it ends (one in the middle of an unmount ends only when the
+/// file system is done), so none is left a zombie.
+pub fn run(program: &str, args: &[&str], limit: Duration) -> Result<(), ToolError> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
@@ -250,36 +295,39 @@ pub fn run(program: &str, args: &[&str], limit: Duration) -> Result<(), String> 
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("{program}: {e}"))?;
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut err = String::new();
+            let _ = e.read_to_string(&mut err);
+            err
+        })
+    });
     let t = std::time::Instant::now();
     loop {
         match child.try_wait() {
             Ok(Some(st)) if st.success() => return Ok(()),
             Ok(Some(st)) => {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return Err(format!(
-                    "{program} {}: {st}: {}",
-                    args.join(" "),
-                    err.trim()
-                ));
+                let err = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+                return Err(format!("{program} {}: {st}: {}", args.join(" "), err.trim()).into());
             }
             Ok(None) if t.elapsed() > limit => {
                 let _ = child.kill();
-                return Err(format!(
-                    "{program} {} did not finish in {limit:?}",
-                    args.join(" ")
-                ));
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+                return Err(ToolError {
+                    message: format!("{program} {} did not finish in {limit:?}", args.join(" ")),
+                    unfinished: true,
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("{program}: {e}")),
+            Err(e) => return Err(format!("{program}: {e}").into()),
         }
     }
 }
 
 /// Makes file system `fs` (ext4 or xfs) on `dev`.
-pub fn mkfs(fs: &str, dev: &Path) -> Result<(), String> {
+pub fn mkfs(fs: &str, dev: &Path) -> Result<(), ToolError> {
     let d = dev.to_string_lossy();
     match fs {
         "ext4" => run(
@@ -288,12 +336,12 @@ pub fn mkfs(fs: &str, dev: &Path) -> Result<(), String> {
             Duration::from_secs(600),
         ),
         "xfs" => run("mkfs.xfs", &["-q", "-K", &d], Duration::from_secs(600)),
-        other => Err(format!("cannot make file system {other:?}")),
+        other => Err(format!("cannot make file system {other:?}").into()),
     }
 }
 
 /// Grows the mounted file system `fs` on `dev` (mounted at `mountpoint`) to fill the device, online.
-pub fn grow_fs(fs: &str, dev: &Path, mountpoint: &Path) -> Result<(), String> {
+pub fn grow_fs(fs: &str, dev: &Path, mountpoint: &Path) -> Result<(), ToolError> {
     match fs {
         "ext4" | "ext3" | "ext2" => run(
             "resize2fs",
@@ -305,7 +353,7 @@ pub fn grow_fs(fs: &str, dev: &Path, mountpoint: &Path) -> Result<(), String> {
             &[&mountpoint.to_string_lossy()],
             Duration::from_secs(600),
         ),
-        other => Err(format!("cannot grow file system {other:?}")),
+        other => Err(format!("cannot grow file system {other:?}").into()),
     }
 }
 
@@ -368,9 +416,31 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap_err();
-        assert!(e.contains("nope"), "{e}");
+        assert!(e.message.contains("nope") && !e.unfinished, "{e}");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
         let e = run("sleep", &["5"], Duration::from_millis(100)).unwrap_err();
-        assert!(e.contains("did not finish"), "{e}");
+        assert!(e.message.contains("did not finish") && e.unfinished, "{e}");
+        // Uncertain, not failed: the kubelet calls again to clean up what the tool may still have done.
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::DeadlineExceeded);
+    }
+
+    /// A tool that writes more to stderr than a pipe holds, then ends: it ends (its stderr read as it comes), and a
+    /// failing one's error keeps what it said. Before, it blocked on the full pipe until killed at the limit.
+    #[test]
+    fn a_tool_saying_much_on_stderr_is_not_held_up() {
+        let loud = "head -c 200000 /dev/zero | tr '\\0' x >&2";
+        run("sh", &["-c", loud], Duration::from_secs(20)).unwrap();
+        let e = run(
+            "sh",
+            &["-c", &format!("{loud}; exit 1")],
+            Duration::from_secs(20),
+        )
+        .unwrap_err();
+        assert!(
+            !e.unfinished && e.message.len() > 100_000,
+            "{}",
+            e.message.len()
+        );
     }
 
     /// A device that never answers (a FIFO no one writes to: its open blocks) fails the probe after the limit, and

@@ -61,7 +61,7 @@ pub(super) fn expand(
         let at = staging
             .filter(|s| mt.at(s).is_some_and(|s| s.dev == m.dev))
             .unwrap_or(path);
-        mounts::grow_fs(&m.fs_type, &dev.path, at).map_err(Status::internal)?;
+        mounts::grow_fs(&m.fs_type, &dev.path, at)?;
         tracing::info!(volume = %uuid, fs = %m.fs_type, from = before.size_bytes, to = dev.size_bytes, "file system grown");
     }
     Ok(dev.size_bytes)

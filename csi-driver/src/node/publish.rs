@@ -102,8 +102,7 @@ pub(super) fn publish(
         std::fs::create_dir_all(target)
     };
     made.map_err(|e| Status::internal(format!("creating {}: {e}", target.display())))?;
-    mt.mount(&source.to_string_lossy(), target, "", &["bind".into()])
-        .map_err(Status::internal)?;
+    mt.mount(&source.to_string_lossy(), target, "", &["bind".into()])?;
     if ro && let Err(e) = mt.remount_read_only(target) {
         // Not left writable behind the failure (a retry would find it published read-write, ALREADY_EXISTS for
         // ever): taken off, the retry publishes afresh.
@@ -113,7 +112,7 @@ pub(super) fn publish(
         {
             tracing::error!(volume = %uuid, target = %target.display(), error = %u, "cannot take off a bind left writable");
         }
-        return Err(Status::internal(e));
+        return Err(e.into());
     }
     if single {
         sole.published(uuid, target);
@@ -266,7 +265,7 @@ fn unpublish_here(k: &Kernel, mt: &Mounts, uuid: Uuid, target: &Path) -> Result<
         // since as a new device) is no live volume's: taken off, or the pod using it would never end.
         if gone(k, &m, dev.as_ref()) {
             tracing::warn!(volume = %uuid, mount = %m.dev, "the published mount's device is gone: detaching it lazily");
-            mt.umount_lazy(target).map_err(Status::internal)?;
+            mt.umount_lazy(target)?;
             continue;
         }
         if !dev.as_ref().is_some_and(|d| holds(&m, d)) {
@@ -277,8 +276,7 @@ fn unpublish_here(k: &Kernel, mt: &Mounts, uuid: Uuid, target: &Path) -> Result<
                 dev.as_ref(),
             )));
         }
-        mt.umount(target, Duration::from_secs(60))
-            .map_err(Status::internal)?;
+        mt.umount(target, Duration::from_secs(60))?;
     }
     if mt.at(target).is_some() {
         return Err(Status::internal(format!(

@@ -34,12 +34,13 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
         Some(AccessType::Mount(m)) => Some(m.clone()),
         _ => None,
     };
-    let fs = mount
+    // The file system asked for: the capability's, else the volume's class's. Neither (a volume made outside a
+    // StorageClass, a static PersistentVolume with no fsType): whichever the volume holds, ext4 on a blank one.
+    let asked = mount
         .as_ref()
         .map(|m| m.fs_type.clone())
         .filter(|f| !f.is_empty())
-        .or(s.fs_default.clone())
-        .unwrap_or_else(|| "ext4".into());
+        .or(s.fs_default.clone());
     // A staging mount whose device is gone (the volume's paths all removed, and its device made again since under
     // another number) is no live volume's: detached, and the volume staged afresh. Before, every stage was
     // ALREADY_EXISTS ("another device mounted") until the node was cleaned by hand. Pods' binds of the old mount keep
@@ -49,7 +50,7 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
         match &staged {
             Some(m) if gone(k, m, k.device(&s.uuid.to_string()).as_ref()) => {
                 tracing::warn!(volume = %s.uuid, mount = %m.dev, staging = %s.staging.display(), "the staging mount's device is gone: detaching it lazily and staging again");
-                mt.umount_lazy(&s.staging).map_err(Status::internal)?;
+                mt.umount_lazy(&s.staging)?;
                 staged = mt.at(&s.staging);
             }
             _ => break,
@@ -60,11 +61,14 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
         let dev = k.device(&s.uuid.to_string());
         let same_device = dev.as_ref().is_some_and(|d| d.dev == m.dev);
         return match (&mount, same_device) {
-            (Some(_), true) if m.fs_type == fs && m.read_only() == staged_read_only(&s.cap) => {
+            (Some(_), true)
+                if asked.as_ref().is_none_or(|fs| m.fs_type == *fs)
+                    && m.read_only() == staged_read_only(&s.cap) =>
+            {
                 Ok(())
             }
             (Some(_), true) => Err(Status::already_exists(format!(
-                "volume {} is staged at {} as {} ({}); asked for {fs}{}",
+                "volume {} is staged at {} as {} ({}); asked for {}{}",
                 s.uuid,
                 s.staging.display(),
                 m.fs_type,
@@ -73,6 +77,7 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
                 } else {
                     "read-write"
                 },
+                asked.as_deref().unwrap_or(&m.fs_type),
                 if staged_read_only(&s.cap) {
                     ", read-only"
                 } else {
@@ -130,16 +135,27 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
         }
     })?;
     let made = matches!(content, Content::Blank);
-    match content {
-        Content::Blank => {
-            tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "making a file system on a blank volume");
-            mounts::mkfs(&fs, &dev.path).map_err(Status::internal)?;
+    let fs = match content {
+        Content::Blank if staged_read_only(&s.cap) => {
+            // Formatting writes to a volume the CO asked to have read-only, and the file system would be empty.
+            return Err(Status::failed_precondition(format!(
+                "volume {} is blank and asked for read-only: it holds no file system to mount, and is not \
+                 formatted read-only",
+                s.uuid
+            )));
         }
-        Content::Fs(have) if have == fs => {}
+        Content::Blank => {
+            let fs = asked.unwrap_or_else(|| "ext4".into());
+            tracing::info!(volume = %s.uuid, device = %dev.path.display(), fs, "making a file system on a blank volume");
+            mounts::mkfs(&fs, &dev.path)?;
+            fs
+        }
+        Content::Fs(have) if asked.as_ref().is_none_or(|fs| *fs == have) => have,
         Content::Fs(have) => {
             return Err(Status::failed_precondition(format!(
-                "volume {} holds an {have} file system; asked for {fs} (it is never reformatted)",
-                s.uuid
+                "volume {} holds an {have} file system; asked for {} (it is never reformatted)",
+                s.uuid,
+                asked.unwrap_or_default()
             )));
         }
         Content::Unknown => {
@@ -148,10 +164,9 @@ pub(super) fn stage(k: &Kernel, mt: &Mounts, s: Stage) -> Result<(), Status> {
                 s.uuid
             )));
         }
-    }
+    };
     let opts = mount_options(&fs, mount_flags, read_only_mode(&s.cap));
-    mt.mount(&dev.path.to_string_lossy(), &s.staging, &fs, &opts)
-        .map_err(Status::internal)?;
+    mt.mount(&dev.path.to_string_lossy(), &s.staging, &fs, &opts)?;
     // A file system the volume brought may be smaller than it: one restored from a snapshot into a larger claim, or
     // grown while it was not staged. It fills the volume (a no-op when it does); one that cannot grow now still
     // serves at its size.
@@ -280,7 +295,7 @@ fn unstage_once(
         // never end.
         if gone(k, m, dev.as_ref()) {
             tracing::warn!(volume = %uuid, mount = %m.dev, "the staging mount's device is gone: detaching it lazily");
-            mt.umount_lazy(staging).map_err(Status::internal)?;
+            mt.umount_lazy(staging)?;
             let n = k.disconnect(&nqn).map_err(Status::internal)?;
             tracing::info!(volume = %uuid, paths = n, "unstaged");
             return Ok(());
@@ -309,13 +324,13 @@ fn unstage_once(
             )));
         }
     }
+    let mut disconnected = false;
     if let (Some(_), Some(d)) = (staged, &dev) {
         // The unmount writes what the page cache holds. With no live path it would wait for I/O that never
         // completes, so the paths go first and that data is lost: first wait for one, as a target's switch-over
         // (the node agent connecting its replacement) takes seconds, and a new cluster agent leader longer. Each
         // call waits a while, then answers UNAVAILABLE (the CO calls again); the data is given up only once
         // unstages have found no live path for `give_up`.
-        let mut disconnected = false;
         if k.live(&nqn) || k.wait_live(&nqn, wait.live) {
             // Back (or never gone): a later loss starts its own give-up time.
             wait.pathless(uuid, false);
@@ -350,7 +365,7 @@ fn unstage_once(
                 tracing::warn!(volume = %uuid, error = %e, "unmount failed without a live path for the give-up time; disconnecting and detaching lazily");
                 k.disconnect(&nqn).map_err(Status::internal)?;
                 disconnected = true;
-                mt.umount_lazy(staging).map_err(Status::internal)?;
+                mt.umount_lazy(staging)?;
             }
         }
         // The staging mount is off, but the file system is still mounted: a publish the CO has not taken back
@@ -372,6 +387,16 @@ fn unstage_once(
                 )));
             }
         }
+    }
+    // Unmounted, yet the device may still be held: an unmount killed at its time limit (or one in another mount
+    // namespace) leaves the mount table at once and writes what the page cache held afterwards, holding the device
+    // until it is done. Disconnecting now would fail those writes: the volume stays until it lets go.
+    if let Some(d) = dev.as_ref().filter(|d| !disconnected && k.held(d)) {
+        return Err(Status::unavailable(format!(
+            "volume {uuid}'s device {} is unmounted here but still held (a file system still writing what it \
+             held as it unmounts, or another exclusive user): it stays connected until it is let go; try again",
+            d.path.display()
+        )));
     }
     let n = k.disconnect(&nqn).map_err(Status::internal)?;
     tracing::info!(volume = %uuid, paths = n, "unstaged");

@@ -122,7 +122,7 @@ fn fake_tools(
                     source,
                 ));
             }
-            _ => return Err(format!("unexpected call: {program} {args:?}")),
+            _ => return Err(format!("unexpected call: {program} {args:?}").into()),
         }
         std::fs::write(&mountinfo, lines.join("\n") + "\n").unwrap();
         Ok(())
@@ -312,11 +312,21 @@ impl Fake {
     }
 
     async fn stage(&self, vol: &str, staging: &str, ctx: &[(&str, &str)]) -> Result<(), Status> {
+        self.stage_as(vol, staging, ctx, capability(false)).await
+    }
+
+    async fn stage_as(
+        &self,
+        vol: &str,
+        staging: &str,
+        ctx: &[(&str, &str)],
+        cap: VolumeCapability,
+    ) -> Result<(), Status> {
         self.svc
             .node_stage_volume(Request::new(NodeStageVolumeRequest {
                 volume_id: vol.into(),
                 staging_target_path: staging.into(),
-                volume_capability: Some(capability(false)),
+                volume_capability: Some(cap),
                 publish_context: ctx
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -652,6 +662,51 @@ async fn an_unmount_that_fails_with_a_live_path_keeps_the_volume_connected() {
     f.calls();
     f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert_eq!(f.calls(), vec![format!("umount -- {}", f.p("stage-a"))]);
+    assert!(f.disconnected());
+}
+
+/// A file system unmounted, yet still holding its device: an unmount killed at its time limit leaves the mount
+/// table at once and writes what the page cache held afterwards (as does one in another mount namespace). The
+/// volume stays connected while the device is held (UNAVAILABLE, the unstage's next call finding nothing mounted
+/// included), and is disconnected once it is let go. Before, the call after the unmount disconnected, failing those
+/// writes. Needs root and losetup (a loop device stands for the volume's, held as a file system holds it).
+#[tokio::test]
+async fn an_unstage_keeps_the_volume_connected_while_its_device_is_still_held() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let test = "an_unstage_keeps_the_volume_connected_while_its_device_is_still_held";
+    if !e2e::privileged::allowed_with(test, &["root", "losetup"]) {
+        return;
+    }
+    let f = Fake::new();
+    let img = f.path("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let lo = e2e::loopdev::Loop::attach(&img);
+    std::fs::remove_file(f.path("dev/nvme0n1")).unwrap();
+    std::os::unix::fs::symlink(&lo.0, f.path("dev/nvme0n1")).unwrap();
+    f.staged(A, "stage-a");
+    let held_by_the_file_system = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(&lo.0)
+        .unwrap();
+    let r = f.unstage(A, &f.p("stage-a")).await;
+    assert_eq!(code(r), Code::Unavailable);
+    assert!(!f.table().contains("stage-a"));
+    assert!(
+        !f.disconnected(),
+        "disconnected under a file system still writing"
+    );
+    let r = f.unstage(A, &f.p("stage-a")).await;
+    assert_eq!(code(r), Code::Unavailable, "the call after the unmount");
+    assert!(
+        !f.disconnected(),
+        "disconnected under a file system still writing"
+    );
+    drop(held_by_the_file_system);
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert!(f.disconnected());
 }
 
@@ -1175,6 +1230,58 @@ async fn a_stage_over_a_staging_mount_whose_device_is_gone_stages_afresh() {
     );
     let last = f.table().lines().last().unwrap().to_string();
     assert!(last.contains(" 259:1 "), "{last}");
+}
+
+/// A stage naming no file system (a static PersistentVolume without fsType, a volume made outside a StorageClass)
+/// mounts the one the volume holds. Before, ext4 was assumed, and a volume holding XFS was refused for ever.
+#[tokio::test]
+async fn a_stage_naming_no_file_system_mounts_the_one_the_volume_holds() {
+    let f = Fake::new();
+    let mut head = vec![0u8; 4096];
+    head[..4].copy_from_slice(b"XFSB");
+    std::fs::write(f.path("dev/nvme0n1"), &head).unwrap();
+    let nqn = proto::names::volume_nqn(A);
+    let ctx = [
+        ("nqn", nqn.as_str()),
+        ("targetAddresses", "127.0.0.1:4420"),
+        ("hostNqn", HOST),
+    ];
+    let mut cap = capability(false);
+    cap.access_type = Some(AccessType::Mount(MountVolume::default()));
+    f.stage_as(A, &f.p("stage-a"), &ctx, cap.clone())
+        .await
+        .unwrap();
+    let calls = f.calls();
+    assert!(calls[0].starts_with("mount -t xfs"), "{calls:?}");
+    // Again (a retry): already staged so, done.
+    f.stage_as(A, &f.p("stage-a"), &ctx, cap).await.unwrap();
+    // Asked for ext4 by name: refused, never reformatted.
+    let e = f.stage(A, &f.p("stage-a"), &ctx).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+}
+
+/// A blank volume staged read-only is not formatted (that writes to a volume asked to be read-only, and would mount
+/// an empty file system): FAILED_PRECONDITION, the volume left blank.
+#[tokio::test]
+async fn a_blank_volume_staged_read_only_is_not_formatted() {
+    let f = Fake::new();
+    std::fs::write(f.path("dev/nvme0n1"), vec![0u8; 1 << 20]).unwrap();
+    let nqn = proto::names::volume_nqn(A);
+    let ctx = [
+        ("nqn", nqn.as_str()),
+        ("targetAddresses", "127.0.0.1:4420"),
+        ("hostNqn", HOST),
+    ];
+    let mut cap = capability(false);
+    cap.access_mode = Some(AccessMode {
+        mode: Mode::SingleNodeReaderOnly as i32,
+    });
+    let e = f.stage_as(A, &f.p("stage-a"), &ctx, cap).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("blank"), "{e:?}");
+    let dev = std::fs::read(f.path("dev/nvme0n1")).unwrap();
+    assert!(dev.iter().all(|b| *b == 0), "the volume was written");
+    assert_eq!(f.calls(), Vec::<String>::new());
 }
 
 /// An unstage while a publish is still bound, and no live path for the give-up time: the volume stays connected
