@@ -413,6 +413,23 @@ async fn report(
     }
 }
 
+/// The targets of `s`'s paths that `host` keeps: its controllers not being deleted (one being deleted takes no I/O,
+/// and one of another host NQN is not this host's path). `None` when every path is gone or going (the volume being
+/// unstaged: its last paths deleted): connecting a new one would bring back a path nobody uses, reconnecting for
+/// ever once the volume is unpublished.
+fn paths_kept(s: &sysfs::Subsystem, host: &str) -> Option<Vec<String>> {
+    if s.controllers.iter().all(sysfs::Controller::being_deleted) {
+        return None;
+    }
+    Some(
+        s.controllers
+            .iter()
+            .filter(|c| !c.being_deleted() && c.host_nqn == host)
+            .map(|c| c.target())
+            .collect(),
+    )
+}
+
 /// One switch-over of `b`'s subsystem.
 async fn switch_over(
     cfg: &NodeAgentConfig,
@@ -457,14 +474,14 @@ async fn switch_over(
             .ok()
             .flatten()
     };
-    let Some(now) = scan(sys.clone(), b.nqn.clone()).await else {
-        // Its paths were all removed meanwhile (the volume unstaged): connecting would make a path nobody uses,
-        // reconnecting for ever once the volume is unpublished.
+    let Some(have) = scan(sys.clone(), b.nqn.clone())
+        .await
+        .and_then(|s| paths_kept(&s, &b.controller.host_nqn))
+    else {
         tracing::info!(nqn = %b.nqn, "the volume's paths are gone from this node: nothing to connect");
         metrics.switchover("unchanged", None);
         return Outcome::Failed;
     };
-    let have: Vec<String> = now.controllers.iter().map(|c| c.target()).collect();
     // Whether a path to a target is there or was made: without one, nothing can turn live, and the live wait below
     // would only hold the I/O longer before the next report.
     let mut any = targets.iter().any(|t| have.contains(t));
@@ -595,5 +612,43 @@ mod tests {
         assert!(!AgentClients::connection_failed(
             &tonic::Status::unavailable("this cluster agent does not lead (yet); try another")
         ));
+    }
+
+    /// A switch-over finding the volume's last paths being deleted (an unstage under way) connects nothing; one
+    /// finding a path to the new target that is being deleted, or is another host's, connects its own. Before, any
+    /// controller counted: the unstaged volume got a path back, or the host waited for one that never took I/O.
+    #[test]
+    fn paths_being_deleted_or_of_another_host_are_not_kept() {
+        let c = |name: &str, state: &str, port: u16, host: &str| sysfs::Controller {
+            name: name.into(),
+            state: state.into(),
+            address: format!("traddr=127.0.0.1,trsvcid={port}"),
+            host_nqn: host.into(),
+            ..Default::default()
+        };
+        let s = |controllers| sysfs::Subsystem {
+            nqn: "nqn.2026-11.io.keelson:vol-x".into(),
+            controllers,
+            ..Default::default()
+        };
+        let (h, other) = (
+            "nqn.2026-11.io.keelson:host-a",
+            "nqn.2026-11.io.keelson:host-b",
+        );
+        assert_eq!(
+            paths_kept(&s(vec![c("nvme0", "deleting", 4420, h)]), h),
+            None
+        );
+        assert_eq!(
+            paths_kept(
+                &s(vec![
+                    c("nvme0", "connecting", 4420, h),
+                    c("nvme1", "deleting (no IO)", 4421, h),
+                    c("nvme2", "live", 4421, other),
+                ]),
+                h
+            ),
+            Some(vec!["127.0.0.1:4420".to_string()])
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use proto::names::NQN_PREFIX;
 
 /// One controller (one path to a subsystem), as the kernel reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Controller {
     /// `nvme3`.
     pub name: String,
@@ -126,7 +126,7 @@ impl Controller {
 }
 
 /// One subsystem with Keelson's NQN prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Subsystem {
     /// `nvme-subsys0`.
     pub name: String,
