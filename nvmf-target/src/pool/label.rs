@@ -58,7 +58,16 @@ pub struct Label {
     pub owner: String,
     /// Bumped at every import: which import of the pool this is.
     pub incarnation: u64,
+    /// Whether the pool keeps all its disk's space (a file given its space up front, `fallocate`) rather than giving
+    /// freed clusters' space back: found when the pool is made (or, for a pool made before it was recorded, at its
+    /// first import since) and kept, since a file the pool itself once wrote through looks the same. `None` where
+    /// not recorded yet. Kept in the label's flags word (older io-engines ignore it).
+    pub keeps_space: Option<bool>,
 }
+
+/// The label's flags: the space policy is recorded, and what it is.
+const FLAG_SPACE_RECORDED: u32 = 1;
+const FLAG_KEEPS_SPACE: u32 = 2;
 
 fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
@@ -122,6 +131,7 @@ impl Label {
             data_clusters,
             owner: String::new(),
             incarnation: 0,
+            keeps_space: None,
         })
     }
 
@@ -147,7 +157,11 @@ impl Label {
         let mut b = BytesMut::with_capacity(LABEL_LEN as usize);
         b.put_slice(MAGIC);
         b.put_u32_le(VERSION);
-        b.put_u32_le(0);
+        b.put_u32_le(match self.keeps_space {
+            None => 0,
+            Some(false) => FLAG_SPACE_RECORDED,
+            Some(true) => FLAG_SPACE_RECORDED | FLAG_KEEPS_SPACE,
+        });
         b.put_slice(self.uuid.as_bytes());
         put_name(&mut b, &self.name, NAME_LEN);
         b.put_u32_le(self.block_size);
@@ -202,7 +216,9 @@ impl Label {
                 "on-disk version {version}, this io-engine reads versions {OLDEST_VERSION} to {VERSION}"
             )));
         }
-        b.advance(4);
+        let flags = b.get_u32_le();
+        let keeps_space =
+            (flags & FLAG_SPACE_RECORDED != 0).then_some(flags & FLAG_KEEPS_SPACE != 0);
         let uuid = Uuid::from_slice(&b[..16]).map_err(|e| corrupt(e.to_string()))?;
         b.advance(16);
         let name = get_name(&mut b, NAME_LEN).map_err(|_| corrupt("name is not UTF-8".into()))?;
@@ -233,6 +249,7 @@ impl Label {
             data_clusters: v[7],
             owner,
             incarnation,
+            keeps_space,
         };
         // The layout must be the one this version would have made for the recorded device size.
         let expect = Label::layout(
@@ -246,6 +263,7 @@ impl Label {
         let expect = Label {
             owner: label.owner.clone(),
             incarnation: label.incarnation,
+            keeps_space: label.keeps_space,
             ..expect
         };
         if expect != label {
@@ -320,6 +338,19 @@ mod tests {
         assert!(l.claimed_by("").is_err());
         assert!(l.claimed_by(&"n".repeat(253)).is_ok());
         assert!(l.claimed_by(&"n".repeat(OWNER_LEN)).is_err());
+    }
+
+    #[test]
+    fn the_space_policy_round_trips_and_claims_keep_it() {
+        for keeps in [None, Some(false), Some(true)] {
+            let l = Label {
+                keeps_space: keeps,
+                ..label()
+            };
+            let back = Label::decode(&l.encode(), 1 << 30).unwrap();
+            assert_eq!(back.keeps_space, keeps);
+            assert_eq!(back.claimed_by("node-a").unwrap().keeps_space, keeps);
+        }
     }
 
     #[test]

@@ -243,8 +243,8 @@ pub(crate) struct PoolInner {
     disk_full: AtomicBool,
     /// Freed clusters whose space goes back to the file system under the pool (`release`).
     releases: release::Releases,
-    /// The pool file had all its space when the pool opened it (made with `fallocate`): it keeps it, nothing is
-    /// given back (`release`).
+    /// The pool file had all its space when the pool was made (`fallocate`; [`Label::keeps_space`]): it keeps it,
+    /// nothing is given back (`release`).
     keeps_space: bool,
 }
 
@@ -707,6 +707,11 @@ impl Pool {
             dev.size_bytes(),
         )?
         .claimed_by(&claim.node)?;
+        // Given all its space up front (before the pool wrote anything): the pool keeps it.
+        let label = Label {
+            keeps_space: Some(dev.backed().is_some_and(|b| b >= dev.size_bytes())),
+            ..label
+        };
         // The metadata is written in place for the pool's life: it must never find the disk out of space.
         dev.preallocate(0, label.data_offset)
             .await
@@ -789,7 +794,11 @@ impl Pool {
                 "forced import: taking the pool from another node"
             );
         }
-        let label = found.claimed_by(&claim.node)?;
+        let mut label = found.claimed_by(&claim.node)?;
+        if label.keeps_space.is_none() {
+            // Made before the space policy was recorded: what the file looks like now, recorded from now on.
+            label.keeps_space = Some(dev.backed().is_some_and(|b| b >= dev.size_bytes()));
+        }
         let io = |e: crate::block::BlockError| PoolError::Io(format!("claiming the pool: {e}"));
         dev.write(0, label.encode().freeze()).await.map_err(io)?;
         dev.flush().await.map_err(io)?;
@@ -797,10 +806,7 @@ impl Pool {
     }
 
     fn assemble(disk: Disk, label: Label, journal: Journal, meta: PoolMeta) -> Pool {
-        let keeps_space = disk
-            .counted
-            .backed()
-            .is_some_and(|b| b >= disk.counted.size_bytes());
+        let keeps_space = label.keeps_space == Some(true);
         let fuse = disk.fuse.clone();
         let inner = Arc::new(PoolInner {
             dev: fuse.clone(),

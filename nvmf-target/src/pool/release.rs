@@ -24,8 +24,9 @@
 //! A disk that hangs holds the gate as its I/O would (a punch is not cut short: the file system may still be
 //! punching when a timeout fires).
 //!
-//! A pool file that had all its space when the pool opened it (made with `fallocate`, so that the file system
-//! under it can never run out for it) keeps it: its owner asked for that space, and nothing is given back.
+//! A pool file that had all its space when the pool was made (`fallocate`, so that the file system under it can
+//! never run out for it) keeps it: its owner asked for that space, and nothing is given back. Recorded in the label
+//! then: a sparse file the pool once wrote all through looks the same later, and still gives space back.
 //!
 //! Best effort: a release that fails, or never runs (the process died; records whose caller went away before they
 //! were written wait in the journal's queue for the next commit), leaves the space taken; a pool file's next import

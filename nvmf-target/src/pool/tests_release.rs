@@ -255,6 +255,45 @@ async fn an_import_gives_back_the_space_of_free_clusters_never_given_back() {
     assert!(kept.read(0, 2 * CS).await.unwrap().iter().all(|b| *b == 2));
 }
 
+/// A sparse pool file the pool once wrote all through (every cluster used, then freed) still gives space back after
+/// an import: that it keeps its space is decided when the pool is made, and recorded. Before, a file with all its
+/// space at import was taken for one made with `fallocate`, and nothing was given back from then on. A file given
+/// its space before the pool was made keeps it.
+#[tokio::test]
+async fn a_sparse_pool_once_written_all_through_still_gives_space_back_after_an_import() {
+    let disk = Arc::new(ThinDisk::new(8 * MIB));
+    let pool = pool_on(&disk).await;
+    let clusters = pool.stats().capacity / CS;
+    let a = Uuid::new_v4();
+    let vol = pool.create_replica(a, clusters * CS, None).await.unwrap();
+    vol.write(0, data(1, clusters * CS)).await.unwrap();
+    assert!(disk.backed_bytes() >= 8 * MIB, "{}", disk.backed_bytes());
+    drop((vol, pool));
+    let pool = Pool::import(disk.clone(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    pool.destroy_volume(a).await.unwrap();
+    let after = settled(&pool, &disk).await;
+    assert!(
+        after <= 8 * MIB - clusters * CS,
+        "the destroyed replica's space stayed taken: {after} bytes backed"
+    );
+
+    // Given its space up front: kept, after an import too.
+    let disk = Arc::new(ThinDisk::new(8 * MIB));
+    disk.preallocate(0, 8 * MIB).await.unwrap();
+    let pool = pool_on(&disk).await;
+    let b = Uuid::new_v4();
+    let vol = pool.create_replica(b, 4 * CS, None).await.unwrap();
+    vol.write(0, data(2, 4 * CS)).await.unwrap();
+    drop((vol, pool));
+    let pool = Pool::import(disk.clone(), &Claim::new("node-a"))
+        .await
+        .unwrap();
+    pool.destroy_volume(b).await.unwrap();
+    assert_eq!(settled(&pool, &disk).await, 8 * MIB);
+}
+
 #[tokio::test]
 async fn a_free_cluster_an_allocation_has_reserved_is_not_punched() {
     let disk = Arc::new(ThinDisk::new(16 * MIB));
