@@ -95,11 +95,15 @@ async fn a_nearly_full_pool_serves_every_free_cluster_while_its_stock_is_being_f
         let at = (clusters - left) * CS + 4096;
         tokio::spawn(async move { vol.write(at, data(2)).await })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    assert!(
-        pool.inner.stocking.load(Ordering::Acquire),
-        "the stock is being filled"
-    );
+    // Waited for, not slept on: on a loaded machine the filler may take longer than a fixed pause to get there.
+    let t = std::time::Instant::now();
+    while !pool.inner.stocking.load(Ordering::Acquire) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the stock is never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let rest = (clusters - left + 1..clusters).map(|c| vol.write(c * CS + 4096, data(3)));
     for (i, w) in futures_util::future::join_all(rest)
         .await
