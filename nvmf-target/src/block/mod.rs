@@ -67,6 +67,26 @@ pub enum BlockError {
     Remote(String),
 }
 
+impl BlockError {
+    /// Whether the failed operation is known to have changed nothing on the device: refused before it started (a bad
+    /// range, a closed or read-only device, another host's reservation, no space to allocate, not supported), as
+    /// opposed to one that failed or timed out part way (an I/O error, a remote device's failure), which may have
+    /// written some of it.
+    pub fn changed_nothing(&self) -> bool {
+        matches!(
+            self,
+            BlockError::OutOfRange { .. }
+                | BlockError::Unaligned { .. }
+                | BlockError::NoSpace
+                | BlockError::Closed
+                | BlockError::ReadOnly
+                | BlockError::ReservationConflict
+                | BlockError::Unsupported
+                | BlockError::InUse(_)
+        )
+    }
+}
+
 /// A block device. Implementations are shared (`Arc<dyn BlockDevice>`) and take concurrent I/O.
 #[async_trait]
 pub trait BlockDevice: Send + Sync + 'static {

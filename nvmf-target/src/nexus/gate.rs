@@ -438,6 +438,146 @@ mod tests {
         assert!(!n.shutdown().await);
     }
 
+    /// Two writes failing crosswise on the healthy children, with a third child rebuilding past their range (it
+    /// takes writes there): the write whose holder was faulted meanwhile fails, and the rebuilding child that took it
+    /// is faulted too. Before, it stayed in its rebuild holding a write the kept child never got (the copy was past
+    /// that range, so it never came back to it), and joined the volume differing from it there.
+    #[tokio::test]
+    async fn a_rebuilding_child_that_took_a_write_that_failed_is_faulted() {
+        let gate = Scripted::new();
+        let a = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(4 << 20, 512))));
+        let b = Arc::new(FaultDevice::new(Arc::new(MemoryDevice::new(4 << 20, 512))));
+        let mut config = NexusConfig {
+            io_timeout: Duration::from_secs(2),
+            fault_gate: Some(gate.clone()),
+            ..NexusConfig::default()
+        };
+        // One segment copied, then the copy held back (a byte a second).
+        config.rebuild.parallel = 1;
+        config.rebuild.parallel_busy = 1;
+        config.rebuild.rate_limit = Some(1);
+        let n = Nexus::new(
+            "vol",
+            vec![("a".into(), a.clone()), ("b".into(), b.clone())],
+            config,
+        )
+        .unwrap();
+        let c: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(4 << 20, 512));
+        n.add_child("c", c.clone()).unwrap();
+        let rebuilding = n.list().into_iter().find(|x| x.name == "c").unwrap();
+        let t = std::time::Instant::now();
+        while !rebuilding.takes_write(0, 12288) {
+            assert!(t.elapsed() < Duration::from_secs(10), "never copied");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rebuilding.state(), ChildState::Rebuilding);
+        a.set_plan(FaultPlan {
+            fail_ranges: vec![std::ops::Range {
+                start: 8192,
+                end: 12288,
+            }],
+            ..Default::default()
+        });
+        b.set_plan(FaultPlan {
+            fail_ranges: vec![std::ops::Range {
+                start: 0,
+                end: 4096,
+            }],
+            ..Default::default()
+        });
+        let w1 = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(0, data(1)).await }
+        });
+        let w2 = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(8192, data(2)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gate.answer(Ok(()));
+        let (r1, r2) = (w1.await.unwrap(), w2.await.unwrap());
+        assert!(r1.is_ok() != r2.is_ok(), "{r1:?} {r2:?}");
+        let (keeper, at) = if r1.is_ok() { (a, 8192) } else { (b, 0) };
+        keeper.set_plan(FaultPlan::default());
+        let kept = keeper.read(at, 4096).await.unwrap();
+        assert!(
+            rebuilding.state() == ChildState::Faulted || c.read(at, 4096).await.unwrap() == kept,
+            "the rebuilding child holds the failed write the kept child does not"
+        );
+        assert_eq!(rebuilding.state(), ChildState::Faulted);
+    }
+
+    /// A child whose write lands and is never answered, or is never answered at all: the write times out on both.
+    struct Unanswered {
+        inner: MemoryDevice,
+        lands: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl BlockDevice for Unanswered {
+        fn block_size(&self) -> u32 {
+            self.inner.block_size()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.inner.num_blocks()
+        }
+        async fn read(&self, offset: u64, len: u64) -> Result<Bytes, BlockError> {
+            self.inner.read(offset, len).await
+        }
+        async fn write(&self, offset: u64, data: Bytes) -> Result<(), BlockError> {
+            if self.lands {
+                self.inner.write(offset, data).await?;
+            }
+            std::future::pending().await
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.inner.write_zeroes(offset, len).await
+        }
+        async fn deallocate(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+            self.inner.deallocate(offset, len).await
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            self.inner.flush().await
+        }
+    }
+
+    /// A write that timed out on every child may still have landed on some (a target that runs a command after the
+    /// host gave up on it): given up at a shutdown while its fault waits for consent, the end is not clean. Before,
+    /// a write no child answered counted as taken by none, and the next nexus took the children as agreeing.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_timed_out_everywhere_makes_a_shutdown_unclean() {
+        let gate = Scripted::new();
+        let config = NexusConfig {
+            io_timeout: Duration::from_secs(2),
+            fault_gate: Some(gate.clone()),
+            ..NexusConfig::default()
+        };
+        let child = |lands| {
+            Arc::new(Unanswered {
+                inner: MemoryDevice::new(4 << 20, 512),
+                lands,
+            }) as Arc<dyn BlockDevice>
+        };
+        let n = Nexus::new(
+            "vol",
+            vec![("a".into(), child(true)), ("b".into(), child(false))],
+            config,
+        )
+        .unwrap();
+        let w = tokio::spawn({
+            let n = n.clone();
+            async move { n.write(0, data(1)).await }
+        });
+        // Past the timeout: both failed it, and the fault of one waits for consent that never comes.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(gate.asked().len(), 1, "{:?}", gate.asked());
+        assert!(
+            !n.shutdown().await,
+            "a clean end with children that may differ"
+        );
+        assert!(w.await.unwrap().is_err());
+    }
+
     /// The last healthy child failing a read is faulted without asking: asked, the agent would record its replica
     /// out of sync, and the volume, left without one in sync, could never be made again.
     #[tokio::test]

@@ -120,7 +120,12 @@ impl Nexus {
         let last_done = results.iter().filter_map(|r| r.1).max();
         // Until it is acknowledged: a write that fails after some child took it leaves the children differing there,
         // which makes this nexus's end unclean.
-        let took_any = results.iter().any(|r| matches!(r.0, Ok(Ok(()))));
+        // A child that timed out or failed otherwise may still have taken it (a command the target runs after the
+        // host gave up on it, a write the disk half did): only a refusal that changes nothing counts as not taken.
+        let took_any = results.iter().any(|r| match &r.0 {
+            Ok(Ok(())) | Err(_) => true,
+            Ok(Err(e)) => !e.changed_nothing(),
+        });
         if !took_any {
             torn.torn = None;
         }
@@ -261,6 +266,15 @@ impl Nexus {
         if healthy_ok > 0 {
             holders.retain(|h| h.state() == ChildState::Healthy);
             orphaned |= holders.is_empty();
+        }
+        if orphaned {
+            // The write fails, and the children kept did not take it: a child rebuilding past its range that took it
+            // would join them differing there (its copy does not come back to that range), so it is rebuilt again.
+            for c in &others_ok {
+                if c.fault("it took a write that failed: the children kept do not hold it") {
+                    self.changed();
+                }
+            }
         }
         // Children that are away (including any this write just faulted) remember the range for a partial rebuild,
         // kept by the healthy children that took it, or by those the volume goes on with if it fails.
