@@ -102,7 +102,7 @@ fn cluster_agent(dir: &Path, log: &str, grpc: &str, failpoints: &str) -> Process
         "--engine-timeout-ms",
         "2000",
         "--lease-ttl-ms",
-        "1000",
+        "2000",
         "--sweep-ms",
         "500",
     ]);

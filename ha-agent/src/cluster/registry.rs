@@ -1046,7 +1046,8 @@ mod tests {
             Arc::new(EmbeddedStore::open(&dir.path().join("s")).await.unwrap());
         let config = RegistryConfig {
             heartbeat: Duration::from_millis(20),
-            timeout: Duration::from_millis(200),
+            // Long enough that a loaded machine does not pass it between the registrations below.
+            timeout: Duration::from_secs(2),
         };
         let reg = Registry::load(store, Arc::new(Answers), config)
             .await
@@ -1068,7 +1069,7 @@ mod tests {
         restarted.instance = "i2".into();
         reg.register(restarted, vec![]).await.unwrap();
         // Once the one using it is silent past the timeout, the name moves.
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         let r = reg.register(other, vec![]).await.unwrap();
         assert_eq!(r.spec.engine_endpoint, "http://127.0.0.9:1");
     }

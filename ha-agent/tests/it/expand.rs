@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nvmf_target::block::BlockDevice;
@@ -131,8 +131,9 @@ async fn a_published_volume_grows_under_writes_and_bad_expansions_change_nothing
 
     // Grows while a host writes all along, on the connection it had.
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
-        let (ns, stop) = (ns.clone(), stop.clone());
+        let (ns, stop, done) = (ns.clone(), stop.clone(), done.clone());
         tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -140,19 +141,32 @@ async fn a_published_volume_grows_under_writes_and_bad_expansions_change_nothing
                     .await
                     .unwrap();
                 i += 1;
+                done.store(i, Ordering::Relaxed);
             }
             i
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Writes counted, not slept on: a loaded machine runs fewer in a fixed pause.
+    let writes_reach = |n: u64| {
+        let done = done.clone();
+        async move {
+            let t = Instant::now();
+            while done.load(Ordering::Relaxed) < n {
+                assert!(t.elapsed() < Duration::from_secs(30), "the writes stopped");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    writes_reach(5).await;
     let grown = c
         .expand_volume(expand(&vol, 24 * MIB))
         .await
         .unwrap()
         .into_inner();
+    writes_reach(done.load(Ordering::Relaxed) + 5).await;
     stop.store(true, Ordering::Relaxed);
     assert!(
-        writer.await.unwrap() > 10,
+        writer.await.unwrap() >= 10,
         "writes went on across the growth"
     );
     assert_eq!(

@@ -175,7 +175,7 @@ pub fn agent_with(dir: &Path, port: u16, store: &[&str], name: &str) -> Proc {
             "--engine-timeout-ms",
             "2000",
             "--lease-ttl-ms",
-            "1000",
+            "2000",
             "--sweep-ms",
             "500",
         ]

@@ -124,16 +124,13 @@ async fn reset_and_connected_again(c: &ClusterClient<Channel>, v: &pb::Volume) -
     let mut reporter = c.clone();
     let req = report(v, &v.target_addresses[0]);
     let reported = tokio::spawn(async move { reporter.report_path_failure(req).await });
-    // The kernel's reconnect_delay (1 s) after the reset.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Connected again well within the agent's wait (the kernel's reconnect_delay is 1 s; a loaded machine's connect
+    // takes more of the wait's 2.5 s). A report checked only once the host is back is refused without waiting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let ns = connect(v).await;
     let s = reported.await.unwrap().unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-    assert!(
-        s.message().contains("connected to it again"),
-        "{}",
-        s.message()
-    );
+    assert!(s.message().contains("connected to it"), "{}", s.message());
     ns
 }
 

@@ -817,19 +817,32 @@ async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_
 
     // Writes keep coming while the snapshot is taken.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
-        let (ns, stop) = (ns.clone(), stop.clone());
+        let (ns, stop, done) = (ns.clone(), stop.clone(), done.clone());
         tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let off = (i * 7 % 4096) * 4096;
                 ns.write(off, pattern(100 + i, 4096)).await.unwrap();
                 i += 1;
+                done.store(i, std::sync::atomic::Ordering::Relaxed);
             }
             i
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Writes counted, not slept on: a loaded machine runs fewer in a fixed pause.
+    let writes_reach = |n: u64| {
+        let done = done.clone();
+        async move {
+            let t = std::time::Instant::now();
+            while done.load(std::sync::atomic::Ordering::Relaxed) < n {
+                assert!(t.elapsed() < Duration::from_secs(30), "the writes stopped");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    writes_reach(10).await;
     let snap = uuid::Uuid::new_v4().to_string();
     let r = api
         .snapshot_nexus(pb::SnapshotNexusRequest {
@@ -840,10 +853,10 @@ async fn a_volume_snapshot_under_writes_is_the_same_on_every_replica_and_clones_
         .unwrap()
         .into_inner();
     assert_eq!(r.children.len(), 3);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    writes_reach(done.load(std::sync::atomic::Ordering::Relaxed) + 10).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
-    assert!(writes > 20, "only {writes} writes ran around the snapshot");
+    assert!(writes >= 20, "only {writes} writes ran around the snapshot");
 
     // Clone the snapshot on every node; a new volume over the clones shows one point in time, the same on all.
     let mut clone_uris = Vec::new();
