@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use futures_util::future::join_all;
+
 use crate::block::BlockDevice;
 use crate::rebuild::{self, Progress, RebuildConfig, SegmentMap, Source};
 
@@ -218,11 +220,16 @@ impl Nexus {
                     quiet = quieted;
                     // The child is complete: what others recorded for it, and what it recorded before it went
                     // away, is of no use any more. Dropped before it turns healthy, so no new record can be lost.
+                    // Each asked within the I/O timeout: a child that never answers (its pool's journal
+                    // stalled) must not hold the volume's writes here.
                     nexus.forget_missed(&child.name).await;
-                    if let Ok(old) = child.device.missed().await {
-                        for m in old {
-                            let _ = child.device.forget_missed(&m.child).await;
-                        }
+                    let timeout = nexus.config.io_timeout;
+                    if let Ok(Ok(old)) = tokio::time::timeout(timeout, child.device.missed()).await
+                    {
+                        join_all(old.iter().map(|m| {
+                            tokio::time::timeout(timeout, child.device.forget_missed(&m.child))
+                        }))
+                        .await;
                     }
                     // It holds, as the others do, what the children still away missed (the copy moved data, not
                     // records): a later nexus over it and one of them must know.
@@ -283,13 +290,24 @@ impl Nexus {
 
     /// Drops the persisted record of what `name` missed from every child (it caught up or left). Best effort: a
     /// record left behind only makes a later nexus rebuild that child again.
+    /// Each child is asked at once, within the I/O timeout (one that never answers leaves its record, and holds
+    /// no one up).
     pub(super) async fn forget_missed(&self, name: &str) {
         let key = super::child::stable_key(name);
-        for c in self.list() {
-            match c.device.forget_missed(&key).await {
-                Ok(()) | Err(crate::block::BlockError::Unsupported) => {}
-                Err(e) => {
+        let children = self.list();
+        let asked =
+            join_all(children.iter().map(|c| {
+                tokio::time::timeout(self.config.io_timeout, c.device.forget_missed(&key))
+            }))
+            .await;
+        for (c, r) in children.iter().zip(asked) {
+            match r {
+                Ok(Ok(())) | Ok(Err(crate::block::BlockError::Unsupported)) => {}
+                Ok(Err(e)) => {
                     tracing::warn!(nexus = %self.name, child = %c.name, error = %e, "cannot drop a missed-writes record")
+                }
+                Err(_) => {
+                    tracing::warn!(nexus = %self.name, child = %c.name, "dropping a missed-writes record timed out")
                 }
             }
         }

@@ -29,6 +29,8 @@ pub(super) struct Recording {
     dev: Arc<dyn BlockDevice>,
     pub(super) records: Mutex<Vec<MissedWrites>>,
     notes: Mutex<Notes>,
+    /// Never answers when told to drop a record (its pool's journal stalled).
+    forget_stalls: std::sync::atomic::AtomicBool,
 }
 
 impl Recording {
@@ -41,6 +43,7 @@ impl Recording {
             dev,
             records: Mutex::new(records),
             notes: Mutex::new(notes),
+            forget_stalls: Default::default(),
         }
     }
 
@@ -93,6 +96,12 @@ impl BlockDevice for Recording {
         Ok(())
     }
     async fn forget_missed(&self, child: &str) -> Result<(), BlockError> {
+        if self
+            .forget_stalls
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            std::future::pending::<()>().await;
+        }
         self.records.lock().unwrap().retain(|m| m.child != child);
         Ok(())
     }
@@ -113,6 +122,30 @@ async fn one_child_away() -> (Arc<super::Nexus>, Arc<Recording>) {
     n.write(0, pattern(1, 4096)).await.unwrap();
     assert!(holder.names("c1", 0));
     (n, holder)
+}
+
+/// A child that never answers when told to drop a record (its pool's journal stalled) does not hold the volume at a
+/// rebuild's end: the rebuild ends within the I/O timeout and writes go on. Before, the end waited on it for ever
+/// holding the whole volume's range lock, and every write hung behind it.
+#[tokio::test(start_paused = true)]
+async fn a_child_that_never_drops_a_record_does_not_hold_the_volume_at_a_rebuilds_end() {
+    let (n, holder) = one_child_away().await;
+    holder
+        .forget_stalls
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    n.rejoin_child("c1", mem()).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while n.rebuild_history().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the rebuild never ended");
+    assert_eq!(n.rebuild_history().pop().unwrap().error, None);
+    tokio::time::timeout(Duration::from_secs(10), n.write(0, pattern(5, 4096)))
+        .await
+        .expect("a write after the rebuild hung")
+        .unwrap();
 }
 
 /// Segment 2 of the test configuration's 64 KiB segments.
