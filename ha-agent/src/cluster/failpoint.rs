@@ -11,6 +11,8 @@ pub const ALL: &[&str] = &[
     PUBLISH_NEXUS_RECORDED,
     PUBLISH_NEXUS_CREATED,
     PUBLISH_PUBLISHED,
+    PUBLISH_HOST_RECORDED,
+    UNPUBLISH_HOST_DROPPED,
     HEAL_REPLICA_PLACED,
     HEAL_REPLICA_CREATED,
     HEAL_CHILD_ADDED,
@@ -39,6 +41,10 @@ pub const PUBLISH_NEXUS_RECORDED: &str = "publish.nexus-recorded";
 pub const PUBLISH_NEXUS_CREATED: &str = "publish.nexus-created";
 /// The engine exported the nexus; the record does not say it is published.
 pub const PUBLISH_PUBLISHED: &str = "publish.published";
+/// Another host of a shared volume is recorded; its nexus's engine not told to let it in.
+pub const PUBLISH_HOST_RECORDED: &str = "publish.host-recorded";
+/// One host of a shared volume is dropped from the record; its nexus's engine not told to refuse it.
+pub const UNPUBLISH_HOST_DROPPED: &str = "unpublish.host-dropped";
 /// A new replica (scale up or replacement) is placed and recorded; not created.
 pub const HEAL_REPLICA_PLACED: &str = "heal.replica-placed";
 /// An engine created the new replica; the record does not say so yet.

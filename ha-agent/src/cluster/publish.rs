@@ -8,6 +8,7 @@ use proto::names;
 use tonic::Code;
 use uuid::Uuid;
 
+use super::dataplane::NodeEngineError;
 use super::failpoint;
 use super::node::NodeState;
 use super::volume::{NexusRecord, ReplicaRecord, VolumePhase, VolumeRecord};
@@ -66,19 +67,17 @@ impl Volumes {
                     nx.more_hosts.push(host_nqn.to_string());
                 }
                 self.save(&r).await?;
+                failpoint::at(failpoint::PUBLISH_HOST_RECORDED);
                 tracing::info!(%uuid, host = host_nqn, "another host recorded for the volume");
             }
-            if n.published && self.nexus_alive(uuid, &n.node).await {
-                if !n.has_host(host_nqn) {
-                    self.engine(&n.node)
-                        .await?
-                        .allow_host(epb::HostRequest {
-                            nqn: n.nqn.clone(),
-                            host_nqn: host_nqn.to_string(),
-                        })
-                        .await
-                        .map_err(|s| engine_error(&n.node, s))?;
-                    tracing::info!(%uuid, host = host_nqn, node = %n.node, "volume published to another host");
+            if n.published && self.nexus_alive(uuid, &n.node).await? {
+                if r.shared || !n.more_hosts.is_empty() {
+                    // The engine told the record's hosts every time: a call before this one may have recorded this
+                    // host and ended (failed, or its agent died) before the engine let it in, and its retry is this.
+                    self.sync_hosts(&r).await?;
+                    if !n.has_host(host_nqn) {
+                        tracing::info!(%uuid, host = host_nqn, node = %n.node, "volume published to another host");
+                    }
                 }
                 return Ok(r);
             }
@@ -455,19 +454,53 @@ impl Volumes {
             .map(|v| v.record.spec.instance.clone())
     }
 
-    /// Whether `node`'s engine has the volume's nexus, published.
-    async fn nexus_alive(&self, uuid: Uuid, node: &str) -> bool {
-        let Ok(mut c) = self.engine(node).await else {
-            return false;
+    /// Whether `node`'s engine has the volume's nexus, published: `false` when it answers without it or the node is
+    /// down (not Online, or gone from the registry). An engine of an Online node that does not answer is an error
+    /// (UNAVAILABLE): taken for "gone", a publish retried across a brief stall replaced a nexus serving its host.
+    async fn nexus_alive(&self, uuid: Uuid, node: &str) -> Result<bool, VolumeError> {
+        let mut c = match self.engine(node).await {
+            Ok(c) => c,
+            Err(VolumeError::Node(
+                NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_),
+            )) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
         };
-        c.list_nexuses(epb::ListNexusesRequest {})
+        let l = c
+            .list_nexuses(epb::ListNexusesRequest {})
             .await
-            .is_ok_and(|l| {
-                l.into_inner()
-                    .nexuses
-                    .iter()
-                    .any(|n| n.uuid == uuid.to_string() && !n.nqn.is_empty())
-            })
+            .map_err(|s| engine_error(node, s))?;
+        Ok(l.into_inner()
+            .nexuses
+            .iter()
+            .any(|n| n.uuid == uuid.to_string() && !n.nqn.is_empty()))
+    }
+
+    /// Has the engine of the volume's published nexus let in exactly the record's hosts (idempotent). A node that is
+    /// down has nothing to change: the nexus made next is told the record's hosts.
+    async fn sync_hosts(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+        let Some(n) = r.nexus.as_ref().filter(|n| n.published) else {
+            return Ok(());
+        };
+        let mut c = match self.engine(&n.node).await {
+            Ok(c) => c,
+            Err(VolumeError::Node(
+                NodeEngineError::NotOnline { .. } | NodeEngineError::NotFound(_),
+            )) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        c.publish_nexus(epb::PublishNexusRequest {
+            uuid: r.uuid.to_string(),
+            ana_group: 1,
+            allow_any_host: false,
+            allowed_hosts: n.hosts(),
+        })
+        .await
+        .map_err(|s| engine_error(&n.node, s))?;
+        Ok(())
     }
 
     /// Unpublishes the volume from `host` (others keep it; from the last one, or with no host named, the nexus is
@@ -482,6 +515,11 @@ impl Volumes {
         let mut r = self.get(uuid).await?;
         if let (Some(host), Some(n)) = (host, r.nexus.clone()) {
             if !n.has_host(host) {
+                // Perhaps dropped from the record by a call that ended before the engine dropped it (failed, or its
+                // agent died): this retry has the engine let in the record's hosts alone.
+                if r.shared || !n.more_hosts.is_empty() {
+                    self.sync_hosts(&r).await?;
+                }
                 return Ok(r);
             }
             if n.hosts().len() > 1 {
@@ -492,25 +530,10 @@ impl Volumes {
                     nx.more_hosts = rest;
                 }
                 self.save(&r).await?;
-                // Refused from now on; its connections are the node's to close (it unstaged first).
-                if n.published {
-                    match self.engine(&n.node).await {
-                        Ok(mut c) => {
-                            if let Err(s) = c
-                                .disallow_host(epb::HostRequest {
-                                    nqn: n.nqn.clone(),
-                                    host_nqn: host.to_string(),
-                                })
-                                .await
-                            {
-                                tracing::warn!(%uuid, host, error = %s, "the nexus's engine did not drop the host");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(%uuid, host, error = %e, "the nexus's engine did not drop the host")
-                        }
-                    }
-                }
+                failpoint::at(failpoint::UNPUBLISH_HOST_DROPPED);
+                // Refused from now on (its controllers ended); an engine that does not answer fails the call, which
+                // the CO makes again.
+                self.sync_hosts(&r).await?;
                 tracing::info!(%uuid, host, "volume unpublished from one host");
                 return Ok(r);
             }

@@ -393,6 +393,12 @@ impl Volumes {
                         })
                         .await
                         .map_err(|e| engine_error(&rep.node, e))?;
+                    if r.resync {
+                        // The last nexus did not end cleanly (it may even write still, unfenced until the next
+                        // publish): its replicas may differ where its last writes went. One copy, of one of them, is
+                        // one point in time; copies of several would give a clone replicas that disagree.
+                        break;
+                    }
                 }
             }
         }

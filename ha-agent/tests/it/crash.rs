@@ -182,6 +182,71 @@ async fn a_creation_placed_on_a_node_that_died_is_rolled_back() {
     assert!(v.replica_list.iter().all(|r| r.node != "reg-3"), "{v:?}");
 }
 
+/// A shared (multi-host) volume: the agent killed after recording a second host and before its nexus's engine let it
+/// in, then after dropping that host from the record and before the engine refused it. The caller's retry finishes
+/// each: the added host connects, the dropped one is refused. Before, the retry found the record as asked and
+/// answered at once: the added host was refused for good, the dropped one kept its access.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_added_or_dropped_by_a_call_cut_short_is_let_in_or_refused_by_its_retry() {
+    const OTHER: &str = "nqn.2026-11.io.keelson:test-crash-other-host";
+    let dir = tempfile::tempdir().unwrap();
+    let mut k = Cluster::start(dir.path(), &[]).await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    create(k.c.clone(), &vol, 2).await.unwrap();
+    let to = |host: &'static str, c: ClusterClient<Channel>, vol: String| async move {
+        let mut c = c;
+        c.publish_volume(pb::PublishVolumeRequest {
+            uuid: vol,
+            host_nqn: host.into(),
+            node: String::new(),
+            multi_host: true,
+            require_known_node: false,
+        })
+        .await
+        .map(|r| r.into_inner())
+    };
+    let from = |host: &'static str, c: ClusterClient<Channel>, vol: String| async move {
+        let mut c = c;
+        c.unpublish_volume(pb::UnpublishVolumeRequest {
+            uuid: vol,
+            host_nqn: host.into(),
+        })
+        .await
+        .map(drop)
+    };
+    to(HOST, k.c.clone(), vol.clone()).await.unwrap();
+    k.crash_in(fp::PUBLISH_HOST_RECORDED, |c| {
+        let vol = vol.clone();
+        async move { to(OTHER, c, vol).await.map(drop) }
+    })
+    .await;
+    let v = until_served(|| to(OTHER, k.c.clone(), vol.clone()))
+        .await
+        .unwrap();
+    let connect = |v: &pb::Volume| {
+        let mut o = ConnectOptions::new(v.target_addresses[0].parse().unwrap(), &v.nqn);
+        o.hostnqn = OTHER.into();
+        RemoteNamespace::connect(o, 1)
+    };
+    connect(&v)
+        .await
+        .expect("the added host is let in")
+        .close()
+        .await;
+    k.crash_in(fp::UNPUBLISH_HOST_DROPPED, |c| {
+        let vol = vol.clone();
+        async move { from(OTHER, c, vol).await }
+    })
+    .await;
+    until_served(|| from(OTHER, k.c.clone(), vol.clone()))
+        .await
+        .unwrap();
+    assert!(
+        connect(&v).await.is_err(),
+        "the dropped host is still let in"
+    );
+}
+
 pub(crate) fn tail(log: &str) -> String {
     let lines: Vec<_> = log.lines().collect();
     lines[lines.len().saturating_sub(80)..].join("\n")

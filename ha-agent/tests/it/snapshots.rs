@@ -808,3 +808,69 @@ async fn a_snapshot_of_an_unpublished_volume_is_taken_while_a_replicas_node_is_d
     let up: Vec<pb::Node> = nodes.iter().filter(|n| n.name != down).cloned().collect();
     assert_eq!(copies_everywhere(&up).await, vec![snap]);
 }
+
+/// A volume whose nexus ended uncleanly (its node killed, the volume unpublished while it was down): its replicas may
+/// differ where the last writes went, and nothing has resynced them, so a snapshot of it is one copy of one replica.
+/// Before, each replica was copied, and a volume made from the snapshot had replicas that disagreed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_after_an_unclean_end_is_one_copy_of_one_replica() {
+    let (_dir, port, _agent, mut engines, nodes, mut c) = three_nodes().await;
+    let vol = uuid::Uuid::new_v4().to_string();
+    let v = c
+        .create_volume(pb::CreateVolumeRequest {
+            uuid: vol.clone(),
+            size_bytes: 8 * MIB,
+            replicas: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The nexus on the node holding no replica: killing it leaves both replicas up.
+    let third = nodes
+        .iter()
+        .find(|n| v.replica_list.iter().all(|r| r.node != n.name))
+        .unwrap()
+        .name
+        .clone();
+    let p = c
+        .publish_volume(pb::PublishVolumeRequest {
+            uuid: vol.clone(),
+            host_nqn: HOST.into(),
+            node: third.clone(),
+            multi_host: false,
+            require_known_node: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.nexus_node, third);
+    let mut o = ConnectOptions::new(p.target_addresses[0].parse().unwrap(), &p.nqn);
+    o.hostnqn = HOST.into();
+    let ns = RemoteNamespace::connect(o, 1).await.unwrap();
+    ns.write(0, data(1)).await.unwrap();
+    let i: usize = third.trim_start_matches("reg-").parse().unwrap();
+    engines[i - 1].kill9();
+    crate::registry::wait_for(
+        port,
+        &[(third.as_str(), crate::registry::Offline)],
+        "kill -9",
+    )
+    .await;
+    c.unpublish_volume(pb::UnpublishVolumeRequest {
+        uuid: vol.clone(),
+        host_nqn: HOST.into(),
+    })
+    .await
+    .unwrap();
+    let snap = uuid::Uuid::new_v4().to_string();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume: vol.clone(),
+        uuid: snap.clone(),
+    })
+    .await
+    .unwrap();
+    let up: Vec<pb::Node> = nodes.iter().filter(|n| n.name != third).cloned().collect();
+    assert_eq!(copies_everywhere(&up).await, vec![snap]);
+    drop(ns);
+}
