@@ -4,8 +4,9 @@
 # (libaio and io_uring) on a 2 GiB file of the same file system. Then the same with the pool on a loop device
 # (direct I/O to its file) and fio on that loop device. Workloads: 4 KiB random read and write at QD1 and QD32,
 # 128 KiB sequential read and write at QD8; and the first writes to never-written clusters against overwrites.
-# Prints a table with p50/p99 and the pool's ratio to fio's better engine, then where the engine's 4 KiB I/Os spent
-# their time (mean of the sampled stages it exports, keelson_io_stage_seconds; see nvmf-target/src/block/timing.rs).
+# Prints a table with p50/p99 and the pool's ratio to fio's better engine, then where the engine's I/Os spent their
+# time in each workload (mean of the sampled stages it exports, keelson_io_stage_seconds; see
+# nvmf-target/src/block/timing.rs).
 #
 # Usage: scripts/bench-pool.sh [SECONDS per run, default 5]
 #   BENCH_DIR   directory on the file system to measure (default /var/tmp/keelson-bench-pool; not tmpfs)
@@ -161,7 +162,7 @@ engine_runs() {
         $B/nvmf-perf --addr $ADDR --nqn "$NQN$A" --time "$T" --json --target-pid "$EPID" ${PERF[$w]} |
             record "$1" "$w" "io-engine pool"
         scrape > "$DIR/m1"
-        if [[ $w == 4k* ]]; then stages "$1" "$w" "$DIR/m0" "$DIR/m1"; fi
+        stages "$1" "$w" "$DIR/m0" "$DIR/m1"
     done
     # First writes: every write lands in a cluster no one wrote yet (sequential, so each cluster is new once).
     mark
