@@ -46,6 +46,15 @@ use super::timing::{self, Stage};
 /// for twice as many, so it never overflows).
 const ENTRIES: u32 = 256;
 
+/// Bytes one read or write entry asks for at most: its length field is 32 bits (a remainder of exactly 4 GiB cast
+/// to it asked for nothing, and the operation failed as if at the end of the file), and Linux moves at most
+/// 2 GiB - 4 KiB per call anyway. Aligned, so the pieces of an O_DIRECT transfer stay aligned.
+const ONE_OP_MAX: usize = 1 << 30;
+
+fn one_op(rest: usize) -> u32 {
+    rest.min(ONE_OP_MAX) as u32
+}
+
 /// The memory an operation reads into or writes from, owned by the ring while the kernel may use it.
 enum Buffer {
     /// Filled by a read.
@@ -180,7 +189,7 @@ impl Ring {
         let mut done = 0;
         while done < len {
             let ptr = buf.bytes_mut()[done..].as_mut_ptr();
-            let entry = opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, (len - done) as u32)
+            let entry = opcode::Read::new(types::Fd(file.as_raw_fd()), ptr, one_op(len - done))
                 .offset(offset + done as u64)
                 .build();
             let (n, back) = self
@@ -217,7 +226,7 @@ impl Ring {
             let entry = opcode::Write::new(
                 types::Fd(file.as_raw_fd()),
                 rest.as_ptr(),
-                rest.len() as u32,
+                one_op(rest.len()),
             )
             .offset(offset + done as u64)
             .build();
@@ -539,6 +548,15 @@ async fn reap(s: Arc<Shared>) {
 mod tests {
     use super::*;
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+    /// A remainder of 4 GiB (or more) is asked for in aligned pieces, never as a length the 32-bit field wraps to 0.
+    #[test]
+    fn one_entry_asks_for_at_most_an_aligned_gib() {
+        assert_eq!(one_op(4096), 4096);
+        assert_eq!(one_op(4 << 30), 1 << 30);
+        assert_eq!(one_op((4 << 30) + 4096), 1 << 30);
+        assert_eq!(one_op(ONE_OP_MAX) % 4096, 0);
+    }
 
     /// On a thread marked for deferred completions, many direct I/Os at once — more than one enter of the reaper
     /// runs — all complete, and go on completing after a pause (none is left queued in the kernel unseen) and under
