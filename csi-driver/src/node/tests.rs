@@ -315,6 +315,17 @@ impl Fake {
         self.stage_as(vol, staging, ctx, capability(false)).await
     }
 
+    /// Stages volume A at `stage-a` as a publish context names it (its target at 127.0.0.1:4420), with `cap`.
+    async fn stage_a(&self, cap: VolumeCapability) -> Result<(), Status> {
+        let nqn = proto::names::volume_nqn(A);
+        let ctx = [
+            ("nqn", nqn.as_str()),
+            ("targetAddresses", "127.0.0.1:4420"),
+            ("hostNqn", HOST),
+        ];
+        self.stage_as(A, &self.p("stage-a"), &ctx, cap).await
+    }
+
     async fn stage_as(
         &self,
         vol: &str,
@@ -1211,13 +1222,7 @@ async fn a_stage_over_a_staging_mount_whose_device_is_gone_stages_afresh() {
     head[1081] = 0xEF;
     std::fs::write(f.path("dev/nvme0n1"), &head).unwrap();
     f.mounted("259:9", "/", "stage-a", "ext4", &f.p("dev/nvme0n1"));
-    let nqn = proto::names::volume_nqn(A);
-    let ctx = [
-        ("nqn", nqn.as_str()),
-        ("targetAddresses", "127.0.0.1:4420"),
-        ("hostNqn", HOST),
-    ];
-    f.stage(A, &f.p("stage-a"), &ctx).await.unwrap();
+    f.stage_a(capability(false)).await.unwrap();
     let calls = f.calls();
     assert_eq!(
         calls[0],
@@ -1240,23 +1245,15 @@ async fn a_stage_naming_no_file_system_mounts_the_one_the_volume_holds() {
     let mut head = vec![0u8; 4096];
     head[..4].copy_from_slice(b"XFSB");
     std::fs::write(f.path("dev/nvme0n1"), &head).unwrap();
-    let nqn = proto::names::volume_nqn(A);
-    let ctx = [
-        ("nqn", nqn.as_str()),
-        ("targetAddresses", "127.0.0.1:4420"),
-        ("hostNqn", HOST),
-    ];
     let mut cap = capability(false);
     cap.access_type = Some(AccessType::Mount(MountVolume::default()));
-    f.stage_as(A, &f.p("stage-a"), &ctx, cap.clone())
-        .await
-        .unwrap();
+    f.stage_a(cap.clone()).await.unwrap();
     let calls = f.calls();
     assert!(calls[0].starts_with("mount -t xfs"), "{calls:?}");
     // Again (a retry): already staged so, done.
-    f.stage_as(A, &f.p("stage-a"), &ctx, cap).await.unwrap();
+    f.stage_a(cap).await.unwrap();
     // Asked for ext4 by name: refused, never reformatted.
-    let e = f.stage(A, &f.p("stage-a"), &ctx).await.unwrap_err();
+    let e = f.stage_a(capability(false)).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
 }
 
@@ -1266,17 +1263,11 @@ async fn a_stage_naming_no_file_system_mounts_the_one_the_volume_holds() {
 async fn a_blank_volume_staged_read_only_is_not_formatted() {
     let f = Fake::new();
     std::fs::write(f.path("dev/nvme0n1"), vec![0u8; 1 << 20]).unwrap();
-    let nqn = proto::names::volume_nqn(A);
-    let ctx = [
-        ("nqn", nqn.as_str()),
-        ("targetAddresses", "127.0.0.1:4420"),
-        ("hostNqn", HOST),
-    ];
     let mut cap = capability(false);
     cap.access_mode = Some(AccessMode {
         mode: Mode::SingleNodeReaderOnly as i32,
     });
-    let e = f.stage_as(A, &f.p("stage-a"), &ctx, cap).await.unwrap_err();
+    let e = f.stage_a(cap).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("blank"), "{e:?}");
     let dev = std::fs::read(f.path("dev/nvme0n1")).unwrap();
