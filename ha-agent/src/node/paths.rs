@@ -69,7 +69,12 @@ impl PathTracker {
             let mut before = self.known.remove(&s.nqn).unwrap_or_default();
             let mut here = BTreeMap::new();
             for c in &s.controllers {
-                let old = before.remove(&c.name);
+                // The kernel reuses controller names: one now at another address (or of another host) is a new
+                // controller, and inherits nothing of the one that had the name (its time broken included).
+                let old = before.remove(&c.name).filter(|o| {
+                    // By target (`ip:port`): the address line's source part may come and go as it reconnects.
+                    o.controller.target() == c.target() && o.controller.host_nqn == c.host_nqn
+                });
                 // Each kind on its own: reads completing do not make up for writes held (a nexus cut off from its
                 // other replicas holds writes while its local replica still answers reads).
                 let flows = c.io.flows();
@@ -291,6 +296,31 @@ mod tests {
             (b[0].controller.name.as_str(), b[0].present),
             ("nvme1", false)
         );
+    }
+
+    /// A broken controller deleted and its name taken by a new one (another address) within a poll: the new one
+    /// starts its own grace. Before, it inherited the dead one's time broken and was reported while still connecting.
+    #[test]
+    fn a_new_controller_under_a_reused_name_inherits_nothing() {
+        let mut t = PathTracker::new(Duration::from_secs(1), Duration::ZERO);
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        assert!(
+            t.observe(&subsys(vec![ctrl("nvme1", "connecting", 4420)]), t0, w)
+                .is_empty()
+        );
+        let later = t0 + Duration::from_millis(1500);
+        assert!(
+            t.observe(&subsys(vec![ctrl("nvme1", "connecting", 4421)]), later, w)
+                .is_empty(),
+            "the new nvme1 was reported with the old one's time"
+        );
+        // Still connecting a grace later: its own failure, reported.
+        let b = t.observe(
+            &subsys(vec![ctrl("nvme1", "connecting", 4421)]),
+            later + Duration::from_secs(1),
+            w,
+        );
+        assert_eq!(b.len(), 1);
     }
 
     #[test]
