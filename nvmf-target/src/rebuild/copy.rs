@@ -186,8 +186,15 @@ async fn copy_segment(
         // by now, and a faulted child (which may lack that write) is never picked.
         let guard = lock.exclusive(range.clone()).await;
         let src = source.pick().ok_or(RebuildError::NoSource)?;
+        // Asked within the I/O timeout, under the lock that holds the application's writes to the range: a source
+        // that does not answer (its pool's metadata stalled) is read instead.
         if maybe_empty
-            && let Ok(Some(r)) = src.allocated_ranges(range.start, len).await
+            && let Ok(Some(r)) = bounded_io(
+                io_timeout,
+                "allocation map",
+                src.allocated_ranges(range.start, len),
+            )
+            .await
             && r.is_empty()
         {
             bounded_io(io_timeout, "deallocate", dst.deallocate(range.start, len))
@@ -240,12 +247,16 @@ pub async fn run(
     let start = Instant::now();
     let mut segments = 0;
     let mut skipped = 0;
+    // No answer within the I/O timeout: every segment is taken for data.
     let allocated = match source.pick() {
-        Some(src) => src
-            .allocated_ranges(0, src.size_bytes())
-            .await
-            .ok()
-            .flatten(),
+        Some(src) => bounded_io(
+            config.io_timeout,
+            "allocation map",
+            src.allocated_ranges(0, src.size_bytes()),
+        )
+        .await
+        .ok()
+        .flatten(),
         None => return Err(RebuildError::NoSource),
     };
     let segment = map.segment_size();
@@ -383,6 +394,71 @@ mod tests {
 
     fn mem(size: u64) -> Arc<dyn BlockDevice> {
         Arc::new(MemoryDevice::new(size, 512))
+    }
+
+    /// A source whose allocation map never comes (its pool's metadata stalled); its data reads as usual.
+    struct NoMap(Arc<dyn BlockDevice>);
+    #[async_trait::async_trait]
+    impl BlockDevice for NoMap {
+        fn block_size(&self) -> u32 {
+            self.0.block_size()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.0.num_blocks()
+        }
+        async fn read(&self, offset: u64, len: u64) -> Result<Bytes, crate::block::BlockError> {
+            self.0.read(offset, len).await
+        }
+        async fn write(&self, offset: u64, data: Bytes) -> Result<(), crate::block::BlockError> {
+            self.0.write(offset, data).await
+        }
+        async fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> Result<(), crate::block::BlockError> {
+            self.0.write_zeroes(offset, len).await
+        }
+        async fn deallocate(&self, offset: u64, len: u64) -> Result<(), crate::block::BlockError> {
+            self.0.deallocate(offset, len).await
+        }
+        async fn flush(&self) -> Result<(), crate::block::BlockError> {
+            self.0.flush().await
+        }
+        async fn allocated_ranges(
+            &self,
+            _offset: u64,
+            _len: u64,
+        ) -> Result<Option<Vec<(u64, u64)>>, crate::block::BlockError> {
+            std::future::pending().await
+        }
+    }
+
+    /// A source that never answers for its allocation map is copied all the same, every segment read, within the
+    /// I/O timeout of each question. Before, the rebuild waited for the map for ever (holding a segment's range
+    /// lock, and with it the application's writes there).
+    #[tokio::test(start_paused = true)]
+    async fn a_source_whose_allocation_map_never_comes_is_copied_all_the_same() {
+        let size = 4 << 20;
+        let src = mem(size);
+        src.write(1 << 20, Bytes::from(vec![7u8; 4096]))
+            .await
+            .unwrap();
+        let dst = mem(size);
+        let map = SegmentMap::full(size, 1 << 20);
+        let cfg = RebuildConfig {
+            io_timeout: Some(Duration::from_secs(1)),
+            ..RebuildConfig::default()
+        };
+        let s = Fixed(vec![Arc::new(NoMap(src.clone()))], Default::default());
+        let done = tokio::time::timeout(Duration::from_secs(60), run_with(&s, &dst, &map, &cfg))
+            .await
+            .expect("the rebuild waited for the allocation map for ever");
+        done.unwrap();
+        assert_eq!(
+            dst.read(0, size).await.unwrap(),
+            src.read(0, size).await.unwrap()
+        );
     }
 
     /// A destination that takes a millisecond per write and records how many were in flight at most, and how
