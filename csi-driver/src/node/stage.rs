@@ -391,12 +391,20 @@ fn unstage_once(
     // Unmounted, yet the device may still be held: an unmount killed at its time limit (or one in another mount
     // namespace) leaves the mount table at once and writes what the page cache held afterwards, holding the device
     // until it is done. Disconnecting now would fail those writes: the volume stays until it lets go.
+    // With no live path for the give-up time, what holds it can write nothing anyway (its I/O waits for a path):
+    // given up as an unmount without one is, or the unstage would wait for ever.
     if let Some(d) = dev.as_ref().filter(|d| !disconnected && k.held(d)) {
-        return Err(Status::unavailable(format!(
-            "volume {uuid}'s device {} is unmounted here but still held (a file system still writing what it \
-             held as it unmounts, or another exclusive user): it stays connected until it is let go; try again",
-            d.path.display()
-        )));
+        if k.live(&nqn) || k.wait_live(&nqn, wait.live) {
+            wait.pathless(uuid, false);
+            return Err(Status::unavailable(format!(
+                "volume {uuid}'s device {} is unmounted here but still held (a file system still writing what \
+                 it held as it unmounts, or another exclusive user): it stays connected until it is let go; try \
+                 again",
+                d.path.display()
+            )));
+        }
+        wait.given_up(uuid, k, &nqn, "the holder of the device")?;
+        tracing::warn!(volume = %uuid, device = %d.path.display(), paths = %k.paths(&nqn), "the device is still held and had no live path for the give-up time: disconnecting (what its holder had not written is lost)");
     }
     let n = k.disconnect(&nqn).map_err(Status::internal)?;
     tracing::info!(volume = %uuid, paths = n, "unstaged");

@@ -719,6 +719,23 @@ async fn an_unstage_keeps_the_volume_connected_while_its_device_is_still_held() 
     drop(held_by_the_file_system);
     f.unstage(A, &f.p("stage-a")).await.unwrap();
     assert!(f.disconnected());
+
+    // Held, and no live path for the give-up time: what holds it can write nothing (its I/O waits for a path), so
+    // the paths go as they do for an unmount without one. Before, every call answered UNAVAILABLE for ever.
+    let f = Fake::new().with_live_wait(Duration::from_millis(100), Duration::from_millis(50));
+    std::fs::remove_file(f.path("dev/nvme0n1")).unwrap();
+    std::os::unix::fs::symlink(&lo.0, f.path("dev/nvme0n1")).unwrap();
+    let _held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(&lo.0)
+        .unwrap();
+    f.path_state("connecting");
+    assert_eq!(code(f.unstage(A, &f.p("stage-a")).await), Code::Unavailable);
+    assert!(!f.disconnected());
+    std::thread::sleep(Duration::from_millis(60));
+    f.unstage(A, &f.p("stage-a")).await.unwrap();
+    assert!(f.disconnected());
 }
 
 /// An unmount cut short while the volume's only path was lost (its target switching over during a long writeback)

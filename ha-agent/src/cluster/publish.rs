@@ -492,15 +492,21 @@ impl Volumes {
             }
             Err(e) => return Err(e),
         };
-        c.publish_nexus(epb::PublishNexusRequest {
-            uuid: r.uuid.to_string(),
-            ana_group: 1,
-            allow_any_host: false,
-            allowed_hosts: n.hosts(),
-        })
-        .await
-        .map_err(|s| engine_error(&n.node, s))?;
-        Ok(())
+        match c
+            .publish_nexus(epb::PublishNexusRequest {
+                uuid: r.uuid.to_string(),
+                ana_group: 1,
+                allow_any_host: false,
+                allowed_hosts: n.hosts(),
+            })
+            .await
+        {
+            // Gone from its engine (restarted): it lets no one in, and the nexus made next is told the record's
+            // hosts.
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(engine_error(&n.node, s)),
+            Ok(_) => Ok(()),
+        }
     }
 
     /// Unpublishes the volume from `host` (others keep it; from the last one, or with no host named, the nexus is

@@ -517,9 +517,9 @@ async fn switch_over(
     let t0 = Instant::now();
     let live = loop {
         if let Some(s) = scan(sys.clone(), b.nqn.clone()).await
-            && s.controllers
-                .iter()
-                .any(|c| c.usable() && targets.contains(&c.target()))
+            && s.controllers.iter().any(|c| {
+                c.usable() && targets.contains(&c.target()) && c.host_nqn == b.controller.host_nqn
+            })
         {
             break Some(s);
         }
@@ -550,7 +550,7 @@ async fn switch_over(
     for c in s
         .controllers
         .iter()
-        .filter(|c| !targets.contains(&c.target()))
+        .filter(|c| !targets.contains(&c.target()) && c.host_nqn == b.controller.host_nqn)
     {
         let (sys, name) = (cfg.sys.clone(), c.name.clone());
         if c.state == "live" {

@@ -493,7 +493,19 @@ mod tests {
             let n = n.clone();
             async move { n.write(8192, data(2)).await }
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Both sent while every child was as above (the rebuilding one took each), one waiting for consent: only
+        // then is it given (given before the second was sent, that one would not go to the faulted child at all).
+        let t = std::time::Instant::now();
+        while gate.asked().is_empty()
+            || c.read(0, 4096).await.unwrap() != data(1)
+            || c.read(8192, 4096).await.unwrap() != data(2)
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the writes never came"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         gate.answer(Ok(()));
         let (r1, r2) = (w1.await.unwrap(), w2.await.unwrap());
         assert!(r1.is_ok() != r2.is_ok(), "{r1:?} {r2:?}");

@@ -644,13 +644,18 @@ impl PoolMeta {
     /// An upper bound of the checkpoint size if every volume were fully written with no two clusters adjacent.
     pub fn worst_case_bytes(&self, extra_clusters: u64) -> u64 {
         let clusters: u64 = self.volumes.values().map(|v| v.map.len() as u64).sum();
-        worst_case(self.volumes.len() as u64, clusters + extra_clusters)
+        let snapshots = self.volumes.values().filter(|v| v.is_snapshot()).count() as u64;
+        worst_case(
+            self.volumes.len() as u64 - snapshots,
+            snapshots,
+            clusters + extra_clusters,
+        )
     }
 
     /// How many clusters one more volume may have for the checkpoint's worst case to stay within `area` bytes.
     pub fn room_for_one_more(&self, area: u64) -> u64 {
         area.saturating_sub(self.worst_case_bytes(0))
-            .saturating_sub(WORST_PER_VOLUME)
+            .saturating_sub(WORST_PER_REPLICA)
             / WORST_PER_CLUSTER
     }
 
@@ -658,31 +663,42 @@ impl PoolMeta {
     /// checks as it admits records that describe more, so that requests checked against the same state before
     /// they were committed (two snapshots at once) cannot fill the checkpoint area together.
     pub fn worst_case_bytes_after(&self, pending: &Pending) -> u64 {
-        let (mut volumes, mut clusters) = (0u64, 0u64);
+        let (mut replicas, mut snapshots, mut clusters) = (0u64, 0u64, 0u64);
+        let mut count = |snapshot: bool| {
+            if snapshot {
+                snapshots += 1;
+            } else {
+                replicas += 1;
+            }
+        };
         for (id, v) in &self.volumes {
             if !pending.volumes.contains_key(id) {
-                volumes += 1;
+                count(v.is_snapshot());
                 clusters += v.map.len() as u64;
             }
         }
-        for (size, _) in pending.volumes.values().flatten() {
-            volumes += 1;
+        for (size, snapshot) in pending.volumes.values().flatten() {
+            count(*snapshot);
             clusters += size.div_ceil(self.cluster_size);
         }
-        worst_case(volumes, clusters)
+        worst_case(replicas, snapshots, clusters)
     }
 }
 
-/// What a volume takes in the worst case of a checkpoint, beside its clusters: its header, and its missed-writes
-/// records, share and reservation state each at its budget (those change with no admission check: a host's
-/// registration must not be refused for room the volume was admitted with).
-const WORST_PER_VOLUME: u64 = 512 + (MISSED_BUDGET + SHARE_BUDGET + RESERVATION_BUDGET) as u64;
+/// What a snapshot takes in the worst case of a checkpoint, beside its clusters: its header and missed-writes
+/// records at their budget.
+const WORST_PER_SNAPSHOT: u64 = 512 + MISSED_BUDGET as u64;
+/// What a replica (or clone) takes: a snapshot's, and its share and reservation state each at its budget (those
+/// change with no admission check: a host's registration must not be refused for room the replica was admitted
+/// with). A snapshot has neither.
+const WORST_PER_REPLICA: u64 = WORST_PER_SNAPSHOT + (SHARE_BUDGET + RESERVATION_BUDGET) as u64;
 /// What a cluster of a volume's map takes in the worst case of a checkpoint.
 const WORST_PER_CLUSTER: u64 = 28;
 
-/// The worst case of a checkpoint describing `volumes` volumes of `clusters` clusters in all.
-fn worst_case(volumes: u64, clusters: u64) -> u64 {
-    volumes * WORST_PER_VOLUME + clusters * WORST_PER_CLUSTER
+/// The worst case of a checkpoint describing `replicas` replicas and `snapshots` snapshots of `clusters` clusters
+/// in all.
+fn worst_case(replicas: u64, snapshots: u64, clusters: u64) -> u64 {
+    replicas * WORST_PER_REPLICA + snapshots * WORST_PER_SNAPSHOT + clusters * WORST_PER_CLUSTER
 }
 
 /// Serializes a cluster map as `[logical, physical, count]` runs of consecutive mapped clusters, plus its length.

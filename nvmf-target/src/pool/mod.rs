@@ -248,6 +248,20 @@ pub(crate) struct PoolInner {
     keeps_space: bool,
 }
 
+/// Opens a pool a destroy closed again when dropped before the destroy reached the label.
+struct OpenAgainUnlessDestroyed<'a> {
+    closed: &'a AtomicBool,
+    destroyed: bool,
+}
+
+impl Drop for OpenAgainUnlessDestroyed<'_> {
+    fn drop(&mut self) {
+        if !self.destroyed {
+            self.closed.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// Refuses creates in a pool ([`PoolInner::destroying`]) while a destroy makes sure it is empty: until dropped, or
 /// for good once the destroy touches the label.
 struct RefusingCreates<'a>(Option<&'a AtomicBool>);
@@ -1403,12 +1417,19 @@ impl Pool {
             });
         }
         self.close();
+        // The caller gone before the label is touched (while the gate is waited for): the pool goes on, open again
+        // (closed, its stock and releases stayed stopped, and every replica made after it took no I/O).
+        let mut reopen = OpenAgainUnlessDestroyed {
+            closed: &self.inner.closed,
+            destroyed: false,
+        };
         // A filling of the stock in a task of its own ends before the label goes: none zeroes a thing after.
         let _excl = self.inner.gate.write().await;
         let dev = &self.inner.dev;
         let io = |e: crate::block::BlockError| PoolError::Io(format!("wiping the label: {e}"));
         // From here the label may be gone whatever becomes of this call: no create is taken again.
         refusing.for_good();
+        reopen.destroyed = true;
         dev.write_zeroes(0, LABEL_LEN).await.map_err(io)?;
         dev.flush().await.map_err(io)?;
         tracing::info!(pool = %self.name(), "destroyed pool");

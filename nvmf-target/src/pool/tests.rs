@@ -1657,6 +1657,25 @@ async fn a_volume_opened_after_its_pool_closed_takes_no_io() {
     assert!(matches!(w, Err(BlockError::Closed)), "{w:?}");
 }
 
+/// A destroy of an empty pool whose caller goes away while it waits for the pool's gate (held by a slow disk's
+/// work) leaves the pool as it was: a replica made afterwards takes I/O. Before, the pool stayed closed, and every
+/// replica made in it after was closed from the start.
+#[tokio::test]
+async fn a_destroy_given_up_before_the_label_leaves_the_pool_open() {
+    let pool = memory_pool(64 * MIB).await;
+    let held = pool.inner.gate.clone().read_owned().await;
+    let given_up =
+        tokio::time::timeout(std::time::Duration::from_millis(100), pool.destroy()).await;
+    assert!(given_up.is_err(), "the destroy did not wait for the gate");
+    drop(held);
+    let v = pool
+        .create_replica(Uuid::new_v4(), 4 * MIB, None)
+        .await
+        .unwrap();
+    v.write(0, Bytes::from(vec![3u8; 4096])).await.unwrap();
+    assert_eq!(v.read(0, 4096).await.unwrap(), Bytes::from(vec![3u8; 4096]));
+}
+
 /// Waits in `preallocate` (what an import does between writing its label and reading the journal) while `held`.
 struct HeldAfterClaim {
     inner: Arc<MemoryDevice>,

@@ -247,23 +247,28 @@ pub async fn run(
     let start = Instant::now();
     let mut segments = 0;
     let mut skipped = 0;
-    // No answer within the I/O timeout: every segment is taken for data.
-    let allocated = match source.pick() {
-        Some(src) => bounded_io(
+    // The source's allocation map, asked once; one that fails or does not answer within the I/O timeout (a large,
+    // fragmented remote replica's) is asked again segment by segment, so that empty ones are still not copied (a thin
+    // destination would take space for every zero).
+    let (allocated, ask_each) = match source.pick() {
+        Some(src) => match bounded_io(
             config.io_timeout,
             "allocation map",
             src.allocated_ranges(0, src.size_bytes()),
         )
         .await
-        .ok()
-        .flatten(),
+        {
+            Ok(a) => (a, false),
+            Err(_) => (None, true),
+        },
         None => return Err(RebuildError::NoSource),
     };
     let segment = map.segment_size();
     let mut runs = map.runs(config.copy_size).flat_map(|run| {
         // A run splits where the source's allocation changes, so empty segments are never copied.
-        let empty =
-            |r: &std::ops::Range<u64>| allocated.as_ref().is_some_and(|a| unallocated(a, r));
+        let empty = |r: &std::ops::Range<u64>| {
+            ask_each || allocated.as_ref().is_some_and(|a| unallocated(a, r))
+        };
         let mut parts: Vec<(std::ops::Range<u64>, bool)> = Vec::new();
         let mut at = run.start;
         while at < run.end {
