@@ -66,6 +66,9 @@ pub use volume::PoolVolume;
 
 /// How long freeing or sharing clusters waits for the disk to end the operations handed to it before.
 const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a reservation short of free clusters waits for other writes' reservations to be used or given back
+/// before it fails its write for space (see [`PoolVolume`]'s `reserve`).
+const RESERVE_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum PoolError {
@@ -207,6 +210,8 @@ pub(crate) struct PoolInner {
     journal: GroupCommit,
     /// Clusters picked for an allocation whose mapping is not committed yet.
     reserved: Mutex<BTreeSet<u32>>,
+    /// Told when clusters leave `reserved` (mapped by a commit, or given back).
+    unreserved: tokio::sync::Notify,
     cursor: AtomicU64,
     /// Counts the commits that took a volume's mapping off a cluster (a copy-on-write's, an unmap, a destroy),
     /// changed under the metadata's write lock: after one, the old cluster may be written for another volume, so a
@@ -448,25 +453,58 @@ impl PoolInner {
     /// them all before it writes anything, or fails with nothing changed. Short of free clusters, the stock is
     /// given back first.
     async fn reserve_clusters(&self, n: usize) -> Result<Vec<u32>, PoolError> {
-        let mut picked = self.pick_free(n);
-        if picked.len() < n && self.drain_stock().await {
-            self.give_back(&picked);
-            picked = self.pick_free(n);
+        match self.try_reserve(n).await {
+            Some(picked) => Ok(picked),
+            None => Err(self.out_of_space(n)),
         }
-        if picked.len() == n {
-            return Ok(picked);
+    }
+
+    /// `n` free clusters, all or none, the stock given back first if that is what it takes.
+    async fn try_reserve(&self, n: usize) -> Option<Vec<u32>> {
+        if let Some(picked) = self.pick_all(n) {
+            return Some(picked);
         }
-        self.give_back(&picked);
+        if self.drain_stock().await {
+            return self.pick_all(n);
+        }
+        None
+    }
+
+    /// A write that needs `n` new clusters fails for space: counted, logged, and its error.
+    fn out_of_space(&self, n: usize) -> PoolError {
         self.no_space("pool is full: writes that need a new cluster fail with Capacity Exceeded");
-        Err(PoolError::NoSpace(format!(
-            "pool {} has {} free clusters, the write needs {n}",
+        PoolError::NoSpace(format!(
+            "pool {} has {} free clusters ({} more reserved by writes under way), the write needs {n}",
             self.label.name,
-            picked.len()
-        )))
+            self.unreserved_free(),
+            self.reserved_by_writes()
+        ))
+    }
+
+    /// Reserves `n` free clusters from the cursor on, or none if fewer are free: a reservation short of clusters
+    /// never holds some while it waits for more (two such would keep each other short).
+    fn pick_all(&self, n: usize) -> Option<Vec<u32>> {
+        Some(self.pick(n, true)).filter(|p| p.len() == n)
+    }
+
+    /// Clusters reserved for writes under way (and fillings of the stock): those that may yet be given back.
+    fn reserved_by_writes(&self) -> usize {
+        let stocked = self.stock.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let reserved = self
+            .reserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        reserved.saturating_sub(stocked)
     }
 
     /// Reserves up to `n` free clusters, from the cursor on.
     fn pick_free(&self, n: usize) -> Vec<u32> {
+        self.pick(n, false)
+    }
+
+    /// Reserves `n` free clusters from the cursor on; fewer if fewer are free, unless `all` (then none).
+    fn pick(&self, n: usize, all: bool) -> Vec<u32> {
         let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let mut from = self.cursor.load(Ordering::Relaxed);
         let mut picked = Vec::with_capacity(n);
@@ -479,6 +517,12 @@ impl PoolInner {
             picked.push(c);
             from = u64::from(c) + 1;
         }
+        if all && picked.len() < n {
+            for c in picked.drain(..) {
+                reserved.remove(&c);
+            }
+            return picked;
+        }
         self.cursor.store(from, Ordering::Relaxed);
         picked
     }
@@ -490,15 +534,6 @@ impl PoolInner {
         meta.data_clusters()
             .saturating_sub(meta.used_clusters())
             .saturating_sub(reserved.len() as u64)
-    }
-
-    /// Unreserves clusters picked and not used.
-    fn give_back(&self, picked: &[u32]) {
-        let mut reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
-        for c in picked {
-            reserved.remove(c);
-            self.cursor.fetch_min(u64::from(*c), Ordering::Relaxed);
-        }
     }
 
     /// Waits for the disk to end every operation handed to it before (a caller may have stopped waiting for a
@@ -534,6 +569,7 @@ impl PoolInner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&c);
+        self.unreserved.notify_waiters();
     }
 }
 
@@ -831,6 +867,7 @@ impl Pool {
             meta: RwLock::new(meta),
             journal: GroupCommit::new(journal),
             reserved: Mutex::new(BTreeSet::new()),
+            unreserved: tokio::sync::Notify::new(),
             cursor: AtomicU64::new(0),
             moved: AtomicU64::new(0),
             applied: AtomicU64::new(0),

@@ -407,6 +407,61 @@ async fn a_write_that_needs_more_clusters_than_are_free_changes_nothing() {
 }
 
 #[tokio::test]
+async fn many_writes_at_once_into_the_last_free_cluster_all_land() {
+    use crate::block::fault::FaultPlan;
+    // A file system's writeback: many writes at once into one never-mapped cluster, with one cluster left free.
+    // Each reserves a cluster before it finds the first one's allocation: they wait for it, none fails for space.
+    let mem: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(12 * MIB, 512));
+    let slow = Arc::new(crate::block::fault::FaultDevice::new(mem));
+    let pool = Pool::create(slow.clone(), &spec("small"), &me())
+        .await
+        .unwrap();
+    let cs = u64::from(CS);
+    let clusters = pool.stats().capacity / cs;
+    let a = pool
+        .create_replica(Uuid::new_v4(), clusters * cs, None)
+        .await
+        .unwrap();
+    for i in 0..clusters - 1 {
+        a.write(i * cs, pattern(i as u8, 4096)).await.unwrap();
+    }
+    slow.set_plan(FaultPlan {
+        latency: Some(std::time::Duration::from_millis(5)),
+        ..Default::default()
+    });
+    let last = (clusters - 1) * cs;
+    let writes = (0..8u8).map(|i| a.write(last + u64::from(i) * 8192, pattern(100 + i, 8192)));
+    for (i, r) in futures_util::future::join_all(writes)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(r.is_ok(), "write {i}: {r:?}");
+    }
+    slow.set_plan(FaultPlan::default());
+    for i in 0..8u8 {
+        let at = last + u64::from(i) * 8192;
+        assert_eq!(
+            &a.read(at, 8192).await.unwrap()[..],
+            &pattern(100 + i, 8192)[..]
+        );
+    }
+    assert_eq!(pool.stats().no_space_errors, 0);
+    assert_eq!(pool.inner.reserved.lock().unwrap().len(), 0);
+    // Full now: a write into another never-mapped cluster still fails for space, at once.
+    let b = pool.create_replica(Uuid::new_v4(), cs, None).await.unwrap();
+    let at = std::time::Instant::now();
+    assert!(matches!(
+        b.write(0, pattern(1, 4096)).await,
+        Err(BlockError::NoSpace)
+    ));
+    assert!(
+        at.elapsed() < RESERVE_WAIT,
+        "a write with nothing to wait for waited"
+    );
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_and_change_nothing() {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemoryDevice::new(32 * MIB, 512));
     let pool = Pool::create(dev.clone(), &spec("p1"), &me()).await.unwrap();

@@ -310,7 +310,7 @@ async fn a_free_cluster_an_allocation_has_reserved_is_not_punched() {
         "a reserved cluster was punched"
     );
     // Once given back unused, it is free like any other, and goes.
-    pool.inner.give_back(&[c]);
+    pool.inner.release_unused(c);
     pool.inner.release_behind(vec![(c, 1)]);
     settled(&pool, &disk).await;
     assert!(disk.read(at, CS).await.unwrap().iter().all(|b| *b == 0));

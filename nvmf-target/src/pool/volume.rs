@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::ahead::Ahead;
 use super::meta::{MISSED_BUDGET, Record, UNMAPPED};
-use super::{PoolError, PoolInner};
+use super::{PoolError, PoolInner, RESERVE_WAIT};
 use crate::block::range_lock::{RangeGuard, RangeLock};
 use crate::block::{BlockDevice, BlockError, MissedWrites, check_range};
 
@@ -227,17 +227,38 @@ impl PoolVolume {
         out
     }
 
-    /// Reserves the `n` new clusters a write needs ([`Self::allocations`]) before it writes any: a write that spans
-    /// clusters is all or nothing on a full pool.
-    async fn reserve(&self, n: usize) -> Result<Reserved<'_>, BlockError> {
-        let clusters = match n {
-            0 => Vec::new(),
-            n => self.pool.reserve_clusters(n).await.map_err(pool_err)?,
-        };
-        Ok(Reserved {
-            pool: &self.pool,
-            clusters,
-        })
+    /// Reserves the new clusters a write of `pieces` needs ([`Self::allocations`]) before it writes any: a write
+    /// that spans clusters is all or nothing on a full pool. Short of free clusters while other writes hold
+    /// reservations, it waits for those (up to [`RESERVE_WAIT`]) and counts again: many writes at once into the
+    /// same never-mapped cluster (a file system's writeback) each reserve one before the first maps it, and all
+    /// but that one give theirs back unused, or find the cluster mapped before they reserve. Only with no other
+    /// reservation to wait for does a write fail for space.
+    async fn reserve(&self, pieces: &[Piece], unmapped: bool) -> Result<Reserved<'_>, BlockError> {
+        let deadline = tokio::time::Instant::now() + RESERVE_WAIT;
+        loop {
+            // Enabled before counting: a reservation mapped or given back after the count wakes it.
+            let unreserved = self.pool.unreserved.notified();
+            tokio::pin!(unreserved);
+            unreserved.as_mut().enable();
+            let n = self.allocations(pieces, unmapped)?;
+            if n == 0 {
+                return Ok(Reserved {
+                    pool: &self.pool,
+                    clusters: Vec::new(),
+                });
+            }
+            if let Some(clusters) = self.pool.try_reserve(n).await {
+                return Ok(Reserved {
+                    pool: &self.pool,
+                    clusters,
+                });
+            }
+            if self.pool.reserved_by_writes() == 0
+                || tokio::time::timeout_at(deadline, unreserved).await.is_err()
+            {
+                return Err(pool_err(self.pool.out_of_space(n)));
+            }
+        }
     }
 
     /// How many of `pieces` need a new cluster: those unmapped (when `unmapped` counts) or shared with a snapshot.
@@ -272,7 +293,11 @@ impl PoolVolume {
         let old = self.lookup(logical)?;
         let dev = &self.pool.dev;
         if let Some((p, true)) = old {
-            // Another writer allocated it while we waited.
+            // Another writer allocated it while we waited: the cluster reserved for this piece goes back now, for
+            // writes short of one that wait for it (see `PoolInner::reserve`).
+            if let Some(c) = spare.clusters.pop() {
+                self.pool.release_unused(c);
+            }
             return dev
                 .write(self.pool.label.cluster_offset(p) + within, data)
                 .await
@@ -387,7 +412,7 @@ impl PoolVolume {
         if !may_allocate && needed > 0 {
             return Ok(Here::MustAllocate);
         }
-        let mut spare = self.reserve(needed).await?;
+        let mut spare = self.reserve(&pieces, true).await?;
         self.back_new_clusters(&pieces, &spare).await?;
         for (i, p) in pieces.iter().enumerate() {
             let part = data.slice(p.range.clone());
@@ -429,7 +454,7 @@ impl PoolVolume {
         if !may_allocate && needed > 0 {
             return Ok(Here::MustAllocate);
         }
-        let mut spare = self.reserve(needed).await?;
+        let mut spare = self.reserve(&pieces, false).await?;
         self.back_new_clusters(&pieces, &spare).await?;
         for (i, p) in pieces.iter().enumerate() {
             let zeroed = self.zero_piece(p, &mut spare).await;
