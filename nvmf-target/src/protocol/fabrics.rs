@@ -66,6 +66,7 @@ pub struct ConnectData {
 
 impl ConnectData {
     /// Byte offsets of fields, for the IPO of an "invalid parameters" Connect response.
+    pub const OFFSET_HOSTID: u16 = 0;
     pub const OFFSET_CNTLID: u16 = 16;
     pub const OFFSET_SUBNQN: u16 = 256;
     pub const OFFSET_HOSTNQN: u16 = 512;

@@ -537,7 +537,8 @@ impl Queue {
     fn on_io(&mut self, ctrl: Arc<Controller>, sqe: Sqe, data: Bytes) {
         let cid = sqe.cid();
         if sqe.opcode() == io::FLUSH && sqe.nsid() == io_cmds::BROADCAST_NSID {
-            self.inflight.push(io_cmds::flush_all(ctrl, cid));
+            self.inflight
+                .push(io_cmds::flush_all(self.shared.clone(), ctrl, sqe));
             return;
         }
         let ns = match io_cmds::validate(&self.shared, &ctrl, &sqe) {

@@ -70,6 +70,13 @@ pub(super) fn connect(
     if !cd.hostnqn.is_empty() && Nqn::parse(&cd.hostnqn).is_err() {
         return Err(invalid(cid, true, u64::from(ConnectData::OFFSET_HOSTNQN)));
     }
+    // A Host Identifier of zero names no host: two such hosts would be one to the reservations (a registrant is
+    // its identifier) and to the ending of a host's other controllers. Refused as the NVMe compliance tests expect;
+    // Linux, nvme-cli and SPDK always send one.
+    if cd.hostid == [0; 16] {
+        tracing::warn!(subnqn = %cd.subnqn, host = %cd.hostnqn, "connect with a Host Identifier of zero");
+        return Err(invalid(cid, true, u64::from(ConnectData::OFFSET_HOSTID)));
+    }
     if !sub.host_allowed(&cd.hostnqn) {
         tracing::warn!(subnqn = %cd.subnqn, host = %cd.hostnqn, "connect from a host not on the allow-list");
         return Err(Response::status(cid, Status::CONNECT_INVALID_HOST));

@@ -375,12 +375,24 @@ async fn reservation(
     result
 }
 
-/// Flush of the broadcast NSID: every namespace of the subsystem.
-pub(super) async fn flush_all(ctrl: Arc<Controller>, cid: u16) -> Response {
+/// Flush of the broadcast NSID: every namespace of the subsystem, each admitted and run as a Flush naming it (a
+/// controller shut down, a path Inaccessible, a reservation that holds this host off refuse it, as they refuse a
+/// Flush of one namespace), with the first failure's status.
+pub(super) async fn flush_all(shared: Arc<Shared>, ctrl: Arc<Controller>, sqe: Sqe) -> Response {
+    let cid = sqe.cid();
+    if !ctrl.is_enabled() {
+        return Response::status(cid, Status::COMMAND_SEQUENCE_ERROR);
+    }
     for ns in ctrl.subsystem.namespaces() {
-        if let Err(e) = ns.device.flush().await {
-            tracing::debug!(error = %e, "flush failed");
-            return Response::status(cid, Status::WRITE_FAULT);
+        let mut one = sqe;
+        one.set_nsid(ns.nsid);
+        let ns = match validate(&shared, &ctrl, &one) {
+            Ok(ns) => ns,
+            Err(st) => return Response::status(cid, st),
+        };
+        let r = run(ctrl.clone(), ns, one, Bytes::new()).await;
+        if !r.cqe.status.is_success() {
+            return r;
         }
     }
     Response::ok(cid)

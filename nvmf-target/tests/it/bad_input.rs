@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use nvmf_target::protocol::command::{Sgl, Sqe, admin, io};
-use nvmf_target::protocol::fabrics::{CNTLID_DYNAMIC, Property, property};
+use nvmf_target::protocol::fabrics::{CNTLID_DYNAMIC, Connect, ConnectData, Property, property};
 use nvmf_target::protocol::pdu::{CapsuleCmd, DataPdu, Pdu, fes};
 use nvmf_target::protocol::status::Status;
 use nvmf_target::target::TargetConfig;
@@ -457,6 +457,31 @@ async fn an_empty_host_nqn_is_let_in_only_where_any_host_is() {
     assert_eq!(c.status, Status::CONNECT_INVALID_HOST);
 }
 
+/// A Host Identifier of zero names no host (two such would be one registrant to the reservations): refused.
+#[tokio::test]
+async fn a_host_identifier_of_zero_is_refused() {
+    let t = target().await;
+    let mut r = Raw::ready(t.addr).await;
+    let sqe = Connect {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 0,
+        kato: 0,
+    }
+    .to_sqe();
+    let data = ConnectData {
+        hostid: [0; 16],
+        cntlid: CNTLID_DYNAMIC,
+        subnqn: NQN.into(),
+        hostnqn: HOST.into(),
+    };
+    let c = r.cmd(sqe, data.encode()).await;
+    assert_eq!(c.status, Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(c.dw0(), 1 << 16, "IATTR data, IPO at the Host Identifier");
+    still_serves(t.addr).await;
+}
+
 #[tokio::test]
 async fn second_connect_on_a_queue_is_a_sequence_error() {
     let t = target().await;
@@ -715,6 +740,13 @@ async fn a_controller_not_enabled_or_shut_down_runs_no_command() {
     };
     let (sqe, data) = write(1);
     assert!(q.cmd(sqe, data).await.status.is_success());
+    let broadcast_flush = |cid: u16| {
+        let mut flush = Sqe::new(io::FLUSH, 0xFFFF_FFFF);
+        flush.set_cid(cid);
+        flush
+    };
+    let c = q.cmd(broadcast_flush(3), Bytes::new()).await;
+    assert!(c.status.is_success(), "broadcast flush: {:?}", c.status);
     let shut = a
         .cmd(
             Property::set_sqe(property::CC, 0x0046_4001, false),
@@ -725,6 +757,13 @@ async fn a_controller_not_enabled_or_shut_down_runs_no_command() {
     let (sqe, data) = write(2);
     let c = q.cmd(sqe, data).await;
     assert_eq!(c.status, Status::COMMAND_SEQUENCE_ERROR, "after CC.SHN");
+    // A Flush of every namespace (the broadcast NSID) too: before, it skipped the checks a Flush of one has.
+    let c = q.cmd(broadcast_flush(4), Bytes::new()).await;
+    assert_eq!(
+        c.status,
+        Status::COMMAND_SEQUENCE_ERROR,
+        "broadcast flush after CC.SHN"
+    );
     let back = t
         .target
         .subsystem(NQN)
