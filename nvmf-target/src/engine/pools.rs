@@ -575,6 +575,10 @@ impl Engine {
             .into());
         }
         let e = self.pool(pool)?;
+        if share.is_some() {
+            // Refused before the replica is made, not after (its export would fail, the replica left behind).
+            self.no_stranger_under(&uuid)?;
+        }
         if let Some(v) = e.pool.volume_meta(&uuid)
             && v.share != share
             && !v.is_snapshot()
@@ -637,10 +641,37 @@ impl Engine {
         self.replica(uuid)
     }
 
+    /// Fails if a subsystem under replica `uuid`'s name serves anything but that replica's volume: one made through
+    /// the generic calls (CreateSubsystem, AddNamespace), whose namespace a nexus would read and write for the
+    /// replica's had the export taken it for its own.
+    fn no_stranger_under(&self, uuid: &Uuid) -> Result<(), EngineError> {
+        let nqn = Nqn::replica(uuid);
+        let Some(sub) = self.target().subsystem(nqn.as_str()) else {
+            return Ok(());
+        };
+        let ours = sub.namespace(1).is_some_and(|ns| {
+            self.inner
+                .replica_namespaces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(uuid)
+                .and_then(std::sync::Weak::upgrade)
+                .is_some_and(|held| Arc::ptr_eq(&held, &ns))
+        });
+        if ours {
+            return Ok(());
+        }
+        Err(EngineError::FailedPrecondition(format!(
+            "subsystem {nqn} exists and does not serve replica {uuid} (made through the generic subsystem calls?): \
+             delete it first"
+        )))
+    }
+
     /// Exports a replica as `share` says, or changes an export's hosts to them (any host when there are none).
     fn export_replica(&self, pool: &Pool, uuid: Uuid, share: &Share) -> Result<(), EngineError> {
         let nqn = Nqn::replica(&uuid);
         let _exporting = self.exporting();
+        self.no_stranger_under(&uuid)?;
         if self.target().subsystem(nqn.as_str()).is_some() {
             self.target()
                 .set_hosts(nqn.as_str(), share.hosts.is_empty(), &share.hosts)?;

@@ -414,6 +414,34 @@ async fn bad_requests_get_precise_codes_and_leave_the_disk_unchanged() {
         .await
         .map(drop),
     ));
+    // A subsystem made through the generic calls under a replica's name: a shared replica of that UUID is refused,
+    // not exported as that subsystem's namespace (a nexus would have read and written the stranger's).
+    let squatted = uuid::Uuid::new_v4().to_string();
+    let squatted_nqn = format!("nqn.2026-11.io.keelson:replica-{squatted}");
+    api.create_subsystem(pb::CreateSubsystemRequest {
+        nqn: squatted_nqn.clone(),
+        allow_any_host: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    api.add_namespace(pb::AddNamespaceRequest {
+        nqn: squatted_nqn.clone(),
+        backend: Some(pb::Backend {
+            kind: Some(pb::backend::Kind::Memory(pb::MemoryBackend {
+                size_bytes: MIB,
+            })),
+            block_size: 512,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    cases.push((
+        "a shared replica under a stranger subsystem's name",
+        Code::FailedPrecondition,
+        api.create_replica(req(&squatted, MIB)).await.map(drop),
+    ));
     cases.push((
         "destroy a pool with replicas",
         Code::FailedPrecondition,
