@@ -398,8 +398,11 @@ impl Controller for ControllerService {
                 .map(|fs| ("fsType".to_string(), fs.clone()))
                 .collect(),
         };
-        // A new volume larger than any placement allows is OUT_OF_RANGE, as the spec asks of a capacity the plugin
-        // cannot give; one that exists goes to the agent, which says whether it matches.
+        // A new volume larger than any placement could ever give (were the pools empty) is OUT_OF_RANGE, as the spec
+        // asks of a capacity the plugin does not support, and the provisioner gives up on it. One that only does not
+        // fit now goes to the agent, which answers RESOURCE_EXHAUSTED, and the provisioner retries it (OUT_OF_RANGE
+        // would fail the claim for good though deleting a volume would make room). One that exists goes to the
+        // agent too, which says whether it matches.
         if existing.is_none()
             && cluster_req.source_snapshot.is_empty()
             && cluster_req.source_volume.is_empty()
@@ -412,10 +415,10 @@ impl Controller for ControllerService {
                     pool_selector: cluster_req.pool_selector.clone(),
                 })
                 .await?;
-            if cap.maximum_volume_size > 0 && size > cap.maximum_volume_size {
+            if cap.largest_possible_volume_size > 0 && size > cap.largest_possible_volume_size {
                 return Err(Status::out_of_range(format!(
-                    "{size} bytes with {} replicas: the largest volume that fits now is {} bytes",
-                    class.replicas, cap.maximum_volume_size
+                    "{size} bytes with {} replicas: the largest volume the pools could ever hold is {} bytes",
+                    class.replicas, cap.largest_possible_volume_size
                 )));
             }
         }

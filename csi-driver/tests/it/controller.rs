@@ -240,7 +240,7 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
             "beyond every pool",
             create("pvc-b", 1 << 40, &[]),
             Code::OutOfRange,
-            "largest volume",
+            "could ever hold",
         ),
         (
             "capacity 0",
@@ -259,6 +259,27 @@ async fn a_volume_is_created_published_and_deleted_as_the_spec_says() {
         assert_eq!(got, want, "{what}: {msg}");
         assert!(msg.contains(says), "{what}: {msg:?} does not say {says:?}");
     }
+    // As large as a whole pool: it could fit were the pools empty, but pvc-a holds room in each now. RESOURCE_EXHAUSTED,
+    // which the provisioner retries, not OUT_OF_RANGE, on which it gives the claim up.
+    let whole_pool = cl
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+        .iter()
+        .flat_map(|n| n.pools.iter().map(|p| p.capacity))
+        .min()
+        .unwrap();
+    let (got, msg) = code(
+        ctl.create_volume(create(
+            "pvc-b",
+            (whole_pool / 4096 * 4096) as i64,
+            &[("repl", "1")],
+        ))
+        .await,
+    );
+    assert_eq!(got, Code::ResourceExhausted, "a whole pool's size: {msg}");
     // Nothing was left behind by the refused ones.
     let listed = ctl
         .list_volumes(ListVolumesRequest::default())

@@ -1050,6 +1050,11 @@ impl Cluster for Service {
         Ok(Response::new(pb::GetCapacityResponse {
             available_bytes,
             maximum_volume_size,
+            largest_possible_volume_size: super::scheduler::largest_ever(
+                &nodes,
+                &placement,
+                r.replicas as usize,
+            ),
         }))
     }
 

@@ -281,6 +281,41 @@ pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) ->
     (total / replicas as u64, largest)
 }
 
+/// The largest volume that `replicas` copies could ever have on the nodes and pools `placement` admits, were their
+/// pools empty: the capacity of the best pool of the replica-count-th best node (per block size). A volume larger
+/// never fits, whatever is deleted; one smaller may fit once room is made. Every node counts, whatever its state
+/// now (it may come back), and every pool, whatever its disk says now.
+pub fn largest_ever(nodes: &[NodeRecord], placement: &Placement, replicas: usize) -> u64 {
+    let replicas = replicas.max(1);
+    let mut best_per_node: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for n in nodes
+        .iter()
+        .filter(|n| placement.admits(&n.spec.placement_labels()).is_ok())
+    {
+        let mut best: std::collections::BTreeMap<u32, u64> = Default::default();
+        for p in n
+            .status
+            .pools
+            .iter()
+            .filter(|p| placement.admits_pool(&p.labels))
+        {
+            let b = best.entry(p.block_size).or_default();
+            *b = (*b).max(p.capacity);
+        }
+        for (b, cap) in best {
+            best_per_node.entry(b).or_default().push(cap);
+        }
+    }
+    best_per_node
+        .into_values()
+        .map(|mut best| {
+            best.sort_unstable_by(|a, b| b.cmp(a));
+            best.get(replicas - 1).copied().unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +478,32 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(capacity(&nodes, &zone_b, 1), (2 * G, 2 * G));
+    }
+
+    #[test]
+    fn the_largest_volume_ever_counts_whole_pools_of_every_admitted_node() {
+        let mut nodes = vec![
+            node(
+                "n1",
+                NodeState::Online,
+                &[("a", 10 * G, 10 * G), ("b", 4 * G, 0)],
+            ),
+            node("n2", NodeState::Online, &[("a", 8 * G, 8 * G)]),
+            node("n3", NodeState::Offline, &[("a", 6 * G, 0)]),
+        ];
+        // Nothing fits now on n1 beyond b's 4 GiB, but a 10 GiB volume would once a's replicas go.
+        assert_eq!(capacity(&nodes, &Placement::default(), 1).1, 4 * G);
+        assert_eq!(largest_ever(&nodes, &Placement::default(), 1), 10 * G);
+        // Two copies: n1 and n2 (n3, offline now, may come back but is smaller).
+        assert_eq!(largest_ever(&nodes, &Placement::default(), 2), 8 * G);
+        assert_eq!(largest_ever(&nodes, &Placement::default(), 3), 6 * G);
+        assert_eq!(largest_ever(&nodes, &Placement::default(), 4), 0);
+        nodes[1].spec.labels.insert("zone".into(), "b".into());
+        let zone_b = Placement {
+            node_selector: [("zone".to_string(), "b".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(largest_ever(&nodes, &zone_b, 1), 8 * G);
     }
 
     #[test]
