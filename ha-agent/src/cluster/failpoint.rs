@@ -13,9 +13,11 @@ pub const ALL: &[&str] = &[
     PUBLISH_PUBLISHED,
     PUBLISH_HOST_RECORDED,
     UNPUBLISH_HOST_DROPPED,
+    UNPUBLISH_MARKED,
     HEAL_REPLICA_PLACED,
     HEAL_REPLICA_CREATED,
     HEAL_CHILD_ADDED,
+    RETIRE_CHILD_REMOVED,
     RETIRE_GARBAGE_RECORDED,
     RETIRE_DROPPED,
     DELETE_MARKED,
@@ -45,12 +47,17 @@ pub const PUBLISH_PUBLISHED: &str = "publish.published";
 pub const PUBLISH_HOST_RECORDED: &str = "publish.host-recorded";
 /// One host of a shared volume is dropped from the record; its nexus's engine not told to refuse it.
 pub const UNPUBLISH_HOST_DROPPED: &str = "unpublish.host-dropped";
+/// An unpublish recorded its nexus as no longer published; the engine not asked to end it.
+pub const UNPUBLISH_MARKED: &str = "unpublish.marked";
 /// A new replica (scale up or replacement) is placed and recorded; not created.
 pub const HEAL_REPLICA_PLACED: &str = "heal.replica-placed";
 /// An engine created the new replica; the record does not say so yet.
 pub const HEAL_REPLICA_CREATED: &str = "heal.replica-created";
 /// The nexus took the new replica as a child (and rebuilds it).
 pub const HEAL_CHILD_ADDED: &str = "heal.child-added";
+/// A surplus replica (a scale down) is recorded out of sync and its nexus let it go; it is still in its volume's
+/// record, not recorded as garbage yet.
+pub const RETIRE_CHILD_REMOVED: &str = "retire.child-removed";
 /// A replica being retired is recorded as garbage; it is still in its volume's record.
 pub const RETIRE_GARBAGE_RECORDED: &str = "retire.garbage-recorded";
 /// A retired replica is dropped from its volume's record; not destroyed yet.

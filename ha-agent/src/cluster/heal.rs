@@ -272,6 +272,16 @@ impl Volumes {
             }
             switching = Some((s.from.clone(), s.old_replicas_left));
         }
+        if r.nexus.as_ref().is_some_and(|n| n.unpublishing) {
+            // An unpublish cut short (its agent died, a save failed): finished, never published again.
+            tracing::info!(%uuid, "finishing an unpublish that did not complete");
+            let done = self.end_publication(r).await;
+            self.metrics.operation(
+                "finish_unpublish",
+                if done.is_ok() { "ok" } else { "failed" },
+            );
+            return done.map(drop);
+        }
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             if let Some(n) = r.nexus.clone() {
                 // A publish recorded but not finished (it failed, or an agent died in it): finished now.
@@ -1011,6 +1021,14 @@ impl Volumes {
             if let (Some(n), Some((_, uri))) =
                 (&nexus, children.iter().find(|(id, _)| *id == rep.uuid))
             {
+                // Persist, then act: out of sync on record before the nexus lets it go. From then on it misses
+                // every write (and the nexus drops what the others recorded for it); a record still saying it is
+                // in sync after a crash past here would let a publish, or a switch-over, take it for a good copy,
+                // even for the source of a resync.
+                if r.replicas[i].synced {
+                    r.replicas[i].synced = false;
+                    self.save(r).await?;
+                }
                 let mut c = self.engine(&n.node).await?;
                 let res = c
                     .remove_child(epb::ChildRequest {
@@ -1020,6 +1038,7 @@ impl Volumes {
                     })
                     .await;
                 destroyed(&n.node, res)?;
+                failpoint::at(failpoint::RETIRE_CHILD_REMOVED);
             }
             self.retire(r, i).await?;
             tracing::info!(%uuid, replica = %rep.uuid, node = %rep.node, "surplus replica retired");

@@ -48,6 +48,10 @@ impl Volumes {
             }
         }
         let mut r = r;
+        if r.nexus.as_ref().is_some_and(|n| n.unpublishing) {
+            // An unpublish cut short: finished first, then this publish makes a nexus of its own.
+            r = self.end_publication(r).await?;
+        }
         if let Some(n) = r.nexus.clone() {
             if !n.has_host(host_nqn) {
                 // Another host only for a volume every publication shares (a multi-node mode from the first on;
@@ -184,6 +188,7 @@ impl Volumes {
                 .map(|n| n.more_hosts.clone())
                 .unwrap_or_default();
             r.nexus = Some(NexusRecord {
+                unpublishing: false,
                 more_hosts,
                 node: node.clone(),
                 key: r.last_key,
@@ -544,19 +549,44 @@ impl Volumes {
                 return Ok(r);
             }
         }
-        if let Some(n) = r.nexus.clone() {
-            let clean = self.end_nexus(uuid, &n).await?;
-            if !clean && n.key == r.fence_key {
-                r.resync = true;
-            }
-            r.nexus = None;
-            // A switch-over still pending was for this publication: nothing is to be moved any more.
-            r.switchover = None;
-            self.save(&r).await?;
+        if r.nexus.is_some() {
+            r = self.end_publication(r).await?;
             tracing::info!(%uuid, "volume unpublished");
         } else if r.switchover.take().is_some() {
             self.save(&r).await?;
         }
+        Ok(r)
+    }
+
+    /// Ends the volume's publication (the caller holds its lock): recorded as unpublishing first, then the nexus
+    /// ended, then the record without it. Persist, then act: a call cut short after the nexus ended (the agent
+    /// killed, a failed save) left a published volume whose nexus was gone, and healing made it again, exported to
+    /// the host the CO had just detached. A record left unpublishing is finished by healing, or by the next
+    /// publish, through this again.
+    pub(super) async fn end_publication(
+        &self,
+        mut r: VolumeRecord,
+    ) -> Result<VolumeRecord, VolumeError> {
+        let uuid = r.uuid;
+        let Some(mut n) = r.nexus.clone() else {
+            return Ok(r);
+        };
+        if !n.unpublishing {
+            n.unpublishing = true;
+            n.published = false;
+            r.nexus = Some(n.clone());
+            // A switch-over still pending was for this publication: nothing is to be moved any more.
+            r.switchover = None;
+            self.save(&r).await?;
+            failpoint::at(failpoint::UNPUBLISH_MARKED);
+        }
+        let clean = self.end_nexus(uuid, &n).await?;
+        if !clean && n.key == r.fence_key {
+            r.resync = true;
+        }
+        r.nexus = None;
+        r.switchover = None;
+        self.save(&r).await?;
         Ok(r)
     }
 }

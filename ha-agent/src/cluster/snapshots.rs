@@ -357,21 +357,26 @@ impl Volumes {
         if (s.asked.len(), s.asked_pools.len()) != before || resized {
             self.save_snapshot(&s).await?;
         }
-        let published = r.nexus.as_ref().is_some_and(|n| n.published);
+        // The moment the copies are taken (a retry after a taking that failed takes them now, not when the record
+        // was made): CSI's creation_time, by which backup tools order and prune snapshots. Saved with the Created
+        // phase below.
+        s.created_ms = now_ms();
+        let through = self.live_nexus_node(r).await?;
+        let published = through.is_some();
         // Without a nexus, only the replicas recorded in sync hold the volume: one placed empty by a scale-up, or
         // left half rebuilt, would give a copy a clone takes for the volume's data. (A nexus snapshots only its
         // healthy children.)
         let current = |x: &&super::volume::ReplicaRecord| published || x.synced;
-        match r.nexus.as_ref().filter(|n| n.published) {
-            Some(n) => {
-                self.engine(&n.node)
+        match through {
+            Some(node) => {
+                self.engine(&node)
                     .await?
                     .snapshot_nexus(epb::SnapshotNexusRequest {
                         uuid: r.uuid.to_string(),
                         snapshot_uuid: id.clone(),
                     })
                     .await
-                    .map_err(|e| engine_error(&n.node, e))?;
+                    .map_err(|e| engine_error(&node, e))?;
             }
             None => {
                 for rep in r.replicas.iter().filter(|x| x.created).filter(current) {
@@ -568,6 +573,37 @@ impl Volumes {
             }
         }
         Ok(())
+    }
+
+    /// The node of the volume's nexus that may take writes: the published one, or one recorded but not (yet, or
+    /// any more) published whose engine confirmed it (its key is the fence key) and still lists it. A publish cut
+    /// short after the export, or an unpublish before the end, leaves such a nexus exported while the record says
+    /// unpublished; its hosts may write through it, so the replicas are copied through it, at one moment, not one
+    /// after another under its writes.
+    async fn live_nexus_node(&self, r: &VolumeRecord) -> Result<Option<String>, VolumeError> {
+        let Some(n) = r.nexus.as_ref() else {
+            return Ok(None);
+        };
+        if n.published {
+            return Ok(Some(n.node.clone()));
+        }
+        if n.key != r.fence_key {
+            return Ok(None);
+        }
+        // A node down is no nexus's to write through now (as for a published volume's replicas, see below).
+        let mut engine = match self.engine(&n.node).await {
+            Err(VolumeError::Node(NodeEngineError::NotOnline { .. })) => return Ok(None),
+            e => e?,
+        };
+        let listed = engine
+            .list_nexuses(epb::ListNexusesRequest {})
+            .await
+            .map_err(|e| engine_error(&n.node, e))?
+            .into_inner()
+            .nexuses
+            .iter()
+            .any(|x| x.uuid == r.uuid.to_string());
+        Ok(listed.then(|| n.node.clone()))
     }
 
     /// One snapshot of [`Self::reconcile_snapshots`]: taken again, deleted, or left as it is.

@@ -145,6 +145,10 @@ pub struct NexusRecord {
     /// Other hosts the nexus is exported to (multi-host publishes: a raw block volume several nodes write).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub more_hosts: Vec<String>,
+    /// An unpublish began (recorded before the nexus is ended): the nexus is ended, never made again nor published
+    /// again; healing, or the next publish, finishes the unpublish (`Volumes::end_publication`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpublishing: bool,
 }
 
 impl NexusRecord {

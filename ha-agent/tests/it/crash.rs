@@ -594,11 +594,109 @@ async fn every_stage(dir: &Path, store: &[&str]) {
             async move { publish(c, &vol).await.map(drop) }
         })
         .await;
+        if f == fp::PUBLISH_PUBLISHED {
+            // Exported, the record not saying so: a snapshot before the publish is asked again is taken through
+            // that nexus (its hosts may write through it), and has a copy on each replica.
+            let snap = uuid::Uuid::new_v4().to_string();
+            let s = until_served(|| {
+                let mut c = k.c.clone();
+                let (vol, snap) = (vol.clone(), snap.clone());
+                async move {
+                    c.create_snapshot(pb::CreateSnapshotRequest {
+                        volume: vol,
+                        uuid: snap,
+                    })
+                    .await
+                }
+            })
+            .await
+            .unwrap()
+            .into_inner();
+            assert!(s.ready && s.nodes.len() == 2, "{f}: {s:?}");
+            until_served(|| {
+                let mut c = k.c.clone();
+                let snap = snap.clone();
+                async move {
+                    c.delete_snapshot(pb::DeleteSnapshotRequest { uuid: snap })
+                        .await
+                }
+            })
+            .await
+            .unwrap();
+        }
         let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
         write_through(&v, i as u8).await;
         k.consistent(f, |v| volume(v, &vol).is_some()).await;
+        let unpublish = |c: ClusterClient<Channel>, vol: String| async move {
+            let mut c = c;
+            c.unpublish_volume(pb::UnpublishVolumeRequest {
+                uuid: vol,
+                host_nqn: String::new(),
+            })
+            .await
+            .map(drop)
+        };
+        if i == 0 {
+            // Unpublish killed once it is recorded, before the engine ended the nexus: the next agent's healing
+            // finishes it (it made the nexus again, exported to the host just detached, when the record still said
+            // published), and the CO's retry finds it done.
+            k.crash_in(fp::UNPUBLISH_MARKED, |c| unpublish(c, vol.clone()))
+                .await;
+            let nexuses_of_vol = || async {
+                let mut held = Vec::new();
+                let nodes = until_served(|| {
+                    let mut c = k.c.clone();
+                    async move { c.list_nodes(pb::ListNodesRequest {}).await }
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes;
+                for n in nodes {
+                    let mut e = EngineClient::connect(n.engine_endpoint).await.unwrap();
+                    let listed = e
+                        .list_nexuses(epb::ListNexusesRequest {})
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .nexuses;
+                    if listed.iter().any(|x| x.uuid == vol) {
+                        held.push(n.name);
+                    }
+                }
+                held
+            };
+            let t = Instant::now();
+            loop {
+                let held = nexuses_of_vol().await;
+                if held.is_empty() {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "the unpublish was never finished: a nexus on {held:?}\n{}",
+                    tail(&k.agent.log())
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let get = || {
+                let mut c = k.c.clone();
+                let vol = vol.clone();
+                async move { c.get_volume(pb::GetVolumeRequest { uuid: vol }).await }
+            };
+            // A few more of its sweeps: it stays unpublished.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let got = until_served(get).await.unwrap().into_inner();
+            assert!(
+                got.nexus_node.is_empty() && nexuses_of_vol().await.is_empty(),
+                "published again after an unpublish cut short: {got:?}"
+            );
+            until_served(|| unpublish(k.c.clone(), vol.clone()))
+                .await
+                .unwrap();
+        }
         // Unpublished for the next stage, but the last (scaling works on it published).
-        if i < 2 {
+        if i == 1 {
             until_served(|| {
                 let mut c = k.c.clone();
                 let vol = vol.clone();
@@ -631,11 +729,21 @@ async fn every_stage(dir: &Path, store: &[&str]) {
             take(c, vol.clone(), snap.clone()).map(|r| r.map(drop))
         })
         .await;
+        let retried_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
         let s = until_served(|| take(k.c.clone(), vol.clone(), snap.clone()))
             .await
             .unwrap()
             .into_inner();
         assert!(s.ready && s.nodes.len() == 2, "{f}: {s:?}");
+        // Its copies were taken again by the retry: its creation time is the retry's, not the first call's.
+        assert!(
+            s.created_unix_ms >= retried_ms,
+            "{f}: created at {} ms, retried at {retried_ms} ms",
+            s.created_unix_ms
+        );
         let mut held = Vec::new();
         for n in
             k.c.clone()
@@ -725,8 +833,13 @@ async fn every_stage(dir: &Path, store: &[&str]) {
     let v = until_served(|| publish(k.c.clone(), &vol)).await.unwrap();
     write_through(&v, 7).await;
 
-    // Scale down 3 → 2: killed after the retired replica is recorded as garbage, and after it left the record.
-    for f in [fp::RETIRE_GARBAGE_RECORDED, fp::RETIRE_DROPPED] {
+    // Scale down 3 → 2: killed after the nexus let the surplus replica go (recorded out of sync before), after the
+    // retired replica is recorded as garbage, and after it left the record.
+    for f in [
+        fp::RETIRE_CHILD_REMOVED,
+        fp::RETIRE_GARBAGE_RECORDED,
+        fp::RETIRE_DROPPED,
+    ] {
         until_served(|| scale(k.c.clone(), &vol, 3)).await.unwrap();
         k.consistent("scaled up", |v| {
             volume(v, &vol).is_some_and(|v| v.replicas == 3 && v.state == "Online")
