@@ -576,7 +576,9 @@ impl Engine {
         }
         let e = self.pool(pool)?;
         if share.is_some() {
-            // Refused before the replica is made, not after (its export would fail, the replica left behind).
+            // Refused before the replica is made, not after (its export would fail, the replica left behind). Under
+            // the exports' lock: an import exporting this replica meanwhile is seen whole or not at all.
+            let _exporting = self.exporting();
             self.no_stranger_under(&uuid)?;
         }
         if let Some(v) = e.pool.volume_meta(&uuid)

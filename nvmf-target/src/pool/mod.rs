@@ -489,13 +489,11 @@ impl PoolInner {
 
     /// Clusters reserved for writes under way (and fillings of the stock): those that may yet be given back.
     fn reserved_by_writes(&self) -> usize {
+        // Both at one moment (an allocation taking a stocked cluster and giving its spare back between two separate
+        // reads made it look as if nobody held any). `stock` is never held while `reserved` is taken.
+        let reserved = self.reserved.lock().unwrap_or_else(|e| e.into_inner());
         let stocked = self.stock.lock().unwrap_or_else(|e| e.into_inner()).len();
-        let reserved = self
-            .reserved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len();
-        reserved.saturating_sub(stocked)
+        reserved.len().saturating_sub(stocked)
     }
 
     /// Reserves up to `n` free clusters, from the cursor on.
@@ -562,7 +560,9 @@ impl PoolInner {
 
     fn release_cluster(&self, c: u32) {
         if self.fault().is_some() {
-            // The failed commit that held it may still map it at the next import: it is never reused.
+            // The failed commit that held it may still map it at the next import: it is never reused. (Writes
+            // waiting for reservations are told all the same: they find the pool faulted.)
+            self.unreserved.notify_waiters();
             return;
         }
         self.reserved

@@ -240,6 +240,8 @@ impl PoolVolume {
             let unreserved = self.pool.unreserved.notified();
             tokio::pin!(unreserved);
             unreserved.as_mut().enable();
+            // Faulted or closed while it waited: that, not a want of space.
+            self.check_writable()?;
             let n = self.allocations(pieces, unmapped)?;
             if n == 0 {
                 return Ok(Reserved {
@@ -252,6 +254,10 @@ impl PoolVolume {
                     pool: &self.pool,
                     clusters,
                 });
+            }
+            // Told already (a reservation went between the count and here): counted again at once.
+            if futures_util::FutureExt::now_or_never(unreserved.as_mut()).is_some() {
+                continue;
             }
             if self.pool.reserved_by_writes() == 0
                 || tokio::time::timeout_at(deadline, unreserved).await.is_err()
