@@ -375,7 +375,8 @@ async fn nexuses_per_node(volumes: &Volumes) -> Result<NexusCount, Status> {
     let (sound, unreadable) = volumes.list_decodable().await?;
     let mut per_node = std::collections::BTreeMap::new();
     for v in sound {
-        if let Some(x) = v.nexus.filter(|x| x.published) {
+        // One being unpublished may still run (its end failed): the node is not drained of it yet.
+        if let Some(x) = v.nexus.filter(|x| x.published || x.unpublishing) {
             *per_node.entry(x.node).or_default() += 1;
         }
     }

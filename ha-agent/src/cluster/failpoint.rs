@@ -17,6 +17,8 @@ pub const ALL: &[&str] = &[
     HEAL_REPLICA_PLACED,
     HEAL_REPLICA_CREATED,
     HEAL_CHILD_ADDED,
+    HEAL_RESTART_RECORDED,
+    DRAIN_OLD_ENDED,
     RETIRE_CHILD_REMOVED,
     RETIRE_GARBAGE_RECORDED,
     RETIRE_DROPPED,
@@ -58,6 +60,11 @@ pub const HEAL_CHILD_ADDED: &str = "heal.child-added";
 /// A surplus replica (a scale down) is recorded out of sync and its nexus let it go; it is still in its volume's
 /// record, not recorded as garbage yet.
 pub const RETIRE_CHILD_REMOVED: &str = "retire.child-removed";
+/// A nexus with no healthy child is recorded to be made again from the replicas in sync (their rejoin times
+/// stamped); the old one not destroyed yet.
+pub const HEAL_RESTART_RECORDED: &str = "heal.restart-recorded";
+/// A drain's move ended the old nexus cleanly and recorded so; the new nexus is not made yet.
+pub const DRAIN_OLD_ENDED: &str = "drain.old-ended";
 /// A replica being retired is recorded as garbage; it is still in its volume's record.
 pub const RETIRE_GARBAGE_RECORDED: &str = "retire.garbage-recorded";
 /// A retired replica is dropped from its volume's record; not destroyed yet.

@@ -252,6 +252,17 @@ impl Volumes {
         // A switch-over that moved the nexus is still on record: only the nexus itself is brought back, never on the
         // node it left nor (unless the switch-over used them) from that node's replicas.
         let mut switching: Option<(String, bool)> = None;
+        if r.nexus.as_ref().is_some_and(|n| n.unpublishing) {
+            // An unpublish cut short (its agent died, a save failed): finished, never published again,
+            // whatever switch-over was recorded.
+            tracing::info!(%uuid, "finishing an unpublish that did not complete");
+            let done = self.end_publication(r).await;
+            self.metrics.operation(
+                "finish_unpublish",
+                if done.is_ok() { "ok" } else { "failed" },
+            );
+            return done.map(drop);
+        }
         if let Some(s) = r.switchover.clone() {
             if r.nexus.is_none() {
                 // Unpublished meanwhile (by an agent from before unpublishing ended switch-overs): nothing to move.
@@ -271,16 +282,6 @@ impl Volumes {
                 return Ok(());
             }
             switching = Some((s.from.clone(), s.old_replicas_left));
-        }
-        if r.nexus.as_ref().is_some_and(|n| n.unpublishing) {
-            // An unpublish cut short (its agent died, a save failed): finished, never published again.
-            tracing::info!(%uuid, "finishing an unpublish that did not complete");
-            let done = self.end_publication(r).await;
-            self.metrics.operation(
-                "finish_unpublish",
-                if done.is_ok() { "ok" } else { "failed" },
-            );
-            return done.map(drop);
         }
         let Some(nexus) = r.nexus.clone().filter(|n| n.published) else {
             if let Some(n) = r.nexus.clone() {
@@ -531,9 +532,12 @@ impl Volumes {
         switching: Option<(String, bool)>,
     ) -> Result<(), VolumeError> {
         let now = super::node::now_ms();
+        // A restart of this very nexus recorded and cut short: finished now, its stamps no limit to it.
+        let resuming = r.restarting_key != 0 && r.restarting_key == nexus.key;
         let mut back = false;
         for rep in r.replicas.iter().filter(|x| x.created && x.synced) {
-            if now.saturating_sub(rep.rejoined_ms) >= REJOIN_AGAIN_AFTER.as_millis() as u64
+            if (resuming
+                || now.saturating_sub(rep.rejoined_ms) >= REJOIN_AGAIN_AFTER.as_millis() as u64)
                 && self.replica_sound(rep).await == Some(true)
             {
                 back = true;
@@ -551,11 +555,15 @@ impl Volumes {
             return Ok(());
         }
         tracing::warn!(uuid = %r.uuid, node = %nexus.node, "no child of the nexus is healthy and an in-sync replica is back: making the nexus again from the replicas in sync");
-        for x in r.replicas.iter_mut().filter(|x| x.synced) {
-            x.rejoined_ms = now;
+        if !resuming {
+            for x in r.replicas.iter_mut().filter(|x| x.synced) {
+                x.rejoined_ms = now;
+            }
         }
         r.resync = true;
+        r.restarting_key = nexus.key;
         self.save(&r).await?;
+        failpoint::at(failpoint::HEAL_RESTART_RECORDED);
         self.destroy_nexus(r.uuid, &nexus.node).await?;
         let (avoid, leave) = avoided(&switching);
         let done = self
@@ -743,6 +751,13 @@ impl Volumes {
         );
         self.save(&r).await?;
         let destroyed = self.end_nexus(r.uuid, nexus).await?;
+        if destroyed && let Some(n) = r.nexus.as_mut() {
+            // Recorded before the new nexus is made: an agent that dies first leaves the next one knowing the old
+            // one ended cleanly (its engine still runs, so it could not tell), and the volume is not resynced.
+            n.ended_clean = true;
+            self.save(&r).await?;
+            failpoint::at(failpoint::DRAIN_OLD_ENDED);
+        }
         tracing::info!(uuid = %r.uuid, from = %nexus.node, to = %target, "moving the nexus off a draining node");
         let moved = self
             .publish_locked(r, &nexus.host_nqn, &target, destroyed, "")

@@ -166,7 +166,7 @@ impl Volumes {
                 .nexuses
                 .iter()
                 .any(|x| x.uuid == uuid.to_string());
-            if !listed && !r.resync && !self.ended_cleanly(uuid, n).await {
+            if !listed && !r.resync && !n.ended_clean && !self.ended_cleanly(uuid, n).await {
                 tracing::warn!(%uuid, node = %n.node, "the nexus an earlier attempt made did not end cleanly: the next one resyncs the replicas");
                 r.resync = true;
                 self.save(&r).await?;
@@ -175,7 +175,8 @@ impl Volumes {
         if recorded.is_none() {
             // The nexus this one replaces was made by its engine: did it end cleanly?
             if let Some(old) = r.nexus.clone().filter(|o| o.key == r.fence_key) {
-                let clean = old_destroyed || self.ended_cleanly(uuid, &old).await;
+                let clean =
+                    old_destroyed || old.ended_clean || self.ended_cleanly(uuid, &old).await;
                 if !clean {
                     tracing::warn!(%uuid, node = %old.node, "the volume's nexus did not end cleanly: the next one resyncs the replicas");
                     r.resync = true;
@@ -189,6 +190,7 @@ impl Volumes {
                 .unwrap_or_default();
             r.nexus = Some(NexusRecord {
                 unpublishing: false,
+                ended_clean: false,
                 more_hosts,
                 node: node.clone(),
                 key: r.last_key,

@@ -489,6 +489,7 @@ mod tests {
             }),
             shared: false,
             block_size: 512,
+            restarting_key: 0,
         };
         let committed = |view: PlacementView| view.pool("n", "p").unwrap().committed;
         // (A leader's first sweep promises the replicas it finds for a while: done, with none.)

@@ -93,7 +93,13 @@ impl Volumes {
             }
             // Not the reporting host's (any more): its node agent removes the stale paths. A nexus on record that is
             // not made yet (a publish or switch-over under way) still counts as the volume's, for its hosts.
-            let Some(nexus) = r.nexus.clone().filter(|n| n.has_host(&rep.host_nqn)) else {
+            // A nexus being unpublished is no host's any more: a report about it moves nothing (a switch-over would
+            // publish the volume again, to a host the CO detached).
+            let Some(nexus) = r
+                .nexus
+                .clone()
+                .filter(|n| n.has_host(&rep.host_nqn) && !n.unpublishing)
+            else {
                 return Err(VolumeError::NotPublishedTo {
                     uuid,
                     host: rep.host_nqn,
@@ -291,6 +297,10 @@ impl Volumes {
             // before anything else moves. Until its engine has ended it, each attempt asks again (one with a child
             // on a frozen node may take a while to end).
             if s.old_ended.is_none() && ask_old {
+                // A write to the fenced store first: an agent that lost its leadership (stalled past its lease
+                // while another finished this switch-over and the volume moved on) fails here instead of ending
+                // a nexus that is live again, as the report's own path and a drain's move do.
+                self.save(&r).await?;
                 s.old_ended = match self.destroy_nexus(uuid, &s.from).await {
                     Ok(NexusEnd::Destroyed { clean }) => Some(clean),
                     // Its engine answers without it: ended (an earlier attempt or the stale-nexus reconciler

@@ -149,6 +149,10 @@ pub struct NexusRecord {
     /// again; healing, or the next publish, finishes the unpublish (`Volumes::end_publication`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unpublishing: bool,
+    /// Its engine ended it cleanly (drained: every acknowledged write is on each of its children), recorded before
+    /// the next nexus is made: that one needs no resync, even if the agent making it dies first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ended_clean: bool,
 }
 
 impl NexusRecord {
@@ -197,9 +201,19 @@ pub struct VolumeRecord {
     /// kept: then the pools of its replicas say).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub block_size: u32,
+    /// The key of a nexus with no healthy child whose restart from the replicas in sync was recorded (their rejoin
+    /// times stamped, which limits such restarts to one per `REJOIN_AGAIN_AFTER`): while the record still names
+    /// that nexus, the restart was cut short (its agent died, the old nexus's destroy failed) and is finished
+    /// without waiting that limit out (0: none).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub restarting_key: u64,
 }
 
 fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_u64(n: &u64) -> bool {
     *n == 0
 }
 

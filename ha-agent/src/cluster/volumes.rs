@@ -487,6 +487,7 @@ impl Volumes {
                     switchover: None,
                     growth: None,
                     shared: false,
+                    restarting_key: 0,
                 };
                 // Promised before they are recorded, so that the next placement need not wait for the store.
                 self.promise_replicas(&r, false);

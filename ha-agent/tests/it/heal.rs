@@ -587,10 +587,12 @@ async fn when_the_nexus_node_dies_a_new_publish_moves_the_nexus_and_healing_foll
 }
 
 /// Draining a node moves the nexuses off it, each shut down cleanly first (so nothing is resynced), to a node of
-/// one of the volume's replicas; the node says Draining, then Drained; uncordoning ends the drain.
+/// one of the volume's replicas; the node says Draining, then Drained; uncordoning ends the drain. The agent is
+/// killed once the old nexus ended, before the new one is made: the next agent knows that end was clean (it
+/// resynced every replica, the engine of the old nexus still running, so it could not tell).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
-    let (_dir, _port, _agent, _engines, _nodes, mut c) = three_nodes().await;
+    let (_dir, _port, mut agent, _engines, _nodes, mut c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     c.create_volume(pb::CreateVolumeRequest {
         uuid: vol.clone(),
@@ -620,22 +622,41 @@ async fn draining_a_node_moves_its_nexuses_off_without_a_resync() {
     }
     ns.close().await;
 
-    let n = c
-        .drain_node(pb::CordonNodeRequest {
-            name: "reg-1".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    agent.set_env("FAILPOINTS", &format!("{}=return", fp::DRAIN_OLD_ENDED));
+    agent.restart();
+    let n = until_served(|| {
+        let mut c = c.clone();
+        async move {
+            c.drain_node(pb::CordonNodeRequest {
+                name: "reg-1".into(),
+            })
+            .await
+        }
+    })
+    .await
+    .unwrap()
+    .into_inner();
     assert!(n.cordoned);
     assert_eq!(n.drain_state, "Draining");
+    let st = agent.exited(Duration::from_secs(30)).await;
+    assert!(
+        st.and_then(|s| s.signal()) == Some(9),
+        "the agent should have died moving the nexus: {st:?}\n{}",
+        tail(&agent.log())
+    );
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
     let t = Instant::now();
     let v = loop {
-        let v = c
+        let Ok(v) = c
             .get_volume(pb::GetVolumeRequest { uuid: vol.clone() })
             .await
-            .unwrap()
-            .into_inner();
+        else {
+            assert!(t.elapsed() < Duration::from_secs(30), "never served again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let v = v.into_inner();
         if v.nexus_node != "reg-1" && !v.nqn.is_empty() && v.state == "Online" {
             break v;
         }

@@ -2,6 +2,7 @@
 //! that fails marks nothing out of sync, a scale-down keeps the replicas in sync, a snapshot copies only them), and
 //! the volume itself after a nexus whose creation the agent never saw confirmed (the next nexus preempts its key).
 
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use ha_agent::cluster::failpoint as fp;
@@ -177,7 +178,7 @@ async fn a_publish_that_finds_no_in_sync_replica_up_marks_nothing_and_succeeds_o
 /// the only replica was given up and destroyed when its node came back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nexus_whose_last_child_faults_keeps_that_replica_and_is_made_again_from_it() {
-    let (_dir, port, _agent, mut engines, _nodes, c) = three_nodes().await;
+    let (_dir, port, mut agent, mut engines, _nodes, c) = three_nodes().await;
     let vol = uuid::Uuid::new_v4().to_string();
     create(c.clone(), &vol, 1).await.unwrap();
     let v = until(&c, &vol, "created", |v| {
@@ -212,8 +213,22 @@ async fn a_nexus_whose_last_child_faults_keeps_that_replica_and_is_made_again_fr
     assert_eq!(v.replica_list[0].uuid, only.uuid, "{v:#?}");
     assert!(v.replica_list[0].in_sync, "{v:#?}");
 
-    // The node is back: the nexus is made again from the replica, with what was written.
+    // The node is back: the nexus is made again from the replica, with what was written. The agent is killed
+    // once that restart is recorded, before it ends the old nexus: the next agent finishes it at once (it waited
+    // ten minutes, the volume Faulted, the restart's stamp taken for a restart just done).
+    agent.set_env(
+        "FAILPOINTS",
+        &format!("{}=return", fp::HEAL_RESTART_RECORDED),
+    );
+    agent.restart();
     engines[index(&only.node)].restart();
+    let st = agent.exited(Duration::from_secs(60)).await;
+    assert!(
+        st.and_then(|s| s.signal()) == Some(9),
+        "the agent should have died restarting the nexus: {st:?}"
+    );
+    agent.set_env("FAILPOINTS", "");
+    agent.restart();
     wait_for(port, &[(only.node.as_str(), Online)], "replica node back").await;
     let v = until(&c, &vol, "Online again from its replica", |v| {
         v.state == "Online"
