@@ -183,6 +183,8 @@ impl Volumes {
                 }
             }
             r.last_key += 1;
+            // A restart of the nexus this one replaces, if one was recorded, is done.
+            r.restarting_key = 0;
             let more_hosts = r
                 .nexus
                 .as_ref()
@@ -582,7 +584,9 @@ impl Volumes {
             self.save(&r).await?;
             failpoint::at(failpoint::UNPUBLISH_MARKED);
         }
-        let clean = self.end_nexus(uuid, &n).await?;
+        // A drain that ended it cleanly and died before making the next one recorded so (its engine still runs:
+        // finding it gone now says nothing).
+        let clean = self.end_nexus(uuid, &n).await? || n.ended_clean;
         if !clean && n.key == r.fence_key {
             r.resync = true;
         }

@@ -169,33 +169,42 @@ impl Inner {
         }
     }
 
-    fn complete(&self, cqe: Cqe) {
-        if let Some(p) = self.table().remove(cqe.cid) {
-            let decoded = p.sampled.and_then(|(_, written)| {
-                written.map(|w| timing::record_since(Stage::InitiatorRemote, w))
-            });
-            let (got, asked) = (p.read_got, p.read_len);
-            let unfetched = p.write.as_ref().map_or(0, |w| w.len() - p.r2t_asked);
-            let data = join(p.read);
-            let r = if cqe.status.is_success() && got != asked {
-                // A successful read moves every byte it asked for: less would pass for data it is not.
-                Err(InitiatorError::Protocol(format!(
-                    "CID {} completed with {got} of its {asked} bytes of data",
-                    cqe.cid
-                )))
-            } else if cqe.status.is_success() && unfetched > 0 {
-                // Nor is a write done whose data the target did not all ask for.
-                Err(InitiatorError::Protocol(format!(
-                    "CID {} completed with {unfetched} bytes of its data never asked for",
-                    cqe.cid
-                )))
-            } else if cqe.status.is_success() {
-                Ok((Completion { cqe, data }, decoded))
-            } else {
-                Err(InitiatorError::Status(cqe.status))
-            };
-            let _ = p.done.send(r);
-        }
+    /// Completes the command `cqe` names. One naming no command in flight (an answer to a command answered already,
+    /// or never sent) is a protocol error that fails the queue, as Linux's host resets its connection: a target
+    /// answering twice could as well have answered a command it never ran, and its next duplicate may name a
+    /// command in flight under a reused ID.
+    fn complete(&self, cqe: Cqe) -> Result<(), InitiatorError> {
+        let Some(p) = self.table().remove(cqe.cid) else {
+            return Err(InitiatorError::Protocol(format!(
+                "CapsuleResp for CID {}, which no command in flight has",
+                cqe.cid
+            )));
+        };
+        let decoded = p.sampled.and_then(|(_, written)| {
+            written.map(|w| timing::record_since(Stage::InitiatorRemote, w))
+        });
+        let (got, asked) = (p.read_got, p.read_len);
+        let unfetched = p.write.as_ref().map_or(0, |w| w.len() - p.r2t_asked);
+        let data = join(p.read);
+        let r = if cqe.status.is_success() && got != asked {
+            // A successful read moves every byte it asked for: less would pass for data it is not.
+            Err(InitiatorError::Protocol(format!(
+                "CID {} completed with {got} of its {asked} bytes of data",
+                cqe.cid
+            )))
+        } else if cqe.status.is_success() && unfetched > 0 {
+            // Nor is a write done whose data the target did not all ask for.
+            Err(InitiatorError::Protocol(format!(
+                "CID {} completed with {unfetched} bytes of its data never asked for",
+                cqe.cid
+            )))
+        } else if cqe.status.is_success() {
+            Ok((Completion { cqe, data }, decoded))
+        } else {
+            Err(InitiatorError::Status(cqe.status))
+        };
+        let _ = p.done.send(r);
+        Ok(())
     }
 
     fn c2h(&self, d: DataPdu) -> Result<(), InitiatorError> {
@@ -209,7 +218,11 @@ impl Inner {
                 d.cccid
             )));
         }
-        if d.offset as usize != p.read_got || p.read_got + d.data.len() > p.read_len {
+        // An empty data PDU moves nothing (a target streaming them would grow this command's list for ever).
+        if d.data.is_empty()
+            || d.offset as usize != p.read_got
+            || p.read_got + d.data.len() > p.read_len
+        {
             return Err(InitiatorError::Protocol(format!(
                 "C2HData {}+{} for CID {}: {} of {} bytes came before",
                 d.offset,
@@ -228,7 +241,7 @@ impl Inner {
                 ));
             }
             drop(t);
-            self.complete(Cqe::new(d.cccid, crate::protocol::status::Status::SUCCESS));
+            return self.complete(Cqe::new(d.cccid, crate::protocol::status::Status::SUCCESS));
         }
         Ok(())
     }
@@ -250,11 +263,14 @@ impl Inner {
                     w.len()
                 )));
             }
-            if p.r2t_asked + len > w.len() {
+            // In order, each from where the last ended: the data is then asked for whole once the total is, and the
+            // completion's check that all of it was asked for holds (two R2Ts for the first half asked for as
+            // many bytes as the whole write, and it completed with its second half never sent).
+            if start != p.r2t_asked {
                 return Err(InitiatorError::Protocol(format!(
-                    "R2Ts for {} bytes of a {}-byte write",
-                    p.r2t_asked + len,
-                    w.len()
+                    "R2T {start}+{len} of a {}-byte write after {} bytes asked for",
+                    w.len(),
+                    p.r2t_asked
                 )));
             }
             let data = w.slice(start..start + len);
@@ -566,10 +582,7 @@ async fn read_loop(mut framed: FramedRead<OwnedReadHalf, PduCodec>, inner: Arc<I
         };
         crate::io_threads::busy();
         let r = match frame {
-            Some(Ok(Pdu::CapsuleResp(cqe))) => {
-                inner.complete(cqe);
-                Ok(())
-            }
+            Some(Ok(Pdu::CapsuleResp(cqe))) => inner.complete(cqe),
             Some(Ok(Pdu::C2HData(d))) => inner.c2h(d),
             Some(Ok(Pdu::R2t(r))) => inner.r2t(r),
             Some(Ok(Pdu::C2HTermReq(t))) => Err(InitiatorError::Protocol(format!(
@@ -868,9 +881,11 @@ mod tests {
     }
 
     /// A target that answers a command twice, the second time after the queue gave the command's ID out again
-    /// (here with an error status): the late answer completes nothing, and the new command gets its own answer.
+    /// (here with an error status): the late answer completes nothing (the command under that ID now has another
+    /// generation), and it fails the queue, as Linux's host resets its connection: the next command fails, it is
+    /// never answered with the other's status.
     #[tokio::test]
-    async fn a_second_answer_to_a_finished_command_does_not_complete_the_next() {
+    async fn a_second_answer_to_a_finished_command_fails_the_queue_not_the_next_command() {
         let (addr, _target) = fake_target(|mut framed, mut wr, codec| async move {
             let read_answer = |cid: u16, fill: u8| {
                 encode(
@@ -909,8 +924,79 @@ mod tests {
         let read = || q.submit(Sqe::rw(io::READ, 1, 0, 8, 4096, false), None);
         let first = read().await.unwrap();
         assert!(first.data.iter().all(|b| *b == 1));
-        let second = read().await.expect("the second read gets its own answer");
-        assert!(second.data.iter().all(|b| *b == 2));
+        let second = read().await;
+        assert!(
+            matches!(second, Err(InitiatorError::Disconnected)),
+            "{second:?}"
+        );
+    }
+
+    /// R2Ts out of order (the first half asked for twice, adding up to the write's length): refused, the queue
+    /// fails, and the write is not reported done with its second half never sent.
+    #[tokio::test]
+    async fn r2ts_that_ask_for_part_of_the_data_twice_fail_the_write() {
+        let (addr, _target) = fake_target(|mut framed, mut wr, codec| async move {
+            let Some(Ok(Pdu::CapsuleCmd(c))) = framed.next().await else {
+                panic!("no command");
+            };
+            let half = R2t {
+                cccid: c.sqe.cid(),
+                ttag: 1,
+                offset: 0,
+                length: 4096,
+            };
+            let mut parts = encode(&codec, Pdu::R2t(half));
+            parts.extend(encode(&codec, Pdu::R2t(half)));
+            parts.extend(encode(
+                &codec,
+                Pdu::CapsuleResp(Cqe::new(
+                    c.sqe.cid(),
+                    crate::protocol::status::Status::SUCCESS,
+                )),
+            ));
+            let _ = write_parts(&mut wr, &mut parts).await;
+            std::future::pending::<()>().await
+        })
+        .await;
+        let r = write_8k(&queue_to(addr).await).await;
+        assert!(r.is_err(), "{r:?}");
+    }
+
+    /// Empty data PDUs for a read (which would each be kept until the read ends): the queue fails at the first,
+    /// well before the command's timeout.
+    #[tokio::test]
+    async fn an_empty_data_pdu_fails_the_queue() {
+        let (addr, _target) = fake_target(|mut framed, mut wr, codec| async move {
+            let Some(Ok(Pdu::CapsuleCmd(c))) = framed.next().await else {
+                panic!("no command");
+            };
+            for _ in 0..1000 {
+                let mut parts = encode(
+                    &codec,
+                    Pdu::C2HData(DataPdu {
+                        cccid: c.sqe.cid(),
+                        ttag: 0,
+                        offset: 0,
+                        data: Bytes::new(),
+                        last: false,
+                        success: false,
+                    }),
+                );
+                if write_parts(&mut wr, &mut parts).await.is_err() {
+                    break;
+                }
+            }
+            std::future::pending::<()>().await
+        })
+        .await;
+        let q = queue_to(addr).await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            q.submit(Sqe::rw(io::READ, 1, 0, 8, 4096, false), None),
+        )
+        .await
+        .expect("failed at once, not at its timeout");
+        assert!(r.is_err(), "{r:?}");
     }
 
     /// A target that answers a read with success but only part of its data (here none): the read fails rather

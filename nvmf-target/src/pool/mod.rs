@@ -363,6 +363,8 @@ impl PoolInner {
         {
             v.closed.store(true, Ordering::Release);
         }
+        // Writes waiting for reservations find the volumes closed now, not at their wait's end.
+        self.unreserved.notify_waiters();
     }
 
     /// While the disk is full: whether the storage under it has room for a cluster again (asked each time the
@@ -654,6 +656,8 @@ impl commit::Metadata for PoolInner {
             _ => {
                 if self.fuse.blow(e.to_string()) {
                     tracing::error!(pool = %self.label.name, error = %e, "a pool metadata write failed: the pool takes no writes until it is imported again");
+                    // Writes waiting for reservations find it faulted now.
+                    self.unreserved.notify_waiters();
                 }
             }
         }

@@ -262,6 +262,8 @@ impl PoolVolume {
             if self.pool.reserved_by_writes() == 0
                 || tokio::time::timeout_at(deadline, unreserved).await.is_err()
             {
+                // Closed or faulted meanwhile (nothing released wakes it then): that, not a want of space.
+                self.check_writable()?;
                 return Err(pool_err(self.pool.out_of_space(n)));
             }
         }
