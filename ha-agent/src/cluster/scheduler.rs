@@ -270,15 +270,23 @@ pub fn capacity(nodes: &[NodeRecord], placement: &Placement, replicas: usize) ->
             best_per_node.entry(b).or_default().push(best);
         }
     }
-    let largest = best_per_node
+    (
+        total / replicas as u64,
+        nth_best_node(best_per_node, replicas),
+    )
+}
+
+/// Per block size, each node's best pool figure: the replica-count-th best node's, the best over block sizes (a
+/// volume's replicas share one block size, each on its own node). 0: too few nodes.
+fn nth_best_node(best_per_node: std::collections::BTreeMap<u32, Vec<u64>>, replicas: usize) -> u64 {
+    best_per_node
         .into_values()
         .map(|mut best| {
             best.sort_unstable_by(|a, b| b.cmp(a));
             best.get(replicas - 1).copied().unwrap_or(0)
         })
         .max()
-        .unwrap_or(0);
-    (total / replicas as u64, largest)
+        .unwrap_or(0)
 }
 
 /// The largest volume that `replicas` copies could ever have on the nodes and pools `placement` admits, were their
@@ -306,14 +314,7 @@ pub fn largest_ever(nodes: &[NodeRecord], placement: &Placement, replicas: usize
             best_per_node.entry(b).or_default().push(cap);
         }
     }
-    best_per_node
-        .into_values()
-        .map(|mut best| {
-            best.sort_unstable_by(|a, b| b.cmp(a));
-            best.get(replicas - 1).copied().unwrap_or(0)
-        })
-        .max()
-        .unwrap_or(0)
+    nth_best_node(best_per_node, replicas)
 }
 
 #[cfg(test)]
